@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts: timing, machine facts, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn, repeat: int = 5, warmup: int = 1) -> tuple[float, list[float], object]:
+    """Median seconds of ``fn()`` over ``repeat`` runs, all samples, and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), samples, result
+
+
+def machine() -> dict:
+    import os
+
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(name: str, data: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)

@@ -1,0 +1,213 @@
+"""Candidate cuts of a DAG and their validation.
+
+A cut is a downward-closed set of compute nodes (the head); everything it produces that the
+rest still reads crosses the network. Every prefix of a topological order is downward closed,
+so sweeping the order once yields every candidate with its crossing set in near-linear time.
+A cut named by tensors is checked the other way round: the head is the ancestry of those
+tensors, and any other tensor the tail would still need from the head is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+
+from splitpoint.errors import CutError
+
+from .flops import node_macs, param_tensors, tensor_size
+from .graph import GraphIndex
+
+
+@dataclass(frozen=True)
+class CrossingTensor:
+    name: str
+    shape: str
+    dtype: str
+    bytes_per_sample: int | None
+    source: str  # "head": produced by the head; "input": a raw graph input the tail reads
+
+
+@dataclass
+class Cut:
+    """One head/tail boundary. ``index`` is the number of compute nodes in the head when the
+    cut is a prefix of the topological order (None for a tensor-named cut that is not one)."""
+
+    index: int | None
+    head: frozenset  # positions into GraphIndex.nodes of the head's compute nodes
+    crossing: list[CrossingTensor]
+    head_outputs: list[str]  # graph outputs produced inside the head
+    head_macs: int
+    total_macs: int
+    head_params: int
+    total_params: int
+    last_node: str = ""
+    raw_input_crossing: bool = field(default=False)
+
+    @property
+    def bytes_per_sample(self) -> int | None:
+        b = [c.bytes_per_sample for c in self.crossing]
+        return None if any(x is None for x in b) else sum(b)
+
+    @property
+    def head_macs_share(self) -> float:
+        return self.head_macs / self.total_macs if self.total_macs else 0.0
+
+    @property
+    def head_params_share(self) -> float:
+        return self.head_params / self.total_params if self.total_params else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "last_node": self.last_node,
+            "crossing": [asdict(c) for c in self.crossing],
+            "bytes_per_sample": self.bytes_per_sample,
+            "head_outputs": self.head_outputs,
+            "head_macs": self.head_macs,
+            "head_macs_share": round(self.head_macs_share, 6),
+            "head_params": self.head_params,
+            "head_params_share": round(self.head_params_share, 6),
+            "raw_input_crossing": self.raw_input_crossing,
+        }
+
+
+def _crossing(idx: GraphIndex, name: str, source: str) -> CrossingTensor:
+    t = idx.tensor(name)
+    return CrossingTensor(name, t.shape_str(), t.dtype, t.bytes_per_sample(), source)
+
+
+def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
+    """All prefix cuts 1..M-1 of the compute order (M compute nodes), in one sweep."""
+    order = idx.compute
+    m = len(order)
+    # last rank at which each dynamic tensor is read; constants never cross
+    last_use: dict[str, int] = {}
+    for r, p in enumerate(order):
+        for t in idx.node_ins[p]:
+            last_use[t] = r
+    produced_rank = {}
+    for t in idx.inputs:
+        produced_rank[t] = -1
+    for r, p in enumerate(order):
+        for o in idx.nodes[p].output:
+            if o:
+                produced_rank[o] = r
+    outputs_by_rank: dict[int, list[str]] = {}
+    for o in idx.outputs:
+        outputs_by_rank.setdefault(produced_rank.get(o, m), []).append(o)
+
+    total_macs = sum(node_macs(idx, p) for p in range(len(idx.nodes)))
+    param_first_rank: dict[str, int] = {}
+    param_last_rank: dict[str, int] = {}
+    for r, p in enumerate(order):
+        for t in param_tensors(idx, p):
+            param_first_rank.setdefault(t, r)
+            param_last_rank[t] = r
+    total_params = sum(tensor_size(idx, t) for t in param_first_rank)
+    params_entering = [0] * (m + 1)
+    for t, r in param_first_rank.items():
+        params_entering[r] += tensor_size(idx, t)
+
+    live: dict[str, str] = {t: "input" for t in idx.inputs if last_use.get(t, -1) >= 1}
+    head_outputs: list[str] = list(outputs_by_rank.get(-1, []))
+    macs = params = 0
+    cuts: list[Cut] = []
+    for k in range(1, m):
+        r = k - 1
+        p = order[r]
+        macs += node_macs(idx, p)
+        params += params_entering[r]
+        for o in idx.nodes[p].output:
+            if o and last_use.get(o, -1) >= k:
+                live[o] = "head"
+        for t in [t for t in live if last_use.get(t, -1) < k]:
+            del live[t]
+        head_outputs.extend(outputs_by_rank.get(r, []))
+        crossing = [_crossing(idx, t, s) for t, s in sorted(live.items(), key=lambda kv: produced_rank[kv[0]])]
+        cuts.append(Cut(
+            index=k, head=frozenset(), crossing=crossing, head_outputs=list(head_outputs),
+            head_macs=macs, total_macs=total_macs, head_params=params, total_params=total_params,
+            last_node=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",
+            raw_input_crossing=any(s == "input" for s in live.values()),
+        ))
+    return cuts
+
+
+def head_positions(idx: GraphIndex, cut: Cut) -> frozenset:
+    """The head's compute-node positions (materialised lazily: prefix cuts store only k)."""
+    if cut.head:
+        return cut.head
+    return frozenset(idx.compute[: cut.index])
+
+
+def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
+    m = len(idx.compute)
+    if m < 2:
+        raise CutError("the model has fewer than two compute nodes: there is nothing to cut")
+    if not 1 <= k <= m - 1:
+        raise CutError(f"cut index {k} does not exist: valid cuts are 1..{m - 1} (see `splitpoint cuts`)")
+    cuts = cuts if cuts is not None else enumerate_cuts(idx)
+    return cuts[k - 1]
+
+
+def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
+    """Head = every compute node the named tensors depend on. Rejects boundaries the tail would
+    cross: if the tail also needs another head tensor, the named set is not a valid cut."""
+    all_names = set(idx.producer) | set(idx.inputs) | set(idx.initializers)
+    for n in names:
+        if n not in all_names:
+            near = difflib.get_close_matches(n, list(idx.producer), n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise CutError(f"no tensor named {n!r} in the graph{hint}")
+        if n in idx.inputs or n in idx.initializers or idx.producer[n] in idx.const:
+            raise CutError(f"tensor {n!r} is a graph input or a constant: it cannot be a cut boundary")
+    head: set[int] = set()
+    stack = [idx.producer[n] for n in names]
+    while stack:
+        p = stack.pop()
+        if p in head or p in idx.const:
+            continue
+        head.add(p)
+        stack.extend(idx.producer[t] for t in idx.node_ins[p] if t in idx.producer)
+    if len(head) == len(idx.compute):
+        raise CutError(f"cutting at {names} leaves nothing for the tail")
+    return cut_from_head(idx, frozenset(head), expected=set(names))
+
+
+def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = None) -> Cut:
+    tail = [p for p in idx.compute if p not in head]
+    tail_reads = {t for p in tail for t in idx.node_ins[p]}
+    produced_in_head = {o for p in head for o in idx.nodes[p].output if o}
+    crossing_names = [t for t in idx.inputs if t in tail_reads]
+    from_head = [o for p in sorted(head) for o in idx.nodes[p].output if o and o in tail_reads]
+    if expected is not None:
+        extra = [t for t in from_head if t not in expected]
+        if extra:
+            raise CutError(
+                f"invalid cut: the tail also needs {', '.join(extra)} from the head "
+                f"(e.g. a residual connection); cut at {','.join([*sorted(expected), *extra])} instead")
+        unused = [t for t in expected if t not in from_head]
+        if unused:
+            raise CutError(f"tensor(s) {', '.join(unused)} are not read by the tail: not a boundary")
+    crossing = [_crossing(idx, t, "input") for t in crossing_names] + [_crossing(idx, t, "head") for t in from_head]
+    macs = sum(node_macs(idx, p) for p in head)
+    head_params = {t for p in head for t in param_tensors(idx, p)}
+    all_params = {t for p in range(len(idx.nodes)) for t in param_tensors(idx, p)}
+    ordered = sorted(head)
+    prefix = ordered == sorted(idx.compute[: len(head)])
+    return Cut(
+        index=len(head) if prefix else None, head=head, crossing=crossing,
+        head_outputs=[o for o in idx.outputs if o in produced_in_head],
+        head_macs=macs, total_macs=sum(node_macs(idx, p) for p in range(len(idx.nodes))),
+        head_params=sum(tensor_size(idx, t) for t in head_params),
+        total_params=sum(tensor_size(idx, t) for t in all_params),
+        last_node=idx.nodes[ordered[-1]].name, raw_input_crossing=bool(crossing_names),
+    )
+
+
+def resolve_cut(idx: GraphIndex, spec: str | int) -> Cut:
+    """``spec`` is a cut index or comma-separated tensor names."""
+    s = str(spec).strip()
+    if s.lstrip("-").isdigit():
+        return cut_by_index(idx, int(s))
+    return cut_by_tensors(idx, [x.strip() for x in s.split(",") if x.strip()])

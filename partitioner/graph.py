@@ -1,0 +1,224 @@
+"""An index over an ONNX graph: who produces and who consumes each tensor, in topological order.
+
+Control-flow nodes (If/Loop/Scan) are atomic here: the tensors their subgraphs read from the
+outer scope count as inputs of the node itself, which is what ``onnx.utils.Extractor`` misses.
+Nodes that depend on no graph input (Constant, shape constants) are kept apart: they are cheap,
+so each side gets its own copy rather than shipping their outputs across the network.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from splitpoint.errors import ModelError
+
+
+def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads but does not define: its outer-scope dependencies."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for n in graph.node:
+        used.update(i for i in node_inputs(n) if i)
+        defined.update(n.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus outer-scope names read by the node's subgraphs (recursively)."""
+    ins = [i for i in node.input if i]
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in subs:
+            ins.extend(sorted(subgraph_outer_refs(g)))
+    return ins
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    elem_type: int
+    dims: list  # ints, or strings for symbolic dims, or None for unknown
+
+    @property
+    def dtype(self) -> str:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type)).name
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type)).itemsize
+
+    def bytes_per_sample(self) -> int | None:
+        """Bytes for one sample: a symbolic leading dim is the batch; static tensors count whole."""
+        if self.dims is None or any(d is None for d in self.dims[1:]):
+            return None
+        dims = self.dims[1:] if (self.dims and isinstance(self.dims[0], str)) else self.dims
+        if any(isinstance(d, str) for d in dims):
+            return None
+        return int(np.prod(dims, dtype=np.int64)) * self.itemsize if dims else self.itemsize
+
+    def shape_str(self) -> str:
+        if self.dims is None:
+            return "?"
+        return "x".join("?" if d is None else str(d) for d in self.dims)
+
+    def value_info(self) -> onnx.ValueInfoProto:
+        shape = None if self.dims is None else [d if d is not None else None for d in self.dims]
+        return helper.make_tensor_value_info(self.name, self.elem_type, shape)
+
+
+def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or tt.elem_type == 0:
+        return None
+    dims = None
+    if tt.HasField("shape"):
+        dims = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+    return TensorInfo(vi.name, tt.elem_type, dims)
+
+
+@dataclass
+class GraphIndex:
+    """Topologically ordered view of a model's main graph, built once per model."""
+
+    model: onnx.ModelProto
+    nodes: list = field(default_factory=list)          # all nodes, topological order
+    compute: list = field(default_factory=list)        # positions (into nodes) of non-constant nodes
+    const: set = field(default_factory=set)            # positions of constant nodes
+    producer: dict = field(default_factory=dict)       # tensor -> node position
+    consumers: dict = field(default_factory=dict)      # tensor -> [node positions]
+    inputs: list = field(default_factory=list)         # real graph inputs (not initializers)
+    outputs: list = field(default_factory=list)
+    initializers: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)           # tensor -> TensorInfo
+    node_ins: list = field(default_factory=list)       # per node: inputs incl. subgraph refs
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto) -> "GraphIndex":
+        g = model.graph
+        idx = cls(model=model)
+        idx.initializers = {t.name: t for t in g.initializer}
+        idx.inputs = [i.name for i in g.input if i.name not in idx.initializers]
+        idx.outputs = [o.name for o in g.output]
+        idx.nodes = _toposort(list(g.node), set(idx.inputs) | set(idx.initializers))
+        idx.node_ins = [node_inputs(n) for n in idx.nodes]
+        consumers: dict[str, list[int]] = defaultdict(list)
+        for p, n in enumerate(idx.nodes):
+            for o in n.output:
+                if o:
+                    idx.producer[o] = p
+            for i in dict.fromkeys(idx.node_ins[p]):
+                consumers[i].append(p)
+        idx.consumers = dict(consumers)
+        # constant nodes: no graph input upstream
+        graph_inputs = set(idx.inputs)
+        dynamic: set[str] = set(graph_inputs)
+        for p, n in enumerate(idx.nodes):
+            if any(i in dynamic for i in idx.node_ins[p]) or not n.output:
+                dynamic.update(o for o in n.output if o)
+            else:
+                idx.const.add(p)
+        idx.compute = [p for p in range(len(idx.nodes)) if p not in idx.const]
+        idx.info = _infer_types(model)
+        for name in idx.outputs:
+            if name in graph_inputs or (name in idx.initializers) or (name not in idx.producer):
+                raise ModelError(f"graph output {name!r} is not produced by any node; not supported for splitting")
+        return idx
+
+    def tensor(self, name: str) -> TensorInfo:
+        t = self.info.get(name)
+        if t is None or t.dims is None:
+            self._measure_shapes()
+            t = self.info.get(name)
+        if t is None:
+            raise ModelError(f"could not determine the type of tensor {name!r} (shape inference and a trial run failed)")
+        return t
+
+    def _measure_shapes(self) -> None:
+        """Fill the types and shapes static inference missed (e.g. Loop outputs) by running the
+        model at batch 1 and 2 with every such tensor exposed; dims that differ are the batch."""
+        if getattr(self, "_measured", False):
+            return
+        self._measured = True
+        missing = [o for n in self.nodes for o in n.output if o and (o not in self.info or self.info[o].dims is None)]
+        if not missing:
+            return
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        del m.graph.output[:]
+        m.graph.output.extend([helper.make_empty_tensor_value_info(n) for n in missing])
+        try:
+            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            runs = []
+            for batch in (1, 2):
+                feeds = {}
+                for i in sess.get_inputs():
+                    shape = [d if isinstance(d, int) else batch for d in i.shape]
+                    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(self.info[i.name].elem_type)) if i.name in self.info else np.float32
+                    feeds[i.name] = np.zeros(shape, dtype=dtype)
+                runs.append(sess.run(missing, feeds))
+        except Exception:  # best effort: callers report the tensor that stays unknown
+            return
+        for name, a, b in zip(missing, *runs):
+            dims = ["N" if da != db else da for da, db in zip(a.shape, b.shape)] if a.ndim == b.ndim else None
+            self.info[name] = TensorInfo(name, helper.np_dtype_to_tensor_dtype(a.dtype), dims)
+
+
+def _toposort(nodes: list, available: set[str]) -> list:
+    """Kahn's algorithm, stable with respect to the file's order (which ONNX requires to be
+    topological already; this also accepts files that are not)."""
+    ins = [set(node_inputs(n)) for n in nodes]
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waiting = [len({x for x in s if x in produced and x not in available}) for s in ins]
+    users = defaultdict(list)
+    for i, s in enumerate(ins):
+        for x in s:
+            if x in produced:
+                users[produced[x]].append(i)
+    import heapq
+
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if waiting[i] > 0][:5]
+        raise ModelError(f"graph has a cycle or a missing tensor; nodes that never become ready: {stuck}")
+    return [nodes[i] for i in order]
+
+
+def _infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort; missing shapes are reported per tensor later
+        inferred = model
+    g = inferred.graph
+    out: dict[str, TensorInfo] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        ti = _tensor_info(vi)
+        if ti is not None:
+            out[vi.name] = ti
+    for t in model.graph.initializer:
+        out[t.name] = TensorInfo(t.name, t.data_type, list(t.dims))
+    return out

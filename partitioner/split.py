@@ -1,0 +1,70 @@
+"""Writing a plan directory for one cut: head.onnx, tail.onnx, plan.json, all or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from splitpoint.onnxio import save_model, sha256_file
+from splitpoint.plan import Plan, TensorSpec, write_dir_atomically
+
+from .cuts import Cut
+from .extract import extract
+from .graph import GraphIndex
+
+HEAD_FILE = "head.onnx"
+TAIL_FILE = "tail.onnx"
+FULL_FILE = "full.onnx"
+
+
+def io_specs(idx: GraphIndex, head: onnx.ModelProto, cut: Cut) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    head_in = {i.name for i in head.graph.input}
+    tail_in = {c.name for c in cut.crossing if c.source == "input"}
+    inputs = []
+    for name in idx.inputs:
+        t = idx.tensor(name)
+        side = "both" if (name in head_in and name in tail_in) else ("tail" if name in tail_in else "head")
+        inputs.append(TensorSpec(name, t.shape_str(), t.dtype, t.bytes_per_sample(), side))
+    outputs = [TensorSpec(o, idx.tensor(o).shape_str(), idx.tensor(o).dtype, idx.tensor(o).bytes_per_sample(),
+                          "head" if o in cut.head_outputs else "tail") for o in idx.outputs]
+    return inputs, outputs
+
+
+def build_plan(cut: Cut, model_name: str, model_sha256: str, files: dict[str, str],
+               codec: str = "float32", head_weights: str = "float32", predicted: dict | None = None,
+               front: list | None = None) -> Plan:
+    plan = Plan(
+        model_name=model_name, model_sha256=model_sha256, cut_index=cut.index,
+        cut_tensors=[TensorSpec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing],
+        inputs=[], outputs=[], files=files, codec=codec, head_weights=head_weights,
+        predicted=predicted or {}, front=front or [],
+    )
+    return plan
+
+
+def write_plan(idx: GraphIndex, cut: Cut, out_dir: str | Path, model_name: str, model_sha256: str,
+               force: bool = False, include_full: bool = False, codec: str = "float32",
+               predicted: dict | None = None, front: list | None = None,
+               head_model: onnx.ModelProto | None = None, head_weights: str = "float32") -> Plan:
+    """Extract, check and write. ``head_model`` replaces the extracted head (e.g. quantised)."""
+    head, tail = extract(idx, cut)
+    inputs, outputs = io_specs(idx, head, cut)
+    if head_model is not None:
+        head = head_model
+    result: dict[str, Plan] = {}
+
+    def write(tmp: Path) -> None:
+        save_model(head, tmp / HEAD_FILE)
+        save_model(tail, tmp / TAIL_FILE)
+        if include_full:
+            save_model(idx.model, tmp / FULL_FILE)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.suffix == ".onnx" or f.name.endswith(".data")}
+        plan = build_plan(cut, model_name, model_sha256, files, codec, head_weights, predicted, front)
+        plan.inputs, plan.outputs = inputs, outputs
+        plan.plan_id = plan.content_id()
+        (tmp / "plan.json").write_text(plan.to_json())
+        result["plan"] = plan
+
+    write_dir_atomically(out_dir, write, force=force)
+    return result["plan"]

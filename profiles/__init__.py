@@ -1,0 +1,1 @@
+"""What is measured: device and network profiles, their validated loaders, and the profiler."""

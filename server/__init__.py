@@ -1,0 +1,1 @@
+"""Server side: the tail worker pool, the plan registry and the orchestrator."""

@@ -1,0 +1,30 @@
+"""Error types. Every failure a user can cause maps to one of these, so the CLI can print a
+specific message and exit non-zero instead of a traceback."""
+
+from __future__ import annotations
+
+
+class SplitPointError(Exception):
+    """Base for errors caused by input (files, arguments, frames), not by bugs."""
+
+    exit_code = 2
+
+
+class ModelError(SplitPointError):
+    """The model file is missing, unreadable, not ONNX, corrupt, or fails the checker."""
+
+
+class CutError(SplitPointError):
+    """A requested cut does not exist or is not a valid head/tail boundary."""
+
+
+class PlanError(SplitPointError):
+    """A plan directory is incomplete, inconsistent, or its checksums do not match."""
+
+
+class OutputExistsError(SplitPointError):
+    """Refusing to overwrite a non-empty output directory without --force."""
+
+
+class ProfileError(SplitPointError):
+    """A device, network or measured profile is malformed or belongs to another model."""

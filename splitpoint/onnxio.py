@@ -1,0 +1,86 @@
+"""Loading and saving ONNX models with errors that name the problem.
+
+onnx.load raises bare protobuf DecodeErrors (or nothing at all, for some truncations), which
+tell a user little. Everything that reads a user's model goes through ``load_model`` here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelError
+
+# Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
+    """Load a model (external data included) and run the checker, raising ModelError on any fault."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model file not found: {p}")
+    if not p.is_file():
+        raise ModelError(f"model path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise ModelError(f"model file is empty: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise ModelError(f"not a valid ONNX file (protobuf decode failed: {exc}): {p}") from exc
+    except Exception as exc:  # onnx raises assorted types for garbage input
+        raise ModelError(f"not a valid ONNX file ({type(exc).__name__}: {exc}): {p}") from exc
+    if not model.graph.node and not model.graph.output:
+        # protobuf happily decodes many non-ONNX byte strings into an empty message
+        raise ModelError(f"not an ONNX model (no graph nodes or outputs decoded): {p}")
+    if not model.opset_import:
+        raise ModelError(f"not an ONNX model (no opset_import; file truncated or not ONNX?): {p}")
+    try:
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+        if any(uses_external_data(t) for t in model.graph.initializer):
+            load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
+    if check:
+        check_model(model, where=str(p))
+    return model
+
+
+def check_model(model: onnx.ModelProto, where: str = "model", full: bool = False) -> None:
+    try:
+        if model.ByteSize() > _PROTOBUF_LIMIT:
+            return  # the in-memory checker cannot take >2 GiB protos; checked on the saved file instead
+        onnx.checker.check_model(model, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where} fails the ONNX checker: {first}") from exc
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> None:
+    """Save, switching to external data when the proto would exceed protobuf's 2 GiB limit."""
+    p = Path(path)
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=p.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(p))
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString()

@@ -1,0 +1,84 @@
+"""Running a plan's head and tail in onnxruntime and putting the outputs back together.
+
+The one place that knows how a plan routes tensors (which inputs feed the head, which raw
+inputs cross, which outputs come from the head): the edge daemon, the server, the fidelity
+runs and the tests all compose a split model through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import SplitPointError
+from .plan import Plan
+
+
+def make_session(model: str | Path | bytes, threads: int = 0, provider: str = "CPUExecutionProvider",
+                 enable_profiling: bool = False, optimization: str = "all") -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    so.enable_profiling = enable_profiling
+    so.log_severity_level = 3
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise SplitPointError(f"execution provider {provider} is not available here (available: {', '.join(available)})")
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, sess_options=so, providers=providers)
+
+
+class HeadRunner:
+    """Edge side: runs the head and returns the tensors to send (raw inputs that cross included)
+    plus the final outputs the head already produced."""
+
+    def __init__(self, plan: Plan, session: ort.InferenceSession):
+        self.plan = plan
+        self.session = session
+        self.head_inputs = [i.name for i in session.get_inputs()]
+        self.head_outputs = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        missing = [i.name for i in self.plan.inputs if i.name not in feeds]
+        if missing:
+            raise SplitPointError(f"missing model input(s): {', '.join(missing)}")
+        produced = dict(zip(self.head_outputs, self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs})))
+        sent = {t.name: (feeds[t.name] if t.side == "input" else produced[t.name]) for t in self.plan.cut_tensors}
+        early = {o.name: produced[o.name] for o in self.plan.outputs if o.side == "head"}
+        return sent, early
+
+
+class TailRunner:
+    """Server side: runs the tail on the received cut tensors."""
+
+    def __init__(self, plan: Plan, session: ort.InferenceSession):
+        self.plan = plan
+        self.session = session
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.inputs = {i.name: i for i in session.get_inputs()}
+
+    def run(self, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, cut)))
+
+
+def assemble(plan: Plan, early: dict[str, np.ndarray], late: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Final outputs in the original model's order."""
+    return [early[o.name] if o.side == "head" else late[o.name] for o in plan.outputs]
+
+
+def load_split(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, HeadRunner, TailRunner]:
+    from .plan import Plan as _Plan
+
+    plan = _Plan.load(plan_dir)
+    d = Path(plan_dir)
+    return (plan, HeadRunner(plan, make_session(d / "head.onnx", threads)),
+            TailRunner(plan, make_session(d / "tail.onnx", threads)))

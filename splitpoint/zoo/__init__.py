@@ -1,0 +1,76 @@
+"""The model zoo: standard architectures generated locally, cached by their build arguments.
+
+Every command that takes a model accepts either an ONNX path or a zoo name, resolved here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from ..errors import ModelError
+from . import models
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    build: Callable[..., onnx.ModelProto]
+    summary: str
+    resolution: int
+    # Published figures for the full-width model at its default resolution (torchvision docs).
+    params: int | None = None
+    gmacs: float | None = None
+    min_resolution: int = 32
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in [
+    ZooEntry("alexnet", models.alexnet, "plain chain CNN (AlexNet layout)", 224, 61_100_840, 0.71, 64),
+    ZooEntry("resnet18", models.resnet18, "residual DAG, basic blocks", 224, 11_689_512, 1.81),
+    ZooEntry("resnet50", models.resnet50, "residual DAG, bottleneck blocks", 224, 25_557_032, 4.09),
+    ZooEntry("mobilenetv2", models.mobilenetv2, "inverted residuals, depthwise convolutions", 224, 3_504_872, 0.30),
+    ZooEntry("multitask", models.multitask, "two inputs, three outputs (one early), tied weights", 64),
+]}
+
+
+def build(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> onnx.ModelProto:
+    if name not in ZOO:
+        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    if width <= 0 or width > 4:
+        raise ModelError(f"width must be in (0, 4], got {width}")
+    e = ZOO[name]
+    res = resolution or e.resolution
+    if res < e.min_resolution or res > 1024:
+        raise ModelError(f"{name}: resolution must be in [{e.min_resolution}, 1024], got {res}")
+    return e.build(width=width, resolution=res, seed=seed)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPLITPOINT_CACHE", Path.home() / ".cache" / "splitpoint")) / "zoo"
+
+
+def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> Path:
+    """Build once, then reuse the file: the same arguments always give the same bytes."""
+    res = resolution or (ZOO[name].resolution if name in ZOO else 0)
+    path = cache_dir() / f"{name}-w{width:g}-r{res}-s{seed}.onnx"
+    if not path.exists():
+        model = build(name, width, resolution, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        onnx.save_model(model, str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def resolve(spec: str | Path) -> Path:
+    """A path to an ONNX file for ``spec``: an existing file, or a zoo name built on demand."""
+    p = Path(spec)
+    if p.exists() or str(spec).endswith(".onnx") or os.sep in str(spec):
+        return p
+    if str(spec) in ZOO:
+        return zoo_path(str(spec))
+    raise ModelError(f"{spec!r} is neither a file nor a zoo model (known: {', '.join(ZOO)})")

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Zoo builds are cached per test session, never in the user's home.
+os.environ.setdefault("SPLITPOINT_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "splitpoint"))
+
+SMALL = {"width": 0.25, "resolution": 48}
+
+
+def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        dims = [batch if (d.dim_param or not d.dim_value) else d.dim_value for d in i.type.tensor_type.shape.dim]
+        feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "splitpoint.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"splitpoint {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def small_models():
+    from splitpoint import zoo
+
+    return {name: zoo.build(name, width=SMALL["width"], resolution=max(SMALL["resolution"], e.min_resolution))
+            for name, e in zoo.ZOO.items()}

@@ -1,0 +1,100 @@
+"""Cutting the structures that break naive extraction."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from splitpoint.onnxio import load_model
+from splitpoint.partitioner.cuts import cut_by_tensors, enumerate_cuts
+from splitpoint.partitioner.extract import extract
+from splitpoint.partitioner.graph import GraphIndex
+from splitpoint.runner import make_session
+from splitpoint.errors import CutError
+
+from . import graphs
+from .conftest import random_feeds
+from .test_split_equivalence import run_split
+
+
+def assert_all_cuts_exact(model):
+    idx = GraphIndex.build(model)
+    feeds = random_feeds(model, batch=3, seed=1)
+    full = make_session(model.SerializeToString()).run(None, feeds)
+    cuts = enumerate_cuts(idx)
+    assert cuts
+    for cut in cuts:
+        got = run_split(*extract(idx, cut), cut, feeds)
+        for name, ref in zip(idx.outputs, full):
+            np.testing.assert_allclose(got[name], ref, rtol=1e-6, atol=1e-6)
+    return idx, cuts
+
+
+def test_if_and_loop_are_atomic_and_their_outer_scope_reads_cross():
+    idx, cuts = assert_all_cuts_exact(graphs.control_flow_model())
+    # cutting just before the If: the branches read r, s and w from the outer scope
+    before_if = next(c for c in cuts if c.last_node == "gt")
+    crossing = {c.name for c in before_if.crossing}
+    assert {"r", "s", "cond"} <= crossing
+    assert "w" not in crossing  # initializers travel with the model, never on the wire
+    # the Loop body reads r too: it must cross until the Loop is in the head
+    after_if = next(c for c in cuts if c.last_node == "if")
+    assert {c.name for c in after_if.crossing} == {"cond", "iff", "r"}
+
+
+def test_model_local_functions_are_carried_to_both_sides():
+    model = graphs.local_function_model()
+    idx, cuts = assert_all_cuts_exact(model)
+    head, tail = extract(idx, cuts[0])
+    assert [f.name for f in head.functions] == ["ScaledRelu"] and [f.name for f in tail.functions] == ["ScaledRelu"]
+
+
+def test_initializer_shared_across_the_cut_goes_to_both_sides(small_models):
+    idx = GraphIndex.build(small_models["multitask"])
+    tied = [n for n in idx.nodes if n.op_type == "Conv"]
+    shared = {n.input[1] for n in tied if sum(m.input[1] == n.input[1] for m in tied) == 2}.pop()
+    users = [p for p, n in enumerate(idx.nodes) if shared in n.input]
+    cut = next(c for c in enumerate_cuts(idx) if idx.compute[c.index - 1] >= users[0] and idx.compute[c.index] <= users[1])
+    head, tail = extract(idx, cut)
+    assert shared in {t.name for t in head.graph.initializer}
+    assert shared in {t.name for t in tail.graph.initializer}
+    assert shared not in {c.name for c in cut.crossing}
+
+
+def test_external_data_model_round_trips(tmp_path, small_models):
+    path = tmp_path / "ext" / "model.onnx"
+    path.parent.mkdir()
+    original = onnx.ModelProto()
+    original.CopyFrom(small_models["resnet18"])  # saving as external data rewrites the proto in place
+    onnx.save_model(original, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert (path.parent / "weights.bin").stat().st_size > path.stat().st_size
+    model = load_model(path)
+    idx = GraphIndex.build(model)
+    cut = enumerate_cuts(idx)[10]
+    feeds = random_feeds(model, seed=5)
+    got = run_split(*extract(idx, cut), cut, feeds)
+    ref = make_session(small_models["resnet18"].SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got[idx.outputs[0]], ref, atol=1e-5)
+
+
+def test_tensor_named_cuts_are_validated(small_models):
+    idx = GraphIndex.build(small_models["resnet18"])
+    # inside a residual block: the skip connection also crosses, so the boundary is incomplete
+    inner = next(n.output[0] for n in idx.nodes if n.op_type == "BatchNormalization" and n.output[0] == "bn_3")
+    with pytest.raises(CutError, match="tail also needs maxpool_0"):
+        cut_by_tensors(idx, [inner])
+    # naming both tensors is a valid cut crossing exactly those two
+    cut = cut_by_tensors(idx, ["bn_3", "maxpool_0"])
+    assert {c.name for c in cut.crossing} == {"bn_3", "maxpool_0"}
+    # a block output is a one-tensor cut equal to the prefix cut with the same head
+    add = next(n.output[0] for n in idx.nodes if n.op_type == "Relu" and idx.nodes[idx.producer[n.input[0]]].op_type == "Add")
+    c1 = cut_by_tensors(idx, [add])
+    assert [c.name for c in c1.crossing] == [add] and c1.index is not None
+    with pytest.raises(CutError, match="no tensor named 'bn_99'.*did you mean"):
+        cut_by_tensors(idx, ["bn_99"])
+    with pytest.raises(CutError, match="graph input or a constant"):
+        cut_by_tensors(idx, ["input"])
+    with pytest.raises(CutError, match="leaves nothing for the tail"):
+        cut_by_tensors(idx, [idx.outputs[0]])

@@ -1,0 +1,24 @@
+"""Once installed, everything lives under the `splitpoint` namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_has_only_the_splitpoint_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("splitpoint-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"splitpoint", next(t for t in top if t.endswith(".dist-info"))}
+    for sub in ("edge", "server", "partitioner", "profiles", "zoo"):
+        assert f"splitpoint/{sub}/__init__.py" in names
+    assert "splitpoint/cli.py" in names
+    entry = [n for n in names if n.endswith("entry_points.txt")][0]
+    assert "splitpoint = splitpoint.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
