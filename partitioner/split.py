@@ -43,6 +43,36 @@ def build_plan(cut: Cut, model_name: str, model_sha256: str, files: dict[str, st
     return plan
 
 
+def write_baseline_plan(idx: GraphIndex, kind: str, out_dir: str | Path, model_name: str, model_sha256: str,
+                        force: bool = False, codec: str = "float32", predicted: dict | None = None,
+                        front: list | None = None) -> Plan:
+    """The two plans a user could pick instead of splitting: the whole model on the server
+    (raw inputs cross, encoded with ``codec``) or the whole model on the edge."""
+    if kind not in ("server-only", "edge-only"):
+        raise ValueError(kind)
+    server = kind == "server-only"
+    inputs = [TensorSpec(n, idx.tensor(n).shape_str(), idx.tensor(n).dtype, idx.tensor(n).bytes_per_sample(),
+                         "tail" if server else "head") for n in idx.inputs]
+    outputs = [TensorSpec(o, idx.tensor(o).shape_str(), idx.tensor(o).dtype, idx.tensor(o).bytes_per_sample(),
+                          "tail" if server else "head") for o in idx.outputs]
+    crossing = [TensorSpec(t.name, t.shape, t.dtype, t.bytes_per_sample, "input") for t in inputs] if server else []
+    result: dict[str, Plan] = {}
+    file_name = TAIL_FILE if server else HEAD_FILE
+
+    def write(tmp: Path) -> None:
+        save_model(idx.model, tmp / file_name)
+        plan = Plan(model_name=model_name, model_sha256=model_sha256, cut_index=0 if server else None,
+                    cut_tensors=crossing, inputs=inputs, outputs=outputs,
+                    files={file_name: sha256_file(tmp / file_name)}, codec=codec if server else "float32",
+                    predicted=predicted or {}, front=front or [], kind=kind)
+        plan.plan_id = plan.content_id()
+        (tmp / "plan.json").write_text(plan.to_json())
+        result["plan"] = plan
+
+    write_dir_atomically(out_dir, write, force=force)
+    return result["plan"]
+
+
 def write_plan(idx: GraphIndex, cut: Cut, out_dir: str | Path, model_name: str, model_sha256: str,
                force: bool = False, include_full: bool = False, codec: str = "float32",
                predicted: dict | None = None, front: list | None = None,

@@ -19,8 +19,9 @@ from .errors import SplitPointError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split ONNX inference between an edge device and a server, chosen from measurements.")
-console = Console()
-err = Console(stderr=True)
+# Tables are wide; when output is piped (CI logs, files) there is no terminal width to follow.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _human_bytes(n: int | None) -> str:
@@ -102,6 +103,172 @@ def split(
     plan = write_plan(h.index, c, out, h.name, h.sha256, force=force, include_full=with_full)
     console.print(f"plan {plan.plan_id[:12]} → {out}: cut {c.index if c.index is not None else cut} crosses "
                   f"{', '.join(t.name for t in plan.cut_tensors)} ({_human_bytes(c.bytes_per_sample)}/sample)")
+
+
+@app.command()
+def profile(
+    model: str = typer.Argument(..., help="ONNX file or zoo name"),
+    role: str = typer.Option("edge", "--role", help="edge or server: where this machine sits in the split"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="profile JSON (default profiles/measured/MODEL-ROLE.json)"),
+    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads (0 = onnxruntime's default)"),
+    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="onnxruntime execution provider"),
+    budget: float = typer.Option(30.0, "--budget", help="timed run time allowed, in multiples of one inference"),
+    cpus: Optional[float] = typer.Option(None, "--cpus", help="emulate a smaller device: limit to this many CPUs"),
+    slowdown: Optional[float] = typer.Option(None, "--emulate-slowdown", help="emulate a device this many times slower"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (daemons, scripts)"),
+) -> None:
+    """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .partitioner import open_model
+    from .profiles.cpulimit import cpu_limit
+    from .profiles.profiler import ProfileSettings, profile_model
+
+    if role not in ("edge", "server"):
+        raise typer.BadParameter("--role must be edge or server")
+    if cpus is not None and slowdown is not None:
+        raise typer.BadParameter("give --cpus or --emulate-slowdown, not both")
+    if slowdown is not None:
+        if slowdown < 1:
+            raise typer.BadParameter("--emulate-slowdown must be >= 1")
+        cpus = max(threads, 1) / slowdown
+    h = open_model(model)
+    out = out or Path("profiles") / "measured" / f"{h.name}-{role}.json"
+    settings = ProfileSettings(role=role, threads=threads, provider=provider, budget=budget)
+    with cpu_limit(cpus) as emulation:
+        if quiet:
+            prof = profile_model(h, settings, emulation)
+        else:
+            with Progress(TextColumn("[bold]profiling[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                          TimeElapsedColumn(), console=err, transient=True) as bar:
+                task = bar.add_task(h.name, total=1)
+
+                def note(what: str, done: int, total: int) -> None:
+                    bar.update(task, description=f"{h.name}: {what}", completed=done, total=max(total, 1))
+
+                prof = profile_model(h, settings, emulation, progress=note)
+    prof.save(out)
+    if not quiet:
+        em = f", emulated: {emulation.mechanism} {emulation.cpus:g} CPUs" if emulation else ""
+        console.print(f"{h.name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median "
+                      f"(p90 {prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} segments measured, "
+                      f"{len(prof.cuts)} cuts; cost {prof.cost['full_inference_equivalents']:.0f}x one inference → {out}")
+
+
+def _front_table(title: str, front, pick) -> Table:
+    t = Table(title=title)
+    for col in ("", "candidate", "latency ms", "throughput /s", "edge ms", "transfer ms", "bytes/inf", "edge memory", "fidelity"):
+        t.add_column(col, justify="left" if col in ("", "candidate") else "right")
+    for c in front:
+        t.add_row("★" if c is pick else "", c.label, f"{c.latency_ms:.1f}", f"{c.throughput_ips:.1f}", f"{c.edge_ms:.1f}",
+                  f"{c.transfer_ms:.1f}", _human_bytes(c.bytes_per_inference), _human_bytes(c.inp.edge_memory_bytes),
+                  f"{c.inp.fidelity:.3f}" if c.inp.fidelity is not None else "?")
+    return t
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="ONNX file or zoo name"),
+    edge_profile: Path = typer.Option(..., "--edge-profile", help="profile measured on the edge device"),
+    server_profile: Path = typer.Option(..., "--server-profile", help="profile measured on the server"),
+    network: str = typer.Option(..., "--network", help="network profile name (see profiles/networks) or YAML path"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="plan directory to write"),
+    max_latency: Optional[float] = typer.Option(None, "--max-latency", help="ms"),
+    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="e.g. 0.99 top-1 agreement"),
+    edge_memory: Optional[float] = typer.Option(None, "--edge-memory", help="edge memory budget, MiB"),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="bytes per inference on the wire"),
+    objective: str = typer.Option("latency", "--objective", help="latency | throughput | bytes | edge-memory | fidelity"),
+    codecs: Optional[str] = typer.Option(None, "--codecs", help="comma-separated codecs to consider (default: a standard set)"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy files or images for fidelity"),
+    random: int = typer.Option(8, "--random", help="seeded random samples for fidelity when no --inputs"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of the front"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty plan directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the decision as JSON"),
+) -> None:
+    """Choose where to cut and how to compress from measured profiles; write the plan."""
+    from .partitioner import open_model
+    from .partitioner.costmodel import EDGE_ONLY, SERVER_ONLY
+    from .partitioner.fidelity import load_inputs
+    from .partitioner.pareto import Constraints
+    from .partitioner.planner import decide, gather
+    from .partitioner.split import write_baseline_plan, write_plan
+    from .profiles.schema import load_measured, load_network
+
+    h = open_model(model)
+    net = load_network(network)
+    edge = load_measured(edge_profile, model_sha256=h.sha256)
+    server = load_measured(server_profile, model_sha256=h.sha256)
+    samples = load_inputs(h.model, inputs, random)
+    m = gather(h, edge, server, samples, codecs.split(",") if codecs else None)
+    cons = Constraints(max_latency, min_fidelity, int(edge_memory * 2**20) if edge_memory else None, max_bytes,
+                       objective=objective)
+    d = decide(m, [net], cons)[0]
+    front = [c.to_dict() for c in d.front]
+    predicted = {**d.pick.to_dict(), "network": net.model_dump(), "constraints": cons.__dict__,
+                 "fidelity_samples": len(samples), "fidelity_inputs": str(inputs) if inputs else f"random x{random}"}
+    if as_json:
+        json.dump({"pick": predicted, "front": front}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        console.print(_front_table(f"{h.name} on {net.name}: Pareto front ({len(d.front)} of {len(d.candidates)} "
+                                   "candidates; figures derived from measured profiles)", d.front, d.pick))
+        console.print(f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
+                      f"{d.pick.throughput_ips:.1f}/s, {_human_bytes(d.pick.bytes_per_inference)}/inference")
+    if plot:
+        from .partitioner.plot import plot_front
+
+        plot_front(d.candidates, d.front, d.pick, plot, f"{h.name} on {net.name}")
+    if out:
+        p = d.pick.inp
+        if p.kind in (EDGE_ONLY, SERVER_ONLY):
+            written = write_baseline_plan(h.index, p.kind, out, h.name, h.sha256, force=force, codec=p.codec,
+                                          predicted=predicted, front=front)
+        else:
+            written = write_plan(h.index, h.cuts()[p.cut - 1], out, h.name, h.sha256, force=force, codec=p.codec,
+                                 predicted=predicted, front=front)
+        if not as_json:
+            console.print(f"plan {written.plan_id[:12]} → {out}")
+
+
+@app.command()
+def fidelity(
+    model: str = typer.Argument(..., help="ONNX file or zoo name"),
+    cut: str = typer.Option(..., "--cut", help="cut index or comma-separated tensor names"),
+    codec: str = typer.Option("int8", "--codec", help="cut-tensor codec, e.g. int8+zstd"),
+    quantize_head: Optional[str] = typer.Option(None, "--quantize-head-weights",
+                                                help="static (QDQ, calibrated on the inputs) or dynamic"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy files or images"),
+    random: int = typer.Option(16, "--random", help="seeded random samples when no --inputs"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure the split model with a codec (and an int8 head) against the float model."""
+    from .codecs import Codec
+    from .partitioner import open_model, resolve_cut
+    from .partitioner.extract import extract
+    from .partitioner.fidelity import load_inputs, measure
+    from .partitioner.quantize import quantize_head as qh
+
+    Codec.parse(codec)
+    h = open_model(model)
+    c = resolve_cut(h.index, cut)
+    samples = load_inputs(h.model, inputs, random)
+    head_model = None
+    if quantize_head:
+        head_model = qh(extract(h.index, c, check=False)[0], samples, quantize_head)
+    rep = measure(h, c, [codec], samples, head_model=head_model,
+                  head_weights=f"int8-{quantize_head}" if quantize_head else "float32")[codec]
+    if as_json:
+        json.dump(rep.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return
+    t = Table(title=f"{h.name} cut {c.index if c.index is not None else cut}, codec {codec}, head {rep.head_weights}: "
+                    f"measured on {rep.samples} samples")
+    for col in ("output", "top-1 agreement", "cosine", "max abs error", "SNR dB"):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for o in rep.outputs:
+        t.add_row(o.name, "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", f"{o.cosine:.5f}",
+                  f"{o.max_abs_error:.4g}", f"{o.snr_db:.1f}")
+    console.print(t)
 
 
 def main() -> None:

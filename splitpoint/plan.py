@@ -41,6 +41,7 @@ class Plan:
     files: dict[str, str]  # file name -> sha256
     codec: str = "float32"
     head_weights: str = "float32"
+    kind: str = "split"  # split | server-only (raw inputs cross) | edge-only (nothing crosses)
     predicted: dict = field(default_factory=dict)  # labelled figures from the planner
     front: list = field(default_factory=list)
     format_version: int = PLAN_FORMAT

@@ -7,6 +7,7 @@ runs and the tests all compose a split model through it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,10 @@ def make_session(model: str | Path | bytes, threads: int = 0, provider: str = "C
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     so.enable_profiling = enable_profiling
+    if enable_profiling:  # onnxruntime writes its trace into the working directory unless told otherwise
+        import tempfile
+
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"splitpoint-ort-{os.getpid()}")
     so.log_severity_level = 3
     available = ort.get_available_providers()
     if provider not in available:
@@ -41,17 +46,19 @@ class HeadRunner:
     """Edge side: runs the head and returns the tensors to send (raw inputs that cross included)
     plus the final outputs the head already produced."""
 
-    def __init__(self, plan: Plan, session: ort.InferenceSession):
+    def __init__(self, plan: Plan, session: ort.InferenceSession | None):
+        """``session`` is None for a server-only plan: the raw inputs are what is sent."""
         self.plan = plan
         self.session = session
-        self.head_inputs = [i.name for i in session.get_inputs()]
-        self.head_outputs = [o.name for o in session.get_outputs()]
+        self.head_inputs = [i.name for i in session.get_inputs()] if session else []
+        self.head_outputs = [o.name for o in session.get_outputs()] if session else []
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         missing = [i.name for i in self.plan.inputs if i.name not in feeds]
         if missing:
             raise SplitPointError(f"missing model input(s): {', '.join(missing)}")
-        produced = dict(zip(self.head_outputs, self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs})))
+        produced = dict(zip(self.head_outputs, self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs}))) \
+            if self.session else {}
         sent = {t.name: (feeds[t.name] if t.side == "input" else produced[t.name]) for t in self.plan.cut_tensors}
         early = {o.name: produced[o.name] for o in self.plan.outputs if o.side == "head"}
         return sent, early
@@ -75,10 +82,10 @@ def assemble(plan: Plan, early: dict[str, np.ndarray], late: dict[str, np.ndarra
     return [early[o.name] if o.side == "head" else late[o.name] for o in plan.outputs]
 
 
-def load_split(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, HeadRunner, TailRunner]:
-    from .plan import Plan as _Plan
-
-    plan = _Plan.load(plan_dir)
+def load_split(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, HeadRunner, TailRunner | None]:
+    """Both halves of a plan in this process (tests, fidelity runs, the edge's local fallback)."""
+    plan = Plan.load(plan_dir)
     d = Path(plan_dir)
-    return (plan, HeadRunner(plan, make_session(d / "head.onnx", threads)),
-            TailRunner(plan, make_session(d / "tail.onnx", threads)))
+    head = make_session(d / "head.onnx", threads) if "head.onnx" in plan.files else None
+    tail = TailRunner(plan, make_session(d / "tail.onnx", threads)) if "tail.onnx" in plan.files else None
+    return plan, HeadRunner(plan, head), tail

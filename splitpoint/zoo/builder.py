@@ -168,14 +168,18 @@ class ModelBuilder:
                          prefix="concat", axis=axis)
 
     def gemm(self, x: str, out_f: int, target_std: float | None = None) -> str:
-        """Fully connected layer. With ``target_std`` the weights are rescaled so the output's
-        standard deviation on the calibration batch is that (logits of O(1))."""
+        """Fully connected layer. With ``target_std`` (a classifier) the bias centres each output
+        on the calibration batch and the weights are rescaled to that standard deviation: logits
+        of O(1) whose argmax depends on the input, as in a trained classifier, rather than one
+        class winning for every input because of the features' shared mean."""
         xv = self.values[x]
         in_f = xv.shape[1]
         wv = (self.rng.standard_normal((out_f, in_f)) * np.sqrt(2.0 / in_f)).astype(np.float32)
         bv = (self.rng.standard_normal(out_f) * 0.01).astype(np.float32)
         out = xv @ wv.T + bv
         if target_std is not None:
+            bv = -(xv @ wv.T).mean(axis=0).astype(np.float32)
+            out = xv @ wv.T + bv
             s = target_std / max(float(out.std()), 1e-8)
             wv, bv = (wv * s).astype(np.float32), (bv * s).astype(np.float32)
             out = xv @ wv.T + bv

@@ -1,0 +1,103 @@
+"""The cost model: predicted figures for one candidate on one link. Pure functions over plain
+data, no I/O, so they are tested exhaustively and run in microseconds.
+
+Every input is a measurement (profiles, encoded sizes, codec throughput, fidelity runs) or a
+network profile's figure; every output is therefore *derived*, and labelled so by the planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+EDGE_ONLY = "edge-only"
+SERVER_ONLY = "server-only"
+SPLIT = "split"
+
+
+@dataclass(frozen=True)
+class Link:
+    """What the cost model needs of a network profile."""
+
+    name: str
+    uplink_mbps: float
+    downlink_mbps: float
+    rtt_ms: float
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+
+
+@dataclass(frozen=True)
+class CandidateInput:
+    """Measured facts about one (cut, codec, head precision) choice, independent of the link."""
+
+    kind: str                 # split | edge-only | server-only
+    cut: int | None           # cut index; 0 for server-only, None for edge-only
+    codec: str
+    head_weights: str         # float32 | int8
+    head_ms: float            # edge compute before the cut (edge profile)
+    tail_ms: float            # server compute after the cut (server profile)
+    encode_ms: float          # on the edge
+    decode_ms: float          # on the server
+    up_bytes: int             # encoded payload per inference (measured on sample inputs)
+    down_bytes: int           # reply: the tail's outputs, float32
+    edge_memory_bytes: int
+    fidelity: float | None    # measured agreement with the unsplit float model (1.0 = identical)
+
+
+@dataclass
+class Candidate:
+    inp: CandidateInput
+    link: str
+    latency_ms: float
+    throughput_ips: float
+    edge_ms: float
+    transfer_ms: float
+    bytes_per_inference: int
+    breakdown: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        i = self.inp
+        if i.kind == EDGE_ONLY:
+            return f"edge-only{' int8' if i.head_weights == 'int8' else ''}"
+        if i.kind == SERVER_ONLY:
+            return f"server-only {i.codec}"
+        return f"cut {i.cut} {i.codec}{' int8-head' if i.head_weights == 'int8' else ''}"
+
+    def objectives(self) -> tuple[float, float, float, float, float]:
+        """All to be minimised: latency, -throughput, edge memory, bytes, -fidelity."""
+        return (self.latency_ms, -self.throughput_ips, float(self.inp.edge_memory_bytes),
+                float(self.bytes_per_inference), -(self.inp.fidelity if self.inp.fidelity is not None else -1.0))
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, **asdict(self.inp), "link": self.link, "latency_ms": self.latency_ms,
+                "throughput_ips": self.throughput_ips, "edge_ms": self.edge_ms, "transfer_ms": self.transfer_ms,
+                "bytes_per_inference": self.bytes_per_inference, "breakdown": self.breakdown, "derived": True}
+
+
+def uplink_ms(n_bytes: float, link: Link) -> float:
+    """Serialisation time on the uplink; loss is charged as the share of bytes sent again."""
+    return 8e-3 * n_bytes / (link.uplink_mbps * (1.0 - link.loss))
+
+
+def downlink_ms(n_bytes: float, link: Link) -> float:
+    return 8e-3 * n_bytes / (link.downlink_mbps * (1.0 - link.loss))
+
+
+def evaluate(c: CandidateInput, link: Link) -> Candidate:
+    """Latency = head + encode + uplink + RTT + decode + tail + downlink; pipelined throughput
+    = 1 / the slowest stage (edge compute, uplink, server compute, downlink), because with
+    several requests in flight each stage works on a different one."""
+    if c.kind == EDGE_ONLY:
+        return Candidate(c, link.name, c.head_ms, 1000.0 / c.head_ms if c.head_ms > 0 else float("inf"),
+                         c.head_ms, 0.0, 0, {"head_ms": c.head_ms})
+    up = uplink_ms(c.up_bytes, link)
+    down = downlink_ms(c.down_bytes, link)
+    transfer = up + down + link.rtt_ms
+    edge = c.head_ms + c.encode_ms
+    server = c.decode_ms + c.tail_ms
+    latency = edge + transfer + server
+    slowest = max(edge, up, server, down, 1e-9)
+    return Candidate(c, link.name, latency, 1000.0 / slowest, edge, transfer, c.up_bytes + c.down_bytes,
+                     {"head_ms": c.head_ms, "encode_ms": c.encode_ms, "uplink_ms": up, "rtt_ms": link.rtt_ms,
+                      "decode_ms": c.decode_ms, "tail_ms": c.tail_ms, "downlink_ms": down})

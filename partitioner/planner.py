@@ -1,0 +1,203 @@
+"""The planner: measurements in, a deployable plan out.
+
+Inputs are measured (edge and server profiles, encoded sizes of real cut tensors, codec
+throughput on each side, fidelity runs); the cost model combines them into predicted figures,
+labelled as derived. Output fidelity is measured, never assumed. Measuring it for every
+cut x codec would take minutes, so it is measured lazily and still exactly: an unmeasured
+candidate counts with fidelity 1.0, its upper bound; the front members without a measurement
+are measured and the front recomputed until every member is measured. A candidate off that
+optimistic front is dominated whatever its true fidelity, so the final front is the true one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+
+from splitpoint.codecs import Codec, decode, encode
+from splitpoint.errors import ProfileError
+from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
+from splitpoint.runner import make_session
+
+from . import ModelHandle
+from .costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, Candidate, CandidateInput, Link, evaluate
+from .cuts import Cut
+from .fidelity import compare, measure
+from .pareto import Constraints, front, pick
+
+DEFAULT_CODECS = ["float32", "float32+zstd", "float16", "float16+zstd", "int8", "int8+zstd", "int8-ch+zstd", "int4+zstd"]
+REPLY_OVERHEAD_BYTES = 128  # reply header per inference (wire format)
+
+
+def link_of(net: NetworkProfile) -> Link:
+    return Link(net.name, net.uplink_mbps, net.downlink_mbps, net.rtt_ms, net.jitter_ms, net.loss)
+
+
+@dataclass
+class Measurements:
+    """Everything the cost model needs that does not depend on the link."""
+
+    handle: ModelHandle
+    edge: MeasuredProfile
+    server: MeasuredProfile
+    codecs: list[str]
+    sizes: dict[str, dict[str, int]]          # tensor -> codec -> encoded bytes per sample (median)
+    reply_bytes: dict[int, int]               # cut (0 = server-only) -> reply bytes
+    samples: list[dict[str, np.ndarray]]
+    reference: list[np.ndarray] = field(default_factory=list)
+    fidelity: dict[tuple, float] = field(default_factory=dict)   # (cut, codec, head) -> score
+    fidelity_reports: dict[tuple, dict] = field(default_factory=dict)
+
+
+def encoded_sizes(handle: ModelHandle, samples: list[dict[str, np.ndarray]], codecs: list[str]) -> dict[str, dict[str, int]]:
+    """Encoded bytes of every tensor that crosses some cut, for every codec, on real samples."""
+    idx = handle.index
+    names = list(dict.fromkeys([c.name for cut in handle.cuts() for c in cut.crossing] + idx.inputs))
+    m = onnx.ModelProto()
+    m.CopyFrom(handle.model)
+    produced = [n for n in names if n not in idx.inputs]
+    existing = {o.name for o in m.graph.output}
+    m.graph.output.extend([idx.tensor(n).value_info() for n in produced if n not in existing])
+    sess = make_session(m.SerializeToString())
+    out_names = [o.name for o in sess.get_outputs()]
+    per_sample = []
+    for s in samples:
+        vals = dict(zip(out_names, sess.run(out_names, s)))
+        vals.update(s)
+        per_sample.append(vals)
+    sizes: dict[str, dict[str, int]] = {}
+    for n in names:
+        sizes[n] = {c: int(statistics.median(len(encode(v[n], c)) for v in per_sample)) for c in codecs}
+    return sizes
+
+
+def _speed(profile: MeasuredProfile, codec: str, what: str, where: str) -> float:
+    if codec not in profile.codecs:
+        raise ProfileError(f"{where} profile has no throughput for codec {codec}; re-run `splitpoint profile`")
+    return getattr(profile.codecs[codec], what)
+
+
+def candidate_inputs(m: Measurements) -> list[CandidateInput]:
+    h = m.handle
+    idx = h.index
+    out = []
+    input_f32 = sum(idx.tensor(i).bytes_per_sample() or 0 for i in idx.inputs)
+    last = m.edge.cuts[-1]
+    # all on the edge: the float model as it is
+    out.append(CandidateInput(EDGE_ONLY, None, "-", "float32", m.edge.whole.median_ms, 0.0, 0.0, 0.0, 0, 0,
+                              last.head_memory_bytes, m.fidelity.get((None, "-", "float32"))))
+    for codec in m.codecs:
+        enc = input_f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
+        dec = input_f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
+        up = sum(m.sizes[i][codec] for i in idx.inputs)
+        out.append(CandidateInput(SERVER_ONLY, 0, codec, "float32", 0.0, m.server.whole.median_ms, enc, dec, up,
+                                  m.reply_bytes[0], input_f32, m.fidelity.get((0, codec, "float32"))))
+        for cut in h.cuts():
+            et, st = m.edge.cut(cut.index), m.server.cut(cut.index)
+            f32 = cut.bytes_per_sample or 0
+            enc = f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
+            dec = f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
+            up = sum(m.sizes[c.name][codec] for c in cut.crossing)
+            out.append(CandidateInput(SPLIT, cut.index, codec, "float32", et.head_ms, st.tail_ms, enc, dec, up,
+                                      m.reply_bytes[cut.index], et.head_memory_bytes,
+                                      m.fidelity.get((cut.index, codec, "float32"))))
+    return out
+
+
+def unmeasured_on_front(inputs: list[CandidateInput], links: list[Link]) -> set[int]:
+    """Cuts (0 = server-only) with a candidate on some link's optimistic front but no measurement."""
+    need: set[int] = set()
+    for link in links:
+        optimistic = [evaluate(ci if ci.fidelity is not None else replace(ci, fidelity=1.0), link) for ci in inputs]
+        for c in front(optimistic):
+            original = next(ci for ci in inputs if ci.kind == c.inp.kind and ci.cut == c.inp.cut and ci.codec == c.inp.codec
+                            and ci.head_weights == c.inp.head_weights)
+            if original.fidelity is None:
+                need.add(c.inp.cut)
+    return need
+
+
+def measure_fidelity(m: Measurements, cuts: set[int]) -> None:
+    """Fill in measured fidelity for the baselines and the given cuts (every codec at a cut:
+    the tail session is the expensive part, the codecs are cheap)."""
+    h = m.handle
+    if not m.reference:
+        m.reference = make_session(h.path).run(None, _batch(m.samples))
+    m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
+    full = make_session(h.path)
+    for codec in m.codecs:
+        if (0, codec, "float32") in m.fidelity:
+            continue
+        feeds = {k: np.concatenate([decode(encode(s[k], codec)) for s in m.samples]) for k in m.samples[0]}
+        outs = full.run(None, feeds)
+        reps = [compare(n, r, o) for n, r, o in zip(h.index.outputs, m.reference, outs)]
+        from .fidelity import FidelityReport
+
+        rep = FidelityReport(0, codec, "float32", len(m.samples), reps)
+        m.fidelity[(0, codec, "float32")] = rep.score
+        m.fidelity_reports[(0, codec, "float32")] = rep.to_dict()
+    by_index = {c.index: c for c in h.cuts()}
+    for k in sorted(cuts - {0}):
+        todo = [c for c in m.codecs if (k, c, "float32") not in m.fidelity]
+        if not todo:
+            continue
+        for codec, rep in measure(h, by_index[k], todo, m.samples, reference=m.reference).items():
+            m.fidelity[(k, codec, "float32")] = rep.score
+            m.fidelity_reports[(k, codec, "float32")] = rep.to_dict()
+
+
+def _batch(samples):
+    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
+
+
+def gather(handle: ModelHandle, edge: MeasuredProfile, server: MeasuredProfile, samples: list[dict[str, np.ndarray]],
+           codecs: list[str] | None = None) -> Measurements:
+    edge.check_model(handle.sha256, "edge profile")
+    server.check_model(handle.sha256, "server profile")
+    if edge.role != "edge":
+        raise ProfileError(f"the edge profile was measured in the {edge.role} role")
+    if server.role != "server":
+        raise ProfileError(f"the server profile was measured in the {server.role} role")
+    codecs = codecs or DEFAULT_CODECS
+    for c in codecs:
+        Codec.parse(c)
+    idx = handle.index
+    reply = {0: sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES}
+    for cut in handle.cuts():
+        reply[cut.index] = sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs
+                               if o not in cut.head_outputs) + REPLY_OVERHEAD_BYTES
+    return Measurements(handle, edge, server, codecs, encoded_sizes(handle, samples, codecs), reply, samples)
+
+
+@dataclass
+class Decision:
+    link: Link
+    candidates: list[Candidate]
+    front: list[Candidate]
+    pick: Candidate
+
+
+def decide(m: Measurements, networks: list[NetworkProfile], constraints: Constraints) -> list[Decision]:
+    links = [link_of(n) for n in networks]
+    measure_fidelity(m, set())  # the baselines
+    while need := unmeasured_on_front(candidate_inputs(m), links):
+        measure_fidelity(m, need)
+    inputs = candidate_inputs(m)
+    decisions = []
+    for link in links:
+        cands = [evaluate(ci, link) for ci in inputs]
+        measured = [c for c in cands if c.inp.fidelity is not None]
+        decisions.append(Decision(link, cands, front(measured), pick(measured, constraints)))
+    return decisions
+
+
+def plan_digest(c: Candidate) -> str:
+    return hashlib.sha256(repr(c.to_dict()).encode()).hexdigest()[:12]
+
+
+def _cut(handle: ModelHandle, index: int) -> Cut:
+    return handle.cuts()[index - 1]

@@ -1,0 +1,340 @@
+"""Measuring a model where it will run: the whole model, every node, and real segments.
+
+Per-node sums miss what fusion, layout transforms and memory do at a segment's edges, so the
+head and tail of a cut must be timed as the sub-models they will be. Timing every cut of a
+large model on a slow device takes too long; instead we time a few real segments (anchors,
+as many as the budget allows, spread evenly along the per-node cost curve) and interpolate the
+others along that curve between them. The benchmark checks the interpolation against direct
+measurements of every cut.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+import onnx
+import psutil
+
+from splitpoint.partitioner import ModelHandle
+from splitpoint.partitioner.cuts import Cut
+from splitpoint.partitioner.extract import extract
+from splitpoint.runner import make_session
+
+from .facts import device_facts, temperature_c, throttled
+from .ort_trace import node_times
+from .schema import CodecSpeed, CutTiming, Emulation, MeasuredProfile, NodeTime, Stat
+
+
+@dataclass
+class ProfileSettings:
+    role: str = "edge"
+    threads: int = 1
+    provider: str = "CPUExecutionProvider"
+    warmup: int = 1
+    repeats: int = 5
+    segment_warmup: int = 1
+    segment_repeats: int = 3
+    profile_runs: int = 2
+    budget: float = 30.0          # total timed run time, in multiples of one full inference
+    anchors: int | None = None    # override the budget-derived number of measured cuts
+    batch: int = 1
+
+
+def stat(samples_ms: list[float]) -> Stat:
+    s = sorted(samples_ms)
+    return Stat(median_ms=statistics.median(s), p90_ms=float(np.percentile(s, 90)), min_ms=s[0], max_ms=s[-1],
+                runs=len(s))
+
+
+def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[i.name] = rng.random(dims) > 0.5
+        else:
+            feeds[i.name] = rng.integers(0, 10, dims).astype(dtype)
+    return feeds
+
+
+def _time(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def interleaved(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[list[float]]:
+    """Time several functions in alternation, so slow drift of the machine (other tenants,
+    frequency changes) affects all of them alike and their ratios stay meaningful."""
+    out: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out[j].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def choose_anchors(cum: list[float], n: int) -> list[int]:
+    """Cut indices (1-based) closest to evenly spaced fractions of the cumulative cost curve."""
+    total = cum[-1] if cum and cum[-1] > 0 else 1.0
+    m = len(cum)
+    chosen: list[int] = []
+    for j in range(1, n + 1):
+        target = total * j / (n + 1)
+        k = min(range(1, m), key=lambda i: abs(cum[i - 1] - target))
+        if k not in chosen:
+            chosen.append(k)
+    return sorted(chosen)
+
+
+def coverage_order(anchors: list[int]) -> list[int]:
+    """Farthest-first order (middle, then quarters, ...): stopping early still leaves the
+    measured anchors spread over the whole model."""
+    if not anchors:
+        return []
+    lo, hi = 0, max(anchors) + 1
+    order: list[int] = []
+    rest = list(anchors)
+    while rest:
+        pick = max(rest, key=lambda a: min(abs(a - b) for b in [lo, hi, *order]))
+        order.append(pick)
+        rest.remove(pick)
+    return order
+
+
+def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    return float(np.interp(x, xs, ys))
+
+
+def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str, CodecSpeed]:
+    """Encode and decode throughput of every codec on a 1 MiB ReLU-like activation tensor."""
+    from splitpoint.codecs import all_codecs, decode, encode
+
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((1, 64, size // 4096, 64)), 0).astype(np.float32)
+    out = {}
+    for c in all_codecs():
+        payload = encode(x, c)
+        enc = statistics.median(_time(lambda: encode(x, c), 1, repeats))
+        dec = statistics.median(_time(lambda: decode(payload), 1, repeats))
+        out[c] = CodecSpeed(encode_mb_s=x.nbytes / enc / 1e3, decode_mb_s=x.nbytes / dec / 1e3,
+                            ratio=x.nbytes / len(payload))
+    return out
+
+
+def live_activation_peaks(handle: ModelHandle) -> list[int]:
+    """For each prefix of the compute order, peak bytes of activations alive at once in the head
+    (derived from shapes; per sample)."""
+    idx = handle.index
+    order = idx.compute
+    last_use: dict[str, int] = {}
+    for r, p in enumerate(order):
+        for t in idx.node_ins[p]:
+            last_use[t] = r
+
+    def size(t: str) -> int:
+        info = idx.info.get(t)
+        b = info.bytes_per_sample() if info is not None else None
+        return b or 0
+
+    live = {t: size(t) for t in idx.inputs}
+    cur = sum(live.values())
+    peak = cur
+    peaks = []
+    for r, p in enumerate(order):
+        for o in idx.nodes[p].output:
+            if o:
+                live[o] = size(o)
+                cur += live[o]
+        peak = max(peak, cur)
+        peaks.append(peak)
+        for t in [t for t in live if last_use.get(t, -1) <= r and t not in idx.outputs]:
+            cur -= live.pop(t)
+    return peaks
+
+
+def weight_bytes_by_prefix(handle: ModelHandle) -> list[int]:
+    idx = handle.index
+    seen: set[str] = set()
+    total = 0
+    out = []
+    for p in idx.compute:
+        for t in idx.node_ins[p]:
+            if t in idx.initializers and t not in seen:
+                seen.add(t)
+                init = idx.initializers[t]
+                total += int(np.prod(init.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        out.append(total)
+    return out
+
+
+def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emulation | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> MeasuredProfile:
+    t_start = time.perf_counter()
+    note = progress or (lambda *_: None)
+    temp_before, throttle_before = temperature_c(), throttled()
+    idx = handle.index
+    cuts: list[Cut] = handle.cuts()
+    feeds = sample_feeds(handle.model, settings.batch)
+    clock = {"build_s": 0.0, "run_ms": 0.0}
+
+    def build(model) -> object:
+        t0 = time.perf_counter()
+        s = make_session(model, settings.threads, settings.provider)
+        clock["build_s"] += time.perf_counter() - t0
+        return s
+
+    # 1: the whole model on a plain session (the profiler's event logging would inflate timings).
+    # The session stays open: one run before and after each segment measurement is the
+    # reference that cancels the machine's drift.
+    note("whole model", 0, 1)
+    whole_sess = build(handle.path)
+    run_whole = lambda: whole_sess.run(None, feeds)  # noqa: E731
+    samples = _time(run_whole, settings.warmup, settings.repeats)
+    clock["run_ms"] += sum(samples) + settings.warmup * statistics.median(samples)
+
+    # 2: per-node times from onnxruntime's profiler: only their proportions are used
+    note("per-node profile", 0, 1)
+    t0 = time.perf_counter()
+    psess = make_session(handle.path, settings.threads, settings.provider, enable_profiling=True)
+    clock["build_s"] += time.perf_counter() - t0
+    prof_samples = _time(lambda: psess.run(None, feeds), 1, settings.profile_runs)
+    clock["run_ms"] += sum(prof_samples) + statistics.median(prof_samples)
+    trace = psess.end_profiling()
+    try:
+        per_node, unattributed, profiled_runs = node_times(trace, idx, skip_runs=1)
+    finally:
+        os.unlink(trace)
+    del psess
+    cum: list[float] = list(np.cumsum([per_node.get(p, 0.0) for p in idx.compute]))
+    total = cum[-1] if cum and cum[-1] > 0 else 1.0
+
+    # 3: real head and tail sub-models at anchor cuts, farthest-first, until the budget is spent
+    fixed = settings.warmup + settings.repeats + 1 + settings.profile_runs
+    per_anchor = settings.segment_warmup + settings.segment_repeats + 1
+    n_anchor = settings.anchors if settings.anchors is not None else int(max(2, (settings.budget - fixed) // per_anchor))
+    planned = coverage_order(choose_anchors(cum, min(n_anchor, len(cuts))) if cuts else [])
+    weights = weight_bytes_by_prefix(handle)
+    act_peaks = live_activation_peaks(handle)
+    measured: dict[int, dict] = {}
+    proc = psutil.Process()
+    w_prev = _time(run_whole, 0, 1)[0]
+    samples.append(w_prev)
+    clock["run_ms"] += w_prev
+    whole_ms = statistics.median(samples)
+    last_cost = 0.0
+    for j, k in enumerate(planned):
+        if len(measured) >= 2 and (clock["run_ms"] + last_cost) / whole_ms > settings.budget:
+            break  # the next segment would overrun the budget
+        before = clock["run_ms"]
+        note(f"segment at cut {k}", j, len(planned))
+        cut = cuts[k - 1]
+        head, tail = extract(idx, cut, check=False)
+        _trim_heap()
+        rss0 = proc.memory_info().rss
+        hs = build(head.SerializeToString())
+        head_in = {i.name: feeds[i.name] for i in hs.get_inputs()}
+        h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, head_in)))
+        rss = max(proc.memory_info().rss, rss0) - rss0
+        ts = build(tail.SerializeToString())
+        t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
+        hs_ms, ts_ms = interleaved([lambda: hs.run(None, head_in), lambda: ts.run(None, t_in)],
+                                   settings.segment_warmup, settings.segment_repeats)
+        w_next = _time(run_whole, 0, 1)[0]
+        samples.append(w_next)
+        h, t = stat(hs_ms), stat(ts_ms)
+        clock["run_ms"] += sum(hs_ms) + sum(ts_ms) + settings.segment_warmup * (h.median_ms + t.median_ms) + w_next
+        # the split's total relative to the whole model timed just before and after it (the
+        # running median joins them so one preempted reference run cannot skew the ratio)
+        ratio = (h.median_ms + t.median_ms) / statistics.median([w_prev, w_next, statistics.median(samples)])
+        measured[k] = {"head": h, "tail": t, "rss": rss, "ratio": ratio}
+        w_prev = w_next
+        whole_ms = statistics.median(samples)
+        last_cost = clock["run_ms"] - before
+        del hs, ts, head, tail
+    anchors = sorted(measured)
+    note("codec throughput", len(planned), len(planned))
+    codecs = codec_speeds()
+    whole = stat(samples)
+
+    # Between anchors, interpolate the head's share h / (h + t) along the per-node cost curve;
+    # a ratio of interleaved timings, it is free of the machine's drift. The split's total is
+    # the whole model times the anchors' median overhead ratio (two session calls and the
+    # layout reorders at the boundary).
+    xs = [cum[k - 1] / total for k in anchors]
+    shares = [measured[k]["head"].median_ms / (measured[k]["head"].median_ms + measured[k]["tail"].median_ms)
+              for k in anchors]
+    # a split does at least the whole model's work: a ratio below 1 is the reference runs' noise
+    overhead = max(1.0, statistics.median([measured[k]["ratio"] for k in anchors])) if anchors else 1.0
+    mem_ratios = [measured[k]["rss"] / (weights[k - 1] + act_peaks[k - 1] * settings.batch)
+                  for k in anchors if measured[k]["rss"] > 0 and weights[k - 1] + act_peaks[k - 1] > 0]
+    mem_scale = statistics.median(mem_ratios) if mem_ratios else 1.0
+    timings = []
+    for cut in cuts:
+        k = cut.index
+        derived_mem = int((weights[k - 1] + act_peaks[k - 1] * settings.batch) * mem_scale)
+        mem_note = "derived: weights + live activations x RSS calibration"
+        if k in measured:
+            m = measured[k]
+            timings.append(CutTiming(index=k, head_ms=m["head"].median_ms, tail_ms=m["tail"].median_ms,
+                                     head_p90_ms=m["head"].p90_ms, tail_p90_ms=m["tail"].p90_ms, source="measured",
+                                     head_memory_bytes=m["rss"] if m["rss"] > 0 else derived_mem,
+                                     memory_source="measured: RSS delta of building and running the head"
+                                     if m["rss"] > 0 else mem_note))
+        else:
+            x = cum[k - 1] / total
+            share = interpolate(x, [0.0, *xs, 1.0], [0.0, *shares, 1.0])
+            split_ms = whole.median_ms * overhead
+            timings.append(CutTiming(index=k, head_ms=share * split_ms, tail_ms=(1 - share) * split_ms,
+                                     source="derived", head_memory_bytes=derived_mem, memory_source=mem_note))
+    nodes = [NodeTime(name=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}", op_type=idx.nodes[p].op_type,
+                      median_ms=per_node.get(p, 0.0)) for p in idx.compute]
+    return MeasuredProfile(
+        role=settings.role, model_name=handle.name, model_sha256=handle.sha256, device=device_facts(),
+        settings=dict(settings.__dict__), emulation=emulation, whole=whole, nodes=nodes,
+        unattributed_ms=unattributed, cuts=timings, codecs=codecs,
+        cost={"measured_cuts": anchors, "timed_run_ms": clock["run_ms"],
+              "full_inference_equivalents": clock["run_ms"] / whole.median_ms,
+              "session_build_s": clock["build_s"], "wall_s": time.perf_counter() - t_start,
+              "memory_rss_calibration": mem_scale,
+              "profiled_run_ms": statistics.median(profiled_runs) if profiled_runs else None,
+              "split_overhead_ratio": overhead,
+              "split_overhead_ratios": {str(k): measured[k]["ratio"] for k in anchors}},
+        thermal={"before_c": temp_before, "after_c": temperature_c(), "throttled_before": throttle_before,
+                 "throttled_after": throttled()},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

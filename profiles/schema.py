@@ -1,0 +1,231 @@
+"""Profile schemas: network links, reference devices, and measured model profiles.
+
+Profiles are files people edit and copy between machines, so loading validates every field
+(type, unit range, unknown keys) and names the file and the field on error. pydantic does
+that work; the classes here only state the rules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from splitpoint.errors import ProfileError
+
+PROFILE_FORMAT = 1
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class NetworkProfile(_Strict):
+    """A link between the edge and the server. Bandwidths in Mbit/s (10^6 bit/s), times in ms."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    uplink_mbps: float = Field(gt=0, le=1e5)
+    downlink_mbps: float = Field(gt=0, le=1e5)
+    rtt_ms: float = Field(ge=0, le=1e4)
+    jitter_ms: float = Field(ge=0, le=1e4)
+    loss: float = Field(ge=0, le=0.5)
+
+    def transfer_ms(self, up_bytes: float, down_bytes: float = 0.0) -> float:
+        """One request/response: serialisation both ways plus one round trip (derived, not measured)."""
+        return 8e-3 * up_bytes / self.uplink_mbps + 8e-3 * down_bytes / self.downlink_mbps + self.rtt_ms
+
+
+class DeviceSpec(_Strict):
+    """Reference facts for a device class (from datasheets), not a measurement."""
+
+    name: str
+    description: str = ""
+    role: Literal["edge", "server"]
+    cpu: str
+    cores: int = Field(ge=1, le=1024)
+    clock_ghz: float = Field(gt=0, le=10)
+    memory_gb: float = Field(gt=0, le=1e5)
+    thermal_limit_c: float = Field(ge=30, le=150)
+    accelerator: str = "none"
+    reference_latency_ms: dict[str, float] = Field(default_factory=dict)
+    notes: str = ""
+
+
+class Stat(_Strict):
+    """Latency statistics of repeated runs, milliseconds."""
+
+    median_ms: float = Field(ge=0)
+    p90_ms: float = Field(ge=0)
+    min_ms: float = Field(ge=0)
+    max_ms: float = Field(ge=0)
+    runs: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not (self.min_ms <= self.median_ms <= self.max_ms + 1e-9 and self.median_ms <= self.p90_ms + 1e-9):
+            raise ValueError("expected min <= median <= p90 and median <= max")
+        return self
+
+
+class NodeTime(_Strict):
+    name: str
+    op_type: str
+    median_ms: float = Field(ge=0)
+
+
+class CutTiming(_Strict):
+    """Head and tail latency at one cut. ``source`` says whether the segments were run
+    ("measured") or interpolated between measured cuts along the per-node profile ("derived")."""
+
+    index: int = Field(ge=1)
+    head_ms: float = Field(ge=0)
+    tail_ms: float = Field(ge=0)
+    head_p90_ms: Optional[float] = None
+    tail_p90_ms: Optional[float] = None
+    source: Literal["measured", "derived"]
+    head_memory_bytes: int = Field(ge=0)
+    memory_source: str
+
+
+class CodecSpeed(_Strict):
+    """Measured codec throughput on this machine, MB/s of float32 input (10^6 bytes/s)."""
+
+    encode_mb_s: float = Field(gt=0)
+    decode_mb_s: float = Field(gt=0)
+    ratio: float = Field(gt=0)
+
+
+class Emulation(_Strict):
+    mechanism: str  # e.g. "cgroup-v1 cfs quota", "cgroup-v2 cpu.max", "cpu affinity"
+    cpus: Optional[float] = None
+    period_us: Optional[int] = None
+    quota_us: Optional[int] = None
+    cores: Optional[list[int]] = None
+    detail: str = ""
+
+
+class MeasuredProfile(_Strict):
+    """What ``splitpoint profile`` measured for one model on one machine, in one role."""
+
+    format_version: Literal[1] = PROFILE_FORMAT
+    kind: Literal["splitpoint-profile"] = "splitpoint-profile"
+    role: Literal["edge", "server"]
+    model_name: str
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    device: dict
+    settings: dict
+    emulation: Optional[Emulation] = None
+    whole: Stat
+    int8_whole: Optional[Stat] = None
+    nodes: list[NodeTime]
+    unattributed_ms: float = Field(ge=0)
+    cuts: list[CutTiming]
+    codecs: dict[str, CodecSpeed] = Field(default_factory=dict)
+    cost: dict
+    thermal: dict
+    created: str
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        idx = [c.index for c in self.cuts]
+        if idx != sorted(set(idx)):
+            raise ValueError("cuts must have unique indices in increasing order")
+        return self
+
+    def cut(self, index: int) -> CutTiming:
+        for c in self.cuts:
+            if c.index == index:
+                return c
+        raise ProfileError(f"profile has no timing for cut {index}")
+
+    def check_model(self, sha256: str, where: str = "profile") -> None:
+        if sha256 != self.model_sha256:
+            raise ProfileError(f"{where} was measured on another model file (sha256 {self.model_sha256[:12]}…, "
+                               f"this model {sha256[:12]}…); profile this model first")
+
+    def save(self, path: str | Path) -> None:
+        """Atomic write: an interrupted save never leaves a partial profile."""
+        import os
+        import tempfile
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.model_dump_json(indent=1))
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _explain(exc: ValidationError, where: str) -> ProfileError:
+    parts = []
+    for e in exc.errors()[:5]:
+        field = ".".join(str(x) for x in e["loc"]) or "(root)"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        parts.append(f"field '{field}': {e['msg']}{got}")
+    return ProfileError(f"{where}: " + "; ".join(parts))
+
+
+def _read(path: Path, parse) -> dict:
+    if not path.is_file():
+        raise ProfileError(f"profile file not found: {path}")
+    try:
+        data = parse(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: not valid {'YAML' if parse is yaml.safe_load else 'JSON'} ({exc})".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_network(spec: str | Path) -> NetworkProfile:
+    """A network profile by name (``lte``) or path."""
+    path = _named(spec, "networks")
+    try:
+        return NetworkProfile(**_read(path, yaml.safe_load))
+    except ValidationError as exc:
+        raise _explain(exc, str(path)) from exc
+    except TypeError as exc:
+        raise ProfileError(f"{path}: {exc}") from exc
+
+
+def load_device(spec: str | Path) -> DeviceSpec:
+    path = _named(spec, "devices")
+    try:
+        return DeviceSpec(**_read(path, yaml.safe_load))
+    except ValidationError as exc:
+        raise _explain(exc, str(path)) from exc
+
+
+def load_measured(path: str | Path, model_sha256: str | None = None) -> MeasuredProfile:
+    p = Path(path)
+    try:
+        prof = MeasuredProfile(**_read(p, json.loads))
+    except ValidationError as exc:
+        raise _explain(exc, str(p)) from exc
+    if model_sha256 is not None:
+        prof.check_model(model_sha256, where=str(p))
+    return prof
+
+
+def _named(spec: str | Path, folder: str) -> Path:
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
+        return p
+    candidate = PACKAGE_DIR / folder / f"{spec}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(x.stem for x in (PACKAGE_DIR / folder).glob("*.yaml")))
+    raise ProfileError(f"no {folder[:-1]} profile named {spec!r} (known: {known})")
+
+
+def network_names() -> list[str]:
+    return sorted(x.stem for x in (PACKAGE_DIR / "networks").glob("*.yaml"))

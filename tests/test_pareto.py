@@ -1,0 +1,104 @@
+"""The cost model's arithmetic, the Pareto front against brute force, and the constrained pick."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, CandidateInput, Link, evaluate
+from splitpoint.partitioner.pareto import Constraints, InfeasibleError, front, non_dominated, pick
+
+LTE = Link("lte", 5.85, 20.0, 70.0)
+
+
+def ci(kind=SPLIT, cut=5, codec="int8", head=10.0, tail=5.0, enc=1.0, dec=0.5, up=10_000, down=4_000, mem=1 << 20, fid=1.0):
+    return CandidateInput(kind, cut, codec, "float32", head, tail, enc, dec, up, down, mem, fid)
+
+
+def test_latency_and_throughput_follow_the_stages():
+    c = evaluate(ci(), LTE)
+    up = 8e-3 * 10_000 / 5.85
+    down = 8e-3 * 4_000 / 20.0
+    assert c.latency_ms == pytest.approx(10 + 1 + up + 70 + down + 0.5 + 5)
+    assert c.throughput_ips == pytest.approx(1000 / max(11, up, 5.5, down))
+    assert c.bytes_per_inference == 14_000 and c.edge_ms == 11
+    lossy = evaluate(ci(), Link("x", 5.85, 20.0, 70.0, loss=0.5))
+    assert lossy.breakdown["uplink_ms"] == pytest.approx(2 * up)
+    edge = evaluate(ci(kind=EDGE_ONLY, cut=None, head=40.0, tail=0, enc=0, dec=0, up=0, down=0), LTE)
+    assert edge.latency_ms == 40 and edge.transfer_ms == 0 and edge.throughput_ips == pytest.approx(25)
+
+
+def brute_force(points):
+    keep = []
+    for i, p in enumerate(points):
+        dominated = any(all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
+                        for j, q in enumerate(points) if j != i)
+        if not dominated:
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_non_dominated_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(1, 80)), int(rng.integers(1, 6))
+    pts = rng.integers(0, 6, (n, d)).astype(float)  # small integers: many ties and duplicates
+    assert sorted(non_dominated(pts).tolist()) == brute_force(pts.tolist())
+
+
+def _candidates(seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    out = [evaluate(ci(kind=EDGE_ONLY, cut=None, head=80.0, tail=0, enc=0, dec=0, up=0, down=0, mem=50 << 20), LTE),
+           evaluate(ci(kind=SERVER_ONLY, cut=0, head=0, tail=8.0, up=600_000, mem=600_000, fid=1.0), LTE)]
+    for k in range(n):
+        out.append(evaluate(ci(cut=k + 1, codec=str(rng.choice(["int8", "float32", "int4"])), head=float(rng.uniform(1, 60)),
+                               tail=float(rng.uniform(1, 20)), up=int(rng.integers(1000, 500_000)),
+                               mem=int(rng.integers(1 << 20, 40 << 20)), fid=float(rng.choice([1.0, 0.99, 0.9, 0.6]))), LTE))
+    return out
+
+
+def test_front_is_exactly_the_non_dominated_set():
+    cands = _candidates()
+    f = front(cands)
+    objs = [c.objectives() for c in cands]
+    expected = {id(cands[i]) for i in brute_force(objs)}
+    assert {id(c) for c in f} == expected
+    assert [c.latency_ms for c in f] == sorted(c.latency_ms for c in f)
+
+
+def test_pick_honours_constraints_and_lies_on_the_front():
+    cands = _candidates(seed=3)
+    f = {id(c) for c in front(cands)}
+    for cons in (Constraints(), Constraints(min_fidelity=0.99), Constraints(max_latency_ms=150, min_fidelity=0.9),
+                 Constraints(max_edge_memory_bytes=10 << 20), Constraints(objective="bytes"),
+                 Constraints(objective="throughput", min_fidelity=0.99)):
+        try:
+            p = pick(cands, cons)
+        except InfeasibleError:
+            continue
+        assert not cons.violations(p)
+        assert id(p) in f
+        feasible = [c for c in cands if not cons.violations(c)]
+        key = {"latency": lambda c: c.latency_ms, "bytes": lambda c: c.bytes_per_inference,
+               "throughput": lambda c: -c.throughput_ips}[cons.objective]
+        assert key(p) == min(key(c) for c in feasible)
+
+
+def test_infeasible_constraints_name_the_closest_candidates():
+    cands = _candidates(seed=1)
+    with pytest.raises(InfeasibleError) as e:
+        pick(cands, Constraints(max_latency_ms=1.0, min_fidelity=0.999))
+    msg = str(e.value)
+    assert "no candidate meets the constraints" in msg and "misses latency by" in msg
+    assert len(e.value.closest) == 3
+
+
+def test_search_speed_scales_to_a_thousand_candidates():
+    # correctness at size; the timing itself is reported by benchmarks/bench_planner.py
+    cands = [c for s in range(17) for c in _candidates(seed=s)]
+    assert len(cands) > 1000
+    f = front(cands)
+    assert f and all(c in cands for c in f)
+    assert len(list(itertools.islice(f, 3))) >= 1

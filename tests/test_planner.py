@@ -1,0 +1,154 @@
+"""The planner end to end: measured profiles in, an exact front and a deployable plan out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from splitpoint import zoo
+from splitpoint.errors import ProfileError
+from splitpoint.partitioner import open_model
+from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, evaluate
+from splitpoint.partitioner.fidelity import load_inputs
+from splitpoint.partitioner.pareto import Constraints, front
+from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of, measure_fidelity
+from splitpoint.plan import Plan
+from splitpoint.profiles.profiler import ProfileSettings, profile_model
+from splitpoint.profiles.schema import load_network
+from splitpoint.runner import assemble, load_split, make_session
+
+from .conftest import run_cli
+
+NETS = ["3g", "wifi-n", "ethernet"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan")
+    path = d / "r18.onnx"
+    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(path))
+    h = open_model(path)
+    edge = profile_model(h, ProfileSettings(role="edge", threads=1))
+    server = profile_model(h, ProfileSettings(role="server", threads=1))
+    edge.save(d / "edge.json")
+    server.save(d / "server.json")
+    return d, path, h, edge, server
+
+
+def test_lazy_fidelity_front_equals_exhaustive_front(setup):
+    _, _, h, edge, server = setup
+    samples = load_inputs(h.model, random=6)
+    nets = [load_network(n) for n in NETS]
+    lazy = gather(h, edge, server, samples)
+    decisions = decide(lazy, nets, Constraints())
+    full = gather(h, edge, server, samples)
+    measure_fidelity(full, {c.index for c in h.cuts()})
+    inputs = candidate_inputs(full)
+    assert all(ci.fidelity is not None for ci in inputs)
+    for d, net in zip(decisions, nets):
+        exhaustive = front([evaluate(ci, link_of(net)) for ci in inputs])
+        assert sorted(c.label for c in d.front) == sorted(c.label for c in exhaustive)
+        kinds = {c.inp.kind for c in d.candidates}
+        assert {EDGE_ONLY, SERVER_ONLY} <= kinds  # the baselines are always candidates
+    # lazy measurement did less work than measuring everything
+    assert len({k[0] for k in lazy.fidelity}) < len({k[0] for k in full.fidelity})
+
+
+def test_lossy_codecs_measure_below_lossless(setup):
+    _, _, h, edge, server = setup
+    m = gather(h, edge, server, load_inputs(h.model, random=6))
+    measure_fidelity(m, {10})
+    assert m.fidelity[(10, "float32", "float32")] == 1.0
+    rep = m.fidelity_reports[(10, "int4+zstd", "float32")]["outputs"][0]
+    assert rep["snr_db"] < m.fidelity_reports[(10, "int8", "float32")]["outputs"][0]["snr_db"] < 300
+
+
+def test_constraints_steer_the_pick(setup):
+    _, _, h, edge, server = setup
+    m = gather(h, edge, server, load_inputs(h.model, random=6))
+    nets = [load_network("3g")]
+    fast = decide(m, nets, Constraints())[0].pick
+    strict = decide(m, nets, Constraints(min_fidelity=1.0))[0].pick
+    assert strict.inp.fidelity == 1.0 and strict.latency_ms >= fast.latency_ms
+    # a budget that fits only the input buffer: nothing of the model can run on the edge
+    budget = 3 * 64 * 64 * 4
+    tiny = decide(m, nets, Constraints(max_edge_memory_bytes=budget))[0]
+    assert tiny.pick.inp.kind == SERVER_ONLY and tiny.pick.inp.edge_memory_bytes <= budget
+
+
+def test_profiles_for_another_model_or_role_are_refused(setup):
+    _, _, h, edge, server = setup
+    other = open_model("mobilenetv2")
+    with pytest.raises(ProfileError, match="edge profile was measured on another model"):
+        gather(other, edge, server, [])
+    with pytest.raises(ProfileError, match="measured in the server role"):
+        gather(h, server, server, [])
+
+
+def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
+    d, path, h, _, _ = setup
+    out, png = d / "plan-wifi", d / "front.png"
+    proc = run_cli("plan", str(path), "--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json"),
+                   "--network", "wifi-n", "--min-fidelity", "0.9", "-o", str(out), "--plot", str(png), "--random", "4",
+                   check=True)
+    assert "Pareto front" in proc.stdout and "pick (latency)" in proc.stdout
+    assert png.stat().st_size > 10_000
+    plan = Plan.load(out)
+    assert plan.predicted["derived"] is True and plan.predicted["fidelity"] >= 0.9
+    assert plan.front and plan.predicted["link"] == "wifi-n"
+    _, head, tail = load_split(out)
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)}
+    sent, early = head.run(feeds)
+    late = tail.run(sent) if tail else {}
+    got = assemble(plan, early, late)
+    ref = make_session(path).run(None, feeds)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4)
+
+
+def test_plan_cli_infeasible_names_closest(setup):
+    d, path, _, _, _ = setup
+    out = d / "never"
+    proc = run_cli("plan", str(path), "--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json"),
+                   "--network", "3g", "--max-latency", "0.01", "-o", str(out), "--random", "4")
+    assert proc.returncode == 2
+    assert "no candidate meets the constraints" in proc.stderr and "misses latency by" in proc.stderr
+    assert not out.exists()
+
+
+def test_baseline_plans_run(setup):
+    d, path, h, _, _ = setup
+    from splitpoint.partitioner.split import write_baseline_plan
+
+    feeds = {"input": np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)}
+    ref = make_session(path).run(None, feeds)[0]
+    for kind in ("server-only", "edge-only"):
+        plan = write_baseline_plan(h.index, kind, d / kind, h.name, h.sha256, codec="int8")
+        _, head, tail = load_split(d / kind)
+        sent, early = head.run(feeds)
+        got = assemble(plan, early, tail.run(sent) if tail else {})
+        np.testing.assert_allclose(got[0], ref, atol=1e-5)
+        assert (kind == "edge-only") == (tail is None)
+
+
+def test_fidelity_cli_reads_npy_and_images_and_quantises_the_head(setup, tmp_path):
+    from PIL import Image
+
+    d, path, _, _, _ = setup
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        np.save(tmp_path / f"x{k}.npy", rng.standard_normal((3, 64, 64)).astype(np.float32))
+        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(tmp_path / f"img{k}.png")
+    proc = run_cli("fidelity", str(path), "--cut", "20", "--codec", "int8", "--inputs", str(tmp_path),
+                   "--quantize-head-weights", "static", "--json", check=True)
+    rep = json.loads(proc.stdout)
+    assert rep["samples"] == 6 and rep["head_weights"] == "int8-static"
+    out = rep["outputs"][0]
+    assert 0.9 < out["cosine"] < 1.0 and out["top1_agreement"] is not None
+    exact = json.loads(run_cli("fidelity", str(path), "--cut", "20", "--codec", "float32", "--random", "3", "--json",
+                               check=True).stdout)
+    assert exact["outputs"][0]["cosine"] == pytest.approx(1.0) and exact["score"] == 1.0
+    bad = run_cli("fidelity", str(path), "--cut", "20", "--codec", "int3")
+    assert bad.returncode == 2 and "unknown codec 'int3'" in bad.stderr

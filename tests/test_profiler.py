@@ -1,0 +1,133 @@
+"""Measured profiles are complete, consistent with themselves, and refused for other models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import onnx
+import pytest
+
+from splitpoint import zoo
+from splitpoint.errors import ProfileError
+from splitpoint.partitioner import open_model
+from splitpoint.profiles.cpulimit import cpu_limit
+from splitpoint.profiles.profiler import ProfileSettings, profile_model
+from splitpoint.profiles.schema import load_measured
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("prof") / "resnet18s.onnx"
+    onnx.save_model(zoo.build("resnet18", width=0.5, resolution=64), str(p))
+    return p
+
+
+@pytest.mark.parametrize("role,threads", [("edge", 1), ("server", 2)])
+def test_profile_is_complete_and_self_consistent(model_path, role, threads):
+    h = open_model(model_path)
+    prof = profile_model(h, ProfileSettings(role=role, threads=threads, repeats=9))
+    assert prof.role == role and prof.model_sha256 == h.sha256 and prof.settings["threads"] == threads
+    for key in ("hostname", "architecture", "cpu_model", "cores_logical", "memory_total_bytes", "os", "onnxruntime"):
+        assert prof.device[key] not in (None, "")
+    assert {"before_c", "after_c"} <= set(prof.thermal)
+    # one timing per candidate cut, some of them real segment measurements
+    assert [c.index for c in prof.cuts] == [c.index for c in h.cuts()]
+    measured = [c for c in prof.cuts if c.source == "measured"]
+    assert 2 <= len(measured) == len(prof.cost["measured_cuts"])
+    if len(measured) > 2:  # two anchors are the minimum, whatever the budget
+        assert prof.cost["full_inference_equivalents"] <= 30
+    # per-node times come from onnxruntime's profiler and account for most of a profiled run
+    assert len(prof.nodes) == len(h.index.compute)
+    assert 0.7 * prof.cost["profiled_run_ms"] < sum(n.median_ms for n in prof.nodes) <= 1.01 * prof.cost["profiled_run_ms"]
+    # head grows and tail shrinks along the cut order, within the measured noise
+    noise = (prof.whole.p90_ms - prof.whole.min_ms) + 0.15 * prof.whole.median_ms
+    heads = [c.head_ms for c in prof.cuts]
+    tails = [c.tail_ms for c in prof.cuts]
+    assert all(b >= a - noise for a, b in zip(heads, heads[1:]))
+    assert all(b <= a + noise for a, b in zip(tails, tails[1:]))
+    # head + tail is one inference plus the split's overhead: within 40 % of the whole model
+    for c in prof.cuts:
+        assert 0.6 * prof.whole.median_ms <= c.head_ms + c.tail_ms <= 1.4 * prof.whole.median_ms + noise, c
+    # head memory: weights plus activations grows with the head
+    mems = [c.head_memory_bytes for c in prof.cuts if c.source == "derived"]
+    assert mems == sorted(mems) and mems[0] > 0
+
+
+def test_profile_cli_writes_file_and_refuses_it_for_another_model(model_path, tmp_path):
+    out = tmp_path / "p.json"
+    run_cli("profile", str(model_path), "--role", "edge", "-o", str(out), "--quiet", check=True)
+    prof = load_measured(out, model_sha256=open_model(model_path).sha256)
+    assert prof.role == "edge"
+    other = open_model("mobilenetv2")
+    with pytest.raises(ProfileError, match="measured on another model file"):
+        load_measured(out, model_sha256=other.sha256)
+
+
+def test_ctrl_c_leaves_no_partial_profile(tmp_path):
+    out = tmp_path / "p.json"
+    zoo.resolve("resnet50")  # build the model before timing the interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "profile", "resnet50", "-o", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="CPU limits need root")
+def test_cpu_limit_applies_and_is_undone():
+    def my_cgroup() -> str:
+        return open("/proc/self/cgroup").read()
+
+    before = my_cgroup()
+    with cpu_limit(0.5) as em:
+        assert em.mechanism in ("cgroup-v1 cfs quota", "cgroup-v2 cpu.max", "cpu affinity")
+        if em.mechanism.startswith("cgroup"):
+            assert f"splitpoint-{os.getpid()}" in my_cgroup()
+            assert em.period_us <= 10_000 and em.cpus == pytest.approx(0.5)
+    assert my_cgroup() == before
+
+
+def _valid_profile(model_path, tmp_path):
+    out = tmp_path / "good.json"
+    run_cli("profile", str(model_path), "-o", str(out), "--quiet", "--budget", "12", check=True)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["whole"].__setitem__("median_ms", -1), "field 'whole.median_ms': Input should be greater than or equal to 0"),
+    (lambda d: d.__setitem__("role", "phone"), "field 'role'"),
+    (lambda d: d.pop("cuts"), "field 'cuts': Field required"),
+    (lambda d: d.__setitem__("surprise", 1), "field 'surprise': Extra inputs are not permitted"),
+    (lambda d: d["cuts"][0].__setitem__("head_ms", "fast"), "field 'cuts.0.head_ms'"),
+    (lambda d: d.__setitem__("model_sha256", "abc"), "field 'model_sha256'"),
+    (lambda d: d["cuts"].reverse(), "unique indices in increasing order"),
+])
+def test_bad_profile_files_name_the_field_and_file(model_path, tmp_path, mutate, message):
+    d = _valid_profile(model_path, tmp_path)
+    mutate(d)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(ProfileError) as e:
+        load_measured(bad)
+    assert message in str(e.value) and str(bad) in str(e.value)
+
+
+def test_unreadable_profile_files(tmp_path):
+    with pytest.raises(ProfileError, match="profile file not found"):
+        load_measured(tmp_path / "nope.json")
+    p = tmp_path / "trunc.json"
+    p.write_text('{"role": "edge", "cuts": [')
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        load_measured(p)
+    p.write_text("[1, 2]")
+    with pytest.raises(ProfileError, match="expected a mapping"):
+        load_measured(p)
