@@ -20,6 +20,21 @@ from common import write_results  # noqa: E402
 from splitpoint.codecs import all_codecs, decode, encode, error_bound  # noqa: E402
 
 
+def _zstd_level1_mb_s(repeats: int = 31) -> float:
+    import zstandard
+
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal(2**18), 0)
+    q = (x / x.max() * 255 + 0.5).astype(np.uint8).tobytes()
+    c = zstandard.ZstdCompressor(level=1)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        c.compress(q)
+        samples.append(time.perf_counter() - t0)
+    return len(q) / statistics.median(samples) / 1e6
+
+
 def main(repeats: int = 31) -> None:
     rng = np.random.default_rng(0)
     # a ReLU activation (half zeros), as cut tensors mostly are; 64 x 64 x 64 float32 = 1 MiB
@@ -52,8 +67,15 @@ def main(repeats: int = 31) -> None:
     for r in rows:
         md.append(f"| {r['codec']} | {r['ratio']:.2f} | {r['bytes']:,} | {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | "
                   f"{r['roundtrip_mb_s']:.0f} | {r['max_abs_error']:.4f} | {r['error_bound']:.4f} |")
+    zstd_alone = _zstd_level1_mb_s()
     md += ["", f"Target: int8+zstd encode+decode ≥ 500 MB/s — measured **{target['roundtrip_mb_s']:.0f} MB/s** "
            f"({'met' if target['roundtrip_mb_s'] >= 500 else 'MISSED'}).", ""]
+    if target["roundtrip_mb_s"] < 500:
+        md += [f"Why: zstd level 1 alone compresses these quantised bytes at {zstd_alone:.0f} MB/s (single thread, measured "
+               "in this run), i.e. ≥ 1 ms per MiB of float32 input before quantisation and decoding; the zstd stage "
+               "already compresses 128 KiB chunks in parallel (1.5× on these 2 cores). The int8 stage itself runs at "
+               f"{next(r for r in rows if r['codec'] == 'int8')['roundtrip_mb_s']:.0f} MB/s; int8+lz4 is the fast "
+               "lossless option on this machine.", ""]
     write_results("codecs", {"rows": rows}, "\n".join(md))
 
 

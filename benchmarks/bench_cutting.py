@@ -21,7 +21,7 @@ from splitpoint.partitioner.split import write_plan  # noqa: E402
 from splitpoint.zoo.builder import ModelBuilder  # noqa: E402
 
 
-def deep_residual(blocks: int) -> "onnx.ModelProto":  # noqa: F821
+def deep_residual(blocks: int):
     """A residual DAG of 7 nodes per block (conv-bn-relu-conv-bn-add-relu), tiny tensors."""
     import numpy as np
 

@@ -18,7 +18,8 @@ from common import write_results  # noqa: E402
 
 from splitpoint.partitioner import open_model  # noqa: E402
 from splitpoint.partitioner.extract import extract  # noqa: E402
-from splitpoint.profiles.profiler import ProfileSettings, interleaved, profile_model, sample_feeds  # noqa: E402
+from splitpoint.profiles.profiler import ProfileSettings, interleaved, profile_model  # noqa: E402
+from splitpoint.runner import sample_feeds  # noqa: E402
 from splitpoint.runner import make_session  # noqa: E402
 
 

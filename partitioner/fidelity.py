@@ -12,7 +12,7 @@ import onnx
 
 from splitpoint.codecs import decode, encode
 from splitpoint.errors import SplitPointError
-from splitpoint.runner import make_session
+from splitpoint.runner import make_session, sample_feeds
 
 from . import ModelHandle
 from .cuts import Cut
@@ -72,8 +72,6 @@ def load_inputs(model: onnx.ModelProto, inputs: str | Path | None = None, random
     inits = {t.name for t in model.graph.initializer}
     specs = [i for i in model.graph.input if i.name not in inits]
     if inputs is None:
-        from splitpoint.profiles.profiler import sample_feeds
-
         return [sample_feeds(model, 1, seed + k) for k in range(random)]
     folder = Path(inputs)
     if not folder.is_dir():

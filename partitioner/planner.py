@@ -11,7 +11,6 @@ optimistic front is dominated whatever its true fidelity, so the final front is 
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from dataclasses import dataclass, field, replace
 
@@ -25,9 +24,11 @@ from splitpoint.runner import make_session
 
 from . import ModelHandle
 from .costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, Candidate, CandidateInput, Link, evaluate
-from .cuts import Cut
-from .fidelity import compare, measure
+from .extract import extract
+from .fidelity import FidelityReport, compare, measure
+from .memory import weight_bytes_by_prefix
 from .pareto import Constraints, front, pick
+from .quantize import quantize_head
 
 DEFAULT_CODECS = ["float32", "float32+zstd", "float16", "float16+zstd", "int8", "int8+zstd", "int8-ch+zstd", "int4+zstd"]
 REPLY_OVERHEAD_BYTES = 128  # reply header per inference (wire format)
@@ -49,6 +50,7 @@ class Measurements:
     reply_bytes: dict[int, int]               # cut (0 = server-only) -> reply bytes
     samples: list[dict[str, np.ndarray]]
     reference: list[np.ndarray] = field(default_factory=list)
+    int8_heads: bool = False                  # add candidates whose head runs with int8 (QDQ) weights
     fidelity: dict[tuple, float] = field(default_factory=dict)   # (cut, codec, head) -> score
     fidelity_reports: dict[tuple, dict] = field(default_factory=dict)
 
@@ -87,9 +89,23 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     out = []
     input_f32 = sum(idx.tensor(i).bytes_per_sample() or 0 for i in idx.inputs)
     last = m.edge.cuts[-1]
-    # all on the edge: the float model as it is
-    out.append(CandidateInput(EDGE_ONLY, None, "-", "float32", m.edge.whole.median_ms, 0.0, 0.0, 0.0, 0, 0,
-                              last.head_memory_bytes, m.fidelity.get((None, "-", "float32"))))
+    heads = ["float32"] + (["int8"] if m.int8_heads else [])
+    # int8 heads: edge time scaled by the measured int8/float32 ratio of the whole model on the
+    # edge (derived), weights a quarter of their float32 size
+    speedup = (m.edge.int8_whole.median_ms / m.edge.whole.median_ms) if m.edge.int8_whole else None
+    weights = weight_bytes_by_prefix(idx)
+
+    def head_ms(ms: float, head: str) -> float:
+        return ms if head == "float32" else ms * speedup
+
+    def head_mem(mem: int, k: int, head: str) -> int:
+        return mem if head == "float32" else max(0, mem - int(0.75 * weights[k - 1]))
+
+    for head in heads:
+        # all on the edge: the model as it is (or quantised)
+        out.append(CandidateInput(EDGE_ONLY, None, "-", head, head_ms(m.edge.whole.median_ms, head), 0.0, 0.0, 0.0,
+                                  0, 0, head_mem(last.head_memory_bytes, len(weights), head),
+                                  m.fidelity.get((None, "-", head))))
     for codec in m.codecs:
         enc = input_f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
         dec = input_f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
@@ -102,28 +118,30 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
             enc = f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
             dec = f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
             up = sum(m.sizes[c.name][codec] for c in cut.crossing)
-            out.append(CandidateInput(SPLIT, cut.index, codec, "float32", et.head_ms, st.tail_ms, enc, dec, up,
-                                      m.reply_bytes[cut.index], et.head_memory_bytes,
-                                      m.fidelity.get((cut.index, codec, "float32"))))
+            for head in heads:
+                out.append(CandidateInput(SPLIT, cut.index, codec, head, head_ms(et.head_ms, head), st.tail_ms, enc, dec,
+                                          up, m.reply_bytes[cut.index], head_mem(et.head_memory_bytes, cut.index, head),
+                                          m.fidelity.get((cut.index, codec, head))))
     return out
 
 
-def unmeasured_on_front(inputs: list[CandidateInput], links: list[Link]) -> set[int]:
-    """Cuts (0 = server-only) with a candidate on some link's optimistic front but no measurement."""
-    need: set[int] = set()
+def unmeasured_on_front(inputs: list[CandidateInput], links: list[Link]) -> set[tuple]:
+    """(cut, head precision) pairs with a candidate on some link's optimistic front but no
+    measurement (cut 0 = server-only, None = edge-only)."""
+    need: set[tuple] = set()
     for link in links:
         optimistic = [evaluate(ci if ci.fidelity is not None else replace(ci, fidelity=1.0), link) for ci in inputs]
         for c in front(optimistic):
             original = next(ci for ci in inputs if ci.kind == c.inp.kind and ci.cut == c.inp.cut and ci.codec == c.inp.codec
                             and ci.head_weights == c.inp.head_weights)
             if original.fidelity is None:
-                need.add(c.inp.cut)
+                need.add((c.inp.cut, c.inp.head_weights))
     return need
 
 
-def measure_fidelity(m: Measurements, cuts: set[int]) -> None:
-    """Fill in measured fidelity for the baselines and the given cuts (every codec at a cut:
-    the tail session is the expensive part, the codecs are cheap)."""
+def measure_fidelity(m: Measurements, pairs: set[tuple]) -> None:
+    """Measure fidelity for the baselines and the given (cut, head precision) pairs, every codec
+    at once (the tail session and the quantised head are the expensive parts)."""
     h = m.handle
     if not m.reference:
         m.reference = make_session(h.path).run(None, _batch(m.samples))
@@ -133,21 +151,30 @@ def measure_fidelity(m: Measurements, cuts: set[int]) -> None:
         if (0, codec, "float32") in m.fidelity:
             continue
         feeds = {k: np.concatenate([decode(encode(s[k], codec)) for s in m.samples]) for k in m.samples[0]}
-        outs = full.run(None, feeds)
-        reps = [compare(n, r, o) for n, r, o in zip(h.index.outputs, m.reference, outs)]
-        from .fidelity import FidelityReport
-
-        rep = FidelityReport(0, codec, "float32", len(m.samples), reps)
-        m.fidelity[(0, codec, "float32")] = rep.score
-        m.fidelity_reports[(0, codec, "float32")] = rep.to_dict()
+        _record(m, 0, codec, "float32", full.run(None, feeds))
     by_index = {c.index: c for c in h.cuts()}
-    for k in sorted(cuts - {0}):
-        todo = [c for c in m.codecs if (k, c, "float32") not in m.fidelity]
-        if not todo:
+    for k, head in sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0, p[1])):
+        if k is None:  # edge-only with an int8 model
+            if (None, "-", head) not in m.fidelity:
+                q = make_session(quantize_head(h.model, m.samples, "static").SerializeToString())
+                _record(m, None, "-", head, q.run(None, _batch(m.samples)))
             continue
-        for codec, rep in measure(h, by_index[k], todo, m.samples, reference=m.reference).items():
-            m.fidelity[(k, codec, "float32")] = rep.score
-            m.fidelity_reports[(k, codec, "float32")] = rep.to_dict()
+        todo = [c for c in m.codecs if (k, c, head) not in m.fidelity]
+        if k == 0 or not todo:
+            continue
+        cut = by_index[k]
+        head_model = quantize_head(extract(h.index, cut, check=False)[0], m.samples, "static") if head == "int8" else None
+        for codec, rep in measure(h, cut, todo, m.samples, head_model=head_model, head_weights=head,
+                                  reference=m.reference).items():
+            m.fidelity[(k, codec, head)] = rep.score
+            m.fidelity_reports[(k, codec, head)] = rep.to_dict()
+
+
+def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarray]) -> None:
+    rep = FidelityReport(cut, codec, head, len(m.samples),
+                         [compare(n, r, o) for n, r, o in zip(m.handle.index.outputs, m.reference, outputs)])
+    m.fidelity[(cut, codec, head)] = rep.score
+    m.fidelity_reports[(cut, codec, head)] = rep.to_dict()
 
 
 def _batch(samples):
@@ -155,13 +182,15 @@ def _batch(samples):
 
 
 def gather(handle: ModelHandle, edge: MeasuredProfile, server: MeasuredProfile, samples: list[dict[str, np.ndarray]],
-           codecs: list[str] | None = None) -> Measurements:
+           codecs: list[str] | None = None, int8_heads: bool = False) -> Measurements:
     edge.check_model(handle.sha256, "edge profile")
     server.check_model(handle.sha256, "server profile")
     if edge.role != "edge":
         raise ProfileError(f"the edge profile was measured in the {edge.role} role")
     if server.role != "server":
         raise ProfileError(f"the server profile was measured in the {server.role} role")
+    if int8_heads and edge.int8_whole is None:
+        raise ProfileError("int8 heads need the edge's int8 timing: profile the edge with `splitpoint profile --int8`")
     codecs = codecs or DEFAULT_CODECS
     for c in codecs:
         Codec.parse(c)
@@ -170,7 +199,8 @@ def gather(handle: ModelHandle, edge: MeasuredProfile, server: MeasuredProfile, 
     for cut in handle.cuts():
         reply[cut.index] = sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs
                                if o not in cut.head_outputs) + REPLY_OVERHEAD_BYTES
-    return Measurements(handle, edge, server, codecs, encoded_sizes(handle, samples, codecs), reply, samples)
+    return Measurements(handle, edge, server, codecs, encoded_sizes(handle, samples, codecs), reply, samples,
+                        int8_heads=int8_heads)
 
 
 @dataclass
@@ -195,9 +225,3 @@ def decide(m: Measurements, networks: list[NetworkProfile], constraints: Constra
     return decisions
 
 
-def plan_digest(c: Candidate) -> str:
-    return hashlib.sha256(repr(c.to_dict()).encode()).hexdigest()[:12]
-
-
-def _cut(handle: ModelHandle, index: int) -> Cut:
-    return handle.cuts()[index - 1]

@@ -45,7 +45,8 @@ def build_plan(cut: Cut, model_name: str, model_sha256: str, files: dict[str, st
 
 def write_baseline_plan(idx: GraphIndex, kind: str, out_dir: str | Path, model_name: str, model_sha256: str,
                         force: bool = False, codec: str = "float32", predicted: dict | None = None,
-                        front: list | None = None) -> Plan:
+                        front: list | None = None, model: onnx.ModelProto | None = None,
+                        head_weights: str = "float32") -> Plan:
     """The two plans a user could pick instead of splitting: the whole model on the server
     (raw inputs cross, encoded with ``codec``) or the whole model on the edge."""
     if kind not in ("server-only", "edge-only"):
@@ -60,11 +61,12 @@ def write_baseline_plan(idx: GraphIndex, kind: str, out_dir: str | Path, model_n
     file_name = TAIL_FILE if server else HEAD_FILE
 
     def write(tmp: Path) -> None:
-        save_model(idx.model, tmp / file_name)
+        save_model(model if model is not None else idx.model, tmp / file_name)
         plan = Plan(model_name=model_name, model_sha256=model_sha256, cut_index=0 if server else None,
                     cut_tensors=crossing, inputs=inputs, outputs=outputs,
                     files={file_name: sha256_file(tmp / file_name)}, codec=codec if server else "float32",
-                    predicted=predicted or {}, front=front or [], kind=kind)
+                    predicted=predicted or {}, front=front or [], kind=kind,
+                    head_weights=head_weights if not server else "float32")
         plan.plan_id = plan.content_id()
         (tmp / "plan.json").write_text(plan.to_json())
         result["plan"] = plan

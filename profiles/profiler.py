@@ -20,13 +20,13 @@ from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
-import onnx
 import psutil
 
 from splitpoint.partitioner import ModelHandle
 from splitpoint.partitioner.cuts import Cut
 from splitpoint.partitioner.extract import extract
-from splitpoint.runner import make_session
+from splitpoint.partitioner.memory import live_activation_peaks, weight_bytes_by_prefix
+from splitpoint.runner import make_session, sample_feeds
 
 from .facts import device_facts, temperature_c, throttled
 from .ort_trace import node_times
@@ -43,6 +43,7 @@ class ProfileSettings:
     segment_warmup: int = 1
     segment_repeats: int = 3
     profile_runs: int = 2
+    int8: bool = False            # also time the statically quantised (QDQ int8) model
     budget: float = 30.0          # total timed run time, in multiples of one full inference
     anchors: int | None = None    # override the budget-derived number of measured cuts
     batch: int = 1
@@ -52,28 +53,6 @@ def stat(samples_ms: list[float]) -> Stat:
     s = sorted(samples_ms)
     return Stat(median_ms=statistics.median(s), p90_ms=float(np.percentile(s, 90)), min_ms=s[0], max_ms=s[-1],
                 runs=len(s))
-
-
-def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``)."""
-    from onnx import helper
-
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        if np.issubdtype(dtype, np.floating):
-            feeds[i.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[i.name] = rng.random(dims) > 0.5
-        else:
-            feeds[i.name] = rng.integers(0, 10, dims).astype(dtype)
-    return feeds
 
 
 def _time(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -156,52 +135,6 @@ def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str
     return out
 
 
-def live_activation_peaks(handle: ModelHandle) -> list[int]:
-    """For each prefix of the compute order, peak bytes of activations alive at once in the head
-    (derived from shapes; per sample)."""
-    idx = handle.index
-    order = idx.compute
-    last_use: dict[str, int] = {}
-    for r, p in enumerate(order):
-        for t in idx.node_ins[p]:
-            last_use[t] = r
-
-    def size(t: str) -> int:
-        info = idx.info.get(t)
-        b = info.bytes_per_sample() if info is not None else None
-        return b or 0
-
-    live = {t: size(t) for t in idx.inputs}
-    cur = sum(live.values())
-    peak = cur
-    peaks = []
-    for r, p in enumerate(order):
-        for o in idx.nodes[p].output:
-            if o:
-                live[o] = size(o)
-                cur += live[o]
-        peak = max(peak, cur)
-        peaks.append(peak)
-        for t in [t for t in live if last_use.get(t, -1) <= r and t not in idx.outputs]:
-            cur -= live.pop(t)
-    return peaks
-
-
-def weight_bytes_by_prefix(handle: ModelHandle) -> list[int]:
-    idx = handle.index
-    seen: set[str] = set()
-    total = 0
-    out = []
-    for p in idx.compute:
-        for t in idx.node_ins[p]:
-            if t in idx.initializers and t not in seen:
-                seen.add(t)
-                init = idx.initializers[t]
-                total += int(np.prod(init.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-        out.append(total)
-    return out
-
-
 def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emulation | None = None,
                   progress: Callable[[str, int, int], None] | None = None) -> MeasuredProfile:
     t_start = time.perf_counter()
@@ -239,7 +172,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
         per_node, unattributed, profiled_runs = node_times(trace, idx, skip_runs=1)
     finally:
         os.unlink(trace)
-    del psess
+    psess = None  # release the session before the segments are measured
     cum: list[float] = list(np.cumsum([per_node.get(p, 0.0) for p in idx.compute]))
     total = cum[-1] if cum and cum[-1] > 0 else 1.0
 
@@ -248,8 +181,8 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     per_anchor = settings.segment_warmup + settings.segment_repeats + 1
     n_anchor = settings.anchors if settings.anchors is not None else int(max(2, (settings.budget - fixed) // per_anchor))
     planned = coverage_order(choose_anchors(cum, min(n_anchor, len(cuts))) if cuts else [])
-    weights = weight_bytes_by_prefix(handle)
-    act_peaks = live_activation_peaks(handle)
+    weights = weight_bytes_by_prefix(handle.index)
+    act_peaks = live_activation_peaks(handle.index)
     measured: dict[int, dict] = {}
     proc = psutil.Process()
     w_prev = _time(run_whole, 0, 1)[0]
@@ -285,8 +218,16 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
         w_prev = w_next
         whole_ms = statistics.median(samples)
         last_cost = clock["run_ms"] - before
-        del hs, ts, head, tail
+        hs = ts = head = tail = None  # one pair of sessions alive at a time
     anchors = sorted(measured)
+    int8_whole = None
+    if settings.int8:
+        note("int8 model", len(planned), len(planned))
+        from splitpoint.partitioner.quantize import quantize_head
+
+        calib = [sample_feeds(handle.model, 1, 100 + i) for i in range(8)]
+        qsess = build(quantize_head(handle.model, calib, "static").SerializeToString())
+        int8_whole = stat(_time(lambda: qsess.run(None, feeds), settings.warmup, settings.repeats))
     note("codec throughput", len(planned), len(planned))
     codecs = codec_speeds()
     whole = stat(samples)
@@ -325,7 +266,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
                       median_ms=per_node.get(p, 0.0)) for p in idx.compute]
     return MeasuredProfile(
         role=settings.role, model_name=handle.name, model_sha256=handle.sha256, device=device_facts(),
-        settings=dict(settings.__dict__), emulation=emulation, whole=whole, nodes=nodes,
+        settings=dict(settings.__dict__), emulation=emulation, whole=whole, int8_whole=int8_whole, nodes=nodes,
         unattributed_ms=unattributed, cuts=timings, codecs=codecs,
         cost={"measured_cuts": anchors, "timed_run_ms": clock["run_ms"],
               "full_inference_equivalents": clock["run_ms"] / whole.median_ms,

@@ -115,6 +115,7 @@ def profile(
     budget: float = typer.Option(30.0, "--budget", help="timed run time allowed, in multiples of one inference"),
     cpus: Optional[float] = typer.Option(None, "--cpus", help="emulate a smaller device: limit to this many CPUs"),
     slowdown: Optional[float] = typer.Option(None, "--emulate-slowdown", help="emulate a device this many times slower"),
+    int8: bool = typer.Option(False, "--int8", help="also time the int8 (static QDQ) model, for int8-head plans"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (daemons, scripts)"),
 ) -> None:
     """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
@@ -134,7 +135,7 @@ def profile(
         cpus = max(threads, 1) / slowdown
     h = open_model(model)
     out = out or Path("profiles") / "measured" / f"{h.name}-{role}.json"
-    settings = ProfileSettings(role=role, threads=threads, provider=provider, budget=budget)
+    settings = ProfileSettings(role=role, threads=threads, provider=provider, budget=budget, int8=int8)
     with cpu_limit(cpus) as emulation:
         if quiet:
             prof = profile_model(h, settings, emulation)
@@ -179,6 +180,7 @@ def plan(
     max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="bytes per inference on the wire"),
     objective: str = typer.Option("latency", "--objective", help="latency | throughput | bytes | edge-memory | fidelity"),
     codecs: Optional[str] = typer.Option(None, "--codecs", help="comma-separated codecs to consider (default: a standard set)"),
+    int8_heads: bool = typer.Option(False, "--int8-heads", help="also consider heads with int8 weights (edge profiled with --int8)"),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy files or images for fidelity"),
     random: int = typer.Option(8, "--random", help="seeded random samples for fidelity when no --inputs"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of the front"),
@@ -199,7 +201,7 @@ def plan(
     edge = load_measured(edge_profile, model_sha256=h.sha256)
     server = load_measured(server_profile, model_sha256=h.sha256)
     samples = load_inputs(h.model, inputs, random)
-    m = gather(h, edge, server, samples, codecs.split(",") if codecs else None)
+    m = gather(h, edge, server, samples, codecs.split(",") if codecs else None, int8_heads=int8_heads)
     cons = Constraints(max_latency, min_fidelity, int(edge_memory * 2**20) if edge_memory else None, max_bytes,
                        objective=objective)
     d = decide(m, [net], cons)[0]
@@ -220,12 +222,19 @@ def plan(
         plot_front(d.candidates, d.front, d.pick, plot, f"{h.name} on {net.name}")
     if out:
         p = d.pick.inp
+        head_model = None
+        if p.head_weights == "int8":
+            from .partitioner.extract import extract
+            from .partitioner.quantize import quantize_head
+
+            base = h.model if p.kind == EDGE_ONLY else extract(h.index, h.cuts()[p.cut - 1], check=False)[0]
+            head_model = quantize_head(base, samples, "static")
         if p.kind in (EDGE_ONLY, SERVER_ONLY):
             written = write_baseline_plan(h.index, p.kind, out, h.name, h.sha256, force=force, codec=p.codec,
-                                          predicted=predicted, front=front)
+                                          predicted=predicted, front=front, model=head_model, head_weights=p.head_weights)
         else:
             written = write_plan(h.index, h.cuts()[p.cut - 1], out, h.name, h.sha256, force=force, codec=p.codec,
-                                 predicted=predicted, front=front)
+                                 predicted=predicted, front=front, head_model=head_model, head_weights=p.head_weights)
         if not as_json:
             console.print(f"plan {written.plan_id[:12]} → {out}")
 

@@ -10,7 +10,10 @@ body.
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lz4.block
@@ -61,8 +64,67 @@ def all_codecs() -> list[str]:
     return [b + (f"+{s}" if s else "") for b in BASES for s in STAGES]
 
 
-_zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-_zd = zstandard.ZstdDecompressor()
+# The zstd stage compresses independent 128 KiB chunks on a small thread pool (as pzstd does):
+# python-zstandard releases the GIL, and edge boards have several cores. Compressor objects are
+# not thread-safe, so each thread keeps its own.
+ZSTD_CHUNK = 128 * 1024
+_local = threading.local()
+_pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="splitpoint-zstd")
+
+
+def _zc() -> zstandard.ZstdCompressor:
+    if not hasattr(_local, "zc"):
+        _local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return _local.zc
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "zd"):
+        _local.zd = zstandard.ZstdDecompressor()
+    return _local.zd
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    return [(i, min(i + ZSTD_CHUNK, n)) for i in range(0, n, ZSTD_CHUNK)] or [(0, 0)]
+
+
+def _zstd_compress(body: bytes) -> bytes:
+    """u32 chunk count, u32 compressed size per chunk, then the zstd frames."""
+    spans = _chunks(len(body))
+    view = memoryview(body)
+    if len(spans) == 1:
+        frames = [_zc().compress(body)]
+    else:
+        frames = list(_pool.map(lambda ab: _zc().compress(view[ab[0]:ab[1]]), spans))
+    return struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames)) + b"".join(frames)
+
+
+def _zstd_decompress(stored: memoryview, raw_len: int) -> bytes:
+    spans = _chunks(raw_len)
+    if len(stored) < 4:
+        raise CodecError("zstd stage is corrupt: no chunk table")
+    (n,) = struct.unpack_from("<I", stored, 0)
+    if n != len(spans):
+        raise CodecError(f"zstd stage is corrupt: {n} chunks for {raw_len} bytes (expected {len(spans)})")
+    if len(stored) < 4 + 4 * n:
+        raise CodecError("zstd stage is corrupt: chunk table truncated")
+    sizes = struct.unpack_from(f"<{n}I", stored, 4)
+    if 4 + 4 * n + sum(sizes) != len(stored):
+        raise CodecError("zstd stage is corrupt: chunk sizes do not add up to the stored bytes")
+    offs = np.cumsum((4 + 4 * n, *sizes))
+
+    def one(i: int) -> bytes:
+        want = spans[i][1] - spans[i][0]
+        try:
+            out = _zd().decompress(stored[offs[i]:offs[i + 1]], max_output_size=want)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd stage is corrupt: {exc}") from exc
+        if len(out) != want:
+            raise CodecError(f"zstd stage is corrupt: chunk {i} gave {len(out)} bytes, expected {want}")
+        return out
+
+    parts = [one(0)] if n == 1 else list(_pool.map(one, range(n)))
+    return b"".join(parts)
 
 
 # -- quantisers: vectorised, no per-element Python -----------------------------------------------
@@ -84,9 +146,10 @@ def _quantise(x: np.ndarray, levels: int, axis: int | None) -> tuple[np.ndarray,
     scale = (hi - lo) / levels
     scale[scale == 0] = 1.0
     inv = (1.0 / scale).reshape(_bshape(x, axis))
-    q = np.subtract(x, lo.reshape(_bshape(x, axis)), dtype=np.float32)
-    q *= inv
-    q += 0.5  # values are >= 0 here, so truncation after +0.5 rounds to nearest
+    # (x - lo) / scale + 0.5 as one multiply and one add: the values are >= 0, so truncating
+    # to uint8 after +0.5 rounds to nearest
+    q = np.multiply(x, inv, dtype=np.float32)
+    q += (0.5 - lo.reshape(_bshape(x, axis)) * inv).astype(np.float32)
     return q.astype(np.uint8), np.concatenate([scale, lo])
 
 
@@ -94,8 +157,7 @@ def _dequantise(q: np.ndarray, params: np.ndarray, shape: tuple, axis: int | Non
     c = params.size // 2
     scale, lo = params[:c], params[c:]
     b = tuple(-1 if (axis is not None and i == axis) else 1 for i in range(len(shape)))
-    out = q.reshape(shape).astype(np.float32)
-    out *= scale.reshape(b)
+    out = np.multiply(q.reshape(shape), scale.reshape(b), dtype=np.float32)
     out += lo.reshape(b)
     return out
 
@@ -133,7 +195,7 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytes:
         body = (flat[0::2] | (flat[1::2] << 4)).tobytes()
     raw_len = len(body)
     if c.stage == "zstd":
-        body = _zc.compress(body)
+        body = _zstd_compress(body)
     elif c.stage == "lz4":
         body = lz4.block.compress(body, store_size=False)
     head = _HEAD.pack(MAGIC, VERSION, BASES.index(base), STAGES.index(c.stage), _DTYPES.index(dtype), x.ndim, axis,
@@ -194,10 +256,7 @@ def decode(payload: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> n
     if len(body) != stored:
         raise CodecError(f"payload truncated or padded: header says {stored} stored bytes, got {len(body)}")
     if stage == "zstd":
-        try:
-            body = _zd.decompress(bytes(body), max_output_size=raw_len)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"zstd stage is corrupt: {exc}") from exc
+        body = _zstd_decompress(body, raw_len)
     elif stage == "lz4":
         try:
             body = lz4.block.decompress(bytes(body), uncompressed_size=raw_len)

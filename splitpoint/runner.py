@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from .errors import SplitPointError
 from .plan import Plan
@@ -40,6 +42,27 @@ def make_session(model: str | Path | bytes, threads: int = 0, provider: str = "C
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=so, providers=providers)
+
+
+def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[i.name] = rng.random(dims) > 0.5
+        else:
+            feeds[i.name] = rng.integers(0, 10, dims).astype(dtype)
+    return feeds
+
 
 
 class HeadRunner:

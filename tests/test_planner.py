@@ -45,7 +45,7 @@ def test_lazy_fidelity_front_equals_exhaustive_front(setup):
     lazy = gather(h, edge, server, samples)
     decisions = decide(lazy, nets, Constraints())
     full = gather(h, edge, server, samples)
-    measure_fidelity(full, {c.index for c in h.cuts()})
+    measure_fidelity(full, {(c.index, "float32") for c in h.cuts()})
     inputs = candidate_inputs(full)
     assert all(ci.fidelity is not None for ci in inputs)
     for d, net in zip(decisions, nets):
@@ -60,7 +60,7 @@ def test_lazy_fidelity_front_equals_exhaustive_front(setup):
 def test_lossy_codecs_measure_below_lossless(setup):
     _, _, h, edge, server = setup
     m = gather(h, edge, server, load_inputs(h.model, random=6))
-    measure_fidelity(m, {10})
+    measure_fidelity(m, {(10, "float32")})
     assert m.fidelity[(10, "float32", "float32")] == 1.0
     rep = m.fidelity_reports[(10, "int4+zstd", "float32")]["outputs"][0]
     assert rep["snr_db"] < m.fidelity_reports[(10, "int8", "float32")]["outputs"][0]["snr_db"] < 300
@@ -152,3 +152,29 @@ def test_fidelity_cli_reads_npy_and_images_and_quantises_the_head(setup, tmp_pat
     assert exact["outputs"][0]["cosine"] == pytest.approx(1.0) and exact["score"] == 1.0
     bad = run_cli("fidelity", str(path), "--cut", "20", "--codec", "int3")
     assert bad.returncode == 2 and "unknown codec 'int3'" in bad.stderr
+
+
+def test_int8_heads_are_candidates_with_measured_fidelity(setup, tmp_path):
+    d, path, h, _, server = setup
+    edge8 = profile_model(h, ProfileSettings(role="edge", threads=1, int8=True))
+    assert edge8.int8_whole is not None and edge8.int8_whole.median_ms > 0
+    with pytest.raises(ProfileError, match="profile the edge with `splitpoint profile --int8`"):
+        gather(h, profile_model(h, ProfileSettings(role="edge", threads=1, budget=8)), server, [], int8_heads=True)
+    m = gather(h, edge8, server, load_inputs(h.model, random=4), codecs=["float32", "int8"], int8_heads=True)
+    dec = decide(m, [load_network("3g")], Constraints())[0]
+    int8 = [c for c in dec.candidates if c.inp.head_weights == "int8"]
+    assert int8 and any(c.inp.kind == EDGE_ONLY for c in int8)
+    ratio = edge8.int8_whole.median_ms / edge8.whole.median_ms
+    for c in int8:
+        twin = next(x for x in dec.candidates if x.inp.head_weights == "float32" and x.inp.kind == c.inp.kind
+                    and x.inp.cut == c.inp.cut and x.inp.codec == c.inp.codec)
+        assert c.inp.head_ms == pytest.approx(twin.inp.head_ms * ratio)  # derived from the measured ratio
+        assert c.inp.edge_memory_bytes < twin.inp.edge_memory_bytes
+    measured = [k for k in m.fidelity if k[2] == "int8"]
+    assert measured, "an int8 candidate reached the front and was measured"
+    for c in dec.front:
+        assert c.inp.fidelity is not None
+    # the edge-only int8 model really is quantised: its outputs differ from the float model's, a little
+    measure_fidelity(m, {(None, "int8")})
+    out = m.fidelity_reports[(None, "-", "int8")]["outputs"][0]
+    assert 10 < out["snr_db"] < 300 and out["cosine"] > 0.9

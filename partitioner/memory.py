@@ -1,0 +1,57 @@
+"""Edge memory a head needs, derived from the graph: weights and the activations alive at once.
+
+The profiler calibrates these against measured RSS at its anchor cuts; the planner uses the
+weight bytes to size int8 heads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import GraphIndex
+
+
+def live_activation_peaks(idx: GraphIndex) -> list[int]:
+    """For each prefix of the compute order, peak bytes of activations alive at once in the head
+    (derived from shapes; per sample)."""
+    order = idx.compute
+    last_use: dict[str, int] = {}
+    for r, p in enumerate(order):
+        for t in idx.node_ins[p]:
+            last_use[t] = r
+
+    def size(t: str) -> int:
+        info = idx.info.get(t)
+        b = info.bytes_per_sample() if info is not None else None
+        return b or 0
+
+    live = {t: size(t) for t in idx.inputs}
+    cur = sum(live.values())
+    peak = cur
+    peaks = []
+    for r, p in enumerate(order):
+        for o in idx.nodes[p].output:
+            if o:
+                live[o] = size(o)
+                cur += live[o]
+        peak = max(peak, cur)
+        peaks.append(peak)
+        for t in [t for t in live if last_use.get(t, -1) <= r and t not in idx.outputs]:
+            cur -= live.pop(t)
+    return peaks
+
+
+def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
+    """Initializer bytes the head needs, for each prefix of the compute order."""
+    seen: set[str] = set()
+    total = 0
+    out = []
+    for p in idx.compute:
+        for t in idx.node_ins[p]:
+            if t in idx.initializers and t not in seen:
+                seen.add(t)
+                init = idx.initializers[t]
+                total += int(np.prod(init.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        out.append(total)
+    return out
