@@ -280,6 +280,178 @@ def fidelity(
     console.print(t)
 
 
+edge_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The edge daemon.")
+app.add_typer(edge_app, name="edge")
+
+
+def _logging(quiet: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+@app.command()
+def serve(
+    bind: str = typer.Option("tcp://0.0.0.0:5555", "--bind", help="ZeroMQ endpoint to listen on"),
+    plans: Path = typer.Option(Path("plans"), "--plans", help="directory of plan directories (pushed plans land here)"),
+    workers: int = typer.Option(2, "--workers", help="tail worker threads"),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads per session (0 = default)"),
+    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="e.g. CUDAExecutionProvider"),
+    max_message_mb: float = typer.Option(256, "--max-message-mb", help="refuse larger messages"),
+    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://[user:pass@]host:port"),
+    device_id: str = typer.Option("server", "--device-id"),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help="file with this server's CurveZMQ secret key (z85)"),
+    curve_allow: list[Path] = typer.Option([], "--curve-allow", help="file(s) with allowed client public keys (z85)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run the tail server until SIGTERM/Ctrl-C."""
+    import signal
+    import threading
+
+    from .server.tail_server import ServerConfig, TailServer
+
+    _logging(quiet)
+    plans.mkdir(parents=True, exist_ok=True)
+    cfg = ServerConfig(bind=bind, plans_dir=plans, workers=workers, threads=threads, provider=provider,
+                       max_message_bytes=int(max_message_mb * 2**20), mqtt=mqtt, device_id=device_id,
+                       curve_secret_key=curve_secret.read_bytes().strip() if curve_secret else None,
+                       curve_allow=[p.read_bytes().strip() for p in curve_allow])
+    srv = TailServer(cfg).start()
+    if not quiet:
+        err.print(f"serving {len(srv.registry.ids())} plan(s) on {srv.endpoint}")
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    srv.stop()
+
+
+@edge_app.command("run")
+def edge_run(
+    plan_dir: Path = typer.Argument(..., help="plan directory (from `splitpoint plan` or `split`)"),
+    server: str = typer.Option("tcp://127.0.0.1:5555", "--server", help="the tail server's endpoint"),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy inputs to run once"),
+    outputs: Optional[Path] = typer.Option(None, "--outputs", help="write results here (.npz per input)"),
+    listen: Optional[str] = typer.Option(None, "--listen", help="serve local requests, e.g. ipc:///tmp/splitpoint.sock"),
+    window: int = typer.Option(4, "--window", help="requests in flight"),
+    timeout: float = typer.Option(2.0, "--timeout", help="seconds before a request falls back (or fails)"),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="fail instead of running the whole model locally"),
+    threads: int = typer.Option(1, "--threads"),
+    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://host:port"),
+    device_id: str = typer.Option("edge", "--device-id"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run the head on this device and the tail on the server."""
+    from .edge.client import EdgeConfig
+    from .edge.daemon import EdgeDaemon
+
+    _logging(quiet)
+    if not inputs and not listen:
+        raise typer.BadParameter("give --inputs DIR and/or --listen ENDPOINT")
+    daemon = EdgeDaemon(EdgeConfig(plan_dir, server=server, window=window, timeout_s=timeout, fallback=not no_fallback,
+                                   threads=threads, mqtt=mqtt, device_id=device_id), listen=listen)
+    daemon.install_signal_handlers()
+    if inputs:
+        summary = daemon.run_folder(inputs, outputs)
+        console.print(f"{summary['ok']} split, {summary['fallback']} local fallback, {summary['errors']} errors")
+    if listen:
+        daemon.serve_local()
+    else:
+        daemon.client.close()
+
+
+@app.command()
+def deploy(
+    plan_dir: Path = typer.Argument(..., help="plan directory"),
+    server: list[str] = typer.Option([], "--server", help="tail server endpoint(s)"),
+    edge: list[str] = typer.Option([], "--edge", help="edge daemon endpoint(s) (its --listen)"),
+    timeout: float = typer.Option(30.0, "--timeout"),
+) -> None:
+    """Push a plan to servers and edge daemons and wait for each to acknowledge it."""
+    from .server.orchestrator import deploy as push
+
+    if not server and not edge:
+        raise typer.BadParameter("name at least one --server or --edge")
+    for ep in [*server, *edge]:
+        pid = push(plan_dir, ep, timeout)
+        console.print(f"{ep}: plan {pid[:12]} acknowledged")
+
+
+@app.command()
+def status(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
+           seconds: float = typer.Option(1.5, "--seconds", help="how long to listen")) -> None:
+    """Devices and their plans, from retained telemetry."""
+    from .server.orchestrator import collect
+
+    fleet = collect(mqtt, seconds)
+    t = Table("device", "role", "state", "plan", "server / endpoint", "fallback")
+    for dev, kinds in sorted(fleet.items()):
+        st = kinds.get("status", {})
+        plans = st.get("plans")
+        t.add_row(dev, str(st.get("role", "?")), str(st.get("state", "?")),
+                  (st.get("plan", "") or "")[:12] or (", ".join(p[:12] for p in plans) if plans else "-"),
+                  str(st.get("server") or st.get("endpoint") or "-"), str(st.get("fallback", "-")))
+    console.print(t if fleet else "no devices have reported")
+
+
+@app.command()
+def watch(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
+          seconds: float = typer.Option(0, "--seconds", help="stop after this long (0 = until Ctrl-C)")) -> None:
+    """Live table of the fleet: state, throughput, latency breakdown, CPU, memory, temperature."""
+    import threading
+    import time as _time
+
+    from rich.live import Live
+
+    from .server.orchestrator import collect
+
+    latest: dict[str, dict] = {}
+
+    def on(dev: str, kind: str, payload: dict) -> None:
+        latest.setdefault(dev, {})[kind] = payload
+
+    def table() -> Table:
+        t = Table("device", "role", "state", "requests", "fallback", "e2e ms", "head ms", "network ms", "tail ms",
+                  "CPU %", "RSS MiB", "temp °C", "dropped")
+        for dev, k in sorted(latest.items()):
+            st, me, la = k.get("status", {}), k.get("metrics", {}), k.get("latency", {})
+            f = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
+            t.add_row(dev, str(st.get("role", me.get("role", "?"))), str(st.get("state", "?")),
+                      str(me.get("requests", me.get("ok", "-"))), str(me.get("fallback", st.get("fallback", "-"))),
+                      f(la.get("total_ms")), f(la.get("head_ms")), f(la.get("network_ms")), f(la.get("tail_ms")),
+                      f(me.get("cpu_percent")), f((me.get("process_rss_bytes") or 0) / 2**20),
+                      f(me.get("temperature_c")), str(me.get("telemetry_dropped", "-")))
+        return t
+
+    stop = threading.Event()
+    th = threading.Thread(target=lambda: collect(mqtt, seconds or 10**9, on), daemon=True)
+    th.start()
+    try:
+        with Live(table(), console=console, refresh_per_second=4) as live:
+            end = _time.monotonic() + (seconds or 10**9)
+            while not stop.is_set() and _time.monotonic() < end:
+                _time.sleep(0.25)
+                live.update(table())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("resnet18", "--model", help="zoo model"),
+    network: str = typer.Option("wifi6", "--network", help="network profile to plan for"),
+    requests: int = typer.Option(300, "--requests"),
+    window: int = typer.Option(4, "--window"),
+    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="use this broker instead of the embedded one"),
+    edge_slowdown: float = typer.Option(4.0, "--edge-slowdown", help="emulate an edge this many times slower (1 = off)"),
+) -> None:
+    """Profile, plan, serve and run a split model on this machine, end to end."""
+    from .server.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(model=model, network=network, requests=requests, window=window, mqtt=mqtt,
+                        edge_slowdown=edge_slowdown), say=console.print)
+
+
 def main() -> None:
     try:
         app()

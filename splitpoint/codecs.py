@@ -249,6 +249,13 @@ def decode(payload: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> n
     off += 4 * nparams
     if not np.isfinite(params).all():
         raise CodecError("quantisation parameters are not finite")
+    if nparams:
+        scale, lo = params[: nparams // 2], params[nparams // 2:]
+        levels = 15 if base == "int4" else 255
+        with np.errstate(over="ignore"):
+            top = lo + levels * scale
+        if (scale < 0).any() or not np.isfinite(top).all():
+            raise CodecError("quantisation parameters out of range (negative scale or values beyond float32)")
     expected = _expected_body(base, n, dtype.itemsize)
     if raw_len != expected:
         raise CodecError(f"header says {raw_len} body bytes, but {base} of shape {shape} needs {expected}")

@@ -40,3 +40,32 @@ def small_models():
 
     return {name: zoo.build(name, width=SMALL["width"], resolution=max(SMALL["resolution"], e.min_resolution))
             for name, e in zoo.ZOO.items()}
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    """A real mosquitto broker on a free loopback port (installed by .ci/run with apt-get)."""
+    import shutil
+    import socket
+    import time
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if exe is None:
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does this)")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    yield f"mqtt://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(5)

@@ -1,0 +1,90 @@
+"""The server's plans: loaded from a directory or pushed by the orchestrator, keyed by plan id.
+
+A pushed plan is checked against its own checksums before anything is written, then written
+atomically, so a bad push never replaces or half-writes a plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitpoint.errors import PlanError, SplitPointError
+from splitpoint.plan import PLAN_FILE, Plan, write_dir_atomically
+from splitpoint.runner import TailRunner, make_session
+
+log = logging.getLogger("splitpoint.server")
+
+
+@dataclass
+class Entry:
+    plan: Plan
+    path: Path
+    tail: TailRunner | None  # None for an edge-only plan: nothing runs here
+
+
+class PlanRegistry:
+    def __init__(self, plans_dir: str | Path | None = None, threads: int = 0, provider: str = "CPUExecutionProvider"):
+        self.plans_dir = Path(plans_dir) if plans_dir else None
+        self.threads, self.provider = threads, provider
+        self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        if self.plans_dir and self.plans_dir.is_dir():
+            for d in sorted(p for p in self.plans_dir.iterdir() if (p / PLAN_FILE).is_file()):
+                try:
+                    self.add_dir(d)
+                except SplitPointError as exc:  # one bad plan directory must not keep the others from serving
+                    log.error("skipping plan in %s: %s", d, exc)
+
+    def add_dir(self, path: str | Path) -> Plan:
+        path = Path(path)
+        plan = Plan.load(path)
+        tail = None
+        if "tail.onnx" in plan.files:
+            tail = TailRunner(plan, make_session(path / "tail.onnx", self.threads, self.provider))
+        with self._lock:
+            self._entries[plan.plan_id] = Entry(plan, path, tail)
+        log.info("serving plan %s (%s, %s)", plan.plan_id[:12], plan.model_name, plan.kind)
+        return plan
+
+    def install(self, files: dict[str, bytes], force: bool = False) -> Plan:
+        """Verify a pushed plan (plan.json plus the files it lists) and make it servable."""
+        if PLAN_FILE not in files:
+            raise PlanError("pushed plan has no plan.json")
+        try:
+            plan = Plan.from_dict(json.loads(files[PLAN_FILE]), where="pushed plan")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"pushed plan.json is not valid JSON: {exc}") from exc
+        extra = set(files) - set(plan.files) - {PLAN_FILE}
+        if extra:
+            raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)}")
+        for name, digest in plan.files.items():
+            if name not in files:
+                raise PlanError(f"pushed plan is missing {name}")
+            if hashlib.sha256(files[name]).hexdigest() != digest:
+                raise PlanError(f"pushed plan: checksum mismatch for {name}")
+        existing = self.get(plan.plan_id)
+        if existing is not None:
+            return existing.plan
+        if self.plans_dir is None:
+            raise PlanError("this server has no --plans directory to install pushed plans into")
+        target = self.plans_dir / plan.plan_id[:16]
+
+        def write(tmp: Path) -> None:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+
+        write_dir_atomically(target, write, force=True)
+        return self.add_dir(target)
+
+    def get(self, plan_id: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get(plan_id)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)

@@ -1,0 +1,284 @@
+"""The tail server: a ZeroMQ ROUTER that runs plan tails for many edge clients at once.
+
+One thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe); a worker pool decodes,
+runs the tail and encodes the reply, and hands the reply back over an inproc socket. A slow
+request therefore occupies one worker, not the server. Every message is validated first; a bad
+one gets an error reply and the loop carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from splitpoint import wire
+from splitpoint.codecs import CodecError, decode, encode
+from splitpoint.errors import SplitPointError
+from splitpoint.telemetry import Telemetry
+
+from .registry import PlanRegistry
+
+log = logging.getLogger("splitpoint.server")
+
+
+@dataclass
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    plans_dir: Path | None = None
+    workers: int = 2
+    threads: int = 0                      # onnxruntime intra-op threads per tail session (0 = default)
+    provider: str = "CPUExecutionProvider"
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    reply_codec: str = "float32"
+    device_id: str = "server"
+    mqtt: str | None = None
+    metrics_interval_s: float = 2.0
+    curve_secret_key: bytes | None = None  # CurveZMQ: this server's secret key (z85)
+    curve_allow: list[bytes] = field(default_factory=list)  # client public keys allowed (z85); empty = any
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    errors: int = 0
+    rejected: int = 0
+    in_flight: int = 0
+    tail_ms_total: float = 0.0
+
+
+class TailServer:
+    def __init__(self, config: ServerConfig, registry: PlanRegistry | None = None):
+        self.config = config
+        self.registry = registry or PlanRegistry(config.plans_dir, config.threads, config.provider)
+        self.stats = Stats()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx = zmq.Context.instance()
+        self._inproc = f"inproc://splitpoint-results-{id(self)}"
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="splitpoint-tail")
+        self.endpoint: str | None = None
+        self.telemetry = Telemetry(config.device_id, "server", config.mqtt) if config.mqtt else None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "TailServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="splitpoint-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise SplitPointError(f"server did not start on {self.config.bind}")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+        if getattr(self, "_auth", None):
+            self._auth.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.telemetry:
+            self.telemetry.close()
+
+    def serve_forever(self) -> None:
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + wire.MAX_HEADER_BYTES)
+        if self.config.curve_secret_key:
+            self._enable_curve(router)
+        results = self._ctx.socket(zmq.PULL)
+        results.setsockopt(zmq.LINGER, 0)
+        try:
+            router.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            log.error("cannot bind %s: %s", self.config.bind, exc)
+            raise SplitPointError(f"cannot bind {self.config.bind}: {exc}") from exc
+        results.bind(self._inproc)
+        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.telemetry:
+            self.telemetry.status("online", {"endpoint": self.endpoint, "plans": self.registry.ids()})
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        self._ready.set()
+        next_metrics = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if results in events:
+                    while True:
+                        try:
+                            router.send_multipart(results.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                        except zmq.Again:
+                            break
+                if router in events:
+                    while True:
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._on_message(router, frames)
+                if self.telemetry and time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + self.config.metrics_interval_s
+                    self.telemetry.metrics({"requests": self.stats.requests, "errors": self.stats.errors,
+                                            "rejected": self.stats.rejected, "in_flight": self.stats.in_flight,
+                                            "plans": len(self.registry.ids())})
+        finally:
+            router.close(0)
+            results.close(0)
+
+    def _enable_curve(self, sock) -> None:
+        """CurveZMQ encryption; with an allow-list only those client keys may connect."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        secret = self.config.curve_secret_key
+        public = zmq.curve_public(secret)
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        if self.config.curve_allow:
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(self.config.curve_allow))
+        else:
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    # -- messages ------------------------------------------------------------------------------
+    def _reply(self, router, ident, msg: wire.Message) -> None:
+        router.send_multipart([ident, *msg.to_frames()], copy=False)
+
+    def _on_message(self, router, frames) -> None:
+        t_recv = time.perf_counter()
+        if len(frames) < 2:
+            self.stats.rejected += 1
+            return  # nothing to answer: no identity and message
+        ident, body = frames[0], frames[1:]
+        try:
+            msg = wire.parse(body, self.config.max_message_bytes)
+        except wire.WireError as exc:
+            self.stats.rejected += 1
+            self._reply(router, ident, wire.error(_best_effort_id(body), exc.code, str(exc)))
+            return
+        if msg.type == wire.PING:
+            self._reply(router, ident, wire.Message(wire.PONG, msg.id, meta={"plans": self.registry.ids(),
+                                                                              "workers": self.config.workers,
+                                                                              "in_flight": self.stats.in_flight}))
+        elif msg.type == wire.DEPLOY:
+            self._deploy(router, ident, msg)
+        elif msg.type == wire.INFER:
+            entry = self.registry.get(msg.plan)
+            if entry is None or entry.tail is None:
+                self.stats.rejected += 1
+                why = "unknown plan" if entry is None else "plan runs entirely on the edge"
+                self._reply(router, ident, wire.error(msg.id, wire.E_UNKNOWN_PLAN,
+                                                      f"{why}: {msg.plan[:16] or '(none)'}", msg.plan))
+                return
+            self.stats.in_flight += 1
+            self._pool.submit(self._work, ident, msg, entry, t_recv)
+        else:
+            self.stats.rejected += 1
+            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}"))
+
+    def _deploy(self, router, ident, msg: wire.Message) -> None:
+        names = msg.meta.get("files")
+        if not isinstance(names, list) or len(names) != len(msg.frames) or not all(isinstance(n, str) for n in names):
+            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_PLAN, "deploy needs meta.files naming each frame"))
+            return
+        if any("/" in n or n.startswith(".") for n in names):
+            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_PLAN, "file names must be plain names"))
+            return
+        try:
+            plan = self.registry.install({n: bytes(wire._buffer(f)) for n, f in zip(names, msg.frames)})
+        except SplitPointError as exc:
+            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_PLAN, str(exc)))
+            return
+        if self.telemetry:
+            self.telemetry.status("online", {"endpoint": self.endpoint, "plans": self.registry.ids()})
+        self._reply(router, ident, wire.Message(wire.DEPLOYED, msg.id, plan.plan_id))
+
+    def _push(self, frames: list) -> None:
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._local.push = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(self._inproc)
+        sock.send_multipart(frames, copy=False)
+
+    def _work(self, ident, msg: wire.Message, entry, t_recv: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            expected = {t.name: t for t in entry.plan.cut_tensors}
+            if set(msg.tensors) != set(expected):
+                raise wire.WireError(wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}")
+            feeds = {}
+            for name, frame in zip(msg.tensors, msg.frames):
+                arr = decode(wire._buffer(frame), self.config.max_message_bytes)
+                _check_tensor(name, arr, entry.tail.inputs[name])
+                feeds[name] = arr
+            t1 = time.perf_counter()
+            outs = entry.tail.run(feeds)
+            t2 = time.perf_counter()
+            names = list(outs)
+            frames = [encode(outs[n], self.config.reply_codec) for n in names]
+            t3 = time.perf_counter()
+            self.stats.requests += 1
+            self.stats.tail_ms_total += (t2 - t1) * 1e3
+            reply = wire.Message(wire.RESULT, msg.id, msg.plan, names, meta={"server": {
+                "queue_ms": (t0 - t_recv) * 1e3, "decode_ms": (t1 - t0) * 1e3, "tail_ms": (t2 - t1) * 1e3,
+                "encode_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t_recv) * 1e3}}, frames=frames)
+        except (wire.WireError, CodecError) as exc:
+            self.stats.errors += 1
+            code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
+            reply = wire.error(msg.id, code, str(exc), msg.plan)
+        except Exception as exc:  # a failing tail must not take the server down
+            log.exception("tail failed for request %s", msg.id)
+            self.stats.errors += 1
+            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+        finally:
+            self.stats.in_flight -= 1
+        self._push([ident, *reply.to_frames()])
+
+
+class _AllowList:
+    def __init__(self, keys: list[bytes]):
+        from zmq.utils.z85 import decode as z85decode
+
+        self.keys = {z85decode(k) if len(k) == 40 else k for k in keys}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+def _check_tensor(name: str, arr: np.ndarray, spec) -> None:
+    """Refuse a tensor the tail session would choke on, with the plan's expectation spelled out."""
+    want_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                  "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
+                  "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(spec.type)
+    if want_dtype is not None and arr.dtype != want_dtype:
+        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {np.dtype(want_dtype)}")
+    if len(arr.shape) != len(spec.shape):
+        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: rank {arr.ndim}, plan expects shape {spec.shape}")
+    for got, want in zip(arr.shape, spec.shape):
+        if isinstance(want, int) and want != got:
+            raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: shape {list(arr.shape)}, plan expects {spec.shape}")
+
+
+def _best_effort_id(body) -> int:
+    try:
+        import json
+
+        v = json.loads(bytes(wire._buffer(body[0]))).get("id", 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 else 0
+    except Exception:
+        return 0
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

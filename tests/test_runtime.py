@@ -1,0 +1,292 @@
+"""The split runtime over real ZeroMQ sockets, with a real mosquitto for telemetry."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+import zmq
+
+from splitpoint import wire, zoo
+from splitpoint.codecs import encode
+from splitpoint.edge.client import EdgeClient, EdgeConfig, EdgeError
+from splitpoint.partitioner import open_model
+from splitpoint.partitioner.split import write_plan
+from splitpoint.runner import make_session
+from splitpoint.server.orchestrator import collect, deploy
+from splitpoint.server.tail_server import ServerConfig, TailServer
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt")
+    path = d / "r18.onnx"
+    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(path))
+    h = open_model(path)
+    plans = d / "plans"
+    write_plan(h.index, h.cuts()[19], plans / "p-f32", h.name, h.sha256, include_full=True)
+    write_plan(h.index, h.cuts()[19], plans / "p-int8", h.name, h.sha256, include_full=True, codec="int8+zstd")
+    return {"path": path, "plans": plans, "h": h, "full": make_session(path)}
+
+
+def x(n=1):
+    return {"input": RNG.standard_normal((n, 3, 64, 64)).astype(np.float32)}
+
+
+@pytest.fixture
+def server(model):
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=2)).start()
+    yield srv
+    srv.stop()
+
+
+def client(model, srv, plan="p-f32", **kw):
+    return EdgeClient(EdgeConfig(model["plans"] / plan, server=srv.endpoint if srv else "tcp://127.0.0.1:1",
+                                 timeout_s=kw.pop("timeout_s", 5.0), **kw))
+
+
+def test_results_equal_the_unsplit_model(model, server):
+    with client(model, server) as c:
+        for _ in range(5):
+            feeds = x()
+            r = c.infer(feeds, timeout=30)
+            assert not r.fallback
+            np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
+            for k in ("head_ms", "encode_ms", "network_ms", "tail_ms", "decode_ms", "total_ms"):
+                assert r.breakdown[k] >= 0
+    with client(model, server, plan="p-int8") as c:  # lossy codec: close, not equal
+        feeds = x()
+        r = c.infer(feeds, timeout=30)
+        ref = model["full"].run(None, feeds)[0]
+        assert np.abs(r.outputs[0] - ref).max() < 0.2 * np.abs(ref).max()
+
+
+def test_many_clients_at_once(model, server):
+    errors, done = [], []
+
+    def one(k):
+        try:
+            with client(model, server, window=3) as c:
+                batch = [x() for _ in range(15)]
+                futs = [c.submit(f) for f in batch]
+                for f, feeds in zip(futs, batch):
+                    r = f.result(60)
+                    np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
+                    done.append(r.fallback)
+        except Exception as exc:  # collected: assertion errors in threads are otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(done) == 60 and not any(done)
+
+
+def test_without_fallback_each_request_gets_an_explicit_error(model):
+    with client(model, None, fallback=False, timeout_s=0.5) as c:
+        futs = [c.submit(x()) for _ in range(3)]
+        for f in futs:
+            with pytest.raises(EdgeError) as e:
+                f.result(30)
+            assert e.value.code in ("unreachable", "timeout")
+
+
+def test_wrong_input_is_an_error_not_a_crash(model, server):
+    with client(model, server) as c:
+        with pytest.raises(EdgeError, match="missing model input"):
+            c.infer({"image": np.zeros((1, 3, 64, 64), np.float32)}, timeout=10)
+        with pytest.raises(EdgeError, match="head failed"):
+            c.infer({"input": np.zeros((1, 3, 32, 64), np.float32)}, timeout=10)
+        assert not c.infer(x(), timeout=30).fallback
+
+
+def _raw(endpoint):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _ask(s, frames, timeout=5000):
+    s.send_multipart(frames)
+    assert s.poll(timeout), "no reply"
+    return wire.parse(s.recv_multipart())
+
+
+def test_server_answers_bad_requests_specifically(model, server):
+    from splitpoint.plan import Plan
+
+    plan = Plan.load(model["plans"] / "p-f32")
+    s = _raw(server.endpoint)
+    names = [t.name for t in plan.cut_tensors]
+    good = [encode(np.zeros((1, 16, 16, 16), np.float32), "float32"), encode(np.zeros((1, 32, 8, 8), np.float32), "float32")]
+    cases = [
+        ([b"not json"], "bad-message"),
+        ([json.dumps({"v": 9, "type": "infer"}).encode()], "bad-version"),
+        ([wire.Message(wire.INFER, 1, "f" * 64, names, frames=good).header(), *good], "unknown-plan"),
+        ([wire.Message(wire.INFER, 2, plan.plan_id, names[:1], frames=good[:1]).header(), good[0]], "bad-tensor"),
+        ([wire.Message(wire.INFER, 3, plan.plan_id, names).header(), good[0]], "bad-message"),
+        ([wire.Message(wire.INFER, 4, plan.plan_id, names, frames=good).header(), good[1], good[0]], "bad-tensor"),
+        ([wire.Message(wire.INFER, 5, plan.plan_id, names, frames=good).header(), b"garbage", good[1]], "bad-tensor"),
+        ([wire.Message(wire.RESULT, 6).header()], "bad-message"),
+    ]
+    for frames, code in cases:
+        reply = _ask(s, frames)
+        assert reply.type == wire.ERROR and reply.meta["code"] == code, (code, reply.meta)
+    s.close(0)
+
+
+def test_fuzzed_frames_never_crash_the_server(model, server):
+    from splitpoint.plan import Plan
+
+    plan = Plan.load(model["plans"] / "p-f32")
+    names = [t.name for t in plan.cut_tensors]
+    feeds = x()
+    sent, _ = __import__("splitpoint.runner", fromlist=["HeadRunner"]).HeadRunner(
+        plan, make_session(model["plans"] / "p-f32" / "head.onnx")).run(feeds)
+    valid = [wire.Message(wire.INFER, 1, plan.plan_id, names).header(), *[encode(sent[n], "int8") for n in names]]
+    rng = np.random.default_rng(1)
+    s = _raw(server.endpoint)
+    sent_count = 0
+    for i in range(3000):
+        frames = [bytearray(f) for f in valid]
+        mode = i % 4
+        if mode == 0:  # flip bytes anywhere
+            for _ in range(int(rng.integers(1, 6))):
+                k = int(rng.integers(0, len(frames)))
+                if frames[k]:
+                    frames[k][int(rng.integers(0, len(frames[k])))] = int(rng.integers(0, 256))
+        elif mode == 1:  # truncate a frame
+            k = int(rng.integers(0, len(frames)))
+            frames[k] = frames[k][: int(rng.integers(0, len(frames[k]) + 1))]
+        elif mode == 2:  # drop or duplicate frames
+            frames = frames[: int(rng.integers(0, len(frames) + 1))] if rng.random() < 0.5 else frames + frames[-1:]
+        else:  # random bytes
+            frames = [bytearray(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes())
+                      for _ in range(int(rng.integers(1, 4)))]
+        if not frames:
+            continue
+        s.send_multipart([bytes(f) for f in frames])
+        sent_count += 1
+    # every message that carries a header gets exactly one reply; drain them
+    replies = 0
+    while s.poll(3000):
+        s.recv_multipart()
+        replies += 1
+        if replies >= sent_count:
+            break
+    assert replies == sent_count
+    # still serving correctly
+    with client(model, server) as c:
+        r = c.infer(feeds, timeout=30)
+        np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
+    s.close(0)
+
+
+def test_deploy_pushes_a_verified_plan(model, tmp_path):
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "empty")).start()
+    try:
+        with pytest.raises(Exception, match="unknown plan"):
+            with client(model, srv, fallback=False) as c:
+                c.infer(x(), timeout=10)
+        pid = deploy(model["plans"] / "p-f32", srv.endpoint)
+        assert pid in srv.registry.ids()
+        with client(model, srv) as c:
+            assert not c.infer(x(), timeout=30).fallback
+        # a tampered push is refused and nothing is installed
+        bad = tmp_path / "bad"
+        import shutil
+
+        shutil.copytree(model["plans"] / "p-int8", bad)
+        s = _raw(srv.endpoint)
+        names = ["plan.json", "head.onnx", "tail.onnx", "full.onnx"]
+        frames = [(bad / n).read_bytes() for n in names]
+        frames[2] = frames[2] + b"\0"
+        reply = _ask(s, wire.Message(wire.DEPLOY, 9, meta={"files": names}, frames=frames).to_frames())
+        assert reply.type == wire.ERROR and "checksum mismatch for tail.onnx" in reply.meta["message"]
+        assert len(srv.registry.ids()) == 1
+        s.close(0)
+    finally:
+        srv.stop()
+
+
+def test_telemetry_reaches_mosquitto(model, mosquitto):
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], mqtt=mosquitto,
+                                  device_id="t-server", metrics_interval_s=0.2)).start()
+    seen: list[tuple] = []
+    watcher = threading.Thread(target=lambda: collect(mosquitto, 4.0, lambda d, k, p: seen.append((d, k, p))))
+    watcher.start()
+    time.sleep(0.5)
+    with client(model, srv, mqtt=mosquitto, device_id="t-edge") as c:
+        c.telemetry.connected.wait(5)
+        for _ in range(10):
+            c.infer(x(), timeout=30)
+            time.sleep(0.06)
+    srv.stop()
+    watcher.join(10)
+    kinds = {(d, k) for d, k, _ in seen}
+    assert {("t-edge", "latency"), ("t-server", "metrics"), ("t-edge", "status"), ("t-server", "status")} <= kinds
+    lat = next(p for d, k, p in seen if (d, k) == ("t-edge", "latency"))
+    assert lat["unit"] == "ms" and lat["measured"] is True and lat["fallback"] is False and lat["head_ms"] > 0
+    met = next(p for d, k, p in seen if (d, k) == ("t-server", "metrics"))
+    assert {"cpu_percent", "memory_used_bytes", "requests", "units"} <= set(met)
+    final = collect(mosquitto, 0.5)  # retained: both closed cleanly, so both say offline
+    assert final["t-edge"]["status"]["state"] == "offline" and final["t-server"]["status"]["state"] == "offline"
+
+
+def test_dead_broker_never_blocks_inference(model, server):
+    from splitpoint.broker import free_port
+
+    with client(model, server, mqtt=f"mqtt://127.0.0.1:{free_port()}", device_id="nobroker") as c:
+        slowest = 0.0
+        for _ in range(20):
+            t0 = time.perf_counter()
+            c.telemetry.latency({"probe": 1})
+            slowest = max(slowest, time.perf_counter() - t0)
+            assert not c.infer(x(), timeout=30).fallback
+        assert slowest < 0.05  # a publish towards a dead broker returns at once
+        assert c.telemetry.dropped > 0 and c.telemetry.sent == 0
+
+
+def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
+    sock = f"ipc://{tmp_path}/edge.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "edge", "run", str(model["plans"] / "p-f32"),
+                             "--server", server.endpoint, "--listen", sock, "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        s = _raw(sock)
+        pong = _ask(s, wire.Message(wire.PING, 1).to_frames(), timeout=30000)
+        assert pong.type == wire.PONG
+        feeds = [x() for _ in range(6)]
+        for i, f in enumerate(feeds):
+            s.send_multipart(wire.Message(wire.INFER, 100 + i, tensors=["input"],
+                                          frames=[encode(f["input"], "float32")]).to_frames())
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # in-flight requests must still be answered
+        got = {}
+        while len(got) < len(feeds) and s.poll(20000):
+            m = wire.parse(s.recv_multipart())
+            got[m.id] = m
+        assert sorted(got) == [100 + i for i in range(6)]
+        from splitpoint.codecs import decode
+
+        for i, f in enumerate(feeds):
+            m = got[100 + i]
+            assert m.type == wire.RESULT, m.meta
+            np.testing.assert_allclose(decode(m.frames[0]), model["full"].run(None, f)[0], atol=1e-5)
+        assert proc.wait(30) == 0
+        s.close(0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
