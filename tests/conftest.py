@@ -15,15 +15,9 @@ SMALL = {"width": 0.25, "resolution": 48}
 
 
 def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        dims = [batch if (d.dim_param or not d.dim_value) else d.dim_value for d in i.type.tensor_type.shape.dim]
-        feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
+    from splitpoint.runner import sample_feeds
+
+    return sample_feeds(model, batch, seed)
 
 
 def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
