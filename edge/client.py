@@ -266,18 +266,10 @@ class EdgeClient:
                 events = dict(poller.poll(20))
                 now = time.perf_counter()
                 if inbox in events:
-                    while True:
-                        try:
-                            frames = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in wire.drain(inbox):
                         self._send(dealer, int(bytes(frames[0].buffer)), frames[1:])
                 if dealer in events:
-                    while True:
-                        try:
-                            frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in wire.drain(dealer):
                         self._on_reply(frames, pings)
                 if now >= next_ping:
                     next_ping = now + self.config.heartbeat_s

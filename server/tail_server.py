@@ -113,17 +113,10 @@ class TailServer:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
                 if results in events:
-                    while True:
-                        try:
-                            router.send_multipart(results.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in wire.drain(results):
+                        router.send_multipart(frames, copy=False)
                 if router in events:
-                    while True:
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in wire.drain(router):
                         self._on_message(router, frames)
                 if self.telemetry and time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self.config.metrics_interval_s

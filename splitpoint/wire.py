@@ -111,3 +111,14 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     if t in (INFER, RESULT) and len(set(tensors)) != len(tensors):
         raise WireError(E_BAD_MESSAGE, "tensor names repeat")
     return Message(t, id_, plan, tensors, meta, payload)
+
+
+def drain(sock):
+    """Every message waiting on a socket, without blocking (one poll can cover several)."""
+    import zmq
+
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
