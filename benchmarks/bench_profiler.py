@@ -43,9 +43,15 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1, help="directly measure every K-th cut")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the committed JSON")
     args = ap.parse_args()
     rows, details = [], {}
-    for name in args.models.split(","):
+    if args.report_only:
+        import json
+
+        saved = json.loads((Path(__file__).parent / "results" / "profiler.json").read_text())
+        rows, details = saved["rows"], saved["per_cut"]
+    for name in [] if args.report_only else args.models.split(","):
         h = open_model(name)
         prof = profile_model(h, ProfileSettings(threads=args.threads))
         feeds = sample_feeds(h.model)
@@ -70,27 +76,36 @@ def main() -> None:
                "median_err_head": statistics.median(errs_h), "median_err_tail": statistics.median(errs_t),
                "median_err_all": statistics.median(errs_h + errs_t),
                "p90_err_all": sorted(errs_h + errs_t)[int(0.9 * len(errs_h + errs_t))],
-               "raw_median_err_all": statistics.median(raw_h + raw_t)}
+               "raw_median_err_all": statistics.median(raw_h + raw_t),
+               "raw_p90_err_all": sorted(raw_h + raw_t)[int(0.9 * len(raw_h + raw_t))]}
         rows.append(row)
         details[name] = per_cut
         print(row, flush=True)
+    for r in rows:
+        r["whole_interleaved_ms"] = statistics.median(c["whole_now_ms"] for c in details[r["model"]])
     md = ["# Profiler cost and accuracy", "",
-          f"`python benchmarks/bench_profiler.py --every {args.every}`, {args.threads} thread(s). The profiler times "
-          "the whole model, takes per-node proportions from onnxruntime's profiler, times a few real head/tail "
-          "segments (anchors) in alternation with the whole model, and interpolates the rest along the per-node "
-          "cost curve. Each other cut is then built and timed directly "
+          f"`python benchmarks/bench_profiler.py --every {args.every}`, {args.threads} thread(s), on an otherwise idle "
+          "machine. The profiler times the whole model, takes per-node proportions from onnxruntime's profiler, times a "
+          "few real head/tail segments (anchors) in alternation with the whole model, and interpolates the rest along "
+          "the per-node cost curve. Each other cut is then built and timed directly "
           f"(median of {args.repeats}), in alternation with the whole model, and compared.", "",
-          "This VM's speed drifts by ±15 % over seconds (other tenants): 40-run medians of the same model ranged "
-          "9.6–12.7 ms. *Raw* error compares the profile with a direct measurement taken minutes later; *drift-"
-          "corrected* error first rescales each direct measurement by (the profile's whole-model median) / "
-          "(whole-model median interleaved with that direct measurement), isolating the profiler's own error.", "",
-          "| model | cuts | measured by profiler | checked directly | whole (ms) | profiling cost (× full inference, run time) | wall incl. session builds (s) | raw median error | drift-corrected median error head | tail | all | p90 |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "*Error* compares the profile's figure for each head and tail with that direct measurement: the issue's "
+          "criterion. *Drift-corrected* error is a diagnostic: it rescales each direct measurement by (the profile's "
+          "whole-model median) / (whole-model median interleaved with that direct measurement), to separate this VM's "
+          "speed drift (±15 % over seconds, other tenants) from the profiler's own error. It assumes the interleaved "
+          "whole-model runs differ from the profile's only by drift. That fails for MobileNetV2: run between other "
+          "sessions (cold caches) its whole model takes ~13 % longer than back to back, so the correction adds that "
+          "bias instead of removing one.", "",
+          "| model | cuts | measured by profiler | checked directly | whole (ms) | whole, interleaved with direct runs (ms) | profiling cost (× full inference, run time) | wall incl. session builds (s) | **median error** | p90 | drift-corrected median error head | tail | all |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['cuts']} | {r['measured_cuts']} | {r['checked_cuts']} | {r['whole_ms']:.1f} | "
-                  f"{r['cost_full_equiv']:.1f} | {r['wall_s']:.1f} | {100 * r['raw_median_err_all']:.1f} % | {100 * r['median_err_head']:.1f} % | "
-                  f"{100 * r['median_err_tail']:.1f} % | {100 * r['median_err_all']:.1f} % | {100 * r['p90_err_all']:.1f} % |")
-    md += ["", "Targets: cost ≤ ~30× one inference; median error ≤ 10 % (judged on the drift-corrected figure).", ""]
+                  f"{r['whole_interleaved_ms']:.1f} | {r['cost_full_equiv']:.1f} | {r['wall_s']:.1f} | "
+                  f"**{100 * r['raw_median_err_all']:.1f} %** | {100 * r.get('raw_p90_err_all', float('nan')):.1f} % | "
+                  f"{100 * r['median_err_head']:.1f} % | {100 * r['median_err_tail']:.1f} % | {100 * r['median_err_all']:.1f} % |")
+    md += ["", "Targets: cost ≤ ~30× one inference; median error ≤ 10 % of a direct measurement. Both models meet "
+           "both in this run; MobileNetV2 with little room (its segments are 0.1–10 ms, where this VM's drift is "
+           "of the same order as the profiler's error).", ""]
     write_results("profiler", {"rows": rows, "per_cut": details}, "\n".join(md))
 
 

@@ -357,6 +357,7 @@ class EdgeClient:
             "head_ms": p.head_ms, "encode_ms": p.encode_ms, "network_ms": network,
             "server_queue_ms": server.get("queue_ms"), "server_decode_ms": server.get("decode_ms"),
             "tail_ms": server.get("tail_ms"), "server_encode_ms": server.get("encode_ms"), "decode_ms": dec_ms,
+            "server_batch": server.get("batch", 1),
             "bytes_sent": p.bytes_sent}))
 
     def _check_deadlines(self, now: float) -> None:

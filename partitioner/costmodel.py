@@ -7,6 +7,7 @@ network profile's figure; every output is therefore *derived*, and labelled so b
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 EDGE_ONLY = "edge-only"
@@ -75,13 +76,22 @@ class Candidate:
                 "bytes_per_inference": self.bytes_per_inference, "breakdown": self.breakdown, "derived": True}
 
 
+MSS = 1448                 # TCP payload per segment on a 1500-byte MTU with timestamps
+FRAME_OVERHEAD = 66        # Ethernet 14 + IPv4 20 + TCP 20 + timestamps 12 bytes per segment
+
+
+def wire_bytes(payload: float) -> float:
+    """Bytes a link carries for ``payload`` bytes of TCP payload: link rates count the framing too."""
+    return payload + FRAME_OVERHEAD * max(1, math.ceil(payload / MSS)) if payload else 0
+
+
 def uplink_ms(n_bytes: float, link: Link) -> float:
     """Serialisation time on the uplink; loss is charged as the share of bytes sent again."""
-    return 8e-3 * n_bytes / (link.uplink_mbps * (1.0 - link.loss))
+    return 8e-3 * wire_bytes(n_bytes) / (link.uplink_mbps * (1.0 - link.loss))
 
 
 def downlink_ms(n_bytes: float, link: Link) -> float:
-    return 8e-3 * n_bytes / (link.downlink_mbps * (1.0 - link.loss))
+    return 8e-3 * wire_bytes(n_bytes) / (link.downlink_mbps * (1.0 - link.loss))
 
 
 def evaluate(c: CandidateInput, link: Link) -> Candidate:

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +44,29 @@ class ServerConfig:
     metrics_interval_s: float = 2.0
     curve_secret_key: bytes | None = None  # CurveZMQ: this server's secret key (z85)
     curve_allow: list[bytes] = field(default_factory=list)  # client public keys allowed (z85); empty = any
+    max_batch: int = 1                    # micro-batching: same-plan requests already queued share one tail run
 
 
 @dataclass
 class Stats:
+    """Counters shared by the socket thread and the workers; change them only through ``add``."""
+
     requests: int = 0
     errors: int = 0
     rejected: int = 0
     in_flight: int = 0
+    batches: int = 0
     tail_ms_total: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {k: getattr(self, k) for k in ("requests", "errors", "rejected", "in_flight", "batches")}
 
 
 class TailServer:
@@ -65,6 +80,8 @@ class TailServer:
         self._ctx = zmq.Context.instance()
         self._inproc = f"inproc://splitpoint-results-{id(self)}"
         self._local = threading.local()
+        self._queues: dict[str, deque] = {}
+        self._qlock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="splitpoint-tail")
         self.endpoint: str | None = None
         self.telemetry = Telemetry(config.device_id, "server", config.mqtt) if config.mqtt else None
@@ -78,6 +95,8 @@ class TailServer:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving. Requests still in the pool finish but their replies are dropped (the
+        socket is gone); the edge's deadline turns them into a fallback or an explicit error."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
@@ -120,9 +139,7 @@ class TailServer:
                         self._on_message(router, frames)
                 if self.telemetry and time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self.config.metrics_interval_s
-                    self.telemetry.metrics({"requests": self.stats.requests, "errors": self.stats.errors,
-                                            "rejected": self.stats.rejected, "in_flight": self.stats.in_flight,
-                                            "plans": len(self.registry.ids())})
+                    self.telemetry.metrics({**self.stats.snapshot(), "plans": len(self.registry.ids())})
         finally:
             router.close(0)
             results.close(0)
@@ -150,33 +167,36 @@ class TailServer:
     def _on_message(self, router, frames) -> None:
         t_recv = time.perf_counter()
         if len(frames) < 2:
-            self.stats.rejected += 1
+            self.stats.add(rejected=1)
             return  # nothing to answer: no identity and message
         ident, body = frames[0], frames[1:]
         try:
             msg = wire.parse(body, self.config.max_message_bytes)
         except wire.WireError as exc:
-            self.stats.rejected += 1
+            self.stats.add(rejected=1)
             self._reply(router, ident, wire.error(_best_effort_id(body), exc.code, str(exc)))
             return
         if msg.type == wire.PING:
             self._reply(router, ident, wire.Message(wire.PONG, msg.id, meta={"plans": self.registry.ids(),
                                                                               "workers": self.config.workers,
-                                                                              "in_flight": self.stats.in_flight}))
+                                                                              "in_flight": self.stats.in_flight,
+                                                                              "max_batch": self.config.max_batch}))
         elif msg.type == wire.DEPLOY:
             self._deploy(router, ident, msg)
         elif msg.type == wire.INFER:
             entry = self.registry.get(msg.plan)
             if entry is None or entry.tail is None:
-                self.stats.rejected += 1
+                self.stats.add(rejected=1)
                 why = "unknown plan" if entry is None else "plan runs entirely on the edge"
                 self._reply(router, ident, wire.error(msg.id, wire.E_UNKNOWN_PLAN,
                                                       f"{why}: {msg.plan[:16] or '(none)'}", msg.plan))
                 return
-            self.stats.in_flight += 1
-            self._pool.submit(self._work, ident, msg, entry, t_recv)
+            self.stats.add(in_flight=1)
+            with self._qlock:
+                self._queues.setdefault(msg.plan, deque()).append((ident, msg, entry, t_recv))
+            self._pool.submit(self._work, msg.plan)
         else:
-            self.stats.rejected += 1
+            self.stats.add(rejected=1)
             self._reply(router, ident, wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}"))
 
     def _deploy(self, router, ident, msg: wire.Message) -> None:
@@ -200,53 +220,89 @@ class TailServer:
         sock = getattr(self._local, "push", None)
         if sock is None:
             sock = self._local.push = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self._inproc)
-        sock.send_multipart(frames, copy=False)
+        try:  # never block a worker: once the socket thread is gone (stop) a PUSH would wait forever
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("server stopping: reply dropped")
 
-    def _work(self, ident, msg: wire.Message, entry, t_recv: float) -> None:
+    def _work(self, plan_id: str) -> None:
+        """Serve up to ``max_batch`` queued requests of one plan (each message queued one task, so
+        nothing is left behind); with micro-batching they share one tail run."""
+        with self._qlock:
+            q = self._queues.get(plan_id)
+            batch = [q.popleft() for _ in range(min(len(q), max(1, self.config.max_batch)))] if q else []
+        if not batch:
+            return
+        entry = batch[0][2]
         t0 = time.perf_counter()
+        ready = []
+        for ident, msg, _, t_recv in batch:
+            t_dec = time.perf_counter()
+            try:
+                ready.append((ident, msg, t_recv, self._decode(msg, entry), (time.perf_counter() - t_dec) * 1e3))
+            except (wire.WireError, CodecError) as exc:
+                code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
+                self._answer(ident, wire.error(msg.id, code, str(exc), msg.plan), error=True)
+        if not ready:
+            return
+        t1 = time.perf_counter()
         try:
-            expected = {t.name: t for t in entry.plan.cut_tensors}
-            if set(msg.tensors) != set(expected):
-                raise wire.WireError(wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}")
-            feeds = {}
-            for name, frame in zip(msg.tensors, msg.frames):
-                arr = decode(wire._buffer(frame), self.config.max_message_bytes)
-                _check_tensor(name, arr, entry.tail.inputs[name])
-                feeds[name] = arr
-            t1 = time.perf_counter()
-            outs = entry.tail.run(feeds)
+            outs = entry.tail.run_batch([r[3] for r in ready])
+        except Exception:
+            outs = None
+        t2 = time.perf_counter()
+        if outs is None:  # one bad request must not fail its batch mates: run them one by one
+            outs = []
+            for _, msg, _, feeds, _ in ready:
+                try:
+                    outs.append(entry.tail.run(feeds))
+                except Exception as exc:  # a failing tail must not take the server down
+                    log.exception("tail failed for request %s", msg.id)
+                    outs.append(exc)
             t2 = time.perf_counter()
-            names = list(outs)
-            frames = [encode(outs[n], self.config.reply_codec) for n in names]
+        self.stats.add(batches=1, tail_ms_total=(t2 - t1) * 1e3)
+        for (ident, msg, t_recv, _, dec_ms), out in zip(ready, outs):
+            if isinstance(out, Exception):
+                self._answer(ident, wire.error(msg.id, wire.E_INTERNAL, f"{type(out).__name__}: {out}", msg.plan),
+                             error=True)
+                continue
             t3 = time.perf_counter()
-            self.stats.requests += 1
-            self.stats.tail_ms_total += (t2 - t1) * 1e3
-            reply = wire.Message(wire.RESULT, msg.id, msg.plan, names, meta={"server": {
-                "queue_ms": (t0 - t_recv) * 1e3, "decode_ms": (t1 - t0) * 1e3, "tail_ms": (t2 - t1) * 1e3,
-                "encode_ms": (t3 - t2) * 1e3, "total_ms": (t3 - t_recv) * 1e3}}, frames=frames)
-        except (wire.WireError, CodecError) as exc:
-            self.stats.errors += 1
-            code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
-            reply = wire.error(msg.id, code, str(exc), msg.plan)
-        except Exception as exc:  # a failing tail must not take the server down
-            log.exception("tail failed for request %s", msg.id)
-            self.stats.errors += 1
-            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
-        finally:
-            self.stats.in_flight -= 1
+            names = list(out)
+            frames = [encode(out[n], self.config.reply_codec) for n in names]
+            enc_ms = (time.perf_counter() - t3) * 1e3
+            self._answer(ident, wire.Message(wire.RESULT, msg.id, msg.plan, names, meta={"server": {
+                "queue_ms": (t0 - t_recv) * 1e3, "decode_ms": dec_ms, "tail_ms": (t2 - t1) * 1e3,
+                "encode_ms": enc_ms, "batch": len(ready),
+                "total_ms": (time.perf_counter() - t_recv) * 1e3}}, frames=frames))
+
+    def _decode(self, msg: wire.Message, entry) -> dict[str, np.ndarray]:
+        expected = {t.name: t for t in entry.plan.cut_tensors}
+        if set(msg.tensors) != set(expected):
+            raise wire.WireError(wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}")
+        feeds = {}
+        for name, frame in zip(msg.tensors, msg.frames):
+            arr = decode(wire._buffer(frame), self.config.max_message_bytes)
+            _check_tensor(name, arr, entry.tail.inputs[name])
+            feeds[name] = arr
+        return feeds
+
+    def _answer(self, ident, reply: wire.Message, error: bool = False) -> None:
+        self.stats.add(in_flight=-1, **({"errors": 1} if error else {"requests": 1}))
         self._push([ident, *reply.to_frames()])
 
 
 class _AllowList:
-    def __init__(self, keys: list[bytes]):
-        from zmq.utils.z85 import decode as z85decode
+    """pyzmq's ZAP handler asks ``callback(domain, key)`` with the client key z85-encoded."""
 
-        self.keys = {z85decode(k) if len(k) == 40 else k for k in keys}
+    def __init__(self, keys: list[bytes]):
+        from zmq.utils.z85 import encode as z85encode
+
+        self.keys = {bytes(k) if len(k) == 40 else z85encode(bytes(k)) for k in keys}
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
+        return bytes(key) in self.keys
 
 
 def _check_tensor(name: str, arr: np.ndarray, spec) -> None:

@@ -295,6 +295,8 @@ def serve(
     bind: str = typer.Option("tcp://0.0.0.0:5555", "--bind", help="ZeroMQ endpoint to listen on"),
     plans: Path = typer.Option(Path("plans"), "--plans", help="directory of plan directories (pushed plans land here)"),
     workers: int = typer.Option(2, "--workers", help="tail worker threads"),
+    max_batch: int = typer.Option(1, "--max-batch", min=1,
+                                  help="micro-batching: up to this many queued same-plan requests share a tail run"),
     threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads per session (0 = default)"),
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="e.g. CUDAExecutionProvider"),
     max_message_mb: float = typer.Option(256, "--max-message-mb", help="refuse larger messages"),
@@ -312,7 +314,8 @@ def serve(
 
     _logging(quiet)
     plans.mkdir(parents=True, exist_ok=True)
-    cfg = ServerConfig(bind=bind, plans_dir=plans, workers=workers, threads=threads, provider=provider,
+    cfg = ServerConfig(bind=bind, plans_dir=plans, workers=workers, max_batch=max_batch, threads=threads,
+                       provider=provider,
                        max_message_bytes=int(max_message_mb * 2**20), mqtt=mqtt, device_id=device_id,
                        curve_secret_key=curve_secret.read_bytes().strip() if curve_secret else None,
                        curve_allow=[p.read_bytes().strip() for p in curve_allow])

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, CandidateInput, Link, evaluate
+from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, CandidateInput, Link, evaluate, wire_bytes
 from splitpoint.partitioner.pareto import Constraints, InfeasibleError, front, non_dominated, pick
 
 LTE = Link("lte", 5.85, 20.0, 70.0)
@@ -19,8 +19,9 @@ def ci(kind=SPLIT, cut=5, codec="int8", head=10.0, tail=5.0, enc=1.0, dec=0.5, u
 
 def test_latency_and_throughput_follow_the_stages():
     c = evaluate(ci(), LTE)
-    up = 8e-3 * 10_000 / 5.85
-    down = 8e-3 * 4_000 / 20.0
+    up = 8e-3 * (10_000 + 7 * 66) / 5.85  # 7 TCP segments, each with 66 bytes of framing
+    down = 8e-3 * (4_000 + 3 * 66) / 20.0
+    assert wire_bytes(10_000) == 10_462 and wire_bytes(0) == 0 and wire_bytes(1) == 67
     assert c.latency_ms == pytest.approx(10 + 1 + up + 70 + down + 0.5 + 5)
     assert c.throughput_ips == pytest.approx(1000 / max(11, up, 5.5, down))
     assert c.bytes_per_inference == 14_000 and c.edge_ms == 11

@@ -42,7 +42,9 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     measured = [c for c in prof.cuts if c.source == "measured"]
     assert 2 <= len(measured) == len(prof.cost["measured_cuts"])
     if len(measured) > 2:  # two anchors are the minimum, whatever the budget
-        assert prof.cost["full_inference_equivalents"] <= 30
+        # the budget is planned from the whole-model time; segments then run a little slower or
+        # faster than planned on a shared machine, hence the margin
+        assert prof.cost["full_inference_equivalents"] <= 30 * 1.15
     # per-node times come from onnxruntime's profiler and account for most of a profiled run
     assert len(prof.nodes) == len(h.index.compute)
     assert 0.7 * prof.cost["profiled_run_ms"] < sum(n.median_ms for n in prof.nodes) <= 1.01 * prof.cost["profiled_run_ms"]

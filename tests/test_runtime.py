@@ -290,3 +290,96 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _serve_proc(plans, endpoint, *extra):
+    return subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "serve", "--bind", endpoint, "--plans", str(plans),
+                             "--workers", "1", "--quiet", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_server_killed_and_restarted_mid_stream(model):
+    """The edge falls back while the server is gone, comes back when it returns, and every
+    request gets exactly one correct answer."""
+    from splitpoint.broker import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = _serve_proc(model["plans"], endpoint)
+    c = EdgeClient(EdgeConfig(model["plans"] / "p-f32", server=endpoint, timeout_s=1.0, connect_grace_s=20,
+                              heartbeat_s=0.1, dead_after_s=0.5, window=4))
+    try:
+        assert c.server_up, "server did not come up"
+        futs, phases = [], []
+
+        def stream(n, phase):
+            for _ in range(n):
+                feeds = x()
+                futs.append((c.submit(feeds), feeds))
+                phases.append(phase)
+                time.sleep(0.01)
+
+        stream(20, "before")
+        srv.kill()  # SIGKILL: no goodbye, requests in flight are lost on the server side
+        srv.wait(10)
+        stream(30, "down")
+        srv = _serve_proc(model["plans"], endpoint)
+        end = time.monotonic() + 30
+        while not c.server_up and time.monotonic() < end:
+            time.sleep(0.05)
+        assert c.server_up, "edge did not reconnect to the restarted server"
+        stream(20, "after")
+        results = []
+        for (f, feeds), phase in zip(futs, phases):
+            r = f.result(60)  # exactly one answer each: an error would raise here
+            np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-4)
+            results.append((phase, r.fallback))
+        assert len(results) == 70
+        assert any(fb for ph, fb in results if ph == "down"), "no fallback while the server was down"
+        assert not any(fb for ph, fb in results[-10:]), "still falling back after the server returned"
+        assert c.counts["fallback"] + c.counts["ok"] == 70 and c.counts["errors"] == 0
+    finally:
+        c.close()
+        srv.kill()
+        srv.wait(10)
+
+
+def test_curve_allow_list_admits_only_listed_clients(model):
+    pub_s, sec_s = zmq.curve_keypair()
+    good_pub, good_sec = zmq.curve_keypair()
+    bad_pub, bad_sec = zmq.curve_keypair()
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], curve_secret_key=sec_s,
+                                  curve_allow=[good_pub])).start()
+    try:
+        with client(model, srv, curve_server_key=pub_s, curve_keypair=(good_pub, good_sec)) as c:
+            feeds = x()
+            r = c.infer(feeds, timeout=30)
+            assert not r.fallback
+            np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
+        with client(model, srv, curve_server_key=pub_s, curve_keypair=(bad_pub, bad_sec), fallback=False,
+                    timeout_s=0.5, connect_grace_s=0.5) as c:
+            assert not c.server_up
+            with pytest.raises(EdgeError):
+                c.infer(x(), timeout=30)
+        # a client that does not speak CURVE at all is not served either
+        s = _raw(srv.endpoint)
+        s.send_multipart(wire.Message(wire.PING, 1).to_frames())
+        assert not s.poll(500)
+        s.close(0)
+    finally:
+        srv.stop()
+
+
+def test_micro_batching_shares_tail_runs_and_keeps_results(model):
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=1, max_batch=8)).start()
+    try:
+        with client(model, srv, window=16, head_workers=2) as c:
+            batch = [x() for _ in range(48)]
+            futs = [c.submit(f) for f in batch]
+            results = [f.result(60) for f in futs]
+        for r, feeds in zip(results, batch):
+            assert not r.fallback
+            np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-4)
+        sizes = [r.breakdown["server_batch"] for r in results]
+        assert max(sizes) > 1 and max(sizes) <= 8
+        assert srv.stats.batches < srv.stats.requests == 48
+    finally:
+        srv.stop()

@@ -1,0 +1,73 @@
+"""Calibrating the emulated edge CPU: the CPU share at which a reference model's measured
+latency here matches the device profile's published figure (e.g. MobileNetV2 at ~33 ms on a
+Raspberry Pi 4). One calibration then stands in for that device class for every model; how
+well it transfers to other models is what the device's other figures, where given, check.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from splitpoint.errors import SplitPointError
+from splitpoint.profiles.cpulimit import cpu_limit
+from splitpoint.profiles.schema import DeviceSpec
+
+MIN_CPUS = 0.1  # a 1 ms quota in a 10 ms period: below this the quota granularity dominates
+
+
+@dataclass
+class Calibration:
+    device: str
+    reference_model: str
+    target_ms: float            # the device profile's figure (published, with its source in the YAML)
+    full_speed_ms: float        # measured here, 1 thread, no limit
+    cpus: float                 # the limit that was settled on
+    measured_ms: float          # measured here under that limit
+    mechanism: str
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_ms(sess, feeds, n: int) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
+    from splitpoint import zoo
+    from splitpoint.partitioner import open_model
+    from splitpoint.runner import make_session, sample_feeds
+
+    usable = {k: v for k, v in device.reference_latency_ms.items() if k in zoo.ZOO}
+    if not usable:
+        raise SplitPointError(f"device profile {device.name!r} has no reference latency for a zoo model "
+                              f"(has: {', '.join(device.reference_latency_ms) or 'none'}); cannot calibrate")
+    name, target = next(iter(usable.items()))
+    h = open_model(name)
+    sess = make_session(h.path, 1)
+    feeds = sample_feeds(h.model)
+    _median_ms(sess, feeds, 3)
+    full = _median_ms(sess, feeds, runs)
+    if full >= target:
+        return Calibration(device.name, name, target, full, 1.0, full, "none",
+                           "this machine is not faster than the device on one core: edge runs unlimited at 1 thread")
+    cpus = max(MIN_CPUS, full / target)
+    measured, mech = full, "none"
+    for _ in range(rounds + 1):
+        with cpu_limit(cpus) as em:
+            _median_ms(sess, feeds, 2)
+            measured = _median_ms(sess, feeds, runs)
+            mech = em.mechanism
+        if abs(measured - target) / target < 0.05:
+            break
+        cpus = min(1.0, max(MIN_CPUS, cpus * measured / target))
+    note = "" if cpus > MIN_CPUS else f"clamped at the smallest usable share ({MIN_CPUS} CPU)"
+    return Calibration(device.name, name, target, full, round(cpus, 4), measured, mech, note)

@@ -1,0 +1,86 @@
+"""Link emulation: the shaper's arithmetic, and real TCP traffic through each mechanism taking
+as long as the network profile says (10 Mbit/s, 40 ms RTT: 1 MiB and 64 B within 10 %)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from splitpoint.bench import netns, probe
+from splitpoint.bench.emulate import EmulatedLink
+from splitpoint.bench.shaper import Direction, Shaper
+from splitpoint.errors import SplitPointError
+from splitpoint.partitioner.costmodel import Link, wire_bytes
+
+LINK = Link("validation", 10.0, 10.0, 40.0)
+
+
+def test_shaper_serialises_at_the_rate_then_delays():
+    s = Shaper(Direction(8e6, 0.010))  # 1 MB/s, 10 ms one way
+    first = s.schedule(0.0, 1448)
+    assert first == pytest.approx(0.010 + wire_bytes(1448) * 8 / 8e6)
+    # a second piece arriving at once waits for the first to leave the bottleneck
+    second = s.schedule(0.0, 1448)
+    assert second == pytest.approx(first + wire_bytes(1448) * 8 / 8e6)
+    # after an idle gap the bottleneck is free again
+    assert s.schedule(10.0, 1448) == pytest.approx(10.0 + first)
+
+
+def test_jitter_never_reorders_and_loss_costs_a_round_trip():
+    s = Shaper(Direction(None, 0.020, jitter_s=0.010), seed=3)
+    times = [s.schedule(i * 0.001, 100) for i in range(500)]
+    assert times == sorted(times)
+    assert max(t - i * 0.001 for i, t in enumerate(times)) > 0.025  # jitter does something
+    lossy = Shaper(Direction(None, 0.020, loss=1.0))
+    assert lossy.schedule(0.0, 100) == pytest.approx(0.060)  # delay + one round trip to recover
+
+
+def _validate(em) -> None:
+    host, _, port = em.server_bind[len("tcp://"):].rpartition(":")
+    srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.bench.probe", "serve",
+                            "--bind", f"{host}:{port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline(), "probe server did not start"
+        target = em.edge_connect[len("tcp://"):]
+        if em.edge_prefix:  # the client must run inside the edge's namespace
+            out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.probe", "measure",
+                                  "--connect", target, "--repeats", "3"], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            results = json.loads(out.stdout)
+        else:
+            host, _, port = target.rpartition(":")
+            results = probe.measure((host, int(port)), [(64, 64), (2**20, 64)], repeats=3)
+    finally:
+        srv.kill()
+        srv.wait()
+    for r in results:
+        predicted = em.predicted_ms(r["up_bytes"], r["down_bytes"])
+        assert abs(r["median_ms"] - predicted) / predicted < 0.10, (em.mechanism, r, predicted)
+
+
+def test_userspace_proxy_matches_the_profile():
+    with EmulatedLink(LINK, "proxy") as em:
+        assert em.mechanism == "proxy"
+        _validate(em)
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=f"netns mechanism unavailable: {netns.available()}")
+def test_namespaces_with_tbf_match_the_profile_and_leave_nothing_behind():
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    with EmulatedLink(LINK, "netns") as em:
+        assert em.mechanism == "netns" and "tbf" in em.detail
+        _validate(em)
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+    # a failure inside the block still tears everything down
+    with pytest.raises(RuntimeError):
+        with EmulatedLink(LINK, "netns"):
+            raise RuntimeError("boom")
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+
+
+def test_unknown_mechanism_is_refused():
+    with pytest.raises(SplitPointError, match="unknown link mechanism"):
+        EmulatedLink(LINK, "carrier-pigeon")
