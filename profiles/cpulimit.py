@@ -41,7 +41,11 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
         _write(group / "tasks", tid)
 
     def undo() -> None:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:  # the limited process has exited: nothing to move back
+            tids = []
+        for tid in tids:
             try:
                 _write(V1_ROOT / "tasks", tid)
             except OSError:

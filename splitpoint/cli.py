@@ -329,6 +329,36 @@ def serve(
     srv.stop()
 
 
+def _curve_keypair(secret_file: Optional[Path]):
+    if secret_file is None:
+        return None
+    import zmq
+
+    secret = secret_file.read_bytes().strip()
+    try:
+        return zmq.curve_public(secret), secret
+    except (ValueError, zmq.ZMQError) as exc:
+        raise SplitPointError(f"{secret_file}: not a z85 CurveZMQ secret key ({exc})") from exc
+
+
+@app.command()
+def keygen(out: Path = typer.Argument(..., help="writes OUT.key (secret) and OUT.pub (public), z85")) -> None:
+    """A CurveZMQ key pair for `serve --curve-secret/--curve-allow` and `edge run --curve-server-key/--curve-secret`."""
+    import os
+
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    key, pub = out.with_suffix(".key"), out.with_suffix(".pub")
+    if key.exists() or pub.exists():
+        raise SplitPointError(f"{key} or {pub} exists; not overwriting a key")
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    pub.write_bytes(public + b"\n")
+    console.print(f"secret key {key} (mode 600), public key {pub}")
+
+
 @edge_app.command("run")
 def edge_run(
     plan_dir: Path = typer.Argument(..., help="plan directory (from `splitpoint plan` or `split`)"),
@@ -342,6 +372,10 @@ def edge_run(
     threads: int = typer.Option(1, "--threads"),
     mqtt: Optional[str] = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://host:port"),
     device_id: str = typer.Option("edge", "--device-id"),
+    curve_server_key: Optional[Path] = typer.Option(None, "--curve-server-key",
+                                                    help="file with the server's CurveZMQ public key (z85): encrypt"),
+    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret",
+                                                help="file with this device's CurveZMQ secret key (z85), for allow-lists"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the head on this device and the tail on the server."""
@@ -352,7 +386,9 @@ def edge_run(
     if not inputs and not listen:
         raise typer.BadParameter("give --inputs DIR and/or --listen ENDPOINT")
     daemon = EdgeDaemon(EdgeConfig(plan_dir, server=server, window=window, timeout_s=timeout, fallback=not no_fallback,
-                                   threads=threads, mqtt=mqtt, device_id=device_id), listen=listen)
+                                   threads=threads, mqtt=mqtt, device_id=device_id,
+                                   curve_server_key=curve_server_key.read_bytes().strip() if curve_server_key else None,
+                                   curve_keypair=_curve_keypair(curve_secret)), listen=listen)
     daemon.install_signal_handlers()
     if inputs:
         summary = daemon.run_folder(inputs, outputs)
@@ -453,6 +489,45 @@ def demo(
 
     run_demo(DemoConfig(model=model, network=network, requests=requests, window=window, mqtt=mqtt,
                         edge_slowdown=edge_slowdown), say=console.print)
+
+
+@app.command()
+def bench(
+    models: str = typer.Option("resnet18,resnet50,mobilenetv2", "--models", help="zoo models or .onnx paths, comma-separated"),
+    networks: str = typer.Option("3g,lte,wifi-n,5g", "--networks", help="network profiles, comma-separated"),
+    device: str = typer.Option("rpi4", "--device", help="device profile the edge CPU is calibrated to"),
+    link: str = typer.Option("auto", "--link", help="auto | netns (root) | proxy (userspace) | loopback"),
+    out: Path = typer.Option(Path("bench-results"), "-o", "--out", help="directory for results.json, report.md, plots"),
+    seconds: float = typer.Option(1.5, "--seconds", help="measuring time per candidate and phase"),
+    window: int = typer.Option(4, "--window", help="requests in flight in the throughput phase"),
+    max_front: int = typer.Option(4, "--max-front", help="front members measured besides the pick and baselines"),
+    min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="the pick's constraint"),
+) -> None:
+    """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench.report import write_report
+    from .bench.run import BenchConfig, run_bench
+
+    cfg = BenchConfig(models=[m for m in models.split(",") if m], networks=[n for n in networks.split(",") if n],
+                      device=device, link=link, out=out, seconds=seconds, window=window, max_front=max_front,
+                      min_fidelity=min_fidelity)
+    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("starting", total=len(cfg.models) * len(cfg.networks))
+
+        def progress(text=None, advance=0):
+            bar.update(task, advance=advance, **({"description": text} if text else {}))
+
+        results = run_bench(cfg, progress)
+    results = write_report(results, out)
+    from .bench.report import headline
+
+    console.print("\n".join(headline(results)))
+    s = results["summary"]
+    console.print(f"median prediction error {100 * (s['prediction_error_median'] or 0):.1f} %; regret ≤ 1.05 in "
+                  f"{100 * (s['regret_within_target_share'] or 0):.0f} % of cases; {s['bench_seconds'] / 60:.1f} min; "
+                  f"report in {out / 'report.md'}")
 
 
 def main() -> None:

@@ -49,7 +49,8 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     assert len(prof.nodes) == len(h.index.compute)
     assert 0.7 * prof.cost["profiled_run_ms"] < sum(n.median_ms for n in prof.nodes) <= 1.01 * prof.cost["profiled_run_ms"]
     # head grows and tail shrinks along the cut order, within the measured noise
-    noise = (prof.whole.p90_ms - prof.whole.min_ms) + 0.15 * prof.whole.median_ms
+    # (with as many threads as this machine has cores, anything else running shows in every timing)
+    noise = (prof.whole.p90_ms - prof.whole.min_ms) + (0.15 if threads == 1 else 0.25) * prof.whole.median_ms
     heads = [c.head_ms for c in prof.cuts]
     tails = [c.tail_ms for c in prof.cuts]
     assert all(b >= a - noise for a, b in zip(heads, heads[1:]))

@@ -1,11 +1,13 @@
-"""The edge side of a benchmark run: its own process, under the emulated edge's CPU limit,
-inside the edge's network namespace where there is one.
+"""The edge side of a benchmark run: its own process, inside the edge's network namespace where
+there is one, under the emulated edge's CPU limit (applied by the parent: ``ip netns exec``
+remounts /sys, so the cgroup tree is not visible from inside).
 
-For each plan it is given it runs requests one at a time (latency: every figure on this
-process's clock, the server's own stage times from its clock, never a difference of the two),
-then with a window of requests in flight (throughput), and records edge CPU time, peak RSS,
+It runs requests one at a time (latency: every figure on this process's clock, the server's own
+stage times from its clock, never a difference of the two), one per candidate per round, then
+each candidate with a window of requests in flight (throughput), and records edge CPU time, peak RSS,
 bytes sent and agreement with the unsplit model's outputs. Sessions are built before the CPU
-limit is applied: start-up is not what is being measured.
+limit is applied: start-up is not what is being measured. Throughput is the steady state:
+completions after the first, over the time between the first and the last.
 """
 
 from __future__ import annotations
@@ -35,29 +37,78 @@ def _p90(xs):
     return xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else None
 
 
-def run_plan(plan_dir: Path, server: str, inputs: list[dict], refs: list[list[np.ndarray]], args) -> dict:
-    from splitpoint.edge.client import EdgeClient, EdgeConfig
+class _Plan:
+    """One candidate's client and what was measured of it so far."""
 
-    client = EdgeClient(EdgeConfig(plan_dir, server=server, window=args.window, timeout_s=args.timeout,
-                                   fallback=False, connect_grace_s=10.0, heartbeat_s=1.0, dead_after_s=args.timeout))
+    def __init__(self, plan_dir: str, window: int, server: str, args):
+        from splitpoint.edge.client import EdgeClient, EdgeConfig
+
+        self.dir, self.window = plan_dir, window
+        self.client = EdgeClient(EdgeConfig(Path(plan_dir), server=server, window=window, timeout_s=args.timeout,
+                                            fallback=False, connect_grace_s=10.0, heartbeat_s=1.0,
+                                            dead_after_s=args.timeout))
+        self.seq: list = []
+        self.spent_s = 0.0
+        self.cpu_s = 0.0
+        self.rss_added = 0
+
+    def wants_more(self, args) -> bool:
+        return len(self.seq) < args.max_requests and (len(self.seq) < args.min_requests or self.spent_s < args.seconds)
+
+
+def measure_all(plans: list[tuple[str, int]], server: str, inputs: list[dict], refs: list[list[np.ndarray]], args) -> dict:
+    """Latency in rounds, one request per candidate per round, so that this machine's speed
+    drift falls on every candidate alike (their comparison is the point); then throughput per
+    candidate. CPU time is charged per request with the thread-wide clock of this process, which
+    only this candidate's work moves while it runs (the others sit idle)."""
     proc = psutil.Process()
-    try:
-        for k in range(args.warmup):
-            client.infer(inputs[k % len(inputs)], timeout=args.timeout * 3)
-        seq, cpu0, t_end = [], proc.cpu_times(), time.perf_counter() + args.seconds
-        while len(seq) < args.max_requests and (len(seq) < args.min_requests or time.perf_counter() < t_end):
-            k = len(seq) % len(inputs)
-            seq.append((k, client.infer(inputs[k], timeout=args.timeout * 3)))
-        cpu1 = proc.cpu_times()
-        n_pipe = max(args.min_requests, min(args.max_requests, int(args.seconds * 1000 / max(
-            1.0, _median([r.breakdown.get("total_ms") for _, r in seq])) * args.window)))
-        t0 = time.perf_counter()
-        futs = [client.submit(inputs[i % len(inputs)]) for i in range(n_pipe)]
-        done = [f.result(args.timeout * 3 + 60) for f in futs]
-        wall = time.perf_counter() - t0
-        rss = proc.memory_info().rss
-    finally:
-        client.close()
+    runs, results = {}, {}
+    for plan, window in plans:
+        try:
+            rss0 = proc.memory_info().rss
+            runs[plan] = _Plan(plan, window, server, args)
+            for k in range(args.warmup):
+                runs[plan].client.infer(inputs[k % len(inputs)], timeout=args.timeout * 3)
+            # what this candidate's sessions and buffers added to the edge process, after a run
+            runs[plan].rss_added = proc.memory_info().rss - rss0
+        except Exception as exc:  # one failing candidate is reported, the others still run
+            results[plan] = {"error": f"{type(exc).__name__}: {exc}"}
+            runs.pop(plan, None)
+    while active := [r for r in runs.values() if r.wants_more(args)]:
+        for r in active:
+            k = len(r.seq) % len(inputs)
+            c0, t0 = time.process_time(), time.perf_counter()
+            try:
+                r.seq.append((k, r.client.infer(inputs[k], timeout=args.timeout * 3)))
+            except Exception as exc:
+                results[r.dir] = {"error": f"{type(exc).__name__}: {exc}"}
+                runs.pop(r.dir).client.close(drain=False)
+                continue
+            r.spent_s += time.perf_counter() - t0
+            r.cpu_s += time.process_time() - c0  # all threads, nanosecond clock (psutil's ticks are 10 ms)
+    for plan, r in runs.items():
+        try:
+            results[plan] = throughput_and_summary(r, inputs, refs, args, proc)
+        except Exception as exc:
+            results[plan] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            r.client.close()
+    return results
+
+
+def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
+    seq, client, window = run.seq, run.client, run.window
+    n_pipe = max(args.min_requests, min(args.max_requests, int(args.seconds * 1000 / max(
+        1.0, _median([x.breakdown.get("total_ms") for _, x in seq])) * window)))
+    finished: list[float] = []
+    futs = []
+    for i in range(n_pipe):
+        f = client.submit(inputs[i % len(inputs)])
+        f.add_done_callback(lambda _: finished.append(time.perf_counter()))
+        futs.append(f)
+    done = [f.result(args.timeout * 3 + 60) for f in futs]
+    finished.sort()
+    steady_s = finished[-1] - finished[0]
     b = [r.breakdown for _, r in seq]
     stages = {k: _median([x.get(k) for x in b]) for k in STAGES}
     compute = ("head_ms", "encode_ms", "server_decode_ms", "tail_ms", "server_encode_ms", "decode_ms", "local_ms")
@@ -73,47 +124,34 @@ def run_plan(plan_dir: Path, server: str, inputs: list[dict], refs: list[list[np
         "requests_sequential": len(seq), "requests_pipelined": n_pipe,
         "latency_ms_median": stages["total_ms"], "latency_ms_p90": _p90([x.get("total_ms") for x in b]),
         "stages_ms_median": stages,
-        "non_compute_ms_median": _median(non_compute), "edge_rss_bytes": rss,
-        "throughput_ips": n_pipe / wall, "window": args.window,
+        "non_compute_ms_median": _median(non_compute), "edge_rss_added_bytes": run.rss_added,
+        "throughput_ips": (n_pipe - 1) / steady_s if steady_s > 0 else None, "window": window,
         "fallbacks": sum(r.fallback for _, r in seq) + sum(r.fallback for r in done),
         "bytes_sent_median": _median([x.get("bytes_sent") for x in b]),
-        "edge_cpu_ms_per_request": 1e3 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / max(1, len(seq)),
+        "edge_cpu_ms_per_request": 1e3 * run.cpu_s / max(1, len(seq)),
         "top1_agreement": float(np.mean(agree)) if agree else None, "max_abs_error": max_err,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="edge side of `splitpoint bench`")
-    ap.add_argument("--plans", required=True, help="JSON list of plan directories")
+    ap.add_argument("--plans", required=True, help="JSON list of [plan directory, window]")
     ap.add_argument("--server", required=True)
     ap.add_argument("--inputs", required=True, help=".npz with the inputs and the unsplit model's outputs")
-    ap.add_argument("--cpus", type=float, default=0.0, help="CPU limit for this process (0: none)")
-    ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=3.0, help="per plan and phase, after min-requests")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per plan and phase, after min-requests")
     ap.add_argument("--min-requests", type=int, default=5)
-    ap.add_argument("--max-requests", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-requests", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from splitpoint.profiles.cpulimit import cpu_limit
-
     data = np.load(args.inputs)
     n = int(data["n"])
     names = [str(s) for s in data["input_names"]]
     inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(n)]
     refs = [[data[f"ref{k}_{j}"] for j in range(int(data["n_outputs"]))] for k in range(n)]
-    results = {}
-    with cpu_limit(args.cpus or None) as em:
-        for plan in json.loads(args.plans):
-            try:
-                results[plan] = run_plan(Path(plan), args.server, inputs, refs, args)
-            except Exception as exc:  # one failing candidate is reported, the others still run
-                results[plan] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(json.dumps({"done": plan}), flush=True)
-        emulation = em.model_dump() if em else None
-    out = {"results": results, "edge_emulation": emulation,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    results = measure_all([(p, int(w)) for p, w in json.loads(args.plans)], args.server, inputs, refs, args)
+    out = {"results": results, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     Path(args.out).write_text(json.dumps(out))
     sys.exit(0)
 

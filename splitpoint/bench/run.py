@@ -38,11 +38,11 @@ class BenchConfig:
     device: str = "rpi4"
     link: str = "auto"                # auto | netns | proxy | loopback
     out: Path = Path("bench-results")
-    seconds: float = 2.0              # per candidate and phase, once min_requests are done
+    seconds: float = 1.5              # per candidate and phase, once min_requests are done
     min_requests: int = 3
-    max_requests: int = 30
+    max_requests: int = 20
     window: int = 4
-    max_front: int = 5                # front members measured besides the pick and the baselines
+    max_front: int = 4                # front members measured besides the pick and the baselines
     min_fidelity: float = 0.99
     fidelity_samples: int = 4
     inputs: int = 4
@@ -78,6 +78,13 @@ def choose(decision, max_front: int) -> dict[str, tuple[str, object]]:
     role = out.get(_key(decision.pick), ("", None))[0]
     out[_key(decision.pick)] = (f"pick{' (' + role + ')' if role else ''}", decision.pick)
     return out
+
+
+def window_for(cand, least: int) -> int:
+    """Requests in flight needed to keep the slowest stage busy (Little's law: latency / the
+    slowest stage's time), so the throughput phase measures the pipeline, not the window."""
+    slowest_ms = 1000.0 / cand.throughput_ips if cand.throughput_ips > 0 else cand.latency_ms
+    return int(min(32, max(least, -(-cand.latency_ms // slowest_ms) + 1)))
 
 
 def _write_plan(m, cand, path: Path) -> None:
@@ -136,6 +143,8 @@ def _probe_link(em) -> list[dict]:
 def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs: Path, calib, work: Path) -> dict:
     from splitpoint.partitioner.planner import link_of
 
+    from splitpoint.profiles.cpulimit import cpu_limit
+
     from .emulate import EmulatedLink
 
     chosen = choose(decision, cfg.max_front)
@@ -160,14 +169,17 @@ def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs
         try:
             # the edge-only plan first: it needs no server, so the server has time to load its tails
             order = sorted(plan_dirs, key=lambda k: chosen[k][1].inp.kind != "edge-only")
-            edge = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.edgerun",
-                                   "--plans", json.dumps([str(plan_dirs[k]) for k in order]), "--server", em.edge_connect,
-                                   "--inputs", str(inputs), "--cpus", str(calib.cpus if calib.cpus < 1 else 0),
-                                   "--window", str(cfg.window), "--seconds", str(cfg.seconds),
-                                   "--min-requests", str(cfg.min_requests), "--max-requests", str(cfg.max_requests),
-                                   "--out", str(out)], capture_output=True, text=True, env=env)
+            plans = [[str(plan_dirs[k]), window_for(chosen[k][1], cfg.window)] for k in order]
+            edge = subprocess.Popen([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.edgerun",
+                                     "--plans", json.dumps(plans), "--server", em.edge_connect, "--inputs", str(inputs),
+                                     "--seconds", str(cfg.seconds), "--min-requests", str(cfg.min_requests),
+                                     "--max-requests", str(cfg.max_requests), "--out", str(out)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            # limited from here: inside the namespace the cgroup tree is not mounted
+            with cpu_limit(calib.cpus if calib.cpus < 1 else None, pid=edge.pid) as edge_emulation:
+                _, stderr = edge.communicate()
             if edge.returncode:
-                raise SplitPointError(f"edge run failed on {net.name}: {edge.stderr.strip()[-800:]}")
+                raise SplitPointError(f"edge run failed on {net.name}: {stderr.strip()[-800:]}")
         finally:
             srv.terminate()
             try:
@@ -182,7 +194,8 @@ def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs
         rows.append({"model": m.handle.name, "network": net.name, "candidate": cand.label, "role": role,
                      "is_pick": cand is decision.pick, "predicted": cand.to_dict(), "measured": meas})
     return {"network": net.name, "link": mechanism, "link_probe": probe, "rows": rows,
-            "edge_emulation": edge_out.get("edge_emulation"), "edge_peak_rss_bytes": edge_out.get("peak_rss_bytes")}
+            "edge_emulation": edge_emulation.model_dump() if edge_emulation else None,
+            "edge_peak_rss_bytes": edge_out.get("peak_rss_bytes")}
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
@@ -196,12 +209,23 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_device, load_network
 
+    from splitpoint import zoo
+
     from .edgecpu import calibrate
+    from .emulate import MECHANISMS
 
     t0 = time.perf_counter()
     say = progress or (lambda *a, **k: None)
+    # every argument is checked before the minutes of calibration and profiling start
     device = load_device(cfg.device)
     nets = [load_network(n) for n in cfg.networks]
+    for name in cfg.models:
+        if name not in zoo.ZOO and not Path(name).is_file():
+            raise SplitPointError(f"--models: {name!r} is neither an ONNX file nor a zoo model (known: {', '.join(zoo.ZOO)})")
+    if not cfg.models or not nets:
+        raise SplitPointError("name at least one model and one network")
+    if cfg.link not in MECHANISMS:
+        raise SplitPointError(f"--link: unknown mechanism {cfg.link!r}; choose from {', '.join(MECHANISMS)}")
     say("calibrating the edge CPU", advance=0)
     calib = calibrate(device)
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-"))
@@ -211,23 +235,23 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         for name in cfg.models:
             tm = time.perf_counter()
             h = open_model(name)
-            say(f"{name}: profiling edge ({calib.cpus:g} CPU) and server")
+            say(f"{h.name}: profiling edge ({calib.cpus:g} CPU) and server")
             with cpu_limit(calib.cpus if calib.cpus < 1 else None) as em:
                 edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=cfg.profile_budget), em)
             server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.profile_budget))
-            say(f"{name}: planning for {len(nets)} networks")
+            say(f"{h.name}: planning for {len(nets)} networks")
             m = gather(h, edge, server, load_inputs(h.model, random=cfg.fidelity_samples), codecs=cfg.codecs)
             decisions = decide(m, nets, Constraints(min_fidelity=cfg.min_fidelity))
             t_plan = time.perf_counter() - tm
-            inputs = work / f"{name}-inputs.npz"
+            inputs = work / f"{h.name}-inputs.npz"
             _inputs_file(h, cfg.inputs, inputs)
-            results["models"][name] = {"edge_whole_ms": edge.whole.median_ms, "server_whole_ms": server.whole.median_ms,
+            results["models"][h.name] = {"edge_whole_ms": edge.whole.median_ms, "server_whole_ms": server.whole.median_ms,
                                        "cuts": len(h.cuts()), "profile_and_plan_s": t_plan, "sha256": h.sha256}
             for net, d in zip(nets, decisions):
-                say(f"{name} on {net.name}: measuring")
-                results["runs"].append(measure_network(m, d, net, cfg, work / "plans" / name, inputs, calib, work))
+                say(f"{h.name} on {net.name}: measuring")
+                results["runs"].append(measure_network(m, d, net, cfg, work / "plans" / h.name, inputs, calib, work))
                 say(None, advance=1)
-            results["models"][name]["seconds"] = time.perf_counter() - tm
+            results["models"][h.name]["seconds"] = time.perf_counter() - tm
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0

@@ -1,0 +1,100 @@
+"""`splitpoint bench` end to end on a small model: calibrated edge CPU, an emulated link, a real
+server and edge process, every candidate measured beside its prediction, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from splitpoint import zoo
+from splitpoint.bench.report import write_report
+from splitpoint.bench.run import BenchConfig, choose, run_bench
+from splitpoint.partitioner.costmodel import wire_bytes
+from splitpoint.profiles.schema import load_network
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    model = d / "r18.onnx"
+    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(model))
+    device = d / "slow-board.yaml"
+    device.write_text("name: slow-board\nrole: edge\ncpu: test board\ncores: 1\nclock_ghz: 1.0\nmemory_gb: 1\n"
+                      "thermal_limit_c: 80\nreference_latency_ms:\n  mobilenetv2: 40\n")
+    cfg = BenchConfig(models=[str(model)], networks=["lte"], device=str(device), link="proxy", seconds=0.2,
+                      min_requests=3, max_requests=4, max_front=2, fidelity_samples=2, inputs=2, profile_budget=8)
+    results = write_report(run_bench(cfg), d / "out")
+    return results, d / "out"
+
+
+def test_bench_measures_the_pick_front_and_baselines(bench):
+    results, _ = bench
+    cal = results["edge_calibration"]
+    assert cal["reference_model"] == "mobilenetv2" and 0.1 <= cal["cpus"] <= 1.0 and cal["measured_ms"] > 0
+    (run,) = results["runs"]
+    assert run["link"]["mechanism"] == "proxy" and "token bucket" in run["link"]["detail"]
+    roles = [r["role"] for r in run["rows"]]
+    assert sum(r["is_pick"] for r in run["rows"]) == 1
+    for phrase in ("all on edge", "all on server, raw input", "all on server, input int8+zstd"):
+        assert any(phrase in role for role in roles), (phrase, roles)
+    for r in run["rows"]:
+        m = r["measured"]
+        assert "error" not in m, m
+        assert m["fallbacks"] == 0 and m["requests_sequential"] >= 3 and m["latency_ms_p90"] >= m["latency_ms_median"] > 0
+        assert m["throughput_ips"] > 0 and m["edge_cpu_ms_per_request"] > 0
+        assert r["predicted"]["derived"] is True and r["prediction_error"] >= 0
+        if r["predicted"]["codec"] == "float32" and r["predicted"]["kind"] != "split":
+            assert m["top1_agreement"] == 1.0  # nothing lossy on the way
+    # the link was really in the way: nothing crosses it faster than its rate and RTT allow
+    lte = load_network("lte")
+    raw = next(r for r in run["rows"] if "raw input" in r["role"])
+    floor = lte.rtt_ms + 8e-3 * wire_bytes(raw["measured"]["bytes_sent_median"]) / lte.uplink_mbps
+    assert raw["measured"]["latency_ms_median"] >= 0.9 * floor
+    (case,) = results["cases"]
+    assert case["regret"] >= 1.0 - 1e-9 and case["best_ms"] <= case["pick_ms"]
+
+
+def test_bench_writes_the_report_and_plots(bench):
+    results, out = bench
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"] == results["summary"]
+    md = (out / "report.md").read_text()
+    assert "| model | network | pick |" in md and "## Targets" in md and "regret" in md
+    for png in ("latency_vs_throughput.png", "predicted_vs_measured.png", "latency_breakdown.png"):
+        assert (out / png).stat().st_size > 1000
+    assert not list(out.glob("*.tmp"))
+
+
+def test_choose_always_includes_pick_and_baselines(bench):
+    class D:  # a decision's shape; the candidates are the measured run's predictions
+        pass
+
+    from splitpoint.partitioner.costmodel import Candidate, CandidateInput
+
+    results, _ = bench
+    preds = [r["predicted"] for r in results["runs"][0]["rows"]]
+    fields = CandidateInput.__dataclass_fields__
+    cands = [Candidate(CandidateInput(**{k: p[k] for k in fields}), p["link"], p["latency_ms"], p["throughput_ips"],
+                       p["edge_ms"], p["transfer_ms"], p["bytes_per_inference"], p["breakdown"]) for p in preds]
+    d = D()
+    d.candidates, d.front, d.pick = cands, cands, cands[-1]
+    chosen = choose(d, max_front=1)
+    assert any(role.startswith("pick") for role, _ in chosen.values())
+    assert sum(role.startswith("baseline") or "baseline" in role for role, _ in chosen.values()) == 3
+    assert sum(role == "front" for role, _ in chosen.values()) <= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--networks", "nosuch"], "no network profile named 'nosuch'"),
+    (["--models", "nosuch"], "neither an ONNX file nor a zoo model"),
+    (["--device", "nosuch"], "no device profile named 'nosuch'"),
+    (["--link", "pigeon"], "unknown mechanism"),
+])
+def test_bad_bench_arguments_fail_fast_and_specifically(tmp_path, args, message):
+    proc = run_cli("bench", *args, "-o", str(tmp_path / "o"), timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
