@@ -32,6 +32,7 @@ class DemoConfig:
     workdir: Path | None = None
     budget: float = 12.0
     edge_slowdown: float = 4.0   # the edge stands in for a small device under a real CPU limit
+    emulate_link: bool = True    # the network profile applied to real traffic by the userspace link proxy
 
 
 def _median(xs):
@@ -93,9 +94,20 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     if url is None:
         broker = EmbeddedBroker().start()
         url = broker.url
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    say(f"[3/5] starting server on {endpoint}, MQTT {'embedded broker' if broker else 'broker'} at {url}…")
+    # the link proxy (its own process) starts before this process takes the edge's CPU limit
+    from splitpoint.bench.emulate import EmulatedLink
+    from splitpoint.partitioner.planner import link_of
+
+    link_ctx = EmulatedLink(link_of(net), "proxy" if cfg.emulate_link else "loopback", server_port=free_port())
+    try:
+        em = link_ctx.__enter__()
+    except BaseException:
+        if broker:
+            broker.stop()
+        raise
+    endpoint = em.server_bind
+    say(f"[3/5] starting server on {endpoint}, link {em.mechanism} ({em.detail}), "
+        f"MQTT {'embedded broker' if broker else 'broker'} at {url}…")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     srv = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "serve", "--bind", endpoint, "--plans", str(work),
                             "--workers", "1", "--threads", "1", "--mqtt", url, "--device-id", "demo-server", "--quiet"],
@@ -104,7 +116,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     limit = cpu_limit(edge_cpus)
     limit.__enter__()
     try:
-        client = EdgeClient(EdgeConfig(plan_dir, server=endpoint, window=cfg.window, mqtt=url, device_id="demo-edge",
+        client = EdgeClient(EdgeConfig(plan_dir, server=em.edge_connect, window=cfg.window, mqtt=url, device_id="demo-edge",
                                        timeout_s=10.0))
         # the server process must not inherit the edge's CPU limit: it was started before it
         end = time.monotonic() + 20
@@ -132,6 +144,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
             srv.wait(10)
         except subprocess.TimeoutExpired:
             srv.kill()
+        link_ctx.__exit__(None, None, None)
         if broker:
             broker.stop()
 
@@ -150,8 +163,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
                "throughput_measured_ips": cfg.requests / wall, "throughput_predicted_ips": p.throughput_ips,
                "fallbacks": sum(r.fallback for r in results), "max_abs_error_vs_unsplit": err, "stages": rows,
                "telemetry_devices": sorted(fleet), "seconds": time.perf_counter() - t_start, "plan_dir": str(plan_dir)}
-    say("[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; the link is loopback, "
-        "not emulated):")
+    say(f"[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; link: {em.mechanism}, "
+        f"{'emulated' if em.link else 'loopback, not emulated'}):")
     for name, pred, meas in rows:
         say(f"      {name:28s} predicted {_f(pred):>9s}   measured {_f(meas):>9s}")
     say(f"      throughput: measured {summary['throughput_measured_ips']:.1f}/s pipelined vs predicted "

@@ -483,12 +483,13 @@ def demo(
     window: int = typer.Option(4, "--window"),
     mqtt: Optional[str] = typer.Option(None, "--mqtt", help="use this broker instead of the embedded one"),
     edge_slowdown: float = typer.Option(4.0, "--edge-slowdown", help="emulate an edge this many times slower (1 = off)"),
+    no_link: bool = typer.Option(False, "--no-link-emulation", help="plain loopback instead of the network profile"),
 ) -> None:
     """Profile, plan, serve and run a split model on this machine, end to end."""
     from .server.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(model=model, network=network, requests=requests, window=window, mqtt=mqtt,
-                        edge_slowdown=edge_slowdown), say=console.print)
+                        edge_slowdown=edge_slowdown, emulate_link=not no_link), say=console.print)
 
 
 @app.command()
