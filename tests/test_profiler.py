@@ -49,15 +49,18 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     assert len(prof.nodes) == len(h.index.compute)
     assert 0.7 * prof.cost["profiled_run_ms"] < sum(n.median_ms for n in prof.nodes) <= 1.01 * prof.cost["profiled_run_ms"]
     # head grows and tail shrinks along the cut order, within the measured noise
-    # (with as many threads as this machine has cores, anything else running shows in every timing)
-    noise = (prof.whole.p90_ms - prof.whole.min_ms) + (0.15 if threads == 1 else 0.25) * prof.whole.median_ms
+    # "measured noise": the whole model's spread plus the widest spread of a measured segment
+    # (with as many threads as cores, anything else running shows in a 3-run segment median)
+    anchors = [max(0.0, (c.head_p90_ms or c.head_ms) - c.head_ms) + max(0.0, (c.tail_p90_ms or c.tail_ms) - c.tail_ms)
+               for c in measured]
+    noise = (prof.whole.p90_ms - prof.whole.min_ms) + max(anchors) + 0.15 * prof.whole.median_ms
     heads = [c.head_ms for c in prof.cuts]
     tails = [c.tail_ms for c in prof.cuts]
     assert all(b >= a - noise for a, b in zip(heads, heads[1:]))
     assert all(b <= a + noise for a, b in zip(tails, tails[1:]))
     # head + tail is one inference plus the split's overhead: within 40 % of the whole model
     for c in prof.cuts:
-        assert 0.6 * prof.whole.median_ms <= c.head_ms + c.tail_ms <= 1.4 * prof.whole.median_ms + noise, c
+        assert 0.6 * prof.whole.median_ms - noise <= c.head_ms + c.tail_ms <= 1.4 * prof.whole.median_ms + noise, c
     # head memory: weights plus activations grows with the head
     mems = [c.head_memory_bytes for c in prof.cuts if c.source == "derived"]
     assert mems == sorted(mems) and mems[0] > 0
