@@ -179,6 +179,7 @@ def plots(results: dict, out: Path) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         return []
     runs = results["runs"]
@@ -196,6 +197,7 @@ def plots(results: dict, out: Path) -> list[str]:
                        color="C3" if r["is_pick"] else "C1" if "baseline" in r["role"] else "C0")
             ax.annotate(r["candidate"], (m["latency_ms_median"], m["throughput_ips"]), fontsize=6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
         ax.set_title(f"{run['rows'][0]['model']} · {run['network']}", fontsize=9)
         ax.set_xlabel("measured latency (ms)", fontsize=8)
         ax.set_ylabel("measured throughput (/s)", fontsize=8)
