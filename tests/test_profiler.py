@@ -32,7 +32,7 @@ def model_path(tmp_path_factory):
 @pytest.mark.parametrize("role,threads", [("edge", 1), ("server", 2)])
 def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     h = open_model(model_path)
-    prof = profile_model(h, ProfileSettings(role=role, threads=threads, repeats=9))
+    prof = profile_model(h, ProfileSettings(role=role, threads=threads, repeats=9, segment_repeats=7))
     assert prof.role == role and prof.model_sha256 == h.sha256 and prof.settings["threads"] == threads
     for key in ("hostname", "architecture", "cpu_model", "cores_logical", "memory_total_bytes", "os", "onnxruntime"):
         assert prof.device[key] not in (None, "")
