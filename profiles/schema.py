@@ -186,23 +186,24 @@ def _read(path: Path, parse) -> dict:
     return data
 
 
-def load_network(spec: str | Path) -> NetworkProfile:
-    """A network profile by name (``lte``) or path."""
-    path = _named(spec, "networks")
+def _load_yaml(spec: str | Path, folder: str, cls):
+    path = _named(spec, folder)
     try:
-        return NetworkProfile(**_read(path, yaml.safe_load))
+        return cls(**_read(path, yaml.safe_load))
     except ValidationError as exc:
         raise _explain(exc, str(path)) from exc
-    except TypeError as exc:
+    except TypeError as exc:  # a YAML list or scalar where a mapping belongs
         raise ProfileError(f"{path}: {exc}") from exc
 
 
+def load_network(spec: str | Path) -> NetworkProfile:
+    """A network profile by name (``lte``) or path."""
+    return _load_yaml(spec, "networks", NetworkProfile)
+
+
 def load_device(spec: str | Path) -> DeviceSpec:
-    path = _named(spec, "devices")
-    try:
-        return DeviceSpec(**_read(path, yaml.safe_load))
-    except ValidationError as exc:
-        raise _explain(exc, str(path)) from exc
+    """Reference facts for a device class by name (``rpi4``) or path."""
+    return _load_yaml(spec, "devices", DeviceSpec)
 
 
 def load_measured(path: str | Path, model_sha256: str | None = None) -> MeasuredProfile:
