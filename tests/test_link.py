@@ -45,14 +45,18 @@ def _validate(em) -> None:
     try:
         assert srv.stdout.readline(), "probe server did not start"
         target = em.edge_connect[len("tcp://"):]
-        if em.edge_prefix:  # the client must run inside the edge's namespace
-            out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.probe", "measure",
-                                  "--connect", target, "--repeats", "3"], capture_output=True, text=True, timeout=60)
-            assert out.returncode == 0, out.stderr
-            results = json.loads(out.stdout)
-        else:
-            host, _, port = target.rpartition(":")
-            results = probe.measure((host, int(port)), [(64, 64), (2**20, 64)], repeats=3)
+        results = []
+        # medians: of 9 pings (each is one RTT, so cheap) and of 3 one-MiB uploads
+        for (up, down), repeats in (((64, 64), 9), ((2**20, 64), 3)):
+            if em.edge_prefix:  # the client must run inside the edge's namespace
+                out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.probe", "measure",
+                                      "--connect", target, "--sizes", f"{up}:{down}", "--repeats", str(repeats)],
+                                     capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, out.stderr
+                results += json.loads(out.stdout)
+            else:
+                host, _, port = target.rpartition(":")
+                results += probe.measure((host, int(port)), [(up, down)], repeats=repeats)
     finally:
         srv.kill()
         srv.wait()

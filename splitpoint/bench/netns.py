@@ -7,6 +7,7 @@ Ctrl-C included; deleting a namespace removes its veth end and qdiscs with it.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -21,12 +22,20 @@ class NetnsError(SplitPointError):
     pass
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> str | None:
-    """None when namespaces + tbf can be used here, else why not."""
+    """None when namespaces + tbf can be used here, else why not. Being root is not enough in a
+    container without CAP_NET_ADMIN or without sch_tbf, so a throwaway pair is tried once."""
     if os.geteuid() != 0:
         return "not root"
     if not shutil.which("ip") or not shutil.which("tc"):
         return "iproute2 (ip, tc) not installed"
+    probe = Namespaces(f"p{os.getpid() % 100000}", 10.0, 10.0)
+    try:
+        with probe:
+            pass
+    except NetnsError as exc:
+        return f"cannot create namespaces with tbf here ({exc})"
     return None
 
 
@@ -63,9 +72,8 @@ class Namespaces:
         return ["ip", "netns", "exec", self.edge if role == "edge" else self.server]
 
     def __enter__(self) -> "Namespaces":
-        why = available()
-        if why:
-            raise NetnsError(f"network namespaces need root and iproute2: {why}")
+        if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+            raise NetnsError("network namespaces need root and iproute2 (ip, tc)")
         try:
             for ns in (self.edge, self.server):
                 _run("ip", "netns", "add", ns)
