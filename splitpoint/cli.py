@@ -500,7 +500,7 @@ def bench(
     link: str = typer.Option("auto", "--link", help="auto | netns (root) | proxy (userspace) | loopback"),
     out: Path = typer.Option(Path("bench-results"), "-o", "--out", help="directory for results.json, report.md, plots"),
     seconds: float = typer.Option(1.5, "--seconds", help="measuring time per candidate and phase"),
-    window: int = typer.Option(4, "--window", help="requests in flight in the throughput phase"),
+    window: int = typer.Option(4, "--window", help="least requests in flight in the throughput phase (more where latency ÷ slowest stage needs it)"),
     max_front: int = typer.Option(4, "--max-front", help="front members measured besides the pick and baselines"),
     min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="the pick's constraint"),
 ) -> None:
