@@ -248,12 +248,14 @@ class TailServer:
         if not ready:
             return
         t1 = time.perf_counter()
-        try:
-            outs = entry.tail.run_batch([r[3] for r in ready])
-        except Exception:
-            outs = None
+        outs = None
+        if len(ready) > 1:
+            try:
+                outs = entry.tail.run_batch([r[3] for r in ready])
+            except Exception:  # one bad request must not fail its batch mates: run them one by one below
+                pass
         t2 = time.perf_counter()
-        if outs is None:  # one bad request must not fail its batch mates: run them one by one
+        if outs is None:
             outs = []
             for _, msg, _, feeds, _ in ready:
                 try:
