@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from splitpoint.broker import free_port  # noqa: E402
+from splitpoint.process import stop  # noqa: E402
 from splitpoint.edge.client import EdgeClient, EdgeConfig  # noqa: E402
 from splitpoint.partitioner import open_model  # noqa: E402
 from splitpoint.partitioner.split import write_baseline_plan  # noqa: E402
@@ -67,8 +68,7 @@ def run(plan: Path, max_batch: int, clients: int, window: int, per_client: int, 
         return {"max_batch": max_batch, "requests": n, "throughput_ips": (n - 1) / (done[-1] - done[0]),
                 "wall_s": time.perf_counter() - t0, "mean_batch": statistics.mean(batches), "max_seen_batch": max(batches)}
     finally:
-        srv.terminate()
-        srv.wait(10)
+        stop(srv)
 
 
 def main() -> None:

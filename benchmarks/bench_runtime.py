@@ -23,6 +23,7 @@ from common import write_results  # noqa: E402
 
 from splitpoint.bench.run import _inputs_file  # noqa: E402
 from splitpoint.broker import free_port  # noqa: E402
+from splitpoint.process import stop  # noqa: E402
 from splitpoint.partitioner import open_model  # noqa: E402
 from splitpoint.partitioner.split import write_baseline_plan, write_plan  # noqa: E402
 
@@ -95,8 +96,7 @@ def main() -> None:
                         "--seconds", str(args.seconds), "--min-requests", "20", "--max-requests", "200",
                         "--out", str(out)], check=True)
     finally:
-        srv.terminate()
-        srv.wait(10)
+        stop(srv)
     res = json.loads(out.read_text())["results"]
     rows = []
     for (kind, cut, codec), d in zip(picks, dirs):

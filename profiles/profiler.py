@@ -49,13 +49,20 @@ class ProfileSettings:
     batch: int = 1
 
 
+def median_of_present(xs) -> float | None:
+    """Median of the values that were measured (None where a stage did not run), or None."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
 def stat(samples_ms: list[float]) -> Stat:
     s = sorted(samples_ms)
     return Stat(median_ms=statistics.median(s), p90_ms=float(np.percentile(s, 90)), min_ms=s[0], max_ms=s[-1],
                 runs=len(s))
 
 
-def _time(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+def time_runs(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     out = []
@@ -128,8 +135,8 @@ def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str
     out = {}
     for c in all_codecs():
         payload = encode(x, c)
-        enc = statistics.median(_time(lambda: encode(x, c), 1, repeats))
-        dec = statistics.median(_time(lambda: decode(payload), 1, repeats))
+        enc = statistics.median(time_runs(lambda: encode(x, c), 1, repeats))
+        dec = statistics.median(time_runs(lambda: decode(payload), 1, repeats))
         out[c] = CodecSpeed(encode_mb_s=x.nbytes / enc / 1e3, decode_mb_s=x.nbytes / dec / 1e3,
                             ratio=x.nbytes / len(payload))
     return out
@@ -157,7 +164,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     note("whole model", 0, 1)
     whole_sess = build(handle.path)
     run_whole = lambda: whole_sess.run(None, feeds)  # noqa: E731
-    samples = _time(run_whole, settings.warmup, settings.repeats)
+    samples = time_runs(run_whole, settings.warmup, settings.repeats)
     clock["run_ms"] += sum(samples) + settings.warmup * statistics.median(samples)
 
     # 2: per-node times from onnxruntime's profiler: only their proportions are used
@@ -165,7 +172,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     t0 = time.perf_counter()
     psess = make_session(handle.path, settings.threads, settings.provider, enable_profiling=True)
     clock["build_s"] += time.perf_counter() - t0
-    prof_samples = _time(lambda: psess.run(None, feeds), 1, settings.profile_runs)
+    prof_samples = time_runs(lambda: psess.run(None, feeds), 1, settings.profile_runs)
     clock["run_ms"] += sum(prof_samples) + statistics.median(prof_samples)
     trace = psess.end_profiling()
     try:
@@ -185,7 +192,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     act_peaks = live_activation_peaks(handle.index)
     measured: dict[int, dict] = {}
     proc = psutil.Process()
-    w_prev = _time(run_whole, 0, 1)[0]
+    w_prev = time_runs(run_whole, 0, 1)[0]
     samples.append(w_prev)
     clock["run_ms"] += w_prev
     whole_ms = statistics.median(samples)
@@ -207,7 +214,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
         t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
         hs_ms, ts_ms = interleaved([lambda: hs.run(None, head_in), lambda: ts.run(None, t_in)],
                                    settings.segment_warmup, settings.segment_repeats)
-        w_next = _time(run_whole, 0, 1)[0]
+        w_next = time_runs(run_whole, 0, 1)[0]
         samples.append(w_next)
         h, t = stat(hs_ms), stat(ts_ms)
         clock["run_ms"] += sum(hs_ms) + sum(ts_ms) + settings.segment_warmup * (h.median_ms + t.median_ms) + w_next
@@ -227,7 +234,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
 
         calib = [sample_feeds(handle.model, 1, 100 + i) for i in range(8)]
         qsess = build(quantize_head(handle.model, calib, "static").SerializeToString())
-        int8_whole = stat(_time(lambda: qsess.run(None, feeds), settings.warmup, settings.repeats))
+        int8_whole = stat(time_runs(lambda: qsess.run(None, feeds), settings.warmup, settings.repeats))
     note("codec throughput", len(planned), len(planned))
     codecs = codec_speeds()
     whole = stat(samples)

@@ -9,7 +9,6 @@ planner predicted.
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from splitpoint.errors import SplitPointError
+from splitpoint.process import stop
+from splitpoint.profiles.profiler import median_of_present
 
 
 @dataclass
@@ -33,11 +34,6 @@ class DemoConfig:
     budget: float = 12.0
     edge_slowdown: float = 4.0   # the edge stands in for a small device under a real CPU limit
     emulate_link: bool = True    # the network profile applied to real traffic by the userspace link proxy
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def run_demo(cfg: DemoConfig, say=print) -> dict:
@@ -139,17 +135,13 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         if client:
             client.close()
         limit.__exit__(None, None, None)
-        srv.terminate()
-        try:
-            srv.wait(10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
+        stop(srv)
         link_ctx.__exit__(None, None, None)
         if broker:
             broker.stop()
 
     b = [r.breakdown for r in seq]
-    measured = {k: _median([x.get(k) for x in b]) for k in ("head_ms", "encode_ms", "network_ms", "server_decode_ms",
+    measured = {k: median_of_present([x.get(k) for x in b]) for k in ("head_ms", "encode_ms", "network_ms", "server_decode_ms",
                                                             "tail_ms", "decode_ms", "total_ms", "local_ms")}
     pb = p.breakdown
     rows = [("head (edge)", pb.get("head_ms"), measured["head_ms"]),

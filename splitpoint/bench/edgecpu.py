@@ -7,11 +7,11 @@ well it transfers to other models is what the device's other figures, where give
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 from splitpoint.errors import SplitPointError
 from splitpoint.profiles.cpulimit import cpu_limit
+from splitpoint.profiles.profiler import time_runs
 from splitpoint.profiles.schema import DeviceSpec
 
 MIN_CPUS = 0.1  # a 1 ms quota in a 10 ms period: below this the quota granularity dominates
@@ -28,17 +28,13 @@ class Calibration:
     mechanism: str
     note: str = ""
 
+    @property
+    def limit(self) -> float | None:
+        """The CPU share to apply, or None where the edge runs unlimited."""
+        return self.cpus if self.cpus < 1 else None
+
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _median_ms(sess, feeds, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
@@ -54,8 +50,11 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
     h = open_model(name)
     sess = make_session(h.path, 1)
     feeds = sample_feeds(h.model)
-    _median_ms(sess, feeds, 3)
-    full = _median_ms(sess, feeds, runs)
+
+    def run() -> None:
+        sess.run(None, feeds)
+
+    full = statistics.median(time_runs(run, 3, runs))
     if full >= target:
         return Calibration(device.name, name, target, full, 1.0, full, "none",
                            "this machine is not faster than the device on one core: edge runs unlimited at 1 thread")
@@ -63,8 +62,7 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
     measured, mech = full, "none"
     for _ in range(rounds + 1):
         with cpu_limit(cpus) as em:
-            _median_ms(sess, feeds, 2)
-            measured = _median_ms(sess, feeds, runs)
+            measured = statistics.median(time_runs(run, 2, runs))
             mech = em.mechanism
         if abs(measured - target) / target < 0.05:
             break

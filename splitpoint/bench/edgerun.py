@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,13 +22,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from splitpoint.profiles.profiler import median_of_present
+
 STAGES = ("head_ms", "encode_ms", "network_ms", "server_queue_ms", "server_decode_ms", "tail_ms", "server_encode_ms",
           "decode_ms", "local_ms", "total_ms")
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def _p90(xs):
@@ -99,7 +95,7 @@ def measure_all(plans: list[tuple[str, int]], server: str, inputs: list[dict], r
 def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     seq, client, window = run.seq, run.client, run.window
     n_pipe = max(args.min_requests, min(args.max_requests, int(args.seconds * 1000 / max(
-        1.0, _median([x.breakdown.get("total_ms") for _, x in seq])) * window)))
+        1.0, median_of_present([x.breakdown.get("total_ms") for _, x in seq])) * window)))
     finished: list[float] = []
     futs = []
     for i in range(n_pipe):
@@ -110,7 +106,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     finished.sort()
     steady_s = finished[-1] - finished[0]
     b = [r.breakdown for _, r in seq]
-    stages = {k: _median([x.get(k) for x in b]) for k in STAGES}
+    stages = {k: median_of_present([x.get(k) for x in b]) for k in STAGES}
     compute = ("head_ms", "encode_ms", "server_decode_ms", "tail_ms", "server_encode_ms", "decode_ms", "local_ms")
     # everything that is not compute: the link plus the runtime's own cost (all of it at loopback)
     non_compute = [x["total_ms"] - sum(x.get(k) or 0.0 for k in compute) for x in b]
@@ -124,10 +120,10 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
         "requests_sequential": len(seq), "requests_pipelined": n_pipe,
         "latency_ms_median": stages["total_ms"], "latency_ms_p90": _p90([x.get("total_ms") for x in b]),
         "stages_ms_median": stages,
-        "non_compute_ms_median": _median(non_compute), "edge_rss_added_bytes": run.rss_added,
+        "non_compute_ms_median": median_of_present(non_compute), "edge_rss_added_bytes": run.rss_added,
         "throughput_ips": (n_pipe - 1) / steady_s if steady_s > 0 else None, "window": window,
         "fallbacks": sum(r.fallback for _, r in seq) + sum(r.fallback for r in done),
-        "bytes_sent_median": _median([x.get("bytes_sent") for x in b]),
+        "bytes_sent_median": median_of_present([x.get("bytes_sent") for x in b]),
         "edge_cpu_ms_per_request": 1e3 * run.cpu_s / max(1, len(seq)),
         "top1_agreement": float(np.mean(agree)) if agree else None, "max_abs_error": max_err,
     }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from splitpoint.broker import free_port
 from splitpoint.errors import SplitPointError
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
+from splitpoint.process import stop
 
 from . import netns
 
@@ -104,12 +105,7 @@ class EmulatedLink:
 
     def __exit__(self, *exc) -> None:
         if self._proxy is not None:
-            self._proxy.terminate()
-            try:
-                self._proxy.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proxy.kill()
-                self._proxy.wait(5)
+            stop(self._proxy, 5)
             self._proxy = None
         if self._ns is not None:
             self._ns.__exit__(None, None, None)

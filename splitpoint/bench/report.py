@@ -9,12 +9,14 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
+from .run import ALL_ON_EDGE, ALL_ON_SERVER_COMPRESSED, ALL_ON_SERVER_RAW
+
 TARGETS = {"prediction_error": 0.10, "regret": 1.05, "regret_share": 0.90, "overhead_ms": 0.5,
            "pipelined_ratio": 0.90, "bench_seconds": 15 * 60}
 
 
-BASELINES = {"all on edge": "edge_only_ms", "all on server, raw input": "server_raw_ms",
-             "all on server, input int8+zstd": "server_compressed_ms"}
+BASELINES = {ALL_ON_EDGE: "edge_only_ms", ALL_ON_SERVER_RAW: "server_raw_ms",
+             ALL_ON_SERVER_COMPRESSED: "server_compressed_ms"}
 
 
 def _ok(row) -> bool:

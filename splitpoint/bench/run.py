@@ -24,11 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from splitpoint.errors import SplitPointError
+from splitpoint.process import stop
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenetv2"]
 DEFAULT_NETWORKS = ["3g", "lte", "wifi-n", "5g"]
 BENCH_CODECS = ["float32", "float16", "int8", "int8+lz4", "int8+zstd"]
 RAW, COMPRESSED = "float32", "int8+zstd"   # the server-only baselines: raw input, input compressed as a user would
+# what the report calls each baseline (a candidate's role is "baseline: " + one of these)
+ALL_ON_EDGE, ALL_ON_SERVER_RAW, ALL_ON_SERVER_COMPRESSED = (
+    "all on edge", "all on server, raw input", f"all on server, input {COMPRESSED}")
 
 
 @dataclass
@@ -64,11 +68,11 @@ def choose(decision, max_front: int) -> dict[str, tuple[str, object]]:
         if i.head_weights != "float32":
             continue
         if i.kind == "edge-only":
-            out[_key(c)] = ("baseline: all on edge", c)
+            out[_key(c)] = (f"baseline: {ALL_ON_EDGE}", c)
         elif i.kind == "server-only" and i.codec == RAW:
-            out[_key(c)] = ("baseline: all on server, raw input", c)
+            out[_key(c)] = (f"baseline: {ALL_ON_SERVER_RAW}", c)
         elif i.kind == "server-only" and i.codec == COMPRESSED:
-            out[_key(c)] = ("baseline: all on server, input int8+zstd", c)
+            out[_key(c)] = (f"baseline: {ALL_ON_SERVER_COMPRESSED}", c)
     members = sorted((c for c in decision.front if _key(c) not in out and c is not decision.pick), key=lambda c: c.latency_ms)
     if members and max_front > 0:
         step = max(1, len(members) / max_front)
@@ -176,16 +180,12 @@ def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs
                                      "--max-requests", str(cfg.max_requests), "--out", str(out)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             # limited from here: inside the namespace the cgroup tree is not mounted
-            with cpu_limit(calib.cpus if calib.cpus < 1 else None, pid=edge.pid) as edge_emulation:
+            with cpu_limit(calib.limit, pid=edge.pid) as edge_emulation:
                 _, stderr = edge.communicate()
             if edge.returncode:
                 raise SplitPointError(f"edge run failed on {net.name}: {stderr.strip()[-800:]}")
         finally:
-            srv.terminate()
-            try:
-                srv.wait(10)
-            except subprocess.TimeoutExpired:
-                srv.kill()
+            stop(srv)
         edge_out = json.loads(out.read_text())
         mechanism = em.to_dict()
     rows = []
@@ -236,7 +236,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
             tm = time.perf_counter()
             h = open_model(name)
             say(f"{h.name}: profiling edge ({calib.cpus:g} CPU) and server")
-            with cpu_limit(calib.cpus if calib.cpus < 1 else None) as em:
+            with cpu_limit(calib.limit) as em:
                 edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=cfg.profile_budget), em)
             server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.profile_budget))
             say(f"{h.name}: planning for {len(nets)} networks")
