@@ -60,12 +60,12 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
                            "this machine is not faster than the device on one core: edge runs unlimited at 1 thread")
     cpus = max(MIN_CPUS, full / target)
     measured, mech = full, "none"
-    for _ in range(rounds + 1):
+    for round_ in range(rounds + 1):
         with cpu_limit(cpus) as em:
             measured = statistics.median(time_runs(run, 2, runs))
             mech = em.mechanism
-        if abs(measured - target) / target < 0.05:
-            break
+        if abs(measured - target) / target < 0.05 or round_ == rounds:
+            break  # the share returned is always the one that was measured
         cpus = min(1.0, max(MIN_CPUS, cpus * measured / target))
     note = "" if cpus > MIN_CPUS else f"clamped at the smallest usable share ({MIN_CPUS} CPU)"
     return Calibration(device.name, name, target, full, round(cpus, 4), measured, mech, note)
