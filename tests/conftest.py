@@ -37,6 +37,19 @@ def small_models():
 
 
 @pytest.fixture(scope="session")
+def small_resnet18(tmp_path_factory) -> Path:
+    """A quarter-width ResNet-18 at 64×64 saved once per session: a real residual DAG that runs in
+    about a millisecond. Tests that write plans or profiles put them in their own directories."""
+    import onnx
+
+    from splitpoint import zoo
+
+    path = tmp_path_factory.mktemp("small-resnet18") / "r18.onnx"
+    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory):
     """A real mosquitto broker on a free loopback port (installed by .ci/run with apt-get)."""
     import shutil

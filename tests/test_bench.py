@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 
-from splitpoint import zoo
 from splitpoint.bench.report import write_report
 from splitpoint.bench.run import BenchConfig, choose, run_bench
 from splitpoint.partitioner.costmodel import wire_bytes
@@ -18,10 +16,9 @@ from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tmp_path_factory, small_resnet18):
     d = tmp_path_factory.mktemp("bench")
-    model = d / "r18.onnx"
-    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(model))
+    model = small_resnet18
     device = d / "slow-board.yaml"
     device.write_text("name: slow-board\nrole: edge\ncpu: test board\ncores: 1\nclock_ghz: 1.0\nmemory_gb: 1\n"
                       "thermal_limit_c: 80\nreference_latency_ms:\n  mobilenetv2: 40\n")

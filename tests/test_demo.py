@@ -3,15 +3,12 @@ telemetry through a real mosquitto, everything shut down afterwards."""
 
 from __future__ import annotations
 
-import onnx
 
-from splitpoint import zoo
 from splitpoint.server.demo import DemoConfig, run_demo
 
 
-def test_demo_runs_end_to_end_and_cleans_up(tmp_path, mosquitto):
-    model = tmp_path / "r18.onnx"
-    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(model))
+def test_demo_runs_end_to_end_and_cleans_up(tmp_path, mosquitto, small_resnet18):
+    model = small_resnet18
     lines: list[str] = []
     s = run_demo(DemoConfig(model=str(model), network="lte", requests=20, budget=8, mqtt=mosquitto,
                             workdir=tmp_path / "work"), say=lambda *a: lines.append(" ".join(map(str, a))))

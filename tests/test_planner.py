@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 
-from splitpoint import zoo
 from splitpoint.errors import ProfileError
 from splitpoint.partitioner import open_model
 from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, evaluate
@@ -26,10 +24,9 @@ NETS = ["3g", "wifi-n", "ethernet"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_resnet18):
     d = tmp_path_factory.mktemp("plan")
-    path = d / "r18.onnx"
-    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(path))
+    path = small_resnet18
     h = open_model(path)
     edge = profile_model(h, ProfileSettings(role="edge", threads=1))
     server = profile_model(h, ProfileSettings(role="server", threads=1))

@@ -10,11 +10,10 @@ import threading
 import time
 
 import numpy as np
-import onnx
 import pytest
 import zmq
 
-from splitpoint import wire, zoo
+from splitpoint import wire
 from splitpoint.codecs import encode
 from splitpoint.edge.client import EdgeClient, EdgeConfig, EdgeError
 from splitpoint.partitioner import open_model
@@ -27,10 +26,9 @@ RNG = np.random.default_rng(0)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, small_resnet18):
     d = tmp_path_factory.mktemp("rt")
-    path = d / "r18.onnx"
-    onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(path))
+    path = small_resnet18
     h = open_model(path)
     plans = d / "plans"
     write_plan(h.index, h.cuts()[19], plans / "p-f32", h.name, h.sha256, include_full=True)
