@@ -17,6 +17,8 @@ from splitpoint.errors import SplitPointError
 from .schema import Emulation
 
 PERIOD_US = 10_000
+MIN_QUOTA_US = 1_000                 # below 1 ms per period the quota's granularity dominates
+MIN_CPUS = MIN_QUOTA_US / PERIOD_US
 V1_ROOT = Path("/sys/fs/cgroup/cpu")
 V2_ROOT = Path("/sys/fs/cgroup")
 
@@ -29,12 +31,20 @@ def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
 
+def _quota_us(cpus: float) -> int:
+    return max(MIN_QUOTA_US, int(round(cpus * PERIOD_US)))
+
+
+def _quota_emulation(mechanism: str, quota: int, group: Path) -> Emulation:
+    return Emulation(mechanism=mechanism, cpus=quota / PERIOD_US, period_us=PERIOD_US, quota_us=quota, detail=str(group))
+
+
 def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
     if not (V1_ROOT / "cpu.cfs_quota_us").exists():
         raise OSError("no cgroup v1 cpu controller")
     group = V1_ROOT / f"splitpoint-{pid}"
     group.mkdir(exist_ok=True)
-    quota = max(1000, int(round(cpus * PERIOD_US)))
+    quota = _quota_us(cpus)
     _write(group / "cpu.cfs_period_us", str(PERIOD_US))
     _write(group / "cpu.cfs_quota_us", str(quota))
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -55,8 +65,7 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
         except OSError:
             pass
 
-    return Emulation(mechanism="cgroup-v1 cfs quota", cpus=quota / PERIOD_US, period_us=PERIOD_US, quota_us=quota,
-                     detail=str(group)), undo
+    return _quota_emulation("cgroup-v1 cfs quota", quota, group), undo
 
 
 def _v2(cpus: float, pid: int) -> tuple[Emulation, callable]:
@@ -64,7 +73,7 @@ def _v2(cpus: float, pid: int) -> tuple[Emulation, callable]:
         raise OSError("no cgroup v2 cpu controller")
     group = V2_ROOT / f"splitpoint-{pid}"
     group.mkdir(exist_ok=True)
-    quota = max(1000, int(round(cpus * PERIOD_US)))
+    quota = _quota_us(cpus)
     _write(group / "cpu.max", f"{quota} {PERIOD_US}")
     _write(group / "cgroup.procs", str(pid))
 
@@ -75,8 +84,7 @@ def _v2(cpus: float, pid: int) -> tuple[Emulation, callable]:
         except OSError:
             pass
 
-    return Emulation(mechanism="cgroup-v2 cpu.max", cpus=quota / PERIOD_US, period_us=PERIOD_US, quota_us=quota,
-                     detail=str(group)), undo
+    return _quota_emulation("cgroup-v2 cpu.max", quota, group), undo
 
 
 def _affinity(cpus: float, pid: int) -> tuple[Emulation, callable]:

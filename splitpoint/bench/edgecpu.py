@@ -10,11 +10,10 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from splitpoint.errors import SplitPointError
-from splitpoint.profiles.cpulimit import cpu_limit
+from splitpoint.profiles.cpulimit import MIN_CPUS, cpu_limit
 from splitpoint.profiles.profiler import time_runs
 from splitpoint.profiles.schema import DeviceSpec
 
-MIN_CPUS = 0.1  # a 1 ms quota in a 10 ms period: below this the quota granularity dominates
 
 
 @dataclass
