@@ -4,10 +4,11 @@ remounts /sys, so the cgroup tree is not visible from inside).
 
 It runs requests one at a time (latency: every figure on this process's clock, the server's own
 stage times from its clock, never a difference of the two), one per candidate per round, then
-each candidate with a window of requests in flight (throughput), and records edge CPU time, peak RSS,
-bytes sent and agreement with the unsplit model's outputs. Sessions are built before the CPU
-limit is applied: start-up is not what is being measured. Throughput is the steady state:
-completions after the first, over the time between the first and the last.
+each candidate with a window of requests in flight (throughput), and records edge CPU time, the
+RSS each candidate's sessions add, bytes sent and agreement with the unsplit model's outputs.
+The limit covers the whole process, session builds included; only requests are timed.
+Throughput is the steady state: completions after the first, over the time between the first
+and the last.
 """
 
 from __future__ import annotations
