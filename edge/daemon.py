@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import zmq
 
 from splitpoint import wire
 from splitpoint.codecs import CodecError, decode, encode
-from splitpoint.errors import SplitPointError
-from splitpoint.plan import Plan, write_dir_atomically
+from splitpoint.errors import PlanError, SplitPointError
+from splitpoint.plan import Plan, verify_pushed, write_files_atomically
 
 from .client import EdgeClient, EdgeConfig, EdgeError
 
@@ -129,37 +128,22 @@ class EdgeDaemon:
             else:
                 raise wire.WireError(wire.E_BAD_MESSAGE, f"the edge daemon does not accept {msg.type!r}")
         except (wire.WireError, CodecError, SplitPointError) as exc:
-            code = getattr(exc, "code", wire.E_BAD_MESSAGE)
-            sock.send_multipart([ident, *wire.error(0, code if isinstance(code, str) else wire.E_BAD_MESSAGE,
-                                                    str(exc)).to_frames()])
+            code = exc.code if isinstance(exc, wire.WireError) else \
+                wire.E_BAD_PLAN if isinstance(exc, PlanError) else wire.E_BAD_MESSAGE
+            sock.send_multipart([ident, *wire.error(0, code, str(exc)).to_frames()])
+        except Exception as exc:  # the daemon never dies on one message
+            log.exception("local request failed")
+            sock.send_multipart([ident, *wire.error(0, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()])
 
     def _deploy(self, msg: wire.Message) -> Plan:
         """Install a pushed plan next to the current one and switch to it, draining the old client."""
-        import hashlib
-        import json
-
-        names = msg.meta.get("files", [])
-        files = {n: bytes(wire._buffer(f)) for n, f in zip(names, msg.frames)}
-        if "plan.json" not in files or any("/" in n for n in names):
-            raise SplitPointError("deploy needs plan.json and plain file names")
-        plan = Plan.from_dict(json.loads(files["plan.json"]), "pushed plan")
-        for n, digest in plan.files.items():
-            if hashlib.sha256(files.get(n, b"")).hexdigest() != digest:
-                raise SplitPointError(f"pushed plan: checksum mismatch for {n}")
-        target = self.plans_dir / plan.plan_id[:16]
-        write_dir_atomically(target, lambda tmp: [(tmp / n).write_bytes(b) for n, b in files.items()], force=True)
-        old = self.client
+        files = wire.deploy_files(msg)
+        plan = verify_pushed(files)
+        target = write_files_atomically(self.plans_dir / plan.plan_id[:16], files)
         self.config = replace(self.config, plan_dir=target)
+        old = self.client
         self.client = EdgeClient(self.config)
         old.close(drain=True)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan
 
-
-def wait_for(predicate, timeout: float, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()

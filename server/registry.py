@@ -6,15 +6,13 @@ atomically, so a bad push never replaces or half-writes a plan.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from splitpoint.errors import PlanError, SplitPointError
-from splitpoint.plan import PLAN_FILE, Plan, write_dir_atomically
+from splitpoint.plan import PLAN_FILE, Plan, verify_pushed, write_files_atomically
 from splitpoint.runner import TailRunner, make_session
 
 log = logging.getLogger("splitpoint.server")
@@ -53,32 +51,14 @@ class PlanRegistry:
 
     def install(self, files: dict[str, bytes], force: bool = False) -> Plan:
         """Verify a pushed plan (plan.json plus the files it lists) and make it servable."""
-        if PLAN_FILE not in files:
-            raise PlanError("pushed plan has no plan.json")
-        try:
-            plan = Plan.from_dict(json.loads(files[PLAN_FILE]), where="pushed plan")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"pushed plan.json is not valid JSON: {exc}") from exc
-        extra = set(files) - set(plan.files) - {PLAN_FILE}
-        if extra:
-            raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)}")
-        for name, digest in plan.files.items():
-            if name not in files:
-                raise PlanError(f"pushed plan is missing {name}")
-            if hashlib.sha256(files[name]).hexdigest() != digest:
-                raise PlanError(f"pushed plan: checksum mismatch for {name}")
+        plan = verify_pushed(files)
         existing = self.get(plan.plan_id)
         if existing is not None:
             return existing.plan
         if self.plans_dir is None:
             raise PlanError("this server has no --plans directory to install pushed plans into")
         target = self.plans_dir / plan.plan_id[:16]
-
-        def write(tmp: Path) -> None:
-            for name, data in files.items():
-                (tmp / name).write_bytes(data)
-
-        write_dir_atomically(target, write, force=True)
+        write_files_atomically(target, files)
         return self.add_dir(target)
 
     def get(self, plan_id: str) -> Entry | None:

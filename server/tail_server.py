@@ -200,15 +200,11 @@ class TailServer:
             self._reply(router, ident, wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}"))
 
     def _deploy(self, router, ident, msg: wire.Message) -> None:
-        names = msg.meta.get("files")
-        if not isinstance(names, list) or len(names) != len(msg.frames) or not all(isinstance(n, str) for n in names):
-            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_PLAN, "deploy needs meta.files naming each frame"))
-            return
-        if any("/" in n or n.startswith(".") for n in names):
-            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_PLAN, "file names must be plain names"))
-            return
         try:
-            plan = self.registry.install({n: bytes(wire._buffer(f)) for n, f in zip(names, msg.frames)})
+            plan = self.registry.install(wire.deploy_files(msg))
+        except wire.WireError as exc:
+            self._reply(router, ident, wire.error(msg.id, exc.code, str(exc)))
+            return
         except SplitPointError as exc:
             self._reply(router, ident, wire.error(msg.id, wire.E_BAD_PLAN, str(exc)))
             return

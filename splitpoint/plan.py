@@ -97,6 +97,34 @@ class Plan:
                                 f"(expected {digest[:12]}…, found {actual[:12]}…)")
 
 
+def verify_pushed(files: dict[str, bytes]) -> Plan:
+    """A plan sent over the wire (plan.json plus the files it lists), checked against its own
+    checksums before anything is written: the server and the edge daemon accept pushes alike."""
+    if PLAN_FILE not in files:
+        raise PlanError("pushed plan has no plan.json")
+    try:
+        plan = Plan.from_dict(json.loads(files[PLAN_FILE]), where="pushed plan")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"pushed plan.json is not valid JSON: {exc}") from exc
+    extra = set(files) - set(plan.files) - {PLAN_FILE}
+    if extra:
+        raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)}")
+    for name, digest in plan.files.items():
+        if name not in files:
+            raise PlanError(f"pushed plan is missing {name}")
+        if hashlib.sha256(files[name]).hexdigest() != digest:
+            raise PlanError(f"pushed plan: checksum mismatch for {name}")
+    return plan
+
+
+def write_files_atomically(target: str | Path, files: dict[str, bytes]) -> Path:
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+    return write_dir_atomically(target, write, force=True)
+
+
 def write_dir_atomically(target: str | Path, write, force: bool = False) -> Path:
     """Run ``write(tmpdir)`` and move the result to ``target`` in one rename.
 

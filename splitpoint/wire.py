@@ -59,6 +59,16 @@ def error(id_: int, code: str, message: str, plan: str = "") -> Message:
     return Message(ERROR, id_, plan, meta={"code": code, "message": message[:1000]})
 
 
+def deploy_files(msg: Message) -> dict[str, bytes]:
+    """The files a deploy message carries, one frame each, named by ``meta.files``."""
+    names = msg.meta.get("files")
+    if not isinstance(names, list) or len(names) != len(msg.frames) or not all(isinstance(n, str) for n in names):
+        raise WireError(E_BAD_PLAN, "deploy needs meta.files naming each frame")
+    if any("/" in n or n.startswith(".") for n in names):
+        raise WireError(E_BAD_PLAN, "file names must be plain names")
+    return {n: bytes(_buffer(f)) for n, f in zip(names, msg.frames)}
+
+
 def _buffer_len(f) -> int:
     if isinstance(f, (bytes, bytearray)):
         return len(f)

@@ -381,3 +381,34 @@ def test_micro_batching_shares_tail_runs_and_keeps_results(model):
         assert srv.stats.batches < srv.stats.requests == 48
     finally:
         srv.stop()
+
+
+def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, tmp_path):
+    from splitpoint.edge.daemon import EdgeDaemon
+
+    daemon = EdgeDaemon(EdgeConfig(model["plans"] / "p-f32", server=server.endpoint, timeout_s=5.0),
+                        listen=f"ipc://{tmp_path}/edge.sock", plans_dir=tmp_path / "pushed")
+    t = threading.Thread(target=daemon.serve_local, daemon=True)
+    t.start()
+    try:
+        s = _raw(f"ipc://{tmp_path}/edge.sock")
+        good = model["plans"] / "p-f32"
+        names = ["plan.json", "head.onnx", "tail.onnx", "full.onnx"]
+        frames = [(good / n).read_bytes() for n in names]
+        cases = [
+            ({"files": names}, [b"{not json", *frames[1:]], "not valid JSON"),
+            ({"files": 7}, frames, "meta.files"),
+            ({"files": ["../plan.json", *names[1:]]}, frames, "plain names"),
+            ({"files": names}, [frames[0], frames[1], frames[2] + b"\0", frames[3]], "checksum mismatch for tail.onnx"),
+            ({"files": names + ["extra.bin"]}, [*frames, b"x"], "does not list"),
+        ]
+        for i, (meta, fr, message) in enumerate(cases):
+            reply = _ask(s, wire.Message(wire.DEPLOY, i, meta=meta, frames=fr).to_frames(), timeout=10000)
+            assert reply.type == wire.ERROR and reply.meta["code"] == "bad-plan" and message in reply.meta["message"], \
+                (message, reply.meta)
+        assert not (tmp_path / "pushed").exists() or not any((tmp_path / "pushed").iterdir())  # nothing half-written
+        assert _ask(s, wire.Message(wire.PING, 99).to_frames(), timeout=10000).type == wire.PONG
+        s.close(0)
+    finally:
+        daemon.stop()
+        t.join(30)
