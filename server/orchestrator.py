@@ -62,8 +62,7 @@ def collect(url: str, seconds: float = 1.5, on_message=None) -> dict[str, dict]:
             on_message(parts[1], parts[2], payload)
 
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-watch-{id(fleet):x}")
-    if b.username:
-        c.username_pw_set(b.username, b.password)
+    b.apply(c)
     c.on_connect = lambda *a: (c.subscribe(f"{TOPIC_ROOT}/+/+"), connected.set())
     c.on_message = on_msg
     try:

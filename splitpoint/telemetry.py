@@ -42,6 +42,13 @@ class BrokerURL:
         tls = u.scheme == "mqtts"
         return cls(u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), u.username, u.password, tls)
 
+    def apply(self, client) -> None:
+        """Credentials and TLS on a paho client: publishers and subscribers connect alike."""
+        if self.username:
+            client.username_pw_set(self.username, self.password)
+        if self.tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+
 
 def topic(device_id: str, kind: str) -> str:
     return f"{TOPIC_ROOT}/{device_id}/{kind}"
@@ -78,10 +85,7 @@ class Telemetry:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-{role}-{device_id}-{id(self):x}")
         c.max_queued_messages_set(max_queued)
         c.will_set(topic(device_id, "status"), json.dumps({"state": "offline", "role": role}), qos=1, retain=True)
-        if self.url.username:
-            c.username_pw_set(self.url.username, self.url.password)
-        if self.url.tls:
-            c.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        self.url.apply(c)
         c.on_socket_open = self._nodelay
         c.on_connect = lambda *a: self._on_connect(*a)
         c.on_disconnect = lambda *a: self.connected.clear()
