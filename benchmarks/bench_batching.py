@@ -19,17 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from splitpoint.broker import free_port  # noqa: E402
-from splitpoint.process import stop  # noqa: E402
+from splitpoint.app.broker import free_port  # noqa: E402
+from splitpoint.app.process import stop  # noqa: E402
 from splitpoint.edge.client import EdgeClient, EdgeConfig  # noqa: E402
-from splitpoint.partitioner import open_model  # noqa: E402
-from splitpoint.partitioner.split import write_baseline_plan  # noqa: E402
-from splitpoint.runner import sample_feeds  # noqa: E402
+from splitpoint.core.graph import open_model  # noqa: E402
+from splitpoint.core.plandir import write_baseline_plan  # noqa: E402
+from splitpoint.core.runner import sample_feeds  # noqa: E402
 
 
 def run(plan: Path, max_batch: int, clients: int, window: int, per_client: int, feeds) -> dict:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "serve", "--bind", endpoint, "--plans", str(plan.parent),
+    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans", str(plan.parent),
                             "--workers", "1", "--threads", "1", "--max-batch", str(max_batch), "--quiet"])
     try:
         cs = [EdgeClient(EdgeConfig(plan, server=endpoint, window=window, connect_grace_s=20, timeout_s=60))

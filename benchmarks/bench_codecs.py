@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from splitpoint.codecs import all_codecs, decode, encode, error_bound  # noqa: E402
+from splitpoint.core.codecs import all_codecs, decode, encode, error_bound  # noqa: E402
 
 
 def _zstd_level1_mb_s(repeats: int = 31) -> float:

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import timed, write_results  # noqa: E402
 
-from splitpoint import zoo  # noqa: E402
-from splitpoint.partitioner.cuts import enumerate_cuts  # noqa: E402
-from splitpoint.partitioner.graph import GraphIndex  # noqa: E402
-from splitpoint.partitioner.split import write_plan  # noqa: E402
-from splitpoint.zoo.builder import ModelBuilder  # noqa: E402
+from splitpoint.core import zoo  # noqa: E402
+from splitpoint.core.graph.cuts import enumerate_cuts  # noqa: E402
+from splitpoint.core.graph.index import GraphIndex  # noqa: E402
+from splitpoint.core.plandir import write_plan  # noqa: E402
+from splitpoint.core.zoo.builder import ModelBuilder  # noqa: E402
 
 
 def deep_residual(blocks: int):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from splitpoint.partitioner import open_model  # noqa: E402
+from splitpoint.core.graph import open_model  # noqa: E402
 from splitpoint.partitioner.costmodel import evaluate  # noqa: E402
 from splitpoint.partitioner.fidelity import load_inputs  # noqa: E402
 from splitpoint.partitioner.pareto import Constraints, front, pick  # noqa: E402

@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from splitpoint.partitioner import open_model  # noqa: E402
-from splitpoint.partitioner.extract import extract  # noqa: E402
+from splitpoint.core.graph import open_model  # noqa: E402
+from splitpoint.core.graph.extract import extract  # noqa: E402
 from splitpoint.profiles.profiler import ProfileSettings, interleaved, profile_model  # noqa: E402
-from splitpoint.runner import sample_feeds  # noqa: E402
-from splitpoint.runner import make_session  # noqa: E402
+from splitpoint.core.runner import sample_feeds  # noqa: E402
+from splitpoint.core.runner import make_session  # noqa: E402
 
 
 def direct(handle, k: int, feeds, threads: int, repeats: int, whole_sess) -> tuple[float, float, float]:

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_results  # noqa: E402
 
-from splitpoint.bench.run import _inputs_file  # noqa: E402
-from splitpoint.broker import free_port  # noqa: E402
-from splitpoint.process import stop  # noqa: E402
-from splitpoint.partitioner import open_model  # noqa: E402
-from splitpoint.partitioner.split import write_baseline_plan, write_plan  # noqa: E402
+from splitpoint.app.bench.run import _inputs_file  # noqa: E402
+from splitpoint.app.broker import free_port  # noqa: E402
+from splitpoint.app.process import stop  # noqa: E402
+from splitpoint.core.graph import open_model  # noqa: E402
+from splitpoint.core.plandir import write_baseline_plan, write_plan  # noqa: E402
 
 
 def _echo_server(endpoint: str) -> None:
@@ -87,11 +87,11 @@ def main() -> None:
     inputs = work / "inputs.npz"
     _inputs_file(h, 4, inputs)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "serve", "--bind", endpoint, "--plans",
+    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans",
                             str(work / "plans"), "--workers", "1", "--threads", "1", "--quiet"])
     out = work / "edge.json"
     try:
-        subprocess.run([sys.executable, "-m", "splitpoint.bench.edgerun", "--plans",
+        subprocess.run([sys.executable, "-m", "splitpoint.app.bench.edgerun", "--plans",
                         json.dumps([[str(d), args.window] for d in dirs]), "--server", endpoint, "--inputs", str(inputs),
                         "--seconds", str(args.seconds), "--min-requests", "20", "--max-requests", "200",
                         "--out", str(out)], check=True)

@@ -24,12 +24,12 @@ import numpy as np
 import psutil
 import zmq
 
-from splitpoint import wire
-from splitpoint.codecs import CodecError, decode, encode
-from splitpoint.errors import SplitPointError
-from splitpoint.plan import Plan
-from splitpoint.runner import HeadRunner, make_session
-from splitpoint.telemetry import Telemetry
+from splitpoint.core import wire
+from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.errors import SplitPointError
+from splitpoint.core.plan import Plan
+from splitpoint.core.runner import HeadRunner, make_session
+from splitpoint.core.telemetry import Telemetry
 
 log = logging.getLogger("splitpoint.edge")
 FULL_FILE = "full.onnx"

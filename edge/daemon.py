@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from splitpoint import wire
-from splitpoint.codecs import CodecError, decode, encode
-from splitpoint.errors import PlanError, SplitPointError
-from splitpoint.plan import Plan, verify_pushed, write_files_atomically
+from splitpoint.core import wire
+from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.plan import Plan, verify_pushed, write_files_atomically
 
 from .client import EdgeClient, EdgeConfig, EdgeError
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from splitpoint.codecs import decode, encode
-from splitpoint.errors import SplitPointError
-from splitpoint.runner import make_session, sample_feeds
+from splitpoint.core.codecs import decode, encode
+from splitpoint.core.errors import SplitPointError
+from splitpoint.core.runner import make_session, sample_feeds
 
-from . import ModelHandle
-from .cuts import Cut
-from .extract import extract
+from splitpoint.core.graph import ModelHandle
+from splitpoint.core.graph.cuts import Cut
+from splitpoint.core.graph.extract import extract
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitpoint.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 
 from .costmodel import Candidate
 

@@ -17,18 +17,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from splitpoint.codecs import Codec, decode, encode
-from splitpoint.errors import ProfileError
+from splitpoint.core.codecs import Codec, decode, encode
+from splitpoint.core.errors import ProfileError
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
-from splitpoint.runner import make_session
+from splitpoint.core.runner import make_session
 
-from . import ModelHandle
+from splitpoint.core.graph import ModelHandle
 from .costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, Candidate, CandidateInput, Link, evaluate
-from .extract import extract
+from splitpoint.core.graph.extract import extract
 from .fidelity import FidelityReport, compare, measure
-from .memory import weight_bytes_by_prefix
+from splitpoint.core.graph.memory import weight_bytes_by_prefix
 from .pareto import Constraints, front, pick
-from .quantize import quantize_head
+from splitpoint.core.quantize import quantize_head
 
 DEFAULT_CODECS = ["float32", "float32+zstd", "float16", "float16+zstd", "int8", "int8+zstd", "int8-ch+zstd", "int4+zstd"]
 REPLY_OVERHEAD_BYTES = 128  # reply header per inference (wire format)

@@ -12,7 +12,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from splitpoint.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 
 from .schema import Emulation
 

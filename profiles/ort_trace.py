@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from splitpoint.partitioner.graph import GraphIndex
+from splitpoint.core.graph.index import GraphIndex
 
 HEAVY = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "QLinearConv",
          "MatMulInteger", "ConvInteger"}

@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import psutil
 
-from splitpoint.partitioner import ModelHandle
-from splitpoint.partitioner.cuts import Cut
-from splitpoint.partitioner.extract import extract
-from splitpoint.partitioner.memory import live_activation_peaks, weight_bytes_by_prefix
-from splitpoint.runner import make_session, sample_feeds
+from splitpoint.core.graph import ModelHandle
+from splitpoint.core.graph.cuts import Cut
+from splitpoint.core.graph.extract import extract
+from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
+from splitpoint.core.runner import make_session, sample_feeds
 
 from .facts import device_facts, temperature_c, throttled
 from .ort_trace import node_times
@@ -128,7 +128,7 @@ def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
 
 def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str, CodecSpeed]:
     """Encode and decode throughput of every codec on a 1 MiB ReLU-like activation tensor."""
-    from splitpoint.codecs import all_codecs, decode, encode
+    from splitpoint.core.codecs import all_codecs, decode, encode
 
     rng = np.random.default_rng(seed)
     x = np.maximum(rng.standard_normal((1, 64, size // 4096, 64)), 0).astype(np.float32)
@@ -230,7 +230,7 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     int8_whole = None
     if settings.int8:
         note("int8 model", len(planned), len(planned))
-        from splitpoint.partitioner.quantize import quantize_head
+        from splitpoint.core.quantize import quantize_head
 
         calib = [sample_feeds(handle.model, 1, 100 + i) for i in range(8)]
         qsess = build(quantize_head(handle.model, calib, "static").SerializeToString())

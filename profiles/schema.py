@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from splitpoint.errors import ProfileError
+from splitpoint.core.errors import ProfileError
 
 PROFILE_FORMAT = 1
 PACKAGE_DIR = Path(__file__).resolve().parent

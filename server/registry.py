@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitpoint.errors import PlanError, SplitPointError
-from splitpoint.plan import PLAN_FILE, Plan, verify_pushed, write_files_atomically
-from splitpoint.runner import TailRunner, make_session
+from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.plan import PLAN_FILE, Plan, verify_pushed, write_files_atomically
+from splitpoint.core.runner import TailRunner, make_session
 
 log = logging.getLogger("splitpoint.server")
 

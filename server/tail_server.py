@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from splitpoint import wire
-from splitpoint.codecs import CodecError, decode, encode
-from splitpoint.errors import SplitPointError
-from splitpoint.telemetry import Telemetry
+from splitpoint.core import wire
+from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.errors import SplitPointError
+from splitpoint.core.telemetry import Telemetry
 
 from .registry import PlanRegistry
 

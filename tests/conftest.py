@@ -15,13 +15,13 @@ SMALL = {"width": 0.25, "resolution": 48}
 
 
 def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    from splitpoint.runner import sample_feeds
+    from splitpoint.core.runner import sample_feeds
 
     return sample_feeds(model, batch, seed)
 
 
 def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "splitpoint.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "splitpoint.app.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "COLUMNS": "200"})
     if check and proc.returncode != 0:
         raise AssertionError(f"splitpoint {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -30,7 +30,7 @@ def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.C
 
 @pytest.fixture(scope="session")
 def small_models():
-    from splitpoint import zoo
+    from splitpoint.core import zoo
 
     return {name: zoo.build(name, width=SMALL["width"], resolution=max(SMALL["resolution"], e.min_resolution))
             for name, e in zoo.ZOO.items()}
@@ -42,7 +42,7 @@ def small_resnet18(tmp_path_factory) -> Path:
     about a millisecond. Tests that write plans or profiles put them in their own directories."""
     import onnx
 
-    from splitpoint import zoo
+    from splitpoint.core import zoo
 
     path = tmp_path_factory.mktemp("small-resnet18") / "r18.onnx"
     onnx.save_model(zoo.build("resnet18", width=0.25, resolution=64), str(path))

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from splitpoint.bench.report import write_report
-from splitpoint.bench.run import BenchConfig, choose, run_bench
+from splitpoint.app.bench.report import write_report
+from splitpoint.app.bench.run import BenchConfig, choose, run_bench
 from splitpoint.partitioner.costmodel import wire_bytes
 from splitpoint.profiles.schema import load_network
 

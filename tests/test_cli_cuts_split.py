@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from splitpoint import zoo
-from splitpoint.errors import PlanError
-from splitpoint.plan import Plan, write_dir_atomically
-from splitpoint.runner import assemble, load_split, make_session
+from splitpoint.core import zoo
+from splitpoint.core.errors import PlanError
+from splitpoint.core.plan import Plan, write_dir_atomically
+from splitpoint.core.runner import assemble, load_split, make_session
 
 from .conftest import random_feeds, run_cli
 

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from splitpoint.codecs import _HEAD, CodecError, all_codecs, decode, encode, error_bound
+from splitpoint.core.codecs import _HEAD, CodecError, all_codecs, decode, encode, error_bound
 
 RNG = np.random.default_rng(42)
 TENSORS = {

@@ -4,7 +4,7 @@ telemetry through a real mosquitto, everything shut down afterwards."""
 from __future__ import annotations
 
 
-from splitpoint.server.demo import DemoConfig, run_demo
+from splitpoint.app.demo import DemoConfig, run_demo
 
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path, mosquitto, small_resnet18):

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from splitpoint.onnxio import load_model
-from splitpoint.partitioner.cuts import cut_by_tensors, enumerate_cuts
-from splitpoint.partitioner.extract import extract
-from splitpoint.partitioner.graph import GraphIndex
-from splitpoint.runner import make_session
-from splitpoint.errors import CutError
+from splitpoint.core.onnxio import load_model
+from splitpoint.core.graph.cuts import cut_by_tensors, enumerate_cuts
+from splitpoint.core.graph.extract import extract
+from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.runner import make_session
+from splitpoint.core.errors import CutError
 
 from . import graphs
 from .conftest import random_feeds

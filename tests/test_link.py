@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from splitpoint.bench import netns, probe
-from splitpoint.bench.emulate import EmulatedLink
-from splitpoint.bench.shaper import Direction, Shaper
-from splitpoint.errors import SplitPointError
+from splitpoint.app.bench import netns, probe
+from splitpoint.app.bench.emulate import EmulatedLink
+from splitpoint.app.bench.shaper import Direction, Shaper
+from splitpoint.core.errors import SplitPointError
 from splitpoint.partitioner.costmodel import Link, wire_bytes
 
 LINK = Link("validation", 10.0, 10.0, 40.0)
@@ -40,7 +40,7 @@ def test_jitter_never_reorders_and_loss_costs_a_round_trip():
 
 def _validate(em) -> None:
     host, _, port = em.server_bind[len("tcp://"):].rpartition(":")
-    srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.bench.probe", "serve",
+    srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "serve",
                             "--bind", f"{host}:{port}"], stdout=subprocess.PIPE, text=True)
     try:
         assert srv.stdout.readline(), "probe server did not start"
@@ -49,7 +49,7 @@ def _validate(em) -> None:
         # medians: of 9 pings (each is one RTT, so cheap) and of 3 one-MiB uploads
         for (up, down), repeats in (((64, 64), 9), ((2**20, 64), 3)):
             if em.edge_prefix:  # the client must run inside the edge's namespace
-                out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.probe", "measure",
+                out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "measure",
                                       "--connect", target, "--sizes", f"{up}:{down}", "--repeats", str(repeats)],
                                      capture_output=True, text=True, timeout=60)
                 assert out.returncode == 0, out.stderr

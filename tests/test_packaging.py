@@ -17,8 +17,9 @@ def test_wheel_has_only_the_splitpoint_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"splitpoint", next(t for t in top if t.endswith(".dist-info"))}
-    for sub in ("edge", "server", "partitioner", "profiles", "zoo"):
+    for sub in ("core", "core/graph", "core/zoo", "profiles", "partitioner", "edge", "server", "app", "app/bench"):
         assert f"splitpoint/{sub}/__init__.py" in names
-    assert "splitpoint/cli.py" in names
+    assert "splitpoint/app/cli.py" in names
+    assert "splitpoint/profiles/networks/lte.yaml" in names and "splitpoint/profiles/devices/rpi4.yaml" in names
     entry = [n for n in names if n.endswith("entry_points.txt")][0]
-    assert "splitpoint = splitpoint.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "splitpoint = splitpoint.app.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

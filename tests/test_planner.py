@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from splitpoint.errors import ProfileError
-from splitpoint.partitioner import open_model
+from splitpoint.core.errors import ProfileError
+from splitpoint.core.graph import open_model
 from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, evaluate
 from splitpoint.partitioner.fidelity import load_inputs
 from splitpoint.partitioner.pareto import Constraints, front
 from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of, measure_fidelity
-from splitpoint.plan import Plan
+from splitpoint.core.plan import Plan
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.profiles.schema import load_network
-from splitpoint.runner import assemble, load_split, make_session
+from splitpoint.core.runner import assemble, load_split, make_session
 
 from .conftest import run_cli
 
@@ -117,7 +117,7 @@ def test_plan_cli_infeasible_names_closest(setup):
 
 def test_baseline_plans_run(setup):
     d, path, h, _, _ = setup
-    from splitpoint.partitioner.split import write_baseline_plan
+    from splitpoint.core.plandir import write_baseline_plan
 
     feeds = {"input": np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)}
     ref = make_session(path).run(None, feeds)[0]

@@ -12,9 +12,9 @@ import time
 import onnx
 import pytest
 
-from splitpoint import zoo
-from splitpoint.errors import ProfileError
-from splitpoint.partitioner import open_model
+from splitpoint.core import zoo
+from splitpoint.core.errors import ProfileError
+from splitpoint.core.graph import open_model
 from splitpoint.profiles.cpulimit import cpu_limit
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.profiles.schema import load_measured
@@ -79,7 +79,7 @@ def test_profile_cli_writes_file_and_refuses_it_for_another_model(model_path, tm
 def test_ctrl_c_leaves_no_partial_profile(tmp_path):
     out = tmp_path / "p.json"
     zoo.resolve("resnet50")  # build the model before timing the interrupt
-    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "profile", "resnet50", "-o", str(out), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "profile", "resnet50", "-o", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)
     proc.send_signal(signal.SIGINT)

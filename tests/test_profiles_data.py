@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from splitpoint.errors import ProfileError
+from splitpoint.core.errors import ProfileError
 from splitpoint.profiles.schema import PACKAGE_DIR, load_device, load_network, network_names
 
 REQUIRED_NETWORKS = {"3g", "lte", "lte-congested", "wifi-n", "wifi6", "5g", "ethernet"}

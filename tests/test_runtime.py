@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import zmq
 
-from splitpoint import wire
-from splitpoint.codecs import encode
+from splitpoint.core import wire
+from splitpoint.core.codecs import encode
 from splitpoint.edge.client import EdgeClient, EdgeConfig, EdgeError
-from splitpoint.partitioner import open_model
-from splitpoint.partitioner.split import write_plan
-from splitpoint.runner import make_session
-from splitpoint.server.orchestrator import collect, deploy
+from splitpoint.core.graph import open_model
+from splitpoint.core.plandir import write_plan
+from splitpoint.core.runner import make_session
+from splitpoint.app.orchestrator import collect, deploy
 from splitpoint.server.tail_server import ServerConfig, TailServer
 
 RNG = np.random.default_rng(0)
@@ -123,7 +123,7 @@ def _ask(s, frames, timeout=5000):
 
 
 def test_server_answers_bad_requests_specifically(model, server):
-    from splitpoint.plan import Plan
+    from splitpoint.core.plan import Plan
 
     plan = Plan.load(model["plans"] / "p-f32")
     s = _raw(server.endpoint)
@@ -146,12 +146,12 @@ def test_server_answers_bad_requests_specifically(model, server):
 
 
 def test_fuzzed_frames_never_crash_the_server(model, server):
-    from splitpoint.plan import Plan
+    from splitpoint.core.plan import Plan
 
     plan = Plan.load(model["plans"] / "p-f32")
     names = [t.name for t in plan.cut_tensors]
     feeds = x()
-    sent, _ = __import__("splitpoint.runner", fromlist=["HeadRunner"]).HeadRunner(
+    sent, _ = __import__("splitpoint.core.runner", fromlist=["HeadRunner"]).HeadRunner(
         plan, make_session(model["plans"] / "p-f32" / "head.onnx")).run(feeds)
     valid = [wire.Message(wire.INFER, 1, plan.plan_id, names).header(), *[encode(sent[n], "int8") for n in names]]
     rng = np.random.default_rng(1)
@@ -244,7 +244,7 @@ def test_telemetry_reaches_mosquitto(model, mosquitto):
 
 
 def test_dead_broker_never_blocks_inference(model, server):
-    from splitpoint.broker import free_port
+    from splitpoint.app.broker import free_port
 
     with client(model, server, mqtt=f"mqtt://127.0.0.1:{free_port()}", device_id="nobroker") as c:
         slowest = 0.0
@@ -259,7 +259,7 @@ def test_dead_broker_never_blocks_inference(model, server):
 
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
     sock = f"ipc://{tmp_path}/edge.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "edge", "run", str(model["plans"] / "p-f32"),
+    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "edge", "run", str(model["plans"] / "p-f32"),
                              "--server", server.endpoint, "--listen", sock, "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -277,7 +277,7 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
             m = wire.parse(s.recv_multipart())
             got[m.id] = m
         assert sorted(got) == [100 + i for i in range(6)]
-        from splitpoint.codecs import decode
+        from splitpoint.core.codecs import decode
 
         for i, f in enumerate(feeds):
             m = got[100 + i]
@@ -291,14 +291,14 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
 
 
 def _serve_proc(plans, endpoint, *extra):
-    return subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "serve", "--bind", endpoint, "--plans", str(plans),
+    return subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans", str(plans),
                              "--workers", "1", "--quiet", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_server_killed_and_restarted_mid_stream(model):
     """The edge falls back while the server is gone, comes back when it returns, and every
     request gets exactly one correct answer."""
-    from splitpoint.broker import free_port
+    from splitpoint.app.broker import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = _serve_proc(model["plans"], endpoint)

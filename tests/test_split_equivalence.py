@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitpoint import zoo
-from splitpoint.partitioner.cuts import enumerate_cuts
-from splitpoint.partitioner.extract import extract
-from splitpoint.partitioner.graph import GraphIndex
-from splitpoint.runner import make_session
+from splitpoint.core import zoo
+from splitpoint.core.graph.cuts import enumerate_cuts
+from splitpoint.core.graph.extract import extract
+from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.runner import make_session
 
 from .conftest import random_feeds
 

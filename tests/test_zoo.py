@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from splitpoint import zoo
-from splitpoint.errors import ModelError
-from splitpoint.partitioner.flops import count_macs, count_params
-from splitpoint.partitioner.graph import GraphIndex
-from splitpoint.runner import make_session
+from splitpoint.core import zoo
+from splitpoint.core.errors import ModelError
+from splitpoint.core.graph.flops import count_macs, count_params
+from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.runner import make_session
 
 from .conftest import random_feeds
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from splitpoint.onnxio import check_model
+from splitpoint.core.onnxio import check_model
 
 from .cuts import Cut, head_positions
-from .graph import GraphIndex
+from .index import GraphIndex
 
 
 def _with_constants(idx: GraphIndex, positions: set[int]) -> list[int]:

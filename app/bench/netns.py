@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from splitpoint.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 
 EDGE_IP, SERVER_IP = "10.213.0.1", "10.213.0.2"
 

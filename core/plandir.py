@@ -6,12 +6,12 @@ from pathlib import Path
 
 import onnx
 
-from splitpoint.onnxio import save_model, sha256_file
-from splitpoint.plan import Plan, TensorSpec, write_dir_atomically
+from splitpoint.core.onnxio import save_model, sha256_file
+from splitpoint.core.plan import Plan, TensorSpec, write_dir_atomically
 
-from .cuts import Cut
-from .extract import extract
-from .graph import GraphIndex
+from .graph.cuts import Cut
+from .graph.extract import extract
+from .graph.index import GraphIndex
 
 HEAD_FILE = "head.onnx"
 TAIL_FILE = "tail.onnx"

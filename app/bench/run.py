@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from splitpoint.errors import SplitPointError
-from splitpoint.process import stop
+from splitpoint.core.errors import SplitPointError
+from splitpoint.app.process import stop
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenetv2"]
 DEFAULT_NETWORKS = ["3g", "lte", "wifi-n", "5g"]
@@ -92,7 +92,7 @@ def window_for(cand, least: int) -> int:
 
 
 def _write_plan(m, cand, path: Path) -> None:
-    from splitpoint.partitioner.split import write_baseline_plan, write_plan
+    from splitpoint.core.plandir import write_baseline_plan, write_plan
 
     h, i = m.handle, cand.inp
     if path.exists():
@@ -104,7 +104,7 @@ def _write_plan(m, cand, path: Path) -> None:
 
 
 def _inputs_file(h, n: int, path: Path) -> None:
-    from splitpoint.runner import make_session, sample_feeds
+    from splitpoint.core.runner import make_session, sample_feeds
 
     sess = make_session(h.path)
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
@@ -125,11 +125,11 @@ def _probe_link(em) -> list[dict]:
     """The link itself, measured with plain TCP exchanges on the server's port before the
     server takes it (the proxy connects upstream per connection, so the same path is probed)."""
     bind = em.server_bind[len("tcp://"):]
-    srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.bench.probe", "serve", "--bind", bind],
+    srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "serve", "--bind", bind],
                            stdout=subprocess.PIPE, text=True)
     try:
         srv.stdout.readline()
-        out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.probe", "measure", "--connect",
+        out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "measure", "--connect",
                               em.edge_connect[len("tcp://"):], "--sizes", "64:64,65536:64", "--repeats", "3"],
                              capture_output=True, text=True, timeout=120)
         if out.returncode:
@@ -166,7 +166,7 @@ def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with EmulatedLink(link, cfg.link) as em:
         probe = _probe_link(em)
-        srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.cli", "serve", "--bind", em.server_bind,
+        srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", em.server_bind,
                                 "--plans", str(serve_dir), "--workers", "1", "--threads", "1", "--quiet"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         out = work / f"edge-{m.handle.name}-{net.name}.json"
@@ -174,7 +174,7 @@ def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs
             # the edge-only plan first: it needs no server, so the server has time to load its tails
             order = sorted(plan_dirs, key=lambda k: chosen[k][1].inp.kind != "edge-only")
             plans = [[str(plan_dirs[k]), window_for(chosen[k][1], cfg.window)] for k in order]
-            edge = subprocess.Popen([*em.edge_prefix, sys.executable, "-m", "splitpoint.bench.edgerun",
+            edge = subprocess.Popen([*em.edge_prefix, sys.executable, "-m", "splitpoint.app.bench.edgerun",
                                      "--plans", json.dumps(plans), "--server", em.edge_connect, "--inputs", str(inputs),
                                      "--seconds", str(cfg.seconds), "--min-requests", str(cfg.min_requests),
                                      "--max-requests", str(cfg.max_requests), "--out", str(out)],
@@ -200,7 +200,7 @@ def measure_network(m, decision, net, cfg: BenchConfig, plans_root: Path, inputs
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
-    from splitpoint.partitioner import open_model
+    from splitpoint.core.graph import open_model
     from splitpoint.partitioner.fidelity import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
@@ -209,7 +209,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_device, load_network
 
-    from splitpoint import zoo
+    from splitpoint.core import zoo
 
     from .edgecpu import calibrate
     from .emulate import MECHANISMS

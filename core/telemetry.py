@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-log = logging.getLogger("splitpoint.telemetry")
+log = logging.getLogger("splitpoint.core.telemetry")
 
 TOPIC_ROOT = "splitpoint"
 

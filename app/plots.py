@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .costmodel import EDGE_ONLY, SERVER_ONLY, Candidate
+from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, Candidate
 
 
 def plot_front(cands: list[Candidate], front: list[Candidate], pick: Candidate | None, path: str | Path,

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Split ONNX inference between an edge device and a server, chosen from measurements.")
@@ -43,8 +43,8 @@ def zoo(
     seed: int = typer.Option(0, help="weight seed"),
 ) -> None:
     """List the built-in models, or write them as ONNX files (seeded random weights, no download)."""
-    from . import zoo as zoo_mod
-    from .onnxio import save_model
+    from splitpoint.core import zoo as zoo_mod
+    from splitpoint.core.onnxio import save_model
 
     if not names:
         t = Table("name", "architecture", "params (published)", "GMACs (published)", "input")
@@ -67,7 +67,7 @@ def cuts(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """List every candidate cut: crossing tensors, bytes per sample, head share of MACs and params."""
-    from .partitioner import open_model
+    from splitpoint.core.graph import open_model
 
     h = open_model(model)
     cs = h.cuts()
@@ -95,8 +95,8 @@ def split(
     with_full: bool = typer.Option(False, "--with-full", help="ship the whole model too (edge fallback)"),
 ) -> None:
     """Write head.onnx, tail.onnx and plan.json for one cut."""
-    from .partitioner import open_model, resolve_cut
-    from .partitioner.split import write_plan
+    from splitpoint.core.graph import open_model, resolve_cut
+    from splitpoint.core.plandir import write_plan
 
     h = open_model(model)
     c = resolve_cut(h.index, cut)
@@ -121,9 +121,9 @@ def profile(
     """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .partitioner import open_model
-    from .profiles.cpulimit import cpu_limit
-    from .profiles.profiler import ProfileSettings, profile_model
+    from splitpoint.core.graph import open_model
+    from splitpoint.profiles.cpulimit import cpu_limit
+    from splitpoint.profiles.profiler import ProfileSettings, profile_model
 
     if role not in ("edge", "server"):
         raise typer.BadParameter("--role must be edge or server")
@@ -188,13 +188,13 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the decision as JSON"),
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan."""
-    from .partitioner import open_model
-    from .partitioner.costmodel import EDGE_ONLY, SERVER_ONLY
-    from .partitioner.fidelity import load_inputs
-    from .partitioner.pareto import Constraints
-    from .partitioner.planner import decide, gather
-    from .partitioner.split import write_baseline_plan, write_plan
-    from .profiles.schema import load_measured, load_network
+    from splitpoint.core.graph import open_model
+    from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY
+    from splitpoint.partitioner.fidelity import load_inputs
+    from splitpoint.partitioner.pareto import Constraints
+    from splitpoint.partitioner.planner import decide, gather
+    from splitpoint.core.plandir import write_baseline_plan, write_plan
+    from splitpoint.profiles.schema import load_measured, load_network
 
     h = open_model(model)
     net = load_network(network)
@@ -217,15 +217,15 @@ def plan(
         console.print(f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
                       f"{d.pick.throughput_ips:.1f}/s, {_human_bytes(d.pick.bytes_per_inference)}/inference")
     if plot:
-        from .partitioner.plot import plot_front
+        from splitpoint.app.plots import plot_front
 
         plot_front(d.candidates, d.front, d.pick, plot, f"{h.name} on {net.name}")
     if out:
         p = d.pick.inp
         head_model = None
         if p.head_weights == "int8":
-            from .partitioner.extract import extract
-            from .partitioner.quantize import quantize_head
+            from splitpoint.core.graph.extract import extract
+            from splitpoint.core.quantize import quantize_head
 
             base = h.model if p.kind == EDGE_ONLY else extract(h.index, h.cuts()[p.cut - 1], check=False)[0]
             head_model = quantize_head(base, samples, "static")
@@ -251,11 +251,11 @@ def fidelity(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure the split model with a codec (and an int8 head) against the float model."""
-    from .codecs import Codec
-    from .partitioner import open_model, resolve_cut
-    from .partitioner.extract import extract
-    from .partitioner.fidelity import load_inputs, measure
-    from .partitioner.quantize import quantize_head as qh
+    from splitpoint.core.codecs import Codec
+    from splitpoint.core.graph import open_model, resolve_cut
+    from splitpoint.core.graph.extract import extract
+    from splitpoint.partitioner.fidelity import load_inputs, measure
+    from splitpoint.core.quantize import quantize_head as qh
 
     Codec.parse(codec)
     h = open_model(model)
@@ -310,7 +310,7 @@ def serve(
     import signal
     import threading
 
-    from .server.tail_server import ServerConfig, TailServer
+    from splitpoint.server.tail_server import ServerConfig, TailServer
 
     _logging(quiet)
     plans.mkdir(parents=True, exist_ok=True)
@@ -379,8 +379,8 @@ def edge_run(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the head on this device and the tail on the server."""
-    from .edge.client import EdgeConfig
-    from .edge.daemon import EdgeDaemon
+    from splitpoint.edge.client import EdgeConfig
+    from splitpoint.edge.daemon import EdgeDaemon
 
     _logging(quiet)
     if not inputs and not listen:
@@ -407,7 +407,7 @@ def deploy(
     timeout: float = typer.Option(30.0, "--timeout"),
 ) -> None:
     """Push a plan to servers and edge daemons and wait for each to acknowledge it."""
-    from .server.orchestrator import deploy as push
+    from splitpoint.app.orchestrator import deploy as push
 
     if not server and not edge:
         raise typer.BadParameter("name at least one --server or --edge")
@@ -420,7 +420,7 @@ def deploy(
 def status(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
            seconds: float = typer.Option(1.5, "--seconds", help="how long to listen")) -> None:
     """Devices and their plans, from retained telemetry."""
-    from .server.orchestrator import collect
+    from splitpoint.app.orchestrator import collect
 
     fleet = collect(mqtt, seconds)
     t = Table("device", "role", "state", "plan", "server / endpoint", "fallback")
@@ -442,7 +442,7 @@ def watch(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port
 
     from rich.live import Live
 
-    from .server.orchestrator import collect
+    from splitpoint.app.orchestrator import collect
 
     latest: dict[str, dict] = {}
 
@@ -486,7 +486,7 @@ def demo(
     no_link: bool = typer.Option(False, "--no-link-emulation", help="plain loopback instead of the network profile"),
 ) -> None:
     """Profile, plan, serve and run a split model on this machine, end to end."""
-    from .server.demo import DemoConfig, run_demo
+    from splitpoint.app.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(model=model, network=network, requests=requests, window=window, mqtt=mqtt,
                         edge_slowdown=edge_slowdown, emulate_link=not no_link), say=console.print)
@@ -507,8 +507,8 @@ def bench(
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .bench.report import write_report
-    from .bench.run import BenchConfig, run_bench
+    from splitpoint.app.bench.report import write_report
+    from splitpoint.app.bench.run import BenchConfig, run_bench
 
     cfg = BenchConfig(models=[m for m in models.split(",") if m], networks=[n for n in networks.split(",") if n],
                       device=device, link=link, out=out, seconds=seconds, window=window, max_front=max_front,
@@ -522,7 +522,7 @@ def bench(
 
         results = run_bench(cfg, progress)
     results = write_report(results, out)
-    from .bench.report import headline
+    from splitpoint.app.bench.report import headline
 
     console.print("\n".join(headline(results)))
     s = results["summary"]

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 
-from .errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from splitpoint.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 
 MODES = ("static", "dynamic")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass, field
 
-from splitpoint.errors import CutError
+from splitpoint.core.errors import CutError
 
 from .flops import node_macs, param_tensors, tensor_size
-from .graph import GraphIndex
+from .index import GraphIndex
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import zmq
 
-from splitpoint import wire
-from splitpoint.errors import SplitPointError
-from splitpoint.plan import PLAN_FILE, Plan
-from splitpoint.telemetry import BrokerURL, TOPIC_ROOT
+from splitpoint.core import wire
+from splitpoint.core.errors import SplitPointError
+from splitpoint.core.plan import PLAN_FILE, Plan
+from splitpoint.core.telemetry import BrokerURL, TOPIC_ROOT
 
 
 def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:

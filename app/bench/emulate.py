@@ -17,10 +17,10 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from splitpoint.broker import free_port
-from splitpoint.errors import SplitPointError
+from splitpoint.app.broker import free_port
+from splitpoint.core.errors import SplitPointError
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
-from splitpoint.process import stop
+from splitpoint.app.process import stop
 
 from . import netns
 
@@ -91,7 +91,7 @@ class EmulatedLink:
                       f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down, {link.rtt_ms / 2:g} ms each way, "
                       f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay")
         self._proxy = subprocess.Popen(
-            [*edge_prefix, sys.executable, "-m", "splitpoint.bench.proxy", "--listen", "127.0.0.1:0", "--upstream", upstream,
+            [*edge_prefix, sys.executable, "-m", "splitpoint.app.bench.proxy", "--listen", "127.0.0.1:0", "--upstream", upstream,
              "--up-mbps", str(rate[0]), "--down-mbps", str(rate[1]), "--delay-ms", str(link.rtt_ms / 2),
              "--jitter-ms", str(link.jitter_ms), "--loss", str(link.loss)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

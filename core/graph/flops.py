@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import GraphIndex
+from .index import GraphIndex
 
 BN_STATS_INPUTS = (3, 4)  # running mean / var: buffers, not parameters
 

@@ -3,7 +3,7 @@ direction of every connection goes through a Shaper (rate, delay, jitter, loss).
 
 This is the userspace mechanism (no root needed) and, with the rate left to tbf, the delay
 line of the namespace mechanism: this kernel has no netem. Run it in-process (``LinkProxy``)
-or as its own process (``python -m splitpoint.bench.proxy``) so the edge's CPU limit does
+or as its own process (``python -m splitpoint.app.bench.proxy``) so the edge's CPU limit does
 not slow the link down.
 """
 
@@ -21,7 +21,7 @@ import time
 
 from .shaper import PIECE, Direction, Shaper
 
-log = logging.getLogger("splitpoint.bench.proxy")
+log = logging.getLogger("splitpoint.app.bench.proxy")
 MAX_BUFFERED = 64 * 2**20  # per direction: the reader stops reading beyond this (back-pressure)
 
 

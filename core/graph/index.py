@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from splitpoint.errors import ModelError
+from splitpoint.core.errors import ModelError
 
 
 def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:

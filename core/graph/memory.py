@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .graph import GraphIndex
+from .index import GraphIndex
 
 
 def live_activation_peaks(idx: GraphIndex) -> list[int]:

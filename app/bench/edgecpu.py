@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 
-from splitpoint.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError
 from splitpoint.profiles.cpulimit import MIN_CPUS, cpu_limit
 from splitpoint.profiles.profiler import time_runs
 from splitpoint.profiles.schema import DeviceSpec
@@ -37,9 +37,9 @@ class Calibration:
 
 
 def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
-    from splitpoint import zoo
-    from splitpoint.partitioner import open_model
-    from splitpoint.runner import make_session, sample_feeds
+    from splitpoint.core import zoo
+    from splitpoint.core.graph import open_model
+    from splitpoint.core.runner import make_session, sample_feeds
 
     usable = {k: v for k, v in device.reference_latency_ms.items() if k in zoo.ZOO}
     if not usable:

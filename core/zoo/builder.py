@@ -191,7 +191,7 @@ class ModelBuilder:
         outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *shape]) for n, shape in self.outputs]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, outs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="splitpoint.zoo", doc_string=doc)
+                                  producer_name="splitpoint.core.zoo", doc_string=doc)
         model.ir_version = 8
         onnx.checker.check_model(model)
         return model

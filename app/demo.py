@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from splitpoint.errors import SplitPointError
-from splitpoint.process import stop
+from splitpoint.core.errors import SplitPointError
+from splitpoint.app.process import stop
 from splitpoint.profiles.profiler import median_of_present
 
 
@@ -37,17 +37,17 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, say=print) -> dict:
-    from splitpoint.broker import EmbeddedBroker, free_port
+    from splitpoint.app.broker import EmbeddedBroker, free_port
     from splitpoint.edge.client import EdgeClient, EdgeConfig
-    from splitpoint.partitioner import open_model
+    from splitpoint.core.graph import open_model
     from splitpoint.partitioner.fidelity import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
-    from splitpoint.partitioner.split import write_baseline_plan, write_plan
+    from splitpoint.core.plandir import write_baseline_plan, write_plan
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_network
-    from splitpoint.runner import make_session, sample_feeds
-    from splitpoint.server.orchestrator import collect
+    from splitpoint.core.runner import make_session, sample_feeds
+    from splitpoint.app.orchestrator import collect
 
     t_start = time.perf_counter()
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="splitpoint-demo-"))
@@ -91,7 +91,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         broker = EmbeddedBroker().start()
         url = broker.url
     # the link proxy (its own process) starts before this process takes the edge's CPU limit
-    from splitpoint.bench.emulate import EmulatedLink
+    from splitpoint.app.bench.emulate import EmulatedLink
     from splitpoint.partitioner.planner import link_of
 
     link_ctx = EmulatedLink(link_of(net), "proxy" if cfg.emulate_link else "loopback", server_port=free_port())
@@ -105,7 +105,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     say(f"[3/5] starting server on {endpoint}, link {em.mechanism} ({em.detail}), "
         f"MQTT {'embedded broker' if broker else 'broker'} at {url}…")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.cli", "serve", "--bind", endpoint, "--plans", str(work),
+    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans", str(work),
                             "--workers", "1", "--threads", "1", "--mqtt", url, "--device-id", "demo-server", "--quiet"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     client = None
