@@ -26,12 +26,14 @@ class EmbeddedBroker:
         self._broker = None
         self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as exc:
-            raise SplitPointError("the embedded broker needs amqtt (pip install 'splitpoint[broker]'), "
-                                  "or pass --mqtt mqtt://host:port") from exc
+            raise SplitPointError(
+                "the embedded broker needs amqtt (pip install 'splitpoint[broker]'), "
+                "or pass --mqtt mqtt://host:port"
+            ) from exc
         ready, failed = threading.Event(), []
         cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}}}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -17,8 +16,12 @@ from rich.table import Table
 
 from splitpoint.core.errors import SplitPointError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Split ONNX inference between an edge device and a server, chosen from measurements.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Split ONNX inference between an edge device and a server, chosen from measurements.",
+)
 # Tables are wide; when output is piped (CI logs, files) there is no terminal width to follow.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -39,7 +42,7 @@ def zoo(
     names: list[str] = typer.Argument(None, help="zoo models to write (default: list them)"),
     out: Path = typer.Option(Path("."), "-o", "--out", help="directory for the .onnx files"),
     width: float = typer.Option(1.0, help="channel width multiplier (1.0 = published architecture)"),
-    resolution: Optional[int] = typer.Option(None, help="input resolution (default: the model's own)"),
+    resolution: int | None = typer.Option(None, help="input resolution (default: the model's own)"),
     seed: int = typer.Option(0, help="weight seed"),
 ) -> None:
     """List the built-in models, or write them as ONNX files (seeded random weights, no download)."""
@@ -49,8 +52,13 @@ def zoo(
     if not names:
         t = Table("name", "architecture", "params (published)", "GMACs (published)", "input")
         for e in zoo_mod.ZOO.values():
-            t.add_row(e.name, e.summary, f"{e.params:,}" if e.params else "-", f"{e.gmacs}" if e.gmacs else "-",
-                      f"{e.resolution}x{e.resolution}")
+            t.add_row(
+                e.name,
+                e.summary,
+                f"{e.params:,}" if e.params else "-",
+                f"{e.gmacs}" if e.gmacs else "-",
+                f"{e.resolution}x{e.resolution}",
+            )
         console.print(t)
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -72,24 +80,44 @@ def cuts(
     h = open_model(model)
     cs = h.cuts()
     if as_json:
-        json.dump({"model": str(h.path), "model_sha256": h.sha256, "compute_nodes": len(h.index.compute),
-                   "cuts": [c.to_dict() for c in cs]}, sys.stdout, indent=1)
+        json.dump(
+            {
+                "model": str(h.path),
+                "model_sha256": h.sha256,
+                "compute_nodes": len(h.index.compute),
+                "cuts": [c.to_dict() for c in cs],
+            },
+            sys.stdout,
+            indent=1,
+        )
         sys.stdout.write("\n")
         return
     t = Table(title=f"{h.name}: {len(cs)} candidate cuts (bytes per sample, derived from shapes)")
     for col in ("cut", "after node", "crossing tensors", "bytes/sample", "head MACs", "head params"):
-        t.add_column(col, justify="right" if col in ("cut", "bytes/sample", "head MACs", "head params") else "left")
+        t.add_column(
+            col, justify="right" if col in ("cut", "bytes/sample", "head MACs", "head params") else "left"
+        )
     for c in cs:
-        crossing = ", ".join(f"{x.name}[{x.shape}]{' (raw input)' if x.source == 'input' else ''}" for x in c.crossing)
-        t.add_row(str(c.index), c.last_node, crossing, _human_bytes(c.bytes_per_sample),
-                  f"{100 * c.head_macs_share:.1f}%", f"{100 * c.head_params_share:.1f}%")
+        crossing = ", ".join(
+            f"{x.name}[{x.shape}]{' (raw input)' if x.source == 'input' else ''}" for x in c.crossing
+        )
+        t.add_row(
+            str(c.index),
+            c.last_node,
+            crossing,
+            _human_bytes(c.bytes_per_sample),
+            f"{100 * c.head_macs_share:.1f}%",
+            f"{100 * c.head_params_share:.1f}%",
+        )
     console.print(t)
 
 
 @app.command()
 def split(
     model: str = typer.Argument(..., help="ONNX file or zoo name"),
-    cut: str = typer.Option(..., "--cut", help="cut index (see `splitpoint cuts`) or comma-separated tensor names"),
+    cut: str = typer.Option(
+        ..., "--cut", help="cut index (see `splitpoint cuts`) or comma-separated tensor names"
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="plan directory to write"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output directory"),
     with_full: bool = typer.Option(False, "--with-full", help="ship the whole model too (edge fallback)"),
@@ -101,21 +129,35 @@ def split(
     h = open_model(model)
     c = resolve_cut(h.index, cut)
     plan = write_plan(h.index, c, out, h.name, h.sha256, force=force, include_full=with_full)
-    console.print(f"plan {plan.plan_id[:12]} → {out}: cut {c.index if c.index is not None else cut} crosses "
-                  f"{', '.join(t.name for t in plan.cut_tensors)} ({_human_bytes(c.bytes_per_sample)}/sample)")
+    console.print(
+        f"plan {plan.plan_id[:12]} → {out}: cut {c.index if c.index is not None else cut} crosses "
+        f"{', '.join(t.name for t in plan.cut_tensors)} ({_human_bytes(c.bytes_per_sample)}/sample)"
+    )
 
 
 @app.command()
 def profile(
     model: str = typer.Argument(..., help="ONNX file or zoo name"),
     role: str = typer.Option("edge", "--role", help="edge or server: where this machine sits in the split"),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="profile JSON (default profiles/measured/MODEL-ROLE.json)"),
-    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads (0 = onnxruntime's default)"),
+    out: Path | None = typer.Option(
+        None, "-o", "--out", help="profile JSON (default profiles/measured/MODEL-ROLE.json)"
+    ),
+    threads: int = typer.Option(
+        1, "--threads", help="onnxruntime intra-op threads (0 = onnxruntime's default)"
+    ),
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="onnxruntime execution provider"),
-    budget: float = typer.Option(30.0, "--budget", help="timed run time allowed, in multiples of one inference"),
-    cpus: Optional[float] = typer.Option(None, "--cpus", help="emulate a smaller device: limit to this many CPUs"),
-    slowdown: Optional[float] = typer.Option(None, "--emulate-slowdown", help="emulate a device this many times slower"),
-    int8: bool = typer.Option(False, "--int8", help="also time the int8 (static QDQ) model, for int8-head plans"),
+    budget: float = typer.Option(
+        30.0, "--budget", help="timed run time allowed, in multiples of one inference"
+    ),
+    cpus: float | None = typer.Option(
+        None, "--cpus", help="emulate a smaller device: limit to this many CPUs"
+    ),
+    slowdown: float | None = typer.Option(
+        None, "--emulate-slowdown", help="emulate a device this many times slower"
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="also time the int8 (static QDQ) model, for int8-head plans"
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (daemons, scripts)"),
 ) -> None:
     """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
@@ -140,8 +182,14 @@ def profile(
         if quiet:
             prof = profile_model(h, settings, emulation)
         else:
-            with Progress(TextColumn("[bold]profiling[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TimeElapsedColumn(), console=err, transient=True) as bar:
+            with Progress(
+                TextColumn("[bold]profiling[/] {task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            ) as bar:
                 task = bar.add_task(h.name, total=1)
 
                 def note(what: str, done: int, total: int) -> None:
@@ -151,19 +199,39 @@ def profile(
     prof.save(out)
     if not quiet:
         em = f", emulated: {emulation.mechanism} {emulation.cpus:g} CPUs" if emulation else ""
-        console.print(f"{h.name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median "
-                      f"(p90 {prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} segments measured, "
-                      f"{len(prof.cuts)} cuts; cost {prof.cost['full_inference_equivalents']:.0f}x one inference → {out}")
+        console.print(
+            f"{h.name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median "
+            f"(p90 {prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} segments measured, "
+            f"{len(prof.cuts)} cuts; cost {prof.cost['full_inference_equivalents']:.0f}x one inference → {out}"
+        )
 
 
 def _front_table(title: str, front, pick) -> Table:
     t = Table(title=title)
-    for col in ("", "candidate", "latency ms", "throughput /s", "edge ms", "transfer ms", "bytes/inf", "edge memory", "fidelity"):
+    for col in (
+        "",
+        "candidate",
+        "latency ms",
+        "throughput /s",
+        "edge ms",
+        "transfer ms",
+        "bytes/inf",
+        "edge memory",
+        "fidelity",
+    ):
         t.add_column(col, justify="left" if col in ("", "candidate") else "right")
     for c in front:
-        t.add_row("★" if c is pick else "", c.label, f"{c.latency_ms:.1f}", f"{c.throughput_ips:.1f}", f"{c.edge_ms:.1f}",
-                  f"{c.transfer_ms:.1f}", _human_bytes(c.bytes_per_inference), _human_bytes(c.inp.edge_memory_bytes),
-                  f"{c.inp.fidelity:.3f}" if c.inp.fidelity is not None else "?")
+        t.add_row(
+            "★" if c is pick else "",
+            c.label,
+            f"{c.latency_ms:.1f}",
+            f"{c.throughput_ips:.1f}",
+            f"{c.edge_ms:.1f}",
+            f"{c.transfer_ms:.1f}",
+            _human_bytes(c.bytes_per_inference),
+            _human_bytes(c.inp.edge_memory_bytes),
+            f"{c.inp.fidelity:.3f}" if c.inp.fidelity is not None else "?",
+        )
     return t
 
 
@@ -172,28 +240,38 @@ def plan(
     model: str = typer.Argument(..., help="ONNX file or zoo name"),
     edge_profile: Path = typer.Option(..., "--edge-profile", help="profile measured on the edge device"),
     server_profile: Path = typer.Option(..., "--server-profile", help="profile measured on the server"),
-    network: str = typer.Option(..., "--network", help="network profile name (see profiles/networks) or YAML path"),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="plan directory to write"),
-    max_latency: Optional[float] = typer.Option(None, "--max-latency", help="ms"),
-    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="e.g. 0.99 top-1 agreement"),
-    edge_memory: Optional[float] = typer.Option(None, "--edge-memory", help="edge memory budget, MiB"),
-    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="bytes per inference on the wire"),
-    objective: str = typer.Option("latency", "--objective", help="latency | throughput | bytes | edge-memory | fidelity"),
-    codecs: Optional[str] = typer.Option(None, "--codecs", help="comma-separated codecs to consider (default: a standard set)"),
-    int8_heads: bool = typer.Option(False, "--int8-heads", help="also consider heads with int8 weights (edge profiled with --int8)"),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy files or images for fidelity"),
+    network: str = typer.Option(
+        ..., "--network", help="network profile name (see profiles/networks) or YAML path"
+    ),
+    out: Path | None = typer.Option(None, "-o", "--out", help="plan directory to write"),
+    max_latency: float | None = typer.Option(None, "--max-latency", help="ms"),
+    min_fidelity: float | None = typer.Option(None, "--min-fidelity", help="e.g. 0.99 top-1 agreement"),
+    edge_memory: float | None = typer.Option(None, "--edge-memory", help="edge memory budget, MiB"),
+    max_bytes: int | None = typer.Option(None, "--max-bytes", help="bytes per inference on the wire"),
+    objective: str = typer.Option(
+        "latency", "--objective", help="latency | throughput | bytes | edge-memory | fidelity"
+    ),
+    codecs: str | None = typer.Option(
+        None, "--codecs", help="comma-separated codecs to consider (default: a standard set)"
+    ),
+    int8_heads: bool = typer.Option(
+        False, "--int8-heads", help="also consider heads with int8 weights (edge profiled with --int8)"
+    ),
+    inputs: Path | None = typer.Option(
+        None, "--inputs", help="folder of .npy files or images for fidelity"
+    ),
     random: int = typer.Option(8, "--random", help="seeded random samples for fidelity when no --inputs"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of the front"),
+    plot: Path | None = typer.Option(None, "--plot", help="write a PNG of the front"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty plan directory"),
     as_json: bool = typer.Option(False, "--json", help="print the decision as JSON"),
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan."""
     from splitpoint.core.graph import open_model
+    from splitpoint.core.plandir import write_baseline_plan, write_plan
     from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY
     from splitpoint.partitioner.fidelity import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
-    from splitpoint.core.plandir import write_baseline_plan, write_plan
     from splitpoint.profiles.schema import load_measured, load_network
 
     h = open_model(model)
@@ -202,20 +280,38 @@ def plan(
     server = load_measured(server_profile, model_sha256=h.sha256)
     samples = load_inputs(h.model, inputs, random)
     m = gather(h, edge, server, samples, codecs.split(",") if codecs else None, int8_heads=int8_heads)
-    cons = Constraints(max_latency, min_fidelity, int(edge_memory * 2**20) if edge_memory else None, max_bytes,
-                       objective=objective)
+    cons = Constraints(
+        max_latency,
+        min_fidelity,
+        int(edge_memory * 2**20) if edge_memory else None,
+        max_bytes,
+        objective=objective,
+    )
     d = decide(m, [net], cons)[0]
     front = [c.to_dict() for c in d.front]
-    predicted = {**d.pick.to_dict(), "network": net.model_dump(), "constraints": cons.__dict__,
-                 "fidelity_samples": len(samples), "fidelity_inputs": str(inputs) if inputs else f"random x{random}"}
+    predicted = {
+        **d.pick.to_dict(),
+        "network": net.model_dump(),
+        "constraints": cons.__dict__,
+        "fidelity_samples": len(samples),
+        "fidelity_inputs": str(inputs) if inputs else f"random x{random}",
+    }
     if as_json:
         json.dump({"pick": predicted, "front": front}, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        console.print(_front_table(f"{h.name} on {net.name}: Pareto front ({len(d.front)} of {len(d.candidates)} "
-                                   "candidates; figures derived from measured profiles)", d.front, d.pick))
-        console.print(f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
-                      f"{d.pick.throughput_ips:.1f}/s, {_human_bytes(d.pick.bytes_per_inference)}/inference")
+        console.print(
+            _front_table(
+                f"{h.name} on {net.name}: Pareto front ({len(d.front)} of {len(d.candidates)} "
+                "candidates; figures derived from measured profiles)",
+                d.front,
+                d.pick,
+            )
+        )
+        console.print(
+            f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
+            f"{d.pick.throughput_ips:.1f}/s, {_human_bytes(d.pick.bytes_per_inference)}/inference"
+        )
     if plot:
         from splitpoint.app.plots import plot_front
 
@@ -230,11 +326,33 @@ def plan(
             base = h.model if p.kind == EDGE_ONLY else extract(h.index, h.cuts()[p.cut - 1], check=False)[0]
             head_model = quantize_head(base, samples, "static")
         if p.kind in (EDGE_ONLY, SERVER_ONLY):
-            written = write_baseline_plan(h.index, p.kind, out, h.name, h.sha256, force=force, codec=p.codec,
-                                          predicted=predicted, front=front, model=head_model, head_weights=p.head_weights)
+            written = write_baseline_plan(
+                h.index,
+                p.kind,
+                out,
+                h.name,
+                h.sha256,
+                force=force,
+                codec=p.codec,
+                predicted=predicted,
+                front=front,
+                model=head_model,
+                head_weights=p.head_weights,
+            )
         else:
-            written = write_plan(h.index, h.cuts()[p.cut - 1], out, h.name, h.sha256, force=force, codec=p.codec,
-                                 predicted=predicted, front=front, head_model=head_model, head_weights=p.head_weights)
+            written = write_plan(
+                h.index,
+                h.cuts()[p.cut - 1],
+                out,
+                h.name,
+                h.sha256,
+                force=force,
+                codec=p.codec,
+                predicted=predicted,
+                front=front,
+                head_model=head_model,
+                head_weights=p.head_weights,
+            )
         if not as_json:
             console.print(f"plan {written.plan_id[:12]} → {out}")
 
@@ -244,9 +362,10 @@ def fidelity(
     model: str = typer.Argument(..., help="ONNX file or zoo name"),
     cut: str = typer.Option(..., "--cut", help="cut index or comma-separated tensor names"),
     codec: str = typer.Option("int8", "--codec", help="cut-tensor codec, e.g. int8+zstd"),
-    quantize_head: Optional[str] = typer.Option(None, "--quantize-head-weights",
-                                                help="static (QDQ, calibrated on the inputs) or dynamic"),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy files or images"),
+    quantize_head: str | None = typer.Option(
+        None, "--quantize-head-weights", help="static (QDQ, calibrated on the inputs) or dynamic"
+    ),
+    inputs: Path | None = typer.Option(None, "--inputs", help="folder of .npy files or images"),
     random: int = typer.Option(16, "--random", help="seeded random samples when no --inputs"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -254,8 +373,8 @@ def fidelity(
     from splitpoint.core.codecs import Codec
     from splitpoint.core.graph import open_model, resolve_cut
     from splitpoint.core.graph.extract import extract
-    from splitpoint.partitioner.fidelity import load_inputs, measure
     from splitpoint.core.quantize import quantize_head as qh
+    from splitpoint.partitioner.fidelity import load_inputs, measure
 
     Codec.parse(codec)
     h = open_model(model)
@@ -264,19 +383,32 @@ def fidelity(
     head_model = None
     if quantize_head:
         head_model = qh(extract(h.index, c, check=False)[0], samples, quantize_head)
-    rep = measure(h, c, [codec], samples, head_model=head_model,
-                  head_weights=f"int8-{quantize_head}" if quantize_head else "float32")[codec]
+    rep = measure(
+        h,
+        c,
+        [codec],
+        samples,
+        head_model=head_model,
+        head_weights=f"int8-{quantize_head}" if quantize_head else "float32",
+    )[codec]
     if as_json:
         json.dump(rep.to_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
-    t = Table(title=f"{h.name} cut {c.index if c.index is not None else cut}, codec {codec}, head {rep.head_weights}: "
-                    f"measured on {rep.samples} samples")
+    t = Table(
+        title=f"{h.name} cut {c.index if c.index is not None else cut}, codec {codec}, head {rep.head_weights}: "
+        f"measured on {rep.samples} samples"
+    )
     for col in ("output", "top-1 agreement", "cosine", "max abs error", "SNR dB"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for o in rep.outputs:
-        t.add_row(o.name, "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}", f"{o.cosine:.5f}",
-                  f"{o.max_abs_error:.4g}", f"{o.snr_db:.1f}")
+        t.add_row(
+            o.name,
+            "-" if o.top1_agreement is None else f"{o.top1_agreement:.3f}",
+            f"{o.cosine:.5f}",
+            f"{o.max_abs_error:.4g}",
+            f"{o.snr_db:.1f}",
+        )
     console.print(t)
 
 
@@ -287,23 +419,37 @@ app.add_typer(edge_app, name="edge")
 def _logging(quiet: bool) -> None:
     import logging
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+    )
 
 
 @app.command()
 def serve(
     bind: str = typer.Option("tcp://0.0.0.0:5555", "--bind", help="ZeroMQ endpoint to listen on"),
-    plans: Path = typer.Option(Path("plans"), "--plans", help="directory of plan directories (pushed plans land here)"),
+    plans: Path = typer.Option(
+        Path("plans"), "--plans", help="directory of plan directories (pushed plans land here)"
+    ),
     workers: int = typer.Option(2, "--workers", help="tail worker threads"),
-    max_batch: int = typer.Option(1, "--max-batch", min=1,
-                                  help="micro-batching: up to this many queued same-plan requests share a tail run"),
-    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads per session (0 = default)"),
+    max_batch: int = typer.Option(
+        1,
+        "--max-batch",
+        min=1,
+        help="micro-batching: up to this many queued same-plan requests share a tail run",
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="onnxruntime intra-op threads per session (0 = default)"
+    ),
     provider: str = typer.Option("CPUExecutionProvider", "--provider", help="e.g. CUDAExecutionProvider"),
     max_message_mb: float = typer.Option(256, "--max-message-mb", help="refuse larger messages"),
-    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://[user:pass@]host:port"),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://[user:pass@]host:port"),
     device_id: str = typer.Option("server", "--device-id"),
-    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret", help="file with this server's CurveZMQ secret key (z85)"),
-    curve_allow: list[Path] = typer.Option([], "--curve-allow", help="file(s) with allowed client public keys (z85)"),
+    curve_secret: Path | None = typer.Option(
+        None, "--curve-secret", help="file with this server's CurveZMQ secret key (z85)"
+    ),
+    curve_allow: list[Path] = typer.Option(
+        [], "--curve-allow", help="file(s) with allowed client public keys (z85)"
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the tail server until SIGTERM/Ctrl-C."""
@@ -314,11 +460,19 @@ def serve(
 
     _logging(quiet)
     plans.mkdir(parents=True, exist_ok=True)
-    cfg = ServerConfig(bind=bind, plans_dir=plans, workers=workers, max_batch=max_batch, threads=threads,
-                       provider=provider,
-                       max_message_bytes=int(max_message_mb * 2**20), mqtt=mqtt, device_id=device_id,
-                       curve_secret_key=curve_secret.read_bytes().strip() if curve_secret else None,
-                       curve_allow=[p.read_bytes().strip() for p in curve_allow])
+    cfg = ServerConfig(
+        bind=bind,
+        plans_dir=plans,
+        workers=workers,
+        max_batch=max_batch,
+        threads=threads,
+        provider=provider,
+        max_message_bytes=int(max_message_mb * 2**20),
+        mqtt=mqtt,
+        device_id=device_id,
+        curve_secret_key=curve_secret.read_bytes().strip() if curve_secret else None,
+        curve_allow=[p.read_bytes().strip() for p in curve_allow],
+    )
     srv = TailServer(cfg).start()
     if not quiet:
         err.print(f"serving {len(srv.registry.ids())} plan(s) on {srv.endpoint}")
@@ -329,7 +483,7 @@ def serve(
     srv.stop()
 
 
-def _curve_keypair(secret_file: Optional[Path]):
+def _curve_keypair(secret_file: Path | None):
     if secret_file is None:
         return None
     import zmq
@@ -363,19 +517,25 @@ def keygen(out: Path = typer.Argument(..., help="writes OUT.key (secret) and OUT
 def edge_run(
     plan_dir: Path = typer.Argument(..., help="plan directory (from `splitpoint plan` or `split`)"),
     server: str = typer.Option("tcp://127.0.0.1:5555", "--server", help="the tail server's endpoint"),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="folder of .npy inputs to run once"),
-    outputs: Optional[Path] = typer.Option(None, "--outputs", help="write results here (.npz per input)"),
-    listen: Optional[str] = typer.Option(None, "--listen", help="serve local requests, e.g. ipc:///tmp/splitpoint.sock"),
+    inputs: Path | None = typer.Option(None, "--inputs", help="folder of .npy inputs to run once"),
+    outputs: Path | None = typer.Option(None, "--outputs", help="write results here (.npz per input)"),
+    listen: str | None = typer.Option(
+        None, "--listen", help="serve local requests, e.g. ipc:///tmp/splitpoint.sock"
+    ),
     window: int = typer.Option(4, "--window", help="requests in flight"),
     timeout: float = typer.Option(2.0, "--timeout", help="seconds before a request falls back (or fails)"),
-    no_fallback: bool = typer.Option(False, "--no-fallback", help="fail instead of running the whole model locally"),
+    no_fallback: bool = typer.Option(
+        False, "--no-fallback", help="fail instead of running the whole model locally"
+    ),
     threads: int = typer.Option(1, "--threads"),
-    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://host:port"),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="telemetry broker, mqtt://host:port"),
     device_id: str = typer.Option("edge", "--device-id"),
-    curve_server_key: Optional[Path] = typer.Option(None, "--curve-server-key",
-                                                    help="file with the server's CurveZMQ public key (z85): encrypt"),
-    curve_secret: Optional[Path] = typer.Option(None, "--curve-secret",
-                                                help="file with this device's CurveZMQ secret key (z85), for allow-lists"),
+    curve_server_key: Path | None = typer.Option(
+        None, "--curve-server-key", help="file with the server's CurveZMQ public key (z85): encrypt"
+    ),
+    curve_secret: Path | None = typer.Option(
+        None, "--curve-secret", help="file with this device's CurveZMQ secret key (z85), for allow-lists"
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Run the head on this device and the tail on the server."""
@@ -385,14 +545,27 @@ def edge_run(
     _logging(quiet)
     if not inputs and not listen:
         raise typer.BadParameter("give --inputs DIR and/or --listen ENDPOINT")
-    daemon = EdgeDaemon(EdgeConfig(plan_dir, server=server, window=window, timeout_s=timeout, fallback=not no_fallback,
-                                   threads=threads, mqtt=mqtt, device_id=device_id,
-                                   curve_server_key=curve_server_key.read_bytes().strip() if curve_server_key else None,
-                                   curve_keypair=_curve_keypair(curve_secret)), listen=listen)
+    daemon = EdgeDaemon(
+        EdgeConfig(
+            plan_dir,
+            server=server,
+            window=window,
+            timeout_s=timeout,
+            fallback=not no_fallback,
+            threads=threads,
+            mqtt=mqtt,
+            device_id=device_id,
+            curve_server_key=curve_server_key.read_bytes().strip() if curve_server_key else None,
+            curve_keypair=_curve_keypair(curve_secret),
+        ),
+        listen=listen,
+    )
     daemon.install_signal_handlers()
     if inputs:
         summary = daemon.run_folder(inputs, outputs)
-        console.print(f"{summary['ok']} split, {summary['fallback']} local fallback, {summary['errors']} errors")
+        console.print(
+            f"{summary['ok']} split, {summary['fallback']} local fallback, {summary['errors']} errors"
+        )
     if listen:
         daemon.serve_local()
     else:
@@ -417,8 +590,10 @@ def deploy(
 
 
 @app.command()
-def status(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
-           seconds: float = typer.Option(1.5, "--seconds", help="how long to listen")) -> None:
+def status(
+    mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
+    seconds: float = typer.Option(1.5, "--seconds", help="how long to listen"),
+) -> None:
     """Devices and their plans, from retained telemetry."""
     from splitpoint.app.orchestrator import collect
 
@@ -427,15 +602,22 @@ def status(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:por
     for dev, kinds in sorted(fleet.items()):
         st = kinds.get("status", {})
         plans = st.get("plans")
-        t.add_row(dev, str(st.get("role", "?")), str(st.get("state", "?")),
-                  (st.get("plan", "") or "")[:12] or (", ".join(p[:12] for p in plans) if plans else "-"),
-                  str(st.get("server") or st.get("endpoint") or "-"), str(st.get("fallback", "-")))
+        t.add_row(
+            dev,
+            str(st.get("role", "?")),
+            str(st.get("state", "?")),
+            (st.get("plan", "") or "")[:12] or (", ".join(p[:12] for p in plans) if plans else "-"),
+            str(st.get("server") or st.get("endpoint") or "-"),
+            str(st.get("fallback", "-")),
+        )
     console.print(t if fleet else "no devices have reported")
 
 
 @app.command()
-def watch(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
-          seconds: float = typer.Option(0, "--seconds", help="stop after this long (0 = until Ctrl-C)")) -> None:
+def watch(
+    mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port"),
+    seconds: float = typer.Option(0, "--seconds", help="stop after this long (0 = until Ctrl-C)"),
+) -> None:
     """Live table of the fleet: state, throughput, latency breakdown, CPU, memory, temperature."""
     import threading
     import time as _time
@@ -450,16 +632,39 @@ def watch(mqtt: str = typer.Option(..., "--mqtt", help="broker, mqtt://host:port
         latest.setdefault(dev, {})[kind] = payload
 
     def table() -> Table:
-        t = Table("device", "role", "state", "requests", "fallback", "e2e ms", "head ms", "network ms", "tail ms",
-                  "CPU %", "RSS MiB", "temp °C", "dropped")
+        t = Table(
+            "device",
+            "role",
+            "state",
+            "requests",
+            "fallback",
+            "e2e ms",
+            "head ms",
+            "network ms",
+            "tail ms",
+            "CPU %",
+            "RSS MiB",
+            "temp °C",
+            "dropped",
+        )
         for dev, k in sorted(latest.items()):
             st, me, la = k.get("status", {}), k.get("metrics", {}), k.get("latency", {})
             f = lambda v, fmt="{:.1f}": "-" if v is None else fmt.format(v)  # noqa: E731
-            t.add_row(dev, str(st.get("role", me.get("role", "?"))), str(st.get("state", "?")),
-                      str(me.get("requests", me.get("ok", "-"))), str(me.get("fallback", st.get("fallback", "-"))),
-                      f(la.get("total_ms")), f(la.get("head_ms")), f(la.get("network_ms")), f(la.get("tail_ms")),
-                      f(me.get("cpu_percent")), f((me.get("process_rss_bytes") or 0) / 2**20),
-                      f(me.get("temperature_c")), str(me.get("telemetry_dropped", "-")))
+            t.add_row(
+                dev,
+                str(st.get("role", me.get("role", "?"))),
+                str(st.get("state", "?")),
+                str(me.get("requests", me.get("ok", "-"))),
+                str(me.get("fallback", st.get("fallback", "-"))),
+                f(la.get("total_ms")),
+                f(la.get("head_ms")),
+                f(la.get("network_ms")),
+                f(la.get("tail_ms")),
+                f(me.get("cpu_percent")),
+                f((me.get("process_rss_bytes") or 0) / 2**20),
+                f(me.get("temperature_c")),
+                str(me.get("telemetry_dropped", "-")),
+            )
         return t
 
     stop = threading.Event()
@@ -481,27 +686,51 @@ def demo(
     network: str = typer.Option("wifi6", "--network", help="network profile to plan for"),
     requests: int = typer.Option(300, "--requests"),
     window: int = typer.Option(4, "--window"),
-    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="use this broker instead of the embedded one"),
-    edge_slowdown: float = typer.Option(4.0, "--edge-slowdown", help="emulate an edge this many times slower (1 = off)"),
-    no_link: bool = typer.Option(False, "--no-link-emulation", help="plain loopback instead of the network profile"),
+    mqtt: str | None = typer.Option(None, "--mqtt", help="use this broker instead of the embedded one"),
+    edge_slowdown: float = typer.Option(
+        4.0, "--edge-slowdown", help="emulate an edge this many times slower (1 = off)"
+    ),
+    no_link: bool = typer.Option(
+        False, "--no-link-emulation", help="plain loopback instead of the network profile"
+    ),
 ) -> None:
     """Profile, plan, serve and run a split model on this machine, end to end."""
     from splitpoint.app.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(model=model, network=network, requests=requests, window=window, mqtt=mqtt,
-                        edge_slowdown=edge_slowdown, emulate_link=not no_link), say=console.print)
+    run_demo(
+        DemoConfig(
+            model=model,
+            network=network,
+            requests=requests,
+            window=window,
+            mqtt=mqtt,
+            edge_slowdown=edge_slowdown,
+            emulate_link=not no_link,
+        ),
+        say=console.print,
+    )
 
 
 @app.command()
 def bench(
-    models: str = typer.Option("resnet18,resnet50,mobilenetv2", "--models", help="zoo models or .onnx paths, comma-separated"),
+    models: str = typer.Option(
+        "resnet18,resnet50,mobilenetv2", "--models", help="zoo models or .onnx paths, comma-separated"
+    ),
     networks: str = typer.Option("3g,lte,wifi-n,5g", "--networks", help="network profiles, comma-separated"),
     device: str = typer.Option("rpi4", "--device", help="device profile the edge CPU is calibrated to"),
     link: str = typer.Option("auto", "--link", help="auto | netns (root) | proxy (userspace) | loopback"),
-    out: Path = typer.Option(Path("bench-results"), "-o", "--out", help="directory for results.json, report.md, plots"),
+    out: Path = typer.Option(
+        Path("bench-results"), "-o", "--out", help="directory for results.json, report.md, plots"
+    ),
     seconds: float = typer.Option(1.5, "--seconds", help="measuring time per candidate and phase"),
-    window: int = typer.Option(4, "--window", help="least requests in flight in the throughput phase (more where latency ÷ slowest stage needs it)"),
-    max_front: int = typer.Option(4, "--max-front", help="front members measured besides the pick and baselines"),
+    window: int = typer.Option(
+        4,
+        "--window",
+        help="least requests in flight in the throughput phase (more where latency ÷ slowest stage needs it)",
+    ),
+    max_front: int = typer.Option(
+        4, "--max-front", help="front members measured besides the pick and baselines"
+    ),
     min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="the pick's constraint"),
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
@@ -510,11 +739,24 @@ def bench(
     from splitpoint.app.bench.report import write_report
     from splitpoint.app.bench.run import BenchConfig, run_bench
 
-    cfg = BenchConfig(models=[m for m in models.split(",") if m], networks=[n for n in networks.split(",") if n],
-                      device=device, link=link, out=out, seconds=seconds, window=window, max_front=max_front,
-                      min_fidelity=min_fidelity)
-    with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err) as bar:
+    cfg = BenchConfig(
+        models=[m for m in models.split(",") if m],
+        networks=[n for n in networks.split(",") if n],
+        device=device,
+        link=link,
+        out=out,
+        seconds=seconds,
+        window=window,
+        max_front=max_front,
+        min_fidelity=min_fidelity,
+    )
+    with Progress(
+        TextColumn("[bold]bench[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
         task = bar.add_task("starting", total=len(cfg.models) * len(cfg.networks))
 
         def progress(text=None, advance=0):
@@ -526,9 +768,11 @@ def bench(
 
     console.print("\n".join(headline(results)))
     s = results["summary"]
-    console.print(f"median prediction error {100 * (s['prediction_error_median'] or 0):.1f} %; regret ≤ 1.05 in "
-                  f"{100 * (s['regret_within_target_share'] or 0):.0f} % of cases; {s['bench_seconds'] / 60:.1f} min; "
-                  f"report in {out / 'report.md'}")
+    console.print(
+        f"median prediction error {100 * (s['prediction_error_median'] or 0):.1f} %; regret ≤ 1.05 in "
+        f"{100 * (s['regret_within_target_share'] or 0):.0f} % of cases; {s['bench_seconds'] / 60:.1f} min; "
+        f"report in {out / 'report.md'}"
+    )
 
 
 def main() -> None:

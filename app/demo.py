@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from splitpoint.core.errors import SplitPointError
 from splitpoint.app.process import stop
+from splitpoint.core.errors import SplitPointError
 from splitpoint.profiles.profiler import median_of_present
 
 
@@ -32,22 +32,22 @@ class DemoConfig:
     mqtt: str | None = None
     workdir: Path | None = None
     budget: float = 12.0
-    edge_slowdown: float = 4.0   # the edge stands in for a small device under a real CPU limit
-    emulate_link: bool = True    # the network profile applied to real traffic by the userspace link proxy
+    edge_slowdown: float = 4.0  # the edge stands in for a small device under a real CPU limit
+    emulate_link: bool = True  # the network profile applied to real traffic by the userspace link proxy
 
 
 def run_demo(cfg: DemoConfig, say=print) -> dict:
     from splitpoint.app.broker import EmbeddedBroker, free_port
-    from splitpoint.edge.client import EdgeClient, EdgeConfig
+    from splitpoint.app.orchestrator import collect
     from splitpoint.core.graph import open_model
+    from splitpoint.core.plandir import write_baseline_plan, write_plan
+    from splitpoint.core.runner import make_session, sample_feeds
+    from splitpoint.edge.client import EdgeClient, EdgeConfig
     from splitpoint.partitioner.fidelity import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
-    from splitpoint.core.plandir import write_baseline_plan, write_plan
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_network
-    from splitpoint.core.runner import make_session, sample_feeds
-    from splitpoint.app.orchestrator import collect
 
     t_start = time.perf_counter()
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="splitpoint-demo-"))
@@ -62,28 +62,54 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     except CpuLimitError as exc:
         say(f"      (no CPU limit available: {exc}; the edge runs at full speed)")
         edge_cpus = None
-    say(f"[1/5] profiling {h.name} as edge (1 thread{f', limited to {edge_cpus:g} CPU' if edge_cpus else ''}) "
-        "and as server (1 thread)…")
+    say(
+        f"[1/5] profiling {h.name} as edge (1 thread{f', limited to {edge_cpus:g} CPU' if edge_cpus else ''}) "
+        "and as server (1 thread)…"
+    )
     with cpu_limit(edge_cpus) as em:
         edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=cfg.budget), em)
     server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.budget))
     if em:
         say(f"      edge emulated with {em.mechanism}, {em.cpus:g} CPU")
-    say(f"      edge whole model {edge.whole.median_ms:.1f} ms, server {server.whole.median_ms:.1f} ms (measured)")
+    say(
+        f"      edge whole model {edge.whole.median_ms:.1f} ms, server {server.whole.median_ms:.1f} ms (measured)"
+    )
     say(f"[2/5] planning for {net.name} ({net.uplink_mbps} Mbit/s up, RTT {net.rtt_ms} ms)…")
-    m = gather(h, edge, server, load_inputs(h.model, random=4), codecs=["float32", "float16", "int8", "int8+lz4"])
+    m = gather(
+        h, edge, server, load_inputs(h.model, random=4), codecs=["float32", "float16", "int8", "int8+lz4"]
+    )
     d = decide(m, [net], Constraints(min_fidelity=0.99))[0]
     p = d.pick
     plan_dir = work / "plan"
     predicted = p.to_dict()
     if p.inp.kind == "split":
-        write_plan(h.index, h.cuts()[p.inp.cut - 1], plan_dir, h.name, h.sha256, force=True, include_full=True,
-                          codec=p.inp.codec, predicted=predicted, front=[c.to_dict() for c in d.front])
+        write_plan(
+            h.index,
+            h.cuts()[p.inp.cut - 1],
+            plan_dir,
+            h.name,
+            h.sha256,
+            force=True,
+            include_full=True,
+            codec=p.inp.codec,
+            predicted=predicted,
+            front=[c.to_dict() for c in d.front],
+        )
     else:
-        write_baseline_plan(h.index, p.inp.kind, plan_dir, h.name, h.sha256, force=True, codec=p.inp.codec,
-                                   predicted=predicted)
-    say(f"      pick: {p.label} — predicted {p.latency_ms:.1f} ms, {p.throughput_ips:.1f}/s "
-        f"({len(d.front)} candidates on the front of {len(d.candidates)})")
+        write_baseline_plan(
+            h.index,
+            p.inp.kind,
+            plan_dir,
+            h.name,
+            h.sha256,
+            force=True,
+            codec=p.inp.codec,
+            predicted=predicted,
+        )
+    say(
+        f"      pick: {p.label} — predicted {p.latency_ms:.1f} ms, {p.throughput_ips:.1f}/s "
+        f"({len(d.front)} candidates on the front of {len(d.candidates)})"
+    )
 
     broker = None
     url = cfg.mqtt
@@ -94,7 +120,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     from splitpoint.app.bench.emulate import EmulatedLink
     from splitpoint.partitioner.planner import link_of
 
-    link_ctx = EmulatedLink(link_of(net), "proxy" if cfg.emulate_link else "loopback", server_port=free_port())
+    link_ctx = EmulatedLink(
+        link_of(net), "proxy" if cfg.emulate_link else "loopback", server_port=free_port()
+    )
     try:
         em = link_ctx.__enter__()
     except BaseException:
@@ -102,18 +130,50 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
             broker.stop()
         raise
     endpoint = em.server_bind
-    say(f"[3/5] starting server on {endpoint}, link {em.mechanism} ({em.detail}), "
-        f"MQTT {'embedded broker' if broker else 'broker'} at {url}…")
+    say(
+        f"[3/5] starting server on {endpoint}, link {em.mechanism} ({em.detail}), "
+        f"MQTT {'embedded broker' if broker else 'broker'} at {url}…"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans", str(work),
-                            "--workers", "1", "--threads", "1", "--mqtt", url, "--device-id", "demo-server", "--quiet"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    srv = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app.cli",
+            "serve",
+            "--bind",
+            endpoint,
+            "--plans",
+            str(work),
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--mqtt",
+            url,
+            "--device-id",
+            "demo-server",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     client = None
     limit = cpu_limit(edge_cpus)
     limit.__enter__()
     try:
-        client = EdgeClient(EdgeConfig(plan_dir, server=em.edge_connect, window=cfg.window, mqtt=url, device_id="demo-edge",
-                                       timeout_s=10.0))
+        client = EdgeClient(
+            EdgeConfig(
+                plan_dir,
+                server=em.edge_connect,
+                window=cfg.window,
+                mqtt=url,
+                device_id="demo-edge",
+                timeout_s=10.0,
+            )
+        )
         # the server process must not inherit the edge's CPU limit: it was started before it
         end = time.monotonic() + 20
         while not client.server_up and time.monotonic() < end and p.inp.kind != "edge-only":
@@ -141,28 +201,62 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
             broker.stop()
 
     b = [r.breakdown for r in seq]
-    measured = {k: median_of_present([x.get(k) for x in b]) for k in ("head_ms", "encode_ms", "network_ms", "server_decode_ms",
-                                                            "tail_ms", "decode_ms", "total_ms", "local_ms")}
+    measured = {
+        k: median_of_present([x.get(k) for x in b])
+        for k in (
+            "head_ms",
+            "encode_ms",
+            "network_ms",
+            "server_decode_ms",
+            "tail_ms",
+            "decode_ms",
+            "total_ms",
+            "local_ms",
+        )
+    }
     pb = p.breakdown
-    rows = [("head (edge)", pb.get("head_ms"), measured["head_ms"]),
-            ("encode (edge)", pb.get("encode_ms"), measured["encode_ms"]),
-            ("network (up + RTT + down)", pb.get("uplink_ms", 0) + pb.get("rtt_ms", 0) + pb.get("downlink_ms", 0)
-             if "uplink_ms" in pb else None, measured["network_ms"]),
-            ("decode (server)", pb.get("decode_ms"), measured["server_decode_ms"]),
-            ("tail (server)", pb.get("tail_ms"), measured["tail_ms"]),
-            ("end to end", p.latency_ms, measured["total_ms"])]
-    summary = {"model": h.name, "network": net.name, "pick": p.label, "requests": cfg.requests,
-               "throughput_measured_ips": cfg.requests / wall, "throughput_predicted_ips": p.throughput_ips,
-               "fallbacks": sum(r.fallback for r in results), "max_abs_error_vs_unsplit": err, "stages": rows,
-               "telemetry_devices": sorted(fleet), "seconds": time.perf_counter() - t_start, "plan_dir": str(plan_dir)}
-    say(f"[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; link: {em.mechanism}, "
-        f"{'emulated' if em.link else 'loopback, not emulated'}):")
+    rows = [
+        ("head (edge)", pb.get("head_ms"), measured["head_ms"]),
+        ("encode (edge)", pb.get("encode_ms"), measured["encode_ms"]),
+        (
+            "network (up + RTT + down)",
+            pb.get("uplink_ms", 0) + pb.get("rtt_ms", 0) + pb.get("downlink_ms", 0)
+            if "uplink_ms" in pb
+            else None,
+            measured["network_ms"],
+        ),
+        ("decode (server)", pb.get("decode_ms"), measured["server_decode_ms"]),
+        ("tail (server)", pb.get("tail_ms"), measured["tail_ms"]),
+        ("end to end", p.latency_ms, measured["total_ms"]),
+    ]
+    summary = {
+        "model": h.name,
+        "network": net.name,
+        "pick": p.label,
+        "requests": cfg.requests,
+        "throughput_measured_ips": cfg.requests / wall,
+        "throughput_predicted_ips": p.throughput_ips,
+        "fallbacks": sum(r.fallback for r in results),
+        "max_abs_error_vs_unsplit": err,
+        "stages": rows,
+        "telemetry_devices": sorted(fleet),
+        "seconds": time.perf_counter() - t_start,
+        "plan_dir": str(plan_dir),
+    }
+    say(
+        f"[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; link: {em.mechanism}, "
+        f"{'emulated' if em.link else 'loopback, not emulated'}):"
+    )
     for name, pred, meas in rows:
         say(f"      {name:28s} predicted {_f(pred):>9s}   measured {_f(meas):>9s}")
-    say(f"      throughput: measured {summary['throughput_measured_ips']:.1f}/s pipelined vs predicted "
-        f"{p.throughput_ips:.1f}/s; fallbacks {summary['fallbacks']}; max |split − unsplit| = {err:.2e}")
-    say(f"      telemetry seen from: {', '.join(summary['telemetry_devices']) or 'none'}; "
-        f"total {summary['seconds']:.0f} s; plan in {plan_dir}")
+    say(
+        f"      throughput: measured {summary['throughput_measured_ips']:.1f}/s pipelined vs predicted "
+        f"{p.throughput_ips:.1f}/s; fallbacks {summary['fallbacks']}; max |split − unsplit| = {err:.2e}"
+    )
+    say(
+        f"      telemetry seen from: {', '.join(summary['telemetry_devices']) or 'none'}; "
+        f"total {summary['seconds']:.0f} s; plan in {plan_dir}"
+    )
     return summary
 
 

@@ -12,7 +12,7 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.errors import SplitPointError
 from splitpoint.core.plan import PLAN_FILE, Plan
-from splitpoint.core.telemetry import BrokerURL, TOPIC_ROOT
+from splitpoint.core.telemetry import TOPIC_ROOT, BrokerURL
 
 
 def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:
@@ -26,9 +26,13 @@ def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:
     s.setsockopt(zmq.LINGER, 0)
     try:
         s.connect(endpoint)
-        s.send_multipart(wire.Message(wire.DEPLOY, 1, plan.plan_id, meta={"files": names}, frames=frames).to_frames())
+        s.send_multipart(
+            wire.Message(wire.DEPLOY, 1, plan.plan_id, meta={"files": names}, frames=frames).to_frames()
+        )
         if not s.poll(int(timeout_s * 1000)):
-            raise SplitPointError(f"{endpoint} did not acknowledge plan {plan.plan_id[:12]} within {timeout_s:g} s")
+            raise SplitPointError(
+                f"{endpoint} did not acknowledge plan {plan.plan_id[:12]} within {timeout_s:g} s"
+            )
         reply = wire.parse(s.recv_multipart())
     finally:
         s.close(0)

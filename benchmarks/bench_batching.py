@@ -21,19 +21,38 @@ from common import write_results  # noqa: E402
 
 from splitpoint.app.broker import free_port  # noqa: E402
 from splitpoint.app.process import stop  # noqa: E402
-from splitpoint.edge.client import EdgeClient, EdgeConfig  # noqa: E402
 from splitpoint.core.graph import open_model  # noqa: E402
 from splitpoint.core.plandir import write_baseline_plan  # noqa: E402
 from splitpoint.core.runner import sample_feeds  # noqa: E402
+from splitpoint.edge.client import EdgeClient, EdgeConfig  # noqa: E402
 
 
 def run(plan: Path, max_batch: int, clients: int, window: int, per_client: int, feeds) -> dict:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans", str(plan.parent),
-                            "--workers", "1", "--threads", "1", "--max-batch", str(max_batch), "--quiet"])
+    srv = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app.cli",
+            "serve",
+            "--bind",
+            endpoint,
+            "--plans",
+            str(plan.parent),
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--max-batch",
+            str(max_batch),
+            "--quiet",
+        ]
+    )
     try:
-        cs = [EdgeClient(EdgeConfig(plan, server=endpoint, window=window, connect_grace_s=20, timeout_s=60))
-              for _ in range(clients)]
+        cs = [
+            EdgeClient(EdgeConfig(plan, server=endpoint, window=window, connect_grace_s=20, timeout_s=60))
+            for _ in range(clients)
+        ]
         for c in cs:
             c.infer(feeds, timeout=60)
         batches: list[int] = []
@@ -65,8 +84,14 @@ def run(plan: Path, max_batch: int, clients: int, window: int, per_client: int, 
         for c in cs:
             c.close()
         n = len(done)
-        return {"max_batch": max_batch, "requests": n, "throughput_ips": (n - 1) / (done[-1] - done[0]),
-                "wall_s": time.perf_counter() - t0, "mean_batch": statistics.mean(batches), "max_seen_batch": max(batches)}
+        return {
+            "max_batch": max_batch,
+            "requests": n,
+            "throughput_ips": (n - 1) / (done[-1] - done[0]),
+            "wall_s": time.perf_counter() - t0,
+            "mean_batch": statistics.mean(batches),
+            "max_seen_batch": max(batches),
+        }
     finally:
         stop(srv)
 
@@ -90,16 +115,27 @@ def main() -> None:
             rows.append(run(plan, mb, args.clients, args.window, args.per_client, feeds))
             print(rows[-1], flush=True)
     by = {mb: statistics.median(r["throughput_ips"] for r in rows if r["max_batch"] == mb) for mb in (1, 8)}
-    md = ["# Server micro-batching", "",
-          f"`python benchmarks/bench_batching.py --model {args.model} --clients {args.clients}`: one tail server (1 worker, "
-          f"1 onnxruntime thread, CPU) serving {args.clients} edge clients in one process, {args.window} requests in flight "
-          f"each, the server-only plan (float16 input). Throughput is the steady state over all clients; the settings alternate "
-          f"over {args.rounds} rounds.", "",
-          "| --max-batch | requests | throughput (/s) | mean requests per tail run | largest run |", "|---:|---:|---:|---:|---:|"]
+    md = [
+        "# Server micro-batching",
+        "",
+        f"`python benchmarks/bench_batching.py --model {args.model} --clients {args.clients}`: one tail server (1 worker, "
+        f"1 onnxruntime thread, CPU) serving {args.clients} edge clients in one process, {args.window} requests in flight "
+        f"each, the server-only plan (float16 input). Throughput is the steady state over all clients; the settings alternate "
+        f"over {args.rounds} rounds.",
+        "",
+        "| --max-batch | requests | throughput (/s) | mean requests per tail run | largest run |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        md.append(f"| {r['max_batch']} | {r['requests']} | {r['throughput_ips']:.1f} | {r['mean_batch']:.2f} | {r['max_seen_batch']} |")
-    md += ["", f"Median throughput {by[1]:.1f}/s without batching, {by[8]:.1f}/s with `--max-batch 8` "
-           f"({by[8] / by[1]:.2f}×), measured on this 2-core CPU machine.", ""]
+        md.append(
+            f"| {r['max_batch']} | {r['requests']} | {r['throughput_ips']:.1f} | {r['mean_batch']:.2f} | {r['max_seen_batch']} |"
+        )
+    md += [
+        "",
+        f"Median throughput {by[1]:.1f}/s without batching, {by[8]:.1f}/s with `--max-batch 8` "
+        f"({by[8] / by[1]:.2f}×), measured on this 2-core CPU machine.",
+        "",
+    ]
     write_results("batching", {"rows": rows, "median_ips": by, "ratio": by[8] / by[1]}, "\n".join(md))
 
 

@@ -41,8 +41,16 @@ def measure(name: str, model) -> dict:
     mid = cuts[len(cuts) // 2]
     with tempfile.TemporaryDirectory() as d:
         t_split, _, _ = timed(lambda: write_plan(idx, mid, Path(d) / "p", name, "x", force=True), repeat=3)
-    return {"model": name, "nodes": len(idx.nodes), "cuts": len(cuts), "index_s": t_index, "enumerate_s": t_enum,
-            "list_all_cuts_s": t_index + t_enum, "split_s": t_split, "us_per_cut": 1e6 * t_enum / len(cuts)}
+    return {
+        "model": name,
+        "nodes": len(idx.nodes),
+        "cuts": len(cuts),
+        "index_s": t_index,
+        "enumerate_s": t_enum,
+        "list_all_cuts_s": t_index + t_enum,
+        "split_s": t_split,
+        "us_per_cut": 1e6 * t_enum / len(cuts),
+    }
 
 
 def main() -> None:
@@ -50,19 +58,29 @@ def main() -> None:
     for blocks in (36, 72, 144, 288):
         rows.append(measure(f"deep-residual-{blocks}", deep_residual(blocks)))
     big = next(r for r in rows if r["nodes"] >= 1000)
-    md = ["# Graph cutting cost", "",
-          "Measured medians on this machine (`python benchmarks/bench_cutting.py`). `index` = load-time graph "
-          "index incl. ONNX shape inference; `enumerate` = the sweep over all cuts; `split` = extract, "
-          "full checker on both halves, write head/tail/plan.json.", "",
-          "| graph | nodes | cuts | index (ms) | enumerate (ms) | list all cuts (ms) | µs/cut | one split (ms) |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    md = [
+        "# Graph cutting cost",
+        "",
+        "Measured medians on this machine (`python benchmarks/bench_cutting.py`). `index` = load-time graph "
+        "index incl. ONNX shape inference; `enumerate` = the sweep over all cuts; `split` = extract, "
+        "full checker on both halves, write head/tail/plan.json.",
+        "",
+        "| graph | nodes | cuts | index (ms) | enumerate (ms) | list all cuts (ms) | µs/cut | one split (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        md.append(f"| {r['model']} | {r['nodes']} | {r['cuts']} | {1e3 * r['index_s']:.1f} | {1e3 * r['enumerate_s']:.1f} | "
-                  f"{1e3 * r['list_all_cuts_s']:.1f} | {r['us_per_cut']:.1f} | {1e3 * r['split_s']:.1f} |")
-    md += ["", f"Targets on the {big['nodes']}-node graph: list all cuts < 1 s: "
-           f"**{1e3 * big['list_all_cuts_s']:.0f} ms** ({'met' if big['list_all_cuts_s'] < 1 else 'MISSED'}); "
-           f"one split < 2 s: **{1e3 * big['split_s']:.0f} ms** ({'met' if big['split_s'] < 2 else 'MISSED'}).",
-           "Scaling: µs per cut stays flat as the graph grows 8× (near-linear).", ""]
+        md.append(
+            f"| {r['model']} | {r['nodes']} | {r['cuts']} | {1e3 * r['index_s']:.1f} | {1e3 * r['enumerate_s']:.1f} | "
+            f"{1e3 * r['list_all_cuts_s']:.1f} | {r['us_per_cut']:.1f} | {1e3 * r['split_s']:.1f} |"
+        )
+    md += [
+        "",
+        f"Targets on the {big['nodes']}-node graph: list all cuts < 1 s: "
+        f"**{1e3 * big['list_all_cuts_s']:.0f} ms** ({'met' if big['list_all_cuts_s'] < 1 else 'MISSED'}); "
+        f"one split < 2 s: **{1e3 * big['split_s']:.0f} ms** ({'met' if big['split_s'] < 2 else 'MISSED'}).",
+        "Scaling: µs per cut stays flat as the graph grows 8× (near-linear).",
+        "",
+    ]
     write_results("cutting", {"rows": rows}, "\n".join(md))
 
 

@@ -34,11 +34,15 @@ def fmt_bytes(n: int) -> str:
 
 
 def main() -> None:
-    md = ["# Planner decisions", "",
-          f"`python benchmarks/bench_planner.py`. Edge: 1 thread under a CPU limit of {EDGE_CPUS} CPU (emulated small "
-          "device; mechanism below). Server: 2 threads, no limit. Fidelity: top-1 agreement with the unsplit model on "
-          "16 seeded random inputs (the zoo's weights are random). Constraint: top-1 agreement ≥ 0.9; objective: "
-          "latency. All latency/throughput figures are derived from the measured profiles by the cost model.", ""]
+    md = [
+        "# Planner decisions",
+        "",
+        f"`python benchmarks/bench_planner.py`. Edge: 1 thread under a CPU limit of {EDGE_CPUS} CPU (emulated small "
+        "device; mechanism below). Server: 2 threads, no limit. Fidelity: top-1 agreement with the unsplit model on "
+        "16 seeded random inputs (the zoo's weights are random). Constraint: top-1 agreement ≥ 0.9; objective: "
+        "latency. All latency/throughput figures are derived from the measured profiles by the cost model.",
+        "",
+    ]
     data = {"models": {}}
     speed_inputs = None
     for name in ("resnet50", "mobilenetv2"):
@@ -54,46 +58,73 @@ def main() -> None:
         m = gather(h, edge, server, load_inputs(h.model, random=16))
         decisions = decide(m, [load_network(n) for n in NETWORKS], Constraints(min_fidelity=0.9))
         plan_s = time.perf_counter() - t0
-        md += [f"## {name}", "",
-               f"Edge whole model {edge.whole.median_ms:.1f} ms ({em.mechanism + f', {em.cpus:g} CPU' if em else 'no limit'}), "
-               f"server {server.whole.median_ms:.1f} ms; {len(h.cuts())} cuts × {len(m.codecs)} codecs + baselines = "
-               f"{len(decisions[0].candidates)} candidates; fidelity measured at {len({k[0] for k in m.fidelity}) - 1} "
-               f"cut positions; gather + decide took {plan_s:.1f} s.", ""]
-        data["models"][name] = {"edge_ms": edge.whole.median_ms, "server_ms": server.whole.median_ms,
-                                "emulation": em.model_dump() if em else None, "plan_s": plan_s, "networks": {}}
+        md += [
+            f"## {name}",
+            "",
+            f"Edge whole model {edge.whole.median_ms:.1f} ms ({em.mechanism + f', {em.cpus:g} CPU' if em else 'no limit'}), "
+            f"server {server.whole.median_ms:.1f} ms; {len(h.cuts())} cuts × {len(m.codecs)} codecs + baselines = "
+            f"{len(decisions[0].candidates)} candidates; fidelity measured at {len({k[0] for k in m.fidelity}) - 1} "
+            f"cut positions; gather + decide took {plan_s:.1f} s.",
+            "",
+        ]
+        data["models"][name] = {
+            "edge_ms": edge.whole.median_ms,
+            "server_ms": server.whole.median_ms,
+            "emulation": em.model_dump() if em else None,
+            "plan_s": plan_s,
+            "networks": {},
+        }
         for d in decisions:
-            md += [f"**{d.link.name}** (uplink {d.link.uplink_mbps} Mbit/s, RTT {d.link.rtt_ms} ms) — pick: "
-                   f"**{d.pick.label}**, {d.pick.latency_ms:.1f} ms, {d.pick.throughput_ips:.1f}/s, "
-                   f"{fmt_bytes(d.pick.bytes_per_inference)}/inference, top-1 agreement {d.pick.inp.fidelity:.3f}", "",
-                   "| candidate | latency ms | throughput /s | edge ms | transfer ms | bytes | edge memory | fidelity |",
-                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            md += [
+                f"**{d.link.name}** (uplink {d.link.uplink_mbps} Mbit/s, RTT {d.link.rtt_ms} ms) — pick: "
+                f"**{d.pick.label}**, {d.pick.latency_ms:.1f} ms, {d.pick.throughput_ips:.1f}/s, "
+                f"{fmt_bytes(d.pick.bytes_per_inference)}/inference, top-1 agreement {d.pick.inp.fidelity:.3f}",
+                "",
+                "| candidate | latency ms | throughput /s | edge ms | transfer ms | bytes | edge memory | fidelity |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ]
             for c in d.front[:12]:
-                md.append(f"| {'★ ' if c is d.pick else ''}{c.label} | {c.latency_ms:.1f} | {c.throughput_ips:.1f} | "
-                          f"{c.edge_ms:.1f} | {c.transfer_ms:.1f} | {fmt_bytes(c.bytes_per_inference)} | "
-                          f"{fmt_bytes(c.inp.edge_memory_bytes)} | {c.inp.fidelity:.3f} |")
+                md.append(
+                    f"| {'★ ' if c is d.pick else ''}{c.label} | {c.latency_ms:.1f} | {c.throughput_ips:.1f} | "
+                    f"{c.edge_ms:.1f} | {c.transfer_ms:.1f} | {fmt_bytes(c.bytes_per_inference)} | "
+                    f"{fmt_bytes(c.inp.edge_memory_bytes)} | {c.inp.fidelity:.3f} |"
+                )
             if len(d.front) > 12:
                 md.append(f"| … {len(d.front) - 12} more on the front | | | | | | | |")
             base = {c.label: c for c in d.candidates if c.inp.kind != "split"}
             edge_only, server_raw = base["edge-only"], base["server-only float32"]
-            md += ["", f"Baselines: edge-only {edge_only.latency_ms:.1f} ms; server-only float32 {server_raw.latency_ms:.1f} ms; "
-                   f"pick is {edge_only.latency_ms / d.pick.latency_ms:.2f}× faster than edge-only and "
-                   f"{server_raw.latency_ms / d.pick.latency_ms:.2f}× faster than sending the raw input.", ""]
-            data["models"][name]["networks"][d.link.name] = {"pick": d.pick.to_dict(), "front": [c.to_dict() for c in d.front]}
+            md += [
+                "",
+                f"Baselines: edge-only {edge_only.latency_ms:.1f} ms; server-only float32 {server_raw.latency_ms:.1f} ms; "
+                f"pick is {edge_only.latency_ms / d.pick.latency_ms:.2f}× faster than edge-only and "
+                f"{server_raw.latency_ms / d.pick.latency_ms:.2f}× faster than sending the raw input.",
+                "",
+            ]
+            data["models"][name]["networks"][d.link.name] = {
+                "pick": d.pick.to_dict(),
+                "front": [c.to_dict() for c in d.front],
+            }
         speed_inputs = candidate_inputs(m)
     # search speed: all candidates of the last model, every shipped network profile (8 links)
     links = [link_of(load_network(n)) for n in network_names()]
     links = (links * 2)[:8]
     inputs = speed_inputs * (1 + 1000 // len(speed_inputs))
-    inputs = inputs[:max(1000, len(speed_inputs))]
+    inputs = inputs[: max(1000, len(speed_inputs))]
     t0 = time.perf_counter()
     for link in links:
-        cands = [evaluate(ci, link) for ci in inputs if ci.fidelity is not None] or [evaluate(ci, link) for ci in inputs]
+        cands = [evaluate(ci, link) for ci in inputs if ci.fidelity is not None] or [
+            evaluate(ci, link) for ci in inputs
+        ]
         front(cands)
         pick(cands, Constraints())
     search_s = time.perf_counter() - t0
-    md += ["## Search speed", "",
-           f"Cost model + Pareto front + pick over {len(inputs)} candidates × {len(links)} network profiles: "
-           f"**{1e3 * search_s:.0f} ms** (target < 1 s: {'met' if search_s < 1 else 'MISSED'}).", ""]
+    md += [
+        "## Search speed",
+        "",
+        f"Cost model + Pareto front + pick over {len(inputs)} candidates × {len(links)} network profiles: "
+        f"**{1e3 * search_s:.0f} ms** (target < 1 s: {'met' if search_s < 1 else 'MISSED'}).",
+        "",
+    ]
     data["search"] = {"candidates": len(inputs), "links": len(links), "seconds": search_s}
     write_results("planner", data, "\n".join(md))
 

@@ -62,7 +62,7 @@ def bare_round_trip_ms(size: int, n: int = 300) -> float:
     finally:
         d.close(0)
         proc.kill()
-    return statistics.median(ts[n // 10:])
+    return statistics.median(ts[n // 10 :])
 
 
 def main() -> None:
@@ -74,8 +74,12 @@ def main() -> None:
     h = open_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="splitpoint-rt-"))
     cuts = h.cuts()
-    picks = [("server-only", None, "float32"), ("split", cuts[len(cuts) // 4], "float32"),
-             ("split", cuts[len(cuts) // 2], "int8+lz4"), ("split", cuts[(3 * len(cuts)) // 4], "float16")]
+    picks = [
+        ("server-only", None, "float32"),
+        ("split", cuts[len(cuts) // 4], "float32"),
+        ("split", cuts[len(cuts) // 2], "int8+lz4"),
+        ("split", cuts[(3 * len(cuts)) // 4], "float16"),
+    ]
     dirs = []
     for kind, cut, codec in picks:
         d = work / "plans" / f"{kind}-{cut.index if cut else 0}-{codec.replace('+', '_')}"
@@ -87,14 +91,47 @@ def main() -> None:
     inputs = work / "inputs.npz"
     _inputs_file(h, 4, inputs)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans",
-                            str(work / "plans"), "--workers", "1", "--threads", "1", "--quiet"])
+    srv = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app.cli",
+            "serve",
+            "--bind",
+            endpoint,
+            "--plans",
+            str(work / "plans"),
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+    )
     out = work / "edge.json"
     try:
-        subprocess.run([sys.executable, "-m", "splitpoint.app.bench.edgerun", "--plans",
-                        json.dumps([[str(d), args.window] for d in dirs]), "--server", endpoint, "--inputs", str(inputs),
-                        "--seconds", str(args.seconds), "--min-requests", "20", "--max-requests", "200",
-                        "--out", str(out)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "splitpoint.app.bench.edgerun",
+                "--plans",
+                json.dumps([[str(d), args.window] for d in dirs]),
+                "--server",
+                endpoint,
+                "--inputs",
+                str(inputs),
+                "--seconds",
+                str(args.seconds),
+                "--min-requests",
+                "20",
+                "--max-requests",
+                "200",
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
     finally:
         stop(srv)
     res = json.loads(out.read_text())["results"]
@@ -105,45 +142,85 @@ def main() -> None:
         edge = (s["head_ms"] or 0) + (s["encode_ms"] or 0)
         server = sum(s[k] or 0 for k in ("server_decode_ms", "tail_ms", "server_encode_ms"))
         bound = 1000.0 / max(edge, server)
-        rows.append({"plan": f"{kind}{f' cut {cut.index}' if cut else ''} {codec}", "requests": m["requests_sequential"],
-                     "latency_ms": m["latency_ms_median"], "edge_stage_ms": edge, "server_stage_ms": server,
-                     "overhead_ms": m["non_compute_ms_median"], "bytes": m["bytes_sent_median"],
-                     "round_trip_ms": s["network_ms"], "server_queue_ms": s["server_queue_ms"],
-                     "throughput_ips": m["throughput_ips"], "bound_ips": bound, "ratio": m["throughput_ips"] / bound,
-                     "window": m["window"], "pipelined_requests": m["requests_pipelined"]})
-    md = ["# Runtime overhead and pipelining at loopback", "",
-          f"`python benchmarks/bench_runtime.py --model {args.model}`: server in its own process (1 worker, 1 onnxruntime "
-          "thread), edge client in another (1 head worker, 1 thread), tcp loopback, no CPU limit. Requests one at a time "
-          "for the latency columns, then a window of "
-          f"{args.window} in flight for throughput (steady state: completions after the first over the time from the first to the last).", "",
-          "*Overhead* = end-to-end latency − (head + encode + server decode + tail + server reply encode + reply decode), "
-          "per request, median: the wire, the sockets, the thread hand-offs and the framing. Every term is measured.", "",
-          "The overhead splits into the *socket round trip* (edge I/O thread sends → server socket thread receives, plus "
-          "the server's reply hand-off → edge I/O thread receives: zmq's I/O threads, loopback TCP and two Python thread "
-          "wake-ups), the *server queue* (socket thread → worker) and the rest (edge hand-offs: head → I/O thread, "
-          "I/O thread → caller).", "",
-          "| plan | requests | latency (ms) | edge stage (ms) | server stage (ms) | **overhead (ms)** | of which socket round trip | server queue | rest | bytes up | throughput (/s) | 1/max(stage) (/s) | **ratio** |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows.append(
+            {
+                "plan": f"{kind}{f' cut {cut.index}' if cut else ''} {codec}",
+                "requests": m["requests_sequential"],
+                "latency_ms": m["latency_ms_median"],
+                "edge_stage_ms": edge,
+                "server_stage_ms": server,
+                "overhead_ms": m["non_compute_ms_median"],
+                "bytes": m["bytes_sent_median"],
+                "round_trip_ms": s["network_ms"],
+                "server_queue_ms": s["server_queue_ms"],
+                "throughput_ips": m["throughput_ips"],
+                "bound_ips": bound,
+                "ratio": m["throughput_ips"] / bound,
+                "window": m["window"],
+                "pipelined_requests": m["requests_pipelined"],
+            }
+        )
+    md = [
+        "# Runtime overhead and pipelining at loopback",
+        "",
+        f"`python benchmarks/bench_runtime.py --model {args.model}`: server in its own process (1 worker, 1 onnxruntime "
+        "thread), edge client in another (1 head worker, 1 thread), tcp loopback, no CPU limit. Requests one at a time "
+        "for the latency columns, then a window of "
+        f"{args.window} in flight for throughput (steady state: completions after the first over the time from the first to the last).",
+        "",
+        "*Overhead* = end-to-end latency − (head + encode + server decode + tail + server reply encode + reply decode), "
+        "per request, median: the wire, the sockets, the thread hand-offs and the framing. Every term is measured.",
+        "",
+        "The overhead splits into the *socket round trip* (edge I/O thread sends → server socket thread receives, plus "
+        "the server's reply hand-off → edge I/O thread receives: zmq's I/O threads, loopback TCP and two Python thread "
+        "wake-ups), the *server queue* (socket thread → worker) and the rest (edge hand-offs: head → I/O thread, "
+        "I/O thread → caller).",
+        "",
+        "| plan | requests | latency (ms) | edge stage (ms) | server stage (ms) | **overhead (ms)** | of which socket round trip | server queue | rest | bytes up | throughput (/s) | 1/max(stage) (/s) | **ratio** |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        md.append(f"| {r['plan']} | {r['requests']} | {r['latency_ms']:.2f} | {r['edge_stage_ms']:.2f} | {r['server_stage_ms']:.2f} | "
-                  f"**{r['overhead_ms']:.2f}** | {r['round_trip_ms']:.2f} | {r['server_queue_ms']:.2f} | "
-                  f"{r['overhead_ms'] - r['round_trip_ms'] - r['server_queue_ms']:.2f} | {r['bytes']:.0f} | {r['throughput_ips']:.1f} | {r['bound_ips']:.1f} | "
-                  f"**{100 * r['ratio']:.0f} %** |")
+        md.append(
+            f"| {r['plan']} | {r['requests']} | {r['latency_ms']:.2f} | {r['edge_stage_ms']:.2f} | {r['server_stage_ms']:.2f} | "
+            f"**{r['overhead_ms']:.2f}** | {r['round_trip_ms']:.2f} | {r['server_queue_ms']:.2f} | "
+            f"{r['overhead_ms'] - r['round_trip_ms'] - r['server_queue_ms']:.2f} | {r['bytes']:.0f} | {r['throughput_ips']:.1f} | {r['bound_ips']:.1f} | "
+            f"**{100 * r['ratio']:.0f} %** |"
+        )
     floor = {n: bare_round_trip_ms(n) for n in (64, 150_000, 600_000)}
-    excess = statistics.median(r["round_trip_ms"] - floor[min(floor, key=lambda k: abs(k - r["bytes"]))] for r in rows)
-    md += ["", "For scale, the bare floor measured in the same run: a pyzmq DEALER/ROUTER round trip between two processes, "
-           "each in its main thread, with no header, codec or thread hand-off: "
-           + ", ".join(f"{v:.2f} ms for {k:,} bytes" for k, v in floor.items()) + f". The socket round trip above exceeds that floor by {excess:.2f} ms (median over the plans): Python threads "
-           "waking, the server's socket thread on receive and again to send a worker's reply and the edge's I/O thread "
-           "on the reply. They exist because ZeroMQ sockets are not thread-safe, so each is owned by one thread and "
-           "compute runs on others. This VM's speed drifts by ±15 %, and the floor itself moved between 0.1 and 0.5 ms "
-           "across runs."]
+    excess = statistics.median(
+        r["round_trip_ms"] - floor[min(floor, key=lambda k: abs(k - r["bytes"]))] for r in rows
+    )
+    md += [
+        "",
+        "For scale, the bare floor measured in the same run: a pyzmq DEALER/ROUTER round trip between two processes, "
+        "each in its main thread, with no header, codec or thread hand-off: "
+        + ", ".join(f"{v:.2f} ms for {k:,} bytes" for k, v in floor.items())
+        + f". The socket round trip above exceeds that floor by {excess:.2f} ms (median over the plans): Python threads "
+        "waking, the server's socket thread on receive and again to send a worker's reply and the edge's I/O thread "
+        "on the reply. They exist because ZeroMQ sockets are not thread-safe, so each is owned by one thread and "
+        "compute runs on others. This VM's speed drifts by ±15 %, and the floor itself moved between 0.1 and 0.5 ms "
+        "across runs.",
+    ]
     oh = statistics.median(r["overhead_ms"] for r in rows)
     ratio = statistics.median(r["ratio"] for r in rows)
-    md += ["", f"Median overhead {oh:.2f} ms (target ≤ 0.5 ms: {'met' if oh <= 0.5 else 'MISSED'}); median pipelining ratio "
-           f"{100 * ratio:.0f} % (target ≥ 90 %: {'met' if ratio >= 0.9 else 'MISSED'}).", ""]
-    write_results("runtime", {"model": args.model, "rows": rows, "median_overhead_ms": oh, "median_ratio": ratio,
-                              "bare_zmq_round_trip_ms": floor, "round_trip_excess_ms": excess}, "\n".join(md))
+    md += [
+        "",
+        f"Median overhead {oh:.2f} ms (target ≤ 0.5 ms: {'met' if oh <= 0.5 else 'MISSED'}); median pipelining ratio "
+        f"{100 * ratio:.0f} % (target ≥ 90 %: {'met' if ratio >= 0.9 else 'MISSED'}).",
+        "",
+    ]
+    write_results(
+        "runtime",
+        {
+            "model": args.model,
+            "rows": rows,
+            "median_overhead_ms": oh,
+            "median_ratio": ratio,
+            "bare_zmq_round_trip_ms": floor,
+            "round_trip_excess_ms": excess,
+        },
+        "\n".join(md),
+    )
 
 
 if __name__ == "__main__":

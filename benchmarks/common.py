@@ -38,8 +38,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_results(name: str, data: dict, markdown: str) -> None:

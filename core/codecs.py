@@ -53,7 +53,7 @@ class Codec:
         return self.base == "float32"
 
     @classmethod
-    def parse(cls, name: str) -> "Codec":
+    def parse(cls, name: str) -> Codec:
         base, _, stage = name.partition("+")
         if base not in BASES or stage not in STAGES:
             raise CodecError(f"unknown codec {name!r}; known: {', '.join(all_codecs())}")
@@ -69,7 +69,9 @@ def all_codecs() -> list[str]:
 # not thread-safe, so each thread keeps its own.
 ZSTD_CHUNK = 128 * 1024
 _local = threading.local()
-_pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="splitpoint-zstd")
+_pool = ThreadPoolExecutor(
+    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="splitpoint-zstd"
+)
 
 
 def _zc() -> zstandard.ZstdCompressor:
@@ -95,7 +97,7 @@ def _zstd_compress(body: bytes) -> bytes:
     if len(spans) == 1:
         frames = [_zc().compress(body)]
     else:
-        frames = list(_pool.map(lambda ab: _zc().compress(view[ab[0]:ab[1]]), spans))
+        frames = list(_pool.map(lambda ab: _zc().compress(view[ab[0] : ab[1]]), spans))
     return struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames)) + b"".join(frames)
 
 
@@ -116,7 +118,7 @@ def _zstd_decompress(stored: memoryview, raw_len: int) -> bytes:
     def one(i: int) -> bytes:
         want = spans[i][1] - spans[i][0]
         try:
-            out = _zd().decompress(stored[offs[i]:offs[i + 1]], max_output_size=want)
+            out = _zd().decompress(stored[offs[i] : offs[i + 1]], max_output_size=want)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd stage is corrupt: {exc}") from exc
         if len(out) != want:
@@ -198,8 +200,17 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytes:
         body = _zstd_compress(body)
     elif c.stage == "lz4":
         body = lz4.block.compress(body, store_size=False)
-    head = _HEAD.pack(MAGIC, VERSION, BASES.index(base), STAGES.index(c.stage), _DTYPES.index(dtype), x.ndim, axis,
-                      raw_len, len(body))
+    head = _HEAD.pack(
+        MAGIC,
+        VERSION,
+        BASES.index(base),
+        STAGES.index(c.stage),
+        _DTYPES.index(dtype),
+        x.ndim,
+        axis,
+        raw_len,
+        len(body),
+    )
     shape = struct.pack(f"<{x.ndim}Q", *x.shape)
     return b"".join([head, shape, struct.pack("<I", params.size), params.astype("<f4").tobytes(), body])
 
@@ -242,7 +253,9 @@ def decode(payload: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> n
     channels = shape[axis] if axis >= 0 else 1
     want_params = 0 if base in ("float32", "float16") else 2 * channels
     if nparams != want_params:
-        raise CodecError(f"header has {nparams} quantisation parameters, codec {base} on shape {shape} needs {want_params}")
+        raise CodecError(
+            f"header has {nparams} quantisation parameters, codec {base} on shape {shape} needs {want_params}"
+        )
     if len(buf) < off + 4 * nparams:
         raise CodecError("payload truncated inside the quantisation parameters")
     params = np.frombuffer(buf, "<f4", nparams, off).astype(np.float32)
@@ -250,7 +263,7 @@ def decode(payload: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> n
     if not np.isfinite(params).all():
         raise CodecError("quantisation parameters are not finite")
     if nparams:
-        scale, lo = params[: nparams // 2], params[nparams // 2:]
+        scale, lo = params[: nparams // 2], params[nparams // 2 :]
         levels = 15 if base == "int4" else 255
         with np.errstate(over="ignore"):
             top = lo + levels * scale
@@ -273,7 +286,11 @@ def decode(payload: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> n
         raise CodecError(f"lossless stage produced {len(body)} bytes, header says {raw_len}")
     ax = None if axis < 0 else axis
     if base == "float32":
-        return np.frombuffer(body, dtype, n).reshape(shape).copy() if stage == "" else np.frombuffer(body, dtype, n).reshape(shape)
+        return (
+            np.frombuffer(body, dtype, n).reshape(shape).copy()
+            if stage == ""
+            else np.frombuffer(body, dtype, n).reshape(shape)
+        )
     if base == "float16":
         return np.frombuffer(body, np.float16, n).reshape(shape).astype(dtype)
     if base in ("int8", "int8-ch"):

@@ -76,8 +76,14 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> None:
     """Save, switching to external data when the proto would exceed protobuf's 2 GiB limit."""
     p = Path(path)
     if model.ByteSize() > _PROTOBUF_LIMIT:
-        onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=p.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(p),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=p.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(p))
 

@@ -56,11 +56,13 @@ class Plan:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
+    def from_dict(cls, d: dict, where: str = "plan") -> Plan:
         if not isinstance(d, dict):
             raise PlanError(f"{where}: expected a JSON object")
         if d.get("format_version") != PLAN_FORMAT:
-            raise PlanError(f"{where}: unsupported plan format_version {d.get('format_version')!r} (this build reads {PLAN_FORMAT})")
+            raise PlanError(
+                f"{where}: unsupported plan format_version {d.get('format_version')!r} (this build reads {PLAN_FORMAT})"
+            )
         try:
             d = dict(d)
             for key in ("cut_tensors", "inputs", "outputs"):
@@ -73,7 +75,7 @@ class Plan:
         return plan
 
     @classmethod
-    def load(cls, plan_dir: str | Path, verify: bool = True) -> "Plan":
+    def load(cls, plan_dir: str | Path, verify: bool = True) -> Plan:
         p = Path(plan_dir) / PLAN_FILE
         if not p.is_file():
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
@@ -93,8 +95,10 @@ class Plan:
                 raise PlanError(f"plan {self.plan_id[:12]}: file {name} is missing from {plan_dir}")
             actual = sha256_file(f)
             if actual != digest:
-                raise PlanError(f"plan {self.plan_id[:12]}: checksum mismatch for {name} "
-                                f"(expected {digest[:12]}…, found {actual[:12]}…)")
+                raise PlanError(
+                    f"plan {self.plan_id[:12]}: checksum mismatch for {name} "
+                    f"(expected {digest[:12]}…, found {actual[:12]}…)"
+                )
 
 
 def verify_pushed(files: dict[str, bytes]) -> Plan:

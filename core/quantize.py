@@ -45,9 +45,16 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def quantize_head(head: onnx.ModelProto, calibration: list[dict[str, np.ndarray]], mode: str = "static") -> onnx.ModelProto:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+def quantize_head(
+    head: onnx.ModelProto, calibration: list[dict[str, np.ndarray]], mode: str = "static"
+) -> onnx.ModelProto:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     if mode not in MODES:
         raise SplitPointError(f"unknown head quantisation mode {mode!r}; choose {', '.join(MODES)}")
@@ -67,6 +74,13 @@ def quantize_head(head: onnx.ModelProto, calibration: list[dict[str, np.ndarray]
             if not samples:
                 raise SplitPointError("static quantisation needs calibration inputs")
             reader = type("Reader", (_Reader, CalibrationDataReader), {})(samples)
-            quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                str(src),
+                str(dst),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         return onnx.load(str(dst))

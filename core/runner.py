@@ -19,8 +19,13 @@ from .errors import SplitPointError
 from .plan import Plan
 
 
-def make_session(model: str | Path | bytes, threads: int = 0, provider: str = "CPUExecutionProvider",
-                 enable_profiling: bool = False, optimization: str = "all") -> ort.InferenceSession:
+def make_session(
+    model: str | Path | bytes,
+    threads: int = 0,
+    provider: str = "CPUExecutionProvider",
+    enable_profiling: bool = False,
+    optimization: str = "all",
+) -> ort.InferenceSession:
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -38,7 +43,9 @@ def make_session(model: str | Path | bytes, threads: int = 0, provider: str = "C
     so.log_severity_level = 3
     available = ort.get_available_providers()
     if provider not in available:
-        raise SplitPointError(f"execution provider {provider} is not available here (available: {', '.join(available)})")
+        raise SplitPointError(
+            f"execution provider {provider} is not available here (available: {', '.join(available)})"
+        )
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=so, providers=providers)
@@ -64,7 +71,6 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
     return feeds
 
 
-
 class HeadRunner:
     """Edge side: runs the head and returns the tensors to send (raw inputs that cross included)
     plus the final outputs the head already produced."""
@@ -80,9 +86,19 @@ class HeadRunner:
         missing = [i.name for i in self.plan.inputs if i.name not in feeds]
         if missing:
             raise SplitPointError(f"missing model input(s): {', '.join(missing)}")
-        produced = dict(zip(self.head_outputs, self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs}))) \
-            if self.session else {}
-        sent = {t.name: (feeds[t.name] if t.side == "input" else produced[t.name]) for t in self.plan.cut_tensors}
+        produced = (
+            dict(
+                zip(
+                    self.head_outputs,
+                    self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs}),
+                )
+            )
+            if self.session
+            else {}
+        )
+        sent = {
+            t.name: (feeds[t.name] if t.side == "input" else produced[t.name]) for t in self.plan.cut_tensors
+        }
         early = {o.name: produced[o.name] for o in self.plan.outputs if o.side == "head"}
         return sent, early
 
@@ -96,7 +112,9 @@ class TailRunner:
         self.outputs = [o.name for o in session.get_outputs()]
         self.inputs = {i.name: i for i in session.get_inputs()}
         # requests can share one run only where every input and output has a free leading (batch) dim
-        self.batchable = all(_free_batch_dim(a.shape) for a in [*session.get_inputs(), *session.get_outputs()])
+        self.batchable = all(
+            _free_batch_dim(a.shape) for a in [*session.get_inputs(), *session.get_outputs()]
+        )
 
     def run(self, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(self.outputs, cut)))

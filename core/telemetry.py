@@ -33,7 +33,7 @@ class BrokerURL:
     tls: bool = False
 
     @classmethod
-    def parse(cls, url: str) -> "BrokerURL":
+    def parse(cls, url: str) -> BrokerURL:
         u = urlparse(url if "://" in url else f"mqtt://{url}")
         if u.scheme not in ("mqtt", "mqtts", "tcp"):
             from .errors import SplitPointError
@@ -64,14 +64,21 @@ def host_metrics() -> dict:
         temp = max(temps) if temps else None
     except (AttributeError, OSError):
         pass
-    return {"cpu_percent": psutil.cpu_percent(interval=None), "memory_used_bytes": vm.used,
-            "memory_total_bytes": vm.total, "process_rss_bytes": proc.memory_info().rss, "temperature_c": temp}
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "memory_used_bytes": vm.used,
+        "memory_total_bytes": vm.total,
+        "process_rss_bytes": proc.memory_info().rss,
+        "temperature_c": temp,
+    }
 
 
 class Telemetry:
     """One device's publisher. Methods return immediately whether or not a broker is reachable."""
 
-    def __init__(self, device_id: str, role: str, url: str, max_queued: int = 1000, latency_per_s: float = 20.0):
+    def __init__(
+        self, device_id: str, role: str, url: str, max_queued: int = 1000, latency_per_s: float = 20.0
+    ):
         import paho.mqtt.client as mqtt
 
         self.device_id, self.role = device_id, role
@@ -82,9 +89,13 @@ class Telemetry:
         self._last_latency = 0.0
         self._lock = threading.Lock()
         self.connected = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-{role}-{device_id}-{id(self):x}")
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-{role}-{device_id}-{id(self):x}"
+        )
         c.max_queued_messages_set(max_queued)
-        c.will_set(topic(device_id, "status"), json.dumps({"state": "offline", "role": role}), qos=1, retain=True)
+        c.will_set(
+            topic(device_id, "status"), json.dumps({"state": "offline", "role": role}), qos=1, retain=True
+        )
         self.url.apply(c)
         c.on_socket_open = self._nodelay
         c.on_connect = lambda *a: self._on_connect(*a)
@@ -112,8 +123,9 @@ class Telemetry:
     def _publish(self, kind: str, payload: dict, qos: int = 0, retain: bool = False) -> bool:
         import paho.mqtt.client as mqtt
 
-        body = json.dumps({"device": self.device_id, "role": self.role, "ts": time.time(), **payload},
-                          default=_jsonable)
+        body = json.dumps(
+            {"device": self.device_id, "role": self.role, "ts": time.time(), **payload}, default=_jsonable
+        )
         try:
             info = self._client.publish(topic(self.device_id, kind), body, qos=qos, retain=retain)
         except (ValueError, RuntimeError, OSError):
@@ -133,8 +145,15 @@ class Telemetry:
         self._publish("status", {"state": state, **(extra or {})}, qos=1, retain=True)
 
     def metrics(self, extra: dict | None = None) -> None:
-        self._publish("metrics", {**host_metrics(), **(extra or {}), "telemetry_dropped": self.dropped,
-                                  "units": {"cpu_percent": "%", "memory_used_bytes": "B", "temperature_c": "degC"}})
+        self._publish(
+            "metrics",
+            {
+                **host_metrics(),
+                **(extra or {}),
+                "telemetry_dropped": self.dropped,
+                "units": {"cpu_percent": "%", "memory_used_bytes": "B", "temperature_c": "degC"},
+            },
+        )
 
     def latency(self, breakdown: dict) -> bool:
         """One request's breakdown (ms, measured); rate-limited, excess counted as dropped."""
@@ -149,9 +168,14 @@ class Telemetry:
     def close(self, timeout: float = 1.0) -> None:
         try:
             if self.connected.is_set():
-                info = self._client.publish(topic(self.device_id, "status"),
-                                            json.dumps({"device": self.device_id, "role": self.role, "state": "offline",
-                                                        "ts": time.time()}), qos=1, retain=True)
+                info = self._client.publish(
+                    topic(self.device_id, "status"),
+                    json.dumps(
+                        {"device": self.device_id, "role": self.role, "state": "offline", "ts": time.time()}
+                    ),
+                    qos=1,
+                    retain=True,
+                )
                 info.wait_for_publish(timeout)
         except (ValueError, RuntimeError, OSError):
             pass

@@ -18,12 +18,27 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 MAX_TENSORS = 64
 
 # message types
-INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED = "infer", "result", "error", "ping", "pong", "deploy", "deployed"
+INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED = (
+    "infer",
+    "result",
+    "error",
+    "ping",
+    "pong",
+    "deploy",
+    "deployed",
+)
 TYPES = {INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED}
 
 # error codes a peer may send back
 E_BAD_MESSAGE, E_VERSION, E_TOO_LARGE, E_UNKNOWN_PLAN, E_BAD_TENSOR, E_INTERNAL, E_BAD_PLAN = (
-    "bad-message", "bad-version", "too-large", "unknown-plan", "bad-tensor", "internal", "bad-plan")
+    "bad-message",
+    "bad-version",
+    "too-large",
+    "unknown-plan",
+    "bad-tensor",
+    "internal",
+    "bad-plan",
+)
 
 
 class WireError(Exception):
@@ -62,7 +77,11 @@ def error(id_: int, code: str, message: str, plan: str = "") -> Message:
 def deploy_files(msg: Message) -> dict[str, bytes]:
     """The files a deploy message carries, one frame each, named by ``meta.files``."""
     names = msg.meta.get("files")
-    if not isinstance(names, list) or len(names) != len(msg.frames) or not all(isinstance(n, str) for n in names):
+    if (
+        not isinstance(names, list)
+        or len(names) != len(msg.frames)
+        or not all(isinstance(n, str) for n in names)
+    ):
         raise WireError(E_BAD_PLAN, "deploy needs meta.files naming each frame")
     if any("/" in n or n.startswith(".") for n in names):
         raise WireError(E_BAD_PLAN, "file names must be plain names")
@@ -99,7 +118,9 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise WireError(E_BAD_MESSAGE, "header is not a JSON object")
     v = h.get("v")
     if v != PROTOCOL_VERSION:
-        raise WireError(E_VERSION, f"protocol version {v!r} not supported (this peer speaks {PROTOCOL_VERSION})")
+        raise WireError(
+            E_VERSION, f"protocol version {v!r} not supported (this peer speaks {PROTOCOL_VERSION})"
+        )
     t = h.get("type")
     if t not in TYPES:
         raise WireError(E_BAD_MESSAGE, f"unknown message type {t!r}")
@@ -110,7 +131,11 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     if not isinstance(plan, str) or len(plan) > 128:
         raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string")
     tensors = h.get("tensors", [])
-    if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS or not all(isinstance(x, str) and len(x) < 1024 for x in tensors):
+    if (
+        not isinstance(tensors, list)
+        or len(tensors) > MAX_TENSORS
+        or not all(isinstance(x, str) and len(x) < 1024 for x in tensors)
+    ):
         raise WireError(E_BAD_MESSAGE, "field 'tensors' must be a list of names")
     meta = h.get("meta", {})
     if not isinstance(meta, dict):

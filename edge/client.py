@@ -47,19 +47,19 @@ class EdgeError(SplitPointError):
 class EdgeConfig:
     plan_dir: Path
     server: str = "tcp://127.0.0.1:5555"
-    window: int = 4                 # requests in flight at once
-    timeout_s: float = 2.0          # a request without a reply by then falls back (or fails)
-    heartbeat_s: float = 0.5        # ping the server this often while idle
-    dead_after_s: float = 1.5       # nothing heard for this long: the server is unreachable
-    fallback: bool = True           # run the whole model locally while the server is unreachable
-    threads: int = 1                # onnxruntime intra-op threads
+    window: int = 4  # requests in flight at once
+    timeout_s: float = 2.0  # a request without a reply by then falls back (or fails)
+    heartbeat_s: float = 0.5  # ping the server this often while idle
+    dead_after_s: float = 1.5  # nothing heard for this long: the server is unreachable
+    fallback: bool = True  # run the whole model locally while the server is unreachable
+    threads: int = 1  # onnxruntime intra-op threads
     head_workers: int = 1
     device_id: str = "edge"
     mqtt: str | None = None
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     curve_server_key: bytes | None = None  # server's public key (z85) to enable CurveZMQ
     curve_keypair: tuple[bytes, bytes] | None = None
-    connect_grace_s: float = 1.0    # at start, wait this long for the server before falling back
+    connect_grace_s: float = 1.0  # at start, wait this long for the server before falling back
 
 
 @dataclass
@@ -92,7 +92,10 @@ class EdgeClient:
         self.config = config
         self.plan = Plan.load(config.plan_dir)
         d = Path(config.plan_dir)
-        self._head = HeadRunner(self.plan, make_session(d / "head.onnx", config.threads) if "head.onnx" in self.plan.files else None)
+        self._head = HeadRunner(
+            self.plan,
+            make_session(d / "head.onnx", config.threads) if "head.onnx" in self.plan.files else None,
+        )
         self.local_only = self.plan.kind == "edge-only"
         self._full = None
         if (config.fallback or self.local_only) and (FULL_FILE in self.plan.files or self.local_only):
@@ -105,7 +108,9 @@ class EdgeClient:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()
         self._window = threading.BoundedSemaphore(max(1, config.window))
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.head_workers), thread_name_prefix="splitpoint-head")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, config.head_workers), thread_name_prefix="splitpoint-head"
+        )
         self._ctx = zmq.Context.instance()
         self._inproc = f"inproc://splitpoint-edge-{id(self)}"
         self._local = threading.local()
@@ -127,7 +132,9 @@ class EdgeClient:
         while not self.server_up and time.monotonic() < end:
             time.sleep(0.005)
         if self.telemetry:
-            self.telemetry.status("online", {"plan": self.plan.plan_id, "server": config.server, "fallback": False})
+            self.telemetry.status(
+                "online", {"plan": self.plan.plan_id, "server": config.server, "fallback": False}
+            )
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
@@ -169,7 +176,7 @@ class EdgeClient:
         if self.telemetry:
             self.telemetry.close()
 
-    def __enter__(self) -> "EdgeClient":
+    def __enter__(self) -> EdgeClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -219,7 +226,9 @@ class EdgeClient:
 
     def _run_local(self, rid: int, p: _Pending, why: str = "server unreachable") -> None:
         if self._full is None:
-            self._finish(rid, error=EdgeError(f"{why} and the plan ships no full model to fall back on", "unreachable"))
+            self._finish(
+                rid, error=EdgeError(f"{why} and the plan ships no full model to fall back on", "unreachable")
+            )
             return
         try:
             t0 = time.perf_counter()
@@ -227,12 +236,22 @@ class EdgeClient:
             outs = self._full.run(names, {i.name: p.feeds[i.name] for i in self._full.get_inputs()})
             ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:
-            self._finish(rid, error=EdgeError(f"local model failed: {type(exc).__name__}: {exc}", "bad-input"))
+            self._finish(
+                rid, error=EdgeError(f"local model failed: {type(exc).__name__}: {exc}", "bad-input")
+            )
             return
         order = [o.name for o in self.plan.outputs]
         by = dict(zip(names, outs))
-        self._finish(rid, EdgeResult(rid, order, [by[n] for n in order], fallback=not self.local_only,
-                                     breakdown={"local_ms": ms, "reason": why if not self.local_only else "edge-only plan"}))
+        self._finish(
+            rid,
+            EdgeResult(
+                rid,
+                order,
+                [by[n] for n in order],
+                fallback=not self.local_only,
+                breakdown={"local_ms": ms, "reason": why if not self.local_only else "edge-only plan"},
+            ),
+        )
 
     def _outbox(self):
         s = getattr(self._local, "push", None)
@@ -246,8 +265,8 @@ class EdgeClient:
     def _dealer(self):
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IMMEDIATE, 1)          # no queueing towards a server that is not connected
-        s.setsockopt(zmq.RECONNECT_IVL, 100)    # reconnect with backoff: 0.1 s doubling to 2 s
+        s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not connected
+        s.setsockopt(zmq.RECONNECT_IVL, 100)  # reconnect with backoff: 0.1 s doubling to 2 s
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + wire.MAX_HEADER_BYTES)
         if self.config.curve_server_key:
@@ -292,9 +311,16 @@ class EdgeClient:
                 self._check_deadlines(now)
                 if self.telemetry and time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + 2.0
-                    self.telemetry.metrics({"server_up": self.server_up, "fallback": not self.server_up,
-                                            "in_flight": len(self._pending), "rtt_ms_est": self.rtt_ms,
-                                            "bandwidth_mbps_est": self.bandwidth_mbps, **self.counts})
+                    self.telemetry.metrics(
+                        {
+                            "server_up": self.server_up,
+                            "fallback": not self.server_up,
+                            "in_flight": len(self._pending),
+                            "rtt_ms_est": self.rtt_ms,
+                            "bandwidth_mbps_est": self.bandwidth_mbps,
+                            **self.counts,
+                        }
+                    )
         finally:
             dealer.close(0)
             inbox.close(0)
@@ -317,8 +343,9 @@ class EdgeClient:
             self.server_up = up
             log.info("server %s", "reachable" if up else "unreachable: falling back to the local model")
             if self.telemetry:
-                self.telemetry.status("online", {"plan": self.plan.plan_id, "server": self.config.server,
-                                                 "fallback": not up})
+                self.telemetry.status(
+                    "online", {"plan": self.plan.plan_id, "server": self.config.server, "fallback": not up}
+                )
 
     def _on_reply(self, frames, pings: dict[int, float]) -> None:
         now = time.perf_counter()
@@ -347,12 +374,17 @@ class EdgeClient:
             return
         try:
             t0 = time.perf_counter()
-            late = {n: decode(wire._buffer(f), self.config.max_message_bytes) for n, f in zip(msg.tensors, msg.frames)}
+            late = {
+                n: decode(wire._buffer(f), self.config.max_message_bytes)
+                for n, f in zip(msg.tensors, msg.frames)
+            }
             dec_ms = (time.perf_counter() - t0) * 1e3
             order = [o.name for o in self.plan.outputs]
             outs = [p.early[n] if n in p.early else late[n] for n in order]
         except (CodecError, KeyError) as exc:
-            self._finish(msg.id, error=EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply"))
+            self._finish(
+                msg.id, error=EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply")
+            )
             return
         server = msg.meta.get("server", {}) if isinstance(msg.meta.get("server"), dict) else {}
         round_trip = (now - p.t_sent) * 1e3
@@ -360,13 +392,30 @@ class EdgeClient:
         if network > 0 and p.bytes_sent > 0 and self.rtt_ms is not None and network > self.rtt_ms:
             mbps = 8e-3 * p.bytes_sent / (network - self.rtt_ms) if network - self.rtt_ms > 0.05 else None
             if mbps:
-                self.bandwidth_mbps = mbps if self.bandwidth_mbps is None else 0.8 * self.bandwidth_mbps + 0.2 * mbps
-        self._finish(msg.id, EdgeResult(msg.id, order, outs, fallback=False, breakdown={
-            "head_ms": p.head_ms, "encode_ms": p.encode_ms, "network_ms": network,
-            "server_queue_ms": server.get("queue_ms"), "server_decode_ms": server.get("decode_ms"),
-            "tail_ms": server.get("tail_ms"), "server_encode_ms": server.get("encode_ms"), "decode_ms": dec_ms,
-            "server_batch": server.get("batch", 1),
-            "bytes_sent": p.bytes_sent}))
+                self.bandwidth_mbps = (
+                    mbps if self.bandwidth_mbps is None else 0.8 * self.bandwidth_mbps + 0.2 * mbps
+                )
+        self._finish(
+            msg.id,
+            EdgeResult(
+                msg.id,
+                order,
+                outs,
+                fallback=False,
+                breakdown={
+                    "head_ms": p.head_ms,
+                    "encode_ms": p.encode_ms,
+                    "network_ms": network,
+                    "server_queue_ms": server.get("queue_ms"),
+                    "server_decode_ms": server.get("decode_ms"),
+                    "tail_ms": server.get("tail_ms"),
+                    "server_encode_ms": server.get("encode_ms"),
+                    "decode_ms": dec_ms,
+                    "server_batch": server.get("batch", 1),
+                    "bytes_sent": p.bytes_sent,
+                },
+            ),
+        )
 
     def _check_deadlines(self, now: float) -> None:
         if self.server_up and self._last_heard and now - self._last_heard > self.config.dead_after_s:
@@ -378,4 +427,7 @@ class EdgeClient:
             if self.config.fallback and self._full is not None:
                 self._pool.submit(self._run_local, rid, p, "server timed out")
             else:
-                self._finish(rid, error=EdgeError(f"request {rid}: no reply within {self.config.timeout_s} s", "timeout"))
+                self._finish(
+                    rid,
+                    error=EdgeError(f"request {rid}: no reply within {self.config.timeout_s} s", "timeout"),
+                )

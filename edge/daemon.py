@@ -108,9 +108,14 @@ class EdgeDaemon:
             return wire.error(rid, exc.code, str(exc))
         except Exception as exc:
             return wire.error(rid, wire.E_INTERNAL, str(exc))
-        return wire.Message(wire.RESULT, rid, self.client.plan.plan_id, r.names,
-                            meta={"fallback": r.fallback, "breakdown": {k: v for k, v in r.breakdown.items()}},
-                            frames=[encode(o, "float32") for o in r.outputs])
+        return wire.Message(
+            wire.RESULT,
+            rid,
+            self.client.plan.plan_id,
+            r.names,
+            meta={"fallback": r.fallback, "breakdown": {k: v for k, v in r.breakdown.items()}},
+            frames=[encode(o, "float32") for o in r.outputs],
+        )
 
     def _on_local(self, sock, frames, pending: list) -> None:
         ident, body = frames[0], frames[1:]
@@ -123,17 +128,33 @@ class EdgeDaemon:
                 plan = self._deploy(msg)
                 sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])
             elif msg.type == wire.PING:
-                sock.send_multipart([ident, *wire.Message(wire.PONG, msg.id, self.client.plan.plan_id,
-                                                          meta={"server_up": self.client.server_up}).to_frames()])
+                sock.send_multipart(
+                    [
+                        ident,
+                        *wire.Message(
+                            wire.PONG,
+                            msg.id,
+                            self.client.plan.plan_id,
+                            meta={"server_up": self.client.server_up},
+                        ).to_frames(),
+                    ]
+                )
             else:
                 raise wire.WireError(wire.E_BAD_MESSAGE, f"the edge daemon does not accept {msg.type!r}")
         except (wire.WireError, CodecError, SplitPointError) as exc:
-            code = exc.code if isinstance(exc, wire.WireError) else \
-                wire.E_BAD_PLAN if isinstance(exc, PlanError) else wire.E_BAD_MESSAGE
+            code = (
+                exc.code
+                if isinstance(exc, wire.WireError)
+                else wire.E_BAD_PLAN
+                if isinstance(exc, PlanError)
+                else wire.E_BAD_MESSAGE
+            )
             sock.send_multipart([ident, *wire.error(0, code, str(exc)).to_frames()])
         except Exception as exc:  # the daemon never dies on one message
             log.exception("local request failed")
-            sock.send_multipart([ident, *wire.error(0, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()])
+            sock.send_multipart(
+                [ident, *wire.error(0, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()]
+            )
 
     def _deploy(self, msg: wire.Message) -> Plan:
         """Install a pushed plan next to the current one and switch to it, draining the old client."""
@@ -146,4 +167,3 @@ class EdgeDaemon:
         old.close(drain=True)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan
-

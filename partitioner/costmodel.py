@@ -31,18 +31,18 @@ class Link:
 class CandidateInput:
     """Measured facts about one (cut, codec, head precision) choice, independent of the link."""
 
-    kind: str                 # split | edge-only | server-only
-    cut: int | None           # cut index; 0 for server-only, None for edge-only
+    kind: str  # split | edge-only | server-only
+    cut: int | None  # cut index; 0 for server-only, None for edge-only
     codec: str
-    head_weights: str         # float32 | int8
-    head_ms: float            # edge compute before the cut (edge profile)
-    tail_ms: float            # server compute after the cut (server profile)
-    encode_ms: float          # on the edge
-    decode_ms: float          # on the server
-    up_bytes: int             # encoded payload per inference (measured on sample inputs)
-    down_bytes: int           # reply: the tail's outputs, float32
+    head_weights: str  # float32 | int8
+    head_ms: float  # edge compute before the cut (edge profile)
+    tail_ms: float  # server compute after the cut (server profile)
+    encode_ms: float  # on the edge
+    decode_ms: float  # on the server
+    up_bytes: int  # encoded payload per inference (measured on sample inputs)
+    down_bytes: int  # reply: the tail's outputs, float32
     edge_memory_bytes: int
-    fidelity: float | None    # measured agreement with the unsplit float model (1.0 = identical)
+    fidelity: float | None  # measured agreement with the unsplit float model (1.0 = identical)
 
 
 @dataclass
@@ -67,17 +67,31 @@ class Candidate:
 
     def objectives(self) -> tuple[float, float, float, float, float]:
         """All to be minimised: latency, -throughput, edge memory, bytes, -fidelity."""
-        return (self.latency_ms, -self.throughput_ips, float(self.inp.edge_memory_bytes),
-                float(self.bytes_per_inference), -(self.inp.fidelity if self.inp.fidelity is not None else -1.0))
+        return (
+            self.latency_ms,
+            -self.throughput_ips,
+            float(self.inp.edge_memory_bytes),
+            float(self.bytes_per_inference),
+            -(self.inp.fidelity if self.inp.fidelity is not None else -1.0),
+        )
 
     def to_dict(self) -> dict:
-        return {"label": self.label, **asdict(self.inp), "link": self.link, "latency_ms": self.latency_ms,
-                "throughput_ips": self.throughput_ips, "edge_ms": self.edge_ms, "transfer_ms": self.transfer_ms,
-                "bytes_per_inference": self.bytes_per_inference, "breakdown": self.breakdown, "derived": True}
+        return {
+            "label": self.label,
+            **asdict(self.inp),
+            "link": self.link,
+            "latency_ms": self.latency_ms,
+            "throughput_ips": self.throughput_ips,
+            "edge_ms": self.edge_ms,
+            "transfer_ms": self.transfer_ms,
+            "bytes_per_inference": self.bytes_per_inference,
+            "breakdown": self.breakdown,
+            "derived": True,
+        }
 
 
-MSS = 1448                 # TCP payload per segment on a 1500-byte MTU with timestamps
-FRAME_OVERHEAD = 66        # Ethernet 14 + IPv4 20 + TCP 20 + timestamps 12 bytes per segment
+MSS = 1448  # TCP payload per segment on a 1500-byte MTU with timestamps
+FRAME_OVERHEAD = 66  # Ethernet 14 + IPv4 20 + TCP 20 + timestamps 12 bytes per segment
 
 
 def wire_bytes(payload: float) -> float:
@@ -99,8 +113,16 @@ def evaluate(c: CandidateInput, link: Link) -> Candidate:
     = 1 / the slowest stage (edge compute, uplink, server compute, downlink), because with
     several requests in flight each stage works on a different one."""
     if c.kind == EDGE_ONLY:
-        return Candidate(c, link.name, c.head_ms, 1000.0 / c.head_ms if c.head_ms > 0 else float("inf"),
-                         c.head_ms, 0.0, 0, {"head_ms": c.head_ms})
+        return Candidate(
+            c,
+            link.name,
+            c.head_ms,
+            1000.0 / c.head_ms if c.head_ms > 0 else float("inf"),
+            c.head_ms,
+            0.0,
+            0,
+            {"head_ms": c.head_ms},
+        )
     up = uplink_ms(c.up_bytes, link)
     down = downlink_ms(c.down_bytes, link)
     transfer = up + down + link.rtt_ms
@@ -108,6 +130,21 @@ def evaluate(c: CandidateInput, link: Link) -> Candidate:
     server = c.decode_ms + c.tail_ms
     latency = edge + transfer + server
     slowest = max(edge, up, server, down, 1e-9)
-    return Candidate(c, link.name, latency, 1000.0 / slowest, edge, transfer, c.up_bytes + c.down_bytes,
-                     {"head_ms": c.head_ms, "encode_ms": c.encode_ms, "uplink_ms": up, "rtt_ms": link.rtt_ms,
-                      "decode_ms": c.decode_ms, "tail_ms": c.tail_ms, "downlink_ms": down})
+    return Candidate(
+        c,
+        link.name,
+        latency,
+        1000.0 / slowest,
+        edge,
+        transfer,
+        c.up_bytes + c.down_bytes,
+        {
+            "head_ms": c.head_ms,
+            "encode_ms": c.encode_ms,
+            "uplink_ms": up,
+            "rtt_ms": link.rtt_ms,
+            "decode_ms": c.decode_ms,
+            "tail_ms": c.tail_ms,
+            "downlink_ms": down,
+        },
+    )

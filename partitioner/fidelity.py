@@ -12,11 +12,10 @@ import onnx
 
 from splitpoint.core.codecs import decode, encode
 from splitpoint.core.errors import SplitPointError
-from splitpoint.core.runner import make_session, sample_feeds
-
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
+from splitpoint.core.runner import make_session, sample_feeds
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 
@@ -58,13 +57,14 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
     noise = float(((r - g) ** 2).sum())
-    signal = float((r ** 2).sum())
+    signal = float((r**2).sum())
     snr = SNR_CAP_DB if noise == 0 else min(SNR_CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise))
     return OutputFidelity(name, top1, float(cos.mean()), float(np.abs(r - g).max()), float(snr))
 
 
-def load_inputs(model: onnx.ModelProto, inputs: str | Path | None = None, random: int = 16,
-                seed: int = 1234) -> list[dict[str, np.ndarray]]:
+def load_inputs(
+    model: onnx.ModelProto, inputs: str | Path | None = None, random: int = 16, seed: int = 1234
+) -> list[dict[str, np.ndarray]]:
     """Per-sample feeds: ``.npy`` files (one sample each, or a batch) or images from a folder,
     else ``random`` seeded samples."""
     from onnx import helper
@@ -76,11 +76,15 @@ def load_inputs(model: onnx.ModelProto, inputs: str | Path | None = None, random
     folder = Path(inputs)
     if not folder.is_dir():
         raise SplitPointError(f"--inputs must be a folder of .npy files or images: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".npy", ".png", ".jpg", ".jpeg", ".bmp"))
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in (".npy", ".png", ".jpg", ".jpeg", ".bmp")
+    )
     if not files:
         raise SplitPointError(f"no .npy or image files in {folder}")
     if len(specs) != 1:
-        raise SplitPointError(f"--inputs feeds single-input models; this one has {len(specs)} inputs (use --random)")
+        raise SplitPointError(
+            f"--inputs feeds single-input models; this one has {len(specs)} inputs (use --random)"
+        )
     spec = specs[0]
     dims = [d.dim_value if d.HasField("dim_value") else 1 for d in spec.type.tensor_type.shape.dim]
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
@@ -92,7 +96,7 @@ def load_inputs(model: onnx.ModelProto, inputs: str | Path | None = None, random
             arr = arr[None]
         if list(arr.shape[1:]) != dims[1:]:
             raise SplitPointError(f"{f.name}: shape {arr.shape} does not fit input {spec.name} {dims}")
-        out.extend({spec.name: arr[k:k + 1]} for k in range(arr.shape[0]))
+        out.extend({spec.name: arr[k : k + 1]} for k in range(arr.shape[0]))
     return out
 
 
@@ -105,7 +109,9 @@ def image_tensor(path: Path, dims: list[int]) -> np.ndarray:
     x = np.asarray(img, dtype=np.float32) / 255.0
     x = x.reshape(h, w, c).transpose(2, 0, 1)
     if c == 3:
-        x = (x - np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]) / np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+        x = (x - np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]) / np.array(
+            [0.229, 0.224, 0.225], np.float32
+        )[:, None, None]
     return x[None]
 
 
@@ -113,9 +119,15 @@ def _batch(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
 
-def measure(handle: ModelHandle, cut: Cut, codecs: list[str], samples: list[dict[str, np.ndarray]],
-            head_model: onnx.ModelProto | None = None, head_weights: str = "float32",
-            reference: list[np.ndarray] | None = None) -> dict[str, FidelityReport]:
+def measure(
+    handle: ModelHandle,
+    cut: Cut,
+    codecs: list[str],
+    samples: list[dict[str, np.ndarray]],
+    head_model: onnx.ModelProto | None = None,
+    head_weights: str = "float32",
+    reference: list[np.ndarray] | None = None,
+) -> dict[str, FidelityReport]:
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
     feeds = _batch(samples)
     if reference is None:
@@ -123,20 +135,30 @@ def measure(handle: ModelHandle, cut: Cut, codecs: list[str], samples: list[dict
     head, tail = extract(handle.index, cut, check=False)
     hs = make_session((head_model or head).SerializeToString())
     ts = make_session(tail.SerializeToString())
-    h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()})))
+    h_out = dict(
+        zip(
+            [o.name for o in hs.get_outputs()], hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()})
+        )
+    )
     sent = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
     tail_names = [o.name for o in ts.get_outputs()]
     n = len(samples)
     reports = {}
     runs: dict[bytes, dict] = {}  # codecs that decode to identical tensors share one tail run
     for codec in codecs:
-        received = {name: np.concatenate([decode(encode(t[k:k + 1], codec)) for k in range(n)])
-                    for name, t in sent.items()}
-        digest = b"".join(hashlib.sha256(np.ascontiguousarray(received[k]).tobytes()).digest() for k in sorted(received))
+        received = {
+            name: np.concatenate([decode(encode(t[k : k + 1], codec)) for k in range(n)])
+            for name, t in sent.items()
+        }
+        digest = b"".join(
+            hashlib.sha256(np.ascontiguousarray(received[k]).tobytes()).digest() for k in sorted(received)
+        )
         if digest not in runs:
             runs[digest] = dict(zip(tail_names, ts.run(None, received)))
         late = runs[digest]
-        outs = [compare(name, ref, h_out[name] if name in cut.head_outputs else late[name])
-                for name, ref in zip(handle.index.outputs, reference)]
+        outs = [
+            compare(name, ref, h_out[name] if name in cut.head_outputs else late[name])
+            for name, ref in zip(handle.index.outputs, reference)
+        ]
         reports[codec] = FidelityReport(cut.index, codec, head_weights, n, outs)
     return reports

@@ -28,9 +28,9 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
         i = order[r]
         if not keep[i]:
             continue
-        rest = pts_sorted[r + 1:]
+        rest = pts_sorted[r + 1 :]
         dominated = np.all(pts_sorted[r] <= rest, axis=1) & np.any(pts_sorted[r] < rest, axis=1)
-        keep[order[r + 1:][dominated]] = False
+        keep[order[r + 1 :][dominated]] = False
     return np.flatnonzero(keep)
 
 
@@ -88,11 +88,17 @@ def pick(cands: list[Candidate], constraints: Constraints) -> Candidate:
     feasible = [c for c in cands if not constraints.violations(c) and c.inp.fidelity is not None]
     if feasible:
         return min(feasible, key=_KEYS[constraints.objective])
-    scored = sorted(((c, constraints.violations(c)) for c in cands if c.inp.fidelity is not None),
-                    key=lambda cv: sum(cv[1].values()))
+    scored = sorted(
+        ((c, constraints.violations(c)) for c in cands if c.inp.fidelity is not None),
+        key=lambda cv: sum(cv[1].values()),
+    )
     closest = scored[:3]
-    lines = [f"  {c.label}: misses " + ", ".join(f"{k} by {_fmt(k, x)}" for k, x in v.items()) for c, v in closest]
-    raise InfeasibleError("no candidate meets the constraints; the closest are:\n" + "\n".join(lines), closest)
+    lines = [
+        f"  {c.label}: misses " + ", ".join(f"{k} by {_fmt(k, x)}" for k, x in v.items()) for c, v in closest
+    ]
+    raise InfeasibleError(
+        "no candidate meets the constraints; the closest are:\n" + "\n".join(lines), closest
+    )
 
 
 def _fmt(kind: str, x: float) -> str:

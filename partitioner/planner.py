@@ -19,18 +19,27 @@ import onnx
 
 from splitpoint.core.codecs import Codec, decode, encode
 from splitpoint.core.errors import ProfileError
-from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
-from splitpoint.core.runner import make_session
-
 from splitpoint.core.graph import ModelHandle
-from .costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, Candidate, CandidateInput, Link, evaluate
 from splitpoint.core.graph.extract import extract
-from .fidelity import FidelityReport, compare, measure
 from splitpoint.core.graph.memory import weight_bytes_by_prefix
-from .pareto import Constraints, front, pick
 from splitpoint.core.quantize import quantize_head
+from splitpoint.core.runner import make_session
+from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
-DEFAULT_CODECS = ["float32", "float32+zstd", "float16", "float16+zstd", "int8", "int8+zstd", "int8-ch+zstd", "int4+zstd"]
+from .costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, Candidate, CandidateInput, Link, evaluate
+from .fidelity import FidelityReport, compare, measure
+from .pareto import Constraints, front, pick
+
+DEFAULT_CODECS = [
+    "float32",
+    "float32+zstd",
+    "float16",
+    "float16+zstd",
+    "int8",
+    "int8+zstd",
+    "int8-ch+zstd",
+    "int4+zstd",
+]
 REPLY_OVERHEAD_BYTES = 128  # reply header per inference (wire format)
 
 
@@ -46,16 +55,18 @@ class Measurements:
     edge: MeasuredProfile
     server: MeasuredProfile
     codecs: list[str]
-    sizes: dict[str, dict[str, int]]          # tensor -> codec -> encoded bytes per sample (median)
-    reply_bytes: dict[int, int]               # cut (0 = server-only) -> reply bytes
+    sizes: dict[str, dict[str, int]]  # tensor -> codec -> encoded bytes per sample (median)
+    reply_bytes: dict[int, int]  # cut (0 = server-only) -> reply bytes
     samples: list[dict[str, np.ndarray]]
     reference: list[np.ndarray] = field(default_factory=list)
-    int8_heads: bool = False                  # add candidates whose head runs with int8 (QDQ) weights
-    fidelity: dict[tuple, float] = field(default_factory=dict)   # (cut, codec, head) -> score
+    int8_heads: bool = False  # add candidates whose head runs with int8 (QDQ) weights
+    fidelity: dict[tuple, float] = field(default_factory=dict)  # (cut, codec, head) -> score
     fidelity_reports: dict[tuple, dict] = field(default_factory=dict)
 
 
-def encoded_sizes(handle: ModelHandle, samples: list[dict[str, np.ndarray]], codecs: list[str]) -> dict[str, dict[str, int]]:
+def encoded_sizes(
+    handle: ModelHandle, samples: list[dict[str, np.ndarray]], codecs: list[str]
+) -> dict[str, dict[str, int]]:
     """Encoded bytes of every tensor that crosses some cut, for every codec, on real samples."""
     idx = handle.index
     names = list(dict.fromkeys([c.name for cut in handle.cuts() for c in cut.crossing] + idx.inputs))
@@ -79,7 +90,9 @@ def encoded_sizes(handle: ModelHandle, samples: list[dict[str, np.ndarray]], cod
 
 def _speed(profile: MeasuredProfile, codec: str, what: str, where: str) -> float:
     if codec not in profile.codecs:
-        raise ProfileError(f"{where} profile has no throughput for codec {codec}; re-run `splitpoint profile`")
+        raise ProfileError(
+            f"{where} profile has no throughput for codec {codec}; re-run `splitpoint profile`"
+        )
     return getattr(profile.codecs[codec], what)
 
 
@@ -103,15 +116,42 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
 
     for head in heads:
         # all on the edge: the model as it is (or quantised)
-        out.append(CandidateInput(EDGE_ONLY, None, "-", head, head_ms(m.edge.whole.median_ms, head), 0.0, 0.0, 0.0,
-                                  0, 0, head_mem(last.head_memory_bytes, len(weights), head),
-                                  m.fidelity.get((None, "-", head))))
+        out.append(
+            CandidateInput(
+                EDGE_ONLY,
+                None,
+                "-",
+                head,
+                head_ms(m.edge.whole.median_ms, head),
+                0.0,
+                0.0,
+                0.0,
+                0,
+                0,
+                head_mem(last.head_memory_bytes, len(weights), head),
+                m.fidelity.get((None, "-", head)),
+            )
+        )
     for codec in m.codecs:
         enc = input_f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
         dec = input_f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
         up = sum(m.sizes[i][codec] for i in idx.inputs)
-        out.append(CandidateInput(SERVER_ONLY, 0, codec, "float32", 0.0, m.server.whole.median_ms, enc, dec, up,
-                                  m.reply_bytes[0], input_f32, m.fidelity.get((0, codec, "float32"))))
+        out.append(
+            CandidateInput(
+                SERVER_ONLY,
+                0,
+                codec,
+                "float32",
+                0.0,
+                m.server.whole.median_ms,
+                enc,
+                dec,
+                up,
+                m.reply_bytes[0],
+                input_f32,
+                m.fidelity.get((0, codec, "float32")),
+            )
+        )
         for cut in h.cuts():
             et, st = m.edge.cut(cut.index), m.server.cut(cut.index)
             f32 = cut.bytes_per_sample or 0
@@ -119,9 +159,22 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
             dec = f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
             up = sum(m.sizes[c.name][codec] for c in cut.crossing)
             for head in heads:
-                out.append(CandidateInput(SPLIT, cut.index, codec, head, head_ms(et.head_ms, head), st.tail_ms, enc, dec,
-                                          up, m.reply_bytes[cut.index], head_mem(et.head_memory_bytes, cut.index, head),
-                                          m.fidelity.get((cut.index, codec, head))))
+                out.append(
+                    CandidateInput(
+                        SPLIT,
+                        cut.index,
+                        codec,
+                        head,
+                        head_ms(et.head_ms, head),
+                        st.tail_ms,
+                        enc,
+                        dec,
+                        up,
+                        m.reply_bytes[cut.index],
+                        head_mem(et.head_memory_bytes, cut.index, head),
+                        m.fidelity.get((cut.index, codec, head)),
+                    )
+                )
     return out
 
 
@@ -130,10 +183,18 @@ def unmeasured_on_front(inputs: list[CandidateInput], links: list[Link]) -> set[
     measurement (cut 0 = server-only, None = edge-only)."""
     need: set[tuple] = set()
     for link in links:
-        optimistic = [evaluate(ci if ci.fidelity is not None else replace(ci, fidelity=1.0), link) for ci in inputs]
+        optimistic = [
+            evaluate(ci if ci.fidelity is not None else replace(ci, fidelity=1.0), link) for ci in inputs
+        ]
         for c in front(optimistic):
-            original = next(ci for ci in inputs if ci.kind == c.inp.kind and ci.cut == c.inp.cut and ci.codec == c.inp.codec
-                            and ci.head_weights == c.inp.head_weights)
+            original = next(
+                ci
+                for ci in inputs
+                if ci.kind == c.inp.kind
+                and ci.cut == c.inp.cut
+                and ci.codec == c.inp.codec
+                and ci.head_weights == c.inp.head_weights
+            )
             if original.fidelity is None:
                 need.add((c.inp.cut, c.inp.head_weights))
     return need
@@ -163,16 +224,26 @@ def measure_fidelity(m: Measurements, pairs: set[tuple]) -> None:
         if k == 0 or not todo:
             continue
         cut = by_index[k]
-        head_model = quantize_head(extract(h.index, cut, check=False)[0], m.samples, "static") if head == "int8" else None
-        for codec, rep in measure(h, cut, todo, m.samples, head_model=head_model, head_weights=head,
-                                  reference=m.reference).items():
+        head_model = (
+            quantize_head(extract(h.index, cut, check=False)[0], m.samples, "static")
+            if head == "int8"
+            else None
+        )
+        for codec, rep in measure(
+            h, cut, todo, m.samples, head_model=head_model, head_weights=head, reference=m.reference
+        ).items():
             m.fidelity[(k, codec, head)] = rep.score
             m.fidelity_reports[(k, codec, head)] = rep.to_dict()
 
 
 def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarray]) -> None:
-    rep = FidelityReport(cut, codec, head, len(m.samples),
-                         [compare(n, r, o) for n, r, o in zip(m.handle.index.outputs, m.reference, outputs)])
+    rep = FidelityReport(
+        cut,
+        codec,
+        head,
+        len(m.samples),
+        [compare(n, r, o) for n, r, o in zip(m.handle.index.outputs, m.reference, outputs)],
+    )
     m.fidelity[(cut, codec, head)] = rep.score
     m.fidelity_reports[(cut, codec, head)] = rep.to_dict()
 
@@ -181,8 +252,14 @@ def _batch(samples):
     return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
 
-def gather(handle: ModelHandle, edge: MeasuredProfile, server: MeasuredProfile, samples: list[dict[str, np.ndarray]],
-           codecs: list[str] | None = None, int8_heads: bool = False) -> Measurements:
+def gather(
+    handle: ModelHandle,
+    edge: MeasuredProfile,
+    server: MeasuredProfile,
+    samples: list[dict[str, np.ndarray]],
+    codecs: list[str] | None = None,
+    int8_heads: bool = False,
+) -> Measurements:
     edge.check_model(handle.sha256, "edge profile")
     server.check_model(handle.sha256, "server profile")
     if edge.role != "edge":
@@ -190,17 +267,29 @@ def gather(handle: ModelHandle, edge: MeasuredProfile, server: MeasuredProfile, 
     if server.role != "server":
         raise ProfileError(f"the server profile was measured in the {server.role} role")
     if int8_heads and edge.int8_whole is None:
-        raise ProfileError("int8 heads need the edge's int8 timing: profile the edge with `splitpoint profile --int8`")
+        raise ProfileError(
+            "int8 heads need the edge's int8 timing: profile the edge with `splitpoint profile --int8`"
+        )
     codecs = codecs or DEFAULT_CODECS
     for c in codecs:
         Codec.parse(c)
     idx = handle.index
     reply = {0: sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES}
     for cut in handle.cuts():
-        reply[cut.index] = sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs
-                               if o not in cut.head_outputs) + REPLY_OVERHEAD_BYTES
-    return Measurements(handle, edge, server, codecs, encoded_sizes(handle, samples, codecs), reply, samples,
-                        int8_heads=int8_heads)
+        reply[cut.index] = (
+            sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs if o not in cut.head_outputs)
+            + REPLY_OVERHEAD_BYTES
+        )
+    return Measurements(
+        handle,
+        edge,
+        server,
+        codecs,
+        encoded_sizes(handle, samples, codecs),
+        reply,
+        samples,
+        int8_heads=int8_heads,
+    )
 
 
 @dataclass
@@ -223,5 +312,3 @@ def decide(m: Measurements, networks: list[NetworkProfile], constraints: Constra
         measured = [c for c in cands if c.inp.fidelity is not None]
         decisions.append(Decision(link, cands, front(measured), pick(measured, constraints)))
     return decisions
-
-

@@ -17,7 +17,7 @@ from splitpoint.core.errors import SplitPointError
 from .schema import Emulation
 
 PERIOD_US = 10_000
-MIN_QUOTA_US = 1_000                 # below 1 ms per period the quota's granularity dominates
+MIN_QUOTA_US = 1_000  # below 1 ms per period the quota's granularity dominates
 MIN_CPUS = MIN_QUOTA_US / PERIOD_US
 V1_ROOT = Path("/sys/fs/cgroup/cpu")
 V2_ROOT = Path("/sys/fs/cgroup")
@@ -36,7 +36,9 @@ def _quota_us(cpus: float) -> int:
 
 
 def _quota_emulation(mechanism: str, quota: int, group: Path) -> Emulation:
-    return Emulation(mechanism=mechanism, cpus=quota / PERIOD_US, period_us=PERIOD_US, quota_us=quota, detail=str(group))
+    return Emulation(
+        mechanism=mechanism, cpus=quota / PERIOD_US, period_us=PERIOD_US, quota_us=quota, detail=str(group)
+    )
 
 
 def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
@@ -69,7 +71,10 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
 
 
 def _v2(cpus: float, pid: int) -> tuple[Emulation, callable]:
-    if not (V2_ROOT / "cgroup.controllers").exists() or "cpu" not in (V2_ROOT / "cgroup.controllers").read_text():
+    if (
+        not (V2_ROOT / "cgroup.controllers").exists()
+        or "cpu" not in (V2_ROOT / "cgroup.controllers").read_text()
+    ):
         raise OSError("no cgroup v2 cpu controller")
     group = V2_ROOT / f"splitpoint-{pid}"
     group.mkdir(exist_ok=True)
@@ -96,9 +101,12 @@ def _affinity(cpus: float, pid: int) -> tuple[Emulation, callable]:
         raise OSError("affinity cannot limit below one whole core")
     cores = before[:n]
     os.sched_setaffinity(pid, cores)
-    return Emulation(mechanism="cpu affinity", cpus=float(n), cores=cores,
-                     detail="fractional CPU shares need a cgroup; rounded to whole cores"), \
-        (lambda: os.sched_setaffinity(pid, before))
+    return Emulation(
+        mechanism="cpu affinity",
+        cpus=float(n),
+        cores=cores,
+        detail="fractional CPU shares need a cgroup; rounded to whole cores",
+    ), (lambda: os.sched_setaffinity(pid, before))
 
 
 @contextmanager
@@ -122,7 +130,9 @@ def cpu_limit(cpus: float | None, pid: int | None = None):
         except OSError as exc:
             errors.append(f"{mech.__name__.strip('_')}: {exc}")
     else:
-        raise CpuLimitError("no CPU-limit mechanism works here (" + "; ".join(errors) + "); run as root on Linux")
+        raise CpuLimitError(
+            "no CPU-limit mechanism works here (" + "; ".join(errors) + "); run as root on Linux"
+        )
     try:
         yield emulation
     finally:

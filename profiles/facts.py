@@ -55,7 +55,9 @@ def throttled() -> str | None:
     if not shutil.which("vcgencmd"):
         return None
     try:
-        return subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=2).stdout.strip()
+        return subprocess.run(
+            ["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=2
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 

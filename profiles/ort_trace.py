@@ -13,8 +13,18 @@ from pathlib import Path
 
 from splitpoint.core.graph.index import GraphIndex
 
-HEAVY = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "QLinearConv",
-         "MatMulInteger", "ConvInteger"}
+HEAVY = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "FusedConv",
+    "FusedGemm",
+    "FusedMatMul",
+    "QLinearConv",
+    "MatMulInteger",
+    "ConvInteger",
+}
 SUFFIXES = ("_nchwc", "_token")
 
 
@@ -24,7 +34,9 @@ def _walk_to_heavy(idx: GraphIndex, pos: int, limit: int = 8) -> int:
     for _ in range(limit):
         if idx.nodes[p].op_type in HEAVY:
             return p
-        producers = [idx.producer[t] for t in idx.node_ins[p] if t in idx.producer and idx.producer[t] not in idx.const]
+        producers = [
+            idx.producer[t] for t in idx.node_ins[p] if t in idx.producer and idx.producer[t] not in idx.const
+        ]
         if not producers:
             return pos
         p = max(producers)  # the branch that was computed last is the one fused in
@@ -43,11 +55,16 @@ def _map(idx: GraphIndex, ort_name: str, by_name: dict[str, int]) -> int | None:
     return idx.producer.get(base)
 
 
-def node_times(trace: str | Path | list, idx: GraphIndex, skip_runs: int) -> tuple[dict[int, float], float, list[float]]:
+def node_times(
+    trace: str | Path | list, idx: GraphIndex, skip_runs: int
+) -> tuple[dict[int, float], float, list[float]]:
     """Mean milliseconds per run for each original node position, time not attributable to
     any node (layout reorders and the like), and each kept run's model_run duration in ms."""
     events = json.loads(Path(trace).read_text()) if not isinstance(trace, list) else trace
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+        key=lambda e: e["ts"],
+    )
     kept = runs[skip_runs:]
     if not kept:
         return {}, 0.0, []

@@ -15,9 +15,9 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -43,9 +43,9 @@ class ProfileSettings:
     segment_warmup: int = 1
     segment_repeats: int = 3
     profile_runs: int = 2
-    int8: bool = False            # also time the statically quantised (QDQ int8) model
-    budget: float = 30.0          # total timed run time, in multiples of one full inference
-    anchors: int | None = None    # override the budget-derived number of measured cuts
+    int8: bool = False  # also time the statically quantised (QDQ int8) model
+    budget: float = 30.0  # total timed run time, in multiples of one full inference
+    anchors: int | None = None  # override the budget-derived number of measured cuts
     batch: int = 1
 
 
@@ -57,8 +57,13 @@ def median_of_present(xs) -> float | None:
 
 def stat(samples_ms: list[float]) -> Stat:
     s = sorted(samples_ms)
-    return Stat(median_ms=statistics.median(s), p90_ms=float(np.percentile(s, 90)), min_ms=s[0], max_ms=s[-1],
-                runs=len(s))
+    return Stat(
+        median_ms=statistics.median(s),
+        p90_ms=float(np.percentile(s, 90)),
+        min_ms=s[0],
+        max_ms=s[-1],
+        runs=len(s),
+    )
 
 
 def time_runs(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -137,13 +142,18 @@ def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str
         payload = encode(x, c)
         enc = statistics.median(time_runs(lambda: encode(x, c), 1, repeats))
         dec = statistics.median(time_runs(lambda: decode(payload), 1, repeats))
-        out[c] = CodecSpeed(encode_mb_s=x.nbytes / enc / 1e3, decode_mb_s=x.nbytes / dec / 1e3,
-                            ratio=x.nbytes / len(payload))
+        out[c] = CodecSpeed(
+            encode_mb_s=x.nbytes / enc / 1e3, decode_mb_s=x.nbytes / dec / 1e3, ratio=x.nbytes / len(payload)
+        )
     return out
 
 
-def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emulation | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> MeasuredProfile:
+def profile_model(
+    handle: ModelHandle,
+    settings: ProfileSettings,
+    emulation: Emulation | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> MeasuredProfile:
     t_start = time.perf_counter()
     note = progress or (lambda *_: None)
     temp_before, throttle_before = temperature_c(), throttled()
@@ -186,7 +196,11 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     # 3: real head and tail sub-models at anchor cuts, farthest-first, until the budget is spent
     fixed = settings.warmup + settings.repeats + 1 + settings.profile_runs
     per_anchor = settings.segment_warmup + settings.segment_repeats + 1
-    n_anchor = settings.anchors if settings.anchors is not None else int(max(2, (settings.budget - fixed) // per_anchor))
+    n_anchor = (
+        settings.anchors
+        if settings.anchors is not None
+        else int(max(2, (settings.budget - fixed) // per_anchor))
+    )
     planned = coverage_order(choose_anchors(cum, min(n_anchor, len(cuts))) if cuts else [])
     weights = weight_bytes_by_prefix(handle.index)
     act_peaks = live_activation_peaks(handle.index)
@@ -212,12 +226,17 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
         rss = max(proc.memory_info().rss, rss0) - rss0
         ts = build(tail.SerializeToString())
         t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
-        hs_ms, ts_ms = interleaved([lambda: hs.run(None, head_in), lambda: ts.run(None, t_in)],
-                                   settings.segment_warmup, settings.segment_repeats)
+        hs_ms, ts_ms = interleaved(
+            [lambda: hs.run(None, head_in), lambda: ts.run(None, t_in)],
+            settings.segment_warmup,
+            settings.segment_repeats,
+        )
         w_next = time_runs(run_whole, 0, 1)[0]
         samples.append(w_next)
         h, t = stat(hs_ms), stat(ts_ms)
-        clock["run_ms"] += sum(hs_ms) + sum(ts_ms) + settings.segment_warmup * (h.median_ms + t.median_ms) + w_next
+        clock["run_ms"] += (
+            sum(hs_ms) + sum(ts_ms) + settings.segment_warmup * (h.median_ms + t.median_ms) + w_next
+        )
         # the split's total relative to the whole model timed just before and after it (the
         # running median joins them so one preempted reference run cannot skew the ratio)
         ratio = (h.median_ms + t.median_ms) / statistics.median([w_prev, w_next, statistics.median(samples)])
@@ -244,12 +263,17 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
     # the whole model times the anchors' median overhead ratio (two session calls and the
     # layout reorders at the boundary).
     xs = [cum[k - 1] / total for k in anchors]
-    shares = [measured[k]["head"].median_ms / (measured[k]["head"].median_ms + measured[k]["tail"].median_ms)
-              for k in anchors]
+    shares = [
+        measured[k]["head"].median_ms / (measured[k]["head"].median_ms + measured[k]["tail"].median_ms)
+        for k in anchors
+    ]
     # a split does at least the whole model's work: a ratio below 1 is the reference runs' noise
     overhead = max(1.0, statistics.median([measured[k]["ratio"] for k in anchors])) if anchors else 1.0
-    mem_ratios = [measured[k]["rss"] / (weights[k - 1] + act_peaks[k - 1] * settings.batch)
-                  for k in anchors if measured[k]["rss"] > 0 and weights[k - 1] + act_peaks[k - 1] > 0]
+    mem_ratios = [
+        measured[k]["rss"] / (weights[k - 1] + act_peaks[k - 1] * settings.batch)
+        for k in anchors
+        if measured[k]["rss"] > 0 and weights[k - 1] + act_peaks[k - 1] > 0
+    ]
     mem_scale = statistics.median(mem_ratios) if mem_ratios else 1.0
     timings = []
     for cut in cuts:
@@ -258,31 +282,71 @@ def profile_model(handle: ModelHandle, settings: ProfileSettings, emulation: Emu
         mem_note = "derived: weights + live activations x RSS calibration"
         if k in measured:
             m = measured[k]
-            timings.append(CutTiming(index=k, head_ms=m["head"].median_ms, tail_ms=m["tail"].median_ms,
-                                     head_p90_ms=m["head"].p90_ms, tail_p90_ms=m["tail"].p90_ms, source="measured",
-                                     head_memory_bytes=m["rss"] if m["rss"] > 0 else derived_mem,
-                                     memory_source="measured: RSS delta of building and running the head"
-                                     if m["rss"] > 0 else mem_note))
+            timings.append(
+                CutTiming(
+                    index=k,
+                    head_ms=m["head"].median_ms,
+                    tail_ms=m["tail"].median_ms,
+                    head_p90_ms=m["head"].p90_ms,
+                    tail_p90_ms=m["tail"].p90_ms,
+                    source="measured",
+                    head_memory_bytes=m["rss"] if m["rss"] > 0 else derived_mem,
+                    memory_source="measured: RSS delta of building and running the head"
+                    if m["rss"] > 0
+                    else mem_note,
+                )
+            )
         else:
             x = cum[k - 1] / total
             share = interpolate(x, [0.0, *xs, 1.0], [0.0, *shares, 1.0])
             split_ms = whole.median_ms * overhead
-            timings.append(CutTiming(index=k, head_ms=share * split_ms, tail_ms=(1 - share) * split_ms,
-                                     source="derived", head_memory_bytes=derived_mem, memory_source=mem_note))
-    nodes = [NodeTime(name=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}", op_type=idx.nodes[p].op_type,
-                      median_ms=per_node.get(p, 0.0)) for p in idx.compute]
+            timings.append(
+                CutTiming(
+                    index=k,
+                    head_ms=share * split_ms,
+                    tail_ms=(1 - share) * split_ms,
+                    source="derived",
+                    head_memory_bytes=derived_mem,
+                    memory_source=mem_note,
+                )
+            )
+    nodes = [
+        NodeTime(
+            name=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",
+            op_type=idx.nodes[p].op_type,
+            median_ms=per_node.get(p, 0.0),
+        )
+        for p in idx.compute
+    ]
     return MeasuredProfile(
-        role=settings.role, model_name=handle.name, model_sha256=handle.sha256, device=device_facts(),
-        settings=dict(settings.__dict__), emulation=emulation, whole=whole, int8_whole=int8_whole, nodes=nodes,
-        unattributed_ms=unattributed, cuts=timings, codecs=codecs,
-        cost={"measured_cuts": anchors, "timed_run_ms": clock["run_ms"],
-              "full_inference_equivalents": clock["run_ms"] / whole.median_ms,
-              "session_build_s": clock["build_s"], "wall_s": time.perf_counter() - t_start,
-              "memory_rss_calibration": mem_scale,
-              "profiled_run_ms": statistics.median(profiled_runs) if profiled_runs else None,
-              "split_overhead_ratio": overhead,
-              "split_overhead_ratios": {str(k): measured[k]["ratio"] for k in anchors}},
-        thermal={"before_c": temp_before, "after_c": temperature_c(), "throttled_before": throttle_before,
-                 "throttled_after": throttled()},
+        role=settings.role,
+        model_name=handle.name,
+        model_sha256=handle.sha256,
+        device=device_facts(),
+        settings=dict(settings.__dict__),
+        emulation=emulation,
+        whole=whole,
+        int8_whole=int8_whole,
+        nodes=nodes,
+        unattributed_ms=unattributed,
+        cuts=timings,
+        codecs=codecs,
+        cost={
+            "measured_cuts": anchors,
+            "timed_run_ms": clock["run_ms"],
+            "full_inference_equivalents": clock["run_ms"] / whole.median_ms,
+            "session_build_s": clock["build_s"],
+            "wall_s": time.perf_counter() - t_start,
+            "memory_rss_calibration": mem_scale,
+            "profiled_run_ms": statistics.median(profiled_runs) if profiled_runs else None,
+            "split_overhead_ratio": overhead,
+            "split_overhead_ratios": {str(k): measured[k]["ratio"] for k in anchors},
+        },
+        thermal={
+            "before_c": temp_before,
+            "after_c": temperature_c(),
+            "throttled_before": throttle_before,
+            "throttled_after": throttled(),
+        },
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

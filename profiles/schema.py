@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,8 +85,8 @@ class CutTiming(_Strict):
     index: int = Field(ge=1)
     head_ms: float = Field(ge=0)
     tail_ms: float = Field(ge=0)
-    head_p90_ms: Optional[float] = None
-    tail_p90_ms: Optional[float] = None
+    head_p90_ms: float | None = None
+    tail_p90_ms: float | None = None
     source: Literal["measured", "derived"]
     head_memory_bytes: int = Field(ge=0)
     memory_source: str
@@ -102,10 +102,10 @@ class CodecSpeed(_Strict):
 
 class Emulation(_Strict):
     mechanism: str  # e.g. "cgroup-v1 cfs quota", "cgroup-v2 cpu.max", "cpu affinity"
-    cpus: Optional[float] = None
-    period_us: Optional[int] = None
-    quota_us: Optional[int] = None
-    cores: Optional[list[int]] = None
+    cpus: float | None = None
+    period_us: int | None = None
+    quota_us: int | None = None
+    cores: list[int] | None = None
     detail: str = ""
 
 
@@ -119,9 +119,9 @@ class MeasuredProfile(_Strict):
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     device: dict
     settings: dict
-    emulation: Optional[Emulation] = None
+    emulation: Emulation | None = None
     whole: Stat
-    int8_whole: Optional[Stat] = None
+    int8_whole: Stat | None = None
     nodes: list[NodeTime]
     unattributed_ms: float = Field(ge=0)
     cuts: list[CutTiming]
@@ -145,8 +145,10 @@ class MeasuredProfile(_Strict):
 
     def check_model(self, sha256: str, where: str = "profile") -> None:
         if sha256 != self.model_sha256:
-            raise ProfileError(f"{where} was measured on another model file (sha256 {self.model_sha256[:12]}…, "
-                               f"this model {sha256[:12]}…); profile this model first")
+            raise ProfileError(
+                f"{where} was measured on another model file (sha256 {self.model_sha256[:12]}…, "
+                f"this model {sha256[:12]}…); profile this model first"
+            )
 
     def save(self, path: str | Path) -> None:
         """Atomic write: an interrupted save never leaves a partial profile."""
@@ -180,7 +182,9 @@ def _read(path: Path, parse) -> dict:
     try:
         data = parse(path.read_text())
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: not valid {'YAML' if parse is yaml.safe_load else 'JSON'} ({exc})".splitlines()[0]) from exc
+        raise ProfileError(
+            f"{path}: not valid {'YAML' if parse is yaml.safe_load else 'JSON'} ({exc})".splitlines()[0]
+        ) from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

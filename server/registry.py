@@ -26,7 +26,9 @@ class Entry:
 
 
 class PlanRegistry:
-    def __init__(self, plans_dir: str | Path | None = None, threads: int = 0, provider: str = "CPUExecutionProvider"):
+    def __init__(
+        self, plans_dir: str | Path | None = None, threads: int = 0, provider: str = "CPUExecutionProvider"
+    ):
         self.plans_dir = Path(plans_dir) if plans_dir else None
         self.threads, self.provider = threads, provider
         self._entries: dict[str, Entry] = {}

@@ -35,7 +35,7 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     plans_dir: Path | None = None
     workers: int = 2
-    threads: int = 0                      # onnxruntime intra-op threads per tail session (0 = default)
+    threads: int = 0  # onnxruntime intra-op threads per tail session (0 = default)
     provider: str = "CPUExecutionProvider"
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     reply_codec: str = "float32"
@@ -44,7 +44,7 @@ class ServerConfig:
     metrics_interval_s: float = 2.0
     curve_secret_key: bytes | None = None  # CurveZMQ: this server's secret key (z85)
     curve_allow: list[bytes] = field(default_factory=list)  # client public keys allowed (z85); empty = any
-    max_batch: int = 1                    # micro-batching: same-plan requests already queued share one tail run
+    max_batch: int = 1  # micro-batching: same-plan requests already queued share one tail run
 
 
 @dataclass
@@ -82,12 +82,14 @@ class TailServer:
         self._local = threading.local()
         self._queues: dict[str, deque] = {}
         self._qlock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="splitpoint-tail")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, config.workers), thread_name_prefix="splitpoint-tail"
+        )
         self.endpoint: str | None = None
         self.telemetry = Telemetry(config.device_id, "server", config.mqtt) if config.mqtt else None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "TailServer":
+    def start(self) -> TailServer:
         self._thread = threading.Thread(target=self.serve_forever, name="splitpoint-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -153,7 +155,9 @@ class TailServer:
         self._auth = ThreadAuthenticator(self._ctx)
         self._auth.start()
         if self.config.curve_allow:
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_AllowList(self.config.curve_allow))
+            self._auth.configure_curve_callback(
+                domain="*", credentials_provider=_AllowList(self.config.curve_allow)
+            )
         else:
             self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         sock.curve_secretkey = secret
@@ -177,10 +181,20 @@ class TailServer:
             self._reply(router, ident, wire.error(_best_effort_id(body), exc.code, str(exc)))
             return
         if msg.type == wire.PING:
-            self._reply(router, ident, wire.Message(wire.PONG, msg.id, meta={"plans": self.registry.ids(),
-                                                                              "workers": self.config.workers,
-                                                                              "in_flight": self.stats.in_flight,
-                                                                              "max_batch": self.config.max_batch}))
+            self._reply(
+                router,
+                ident,
+                wire.Message(
+                    wire.PONG,
+                    msg.id,
+                    meta={
+                        "plans": self.registry.ids(),
+                        "workers": self.config.workers,
+                        "in_flight": self.stats.in_flight,
+                        "max_batch": self.config.max_batch,
+                    },
+                ),
+            )
         elif msg.type == wire.DEPLOY:
             self._deploy(router, ident, msg)
         elif msg.type == wire.INFER:
@@ -188,8 +202,11 @@ class TailServer:
             if entry is None or entry.tail is None:
                 self.stats.add(rejected=1)
                 why = "unknown plan" if entry is None else "plan runs entirely on the edge"
-                self._reply(router, ident, wire.error(msg.id, wire.E_UNKNOWN_PLAN,
-                                                      f"{why}: {msg.plan[:16] or '(none)'}", msg.plan))
+                self._reply(
+                    router,
+                    ident,
+                    wire.error(msg.id, wire.E_UNKNOWN_PLAN, f"{why}: {msg.plan[:16] or '(none)'}", msg.plan),
+                )
                 return
             self.stats.add(in_flight=1)
             with self._qlock:
@@ -197,7 +214,11 @@ class TailServer:
             self._pool.submit(self._work, msg.plan)
         else:
             self.stats.add(rejected=1)
-            self._reply(router, ident, wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}"))
+            self._reply(
+                router,
+                ident,
+                wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}"),
+            )
 
     def _deploy(self, router, ident, msg: wire.Message) -> None:
         try:
@@ -237,7 +258,9 @@ class TailServer:
         for ident, msg, _, t_recv in batch:
             t_dec = time.perf_counter()
             try:
-                ready.append((ident, msg, t_recv, self._decode(msg, entry), (time.perf_counter() - t_dec) * 1e3))
+                ready.append(
+                    (ident, msg, t_recv, self._decode(msg, entry), (time.perf_counter() - t_dec) * 1e3)
+                )
             except (wire.WireError, CodecError) as exc:
                 code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
                 self._answer(ident, wire.error(msg.id, code, str(exc), msg.plan), error=True)
@@ -263,22 +286,43 @@ class TailServer:
         self.stats.add(batches=1, tail_ms_total=(t2 - t1) * 1e3)
         for (ident, msg, t_recv, _, dec_ms), out in zip(ready, outs):
             if isinstance(out, Exception):
-                self._answer(ident, wire.error(msg.id, wire.E_INTERNAL, f"{type(out).__name__}: {out}", msg.plan),
-                             error=True)
+                self._answer(
+                    ident,
+                    wire.error(msg.id, wire.E_INTERNAL, f"{type(out).__name__}: {out}", msg.plan),
+                    error=True,
+                )
                 continue
             t3 = time.perf_counter()
             names = list(out)
             frames = [encode(out[n], self.config.reply_codec) for n in names]
             enc_ms = (time.perf_counter() - t3) * 1e3
-            self._answer(ident, wire.Message(wire.RESULT, msg.id, msg.plan, names, meta={"server": {
-                "queue_ms": (t0 - t_recv) * 1e3, "decode_ms": dec_ms, "tail_ms": (t2 - t1) * 1e3,
-                "encode_ms": enc_ms, "batch": len(ready),
-                "total_ms": (time.perf_counter() - t_recv) * 1e3}}, frames=frames))
+            self._answer(
+                ident,
+                wire.Message(
+                    wire.RESULT,
+                    msg.id,
+                    msg.plan,
+                    names,
+                    meta={
+                        "server": {
+                            "queue_ms": (t0 - t_recv) * 1e3,
+                            "decode_ms": dec_ms,
+                            "tail_ms": (t2 - t1) * 1e3,
+                            "encode_ms": enc_ms,
+                            "batch": len(ready),
+                            "total_ms": (time.perf_counter() - t_recv) * 1e3,
+                        }
+                    },
+                    frames=frames,
+                ),
+            )
 
     def _decode(self, msg: wire.Message, entry) -> dict[str, np.ndarray]:
         expected = {t.name: t for t in entry.plan.cut_tensors}
         if set(msg.tensors) != set(expected):
-            raise wire.WireError(wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}")
+            raise wire.WireError(
+                wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}"
+            )
         feeds = {}
         for name, frame in zip(msg.tensors, msg.frames):
             arr = decode(wire._buffer(frame), self.config.max_message_bytes)
@@ -305,16 +349,29 @@ class _AllowList:
 
 def _check_tensor(name: str, arr: np.ndarray, spec) -> None:
     """Refuse a tensor the tail session would choke on, with the plan's expectation spelled out."""
-    want_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                  "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64,
-                  "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}.get(spec.type)
+    want_dtype = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(bool)": np.bool_,
+        "tensor(double)": np.float64,
+        "tensor(uint8)": np.uint8,
+        "tensor(int8)": np.int8,
+    }.get(spec.type)
     if want_dtype is not None and arr.dtype != want_dtype:
-        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {np.dtype(want_dtype)}")
+        raise wire.WireError(
+            wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {np.dtype(want_dtype)}"
+        )
     if len(arr.shape) != len(spec.shape):
-        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: rank {arr.ndim}, plan expects shape {spec.shape}")
+        raise wire.WireError(
+            wire.E_BAD_TENSOR, f"tensor {name}: rank {arr.ndim}, plan expects shape {spec.shape}"
+        )
     for got, want in zip(arr.shape, spec.shape):
         if isinstance(want, int) and want != got:
-            raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: shape {list(arr.shape)}, plan expects {spec.shape}")
+            raise wire.WireError(
+                wire.E_BAD_TENSOR, f"tensor {name}: shape {list(arr.shape)}, plan expects {spec.shape}"
+            )
 
 
 def _best_effort_id(body) -> int:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 # Zoo builds are cached per test session, never in the user's home.
-os.environ.setdefault("SPLITPOINT_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "splitpoint"))
+os.environ.setdefault(
+    "SPLITPOINT_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "splitpoint")
+)
 
 SMALL = {"width": 0.25, "resolution": 48}
 
@@ -21,10 +23,17 @@ def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "splitpoint.app.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"splitpoint {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"splitpoint {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -32,8 +41,10 @@ def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.C
 def small_models():
     from splitpoint.core import zoo
 
-    return {name: zoo.build(name, width=SMALL["width"], resolution=max(SMALL["resolution"], e.min_resolution))
-            for name, e in zoo.ZOO.items()}
+    return {
+        name: zoo.build(name, width=SMALL["width"], resolution=max(SMALL["resolution"], e.min_resolution))
+        for name, e in zoo.ZOO.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +67,9 @@ def mosquitto(tmp_path_factory):
     import socket
     import time
 
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    exe = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
     if exe is None:
         pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does this)")
     s = socket.socket()

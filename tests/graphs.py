@@ -9,7 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 def _model(nodes, inputs, outputs, inits=(), functions=(), extra_opsets=()):
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), *extra_opsets], functions=list(functions))
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), *extra_opsets], functions=list(functions)
+    )
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -22,18 +24,34 @@ def control_flow_model() -> onnx.ModelProto:
     w = numpy_helper.from_array(np.linspace(-1, 1, 4, dtype=np.float32), "w")
     zero = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")
     trip = numpy_helper.from_array(np.array(3, dtype=np.int64), "trip")
-    then_g = helper.make_graph([helper.make_node("Add", ["r", "w"], ["t_out"])], "then", [],
-                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, ["N", 4])])
-    else_g = helper.make_graph([helper.make_node("Mul", ["r", "s"], ["e_out"])], "else", [],
-                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["N", 4])])
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["r", "w"], ["t_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, ["N", 4])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Mul", ["r", "s"], ["e_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["N", 4])],
+    )
     body = helper.make_graph(
-        [helper.make_node("Add", ["acc_in", "r"], ["acc_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [
+            helper.make_node("Add", ["acc_in", "r"], ["acc_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["N", 4])])
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["N", 4]),
+        ],
+    )
     nodes = [
         helper.make_node("Relu", ["x"], ["r"], name="relu"),
         helper.make_node("Sigmoid", ["x"], ["s"], name="sig"),
@@ -49,9 +67,13 @@ def control_flow_model() -> onnx.ModelProto:
 def local_function_model() -> onnx.ModelProto:
     """A model-local function (custom domain) called twice."""
     fn = helper.make_function(
-        "local", "ScaledRelu", ["X", "S"], ["Y"],
+        "local",
+        "ScaledRelu",
+        ["X", "S"],
+        ["Y"],
         [helper.make_node("Relu", ["X"], ["r"]), helper.make_node("Mul", ["r", "S"], ["Y"])],
-        opset_imports=[helper.make_opsetid("", 17)])
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
     s = numpy_helper.from_array(np.full(8, 0.5, dtype=np.float32), "s")

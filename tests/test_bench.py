@@ -20,10 +20,23 @@ def bench(tmp_path_factory, small_resnet18):
     d = tmp_path_factory.mktemp("bench")
     model = small_resnet18
     device = d / "slow-board.yaml"
-    device.write_text("name: slow-board\nrole: edge\ncpu: test board\ncores: 1\nclock_ghz: 1.0\nmemory_gb: 1\n"
-                      "thermal_limit_c: 80\nreference_latency_ms:\n  mobilenetv2: 40\n")
-    cfg = BenchConfig(models=[str(model)], networks=["lte"], device=str(device), link="proxy", seconds=0.2,
-                      min_requests=3, max_requests=4, max_front=2, fidelity_samples=2, inputs=2, profile_budget=8)
+    device.write_text(
+        "name: slow-board\nrole: edge\ncpu: test board\ncores: 1\nclock_ghz: 1.0\nmemory_gb: 1\n"
+        "thermal_limit_c: 80\nreference_latency_ms:\n  mobilenetv2: 40\n"
+    )
+    cfg = BenchConfig(
+        models=[str(model)],
+        networks=["lte"],
+        device=str(device),
+        link="proxy",
+        seconds=0.2,
+        min_requests=3,
+        max_requests=4,
+        max_front=2,
+        fidelity_samples=2,
+        inputs=2,
+        profile_budget=8,
+    )
     results = write_report(run_bench(cfg), d / "out")
     return results, d / "out"
 
@@ -41,7 +54,11 @@ def test_bench_measures_the_pick_front_and_baselines(bench):
     for r in run["rows"]:
         m = r["measured"]
         assert "error" not in m, m
-        assert m["fallbacks"] == 0 and m["requests_sequential"] >= 3 and m["latency_ms_p90"] >= m["latency_ms_median"] > 0
+        assert (
+            m["fallbacks"] == 0
+            and m["requests_sequential"] >= 3
+            and m["latency_ms_p90"] >= m["latency_ms_median"] > 0
+        )
         assert m["throughput_ips"] > 0 and m["edge_cpu_ms_per_request"] > 0
         assert r["predicted"]["derived"] is True and r["prediction_error"] >= 0
         if r["predicted"]["codec"] == "float32" and r["predicted"]["kind"] != "split":
@@ -75,8 +92,19 @@ def test_choose_always_includes_pick_and_baselines(bench):
     results, _ = bench
     preds = [r["predicted"] for r in results["runs"][0]["rows"]]
     fields = CandidateInput.__dataclass_fields__
-    cands = [Candidate(CandidateInput(**{k: p[k] for k in fields}), p["link"], p["latency_ms"], p["throughput_ips"],
-                       p["edge_ms"], p["transfer_ms"], p["bytes_per_inference"], p["breakdown"]) for p in preds]
+    cands = [
+        Candidate(
+            CandidateInput(**{k: p[k] for k in fields}),
+            p["link"],
+            p["latency_ms"],
+            p["throughput_ips"],
+            p["edge_ms"],
+            p["transfer_ms"],
+            p["bytes_per_inference"],
+            p["breakdown"],
+        )
+        for p in preds
+    ]
     d = D()
     d.candidates, d.front, d.pick = cands, cands, cands[-1]
     chosen = choose(d, max_front=1)
@@ -85,12 +113,15 @@ def test_choose_always_includes_pick_and_baselines(bench):
     assert sum(role == "front" for role, _ in chosen.values()) <= 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--networks", "nosuch"], "no network profile named 'nosuch'"),
-    (["--models", "nosuch"], "neither an ONNX file nor a zoo model"),
-    (["--device", "nosuch"], "no device profile named 'nosuch'"),
-    (["--link", "pigeon"], "unknown mechanism"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--networks", "nosuch"], "no network profile named 'nosuch'"),
+        (["--models", "nosuch"], "neither an ONNX file nor a zoo model"),
+        (["--device", "nosuch"], "no device profile named 'nosuch'"),
+        (["--link", "pigeon"], "unknown mechanism"),
+    ],
+)
 def test_bad_bench_arguments_fail_fast_and_specifically(tmp_path, args, message):
     proc = run_cli("bench", *args, "-o", str(tmp_path / "o"), timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -66,10 +66,14 @@ def _bad_models(tmp_path, small_resnet):
     data = small_resnet.read_bytes()
     trunc = tmp_path / "truncated.onnx"
     trunc.write_bytes(data[: len(data) // 2])
-    bad = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["nope"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    bad = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["nope"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+    )
     invalid = tmp_path / "invalid.onnx"
     invalid.write_bytes(bad.SerializeToString())
     empty = tmp_path / "empty.onnx"
@@ -97,13 +101,16 @@ def test_bad_model_files_get_a_specific_error_and_no_output(case, tmp_path, smal
     assert not out.exists()
 
 
-@pytest.mark.parametrize("cut,message", [
-    ("0", "cut index 0 does not exist: valid cuts are 1..68"),
-    ("69", "cut index 69 does not exist"),
-    ("-4", "cut index -4 does not exist"),
-    ("relu_999", "no tensor named 'relu_999'"),
-    ("bn_3", "the tail also needs maxpool_0"),
-])
+@pytest.mark.parametrize(
+    "cut,message",
+    [
+        ("0", "cut index 0 does not exist: valid cuts are 1..68"),
+        ("69", "cut index 69 does not exist"),
+        ("-4", "cut index -4 does not exist"),
+        ("relu_999", "no tensor named 'relu_999'"),
+        ("bn_3", "the tail also needs maxpool_0"),
+    ],
+)
 def test_bad_cuts_are_refused(cut, message, small_resnet, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("split", str(small_resnet), "--cut", cut, "-o", str(out))

@@ -76,16 +76,19 @@ def _patch_header(p: bytearray, **fields) -> bytes:
     return bytes(p)
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"magic": b"XXXX"}, "not a SplitPoint tensor payload"),
-    ({"version": 9}, "unsupported tensor payload version 9"),
-    ({"base": 77}, "unknown codec/dtype ids"),
-    ({"dtype": 3}, "cannot carry dtype int64"),
-    ({"ndim": 40}, "claims 40 dimensions"),
-    ({"raw_len": 10}, "header says 10 body bytes"),
-    ({"stored": 5}, "truncated or padded"),
-    ({"axis": 5}, "channel axis 5 out of range"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"magic": b"XXXX"}, "not a SplitPoint tensor payload"),
+        ({"version": 9}, "unsupported tensor payload version 9"),
+        ({"base": 77}, "unknown codec/dtype ids"),
+        ({"dtype": 3}, "cannot carry dtype int64"),
+        ({"ndim": 40}, "claims 40 dimensions"),
+        ({"raw_len": 10}, "header says 10 body bytes"),
+        ({"stored": 5}, "truncated or padded"),
+        ({"axis": 5}, "channel axis 5 out of range"),
+    ],
+)
 def test_lying_headers_are_refused(fields, message):
     with pytest.raises(CodecError, match=message):
         decode(_patch_header(_payload(), **fields))
@@ -108,7 +111,7 @@ def test_corrupt_lossless_stage_and_bad_parameters():
         decode(bytes(p))
     p = _payload("int8+lz4")
     stored = _HEAD.unpack_from(p, 0)[8]
-    p[len(p) - stored:len(p) - stored + 4] = b"\xff" * 4  # first token: literal run far past the end
+    p[len(p) - stored : len(p) - stored + 4] = b"\xff" * 4  # first token: literal run far past the end
     with pytest.raises(CodecError, match="lz4 stage is corrupt|lossless stage produced"):
         decode(bytes(p))
     p = _payload("int8")

@@ -3,15 +3,18 @@ telemetry through a real mosquitto, everything shut down afterwards."""
 
 from __future__ import annotations
 
-
 from splitpoint.app.demo import DemoConfig, run_demo
 
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path, mosquitto, small_resnet18):
     model = small_resnet18
     lines: list[str] = []
-    s = run_demo(DemoConfig(model=str(model), network="lte", requests=20, budget=8, mqtt=mosquitto,
-                            workdir=tmp_path / "work"), say=lambda *a: lines.append(" ".join(map(str, a))))
+    s = run_demo(
+        DemoConfig(
+            model=str(model), network="lte", requests=20, budget=8, mqtt=mosquitto, workdir=tmp_path / "work"
+        ),
+        say=lambda *a: lines.append(" ".join(map(str, a))),
+    )
     assert s["fallbacks"] == 0 and s["throughput_measured_ips"] > 0
     assert {"demo-edge", "demo-server"} <= set(s["telemetry_devices"])
     assert any("link proxy" in line for line in lines)  # the network profile was applied to real traffic

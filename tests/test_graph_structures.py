@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from splitpoint.core.onnxio import load_model
+from splitpoint.core.errors import CutError
 from splitpoint.core.graph.cuts import cut_by_tensors, enumerate_cuts
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.onnxio import load_model
 from splitpoint.core.runner import make_session
-from splitpoint.core.errors import CutError
 
 from . import graphs
 from .conftest import random_feeds
@@ -47,7 +47,9 @@ def test_model_local_functions_are_carried_to_both_sides():
     model = graphs.local_function_model()
     idx, cuts = assert_all_cuts_exact(model)
     head, tail = extract(idx, cuts[0])
-    assert [f.name for f in head.functions] == ["ScaledRelu"] and [f.name for f in tail.functions] == ["ScaledRelu"]
+    assert [f.name for f in head.functions] == ["ScaledRelu"] and [f.name for f in tail.functions] == [
+        "ScaledRelu"
+    ]
 
 
 def test_initializer_shared_across_the_cut_goes_to_both_sides(small_models):
@@ -55,7 +57,11 @@ def test_initializer_shared_across_the_cut_goes_to_both_sides(small_models):
     tied = [n for n in idx.nodes if n.op_type == "Conv"]
     shared = {n.input[1] for n in tied if sum(m.input[1] == n.input[1] for m in tied) == 2}.pop()
     users = [p for p, n in enumerate(idx.nodes) if shared in n.input]
-    cut = next(c for c in enumerate_cuts(idx) if idx.compute[c.index - 1] >= users[0] and idx.compute[c.index] <= users[1])
+    cut = next(
+        c
+        for c in enumerate_cuts(idx)
+        if idx.compute[c.index - 1] >= users[0] and idx.compute[c.index] <= users[1]
+    )
     head, tail = extract(idx, cut)
     assert shared in {t.name for t in head.graph.initializer}
     assert shared in {t.name for t in tail.graph.initializer}
@@ -67,8 +73,14 @@ def test_external_data_model_round_trips(tmp_path, small_models):
     path.parent.mkdir()
     original = onnx.ModelProto()
     original.CopyFrom(small_models["resnet18"])  # saving as external data rewrites the proto in place
-    onnx.save_model(original, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        original,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert (path.parent / "weights.bin").stat().st_size > path.stat().st_size
     model = load_model(path)
     idx = GraphIndex.build(model)
@@ -82,14 +94,20 @@ def test_external_data_model_round_trips(tmp_path, small_models):
 def test_tensor_named_cuts_are_validated(small_models):
     idx = GraphIndex.build(small_models["resnet18"])
     # inside a residual block: the skip connection also crosses, so the boundary is incomplete
-    inner = next(n.output[0] for n in idx.nodes if n.op_type == "BatchNormalization" and n.output[0] == "bn_3")
+    inner = next(
+        n.output[0] for n in idx.nodes if n.op_type == "BatchNormalization" and n.output[0] == "bn_3"
+    )
     with pytest.raises(CutError, match="tail also needs maxpool_0"):
         cut_by_tensors(idx, [inner])
     # naming both tensors is a valid cut crossing exactly those two
     cut = cut_by_tensors(idx, ["bn_3", "maxpool_0"])
     assert {c.name for c in cut.crossing} == {"bn_3", "maxpool_0"}
     # a block output is a one-tensor cut equal to the prefix cut with the same head
-    add = next(n.output[0] for n in idx.nodes if n.op_type == "Relu" and idx.nodes[idx.producer[n.input[0]]].op_type == "Add")
+    add = next(
+        n.output[0]
+        for n in idx.nodes
+        if n.op_type == "Relu" and idx.nodes[idx.producer[n.input[0]]].op_type == "Add"
+    )
     c1 = cut_by_tensors(idx, [add])
     assert [c.name for c in c1.crossing] == [add] and c1.index is not None
     with pytest.raises(CutError, match="no tensor named 'bn_99'.*did you mean"):

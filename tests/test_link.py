@@ -39,19 +39,45 @@ def test_jitter_never_reorders_and_loss_costs_a_round_trip():
 
 
 def _validate(em) -> None:
-    host, _, port = em.server_bind[len("tcp://"):].rpartition(":")
-    srv = subprocess.Popen([*em.server_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "serve",
-                            "--bind", f"{host}:{port}"], stdout=subprocess.PIPE, text=True)
+    host, _, port = em.server_bind[len("tcp://") :].rpartition(":")
+    srv = subprocess.Popen(
+        [
+            *em.server_prefix,
+            sys.executable,
+            "-m",
+            "splitpoint.app.bench.probe",
+            "serve",
+            "--bind",
+            f"{host}:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert srv.stdout.readline(), "probe server did not start"
-        target = em.edge_connect[len("tcp://"):]
+        target = em.edge_connect[len("tcp://") :]
         results = []
         # medians: of 9 pings (each is one RTT, so cheap) and of 3 one-MiB uploads
         for (up, down), repeats in (((64, 64), 9), ((2**20, 64), 3)):
             if em.edge_prefix:  # the client must run inside the edge's namespace
-                out = subprocess.run([*em.edge_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "measure",
-                                      "--connect", target, "--sizes", f"{up}:{down}", "--repeats", str(repeats)],
-                                     capture_output=True, text=True, timeout=60)
+                out = subprocess.run(
+                    [
+                        *em.edge_prefix,
+                        sys.executable,
+                        "-m",
+                        "splitpoint.app.bench.probe",
+                        "measure",
+                        "--connect",
+                        target,
+                        "--sizes",
+                        f"{up}:{down}",
+                        "--repeats",
+                        str(repeats),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert out.returncode == 0, out.stderr
                 results += json.loads(out.stdout)
             else:
@@ -79,9 +105,8 @@ def test_namespaces_with_tbf_match_the_profile_and_leave_nothing_behind():
         _validate(em)
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
     # a failure inside the block still tears everything down
-    with pytest.raises(RuntimeError):
-        with EmulatedLink(LINK, "netns"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), EmulatedLink(LINK, "netns"):
+        raise RuntimeError("boom")
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
 
 

@@ -11,15 +11,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_has_only_the_splitpoint_namespace(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(tmp_path.glob("splitpoint-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"splitpoint", next(t for t in top if t.endswith(".dist-info"))}
-    for sub in ("core", "core/graph", "core/zoo", "profiles", "partitioner", "edge", "server", "app", "app/bench"):
+    for sub in (
+        "core",
+        "core/graph",
+        "core/zoo",
+        "profiles",
+        "partitioner",
+        "edge",
+        "server",
+        "app",
+        "app/bench",
+    ):
         assert f"splitpoint/{sub}/__init__.py" in names
     assert "splitpoint/app/cli.py" in names
-    assert "splitpoint/profiles/networks/lte.yaml" in names and "splitpoint/profiles/devices/rpi4.yaml" in names
+    assert (
+        "splitpoint/profiles/networks/lte.yaml" in names and "splitpoint/profiles/devices/rpi4.yaml" in names
+    )
     entry = [n for n in names if n.endswith("entry_points.txt")][0]
     assert "splitpoint = splitpoint.app.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -7,13 +7,33 @@ import itertools
 import numpy as np
 import pytest
 
-from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, CandidateInput, Link, evaluate, wire_bytes
+from splitpoint.partitioner.costmodel import (
+    EDGE_ONLY,
+    SERVER_ONLY,
+    SPLIT,
+    CandidateInput,
+    Link,
+    evaluate,
+    wire_bytes,
+)
 from splitpoint.partitioner.pareto import Constraints, InfeasibleError, front, non_dominated, pick
 
 LTE = Link("lte", 5.85, 20.0, 70.0)
 
 
-def ci(kind=SPLIT, cut=5, codec="int8", head=10.0, tail=5.0, enc=1.0, dec=0.5, up=10_000, down=4_000, mem=1 << 20, fid=1.0):
+def ci(
+    kind=SPLIT,
+    cut=5,
+    codec="int8",
+    head=10.0,
+    tail=5.0,
+    enc=1.0,
+    dec=0.5,
+    up=10_000,
+    down=4_000,
+    mem=1 << 20,
+    fid=1.0,
+):
     return CandidateInput(kind, cut, codec, "float32", head, tail, enc, dec, up, down, mem, fid)
 
 
@@ -34,8 +54,11 @@ def test_latency_and_throughput_follow_the_stages():
 def brute_force(points):
     keep = []
     for i, p in enumerate(points):
-        dominated = any(all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
-                        for j, q in enumerate(points) if j != i)
+        dominated = any(
+            all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
+            for j, q in enumerate(points)
+            if j != i
+        )
         if not dominated:
             keep.append(i)
     return keep
@@ -51,12 +74,27 @@ def test_non_dominated_equals_brute_force(seed):
 
 def _candidates(seed=0, n=60):
     rng = np.random.default_rng(seed)
-    out = [evaluate(ci(kind=EDGE_ONLY, cut=None, head=80.0, tail=0, enc=0, dec=0, up=0, down=0, mem=50 << 20), LTE),
-           evaluate(ci(kind=SERVER_ONLY, cut=0, head=0, tail=8.0, up=600_000, mem=600_000, fid=1.0), LTE)]
+    out = [
+        evaluate(
+            ci(kind=EDGE_ONLY, cut=None, head=80.0, tail=0, enc=0, dec=0, up=0, down=0, mem=50 << 20), LTE
+        ),
+        evaluate(ci(kind=SERVER_ONLY, cut=0, head=0, tail=8.0, up=600_000, mem=600_000, fid=1.0), LTE),
+    ]
     for k in range(n):
-        out.append(evaluate(ci(cut=k + 1, codec=str(rng.choice(["int8", "float32", "int4"])), head=float(rng.uniform(1, 60)),
-                               tail=float(rng.uniform(1, 20)), up=int(rng.integers(1000, 500_000)),
-                               mem=int(rng.integers(1 << 20, 40 << 20)), fid=float(rng.choice([1.0, 0.99, 0.9, 0.6]))), LTE))
+        out.append(
+            evaluate(
+                ci(
+                    cut=k + 1,
+                    codec=str(rng.choice(["int8", "float32", "int4"])),
+                    head=float(rng.uniform(1, 60)),
+                    tail=float(rng.uniform(1, 20)),
+                    up=int(rng.integers(1000, 500_000)),
+                    mem=int(rng.integers(1 << 20, 40 << 20)),
+                    fid=float(rng.choice([1.0, 0.99, 0.9, 0.6])),
+                ),
+                LTE,
+            )
+        )
     return out
 
 
@@ -72,9 +110,14 @@ def test_front_is_exactly_the_non_dominated_set():
 def test_pick_honours_constraints_and_lies_on_the_front():
     cands = _candidates(seed=3)
     f = {id(c) for c in front(cands)}
-    for cons in (Constraints(), Constraints(min_fidelity=0.99), Constraints(max_latency_ms=150, min_fidelity=0.9),
-                 Constraints(max_edge_memory_bytes=10 << 20), Constraints(objective="bytes"),
-                 Constraints(objective="throughput", min_fidelity=0.99)):
+    for cons in (
+        Constraints(),
+        Constraints(min_fidelity=0.99),
+        Constraints(max_latency_ms=150, min_fidelity=0.9),
+        Constraints(max_edge_memory_bytes=10 << 20),
+        Constraints(objective="bytes"),
+        Constraints(objective="throughput", min_fidelity=0.99),
+    ):
         try:
             p = pick(cands, cons)
         except InfeasibleError:
@@ -82,8 +125,11 @@ def test_pick_honours_constraints_and_lies_on_the_front():
         assert not cons.violations(p)
         assert id(p) in f
         feasible = [c for c in cands if not cons.violations(c)]
-        key = {"latency": lambda c: c.latency_ms, "bytes": lambda c: c.bytes_per_inference,
-               "throughput": lambda c: -c.throughput_ips}[cons.objective]
+        key = {
+            "latency": lambda c: c.latency_ms,
+            "bytes": lambda c: c.bytes_per_inference,
+            "throughput": lambda c: -c.throughput_ips,
+        }[cons.objective]
         assert key(p) == min(key(c) for c in feasible)
 
 

@@ -9,14 +9,14 @@ import pytest
 
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import open_model
+from splitpoint.core.plan import Plan
+from splitpoint.core.runner import assemble, load_split, make_session
 from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, evaluate
 from splitpoint.partitioner.fidelity import load_inputs
 from splitpoint.partitioner.pareto import Constraints, front
 from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of, measure_fidelity
-from splitpoint.core.plan import Plan
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.profiles.schema import load_network
-from splitpoint.core.runner import assemble, load_split, make_session
 
 from .conftest import run_cli
 
@@ -88,9 +88,25 @@ def test_profiles_for_another_model_or_role_are_refused(setup):
 def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
     d, path, h, _, _ = setup
     out, png = d / "plan-wifi", d / "front.png"
-    proc = run_cli("plan", str(path), "--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json"),
-                   "--network", "wifi-n", "--min-fidelity", "0.9", "-o", str(out), "--plot", str(png), "--random", "4",
-                   check=True)
+    proc = run_cli(
+        "plan",
+        str(path),
+        "--edge-profile",
+        str(d / "edge.json"),
+        "--server-profile",
+        str(d / "server.json"),
+        "--network",
+        "wifi-n",
+        "--min-fidelity",
+        "0.9",
+        "-o",
+        str(out),
+        "--plot",
+        str(png),
+        "--random",
+        "4",
+        check=True,
+    )
     assert "Pareto front" in proc.stdout and "pick (latency)" in proc.stdout
     assert png.stat().st_size > 10_000
     plan = Plan.load(out)
@@ -108,8 +124,22 @@ def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
 def test_plan_cli_infeasible_names_closest(setup):
     d, path, _, _, _ = setup
     out = d / "never"
-    proc = run_cli("plan", str(path), "--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json"),
-                   "--network", "3g", "--max-latency", "0.01", "-o", str(out), "--random", "4")
+    proc = run_cli(
+        "plan",
+        str(path),
+        "--edge-profile",
+        str(d / "edge.json"),
+        "--server-profile",
+        str(d / "server.json"),
+        "--network",
+        "3g",
+        "--max-latency",
+        "0.01",
+        "-o",
+        str(out),
+        "--random",
+        "4",
+    )
     assert proc.returncode == 2
     assert "no candidate meets the constraints" in proc.stderr and "misses latency by" in proc.stderr
     assert not out.exists()
@@ -138,14 +168,29 @@ def test_fidelity_cli_reads_npy_and_images_and_quantises_the_head(setup, tmp_pat
     for k in range(3):
         np.save(tmp_path / f"x{k}.npy", rng.standard_normal((3, 64, 64)).astype(np.float32))
         Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(tmp_path / f"img{k}.png")
-    proc = run_cli("fidelity", str(path), "--cut", "20", "--codec", "int8", "--inputs", str(tmp_path),
-                   "--quantize-head-weights", "static", "--json", check=True)
+    proc = run_cli(
+        "fidelity",
+        str(path),
+        "--cut",
+        "20",
+        "--codec",
+        "int8",
+        "--inputs",
+        str(tmp_path),
+        "--quantize-head-weights",
+        "static",
+        "--json",
+        check=True,
+    )
     rep = json.loads(proc.stdout)
     assert rep["samples"] == 6 and rep["head_weights"] == "int8-static"
     out = rep["outputs"][0]
     assert 0.9 < out["cosine"] < 1.0 and out["top1_agreement"] is not None
-    exact = json.loads(run_cli("fidelity", str(path), "--cut", "20", "--codec", "float32", "--random", "3", "--json",
-                               check=True).stdout)
+    exact = json.loads(
+        run_cli(
+            "fidelity", str(path), "--cut", "20", "--codec", "float32", "--random", "3", "--json", check=True
+        ).stdout
+    )
     assert exact["outputs"][0]["cosine"] == pytest.approx(1.0) and exact["score"] == 1.0
     bad = run_cli("fidelity", str(path), "--cut", "20", "--codec", "int3")
     assert bad.returncode == 2 and "unknown codec 'int3'" in bad.stderr
@@ -156,15 +201,27 @@ def test_int8_heads_are_candidates_with_measured_fidelity(setup, tmp_path):
     edge8 = profile_model(h, ProfileSettings(role="edge", threads=1, int8=True))
     assert edge8.int8_whole is not None and edge8.int8_whole.median_ms > 0
     with pytest.raises(ProfileError, match="profile the edge with `splitpoint profile --int8`"):
-        gather(h, profile_model(h, ProfileSettings(role="edge", threads=1, budget=8)), server, [], int8_heads=True)
+        gather(
+            h,
+            profile_model(h, ProfileSettings(role="edge", threads=1, budget=8)),
+            server,
+            [],
+            int8_heads=True,
+        )
     m = gather(h, edge8, server, load_inputs(h.model, random=4), codecs=["float32", "int8"], int8_heads=True)
     dec = decide(m, [load_network("3g")], Constraints())[0]
     int8 = [c for c in dec.candidates if c.inp.head_weights == "int8"]
     assert int8 and any(c.inp.kind == EDGE_ONLY for c in int8)
     ratio = edge8.int8_whole.median_ms / edge8.whole.median_ms
     for c in int8:
-        twin = next(x for x in dec.candidates if x.inp.head_weights == "float32" and x.inp.kind == c.inp.kind
-                    and x.inp.cut == c.inp.cut and x.inp.codec == c.inp.codec)
+        twin = next(
+            x
+            for x in dec.candidates
+            if x.inp.head_weights == "float32"
+            and x.inp.kind == c.inp.kind
+            and x.inp.cut == c.inp.cut
+            and x.inp.codec == c.inp.codec
+        )
         assert c.inp.head_ms == pytest.approx(twin.inp.head_ms * ratio)  # derived from the measured ratio
         assert c.inp.edge_memory_bytes < twin.inp.edge_memory_bytes
     measured = [k for k in m.fidelity if k[2] == "int8"]

@@ -34,7 +34,15 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     h = open_model(model_path)
     prof = profile_model(h, ProfileSettings(role=role, threads=threads, repeats=9, segment_repeats=7))
     assert prof.role == role and prof.model_sha256 == h.sha256 and prof.settings["threads"] == threads
-    for key in ("hostname", "architecture", "cpu_model", "cores_logical", "memory_total_bytes", "os", "onnxruntime"):
+    for key in (
+        "hostname",
+        "architecture",
+        "cpu_model",
+        "cores_logical",
+        "memory_total_bytes",
+        "os",
+        "onnxruntime",
+    ):
         assert prof.device[key] not in (None, "")
     assert {"before_c", "after_c"} <= set(prof.thermal)
     # one timing per candidate cut, some of them real segment measurements
@@ -47,12 +55,19 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
         assert prof.cost["full_inference_equivalents"] <= 30 * 1.15
     # per-node times come from onnxruntime's profiler and account for most of a profiled run
     assert len(prof.nodes) == len(h.index.compute)
-    assert 0.7 * prof.cost["profiled_run_ms"] < sum(n.median_ms for n in prof.nodes) <= 1.01 * prof.cost["profiled_run_ms"]
+    assert (
+        0.7 * prof.cost["profiled_run_ms"]
+        < sum(n.median_ms for n in prof.nodes)
+        <= 1.01 * prof.cost["profiled_run_ms"]
+    )
     # head grows and tail shrinks along the cut order, within the measured noise
     # "measured noise": the whole model's spread plus the widest spread of a measured segment
     # (with as many threads as cores, anything else running shows in a 3-run segment median)
-    anchors = [max(0.0, (c.head_p90_ms or c.head_ms) - c.head_ms) + max(0.0, (c.tail_p90_ms or c.tail_ms) - c.tail_ms)
-               for c in measured]
+    anchors = [
+        max(0.0, (c.head_p90_ms or c.head_ms) - c.head_ms)
+        + max(0.0, (c.tail_p90_ms or c.tail_ms) - c.tail_ms)
+        for c in measured
+    ]
     noise = (prof.whole.p90_ms - prof.whole.min_ms) + max(anchors) + 0.15 * prof.whole.median_ms
     heads = [c.head_ms for c in prof.cuts]
     tails = [c.tail_ms for c in prof.cuts]
@@ -60,7 +75,9 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     assert all(b <= a + noise for a, b in zip(tails, tails[1:]))
     # head + tail is one inference plus the split's overhead: within 40 % of the whole model
     for c in prof.cuts:
-        assert 0.6 * prof.whole.median_ms - noise <= c.head_ms + c.tail_ms <= 1.4 * prof.whole.median_ms + noise, c
+        assert (
+            0.6 * prof.whole.median_ms - noise <= c.head_ms + c.tail_ms <= 1.4 * prof.whole.median_ms + noise
+        ), c
     # head memory: weights plus activations grows with the head
     mems = [c.head_memory_bytes for c in prof.cuts if c.source == "derived"]
     assert mems == sorted(mems) and mems[0] > 0
@@ -79,8 +96,12 @@ def test_profile_cli_writes_file_and_refuses_it_for_another_model(model_path, tm
 def test_ctrl_c_leaves_no_partial_profile(tmp_path):
     out = tmp_path / "p.json"
     zoo.resolve("resnet50")  # build the model before timing the interrupt
-    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "profile", "resnet50", "-o", str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitpoint.app.cli", "profile", "resnet50", "-o", str(out), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -108,15 +129,21 @@ def _valid_profile(model_path, tmp_path):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda d: d["whole"].__setitem__("median_ms", -1), "field 'whole.median_ms': Input should be greater than or equal to 0"),
-    (lambda d: d.__setitem__("role", "phone"), "field 'role'"),
-    (lambda d: d.pop("cuts"), "field 'cuts': Field required"),
-    (lambda d: d.__setitem__("surprise", 1), "field 'surprise': Extra inputs are not permitted"),
-    (lambda d: d["cuts"][0].__setitem__("head_ms", "fast"), "field 'cuts.0.head_ms'"),
-    (lambda d: d.__setitem__("model_sha256", "abc"), "field 'model_sha256'"),
-    (lambda d: d["cuts"].reverse(), "unique indices in increasing order"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda d: d["whole"].__setitem__("median_ms", -1),
+            "field 'whole.median_ms': Input should be greater than or equal to 0",
+        ),
+        (lambda d: d.__setitem__("role", "phone"), "field 'role'"),
+        (lambda d: d.pop("cuts"), "field 'cuts': Field required"),
+        (lambda d: d.__setitem__("surprise", 1), "field 'surprise': Extra inputs are not permitted"),
+        (lambda d: d["cuts"][0].__setitem__("head_ms", "fast"), "field 'cuts.0.head_ms'"),
+        (lambda d: d.__setitem__("model_sha256", "abc"), "field 'model_sha256'"),
+        (lambda d: d["cuts"].reverse(), "unique indices in increasing order"),
+    ],
+)
 def test_bad_profile_files_name_the_field_and_file(model_path, tmp_path, mutate, message):
     d = _valid_profile(model_path, tmp_path)
     mutate(d)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import zmq
 
+from splitpoint.app.orchestrator import collect, deploy
 from splitpoint.core import wire
 from splitpoint.core.codecs import encode
-from splitpoint.edge.client import EdgeClient, EdgeConfig, EdgeError
 from splitpoint.core.graph import open_model
 from splitpoint.core.plandir import write_plan
 from splitpoint.core.runner import make_session
-from splitpoint.app.orchestrator import collect, deploy
+from splitpoint.edge.client import EdgeClient, EdgeConfig, EdgeError
 from splitpoint.server.tail_server import ServerConfig, TailServer
 
 RNG = np.random.default_rng(0)
@@ -32,7 +32,9 @@ def model(tmp_path_factory, small_resnet18):
     h = open_model(path)
     plans = d / "plans"
     write_plan(h.index, h.cuts()[19], plans / "p-f32", h.name, h.sha256, include_full=True)
-    write_plan(h.index, h.cuts()[19], plans / "p-int8", h.name, h.sha256, include_full=True, codec="int8+zstd")
+    write_plan(
+        h.index, h.cuts()[19], plans / "p-int8", h.name, h.sha256, include_full=True, codec="int8+zstd"
+    )
     return {"path": path, "plans": plans, "h": h, "full": make_session(path)}
 
 
@@ -48,8 +50,14 @@ def server(model):
 
 
 def client(model, srv, plan="p-f32", **kw):
-    return EdgeClient(EdgeConfig(model["plans"] / plan, server=srv.endpoint if srv else "tcp://127.0.0.1:1",
-                                 timeout_s=kw.pop("timeout_s", 5.0), **kw))
+    return EdgeClient(
+        EdgeConfig(
+            model["plans"] / plan,
+            server=srv.endpoint if srv else "tcp://127.0.0.1:1",
+            timeout_s=kw.pop("timeout_s", 5.0),
+            **kw,
+        )
+    )
 
 
 def test_results_equal_the_unsplit_model(model, server):
@@ -128,15 +136,27 @@ def test_server_answers_bad_requests_specifically(model, server):
     plan = Plan.load(model["plans"] / "p-f32")
     s = _raw(server.endpoint)
     names = [t.name for t in plan.cut_tensors]
-    good = [encode(np.zeros((1, 16, 16, 16), np.float32), "float32"), encode(np.zeros((1, 32, 8, 8), np.float32), "float32")]
+    good = [
+        encode(np.zeros((1, 16, 16, 16), np.float32), "float32"),
+        encode(np.zeros((1, 32, 8, 8), np.float32), "float32"),
+    ]
     cases = [
         ([b"not json"], "bad-message"),
         ([json.dumps({"v": 9, "type": "infer"}).encode()], "bad-version"),
         ([wire.Message(wire.INFER, 1, "f" * 64, names, frames=good).header(), *good], "unknown-plan"),
-        ([wire.Message(wire.INFER, 2, plan.plan_id, names[:1], frames=good[:1]).header(), good[0]], "bad-tensor"),
+        (
+            [wire.Message(wire.INFER, 2, plan.plan_id, names[:1], frames=good[:1]).header(), good[0]],
+            "bad-tensor",
+        ),
         ([wire.Message(wire.INFER, 3, plan.plan_id, names).header(), good[0]], "bad-message"),
-        ([wire.Message(wire.INFER, 4, plan.plan_id, names, frames=good).header(), good[1], good[0]], "bad-tensor"),
-        ([wire.Message(wire.INFER, 5, plan.plan_id, names, frames=good).header(), b"garbage", good[1]], "bad-tensor"),
+        (
+            [wire.Message(wire.INFER, 4, plan.plan_id, names, frames=good).header(), good[1], good[0]],
+            "bad-tensor",
+        ),
+        (
+            [wire.Message(wire.INFER, 5, plan.plan_id, names, frames=good).header(), b"garbage", good[1]],
+            "bad-tensor",
+        ),
         ([wire.Message(wire.RESULT, 6).header()], "bad-message"),
     ]
     for frames, code in cases:
@@ -151,9 +171,15 @@ def test_fuzzed_frames_never_crash_the_server(model, server):
     plan = Plan.load(model["plans"] / "p-f32")
     names = [t.name for t in plan.cut_tensors]
     feeds = x()
-    sent, _ = __import__("splitpoint.core.runner", fromlist=["HeadRunner"]).HeadRunner(
-        plan, make_session(model["plans"] / "p-f32" / "head.onnx")).run(feeds)
-    valid = [wire.Message(wire.INFER, 1, plan.plan_id, names).header(), *[encode(sent[n], "int8") for n in names]]
+    sent, _ = (
+        __import__("splitpoint.core.runner", fromlist=["HeadRunner"])
+        .HeadRunner(plan, make_session(model["plans"] / "p-f32" / "head.onnx"))
+        .run(feeds)
+    )
+    valid = [
+        wire.Message(wire.INFER, 1, plan.plan_id, names).header(),
+        *[encode(sent[n], "int8") for n in names],
+    ]
     rng = np.random.default_rng(1)
     s = _raw(server.endpoint)
     sent_count = 0
@@ -169,10 +195,16 @@ def test_fuzzed_frames_never_crash_the_server(model, server):
             k = int(rng.integers(0, len(frames)))
             frames[k] = frames[k][: int(rng.integers(0, len(frames[k]) + 1))]
         elif mode == 2:  # drop or duplicate frames
-            frames = frames[: int(rng.integers(0, len(frames) + 1))] if rng.random() < 0.5 else frames + frames[-1:]
+            frames = (
+                frames[: int(rng.integers(0, len(frames) + 1))]
+                if rng.random() < 0.5
+                else frames + frames[-1:]
+            )
         else:  # random bytes
-            frames = [bytearray(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes())
-                      for _ in range(int(rng.integers(1, 4)))]
+            frames = [
+                bytearray(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes())
+                for _ in range(int(rng.integers(1, 4)))
+            ]
         if not frames:
             continue
         s.send_multipart([bytes(f) for f in frames])
@@ -195,9 +227,8 @@ def test_fuzzed_frames_never_crash_the_server(model, server):
 def test_deploy_pushes_a_verified_plan(model, tmp_path):
     srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "empty")).start()
     try:
-        with pytest.raises(Exception, match="unknown plan"):
-            with client(model, srv, fallback=False) as c:
-                c.infer(x(), timeout=10)
+        with pytest.raises(Exception, match="unknown plan"), client(model, srv, fallback=False) as c:
+            c.infer(x(), timeout=10)
         pid = deploy(model["plans"] / "p-f32", srv.endpoint)
         assert pid in srv.registry.ids()
         with client(model, srv) as c:
@@ -220,8 +251,15 @@ def test_deploy_pushes_a_verified_plan(model, tmp_path):
 
 
 def test_telemetry_reaches_mosquitto(model, mosquitto):
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], mqtt=mosquitto,
-                                  device_id="t-server", metrics_interval_s=0.2)).start()
+    srv = TailServer(
+        ServerConfig(
+            bind="tcp://127.0.0.1:0",
+            plans_dir=model["plans"],
+            mqtt=mosquitto,
+            device_id="t-server",
+            metrics_interval_s=0.2,
+        )
+    ).start()
     seen: list[tuple] = []
     watcher = threading.Thread(target=lambda: collect(mosquitto, 4.0, lambda d, k, p: seen.append((d, k, p))))
     watcher.start()
@@ -234,13 +272,20 @@ def test_telemetry_reaches_mosquitto(model, mosquitto):
     srv.stop()
     watcher.join(10)
     kinds = {(d, k) for d, k, _ in seen}
-    assert {("t-edge", "latency"), ("t-server", "metrics"), ("t-edge", "status"), ("t-server", "status")} <= kinds
+    assert {
+        ("t-edge", "latency"),
+        ("t-server", "metrics"),
+        ("t-edge", "status"),
+        ("t-server", "status"),
+    } <= kinds
     lat = next(p for d, k, p in seen if (d, k) == ("t-edge", "latency"))
     assert lat["unit"] == "ms" and lat["measured"] is True and lat["fallback"] is False and lat["head_ms"] > 0
     met = next(p for d, k, p in seen if (d, k) == ("t-server", "metrics"))
     assert {"cpu_percent", "memory_used_bytes", "requests", "units"} <= set(met)
     final = collect(mosquitto, 0.5)  # retained: both closed cleanly, so both say offline
-    assert final["t-edge"]["status"]["state"] == "offline" and final["t-server"]["status"]["state"] == "offline"
+    assert (
+        final["t-edge"]["status"]["state"] == "offline" and final["t-server"]["status"]["state"] == "offline"
+    )
 
 
 def test_dead_broker_never_blocks_inference(model, server):
@@ -259,17 +304,35 @@ def test_dead_broker_never_blocks_inference(model, server):
 
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
     sock = f"ipc://{tmp_path}/edge.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "edge", "run", str(model["plans"] / "p-f32"),
-                             "--server", server.endpoint, "--listen", sock, "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app.cli",
+            "edge",
+            "run",
+            str(model["plans"] / "p-f32"),
+            "--server",
+            server.endpoint,
+            "--listen",
+            sock,
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         s = _raw(sock)
         pong = _ask(s, wire.Message(wire.PING, 1).to_frames(), timeout=30000)
         assert pong.type == wire.PONG
         feeds = [x() for _ in range(6)]
         for i, f in enumerate(feeds):
-            s.send_multipart(wire.Message(wire.INFER, 100 + i, tensors=["input"],
-                                          frames=[encode(f["input"], "float32")]).to_frames())
+            s.send_multipart(
+                wire.Message(
+                    wire.INFER, 100 + i, tensors=["input"], frames=[encode(f["input"], "float32")]
+                ).to_frames()
+            )
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # in-flight requests must still be answered
         got = {}
@@ -291,8 +354,24 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
 
 
 def _serve_proc(plans, endpoint, *extra):
-    return subprocess.Popen([sys.executable, "-m", "splitpoint.app.cli", "serve", "--bind", endpoint, "--plans", str(plans),
-                             "--workers", "1", "--quiet", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app.cli",
+            "serve",
+            "--bind",
+            endpoint,
+            "--plans",
+            str(plans),
+            "--workers",
+            "1",
+            "--quiet",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_server_killed_and_restarted_mid_stream(model):
@@ -302,8 +381,17 @@ def test_server_killed_and_restarted_mid_stream(model):
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = _serve_proc(model["plans"], endpoint)
-    c = EdgeClient(EdgeConfig(model["plans"] / "p-f32", server=endpoint, timeout_s=1.0, connect_grace_s=20,
-                              heartbeat_s=0.1, dead_after_s=0.5, window=4))
+    c = EdgeClient(
+        EdgeConfig(
+            model["plans"] / "p-f32",
+            server=endpoint,
+            timeout_s=1.0,
+            connect_grace_s=20,
+            heartbeat_s=0.1,
+            dead_after_s=0.5,
+            window=4,
+        )
+    )
     try:
         assert c.server_up, "server did not come up"
         futs, phases = [], []
@@ -344,16 +432,26 @@ def test_curve_allow_list_admits_only_listed_clients(model):
     pub_s, sec_s = zmq.curve_keypair()
     good_pub, good_sec = zmq.curve_keypair()
     bad_pub, bad_sec = zmq.curve_keypair()
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], curve_secret_key=sec_s,
-                                  curve_allow=[good_pub])).start()
+    srv = TailServer(
+        ServerConfig(
+            bind="tcp://127.0.0.1:0", plans_dir=model["plans"], curve_secret_key=sec_s, curve_allow=[good_pub]
+        )
+    ).start()
     try:
         with client(model, srv, curve_server_key=pub_s, curve_keypair=(good_pub, good_sec)) as c:
             feeds = x()
             r = c.infer(feeds, timeout=30)
             assert not r.fallback
             np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
-        with client(model, srv, curve_server_key=pub_s, curve_keypair=(bad_pub, bad_sec), fallback=False,
-                    timeout_s=0.5, connect_grace_s=0.5) as c:
+        with client(
+            model,
+            srv,
+            curve_server_key=pub_s,
+            curve_keypair=(bad_pub, bad_sec),
+            fallback=False,
+            timeout_s=0.5,
+            connect_grace_s=0.5,
+        ) as c:
             assert not c.server_up
             with pytest.raises(EdgeError):
                 c.infer(x(), timeout=30)
@@ -367,7 +465,9 @@ def test_curve_allow_list_admits_only_listed_clients(model):
 
 
 def test_micro_batching_shares_tail_runs_and_keeps_results(model):
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=1, max_batch=8)).start()
+    srv = TailServer(
+        ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=1, max_batch=8)
+    ).start()
     try:
         with client(model, srv, window=16, head_workers=2) as c:
             batch = [x() for _ in range(48)]
@@ -386,8 +486,11 @@ def test_micro_batching_shares_tail_runs_and_keeps_results(model):
 def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, tmp_path):
     from splitpoint.edge.daemon import EdgeDaemon
 
-    daemon = EdgeDaemon(EdgeConfig(model["plans"] / "p-f32", server=server.endpoint, timeout_s=5.0),
-                        listen=f"ipc://{tmp_path}/edge.sock", plans_dir=tmp_path / "pushed")
+    daemon = EdgeDaemon(
+        EdgeConfig(model["plans"] / "p-f32", server=server.endpoint, timeout_s=5.0),
+        listen=f"ipc://{tmp_path}/edge.sock",
+        plans_dir=tmp_path / "pushed",
+    )
     t = threading.Thread(target=daemon.serve_local, daemon=True)
     t.start()
     try:
@@ -399,14 +502,23 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
             ({"files": names}, [b"{not json", *frames[1:]], "not valid JSON"),
             ({"files": 7}, frames, "meta.files"),
             ({"files": ["../plan.json", *names[1:]]}, frames, "plain names"),
-            ({"files": names}, [frames[0], frames[1], frames[2] + b"\0", frames[3]], "checksum mismatch for tail.onnx"),
+            (
+                {"files": names},
+                [frames[0], frames[1], frames[2] + b"\0", frames[3]],
+                "checksum mismatch for tail.onnx",
+            ),
             ({"files": names + ["extra.bin"]}, [*frames, b"x"], "does not list"),
         ]
         for i, (meta, fr, message) in enumerate(cases):
             reply = _ask(s, wire.Message(wire.DEPLOY, i, meta=meta, frames=fr).to_frames(), timeout=10000)
-            assert reply.type == wire.ERROR and reply.meta["code"] == "bad-plan" and message in reply.meta["message"], \
-                (message, reply.meta)
-        assert not (tmp_path / "pushed").exists() or not any((tmp_path / "pushed").iterdir())  # nothing half-written
+            assert (
+                reply.type == wire.ERROR
+                and reply.meta["code"] == "bad-plan"
+                and message in reply.meta["message"]
+            ), (message, reply.meta)
+        assert not (tmp_path / "pushed").exists() or not any(
+            (tmp_path / "pushed").iterdir()
+        )  # nothing half-written
         assert _ask(s, wire.Message(wire.PING, 99).to_frames(), timeout=10000).type == wire.PONG
         s.close(0)
     finally:

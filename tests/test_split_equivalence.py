@@ -16,7 +16,11 @@ from .conftest import random_feeds
 
 def run_split(head, tail, cut, feeds):
     hs, ts = make_session(head.SerializeToString()), make_session(tail.SerializeToString())
-    h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()})))
+    h_out = dict(
+        zip(
+            [o.name for o in hs.get_outputs()], hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()})
+        )
+    )
     cut_feeds = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
     assert set(cut_feeds) == {i.name for i in ts.get_inputs()}
     t_out = dict(zip([o.name for o in ts.get_outputs()], ts.run(None, cut_feeds)))
@@ -37,7 +41,9 @@ def test_every_cut_equals_full_model(name, small_models):
         assert set(got) == set(full)
         for k, ref in full.items():
             scale = max(1.0, float(np.abs(ref).max()))
-            np.testing.assert_allclose(got[k], ref, atol=1e-5 * scale, rtol=0, err_msg=f"{name} cut {cut.index} {k}")
+            np.testing.assert_allclose(
+                got[k], ref, atol=1e-5 * scale, rtol=0, err_msg=f"{name} cut {cut.index} {k}"
+            )
 
 
 def test_chain_cuts_cross_one_tensor_and_residual_cuts_cross_two(small_models):

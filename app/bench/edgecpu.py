@@ -15,15 +15,14 @@ from splitpoint.profiles.profiler import time_runs
 from splitpoint.profiles.schema import DeviceSpec
 
 
-
 @dataclass
 class Calibration:
     device: str
     reference_model: str
-    target_ms: float            # the device profile's figure (published, with its source in the YAML)
-    full_speed_ms: float        # measured here, 1 thread, no limit
-    cpus: float                 # the limit that was settled on
-    measured_ms: float          # measured here under that limit
+    target_ms: float  # the device profile's figure (published, with its source in the YAML)
+    full_speed_ms: float  # measured here, 1 thread, no limit
+    cpus: float  # the limit that was settled on
+    measured_ms: float  # measured here under that limit
     mechanism: str
     note: str = ""
 
@@ -43,8 +42,10 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
 
     usable = {k: v for k, v in device.reference_latency_ms.items() if k in zoo.ZOO}
     if not usable:
-        raise SplitPointError(f"device profile {device.name!r} has no reference latency for a zoo model "
-                              f"(has: {', '.join(device.reference_latency_ms) or 'none'}); cannot calibrate")
+        raise SplitPointError(
+            f"device profile {device.name!r} has no reference latency for a zoo model "
+            f"(has: {', '.join(device.reference_latency_ms) or 'none'}); cannot calibrate"
+        )
     name, target = next(iter(usable.items()))
     h = open_model(name)
     sess = make_session(h.path, 1)
@@ -55,8 +56,16 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
 
     full = statistics.median(time_runs(run, 3, runs))
     if full >= target:
-        return Calibration(device.name, name, target, full, 1.0, full, "none",
-                           "this machine is not faster than the device on one core: edge runs unlimited at 1 thread")
+        return Calibration(
+            device.name,
+            name,
+            target,
+            full,
+            1.0,
+            full,
+            "none",
+            "this machine is not faster than the device on one core: edge runs unlimited at 1 thread",
+        )
     cpus = max(MIN_CPUS, full / target)
     measured, mech = full, "none"
     for round_ in range(rounds + 1):

@@ -25,8 +25,18 @@ import psutil
 
 from splitpoint.profiles.profiler import median_of_present
 
-STAGES = ("head_ms", "encode_ms", "network_ms", "server_queue_ms", "server_decode_ms", "tail_ms", "server_encode_ms",
-          "decode_ms", "local_ms", "total_ms")
+STAGES = (
+    "head_ms",
+    "encode_ms",
+    "network_ms",
+    "server_queue_ms",
+    "server_decode_ms",
+    "tail_ms",
+    "server_encode_ms",
+    "decode_ms",
+    "local_ms",
+    "total_ms",
+)
 
 
 def _p90(xs):
@@ -41,19 +51,32 @@ class _Plan:
         from splitpoint.edge.client import EdgeClient, EdgeConfig
 
         self.dir, self.window = plan_dir, window
-        self.client = EdgeClient(EdgeConfig(Path(plan_dir), server=server, window=window, timeout_s=args.timeout,
-                                            fallback=False, connect_grace_s=10.0, heartbeat_s=1.0,
-                                            dead_after_s=args.timeout))
+        self.client = EdgeClient(
+            EdgeConfig(
+                Path(plan_dir),
+                server=server,
+                window=window,
+                timeout_s=args.timeout,
+                fallback=False,
+                connect_grace_s=10.0,
+                heartbeat_s=1.0,
+                dead_after_s=args.timeout,
+            )
+        )
         self.seq: list = []
         self.spent_s = 0.0
         self.cpu_s = 0.0
         self.rss_added = 0
 
     def wants_more(self, args) -> bool:
-        return len(self.seq) < args.max_requests and (len(self.seq) < args.min_requests or self.spent_s < args.seconds)
+        return len(self.seq) < args.max_requests and (
+            len(self.seq) < args.min_requests or self.spent_s < args.seconds
+        )
 
 
-def measure_all(plans: list[tuple[str, int]], server: str, inputs: list[dict], refs: list[list[np.ndarray]], args) -> dict:
+def measure_all(
+    plans: list[tuple[str, int]], server: str, inputs: list[dict], refs: list[list[np.ndarray]], args
+) -> dict:
     """Latency in rounds, one request per candidate per round, so that this machine's speed
     drift falls on every candidate alike (their comparison is the point); then throughput per
     candidate. CPU time is charged per request with the thread-wide clock of this process, which
@@ -95,8 +118,18 @@ def measure_all(plans: list[tuple[str, int]], server: str, inputs: list[dict], r
 
 def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     seq, client, window = run.seq, run.client, run.window
-    n_pipe = max(args.min_requests, min(args.max_requests, int(args.seconds * 1000 / max(
-        1.0, median_of_present([x.breakdown.get("total_ms") for _, x in seq])) * window)))
+    n_pipe = max(
+        args.min_requests,
+        min(
+            args.max_requests,
+            int(
+                args.seconds
+                * 1000
+                / max(1.0, median_of_present([x.breakdown.get("total_ms") for _, x in seq]))
+                * window
+            ),
+        ),
+    )
     finished: list[float] = []
     futs = []
     for i in range(n_pipe):
@@ -108,7 +141,15 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     steady_s = finished[-1] - finished[0]
     b = [r.breakdown for _, r in seq]
     stages = {k: median_of_present([x.get(k) for x in b]) for k in STAGES}
-    compute = ("head_ms", "encode_ms", "server_decode_ms", "tail_ms", "server_encode_ms", "decode_ms", "local_ms")
+    compute = (
+        "head_ms",
+        "encode_ms",
+        "server_decode_ms",
+        "tail_ms",
+        "server_encode_ms",
+        "decode_ms",
+        "local_ms",
+    )
     # everything that is not compute: the link plus the runtime's own cost (all of it at loopback)
     non_compute = [x["total_ms"] - sum(x.get(k) or 0.0 for k in compute) for x in b]
     agree, max_err = [], 0.0
@@ -118,15 +159,20 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
         o, ref = r.outputs[0].reshape(-1), refs[k][0].reshape(-1)
         agree.append(float(np.argmax(o) == np.argmax(ref)))
     return {
-        "requests_sequential": len(seq), "requests_pipelined": n_pipe,
-        "latency_ms_median": stages["total_ms"], "latency_ms_p90": _p90([x.get("total_ms") for x in b]),
+        "requests_sequential": len(seq),
+        "requests_pipelined": n_pipe,
+        "latency_ms_median": stages["total_ms"],
+        "latency_ms_p90": _p90([x.get("total_ms") for x in b]),
         "stages_ms_median": stages,
-        "non_compute_ms_median": median_of_present(non_compute), "edge_rss_added_bytes": run.rss_added,
-        "throughput_ips": (n_pipe - 1) / steady_s if steady_s > 0 else None, "window": window,
+        "non_compute_ms_median": median_of_present(non_compute),
+        "edge_rss_added_bytes": run.rss_added,
+        "throughput_ips": (n_pipe - 1) / steady_s if steady_s > 0 else None,
+        "window": window,
         "fallbacks": sum(r.fallback for _, r in seq) + sum(r.fallback for r in done),
         "bytes_sent_median": median_of_present([x.get("bytes_sent") for x in b]),
         "edge_cpu_ms_per_request": 1e3 * run.cpu_s / max(1, len(seq)),
-        "top1_agreement": float(np.mean(agree)) if agree else None, "max_abs_error": max_err,
+        "top1_agreement": float(np.mean(agree)) if agree else None,
+        "max_abs_error": max_err,
     }
 
 

@@ -18,9 +18,9 @@ import uuid
 from dataclasses import dataclass
 
 from splitpoint.app.broker import free_port
+from splitpoint.app.process import stop
 from splitpoint.core.errors import SplitPointError
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
-from splitpoint.app.process import stop
 
 from . import netns
 
@@ -46,14 +46,19 @@ class Emulated:
         return self.link.rtt_ms + uplink_ms(up_bytes, self.link) + downlink_ms(down_bytes, self.link)
 
     def to_dict(self) -> dict:
-        return {"mechanism": self.mechanism, "detail": self.detail,
-                "link": None if self.link is None else self.link.__dict__}
+        return {
+            "mechanism": self.mechanism,
+            "detail": self.detail,
+            "link": None if self.link is None else self.link.__dict__,
+        }
 
 
 class EmulatedLink:
     def __init__(self, link: Link | None, mechanism: str = "auto", server_port: int | None = None):
         if mechanism not in MECHANISMS:
-            raise SplitPointError(f"unknown link mechanism {mechanism!r}; choose from {', '.join(MECHANISMS)}")
+            raise SplitPointError(
+                f"unknown link mechanism {mechanism!r}; choose from {', '.join(MECHANISMS)}"
+            )
         self.link, self.mechanism, self.server_port = link, mechanism, server_port
         self._ns: netns.Namespaces | None = None
         self._proxy: subprocess.Popen | None = None
@@ -76,32 +81,70 @@ class EmulatedLink:
             raise netns.NetnsError(f"the netns mechanism is not available: {why_not}")
         use_ns = mech == "netns" or (mech == "auto" and why_not is None)
         if use_ns:
-            self._ns = netns.Namespaces(uuid.uuid4().hex[:6], link.uplink_mbps, link.downlink_mbps).__enter__()
+            self._ns = netns.Namespaces(
+                uuid.uuid4().hex[:6], link.uplink_mbps, link.downlink_mbps
+            ).__enter__()
             port = self.server_port or 5555
-            upstream, edge_prefix, server_prefix = f"{netns.SERVER_IP}:{port}", self._ns.prefix("edge"), self._ns.prefix("server")
+            upstream, edge_prefix, server_prefix = (
+                f"{netns.SERVER_IP}:{port}",
+                self._ns.prefix("edge"),
+                self._ns.prefix("server"),
+            )
             rate = (0.0, 0.0)
-            detail = (f"namespaces {self._ns.edge} / {self._ns.server} over veth; tbf {link.uplink_mbps:g} Mbit/s up, "
-                      f"{link.downlink_mbps:g} Mbit/s down; userspace delay line {link.rtt_ms / 2:g} ms each way, "
-                      f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay")
+            detail = (
+                f"namespaces {self._ns.edge} / {self._ns.server} over veth; tbf {link.uplink_mbps:g} Mbit/s up, "
+                f"{link.downlink_mbps:g} Mbit/s down; userspace delay line {link.rtt_ms / 2:g} ms each way, "
+                f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay"
+            )
         else:
             port = self.server_port or free_port()
             upstream, edge_prefix, server_prefix = f"127.0.0.1:{port}", [], []
             rate = (link.uplink_mbps, link.downlink_mbps)
-            detail = (f"userspace TCP link proxy on loopback{f' ({why_not})' if why_not else ''}: token bucket "
-                      f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down, {link.rtt_ms / 2:g} ms each way, "
-                      f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay")
+            detail = (
+                f"userspace TCP link proxy on loopback{f' ({why_not})' if why_not else ''}: token bucket "
+                f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down, {link.rtt_ms / 2:g} ms each way, "
+                f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay"
+            )
         self._proxy = subprocess.Popen(
-            [*edge_prefix, sys.executable, "-m", "splitpoint.app.bench.proxy", "--listen", "127.0.0.1:0", "--upstream", upstream,
-             "--up-mbps", str(rate[0]), "--down-mbps", str(rate[1]), "--delay-ms", str(link.rtt_ms / 2),
-             "--jitter-ms", str(link.jitter_ms), "--loss", str(link.loss)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                *edge_prefix,
+                sys.executable,
+                "-m",
+                "splitpoint.app.bench.proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstream,
+                "--up-mbps",
+                str(rate[0]),
+                "--down-mbps",
+                str(rate[1]),
+                "--delay-ms",
+                str(link.rtt_ms / 2),
+                "--jitter-ms",
+                str(link.jitter_ms),
+                "--loss",
+                str(link.loss),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         line = self._proxy.stdout.readline()
         if not line:
             raise SplitPointError(f"link proxy did not start: {self._proxy.stderr.read().strip()}")
         listen = json.loads(line)["listen"]
         server_host = upstream.rpartition(":")[0]
-        return Emulated("netns" if use_ns else "proxy", detail, link, f"tcp://{server_host}:{port}", f"tcp://{listen}",
-                        server_prefix, edge_prefix)
+        return Emulated(
+            "netns" if use_ns else "proxy",
+            detail,
+            link,
+            f"tcp://{server_host}:{port}",
+            f"tcp://{listen}",
+            server_prefix,
+            edge_prefix,
+        )
 
     def __exit__(self, *exc) -> None:
         if self._proxy is not None:

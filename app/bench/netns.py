@@ -50,7 +50,15 @@ def tbf_args(mbps: float) -> list[str]:
     a queue deep enough (1 s) that the emulated link delays rather than drops."""
     rate_bytes = mbps * 1e6 / 8
     burst = int(max(2 * 1514, rate_bytes * 0.002))
-    return ["tbf", "rate", f"{mbps * 1000:.0f}kbit", "burst", str(burst), "limit", str(int(max(rate_bytes, 200_000)))]
+    return [
+        "tbf",
+        "rate",
+        f"{mbps * 1000:.0f}kbit",
+        "burst",
+        str(burst),
+        "limit",
+        str(int(max(rate_bytes, 200_000))),
+    ]
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Namespaces:
     def prefix(self, role: str) -> list[str]:
         return ["ip", "netns", "exec", self.edge if role == "edge" else self.server]
 
-    def __enter__(self) -> "Namespaces":
+    def __enter__(self) -> Namespaces:
         if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
             raise NetnsError("network namespaces need root and iproute2 (ip, tc)")
         try:
@@ -79,8 +87,25 @@ class Namespaces:
                 _run("ip", "netns", "add", ns)
                 self.created.append(ns)
             ve, vs = f"spe{self.tag}"[:15], f"sps{self.tag}"[:15]
-            _run("ip", "link", "add", ve, "netns", self.edge, "type", "veth", "peer", "name", vs, "netns", self.server)
-            for ns, dev, ip, mbps in ((self.edge, ve, EDGE_IP, self.up_mbps), (self.server, vs, SERVER_IP, self.down_mbps)):
+            _run(
+                "ip",
+                "link",
+                "add",
+                ve,
+                "netns",
+                self.edge,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                vs,
+                "netns",
+                self.server,
+            )
+            for ns, dev, ip, mbps in (
+                (self.edge, ve, EDGE_IP, self.up_mbps),
+                (self.server, vs, SERVER_IP, self.down_mbps),
+            ):
                 _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
                 _run("ip", "-n", ns, "link", "set", dev, "up")
                 _run("ip", "-n", ns, "link", "set", "lo", "up")

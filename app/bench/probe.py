@@ -73,7 +73,9 @@ def measure(address: tuple[str, int], sizes: list[tuple[int, int]], repeats: int
         out = []
         for up, down in sizes:
             ms = [exchange(s, up, down) for _ in range(repeats)]
-            out.append({"up_bytes": up, "down_bytes": down, "median_ms": statistics.median(ms), "samples_ms": ms})
+            out.append(
+                {"up_bytes": up, "down_bytes": down, "median_ms": statistics.median(ms), "samples_ms": ms}
+            )
         return out
 
 

@@ -35,7 +35,10 @@ class _Pipe:
         self.buffered = 0
         self.eof = False
         self.stats, self.key = stats, key
-        self.threads = [threading.Thread(target=self._read, daemon=True), threading.Thread(target=self._write, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._write, daemon=True),
+        ]
         for t in self.threads:
             t.start()
 
@@ -50,7 +53,7 @@ class _Pipe:
                     while self.buffered > MAX_BUFFERED:
                         self.cond.wait(0.1)
                     for i in range(0, len(data), PIECE):
-                        piece = data[i:i + PIECE]
+                        piece = data[i : i + PIECE]
                         self.queue.append((self.shaper.schedule(now, len(piece)), piece))
                         self.buffered += len(piece)
                     self.stats[self.key] += len(data)
@@ -91,7 +94,14 @@ class LinkProxy:
     """Listen on ``listen`` (host, port; port 0 picks one), forward to ``upstream`` through the
     uplink shaper, and the replies back through the downlink shaper."""
 
-    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], up: Direction, down: Direction, seed: int = 0):
+    def __init__(
+        self,
+        listen: tuple[str, int],
+        upstream: tuple[str, int],
+        up: Direction,
+        down: Direction,
+        seed: int = 0,
+    ):
         self.upstream, self.up, self.down, self.seed = upstream, up, down, seed
         self.sock = socket.create_server(listen, reuse_port=False)
         self.address = self.sock.getsockname()[:2]
@@ -100,7 +110,7 @@ class LinkProxy:
         self._conns: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True, name="splitpoint-link")
 
-    def start(self) -> "LinkProxy":
+    def start(self) -> LinkProxy:
         self._thread.start()
         return self
 
@@ -110,7 +120,7 @@ class LinkProxy:
         while not self._stop.is_set():
             try:
                 client, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -138,7 +148,7 @@ class LinkProxy:
                 pass
         self._thread.join(2)
 
-    def __enter__(self) -> "LinkProxy":
+    def __enter__(self) -> LinkProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -162,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     mk = lambda mbps: Direction(mbps * 1e6 if mbps else None, a.delay_ms / 1e3, a.jitter_ms / 1e3, a.loss)  # noqa: E731
     proxy = LinkProxy(_hostport(a.listen), _hostport(a.upstream), mk(a.up_mbps), mk(a.down_mbps)).start()
-    print(json.dumps({"listen": f"{proxy.address[0]}:{proxy.address[1]}"}), flush=True)  # the parent reads the port
+    print(
+        json.dumps({"listen": f"{proxy.address[0]}:{proxy.address[1]}"}), flush=True
+    )  # the parent reads the port
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

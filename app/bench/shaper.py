@@ -16,22 +16,22 @@ from dataclasses import dataclass
 
 from splitpoint.partitioner.costmodel import MSS, wire_bytes
 
-PIECE = 16 * 1024          # the proxy schedules at most this many bytes at a time
+PIECE = 16 * 1024  # the proxy schedules at most this many bytes at a time
 
 
 @dataclass
 class Direction:
-    rate_bps: float | None     # None: no rate limit here (tbf does it, or an unlimited link)
-    delay_s: float             # one way
-    jitter_s: float = 0.0      # standard deviation of the per-piece delay variation
-    loss: float = 0.0          # per-segment loss probability
+    rate_bps: float | None  # None: no rate limit here (tbf does it, or an unlimited link)
+    delay_s: float  # one way
+    jitter_s: float = 0.0  # standard deviation of the per-piece delay variation
+    loss: float = 0.0  # per-segment loss probability
 
 
 class Shaper:
     def __init__(self, d: Direction, seed: int = 0):
         self.d = d
         self.rng = random.Random(seed)
-        self.free_at = 0.0         # when the bottleneck has sent everything so far
+        self.free_at = 0.0  # when the bottleneck has sent everything so far
         self.last_delivery = 0.0
 
     def schedule(self, now: float, n: int) -> float:

@@ -123,13 +123,23 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
         for t in [t for t in live if last_use.get(t, -1) < k]:
             del live[t]
         head_outputs.extend(outputs_by_rank.get(r, []))
-        crossing = [_crossing(idx, t, s) for t, s in sorted(live.items(), key=lambda kv: produced_rank[kv[0]])]
-        cuts.append(Cut(
-            index=k, head=frozenset(), crossing=crossing, head_outputs=list(head_outputs),
-            head_macs=macs, total_macs=total_macs, head_params=params, total_params=total_params,
-            last_node=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",
-            raw_input_crossing=any(s == "input" for s in live.values()),
-        ))
+        crossing = [
+            _crossing(idx, t, s) for t, s in sorted(live.items(), key=lambda kv: produced_rank[kv[0]])
+        ]
+        cuts.append(
+            Cut(
+                index=k,
+                head=frozenset(),
+                crossing=crossing,
+                head_outputs=list(head_outputs),
+                head_macs=macs,
+                total_macs=total_macs,
+                head_params=params,
+                total_params=total_params,
+                last_node=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",
+                raw_input_crossing=any(s == "input" for s in live.values()),
+            )
+        )
     return cuts
 
 
@@ -185,23 +195,30 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
         if extra:
             raise CutError(
                 f"invalid cut: the tail also needs {', '.join(extra)} from the head "
-                f"(e.g. a residual connection); cut at {','.join([*sorted(expected), *extra])} instead")
+                f"(e.g. a residual connection); cut at {','.join([*sorted(expected), *extra])} instead"
+            )
         unused = [t for t in expected if t not in from_head]
         if unused:
             raise CutError(f"tensor(s) {', '.join(unused)} are not read by the tail: not a boundary")
-    crossing = [_crossing(idx, t, "input") for t in crossing_names] + [_crossing(idx, t, "head") for t in from_head]
+    crossing = [_crossing(idx, t, "input") for t in crossing_names] + [
+        _crossing(idx, t, "head") for t in from_head
+    ]
     macs = sum(node_macs(idx, p) for p in head)
     head_params = {t for p in head for t in param_tensors(idx, p)}
     all_params = {t for p in range(len(idx.nodes)) for t in param_tensors(idx, p)}
     ordered = sorted(head)
     prefix = ordered == sorted(idx.compute[: len(head)])
     return Cut(
-        index=len(head) if prefix else None, head=head, crossing=crossing,
+        index=len(head) if prefix else None,
+        head=head,
+        crossing=crossing,
         head_outputs=[o for o in idx.outputs if o in produced_in_head],
-        head_macs=macs, total_macs=sum(node_macs(idx, p) for p in range(len(idx.nodes))),
+        head_macs=macs,
+        total_macs=sum(node_macs(idx, p) for p in range(len(idx.nodes))),
         head_params=sum(tensor_size(idx, t) for t in head_params),
         total_params=sum(tensor_size(idx, t) for t in all_params),
-        last_node=idx.nodes[ordered[-1]].name, raw_input_crossing=bool(crossing_names),
+        last_node=idx.nodes[ordered[-1]].name,
+        raw_input_crossing=bool(crossing_names),
     )
 
 

@@ -29,7 +29,9 @@ def _with_constants(idx: GraphIndex, positions: set[int]) -> list[int]:
     return sorted(need)
 
 
-def _submodel(idx: GraphIndex, positions: list[int], inputs: list[str], outputs: list[str], name: str) -> onnx.ModelProto:
+def _submodel(
+    idx: GraphIndex, positions: list[int], inputs: list[str], outputs: list[str], name: str
+) -> onnx.ModelProto:
     src = idx.model
     nodes = [idx.nodes[p] for p in positions]
     reads = {t for p in positions for t in idx.node_ins[p]}
@@ -46,10 +48,12 @@ def _submodel(idx: GraphIndex, positions: list[int], inputs: list[str], outputs:
 
     internal = {o for n in nodes for o in n.output} - set(outputs)
     value_info = [v for v in src.graph.value_info if v.name in internal]
-    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits,
-                              value_info=value_info)
-    model = helper.make_model(graph, opset_imports=list(src.opset_import), producer_name="splitpoint",
-                              functions=list(src.functions))
+    graph = helper.make_graph(
+        nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits, value_info=value_info
+    )
+    model = helper.make_model(
+        graph, opset_imports=list(src.opset_import), producer_name="splitpoint", functions=list(src.functions)
+    )
     model.ir_version = src.ir_version
     return model
 
@@ -63,8 +67,13 @@ def extract(idx: GraphIndex, cut: Cut, check: bool = True) -> tuple[onnx.ModelPr
     head_outputs = list(dict.fromkeys(head_sent + cut.head_outputs))
     tail_outputs = [o for o in idx.outputs if o not in cut.head_outputs]
     h = _submodel(idx, _with_constants(idx, head), head_inputs, head_outputs, f"{idx.model.graph.name}_head")
-    t = _submodel(idx, _with_constants(idx, set(tail)), [c.name for c in cut.crossing], tail_outputs,
-                  f"{idx.model.graph.name}_tail")
+    t = _submodel(
+        idx,
+        _with_constants(idx, set(tail)),
+        [c.name for c in cut.crossing],
+        tail_outputs,
+        f"{idx.model.graph.name}_tail",
+    )
     if check:
         check_model(h, where="extracted head", full=True)
         check_model(t, where="extracted tail", full=True)

@@ -16,7 +16,11 @@ BN_STATS_INPUTS = (3, 4)  # running mean / var: buffers, not parameters
 def _per_sample(dims) -> int:
     if not dims or any(not isinstance(d, int) for d in dims[1:]):
         return 0
-    return int(np.prod(dims[1:], dtype=np.int64)) if isinstance(dims[0], str) else int(np.prod(dims, dtype=np.int64))
+    return (
+        int(np.prod(dims[1:], dtype=np.int64))
+        if isinstance(dims[0], str)
+        else int(np.prod(dims, dtype=np.int64))
+    )
 
 
 def node_macs(idx: GraphIndex, pos: int) -> int:

@@ -95,19 +95,19 @@ class GraphIndex:
     """Topologically ordered view of a model's main graph, built once per model."""
 
     model: onnx.ModelProto
-    nodes: list = field(default_factory=list)          # all nodes, topological order
-    compute: list = field(default_factory=list)        # positions (into nodes) of non-constant nodes
-    const: set = field(default_factory=set)            # positions of constant nodes
-    producer: dict = field(default_factory=dict)       # tensor -> node position
-    consumers: dict = field(default_factory=dict)      # tensor -> [node positions]
-    inputs: list = field(default_factory=list)         # real graph inputs (not initializers)
+    nodes: list = field(default_factory=list)  # all nodes, topological order
+    compute: list = field(default_factory=list)  # positions (into nodes) of non-constant nodes
+    const: set = field(default_factory=set)  # positions of constant nodes
+    producer: dict = field(default_factory=dict)  # tensor -> node position
+    consumers: dict = field(default_factory=dict)  # tensor -> [node positions]
+    inputs: list = field(default_factory=list)  # real graph inputs (not initializers)
     outputs: list = field(default_factory=list)
     initializers: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)           # tensor -> TensorInfo
-    node_ins: list = field(default_factory=list)       # per node: inputs incl. subgraph refs
+    info: dict = field(default_factory=dict)  # tensor -> TensorInfo
+    node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
 
     @classmethod
-    def build(cls, model: onnx.ModelProto) -> "GraphIndex":
+    def build(cls, model: onnx.ModelProto) -> GraphIndex:
         g = model.graph
         idx = cls(model=model)
         idx.initializers = {t.name: t for t in g.initializer}
@@ -135,7 +135,9 @@ class GraphIndex:
         idx.info = _infer_types(model)
         for name in idx.outputs:
             if name in graph_inputs or (name in idx.initializers) or (name not in idx.producer):
-                raise ModelError(f"graph output {name!r} is not produced by any node; not supported for splitting")
+                raise ModelError(
+                    f"graph output {name!r} is not produced by any node; not supported for splitting"
+                )
         return idx
 
     def tensor(self, name: str) -> TensorInfo:
@@ -144,7 +146,9 @@ class GraphIndex:
             self._measure_shapes()
             t = self.info.get(name)
         if t is None:
-            raise ModelError(f"could not determine the type of tensor {name!r} (shape inference and a trial run failed)")
+            raise ModelError(
+                f"could not determine the type of tensor {name!r} (shape inference and a trial run failed)"
+            )
         return t
 
     def _measure_shapes(self) -> None:
@@ -153,7 +157,9 @@ class GraphIndex:
         if getattr(self, "_measured", False):
             return
         self._measured = True
-        missing = [o for n in self.nodes for o in n.output if o and (o not in self.info or self.info[o].dims is None)]
+        missing = [
+            o for n in self.nodes for o in n.output if o and (o not in self.info or self.info[o].dims is None)
+        ]
         if not missing:
             return
         import onnxruntime as ort
@@ -169,7 +175,11 @@ class GraphIndex:
                 feeds = {}
                 for i in sess.get_inputs():
                     shape = [d if isinstance(d, int) else batch for d in i.shape]
-                    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(self.info[i.name].elem_type)) if i.name in self.info else np.float32
+                    dtype = (
+                        np.dtype(helper.tensor_dtype_to_np_dtype(self.info[i.name].elem_type))
+                        if i.name in self.info
+                        else np.float32
+                    )
                     feeds[i.name] = np.zeros(shape, dtype=dtype)
                 runs.append(sess.run(missing, feeds))
         except Exception:  # best effort: callers report the tensor that stays unknown
@@ -210,7 +220,9 @@ def _toposort(nodes: list, available: set[str]) -> list:
 
 def _infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            model, check_type=False, strict_mode=False, data_prop=True
+        )
     except Exception:  # inference is best effort; missing shapes are reported per tensor later
         inferred = model
     g = inferred.graph

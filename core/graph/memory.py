@@ -52,6 +52,9 @@ def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
             if t in idx.initializers and t not in seen:
                 seen.add(t)
                 init = idx.initializers[t]
-                total += int(np.prod(init.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+                total += (
+                    int(np.prod(init.dims, dtype=np.int64))
+                    * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+                )
         out.append(total)
     return out

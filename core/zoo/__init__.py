@@ -6,9 +6,9 @@ Every command that takes a model accepts either an ONNX path or a zoo name, reso
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
@@ -28,13 +28,23 @@ class ZooEntry:
     min_resolution: int = 32
 
 
-ZOO: dict[str, ZooEntry] = {e.name: e for e in [
-    ZooEntry("alexnet", models.alexnet, "plain chain CNN (AlexNet layout)", 224, 61_100_840, 0.71, 64),
-    ZooEntry("resnet18", models.resnet18, "residual DAG, basic blocks", 224, 11_689_512, 1.81),
-    ZooEntry("resnet50", models.resnet50, "residual DAG, bottleneck blocks", 224, 25_557_032, 4.09),
-    ZooEntry("mobilenetv2", models.mobilenetv2, "inverted residuals, depthwise convolutions", 224, 3_504_872, 0.30),
-    ZooEntry("multitask", models.multitask, "two inputs, three outputs (one early), tied weights", 64),
-]}
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in [
+        ZooEntry("alexnet", models.alexnet, "plain chain CNN (AlexNet layout)", 224, 61_100_840, 0.71, 64),
+        ZooEntry("resnet18", models.resnet18, "residual DAG, basic blocks", 224, 11_689_512, 1.81),
+        ZooEntry("resnet50", models.resnet50, "residual DAG, bottleneck blocks", 224, 25_557_032, 4.09),
+        ZooEntry(
+            "mobilenetv2",
+            models.mobilenetv2,
+            "inverted residuals, depthwise convolutions",
+            224,
+            3_504_872,
+            0.30,
+        ),
+        ZooEntry("multitask", models.multitask, "two inputs, three outputs (one early), tied weights", 64),
+    ]
+}
 
 
 def build(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> onnx.ModelProto:

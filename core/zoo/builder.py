@@ -44,7 +44,9 @@ def conv2d(x: np.ndarray, w: np.ndarray, stride: int, pad: int, groups: int) -> 
         out = np.einsum("nchwij,cmij->ncmhw", win, wr, optimize=True)
         return out.reshape(n, o, ho, wo)
     og = o // groups
-    outs = [conv2d(x[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og], stride, pad, 1) for g in range(groups)]
+    outs = [
+        conv2d(x[:, g * cg : (g + 1) * cg], w[g * og : (g + 1) * og], stride, pad, 1) for g in range(groups)
+    ]
     return np.concatenate(outs, axis=1)
 
 
@@ -98,14 +100,25 @@ class ModelBuilder:
         return x
 
     # -- layers ------------------------------------------------------------------------------
-    def conv(self, x: str, out_ch: int, k: int, stride: int = 1, pad: int | None = None,
-             groups: int = 1, bias: bool = False, w: str | None = None) -> str:
+    def conv(
+        self,
+        x: str,
+        out_ch: int,
+        k: int,
+        stride: int = 1,
+        pad: int | None = None,
+        groups: int = 1,
+        bias: bool = False,
+        w: str | None = None,
+    ) -> str:
         xv = self.values[x]
         in_ch = xv.shape[1]
         pad = k // 2 if pad is None else pad
         if w is None:
             fan_in = in_ch // groups * k * k
-            wv = (self.rng.standard_normal((out_ch, in_ch // groups, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+            wv = (self.rng.standard_normal((out_ch, in_ch // groups, k, k)) * np.sqrt(2.0 / fan_in)).astype(
+                np.float32
+            )
             w = self.init(self.fresh("W"), wv)
         wv = self.values[w]
         ins = [x, w]
@@ -114,8 +127,16 @@ class ModelBuilder:
             bv = (self.rng.standard_normal(out_ch) * 0.05).astype(np.float32)
             ins.append(self.init(self.fresh("B"), bv))
             out = out + bv[None, :, None, None]
-        return self.node("Conv", ins, out, prefix="conv", kernel_shape=[k, k], strides=[stride, stride],
-                         pads=[pad] * 4, group=groups)
+        return self.node(
+            "Conv",
+            ins,
+            out,
+            prefix="conv",
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+            group=groups,
+        )
 
     def bn(self, x: str, gain: float = 1.0) -> str:
         """BatchNorm whose running statistics are the calibration batch's own."""
@@ -128,8 +149,13 @@ class ModelBuilder:
         beta = (self.rng.standard_normal(c) * 0.1 * gain).astype(np.float32)
         eps = 1e-5
         p = self.fresh("bn")
-        ins = [x, self.init(p + "_scale", gamma), self.init(p + "_bias", beta),
-               self.init(p + "_mean", mean), self.init(p + "_var", var)]
+        ins = [
+            x,
+            self.init(p + "_scale", gamma),
+            self.init(p + "_bias", beta),
+            self.init(p + "_mean", mean),
+            self.init(p + "_var", var),
+        ]
         out = (xv - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + eps)
         out = out * gamma[None, :, None, None] + beta[None, :, None, None]
         return self.node("BatchNormalization", ins, out, prefix="bn", epsilon=eps)
@@ -152,8 +178,15 @@ class ModelBuilder:
 
     def maxpool(self, x: str, k: int, stride: int, pad: int = 0) -> str:
         out = pool2d(self.values[x], k, stride, pad, "max")
-        return self.node("MaxPool", [x], out, prefix="maxpool", kernel_shape=[k, k], strides=[stride, stride],
-                         pads=[pad] * 4)
+        return self.node(
+            "MaxPool",
+            [x],
+            out,
+            prefix="maxpool",
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[pad] * 4,
+        )
 
     def gap(self, x: str) -> str:
         out = self.values[x].mean(axis=(2, 3), keepdims=True)
@@ -164,8 +197,9 @@ class ModelBuilder:
         return self.node("Flatten", [x], v.reshape(v.shape[0], -1), prefix="flatten", axis=1)
 
     def concat(self, xs: list[str], axis: int = 1) -> str:
-        return self.node("Concat", xs, np.concatenate([self.values[x] for x in xs], axis=axis),
-                         prefix="concat", axis=axis)
+        return self.node(
+            "Concat", xs, np.concatenate([self.values[x] for x in xs], axis=axis), prefix="concat", axis=axis
+        )
 
     def gemm(self, x: str, out_f: int, target_std: float | None = None) -> str:
         """Fully connected layer. With ``target_std`` (a classifier) the bias centres each output
@@ -188,10 +222,16 @@ class ModelBuilder:
 
     # -- result ------------------------------------------------------------------------------
     def build(self, doc: str = "") -> onnx.ModelProto:
-        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *shape]) for n, shape in self.outputs]
+        outs = [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *shape]) for n, shape in self.outputs
+        ]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, outs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="splitpoint.core.zoo", doc_string=doc)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="splitpoint.core.zoo",
+            doc_string=doc,
+        )
         model.ir_version = 8
         onnx.checker.check_model(model)
         return model

@@ -27,7 +27,9 @@ def _ch(c: float, width: float, divisor: int = 8) -> int:
     return new
 
 
-def resnet(depth: int, width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+def resnet(
+    depth: int, width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0
+) -> onnx.ModelProto:
     basic = depth in (18, 34)
     blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
     b = ModelBuilder(f"resnet{depth}", seed)
@@ -66,14 +68,23 @@ def resnet50(**kw) -> onnx.ModelProto:
     return resnet(50, **kw)
 
 
-def mobilenetv2(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+def mobilenetv2(
+    width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0
+) -> onnx.ModelProto:
     b = ModelBuilder("mobilenetv2", seed)
     x = b.input("input", (3, resolution, resolution), _calib_batch(b.rng, resolution))
     in_ch = _ch(32, width)
     last = _ch(1280, max(1.0, width))
     x = b.relu6(b.bn(b.conv(x, in_ch, 3, stride=2)))
-    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+    for t, c, n, s in [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]:
         out_ch = _ch(c, width)
         for i in range(n):
             stride = s if i == 0 else 1
@@ -91,7 +102,9 @@ def mobilenetv2(width: float = 1.0, resolution: int = 224, num_classes: int = 10
     return b.build("MobileNetV2 (torchvision layout), seeded random weights, BN calibrated")
 
 
-def alexnet(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+def alexnet(
+    width: float = 1.0, resolution: int = 224, num_classes: int = 1000, seed: int = 0
+) -> onnx.ModelProto:
     """A plain chain: every cut crosses exactly one tensor."""
     b = ModelBuilder("alexnet", seed)
     x = b.input("input", (3, resolution, resolution), _calib_batch(b.rng, resolution))
@@ -108,7 +121,9 @@ def alexnet(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, 
     return b.build("AlexNet (torchvision layout without adaptive pooling), seeded random weights")
 
 
-def multitask(width: float = 1.0, resolution: int = 64, num_classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+def multitask(
+    width: float = 1.0, resolution: int = 64, num_classes: int = 10, seed: int = 0
+) -> onnx.ModelProto:
     """Two inputs (image, 16-d metadata) and three outputs, one of them produced early.
 
     Exercises what chains never do: a raw input needed deep in the graph, a graph output
