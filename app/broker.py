@@ -4,6 +4,7 @@ mosquitto; this exists so that `splitpoint demo` needs nothing installed beyond 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 
@@ -41,8 +42,8 @@ class EmbeddedBroker:
             asyncio.set_event_loop(self._loop)
 
             async def boot() -> None:
-                self._broker = Broker(cfg, loop=self._loop)
-                await self._broker.start()
+                broker = self._broker = Broker(cfg, loop=self._loop)
+                await broker.start()
 
             try:
                 self._loop.run_until_complete(boot())
@@ -61,10 +62,8 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         if self._broker is not None:
-            try:
+            with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(5)
-            except Exception:
-                pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(5)

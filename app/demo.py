@@ -8,31 +8,30 @@ planner predicted.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
-from splitpoint.app.process import stop
+from splitpoint.app.process import start_server, stop
+from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 from splitpoint.profiles.profiler import median_of_present
 
 
-@dataclass
-class DemoConfig:
+class DemoConfig(StrictConfig):
+    label: ClassVar[str] = "demo"
     model: str = "resnet18"
     network: str = "wifi6"
-    requests: int = 300
-    window: int = 4
+    requests: int = Field(300, ge=1, le=1_000_000)
+    window: int = Field(4, ge=1, le=4096)
     mqtt: str | None = None
     workdir: Path | None = None
-    budget: float = 12.0
-    edge_slowdown: float = 4.0  # the edge stands in for a small device under a real CPU limit
+    budget: float = Field(12.0, gt=0)
+    edge_slowdown: float = Field(4.0, ge=1)  # the edge stands in for a small device under a real CPU limit
     emulate_link: bool = True  # the network profile applied to real traffic by the userspace link proxy
 
 
@@ -40,10 +39,10 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     from splitpoint.app.broker import EmbeddedBroker, free_port
     from splitpoint.app.orchestrator import collect
     from splitpoint.core.graph import open_model
-    from splitpoint.core.plandir import write_baseline_plan, write_plan
-    from splitpoint.core.runner import make_session, sample_feeds
+    from splitpoint.core.runner import make_session
+    from splitpoint.core.samples import load_inputs, sample_feeds
     from splitpoint.edge.client import EdgeClient, EdgeConfig
-    from splitpoint.partitioner.fidelity import load_inputs
+    from splitpoint.partitioner.emit import write_candidate
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
@@ -63,7 +62,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         say(f"      (no CPU limit available: {exc}; the edge runs at full speed)")
         edge_cpus = None
     say(
-        f"[1/5] profiling {h.name} as edge (1 thread{f', limited to {edge_cpus:g} CPU' if edge_cpus else ''}) "
+        f"[1/5] profiling {h.name} as edge (1 "
+        f"thread{f', limited to {edge_cpus:g} CPU' if edge_cpus else ''}) "
         "and as server (1 thread)…"
     )
     with cpu_limit(edge_cpus) as em:
@@ -72,7 +72,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     if em:
         say(f"      edge emulated with {em.mechanism}, {em.cpus:g} CPU")
     say(
-        f"      edge whole model {edge.whole.median_ms:.1f} ms, server {server.whole.median_ms:.1f} ms (measured)"
+        f"      edge whole model {edge.whole.median_ms:.1f} ms, server {server.whole.median_ms:.1f} ms "
+        f"(measured)"
     )
     say(f"[2/5] planning for {net.name} ({net.uplink_mbps} Mbit/s up, RTT {net.rtt_ms} ms)…")
     m = gather(
@@ -81,31 +82,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     d = decide(m, [net], Constraints(min_fidelity=0.99))[0]
     p = d.pick
     plan_dir = work / "plan"
-    predicted = p.to_dict()
-    if p.inp.kind == "split":
-        write_plan(
-            h.index,
-            h.cuts()[p.inp.cut - 1],
-            plan_dir,
-            h.name,
-            h.sha256,
-            force=True,
-            include_full=True,
-            codec=p.inp.codec,
-            predicted=predicted,
-            front=[c.to_dict() for c in d.front],
-        )
-    else:
-        write_baseline_plan(
-            h.index,
-            p.inp.kind,
-            plan_dir,
-            h.name,
-            h.sha256,
-            force=True,
-            codec=p.inp.codec,
-            predicted=predicted,
-        )
+    write_candidate(h, p, plan_dir, include_full=True, front=[c.to_dict() for c in d.front], force=True)
     say(
         f"      pick: {p.label} — predicted {p.latency_ms:.1f} ms, {p.throughput_ips:.1f}/s "
         f"({len(d.front)} candidates on the front of {len(d.candidates)})"
@@ -134,39 +111,14 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         f"[3/5] starting server on {endpoint}, link {em.mechanism} ({em.detail}), "
         f"MQTT {'embedded broker' if broker else 'broker'} at {url}…"
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    srv = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitpoint.app.cli",
-            "serve",
-            "--bind",
-            endpoint,
-            "--plans",
-            str(work),
-            "--workers",
-            "1",
-            "--threads",
-            "1",
-            "--mqtt",
-            url,
-            "--device-id",
-            "demo-server",
-            "--quiet",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    srv = start_server(endpoint, work, "--mqtt", url, "--device-id", "demo-server")
     client = None
     limit = cpu_limit(edge_cpus)
     limit.__enter__()
     try:
         client = EdgeClient(
             EdgeConfig(
-                plan_dir,
+                plan_dir=plan_dir,
                 server=em.edge_connect,
                 window=cfg.window,
                 mqtt=url,
@@ -178,7 +130,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         end = time.monotonic() + 20
         while not client.server_up and time.monotonic() < end and p.inp.kind != "edge-only":
             if srv.poll() is not None:
-                raise SplitPointError(f"server exited: {srv.stdout.read()}")
+                raise SplitPointError(f"server exited: {srv.stdout.read() if srv.stdout else ''}")
             time.sleep(0.05)
         feeds = sample_feeds(h.model, 1, 7)
         ref = make_session(h.path).run(None, feeds)
@@ -189,7 +141,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         results = [f.result(60) for f in futures]
         wall = time.perf_counter() - t0
         seq = [client.infer(feeds, timeout=30) for _ in range(min(50, cfg.requests))]  # unpipelined latency
-        err = max(float(np.abs(a - b).max()) for a, b in zip(results[-1].outputs, ref))
+        err = max(float(np.abs(a - b).max()) for a, b in zip(results[-1].outputs, ref, strict=True))
         fleet = collect(url, 2.5)
     finally:
         if client:
@@ -244,7 +196,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         "plan_dir": str(plan_dir),
     }
     say(
-        f"[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; link: {em.mechanism}, "
+        f"[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; link: "
+        f"{em.mechanism}, "
         f"{'emulated' if em.link else 'loopback, not emulated'}):"
     )
     for name, pred, meas in rows:

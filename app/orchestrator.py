@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -21,7 +22,7 @@ def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:
     d = Path(plan_dir)
     names = [PLAN_FILE, *plan.files]
     frames = [(d / n).read_bytes() for n in names]
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     try:
@@ -43,16 +44,30 @@ def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:
     return plan.plan_id
 
 
-def collect(url: str, seconds: float = 1.5, on_message=None) -> dict[str, dict]:
-    """Subscribe to every device's topics for ``seconds``; latest payload per device and kind."""
-    import paho.mqtt.client as mqtt
+class FleetSubscriber:
+    """Every device's telemetry topics, latest payload per device and kind, kept while inside ``with``.
 
-    b = BrokerURL.parse(url)
-    fleet: dict[str, dict] = {}
-    lock = threading.Lock()
-    connected = threading.Event()
+    Connecting happens on entry and fails there, with one clear error, when the broker cannot be reached."""
 
-    def on_msg(client, userdata, m) -> None:
+    def __init__(self, url: str, on_message: Callable[[str, str, dict], None] | None = None):
+        import paho.mqtt.client as mqtt
+
+        self.url = BrokerURL.parse(url)
+        self._fleet: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._on_message = on_message
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-watch-{id(self):x}")
+        self.url.apply(c)
+        c.on_connect = self._on_connect
+        c.on_message = self._on_msg
+        self._client = c
+
+    def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
+        client.subscribe(f"{TOPIC_ROOT}/+/+")
+        self._connected.set()
+
+    def _on_msg(self, client, userdata, m) -> None:
         parts = m.topic.split("/")
         if len(parts) != 3:
             return
@@ -60,24 +75,50 @@ def collect(url: str, seconds: float = 1.5, on_message=None) -> dict[str, dict]:
             payload = json.loads(m.payload)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return
-        with lock:
-            fleet.setdefault(parts[1], {})[parts[2]] = payload
-        if on_message:
-            on_message(parts[1], parts[2], payload)
+        if not isinstance(payload, dict):
+            return
+        with self._lock:
+            self._fleet.setdefault(parts[1], {})[parts[2]] = payload
+        if self._on_message:
+            self._on_message(parts[1], parts[2], payload)
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-watch-{id(fleet):x}")
-    b.apply(c)
-    c.on_connect = lambda *a: (c.subscribe(f"{TOPIC_ROOT}/+/+"), connected.set())
-    c.on_message = on_msg
-    try:
-        c.connect(b.host, b.port, keepalive=10)
-    except OSError as exc:
-        raise SplitPointError(f"cannot reach the MQTT broker at {url}: {exc}") from exc
-    c.loop_start()
-    try:
-        connected.wait(5)
+    def __enter__(self) -> FleetSubscriber:
+        try:
+            self._client.connect(self.url.host, self.url.port, keepalive=10)
+        except (OSError, ValueError) as exc:
+            raise SplitPointError(
+                f"cannot reach the MQTT broker at {self.url.host}:{self.url.port} ({exc}); "
+                "check --mqtt and that the broker is running"
+            ) from exc
+        self._client.loop_start()
+        if not self._connected.wait(5):
+            self.__exit__()
+            raise SplitPointError(
+                f"the MQTT broker at {self.url.host}:{self.url.port} did not accept the connection"
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return {dev: dict(kinds) for dev, kinds in self._fleet.items()}
+
+
+def collect(url: str, seconds: float = 1.5) -> dict[str, dict]:
+    """What the fleet reports within ``seconds`` (retained status arrives at once)."""
+    with FleetSubscriber(url) as sub:
         time.sleep(seconds)
-    finally:
-        c.loop_stop()
-        c.disconnect()
-    return fleet
+        return sub.snapshot()
+
+
+def watch(url: str, show: Callable[[dict[str, dict]], None], seconds: float = 0, every: float = 0.25) -> None:
+    """Call ``show`` with the fleet every ``every`` seconds, for ``seconds`` (0 = until interrupted)."""
+    end = time.monotonic() + (seconds or float("inf"))
+    with FleetSubscriber(url) as sub:
+        while time.monotonic() < end:
+            show(sub.snapshot())
+            time.sleep(every)
+        show(sub.snapshot())

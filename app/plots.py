@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, Candidate
+from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY
+from splitpoint.partitioner.costmodel import Candidate
 
 
 def plot_front(

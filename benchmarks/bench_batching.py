@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -17,40 +16,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
-from splitpoint.app.broker import free_port  # noqa: E402
-from splitpoint.app.process import stop  # noqa: E402
-from splitpoint.core.graph import open_model  # noqa: E402
-from splitpoint.core.plandir import write_baseline_plan  # noqa: E402
-from splitpoint.core.runner import sample_feeds  # noqa: E402
-from splitpoint.edge.client import EdgeClient, EdgeConfig  # noqa: E402
+from splitpoint.app.broker import free_port
+from splitpoint.app.process import start_server, stop
+from splitpoint.core.graph import open_model
+from splitpoint.core.plandir import write_plan
+from splitpoint.core.samples import sample_feeds
+from splitpoint.edge.client import EdgeClient, EdgeConfig
 
 
 def run(plan: Path, max_batch: int, clients: int, window: int, per_client: int, feeds) -> dict:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitpoint.app.cli",
-            "serve",
-            "--bind",
-            endpoint,
-            "--plans",
-            str(plan.parent),
-            "--workers",
-            "1",
-            "--threads",
-            "1",
-            "--max-batch",
-            str(max_batch),
-            "--quiet",
-        ]
-    )
+    srv = start_server(endpoint, plan.parent, "--max-batch", str(max_batch), capture=False)
     try:
         cs = [
-            EdgeClient(EdgeConfig(plan, server=endpoint, window=window, connect_grace_s=20, timeout_s=60))
+            EdgeClient(
+                EdgeConfig(plan_dir=plan, server=endpoint, window=window, connect_grace_s=20, timeout_s=60)
+            )
             for _ in range(clients)
         ]
         for c in cs:
@@ -107,7 +90,7 @@ def main() -> None:
     h = open_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="splitpoint-batch-"))
     plan = work / "plans" / "server-only"  # all compute on the server: it is the bottleneck being measured
-    write_baseline_plan(h.index, "server-only", plan, h.name, h.sha256, codec="float16")
+    write_plan(h, plan, kind="server-only", codec="float16")
     feeds = sample_feeds(h.model)
     rows = []
     for _ in range(args.rounds):  # alternated, so the machine's drift falls on both settings
@@ -118,9 +101,12 @@ def main() -> None:
     md = [
         "# Server micro-batching",
         "",
-        f"`python benchmarks/bench_batching.py --model {args.model} --clients {args.clients}`: one tail server (1 worker, "
-        f"1 onnxruntime thread, CPU) serving {args.clients} edge clients in one process, {args.window} requests in flight "
-        f"each, the server-only plan (float16 input). Throughput is the steady state over all clients; the settings alternate "
+        f"`python benchmarks/bench_batching.py --model {args.model} --clients {args.clients}`: one tail "
+        f"server (1 worker, "
+        f"1 onnxruntime thread, CPU) serving {args.clients} edge clients in one process, {args.window} "
+        f"requests in flight "
+        f"each, the server-only plan (float16 input). Throughput is the steady state over all clients; the "
+        f"settings alternate "
         f"over {args.rounds} rounds.",
         "",
         "| --max-batch | requests | throughput (/s) | mean requests per tail run | largest run |",
@@ -128,7 +114,8 @@ def main() -> None:
     ]
     for r in rows:
         md.append(
-            f"| {r['max_batch']} | {r['requests']} | {r['throughput_ips']:.1f} | {r['mean_batch']:.2f} | {r['max_seen_batch']} |"
+            f"| {r['max_batch']} | {r['requests']} | {r['throughput_ips']:.1f} | {r['mean_batch']:.2f} | "
+            f"{r['max_seen_batch']} |"
         )
     md += [
         "",

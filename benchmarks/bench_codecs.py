@@ -15,9 +15,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
-from splitpoint.core.codecs import all_codecs, decode, encode, error_bound  # noqa: E402
+from splitpoint.core.codecs import all_codecs, decode, encode, error_bound
 
 
 def _zstd_level1_mb_s(repeats: int = 31) -> float:
@@ -69,7 +69,8 @@ def main(repeats: int = 31) -> None:
     md = [
         "# Cut-tensor codecs",
         "",
-        f"`python benchmarks/bench_codecs.py`: a 1 MiB float32 ReLU activation (1x64x64x64, half zeros), median of "
+        f"`python benchmarks/bench_codecs.py`: a 1 MiB float32 ReLU activation (1x64x64x64, half zeros), "
+        f"median of "
         f"{repeats} runs; MB/s are 10^6 bytes of float32 input per second. Measured in one run.",
         "",
         "| codec | ratio | bytes | encode MB/s | decode MB/s | encode+decode MB/s | max abs error | bound |",
@@ -77,7 +78,8 @@ def main(repeats: int = 31) -> None:
     ]
     for r in rows:
         md.append(
-            f"| {r['codec']} | {r['ratio']:.2f} | {r['bytes']:,} | {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | "
+            f"| {r['codec']} | {r['ratio']:.2f} | {r['bytes']:,} | {r['encode_mb_s']:.0f} | "
+            f"{r['decode_mb_s']:.0f} | "
             f"{r['roundtrip_mb_s']:.0f} | {r['max_abs_error']:.4f} | {r['error_bound']:.4f} |"
         )
     zstd_alone = _zstd_level1_mb_s()
@@ -89,10 +91,14 @@ def main(repeats: int = 31) -> None:
     ]
     if target["roundtrip_mb_s"] < 500:
         md += [
-            f"Why: zstd level 1 alone compresses these quantised bytes at {zstd_alone:.0f} MB/s (single thread, measured "
-            "in this run), i.e. ≥ 1 ms per MiB of float32 input before quantisation and decoding; the zstd stage "
-            "already compresses 128 KiB chunks in parallel (1.5× on these 2 cores). The int8 stage itself runs at "
-            f"{next(r for r in rows if r['codec'] == 'int8')['roundtrip_mb_s']:.0f} MB/s; int8+lz4 is the fast "
+            f"Why: zstd level 1 alone compresses these quantised bytes at {zstd_alone:.0f} MB/s (single "
+            f"thread, measured "
+            "in this run), i.e. ≥ 1 ms per MiB of float32 input before quantisation and decoding; the zstd "
+            "stage "
+            "already compresses 128 KiB chunks in parallel (1.5× on these 2 cores). The int8 stage itself "
+            "runs at "
+            f"{next(r for r in rows if r['codec'] == 'int8')['roundtrip_mb_s']:.0f} MB/s; int8+lz4 is the "
+            f"fast "
             "lossless option on this machine.",
             "",
         ]

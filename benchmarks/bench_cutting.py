@@ -12,13 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import timed, write_results  # noqa: E402
+from common import timed, write_results
 
-from splitpoint.core import zoo  # noqa: E402
-from splitpoint.core.graph.cuts import enumerate_cuts  # noqa: E402
-from splitpoint.core.graph.index import GraphIndex  # noqa: E402
-from splitpoint.core.plandir import write_plan  # noqa: E402
-from splitpoint.core.zoo.builder import ModelBuilder  # noqa: E402
+from splitpoint.core import zoo
+from splitpoint.core.graph import ModelHandle
+from splitpoint.core.graph.cuts import enumerate_cuts
+from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.plandir import write_plan
+from splitpoint.core.zoo.builder import ModelBuilder
 
 
 def deep_residual(blocks: int):
@@ -40,7 +41,8 @@ def measure(name: str, model) -> dict:
     t_enum, _, cuts = timed(lambda: enumerate_cuts(idx), repeat=5)
     mid = cuts[len(cuts) // 2]
     with tempfile.TemporaryDirectory() as d:
-        t_split, _, _ = timed(lambda: write_plan(idx, mid, Path(d) / "p", name, "x", force=True), repeat=3)
+        h = ModelHandle(Path(f"{name}.onnx"), name, "0" * 64, model, idx)
+        t_split, _, _ = timed(lambda: write_plan(h, Path(d) / "p", cut=mid, force=True), repeat=3)
     return {
         "model": name,
         "nodes": len(idx.nodes),
@@ -65,12 +67,14 @@ def main() -> None:
         "index incl. ONNX shape inference; `enumerate` = the sweep over all cuts; `split` = extract, "
         "full checker on both halves, write head/tail/plan.json.",
         "",
-        "| graph | nodes | cuts | index (ms) | enumerate (ms) | list all cuts (ms) | µs/cut | one split (ms) |",
+        "| graph | nodes | cuts | index (ms) | enumerate (ms) | list all cuts (ms) | µs/cut | one split "
+        "(ms) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         md.append(
-            f"| {r['model']} | {r['nodes']} | {r['cuts']} | {1e3 * r['index_s']:.1f} | {1e3 * r['enumerate_s']:.1f} | "
+            f"| {r['model']} | {r['nodes']} | {r['cuts']} | {1e3 * r['index_s']:.1f} | "
+            f"{1e3 * r['enumerate_s']:.1f} | "
             f"{1e3 * r['list_all_cuts_s']:.1f} | {r['us_per_cut']:.1f} | {1e3 * r['split_s']:.1f} |"
         )
     md += [

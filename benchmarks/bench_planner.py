@@ -14,16 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
-from splitpoint.core.graph import open_model  # noqa: E402
-from splitpoint.partitioner.costmodel import evaluate  # noqa: E402
-from splitpoint.partitioner.fidelity import load_inputs  # noqa: E402
-from splitpoint.partitioner.pareto import Constraints, front, pick  # noqa: E402
-from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of  # noqa: E402
-from splitpoint.profiles.cpulimit import CpuLimitError, cpu_limit  # noqa: E402
-from splitpoint.profiles.profiler import ProfileSettings, profile_model  # noqa: E402
-from splitpoint.profiles.schema import load_network, network_names  # noqa: E402
+from splitpoint.core.graph import open_model
+from splitpoint.core.samples import load_inputs
+from splitpoint.partitioner.costmodel import evaluate
+from splitpoint.partitioner.pareto import Constraints, front, pick
+from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of
+from splitpoint.profiles.cpulimit import CpuLimitError, cpu_limit
+from splitpoint.profiles.profiler import ProfileSettings, profile_model
+from splitpoint.profiles.schema import load_network, network_names
 
 NETWORKS = ["3g", "lte", "wifi-n"]
 EDGE_CPUS = 0.5
@@ -37,9 +37,12 @@ def main() -> None:
     md = [
         "# Planner decisions",
         "",
-        f"`python benchmarks/bench_planner.py`. Edge: 1 thread under a CPU limit of {EDGE_CPUS} CPU (emulated small "
-        "device; mechanism below). Server: 2 threads, no limit. Fidelity: top-1 agreement with the unsplit model on "
-        "16 seeded random inputs (the zoo's weights are random). Constraint: top-1 agreement ≥ 0.9; objective: "
+        f"`python benchmarks/bench_planner.py`. Edge: 1 thread under a CPU limit of {EDGE_CPUS} CPU "
+        f"(emulated small "
+        "device; mechanism below). Server: 2 threads, no limit. Fidelity: top-1 agreement with the unsplit "
+        "model on "
+        "16 seeded random inputs (the zoo's weights are random). Constraint: top-1 agreement ≥ 0.9; "
+        "objective: "
         "latency. All latency/throughput figures are derived from the measured profiles by the cost model.",
         "",
     ]
@@ -61,9 +64,12 @@ def main() -> None:
         md += [
             f"## {name}",
             "",
-            f"Edge whole model {edge.whole.median_ms:.1f} ms ({em.mechanism + f', {em.cpus:g} CPU' if em else 'no limit'}), "
-            f"server {server.whole.median_ms:.1f} ms; {len(h.cuts())} cuts × {len(m.codecs)} codecs + baselines = "
-            f"{len(decisions[0].candidates)} candidates; fidelity measured at {len({k[0] for k in m.fidelity}) - 1} "
+            f"Edge whole model {edge.whole.median_ms:.1f} ms "
+            f"({em.mechanism + f', {em.cpus:g} CPU' if em else 'no limit'}), "
+            f"server {server.whole.median_ms:.1f} ms; {len(h.cuts())} cuts × {len(m.codecs)} codecs + "
+            f"baselines = "
+            f"{len(decisions[0].candidates)} candidates; fidelity measured at "
+            f"{len({k[0] for k in m.fidelity}) - 1} "
             f"cut positions; gather + decide took {plan_s:.1f} s.",
             "",
         ]
@@ -78,14 +84,17 @@ def main() -> None:
             md += [
                 f"**{d.link.name}** (uplink {d.link.uplink_mbps} Mbit/s, RTT {d.link.rtt_ms} ms) — pick: "
                 f"**{d.pick.label}**, {d.pick.latency_ms:.1f} ms, {d.pick.throughput_ips:.1f}/s, "
-                f"{fmt_bytes(d.pick.bytes_per_inference)}/inference, top-1 agreement {d.pick.inp.fidelity:.3f}",
+                f"{fmt_bytes(d.pick.bytes_per_inference)}/inference, top-1 agreement "
+                f"{d.pick.inp.fidelity:.3f}",
                 "",
-                "| candidate | latency ms | throughput /s | edge ms | transfer ms | bytes | edge memory | fidelity |",
+                "| candidate | latency ms | throughput /s | edge ms | transfer ms | bytes | edge memory | "
+                "fidelity |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for c in d.front[:12]:
                 md.append(
-                    f"| {'★ ' if c is d.pick else ''}{c.label} | {c.latency_ms:.1f} | {c.throughput_ips:.1f} | "
+                    f"| {'★ ' if c is d.pick else ''}{c.label} | {c.latency_ms:.1f} | "
+                    f"{c.throughput_ips:.1f} | "
                     f"{c.edge_ms:.1f} | {c.transfer_ms:.1f} | {fmt_bytes(c.bytes_per_inference)} | "
                     f"{fmt_bytes(c.inp.edge_memory_bytes)} | {c.inp.fidelity:.3f} |"
                 )
@@ -95,7 +104,8 @@ def main() -> None:
             edge_only, server_raw = base["edge-only"], base["server-only float32"]
             md += [
                 "",
-                f"Baselines: edge-only {edge_only.latency_ms:.1f} ms; server-only float32 {server_raw.latency_ms:.1f} ms; "
+                f"Baselines: edge-only {edge_only.latency_ms:.1f} ms; server-only float32 "
+                f"{server_raw.latency_ms:.1f} ms; "
                 f"pick is {edge_only.latency_ms / d.pick.latency_ms:.2f}× faster than edge-only and "
                 f"{server_raw.latency_ms / d.pick.latency_ms:.2f}× faster than sending the raw input.",
                 "",

@@ -14,15 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
-from splitpoint.core.graph import open_model  # noqa: E402
-from splitpoint.core.graph.extract import extract  # noqa: E402
+from splitpoint.core.graph import open_model
+from splitpoint.core.graph.extract import extract
 from splitpoint.core.runner import (
-    make_session,  # noqa: E402
-    sample_feeds,  # noqa: E402
+    make_session,
+    sample_feeds,
 )
-from splitpoint.profiles.profiler import ProfileSettings, interleaved, profile_model  # noqa: E402
+from splitpoint.profiles.profiler import ProfileSettings, interleaved, profile_model
 
 
 def direct(handle, k: int, feeds, threads: int, repeats: int, whole_sess) -> tuple[float, float, float]:
@@ -32,7 +32,7 @@ def direct(handle, k: int, feeds, threads: int, repeats: int, whole_sess) -> tup
     hs = make_session(head.SerializeToString(), threads)
     ts = make_session(tail.SerializeToString(), threads)
     h_in = {i.name: feeds[i.name] for i in hs.get_inputs()}
-    h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, h_in)))
+    h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, h_in), strict=True))
     t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
     h, t, w = interleaved(
         [lambda: hs.run(None, h_in), lambda: ts.run(None, t_in), lambda: whole_sess.run(None, feeds)],
@@ -106,34 +106,49 @@ def main() -> None:
     md = [
         "# Profiler cost and accuracy",
         "",
-        f"`python benchmarks/bench_profiler.py --every {args.every}`, {args.threads} thread(s), on an otherwise idle "
-        "machine. The profiler times the whole model, takes per-node proportions from onnxruntime's profiler, times a "
-        "few real head/tail segments (anchors) in alternation with the whole model, and interpolates the rest along "
+        f"`python benchmarks/bench_profiler.py --every {args.every}`, {args.threads} thread(s), on an "
+        f"otherwise idle "
+        "machine. The profiler times the whole model, takes per-node proportions from onnxruntime's "
+        "profiler, times a "
+        "few real head/tail segments (anchors) in alternation with the whole model, and interpolates the "
+        "rest along "
         "the per-node cost curve. Each other cut is then built and timed directly "
         f"(median of {args.repeats}), in alternation with the whole model, and compared.",
         "",
-        "*Error* compares the profile's figure for each head and tail with that direct measurement: the issue's "
-        "criterion. *Drift-corrected* error is a diagnostic: it rescales each direct measurement by (the profile's "
-        "whole-model median) / (whole-model median interleaved with that direct measurement), to separate this VM's "
-        "speed drift (±15 % over seconds, other tenants) from the profiler's own error. It assumes the interleaved "
-        "whole-model runs differ from the profile's only by drift. That fails for MobileNetV2: run between other "
-        "sessions (cold caches) its whole model takes ~13 % longer than back to back, so the correction adds that "
+        "*Error* compares the profile's figure for each head and tail with that direct measurement: the "
+        "issue's "
+        "criterion. *Drift-corrected* error is a diagnostic: it rescales each direct measurement by (the "
+        "profile's "
+        "whole-model median) / (whole-model median interleaved with that direct measurement), to separate "
+        "this VM's "
+        "speed drift (±15 % over seconds, other tenants) from the profiler's own error. It assumes the "
+        "interleaved "
+        "whole-model runs differ from the profile's only by drift. That fails for MobileNetV2: run between "
+        "other "
+        "sessions (cold caches) its whole model takes ~13 % longer than back to back, so the correction "
+        "adds that "
         "bias instead of removing one.",
         "",
-        "| model | cuts | measured by profiler | checked directly | whole (ms) | whole, interleaved with direct runs (ms) | profiling cost (× full inference, run time) | wall incl. session builds (s) | **median error** | p90 | drift-corrected median error head | tail | all |",
+        "| model | cuts | measured by profiler | checked directly | whole (ms) | whole, interleaved with "
+        "direct runs (ms) | profiling cost (× full inference, run time) | wall incl. session builds (s) | "
+        "**median error** | p90 | drift-corrected median error head | tail | all |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         md.append(
-            f"| {r['model']} | {r['cuts']} | {r['measured_cuts']} | {r['checked_cuts']} | {r['whole_ms']:.1f} | "
+            f"| {r['model']} | {r['cuts']} | {r['measured_cuts']} | {r['checked_cuts']} | "
+            f"{r['whole_ms']:.1f} | "
             f"{r['whole_interleaved_ms']:.1f} | {r['cost_full_equiv']:.1f} | {r['wall_s']:.1f} | "
-            f"**{100 * r['raw_median_err_all']:.1f} %** | {100 * r.get('raw_p90_err_all', float('nan')):.1f} % | "
-            f"{100 * r['median_err_head']:.1f} % | {100 * r['median_err_tail']:.1f} % | {100 * r['median_err_all']:.1f} % |"
+            f"**{100 * r['raw_median_err_all']:.1f} %** | "
+            f"{100 * r.get('raw_p90_err_all', float('nan')):.1f} % | "
+            f"{100 * r['median_err_head']:.1f} % | {100 * r['median_err_tail']:.1f} % | "
+            f"{100 * r['median_err_all']:.1f} % |"
         )
     md += [
         "",
         "Targets: cost ≤ ~30× one inference; median error ≤ 10 % of a direct measurement. Both models meet "
-        "both in this run; MobileNetV2 with little room (its segments are 0.1–10 ms, where this VM's drift is "
+        "both in this run; MobileNetV2 with little room (its segments are 0.1–10 ms, where this VM's drift "
+        "is "
         "of the same order as the profiler's error).",
         "",
     ]

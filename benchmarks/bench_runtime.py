@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results  # noqa: E402
+from common import write_results
 
-from splitpoint.app.bench.run import _inputs_file  # noqa: E402
-from splitpoint.app.broker import free_port  # noqa: E402
-from splitpoint.app.process import stop  # noqa: E402
-from splitpoint.core.graph import open_model  # noqa: E402
-from splitpoint.core.plandir import write_baseline_plan, write_plan  # noqa: E402
+from splitpoint.app.bench.run import _inputs_file
+from splitpoint.app.broker import free_port
+from splitpoint.app.process import start_server, stop
+from splitpoint.core.graph import open_model
+from splitpoint.core.plandir import write_plan
 
 
 def _echo_server(endpoint: str) -> None:
@@ -83,31 +83,12 @@ def main() -> None:
     dirs = []
     for kind, cut, codec in picks:
         d = work / "plans" / f"{kind}-{cut.index if cut else 0}-{codec.replace('+', '_')}"
-        if kind == "split":
-            write_plan(h.index, cut, d, h.name, h.sha256, codec=codec)
-        else:
-            write_baseline_plan(h.index, kind, d, h.name, h.sha256, codec=codec)
+        write_plan(h, d, kind=kind, cut=cut if kind == "split" else None, codec=codec)
         dirs.append(d)
     inputs = work / "inputs.npz"
     _inputs_file(h, 4, inputs)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitpoint.app.cli",
-            "serve",
-            "--bind",
-            endpoint,
-            "--plans",
-            str(work / "plans"),
-            "--workers",
-            "1",
-            "--threads",
-            "1",
-            "--quiet",
-        ]
-    )
+    srv = start_server(endpoint, work / "plans", capture=False)
     out = work / "edge.json"
     try:
         subprocess.run(
@@ -136,7 +117,7 @@ def main() -> None:
         stop(srv)
     res = json.loads(out.read_text())["results"]
     rows = []
-    for (kind, cut, codec), d in zip(picks, dirs):
+    for (kind, cut, codec), d in zip(picks, dirs, strict=True):
         m = res[str(d)]
         s = m["stages_ms_median"]
         edge = (s["head_ms"] or 0) + (s["encode_ms"] or 0)
@@ -163,27 +144,39 @@ def main() -> None:
     md = [
         "# Runtime overhead and pipelining at loopback",
         "",
-        f"`python benchmarks/bench_runtime.py --model {args.model}`: server in its own process (1 worker, 1 onnxruntime "
-        "thread), edge client in another (1 head worker, 1 thread), tcp loopback, no CPU limit. Requests one at a time "
+        f"`python benchmarks/bench_runtime.py --model {args.model}`: server in its own process (1 worker, 1 "
+        f"onnxruntime "
+        "thread), edge client in another (1 head worker, 1 thread), tcp loopback, no CPU limit. Requests "
+        "one at a time "
         "for the latency columns, then a window of "
-        f"{args.window} in flight for throughput (steady state: completions after the first over the time from the first to the last).",
+        f"{args.window} in flight for throughput (steady state: completions after the first over the time "
+        f"from the first to the last).",
         "",
-        "*Overhead* = end-to-end latency − (head + encode + server decode + tail + server reply encode + reply decode), "
-        "per request, median: the wire, the sockets, the thread hand-offs and the framing. Every term is measured.",
+        "*Overhead* = end-to-end latency − (head + encode + server decode + tail + server reply encode + "
+        "reply decode), "
+        "per request, median: the wire, the sockets, the thread hand-offs and the framing. Every term is "
+        "measured.",
         "",
-        "The overhead splits into the *socket round trip* (edge I/O thread sends → server socket thread receives, plus "
-        "the server's reply hand-off → edge I/O thread receives: zmq's I/O threads, loopback TCP and two Python thread "
-        "wake-ups), the *server queue* (socket thread → worker) and the rest (edge hand-offs: head → I/O thread, "
+        "The overhead splits into the *socket round trip* (edge I/O thread sends → server socket thread "
+        "receives, plus "
+        "the server's reply hand-off → edge I/O thread receives: zmq's I/O threads, loopback TCP and two "
+        "Python thread "
+        "wake-ups), the *server queue* (socket thread → worker) and the rest (edge hand-offs: head → I/O "
+        "thread, "
         "I/O thread → caller).",
         "",
-        "| plan | requests | latency (ms) | edge stage (ms) | server stage (ms) | **overhead (ms)** | of which socket round trip | server queue | rest | bytes up | throughput (/s) | 1/max(stage) (/s) | **ratio** |",
+        "| plan | requests | latency (ms) | edge stage (ms) | server stage (ms) | **overhead (ms)** | of "
+        "which socket round trip | server queue | rest | bytes up | throughput (/s) | 1/max(stage) (/s) | "
+        "**ratio** |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         md.append(
-            f"| {r['plan']} | {r['requests']} | {r['latency_ms']:.2f} | {r['edge_stage_ms']:.2f} | {r['server_stage_ms']:.2f} | "
+            f"| {r['plan']} | {r['requests']} | {r['latency_ms']:.2f} | {r['edge_stage_ms']:.2f} | "
+            f"{r['server_stage_ms']:.2f} | "
             f"**{r['overhead_ms']:.2f}** | {r['round_trip_ms']:.2f} | {r['server_queue_ms']:.2f} | "
-            f"{r['overhead_ms'] - r['round_trip_ms'] - r['server_queue_ms']:.2f} | {r['bytes']:.0f} | {r['throughput_ips']:.1f} | {r['bound_ips']:.1f} | "
+            f"{r['overhead_ms'] - r['round_trip_ms'] - r['server_queue_ms']:.2f} | {r['bytes']:.0f} | "
+            f"{r['throughput_ips']:.1f} | {r['bound_ips']:.1f} | "
             f"**{100 * r['ratio']:.0f} %** |"
         )
     floor = {n: bare_round_trip_ms(n) for n in (64, 150_000, 600_000)}
@@ -192,20 +185,26 @@ def main() -> None:
     )
     md += [
         "",
-        "For scale, the bare floor measured in the same run: a pyzmq DEALER/ROUTER round trip between two processes, "
+        "For scale, the bare floor measured in the same run: a pyzmq DEALER/ROUTER round trip between two "
+        "processes, "
         "each in its main thread, with no header, codec or thread hand-off: "
         + ", ".join(f"{v:.2f} ms for {k:,} bytes" for k, v in floor.items())
-        + f". The socket round trip above exceeds that floor by {excess:.2f} ms (median over the plans): Python threads "
-        "waking, the server's socket thread on receive and again to send a worker's reply and the edge's I/O thread "
-        "on the reply. They exist because ZeroMQ sockets are not thread-safe, so each is owned by one thread and "
-        "compute runs on others. This VM's speed drifts by ±15 %, and the floor itself moved between 0.1 and 0.5 ms "
+        + f". The socket round trip above exceeds that floor by {excess:.2f} ms (median over the plans): "
+        f"Python threads "
+        "waking, the server's socket thread on receive and again to send a worker's reply and the edge's "
+        "I/O thread "
+        "on the reply. They exist because ZeroMQ sockets are not thread-safe, so each is owned by one "
+        "thread and "
+        "compute runs on others. This VM's speed drifts by ±15 %, and the floor itself moved between 0.1 "
+        "and 0.5 ms "
         "across runs.",
     ]
     oh = statistics.median(r["overhead_ms"] for r in rows)
     ratio = statistics.median(r["ratio"] for r in rows)
     md += [
         "",
-        f"Median overhead {oh:.2f} ms (target ≤ 0.5 ms: {'met' if oh <= 0.5 else 'MISSED'}); median pipelining ratio "
+        f"Median overhead {oh:.2f} ms (target ≤ 0.5 ms: {'met' if oh <= 0.5 else 'MISSED'}); median "
+        f"pipelining ratio "
         f"{100 * ratio:.0f} % (target ≥ 90 %: {'met' if ratio >= 0.9 else 'MISSED'}).",
         "",
     ]

@@ -24,7 +24,7 @@ from .errors import SplitPointError
 
 MAGIC = b"SPT1"
 VERSION = 1
-# magic, version, base codec, lossless stage, dtype, ndim, channel axis, body bytes (uncompressed), stored bytes
+# magic, version, base codec, lossless stage, dtype, ndim, channel axis, body bytes (raw), stored bytes
 _HEAD = struct.Struct("<4sBBBBBbxQQ")
 MAX_NDIM = 8
 DEFAULT_MAX_BYTES = 256 * 2**20  # decoded tensors above this are refused unless the caller raises it
@@ -101,7 +101,7 @@ def _zstd_compress(body: bytes) -> bytes:
     return struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames)) + b"".join(frames)
 
 
-def _zstd_decompress(stored: memoryview, raw_len: int) -> bytes:
+def _zstd_decompress(stored: bytes | memoryview, raw_len: int) -> bytes:
     spans = _chunks(raw_len)
     if len(stored) < 4:
         raise CodecError("zstd stage is corrupt: no chunk table")
@@ -272,7 +272,7 @@ def decode(payload: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> n
     expected = _expected_body(base, n, dtype.itemsize)
     if raw_len != expected:
         raise CodecError(f"header says {raw_len} body bytes, but {base} of shape {shape} needs {expected}")
-    body = buf[off:]
+    body: bytes | memoryview = buf[off:]
     if len(body) != stored:
         raise CodecError(f"payload truncated or padded: header says {stored} stored bytes, got {len(body)}")
     if stage == "zstd":

@@ -28,3 +28,7 @@ class OutputExistsError(SplitPointError):
 
 class ProfileError(SplitPointError):
     """A device, network or measured profile is malformed or belongs to another model."""
+
+
+class ConfigError(SplitPointError):
+    """An option or configuration value is out of range, malformed, or contradicts another."""

@@ -19,6 +19,15 @@ from .onnxio import sha256_file
 
 PLAN_FORMAT = 1
 PLAN_FILE = "plan.json"
+HEAD_FILE = "head.onnx"  # what the edge runs
+TAIL_FILE = "tail.onnx"  # what the server runs
+FULL_FILE = "full.onnx"  # the unsplit model, for the edge's local fallback
+
+# what a plan runs where
+SPLIT = "split"  # head on the edge, tail on the server
+SERVER_ONLY = "server-only"  # the raw inputs cross; the whole model runs on the server
+EDGE_ONLY = "edge-only"  # nothing crosses
+KINDS = (SPLIT, SERVER_ONLY, EDGE_ONLY)
 
 
 @dataclass
@@ -61,7 +70,8 @@ class Plan:
             raise PlanError(f"{where}: expected a JSON object")
         if d.get("format_version") != PLAN_FORMAT:
             raise PlanError(
-                f"{where}: unsupported plan format_version {d.get('format_version')!r} (this build reads {PLAN_FORMAT})"
+                f"{where}: unsupported plan format_version {d.get('format_version')!r} (this build reads "
+                f"{PLAN_FORMAT})"
             )
         try:
             d = dict(d)

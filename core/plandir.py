@@ -1,4 +1,10 @@
-"""Writing a plan directory for one cut: head.onnx, tail.onnx, plan.json, all or nothing."""
+"""Writing a plan directory: the one place that does it, for every kind of plan, all or nothing.
+
+A split plan holds ``head.onnx`` and ``tail.onnx``; a server-only plan holds the whole model as its tail
+(the raw inputs cross); an edge-only plan holds the whole model as its head (nothing crosses). Any of them
+can carry ``full.onnx`` for the edge's local fallback. The directory is written in a temporary sibling and
+renamed into place, so an error or Ctrl-C leaves the previous content or nothing, never half a plan.
+"""
 
 from __future__ import annotations
 
@@ -6,171 +12,114 @@ from pathlib import Path
 
 import onnx
 
-from splitpoint.core.onnxio import save_model, sha256_file
-from splitpoint.core.plan import Plan, TensorSpec, write_dir_atomically
-
+from .errors import PlanError
 from .graph.cuts import Cut
 from .graph.extract import extract
 from .graph.index import GraphIndex
-
-HEAD_FILE = "head.onnx"
-TAIL_FILE = "tail.onnx"
-FULL_FILE = "full.onnx"
-
-
-def io_specs(idx: GraphIndex, head: onnx.ModelProto, cut: Cut) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    head_in = {i.name for i in head.graph.input}
-    tail_in = {c.name for c in cut.crossing if c.source == "input"}
-    inputs = []
-    for name in idx.inputs:
-        t = idx.tensor(name)
-        side = "both" if (name in head_in and name in tail_in) else ("tail" if name in tail_in else "head")
-        inputs.append(TensorSpec(name, t.shape_str(), t.dtype, t.bytes_per_sample(), side))
-    outputs = [
-        TensorSpec(
-            o,
-            idx.tensor(o).shape_str(),
-            idx.tensor(o).dtype,
-            idx.tensor(o).bytes_per_sample(),
-            "head" if o in cut.head_outputs else "tail",
-        )
-        for o in idx.outputs
-    ]
-    return inputs, outputs
+from .graph.model import ModelHandle
+from .onnxio import save_model, sha256_file
+from .plan import (
+    EDGE_ONLY,
+    FULL_FILE,
+    HEAD_FILE,
+    KINDS,
+    PLAN_FILE,
+    SERVER_ONLY,
+    SPLIT,
+    TAIL_FILE,
+    Plan,
+    TensorSpec,
+    write_dir_atomically,
+)
 
 
-def build_plan(
-    cut: Cut,
-    model_name: str,
-    model_sha256: str,
-    files: dict[str, str],
-    codec: str = "float32",
-    head_weights: str = "float32",
-    predicted: dict | None = None,
-    front: list | None = None,
-) -> Plan:
-    plan = Plan(
-        model_name=model_name,
-        model_sha256=model_sha256,
-        cut_index=cut.index,
-        cut_tensors=[
-            TensorSpec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing
-        ],
-        inputs=[],
-        outputs=[],
-        files=files,
-        codec=codec,
-        head_weights=head_weights,
-        predicted=predicted or {},
-        front=front or [],
-    )
-    return plan
+def _spec(idx: GraphIndex, name: str, side: str) -> TensorSpec:
+    t = idx.tensor(name)
+    return TensorSpec(name, t.shape_str(), t.dtype, t.bytes_per_sample(), side)
 
 
-def write_baseline_plan(
-    idx: GraphIndex,
-    kind: str,
-    out_dir: str | Path,
-    model_name: str,
-    model_sha256: str,
-    force: bool = False,
-    codec: str = "float32",
-    predicted: dict | None = None,
-    front: list | None = None,
-    model: onnx.ModelProto | None = None,
-    head_weights: str = "float32",
-) -> Plan:
-    """The two plans a user could pick instead of splitting: the whole model on the server
-    (raw inputs cross, encoded with ``codec``) or the whole model on the edge."""
-    if kind not in ("server-only", "edge-only"):
-        raise ValueError(kind)
-    server = kind == "server-only"
-    inputs = [
-        TensorSpec(
-            n,
-            idx.tensor(n).shape_str(),
-            idx.tensor(n).dtype,
-            idx.tensor(n).bytes_per_sample(),
-            "tail" if server else "head",
-        )
-        for n in idx.inputs
-    ]
-    outputs = [
-        TensorSpec(
-            o,
-            idx.tensor(o).shape_str(),
-            idx.tensor(o).dtype,
-            idx.tensor(o).bytes_per_sample(),
-            "tail" if server else "head",
-        )
-        for o in idx.outputs
-    ]
-    crossing = (
-        [TensorSpec(t.name, t.shape, t.dtype, t.bytes_per_sample, "input") for t in inputs] if server else []
-    )
-    result: dict[str, Plan] = {}
-    file_name = TAIL_FILE if server else HEAD_FILE
-
-    def write(tmp: Path) -> None:
-        save_model(model if model is not None else idx.model, tmp / file_name)
-        plan = Plan(
-            model_name=model_name,
-            model_sha256=model_sha256,
-            cut_index=0 if server else None,
-            cut_tensors=crossing,
-            inputs=inputs,
-            outputs=outputs,
-            files={file_name: sha256_file(tmp / file_name)},
-            codec=codec if server else "float32",
-            predicted=predicted or {},
-            front=front or [],
-            kind=kind,
-            head_weights=head_weights if not server else "float32",
-        )
-        plan.plan_id = plan.content_id()
-        (tmp / "plan.json").write_text(plan.to_json())
-        result["plan"] = plan
-
-    write_dir_atomically(out_dir, write, force=force)
-    return result["plan"]
+def _routing(
+    idx: GraphIndex, kind: str, cut: Cut | None, head: onnx.ModelProto | None
+) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
+    """Inputs (which side reads each), outputs (which side produces each) and the tensors that cross."""
+    if kind == SPLIT:
+        assert cut is not None and head is not None
+        head_in = {i.name for i in head.graph.input}
+        tail_in = {c.name for c in cut.crossing if c.source == "input"}
+        inputs = [
+            _spec(idx, n, "both" if n in head_in and n in tail_in else "tail" if n in tail_in else "head")
+            for n in idx.inputs
+        ]
+        outputs = [_spec(idx, o, "head" if o in cut.head_outputs else "tail") for o in idx.outputs]
+        crossing = [TensorSpec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
+        return inputs, outputs, crossing
+    side = "tail" if kind == SERVER_ONLY else "head"
+    inputs = [_spec(idx, n, side) for n in idx.inputs]
+    outputs = [_spec(idx, o, side) for o in idx.outputs]
+    crossing = [TensorSpec(t.name, t.shape, t.dtype, t.bytes_per_sample, "input") for t in inputs]
+    return inputs, outputs, crossing if kind == SERVER_ONLY else []
 
 
 def write_plan(
-    idx: GraphIndex,
-    cut: Cut,
+    handle: ModelHandle,
     out_dir: str | Path,
-    model_name: str,
-    model_sha256: str,
-    force: bool = False,
-    include_full: bool = False,
+    *,
+    kind: str = SPLIT,
+    cut: Cut | None = None,
     codec: str = "float32",
-    predicted: dict | None = None,
-    front: list | None = None,
     head_model: onnx.ModelProto | None = None,
     head_weights: str = "float32",
+    include_full: bool = False,
+    predicted: dict | None = None,
+    front: list | None = None,
+    force: bool = False,
 ) -> Plan:
-    """Extract, check and write. ``head_model`` replaces the extracted head (e.g. quantised)."""
-    head, tail = extract(idx, cut)
-    inputs, outputs = io_specs(idx, head, cut)
+    """Extract (for a split), check and write one plan; ``head_model`` replaces the edge's model
+    (e.g. its int8 version). Returns the plan as written, its id computed from its content."""
+    if kind not in KINDS:
+        raise PlanError(f"unknown plan kind {kind!r}; one of {', '.join(KINDS)}")
+    if (kind == SPLIT) != (cut is not None):
+        raise PlanError("a split plan needs a cut, and only a split plan takes one")
+    idx = handle.index
+    models: dict[str, onnx.ModelProto] = {}
+    if kind == SPLIT:
+        assert cut is not None
+        head, tail = extract(idx, cut)
+        models = {HEAD_FILE: head, TAIL_FILE: tail}
+    elif kind == SERVER_ONLY:
+        models = {TAIL_FILE: idx.model}
+    else:
+        models = {HEAD_FILE: idx.model}
+    inputs, outputs, crossing = _routing(idx, kind, cut, models.get(HEAD_FILE))
     if head_model is not None:
-        head = head_model
-    result: dict[str, Plan] = {}
+        if HEAD_FILE not in models:
+            raise PlanError("a server-only plan has no edge model to replace")
+        models[HEAD_FILE] = head_model
+    if include_full:
+        models[FULL_FILE] = idx.model
+    result: list[Plan] = []
 
     def write(tmp: Path) -> None:
-        save_model(head, tmp / HEAD_FILE)
-        save_model(tail, tmp / TAIL_FILE)
-        if include_full:
-            save_model(idx.model, tmp / FULL_FILE)
-        files = {
-            f.name: sha256_file(f)
-            for f in sorted(tmp.iterdir())
-            if f.suffix == ".onnx" or f.name.endswith(".data")
-        }
-        plan = build_plan(cut, model_name, model_sha256, files, codec, head_weights, predicted, front)
-        plan.inputs, plan.outputs = inputs, outputs
+        for name, model in models.items():
+            save_model(model, tmp / name)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}  # models and their external data
+        plan = Plan(
+            model_name=handle.name,
+            model_sha256=handle.sha256,
+            cut_index=cut.index if cut is not None else (0 if kind == SERVER_ONLY else None),
+            cut_tensors=crossing,
+            inputs=inputs,
+            outputs=outputs,
+            files=files,
+            codec=codec if kind != EDGE_ONLY else "float32",
+            head_weights=head_weights if kind != SERVER_ONLY else "float32",
+            kind=kind,
+            predicted=predicted or {},
+            front=front or [],
+        )
         plan.plan_id = plan.content_id()
-        (tmp / "plan.json").write_text(plan.to_json())
-        result["plan"] = plan
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+        result.append(plan)
 
     write_dir_atomically(out_dir, write, force=force)
-    return result["plan"]
+    return result[0]

@@ -11,12 +11,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import helper
 
 from .errors import SplitPointError
-from .plan import Plan
+from .plan import HEAD_FILE, TAIL_FILE, Plan
 
 
 def make_session(
@@ -51,26 +49,6 @@ def make_session(
     return ort.InferenceSession(src, sess_options=so, providers=providers)
 
 
-def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``)."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        if np.issubdtype(dtype, np.floating):
-            feeds[i.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[i.name] = rng.random(dims) > 0.5
-        else:
-            feeds[i.name] = rng.integers(0, 10, dims).astype(dtype)
-    return feeds
-
-
 class HeadRunner:
     """Edge side: runs the head and returns the tensors to send (raw inputs that cross included)
     plus the final outputs the head already produced."""
@@ -91,6 +69,7 @@ class HeadRunner:
                 zip(
                     self.head_outputs,
                     self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs}),
+                    strict=True,
                 )
             )
             if self.session
@@ -117,7 +96,7 @@ class TailRunner:
         )
 
     def run(self, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, cut)))
+        return dict(zip(self.outputs, self.session.run(self.outputs, cut), strict=True))
 
     def run_batch(self, cuts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Several requests in one run (micro-batching): stacked along the batch dim, split back after."""
@@ -144,6 +123,6 @@ def load_split(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, HeadRunner
     """Both halves of a plan in this process (tests, fidelity runs, the edge's local fallback)."""
     plan = Plan.load(plan_dir)
     d = Path(plan_dir)
-    head = make_session(d / "head.onnx", threads) if "head.onnx" in plan.files else None
-    tail = TailRunner(plan, make_session(d / "tail.onnx", threads)) if "tail.onnx" in plan.files else None
+    head = make_session(d / HEAD_FILE, threads) if HEAD_FILE in plan.files else None
+    tail = TailRunner(plan, make_session(d / TAIL_FILE, threads)) if TAIL_FILE in plan.files else None
     return plan, HeadRunner(plan, head), tail

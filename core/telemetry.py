@@ -8,6 +8,7 @@ TCP_NODELAY, which stalls small QoS-0 messages by ~40 ms (Nagle + delayed ACK): 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -100,7 +101,7 @@ class Telemetry:
         c.on_socket_open = self._nodelay
         c.on_connect = lambda *a: self._on_connect(*a)
         c.on_disconnect = lambda *a: self.connected.clear()
-        c.reconnect_delay_set(0.5, 5)
+        c.reconnect_delay_set(1, 5)
         self._client = c
         self._status: tuple[str, dict] | None = None
         c.connect_async(self.url.host, self.url.port, keepalive=10)
@@ -108,10 +109,8 @@ class Telemetry:
 
     @staticmethod
     def _nodelay(client, userdata, sock) -> None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
 
     def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
         if getattr(reason, "is_failure", False):

@@ -85,7 +85,7 @@ def deploy_files(msg: Message) -> dict[str, bytes]:
         raise WireError(E_BAD_PLAN, "deploy needs meta.files naming each frame")
     if any("/" in n or n.startswith(".") for n in names):
         raise WireError(E_BAD_PLAN, "file names must be plain names")
-    return {n: bytes(_buffer(f)) for n, f in zip(names, msg.frames)}
+    return {n: bytes(_buffer(f)) for n, f in zip(names, msg.frames, strict=True)}
 
 
 def _buffer_len(f) -> int:

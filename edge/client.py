@@ -12,6 +12,7 @@ say so (``fallback=True``) in the result and in telemetry.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -27,12 +28,14 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import SplitPointError
-from splitpoint.core.plan import Plan
+from splitpoint.core.handoff import Handoff
+from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
 from splitpoint.core.runner import HeadRunner, make_session
 from splitpoint.core.telemetry import Telemetry
 
+from .config import EdgeConfig
+
 log = logging.getLogger("splitpoint.edge")
-FULL_FILE = "full.onnx"
 
 
 class EdgeError(SplitPointError):
@@ -41,25 +44,6 @@ class EdgeError(SplitPointError):
     def __init__(self, message: str, code: str = "error"):
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class EdgeConfig:
-    plan_dir: Path
-    server: str = "tcp://127.0.0.1:5555"
-    window: int = 4  # requests in flight at once
-    timeout_s: float = 2.0  # a request without a reply by then falls back (or fails)
-    heartbeat_s: float = 0.5  # ping the server this often while idle
-    dead_after_s: float = 1.5  # nothing heard for this long: the server is unreachable
-    fallback: bool = True  # run the whole model locally while the server is unreachable
-    threads: int = 1  # onnxruntime intra-op threads
-    head_workers: int = 1
-    device_id: str = "edge"
-    mqtt: str | None = None
-    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
-    curve_server_key: bytes | None = None  # server's public key (z85) to enable CurveZMQ
-    curve_keypair: tuple[bytes, bytes] | None = None
-    connect_grace_s: float = 1.0  # at start, wait this long for the server before falling back
 
 
 @dataclass
@@ -94,12 +78,12 @@ class EdgeClient:
         d = Path(config.plan_dir)
         self._head = HeadRunner(
             self.plan,
-            make_session(d / "head.onnx", config.threads) if "head.onnx" in self.plan.files else None,
+            make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None,
         )
-        self.local_only = self.plan.kind == "edge-only"
+        self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
         if (config.fallback or self.local_only) and (FULL_FILE in self.plan.files or self.local_only):
-            path = d / (FULL_FILE if FULL_FILE in self.plan.files else "head.onnx")
+            path = d / (FULL_FILE if FULL_FILE in self.plan.files else HEAD_FILE)
             if psutil.virtual_memory().available > 3 * path.stat().st_size:
                 self._full = make_session(path, config.threads)
             else:
@@ -111,9 +95,8 @@ class EdgeClient:
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, config.head_workers), thread_name_prefix="splitpoint-head"
         )
-        self._ctx = zmq.Context.instance()
-        self._inproc = f"inproc://splitpoint-edge-{id(self)}"
-        self._local = threading.local()
+        self._ctx: zmq.Context = zmq.Context.instance()
+        self._outbox = Handoff(self._ctx, f"inproc://splitpoint-edge-{id(self)}")
         self._stop = threading.Event()
         self._closing = False
         self.server_up = False
@@ -193,6 +176,7 @@ class EdgeClient:
             self.counts["errors"] += 1
             p.future.set_exception(error)
             return
+        assert result is not None, "a request finishes with a result or an error"
         self.counts["fallback" if result.fallback else "ok"] += 1
         result.breakdown["total_ms"] = (time.perf_counter() - p.t_submit) * 1e3
         if self.telemetry:
@@ -218,7 +202,7 @@ class EdgeClient:
             p.head_ms, p.encode_ms, p.early = (t1 - t0) * 1e3, (t2 - t1) * 1e3, early
             p.bytes_sent = sum(len(f) for f in frames)
             msg = wire.Message(wire.INFER, rid, self.plan.plan_id, names, frames=frames)
-            self._outbox().send_multipart([str(rid).encode(), *msg.to_frames()], copy=False)
+            self._outbox.send([str(rid).encode(), *msg.to_frames()])
         except SplitPointError as exc:
             self._finish(rid, error=EdgeError(str(exc), "bad-input"))
         except Exception as exc:  # onnxruntime rejects wrong shapes/dtypes with its own errors
@@ -241,7 +225,7 @@ class EdgeClient:
             )
             return
         order = [o.name for o in self.plan.outputs]
-        by = dict(zip(names, outs))
+        by = dict(zip(names, outs, strict=True))
         self._finish(
             rid,
             EdgeResult(
@@ -252,14 +236,6 @@ class EdgeClient:
                 breakdown={"local_ms": ms, "reason": why if not self.local_only else "edge-only plan"},
             ),
         )
-
-    def _outbox(self):
-        s = getattr(self._local, "push", None)
-        if s is None:
-            s = self._local.push = self._ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(self._inproc)
-        return s
 
     # -- I/O side ------------------------------------------------------------------------------
     def _dealer(self):
@@ -276,9 +252,7 @@ class EdgeClient:
         return s
 
     def _io_loop(self) -> None:
-        inbox = self._ctx.socket(zmq.PULL)
-        inbox.setsockopt(zmq.LINGER, 0)
-        inbox.bind(self._inproc)
+        inbox = self._outbox.bind()
         dealer = self._dealer()
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
@@ -302,10 +276,8 @@ class EdgeClient:
                     next_ping = now + self.config.heartbeat_s
                     pid = next(ping_ids)
                     pings[pid] = now
-                    try:
+                    with contextlib.suppress(zmq.Again):
                         dealer.send_multipart(wire.Message(wire.PING, pid).to_frames(), zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
                     for old in [k for k, t in pings.items() if now - t > 10]:
                         pings.pop(old)
                 self._check_deadlines(now)
@@ -376,7 +348,7 @@ class EdgeClient:
             t0 = time.perf_counter()
             late = {
                 n: decode(wire._buffer(f), self.config.max_message_bytes)
-                for n, f in zip(msg.tensors, msg.frames)
+                for n, f in zip(msg.tensors, msg.frames, strict=True)
             }
             dec_ms = (time.perf_counter() - t0) * 1e3
             order = [o.name for o in self.plan.outputs]

@@ -8,10 +8,9 @@ exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import signal
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +20,35 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import Plan, verify_pushed, write_files_atomically
+from splitpoint.core.signals import stop_on_signals
 
-from .client import EdgeClient, EdgeConfig, EdgeError
+from .client import EdgeClient, EdgeError
+from .config import EdgeConfig
 
 log = logging.getLogger("splitpoint.edge")
 
 
 class EdgeDaemon:
-    def __init__(self, config: EdgeConfig, listen: str | None = None, plans_dir: Path | None = None):
+    def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
         self.config = config
-        self.listen = listen
         self.plans_dir = plans_dir or Path(config.plan_dir).parent
         self.client = EdgeClient(config)
         self._stop = threading.Event()
         self.endpoint: str | None = None
 
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+    def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
+        """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
+        configured) until SIGTERM/SIGINT, draining what is in flight. Returns the folder's summary."""
+        summary = {"ok": 0, "fallback": 0, "errors": 0}
+        with stop_on_signals(self.stop):
+            try:
+                if inputs is not None:
+                    summary = self.run_folder(inputs, outputs)
+                if self.config.listen:
+                    self.serve_local()
+            finally:
+                self.client.close(drain=True)
+        return summary
 
     def stop(self) -> None:
         self._stop.set()
@@ -68,15 +78,19 @@ class EdgeDaemon:
             summary["fallback" if r.fallback else "ok"] += 1
             if outputs:
                 outputs.mkdir(parents=True, exist_ok=True)
-                np.savez(outputs / f"{f.stem}.npz", **dict(zip(r.names, r.outputs)), fallback=r.fallback)
+                np.savez(
+                    outputs / f"{f.stem}.npz",
+                    **dict(zip(r.names, r.outputs, strict=True)),
+                    fallback=r.fallback,
+                )
         return summary
 
     def serve_local(self) -> None:
         """Answer local inference requests and deploys until SIGTERM, then drain."""
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.listen)
+        sock.bind(self.config.listen)
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         pending: list[tuple] = []
         try:
@@ -92,14 +106,11 @@ class EdgeDaemon:
                         still.append((ident, rid, fut))
                 pending = still
             for ident, rid, fut in pending:  # drain
-                try:
+                with contextlib.suppress(Exception):
                     fut.result(self.config.timeout_s * 2)
-                except Exception:
-                    pass
                 sock.send_multipart([ident, *self._answer(rid, fut).to_frames()], copy=False)
         finally:
             sock.close(0)
-            self.client.close(drain=True)
 
     def _answer(self, rid: int, fut) -> wire.Message:
         try:
@@ -122,7 +133,7 @@ class EdgeDaemon:
         try:
             msg = wire.parse(body, self.config.max_message_bytes)
             if msg.type == wire.INFER:
-                feeds = {n: decode(wire._buffer(f)) for n, f in zip(msg.tensors, msg.frames)}
+                feeds = {n: decode(wire._buffer(f)) for n, f in zip(msg.tensors, msg.frames, strict=True)}
                 pending.append((ident, msg.id, self.client.submit(feeds)))
             elif msg.type == wire.DEPLOY:
                 plan = self._deploy(msg)
@@ -161,7 +172,7 @@ class EdgeDaemon:
         files = wire.deploy_files(msg)
         plan = verify_pushed(files)
         target = write_files_atomically(self.plans_dir / plan.plan_id[:16], files)
-        self.config = replace(self.config, plan_dir=target)
+        self.config = self.config.with_(plan_dir=target)
         old = self.client
         self.client = EdgeClient(self.config)
         old.close(drain=True)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-EDGE_ONLY = "edge-only"
-SERVER_ONLY = "server-only"
-SPLIT = "split"
+from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ import numpy as np
 import onnx
 
 from splitpoint.core.codecs import decode, encode
-from splitpoint.core.errors import SplitPointError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
-from splitpoint.core.runner import make_session, sample_feeds
+from splitpoint.core.runner import make_session
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 
@@ -62,59 +61,6 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
     return OutputFidelity(name, top1, float(cos.mean()), float(np.abs(r - g).max()), float(snr))
 
 
-def load_inputs(
-    model: onnx.ModelProto, inputs: str | Path | None = None, random: int = 16, seed: int = 1234
-) -> list[dict[str, np.ndarray]]:
-    """Per-sample feeds: ``.npy`` files (one sample each, or a batch) or images from a folder,
-    else ``random`` seeded samples."""
-    from onnx import helper
-
-    inits = {t.name for t in model.graph.initializer}
-    specs = [i for i in model.graph.input if i.name not in inits]
-    if inputs is None:
-        return [sample_feeds(model, 1, seed + k) for k in range(random)]
-    folder = Path(inputs)
-    if not folder.is_dir():
-        raise SplitPointError(f"--inputs must be a folder of .npy files or images: {folder}")
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in (".npy", ".png", ".jpg", ".jpeg", ".bmp")
-    )
-    if not files:
-        raise SplitPointError(f"no .npy or image files in {folder}")
-    if len(specs) != 1:
-        raise SplitPointError(
-            f"--inputs feeds single-input models; this one has {len(specs)} inputs (use --random)"
-        )
-    spec = specs[0]
-    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in spec.type.tensor_type.shape.dim]
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
-    out = []
-    for f in files:
-        arr = np.load(f) if f.suffix == ".npy" else image_tensor(f, dims)
-        arr = arr.astype(dtype, copy=False)
-        if arr.ndim == len(dims) - 1:
-            arr = arr[None]
-        if list(arr.shape[1:]) != dims[1:]:
-            raise SplitPointError(f"{f.name}: shape {arr.shape} does not fit input {spec.name} {dims}")
-        out.extend({spec.name: arr[k : k + 1]} for k in range(arr.shape[0]))
-    return out
-
-
-def image_tensor(path: Path, dims: list[int]) -> np.ndarray:
-    """An image resized to the model's input and normalised with ImageNet statistics (NCHW)."""
-    from PIL import Image
-
-    _, c, h, w = dims
-    img = Image.open(path).convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    x = x.reshape(h, w, c).transpose(2, 0, 1)
-    if c == 3:
-        x = (x - np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]) / np.array(
-            [0.229, 0.224, 0.225], np.float32
-        )[:, None, None]
-    return x[None]
-
-
 def _batch(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
@@ -137,7 +83,9 @@ def measure(
     ts = make_session(tail.SerializeToString())
     h_out = dict(
         zip(
-            [o.name for o in hs.get_outputs()], hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()})
+            [o.name for o in hs.get_outputs()],
+            hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
+            strict=True,
         )
     )
     sent = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
@@ -154,11 +102,36 @@ def measure(
             hashlib.sha256(np.ascontiguousarray(received[k]).tobytes()).digest() for k in sorted(received)
         )
         if digest not in runs:
-            runs[digest] = dict(zip(tail_names, ts.run(None, received)))
+            runs[digest] = dict(zip(tail_names, ts.run(None, received), strict=True))
         late = runs[digest]
         outs = [
             compare(name, ref, h_out[name] if name in cut.head_outputs else late[name])
-            for name, ref in zip(handle.index.outputs, reference)
+            for name, ref in zip(handle.index.outputs, reference, strict=True)
         ]
         reports[codec] = FidelityReport(cut.index, codec, head_weights, n, outs)
     return reports
+
+
+def measure_one(
+    model: str,
+    cut_spec: str,
+    codec: str,
+    quantize: str | None = None,
+    inputs: Path | None = None,
+    random: int = 16,
+) -> FidelityReport:
+    """``splitpoint fidelity``: one cut, one codec, optionally an int8 head, against the float model."""
+    from splitpoint.core.codecs import Codec
+    from splitpoint.core.graph import open_model, resolve_cut
+    from splitpoint.core.quantize import quantize_head
+    from splitpoint.core.samples import load_inputs
+
+    Codec.parse(codec)
+    handle = open_model(model)
+    cut = resolve_cut(handle.index, cut_spec)
+    samples = load_inputs(handle.model, inputs, random)
+    head_model = (
+        quantize_head(extract(handle.index, cut, check=False)[0], samples, quantize) if quantize else None
+    )
+    weights = f"int8-{quantize}" if quantize else "float32"
+    return measure(handle, cut, [codec], samples, head_model=head_model, head_weights=weights)[codec]

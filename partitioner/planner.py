@@ -22,11 +22,12 @@ from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import weight_bytes_by_prefix
+from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, SPLIT
 from splitpoint.core.quantize import quantize_head
 from splitpoint.core.runner import make_session
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
-from .costmodel import EDGE_ONLY, SERVER_ONLY, SPLIT, Candidate, CandidateInput, Link, evaluate
+from .costmodel import Candidate, CandidateInput, Link, evaluate
 from .fidelity import FidelityReport, compare, measure
 from .pareto import Constraints, front, pick
 
@@ -79,7 +80,7 @@ def encoded_sizes(
     out_names = [o.name for o in sess.get_outputs()]
     per_sample = []
     for s in samples:
-        vals = dict(zip(out_names, sess.run(out_names, s)))
+        vals = dict(zip(out_names, sess.run(out_names, s), strict=True))
         vals.update(s)
         per_sample.append(vals)
     sizes: dict[str, dict[str, int]] = {}
@@ -109,7 +110,10 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     weights = weight_bytes_by_prefix(idx)
 
     def head_ms(ms: float, head: str) -> float:
-        return ms if head == "float32" else ms * speedup
+        if head == "float32":
+            return ms
+        assert speedup is not None, "gather() refuses int8 heads without the edge's int8 timing"
+        return ms * speedup
 
     def head_mem(mem: int, k: int, head: str) -> int:
         return mem if head == "float32" else max(0, mem - int(0.75 * weights[k - 1]))
@@ -153,7 +157,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
             )
         )
         for cut in h.cuts():
-            et, st = m.edge.cut(cut.index), m.server.cut(cut.index)
+            et, st = m.edge.cut(cut.k), m.server.cut(cut.k)
             f32 = cut.bytes_per_sample or 0
             enc = f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
             dec = f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
@@ -162,7 +166,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 out.append(
                     CandidateInput(
                         SPLIT,
-                        cut.index,
+                        cut.k,
                         codec,
                         head,
                         head_ms(et.head_ms, head),
@@ -170,9 +174,9 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                         enc,
                         dec,
                         up,
-                        m.reply_bytes[cut.index],
-                        head_mem(et.head_memory_bytes, cut.index, head),
-                        m.fidelity.get((cut.index, codec, head)),
+                        m.reply_bytes[cut.k],
+                        head_mem(et.head_memory_bytes, cut.k, head),
+                        m.fidelity.get((cut.k, codec, head)),
                     )
                 )
     return out
@@ -242,7 +246,7 @@ def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarra
         codec,
         head,
         len(m.samples),
-        [compare(n, r, o) for n, r, o in zip(m.handle.index.outputs, m.reference, outputs)],
+        [compare(n, r, o) for n, r, o in zip(m.handle.index.outputs, m.reference, outputs, strict=True)],
     )
     m.fidelity[(cut, codec, head)] = rep.score
     m.fidelity_reports[(cut, codec, head)] = rep.to_dict()
@@ -276,7 +280,7 @@ def gather(
     idx = handle.index
     reply = {0: sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES}
     for cut in handle.cuts():
-        reply[cut.index] = (
+        reply[cut.k] = (
             sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs if o not in cut.head_outputs)
             + REPLY_OVERHEAD_BYTES
         )

@@ -9,7 +9,8 @@ then plain CPU affinity (whole cores only). The result says which one took effec
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from splitpoint.core.errors import SplitPointError
@@ -41,7 +42,7 @@ def _quota_emulation(mechanism: str, quota: int, group: Path) -> Emulation:
     )
 
 
-def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
+def _v1(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     if not (V1_ROOT / "cpu.cfs_quota_us").exists():
         raise OSError("no cgroup v1 cpu controller")
     group = V1_ROOT / f"splitpoint-{pid}"
@@ -58,19 +59,15 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, callable]:
         except OSError:  # the limited process has exited: nothing to move back
             tids = []
         for tid in tids:
-            try:
+            with suppress(OSError):
                 _write(V1_ROOT / "tasks", tid)
-            except OSError:
-                pass
-        try:
+        with suppress(OSError):
             group.rmdir()
-        except OSError:
-            pass
 
     return _quota_emulation("cgroup-v1 cfs quota", quota, group), undo
 
 
-def _v2(cpus: float, pid: int) -> tuple[Emulation, callable]:
+def _v2(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     if (
         not (V2_ROOT / "cgroup.controllers").exists()
         or "cpu" not in (V2_ROOT / "cgroup.controllers").read_text()
@@ -92,7 +89,7 @@ def _v2(cpus: float, pid: int) -> tuple[Emulation, callable]:
     return _quota_emulation("cgroup-v2 cpu.max", quota, group), undo
 
 
-def _affinity(cpus: float, pid: int) -> tuple[Emulation, callable]:
+def _affinity(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     if not hasattr(os, "sched_setaffinity"):
         raise OSError("no sched_setaffinity")
     before = sorted(os.sched_getaffinity(pid))

@@ -32,7 +32,7 @@ def board_model() -> str | None:
 
 def temperature_c() -> float | None:
     """Highest readable CPU/SoC temperature, or None where the machine exposes none."""
-    temps = []
+    temps: list[float] = []
     try:
         for entries in (psutil.sensors_temperatures() or {}).values():
             temps.extend(e.current for e in entries if e.current is not None)

@@ -10,6 +10,7 @@ measurements of every cut.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -18,15 +19,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import psutil
 
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
-from splitpoint.core.runner import make_session, sample_feeds
+from splitpoint.core.runner import make_session
+from splitpoint.core.samples import sample_feeds
 
 from .facts import device_facts, temperature_c, throttled
 from .ort_trace import node_times
@@ -93,10 +98,8 @@ def interleaved(fns: list[Callable[[], object]], warmup: int, repeats: int) -> l
 
 def _trim_heap() -> None:
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def choose_anchors(cum: list[float], n: int) -> list[int]:
@@ -140,8 +143,8 @@ def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str
     out = {}
     for c in all_codecs():
         payload = encode(x, c)
-        enc = statistics.median(time_runs(lambda: encode(x, c), 1, repeats))
-        dec = statistics.median(time_runs(lambda: decode(payload), 1, repeats))
+        enc = statistics.median(time_runs(partial(encode, x, c), 1, repeats))
+        dec = statistics.median(time_runs(partial(decode, payload), 1, repeats))
         out[c] = CodecSpeed(
             encode_mb_s=x.nbytes / enc / 1e3, decode_mb_s=x.nbytes / dec / 1e3, ratio=x.nbytes / len(payload)
         )
@@ -162,7 +165,7 @@ def profile_model(
     feeds = sample_feeds(handle.model, settings.batch)
     clock = {"build_s": 0.0, "run_ms": 0.0}
 
-    def build(model) -> object:
+    def build(model: str | Path | bytes) -> ort.InferenceSession:
         t0 = time.perf_counter()
         s = make_session(model, settings.threads, settings.provider)
         clock["build_s"] += time.perf_counter() - t0
@@ -173,7 +176,10 @@ def profile_model(
     # reference that cancels the machine's drift.
     note("whole model", 0, 1)
     whole_sess = build(handle.path)
-    run_whole = lambda: whole_sess.run(None, feeds)  # noqa: E731
+
+    def run_whole() -> list:
+        return whole_sess.run(None, feeds)
+
     samples = time_runs(run_whole, settings.warmup, settings.repeats)
     clock["run_ms"] += sum(samples) + settings.warmup * statistics.median(samples)
 
@@ -222,12 +228,12 @@ def profile_model(
         rss0 = proc.memory_info().rss
         hs = build(head.SerializeToString())
         head_in = {i.name: feeds[i.name] for i in hs.get_inputs()}
-        h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, head_in)))
+        h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, head_in), strict=True))
         rss = max(proc.memory_info().rss, rss0) - rss0
         ts = build(tail.SerializeToString())
         t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
         hs_ms, ts_ms = interleaved(
-            [lambda: hs.run(None, head_in), lambda: ts.run(None, t_in)],
+            [partial(hs.run, None, head_in), partial(ts.run, None, t_in)],
             settings.segment_warmup,
             settings.segment_repeats,
         )
@@ -244,7 +250,7 @@ def profile_model(
         w_prev = w_next
         whole_ms = statistics.median(samples)
         last_cost = clock["run_ms"] - before
-        hs = ts = head = tail = None  # one pair of sessions alive at a time
+        del hs, ts, head, tail  # one pair of sessions alive at a time
     anchors = sorted(measured)
     int8_whole = None
     if settings.int8:
@@ -277,7 +283,7 @@ def profile_model(
     mem_scale = statistics.median(mem_ratios) if mem_ratios else 1.0
     timings = []
     for cut in cuts:
-        k = cut.index
+        k = cut.k
         derived_mem = int((weights[k - 1] + act_peaks[k - 1] * settings.batch) * mem_scale)
         mem_note = "derived: weights + live activations x RSS calibration"
         if k in measured:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitpoint.core.errors import ProfileError
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT: Final = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitpoint.core.errors import PlanError, SplitPointError
-from splitpoint.core.plan import PLAN_FILE, Plan, verify_pushed, write_files_atomically
+from splitpoint.core.plan import PLAN_FILE, TAIL_FILE, Plan, verify_pushed, write_files_atomically
 from splitpoint.core.runner import TailRunner, make_session
 
 log = logging.getLogger("splitpoint.server")
@@ -44,8 +44,8 @@ class PlanRegistry:
         path = Path(path)
         plan = Plan.load(path)
         tail = None
-        if "tail.onnx" in plan.files:
-            tail = TailRunner(plan, make_session(path / "tail.onnx", self.threads, self.provider))
+        if TAIL_FILE in plan.files:
+            tail = TailRunner(plan, make_session(path / TAIL_FILE, self.threads, self.provider))
         with self._lock:
             self._entries[plan.plan_id] = Entry(plan, path, tail)
         log.info("serving plan %s (%s, %s)", plan.plan_id[:12], plan.model_name, plan.kind)

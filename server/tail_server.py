@@ -8,14 +8,15 @@ one gets an error reply and the loop carries on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import zmq
@@ -23,28 +24,14 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import SplitPointError
+from splitpoint.core.handoff import Handoff
+from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
+from .config import ServerConfig
 from .registry import PlanRegistry
 
 log = logging.getLogger("splitpoint.server")
-
-
-@dataclass
-class ServerConfig:
-    bind: str = "tcp://127.0.0.1:5555"
-    plans_dir: Path | None = None
-    workers: int = 2
-    threads: int = 0  # onnxruntime intra-op threads per tail session (0 = default)
-    provider: str = "CPUExecutionProvider"
-    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
-    reply_codec: str = "float32"
-    device_id: str = "server"
-    mqtt: str | None = None
-    metrics_interval_s: float = 2.0
-    curve_secret_key: bytes | None = None  # CurveZMQ: this server's secret key (z85)
-    curve_allow: list[bytes] = field(default_factory=list)  # client public keys allowed (z85); empty = any
-    max_batch: int = 1  # micro-batching: same-plan requests already queued share one tail run
 
 
 @dataclass
@@ -77,9 +64,8 @@ class TailServer:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ctx = zmq.Context.instance()
-        self._inproc = f"inproc://splitpoint-results-{id(self)}"
-        self._local = threading.local()
+        self._ctx: zmq.Context = zmq.Context.instance()
+        self._replies = Handoff(self._ctx, f"inproc://splitpoint-results-{id(self)}")
         self._queues: dict[str, deque] = {}
         self._qlock = threading.Lock()
         self._pool = ThreadPoolExecutor(
@@ -95,6 +81,15 @@ class TailServer:
         if not self._ready.wait(10):
             raise SplitPointError(f"server did not start on {self.config.bind}")
         return self
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop: what ``splitpoint serve`` and a supervisor run."""
+        done = threading.Event()
+        with stop_on_signals(done.set):
+            self.start()
+            log.info("serving %d plan(s) on %s", len(self.registry.ids()), self.endpoint)
+            done.wait()
+        self.stop()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving. Requests still in the pool finish but their replies are dropped (the
@@ -114,14 +109,12 @@ class TailServer:
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + wire.MAX_HEADER_BYTES)
         if self.config.curve_secret_key:
             self._enable_curve(router)
-        results = self._ctx.socket(zmq.PULL)
-        results.setsockopt(zmq.LINGER, 0)
         try:
             router.bind(self.config.bind)
         except zmq.ZMQError as exc:
             log.error("cannot bind %s: %s", self.config.bind, exc)
             raise SplitPointError(f"cannot bind {self.config.bind}: {exc}") from exc
-        results.bind(self._inproc)
+        results = self._replies.bind()
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if self.telemetry:
             self.telemetry.status("online", {"endpoint": self.endpoint, "plans": self.registry.ids()})
@@ -148,9 +141,11 @@ class TailServer:
 
     def _enable_curve(self, sock) -> None:
         """CurveZMQ encryption; with an allow-list only those client keys may connect."""
+        from zmq.auth import CURVE_ALLOW_ANY
         from zmq.auth.thread import ThreadAuthenticator
 
         secret = self.config.curve_secret_key
+        assert secret is not None
         public = zmq.curve_public(secret)
         self._auth = ThreadAuthenticator(self._ctx)
         self._auth.start()
@@ -159,7 +154,7 @@ class TailServer:
                 domain="*", credentials_provider=_AllowList(self.config.curve_allow)
             )
         else:
-            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            self._auth.configure_curve(domain="*", location=CURVE_ALLOW_ANY)
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -233,17 +228,6 @@ class TailServer:
             self.telemetry.status("online", {"endpoint": self.endpoint, "plans": self.registry.ids()})
         self._reply(router, ident, wire.Message(wire.DEPLOYED, msg.id, plan.plan_id))
 
-    def _push(self, frames: list) -> None:
-        sock = getattr(self._local, "push", None)
-        if sock is None:
-            sock = self._local.push = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self._inproc)
-        try:  # never block a worker: once the socket thread is gone (stop) a PUSH would wait forever
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log.warning("server stopping: reply dropped")
-
     def _work(self, plan_id: str) -> None:
         """Serve up to ``max_batch`` queued requests of one plan (each message queued one task, so
         nothing is left behind); with micro-batching they share one tail run."""
@@ -269,10 +253,9 @@ class TailServer:
         t1 = time.perf_counter()
         outs = None
         if len(ready) > 1:
-            try:
+            # one bad request must not fail its batch mates: on failure they run one by one below
+            with contextlib.suppress(Exception):
                 outs = entry.tail.run_batch([r[3] for r in ready])
-            except Exception:  # one bad request must not fail its batch mates: run them one by one below
-                pass
         t2 = time.perf_counter()
         if outs is None:
             outs = []
@@ -284,7 +267,7 @@ class TailServer:
                     outs.append(exc)
             t2 = time.perf_counter()
         self.stats.add(batches=1, tail_ms_total=(t2 - t1) * 1e3)
-        for (ident, msg, t_recv, _, dec_ms), out in zip(ready, outs):
+        for (ident, msg, t_recv, _, dec_ms), out in zip(ready, outs, strict=True):
             if isinstance(out, Exception):
                 self._answer(
                     ident,
@@ -324,7 +307,7 @@ class TailServer:
                 wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}"
             )
         feeds = {}
-        for name, frame in zip(msg.tensors, msg.frames):
+        for name, frame in zip(msg.tensors, msg.frames, strict=True):
             arr = decode(wire._buffer(frame), self.config.max_message_bytes)
             _check_tensor(name, arr, entry.tail.inputs[name])
             feeds[name] = arr
@@ -332,13 +315,15 @@ class TailServer:
 
     def _answer(self, ident, reply: wire.Message, error: bool = False) -> None:
         self.stats.add(in_flight=-1, **({"errors": 1} if error else {"requests": 1}))
-        self._push([ident, *reply.to_frames()])
+        # never block a worker: once the socket thread is gone (stop) a send would wait forever
+        if not self._replies.send([ident, *reply.to_frames()], block=False):
+            log.warning("server stopping: reply dropped")
 
 
 class _AllowList:
     """pyzmq's ZAP handler asks ``callback(domain, key)`` with the client key z85-encoded."""
 
-    def __init__(self, keys: list[bytes]):
+    def __init__(self, keys: Iterable[bytes]):
         from zmq.utils.z85 import encode as z85encode
 
         self.keys = {bytes(k) if len(k) == 40 else z85encode(bytes(k)) for k in keys}
@@ -367,7 +352,7 @@ def _check_tensor(name: str, arr: np.ndarray, spec) -> None:
         raise wire.WireError(
             wire.E_BAD_TENSOR, f"tensor {name}: rank {arr.ndim}, plan expects shape {spec.shape}"
         )
-    for got, want in zip(arr.shape, spec.shape):
+    for got, want in zip(arr.shape, spec.shape, strict=True):
         if isinstance(want, int) and want != got:
             raise wire.WireError(
                 wire.E_BAD_TENSOR, f"tensor {name}: shape {list(arr.shape)}, plan expects {spec.shape}"

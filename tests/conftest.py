@@ -17,14 +17,14 @@ SMALL = {"width": 0.25, "resolution": 48}
 
 
 def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    from splitpoint.core.runner import sample_feeds
+    from splitpoint.core.samples import sample_feeds
 
     return sample_feeds(model, batch, seed)
 
 
 def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "splitpoint.app.cli", *args],
+        [sys.executable, "-m", "splitpoint.app", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

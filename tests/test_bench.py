@@ -119,7 +119,7 @@ def test_choose_always_includes_pick_and_baselines(bench):
         (["--networks", "nosuch"], "no network profile named 'nosuch'"),
         (["--models", "nosuch"], "neither an ONNX file nor a zoo model"),
         (["--device", "nosuch"], "no device profile named 'nosuch'"),
-        (["--link", "pigeon"], "unknown mechanism"),
+        (["--link", "pigeon"], "--link: Input should be 'auto', 'netns', 'proxy' or 'loopback'"),
     ],
 )
 def test_bad_bench_arguments_fail_fast_and_specifically(tmp_path, args, message):

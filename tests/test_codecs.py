@@ -70,7 +70,7 @@ def test_truncation_anywhere_is_refused():
 
 def _patch_header(p: bytearray, **fields) -> bytes:
     names = ["magic", "version", "base", "stage", "dtype", "ndim", "axis", "raw_len", "stored"]
-    vals = dict(zip(names, _HEAD.unpack_from(p, 0)))
+    vals = dict(zip(names, _HEAD.unpack_from(p, 0), strict=True))
     vals.update(fields)
     _HEAD.pack_into(p, 0, *[vals[n] for n in names])
     return bytes(p)

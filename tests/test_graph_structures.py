@@ -26,7 +26,7 @@ def assert_all_cuts_exact(model):
     assert cuts
     for cut in cuts:
         got = run_split(*extract(idx, cut), cut, feeds)
-        for name, ref in zip(idx.outputs, full):
+        for name, ref in zip(idx.outputs, full, strict=True):
             np.testing.assert_allclose(got[name], ref, rtol=1e-6, atol=1e-6)
     return idx, cuts
 

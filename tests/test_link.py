@@ -3,14 +3,12 @@ as long as the network profile says (10 Mbit/s, 40 ms RTT: 1 MiB and 64 B within
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 
 import pytest
 
-from splitpoint.app.bench import netns, probe
-from splitpoint.app.bench.emulate import EmulatedLink
+from splitpoint.app.bench import netns
+from splitpoint.app.bench.emulate import EmulatedLink, probe_link
 from splitpoint.app.bench.shaper import Direction, Shaper
 from splitpoint.core.errors import SplitPointError
 from splitpoint.partitioner.costmodel import Link, wire_bytes
@@ -39,56 +37,9 @@ def test_jitter_never_reorders_and_loss_costs_a_round_trip():
 
 
 def _validate(em) -> None:
-    host, _, port = em.server_bind[len("tcp://") :].rpartition(":")
-    srv = subprocess.Popen(
-        [
-            *em.server_prefix,
-            sys.executable,
-            "-m",
-            "splitpoint.app.bench.probe",
-            "serve",
-            "--bind",
-            f"{host}:{port}",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert srv.stdout.readline(), "probe server did not start"
-        target = em.edge_connect[len("tcp://") :]
-        results = []
-        # medians: of 9 pings (each is one RTT, so cheap) and of 3 one-MiB uploads
-        for (up, down), repeats in (((64, 64), 9), ((2**20, 64), 3)):
-            if em.edge_prefix:  # the client must run inside the edge's namespace
-                out = subprocess.run(
-                    [
-                        *em.edge_prefix,
-                        sys.executable,
-                        "-m",
-                        "splitpoint.app.bench.probe",
-                        "measure",
-                        "--connect",
-                        target,
-                        "--sizes",
-                        f"{up}:{down}",
-                        "--repeats",
-                        str(repeats),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                assert out.returncode == 0, out.stderr
-                results += json.loads(out.stdout)
-            else:
-                host, _, port = target.rpartition(":")
-                results += probe.measure((host, int(port)), [(up, down)], repeats=repeats)
-    finally:
-        srv.kill()
-        srv.wait()
-    for r in results:
-        predicted = em.predicted_ms(r["up_bytes"], r["down_bytes"])
-        assert abs(r["median_ms"] - predicted) / predicted < 0.10, (em.mechanism, r, predicted)
+    # medians: of 9 pings (each is one RTT, so cheap) and of 3 one-MiB uploads
+    for r in probe_link(em, [(64, 64, 9), (2**20, 64, 3)]):
+        assert abs(r["median_ms"] - r["predicted_ms"]) / r["predicted_ms"] < 0.10, (em.mechanism, r)
 
 
 def test_userspace_proxy_matches_the_profile():

@@ -7,10 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, SPLIT
 from splitpoint.partitioner.costmodel import (
-    EDGE_ONLY,
-    SERVER_ONLY,
-    SPLIT,
     CandidateInput,
     Link,
     evaluate,

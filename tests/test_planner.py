@@ -9,10 +9,10 @@ import pytest
 
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import open_model
-from splitpoint.core.plan import Plan
+from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, Plan
 from splitpoint.core.runner import assemble, load_split, make_session
-from splitpoint.partitioner.costmodel import EDGE_ONLY, SERVER_ONLY, evaluate
-from splitpoint.partitioner.fidelity import load_inputs
+from splitpoint.core.samples import load_inputs
+from splitpoint.partitioner.costmodel import evaluate
 from splitpoint.partitioner.pareto import Constraints, front
 from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of, measure_fidelity
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
@@ -45,7 +45,7 @@ def test_lazy_fidelity_front_equals_exhaustive_front(setup):
     measure_fidelity(full, {(c.index, "float32") for c in h.cuts()})
     inputs = candidate_inputs(full)
     assert all(ci.fidelity is not None for ci in inputs)
-    for d, net in zip(decisions, nets):
+    for d, net in zip(decisions, nets, strict=True):
         exhaustive = front([evaluate(ci, link_of(net)) for ci in inputs])
         assert sorted(c.label for c in d.front) == sorted(c.label for c in exhaustive)
         kinds = {c.inp.kind for c in d.candidates}
@@ -147,12 +147,12 @@ def test_plan_cli_infeasible_names_closest(setup):
 
 def test_baseline_plans_run(setup):
     d, path, h, _, _ = setup
-    from splitpoint.core.plandir import write_baseline_plan
+    from splitpoint.core.plandir import write_plan
 
     feeds = {"input": np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)}
     ref = make_session(path).run(None, feeds)[0]
     for kind in ("server-only", "edge-only"):
-        plan = write_baseline_plan(h.index, kind, d / kind, h.name, h.sha256, codec="int8")
+        plan = write_plan(h, d / kind, kind=kind, codec="int8")
         _, head, tail = load_split(d / kind)
         sent, early = head.run(feeds)
         got = assemble(plan, early, tail.run(sent) if tail else {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -71,8 +72,8 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     noise = (prof.whole.p90_ms - prof.whole.min_ms) + max(anchors) + 0.15 * prof.whole.median_ms
     heads = [c.head_ms for c in prof.cuts]
     tails = [c.tail_ms for c in prof.cuts]
-    assert all(b >= a - noise for a, b in zip(heads, heads[1:]))
-    assert all(b <= a + noise for a, b in zip(tails, tails[1:]))
+    assert all(b >= a - noise for a, b in itertools.pairwise(heads))
+    assert all(b <= a + noise for a, b in itertools.pairwise(tails))
     # head + tail is one inference plus the split's overhead: within 40 % of the whole model
     for c in prof.cuts:
         assert (
@@ -97,7 +98,7 @@ def test_ctrl_c_leaves_no_partial_profile(tmp_path):
     out = tmp_path / "p.json"
     zoo.resolve("resnet50")  # build the model before timing the interrupt
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitpoint.app.cli", "profile", "resnet50", "-o", str(out), "--quiet"],
+        [sys.executable, "-m", "splitpoint.app", "profile", "resnet50", "-o", str(out), "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

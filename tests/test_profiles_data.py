@@ -19,7 +19,7 @@ def test_required_network_profiles_ship_with_sources():
         assert net.name == name
         text = (PACKAGE_DIR / "networks" / f"{name}.yaml").read_text()
         for field in ("uplink_mbps", "downlink_mbps", "rtt_ms", "jitter_ms", "loss"):
-            line = next(l for l in text.splitlines() if l.startswith(field))
+            line = next(x for x in text.splitlines() if x.startswith(field))
             assert "#" in line, f"{name}.{field} has no source comment"
     # slower links really are slower
     assert (

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import zmq
 
-from splitpoint.app.orchestrator import collect, deploy
+from splitpoint.app.orchestrator import FleetSubscriber, collect, deploy
+from splitpoint.app.process import start_server
 from splitpoint.core import wire
 from splitpoint.core.codecs import encode
 from splitpoint.core.graph import open_model
@@ -31,10 +32,8 @@ def model(tmp_path_factory, small_resnet18):
     path = small_resnet18
     h = open_model(path)
     plans = d / "plans"
-    write_plan(h.index, h.cuts()[19], plans / "p-f32", h.name, h.sha256, include_full=True)
-    write_plan(
-        h.index, h.cuts()[19], plans / "p-int8", h.name, h.sha256, include_full=True, codec="int8+zstd"
-    )
+    write_plan(h, plans / "p-f32", cut=h.cuts()[19], include_full=True)
+    write_plan(h, plans / "p-int8", cut=h.cuts()[19], include_full=True, codec="int8+zstd")
     return {"path": path, "plans": plans, "h": h, "full": make_session(path)}
 
 
@@ -52,7 +51,7 @@ def server(model):
 def client(model, srv, plan="p-f32", **kw):
     return EdgeClient(
         EdgeConfig(
-            model["plans"] / plan,
+            plan_dir=model["plans"] / plan,
             server=srv.endpoint if srv else "tcp://127.0.0.1:1",
             timeout_s=kw.pop("timeout_s", 5.0),
             **kw,
@@ -84,7 +83,7 @@ def test_many_clients_at_once(model, server):
             with client(model, server, window=3) as c:
                 batch = [x() for _ in range(15)]
                 futs = [c.submit(f) for f in batch]
-                for f, feeds in zip(futs, batch):
+                for f, feeds in zip(futs, batch, strict=True):
                     r = f.result(60)
                     np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
                     done.append(r.fallback)
@@ -261,16 +260,14 @@ def test_telemetry_reaches_mosquitto(model, mosquitto):
         )
     ).start()
     seen: list[tuple] = []
-    watcher = threading.Thread(target=lambda: collect(mosquitto, 4.0, lambda d, k, p: seen.append((d, k, p))))
-    watcher.start()
-    time.sleep(0.5)
-    with client(model, srv, mqtt=mosquitto, device_id="t-edge") as c:
-        c.telemetry.connected.wait(5)
-        for _ in range(10):
-            c.infer(x(), timeout=30)
-            time.sleep(0.06)
-    srv.stop()
-    watcher.join(10)
+    with FleetSubscriber(mosquitto, lambda d, k, p: seen.append((d, k, p))):
+        with client(model, srv, mqtt=mosquitto, device_id="t-edge") as c:
+            c.telemetry.connected.wait(5)
+            for _ in range(10):
+                c.infer(x(), timeout=30)
+                time.sleep(0.06)
+        srv.stop()
+        time.sleep(0.5)
     kinds = {(d, k) for d, k, _ in seen}
     assert {
         ("t-edge", "latency"),
@@ -308,7 +305,7 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
         [
             sys.executable,
             "-m",
-            "splitpoint.app.cli",
+            "splitpoint.app",
             "edge",
             "run",
             str(model["plans"] / "p-f32"),
@@ -354,24 +351,7 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
 
 
 def _serve_proc(plans, endpoint, *extra):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitpoint.app.cli",
-            "serve",
-            "--bind",
-            endpoint,
-            "--plans",
-            str(plans),
-            "--workers",
-            "1",
-            "--quiet",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    return start_server(endpoint, plans, *extra)
 
 
 def test_server_killed_and_restarted_mid_stream(model):
@@ -383,7 +363,7 @@ def test_server_killed_and_restarted_mid_stream(model):
     srv = _serve_proc(model["plans"], endpoint)
     c = EdgeClient(
         EdgeConfig(
-            model["plans"] / "p-f32",
+            plan_dir=model["plans"] / "p-f32",
             server=endpoint,
             timeout_s=1.0,
             connect_grace_s=20,
@@ -414,7 +394,7 @@ def test_server_killed_and_restarted_mid_stream(model):
         assert c.server_up, "edge did not reconnect to the restarted server"
         stream(20, "after")
         results = []
-        for (f, feeds), phase in zip(futs, phases):
+        for (f, feeds), phase in zip(futs, phases, strict=True):
             r = f.result(60)  # exactly one answer each: an error would raise here
             np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-4)
             results.append((phase, r.fallback))
@@ -473,7 +453,7 @@ def test_micro_batching_shares_tail_runs_and_keeps_results(model):
             batch = [x() for _ in range(48)]
             futs = [c.submit(f) for f in batch]
             results = [f.result(60) for f in futs]
-        for r, feeds in zip(results, batch):
+        for r, feeds in zip(results, batch, strict=True):
             assert not r.fallback
             np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-4)
         sizes = [r.breakdown["server_batch"] for r in results]
@@ -487,11 +467,15 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
     from splitpoint.edge.daemon import EdgeDaemon
 
     daemon = EdgeDaemon(
-        EdgeConfig(model["plans"] / "p-f32", server=server.endpoint, timeout_s=5.0),
-        listen=f"ipc://{tmp_path}/edge.sock",
+        EdgeConfig(
+            plan_dir=model["plans"] / "p-f32",
+            server=server.endpoint,
+            timeout_s=5.0,
+            listen=f"ipc://{tmp_path}/edge.sock",
+        ),
         plans_dir=tmp_path / "pushed",
     )
-    t = threading.Thread(target=daemon.serve_local, daemon=True)
+    t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     try:
         s = _raw(f"ipc://{tmp_path}/edge.sock")

@@ -18,12 +18,14 @@ def run_split(head, tail, cut, feeds):
     hs, ts = make_session(head.SerializeToString()), make_session(tail.SerializeToString())
     h_out = dict(
         zip(
-            [o.name for o in hs.get_outputs()], hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()})
+            [o.name for o in hs.get_outputs()],
+            hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
+            strict=True,
         )
     )
     cut_feeds = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
     assert set(cut_feeds) == {i.name for i in ts.get_inputs()}
-    t_out = dict(zip([o.name for o in ts.get_outputs()], ts.run(None, cut_feeds)))
+    t_out = dict(zip([o.name for o in ts.get_outputs()], ts.run(None, cut_feeds), strict=True))
     return {**{k: v for k, v in h_out.items() if k in cut.head_outputs}, **t_out}
 
 
@@ -32,7 +34,7 @@ def test_every_cut_equals_full_model(name, small_models):
     model = small_models[name]
     idx = GraphIndex.build(model)
     feeds = random_feeds(model, batch=2, seed=3)
-    full = dict(zip(idx.outputs, make_session(model.SerializeToString()).run(None, feeds)))
+    full = dict(zip(idx.outputs, make_session(model.SerializeToString()).run(None, feeds), strict=True))
     cuts = enumerate_cuts(idx)
     assert len(cuts) == len(idx.compute) - 1
     for cut in cuts:

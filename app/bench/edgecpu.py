@@ -38,7 +38,8 @@ class Calibration:
 def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
     from splitpoint.core import zoo
     from splitpoint.core.graph import open_model
-    from splitpoint.core.runner import make_session, sample_feeds
+    from splitpoint.core.runner import make_session
+    from splitpoint.core.samples import sample_feeds
 
     usable = {k: v for k, v in device.reference_latency_ms.items() if k in zoo.ZOO}
     if not usable:

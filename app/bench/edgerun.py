@@ -53,7 +53,7 @@ class _Plan:
         self.dir, self.window = plan_dir, window
         self.client = EdgeClient(
             EdgeConfig(
-                Path(plan_dir),
+                plan_dir=Path(plan_dir),
                 server=server,
                 window=window,
                 timeout_s=args.timeout,
@@ -125,7 +125,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
             int(
                 args.seconds
                 * 1000
-                / max(1.0, median_of_present([x.breakdown.get("total_ms") for _, x in seq]))
+                / max(1.0, median_of_present([x.breakdown.get("total_ms") for _, x in seq]) or 0.0)
                 * window
             ),
         ),
@@ -154,7 +154,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     non_compute = [x["total_ms"] - sum(x.get(k) or 0.0 for k in compute) for x in b]
     agree, max_err = [], 0.0
     for k, r in seq:
-        for out, ref in zip(r.outputs, refs[k]):
+        for out, ref in zip(r.outputs, refs[k], strict=True):
             max_err = max(max_err, float(np.abs(out.astype(np.float64) - ref).max()))
         o, ref = r.outputs[0].reshape(-1), refs[k][0].reshape(-1)
         agree.append(float(np.argmax(o) == np.argmax(ref)))

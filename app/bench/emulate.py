@@ -92,7 +92,8 @@ class EmulatedLink:
             )
             rate = (0.0, 0.0)
             detail = (
-                f"namespaces {self._ns.edge} / {self._ns.server} over veth; tbf {link.uplink_mbps:g} Mbit/s up, "
+                f"namespaces {self._ns.edge} / {self._ns.server} over veth; tbf {link.uplink_mbps:g} Mbit/s "
+                f"up, "
                 f"{link.downlink_mbps:g} Mbit/s down; userspace delay line {link.rtt_ms / 2:g} ms each way, "
                 f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay"
             )
@@ -102,7 +103,8 @@ class EmulatedLink:
             rate = (link.uplink_mbps, link.downlink_mbps)
             detail = (
                 f"userspace TCP link proxy on loopback{f' ({why_not})' if why_not else ''}: token bucket "
-                f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down, {link.rtt_ms / 2:g} ms each way, "
+                f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down, {link.rtt_ms / 2:g} "
+                f"ms each way, "
                 f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay"
             )
         self._proxy = subprocess.Popen(
@@ -131,6 +133,7 @@ class EmulatedLink:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        assert self._proxy.stdout is not None and self._proxy.stderr is not None  # both PIPE
         line = self._proxy.stdout.readline()
         if not line:
             raise SplitPointError(f"link proxy did not start: {self._proxy.stderr.read().strip()}")
@@ -153,3 +156,42 @@ class EmulatedLink:
         if self._ns is not None:
             self._ns.__exit__(None, None, None)
             self._ns = None
+
+
+def probe_link(em: Emulated, cases: list[tuple[int, int, int]]) -> list[dict]:
+    """The link itself, measured with plain TCP request/response exchanges between the two sides
+    (server namespace ↔ edge namespace, or through the proxy) before the runtime uses the port.
+
+    ``cases``: (bytes up, bytes down, repeats). Each row gets the cost model's figure beside the median."""
+    bind = em.server_bind[len("tcp://") :]
+    srv = subprocess.Popen(
+        [*em.server_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "serve", "--bind", bind],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    rows: list[dict] = []
+    try:
+        assert srv.stdout is not None  # PIPE
+        if not srv.stdout.readline():
+            raise SplitPointError("the link probe's server did not start")
+        for up, down, repeats in cases:
+            cmd = [*em.edge_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "measure"]
+            args = [
+                "--connect",
+                em.edge_connect[len("tcp://") :],
+                "--sizes",
+                f"{up}:{down}",
+                "--repeats",
+                str(repeats),
+            ]
+            out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+            if out.returncode:
+                raise SplitPointError(f"link probe failed: {out.stderr.strip()[-300:]}")
+            rows += json.loads(out.stdout)
+    finally:
+        srv.kill()
+        srv.wait()
+    for r in rows:
+        r["predicted_ms"] = em.predicted_ms(r["up_bytes"], r["down_bytes"])
+        r.pop("samples_ms", None)
+    return rows

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             sock.close()
     else:
         host, _, port = a.connect.rpartition(":")
-        sizes = [tuple(int(v) for v in p.split(":")) for p in a.sizes.split(",")]
+        sizes = [(int(up), int(down)) for up, down in (p.split(":") for p in a.sizes.split(","))]
         json.dump(measure((host, int(port)), sizes, a.repeats), sys.stdout)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import signal
@@ -84,10 +85,8 @@ class _Pipe:
         except OSError:
             pass
         for s in (self.dst, self.src):  # one side gone: close both so the peers see it
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class LinkProxy:
@@ -105,7 +104,7 @@ class LinkProxy:
         self.upstream, self.up, self.down, self.seed = upstream, up, down, seed
         self.sock = socket.create_server(listen, reuse_port=False)
         self.address = self.sock.getsockname()[:2]
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True, name="splitpoint-link")
@@ -142,10 +141,8 @@ class LinkProxy:
         self._stop.set()
         self.sock.close()
         for s in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
         self._thread.join(2)
 
     def __enter__(self) -> LinkProxy:
@@ -170,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jitter-ms", type=float, default=0.0)
     ap.add_argument("--loss", type=float, default=0.0)
     a = ap.parse_args(argv)
-    mk = lambda mbps: Direction(mbps * 1e6 if mbps else None, a.delay_ms / 1e3, a.jitter_ms / 1e3, a.loss)  # noqa: E731
+
+    def mk(mbps: float) -> Direction:
+        return Direction(mbps * 1e6 if mbps else None, a.delay_ms / 1e3, a.jitter_ms / 1e3, a.loss)
+
     proxy = LinkProxy(_hostport(a.listen), _hostport(a.upstream), mk(a.up_mbps), mk(a.down_mbps)).start()
     print(
         json.dumps({"listen": f"{proxy.address[0]}:{proxy.address[1]}"}), flush=True

@@ -170,9 +170,22 @@ def _target_lines(s: dict) -> list[str]:
     ]
 
 
+def summary_lines(results: dict, out: Path) -> list[str]:
+    """What ``splitpoint bench`` prints when it is done: the headline table and the targets."""
+    s = results["summary"]
+    return [
+        *headline(results),
+        f"median prediction error {100 * (s['prediction_error_median'] or 0):.1f} %; regret ≤ 1.05 in "
+        f"{100 * (s['regret_within_target_share'] or 0):.0f} % of cases; {s['bench_seconds'] / 60:.1f} min; "
+        f"report in {out / 'report.md'}",
+    ]
+
+
 def headline(results: dict) -> list[str]:
     lines = [
-        "| model | network | pick | pick measured (ms) | best measured meeting the constraints (ms) | regret | all on edge (ms) | all on server, raw (ms) | all on server, int8+zstd (ms) | fastest at any fidelity (ms, fidelity) |",
+        "| model | network | pick | pick measured (ms) | best measured meeting the constraints (ms) | "
+        "regret | all on edge (ms) | all on server, raw (ms) | all on server, int8+zstd (ms) | fastest at "
+        "any fidelity (ms, fidelity) |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for c in results["cases"]:
@@ -182,7 +195,8 @@ def headline(results: dict) -> list[str]:
             else f"{c['fastest_any']} ({_f(c['fastest_any_ms'])}, {_f(c['fastest_any_fidelity'], '{:.2f}')})"
         )
         lines.append(
-            f"| {c['model']} | {c['network']} | {c['pick']} | {_f(c['pick_ms'])} | {c['best']} ({_f(c['best_ms'])}) | "
+            f"| {c['model']} | {c['network']} | {c['pick']} | {_f(c['pick_ms'])} | {c['best']} "
+            f"({_f(c['best_ms'])}) | "
             f"{_f(c['regret'], '{:.2f}')} | {_f(c.get('edge_only_ms'))} | {_f(c.get('server_raw_ms'))} | "
             f"{_f(c.get('server_compressed_ms'))} | {fastest} |"
         )
@@ -195,27 +209,37 @@ def markdown(results: dict) -> str:
     out = [
         "# SplitPoint bench",
         "",
-        f"`splitpoint bench --models {','.join(cfg['models'])} --networks {','.join(cfg['networks'])} --device {cfg['device']}` "
-        f"on {results['machine'].get('cpu_model', '?')} ({results['machine'].get('cores_logical', '?')} cores), "
+        f"`splitpoint bench --models {','.join(cfg['models'])} --networks {','.join(cfg['networks'])} "
+        f"--device {cfg['device']}` "
+        f"on {results['machine'].get('cpu_model', '?')} ({results['machine'].get('cores_logical', '?')} "
+        f"cores), "
         f"{results['seconds'] / 60:.1f} min in all.",
         "",
-        f"- **Edge CPU (emulated):** {cal['device']}-class: {cal['reference_model']} measured {cal['measured_ms']:.1f} ms here under "
-        f"{cal['cpus']:g} CPU ({cal['mechanism']}) against the device profile's {cal['target_ms']:g} ms; {cal['full_speed_ms']:.1f} ms "
+        f"- **Edge CPU (emulated):** {cal['device']}-class: {cal['reference_model']} measured "
+        f"{cal['measured_ms']:.1f} ms here under "
+        f"{cal['cpus']:g} CPU ({cal['mechanism']}) against the device profile's {cal['target_ms']:g} ms; "
+        f"{cal['full_speed_ms']:.1f} ms "
         f"unlimited. {cal['note']}".rstrip(),
-        f"- **Links (emulated, real traffic):** mechanism {', '.join(mech)}. Each network's link was probed with plain TCP "
+        f"- **Links (emulated, real traffic):** mechanism {', '.join(mech)}. Each network's link was probed "
+        f"with plain TCP "
         "before the runtime used it (table below).",
-        "- **Pipelining ratio** = measured throughput ÷ 1/max(stage), the stages measured one request at a time; the edge "
+        "- **Pipelining ratio** = measured throughput ÷ 1/max(stage), the stages measured one request at a "
+        "time; the edge "
         "stage is the larger of head + encode and the edge's CPU time per request ÷ its CPU share.",
-        "- **Every latency** is measured on the edge's clock (request in → result out); the server's stage times come from "
+        "- **Every latency** is measured on the edge's clock (request in → result out); the server's stage "
+        "times come from "
         "its own clock. *Predicted* figures are the partitioner's, derived from the measured profiles.",
         "",
         "## Headline: the pick against the baselines (median latency, one request at a time)",
         "",
         *headline(results),
         "",
-        f"Regret = the pick's measured latency ÷ the best measured latency among the candidates measured for that case "
-        f"that meet the pick's constraints (planner-measured fidelity ≥ {cfg.get('min_fidelity')}). Candidates are measured "
-        "in rounds, one request each per round, so the machine's drift falls on all of them alike. The last column "
+        f"Regret = the pick's measured latency ÷ the best measured latency among the candidates measured "
+        f"for that case "
+        f"that meet the pick's constraints (planner-measured fidelity ≥ {cfg.get('min_fidelity')}). "
+        f"Candidates are measured "
+        "in rounds, one request each per round, so the machine's drift falls on all of them alike. The last "
+        "column "
         "shows where a faster candidate exists that fails the fidelity constraint.",
         "",
         "## Targets",
@@ -227,17 +251,20 @@ def markdown(results: dict) -> str:
         "## Links as probed",
         "",
         "Plain TCP request/response over each emulated link just before the runtime used it, "
-        "median of 3, next to the cost model's figure for the same bytes. Jitter never reorders data, so it can only "
+        "median of 3, next to the cost model's figure for the same bytes. Jitter never reorders data, so it "
+        "can only "
         "hold pieces back: medians sit a little above the profile's RTT.",
         "",
-        "| model run | network | mechanism | 64 B ping measured / predicted (ms) | 64 KiB up measured / predicted (ms) |",
+        "| model run | network | mechanism | 64 B ping measured / predicted (ms) | 64 KiB up measured / "
+        "predicted (ms) |",
         "|---|---|---|---:|---:|",
     ]
     for run in results["runs"]:
         pr = [p for p in run["link_probe"] if "error" not in p]
         cells = [f"{_f(p['median_ms'])} / {_f(p['predicted_ms'])}" for p in pr] + ["–"] * (2 - len(pr))
         out.append(
-            f"| {run['rows'][0]['model']} | {run['network']} | {run['link']['mechanism']} | {cells[0]} | {cells[1]} |"
+            f"| {run['rows'][0]['model']} | {run['network']} | {run['link']['mechanism']} | {cells[0]} | "
+            f"{cells[1]} |"
         )
     out += ["", "## Every measured candidate", ""]
     for run in results["runs"]:
@@ -245,22 +272,27 @@ def markdown(results: dict) -> str:
         out += [
             f"### {model} on {run['network']}",
             "",
-            "| candidate | role | predicted (ms) | measured p50 | p90 | error | throughput pred / meas (/s) | pipelining ratio | bytes up | edge CPU (ms/req) | edge RSS added (MiB) | fidelity (planner) | top-1 agreement |",
+            "| candidate | role | predicted (ms) | measured p50 | p90 | error | throughput pred / meas (/s) "
+            "| pipelining ratio | bytes up | edge CPU (ms/req) | edge RSS added (MiB) | fidelity (planner) "
+            "| top-1 agreement |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sorted(run["rows"], key=lambda r: r["measured"].get("latency_ms_median") or 1e12):
             p, m = r["predicted"], r["measured"]
             if not _ok(r):
                 out.append(
-                    f"| {r['candidate']} | {r['role']} | {_f(p['latency_ms'])} | failed: {m.get('error', '?')[:80]} | | | | | | | | | |"
+                    f"| {r['candidate']} | {r['role']} | {_f(p['latency_ms'])} | failed: "
+                    f"{m.get('error', '?')[:80]} | | | | | | | | | |"
                 )
                 continue
             out.append(
                 f"| {r['candidate']} | {r['role']} | {_f(p['latency_ms'])} | {_f(m['latency_ms_median'])} | "
                 f"{_f(m['latency_ms_p90'])} | {_f(100 * r['prediction_error'], '{:.0f} %')} | "
-                f"{_f(p['throughput_ips'])} / {_f(m['throughput_ips'])} | {_f(r['pipelined_ratio'] and 100 * r['pipelined_ratio'], '{:.0f} %')} | "
+                f"{_f(p['throughput_ips'])} / {_f(m['throughput_ips'])} | "
+                f"{_f(r['pipelined_ratio'] and 100 * r['pipelined_ratio'], '{:.0f} %')} | "
                 f"{_f(m.get('bytes_sent_median'), '{:.0f}')} | {_f(m['edge_cpu_ms_per_request'])} | "
-                f"{_f(m['edge_rss_added_bytes'] / 2**20, '{:.0f}')} | {_f(p.get('fidelity'), '{:.4f}')} | {_f(m.get('top1_agreement'), '{:.2f}')} |"
+                f"{_f(m['edge_rss_added_bytes'] / 2**20, '{:.0f}')} | {_f(p.get('fidelity'), '{:.4f}')} | "
+                f"{_f(m.get('top1_agreement'), '{:.2f}')} |"
             )
         out.append("")
     return "\n".join(out)
@@ -272,7 +304,7 @@ def plots(results: dict, out: Path) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import matplotlib.ticker  # noqa: F401
+        import matplotlib.ticker  # noqa: F401 (binds matplotlib.ticker, used below)
     except ImportError:
         return []
     runs = results["runs"]
@@ -317,7 +349,7 @@ def plots(results: dict, out: Path) -> list[str]:
         if _ok(r)
     ]
     if pts:
-        ax.scatter(*zip(*pts), s=14)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14)
         lo, hi = min(min(p) for p in pts) * 0.8, max(max(p) for p in pts) * 1.2
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
         ax.plot([lo, hi], [lo * 1.1, hi * 1.1], "k:", lw=0.6)
@@ -353,7 +385,7 @@ def plots(results: dict, out: Path) -> list[str]:
         for j, (k, label) in enumerate(keys):
             vals = [(r["measured"]["stages_ms_median"].get(k) or 0.0) for r in rows]
             ax.bar(range(len(rows)), vals, bottom=bottoms, label=label, color=f"C{j}")
-            bottoms = [b + v for b, v in zip(bottoms, vals)]
+            bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(
             [r["candidate"] + (" ★" if r["is_pick"] else "") for r in rows],

@@ -18,13 +18,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from splitpoint.app.process import stop
+from splitpoint.app.process import start_server, stop
+from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
+
+if TYPE_CHECKING:
+    from splitpoint.partitioner.costmodel import Candidate
+    from splitpoint.partitioner.planner import Decision
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenetv2"]
 DEFAULT_NETWORKS = ["3g", "lte", "wifi-n", "5g"]
@@ -41,23 +47,31 @@ ALL_ON_EDGE, ALL_ON_SERVER_RAW, ALL_ON_SERVER_COMPRESSED = (
 )
 
 
-@dataclass
-class BenchConfig:
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    networks: list[str] = field(default_factory=lambda: list(DEFAULT_NETWORKS))
+class BenchConfig(StrictConfig):
+    label: ClassVar[str] = "bench"
+    models: tuple[str, ...] = tuple(DEFAULT_MODELS)
+    networks: tuple[str, ...] = tuple(DEFAULT_NETWORKS)
     device: str = "rpi4"
-    link: str = "auto"  # auto | netns | proxy | loopback
+    link: Literal["auto", "netns", "proxy", "loopback"] = "auto"
     out: Path = Path("bench-results")
-    seconds: float = 1.5  # per candidate and phase, once min_requests are done
-    min_requests: int = 3
-    max_requests: int = 20
-    window: int = 4
-    max_front: int = 4  # front members measured besides the pick and the baselines
-    min_fidelity: float = 0.99
-    fidelity_samples: int = 4
-    inputs: int = 4
-    profile_budget: float = 12.0
-    codecs: list[str] = field(default_factory=lambda: list(BENCH_CODECS))
+    seconds: float = Field(1.5, gt=0)  # per candidate and phase, once min_requests are done
+    min_requests: int = Field(3, ge=1)
+    max_requests: int = Field(20, ge=1)
+    window: int = Field(4, ge=1, le=1024)
+    max_front: int = Field(4, ge=0)  # front members measured besides the pick and the baselines
+    min_fidelity: float = Field(0.99, ge=0, le=1)
+    fidelity_samples: int = Field(4, ge=1)
+    inputs: int = Field(4, ge=1)
+    profile_budget: float = Field(12.0, gt=0)
+    codecs: tuple[str, ...] = tuple(BENCH_CODECS)
+
+    @field_validator("models", "networks")
+    @classmethod
+    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        v = tuple(x for x in v if x)
+        if not v:
+            raise ValueError("name at least one")
+        return v
 
 
 def _key(c) -> str:
@@ -65,10 +79,10 @@ def _key(c) -> str:
     return f"{i.kind}-{i.cut if i.cut is not None else 'x'}-{i.codec.replace('+', '_')}-{i.head_weights}"
 
 
-def choose(decision, max_front: int) -> dict[str, tuple[str, object]]:
+def choose(decision: Decision, max_front: int) -> dict[str, tuple[str, Candidate]]:
     """The candidates to measure: the pick, up to ``max_front`` front members spread over the
     predicted latency range, and the baselines (edge-only, server-only raw and compressed)."""
-    out: dict[str, tuple[str, object]] = {}
+    out: dict[str, tuple[str, Candidate]] = {}
     for c in decision.candidates:
         i = c.inp
         if i.head_weights != "float32":
@@ -101,21 +115,15 @@ def window_for(cand, least: int) -> int:
 
 
 def _write_plan(m, cand, path: Path) -> None:
-    from splitpoint.core.plandir import write_baseline_plan, write_plan
+    from splitpoint.partitioner.emit import write_candidate
 
-    h, i = m.handle, cand.inp
-    if path.exists():
-        return
-    if i.kind == "split":
-        write_plan(
-            h.index, h.cuts()[i.cut - 1], path, h.name, h.sha256, codec=i.codec, predicted=cand.to_dict()
-        )
-    else:
-        write_baseline_plan(h.index, i.kind, path, h.name, h.sha256, codec=i.codec, predicted=cand.to_dict())
+    if not path.exists():
+        write_candidate(m.handle, cand, path, samples=m.samples)
 
 
 def _inputs_file(h, n: int, path: Path) -> None:
-    from splitpoint.core.runner import make_session, sample_feeds
+    from splitpoint.core.runner import make_session
+    from splitpoint.core.samples import sample_feeds
 
     sess = make_session(h.path)
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
@@ -129,48 +137,7 @@ def _inputs_file(h, n: int, path: Path) -> None:
             arrays[f"in{k}_{j}"] = feeds[nm]
         for j, o in enumerate(outs):
             arrays[f"ref{k}_{j}"] = o
-    np.savez(path, **arrays)
-
-
-def _probe_link(em) -> list[dict]:
-    """The link itself, measured with plain TCP exchanges on the server's port before the
-    server takes it (the proxy connects upstream per connection, so the same path is probed)."""
-    bind = em.server_bind[len("tcp://") :]
-    srv = subprocess.Popen(
-        [*em.server_prefix, sys.executable, "-m", "splitpoint.app.bench.probe", "serve", "--bind", bind],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        srv.stdout.readline()
-        out = subprocess.run(
-            [
-                *em.edge_prefix,
-                sys.executable,
-                "-m",
-                "splitpoint.app.bench.probe",
-                "measure",
-                "--connect",
-                em.edge_connect[len("tcp://") :],
-                "--sizes",
-                "64:64,65536:64",
-                "--repeats",
-                "3",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if out.returncode:
-            return [{"error": out.stderr.strip()[-300:]}]
-        rows = json.loads(out.stdout)
-        for r in rows:
-            r["predicted_ms"] = em.predicted_ms(r["up_bytes"], r["down_bytes"])
-            del r["samples_ms"]
-        return rows
-    finally:
-        srv.kill()
-        srv.wait()
+    np.savez(path, allow_pickle=False, **arrays)
 
 
 def measure_network(
@@ -179,7 +146,7 @@ def measure_network(
     from splitpoint.partitioner.planner import link_of
     from splitpoint.profiles.cpulimit import cpu_limit
 
-    from .emulate import EmulatedLink
+    from .emulate import EmulatedLink, probe_link
 
     chosen = choose(decision, cfg.max_front)
     plan_dirs = {}
@@ -195,29 +162,11 @@ def measure_network(
     link = link_of(net)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with EmulatedLink(link, cfg.link) as em:
-        probe = _probe_link(em)
-        srv = subprocess.Popen(
-            [
-                *em.server_prefix,
-                sys.executable,
-                "-m",
-                "splitpoint.app.cli",
-                "serve",
-                "--bind",
-                em.server_bind,
-                "--plans",
-                str(serve_dir),
-                "--workers",
-                "1",
-                "--threads",
-                "1",
-                "--quiet",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
+        try:
+            probe = probe_link(em, [(64, 64, 3), (65536, 64, 3)])
+        except SplitPointError as exc:  # the report shows it; the runtime's own runs still go ahead
+            probe = [{"error": str(exc)}]
+        srv = start_server(em.server_bind, serve_dir, prefix=em.server_prefix)
         out = work / f"edge-{m.handle.name}-{net.name}.json"
         try:
             # the edge-only plan first: it needs no server, so the server has time to load its tails
@@ -286,7 +235,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
     from splitpoint.core import zoo
     from splitpoint.core.graph import open_model
-    from splitpoint.partitioner.fidelity import load_inputs
+    from splitpoint.core.samples import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
     from splitpoint.profiles.cpulimit import cpu_limit
@@ -311,11 +260,11 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise SplitPointError("name at least one model and one network")
     if cfg.link not in MECHANISMS:
         raise SplitPointError(f"--link: unknown mechanism {cfg.link!r}; choose from {', '.join(MECHANISMS)}")
-    say("calibrating the edge CPU", advance=0)
+    say("calibrating the edge CPU", total=len(cfg.models) * len(nets))
     calib = calibrate(device)
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-"))
-    results = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    results: dict[str, Any] = {
+        "config": cfg.model_dump(mode="json"),
         "machine": device_facts(),
         "edge_calibration": calib.to_dict(),
         "models": {},
@@ -332,7 +281,9 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 )
             server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.profile_budget))
             say(f"{h.name}: planning for {len(nets)} networks")
-            m = gather(h, edge, server, load_inputs(h.model, random=cfg.fidelity_samples), codecs=cfg.codecs)
+            m = gather(
+                h, edge, server, load_inputs(h.model, random=cfg.fidelity_samples), codecs=list(cfg.codecs)
+            )
             decisions = decide(m, nets, Constraints(min_fidelity=cfg.min_fidelity))
             t_plan = time.perf_counter() - tm
             inputs = work / f"{h.name}-inputs.npz"
@@ -344,7 +295,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 "profile_and_plan_s": t_plan,
                 "sha256": h.sha256,
             }
-            for net, d in zip(nets, decisions):
+            for net, d in zip(nets, decisions, strict=True):
                 say(f"{h.name} on {net.name}: measuring")
                 results["runs"].append(
                     measure_network(m, d, net, cfg, work / "plans" / h.name, inputs, calib, work)

@@ -45,8 +45,15 @@ class Cut:
 
     @property
     def bytes_per_sample(self) -> int | None:
-        b = [c.bytes_per_sample for c in self.crossing]
-        return None if any(x is None for x in b) else sum(b)
+        sizes = [c.bytes_per_sample for c in self.crossing]
+        return None if any(x is None for x in sizes) else sum(x for x in sizes if x is not None)
+
+    @property
+    def k(self) -> int:
+        """The prefix index; every enumerated cut has one (only a tensor-named cut may lack it)."""
+        if self.index is None:
+            raise CutError("this cut is not a prefix of the topological order, so it has no index")
+        return self.index
 
     @property
     def head_macs_share(self) -> float:

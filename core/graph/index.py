@@ -44,7 +44,7 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
 class TensorInfo:
     name: str
     elem_type: int
-    dims: list  # ints, or strings for symbolic dims, or None for unknown
+    dims: list[int | str | None] | None  # per dim: int, symbolic name, or None; None: unknown rank
 
     @property
     def dtype(self) -> str:
@@ -61,7 +61,7 @@ class TensorInfo:
         dims = self.dims[1:] if (self.dims and isinstance(self.dims[0], str)) else self.dims
         if any(isinstance(d, str) for d in dims):
             return None
-        return int(np.prod(dims, dtype=np.int64)) * self.itemsize if dims else self.itemsize
+        return int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64)) * self.itemsize
 
     def shape_str(self) -> str:
         if self.dims is None:
@@ -77,16 +77,16 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or tt.elem_type == 0:
         return None
-    dims = None
-    if tt.HasField("shape"):
-        dims = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
+    if not tt.HasField("shape"):
+        return TensorInfo(vi.name, tt.elem_type, None)
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
     return TensorInfo(vi.name, tt.elem_type, dims)
 
 
@@ -184,8 +184,12 @@ class GraphIndex:
                 runs.append(sess.run(missing, feeds))
         except Exception:  # best effort: callers report the tensor that stays unknown
             return
-        for name, a, b in zip(missing, *runs):
-            dims = ["N" if da != db else da for da, db in zip(a.shape, b.shape)] if a.ndim == b.ndim else None
+        for name, a, b in zip(missing, *runs, strict=True):
+            dims = (
+                ["N" if da != db else da for da, db in zip(a.shape, b.shape, strict=True)]
+                if a.ndim == b.ndim
+                else None
+            )
             self.info[name] = TensorInfo(name, helper.np_dtype_to_tensor_dtype(a.dtype), dims)
 
 

@@ -84,3 +84,33 @@ def resolve(spec: str | Path) -> Path:
     if str(spec) in ZOO:
         return zoo_path(str(spec))
     raise ModelError(f"{spec!r} is neither a file nor a zoo model (known: {', '.join(ZOO)})")
+
+
+def listing() -> list[list[str]]:
+    """One row per zoo entry: name, architecture, published parameters and MACs, input size."""
+    return [
+        [
+            e.name,
+            e.summary,
+            f"{e.params:,}" if e.params else "-",
+            f"{e.gmacs}" if e.gmacs else "-",
+            f"{e.resolution}x{e.resolution}",
+        ]
+        for e in ZOO.values()
+    ]
+
+
+def write(
+    names: list[str], out: Path, width: float = 1.0, resolution: int | None = None, seed: int = 0
+) -> list[tuple[Path, int]]:
+    """Build and save each named model as OUT/NAME.onnx; returns (path, node count) per model."""
+    from ..onnxio import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n in names:
+        model = build(n, width=width, resolution=resolution, seed=seed)
+        path = out / f"{n}.onnx"
+        save_model(model, path)
+        written.append((path, len(model.graph.node)))
+    return written

@@ -108,7 +108,10 @@ def alexnet(
     """A plain chain: every cut crosses exactly one tensor."""
     b = ModelBuilder("alexnet", seed)
     x = b.input("input", (3, resolution, resolution), _calib_batch(b.rng, resolution))
-    c = lambda v: max(8, int(round(v * width)))  # noqa: E731
+
+    def c(v: float) -> int:
+        return max(8, int(round(v * width)))
+
     x = b.maxpool(b.relu(b.conv(x, c(64), 11, stride=4, pad=2, bias=True)), 3, 2)
     x = b.maxpool(b.relu(b.conv(x, c(192), 5, pad=2, bias=True)), 3, 2)
     x = b.relu(b.conv(x, c(384), 3, bias=True))
@@ -131,7 +134,7 @@ def multitask(
     """
     b = ModelBuilder("multitask", seed)
     x = b.input("image", (3, resolution, resolution), _calib_batch(b.rng, resolution))
-    meta = b.input("meta", (16,), b.rng.standard_normal((x and b.values[x].shape[0], 16)))
+    meta = b.input("meta", (16,), b.rng.standard_normal((b.values[x].shape[0], 16)))
     c = max(8, int(round(32 * width)))
     x = b.relu(b.bn(b.conv(x, c, 3, stride=2)))
     x = b.relu(b.bn(b.conv(x, c, 3)))

@@ -1,0 +1,44 @@
+"""The base of every runtime configuration: validated once, at construction, with one-line errors.
+
+Servers, edge daemons, the demo and the bench each take one frozen config object (the uvicorn pattern:
+Config, then a Server that runs it, then a thin CLI that only fills the Config). pydantic checks types and
+ranges; a failure names the option and what is wrong with it, never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="StrictConfig")
+
+
+class StrictConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    label: ClassVar[str] = "configuration"  # what errors call it: "invalid serve option --bind: ..."
+
+    @classmethod
+    def of(cls: type[C], **values: Any) -> C:
+        """Construct, turning pydantic's report into a ConfigError that names each bad field."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(explain(exc, cls.label)) from exc
+
+    def with_(self: C, **changes: Any) -> C:
+        """A copy with some values changed, validated again."""
+        return type(self).of(**{**self.model_dump(), **changes})
+
+
+def explain(exc: ValidationError, where: str) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        field = ".".join(str(x) for x in e["loc"]) or "(root)"
+        got = e.get("input")
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"--{field.replace('_', '-')}: {msg}{shown}")
+    return f"invalid {where} option " + "; ".join(parts)

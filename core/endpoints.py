@@ -1,0 +1,44 @@
+"""ZeroMQ endpoints as users type them, checked before any socket sees them.
+
+libzmq answers a malformed endpoint with EINVAL and no hint; a user who typed ``127.0.0.1:5555`` should
+hear that the scheme is missing. ``Endpoint`` is the pydantic type every config uses for one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+_TCP = re.compile(r"^tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\*|\d{1,5})$")
+_LOCAL = re.compile(r"^(ipc|inproc)://\S+$")
+
+
+def check_endpoint(endpoint: str) -> str:
+    """The endpoint unchanged if it is tcp://HOST:PORT, ipc://PATH or inproc://NAME, else ValueError."""
+    if not endpoint:
+        raise ValueError("empty endpoint")
+    if "://" not in endpoint:
+        raise ValueError(
+            f"{endpoint!r} has no scheme; write tcp://{endpoint} (or ipc://PATH for a local socket)"
+        )
+    m = _TCP.match(endpoint)
+    if m:
+        if m.group(2) != "*" and int(m.group(2)) > 65535:
+            raise ValueError(f"port {m.group(2)} out of range in {endpoint!r}")
+        return endpoint
+    if _LOCAL.match(endpoint):
+        return endpoint
+    raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+
+
+Endpoint = Annotated[str, AfterValidator(check_endpoint)]
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a bind endpoint is reachable only from this machine."""
+    if not endpoint.startswith("tcp://"):
+        return True  # ipc and inproc never leave the machine
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,88 @@
+"""Model inputs: seeded random samples of the declared shapes, or a user's folder of arrays or images.
+
+Profiling, fidelity runs, the demo and the bench all feed models through here, so that "a sample" means
+the same tensor everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import SplitPointError
+
+
+def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[i.name] = rng.random(dims) > 0.5
+        else:
+            feeds[i.name] = rng.integers(0, 10, dims).astype(dtype)
+    return feeds
+
+
+def load_inputs(
+    model: onnx.ModelProto, inputs: str | Path | None = None, random: int = 16, seed: int = 1234
+) -> list[dict[str, np.ndarray]]:
+    """Per-sample feeds: ``.npy`` files (one sample each, or a batch) or images from a folder,
+    else ``random`` seeded samples."""
+    from onnx import helper
+
+    inits = {t.name for t in model.graph.initializer}
+    specs = [i for i in model.graph.input if i.name not in inits]
+    if inputs is None:
+        return [sample_feeds(model, 1, seed + k) for k in range(random)]
+    folder = Path(inputs)
+    if not folder.is_dir():
+        raise SplitPointError(f"--inputs must be a folder of .npy files or images: {folder}")
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in (".npy", ".png", ".jpg", ".jpeg", ".bmp")
+    )
+    if not files:
+        raise SplitPointError(f"no .npy or image files in {folder}")
+    if len(specs) != 1:
+        raise SplitPointError(
+            f"--inputs feeds single-input models; this one has {len(specs)} inputs (use --random)"
+        )
+    spec = specs[0]
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in spec.type.tensor_type.shape.dim]
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
+    out: list[dict[str, np.ndarray]] = []
+    for f in files:
+        arr = np.load(f) if f.suffix == ".npy" else image_tensor(f, dims)
+        arr = arr.astype(dtype, copy=False)
+        if arr.ndim == len(dims) - 1:
+            arr = arr[None]
+        if list(arr.shape[1:]) != dims[1:]:
+            raise SplitPointError(f"{f.name}: shape {arr.shape} does not fit input {spec.name} {dims}")
+        out.extend({spec.name: arr[k : k + 1]} for k in range(arr.shape[0]))
+    return out
+
+
+def image_tensor(path: Path, dims: list[int]) -> np.ndarray:
+    """An image resized to the model's input and normalised with ImageNet statistics (NCHW)."""
+    from PIL import Image
+
+    _, c, h, w = dims
+    img = Image.open(path).convert("RGB" if c == 3 else "L").resize((w, h), Image.Resampling.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = x.reshape(h, w, c).transpose(2, 0, 1)
+    if c == 3:
+        x = (x - np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]) / np.array(
+            [0.229, 0.224, 0.225], np.float32
+        )[:, None, None]
+    return x[None]

@@ -1,0 +1,38 @@
+"""What an edge client or daemon runs with: every option validated once, before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, model_validator
+
+from splitpoint.core import wire
+from splitpoint.core.config import StrictConfig
+from splitpoint.core.endpoints import Endpoint
+
+
+class EdgeConfig(StrictConfig):
+    label: ClassVar[str] = "edge"
+    plan_dir: Path
+    server: Endpoint = "tcp://127.0.0.1:5555"
+    window: int = Field(4, ge=1, le=4096)  # requests in flight at once
+    timeout_s: float = Field(2.0, gt=0)  # a request without a reply by then falls back (or fails)
+    heartbeat_s: float = Field(0.5, gt=0)  # ping the server this often while idle
+    dead_after_s: float = Field(1.5, gt=0)  # nothing heard for this long: the server is unreachable
+    fallback: bool = True  # run the whole model locally while the server is unreachable
+    threads: int = Field(1, ge=0, le=1024)  # onnxruntime intra-op threads
+    head_workers: int = Field(1, ge=1, le=64)
+    device_id: str = Field("edge", min_length=1, max_length=128)
+    mqtt: str | None = None
+    max_message_bytes: int = Field(wire.DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**32)
+    curve_server_key: bytes | None = None  # server's public key (z85) to enable CurveZMQ
+    curve_keypair: tuple[bytes, bytes] | None = None  # this device's (public, secret), for allow-lists
+    connect_grace_s: float = Field(1.0, ge=0)  # at start, wait this long for the server before falling back
+    listen: Endpoint | None = None  # the daemon's local socket for applications and deploys
+
+    @model_validator(mode="after")
+    def _plan_dir(self) -> EdgeConfig:
+        if not self.plan_dir.is_dir():
+            raise ValueError(f"plan directory {self.plan_dir} does not exist")
+        return self

@@ -1,0 +1,89 @@
+"""``splitpoint plan`` as a library call: a validated job in, the decision and the written plan out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from splitpoint.core.codecs import Codec
+from splitpoint.core.config import StrictConfig
+from splitpoint.core.graph import ModelHandle, open_model
+from splitpoint.core.plan import Plan
+from splitpoint.core.samples import load_inputs
+from splitpoint.profiles.schema import NetworkProfile, load_measured, load_network
+
+from .emit import write_candidate
+from .pareto import Constraints
+from .planner import Decision, decide, gather
+
+Objective = Literal["latency", "throughput", "bytes", "edge-memory", "fidelity"]
+
+
+class PlanJob(StrictConfig):
+    label: ClassVar[str] = "plan"
+    model: str  # ONNX path or zoo name
+    edge_profile: Path
+    server_profile: Path
+    network: str  # network profile name or YAML path
+    out: Path | None = None  # plan directory to write (none: decide only)
+    max_latency_ms: float | None = Field(None, gt=0)
+    min_fidelity: float | None = Field(None, ge=0, le=1)
+    edge_memory_mib: float | None = Field(None, gt=0)
+    max_bytes: int | None = Field(None, ge=0)
+    objective: Objective = "latency"
+    codecs: tuple[str, ...] | None = None
+    int8_heads: bool = False
+    inputs: Path | None = None  # folder of .npy files or images for fidelity
+    random: int = Field(8, ge=1, le=100_000)  # seeded random samples when no inputs
+    force: bool = False
+
+    @field_validator("codecs")
+    @classmethod
+    def _codecs(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else tuple(Codec.parse(c).name for c in v)
+
+    def constraints(self) -> Constraints:
+        mem = int(self.edge_memory_mib * 2**20) if self.edge_memory_mib else None
+        return Constraints(
+            self.max_latency_ms, self.min_fidelity, mem, self.max_bytes, objective=self.objective
+        )
+
+
+@dataclass
+class PlanOutcome:
+    handle: ModelHandle
+    network: NetworkProfile
+    decision: Decision
+    predicted: dict  # the pick's derived figures, with what they were derived from
+    samples: list[dict[str, np.ndarray]]
+    plan: Plan | None  # written when the job names an output directory
+
+
+def run_plan(job: PlanJob) -> PlanOutcome:
+    """Load and check everything first (files, profiles, network), then measure and decide."""
+    handle = open_model(job.model)
+    network = load_network(job.network)
+    edge = load_measured(job.edge_profile, model_sha256=handle.sha256)
+    server = load_measured(job.server_profile, model_sha256=handle.sha256)
+    samples = load_inputs(handle.model, job.inputs, job.random)
+    cons = job.constraints()
+    m = gather(handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads)
+    d = decide(m, [network], cons)[0]
+    front = [c.to_dict() for c in d.front]
+    predicted = {
+        **d.pick.to_dict(),
+        "network": network.model_dump(),
+        "constraints": cons.__dict__,
+        "fidelity_samples": len(samples),
+        "fidelity_inputs": str(job.inputs) if job.inputs else f"random x{job.random}",
+    }
+    plan = None
+    if job.out:
+        plan = write_candidate(
+            handle, d.pick, job.out, samples=samples, predicted=predicted, front=front, force=job.force
+        )
+    return PlanOutcome(handle, network, d, predicted, samples, plan)

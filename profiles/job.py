@@ -1,0 +1,56 @@
+"""``splitpoint profile`` as a library call: a validated job in, a saved profile out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from splitpoint.core.config import StrictConfig
+from splitpoint.core.graph import open_model
+
+from .cpulimit import cpu_limit
+from .profiler import ProfileSettings, profile_model
+from .schema import MeasuredProfile
+
+
+class ProfileJob(StrictConfig):
+    label: ClassVar[str] = "profile"
+    model: str  # ONNX path or zoo name
+    role: Literal["edge", "server"] = "edge"
+    out: Path | None = None  # default profiles/measured/MODEL-ROLE.json
+    threads: int = Field(1, ge=0, le=1024)
+    provider: str = "CPUExecutionProvider"
+    budget: float = Field(30.0, gt=0, le=10_000)  # timed runs, in multiples of one inference
+    cpus: float | None = Field(None, gt=0, le=1024)  # emulate a smaller device: a real CPU limit
+    slowdown: float | None = Field(None, ge=1, le=1000)  # or: a device this many times slower
+    int8: bool = False  # also time the int8 (static QDQ) model
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> ProfileJob:
+        if self.cpus is not None and self.slowdown is not None:
+            raise ValueError("give cpus or emulate-slowdown, not both")
+        return self
+
+    @property
+    def cpu_limit(self) -> float | None:
+        if self.slowdown is not None:
+            return max(self.threads, 1) / self.slowdown
+        return self.cpus
+
+
+def run_profile(
+    job: ProfileJob, progress: Callable[[str, int, int], None] | None = None
+) -> tuple[MeasuredProfile, Path]:
+    """Profile under the job's CPU limit (undone afterwards) and save atomically."""
+    handle = open_model(job.model)
+    out = job.out or Path("profiles") / "measured" / f"{handle.name}-{job.role}.json"
+    settings = ProfileSettings(
+        role=job.role, threads=job.threads, provider=job.provider, budget=job.budget, int8=job.int8
+    )
+    with cpu_limit(job.cpu_limit) as emulation:
+        prof = profile_model(handle, settings, emulation, progress=progress)
+    prof.save(out)
+    return prof, out
