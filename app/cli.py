@@ -11,9 +11,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from rich.markup import escape
 
 from splitpoint.core.errors import SplitPointError
 
@@ -36,6 +37,14 @@ Mqtt = Annotated[str | None, typer.Option("--mqtt", help="telemetry broker, mqtt
 def _print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=1, default=str)
     sys.stdout.write("\n")
+
+
+def require(module: str, option: str, extra: str) -> None:
+    """Fail before any work when an option needs an optional package that is missing."""
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise SplitPointError(f"{option} needs {module}: pip install 'splitpoint[{extra}]'") from exc
 
 
 def _logging(quiet: bool) -> None:
@@ -215,6 +224,8 @@ def plan(
         random=random,
         force=force,
     )
+    if plot:
+        require("matplotlib", "--plot", "plot")
     r = run_plan(job)
     if plot:
         from .plots import plot_front
@@ -263,10 +274,12 @@ def serve(
     plans: Annotated[
         Path, typer.Option(help="directory of plan directories (pushed plans land here)")
     ] = Path("plans"),
-    workers: Annotated[int, typer.Option(help="tail worker threads")] = 2,
-    max_batch: Annotated[
-        int, typer.Option(help="micro-batching: up to this many queued same-plan requests share a tail run")
+    workers: Annotated[
+        int, typer.Option(help="tail worker threads (1: the socket thread runs each tail)")
     ] = 1,
+    max_queue: Annotated[
+        int, typer.Option(help="requests waiting for a tail before new ones are answered busy")
+    ] = 256,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
     provider: Annotated[str, typer.Option(help="e.g. CUDAExecutionProvider")] = "CPUExecutionProvider",
     max_message_mb: Annotated[float, typer.Option(help="refuse larger messages")] = 256,
@@ -278,9 +291,15 @@ def serve(
     curve_allow: Annotated[
         list[Path] | None, typer.Option(help="file(s) with allowed client public keys (z85)")
     ] = None,
+    deploy_allow: Annotated[
+        list[Path] | None, typer.Option(help="file(s) with the public keys that may deploy (z85)")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="bind a non-loopback address without CurveZMQ: anyone may deploy and run")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Run the tail server until SIGTERM/Ctrl-C."""
+    """Run the tail server until SIGTERM/Ctrl-C (loopback unless --bind says otherwise)."""
     from splitpoint.core.curve import read_key
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.tail_server import TailServer
@@ -290,7 +309,7 @@ def serve(
         bind=bind,
         plans_dir=plans,
         workers=workers,
-        max_batch=max_batch,
+        max_queue=max_queue,
         threads=threads,
         provider=provider,
         max_message_bytes=int(max_message_mb * 2**20),
@@ -298,6 +317,8 @@ def serve(
         device_id=device_id,
         curve_secret_key=read_key(curve_secret, "secret key") if curve_secret else None,
         curve_allow=tuple(read_key(p, "public key") for p in curve_allow or ()),
+        deploy_allow=tuple(read_key(p, "public key") for p in deploy_allow or ()),
+        insecure=insecure,
     )
     TailServer(cfg).run()
 
@@ -361,9 +382,13 @@ def edge_run(
     )
     summary = EdgeDaemon(cfg).run(inputs, outputs)
     if inputs:
+        n = summary["inputs"]
         console.print(
             f"{summary['ok']} split, {summary['fallback']} local fallback, {summary['errors']} errors"
         )
+        if summary["ok"] + summary["fallback"] < n:  # exit 0 only when every input got an answer
+            err.print(f"{n - summary['ok'] - summary['fallback']} of {n} inputs got no answer")
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -372,15 +397,25 @@ def deploy(
     server: Annotated[list[str] | None, typer.Option(help="tail server endpoint(s)")] = None,
     edge: Annotated[list[str] | None, typer.Option(help="edge daemon endpoint(s) (its --listen)")] = None,
     timeout: Annotated[float, typer.Option()] = 30.0,
+    curve_server_key: Annotated[
+        Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85)")
+    ] = None,
+    curve_secret: Annotated[
+        Path | None, typer.Option(help="file with a secret key on the server's --deploy-allow list (z85)")
+    ] = None,
 ) -> None:
     """Push a plan to servers and edge daemons and wait for each to acknowledge it."""
+    from splitpoint.core.curve import keypair_from_secret, read_key
+
     from .orchestrator import deploy as push
 
     endpoints = [*(server or []), *(edge or [])]
     if not endpoints:
         raise typer.BadParameter("name at least one --server or --edge")
+    key = read_key(curve_server_key, "server public key") if curve_server_key else None
+    pair = keypair_from_secret(curve_secret) if curve_secret else None
     for ep in endpoints:
-        console.print(f"{ep}: plan {push(plan_dir, ep, timeout)[:12]} acknowledged")
+        console.print(f"{ep}: plan {push(plan_dir, ep, timeout, key, pair)[:12]} acknowledged")
 
 
 @app.command()
@@ -482,15 +517,33 @@ def bench(
     console.print("\n".join(summary_lines(results, out)))
 
 
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    """Run the CLI; every error a user can cause is one line on stderr and exit status 2 (a runtime
+    failure that a supervisor should restart on is 1)."""
     try:
-        app()
-    except SplitPointError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
+    except typer.TyperException as exc:  # usage: a missing, unknown or malformed option
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if not text:  # no arguments at all: the help was the answer
+            sys.exit(getattr(exc, "exit_code", 2))
+        _fail(escape(text.replace("\n", " ")) + where, 2)
+    except SplitPointError as exc:
+        _fail(escape(str(exc)).replace("\n", " "), exc.exit_code)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        _fail(escape(f"{exc.strerror}: {exc.filename}"), 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,25 @@ from pathlib import Path
 import zmq
 
 from splitpoint.core import wire
-from splitpoint.core.errors import SplitPointError
+from splitpoint.core.endpoints import check_endpoint
+from splitpoint.core.errors import ConfigError, SplitPointError
 from splitpoint.core.plan import PLAN_FILE, Plan
 from splitpoint.core.telemetry import TOPIC_ROOT, BrokerURL
 
 
-def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:
-    """Send a plan (plan.json and the files it lists) and wait for the peer to acknowledge it."""
+def deploy(
+    plan_dir: str | Path,
+    endpoint: str,
+    timeout_s: float = 30.0,
+    curve_server_key: bytes | None = None,
+    curve_keypair: tuple[bytes, bytes] | None = None,
+) -> str:
+    """Send a plan (plan.json and the files it lists) and wait for the peer to acknowledge it.
+    Against a CurveZMQ server, ``curve_keypair`` must be a key on its deploy allow-list."""
+    try:
+        check_endpoint(endpoint)
+    except ValueError as exc:
+        raise ConfigError(f"--server/--edge: {exc}") from exc
     plan = Plan.load(plan_dir)
     d = Path(plan_dir)
     names = [PLAN_FILE, *plan.files]
@@ -25,6 +37,9 @@ def deploy(plan_dir: str | Path, endpoint: str, timeout_s: float = 30.0) -> str:
     ctx: zmq.Context = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if curve_server_key:
+        public, secret = curve_keypair or zmq.curve_keypair()
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve_server_key, public, secret
     try:
         s.connect(endpoint)
         s.send_multipart(
@@ -59,6 +74,7 @@ class FleetSubscriber:
         self._on_message = on_message
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-watch-{id(self):x}")
         self.url.apply(c)
+        c.connect_timeout = 3.0  # an unreachable host fails within seconds, not the OS's minutes
         c.on_connect = self._on_connect
         c.on_message = self._on_msg
         self._client = c

@@ -33,12 +33,24 @@ class StrictConfig(BaseModel):
         return type(self).of(**{**self.model_dump(), **changes})
 
 
-def explain(exc: ValidationError, where: str) -> str:
-    parts = []
+def _issues(exc: ValidationError) -> list[tuple[str, str]]:
+    """(field path, message) per problem, at most five, each message cut to a readable length."""
+    out = []
     for e in exc.errors()[:5]:
         field = ".".join(str(x) for x in e["loc"]) or "(root)"
         got = e.get("input")
-        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"--{field.replace('_', '-')}: {msg}{shown}")
-    return f"invalid {where} option " + "; ".join(parts)
+        shown = (
+            f" (got {str(repr(got))[:60]})" if got is not None and not isinstance(got, dict | list) else ""
+        )
+        out.append((field, e["msg"].removeprefix("Value error, ")[:300] + shown))
+    return out
+
+
+def explain(exc: ValidationError, where: str) -> str:
+    """Options, as the CLI spells them: ``invalid serve option --bind: ...``."""
+    return f"invalid {where} option " + "; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in _issues(exc))
+
+
+def explain_fields(exc: ValidationError) -> str:
+    """Fields of a document (plan.json, a profile): ``field 'files.x': ...``."""
+    return "; ".join(f"field '{f}': {m}" for f, m in _issues(exc))

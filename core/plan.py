@@ -1,7 +1,10 @@
 """The deployable plan: what the edge runs, what the server runs, and how the two meet.
 
-Both sides read the same ``plan.json``; its id is the sha256 of its own canonical content
-(files' checksums included), so a plan id names exactly one pair of models and one codec.
+Both sides read the same ``plan.json`` through one strict model (``Plan``): every field is typed and
+range-checked, unknown fields are refused, and the id is the sha256 of the plan's own canonical content
+(files' checksums included), so a plan id names exactly one pair of models and one codec. A plan that
+arrives over the network is checked completely in a temporary directory (checksums, then every model
+loaded by the caller) before it is moved into place.
 """
 
 from __future__ import annotations
@@ -9,77 +12,147 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import explain_fields
 from .errors import OutputExistsError, PlanError
 from .onnxio import sha256_file
 
-PLAN_FORMAT = 1
+PLAN_FORMAT: Final = 1
 PLAN_FILE = "plan.json"
 HEAD_FILE = "head.onnx"  # what the edge runs
 TAIL_FILE = "tail.onnx"  # what the server runs
 FULL_FILE = "full.onnx"  # the unsplit model, for the edge's local fallback
 
 # what a plan runs where
-SPLIT = "split"  # head on the edge, tail on the server
-SERVER_ONLY = "server-only"  # the raw inputs cross; the whole model runs on the server
-EDGE_ONLY = "edge-only"  # nothing crosses
+SPLIT: Final = "split"  # head on the edge, tail on the server
+SERVER_ONLY: Final = "server-only"  # the raw inputs cross; the whole model runs on the server
+EDGE_ONLY: Final = "edge-only"  # nothing crosses
 KINDS = (SPLIT, SERVER_ONLY, EDGE_ONLY)
+Kind = Literal["split", "server-only", "edge-only"]
+
+MAX_PLAN_BYTES = 16 * 2**20  # plan.json is metadata: a larger one is refused before parsing
+MAX_FILES = 64
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
-@dataclass
-class TensorSpec:
-    name: str
-    shape: str
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, strict=True)
+
+
+class TensorSpec(_Strict):
+    """A model input or output, or a tensor that crosses the cut."""
+
+    name: str = Field(min_length=1, max_length=1024)
+    shape: str = Field(max_length=1024)  # e.g. "N x 64 x 28 x 28" written "Nx64x28x28"; "?" unknown
     dtype: str
-    bytes_per_sample: int | None = None
-    side: str = ""  # inputs: "head" | "tail" | "both"; outputs: "head" | "tail"; crossing: "head" | "input"
+    bytes_per_sample: int | None = Field(default=None, ge=0)
+    # inputs: "head" | "tail" | "both"; outputs: "head" | "tail"; crossing: "head" | "input"
+    side: Literal["head", "tail", "both", "input", ""] = ""
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+        return v
 
 
-@dataclass
-class Plan:
-    model_name: str
-    model_sha256: str
-    cut_index: int | None
-    cut_tensors: list[TensorSpec]
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    files: dict[str, str]  # file name -> sha256
+def plain_file_name(name: str) -> str:
+    """A file name a plan may carry: no directories, no leading dot, no odd characters."""
+    if not _FILE_NAME.match(name) or name in (".", ".."):
+        raise PlanError(f"file name {name[:80]!r} is not a plain name (letters, digits, '.', '_', '-')")
+    return name
+
+
+class Plan(_Strict):
+    model_name: str = Field(min_length=1, max_length=256)
+    model_sha256: str = Field(pattern=_SHA256.pattern)
+    cut_index: int | None = Field(ge=0)
+    cut_tensors: list[TensorSpec] = Field(max_length=1024)
+    inputs: list[TensorSpec] = Field(min_length=1, max_length=1024)
+    outputs: list[TensorSpec] = Field(min_length=1, max_length=1024)
+    files: dict[str, str] = Field(max_length=MAX_FILES)  # file name -> sha256
     codec: str = "float32"
-    head_weights: str = "float32"
-    kind: str = "split"  # split | server-only (raw inputs cross) | edge-only (nothing crosses)
-    predicted: dict = field(default_factory=dict)  # labelled figures from the planner
-    front: list = field(default_factory=list)
-    format_version: int = PLAN_FORMAT
+    head_weights: Literal["float32", "int8"] = "float32"
+    kind: Kind = SPLIT
+    predicted: dict[str, Any] = Field(default_factory=dict)  # labelled figures from the planner
+    front: list[Any] = Field(default_factory=list)
+    format_version: Literal[1] = PLAN_FORMAT
     plan_id: str = ""
 
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, digest in v.items():
+            try:
+                plain_file_name(name)
+            except PlanError as exc:
+                raise ValueError(str(exc)) from exc
+            if not _SHA256.match(digest):
+                raise ValueError(f"checksum of {name} is not a sha256 hex digest")
+        return v
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from .codecs import Codec, CodecError
+
+        try:
+            return Codec.parse(v).name
+        except CodecError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        needs = {SPLIT: {HEAD_FILE, TAIL_FILE}, SERVER_ONLY: {TAIL_FILE}, EDGE_ONLY: {HEAD_FILE}}[self.kind]
+        missing = needs - set(self.files)
+        if missing:
+            raise ValueError(f"a {self.kind} plan needs {', '.join(sorted(missing))} in files")
+        if (self.kind == EDGE_ONLY) != (not self.cut_tensors):
+            raise ValueError("an edge-only plan sends nothing; every other plan sends some tensors")
+        names = [t.name for t in self.cut_tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("cut tensor names repeat")
+        return self
+
     def content_id(self) -> str:
-        d = asdict(self)
-        d.pop("plan_id")
+        """sha256 (hex) of the canonical JSON of everything but ``plan_id``: keys sorted, no spaces."""
+        d = self.model_dump(mode="json", exclude={"plan_id"})
         return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        return self.model_dump_json(indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "plan") -> Plan:
-        if not isinstance(d, dict):
-            raise PlanError(f"{where}: expected a JSON object")
-        if d.get("format_version") != PLAN_FORMAT:
+    def parse(cls, data: bytes | str, where: str = "plan") -> Plan:
+        """Parse and check plan.json's bytes: strict types, its id matching its content."""
+        if len(data) > MAX_PLAN_BYTES:
+            raise PlanError(f"{where}: {len(data)} bytes is larger than any plan ({MAX_PLAN_BYTES} at most)")
+        try:
+            raw = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise PlanError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
+        if not isinstance(raw, dict):
+            raise PlanError(f"{where}: expected a JSON object, found {type(raw).__name__}")
+        if raw.get("format_version") != PLAN_FORMAT:
             raise PlanError(
-                f"{where}: unsupported plan format_version {d.get('format_version')!r} (this build reads "
-                f"{PLAN_FORMAT})"
+                f"{where}: unsupported plan format_version {str(raw.get('format_version'))[:20]!r} "
+                f"(this build reads {PLAN_FORMAT})"
             )
         try:
-            d = dict(d)
-            for key in ("cut_tensors", "inputs", "outputs"):
-                d[key] = [TensorSpec(**t) for t in d[key]]
-            plan = cls(**d)
-        except (TypeError, KeyError) as exc:
-            raise PlanError(f"{where}: malformed plan ({exc})") from exc
+            plan = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise PlanError(f"{where}: malformed plan: {explain_fields(exc)}") from exc
         if plan.plan_id != plan.content_id():
             raise PlanError(f"{where}: plan_id does not match the plan's content (edited or corrupt)")
         return plan
@@ -89,11 +162,7 @@ class Plan:
         p = Path(plan_dir) / PLAN_FILE
         if not p.is_file():
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{p}: not valid JSON ({exc})") from exc
-        plan = cls.from_dict(d, where=str(p))
+        plan = cls.parse(p.read_bytes(), where=str(p))
         if verify:
             plan.verify(plan_dir)
         return plan
@@ -116,13 +185,12 @@ def verify_pushed(files: dict[str, bytes]) -> Plan:
     checksums before anything is written: the server and the edge daemon accept pushes alike."""
     if PLAN_FILE not in files:
         raise PlanError("pushed plan has no plan.json")
-    try:
-        plan = Plan.from_dict(json.loads(files[PLAN_FILE]), where="pushed plan")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PlanError(f"pushed plan.json is not valid JSON: {exc}") from exc
+    for name in files:
+        plain_file_name(name)
+    plan = Plan.parse(files[PLAN_FILE], where="pushed plan")
     extra = set(files) - set(plan.files) - {PLAN_FILE}
     if extra:
-        raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)}")
+        raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)[:8]}")
     for name, digest in plan.files.items():
         if name not in files:
             raise PlanError(f"pushed plan is missing {name}")
@@ -131,15 +199,37 @@ def verify_pushed(files: dict[str, bytes]) -> Plan:
     return plan
 
 
-def write_files_atomically(target: str | Path, files: dict[str, bytes]) -> Path:
+T = TypeVar("T")
+
+
+def install_pushed(
+    files: dict[str, bytes], plans_dir: Path, load: Callable[[Path, Plan], T]
+) -> tuple[Plan, T, Path]:
+    """Verify a pushed plan, write it to a temporary directory in ``plans_dir``, ``load`` it from there
+    (build every session: a garbage model with a matching checksum fails here), and only then rename it
+    to ``plans_dir/<first 16 hex of its id>``. Any failure leaves nothing behind and the previous content
+    of that directory untouched. Returns the plan, what ``load`` returned and where the plan now is."""
+    plan = verify_pushed(files)
+    target = Path(plans_dir) / plan.plan_id[:16]
+    loaded: list[T] = []
+
     def write(tmp: Path) -> None:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
+        try:
+            loaded.append(load(tmp, plan))
+        except PlanError:
+            raise
+        except Exception as exc:  # onnxruntime and onnx raise their own types for a bad model
+            raise PlanError(
+                f"pushed plan {plan.plan_id[:12]} does not load: {type(exc).__name__}: {exc}"
+            ) from exc
 
-    return write_dir_atomically(target, write, force=True)
+    write_dir_atomically(target, write, force=True)
+    return plan, loaded[0], target
 
 
-def write_dir_atomically(target: str | Path, write, force: bool = False) -> Path:
+def write_dir_atomically(target: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
     """Run ``write(tmpdir)`` and move the result to ``target`` in one rename.
 
     A failure or Ctrl-C leaves the previous content (or nothing) in place, never half a plan.

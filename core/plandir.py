@@ -33,9 +33,16 @@ from .plan import (
 )
 
 
-def _spec(idx: GraphIndex, name: str, side: str) -> TensorSpec:
+def _spec(name: str, shape: str, dtype: str, bytes_per_sample: int | None, side: str) -> TensorSpec:
+    """A TensorSpec, validated (its side is one of the plan format's)."""
+    return TensorSpec.model_validate(
+        {"name": name, "shape": shape, "dtype": dtype, "bytes_per_sample": bytes_per_sample, "side": side}
+    )
+
+
+def _tensor(idx: GraphIndex, name: str, side: str) -> TensorSpec:
     t = idx.tensor(name)
-    return TensorSpec(name, t.shape_str(), t.dtype, t.bytes_per_sample(), side)
+    return _spec(name, t.shape_str(), t.dtype, t.bytes_per_sample(), side)
 
 
 def _routing(
@@ -47,16 +54,16 @@ def _routing(
         head_in = {i.name for i in head.graph.input}
         tail_in = {c.name for c in cut.crossing if c.source == "input"}
         inputs = [
-            _spec(idx, n, "both" if n in head_in and n in tail_in else "tail" if n in tail_in else "head")
+            _tensor(idx, n, "both" if n in head_in and n in tail_in else "tail" if n in tail_in else "head")
             for n in idx.inputs
         ]
-        outputs = [_spec(idx, o, "head" if o in cut.head_outputs else "tail") for o in idx.outputs]
-        crossing = [TensorSpec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
+        outputs = [_tensor(idx, o, "head" if o in cut.head_outputs else "tail") for o in idx.outputs]
+        crossing = [_spec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
         return inputs, outputs, crossing
     side = "tail" if kind == SERVER_ONLY else "head"
-    inputs = [_spec(idx, n, side) for n in idx.inputs]
-    outputs = [_spec(idx, o, side) for o in idx.outputs]
-    crossing = [TensorSpec(t.name, t.shape, t.dtype, t.bytes_per_sample, "input") for t in inputs]
+    inputs = [_tensor(idx, n, side) for n in idx.inputs]
+    outputs = [_tensor(idx, o, side) for o in idx.outputs]
+    crossing = [t.model_copy(update={"side": "input"}) for t in inputs]
     return inputs, outputs, crossing if kind == SERVER_ONLY else []
 
 
@@ -103,19 +110,21 @@ def write_plan(
         for name, model in models.items():
             save_model(model, tmp / name)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}  # models and their external data
-        plan = Plan(
-            model_name=handle.name,
-            model_sha256=handle.sha256,
-            cut_index=cut.index if cut is not None else (0 if kind == SERVER_ONLY else None),
-            cut_tensors=crossing,
-            inputs=inputs,
-            outputs=outputs,
-            files=files,
-            codec=codec if kind != EDGE_ONLY else "float32",
-            head_weights=head_weights if kind != SERVER_ONLY else "float32",
-            kind=kind,
-            predicted=predicted or {},
-            front=front or [],
+        plan = Plan.model_validate(
+            dict(
+                model_name=handle.name,
+                model_sha256=handle.sha256,
+                cut_index=cut.index if cut is not None else (0 if kind == SERVER_ONLY else None),
+                cut_tensors=crossing,
+                inputs=inputs,
+                outputs=outputs,
+                files=files,
+                codec=codec if kind != EDGE_ONLY else "float32",
+                head_weights=head_weights if kind != SERVER_ONLY else "float32",
+                kind=kind,
+                predicted=predicted or {},
+                front=front or [],
+            )
         )
         plan.plan_id = plan.content_id()
         (tmp / PLAN_FILE).write_text(plan.to_json())

@@ -90,28 +90,9 @@ class TailRunner:
         self.session = session
         self.outputs = [o.name for o in session.get_outputs()]
         self.inputs = {i.name: i for i in session.get_inputs()}
-        # requests can share one run only where every input and output has a free leading (batch) dim
-        self.batchable = all(
-            _free_batch_dim(a.shape) for a in [*session.get_inputs(), *session.get_outputs()]
-        )
 
     def run(self, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(self.outputs, cut), strict=True))
-
-    def run_batch(self, cuts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Several requests in one run (micro-batching): stacked along the batch dim, split back after."""
-        if len(cuts) == 1 or not self.batchable:
-            return [self.run(c) for c in cuts]
-        sizes = [next(iter(c.values())).shape[0] for c in cuts]
-        stacked = {n: np.concatenate([c[n] for c in cuts]) for n in cuts[0]}
-        outs = self.run(stacked)
-        bounds = np.cumsum(sizes)[:-1]
-        split = {n: np.split(v, bounds) for n, v in outs.items()}
-        return [{n: split[n][i] for n in outs} for i in range(len(cuts))]
-
-
-def _free_batch_dim(shape) -> bool:
-    return bool(shape) and not isinstance(shape[0], int)
 
 
 def assemble(plan: Plan, early: dict[str, np.ndarray], late: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -126,3 +107,11 @@ def load_split(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, HeadRunner
     head = make_session(d / HEAD_FILE, threads) if HEAD_FILE in plan.files else None
     tail = TailRunner(plan, make_session(d / TAIL_FILE, threads)) if TAIL_FILE in plan.files else None
     return plan, HeadRunner(plan, head), tail
+
+
+def check_models_load(plan_dir: Path, plan: Plan) -> None:
+    """Build a session for every model a plan carries (then drop it): what onnxruntime refuses, a
+    deploy refuses, before anything is served from it."""
+    for name in plan.files:
+        if name.endswith(".onnx"):
+            make_session(Path(plan_dir) / name, threads=1)

@@ -4,18 +4,26 @@ A message is a multipart ZeroMQ message: frame 0 is a small JSON header, and eac
 follows as its own frame (a codec payload, sent with ``copy=False``). JSON keeps the header
 readable in captures and costs ~10 us at these sizes; the payload frames carry the bulk.
 Everything received is validated here before anything else looks at it, so a malformed or
-hostile message becomes one ``WireError`` with a code the server can put in its error reply.
+hostile message becomes one ``WireError`` with a code the peer can put in its error reply:
+sizes, frame counts and the header's nesting are bounded before anything is allocated for them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_DEPTH = 16  # nesting of arrays/objects in a header; ours use 3
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 MAX_TENSORS = 64
+MAX_FILES = 64  # files in one deploy
+MAX_ID = 2**63 - 1
 
 # message types
 INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED = (
@@ -30,14 +38,25 @@ INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED = (
 TYPES = {INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED}
 
 # error codes a peer may send back
-E_BAD_MESSAGE, E_VERSION, E_TOO_LARGE, E_UNKNOWN_PLAN, E_BAD_TENSOR, E_INTERNAL, E_BAD_PLAN = (
-    "bad-message",
-    "bad-version",
-    "too-large",
-    "unknown-plan",
-    "bad-tensor",
-    "internal",
-    "bad-plan",
+E_BAD_MESSAGE = "bad-message"  # not a message of this protocol (header, fields, frame count)
+E_VERSION = "bad-version"  # another protocol version
+E_TOO_LARGE = "too-large"  # over the receiver's size limits
+E_UNKNOWN_PLAN = "unknown-plan"  # no such plan here (or it runs entirely on the edge)
+E_BAD_TENSOR = "bad-tensor"  # a payload that does not decode, or not the tensors the plan expects
+E_INTERNAL = "internal"  # the receiver failed on a valid request; it keeps serving
+E_BAD_PLAN = "bad-plan"  # a deploy that does not verify or does not load
+E_BUSY = "busy"  # the receiver's queue is full: try again later (or fall back)
+E_UNAUTHORIZED = "unauthorized"  # this peer may not do that (e.g. deploy without a deploy key)
+ERROR_CODES = (
+    E_BAD_MESSAGE,
+    E_VERSION,
+    E_TOO_LARGE,
+    E_UNKNOWN_PLAN,
+    E_BAD_TENSOR,
+    E_INTERNAL,
+    E_BAD_PLAN,
+    E_BUSY,
+    E_UNAUTHORIZED,
 )
 
 
@@ -57,7 +76,7 @@ class Message:
     frames: list = field(default_factory=list)  # payload frames (bytes, memoryview or zmq.Frame)
 
     def header(self) -> bytes:
-        h = {"v": PROTOCOL_VERSION, "type": self.type, "id": self.id}
+        h: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": self.type, "id": self.id}
         if self.plan:
             h["plan"] = self.plan
         if self.tensors:
@@ -83,60 +102,100 @@ def deploy_files(msg: Message) -> dict[str, bytes]:
         or not all(isinstance(n, str) for n in names)
     ):
         raise WireError(E_BAD_PLAN, "deploy needs meta.files naming each frame")
-    if any("/" in n or n.startswith(".") for n in names):
+    if len(set(names)) != len(names):
+        raise WireError(E_BAD_PLAN, "deploy names a file twice")
+    if any("/" in n or "\\" in n or n.startswith(".") or not n for n in names):
         raise WireError(E_BAD_PLAN, "file names must be plain names")
-    return {n: bytes(_buffer(f)) for n, f in zip(names, msg.frames, strict=True)}
+    return {n: bytes(buffer(f)) for n, f in zip(names, msg.frames, strict=True)}
 
 
-def _buffer_len(f) -> int:
-    if isinstance(f, (bytes, bytearray)):
+def buffer_len(f: Any) -> int:
+    if isinstance(f, bytes | bytearray):
         return len(f)
     if isinstance(f, memoryview):
         return f.nbytes
     return len(f.buffer) if hasattr(f, "buffer") else len(f)
 
 
-def _buffer(f):
+def buffer(f: Any) -> Any:
+    """The bytes of a frame without copying (a zmq.Frame's buffer, or the object itself)."""
     return f.buffer if hasattr(f, "buffer") else f
+
+
+def _depth(head: bytes, limit: int) -> int:
+    """Deepest nesting of arrays and objects outside strings, stopping once past ``limit``."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in head:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _too_deep(head: bytes) -> bool:
+    # a cheap count first: only a header with many brackets needs the scan
+    return (
+        head.count(b"[") + head.count(b"{") > MAX_HEADER_DEPTH
+        and _depth(head, MAX_HEADER_DEPTH) > MAX_HEADER_DEPTH
+    )
 
 
 def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Validate and decode a received message (without the ROUTER identity frame)."""
     if not frames:
         raise WireError(E_BAD_MESSAGE, "empty message")
-    total = sum(_buffer_len(f) for f in frames)
+    if len(frames) > 1 + max(MAX_TENSORS, MAX_FILES + 1):
+        raise WireError(E_BAD_MESSAGE, f"{len(frames)} frames: more than any message of this protocol")
+    total = sum(buffer_len(f) for f in frames)
     if total > max_bytes:
         raise WireError(E_TOO_LARGE, f"message of {total} bytes exceeds the {max_bytes}-byte limit")
-    head = bytes(_buffer(frames[0]))
+    head = bytes(buffer(frames[0]))
     if len(head) > MAX_HEADER_BYTES:
         raise WireError(E_TOO_LARGE, f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    if _too_deep(head):
+        raise WireError(E_BAD_MESSAGE, f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
         h = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(E_BAD_MESSAGE, f"header is not JSON: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(E_BAD_MESSAGE, f"header is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(h, dict):
         raise WireError(E_BAD_MESSAGE, "header is not a JSON object")
     v = h.get("v")
-    if v != PROTOCOL_VERSION:
+    if v != PROTOCOL_VERSION or isinstance(v, bool):
         raise WireError(
-            E_VERSION, f"protocol version {v!r} not supported (this peer speaks {PROTOCOL_VERSION})"
+            E_VERSION, f"protocol version {str(v)[:20]!r} not supported (this peer speaks {PROTOCOL_VERSION})"
         )
     t = h.get("type")
     if t not in TYPES:
-        raise WireError(E_BAD_MESSAGE, f"unknown message type {t!r}")
+        raise WireError(E_BAD_MESSAGE, f"unknown message type {str(t)[:40]!r}")
     id_ = h.get("id", 0)
-    if not isinstance(id_, int) or isinstance(id_, bool) or not (0 <= id_ < 2**63):
-        raise WireError(E_BAD_MESSAGE, "field 'id' must be a non-negative integer")
+    if not isinstance(id_, int) or isinstance(id_, bool) or not (0 <= id_ <= MAX_ID):
+        raise WireError(E_BAD_MESSAGE, "field 'id' must be an integer in [0, 2^63)")
     plan = h.get("plan", "")
     if not isinstance(plan, str) or len(plan) > 128:
-        raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string")
+        raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string of at most 128 characters")
     tensors = h.get("tensors", [])
     if (
         not isinstance(tensors, list)
         or len(tensors) > MAX_TENSORS
-        or not all(isinstance(x, str) and len(x) < 1024 for x in tensors)
+        or not all(isinstance(x, str) and 0 < len(x) < 1024 for x in tensors)
     ):
-        raise WireError(E_BAD_MESSAGE, "field 'tensors' must be a list of names")
+        raise WireError(E_BAD_MESSAGE, f"field 'tensors' must be a list of at most {MAX_TENSORS} names")
     meta = h.get("meta", {})
     if not isinstance(meta, dict):
         raise WireError(E_BAD_MESSAGE, "field 'meta' must be an object")
@@ -145,14 +204,27 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise WireError(E_BAD_MESSAGE, f"{len(tensors)} tensors named but {len(payload)} payload frames sent")
     if t in (INFER, RESULT) and len(set(tensors)) != len(tensors):
         raise WireError(E_BAD_MESSAGE, "tensor names repeat")
+    if t in (PING, PONG, DEPLOYED, ERROR) and payload:
+        raise WireError(E_BAD_MESSAGE, f"a {t} message carries no payload frames")
     return Message(t, id_, plan, tensors, meta, payload)
 
 
-def drain(sock):
-    """Every message waiting on a socket, without blocking (one poll can cover several)."""
-    import zmq
+def best_effort_id(frames: list) -> int:
+    """The request id of a message that failed validation, when its header still names one (0 if not),
+    so that the sender can match the error to its request."""
+    try:
+        head = bytes(buffer(frames[0]))
+        if len(head) > MAX_HEADER_BYTES or _too_deep(head):
+            return 0
+        v = json.loads(head).get("id", 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID else 0
+    except Exception:  # anything unreadable has no id
+        return 0
 
-    while True:
+
+def drain(sock: zmq.Socket, limit: int = 1_000_000) -> Iterator[list]:
+    """Up to ``limit`` messages waiting on a socket, without blocking (one poll can cover several)."""
+    for _ in range(limit):
         try:
             yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -1,25 +1,32 @@
 """The edge client: runs the head, ships the cut tensor, matches replies, falls back locally.
 
-Threads: head workers run the head and encode (compute), one I/O thread owns the DEALER socket
-(ZeroMQ sockets are not thread-safe) and wakes on an inproc socket, so several requests are in
-flight at once (the window) and head compute, transfer and the server's tail overlap.
+The request path has no hand-off between threads: the thread that calls ``infer`` runs the head,
+encodes, sends on the socket and, while nobody else is receiving, receives its own reply
+(``connection.py``). ``submit`` runs the head on a small pool so that several requests are in flight
+at once (the window) and head compute, transfer and the server's tail overlap; the replies are picked
+up by whichever thread holds the socket, usually the background thread. That thread also enforces
+deadlines, tracks the server's liveness (ZeroMQ's heartbeats and connection events, plus a ping when
+idle for the round-trip estimate) and publishes metrics.
 
-Every request gets exactly one answer or one explicit error: a request id is resolved once,
-whoever gets there first (the reply, the timeout, or shutdown), and late replies are ignored.
-While the server is unreachable and the plan ships the whole model, requests run locally and
-say so (``fallback=True``) in the result and in telemetry.
+Every request gets exactly one answer or one explicit error: a request id is resolved once, whoever
+gets there first (the reply, the deadline, a malformed reply, or shutdown), and late replies are
+ignored. While the server is unreachable, busy or silent and the plan ships the whole model, requests
+run locally and say so (``fallback=True``) in the result and in telemetry. A failure of the background
+thread fails every open request explicitly and makes the client refuse new ones (``fatal``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -28,14 +35,16 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import SplitPointError
-from splitpoint.core.handoff import Handoff
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
 from splitpoint.core.runner import HeadRunner, make_session
 from splitpoint.core.telemetry import Telemetry
 
 from .config import EdgeConfig
+from .connection import DOWN_EVENTS, UP_EVENTS, Connection
 
 log = logging.getLogger("splitpoint.edge")
+PING_BASE = 2**62  # ping ids live apart from request ids
+FALLBACK_CODES = {wire.E_BUSY}  # server errors that a local run can answer instead
 
 
 class EdgeError(SplitPointError):
@@ -76,10 +85,8 @@ class EdgeClient:
         self.config = config
         self.plan = Plan.load(config.plan_dir)
         d = Path(config.plan_dir)
-        self._head = HeadRunner(
-            self.plan,
-            make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None,
-        )
+        head = make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None
+        self._head = HeadRunner(self.plan, head)
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
         if (config.fallback or self.local_only) and (FULL_FILE in self.plan.files or self.local_only):
@@ -89,83 +96,93 @@ class EdgeClient:
             else:
                 log.warning("not enough free memory to keep the fallback model loaded")
         self._ids = itertools.count(1)
+        self._ping_ids = itertools.count(PING_BASE)
+        self._pings: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
-        self._lock = threading.Lock()
-        self._window = threading.BoundedSemaphore(max(1, config.window))
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, config.head_workers), thread_name_prefix="splitpoint-head"
-        )
-        self._ctx: zmq.Context = zmq.Context.instance()
-        self._outbox = Handoff(self._ctx, f"inproc://splitpoint-edge-{id(self)}")
+        self._lock = threading.Lock()  # the pending table (never held while taking the socket's lock)
+        self._window = threading.BoundedSemaphore(config.window)
+        self._pool = ThreadPoolExecutor(max_workers=config.head_workers, thread_name_prefix="splitpoint-head")
         self._stop = threading.Event()
         self._closing = False
+        self.fatal: BaseException | None = None
         self.server_up = False
         self._last_heard = 0.0
         self.rtt_ms: float | None = None
         self.bandwidth_mbps: float | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
-        self._ready = threading.Event()
+        self._conn = Connection(zmq.Context.instance(), config, self._on_message)
+        self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="splitpoint-edge-io", daemon=True)
         self._io.start()
-        self._ready.wait(5)
         # TCP connects asynchronously: without a short wait the first requests would find no
         # connected peer and fall back although the server is there
         end = time.monotonic() + (0 if self.local_only else config.connect_grace_s)
-        while not self.server_up and time.monotonic() < end:
+        while not self.server_up and time.monotonic() < end and self.fatal is None:
             time.sleep(0.005)
-        if self.telemetry:
-            self.telemetry.status(
-                "online", {"plan": self.plan.plan_id, "server": config.server, "fallback": False}
-            )
+        self._publish_status()
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
         """Start one inference; the future yields an EdgeResult or raises EdgeError."""
-        rid, fut = self._enqueue(feeds)
-        self._pool.submit(self._head_task, rid)
-        return fut
+        rid, p = self._enqueue(feeds)
+        self._pool.submit(self._start, rid, p)
+        return p.future
 
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
-        """One inference, blocking. The head runs in the calling thread, which would only wait
-        otherwise: one thread hand-off less per request than ``submit``."""
-        rid, fut = self._enqueue(feeds)
-        self._head_task(rid)
-        return fut.result(timeout)
-
-    def _enqueue(self, feeds: dict[str, np.ndarray]) -> tuple[int, Future]:
-        if self._closing:
-            raise EdgeError("client is shutting down", "closed")
-        self._window.acquire()
-        fut: Future = Future()
-        rid = next(self._ids)
-        with self._lock:
-            self._pending[rid] = _Pending(fut, feeds, time.perf_counter())
-        return rid, fut
+        """One inference, blocking, entirely in the calling thread unless others are in flight.
+        ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``."""
+        rid, p = self._enqueue(feeds)
+        self._start(rid, p)
+        end = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while not p.future.done():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise FutureTimeout(f"request {rid} not answered within {timeout} s")
+            # alone, wait for the reply on the socket; with others in flight, in short turns
+            turn = 0.05 if len(self._pending) <= 1 else 0.002
+            self._conn.receive(min(left, turn))
+        return p.future.result()
 
     def close(self, drain: bool = True, timeout: float = 10.0) -> None:
         """Stop taking requests; with ``drain``, let those in flight finish first (SIGTERM)."""
         self._closing = True
         end = time.monotonic() + timeout
-        while drain and self._pending and time.monotonic() < end:
-            time.sleep(0.01)
+        while drain and self._pending and time.monotonic() < end and self.fatal is None:
+            self._conn.receive(0.01)
         with self._lock:
             left = list(self._pending)
         for rid in left:
             self._finish(rid, error=EdgeError("client closed before the request finished", "closed"))
         self._stop.set()
-        self._io.join(2)
+        os.write(self._wake_w, b"x")
+        self._io.join(5)
         self._pool.shutdown(wait=True)
+        self._conn.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         if self.telemetry:
             self.telemetry.close()
 
     def __enter__(self) -> EdgeClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- resolution: exactly once --------------------------------------------------------------
+    def _enqueue(self, feeds: dict[str, np.ndarray]) -> tuple[int, _Pending]:
+        if self.fatal is not None:
+            raise EdgeError(f"the edge client stopped working: {self.fatal}", "internal")
+        if self._closing:
+            raise EdgeError("client is shutting down", "closed")
+        self._window.acquire()
+        rid = next(self._ids)
+        p = _Pending(Future(), feeds, time.perf_counter())
+        with self._lock:
+            self._pending[rid] = p
+        return rid, p
+
     def _finish(self, rid: int, result: EdgeResult | None = None, error: Exception | None = None) -> None:
         with self._lock:
             p = self._pending.pop(rid, None)
@@ -183,15 +200,12 @@ class EdgeClient:
             self.telemetry.latency({"request": rid, "fallback": result.fallback, **result.breakdown})
         p.future.set_result(result)
 
-    # -- compute side --------------------------------------------------------------------------
-    def _head_task(self, rid: int) -> None:
-        with self._lock:
-            p = self._pending.get(rid)
-        if p is None:
-            return
+    # -- the request path ----------------------------------------------------------------------
+    def _start(self, rid: int, p: _Pending) -> None:
+        """Head, encode and send, in the calling thread; or answer locally. Never raises."""
         try:
             if self.local_only or (not self.server_up and self._full is not None and self._last_heard > 0):
-                self._run_local(rid, p)
+                self._run_local(rid, p, "server unreachable")
                 return
             t0 = time.perf_counter()
             sent, early = self._head.run(p.feeds)
@@ -202,17 +216,20 @@ class EdgeClient:
             p.head_ms, p.encode_ms, p.early = (t1 - t0) * 1e3, (t2 - t1) * 1e3, early
             p.bytes_sent = sum(len(f) for f in frames)
             msg = wire.Message(wire.INFER, rid, self.plan.plan_id, names, frames=frames)
-            self._outbox.send([str(rid).encode(), *msg.to_frames()])
+            p.t_sent = time.perf_counter()
+            p.deadline = p.t_sent + self.config.timeout_s
+            if not self._conn.send(msg.to_frames()):  # no server connected: do not queue, degrade now
+                self._set_up(False)
+                self._run_local(rid, p, "server unreachable")
         except SplitPointError as exc:
             self._finish(rid, error=EdgeError(str(exc), "bad-input"))
         except Exception as exc:  # onnxruntime rejects wrong shapes/dtypes with its own errors
             self._finish(rid, error=EdgeError(f"head failed: {type(exc).__name__}: {exc}", "bad-input"))
 
-    def _run_local(self, rid: int, p: _Pending, why: str = "server unreachable") -> None:
+    def _run_local(self, rid: int, p: _Pending, why: str) -> None:
         if self._full is None:
-            self._finish(
-                rid, error=EdgeError(f"{why} and the plan ships no full model to fall back on", "unreachable")
-            )
+            msg = f"{why} and the plan ships no full model to fall back on"
+            self._finish(rid, error=EdgeError(msg, "unreachable" if "unreachable" in why else "timeout"))
             return
         try:
             t0 = time.perf_counter()
@@ -226,110 +243,33 @@ class EdgeClient:
             return
         order = [o.name for o in self.plan.outputs]
         by = dict(zip(names, outs, strict=True))
-        self._finish(
-            rid,
-            EdgeResult(
-                rid,
-                order,
-                [by[n] for n in order],
-                fallback=not self.local_only,
-                breakdown={"local_ms": ms, "reason": why if not self.local_only else "edge-only plan"},
-            ),
-        )
+        reason = "edge-only plan" if self.local_only else why
+        breakdown = {"local_ms": ms, "reason": reason}
+        self._finish(rid, EdgeResult(rid, order, [by[n] for n in order], not self.local_only, breakdown))
 
-    # -- I/O side ------------------------------------------------------------------------------
-    def _dealer(self):
-        s = self._ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not connected
-        s.setsockopt(zmq.RECONNECT_IVL, 100)  # reconnect with backoff: 0.1 s doubling to 2 s
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + wire.MAX_HEADER_BYTES)
-        if self.config.curve_server_key:
-            pub, sec = self.config.curve_keypair or zmq.curve_keypair()
-            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = self.config.curve_server_key, pub, sec
-        s.connect(self.config.server)
-        return s
-
-    def _io_loop(self) -> None:
-        inbox = self._outbox.bind()
-        dealer = self._dealer()
-        poller = zmq.Poller()
-        poller.register(inbox, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        self._ready.set()
-        ping_ids = itertools.count(2**62)
-        pings: dict[int, float] = {}
-        next_ping = 0.0
-        next_metrics = time.monotonic() + 2.0
+    # -- replies (called by whichever thread holds the socket) ---------------------------------
+    def _on_message(self, frames: list) -> None:
         try:
-            while not self._stop.is_set():
-                events = dict(poller.poll(20))
-                now = time.perf_counter()
-                if inbox in events:
-                    for frames in wire.drain(inbox):
-                        self._send(dealer, int(bytes(frames[0].buffer)), frames[1:])
-                if dealer in events:
-                    for frames in wire.drain(dealer):
-                        self._on_reply(frames, pings)
-                if now >= next_ping:
-                    next_ping = now + self.config.heartbeat_s
-                    pid = next(ping_ids)
-                    pings[pid] = now
-                    with contextlib.suppress(zmq.Again):
-                        dealer.send_multipart(wire.Message(wire.PING, pid).to_frames(), zmq.NOBLOCK)
-                    for old in [k for k, t in pings.items() if now - t > 10]:
-                        pings.pop(old)
-                self._check_deadlines(now)
-                if self.telemetry and time.monotonic() >= next_metrics:
-                    next_metrics = time.monotonic() + 2.0
-                    self.telemetry.metrics(
-                        {
-                            "server_up": self.server_up,
-                            "fallback": not self.server_up,
-                            "in_flight": len(self._pending),
-                            "rtt_ms_est": self.rtt_ms,
-                            "bandwidth_mbps_est": self.bandwidth_mbps,
-                            **self.counts,
-                        }
-                    )
-        finally:
-            dealer.close(0)
-            inbox.close(0)
+            self._on_reply(frames)
+        except Exception:  # one bad reply never stops the client: its request fails, nothing else
+            log.exception("a reply could not be handled")
+            self._finish(
+                wire.best_effort_id(frames), error=EdgeError("a reply could not be handled", "bad-reply")
+            )
 
-    def _send(self, dealer, rid: int, frames) -> None:
-        with self._lock:
-            p = self._pending.get(rid)
-        if p is None:
-            return
-        p.t_sent = time.perf_counter()
-        p.deadline = p.t_sent + self.config.timeout_s
-        try:
-            dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no server connected (IMMEDIATE): do not queue, degrade now
-            self._set_up(False)
-            self._pool.submit(self._run_local, rid, p, "server unreachable")
-
-    def _set_up(self, up: bool) -> None:
-        if up != self.server_up:
-            self.server_up = up
-            log.info("server %s", "reachable" if up else "unreachable: falling back to the local model")
-            if self.telemetry:
-                self.telemetry.status(
-                    "online", {"plan": self.plan.plan_id, "server": self.config.server, "fallback": not up}
-                )
-
-    def _on_reply(self, frames, pings: dict[int, float]) -> None:
+    def _on_reply(self, frames: list) -> None:
         now = time.perf_counter()
         self._last_heard = now
         self._set_up(True)
         try:
             msg = wire.parse(frames, self.config.max_message_bytes)
         except wire.WireError as exc:
-            log.warning("dropping malformed reply: %s", exc)
+            rid = wire.best_effort_id(frames)
+            log.warning("malformed reply (request %s): %s", rid or "?", exc)
+            self._finish(rid, error=EdgeError(f"malformed reply from the server: {exc}", "bad-reply"))
             return
         if msg.type == wire.PONG:
-            sent = pings.pop(msg.id, None)
+            sent = self._pings.pop(msg.id, None)
             if sent is not None:
                 rtt = (now - sent) * 1e3
                 self.rtt_ms = rtt if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * rtt
@@ -339,61 +279,132 @@ class EdgeClient:
         if p is None:
             return
         if msg.type == wire.ERROR:
-            code, text = msg.meta.get("code", "error"), msg.meta.get("message", "")
-            self._finish(msg.id, error=EdgeError(f"server refused request {msg.id}: {code}: {text}", code))
+            code, text = str(msg.meta.get("code", "error"))[:40], str(msg.meta.get("message", ""))[:1000]
+            if code in FALLBACK_CODES and self._full is not None and self.config.fallback:
+                self._pool.submit(self._run_local, msg.id, p, f"server {code}")
+            else:
+                self._finish(
+                    msg.id, error=EdgeError(f"server refused request {msg.id}: {code}: {text}", code)
+                )
             return
         if msg.type != wire.RESULT:
+            self._finish(
+                msg.id, error=EdgeError(f"server answered {msg.type} to request {msg.id}", "bad-reply")
+            )
             return
+        try:
+            result = self._result(msg, p, now)
+        except EdgeError as exc:
+            self._finish(msg.id, error=exc)
+            return
+        self._finish(msg.id, result)
+
+    def _result(self, msg: wire.Message, p: _Pending, now: float) -> EdgeResult:
+        order = [o.name for o in self.plan.outputs]
         try:
             t0 = time.perf_counter()
             late = {
-                n: decode(wire._buffer(f), self.config.max_message_bytes)
+                n: decode(wire.buffer(f), self.config.max_message_bytes)
                 for n, f in zip(msg.tensors, msg.frames, strict=True)
             }
             dec_ms = (time.perf_counter() - t0) * 1e3
-            order = [o.name for o in self.plan.outputs]
             outs = [p.early[n] if n in p.early else late[n] for n in order]
         except (CodecError, KeyError) as exc:
-            self._finish(
-                msg.id, error=EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply")
-            )
+            raise EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply") from exc
+        meta = msg.meta.get("server")
+        server: dict[str, Any] = meta if isinstance(meta, dict) else {}
+        total = server.get("total_ms")
+        total = float(total) if isinstance(total, int | float) and 0 <= total < 1e9 else 0.0
+        network = max(0.0, (now - p.t_sent) * 1e3 - total)
+        self._estimate_bandwidth(network, p.bytes_sent)
+        breakdown = {
+            "head_ms": p.head_ms,
+            "encode_ms": p.encode_ms,
+            "network_ms": network,
+            "server_queue_ms": _ms(server.get("queue_ms")),
+            "server_decode_ms": _ms(server.get("decode_ms")),
+            "tail_ms": _ms(server.get("tail_ms")),
+            "server_encode_ms": _ms(server.get("encode_ms")),
+            "decode_ms": dec_ms,
+            "bytes_sent": p.bytes_sent,
+        }
+        return EdgeResult(msg.id, order, outs, fallback=False, breakdown=breakdown)
+
+    def _estimate_bandwidth(self, network_ms: float, sent: int) -> None:
+        if self.rtt_ms is None or sent <= 0 or network_ms - self.rtt_ms <= 0.05:
             return
-        server = msg.meta.get("server", {}) if isinstance(msg.meta.get("server"), dict) else {}
-        round_trip = (now - p.t_sent) * 1e3
-        network = max(0.0, round_trip - float(server.get("total_ms", 0.0)))
-        if network > 0 and p.bytes_sent > 0 and self.rtt_ms is not None and network > self.rtt_ms:
-            mbps = 8e-3 * p.bytes_sent / (network - self.rtt_ms) if network - self.rtt_ms > 0.05 else None
-            if mbps:
-                self.bandwidth_mbps = (
-                    mbps if self.bandwidth_mbps is None else 0.8 * self.bandwidth_mbps + 0.2 * mbps
+        mbps = 8e-3 * sent / (network_ms - self.rtt_ms)
+        self.bandwidth_mbps = mbps if self.bandwidth_mbps is None else 0.8 * self.bandwidth_mbps + 0.2 * mbps
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.server_up:
+            self.server_up = up
+            log.info("server %s", "reachable" if up else "unreachable: falling back to the local model")
+            self._publish_status()
+
+    def _publish_status(self) -> None:
+        if self.telemetry:
+            status = {"plan": self.plan.plan_id, "server": self.config.server, "fallback": not self.server_up}
+            self.telemetry.status("online", status)
+
+    # -- the background thread -----------------------------------------------------------------
+    def _io_loop(self) -> None:
+        try:
+            self._watch()
+        except BaseException as exc:  # the client cannot keep its promises without this thread
+            self.fatal = exc
+            log.critical("the edge client's background thread died", exc_info=exc)
+            with self._lock:
+                left = list(self._pending)
+            for rid in left:
+                self._finish(rid, error=EdgeError(f"the edge client stopped working: {exc}", "internal"))
+
+    def _watch(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._conn.fd, zmq.POLLIN)
+        poller.register(self._conn.monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_ping = next_metrics = 0.0
+        while not self._stop.is_set():
+            events = dict(poller.poll(20 if self._pending else int(self.config.heartbeat_s * 1000)))
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+            if self._conn.monitor in events:
+                for ev in self._conn.monitor_events():
+                    if ev & UP_EVENTS:
+                        self._set_up(True)
+                        self._last_heard = time.perf_counter()
+                    elif ev & DOWN_EVENTS:
+                        self._set_up(False)
+            if self._conn.fd in events:
+                self._conn.receive(lock_wait=0.05)
+            now = time.perf_counter()
+            # idle, or the server went quiet: a ping refreshes the round-trip estimate and finds it again
+            if now >= next_ping and (not self._pending or not self.server_up):
+                next_ping = now + self.config.heartbeat_s
+                pid = next(self._ping_ids)
+                self._pings = {k: t for k, t in self._pings.items() if now - t < 10}
+                self._pings[pid] = now
+                self._conn.send(wire.Message(wire.PING, pid).to_frames())
+            self._check_deadlines(now)
+            if self.telemetry and now >= next_metrics:
+                next_metrics = now + 2.0
+                self.telemetry.metrics(
+                    {
+                        "server_up": self.server_up,
+                        "fallback": not self.server_up,
+                        "in_flight": len(self._pending),
+                        "rtt_ms_est": self.rtt_ms,
+                        "bandwidth_mbps_est": self.bandwidth_mbps,
+                        **self.counts,
+                    }
                 )
-        self._finish(
-            msg.id,
-            EdgeResult(
-                msg.id,
-                order,
-                outs,
-                fallback=False,
-                breakdown={
-                    "head_ms": p.head_ms,
-                    "encode_ms": p.encode_ms,
-                    "network_ms": network,
-                    "server_queue_ms": server.get("queue_ms"),
-                    "server_decode_ms": server.get("decode_ms"),
-                    "tail_ms": server.get("tail_ms"),
-                    "server_encode_ms": server.get("encode_ms"),
-                    "decode_ms": dec_ms,
-                    "server_batch": server.get("batch", 1),
-                    "bytes_sent": p.bytes_sent,
-                },
-            ),
-        )
 
     def _check_deadlines(self, now: float) -> None:
-        if self.server_up and self._last_heard and now - self._last_heard > self.config.dead_after_s:
-            self._set_up(False)
         with self._lock:
             late = [(rid, p) for rid, p in self._pending.items() if p.deadline and now > p.deadline]
+        if late and self._full is not None:
+            self._set_up(False)  # connected but silent: new requests run locally until it answers a ping
         for rid, p in late:
             p.deadline = 0.0
             if self.config.fallback and self._full is not None:
@@ -403,3 +414,8 @@ class EdgeClient:
                     rid,
                     error=EdgeError(f"request {rid}: no reply within {self.config.timeout_s} s", "timeout"),
                 )
+
+
+def _ms(v: object) -> float | None:
+    """A duration the server reported, if it is a plausible number of milliseconds."""
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e9 else None

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from splitpoint.core import wire
 from splitpoint.core.config import StrictConfig
-from splitpoint.core.endpoints import Endpoint
+from splitpoint.core.endpoints import Endpoint, is_loopback
 
 
 class EdgeConfig(StrictConfig):
@@ -30,9 +30,15 @@ class EdgeConfig(StrictConfig):
     curve_keypair: tuple[bytes, bytes] | None = None  # this device's (public, secret), for allow-lists
     connect_grace_s: float = Field(1.0, ge=0)  # at start, wait this long for the server before falling back
     listen: Endpoint | None = None  # the daemon's local socket for applications and deploys
+    insecure: bool = False  # let the local socket listen where other machines reach it (no CurveZMQ there)
 
     @model_validator(mode="after")
     def _plan_dir(self) -> EdgeConfig:
         if not self.plan_dir.is_dir():
             raise ValueError(f"plan directory {self.plan_dir} does not exist")
+        if self.listen and not is_loopback(self.listen) and not self.insecure:
+            raise ValueError(
+                f"listening on {self.listen} lets other machines deploy models to this device; use "
+                "ipc:// or a loopback address, or pass --insecure"
+            )
         return self

@@ -1,17 +1,21 @@
 """The edge daemon: an EdgeClient behind a local socket, a folder of inputs, or both.
 
-Local applications send raw model inputs over ZeroMQ (``--listen ipc://…``) in the same wire
-format the server speaks (float32 codec payloads) and get the outputs back; the orchestrator
-sends a new plan the same way (``deploy``). SIGTERM stops intake, drains what is in flight and
+Local applications send raw model inputs over ZeroMQ (``--listen ipc://…``) in the same wire format the
+server speaks (float32 codec payloads) and get the outputs back; the orchestrator sends a new plan the
+same way (``deploy``), which is verified and loaded before it replaces the running one. Every local
+message is handled under its own ``try``, so one bad message never stops the daemon, and every error
+reply carries the id of the request it answers. SIGTERM stops intake, drains what is in flight and
 exits cleanly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -19,13 +23,21 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
-from splitpoint.core.plan import Plan, verify_pushed, write_files_atomically
+from splitpoint.core.plan import Plan, install_pushed
+from splitpoint.core.runner import check_models_load
 from splitpoint.core.signals import stop_on_signals
 
 from .client import EdgeClient, EdgeError
 from .config import EdgeConfig
 
 log = logging.getLogger("splitpoint.edge")
+MAX_LOCAL_PENDING = 1024  # local requests in flight; past it new ones are answered busy
+
+
+class DaemonFailed(SplitPointError):
+    """The client behind the daemon stopped working: exit non-zero so that a supervisor restarts it."""
+
+    exit_code = 1
 
 
 class EdgeDaemon:
@@ -38,8 +50,9 @@ class EdgeDaemon:
 
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
         """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
-        configured) until SIGTERM/SIGINT, draining what is in flight. Returns the folder's summary."""
-        summary = {"ok": 0, "fallback": 0, "errors": 0}
+        configured) until SIGTERM/SIGINT, draining what is in flight. Returns the folder's summary:
+        ``ok`` (split), ``fallback`` (answered locally), ``errors`` and ``inputs``."""
+        summary = {"ok": 0, "fallback": 0, "errors": 0, "inputs": 0}
         with stop_on_signals(self.stop):
             try:
                 if inputs is not None:
@@ -48,26 +61,38 @@ class EdgeDaemon:
                     self.serve_local()
             finally:
                 self.client.close(drain=True)
+        if self.client.fatal is not None:
+            raise DaemonFailed(f"the edge client stopped working: {self.client.fatal}")
         return summary
 
     def stop(self) -> None:
         self._stop.set()
 
     def run_folder(self, inputs: Path, outputs: Path | None) -> dict:
-        """Every .npy file in ``inputs`` (one input tensor each), pipelined through the client."""
+        """Every .npy file in ``inputs`` (one sample, with or without its batch dimension), pipelined
+        through the client."""
+        if not inputs.is_dir():
+            raise SplitPointError(f"--inputs {inputs} is not a folder of .npy files")
         files = sorted(inputs.glob("*.npy"))
         if not files:
             raise SplitPointError(f"no .npy files in {inputs}")
-        name = self.client.plan.inputs[0].name
         if len(self.client.plan.inputs) != 1:
             raise SplitPointError("folder input feeds single-input models; use --listen for several inputs")
+        spec = self.client.plan.inputs[0]
+        rank = len(spec.shape.split("x")) if spec.shape != "?" else None
         futures = []
         for f in files:
             if self._stop.is_set():
                 break
-            arr = np.load(f)
-            futures.append((f, self.client.submit({name: arr if arr.ndim == 4 else arr[None]})))
-        summary = {"ok": 0, "fallback": 0, "errors": 0}
+            try:
+                arr = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                futures.append((f, _failed(EdgeError(f"cannot read {f.name}: {exc}", "bad-input"))))
+                continue
+            if rank is not None and arr.ndim == rank - 1:
+                arr = arr[None]  # one sample without its batch dimension
+            futures.append((f, self.client.submit({spec.name: arr})))
+        summary = {"ok": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
         for f, fut in futures:
             try:
                 r = fut.result()
@@ -78,11 +103,8 @@ class EdgeDaemon:
             summary["fallback" if r.fallback else "ok"] += 1
             if outputs:
                 outputs.mkdir(parents=True, exist_ok=True)
-                np.savez(
-                    outputs / f"{f.stem}.npz",
-                    **dict(zip(r.names, r.outputs, strict=True)),
-                    fallback=r.fallback,
-                )
+                arrays: dict[str, Any] = dict(zip(r.names, r.outputs, strict=True))
+                np.savez(outputs / f"{f.stem}.npz", fallback=np.array(r.fallback), **arrays)
         return summary
 
     def serve_local(self) -> None:
@@ -90,91 +112,110 @@ class EdgeDaemon:
         ctx: zmq.Context = zmq.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.config.listen)
-        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        pending: list[tuple] = []
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         try:
-            while not self._stop.is_set():
+            sock.bind(self.config.listen)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
+        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        pending: list[tuple[Any, int, Future]] = []
+        try:
+            while not self._stop.is_set() and self.client.fatal is None:
                 if sock.poll(10):
-                    frames = sock.recv_multipart(copy=False)
-                    self._on_local(sock, frames, pending)
-                still = []
-                for ident, rid, fut in pending:
-                    if fut.done():
-                        sock.send_multipart([ident, *self._answer(rid, fut).to_frames()], copy=False)
-                    else:
-                        still.append((ident, rid, fut))
-                pending = still
-            for ident, rid, fut in pending:  # drain
-                with contextlib.suppress(Exception):
-                    fut.result(self.config.timeout_s * 2)
-                sock.send_multipart([ident, *self._answer(rid, fut).to_frames()], copy=False)
+                    for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
+                        self._on_local(sock, frames, pending)
+                pending = self._answer_done(sock, pending)
+            end = time.monotonic() + self.config.timeout_s * 2
+            while pending and time.monotonic() < end:  # drain
+                time.sleep(0.005)
+                pending = self._answer_done(sock, pending)
+            for ident, rid, _ in pending:
+                reply = wire.error(rid, "closed", "the edge daemon stopped before the request finished")
+                sock.send_multipart([ident, *reply.to_frames()])
         finally:
             sock.close(0)
 
-    def _answer(self, rid: int, fut) -> wire.Message:
+    def _answer_done(self, sock: zmq.Socket, pending: list) -> list:
+        still = []
+        for ident, rid, fut in pending:
+            if fut.done():
+                sock.send_multipart([ident, *self._answer(rid, fut).to_frames()], copy=False)
+            else:
+                still.append((ident, rid, fut))
+        return still
+
+    def _answer(self, rid: int, fut: Future) -> wire.Message:
         try:
             r = fut.result(0)
         except EdgeError as exc:
             return wire.error(rid, exc.code, str(exc))
         except Exception as exc:
-            return wire.error(rid, wire.E_INTERNAL, str(exc))
-        return wire.Message(
-            wire.RESULT,
-            rid,
-            self.client.plan.plan_id,
-            r.names,
-            meta={"fallback": r.fallback, "breakdown": {k: v for k, v in r.breakdown.items()}},
-            frames=[encode(o, "float32") for o in r.outputs],
-        )
+            return wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+        meta = {"fallback": r.fallback, "breakdown": dict(r.breakdown)}
+        frames = [encode(o, "float32") for o in r.outputs]
+        return wire.Message(wire.RESULT, rid, self.client.plan.plan_id, r.names, meta=meta, frames=frames)
 
-    def _on_local(self, sock, frames, pending: list) -> None:
+    def _on_local(self, sock: zmq.Socket, frames: list, pending: list) -> None:
+        """Never raises: every message gets its answer or its error, under its own request id."""
+        if len(frames) < 2:
+            return  # no identity and message: nothing to answer
         ident, body = frames[0], frames[1:]
+        rid = wire.best_effort_id(body)
         try:
             msg = wire.parse(body, self.config.max_message_bytes)
+            rid = msg.id
             if msg.type == wire.INFER:
-                feeds = {n: decode(wire._buffer(f)) for n, f in zip(msg.tensors, msg.frames, strict=True)}
-                pending.append((ident, msg.id, self.client.submit(feeds)))
+                if len(pending) >= MAX_LOCAL_PENDING:
+                    raise wire.WireError(wire.E_BUSY, f"{len(pending)} local requests are in flight")
+                pending.append((ident, msg.id, self.client.submit(self._feeds(msg))))
             elif msg.type == wire.DEPLOY:
                 plan = self._deploy(msg)
                 sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])
             elif msg.type == wire.PING:
-                sock.send_multipart(
-                    [
-                        ident,
-                        *wire.Message(
-                            wire.PONG,
-                            msg.id,
-                            self.client.plan.plan_id,
-                            meta={"server_up": self.client.server_up},
-                        ).to_frames(),
-                    ]
-                )
+                meta = {"server_up": self.client.server_up}
+                reply = wire.Message(wire.PONG, msg.id, self.client.plan.plan_id, meta=meta)
+                sock.send_multipart([ident, *reply.to_frames()])
             else:
                 raise wire.WireError(wire.E_BAD_MESSAGE, f"the edge daemon does not accept {msg.type!r}")
-        except (wire.WireError, CodecError, SplitPointError) as exc:
-            code = (
-                exc.code
-                if isinstance(exc, wire.WireError)
-                else wire.E_BAD_PLAN
-                if isinstance(exc, PlanError)
-                else wire.E_BAD_MESSAGE
-            )
-            sock.send_multipart([ident, *wire.error(0, code, str(exc)).to_frames()])
+        except wire.WireError as exc:
+            sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
+        except CodecError as exc:
+            sock.send_multipart([ident, *wire.error(rid, wire.E_BAD_TENSOR, str(exc)).to_frames()])
+        except PlanError as exc:
+            sock.send_multipart([ident, *wire.error(rid, wire.E_BAD_PLAN, str(exc)).to_frames()])
+        except EdgeError as exc:
+            sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
         except Exception as exc:  # the daemon never dies on one message
             log.exception("local request failed")
-            sock.send_multipart(
-                [ident, *wire.error(0, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}").to_frames()]
+            reply = wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            sock.send_multipart([ident, *reply.to_frames()])
+
+    def _feeds(self, msg: wire.Message) -> dict[str, np.ndarray]:
+        """The model inputs of a local request: exactly the plan's inputs, each a valid payload."""
+        wanted = {t.name for t in self.client.plan.inputs}
+        if set(msg.tensors) != wanted:
+            raise wire.WireError(
+                wire.E_BAD_TENSOR, f"the plan's inputs are {sorted(wanted)}, got {msg.tensors}"
             )
+        return {
+            n: decode(wire.buffer(f), self.config.max_message_bytes)
+            for n, f in zip(msg.tensors, msg.frames, strict=True)
+        }
 
     def _deploy(self, msg: wire.Message) -> Plan:
-        """Install a pushed plan next to the current one and switch to it, draining the old client."""
-        files = wire.deploy_files(msg)
-        plan = verify_pushed(files)
-        target = write_files_atomically(self.plans_dir / plan.plan_id[:16], files)
-        self.config = self.config.with_(plan_dir=target)
+        """Install a pushed plan next to the current one (verified and loaded first), then switch to it,
+        draining the old client."""
+        plan, _, target = install_pushed(wire.deploy_files(msg), self.plans_dir, check_models_load)
         old = self.client
+        self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config)
         old.close(drain=True)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan
+
+
+def _failed(error: Exception) -> Future:
+    fut: Future = Future()
+    fut.set_exception(error)
+    return fut

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,6 +65,25 @@ class Constraints:
             v["throughput"] = 1 - c.throughput_ips / self.min_throughput_ips
         return v
 
+    def misses(self, c: Candidate) -> list[str]:
+        """Each missed constraint as a user reads it: the candidate's figure against the limit."""
+        mib = 2**20
+        text = {
+            "latency": lambda: f"latency {c.latency_ms:.1f} ms > {self.max_latency_ms:g} ms",
+            "fidelity": lambda: f"fidelity {c.inp.fidelity or 0.0:.3f} < {self.min_fidelity:g}",
+            "edge memory": lambda: (
+                f"edge memory {c.inp.edge_memory_bytes / mib:.1f} MiB > "
+                f"{(self.max_edge_memory_bytes or 0) / mib:.1f} MiB"
+            ),
+            "bytes": lambda: f"{c.bytes_per_inference} bytes > {self.max_bytes}",
+            "throughput": lambda: f"throughput {c.throughput_ips:.1f}/s < {self.min_throughput_ips:g}/s",
+        }
+        return [text[k]() for k in self.violations(c)]
+
+    def without_fidelity(self) -> Constraints:
+        """The constraints that hold without measuring fidelity: checked before it is measured."""
+        return replace(self, min_fidelity=None)
+
 
 class InfeasibleError(SplitPointError):
     def __init__(self, message: str, closest: list[tuple[Candidate, dict]]):
@@ -88,18 +107,12 @@ def pick(cands: list[Candidate], constraints: Constraints) -> Candidate:
     feasible = [c for c in cands if not constraints.violations(c) and c.inp.fidelity is not None]
     if feasible:
         return min(feasible, key=_KEYS[constraints.objective])
-    scored = sorted(
-        ((c, constraints.violations(c)) for c in cands if c.inp.fidelity is not None),
-        key=lambda cv: sum(cv[1].values()),
-    )
+    raise infeasible([c for c in cands if c.inp.fidelity is not None], constraints)
+
+
+def infeasible(cands: list[Candidate], constraints: Constraints) -> InfeasibleError:
+    """The error for constraints nothing meets, naming the three closest candidates and what each misses."""
+    scored = sorted(((c, constraints.violations(c)) for c in cands), key=lambda cv: sum(cv[1].values()))
     closest = scored[:3]
-    lines = [
-        f"  {c.label}: misses " + ", ".join(f"{k} by {_fmt(k, x)}" for k, x in v.items()) for c, v in closest
-    ]
-    raise InfeasibleError(
-        "no candidate meets the constraints; the closest are:\n" + "\n".join(lines), closest
-    )
-
-
-def _fmt(kind: str, x: float) -> str:
-    return f"{x:.3f}" if kind == "fidelity" else f"{100 * x:.0f} %"
+    parts = [f"{c.label} ({', '.join(constraints.misses(c))})" for c, _ in closest]
+    return InfeasibleError("no candidate meets the constraints; the closest: " + "; ".join(parts), closest)

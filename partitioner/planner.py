@@ -29,7 +29,7 @@ from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
 from .fidelity import FidelityReport, compare, measure
-from .pareto import Constraints, front, pick
+from .pareto import Constraints, front, infeasible, pick
 
 DEFAULT_CODECS = [
     "float32",
@@ -296,6 +296,16 @@ def gather(
     )
 
 
+def check_feasible(inputs: list[CandidateInput], links: list[Link], constraints: Constraints) -> None:
+    """Refuse, before any fidelity is measured, constraints that no candidate can meet on some link
+    whatever its fidelity (latency, memory, bytes, throughput)."""
+    rest = constraints.without_fidelity()
+    for link in links:
+        cands = [evaluate(ci, link) for ci in inputs]
+        if not any(not rest.violations(c) for c in cands):
+            raise infeasible(cands, rest)
+
+
 @dataclass
 class Decision:
     link: Link
@@ -306,6 +316,7 @@ class Decision:
 
 def decide(m: Measurements, networks: list[NetworkProfile], constraints: Constraints) -> list[Decision]:
     links = [link_of(n) for n in networks]
+    check_feasible(candidate_inputs(m), links, constraints)
     measure_fidelity(m, set())  # the baselines
     while need := unmeasured_on_front(candidate_inputs(m), links):
         measure_fidelity(m, need)

@@ -1,35 +1,58 @@
-"""What a tail server runs with: every option validated once, before anything starts."""
+"""What a tail server runs with: every option validated once, before anything starts.
+
+Protected by default, as Redis's protected mode is: the default bind is loopback, and binding an
+address other machines can reach needs CurveZMQ keys (encryption, and who may connect) unless the
+operator says ``insecure``. Deploys carry models the server will run, so on a CurveZMQ server only the
+keys of the deploy allow-list may deploy, not every edge that may infer.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import Codec
 from splitpoint.core.config import StrictConfig
-from splitpoint.core.endpoints import Endpoint
+from splitpoint.core.endpoints import Endpoint, is_loopback
 
 
 class ServerConfig(StrictConfig):
     label: ClassVar[str] = "serve"
     bind: Endpoint = "tcp://127.0.0.1:5555"
     plans_dir: Path | None = None  # plans served at start; pushed plans are installed here
-    workers: int = Field(2, ge=1, le=256)  # tail worker threads
+    workers: int = Field(1, ge=1, le=256)  # 1: the socket thread runs each tail itself (no hand-off)
     threads: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads per tail session (0 = default)
     provider: str = "CPUExecutionProvider"
     max_message_bytes: int = Field(wire.DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**32)
+    max_queue: int = Field(256, ge=1, le=1_000_000)  # requests waiting for a tail; past it: busy
     reply_codec: str = "float32"
     device_id: str = Field("server", min_length=1, max_length=128)
     mqtt: str | None = None  # telemetry broker URL
     metrics_interval_s: float = Field(2.0, gt=0)
     curve_secret_key: bytes | None = None  # CurveZMQ: this server's secret key (z85)
-    curve_allow: tuple[bytes, ...] = ()  # client public keys allowed (z85); empty = any
-    max_batch: int = Field(1, ge=1, le=1024)  # micro-batching: queued same-plan requests share a tail run
+    curve_allow: tuple[bytes, ...] = ()  # client public keys that may connect (z85); empty = any
+    deploy_allow: tuple[bytes, ...] = ()  # with CurveZMQ: the only keys that may deploy (z85)
+    insecure: bool = False  # bind a non-loopback address without CurveZMQ: anyone may deploy and run
 
     @field_validator("reply_codec")
     @classmethod
     def _codec(cls, v: str) -> str:
         return Codec.parse(v).name
+
+    @model_validator(mode="after")
+    def _protected(self) -> ServerConfig:
+        if not is_loopback(self.bind) and self.curve_secret_key is None and not self.insecure:
+            raise ValueError(
+                f"binding {self.bind} lets other machines deploy and run models; give this server "
+                "CurveZMQ keys (--curve-secret, see `splitpoint keygen`) or pass --insecure"
+            )
+        if (self.curve_allow or self.deploy_allow) and self.curve_secret_key is None:
+            raise ValueError("allow-lists need CurveZMQ: give --curve-secret too")
+        return self
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None

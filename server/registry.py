@@ -1,7 +1,10 @@
 """The server's plans: loaded from a directory or pushed by the orchestrator, keyed by plan id.
 
-A pushed plan is checked against its own checksums before anything is written, then written
-atomically, so a bad push never replaces or half-writes a plan.
+A pushed plan is verified completely before it is served: checksums against its own plan.json, then
+every model it carries loaded into a session, all in a temporary directory that is renamed into place
+only when everything passed. A bad push never replaces, half-writes or leaves behind anything, and a
+plan directory that no longer loads at start-up is skipped with a logged error instead of keeping the
+other plans (or the server) down.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitpoint.core.errors import PlanError, SplitPointError
-from splitpoint.core.plan import PLAN_FILE, TAIL_FILE, Plan, verify_pushed, write_files_atomically
-from splitpoint.core.runner import TailRunner, make_session
+from splitpoint.core.errors import PlanError
+from splitpoint.core.plan import PLAN_FILE, TAIL_FILE, Plan, install_pushed, verify_pushed
+from splitpoint.core.runner import TailRunner, check_models_load, make_session
 
 log = logging.getLogger("splitpoint.server")
 
@@ -33,35 +36,49 @@ class PlanRegistry:
         self.threads, self.provider = threads, provider
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        self.skipped: dict[str, str] = {}  # plan directory -> why it is not served
         if self.plans_dir and self.plans_dir.is_dir():
             for d in sorted(p for p in self.plans_dir.iterdir() if (p / PLAN_FILE).is_file()):
                 try:
                     self.add_dir(d)
-                except SplitPointError as exc:  # one bad plan directory must not keep the others from serving
-                    log.error("skipping plan in %s: %s", d, exc)
+                except Exception as exc:  # one bad plan directory must not keep the others from serving
+                    self.skipped[str(d)] = f"{type(exc).__name__}: {exc}"
+                    log.error("skipping the plan in %s: %s", d, self.skipped[str(d)])
+
+    def _entry(self, path: Path, plan: Plan) -> Entry:
+        tail = None
+        if TAIL_FILE in plan.files:
+            tail = TailRunner(plan, make_session(path / TAIL_FILE, self.threads, self.provider))
+        return Entry(plan, path, tail)
 
     def add_dir(self, path: str | Path) -> Plan:
         path = Path(path)
         plan = Plan.load(path)
-        tail = None
-        if TAIL_FILE in plan.files:
-            tail = TailRunner(plan, make_session(path / TAIL_FILE, self.threads, self.provider))
+        entry = self._entry(path, plan)
         with self._lock:
-            self._entries[plan.plan_id] = Entry(plan, path, tail)
+            self._entries[plan.plan_id] = entry
         log.info("serving plan %s (%s, %s)", plan.plan_id[:12], plan.model_name, plan.kind)
         return plan
 
-    def install(self, files: dict[str, bytes], force: bool = False) -> Plan:
-        """Verify a pushed plan (plan.json plus the files it lists) and make it servable."""
+    def install(self, files: dict[str, bytes]) -> Plan:
+        """Verify a pushed plan (plan.json plus the files it lists), load it, and make it servable."""
         plan = verify_pushed(files)
         existing = self.get(plan.plan_id)
         if existing is not None:
             return existing.plan
         if self.plans_dir is None:
-            raise PlanError("this server has no --plans directory to install pushed plans into")
-        target = self.plans_dir / plan.plan_id[:16]
-        write_files_atomically(target, files)
-        return self.add_dir(target)
+            raise PlanError("this server has no plans directory to install pushed plans into")
+
+        def load(tmp: Path, plan: Plan) -> Entry:
+            check_models_load(tmp, plan)  # every model, not only the tail: a bad head fails here too
+            return self._entry(tmp, plan)  # sessions hold their models: the rename does not disturb them
+
+        plan, entry, path = install_pushed(files, self.plans_dir, load)
+        entry.path = path
+        with self._lock:
+            self._entries[plan.plan_id] = entry
+        log.info("installed pushed plan %s (%s, %s)", plan.plan_id[:12], plan.model_name, plan.kind)
+        return plan
 
     def get(self, plan_id: str) -> Entry | None:
         with self._lock:

@@ -13,7 +13,7 @@ from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, Plan
 from splitpoint.core.runner import assemble, load_split, make_session
 from splitpoint.core.samples import load_inputs
 from splitpoint.partitioner.costmodel import evaluate
-from splitpoint.partitioner.pareto import Constraints, front
+from splitpoint.partitioner.pareto import Constraints, InfeasibleError, front
 from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of, measure_fidelity
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.profiles.schema import load_network
@@ -140,9 +140,18 @@ def test_plan_cli_infeasible_names_closest(setup):
         "--random",
         "4",
     )
-    assert proc.returncode == 2
-    assert "no candidate meets the constraints" in proc.stderr and "misses latency by" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no candidate meets the constraints" in proc.stderr and "ms > 0.01 ms" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_impossible_latency_is_refused_before_fidelity_is_measured(setup):
+    _, _, h, edge, server = setup
+    m = gather(h, edge, server, load_inputs(h.model, random=2), codecs=["float32", "int8"])
+    with pytest.raises(InfeasibleError):
+        decide(m, [load_network("lte")], Constraints(max_latency_ms=0.001, min_fidelity=0.99))
+    assert m.fidelity == {}  # nothing was measured: the latency limit alone rules every candidate out
 
 
 def test_baseline_plans_run(setup):

@@ -444,25 +444,6 @@ def test_curve_allow_list_admits_only_listed_clients(model):
         srv.stop()
 
 
-def test_micro_batching_shares_tail_runs_and_keeps_results(model):
-    srv = TailServer(
-        ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=1, max_batch=8)
-    ).start()
-    try:
-        with client(model, srv, window=16, head_workers=2) as c:
-            batch = [x() for _ in range(48)]
-            futs = [c.submit(f) for f in batch]
-            results = [f.result(60) for f in futs]
-        for r, feeds in zip(results, batch, strict=True):
-            assert not r.fallback
-            np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-4)
-        sizes = [r.breakdown["server_batch"] for r in results]
-        assert max(sizes) > 1 and max(sizes) <= 8
-        assert srv.stats.batches < srv.stats.requests == 48
-    finally:
-        srv.stop()
-
-
 def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, tmp_path):
     from splitpoint.edge.daemon import EdgeDaemon
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from splitpoint.app.process import start_server, stop
 from splitpoint.core.config import StrictConfig
@@ -72,6 +72,16 @@ class BenchConfig(StrictConfig):
         if not v:
             raise ValueError("name at least one")
         return v
+
+    @model_validator(mode="after")
+    def _profiles_exist(self) -> BenchConfig:
+        """Every named profile loads, before minutes of measuring (a ProfileError names the bad one)."""
+        from splitpoint.profiles.schema import load_device, load_network
+
+        for n in self.networks:
+            load_network(n)
+        load_device(self.device)
+        return self
 
 
 def _key(c) -> str:

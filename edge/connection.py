@@ -1,0 +1,103 @@
+"""The edge's one DEALER socket to the server, usable from any thread that holds its lock.
+
+ZeroMQ sockets are not thread-safe, but a socket may be used by one thread after another when a lock
+orders them. So a thread that wants to send takes the lock and sends itself (no hand-off to another
+thread), and a thread waiting for its own reply may receive it itself. Between requests, the client's
+background thread waits on the socket's file descriptor (``ZMQ_FD``, plain ``poll`` on it touches no
+libzmq state) and takes the lock only when something arrived.
+
+``ZMQ_FD`` is edge-triggered: it only signals new activity. Whoever holds the lock therefore drains
+every message waiting before letting go (``_drain_locked``), so no reply is left behind unsignalled.
+
+Liveness comes from ZeroMQ itself: ZMTP heartbeats (``ZMQ_HEARTBEAT_IVL``/``_TIMEOUT``) drop a dead
+connection, and a monitor socket reports handshakes and disconnects to the background thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .config import EdgeConfig
+
+UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
+DOWN_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+
+
+class Connection:
+    def __init__(self, ctx: zmq.Context, config: EdgeConfig, on_message: Callable[[list], None]):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not connected
+        s.setsockopt(zmq.RECONNECT_IVL, 100)  # reconnect with backoff: 0.1 s doubling to 2 s
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        s.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_s * 1000))
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.dead_after_s * 1000))
+        s.setsockopt(zmq.HEARTBEAT_TTL, int(config.dead_after_s * 1000))
+        if config.curve_server_key:
+            public, secret = config.curve_keypair or zmq.curve_keypair()
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = config.curve_server_key, public, secret
+        self.monitor = s.get_monitor_socket(UP_EVENTS | DOWN_EVENTS)
+        s.connect(config.server)
+        self._sock = s
+        self.lock = threading.Lock()
+        self.fd: int = s.getsockopt(zmq.FD)
+        self._on_message = on_message
+        self.closed = False
+
+    def send(self, frames: list) -> bool:
+        """Send now, from this thread; False when no server is connected (nothing is queued then)."""
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                sent = True
+            except zmq.Again:
+                sent = False
+            self._drain_locked()
+        return sent
+
+    def receive(self, wait_s: float = 0.0, lock_wait: float | None = None) -> None:
+        """Take the lock (waiting at most ``lock_wait``, default ``wait_s``), wait up to ``wait_s`` for a
+        message, and hand every waiting message to ``on_message``. A thread that wants its reply calls
+        this instead of idling."""
+        if not self.lock.acquire(timeout=max(wait_s if lock_wait is None else lock_wait, 0.0)):
+            return
+        try:
+            if self.closed:
+                return
+            if wait_s > 0:
+                self._sock.poll(int(wait_s * 1000), zmq.POLLIN)
+            self._drain_locked()
+        finally:
+            self.lock.release()
+
+    def _drain_locked(self) -> None:
+        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_message(frames)
+
+    def monitor_events(self) -> list[int]:
+        """Connection events since the last call (the background thread's, which owns the monitor)."""
+        events = []
+        for _ in range(1000):
+            try:
+                events.append(recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"])
+            except zmq.Again:
+                break
+        return events
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self._sock.disable_monitor()
+            self.monitor.close(0)
+            self._sock.close(0)

@@ -1,0 +1,148 @@
+"""Every error a user can cause on the command line is one line naming the problem, exit status 2,
+within seconds, and no traceback: bad endpoints, busy ports, unreachable brokers, missing files,
+out-of-range options, missing optional packages. And `edge run --inputs` exits 1 unless every input
+got an answer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from splitpoint.app.broker import free_port
+from splitpoint.core.graph import open_model
+from splitpoint.core.plandir import write_plan
+
+from .conftest import run_cli
+
+SECONDS = 5.0  # the issue's bound for a user error, python start-up included
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory, small_resnet18):
+    d = tmp_path_factory.mktemp("cli-errors")
+    h = open_model(small_resnet18)
+    write_plan(h, d / "plan", cut=h.cuts()[10])
+    inputs = d / "inputs"
+    inputs.mkdir()
+    for k in range(3):
+        np.save(
+            inputs / f"x{k}.npy", np.random.default_rng(k).standard_normal((3, 64, 64)).astype(np.float32)
+        )
+    return d
+
+
+def _one_line_error(proc, needle: str, started: float) -> None:
+    elapsed = time.monotonic() - started
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], (needle, lines[0])
+    assert elapsed < SECONDS, f"took {elapsed:.1f} s"
+
+
+def _busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["serve", "--bind", "127.0.0.1:5599"], "has no scheme; write tcp://127.0.0.1:5599"),
+        (["serve", "--bind", "udp://127.0.0.1:5599"], "is not tcp://HOST:PORT"),
+        (["serve", "--bind", "tcp://0.0.0.0:5599"], "give this server CurveZMQ keys"),
+        (["serve", "--workers", "0"], "--workers: Input should be greater than or equal to 1"),
+        (["serve", "--curve-secret", "/nonexistent/server.key"], "cannot read secret key"),
+        (["status", "--mqtt", f"mqtt://127.0.0.1:{free_port()}"], "cannot reach the MQTT broker"),
+        (
+            ["watch", "--mqtt", f"mqtt://127.0.0.1:{free_port()}", "--seconds", "1"],
+            "cannot reach the MQTT broker",
+        ),
+        (["status", "--mqtt", "http://127.0.0.1:1883"], "MQTT URL must be mqtt://"),
+        (["keygen", "/nonexistent/dir/key"], "does not exist; create it first"),
+        (["profile", "/nonexistent/model.onnx"], "model file not found"),
+        (["profile", "resnet18", "--cpus", "0.5", "--emulate-slowdown", "4"], "not both"),
+        (["cuts", "no-such-model"], "neither a file nor a zoo model"),
+        (["split", "resnet18", "-o", "/tmp/x"], "Missing option '--cut'"),
+        (["split", "resnet18", "--cut", "99999", "-o", "/tmp/x"], "cut index 99999 does not exist"),
+        (["demo", "--requests", "0"], "--requests: Input should be greater than or equal to 1"),
+        (["bench", "--networks", "nope"], "no network profile named 'nope'"),
+        (
+            ["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599"],
+            "no plan.json in /nonexistent/plan",
+        ),
+        (["deploy", "/nonexistent/plan", "--server", "127.0.0.1:5599"], "has no scheme"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2_and_fast(args, needle):
+    t0 = time.monotonic()
+    _one_line_error(run_cli(*args, timeout=60), needle, t0)
+
+
+def test_busy_port_is_one_line(tmp_path):
+    with _busy_port() as s:
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        proc = run_cli("serve", "--bind", f"tcp://127.0.0.1:{port}", "--plans", str(tmp_path), timeout=60)
+    _one_line_error(proc, "Address already in use", t0)
+
+
+def test_edge_endpoint_and_plan_errors_are_one_line(plan_dir):
+    for args, needle in [
+        (["--server", "127.0.0.1:5599", "--inputs", str(plan_dir / "inputs")], "has no scheme"),
+        (["--listen", "tcp://0.0.0.0:7777"], "lets other machines deploy models to this device"),
+        (["--server", "tcp://127.0.0.1:1"], "give --inputs DIR and/or --listen ENDPOINT"),
+    ]:
+        t0 = time.monotonic()
+        _one_line_error(run_cli("edge", "run", str(plan_dir / "plan"), *args, timeout=60), needle, t0)
+    t0 = time.monotonic()
+    proc = run_cli("edge", "run", "/nonexistent/plan", "--inputs", str(plan_dir / "inputs"), timeout=60)
+    _one_line_error(proc, "plan directory /nonexistent/plan does not exist", t0)
+
+
+def test_plan_options_are_checked_before_any_work(tmp_path):
+    t0 = time.monotonic()
+    proc = run_cli(
+        "plan", "resnet18", "--edge-profile", "e.json", "--server-profile", "s.json", "--network", "lte",
+        "--min-fidelity", "1.5", timeout=60,
+    )  # fmt: skip
+    _one_line_error(proc, "--min-fidelity: Input should be less than or equal to 1", t0)
+
+
+def test_plot_without_matplotlib_fails_before_any_work(tmp_path):
+    """A folder that shadows matplotlib with a package that fails to import stands in for a machine
+    where it is not installed."""
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    import subprocess
+
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app", "plan", "resnet18", "--edge-profile", "e.json",
+         "--server-profile", "s.json", "--network", "lte", "--plot", str(tmp_path / "f.png")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    _one_line_error(proc, "--plot needs matplotlib: pip install 'splitpoint[plot]'", t0)
+
+
+def test_edge_run_exits_1_unless_every_input_is_answered(plan_dir, tmp_path):
+    # no server, no fallback model: every input fails explicitly, and the exit status says so
+    proc = run_cli(
+        "edge", "run", str(plan_dir / "plan"), "--server", f"tcp://127.0.0.1:{free_port()}",
+        "--inputs", str(plan_dir / "inputs"), "--timeout", "1", "--quiet", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert (
+        "0 split, 0 local fallback, 3 errors" in proc.stdout and "3 of 3 inputs got no answer" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
