@@ -357,6 +357,9 @@ def edge_run(
     curve_secret: Annotated[
         Path | None, typer.Option(help="file with this device's CurveZMQ secret key (z85), for allow-lists")
     ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="let --listen be reachable from other machines (they may then deploy)")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run the head on this device and the tail on the server."""
@@ -377,6 +380,7 @@ def edge_run(
         mqtt=mqtt,
         device_id=device_id,
         listen=listen,
+        insecure=insecure,
         curve_server_key=read_key(curve_server_key, "server public key") if curve_server_key else None,
         curve_keypair=keypair_from_secret(curve_secret) if curve_secret else None,
     )

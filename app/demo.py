@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from splitpoint.app.process import start_server, stop
+from splitpoint.app.process import output, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 from splitpoint.profiles.profiler import median_of_present
@@ -130,7 +130,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         end = time.monotonic() + 20
         while not client.server_up and time.monotonic() < end and p.inp.kind != "edge-only":
             if srv.poll() is not None:
-                raise SplitPointError(f"server exited: {srv.stdout.read() if srv.stdout else ''}")
+                raise SplitPointError(f"server exited: {output(srv)}")
             time.sleep(0.05)
         feeds = sample_feeds(h.model, 1, 7)
         ref = make_session(h.path).run(None, feeds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,14 +13,16 @@ from pathlib import Path
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM (a server drains and says goodbye), then SIGKILL if it has not exited in
     ``timeout``: a child never outlives its parent's clean-up."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    log = _logs.pop(proc.pid, None)
+    if log is not None:
+        log.unlink(missing_ok=True)
 
 
 def splitpoint_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
@@ -36,13 +39,38 @@ def start_server(
     threads: int = 1,
     capture: bool = True,
 ) -> subprocess.Popen:
-    """A ``splitpoint serve`` process, quiet, unbuffered, its output captured unless ``capture`` is off."""
+    """A ``splitpoint serve`` process, quiet, unbuffered. Its output goes to a log file (``output(proc)``
+    reads it) unless ``capture`` is off: a pipe that nobody reads would fill up and stop the server at
+    its next log line."""
     cmd = splitpoint_command(
-        "serve", "--bind", bind, "--plans", str(plans), "--workers", str(workers), "--threads", str(threads),
-        "--quiet", *extra, prefix=prefix,
-    )  # fmt: skip
-    out = subprocess.PIPE if capture else None
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT if capture else None, text=True, env=env
+        "serve",
+        "--bind",
+        bind,
+        "--plans",
+        str(plans),
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--quiet",
+        *extra,
+        prefix=prefix,
     )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not capture:
+        return subprocess.Popen(cmd, env=env)
+    with tempfile.NamedTemporaryFile("w", prefix="splitpoint-serve-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    _logs[proc.pid] = Path(log.name)
+    return proc
+
+
+_logs: dict[int, Path] = {}
+
+
+def output(proc: subprocess.Popen, tail: int = 4000) -> str:
+    """The end of what a process from ``start_server`` wrote."""
+    path = _logs.get(proc.pid)
+    if path is None or not path.exists():
+        return ""
+    return path.read_text(errors="replace")[-tail:]

@@ -177,11 +177,10 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
         raise WireError(E_BAD_MESSAGE, "header is not a JSON object")
     v = h.get("v")
     if v != PROTOCOL_VERSION or isinstance(v, bool):
-        raise WireError(
-            E_VERSION, f"protocol version {str(v)[:20]!r} not supported (this peer speaks {PROTOCOL_VERSION})"
-        )
+        shown = "missing" if v is None else f"{str(v)[:20]!r} ({type(v).__name__})"
+        raise WireError(E_VERSION, f"protocol version {shown} not supported: this peer speaks the integer 1")
     t = h.get("type")
-    if t not in TYPES:
+    if not isinstance(t, str) or t not in TYPES:
         raise WireError(E_BAD_MESSAGE, f"unknown message type {str(t)[:40]!r}")
     id_ = h.get("id", 0)
     if not isinstance(id_, int) or isinstance(id_, bool) or not (0 <= id_ <= MAX_ID):

@@ -111,9 +111,18 @@ def test_edge_endpoint_and_plan_errors_are_one_line(plan_dir):
 def test_plan_options_are_checked_before_any_work(tmp_path):
     t0 = time.monotonic()
     proc = run_cli(
-        "plan", "resnet18", "--edge-profile", "e.json", "--server-profile", "s.json", "--network", "lte",
-        "--min-fidelity", "1.5", timeout=60,
-    )  # fmt: skip
+        "plan",
+        "resnet18",
+        "--edge-profile",
+        "e.json",
+        "--server-profile",
+        "s.json",
+        "--network",
+        "lte",
+        "--min-fidelity",
+        "1.5",
+        timeout=60,
+    )
     _one_line_error(proc, "--min-fidelity: Input should be less than or equal to 1", t0)
 
 
@@ -128,19 +137,44 @@ def test_plot_without_matplotlib_fails_before_any_work(tmp_path):
 
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "splitpoint.app", "plan", "resnet18", "--edge-profile", "e.json",
-         "--server-profile", "s.json", "--network", "lte", "--plot", str(tmp_path / "f.png")],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app",
+            "plan",
+            "resnet18",
+            "--edge-profile",
+            "e.json",
+            "--server-profile",
+            "s.json",
+            "--network",
+            "lte",
+            "--plot",
+            str(tmp_path / "f.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     _one_line_error(proc, "--plot needs matplotlib: pip install 'splitpoint[plot]'", t0)
 
 
 def test_edge_run_exits_1_unless_every_input_is_answered(plan_dir, tmp_path):
     # no server, no fallback model: every input fails explicitly, and the exit status says so
     proc = run_cli(
-        "edge", "run", str(plan_dir / "plan"), "--server", f"tcp://127.0.0.1:{free_port()}",
-        "--inputs", str(plan_dir / "inputs"), "--timeout", "1", "--quiet", timeout=120,
-    )  # fmt: skip
+        "edge",
+        "run",
+        str(plan_dir / "plan"),
+        "--server",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--inputs",
+        str(plan_dir / "inputs"),
+        "--timeout",
+        "1",
+        "--quiet",
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert (
         "0 split, 0 local fallback, 3 errors" in proc.stdout and "3 of 3 inputs got no answer" in proc.stderr
