@@ -233,3 +233,85 @@ def test_two_hundred_in_flight_through_a_sigkill_each_answered_once(tmp_path, sm
             assert "split" in kinds and "fallback" in kinds, answers[:5]
     finally:
         stop(srv)
+
+
+def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, small_resnet18):
+    """A hostile 'server' answers each request differently wrong; each request fails explicitly (or is
+    answered, when the reply is good) and the client keeps working."""
+    import threading
+
+    h = open_model(small_resnet18)
+    out = write_plan(h, tmp_path / "p", cut=h.cuts()[10]).outputs[0].name
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    good = encode(np.zeros((1, 1000), np.float32), "float32")
+    answers = [
+        lambda rid: [b"{not json"],
+        lambda rid: [
+            json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out]}).encode()
+        ],  # no frame
+        lambda rid: [
+            json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out], "meta": 7}).encode(),
+            good,
+        ],
+        lambda rid: [
+            json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out]}).encode(),
+            b"garbage",
+        ],
+        lambda rid: [json.dumps({"v": 1, "type": "result", "id": rid, "tensors": ["nope"]}).encode(), good],
+        lambda rid: [json.dumps({"v": 1, "type": "deployed", "id": rid}).encode()],
+        lambda rid: [
+            json.dumps({"v": 1, "type": "error", "id": rid, "meta": {"code": 7, "message": []}}).encode()
+        ],
+        lambda rid: [
+            json.dumps(
+                {
+                    "v": 1,
+                    "type": "result",
+                    "id": rid,
+                    "tensors": [out],
+                    "meta": {"server": {"total_ms": "x"}},
+                }
+            ).encode(),
+            good,
+        ],  # fmt: skip
+    ]
+    stop = threading.Event()
+
+    def serve() -> None:
+        k = 0
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, head, *_ = router.recv_multipart()
+            msg = json.loads(head)
+            if msg["type"] == "ping":
+                router.send_multipart([ident, json.dumps({"v": 1, "type": "pong", "id": msg["id"]}).encode()])
+                continue
+            router.send_multipart([ident, *answers[k % len(answers)](msg["id"])])
+            k += 1
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    cfg = EdgeConfig(plan_dir=tmp_path / "p", server=f"tcp://127.0.0.1:{port}", fallback=False, timeout_s=5)
+    feeds = {"input": np.zeros((1, 3, 64, 64), np.float32)}
+    try:
+        with EdgeClient(cfg) as c:
+            outcomes = []
+            for _ in answers:
+                try:
+                    r = c.infer(feeds, timeout=20)
+                    outcomes.append(("ok", r.outputs[0].shape))
+                except EdgeError as exc:
+                    outcomes.append(("error", exc.code))
+            assert c.fatal is None
+        codes = [o[1] for o in outcomes]
+        # the unparsable header has no id: its request times out; every other one is failed by its reply
+        assert codes[0] == "timeout" and codes[1:7] == ["bad-reply"] * 5 + ["7"], outcomes
+        assert outcomes[7] == ("ok", (1, 1000))  # a nonsense duration is ignored, the result kept
+    finally:
+        stop.set()
+        t.join(5)
+        router.close(0)

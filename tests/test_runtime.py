@@ -457,6 +457,17 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
             (tmp_path / "pushed").iterdir()
         )  # nothing half-written
         assert _ask(s, wire.Message(wire.PING, 99).to_frames(), timeout=10000).type == wire.PONG
+        # a bad local request is answered under its own id, whatever is wrong with it
+        bad = [
+            wire.Message(wire.INFER, 42, tensors=["not-an-input"], frames=[encode(x()["input"], "float32")]),
+            wire.Message(wire.INFER, 43, tensors=["input"], frames=[b"garbage"]),
+            wire.Message(
+                wire.INFER, 44, tensors=["input"], frames=[encode(np.zeros((1, 3, 9), np.float32), "float32")]
+            ),
+        ]
+        for m, code in zip(bad, ["bad-tensor", "bad-tensor", "bad-input"], strict=True):
+            reply = _ask(s, m.to_frames(), timeout=10000)
+            assert (reply.type, reply.id, reply.meta["code"]) == (wire.ERROR, m.id, code), reply.meta
         s.close(0)
     finally:
         daemon.stop()
