@@ -32,6 +32,13 @@ app.add_typer(edge_app, name="edge")
 Model = Annotated[str, typer.Argument(help="ONNX file or zoo name")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output (daemons, scripts)")]
 Mqtt = Annotated[str | None, typer.Option("--mqtt", help="telemetry broker, mqtt://[user:pass@]host:port")]
+Shapes = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="NAME:1x3x640x640 fixes an input's symbolic dimensions (repeatable; needed for non-batch ones)",
+    ),
+]
 
 
 def _print_json(obj: object) -> None:
@@ -82,12 +89,15 @@ def zoo(
 
 @app.command()
 def cuts(
-    model: Model, as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False
+    model: Model,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    input_shape: Shapes = None,
 ) -> None:
     """List every candidate cut: crossing tensors, bytes per sample, head share of MACs and params."""
     from splitpoint.core.graph import open_model
+    from splitpoint.core.graph.shapes import parse_input_shapes
 
-    h = open_model(model)
+    h = open_model(model, parse_input_shapes(input_shape))
     if as_json:
         _print_json(
             {
@@ -110,12 +120,14 @@ def split(
     out: Annotated[Path, typer.Option("-o", "--out", help="plan directory to write")],
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (edge fallback)")] = False,
+    input_shape: Shapes = None,
 ) -> None:
     """Write head.onnx, tail.onnx and plan.json for one cut."""
     from splitpoint.core.graph import open_model, resolve_cut
+    from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.plandir import write_plan
 
-    h = open_model(model)
+    h = open_model(model, parse_input_shapes(input_shape))
     c = resolve_cut(h.index, cut)
     plan = write_plan(h, out, cut=c, force=force, include_full=with_full)
     crossing = ", ".join(t.name for t in plan.cut_tensors)
@@ -150,6 +162,7 @@ def profile(
     int8: Annotated[
         bool, typer.Option(help="also time the int8 (static QDQ) model, for int8-head plans")
     ] = False,
+    input_shape: Shapes = None,
     quiet: Quiet = False,
 ) -> None:
     """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
@@ -165,6 +178,7 @@ def profile(
         cpus=cpus,
         slowdown=slowdown,
         int8=int8,
+        input_shapes=tuple(input_shape or ()),
     )
     with progress("profiling", quiet) as note:
         prof, path = run_profile(job, note)
@@ -203,6 +217,7 @@ def plan(
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the front")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
+    input_shape: Shapes = None,
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan."""
     from splitpoint.partitioner.job import PlanJob, run_plan
@@ -223,6 +238,7 @@ def plan(
         inputs=inputs,
         random=random,
         force=force,
+        input_shapes=tuple(input_shape or ()),
     )
     if plot:
         require("matplotlib", "--plot", "plot")
@@ -255,11 +271,12 @@ def fidelity(
     inputs: Annotated[Path | None, typer.Option(help="folder of .npy files or images")] = None,
     random: Annotated[int, typer.Option(help="seeded random samples when no --inputs")] = 16,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    input_shape: Shapes = None,
 ) -> None:
     """Measure the split model with a codec (and an int8 head) against the float model."""
     from splitpoint.partitioner.fidelity import measure_one
 
-    rep = measure_one(model, cut, codec, quantize_head, inputs, random)
+    rep = measure_one(model, cut, codec, quantize_head, inputs, random, input_shape)
     if as_json:
         _print_json(rep.to_dict())
         return
@@ -500,6 +517,7 @@ def bench(
     ] = 4,
     max_front: Annotated[int, typer.Option(help="front members measured besides the pick and baselines")] = 4,
     min_fidelity: Annotated[float, typer.Option(help="the pick's constraint")] = 0.99,
+    input_shape: Shapes = None,
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
     from .bench.report import summary_lines, write_report
@@ -515,6 +533,7 @@ def bench(
         window=window,
         max_front=max_front,
         min_fidelity=min_fidelity,
+        input_shapes=tuple(input_shape or ()),
     )
     with progress("bench", transient=False) as note:
         results = write_report(run_bench(cfg, note), out)

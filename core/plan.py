@@ -85,6 +85,7 @@ class Plan(_Strict):
     codec: str = "float32"
     head_weights: Literal["float32", "int8"] = "float32"
     kind: Kind = SPLIT
+    input_shapes: dict[str, list[int]] = Field(default_factory=dict)  # the model's inputs fixed to these
     predicted: dict[str, Any] = Field(default_factory=dict)  # labelled figures from the planner
     front: list[Any] = Field(default_factory=list)
     format_version: Literal[1] = PLAN_FORMAT

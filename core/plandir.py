@@ -14,7 +14,7 @@ import onnx
 
 from .errors import PlanError
 from .graph.cuts import Cut
-from .graph.extract import extract
+from .graph.extract import extract, verify_split
 from .graph.index import GraphIndex
 from .graph.model import ModelHandle
 from .onnxio import save_model, sha256_file
@@ -31,6 +31,7 @@ from .plan import (
     TensorSpec,
     write_dir_atomically,
 )
+from .samples import sample_feeds
 
 
 def _spec(name: str, shape: str, dtype: str, bytes_per_sample: int | None, side: str) -> TensorSpec:
@@ -92,6 +93,7 @@ def write_plan(
     if kind == SPLIT:
         assert cut is not None
         head, tail = extract(idx, cut)
+        tail = verify_split(head, tail, sample_feeds(idx.model, 1), where=f"cut {cut.index or ''}".strip())
         models = {HEAD_FILE: head, TAIL_FILE: tail}
     elif kind == SERVER_ONLY:
         models = {TAIL_FILE: idx.model}
@@ -122,6 +124,7 @@ def write_plan(
                 codec=codec if kind != EDGE_ONLY else "float32",
                 head_weights=head_weights if kind != SERVER_ONLY else "float32",
                 kind=kind,
+                input_shapes=handle.input_shapes,
                 predicted=predicted or {},
                 front=front or [],
             )

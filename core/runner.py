@@ -115,3 +115,14 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
     for name in plan.files:
         if name.endswith(".onnx"):
             make_session(Path(plan_dir) / name, threads=1)
+
+
+def run_batched(session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The outputs for several one-sample feeds, joined along the batch axis: one run when every input's
+    batch dimension is free, else one run per sample (exporters often fix the batch at 1)."""
+    names = [i.name for i in session.get_inputs()]
+    free = all(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
+    if len(samples) > 1 and free:
+        return session.run(None, {n: np.concatenate([s[n] for s in samples]) for n in names})
+    runs = [session.run(None, {n: s[n] for n in names}) for s in samples]
+    return [np.concatenate(col) if col[0].ndim else np.stack(col) for col in zip(*runs, strict=True)]

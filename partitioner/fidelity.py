@@ -14,7 +14,7 @@ from splitpoint.core.codecs import decode, encode
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
-from splitpoint.core.runner import make_session
+from splitpoint.core.runner import make_session, run_batched
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 
@@ -75,34 +75,25 @@ def measure(
     reference: list[np.ndarray] | None = None,
 ) -> dict[str, FidelityReport]:
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
-    feeds = _batch(samples)
     if reference is None:
-        reference = make_session(handle.path).run(None, feeds)
+        reference = run_batched(make_session(handle.path), samples)
     head, tail = extract(handle.index, cut, check=False)
     hs = make_session((head_model or head).SerializeToString())
     ts = make_session(tail.SerializeToString())
-    h_out = dict(
-        zip(
-            [o.name for o in hs.get_outputs()],
-            hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
-            strict=True,
-        )
-    )
+    h_out = dict(zip([o.name for o in hs.get_outputs()], run_batched(hs, samples), strict=True))
+    feeds = _batch(samples)
     sent = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
     tail_names = [o.name for o in ts.get_outputs()]
     n = len(samples)
     reports = {}
     runs: dict[bytes, dict] = {}  # codecs that decode to identical tensors share one tail run
     for codec in codecs:
-        received = {
-            name: np.concatenate([decode(encode(t[k : k + 1], codec)) for k in range(n)])
-            for name, t in sent.items()
-        }
-        digest = b"".join(
-            hashlib.sha256(np.ascontiguousarray(received[k]).tobytes()).digest() for k in sorted(received)
-        )
+        received = [{name: decode(encode(t[k : k + 1], codec)) for name, t in sent.items()} for k in range(n)]
+        digest = hashlib.sha256(
+            b"".join(np.ascontiguousarray(r[name]).tobytes() for r in received for name in sorted(r))
+        ).digest()
         if digest not in runs:
-            runs[digest] = dict(zip(tail_names, ts.run(None, received), strict=True))
+            runs[digest] = dict(zip(tail_names, run_batched(ts, received), strict=True))
         late = runs[digest]
         outs = [
             compare(name, ref, h_out[name] if name in cut.head_outputs else late[name])
@@ -119,15 +110,17 @@ def measure_one(
     quantize: str | None = None,
     inputs: Path | None = None,
     random: int = 16,
+    input_shapes: list[str] | None = None,
 ) -> FidelityReport:
     """``splitpoint fidelity``: one cut, one codec, optionally an int8 head, against the float model."""
     from splitpoint.core.codecs import Codec
     from splitpoint.core.graph import open_model, resolve_cut
+    from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.quantize import quantize_head
     from splitpoint.core.samples import load_inputs
 
     Codec.parse(codec)
-    handle = open_model(model)
+    handle = open_model(model, parse_input_shapes(input_shapes))
     cut = resolve_cut(handle.index, cut_spec)
     samples = load_inputs(handle.model, inputs, random)
     head_model = (

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from splitpoint.core.codecs import Codec
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.graph import ModelHandle, open_model
+from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.plan import Plan
 from splitpoint.core.samples import load_inputs
 from splitpoint.profiles.schema import NetworkProfile, load_measured, load_network
@@ -40,6 +41,7 @@ class PlanJob(StrictConfig):
     inputs: Path | None = None  # folder of .npy files or images for fidelity
     random: int = Field(8, ge=1, le=100_000)  # seeded random samples when no inputs
     force: bool = False
+    input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
 
     @field_validator("codecs")
     @classmethod
@@ -65,10 +67,10 @@ class PlanOutcome:
 
 def run_plan(job: PlanJob) -> PlanOutcome:
     """Load and check everything first (files, profiles, network), then measure and decide."""
-    handle = open_model(job.model)
+    handle = open_model(job.model, parse_input_shapes(job.input_shapes))
     network = load_network(job.network)
-    edge = load_measured(job.edge_profile, model_sha256=handle.sha256)
-    server = load_measured(job.server_profile, model_sha256=handle.sha256)
+    edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
+    server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
     samples = load_inputs(handle.model, job.inputs, job.random)
     cons = job.constraints()
     m = gather(handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads)

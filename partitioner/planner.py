@@ -24,7 +24,7 @@ from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import weight_bytes_by_prefix
 from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, SPLIT
 from splitpoint.core.quantize import quantize_head
-from splitpoint.core.runner import make_session
+from splitpoint.core.runner import make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
@@ -209,20 +209,20 @@ def measure_fidelity(m: Measurements, pairs: set[tuple]) -> None:
     at once (the tail session and the quantised head are the expensive parts)."""
     h = m.handle
     if not m.reference:
-        m.reference = make_session(h.path).run(None, _batch(m.samples))
+        m.reference = run_batched(make_session(h.path), m.samples)
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     full = make_session(h.path)
     for codec in m.codecs:
         if (0, codec, "float32") in m.fidelity:
             continue
-        feeds = {k: np.concatenate([decode(encode(s[k], codec)) for s in m.samples]) for k in m.samples[0]}
-        _record(m, 0, codec, "float32", full.run(None, feeds))
+        received = [{k: decode(encode(v, codec)) for k, v in s.items()} for s in m.samples]
+        _record(m, 0, codec, "float32", run_batched(full, received))
     by_index = {c.index: c for c in h.cuts()}
     for k, head in sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0, p[1])):
         if k is None:  # edge-only with an int8 model
             if (None, "-", head) not in m.fidelity:
                 q = make_session(quantize_head(h.model, m.samples, "static").SerializeToString())
-                _record(m, None, "-", head, q.run(None, _batch(m.samples)))
+                _record(m, None, "-", head, run_batched(q, m.samples))
             continue
         todo = [c for c in m.codecs if (k, c, head) not in m.fidelity]
         if k == 0 or not todo:
@@ -252,10 +252,6 @@ def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarra
     m.fidelity_reports[(cut, codec, head)] = rep.to_dict()
 
 
-def _batch(samples):
-    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
-
-
 def gather(
     handle: ModelHandle,
     edge: MeasuredProfile,
@@ -264,8 +260,8 @@ def gather(
     codecs: list[str] | None = None,
     int8_heads: bool = False,
 ) -> Measurements:
-    edge.check_model(handle.sha256, "edge profile")
-    server.check_model(handle.sha256, "server profile")
+    edge.check_model(handle.sha256, "edge profile", handle.input_shapes)
+    server.check_model(handle.sha256, "server profile", handle.input_shapes)
     if edge.role != "edge":
         raise ProfileError(f"the edge profile was measured in the {edge.role} role")
     if server.role != "server":

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.graph import open_model
+from splitpoint.core.graph.shapes import parse_input_shapes
 
 from .cpulimit import cpu_limit
 from .profiler import ProfileSettings, profile_model
@@ -27,6 +28,7 @@ class ProfileJob(StrictConfig):
     cpus: float | None = Field(None, gt=0, le=1024)  # emulate a smaller device: a real CPU limit
     slowdown: float | None = Field(None, ge=1, le=1000)  # or: a device this many times slower
     int8: bool = False  # also time the int8 (static QDQ) model
+    input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
 
     @model_validator(mode="after")
     def _one_limit(self) -> ProfileJob:
@@ -45,7 +47,7 @@ def run_profile(
     job: ProfileJob, progress: Callable[[str, int, int], None] | None = None
 ) -> tuple[MeasuredProfile, Path]:
     """Profile under the job's CPU limit (undone afterwards) and save atomically."""
-    handle = open_model(job.model)
+    handle = open_model(job.model, parse_input_shapes(job.input_shapes))
     out = job.out or Path("profiles") / "measured" / f"{handle.name}-{job.role}.json"
     settings = ProfileSettings(
         role=job.role, threads=job.threads, provider=job.provider, budget=job.budget, int8=job.int8

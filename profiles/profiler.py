@@ -328,6 +328,7 @@ def profile_model(
         role=settings.role,
         model_name=handle.name,
         model_sha256=handle.sha256,
+        input_shapes=handle.input_shapes,
         device=device_facts(),
         settings=dict(settings.__dict__),
         emulation=emulation,

@@ -117,6 +117,7 @@ class MeasuredProfile(_Strict):
     role: Literal["edge", "server"]
     model_name: str
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_shapes: dict[str, list[int]] = Field(default_factory=dict)  # --input-shape it was measured at
     device: dict
     settings: dict
     emulation: Emulation | None = None
@@ -143,11 +144,16 @@ class MeasuredProfile(_Strict):
                 return c
         raise ProfileError(f"profile has no timing for cut {index}")
 
-    def check_model(self, sha256: str, where: str = "profile") -> None:
+    def check_model(self, sha256: str, where: str = "profile", input_shapes: dict | None = None) -> None:
         if sha256 != self.model_sha256:
             raise ProfileError(
                 f"{where} was measured on another model file (sha256 {self.model_sha256[:12]}…, "
                 f"this model {sha256[:12]}…); profile this model first"
+            )
+        if input_shapes is not None and input_shapes != self.input_shapes:
+            raise ProfileError(
+                f"{where} was measured with input shapes {self.input_shapes or 'as in the file'}, not "
+                f"{input_shapes or 'as in the file'}; profile with the same --input-shape"
             )
 
     def save(self, path: str | Path) -> None:
@@ -210,14 +216,16 @@ def load_device(spec: str | Path) -> DeviceSpec:
     return _load_yaml(spec, "devices", DeviceSpec)
 
 
-def load_measured(path: str | Path, model_sha256: str | None = None) -> MeasuredProfile:
+def load_measured(
+    path: str | Path, model_sha256: str | None = None, input_shapes: dict | None = None
+) -> MeasuredProfile:
     p = Path(path)
     try:
         prof = MeasuredProfile(**_read(p, json.loads))
     except ValidationError as exc:
         raise _explain(exc, str(p)) from exc
     if model_sha256 is not None:
-        prof.check_model(model_sha256, where=str(p))
+        prof.check_model(model_sha256, str(p), input_shapes)
     return prof
 
 

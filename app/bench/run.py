@@ -64,6 +64,7 @@ class BenchConfig(StrictConfig):
     inputs: int = Field(4, ge=1)
     profile_budget: float = Field(12.0, gt=0)
     codecs: tuple[str, ...] = tuple(BENCH_CODECS)
+    input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, applied to each model that has that input
 
     @field_validator("models", "networks")
     @classmethod
@@ -245,6 +246,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
     from splitpoint.core import zoo
     from splitpoint.core.graph import open_model
+    from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.samples import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
@@ -283,7 +285,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     try:
         for name in cfg.models:
             tm = time.perf_counter()
-            h = open_model(name)
+            h = open_model(name, parse_input_shapes(cfg.input_shapes), only_present=True)
             say(f"{h.name}: profiling edge ({calib.cpus:g} CPU) and server")
             with cpu_limit(calib.limit) as em:
                 edge = profile_model(

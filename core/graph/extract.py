@@ -7,9 +7,11 @@ model-local functions.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
+from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import check_model
 
 from .cuts import Cut, head_positions
@@ -37,20 +39,13 @@ def _submodel(
     reads = {t for p in positions for t in idx.node_ins[p]}
     inits = [idx.initializers[t] for t in idx.initializers if t in reads]
     original_inputs = {i.name: i for i in src.graph.input}
-    original_outputs = {o.name: o for o in src.graph.output}
 
     def vi(name: str) -> onnx.ValueInfoProto:
-        if name in original_inputs:
-            return original_inputs[name]
-        if name in original_outputs:
-            return original_outputs[name]
-        return idx.tensor(name).value_info()
+        # the model's own inputs as given (their shapes fixed by --input-shape); everything else from the
+        # index, whose shapes come from the graph, never from the exporter's value_info (often stale)
+        return original_inputs[name] if name in original_inputs else idx.tensor(name).value_info()
 
-    internal = {o for n in nodes for o in n.output} - set(outputs)
-    value_info = [v for v in src.graph.value_info if v.name in internal]
-    graph = helper.make_graph(
-        nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits, value_info=value_info
-    )
+    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
     model = helper.make_model(
         graph, opset_imports=list(src.opset_import), producer_name="splitpoint", functions=list(src.functions)
     )
@@ -78,3 +73,49 @@ def extract(idx: GraphIndex, cut: Cut, check: bool = True) -> tuple[onnx.ModelPr
         check_model(h, where="extracted head", full=True)
         check_model(t, where="extracted tail", full=True)
     return h, t
+
+
+def verify_split(
+    head: onnx.ModelProto, tail: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str = "the split"
+) -> onnx.ModelProto:
+    """Run the head once and the tail on what it produced. A cut tensor whose declared dimension the run
+    contradicts is declared free instead (the tail returned is corrected); a split that still does not
+    rejoin is refused with onnxruntime's reason, before any plan is written."""
+    from splitpoint.core.runner import make_session
+
+    try:
+        hs = make_session(head.SerializeToString(), threads=1)
+        produced = dict(
+            zip(
+                [o.name for o in hs.get_outputs()],
+                hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
+                strict=True,
+            )
+        )
+    except Exception as exc:  # onnxruntime's own error types
+        raise ModelError(f"{where}: the head does not run: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(tail)
+    for vi in fixed.graph.input:
+        got = produced.get(vi.name, feeds.get(vi.name))
+        if got is None or not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != got.ndim:
+            vi.type.tensor_type.ClearField("shape")
+            continue
+        for k, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value != got.shape[k]:
+                d.Clear()
+                d.dim_param = f"d{k}"
+    try:
+        ts = make_session(fixed.SerializeToString(), threads=1)
+        ts.run(
+            None,
+            {i.name: (produced[i.name] if i.name in produced else feeds[i.name]) for i in ts.get_inputs()},
+        )
+    except Exception as exc:
+        raise ModelError(
+            f"{where}: the tail does not run on the head's output: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
+    return fixed

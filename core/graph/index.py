@@ -152,8 +152,9 @@ class GraphIndex:
         return t
 
     def _measure_shapes(self) -> None:
-        """Fill the types and shapes static inference missed (e.g. Loop outputs) by running the
-        model at batch 1 and 2 with every such tensor exposed; dims that differ are the batch."""
+        """Fill the types and shapes static inference missed (custom-domain ops, Loop outputs) by
+        running the model twice with every such tensor exposed: at batch 1 and 2 where the batch is
+        free, else twice at its fixed shape with different inputs. Dims that differ are left free."""
         if getattr(self, "_measured", False):
             return
         self._measured = True
@@ -168,25 +169,23 @@ class GraphIndex:
         m.CopyFrom(self.model)
         del m.graph.output[:]
         m.graph.output.extend([helper.make_empty_tensor_value_info(n) for n in missing])
+        from splitpoint.core.samples import sample_feeds
+
         try:
             sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-            runs = []
-            for batch in (1, 2):
-                feeds = {}
-                for i in sess.get_inputs():
-                    shape = [d if isinstance(d, int) else batch for d in i.shape]
-                    dtype = (
-                        np.dtype(helper.tensor_dtype_to_np_dtype(self.info[i.name].elem_type))
-                        if i.name in self.info
-                        else np.float32
-                    )
-                    feeds[i.name] = np.zeros(shape, dtype=dtype)
-                runs.append(sess.run(missing, feeds))
+            free_batch = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
+            runs = [
+                sess.run(missing, sample_feeds(self.model, b, seed))
+                for b, seed in ((1, 0), (2 if free_batch else 1, 1))
+            ]
         except Exception:  # best effort: callers report the tensor that stays unknown
             return
         for name, a, b in zip(missing, *runs, strict=True):
             dims = (
-                ["N" if da != db else da for da, db in zip(a.shape, b.shape, strict=True)]
+                [
+                    da if da == db else ("N" if k == 0 and free_batch else f"d{k}")
+                    for k, (da, db) in enumerate(zip(a.shape, b.shape, strict=True))
+                ]
                 if a.ndim == b.ndim
                 else None
             )
@@ -222,13 +221,27 @@ def _toposort(nodes: list, available: set[str]) -> list:
     return [nodes[i] for i in order]
 
 
+def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with no value_info and no shapes on the graph outputs: exporters leave stale ones there
+    (a shape traced for one input, declared static), and shape inference would trust them."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    return m
+
+
 def _infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    """Types and shapes inferred from the graph itself; what inference cannot tell stays unknown and is
+    measured by a trial run when a cut needs it (``GraphIndex.tensor``)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            model, check_type=False, strict_mode=False, data_prop=True
+            _without_declared_shapes(model), check_type=False, strict_mode=False, data_prop=True
         )
-    except Exception:  # inference is best effort; missing shapes are reported per tensor later
-        inferred = model
+    except Exception:  # inference is best effort; missing shapes are measured per tensor later
+        inferred = _without_declared_shapes(model)
     g = inferred.graph
     out: dict[str, TensorInfo] = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -12,17 +12,20 @@ from splitpoint.core.onnxio import load_model, sha256_file
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
 from .index import GraphIndex
+from .shapes import InputShapes, apply_input_shapes
 
 
 @dataclass
 class ModelHandle:
-    """A user's model, loaded once: where it came from, its checksum and its graph index."""
+    """A user's model, loaded once: where it came from, its checksum, its graph index, and the input
+    shapes it was fixed to (``--input-shape``; empty when the file's own shapes were complete)."""
 
     path: Path
     name: str
     sha256: str
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # with input_shapes applied
     index: GraphIndex
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def cuts(self) -> list[Cut]:
         if not hasattr(self, "_cuts"):
@@ -30,12 +33,22 @@ class ModelHandle:
         return self._cuts
 
 
-def open_model(spec: str | Path) -> ModelHandle:
-    """Load a model given as an ONNX path or a zoo name, checked and indexed."""
+def open_model(
+    spec: str | Path, input_shapes: InputShapes | None = None, only_present: bool = False
+) -> ModelHandle:
+    """Load a model given as an ONNX path or a zoo name, fix its symbolic input dimensions (given, or
+    the zoo entry's defaults), check and index it. An unknown non-batch dimension that nobody gave stops
+    here, naming the input and the option. ``only_present``: shapes for inputs this model lacks are
+    ignored (one --input-shape list for several models)."""
     path = zoo.resolve(spec)
     model = load_model(path)
-    name = path.stem if str(spec) not in zoo.ZOO else str(spec)
-    return ModelHandle(path, name, sha256_file(path), model, GraphIndex.build(model))
+    entry = zoo.ZOO.get(str(spec))
+    name = str(spec) if entry is not None else path.stem
+    shapes = dict(getattr(entry, "input_shapes", None) or {}) if entry is not None else {}
+    names = {i.name for i in model.graph.input}
+    shapes.update({k: v for k, v in (input_shapes or {}).items() if k in names or not only_present})
+    model = apply_input_shapes(model, shapes, where=str(path))
+    return ModelHandle(path, name, sha256_file(path), model, GraphIndex.build(model), shapes)
 
 
 __all__ = ["ModelHandle", "open_model", "Cut", "enumerate_cuts", "resolve_cut", "GraphIndex"]

@@ -1,0 +1,97 @@
+"""Concrete input shapes for models exported with symbolic dimensions (``images: [batch, 3, height, width]``).
+
+A cut tensor's size, a profile's timings and a plan's files all depend on the input's height and width, so
+SplitPoint works on the model with those dimensions fixed, as trtexec's ``--shapes`` and onnxsim's
+``--overwrite-input-shape`` do. A leading symbolic dimension is the batch and may stay free; any other
+unknown dimension must be given (``--input-shape images:1x3x640x640``), and its absence stops a command
+before it does any work.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..errors import ModelError
+
+InputShapes = dict[str, list[int]]
+
+
+def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> InputShapes:
+    """``["images:1x3x640x640", ...]`` → ``{"images": [1, 3, 640, 640]}`` (a name may hold ':')."""
+    shapes: InputShapes = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition(":")
+        try:
+            values = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v <= 0 for v in values):
+            raise ModelError(
+                f"--input-shape {spec!r}: write NAME:DIMxDIM… (positive dimensions), e.g. images:1x3x640x640"
+            )
+        if name in shapes:
+            raise ModelError(f"--input-shape names {name!r} twice")
+        shapes[name] = values
+    return shapes
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+        for d in vi.type.tensor_type.shape.dim
+    ]
+
+
+def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str = "model") -> onnx.ModelProto:
+    """A copy of ``model`` with the given input dimensions fixed; refuses unknown inputs, wrong ranks,
+    values that contradict a static dimension, and inputs left with an unknown non-batch dimension."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {i.name: i for i in model.graph.input if i.name not in inits}
+    unknown = sorted(set(shapes) - set(inputs))
+    if unknown:
+        raise ModelError(f"{where} has no input named {unknown[0]!r} (its inputs: {', '.join(inputs)})")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        if vi.name not in shapes:
+            continue
+        have, want = _dims(vi), shapes[vi.name]
+        if len(have) != len(want):
+            raise ModelError(
+                f"input {vi.name!r} has rank {len(have)}; --input-shape gives {len(want)} dimensions"
+            )
+        for k, (h, w) in enumerate(zip(have, want, strict=True)):
+            if isinstance(h, int) and h > 0 and h != w:
+                raise ModelError(f"input {vi.name!r} has dimension {k} fixed at {h}; --input-shape gives {w}")
+        dims = vi.type.tensor_type.shape.dim
+        for d, w in zip(dims, want, strict=True):
+            d.Clear()
+            d.dim_value = w
+    missing = []
+    for vi in out.graph.input:
+        if vi.name in inits:
+            continue
+        dims = _dims(vi)
+        fixed = [isinstance(d, int) and d > 0 for d in dims]
+        free = [d if isinstance(d, str) else f"dim {k}" for k, d in enumerate(dims) if k > 0 and not fixed[k]]
+        if free:
+            example = "x".join(str(d) if fixed[k] else ("1" if k == 0 else "?") for k, d in enumerate(dims))
+            missing.append(
+                f"input {vi.name!r} has unknown dimensions {', '.join(map(str, free))}: "
+                f"give --input-shape {vi.name}:{example}"
+            )
+    if missing:
+        raise ModelError(
+            missing[0] + (f" (and {len(missing) - 1} more input(s))" if len(missing) > 1 else "")
+        )
+    return out
+
+
+def declared_shapes(model: onnx.ModelProto) -> InputShapes:
+    """The inputs' fixed dimensions as they stand (symbolic or unknown ones as -1)."""
+    inits = {t.name for t in model.graph.initializer}
+    return {
+        i.name: [d if isinstance(d, int) and d > 0 else -1 for d in _dims(i)]
+        for i in model.graph.input
+        if i.name not in inits
+    }

@@ -1,0 +1,265 @@
+"""Models as exporters write them, not as the zoo builds them: a static batch of 1 (torch.onnx.export's
+default), symbolic height and width, stale value_info (shapes traced for one input and declared static),
+onnxruntime's own domains (com.microsoft.nchwc, from its layout optimiser), several inputs and outputs, and
+external data. Cut, split, profile, fidelity, plan, serve and bench all work on each."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from splitpoint.core import zoo
+from splitpoint.core.errors import ModelError, ProfileError
+from splitpoint.core.graph import open_model
+from splitpoint.core.graph.extract import extract
+from splitpoint.core.plandir import write_plan
+from splitpoint.core.runner import assemble, load_split, make_session, run_batched
+from splitpoint.core.samples import sample_feeds
+from splitpoint.partitioner.pareto import Constraints
+from splitpoint.partitioner.planner import decide, gather
+from splitpoint.profiles.profiler import ProfileSettings, profile_model
+from splitpoint.profiles.schema import load_network
+
+from .conftest import run_cli
+
+
+def _set_dims(vi: onnx.ValueInfoProto, dims) -> None:
+    shape = vi.type.tensor_type.shape
+    shape.ClearField("dim")
+    for v in dims:
+        d = shape.dim.add()
+        if isinstance(v, int):
+            d.dim_value = v
+        else:
+            d.dim_param = v
+
+
+def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    return out
+
+
+def static_batch_1(base):
+    m = _copy(base)
+    _set_dims(m.graph.input[0], [1, 3, 48, 48])
+    for o in m.graph.output:
+        o.type.tensor_type.shape.dim[0].Clear()
+        o.type.tensor_type.shape.dim[0].dim_value = 1
+    return shape_inference.infer_shapes(m)  # value_info everywhere, batch 1 baked in
+
+
+def symbolic_hw(base):
+    m = _copy(base)
+    _set_dims(m.graph.input[0], ["batch", 3, "height", "width"])
+    return m
+
+
+def stale_value_info(base):
+    """Shapes traced at batch 1 for half the spatial size, declared static: wrong at run time."""
+    m = shape_inference.infer_shapes(base)
+    for vi in m.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            _set_dims(vi, [1, dims[1].dim_value or 1, 1, 1])
+    return m
+
+
+def nchwc(base, path):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(path)
+    ort.InferenceSession(base.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return onnx.load(str(path))
+
+
+def sequence_model():
+    """The exporter's classic: x [1, 40, 120] through a transpose pair, value_info declaring the middle
+    tensors {-1, 1, 120} (traced wrongly) while they are {1, 40, 120} at run time."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((120, 16)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 2, 1]),
+        helper.make_node("Relu", ["t1"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t2"], perm=[0, 2, 1]),
+        helper.make_node("Sigmoid", ["t2"], ["s"]),
+        helper.make_node("MatMul", ["s", "w"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40, 120])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40, 16])],
+        [w],
+        value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, [-1, 1, 120]) for n in ("t2", "s")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    d = tmp_path_factory.mktemp("exported")
+    base = zoo.build("resnet18", width=0.25, resolution=48)
+    paths = {}
+    for name, model in [
+        ("static1", static_batch_1(base)),
+        ("symhw", symbolic_hw(base)),
+        ("stale", stale_value_info(base)),
+        ("sequence", sequence_model()),
+        ("multitask", zoo.build("multitask", width=0.25, resolution=64)),
+    ]:
+        paths[name] = d / f"{name}.onnx"
+        onnx.save(model, str(paths[name]))
+    paths["nchwc"] = d / "nchwc.onnx"
+    nchwc(base, paths["nchwc"])
+    paths["external"] = d / "external.onnx"
+    onnx.save(
+        base, str(paths["external"]), save_as_external_data=True, location="external.bin", size_threshold=0
+    )
+    return paths
+
+
+SHAPES = {"symhw": {"input": [1, 3, 48, 48]}}
+
+
+def _handle(variants, name):
+    return open_model(variants[name], SHAPES.get(name))
+
+
+@pytest.mark.parametrize("name", ["static1", "symhw", "stale", "sequence", "multitask", "nchwc", "external"])
+def test_every_cut_rejoins_to_the_unsplit_model(variants, name, tmp_path):
+    h = _handle(variants, name)
+    feeds = sample_feeds(h.model, 1, 5)
+    ref = make_session(h.path).run(None, feeds)
+    cuts = h.cuts()
+    for cut in cuts[:: max(1, len(cuts) // 6)]:  # a spread of cuts, first to last
+        head, tail = extract(h.index, cut)  # the checker runs on both: declared shapes must hold
+        hs, ts = make_session(head.SerializeToString()), make_session(tail.SerializeToString())
+        produced = dict(
+            zip(
+                [o.name for o in hs.get_outputs()],
+                hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
+                strict=True,
+            )
+        )
+        late = dict(
+            zip(
+                [o.name for o in ts.get_outputs()],
+                ts.run(None, {i.name: produced.get(i.name, feeds.get(i.name)) for i in ts.get_inputs()}),
+                strict=True,
+            )
+        )
+        got = [produced[o] if o in cut.head_outputs else late[o] for o in h.index.outputs]
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    # a written plan, loaded as the edge and server load it, gives the same answer
+    plan = write_plan(h, tmp_path / "p", cut=cuts[len(cuts) // 2])
+    _, head_r, tail_r = load_split(tmp_path / "p")
+    sent, early = head_r.run(feeds)
+    for g, r in zip(assemble(plan, early, tail_r.run(sent) if tail_r else {}), ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
+    with pytest.raises(
+        ModelError,
+        match=r"input 'input' has unknown dimensions height, width: give --input-shape input:1x3x\?x\?",
+    ):
+        open_model(variants["symhw"])
+    proc = run_cli("cuts", str(variants["symhw"]), timeout=60)
+    assert (
+        proc.returncode == 2
+        and "--input-shape input:1x3x?x?" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+    proc = run_cli("cuts", str(variants["symhw"]), "--input-shape", "input:1x3x96x96", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(ModelError, match="dimension 1 fixed at 3"):
+        open_model(variants["symhw"], {"input": [1, 4, 48, 48]})
+    with pytest.raises(ModelError, match="no input named 'images'"):
+        open_model(variants["symhw"], {"images": [1, 3, 48, 48]})
+
+
+def test_profile_fidelity_and_plan_on_exported_models(variants):
+    for name in ("static1", "symhw", "nchwc", "multitask"):
+        h = _handle(variants, name)
+        edge = profile_model(h, ProfileSettings(role="edge", budget=4, anchors=2))
+        server = profile_model(h, ProfileSettings(role="server", budget=4, anchors=2))
+        assert edge.input_shapes == h.input_shapes and len(edge.cuts) == len(h.cuts())
+        samples = [sample_feeds(h.model, 1, k) for k in range(3)]  # several samples: batched where it can be
+        m = gather(h, edge, server, samples, codecs=["float32", "int8"])
+        d = decide(m, [load_network("lte")], Constraints(min_fidelity=0.9))[0]
+        assert d.pick.inp.fidelity is not None and d.pick.inp.fidelity >= 0.9, name
+        assert any(f == 1.0 for (_, codec, _), f in m.fidelity.items() if codec == "float32"), name
+
+
+def test_a_profile_at_other_input_shapes_is_refused(variants):
+    h48 = open_model(variants["symhw"], {"input": [1, 3, 48, 48]})
+    h64 = open_model(variants["symhw"], {"input": [1, 3, 64, 64]})
+    prof = profile_model(h48, ProfileSettings(role="edge", budget=2, anchors=1))
+    with pytest.raises(ProfileError, match="measured with input shapes"):
+        gather(h64, prof, prof, [sample_feeds(h64.model, 1, 0)])
+
+
+def test_static_batch_runs_one_sample_at_a_time(variants):
+    h = _handle(variants, "static1")
+    sess = make_session(h.path)
+    samples = [sample_feeds(h.model, 1, k) for k in range(4)]
+    out = run_batched(sess, samples)[0]
+    assert out.shape[0] == 4
+    np.testing.assert_allclose(out[2:3], sess.run(None, samples[2])[0], rtol=1e-5)
+
+
+def test_serve_an_exported_model(variants, tmp_path):
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    for name in ("static1", "nchwc", "multitask"):
+        h = _handle(variants, name)
+        write_plan(h, tmp_path / name / "p", cut=h.cuts()[len(h.cuts()) // 2], codec="float16")
+        srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / name)).start()
+        try:
+            with EdgeClient(
+                EdgeConfig(plan_dir=tmp_path / name / "p", server=srv.endpoint, fallback=False)
+            ) as c:
+                feeds = sample_feeds(h.model, 1, 9)
+                r = c.infer(feeds, timeout=30)
+            for g, ref in zip(r.outputs, make_session(h.path).run(None, feeds), strict=True):
+                np.testing.assert_allclose(g, ref, rtol=1e-2, atol=1e-2)
+        finally:
+            srv.stop()
+
+
+def test_bench_on_an_exported_model(variants, tmp_path):
+    from splitpoint.app.bench.report import write_report
+    from splitpoint.app.bench.run import BenchConfig, run_bench
+
+    device = tmp_path / "board.yaml"
+    device.write_text(
+        "name: board\nrole: edge\ncpu: test\ncores: 1\nclock_ghz: 1.0\nmemory_gb: 1\n"
+        "thermal_limit_c: 80\nreference_latency_ms:\n  mobilenetv2: 40\n"
+    )
+    cfg = BenchConfig(
+        models=(str(variants["symhw"]),),
+        networks=("wifi-n",),
+        device=str(device),
+        link="loopback",
+        seconds=0.2,
+        min_requests=2,
+        max_requests=3,
+        max_front=1,
+        fidelity_samples=2,
+        inputs=2,
+        profile_budget=4,
+        input_shapes=("input:1x3x48x48",),
+    )
+    results = write_report(run_bench(cfg), tmp_path / "out")
+    rows = results["runs"][0]["rows"]
+    assert rows and all("error" not in r["measured"] for r in rows), [r["measured"] for r in rows]
