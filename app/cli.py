@@ -46,12 +46,14 @@ def _print_json(obj: object) -> None:
     sys.stdout.write("\n")
 
 
-def require(module: str, option: str, extra: str) -> None:
-    """Fail before any work when an option needs an optional package that is missing."""
+def require(module: str, option: str) -> None:
+    """Fail before any work when an option needs a package that is missing or broken here."""
     try:
         __import__(module)
     except ImportError as exc:
-        raise SplitPointError(f"{option} needs {module}: pip install 'splitpoint[{extra}]'") from exc
+        raise SplitPointError(
+            f"{option} needs {module}, which does not import here ({exc}): pip install {module}"
+        ) from exc
 
 
 def _logging(quiet: bool) -> None:
@@ -241,7 +243,7 @@ def plan(
         input_shapes=tuple(input_shape or ()),
     )
     if plot:
-        require("matplotlib", "--plot", "plot")
+        require("matplotlib", "--plot")
     r = run_plan(job)
     if plot:
         from .plots import plot_front
@@ -430,13 +432,14 @@ def deploy(
 
     from .orchestrator import deploy as push
 
-    endpoints = [*(server or []), *(edge or [])]
-    if not endpoints:
+    targets = [*((ep, "server") for ep in server or []), *((ep, "edge") for ep in edge or [])]
+    if not targets:
         raise typer.BadParameter("name at least one --server or --edge")
     key = read_key(curve_server_key, "server public key") if curve_server_key else None
     pair = keypair_from_secret(curve_secret) if curve_secret else None
-    for ep in endpoints:
-        console.print(f"{ep}: plan {push(plan_dir, ep, timeout, key, pair)[:12]} acknowledged")
+    for ep, role in targets:  # each device gets the files of its role only
+        pid = push(plan_dir, ep, timeout, role, key if role == "server" else None, pair)
+        console.print(f"{ep}: plan {pid[:12]} acknowledged ({role})")
 
 
 @app.command()

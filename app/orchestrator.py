@@ -21,10 +21,12 @@ def deploy(
     plan_dir: str | Path,
     endpoint: str,
     timeout_s: float = 30.0,
+    role: str = "server",
     curve_server_key: bytes | None = None,
     curve_keypair: tuple[bytes, bytes] | None = None,
 ) -> str:
-    """Send a plan (plan.json and the files it lists) and wait for the peer to acknowledge it.
+    """Send a plan (plan.json and the files ``role`` holds: a server its tail, an edge its head and the
+    whole model for fallback, if the plan carries it) and wait for the peer to acknowledge it.
     Against a CurveZMQ server, ``curve_keypair`` must be a key on its deploy allow-list."""
     try:
         check_endpoint(endpoint)
@@ -32,7 +34,7 @@ def deploy(
         raise ConfigError(f"--server/--edge: {exc}") from exc
     plan = Plan.load(plan_dir)
     d = Path(plan_dir)
-    names = [PLAN_FILE, *plan.files]
+    names = [PLAN_FILE, *sorted(plan.files_for(role))]
     frames = [(d / n).read_bytes() for n in names]
     ctx: zmq.Context = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)

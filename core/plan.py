@@ -36,6 +36,7 @@ SPLIT: Final = "split"  # head on the edge, tail on the server
 SERVER_ONLY: Final = "server-only"  # the raw inputs cross; the whole model runs on the server
 EDGE_ONLY: Final = "edge-only"  # nothing crosses
 KINDS = (SPLIT, SERVER_ONLY, EDGE_ONLY)
+ROLES = ("edge", "server")  # who holds which files: see Plan.files_for
 Kind = Literal["split", "server-only", "edge-only"]
 
 MAX_PLAN_BYTES = 16 * 2**20  # plan.json is metadata: a larger one is refused before parsing
@@ -126,6 +127,16 @@ class Plan(_Strict):
             raise ValueError("cut tensor names repeat")
         return self
 
+    def files_for(self, role: str | None, fallback: bool = True) -> set[str]:
+        """The files a device in ``role`` holds (all of them for None): the edge its head, and the whole
+        model when it may fall back; the server its tail. A model's external data goes with it."""
+        if role is None:
+            return set(self.files)
+        if role not in ROLES:
+            raise PlanError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        models = {TAIL_FILE} if role == "server" else {HEAD_FILE} | ({FULL_FILE} if fallback else set())
+        return {n for n in self.files if n in models or any(n.startswith(m + ".") for m in models)}
+
     def content_id(self) -> str:
         """sha256 (hex) of the canonical JSON of everything but ``plan_id``: keys sorted, no spaces."""
         d = self.model_dump(mode="json", exclude={"plan_id"})
@@ -159,19 +170,24 @@ class Plan(_Strict):
         return plan
 
     @classmethod
-    def load(cls, plan_dir: str | Path, verify: bool = True) -> Plan:
+    def load(cls, plan_dir: str | Path, verify: bool = True, role: str | None = None) -> Plan:
+        """plan.json, checked; with ``verify``, every file ``role`` needs present and every file present
+        matching its checksum (a device's directory holds only its role's files)."""
         p = Path(plan_dir) / PLAN_FILE
         if not p.is_file():
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
         plan = cls.parse(p.read_bytes(), where=str(p))
         if verify:
-            plan.verify(plan_dir)
+            plan.verify(plan_dir, role)
         return plan
 
-    def verify(self, plan_dir: str | Path) -> None:
+    def verify(self, plan_dir: str | Path, role: str | None = None) -> None:
+        need = self.files_for(role, fallback=False)
         for name, digest in self.files.items():
             f = Path(plan_dir) / name
             if not f.is_file():
+                if name not in need:
+                    continue
                 raise PlanError(f"plan {self.plan_id[:12]}: file {name} is missing from {plan_dir}")
             actual = sha256_file(f)
             if actual != digest:
@@ -181,9 +197,10 @@ class Plan(_Strict):
                 )
 
 
-def verify_pushed(files: dict[str, bytes]) -> Plan:
-    """A plan sent over the wire (plan.json plus the files it lists), checked against its own
-    checksums before anything is written: the server and the edge daemon accept pushes alike."""
+def verify_pushed(files: dict[str, bytes], role: str | None = None) -> Plan:
+    """A plan sent over the wire (plan.json plus the files ``role`` needs, or all it lists), checked
+    against its own checksums before anything is written: the server and the edge daemon accept pushes
+    alike."""
     if PLAN_FILE not in files:
         raise PlanError("pushed plan has no plan.json")
     for name in files:
@@ -192,8 +209,11 @@ def verify_pushed(files: dict[str, bytes]) -> Plan:
     extra = set(files) - set(plan.files) - {PLAN_FILE}
     if extra:
         raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)[:8]}")
+    need = plan.files_for(role, fallback=False)
     for name, digest in plan.files.items():
         if name not in files:
+            if name not in need:
+                continue
             raise PlanError(f"pushed plan is missing {name}")
         if hashlib.sha256(files[name]).hexdigest() != digest:
             raise PlanError(f"pushed plan: checksum mismatch for {name}")
@@ -204,13 +224,13 @@ T = TypeVar("T")
 
 
 def install_pushed(
-    files: dict[str, bytes], plans_dir: Path, load: Callable[[Path, Plan], T]
+    files: dict[str, bytes], plans_dir: Path, load: Callable[[Path, Plan], T], role: str | None = None
 ) -> tuple[Plan, T, Path]:
     """Verify a pushed plan, write it to a temporary directory in ``plans_dir``, ``load`` it from there
     (build every session: a garbage model with a matching checksum fails here), and only then rename it
     to ``plans_dir/<first 16 hex of its id>``. Any failure leaves nothing behind and the previous content
     of that directory untouched. Returns the plan, what ``load`` returned and where the plan now is."""
-    plan = verify_pushed(files)
+    plan = verify_pushed(files, role)
     target = Path(plans_dir) / plan.plan_id[:16]
     loaded: list[T] = []
 

@@ -113,7 +113,7 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
     """Build a session for every model a plan carries (then drop it): what onnxruntime refuses, a
     deploy refuses, before anything is served from it."""
     for name in plan.files:
-        if name.endswith(".onnx"):
+        if name.endswith(".onnx") and (Path(plan_dir) / name).is_file():
             make_session(Path(plan_dir) / name, threads=1)
 
 

@@ -81,16 +81,18 @@ class _Pending:
 
 
 class EdgeClient:
-    def __init__(self, config: EdgeConfig):
+    def __init__(self, config: EdgeConfig, telemetry: Telemetry | None = None):
+        """``telemetry``: a publisher the caller owns and keeps across clients (the daemon's, which
+        outlives a switch of plans); without one the client makes and closes its own."""
         self.config = config
-        self.plan = Plan.load(config.plan_dir)
+        self.plan = Plan.load(config.plan_dir, role="edge")
         d = Path(config.plan_dir)
         head = make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None
         self._head = HeadRunner(self.plan, head)
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
-        if (config.fallback or self.local_only) and (FULL_FILE in self.plan.files or self.local_only):
-            path = d / (FULL_FILE if FULL_FILE in self.plan.files else HEAD_FILE)
+        if (config.fallback or self.local_only) and ((d / FULL_FILE).is_file() or self.local_only):
+            path = d / (FULL_FILE if (d / FULL_FILE).is_file() else HEAD_FILE)
             if psutil.virtual_memory().available > 3 * path.stat().st_size:
                 self._full = make_session(path, config.threads)
             else:
@@ -110,7 +112,10 @@ class EdgeClient:
         self.rtt_ms: float | None = None
         self.bandwidth_mbps: float | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
-        self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
+        self._own_telemetry = telemetry is None
+        self.telemetry = telemetry or (
+            Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
+        )
         self._conn = Connection(zmq.Context.instance(), config, self._on_message)
         self._wake_r, self._wake_w = os.pipe()
         self._io = threading.Thread(target=self._io_loop, name="splitpoint-edge-io", daemon=True)
@@ -161,7 +166,7 @@ class EdgeClient:
         self._conn.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self.telemetry:
+        if self.telemetry and self._own_telemetry:
             self.telemetry.close()
 
     def __enter__(self) -> EdgeClient:

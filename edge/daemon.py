@@ -26,6 +26,7 @@ from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import Plan, install_pushed
 from splitpoint.core.runner import check_models_load
 from splitpoint.core.signals import stop_on_signals
+from splitpoint.core.telemetry import Telemetry
 
 from .client import EdgeClient, EdgeError
 from .config import EdgeConfig
@@ -44,7 +45,9 @@ class EdgeDaemon:
     def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
         self.config = config
         self.plans_dir = plans_dir or Path(config.plan_dir).parent
-        self.client = EdgeClient(config)
+        # one publisher for the daemon's life: a plan switch must not announce the device offline
+        self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
+        self.client = EdgeClient(config, self.telemetry)
         self._stop = threading.Event()
         self.endpoint: str | None = None
 
@@ -61,6 +64,8 @@ class EdgeDaemon:
                     self.serve_local()
             finally:
                 self.client.close(drain=True)
+                if self.telemetry:
+                    self.telemetry.close()
         if self.client.fatal is not None:
             raise DaemonFailed(f"the edge client stopped working: {self.client.fatal}")
         return summary
@@ -206,10 +211,10 @@ class EdgeDaemon:
     def _deploy(self, msg: wire.Message) -> Plan:
         """Install a pushed plan next to the current one (verified and loaded first), then switch to it,
         draining the old client."""
-        plan, _, target = install_pushed(wire.deploy_files(msg), self.plans_dir, check_models_load)
+        plan, _, target = install_pushed(wire.deploy_files(msg), self.plans_dir, check_models_load, "edge")
         old = self.client
         self.config = self.config.with_(plan_dir=target)
-        self.client = EdgeClient(self.config)
+        self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
         old.close(drain=True)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan

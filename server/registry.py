@@ -53,7 +53,7 @@ class PlanRegistry:
 
     def add_dir(self, path: str | Path) -> Plan:
         path = Path(path)
-        plan = Plan.load(path)
+        plan = Plan.load(path, role="server")
         entry = self._entry(path, plan)
         with self._lock:
             self._entries[plan.plan_id] = entry
@@ -62,7 +62,7 @@ class PlanRegistry:
 
     def install(self, files: dict[str, bytes]) -> Plan:
         """Verify a pushed plan (plan.json plus the files it lists), load it, and make it servable."""
-        plan = verify_pushed(files)
+        plan = verify_pushed(files, "server")
         existing = self.get(plan.plan_id)
         if existing is not None:
             return existing.plan
@@ -73,7 +73,7 @@ class PlanRegistry:
             check_models_load(tmp, plan)  # every model, not only the tail: a bad head fails here too
             return self._entry(tmp, plan)  # sessions hold their models: the rename does not disturb them
 
-        plan, entry, path = install_pushed(files, self.plans_dir, load)
+        plan, entry, path = install_pushed(files, self.plans_dir, load, "server")
         entry.path = path
         with self._lock:
             self._entries[plan.plan_id] = entry

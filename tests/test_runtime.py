@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,9 @@ def test_deploy_pushes_a_verified_plan(model, tmp_path):
             c.infer(x(), timeout=10)
         pid = deploy(model["plans"] / "p-f32", srv.endpoint)
         assert pid in srv.registry.ids()
+        # the server holds what it runs, not the edge's head or the 'full' fallback model
+        (installed,) = (tmp_path / "empty").iterdir()
+        assert sorted(p.name for p in installed.iterdir()) == ["plan.json", "tail.onnx"]
         with client(model, srv) as c:
             assert not c.infer(x(), timeout=30).fallback
         # a tampered push is refused and nothing is installed
@@ -239,6 +243,53 @@ def test_dead_broker_never_blocks_inference(model, server):
             assert not c.infer(x(), timeout=30).fallback
         assert slowest < 0.05  # a publish towards a dead broker returns at once
         assert c.telemetry.dropped > 0 and c.telemetry.sent == 0
+
+
+def test_deploy_to_the_edge_then_status_shows_it_online_with_the_new_plan(model, server, mosquitto, tmp_path):
+    from splitpoint.core.plan import Plan
+
+    from .conftest import run_cli
+
+    start = tmp_path / "plans" / "start"
+    shutil.copytree(model["plans"] / "p-f32", start)
+    sock = f"ipc://{tmp_path}/edge.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app",
+            "edge",
+            "run",
+            str(start),
+            "--server",
+            server.endpoint,
+            "--listen",
+            sock,
+            "--mqtt",
+            mosquitto,
+            "--device-id",
+            "t-deployed",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        s = _raw(sock)
+        assert _ask(s, wire.Message(wire.PING, 1).to_frames(), timeout=30000).type == wire.PONG
+        s.close(0)
+        new = Plan.load(model["plans"] / "p-int8")
+        done = run_cli("deploy", str(model["plans"] / "p-int8"), "--edge", sock, timeout=120)
+        assert done.returncode == 0 and "acknowledged (edge)" in done.stdout, done.stderr
+        pushed = tmp_path / "plans" / new.plan_id[:16]
+        assert sorted(p.name for p in pushed.iterdir()) == ["full.onnx", "head.onnx", "plan.json"]  # no tail
+        shown = run_cli("status", "--mqtt", mosquitto, "--seconds", "1.5", timeout=60)
+        row = next(line for line in shown.stdout.splitlines() if "t-deployed" in line)
+        assert "online" in row and new.plan_id[:12] in row, shown.stdout
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
@@ -401,9 +452,9 @@ def test_only_deploy_keys_may_deploy_to_a_curve_server(model, tmp_path):
     ).start()
     try:
         with pytest.raises(SplitPointError, match="refused plan .*deploy allow-list"):
-            deploy(model["plans"] / "p-f32", srv.endpoint, 20, pub_s, (edge_pub, edge_sec))
+            deploy(model["plans"] / "p-f32", srv.endpoint, 20, "server", pub_s, (edge_pub, edge_sec))
         assert not (tmp_path / "pushed").exists()  # an edge key may infer, not deploy: nothing written
-        pid = deploy(model["plans"] / "p-f32", srv.endpoint, 60, pub_s, (ops_pub, ops_sec))
+        pid = deploy(model["plans"] / "p-f32", srv.endpoint, 60, "server", pub_s, (ops_pub, ops_sec))
         assert pid in srv.registry.ids()
     finally:
         srv.stop()
