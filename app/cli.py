@@ -474,7 +474,7 @@ def watch(
 def demo(
     model: Annotated[str, typer.Option(help="zoo model")] = "resnet18",
     network: Annotated[str, typer.Option(help="network profile to plan for")] = "wifi6",
-    requests: Annotated[int, typer.Option()] = 300,
+    requests: Annotated[int, typer.Option()] = 120,
     window: Annotated[int, typer.Option()] = 4,
     mqtt: Annotated[str | None, typer.Option(help="use this broker instead of the embedded one")] = None,
     edge_slowdown: Annotated[
@@ -496,7 +496,8 @@ def demo(
         edge_slowdown=edge_slowdown,
         emulate_link=not no_link,
     )
-    run_demo(cfg, say=console.print)
+    with progress("demo", on=console) as note:
+        run_demo(cfg, say=console.print, progress=note)
 
 
 @app.command()

@@ -36,8 +36,11 @@ def fmt(v: float | None, pattern: str = "{:.1f}") -> str:
 
 
 @contextmanager
-def progress(label: str, quiet: bool = False, transient: bool = True) -> Iterator[Callable[..., None]]:
-    """A progress bar on stderr; yields ``note(what, done, total)`` for the library to call."""
+def progress(
+    label: str, quiet: bool = False, transient: bool = True, on: Console | None = None
+) -> Iterator[Callable[..., None]]:
+    """A progress bar (on stderr unless ``on`` says otherwise: the console a command also prints to, so
+    that its lines and the bar do not overwrite each other); yields ``note(what, done, total)``."""
     if quiet:
         yield lambda *_, **__: None
         return
@@ -46,7 +49,7 @@ def progress(label: str, quiet: bool = False, transient: bool = True) -> Iterato
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
-        console=err,
+        console=on or err,
         transient=transient,
     ) as bar:
         task = bar.add_task("", total=1)

@@ -1,17 +1,22 @@
-"""`splitpoint demo`: the whole pipeline on one machine, in under a minute.
+"""`splitpoint demo`: the whole pipeline on one machine, in about a minute.
 
-Profiles a zoo model as edge and as server, plans for a network profile, starts the tail
-server (its own process), an MQTT broker (embedded unless --mqtt is given) and the edge
-client, runs a few hundred inferences, and prints what each stage measured next to what the
-planner predicted.
+Profiles a zoo model as edge (under a real CPU limit, standing in for a small device) and as server,
+plans for a network profile, shows the Pareto front, then starts the tail server (its own process), an
+MQTT broker (embedded unless --mqtt is given) and the edge client over the emulated link, and runs two
+candidates side by side: the planner's pick and a contrasting one (the best mid-network cut when the pick
+is not a cut, else the best whole-model baseline). For each it prints what every stage measured next to
+what the planner predicted, and how closely the answers match the unsplit model. Nothing is left behind
+unless --workdir keeps it.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -21,197 +26,298 @@ from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 from splitpoint.profiles.profiler import median_of_present
 
+INPUTS = 16  # distinct inputs cycled through the requests: agreement is measured on all of them
+PLAN_SAMPLES = 16  # the planner's fidelity samples: other seeds than the inputs the runs are judged on
+STAGES = (
+    "head_ms",
+    "encode_ms",
+    "network_ms",
+    "server_decode_ms",
+    "tail_ms",
+    "decode_ms",
+    "local_ms",
+    "total_ms",
+)
+
 
 class DemoConfig(StrictConfig):
     label: ClassVar[str] = "demo"
     model: str = "resnet18"
     network: str = "wifi6"
-    requests: int = Field(300, ge=1, le=1_000_000)
+    requests: int = Field(120, ge=1, le=1_000_000)  # per candidate
     window: int = Field(4, ge=1, le=4096)
     mqtt: str | None = None
-    workdir: Path | None = None
+    workdir: Path | None = None  # keep the plans here (default: a temporary directory, removed at the end)
     budget: float = Field(12.0, gt=0)
     edge_slowdown: float = Field(4.0, ge=1)  # the edge stands in for a small device under a real CPU limit
     emulate_link: bool = True  # the network profile applied to real traffic by the userspace link proxy
+    min_fidelity: float = Field(0.99, ge=0, le=1)
 
 
-def run_demo(cfg: DemoConfig, say=print) -> dict:
-    from splitpoint.app.broker import EmbeddedBroker, free_port
-    from splitpoint.app.orchestrator import collect
+def run_demo(
+    cfg: DemoConfig, say: Callable[..., None] = print, progress: Callable[..., None] | None = None
+) -> dict:
+    work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="splitpoint-demo-"))
+    try:
+        return _run(cfg, work, say, progress or (lambda *a, **k: None))
+    finally:
+        if cfg.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)  # plans hold whole models: tens of MB
+
+
+def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callable[..., None]) -> dict:
     from splitpoint.core.graph import open_model
-    from splitpoint.core.runner import make_session
-    from splitpoint.core.samples import load_inputs, sample_feeds
-    from splitpoint.edge.client import EdgeClient, EdgeConfig
+    from splitpoint.core.plan import SPLIT
+    from splitpoint.core.samples import load_inputs
     from splitpoint.partitioner.emit import write_candidate
     from splitpoint.partitioner.pareto import Constraints
-    from splitpoint.partitioner.planner import decide, gather
+    from splitpoint.partitioner.planner import best_of_kind, decide, gather
+    from splitpoint.profiles.cpulimit import CpuLimitError, cpu_limit
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_network
 
     t_start = time.perf_counter()
-    work = Path(cfg.workdir or tempfile.mkdtemp(prefix="splitpoint-demo-"))
     h = open_model(cfg.model)
     net = load_network(cfg.network)
-    from splitpoint.profiles.cpulimit import CpuLimitError, cpu_limit
-
-    edge_cpus = 1.0 / cfg.edge_slowdown if cfg.edge_slowdown and cfg.edge_slowdown > 1 else None
+    edge_cpus = 1.0 / cfg.edge_slowdown if cfg.edge_slowdown > 1 else None
     try:
-        with cpu_limit(edge_cpus) as em:
+        with cpu_limit(edge_cpus):
             pass
     except CpuLimitError as exc:
         say(f"      (no CPU limit available: {exc}; the edge runs at full speed)")
         edge_cpus = None
-    say(
-        f"[1/5] profiling {h.name} as edge (1 "
-        f"thread{f', limited to {edge_cpus:g} CPU' if edge_cpus else ''}) "
-        "and as server (1 thread)…"
-    )
+    limited = f", limited to {edge_cpus:g} CPU" if edge_cpus else ""
+    say(f"[1/6] profiling {h.name} as edge (1 thread{limited}) and as server (1 thread)…")
     with cpu_limit(edge_cpus) as em:
         edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=cfg.budget), em)
     server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.budget))
-    if em:
-        say(f"      edge emulated with {em.mechanism}, {em.cpus:g} CPU")
     say(
         f"      edge whole model {edge.whole.median_ms:.1f} ms, server {server.whole.median_ms:.1f} ms "
         f"(measured)"
     )
-    say(f"[2/5] planning for {net.name} ({net.uplink_mbps} Mbit/s up, RTT {net.rtt_ms} ms)…")
-    m = gather(
-        h, edge, server, load_inputs(h.model, random=4), codecs=["float32", "float16", "int8", "int8+lz4"]
-    )
-    d = decide(m, [net], Constraints(min_fidelity=0.99))[0]
-    p = d.pick
-    plan_dir = work / "plan"
-    write_candidate(h, p, plan_dir, include_full=True, front=[c.to_dict() for c in d.front], force=True)
+
     say(
-        f"      pick: {p.label} — predicted {p.latency_ms:.1f} ms, {p.throughput_ips:.1f}/s "
-        f"({len(d.front)} candidates on the front of {len(d.candidates)})"
+        f"[2/6] planning for {net.name} ({net.uplink_mbps:g} Mbit/s up, RTT {net.rtt_ms:g} ms), fidelity ≥ "
+        f"{cfg.min_fidelity}…"
     )
-
-    broker = None
-    url = cfg.mqtt
-    if url is None:
-        broker = EmbeddedBroker().start()
-        url = broker.url
-    # the link proxy (its own process) starts before this process takes the edge's CPU limit
-    from splitpoint.app.bench.emulate import EmulatedLink
-    from splitpoint.partitioner.planner import link_of
-
-    link_ctx = EmulatedLink(
-        link_of(net), "proxy" if cfg.emulate_link else "loopback", server_port=free_port()
-    )
-    try:
-        em = link_ctx.__enter__()
-    except BaseException:
-        if broker:
-            broker.stop()
-        raise
-    endpoint = em.server_bind
+    samples = load_inputs(h.model, random=PLAN_SAMPLES)
+    m = gather(h, edge, server, samples, codecs=["float32", "float16", "int8", "int8+lz4"])
+    d = decide(m, [net], Constraints(min_fidelity=cfg.min_fidelity))[0]
+    pick = d.pick
+    other_kind = "server-only" if pick.inp.kind == SPLIT else SPLIT
+    other = best_of_kind(m, d, other_kind, cfg.min_fidelity)
+    weights = zoo_weights(cfg.model)
     say(
-        f"[3/5] starting server on {endpoint}, link {em.mechanism} ({em.detail}), "
-        f"MQTT {'embedded broker' if broker else 'broker'} at {url}…"
+        f"      Pareto front: {len(d.front)} of {len(d.candidates)} candidates, derived from the measured "
+        f"profiles; fidelity = top-1 agreement with the unsplit model on {PLAN_SAMPLES} random inputs "
+        f"({weights}):"
     )
-    srv = start_server(endpoint, work, "--mqtt", url, "--device-id", "demo-server")
-    client = None
-    limit = cpu_limit(edge_cpus)
-    limit.__enter__()
-    try:
-        client = EdgeClient(
-            EdgeConfig(
-                plan_dir=plan_dir,
-                server=em.edge_connect,
-                window=cfg.window,
-                mqtt=url,
-                device_id="demo-edge",
-                timeout_s=10.0,
-            )
+    shown = _fold(sorted(d.front, key=lambda c: c.latency_ms))
+    for c, same in shown[:8]:
+        mark = "★" if c is pick or pick in same else " "
+        also = f"  (same figures: {', '.join(x.label for x in same)})" if same else ""
+        say(
+            f"      {mark} {c.label:24s} {c.latency_ms:8.1f} ms {c.throughput_ips:7.1f}/s "
+            f"{c.bytes_per_inference / 1024:9.1f} KiB  fidelity {c.inp.fidelity:.3f}{also}"
         )
-        # the server process must not inherit the edge's CPU limit: it was started before it
-        end = time.monotonic() + 20
-        while not client.server_up and time.monotonic() < end and p.inp.kind != "edge-only":
-            if srv.poll() is not None:
-                raise SplitPointError(f"server exited: {output(srv)}")
-            time.sleep(0.05)
-        feeds = sample_feeds(h.model, 1, 7)
-        ref = make_session(h.path).run(None, feeds)
-        say(f"[4/5] running {cfg.requests} inferences, {cfg.window} in flight…")
-        client.infer(feeds, timeout=30)  # warm-up
-        t0 = time.perf_counter()
-        futures = [client.submit(feeds) for _ in range(cfg.requests)]
-        results = [f.result(60) for f in futures]
-        wall = time.perf_counter() - t0
-        seq = [client.infer(feeds, timeout=30) for _ in range(min(50, cfg.requests))]  # unpipelined latency
-        err = max(float(np.abs(a - b).max()) for a, b in zip(results[-1].outputs, ref, strict=True))
-        fleet = collect(url, 2.5)
-    finally:
-        if client:
-            client.close()
-        limit.__exit__(None, None, None)
-        stop(srv)
-        link_ctx.__exit__(None, None, None)
-        if broker:
-            broker.stop()
-
-    b = [r.breakdown for r in seq]
-    measured = {
-        k: median_of_present([x.get(k) for x in b])
-        for k in (
-            "head_ms",
-            "encode_ms",
-            "network_ms",
-            "server_decode_ms",
-            "tail_ms",
-            "decode_ms",
-            "total_ms",
-            "local_ms",
+    if len(shown) > 8:
+        say(f"        … and {len(shown) - 8} more")
+    runs = [("pick", pick)] + (
+        [("best " + ("mid-network cut" if other_kind == SPLIT else "whole model on the server"), other)]
+        if other
+        else []
+    )
+    if other is None:
+        say(f"      no {other_kind} candidate meets fidelity {cfg.min_fidelity}: only the pick runs")
+    plans = work / "plans"
+    dirs = {}
+    for k, (role, c) in enumerate(runs):
+        dirs[role] = plans / f"{k}-{c.inp.kind}"
+        write_candidate(h, c, dirs[role], include_full=True, front=[x.to_dict() for x in d.front], force=True)
+    results = _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress)
+    say(
+        "[6/6] measured vs predicted (medians of sequential requests, ms; predicted = derived from the "
+        "profiles):"
+    )
+    for role, c in runs:
+        r = results[role]
+        say(f"      {role}: {c.label}")
+        for name, pred, meas in _rows(c, r["stages"]):
+            say(f"        {name:28s} predicted {_f(pred):>9s}   measured {_f(meas):>9s}")
+        say(
+            f"        throughput {r['throughput_ips']:.1f}/s measured vs {c.throughput_ips:.1f}/s predicted; "
+            f"{r['fallbacks']} fallbacks; top-1 agreement with the unsplit model {_pct(r['top1_agreement'])} "
+            f"on {INPUTS} other inputs; max |split − unsplit| {r['max_abs_error']:.2e}"
         )
-    }
-    pb = p.breakdown
-    rows = [
-        ("head (edge)", pb.get("head_ms"), measured["head_ms"]),
-        ("encode (edge)", pb.get("encode_ms"), measured["encode_ms"]),
-        (
-            "network (up + RTT + down)",
-            pb.get("uplink_ms", 0) + pb.get("rtt_ms", 0) + pb.get("downlink_ms", 0)
-            if "uplink_ms" in pb
-            else None,
-            measured["network_ms"],
-        ),
-        ("decode (server)", pb.get("decode_ms"), measured["server_decode_ms"]),
-        ("tail (server)", pb.get("tail_ms"), measured["tail_ms"]),
-        ("end to end", p.latency_ms, measured["total_ms"]),
-    ]
-    summary = {
+    if len(runs) == 2:
+        (ra, ca), (rb, cb) = runs
+        a, b = results[ra]["stages"]["total_ms"], results[rb]["stages"]["total_ms"]
+        faster = ra if a <= b else rb
+        agrees = (a <= b) == (ca.latency_ms <= cb.latency_ms)
+        say(
+            f"      {faster} is faster: {min(a, b):.1f} vs {max(a, b):.1f} ms measured "
+            f"({max(a, b) / min(a, b):.2f}x), predicted {ca.latency_ms:.1f} vs {cb.latency_ms:.1f} ms: "
+            f"the measurement {'confirms' if agrees else 'reverses'} the planner's order."
+        )
+    say(
+        "      'max |split − unsplit|' is the largest difference in any output value between the split "
+        "model and the unsplit one on the same input: the cut tensor's codec (e.g. int8 rounding) causes "
+        "it; 0 means identical."
+    )
+    if "random" in weights:
+        say(
+            "      The weights are random: near-tied scores make top-1 fragile under any rounding, so these "
+            "agreements say little about a trained model (the bench measures trained ones)."
+        )
+    fleet = results.pop("_telemetry")
+    say(
+        f"      telemetry seen from: {', '.join(fleet) or 'none'}; total "
+        f"{time.perf_counter() - t_start:.0f} s"
+    )
+    return {
         "model": h.name,
         "network": net.name,
-        "pick": p.label,
-        "requests": cfg.requests,
-        "throughput_measured_ips": cfg.requests / wall,
-        "throughput_predicted_ips": p.throughput_ips,
-        "fallbacks": sum(r.fallback for r in results),
-        "max_abs_error_vs_unsplit": err,
-        "stages": rows,
-        "telemetry_devices": sorted(fleet),
+        "pick": pick.label,
+        "other": other.label if other else None,
+        "runs": {role: results[role] for role, _ in runs},
+        "telemetry_devices": fleet,
         "seconds": time.perf_counter() - t_start,
-        "plan_dir": str(plan_dir),
+        "plans": {k: str(v) for k, v in dirs.items()},
     }
-    say(
-        f"[5/5] measured vs predicted (medians, ms; predicted = derived from the profiles; link: "
-        f"{em.mechanism}, "
-        f"{'emulated' if em.link else 'loopback, not emulated'}):"
+
+
+def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> dict[str, Any]:
+    from splitpoint.app.bench.emulate import EmulatedLink
+    from splitpoint.app.broker import EmbeddedBroker, free_port
+    from splitpoint.app.orchestrator import collect
+    from splitpoint.core.runner import make_session
+    from splitpoint.core.samples import sample_feeds
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.partitioner.planner import link_of
+    from splitpoint.profiles.cpulimit import cpu_limit
+
+    broker = EmbeddedBroker().start() if cfg.mqtt is None else None
+    url = broker.url if broker else cfg.mqtt
+    inputs = [sample_feeds(h.model, 1, 100 + k) for k in range(INPUTS)]
+    full = make_session(h.path)
+    refs = [full.run(None, f) for f in inputs]
+    results: dict[str, Any] = {}
+    try:
+        # the link proxy and the server (own processes) start before this process takes the edge's CPU limit
+        with EmulatedLink(
+            link_of(net), "proxy" if cfg.emulate_link else "loopback", server_port=free_port()
+        ) as em:
+            say(f"[3/6] server on {em.server_bind}, link {em.mechanism} ({em.detail}), MQTT at {url}")
+            srv = start_server(em.server_bind, plans, "--mqtt", url, "--device-id", "demo-server")
+            try:
+                with cpu_limit(edge_cpus):
+                    for step, (role, c) in enumerate(runs):
+                        say(
+                            f"[{4 + step}/6] {role}: {c.label}, {cfg.requests} requests, {cfg.window} in "
+                            f"flight…"
+                        )
+                        ec = EdgeConfig(
+                            plan_dir=dirs[role],
+                            server=em.edge_connect,
+                            window=cfg.window,
+                            mqtt=url,
+                            device_id="demo-edge",
+                            timeout_s=10.0,
+                            connect_grace_s=20.0,
+                        )
+                        with EdgeClient(ec) as client:
+                            if srv.poll() is not None:
+                                raise SplitPointError(f"server exited: {output(srv)}")
+                            results[role] = _exercise(client, inputs, refs, cfg.requests, progress, role)
+                results["_telemetry"] = sorted(collect(url, 2.5))
+            finally:
+                stop(srv)
+    finally:
+        if broker:
+            broker.stop()
+    return results
+
+
+def _exercise(client, inputs, refs, n: int, progress, role: str) -> dict:
+    """Pipelined requests for throughput, then sequential ones for each stage's latency."""
+    client.infer(inputs[0], timeout=60)  # warm-up
+    progress(role, 0, n)
+    t0 = time.perf_counter()
+    futures = [client.submit(inputs[k % len(inputs)]) for k in range(n)]
+    pipelined = []
+    for k, f in enumerate(futures):
+        pipelined.append(f.result(120))
+        progress(role, k + 1, n)
+    wall = time.perf_counter() - t0
+    seq = [client.infer(inputs[k % len(inputs)], timeout=60) for k in range(min(30, n))]
+    errors, agree = [], []
+    for k, r in enumerate(pipelined[: len(inputs)]):
+        ref = refs[k % len(inputs)]
+        errors.append(
+            max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(r.outputs, ref, strict=True))
+        )
+        agree.append(float(np.argmax(r.outputs[0]) == np.argmax(ref[0])))
+    return {
+        "requests": n,
+        "throughput_ips": (n - 1) / wall if n > 1 else None,
+        "fallbacks": sum(r.fallback for r in pipelined),
+        "stages": {k: median_of_present([r.breakdown.get(k) for r in seq]) for k in STAGES},
+        "max_abs_error": max(errors),
+        "top1_agreement": float(np.mean(agree)),
+    }
+
+
+def _rows(c, measured: dict) -> list[tuple[str, float | None, float | None]]:
+    pb = c.breakdown
+    network = (
+        pb.get("uplink_ms", 0) + pb.get("rtt_ms", 0) + pb.get("downlink_ms", 0) if "uplink_ms" in pb else None
     )
-    for name, pred, meas in rows:
-        say(f"      {name:28s} predicted {_f(pred):>9s}   measured {_f(meas):>9s}")
-    say(
-        f"      throughput: measured {summary['throughput_measured_ips']:.1f}/s pipelined vs predicted "
-        f"{p.throughput_ips:.1f}/s; fallbacks {summary['fallbacks']}; max |split − unsplit| = {err:.2e}"
-    )
-    say(
-        f"      telemetry seen from: {', '.join(summary['telemetry_devices']) or 'none'}; "
-        f"total {summary['seconds']:.0f} s; plan in {plan_dir}"
-    )
-    return summary
+    if c.inp.kind == "edge-only":
+        return [
+            ("whole model (edge)", pb.get("head_ms"), measured["local_ms"]),
+            ("end to end", c.latency_ms, measured["total_ms"]),
+        ]
+    return [
+        ("head (edge)", pb.get("head_ms"), measured["head_ms"]),
+        ("encode (edge)", pb.get("encode_ms"), measured["encode_ms"]),
+        ("network (up + RTT + down)", network, measured["network_ms"]),
+        ("decode (server)", pb.get("decode_ms"), measured["server_decode_ms"]),
+        ("tail (server)", pb.get("tail_ms"), measured["tail_ms"]),
+        ("end to end", c.latency_ms, measured["total_ms"]),
+    ]
+
+
+def zoo_weights(spec: str) -> str:
+    """How a model's weights came about, for every line that reports fidelity."""
+    from splitpoint.core import zoo
+
+    entry = zoo.ZOO.get(spec)
+    if entry is None:
+        return "the user's model"
+    return "trained weights" if getattr(entry, "trained", False) else "random weights (zoo architecture)"
+
+
+def _fold(cands: list) -> list[tuple[Any, list]]:
+    """Candidates whose predicted figures are all equal shown once, with the others named."""
+
+    def key(c: Any) -> tuple:
+        return (round(c.latency_ms, 2), round(c.throughput_ips, 2), c.bytes_per_inference, c.inp.fidelity)
+
+    out: list[tuple[Any, list]] = []
+    for c in cands:
+        for first, same in out:
+            if key(first) == key(c):
+                same.append(c)
+                break
+        else:
+            out.append((c, []))
+    return out
 
 
 def _f(x) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"

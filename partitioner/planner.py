@@ -323,3 +323,23 @@ def decide(m: Measurements, networks: list[NetworkProfile], constraints: Constra
         measured = [c for c in cands if c.inp.fidelity is not None]
         decisions.append(Decision(link, cands, front(measured), pick(measured, constraints)))
     return decisions
+
+
+def best_of_kind(
+    m: Measurements, decision: Decision, kind: str, min_fidelity: float = 0.0
+) -> Candidate | None:
+    """The candidate of ``kind`` (split, edge-only, server-only) with the lowest predicted latency on the
+    decision's link among those whose measured fidelity reaches ``min_fidelity``, measuring fidelity
+    where the lazy search left it unmeasured. For comparing the pick with the best of another kind."""
+    ordered = sorted(
+        (c for c in decision.candidates if c.inp.kind == kind and c.inp.head_weights == "float32"),
+        key=lambda c: c.latency_ms,
+    )
+    for c in ordered:
+        key = (c.inp.cut, c.inp.codec, c.inp.head_weights)
+        if key not in m.fidelity:
+            measure_fidelity(m, {(c.inp.cut, c.inp.head_weights)})
+        fid = m.fidelity.get(key)
+        if fid is not None and fid >= min_fidelity:
+            return evaluate(replace(c.inp, fidelity=fid), decision.link)
+    return None

@@ -1,26 +1,51 @@
-"""The README's main command, at a small scale: profile, plan, serve, run over an emulated link,
-telemetry through a real mosquitto, everything shut down afterwards."""
+"""The README's main command, at a small scale: profile, plan, show the front, serve, run the pick and a
+contrasting candidate over an emulated link, telemetry through a real mosquitto, everything shut down and
+cleaned up afterwards."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 from splitpoint.app.demo import DemoConfig, run_demo
 
 
-def test_demo_runs_end_to_end_and_cleans_up(tmp_path, mosquitto, small_resnet18):
-    model = small_resnet18
+def test_demo_runs_two_candidates_end_to_end(tmp_path, mosquitto, small_resnet18):
     lines: list[str] = []
     s = run_demo(
         DemoConfig(
-            model=str(model), network="lte", requests=20, budget=8, mqtt=mosquitto, workdir=tmp_path / "work"
+            model=str(small_resnet18),
+            network="lte",
+            requests=20,
+            budget=8,
+            mqtt=mosquitto,
+            workdir=tmp_path / "work",
         ),
         say=lambda *a: lines.append(" ".join(map(str, a))),
     )
-    assert s["fallbacks"] == 0 and s["throughput_measured_ips"] > 0
+    assert any("Pareto front" in line for line in lines) and any("link proxy" in line for line in lines)
+    assert s["other"] is not None and set(s["runs"]) == {"pick", next(k for k in s["runs"] if k != "pick")}
+    labels = {s["pick"], s["other"]}
+    assert any(label.startswith("cut ") for label in labels), labels  # a split really runs
+    for role, r in s["runs"].items():
+        assert r["fallbacks"] == 0 and r["throughput_ips"] > 0 and r["stages"]["total_ms"] > 0, role
+        assert 0 <= r["top1_agreement"] <= 1 and r["max_abs_error"] >= 0
+        if (
+            r["stages"]["network_ms"] is not None
+        ):  # the lte link's RTT alone is 70 ms: below it means no emulation
+            assert r["stages"]["network_ms"] >= 0.9 * 70
+    assert any("faster" in line for line in lines) and any(
+        "max |split − unsplit|' is" in line for line in lines
+    )
     assert {"demo-edge", "demo-server"} <= set(s["telemetry_devices"])
-    assert any("link proxy" in line for line in lines)  # the network profile was applied to real traffic
-    stages = {name: (pred, meas) for name, pred, meas in s["stages"]}
-    assert stages["end to end"][1] > 0 and stages["end to end"][0] > 0
-    if s["pick"].startswith(("cut", "server-only")):
-        # the lte link's RTT alone is 70 ms: a measured network stage below it means no emulation
-        assert stages["network (up + RTT + down)"][1] >= 0.9 * 70
-    assert (tmp_path / "work" / "plan" / "plan.json").is_file()
+    assert all((Path(p) / "plan.json").is_file() for p in s["plans"].values())  # kept: --workdir was given
+
+
+def test_demo_leaves_nothing_in_the_temporary_directory(mosquitto, small_resnet18):
+    before = set(Path(tempfile.gettempdir()).glob("splitpoint-demo-*"))
+    s = run_demo(
+        DemoConfig(model=str(small_resnet18), network="wifi-n", requests=5, budget=4, mqtt=mosquitto),
+        say=lambda *a: None,
+    )
+    assert set(Path(tempfile.gettempdir()).glob("splitpoint-demo-*")) == before
+    assert not any(Path(p).exists() for p in s["plans"].values())
