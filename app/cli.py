@@ -153,7 +153,10 @@ def profile(
     ] = 1,
     provider: Annotated[str, typer.Option(help="onnxruntime execution provider")] = "CPUExecutionProvider",
     budget: Annotated[
-        float, typer.Option(help="timed run time allowed, in multiples of one inference")
+        float,
+        typer.Option(
+            help="wall time allowed for the segments (session builds included), in multiples of one inference"
+        ),
     ] = 30.0,
     cpus: Annotated[
         float | None, typer.Option(help="emulate a smaller device: limit to this many CPUs")
@@ -190,7 +193,8 @@ def profile(
             f"{prof.model_name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median (p90 "
             f"{prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} segments measured, "
             f"{len(prof.cuts)} "
-            f"cuts; cost {prof.cost['full_inference_equivalents']:.0f}x one inference → {path}"
+            f"cuts; took {prof.cost['wall_s']:.1f} s = {prof.cost['wall_inference_equivalents']:.0f}x one "
+            f"inference (wall clock, session builds included) → {path}"
         )
 
 
@@ -244,7 +248,8 @@ def plan(
     )
     if plot:
         require("matplotlib", "--plot")
-    r = run_plan(job)
+    with progress("planning", as_json) as note:
+        r = run_plan(job, note)
     if plot:
         from .plots import plot_front
 

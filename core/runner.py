@@ -11,14 +11,37 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from .errors import SplitPointError
 from .plan import HEAD_FILE, TAIL_FILE, Plan
 
 
+def _shared_weights(model: onnx.ModelProto, so: ort.SessionOptions) -> tuple[bytes, list]:
+    """The model's bytes without its weights, which go to onnxruntime as arrays instead: serialising an
+    extracted head or tail with its weights costs as much as building its session, every time."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    names, values = [], []
+    for init in light.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL or not (init.raw_data or init.float_data):
+            continue  # external files and the odd typed field stay as they are
+        names.append(init.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init)))
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", "splitpoint-shared"  # never read: the arrays below win
+    if names:
+        so.add_external_initializers(names, values)
+    return light.SerializeToString(), values
+
+
 def make_session(
-    model: str | Path | bytes,
+    model: str | Path | bytes | onnx.ModelProto,
     threads: int = 0,
     provider: str = "CPUExecutionProvider",
     enable_profiling: bool = False,
@@ -45,8 +68,14 @@ def make_session(
             f"execution provider {provider} is not available here (available: {', '.join(available)})"
         )
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, sess_options=so, providers=providers)
+    if isinstance(model, onnx.ModelProto):
+        src, keep = _shared_weights(model, so)
+        sess = ort.InferenceSession(src, sess_options=so, providers=providers)
+        sess._splitpoint_weights = keep  # type: ignore[attr-defined]  # the arrays must outlive the session
+        return sess
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), sess_options=so, providers=providers
+    )
 
 
 class HeadRunner:

@@ -78,8 +78,8 @@ def measure(
     if reference is None:
         reference = run_batched(make_session(handle.path), samples)
     head, tail = extract(handle.index, cut, check=False)
-    hs = make_session((head_model or head).SerializeToString())
-    ts = make_session(tail.SerializeToString())
+    hs = make_session(head_model or head)
+    ts = make_session(tail)
     h_out = dict(zip([o.name for o in hs.get_outputs()], run_batched(hs, samples), strict=True))
     feeds = _batch(samples)
     sent = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -65,7 +66,7 @@ class PlanOutcome:
     plan: Plan | None  # written when the job names an output directory
 
 
-def run_plan(job: PlanJob) -> PlanOutcome:
+def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) -> PlanOutcome:
     """Load and check everything first (files, profiles, network), then measure and decide."""
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
     network = load_network(job.network)
@@ -74,7 +75,7 @@ def run_plan(job: PlanJob) -> PlanOutcome:
     samples = load_inputs(handle.model, job.inputs, job.random)
     cons = job.constraints()
     m = gather(handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads)
-    d = decide(m, [network], cons)[0]
+    d = decide(m, [network], cons, note)[0]
     front = [c.to_dict() for c in d.front]
     predicted = {
         **d.pick.to_dict(),

@@ -12,6 +12,7 @@ optimistic front is dominated whatever its true fidelity, so the final front is 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -76,7 +77,7 @@ def encoded_sizes(
     produced = [n for n in names if n not in idx.inputs]
     existing = {o.name for o in m.graph.output}
     m.graph.output.extend([idx.tensor(n).value_info() for n in produced if n not in existing])
-    sess = make_session(m.SerializeToString())
+    sess = make_session(m)
     out_names = [o.name for o in sess.get_outputs()]
     per_sample = []
     for s in samples:
@@ -204,7 +205,9 @@ def unmeasured_on_front(inputs: list[CandidateInput], links: list[Link]) -> set[
     return need
 
 
-def measure_fidelity(m: Measurements, pairs: set[tuple]) -> None:
+def measure_fidelity(
+    m: Measurements, pairs: set[tuple], note: Callable[[str, int, int], None] | None = None
+) -> None:
     """Measure fidelity for the baselines and the given (cut, head precision) pairs, every codec
     at once (the tail session and the quantised head are the expensive parts)."""
     h = m.handle
@@ -218,10 +221,12 @@ def measure_fidelity(m: Measurements, pairs: set[tuple]) -> None:
         received = [{k: decode(encode(v, codec)) for k, v in s.items()} for s in m.samples]
         _record(m, 0, codec, "float32", run_batched(full, received))
     by_index = {c.index: c for c in h.cuts()}
-    for k, head in sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0, p[1])):
+    for done, (k, head) in enumerate(sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0, p[1]))):
+        if note:
+            note(f"fidelity at cut {k} ({head} head)", done, len(pairs))
         if k is None:  # edge-only with an int8 model
             if (None, "-", head) not in m.fidelity:
-                q = make_session(quantize_head(h.model, m.samples, "static").SerializeToString())
+                q = make_session(quantize_head(h.model, m.samples, "static"))
                 _record(m, None, "-", head, run_batched(q, m.samples))
             continue
         todo = [c for c in m.codecs if (k, c, head) not in m.fidelity]
@@ -310,12 +315,18 @@ class Decision:
     pick: Candidate
 
 
-def decide(m: Measurements, networks: list[NetworkProfile], constraints: Constraints) -> list[Decision]:
+def decide(
+    m: Measurements,
+    networks: list[NetworkProfile],
+    constraints: Constraints,
+    note: Callable[[str, int, int], None] | None = None,
+) -> list[Decision]:
+    """``note(what, done, total)`` hears of each round of fidelity measurement (a progress bar)."""
     links = [link_of(n) for n in networks]
     check_feasible(candidate_inputs(m), links, constraints)
     measure_fidelity(m, set())  # the baselines
     while need := unmeasured_on_front(candidate_inputs(m), links):
-        measure_fidelity(m, need)
+        measure_fidelity(m, need, note)
     inputs = candidate_inputs(m)
     decisions = []
     for link in links:

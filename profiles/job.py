@@ -24,7 +24,7 @@ class ProfileJob(StrictConfig):
     out: Path | None = None  # default profiles/measured/MODEL-ROLE.json
     threads: int = Field(1, ge=0, le=1024)
     provider: str = "CPUExecutionProvider"
-    budget: float = Field(30.0, gt=0, le=10_000)  # timed runs, in multiples of one inference
+    budget: float = Field(30.0, gt=0, le=10_000)  # wall time, in multiples of one inference
     cpus: float | None = Field(None, gt=0, le=1024)  # emulate a smaller device: a real CPU limit
     slowdown: float | None = Field(None, ge=1, le=1000)  # or: a device this many times slower
     int8: bool = False  # also time the int8 (static QDQ) model
