@@ -71,7 +71,7 @@ def make_session(
     if isinstance(model, onnx.ModelProto):
         src, keep = _shared_weights(model, so)
         sess = ort.InferenceSession(src, sess_options=so, providers=providers)
-        sess._splitpoint_weights = keep  # type: ignore[attr-defined]  # the arrays must outlive the session
+        sess._splitpoint_weights = keep  # the arrays must outlive the session
         return sess
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), sess_options=so, providers=providers
