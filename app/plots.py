@@ -66,6 +66,41 @@ def readable_scale(
     axis.set_minor_locator(mt.NullLocator())
 
 
+def place_labels(ax: Any, items: Sequence[tuple[float, float, str]], fontsize: float = 6) -> None:
+    """Label points so that no label runs off the panel or covers another: each label points inwards
+    (left of its point in the panel's right part) and moves up or down by a line until it is clear
+    of those already placed. Call after the axis limits are set."""
+    fig = ax.figure
+    x0, x1 = ax.get_xlim()
+    to_px = ax.transData.transform
+    pt = fig.dpi / 72.0
+    h = fontsize * 1.25 * pt
+    placed: list[tuple[float, float, float, float]] = []
+    for x, y, text in sorted(items, key=lambda it: -it[1]):
+        px, py = to_px((x, y))
+        lx, rx = to_px((x0, y))[0], to_px((x1, y))[0]
+        right = (px - lx) > 0.6 * (rx - lx)
+        w = 0.6 * fontsize * pt * len(text)
+        dx = -5 if right else 5
+        left = px + dx * pt - (w if right else 0)
+        for step in (0, -1, 1, -2, 2, -3, 3, -4, 4):
+            dy = 3 + step * fontsize * 1.25
+            bottom = py + dy * pt
+            box = (left, bottom, left + w, bottom + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(
+            text,
+            (x, y),
+            fontsize=fontsize,
+            xytext=(dx, dy),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            va="bottom",
+        )
+
+
 def _span(values: Sequence[float]) -> tuple[float, float]:
     return (min(values), max(values)) if values else (1.0, 10.0)
 
@@ -172,8 +207,8 @@ def front_figure(
     ax_f.set_ylim(max(0.0, f_lo - 0.05 * max(1.0 - f_lo, 0.02) - 0.01), 1.0 + max(1.0 - f_lo, 0.02) * 0.06)
 
     # the constraints, where an axis shows them
-    limit = {"color": LIMIT, "ls": "--", "lw": 1.2, "zorder": 5}
-    shade = {"color": LIMIT, "alpha": 0.07, "lw": 0, "zorder": 1}
+    limit: dict[str, Any] = {"color": LIMIT, "ls": "--", "lw": 1.2, "zorder": 5}
+    shade: dict[str, Any] = {"color": LIMIT, "alpha": 0.07, "lw": 0, "zorder": 1}
     if cons.max_latency_ms is not None:
         for ax in [ax_t, ax_b, ax_f, *([ax_z] if ax_z is not None else [])]:
             ax.axvline(cons.max_latency_ms, gid="max-latency", **limit)
