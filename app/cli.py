@@ -259,6 +259,7 @@ def plan(
             r.decision.pick,
             plot,
             f"{r.handle.name} on {r.network.name}",
+            r.constraints,
         )
     if as_json:
         _print_json({"pick": r.predicted, "front": [c.to_dict() for c in r.decision.front]})

@@ -97,33 +97,93 @@ def cuts_table(name: str, cuts: list) -> Table:
     return table(f"{name}: {len(cuts)} candidate cuts (bytes per sample, derived from shapes)", cols, rows, 3)
 
 
-def front_table(title: str, front: list, pick: Any) -> Table:
-    rows = [
-        [
-            "★" if c is pick else "",
-            c.label,
-            f"{c.latency_ms:.1f}",
-            f"{c.throughput_ips:.1f}",
-            f"{c.edge_ms:.1f}",
-            f"{c.transfer_ms:.1f}",
-            human_bytes(c.bytes_per_inference),
-            human_bytes(c.inp.edge_memory_bytes),
-            fmt(c.inp.fidelity, "{:.3f}"),
-        ]
-        for c in front
+def _front_cells(c: Any) -> list[str]:
+    return [
+        f"{c.latency_ms:.1f}",
+        f"{c.throughput_ips:.1f}",
+        f"{c.edge_ms:.1f}",
+        f"{c.transfer_ms:.1f}",
+        human_bytes(c.bytes_per_inference),
+        human_bytes(c.inp.edge_memory_bytes),
+        fmt(c.inp.fidelity, "{:.3f}"),
     ]
+
+
+def fold_alike(front: list, pick: Any = None, constraints: Any = None) -> list[list]:
+    """The front's members grouped where every figure the table shows is the same, in front order.
+
+    The front keeps candidates equal in every objective (neither dominates the other), and cuts a
+    fused node apart (an Add and its ReLU: no time of their own in the per-node profile, the same
+    tensor size) are exactly that; others differ only below the table's precision. Each group is
+    one row; the pick, where it is in one, leads its group. With ``constraints``, members of a group
+    also miss the same ones."""
+    groups: dict[tuple, list] = {}
+    for c in front:
+        misses = tuple(constraints.misses(c)) if constraints is not None else ()
+        groups.setdefault((*_front_cells(c), *misses), []).append(c)
+    out = []
+    for g in groups.values():
+        if pick is not None and any(c is pick for c in g):
+            g = [pick, *(c for c in g if c is not pick)]
+        out.append(g)
+    return out
+
+
+def _alike_label(group: list) -> str:
+    head, rest = group[0].label, [c.label for c in group[1:]]
+    if not rest:
+        return head
+    shown = ", ".join(rest[:3]) + (f" and {len(rest) - 3} more" if len(rest) > 3 else "")
+    return f"{head} (+{len(rest)} alike: {shown})"
+
+
+def front_table(title: str, front: list, pick: Any, constraints: Any = None) -> Table:
+    """One row per group of candidates alike in every figure shown; with ``constraints`` (the ones the
+    user gave, a ``partitioner.pareto.Constraints``), a column marking what each row misses."""
+    rows = []
+    for g in fold_alike(front, pick, constraints):
+        c = g[0]
+        row = ["★" if any(x is pick for x in g) else "", _alike_label(g), *_front_cells(c)]
+        if constraints is not None:
+            misses = constraints.misses(c)
+            row.append("✗ " + "; ".join(misses) if misses else "✓")
+        rows.append(row)
     cols = ["", "candidate", "latency ms", "throughput /s", "edge ms", "transfer ms", "bytes/inf"]
-    return table(title, [*cols, "edge memory", "fidelity"], rows, 2)
+    cols += ["edge memory", "fidelity"]
+    if constraints is not None:
+        cols.append("constraints")
+    t = table(title, cols, rows, 2)
+    if constraints is not None:
+        t.columns[-1].justify = "left"
+    return t
+
+
+def _given(constraints: Any) -> bool:
+    names = ("max_latency_ms", "min_fidelity", "max_edge_memory_bytes", "max_bytes", "min_throughput_ips")
+    return constraints is not None and any(getattr(constraints, n) is not None for n in names)
 
 
 def show_plan(r: Any, objective: str, out: Path | None) -> None:
-    """``splitpoint plan``'s answer: the front, the pick, and where the plan went."""
+    """``splitpoint plan``'s answer: the front (alike candidates folded, constraint misses marked),
+    the pick, and where the plan went."""
     d = r.decision
+    cons = getattr(r, "constraints", None)
+    cons = cons if _given(cons) else None
+    groups = fold_alike(d.front, d.pick, cons)
+    folded = len(d.front) - len(groups)
     title = (
         f"{r.handle.name} on {r.network.name}: Pareto front ({len(d.front)} of {len(d.candidates)} "
-        "candidates; figures derived from measured profiles)"
+        "candidates"
+        + (f" in {len(groups)} rows: candidates alike in every figure share one" if folded else "")
+        + "; figures derived from measured profiles)"
     )
-    console.print(front_table(title, d.front, d.pick))
+    console.print(front_table(title, d.front, d.pick, cons))
+    if cons is not None:
+        missing = [g for g in groups if cons.violations(g[0])]
+        console.print(
+            f"{len(groups) - len(missing)} of {len(groups)} rows meet every constraint given; "
+            f"{len(missing)} miss at least one (✗)."
+        )
     console.print(
         f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
         f"{d.pick.throughput_ips:.1f}/s, {human_bytes(d.pick.bytes_per_inference)}/inference"

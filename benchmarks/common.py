@@ -47,8 +47,20 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, data: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+def verdict(ok: bool | None) -> str:
+    """A target's verdict, computed from the measured figure: "met", "MISSED" or "not measured"."""
+    return "not measured" if ok is None else "met" if ok else "MISSED"
+
+
+def write_results(
+    name: str, data: dict, markdown: str, out: Path | None = None, machine_facts: dict | None = None
+) -> None:
+    """``name``.json (the figures and the machine they were taken on) and ``name``.md in ``out``
+    (default: benchmarks/results). ``machine_facts`` keeps a saved run's machine when only the
+    markdown is rewritten from it."""
+    out = out or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts or machine()
+    (out / f"{name}.json").write_text(json.dumps({"machine": facts, **data}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
     print(markdown)

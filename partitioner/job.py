@@ -64,6 +64,7 @@ class PlanOutcome:
     predicted: dict  # the pick's derived figures, with what they were derived from
     samples: list[dict[str, np.ndarray]]
     plan: Plan | None  # written when the job names an output directory
+    constraints: Constraints | None = None  # the job's, as the pick honoured them
 
 
 def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) -> PlanOutcome:
@@ -89,4 +90,4 @@ def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) 
         plan = write_candidate(
             handle, d.pick, job.out, samples=samples, predicted=predicted, front=front, force=job.force
         )
-    return PlanOutcome(handle, network, d, predicted, samples, plan)
+    return PlanOutcome(handle, network, d, predicted, samples, plan, cons)

@@ -1,0 +1,99 @@
+"""The bench report from saved results (no bench run): each target's verdict follows from a number,
+the runtime overhead is quoted from benchmarks/bench_runtime.py's results when the bench made no
+loopback runs, and the plots use axes one reads at a glance."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from splitpoint.app.bench import report
+
+SAVED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bench" / "results.json"
+
+
+@pytest.fixture(scope="module")
+def saved():
+    if not SAVED.is_file():
+        pytest.skip("no saved bench results in this tree")
+    results = json.loads(SAVED.read_text())
+    results["runs"] = [r for r in results["runs"] if r["rows"][0]["model"] == "resnet18"]  # 4 cases
+    return report.derive(results)
+
+
+def _overhead(ts):
+    return next(t for t in ts if t["target"].startswith("runtime overhead"))
+
+
+def test_overhead_is_quoted_from_the_runtime_bench_with_its_verdict(saved, tmp_path):
+    results = copy.deepcopy(saved)
+    assert results["summary"]["runtime_overhead_ms_median"] is None  # the bench ran no loopback cases
+    (tmp_path / "runtime.json").write_text(
+        json.dumps(
+            {"machine": {"cpu": "cpu X", "when": "then"}, "model": "resnet18", "median_overhead_ms": 2.1}
+        )
+    )
+    (tmp_path / "runtime.md").write_text("# runtime\n")
+    out = tmp_path / "bench"
+    found = report.runtime_results(out)
+    assert found == tmp_path / "runtime.json"
+    results["targets"] = report.targets(results, report.load_runtime(found, out))
+    oh = _overhead(results["targets"])
+    assert (
+        oh["ok"] is False and "2.10 ms" in oh["measured"] and "benchmarks/bench_runtime.py" in oh["measured"]
+    )
+    assert "cpu X" in oh["measured"] and "(../runtime.md)" in oh["measured"]
+    md = report.markdown(results)
+    assert "not measured here" not in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| runtime overhead"))
+    assert row.endswith("| **MISSED** |")
+    assert "MISSED: runtime overhead" in md and "targets met" in md
+    assert "MISSED: runtime overhead" in report.summary_lines(results, out)[-1]
+
+
+def test_each_verdict_follows_its_number(saved):
+    results = copy.deepcopy(saved)
+    ts = report.targets(results)  # no runtime results at all
+    oh = _overhead(ts)
+    assert oh["ok"] is None and "not measured" in oh["measured"] and "bench_runtime.py" in oh["measured"]
+    assert "not measured: runtime overhead" in report._tally(ts)
+    # the bench's own loopback figure, when there is one, is the one judged
+    results["summary"]["runtime_overhead_ms_median"] = 0.3
+    assert _overhead(report.targets(results))["ok"] is True
+    results["summary"]["runtime_overhead_ms_median"] = 0.7
+    assert _overhead(report.targets(results))["ok"] is False
+    results["summary"]["prediction_error_median"] = 0.12
+    pe = next(t for t in report.targets(results) if t["target"].startswith("median prediction"))
+    assert pe["ok"] is False and pe["measured"] == "12.0 %"
+
+
+def test_plots_read_at_a_glance(saved, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figs: dict[str, Figure] = {}
+    real_savefig = Figure.savefig
+
+    def keep(self, path, *a, **k):
+        figs[Path(path).name] = self
+        return real_savefig(self, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    files = report.plots(copy.deepcopy(saved), tmp_path)
+    assert set(files) == set(figs) and all((tmp_path / f).stat().st_size > 1000 for f in files)
+
+    lt = figs["latency_vs_throughput.png"]
+    for ax in [a for a in lt.axes if a.has_data()]:
+        assert len([t for t in ax.get_xticklabels() if t.get_text()]) >= 3, ax.get_title()
+    bd = figs["latency_breakdown.png"]
+    panels = [a for a in bd.axes if a.has_data()]
+    assert panels and all(ax.get_yscale() == "linear" for ax in panels)
+    assert all(ax.get_legend() is None for ax in panels) and bd.legends  # one legend, off the bars
+    # a bar cut at the axis top says its real total
+    cut = [
+        (t.get_text(), ax.get_ylim()[1]) for ax in panels for t in ax.texts if t.get_text().endswith(" ms")
+    ]
+    assert cut and all(float(text[:-3].replace(",", "")) > top for text, top in cut)
