@@ -35,22 +35,42 @@ class Calibration:
         return asdict(self)
 
 
-def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
+def _reference(name: str):
+    """(zoo model, precision) for a device figure's key: ``mobilenetv2`` runs the float32 model,
+    ``mobilenetv2-int8`` the same model with int8 weights and activations (onnxruntime's static QDQ), so
+    that a published int8 figure is matched by an int8 run, not by a float32 one."""
     from splitpoint.core import zoo
+
+    base, _, precision = name.partition("-int8")
+    if name in zoo.ZOO:
+        return name, "float32"
+    if precision == "" and name.endswith("-int8") and base in zoo.ZOO:
+        return base, "int8"
+    return None
+
+
+def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
     from splitpoint.core.graph import open_model
+    from splitpoint.core.quantize import quantize_head
     from splitpoint.core.runner import make_session
     from splitpoint.core.samples import sample_feeds
 
-    usable = {k: v for k, v in device.reference_latency_ms.items() if k in zoo.ZOO}
+    usable = [
+        (k, v, ref) for k, v in device.reference_latency_ms.items() if (ref := _reference(k)) is not None
+    ]
     if not usable:
         raise SplitPointError(
-            f"device profile {device.name!r} has no reference latency for a zoo model "
+            f"device profile {device.name!r} has no reference latency for a zoo model, float32 or -int8 "
             f"(has: {', '.join(device.reference_latency_ms) or 'none'}); cannot calibrate"
         )
-    name, target = next(iter(usable.items()))
-    h = open_model(name)
-    sess = make_session(h.path, 1)
+    name, target, (model, precision) = usable[0]
+    h = open_model(model)
     feeds = sample_feeds(h.model)
+    if precision == "int8":
+        calib = [sample_feeds(h.model, 1, 100 + k) for k in range(8)]
+        sess = make_session(quantize_head(h.model, calib, "static"), 1)
+    else:
+        sess = make_session(h.path, 1)
 
     def run() -> None:
         sess.run(None, feeds)
