@@ -102,6 +102,7 @@ class EdgeClient:
         self._pings: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()  # the pending table (never held while taking the socket's lock)
+        self._waiting = 0  # infer() callers receiving their own replies
         self._window = threading.BoundedSemaphore(config.window)
         self._pool = ThreadPoolExecutor(max_workers=config.head_workers, thread_name_prefix="splitpoint-head")
         self._stop = threading.Event()
@@ -132,21 +133,28 @@ class EdgeClient:
         """Start one inference; the future yields an EdgeResult or raises EdgeError."""
         rid, p = self._enqueue(feeds)
         self._pool.submit(self._start, rid, p)
+        os.write(self._wake_w, b"s")  # the background thread starts watching the socket for its reply
         return p.future
 
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
         """One inference, blocking, entirely in the calling thread unless others are in flight.
         ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``."""
         rid, p = self._enqueue(feeds)
-        self._start(rid, p)
-        end = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        while not p.future.done():
-            left = end - time.monotonic()
-            if left <= 0:
-                raise FutureTimeout(f"request {rid} not answered within {timeout} s")
-            # alone, wait for the reply on the socket; with others in flight, in short turns
-            turn = 0.05 if len(self._pending) <= 1 else 0.002
-            self._conn.receive(min(left, turn))
+        with self._lock:
+            self._waiting += 1  # while every request in flight has a caller waiting, the background
+        try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
+            self._start(rid, p)
+            end = time.monotonic() + (timeout if timeout is not None else float("inf"))
+            while not p.future.done():
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise FutureTimeout(f"request {rid} not answered within {timeout} s")
+                # alone, wait for the reply on the socket; with others in flight, in short turns
+                turn = 0.05 if len(self._pending) <= 1 else 0.002
+                self._conn.receive(min(left, turn))
+        finally:
+            with self._lock:
+                self._waiting -= 1
         return p.future.result()
 
     def close(self, drain: bool = True, timeout: float = 10.0) -> None:
@@ -276,6 +284,7 @@ class EdgeClient:
         if msg.type == wire.PONG:
             sent = self._pings.pop(msg.id, None)
             if sent is not None:
+                self._pings.clear()  # answered: the background thread may stop watching the socket
                 rtt = (now - sent) * 1e3
                 self.rtt_ms = rtt if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * rtt
             return
@@ -366,11 +375,19 @@ class EdgeClient:
 
     def _watch(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._conn.fd, zmq.POLLIN)
         poller.register(self._conn.monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        watching = False
         next_ping = next_metrics = 0.0
         while not self._stop.is_set():
+            with self._lock:  # replies nobody waits for: pipelined requests, or this thread's own ping
+                watch = len(self._pending) > self._waiting or bool(self._pings)
+            if watch != watching:
+                if watch:
+                    poller.register(self._conn.fd, zmq.POLLIN)
+                else:
+                    poller.unregister(self._conn.fd)
+                watching = watch
             events = dict(poller.poll(20 if self._pending else int(self.config.heartbeat_s * 1000)))
             if self._wake_r in events:
                 os.read(self._wake_r, 4096)
@@ -388,7 +405,7 @@ class EdgeClient:
             if now >= next_ping and (not self._pending or not self.server_up):
                 next_ping = now + self.config.heartbeat_s
                 pid = next(self._ping_ids)
-                self._pings = {k: t for k, t in self._pings.items() if now - t < 10}
+                self._pings = {k: t for k, t in self._pings.items() if now - t < self.config.dead_after_s}
                 self._pings[pid] = now
                 self._conn.send(wire.Message(wire.PING, pid).to_frames())
             self._check_deadlines(now)
