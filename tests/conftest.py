@@ -44,6 +44,7 @@ def small_models():
     return {
         name: zoo.build(name, width=SMALL["width"], resolution=max(SMALL["resolution"], e.min_resolution))
         for name, e in zoo.ZOO.items()
+        if not e.trained  # trained models have fixed weights and sizes (tests/test_trained.py)
     }
 
 

@@ -23,7 +23,7 @@ def test_full_size_matches_published_params_and_macs(name):
     assert count_macs(idx) / 1e9 == pytest.approx(e.gmacs, rel=0.02)
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.random_names())
 def test_small_models_run_with_symbolic_batch_and_order_one_outputs(name, small_models):
     model = small_models[name]
     onnx.checker.check_model(model, full_check=True)

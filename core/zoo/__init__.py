@@ -1,4 +1,5 @@
-"""The model zoo: standard architectures generated locally, cached by their build arguments.
+"""The model zoo: standard architectures generated locally (seeded random weights), cached by their
+build arguments, and trained models used where their packages installed them (``trained.py``).
 
 Every command that takes a model accepts either an ONNX path or a zoo name, resolved here.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
-from . import models
+from . import models, trained
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class ZooEntry:
     params: int | None = None
     gmacs: float | None = None
     min_resolution: int = 32
+    # Trained entries: real weights from a package (``source``, e.g. "ddddocr==1.6.1"), the task their
+    # datasets and metrics evaluate, and concrete shapes for inputs whose dims are symbolic in the file.
+    trained: bool = False
+    task: str | None = None
+    input_shapes: dict[str, list[int]] | None = None
+    source: str = ""
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -45,6 +52,33 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("multitask", models.multitask, "two inputs, three outputs (one early), tied weights", 64),
     ]
 }
+ZOO.update(
+    {
+        m.name: ZooEntry(
+            m.name,
+            trained.loader(m.name),
+            m.summary,
+            m.resolution,
+            params=m.params,
+            min_resolution=m.resolution,
+            trained=True,
+            task=m.task,
+            input_shapes=m.input_shapes,
+            source=m.source,
+        )
+        for m in trained.TRAINED.values()
+    }
+)
+
+
+def random_names() -> list[str]:
+    """The architectures with seeded random weights (any width and resolution)."""
+    return [n for n, e in ZOO.items() if not e.trained]
+
+
+def trained_names() -> list[str]:
+    """The trained models (fixed weights and input sizes; need ``pip install 'splitpoint[trained]'``)."""
+    return [n for n, e in ZOO.items() if e.trained]
 
 
 def build(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> onnx.ModelProto:
@@ -53,6 +87,13 @@ def build(name: str, width: float = 1.0, resolution: int | None = None, seed: in
     if width <= 0 or width > 4:
         raise ModelError(f"width must be in (0, 4], got {width}")
     e = ZOO[name]
+    if e.trained:
+        if width != 1.0 or (resolution is not None and resolution != e.resolution):
+            raise ModelError(
+                f"{name} is a trained model ({e.source}): its weights and input size are fixed, "
+                "so width and resolution do not apply"
+            )
+        return e.build()
     res = resolution or e.resolution
     if res < e.min_resolution or res > 1024:
         raise ModelError(f"{name}: resolution must be in [{e.min_resolution}, 1024], got {res}")
@@ -64,7 +105,12 @@ def cache_dir() -> Path:
 
 
 def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> Path:
-    """Build once, then reuse the file: the same arguments always give the same bytes."""
+    """Build once, then reuse the file: the same arguments always give the same bytes. A trained model's
+    file is the one its package installed."""
+    if name in ZOO and ZOO[name].trained:
+        if width != 1.0 or (resolution is not None and resolution != ZOO[name].resolution):
+            build(name, width, resolution, seed)  # raises: fixed weights
+        return trained.locate(name)
     res = resolution or (ZOO[name].resolution if name in ZOO else 0)
     path = cache_dir() / f"{name}-w{width:g}-r{res}-s{seed}.onnx"
     if not path.exists():
@@ -86,15 +132,30 @@ def resolve(spec: str | Path) -> Path:
     raise ModelError(f"{spec!r} is neither a file nor a zoo model (known: {', '.join(ZOO)})")
 
 
+def _weights(e: ZooEntry) -> str:
+    if not e.trained:
+        return "random weights (seeded)"
+    why = trained.availability(e.name)
+    state = "" if why is None else f"; needs pip install {e.source}"  # (no brackets: rich reads markup)
+    return f"trained: {e.source}, {e.task}{state}"
+
+
+def _input(e: ZooEntry) -> str:
+    if e.input_shapes:
+        return ", ".join("x".join(map(str, s[-2:])) for s in e.input_shapes.values())
+    return f"{e.resolution}x{e.resolution}"
+
+
 def listing() -> list[list[str]]:
-    """One row per zoo entry: name, architecture, published parameters and MACs, input size."""
+    """One row per zoo entry: name, architecture and weights (random or trained, from which package),
+    parameters (published; for trained models, counted in the file) and MACs, input size."""
     return [
         [
             e.name,
-            e.summary,
+            f"{e.summary}; {_weights(e)}",
             f"{e.params:,}" if e.params else "-",
             f"{e.gmacs}" if e.gmacs else "-",
-            f"{e.resolution}x{e.resolution}",
+            _input(e),
         ]
         for e in ZOO.values()
     ]
