@@ -219,7 +219,13 @@ def plan(
         bool, typer.Option(help="also consider int8-weight heads (edge profiled with --int8)")
     ] = False,
     inputs: Annotated[Path | None, typer.Option(help="folder of .npy files or images for fidelity")] = None,
-    random: Annotated[int, typer.Option(help="seeded random samples for fidelity when no --inputs")] = 8,
+    random: Annotated[
+        int | None,
+        typer.Option(
+            help="fidelity samples when no --inputs: seeded random (8), or rendered task inputs for a "
+            "trained zoo model (64)"
+        ),
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the front")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,

@@ -178,6 +178,9 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
         + "; figures derived from measured profiles)"
     )
     console.print(front_table(title, d.front, d.pick, cons))
+    pred = getattr(r, "predicted", {}) or {}
+    if pred.get("fidelity_measure"):
+        console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred.get('fidelity_inputs')}")
     if cons is not None:
         missing = [g for g in groups if cons.violations(g[0])]
         console.print(

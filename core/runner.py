@@ -18,6 +18,13 @@ from onnx import numpy_helper
 from .errors import SplitPointError
 from .plan import HEAD_FILE, TAIL_FILE, Plan
 
+_WEIGHT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
 
 def _shared_weights(model: onnx.ModelProto, so: ort.SessionOptions) -> tuple[bytes, list]:
     """The model's bytes without its weights, which go to onnxruntime as arrays instead: serialising an
@@ -28,6 +35,8 @@ def _shared_weights(model: onnx.ModelProto, so: ort.SessionOptions) -> tuple[byt
     for init in light.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL or not (init.raw_data or init.float_data):
             continue  # external files and the odd typed field stay as they are
+        if init.data_type not in _WEIGHT_TYPES or int(np.prod(init.dims, dtype=np.int64)) < 1024:
+            continue  # shapes, indices, small constants stay inline: onnxruntime reads them for shapes
         names.append(init.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init)))
         init.ClearField("raw_data")

@@ -35,11 +35,15 @@ class FidelityReport:
     head_weights: str
     samples: int
     outputs: list[OutputFidelity]
+    task: dict | None = None  # taskmetrics.TaskReport.to_dict() for a model with a task (trained zoo entries)
 
     @property
     def score(self) -> float:
-        """One number for the planner: the worst top-1 agreement if any output classifies, else the
-        worst cosine similarity."""
+        """One number for the planner: the task's primary metric where the model has a task (text
+        agreement, top-box IoU, top-1 agreement on rendered inputs), else the worst top-1 agreement if any
+        output classifies, else the worst cosine similarity."""
+        if self.task is not None:
+            return float(self.task["metrics"][self.task["primary"]]["value"])
         top1 = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
         return min(top1) if top1 else min(o.cosine for o in self.outputs)
 
@@ -61,6 +65,21 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
     return OutputFidelity(name, top1, float(cos.mean()), float(np.abs(r - g).max()), float(snr))
 
 
+def task_report(
+    task: str | None, reference: list[np.ndarray], split: list[np.ndarray], n: int, truths: list | None
+) -> dict | None:
+    """Task metrics (with 95 % intervals) of a split's outputs against the float model's, per sample."""
+    if task is None:
+        return None
+    from .taskmetrics import evaluate
+
+    def per_sample(outs: list[np.ndarray]) -> list[list[np.ndarray]]:
+        parts = [np.split(o, n) for o in outs]
+        return [[p[k] for p in parts] for k in range(n)]
+
+    return evaluate(task, per_sample(reference), per_sample(split), truths).to_dict()
+
+
 def _batch(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
@@ -73,6 +92,7 @@ def measure(
     head_model: onnx.ModelProto | None = None,
     head_weights: str = "float32",
     reference: list[np.ndarray] | None = None,
+    truths: list | None = None,
 ) -> dict[str, FidelityReport]:
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
     if reference is None:
@@ -95,11 +115,12 @@ def measure(
         if digest not in runs:
             runs[digest] = dict(zip(tail_names, run_batched(ts, received), strict=True))
         late = runs[digest]
+        got = [h_out[name] if name in cut.head_outputs else late[name] for name in handle.index.outputs]
         outs = [
-            compare(name, ref, h_out[name] if name in cut.head_outputs else late[name])
-            for name, ref in zip(handle.index.outputs, reference, strict=True)
+            compare(name, ref, g) for name, ref, g in zip(handle.index.outputs, reference, got, strict=True)
         ]
-        reports[codec] = FidelityReport(cut.index, codec, head_weights, n, outs)
+        task = task_report(handle.task, reference, got, n, truths)
+        reports[codec] = FidelityReport(cut.index, codec, head_weights, n, outs, task)
     return reports
 
 

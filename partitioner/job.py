@@ -15,7 +15,6 @@ from splitpoint.core.config import StrictConfig
 from splitpoint.core.graph import ModelHandle, open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.plan import Plan
-from splitpoint.core.samples import load_inputs
 from splitpoint.profiles.schema import NetworkProfile, load_measured, load_network
 
 from .emit import write_candidate
@@ -40,7 +39,9 @@ class PlanJob(StrictConfig):
     codecs: tuple[str, ...] | None = None
     int8_heads: bool = False
     inputs: Path | None = None  # folder of .npy files or images for fidelity
-    random: int = Field(8, ge=1, le=100_000)  # seeded random samples when no inputs
+    random: int | None = Field(
+        None, ge=1, le=100_000
+    )  # fidelity samples: default 8 random, 64 for a trained model
     force: bool = False
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
 
@@ -67,15 +68,27 @@ class PlanOutcome:
     constraints: Constraints | None = None  # the job's, as the pick honoured them
 
 
+def fidelity_measure(handle: ModelHandle) -> str:
+    """What a fidelity figure of this model means, for every output that shows one."""
+    if handle.task:
+        from .taskmetrics import PRIMARY
+
+        return f"{handle.task} {PRIMARY[handle.task].replace('_', ' ')} with the unsplit model"
+    return "top-1 agreement with the unsplit model (cosine where no output classifies)"
+
+
 def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) -> PlanOutcome:
     """Load and check everything first (files, profiles, network), then measure and decide."""
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
     network = load_network(job.network)
     edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
     server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
-    samples = load_inputs(handle.model, job.inputs, job.random)
+    n = job.random or (64 if handle.task else 8)
+    samples, truths, measured_on = handle.fidelity_samples(n, job.inputs)
     cons = job.constraints()
-    m = gather(handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads)
+    m = gather(
+        handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads, truths
+    )
     d = decide(m, [network], cons, note)[0]
     front = [c.to_dict() for c in d.front]
     predicted = {
@@ -83,7 +96,8 @@ def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) 
         "network": network.model_dump(),
         "constraints": cons.__dict__,
         "fidelity_samples": len(samples),
-        "fidelity_inputs": str(job.inputs) if job.inputs else f"random x{job.random}",
+        "fidelity_inputs": measured_on,
+        "fidelity_measure": fidelity_measure(handle),
     }
     plan = None
     if job.out:

@@ -29,7 +29,7 @@ from splitpoint.core.runner import make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
-from .fidelity import FidelityReport, compare, measure
+from .fidelity import FidelityReport, compare, measure, task_report
 from .pareto import Constraints, front, infeasible, pick
 
 DEFAULT_CODECS = [
@@ -64,6 +64,7 @@ class Measurements:
     int8_heads: bool = False  # add candidates whose head runs with int8 (QDQ) weights
     fidelity: dict[tuple, float] = field(default_factory=dict)  # (cut, codec, head) -> score
     fidelity_reports: dict[tuple, dict] = field(default_factory=dict)
+    truths: list | None = None  # what each sample shows (rendered task inputs), for task metrics
 
 
 def encoded_sizes(
@@ -239,19 +240,31 @@ def measure_fidelity(
             else None
         )
         for codec, rep in measure(
-            h, cut, todo, m.samples, head_model=head_model, head_weights=head, reference=m.reference
+            h,
+            cut,
+            todo,
+            m.samples,
+            head_model=head_model,
+            head_weights=head,
+            reference=m.reference,
+            truths=m.truths,
         ).items():
             m.fidelity[(k, codec, head)] = rep.score
             m.fidelity_reports[(k, codec, head)] = rep.to_dict()
 
 
 def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarray]) -> None:
+    n = len(m.samples)
     rep = FidelityReport(
         cut,
         codec,
         head,
-        len(m.samples),
-        [compare(n, r, o) for n, r, o in zip(m.handle.index.outputs, m.reference, outputs, strict=True)],
+        n,
+        [
+            compare(name, r, o)
+            for name, r, o in zip(m.handle.index.outputs, m.reference, outputs, strict=True)
+        ],
+        task_report(m.handle.task, m.reference, outputs, n, m.truths),
     )
     m.fidelity[(cut, codec, head)] = rep.score
     m.fidelity_reports[(cut, codec, head)] = rep.to_dict()
@@ -264,6 +277,7 @@ def gather(
     samples: list[dict[str, np.ndarray]],
     codecs: list[str] | None = None,
     int8_heads: bool = False,
+    truths: list | None = None,
 ) -> Measurements:
     edge.check_model(handle.sha256, "edge profile", handle.input_shapes)
     server.check_model(handle.sha256, "server profile", handle.input_shapes)
@@ -294,6 +308,7 @@ def gather(
         reply,
         samples,
         int8_heads=int8_heads,
+        truths=truths,
     )
 
 

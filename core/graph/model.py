@@ -26,6 +26,29 @@ class ModelHandle:
     model: onnx.ModelProto  # with input_shapes applied
     index: GraphIndex
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    task: str | None = None  # a trained zoo model's task: fidelity is then measured as task agreement
+    weights: str = "the user's model"  # "trained …" or "random …" for zoo entries, said wherever fidelity is
+
+    def fidelity_samples(
+        self, n: int, inputs: Path | None = None, seed: int = 1234
+    ) -> tuple[list, list | None, str]:
+        """Fidelity inputs: a folder the user gives, else a trained model's rendered task inputs (with
+        their truths), else seeded random tensors. Returns (feeds per sample, truths or None, and what
+        they are, said wherever a fidelity figure is shown)."""
+        from splitpoint.core.samples import load_inputs
+
+        if inputs is None and self.task is not None:
+            from splitpoint.core.datasets import samples
+
+            drawn = samples(self.name, n, seed=0)
+            return (
+                [s.feeds for s in drawn],
+                [s.truth for s in drawn],
+                f"{n} rendered {self.task} inputs ({self.weights})",
+            )
+        feeds = load_inputs(self.model, inputs, n, seed)
+        what = f"{len(feeds)} inputs from {inputs}" if inputs is not None else f"{n} random inputs"
+        return feeds, None, f"{what} ({self.weights})"
 
     def cuts(self) -> list[Cut]:
         if not hasattr(self, "_cuts"):
@@ -48,7 +71,12 @@ def open_model(
     names = {i.name for i in model.graph.input}
     shapes.update({k: v for k, v in (input_shapes or {}).items() if k in names or not only_present})
     model = apply_input_shapes(model, shapes, where=str(path))
-    return ModelHandle(path, name, sha256_file(path), model, GraphIndex.build(model), shapes)
+    trained = bool(getattr(entry, "trained", False))
+    weights = "the user's model"
+    if entry is not None:
+        weights = f"trained weights, {entry.source}" if trained else "random weights, zoo architecture"
+    task = entry.task if entry is not None and trained else None
+    return ModelHandle(path, name, sha256_file(path), model, GraphIndex.build(model), shapes, task, weights)
 
 
 __all__ = ["ModelHandle", "open_model", "Cut", "enumerate_cuts", "resolve_cut", "GraphIndex"]
