@@ -155,12 +155,32 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
             make_session(Path(plan_dir) / name, threads=1)
 
 
-def run_batched(session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """The outputs for several one-sample feeds, joined along the batch axis: one run when every input's
-    batch dimension is free, else one run per sample (exporters often fix the batch at 1)."""
+def run_samples(
+    session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]
+) -> list[list[np.ndarray]]:
+    """Each one-sample feed's outputs, as the model returns them for that sample alone: one run when every
+    input's batch dimension is free (split back by rows), else one run per sample (exporters often fix
+    the batch at 1, and some outputs carry no batch dimension at all, e.g. a time-major CRNN's)."""
     names = [i.name for i in session.get_inputs()]
     free = all(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
-    if len(samples) > 1 and free:
-        return session.run(None, {n: np.concatenate([s[n] for s in samples]) for n in names})
-    runs = [session.run(None, {n: s[n] for n in names}) for s in samples]
-    return [np.concatenate(col) if col[0].ndim else np.stack(col) for col in zip(*runs, strict=True)]
+    rows = [s[names[0]].shape[0] if names and np.ndim(s[names[0]]) else 0 for s in samples]
+    if len(samples) > 1 and free and all(rows):
+        outs = session.run(None, {n: np.concatenate([s[n] for s in samples]) for n in names})
+        if all(o.ndim and o.shape[0] == sum(rows) for o in outs):
+            bounds = np.cumsum(rows)[:-1]
+            split = [np.split(o, bounds) for o in outs]
+            first = session.run(None, {n: samples[0][n] for n in names})
+            # a time-major output whose length happens to equal the batch would split wrongly: check one
+            if all(a.shape == parts[0].shape for a, parts in zip(first, split, strict=True)):
+                return [[parts[k] for parts in split] for k in range(len(samples))]
+    return [session.run(None, {n: s[n] for n in names}) for s in samples]
+
+
+def join(per_sample: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-sample outputs joined along the first axis (stacked where an output is a scalar), to compare."""
+    return [np.concatenate(col) if col[0].ndim else np.stack(col) for col in zip(*per_sample, strict=True)]
+
+
+def run_batched(session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The outputs for several one-sample feeds, joined (see ``run_samples`` and ``join``)."""
+    return join(run_samples(session, samples))

@@ -14,7 +14,7 @@ from splitpoint.core.codecs import decode, encode
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
-from splitpoint.core.runner import make_session, run_batched
+from splitpoint.core.runner import join, make_session, run_batched, run_samples
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 
@@ -100,15 +100,21 @@ def measure(
     head, tail = extract(handle.index, cut, check=False)
     hs = make_session(head_model or head)
     ts = make_session(tail)
-    h_out = dict(zip([o.name for o in hs.get_outputs()], run_batched(hs, samples), strict=True))
-    feeds = _batch(samples)
-    sent = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
+    head_names = [o.name for o in hs.get_outputs()]
+    head_runs = run_samples(hs, samples)
+    h_out = dict(zip(head_names, join(head_runs), strict=True))
     tail_names = [o.name for o in ts.get_outputs()]
     n = len(samples)
+    # per sample, as the edge sends them: never joined and split again (a scalar would gain a dimension)
+    head_by_name = [dict(zip(head_names, run, strict=True)) for run in head_runs]
+    per_sample = [
+        {c.name: (samples[k] if c.source == "input" else head_by_name[k])[c.name] for c in cut.crossing}
+        for k in range(n)
+    ]
     reports = {}
     runs: dict[bytes, dict] = {}  # codecs that decode to identical tensors share one tail run
     for codec in codecs:
-        received = [{name: decode(encode(t[k : k + 1], codec)) for name, t in sent.items()} for k in range(n)]
+        received = [{name: decode(encode(t, codec)) for name, t in s.items()} for s in per_sample]
         digest = hashlib.sha256(
             b"".join(np.ascontiguousarray(r[name]).tobytes() for r in received for name in sorted(r))
         ).digest()
