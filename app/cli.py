@@ -515,8 +515,12 @@ def demo(
 @app.command()
 def bench(
     models: Annotated[
-        str, typer.Option(help="zoo models or .onnx paths, comma-separated")
-    ] = "resnet18,resnet50,mobilenetv2",
+        str | None,
+        typer.Option(
+            help="zoo models or .onnx paths, comma-separated [default: resnet18, resnet50, mobilenetv2 and "
+            "the trained models that are installed]"
+        ),
+    ] = None,
     networks: Annotated[str, typer.Option(help="network profiles, comma-separated")] = "3g,lte,wifi-n,5g",
     device: Annotated[str, typer.Option(help="device profile the edge CPU is calibrated to")] = "rpi4",
     link: Annotated[str, typer.Option(help="auto | netns (root) | proxy (userspace) | loopback")] = "auto",
@@ -540,7 +544,7 @@ def bench(
     from .bench.run import BenchConfig, run_bench
 
     cfg = BenchConfig.of(
-        models=models.split(","),
+        **({"models": models.split(",")} if models is not None else {}),
         networks=networks.split(","),
         device=device,
         link=link,

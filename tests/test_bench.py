@@ -81,6 +81,40 @@ def test_bench_writes_the_report_and_plots(bench):
     for png in ("latency_vs_throughput.png", "predicted_vs_measured.png", "latency_breakdown.png"):
         assert (out / png).stat().st_size > 1000
     assert not list(out.glob("*.tmp"))
+    # what each model is, and the bytes a split saves at the fidelity floor
+    (m,) = results["models"].values()
+    assert m["weights"] == "the user's model" and m["task"] is None
+    assert "## Models" in md and m["fidelity_inputs"] in md
+    per_codec = m["bytes_at_fidelity"]
+    assert per_codec["float32"]["fidelity"] >= 0.99 and per_codec["float32"]["bytes"] > 0
+    assert all(b["bytes"] <= per_codec["float32"]["bytes"] for b in per_codec.values())
+    assert f"Bytes sent at fidelity ≥ {results['config']['min_fidelity']}" in md
+
+
+def test_bytes_at_fidelity_counts_only_measured_candidates_at_the_floor():
+    from splitpoint.app.bench.run import bytes_at_fidelity
+    from splitpoint.partitioner.costmodel import Candidate, CandidateInput
+
+    def cand(kind, cut, codec, nbytes, fidelity, head="float32"):
+        inp = CandidateInput(kind, cut, codec, head, 1, 1, 0, 0, nbytes, 40, 0, fidelity)
+        return Candidate(inp, "lte", 10, 1, 1, 1, nbytes)
+
+    got = bytes_at_fidelity(
+        [
+            cand("server-only", 0, "float32", 1000, 1.0),
+            cand("server-only", 0, "int8", 250, 0.995),
+            cand("split", 5, "int8", 100, 0.98),  # below the floor
+            cand("split", 7, "int8", 200, 0.999),
+            cand("split", 9, "int4", 50, None),  # never measured
+            cand("split", 9, "int8", 90, 1.0, head="int8"),  # int8 head weights: another question
+            cand("edge-only", None, "float32", 0, 1.0),
+        ],
+        0.99,
+    )
+    assert set(got) == {"float32", "int8"}
+    assert got["int8"]["bytes"] == 200 and got["int8"]["where"] == "cut 7 int8"
+    assert got["int8"]["saved_vs_raw_input"] == pytest.approx(0.8)
+    assert got["float32"]["saved_vs_raw_input"] == 0
 
 
 def test_choose_always_includes_pick_and_baselines(bench):

@@ -275,6 +275,55 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
+def models_section(results: dict) -> list[str]:
+    """What each model is (trained or random weights, what its fidelity was measured on) and, per codec,
+    the fewest bytes a candidate sends at the fidelity floor: the saving a split buys at that fidelity."""
+    models, floor = results["models"], results["config"].get("min_fidelity")
+    out = [
+        "## Models",
+        "",
+        "| model | weights | fidelity measured on | cuts | whole model, edge / server (ms) |",
+        "|---|---|---|---:|---:|",
+    ]
+    for name, m in models.items():
+        out.append(
+            f"| {name} | {m.get('weights', '?')} | {m.get('fidelity_inputs', '?')} | {m['cuts']} | "
+            f"{_f(m['edge_whole_ms'])} / {_f(m['server_whole_ms'])} |"
+        )
+    codecs = list(dict.fromkeys(c for m in models.values() for c in m.get("bytes_at_fidelity", {})))
+    if not codecs:
+        return [*out, ""]
+    out += [
+        "",
+        f"### Bytes sent at fidelity ≥ {floor}, per codec",
+        "",
+        "The fewest bytes per inference among the candidates (server-only included) whose planner-measured "
+        f"fidelity is ≥ {floor}, and what that saves against sending the float32 input. Fidelity is the "
+        "task's metric on rendered inputs for trained models and top-1 agreement on random inputs for "
+        "random-weight ones (which says nothing about a trained model's). Derived from the planner's "
+        "measurements; `benchmarks/bench_trained.py` answers the same question over more cuts with "
+        "confidence intervals.",
+        "",
+        "| model | " + " | ".join(codecs) + " |",
+        "|---|" + "---:|" * len(codecs),
+    ]
+    for name, m in models.items():
+        got = m.get("bytes_at_fidelity", {})
+        cells = []
+        for c in codecs:
+            b = got.get(c)
+            if b is None:
+                cells.append("none")
+                continue
+            saved = b["saved_vs_raw_input"]
+            cells.append(
+                f"{b['bytes'] / 1024:.1f} KiB at {b['where']}"
+                + (f" (−{100 * saved:.0f} %)" if saved is not None else "")
+            )
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def markdown(results: dict) -> str:
     cal, cfg = results["edge_calibration"], results["config"]
     mech = sorted({r["link"]["mechanism"] for r in results["runs"]})
@@ -318,6 +367,7 @@ def markdown(results: dict) -> str:
         "",
         *_target_lines(results.get("targets") or targets(results)),
         "",
+        *models_section(results),
     ]
     pings = [
         p["median_ms"] / p["predicted_ms"]

@@ -32,9 +32,19 @@ if TYPE_CHECKING:
     from splitpoint.partitioner.costmodel import Candidate
     from splitpoint.partitioner.planner import Decision
 
-DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenetv2"]
+DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenetv2"]  # random weights: latency and bytes
+
+
+def default_models() -> tuple[str, ...]:
+    """The random-weight architectures, and the trained models that are installed (task fidelity)."""
+    from splitpoint.core import zoo
+    from splitpoint.core.zoo.trained import availability
+
+    return (*DEFAULT_MODELS, *(n for n in zoo.trained_names() if availability(n) is None))
+
+
 DEFAULT_NETWORKS = ["3g", "lte", "wifi-n", "5g"]
-BENCH_CODECS = ["float32", "float16", "int8", "int8+lz4", "int8+zstd"]
+BENCH_CODECS = ["float32", "float16", "int8", "int8-ch", "int4", "int8+lz4", "int8+zstd"]
 RAW, COMPRESSED = (
     "float32",
     "int8+zstd",
@@ -49,7 +59,7 @@ ALL_ON_EDGE, ALL_ON_SERVER_RAW, ALL_ON_SERVER_COMPRESSED = (
 
 class BenchConfig(StrictConfig):
     label: ClassVar[str] = "bench"
-    models: tuple[str, ...] = tuple(DEFAULT_MODELS)
+    models: tuple[str, ...] = Field(default_factory=default_models)
     networks: tuple[str, ...] = tuple(DEFAULT_NETWORKS)
     device: str = "rpi4"
     link: Literal["auto", "netns", "proxy", "loopback"] = "auto"
@@ -60,7 +70,7 @@ class BenchConfig(StrictConfig):
     window: int = Field(4, ge=1, le=1024)
     max_front: int = Field(4, ge=0)  # front members measured besides the pick and the baselines
     min_fidelity: float = Field(0.99, ge=0, le=1)
-    fidelity_samples: int = Field(4, ge=1)
+    fidelity_samples: int | None = Field(None, ge=1)  # None: 64 rendered inputs (trained), else 8 random
     inputs: int = Field(4, ge=1)
     profile_budget: float = Field(12.0, gt=0)
     codecs: tuple[str, ...] = tuple(BENCH_CODECS)
@@ -133,16 +143,16 @@ def _write_plan(m, cand, path: Path) -> None:
 
 
 def _inputs_file(h, n: int, path: Path) -> None:
+    """The inputs the edge sends, with the unsplit model's outputs: a trained model's rendered task inputs
+    (its cut tensors then compress as they do in use), else seeded random tensors."""
     from splitpoint.core.runner import make_session
-    from splitpoint.core.samples import sample_feeds
 
     sess = make_session(h.path)
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
     names = [i.name for i in sess.get_inputs()]
     arrays["input_names"] = np.array(names)
-    for k in range(n):
-        feeds = sample_feeds(h.model, 1, 1000 + k)
-        outs = sess.run(None, feeds)
+    for k, feeds in enumerate(h.fidelity_samples(n, seed=1000)[0]):
+        outs = sess.run(None, {nm: feeds[nm] for nm in names})
         arrays["n_outputs"] = np.array(len(outs))
         for j, nm in enumerate(names):
             arrays[f"in{k}_{j}"] = feeds[nm]
@@ -242,12 +252,33 @@ def measure_network(
     }
 
 
+def bytes_at_fidelity(candidates: list[Candidate], floor: float) -> dict[str, dict]:
+    """Per codec, the fewest bytes sent per inference by a candidate whose measured fidelity is at least
+    ``floor`` (float head weights), against sending the raw input: "how much does a split save at this
+    fidelity?". Only candidates whose fidelity the planner measured count (it measures the contenders)."""
+    raws = (c.bytes_per_inference for c in candidates if c.inp.kind == "server-only" and c.inp.codec == RAW)
+    raw = next(raws, None)
+    out: dict[str, dict] = {}
+    for c in candidates:
+        i = c.inp
+        if i.kind == "edge-only" or i.head_weights != "float32" or i.fidelity is None or i.fidelity < floor:
+            continue
+        best = out.get(i.codec)
+        if best is None or c.bytes_per_inference < best["bytes"]:
+            out[i.codec] = {
+                "bytes": c.bytes_per_inference,
+                "where": c.label,
+                "fidelity": i.fidelity,
+                "saved_vs_raw_input": 1 - c.bytes_per_inference / raw if raw else None,
+            }
+    return out
+
+
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
     from splitpoint.core import zoo
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
-    from splitpoint.core.samples import load_inputs
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
     from splitpoint.profiles.cpulimit import cpu_limit
@@ -293,9 +324,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 )
             server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.profile_budget))
             say(f"{h.name}: planning for {len(nets)} networks")
-            m = gather(
-                h, edge, server, load_inputs(h.model, random=cfg.fidelity_samples), codecs=list(cfg.codecs)
-            )
+            samples, truths, measured_on = h.fidelity_samples(cfg.fidelity_samples or (64 if h.task else 8))
+            m = gather(h, edge, server, samples, codecs=list(cfg.codecs), truths=truths)
             decisions = decide(m, nets, Constraints(min_fidelity=cfg.min_fidelity))
             t_plan = time.perf_counter() - tm
             inputs = work / f"{h.name}-inputs.npz"
@@ -306,6 +336,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 "cuts": len(h.cuts()),
                 "profile_and_plan_s": t_plan,
                 "sha256": h.sha256,
+                "weights": h.weights,
+                "task": h.task,
+                "fidelity_inputs": measured_on,
+                "bytes_at_fidelity": bytes_at_fidelity(decisions[0].candidates, cfg.min_fidelity),
             }
             for net, d in zip(nets, decisions, strict=True):
                 say(f"{h.name} on {net.name}: measuring")

@@ -30,7 +30,7 @@ class ModelHandle:
     weights: str = "the user's model"  # "trained …" or "random …" for zoo entries, said wherever fidelity is
 
     def fidelity_samples(
-        self, n: int, inputs: Path | None = None, seed: int = 1234
+        self, n: int, inputs: Path | None = None, seed: int | None = None
     ) -> tuple[list, list | None, str]:
         """Fidelity inputs: a folder the user gives, else a trained model's rendered task inputs (with
         their truths), else seeded random tensors. Returns (feeds per sample, truths or None, and what
@@ -40,13 +40,13 @@ class ModelHandle:
         if inputs is None and self.task is not None:
             from splitpoint.core.datasets import samples
 
-            drawn = samples(self.name, n, seed=0)
+            drawn = samples(self.name, n, seed=0 if seed is None else seed)
             return (
                 [s.feeds for s in drawn],
                 [s.truth for s in drawn],
                 f"{n} rendered {self.task} inputs ({self.weights})",
             )
-        feeds = load_inputs(self.model, inputs, n, seed)
+        feeds = load_inputs(self.model, inputs, n, 1234 if seed is None else seed)
         what = f"{len(feeds)} inputs from {inputs}" if inputs is not None else f"{n} random inputs"
         return feeds, None, f"{what} ({self.weights})"
 
