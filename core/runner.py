@@ -120,6 +120,19 @@ class HeadRunner:
         return sent, early
 
 
+# onnxruntime's tensor types as numpy dtypes (those a cut tensor can have)
+ORT_DTYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
 class TailRunner:
     """Server side: runs the tail on the received cut tensors."""
 
@@ -128,6 +141,12 @@ class TailRunner:
         self.session = session
         self.outputs = [o.name for o in session.get_outputs()]
         self.inputs = {i.name: i for i in session.get_inputs()}
+        self.cut_names = frozenset(t.name for t in plan.cut_tensors)
+        # per input: (dtype or None, shape with None for a free dimension), worked out once, not per request
+        self.expect: dict[str, tuple[np.dtype | None, tuple[int | None, ...]]] = {
+            i.name: (ORT_DTYPES.get(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+            for i in session.get_inputs()
+        }
 
     def run(self, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(self.outputs, cut), strict=True))

@@ -2,7 +2,8 @@
 
 A message is a multipart ZeroMQ message: frame 0 is a small JSON header, and each tensor
 follows as its own frame (a codec payload, sent with ``copy=False``). JSON keeps the header
-readable in captures and costs ~10 us at these sizes; the payload frames carry the bulk.
+readable in captures; orjson builds and reads it in ~1 us where the standard library takes ~6
+(on the request path that is four times per round trip); the payload frames carry the bulk.
 Everything received is validated here before anything else looks at it, so a malformed or
 hostile message becomes one ``WireError`` with a code the peer can put in its error reply:
 sizes, frame counts and the header's nesting are bounded before anything is allocated for them.
@@ -10,11 +11,11 @@ sizes, frame counts and the header's nesting are bounded before anything is allo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import zmq
 
 PROTOCOL_VERSION = 1
@@ -83,7 +84,7 @@ class Message:
             h["tensors"] = self.tensors
         if self.meta:
             h["meta"] = self.meta
-        return json.dumps(h, separators=(",", ":")).encode()
+        return orjson.dumps(h)
 
     def to_frames(self) -> list:
         return [self.header(), *self.frames]
@@ -110,16 +111,15 @@ def deploy_files(msg: Message) -> dict[str, bytes]:
 
 
 def buffer_len(f: Any) -> int:
-    if isinstance(f, bytes | bytearray):
+    """A frame's size in bytes (a memoryview's ``len`` counts items, not bytes)."""
+    if type(f) is zmq.Frame or isinstance(f, bytes | bytearray):
         return len(f)
-    if isinstance(f, memoryview):
-        return f.nbytes
-    return len(f.buffer) if hasattr(f, "buffer") else len(f)
+    return memoryview(f).nbytes
 
 
 def buffer(f: Any) -> Any:
     """The bytes of a frame without copying (a zmq.Frame's buffer, or the object itself)."""
-    return f.buffer if hasattr(f, "buffer") else f
+    return f.buffer if type(f) is zmq.Frame else f
 
 
 def _depth(head: bytes, limit: int) -> int:
@@ -155,55 +155,67 @@ def _too_deep(head: bytes) -> bool:
     )
 
 
+_MAX_FRAMES = 1 + max(MAX_TENSORS, MAX_FILES + 1)
+_NO_PAYLOAD = frozenset((PING, PONG, DEPLOYED, ERROR))
+_WITH_TENSORS = frozenset((INFER, RESULT))
+
+
 def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
-    """Validate and decode a received message (without the ROUTER identity frame)."""
+    """Validate and decode a received message (without the ROUTER identity frame). On the request path
+    of every request, so the common case costs a few microseconds: type checks by ``type() is``."""
     if not frames:
         raise WireError(E_BAD_MESSAGE, "empty message")
-    if len(frames) > 1 + max(MAX_TENSORS, MAX_FILES + 1):
+    if len(frames) > _MAX_FRAMES:
         raise WireError(E_BAD_MESSAGE, f"{len(frames)} frames: more than any message of this protocol")
-    total = sum(buffer_len(f) for f in frames)
+    total = 0
+    for f in frames:
+        total += buffer_len(f)
     if total > max_bytes:
         raise WireError(E_TOO_LARGE, f"message of {total} bytes exceeds the {max_bytes}-byte limit")
-    head = bytes(buffer(frames[0]))
+    first = frames[0]
+    head = first.bytes if type(first) is zmq.Frame else bytes(first)
     if len(head) > MAX_HEADER_BYTES:
         raise WireError(E_TOO_LARGE, f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
     if _too_deep(head):
         raise WireError(E_BAD_MESSAGE, f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        h = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        h = orjson.loads(head)
+    except (orjson.JSONDecodeError, RecursionError) as exc:
         raise WireError(E_BAD_MESSAGE, f"header is not JSON: {str(exc)[:200]}") from exc
-    if not isinstance(h, dict):
+    if type(h) is not dict:
         raise WireError(E_BAD_MESSAGE, "header is not a JSON object")
     v = h.get("v")
-    if v != PROTOCOL_VERSION or isinstance(v, bool):
+    if v != PROTOCOL_VERSION or type(v) is not int:
         shown = "missing" if v is None else f"{str(v)[:20]!r} ({type(v).__name__})"
         raise WireError(E_VERSION, f"protocol version {shown} not supported: this peer speaks the integer 1")
     t = h.get("type")
-    if not isinstance(t, str) or t not in TYPES:
+    if type(t) is not str or t not in TYPES:
         raise WireError(E_BAD_MESSAGE, f"unknown message type {str(t)[:40]!r}")
     id_ = h.get("id", 0)
-    if not isinstance(id_, int) or isinstance(id_, bool) or not (0 <= id_ <= MAX_ID):
+    if type(id_) is not int or not (0 <= id_ <= MAX_ID):
         raise WireError(E_BAD_MESSAGE, "field 'id' must be an integer in [0, 2^63)")
     plan = h.get("plan", "")
-    if not isinstance(plan, str) or len(plan) > 128:
+    if type(plan) is not str or len(plan) > 128:
         raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string of at most 128 characters")
     tensors = h.get("tensors", [])
     if (
-        not isinstance(tensors, list)
+        type(tensors) is not list
         or len(tensors) > MAX_TENSORS
-        or not all(isinstance(x, str) and 0 < len(x) < 1024 for x in tensors)
+        or not all(type(x) is str and 0 < len(x) < 1024 for x in tensors)
     ):
         raise WireError(E_BAD_MESSAGE, f"field 'tensors' must be a list of at most {MAX_TENSORS} names")
     meta = h.get("meta", {})
-    if not isinstance(meta, dict):
+    if type(meta) is not dict:
         raise WireError(E_BAD_MESSAGE, "field 'meta' must be an object")
     payload = list(frames[1:])
-    if t in (INFER, RESULT) and len(payload) != len(tensors):
-        raise WireError(E_BAD_MESSAGE, f"{len(tensors)} tensors named but {len(payload)} payload frames sent")
-    if t in (INFER, RESULT) and len(set(tensors)) != len(tensors):
-        raise WireError(E_BAD_MESSAGE, "tensor names repeat")
-    if t in (PING, PONG, DEPLOYED, ERROR) and payload:
+    if t in _WITH_TENSORS:
+        if len(payload) != len(tensors):
+            raise WireError(
+                E_BAD_MESSAGE, f"{len(tensors)} tensors named but {len(payload)} payload frames sent"
+            )
+        if len(tensors) > 1 and len(set(tensors)) != len(tensors):
+            raise WireError(E_BAD_MESSAGE, "tensor names repeat")
+    elif payload and t in _NO_PAYLOAD:
         raise WireError(E_BAD_MESSAGE, f"a {t} message carries no payload frames")
     return Message(t, id_, plan, tensors, meta, payload)
 
@@ -215,16 +227,22 @@ def best_effort_id(frames: list) -> int:
         head = bytes(buffer(frames[0]))
         if len(head) > MAX_HEADER_BYTES or _too_deep(head):
             return 0
-        v = json.loads(head).get("id", 0)
-        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID else 0
+        v = orjson.loads(head).get("id", 0)
+        return v if type(v) is int and 0 <= v <= MAX_ID else 0
     except Exception:  # anything unreadable has no id
         return 0
 
 
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+
+
 def drain(sock: zmq.Socket, limit: int = 1_000_000) -> Iterator[list]:
-    """Up to ``limit`` messages waiting on a socket, without blocking (one poll can cover several)."""
+    """Up to ``limit`` messages waiting on a socket, without blocking (one poll can cover several).
+    Asks the socket whether a message waits rather than catching ``zmq.Again`` (an exception per call)."""
     for _ in range(limit):
+        if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            return
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            yield sock.recv_multipart(_NOBLOCK, copy=False)
         except zmq.Again:
             return

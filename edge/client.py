@@ -89,6 +89,7 @@ class EdgeClient:
         d = Path(config.plan_dir)
         head = make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None
         self._head = HeadRunner(self.plan, head)
+        self._order = [o.name for o in self.plan.outputs]  # the model's outputs, in its order
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
         if (config.fallback or self.local_only) and ((d / FULL_FILE).is_file() or self.local_only):
@@ -254,7 +255,7 @@ class EdgeClient:
                 rid, error=EdgeError(f"local model failed: {type(exc).__name__}: {exc}", "bad-input")
             )
             return
-        order = [o.name for o in self.plan.outputs]
+        order = self._order
         by = dict(zip(names, outs, strict=True))
         reason = "edge-only plan" if self.local_only else why
         breakdown = {"local_ms": ms, "reason": reason}
@@ -314,7 +315,7 @@ class EdgeClient:
         self._finish(msg.id, result)
 
     def _result(self, msg: wire.Message, p: _Pending, now: float) -> EdgeResult:
-        order = [o.name for o in self.plan.outputs]
+        order = self._order
         try:
             t0 = time.perf_counter()
             late = {

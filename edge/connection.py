@@ -23,6 +23,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .config import EdgeConfig
 
+# plain ints: pyzmq's flag enums cost microseconds per operation on the request path
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
 DOWN_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
@@ -55,7 +57,7 @@ class Connection:
             if self.closed:
                 return False
             try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(frames, _NOBLOCK, copy=False)
                 sent = True
             except zmq.Again:
                 sent = False
@@ -72,15 +74,15 @@ class Connection:
             if self.closed:
                 return
             if wait_s > 0:
-                self._sock.poll(int(wait_s * 1000), zmq.POLLIN)
+                zmq.zmq_poll([(self._sock, _POLLIN)], int(wait_s * 1000))
             self._drain_locked()
         finally:
             self.lock.release()
 
     def _drain_locked(self) -> None:
-        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self._sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._on_message(frames)

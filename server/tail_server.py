@@ -63,6 +63,19 @@ class Stats:
             for k, v in deltas.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    # the request path's two changes, without add's keyword loop (a few microseconds per request)
+    def admitted(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def answered(self, ok: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if ok:
+                self.requests += 1
+            else:
+                self.errors += 1
+
     def snapshot(self) -> dict:
         with self._lock:
             return {k: getattr(self, k) for k in ("requests", "errors", "rejected", "busy", "in_flight")}
@@ -290,7 +303,7 @@ class TailServer:
             why = f"{self.stats.in_flight} requests are waiting (the limit is {self.config.max_queue})"
             self._send(router, ident, wire.error(msg.id, wire.E_BUSY, why, msg.plan))
             return
-        self.stats.add(in_flight=1)
+        self.stats.admitted()
         req = _Request(ident, msg, entry, t_recv)
         if self._pool is None:
             self._inline.append(req)
@@ -312,15 +325,15 @@ class TailServer:
         msg = req.msg
         try:
             reply = self._result(req)
-            self.stats.add(in_flight=-1, requests=1)
+            self.stats.answered(True)
         except (wire.WireError, CodecError) as exc:
             code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
             reply = wire.error(msg.id, code, str(exc), msg.plan)
-            self.stats.add(in_flight=-1, errors=1)
+            self.stats.answered(False)
         except Exception as exc:  # a failing tail (or a bug) answers this request and no other
             log.exception("request %s failed", msg.id)
             reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
-            self.stats.add(in_flight=-1, errors=1)
+            self.stats.answered(False)
         return [req.ident, *reply.to_frames()]
 
     def _result(self, req: _Request) -> wire.Message:
@@ -345,16 +358,16 @@ class TailServer:
         )
 
     def _decode(self, msg: wire.Message, entry: Entry) -> dict[str, np.ndarray]:
-        expected = {t.name for t in entry.plan.cut_tensors}
-        if set(msg.tensors) != expected:
+        tail = entry.tail
+        assert tail is not None
+        if len(msg.tensors) != len(tail.cut_names) or not tail.cut_names.issuperset(msg.tensors):
             raise wire.WireError(
-                wire.E_BAD_TENSOR, f"plan expects tensors {sorted(expected)}, got {msg.tensors}"
+                wire.E_BAD_TENSOR, f"plan expects tensors {sorted(tail.cut_names)}, got {msg.tensors}"
             )
-        assert entry.tail is not None
         feeds = {}
         for name, frame in zip(msg.tensors, msg.frames, strict=True):
             arr = decode(wire.buffer(frame), self.config.max_message_bytes)
-            _check_tensor(name, arr, entry.tail.inputs[name])
+            _check_tensor(name, arr, tail.expect[name])
             feeds[name] = arr
         return feeds
 
@@ -387,31 +400,13 @@ class _AllowList:
         return bytes(key) in self.keys
 
 
-_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
-def _check_tensor(name: str, arr: np.ndarray, spec: Any) -> None:
+def _check_tensor(name: str, arr: np.ndarray, expect: tuple[np.dtype | None, tuple]) -> None:
     """Refuse a tensor the tail session would choke on, with the plan's expectation spelled out."""
-    want = _DTYPES.get(spec.type)
+    want, shape = expect
     if want is not None and arr.dtype != want:
-        raise wire.WireError(
-            wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {np.dtype(want)}"
-        )
-    if len(arr.shape) != len(spec.shape):
-        raise wire.WireError(
-            wire.E_BAD_TENSOR, f"tensor {name}: rank {arr.ndim}, plan expects shape {spec.shape}"
-        )
-    for got, dim in zip(arr.shape, spec.shape, strict=True):
-        if isinstance(dim, int) and dim != got:
-            raise wire.WireError(
-                wire.E_BAD_TENSOR, f"tensor {name}: shape {list(arr.shape)}, plan expects {spec.shape}"
-            )
+        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {want}")
+    got = arr.shape
+    if len(got) != len(shape) or any(d is not None and d != g for g, d in zip(got, shape, strict=True)):
+        shown = [d if d is not None else "?" for d in shape]
+        what = f"rank {arr.ndim}" if len(got) != len(shape) else f"shape {list(got)}"
+        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: {what}, plan expects shape {shown}")
