@@ -117,27 +117,47 @@ def cuts(
 def split(
     model: Model,
     cut: Annotated[
-        str, typer.Option(help="cut index (see `splitpoint cuts`) or comma-separated tensor names")
+        list[str],
+        typer.Option(
+            help="cut index (see `splitpoint cuts`) or comma-separated tensor names; repeat it for a chain "
+            "of devices, one cut per hop, in order"
+        ),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="plan directory to write")],
+    codec: Annotated[
+        list[str] | None, typer.Option(help="codec of each hop, in order (one for all, or one per cut)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (edge fallback)")] = False,
     input_shape: Shapes = None,
 ) -> None:
-    """Write head.onnx, tail.onnx and plan.json for one cut."""
+    """Write plan.json and one model per stage: head.onnx and tail.onnx for one cut; with several cuts,
+    stage1.onnx, stage2.onnx, ... for the relays between."""
     from splitpoint.core.graph import open_model, resolve_cut
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.plandir import write_plan
 
     h = open_model(model, parse_input_shapes(input_shape))
-    c = resolve_cut(h.index, cut)
-    plan = write_plan(h, out, cut=c, force=force, include_full=with_full)
-    crossing = ", ".join(t.name for t in plan.cut_tensors)
-    where = c.index if c.index is not None else cut
-    console.print(
-        f"plan {plan.plan_id[:12]} → {out}: cut {where} crosses {crossing} "
-        f"({human_bytes(c.bytes_per_sample)}/sample)"
-    )
+    cuts = [resolve_cut(h.index, c) for c in cut]
+    codecs = list(codec or ["float32"])
+    if len(codecs) == 1:
+        codecs *= len(cuts)
+    if len(codecs) != len(cuts):
+        raise SplitPointError(f"--codec: give one codec, or one per --cut ({len(cuts)}); got {len(codecs)}")
+    ends = [c.index for c in cuts]
+    if len(cuts) > 1 and (None in ends or ends != sorted(ends) or len(set(ends)) != len(ends)):
+        got = ", ".join(cut)
+        raise SplitPointError(f"--cut: a chain's cuts are cut indices in increasing order; got {got}")
+    plan = write_plan(h, out, cuts=list(cuts), codecs=codecs, force=force, include_full=with_full)
+    for i, (c, spec) in enumerate(zip(cuts, cut, strict=True)):
+        crossing = ", ".join(t.name for t in plan.stages[i].sends)
+        where = c.index if c.index is not None else spec
+        hop = f"hop {i + 1}: " if len(cuts) > 1 else ""
+        console.print(
+            f"{hop}cut {where} crosses {crossing} ({human_bytes(c.bytes_per_sample)}/sample, "
+            f"{plan.stages[i].codec})"
+        )
+    console.print(f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stages)")
 
 
 @app.command()
@@ -328,9 +348,22 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="bind a non-loopback address without CurveZMQ: anyone may deploy and run")
     ] = False,
+    stage: Annotated[
+        int | None, typer.Option(help="the stage of each plan to run (a relay's); default: the last")
+    ] = None,
+    next: Annotated[  # noqa: A002 - the option's name
+        str | None, typer.Option("--next", help="a relay: the next stage's endpoint")
+    ] = None,
+    next_timeout: Annotated[
+        float, typer.Option(help="a relay: seconds before a request the next stage holds fails")
+    ] = 10.0,
+    next_server_key: Annotated[
+        Path | None, typer.Option(help="a relay: file with the next stage's CurveZMQ public key (z85)")
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Run the tail server until SIGTERM/Ctrl-C (loopback unless --bind says otherwise)."""
+    """Run the tail server (or, with --stage and --next, a relay of a chain) until SIGTERM/Ctrl-C
+    (loopback unless --bind says otherwise)."""
     from splitpoint.core.curve import read_key
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.tail_server import TailServer
@@ -350,8 +383,54 @@ def serve(
         curve_allow=tuple(read_key(p, "public key") for p in curve_allow or ()),
         deploy_allow=tuple(read_key(p, "public key") for p in deploy_allow or ()),
         insecure=insecure,
+        stage=stage,
+        next=next,
+        next_timeout_s=next_timeout,
+        next_curve_server_key=read_key(next_server_key, "public key") if next_server_key else None,
     )
     TailServer(cfg).run()
+
+
+@app.command()
+def relay(
+    plan: Annotated[Path, typer.Argument(help="a plan directory, or a directory of them")],
+    stage: Annotated[int, typer.Option(help="the stage of the plan this device runs (1 is after the edge)")],
+    next: Annotated[str, typer.Option("--next", help="the next stage's endpoint")],  # noqa: A002
+    listen: Annotated[str, typer.Option(help="ZeroMQ endpoint to listen on")] = "tcp://127.0.0.1:5556",
+    next_timeout: Annotated[
+        float, typer.Option(help="seconds before a request the next stage holds fails")
+    ] = 10.0,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
+    mqtt: Mqtt = None,
+    device_id: Annotated[str, typer.Option()] = "relay",
+    insecure: Annotated[bool, typer.Option(help="listen on a non-loopback address without CurveZMQ")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run one middle stage of a chain: receive a cut tensor, run this stage's segment, forward the next
+    cut tensor, and pass the answer back (`serve --stage I --next ...` with a plan directory)."""
+    from splitpoint.core.plan import PLAN_FILE
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.registry import PlanRegistry
+    from splitpoint.server.tail_server import TailServer
+
+    _logging(quiet)
+    single = (plan / PLAN_FILE).is_file()
+    cfg = ServerConfig.of(
+        bind=listen,
+        plans_dir=None if single else plan,
+        threads=threads,
+        mqtt=mqtt,
+        device_id=device_id,
+        insecure=insecure,
+        stage=stage,
+        next=next,
+        next_timeout_s=next_timeout,
+    )
+    registry = None
+    if single:
+        registry = PlanRegistry(None, cfg.threads, cfg.provider, cfg.stage)
+        registry.add_dir(plan)
+    TailServer(cfg, registry).run()
 
 
 @app.command()
@@ -431,6 +510,10 @@ def deploy(
     plan_dir: Annotated[Path, typer.Argument(help="plan directory")],
     server: Annotated[list[str] | None, typer.Option(help="tail server endpoint(s)")] = None,
     edge: Annotated[list[str] | None, typer.Option(help="edge daemon endpoint(s) (its --listen)")] = None,
+    relay: Annotated[
+        list[str] | None,
+        typer.Option(help="a chain's relay as I=ENDPOINT (stage I gets its segment only); repeatable"),
+    ] = None,
     timeout: Annotated[float, typer.Option()] = 30.0,
     curve_server_key: Annotated[
         Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85)")
@@ -444,13 +527,23 @@ def deploy(
 
     from .orchestrator import deploy as push
 
-    targets = [*((ep, "server") for ep in server or []), *((ep, "edge") for ep in edge or [])]
+    relays = []
+    for r in relay or []:
+        i, sep, ep = r.partition("=")
+        if not sep or not i.strip().isdigit():
+            raise SplitPointError(f"--relay: expected I=ENDPOINT (e.g. 1=tcp://10.0.0.2:5556), got {r!r}")
+        relays.append((ep.strip(), f"stage-{int(i)}"))
+    targets = [
+        *((ep, "server") for ep in server or []),
+        *relays,
+        *((ep, "edge") for ep in edge or []),
+    ]
     if not targets:
-        raise typer.BadParameter("name at least one --server or --edge")
+        raise typer.BadParameter("name at least one --server, --relay or --edge")
     key = read_key(curve_server_key, "server public key") if curve_server_key else None
     pair = keypair_from_secret(curve_secret) if curve_secret else None
     for ep, role in targets:  # each device gets the files of its role only
-        pid = push(plan_dir, ep, timeout, role, key if role == "server" else None, pair)
+        pid = push(plan_dir, ep, timeout, role, key if role != "edge" else None, pair)
         console.print(f"{ep}: plan {pid[:12]} acknowledged ({role})")
 
 

@@ -1,10 +1,16 @@
-"""The deployable plan: what the edge runs, what the server runs, and how the two meet.
+"""The deployable plan: which device runs which segment of the model, and how the segments meet.
 
-Both sides read the same ``plan.json`` through one strict model (``Plan``): every field is typed and
-range-checked, unknown fields are refused, and the id is the sha256 of the plan's own canonical content
-(files' checksums included), so a plan id names exactly one pair of models and one codec. A plan that
-arrives over the network is checked completely in a temporary directory (checksums, then every model
-loaded by the caller) before it is moved into place.
+A plan is a chain of *stages*, one per device in order: stage 0 on the edge, the last on the server,
+relays in between. Each stage runs its segment of the model (or nothing, and forwards what it
+receives), sends the tensors that cross its cut to the next stage with its own codec, and returns
+the model outputs it computes with the reply. The two-stage plan (edge, server) is the chain of
+two; format 1 files, which described exactly that pair, are read as one and keep their ids.
+
+Every device reads the same ``plan.json`` through one strict model (``Plan``): every field is typed
+and range-checked, unknown fields are refused, and the id is the sha256 of the plan's own canonical
+content (files' checksums included), so a plan id names exactly one set of models and codecs. A plan
+that arrives over the network is checked completely in a temporary directory (checksums, then every
+model loaded by the caller) before it is moved into place.
 """
 
 from __future__ import annotations
@@ -25,18 +31,26 @@ from .config import explain_fields
 from .errors import OutputExistsError, PlanError
 from .onnxio import sha256_file
 
-PLAN_FORMAT: Final = 1
+PLAN_FORMAT: Final = 2
+READS_FORMATS = (1, 2)  # format 1: the two-stage plan before chains, converted on reading
 PLAN_FILE = "plan.json"
-HEAD_FILE = "head.onnx"  # what the edge runs
-TAIL_FILE = "tail.onnx"  # what the server runs
+HEAD_FILE = "head.onnx"  # what the edge (stage 0) runs
+TAIL_FILE = "tail.onnx"  # what the server (the last stage) runs
 FULL_FILE = "full.onnx"  # the unsplit model, for the edge's local fallback
+MAX_STAGES = 17  # 16 hops, as far as PipeEdge goes
 
-# what a plan runs where
-SPLIT: Final = "split"  # head on the edge, tail on the server
-SERVER_ONLY: Final = "server-only"  # the raw inputs cross; the whole model runs on the server
-EDGE_ONLY: Final = "edge-only"  # nothing crosses
+
+def stage_file(i: int, n: int) -> str:
+    """The file of stage ``i`` of ``n``: head.onnx first, tail.onnx last, stageI.onnx between."""
+    return HEAD_FILE if i == 0 else TAIL_FILE if i == n - 1 else f"stage{i}.onnx"
+
+
+# what a plan runs where (by its first stage)
+SPLIT: Final = "split"  # the edge runs the first segment, later stages the rest
+SERVER_ONLY: Final = "server-only"  # the raw inputs cross; the edge runs nothing
+EDGE_ONLY: Final = "edge-only"  # one stage: nothing crosses
 KINDS = (SPLIT, SERVER_ONLY, EDGE_ONLY)
-ROLES = ("edge", "server")  # who holds which files: see Plan.files_for
+ROLES = ("edge", "server")  # and "stage-I" for stage I of a chain: see Plan.files_for
 Kind = Literal["split", "server-only", "edge-only"]
 
 MAX_PLAN_BYTES = 16 * 2**20  # plan.json is metadata: a larger one is refused before parsing
@@ -51,7 +65,7 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """A model input or output, or a tensor that crosses the cut."""
+    """A model input or output, or a tensor that crosses a cut."""
 
     name: str = Field(min_length=1, max_length=1024)
     shape: str = Field(max_length=1024)  # e.g. "N x 64 x 28 x 28" written "Nx64x28x28"; "?" unknown
@@ -75,21 +89,46 @@ def plain_file_name(name: str) -> str:
     return name
 
 
+def _codec_name(v: str) -> str:
+    from .codecs import Codec, CodecError
+
+    try:
+        return Codec.parse(v).name
+    except CodecError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+class Stage(_Strict):
+    """One device's part: the segment it runs, what it receives, sends and returns."""
+
+    file: str | None = None  # its segment; None: it runs nothing and forwards what it receives
+    device: str = Field("", max_length=256)  # the device profile it was planned for ("" if none was named)
+    weights: Literal["float32", "int8"] = "float32"
+    # the cut (prefix index) it ends at; None for the last stage, or a cut named by tensors that is no prefix
+    end: int | None = Field(default=None, ge=0)
+    receives: list[TensorSpec] = Field(default_factory=list, max_length=1024)  # the previous stage's sends
+    sends: list[TensorSpec] = Field(default_factory=list, max_length=1024)  # to the next stage
+    codec: str = "float32"  # for what it sends
+    produces: list[str] = Field(default_factory=list, max_length=1024)  # model outputs computed here
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        return _codec_name(v)
+
+
 class Plan(_Strict):
     model_name: str = Field(min_length=1, max_length=256)
     model_sha256: str = Field(pattern=_SHA256.pattern)
-    cut_index: int | None = Field(ge=0)
-    cut_tensors: list[TensorSpec] = Field(max_length=1024)
     inputs: list[TensorSpec] = Field(min_length=1, max_length=1024)
     outputs: list[TensorSpec] = Field(min_length=1, max_length=1024)
+    stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES)
     files: dict[str, str] = Field(max_length=MAX_FILES)  # file name -> sha256
-    codec: str = "float32"
-    head_weights: Literal["float32", "int8"] = "float32"
     kind: Kind = SPLIT
     input_shapes: dict[str, list[int]] = Field(default_factory=dict)  # the model's inputs fixed to these
     predicted: dict[str, Any] = Field(default_factory=dict)  # labelled figures from the planner
     front: list[Any] = Field(default_factory=list)
-    format_version: Literal[1] = PLAN_FORMAT
+    format_version: Literal[2] = PLAN_FORMAT
     plan_id: str = ""
 
     @field_validator("files")
@@ -104,43 +143,92 @@ class Plan(_Strict):
                 raise ValueError(f"checksum of {name} is not a sha256 hex digest")
         return v
 
-    @field_validator("codec")
-    @classmethod
-    def _codec(cls, v: str) -> str:
-        from .codecs import Codec, CodecError
-
-        try:
-            return Codec.parse(v).name
-        except CodecError as exc:
-            raise ValueError(str(exc)) from exc
-
     @model_validator(mode="after")
     def _consistent(self) -> Plan:
-        needs = {SPLIT: {HEAD_FILE, TAIL_FILE}, SERVER_ONLY: {TAIL_FILE}, EDGE_ONLY: {HEAD_FILE}}[self.kind]
-        missing = needs - set(self.files)
-        if missing:
-            raise ValueError(f"a {self.kind} plan needs {', '.join(sorted(missing))} in files")
-        if (self.kind == EDGE_ONLY) != (not self.cut_tensors):
-            raise ValueError("an edge-only plan sends nothing; every other plan sends some tensors")
-        names = [t.name for t in self.cut_tensors]
-        if len(set(names)) != len(names):
-            raise ValueError("cut tensor names repeat")
+        st, n = self.stages, len(self.stages)
+        kind = EDGE_ONLY if n == 1 else SPLIT if st[0].file else SERVER_ONLY
+        if self.kind != kind:
+            raise ValueError(f"a plan whose stages are as given is {kind}, not {self.kind}")
+        if st[0].receives:
+            raise ValueError("stage 0 reads the model's inputs: it receives nothing")
+        if st[-1].sends or st[-1].end is not None:
+            raise ValueError("the last stage sends nothing on and ends at no cut")
+        if n > 1 and not st[-1].file:
+            raise ValueError("the last stage must run a segment")
+        if n == 1 and not st[0].file:
+            raise ValueError("a one-stage plan must run the model")
+        seen_files: set[str] = set()
+        for i, s in enumerate(st):
+            if s.file is not None:
+                if s.file not in self.files:
+                    raise ValueError(f"stage {i} runs {s.file}, which files does not list")
+                if s.file in seen_files:
+                    raise ValueError(f"two stages run {s.file}")
+                seen_files.add(s.file)
+            if i < n - 1:
+                if not s.sends:
+                    raise ValueError(f"stage {i} sends nothing to stage {i + 1}")
+                names = [t.name for t in s.sends]
+                if len(set(names)) != len(names):
+                    raise ValueError(f"stage {i}: sent tensor names repeat")
+                if names != [t.name for t in st[i + 1].receives]:
+                    raise ValueError(f"stage {i + 1} must receive exactly what stage {i} sends, in order")
+        ends = [s.end for s in st[:-1]]
+        if any(b < a for a, b in zip(ends, ends[1:], strict=False) if a is not None and b is not None):
+            raise ValueError("the stages' cuts must not go backwards")
+        produced = [o for s in st for o in s.produces]
+        if sorted(produced) != sorted(o.name for o in self.outputs):
+            raise ValueError("the stages must produce every model output exactly once")
         return self
 
+    # -- the first hop, as the edge sees it (the whole plan when there are two stages) -----------
+    @property
+    def cut_index(self) -> int | None:
+        return self.stages[0].end
+
+    @property
+    def cut_tensors(self) -> list[TensorSpec]:
+        return self.stages[0].sends
+
+    @property
+    def codec(self) -> str:
+        return self.stages[0].codec
+
+    @property
+    def head_weights(self) -> str:
+        return self.stages[0].weights
+
+    @property
+    def hops(self) -> int:
+        return len(self.stages) - 1
+
+    def stage_of(self, role: str) -> int | None:
+        """The stage a device in ``role`` runs: edge 0, server the last, "stage-I" stage I (None: none)."""
+        if role == "edge":
+            return 0
+        if role == "server":
+            return len(self.stages) - 1 if len(self.stages) > 1 else None
+        if role.startswith("stage-") and role[6:].isdigit():
+            i = int(role[6:])
+            if 0 <= i < len(self.stages):
+                return i
+            raise PlanError(f"plan {self.plan_id[:12]} has stages 0 to {len(self.stages) - 1}, not {i}")
+        raise PlanError(f"unknown role {role!r}; one of {', '.join(ROLES)} or stage-I")
+
     def files_for(self, role: str | None, fallback: bool = True) -> set[str]:
-        """The files a device in ``role`` holds (all of them for None): the edge its head, and the whole
-        model when it may fall back; the server its tail. A model's external data goes with it."""
+        """The files a device in ``role`` holds (all of them for None): its stage's segment, and on the
+        edge the whole model when it may fall back. A model's external data goes with it."""
         if role is None:
             return set(self.files)
-        if role not in ROLES:
-            raise PlanError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-        models = {TAIL_FILE} if role == "server" else {HEAD_FILE} | ({FULL_FILE} if fallback else set())
-        return {n for n in self.files if n in models or any(n.startswith(m + ".") for m in models)}
+        i = self.stage_of(role)
+        models = set() if i is None or self.stages[i].file is None else {self.stages[i].file}
+        if role == "edge" and fallback:
+            models.add(FULL_FILE)
+        return {n for n in self.files if n in models or any(n.startswith(f"{m}.") for m in models)}
 
     def content_id(self) -> str:
         """sha256 (hex) of the canonical JSON of everything but ``plan_id``: keys sorted, no spaces."""
-        d = self.model_dump(mode="json", exclude={"plan_id"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return _canonical_id(self.model_dump(mode="json", exclude={"plan_id"}))
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
@@ -156,16 +244,24 @@ class Plan(_Strict):
             raise PlanError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
         if not isinstance(raw, dict):
             raise PlanError(f"{where}: expected a JSON object, found {type(raw).__name__}")
-        if raw.get("format_version") != PLAN_FORMAT:
+        version = raw.get("format_version")
+        if version not in READS_FORMATS or isinstance(version, bool):
             raise PlanError(
-                f"{where}: unsupported plan format_version {str(raw.get('format_version'))[:20]!r} "
-                f"(this build reads {PLAN_FORMAT})"
+                f"{where}: unsupported plan format_version {str(version)[:20]!r} "
+                f"(this build reads {', '.join(map(str, READS_FORMATS))})"
             )
+        if version == 1:  # its id covers its own content: checked as written, then converted
+            if raw.get("plan_id") != _canonical_id({k: v for k, v in raw.items() if k != "plan_id"}):
+                raise PlanError(f"{where}: plan_id does not match the plan's content (edited or corrupt)")
+            try:
+                raw = from_format_1(raw)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise PlanError(f"{where}: malformed format-1 plan: {exc}") from exc
         try:
             plan = cls.model_validate(raw)
         except ValidationError as exc:
             raise PlanError(f"{where}: malformed plan: {explain_fields(exc)}") from exc
-        if plan.plan_id != plan.content_id():
+        if version == PLAN_FORMAT and plan.plan_id != plan.content_id():
             raise PlanError(f"{where}: plan_id does not match the plan's content (edited or corrupt)")
         return plan
 
@@ -195,6 +291,43 @@ class Plan(_Strict):
                     f"plan {self.plan_id[:12]}: checksum mismatch for {name} "
                     f"(expected {digest[:12]}…, found {actual[:12]}…)"
                 )
+
+
+def _canonical_id(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def from_format_1(raw: dict) -> dict:
+    """A format-1 plan (edge and server, one cut) as the two-stage chain it describes; its id is kept."""
+    kind, crossing, outputs = raw["kind"], raw.get("cut_tensors", []), raw.get("outputs", [])
+    codec, weights = raw.get("codec", "float32"), raw.get("head_weights", "float32")
+    head_out = [o["name"] for o in outputs if o.get("side") == "head"]
+    tail_out = [o["name"] for o in outputs if o.get("side") != "head"]
+    if kind == EDGE_ONLY:
+        stages = [{"file": HEAD_FILE, "weights": weights, "produces": [o["name"] for o in outputs]}]
+    else:
+        first = {
+            "file": HEAD_FILE if kind == SPLIT else None,
+            "weights": weights if kind == SPLIT else "float32",
+            "end": raw.get("cut_index"),
+            "sends": crossing,
+            "codec": codec,
+            "produces": head_out if kind == SPLIT else [],
+        }
+        last = {
+            "file": TAIL_FILE,
+            "receives": crossing,
+            "produces": tail_out if kind == SPLIT else head_out + tail_out,
+        }
+        stages = [first, last]
+    keep: tuple[str, ...] = ("model_name", "model_sha256", "inputs", "outputs", "files", "kind")
+    keep += ("input_shapes", "predicted", "front")
+    return {
+        **{k: raw[k] for k in keep if k in raw},
+        "stages": stages,
+        "format_version": PLAN_FORMAT,
+        "plan_id": raw.get("plan_id", ""),
+    }
 
 
 def verify_pushed(files: dict[str, bytes], role: str | None = None) -> Plan:

@@ -1,9 +1,10 @@
 """Writing a plan directory: the one place that does it, for every kind of plan, all or nothing.
 
-A split plan holds ``head.onnx`` and ``tail.onnx``; a server-only plan holds the whole model as its tail
-(the raw inputs cross); an edge-only plan holds the whole model as its head (nothing crosses). Any of them
-can carry ``full.onnx`` for the edge's local fallback. The directory is written in a temporary sibling and
-renamed into place, so an error or Ctrl-C leaves the previous content or nothing, never half a plan.
+A plan's directory holds one model per stage that runs something: ``head.onnx`` for the edge,
+``tail.onnx`` for the last stage, ``stageI.onnx`` for relays between; a server-only plan's tail is the
+whole model (the raw inputs cross) and an edge-only plan's head is. Any of them can carry ``full.onnx``
+for the edge's local fallback. The directory is written in a temporary sibling and renamed into place,
+so an error or Ctrl-C leaves the previous content or nothing, never half a plan.
 """
 
 from __future__ import annotations
@@ -14,21 +15,21 @@ import onnx
 
 from .errors import PlanError
 from .graph.cuts import Cut
-from .graph.extract import extract, verify_split
+from .graph.extract import extract_segments, verify_segments
 from .graph.index import GraphIndex
 from .graph.model import ModelHandle
 from .onnxio import save_model, sha256_file
 from .plan import (
     EDGE_ONLY,
     FULL_FILE,
-    HEAD_FILE,
     KINDS,
     PLAN_FILE,
     SERVER_ONLY,
     SPLIT,
-    TAIL_FILE,
     Plan,
+    Stage,
     TensorSpec,
+    stage_file,
     write_dir_atomically,
 )
 from .samples import sample_feeds
@@ -46,26 +47,11 @@ def _tensor(idx: GraphIndex, name: str, side: str) -> TensorSpec:
     return _spec(name, t.shape_str(), t.dtype, t.bytes_per_sample(), side)
 
 
-def _routing(
-    idx: GraphIndex, kind: str, cut: Cut | None, head: onnx.ModelProto | None
-) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
-    """Inputs (which side reads each), outputs (which side produces each) and the tensors that cross."""
-    if kind == SPLIT:
-        assert cut is not None and head is not None
-        head_in = {i.name for i in head.graph.input}
-        tail_in = {c.name for c in cut.crossing if c.source == "input"}
-        inputs = [
-            _tensor(idx, n, "both" if n in head_in and n in tail_in else "tail" if n in tail_in else "head")
-            for n in idx.inputs
-        ]
-        outputs = [_tensor(idx, o, "head" if o in cut.head_outputs else "tail") for o in idx.outputs]
-        crossing = [_spec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
-        return inputs, outputs, crossing
-    side = "tail" if kind == SERVER_ONLY else "head"
-    inputs = [_tensor(idx, n, side) for n in idx.inputs]
-    outputs = [_tensor(idx, o, side) for o in idx.outputs]
-    crossing = [t.model_copy(update={"side": "input"}) for t in inputs]
-    return inputs, outputs, crossing if kind == SERVER_ONLY else []
+def _crossing(idx: GraphIndex, cut: Cut | None) -> list[TensorSpec]:
+    """What crosses a cut, each marked "input" (a raw model input) or "head" (computed before it)."""
+    if cut is None:
+        return [_tensor(idx, n, "input") for n in idx.inputs]
+    return [_spec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
 
 
 def write_plan(
@@ -75,6 +61,9 @@ def write_plan(
     kind: str = SPLIT,
     cut: Cut | None = None,
     codec: str = "float32",
+    cuts: list[Cut | None] | None = None,
+    codecs: list[str] | None = None,
+    devices: list[str] | None = None,
     head_model: onnx.ModelProto | None = None,
     head_weights: str = "float32",
     include_full: bool = False,
@@ -82,47 +71,77 @@ def write_plan(
     front: list | None = None,
     force: bool = False,
 ) -> Plan:
-    """Extract (for a split), check and write one plan; ``head_model`` replaces the edge's model
-    (e.g. its int8 version). Returns the plan as written, its id computed from its content."""
+    """Extract, check and write one plan. Two stages by ``kind`` and ``cut``, or a chain by ``cuts`` (one
+    per hop, in order; ``None`` for the empty cut) with a codec per hop and a device name per stage.
+    ``head_model`` replaces the edge's model (e.g. its int8 version). Returns the plan as written, its
+    id computed from its content."""
     if kind not in KINDS:
         raise PlanError(f"unknown plan kind {kind!r}; one of {', '.join(KINDS)}")
-    if (kind == SPLIT) != (cut is not None):
-        raise PlanError("a split plan needs a cut, and only a split plan takes one")
+    if cuts is None:
+        if (kind == SPLIT) != (cut is not None):
+            raise PlanError("a split plan needs a cut, and only a split plan takes one")
+        cuts = [cut] if kind == SPLIT else [None] if kind == SERVER_ONLY else []
+    elif cut is not None:
+        raise PlanError("give one cut, or the cuts of a chain, not both")
+    kind = EDGE_ONLY if not cuts else SERVER_ONLY if cuts[0] is None else SPLIT
+    hops = len(cuts)
+    codecs = list(codecs) if codecs is not None else [codec] * hops
+    if len(codecs) != hops:
+        raise PlanError(f"{hops} cut(s) need {hops} codec(s), one per hop; got {len(codecs)}")
+    if devices is not None and len(devices) != hops + 1:
+        raise PlanError(f"{hops} cut(s) make {hops + 1} stages: name {hops + 1} devices, not {len(devices)}")
     idx = handle.index
-    models: dict[str, onnx.ModelProto] = {}
-    if kind == SPLIT:
-        assert cut is not None
-        head, tail = extract(idx, cut)
-        tail = verify_split(head, tail, sample_feeds(idx.model, 1), where=f"cut {cut.index or ''}".strip())
-        models = {HEAD_FILE: head, TAIL_FILE: tail}
-    elif kind == SERVER_ONLY:
-        models = {TAIL_FILE: idx.model}
-    else:
-        models = {HEAD_FILE: idx.model}
-    inputs, outputs, crossing = _routing(idx, kind, cut, models.get(HEAD_FILE))
+    segments = extract_segments(idx, cuts)
+    feeds = sample_feeds(idx.model, 1)
+    models = [seg.model for seg in segments]
+    where = "the plan" if hops != 1 or cuts[0] is None else f"cut {cuts[0].index or ''}".strip()
+    models = verify_segments(models, feeds, where=where) if hops else models
     if head_model is not None:
-        if HEAD_FILE not in models:
+        if models[0] is None:
             raise PlanError("a server-only plan has no edge model to replace")
-        models[HEAD_FILE] = head_model
+        models[0] = head_model
+    n = hops + 1
+    files_models = {stage_file(i, n): m for i, m in enumerate(models) if m is not None}
     if include_full:
-        models[FULL_FILE] = idx.model
+        files_models[FULL_FILE] = idx.model
+    head_reads = {i.name for i in models[0].graph.input} if models[0] is not None else set()
+    first_sent = {c.name for c in _crossing(idx, cuts[0]) if c.side == "input"} if cuts else set()
+    inputs = [
+        _tensor(
+            idx, t, "both" if t in head_reads and t in first_sent else "tail" if t in first_sent else "head"
+        )
+        for t in idx.inputs
+    ]
+    made_first = set(segments[0].produces)
+    outputs = [_tensor(idx, o, "head" if o in made_first else "tail") for o in idx.outputs]
+    sends = [_crossing(idx, c) for c in cuts] + [[]]
+    stages = [
+        Stage(
+            file=stage_file(i, n) if models[i] is not None else None,
+            device=devices[i] if devices else "",
+            weights=head_weights if i == 0 and models[0] is not None else "float32",  # type: ignore[arg-type]
+            end=(cuts[i].index if cuts[i] is not None else 0) if i < hops else None,  # type: ignore[union-attr]
+            receives=sends[i - 1] if i else [],
+            sends=sends[i],
+            codec=codecs[i] if i < hops else "float32",
+            produces=seg.produces,
+        )
+        for i, seg in enumerate(segments)
+    ]
     result: list[Plan] = []
 
     def write(tmp: Path) -> None:
-        for name, model in models.items():
+        for name, model in files_models.items():
             save_model(model, tmp / name)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}  # models and their external data
         plan = Plan.model_validate(
             dict(
                 model_name=handle.name,
                 model_sha256=handle.sha256,
-                cut_index=cut.index if cut is not None else (0 if kind == SERVER_ONLY else None),
-                cut_tensors=crossing,
                 inputs=inputs,
                 outputs=outputs,
+                stages=stages,
                 files=files,
-                codec=codec if kind != EDGE_ONLY else "float32",
-                head_weights=head_weights if kind != SERVER_ONLY else "float32",
                 kind=kind,
                 input_shapes=handle.input_shapes,
                 predicted=predicted or {},

@@ -1,13 +1,14 @@
-"""Running a plan's head and tail in onnxruntime and putting the outputs back together.
+"""Running a plan's stages in onnxruntime and putting the outputs back together.
 
-The one place that knows how a plan routes tensors (which inputs feed the head, which raw
-inputs cross, which outputs come from the head): the edge daemon, the server, the fidelity
-runs and the tests all compose a split model through it.
+The one place that knows how a plan routes tensors (which inputs feed the head, which raw inputs
+cross, which tensors a relay passes through, which outputs come from which stage): the edge daemon,
+the server, relays, the fidelity runs and the tests all compose a split model through it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,39 +88,6 @@ def make_session(
     )
 
 
-class HeadRunner:
-    """Edge side: runs the head and returns the tensors to send (raw inputs that cross included)
-    plus the final outputs the head already produced."""
-
-    def __init__(self, plan: Plan, session: ort.InferenceSession | None):
-        """``session`` is None for a server-only plan: the raw inputs are what is sent."""
-        self.plan = plan
-        self.session = session
-        self.head_inputs = [i.name for i in session.get_inputs()] if session else []
-        self.head_outputs = [o.name for o in session.get_outputs()] if session else []
-
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        missing = [i.name for i in self.plan.inputs if i.name not in feeds]
-        if missing:
-            raise SplitPointError(f"missing model input(s): {', '.join(missing)}")
-        produced = (
-            dict(
-                zip(
-                    self.head_outputs,
-                    self.session.run(self.head_outputs, {k: feeds[k] for k in self.head_inputs}),
-                    strict=True,
-                )
-            )
-            if self.session
-            else {}
-        )
-        sent = {
-            t.name: (feeds[t.name] if t.side == "input" else produced[t.name]) for t in self.plan.cut_tensors
-        }
-        early = {o.name: produced[o.name] for o in self.plan.outputs if o.side == "head"}
-        return sent, early
-
-
 # onnxruntime's tensor types as numpy dtypes (those a cut tensor can have)
 ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
@@ -131,39 +99,126 @@ ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(bool)": np.dtype(np.bool_),
 }
+_SPEC_DTYPES = {d: np.dtype(d) for d in ("float32", "float16", "float64", "int64", "int32", "int8", "uint8")}
+_SPEC_DTYPES["bool"] = np.dtype(np.bool_)
+
+Expect = tuple[np.dtype | None, tuple[int | None, ...]]  # dtype (None: any) and shape (None: any size)
 
 
-class TailRunner:
-    """Server side: runs the tail on the received cut tensors."""
+class StageRunner:
+    """One stage of a plan: its segment run on what it received (the model's inputs, for stage 0), and
+    what goes on: the tensors the next stage needs (computed here, or received and passed through) and
+    the model outputs computed here. Edge, relays, server, fidelity runs and tests all route through it."""
 
-    def __init__(self, plan: Plan, session: ort.InferenceSession):
-        self.plan = plan
-        self.session = session
-        self.outputs = [o.name for o in session.get_outputs()]
-        self.inputs = {i.name: i for i in session.get_inputs()}
-        self.cut_names = frozenset(t.name for t in plan.cut_tensors)
-        # per input: (dtype or None, shape with None for a free dimension), worked out once, not per request
-        self.expect: dict[str, tuple[np.dtype | None, tuple[int | None, ...]]] = {
+    def __init__(self, plan: Plan, index: int, session: ort.InferenceSession | None):
+        """``session`` is None for a stage that runs nothing (the edge of a server-only plan)."""
+        self.plan, self.index, self.session = plan, index, session
+        stage = plan.stages[index]
+        self.stage = stage
+        self.last = index == len(plan.stages) - 1
+        self.run_inputs = [i.name for i in session.get_inputs()] if session else []
+        self.run_outputs = [o.name for o in session.get_outputs()] if session else []
+        self.sends = [t.name for t in stage.sends]
+        self.produces = list(stage.produces)
+        self.receives = [t.name for t in stage.receives] if index else [t.name for t in plan.inputs]
+        self.cut_names = frozenset(self.receives)
+        # per received tensor: (dtype or None, shape with None for a free dimension), worked out once,
+        # from the session where it reads the tensor, else from the plan (a tensor passed through)
+        by_session = {
             i.name: (ORT_DTYPES.get(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
-            for i in session.get_inputs()
+            for i in (session.get_inputs() if session else [])
+        }
+        specs = {t.name: t for t in (stage.receives if index else plan.inputs)}
+        self.expect: dict[str, Expect] = {
+            n: by_session.get(n) or (_SPEC_DTYPES.get(specs[n].dtype), _spec_shape(specs[n].shape))
+            for n in self.receives
         }
 
-    def run(self, cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, cut), strict=True))
+    def run(self, received: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(tensors for the next stage, model outputs computed here)."""
+        missing = [n for n in self.receives if n not in received]
+        if missing:
+            what = "model input" if self.index == 0 else "tensor"
+            raise SplitPointError(f"missing {what}(s): {', '.join(missing)}")
+        produced = (
+            dict(
+                zip(
+                    self.run_outputs,
+                    self.session.run(self.run_outputs, {k: received[k] for k in self.run_inputs}),
+                    strict=True,
+                )
+            )
+            if self.session
+            else {}
+        )
+        sends = {n: produced[n] if n in produced else received[n] for n in self.sends}
+        outs = {n: produced[n] if n in produced else received[n] for n in self.produces}
+        return sends, outs
+
+
+def _spec_shape(shape: str) -> tuple[int | None, ...]:
+    """A plan's shape string ("Nx64x28x28", "?" unknown) as a shape with None for free dimensions."""
+    if not shape or shape == "?":
+        return ()
+    return tuple(int(d) if d.isdigit() else None for d in shape.split("x"))
+
+
+class HeadRunner(StageRunner):
+    """Stage 0 on the edge: ``run(feeds)`` returns (what is sent, the model outputs computed here)."""
+
+    def __init__(self, plan: Plan, session: ort.InferenceSession | None):
+        super().__init__(plan, 0, session)
+
+
+class TailRunner(StageRunner):
+    """The last stage: ``run(received)`` returns the model outputs it computes."""
+
+    def __init__(self, plan: Plan, session: ort.InferenceSession):
+        super().__init__(plan, len(plan.stages) - 1, session)
+        self.inputs = {i.name: i for i in session.get_inputs()}
+
+    def run(self, received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
+        return super().run(received)[1]
 
 
 def assemble(plan: Plan, early: dict[str, np.ndarray], late: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Final outputs in the original model's order."""
-    return [early[o.name] if o.side == "head" else late[o.name] for o in plan.outputs]
+    """Final outputs in the original model's order (from wherever in the chain each was computed)."""
+    got = {**late, **early}
+    return [got[o.name] for o in plan.outputs]
 
 
 def load_split(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, HeadRunner, TailRunner | None]:
-    """Both halves of a plan in this process (tests, fidelity runs, the edge's local fallback)."""
+    """Both halves of a two-stage plan in this process (tests, fidelity runs)."""
     plan = Plan.load(plan_dir)
     d = Path(plan_dir)
     head = make_session(d / HEAD_FILE, threads) if HEAD_FILE in plan.files else None
     tail = TailRunner(plan, make_session(d / TAIL_FILE, threads)) if TAIL_FILE in plan.files else None
     return plan, HeadRunner(plan, head), tail
+
+
+def load_stages(plan_dir: str | Path, threads: int = 0) -> tuple[Plan, list[StageRunner]]:
+    """Every stage of a plan in this process (tests, fidelity runs of a chain)."""
+    plan = Plan.load(plan_dir)
+    d = Path(plan_dir)
+    return plan, [
+        StageRunner(plan, i, make_session(d / s.file, threads) if s.file else None)
+        for i, s in enumerate(plan.stages)
+    ]
+
+
+def run_chain(
+    stages: list[StageRunner],
+    feeds: dict[str, np.ndarray],
+    hop: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> list[np.ndarray]:
+    """The whole chain in this process; ``hop(i, tensors)`` stands for what hop ``i`` does to what it
+    carries (encode and decode with its codec); by default nothing. Returns the model's outputs."""
+    received, outs = feeds, {}
+    for i, st in enumerate(stages):
+        sends, made = st.run(received)
+        outs.update(made)
+        received = hop(i, sends) if hop is not None and not st.last else sends
+    return [outs[o.name] for o in stages[0].plan.outputs]
 
 
 def check_models_load(plan_dir: Path, plan: Plan) -> None:

@@ -48,6 +48,7 @@ E_INTERNAL = "internal"  # the receiver failed on a valid request; it keeps serv
 E_BAD_PLAN = "bad-plan"  # a deploy that does not verify or does not load
 E_BUSY = "busy"  # the receiver's queue is full: try again later (or fall back)
 E_UNAUTHORIZED = "unauthorized"  # this peer may not do that (e.g. deploy without a deploy key)
+E_UNAVAILABLE = "unavailable"  # a relay's next stage is not connected or did not answer in time
 ERROR_CODES = (
     E_BAD_MESSAGE,
     E_VERSION,
@@ -58,6 +59,7 @@ ERROR_CODES = (
     E_BAD_PLAN,
     E_BUSY,
     E_UNAUTHORIZED,
+    E_UNAVAILABLE,
 )
 
 

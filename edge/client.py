@@ -44,7 +44,8 @@ from .connection import DOWN_EVENTS, UP_EVENTS, Connection
 
 log = logging.getLogger("splitpoint.edge")
 PING_BASE = 2**62  # ping ids live apart from request ids
-FALLBACK_CODES = {wire.E_BUSY}  # server errors that a local run can answer instead
+# server errors that a local run can answer instead: busy, or a later stage of a chain out of reach
+FALLBACK_CODES = {wire.E_BUSY, wire.E_UNAVAILABLE}
 
 
 class EdgeError(SplitPointError):
@@ -343,6 +344,9 @@ class EdgeClient:
             "decode_ms": dec_ms,
             "bytes_sent": p.bytes_sent,
         }
+        stages = msg.meta.get("stages")
+        if isinstance(stages, list):  # a chain: each stage's own times, as its device measured them
+            breakdown["stages"] = [s for s in stages[:16] if isinstance(s, dict)]
         return EdgeResult(msg.id, order, outs, fallback=False, breakdown=breakdown)
 
     def _estimate_bandwidth(self, network_ms: float, sent: int) -> None:

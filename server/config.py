@@ -36,6 +36,13 @@ class ServerConfig(StrictConfig):
     curve_allow: tuple[bytes, ...] = ()  # client public keys that may connect (z85); empty = any
     deploy_allow: tuple[bytes, ...] = ()  # with CurveZMQ: the only keys that may deploy (z85)
     insecure: bool = False  # bind a non-loopback address without CurveZMQ: anyone may deploy and run
+    # a relay: the stage of each plan it runs, and where the next stage listens (None: the last stage)
+    stage: int | None = Field(None, ge=0, le=16)
+    next: Endpoint | None = None
+    next_timeout_s: float = Field(10.0, gt=0, le=3600)  # a forwarded request unanswered this long fails
+    next_curve_server_key: bytes | None = None  # the next stage's CurveZMQ public key (z85)
+    heartbeat_s: float = Field(1.0, gt=0, le=60)  # towards the next stage (ZMTP heartbeats)
+    dead_after_s: float = Field(5.0, gt=0, le=600)
 
     @field_validator("reply_codec")
     @classmethod
@@ -51,6 +58,10 @@ class ServerConfig(StrictConfig):
             )
         if (self.curve_allow or self.deploy_allow) and self.curve_secret_key is None:
             raise ValueError("allow-lists need CurveZMQ: give --curve-secret too")
+        if self.next is not None and self.stage is None:
+            raise ValueError("--next forwards to the next stage: say which stage this one is (--stage)")
+        if self.next is not None and self.workers > 1:
+            raise ValueError("a relay runs its stage on its socket thread: --workers 1")
         return self
 
     @property

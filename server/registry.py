@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitpoint.core.errors import PlanError
-from splitpoint.core.plan import PLAN_FILE, TAIL_FILE, Plan, install_pushed, verify_pushed
-from splitpoint.core.runner import TailRunner, check_models_load, make_session
+from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, verify_pushed
+from splitpoint.core.runner import StageRunner, check_models_load, make_session
 
 log = logging.getLogger("splitpoint.server")
 
@@ -25,15 +25,21 @@ log = logging.getLogger("splitpoint.server")
 class Entry:
     plan: Plan
     path: Path
-    tail: TailRunner | None  # None for an edge-only plan: nothing runs here
+    runner: StageRunner | None  # the stage this server runs; None when it runs none (an edge-only plan)
 
 
 class PlanRegistry:
     def __init__(
-        self, plans_dir: str | Path | None = None, threads: int = 0, provider: str = "CPUExecutionProvider"
+        self,
+        plans_dir: str | Path | None = None,
+        threads: int = 0,
+        provider: str = "CPUExecutionProvider",
+        stage: int | None = None,
     ):
+        """``stage``: the stage of each plan this server runs (a relay's); None: the last (a server's)."""
         self.plans_dir = Path(plans_dir) if plans_dir else None
-        self.threads, self.provider = threads, provider
+        self.threads, self.provider, self.stage = threads, provider, stage
+        self.role = "server" if stage is None else f"stage-{stage}"
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}  # plan directory -> why it is not served
@@ -46,14 +52,16 @@ class PlanRegistry:
                     log.error("skipping the plan in %s: %s", d, self.skipped[str(d)])
 
     def _entry(self, path: Path, plan: Plan) -> Entry:
-        tail = None
-        if TAIL_FILE in plan.files:
-            tail = TailRunner(plan, make_session(path / TAIL_FILE, self.threads, self.provider))
-        return Entry(plan, path, tail)
+        i = plan.stage_of(self.role)
+        if i is None or (i == 0 and self.stage is None):
+            return Entry(plan, path, None)  # an edge-only plan: nothing runs here
+        file = plan.stages[i].file
+        session = make_session(path / file, self.threads, self.provider) if file else None
+        return Entry(plan, path, StageRunner(plan, i, session))
 
     def add_dir(self, path: str | Path) -> Plan:
         path = Path(path)
-        plan = Plan.load(path, role="server")
+        plan = Plan.load(path, role=self.role)
         entry = self._entry(path, plan)
         with self._lock:
             self._entries[plan.plan_id] = entry
@@ -62,7 +70,7 @@ class PlanRegistry:
 
     def install(self, files: dict[str, bytes]) -> Plan:
         """Verify a pushed plan (plan.json plus the files it lists), load it, and make it servable."""
-        plan = verify_pushed(files, "server")
+        plan = verify_pushed(files, self.role)
         existing = self.get(plan.plan_id)
         if existing is not None:
             return existing.plan
@@ -73,7 +81,7 @@ class PlanRegistry:
             check_models_load(tmp, plan)  # every model, not only the tail: a bad head fails here too
             return self._entry(tmp, plan)  # sessions hold their models: the rename does not disturb them
 
-        plan, entry, path = install_pushed(files, self.plans_dir, load, "server")
+        plan, entry, path = install_pushed(files, self.plans_dir, load, self.role)
         entry.path = path
         with self._lock:
             self._entries[plan.plan_id] = entry

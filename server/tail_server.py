@@ -1,10 +1,17 @@
-"""The tail server: a ZeroMQ ROUTER that runs plan tails for many edge clients at once.
+"""The tail server: a ZeroMQ ROUTER that runs plan tails for many edge clients at once, or, as a relay,
+one middle stage of a chain of devices.
 
 One thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe). With one worker (the default,
 right for a CPU server where onnxruntime's own threads parallelise each run) that thread also decodes,
 runs the tail and encodes: no hand-off between threads on the request path. With more workers a pool
 does that work and hands replies back over an inproc socket. Deploys are loaded on a thread of their
 own, so a large model never holds up pings or requests.
+
+A relay (``--stage I --next ENDPOINT``) runs its stage on the socket thread, sends what crosses the next
+cut to the next stage over its own DEALER, and answers the request when the next stage answers, adding
+the model outputs it computed and its own stage times. Requests it forwarded are bounded by
+``max_queue`` like any others; each one is answered exactly once: with the next stage's result or error,
+or ``unavailable`` when the next stage disconnects or stays silent past ``next_timeout_s``.
 
 Every message is handled under its own ``try``: a malformed or hostile one gets an error reply with a
 code from ``docs/protocol.md`` and the loop goes on. Requests waiting for a tail are bounded
@@ -15,6 +22,7 @@ raises, so ``splitpoint serve`` exits non-zero and its supervisor restarts it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -31,6 +39,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
+from splitpoint.core.runner import StageRunner
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
@@ -89,10 +98,32 @@ class _Request:
     t_recv: float
 
 
+@dataclass
+class _Forward:
+    """A request a relay sent on to the next stage: what it needs to answer upstream when that answers."""
+
+    ident: Any
+    id: int  # the upstream request's id
+    plan: str
+    stage: int
+    t_recv: float
+    t_sent: float
+    deadline: float
+    names: list[str]  # model outputs computed at this stage, returned with the reply
+    frames: list  # their payloads
+    timing: dict  # this stage's own times (ms)
+
+
+MAX_STAGES_META = 16  # stage timings a relay passes upstream (one per stage after the edge)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
 class TailServer:
     def __init__(self, config: ServerConfig, registry: PlanRegistry | None = None):
         self.config = config
-        self.registry = registry or PlanRegistry(config.plans_dir, config.threads, config.provider)
+        self.registry = registry or PlanRegistry(
+            config.plans_dir, config.threads, config.provider, config.stage
+        )
         self.stats = Stats()
         self.endpoint: str | None = None
         self.fatal: BaseException | None = None
@@ -109,7 +140,12 @@ class TailServer:
         )
         self._deployer = ThreadPoolExecutor(1, thread_name_prefix="splitpoint-deploy")
         self._auth: Any = None
-        self.telemetry = Telemetry(config.device_id, "server", config.mqtt) if config.mqtt else None
+        self._next: zmq.Socket | None = None  # a relay's DEALER to the next stage
+        self._next_monitor: zmq.Socket | None = None
+        self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
+        self._fwd_ids = itertools.count(1)
+        self.role = "relay" if config.next else "server"
+        self.telemetry = Telemetry(config.device_id, self.role, config.mqtt) if config.mqtt else None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TailServer:
@@ -134,6 +170,8 @@ class TailServer:
             )
             raise SplitPointError(f"cannot bind {self.config.bind}: {exc.strerror}{hint}") from exc
         replies = self._replies.bind()
+        if self.config.next is not None:
+            self._connect_next()
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._thread = threading.Thread(
             target=self._loop, args=(router, replies), name="splitpoint-server", daemon=True
@@ -172,6 +210,29 @@ class TailServer:
         if self.telemetry:
             self.telemetry.close()
 
+    def _connect_next(self) -> None:
+        """The relay's DEALER to the next stage: no queueing towards a stage that is not connected
+        (a request then fails at once, explicitly), ZMTP heartbeats, and a monitor for disconnects."""
+        c = self.config
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        s.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
+        s.setsockopt(zmq.SNDHWM, RCVHWM)
+        s.setsockopt(zmq.HEARTBEAT_IVL, int(c.heartbeat_s * 1000))
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(c.dead_after_s * 1000))
+        s.setsockopt(zmq.HEARTBEAT_TTL, int(c.dead_after_s * 1000))
+        if c.next_curve_server_key:
+            secret = c.curve_secret_key
+            public, secret = (zmq.curve_public(secret), secret) if secret else zmq.curve_keypair()
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = c.next_curve_server_key, public, secret
+        self._next_monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        assert c.next is not None
+        s.connect(c.next)
+        self._next = s
+
     def _status(self) -> None:
         if self.telemetry:
             self.telemetry.status("online", {"endpoint": self.endpoint, "plans": self.registry.ids()})
@@ -204,24 +265,42 @@ class TailServer:
         finally:
             router.close(0)
             replies.close(0)
+            if self._next is not None:
+                self._next.disable_monitor()
+                if self._next_monitor is not None:
+                    self._next_monitor.close(0)
+                self._next.close(0)
             self._done.set()
 
     def _serve(self, router: zmq.Socket, replies: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
+        nxt, monitor = self._next, self._next_monitor
+        if nxt is not None and monitor is not None:
+            poller.register(nxt, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
         next_metrics = time.monotonic()
         while not self._stop.is_set():
-            events = dict(poller.poll(0 if self._inline else 100))
+            events = dict(poller.poll(0 if self._inline else 50 if self._fwd else 100))
             if replies in events:
                 for frames in wire.drain(replies):
                     router.send_multipart(frames, copy=False)
+            if nxt is not None and nxt in events:
+                for frames in wire.drain(nxt, limit=4 * RCVHWM):
+                    self._on_next(router, frames)
+            if monitor is not None and monitor in events:
+                self._on_next_events(router, monitor)
             if router in events:
                 # bounded, so that queued requests and replies are served between bursts
                 for frames in wire.drain(router, limit=4 * RCVHWM):
                     self._on_message(router, frames)
             if self._inline:
-                self._answer(router, self._work(self._inline.popleft()))
+                reply = self._work(self._inline.popleft())
+                if reply is not None:
+                    self._answer(router, reply)
+            if self._fwd:
+                self._expire(router, time.perf_counter())
             if self.telemetry and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + self.config.metrics_interval_s
                 self.telemetry.metrics({**self.stats.snapshot(), "plans": len(self.registry.ids())})
@@ -257,6 +336,8 @@ class TailServer:
                 "plans": self.registry.ids(),
                 "workers": self.config.workers,
                 "in_flight": self.stats.in_flight,
+                "role": self.role,
+                "stage": self.config.stage,
             }
             self._send(router, ident, wire.Message(wire.PONG, msg.id, meta=meta))
         elif msg.type == wire.DEPLOY:
@@ -292,11 +373,18 @@ class TailServer:
 
     def _admit(self, router: zmq.Socket, ident: Any, msg: wire.Message, t_recv: float) -> None:
         entry = self.registry.get(msg.plan)
-        if entry is None or entry.tail is None:
+        if entry is None or entry.runner is None:
             self.stats.add(rejected=1)
             why = "unknown plan" if entry is None else "plan runs entirely on the edge"
             err = wire.error(msg.id, wire.E_UNKNOWN_PLAN, f"{why}: {msg.plan[:16] or '(none)'}", msg.plan)
             self._send(router, ident, err)
+            return
+        if not entry.runner.last and self._next is None:
+            self.stats.add(rejected=1)
+            i = entry.runner.index
+            why = f"this server runs stage {i} of plan {msg.plan[:16]}, which goes on to stage {i + 1}: "
+            why += "it has no --next"
+            self._send(router, ident, wire.error(msg.id, wire.E_UNAVAILABLE, why, msg.plan))
             return
         if self.stats.in_flight >= self.config.max_queue:
             self.stats.add(rejected=1, busy=1)
@@ -312,18 +400,24 @@ class TailServer:
 
     # -- work: the socket thread itself (one worker) or the pool ------------------------------
     def _pooled(self, req: _Request) -> None:
-        frames = self._work(req)
+        frames = self._work(req)  # never None: a relay runs inline (workers 1)
         # never block a worker: once the socket thread is gone (stop) a send would wait forever
-        if not self._replies.send(frames, block=False):
+        if frames is not None and not self._replies.send(frames, block=False):
             log.warning("server stopping: reply dropped")
 
     def _answer(self, router: zmq.Socket, frames: list) -> None:
         router.send_multipart(frames, copy=False)
 
-    def _work(self, req: _Request) -> list:
-        """Decode, run the tail, encode: the reply's frames (identity first). Never raises."""
+    def _work(self, req: _Request) -> list | None:
+        """Decode, run the stage, encode: the reply's frames (identity first), or None when the request
+        went on to the next stage (the reply comes when that answers). Never raises."""
         msg = req.msg
         try:
+            runner = req.entry.runner
+            assert runner is not None
+            if not runner.last:
+                self._forward(req, runner)
+                return None
             reply = self._result(req)
             self.stats.answered(True)
         except (wire.WireError, CodecError) as exc:
@@ -340,13 +434,15 @@ class TailServer:
         t0 = time.perf_counter()
         feeds = self._decode(req.msg, req.entry)
         t1 = time.perf_counter()
-        assert req.entry.tail is not None
-        out = req.entry.tail.run(feeds)
+        runner = req.entry.runner
+        assert runner is not None
+        _, out = runner.run(feeds)
         t2 = time.perf_counter()
         names = list(out)
         frames = [encode(out[n], self.config.reply_codec) for n in names]
         t3 = time.perf_counter()
         server = {
+            "stage": runner.index,
             "queue_ms": (t0 - req.t_recv) * 1e3,
             "decode_ms": (t1 - t0) * 1e3,
             "tail_ms": (t2 - t1) * 1e3,
@@ -357,8 +453,139 @@ class TailServer:
             wire.RESULT, req.msg.id, req.msg.plan, names, meta={"server": server}, frames=frames
         )
 
+    # -- a relay: on to the next stage, and back ----------------------------------------------
+    def _forward(self, req: _Request, runner: StageRunner) -> None:
+        """Run this stage and send what crosses the next cut on; raises WireError if it cannot go."""
+        assert self._next is not None
+        t0 = time.perf_counter()
+        feeds = self._decode(req.msg, req.entry)
+        t1 = time.perf_counter()
+        sends, outs = runner.run(feeds)
+        t2 = time.perf_counter()
+        names = list(sends)
+        frames = [encode(sends[n], runner.stage.codec) for n in names]
+        own = list(outs)
+        own_frames = [encode(outs[n], self.config.reply_codec) for n in own]
+        t3 = time.perf_counter()
+        fid = next(self._fwd_ids)
+        try:
+            self._next.send_multipart(
+                wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames(),
+                _NOBLOCK,
+                copy=False,
+            )
+        except zmq.Again:
+            raise wire.WireError(
+                wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
+            ) from None
+        timing = {
+            "queue_ms": (t0 - req.t_recv) * 1e3,
+            "decode_ms": (t1 - t0) * 1e3,
+            "tail_ms": (t2 - t1) * 1e3,
+            "encode_ms": (t3 - t2) * 1e3,
+            "bytes_sent": sum(len(f) for f in frames),
+        }
+        t_sent = time.perf_counter()
+        self._fwd[fid] = _Forward(
+            req.ident,
+            req.msg.id,
+            req.msg.plan,
+            runner.index,
+            req.t_recv,
+            t_sent,
+            t_sent + self.config.next_timeout_s,
+            own,
+            own_frames,
+            timing,
+        )
+
+    def _on_next(self, router: zmq.Socket, frames: list) -> None:
+        """A message from the next stage: the answer to a forwarded request goes upstream. Never raises."""
+        try:
+            self._answer_forwarded(router, frames)
+        except Exception:  # one bad reply fails its request only
+            log.exception("a reply from the next stage could not be handled")
+            fwd = self._fwd.pop(wire.best_effort_id(frames), None)
+            if fwd is not None:
+                self._fail_forwarded(router, fwd, "its reply could not be handled")
+
+    def _answer_forwarded(self, router: zmq.Socket, frames: list) -> None:
+        try:
+            msg = wire.parse(frames, self.config.max_message_bytes)
+        except wire.WireError as exc:
+            fwd = self._fwd.pop(wire.best_effort_id(frames), None)
+            if fwd is not None:
+                self._fail_forwarded(router, fwd, f"it answered with a malformed message: {exc}")
+            return
+        if msg.type == wire.PONG:
+            return
+        fwd = self._fwd.pop(msg.id, None)
+        if fwd is None:
+            return  # answered already (it timed out)
+        if msg.type == wire.ERROR:
+            code = str(msg.meta.get("code", wire.E_INTERNAL))
+            code = code if code in wire.ERROR_CODES else wire.E_INTERNAL
+            text = f"stage {fwd.stage + 1}: {str(msg.meta.get('message', ''))[:900]}"
+            self.stats.answered(False)
+            self._send(router, fwd.ident, wire.error(fwd.id, code, text, fwd.plan))
+            return
+        if msg.type != wire.RESULT or set(msg.tensors) & set(fwd.names):
+            self._fail_forwarded(router, fwd, f"it answered {msg.type} with tensors {msg.tensors[:8]}")
+            return
+        now = time.perf_counter()
+        own = {**fwd.timing, "stage": fwd.stage, "next_ms": (now - fwd.t_sent) * 1e3}
+        own["total_ms"] = (now - fwd.t_recv) * 1e3
+        after = msg.meta.get("stages")
+        if not isinstance(after, list):
+            server = msg.meta.get("server")
+            after = [server] if isinstance(server, dict) else []
+        stages = [own, *[s for s in after if isinstance(s, dict)][: MAX_STAGES_META - 1]]
+        reply = wire.Message(
+            wire.RESULT,
+            fwd.id,
+            fwd.plan,
+            fwd.names + msg.tensors,
+            meta={"server": own, "stages": stages},
+            frames=fwd.frames + msg.frames,
+        )
+        self.stats.answered(True)
+        self._send(router, fwd.ident, reply)
+
+    def _fail_forwarded(self, router: zmq.Socket, fwd: _Forward, why: str) -> None:
+        self.stats.answered(False)
+        err = wire.error(
+            fwd.id, wire.E_UNAVAILABLE, f"stage {fwd.stage + 1} ({self.config.next}): {why}", fwd.plan
+        )
+        with contextlib.suppress(zmq.ZMQError):
+            self._send(router, fwd.ident, err)
+
+    def _expire(self, router: zmq.Socket, now: float) -> None:
+        """Forwarded requests past their deadline (all share one timeout: the oldest come first)."""
+        while self._fwd:
+            fid, fwd = next(iter(self._fwd.items()))
+            if fwd.deadline > now:
+                return
+            del self._fwd[fid]
+            self._fail_forwarded(router, fwd, f"no answer within {self.config.next_timeout_s:g} s")
+
+    def _on_next_events(self, router: zmq.Socket, monitor: zmq.Socket) -> None:
+        """The next stage disconnected: what it held will never be answered, so fail it now."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        gone = False
+        for _ in range(1000):
+            try:
+                gone |= bool(recv_monitor_message(monitor, zmq.NOBLOCK)["event"] & zmq.EVENT_DISCONNECTED)
+            except zmq.Again:
+                break
+        if gone and self._fwd:
+            lost, self._fwd = list(self._fwd.values()), {}
+            log.warning("the next stage disconnected: failing %d forwarded request(s)", len(lost))
+            for fwd in lost:
+                self._fail_forwarded(router, fwd, "disconnected")
+
     def _decode(self, msg: wire.Message, entry: Entry) -> dict[str, np.ndarray]:
-        tail = entry.tail
+        tail = entry.runner
         assert tail is not None
         if len(msg.tensors) != len(tail.cut_names) or not tail.cut_names.issuperset(msg.tensors):
             raise wire.WireError(

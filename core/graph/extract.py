@@ -7,6 +7,8 @@ model-local functions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -75,29 +77,94 @@ def extract(idx: GraphIndex, cut: Cut, check: bool = True) -> tuple[onnx.ModelPr
     return h, t
 
 
-def verify_split(
-    head: onnx.ModelProto, tail: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str = "the split"
-) -> onnx.ModelProto:
-    """Run the head once and the tail on what it produced. A cut tensor whose declared dimension the run
-    contradicts is declared free instead (the tail returned is corrected); a split that still does not
-    rejoin is refused with onnxruntime's reason, before any plan is written."""
+@dataclass
+class Segment:
+    """One stage's part of the model: its nodes as a sub-model (None when it runs nothing), the tensors
+    it receives, the ones it sends on, and the model outputs it computes."""
+
+    model: onnx.ModelProto | None
+    receives: list[str]  # the crossing set of the cut before it (the model's inputs for the first)
+    sends: list[str]  # the crossing set of the cut after it (nothing for the last)
+    produces: list[str]  # model outputs computed in this segment
+
+
+def extract_segments(idx: GraphIndex, cuts: list[Cut | None], check: bool = True) -> list[Segment]:
+    """The segments between nested cuts, in order (``None`` for the empty cut: nothing before it, so
+    the raw inputs cross). A segment's sub-model reads only what its nodes need; the tensors it received
+    and must pass on (a skip connection across a device, a raw input read later) are forwarded by the
+    runner as they are. Two cuts give the familiar head and tail."""
+    heads: list[frozenset] = [frozenset()]
+    for c in cuts:
+        h = frozenset() if c is None else head_positions(idx, c)
+        if not heads[-1] <= h:
+            raise ModelError("the cuts of a chain must be nested, each after the one before")
+        heads.append(h)
+    heads.append(frozenset(idx.compute))
+    crossing = [list(idx.inputs)] + [
+        [t for t in idx.inputs] if c is None else [t.name for t in c.crossing] for c in cuts
+    ]
+    crossing.append([])
+    segments = []
+    for i in range(len(heads) - 1):
+        own = heads[i + 1] - heads[i]
+        produced = {o for p in own for o in idx.nodes[p].output if o}
+        outs = [o for o in idx.outputs if o in produced]
+        if i == 0:
+            # graph outputs that are graph inputs (or constants) come from the edge, as in a one-stage plan
+            outs += [o for o in idx.outputs if o not in idx.producer and o in idx.inputs]
+        sends = crossing[i + 1]
+        model = None
+        if own == heads[-1]:
+            model = idx.model  # the whole model (one stage, or every stage before it empty): as given
+        elif own:
+            reads = {t for p in own for t in idx.node_ins[p]}
+            ins = [t for t in (idx.inputs if i == 0 else crossing[i]) if t in reads]
+            made = list(dict.fromkeys([t for t in sends if t in produced] + outs))
+            model = _submodel(
+                idx, _with_constants(idx, set(own)), ins, made, f"{idx.model.graph.name}_stage{i}"
+            )
+            if check:
+                check_model(model, where=f"extracted stage {i}", full=True)
+        segments.append(Segment(model, [] if i == 0 else crossing[i], sends, outs))
+    return segments
+
+
+def verify_segments(
+    models: list[onnx.ModelProto | None], feeds: dict[str, np.ndarray], where: str = "the split"
+) -> list[onnx.ModelProto | None]:
+    """Run the segments in order on one sample, each on what the ones before produced. A received
+    tensor whose declared dimension the run contradicts is declared free instead (the models returned
+    are corrected); a chain that still does not rejoin is refused with onnxruntime's reason, before
+    any plan is written."""
     from splitpoint.core.runner import make_session
 
-    try:
-        hs = make_session(head.SerializeToString(), threads=1)
-        produced = dict(
-            zip(
-                [o.name for o in hs.get_outputs()],
-                hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
-                strict=True,
-            )
-        )
-    except Exception as exc:  # onnxruntime's own error types
-        raise ModelError(f"{where}: the head does not run: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(tail)
-    for vi in fixed.graph.input:
-        got = produced.get(vi.name, feeds.get(vi.name))
+    available = dict(feeds)
+    fixed_models: list[onnx.ModelProto | None] = []
+    for i, model in enumerate(models):
+        if model is None:
+            fixed_models.append(None)
+            continue
+        fixed = onnx.ModelProto()
+        fixed.CopyFrom(model)
+        if i > 0:
+            _free_contradicted_dims(fixed, available)
+        part = "the head" if i == 0 else "the tail" if i == len(models) - 1 else f"stage {i}"
+        try:
+            sess = make_session(fixed.SerializeToString(), threads=1)
+            outs = sess.run(None, {x.name: available[x.name] for x in sess.get_inputs()})
+        except Exception as exc:  # onnxruntime's own error types
+            before = "" if i == 0 else " on what the stages before it produced"
+            raise ModelError(
+                f"{where}: {part} does not run{before}: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+        available.update(zip([o.name for o in sess.get_outputs()], outs, strict=True))
+        fixed_models.append(fixed)
+    return fixed_models
+
+
+def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndarray]) -> None:
+    for vi in model.graph.input:
+        got = available.get(vi.name)
         if got is None or not vi.type.HasField("tensor_type"):
             continue
         dims = vi.type.tensor_type.shape.dim
@@ -108,14 +175,3 @@ def verify_split(
             if d.HasField("dim_value") and d.dim_value != got.shape[k]:
                 d.Clear()
                 d.dim_param = f"d{k}"
-    try:
-        ts = make_session(fixed.SerializeToString(), threads=1)
-        ts.run(
-            None,
-            {i.name: (produced[i.name] if i.name in produced else feeds[i.name]) for i in ts.get_inputs()},
-        )
-    except Exception as exc:
-        raise ModelError(
-            f"{where}: the tail does not run on the head's output: {type(exc).__name__}: {str(exc)[:300]}"
-        ) from exc
-    return fixed
