@@ -365,6 +365,21 @@ def _empty_for(nbytes: int, src: np.ndarray) -> np.ndarray:
     return raw[k : k + nbytes]
 
 
+def _scratch(src: np.ndarray) -> np.ndarray:
+    """A float32 scratch the size of ``src`` (a block), this thread's own and kept, placed for a fast
+    copy from ``src``; blocks larger than _BLOCK (long rows) get a new one."""
+    if src.nbytes < _PLACE_MIN:
+        return np.empty(src.size, np.float32)
+    need = 4 * src.size + _SLACK
+    buf = getattr(_local, "scratch", None)
+    if need > 4 * _BLOCK + _SLACK:
+        buf = np.empty(need, np.uint8)
+    elif buf is None:
+        buf = _local.scratch = np.empty(4 * _BLOCK + _SLACK, np.uint8)
+    k = _SLACK if _aliased(_address(buf), _address(src)) else 0
+    return buf[k : k + 4 * src.size].view(np.float32)
+
+
 def _copy_out(body: bytes | memoryview, nbytes: int) -> np.ndarray:
     """A new flat uint8 array holding the first ``nbytes`` of ``body``."""
     src = np.frombuffer(body, np.uint8, nbytes)
@@ -374,7 +389,7 @@ def _copy_out(body: bytes | memoryview, nbytes: int) -> np.ndarray:
 
 
 # -- quantisers: vectorised, in blocks that stay in cache ----------------------------------------
-_BLOCK = 1 << 17  # elements per pass: a 512 KiB float32 scratch (measured best of 64-256 Ki here)
+_BLOCK = 1 << 17  # elements per block: a 512 KiB float32 scratch (measured best of 64-256 Ki here)
 
 
 def _ranges(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +420,8 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
 
     ``x`` is float32. The float32 arithmetic is the documented rounding: one multiply, one add,
     truncation by the cast to uint8, which lands in [0, levels]. It runs in blocks whose float32
-    scratch stays in cache (512 KiB), and writes straight into ``q`` (a view of the payload)."""
+    scratch stays in cache (512 KiB), side by side on the codec threads, and writes straight into
+    ``q`` (a view of the payload)."""
     rows, cols = _rows(x.shape, axis)
     r: Any  # a float32 scalar per tensor, a column of them per channel
     a: Any
@@ -427,14 +443,17 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
         a = np.tile(np.float32(0.5) - lo_c * inv_c, reps).reshape(-1, 1)
         params = np.concatenate([scale_c, lo_c])
     x2, q2 = x.reshape(rows, cols), q.reshape(rows, cols)
-    size = min(rows * cols, max(_BLOCK, cols))  # per tensor, blocks start 512 KiB apart in x
-    scratch = _empty_for(4 * size, x).view(np.float32)
-    for rs, cs in _blocks(rows, cols):
+    spans = _blocks(rows, cols)
+
+    def one(i: int) -> None:
+        rs, cs = spans[i]
         xb = x2[rs, cs]
-        t = scratch[: xb.size].reshape(xb.shape)
+        t = _scratch(xb).reshape(xb.shape)
         np.multiply(xb, r if rows == 1 else r[rs], out=t)
         np.add(t, a if rows == 1 else a[rs], out=t)
         np.copyto(q2[rs, cs], t, casting="unsafe")
+
+    _parallel(one, len(spans))  # blocks side by side, as zstd chunks are
     return params
 
 
@@ -445,13 +464,20 @@ def _dequantise(
     and ``lo`` hold one value per tensor or per channel."""
     rows, cols = _rows(shape, axis)
     out = np.empty(shape, np.float32)
-    o2 = out.reshape(rows, cols)
-    np.copyto(o2, q.reshape(rows, cols))
+    o2, q2 = out.reshape(rows, cols), q.reshape(rows, cols)
     if rows > 1:
         reps = rows // scale.size
         scale, lo = np.tile(scale, reps).reshape(-1, 1), np.tile(lo, reps).reshape(-1, 1)
-    np.multiply(o2, scale, out=o2)
-    np.add(o2, lo, out=o2)
+    spans = _blocks(rows, cols)
+
+    def one(i: int) -> None:
+        rs, cs = spans[i]
+        ob = o2[rs, cs]
+        np.copyto(ob, q2[rs, cs])
+        np.multiply(ob, scale if rows == 1 else scale[rs], out=ob)
+        np.add(ob, lo if rows == 1 else lo[rs], out=ob)
+
+    _parallel(one, len(spans))
     return out
 
 
