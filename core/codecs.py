@@ -365,19 +365,20 @@ def _empty_for(nbytes: int, src: np.ndarray) -> np.ndarray:
     return raw[k : k + nbytes]
 
 
-def _scratch(src: np.ndarray) -> np.ndarray:
-    """A float32 scratch the size of ``src`` (a block), this thread's own and kept, placed for a fast
-    copy from ``src``; blocks larger than _BLOCK (long rows) get a new one."""
-    if src.nbytes < _PLACE_MIN:
-        return np.empty(src.size, np.float32)
-    need = 4 * src.size + _SLACK
-    buf = getattr(_local, "scratch", None)
-    if need > 4 * _BLOCK + _SLACK:
-        buf = np.empty(need, np.uint8)
-    elif buf is None:
-        buf = _local.scratch = np.empty(4 * _BLOCK + _SLACK, np.uint8)
-    k = _SLACK if _aliased(_address(buf), _address(src)) else 0
-    return buf[k : k + 4 * src.size].view(np.float32)
+def _scratch(n: int, src: int) -> np.ndarray:
+    """A float32 scratch of ``n`` elements (a block), this thread's own and kept, placed for a fast
+    copy from address ``src``; blocks larger than _BLOCK (long rows) get a new one."""
+    if 4 * n < _PLACE_MIN:
+        return np.empty(n, np.float32)
+    kept = getattr(_local, "scratch", None)
+    if kept is None or kept[0].size < 4 * n + _SLACK:
+        buf = np.empty(max(4 * n, 4 * _BLOCK) + _SLACK, np.uint8)
+        kept = (buf, _address(buf))
+        if n <= _BLOCK:
+            _local.scratch = kept
+    buf, at = kept
+    k = _SLACK if _aliased(at, src) else 0
+    return buf[k : k + 4 * n].view(np.float32)
 
 
 def _copy_out(body: bytes | memoryview, nbytes: int) -> np.ndarray:
@@ -420,13 +421,13 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
 
     ``x`` is float32. The float32 arithmetic is the documented rounding: one multiply, one add,
     truncation by the cast to uint8, which lands in [0, levels]. It runs in blocks whose float32
-    scratch stays in cache (512 KiB), side by side on the codec threads, and writes straight into
-    ``q`` (a view of the payload)."""
+    scratch stays in cache (512 KiB), and writes straight into ``q`` (a view of the payload). On one
+    thread: blocks this small do not repay a hand-off to another core (measured)."""
     rows, cols = _rows(x.shape, axis)
     r: Any  # a float32 scalar per tensor, a column of them per channel
     a: Any
     if rows == 1:  # per tensor: float32 scalars, the same arithmetic with less overhead
-        lo, hi = x.min(), x.max()
+        lo, hi = np.minimum.reduce(x, axis=None), np.maximum.reduce(x, axis=None)
         scale = (hi - lo) / np.float32(levels)
         if scale == 0:
             scale = np.float32(1.0)
@@ -442,18 +443,20 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
         r = np.tile(inv_c, reps).reshape(-1, 1)
         a = np.tile(np.float32(0.5) - lo_c * inv_c, reps).reshape(-1, 1)
         params = np.concatenate([scale_c, lo_c])
+    if rows == 1 and x.size <= _BLOCK:  # one block: fewer calls
+        t = _scratch(x.size, _address(x)).reshape(x.shape)
+        np.multiply(x, r, out=t)
+        np.add(t, a, out=t)
+        np.copyto(q.reshape(x.shape), t, casting="unsafe")
+        return params
     x2, q2 = x.reshape(rows, cols), q.reshape(rows, cols)
-    spans = _blocks(rows, cols)
-
-    def one(i: int) -> None:
-        rs, cs = spans[i]
+    base = _address(x)
+    for rs, cs in _blocks(rows, cols):
         xb = x2[rs, cs]
-        t = _scratch(xb).reshape(xb.shape)
+        t = _scratch(xb.size, base + 4 * (rs.start * cols + cs.start)).reshape(xb.shape)
         np.multiply(xb, r if rows == 1 else r[rs], out=t)
         np.add(t, a if rows == 1 else a[rs], out=t)
         np.copyto(q2[rs, cs], t, casting="unsafe")
-
-    _parallel(one, len(spans))  # blocks side by side, as zstd chunks are
     return params
 
 
@@ -464,20 +467,20 @@ def _dequantise(
     and ``lo`` hold one value per tensor or per channel."""
     rows, cols = _rows(shape, axis)
     out = np.empty(shape, np.float32)
+    if rows == 1 and cols <= _BLOCK:  # one block: fewer calls
+        np.copyto(out, q.reshape(shape))
+        np.multiply(out, scale[0], out=out)
+        np.add(out, lo[0], out=out)
+        return out
     o2, q2 = out.reshape(rows, cols), q.reshape(rows, cols)
     if rows > 1:
         reps = rows // scale.size
         scale, lo = np.tile(scale, reps).reshape(-1, 1), np.tile(lo, reps).reshape(-1, 1)
-    spans = _blocks(rows, cols)
-
-    def one(i: int) -> None:
-        rs, cs = spans[i]
+    for rs, cs in _blocks(rows, cols):
         ob = o2[rs, cs]
         np.copyto(ob, q2[rs, cs])
         np.multiply(ob, scale if rows == 1 else scale[rs], out=ob)
         np.add(ob, lo if rows == 1 else lo[rs], out=ob)
-
-    _parallel(one, len(spans))
     return out
 
 
