@@ -390,7 +390,7 @@ def _copy_out(body: bytes | memoryview, nbytes: int) -> np.ndarray:
 
 
 # -- quantisers: vectorised, in blocks that stay in cache ----------------------------------------
-_BLOCK = 1 << 17  # elements per block: a 512 KiB float32 scratch (measured best of 64-256 Ki here)
+_BLOCK = 1 << 18  # elements per block: a 1 MiB float32 scratch (measured best of 16 Ki to 1 Mi)
 
 
 def _ranges(x: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -421,8 +421,8 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
 
     ``x`` is float32. The float32 arithmetic is the documented rounding: one multiply, one add,
     truncation by the cast to uint8, which lands in [0, levels]. It runs in blocks whose float32
-    scratch stays in cache (512 KiB), and writes straight into ``q`` (a view of the payload). On one
-    thread: blocks this small do not repay a hand-off to another core (measured)."""
+    scratch (1 MiB) stays in cache, and writes straight into ``q`` (a view of the payload), on the
+    calling thread: handing blocks to another core cost more than it saved (measured)."""
     rows, cols = _rows(x.shape, axis)
     r: Any  # a float32 scalar per tensor, a column of them per channel
     a: Any
@@ -500,9 +500,12 @@ def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray)
     q = np.empty(n + n % 2, np.uint8)
     params = _quantise_into(x.astype(np.float32, copy=False), 15, axis, q[:n])
     q[n:] = 0
-    pairs = q.reshape(-1, 2)
-    np.left_shift(pairs[:, 1], 4, out=out)
-    np.bitwise_or(out, pairs[:, 0], out=out)
+    # each pair as one little-endian u16 lo + 256·hi (both < 16): its low byte of v | v >> 4 is lo + 16·hi;
+    # contiguous passes, where strided uint8 ones are ~5x slower
+    v = q.view("<u2")
+    t = np.right_shift(v, 4)
+    np.bitwise_or(t, v, out=t)
+    np.copyto(out, t, casting="unsafe")  # keeps the low byte
     return params
 
 
@@ -681,10 +684,13 @@ def decode(payload: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX
     if base in ("int8", "int8-ch"):
         return _dequantise(np.frombuffer(body, np.uint8, n), scale, lo, shape, ax).astype(dtype, copy=False)
     packed = np.frombuffer(body, np.uint8)
-    q = np.empty(packed.size * 2, np.uint8)
-    np.bitwise_and(packed, 0x0F, out=q[0::2])
-    np.right_shift(packed, 4, out=q[1::2])
-    return _dequantise(q[:n], scale, lo, shape, ax).astype(dtype, copy=False)
+    t = np.empty(packed.size, "<u2")  # each byte b as the pair (b & 15, b >> 4): (b & 15) + 256·(b >> 4)
+    np.copyto(t, packed)
+    hi = np.right_shift(t, 4)
+    np.left_shift(hi, 8, out=hi)
+    np.bitwise_and(t, 0x0F, out=t)
+    np.bitwise_or(t, hi, out=t)
+    return _dequantise(t.view(np.uint8)[:n], scale, lo, shape, ax).astype(dtype, copy=False)
 
 
 def error_bound(x: np.ndarray, codec: str) -> float:
