@@ -410,6 +410,8 @@ def _rows(shape: tuple, axis: int | None) -> tuple[int, int]:
 
 def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
     """(rows, cols) in pieces of about _BLOCK elements: whole rows, or pieces of a single row."""
+    if rows * cols <= _BLOCK:
+        return [(slice(None), slice(None))]
     if rows == 1:
         return [(slice(0, 1), slice(i, min(i + _BLOCK, cols))) for i in range(0, cols, _BLOCK)]
     step = max(1, _BLOCK // cols)
@@ -440,8 +442,9 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
         scale_c[scale_c == 0] = 1.0
         inv_c = np.float32(1.0) / scale_c
         reps = rows // scale_c.size
-        r = np.tile(inv_c, reps).reshape(-1, 1)
-        a = np.tile(np.float32(0.5) - lo_c * inv_c, reps).reshape(-1, 1)
+        a_c = np.float32(0.5) - lo_c * inv_c
+        r = (inv_c if reps == 1 else np.tile(inv_c, reps)).reshape(-1, 1)
+        a = (a_c if reps == 1 else np.tile(a_c, reps)).reshape(-1, 1)
         params = np.concatenate([scale_c, lo_c])
     if rows == 1 and x.size <= _BLOCK:  # one block: fewer calls
         t = _scratch(x.size, _address(x)).reshape(x.shape)
@@ -453,7 +456,7 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
     base = _address(x)
     for rs, cs in _blocks(rows, cols):
         xb = x2[rs, cs]
-        t = _scratch(xb.size, base + 4 * (rs.start * cols + cs.start)).reshape(xb.shape)
+        t = _scratch(xb.size, base + 4 * ((rs.start or 0) * cols + (cs.start or 0))).reshape(xb.shape)
         np.multiply(xb, r if rows == 1 else r[rs], out=t)
         np.add(t, a if rows == 1 else a[rs], out=t)
         np.copyto(q2[rs, cs], t, casting="unsafe")
@@ -475,7 +478,9 @@ def _dequantise(
     o2, q2 = out.reshape(rows, cols), q.reshape(rows, cols)
     if rows > 1:
         reps = rows // scale.size
-        scale, lo = np.tile(scale, reps).reshape(-1, 1), np.tile(lo, reps).reshape(-1, 1)
+        if reps > 1:
+            scale, lo = np.tile(scale, reps), np.tile(lo, reps)
+        scale, lo = scale.reshape(-1, 1), lo.reshape(-1, 1)
     for rs, cs in _blocks(rows, cols):
         ob = o2[rs, cs]
         np.copyto(ob, q2[rs, cs])
@@ -492,6 +497,9 @@ def _expected_body(base: str, n: int, itemsize: int) -> int:
     return {"float32": n * itemsize, "float16": n * 2, "int8": n, "int8-ch": n, "int4": (n + 1) // 2}[base]
 
 
+_PACK_U16_MIN = 16384  # int4 elements: below, two strided calls beat five contiguous ones
+
+
 def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray) -> np.ndarray:
     """Write an int8/int8-ch/int4 body into ``out`` (flat uint8); return the parameters."""
     if base in ("int8", "int8-ch"):
@@ -500,6 +508,10 @@ def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray)
     q = np.empty(n + n % 2, np.uint8)
     params = _quantise_into(x.astype(np.float32, copy=False), 15, axis, q[:n])
     q[n:] = 0
+    if n < _PACK_U16_MIN:  # two calls
+        np.left_shift(q[1::2], 4, out=out)
+        np.bitwise_or(out, q[0::2], out=out)
+        return params
     # each pair as one little-endian u16 lo + 256·hi (both < 16): its low byte of v | v >> 4 is lo + 16·hi;
     # contiguous passes, where strided uint8 ones are ~5x slower
     v = q.view("<u2")
@@ -684,13 +696,19 @@ def decode(payload: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX
     if base in ("int8", "int8-ch"):
         return _dequantise(np.frombuffer(body, np.uint8, n), scale, lo, shape, ax).astype(dtype, copy=False)
     packed = np.frombuffer(body, np.uint8)
-    t = np.empty(packed.size, "<u2")  # each byte b as the pair (b & 15, b >> 4): (b & 15) + 256·(b >> 4)
-    np.copyto(t, packed)
-    hi = np.right_shift(t, 4)
-    np.left_shift(hi, 8, out=hi)
-    np.bitwise_and(t, 0x0F, out=t)
-    np.bitwise_or(t, hi, out=t)
-    return _dequantise(t.view(np.uint8)[:n], scale, lo, shape, ax).astype(dtype, copy=False)
+    if n < _PACK_U16_MIN:
+        q = np.empty(packed.size * 2, np.uint8)
+        np.bitwise_and(packed, 0x0F, out=q[0::2])
+        np.right_shift(packed, 4, out=q[1::2])
+    else:  # each byte b as the pair (b & 15, b >> 4), one u16 (b & 15) + 256·(b >> 4): contiguous passes
+        t = np.empty(packed.size, "<u2")
+        np.copyto(t, packed)
+        hi = np.right_shift(t, 4)
+        np.left_shift(hi, 8, out=hi)
+        np.bitwise_and(t, 0x0F, out=t)
+        np.bitwise_or(t, hi, out=t)
+        q = t.view(np.uint8)
+    return _dequantise(q[:n], scale, lo, shape, ax).astype(dtype, copy=False)
 
 
 def error_bound(x: np.ndarray, codec: str) -> float:
