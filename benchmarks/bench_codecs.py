@@ -265,12 +265,28 @@ def shuffle_options(threads: int) -> dict[str, tuple[str, str, Pair]]:
     return opts
 
 
+def busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has used since boot (Linux), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 # -- measurement ---------------------------------------------------------------------------------------
 def measure(items: dict, repeats: int, seed: int = 0) -> dict:
-    """items: key -> (x, encode, decode). Each round runs every item once, in an order shuffled anew
-    each round (on a shared machine an item that follows a slow one finds colder caches: shuffling
-    gives every item the same odds); medians over rounds. Each tensor is read just before it is
-    encoded, as a cut tensor that the head has just written would be in cache."""
+    """items: key -> (x, encode, decode). Each round times every item once, in an order shuffled anew
+    each round, so that before and after share the machine's ups and downs; medians over rounds. Each
+    timed round trip follows an untimed one of the same item: the steady state of a stream of
+    same-shaped tensors, as an edge encodes them (and as a tight loop measures), rather than caches
+    left cold by whatever item ran before."""
     enc: dict = {k: [] for k in items}
     dec: dict = {k: [] for k in items}
     both: dict = {k: [] for k in items}
@@ -282,7 +298,7 @@ def measure(items: dict, repeats: int, seed: int = 0) -> dict:
             rng.shuffle(keys)
         for k in keys:
             x, e, d = items[k]
-            x.reshape(-1)[::16].sum()  # one read per cache line
+            d(e(x))  # warm
             t0 = time.perf_counter()
             blob = e(x)
             t1 = time.perf_counter()
@@ -311,9 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=31)
     ap.add_argument("--baseline", default=BASELINE_REV, help="git revision whose core/codecs.py is 'before'")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--note", default="", help="a line about the machine to print under the load line")
     args = ap.parse_args(argv)
 
     load_before = os.getloadavg()[0]
+    wall0, busy0, own0 = time.monotonic(), busy_seconds(), own_seconds()
     old = load_baseline(args.baseline)
     threads = codecs.codec_threads()
     tensors = {s: relu(shape) for s, shape in SIZES.items()}
@@ -358,6 +376,14 @@ def main(argv: list[str] | None = None) -> None:
                 items[("float16+zstd", s, name)] = (x, e, d)
     res = measure(items, args.repeats)
     load_after = os.getloadavg()[0]
+    busy1 = busy_seconds()
+    cores = os.cpu_count() or 1
+    # the share of the machine's CPU time that other processes used while this ran
+    others = (
+        None
+        if busy0 is None or busy1 is None
+        else max(0.0, (busy1 - busy0) - (own_seconds() - own0)) / ((time.monotonic() - wall0) * cores)
+    )
 
     x1 = tensors[BENCH_SIZE]
     errors = {}
@@ -399,27 +425,29 @@ def main(argv: list[str] | None = None) -> None:
                     "verdict": verdict(None if after is None else after >= goal),
                 }
             )
-    cores = os.cpu_count() or 1
-    loaded = load_before >= 0.5
+    loaded = load_before >= 0.5 if others is None else others >= 0.1
     md = [
         "# Cut-tensor codecs",
         "",
         "`python benchmarks/bench_codecs.py`: ReLU activations (float32, half zeros) of "
         + ", ".join(f"{s} ({'x'.join(map(str, SIZES[s]))})" for s in SIZES)
-        + f"; median of {args.repeats} rounds, each running every codec and option once in a shuffled order "
-        "(before and after side by side, interleaved). MB/s are 10^6 bytes of float32 input per second; "
+        + f"; median of {args.repeats} rounds, each timing every codec and option once in a shuffled order "
+        "(before and after side by side, interleaved), each timed round trip right after an untimed one of "
+        "the same item (steady state). MB/s are 10^6 bytes of float32 input per second; "
         f"encode+decode is one round trip. 'Before' is `core/codecs.py` at `{args.baseline}`"
         + ("" if old is not None else " (not found: no before figures)")
         + f"; codec threads now: {threads}.",
         "",
-        f"Machine load: 1-minute load average {load_before:.2f} before the run and {load_after:.2f} after it "
-        f"({cores} cores)"
+        "Machine load: "
+        + ("" if others is None else f"other processes used {others:.0%} of the CPU time during the run; ")
+        + f"1-minute load average {load_before:.2f} before it, {load_after:.2f} after ({cores} cores)"
         + (
             ": **the machine was loaded by other work during this run**, so absolute figures are low and "
             "noisy; compare before with after, which ran side by side."
             if loaded
             else ": idle apart from this benchmark."
         ),
+        *([] if not args.note else ["", args.note]),
         "",
         "## Targets (encode+decode MB/s)",
         "",
@@ -540,9 +568,11 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "baseline": args.baseline if old is not None else None,
             "threads": threads,
+            "cpu_share_used_by_other_processes": others,
             "load_average_before": load_before,
             "load_average_after": load_after,
             "loaded": loaded,
+            "note": args.note,
             "targets": targets,
             "rows": rows,
             "options": options,
