@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from splitpoint.core import codecs
 from splitpoint.core.codecs import _HEAD, CodecError, all_codecs, decode, encode, error_bound
 
 RNG = np.random.default_rng(42)
@@ -137,3 +138,141 @@ def test_fuzzed_payloads_raise_codec_error_or_decode():
             assert isinstance(y, np.ndarray)
         except CodecError:
             pass
+
+
+# -- the speed work: same bytes, same checks ------------------------------------------------------
+def _zstd_payload_with(frames: list[bytes], x: np.ndarray) -> bytes:
+    """An int8+zstd payload for ``x`` whose chunk table and frames are replaced by ``frames``."""
+    p = bytearray(encode(x, "int8+zstd"))
+    stored = _HEAD.unpack_from(p, 0)[8]
+    head = p[: len(p) - stored]
+    body = struct.pack(f"<I{len(frames)}I", len(frames), *map(len, frames)) + b"".join(frames)
+    _HEAD.pack_into(head, 0, *_HEAD.unpack_from(head, 0)[:8], len(body))
+    return bytes(head) + body
+
+
+def test_float16_cast_matches_numpy_bit_for_bit():
+    """Large tensors go through onnxruntime's Cast: the same rounding, overflow and subnormals as numpy."""
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 2**32, 1 << 16, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x477FE000, 0x477FF000, 0x33000000, 0x387FC000])
+    x = np.concatenate([bits, edges.astype(np.uint32)]).view(np.float32)
+    x = x[~np.isnan(x)].reshape(1, -1)
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16)
+    y = decode(encode(x, "float16"))
+    assert np.array_equal(y, want.astype(np.float32))
+    assert bytes(encode(x, "float16"))[-want.nbytes :] == want.tobytes()
+    h = (rng.standard_normal((1, 3, 64, 64)) * 100).astype(np.float16)
+    assert np.array_equal(decode(encode(h, "float16")), h)
+
+
+def test_payloads_do_not_depend_on_threads():
+    x = np.maximum(RNG.standard_normal((1, 16, 128, 128)), 0).astype(np.float32)  # 8 zstd chunks
+    before = codecs.codec_threads()
+    try:
+        codecs.set_threads(1)
+        one = bytes(encode(x, "int8+zstd"))
+        codecs.set_threads(3)
+        assert bytes(encode(x, "int8+zstd")) == one
+        assert np.array_equal(decode(one), decode(encode(x, "int8")))
+    finally:
+        codecs.set_threads(before)
+    with pytest.raises(ValueError):
+        codecs.set_threads(0)
+
+
+def test_small_payloads_never_start_threads(monkeypatch):
+    def no_pool():
+        raise AssertionError("a one-chunk payload used the thread pool")
+
+    monkeypatch.setattr(codecs, "_helpers", no_pool)
+    for shape in ((1, 16, 8, 8), (1, 32, 56, 56)):  # 4 KiB and 392 KiB of float32: one chunk of int8
+        x = np.maximum(RNG.standard_normal(shape), 0).astype(np.float32)
+        assert decode(encode(x, "int8+zstd")).shape == shape
+
+
+def test_threads_follow_the_environment(monkeypatch):
+    monkeypatch.setenv(codecs.THREADS_ENV, "3")
+    assert codecs._default_threads() == 3
+    monkeypatch.setenv(codecs.THREADS_ENV, "lots")
+    with pytest.warns(UserWarning, match="not a positive integer"):
+        assert 1 <= codecs._default_threads() <= 4
+
+
+def test_corrupt_chunk_among_many_is_refused_with_threads():
+    x = np.maximum(RNG.standard_normal((1, 16, 128, 128)), 0).astype(np.float32)
+    p = bytearray(encode(x, "int8+zstd"))
+    p[-200:-150] = b"\x00" * 50  # inside the last chunk's frame
+    before = codecs.codec_threads()
+    try:
+        for n in (1, 2, 4):
+            codecs.set_threads(n)
+            with pytest.raises(CodecError, match="zstd stage is corrupt"):
+                decode(bytes(p))
+    finally:
+        codecs.set_threads(before)
+
+
+def test_zstd_chunk_is_exactly_one_frame():
+    import zstandard
+
+    x = np.maximum(RNG.standard_normal((1, 4, 8, 8)), 0).astype(np.float32)
+    q = bytes(encode(x, "int8"))[-x.size :]
+    frame = zstandard.ZstdCompressor().compress(q)
+    assert np.array_equal(decode(_zstd_payload_with([frame], x)), decode(encode(x, "int8")))
+    for frames in (
+        [frame + b"junk"],
+        [frame + frame],
+        [frame[:-3]],
+        [zstandard.ZstdCompressor().compress(q + q)],
+    ):
+        with pytest.raises(CodecError, match="zstd stage is corrupt"):
+            decode(_zstd_payload_with(frames, x))
+
+
+def test_zstd_frame_declaring_a_huge_window_is_refused():
+    import zstandard
+
+    x = np.maximum(RNG.standard_normal((1, 4, 8, 8)), 0).astype(np.float32)
+    q = bytes(encode(x, "int8"))[-x.size :]
+    params = zstandard.ZstdCompressionParameters(window_log=27, write_content_size=False)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown: window kept
+    frame = stream.compress(q) + stream.flush()
+    assert zstandard.get_frame_parameters(frame).window_size == 2**27
+    with pytest.raises(CodecError, match="zstd stage is corrupt"):
+        decode(_zstd_payload_with([frame], x))
+
+
+def test_decoded_arrays_are_fresh_and_writable():
+    x = RNG.standard_normal((1, 32, 56, 56)).astype(np.float32)
+    for codec in ("float32", "float32+zstd", "float16", "int8", "int8-ch+zstd", "int4"):
+        p = bytes(encode(x, codec))
+        y = decode(p)
+        assert y.flags.writeable and y.flags.aligned and y.flags.c_contiguous, codec
+        assert not np.shares_memory(y, np.frombuffer(p, np.uint8)), codec
+    p = encode(x, "float32")
+    y = decode(p)
+    p[-4:] = b"\x00" * 4  # the payload is the caller's to reuse
+    assert y.reshape(-1)[-1] == x.reshape(-1)[-1]
+
+
+def test_big_endian_input_is_encoded_by_value():
+    x = RNG.standard_normal((2, 3)).astype(">f4")
+    for codec in ("float32", "float16", "int8+lz4"):
+        y = decode(encode(x, codec))
+        assert y.dtype == np.float32
+        assert float(np.abs(y - x.astype(np.float32)).max()) <= error_bound(x.astype(np.float32), codec)
+
+
+@pytest.mark.parametrize("codec", all_codecs())
+def test_empty_and_large_tensors_round_trip(codec):
+    for x in (
+        np.zeros((0, 3), np.float32),
+        np.maximum(RNG.standard_normal((2, 8, 100, 100)), 0).astype(np.float32),  # 640 KB: blocks, chunks
+        RNG.standard_normal((3, 70000)).astype(np.float32),
+    ):
+        y = decode(encode(x, codec))
+        assert y.shape == x.shape and y.dtype == x.dtype
+        if x.size:
+            assert float(np.abs(y - x).max()) <= error_bound(x, codec), codec
