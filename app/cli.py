@@ -144,8 +144,8 @@ def split(
         codecs *= len(cuts)
     if len(codecs) != len(cuts):
         raise SplitPointError(f"--codec: give one codec, or one per --cut ({len(cuts)}); got {len(codecs)}")
-    ends = [c.index for c in cuts]
-    if len(cuts) > 1 and (None in ends or ends != sorted(ends) or len(set(ends)) != len(ends)):
+    ends = [c.index if c.index is not None else -1 for c in cuts]
+    if len(cuts) > 1 and (-1 in ends or ends != sorted(ends) or len(set(ends)) != len(ends)):
         got = ", ".join(cut)
         raise SplitPointError(f"--cut: a chain's cuts are cut indices in increasing order; got {got}")
     plan = write_plan(h, out, cuts=list(cuts), codecs=codecs, force=force, include_full=with_full)

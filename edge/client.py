@@ -333,7 +333,7 @@ class EdgeClient:
         total = float(total) if isinstance(total, int | float) and 0 <= total < 1e9 else 0.0
         network = max(0.0, (now - p.t_sent) * 1e3 - total)
         self._estimate_bandwidth(network, p.bytes_sent)
-        breakdown = {
+        breakdown: dict[str, Any] = {
             "head_ms": p.head_ms,
             "encode_ms": p.encode_ms,
             "network_ms": network,
