@@ -1,0 +1,280 @@
+"""Plans over a chain of devices: the format, the segments, relays over real sockets, a middle device
+that dies, deploys that give each device its segment only, and format-1 plans that still load."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from splitpoint.app.broker import free_port
+from splitpoint.app.orchestrator import deploy
+from splitpoint.app.process import output, start_server, stop
+from splitpoint.core.codecs import decode, encode
+from splitpoint.core.errors import PlanError
+from splitpoint.core.graph import open_model
+from splitpoint.core.plan import Plan
+from splitpoint.core.plandir import write_plan
+from splitpoint.core.runner import load_stages, make_session, run_chain
+from splitpoint.edge.client import EdgeClient, EdgeConfig, EdgeError
+
+from .conftest import run_cli
+
+DATA = Path(__file__).parent / "data"
+RNG = np.random.default_rng(3)
+
+
+def x(n=1):
+    return {"input": RNG.standard_normal((n, 3, 64, 64)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, small_resnet18):
+    """A three-stage plan of a small ResNet-18 (edge, relay, server) and the unsplit model."""
+    d = tmp_path_factory.mktemp("chain")
+    h = open_model(small_resnet18)
+    cuts = h.cuts()
+    c1, c2 = cuts[12], cuts[40]
+    plans = d / "plans"
+    plan = write_plan(
+        h, plans / "c3", cuts=[c1, c2], codecs=["float32", "float32"], include_full=True, force=True
+    )
+    write_plan(h, plans / "c3-int8", cuts=[c1, c2], codecs=["int8", "float16"], include_full=True)
+    return {"h": h, "plans": plans, "plan": plan, "full": make_session(small_resnet18), "d": d}
+
+
+def test_a_chain_plan_describes_each_stage_and_runs_as_the_unsplit_model(chain):
+    plan = chain["plan"]
+    assert [s.file for s in plan.stages] == ["head.onnx", "stage1.onnx", "tail.onnx"]
+    assert plan.hops == 2 and plan.kind == "split"
+    for a, b in zip(plan.stages, plan.stages[1:], strict=False):
+        assert [t.name for t in a.sends] == [t.name for t in b.receives] and a.sends
+    # each device holds its own segment (the edge also the whole model, for fallback)
+    assert plan.files_for("edge") == {"head.onnx", "full.onnx"}
+    assert plan.files_for("stage-1") == {"stage1.onnx"}
+    assert plan.files_for("server") == plan.files_for("stage-2") == {"tail.onnx"}
+    with pytest.raises(PlanError, match="stages 0 to 2"):
+        plan.files_for("stage-3")
+    _, stages = load_stages(chain["plans"] / "c3")
+    for _ in range(3):
+        feeds = x()
+        got = run_chain(stages, feeds)
+        np.testing.assert_allclose(got[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+
+
+def test_a_tensor_that_skips_a_device_is_passed_through(tmp_path):
+    """x -> a -> b -> c; y = c + a: cut after a and after b, and a must cross the middle device."""
+    X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Sigmoid", ["a"], ["b"]),
+        helper.make_node("Neg", ["b"], ["mid_out"]),
+        helper.make_node("Tanh", ["b"], ["c"]),
+        helper.make_node("Add", ["c", "a"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "skip",
+        [X],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("mid_out", TensorProto.FLOAT, [1, 8]),
+        ],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "skip.onnx")
+    h = open_model(tmp_path / "skip.onnx")
+    cuts = {c.index: c for c in h.cuts()}
+    plan = write_plan(h, tmp_path / "p", cuts=[cuts[1], cuts[3]], codecs=["float32", "float16"])
+    mid = plan.stages[1]
+    assert "a" in [t.name for t in mid.receives] and "a" in [t.name for t in mid.sends]
+    assert "mid_out" in mid.produces  # an output computed in the middle goes back with the reply
+    mid_model = onnx.load(tmp_path / "p" / "stage1.onnx")
+    # the segment computes what it must; what it only forwards, the runner passes on as received
+    assert [o.name for o in mid_model.graph.output] == ["b", "mid_out"]
+    _, stages = load_stages(tmp_path / "p")
+    feeds = {"x": RNG.standard_normal((1, 8)).astype(np.float32)}
+    ref = make_session(tmp_path / "skip.onnx").run(None, feeds)
+    got = run_chain(stages, feeds)
+    for g_, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g_, r, atol=1e-6)
+    # each hop's codec applies to what that hop carries
+    lossy = run_chain(
+        stages, feeds, hop=lambda i, t: {k: decode(encode(v, plan.stages[i].codec)) for k, v in t.items()}
+    )
+    assert np.abs(lossy[0] - ref[0]).max() < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["split", "server-only", "edge-only"])
+def test_format_1_plans_load_keep_their_ids_and_run(kind, tmp_path):
+    """Plans written before chains existed (tests/data/format1, written by that version)."""
+    src = DATA / "format1" / kind
+    plan = Plan.load(src)
+    written = Plan.parse((src / "plan.json").read_bytes())
+    assert plan.plan_id == written.plan_id and len(plan.plan_id) == 64
+    assert plan.kind == kind and len(plan.stages) == (1 if kind == "edge-only" else 2)
+    _, stages = load_stages(src)
+    feeds = {"x": RNG.standard_normal((1, 4)).astype(np.float32)}
+    ref = make_session(DATA / "format1" / "model.onnx").run(None, feeds)
+    for g_, r in zip(run_chain(stages, feeds), ref, strict=True):
+        np.testing.assert_allclose(g_, r, atol=1e-6)
+    # an edited format-1 plan is refused like any other
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    (bad / "plan.json").write_text((src / "plan.json").read_text().replace('"v1model"', '"other"'))
+    with pytest.raises(PlanError, match="plan_id does not match"):
+        Plan.load(bad)
+
+
+def test_a_format_1_plan_is_served_end_to_end(tmp_path):
+    plans = tmp_path / "plans"
+    shutil.copytree(DATA / "format1" / "split", plans / "p")
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    srv = start_server(ep, plans)
+    try:
+        with EdgeClient(EdgeConfig(plan_dir=plans / "p", server=ep, connect_grace_s=20)) as c:
+            feeds = {"x": RNG.standard_normal((1, 4)).astype(np.float32)}
+            r = c.infer(feeds, timeout=30)
+            ref = make_session(DATA / "format1" / "model.onnx").run(None, feeds)
+            assert not r.fallback
+            # the plan's codec is int8: close to the unsplit model, not equal
+            for g_, want in zip(r.outputs, ref, strict=True):
+                np.testing.assert_allclose(g_, want, atol=0.05)
+    finally:
+        stop(srv)
+
+
+def _chain_processes(plans: Path, next_timeout: float = 10.0):
+    """The server (last stage) and a relay for stage 1, each its own process."""
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    server = start_server(ep_server, plans)
+    relay = start_server(
+        ep_relay, plans, "--stage", "1", "--next", ep_server, "--next-timeout", str(next_timeout)
+    )
+    return server, relay, ep_relay
+
+
+def test_a_request_crosses_three_processes_and_says_what_each_stage_did(chain):
+    server, relay, ep = _chain_processes(chain["plans"])
+    try:
+        for name, tol in (("c3", 1e-5), ("c3-int8", None)):
+            cfg = EdgeConfig(plan_dir=chain["plans"] / name, server=ep, connect_grace_s=20, fallback=False)
+            with EdgeClient(cfg) as c:
+                for _ in range(3):
+                    feeds = x()
+                    r = c.infer(feeds, timeout=60)
+                    ref = chain["full"].run(None, feeds)[0]
+                    if tol:
+                        np.testing.assert_allclose(r.outputs[0], ref, atol=tol)
+                    else:  # int8 then float16 on the way: close
+                        assert np.abs(r.outputs[0] - ref).max() < 0.1 * np.abs(ref).max()
+                    stages = r.breakdown["stages"]
+                    assert [s["stage"] for s in stages] == [1, 2], stages
+                    assert stages[0]["next_ms"] >= stages[1]["total_ms"] > 0
+                    assert stages[0]["bytes_sent"] > 0 and stages[0]["tail_ms"] > 0
+    finally:
+        stop(relay)
+        stop(server)
+        print(output(relay))
+
+
+def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
+    ep_relay, nowhere = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", nowhere)
+    try:
+        cfg = EdgeConfig(
+            plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False, timeout_s=30
+        )
+        with EdgeClient(cfg) as c:
+            t0 = time.monotonic()
+            with pytest.raises(EdgeError, match="unavailable: stage 2 .* is not connected") as exc:
+                c.infer(x(), timeout=30)
+            assert exc.value.code == "unavailable" and time.monotonic() - t0 < 5
+    finally:
+        stop(relay)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_killing_the_middle_device_loses_no_request(chain, fallback):
+    """Pipelined requests along the chain; the relay is killed halfway: every request is answered,
+    by the chain or by the edge's own model (fallback), or fails explicitly. None hangs, none is lost."""
+    server, relay, ep = _chain_processes(chain["plans"])
+    try:
+        cfg = EdgeConfig(
+            plan_dir=chain["plans"] / "c3",
+            server=ep,
+            connect_grace_s=20,
+            fallback=fallback,
+            timeout_s=3.0,
+            window=8,
+        )
+        with EdgeClient(cfg) as c:
+            futures = [c.submit(x()) for _ in range(20)]
+            wait(futures[:5], timeout=60)
+            relay.kill()
+            relay.wait()
+            futures += [c.submit(x()) for _ in range(20)]
+            done, pending = wait(futures, timeout=90)
+            assert not pending, f"{len(pending)} requests never answered"
+            answered = failed = local = 0
+            for f in futures:
+                try:
+                    r = f.result()
+                    answered += 1
+                    local += r.fallback
+                except EdgeError as exc:
+                    assert exc.code in ("timeout", "unreachable", "unavailable"), exc
+                    failed += 1
+            assert answered + failed == 40 and answered >= 5
+            if fallback:
+                assert failed == 0 and local > 0
+            else:
+                assert failed > 0
+    finally:
+        stop(server)
+
+
+def test_deploy_gives_each_device_its_segment_only(chain, tmp_path):
+    relay_plans, server_plans = tmp_path / "relay", tmp_path / "server"
+    relay_plans.mkdir()
+    server_plans.mkdir()
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    server = start_server(ep_server, server_plans)
+    relay = start_server(ep_relay, relay_plans, "--stage", "1", "--next", ep_server)
+    try:
+        src = chain["plans"] / "c3"
+        pid = deploy(src, ep_server, 30, "server")
+        assert deploy(src, ep_relay, 30, "stage-1") == pid
+        (sdir,) = server_plans.iterdir()
+        (rdir,) = relay_plans.iterdir()
+        assert sorted(p.name for p in sdir.iterdir()) == ["plan.json", "tail.onnx"]
+        assert sorted(p.name for p in rdir.iterdir()) == ["plan.json", "stage1.onnx"]
+        with EdgeClient(EdgeConfig(plan_dir=src, server=ep_relay, connect_grace_s=20, fallback=False)) as c:
+            feeds = x()
+            r = c.infer(feeds, timeout=60)
+            np.testing.assert_allclose(r.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+    finally:
+        stop(relay)
+        stop(server)
+
+
+def test_split_writes_a_chain_from_the_command_line(small_resnet18, tmp_path):
+    out = tmp_path / "p"
+    proc = run_cli(
+        "split", str(small_resnet18), "--cut", "10", "--cut", "30", "--codec", "int8", "--codec", "float16",
+        "-o", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = Plan.load(out)
+    assert [s.end for s in plan.stages] == [10, 30, None]
+    assert [s.codec for s in plan.stages[:2]] == ["int8", "float16"]
+    assert "hop 2: cut 30" in proc.stdout and "(3 stages)" in proc.stdout
+    bad = run_cli("split", str(small_resnet18), "--cut", "30", "--cut", "10", "-o", str(tmp_path / "q"))
+    assert bad.returncode == 2 and "increasing order" in bad.stderr
