@@ -293,6 +293,74 @@ def plan(
         show_plan(r, objective, out)
 
 
+@app.command("plan-chain")
+def plan_chain(
+    model: Model,
+    devices: Annotated[str, typer.Option(help="device names in order, edge first, e.g. pi,pi,server")],
+    profile: Annotated[
+        list[str], typer.Option(help="NAME=FILE: the model's profile measured on that device; one per device")
+    ],
+    networks: Annotated[str, typer.Option(help="network profile per hop, comma-separated, in order")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="plan directory to write")] = None,
+    max_latency: Annotated[float | None, typer.Option(help="ms")] = None,
+    min_throughput: Annotated[float | None, typer.Option(help="inferences per second")] = None,
+    min_fidelity: Annotated[float | None, typer.Option(help="e.g. 0.99")] = None,
+    memory: Annotated[
+        list[str] | None, typer.Option(help="NAME=MiB: a device's memory budget for its segment")
+    ] = None,
+    objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
+    codecs: Annotated[str | None, typer.Option(help="comma-separated codecs to consider per hop")] = None,
+    random: Annotated[int | None, typer.Option(help="fidelity samples (default 8; 64 for trained)")] = None,
+    force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
+    input_shape: Shapes = None,
+) -> None:
+    """Choose cuts and codecs for a chain of devices jointly (edge, relays, server); write the plan."""
+    from splitpoint.partitioner.chainplan import plan_dict
+    from splitpoint.partitioner.job import ChainJob, run_chain_plan
+
+    def pairs(items: list[str] | None, what: str) -> dict[str, str]:
+        out_: dict[str, str] = {}
+        for item in items or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name or not value:
+                raise SplitPointError(f"--{what}: expected NAME=VALUE, got {item!r}")
+            out_[name] = value
+        return out_
+
+    job = ChainJob.of(
+        model=model,
+        devices=tuple(x for x in devices.split(",") if x),
+        profiles=pairs(profile, "profile"),
+        networks=tuple(x for x in networks.split(",") if x),
+        out=out,
+        max_latency_ms=max_latency,
+        min_throughput_ips=min_throughput,
+        min_fidelity=min_fidelity,
+        memory_mib=pairs(memory, "memory"),
+        objective=objective,
+        codecs=codecs.split(",") if codecs else None,
+        random=random,
+        force=force,
+        input_shapes=tuple(input_shape or ()),
+    )
+    with progress("planning the chain", as_json) as note:
+        r = run_chain_plan(job, note)
+    if as_json:
+        m = r.measurements
+        _print_json(
+            {
+                "pick": r.predicted,
+                "front": [plan_dict(m, p) for p in r.decision.front],
+                "baselines": {k: plan_dict(m, p) for k, p in r.decision.baselines.items()},
+            }
+        )
+    else:
+        from .console import show_chain
+
+        show_chain(r, out)
+
+
 @app.command()
 def fidelity(
     model: Model,

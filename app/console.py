@@ -252,3 +252,46 @@ def watch_table(latest: dict[str, dict]) -> Table:
         )
     cols = ["device", "role", "state", "requests", "fallback", "e2e ms", "head ms", "network ms", "tail ms"]
     return table(None, [*cols, "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 3)
+
+
+def show_chain(r: Any, out: Path | None) -> None:
+    """``splitpoint plan-chain``'s answer: the front over the chain and its baselines, and the pick."""
+    from splitpoint.partitioner.chainplan import describe
+
+    m, d = r.measurements, r.decision
+    names: dict[int, list[str]] = {}
+    for name, p in d.baselines.items():
+        names.setdefault(id(p), []).append(name)
+    rows = []
+    shown = {id(p): p for p in [*d.front, *d.baselines.values()]}.values()
+    for p in sorted(shown, key=lambda p: p.latency_ms):
+        mark = "→" if p is d.pick else ""
+        rows.append(
+            [
+                mark + describe(m, p),
+                ", ".join((["front"] if any(p is q for q in d.front) else []) + names.get(id(p), [])),
+                f"{p.latency_ms:.1f}",
+                f"{p.throughput_ips:.1f}",
+                " / ".join(f"{x:.1f}" for x in p.stage_ms),
+                " / ".join(human_bytes(b) for b in p.hop_bytes) or "-",
+                fmt(p.fidelity, "{:.3f}"),
+            ]
+        )
+    hops = [f" ({net.name})" for net in m.networks] + [""]
+    chain = " → ".join(f"{dev}{hop}" for dev, hop in zip(m.devices, hops, strict=True))
+    console.print(
+        table(
+            f"{m.handle.name} over {chain}: latency x throughput front and baselines (derived from measured "
+            "profiles; fidelity measured)",
+            ["plan", "role", "latency ms", "throughput /s", "busy ms per device", "bytes per hop"]
+            + ["fidelity"],
+            rows,
+        )
+    )
+    p = d.pick
+    console.print(
+        f"pick: [bold]{describe(m, p)}[/] — {p.latency_ms:.1f} ms, {p.throughput_ips:.1f}/s predicted "
+        f"(bottleneck {p.bottleneck_ms:.1f} ms)"
+    )
+    if r.plan is not None:
+        console.print(f"plan {r.plan.plan_id[:12]} → {out} ({len(r.plan.stages)} stages)")

@@ -134,6 +134,18 @@ class StageRunner:
             for n in self.receives
         }
 
+    @classmethod
+    def of_segment(
+        cls, receives: list[str], sends: list[str], produces: list[str], session: ort.InferenceSession | None
+    ) -> StageRunner:
+        """A stage from an extracted segment, before any plan is written (fidelity runs of a chain)."""
+        r = cls.__new__(cls)
+        r.session, r.receives, r.sends, r.produces = session, list(receives), list(sends), list(produces)
+        r.run_inputs = [i.name for i in session.get_inputs()] if session else []
+        r.run_outputs = [o.name for o in session.get_outputs()] if session else []
+        r.last = not sends
+        return r
+
     def run(self, received: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(tensors for the next stage, model outputs computed here)."""
         missing = [n for n in self.receives if n not in received]
@@ -210,15 +222,18 @@ def run_chain(
     stages: list[StageRunner],
     feeds: dict[str, np.ndarray],
     hop: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    outputs: list[str] | None = None,
 ) -> list[np.ndarray]:
     """The whole chain in this process; ``hop(i, tensors)`` stands for what hop ``i`` does to what it
-    carries (encode and decode with its codec); by default nothing. Returns the model's outputs."""
+    carries (encode and decode with its codec); by default nothing. Returns the model's outputs (in
+    the plan's order, or ``outputs``')."""
     received, outs = feeds, {}
     for i, st in enumerate(stages):
         sends, made = st.run(received)
         outs.update(made)
         received = hop(i, sends) if hop is not None and not st.last else sends
-    return [outs[o.name] for o in stages[0].plan.outputs]
+    names = outputs if outputs is not None else [o.name for o in stages[0].plan.outputs]
+    return [outs[n] for n in names]
 
 
 def check_models_load(plan_dir: Path, plan: Plan) -> None:

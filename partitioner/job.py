@@ -12,11 +12,21 @@ from pydantic import Field, field_validator
 
 from splitpoint.core.codecs import Codec
 from splitpoint.core.config import StrictConfig
+from splitpoint.core.errors import SplitPointError
 from splitpoint.core.graph import ModelHandle, open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.plan import Plan
 from splitpoint.profiles.schema import NetworkProfile, load_measured, load_network
 
+from .chainplan import (
+    ChainConstraints,
+    ChainDecision,
+    ChainMeasurements,
+    decide_chain,
+    gather_chain,
+    plan_dict,
+    write_chain,
+)
 from .emit import write_candidate
 from .pareto import Constraints
 from .planner import Decision, decide, gather
@@ -105,3 +115,74 @@ def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) 
             handle, d.pick, job.out, samples=samples, predicted=predicted, front=front, force=job.force
         )
     return PlanOutcome(handle, network, d, predicted, samples, plan, cons)
+
+
+class ChainJob(StrictConfig):
+    """``splitpoint plan-chain``: a model over an ordered chain of devices, one network per hop."""
+
+    label: ClassVar[str] = "plan-chain"
+    model: str
+    devices: tuple[str, ...] = Field(min_length=2, max_length=17)  # device names, edge first
+    profiles: dict[str, Path]  # device name -> measured profile of the model there
+    networks: tuple[str, ...] = Field(min_length=1, max_length=16)  # one per hop
+    out: Path | None = None
+    max_latency_ms: float | None = Field(None, gt=0)
+    min_throughput_ips: float | None = Field(None, gt=0)
+    min_fidelity: float | None = Field(None, ge=0, le=1)
+    memory_mib: dict[str, float] = Field(default_factory=dict)  # device name -> memory budget
+    objective: Literal["latency", "throughput"] = "latency"
+    codecs: tuple[str, ...] | None = None
+    random: int | None = Field(None, ge=1, le=100_000)
+    force: bool = False
+    input_shapes: tuple[str, ...] = ()
+
+    @field_validator("codecs")
+    @classmethod
+    def _codecs(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else tuple(Codec.parse(c).name for c in v)
+
+
+@dataclass
+class ChainOutcome:
+    measurements: ChainMeasurements
+    decision: ChainDecision
+    predicted: dict
+    plan: Plan | None
+
+
+def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None = None) -> ChainOutcome:
+    """Load and check everything first (files, profiles, networks), then measure and decide."""
+    if len(job.networks) != len(job.devices) - 1:
+        raise SplitPointError(
+            f"--networks: {len(job.devices)} devices need {len(job.devices) - 1} network profile(s), one "
+            f"per hop; got {len(job.networks)}"
+        )
+    unknown = sorted(set(job.memory_mib) - set(job.devices))
+    if unknown:
+        raise SplitPointError(f"--memory: no device named {', '.join(unknown)} in the chain")
+    handle = open_model(job.model, parse_input_shapes(job.input_shapes))
+    networks = [load_network(n) for n in job.networks]
+    missing = sorted({d for d in job.devices if d not in job.profiles})
+    if missing:
+        raise SplitPointError(f"--profile: no measured profile for {', '.join(missing)} (give NAME=FILE)")
+    profiles = {d: load_measured(p, handle.sha256, handle.input_shapes) for d, p in job.profiles.items()}
+    n = job.random or (64 if handle.task else 8)
+    samples, truths, measured_on = handle.fidelity_samples(n)
+    limits = [job.memory_mib[d] * 2**20 if d in job.memory_mib else None for d in job.devices]
+    m = gather_chain(
+        handle, list(job.devices), profiles, networks, samples, list(job.codecs or []) or None, truths, limits
+    )
+    cons = ChainConstraints(job.max_latency_ms, job.min_throughput_ips, job.min_fidelity, job.objective)
+    d = decide_chain(m, cons, note)
+    predicted = {
+        **plan_dict(m, d.pick),
+        "constraints": cons.__dict__,
+        "fidelity_samples": len(samples),
+        "fidelity_inputs": measured_on,
+        "fidelity_measure": fidelity_measure(handle),
+    }
+    plan = None
+    if job.out:
+        front = [plan_dict(m, p) for p in d.front]
+        plan = write_chain(m, d.pick, job.out, predicted=predicted, front=front, force=job.force)
+    return ChainOutcome(m, d, predicted, plan)

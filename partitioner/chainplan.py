@@ -1,0 +1,388 @@
+"""Planning a chain of devices: measurements in, the front, the pick and the baselines out.
+
+The measured parts (each device's profile of the model, encoded sizes of real cut tensors, codec speeds
+measured on each device) become a ``ChainCosts``; ``chain.py`` finds the latency x throughput front
+over it exactly; fidelity of each plan that matters is then measured by running the chain in this
+process with every hop's codec, never assumed. Baselines come from the same search on sub-chains:
+the whole model on one device (the edge, or a later device reached through the ones before it, which
+only forward), and the best plan that uses two devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from splitpoint.core.codecs import Codec, decode, encode
+from splitpoint.core.errors import ProfileError, SplitPointError
+from splitpoint.core.graph import ModelHandle
+from splitpoint.core.graph.cuts import Cut
+from splitpoint.core.graph.extract import extract_segments
+from splitpoint.core.graph.memory import weight_bytes_by_prefix
+from splitpoint.core.runner import StageRunner, make_session, run_batched, run_chain
+from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
+
+from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, solve
+from .fidelity import FidelityReport, compare, task_report
+from .planner import REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
+
+CHAIN_CODECS = ["float32", "float16", "int8", "int8+zstd"]
+
+
+@dataclass
+class ChainMeasurements:
+    handle: ModelHandle
+    devices: list[str]
+    networks: list[NetworkProfile]
+    costs: ChainCosts
+    cuts: dict[int, Cut]  # position -> cut (positions 0 and n have none)
+    samples: list[dict[str, np.ndarray]]
+    truths: list | None = None
+    reference: list[np.ndarray] = field(default_factory=list)
+    fidelity: dict[tuple, FidelityReport] = field(default_factory=dict)  # (positions, codecs) -> report
+
+
+def _segment_prefix(p: MeasuredProfile, n: int) -> np.ndarray:
+    """Time to run the first k nodes on this device, for k = 0..n: the mean of the head's time and the
+    whole model's minus the tail's (each measured at anchors, interpolated between: derived)."""
+    whole = p.whole.median_ms
+    out = np.zeros(n + 1)
+    out[n] = whole
+    for c in p.cuts:
+        out[c.index] = max(0.0, (c.head_ms + whole - c.tail_ms) / 2)
+    return np.maximum.accumulate(out)  # a prefix never takes less than a shorter one
+
+
+def _speed(p: MeasuredProfile, codec: str, what: str, device: str) -> float:
+    if codec not in p.codecs:
+        raise ProfileError(f"the {device} profile has no {codec} throughput; re-run `splitpoint profile`")
+    return float(getattr(p.codecs[codec], what))
+
+
+def gather_chain(
+    handle: ModelHandle,
+    devices: list[str],
+    profiles: dict[str, MeasuredProfile],
+    networks: list[NetworkProfile],
+    samples: list[dict[str, np.ndarray]],
+    codecs: list[str] | None = None,
+    truths: list | None = None,
+    memory_limits: list[float | None] | None = None,
+) -> ChainMeasurements:
+    """Everything the chain's cost model needs, from each device's profile and real encoded sizes."""
+    if len(devices) < 2:
+        raise SplitPointError("a chain has at least two devices (edge, server)")
+    if len(networks) != len(devices) - 1:
+        raise SplitPointError(
+            f"{len(devices)} devices need {len(devices) - 1} network profile(s), one per hop; "
+            f"got {len(networks)}"
+        )
+    missing = sorted({d for d in devices if d not in profiles})
+    if missing:
+        raise ProfileError(
+            f"no measured profile for device(s) {', '.join(missing)}: give --profile NAME=FILE"
+        )
+    for d in set(devices):
+        profiles[d].check_model(handle.sha256, f"{d} profile", handle.input_shapes)
+    codecs = list(codecs or CHAIN_CODECS)
+    for c in codecs:
+        Codec.parse(c)
+    idx = handle.index
+    n = len(idx.compute)
+    cuts = {c.k: c for c in handle.cuts()}
+    positions = np.array([0, *sorted(cuts), n])
+    sizes = encoded_sizes(handle, samples, codecs)
+    input_f32 = sum(idx.tensor(i).bytes_per_sample() or 0 for i in idx.inputs)
+    f32 = np.array([input_f32, *[cuts[k].bytes_per_sample or 0 for k in sorted(cuts)], 0], float)
+    nbytes = np.zeros((len(positions), len(codecs)))
+    for i, k in enumerate(positions):
+        names = idx.inputs if k == 0 else [] if k == n else [t.name for t in cuts[int(k)].crossing]
+        for j, c in enumerate(codecs):
+            nbytes[i, j] = sum(sizes[t][c] for t in names)
+    prefix = np.stack([_segment_prefix(profiles[d], n)[positions] for d in devices])
+    enc = np.stack(
+        [
+            f32[:, None] / np.array([_speed(profiles[d], c, "encode_mb_s", d) for c in codecs])[None, :] / 1e3
+            for d in devices
+        ]
+    )
+    dec = np.stack(
+        [
+            f32[:, None] / np.array([_speed(profiles[d], c, "decode_mb_s", d) for c in codecs])[None, :] / 1e3
+            for d in devices
+        ]
+    )
+    w = weight_bytes_by_prefix(idx)
+    weights = np.array([0, *[w[k - 1] for k in positions[1:]]], float)
+    reply = sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES
+    costs = ChainCosts(
+        tuple(devices),
+        tuple(link_of(net) for net in networks),
+        tuple(codecs),
+        positions,
+        prefix,
+        enc,
+        dec,
+        nbytes,
+        weights,
+        f32,
+        float(reply),
+        tuple(memory_limits or ()),
+    )
+    return ChainMeasurements(handle, list(devices), list(networks), costs, cuts, samples, truths)
+
+
+def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
+    """Run the chain in this process on the samples, each hop's tensors through its codec, against the
+    unsplit model (cached per choice of positions and codecs)."""
+    key = (tuple(int(m.costs.positions[i]) for i in plan.cuts), tuple(m.costs.codecs[k] for k in plan.codecs))
+    if key in m.fidelity:
+        return m.fidelity[key]
+    h = m.handle
+    if not m.reference:
+        m.reference = run_batched(make_session(h.path), m.samples)
+    cuts: list[Cut | None] = [None if p == 0 else m.cuts[p] for p in key[0]]
+    segments = extract_segments(h.index, cuts, check=False)
+    stages = [
+        StageRunner.of_segment(
+            s.receives if i else h.index.inputs,
+            s.sends,
+            s.produces,
+            make_session(s.model) if s.model is not None else None,
+        )
+        for i, s in enumerate(segments)
+    ]
+
+    def hop(i: int, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {t: decode(encode(v, key[1][i])) for t, v in tensors.items()}
+
+    per_sample = [run_chain(stages, s, hop, h.index.outputs) for s in m.samples]
+    got = [np.concatenate(col) if col[0].ndim else np.stack(col) for col in zip(*per_sample, strict=True)]
+    n = len(m.samples)
+    rep = FidelityReport(
+        None,
+        "+".join(key[1]),
+        "float32",
+        n,
+        [compare(name, r, g) for name, r, g in zip(h.index.outputs, m.reference, got, strict=True)],
+        task_report(h.task, m.reference, got, n, m.truths),
+    )
+    m.fidelity[key] = rep
+    return rep
+
+
+@dataclass
+class ChainConstraints:
+    max_latency_ms: float | None = None
+    min_throughput_ips: float | None = None
+    min_fidelity: float | None = None
+    objective: str = "latency"  # latency | throughput
+
+    def misses(self, p: ChainPlan) -> list[str]:
+        out = []
+        if self.max_latency_ms is not None and p.latency_ms > self.max_latency_ms:
+            out.append(f"latency {p.latency_ms:.1f} ms > {self.max_latency_ms:g} ms")
+        if self.min_throughput_ips is not None and p.throughput_ips < self.min_throughput_ips:
+            out.append(f"throughput {p.throughput_ips:.1f}/s < {self.min_throughput_ips:g}/s")
+        if (
+            self.min_fidelity is not None
+            and (p.fidelity if p.fidelity is not None else 0.0) < self.min_fidelity
+        ):
+            out.append(f"fidelity {p.fidelity or 0.0:.3f} < {self.min_fidelity:g}")
+        return out
+
+
+@dataclass
+class ChainDecision:
+    front: list[ChainPlan]  # over the whole chain (every stage may be empty), fastest first
+    pick: ChainPlan
+    baselines: dict[str, ChainPlan]  # "all on DEVICE (stage j)" and "best two-stage"
+    devices_of: dict[int, list[str]] = field(default_factory=dict)  # id(plan) -> the devices it uses
+
+
+def _sub(costs: ChainCosts, upto: int) -> ChainCosts:
+    """The chain cut short after device ``upto`` (a plan whose last stage is that device)."""
+    return replace(
+        costs,
+        devices=costs.devices[: upto + 1],
+        links=costs.links[:upto],
+        prefix_ms=costs.prefix_ms[: upto + 1],
+        enc_ms=costs.enc_ms[: upto + 1],
+        dec_ms=costs.dec_ms[: upto + 1],
+        memory_limit=costs.memory_limit[: upto + 1],
+    )
+
+
+def baselines(m: ChainMeasurements, allowed: np.ndarray | None = None) -> dict[str, tuple[ChainPlan, int]]:
+    """The plans a user would pick instead of a pipeline over every device, each with the index of its
+    last device: the whole model on one device (the ones before it forwarding the raw inputs), and
+    the fastest plan that runs on exactly two devices, the edge and one other."""
+    out: dict[str, tuple[ChainPlan, int]] = {}
+    d = len(m.devices)
+    for j in range(d):
+        sub = _sub(m.costs, j)
+        modes = tuple([EMPTY] * j + [BUSY]) if j else (BUSY,)
+        a = None if allowed is None else allowed[:j]
+        plan = solve(sub, modes=modes, allowed=a)
+        if plan is not None:
+            out[f"all on {m.devices[j]} (stage {j})"] = (plan, j)
+    best: tuple[ChainPlan, int] | None = None
+    for j in range(1, d):
+        modes = tuple([BUSY] + [EMPTY] * (j - 1) + [BUSY])
+        plan = solve(_sub(m.costs, j), modes=modes, allowed=None if allowed is None else allowed[:j])
+        if plan is not None and (best is None or plan.latency_ms < best[0].latency_ms):
+            best = (plan, j)
+    if best is not None:
+        out["best two-stage"] = best
+    return out
+
+
+def decide_chain(
+    m: ChainMeasurements,
+    constraints: ChainConstraints,
+    note: Callable[[str, int, int], None] | None = None,
+    max_fidelity_runs: int = 24,
+) -> ChainDecision:
+    """The latency x throughput front over the chain and its baselines (one device; two devices), with
+    fidelity measured in the objective's order until the pick is found: the best plan that meets the
+    constraints. Plans below the fidelity floor stay on the front, marked by their figure. If none of
+    the first ``max_fidelity_runs`` meets the floor, the lossiest codec is dropped and the search runs
+    again."""
+    codecs = list(m.costs.codecs)
+    lossy_order = sorted(range(len(codecs)), key=lambda k: _lossiness(codecs[k]), reverse=True)
+    allowed = np.ones((len(m.devices) - 1, len(codecs)), bool)
+    key = (lambda p: -p.throughput_ips) if constraints.objective == "throughput" else (lambda p: p.latency_ms)
+    ordered: list[ChainPlan] = []
+    for _attempt in range(len(codecs)):
+        chain = chain_front(m.costs, (ANY,) * len(m.devices), allowed)
+        # one object per deployment: a baseline that is also on the front is the same plan
+        same: dict[tuple, ChainPlan] = {}
+        for p in chain:
+            same.setdefault((p.cuts, p.codecs), p)
+        base = {}
+        for name, (plan, _j) in baselines(m, allowed).items():
+            base[name] = same.setdefault((plan.cuts, plan.codecs), plan)
+        everything = list(same.values())
+        if not everything:
+            raise SplitPointError("no plan over this chain: every one exceeds a device's memory limit")
+        ordered = sorted(everything, key=key)
+        pick = None
+        for done, p in enumerate(ordered[:max_fidelity_runs]):
+            if note:
+                note("chain fidelity", done, min(len(ordered), max_fidelity_runs))
+            _with_fidelity(m, p)
+            if not constraints.misses(p):
+                pick = p
+                break
+        if pick is not None:
+            front = pareto(everything)
+            for p in [*base.values(), *front[:max_fidelity_runs]]:  # every figure shown is measured
+                _with_fidelity(m, p)
+            return ChainDecision(front, pick, base)
+        if constraints.min_fidelity is None or not any(
+            "fidelity" in x for p in ordered[:max_fidelity_runs] for x in constraints.misses(p)
+        ):
+            break
+        drop = next((k for k in lossy_order if allowed[:, k].any() and codecs[k] != "float32"), None)
+        if drop is None:
+            break
+        allowed[:, drop] = False  # nothing met the fidelity floor: give up the lossiest codec
+    parts = [f"{describe(m, p)} ({', '.join(constraints.misses(p)) or 'unmeasured'})" for p in ordered[:3]]
+    raise SplitPointError("no plan over this chain meets the constraints; the closest: " + "; ".join(parts))
+
+
+def pareto(plans: list[ChainPlan]) -> list[ChainPlan]:
+    """The plans no other beats on both latency and throughput, fastest first."""
+    from .pareto import non_dominated
+
+    if not plans:
+        return []
+    keep = non_dominated(np.array([[p.latency_ms, p.bottleneck_ms] for p in plans]))
+    return sorted((plans[i] for i in keep), key=lambda p: p.latency_ms)
+
+
+def _lossiness(codec: str) -> int:
+    base = Codec.parse(codec).base
+    return {"float32": 0, "float16": 1, "int8-ch": 2, "int8": 3, "int4": 4}.get(base, 5)
+
+
+def _with_fidelity(m: ChainMeasurements, p: ChainPlan) -> None:
+    rep = chain_fidelity(m, p)
+    p.fidelity = rep.score
+    p.extra["fidelity_report"] = rep.to_dict()
+
+
+def describe(m: ChainMeasurements, p: ChainPlan) -> str:
+    """A plan as a user reads it: where each device's segment ends and each hop's codec."""
+    if not p.cuts:
+        return f"all on {m.devices[0]}"
+    parts = []
+    for h, (i, k) in enumerate(zip(p.cuts, p.codecs, strict=True)):
+        parts.append(f"{m.devices[h]}→cut {int(m.costs.positions[i])} {m.costs.codecs[k]}")
+    return ", ".join(parts) + f"→{m.devices[len(p.cuts)]}"
+
+
+def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
+    """A chain plan's predicted figures, labelled derived, with the devices it uses in order."""
+    used = list(m.devices[: len(p.cuts) + 1])
+    segments = [
+        (int(m.costs.positions[a]), int(m.costs.positions[b]))
+        for a, b in zip([0, *p.cuts], [*p.cuts, len(m.costs.positions) - 1], strict=True)
+    ]
+    return {
+        "label": describe(m, p),
+        "devices": used,
+        "cuts": [int(m.costs.positions[i]) for i in p.cuts],
+        "codecs": [m.costs.codecs[k] for k in p.codecs],
+        "busy_devices": sum(1 for a, b in segments if b > a),
+        "latency_ms": p.latency_ms,
+        "throughput_ips": p.throughput_ips,
+        "bottleneck_ms": p.bottleneck_ms,
+        "stage_ms": p.stage_ms,
+        "hop_up_ms": p.hop_up_ms,
+        "hop_down_ms": p.hop_down_ms,
+        "hop_bytes": p.hop_bytes,
+        "memory_bytes": p.memory_bytes,
+        "fidelity": p.fidelity,
+        "networks": [net.name for net in m.networks[: len(p.cuts)]],
+        "derived": True,
+    }
+
+
+def write_chain(
+    m: ChainMeasurements,
+    p: ChainPlan,
+    out_dir,
+    predicted: dict | None = None,
+    front: list | None = None,
+    include_full: bool = True,
+    force: bool = False,
+):
+    """The plan directory for a chain plan (its stages' devices named in order)."""
+    from splitpoint.core.plandir import write_plan
+
+    positions = [int(m.costs.positions[i]) for i in p.cuts]
+    cuts: list[Cut | None] = [None if k == 0 else m.cuts[k] for k in positions]
+    return write_plan(
+        m.handle,
+        out_dir,
+        cuts=cuts,
+        codecs=[m.costs.codecs[k] for k in p.codecs],
+        devices=list(m.devices[: len(p.cuts) + 1]),
+        include_full=include_full,
+        predicted=predicted or plan_dict(m, p),
+        front=front or [],
+        force=force,
+    )
+
+
+def samples_digest(samples: list[dict[str, np.ndarray]]) -> str:
+    """What the fidelity was measured on, as a short checksum (reports name it)."""
+    h = hashlib.sha256()
+    for s in samples:
+        for k in sorted(s):
+            h.update(np.ascontiguousarray(s[k]).tobytes())
+    return h.hexdigest()[:12]

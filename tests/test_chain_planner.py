@@ -1,0 +1,172 @@
+"""The chain partitioner: the dynamic programme against brute force, its constraints, and planning a
+real model over three devices from measured profiles down to a plan that runs."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from splitpoint.core.errors import SplitPointError
+from splitpoint.core.graph import open_model
+from splitpoint.core.runner import load_stages, make_session, run_chain
+from splitpoint.partitioner.chain import ANY, BUSY, EMPTY, ChainCosts, chain_front, evaluate_chain, solve
+from splitpoint.partitioner.chainplan import (
+    ChainConstraints,
+    decide_chain,
+    describe,
+    gather_chain,
+    plan_dict,
+    write_chain,
+)
+from splitpoint.partitioner.costmodel import Link
+from splitpoint.profiles.profiler import ProfileSettings, profile_model
+from splitpoint.profiles.schema import load_network
+
+from .conftest import run_cli
+
+
+def random_costs(m: int, c: int, d: int, seed: int, memory=()) -> ChainCosts:
+    r = np.random.default_rng(seed)
+    prefix = np.stack(
+        [np.concatenate([[0], np.cumsum(r.uniform(0.1, 3, m - 1) * s)]) for s in r.uniform(0.2, 5, d)]
+    )
+    links = tuple(Link(f"l{h}", r.uniform(5, 100), r.uniform(5, 100), r.uniform(1, 30)) for h in range(d - 1))
+    return ChainCosts(
+        tuple(f"d{j}" for j in range(d)),
+        links,
+        tuple(f"c{k}" for k in range(c)),
+        np.arange(m),
+        prefix,
+        r.uniform(0, 1, (d, m, c)),
+        r.uniform(0, 1, (d, m, c)),
+        r.uniform(1e3, 5e5, (m, c)).astype(int),
+        np.cumsum(r.uniform(0, 1e5, m)),
+        r.uniform(0, 1e5, m),
+        4000.0,
+        memory,
+    )
+
+
+def every_plan(costs: ChainCosts):
+    m, c, d = len(costs.positions), len(costs.codecs), len(costs.devices)
+    for cuts in itertools.combinations_with_replacement(range(m), d - 1):
+        if cuts[-1] >= m - 1:
+            continue  # the last device runs something
+        for codecs in itertools.product(range(c), repeat=d - 1):
+            yield evaluate_chain(costs, cuts, codecs)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_front_is_exactly_the_brute_force_front(seed):
+    d = 2 + seed % 3  # two to four devices
+    costs = random_costs(7, 2, d, seed)
+    pts = {(round(p.latency_ms, 9), round(p.bottleneck_ms, 9)) for p in every_plan(costs)}
+    brute = sorted(p for p in pts if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts))
+    front = chain_front(costs)
+    assert sorted((round(p.latency_ms, 9), round(p.bottleneck_ms, 9)) for p in front) == brute
+    # the first point is the fastest plan, the last the highest throughput
+    assert front[0].latency_ms == pytest.approx(min(p[0] for p in pts))
+    assert front[-1].bottleneck_ms == pytest.approx(min(p[1] for p in pts))
+
+
+def test_limits_modes_memory_and_codecs_are_respected():
+    costs = random_costs(9, 3, 3, 7, memory=(None, 2.5e5, None))
+    allowed = np.array([[True, False, True], [False, True, False]])
+    every = [
+        p
+        for p in every_plan(costs)
+        if all(allowed[h, k] for h, k in enumerate(p.codecs)) and p.memory_bytes[1] <= 2.5e5
+    ]
+    for limit in (np.inf, np.median([p.bottleneck_ms for p in every])):
+        got = solve(costs, limit, allowed=allowed)
+        ok = [p for p in every if p.bottleneck_ms < limit]
+        assert got is not None and got.bottleneck_ms < limit
+        assert got.latency_ms == pytest.approx(min(p.latency_ms for p in ok))
+        assert got.memory_bytes[1] <= 2.5e5 and all(allowed[h, k] for h, k in enumerate(got.codecs))
+    # the middle device forwarding only, then required to work
+    empty = solve(costs, modes=(ANY, EMPTY, ANY), allowed=allowed)
+    busy = solve(costs, modes=(BUSY, BUSY, BUSY), allowed=allowed)
+    assert empty is not None and empty.cuts[0] == empty.cuts[1]
+    if busy is not None:
+        assert 0 < busy.cuts[0] < busy.cuts[1]
+    assert solve(costs, limit=1e-6) is None  # nothing is that fast
+
+
+def test_a_chain_needs_a_link_per_hop():
+    c = random_costs(5, 2, 3, 0)
+    with pytest.raises(ValueError, match="3 devices need 2 links"):
+        ChainCosts(c.devices, c.links[:1], *[getattr(c, f) for f in list(c.__dataclass_fields__)[2:]])
+
+
+@pytest.fixture(scope="module")
+def measured(small_resnet18):
+    """A small ResNet-18 profiled as a slow device (a third of a CPU) and as a server."""
+    from splitpoint.profiles.cpulimit import cpu_limit
+
+    h = open_model(small_resnet18)
+    with cpu_limit(0.34) as em:
+        slow = profile_model(h, ProfileSettings(role="edge", threads=1, budget=6), em)
+    fast = profile_model(h, ProfileSettings(role="server", threads=1, budget=6))
+    return h, slow, fast
+
+
+def test_a_real_model_is_planned_over_three_devices_and_the_plan_runs(measured, tmp_path):
+    h, slow, fast = measured
+    samples, truths, _ = h.fidelity_samples(4)
+    m = gather_chain(
+        h,
+        ["pi", "pi", "server"],
+        {"pi": slow, "server": fast},
+        [load_network("wifi-n"), load_network("ethernet")],
+        samples,
+    )
+    d = decide_chain(m, ChainConstraints(min_fidelity=0.99, objective="throughput"))
+    # the pick meets the floor and is the highest-throughput plan that does
+    assert d.pick.fidelity >= 0.99
+    measured_ok = [p for p in d.front if p.fidelity is not None and p.fidelity >= 0.99]
+    assert d.pick.throughput_ips >= max(p.throughput_ips for p in measured_ok) - 1e-9
+    assert {"all on pi (stage 0)", "all on server (stage 2)", "best two-stage"} <= set(d.baselines)
+    assert not d.baselines["all on pi (stage 0)"].cuts  # the edge alone: no hop
+    for name, p in d.baselines.items():
+        assert p.fidelity is not None, name
+    # nothing on the front is beaten on both latency and throughput by anything the search saw
+    for p in d.front:
+        for q in [*d.front, *d.baselines.values()]:
+            assert not (q.latency_ms < p.latency_ms and q.bottleneck_ms < p.bottleneck_ms)
+    info = plan_dict(m, d.pick)
+    assert info["derived"] and info["devices"][0] == "pi" and len(info["stage_ms"]) == len(info["devices"])
+    # the plan written runs as the unsplit model (its codecs are lossy: close)
+    plan = write_chain(m, d.pick, tmp_path / "p")
+    assert [s.device for s in plan.stages] == info["devices"]
+    _, stages = load_stages(tmp_path / "p")
+    ref = make_session(h.path).run(None, samples[0])[0]
+    got = run_chain(stages, samples[0])[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
+    assert describe(m, d.pick)
+
+
+def test_an_impossible_constraint_is_refused_with_the_closest_plans(measured):
+    h, slow, fast = measured
+    samples, _, _ = h.fidelity_samples(2)
+    m = gather_chain(h, ["pi", "server"], {"pi": slow, "server": fast}, [load_network("lte")], samples)
+    with pytest.raises(SplitPointError, match="no plan over this chain meets the constraints; the closest"):
+        decide_chain(m, ChainConstraints(max_latency_ms=0.001))
+
+
+def test_plan_chain_from_the_command_line(measured, tmp_path):
+    h, slow, fast = measured
+    slow.save(tmp_path / "pi.json")
+    fast.save(tmp_path / "srv.json")
+    args = [
+        "plan-chain", str(h.path), "--devices", "pi,pi,srv", "--profile", f"pi={tmp_path / 'pi.json'}",
+        "--profile", f"srv={tmp_path / 'srv.json'}", "--networks", "wifi-n,ethernet", "--random", "2",
+    ]  # fmt: skip
+    proc = run_cli(*args, "-o", str(tmp_path / "plan"))
+    assert proc.returncode == 0, proc.stderr
+    assert "best two-stage" in proc.stdout and "pick:" in proc.stdout
+    bad = run_cli(*args[:-4], "--networks", "wifi-n", "--random", "2")
+    assert bad.returncode == 2 and "3 devices need 2 network profile(s)" in bad.stderr
+    missing = run_cli(*args[:6], *args[8:])  # no profile for srv
+    assert missing.returncode == 2 and "no measured profile for srv" in missing.stderr
