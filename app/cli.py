@@ -682,8 +682,18 @@ def bench(
             "the trained models that are installed]"
         ),
     ] = None,
-    networks: Annotated[str, typer.Option(help="network profiles, comma-separated")] = "3g,lte,wifi-n,5g",
+    networks: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="network profiles, comma-separated [default: 3g,lte,wifi-n,5g]; with --chain one per hop, "
+            "and the option repeated for each mix [default: wifi-n,ethernet and lte,wifi-n]"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="device profile the edge CPU is calibrated to")] = "rpi4",
+    chain: Annotated[
+        str | None,
+        typer.Option(help="pipeline over devices: device profiles in order, e.g. rpi4,rpi4,gpu-server"),
+    ] = None,
     link: Annotated[str, typer.Option(help="auto | netns (root) | proxy (userspace) | loopback")] = "auto",
     out: Annotated[
         Path, typer.Option("-o", "--out", help="directory for results.json, report.md, plots")
@@ -704,9 +714,11 @@ def bench(
     from .bench.report import summary_lines, write_report
     from .bench.run import BenchConfig, run_bench
 
+    if chain:
+        return _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape)
     cfg = BenchConfig.of(
         **({"models": models.split(",")} if models is not None else {}),
-        networks=networks.split(","),
+        networks=",".join(networks or ["3g,lte,wifi-n,5g"]).split(","),
         device=device,
         link=link,
         out=out,
@@ -719,6 +731,29 @@ def bench(
     with progress("bench", transient=False) as note:
         results = write_report(run_bench(cfg, note), out)
     console.print("\n".join(summary_lines(results, out)))
+
+
+def _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape) -> None:
+    """`bench --chain`: each --networks is one mix, a network profile per hop."""
+    from .bench.chainbench import ChainBenchConfig, chain_command, run_chain_bench
+    from .bench.chainreport import write_report
+
+    cfg = ChainBenchConfig.of(
+        **({"models": models.split(",")} if models is not None else {}),
+        chain=chain.split(","),
+        mixes=[n.split(",") for n in networks or ["wifi-n,ethernet", "lte,wifi-n"]],
+        link=link,
+        out=out,
+        seconds=seconds,
+        window=window,
+        min_fidelity=min_fidelity,
+        input_shapes=tuple(input_shape or ()),
+    )
+    with progress("bench --chain", transient=False) as note:
+        results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
+    for t in results["targets"]:
+        console.print(f"{t['target']}: {t['shown']} ({'met' if t['met'] else 'MISSED'})")
+    console.print(f"report: {out / 'report.md'}")
 
 
 def _fail(message: str, code: int) -> NoReturn:

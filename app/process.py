@@ -38,10 +38,14 @@ def start_server(
     workers: int = 1,
     threads: int = 1,
     capture: bool = True,
+    insecure: bool = False,
 ) -> subprocess.Popen:
     """A ``splitpoint serve`` process, quiet, unbuffered. Its output goes to a log file (``output(proc)``
     reads it) unless ``capture`` is off: a pipe that nobody reads would fill up and stop the server at
-    its next log line."""
+    its next log line. ``insecure``: a bind beyond loopback without keys, for servers inside this
+    machine's own network namespaces (the bench), which nothing outside can reach."""
+    if insecure:
+        extra = ("--insecure", *extra)
     cmd = splitpoint_command(
         "serve",
         "--bind",
@@ -66,6 +70,22 @@ def start_server(
 
 
 _logs: dict[int, Path] = {}
+
+
+def check_started(procs: Sequence[subprocess.Popen], within_s: float = 1.5) -> None:
+    """Raise, with its own words, if a server exits in its first moments (a busy port, a bad option),
+    rather than let the clients time out against nothing."""
+    import time
+
+    from splitpoint.core.errors import SplitPointError
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                said = output(proc).strip() or "(nothing)"
+                raise SplitPointError(f"server exited with status {proc.returncode} at start: {said[-600:]}")
+        time.sleep(0.05)
 
 
 def output(proc: subprocess.Popen, tail: int = 4000) -> str:

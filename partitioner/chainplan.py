@@ -199,7 +199,7 @@ class ChainConstraints:
 class ChainDecision:
     front: list[ChainPlan]  # over the whole chain (every stage may be empty), fastest first
     pick: ChainPlan
-    baselines: dict[str, ChainPlan]  # "all on DEVICE (stage j)" and "best two-stage"
+    baselines: dict[str, ChainPlan]  # "all on DEVICE (stage j)", "best two-stage", "best on all N devices"
     devices_of: dict[int, list[str]] = field(default_factory=dict)  # id(plan) -> the devices it uses
 
 
@@ -216,10 +216,17 @@ def _sub(costs: ChainCosts, upto: int) -> ChainCosts:
     )
 
 
-def baselines(m: ChainMeasurements, allowed: np.ndarray | None = None) -> dict[str, tuple[ChainPlan, int]]:
-    """The plans a user would pick instead of a pipeline over every device, each with the index of its
-    last device: the whole model on one device (the ones before it forwarding the raw inputs), and
-    the fastest plan that runs on exactly two devices, the edge and one other."""
+def baselines(
+    m: ChainMeasurements,
+    allowed: np.ndarray | None = None,
+    constraints: ChainConstraints | None = None,
+    max_fidelity_runs: int = 8,
+) -> dict[str, tuple[ChainPlan, int]]:
+    """The plans a user would pick instead, each with the index of its last device: the whole model on
+    one device (the ones before it forwarding the raw inputs); the best plan on exactly two devices, the
+    edge and one other; and, over three or more, the best plan that keeps every device busy. "Best" is
+    by the constraints' objective among the plans that meet them (fidelity measured in that order)."""
+    constraints = constraints or ChainConstraints()
     out: dict[str, tuple[ChainPlan, int]] = {}
     d = len(m.devices)
     for j in range(d):
@@ -229,15 +236,40 @@ def baselines(m: ChainMeasurements, allowed: np.ndarray | None = None) -> dict[s
         plan = solve(sub, modes=modes, allowed=a)
         if plan is not None:
             out[f"all on {m.devices[j]} (stage {j})"] = (plan, j)
-    best: tuple[ChainPlan, int] | None = None
-    for j in range(1, d):
-        modes = tuple([BUSY] + [EMPTY] * (j - 1) + [BUSY])
-        plan = solve(_sub(m.costs, j), modes=modes, allowed=None if allowed is None else allowed[:j])
-        if plan is not None and (best is None or plan.latency_ms < best[0].latency_ms):
-            best = (plan, j)
-    if best is not None:
+    pairs = [
+        (p, j)
+        for j in range(1, d)
+        for p in chain_front(
+            _sub(m.costs, j),
+            tuple([BUSY] + [EMPTY] * (j - 1) + [BUSY]),
+            None if allowed is None else allowed[:j],
+        )
+    ]
+    if best := _best(m, pairs, constraints, max_fidelity_runs):
         out["best two-stage"] = best
+    if d >= 3:
+        busy = [(p, d - 1) for p in chain_front(m.costs, (BUSY,) * d, allowed)]
+        if best := _best(m, busy, constraints, max_fidelity_runs):
+            out[f"best on all {d} devices"] = best
     return out
+
+
+def _best(
+    m: ChainMeasurements, plans: list[tuple[ChainPlan, int]], constraints: ChainConstraints, runs: int
+) -> tuple[ChainPlan, int] | None:
+    """The first of ``plans`` in the objective's order that meets the constraints; else the first."""
+    ordered = sorted(plans, key=lambda pj: _objective_key(constraints)(pj[0]))
+    for p, j in ordered[:runs]:
+        _with_fidelity(m, p)
+        if not constraints.misses(p):
+            return p, j
+    return ordered[0] if ordered else None
+
+
+def _objective_key(constraints: ChainConstraints) -> Callable[[ChainPlan], float]:
+    if constraints.objective == "throughput":
+        return lambda p: -p.throughput_ips
+    return lambda p: p.latency_ms
 
 
 def decide_chain(
@@ -254,7 +286,7 @@ def decide_chain(
     codecs = list(m.costs.codecs)
     lossy_order = sorted(range(len(codecs)), key=lambda k: _lossiness(codecs[k]), reverse=True)
     allowed = np.ones((len(m.devices) - 1, len(codecs)), bool)
-    key = (lambda p: -p.throughput_ips) if constraints.objective == "throughput" else (lambda p: p.latency_ms)
+    key = _objective_key(constraints)
     ordered: list[ChainPlan] = []
     for _attempt in range(len(codecs)):
         chain = chain_front(m.costs, (ANY,) * len(m.devices), allowed)
@@ -263,7 +295,7 @@ def decide_chain(
         for p in chain:
             same.setdefault((p.cuts, p.codecs), p)
         base = {}
-        for name, (plan, _j) in baselines(m, allowed).items():
+        for name, (plan, _j) in baselines(m, allowed, constraints).items():
             base[name] = same.setdefault((plan.cuts, plan.codecs), plan)
         everything = list(same.values())
         if not everything:

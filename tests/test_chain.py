@@ -267,10 +267,8 @@ def test_deploy_gives_each_device_its_segment_only(chain, tmp_path):
 
 def test_split_writes_a_chain_from_the_command_line(small_resnet18, tmp_path):
     out = tmp_path / "p"
-    proc = run_cli(
-        "split", str(small_resnet18), "--cut", "10", "--cut", "30", "--codec", "int8", "--codec", "float16",
-        "-o", str(out),
-    )  # fmt: skip
+    args = ["--cut", "10", "--cut", "30", "--codec", "int8", "--codec", "float16"]
+    proc = run_cli("split", str(small_resnet18), *args, "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     plan = Plan.load(out)
     assert [s.end for s in plan.stages] == [10, 30, None]

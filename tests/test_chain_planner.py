@@ -159,10 +159,9 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     h, slow, fast = measured
     slow.save(tmp_path / "pi.json")
     fast.save(tmp_path / "srv.json")
-    args = [
-        "plan-chain", str(h.path), "--devices", "pi,pi,srv", "--profile", f"pi={tmp_path / 'pi.json'}",
-        "--profile", f"srv={tmp_path / 'srv.json'}", "--networks", "wifi-n,ethernet", "--random", "2",
-    ]  # fmt: skip
+    args = ["plan-chain", str(h.path), "--devices", "pi,pi,srv"]
+    args += ["--profile", f"pi={tmp_path / 'pi.json'}", "--profile", f"srv={tmp_path / 'srv.json'}"]
+    args += ["--networks", "wifi-n,ethernet", "--random", "2"]
     proc = run_cli(*args, "-o", str(tmp_path / "plan"))
     assert proc.returncode == 0, proc.stderr
     assert "best two-stage" in proc.stdout and "pick:" in proc.stdout

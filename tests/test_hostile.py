@@ -276,7 +276,7 @@ def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, sma
                 }
             ).encode(),
             good,
-        ],  # fmt: skip
+        ],
     ]
     stop = threading.Event()
 

@@ -159,6 +159,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
         o, ref = r.outputs[0].reshape(-1), refs[k][0].reshape(-1)
         agree.append(float(np.argmax(o) == np.argmax(ref)))
     return {
+        "chain_stages_ms_median": _chain_stages(b),
         "requests_sequential": len(seq),
         "requests_pipelined": n_pipe,
         "latency_ms_median": stages["total_ms"],
@@ -174,6 +175,22 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
         "top1_agreement": float(np.mean(agree)) if agree else None,
         "max_abs_error": max_err,
     }
+
+
+def _chain_stages(breakdowns: list[dict]) -> list[dict] | None:
+    """A chain's per-stage times (each stage's own clock), median per stage and figure; None for a plan
+    of two stages, whose server times are in the breakdown itself."""
+    lists = [b.get("stages") for b in breakdowns if isinstance(b.get("stages"), list)]
+    if not lists:
+        return None
+    n = max(len(x) for x in lists)
+    keys = ("queue_ms", "decode_ms", "tail_ms", "encode_ms", "next_ms", "total_ms", "bytes_sent")
+    out = []
+    for i in range(n):
+        rows = [x[i] for x in lists if len(x) > i]
+        med = {k: median_of_present([r.get(k) for r in rows]) for k in keys}
+        out.append({"stage": rows[0].get("stage", i + 1), **med})
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

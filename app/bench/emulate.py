@@ -53,109 +53,141 @@ class Emulated:
         }
 
 
-class EmulatedLink:
-    def __init__(self, link: Link | None, mechanism: str = "auto", server_port: int | None = None):
+@dataclass
+class EmulatedHops:
+    """A chain of devices over emulated links: device j binds ``binds[j]`` (j >= 1), reaches device j+1
+    at ``connects[j]``, and is started with ``prefixes[j]`` (its namespace, if any)."""
+
+    mechanism: str
+    details: list[str]
+    links: list[Link | None]
+    binds: list[str]
+    connects: list[str]
+    prefixes: list[list[str]]
+
+    def hop(self, h: int) -> Emulated:
+        """Hop ``h`` seen as one link between two devices."""
+        return Emulated(
+            self.mechanism,
+            self.details[h],
+            self.links[h],
+            self.binds[h + 1],
+            self.connects[h],
+            self.prefixes[h + 1],
+            self.prefixes[h],
+        )
+
+
+class EmulatedChain:
+    """One emulated link per hop of a chain, set up and torn down whole: network namespaces (one per
+    device, tbf on each veth, a userspace delay line per hop) as root, else link proxies on loopback."""
+
+    def __init__(self, links: list[Link | None], mechanism: str = "auto", base_port: int | None = None):
         if mechanism not in MECHANISMS:
             raise SplitPointError(
                 f"unknown link mechanism {mechanism!r}; choose from {', '.join(MECHANISMS)}"
             )
-        self.link, self.mechanism, self.server_port = link, mechanism, server_port
-        self._ns: netns.Namespaces | None = None
-        self._proxy: subprocess.Popen | None = None
+        self.links, self.mechanism, self.base_port = links, mechanism, base_port
+        self._ns: netns.Chain | None = None
+        self._proxies: list[subprocess.Popen] = []
 
-    def __enter__(self) -> Emulated:
+    def __enter__(self) -> EmulatedHops:
         try:
             return self._setup()
         except BaseException:
             self.__exit__(None, None, None)
             raise
 
-    def _setup(self) -> Emulated:
-        link, mech = self.link, self.mechanism
-        if link is None or mech == "loopback":
-            port = self.server_port or free_port()
-            ep = f"tcp://127.0.0.1:{port}"
-            return Emulated("loopback", "no emulation: tcp loopback", None, ep, ep, [], [])
+    def _setup(self) -> EmulatedHops:
+        n = len(self.links) + 1
+        if all(link is None for link in self.links) or self.mechanism == "loopback":
+            ports = [self.base_port + h if self.base_port else free_port() for h in range(n - 1)]
+            eps = ["", *(f"tcp://127.0.0.1:{p}" for p in ports)]
+            details = ["no emulation: tcp loopback"] * (n - 1)
+            return EmulatedHops(
+                "loopback", details, list(self.links), eps, [*eps[1:], ""], [[] for _ in range(n)]
+            )
         why_not = netns.available()
-        if mech == "netns" and why_not:
+        if self.mechanism == "netns" and why_not:
             raise netns.NetnsError(f"the netns mechanism is not available: {why_not}")
-        use_ns = mech == "netns" or (mech == "auto" and why_not is None)
+        use_ns = self.mechanism == "netns" or (self.mechanism == "auto" and why_not is None)
+        binds, connects, details = [""], [], []
         if use_ns:
-            self._ns = netns.Namespaces(
-                uuid.uuid4().hex[:6], link.uplink_mbps, link.downlink_mbps
-            ).__enter__()
-            port = self.server_port or 5555
-            upstream, edge_prefix, server_prefix = (
-                f"{netns.SERVER_IP}:{port}",
-                self._ns.prefix("edge"),
-                self._ns.prefix("server"),
-            )
-            rate = (0.0, 0.0)
-            detail = (
-                f"namespaces {self._ns.edge} / {self._ns.server} over veth; tbf {link.uplink_mbps:g} Mbit/s "
-                f"up, "
-                f"{link.downlink_mbps:g} Mbit/s down; userspace delay line {link.rtt_ms / 2:g} ms each way, "
-                f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay"
-            )
+            rates = [(link.uplink_mbps, link.downlink_mbps) if link else (None, None) for link in self.links]
+            self._ns = netns.Chain(uuid.uuid4().hex[:6], rates).__enter__()
+            prefixes = [self._ns.device_prefix(j) for j in range(n)]
         else:
-            port = self.server_port or free_port()
-            upstream, edge_prefix, server_prefix = f"127.0.0.1:{port}", [], []
-            rate = (link.uplink_mbps, link.downlink_mbps)
-            detail = (
-                f"userspace TCP link proxy on loopback{f' ({why_not})' if why_not else ''}: token bucket "
-                f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down, {link.rtt_ms / 2:g} "
-                f"ms each way, "
-                f"jitter {link.jitter_ms:g} ms, loss {link.loss:g} as retransmission delay"
-            )
-        self._proxy = subprocess.Popen(
-            [
-                *edge_prefix,
-                sys.executable,
-                "-m",
-                "splitpoint.app.bench.proxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                upstream,
-                "--up-mbps",
-                str(rate[0]),
-                "--down-mbps",
-                str(rate[1]),
-                "--delay-ms",
-                str(link.rtt_ms / 2),
-                "--jitter-ms",
-                str(link.jitter_ms),
-                "--loss",
-                str(link.loss),
-            ],
+            prefixes = [[] for _ in range(n)]
+        for h, link in enumerate(self.links):
+            port = (self.base_port + h) if self.base_port else (5555 + h if use_ns else free_port())
+            host = netns.hop_ips(h)[1] if use_ns else "127.0.0.1"
+            binds.append(f"tcp://{host}:{port}")
+            if link is None:
+                connects.append(binds[-1])
+                details.append("no emulation")
+                continue
+            rate = (0.0, 0.0) if use_ns else (link.uplink_mbps, link.downlink_mbps)
+            listen = self._proxy(prefixes[h], f"{host}:{port}", rate, link)
+            connects.append(f"tcp://{listen}")
+            details.append(_describe(link, use_ns, why_not))
+        connects.append("")
+        return EmulatedHops(
+            "netns" if use_ns else "proxy", details, list(self.links), binds, connects, prefixes
+        )
+
+    def _proxy(self, prefix: list[str], upstream: str, rate: tuple[float, float], link: Link) -> str:
+        """A link proxy (in the sending device's namespace): it listens on loopback there."""
+        args = ["--listen", "127.0.0.1:0", "--upstream", upstream]
+        args += ["--up-mbps", str(rate[0]), "--down-mbps", str(rate[1]), "--delay-ms", str(link.rtt_ms / 2)]
+        args += ["--jitter-ms", str(link.jitter_ms), "--loss", str(link.loss)]
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "splitpoint.app.bench.proxy", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        assert self._proxy.stdout is not None and self._proxy.stderr is not None  # both PIPE
-        line = self._proxy.stdout.readline()
+        self._proxies.append(proc)
+        assert proc.stdout is not None and proc.stderr is not None  # both PIPE
+        line = proc.stdout.readline()
         if not line:
-            raise SplitPointError(f"link proxy did not start: {self._proxy.stderr.read().strip()}")
-        listen = json.loads(line)["listen"]
-        server_host = upstream.rpartition(":")[0]
-        return Emulated(
-            "netns" if use_ns else "proxy",
-            detail,
-            link,
-            f"tcp://{server_host}:{port}",
-            f"tcp://{listen}",
-            server_prefix,
-            edge_prefix,
-        )
+            raise SplitPointError(f"link proxy did not start: {proc.stderr.read().strip()}")
+        return json.loads(line)["listen"]
 
     def __exit__(self, *exc) -> None:
-        if self._proxy is not None:
-            stop(self._proxy, 5)
-            self._proxy = None
+        for proc in self._proxies:
+            stop(proc, 5)
+        self._proxies.clear()
         if self._ns is not None:
             self._ns.__exit__(None, None, None)
             self._ns = None
+
+
+def _describe(link: Link, use_ns: bool, why_not: str | None) -> str:
+    shaping = (
+        f"tbf {link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down on the veth pair; userspace "
+        "delay line"
+        if use_ns
+        else f"userspace TCP link proxy on loopback{f' ({why_not})' if why_not else ''}: token bucket "
+        f"{link.uplink_mbps:g} Mbit/s up, {link.downlink_mbps:g} Mbit/s down"
+    )
+    return (
+        f"{shaping}, {link.rtt_ms / 2:g} ms each way, jitter {link.jitter_ms:g} ms, loss {link.loss:g} as "
+        "retransmission delay"
+    )
+
+
+class EmulatedLink:
+    """The link between an edge process and a server process: the chain of one hop."""
+
+    def __init__(self, link: Link | None, mechanism: str = "auto", server_port: int | None = None):
+        self._chain = EmulatedChain([link], mechanism, server_port)
+
+    def __enter__(self) -> Emulated:
+        return self._chain.__enter__().hop(0)
+
+    def __exit__(self, *exc) -> None:
+        self._chain.__exit__(*exc)
 
 
 def probe_link(em: Emulated, cases: list[tuple[int, int, int]]) -> list[dict]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from splitpoint.app.process import start_server, stop
+from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 
@@ -187,7 +187,10 @@ def measure_network(
             probe = probe_link(em, [(64, 64, 3), (65536, 64, 3)])
         except SplitPointError as exc:  # the report shows it; the runtime's own runs still go ahead
             probe = [{"error": str(exc)}]
-        srv = start_server(em.server_bind, serve_dir, prefix=em.server_prefix)
+        srv = start_server(
+            em.server_bind, serve_dir, prefix=em.server_prefix, insecure=em.mechanism == "netns"
+        )
+        check_started([srv])
         out = work / f"edge-{m.handle.name}-{net.name}.json"
         try:
             # the edge-only plan first: it needs no server, so the server has time to load its tails
