@@ -41,6 +41,7 @@ from splitpoint.core.telemetry import Telemetry
 
 from .config import EdgeConfig
 from .connection import DOWN_EVENTS, UP_EVENTS, Connection
+from .estimator import LinkEstimator
 
 log = logging.getLogger("splitpoint.edge")
 PING_BASE = 2**62  # ping ids live apart from request ids
@@ -112,6 +113,7 @@ class EdgeClient:
         self.fatal: BaseException | None = None
         self.server_up = False
         self._last_heard = 0.0
+        self.link = LinkEstimator()  # uplink and round trip, from this client's own requests and pings
         self.rtt_ms: float | None = None
         self.bandwidth_mbps: float | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
@@ -288,7 +290,8 @@ class EdgeClient:
             if sent is not None:
                 self._pings.clear()  # answered: the background thread may stop watching the socket
                 rtt = (now - sent) * 1e3
-                self.rtt_ms = rtt if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * rtt
+                self.link.observe_rtt(rtt)
+                self.rtt_ms = self.link.rtt_ms
             return
         with self._lock:
             p = self._pending.get(msg.id)
@@ -350,10 +353,9 @@ class EdgeClient:
         return EdgeResult(msg.id, order, outs, fallback=False, breakdown=breakdown)
 
     def _estimate_bandwidth(self, network_ms: float, sent: int) -> None:
-        if self.rtt_ms is None or sent <= 0 or network_ms - self.rtt_ms <= 0.05:
+        if self.rtt_ms is None:  # no ping answered yet: the round trip inside network_ms is unknown
             return
-        mbps = 8e-3 * sent / (network_ms - self.rtt_ms)
-        self.bandwidth_mbps = mbps if self.bandwidth_mbps is None else 0.8 * self.bandwidth_mbps + 0.2 * mbps
+        self.bandwidth_mbps = self.link.observe(sent, network_ms)
 
     def _set_up(self, up: bool) -> None:
         if up != self.server_up:

@@ -90,7 +90,7 @@ def derive(results: dict) -> dict:
             for k in (1, 2, 3):  # what limits each group's best: its slowest measured stage
                 best = cases[-1].get(f"best_{k}")
                 row = next((r for r in ok if best and r["candidate"] == best["candidate"]), None)
-                if row is not None:
+                if best is not None and row is not None:
                     st = measured_stages_ms(row, links, edge_cpus)
                     i = max(range(len(st)), key=st.__getitem__)
                     best["slowest_stage"] = {"name": stage_names(row)[i], "ms": st[i]}

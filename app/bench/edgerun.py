@@ -180,7 +180,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
 def _chain_stages(breakdowns: list[dict]) -> list[dict] | None:
     """A chain's per-stage times (each stage's own clock), median per stage and figure; None for a plan
     of two stages, whose server times are in the breakdown itself."""
-    lists = [b.get("stages") for b in breakdowns if isinstance(b.get("stages"), list)]
+    lists: list[list] = [b["stages"] for b in breakdowns if isinstance(b.get("stages"), list)]
     if not lists:
         return None
     n = max(len(x) for x in lists)

@@ -113,7 +113,9 @@ class EmulatedChain:
         use_ns = self.mechanism == "netns" or (self.mechanism == "auto" and why_not is None)
         binds, connects, details = [""], [], []
         if use_ns:
-            rates = [(link.uplink_mbps, link.downlink_mbps) if link else (None, None) for link in self.links]
+            rates: list[tuple[float | None, float | None]] = [
+                (link.uplink_mbps, link.downlink_mbps) if link else (None, None) for link in self.links
+            ]
             self._ns = netns.Chain(uuid.uuid4().hex[:6], rates).__enter__()
             prefixes = [self._ns.device_prefix(j) for j in range(n)]
         else:

@@ -1,0 +1,97 @@
+"""Plan sets: the few candidates that are each the best for some range of uplink bandwidth, so that an
+edge can switch between them as its link changes without asking anyone. Pure functions over the
+measured candidate facts; the run-time choice (``choose``) is the same cost model the planner uses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .costmodel import CandidateInput, Link, evaluate
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a plan set and the uplink range (Mbit/s, at the set's reference RTT) where it is
+    predicted fastest; ``lo_mbps`` of the first member is 0, ``hi_mbps`` of the last is infinite."""
+
+    inp: CandidateInput
+    lo_mbps: float
+    hi_mbps: float
+
+    @property
+    def label(self) -> str:
+        return evaluate(self.inp, Link("x", 1.0, 1.0, 0.0)).label
+
+
+def sweep_links(lo_mbps: float, hi_mbps: float, points: int, rtt_ms: float, down_ratio: float) -> list[Link]:
+    """Links from ``lo_mbps`` to ``hi_mbps`` uplink, log-spaced, downlink ``down_ratio`` times faster."""
+    return [
+        Link(f"{b:.3g} Mbit/s", b, b * down_ratio, rtt_ms) for b in np.geomspace(lo_mbps, hi_mbps, points)
+    ]
+
+
+def plan_set(
+    inputs: list[CandidateInput],
+    rtt_ms: float,
+    down_ratio: float = 1.0,
+    min_fidelity: float = 0.0,
+    max_members: int = 6,
+    lo_mbps: float = 0.1,
+    hi_mbps: float = 10_000.0,
+    points: int = 241,
+) -> list[Member]:
+    """The fastest feasible candidate at each bandwidth of a sweep, merged into ranges, slowest link
+    first. Above ``max_members`` the member with the narrowest range (in log bandwidth) is dropped and
+    the sweep repeated over those left, so every bandwidth keeps a member that is best among them."""
+    pool = [c for c in inputs if c.fidelity is not None and c.fidelity >= min_fidelity]
+    if not pool:
+        raise ValueError(f"no measured candidate reaches fidelity {min_fidelity:g}")
+    links = sweep_links(lo_mbps, hi_mbps, points, rtt_ms, down_ratio)
+    while True:
+        winners = [min(pool, key=lambda c: evaluate(c, link).latency_ms) for link in links]
+        runs: list[tuple[CandidateInput, int, int]] = []  # (candidate, first index, last index)
+        for i, w in enumerate(winners):
+            if runs and runs[-1][0] is w:
+                runs[-1] = (w, runs[-1][1], i)
+            else:
+                runs.append((w, i, i))
+        distinct = list(dict.fromkeys(w for w, _, _ in runs))
+        if len(distinct) <= max_members:
+            break
+        width = {c: sum(b - a + 1 for w, a, b in runs if w is c) for c in distinct}
+        pool = [c for c in pool if c in width and c is not min(width, key=lambda c: width[c])]
+    out: list[Member] = []
+    for k, (w, a, _b) in enumerate(runs):
+        lo = 0.0 if k == 0 else _edge(links[a - 1].uplink_mbps, links[a].uplink_mbps)
+        hi = (
+            math.inf
+            if k == len(runs) - 1
+            else _edge(links[runs[k + 1][1] - 1].uplink_mbps, links[runs[k + 1][1]].uplink_mbps)
+        )
+        out.append(Member(w, lo, hi))
+    return out
+
+
+def _edge(a: float, b: float) -> float:
+    return math.sqrt(a * b)  # the boundary between two sweep points, in log bandwidth
+
+
+def choose(
+    members: list[CandidateInput],
+    current: int | None,
+    uplink_mbps: float,
+    rtt_ms: float,
+    down_ratio: float = 1.0,
+    hysteresis: float = 0.15,
+) -> int:
+    """The member to use at an estimated uplink and RTT: the predicted fastest, unless the current one is
+    predicted within ``hysteresis`` of it (so that a bandwidth sitting on a boundary does not flap)."""
+    link = Link("estimate", uplink_mbps, uplink_mbps * down_ratio, rtt_ms)
+    lat = [evaluate(c, link).latency_ms for c in members]
+    best = int(np.argmin(lat))
+    if current is None or current == best:
+        return best
+    return best if lat[best] < lat[current] * (1.0 - hysteresis) else current
