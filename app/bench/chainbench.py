@@ -27,6 +27,8 @@ from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 
+from .run import nonempty_names
+
 DEFAULT_CHAIN_MODELS = ("resnet18", "mobilenetv2", "resnet50")
 
 
@@ -50,13 +52,7 @@ class ChainBenchConfig(StrictConfig):
     codecs: tuple[str, ...] = ("float32", "float16", "int8", "int8+zstd")
     input_shapes: tuple[str, ...] = ()
 
-    @field_validator("models")
-    @classmethod
-    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        v = tuple(x for x in v if x)
-        if not v:
-            raise ValueError("name at least one")
-        return v
+    _nonempty = field_validator("models")(nonempty_names)
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> ChainBenchConfig:

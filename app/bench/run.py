@@ -57,6 +57,14 @@ ALL_ON_EDGE, ALL_ON_SERVER_RAW, ALL_ON_SERVER_COMPRESSED = (
 )
 
 
+def nonempty_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    """A list option given as "a,,b" or "": the empty names dropped, and at least one left."""
+    v = tuple(x for x in v if x)
+    if not v:
+        raise ValueError("name at least one")
+    return v
+
+
 class BenchConfig(StrictConfig):
     label: ClassVar[str] = "bench"
     models: tuple[str, ...] = Field(default_factory=default_models)
@@ -76,13 +84,7 @@ class BenchConfig(StrictConfig):
     codecs: tuple[str, ...] = tuple(BENCH_CODECS)
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, applied to each model that has that input
 
-    @field_validator("models", "networks")
-    @classmethod
-    def _nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        v = tuple(x for x in v if x)
-        if not v:
-            raise ValueError("name at least one")
-        return v
+    _nonempty = field_validator("models", "networks")(nonempty_names)
 
     @model_validator(mode="after")
     def _profiles_exist(self) -> BenchConfig:
