@@ -98,7 +98,19 @@ def test_ctrl_c_leaves_no_partial_profile(tmp_path):
     out = tmp_path / "p.json"
     zoo.resolve("resnet50")  # build the model before timing the interrupt
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitpoint.app", "profile", "resnet50", "-o", str(out), "--quiet"],
+        # a generous budget: the interrupt must land while it is still measuring, however fast this machine
+        [
+            sys.executable,
+            "-m",
+            "splitpoint.app",
+            "profile",
+            "resnet50",
+            "--budget",
+            "120",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
