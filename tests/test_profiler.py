@@ -114,6 +114,8 @@ def test_ctrl_c_leaves_no_partial_profile(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job (CI under nohup ... &) inherits SIGINT ignored, and Python keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
