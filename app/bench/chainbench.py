@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +24,7 @@ from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 
-from .run import nonempty_names
+from .run import nonempty_names, run_edge, window_for
 
 DEFAULT_CHAIN_MODELS = ("resnet18", "mobilenetv2", "resnet50")
 
@@ -116,11 +113,6 @@ def choose_chain(decision, max_front: int) -> dict[str, tuple[str, Any]]:
 def _key(p) -> str:
     cuts = "-".join(map(str, p.cuts)) or "none"
     return f"c{cuts}-k{'-'.join(map(str, p.codecs)) or 'none'}"
-
-
-def window_for(p, least: int) -> int:
-    """Requests in flight to keep the busiest stage busy (latency / bottleneck, Little's law)."""
-    return int(min(32, max(least, -(-p.latency_ms // max(p.bottleneck_ms, 1e-3)) + 1)))
 
 
 def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
@@ -226,7 +218,6 @@ def measure_chain(
             if len(p.cuts) >= j:
                 (d / key).symlink_to(dirs[key].resolve())
         serve.append(d)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     links = list(m.costs.links)
     out = work / f"edge-{m.handle.name}-{plans_root.name}.json"
     with EmulatedChain(list(links), cfg.link) as em, contextlib.ExitStack() as stack:
@@ -249,33 +240,21 @@ def measure_chain(
         # the edge-only plan first: it needs no server, so the others have time to load their segments
         order = sorted(chosen, key=lambda k: len(chosen[k][1].cuts) > 0)
         plans = [[str(dirs[k]), window_for(chosen[k][1], cfg.window)] for k in order]
-        args = ["--plans", json.dumps(plans), "--server", em.connects[0], "--inputs", str(inputs)]
-        args += ["--seconds", str(cfg.seconds), "--min-requests", str(cfg.min_requests)]
-        args += ["--max-requests", str(cfg.max_requests), "--out", str(out)]
-        edge = subprocess.Popen(
-            [*em.prefixes[0], sys.executable, "-m", "splitpoint.app.bench.edgerun", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        with cpu_limit(limits[0], pid=edge.pid) as edge_emulation:
-            _, stderr = edge.communicate()
-        if edge.returncode:
-            where = "/".join(link.name for link in links)
-            raise SplitPointError(f"edge run failed on {where}: {stderr.strip()[-800:]}")
+        where = "/".join(link.name for link in links)
+        edge_emulation = run_edge(em.prefixes[0], plans, em.connects[0], inputs, out, cfg, limits[0], where)
         edge_out = json.loads(out.read_text())
         mechanism = {"mechanism": em.mechanism, "hops": em.details}
     rows = []
     for key, (role, p) in chosen.items():
+        predicted = plan_dict(m, p)
         rows.append(
             {
                 "model": m.handle.name,
                 "networks": [net.name for net in m.networks],
-                "candidate": plan_dict(m, p)["label"],
+                "candidate": predicted["label"],
                 "role": role,
                 "is_pick": p is decision.pick,
-                "predicted": plan_dict(m, p),
+                "predicted": predicted,
                 "measured": edge_out["results"].get(str(dirs[key]), {"error": "not run"}),
             }
         )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
+from .report import _f
+
 TARGETS = {"pipelined_ratio": 0.90, "throughput_error": 0.10, "latency_error": 0.10, "regret": 1.05}
 REGRET_SHARE = 0.90
 TIE = 0.05  # throughputs within 5 % of each other: a tie
@@ -168,10 +170,6 @@ def _case(run, ok: list[dict], objective: str, floor: float) -> dict:
         case["three_beats_all"] = case["three_vs_next"] >= 1 + TIE
         case["three_ties"] = abs(case["three_vs_next"] - 1) < TIE
     return case
-
-
-def _f(x, fmt="{:.1f}") -> str:
-    return "–" if x is None else fmt.format(x)
 
 
 def targets(results: dict) -> list[dict]:

@@ -130,6 +130,29 @@ def choose(decision: Decision, max_front: int) -> dict[str, tuple[str, Candidate
     return out
 
 
+def run_edge(prefix: list[str], plans: list, server: str, inputs: Path, out: Path, cfg, limit, where: str):
+    """The edge runner (``edgerun``) as its own process, in the edge's namespace, under the edge's CPU
+    limit (applied from here: inside the namespace the cgroup tree is not mounted); what it measured
+    is in ``out``. Returns the limit's emulation record."""
+    from splitpoint.profiles.cpulimit import cpu_limit
+
+    args = ["--plans", json.dumps(plans), "--server", server, "--inputs", str(inputs)]
+    args += ["--seconds", str(cfg.seconds), "--min-requests", str(cfg.min_requests)]
+    args += ["--max-requests", str(cfg.max_requests), "--out", str(out)]
+    edge = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "splitpoint.app.bench.edgerun", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    with cpu_limit(limit, pid=edge.pid) as emulation:
+        _, stderr = edge.communicate()
+    if edge.returncode:
+        raise SplitPointError(f"edge run failed on {where}: {stderr.strip()[-800:]}")
+    return emulation
+
+
 def window_for(cand, least: int) -> int:
     """Requests in flight needed to keep the slowest stage busy (Little's law: latency / the
     slowest stage's time), so the throughput phase measures the pipeline, not the window."""
@@ -167,7 +190,6 @@ def measure_network(
     m, decision, net, cfg: BenchConfig, plans_root: Path, inputs: Path, calib, work: Path
 ) -> dict:
     from splitpoint.partitioner.planner import link_of
-    from splitpoint.profiles.cpulimit import cpu_limit
 
     from .emulate import EmulatedLink, probe_link
 
@@ -183,7 +205,6 @@ def measure_network(
         if chosen[key][1].inp.kind != "edge-only":
             (serve_dir / key).symlink_to(d.resolve())
     link = link_of(net)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with EmulatedLink(link, cfg.link) as em:
         try:
             probe = probe_link(em, [(64, 64, 3), (65536, 64, 3)])
@@ -198,37 +219,9 @@ def measure_network(
             # the edge-only plan first: it needs no server, so the server has time to load its tails
             order = sorted(plan_dirs, key=lambda k: chosen[k][1].inp.kind != "edge-only")
             plans = [[str(plan_dirs[k]), window_for(chosen[k][1], cfg.window)] for k in order]
-            edge = subprocess.Popen(
-                [
-                    *em.edge_prefix,
-                    sys.executable,
-                    "-m",
-                    "splitpoint.app.bench.edgerun",
-                    "--plans",
-                    json.dumps(plans),
-                    "--server",
-                    em.edge_connect,
-                    "--inputs",
-                    str(inputs),
-                    "--seconds",
-                    str(cfg.seconds),
-                    "--min-requests",
-                    str(cfg.min_requests),
-                    "--max-requests",
-                    str(cfg.max_requests),
-                    "--out",
-                    str(out),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
+            edge_emulation = run_edge(
+                em.edge_prefix, plans, em.edge_connect, inputs, out, cfg, calib.limit, net.name
             )
-            # limited from here: inside the namespace the cgroup tree is not mounted
-            with cpu_limit(calib.limit, pid=edge.pid) as edge_emulation:
-                _, stderr = edge.communicate()
-            if edge.returncode:
-                raise SplitPointError(f"edge run failed on {net.name}: {stderr.strip()[-800:]}")
         finally:
             stop(srv)
         edge_out = json.loads(out.read_text())
