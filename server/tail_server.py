@@ -468,6 +468,9 @@ class TailServer:
         own_frames = [encode(outs[n], self.config.reply_codec) for n in own]
         t3 = time.perf_counter()
         fid = next(self._fwd_ids)
+        # Clocked before the send: a thread preempted right after it would otherwise report the
+        # next stage as faster than that stage's own clock says.
+        t_sent = time.perf_counter()
         try:
             self._next.send_multipart(
                 wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames(),
@@ -485,7 +488,6 @@ class TailServer:
             "encode_ms": (t3 - t2) * 1e3,
             "bytes_sent": sum(len(f) for f in frames),
         }
-        t_sent = time.perf_counter()
         self._fwd[fid] = _Forward(
             req.ident,
             req.msg.id,
