@@ -53,11 +53,16 @@ class ChainCosts:
     act: np.ndarray  # (m,)
     reply_bytes: float
     memory_limit: tuple[float | None, ...] = ()  # bytes per device; () or None: no limit
+    # per device: the runtime's own time per request (measured; every device on the way pays it,
+    # a forwarding one too); () counts none
+    overhead_ms: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         d, m, c = len(self.devices), len(self.positions), len(self.codecs)
         if len(self.links) != d - 1:
             raise ValueError(f"{d} devices need {d - 1} links, got {len(self.links)}")
+        if self.overhead_ms and len(self.overhead_ms) != d:
+            raise ValueError(f"{d} devices need {d} overheads, got {len(self.overhead_ms)}")
         for name, arr, shape in (
             ("prefix_ms", self.prefix_ms, (d, m)),
             ("enc_ms", self.enc_ms, (d, m, c)),
@@ -78,7 +83,7 @@ class ChainPlan:
     codecs: tuple[int, ...]  # indices into ChainCosts.codecs, one per hop
     latency_ms: float
     bottleneck_ms: float
-    stage_ms: list[float]  # per device: decode + segment + encode
+    stage_ms: list[float]  # per device: decode + segment + encode + the runtime's own time per request
     hop_up_ms: list[float]
     hop_down_ms: list[float]
     hop_bytes: list[int]
@@ -109,7 +114,7 @@ def evaluate_chain(costs: ChainCosts, cuts: tuple[int, ...], codecs: tuple[int, 
     bounds = [0, *cuts, m - 1]
     if any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
         raise ValueError("cuts must not go backwards")
-    stage, mem = [], []
+    own, stage, mem = [], [], []  # per device: its compute; with the runtime's own time per request
     for j in range(d):
         a, b = bounds[j], bounds[j + 1]
         t = max(0.0, costs.prefix_ms[j, b] - costs.prefix_ms[j, a])
@@ -117,7 +122,8 @@ def evaluate_chain(costs: ChainCosts, cuts: tuple[int, ...], codecs: tuple[int, 
             t += costs.dec_ms[j, a, codecs[j - 1]]
         if j < d - 1:
             t += costs.enc_ms[j, b, codecs[j]]
-        stage.append(float(t))
+        own.append(float(t))
+        stage.append(float(t) + _overhead(costs, j))
         mem.append(int(costs.weights[b] - costs.weights[a] + max(costs.act[a], costs.act[b])))
     ups, downs, sent = [], [], []
     for h in range(d - 1):
@@ -125,7 +131,9 @@ def evaluate_chain(costs: ChainCosts, cuts: tuple[int, ...], codecs: tuple[int, 
         ups.append(uplink_ms(nbytes, costs.links[h]) if nbytes > 0 else 0.0)
         downs.append(downlink_ms(costs.reply_bytes, costs.links[h]))
         sent.append(int(nbytes))
-    latency = sum(stage) + sum(ups) + sum(downs) + sum(link.rtt_ms for link in costs.links)
+    # one request alone does not wait for the runtime's CPU share (it runs in the quota's bursts), a
+    # pipeline does: the runtime's time counts in the busiest stage, not in the latency
+    latency = sum(own) + sum(ups) + sum(downs) + sum(link.rtt_ms for link in costs.links)
     bottleneck = max([*stage, *ups, *downs, 1e-9])
     return ChainPlan(tuple(cuts), tuple(codecs), latency, bottleneck, stage, ups, downs, sent, mem)
 
@@ -148,24 +156,25 @@ def solve(
     if any(downlink_ms(costs.reply_bytes, link) >= limit for link in costs.links):
         return None
     tables = _tables(costs, modes)
+    lim = [limit - _overhead(costs, j) for j in range(d)]  # what device j may spend on the model
     # dp[i * c + k]: least latency of devices 0..h and hops 0..h, hop h at position i with codec k
     first_busy, _ = tables[0]
     ups = [_up(costs, h).ravel() for h in range(d - 1)]
-    ok = (first_busy < limit) & (ups[0] < limit) & np.tile(allowed[0], m)
+    ok = (first_busy < lim[0]) & (ups[0] < limit) & np.tile(allowed[0], m)
     dp = np.where(ok, first_busy + ups[0], INF)
     back: list[np.ndarray] = []
     for h in range(1, d - 1):
         busy, _ = tables[h]  # (out: i', k') x (in: i, k): the device between hop h-1 and hop h
         total = _scratch(costs, busy.shape)
         np.add(busy, dp[None, :], out=total)
-        np.copyto(total, INF, where=busy >= limit)
+        np.copyto(total, INF, where=busy >= lim[h])
         arg = total.argmin(axis=1)
         best = total[np.arange(m * c), arg]
         ok = (ups[h] < limit) & np.tile(allowed[h], m)
         dp = np.where(ok & np.isfinite(best), best + ups[h], INF)
         back.append(arg)
     last_busy, _ = tables[d - 1]
-    final = np.where(last_busy < limit, dp + last_busy, INF)
+    final = np.where(last_busy < lim[d - 1], dp + last_busy, INF)
     if not np.isfinite(final).any():
         return None
     flat = int(np.argmin(final))
@@ -173,6 +182,10 @@ def solve(
     for arg in reversed(back):
         chosen.insert(0, int(arg[chosen[0]]))
     return evaluate_chain(costs, tuple(f // c for f in chosen), tuple(f % c for f in chosen))
+
+
+def _overhead(costs: ChainCosts, j: int) -> float:
+    return float(costs.overhead_ms[j]) if costs.overhead_ms else 0.0
 
 
 def _scratch(costs: ChainCosts, shape: tuple[int, ...]) -> np.ndarray:

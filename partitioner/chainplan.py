@@ -131,6 +131,7 @@ def gather_chain(
         f32,
         float(reply),
         tuple(memory_limits or ()),
+        tuple(profiles[d].runtime_ms.get("edge" if j == 0 else "server", 0.0) for j, d in enumerate(devices)),
     )
     return ChainMeasurements(handle, list(devices), list(networks), costs, cuts, samples, truths)
 
@@ -213,6 +214,7 @@ def _sub(costs: ChainCosts, upto: int) -> ChainCosts:
         enc_ms=costs.enc_ms[: upto + 1],
         dec_ms=costs.dec_ms[: upto + 1],
         memory_limit=costs.memory_limit[: upto + 1],
+        overhead_ms=costs.overhead_ms[: upto + 1],
     )
 
 
@@ -373,7 +375,8 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
         "latency_ms": p.latency_ms,
         "throughput_ips": p.throughput_ips,
         "bottleneck_ms": p.bottleneck_ms,
-        "stage_ms": p.stage_ms,
+        "stage_ms": p.stage_ms,  # with the runtime's own time per request on each device (runtime_ms)
+        "runtime_ms": list(m.costs.overhead_ms[: len(used)]) if m.costs.overhead_ms else None,
         "hop_up_ms": p.hop_up_ms,
         "hop_down_ms": p.hop_down_ms,
         "hop_bytes": p.hop_bytes,

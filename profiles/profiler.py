@@ -16,7 +16,7 @@ import gc
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -71,28 +71,37 @@ def stat(samples_ms: list[float]) -> Stat:
     )
 
 
-def time_runs(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls, after ``warmup`` untimed ones."""
+def timed(fn: Callable[[], object], min_ms: float = 0.0) -> float:
+    """Milliseconds per call of ``fn``: one call, or as many back to back as fill ``min_ms`` (under
+    a CPU quota, a few periods: a call shorter than the period's quota would otherwise run at the
+    host's full speed after any pause, see ``cpulimit``)."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        total = (time.perf_counter() - t0) * 1e3
+        if total >= min_ms:
+            return total / n
+
+
+def time_runs(fn: Callable[[], object], warmup: int, repeats: int, min_ms: float = 0.0) -> list[float]:
+    """Milliseconds of each of ``repeats`` samples (``timed``), after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    return [timed(fn, min_ms) for _ in range(repeats)]
 
 
-def interleaved(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[list[float]]:
+def interleaved(
+    fns: list[Callable[[], object]], warmup: int, repeats: int, min_ms: float = 0.0
+) -> list[list[float]]:
     """Time several functions in alternation, so slow drift of the machine (other tenants,
     frequency changes) affects all of them alike and their ratios stay meaningful."""
     out: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + repeats):
         for j, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
+            ms = timed(fn, min_ms)
             if i >= warmup:
-                out[j].append((time.perf_counter() - t0) * 1e3)
+                out[j].append(ms)
     return out
 
 
@@ -134,8 +143,12 @@ def interpolate(x: float, xs: list[float], ys: list[float]) -> float:
     return float(np.interp(x, xs, ys))
 
 
-def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str, CodecSpeed]:
-    """Encode and decode throughput of every codec on a 1 MiB ReLU-like activation tensor."""
+def codec_speeds(
+    repeats: int = 3, size: int = 2**18, seed: int = 0, min_total_ms: float = 0.0
+) -> dict[str, CodecSpeed]:
+    """Encode and decode throughput of every codec on a 1 MiB ReLU-like activation tensor, as a
+    device sustains it when it encodes every request (under a CPU quota, give ``min_total_ms`` a
+    few quota periods: ``timed``)."""
     from splitpoint.core.codecs import all_codecs, decode, encode
 
     rng = np.random.default_rng(seed)
@@ -143,8 +156,8 @@ def codec_speeds(repeats: int = 5, size: int = 2**18, seed: int = 0) -> dict[str
     out = {}
     for c in all_codecs():
         payload = encode(x, c)
-        enc = statistics.median(time_runs(partial(encode, x, c), 1, repeats))
-        dec = statistics.median(time_runs(partial(decode, payload), 1, repeats))
+        enc = statistics.median(time_runs(partial(encode, x, c), 1, repeats, min_total_ms))
+        dec = statistics.median(time_runs(partial(decode, payload), 1, repeats, min_total_ms))
         out[c] = CodecSpeed(
             encode_mb_s=x.nbytes / enc / 1e3, decode_mb_s=x.nbytes / dec / 1e3, ratio=x.nbytes / len(payload)
         )
@@ -164,6 +177,17 @@ def profile_model(
     cuts: list[Cut] = handle.cuts()
     feeds = sample_feeds(handle.model, settings.batch)
     clock = {"build_s": 0.0, "run_ms": 0.0}
+    # under a CPU quota every sample spans three periods: a run shorter than the period's quota
+    # would go at the host's speed after any pause (``timed``); a real device has one speed
+    quota = emulation is not None and bool(emulation.quota_us and emulation.period_us)
+    min_ms = 3 * emulation.period_us / 1e3 if quota and emulation and emulation.period_us else 0.0
+
+    @contextlib.contextmanager
+    def running() -> Iterator[None]:
+        """Count the block's wall time as time spent running the model."""
+        t0 = time.perf_counter()
+        yield
+        clock["run_ms"] += (time.perf_counter() - t0) * 1e3
 
     def build(model: str | Path | bytes) -> ort.InferenceSession:
         t0 = time.perf_counter()
@@ -180,16 +204,16 @@ def profile_model(
     def run_whole() -> list:
         return whole_sess.run(None, feeds)
 
-    samples = time_runs(run_whole, settings.warmup, settings.repeats)
-    clock["run_ms"] += sum(samples) + settings.warmup * statistics.median(samples)
+    with running():
+        samples = time_runs(run_whole, settings.warmup, settings.repeats, min_ms)
 
     # 2: per-node times from onnxruntime's profiler: only their proportions are used
     note("per-node profile", 0, 1)
     t0 = time.perf_counter()
     psess = make_session(handle.path, settings.threads, settings.provider, enable_profiling=True)
     clock["build_s"] += time.perf_counter() - t0
-    prof_samples = time_runs(lambda: psess.run(None, feeds), 1, settings.profile_runs)
-    clock["run_ms"] += sum(prof_samples) + statistics.median(prof_samples)
+    with running():
+        time_runs(lambda: psess.run(None, feeds), 1, settings.profile_runs)
     trace = psess.end_profiling()
     try:
         per_node, unattributed, profiled_runs = node_times(trace, idx, skip_runs=1)
@@ -213,10 +237,10 @@ def profile_model(
     measured: dict[int, dict] = {}
     proc = psutil.Process()
     note("codec throughput", 0, len(planned))
-    codecs = codec_speeds()  # before the segments, so that the budget accounts for it
-    w_prev = time_runs(run_whole, 0, 1)[0]
+    codecs = codec_speeds(min_total_ms=min_ms)  # before the segments, so that the budget counts it
+    with running():
+        w_prev = time_runs(run_whole, 0, 1, min_ms)[0]
     samples.append(w_prev)
-    clock["run_ms"] += w_prev
     whole_ms = statistics.median(samples)
     last_cost = 0.0
     for j, k in enumerate(planned):
@@ -236,17 +260,16 @@ def profile_model(
         rss = max(proc.memory_info().rss, rss0) - rss0
         ts = build(tail)
         t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
-        hs_ms, ts_ms = interleaved(
-            [partial(hs.run, None, head_in), partial(ts.run, None, t_in)],
-            settings.segment_warmup,
-            settings.segment_repeats,
-        )
-        w_next = time_runs(run_whole, 0, 1)[0]
+        with running():
+            hs_ms, ts_ms = interleaved(
+                [partial(hs.run, None, head_in), partial(ts.run, None, t_in)],
+                settings.segment_warmup,
+                settings.segment_repeats,
+                min_ms,
+            )
+            w_next = time_runs(run_whole, 0, 1, min_ms)[0]
         samples.append(w_next)
         h, t = stat(hs_ms), stat(ts_ms)
-        clock["run_ms"] += (
-            sum(hs_ms) + sum(ts_ms) + settings.segment_warmup * (h.median_ms + t.median_ms) + w_next
-        )
         # the split's total relative to the whole model timed just before and after it (the
         # running median joins them so one preempted reference run cannot skew the ratio)
         ratio = (h.median_ms + t.median_ms) / statistics.median([w_prev, w_next, statistics.median(samples)])
@@ -263,7 +286,10 @@ def profile_model(
 
         calib = [sample_feeds(handle.model, 1, 100 + i) for i in range(8)]
         qsess = build(quantize_head(handle.model, calib, "static"))
-        int8_whole = stat(time_runs(lambda: qsess.run(None, feeds), settings.warmup, settings.repeats))
+        with running():
+            int8_whole = stat(
+                time_runs(lambda: qsess.run(None, feeds), settings.warmup, settings.repeats, min_ms)
+            )
     whole = stat(samples)
 
     # Between anchors, interpolate the head's share h / (h + t) along the per-node cost curve;

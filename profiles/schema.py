@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -127,6 +127,12 @@ class MeasuredProfile(_Strict):
     unattributed_ms: float = Field(ge=0)
     cuts: list[CutTiming]
     codecs: dict[str, CodecSpeed] = Field(default_factory=dict)
+    # the runtime's own time per request on this device, by role ("edge": the client that sends,
+    # "server": a server or relay that receives), measured with a plan that computes nothing, under
+    # the same CPU limit; absent: not measured, and the cost model counts none
+    runtime_ms: dict[Literal["edge", "server"], Annotated[float, Field(ge=0, le=1e6)]] = Field(
+        default_factory=dict
+    )
     cost: dict
     thermal: dict
     created: str

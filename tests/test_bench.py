@@ -87,7 +87,11 @@ def test_bench_writes_the_report_and_plots(bench):
     assert "## Models" in md and m["fidelity_inputs"] in md
     per_codec = m["bytes_at_fidelity"]
     assert per_codec["float32"]["fidelity"] >= 0.99 and per_codec["float32"]["bytes"] > 0
-    assert all(b["bytes"] <= per_codec["float32"]["bytes"] for b in per_codec.values())
+    # plain narrowing codecs never send more than float32 where both were measured (per-channel
+    # scales and int4's packing can, on a tensor of a few dozen values)
+    assert all(
+        per_codec[c]["bytes"] <= per_codec["float32"]["bytes"] for c in ("float16", "int8") if c in per_codec
+    )
     assert f"Bytes sent at fidelity ≥ {results['config']['min_fidelity']}" in md
 
 

@@ -49,6 +49,12 @@ def test_every_chosen_plan_is_measured_over_its_devices(chain_bench):
     # both Pi-class devices ran under the same calibrated limit; the server did not
     cpus = [d["cpus"] for d in results["devices"]]
     assert cpus[0] == cpus[1] and 0 < cpus[0] < 1 and cpus[2] is None
+    # the runtime's own time per request, measured per device class, larger under the CPU limit
+    rt = results["runtime_ms"]
+    assert set(rt) == {"slow-board", "gpu-server"} and all(
+        v["edge"] > 0 and v["server"] > 0 for v in rt.values()
+    )
+    assert rt["slow-board"]["edge"] > rt["gpu-server"]["edge"]
     (run,) = results["runs"]
     assert run["networks"] == ["lte", "wifi-n"]
     assert [link["name"] for link in run["links"]] == ["lte", "wifi-n"]
@@ -63,6 +69,9 @@ def test_every_chosen_plan_is_measured_over_its_devices(chain_bench):
         p, m = r["predicted"], r["measured"]
         assert p["derived"] is True
         assert p["devices"] == ["slow-board", "slow-board-2", "gpu-server"][: len(p["cuts"]) + 1]
+        names = ["slow-board", "slow-board", "gpu-server"]
+        own = [rt[names[j]]["edge" if j == 0 else "server"] for j in range(len(p["devices"]))]
+        assert p["runtime_ms"] == pytest.approx(own)  # in every stage the cost model predicted
         assert m["latency_ms_median"] > 0 and m["throughput_ips"] > 0
         # every answer agreed with the unsplit model through every hop's codec
         assert m["top1_agreement"] == 1.0

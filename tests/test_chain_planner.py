@@ -27,7 +27,7 @@ from splitpoint.profiles.schema import load_network
 from .conftest import run_cli
 
 
-def random_costs(m: int, c: int, d: int, seed: int, memory=()) -> ChainCosts:
+def random_costs(m: int, c: int, d: int, seed: int, memory=(), overhead: bool = False) -> ChainCosts:
     r = np.random.default_rng(seed)
     prefix = np.stack(
         [np.concatenate([[0], np.cumsum(r.uniform(0.1, 3, m - 1) * s)]) for s in r.uniform(0.2, 5, d)]
@@ -46,6 +46,7 @@ def random_costs(m: int, c: int, d: int, seed: int, memory=()) -> ChainCosts:
         r.uniform(0, 1e5, m),
         4000.0,
         memory,
+        tuple(r.uniform(0, 5, d)) if overhead else (),
     )
 
 
@@ -61,7 +62,7 @@ def every_plan(costs: ChainCosts):
 @pytest.mark.parametrize("seed", range(12))
 def test_the_front_is_exactly_the_brute_force_front(seed):
     d = 2 + seed % 3  # two to four devices
-    costs = random_costs(7, 2, d, seed)
+    costs = random_costs(7, 2, d, seed, overhead=seed % 2 == 1)  # with a runtime cost per device or not
     pts = {(round(p.latency_ms, 9), round(p.bottleneck_ms, 9)) for p in every_plan(costs)}
     brute = sorted(p for p in pts if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts))
     front = chain_front(costs)

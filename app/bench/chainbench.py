@@ -127,6 +127,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
 
     from .edgecpu import calibrate
     from .run import _inputs_file
+    from .runtimecost import runtime_cost
 
     t0 = time.perf_counter()
     say = progress or (lambda *a, **k: None)
@@ -152,6 +153,12 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
         "runs": [],
     }
     try:
+        runtime = {}  # per device profile: the runtime's own time per request there (measured)
+        for spec in specs:
+            if spec.name not in runtime:
+                say(f"runtime cost on {spec.name}")
+                runtime[spec.name] = runtime_cost(calib[spec.name].limit if spec.name in calib else None)
+        results["runtime_ms"] = runtime
         for model in cfg.models:
             tm = time.perf_counter()
             h = open_model(model, parse_input_shapes(cfg.input_shapes), only_present=True)
@@ -162,9 +169,10 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
                 say(f"{h.name}: profiling on {spec.name}")
                 limit = calib[spec.name].limit if spec.name in calib else None
                 with cpu_limit(limit) as em:
-                    profiles[spec.name] = profile_model(
+                    prof = profile_model(
                         h, ProfileSettings(role=spec.role, threads=1, budget=cfg.profile_budget), em
                     )
+                profiles[spec.name] = prof.model_copy(update={"runtime_ms": runtime[spec.name]})
             by_name = {n: profiles[s.name] for n, s in zip(names, specs, strict=True)}
             samples, truths, measured_on = h.fidelity_samples(cfg.fidelity_samples or (64 if h.task else 8))
             inputs = work / f"{h.name}-inputs.npz"
