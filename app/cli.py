@@ -18,7 +18,16 @@ from rich.markup import escape
 
 from splitpoint.core.errors import SplitPointError
 
-from .console import console, cuts_table, err, fidelity_table, human_bytes, progress, show_plan
+from .console import (
+    console,
+    cuts_table,
+    err,
+    fidelity_table,
+    human_bytes,
+    progress,
+    show_plan,
+    show_plan_set,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -187,6 +196,13 @@ def profile(
     int8: Annotated[
         bool, typer.Option(help="also time the int8 (static QDQ) model, for int8-head plans")
     ] = False,
+    runtime: Annotated[
+        bool,
+        typer.Option(
+            help="also measure the runtime's own time per request here (a real edge client and server, "
+            "under the same CPU limit): plan-chain adds it to this device's stage"
+        ),
+    ] = False,
     input_shape: Shapes = None,
     quiet: Quiet = False,
 ) -> None:
@@ -207,6 +223,11 @@ def profile(
     )
     with progress("profiling", quiet) as note:
         prof, path = run_profile(job, note)
+    if runtime:
+        from .bench.runtimecost import runtime_cost
+
+        prof = prof.model_copy(update={"runtime_ms": runtime_cost(job.cpu_limit)})
+        prof.save(path)
     if not quiet:
         em = f", emulated: {prof.emulation.mechanism} {prof.emulation.cpus:g} CPUs" if prof.emulation else ""
         console.print(
@@ -216,6 +237,11 @@ def profile(
             f"cuts; took {prof.cost['wall_s']:.1f} s = {prof.cost['wall_inference_equivalents']:.0f}x one "
             f"inference (wall clock, session builds included) → {path}"
         )
+        if prof.runtime_ms:
+            console.print(
+                f"runtime's own time per request (measured): {prof.runtime_ms['edge']:.2f} ms as an edge, "
+                f"{prof.runtime_ms['server']:.2f} ms as a server"
+            )
 
 
 @app.command()
@@ -250,9 +276,18 @@ def plan(
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
+    plan_set: Annotated[
+        str | None,
+        typer.Option(
+            "--set",
+            help="write a plan set for run-time switching: adaptive (cut and codec follow the uplink) or "
+            "bits-only (the cut fixed, the codec follows it)",
+        ),
+    ] = None,
 ) -> None:
-    """Choose where to cut and how to compress from measured profiles; write the plan."""
-    from splitpoint.partitioner.job import PlanJob, run_plan
+    """Choose where to cut and how to compress from measured profiles; write the plan (or, with --set,
+    the few plans each fastest over a range of uplink bandwidth)."""
+    from splitpoint.partitioner.job import PlanJob, run_plan, run_plan_set
 
     job = PlanJob.of(
         model=model,
@@ -272,6 +307,16 @@ def plan(
         force=force,
         input_shapes=tuple(input_shape or ()),
     )
+    if plan_set is not None:
+        if plot:
+            raise typer.BadParameter("--plot draws one link's front; it does not go with --set")
+        with progress("planning a set", as_json) as note:
+            rs = run_plan_set(job, plan_set, note)
+        if as_json:
+            _print_json(rs.written.model_dump(mode="json") if rs.written else [m.label for m in rs.members])
+        else:
+            show_plan_set(rs, out)
+        return
     if plot:
         require("matplotlib", "--plot")
     with progress("planning", as_json) as note:
@@ -592,6 +637,7 @@ def deploy(
 ) -> None:
     """Push a plan to servers and edge daemons and wait for each to acknowledge it."""
     from splitpoint.core.curve import keypair_from_secret, read_key
+    from splitpoint.core.planset import PlanSet, is_plan_set
 
     from .orchestrator import deploy as push
 
@@ -610,9 +656,18 @@ def deploy(
         raise typer.BadParameter("name at least one --server, --relay or --edge")
     key = read_key(curve_server_key, "server public key") if curve_server_key else None
     pair = keypair_from_secret(curve_secret) if curve_secret else None
+    dirs = [plan_dir]
+    if is_plan_set(plan_dir):  # a set: every member to every target, each acknowledged
+        if edge:
+            raise SplitPointError(
+                "an edge daemon runs one plan: a plan set is for the adaptive client "
+                "(splitpoint.edge.adaptive.AdaptiveClient); deploy its members to --server and --relay"
+            )
+        dirs = [plan_dir / m.dir for m in PlanSet.load(plan_dir, role="server")[0].members]
     for ep, role in targets:  # each device gets the files of its role only
-        pid = push(plan_dir, ep, timeout, role, key if role != "edge" else None, pair)
-        console.print(f"{ep}: plan {pid[:12]} acknowledged ({role})")
+        for d in dirs:
+            pid = push(d, ep, timeout, role, key if role != "edge" else None, pair)
+            console.print(f"{ep}: plan {pid[:12]} acknowledged ({role})")
 
 
 @app.command()

@@ -195,6 +195,38 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
         console.print(f"plan {r.plan.plan_id[:12]} → {out}")
 
 
+def show_plan_set(r: Any, out: Path | None) -> None:
+    """``splitpoint plan --set``'s answer: each member, its bandwidth range, its predicted latency at
+    both ends of that range (derived) and its measured fidelity."""
+    from splitpoint.partitioner.costmodel import Link, evaluate
+
+    rtt = r.network.rtt_ms
+    down = r.network.downlink_mbps / r.network.uplink_mbps
+    rows = []
+    for k, m in enumerate(r.members):
+        ends = [b for b in (max(m.lo_mbps, 0.1), m.hi_mbps) if b != float("inf")]
+        lat = [evaluate(m.inp, Link("x", b, b * down, rtt)).latency_ms for b in ends]
+        hi = "∞" if m.hi_mbps == float("inf") else f"{m.hi_mbps:.3g}"
+        rows.append(
+            [
+                f"m{k}",
+                m.label,
+                f"{m.lo_mbps:.3g} – {hi}",
+                " – ".join(f"{x:.1f}" for x in lat),
+                fmt(m.inp.fidelity, "{:.3f}"),
+            ]
+        )
+    title = (
+        f"{r.handle.name}: plan set for {r.network.name}'s round trip ({rtt:g} ms); "
+        "latency derived from measured profiles"
+    )
+    console.print(
+        table(title, ["member", "plan", "uplink Mbit/s", "ms at the range's ends", "fidelity"], rows, 2)
+    )
+    if r.written is not None:
+        console.print(f"plan set of {len(r.members)} ({r.written.policy}) → {out}")
+
+
 def fidelity_table(title: str, report: Any) -> Table:
     rows = [
         [
@@ -238,6 +270,7 @@ def watch_table(latest: dict[str, dict]) -> Table:
                 dev,
                 str(st.get("role", me.get("role", "?"))),
                 str(st.get("state", "?")),
+                str(st.get("member", "-")),
                 str(me.get("requests", me.get("ok", "-"))),
                 str(me.get("fallback", st.get("fallback", "-"))),
                 fmt(la.get("total_ms")),
@@ -250,8 +283,8 @@ def watch_table(latest: dict[str, dict]) -> Table:
                 str(me.get("telemetry_dropped", "-")),
             ]
         )
-    cols = ["device", "role", "state", "requests", "fallback", "e2e ms", "head ms", "network ms", "tail ms"]
-    return table(None, [*cols, "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 3)
+    cols = ["device", "role", "state", "plan-set member", "requests", "fallback", "e2e ms", "head ms"]
+    return table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 4)
 
 
 def show_chain(r: Any, out: Path | None) -> None:

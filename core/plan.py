@@ -236,14 +236,7 @@ class Plan(_Strict):
     @classmethod
     def parse(cls, data: bytes | str, where: str = "plan") -> Plan:
         """Parse and check plan.json's bytes: strict types, its id matching its content."""
-        if len(data) > MAX_PLAN_BYTES:
-            raise PlanError(f"{where}: {len(data)} bytes is larger than any plan ({MAX_PLAN_BYTES} at most)")
-        try:
-            raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise PlanError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
-        if not isinstance(raw, dict):
-            raise PlanError(f"{where}: expected a JSON object, found {type(raw).__name__}")
+        raw = json_object(data, where, "plan")
         version = raw.get("format_version")
         if version not in READS_FORMATS or isinstance(version, bool):
             raise PlanError(
@@ -291,6 +284,19 @@ class Plan(_Strict):
                     f"plan {self.plan_id[:12]}: checksum mismatch for {name} "
                     f"(expected {digest[:12]}…, found {actual[:12]}…)"
                 )
+
+
+def json_object(data: bytes | str, where: str, what: str) -> dict:
+    """A plan file's bytes as a JSON object, refused with a clear error before any field is read."""
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"{where}: {len(data)} bytes is larger than any {what} ({MAX_PLAN_BYTES} at most)")
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise PlanError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
+    if not isinstance(raw, dict):
+        raise PlanError(f"{where}: expected a JSON object, found {type(raw).__name__}")
+    return raw
 
 
 def _canonical_id(d: dict) -> str:

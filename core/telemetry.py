@@ -154,6 +154,10 @@ class Telemetry:
             },
         )
 
+    def switch(self, event: dict) -> bool:
+        """An edge moved to another member of its plan set (from, to, the estimate that moved it)."""
+        return self._publish("switch", event, qos=1)
+
     def latency(self, breakdown: dict) -> bool:
         """One request's breakdown (ms, measured); rate-limited, excess counted as dropped."""
         now = time.monotonic()

@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class EdgeClient:
         self.server_up = False
         self._last_heard = 0.0
         self.link = LinkEstimator()  # uplink and round trip, from this client's own requests and pings
+        self.status_extra: Callable[[], dict] | None = None  # what an owner adds to the status (a plan set)
         self.rtt_ms: float | None = None
         self.bandwidth_mbps: float | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
@@ -353,7 +355,7 @@ class EdgeClient:
         return EdgeResult(msg.id, order, outs, fallback=False, breakdown=breakdown)
 
     def _estimate_bandwidth(self, network_ms: float, sent: int) -> None:
-        if self.rtt_ms is None:  # no ping answered yet: the round trip inside network_ms is unknown
+        if self.link.rtt_ms is None:  # no ping answered yet: the round trip inside network_ms is unknown
             return
         self.bandwidth_mbps = self.link.observe(sent, network_ms)
 
@@ -366,6 +368,8 @@ class EdgeClient:
     def _publish_status(self) -> None:
         if self.telemetry:
             status = {"plan": self.plan.plan_id, "server": self.config.server, "fallback": not self.server_up}
+            if self.status_extra is not None:
+                status.update(self.status_extra())
             self.telemetry.status("online", status)
 
     # -- the background thread -----------------------------------------------------------------
@@ -413,8 +417,11 @@ class EdgeClient:
                 next_ping = now + self.config.heartbeat_s
                 pid = next(self._ping_ids)
                 self._pings = {k: t for k, t in self._pings.items() if now - t < self.config.dead_after_s}
-                self._pings[pid] = now
-                self._conn.send(wire.Message(wire.PING, pid).to_frames())
+
+                def stamp(pid: int = pid) -> None:
+                    self._pings[pid] = time.perf_counter()
+
+                self._conn.send(wire.Message(wire.PING, pid).to_frames(), before=stamp)
             self._check_deadlines(now)
             if self.telemetry and now >= next_metrics:
                 next_metrics = now + 2.0

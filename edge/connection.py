@@ -51,11 +51,15 @@ class Connection:
         self._on_message = on_message
         self.closed = False
 
-    def send(self, frames: list) -> bool:
-        """Send now, from this thread; False when no server is connected (nothing is queued then)."""
+    def send(self, frames: list, before: Callable[[], None] | None = None) -> bool:
+        """Send now, from this thread; False when no server is connected (nothing is queued then).
+        ``before`` runs holding the socket, just before the send: a ping's clock starts there, not
+        while another thread holds the socket waiting for its own reply."""
         with self.lock:
             if self.closed:
                 return False
+            if before is not None:
+                before()
             try:
                 self._sock.send_multipart(frames, _NOBLOCK, copy=False)
                 sent = True

@@ -10,7 +10,9 @@ are a change, and the estimate restarts from their median.
 
 from __future__ import annotations
 
+import collections
 import statistics
+import threading
 from dataclasses import dataclass, field
 
 from splitpoint.partitioner.costmodel import wire_bytes
@@ -26,14 +28,33 @@ class LinkEstimator:
     samples: int = 0
     rejected: int = 0
     _held: list[float] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shared by a set's clients
+    _pings: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16), repr=False)
+    _trips: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16), repr=False)
 
     def observe_rtt(self, rtt_ms: float) -> None:
         """A round trip with (almost) no payload: a ping's."""
         if rtt_ms >= 0:
-            self.rtt_ms = rtt_ms if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * rtt_ms
+            with self._lock:
+                self._pings.append(rtt_ms)
+                self._round_trip()
+
+    def _round_trip(self) -> None:
+        """The round trip is the least of the recent pings and requests (as TCP's min-RTT filter):
+        every round trip is the path's plus some waiting (a handshake, a busy thread, payload),
+        never less. Kept apart, so that a run of requests, all with payload, cannot push the pings
+        out of the window."""
+        self.rtt_ms = min([*self._pings, *self._trips]) if self._pings or self._trips else None
 
     def observe(self, sent_bytes: int, network_ms: float) -> float | None:
         """One request's bytes and network time; the updated uplink estimate (None: none yet)."""
+        with self._lock:
+            return self._observe(sent_bytes, network_ms)
+
+    def _observe(self, sent_bytes: int, network_ms: float) -> float | None:
+        if network_ms > 0:
+            self._trips.append(network_ms)  # a round trip with a payload: no shorter than the path's
+            self._round_trip()
         transfer = network_ms - (self.rtt_ms or 0.0)
         if sent_bytes <= 0 or transfer <= 0.05:
             return self.uplink_mbps

@@ -7,6 +7,8 @@ gets the whole model on its side).
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,13 @@ import numpy as np
 from splitpoint.core.errors import PlanError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.extract import extract
-from splitpoint.core.plan import EDGE_ONLY, SPLIT, Plan
+from splitpoint.core.plan import EDGE_ONLY, SPLIT, Plan, write_dir_atomically
 from splitpoint.core.plandir import write_plan
+from splitpoint.core.planset import PLANSET_FILE, PlanSet, SetMember
 from splitpoint.core.quantize import quantize_head
 
-from .costmodel import Candidate
+from .costmodel import Candidate, Link, evaluate
+from .planset import Member
 
 
 def write_candidate(
@@ -59,3 +63,55 @@ def write_candidate(
         front=front,
         force=force,
     )
+
+
+def write_plan_set(
+    handle: ModelHandle,
+    members: list[Member],
+    out: str | Path,
+    *,
+    network: str,
+    rtt_ms: float,
+    uplink_mbps: float | None = None,
+    down_ratio: float = 1.0,
+    policy: str = "adaptive",
+    samples: list[dict[str, np.ndarray]] | None = None,
+    include_full: bool = False,
+    force: bool = False,
+) -> PlanSet:
+    """Write every member as a plan directory (``m0``, ``m1``, ... slowest link first) and
+    ``planset.json``, all or nothing: one rename puts the whole set in place."""
+    result: list[PlanSet] = []
+
+    def write(tmp: Path) -> None:
+        entries = []
+        for k, mem in enumerate(members):
+            mid = (mem.lo_mbps * mem.hi_mbps) ** 0.5 if math.isfinite(mem.hi_mbps) and mem.lo_mbps else None
+            bw = mid or (mem.hi_mbps / 2 if math.isfinite(mem.hi_mbps) else max(mem.lo_mbps * 2, 1.0))
+            cand = evaluate(mem.inp, Link(f"{bw:.3g} Mbit/s", bw, bw * down_ratio, rtt_ms))
+            plan = write_candidate(handle, cand, tmp / f"m{k}", samples=samples, include_full=include_full)
+            entries.append(
+                SetMember(
+                    dir=f"m{k}",
+                    plan_id=plan.plan_id,
+                    label=cand.label,
+                    lo_mbps=mem.lo_mbps,
+                    hi_mbps=mem.hi_mbps if math.isfinite(mem.hi_mbps) else None,
+                    facts=asdict(mem.inp),
+                )
+            )
+        s = PlanSet(
+            model_name=handle.name,
+            model_sha256=handle.sha256,
+            policy=policy,  # type: ignore[arg-type]
+            network=network,
+            uplink_mbps=uplink_mbps,
+            rtt_ms=rtt_ms,
+            down_ratio=down_ratio,
+            members=entries,
+        )
+        (tmp / PLANSET_FILE).write_text(s.to_json())
+        result.append(s)
+
+    write_dir_atomically(out, write, force=force)
+    return result[0]

@@ -16,6 +16,7 @@ from splitpoint.core.errors import SplitPointError
 from splitpoint.core.graph import ModelHandle, open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.plan import Plan
+from splitpoint.core.planset import POLICIES, PlanSet
 from splitpoint.profiles.schema import NetworkProfile, load_measured, load_network
 
 from .chainplan import (
@@ -27,9 +28,11 @@ from .chainplan import (
     plan_dict,
     write_chain,
 )
-from .emit import write_candidate
+from .costmodel import CandidateInput
+from .emit import write_candidate, write_plan_set
 from .pareto import Constraints
-from .planner import Decision, decide, gather
+from .planner import Decision, Measurements, decide, gather, link_of, measure_winners
+from .planset import Member, bits_only_set, plan_set, sweep_links
 
 Objective = Literal["latency", "throughput", "bytes", "edge-memory", "fidelity"]
 
@@ -87,18 +90,25 @@ def fidelity_measure(handle: ModelHandle) -> str:
     return "top-1 agreement with the unsplit model (cosine where no output classifies)"
 
 
-def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) -> PlanOutcome:
-    """Load and check everything first (files, profiles, network), then measure and decide."""
+def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]:
+    """Files, profiles and network checked first, then the measured facts of every candidate."""
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
     network = load_network(job.network)
     edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
     server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
     n = job.random or (64 if handle.task else 8)
     samples, truths, measured_on = handle.fidelity_samples(n, job.inputs)
-    cons = job.constraints()
     m = gather(
         handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads, truths
     )
+    return handle, network, m, measured_on
+
+
+def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) -> PlanOutcome:
+    """Load and check everything first (files, profiles, network), then measure and decide."""
+    handle, network, m, measured_on = _load(job)
+    samples = m.samples
+    cons = job.constraints()
     d = decide(m, [network], cons, note)[0]
     front = [c.to_dict() for c in d.front]
     predicted = {
@@ -115,6 +125,61 @@ def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) 
             handle, d.pick, job.out, samples=samples, predicted=predicted, front=front, force=job.force
         )
     return PlanOutcome(handle, network, d, predicted, samples, plan, cons)
+
+
+@dataclass
+class PlanSetOutcome:
+    handle: ModelHandle
+    network: NetworkProfile
+    members: list[Member]
+    inputs: list[CandidateInput]  # every candidate's measured facts
+    written: PlanSet | None
+
+
+def run_plan_set(
+    job: PlanJob, policy: str = "adaptive", note: Callable[[str, int, int], None] | None = None
+) -> PlanSetOutcome:
+    """``splitpoint plan --set``: the few members each fastest over a range of uplink bandwidth (at the
+    network profile's round trip and down/up ratio), every winner's fidelity measured; with
+    ``bits-only`` the cut stays the one fastest on the profile's link and only the codec varies. The
+    job's memory and bytes limits apply to every member; a latency limit has no meaning over a range."""
+    if policy not in POLICIES:
+        raise SplitPointError(f"--set: unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    handle, network, m, _ = _load(job)
+    link = link_of(network)
+    down = link.downlink_mbps / link.uplink_mbps
+    floor = job.min_fidelity or 0.0
+    inputs = measure_winners(m, sweep_links(0.1, 10_000.0, 61, link.rtt_ms, down), floor, note)
+    mem = job.edge_memory_mib * 2**20 if job.edge_memory_mib else None
+    allowed = [
+        c
+        for c in inputs
+        if (mem is None or c.edge_memory_bytes <= mem)
+        and (job.max_bytes is None or c.up_bytes <= job.max_bytes)
+    ]
+    try:
+        members = (
+            plan_set(allowed, link.rtt_ms, down, floor)
+            if policy == "adaptive"
+            else bits_only_set(allowed, link, floor)
+        )
+    except ValueError as exc:
+        raise SplitPointError(f"no plan set: {exc} within the memory and bytes limits") from exc
+    written = None
+    if job.out:
+        written = write_plan_set(
+            handle,
+            members,
+            job.out,
+            network=network.name,
+            rtt_ms=link.rtt_ms,
+            uplink_mbps=link.uplink_mbps,
+            down_ratio=down,
+            policy=policy,
+            samples=m.samples,
+            force=job.force,
+        )
+    return PlanSetOutcome(handle, network, members, inputs, written)
 
 
 class ChainJob(StrictConfig):

@@ -369,3 +369,25 @@ def best_of_kind(
         if fid is not None and fid >= min_fidelity:
             return evaluate(replace(c.inp, fidelity=fid), decision.link)
     return None
+
+
+def measure_winners(
+    m: Measurements,
+    links: list[Link],
+    min_fidelity: float,
+    note: Callable[[str, int, int], None] | None = None,
+) -> list[CandidateInput]:
+    """Measure fidelity until the fastest candidate on every link is measured and meets
+    ``min_fidelity`` (an unmeasured one counts as meeting it until measured): what a plan set needs."""
+    measure_fidelity(m, set())
+    while True:
+        inputs = candidate_inputs(m)
+        ok = [c for c in inputs if c.fidelity is None or c.fidelity >= min_fidelity]
+        need = set()
+        for link in links:
+            w = min(ok, key=lambda c: evaluate(c, link).latency_ms)
+            if w.fidelity is None:
+                need.add((w.cut, w.head_weights))
+        if not need:
+            return inputs
+        measure_fidelity(m, need, note)

@@ -46,9 +46,7 @@ def plan_set(
     """The fastest feasible candidate at each bandwidth of a sweep, merged into ranges, slowest link
     first. Above ``max_members`` the member with the narrowest range (in log bandwidth) is dropped and
     the sweep repeated over those left, so every bandwidth keeps a member that is best among them."""
-    pool = [c for c in inputs if c.fidelity is not None and c.fidelity >= min_fidelity]
-    if not pool:
-        raise ValueError(f"no measured candidate reaches fidelity {min_fidelity:g}")
+    pool = _at_floor(inputs, min_fidelity)
     links = sweep_links(lo_mbps, hi_mbps, points, rtt_ms, down_ratio)
     while True:
         winners = [min(pool, key=lambda c: evaluate(c, link).latency_ms) for link in links]
@@ -75,6 +73,13 @@ def plan_set(
     return out
 
 
+def _at_floor(inputs: list[CandidateInput], min_fidelity: float) -> list[CandidateInput]:
+    pool = [c for c in inputs if c.fidelity is not None and c.fidelity >= min_fidelity]
+    if not pool:
+        raise ValueError(f"no measured candidate reaches fidelity {min_fidelity:g}")
+    return pool
+
+
 def _edge(a: float, b: float) -> float:
     return math.sqrt(a * b)  # the boundary between two sweep points, in log bandwidth
 
@@ -95,3 +100,13 @@ def choose(
     if current is None or current == best:
         return best
     return best if lat[best] < lat[current] * (1.0 - hysteresis) else current
+
+
+def bits_only_set(inputs: list[CandidateInput], reference: Link, min_fidelity: float = 0.0) -> list[Member]:
+    """QuantPipe's policy as a plan set: the cut (and head precision) stays the one fastest on the
+    ``reference`` link, and only the codec of the cut tensor follows the bandwidth."""
+    pool = _at_floor(inputs, min_fidelity)
+    best = min(pool, key=lambda c: evaluate(c, reference).latency_ms)
+    same = [c for c in pool if (c.kind, c.cut, c.head_weights) == (best.kind, best.cut, best.head_weights)]
+    down_ratio = reference.downlink_mbps / reference.uplink_mbps
+    return plan_set(same, reference.rtt_ms, down_ratio, min_fidelity)

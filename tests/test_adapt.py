@@ -10,7 +10,7 @@ import pytest
 
 from splitpoint.edge.estimator import LinkEstimator
 from splitpoint.partitioner.costmodel import CandidateInput, Link, evaluate, wire_bytes
-from splitpoint.partitioner.planset import choose, plan_set
+from splitpoint.partitioner.planset import bits_only_set, choose, plan_set
 
 
 def cand(kind, cut, codec, head_ms, tail_ms, up, fidelity=1.0):
@@ -95,3 +95,29 @@ def test_estimator_treats_outliers_on_both_sides_as_noise():
         _feed(est, mbps, 1)
     assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
     assert est.rejected == 4
+
+
+def test_the_round_trip_is_the_least_recent_one_and_payload_runs_do_not_erase_the_pings():
+    est = LinkEstimator()
+    est.observe_rtt(40.0)  # the first ping waited for the handshake
+    est.observe_rtt(10.0)
+    est.observe_rtt(25.0)  # one queued behind a request's payload
+    assert est.rtt_ms == 10.0
+    _feed(est, 40.0, 50)  # a busy stretch: requests only, each a round trip plus its payload
+    assert est.rtt_ms == 10.0 and est.uplink_mbps == pytest.approx(40.0, rel=0.01)
+    est.observe(100, 6.0)  # a request faster than any ping: the path is no slower than that
+    assert est.rtt_ms == 6.0
+
+
+def test_bits_only_keeps_the_cut_and_lets_only_the_codec_follow_the_link():
+    mid_f16 = cand("split", 20, "float16", 40.0, 4.0, 40_000)
+    # int4 packs slower: worth it only where the link is slow
+    mid_i4 = CandidateInput("split", 20, "int4", "float32", 40.0, 4.0, 4.0, 2.0, 10_000, 4000, 1 << 20, 0.995)
+    pool = [EDGE, SERVER, MID, LATE, mid_f16, mid_i4]
+    wifi = Link("wifi", 20.0, 20.0, 20.0)
+    best = min(pool, key=lambda c: evaluate(c, wifi).latency_ms)
+    members = bits_only_set(pool, wifi, min_fidelity=0.99)
+    assert {(m.inp.kind, m.inp.cut) for m in members} == {(best.kind, best.cut)}
+    # fewer bytes on the slow links, more where bytes are cheap
+    assert [m.inp.up_bytes for m in members] == sorted(m.inp.up_bytes for m in members)
+    assert len(members) >= 2 and members[0].inp is mid_i4

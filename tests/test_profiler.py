@@ -16,7 +16,7 @@ import pytest
 from splitpoint.core import zoo
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import open_model
-from splitpoint.profiles.cpulimit import cpu_limit
+from splitpoint.profiles.cpulimit import cpu_limit, period_and_quota
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.profiles.schema import load_measured
 
@@ -94,6 +94,21 @@ def test_profile_cli_writes_file_and_refuses_it_for_another_model(model_path, tm
         load_measured(out, model_sha256=other.sha256)
 
 
+def test_the_runtime_cost_is_measured_on_request_and_grows_under_a_cpu_limit(model_path, tmp_path):
+    """`--runtime`: the real edge client and server exchange requests of a plan that computes nothing;
+    under a quarter of a CPU each request takes more of the device's time than on the whole machine."""
+    costs = {}
+    for name, limit in (("free", []), ("limited", ["--cpus", "0.25"])):
+        out = tmp_path / f"{name}.json"
+        r = run_cli("profile", str(model_path), "--runtime", "--budget", "6", *limit, "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "runtime's own time per request (measured)" in r.stdout
+        costs[name] = load_measured(out).runtime_ms
+        assert set(costs[name]) == {"edge", "server"} and min(costs[name].values()) > 0
+    assert costs["limited"]["edge"] > costs["free"]["edge"]
+    assert costs["limited"]["server"] > costs["free"]["server"]
+
+
 def test_ctrl_c_leaves_no_partial_profile(tmp_path):
     out = tmp_path / "p.json"
     zoo.resolve("resnet50")  # build the model before timing the interrupt
@@ -134,8 +149,18 @@ def test_cpu_limit_applies_and_is_undone():
         assert em.mechanism in ("cgroup-v1 cfs quota", "cgroup-v2 cpu.max", "cpu affinity")
         if em.mechanism.startswith("cgroup"):
             assert f"splitpoint-{os.getpid()}" in my_cgroup()
-            assert em.period_us <= 10_000 and em.cpus == pytest.approx(0.5)
+            assert em.period_us == 2_000 and em.cpus == pytest.approx(0.5)
     assert my_cgroup() == before
+
+
+@pytest.mark.parametrize("cpus", [0.01, 0.05, 0.2, 0.3522, 0.37, 0.5, 0.99, 1.0, 1.5])
+def test_the_quota_period_is_as_short_as_the_kernel_allows(cpus):
+    """A short period keeps the emulated device at one speed, idle or busy (see cpulimit's docstring)."""
+    period, quota = period_and_quota(cpus)
+    assert 1_000 <= period <= 100_000 and quota >= 1_000  # the kernel's bounds
+    assert quota / period == pytest.approx(cpus, rel=0.005)
+    if period > 1_000:  # one microsecond shorter would need a quota below the least
+        assert cpus * (period - 1) < 1_000 + 0.5
 
 
 def _valid_profile(model_path, tmp_path):

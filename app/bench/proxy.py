@@ -137,6 +137,18 @@ class LinkProxy:
             _Pipe(client, server, Shaper(self.up, self.seed + 2 * n), self.stats, "up_bytes")
             _Pipe(server, client, Shaper(self.down, self.seed + 2 * n + 1), self.stats, "down_bytes")
 
+    def reshape(self, up: Direction, down: Direction) -> None:
+        """Change the link under live connections (a trace's next phase): every shaper reads its
+        direction's fields at each piece, so data from now on goes at the new rate and delay, while
+        data already scheduled keeps its delivery time (as bytes already in flight would)."""
+        for mine, new in ((self.up, up), (self.down, down)):
+            mine.rate_bps, mine.delay_s, mine.jitter_s, mine.loss = (
+                new.rate_bps,
+                new.delay_s,
+                new.jitter_s,
+                new.loss,
+            )
+
     def stop(self) -> None:
         self._stop.set()
         self.sock.close()
@@ -150,6 +162,27 @@ class LinkProxy:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def direction(mbps: float, delay_ms: float, jitter_ms: float = 0.0, loss: float = 0.0) -> Direction:
+    """One direction from a profile's figures (``mbps`` 0: no rate limit; ``delay_ms`` one way)."""
+    return Direction(mbps * 1e6 if mbps else None, delay_ms / 1e3, jitter_ms / 1e3, loss)
+
+
+def _control(proxy: LinkProxy, done: threading.Event) -> None:
+    """Reshape commands on standard input, one JSON object a line: ``{"up_mbps", "down_mbps",
+    "delay_ms", "jitter_ms", "loss"}``; each is answered ``{"ok": true}`` or ``{"error": ...}``.
+    End of input changes nothing (the proxy runs until signalled)."""
+    for line in sys.stdin:
+        try:
+            c = json.loads(line)
+            d = float(c.get("delay_ms", 0.0)), float(c.get("jitter_ms", 0.0)), float(c.get("loss", 0.0))
+            proxy.reshape(direction(float(c["up_mbps"]), *d), direction(float(c["down_mbps"]), *d))
+            print(json.dumps({"ok": True}), flush=True)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        if done.is_set():
+            return
 
 
 def _hostport(s: str) -> tuple[str, int]:
@@ -168,16 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loss", type=float, default=0.0)
     a = ap.parse_args(argv)
 
-    def mk(mbps: float) -> Direction:
-        return Direction(mbps * 1e6 if mbps else None, a.delay_ms / 1e3, a.jitter_ms / 1e3, a.loss)
-
-    proxy = LinkProxy(_hostport(a.listen), _hostport(a.upstream), mk(a.up_mbps), mk(a.down_mbps)).start()
+    proxy = LinkProxy(
+        _hostport(a.listen),
+        _hostport(a.upstream),
+        direction(a.up_mbps, a.delay_ms, a.jitter_ms, a.loss),
+        direction(a.down_mbps, a.delay_ms, a.jitter_ms, a.loss),
+    ).start()
     print(
         json.dumps({"listen": f"{proxy.address[0]}:{proxy.address[1]}"}), flush=True
     )  # the parent reads the port
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    threading.Thread(target=_control, args=(proxy, done), daemon=True).start()
     done.wait()
     proxy.stop()
     sys.exit(0)

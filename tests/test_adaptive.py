@@ -1,0 +1,215 @@
+"""Run-time adaptation end to end: a plan set planned by the CLI from real profiles, a real server that
+loads every member, an edge client that switches member as a real link proxy changes its rate under
+live connections, every request answered exactly once, and each switch on a real MQTT broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from splitpoint.app.bench.proxy import LinkProxy, direction
+from splitpoint.core.errors import PlanError
+from splitpoint.core.graph import open_model
+from splitpoint.core.plan import EDGE_ONLY
+from splitpoint.core.planset import PLANSET_FILE, PlanSet
+from splitpoint.edge.adaptive import AdaptiveClient
+from splitpoint.edge.config import EdgeConfig
+from splitpoint.profiles.profiler import ProfileSettings, profile_model
+from splitpoint.server.config import ServerConfig
+from splitpoint.server.tail_server import TailServer
+
+from .conftest import random_feeds, run_cli
+
+RTT_MS = 2.0
+
+
+@pytest.fixture(scope="module")
+def plan_set(tmp_path_factory, small_resnet18):
+    """A slow edge (a twentieth of a CPU: ~20 ms for the model) and a server, both measured; a link
+    with a short round trip; the set written by `splitpoint plan --set`."""
+    from splitpoint.profiles.cpulimit import cpu_limit
+
+    d = tmp_path_factory.mktemp("planset")
+    h = open_model(small_resnet18)
+    with cpu_limit(0.05) as em:
+        profile_model(h, ProfileSettings(role="edge", threads=1, budget=6), em).save(d / "edge.json")
+    profile_model(h, ProfileSettings(role="server", threads=1, budget=6)).save(d / "server.json")
+    (d / "link.yaml").write_text(
+        f"name: test-link\nuplink_mbps: 2\ndownlink_mbps: 2\nrtt_ms: {RTT_MS}\njitter_ms: 0\nloss: 0\n"
+    )
+    out = d / "set"
+    r = run_cli(
+        "plan",
+        str(small_resnet18),
+        "--edge-profile",
+        str(d / "edge.json"),
+        "--server-profile",
+        str(d / "server.json"),
+        "--network",
+        str(d / "link.yaml"),
+        "--min-fidelity",
+        "0.99",
+        "--set",
+        "adaptive",
+        "-o",
+        str(out),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "plan set of" in r.stdout
+    return out, h, d
+
+
+@pytest.fixture(scope="module")
+def pair(plan_set):
+    """Two members from the same measurements, the model on the edge and the float32 input to the
+    server (a payload large enough to time on a fast link): their boundary is where they tie."""
+    from splitpoint.partitioner.emit import write_plan_set
+    from splitpoint.partitioner.planner import candidate_inputs, gather, measure_fidelity
+    from splitpoint.partitioner.planset import plan_set as members_of
+    from splitpoint.profiles.schema import load_measured
+
+    _, h, d = plan_set
+    samples, _, _ = h.fidelity_samples(4)
+    m = gather(h, load_measured(d / "edge.json"), load_measured(d / "server.json"), samples, ["float32"])
+    measure_fidelity(m, set())
+    pool = [c for c in candidate_inputs(m) if c.kind in ("edge-only", "server-only")]
+    members = members_of(pool, RTT_MS)
+    assert [x.inp.kind for x in members] == ["edge-only", "server-only"]
+    out = d / "pair"
+    write_plan_set(h, members, out, network="test-link", rtt_ms=RTT_MS)
+    return out, h, members[0].hi_mbps
+
+
+def test_the_set_covers_every_bandwidth_once_and_names_real_plans(plan_set):
+    out, h, _ = plan_set
+    s, plans = PlanSet.load(out, role="server")
+    assert s.model_sha256 == h.sha256 and s.policy == "adaptive"
+    assert 2 <= len(s.members) <= 6, [m.label for m in s.members]
+    assert s.members[0].lo_mbps == 0 and s.members[-1].hi_mbps is None
+    assert [p.plan_id for p in plans] == [m.plan_id for m in s.members]
+    assert all(m.facts["fidelity"] >= 0.99 for m in s.members)  # measured, at the floor
+    # the slowest link's member sends the fewest bytes, the fastest link's the most
+    sent = [m.facts["up_bytes"] for m in s.members]
+    assert sent[0] == min(sent) and sent[-1] == max(sent)
+
+
+def test_a_set_whose_member_was_swapped_is_refused(plan_set, tmp_path):
+    import shutil
+
+    out, _, _ = plan_set
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    raw = json.loads((bad / PLANSET_FILE).read_text())
+    raw["members"][0]["plan_id"], raw["members"][1]["plan_id"] = (
+        raw["members"][1]["plan_id"],
+        raw["members"][0]["plan_id"],
+    )
+    (bad / PLANSET_FILE).write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="member m0 holds plan"):
+        PlanSet.load(bad)
+    raw["members"][1]["lo_mbps"] *= 2  # a gap between ranges
+    (bad / PLANSET_FILE).write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="without gaps"):
+        PlanSet.load(bad)
+
+
+def test_the_edge_switches_as_the_link_changes_and_loses_nothing(pair, mosquitto):
+    from splitpoint.app.orchestrator import FleetSubscriber
+
+    out, h, boundary = pair
+    s, plans = PlanSet.load(out, role="server")
+    fast, slow = 4 * boundary, boundary / 4  # each well inside one member's range
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    port = int(srv.endpoint.rsplit(":", 1)[1])
+    one_way = RTT_MS / 2
+    proxy = LinkProxy(
+        ("127.0.0.1", 0), ("127.0.0.1", port), direction(slow, one_way), direction(slow, one_way)
+    )
+    results, phases = [], []
+    with FleetSubscriber(mosquitto) as fleet, proxy:
+        ep = f"tcp://127.0.0.1:{proxy.address[1]}"
+        cfg = EdgeConfig(
+            plan_dir=out / s.members[0].dir,
+            server=ep,
+            mqtt=mosquitto,
+            device_id="adaptive-edge",
+            fallback=False,
+        )
+        with AdaptiveClient(out, cfg, window=4, start_mbps=slow) as client:
+            start = client.current
+            assert start == 0  # starts where the set says
+            for mbps in (fast, slow):
+                phases.append(len(results))
+                futures = []
+                for i in range(48):
+                    futures.append(client.submit(random_feeds(h.model, 1, seed=i)))
+                    if i % 4 == 3:  # a window at a time, as a camera would
+                        for f in futures[-4:]:
+                            f.result(60)
+                    if i == 0:
+                        proxy.reshape(direction(mbps, one_way), direction(mbps, one_way))
+                results += [f.result(60) for f in futures]
+            switches, final = list(client.switches), client.current
+            end = time.monotonic() + 10  # the broker's copy of the last switch, while still online
+            while time.monotonic() < end:
+                seen = fleet.snapshot().get("adaptive-edge", {})
+                if seen.get("switch", {}).get("request") == switches[-1]["request"] if switches else True:
+                    break
+                time.sleep(0.05)
+    srv.stop()
+    ids = [r.id for r in results]
+    assert len(results) == 96 and all(r.outputs for r in results)
+    assert len(set(zip(ids, [r.breakdown["member"] for r in results], strict=True))) == 96  # each once
+    # up to the fast link: a member that sends more; back down: a member that sends less, within the
+    # phase; the switches came with the estimate that moved them
+    ups = [e for e in switches if e["to"] > e["from"]]
+    downs = [e for e in switches if e["to"] < e["from"]]
+    assert ups and downs, switches
+    assert ups[0]["request"] < phases[1] <= downs[-1]["request"], switches
+    assert ups[0]["uplink_mbps_estimated"] > downs[-1]["uplink_mbps_estimated"]
+    fast_tail = [r.breakdown["member"] for r in results[phases[1] - 8 : phases[1]]]
+    slow_tail = [r.breakdown["member"] for r in results[-8:]]
+    assert min(fast_tail) > start and plans[fast_tail[-1]].kind != EDGE_ONLY
+    # back on the edge, where one request a window still probes the link over the server member
+    assert final == start and slow_tail.count(start) >= 6, slow_tail
+    assert "switch" in seen and seen["switch"]["to"] == switches[-1]["to"]
+    assert seen["status"]["member"].startswith(f"m{switches[-1]['to']} ")
+
+
+def test_a_window_of_zero_is_refused(plan_set):
+    out, _, _ = plan_set
+    s, _ = PlanSet.load(out)
+    cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server="tcp://127.0.0.1:9", fallback=False)
+    with pytest.raises(ValueError, match="window"):
+        AdaptiveClient(out, cfg, window=0)
+
+
+def test_reshaping_a_proxy_changes_its_rate_for_new_data_only():
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    got = bytearray()
+
+    def sink() -> None:
+        conn, _ = srv.accept()
+        while data := conn.recv(65536):
+            got.extend(data)
+
+    t = threading.Thread(target=sink, daemon=True)
+    t.start()
+    with LinkProxy(("127.0.0.1", 0), srv.getsockname()[:2], direction(1, 0), direction(1, 0)) as proxy:
+        c = socket.create_connection(proxy.address[:2])
+        proxy.reshape(direction(80, 0), direction(80, 0))
+        t0 = time.monotonic()
+        c.sendall(b"x" * 500_000)  # 4 s at 1 Mbit/s, 50 ms at 80
+        while len(got) < 500_000 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert len(got) == 500_000 and time.monotonic() - t0 < 2.0
+        c.close()
+    srv.close()
+    assert np.frombuffer(bytes(got), np.uint8).max() == ord("x")
