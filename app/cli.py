@@ -226,7 +226,8 @@ def profile(
     if runtime:
         from .bench.runtimecost import runtime_cost
 
-        prof = prof.model_copy(update={"runtime_ms": runtime_cost(job.cpu_limit)})
+        rt = runtime_cost(job.cpu_limit)
+        prof = prof.model_copy(update={"runtime_ms": rt["ms"], "runtime_ms_per_mib": rt["ms_per_mib"]})
         prof.save(path)
     if not quiet:
         em = f", emulated: {prof.emulation.mechanism} {prof.emulation.cpus:g} CPUs" if prof.emulation else ""
@@ -240,7 +241,9 @@ def profile(
         if prof.runtime_ms:
             console.print(
                 f"runtime's own time per request (measured): {prof.runtime_ms['edge']:.2f} ms as an edge, "
-                f"{prof.runtime_ms['server']:.2f} ms as a server"
+                f"{prof.runtime_ms['server']:.2f} ms as a server, and per MiB of cut tensor "
+                f"{prof.runtime_ms_per_mib['edge']:.2f} ms sent, {prof.runtime_ms_per_mib['server']:.2f} ms "
+                "received"
             )
 
 

@@ -62,6 +62,15 @@ def _speed(p: MeasuredProfile, codec: str, what: str, device: str) -> float:
     return float(getattr(p.codecs[codec], what))
 
 
+def _codec_ms(
+    profiles: dict, devices: list[str], codecs: list[str], f32: np.ndarray, what: str
+) -> np.ndarray:
+    """(devices, positions, codecs): each device's time to encode (or decode) what crosses each
+    position, at the codec speeds measured on it."""
+    speeds = [np.array([_speed(profiles[d], c, what, d) for c in codecs]) for d in devices]
+    return np.stack([f32[:, None] / sp[None, :] / 1e3 for sp in speeds])
+
+
 def gather_chain(
     handle: ModelHandle,
     devices: list[str],
@@ -103,18 +112,12 @@ def gather_chain(
         for j, c in enumerate(codecs):
             nbytes[i, j] = sum(sizes[t][c] for t in names)
     prefix = np.stack([_segment_prefix(profiles[d], n)[positions] for d in devices])
-    enc = np.stack(
-        [
-            f32[:, None] / np.array([_speed(profiles[d], c, "encode_mb_s", d) for c in codecs])[None, :] / 1e3
-            for d in devices
-        ]
-    )
-    dec = np.stack(
-        [
-            f32[:, None] / np.array([_speed(profiles[d], c, "decode_mb_s", d) for c in codecs])[None, :] / 1e3
-            for d in devices
-        ]
-    )
+    # the runtime's own time per MiB of cut tensor, sent and received (measured with the runtime)
+    mib = nbytes / 2**20
+    send = np.array([profiles[d].runtime_ms_per_mib.get("edge", 0.0) for d in devices])[:, None, None] * mib
+    recv = np.array([profiles[d].runtime_ms_per_mib.get("server", 0.0) for d in devices])[:, None, None] * mib
+    enc = _codec_ms(profiles, devices, codecs, f32, "encode_mb_s") + send
+    dec = _codec_ms(profiles, devices, codecs, f32, "decode_mb_s") + recv
     w = weight_bytes_by_prefix(idx)
     weights = np.array([0, *[w[k - 1] for k in positions[1:]]], float)
     reply = sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES

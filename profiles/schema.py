@@ -133,6 +133,10 @@ class MeasuredProfile(_Strict):
     runtime_ms: dict[Literal["edge", "server"], Annotated[float, Field(ge=0, le=1e6)]] = Field(
         default_factory=dict
     )
+    # and its time per MiB of cut tensor sent (as an edge) or received (as a server), measured alike
+    runtime_ms_per_mib: dict[Literal["edge", "server"], Annotated[float, Field(ge=0, le=1e6)]] = Field(
+        default_factory=dict
+    )
     cost: dict
     thermal: dict
     created: str

@@ -103,8 +103,10 @@ def test_the_runtime_cost_is_measured_on_request_and_grows_under_a_cpu_limit(mod
         r = run_cli("profile", str(model_path), "--runtime", "--budget", "6", *limit, "-o", str(out))
         assert r.returncode == 0, r.stderr
         assert "runtime's own time per request (measured)" in r.stdout
-        costs[name] = load_measured(out).runtime_ms
+        prof = load_measured(out)
+        costs[name] = prof.runtime_ms
         assert set(costs[name]) == {"edge", "server"} and min(costs[name].values()) > 0
+        assert set(prof.runtime_ms_per_mib) == {"edge", "server"}
     assert costs["limited"]["edge"] > costs["free"]["edge"]
     assert costs["limited"]["server"] > costs["free"]["server"]
 

@@ -172,7 +172,10 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
                     prof = profile_model(
                         h, ProfileSettings(role=spec.role, threads=1, budget=cfg.profile_budget), em
                     )
-                profiles[spec.name] = prof.model_copy(update={"runtime_ms": runtime[spec.name]})
+                rt = runtime[spec.name]
+                profiles[spec.name] = prof.model_copy(
+                    update={"runtime_ms": rt["ms"], "runtime_ms_per_mib": rt["ms_per_mib"]}
+                )
             by_name = {n: profiles[s.name] for n, s in zip(names, specs, strict=True)}
             samples, truths, measured_on = h.fidelity_samples(cfg.fidelity_samples or (64 if h.task else 8))
             inputs = work / f"{h.name}-inputs.npz"
