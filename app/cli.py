@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -290,7 +290,7 @@ def plan(
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan (or, with --set,
     the few plans each fastest over a range of uplink bandwidth)."""
-    from splitpoint.partitioner.job import PlanJob, run_plan, run_plan_set
+    from splitpoint.partitioner.job import PlanJob, run_plan
 
     job = PlanJob.of(
         model=model,
@@ -313,12 +313,7 @@ def plan(
     if plan_set is not None:
         if plot:
             raise typer.BadParameter("--plot draws one link's front; it does not go with --set")
-        with progress("planning a set", as_json) as note:
-            rs = run_plan_set(job, plan_set, note)
-        if as_json:
-            _print_json(rs.written.model_dump(mode="json") if rs.written else [m.label for m in rs.members])
-        else:
-            show_plan_set(rs, out)
+        _plan_set(job, plan_set, as_json)
         return
     if plot:
         require("matplotlib", "--plot")
@@ -339,6 +334,17 @@ def plan(
         _print_json({"pick": r.predicted, "front": [c.to_dict() for c in r.decision.front]})
     else:
         show_plan(r, objective, out)
+
+
+def _plan_set(job: Any, policy: str, as_json: bool) -> None:
+    from splitpoint.partitioner.job import run_plan_set
+
+    with progress("planning a set", as_json) as note:
+        rs = run_plan_set(job, policy, note)
+    if as_json:
+        _print_json(rs.written.model_dump(mode="json") if rs.written else [m.label for m in rs.members])
+    else:
+        show_plan_set(rs, job.out)
 
 
 @app.command("plan-chain")

@@ -100,15 +100,17 @@ def write_plan_set(
                     facts=asdict(mem.inp),
                 )
             )
-        s = PlanSet(
-            model_name=handle.name,
-            model_sha256=handle.sha256,
-            policy=policy,  # type: ignore[arg-type]
-            network=network,
-            uplink_mbps=uplink_mbps,
-            rtt_ms=rtt_ms,
-            down_ratio=down_ratio,
-            members=entries,
+        s = PlanSet.model_validate(
+            {
+                "model_name": handle.name,
+                "model_sha256": handle.sha256,
+                "policy": policy,
+                "network": network,
+                "uplink_mbps": uplink_mbps,
+                "rtt_ms": rtt_ms,
+                "down_ratio": down_ratio,
+                "members": entries,
+            }
         )
         (tmp / PLANSET_FILE).write_text(s.to_json())
         result.append(s)

@@ -118,6 +118,26 @@ MAX_STAGES_META = 16  # stage timings a relay passes upstream (one per stage aft
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
+def _start_authenticator(ctx: zmq.Context) -> Any:
+    """A ZAP authenticator on ``ctx``. Its handler binds one fixed inproc name per context, and
+    libzmq releases a closed socket's inproc name a moment later (its reaper thread): a server that
+    stops and another that starts at once on the same context would find the name still taken."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    end = time.monotonic() + 2.0
+    while True:
+        auth = ThreadAuthenticator(ctx)
+        try:
+            auth.start()
+            return auth
+        except zmq.ZMQError as exc:
+            with contextlib.suppress(Exception):
+                auth.stop()
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > end:
+                raise
+            time.sleep(0.02)
+
+
 class TailServer:
     def __init__(self, config: ServerConfig, registry: PlanRegistry | None = None):
         self.config = config
@@ -240,12 +260,10 @@ class TailServer:
     def _enable_curve(self, sock: zmq.Socket) -> None:
         """CurveZMQ encryption; with an allow-list only those client keys (and the deploy keys) connect."""
         from zmq.auth import CURVE_ALLOW_ANY
-        from zmq.auth.thread import ThreadAuthenticator
 
         secret = self.config.curve_secret_key
         assert secret is not None
-        self._auth = ThreadAuthenticator(self._ctx)
-        self._auth.start()
+        self._auth = _start_authenticator(self._ctx)
         if self.config.curve_allow:
             allowed = _AllowList([*self.config.curve_allow, *self.config.deploy_allow])
             self._auth.configure_curve_callback(domain="*", credentials_provider=allowed)
