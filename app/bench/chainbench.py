@@ -120,13 +120,11 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.partitioner.chainplan import ChainConstraints, decide_chain, gather_chain
-    from splitpoint.profiles.cpulimit import cpu_limit
     from splitpoint.profiles.facts import device_facts
-    from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_device, load_network
 
     from .edgecpu import calibrate
-    from .run import _inputs_file
+    from .run import _inputs_file, profile_apart
     from .runtimecost import runtime_cost
 
     t0 = time.perf_counter()
@@ -168,10 +166,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
                     continue
                 say(f"{h.name}: profiling on {spec.name}")
                 limit = calib[spec.name].limit if spec.name in calib else None
-                with cpu_limit(limit) as em:
-                    prof = profile_model(
-                        h, ProfileSettings(role=spec.role, threads=1, budget=cfg.profile_budget), em
-                    )
+                prof = profile_apart(h, spec.role, limit, cfg.profile_budget, work)
                 rt = runtime[spec.name]
                 profiles[spec.name] = prof.model_copy(
                     update={"runtime_ms": rt["ms"], "runtime_ms_per_mib": rt["ms_per_mib"]}
