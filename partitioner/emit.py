@@ -86,8 +86,7 @@ def write_plan_set(
     def write(tmp: Path) -> None:
         entries = []
         for k, mem in enumerate(members):
-            mid = (mem.lo_mbps * mem.hi_mbps) ** 0.5 if math.isfinite(mem.hi_mbps) and mem.lo_mbps else None
-            bw = mid or (mem.hi_mbps / 2 if math.isfinite(mem.hi_mbps) else max(mem.lo_mbps * 2, 1.0))
+            bw = mem.inside_mbps
             cand = evaluate(mem.inp, Link(f"{bw:.3g} Mbit/s", bw, bw * down_ratio, rtt_ms))
             plan = write_candidate(handle, cand, tmp / f"m{k}", samples=samples, include_full=include_full)
             entries.append(

@@ -90,6 +90,15 @@ def fidelity_measure(handle: ModelHandle) -> str:
     return "top-1 agreement with the unsplit model (cosine where no output classifies)"
 
 
+def fidelity_facts(handle: ModelHandle, samples: int, measured_on: str) -> dict:
+    """What a plan's fidelity figure was measured on and what it means, as the plan records it."""
+    return {
+        "fidelity_samples": samples,
+        "fidelity_inputs": measured_on,
+        "fidelity_measure": fidelity_measure(handle),
+    }
+
+
 def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]:
     """Files, profiles and network checked first, then the measured facts of every candidate."""
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
@@ -115,9 +124,7 @@ def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) 
         **d.pick.to_dict(),
         "network": network.model_dump(),
         "constraints": cons.__dict__,
-        "fidelity_samples": len(samples),
-        "fidelity_inputs": measured_on,
-        "fidelity_measure": fidelity_measure(handle),
+        **fidelity_facts(handle, len(samples), measured_on),
     }
     plan = None
     if job.out:
@@ -242,9 +249,7 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     predicted = {
         **plan_dict(m, d.pick),
         "constraints": cons.__dict__,
-        "fidelity_samples": len(samples),
-        "fidelity_inputs": measured_on,
-        "fidelity_measure": fidelity_measure(handle),
+        **fidelity_facts(handle, len(samples), measured_on),
     }
     plan = None
     if job.out:

@@ -22,6 +22,15 @@ class Member:
     hi_mbps: float
 
     @property
+    def inside_mbps(self) -> float:
+        """An uplink well inside the range (its middle in log bandwidth where both ends are finite)."""
+        if self.lo_mbps > 0 and math.isfinite(self.hi_mbps):
+            return math.sqrt(self.lo_mbps * self.hi_mbps)
+        if math.isfinite(self.hi_mbps):
+            return self.hi_mbps / 2
+        return max(self.lo_mbps * 2, 1.0)
+
+    @property
     def label(self) -> str:
         return evaluate(self.inp, Link("x", 1.0, 1.0, 0.0)).label
 

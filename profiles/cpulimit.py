@@ -43,6 +43,14 @@ def period_and_quota(cpus: float) -> tuple[int, int]:
     return period, max(MIN_QUOTA_US, int(round(cpus * period)))
 
 
+def sample_span_ms(emulation: Emulation | None) -> float:
+    """How long one timing sample must last under ``emulation``: three quota periods, so that a run
+    shorter than one period's quota cannot go at the host's full speed (0: no quota, any length)."""
+    if emulation is None or not (emulation.quota_us and emulation.period_us):
+        return 0.0
+    return 3 * emulation.period_us / 1e3
+
+
 def _quota_emulation(mechanism: str, period: int, quota: int, group: Path) -> Emulation:
     return Emulation(
         mechanism=mechanism, cpus=quota / period, period_us=period, quota_us=quota, detail=str(group)

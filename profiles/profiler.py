@@ -33,6 +33,7 @@ from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_
 from splitpoint.core.runner import make_session
 from splitpoint.core.samples import sample_feeds
 
+from .cpulimit import sample_span_ms
 from .facts import device_facts, temperature_c, throttled
 from .ort_trace import node_times
 from .schema import CodecSpeed, CutTiming, Emulation, MeasuredProfile, NodeTime, Stat
@@ -177,10 +178,7 @@ def profile_model(
     cuts: list[Cut] = handle.cuts()
     feeds = sample_feeds(handle.model, settings.batch)
     clock = {"build_s": 0.0, "run_ms": 0.0}
-    # under a CPU quota every sample spans three periods: a run shorter than the period's quota
-    # would go at the host's speed after any pause (``timed``); a real device has one speed
-    quota = emulation is not None and bool(emulation.quota_us and emulation.period_us)
-    min_ms = 3 * emulation.period_us / 1e3 if quota and emulation and emulation.period_us else 0.0
+    min_ms = sample_span_ms(emulation)  # a real device has one speed; a quota's bursts must not show
 
     @contextlib.contextmanager
     def running() -> Iterator[None]:

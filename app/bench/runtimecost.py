@@ -81,8 +81,9 @@ def _probe(limit: float | None, n: int, window: int, requests: int) -> dict[str,
             check_started([srv])
             out = work / "edge.json"
             plans = [[str(serve / "null"), window]]
-            # a first run warms the server up (its imports and sessions are not a request's cost)
-            run_edge([], plans, bind, inputs, out, cfg, limit, "the runtime probe")
+            # a few requests first warm the server up (its imports and sessions are not a request's cost)
+            warm = SimpleNamespace(seconds=0.0, min_requests=5, max_requests=5)
+            run_edge([], plans, bind, inputs, out, warm, limit, "the runtime probe")
             proc = psutil.Process(srv.pid)
             before = proc.cpu_times()
             run_edge([], plans, bind, inputs, out, cfg, limit, "the runtime probe")
