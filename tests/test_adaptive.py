@@ -213,3 +213,16 @@ def test_reshaping_a_proxy_changes_its_rate_for_new_data_only():
         c.close()
     srv.close()
     assert np.frombuffer(bytes(got), np.uint8).max() == ord("x")
+
+
+def test_a_bad_policy_or_a_set_sent_to_an_edge_daemon_is_one_clear_line(plan_set):
+    out, h, d = plan_set
+    profiles = ["--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json")]
+    for args, needle in [
+        (["plan", str(h.path), *profiles, "--network", "lte", "--set", "sometimes"], "--set: unknown policy"),
+        (["deploy", str(out), "--edge", "ipc:///tmp/none"], "an edge daemon runs one plan"),
+    ]:
+        r = run_cli(*args, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
