@@ -154,19 +154,17 @@ def main() -> None:
         "",
         "*Overhead* = end-to-end latency − (head + encode + server decode + tail + server reply encode + "
         "reply decode), "
-        "per request, median: the wire, the sockets, the thread hand-offs and the framing. Every term is "
-        "measured.",
+        "per request, median: the wire, the sockets and the framing. Every term is measured.",
         "",
-        "The overhead splits into the *socket round trip* (edge I/O thread sends → server socket thread "
-        "receives, plus "
-        "the server's reply hand-off → edge I/O thread receives: zmq's I/O threads, loopback TCP and two "
-        "Python thread "
-        "wake-ups), the *server queue* (socket thread → worker) and the rest (edge hand-offs: head → I/O "
-        "thread, "
-        "I/O thread → caller).",
+        "The overhead splits into the *network* (the edge's round trip minus the server's own total: the "
+        "socket calls, ZeroMQ's I/O threads and loopback TCP both ways, each side's wake-up from its poll "
+        "and the reading of the message up to the server's clock), the *server queue* (the server's clock "
+        "start to its decode: header validation and admission) and the rest (the edge's own framing, "
+        "reading of the reply and resolution of the request). Each side's socket is used by the thread "
+        "that computes (no hand-off between threads at window 1).",
         "",
         "| plan | requests | latency (ms) | edge stage (ms) | server stage (ms) | **overhead (ms)** | of "
-        "which socket round trip | server queue | rest | bytes up | throughput (/s) | 1/max(stage) (/s) | "
+        "which network | server queue | rest | bytes up | throughput (/s) | 1/max(stage) (/s) | "
         "**ratio** |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -189,15 +187,13 @@ def main() -> None:
         "processes, "
         "each in its main thread, with no header, codec or thread hand-off: "
         + ", ".join(f"{v:.2f} ms for {k:,} bytes" for k, v in floor.items())
-        + f". The socket round trip above exceeds that floor by {excess:.2f} ms (median over the plans): "
-        f"Python threads "
-        "waking, the server's socket thread on receive and again to send a worker's reply and the edge's "
-        "I/O thread "
-        "on the reply. They exist because ZeroMQ sockets are not thread-safe, so each is owned by one "
-        "thread and "
-        "compute runs on others. This VM's speed drifts by ±15 %, and the floor itself moved between 0.1 "
-        "and 0.5 ms "
-        "across runs.",
+        + f". The network term above exceeds that floor by {excess:.2f} ms (median over the plans): "
+        "the reply (the model's outputs), the header, the Python on each side between its poll and its "
+        "clock, and above all the wake-up: each request follows tens of ms of compute during which the "
+        "receiving threads sleep, and a thread woken on an idle CPU of this VM is slow to run (the "
+        "after-idle table of benchmarks/results/transport.md measures it for a bare pyzmq round trip "
+        "too). This VM's speed "
+        "drifts by ±15 %, and the floor itself moved between 0.1 and 0.5 ms across runs.",
     ]
     oh = statistics.median(r["overhead_ms"] for r in rows)
     ratio = statistics.median(r["ratio"] for r in rows)

@@ -72,7 +72,7 @@ class EdgeResult:
 
 @dataclass
 class _Pending:
-    future: Future
+    future: Future | None  # submit()'s; infer() waits on ``done`` without one
     feeds: dict
     t_submit: float
     t_sent: float = 0.0
@@ -81,6 +81,9 @@ class _Pending:
     encode_ms: float = 0.0
     bytes_sent: int = 0
     early: dict = field(default_factory=dict)
+    done: bool = False
+    result: EdgeResult | None = None
+    error: Exception | None = None
 
 
 class EdgeClient:
@@ -137,21 +140,22 @@ class EdgeClient:
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
         """Start one inference; the future yields an EdgeResult or raises EdgeError."""
-        rid, p = self._enqueue(feeds)
+        rid, p = self._enqueue(feeds, Future())
         self._pool.submit(self._start, rid, p)
         os.write(self._wake_w, b"s")  # the background thread starts watching the socket for its reply
+        assert p.future is not None
         return p.future
 
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
         """One inference, blocking, entirely in the calling thread unless others are in flight.
         ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``."""
-        rid, p = self._enqueue(feeds)
+        rid, p = self._enqueue(feeds, None)
         with self._lock:
             self._waiting += 1  # while every request in flight has a caller waiting, the background
         try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
             self._start(rid, p)
             end = time.monotonic() + (timeout if timeout is not None else float("inf"))
-            while not p.future.done():
+            while not p.done:
                 left = end - time.monotonic()
                 if left <= 0:
                     raise FutureTimeout(f"request {rid} not answered within {timeout} s")
@@ -161,7 +165,10 @@ class EdgeClient:
         finally:
             with self._lock:
                 self._waiting -= 1
-        return p.future.result()
+        if p.error is not None:
+            raise p.error
+        assert p.result is not None
+        return p.result
 
     def close(self, drain: bool = True, timeout: float = 10.0) -> None:
         """Stop taking requests; with ``drain``, let those in flight finish first (SIGTERM)."""
@@ -190,14 +197,14 @@ class EdgeClient:
         self.close()
 
     # -- resolution: exactly once --------------------------------------------------------------
-    def _enqueue(self, feeds: dict[str, np.ndarray]) -> tuple[int, _Pending]:
+    def _enqueue(self, feeds: dict[str, np.ndarray], future: Future | None) -> tuple[int, _Pending]:
         if self.fatal is not None:
             raise EdgeError(f"the edge client stopped working: {self.fatal}", "internal")
         if self._closing:
             raise EdgeError("client is shutting down", "closed")
         self._window.acquire()
         rid = next(self._ids)
-        p = _Pending(Future(), feeds, time.perf_counter())
+        p = _Pending(future, feeds, time.perf_counter())
         with self._lock:
             self._pending[rid] = p
         return rid, p
@@ -210,14 +217,18 @@ class EdgeClient:
         self._window.release()
         if error is not None:
             self.counts["errors"] += 1
-            p.future.set_exception(error)
+            p.error, p.done = error, True
+            if p.future is not None:
+                p.future.set_exception(error)
             return
         assert result is not None, "a request finishes with a result or an error"
         self.counts["fallback" if result.fallback else "ok"] += 1
         result.breakdown["total_ms"] = (time.perf_counter() - p.t_submit) * 1e3
         if self.telemetry:
             self.telemetry.latency({"request": rid, "fallback": result.fallback, **result.breakdown})
-        p.future.set_result(result)
+        p.result, p.done = result, True
+        if p.future is not None:
+            p.future.set_result(result)
 
     # -- the request path ----------------------------------------------------------------------
     def _start(self, rid: int, p: _Pending) -> None:

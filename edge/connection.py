@@ -21,17 +21,18 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from splitpoint.core import wire
+
 from .config import EdgeConfig
 
-# plain ints: pyzmq's flag enums cost microseconds per operation on the request path
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+_POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: pyzmq's enums cost microseconds
 UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
 DOWN_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class Connection:
     def __init__(self, ctx: zmq.Context, config: EdgeConfig, on_message: Callable[[list], None]):
-        s = ctx.socket(zmq.DEALER)
+        s = wire.tune(ctx.socket(zmq.DEALER))
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not connected
         s.setsockopt(zmq.RECONNECT_IVL, 100)  # reconnect with backoff: 0.1 s doubling to 2 s
@@ -61,7 +62,7 @@ class Connection:
             if before is not None:
                 before()
             try:
-                self._sock.send_multipart(frames, _NOBLOCK, copy=False)
+                wire.send(self._sock, frames, _NOBLOCK)
                 sent = True
             except zmq.Again:
                 sent = False
@@ -84,11 +85,7 @@ class Connection:
             self.lock.release()
 
     def _drain_locked(self) -> None:
-        while int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
-            try:
-                frames = self._sock.recv_multipart(_NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in wire.drain(self._sock):
             self._on_message(frames)
 
     def monitor_events(self) -> list[int]:

@@ -170,7 +170,7 @@ class TailServer:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TailServer:
         """Bind (in the caller's thread, so a busy port or a bad endpoint fails here, at once) and serve."""
-        router = self._ctx.socket(zmq.ROUTER)
+        router = wire.tune(self._ctx.socket(zmq.ROUTER))
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)  # per frame; parse() caps the total
         router.setsockopt(zmq.RCVHWM, RCVHWM)
@@ -234,7 +234,7 @@ class TailServer:
         """The relay's DEALER to the next stage: no queueing towards a stage that is not connected
         (a request then fails at once, explicitly), ZMTP heartbeats, and a monitor for disconnects."""
         c = self.config
-        s = self._ctx.socket(zmq.DEALER)
+        s = wire.tune(self._ctx.socket(zmq.DEALER))
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -303,7 +303,7 @@ class TailServer:
             events = dict(poller.poll(0 if self._inline else 50 if self._fwd else 100))
             if replies in events:
                 for frames in wire.drain(replies):
-                    router.send_multipart(frames, copy=False)
+                    wire.send(router, frames)
             if nxt is not None and nxt in events:
                 for frames in wire.drain(nxt, limit=4 * RCVHWM):
                     self._on_next(router, frames)
@@ -339,7 +339,7 @@ class TailServer:
                 router.send_multipart([ident, *reply.to_frames()], copy=False)
 
     def _send(self, router: zmq.Socket, ident: Any, msg: wire.Message) -> None:
-        router.send_multipart([ident, *msg.to_frames()], copy=False)
+        wire.send(router, [ident, *msg.to_frames()])
 
     def _handle(self, router: zmq.Socket, ident: Any, body: list) -> None:
         t_recv = time.perf_counter()
@@ -424,7 +424,7 @@ class TailServer:
             log.warning("server stopping: reply dropped")
 
     def _answer(self, router: zmq.Socket, frames: list) -> None:
-        router.send_multipart(frames, copy=False)
+        wire.send(router, frames)
 
     def _work(self, req: _Request) -> list | None:
         """Decode, run the stage, encode: the reply's frames (identity first), or None when the request
@@ -490,10 +490,10 @@ class TailServer:
         # next stage as faster than that stage's own clock says.
         t_sent = time.perf_counter()
         try:
-            self._next.send_multipart(
+            wire.send(
+                self._next,
                 wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames(),
                 _NOBLOCK,
-                copy=False,
             )
         except zmq.Again:
             raise wire.WireError(
@@ -613,7 +613,8 @@ class TailServer:
             )
         feeds = {}
         for name, frame in zip(msg.tensors, msg.frames, strict=True):
-            arr = decode(wire.buffer(frame), self.config.max_message_bytes)
+            # a view of the frame: the session reads it, nothing keeps it past the request
+            arr = decode(wire.buffer(frame), self.config.max_message_bytes, copy=False)
             _check_tensor(name, arr, tail.expect[name])
             feeds[name] = arr
         return feeds

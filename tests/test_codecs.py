@@ -276,3 +276,15 @@ def test_empty_and_large_tensors_round_trip(codec):
         assert y.shape == x.shape and y.dtype == x.dtype
         if x.size:
             assert float(np.abs(y - x).max()) <= error_bound(x, codec), codec
+
+
+def test_decode_without_copy_views_a_float32_body_and_copies_everything_else():
+    """A server feeds the view straight to its session: same values, read-only, sharing the payload."""
+    x = np.random.default_rng(3).standard_normal((2, 3, 5)).astype(np.float32)
+    payload = bytes(encode(x, "float32"))
+    view = decode(payload, copy=False)
+    np.testing.assert_array_equal(view, x)
+    assert np.shares_memory(view, np.frombuffer(payload, np.uint8)) and not view.flags.writeable
+    assert not np.shares_memory(decode(payload), np.frombuffer(payload, np.uint8))
+    lossy = bytes(encode(x, "int8"))
+    np.testing.assert_array_equal(decode(lossy, copy=False), decode(lossy))
