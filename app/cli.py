@@ -773,11 +773,22 @@ def bench(
     max_front: Annotated[int, typer.Option(help="front members measured besides the pick and baselines")] = 4,
     min_fidelity: Annotated[float, typer.Option(help="the pick's constraint")] = 0.99,
     input_shape: Shapes = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            help="a trace of phases (network, seconds): plan sets measured while the link changes live"
+        ),
+    ] = None,
+    rate: Annotated[float, typer.Option(help="with --trace: requests per second, arriving open loop")] = 5.0,
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
     from .bench.report import summary_lines, write_report
     from .bench.run import BenchConfig, run_bench
 
+    if trace is not None:
+        if chain:
+            raise SplitPointError("--trace and --chain do not combine: a trace runs one edge and one server")
+        return _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape)
     if chain:
         return _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape)
     cfg = BenchConfig.of(
@@ -795,6 +806,28 @@ def bench(
     with progress("bench", transient=False) as note:
         results = write_report(run_bench(cfg, note), out)
     console.print("\n".join(summary_lines(results, out)))
+
+
+def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) -> None:
+    """`bench --trace`: plan sets (adaptive, bits-only) and their fixed members on a changing link."""
+    from .bench.trace import TraceBenchConfig, run_trace_bench, trace_command
+    from .bench.tracereport import write_trace_report
+
+    cfg = TraceBenchConfig.of(
+        **({"models": models.split(",")} if models is not None else {}),
+        trace=trace,
+        rate=rate,
+        device=device,
+        min_fidelity=min_fidelity,
+        out=out,
+        input_shapes=tuple(input_shape or ()),
+    )
+    with progress("bench --trace", transient=False) as note:
+        results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
+    for name, m in results["models"].items():
+        for t in m["targets"]:
+            console.print(f"{name}: {t['target']}: {t['shown']} ({'met' if t['met'] else 'MISSED'})")
+    console.print(f"report: {out / 'report.md'}")
 
 
 def _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape) -> None:

@@ -9,7 +9,9 @@ the current one is kept unless another is predicted faster by more than ``hyster
 on a boundary). A request runs to the end on the member it started on, so a switch loses nothing.
 
 While the current member sends nothing (all on the edge), requests say nothing about the link: one
-request in each window then goes over the member that sends least, as a probe that is also answered.
+request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
+a probe that is also answered. The estimate needs three samples in a row to believe a change, so probing
+more often finds a better link sooner, at the price of more requests over a link that may be slow.
 """
 
 from __future__ import annotations
@@ -41,11 +43,16 @@ class AdaptiveClient:
         hysteresis: float = 0.15,
         telemetry: Telemetry | None = None,
         start_mbps: float | None = None,
+        probe_every: int | None = None,
     ):
         """``config`` is every member's client configuration (its ``plan_dir`` is replaced by each
-        member's); ``start_mbps``: the uplink to start from (default: the set's network profile)."""
+        member's); ``start_mbps``: the uplink to start from (default: the set's network profile);
+        ``probe_every``: requests per probe while on the edge (default: ``window``)."""
         if window < 1:
             raise ValueError("window must be at least 1 request")
+        if probe_every is not None and probe_every < 1:
+            raise ValueError("probe_every must be at least 1 request")
+        self.probe_every = probe_every or window
         self.set, plans = PlanSet.load(set_dir, role="edge")
         self.plans = plans
         self.inputs = [CandidateInput(**m.facts) for m in self.set.members]
@@ -114,7 +121,7 @@ class AdaptiveClient:
             if self.requests and self.requests % self.window == 0:
                 self._decide()
             k = self.current
-            probing = not self.sends[k] and self._probe is not None and self.requests % self.window == 0
+            probing = not self.sends[k] and self._probe is not None and self.requests % self.probe_every == 0
             self.requests += 1
             return self._probe if probing and self._probe is not None else k
 

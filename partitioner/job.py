@@ -28,7 +28,7 @@ from .chainplan import (
     plan_dict,
     write_chain,
 )
-from .costmodel import CandidateInput
+from .costmodel import CandidateInput, Link
 from .emit import write_candidate, write_plan_set
 from .pareto import Constraints
 from .planner import Decision, Measurements, decide, gather, link_of, measure_winners
@@ -154,24 +154,9 @@ def run_plan_set(
         raise SplitPointError(f"--set: unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     handle, network, m, _ = _load(job)
     link = link_of(network)
+    mem = int(job.edge_memory_mib * 2**20) if job.edge_memory_mib else None
+    members, inputs = set_members(m, link, policy, job.min_fidelity or 0.0, mem, job.max_bytes, note)
     down = link.downlink_mbps / link.uplink_mbps
-    floor = job.min_fidelity or 0.0
-    inputs = measure_winners(m, sweep_links(0.1, 10_000.0, 61, link.rtt_ms, down), floor, note)
-    mem = job.edge_memory_mib * 2**20 if job.edge_memory_mib else None
-    allowed = [
-        c
-        for c in inputs
-        if (mem is None or c.edge_memory_bytes <= mem)
-        and (job.max_bytes is None or c.up_bytes <= job.max_bytes)
-    ]
-    try:
-        members = (
-            plan_set(allowed, link.rtt_ms, down, floor)
-            if policy == "adaptive"
-            else bits_only_set(allowed, link, floor)
-        )
-    except ValueError as exc:
-        raise SplitPointError(f"no plan set: {exc} within the memory and bytes limits") from exc
     written = None
     if job.out:
         written = write_plan_set(
@@ -187,6 +172,36 @@ def run_plan_set(
             force=job.force,
         )
     return PlanSetOutcome(handle, network, members, inputs, written)
+
+
+def set_members(
+    m: Measurements,
+    link: Link,
+    policy: str,
+    min_fidelity: float,
+    edge_memory_bytes: int | None = None,
+    max_bytes: int | None = None,
+    note: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[Member], list[CandidateInput]]:
+    """A plan set's members from measured facts (``link``: the round trip and down/up ratio the
+    bandwidth sweep keeps), and every candidate's facts; the memory and bytes limits apply to each."""
+    down = link.downlink_mbps / link.uplink_mbps
+    inputs = measure_winners(m, sweep_links(0.1, 10_000.0, 61, link.rtt_ms, down), min_fidelity, note)
+    allowed = [
+        c
+        for c in inputs
+        if (edge_memory_bytes is None or c.edge_memory_bytes <= edge_memory_bytes)
+        and (max_bytes is None or c.up_bytes <= max_bytes)
+    ]
+    try:
+        members = (
+            plan_set(allowed, link.rtt_ms, down, min_fidelity)
+            if policy == "adaptive"
+            else bits_only_set(allowed, link, min_fidelity)
+        )
+    except ValueError as exc:
+        raise SplitPointError(f"no plan set: {exc} within the memory and bytes limits") from exc
+    return members, inputs
 
 
 class ChainJob(StrictConfig):

@@ -14,6 +14,7 @@ from typing import Annotated, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from splitpoint.core.config import explain_fields
 from splitpoint.core.errors import ProfileError
 
 PROFILE_FORMAT: Final = 1
@@ -184,12 +185,7 @@ class MeasuredProfile(_Strict):
 
 
 def _explain(exc: ValidationError, where: str) -> ProfileError:
-    parts = []
-    for e in exc.errors()[:5]:
-        field = ".".join(str(x) for x in e["loc"]) or "(root)"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        parts.append(f"field '{field}': {e['msg']}{got}")
-    return ProfileError(f"{where}: " + "; ".join(parts))
+    return ProfileError(f"{where}: {explain_fields(exc)}")
 
 
 def _read(path: Path, parse) -> dict:

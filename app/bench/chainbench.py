@@ -123,7 +123,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     from splitpoint.profiles.facts import device_facts
     from splitpoint.profiles.schema import load_device, load_network
 
-    from .edgecpu import calibrate
+    from .edgecpu import calibrate_apart
     from .run import _inputs_file, profile_apart
     from .runtimecost import runtime_cost
 
@@ -135,7 +135,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     calib: dict[str, Any] = {}
     for spec in specs:
         if spec.role == "edge" and spec.name not in calib:
-            calib[spec.name] = calibrate(spec)
+            calib[spec.name] = calibrate_apart(spec)
     limits = [calib[s.name].limit if s.name in calib else None for s in specs]
     work = Path(tempfile.mkdtemp(prefix="splitpoint-chain-bench-"))
     results: dict[str, Any] = {

@@ -144,6 +144,7 @@ class EmulatedChain:
         args += ["--jitter-ms", str(link.jitter_ms), "--loss", str(link.loss)]
         proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "splitpoint.app.bench.proxy", *args],
+            stdin=subprocess.PIPE,  # reshape commands (``reshape``); never this process's own input
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -155,6 +156,28 @@ class EmulatedChain:
         if not line:
             raise SplitPointError(f"link proxy did not start: {proc.stderr.read().strip()}")
         return json.loads(line)["listen"]
+
+    def reshape(self, h: int, link: Link) -> None:
+        """Hop ``h`` becomes ``link`` now, under live connections (a trace's next phase). The proxy
+        mechanism only: there the proxy holds both rate and delay."""
+        if self._ns is not None:
+            raise SplitPointError("live reshaping needs the proxy mechanism (--link proxy)")
+        if not 0 <= h < len(self._proxies):
+            raise SplitPointError(f"no emulated hop {h}")
+        proc = self._proxies[h]
+        assert proc.stdin is not None and proc.stdout is not None  # both PIPE
+        cmd = {
+            "up_mbps": link.uplink_mbps,
+            "down_mbps": link.downlink_mbps,
+            "delay_ms": link.rtt_ms / 2,
+            "jitter_ms": link.jitter_ms,
+            "loss": link.loss,
+        }
+        proc.stdin.write(json.dumps(cmd) + "\n")
+        proc.stdin.flush()
+        answer = json.loads(proc.stdout.readline() or '{"error": "the link proxy has exited"}')
+        if "error" in answer:
+            raise SplitPointError(f"link proxy refused to reshape: {answer['error']}")
 
     def __exit__(self, *exc) -> None:
         for proc in self._proxies:

@@ -169,6 +169,22 @@ def direction(mbps: float, delay_ms: float, jitter_ms: float = 0.0, loss: float 
     return Direction(mbps * 1e6 if mbps else None, delay_ms / 1e3, jitter_ms / 1e3, loss)
 
 
+def _control(proxy: LinkProxy, done: threading.Event) -> None:
+    """Reshape commands on standard input, one JSON object a line: ``{"up_mbps", "down_mbps",
+    "delay_ms", "jitter_ms", "loss"}``; each is answered ``{"ok": true}`` or ``{"error": ...}``.
+    End of input changes nothing (the proxy runs until signalled)."""
+    for line in sys.stdin:
+        try:
+            c = json.loads(line)
+            d = float(c.get("delay_ms", 0.0)), float(c.get("jitter_ms", 0.0)), float(c.get("loss", 0.0))
+            proxy.reshape(direction(float(c["up_mbps"]), *d), direction(float(c["down_mbps"]), *d))
+            print(json.dumps({"ok": True}), flush=True)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        if done.is_set():
+            return
+
+
 def _hostport(s: str) -> tuple[str, int]:
     host, _, port = s.rpartition(":")
     return host or "127.0.0.1", int(port)
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    threading.Thread(target=_control, args=(proxy, done), daemon=True).start()
     done.wait()
     proxy.stop()
     sys.exit(0)

@@ -300,7 +300,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     from splitpoint.profiles.facts import device_facts
     from splitpoint.profiles.schema import load_device, load_network
 
-    from .edgecpu import calibrate
+    from .edgecpu import calibrate_apart
     from .emulate import MECHANISMS
 
     t0 = time.perf_counter()
@@ -318,7 +318,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if cfg.link not in MECHANISMS:
         raise SplitPointError(f"--link: unknown mechanism {cfg.link!r}; choose from {', '.join(MECHANISMS)}")
     say("calibrating the edge CPU", total=len(cfg.models) * len(nets))
-    calib = calibrate(device)
+    calib = calibrate_apart(device)
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-"))
     results: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),

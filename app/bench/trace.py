@@ -1,0 +1,424 @@
+"""`splitpoint bench --trace TRACE.yaml`: plan sets against a link that changes while requests arrive.
+
+A trace is a list of phases (``network: lte``, ``seconds: 20``), optionally repeated or cycled up to a
+total. Per model: the edge CPU calibrated to the device, both sides profiled, two plan sets built from
+the same measurements (``adaptive``: cut and codec per bandwidth range; ``bits-only``: the cut fixed and
+only the codec varied, as QuantPipe does), then, over one emulated link (the userspace link proxy: it
+holds rate and delay both, so it can change them under live connections):
+
+- every member of the adaptive set, fixed, on each network of the trace (the best fixed member of each
+  phase is the yardstick);
+- the adaptive set over the whole trace, the link reshaped live at each phase boundary;
+- the bits-only set over the same trace.
+
+Requests arrive at a fixed rate (open loop), from an edge process under the device's CPU limit
+(``tracerun``). Every figure is measured; which member the planner expects per network is predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from splitpoint.app.process import check_started, start_server, stop
+from splitpoint.core.config import StrictConfig, explain_fields
+from splitpoint.core.errors import SplitPointError
+
+from .run import BENCH_CODECS, default_models, nonempty_names
+
+
+class Phase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    network: str
+    seconds: float = Field(gt=0, le=86_400)
+
+
+class Trace(BaseModel):
+    """Phases in order; ``repeat`` plays the list that many times, ``total_seconds`` cycles it up to that
+    time (the last phase cut short)."""
+
+    model_config = ConfigDict(extra="forbid")
+    phases: list[Phase] = Field(min_length=1, max_length=10_000)
+    repeat: int = Field(1, ge=1, le=10_000)
+    total_seconds: float | None = Field(None, gt=0, le=86_400)
+
+    @field_validator("phases")
+    @classmethod
+    def _networks_load(cls, v: list[Phase]) -> list[Phase]:
+        from splitpoint.profiles.schema import load_network
+
+        for p in v:
+            load_network(p.network)
+        return v
+
+    def played(self) -> list[Phase]:
+        """The phases as they are played, in order."""
+        out: list[Phase] = []
+        if self.total_seconds is None:
+            return [p for _ in range(self.repeat) for p in self.phases]
+        t, k = 0.0, 0
+        while t < self.total_seconds - 1e-9:
+            p = self.phases[k % len(self.phases)]
+            s = min(p.seconds, self.total_seconds - t)
+            out.append(Phase(network=p.network, seconds=s))
+            t, k = t + s, k + 1
+        return out
+
+
+def load_trace(path: str | Path) -> Trace:
+    """A trace file, checked whole (every network profile loads) before anything runs."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise SplitPointError(f"cannot read trace {p}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise SplitPointError(f"trace {p} is not YAML: {str(exc)[:300]}") from exc
+    if isinstance(raw, list):
+        raw = {"phases": raw}
+    if not isinstance(raw, dict):
+        raise SplitPointError(f"trace {p}: expected a list of phases or a mapping with 'phases'")
+    try:
+        return Trace(**raw)
+    except ValidationError as exc:
+        raise SplitPointError(f"trace {p}: {explain_fields(exc)}") from None
+    except SplitPointError as exc:
+        raise SplitPointError(f"trace {p}: {exc}") from None
+
+
+class TraceBenchConfig(StrictConfig):
+    label: ClassVar[str] = "bench --trace"
+    trace: Path
+    models: tuple[str, ...] = Field(default_factory=lambda: tuple(default_models())[:2])
+    device: str = "rpi4"
+    rate: float = Field(5.0, gt=0, le=200)  # requests per second
+    adapt_window: int = Field(
+        10, ge=1, le=1000
+    )  # requests between the adaptive client's decisions (QuantPipe's 10)
+    probe_every: int = Field(3, ge=1, le=1000)  # while on the edge: one request in this many probes the link
+    fixed_seconds: float = Field(10.0, gt=0)  # each fixed member on each network of the trace
+    min_fidelity: float = Field(0.99, ge=0, le=1)
+    profile_budget: float = Field(12.0, gt=0)
+    out: Path = Path("bench-results")
+    input_shapes: tuple[str, ...] = ()
+
+    _nonempty = field_validator("models")(nonempty_names)
+
+    @field_validator("trace")
+    @classmethod
+    def _trace_loads(cls, v: Path) -> Path:
+        load_trace(v)
+        return v
+
+
+def trace_command(cfg: TraceBenchConfig) -> str:
+    parts = ["splitpoint bench", f"--trace {cfg.trace}", f"--rate {cfg.rate:g}"]
+    parts += [f"--models {','.join(cfg.models)}", f"--device {cfg.device}"]
+    parts += [f"--input-shape {s}" for s in cfg.input_shapes]
+    return " ".join([*parts, f"-o {cfg.out}"])
+
+
+def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
+    from splitpoint.core.graph import open_model
+    from splitpoint.core.graph.shapes import parse_input_shapes
+    from splitpoint.partitioner.emit import write_plan_set
+    from splitpoint.partitioner.job import set_members
+    from splitpoint.partitioner.planner import gather, link_of
+    from splitpoint.profiles.facts import device_facts
+    from splitpoint.profiles.schema import load_device, load_network
+
+    from .edgecpu import calibrate_apart
+    from .run import _inputs_file, profile_apart
+
+    t0 = time.perf_counter()
+    say = progress or (lambda *a, **k: None)
+    trace = load_trace(cfg.trace)
+    phases = trace.played()
+    nets = {p.network: load_network(p.network) for p in phases}
+    say("calibrating the edge CPU", total=len(cfg.models))
+    calib = calibrate_apart(load_device(cfg.device))
+    work = Path(tempfile.mkdtemp(prefix="splitpoint-trace-bench-"))
+    results: dict[str, Any] = {
+        "kind": "trace",
+        "config": cfg.model_dump(mode="json"),
+        "trace": [p.model_dump() for p in phases],
+        "machine": device_facts(),
+        "edge_calibration": calib.to_dict(),
+        "models": {},
+    }
+    try:
+        for name in cfg.models:
+            h = open_model(name, parse_input_shapes(cfg.input_shapes), only_present=True)
+            say(f"{h.name}: profiling edge ({calib.cpus:g} CPU) and server")
+            edge = profile_apart(h, "edge", calib.limit, cfg.profile_budget, work)
+            server = profile_apart(h, "server", None, cfg.profile_budget, work)
+            say(f"{h.name}: plan sets")
+            samples, truths, measured_on = h.fidelity_samples(64 if h.task else 8)
+            m = gather(h, edge, server, samples, codecs=list(BENCH_CODECS), truths=truths)
+            first = link_of(nets[phases[0].network])
+            sets = {}
+            for policy in ("adaptive", "bits-only"):
+                members, _ = set_members(m, first, policy, cfg.min_fidelity)
+                d = work / h.name / policy
+                write_plan_set(
+                    h,
+                    members,
+                    d,
+                    network=first.name,
+                    rtt_ms=first.rtt_ms,
+                    uplink_mbps=first.uplink_mbps,
+                    down_ratio=first.downlink_mbps / first.uplink_mbps,
+                    policy=policy,
+                    samples=m.samples,
+                )
+                sets[policy] = d
+            inputs = work / f"{h.name}-inputs.npz"
+            _inputs_file(h, 4, inputs)
+            res = _run_model(cfg, phases, nets, sets, inputs, calib.limit, work, say, h.name)
+            res.update({"weights": h.weights, "fidelity_inputs": measured_on})
+            results["models"][h.name] = res
+            say(None, advance=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
+    from splitpoint.core.planset import PlanSet
+    from splitpoint.partitioner.planner import link_of
+
+    from .emulate import EmulatedChain
+
+    adaptive, _ = PlanSet.load(sets["adaptive"])
+    bits, _ = PlanSet.load(sets["bits-only"])
+    order = list(dict.fromkeys(p.network for p in phases))
+    first = link_of(nets[phases[0].network])
+    total = sum(p.seconds for p in phases)
+    out: dict[str, Any] = {
+        "members": [_member(m) for m in adaptive.members],
+        "bits_only_members": [_member(m) for m in bits.members],
+        "expected": {n: adaptive.index_for(nets[n].uplink_mbps) for n in order},
+        "fixed": {n: {} for n in order},
+    }
+    emu = EmulatedChain([first], "proxy")
+    with emu as hops:
+        em = hops.hop(0)
+        timeline = (emu, phases, {n: link_of(v) for n, v in nets.items()})
+        for policy, set_dir in (("adaptive", sets["adaptive"]), ("bits-only", sets["bits-only"])):
+            srv = start_server(em.server_bind, set_dir, prefix=em.server_prefix)
+            try:
+                check_started([srv])
+                if policy == "adaptive":
+                    for net in order:
+                        emu.reshape(0, link_of(nets[net]))
+                        for mem in adaptive.members:
+                            say(f"{name}: {mem.label} fixed on {net}")
+                            r = _edge_run(
+                                cfg,
+                                em,
+                                "fixed",
+                                set_dir / mem.dir,
+                                inputs,
+                                cfg.fixed_seconds,
+                                None,
+                                limit,
+                                work,
+                            )
+                            out["fixed"][net][mem.label] = _summary(r)
+                emu.reshape(0, first)
+                say(f"{name}: {policy} over the trace ({total:g} s)")
+                run = _edge_run(
+                    cfg, em, "adaptive", set_dir, inputs, total, first.uplink_mbps, limit, work, timeline
+                )
+                out["adaptive" if policy == "adaptive" else "bits_only"] = run
+            finally:
+                stop(srv)
+    for key in ("adaptive", "bits_only"):
+        out[key]["phases"] = _phases(out[key], phases, cfg.rate)
+    _judge(out, phases, cfg)
+    return out
+
+
+def _member(m) -> dict:
+    return {"label": m.label, "lo_mbps": m.lo_mbps, "hi_mbps": m.hi_mbps, "plan_id": m.plan_id}
+
+
+def _edge_run(cfg, em, mode, d, inputs, seconds, start_mbps, limit, work, timeline=None) -> dict:
+    """``tracerun`` under the edge's CPU limit; with ``timeline`` (the emulated chain, the phases, their
+    links), the link is reshaped at each phase boundary on the clock the edge started on."""
+    from splitpoint.profiles.cpulimit import cpu_limit
+
+    outf = work / f"trace-{time.monotonic_ns()}.json"
+    args = ["--mode", mode, "--dir", str(d), "--server", em.edge_connect, "--inputs", str(inputs)]
+    args += ["--rate", str(cfg.rate), "--seconds", str(seconds), "--adapt-window", str(cfg.adapt_window)]
+    args += ["--probe-every", str(cfg.probe_every)]
+    args += ["--out", str(outf), *(["--start-mbps", str(start_mbps)] if start_mbps else [])]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [*em.edge_prefix, sys.executable, "-m", "splitpoint.app.bench.tracerun", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None  # both PIPE
+        reshaped: list[dict] = []
+        with cpu_limit(limit, pid=proc.pid):
+            if proc.stdout.readline().strip() != "ready":
+                proc.wait()
+                err.seek(0)
+                raise SplitPointError(f"trace edge run failed to start: {err.read().strip()[-800:]}")
+            start = time.time() + 0.5
+            proc.stdin.write(f"{start!r}\n")
+            proc.stdin.flush()
+            if timeline is not None:
+                emu, phases, links = timeline
+                at = 0.0
+                for p_prev, p in zip(phases, phases[1:], strict=False):
+                    at += p_prev.seconds
+                    time.sleep(max(0.0, start + at - time.time()))
+                    if p.network != p_prev.network:
+                        emu.reshape(0, links[p.network])
+                    reshaped.append({"t": time.time() - start, "network": p.network})
+            proc.wait()
+        if proc.returncode:
+            err.seek(0)
+            raise SplitPointError(f"trace edge run failed: {err.read().strip()[-800:]}")
+    res = json.loads(outf.read_text())
+    res["reshaped"] = reshaped
+    return res
+
+
+def _summary(run: dict) -> dict:
+    ok = [r["ms"] for r in run["rows"] if r["error"] is None]
+    return {
+        "requests": run["requests"],
+        "median_ms": statistics.median(ok) if ok else None,
+        "failed": run["failed"],
+        "lost": run["lost"],
+    }
+
+
+def _bounds(phases: list[Phase]) -> list[float]:
+    out, t = [], 0.0
+    for p in phases:
+        out.append(t)
+        t += p.seconds
+    return [*out, t]
+
+
+def _phases(run: dict, phases: list[Phase], rate: float) -> list[dict]:
+    b = _bounds(phases)
+    rows = []
+    for j, p in enumerate(phases):
+        lo, hi = b[j], b[j + 1]
+        mine = [r for r in run["rows"] if lo <= r["t"] < hi]
+        ok = [r["ms"] for r in mine if r["error"] is None]
+        used: dict[str, int] = {}
+        for r in mine:
+            if r["member"] is not None:
+                used[str(r["member"])] = used.get(str(r["member"]), 0) + 1
+        rows.append(
+            {
+                "network": p.network,
+                "seconds": p.seconds,
+                "start_s": lo,
+                "requests": len(mine),
+                "failed": sum(r["error"] is not None for r in mine),
+                "median_ms": statistics.median(ok) if ok else None,
+                "switches": sum(lo <= s["t"] < hi for s in run["switches"]),
+                "members_used": used,
+                "first_request": math.ceil(lo * rate - 1e-9),
+            }
+        )
+    return rows
+
+
+def _judge(out: dict, phases: list[Phase], cfg: TraceBenchConfig) -> None:
+    """Each phase beside its best fixed member and the bits-only run; the done-when verdicts."""
+    a, bo = out["adaptive"], out["bits_only"]
+    labels = [m["label"] for m in out["members"]]
+    changes = []
+    for j, row in enumerate(a["phases"]):
+        fixed = {k: v["median_ms"] for k, v in out["fixed"][row["network"]].items() if v["median_ms"]}
+        best = min(fixed, key=fixed.__getitem__) if fixed else None
+        row["best_fixed_member"] = best
+        row["best_fixed_median_ms"] = fixed.get(best) if best else None
+        row["bits_only_median_ms"] = bo["phases"][j]["median_ms"]
+        row["within_10pct"] = (
+            row["median_ms"] is not None
+            and row["best_fixed_median_ms"] is not None
+            and row["median_ms"] <= 1.1 * row["best_fixed_median_ms"]
+        )
+        if j == 0:
+            continue
+        prev = out["expected"][phases[j - 1].network]
+        want = out["expected"][row["network"]]
+        if want == prev:
+            continue
+        after = [s for s in a["switches"] if s["t"] >= row["start_s"]]
+        first = after[0] if after else None
+        delay = None if first is None else first["request"] - row["first_request"]
+        changes.append(
+            {
+                "phase": j,
+                "from": labels[prev],
+                "to": labels[want],
+                "switch_after_requests": delay,
+                "within_2_windows": delay is not None and delay <= 2 * cfg.adapt_window,
+            }
+        )
+    a["changes"] = changes
+    ok_a = [r["ms"] for r in a["rows"] if r["error"] is None]
+    ok_b = [r["ms"] for r in bo["rows"] if r["error"] is None]
+    a["median_ms"] = statistics.median(ok_a) if ok_a else None
+    bo["median_ms"] = statistics.median(ok_b) if ok_b else None
+    n_phase = len(a["phases"])
+    out["targets"] = [
+        _t(
+            "0 lost and 0 duplicate requests",
+            f"{a['lost']} lost, {a['duplicates']} duplicates",
+            a["lost"] == 0 and a["duplicates"] == 0,
+        ),
+        _t(
+            "a switch within 2 windows of each change",
+            f"{sum(c['within_2_windows'] for c in changes)} of {len(changes)} changes"
+            + (" (the same member is best on every network: none needed)" if not changes else ""),
+            all(c["within_2_windows"] for c in changes),
+        ),
+        _t(
+            "at most 1 switch in each phase",
+            f"{sum(r['switches'] <= 1 for r in a['phases'])} of {n_phase} phases",
+            all(r["switches"] <= 1 for r in a["phases"]),
+        ),
+        _t(
+            "each phase's median within 10 % of its best fixed member",
+            f"{sum(r['within_10pct'] for r in a['phases'])} of {n_phase} phases",
+            all(r["within_10pct"] for r in a["phases"]),
+        ),
+        _t(
+            "adaptive median below bits-only",
+            f"{_ms(a['median_ms'])} vs {_ms(bo['median_ms'])}",
+            a["median_ms"] is not None and bo["median_ms"] is not None and a["median_ms"] < bo["median_ms"],
+        ),
+    ]
+
+
+def _t(target: str, shown: str, met: bool) -> dict:
+    return {"target": target, "shown": shown, "met": bool(met)}
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f} ms"

@@ -1,0 +1,136 @@
+"""The trace bench's report: results.json, report.md and a latency-over-time plot per model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_trace_report(results: dict, out: Path, command: str) -> dict:
+    """Each file written to a temporary name first, then renamed: nothing half-written is left."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["command"] = command
+    results["plots"] = [p for name, m in results["models"].items() if (p := plot(name, m, results, out))]
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(out / "results.json")
+    (out / "report.md.tmp").write_text(markdown(results, command))
+    (out / "report.md.tmp").replace(out / "report.md")
+    return results
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def markdown(results: dict, command: str) -> str:
+    cal = results["edge_calibration"]
+    cfg = results["config"]
+    total = sum(p["seconds"] for p in results["trace"])
+    nets = list(dict.fromkeys(p["network"] for p in results["trace"]))
+    lines = [
+        "# SplitPoint trace bench: plan sets on a changing link",
+        "",
+        f"`{command}` on {results['machine'].get('cpu', '?')}, {results['seconds'] / 60:.1f} min in all.",
+        "",
+        f"- **Trace:** {len(results['trace'])} phases over {total:g} s ({', '.join(nets)}); requests arrive "
+        f"at {cfg['rate']:g}/s whatever the link (open loop), latency from when each was due to its answer.",
+        "- **Link:** the userspace link proxy on loopback (rate, delay and jitter per the network "
+        "profile), reshaped live at each phase boundary under the open connections.",
+        f"- **Edge CPU:** {cal['device']}-class: {cal['reference_model']} {cal['measured_ms']:.1f} ms here "
+        f"under {cal['cpus']:g} CPU against the device profile's {cal['target_ms']:g} ms.",
+        f"- **Policies:** *adaptive* (cut and codec per uplink range, re-judged every "
+        f"{cfg['adapt_window']} requests at the edge's own estimate, with hysteresis; while on the edge one "
+        f"request in {cfg['probe_every']} probes the link); *bits-only* (the cut "
+        "fixed, the codec per range, as QuantPipe does); each adaptive member *fixed*, measured "
+        f"{cfg['fixed_seconds']:g} s on each network.",
+        "",
+    ]
+    for name, m in results["models"].items():
+        a, bo = m["adaptive"], m["bits_only"]
+        lines += [f"## {name}", "", f"Weights: {m.get('weights', '?')}.", ""]
+        lines += ["| member | uplink range (Mbit/s) | planner expects it on |", "|---|---|---|"]
+        for k, mem in enumerate(m["members"]):
+            hi = "∞" if mem["hi_mbps"] is None else f"{mem['hi_mbps']:.3g}"
+            on = ", ".join(n for n, e in m["expected"].items() if e == k) or "–"
+            lines.append(f"| m{k} {mem['label']} | {mem['lo_mbps']:.3g} – {hi} | {on} |")
+        lines += ["", "Bits-only members: " + ", ".join(x["label"] for x in m["bits_only_members"]) + ".", ""]
+        lines += ["Fixed members, median latency (ms) per network:", ""]
+        lines += ["| member | " + " | ".join(nets) + " |", "|---|" + "---:|" * len(nets)]
+        for mem in m["members"]:
+            cells = [_ms(m["fixed"][n].get(mem["label"], {}).get("median_ms")) for n in nets]
+            lines.append(f"| {mem['label']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| phase | network | s | requests | adaptive median (ms) | best fixed (ms, member) | "
+            "bits-only median (ms) | switches | members used | within 10 % |",
+            "|---:|---|---:|---:|---:|---|---:|---:|---|---|",
+        ]
+        for j, r in enumerate(a["phases"]):
+            used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
+            lines.append(
+                f"| {j} | {r['network']} | {r['seconds']:g} | {r['requests']} | {_ms(r['median_ms'])} | "
+                f"{_ms(r['best_fixed_median_ms'])} ({r['best_fixed_member'] or '–'}) | "
+                f"{_ms(r['bits_only_median_ms'])} | {r['switches']} | {used} | "
+                f"{'yes' if r['within_10pct'] else '**no**'} |"
+            )
+        lines += [
+            "",
+            f"Overall median: adaptive {_ms(a['median_ms'])} ms, bits-only {_ms(bo['median_ms'])} ms. "
+            f"Adaptive: {a['requests']} requests, {a['lost']} lost, {a['duplicates']} duplicates, "
+            f"{a['failed']} answered with an error, {len(a['switches'])} switches. Bits-only: {bo['lost']} "
+            f"lost, {bo['duplicates']} duplicates, {bo['failed']} errors, {len(bo['switches'])} switches.",
+            "",
+        ]
+        if a.get("changes"):
+            lines += ["| change at phase | from → to | switch after (requests) | within 2 windows |"]
+            lines += ["|---:|---|---:|---|"]
+            for c in a["changes"]:
+                after = "none" if c["switch_after_requests"] is None else str(c["switch_after_requests"])
+                ok = "yes" if c["within_2_windows"] else "**no**"
+                lines.append(f"| {c['phase']} | {c['from']} → {c['to']} | {after} | {ok} |")
+            lines.append("")
+        lines += ["| target | measured | verdict |", "|---|---|---|"]
+        lines += [
+            f"| {t['target']} | {t['shown']} | **{'met' if t['met'] else 'MISSED'}** |" for t in m["targets"]
+        ]
+        lines.append("")
+        if f"trace-{name}.png" in results["plots"]:
+            lines += [f"![latency over time, {name}](trace-{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(name: str, m: dict, results: dict, out: Path) -> str | None:
+    """Latency over time for both policies, phases shaded by network, the adaptive switches marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 4.2), layout="constrained")
+    nets = list(dict.fromkeys(p["network"] for p in results["trace"]))
+    shades = ["#e8eef7", "#f7efe3", "#e9f5e9", "#f3e8f5"]
+    t = 0.0
+    for p in results["trace"]:
+        ax.axvspan(t, t + p["seconds"], color=shades[nets.index(p["network"]) % len(shades)], lw=0)
+        t += p["seconds"]
+    for key, label, style in (("bits_only", "bits-only", "x"), ("adaptive", "adaptive", ".")):
+        rows = [r for r in m[key]["rows"] if r["error"] is None]
+        ax.plot([r["t"] for r in rows], [r["ms"] for r in rows], style, ms=4, label=label, alpha=0.75)
+    for k, s in enumerate(m["adaptive"]["switches"]):
+        ax.axvline(s["t"], color="k", ls="--", lw=0.8, label="adaptive switch" if k == 0 else None)
+    from matplotlib.patches import Patch
+
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Patch(color=shades[i % len(shades)], label=n) for i, n in enumerate(nets)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("latency (ms, log)")
+    ax.set_title(f"{name}: latency over the trace ({results['config']['rate']:g} requests/s)")
+    path = f"trace-{name}.png"
+    fig.savefig(out / path, dpi=110)
+    plt.close(fig)
+    return path

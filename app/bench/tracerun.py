@@ -1,0 +1,135 @@
+"""The edge side of a trace run (`splitpoint bench --trace`): requests at a fixed rate, whatever the link.
+
+Its own process, under the emulated edge's CPU limit (applied by the parent). Arrivals are open-loop, as a
+camera's frames are: request ``i`` is due at ``start + i / rate`` and is submitted then, however many
+are still in flight, so a policy that falls behind shows it as latency. Each request's latency runs from
+when it was due to when its answer (or its explicit error) arrived. A request with no answer at all by
+the end is *lost*; an index answered more than once is a *duplicate*.
+
+It loads and warms up first, says ``ready`` on standard output, and starts at the wall-clock time the
+parent then writes on standard input: the parent reshapes the link at the trace's phase boundaries on
+the same clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _client(args):
+    from splitpoint.edge.adaptive import AdaptiveClient
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+
+    cfg = EdgeConfig(
+        plan_dir=Path(args.dir),
+        server=args.server,
+        window=64,  # arrivals are not held back by the window: the rate sets the load
+        timeout_s=args.timeout,
+        fallback=False,  # a late answer is an explicit error, not a local run that hides the policy
+        connect_grace_s=10.0,
+        heartbeat_s=1.0,
+        dead_after_s=args.timeout,
+    )
+    if args.mode == "fixed":
+        return EdgeClient(cfg)
+    return AdaptiveClient(
+        args.dir, cfg, window=args.adapt_window, start_mbps=args.start_mbps, probe_every=args.probe_every
+    )
+
+
+def run(args) -> dict:
+    data = np.load(args.inputs)
+    names = [str(s) for s in data["input_names"]]
+    inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(int(data["n"]))]
+    client = _client(args)
+    members = client.clients if args.mode == "adaptive" else [client]
+    for c in members:  # every session warm before the clock starts
+        for k in range(args.warmup):
+            c.infer(inputs[k % len(inputs)], timeout=args.timeout * 3)
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())
+    n = int(args.seconds * args.rate)
+    answers: dict[int, list] = {}
+    lock = threading.Lock()
+    futures: list[Future] = []
+
+    def answered(i: int, due: float, f: Future) -> None:
+        t = time.time()
+        exc = f.exception()
+        row: dict[str, Any] = {"i": i, "t": due - start, "ms": (t - due) * 1e3, "error": None, "member": None}
+        if exc is not None:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            r = f.result()
+            row["member"] = r.breakdown.get("member", 0)
+            row["fallback"] = r.fallback
+        with lock:
+            answers.setdefault(i, []).append(row)
+
+    for i in range(n):
+        due = start + i / args.rate
+        wait = due - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        f = client.submit(inputs[i % len(inputs)])
+        f.add_done_callback(lambda f, i=i, due=due: answered(i, due, f))
+        futures.append(f)
+    end = time.time() + args.timeout + 5.0
+    for f in futures:
+        left = end - time.time()
+        if left <= 0:
+            break
+        try:
+            f.exception(timeout=left)
+        except FutureTimeout:
+            break
+    time.sleep(0.2)  # callbacks run on the thread that resolved the request
+    with lock:
+        rows = [a[0] for _, a in sorted(answers.items())]
+        duplicates = sum(len(a) - 1 for a in answers.values())
+    switches = []
+    if args.mode == "adaptive":
+        switches = [{**s, "t": s["t"] - start} for s in client.switches if s["t"] >= start]
+    client.close(drain=False)
+    return {
+        "requests": n,
+        "answered": len(rows),
+        "lost": n - len(rows),
+        "duplicates": duplicates,
+        "failed": sum(r["error"] is not None for r in rows),
+        "rows": rows,
+        "switches": switches,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="edge side of `splitpoint bench --trace`")
+    ap.add_argument("--mode", choices=["adaptive", "fixed"], required=True)
+    ap.add_argument("--dir", required=True, help="a plan set (adaptive) or one plan (fixed)")
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--rate", type=float, required=True, help="requests per second")
+    ap.add_argument("--seconds", type=float, required=True, help="how long requests arrive")
+    ap.add_argument("--adapt-window", type=int, default=5)
+    ap.add_argument("--probe-every", type=int, default=None)
+    ap.add_argument("--start-mbps", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    Path(args.out).write_text(json.dumps(run(args)))
+
+
+if __name__ == "__main__":
+    main()
