@@ -304,6 +304,18 @@ def one_size(n: int, rounds: int, per_round: int, work: Path) -> dict:
     return res
 
 
+# a split request's stages as the edge reports them, in the order they happen
+SPLIT_STAGES = (
+    "head_ms",
+    "encode_ms",
+    "network_ms",
+    "server_queue_ms",
+    "server_decode_ms",
+    "tail_ms",
+    "server_encode_ms",
+    "decode_ms",
+    "total_ms",
+)
 IDLE_GAP_S = 0.04  # about ResNet-18's tail on this machine: what a real request leaves the sockets idle
 
 
@@ -342,17 +354,7 @@ def decomposition(requests: int) -> dict:
     write_plan(h, work / "plans" / "p", cut=cut)
     port = _free_port()
     srv = start_server(f"tcp://127.0.0.1:{port}", work / "plans")
-    keys = (
-        "head_ms",
-        "encode_ms",
-        "network_ms",
-        "server_queue_ms",
-        "server_decode_ms",
-        "tail_ms",
-        "server_encode_ms",
-        "decode_ms",
-        "total_ms",
-    )
+    keys = SPLIT_STAGES
     rows = []
     try:
         cfg = EdgeConfig(
@@ -460,20 +462,7 @@ def report(rows: dict, dec: dict, args) -> None:
         "total | overhead (total − compute) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         "| "
-        + " | ".join(
-            f"{s[k]:.3f}"
-            for k in (
-                "head_ms",
-                "encode_ms",
-                "network_ms",
-                "server_queue_ms",
-                "server_decode_ms",
-                "tail_ms",
-                "server_encode_ms",
-                "decode_ms",
-                "total_ms",
-            )
-        )
+        + " | ".join(f"{s[k]:.3f}" for k in SPLIT_STAGES)
         + f" | {dec['overhead']['p50']:.3f} (p99 {dec['overhead']['p99']:.3f}) |",
         "",
     ]

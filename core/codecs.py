@@ -2,7 +2,10 @@
 
 A codec name is a lossy-or-not base and an optional lossless stage: ``float32``, ``float16``,
 ``int8`` (affine, per tensor), ``int8-ch`` (affine, per channel), ``int4`` (4-bit packed,
-per channel), each optionally ``+zstd`` or ``+lz4``. Every payload starts with a header that
+per channel), ``int4-ol`` (``int4`` with the outlier columns of the last axis sent exact: a decoder's
+hidden states, whose few large channels would otherwise take every token's int4 range), each
+optionally ``+zstd`` or ``+lz4``. On a [batch, tokens, hidden] tensor "per channel" (axis 1) is per
+token. Every payload starts with a header that
 describes itself (codec, dtype, shape, scale/offset, body length), so the receiver needs no
 side channel; decoding validates all of it, and caps what it allocates, before touching the
 body. The byte layout is docs/protocol.md's "Tensor payloads".
@@ -39,7 +42,10 @@ _HEAD = struct.Struct("<4sBBBBBbxQQ")
 MAX_NDIM = 8
 DEFAULT_MAX_BYTES = 256 * 2**20  # decoded tensors above this are refused unless the caller raises it
 
-BASES = ("float32", "float16", "int8", "int8-ch", "int4")
+BASES = ("float32", "float16", "int8", "int8-ch", "int4", "int4-ol")
+# int4-ol: a column of the last axis is an outlier where its largest |value| is above this many times the
+# median column's, at most one column in OUTLIER_SHARE (the largest first)
+OUTLIER_RATIO, OUTLIER_SHARE = 8.0, 32
 STAGES = ("", "zstd", "lz4")
 _DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 _NP_DTYPES = tuple(np.dtype(d) for d in _DTYPES)
@@ -494,7 +500,25 @@ def _channel_axis(x: np.ndarray) -> int | None:
 
 
 def _expected_body(base: str, n: int, itemsize: int) -> int:
-    return {"float32": n * itemsize, "float16": n * 2, "int8": n, "int8-ch": n, "int4": (n + 1) // 2}[base]
+    return {
+        "float32": n * itemsize,
+        "float16": n * 2,
+        "int8": n,
+        "int8-ch": n,
+        "int4": (n + 1) // 2,
+        "int4-ol": (n + 1) // 2,
+    }[base]
+
+
+def outlier_columns(x: np.ndarray) -> np.ndarray:
+    """The columns of the last axis that ``int4-ol`` sends exact (sorted u32 indices)."""
+    if x.ndim == 0 or x.shape[-1] < 2 or x.size == 0:
+        return np.zeros(0, np.uint32)
+    peak = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+    cap = max(1, x.shape[-1] // OUTLIER_SHARE)
+    order = np.argsort(-peak, kind="stable")[:cap]
+    big = order[peak[order] > OUTLIER_RATIO * np.median(peak)]
+    return np.sort(big).astype(np.uint32)
 
 
 _PACK_U16_MIN = 16384  # int4 elements: below, two strided calls beat five contiguous ones
@@ -504,7 +528,7 @@ def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray)
     """Write an int8/int8-ch/int4 body into ``out`` (flat uint8); return the parameters."""
     if base in ("int8", "int8-ch"):
         return _quantise_into(x.astype(np.float32, copy=False), 255, axis, out)
-    n = x.size  # int4: two values per byte, the first in the low nibble
+    n = x.size  # int4, two values per byte, the first in the low nibble (int4-ol: outliers zeroed)
     q = np.empty(n + n % 2, np.uint8)
     params = _quantise_into(x.astype(np.float32, copy=False), 15, axis, q[:n])
     q[n:] = 0
@@ -538,6 +562,16 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
     raw_len = _expected_body(base, x.size, x.itemsize)
     at_params = _HEAD.size + 8 * x.ndim + 4
     at_body = at_params + 4 * nparams
+    outliers = b""
+    if base == "int4-ol":  # the outlier columns go exact; the rest is int4 with those columns at 0
+        cols = outlier_columns(x)
+        outliers = struct.pack("<I", len(cols))
+        if len(cols):
+            exact = np.ascontiguousarray(x[..., cols], dtype="<f4")
+            outliers += cols.astype("<u4").tobytes() + exact.tobytes()
+            x = x.astype(np.float32, copy=True)
+            x[..., cols] = 0
+        at_body += len(outliers)
     frames: list[bytes] = []
     params = _NO_PARAMS
     if base in ("float32", "float16"):  # the body is the bytes of an array: copied once, or compressed
@@ -581,7 +615,9 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
     )
     struct.pack_into(f"<{x.ndim}QI", buf, _HEAD.size, *x.shape, nparams)
     if nparams:
-        buf[at_params:at_body] = params.astype("<f4").tobytes()
+        buf[at_params : at_params + 4 * nparams] = params.astype("<f4").tobytes()
+    if outliers:
+        buf[at_body - len(outliers) : at_body] = outliers
     return buf
 
 
@@ -664,8 +700,11 @@ def decode(
         )
     if len(buf) < off + 4 * nparams:
         raise CodecError("payload truncated inside the quantisation parameters")
-    scale, lo = _check_params(buf, off, nparams, 15 if base == "int4" else 255)
+    scale, lo = _check_params(buf, off, nparams, 15 if base.startswith("int4") else 255)
     off += 4 * nparams
+    cols = exact = None
+    if base == "int4-ol":
+        cols, exact, off = _read_outliers(buf, off, shape, n)
     expected = _expected_body(base, n, dtype.itemsize)
     if raw_len != expected:
         raise CodecError(f"header says {raw_len} body bytes, but {base} of shape {shape} needs {expected}")
@@ -714,7 +753,31 @@ def decode(
         np.bitwise_and(t, 0x0F, out=t)
         np.bitwise_or(t, hi, out=t)
         q = t.view(np.uint8)
-    return _dequantise(q[:n], scale, lo, shape, ax).astype(dtype, copy=False)
+    out = _dequantise(q[:n], scale, lo, shape, ax)
+    if cols is not None and len(cols):
+        out[..., cols] = exact
+    return out.astype(dtype, copy=False)
+
+
+def _read_outliers(buf: memoryview, off: int, shape: tuple, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """int4-ol's outlier section at ``off``: the columns (strictly increasing, inside the last axis) and
+    their exact values (finite), and the offset after it; or CodecError."""
+    if len(buf) < off + 4:
+        raise CodecError("payload truncated inside the outlier section")
+    (k,) = struct.unpack_from("<I", buf, off)
+    last = shape[-1] if shape else 1
+    if k > (last if shape and n else 0):
+        raise CodecError(f"outlier section names {k} columns; the last axis has {last if shape else 0}")
+    count = (n // last) * k if k else 0
+    if len(buf) < off + 4 + 4 * k + 4 * count:
+        raise CodecError("payload truncated inside the outlier section")
+    cols = np.frombuffer(buf, "<u4", k, off + 4).astype(np.intp)
+    if k and (cols[-1] >= last or (k > 1 and (np.diff(cols) <= 0).any())):
+        raise CodecError("outlier columns must be strictly increasing and inside the last axis")
+    exact = np.frombuffer(buf, "<f4", count, off + 4 + 4 * k).astype(np.float32)
+    if not np.isfinite(exact).all():
+        raise CodecError("outlier values are not finite")
+    return cols, exact.reshape(*shape[:-1], k) if k else exact, off + 4 + 4 * k + 4 * count
 
 
 def error_bound(x: np.ndarray, codec: str) -> float:
@@ -725,6 +788,9 @@ def error_bound(x: np.ndarray, codec: str) -> float:
     if c.base == "float16":
         return float(np.abs(x).max()) * 2**-11 + 6e-8
     ax = None if c.base == "int8" else _channel_axis(x)
-    lo, hi = _ranges(x.astype(np.float32), ax)
-    levels = 15 if c.base == "int4" else 255
+    y = x.astype(np.float32)
+    if c.base == "int4-ol" and len(cols := outlier_columns(x)):  # they arrive exact; the rest int4
+        y[..., cols] = 0
+    lo, hi = _ranges(y, ax)
+    levels = 15 if c.base.startswith("int4") else 255
     return float(((hi - lo) / levels).max()) / 2 * (1 + 1e-5) + 1e-7

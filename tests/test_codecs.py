@@ -18,7 +18,9 @@ TENSORS = {
     "constant": np.full((1, 4, 2, 2), 3.5, np.float32),
     "float16-in": RNG.standard_normal((1, 8, 4, 4)).astype(np.float16),
     "scalar": np.array(2.5, np.float32),
+    "hidden-outliers": RNG.standard_normal((1, 16, 128)).astype(np.float32),
 }
+TENSORS["hidden-outliers"][..., [3, 40, 99]] *= [80, -60, 120]  # a decoder's few large channels
 
 
 @pytest.mark.parametrize("codec", all_codecs())
@@ -62,8 +64,8 @@ def _payload(codec="int8-ch+zstd"):
 
 
 def test_truncation_anywhere_is_refused():
-    for codec in ("float32", "int8-ch+zstd", "int4+lz4"):
-        p = bytes(_payload(codec))
+    for codec in ("float32", "int8-ch+zstd", "int4+lz4", "int4-ol"):
+        p = bytes(encode(TENSORS["hidden-outliers"], codec))
         for cut in range(len(p)):
             with pytest.raises(CodecError):
                 decode(p[:cut])
@@ -129,6 +131,7 @@ def test_corrupt_lossless_stage_and_bad_parameters():
 def test_fuzzed_payloads_raise_codec_error_or_decode():
     rng = np.random.default_rng(0)
     base = [bytes(_payload(c)) for c in ("float32", "int8-ch+zstd", "int4+lz4", "float16")]
+    base.append(bytes(encode(TENSORS["hidden-outliers"], "int4-ol")))
     for i in range(3000):
         p = bytearray(base[i % len(base)])
         for _ in range(rng.integers(1, 4)):
@@ -138,6 +141,43 @@ def test_fuzzed_payloads_raise_codec_error_or_decode():
             assert isinstance(y, np.ndarray)
         except CodecError:
             pass
+
+
+def test_int4_ol_sends_the_outlier_columns_exact_and_the_rest_as_int4_per_token():
+    x = TENSORS["hidden-outliers"]
+    assert codecs.outlier_columns(x).tolist() == [3, 40, 99]
+    y = decode(encode(x, "int4-ol"))
+    assert np.array_equal(y[..., [3, 40, 99]], x[..., [3, 40, 99]])
+    err_ol = np.abs(y - x).max()
+    err_int4 = np.abs(decode(encode(x, "int4")) - x).max()
+    assert err_ol * 10 < err_int4  # the outliers no longer set every token's step
+    assert len(encode(x, "int4-ol")) <= len(encode(x, "int4")) + 4 + 3 * 4 + 16 * 3 * 4
+    plain = RNG.standard_normal((1, 16, 128)).astype(np.float32)  # no outliers: nothing extra is sent
+    assert codecs.outlier_columns(plain).size == 0
+    assert len(encode(plain, "int4-ol")) == len(encode(plain, "int4")) + 4
+
+
+def _outlier_section_at(p: bytes | bytearray) -> int:
+    ndim = _HEAD.unpack_from(p, 0)[5]
+    (nparams,) = struct.unpack_from("<I", p, _HEAD.size + 8 * ndim)
+    return _HEAD.size + 8 * ndim + 4 + 4 * nparams
+
+
+@pytest.mark.parametrize(
+    "patch,message",
+    [
+        (lambda p, at: struct.pack_into("<I", p, at, 129), "names 129 columns; the last axis has 128"),
+        (lambda p, at: struct.pack_into("<I", p, at + 4, 50), "strictly increasing"),
+        (lambda p, at: struct.pack_into("<I", p, at + 12, 128), "inside the last axis"),
+        (lambda p, at: struct.pack_into("<f", p, at + 16, float("inf")), "not finite"),
+        (lambda p, at: struct.pack_into("<I", p, at, 100), "truncated inside the outlier section"),
+    ],
+)
+def test_a_lying_outlier_section_is_refused(patch, message):
+    p = bytearray(encode(TENSORS["hidden-outliers"], "int4-ol"))
+    patch(p, _outlier_section_at(p))
+    with pytest.raises(CodecError, match=message):
+        decode(bytes(p))
 
 
 # -- the speed work: same bytes, same checks ------------------------------------------------------
