@@ -2,8 +2,9 @@
 
 A codec name is a lossy-or-not base and an optional lossless stage: ``float32``, ``float16``,
 ``int8`` (affine, per tensor), ``int8-ch`` (affine, per channel), ``int4`` (4-bit packed,
-per channel), ``int4-ol`` (``int4`` with the outlier columns of the last axis sent exact: a decoder's
-hidden states, whose few large channels would otherwise take every token's int4 range), each
+per channel), ``int8-ol`` and ``int4-ol`` (``int8-ch`` and ``int4`` with the outlier columns of the
+last axis sent exact: a decoder's hidden states, whose few large channels would otherwise take every
+token's range), each
 optionally ``+zstd`` or ``+lz4``. On a [batch, tokens, hidden] tensor "per channel" (axis 1) is per
 token. Every payload starts with a header that
 describes itself (codec, dtype, shape, scale/offset, body length), so the receiver needs no
@@ -42,8 +43,9 @@ _HEAD = struct.Struct("<4sBBBBBbxQQ")
 MAX_NDIM = 8
 DEFAULT_MAX_BYTES = 256 * 2**20  # decoded tensors above this are refused unless the caller raises it
 
-BASES = ("float32", "float16", "int8", "int8-ch", "int4", "int4-ol")
-# int4-ol: a column of the last axis is an outlier where its largest |value| is above this many times the
+BASES = ("float32", "float16", "int8", "int8-ch", "int4", "int4-ol", "int8-ol")
+OUTLIER_BASES = ("int4-ol", "int8-ol")
+# *-ol: a column of the last axis is an outlier where its largest |value| is above this many times the
 # median column's, at most one column in OUTLIER_SHARE (the largest first)
 OUTLIER_RATIO, OUTLIER_SHARE = 8.0, 32
 STAGES = ("", "zstd", "lz4")
@@ -507,11 +509,12 @@ def _expected_body(base: str, n: int, itemsize: int) -> int:
         "int8-ch": n,
         "int4": (n + 1) // 2,
         "int4-ol": (n + 1) // 2,
+        "int8-ol": n,
     }[base]
 
 
 def outlier_columns(x: np.ndarray) -> np.ndarray:
-    """The columns of the last axis that ``int4-ol`` sends exact (sorted u32 indices)."""
+    """The columns of the last axis that ``int4-ol``/``int8-ol`` send exact (sorted u32 indices)."""
     if x.ndim == 0 or x.shape[-1] < 2 or x.size == 0:
         return np.zeros(0, np.uint32)
     peak = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
@@ -525,10 +528,11 @@ _PACK_U16_MIN = 16384  # int4 elements: below, two strided calls beat five conti
 
 
 def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray) -> np.ndarray:
-    """Write an int8/int8-ch/int4 body into ``out`` (flat uint8); return the parameters."""
-    if base in ("int8", "int8-ch"):
+    """Write an int8/int8-ch/int4 body into ``out`` (flat uint8); return the parameters. (The *-ol
+    bases arrive with their outlier columns zeroed.)"""
+    if base in ("int8", "int8-ch", "int8-ol"):
         return _quantise_into(x.astype(np.float32, copy=False), 255, axis, out)
-    n = x.size  # int4, two values per byte, the first in the low nibble (int4-ol: outliers zeroed)
+    n = x.size  # int4: two values per byte, the first in the low nibble
     q = np.empty(n + n % 2, np.uint8)
     params = _quantise_into(x.astype(np.float32, copy=False), 15, axis, q[:n])
     q[n:] = 0
@@ -563,7 +567,7 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
     at_params = _HEAD.size + 8 * x.ndim + 4
     at_body = at_params + 4 * nparams
     outliers = b""
-    if base == "int4-ol":  # the outlier columns go exact; the rest is int4 with those columns at 0
+    if base in OUTLIER_BASES:  # the outlier columns go exact; the rest is quantised with them at 0
         cols = outlier_columns(x)
         outliers = struct.pack("<I", len(cols))
         if len(cols):
@@ -703,7 +707,7 @@ def decode(
     scale, lo = _check_params(buf, off, nparams, 15 if base.startswith("int4") else 255)
     off += 4 * nparams
     cols = exact = None
-    if base == "int4-ol":
+    if base in OUTLIER_BASES:
         cols, exact, off = _read_outliers(buf, off, shape, n)
     expected = _expected_body(base, n, dtype.itemsize)
     if raw_len != expected:
@@ -738,9 +742,18 @@ def decode(
             return _copy_out(body, raw_len).view(dtype).reshape(shape)
         h = np.frombuffer(body, np.float16, n).reshape(shape)
         return _from_float16(h) if dtype == np.float32 else h.astype(dtype)
-    if base in ("int8", "int8-ch"):
-        return _dequantise(np.frombuffer(body, np.uint8, n), scale, lo, shape, ax).astype(dtype, copy=False)
-    packed = np.frombuffer(body, np.uint8)
+    if base in ("int8", "int8-ch", "int8-ol"):
+        q = np.frombuffer(body, np.uint8, n)
+    else:
+        q = _unpack_int4(np.frombuffer(body, np.uint8), n)
+    out = _dequantise(q[:n], scale, lo, shape, ax)
+    if cols is not None and len(cols):
+        out[..., cols] = exact
+    return out.astype(dtype, copy=False)
+
+
+def _unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
+    """Two values per byte, the first in the low nibble, as one uint8 per value (at least ``n``)."""
     if n < _PACK_U16_MIN:
         q = np.empty(packed.size * 2, np.uint8)
         np.bitwise_and(packed, 0x0F, out=q[0::2])
@@ -753,14 +766,11 @@ def decode(
         np.bitwise_and(t, 0x0F, out=t)
         np.bitwise_or(t, hi, out=t)
         q = t.view(np.uint8)
-    out = _dequantise(q[:n], scale, lo, shape, ax)
-    if cols is not None and len(cols):
-        out[..., cols] = exact
-    return out.astype(dtype, copy=False)
+    return q
 
 
 def _read_outliers(buf: memoryview, off: int, shape: tuple, n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """int4-ol's outlier section at ``off``: the columns (strictly increasing, inside the last axis) and
+    """The *-ol bases' outlier section at ``off``: the columns (strictly increasing, inside the last axis) and
     their exact values (finite), and the offset after it; or CodecError."""
     if len(buf) < off + 4:
         raise CodecError("payload truncated inside the outlier section")
@@ -789,7 +799,7 @@ def error_bound(x: np.ndarray, codec: str) -> float:
         return float(np.abs(x).max()) * 2**-11 + 6e-8
     ax = None if c.base == "int8" else _channel_axis(x)
     y = x.astype(np.float32)
-    if c.base == "int4-ol" and len(cols := outlier_columns(x)):  # they arrive exact; the rest int4
+    if c.base in OUTLIER_BASES and len(cols := outlier_columns(x)):  # they arrive exact
         y[..., cols] = 0
     lo, hi = _ranges(y, ax)
     levels = 15 if c.base.startswith("int4") else 255

@@ -64,7 +64,7 @@ def _payload(codec="int8-ch+zstd"):
 
 
 def test_truncation_anywhere_is_refused():
-    for codec in ("float32", "int8-ch+zstd", "int4+lz4", "int4-ol"):
+    for codec in ("float32", "int8-ch+zstd", "int4+lz4", "int4-ol", "int8-ol+lz4"):
         p = bytes(encode(TENSORS["hidden-outliers"], codec))
         for cut in range(len(p)):
             with pytest.raises(CodecError):
@@ -131,7 +131,7 @@ def test_corrupt_lossless_stage_and_bad_parameters():
 def test_fuzzed_payloads_raise_codec_error_or_decode():
     rng = np.random.default_rng(0)
     base = [bytes(_payload(c)) for c in ("float32", "int8-ch+zstd", "int4+lz4", "float16")]
-    base.append(bytes(encode(TENSORS["hidden-outliers"], "int4-ol")))
+    base += [bytes(encode(TENSORS["hidden-outliers"], c)) for c in ("int4-ol", "int8-ol")]
     for i in range(3000):
         p = bytearray(base[i % len(base)])
         for _ in range(rng.integers(1, 4)):
@@ -143,18 +143,19 @@ def test_fuzzed_payloads_raise_codec_error_or_decode():
             pass
 
 
-def test_int4_ol_sends_the_outlier_columns_exact_and_the_rest_as_int4_per_token():
+@pytest.mark.parametrize("ol, plain", [("int4-ol", "int4"), ("int8-ol", "int8-ch")])
+def test_ol_codecs_send_the_outlier_columns_exact_and_the_rest_per_token(ol, plain):
     x = TENSORS["hidden-outliers"]
     assert codecs.outlier_columns(x).tolist() == [3, 40, 99]
-    y = decode(encode(x, "int4-ol"))
+    y = decode(encode(x, ol))
     assert np.array_equal(y[..., [3, 40, 99]], x[..., [3, 40, 99]])
     err_ol = np.abs(y - x).max()
-    err_int4 = np.abs(decode(encode(x, "int4")) - x).max()
-    assert err_ol * 10 < err_int4  # the outliers no longer set every token's step
-    assert len(encode(x, "int4-ol")) <= len(encode(x, "int4")) + 4 + 3 * 4 + 16 * 3 * 4
-    plain = RNG.standard_normal((1, 16, 128)).astype(np.float32)  # no outliers: nothing extra is sent
-    assert codecs.outlier_columns(plain).size == 0
-    assert len(encode(plain, "int4-ol")) == len(encode(plain, "int4")) + 4
+    err_plain = np.abs(decode(encode(x, plain)) - x).max()
+    assert err_ol * 10 < err_plain  # the outliers no longer set every token's step
+    assert len(encode(x, ol)) == len(encode(x, plain)) + 4 + 3 * 4 + 16 * 3 * 4
+    calm = RNG.standard_normal((1, 16, 128)).astype(np.float32)  # no outliers: nothing extra is sent
+    assert codecs.outlier_columns(calm).size == 0
+    assert len(encode(calm, ol)) == len(encode(calm, plain)) + 4
 
 
 def _outlier_section_at(p: bytes | bytearray) -> int:
@@ -173,8 +174,9 @@ def _outlier_section_at(p: bytes | bytearray) -> int:
         (lambda p, at: struct.pack_into("<I", p, at, 100), "truncated inside the outlier section"),
     ],
 )
-def test_a_lying_outlier_section_is_refused(patch, message):
-    p = bytearray(encode(TENSORS["hidden-outliers"], "int4-ol"))
+@pytest.mark.parametrize("codec", ["int4-ol", "int8-ol+zstd"])
+def test_a_lying_outlier_section_is_refused(patch, message, codec):
+    p = bytearray(encode(TENSORS["hidden-outliers"], codec))
     patch(p, _outlier_section_at(p))
     with pytest.raises(CodecError, match=message):
         decode(bytes(p))

@@ -1,0 +1,134 @@
+"""What a cut-tensor codec does to a decoder split: greedy-token agreement and the KL divergence of the
+next-token distribution, against the float split, over a set of prompts.
+
+A decoder's error compounds: a token decoded differently changes every later input. Measuring free-running
+generations would mix the codec's error with that divergence, so each codec is measured teacher-forced: the
+float model decodes each prompt greedily, and the split with the codec is fed the same tokens, step by step,
+with its own KV cache (the tail's cache holds what the quantised hidden states made of it, as it would in
+deployment). At every generated position, ``agreement`` is whether the two greedy tokens are equal and
+``kl`` is KL(float ‖ codec) of the next-token distributions, in nats; both with 95 % confidence intervals
+(Wilson's for agreement, a bootstrap for the mean KL).
+
+The head's outputs depend only on the tokens, so they are computed once per prompt and every codec's tail
+run reuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from splitpoint.core.codecs import Codec, decode, encode
+from splitpoint.core.errors import SplitPointError
+from splitpoint.core.runner import make_session
+
+from .taskmetrics import Metric, bootstrap_mean, wilson
+
+PAST, PRESENT = "past_key_values.", "present."
+
+
+@dataclass(frozen=True)
+class DecoderFidelity:
+    codec: str
+    agreement: Metric  # share of positions whose greedy token equals the float split's
+    kl: Metric  # mean KL(float || codec) of the next-token distribution, nats
+
+    def to_dict(self) -> dict:
+        return {"codec": self.codec, "agreement": asdict(self.agreement), "kl": asdict(self.kl)}
+
+
+def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) along the last axis, in float64 (nats)."""
+    a = np.asarray(ref_logits, np.float64)
+    b = np.asarray(got_logits, np.float64)
+    la = a - a.max(-1, keepdims=True)
+    la -= np.log(np.exp(la).sum(-1, keepdims=True))
+    lb = b - b.max(-1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+    return np.maximum((np.exp(la) * (la - lb)).sum(-1), 0.0)
+
+
+class _Segment:
+    """One decoder segment's session and the KV-cache names it takes and gives."""
+
+    def __init__(self, model: onnx.ModelProto | bytes, threads: int) -> None:
+        self.sess = make_session(model, threads=threads)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.past = [n for n in self.inputs if n.startswith(PAST)]
+        self.main_in = [n for n in self.inputs if not n.startswith(PAST)]
+        self.main_out = [n for n in self.outputs if not n.startswith(PRESENT)]
+        if len(self.main_in) != 1 or len(self.main_out) != 1:
+            raise SplitPointError(
+                "a decoder segment takes one input besides its past (input_ids or a hidden state) and gives "
+                f"one output besides its presents; this one takes {self.main_in} and gives {self.main_out}"
+            )
+        self._shape = {i.name: i.shape for i in self.sess.get_inputs()}
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        out = {}
+        for n in self.past:
+            s = self._shape[n]
+            heads, dim = s[1], s[3]
+            if not (isinstance(heads, int) and isinstance(dim, int)):
+                raise SplitPointError(f"{n}: heads and head size must be fixed dimensions, not {s}")
+            out[n] = np.zeros((1, heads, 0, dim), np.float32)
+        return out
+
+    def step(self, x: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        res = dict(zip(self.outputs, self.sess.run(None, {self.main_in[0]: x, **past}), strict=True))
+        return res[self.main_out[0]], {
+            PAST + k[len(PRESENT) :]: v for k, v in res.items() if k.startswith(PRESENT)
+        }
+
+
+def measure(
+    head: onnx.ModelProto | bytes,
+    tail: onnx.ModelProto | bytes,
+    codecs: Sequence[str],
+    prompts: Sequence[np.ndarray],
+    new_tokens: int,
+    threads: int = 1,
+) -> dict[str, DecoderFidelity]:
+    """Each codec's agreement and KL over ``prompts`` (int64 [1, n] token ids), ``new_tokens`` each."""
+    if new_tokens < 1 or not prompts:
+        raise SplitPointError("decoder fidelity needs at least one prompt and one new token")
+    parsed = [Codec.parse(c).name for c in codecs]
+    h, t = _Segment(head, threads), _Segment(tail, threads)
+    agree: dict[str, list[bool]] = {c: [] for c in parsed}
+    kls: dict[str, list[float]] = {c: [] for c in parsed}
+    for prompt in prompts:
+        ids = np.asarray(prompt, np.int64).reshape(1, -1)
+        hidden, ref = _reference(h, t, ids, new_tokens)
+        for c in parsed:
+            past = t.empty_past()
+            for x, (tok, logits) in zip(hidden, ref, strict=True):
+                out, past = t.step(decode(encode(x, c)), past)
+                last = out[0, -1]
+                agree[c].append(int(last.argmax()) == tok)
+                kls[c].append(float(kl_divergence(logits, last)))
+    return {
+        c: DecoderFidelity(c, wilson(sum(agree[c]), len(agree[c])), bootstrap_mean(kls[c])) for c in parsed
+    }
+
+
+def _reference(
+    h: _Segment, t: _Segment, ids: np.ndarray, new_tokens: int
+) -> tuple[list[np.ndarray], list[tuple[int, np.ndarray]]]:
+    """The float split's greedy decode: the hidden state the head sent at each step, and each step's
+    greedy token and next-token logits."""
+    hp, tp = h.empty_past(), t.empty_past()
+    hidden, ref = [], []
+    x = ids
+    for _ in range(new_tokens):
+        hs, hp = h.step(x, hp)
+        out, tp = t.step(hs, tp)
+        last = out[0, -1]
+        tok = int(last.argmax())
+        hidden.append(hs)
+        ref.append((tok, last.copy()))
+        x = np.array([[tok]], np.int64)
+    return hidden, ref
