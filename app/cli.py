@@ -169,6 +169,86 @@ def split(
     console.print(f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stages)")
 
 
+@app.command("split-decoder")
+def split_decoder(
+    model: Annotated[str, typer.Argument(help="decoder zoo name: " + ", ".join(_decoder_names()))],
+    edge_layers: Annotated[int, typer.Option(help="decoder layers on the edge (with the embedding)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="plan directory to write")],
+    codec: Annotated[str, typer.Option(help="codec of the hidden states sent per step")] = "float32",
+    seed: Annotated[int, typer.Option(help="weights' seed")] = 0,
+    force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    with_full: Annotated[bool, typer.Option(help="ship the whole model too (generate --local)")] = False,
+) -> None:
+    """A decoder-only transformer split between layers: head.onnx (embedding, first layers, the edge's KV
+    cache), tail.onnx (the other layers and the output head: the server's KV cache), plan.json. Every
+    generated token then costs one round trip to the server."""
+    from splitpoint.core.plandir import write_decoder_plan
+    from splitpoint.core.zoo.decoder import DECODERS
+
+    if model not in DECODERS:
+        raise SplitPointError(f"unknown decoder {model!r}; one of {', '.join(DECODERS)}")
+    spec = DECODERS[model]
+    plan = write_decoder_plan(
+        spec,
+        out,
+        name=model,
+        edge_layers=edge_layers,
+        codec=codec,
+        seed=seed,
+        include_full=with_full,
+        force=force,
+    )
+    console.print(
+        f"{model}: {edge_layers} of {spec.layers} layers on the edge, hidden state "
+        f"{spec.d_model} floats per token sent as {plan.codec}; plan {plan.plan_id[:12]} → {out}"
+    )
+
+
+def _decoder_names() -> list[str]:
+    from splitpoint.core.zoo.decoder import DECODERS
+
+    return list(DECODERS)
+
+
+@app.command()
+def generate(
+    plan_dir: Annotated[Path, typer.Argument(help="a decoder plan (splitpoint split-decoder)")],
+    server: Annotated[str, typer.Option(help="the server holding the tail")] = "tcp://127.0.0.1:5555",
+    prompt_tokens: Annotated[int, typer.Option(help="random prompt of this many tokens")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
+    seed: Annotated[int, typer.Option(help="the prompt's seed")] = 0,
+    local: Annotated[bool, typer.Option(help="run the unsplit model here instead (for comparison)")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each step's answer")] = 10.0,
+    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = default)")] = 0,
+) -> None:
+    """Generate greedily with a decoder plan and print one JSON object: tokens, ttft_ms, tpot_ms (both
+    measured on this machine's clock)."""
+    import numpy as np
+
+    from splitpoint.edge.decoder import DecoderClient, generate_local, load_decoder_plan
+
+    plan = load_decoder_plan(plan_dir) if not local else None
+    vocab = plan.decoder.vocab if plan and plan.decoder else _plan_vocab(plan_dir)
+    if prompt_tokens < 1:
+        raise SplitPointError("--prompt-tokens must be at least 1")
+    prompt = np.random.default_rng(seed).integers(0, vocab, (1, prompt_tokens))
+    if local:
+        gen = generate_local(plan_dir, prompt, max_new_tokens, threads)
+    else:
+        with DecoderClient(plan_dir, server, timeout_s=timeout, threads=threads) as client:
+            gen = client.generate(prompt, max_new_tokens)
+    _print_json({**gen.to_dict(), "mode": "local" if local else "split", "prompt_tokens": prompt_tokens})
+
+
+def _plan_vocab(plan_dir: Path) -> int:
+    from splitpoint.core.plan import Plan
+
+    plan = Plan.load(plan_dir)
+    if plan.decoder is None:
+        raise SplitPointError(f"{plan_dir} is not a decoder plan (see `splitpoint split-decoder`)")
+    return plan.decoder.vocab
+
+
 @app.command()
 def profile(
     model: Model,
@@ -482,6 +562,11 @@ def serve(
     next_server_key: Annotated[
         Path | None, typer.Option(help="a relay: file with the next stage's CurveZMQ public key (z85)")
     ] = None,
+    max_sessions: Annotated[int, typer.Option(help="decoder plans: sequences held at once")] = 64,
+    max_cache_mb: Annotated[float, typer.Option(help="decoder plans: all sessions' KV caches, MiB")] = 1024,
+    session_idle: Annotated[
+        float, typer.Option(help="decoder plans: seconds before an unused session is freed")
+    ] = 300,
     quiet: Quiet = False,
 ) -> None:
     """Run the tail server (or, with --stage and --next, a relay of a chain) until SIGTERM/Ctrl-C
@@ -509,6 +594,9 @@ def serve(
         next=next,
         next_timeout_s=next_timeout,
         next_curve_server_key=read_key(next_server_key, "public key") if next_server_key else None,
+        max_sessions=max_sessions,
+        max_cache_mb=max_cache_mb,
+        session_idle_s=session_idle,
     )
     TailServer(cfg).run()
 

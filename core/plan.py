@@ -117,6 +117,28 @@ class Stage(_Strict):
         return _codec_name(v)
 
 
+class DecoderInfo(_Strict):
+    """A decoder-only transformer split between layers: the edge runs the first ``edge_layers`` (with the
+    embedding), the server the rest (with the output head). Each side keeps the KV cache of its own
+    layers, per sequence: the server in a session (docs/protocol.md, "Decoder sessions")."""
+
+    layers: int = Field(ge=2, le=1024)
+    edge_layers: int = Field(ge=1, le=1023)
+    heads: int = Field(ge=1, le=1024)
+    head_dim: int = Field(ge=1, le=65536)
+    hidden: int = Field(ge=1, le=1 << 20)
+    vocab: int = Field(ge=2, le=1 << 24)
+    max_len: int = Field(ge=1, le=1 << 20)  # positions the model has: prompt + generated tokens
+
+    @model_validator(mode="after")
+    def _split(self) -> DecoderInfo:
+        if not self.edge_layers < self.layers:
+            raise ValueError(
+                f"edge_layers {self.edge_layers} must leave the server at least one of {self.layers}"
+            )
+        return self
+
+
 class Plan(_Strict):
     model_name: str = Field(min_length=1, max_length=256)
     model_sha256: str = Field(pattern=_SHA256.pattern)
@@ -128,6 +150,7 @@ class Plan(_Strict):
     input_shapes: dict[str, list[int]] = Field(default_factory=dict)  # the model's inputs fixed to these
     predicted: dict[str, Any] = Field(default_factory=dict)  # labelled figures from the planner
     front: list[Any] = Field(default_factory=list)
+    decoder: DecoderInfo | None = None  # a decoder split: the server holds a KV-cache session per sequence
     format_version: Literal[2] = PLAN_FORMAT
     plan_id: str = ""
 
@@ -176,6 +199,8 @@ class Plan(_Strict):
         ends = [s.end for s in st[:-1]]
         if any(b < a for a, b in zip(ends, ends[1:], strict=False) if a is not None and b is not None):
             raise ValueError("the stages' cuts must not go backwards")
+        if self.decoder is not None and (n != 2 or self.kind != SPLIT):
+            raise ValueError("a decoder plan has two stages, the edge's layers and the server's")
         produced = [o for s in st for o in s.produces]
         if sorted(produced) != sorted(o.name for o in self.outputs):
             raise ValueError("the stages must produce every model output exactly once")
@@ -228,7 +253,9 @@ class Plan(_Strict):
 
     def content_id(self) -> str:
         """sha256 (hex) of the canonical JSON of everything but ``plan_id``: keys sorted, no spaces."""
-        return _canonical_id(self.model_dump(mode="json", exclude={"plan_id"}))
+        # a plan without a decoder hashes as it did before the field existed: its id does not change
+        skip = {"plan_id"} | ({"decoder"} if self.decoder is None else set())
+        return _canonical_id(self.model_dump(mode="json", exclude=skip))
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

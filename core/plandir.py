@@ -10,6 +10,7 @@ so an error or Ctrl-C leaves the previous content or nothing, never half a plan.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -22,10 +23,12 @@ from .onnxio import save_model, sha256_file
 from .plan import (
     EDGE_ONLY,
     FULL_FILE,
+    HEAD_FILE,
     KINDS,
     PLAN_FILE,
     SERVER_ONLY,
     SPLIT,
+    TAIL_FILE,
     Plan,
     Stage,
     TensorSpec,
@@ -33,6 +36,9 @@ from .plan import (
     write_dir_atomically,
 )
 from .samples import sample_feeds
+
+if TYPE_CHECKING:
+    from .zoo.decoder import DecoderSpec
 
 
 def _spec(name: str, shape: str, dtype: str, bytes_per_sample: int | None, side: str) -> TensorSpec:
@@ -146,6 +152,72 @@ def write_plan(
                 input_shapes=handle.input_shapes,
                 predicted=predicted or {},
                 front=front or [],
+            )
+        )
+        plan.plan_id = plan.content_id()
+        (tmp / PLAN_FILE).write_text(plan.to_json())
+        result.append(plan)
+
+    write_dir_atomically(out_dir, write, force=force)
+    return result[0]
+
+
+def write_decoder_plan(
+    spec: DecoderSpec,
+    out_dir: str | Path,
+    *,
+    name: str,
+    edge_layers: int,
+    codec: str = "float32",
+    seed: int = 0,
+    include_full: bool = False,
+    force: bool = False,
+) -> Plan:
+    """A decoder split between layers: ``head.onnx`` (embedding and the first ``edge_layers`` layers, the
+    edge's KV cache), ``tail.onnx`` (the other layers and the output head, the server's KV cache), and a
+    plan whose stage 0 sends the hidden state of the new tokens with ``codec``. The segments are built with
+    the whole model's weights, so a float32 split decodes exactly the whole model's tokens."""
+    from .onnxio import model_bytes, sha256_bytes
+    from .plan import DecoderInfo
+    from .zoo.decoder import build_decoder, hidden_name
+
+    if not 0 < edge_layers < spec.layers:
+        raise PlanError(f"--edge-layers must be 1 to {spec.layers - 1} for a {spec.layers}-layer decoder")
+    whole = build_decoder(spec, name, seed)
+    models = {
+        HEAD_FILE: build_decoder(spec, f"{name}-head", seed, (0, edge_layers)),
+        TAIL_FILE: build_decoder(spec, f"{name}-tail", seed, (edge_layers, spec.layers)),
+    }
+    if include_full:
+        models[FULL_FILE] = whole
+    crossing = [_spec(hidden_name(edge_layers - 1), f"1xsequencex{spec.d_model}", "float32", None, "head")]
+    info = DecoderInfo(
+        layers=spec.layers,
+        edge_layers=edge_layers,
+        heads=spec.heads,
+        head_dim=spec.head_dim,
+        hidden=spec.d_model,
+        vocab=spec.vocab,
+        max_len=spec.n_ctx,
+    )
+    result: list[Plan] = []
+
+    def write(tmp: Path) -> None:
+        for fname, model in models.items():
+            save_model(model, tmp / fname)
+        plan = Plan.model_validate(
+            dict(
+                model_name=name,
+                model_sha256=sha256_bytes(model_bytes(whole)),
+                inputs=[_spec("input_ids", "1xsequence", "int64", None, "head")],
+                outputs=[_spec("logits", f"1xsequencex{spec.vocab}", "float32", None, "tail")],
+                stages=[
+                    Stage(file=HEAD_FILE, sends=crossing, codec=codec),
+                    Stage(file=TAIL_FILE, receives=crossing, produces=["logits"]),
+                ],
+                files={f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
+                kind=SPLIT,
+                decoder=info,
             )
         )
         plan.plan_id = plan.content_id()

@@ -37,7 +37,10 @@ INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED = (
     "deploy",
     "deployed",
 )
-TYPES = {INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED}
+# decoder sessions: one step of a sequence (the new tokens' hidden state in, the next token out), its end
+STEP, CLOSE, CLOSED = "step", "close", "closed"
+TYPES = {INFER, RESULT, ERROR, PING, PONG, DEPLOY, DEPLOYED, STEP, CLOSE, CLOSED}
+MAX_TOP_K = 64  # a step may ask for the top-k next-token ids and logits, k at most this
 
 # error codes a peer may send back
 E_BAD_MESSAGE = "bad-message"  # not a message of this protocol (header, fields, frame count)
@@ -50,6 +53,11 @@ E_BAD_PLAN = "bad-plan"  # a deploy that does not verify or does not load
 E_BUSY = "busy"  # the receiver's queue is full: try again later (or fall back)
 E_UNAUTHORIZED = "unauthorized"  # this peer may not do that (e.g. deploy without a deploy key)
 E_UNAVAILABLE = "unavailable"  # a relay's next stage is not connected or did not answer in time
+E_SESSION_LIMIT = (
+    "session-limit"  # a decoder session past the server's limits (sessions, cache memory, length)
+)
+E_UNKNOWN_SESSION = "unknown-session"  # no such decoder session (never opened, closed, or expired)
+E_BAD_POSITION = "bad-position"  # a step's position is not the length of the session's cache
 ERROR_CODES = (
     E_BAD_MESSAGE,
     E_VERSION,
@@ -61,6 +69,9 @@ ERROR_CODES = (
     E_BUSY,
     E_UNAUTHORIZED,
     E_UNAVAILABLE,
+    E_SESSION_LIMIT,
+    E_UNKNOWN_SESSION,
+    E_BAD_POSITION,
 )
 
 
@@ -159,8 +170,8 @@ def _too_deep(head: bytes) -> bool:
 
 
 _MAX_FRAMES = 1 + max(MAX_TENSORS, MAX_FILES + 1)
-_NO_PAYLOAD = frozenset((PING, PONG, DEPLOYED, ERROR))
-_WITH_TENSORS = frozenset((INFER, RESULT))
+_NO_PAYLOAD = frozenset((PING, PONG, DEPLOYED, ERROR, CLOSE, CLOSED))
+_WITH_TENSORS = frozenset((INFER, RESULT, STEP))
 
 
 def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
@@ -221,6 +232,19 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     elif payload and t in _NO_PAYLOAD:
         raise WireError(E_BAD_MESSAGE, f"a {t} message carries no payload frames")
     return Message(t, id_, plan, tensors, meta, payload)
+
+
+def step_fields(msg: Message) -> tuple[int, int, int]:
+    """A step's or a close's ``meta``: (session, position, top_k), each an integer in its range."""
+    meta = msg.meta
+    session, position, top_k = meta.get("session"), meta.get("position", 0), meta.get("top_k", 0)
+    if type(session) is not int or not 0 <= session <= MAX_ID:
+        raise WireError(E_BAD_MESSAGE, "meta.session must be an integer in [0, 2^63)")
+    if type(position) is not int or not 0 <= position <= MAX_ID:
+        raise WireError(E_BAD_MESSAGE, "meta.position must be an integer in [0, 2^63)")
+    if type(top_k) is not int or not 0 <= top_k <= MAX_TOP_K:
+        raise WireError(E_BAD_MESSAGE, f"meta.top_k must be an integer from 0 to {MAX_TOP_K}")
+    return session, position, top_k
 
 
 def best_effort_id(frames: list) -> int:

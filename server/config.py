@@ -41,6 +41,10 @@ class ServerConfig(StrictConfig):
     next: Endpoint | None = None
     next_timeout_s: float = Field(10.0, gt=0, le=3600)  # a forwarded request unanswered this long fails
     next_curve_server_key: bytes | None = None  # the next stage's CurveZMQ public key (z85)
+    # decoder plans: KV-cache sessions, one per sequence
+    max_sessions: int = Field(64, ge=1, le=1_000_000)
+    max_cache_mb: float = Field(1024.0, gt=0, le=1 << 30)  # all sessions' caches together
+    session_idle_s: float = Field(300.0, gt=0, le=86_400)  # a session unused this long is freed
     heartbeat_s: float = Field(1.0, gt=0, le=60)  # towards the next stage (ZMTP heartbeats)
     dead_after_s: float = Field(5.0, gt=0, le=600)
 

@@ -45,6 +45,7 @@ from splitpoint.core.telemetry import Telemetry
 
 from .config import ServerConfig
 from .registry import Entry, PlanRegistry
+from .sessions import DecoderSessions
 
 log = logging.getLogger("splitpoint.server")
 RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back
@@ -166,6 +167,9 @@ class TailServer:
         self._fwd_ids = itertools.count(1)
         self.role = "relay" if config.next else "server"
         self.telemetry = Telemetry(config.device_id, self.role, config.mqtt) if config.mqtt else None
+        self.sessions = DecoderSessions(
+            config.max_sessions, int(config.max_cache_mb * 2**20), config.session_idle_s
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TailServer:
@@ -319,6 +323,8 @@ class TailServer:
                     self._answer(router, reply)
             if self._fwd:
                 self._expire(router, time.perf_counter())
+            if len(self.sessions):
+                self.sessions.sweep()
             if self.telemetry and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + self.config.metrics_interval_s
                 self.telemetry.metrics({**self.stats.snapshot(), "plans": len(self.registry.ids())})
@@ -367,6 +373,8 @@ class TailServer:
             self._deployer.submit(self._deploy, ident, msg)
         elif msg.type == wire.INFER:
             self._admit(router, ident, msg, t_recv)
+        elif msg.type in (wire.STEP, wire.CLOSE):
+            self._send(router, ident, self._session_message(ident, msg, t_recv))
         else:
             self.stats.add(rejected=1)
             self._send(
@@ -397,6 +405,11 @@ class TailServer:
             err = wire.error(msg.id, wire.E_UNKNOWN_PLAN, f"{why}: {msg.plan[:16] or '(none)'}", msg.plan)
             self._send(router, ident, err)
             return
+        if entry.plan.decoder is not None:
+            self.stats.add(rejected=1)
+            why = f"plan {msg.plan[:16]} is a decoder: its requests are step messages of a session"
+            self._send(router, ident, wire.error(msg.id, wire.E_BAD_MESSAGE, why, msg.plan))
+            return
         if not entry.runner.last and self._next is None:
             self.stats.add(rejected=1)
             i = entry.runner.index
@@ -415,6 +428,77 @@ class TailServer:
             self._inline.append(req)
         else:
             self._pool.submit(self._pooled, req)
+
+    # -- decoder sessions: on the socket thread, so each session's steps run in order ----------
+    def _session_message(self, ident: Any, msg: wire.Message, t_recv: float) -> wire.Message:
+        """The reply to a step or a close: never raises."""
+        try:
+            session, position, top_k = wire.step_fields(msg)
+            entry = self.registry.get(msg.plan)
+            if entry is None or entry.runner is None or entry.plan.decoder is None:
+                code = wire.E_UNKNOWN_PLAN if entry is None or entry.runner is None else wire.E_BAD_MESSAGE
+                why = "unknown plan" if entry is None else "not a decoder plan"
+                raise wire.WireError(code, f"{why}: {msg.plan[:16] or '(none)'}")
+            key = (bytes(wire.buffer(ident)), msg.plan, session)
+            if msg.type == wire.CLOSE:
+                known = self.sessions.close(key)
+                return wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
+            self.stats.admitted()
+            try:
+                reply = self._step(entry, key, msg, position, top_k, t_recv)
+            except BaseException:
+                self.stats.answered(False)
+                raise
+            self.stats.answered(True)
+            return reply
+        except (wire.WireError, CodecError) as exc:
+            code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
+            self.stats.add(rejected=1)
+            return wire.error(msg.id, code, str(exc), msg.plan)
+        except Exception as exc:  # a failing tail (or a bug) answers this step and no other
+            log.exception("step %s failed", msg.id)
+            return wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+
+    def _step(
+        self, entry: Entry, key: tuple, msg: wire.Message, position: int, top_k: int, t_recv: float
+    ) -> wire.Message:
+        dec, runner = entry.plan.decoder, entry.runner
+        assert dec is not None and runner is not None and runner.session is not None
+        t0 = time.perf_counter()
+        (hidden,) = self._decode(msg, entry).values()
+        if hidden.shape[0] != 1 or hidden.shape[1] < 1:
+            raise wire.WireError(wire.E_BAD_TENSOR, f"a step carries [1, new tokens >= 1, {dec.hidden}]")
+        new = int(hidden.shape[1])
+        if position + new > dec.max_len:
+            raise wire.WireError(
+                wire.E_SESSION_LIMIT,
+                f"position {position} + {new} new token(s) passes the model's {dec.max_len} positions",
+            )
+        empty = np.zeros((1, dec.heads, 0, dec.head_dim), np.float32)
+        past_names = [n for n in runner.run_inputs if n.startswith("past_key_values.")]
+        s = self.sessions.begin(key, position, {n: empty for n in past_names})
+        t1 = time.perf_counter()
+        feeds = {**s.past, runner.receives[0]: hidden}
+        out = dict(zip(runner.run_outputs, runner.session.run(runner.run_outputs, feeds), strict=True))
+        t2 = time.perf_counter()
+        self.sessions.commit(key, s, {k: v for k, v in out.items() if k.startswith("present.")}, new)
+        last = out["logits"][0, -1]
+        names, frames = ["next_token"], [encode(np.array([int(last.argmax())], np.int64), "float32")]
+        if top_k:
+            ids = np.argsort(-last, kind="stable")[:top_k].astype(np.int64)
+            names += ["top_k_ids", "top_k_logits"]
+            frames += [encode(ids, "float32"), encode(last[ids].astype(np.float32), "float32")]
+        t3 = time.perf_counter()
+        server = {
+            "stage": runner.index,
+            "queue_ms": 0.0,
+            "decode_ms": (t1 - t0) * 1e3,
+            "tail_ms": (t2 - t1) * 1e3,
+            "encode_ms": (t3 - t2) * 1e3,
+            "total_ms": (t3 - t_recv) * 1e3,
+        }
+        meta = {"server": server, "session": key[2], "position": s.length}
+        return wire.Message(wire.RESULT, msg.id, msg.plan, names, meta=meta, frames=frames)
 
     # -- work: the socket thread itself (one worker) or the pool ------------------------------
     def _pooled(self, req: _Request) -> None:

@@ -63,6 +63,7 @@ class DecoderSpec:
 
 GPT2 = DecoderSpec(layers=12, d_model=768, heads=12, vocab=50257, n_ctx=1024, d_ff=3072)
 DECODER_TINY = DecoderSpec(layers=4, d_model=128, heads=4, vocab=8192, n_ctx=512, d_ff=512)
+DECODERS = {"gpt2": GPT2, "decoder-tiny": DECODER_TINY}
 
 
 def past_name(i: int, kind: str) -> str:

@@ -1,0 +1,252 @@
+"""The edge's half of a decoder split: the embedding and the first layers with their KV cache here, the
+rest in a server session; one round trip per generated token.
+
+Generation is sequential by nature (each token is the next step's input), so the client keeps one step in
+flight on its own DEALER socket and waits for it: no background thread. The prefill sends the whole
+prompt's hidden state in one step; every decode step then sends one token's. Each step names the session
+and the position the edge's cache has reached, so the server can refuse a step that does not follow
+(docs/protocol.md, "Decoder sessions").
+
+``ttft_ms`` is the time to the first token (prefill: head over the prompt, encode, round trip, server's
+layers); ``tpot_ms`` the median time per later token. Both are measured here, on the edge's clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import secrets
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from splitpoint.core import wire
+from splitpoint.core.codecs import decode, encode
+from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
+from splitpoint.core.runner import make_session
+
+PAST, PRESENT = "past_key_values.", "present."
+
+
+class GenerationError(SplitPointError):
+    """The server refused or did not answer a step; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    ttft_ms: float  # measured: request of the prefill to its token
+    tpot_ms: float | None  # measured: median per later token (None with one token)
+    step_ms: list[float] = field(default_factory=list)  # every step, the prefill first
+    head_ms: list[float] = field(default_factory=list)
+    server_ms: list[float] = field(default_factory=list)  # the server's own total per step
+    bytes_sent: list[int] = field(default_factory=list)  # payload bytes per step
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "ttft_ms": self.ttft_ms,
+            "tpot_ms": self.tpot_ms,
+            "bytes_per_prefill": self.bytes_sent[0] if self.bytes_sent else None,
+            "bytes_per_token": statistics.median(self.bytes_sent[1:]) if len(self.bytes_sent) > 1 else None,
+            "labels": {"ttft_ms": "measured", "tpot_ms": "measured (median)"},
+        }
+
+
+class _Segment:
+    """A decoder segment with its KV cache: run it on new tokens (or their hidden state)."""
+
+    def __init__(self, path: Path, threads: int):
+        self.sess = make_session(path, threads)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.main = next(n for n in self.inputs if not n.startswith(PAST))
+        self.out = next(n for n in self.outputs if not n.startswith(PRESENT))
+        self.shapes = {i.name: i.shape for i in self.sess.get_inputs()}
+        self.reset()
+
+    def reset(self) -> None:
+        self.past = {
+            n: np.zeros((1, self.shapes[n][1], 0, self.shapes[n][3]), np.float32)
+            for n in self.inputs
+            if n.startswith(PAST)
+        }
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        res = dict(zip(self.outputs, self.sess.run(self.outputs, {self.main: x, **self.past}), strict=True))
+        self.past = {PAST + k[len(PRESENT) :]: v for k, v in res.items() if k.startswith(PRESENT)}
+        return res[self.out]
+
+
+def _check_prompt(plan: Plan, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    assert plan.decoder is not None
+    ids = np.asarray(prompt, np.int64).reshape(1, -1)
+    if ids.shape[1] < 1:
+        raise SplitPointError("the prompt needs at least one token")
+    if ids.min() < 0 or ids.max() >= plan.decoder.vocab:
+        raise SplitPointError(f"token ids must be 0 to {plan.decoder.vocab - 1}")
+    if max_new_tokens < 1 or ids.shape[1] + max_new_tokens > plan.decoder.max_len:
+        raise SplitPointError(
+            f"{ids.shape[1]} prompt tokens + {max_new_tokens} new must be within the model's "
+            f"{plan.decoder.max_len} positions (and at least one new token)"
+        )
+    return ids
+
+
+def load_decoder_plan(plan_dir: str | Path) -> Plan:
+    plan = Plan.load(plan_dir, role="edge")
+    if plan.decoder is None:
+        raise PlanError(f"{plan_dir} is not a decoder plan (see `splitpoint split-decoder`)")
+    return plan
+
+
+def generate_local(
+    plan_dir: str | Path, prompt: np.ndarray, max_new_tokens: int, threads: int = 0
+) -> Generation:
+    """The same generation without the network: the whole model (``full.onnx``) when the plan carries it,
+    else head and tail here, one after the other."""
+    plan_dir = Path(plan_dir)
+    plan = Plan.load(plan_dir)
+    if plan.decoder is None:
+        raise PlanError(f"{plan_dir} is not a decoder plan")
+    ids = _check_prompt(plan, prompt, max_new_tokens)
+    full = plan_dir / FULL_FILE
+    parts = (
+        [_Segment(full, threads)]
+        if full.is_file()
+        else [
+            _Segment(plan_dir / HEAD_FILE, threads),
+            _Segment(plan_dir / TAIL_FILE, threads),
+        ]
+    )
+    tokens, steps = [], []
+    x = ids
+    for _ in range(max_new_tokens):
+        t0 = time.perf_counter()
+        y = x
+        for p in parts:
+            y = p(y)
+        tokens.append(int(y[0, -1].argmax()))
+        steps.append((time.perf_counter() - t0) * 1e3)
+        x = np.array([[tokens[-1]]], np.int64)
+    return Generation(tokens, steps[0], statistics.median(steps[1:]) if len(steps) > 1 else None, steps)
+
+
+class DecoderClient:
+    """Generates with a decoder plan: the head here, the tail in a session on ``server``."""
+
+    def __init__(
+        self,
+        plan_dir: str | Path,
+        server: str,
+        *,
+        timeout_s: float = 10.0,
+        threads: int = 0,
+        curve_server_key: bytes | None = None,
+        max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        self.plan = load_decoder_plan(plan_dir)
+        self.head = _Segment(Path(plan_dir) / HEAD_FILE, threads)
+        self.codec = self.plan.codec
+        self.cut = self.plan.cut_tensors[0].name
+        self.timeout_s = timeout_s
+        self._ids = itertools.count(1)
+        self._ctx: zmq.Context = zmq.Context.instance()
+        s = wire.tune(self._ctx.socket(zmq.DEALER))
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if curve_server_key:
+            s.curve_serverkey = curve_server_key
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        s.connect(server)
+        self._sock = s
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> DecoderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, msg: wire.Message) -> wire.Message:
+        wire.send(self._sock, msg.to_frames())
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+                raise GenerationError(
+                    wire.E_UNAVAILABLE, f"no answer from the server within {self.timeout_s:g} s"
+                )
+            reply = wire.parse(wire.recv(self._sock))
+            if reply.id != msg.id:
+                continue  # the late answer to an earlier step that timed out
+            if reply.type == wire.ERROR:
+                code = str(reply.meta.get("code", wire.E_INTERNAL))
+                raise GenerationError(code, f"server: {code}: {str(reply.meta.get('message', ''))[:1000]}")
+            return reply
+
+    def step(
+        self, session: int, position: int, hidden: np.ndarray, top_k: int = 0
+    ) -> tuple[int, wire.Message, int]:
+        """One step of a session: the next token id, the reply (its meta has the server's times) and the
+        payload bytes sent."""
+        payload = encode(hidden, self.codec)
+        meta = {"session": session, "position": position}
+        if top_k:
+            meta["top_k"] = top_k
+        msg = wire.Message(
+            wire.STEP, next(self._ids), self.plan.plan_id, [self.cut], meta=meta, frames=[payload]
+        )
+        reply = self._request(msg)
+        if reply.type != wire.RESULT or "next_token" not in reply.tensors:
+            raise GenerationError(wire.E_BAD_MESSAGE, f"the server answered a step with {reply.type}")
+        token = decode(wire.buffer(reply.frames[reply.tensors.index("next_token")]))
+        vocab = self.plan.decoder.vocab if self.plan.decoder else 0
+        if token.shape != (1,) or token.dtype != np.int64 or not 0 <= int(token[0]) < vocab:
+            raise GenerationError(
+                wire.E_BAD_TENSOR, f"the server's next_token is not one token id: {token!r:.80}"
+            )
+        return int(token[0]), reply, len(payload)
+
+    def end(self, session: int) -> None:
+        """Free the server's half of the session (it would expire anyway)."""
+        self._request(wire.Message(wire.CLOSE, next(self._ids), self.plan.plan_id, meta={"session": session}))
+
+    def generate(self, prompt: np.ndarray, max_new_tokens: int) -> Generation:
+        ids = _check_prompt(self.plan, prompt, max_new_tokens)
+        session = secrets.randbits(62)
+        self.head.reset()
+        gen = Generation([], 0.0, None)
+        x, position = ids, 0
+        try:
+            for _ in range(max_new_tokens):
+                t0 = time.perf_counter()
+                hidden = self.head(x)
+                t1 = time.perf_counter()
+                token, reply, nbytes = self.step(session, position, hidden)
+                t2 = time.perf_counter()
+                gen.tokens.append(token)
+                gen.step_ms.append((t2 - t0) * 1e3)
+                gen.head_ms.append((t1 - t0) * 1e3)
+                server = reply.meta.get("server", {})
+                gen.server_ms.append(float(server.get("total_ms", 0.0)) if isinstance(server, dict) else 0.0)
+                gen.bytes_sent.append(nbytes)
+                position += x.shape[1]
+                x = np.array([[token]], np.int64)
+        finally:
+            with contextlib.suppress(GenerationError):  # else it expires on the server by itself
+                self.end(session)
+        gen.ttft_ms = gen.step_ms[0]
+        gen.tpot_ms = statistics.median(gen.step_ms[1:]) if len(gen.step_ms) > 1 else None
+        return gen

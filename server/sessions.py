@@ -1,0 +1,110 @@
+"""Decoder sessions: the server's half of each sequence's KV cache, with the limits that keep many edges
+from exhausting it.
+
+A session is keyed by the client's connection (its routing identity), the plan and the session number
+the client chose, so clients cannot reach each other's sequences. A step at position 0 opens the session
+(or starts it again); every later step must name the position the cache has reached, so a lost or
+repeated step is refused (``bad-position``) instead of silently corrupting the sequence. Limits: the number
+of sessions, the bytes of all caches together, and the model's positions; a session idle past
+``idle_s`` is freed. A step that would pass a limit is refused and leaves the session as it was.
+
+Only the socket thread touches this: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from splitpoint.core import wire
+
+PAST, PRESENT = "past_key_values.", "present."
+Key = tuple[bytes, str, int]  # (the client's routing identity, plan id, session number)
+
+
+@dataclass
+class Session:
+    past: dict[str, np.ndarray]
+    length: int = 0  # tokens in the cache
+    nbytes: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionError(wire.WireError):
+    pass
+
+
+class DecoderSessions:
+    def __init__(self, max_sessions: int, max_cache_bytes: int, idle_s: float):
+        self.max_sessions, self.max_cache_bytes, self.idle_s = max_sessions, max_cache_bytes, idle_s
+        self._s: dict[Key, Session] = {}
+        self.cache_bytes = 0
+        self.expired = 0
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def begin(self, key: Key, position: int, empty: dict[str, np.ndarray]) -> Session:
+        """The session a step at ``position`` continues (a new one at position 0), or SessionError."""
+        s = self._s.get(key)
+        if position == 0:
+            if s is None and len(self._s) >= self.max_sessions:
+                raise SessionError(
+                    wire.E_SESSION_LIMIT,
+                    f"{len(self._s)} decoder sessions are open (the limit is {self.max_sessions}): "
+                    "close one or retry later",
+                )
+            if s is not None:  # starting over: its old cache goes
+                self.cache_bytes -= s.nbytes
+            s = Session(past=empty)
+            self._s[key] = s
+            return s
+        if s is None:
+            raise SessionError(
+                wire.E_UNKNOWN_SESSION,
+                f"no session {key[-1]} here (never opened, closed, or idle longer than {self.idle_s:g} s): "
+                "start again at position 0",
+            )
+        if position != s.length:
+            raise SessionError(
+                wire.E_BAD_POSITION,
+                f"step at position {position}, but session {key[-1]} holds {s.length} tokens",
+            )
+        return s
+
+    def commit(self, key: Key, s: Session, presents: dict[str, np.ndarray], new_tokens: int) -> None:
+        """The step's presents become the session's past, unless that passes the cache-memory limit
+        (then the session stays as it was and SessionError says why)."""
+        nbytes = sum(v.nbytes for v in presents.values())
+        if self.cache_bytes - s.nbytes + nbytes > self.max_cache_bytes:
+            if s.length == 0:
+                self._s.pop(key, None)
+            raise SessionError(
+                wire.E_SESSION_LIMIT,
+                f"the decoder caches would hold {(self.cache_bytes - s.nbytes + nbytes) / 2**20:.3g} MiB "
+                f"(the limit is {self.max_cache_bytes / 2**20:.3g} MiB): close sessions or retry later",
+            )
+        s.past = {PAST + k[len(PRESENT) :]: v for k, v in presents.items()}
+        self.cache_bytes += nbytes - s.nbytes
+        s.nbytes, s.length, s.last_used = nbytes, s.length + new_tokens, time.monotonic()
+
+    def close(self, key: Key) -> bool:
+        s = self._s.pop(key, None)
+        if s is not None:
+            self.cache_bytes -= s.nbytes
+        return s is not None
+
+    def sweep(self, now: float | None = None) -> int:
+        """Free the sessions idle longer than ``idle_s`` (at most once a second); how many were freed."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_sweep:
+            return 0
+        self._next_sweep = now + min(1.0, self.idle_s / 2)
+        stale = [k for k, s in self._s.items() if now - s.last_used > self.idle_s]
+        for k in stale:
+            self.close(k)
+        self.expired += len(stale)
+        return len(stale)

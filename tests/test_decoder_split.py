@@ -1,0 +1,201 @@
+"""A decoder split over a real server: the float32 split generates exactly the unsplit model's tokens, the
+server keeps one KV-cache session per sequence within its limits, and every bad step is one clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from splitpoint.app.broker import free_port
+from splitpoint.app.process import start_server, stop
+from splitpoint.core import wire
+from splitpoint.core.codecs import encode
+from splitpoint.core.plan import Plan
+from splitpoint.core.plandir import write_decoder_plan
+from splitpoint.core.zoo.decoder import DECODER_TINY, hidden_name
+from splitpoint.edge.decoder import DecoderClient, GenerationError, generate_local
+from splitpoint.server.config import ServerConfig
+from splitpoint.server.tail_server import TailServer
+
+SPEC = DECODER_TINY
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    d = tmp_path_factory.mktemp("decoder-plans")
+    for codec in ("float32", "int8-ol"):
+        write_decoder_plan(
+            SPEC, d / codec, name="decoder-tiny", edge_layers=2, codec=codec, include_full=True
+        )
+    return d
+
+
+def _prompt(n=16, seed=0):
+    return np.random.default_rng(seed).integers(0, SPEC.vocab, (1, n))
+
+
+def test_a_float32_split_generates_the_unsplit_models_256_tokens(plans):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, plans)
+    try:
+        unsplit = generate_local(plans / "float32", _prompt(), 256)  # full.onnx: the whole model
+        with DecoderClient(plans / "float32", endpoint, timeout_s=30) as client:
+            split = client.generate(_prompt(), 256)
+        assert split.tokens == unsplit.tokens
+        assert len(set(split.tokens)) > 50  # a real sequence, not one token repeated
+        assert split.bytes_sent[0] > split.bytes_sent[1]  # the prefill carries the whole prompt
+        assert split.ttft_ms > 0 and split.tpot_ms is not None and split.tpot_ms > 0
+        with DecoderClient(plans / "int8-ol", endpoint, timeout_s=30) as client:
+            compressed = client.generate(_prompt(), 64)
+        assert compressed.bytes_sent[1] < split.bytes_sent[1] / 2
+        assert sum(a == b for a, b in zip(compressed.tokens, unsplit.tokens[:64], strict=True)) >= 60
+    finally:
+        stop(proc)
+
+
+def test_generate_prints_one_json_object_split_and_local(plans):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, plans)
+    try:
+        outs = []
+        for extra in ([], ["--local"]):
+            cmd = [
+                sys.executable,
+                "-m",
+                "splitpoint.app",
+                "generate",
+                str(plans / "float32"),
+                "--server",
+                endpoint,
+            ]
+            cmd += ["--prompt-tokens", "8", "--max-new-tokens", "12", *extra]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            outs.append(json.loads(r.stdout))
+        split, local = outs
+        assert split["tokens"] == local["tokens"] and len(split["tokens"]) == 12
+        assert split["mode"] == "split" and local["mode"] == "local"
+        assert (
+            split["ttft_ms"] > 0
+            and split["tpot_ms"] > 0
+            and split["bytes_per_token"] == 4 * SPEC.d_model + 55
+        )
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def server(plans, request):
+    cfg = {"bind": "tcp://127.0.0.1:0", "plans_dir": plans, **getattr(request, "param", {})}
+    srv = TailServer(ServerConfig.of(**cfg)).start()
+    yield srv
+    srv.stop()
+
+
+def _client(plans, srv, codec="float32"):
+    return DecoderClient(plans / codec, srv.endpoint, timeout_s=10)
+
+
+@pytest.mark.parametrize("server", [{"max_sessions": 1}], indirect=True)
+def test_a_session_past_the_limit_is_refused_explicitly(plans, server):
+    with _client(plans, server) as a, _client(plans, server) as b:
+        head = a.head(_prompt())
+        a.step(1, 0, head)  # a holds the only session
+        with pytest.raises(GenerationError, match="1 decoder sessions are open") as e:
+            b.step(2, 0, head)
+        assert e.value.code == wire.E_SESSION_LIMIT
+        a.end(1)
+        b.step(2, 0, head)  # freed: now there is room
+        assert len(server.sessions) == 1
+
+
+@pytest.mark.parametrize("server", [{"max_cache_mb": 0.025}], indirect=True)
+def test_the_cache_memory_limit_refuses_a_step_and_keeps_the_session(plans, server):
+    with _client(plans, server) as c:
+        c.head.reset()
+        x = c.head(_prompt(8))
+        c.step(7, 0, x)  # 8 tokens: 2 layers x (key, value) x 4 heads x 8 x 32 x 4 bytes = 16 KiB
+        with pytest.raises(GenerationError, match="limit is 0.025 MiB") as e:
+            c.step(7, 8, c.head(_prompt(8, 1)))  # 16 tokens: 32 KiB > 25.6 KiB
+        assert e.value.code == wire.E_SESSION_LIMIT
+        assert server.sessions.cache_bytes == 16 * 1024  # as it was
+        c.step(7, 8, x[:, :1])  # the session still continues from 8 tokens
+
+
+@pytest.mark.parametrize("server", [{"session_idle_s": 0.3}], indirect=True)
+def test_an_idle_session_is_freed_and_then_unknown(plans, server):
+    with _client(plans, server) as c:
+        c.step(5, 0, c.head(_prompt()))
+        assert len(server.sessions) == 1
+        deadline = time.monotonic() + 5
+        while len(server.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.sessions) == 0 and server.sessions.expired == 1
+        with pytest.raises(GenerationError, match="never opened, closed, or idle longer than 0.3 s") as e:
+            c.step(5, 16, c.head(_prompt(1)))
+        assert e.value.code == wire.E_UNKNOWN_SESSION
+
+
+def test_a_step_out_of_order_is_refused_and_changes_nothing(plans, server):
+    with _client(plans, server) as c:
+        c.step(9, 0, c.head(_prompt()))
+        with pytest.raises(GenerationError, match="position 3, but session 9 holds 16 tokens") as e:
+            c.step(9, 3, c.head(_prompt(1)))
+        assert e.value.code == wire.E_BAD_POSITION
+        with pytest.raises(GenerationError, match="passes the model's 512 positions"):
+            c.step(9, 16, np.zeros((1, 500, SPEC.d_model), np.float32))
+        c.step(9, 16, c.head(_prompt(1)))
+
+
+def _ask(sock, frames) -> wire.Message:
+    wire.send(sock, frames)
+    assert sock.poll(10_000)
+    return wire.parse(wire.recv(sock))
+
+
+def test_hostile_steps_get_one_clear_error_each(plans, server):
+    plan = Plan.load(plans / "float32")
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(server.endpoint)
+    good = encode(np.zeros((1, 2, SPEC.d_model), np.float32), "float32")
+    name = hidden_name(1)
+
+    def step(meta, tensors=(name,), frames=(good,), plan_id=plan.plan_id, type_=wire.STEP):
+        return _ask(
+            s, wire.Message(type_, 3, plan_id, list(tensors), meta=meta, frames=list(frames)).to_frames()
+        )
+
+    cases = [
+        (step({"session": "x"}), wire.E_BAD_MESSAGE, "meta.session"),
+        (step({"session": 1, "position": -1}), wire.E_BAD_MESSAGE, "meta.position"),
+        (step({"session": 1, "top_k": 1000}), wire.E_BAD_MESSAGE, "meta.top_k"),
+        (step({"session": 1}, tensors=("nope",)), wire.E_BAD_TENSOR, "plan expects tensors"),
+        (
+            step({"session": 1}, frames=(encode(np.zeros((1, 2, 7), np.float32), "float32"),)),
+            wire.E_BAD_TENSOR,
+            "plan expects shape",
+        ),
+        (step({"session": 1}, frames=(b"garbage",)), wire.E_BAD_TENSOR, "payload"),
+        (step({"session": 1}, plan_id="0" * 64), wire.E_UNKNOWN_PLAN, "unknown plan"),
+        (step({"session": 1, "position": 4}), wire.E_UNKNOWN_SESSION, "no session 1"),
+        (step({"session": 1}, tensors=(), frames=(), type_=wire.CLOSE), None, None),
+    ]
+    for reply, code, words in cases:
+        if code is None:
+            assert reply.type == wire.CLOSED and reply.meta == {"session": 1, "held": False}
+            continue
+        assert reply.type == wire.ERROR and reply.meta["code"] == code, reply.meta
+        assert words in reply.meta["message"]
+    infer = _ask(s, wire.Message(wire.INFER, 4, plan.plan_id, [name], frames=[good]).to_frames())
+    assert infer.meta["code"] == wire.E_BAD_MESSAGE and "is a decoder" in infer.meta["message"]
+    ok = step({"session": 1, "top_k": 5})
+    assert ok.type == wire.RESULT and ok.tensors == ["next_token", "top_k_ids", "top_k_logits"]
+    assert ok.meta["position"] == 2 and len(server.sessions) == 1
+    s.close(0)
