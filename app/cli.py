@@ -175,6 +175,9 @@ def split_decoder(
     edge_layers: Annotated[int, typer.Option(help="decoder layers on the edge (with the embedding)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="plan directory to write")],
     codec: Annotated[str, typer.Option(help="codec of the hidden states sent per step")] = "float32",
+    head_weights: Annotated[
+        str, typer.Option(help="float32, or int4: the edge's layers as 4-bit MatMulNBits weights")
+    ] = "float32",
     seed: Annotated[int, typer.Option(help="weights' seed")] = 0,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (generate --local)")] = False,
@@ -200,7 +203,8 @@ def split_decoder(
     )
     console.print(
         f"{model}: {edge_layers} of {spec.layers} layers on the edge, hidden state "
-        f"{spec.d_model} floats per token sent as {plan.codec}; plan {plan.plan_id[:12]} → {out}"
+        f"{spec.d_model} floats per token sent as {plan.codec}, edge weights {head_weights}; "
+        f"plan {plan.plan_id[:12]} → {out}"
     )
 
 

@@ -18,10 +18,12 @@ import numpy as np
 from common import verdict, write_results
 
 from splitpoint.core.codecs import encode
+from splitpoint.core.quantize import quantize_matmul_weights
 from splitpoint.core.zoo.decoder import DECODER_TINY, build_decoder, empty_past, hidden_name
 from splitpoint.partitioner.decoderfidelity import measure
 
 CODECS = ["float16", "int8", "int8-ch", "int8-ol", "int4", "int4-ol", "int8-ol+zstd"]
+Q4_CODECS = ["float32", "int8-ol"]  # with the edge's layers in 4-bit weights (MatMulNBits)
 
 
 def bytes_per_token(cut: int, prompt: np.ndarray) -> dict[str, dict[str, float]]:
@@ -60,11 +62,16 @@ def main() -> None:
         fid = measure(head, tail, CODECS, prompts, args.new_tokens)
         sizes = bytes_per_token(cut, prompts[0])
         for c in CODECS:
-            rows.append({"cut": cut, **fid[c].to_dict(), "bytes": sizes[c]})
+            rows.append({"cut": cut, "head_weights": "float32", **fid[c].to_dict(), "bytes": sizes[c]})
+        q4 = measure(head, tail, Q4_CODECS, prompts, args.new_tokens, test_head=quantize_matmul_weights(head))
+        for c in Q4_CODECS:
+            rows.append({"cut": cut, "head_weights": "int4", **q4[c].to_dict(), "bytes": sizes[c]})
     f32 = bytes_per_token(1, prompts[0])["float32"]
 
     def med(codec: str, key: str) -> float:
-        return statistics.median(r[key]["value"] for r in rows if r["codec"] == codec)
+        return statistics.median(
+            r[key]["value"] for r in rows if r["codec"] == codec and r["head_weights"] == "float32"
+        )
 
     targets = []
     for c in ("int8-ch", "int8-ol"):
@@ -99,18 +106,23 @@ def main() -> None:
         "",
         "## Every cut and codec",
         "",
-        "| cut (layers on the edge) | codec | greedy agreement [95 % CI] | KL, nats [95 % CI] "
+        "| cut (layers on the edge) | edge weights | codec | greedy agreement [95 % CI] | KL, nats [95 % CI] "
         "| bytes per decode step | bytes per prompt token (prefill) |",
-        "|---:|---|---|---|---:|---:|",
+        "|---:|---|---|---|---|---:|---:|",
     ]
     for r in rows:
         a, k = r["agreement"], r["kl"]
         lines.append(
-            f"| {r['cut']} | {r['codec']} | {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] | "
+            f"| {r['cut']} | {r['head_weights']} | {r['codec']} | "
+            f"{a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] | "
             f"{k['value']:.2g} [{k['low']:.2g}, {k['high']:.2g}] | {r['bytes']['decode_step']:.0f} | "
             f"{r['bytes']['prefill_per_token']:.0f} |"
         )
     lines += [
+        "",
+        "Edge weights int4: the edge's layers as 4-bit MatMulNBits weights (block 32, symmetric; the "
+        "embedding stays float), against the float model: the error of the weights and of the codec "
+        "together.",
         "",
         "A single-token decode step carries a fixed header (shape, per-token parameters, the outlier "
         "section), so small payloads compress less than their element size suggests.",

@@ -103,7 +103,7 @@ class Stage(_Strict):
 
     file: str | None = None  # its segment; None: it runs nothing and forwards what it receives
     device: str = Field("", max_length=256)  # the device profile it was planned for ("" if none was named)
-    weights: Literal["float32", "int8"] = "float32"
+    weights: Literal["float32", "int8", "int4"] = "float32"  # int4: MatMulNBits (decoder heads)
     # the cut (prefix index) it ends at; None for the last stage, or a cut named by tensors that is no prefix
     end: int | None = Field(default=None, ge=0)
     receives: list[TensorSpec] = Field(default_factory=list, max_length=1024)  # the previous stage's sends

@@ -169,6 +169,7 @@ def write_decoder_plan(
     name: str,
     edge_layers: int,
     codec: str = "float32",
+    head_weights: str = "float32",
     seed: int = 0,
     include_full: bool = False,
     force: bool = False,
@@ -176,18 +177,25 @@ def write_decoder_plan(
     """A decoder split between layers: ``head.onnx`` (embedding and the first ``edge_layers`` layers, the
     edge's KV cache), ``tail.onnx`` (the other layers and the output head, the server's KV cache), and a
     plan whose stage 0 sends the hidden state of the new tokens with ``codec``. The segments are built with
-    the whole model's weights, so a float32 split decodes exactly the whole model's tokens."""
+    the whole model's weights, so a float32 split decodes exactly the whole model's tokens. ``head_weights``
+    int4 stores the edge's layers as 4-bit MatMulNBits weights (the embedding stays float)."""
     from .onnxio import model_bytes, sha256_bytes
     from .plan import DecoderInfo
     from .zoo.decoder import build_decoder, hidden_name
 
     if not 0 < edge_layers < spec.layers:
         raise PlanError(f"--edge-layers must be 1 to {spec.layers - 1} for a {spec.layers}-layer decoder")
+    if head_weights not in ("float32", "int4"):
+        raise PlanError(f"--head-weights must be float32 or int4 for a decoder, not {head_weights!r}")
     whole = build_decoder(spec, name, seed)
     models = {
         HEAD_FILE: build_decoder(spec, f"{name}-head", seed, (0, edge_layers)),
         TAIL_FILE: build_decoder(spec, f"{name}-tail", seed, (edge_layers, spec.layers)),
     }
+    if head_weights == "int4":
+        from .quantize import quantize_matmul_weights
+
+        models[HEAD_FILE] = quantize_matmul_weights(models[HEAD_FILE])
     if include_full:
         models[FULL_FILE] = whole
     crossing = [_spec(hidden_name(edge_layers - 1), f"1xsequencex{spec.d_model}", "float32", None, "head")]
@@ -212,7 +220,7 @@ def write_decoder_plan(
                 inputs=[_spec("input_ids", "1xsequence", "int64", None, "head")],
                 outputs=[_spec("logits", f"1xsequencex{spec.vocab}", "float32", None, "tail")],
                 stages=[
-                    Stage(file=HEAD_FILE, sends=crossing, codec=codec),
+                    Stage(file=HEAD_FILE, sends=crossing, codec=codec, weights=head_weights),  # type: ignore[arg-type]
                     Stage(file=TAIL_FILE, receives=crossing, produces=["logits"]),
                 ],
                 files={f.name: sha256_file(f) for f in sorted(tmp.iterdir())},

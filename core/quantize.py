@@ -84,3 +84,19 @@ def quantize_head(
                 weight_type=QuantType.QInt8,
             )
         return onnx.load(str(dst))
+
+
+def quantize_matmul_weights(model: onnx.ModelProto, bits: int = 4, block_size: int = 32) -> onnx.ModelProto:
+    """A copy of ``model`` whose MatMul weights are ``bits``-bit blocks (onnxruntime's MatMulNBits: symmetric,
+    ``block_size`` weights per scale, int8 accumulation where the CPU has it). Weight-only: activations
+    stay float, so nothing needs calibrating. Embeddings (Gather) stay float."""
+    import copy
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(
+        copy.deepcopy(model), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4
+    )
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    q.process()
+    return q.model.model

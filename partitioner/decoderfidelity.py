@@ -92,17 +92,27 @@ def measure(
     prompts: Sequence[np.ndarray],
     new_tokens: int,
     threads: int = 1,
+    test_head: onnx.ModelProto | bytes | None = None,
 ) -> dict[str, DecoderFidelity]:
-    """Each codec's agreement and KL over ``prompts`` (int64 [1, n] token ids), ``new_tokens`` each."""
+    """Each codec's agreement and KL over ``prompts`` (int64 [1, n] token ids), ``new_tokens`` each.
+    ``test_head`` (e.g. the head with 4-bit weights) replaces ``head`` on the measured side; the float
+    ``head`` still makes the reference."""
     if new_tokens < 1 or not prompts:
         raise SplitPointError("decoder fidelity needs at least one prompt and one new token")
     parsed = [Codec.parse(c).name for c in codecs]
     h, t = _Segment(head, threads), _Segment(tail, threads)
+    th = _Segment(test_head, threads) if test_head is not None else None
     agree: dict[str, list[bool]] = {c: [] for c in parsed}
     kls: dict[str, list[float]] = {c: [] for c in parsed}
     for prompt in prompts:
         ids = np.asarray(prompt, np.int64).reshape(1, -1)
         hidden, ref = _reference(h, t, ids, new_tokens)
+        if th is not None:  # the head under test, fed the reference's tokens
+            past, hidden, x = th.empty_past(), [], ids
+            for tok, _ in ref:
+                hs, past = th.step(x, past)
+                hidden.append(hs)
+                x = np.array([[tok]], np.int64)
         for c in parsed:
             past = t.empty_past()
             for x, (tok, logits) in zip(hidden, ref, strict=True):

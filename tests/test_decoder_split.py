@@ -199,3 +199,18 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
     assert ok.type == wire.RESULT and ok.tensors == ["next_token", "top_k_ids", "top_k_logits"]
     assert ok.meta["position"] == 2 and len(server.sessions) == 1
     s.close(0)
+
+
+def test_int4_edge_weights_shrink_the_head_and_keep_the_tokens(plans, server, tmp_path):
+    import onnx
+
+    p = write_decoder_plan(SPEC, tmp_path / "q4", name="decoder-tiny", edge_layers=2, head_weights="int4")
+    assert p.stages[0].weights == "int4"
+    head = onnx.load(tmp_path / "q4" / "head.onnx")
+    assert {n.op_type for n in head.graph.node} >= {"MatMulNBits"}
+    assert (tmp_path / "q4" / "head.onnx").stat().st_size < (plans / "float32" / "head.onnx").stat().st_size
+    server.registry.add_dir(tmp_path / "q4")
+    unsplit = generate_local(plans / "float32", _prompt(), 32)
+    with DecoderClient(tmp_path / "q4", server.endpoint) as c:
+        got = c.generate(_prompt(), 32)
+    assert sum(a == b for a, b in zip(got.tokens, unsplit.tokens, strict=True)) >= 28
