@@ -27,6 +27,7 @@ from .console import (
     progress,
     show_plan,
     show_plan_set,
+    table,
 )
 
 app = typer.Typer(
@@ -208,6 +209,127 @@ def split_decoder(
     )
 
 
+@app.command("plan-decoder")
+def plan_decoder(
+    model: Annotated[str, typer.Argument(help="decoder zoo name: " + ", ".join(_decoder_names()))],
+    network: Annotated[str, typer.Option(help="network profile name or YAML")] = "lte",
+    edge_cpus: Annotated[
+        float | None, typer.Option(help="measure the edge's layers under this CPU limit (cgroup quota)")
+    ] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length the times are measured at")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="tokens generated (decode steps measured mid-way)")] = 64,
+    codecs: Annotated[str, typer.Option(help="comma-separated codecs for the hidden states")] = (
+        "float32,float16,int8-ol,int4-ol"
+    ),
+    head_weights: Annotated[str, typer.Option(help="edge weight precisions to consider")] = "float32,int4",
+    max_ttft: Annotated[float | None, typer.Option(help="limit on time to first token, ms")] = None,
+    max_tpot: Annotated[float | None, typer.Option(help="limit on time per output token, ms")] = None,
+    edge_memory: Annotated[
+        float | None, typer.Option(help="limit on the edge's weights + KV cache at the model's length, MiB")
+    ] = None,
+    objective: Annotated[str, typer.Option(help="tpot or ttft")] = "tpot",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="write the pick's plan here")] = None,
+    force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the candidates as JSON")] = False,
+    seed: Annotated[int, typer.Option(help="weights' seed")] = 0,
+) -> None:
+    """Choose where to split a decoder, how to send its hidden states and the edge's weight precision, by
+    time to first token and time per output token derived from measured layer blocks on this machine
+    (the edge's under --edge-cpus). Every generated token costs one round trip."""
+    from splitpoint.core.plandir import write_decoder_plan
+    from splitpoint.core.zoo.decoder import DECODERS
+    from splitpoint.partitioner.decoderplan import baselines, candidates, measure, pick, pick_fidelity
+    from splitpoint.partitioner.planner import link_of
+    from splitpoint.profiles.schema import load_network
+
+    if model not in DECODERS:
+        raise SplitPointError(f"unknown decoder {model!r}; one of {', '.join(DECODERS)}")
+    if objective not in ("tpot", "ttft"):
+        raise SplitPointError(f"--objective must be tpot or ttft, not {objective!r}")
+    link = link_of(load_network(network))
+    spec = DECODERS[model]
+    weights = [w.strip() for w in head_weights.split(",") if w.strip()]
+    if not weights or any(w not in ("float32", "int4") for w in weights):
+        raise SplitPointError(f"--head-weights: float32 and/or int4, not {head_weights!r}")
+    with progress("measuring decoder blocks", as_json) as note:
+        note("measuring decoder blocks (edge and server)")
+        m = measure(
+            spec,
+            seed=seed,
+            codecs=[c.strip() for c in codecs.split(",") if c.strip()],
+            head_weights=weights,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            edge_cpus=edge_cpus,
+        )
+    cands = candidates(m, link)
+    limit = int(edge_memory * 2**20) if edge_memory is not None else None
+    best = pick(cands, max_ttft, max_tpot, limit, objective)
+    base = baselines(m, link)
+    if as_json:
+        _print_json(
+            {
+                "pick": best.to_dict() if best else None,
+                "candidates": [c.to_dict() for c in cands],
+                "baselines": base,
+                "labels": {"candidates": "derived from measured blocks", "baselines": "derived"},
+            }
+        )
+    else:
+        key = (lambda c: c.tpot_ms) if objective == "tpot" else (lambda c: c.ttft_ms)
+        rows = [
+            [
+                c.label + (" ← pick" if c is best else ""),
+                f"{c.ttft_ms:.1f}",
+                f"{c.tpot_ms:.1f}",
+                human_bytes(c.step_bytes),
+                f"{c.edge_memory_bytes / 2**20:.0f}",
+            ]
+            for c in sorted(cands, key=key)[:12]
+        ]
+        rows += [
+            [
+                name + " (baseline)",
+                f"{b['ttft_ms']:.1f}",
+                f"{b['tpot_ms']:.1f}",
+                "",
+                f"{b['edge_memory_bytes'] / 2**20:.0f}",
+            ]
+            for name, b in base.items()
+        ]
+        console.print(
+            table(
+                f"{model} on {network}: derived from measured blocks (best 12 by {objective})",
+                ["candidate", "TTFT ms", "TPOT ms", "bytes/token", "edge MiB"],
+                rows,
+            )
+        )
+    if best is None:
+        raise SplitPointError("no split meets the limits (--max-ttft, --max-tpot, --edge-memory)")
+    fid = pick_fidelity(spec, best, seed)
+    if not as_json:
+        a, k = fid["agreement"], fid["kl"]
+        console.print(
+            f"pick: {best.label}: greedy agreement {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
+            f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} prompts x {fid['new_tokens']} "
+            "tokens, against the float model)"
+        )
+    if out is not None:
+        plan = write_decoder_plan(
+            spec,
+            out,
+            name=model,
+            edge_layers=best.edge_layers,
+            codec=best.codec,
+            head_weights=best.head_weights,
+            seed=seed,
+            predicted={**best.to_dict(), "network": network, "fidelity": fid},
+            force=force,
+        )
+        if not as_json:
+            console.print(f"pick: {best.label}; plan {plan.plan_id[:12]} → {out}")
+
+
 def _decoder_names() -> list[str]:
     from splitpoint.core.zoo.decoder import DECODERS
 
@@ -224,24 +346,32 @@ def generate(
     local: Annotated[bool, typer.Option(help="run the unsplit model here instead (for comparison)")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each step's answer")] = 10.0,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = default)")] = 0,
+    cpus: Annotated[
+        float | None, typer.Option(help="run under this CPU limit (cgroup quota), as a small device would")
+    ] = None,
 ) -> None:
     """Generate greedily with a decoder plan and print one JSON object: tokens, ttft_ms, tpot_ms (both
     measured on this machine's clock)."""
     import numpy as np
 
     from splitpoint.edge.decoder import DecoderClient, generate_local, load_decoder_plan
+    from splitpoint.profiles.cpulimit import cpu_limit
 
     plan = load_decoder_plan(plan_dir) if not local else None
     vocab = plan.decoder.vocab if plan and plan.decoder else _plan_vocab(plan_dir)
     if prompt_tokens < 1:
         raise SplitPointError("--prompt-tokens must be at least 1")
     prompt = np.random.default_rng(seed).integers(0, vocab, (1, prompt_tokens))
-    if local:
-        gen = generate_local(plan_dir, prompt, max_new_tokens, threads)
-    else:
-        with DecoderClient(plan_dir, server, timeout_s=timeout, threads=threads) as client:
-            gen = client.generate(prompt, max_new_tokens)
-    _print_json({**gen.to_dict(), "mode": "local" if local else "split", "prompt_tokens": prompt_tokens})
+    with cpu_limit(cpus) as emulation:
+        if local:
+            gen = generate_local(plan_dir, prompt, max_new_tokens, threads)
+        else:
+            with DecoderClient(plan_dir, server, timeout_s=timeout, threads=threads) as client:
+                gen = client.generate(prompt, max_new_tokens)
+    out = {**gen.to_dict(), "mode": "local" if local else "split", "prompt_tokens": prompt_tokens}
+    if emulation is not None:
+        out["cpu_limit"] = emulation.model_dump()
+    _print_json(out)
 
 
 def _plan_vocab(plan_dir: Path) -> int:

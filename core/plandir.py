@@ -172,6 +172,7 @@ def write_decoder_plan(
     head_weights: str = "float32",
     seed: int = 0,
     include_full: bool = False,
+    predicted: dict | None = None,
     force: bool = False,
 ) -> Plan:
     """A decoder split between layers: ``head.onnx`` (embedding and the first ``edge_layers`` layers, the
@@ -226,6 +227,7 @@ def write_decoder_plan(
                 files={f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
                 kind=SPLIT,
                 decoder=info,
+                predicted=predicted or {},
             )
         )
         plan.plan_id = plan.content_id()

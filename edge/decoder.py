@@ -169,6 +169,18 @@ class DecoderClient:
             s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
         s.connect(server)
         self._sock = s
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run the head once and wait for the server's pong: the first generation's TTFT then holds
+        neither onnxruntime's first-run set-up nor the connection's handshake, as in a long-running
+        client."""
+        hidden = self.head(np.zeros((1, 2), np.int64))
+        decode(encode(hidden, self.codec))  # a codec's first call pays numpy's lazy set-up (~10 ms)
+        self.head.reset()
+        reply = self._request(wire.Message(wire.PING, next(self._ids)))
+        if reply.type != wire.PONG:
+            raise GenerationError(wire.E_BAD_MESSAGE, f"the server answered a ping with {reply.type}")
 
     def close(self) -> None:
         self._sock.close(0)

@@ -57,6 +57,8 @@ class PlanRegistry:
             return Entry(plan, path, None)  # an edge-only plan: nothing runs here
         file = plan.stages[i].file
         session = make_session(path / file, self.threads, self.provider) if file else None
+        if session is not None and plan.decoder is not None:
+            _warm_up_decoder(session, plan)
         return Entry(plan, path, StageRunner(plan, i, session))
 
     def add_dir(self, path: str | Path) -> Plan:
@@ -95,3 +97,22 @@ class PlanRegistry:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._entries)
+
+
+def _warm_up_decoder(session, plan: Plan) -> None:
+    """One step on a dummy token: a session's first run sets up onnxruntime's kernels and buffers (tens
+    of ms), which would otherwise land on the first user's first token."""
+    import numpy as np
+
+    dec = plan.decoder
+    assert dec is not None
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, dec.heads, 0, dec.head_dim), np.float32)
+        else:
+            feeds[i.name] = np.zeros((1, 1, dec.hidden), np.float32)
+    session.run(None, feeds)
+    from splitpoint.core.codecs import decode, encode
+
+    decode(encode(np.ones((1, 2, dec.hidden), np.float32), plan.codec))  # the codec's first call, too

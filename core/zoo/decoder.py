@@ -93,6 +93,7 @@ class _Graph:
         return out
 
 
+@functools.lru_cache(maxsize=2)  # GPT-2's take ~3 s to draw; every segment of one model shares them
 def _weights(spec: DecoderSpec, seed: int) -> dict[str, np.ndarray]:
     """GPT-2's initialisation (normal, std 0.02; residual projections scaled by 1/sqrt(2·layers))."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,312 @@
+"""Planning a decoder split: where to cut between layers, how to send the hidden states and in what
+precision to keep the edge's weights, from time to first token (TTFT) and time per output token (TPOT).
+
+Every generated token is one round trip, so on a slow link TPOT is dominated by the RTT whatever the cut,
+and a cut's worth is the edge compute it saves against the bytes and round trips it costs.
+
+Measured (``measure``): on each side, the time of three blocks of the model, in prefill (the prompt, no
+past) and in a decode step (one token on a past of the mid-generation length): the embedding with layer
+0, one middle layer, the last layer with the output head; the codecs' encoded sizes and encode times on
+real hidden states. Derived (``evaluate``, pure): a cut after ``k`` layers costs the edge block 0 plus
+``k - 1`` middle layers, the server ``L - k - 1`` middle layers plus the last block, and
+
+    TTFT = edge prefill + encode + uplink(prefill bytes) + RTT + server prefill + downlink(reply) + runtime
+    TPOT = edge step    + encode + uplink(step bytes)    + RTT + server step    + downlink(reply) + runtime
+
+where *runtime* is the runtime's own time per step, measured apart (``overhead_ms``).
+
+Edge memory = the edge's weights (as stored) + its KV cache at ``max_len`` positions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from splitpoint.core.codecs import encode
+from splitpoint.core.onnxio import model_bytes
+from splitpoint.core.runner import make_session
+from splitpoint.core.zoo.decoder import DecoderSpec, build_decoder, hidden_name, past_name
+
+from .costmodel import Link, downlink_ms, uplink_ms
+
+REPLY_BYTES = 160  # a step's result: header (~100 bytes) and one int64 token payload
+
+
+@dataclass(frozen=True)
+class BlockTimes:
+    """Median ms of one block, prefill and decode step (measured)."""
+
+    prefill_ms: float
+    step_ms: float
+
+
+@dataclass(frozen=True)
+class SideTimes:
+    first: BlockTimes  # embedding + layer 0
+    middle: BlockTimes  # one layer
+    last: BlockTimes  # last layer + output head
+
+    def head(self, k: int) -> BlockTimes:
+        return BlockTimes(
+            self.first.prefill_ms + (k - 1) * self.middle.prefill_ms,
+            self.first.step_ms + (k - 1) * self.middle.step_ms,
+        )
+
+    def tail(self, k: int, layers: int) -> BlockTimes:
+        n = layers - k - 1
+        return BlockTimes(
+            n * self.middle.prefill_ms + self.last.prefill_ms, n * self.middle.step_ms + self.last.step_ms
+        )
+
+
+@dataclass(frozen=True)
+class DecoderMeasurements:
+    spec: DecoderSpec
+    prompt_tokens: int
+    context: int  # the past length decode steps were measured at
+    edge: dict[str, SideTimes]  # by edge weight precision
+    server: SideTimes
+    sizes: dict[str, tuple[int, int]]  # codec -> (prefill bytes, step bytes), encoded real hidden states
+    encode_ms: dict[str, tuple[float, float]]  # codec -> (prefill, step), on the edge
+    weight_bytes: dict[str, tuple[int, int, int]]  # precision -> (block 0, middle layer, last block) stored
+    # the runtime's own time per step (client, wire, server session) beyond model, codec and link, prefill
+    # and decode step, measured apart (e.g. a model that computes next to nothing over loopback); 0 if not
+    overhead_ms: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class DecoderCandidate:
+    edge_layers: int
+    codec: str
+    head_weights: str
+    ttft_ms: float
+    tpot_ms: float
+    prefill_bytes: int
+    step_bytes: int
+    edge_memory_bytes: int
+    breakdown: dict
+
+    @property
+    def label(self) -> str:
+        w = " int4-edge" if self.head_weights == "int4" else ""
+        n = self.edge_layers
+        return f"{n} layer{'s' if n > 1 else ''} on the edge, {self.codec}{w}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "label": self.label, "labels": {"ttft_ms": "derived", "tpot_ms": "derived"}}
+
+
+def evaluate(m: DecoderMeasurements, k: int, codec: str, weights: str, link: Link) -> DecoderCandidate:
+    """One candidate's TTFT, TPOT, bytes and edge memory (derived from ``m``; pure)."""
+    L = m.spec.layers
+    head, tail = m.edge[weights].head(k), m.server.tail(k, L)
+    pre_b, step_b = m.sizes[codec]
+    enc_pre, enc_step = m.encode_ms[codec]
+    rtt, down = link.rtt_ms, downlink_ms(REPLY_BYTES, link)
+    up_pre, up_step = uplink_ms(pre_b, link), uplink_ms(step_b, link)
+    over_pre, over_step = m.overhead_ms
+    ttft = head.prefill_ms + enc_pre + up_pre + rtt + tail.prefill_ms + down + over_pre
+    tpot = head.step_ms + enc_step + up_step + rtt + tail.step_ms + down + over_step
+    w0, wm, _ = m.weight_bytes[weights]
+    kv = k * 2 * m.spec.heads * m.spec.head_dim * m.spec.n_ctx * 4
+    return DecoderCandidate(
+        k,
+        codec,
+        weights,
+        ttft,
+        tpot,
+        pre_b,
+        step_b,
+        w0 + (k - 1) * wm + kv,
+        {
+            "edge_prefill_ms": head.prefill_ms,
+            "edge_step_ms": head.step_ms,
+            "encode_prefill_ms": enc_pre,
+            "encode_step_ms": enc_step,
+            "uplink_prefill_ms": up_pre,
+            "uplink_step_ms": up_step,
+            "rtt_ms": rtt,
+            "server_prefill_ms": tail.prefill_ms,
+            "server_step_ms": tail.step_ms,
+            "downlink_ms": down,
+            "runtime_prefill_ms": over_pre,
+            "runtime_step_ms": over_step,
+        },
+    )
+
+
+def candidates(m: DecoderMeasurements, link: Link) -> list[DecoderCandidate]:
+    """Every split: cut after 1 .. L-1 layers x codec x edge weight precision."""
+    return [evaluate(m, k, c, w, link) for k in range(1, m.spec.layers) for c in m.sizes for w in m.edge]
+
+
+def baselines(m: DecoderMeasurements, link: Link) -> dict[str, dict]:
+    """What a user would run instead (derived alike): the whole model on the edge (no network), and the
+    whole model on the server with the token ids sent (8 bytes a token, one round trip per token)."""
+    L, out = m.spec.layers, {}
+    kv = L * 2 * m.spec.heads * m.spec.head_dim * m.spec.n_ctx * 4
+    for w, side in m.edge.items():
+        pre = side.first.prefill_ms + (L - 2) * side.middle.prefill_ms + side.last.prefill_ms
+        step = side.first.step_ms + (L - 2) * side.middle.step_ms + side.last.step_ms
+        w0, wm, wl = m.weight_bytes[w]
+        out[f"edge-only{' int4' if w == 'int4' else ''}"] = {
+            "ttft_ms": pre,
+            "tpot_ms": step,
+            "edge_memory_bytes": w0 + (L - 2) * wm + wl + kv,
+        }
+    s = m.server
+    pre = s.first.prefill_ms + (L - 2) * s.middle.prefill_ms + s.last.prefill_ms
+    step = s.first.step_ms + (L - 2) * s.middle.step_ms + s.last.step_ms
+    rtt, down = link.rtt_ms, downlink_ms(REPLY_BYTES, link)
+    out["server-only"] = {
+        "ttft_ms": pre + uplink_ms(8 * m.prompt_tokens + 64, link) + rtt + down,
+        "tpot_ms": step + uplink_ms(72, link) + rtt + down,
+        "edge_memory_bytes": 0,
+    }
+    return out
+
+
+def pick(
+    cands: Sequence[DecoderCandidate],
+    max_ttft: float | None = None,
+    max_tpot: float | None = None,
+    edge_memory: int | None = None,
+    objective: str = "tpot",
+) -> DecoderCandidate | None:
+    """The candidate with the least TPOT (or TTFT) among those within the limits; None if none is."""
+    ok = [
+        c
+        for c in cands
+        if (max_ttft is None or c.ttft_ms <= max_ttft)
+        and (max_tpot is None or c.tpot_ms <= max_tpot)
+        and (edge_memory is None or c.edge_memory_bytes <= edge_memory)
+    ]
+    key = (lambda c: (c.tpot_ms, c.ttft_ms)) if objective == "tpot" else (lambda c: (c.ttft_ms, c.tpot_ms))
+    return min(ok, key=key) if ok else None
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+def _time(sess, feeds: dict, repeats: int) -> float:
+    sess.run(None, feeds)  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _block_times(
+    model, spec: DecoderSpec, layers: tuple[int, int], p: int, ctx: int, reps: int, threads: int
+):
+    sess = make_session(model, threads)
+    first, last = layers
+    rng = np.random.default_rng(0)
+    x_pre: np.ndarray
+    if first == 0:
+        x_pre, x_step = rng.integers(0, spec.vocab, (1, p)), rng.integers(0, spec.vocab, (1, 1))
+    else:
+        x_pre = rng.standard_normal((1, p, spec.d_model)).astype(np.float32)
+        x_step = x_pre[:, :1]
+    name = "input_ids" if first == 0 else hidden_name(first - 1)
+
+    def past(n: int) -> dict[str, np.ndarray]:
+        z = (rng.standard_normal((1, spec.heads, n, spec.head_dim)) * 0.5).astype(np.float32)
+        return {past_name(i, kind): z for i in range(first, last) for kind in ("key", "value")}
+
+    pre = _time(sess, {name: x_pre, **past(0)}, reps)
+    step = _time(sess, {name: x_step, **past(ctx)}, reps * 3)
+    return BlockTimes(pre, step)
+
+
+def measure_side(
+    spec: DecoderSpec, seed: int, weights: str, prompt_tokens: int, context: int, repeats: int, threads: int
+) -> tuple[SideTimes, tuple[int, int, int]]:
+    """The three blocks' times on this machine (under whatever CPU limit it runs), and their stored sizes."""
+    from splitpoint.core.quantize import quantize_matmul_weights
+
+    L = spec.layers
+    blocks, sizes = [], []
+    for layers in ((0, 1), (1, 2), (L - 1, L)):
+        model = build_decoder(spec, seed=seed, layers=layers)
+        if weights == "int4":
+            model = quantize_matmul_weights(model)
+        sizes.append(len(model_bytes(model)))
+        blocks.append(_block_times(model, spec, layers, prompt_tokens, context, repeats, threads))
+    return SideTimes(*blocks), (sizes[0], sizes[1], sizes[2])
+
+
+def measure_codecs(
+    spec: DecoderSpec, seed: int, codecs: Sequence[str], prompt_tokens: int, repeats: int
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[float, float]]]:
+    """Encoded bytes and encode ms of a real hidden state (after layer 0), prefill and one token."""
+    sess = make_session(build_decoder(spec, seed=seed, layers=(0, 1)), 1)
+    ids = np.random.default_rng(seed + 11).integers(0, spec.vocab, (1, prompt_tokens))
+    empty = np.zeros((1, spec.heads, 0, spec.head_dim), np.float32)
+    (h,) = sess.run(
+        [hidden_name(0)], {"input_ids": ids, past_name(0, "key"): empty, past_name(0, "value"): empty}
+    )
+    one = np.ascontiguousarray(h[:, -1:])
+    sizes, times = {}, {}
+    for c in codecs:
+        sizes[c] = (len(encode(h, c)), len(encode(one, c)))
+        t = []
+        for x in (h, one):
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                encode(x, c)
+                ts.append((time.perf_counter() - t0) * 1e3)
+            t.append(statistics.median(ts))
+        times[c] = (t[0], t[1])
+    return sizes, times
+
+
+def measure(
+    spec: DecoderSpec,
+    *,
+    seed: int = 0,
+    codecs: Sequence[str] = ("float32", "float16", "int8-ol", "int4-ol"),
+    head_weights: Sequence[str] = ("float32", "int4"),
+    prompt_tokens: int = 32,
+    new_tokens: int = 64,
+    edge_cpus: float | None = None,
+    repeats: int = 5,
+    server_threads: int = 0,
+) -> DecoderMeasurements:
+    """Everything ``evaluate`` needs, measured on this machine: the server's blocks at full speed, the
+    edge's under ``edge_cpus`` (a real CPU limit on this process while it measures, as ``profile
+    --cpus`` does), one onnxruntime thread, as a small device runs."""
+    from splitpoint.profiles.cpulimit import cpu_limit
+
+    context = prompt_tokens + new_tokens // 2
+    server, _ = measure_side(spec, seed, "float32", prompt_tokens, context, repeats, server_threads)
+    edge, weight_bytes = {}, {}
+    with cpu_limit(edge_cpus):
+        for w in head_weights:
+            edge[w], weight_bytes[w] = measure_side(spec, seed, w, prompt_tokens, context, repeats, 1)
+        sizes, enc = measure_codecs(spec, seed, codecs, prompt_tokens, repeats)
+    return DecoderMeasurements(spec, prompt_tokens, context, edge, server, sizes, enc, weight_bytes)
+
+
+def pick_fidelity(
+    spec: DecoderSpec, c: DecoderCandidate, seed: int = 0, prompts: int = 4, new_tokens: int = 16
+) -> dict:
+    """The candidate's measured greedy agreement and next-token KL against the float model (random
+    prompts, teacher-forced: ``decoderfidelity``)."""
+    from splitpoint.core.quantize import quantize_matmul_weights
+
+    from .decoderfidelity import measure as fidelity
+
+    head = build_decoder(spec, seed=seed, layers=(0, c.edge_layers))
+    tail = build_decoder(spec, seed=seed, layers=(c.edge_layers, spec.layers))
+    test = quantize_matmul_weights(head) if c.head_weights == "int4" else None
+    rng = np.random.default_rng(seed + 5)
+    ps = [rng.integers(0, spec.vocab, (1, 16)) for _ in range(prompts)]
+    f = fidelity(head, tail, [c.codec], ps, new_tokens, test_head=test)[c.codec]
+    return {**f.to_dict(), "label": "measured", "prompts": prompts, "new_tokens": new_tokens}
