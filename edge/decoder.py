@@ -27,10 +27,8 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.codecs import decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.kvcache import CachedSegment
 from splitpoint.core.plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
-from splitpoint.core.runner import make_session
-
-PAST, PRESENT = "past_key_values.", "present."
 
 
 class GenerationError(SplitPointError):
@@ -60,31 +58,6 @@ class Generation:
             "bytes_per_token": statistics.median(self.bytes_sent[1:]) if len(self.bytes_sent) > 1 else None,
             "labels": {"ttft_ms": "measured", "tpot_ms": "measured (median)"},
         }
-
-
-class _Segment:
-    """A decoder segment with its KV cache: run it on new tokens (or their hidden state)."""
-
-    def __init__(self, path: Path, threads: int):
-        self.sess = make_session(path, threads)
-        self.inputs = [i.name for i in self.sess.get_inputs()]
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.main = next(n for n in self.inputs if not n.startswith(PAST))
-        self.out = next(n for n in self.outputs if not n.startswith(PRESENT))
-        self.shapes = {i.name: i.shape for i in self.sess.get_inputs()}
-        self.reset()
-
-    def reset(self) -> None:
-        self.past = {
-            n: np.zeros((1, self.shapes[n][1], 0, self.shapes[n][3]), np.float32)
-            for n in self.inputs
-            if n.startswith(PAST)
-        }
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        res = dict(zip(self.outputs, self.sess.run(self.outputs, {self.main: x, **self.past}), strict=True))
-        self.past = {PAST + k[len(PRESENT) :]: v for k, v in res.items() if k.startswith(PRESENT)}
-        return res[self.out]
 
 
 def _check_prompt(plan: Plan, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
@@ -121,11 +94,11 @@ def generate_local(
     ids = _check_prompt(plan, prompt, max_new_tokens)
     full = plan_dir / FULL_FILE
     parts = (
-        [_Segment(full, threads)]
+        [CachedSegment(full, threads)]
         if full.is_file()
         else [
-            _Segment(plan_dir / HEAD_FILE, threads),
-            _Segment(plan_dir / TAIL_FILE, threads),
+            CachedSegment(plan_dir / HEAD_FILE, threads),
+            CachedSegment(plan_dir / TAIL_FILE, threads),
         ]
     )
     tokens, steps = [], []
@@ -155,7 +128,7 @@ class DecoderClient:
         max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
     ):
         self.plan = load_decoder_plan(plan_dir)
-        self.head = _Segment(Path(plan_dir) / HEAD_FILE, threads)
+        self.head = CachedSegment(Path(plan_dir) / HEAD_FILE, threads)
         self.codec = self.plan.codec
         self.cut = self.plan.cut_tensors[0].name
         self.timeout_s = timeout_s

@@ -23,11 +23,9 @@ import onnx
 
 from splitpoint.core.codecs import Codec, decode, encode
 from splitpoint.core.errors import SplitPointError
-from splitpoint.core.runner import make_session
+from splitpoint.core.kvcache import DecoderSegment
 
 from .taskmetrics import Metric, bootstrap_mean, wilson
-
-PAST, PRESENT = "past_key_values.", "present."
 
 
 @dataclass(frozen=True)
@@ -51,40 +49,6 @@ def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray) -> np.ndarray:
     return np.maximum((np.exp(la) * (la - lb)).sum(-1), 0.0)
 
 
-class _Segment:
-    """One decoder segment's session and the KV-cache names it takes and gives."""
-
-    def __init__(self, model: onnx.ModelProto | bytes, threads: int) -> None:
-        self.sess = make_session(model, threads=threads)
-        self.inputs = [i.name for i in self.sess.get_inputs()]
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.past = [n for n in self.inputs if n.startswith(PAST)]
-        self.main_in = [n for n in self.inputs if not n.startswith(PAST)]
-        self.main_out = [n for n in self.outputs if not n.startswith(PRESENT)]
-        if len(self.main_in) != 1 or len(self.main_out) != 1:
-            raise SplitPointError(
-                "a decoder segment takes one input besides its past (input_ids or a hidden state) and gives "
-                f"one output besides its presents; this one takes {self.main_in} and gives {self.main_out}"
-            )
-        self._shape = {i.name: i.shape for i in self.sess.get_inputs()}
-
-    def empty_past(self) -> dict[str, np.ndarray]:
-        out = {}
-        for n in self.past:
-            s = self._shape[n]
-            heads, dim = s[1], s[3]
-            if not (isinstance(heads, int) and isinstance(dim, int)):
-                raise SplitPointError(f"{n}: heads and head size must be fixed dimensions, not {s}")
-            out[n] = np.zeros((1, heads, 0, dim), np.float32)
-        return out
-
-    def step(self, x: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        res = dict(zip(self.outputs, self.sess.run(None, {self.main_in[0]: x, **past}), strict=True))
-        return res[self.main_out[0]], {
-            PAST + k[len(PRESENT) :]: v for k, v in res.items() if k.startswith(PRESENT)
-        }
-
-
 def measure(
     head: onnx.ModelProto | bytes,
     tail: onnx.ModelProto | bytes,
@@ -100,8 +64,8 @@ def measure(
     if new_tokens < 1 or not prompts:
         raise SplitPointError("decoder fidelity needs at least one prompt and one new token")
     parsed = [Codec.parse(c).name for c in codecs]
-    h, t = _Segment(head, threads), _Segment(tail, threads)
-    th = _Segment(test_head, threads) if test_head is not None else None
+    h, t = DecoderSegment(head, threads), DecoderSegment(tail, threads)
+    th = DecoderSegment(test_head, threads) if test_head is not None else None
     agree: dict[str, list[bool]] = {c: [] for c in parsed}
     kls: dict[str, list[float]] = {c: [] for c in parsed}
     for prompt in prompts:
@@ -126,7 +90,7 @@ def measure(
 
 
 def _reference(
-    h: _Segment, t: _Segment, ids: np.ndarray, new_tokens: int
+    h: DecoderSegment, t: DecoderSegment, ids: np.ndarray, new_tokens: int
 ) -> tuple[list[np.ndarray], list[tuple[int, np.ndarray]]]:
     """The float split's greedy decode: the hidden state the head sent at each step, and each step's
     greedy token and next-token logits."""

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from splitpoint.core import wire
+from splitpoint.core.kvcache import as_past
 
-PAST, PRESENT = "past_key_values.", "present."
 Key = tuple[bytes, str, int]  # (the client's routing identity, plan id, session number)
 
 
@@ -87,7 +87,7 @@ class DecoderSessions:
                 f"the decoder caches would hold {(self.cache_bytes - s.nbytes + nbytes) / 2**20:.3g} MiB "
                 f"(the limit is {self.max_cache_bytes / 2**20:.3g} MiB): close sessions or retry later",
             )
-        s.past = {PAST + k[len(PRESENT) :]: v for k, v in presents.items()}
+        s.past = as_past(presents)
         self.cache_bytes += nbytes - s.nbytes
         s.nbytes, s.length, s.last_used = nbytes, s.length + new_tokens, time.monotonic()
 
