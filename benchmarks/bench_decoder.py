@@ -33,6 +33,7 @@ from splitpoint.core.zoo.decoder import DECODERS
 from splitpoint.partitioner.costmodel import Link
 from splitpoint.partitioner.decoderplan import baselines, candidates, evaluate, measure, pick
 from splitpoint.partitioner.planner import link_of
+from splitpoint.profiles.cpulimit import cpu_limit
 from splitpoint.profiles.schema import load_network
 
 
@@ -167,13 +168,16 @@ def _generate(prefix: list[str], plan: Path, server: str, args) -> dict:
         "1",
         "--timeout",
         "60",
-        *(["--cpus", str(args.edge_cpus)] if args.edge_cpus else []),
         prefix=prefix,
     )
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise SystemExit(f"generate failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout)
+    # The CPU limit is applied from here: inside the edge's network namespace the cgroup tree is not
+    # visible (docs/architecture.md). The child loads its model and warms up before it generates.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with cpu_limit(args.edge_cpus, proc.pid):
+        out, err = proc.communicate(timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"generate failed: {err[-2000:]}")
+    return json.loads(out)
 
 
 def _report(rows: list[dict], m, args, seconds: float) -> None:
