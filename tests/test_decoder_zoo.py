@@ -108,3 +108,18 @@ def test_a_segment_outside_the_model_is_refused():
         build_decoder(SPEC, layers=(2, 2))
     with pytest.raises(ValueError, match="not a segment"):
         build_decoder(SPEC, layers=(0, SPEC.layers + 1))
+
+
+def test_the_zoo_lists_and_writes_the_decoders(tmp_path):
+    from splitpoint.core import zoo
+
+    rows = {r[0]: r for r in zoo.listing()}
+    assert rows["gpt2"][2] == "124,439,808" and "decoder-only" in rows["gpt2"][1]
+    ((path, nodes),) = zoo.write(["decoder-tiny"], tmp_path)
+    import onnx
+
+    m = onnx.load(path)
+    assert [i.name for i in m.graph.input][:2] == ["input_ids", "past_key_values.0.key"]
+    assert [o.name for o in m.graph.output][:2] == ["logits", "present.0.key"]
+    with pytest.raises(Exception, match="width and resolution do not apply"):
+        zoo.write(["decoder-tiny"], tmp_path, width=0.5)

@@ -15,6 +15,7 @@ import onnx
 
 from ..errors import ModelError
 from . import models, trained
+from .decoder import DECODERS, build_decoder
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,16 @@ def listing() -> list[list[str]]:
             _input(e),
         ]
         for e in ZOO.values()
+    ] + [
+        [
+            name,
+            "decoder-only transformer, GPT-2 layout, KV cache as inputs/outputs; random weights with outlier "
+            "channels (split-decoder, plan-decoder)",
+            f"{spec.params():,}",
+            "-",
+            "token ids",
+        ]
+        for name, spec in DECODERS.items()
     ]
 
 
@@ -170,7 +181,12 @@ def write(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n in names:
-        model = build(n, width=width, resolution=resolution, seed=seed)
+        if n in DECODERS:
+            if width != 1.0 or resolution is not None:
+                raise ModelError(f"{n} is a decoder: width and resolution do not apply")
+            model = build_decoder(DECODERS[n], n, seed)
+        else:
+            model = build(n, width=width, resolution=resolution, seed=seed)
         path = out / f"{n}.onnx"
         save_model(model, path)
         written.append((path, len(model.graph.node)))
