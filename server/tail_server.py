@@ -327,7 +327,15 @@ class TailServer:
                 self.sessions.sweep()
             if self.telemetry and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + self.config.metrics_interval_s
-                self.telemetry.metrics({**self.stats.snapshot(), "plans": len(self.registry.ids())})
+                self.telemetry.metrics(
+                    {
+                        **self.stats.snapshot(),
+                        "plans": len(self.registry.ids()),
+                        "decoder_sessions": len(self.sessions),
+                        "decoder_cache_mib": self.sessions.cache_bytes / 2**20,
+                        "decoder_sessions_expired": self.sessions.expired,
+                    }
+                )
 
     def _on_message(self, router: zmq.Socket, frames: list) -> None:
         """Never raises: whatever a message does, the loop goes on."""
@@ -431,7 +439,9 @@ class TailServer:
 
     # -- decoder sessions: on the socket thread, so each session's steps run in order ----------
     def _session_message(self, ident: Any, msg: wire.Message, t_recv: float) -> wire.Message:
-        """The reply to a step or a close: never raises."""
+        """The reply to a step or a close: never raises. A step that reached its session counts as a
+        request (answered, or an error); one refused before it as rejected."""
+        admitted = False
         try:
             session, position, top_k = wire.step_fields(msg)
             entry = self.registry.get(msg.plan)
@@ -444,20 +454,21 @@ class TailServer:
                 known = self.sessions.close(key)
                 return wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
             self.stats.admitted()
-            try:
-                reply = self._step(entry, key, msg, position, top_k, t_recv)
-            except BaseException:
-                self.stats.answered(False)
-                raise
+            admitted = True
+            reply = self._step(entry, key, msg, position, top_k, t_recv)
             self.stats.answered(True)
             return reply
         except (wire.WireError, CodecError) as exc:
             code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
-            self.stats.add(rejected=1)
-            return wire.error(msg.id, code, str(exc), msg.plan)
+            reply = wire.error(msg.id, code, str(exc), msg.plan)
         except Exception as exc:  # a failing tail (or a bug) answers this step and no other
             log.exception("step %s failed", msg.id)
-            return wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+        if admitted:
+            self.stats.answered(False)
+        else:
+            self.stats.add(rejected=1)
+        return reply
 
     def _step(
         self, entry: Entry, key: tuple, msg: wire.Message, position: int, top_k: int, t_recv: float
