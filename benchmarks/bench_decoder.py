@@ -52,7 +52,7 @@ def main() -> None:
     m = measure(
         spec,
         codecs=("float32", "int8-ol"),
-        head_weights=("float32",),
+        head_weights=("float32", "int4"),
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         edge_cpus=args.edge_cpus,
@@ -61,43 +61,47 @@ def main() -> None:
     m = dataclasses.replace(m, overhead_ms=runtime_overhead(args))
     nets = args.networks.split(",")
     L = spec.layers
-    chosen: dict[tuple[int, str], dict] = {}
+    chosen: dict[tuple[int, str, str], dict] = {}
     for k in sorted({1, L // 2, L - 1}):
         for c in ("float32", "int8-ol"):
-            chosen[(k, c)] = {"why": "spread"}
+            chosen[(k, c, "float32")] = {"why": "spread"}
+    chosen[(L // 2, "int8-ol", "int4")] = {"why": "spread"}
     picks = {}
     for net in nets:
         p = pick(candidates(m, link_of(load_network(net))))
         assert p is not None
-        picks[net] = f"{p.edge_layers} {p.codec}"
-        chosen.setdefault((p.edge_layers, p.codec), {"why": "pick"})
+        picks[net] = (p.edge_layers, p.codec, p.head_weights)
+        chosen.setdefault(picks[net], {"why": "pick"})
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-decoder-"))
     rows = []
     try:
         plans = work / "plans"
-        for k, c in chosen:
-            write_decoder_plan(spec, plans / f"k{k}-{c}", name=args.model, edge_layers=k, codec=c)
+        for k, c, w in chosen:
+            write_decoder_plan(
+                spec, plans / f"k{k}-{c}-{w}", name=args.model, edge_layers=k, codec=c, head_weights=w
+            )
         for net in nets:
             link = link_of(load_network(net))
-            cands = {(x.edge_layers, x.codec): x for x in candidates(m, link) if x.head_weights == "float32"}
+            cands = {(x.edge_layers, x.codec, x.head_weights): x for x in candidates(m, link)}
             with EmulatedLink(link, args.link) as em:
                 srv = start_server(em.server_bind, plans, prefix=em.server_prefix, insecure=True)
                 try:
                     check_started([srv])
                     time.sleep(2.0)  # the plans load
-                    for k, c in chosen:
+                    for k, c, w in chosen:
                         runs = [
-                            _generate(em.edge_prefix, plans / f"k{k}-{c}", em.edge_connect, args)
+                            _generate(em.edge_prefix, plans / f"k{k}-{c}-{w}", em.edge_connect, args)
                             for _ in range(args.runs)
                         ]
-                        pred = cands[(k, c)]
+                        pred = cands[(k, c, w)]
                         rows.append(
                             {
                                 "network": net,
                                 "mechanism": em.mechanism,
                                 "edge_layers": k,
                                 "codec": c,
-                                "pick": picks[net] == f"{k} {c}",
+                                "head_weights": w,
+                                "pick": picks[net] == (k, c, w),
                                 "predicted": {"ttft_ms": pred.ttft_ms, "tpot_ms": pred.tpot_ms},
                                 "measured": {
                                     "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
@@ -218,14 +222,15 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
         "",
         "## Every candidate",
         "",
-        "| network | layers on the edge | codec | pick | TTFT predicted / measured (ms) | error "
-        "| TPOT predicted / measured (ms) | error | bytes per token | bytes per prefill |",
-        "|---|---:|---|---|---|---:|---|---:|---:|---:|",
+        "| network | layers on the edge | codec | edge weights | pick | TTFT predicted / measured (ms) "
+        "| error | TPOT predicted / measured (ms) | error | bytes per token | bytes per prefill |",
+        "|---|---:|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         p, me = r["predicted"], r["measured"]
         lines.append(
-            f"| {r['network']} | {r['edge_layers']} | {r['codec']} | {'pick' if r['pick'] else ''} | "
+            f"| {r['network']} | {r['edge_layers']} | {r['codec']} | {r['head_weights']} | "
+            f"{'pick' if r['pick'] else ''} | "
             f"{p['ttft_ms']:.1f} / {me['ttft_ms']:.1f} | {r['ttft_ms_error']:.1%} | "
             f"{p['tpot_ms']:.1f} / {me['tpot_ms']:.1f} | {r['tpot_ms_error']:.1%} | {r['bytes_per_token']} | "
             f"{r['bytes_per_prefill']} |"
@@ -247,7 +252,19 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
                 f"| {r['network']} | {name} | {b['ttft_ms']:.1f} | {b['tpot_ms']:.1f} | "
                 f"{b['edge_memory_bytes'] / 2**20:.0f} |"
             )
-    lines.append("")
+    lines += [
+        "",
+        "## Edge weights: float32 against int4 (MatMulNBits), one middle layer on the edge (measured)",
+        "",
+        "| edge weights | prefill ms | decode step ms | stored MiB |",
+        "|---|---:|---:|---:|",
+        *[
+            f"| {w} | {side.middle.prefill_ms:.2f} | {side.middle.step_ms:.3f} | "
+            f"{m.weight_bytes[w][1] / 2**20:.1f} |"
+            for w, side in m.edge.items()
+        ],
+        "",
+    ]
     write_results(
         "decoder",
         {
