@@ -19,6 +19,13 @@ def write_trace_report(results: dict, out: Path, command: str) -> dict:
     return results
 
 
+def _machine(m: dict) -> str:
+    cores = m.get("cores_logical")
+    return f"{m.get('cpu_model') or m.get('cpu') or 'an unnamed CPU'}" + (
+        f" ({cores} cores)" if cores else ""
+    )
+
+
 def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
@@ -31,7 +38,7 @@ def markdown(results: dict, command: str) -> str:
     lines = [
         "# SplitPoint trace bench: plan sets on a changing link",
         "",
-        f"`{command}` on {results['machine'].get('cpu', '?')}, {results['seconds'] / 60:.1f} min in all.",
+        f"`{command}` on {_machine(results['machine'])}, {results['seconds'] / 60:.1f} min in all.",
         "",
         f"- **Trace:** {len(results['trace'])} phases over {total:g} s ({', '.join(nets)}); requests arrive "
         f"at {cfg['rate']:g}/s whatever the link (open loop), latency from when each was due to its answer.",
