@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import verdict, write_results
+from common import targets_table, write_results
 
 from splitpoint.app.bench.emulate import EmulatedLink
 from splitpoint.app.broker import free_port
@@ -214,12 +214,7 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
         f"trip. The runtime's own time per step, measured on `decoder-tiny` over loopback and counted in "
         f"every prediction: {m.overhead_ms[0]:.2f} ms (prefill), {m.overhead_ms[1]:.2f} ms (decode step).",
         "",
-        "## Targets",
-        "",
-        "| target | measured | verdict |",
-        "|---|---:|---|",
-        *[f"| {t} | {v} | **{verdict(ok)}** |" for t, v, ok in targets],
-        "",
+        *targets_table(targets),
         "## Every candidate",
         "",
         "| network | layers on the edge | codec | edge weights | pick | TTFT predicted / measured (ms) "

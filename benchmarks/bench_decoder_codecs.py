@@ -15,7 +15,7 @@ import argparse
 import statistics
 
 import numpy as np
-from common import verdict, write_results
+from common import targets_table, write_results
 
 from splitpoint.core.codecs import encode
 from splitpoint.core.quantize import quantize_matmul_weights
@@ -98,12 +98,7 @@ def main() -> None:
         "generated tokens; 95 % intervals (Wilson for agreement, bootstrap for mean KL). Measured, not "
         f"derived. The float32 hidden state is {f32['decode_step']:.0f} bytes per decode step.",
         "",
-        "## Targets",
-        "",
-        "| target | measured | verdict |",
-        "|---|---:|---|",
-        *[f"| {t} | {m} | **{verdict(ok)}** |" for t, m, ok in targets],
-        "",
+        *targets_table(targets),
         "## Every cut and codec",
         "",
         "| cut (layers on the edge) | edge weights | codec | greedy agreement [95 % CI] | KL, nats [95 % CI] "

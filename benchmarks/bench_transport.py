@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 from common import write_results
 
+from splitpoint.app.bench.edgerun import STAGES
+
 SIZES = {"4 KiB": 1024, "392 KiB": 100_352, "4 MiB": 1_048_576}  # float32 elements
 REPLY = 1024  # floats back: 4 KiB
 TRANSPORTS = ("raw pyzmq", "pickle/TCP", "torch RPC", "SplitPoint")
@@ -304,18 +306,8 @@ def one_size(n: int, rounds: int, per_round: int, work: Path) -> dict:
     return res
 
 
-# a split request's stages as the edge reports them, in the order they happen
-SPLIT_STAGES = (
-    "head_ms",
-    "encode_ms",
-    "network_ms",
-    "server_queue_ms",
-    "server_decode_ms",
-    "tail_ms",
-    "server_encode_ms",
-    "decode_ms",
-    "total_ms",
-)
+# a split request's stages as the edge reports them, in the order they happen (no local fallback here)
+SPLIT_STAGES = tuple(s for s in STAGES if s != "local_ms")
 IDLE_GAP_S = 0.04  # about ResNet-18's tail on this machine: what a real request leaves the sockets idle
 
 

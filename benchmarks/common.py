@@ -52,6 +52,18 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "met" if ok else "MISSED"
 
 
+def targets_table(targets: list[tuple[str, str, bool | None]]) -> list[str]:
+    """A "## Targets" section: each target, what was measured, and the verdict computed from it."""
+    return [
+        "## Targets",
+        "",
+        "| target | measured | verdict |",
+        "|---|---:|---|",
+        *[f"| {t} | {m} | **{verdict(ok)}** |" for t, m, ok in targets],
+        "",
+    ]
+
+
 def write_results(
     name: str, data: dict, markdown: str, out: Path | None = None, machine_facts: dict | None = None
 ) -> None:
