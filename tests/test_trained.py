@@ -83,11 +83,13 @@ def test_entries_open_index_and_run_at_their_shapes(name):
 
 
 def test_listing_says_which_are_trained_and_which_random():
+    from splitpoint.core.zoo.decoder import DECODERS
+
     rows = {r[0]: r for r in zoo.listing()}
-    assert set(rows) == set(zoo.ZOO)
+    assert set(rows) == set(zoo.ZOO) | set(DECODERS)
     for name in NAMES:
         assert "trained: " + zoo.ZOO[name].source in rows[name][1] and zoo.ZOO[name].task in rows[name][1]
-    for name in zoo.random_names():
+    for name in [*zoo.random_names(), *DECODERS]:
         assert "random weights" in rows[name][1]
     assert rows["ddddocr-ocr"][4] == "64x256"
 
