@@ -158,7 +158,28 @@ def _chain_processes(plans: Path, next_timeout: float = 10.0):
     relay = start_server(
         ep_relay, plans, "--stage", "1", "--next", ep_server, "--next-timeout", str(next_timeout)
     )
+    # both up, and the relay's connection to the server made (it answers "not connected" at once until
+    # then): a loaded machine starts them in seconds, not the moment the first request goes
+    for ep in (ep_server, ep_relay):
+        _pong(ep)
+    time.sleep(0.5)  # the relay reconnects every 100 ms
     return server, relay, ep_relay
+
+
+def _pong(endpoint: str, within_s: float = 60.0) -> None:
+    import zmq
+
+    from splitpoint.core import wire
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        wire.send(s, wire.Message(wire.PING, 1).to_frames())
+        assert s.poll(int(within_s * 1000)), f"{endpoint} did not answer a ping within {within_s} s"
+        assert wire.parse(wire.recv(s)).type == wire.PONG
+    finally:
+        s.close(0)
 
 
 def test_a_request_crosses_three_processes_and_says_what_each_stage_did(chain):
