@@ -357,8 +357,9 @@ def generate(
     from splitpoint.edge.decoder import DecoderClient, generate_local, load_decoder_plan
     from splitpoint.profiles.cpulimit import cpu_limit
 
-    plan = load_decoder_plan(plan_dir) if not local else None
-    vocab = plan.decoder.vocab if plan and plan.decoder else _plan_vocab(plan_dir)
+    plan = load_decoder_plan(plan_dir, role=None if local else "edge")
+    assert plan.decoder is not None
+    vocab = plan.decoder.vocab
     if prompt_tokens < 1:
         raise SplitPointError("--prompt-tokens must be at least 1")
     prompt = np.random.default_rng(seed).integers(0, vocab, (1, prompt_tokens))
@@ -372,15 +373,6 @@ def generate(
     if emulation is not None:
         out["cpu_limit"] = emulation.model_dump()
     _print_json(out)
-
-
-def _plan_vocab(plan_dir: Path) -> int:
-    from splitpoint.core.plan import Plan
-
-    plan = Plan.load(plan_dir)
-    if plan.decoder is None:
-        raise SplitPointError(f"{plan_dir} is not a decoder plan (see `splitpoint split-decoder`)")
-    return plan.decoder.vocab
 
 
 @app.command()

@@ -75,8 +75,9 @@ def _check_prompt(plan: Plan, prompt: np.ndarray, max_new_tokens: int) -> np.nda
     return ids
 
 
-def load_decoder_plan(plan_dir: str | Path) -> Plan:
-    plan = Plan.load(plan_dir, role="edge")
+def load_decoder_plan(plan_dir: str | Path, role: str | None = "edge") -> Plan:
+    """A decoder plan, checked for ``role``'s files (None: all of them, as a local run needs)."""
+    plan = Plan.load(plan_dir, role=role)
     if plan.decoder is None:
         raise PlanError(f"{plan_dir} is not a decoder plan (see `splitpoint split-decoder`)")
     return plan
@@ -88,9 +89,7 @@ def generate_local(
     """The same generation without the network: the whole model (``full.onnx``) when the plan carries it,
     else head and tail here, one after the other."""
     plan_dir = Path(plan_dir)
-    plan = Plan.load(plan_dir)
-    if plan.decoder is None:
-        raise PlanError(f"{plan_dir} is not a decoder plan")
+    plan = load_decoder_plan(plan_dir, role=None)
     ids = _check_prompt(plan, prompt, max_new_tokens)
     full = plan_dir / FULL_FILE
     parts = (
