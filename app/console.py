@@ -171,8 +171,12 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
     cons = cons if _given(cons) else None
     groups = fold_alike(d.front, d.pick, cons)
     folded = len(d.front) - len(groups)
+    over = getattr(d, "objectives", None)
+    names = ("latency", "throughput", "edge memory", "bytes", "fidelity")
     title = (
-        f"{r.handle.name} on {r.network.name}: Pareto front ({len(d.front)} of {len(d.candidates)} "
+        f"{r.handle.name} on {r.network.name}: Pareto front"
+        + (f" over {' × '.join(names[i] for i in over)}" if over else "")
+        + f" ({len(d.front)} of {len(d.candidates)} "
         "candidates"
         + (f" in {len(groups)} rows: candidates alike in every figure share one" if folded else "")
         + "; figures derived from measured profiles)"

@@ -34,10 +34,13 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def front(cands: list[Candidate]) -> list[Candidate]:
+def front(cands: list[Candidate], objectives: tuple[int, ...] | None = None) -> list[Candidate]:
+    """The candidates no other beats on every one of ``objectives`` (indices into ``OBJECTIVE_NAMES``;
+    None: all five), fastest first."""
     if not cands:
         return []
-    idx = non_dominated(np.array([c.objectives() for c in cands]))
+    pts = np.array([c.objectives() for c in cands])
+    idx = non_dominated(pts if objectives is None else pts[:, list(objectives)])
     return sorted((cands[i] for i in idx), key=lambda c: c.latency_ms)
 
 
@@ -79,6 +82,18 @@ class Constraints:
             "throughput": lambda: f"throughput {c.throughput_ips:.1f}/s < {self.min_throughput_ips:g}/s",
         }
         return [text[k]() for k in self.violations(c)]
+
+    def objectives(self) -> tuple[int, ...]:
+        """The objectives the search weighs (indices into ``OBJECTIVE_NAMES``): latency, bytes and fidelity
+        always, throughput and edge memory only where a constraint or the objective names them. With all
+        five, nearly every cut of a large CNN is on the front (memory grows with depth while the cut
+        tensor shrinks), and each one's fidelity costs a run of the tail over every sample and codec."""
+        out = [0, 3, 4]
+        if self.min_throughput_ips is not None or self.objective == "throughput":
+            out.append(1)
+        if self.max_edge_memory_bytes is not None or self.objective == "edge-memory":
+            out.append(2)
+        return tuple(sorted(out))
 
     def without_fidelity(self) -> Constraints:
         """The constraints that hold without measuring fidelity: checked before it is measured."""

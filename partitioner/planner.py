@@ -184,15 +184,17 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     return out
 
 
-def unmeasured_on_front(inputs: list[CandidateInput], links: list[Link]) -> set[tuple]:
-    """(cut, head precision) pairs with a candidate on some link's optimistic front but no
-    measurement (cut 0 = server-only, None = edge-only)."""
+def unmeasured_on_front(
+    inputs: list[CandidateInput], links: list[Link], objectives: tuple[int, ...] | None = None
+) -> set[tuple]:
+    """(cut, head precision) pairs with a candidate on some link's optimistic front (over
+    ``objectives``) but no measurement (cut 0 = server-only, None = edge-only)."""
     need: set[tuple] = set()
     for link in links:
         optimistic = [
             evaluate(ci if ci.fidelity is not None else replace(ci, fidelity=1.0), link) for ci in inputs
         ]
-        for c in front(optimistic):
+        for c in front(optimistic, objectives):
             original = next(
                 ci
                 for ci in inputs
@@ -326,8 +328,9 @@ def check_feasible(inputs: list[CandidateInput], links: list[Link], constraints:
 class Decision:
     link: Link
     candidates: list[Candidate]
-    front: list[Candidate]
+    front: list[Candidate]  # over ``objectives``, of the candidates whose fidelity was measured
     pick: Candidate
+    objectives: tuple[int, ...] = (0, 1, 2, 3, 4)  # indices into pareto.OBJECTIVE_NAMES
 
 
 def decide(
@@ -336,18 +339,24 @@ def decide(
     constraints: Constraints,
     note: Callable[[str, int, int], None] | None = None,
 ) -> list[Decision]:
-    """``note(what, done, total)`` hears of each round of fidelity measurement (a progress bar)."""
+    """Per network, the front and the pick. Fidelity is measured lazily: only for candidates on some
+    link's optimistic front (unmeasured ones counted as lossless) over the objectives the constraints
+    weigh, until no unmeasured one is left on it, so the front and the pick are exact over those
+    objectives. ``note(what, done, total)`` hears of each round of measurement (a progress bar)."""
     links = [link_of(n) for n in networks]
     check_feasible(candidate_inputs(m), links, constraints)
     measure_fidelity(m, set())  # the baselines
-    while need := unmeasured_on_front(candidate_inputs(m), links):
+    objectives = constraints.objectives()
+    while need := unmeasured_on_front(candidate_inputs(m), links, objectives):
         measure_fidelity(m, need, note)
     inputs = candidate_inputs(m)
     decisions = []
     for link in links:
         cands = [evaluate(ci, link) for ci in inputs]
         measured = [c for c in cands if c.inp.fidelity is not None]
-        decisions.append(Decision(link, cands, front(measured), pick(measured, constraints)))
+        decisions.append(
+            Decision(link, cands, front(measured, objectives), pick(measured, constraints), objectives)
+        )
     return decisions
 
 

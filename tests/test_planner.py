@@ -40,18 +40,38 @@ def test_lazy_fidelity_front_equals_exhaustive_front(setup):
     samples = load_inputs(h.model, random=6)
     nets = [load_network(n) for n in NETS]
     lazy = gather(h, edge, server, samples)
-    decisions = decide(lazy, nets, Constraints())
+    cons = Constraints()
+    decisions = decide(lazy, nets, cons)
     full = gather(h, edge, server, samples)
     measure_fidelity(full, {(c.index, "float32") for c in h.cuts()})
     inputs = candidate_inputs(full)
     assert all(ci.fidelity is not None for ci in inputs)
     for d, net in zip(decisions, nets, strict=True):
-        exhaustive = front([evaluate(ci, link_of(net)) for ci in inputs])
+        exhaustive = front([evaluate(ci, link_of(net)) for ci in inputs], cons.objectives())
         assert sorted(c.label for c in d.front) == sorted(c.label for c in exhaustive)
         kinds = {c.inp.kind for c in d.candidates}
         assert {EDGE_ONLY, SERVER_ONLY} <= kinds  # the baselines are always candidates
     # lazy measurement did less work than measuring everything
     assert len({k[0] for k in lazy.fidelity}) < len({k[0] for k in full.fidelity})
+
+
+def test_a_memory_constraint_searches_the_memory_front_too(setup):
+    """Edge memory joins the searched objectives when a constraint names it: the lazy front then equals
+    the exhaustive front over all four objectives it weighs, and holds the shallow, small-memory cuts."""
+    _, _, h, edge, server = setup
+    samples = load_inputs(h.model, random=6)
+    net = load_network("wifi-n")
+    budget = int(
+        np.median([ci.edge_memory_bytes for ci in candidate_inputs(gather(h, edge, server, samples))])
+    )
+    cons = Constraints(max_edge_memory_bytes=budget)
+    assert cons.objectives() == (0, 2, 3, 4) and Constraints().objectives() == (0, 3, 4)
+    d = decide(gather(h, edge, server, samples), [net], cons)[0]
+    full = gather(h, edge, server, samples)
+    measure_fidelity(full, {(c.index, "float32") for c in h.cuts()})
+    exhaustive = front([evaluate(ci, link_of(net)) for ci in candidate_inputs(full)], cons.objectives())
+    assert sorted(c.label for c in d.front) == sorted(c.label for c in exhaustive)
+    assert d.pick.inp.edge_memory_bytes <= budget
 
 
 def test_lossy_codecs_measure_below_lossless(setup):
