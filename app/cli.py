@@ -685,6 +685,10 @@ def serve(
     next_timeout: Annotated[
         float, typer.Option(help="a relay: seconds before a request the next stage holds fails")
     ] = 10.0,
+    next_grace: Annotated[
+        float,
+        typer.Option(help="a relay: seconds after start a request may wait for the first connection onwards"),
+    ] = 5.0,
     next_server_key: Annotated[
         Path | None, typer.Option(help="a relay: file with the next stage's CurveZMQ public key (z85)")
     ] = None,
@@ -719,6 +723,7 @@ def serve(
         stage=stage,
         next=next,
         next_timeout_s=next_timeout,
+        next_connect_grace_s=next_grace,
         next_curve_server_key=read_key(next_server_key, "public key") if next_server_key else None,
         max_sessions=max_sessions,
         max_cache_mb=max_cache_mb,
@@ -736,6 +741,9 @@ def relay(
     next_timeout: Annotated[
         float, typer.Option(help="seconds before a request the next stage holds fails")
     ] = 10.0,
+    next_grace: Annotated[
+        float, typer.Option(help="seconds after start a request may wait for the first connection onwards")
+    ] = 5.0,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
     mqtt: Mqtt = None,
     device_id: Annotated[str, typer.Option()] = "relay",
@@ -761,6 +769,7 @@ def relay(
         stage=stage,
         next=next,
         next_timeout_s=next_timeout,
+        next_connect_grace_s=next_grace,
     )
     registry = None
     if single:

@@ -10,8 +10,9 @@ Minimising latency under a bottleneck limit T is a shortest path over (hop, cut 
 a dynamic programme of K steps, each a min over (position, codec) pairs, vectorised in numpy. The
 front is then found exactly by lowering T: the fastest plan with no limit has some bottleneck B; the
 fastest plan whose bottleneck is below B is the next point, and so on until nothing fits. Each step
-yields one front point, so the search costs (front size) x K x (positions x codecs)^2 operations,
-not an enumeration of every K-tuple of cuts.
+yields one front point, so the search costs at most (front size) x K x (positions x codecs)^2 operations,
+not an enumeration of every K-tuple of cuts; each step reads only the band of starts and ends that the
+limit leaves feasible, which narrows as the limit falls.
 
 Pure functions over plain arrays (``ChainCosts``); everything in them is measured (profiles, encoded
 sizes, codec speeds) or a network profile's figure, so every output is derived and labelled so.
@@ -155,25 +156,20 @@ def solve(
     allowed = np.ones((d - 1, c), bool) if allowed is None else np.asarray(allowed, bool)
     if any(downlink_ms(costs.reply_bytes, link) >= limit for link in costs.links):
         return None
-    tables = _tables(costs, modes)
+    first_busy, last_busy = _ends(costs, modes)
     lim = [limit - _overhead(costs, j) for j in range(d)]  # what device j may spend on the model
     # dp[i * c + k]: least latency of devices 0..h and hops 0..h, hop h at position i with codec k
-    first_busy, _ = tables[0]
     ups = [_up(costs, h).ravel() for h in range(d - 1)]
     ok = (first_busy < lim[0]) & (ups[0] < limit) & np.tile(allowed[0], m)
     dp = np.where(ok, first_busy + ups[0], INF)
     back: list[np.ndarray] = []
     for h in range(1, d - 1):
-        busy, _ = tables[h]  # (out: i', k') x (in: i, k): the device between hop h-1 and hop h
-        total = _scratch(costs, busy.shape)
-        np.add(busy, dp[None, :], out=total)
-        np.copyto(total, INF, where=busy >= lim[h])
-        arg = total.argmin(axis=1)
-        best = total[np.arange(m * c), arg]
         ok = (ups[h] < limit) & np.tile(allowed[h], m)
+        if h == d - 2:  # the last device must be able to start where this one ends
+            ok &= last_busy < lim[d - 1]
+        best, arg = _middle_step(costs, h, modes[h], dp, lim[h], ok)
         dp = np.where(ok & np.isfinite(best), best + ups[h], INF)
         back.append(arg)
-    last_busy, _ = tables[d - 1]
     final = np.where(last_busy < lim[d - 1], dp + last_busy, INF)
     if not np.isfinite(final).any():
         return None
@@ -188,48 +184,86 @@ def _overhead(costs: ChainCosts, j: int) -> float:
     return float(costs.overhead_ms[j]) if costs.overhead_ms else 0.0
 
 
-def _scratch(costs: ChainCosts, shape: tuple[int, ...]) -> np.ndarray:
-    """One reused buffer per costs (the DP's largest array, allocated once, not per step)."""
-    buf = costs.__dict__.get("_scratch")
-    if buf is None or buf.shape != shape:
-        buf = costs.__dict__["_scratch"] = np.empty(shape)
-    return buf
+ROWS_PER_BLOCK = 64  # positions per block of the middle step: ~13 MB of scratch at 1,001 positions
 
 
-def _tables(costs: ChainCosts, modes: tuple[str, ...]) -> list[tuple[np.ndarray, None]]:
-    """Per device, its busy time for every way it can start and end, as the DP reads it (infinite
-    where its mode, order or memory forbids): the first device by its end (i', k'), the last by its
-    start (i, k), the others as an (i', k') x (i, k) matrix. Independent of the limit, so worked out
-    once per (costs, modes) and reused by every step of the front search."""
-    cache = costs.__dict__.setdefault("_tables", {})
+def _middle_step(
+    costs: ChainCosts, j: int, mode: str, dp: np.ndarray, lim: float, wanted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every way (i', k') a middle device j can end (those ``wanted`` by the next steps): the least
+    latency so far over every way (i, k) it can start, and which. Only the band that can hold a
+    solution is read: starts with a finite latency so far, at or before the end, and (prefix times
+    being non-decreasing) not so far before it that the segment alone takes ``lim``. Early in the front
+    search the band is a triangle; as the limit falls it narrows to the diagonal and to the positions
+    the devices before and after can reach, so the step costs far less than the (positions x codecs)^2
+    table."""
+    m, c = len(costs.positions), len(costs.codecs)
+    best = np.full(m * c, INF)
+    arg = np.zeros(m * c, dtype=np.intp)
+    finite = np.flatnonzero(np.isfinite(dp))
+    rows = np.flatnonzero(wanted)
+    if not finite.size or not rows.size:
+        return best, arg
+    first, last = int(finite[0]) // c, int(finite[-1]) // c
+    pre = costs.prefix_ms[j]
+    monotone = bool(np.all(np.diff(pre) >= 0))
+    for a in range(max(first, int(rows[0]) // c), int(rows[-1]) // c + 1, ROWS_PER_BLOCK):
+        b = min(m, a + ROWS_PER_BLOCK)
+        lo = first
+        if monotone and math.isfinite(lim):  # pre[i'] - pre[i] < lim for some i' >= a
+            lo = max(lo, int(np.searchsorted(pre, pre[a] - lim, side="right")))
+        hi = min(b, last + 1)
+        if lo >= hi:
+            continue
+        sub = _middle_block(costs, j, mode, a, b, lo, hi)
+        total = sub + dp[None, lo * c : hi * c]
+        total[sub >= lim] = INF
+        k = total.argmin(axis=1)
+        best[a * c : b * c] = total[np.arange(len(k)), k]
+        arg[a * c : b * c] = lo * c + k
+    return best, arg
+
+
+def _ends(costs: ChainCosts, modes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The first device's busy time by its end (i', k') and the last's by its start (i, k), as the DP
+    reads them (infinite where its mode or memory forbids); the middle devices' (i', k') x (i, k) times
+    ``_middle_block`` works out band by band. Independent of the limit, so worked out once per
+    (costs, modes) and reused by every step of the front search."""
+    cache = costs.__dict__.setdefault("_ends", {})
     if modes in cache:
         return cache[modes]
-    d, m, c = len(costs.devices), len(costs.positions), len(costs.codecs)
+    d, m = len(costs.devices), len(costs.positions)
     mem = _memory_ok(costs)
     pos = np.arange(m)
-    out: list[tuple[np.ndarray, None]] = []
-    for j in range(d):
-        pre = costs.prefix_ms[j]
-        if j == 0:  # from position 0 to i', encoding with k'
-            busy = pre[:, None] + costs.enc_ms[j]
-            ok = _mode_ok(modes[j], np.zeros((m, 1), int), pos[:, None]) & mem[j][0][:, None]
-            out.append((np.where(ok, busy, INF).ravel(), None))
-        elif j == d - 1:  # from position i, decoding with k, to the end
-            busy = costs.dec_ms[j] + (pre[m - 1] - pre)[:, None]
-            ok = _mode_ok(modes[j], pos[:, None], np.full((m, 1), m - 1)) & mem[j][:, m - 1][:, None]
-            ok &= pos[:, None] < m - 1  # the last device runs something
-            out.append((np.where(ok, busy, INF).ravel(), None))
-        else:
-            right = (pre[:, None] + costs.enc_ms[j]).ravel()  # (i', k')
-            left = (costs.dec_ms[j] - pre[:, None]).ravel()  # (i, k)
-            busy = right[:, None] + left[None, :]
-            start = np.repeat(pos, c)  # i for each (i, k)
-            end = np.repeat(pos, c)  # i' for each (i', k')
-            ok = _mode_ok(modes[j], start[None, :], end[:, None]) & (start[None, :] <= end[:, None])
-            ok &= mem[j][start[None, :], end[:, None]]
-            out.append((np.where(ok, busy, INF), None))
-    cache[modes] = out
-    return out
+    pre = costs.prefix_ms[0]  # the first device: from position 0 to i', encoding with k'
+    ok = _mode_ok(modes[0], np.zeros((m, 1), int), pos[:, None]) & mem[0][0][:, None]
+    first = np.where(ok, pre[:, None] + costs.enc_ms[0], INF).ravel()
+    pre = costs.prefix_ms[d - 1]  # the last device: from position i, decoding with k, to the end
+    ok = _mode_ok(modes[d - 1], pos[:, None], np.full((m, 1), m - 1)) & mem[d - 1][:, m - 1][:, None]
+    ok &= pos[:, None] < m - 1  # the last device runs something
+    last = np.where(ok, costs.dec_ms[d - 1] + (pre[m - 1] - pre)[:, None], INF).ravel()
+    cache[modes] = first, last
+    return first, last
+
+
+def _middle_block(costs: ChainCosts, j: int, mode: str, a: int, b: int, lo: int, hi: int) -> np.ndarray:
+    """Middle device j's busy time for ends (i', k') at positions a..b-1 and starts (i, k) at lo..hi-1:
+    its segment, decoding what arrives and encoding what leaves; infinite where the start is after the
+    end, or its mode or memory forbids."""
+    c, pre = len(costs.codecs), costs.prefix_ms[j]
+    right = (pre[a:b, None] + costs.enc_ms[j][a:b]).ravel()
+    left = (costs.dec_ms[j][lo:hi] - pre[lo:hi, None]).ravel()
+    busy = right[:, None] + left[None, :]
+    limit = costs.memory_limit[j] if j < len(costs.memory_limit) else None
+    if hi - 1 <= a and mode == ANY and limit is None:
+        return busy  # every start is at or before every end, and nothing else forbids
+    end = np.repeat(np.arange(a, b), c)[:, None]
+    start = np.repeat(np.arange(lo, hi), c)[None, :]
+    ok = (start <= end) & _mode_ok(mode, start, end)
+    if limit is not None:
+        ok &= _memory_ok(costs)[j][start, end]
+    busy[~ok] = INF
+    return busy
 
 
 def _mode_ok(mode: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -241,7 +275,10 @@ def _mode_ok(mode: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
 
 
 def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
-    """Per device, (m, m): whether the segment from position i to i' fits its memory limit."""
+    """Per device, (m, m): whether the segment from position i to i' fits its memory limit (worked out
+    once per costs)."""
+    if "_memory_ok" in costs.__dict__:
+        return costs.__dict__["_memory_ok"]
     m, out = len(costs.positions), []
     for j in range(len(costs.devices)):
         limit = costs.memory_limit[j] if j < len(costs.memory_limit) else None
@@ -251,6 +288,7 @@ def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
         w, a = costs.weights, costs.act
         seg = w[None, :] - w[:, None] + np.maximum(a[:, None], a[None, :])
         out.append(seg <= limit)
+    costs.__dict__["_memory_ok"] = out
     return out
 
 
@@ -258,7 +296,7 @@ def chain_front(
     costs: ChainCosts,
     modes: tuple[str, ...] | None = None,
     allowed: np.ndarray | None = None,
-    max_points: int = 200,
+    max_points: int = 2000,
 ) -> list[ChainPlan]:
     """The exact latency x throughput front (lowest latency for each attainable bottleneck), fastest
     first: solve with no limit, then below each solution's bottleneck, until nothing fits."""

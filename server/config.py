@@ -40,6 +40,9 @@ class ServerConfig(StrictConfig):
     stage: int | None = Field(None, ge=0, le=16)
     next: Endpoint | None = None
     next_timeout_s: float = Field(10.0, gt=0, le=3600)  # a forwarded request unanswered this long fails
+    # after start, how long a request may wait for the first connection to the next stage (a relay and
+    # its next stage started together are not connected the moment the first request arrives)
+    next_connect_grace_s: float = Field(5.0, ge=0, le=600)
     next_curve_server_key: bytes | None = None  # the next stage's CurveZMQ public key (z85)
     # decoder plans: KV-cache sessions, one per sequence
     max_sessions: int = Field(64, ge=1, le=1_000_000)

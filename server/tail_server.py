@@ -162,6 +162,7 @@ class TailServer:
         self._deployer = ThreadPoolExecutor(1, thread_name_prefix="splitpoint-deploy")
         self._auth: Any = None
         self._next: zmq.Socket | None = None  # a relay's DEALER to the next stage
+        self._next_grace_until = 0.0  # monotonic time until which a send may wait for its connection
         self._next_monitor: zmq.Socket | None = None
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
         self._fwd_ids = itertools.count(1)
@@ -234,6 +235,22 @@ class TailServer:
         if self.telemetry:
             self.telemetry.close()
 
+    def _send_when_connected(self, frames: list, runner: StageRunner) -> None:
+        """Just after start, wait (within ``next_connect_grace_s`` of it) for the first connection to the
+        next stage and send; later, or if it does not come, fail at once: a stage that was connected and
+        is gone must not hold requests (each gets an explicit ``unavailable``)."""
+        assert self._next is not None
+        wait = self._next_grace_until - time.monotonic()
+        if wait > 0 and self._next.poll(int(wait * 1000) + 1, zmq.POLLOUT):
+            try:
+                wire.send(self._next, frames, _NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        raise wire.WireError(
+            wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
+        )
+
     def _connect_next(self) -> None:
         """The relay's DEALER to the next stage: no queueing towards a stage that is not connected
         (a request then fails at once, explicitly), ZMTP heartbeats, and a monitor for disconnects."""
@@ -256,6 +273,7 @@ class TailServer:
         assert c.next is not None
         s.connect(c.next)
         self._next = s
+        self._next_grace_until = time.monotonic() + c.next_connect_grace_s
 
     def _status(self) -> None:
         if self.telemetry:
@@ -584,16 +602,11 @@ class TailServer:
         # Clocked before the send: a thread preempted right after it would otherwise report the
         # next stage as faster than that stage's own clock says.
         t_sent = time.perf_counter()
+        out = wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames()
         try:
-            wire.send(
-                self._next,
-                wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames(),
-                _NOBLOCK,
-            )
+            wire.send(self._next, out, _NOBLOCK)
         except zmq.Again:
-            raise wire.WireError(
-                wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
-            ) from None
+            self._send_when_connected(out, runner)
         timing = {
             "queue_ms": (t0 - req.t_recv) * 1e3,
             "decode_ms": (t1 - t0) * 1e3,

@@ -208,7 +208,7 @@ def test_a_request_crosses_three_processes_and_says_what_each_stage_did(chain):
 
 def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
     ep_relay, nowhere = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", nowhere)
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", nowhere, "--next-grace", "0")
     try:
         cfg = EdgeConfig(
             plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False, timeout_s=30
@@ -220,6 +220,30 @@ def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
             assert exc.value.code == "unavailable" and time.monotonic() - t0 < 5
     finally:
         stop(relay)
+
+
+def test_a_relay_started_before_its_next_stage_holds_the_first_request_until_it_connects(chain):
+    """Started together, a relay is not yet connected onwards when the first request comes: within its
+    grace after start it waits for the connection rather than refusing."""
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", ep_server, "--next-grace", "60")
+    server = None
+    try:
+        _pong(ep_relay)
+        cfg = EdgeConfig(
+            plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False, timeout_s=60
+        )
+        with EdgeClient(cfg) as c:
+            feeds = x()
+            pending = c.submit(feeds)
+            time.sleep(0.5)
+            server = start_server(ep_server, chain["plans"])  # the next stage comes up after the request
+            r = pending.result(timeout=60)
+            np.testing.assert_allclose(r.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+    finally:
+        stop(relay)
+        if server is not None:
+            stop(server)
 
 
 @pytest.mark.parametrize("fallback", [False, True])

@@ -59,8 +59,16 @@ def every_plan(costs: ChainCosts):
             yield evaluate_chain(costs, cuts, codecs)
 
 
+@pytest.fixture(params=[64, 2], ids=["one-block", "blocks-of-2"])
+def blocks(request, monkeypatch):
+    """The DP's middle step reads its band in blocks of positions: one block, and many small ones."""
+    from splitpoint.partitioner import chain
+
+    monkeypatch.setattr(chain, "ROWS_PER_BLOCK", request.param)
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_the_front_is_exactly_the_brute_force_front(seed):
+def test_the_front_is_exactly_the_brute_force_front(seed, blocks):
     d = 2 + seed % 3  # two to four devices
     costs = random_costs(7, 2, d, seed, overhead=seed % 2 == 1)  # with a runtime cost per device or not
     pts = {(round(p.latency_ms, 9), round(p.bottleneck_ms, 9)) for p in every_plan(costs)}
@@ -72,7 +80,7 @@ def test_the_front_is_exactly_the_brute_force_front(seed):
     assert front[-1].bottleneck_ms == pytest.approx(min(p[1] for p in pts))
 
 
-def test_limits_modes_memory_and_codecs_are_respected():
+def test_limits_modes_memory_and_codecs_are_respected(blocks):
     costs = random_costs(9, 3, 3, 7, memory=(None, 2.5e5, None))
     allowed = np.array([[True, False, True], [False, True, False]])
     every = [
