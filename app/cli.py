@@ -493,6 +493,12 @@ def plan(
             "bits-only (the cut fixed, the codec follows it)",
         ),
     ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            help="with --set: requests per second arriving; each member keeps up with it where any can"
+        ),
+    ] = None,
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan (or, with --set,
     the few plans each fastest over a range of uplink bandwidth)."""
@@ -515,7 +521,10 @@ def plan(
         random=random,
         force=force,
         input_shapes=tuple(input_shape or ()),
+        rate_ips=rate,
     )
+    if rate is not None and plan_set is None:
+        raise typer.BadParameter("--rate chooses plan-set members; it goes with --set")
     if plan_set is not None:
         if plot:
             raise typer.BadParameter("--plot draws one link's front; it does not go with --set")

@@ -209,24 +209,26 @@ def show_plan_set(r: Any, out: Path | None) -> None:
     rows = []
     for k, m in enumerate(r.members):
         ends = [b for b in (max(m.lo_mbps, 0.1), m.hi_mbps) if b != float("inf")]
-        lat = [evaluate(m.inp, Link("x", b, b * down, rtt)).latency_ms for b in ends]
+        evs = [evaluate(m.inp, Link("x", b, b * down, rtt)) for b in ends]
         hi = "∞" if m.hi_mbps == float("inf") else f"{m.hi_mbps:.3g}"
         rows.append(
             [
                 f"m{k}",
                 m.label,
                 f"{m.lo_mbps:.3g} – {hi}",
-                " – ".join(f"{x:.1f}" for x in lat),
+                " – ".join(f"{e.latency_ms:.1f}" for e in evs),
+                " – ".join(f"{e.throughput_ips:.3g}" for e in evs),
                 fmt(m.inp.fidelity, "{:.3f}"),
             ]
         )
+    rate = getattr(r, "rate_ips", None)
     title = (
-        f"{r.handle.name}: plan set for {r.network.name}'s round trip ({rtt:g} ms); "
-        "latency derived from measured profiles"
+        f"{r.handle.name}: plan set for {r.network.name}'s round trip ({rtt:g} ms)"
+        + (f", requests arriving at {rate:g}/s" if rate else "")
+        + "; latency and throughput derived from measured profiles"
     )
-    console.print(
-        table(title, ["member", "plan", "uplink Mbit/s", "ms at the range's ends", "fidelity"], rows, 2)
-    )
+    heads = ["member", "plan", "uplink Mbit/s", "ms at the range's ends", "per s there", "fidelity"]
+    console.print(table(title, heads, rows, 2))
     if r.written is not None:
         console.print(f"plan set of {len(r.members)} ({r.written.policy}) → {out}")
 

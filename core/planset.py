@@ -67,6 +67,8 @@ class PlanSet(_Strict):
     uplink_mbps: float | None = Field(default=None, gt=0)  # the profile's uplink: where an edge starts
     rtt_ms: float = Field(ge=0)  # the round trip the ranges assume (the edge uses its own estimate)
     down_ratio: float = Field(default=1.0, gt=0)  # downlink / uplink bandwidth the ranges assume
+    # the arrival rate (requests/s) the members were chosen to keep up with; None: one at a time
+    rate_ips: float | None = Field(default=None, gt=0)
     members: list[SetMember] = Field(min_length=1, max_length=MAX_MEMBERS)
 
     @model_validator(mode="after")

@@ -44,10 +44,12 @@ class AdaptiveClient:
         telemetry: Telemetry | None = None,
         start_mbps: float | None = None,
         probe_every: int | None = None,
+        rate_ips: float | None = None,
     ):
         """``config`` is every member's client configuration (its ``plan_dir`` is replaced by each
         member's); ``start_mbps``: the uplink to start from (default: the set's network profile);
-        ``probe_every``: requests per probe while on the edge (default: ``window``)."""
+        ``probe_every``: requests per probe while on the edge (default: ``window``); ``rate_ips``: the
+        arrival rate a member must keep up with (default: the set's, if it was planned for one)."""
         if window < 1:
             raise ValueError("window must be at least 1 request")
         if probe_every is not None and probe_every < 1:
@@ -55,6 +57,7 @@ class AdaptiveClient:
         self.probe_every = probe_every or window
         self.set, plans = PlanSet.load(set_dir, role="edge")
         self.plans = plans
+        self.rate_ips = rate_ips if rate_ips is not None else self.set.rate_ips
         self.inputs = [CandidateInput(**m.facts) for m in self.set.members]
         self.window, self.hysteresis = window, hysteresis
         self.link = LinkEstimator()
@@ -97,7 +100,7 @@ class AdaptiveClient:
         if est is None:
             return
         rtt = self.link.rtt_ms if self.link.rtt_ms is not None else self.set.rtt_ms
-        new = choose(self.inputs, self.current, est, rtt, self.set.down_ratio, self.hysteresis)
+        new = choose(self.inputs, self.current, est, rtt, self.set.down_ratio, self.hysteresis, self.rate_ips)
         if new == self.current:
             return
         event = {

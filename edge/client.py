@@ -77,6 +77,7 @@ class _Pending:
     t_submit: float
     t_sent: float = 0.0
     deadline: float = 0.0
+    started: bool = False  # taken up by a worker (its head or local model running, or sent)
     head_ms: float = 0.0
     encode_ms: float = 0.0
     bytes_sent: int = 0
@@ -233,6 +234,10 @@ class EdgeClient:
     # -- the request path ----------------------------------------------------------------------
     def _start(self, rid: int, p: _Pending) -> None:
         """Head, encode and send, in the calling thread; or answer locally. Never raises."""
+        with self._lock:
+            if rid not in self._pending:
+                return  # it waited for a worker past its deadline and was answered with an error
+            p.started = True
         try:
             if self.local_only or (not self.server_up and self._full is not None and self._last_heard > 0):
                 self._run_local(rid, p, "server unreachable")
@@ -448,8 +453,18 @@ class EdgeClient:
                 )
 
     def _check_deadlines(self, now: float) -> None:
+        limit = self.config.timeout_s
         with self._lock:
             late = [(rid, p) for rid, p in self._pending.items() if p.deadline and now > p.deadline]
+            # waiting for a worker (the head or the local model busy with earlier requests) as long
+            # as a reply may take: the caller hears so now, not whenever a worker is free
+            queued = [
+                (rid, p) for rid, p in self._pending.items() if not p.started and now - p.t_submit > limit
+            ]
+        for rid, _ in queued:
+            waiting = sum(not q.started for q in list(self._pending.values()))
+            why = f"request {rid}: not started within {limit} s: the edge is busy ({waiting} waiting)"
+            self._finish(rid, error=EdgeError(why, "timeout"))
         if late and self._full is not None:
             self._set_up(False)  # connected but silent: new requests run locally until it answers a ping
         for rid, p in late:

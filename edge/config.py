@@ -17,7 +17,9 @@ class EdgeConfig(StrictConfig):
     plan_dir: Path
     server: Endpoint = "tcp://127.0.0.1:5555"
     window: int = Field(4, ge=1, le=4096)  # requests in flight at once
-    timeout_s: float = Field(2.0, gt=0)  # a request without a reply by then falls back (or fails)
+    # a request without a reply by then falls back (or fails); one still waiting for a worker (the head
+    # or the local model busy with earlier requests) that long fails
+    timeout_s: float = Field(2.0, gt=0)
     heartbeat_s: float = Field(0.5, gt=0)  # ping the server this often while idle
     dead_after_s: float = Field(1.5, gt=0)  # nothing heard for this long: the server is unreachable
     fallback: bool = True  # run the whole model locally while the server is unreachable

@@ -78,6 +78,7 @@ def write_plan_set(
     samples: list[dict[str, np.ndarray]] | None = None,
     include_full: bool = False,
     force: bool = False,
+    rate_ips: float | None = None,
 ) -> PlanSet:
     """Write every member as a plan directory (``m0``, ``m1``, ... slowest link first) and
     ``planset.json``, all or nothing: one rename puts the whole set in place."""
@@ -108,6 +109,7 @@ def write_plan_set(
                 "uplink_mbps": uplink_mbps,
                 "rtt_ms": rtt_ms,
                 "down_ratio": down_ratio,
+                "rate_ips": rate_ips,
                 "members": entries,
             }
         )

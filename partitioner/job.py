@@ -57,6 +57,7 @@ class PlanJob(StrictConfig):
     )  # fidelity samples: default 8 random, 64 for a trained model
     force: bool = False
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
+    rate_ips: float | None = Field(None, gt=0)  # plan sets: the arrival rate every member must keep up with
 
     @field_validator("codecs")
     @classmethod
@@ -141,6 +142,7 @@ class PlanSetOutcome:
     members: list[Member]
     inputs: list[CandidateInput]  # every candidate's measured facts
     written: PlanSet | None
+    rate_ips: float | None = None  # the arrival rate the members keep up with, if one was given
 
 
 def run_plan_set(
@@ -155,7 +157,9 @@ def run_plan_set(
     handle, network, m, _ = _load(job)
     link = link_of(network)
     mem = int(job.edge_memory_mib * 2**20) if job.edge_memory_mib else None
-    members, inputs = set_members(m, link, policy, job.min_fidelity or 0.0, mem, job.max_bytes, note)
+    members, inputs = set_members(
+        m, link, policy, job.min_fidelity or 0.0, mem, job.max_bytes, note, rate_ips=job.rate_ips
+    )
     down = link.downlink_mbps / link.uplink_mbps
     written = None
     if job.out:
@@ -170,8 +174,9 @@ def run_plan_set(
             policy=policy,
             samples=m.samples,
             force=job.force,
+            rate_ips=job.rate_ips,
         )
-    return PlanSetOutcome(handle, network, members, inputs, written)
+    return PlanSetOutcome(handle, network, members, inputs, written, job.rate_ips)
 
 
 def set_members(
@@ -182,11 +187,14 @@ def set_members(
     edge_memory_bytes: int | None = None,
     max_bytes: int | None = None,
     note: Callable[[str, int, int], None] | None = None,
+    rate_ips: float | None = None,
 ) -> tuple[list[Member], list[CandidateInput]]:
     """A plan set's members from measured facts (``link``: the round trip and down/up ratio the
-    bandwidth sweep keeps), and every candidate's facts; the memory and bytes limits apply to each."""
+    bandwidth sweep keeps), and every candidate's facts; the memory and bytes limits apply to each,
+    and with ``rate_ips`` each member is one that keeps up with that arrival rate where any does."""
     down = link.downlink_mbps / link.uplink_mbps
-    inputs = measure_winners(m, sweep_links(0.1, 10_000.0, 61, link.rtt_ms, down), min_fidelity, note)
+    sweep = sweep_links(0.1, 10_000.0, 61, link.rtt_ms, down)
+    inputs = measure_winners(m, sweep, min_fidelity, note, rate_ips)
     allowed = [
         c
         for c in inputs
@@ -195,9 +203,9 @@ def set_members(
     ]
     try:
         members = (
-            plan_set(allowed, link.rtt_ms, down, min_fidelity)
+            plan_set(allowed, link.rtt_ms, down, min_fidelity, rate_ips=rate_ips)
             if policy == "adaptive"
-            else bits_only_set(allowed, link, min_fidelity)
+            else bits_only_set(allowed, link, min_fidelity, rate_ips)
         )
     except ValueError as exc:
         raise SplitPointError(f"no plan set: {exc} within the memory and bytes limits") from exc

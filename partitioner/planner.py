@@ -31,6 +31,7 @@ from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 from .costmodel import Candidate, CandidateInput, Link, evaluate
 from .fidelity import FidelityReport, compare, measure, task_report
 from .pareto import Constraints, front, infeasible, pick
+from .planset import fastest
 
 DEFAULT_CODECS = [
     "float32",
@@ -385,16 +386,18 @@ def measure_winners(
     links: list[Link],
     min_fidelity: float,
     note: Callable[[str, int, int], None] | None = None,
+    rate_ips: float | None = None,
 ) -> list[CandidateInput]:
-    """Measure fidelity until the fastest candidate on every link is measured and meets
-    ``min_fidelity`` (an unmeasured one counts as meeting it until measured): what a plan set needs."""
+    """Measure fidelity until the candidate to run on every link (``planset.fastest`` at ``rate_ips``)
+    is measured and meets ``min_fidelity`` (an unmeasured one counts as meeting it until measured):
+    what a plan set needs."""
     measure_fidelity(m, set())
     while True:
         inputs = candidate_inputs(m)
         ok = [c for c in inputs if c.fidelity is None or c.fidelity >= min_fidelity]
         need = set()
         for link in links:
-            w = min(ok, key=lambda c: evaluate(c, link).latency_ms)
+            w = fastest(ok, link, rate_ips)
             if w.fidelity is None:
                 need.add((w.cut, w.head_weights))
         if not need:

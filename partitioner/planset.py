@@ -11,6 +11,24 @@ import numpy as np
 
 from .costmodel import CandidateInput, Link, evaluate
 
+# A member must be predicted to serve this many times the arrival rate: at 1x a queue grows without
+# bound on any slow spell, and the throughput predictions are good to about 10 %.
+RATE_HEADROOM = 1.2
+
+
+def fastest(cands: list[CandidateInput], link: Link, rate_ips: float | None = None) -> CandidateInput:
+    """The candidate to run on ``link`` when requests arrive at ``rate_ips`` per second (None: one at a
+    time): the lowest latency among those predicted to keep up with the rate; if none does, the one
+    that comes closest (highest throughput), since a queue then grows whatever runs and grows slowest
+    there. Latency alone would pick a member that is fast for one request and drowns at the rate."""
+    evs = [evaluate(c, link) for c in cands]
+    if rate_ips:
+        keep = [e for e in evs if e.throughput_ips >= rate_ips * RATE_HEADROOM]
+        if not keep:
+            return max(evs, key=lambda e: (e.throughput_ips, -e.latency_ms)).inp
+        evs = keep
+    return min(evs, key=lambda e: e.latency_ms).inp
+
 
 @dataclass(frozen=True)
 class Member:
@@ -51,14 +69,15 @@ def plan_set(
     lo_mbps: float = 0.1,
     hi_mbps: float = 10_000.0,
     points: int = 241,
+    rate_ips: float | None = None,
 ) -> list[Member]:
-    """The fastest feasible candidate at each bandwidth of a sweep, merged into ranges, slowest link
+    """The candidate to run (``fastest``) at each bandwidth of a sweep, merged into ranges, slowest link
     first. Above ``max_members`` the member with the narrowest range (in log bandwidth) is dropped and
     the sweep repeated over those left, so every bandwidth keeps a member that is best among them."""
     pool = _at_floor(inputs, min_fidelity)
     links = sweep_links(lo_mbps, hi_mbps, points, rtt_ms, down_ratio)
     while True:
-        winners = [min(pool, key=lambda c: evaluate(c, link).latency_ms) for link in links]
+        winners = [fastest(pool, link, rate_ips) for link in links]
         runs: list[tuple[CandidateInput, int, int]] = []  # (candidate, first index, last index)
         for i, w in enumerate(winners):
             if runs and runs[-1][0] is w:
@@ -100,22 +119,30 @@ def choose(
     rtt_ms: float,
     down_ratio: float = 1.0,
     hysteresis: float = 0.15,
+    rate_ips: float | None = None,
 ) -> int:
-    """The member to use at an estimated uplink and RTT: the predicted fastest, unless the current one is
-    predicted within ``hysteresis`` of it (so that a bandwidth sitting on a boundary does not flap)."""
+    """The member to use at an estimated uplink and RTT (and arrival rate): ``fastest``'s, unless the
+    current one is predicted within ``hysteresis`` of it in latency and still keeps up with the rate
+    (so that a bandwidth sitting on a boundary does not flap)."""
     link = Link("estimate", uplink_mbps, uplink_mbps * down_ratio, rtt_ms)
-    lat = [evaluate(c, link).latency_ms for c in members]
-    best = int(np.argmin(lat))
+    evs = [evaluate(c, link) for c in members]
+    pick = fastest(members, link, rate_ips)
+    best = next(i for i, c in enumerate(members) if c is pick)
     if current is None or current == best:
         return best
-    return best if lat[best] < lat[current] * (1.0 - hysteresis) else current
+    cur, top = evs[current], evs[best]
+    if rate_ips and cur.throughput_ips < rate_ips * RATE_HEADROOM * (1.0 - hysteresis):
+        return best if top.throughput_ips > cur.throughput_ips else current
+    return best if top.latency_ms < cur.latency_ms * (1.0 - hysteresis) else current
 
 
-def bits_only_set(inputs: list[CandidateInput], reference: Link, min_fidelity: float = 0.0) -> list[Member]:
-    """QuantPipe's policy as a plan set: the cut (and head precision) stays the one fastest on the
+def bits_only_set(
+    inputs: list[CandidateInput], reference: Link, min_fidelity: float = 0.0, rate_ips: float | None = None
+) -> list[Member]:
+    """QuantPipe's policy as a plan set: the cut (and head precision) stays the one to run on the
     ``reference`` link, and only the codec of the cut tensor follows the bandwidth."""
     pool = _at_floor(inputs, min_fidelity)
-    best = min(pool, key=lambda c: evaluate(c, reference).latency_ms)
+    best = fastest(pool, reference, rate_ips)
     same = [c for c in pool if (c.kind, c.cut, c.head_weights) == (best.kind, best.cut, best.head_weights)]
     down_ratio = reference.downlink_mbps / reference.uplink_mbps
-    return plan_set(same, reference.rtt_ms, down_ratio, min_fidelity)
+    return plan_set(same, reference.rtt_ms, down_ratio, min_fidelity, rate_ips=rate_ips)

@@ -18,6 +18,9 @@ from splitpoint.core.plan import EDGE_ONLY
 from splitpoint.core.planset import PLANSET_FILE, PlanSet
 from splitpoint.edge.adaptive import AdaptiveClient
 from splitpoint.edge.config import EdgeConfig
+from splitpoint.partitioner.costmodel import CandidateInput, Link
+from splitpoint.partitioner.planset import RATE_HEADROOM, choose, fastest
+from splitpoint.partitioner.planset import plan_set as members_of
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.server.config import ServerConfig
 from splitpoint.server.tail_server import TailServer
@@ -69,7 +72,6 @@ def pair(plan_set):
     server (a payload large enough to time on a fast link): their boundary is where they tie."""
     from splitpoint.partitioner.emit import write_plan_set
     from splitpoint.partitioner.planner import candidate_inputs, gather, measure_fidelity
-    from splitpoint.partitioner.planset import plan_set as members_of
     from splitpoint.profiles.schema import load_measured
 
     _, h, d = plan_set
@@ -139,6 +141,7 @@ def test_the_edge_switches_as_the_link_changes_and_loses_nothing(pair, mosquitto
             mqtt=mosquitto,
             device_id="adaptive-edge",
             fallback=False,
+            timeout_s=30,  # a loaded machine may keep a request waiting for the head for seconds
         )
         with AdaptiveClient(out, cfg, window=4, start_mbps=slow) as client:
             start = client.current
@@ -226,3 +229,60 @@ def test_a_bad_policy_or_a_set_sent_to_an_edge_daemon_is_one_clear_line(plan_set
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
         assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+
+
+def _facts(kind: str, head_ms: float, up_bytes: int) -> CandidateInput:
+    return CandidateInput(
+        kind, None if kind == EDGE_ONLY else 0, "-" if kind == EDGE_ONLY else "int8", "float32",
+        head_ms, 5.0, 1.0, 1.0, up_bytes, 4000, 10_000_000, 1.0,
+    )  # fmt: skip
+
+
+def test_a_rate_keeps_members_that_cannot_keep_up_out_of_the_set():
+    """On the edge alone one request takes 150 ms (6.7/s); sending to the server costs the uplink's time
+    plus a 100 ms round trip. One request at a time, the edge is faster up to ~28 Mbit/s. At 10
+    requests/s the edge cannot keep up at any bandwidth, so the server member takes over from where it
+    serves more per second than the edge (~8 Mbit/s), and the choice at run time agrees."""
+    rtt = 100.0
+    edge, server = _facts(EDGE_ONLY, 150.0, 0), _facts("server-only", 0.0, 150_000)
+    alone = members_of([edge, server], rtt)
+    assert [m.inp.kind for m in alone] == [EDGE_ONLY, "server-only"] and 20 < alone[0].hi_mbps < 35
+    at_rate = members_of([edge, server], rtt, rate_ips=10.0)
+    assert [m.inp.kind for m in at_rate] == [EDGE_ONLY, "server-only"] and 7 < at_rate[0].hi_mbps < 9
+    # run time, at 20 Mbit/s: one at a time the edge stays; at 10/s the server member is chosen
+    assert choose([edge, server], 0, 20.0, rtt) == 0
+    assert choose([edge, server], 0, 20.0, rtt, rate_ips=10.0) == 1
+    # where the server keeps up too (with headroom), latency decides again among those that do
+    assert fastest([edge, server], Link("fast", 100.0, 100.0, rtt), 10.0 / RATE_HEADROOM) is server
+    assert fastest([edge, server], Link("slow", 1.0, 1.0, rtt), 10.0) is edge  # nothing keeps up
+
+
+def test_a_request_waiting_for_a_busy_edge_fails_at_its_deadline_not_later(pair):
+    """An edge-only member with one worker and a burst far beyond what it can run: every request is
+    answered exactly once, those that waited past timeout_s for the worker with an explicit timeout
+    soon after it, none left hanging until the worker gets to it."""
+    from splitpoint.edge.client import EdgeClient, EdgeError
+
+    out, h, _ = pair
+    s, _ = PlanSet.load(out, role="edge")
+    edge_only = out / next(m.dir for m in s.members if m.facts["kind"] == EDGE_ONLY)
+    cfg = EdgeConfig(
+        plan_dir=edge_only, server="tcp://127.0.0.1:9", timeout_s=0.05, head_workers=1, window=2000
+    )
+    feeds = random_feeds(h.model)
+    with EdgeClient(cfg) as c:
+        t0 = time.perf_counter()
+        futures = [c.submit(feeds) for _ in range(2000)]  # ~1 ms each: the last wait far past 0.05 s
+        done_at, codes = [], []
+        for f in futures:
+            try:
+                f.result(timeout=30)
+                codes.append("ok")
+            except EdgeError as exc:
+                codes.append(exc.code)
+                assert "not started within 0.05 s" in str(exc)
+            done_at.append(time.perf_counter() - t0)
+    assert codes.count("ok") >= 1 and codes.count("timeout") >= 1 and set(codes) == {"ok", "timeout"}
+    # the failed ones heard within a fraction of a second of their deadline, not after the whole burst
+    failed_at = [t for t, code in zip(done_at, codes, strict=True) if code == "timeout"]
+    assert min(failed_at) < 0.05 + 2.0

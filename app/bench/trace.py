@@ -169,7 +169,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
             first = link_of(nets[phases[0].network])
             sets = {}
             for policy in ("adaptive", "bits-only"):
-                members, _ = set_members(m, first, policy, cfg.min_fidelity)
+                members, _ = set_members(m, first, policy, cfg.min_fidelity, rate_ips=cfg.rate)
                 d = work / h.name / policy
                 write_plan_set(
                     h,
@@ -181,6 +181,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
                     down_ratio=first.downlink_mbps / first.uplink_mbps,
                     policy=policy,
                     samples=m.samples,
+                    rate_ips=cfg.rate,
                 )
                 sets[policy] = d
             inputs = work / f"{h.name}-inputs.npz"
