@@ -21,7 +21,6 @@ Edge memory = the edge's weights (as stored) + its KV cache at ``max_len`` posit
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,7 @@ from splitpoint.core.codecs import encode
 from splitpoint.core.onnxio import model_bytes
 from splitpoint.core.runner import make_session
 from splitpoint.core.zoo.decoder import DecoderSpec, build_decoder, hidden_name, past_name
+from splitpoint.profiles.profiler import time_runs
 
 from .costmodel import Link, downlink_ms, uplink_ms
 
@@ -191,18 +191,21 @@ def pick(
 
 
 # -- measuring -----------------------------------------------------------------------------------------
-def _time(sess, feeds: dict, repeats: int) -> float:
-    sess.run(None, feeds)  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+def _time(sess, feeds: dict, repeats: int, min_ms: float = 0.0) -> float:
+    """Median ms per run; under a CPU quota each sample spans ``min_ms`` (several periods), or a run
+    shorter than one period's quota would go at the host's full speed after a pause."""
+    return statistics.median(time_runs(lambda: sess.run(None, feeds), 1, repeats, min_ms))
 
 
 def _block_times(
-    model, spec: DecoderSpec, layers: tuple[int, int], p: int, ctx: int, reps: int, threads: int
+    model,
+    spec: DecoderSpec,
+    layers: tuple[int, int],
+    p: int,
+    ctx: int,
+    reps: int,
+    threads: int,
+    min_ms: float = 0.0,
 ):
     sess = make_session(model, threads)
     first, last = layers
@@ -219,13 +222,20 @@ def _block_times(
         z = (rng.standard_normal((1, spec.heads, n, spec.head_dim)) * 0.5).astype(np.float32)
         return {past_name(i, kind): z for i in range(first, last) for kind in ("key", "value")}
 
-    pre = _time(sess, {name: x_pre, **past(0)}, reps)
-    step = _time(sess, {name: x_step, **past(ctx)}, reps * 3)
+    pre = _time(sess, {name: x_pre, **past(0)}, reps, min_ms)
+    step = _time(sess, {name: x_step, **past(ctx)}, reps * 3, min_ms)
     return BlockTimes(pre, step)
 
 
 def measure_side(
-    spec: DecoderSpec, seed: int, weights: str, prompt_tokens: int, context: int, repeats: int, threads: int
+    spec: DecoderSpec,
+    seed: int,
+    weights: str,
+    prompt_tokens: int,
+    context: int,
+    repeats: int,
+    threads: int,
+    min_ms: float = 0.0,
 ) -> tuple[SideTimes, tuple[int, int, int]]:
     """The three blocks' times on this machine (under whatever CPU limit it runs), and their stored sizes."""
     from splitpoint.core.quantize import quantize_matmul_weights
@@ -237,12 +247,17 @@ def measure_side(
         if weights == "int4":
             model = quantize_matmul_weights(model)
         sizes.append(len(model_bytes(model)))
-        blocks.append(_block_times(model, spec, layers, prompt_tokens, context, repeats, threads))
+        blocks.append(_block_times(model, spec, layers, prompt_tokens, context, repeats, threads, min_ms))
     return SideTimes(*blocks), (sizes[0], sizes[1], sizes[2])
 
 
 def measure_codecs(
-    spec: DecoderSpec, seed: int, codecs: Sequence[str], prompt_tokens: int, repeats: int
+    spec: DecoderSpec,
+    seed: int,
+    codecs: Sequence[str],
+    prompt_tokens: int,
+    repeats: int,
+    min_ms: float = 0.0,
 ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[float, float]]]:
     """Encoded bytes and encode ms of a real hidden state (after layer 0), prefill and one token."""
     sess = make_session(build_decoder(spec, seed=seed, layers=(0, 1)), 1)
@@ -255,16 +270,12 @@ def measure_codecs(
     sizes, times = {}, {}
     for c in codecs:
         sizes[c] = (len(encode(h, c)), len(encode(one, c)))
-        t = []
-        for x in (h, one):
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                encode(x, c)
-                ts.append((time.perf_counter() - t0) * 1e3)
-            t.append(statistics.median(ts))
-        times[c] = (t[0], t[1])
+        times[c] = (_encode_ms(h, c, repeats, min_ms), _encode_ms(one, c, repeats, min_ms))
     return sizes, times
+
+
+def _encode_ms(x: np.ndarray, codec: str, repeats: int, min_ms: float) -> float:
+    return statistics.median(time_runs(lambda: encode(x, codec), 0, repeats, min_ms))
 
 
 def measure(
@@ -282,15 +293,16 @@ def measure(
     """Everything ``evaluate`` needs, measured on this machine: the server's blocks at full speed, the
     edge's under ``edge_cpus`` (a real CPU limit on this process while it measures, as ``profile
     --cpus`` does), one onnxruntime thread, as a small device runs."""
-    from splitpoint.profiles.cpulimit import cpu_limit
+    from splitpoint.profiles.cpulimit import cpu_limit, sample_span_ms
 
     context = prompt_tokens + new_tokens // 2
     server, _ = measure_side(spec, seed, "float32", prompt_tokens, context, repeats, server_threads)
     edge, weight_bytes = {}, {}
-    with cpu_limit(edge_cpus):
+    with cpu_limit(edge_cpus) as emulation:
+        span = sample_span_ms(emulation)
         for w in head_weights:
-            edge[w], weight_bytes[w] = measure_side(spec, seed, w, prompt_tokens, context, repeats, 1)
-        sizes, enc = measure_codecs(spec, seed, codecs, prompt_tokens, repeats)
+            edge[w], weight_bytes[w] = measure_side(spec, seed, w, prompt_tokens, context, repeats, 1, span)
+        sizes, enc = measure_codecs(spec, seed, codecs, prompt_tokens, repeats, span)
     return DecoderMeasurements(spec, prompt_tokens, context, edge, server, sizes, enc, weight_bytes)
 
 
