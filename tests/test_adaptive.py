@@ -286,3 +286,27 @@ def test_a_request_waiting_for_a_busy_edge_fails_at_its_deadline_not_later(pair)
     # the failed ones heard within a fraction of a second of their deadline, not after the whole burst
     failed_at = [t for t, code in zip(done_at, codes, strict=True) if code == "timeout"]
     assert min(failed_at) < 0.05 + 2.0
+
+
+def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
+    """`plan --set --rate R` says the rate it planned for and records it in planset.json, where the edge
+    reads it; `--rate` without `--set` is refused."""
+    _, _, d = plan_set
+    common = [
+        "plan",
+        str(small_resnet18),
+        "--edge-profile",
+        str(d / "edge.json"),
+        "--server-profile",
+        str(d / "server.json"),
+        "--network",
+        str(d / "link.yaml"),
+    ]
+    out = d / "set-at-rate"
+    r = run_cli(*common, "--set", "adaptive", "--rate", "30", "-o", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "requests arriving at 30/s" in r.stdout
+    s, _ = PlanSet.load(out)
+    assert s.rate_ips == 30
+    bad = run_cli(*common, "--rate", "30")
+    assert bad.returncode == 2 and "goes with --set" in bad.stderr
