@@ -30,6 +30,12 @@ from .conftest import random_feeds, run_cli
 RTT_MS = 2.0
 
 
+def _plan_command(model, d) -> list[str]:
+    """`splitpoint plan` over the module's measured profiles and test link."""
+    profiles = ["--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json")]
+    return ["plan", str(model), *profiles, "--network", str(d / "link.yaml")]
+
+
 @pytest.fixture(scope="module")
 def plan_set(tmp_path_factory, small_resnet18):
     """A slow edge (a twentieth of a CPU: ~20 ms for the model) and a server, both measured; a link
@@ -46,14 +52,7 @@ def plan_set(tmp_path_factory, small_resnet18):
     )
     out = d / "set"
     r = run_cli(
-        "plan",
-        str(small_resnet18),
-        "--edge-profile",
-        str(d / "edge.json"),
-        "--server-profile",
-        str(d / "server.json"),
-        "--network",
-        str(d / "link.yaml"),
+        *_plan_command(small_resnet18, d),
         "--min-fidelity",
         "0.99",
         "--set",
@@ -292,16 +291,7 @@ def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
     """`plan --set --rate R` says the rate it planned for and records it in planset.json, where the edge
     reads it; `--rate` without `--set` is refused."""
     _, _, d = plan_set
-    common = [
-        "plan",
-        str(small_resnet18),
-        "--edge-profile",
-        str(d / "edge.json"),
-        "--server-profile",
-        str(d / "server.json"),
-        "--network",
-        str(d / "link.yaml"),
-    ]
+    common = _plan_command(small_resnet18, d)
     out = d / "set-at-rate"
     r = run_cli(*common, "--set", "adaptive", "--rate", "30", "-o", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
