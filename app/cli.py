@@ -577,6 +577,9 @@ def plan_chain(
     memory: Annotated[
         list[str] | None, typer.Option(help="NAME=MiB: a device's memory budget for its segment")
     ] = None,
+    max_hop_bytes: Annotated[
+        int | None, typer.Option(help="bytes any one hop may carry per request (a metered link)")
+    ] = None,
     objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
     codecs: Annotated[str | None, typer.Option(help="comma-separated codecs to consider per hop")] = None,
     random: Annotated[int | None, typer.Option(help="fidelity samples (default 8; 64 for trained)")] = None,
@@ -607,6 +610,7 @@ def plan_chain(
         min_throughput_ips=min_throughput,
         min_fidelity=min_fidelity,
         memory_mib=pairs(memory, "memory"),
+        max_hop_bytes=max_hop_bytes,
         objective=objective,
         codecs=codecs.split(",") if codecs else None,
         random=random,

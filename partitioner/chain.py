@@ -40,7 +40,8 @@ class ChainCosts:
     ``positions[i]`` nodes there (so a segment's time is a difference); ``enc_ms[d][i, k]`` /
     ``dec_ms[d][i, k]``, encoding / decoding what crosses position i with codec k there. Per position:
     ``bytes[i, k]`` sent, ``weights[i]`` weight bytes before it, ``act[i]`` float32 bytes crossing it.
-    ``reply_bytes`` come back over every hop."""
+    ``reply_bytes`` come back over every hop. ``memory_limit`` and ``max_hop_bytes`` are constraints the
+    search obeys exactly (a plan that breaks one is never a solution)."""
 
     devices: tuple[str, ...]
     links: tuple[Link, ...]
@@ -57,6 +58,8 @@ class ChainCosts:
     # per device: the runtime's own time per request (measured; every device on the way pays it,
     # a forwarding one too); () counts none
     overhead_ms: tuple[float, ...] = ()
+    # bytes one hop may carry per request (a metered or narrow link); None: no limit
+    max_hop_bytes: float | None = None
 
     def __post_init__(self) -> None:
         d, m, c = len(self.devices), len(self.positions), len(self.codecs)
@@ -160,11 +163,12 @@ def solve(
     lim = [limit - _overhead(costs, j) for j in range(d)]  # what device j may spend on the model
     # dp[i * c + k]: least latency of devices 0..h and hops 0..h, hop h at position i with codec k
     ups = [_up(costs, h).ravel() for h in range(d - 1)]
-    ok = (first_busy < lim[0]) & (ups[0] < limit) & np.tile(allowed[0], m)
+    fits = np.ones(m * c, bool) if costs.max_hop_bytes is None else costs.bytes.ravel() <= costs.max_hop_bytes
+    ok = (first_busy < lim[0]) & (ups[0] < limit) & np.tile(allowed[0], m) & fits
     dp = np.where(ok, first_busy + ups[0], INF)
     back: list[np.ndarray] = []
     for h in range(1, d - 1):
-        ok = (ups[h] < limit) & np.tile(allowed[h], m)
+        ok = (ups[h] < limit) & np.tile(allowed[h], m) & fits
         if h == d - 2:  # the last device must be able to start where this one ends
             ok &= last_busy < lim[d - 1]
         best, arg = _middle_step(costs, h, modes[h], dp, lim[h], ok)

@@ -80,6 +80,7 @@ def gather_chain(
     codecs: list[str] | None = None,
     truths: list | None = None,
     memory_limits: list[float | None] | None = None,
+    max_hop_bytes: float | None = None,
 ) -> ChainMeasurements:
     """Everything the chain's cost model needs, from each device's profile and real encoded sizes."""
     if len(devices) < 2:
@@ -135,6 +136,7 @@ def gather_chain(
         float(reply),
         tuple(memory_limits or ()),
         tuple(profiles[d].runtime_ms.get("edge" if j == 0 else "server", 0.0) for j, d in enumerate(devices)),
+        max_hop_bytes,
     )
     return ChainMeasurements(handle, list(devices), list(networks), costs, cuts, samples, truths)
 

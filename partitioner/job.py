@@ -225,6 +225,7 @@ class ChainJob(StrictConfig):
     min_throughput_ips: float | None = Field(None, gt=0)
     min_fidelity: float | None = Field(None, ge=0, le=1)
     memory_mib: dict[str, float] = Field(default_factory=dict)  # device name -> memory budget
+    max_hop_bytes: int | None = Field(None, ge=0)  # what any one hop may carry per request
     objective: Literal["latency", "throughput"] = "latency"
     codecs: tuple[str, ...] | None = None
     random: int | None = Field(None, ge=1, le=100_000)
@@ -265,7 +266,15 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     samples, truths, measured_on = handle.fidelity_samples(n)
     limits = [job.memory_mib[d] * 2**20 if d in job.memory_mib else None for d in job.devices]
     m = gather_chain(
-        handle, list(job.devices), profiles, networks, samples, list(job.codecs or []) or None, truths, limits
+        handle,
+        list(job.devices),
+        profiles,
+        networks,
+        samples,
+        list(job.codecs or []) or None,
+        truths,
+        limits,
+        job.max_hop_bytes,
     )
     cons = ChainConstraints(job.max_latency_ms, job.min_throughput_ips, job.min_fidelity, job.objective)
     d = decide_chain(m, cons, note)

@@ -4,6 +4,7 @@ real model over three devices from measured profiles down to a plan that runs.""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -103,6 +104,22 @@ def test_limits_modes_memory_and_codecs_are_respected(blocks):
     assert solve(costs, limit=1e-6) is None  # nothing is that fast
 
 
+def test_a_bytes_limit_per_hop_is_obeyed_exactly(blocks):
+    from dataclasses import replace
+
+    costs = random_costs(8, 3, 3, 11)
+    cap = float(np.median(costs.bytes))
+    capped = replace(costs, max_hop_bytes=cap)
+    ok = [p for p in every_plan(costs) if max(p.hop_bytes) <= cap]
+    for limit in (np.inf, np.median([p.bottleneck_ms for p in ok])):
+        got = solve(capped, limit)
+        fits = [p for p in ok if p.bottleneck_ms < limit]
+        assert got is not None and max(got.hop_bytes) <= cap
+        assert got.latency_ms == pytest.approx(min(p.latency_ms for p in fits))
+    assert all(max(p.hop_bytes) <= cap for p in chain_front(capped))
+    assert solve(replace(costs, max_hop_bytes=0)) is None  # every hop carries something
+
+
 def test_a_chain_needs_a_link_per_hop():
     c = random_costs(5, 2, 3, 0)
     with pytest.raises(ValueError, match="3 devices need 2 links"):
@@ -178,3 +195,10 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     assert bad.returncode == 2 and "3 devices need 2 network profile(s)" in bad.stderr
     missing = run_cli(*args[:6], *args[8:])  # no profile for srv
     assert missing.returncode == 2 and "no measured profile for srv" in missing.stderr
+    # a metered hop: every plan shown carries at most that many bytes over each hop
+    free = json.loads(run_cli(*args, "--json").stdout)
+    cap = min(b for p in free["front"] for b in p["hop_bytes"] if b > 0)
+    capped = run_cli(*args, "--json", "--max-hop-bytes", str(cap))
+    assert capped.returncode == 0, capped.stderr
+    out = json.loads(capped.stdout)
+    assert all(b <= cap for p in [out["pick"], *out["front"]] for b in p["hop_bytes"])
