@@ -84,11 +84,16 @@ class Constraints:
         return [text[k]() for k in self.violations(c)]
 
     def objectives(self) -> tuple[int, ...]:
-        """The objectives the search weighs (indices into ``OBJECTIVE_NAMES``): latency, bytes and fidelity
-        always, throughput and edge memory only where a constraint or the objective names them. With all
-        five, nearly every cut of a large CNN is on the front (memory grows with depth while the cut
-        tensor shrinks), and each one's fidelity costs a run of the tail over every sample and codec."""
-        out = [0, 3, 4]
+        """The objectives the search weighs (indices into ``OBJECTIVE_NAMES``): latency and bytes always;
+        fidelity where no floor is given (with a floor it is a constraint: the front is of the candidates
+        that meet it); throughput and edge memory only where a constraint or the objective names them.
+        With all five, nearly every cut of a large CNN is on the front (memory grows with depth while the
+        cut tensor shrinks; a measured fidelity a hair below 1 leaves every unmeasured candidate, counted
+        lossless until measured, undominated), and each one's fidelity costs a run of the tail over every
+        sample and codec."""
+        out = [0, 3]
+        if self.min_fidelity is None or self.objective == "fidelity":
+            out.append(4)
         if self.min_throughput_ips is not None or self.objective == "throughput":
             out.append(1)
         if self.max_edge_memory_bytes is not None or self.objective == "edge-memory":

@@ -186,11 +186,16 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
 
 
 def unmeasured_on_front(
-    inputs: list[CandidateInput], links: list[Link], objectives: tuple[int, ...] | None = None
+    inputs: list[CandidateInput],
+    links: list[Link],
+    objectives: tuple[int, ...] | None = None,
+    floor: float | None = None,
 ) -> set[tuple]:
     """(cut, head precision) pairs with a candidate on some link's optimistic front (over
-    ``objectives``) but no measurement (cut 0 = server-only, None = edge-only)."""
+    ``objectives``, of the candidates not measured below ``floor``) but no measurement (cut 0 =
+    server-only, None = edge-only)."""
     need: set[tuple] = set()
+    inputs = [ci for ci in inputs if not _below(ci, floor)]
     for link in links:
         optimistic = [
             evaluate(ci if ci.fidelity is not None else replace(ci, fidelity=1.0), link) for ci in inputs
@@ -207,6 +212,10 @@ def unmeasured_on_front(
             if original.fidelity is None:
                 need.add((c.inp.cut, c.inp.head_weights))
     return need
+
+
+def _below(ci: CandidateInput, floor: float | None) -> bool:
+    return floor is not None and ci.fidelity is not None and ci.fidelity < floor
 
 
 def measure_fidelity(
@@ -342,22 +351,24 @@ def decide(
 ) -> list[Decision]:
     """Per network, the front and the pick. Fidelity is measured lazily: only for candidates on some
     link's optimistic front (unmeasured ones counted as lossless) over the objectives the constraints
-    weigh, until no unmeasured one is left on it, so the front and the pick are exact over those
+    weigh, of those not measured below the fidelity floor, until no unmeasured one is left on it; so
+    the front (of the candidates that meet the floor, if one is given) and the pick are exact over those
     objectives. ``note(what, done, total)`` hears of each round of measurement (a progress bar)."""
     links = [link_of(n) for n in networks]
     check_feasible(candidate_inputs(m), links, constraints)
     measure_fidelity(m, set())  # the baselines
-    objectives = constraints.objectives()
-    while need := unmeasured_on_front(candidate_inputs(m), links, objectives):
+    objectives, floor = constraints.objectives(), constraints.min_fidelity
+    if constraints.objective == "fidelity":
+        floor = None  # fidelity is what is sought: the front weighs it, below the floor too
+    while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
         measure_fidelity(m, need, note)
     inputs = candidate_inputs(m)
     decisions = []
     for link in links:
         cands = [evaluate(ci, link) for ci in inputs]
         measured = [c for c in cands if c.inp.fidelity is not None]
-        decisions.append(
-            Decision(link, cands, front(measured, objectives), pick(measured, constraints), objectives)
-        )
+        shown = front([c for c in measured if not _below(c.inp, floor)], objectives)
+        decisions.append(Decision(link, cands, shown, pick(measured, constraints), objectives))
     return decisions
 
 

@@ -74,6 +74,27 @@ def test_a_memory_constraint_searches_the_memory_front_too(setup):
     assert d.pick.inp.edge_memory_bytes <= budget
 
 
+def test_with_a_fidelity_floor_the_front_is_of_the_candidates_that_meet_it(setup):
+    """A floor makes fidelity a constraint: the lazy front equals the exhaustive front over latency and
+    bytes of every candidate measured at or above the floor, and holds none below it."""
+    _, _, h, edge, server = setup
+    samples = load_inputs(h.model, random=6)
+    nets = [load_network(n) for n in NETS]
+    full = gather(h, edge, server, samples)
+    measure_fidelity(full, {(c.index, "float32") for c in h.cuts()})
+    scores = sorted({ci.fidelity for ci in candidate_inputs(full) if ci.fidelity is not None})
+    floor = scores[len(scores) // 2]  # a floor half the candidates miss
+    cons = Constraints(min_fidelity=floor)
+    assert cons.objectives() == (0, 3)
+    lazy = gather(h, edge, server, samples)
+    decisions = decide(lazy, nets, cons)
+    for d, net in zip(decisions, nets, strict=True):
+        ok = [evaluate(ci, link_of(net)) for ci in candidate_inputs(full) if ci.fidelity >= floor]
+        assert sorted(c.label for c in d.front) == sorted(c.label for c in front(ok, (0, 3)))
+        assert all(c.inp.fidelity >= floor for c in d.front) and d.pick.inp.fidelity >= floor
+    assert len({k[0] for k in lazy.fidelity}) < len({k[0] for k in full.fidelity})
+
+
 def test_lossy_codecs_measure_below_lossless(setup):
     _, _, h, edge, server = setup
     m = gather(h, edge, server, load_inputs(h.model, random=6))
