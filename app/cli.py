@@ -1007,6 +1007,10 @@ def bench(
         ),
     ] = 4,
     max_front: Annotated[int, typer.Option(help="front members measured besides the pick and baselines")] = 4,
+    front_budget: Annotated[
+        int | None,
+        typer.Option(help="cuts whose fidelity is measured for the front beyond the pick's (default 12)"),
+    ] = None,
     min_fidelity: Annotated[float, typer.Option(help="the pick's constraint")] = 0.99,
     input_shape: Shapes = None,
     trace: Annotated[
@@ -1036,6 +1040,7 @@ def bench(
         seconds=seconds,
         window=window,
         max_front=max_front,
+        **({"front_budget": front_budget} if front_budget is not None else {}),
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
     )

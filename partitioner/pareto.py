@@ -120,6 +120,13 @@ _KEYS = {
 }
 
 
+def objective_key(constraints: Constraints):
+    """The sort key of the constraints' objective (best first)."""
+    if constraints.objective not in _KEYS:
+        raise SplitPointError(f"unknown objective {constraints.objective!r}; choose from {', '.join(_KEYS)}")
+    return _KEYS[constraints.objective]
+
+
 def pick(cands: list[Candidate], constraints: Constraints) -> Candidate:
     """The best feasible candidate for the objective; the best is always on the front."""
     if constraints.objective not in _KEYS:

@@ -30,7 +30,7 @@ from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
 from .fidelity import FidelityReport, compare, measure, task_report
-from .pareto import Constraints, front, infeasible, pick
+from .pareto import Constraints, front, infeasible, objective_key, pick
 from .planset import fastest
 
 DEFAULT_CODECS = [
@@ -341,6 +341,22 @@ class Decision:
     front: list[Candidate]  # over ``objectives``, of the candidates whose fidelity was measured
     pick: Candidate
     objectives: tuple[int, ...] = (0, 1, 2, 3, 4)  # indices into pareto.OBJECTIVE_NAMES
+    unmeasured: int = 0  # (cut, head) pairs on an optimistic front left unmeasured (a budget ran out)
+
+
+def unmeasured_pick(
+    inputs: list[CandidateInput], links: list[Link], constraints: Constraints, floor: float | None
+) -> set[tuple]:
+    """(cut, head precision) pairs of each link's best candidate by the objective, among those that meet
+    every constraint but fidelity and are not measured below ``floor``, where it is unmeasured."""
+    rest, key = constraints.without_fidelity(), objective_key(constraints)
+    need: set[tuple] = set()
+    for link in links:
+        cands = [evaluate(ci, link) for ci in inputs if not _below(ci, floor)]
+        ok = [c for c in cands if not rest.violations(c)]
+        if ok and (best := min(ok, key=key)).inp.fidelity is None:
+            need.add((best.inp.cut, best.inp.head_weights))
+    return need
 
 
 def decide(
@@ -348,27 +364,40 @@ def decide(
     networks: list[NetworkProfile],
     constraints: Constraints,
     note: Callable[[str, int, int], None] | None = None,
+    front_budget: int | None = None,
 ) -> list[Decision]:
-    """Per network, the front and the pick. Fidelity is measured lazily: only for candidates on some
-    link's optimistic front (unmeasured ones counted as lossless) over the objectives the constraints
-    weigh, of those not measured below the fidelity floor, until no unmeasured one is left on it; so
-    the front (of the candidates that meet the floor, if one is given) and the pick are exact over those
-    objectives. ``note(what, done, total)`` hears of each round of measurement (a progress bar)."""
+    """Per network, the front and the pick. Fidelity is measured lazily, first for the pick: each link's
+    best candidate by the objective among those not measured below the floor, until it is measured;
+    then for candidates on some link's optimistic front (unmeasured ones counted as lossless) over the
+    objectives the constraints weigh, until no unmeasured one is left on it. So the pick, and the front
+    (of the candidates that meet the floor, if one is given), are exact over those objectives. With
+    ``front_budget`` the second part measures at most that many more (cut, head precision) pairs: the
+    front is then of what was measured, and ``Decision.unmeasured`` says how many of its optimistic
+    members were left. ``note(what, done, total)`` hears of each round of measurement (a progress bar)."""
     links = [link_of(n) for n in networks]
     check_feasible(candidate_inputs(m), links, constraints)
     measure_fidelity(m, set())  # the baselines
     objectives, floor = constraints.objectives(), constraints.min_fidelity
     if constraints.objective == "fidelity":
         floor = None  # fidelity is what is sought: the front weighs it, below the floor too
-    while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
+    while need := unmeasured_pick(candidate_inputs(m), links, constraints, floor):
         measure_fidelity(m, need, note)
+    left = front_budget
+    while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
+        if left is not None:
+            if left <= 0:
+                break
+            need = set(sorted(need, key=lambda p: (p[0] is None, p[0] or 0, p[1]))[:left])
+            left -= len(need)
+        measure_fidelity(m, need, note)
+    unmeasured = len(unmeasured_on_front(candidate_inputs(m), links, objectives, floor))
     inputs = candidate_inputs(m)
     decisions = []
     for link in links:
         cands = [evaluate(ci, link) for ci in inputs]
         measured = [c for c in cands if c.inp.fidelity is not None]
         shown = front([c for c in measured if not _below(c.inp, floor)], objectives)
-        decisions.append(Decision(link, cands, shown, pick(measured, constraints), objectives))
+        decisions.append(Decision(link, cands, shown, pick(measured, constraints), objectives, unmeasured))
     return decisions
 
 

@@ -95,6 +95,27 @@ def test_with_a_fidelity_floor_the_front_is_of_the_candidates_that_meet_it(setup
     assert len({k[0] for k in lazy.fidelity}) < len({k[0] for k in full.fidelity})
 
 
+def test_a_front_budget_measures_less_and_keeps_the_pick(setup):
+    """With no budget for the front the planner still finds the same pick (measured first, in the
+    objective's order), measures no cut the exact search would not, and counts what it left: exactly
+    the optimistic front members still unmeasured."""
+    from splitpoint.partitioner.planner import unmeasured_on_front
+
+    _, _, h, edge, server = setup
+    samples = load_inputs(h.model, random=6)
+    nets = [load_network(n) for n in ("3g", "5g", "ethernet")]
+    cons = Constraints()
+    exact, lean = gather(h, edge, server, samples), gather(h, edge, server, samples)
+    full = decide(exact, nets, cons)
+    cheap = decide(lean, nets, cons, front_budget=0)
+    assert [d.pick.label for d in cheap] == [d.pick.label for d in full]
+    assert all(d.unmeasured == 0 for d in full)
+    assert {k[0] for k in lean.fidelity} <= {k[0] for k in exact.fidelity}
+    left = unmeasured_on_front(candidate_inputs(lean), [link_of(n) for n in nets], cons.objectives())
+    assert cheap[0].unmeasured == len(left)
+    assert all(c.inp.fidelity is not None for d in cheap for c in d.front)
+
+
 def test_lossy_codecs_measure_below_lossless(setup):
     _, _, h, edge, server = setup
     m = gather(h, edge, server, load_inputs(h.model, random=6))
@@ -259,7 +280,9 @@ def test_int8_heads_are_candidates_with_measured_fidelity(setup, tmp_path):
             int8_heads=True,
         )
     m = gather(h, edge8, server, load_inputs(h.model, random=4), codecs=["float32", "int8"], int8_heads=True)
-    dec = decide(m, [load_network("3g")], Constraints())[0]
+    # an edge-memory limit makes memory one of the front's objectives, where an int8 head always gains
+    # (it may not gain time on a small model on a busy machine)
+    dec = decide(m, [load_network("3g")], Constraints(max_edge_memory_bytes=2**40))[0]
     int8 = [c for c in dec.candidates if c.inp.head_weights == "int8"]
     assert int8 and any(c.inp.kind == EDGE_ONLY for c in int8)
     ratio = edge8.int8_whole.median_ms / edge8.whole.median_ms

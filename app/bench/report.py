@@ -282,14 +282,27 @@ def models_section(results: dict) -> list[str]:
     out = [
         "## Models",
         "",
-        "| model | weights | fidelity measured on | cuts | whole model, edge / server (ms) |",
-        "|---|---|---|---:|---:|",
+        "| model | weights | fidelity measured on | cuts | fidelity measured at | front | "
+        "whole model, edge / server (ms) | profile and plan (s) |",
+        "|---|---|---|---:|---:|---|---:|---:|",
     ]
+    budget = results["config"].get("front_budget")
     for name, m in models.items():
+        left = m.get("front_unmeasured")
+        exact = "exact" if left == 0 else f"{left} cut(s) left unmeasured (budget {budget})" if left else "?"
         out.append(
             f"| {name} | {m.get('weights', '?')} | {m.get('fidelity_inputs', '?')} | {m['cuts']} | "
-            f"{_f(m['edge_whole_ms'])} / {_f(m['server_whole_ms'])} |"
+            f"{m.get('fidelity_measured_cuts', '?')} cuts | {exact} | "
+            f"{_f(m['edge_whole_ms'])} / {_f(m['server_whole_ms'])} | {_f(m.get('profile_and_plan_s'))} |"
         )
+    out += [
+        "",
+        "The planner measures fidelity for the pick first (each network's best candidate in latency order "
+        "until one is measured at the floor), then for the front over latency × bytes of the candidates "
+        f"that meet the floor; the bench stops the latter after {budget} cuts (`--front-budget`), and the "
+        "*front* column says whether the front shown is exact or how many of its optimistic members were "
+        "left unmeasured.",
+    ]
     codecs = list(dict.fromkeys(c for m in models.values() for c in m.get("bytes_at_fidelity", {})))
     if not codecs:
         return [*out, ""]

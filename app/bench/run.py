@@ -77,6 +77,9 @@ class BenchConfig(StrictConfig):
     max_requests: int = Field(20, ge=1)
     window: int = Field(4, ge=1, le=1024)
     max_front: int = Field(4, ge=0)  # front members measured besides the pick and the baselines
+    # (cut, head) pairs whose fidelity the planner measures for the front beyond the pick's (None: every
+    # one the exact front needs; a 416x416 detector at 64 samples costs ~16 s each here)
+    front_budget: int | None = Field(12, ge=0)
     min_fidelity: float = Field(0.99, ge=0, le=1)
     fidelity_samples: int | None = Field(None, ge=1)  # None: 64 rendered inputs (trained), else 8 random
     inputs: int = Field(4, ge=1)
@@ -337,7 +340,9 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
             say(f"{h.name}: planning for {len(nets)} networks")
             samples, truths, measured_on = h.fidelity_samples(cfg.fidelity_samples or (64 if h.task else 8))
             m = gather(h, edge, server, samples, codecs=list(cfg.codecs), truths=truths)
-            decisions = decide(m, nets, Constraints(min_fidelity=cfg.min_fidelity))
+            decisions = decide(
+                m, nets, Constraints(min_fidelity=cfg.min_fidelity), front_budget=cfg.front_budget
+            )
             t_plan = time.perf_counter() - tm
             inputs = work / f"{h.name}-inputs.npz"
             _inputs_file(h, cfg.inputs, inputs)
@@ -351,6 +356,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 "task": h.task,
                 "fidelity_inputs": measured_on,
                 "bytes_at_fidelity": bytes_at_fidelity(decisions[0].candidates, cfg.min_fidelity),
+                "fidelity_measured_cuts": len({k[0] for k in m.fidelity}),
+                "front_unmeasured": decisions[0].unmeasured,
             }
             for net, d in zip(nets, decisions, strict=True):
                 say(f"{h.name} on {net.name}: measuring")
