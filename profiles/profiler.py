@@ -193,31 +193,31 @@ def profile_model(
         clock["build_s"] += time.perf_counter() - t0
         return s
 
-    # 1: the whole model on a plain session (the profiler's event logging would inflate timings).
-    # The session stays open: one run before and after each segment measurement is the
-    # reference that cancels the machine's drift.
-    note("whole model", 0, 1)
-    whole_sess = build(handle.path)
+    # 1: per-node times from onnxruntime's profiler: only their proportions are used. One session
+    # serves both this and the whole model's timing: onnxruntime stops logging events at
+    # end_profiling, after which the session runs as a plain one (a second build of the whole model
+    # was a large share of the profiler's wall time).
+    note("per-node profile", 0, 1)
+    t0 = time.perf_counter()
+    whole_sess = make_session(handle.path, settings.threads, settings.provider, enable_profiling=True)
+    clock["build_s"] += time.perf_counter() - t0
 
     def run_whole() -> list:
         return whole_sess.run(None, feeds)
 
     with running():
-        samples = time_runs(run_whole, settings.warmup, settings.repeats, min_ms)
-
-    # 2: per-node times from onnxruntime's profiler: only their proportions are used
-    note("per-node profile", 0, 1)
-    t0 = time.perf_counter()
-    psess = make_session(handle.path, settings.threads, settings.provider, enable_profiling=True)
-    clock["build_s"] += time.perf_counter() - t0
-    with running():
-        time_runs(lambda: psess.run(None, feeds), 1, settings.profile_runs)
-    trace = psess.end_profiling()
+        time_runs(run_whole, 1, settings.profile_runs)
+    trace = whole_sess.end_profiling()
     try:
         per_node, unattributed, profiled_runs = node_times(trace, idx, skip_runs=1)
     finally:
         os.unlink(trace)
-    psess = None  # release the session before the segments are measured
+
+    # 2: the whole model, with event logging off. The session stays open: one run before and after
+    # each segment measurement is the reference that cancels the machine's drift.
+    note("whole model", 0, 1)
+    with running():
+        samples = time_runs(run_whole, settings.warmup, settings.repeats, min_ms)
     cum: list[float] = list(np.cumsum([per_node.get(p, 0.0) for p in idx.compute]))
     total = cum[-1] if cum and cum[-1] > 0 else 1.0
 
