@@ -147,17 +147,18 @@ def test_profiles_for_another_model_or_role_are_refused(setup):
         gather(h, server, server, [])
 
 
+def _plan(d, model, network: str, *args: str, check: bool = False):
+    """`splitpoint plan` over the module's measured profiles."""
+    profiles = ["--edge-profile", str(d / "edge.json"), "--server-profile", str(d / "server.json")]
+    return run_cli("plan", str(model), *profiles, "--network", network, *args, check=check)
+
+
 def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
     d, path, h, _, _ = setup
     out, png = d / "plan-wifi", d / "front.png"
-    proc = run_cli(
-        "plan",
-        str(path),
-        "--edge-profile",
-        str(d / "edge.json"),
-        "--server-profile",
-        str(d / "server.json"),
-        "--network",
+    proc = _plan(
+        d,
+        path,
         "wifi-n",
         "--min-fidelity",
         "0.9",
@@ -186,14 +187,9 @@ def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
 def test_plan_cli_infeasible_names_closest(setup):
     d, path, _, _, _ = setup
     out = d / "never"
-    proc = run_cli(
-        "plan",
-        str(path),
-        "--edge-profile",
-        str(d / "edge.json"),
-        "--server-profile",
-        str(d / "server.json"),
-        "--network",
+    proc = _plan(
+        d,
+        path,
         "3g",
         "--max-latency",
         "0.01",
