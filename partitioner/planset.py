@@ -132,7 +132,12 @@ def choose(
         return best
     cur, top = evs[current], evs[best]
     if rate_ips and cur.throughput_ips < rate_ips * RATE_HEADROOM * (1.0 - hysteresis):
-        return best if top.throughput_ips > cur.throughput_ips else current
+        # the current one cannot keep up: move to one that does, or (none does) to one that serves
+        # clearly more; two members that both fall short and trade places as the estimate wobbles
+        # would otherwise flap
+        if top.throughput_ips >= rate_ips * RATE_HEADROOM:
+            return best
+        return best if top.throughput_ips > cur.throughput_ips * (1.0 + hysteresis) else current
     return best if top.latency_ms < cur.latency_ms * (1.0 - hysteresis) else current
 
 

@@ -254,6 +254,12 @@ def test_a_rate_keeps_members_that_cannot_keep_up_out_of_the_set():
     # where the server keeps up too (with headroom), latency decides again among those that do
     assert fastest([edge, server], Link("fast", 100.0, 100.0, rtt), 10.0 / RATE_HEADROOM) is server
     assert fastest([edge, server], Link("slow", 1.0, 1.0, rtt), 10.0) is edge  # nothing keeps up
+    # where nothing keeps up, a member that serves only a little more is not worth a switch
+    near = _facts("server-only", 0.0, 140_000)  # 7 % fewer bytes: 7 % more per second on a slow link
+    slow = Link("slow", 1.0, 1.0, rtt)
+    assert fastest([server, near], slow, 10.0) is near
+    assert choose([server, near], 0, 1.0, rtt, rate_ips=10.0) == 0
+    assert choose([server, _facts("server-only", 0.0, 60_000)], 0, 1.0, rtt, rate_ips=10.0) == 1
 
 
 def test_a_request_waiting_for_a_busy_edge_fails_at_its_deadline_not_later(pair):

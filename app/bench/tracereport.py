@@ -62,10 +62,18 @@ def markdown(results: dict, command: str) -> str:
             on = ", ".join(n for n, e in m["expected"].items() if e == k) or "–"
             lines.append(f"| m{k} {mem['label']} | {mem['lo_mbps']:.3g} – {hi} | {on} |")
         lines += ["", "Bits-only members: " + ", ".join(x["label"] for x in m["bits_only_members"]) + ".", ""]
-        lines += ["Fixed members, median latency (ms) per network:", ""]
+        lines += [
+            "Fixed members, median latency (ms) per network, and answers per second served (measured; "
+            f"below {results['config']['rate']:g}/s a member cannot keep up and its latency is a queue's):",
+            "",
+        ]
         lines += ["| member | " + " | ".join(nets) + " |", "|---|" + "---:|" * len(nets)]
         for mem in m["members"]:
-            cells = [_ms(m["fixed"][n].get(mem["label"], {}).get("median_ms")) for n in nets]
+            cells = []
+            for n in nets:
+                f = m["fixed"][n].get(mem["label"], {})
+                ips = f.get("served_ips")
+                cells.append(_ms(f.get("median_ms")) + (f" ({ips:.1f}/s)" if ips is not None else ""))
             lines.append(f"| {mem['label']} | " + " | ".join(cells) + " |")
         lines += [
             "",
@@ -74,12 +82,15 @@ def markdown(results: dict, command: str) -> str:
             "|---:|---|---:|---:|---:|---|---:|---:|---|---|",
         ]
         for j, r in enumerate(a["phases"]):
+            verdict = "yes" if r["within_10pct"] else "**no**"
+            if r.get("overloaded"):
+                verdict += " (no member keeps up)"
             used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
             lines.append(
                 f"| {j} | {r['network']} | {r['seconds']:g} | {r['requests']} | {_ms(r['median_ms'])} | "
                 f"{_ms(r['best_fixed_median_ms'])} ({r['best_fixed_member'] or '–'}) | "
                 f"{_ms(r['bits_only_median_ms'])} | {r['switches']} | {used} | "
-                f"{'yes' if r['within_10pct'] else '**no**'} |"
+                f"{verdict} |"
             )
         lines += [
             "",
