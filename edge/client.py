@@ -458,12 +458,10 @@ class EdgeClient:
             late = [(rid, p) for rid, p in self._pending.items() if p.deadline and now > p.deadline]
             # waiting for a worker (the head or the local model busy with earlier requests) as long
             # as a reply may take: the caller hears so now, not whenever a worker is free
-            queued = [
-                (rid, p) for rid, p in self._pending.items() if not p.started and now - p.t_submit > limit
-            ]
-        for rid, _ in queued:
-            waiting = sum(not q.started for q in list(self._pending.values()))
-            why = f"request {rid}: not started within {limit} s: the edge is busy ({waiting} waiting)"
+            waiting = [rid for rid, p in self._pending.items() if not p.started]
+            queued = [rid for rid in waiting if now - self._pending[rid].t_submit > limit]
+        for rid in queued:
+            why = f"request {rid}: not started within {limit} s: the edge is busy ({len(waiting)} waiting)"
             self._finish(rid, error=EdgeError(why, "timeout"))
         if late and self._full is not None:
             self._set_up(False)  # connected but silent: new requests run locally until it answers a ping

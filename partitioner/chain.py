@@ -258,7 +258,7 @@ def _middle_block(costs: ChainCosts, j: int, mode: str, a: int, b: int, lo: int,
     right = (pre[a:b, None] + costs.enc_ms[j][a:b]).ravel()
     left = (costs.dec_ms[j][lo:hi] - pre[lo:hi, None]).ravel()
     busy = right[:, None] + left[None, :]
-    limit = costs.memory_limit[j] if j < len(costs.memory_limit) else None
+    limit = _memory_limit(costs, j)
     if hi - 1 <= a and mode == ANY and limit is None:
         return busy  # every start is at or before every end, and nothing else forbids
     end = np.repeat(np.arange(a, b), c)[:, None]
@@ -278,6 +278,10 @@ def _mode_ok(mode: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return empty if mode == EMPTY else ~empty
 
 
+def _memory_limit(costs: ChainCosts, j: int) -> float | None:
+    return costs.memory_limit[j] if j < len(costs.memory_limit) else None
+
+
 def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
     """Per device, (m, m): whether the segment from position i to i' fits its memory limit (worked out
     once per costs)."""
@@ -285,7 +289,7 @@ def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
         return costs.__dict__["_memory_ok"]
     m, out = len(costs.positions), []
     for j in range(len(costs.devices)):
-        limit = costs.memory_limit[j] if j < len(costs.memory_limit) else None
+        limit = _memory_limit(costs, j)
         if limit is None:
             out.append(np.ones((m, m), bool))
             continue

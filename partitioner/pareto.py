@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -120,7 +121,7 @@ _KEYS = {
 }
 
 
-def objective_key(constraints: Constraints):
+def objective_key(constraints: Constraints) -> Callable[[Candidate], tuple]:
     """The sort key of the constraints' objective (best first)."""
     if constraints.objective not in _KEYS:
         raise SplitPointError(f"unknown objective {constraints.objective!r}; choose from {', '.join(_KEYS)}")
@@ -129,11 +130,10 @@ def objective_key(constraints: Constraints):
 
 def pick(cands: list[Candidate], constraints: Constraints) -> Candidate:
     """The best feasible candidate for the objective; the best is always on the front."""
-    if constraints.objective not in _KEYS:
-        raise SplitPointError(f"unknown objective {constraints.objective!r}; choose from {', '.join(_KEYS)}")
+    key = objective_key(constraints)
     feasible = [c for c in cands if not constraints.violations(c) and c.inp.fidelity is not None]
     if feasible:
-        return min(feasible, key=_KEYS[constraints.objective])
+        return min(feasible, key=key)
     raise infeasible([c for c in cands if c.inp.fidelity is not None], constraints)
 
 

@@ -382,15 +382,15 @@ def decide(
         floor = None  # fidelity is what is sought: the front weighs it, below the floor too
     while need := unmeasured_pick(candidate_inputs(m), links, constraints, floor):
         measure_fidelity(m, need, note)
-    left = front_budget
+    left, unmeasured = front_budget, 0
     while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
         if left is not None:
             if left <= 0:
+                unmeasured = len(need)
                 break
             need = set(sorted(need, key=lambda p: (p[0] is None, p[0] or 0, p[1]))[:left])
             left -= len(need)
         measure_fidelity(m, need, note)
-    unmeasured = len(unmeasured_on_front(candidate_inputs(m), links, objectives, floor))
     inputs = candidate_inputs(m)
     decisions = []
     for link in links:

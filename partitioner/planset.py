@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costmodel import CandidateInput, Link, evaluate
+from .costmodel import Candidate, CandidateInput, Link, evaluate
 
 # A member must be predicted to serve this many times the arrival rate: at 1x a queue grows without
 # bound on any slow spell, and the throughput predictions are good to about 10 %.
@@ -21,13 +21,18 @@ def fastest(cands: list[CandidateInput], link: Link, rate_ips: float | None = No
     time): the lowest latency among those predicted to keep up with the rate; if none does, the one
     that comes closest (highest throughput), since a queue then grows whatever runs and grows slowest
     there. Latency alone would pick a member that is fast for one request and drowns at the rate."""
-    evs = [evaluate(c, link) for c in cands]
+    return cands[_to_run([evaluate(c, link) for c in cands], rate_ips)]
+
+
+def _to_run(evs: list[Candidate], rate_ips: float | None) -> int:
+    """``fastest``'s choice among candidates already evaluated on the link, as an index."""
+    order = list(range(len(evs)))
     if rate_ips:
-        keep = [e for e in evs if e.throughput_ips >= rate_ips * RATE_HEADROOM]
+        keep = [i for i in order if evs[i].throughput_ips >= rate_ips * RATE_HEADROOM]
         if not keep:
-            return max(evs, key=lambda e: (e.throughput_ips, -e.latency_ms)).inp
-        evs = keep
-    return min(evs, key=lambda e: e.latency_ms).inp
+            return max(order, key=lambda i: (evs[i].throughput_ips, -evs[i].latency_ms))
+        order = keep
+    return min(order, key=lambda i: evs[i].latency_ms)
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,7 @@ def choose(
     (so that a bandwidth sitting on a boundary does not flap)."""
     link = Link("estimate", uplink_mbps, uplink_mbps * down_ratio, rtt_ms)
     evs = [evaluate(c, link) for c in members]
-    pick = fastest(members, link, rate_ips)
-    best = next(i for i, c in enumerate(members) if c is pick)
+    best = _to_run(evs, rate_ips)
     if current is None or current == best:
         return best
     cur, top = evs[current], evs[best]

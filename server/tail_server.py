@@ -235,21 +235,20 @@ class TailServer:
         if self.telemetry:
             self.telemetry.close()
 
-    def _send_when_connected(self, frames: list, runner: StageRunner) -> None:
-        """Just after start, wait (within ``next_connect_grace_s`` of it) for the first connection to the
-        next stage and send; later, or if it does not come, fail at once: a stage that was connected and
-        is gone must not hold requests (each gets an explicit ``unavailable``)."""
+    def _send_next(self, frames: list, runner: StageRunner) -> None:
+        """Send onwards without queueing. Just after start (within ``next_connect_grace_s``) wait for the
+        first connection to the next stage; later, or if it does not come, fail at once: a stage that
+        was connected and is gone must not hold requests (each gets an explicit ``unavailable``)."""
         assert self._next is not None
         wait = self._next_grace_until - time.monotonic()
-        if wait > 0 and self._next.poll(int(wait * 1000) + 1, zmq.POLLOUT):
-            try:
-                wire.send(self._next, frames, _NOBLOCK)
-                return
-            except zmq.Again:
-                pass
-        raise wire.WireError(
-            wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
-        )
+        if wait > 0:  # at once when connected
+            self._next.poll(int(wait * 1000) + 1, zmq.POLLOUT)
+        try:
+            wire.send(self._next, frames, _NOBLOCK)
+        except zmq.Again:
+            raise wire.WireError(
+                wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
+            ) from None
 
     def _connect_next(self) -> None:
         """The relay's DEALER to the next stage: no queueing towards a stage that is not connected
@@ -602,11 +601,7 @@ class TailServer:
         # Clocked before the send: a thread preempted right after it would otherwise report the
         # next stage as faster than that stage's own clock says.
         t_sent = time.perf_counter()
-        out = wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames()
-        try:
-            wire.send(self._next, out, _NOBLOCK)
-        except zmq.Again:
-            self._send_when_connected(out, runner)
+        self._send_next(wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames(), runner)
         timing = {
             "queue_ms": (t0 - req.t_recv) * 1e3,
             "decode_ms": (t1 - t0) * 1e3,
