@@ -172,11 +172,11 @@ def test_the_edge_switches_as_the_link_changes_and_loses_nothing(pair, mosquitto
     ups = [e for e in switches if e["to"] > e["from"]]
     downs = [e for e in switches if e["to"] < e["from"]]
     assert ups and downs, switches
-    assert ups[0]["request"] < phases[1] <= downs[-1]["request"], switches
+    assert ups[0]["request"] < phases[1] <= downs[-1]["request"], (boundary, switches)
     assert ups[0]["uplink_mbps_estimated"] > downs[-1]["uplink_mbps_estimated"]
     fast_tail = [r.breakdown["member"] for r in results[phases[1] - 8 : phases[1]]]
     slow_tail = [r.breakdown["member"] for r in results[-8:]]
-    assert min(fast_tail) > start and plans[fast_tail[-1]].kind != EDGE_ONLY
+    assert min(fast_tail) > start and plans[fast_tail[-1]].kind != EDGE_ONLY, (fast_tail, switches)
     # back on the edge, where one request a window still probes the link over the server member
     assert final == start and slow_tail.count(start) >= 6, slow_tail
     assert "switch" in seen and seen["switch"]["to"] == switches[-1]["to"]
