@@ -18,33 +18,33 @@ from onnx import numpy_helper
 
 from .errors import SplitPointError
 from .plan import HEAD_FILE, TAIL_FILE, Plan
-
-_WEIGHT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.DOUBLE,
-    onnx.TensorProto.BFLOAT16,
-}
+from .weights import is_stub, shareable, stub
 
 
-def _shared_weights(model: onnx.ModelProto, so: ort.SessionOptions) -> tuple[bytes, list]:
-    """The model's bytes without its weights, which go to onnxruntime as arrays instead: serialising an
-    extracted head or tail with its weights costs as much as building its session, every time."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
+def _shared_weights(
+    model: onnx.ModelProto, so: ort.SessionOptions, weights: Callable[[str], np.ndarray] | None
+) -> tuple[bytes, list]:
+    """The model's bytes without its large weights, which go to onnxruntime as arrays instead: stubs
+    (``core/weights.py``) take theirs from ``weights``; inline ones are read out of a copy of the model
+    (serialising an extracted head or tail with its weights costs as much as building its session)."""
+    inline = [t.name for t in model.graph.initializer if shareable(t)]
+    light = model
+    if inline:
+        light = onnx.ModelProto()
+        light.CopyFrom(model)
     names, values = [], []
     for init in light.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL or not (init.raw_data or init.float_data):
-            continue  # external files and the odd typed field stay as they are
-        if init.data_type not in _WEIGHT_TYPES or int(np.prod(init.dims, dtype=np.int64)) < 1024:
-            continue  # shapes, indices, small constants stay inline: onnxruntime reads them for shapes
+        if is_stub(init):
+            if weights is None:
+                raise SplitPointError(f"weight {init.name!r} is shared but no arrays were given for it")
+            array = weights(init.name)
+        elif inline and shareable(init):
+            array = numpy_helper.to_array(init)
+            init.CopyFrom(stub(init))
+        else:
+            continue
         names.append(init.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init)))
-        init.ClearField("raw_data")
-        init.ClearField("float_data")
-        init.data_location = onnx.TensorProto.EXTERNAL
-        entry = init.external_data.add()
-        entry.key, entry.value = "location", "splitpoint-shared"  # never read: the arrays below win
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
     if names:
         so.add_external_initializers(names, values)
     return light.SerializeToString(), values
@@ -56,7 +56,9 @@ def make_session(
     provider: str = "CPUExecutionProvider",
     enable_profiling: bool = False,
     optimization: str = "all",
+    weights: Callable[[str], np.ndarray] | None = None,
 ) -> ort.InferenceSession:
+    """``weights``: the arrays of a model part's shared weights by name (``GraphIndex.weight_array``)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -79,7 +81,7 @@ def make_session(
         )
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
-        src, keep = _shared_weights(model, so)
+        src, keep = _shared_weights(model, so, weights)
         sess = ort.InferenceSession(src, sess_options=so, providers=providers)
         sess._splitpoint_weights = keep  # the arrays must outlive the session
         return sess

@@ -97,9 +97,10 @@ def measure(
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
     if reference is None:
         reference = run_batched(make_session(handle.path), samples)
-    head, tail = extract(handle.index, cut, check=False)
-    hs = make_session(head_model or head)
-    ts = make_session(tail)
+    head, tail = extract(handle.index, cut, check=False, shared_weights=True)
+    weights = handle.index.weight_array
+    hs = make_session(head_model or head, weights=weights)
+    ts = make_session(tail, weights=weights)
     head_names = [o.name for o in hs.get_outputs()]
     head_runs = run_samples(hs, samples)
     h_out = dict(zip(head_names, join(head_runs), strict=True))

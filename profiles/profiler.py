@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import psutil
 
@@ -32,6 +33,7 @@ from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
 from splitpoint.core.runner import make_session
 from splitpoint.core.samples import sample_feeds
+from splitpoint.core.weights import is_stub
 
 from .cpulimit import sample_span_ms
 from .facts import device_facts, temperature_c, throttled
@@ -104,6 +106,17 @@ def interleaved(
             if i >= warmup:
                 out[j].append(ms)
     return out
+
+
+@contextlib.contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """Collections inside skip every object that exists on entry (a model's index is large, and a full
+    collection walked it before each segment: ~40 ms on ResNet-50)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _trim_heap() -> None:
@@ -187,9 +200,9 @@ def profile_model(
         yield
         clock["run_ms"] += (time.perf_counter() - t0) * 1e3
 
-    def build(model: str | Path | bytes) -> ort.InferenceSession:
+    def build(model: str | Path | bytes | onnx.ModelProto) -> ort.InferenceSession:
         t0 = time.perf_counter()
-        s = make_session(model, settings.threads, settings.provider)
+        s = make_session(model, settings.threads, settings.provider, weights=idx.weight_array)
         clock["build_s"] += time.perf_counter() - t0
         return s
 
@@ -216,13 +229,13 @@ def profile_model(
     # 2: the whole model, with event logging off. The session stays open: one run before and after
     # each segment measurement is the reference that cancels the machine's drift.
     note("whole model", 0, 1)
-    with running():
-        samples = time_runs(run_whole, settings.warmup, settings.repeats, min_ms)
+    with running():  # warm already: the profiled runs were its warm-up
+        samples = time_runs(run_whole, 0, settings.repeats, min_ms)
     cum: list[float] = list(np.cumsum([per_node.get(p, 0.0) for p in idx.compute]))
     total = cum[-1] if cum and cum[-1] > 0 else 1.0
 
     # 3: real head and tail sub-models at anchor cuts, farthest-first, until the budget is spent
-    fixed = settings.warmup + settings.repeats + 1 + settings.profile_runs
+    fixed = settings.repeats + 1 + settings.profile_runs
     per_anchor = settings.segment_warmup + settings.segment_repeats + 1
     n_anchor = (
         settings.anchors
@@ -241,41 +254,47 @@ def profile_model(
     samples.append(w_prev)
     whole_ms = statistics.median(samples)
     last_cost = 0.0
-    for j, k in enumerate(planned):
-        # the budget is wall time, session builds included: what the user waits for
-        spent_ms = (time.perf_counter() - t_start) * 1e3
-        if len(measured) >= 2 and (spent_ms + last_cost) / whole_ms > settings.budget:
-            break  # the next segment would overrun the budget
-        before = time.perf_counter()
-        note(f"segment at cut {k}", j, len(planned))
-        cut = cuts[k - 1]
-        head, tail = extract(idx, cut, check=False)
-        _trim_heap()
-        rss0 = proc.memory_info().rss
-        hs = build(head)
-        head_in = {i.name: feeds[i.name] for i in hs.get_inputs()}
-        h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, head_in), strict=True))
-        rss = max(proc.memory_info().rss, rss0) - rss0
-        ts = build(tail)
-        t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
-        with running():
-            hs_ms, ts_ms = interleaved(
-                [partial(hs.run, None, head_in), partial(ts.run, None, t_in)],
-                settings.segment_warmup,
-                settings.segment_repeats,
-                min_ms,
+    with _frozen_gc():
+        for j, k in enumerate(planned):
+            # the budget is wall time, session builds included: what the user waits for
+            spent_ms = (time.perf_counter() - t_start) * 1e3
+            if len(measured) >= 2 and (spent_ms + last_cost) / whole_ms > settings.budget:
+                break  # the next segment would overrun the budget
+            before = time.perf_counter()
+            note(f"segment at cut {k}", j, len(planned))
+            cut = cuts[k - 1]
+            head, tail = extract(idx, cut, check=False, shared_weights=True)
+            # the head's weights are read before the RSS baseline and counted by their size: one copy of
+            # them is what the edge holds (the arrays are shared with every session built from them)
+            head_weights = sum(idx.weight_array(t.name).nbytes for t in head.graph.initializer if is_stub(t))
+            _trim_heap()
+            rss0 = proc.memory_info().rss
+            hs = build(head)
+            head_in = {i.name: feeds[i.name] for i in hs.get_inputs()}
+            h_out = dict(zip([o.name for o in hs.get_outputs()], hs.run(None, head_in), strict=True))
+            rss = max(proc.memory_info().rss, rss0) - rss0 + head_weights
+            ts = build(tail)
+            t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
+            with running():
+                hs_ms, ts_ms = interleaved(
+                    [partial(hs.run, None, head_in), partial(ts.run, None, t_in)],
+                    settings.segment_warmup,
+                    settings.segment_repeats,
+                    min_ms,
+                )
+                w_next = time_runs(run_whole, 0, 1, min_ms)[0]
+            samples.append(w_next)
+            h, t = stat(hs_ms), stat(ts_ms)
+            # the split's total relative to the whole model timed just before and after it (the
+            # running median joins them so one preempted reference run cannot skew the ratio)
+            ratio = (h.median_ms + t.median_ms) / statistics.median(
+                [w_prev, w_next, statistics.median(samples)]
             )
-            w_next = time_runs(run_whole, 0, 1, min_ms)[0]
-        samples.append(w_next)
-        h, t = stat(hs_ms), stat(ts_ms)
-        # the split's total relative to the whole model timed just before and after it (the
-        # running median joins them so one preempted reference run cannot skew the ratio)
-        ratio = (h.median_ms + t.median_ms) / statistics.median([w_prev, w_next, statistics.median(samples)])
-        measured[k] = {"head": h, "tail": t, "rss": rss, "ratio": ratio}
-        w_prev = w_next
-        whole_ms = statistics.median(samples)
-        last_cost = (time.perf_counter() - before) * 1e3
-        del hs, ts, head, tail  # one pair of sessions alive at a time
+            measured[k] = {"head": h, "tail": t, "rss": rss, "ratio": ratio}
+            w_prev = w_next
+            whole_ms = statistics.median(samples)
+            last_cost = (time.perf_counter() - before) * 1e3
+            del hs, ts, head, tail  # one pair of sessions alive at a time
     anchors = sorted(measured)
     int8_whole = None
     if settings.int8:
@@ -323,7 +342,7 @@ def profile_model(
                     tail_p90_ms=m["tail"].p90_ms,
                     source="measured",
                     head_memory_bytes=m["rss"] if m["rss"] > 0 else derived_mem,
-                    memory_source="measured: RSS delta of building and running the head"
+                    memory_source="measured: RSS delta of building and running the head, plus its weights"
                     if m["rss"] > 0
                     else mem_note,
                 )

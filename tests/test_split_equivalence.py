@@ -73,3 +73,30 @@ def test_raw_input_read_late_is_marked_crossing_and_counted(small_models):
     assert not cuts[-1].raw_input_crossing
     # the auxiliary output is produced early: later cuts return it from the head
     assert any("fc_0" in c.head_outputs for c in cuts)
+
+
+def test_parts_with_shared_weights_run_as_those_with_their_own(small_models):
+    """The profiler's and the fidelity runs' parts: large weights as stubs, arrays read once per model."""
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.weights import is_stub
+
+    model = small_models["resnet18"]
+    idx = GraphIndex.build(model)
+    feeds = random_feeds(model, batch=1, seed=4)
+    cut = enumerate_cuts(idx)[len(idx.compute) // 2]
+    head, tail = extract(idx, cut, check=False, shared_weights=True)
+    stubs = [t for m in (head, tail) for t in m.graph.initializer if is_stub(t)]
+    assert stubs and all(not t.raw_data for t in stubs)
+    assert head.ByteSize() + tail.ByteSize() < sum(m.ByteSize() for m in extract(idx, cut)) / 10
+    sessions = [make_session(m, weights=idx.weight_array) for m in (head, tail)]
+    h_out = dict(zip([o.name for o in sessions[0].get_outputs()], sessions[0].run(None, feeds), strict=True))
+    cut_feeds = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
+    got = sessions[1].run(None, cut_feeds)
+    want = run_split(*extract(idx, cut), cut, feeds)
+    for name, g in zip([o.name for o in sessions[1].get_outputs()], got, strict=True):
+        np.testing.assert_allclose(g, want[name], rtol=1e-5, atol=1e-6)
+    # the arrays are read once and shared, not copied per part
+    name = stubs[0].name
+    assert idx.weight_array(name) is idx.weight_array(name)
+    with pytest.raises(SplitPointError, match="shared but no arrays"):
+        make_session(head)

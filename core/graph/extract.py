@@ -15,6 +15,7 @@ from onnx import helper
 
 from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import check_model
+from splitpoint.core.weights import shareable
 
 from .cuts import Cut, head_positions
 from .index import GraphIndex
@@ -34,12 +35,21 @@ def _with_constants(idx: GraphIndex, positions: set[int]) -> list[int]:
 
 
 def _submodel(
-    idx: GraphIndex, positions: list[int], inputs: list[str], outputs: list[str], name: str
+    idx: GraphIndex,
+    positions: list[int],
+    inputs: list[str],
+    outputs: list[str],
+    name: str,
+    shared: bool = False,
 ) -> onnx.ModelProto:
     src = idx.model
     nodes = [idx.nodes[p] for p in positions]
     reads = {t for p in positions for t in idx.node_ins[p]}
-    inits = [idx.initializers[t] for t in idx.initializers if t in reads]
+    inits = [
+        idx.weight_stub(t) if shared and shareable(init) else init
+        for t, init in idx.initializers.items()
+        if t in reads
+    ]
     original_inputs = {i.name: i for i in src.graph.input}
 
     def vi(name: str) -> onnx.ValueInfoProto:
@@ -55,7 +65,12 @@ def _submodel(
     return model
 
 
-def extract(idx: GraphIndex, cut: Cut, check: bool = True) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+def extract(
+    idx: GraphIndex, cut: Cut, check: bool = True, shared_weights: bool = False
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Head and tail of ``cut``. With ``shared_weights`` their large weights are stubs, for sessions
+    built with ``make_session(..., weights=idx.weight_array)`` (the profiler, fidelity runs): no copy
+    of the weights per part."""
     head = set(head_positions(idx, cut))
     tail = [p for p in idx.compute if p not in head]
     head_reads = {t for p in head for t in idx.node_ins[p]}
@@ -63,13 +78,21 @@ def extract(idx: GraphIndex, cut: Cut, check: bool = True) -> tuple[onnx.ModelPr
     head_sent = [c.name for c in cut.crossing if c.source == "head"]
     head_outputs = list(dict.fromkeys(head_sent + cut.head_outputs))
     tail_outputs = [o for o in idx.outputs if o not in cut.head_outputs]
-    h = _submodel(idx, _with_constants(idx, head), head_inputs, head_outputs, f"{idx.model.graph.name}_head")
+    h = _submodel(
+        idx,
+        _with_constants(idx, head),
+        head_inputs,
+        head_outputs,
+        f"{idx.model.graph.name}_head",
+        shared_weights,
+    )
     t = _submodel(
         idx,
         _with_constants(idx, set(tail)),
         [c.name for c in cut.crossing],
         tail_outputs,
         f"{idx.model.graph.name}_tail",
+        shared_weights,
     )
     if check:
         check_model(h, where="extracted head", full=True)

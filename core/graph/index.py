@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from splitpoint.core.errors import ModelError
+from splitpoint.core.weights import stub
 
 
 def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:
@@ -105,6 +106,8 @@ class GraphIndex:
     initializers: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # tensor -> TensorInfo
     node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
+    _stubs: dict = field(default_factory=dict, repr=False)  # weight_stub's, by initializer name
+    _arrays: dict = field(default_factory=dict, repr=False)  # weight_array's
 
     @classmethod
     def build(cls, model: onnx.ModelProto) -> GraphIndex:
@@ -139,6 +142,19 @@ class GraphIndex:
                     f"graph output {name!r} is not produced by any node; not supported for splitting"
                 )
         return idx
+
+    def weight_stub(self, name: str) -> onnx.TensorProto:
+        """The initializer ``name`` as a stub referring to its shared array (``core/weights.py``)."""
+        if name not in self._stubs:
+            self._stubs[name] = stub(self.initializers[name])
+        return self._stubs[name]
+
+    def weight_array(self, name: str) -> np.ndarray:
+        """The initializer ``name`` as an array, read once per model and shared by every session built
+        from a part of it."""
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
 
     def tensor(self, name: str) -> TensorInfo:
         t = self.info.get(name)
