@@ -101,7 +101,7 @@ def write_plan(
     feeds = sample_feeds(idx.model, 1)
     models = [seg.model for seg in segments]
     where = "the plan" if hops != 1 or cuts[0] is None else f"cut {cuts[0].index or ''}".strip()
-    models = verify_segments(models, feeds, where=where) if hops else models
+    models = verify_segments(models, feeds, where=where, weights=idx.weight_array) if hops else models
     if head_model is not None:
         if models[0] is None:
             raise PlanError("a server-only plan has no edge model to replace")

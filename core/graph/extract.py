@@ -7,6 +7,7 @@ model-local functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ from onnx import helper
 
 from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import check_model
-from splitpoint.core.weights import shareable
+from splitpoint.core.weights import shareable, with_stubs
 
 from .cuts import Cut, head_positions
 from .index import GraphIndex
@@ -95,8 +96,9 @@ def extract(
         shared_weights,
     )
     if check:
-        check_model(h, where="extracted head", full=True)
-        check_model(t, where="extracted tail", full=True)
+        # the weights are the model's own, checked when it was loaded: the parts' structure is what is new
+        check_model(h, where="extracted head", full=True, weights=False)
+        check_model(t, where="extracted tail", full=True, weights=False)
     return h, t
 
 
@@ -147,18 +149,22 @@ def extract_segments(idx: GraphIndex, cuts: list[Cut | None], check: bool = True
                 idx, _with_constants(idx, set(own)), ins, made, f"{idx.model.graph.name}_stage{i}"
             )
             if check:
-                check_model(model, where=f"extracted stage {i}", full=True)
+                check_model(model, where=f"extracted stage {i}", full=True, weights=False)
         segments.append(Segment(model, [] if i == 0 else crossing[i], sends, outs))
     return segments
 
 
 def verify_segments(
-    models: list[onnx.ModelProto | None], feeds: dict[str, np.ndarray], where: str = "the split"
+    models: list[onnx.ModelProto | None],
+    feeds: dict[str, np.ndarray],
+    where: str = "the split",
+    weights: Callable[[str], np.ndarray] | None = None,
 ) -> list[onnx.ModelProto | None]:
     """Run the segments in order on one sample, each on what the ones before produced. A received
     tensor whose declared dimension the run contradicts is declared free instead (the models returned
     are corrected); a chain that still does not rejoin is refused with onnxruntime's reason, before
-    any plan is written."""
+    any plan is written. ``weights`` (``GraphIndex.weight_array``): the trial runs use copies of the
+    models with their large weights as stubs, so that no weight is copied for them."""
     from splitpoint.core.runner import make_session
 
     available = dict(feeds)
@@ -167,25 +173,38 @@ def verify_segments(
         if model is None:
             fixed_models.append(None)
             continue
-        fixed = onnx.ModelProto()
-        fixed.CopyFrom(model)
-        if i > 0:
-            _free_contradicted_dims(fixed, available)
+        trial = with_stubs(model) if weights is not None else _copy(model)
+        changed = i > 0 and _free_contradicted_dims(trial, available)
         part = "the head" if i == 0 else "the tail" if i == len(models) - 1 else f"stage {i}"
         try:
-            sess = make_session(fixed.SerializeToString(), threads=1)
+            sess = make_session(trial, threads=1, weights=weights)
             outs = sess.run(None, {x.name: available[x.name] for x in sess.get_inputs()})
         except Exception as exc:  # onnxruntime's own error types
             before = "" if i == 0 else " on what the stages before it produced"
             raise ModelError(
                 f"{where}: {part} does not run{before}: {type(exc).__name__}: {str(exc)[:300]}"
             ) from exc
+        if weights is None:
+            fixed = trial
+        elif changed:
+            fixed = _copy(model)
+            _free_contradicted_dims(fixed, available)
+        else:
+            fixed = model
         available.update(zip([o.name for o in sess.get_outputs()], outs, strict=True))
         fixed_models.append(fixed)
     return fixed_models
 
 
-def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndarray]) -> None:
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndarray]) -> bool:
+    """Free the declared input dimensions that ``available`` contradicts; True if any were."""
+    changed = False
     for vi in model.graph.input:
         got = available.get(vi.name)
         if got is None or not vi.type.HasField("tensor_type"):
@@ -193,8 +212,11 @@ def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndar
         dims = vi.type.tensor_type.shape.dim
         if len(dims) != got.ndim:
             vi.type.tensor_type.ClearField("shape")
+            changed = True
             continue
         for k, d in enumerate(dims):
             if d.HasField("dim_value") and d.dim_value != got.shape[k]:
                 d.Clear()
                 d.dim_param = f"d{k}"
+                changed = True
+    return changed

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from splitpoint.core.errors import ModelError
-from splitpoint.core.weights import stub
+from splitpoint.core.weights import stub, with_stubs
 
 
 def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:
@@ -239,9 +239,9 @@ def _toposort(nodes: list, available: set[str]) -> list:
 
 def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with no value_info and no shapes on the graph outputs: exporters leave stale ones there
-    (a shape traced for one input, declared static), and shape inference would trust them."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    (a shape traced for one input, declared static), and shape inference would trust them. Its large
+    weights are stubs: it is for shape inference only."""
+    m = with_stubs(model)  # inference reads the weights' types and shapes only, never their values
     del m.graph.value_info[:]
     for o in m.graph.output:
         if o.type.HasField("tensor_type"):

@@ -1,0 +1,56 @@
+"""Large weights left out of the work that needs only a graph's structure: stubbed copies for shape
+inference and shared-weight sessions, weights as inputs for the checker. The copies must leave the
+model intact and must not hide a broken graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from splitpoint.core.errors import ModelError
+from splitpoint.core.onnxio import check_model
+from splitpoint.core.weights import is_stub, weights_as_inputs, with_stubs
+
+
+def _matmul(k_in: int, k_w: int) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((k_w, 64), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")  # small: stays inline
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k_in])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64])],
+        [w, shape],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_copies_leave_the_weights_out_and_the_model_intact():
+    m = _matmul(64, 64)
+    before = m.SerializeToString()
+    stubbed, as_inputs = with_stubs(m), weights_as_inputs(m)
+    assert m.SerializeToString() == before
+    w = {t.name: t for t in stubbed.graph.initializer}
+    assert is_stub(w["w"]) and not w["w"].raw_data and list(w["w"].dims) == [64, 64]
+    assert not is_stub(w["shape"])  # shape data stays: inference reads it
+    assert [i.name for i in as_inputs.graph.input] == ["x", "w"]
+    assert [t.name for t in as_inputs.graph.initializer] == ["shape"]
+    assert stubbed.ByteSize() < len(before) / 10 and as_inputs.ByteSize() < len(before) / 10
+    inferred = onnx.shape_inference.infer_shapes(stubbed, strict_mode=True, data_prop=True)
+    y = next(v for v in inferred.graph.value_info if v.name == "y")
+    assert [d.dim_value for d in y.type.tensor_type.shape.dim] == [1, 64]
+
+
+def test_the_checker_without_weights_still_finds_a_broken_graph():
+    check_model(_matmul(64, 64), full=True, weights=False)
+    with pytest.raises(ModelError, match="checker"):
+        check_model(_matmul(32, 64), full=True, weights=False)  # [1, 32] x [64, 64]
+
+
+def test_the_checker_with_weights_finds_a_truncated_one():
+    m = _matmul(64, 64)
+    m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:100]
+    with pytest.raises(ModelError, match="raw_data size"):
+        check_model(m)
