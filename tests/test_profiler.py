@@ -49,8 +49,8 @@ def test_profile_is_complete_and_self_consistent(model_path, role, threads):
     # one timing per candidate cut, some of them real segment measurements
     assert [c.index for c in prof.cuts] == [c.index for c in h.cuts()]
     measured = [c for c in prof.cuts if c.source == "measured"]
-    assert 2 <= len(measured) == len(prof.cost["measured_cuts"])
-    if len(measured) > 2:  # two anchors are the minimum, whatever the budget
+    assert 1 <= len(measured) == len(prof.cost["measured_cuts"])
+    if len(measured) > 1:  # one anchor is the minimum, whatever the budget
         # the budget is planned from the whole-model time; segments then run a little slower or
         # faster than planned on a shared machine, hence the margin
         assert prof.cost["full_inference_equivalents"] <= 30 * 1.15
