@@ -27,7 +27,7 @@ def _shared_weights(
     """The model's bytes without its large weights, which go to onnxruntime as arrays instead: stubs
     (``core/weights.py``) take theirs from ``weights``; inline ones are read out of a copy of the model
     (serialising an extracted head or tail with its weights costs as much as building its session)."""
-    inline = [t.name for t in model.graph.initializer if shareable(t)]
+    inline = any(shareable(t) for t in model.graph.initializer)
     light = model
     if inline:
         light = onnx.ModelProto()
