@@ -13,7 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError
-from .weights import weights_as_inputs
+from .weights import elements, weights_as_inputs
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -26,10 +26,7 @@ def _over_protobuf_limit(model: onnx.ModelProto) -> bool:
     weights = 0
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING:
-            n = 1
-            for d in t.dims:
-                n *= d
-            weights += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            weights += elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return weights > _PROTOBUF_LIMIT - _MARGIN and model.ByteSize() > _PROTOBUF_LIMIT
 
 

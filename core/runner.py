@@ -38,7 +38,7 @@ def _shared_weights(
             if weights is None:
                 raise SplitPointError(f"weight {init.name!r} is shared but no arrays were given for it")
             array = weights(init.name)
-        elif inline and shareable(init):
+        elif shareable(init):  # there are some only when ``light`` is a copy
             array = numpy_helper.to_array(init)
             init.CopyFrom(stub(init))
         else:

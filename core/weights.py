@@ -18,14 +18,20 @@ WEIGHT_TYPES = frozenset(
 MIN_ELEMENTS = 1024  # shapes, indices and small constants stay inline: onnxruntime reads them for shapes
 
 
-def shareable(t: onnx.TensorProto) -> bool:
-    """A weight worth sharing: floating point, inline (external files stay as they are), not tiny."""
-    if t.data_location == onnx.TensorProto.EXTERNAL or not (t.raw_data or t.float_data):
-        return False
+def elements(t: onnx.TensorProto) -> int:
+    """The number of elements ``t``'s shape declares."""
     n = 1
     for d in t.dims:
         n *= d
-    return t.data_type in WEIGHT_TYPES and n >= MIN_ELEMENTS
+    return n
+
+
+def shareable(t: onnx.TensorProto) -> bool:
+    """A weight worth sharing: floating point, inline (external files stay as they are), not tiny.
+    ``HasField``, not ``t.raw_data``: reading the field copies the weight's bytes (~0.14 s per 200 MB)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL or not (t.HasField("raw_data") or len(t.float_data)):
+        return False
+    return t.data_type in WEIGHT_TYPES and elements(t) >= MIN_ELEMENTS
 
 
 def stub(t: onnx.TensorProto) -> onnx.TensorProto:
@@ -56,13 +62,19 @@ def _copy_fields(src: object, dst: object, skip: str) -> None:
             setattr(dst, f.name, v)
 
 
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything in ``model`` but its graph's initializers."""
+    m = onnx.ModelProto()
+    _copy_fields(model, m, "graph")
+    _copy_fields(model.graph, m.graph, "initializer")
+    return m
+
+
 def with_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose large weights are stubs, made without copying the weights: for work
     that reads a graph's structure and types only (shape inference takes ~1 s on AlexNet's 244 MB of
     weights, serialising them twice, and a few ms without them)."""
-    m = onnx.ModelProto()
-    _copy_fields(model, m, "graph")
-    _copy_fields(model.graph, m.graph, "initializer")
+    m = _without_initializers(model)
     m.graph.initializer.extend(stub(t) if shareable(t) else t for t in model.graph.initializer)
     return m
 
@@ -71,9 +83,7 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose large weights are graph inputs of the same type and shape, made without copying
     them: the ONNX checker checks a graph's structure and (full) shapes on it alike, without
     serialising the weights (seconds for a few hundred MB)."""
-    m = onnx.ModelProto()
-    _copy_fields(model, m, "graph")
-    _copy_fields(model.graph, m.graph, "initializer")
+    m = _without_initializers(model)
     declared = {i.name for i in m.graph.input}  # models before IR 4 list their initializers as inputs
     for t in model.graph.initializer:
         if not shareable(t):

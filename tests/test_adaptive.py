@@ -38,8 +38,8 @@ def _plan_command(model, d) -> list[str]:
 
 @pytest.fixture(scope="module")
 def plan_set(tmp_path_factory, small_resnet18):
-    """A slow edge (a fiftieth of a CPU: ~20 ms for the model as profiled) and a server, both measured; a link
-    with a short round trip; the set written by `splitpoint plan --set`."""
+    """A slow edge (a fiftieth of a CPU: ~20 ms for the model as profiled) and a server, both measured;
+    a link with a short round trip; the set written by `splitpoint plan --set`."""
     from splitpoint.profiles.cpulimit import cpu_limit
 
     d = tmp_path_factory.mktemp("planset")
