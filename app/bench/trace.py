@@ -153,6 +153,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
         "kind": "trace",
         "config": cfg.model_dump(mode="json"),
         "trace": [p.model_dump() for p in phases],
+        "networks": {n: {"uplink_mbps": v.uplink_mbps, "rtt_ms": v.rtt_ms} for n, v in nets.items()},
         "machine": device_facts(),
         "edge_calibration": calib.to_dict(),
         "models": {},
@@ -335,9 +336,14 @@ def _phases(run: dict, phases: list[Phase], rate: float) -> list[dict]:
         for r in mine:
             if r["member"] is not None:
                 used[str(r["member"])] = used.get(str(r["member"]), 0) + 1
+        est = [r["uplink_mbps_est"] for r in mine if r.get("uplink_mbps_est") is not None]
+        rtt = [r["rtt_ms_est"] for r in mine if r.get("rtt_ms_est") is not None]
         rows.append(
             {
                 "network": p.network,
+                # the edge's own estimate while the phase ran (medians): what its choices were made on
+                "uplink_mbps_estimated": statistics.median(est) if est else None,
+                "rtt_ms_estimated": statistics.median(rtt) if rtt else None,
                 "seconds": p.seconds,
                 "start_s": lo,
                 "requests": len(mine),

@@ -51,6 +51,18 @@ def markdown(results: dict, command: str) -> str:
         f"request in {cfg['probe_every']} probes the link); *bits-only* (the cut "
         "fixed, the codec per range, as QuantPipe does); each adaptive member *fixed*, measured "
         f"{cfg['fixed_seconds']:g} s on each network.",
+        "- **The edge's estimate** (phase table, estimated): the medians over the phase of the uplink and "
+        "round trip the adaptive edge estimated from its own requests and pings"
+        + (
+            " (the profiles: "
+            + "; ".join(
+                f"{n} {v['uplink_mbps']:g} Mbit/s, {v['rtt_ms']:g} ms" for n, v in results["networks"].items()
+            )
+            + ")"
+            if results.get("networks")
+            else ""
+        )
+        + ".",
         "",
     ]
     for name, m in results["models"].items():
@@ -77,17 +89,20 @@ def markdown(results: dict, command: str) -> str:
             lines.append(f"| {mem['label']} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| phase | network | s | requests | adaptive median (ms) | best fixed (ms, member) | "
-            "bits-only median (ms) | switches | members used | within 10 % |",
-            "|---:|---|---:|---:|---:|---|---:|---:|---|---|",
+            "| phase | network | s | requests | edge's estimate (Mbit/s, ms RTT) | adaptive median (ms) | "
+            "best fixed (ms, member) | bits-only median (ms) | switches | members used | within 10 % |",
+            "|---:|---|---:|---:|---|---:|---|---:|---:|---|---|",
         ]
         for j, r in enumerate(a["phases"]):
             verdict = "yes" if r["within_10pct"] else "**no**"
             if r.get("overloaded"):
                 verdict += " (no member keeps up)"
             used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
+            up, rtt = r.get("uplink_mbps_estimated"), r.get("rtt_ms_estimated")
+            seen = "–" if up is None else f"{up:.3g}" + ("" if rtt is None else f", {rtt:.0f}")
             lines.append(
-                f"| {j} | {r['network']} | {r['seconds']:g} | {r['requests']} | {_ms(r['median_ms'])} | "
+                f"| {j} | {r['network']} | {r['seconds']:g} | {r['requests']} | {seen} | "
+                f"{_ms(r['median_ms'])} | "
                 f"{_ms(r['best_fixed_median_ms'])} ({r['best_fixed_member'] or '–'}) | "
                 f"{_ms(r['bits_only_median_ms'])} | {r['switches']} | {used} | "
                 f"{verdict} |"

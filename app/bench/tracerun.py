@@ -54,6 +54,7 @@ def run(args) -> dict:
     inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(int(data["n"]))]
     client = _client(args)
     members = client.clients if args.mode == "adaptive" else [client]
+    link = getattr(client, "link", None)
     for c in members:  # every session warm before the clock starts
         for k in range(args.warmup):
             c.infer(inputs[k % len(inputs)], timeout=args.timeout * 3)
@@ -74,6 +75,11 @@ def run(args) -> dict:
             r = f.result()
             row["member"] = r.breakdown.get("member", 0)
             row["fallback"] = r.fallback
+            # what the edge's link estimate was fed, and what it then held (measured)
+            row["network_ms"] = r.breakdown.get("network_ms")
+            row["bytes_sent"] = r.breakdown.get("bytes_sent")
+            if link is not None:
+                row["uplink_mbps_est"], row["rtt_ms_est"] = link.uplink_mbps, link.rtt_ms
         with lock:
             answers.setdefault(i, []).append(row)
 
