@@ -6,8 +6,7 @@ request which plan it uses. The uplink estimate comes from the requests themselv
 network time, ``LinkEstimator``), shared by every member's client. At each window boundary (every
 ``window`` requests) the members are re-judged with the planner's own cost model at the estimate, and
 the current one is kept unless another is predicted faster by more than ``hysteresis`` (no flapping
-on a boundary). A request runs to the end on the member it started on, so a switch loses nothing; one
-still waiting for the old member's head worker (none of its work begun) moves to the new member.
+on a boundary). A request runs to the end on the member it started on, so a switch loses nothing.
 
 While the current member sends nothing (all on the edge), requests say nothing about the link: one
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
@@ -114,11 +113,8 @@ class AdaptiveClient:
             "uplink_mbps_estimated": est,
             "rtt_ms_estimated": rtt,
         }
-        old, self.current = self.current, new
+        self.current = new
         self.switches.append(event)
-        # requests still waiting for the old member's head worker (none of their work begun) move to the
-        # new one: left there, a busy edge would work through the old member's backlog first
-        event["moved"] = self.clients[old].withdraw()
         if self.telemetry:
             self.telemetry.switch(event)
         self._publish_status()
@@ -135,29 +131,21 @@ class AdaptiveClient:
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
         """Start one inference on the current member; the result's breakdown names the member."""
-        outer: Future = Future()
-        self._route(feeds, outer, self._member_for_next())
-        return outer
-
-    def _route(self, feeds: dict[str, np.ndarray], outer: Future, k: int) -> None:
+        k = self._member_for_next()
         inner = self.clients[k].submit(feeds)
+        outer: Future = Future()
 
         def done(f: Future) -> None:
-            if f.cancelled():  # withdrawn before its head began (a switch): run it on the current member
-                try:
-                    self._route(feeds, outer, self.current)
-                except Exception as closing:  # the client is closing: the caller hears why
-                    outer.set_exception(closing)
-                return
-            failed = f.exception()
-            if failed is not None:
-                outer.set_exception(failed)
+            exc = f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
                 return
             r: EdgeResult = f.result()
             r.breakdown["member"] = k
             outer.set_result(r)
 
         inner.add_done_callback(done)
+        return outer
 
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
         k = self._member_for_next()

@@ -171,22 +171,6 @@ class EdgeClient:
         assert p.result is not None
         return p.result
 
-    def withdraw(self) -> int:
-        """Cancel the submitted requests still waiting for a head worker (none of their work begun), so
-        that an owner can run them elsewhere: a plan set that switched member moves them to the new one
-        rather than keep a busy edge on the old member's backlog. Their futures are cancelled (their done
-        callbacks see it); requests already started finish here. Returns how many were withdrawn."""
-        with self._lock:
-            taken = [(rid, p) for rid, p in self._pending.items() if not p.started and p.future is not None]
-            for rid, _ in taken:
-                del self._pending[rid]  # a worker that reaches it finds it gone and skips it
-        for _, p in taken:
-            self._window.release()
-            p.done = True
-            assert p.future is not None
-            p.future.cancel()
-        return len(taken)
-
     def close(self, drain: bool = True, timeout: float = 10.0) -> None:
         """Stop taking requests; with ``drain``, let those in flight finish first (SIGTERM)."""
         self._closing = True

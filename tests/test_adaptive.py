@@ -295,40 +295,6 @@ def test_a_request_waiting_for_a_busy_edge_fails_at_its_deadline_not_later(pair)
     assert min(failed_at) < 0.05 + 2.0
 
 
-def test_a_switch_moves_the_requests_still_waiting_for_the_old_members_head(pair):
-    """A burst queued behind one busy edge worker, then the link turns fast: at the switch, the requests
-    whose head had not begun go to the new member (the server) instead of keeping the edge busy with the
-    old member's backlog; the ones already started finish on the edge. Each is answered exactly once."""
-    out, h, boundary = pair
-    s, _ = PlanSet.load(out, role="server")
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
-    assert srv.endpoint is not None
-    cfg = EdgeConfig(
-        plan_dir=out / s.members[0].dir, server=srv.endpoint, fallback=False, timeout_s=60, head_workers=1
-    )
-    burst = 60
-    try:
-        with AdaptiveClient(out, cfg, window=burst, start_mbps=boundary / 4, probe_every=10**6) as client:
-            assert client.current == 0 and s.members[0].facts["kind"] == EDGE_ONLY
-            feeds = random_feeds(h.model, 32, seed=0)  # a batch: each head run far longer than a submit
-            futures = [client.submit(feeds) for _ in range(burst)]  # one worker: most of them wait
-            for _ in range(8):  # the edge's own samples now say the uplink is far above the boundary
-                client.link.observe_rtt(RTT_MS)
-                client.link.observe(100_000, RTT_MS + 8e-3 * 100_000 / (100 * boundary))
-            futures.append(client.submit(feeds))  # a window boundary: the switch, and the move
-            members = [f.result(60).breakdown["member"] for f in futures]
-            switches = list(client.switches)
-    finally:
-        srv.stop()
-    assert [(e["from"], e["to"]) for e in switches] == [(0, 1)], switches
-    moved = switches[0]["moved"]
-    assert 0 < moved < burst, switches
-    # the first request probed the link over the server member; then the burst ran on the edge until the
-    # switch, and the ones still waiting then, with everything after, on the server
-    edge = burst - 1 - moved
-    assert members == [1] + [0] * edge + [1] * (moved + 1), members
-
-
 def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
     """`plan --set --rate R` says the rate it planned for and records it in planset.json, where the edge
     reads it; `--rate` without `--set` is refused."""
