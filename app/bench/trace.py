@@ -387,9 +387,15 @@ def _judge(out: dict, phases: list[Phase], cfg: TraceBenchConfig) -> None:
         after = [s for s in a["switches"] if s["t"] >= row["start_s"]]
         first = after[0] if after else None
         delay = None if first is None else first["request"] - row["first_request"]
+        fixed_here = out["fixed"][row["network"]]
+        was = first["from_label"] if first else labels[prev]
         changes.append(
             {
                 "phase": j,
+                # both members' medians, each fixed on this phase's network (measured): a late switch
+                # from a member that is no slower here costs nothing
+                "from_fixed_ms": fixed_here.get(was, {}).get("median_ms"),
+                "to_fixed_ms": fixed_here.get(labels[want], {}).get("median_ms"),
                 # the switch the edge made (its own estimate); the set's ranges at the profiles'
                 # nominal uplinks, where no switch came
                 "from": first["from_label"] if first else labels[prev],

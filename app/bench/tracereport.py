@@ -116,12 +116,16 @@ def markdown(results: dict, command: str) -> str:
             "",
         ]
         if a.get("changes"):
-            lines += ["| change at phase | from → to | switch after (requests) | within 2 windows |"]
-            lines += ["|---:|---|---:|---|"]
+            lines += [
+                "| change at phase | from → to | switch after (requests) | within 2 windows | "
+                "fixed on this network: left member / expected member (ms) |"
+            ]
+            lines += ["|---:|---|---:|---|---|"]
             for c in a["changes"]:
                 after = "none" if c["switch_after_requests"] is None else str(c["switch_after_requests"])
                 ok = "yes" if c["within_2_windows"] else "**no**"
-                lines.append(f"| {c['phase']} | {c['from']} → {c['to']} | {after} | {ok} |")
+                both = f"{_ms(c.get('from_fixed_ms'))} / {_ms(c.get('to_fixed_ms'))}"
+                lines.append(f"| {c['phase']} | {c['from']} → {c['to']} | {after} | {ok} | {both} |")
             lines.append("")
         lines += ["| target | measured | verdict |", "|---|---|---|"]
         lines += [
