@@ -7,27 +7,31 @@ tell a user little. Everything that reads a user's model goes through ``load_mod
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError
-from .weights import elements, weights_as_inputs
+from .weights import elements, serialized_with_weights, stubbed_bytes, weights_as_inputs, with_weights
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
 _PROTOBUF_LIMIT = 2**31 - 1
 _MARGIN = 256 * 2**20  # room for everything but the weights' data, and for string tensors
 
 
-def _over_protobuf_limit(model: onnx.ModelProto) -> bool:
-    """Whether the serialised model passes protobuf's limit. ``ByteSize`` serialises to count (~0.2 s
-    per 250 MB), so the weights are sized from their shapes and it runs only near the limit."""
-    weights = 0
+def _over_protobuf_limit(model: onnx.ModelProto, stubbed: int = 0) -> bool:
+    """Whether the serialised model, with ``stubbed`` bytes of weights filled in, passes protobuf's
+    limit. ``ByteSize`` serialises to count (~0.2 s per 250 MB), so the weights are sized from their
+    shapes and it runs only near the limit."""
+    weights = stubbed
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING:
             weights += elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return weights > _PROTOBUF_LIMIT - _MARGIN and model.ByteSize() > _PROTOBUF_LIMIT
+    return weights > _PROTOBUF_LIMIT - _MARGIN and model.ByteSize() + stubbed > _PROTOBUF_LIMIT
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -105,6 +109,51 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> None:
         )
     else:
         onnx.save_model(model, str(p))
+
+
+def save_and_hash(
+    models: Mapping[str, onnx.ModelProto],
+    directory: Path,
+    weights: Callable[[str], np.ndarray] | None = None,
+) -> dict[str, str]:
+    """Save each model under its file name in ``directory``, its stubs filled from ``weights``
+    (``core/weights.py``); the sha256 of every file there after (a model's external data included), by
+    name. A model's bytes are hashed while they are written, from memory (hashlib and file writes let
+    go of the GIL): hashing AlexNet's 244 MB of parts from the files after writing them cost as long
+    again as writing them."""
+    hashes: dict[str, Future] = {}
+    writes: list[Future] = []
+    with ThreadPoolExecutor(2) as pool:
+        for name, model in models.items():
+            path = directory / name
+            stubbed = stubbed_bytes(model)
+            if stubbed and weights is None:
+                raise ModelError(f"{name}: its weights are shared stubs and no arrays were given for them")
+            if _over_protobuf_limit(model, stubbed):
+                save_model(with_weights(model, weights) if stubbed else model, path)  # type: ignore[arg-type]
+                continue  # with its external data, hashed from the files below
+            pieces = serialized_with_weights(model, weights) if stubbed else [model.SerializeToString()]  # type: ignore[arg-type]
+            writes.append(pool.submit(_write_pieces, path, pieces))
+            hashes[name] = pool.submit(_hash_pieces, pieces)
+        for w in writes:
+            w.result()  # a failed write raises here
+    return {
+        f.name: hashes[f.name].result() if f.name in hashes else sha256_file(f)
+        for f in sorted(directory.iterdir())
+    }
+
+
+def _write_pieces(path: Path, pieces: list[bytes | memoryview]) -> None:
+    with open(path, "wb") as f:
+        for p in pieces:
+            f.write(p)
+
+
+def _hash_pieces(pieces: list[bytes | memoryview]) -> str:
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return h.hexdigest()
 
 
 def model_bytes(model: onnx.ModelProto) -> bytes:

@@ -19,7 +19,7 @@ from .graph.cuts import Cut
 from .graph.extract import extract_segments, verify_segments
 from .graph.index import GraphIndex
 from .graph.model import ModelHandle
-from .onnxio import save_model, sha256_file
+from .onnxio import save_and_hash
 from .plan import (
     EDGE_ONLY,
     FULL_FILE,
@@ -97,7 +97,7 @@ def write_plan(
     if devices is not None and len(devices) != hops + 1:
         raise PlanError(f"{hops} cut(s) make {hops + 1} stages: name {hops + 1} devices, not {len(devices)}")
     idx = handle.index
-    segments = extract_segments(idx, cuts)
+    segments = extract_segments(idx, cuts, shared_weights=True)  # filled from the arrays when saved
     feeds = sample_feeds(idx.model, 1)
     models = [seg.model for seg in segments]
     where = "the plan" if hops != 1 or cuts[0] is None else f"cut {cuts[0].index or ''}".strip()
@@ -137,9 +137,7 @@ def write_plan(
     result: list[Plan] = []
 
     def write(tmp: Path) -> None:
-        for name, model in files_models.items():
-            save_model(model, tmp / name)
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}  # models and their external data
+        files = save_and_hash(files_models, tmp, idx.weight_array)  # models and their external data
         plan = Plan.model_validate(
             dict(
                 model_name=handle.name,
@@ -212,8 +210,7 @@ def write_decoder_plan(
     result: list[Plan] = []
 
     def write(tmp: Path) -> None:
-        for fname, model in models.items():
-            save_model(model, tmp / fname)
+        files = save_and_hash(models, tmp)
         plan = Plan.model_validate(
             dict(
                 model_name=name,
@@ -224,7 +221,7 @@ def write_decoder_plan(
                     Stage(file=HEAD_FILE, sends=crossing, codec=codec, weights=head_weights),  # type: ignore[arg-type]
                     Stage(file=TAIL_FILE, receives=crossing, produces=["logits"]),
                 ],
-                files={f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
+                files=files,
                 kind=SPLIT,
                 decoder=info,
                 predicted=predicted or {},

@@ -57,9 +57,14 @@ def make_session(
     enable_profiling: bool = False,
     optimization: str = "all",
     weights: Callable[[str], np.ndarray] | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
-    """``weights``: the arrays of a model part's shared weights by name (``GraphIndex.weight_array``)."""
+    """``weights``: the arrays of a model part's shared weights by name (``GraphIndex.weight_array``).
+    ``prepack=False`` for a session run once or twice (a split's trial run): onnxruntime's repacking
+    of MatMul/Gemm/Conv weights pays off over many runs, and costs 0.5 s of a 0.8 s trial on AlexNet."""
     so = ort.SessionOptions()
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -9,6 +9,10 @@ file has) and the session gets the arrays through ``SessionOptions.add_external_
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
+import numpy as np
 import onnx
 
 SHARED_LOCATION = "splitpoint-shared"  # never read from disk: the session builder supplies the arrays
@@ -86,8 +90,75 @@ def weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     m = _without_initializers(model)
     declared = {i.name for i in m.graph.input}  # models before IR 4 list their initializers as inputs
     for t in model.graph.initializer:
-        if not shareable(t):
+        if not (shareable(t) or is_stub(t)):
             m.graph.initializer.append(t)
         elif t.name not in declared:
             m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return m
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(message: type, name: str) -> bytes:
+    """The key of a length-delimited field of ``message`` (wire type 2)."""
+    return _varint(message.DESCRIPTOR.fields_by_name[name].number << 3 | 2)  # type: ignore[attr-defined]
+
+
+def serialized_with_weights(
+    model: onnx.ModelProto, weights: Callable[[str], np.ndarray]
+) -> list[bytes | memoryview]:
+    """The bytes of ``model`` with its stubs filled from ``weights``, in pieces that are written or
+    hashed one after the other: the model without its stubs, then each weight as a record of its own
+    whose data is the shared array's memory, never copied.
+
+    Protobuf merges a message field that occurs more than once, so every record ``graph { initializer {
+    ... } }`` after the model adds one initializer to the same graph: the file parses as the model with
+    its weights inline. Filling the stubs and serialising costs two copies of the weights, 0.7 s of a 2 s
+    split plan on AlexNet's 244 MB."""
+    if sys.byteorder != "little":  # raw_data is little-endian; the arrays are the machine's order
+        return [with_weights(model, weights).SerializeToString()]
+    light = _without_initializers(model)
+    light.graph.initializer.extend(t for t in model.graph.initializer if not is_stub(t))
+    pieces: list[bytes | memoryview] = [light.SerializeToString()]
+    graph_key = _field(onnx.ModelProto, "graph")
+    init_key = _field(onnx.GraphProto, "initializer")
+    raw_key = _field(onnx.TensorProto, "raw_data")
+    for t in model.graph.initializer:
+        if not is_stub(t):
+            continue
+        array = np.ascontiguousarray(weights(t.name))
+        data = memoryview(array.reshape(-1).view(np.uint8).data)
+        head = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims)).SerializeToString()
+        tensor = head + raw_key + _varint(len(data))
+        tensor_len = len(tensor) + len(data)
+        graph = init_key + _varint(tensor_len) + tensor
+        pieces.append(graph_key + _varint(len(graph) + len(data)) + graph)
+        pieces.append(data)
+    return pieces
+
+
+def with_weights(model: onnx.ModelProto, weights: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` with its stubs replaced by the weights themselves, inline."""
+    from onnx import numpy_helper
+
+    m = _without_initializers(model)
+    m.graph.initializer.extend(
+        numpy_helper.from_array(weights(t.name), t.name) if is_stub(t) else t for t in model.graph.initializer
+    )
+    return m
+
+
+def stubbed_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of the weights ``model`` holds as stubs."""
+    return sum(
+        elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in model.graph.initializer
+        if is_stub(t)
+    )

@@ -151,13 +151,13 @@ def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
     if not m.reference:
         m.reference = run_batched(make_session(h.path), m.samples)
     cuts: list[Cut | None] = [None if p == 0 else m.cuts[p] for p in key[0]]
-    segments = extract_segments(h.index, cuts, check=False)
+    segments = extract_segments(h.index, cuts, check=False, shared_weights=True)
     stages = [
         StageRunner.of_segment(
             s.receives if i else h.index.inputs,
             s.sends,
             s.produces,
-            make_session(s.model) if s.model is not None else None,
+            make_session(s.model, weights=h.index.weight_array) if s.model is not None else None,
         )
         for i, s in enumerate(segments)
     ]

@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from splitpoint.core import onnxio
 from splitpoint.core.errors import ModelError
-from splitpoint.core.onnxio import check_model
+from splitpoint.core.onnxio import check_model, load_model, save_and_hash, sha256_file
 from splitpoint.core.weights import is_stub, weights_as_inputs, with_stubs
 
 
@@ -54,3 +55,41 @@ def test_the_checker_with_weights_finds_a_truncated_one():
     m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:100]
     with pytest.raises(ModelError, match="raw_data size"):
         check_model(m)
+
+
+def _weights_of(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_stubbed_model_saved_with_its_arrays_loads_as_the_inline_model(tmp_path, dtype):
+    m = _matmul(64, 64)
+    rng = np.random.default_rng(0)
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(rng.standard_normal((64, 64)).astype(dtype), "w"))
+    arrays = _weights_of(m)
+    stubbed = with_stubs(m)
+    files = save_and_hash({"part.onnx": stubbed, "whole.onnx": m}, tmp_path, arrays.__getitem__)
+    assert files == {f: sha256_file(tmp_path / f) for f in ("part.onnx", "whole.onnx")}
+    back = load_model(tmp_path / "part.onnx")  # parsed and through the checker, as a plan's part is
+    assert not any(is_stub(t) for t in back.graph.initializer)
+    got = _weights_of(back)
+    assert got.keys() == arrays.keys()
+    for name, a in arrays.items():
+        assert got[name].dtype == a.dtype and np.array_equal(got[name], a), name
+    assert list(back.graph.node) == list(m.graph.node) and back.graph.input == m.graph.input
+
+
+def test_a_stubbed_model_is_not_saved_without_its_arrays(tmp_path):
+    with pytest.raises(ModelError, match="no arrays"):
+        save_and_hash({"part.onnx": with_stubs(_matmul(64, 64))}, tmp_path)
+
+
+def test_a_stubbed_model_past_protobufs_limit_is_saved_with_external_data(tmp_path, monkeypatch):
+    m = _matmul(64, 64)
+    monkeypatch.setattr(onnxio, "_PROTOBUF_LIMIT", 4096)  # 16 KiB of weights: "over the limit"
+    monkeypatch.setattr(onnxio, "_MARGIN", 0)
+    files = save_and_hash({"part.onnx": with_stubs(m)}, tmp_path, _weights_of(m).__getitem__)
+    assert set(files) == {"part.onnx", "part.onnx.data"}
+    assert files["part.onnx.data"] == sha256_file(tmp_path / "part.onnx.data")
+    back = load_model(tmp_path / "part.onnx", check=False)
+    assert np.array_equal(_weights_of(back)["w"], np.ones((64, 64), np.float32))

@@ -58,10 +58,12 @@ def _submodel(
         # index, whose shapes come from the graph, never from the exporter's value_info (often stale)
         return original_inputs[name] if name in original_inputs else idx.tensor(name).value_info()
 
-    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
+    graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs])
     model = helper.make_model(
         graph, opset_imports=list(src.opset_import), producer_name="splitpoint", functions=list(src.functions)
     )
+    # the weights go in after make_model, which copies the graph it is given: one copy of them, not two
+    model.graph.initializer.extend(inits)
     model.ir_version = src.ir_version
     return model
 
@@ -113,11 +115,14 @@ class Segment:
     produces: list[str]  # model outputs computed in this segment
 
 
-def extract_segments(idx: GraphIndex, cuts: list[Cut | None], check: bool = True) -> list[Segment]:
+def extract_segments(
+    idx: GraphIndex, cuts: list[Cut | None], check: bool = True, shared_weights: bool = False
+) -> list[Segment]:
     """The segments between nested cuts, in order (``None`` for the empty cut: nothing before it, so
     the raw inputs cross). A segment's sub-model reads only what its nodes need; the tensors it received
     and must pass on (a skip connection across a device, a raw input read later) are forwarded by the
-    runner as they are. Two cuts give the familiar head and tail."""
+    runner as they are. Two cuts give the familiar head and tail. ``shared_weights``: as for ``extract``
+    (a segment that is the whole model keeps its weights inline)."""
     heads: list[frozenset] = [frozenset()]
     for c in cuts:
         h = frozenset() if c is None else head_positions(idx, c)
@@ -146,7 +151,12 @@ def extract_segments(idx: GraphIndex, cuts: list[Cut | None], check: bool = True
             ins = [t for t in (idx.inputs if i == 0 else crossing[i]) if t in reads]
             made = list(dict.fromkeys([t for t in sends if t in produced] + outs))
             model = _submodel(
-                idx, _with_constants(idx, set(own)), ins, made, f"{idx.model.graph.name}_stage{i}"
+                idx,
+                _with_constants(idx, set(own)),
+                ins,
+                made,
+                f"{idx.model.graph.name}_stage{i}",
+                shared_weights,
             )
             if check:
                 check_model(model, where=f"extracted stage {i}", full=True, weights=False)
@@ -177,7 +187,7 @@ def verify_segments(
         changed = i > 0 and _free_contradicted_dims(trial, available)
         part = "the head" if i == 0 else "the tail" if i == len(models) - 1 else f"stage {i}"
         try:
-            sess = make_session(trial, threads=1, weights=weights)
+            sess = make_session(trial, threads=1, weights=weights, prepack=False)
             outs = sess.run(None, {x.name: available[x.name] for x in sess.get_inputs()})
         except Exception as exc:  # onnxruntime's own error types
             before = "" if i == 0 else " on what the stages before it produced"
