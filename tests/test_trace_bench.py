@@ -102,3 +102,62 @@ def test_the_trace_is_judged_against_the_fixed_members(traced):
     md = (out / "report.md").read_text()
     assert "| phase | network |" in md and "adaptive median" in md
     assert (out / saved["plots"][0]).stat().st_size > 10_000
+
+
+def _run(members: list[int], switches: list[tuple[float, int, int]], rate: float = 5) -> dict:
+    """A run's record: request i due at i / rate on ``members[i]``; switches as (t, from, to)."""
+    rows = [{"i": i, "t": i / rate, "ms": 100.0, "error": None, "member": m} for i, m in enumerate(members)]
+    return {
+        "requests": len(rows),
+        "lost": 0,
+        "duplicates": 0,
+        "failed": 0,
+        "rows": rows,
+        "switches": [
+            {
+                "t": t,
+                "request": round(t * rate),
+                "from": a,
+                "to": b,
+                "from_label": f"m{a}",
+                "to_label": f"m{b}",
+            }
+            for t, a, b in switches
+        ],
+    }
+
+
+def test_a_change_is_met_by_leaving_the_old_member_within_two_windows_or_being_on_the_new_one(tmp_path):
+    """Four 4-s phases (20 requests each), lte/wifi-n alternating; the set expects m0 on lte, m1 on wifi-n.
+    Change 1: away from m0 after 5 requests (missed with a window of 2 requests). Change 2: the edge stays
+    on m1 for the whole phase (missed). Change 3: already on m1 when wifi-n began, then a late move down
+    for the phase before and back (met, no switch needed: those count against "at most 1 switch")."""
+    from splitpoint.app.bench.trace import Phase, _judge, _phases
+
+    phases = [Phase(network=n, seconds=4) for n in ("lte", "wifi-n", "lte", "wifi-n")]
+    members = [0] * 25 + [1] * 55
+    members[60:65] = [0] * 5
+    adaptive = _run(members, [(5.0, 0, 1), (12.0, 1, 0), (13.0, 0, 1)])
+    bits = _run([0] * 80, [])
+    for run in (adaptive, bits):
+        run["phases"] = _phases(run, phases, 5)
+    fixed = {"m0": {"median_ms": 100.0, "served_ips": 5.0}, "m1": {"median_ms": 100.0, "served_ips": 5.0}}
+    out = {
+        "members": [{"label": "m0"}, {"label": "m1"}],
+        "expected": {"lte": 0, "wifi-n": 1},
+        "fixed": {"lte": fixed, "wifi-n": fixed},
+        "adaptive": adaptive,
+        "bits_only": bits,
+    }
+    cfg = TraceBenchConfig(trace=_trace_file(tmp_path), rate=5, adapt_window=2)
+    _judge(out, phases, cfg)
+    got = [(c["phase"], c["from"], c["to"], c["switch_after_requests"]) for c in out["adaptive"]["changes"]]
+    assert got == [(1, "m0", "m1", 5), (2, "m1", "m0", None), (3, "m1", "m1", 0)]
+    assert [c["within_2_windows"] for c in out["adaptive"]["changes"]] == [False, False, True]
+    assert [r["switches"] for r in out["adaptive"]["phases"]] == [0, 1, 0, 2]
+
+
+def _trace_file(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("phases:\n  - {network: lte, seconds: 4}\n")
+    return f

@@ -384,21 +384,25 @@ def _judge(out: dict, phases: list[Phase], cfg: TraceBenchConfig) -> None:
         want = out["expected"][row["network"]]
         if want == prev:
             continue
-        after = [s for s in a["switches"] if s["t"] >= row["start_s"]]
-        first = after[0] if after else None
-        delay = None if first is None else first["request"] - row["first_request"]
+        # the member the edge was on when the link changed, and its first switch away from it in this
+        # phase (to the member its own estimate and the arrival rate pick, which may differ from the
+        # set's range at the profile's nominal uplink); none is needed if it was on the expected one
+        # already (a switch then is a late move for the phase before, counted against "at most 1")
+        was = _member_at(a, row["start_s"])
+        end = row["start_s"] + row["seconds"]
+        away = [s for s in a["switches"] if row["start_s"] <= s["t"] < end and s["from"] == was]
+        first = away[0] if away and was != want else None
+        delay = 0 if was == want else first["request"] - row["first_request"] if first else None
         fixed_here = out["fixed"][row["network"]]
-        was = first["from_label"] if first else labels[prev]
+        was_label = labels[was] if was is not None else labels[prev]
         changes.append(
             {
                 "phase": j,
                 # both members' medians, each fixed on this phase's network (measured): a late switch
                 # from a member that is no slower here costs nothing
-                "from_fixed_ms": fixed_here.get(was, {}).get("median_ms"),
+                "from_fixed_ms": fixed_here.get(was_label, {}).get("median_ms"),
                 "to_fixed_ms": fixed_here.get(labels[want], {}).get("median_ms"),
-                # the switch the edge made (its own estimate); the set's ranges at the profiles'
-                # nominal uplinks, where no switch came
-                "from": first["from_label"] if first else labels[prev],
+                "from": was_label,
                 "to": first["to_label"] if first else labels[want],
                 "switch_after_requests": delay,
                 "within_2_windows": delay is not None and delay <= 2 * cfg.adapt_window,
@@ -453,6 +457,17 @@ def _judge(out: dict, phases: list[Phase], cfg: TraceBenchConfig) -> None:
             a["median_ms"] is not None and bo["median_ms"] is not None and a["median_ms"] < bo["median_ms"],
         ),
     ]
+
+
+def _member_at(run: dict, t: float) -> int | None:
+    """The member the run was on at time ``t``: the last switch's before it, else the one it began on."""
+    before = [s for s in run["switches"] if s["t"] < t]
+    if before:
+        return int(before[-1]["to"])
+    if run["switches"]:
+        return int(run["switches"][0]["from"])
+    first = next((r["member"] for r in run["rows"] if r.get("member") is not None), None)
+    return None if first is None else int(first)
 
 
 def _t(target: str, shown: str, met: bool) -> dict:

@@ -117,8 +117,13 @@ def markdown(results: dict, command: str) -> str:
         ]
         if a.get("changes"):
             lines += [
+                "A change is a phase whose network the set expects another member on. *Switch after*: "
+                "requests from the change to the edge's first switch away from the member it was on, to "
+                "the member its own estimate (and the arrival rate) picks; 0 where it was on the expected "
+                "member already.",
+                "",
                 "| change at phase | from → to | switch after (requests) | within 2 windows | "
-                "fixed on this network: left member / expected member (ms) |"
+                "fixed on this network: left member / expected member (ms) |",
             ]
             lines += ["|---:|---|---:|---|---|"]
             for c in a["changes"]:
