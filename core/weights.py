@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from .errors import ModelError
+
 SHARED_LOCATION = "splitpoint-shared"  # never read from disk: the session builder supplies the arrays
 WEIGHT_TYPES = frozenset(
     (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -135,6 +137,8 @@ def serialized_with_weights(
             continue
         array = np.ascontiguousarray(weights(t.name))
         data = memoryview(array.reshape(-1).view(np.uint8).data)
+        if len(data) != elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize:
+            raise ModelError(f"the array for weight {t.name!r} does not match its stub's type and shape")
         head = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims)).SerializeToString()
         tensor = head + raw_key + _varint(len(data))
         tensor_len = len(tensor) + len(data)

@@ -79,9 +79,12 @@ def test_a_stubbed_model_saved_with_its_arrays_loads_as_the_inline_model(tmp_pat
     assert list(back.graph.node) == list(m.graph.node) and back.graph.input == m.graph.input
 
 
-def test_a_stubbed_model_is_not_saved_without_its_arrays(tmp_path):
+def test_a_stubbed_model_is_not_saved_without_its_arrays_or_with_the_wrong_ones(tmp_path):
     with pytest.raises(ModelError, match="no arrays"):
         save_and_hash({"part.onnx": with_stubs(_matmul(64, 64))}, tmp_path)
+    wrong = {"w": np.ones((32, 64), np.float32)}
+    with pytest.raises(ModelError, match="does not match its stub"):
+        save_and_hash({"part.onnx": with_stubs(_matmul(64, 64))}, tmp_path, wrong.__getitem__)
 
 
 def test_a_stubbed_model_past_protobufs_limit_is_saved_with_external_data(tmp_path, monkeypatch):
