@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError
-from .weights import elements, serialized_with_weights, stubbed_bytes, weights_as_inputs, with_weights
+from .weights import nbytes, serialized_with_weights, stubbed_bytes, weights_as_inputs, with_weights
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -30,7 +30,7 @@ def _over_protobuf_limit(model: onnx.ModelProto, stubbed: int = 0) -> bool:
     weights = stubbed
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING:
-            weights += elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            weights += nbytes(t)
     return weights > _PROTOBUF_LIMIT - _MARGIN and model.ByteSize() + stubbed > _PROTOBUF_LIMIT
 
 
@@ -129,10 +129,11 @@ def save_and_hash(
             stubbed = stubbed_bytes(model)
             if stubbed and weights is None:
                 raise ModelError(f"{name}: its weights are shared stubs and no arrays were given for them")
+            fill = weights if stubbed else None
             if _over_protobuf_limit(model, stubbed):
-                save_model(with_weights(model, weights) if stubbed else model, path)  # type: ignore[arg-type]
+                save_model(with_weights(model, fill) if fill else model, path)
                 continue  # with its external data, hashed from the files below
-            pieces = serialized_with_weights(model, weights) if stubbed else [model.SerializeToString()]  # type: ignore[arg-type]
+            pieces = serialized_with_weights(model, fill) if fill else [model.SerializeToString()]
             writes.append(pool.submit(_write_pieces, path, pieces))
             hashes[name] = pool.submit(_hash_pieces, pieces)
         for w in writes:

@@ -32,6 +32,11 @@ def elements(t: onnx.TensorProto) -> int:
     return n
 
 
+def nbytes(t: onnx.TensorProto) -> int:
+    """The bytes of data ``t``'s type and shape declare (wherever the data is, or none)."""
+    return elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def shareable(t: onnx.TensorProto) -> bool:
     """A weight worth sharing: floating point, inline (external files stay as they are), not tiny.
     ``HasField``, not ``t.raw_data``: reading the field copies the weight's bytes (~0.14 s per 200 MB)."""
@@ -137,7 +142,7 @@ def serialized_with_weights(
             continue
         array = np.ascontiguousarray(weights(t.name))
         data = memoryview(array.reshape(-1).view(np.uint8).data)
-        if len(data) != elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize:
+        if len(data) != nbytes(t):
             raise ModelError(f"the array for weight {t.name!r} does not match its stub's type and shape")
         head = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims)).SerializeToString()
         tensor = head + raw_key + _varint(len(data))
@@ -161,8 +166,4 @@ def with_weights(model: onnx.ModelProto, weights: Callable[[str], np.ndarray]) -
 
 def stubbed_bytes(model: onnx.ModelProto) -> int:
     """The bytes of the weights ``model`` holds as stubs."""
-    return sum(
-        elements(t) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        for t in model.graph.initializer
-        if is_stub(t)
-    )
+    return sum(nbytes(t) for t in model.graph.initializer if is_stub(t))

@@ -6,8 +6,7 @@ weight bytes to size int8 heads.
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
+from splitpoint.core.weights import nbytes
 
 from .index import GraphIndex
 
@@ -51,10 +50,6 @@ def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
         for t in idx.node_ins[p]:
             if t in idx.initializers and t not in seen:
                 seen.add(t)
-                init = idx.initializers[t]
-                total += (
-                    int(np.prod(init.dims, dtype=np.int64))
-                    * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-                )
+                total += nbytes(idx.initializers[t])
         out.append(total)
     return out
