@@ -170,48 +170,61 @@ def split(
     console.print(f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stages)")
 
 
+def _decoder_names() -> list[str]:
+    from splitpoint.core.zoo.decoder import DECODERS
+
+    return list(DECODERS)
+
+
+_DECODER_HELP = (
+    "decoder zoo name (" + ", ".join(_decoder_names()) + ") or an exported decoder's ONNX file "
+    "(past_key_values.{i}.key/value in, present.{i}.key/value out)"
+)
+_MAX_LEN_HELP = "positions an exported decoder has (read from its position table when it has one)"
+
+
 @app.command("split-decoder")
 def split_decoder(
-    model: Annotated[str, typer.Argument(help="decoder zoo name: " + ", ".join(_decoder_names()))],
+    model: Annotated[str, typer.Argument(help=_DECODER_HELP)],
     edge_layers: Annotated[int, typer.Option(help="decoder layers on the edge (with the embedding)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="plan directory to write")],
     codec: Annotated[str, typer.Option(help="codec of the hidden states sent per step")] = "float32",
     head_weights: Annotated[
         str, typer.Option(help="float32, or int4: the edge's layers as 4-bit MatMulNBits weights")
     ] = "float32",
-    seed: Annotated[int, typer.Option(help="weights' seed")] = 0,
+    seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
+    max_len: Annotated[int | None, typer.Option(help=_MAX_LEN_HELP)] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (generate --local)")] = False,
 ) -> None:
     """A decoder-only transformer split between layers: head.onnx (embedding, first layers, the edge's KV
     cache), tail.onnx (the other layers and the output head: the server's KV cache), plan.json. Every
     generated token then costs one round trip to the server."""
+    from splitpoint.core.decoders import open_decoder
     from splitpoint.core.plandir import write_decoder_plan
-    from splitpoint.core.zoo.decoder import DECODERS
 
-    if model not in DECODERS:
-        raise SplitPointError(f"unknown decoder {model!r}; one of {', '.join(DECODERS)}")
-    spec = DECODERS[model]
+    source = open_decoder(model, seed, max_len)
     plan = write_decoder_plan(
-        spec,
+        source,
         out,
-        name=model,
         edge_layers=edge_layers,
         codec=codec,
-        seed=seed,
+        head_weights=head_weights,
         include_full=with_full,
         force=force,
     )
+    dec = plan.decoder
+    assert dec is not None
     console.print(
-        f"{model}: {edge_layers} of {spec.layers} layers on the edge, hidden state "
-        f"{spec.d_model} floats per token sent as {plan.codec}, edge weights {head_weights}; "
+        f"{source.name}: {edge_layers} of {dec.layers} layers on the edge, hidden state "
+        f"{dec.hidden} floats per token sent as {plan.codec}, edge weights {head_weights}; "
         f"plan {plan.plan_id[:12]} → {out}"
     )
 
 
 @app.command("plan-decoder")
 def plan_decoder(
-    model: Annotated[str, typer.Argument(help="decoder zoo name: " + ", ".join(_decoder_names()))],
+    model: Annotated[str, typer.Argument(help=_DECODER_HELP)],
     network: Annotated[str, typer.Option(help="network profile name or YAML")] = "lte",
     edge_cpus: Annotated[
         float | None, typer.Option(help="measure the edge's layers under this CPU limit (cgroup quota)")
@@ -231,23 +244,22 @@ def plan_decoder(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the pick's plan here")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the candidates as JSON")] = False,
-    seed: Annotated[int, typer.Option(help="weights' seed")] = 0,
+    seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
+    max_len: Annotated[int | None, typer.Option(help=_MAX_LEN_HELP)] = None,
 ) -> None:
     """Choose where to split a decoder, how to send its hidden states and the edge's weight precision, by
     time to first token and time per output token derived from measured layer blocks on this machine
     (the edge's under --edge-cpus). Every generated token costs one round trip."""
+    from splitpoint.core.decoders import open_decoder
     from splitpoint.core.plandir import write_decoder_plan
-    from splitpoint.core.zoo.decoder import DECODERS
     from splitpoint.partitioner.decoderplan import baselines, candidates, measure, pick, pick_fidelity
     from splitpoint.partitioner.planner import link_of
     from splitpoint.profiles.schema import load_network
 
-    if model not in DECODERS:
-        raise SplitPointError(f"unknown decoder {model!r}; one of {', '.join(DECODERS)}")
     if objective not in ("tpot", "ttft"):
         raise SplitPointError(f"--objective must be tpot or ttft, not {objective!r}")
     link = link_of(load_network(network))
-    spec = DECODERS[model]
+    spec = open_decoder(model, seed, max_len)
     weights = [w.strip() for w in head_weights.split(",") if w.strip()]
     if not weights or any(w not in ("float32", "int4") for w in weights):
         raise SplitPointError(f"--head-weights: float32 and/or int4, not {head_weights!r}")
@@ -299,7 +311,7 @@ def plan_decoder(
         ]
         console.print(
             table(
-                f"{model} on {network}: derived from measured blocks (best 12 by {objective})",
+                f"{spec.name} on {network}: derived from measured blocks (best 12 by {objective})",
                 ["candidate", "TTFT ms", "TPOT ms", "bytes/token", "edge MiB"],
                 rows,
             )
@@ -318,22 +330,14 @@ def plan_decoder(
         plan = write_decoder_plan(
             spec,
             out,
-            name=model,
             edge_layers=best.edge_layers,
             codec=best.codec,
             head_weights=best.head_weights,
-            seed=seed,
             predicted={**best.to_dict(), "network": network, "fidelity": fid},
             force=force,
         )
         if not as_json:
             console.print(f"pick: {best.label}; plan {plan.plan_id[:12]} → {out}")
-
-
-def _decoder_names() -> list[str]:
-    from splitpoint.core.zoo.decoder import DECODERS
-
-    return list(DECODERS)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from common import targets_table, write_results
 from splitpoint.app.bench.emulate import EmulatedLink
 from splitpoint.app.broker import free_port
 from splitpoint.app.process import check_started, splitpoint_command, start_server, stop
+from splitpoint.core.decoders import ZooDecoder
 from splitpoint.core.plandir import write_decoder_plan
 from splitpoint.core.zoo.decoder import DECODERS
 from splitpoint.partitioner.costmodel import Link
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"])
     args = ap.parse_args()
-    spec = DECODERS[args.model]
+    spec = ZooDecoder(args.model)
     t_start = time.perf_counter()
     m = measure(
         spec,
@@ -77,9 +78,7 @@ def main() -> None:
     try:
         plans = work / "plans"
         for k, c, w in chosen:
-            write_decoder_plan(
-                spec, plans / f"k{k}-{c}-{w}", name=args.model, edge_layers=k, codec=c, head_weights=w
-            )
+            write_decoder_plan(spec, plans / f"k{k}-{c}-{w}", edge_layers=k, codec=c, head_weights=w)
         for net in nets:
             link = link_of(load_network(net))
             cands = {(x.edge_layers, x.codec, x.head_weights): x for x in candidates(m, link)}
@@ -130,7 +129,7 @@ def runtime_overhead(args) -> tuple[float, float]:
     """The runtime's own time per step (prefill, decode step), measured: ``decoder-tiny``, whose layers
     compute next to nothing, generated over loopback under the same CPU limit, less what the planner
     derives for it without a link."""
-    spec = DECODERS["decoder-tiny"]
+    spec = ZooDecoder("decoder-tiny")
     tiny = measure(
         spec,
         codecs=("float32",),
@@ -142,7 +141,7 @@ def runtime_overhead(args) -> tuple[float, float]:
     )
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-decoder-rt-"))
     try:
-        write_decoder_plan(spec, work / "plans" / "tiny", name="decoder-tiny", edge_layers=2)
+        write_decoder_plan(spec, work / "plans" / "tiny", edge_layers=2)
         bind = f"tcp://127.0.0.1:{free_port()}"
         srv = start_server(bind, work / "plans")
         try:
@@ -206,7 +205,7 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
         f"`python benchmarks/bench_decoder.py --model {args.model} --networks {args.networks} --edge-cpus "
         f"{args.edge_cpus} --prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens} --runs "
         f"{args.runs}`, {seconds / 60:.1f} min. `{args.model}` (random weights, "
-        f"{m.spec.params():,} parameters), greedy, a random {args.prompt_tokens}-token prompt, "
+        f"{DECODERS[args.model].params():,} parameters), greedy, a random {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens; the edge under {args.edge_cpus:g} CPU (cgroup quota, one onnxruntime "
         f"thread), the server at one onnxruntime thread, link emulation: {mech}. *Predicted* is derived by "
         "the decoder planner from measured blocks (`splitpoint.partitioner.decoderplan`); *measured* is "

@@ -38,7 +38,7 @@ from .plan import (
 from .samples import sample_feeds
 
 if TYPE_CHECKING:
-    from .zoo.decoder import DecoderSpec
+    from .decoders import Decoder
 
 
 def _spec(name: str, shape: str, dtype: str, bytes_per_sample: int | None, side: str) -> TensorSpec:
@@ -161,65 +161,63 @@ def write_plan(
 
 
 def write_decoder_plan(
-    spec: DecoderSpec,
+    dec: Decoder,
     out_dir: str | Path,
     *,
-    name: str,
     edge_layers: int,
     codec: str = "float32",
     head_weights: str = "float32",
-    seed: int = 0,
     include_full: bool = False,
     predicted: dict | None = None,
     force: bool = False,
 ) -> Plan:
     """A decoder split between layers: ``head.onnx`` (embedding and the first ``edge_layers`` layers, the
     edge's KV cache), ``tail.onnx`` (the other layers and the output head, the server's KV cache), and a
-    plan whose stage 0 sends the hidden state of the new tokens with ``codec``. The segments are built with
-    the whole model's weights, so a float32 split decodes exactly the whole model's tokens. ``head_weights``
-    int4 stores the edge's layers as 4-bit MatMulNBits weights (the embedding stays float)."""
-    from .onnxio import model_bytes, sha256_bytes
+    plan whose stage 0 sends the hidden state of the new tokens with ``codec``. ``dec`` is a zoo decoder or
+    an exported one (``core/decoders.py``); an exported one's split is checked against the whole model
+    before anything is written. ``head_weights`` int4 stores the edge's layers as 4-bit MatMulNBits
+    weights (the embedding stays float)."""
+    from .decoders import ZooDecoder, check_split
     from .plan import DecoderInfo
-    from .zoo.decoder import build_decoder, hidden_name
 
-    if not 0 < edge_layers < spec.layers:
-        raise PlanError(f"--edge-layers must be 1 to {spec.layers - 1} for a {spec.layers}-layer decoder")
+    if not 0 < edge_layers < dec.layers:
+        raise PlanError(f"--edge-layers must be 1 to {dec.layers - 1} for a {dec.layers}-layer decoder")
     if head_weights not in ("float32", "int4"):
         raise PlanError(f"--head-weights must be float32 or int4 for a decoder, not {head_weights!r}")
-    whole = build_decoder(spec, name, seed)
-    models = {
-        HEAD_FILE: build_decoder(spec, f"{name}-head", seed, (0, edge_layers)),
-        TAIL_FILE: build_decoder(spec, f"{name}-tail", seed, (edge_layers, spec.layers)),
-    }
+    whole = dec.whole()
+    models = {HEAD_FILE: dec.part(0, edge_layers), TAIL_FILE: dec.part(edge_layers, dec.layers)}
+    if not isinstance(dec, ZooDecoder):  # the zoo's parts are built, not cut: exact by construction
+        check_split(dec, models[HEAD_FILE], models[TAIL_FILE])
     if head_weights == "int4":
         from .quantize import quantize_matmul_weights
 
         models[HEAD_FILE] = quantize_matmul_weights(models[HEAD_FILE])
     if include_full:
         models[FULL_FILE] = whole
-    crossing = [_spec(hidden_name(edge_layers - 1), f"1xsequencex{spec.d_model}", "float32", None, "head")]
     info = DecoderInfo(
-        layers=spec.layers,
+        layers=dec.layers,
         edge_layers=edge_layers,
-        heads=spec.heads,
-        head_dim=spec.head_dim,
-        hidden=spec.d_model,
-        vocab=spec.vocab,
-        max_len=spec.n_ctx,
+        heads=dec.heads,
+        head_dim=dec.head_dim,
+        hidden=dec.d_model,
+        vocab=dec.vocab,
+        max_len=dec.n_ctx,
     )
+    crossing = [_spec(dec.boundary(edge_layers), f"1xsequencex{info.hidden}", "float32", None, "head")]
+    sha256 = dec.sha256()
     result: list[Plan] = []
 
     def write(tmp: Path) -> None:
         files = save_and_hash(models, tmp)
         plan = Plan.model_validate(
             dict(
-                model_name=name,
-                model_sha256=sha256_bytes(model_bytes(whole)),
-                inputs=[_spec("input_ids", "1xsequence", "int64", None, "head")],
-                outputs=[_spec("logits", f"1xsequencex{spec.vocab}", "float32", None, "tail")],
+                model_name=dec.name,
+                model_sha256=sha256,
+                inputs=[_spec("input_ids", "1xsequence", dec.ids_dtype, None, "head")],
+                outputs=[_spec(dec.logits, f"1xsequencex{info.vocab}", "float32", None, "tail")],
                 stages=[
                     Stage(file=HEAD_FILE, sends=crossing, codec=codec, weights=head_weights),  # type: ignore[arg-type]
-                    Stage(file=TAIL_FILE, receives=crossing, produces=["logits"]),
+                    Stage(file=TAIL_FILE, receives=crossing, produces=[dec.logits]),
                 ],
                 files=files,
                 kind=SPLIT,

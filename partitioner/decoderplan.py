@@ -23,13 +23,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 
 from splitpoint.core.codecs import encode
+from splitpoint.core.decoders import Decoder
+from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.onnxio import model_bytes
-from splitpoint.core.runner import make_session
-from splitpoint.core.zoo.decoder import DecoderSpec, build_decoder, hidden_name, past_name
 from splitpoint.profiles.profiler import time_runs
 
 from .costmodel import Link, downlink_ms, uplink_ms
@@ -64,9 +65,22 @@ class SideTimes:
         )
 
 
+class DecoderShape(Protocol):
+    """What the cost model reads of the architecture (a zoo spec or an opened ``Decoder``)."""
+
+    @property
+    def layers(self) -> int: ...
+    @property
+    def heads(self) -> int: ...  # of the KV cache
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def n_ctx(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class DecoderMeasurements:
-    spec: DecoderSpec
+    spec: DecoderShape
     prompt_tokens: int
     context: int  # the past length decode steps were measured at
     edge: dict[str, SideTimes]  # by edge weight precision
@@ -198,38 +212,30 @@ def _time(sess, feeds: dict, repeats: int, min_ms: float = 0.0) -> float:
 
 
 def _block_times(
-    model,
-    spec: DecoderSpec,
-    layers: tuple[int, int],
-    p: int,
-    ctx: int,
-    reps: int,
-    threads: int,
-    min_ms: float = 0.0,
-):
-    sess = make_session(model, threads)
-    first, last = layers
+    model, dec: Decoder, first: int, p: int, ctx: int, reps: int, threads: int, min_ms: float = 0.0
+) -> BlockTimes:
+    seg = DecoderSegment(model, threads)
     rng = np.random.default_rng(0)
     x_pre: np.ndarray
     if first == 0:
-        x_pre, x_step = rng.integers(0, spec.vocab, (1, p)), rng.integers(0, spec.vocab, (1, 1))
+        x_pre = rng.integers(0, dec.vocab, (1, p)).astype(dec.ids_dtype)
     else:
-        x_pre = rng.standard_normal((1, p, spec.d_model)).astype(np.float32)
-        x_step = x_pre[:, :1]
-    name = "input_ids" if first == 0 else hidden_name(first - 1)
+        x_pre = rng.standard_normal((1, p, dec.d_model)).astype(np.float32)
+    x_step = x_pre[:, :1]
 
     def past(n: int) -> dict[str, np.ndarray]:
-        z = (rng.standard_normal((1, spec.heads, n, spec.head_dim)) * 0.5).astype(np.float32)
-        return {past_name(i, kind): z for i in range(first, last) for kind in ("key", "value")}
+        return {
+            k: (rng.standard_normal((1, v.shape[1], n, v.shape[3])) * 0.5).astype(v.dtype)
+            for k, v in seg.empty_past().items()
+        }
 
-    pre = _time(sess, {name: x_pre, **past(0)}, reps, min_ms)
-    step = _time(sess, {name: x_step, **past(ctx)}, reps * 3, min_ms)
+    pre = _time(seg.sess, seg.feeds(x_pre, past(0)), reps, min_ms)
+    step = _time(seg.sess, seg.feeds(x_step, past(ctx)), reps * 3, min_ms)
     return BlockTimes(pre, step)
 
 
 def measure_side(
-    spec: DecoderSpec,
-    seed: int,
+    dec: Decoder,
     weights: str,
     prompt_tokens: int,
     context: int,
@@ -240,19 +246,19 @@ def measure_side(
     """The three blocks' times on this machine (under whatever CPU limit it runs), and their stored sizes."""
     from splitpoint.core.quantize import quantize_matmul_weights
 
-    L = spec.layers
+    L = dec.layers
     blocks, sizes = [], []
-    for layers in ((0, 1), (1, 2), (L - 1, L)):
-        model = build_decoder(spec, seed=seed, layers=layers)
+    for first, last in ((0, 1), (1, 2), (L - 1, L)):
+        model = dec.part(first, last)
         if weights == "int4":
             model = quantize_matmul_weights(model)
         sizes.append(len(model_bytes(model)))
-        blocks.append(_block_times(model, spec, layers, prompt_tokens, context, repeats, threads, min_ms))
+        blocks.append(_block_times(model, dec, first, prompt_tokens, context, repeats, threads, min_ms))
     return SideTimes(*blocks), (sizes[0], sizes[1], sizes[2])
 
 
 def measure_codecs(
-    spec: DecoderSpec,
+    dec: Decoder,
     seed: int,
     codecs: Sequence[str],
     prompt_tokens: int,
@@ -260,12 +266,9 @@ def measure_codecs(
     min_ms: float = 0.0,
 ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[float, float]]]:
     """Encoded bytes and encode ms of a real hidden state (after layer 0), prefill and one token."""
-    sess = make_session(build_decoder(spec, seed=seed, layers=(0, 1)), 1)
-    ids = np.random.default_rng(seed + 11).integers(0, spec.vocab, (1, prompt_tokens))
-    empty = np.zeros((1, spec.heads, 0, spec.head_dim), np.float32)
-    (h,) = sess.run(
-        [hidden_name(0)], {"input_ids": ids, past_name(0, "key"): empty, past_name(0, "value"): empty}
-    )
+    seg = DecoderSegment(dec.part(0, 1), 1)
+    ids = np.random.default_rng(seed + 11).integers(0, dec.vocab, (1, prompt_tokens)).astype(dec.ids_dtype)
+    h = seg.step(ids, seg.empty_past())[0]
     one = np.ascontiguousarray(h[:, -1:])
     sizes, times = {}, {}
     for c in codecs:
@@ -279,7 +282,7 @@ def _encode_ms(x: np.ndarray, codec: str, repeats: int, min_ms: float) -> float:
 
 
 def measure(
-    spec: DecoderSpec,
+    dec: Decoder,
     *,
     seed: int = 0,
     codecs: Sequence[str] = ("float32", "float16", "int8-ol", "int4-ol"),
@@ -293,21 +296,31 @@ def measure(
     """Everything ``evaluate`` needs, measured on this machine: the server's blocks at full speed, the
     edge's under ``edge_cpus`` (a real CPU limit on this process while it measures, as ``profile
     --cpus`` does), one onnxruntime thread, as a small device runs."""
+    from splitpoint.core.errors import SplitPointError
     from splitpoint.profiles.cpulimit import cpu_limit, sample_span_ms
 
+    if dec.layers < 3:
+        raise SplitPointError(
+            f"the decoder planner measures three blocks: {dec.name} has {dec.layers} layers"
+        )
+    if prompt_tokens + new_tokens > dec.n_ctx:
+        raise SplitPointError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} pass {dec.name}'s "
+            f"{dec.n_ctx} positions"
+        )
     context = prompt_tokens + new_tokens // 2
-    server, _ = measure_side(spec, seed, "float32", prompt_tokens, context, repeats, server_threads)
+    server, _ = measure_side(dec, "float32", prompt_tokens, context, repeats, server_threads)
     edge, weight_bytes = {}, {}
     with cpu_limit(edge_cpus) as emulation:
         span = sample_span_ms(emulation)
         for w in head_weights:
-            edge[w], weight_bytes[w] = measure_side(spec, seed, w, prompt_tokens, context, repeats, 1, span)
-        sizes, enc = measure_codecs(spec, seed, codecs, prompt_tokens, repeats, span)
-    return DecoderMeasurements(spec, prompt_tokens, context, edge, server, sizes, enc, weight_bytes)
+            edge[w], weight_bytes[w] = measure_side(dec, w, prompt_tokens, context, repeats, 1, span)
+        sizes, enc = measure_codecs(dec, seed, codecs, prompt_tokens, repeats, span)
+    return DecoderMeasurements(dec, prompt_tokens, context, edge, server, sizes, enc, weight_bytes)
 
 
 def pick_fidelity(
-    spec: DecoderSpec, c: DecoderCandidate, seed: int = 0, prompts: int = 4, new_tokens: int = 16
+    dec: Decoder, c: DecoderCandidate, seed: int = 0, prompts: int = 4, new_tokens: int = 16
 ) -> dict:
     """The candidate's measured greedy agreement and next-token KL against the float model (random
     prompts, teacher-forced: ``decoderfidelity``)."""
@@ -315,10 +328,10 @@ def pick_fidelity(
 
     from .decoderfidelity import measure as fidelity
 
-    head = build_decoder(spec, seed=seed, layers=(0, c.edge_layers))
-    tail = build_decoder(spec, seed=seed, layers=(c.edge_layers, spec.layers))
+    head, tail = dec.part(0, c.edge_layers), dec.part(c.edge_layers, dec.layers)
     test = quantize_matmul_weights(head) if c.head_weights == "int4" else None
     rng = np.random.default_rng(seed + 5)
-    ps = [rng.integers(0, spec.vocab, (1, 16)) for _ in range(prompts)]
+    n = max(1, min(16, dec.n_ctx - new_tokens))
+    ps = [rng.integers(0, dec.vocab, (1, n)).astype(dec.ids_dtype) for _ in range(prompts)]
     f = fidelity(head, tail, [c.codec], ps, new_tokens, test_head=test)[c.codec]
     return {**f.to_dict(), "label": "measured", "prompts": prompts, "new_tokens": new_tokens}

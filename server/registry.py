@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitpoint.core.errors import PlanError
+from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, verify_pushed
 from splitpoint.core.runner import StageRunner, check_models_load, make_session
 
@@ -26,6 +27,7 @@ class Entry:
     plan: Plan
     path: Path
     runner: StageRunner | None  # the stage this server runs; None when it runs none (an edge-only plan)
+    segment: DecoderSegment | None = None  # a decoder plan's layers here: the names a step feeds and reads
 
 
 class PlanRegistry:
@@ -57,9 +59,11 @@ class PlanRegistry:
             return Entry(plan, path, None)  # an edge-only plan: nothing runs here
         file = plan.stages[i].file
         session = make_session(path / file, self.threads, self.provider) if file else None
+        segment = None
         if session is not None and plan.decoder is not None:
-            _warm_up_decoder(session, plan)
-        return Entry(plan, path, StageRunner(plan, i, session))
+            segment = DecoderSegment(session)
+            _warm_up_decoder(segment, plan)
+        return Entry(plan, path, StageRunner(plan, i, session), segment)
 
     def add_dir(self, path: str | Path) -> Plan:
         path = Path(path)
@@ -99,20 +103,14 @@ class PlanRegistry:
             return list(self._entries)
 
 
-def _warm_up_decoder(session, plan: Plan) -> None:
+def _warm_up_decoder(segment: DecoderSegment, plan: Plan) -> None:
     """One step on a dummy token: a session's first run sets up onnxruntime's kernels and buffers (tens
     of ms), which would otherwise land on the first user's first token."""
     import numpy as np
 
-    dec = plan.decoder
-    assert dec is not None
-    feeds = {}
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values."):
-            feeds[i.name] = np.zeros((1, dec.heads, 0, dec.head_dim), np.float32)
-        else:
-            feeds[i.name] = np.zeros((1, 1, dec.hidden), np.float32)
-    session.run(None, feeds)
     from splitpoint.core.codecs import decode, encode
 
+    dec = plan.decoder
+    assert dec is not None
+    segment.step(np.zeros((1, 1, dec.hidden), np.float32), segment.empty_past())
     decode(encode(np.ones((1, 2, dec.hidden), np.float32), plan.codec))  # the codec's first call, too

@@ -490,8 +490,8 @@ class TailServer:
     def _step(
         self, entry: Entry, key: tuple, msg: wire.Message, position: int, top_k: int, t_recv: float
     ) -> wire.Message:
-        dec, runner = entry.plan.decoder, entry.runner
-        assert dec is not None and runner is not None and runner.session is not None
+        dec, seg = entry.plan.decoder, entry.segment
+        assert dec is not None and seg is not None
         t0 = time.perf_counter()
         (hidden,) = self._decode(msg, entry).values()
         if hidden.shape[0] != 1 or hidden.shape[1] < 1:
@@ -502,15 +502,12 @@ class TailServer:
                 wire.E_SESSION_LIMIT,
                 f"position {position} + {new} new token(s) passes the model's {dec.max_len} positions",
             )
-        empty = np.zeros((1, dec.heads, 0, dec.head_dim), np.float32)
-        past_names = [n for n in runner.run_inputs if n.startswith("past_key_values.")]
-        s = self.sessions.begin(key, position, {n: empty for n in past_names})
+        s = self.sessions.begin(key, position, seg.empty_past())
         t1 = time.perf_counter()
-        feeds = {**s.past, runner.receives[0]: hidden}
-        out = dict(zip(runner.run_outputs, runner.session.run(runner.run_outputs, feeds), strict=True))
+        out = dict(zip(seg.outputs, seg.sess.run(seg.outputs, seg.feeds(hidden, s.past)), strict=True))
         t2 = time.perf_counter()
         self.sessions.commit(key, s, {k: v for k, v in out.items() if k.startswith("present.")}, new)
-        last = out["logits"][0, -1]
+        last = out[seg.main_out][0, -1]
         names, frames = ["next_token"], [encode(np.array([int(last.argmax())], np.int64), "float32")]
         if top_k:
             ids = np.argsort(-last, kind="stable")[:top_k].astype(np.int64)
@@ -518,7 +515,7 @@ class TailServer:
             frames += [encode(ids, "float32"), encode(last[ids].astype(np.float32), "float32")]
         t3 = time.perf_counter()
         server = {
-            "stage": runner.index,
+            "stage": entry.runner.index if entry.runner else 0,
             "queue_ms": 0.0,
             "decode_ms": (t1 - t0) * 1e3,
             "tail_ms": (t2 - t1) * 1e3,

@@ -16,6 +16,7 @@ from splitpoint.app.broker import free_port
 from splitpoint.app.process import start_server, stop
 from splitpoint.core import wire
 from splitpoint.core.codecs import encode
+from splitpoint.core.decoders import ZooDecoder
 from splitpoint.core.plan import Plan
 from splitpoint.core.plandir import write_decoder_plan
 from splitpoint.core.zoo.decoder import DECODER_TINY, hidden_name
@@ -31,7 +32,7 @@ def plans(tmp_path_factory):
     d = tmp_path_factory.mktemp("decoder-plans")
     for codec in ("float32", "int8-ol"):
         write_decoder_plan(
-            SPEC, d / codec, name="decoder-tiny", edge_layers=2, codec=codec, include_full=True
+            ZooDecoder("decoder-tiny"), d / codec, edge_layers=2, codec=codec, include_full=True
         )
     return d
 
@@ -204,7 +205,7 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
 def test_int4_edge_weights_shrink_the_head_and_keep_the_tokens(plans, server, tmp_path):
     import onnx
 
-    p = write_decoder_plan(SPEC, tmp_path / "q4", name="decoder-tiny", edge_layers=2, head_weights="int4")
+    p = write_decoder_plan(ZooDecoder("decoder-tiny"), tmp_path / "q4", edge_layers=2, head_weights="int4")
     assert p.stages[0].weights == "int4"
     head = onnx.load(tmp_path / "q4" / "head.onnx")
     assert {n.op_type for n in head.graph.node} >= {"MatMulNBits"}

@@ -1,0 +1,177 @@
+"""The decoders SplitPoint splits: a zoo architecture built with its seed, or a user's exported ONNX file.
+Both give the same things to the planner, the fidelity runs and the plan writer: the model's shape (layers,
+cache heads and head size, hidden width, vocabulary, positions) and any run of layers as a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from .errors import PlanError, SplitPointError
+
+
+class Decoder(Protocol):
+    name: str
+    layers: int
+    heads: int  # of the KV cache
+    head_dim: int
+    d_model: int  # the hidden state's width: what a split sends per token
+    vocab: int
+    n_ctx: int  # positions: prompt + generated tokens
+    ids_dtype: str
+    logits: str
+
+    def whole(self) -> onnx.ModelProto: ...
+
+    def part(self, first: int, last: int) -> onnx.ModelProto:
+        """Layers ``first`` .. ``last - 1``: token ids in when first is 0, else the hidden state entering
+        ``first``; the hidden state leaving ``last - 1`` out, or the logits when it is the last layer."""
+        ...
+
+    def boundary(self, k: int) -> str:
+        """The hidden state's tensor name between layers k-1 and k."""
+        ...
+
+    def sha256(self) -> str: ...
+
+
+@dataclass
+class ZooDecoder:
+    """A zoo architecture (``zoo/decoder.py``): every part is built with the whole model's weights."""
+
+    name: str
+    seed: int = 0
+    ids_dtype: str = "int64"
+    logits: str = "logits"
+
+    def __post_init__(self) -> None:
+        from .zoo.decoder import DECODERS
+
+        spec = DECODERS[self.name]
+        self.spec = spec
+        self._whole: onnx.ModelProto | None = None
+        self.layers, self.heads, self.head_dim = spec.layers, spec.heads, spec.head_dim
+        self.d_model, self.vocab, self.n_ctx = spec.d_model, spec.vocab, spec.n_ctx
+
+    def whole(self) -> onnx.ModelProto:
+        from .zoo.decoder import build_decoder
+
+        if self._whole is None:  # GPT-2 small takes seconds to build
+            self._whole = build_decoder(self.spec, self.name, self.seed)
+        return self._whole
+
+    def part(self, first: int, last: int) -> onnx.ModelProto:
+        from .zoo.decoder import build_decoder
+
+        return build_decoder(self.spec, f"{self.name}-{first}-{last}", self.seed, (first, last))
+
+    def boundary(self, k: int) -> str:
+        from .zoo.decoder import hidden_name
+
+        return hidden_name(k - 1)
+
+    def sha256(self) -> str:
+        from .onnxio import model_bytes, sha256_bytes
+
+        return sha256_bytes(model_bytes(self.whole()))
+
+
+@dataclass
+class ExportedDecoder:
+    """A decoder exported to ONNX with onnxruntime-genai's cache names, cut between layers by
+    ``graph.decodercut``. ``max_len`` where no position table shows the model's length."""
+
+    path: Path
+    max_len: int | None = None
+    name: str = ""
+    _model: onnx.ModelProto = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from .graph.decodercut import decoder_layout
+        from .graph.index import GraphIndex
+        from .onnxio import load_model
+
+        self.path = Path(self.path)
+        self.name = self.name or self.path.stem
+        self._model = load_model(self.path)
+        self.idx = GraphIndex.build(self._model)
+        lay = decoder_layout(self.idx)
+        self.layout = lay
+        if self.max_len is not None and lay.max_len is not None and self.max_len > lay.max_len:
+            raise PlanError(f"--max-len {self.max_len} is past the model's {lay.max_len} positions")
+        n_ctx = self.max_len or lay.max_len
+        if n_ctx is None:
+            raise PlanError(
+                f"{self.path}: the model shows no position table to read its length from: give --max-len"
+            )
+        self.layers, self.heads, self.head_dim, self.n_ctx = lay.layers, lay.kv_heads, lay.head_dim, n_ctx
+        self.ids_dtype = self.idx.tensor(lay.main_input).dtype
+        self.logits = lay.logits
+        self.d_model, self.vocab = self._widths()
+
+    def _widths(self) -> tuple[int, int]:
+        """The hidden state's and the logits' last dimension: declared, or seen in one run of the model."""
+        from .kvcache import DecoderSegment
+
+        last = [(self.idx.tensor(t).dims or [None])[-1] for t in (self.layout.boundaries[0], self.logits)]
+        if isinstance(last[0], int) and isinstance(last[1], int):
+            return last[0], last[1]
+        seg = DecoderSegment(self.part(0, 1), 1)
+        hidden = seg.step(np.zeros((1, 1), self.ids_dtype), seg.empty_past())[0]
+        logits = DecoderSegment(self._model, 1)
+        out = logits.step(np.zeros((1, 1), self.ids_dtype), logits.empty_past())[0]
+        return int(hidden.shape[-1]), int(out.shape[-1])
+
+    def whole(self) -> onnx.ModelProto:
+        return self._model
+
+    def part(self, first: int, last: int) -> onnx.ModelProto:
+        from .graph.decodercut import decoder_part
+
+        return decoder_part(self.idx, self.layout, first, last)
+
+    def boundary(self, k: int) -> str:
+        return self.layout.boundaries[k - 1]
+
+    def sha256(self) -> str:
+        from .onnxio import sha256_file
+
+        return sha256_file(self.path)
+
+
+def open_decoder(model: str, seed: int = 0, max_len: int | None = None) -> Decoder:
+    """A zoo decoder's name or an exported decoder's ONNX file."""
+    from .zoo.decoder import DECODERS
+
+    if model in DECODERS:
+        return ZooDecoder(model, seed)
+    if model.endswith(".onnx") or Path(model).exists():
+        return ExportedDecoder(Path(model), max_len)
+    raise SplitPointError(f"unknown decoder {model!r}: an ONNX file or one of {', '.join(DECODERS)}")
+
+
+def check_split(dec: Decoder, head: onnx.ModelProto, tail: onnx.ModelProto) -> None:
+    """The split's logits against the whole model's over a short prompt and two decode steps, or PlanError:
+    a split that does not reproduce its model is never written."""
+    from .kvcache import DecoderSegment
+
+    w, h, t = (DecoderSegment(m, 1) for m in (dec.whole(), head, tail))
+    pw, ph, pt = w.empty_past(), h.empty_past(), t.empty_past()
+    x = (np.arange(max(1, min(3, dec.n_ctx - 2))) % 2).reshape(1, -1).astype(dec.ids_dtype)
+    for _ in range(3):
+        ref, pw = w.step(x, pw)
+        hidden, ph = h.step(x, ph)
+        got, pt = t.step(hidden, pt)
+        tol = 1e-4 * (1 + float(np.abs(ref).max()))
+        if ref.shape != got.shape or not np.allclose(got, ref, rtol=1e-4, atol=tol):
+            diff = (
+                f"{np.abs(got - ref).max():.3g}"
+                if ref.shape == got.shape
+                else f"shape {got.shape}, not {ref.shape}"
+            )
+            raise PlanError(f"the split decoder does not reproduce the whole model's logits ({diff})")
+        x = ref[:, -1:].argmax(-1).astype(dec.ids_dtype)

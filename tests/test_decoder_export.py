@@ -1,0 +1,184 @@
+"""An exported decoder split between layers: a graph written by torch.onnx.export
+(tests/data/exported-decoder), whose layers share a causal mask built once from attention_mask, input_ids'
+shape and layer 0's cache length. Every split gives the whole model's logits step by step; a plan of it,
+served by a real server, generates the whole model's tokens; what cannot be split is refused with the
+reason and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from splitpoint.app.broker import free_port
+from splitpoint.app.process import start_server, stop
+from splitpoint.core.decoders import ExportedDecoder
+from splitpoint.core.errors import ModelError, PlanError
+from splitpoint.core.graph.decodercut import decoder_layout, decoder_part
+from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.kvcache import DecoderSegment
+from splitpoint.core.onnxio import load_model
+from splitpoint.core.plan import Plan
+from splitpoint.core.plandir import write_decoder_plan
+from splitpoint.core.zoo.decoder import DECODER_TINY, build_decoder, hidden_name
+from splitpoint.edge.decoder import DecoderClient, generate_local
+
+MODEL = Path(__file__).parent / "data" / "exported-decoder" / "decoder.onnx"
+
+
+@pytest.fixture(scope="module")
+def idx():
+    return GraphIndex.build(load_model(MODEL))
+
+
+def test_the_layout_is_read_from_the_graph(idx):
+    lay = decoder_layout(idx)
+    assert (lay.layers, lay.kv_heads, lay.head_dim, lay.max_len) == (4, 3, 8, 128)
+    assert lay.main_input == "input_ids" and lay.logits == "logits"
+    # one residual-stream tensor per boundary, in layer order
+    assert len(set(lay.boundaries)) == 3
+    assert [idx.producer[b] for b in lay.boundaries] == sorted(idx.producer[b] for b in lay.boundaries)
+
+
+def test_the_zoo_decoders_boundaries_are_its_hidden_states():
+    lay = decoder_layout(GraphIndex.build(build_decoder(DECODER_TINY, "tiny", 0)))
+    assert lay.boundaries == tuple(hidden_name(i) for i in range(DECODER_TINY.layers - 1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_every_split_gives_the_whole_models_logits_step_by_step(idx, k):
+    lay = decoder_layout(idx)
+    whole = DecoderSegment(idx.model, 1)
+    head, tail = (
+        DecoderSegment(decoder_part(idx, lay, 0, k), 1),
+        DecoderSegment(decoder_part(idx, lay, k, 4), 1),
+    )
+    # each side holds only its own layers' caches; the mask and positions never cross
+    assert {n for n in tail.inputs if n.startswith("past_")} == {
+        f"past_key_values.{i}.{kind}" for i in range(k, 4) for kind in ("key", "value")
+    }
+    assert tail.main_in == lay.boundaries[k - 1] and head.main_out == lay.boundaries[k - 1]
+    pw, ph, pt = whole.empty_past(), head.empty_past(), tail.empty_past()
+    x = np.random.default_rng(k).integers(0, 128, (1, 6))
+    tokens = []
+    for _ in range(6):
+        ref, pw = whole.step(x, pw)
+        hidden, ph = head.step(x, ph)
+        got, pt = tail.step(hidden, pt)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+        tokens.append(int(ref[0, -1].argmax()))
+        x = np.array([[tokens[-1]]])
+    assert pt[f"past_key_values.{k}.key"].shape[2] == 6 + 5  # the prompt and five steps, on the server's side
+    assert len(set(tokens)) > 2
+
+
+def test_a_served_plan_of_it_generates_the_whole_models_tokens(tmp_path):
+    out = tmp_path / "plans" / "exported"
+    r = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app", "split-decoder", str(MODEL), "--edge-layers", "2"]
+        + ["-o", str(out), "--with-full"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    plan = Plan.load(out)
+    assert plan.decoder is not None and (plan.decoder.layers, plan.decoder.max_len) == (4, 128)
+    assert plan.decoder.hidden == 24 and plan.decoder.vocab == 128
+    prompt = np.random.default_rng(3).integers(0, 128, (1, 7))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, tmp_path / "plans")
+    try:
+        unsplit = generate_local(out, prompt, 48)  # full.onnx: the exported model itself
+        with DecoderClient(out, endpoint, timeout_s=30) as client:
+            split = client.generate(prompt, 48)
+            again = client.generate(prompt, 48)  # a new session starts from an empty cache
+    finally:
+        stop(proc)
+    assert split.tokens == unsplit.tokens == again.tokens
+    assert len(set(split.tokens)) > 10
+    # the prefill sends the prompt's 7 hidden states, each later step one: 24 floats, the same header
+    assert split.bytes_sent[0] - 7 * 24 * 4 == split.bytes_sent[1] - 24 * 4 > 0
+
+
+def _strip_position_table(tmp_path: Path) -> Path:
+    """The exported decoder with its learned positions replaced by a computed zero: no table to read
+    the model's length from."""
+    m = onnx.load(str(MODEL))
+    for n in m.graph.node:
+        if n.op_type == "Gather" and n.input[1] == "position_ids":
+            table = n.input[0]
+            n.input[0] = table + "_computed"
+            m.graph.node.insert(
+                0,
+                onnx.helper.make_node("Identity", [table], [table + "_computed"]),
+            )
+            break
+    p = tmp_path / "no-table.onnx"
+    onnx.save(m, str(p))
+    return p
+
+
+def test_what_cannot_be_split_is_refused_with_the_reason_and_nothing_written(tmp_path):
+    out = tmp_path / "plan"
+    with pytest.raises(PlanError, match="must be 1 to 3"):
+        write_decoder_plan(ExportedDecoder(MODEL), out, edge_layers=4)
+    with pytest.raises(PlanError, match="past the model's 128 positions"):
+        ExportedDecoder(MODEL, max_len=500)
+    with pytest.raises(PlanError, match="give --max-len"):
+        ExportedDecoder(_strip_position_table(tmp_path))
+    assert not out.exists()
+    # given, it splits
+    plan = write_decoder_plan(ExportedDecoder(_strip_position_table(tmp_path), 100), out, edge_layers=2)
+    assert plan.decoder is not None and plan.decoder.max_len == 100
+    # a one-shot model is not a decoder
+    cnn = tmp_path / "cnn.onnx"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    relu = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(onnx.helper.make_model(relu), str(cnn))
+    r = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app", "split-decoder", str(cnn), "--edge-layers", "1"]
+        + ["-o", str(tmp_path / "p2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "no past_key_values" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "p2").exists()
+
+
+def test_a_later_layer_reading_an_earlier_layers_cache_is_refused(tmp_path):
+    """Layer 3 reading layer 0's cache values (not only its length) has no single boundary after layer 0."""
+    m = onnx.load(str(MODEL))
+    idx = GraphIndex.build(m)
+    concat = next(n for n in idx.nodes if n.op_type == "Concat" and "past_key_values.3.value" in n.input)
+    concat.input[list(concat.input).index("past_key_values.3.value")] = "past_key_values.0.value"
+    p = tmp_path / "crossed.onnx"
+    onnx.save(m, str(p))
+    with pytest.raises(ModelError, match="no single tensor separates decoder layers"):
+        decoder_layout(GraphIndex.build(load_model(p)))
+
+
+def test_plan_decoder_measures_and_picks_a_split_of_it(tmp_path):
+    out = tmp_path / "pick"
+    r = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app", "plan-decoder", str(MODEL), "--network", "wifi-n", "--json"]
+        + ["--prompt-tokens", "16", "--new-tokens", "16", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    cands = res["candidates"]
+    assert len(cands) == 3 * 4 * 2  # cut after 1..3 layers x four codecs x two edge weight precisions
+    assert all(c["tpot_ms"] > 0 and c["ttft_ms"] >= c["tpot_ms"] * 0.5 for c in cands)
+    plan = Plan.load(out)
+    assert plan.decoder is not None and plan.decoder.edge_layers == res["pick"]["edge_layers"]
+    assert plan.stages[0].codec == res["pick"]["codec"]
