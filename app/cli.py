@@ -1124,6 +1124,16 @@ def main() -> None:
         _fail(escape(str(exc)).replace("\n", " "), exc.exit_code)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         _fail(escape(f"{exc.strerror}: {exc.filename}"), 2)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        # the model itself fails to run (an export that fixed a shape it traced, an input shape it cannot
+        # take): onnxruntime's own words, on one line
+        text = " ".join(str(exc).split())
+        _fail(
+            escape(f"onnxruntime could not run the model at these input shapes (see --input-shape): {text}"),
+            2,
+        )
     sys.exit(code if isinstance(code, int) else 0)
 
 

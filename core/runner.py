@@ -78,7 +78,9 @@ def make_session(
         import tempfile
 
         so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"splitpoint-ort-{os.getpid()}")
-    so.log_severity_level = 3
+    # fatal only: a failing run raises with onnxruntime's message, which callers report (one line on the
+    # CLI, an error reply on a server); its logger printing the same message first, in colour, doubled it
+    so.log_severity_level = 4
     available = ort.get_available_providers()
     if provider not in available:
         raise SplitPointError(

@@ -14,11 +14,53 @@ from onnx import helper
 
 from .errors import SplitPointError
 
+_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer inputs that index a table (an embedding: token ids, token types, positions), each with the
+    rows of its smallest table: a sample past them makes onnxruntime's Gather fail ("indices element out
+    of data bounds") where a real input never would."""
+    rows: dict[str, int] = {}
+    for t in model.graph.initializer:
+        rows[t.name] = int(t.dims[0]) if t.dims else 0
+    for n in model.graph.node:
+        if (
+            n.op_type == "Constant"
+            and n.attribute
+            and n.attribute[0].name == "value"
+            and n.attribute[0].t.dims
+        ):
+            rows[n.output[0]] = int(n.attribute[0].t.dims[0])
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out: dict[str, int] = {}
+    for inp in model.graph.input:
+        stack, seen = [inp.name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n in consumers.get(t, []):
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and axis == 0:
+                    if rows.get(n.input[0], 0) > 0:
+                        out[inp.name] = min(out.get(inp.name, rows[n.input[0]]), rows[n.input[0]])
+                elif n.op_type in _PASS_THROUGH and n.input[0] == t:
+                    stack.extend(n.output)
+    return out
+
 
 def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``)."""
+    """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``). Integer
+    inputs that index a table take any of its rows (others 0..9); integer masks (``attention_mask``) are
+    all ones, one unpadded sequence, as a random mask could hide every position of a row."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
+    bounds = index_bounds(model)
     feeds = {}
     for i in model.graph.input:
         if i.name in inits:
@@ -30,8 +72,10 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
             feeds[i.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
             feeds[i.name] = rng.random(dims) > 0.5
+        elif "mask" in i.name.lower() and i.name not in bounds:
+            feeds[i.name] = np.ones(dims, dtype)
         else:
-            feeds[i.name] = rng.integers(0, 10, dims).astype(dtype)
+            feeds[i.name] = rng.integers(0, bounds.get(i.name, 10), dims).astype(dtype)
     return feeds
 
 

@@ -180,3 +180,28 @@ def test_edge_run_exits_1_unless_every_input_is_answered(plan_dir, tmp_path):
         "0 split, 0 local fallback, 3 errors" in proc.stdout and "3 of 3 inputs got no answer" in proc.stderr
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_a_model_that_cannot_run_at_the_given_shapes_is_one_line(tmp_path):
+    """An export that baked a traced shape into a Reshape runs at that shape only: onnxruntime's refusal at
+    another is reported as the model's, on one line, not as a traceback."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["y"])],
+        "baked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2])],
+        [numpy_helper.from_array(np.array([1, 2, 2], np.int64), "shape")],
+    )
+    model = tmp_path / "baked.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    assert (
+        run_cli("profile", str(model), "--input-shape", "x:1x4", "-o", str(tmp_path / "ok.json")).returncode
+        == 0
+    )
+    started = time.monotonic()
+    proc = run_cli("profile", str(model), "--input-shape", "x:1x6", "-o", str(tmp_path / "p.json"))
+    _one_line_error(proc, "onnxruntime could not run the model at these input shapes", started)
+    assert not (tmp_path / "p.json").exists()

@@ -101,6 +101,54 @@ def sequence_model():
     return m
 
 
+def text_encoder():
+    """A BERT-style input set: token ids (a 50-row table), token types (a 2-row table, read through a Cast)
+    and an integer attention mask. A sample past a table's rows makes onnxruntime's Gather fail."""
+    rng = np.random.default_rng(1)
+    w = {
+        "wte": rng.standard_normal((50, 16)),
+        "tte": rng.standard_normal((2, 16)),
+        "w1": rng.standard_normal((16, 16)) / 4,
+        "w2": rng.standard_normal((16, 3)) / 4,
+    }
+    nodes = [
+        helper.make_node("Gather", ["wte", "input_ids"], ["tok"]),
+        helper.make_node("Cast", ["token_type_ids"], ["tt32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["tte", "tt32"], ["typ"]),
+        helper.make_node("Add", ["tok", "typ"], ["x"]),
+        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "axis2"], ["m3"]),
+        helper.make_node("Mul", ["x", "m3"], ["xm"]),
+        helper.make_node("MatMul", ["xm", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("ReduceMean", ["r"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w2"], ["logits"]),
+    ]
+    ints = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, [1, 8]) for n in ("input_ids", "token_type_ids")
+    ]
+    g = helper.make_graph(
+        nodes,
+        "text",
+        [*ints, helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()]
+        + [numpy_helper.from_array(np.array([2], np.int64), "axis2")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_integer_inputs_are_sampled_within_the_tables_they_index():
+    m = text_encoder()
+    for seed in range(20):
+        f = sample_feeds(m, 1, seed)
+        assert f["input_ids"].max() < 50 and f["token_type_ids"].max() < 2
+        assert (f["attention_mask"] == 1).all()  # one unpadded sequence
+    assert len({int(v) for seed in range(20) for v in sample_feeds(m, 1, seed)["input_ids"].ravel()}) > 30
+
+
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
     d = tmp_path_factory.mktemp("exported")
@@ -112,6 +160,7 @@ def variants(tmp_path_factory):
         ("stale", stale_value_info(base)),
         ("sequence", sequence_model()),
         ("multitask", zoo.build("multitask", width=0.25, resolution=64)),
+        ("text", text_encoder()),
     ]:
         paths[name] = d / f"{name}.onnx"
         onnx.save(model, str(paths[name]))
@@ -131,7 +180,9 @@ def _handle(variants, name):
     return open_model(variants[name], SHAPES.get(name))
 
 
-@pytest.mark.parametrize("name", ["static1", "symhw", "stale", "sequence", "multitask", "nchwc", "external"])
+@pytest.mark.parametrize(
+    "name", ["static1", "symhw", "stale", "sequence", "multitask", "nchwc", "external", "text"]
+)
 def test_every_cut_rejoins_to_the_unsplit_model(variants, name, tmp_path):
     h = _handle(variants, name)
     feeds = sample_feeds(h.model, 1, 5)
@@ -186,7 +237,7 @@ def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
 
 
 def test_profile_fidelity_and_plan_on_exported_models(variants):
-    for name in ("static1", "symhw", "nchwc", "multitask"):
+    for name in ("static1", "symhw", "nchwc", "multitask", "text"):
         h = _handle(variants, name)
         edge = profile_model(h, ProfileSettings(role="edge", budget=4, anchors=2))
         server = profile_model(h, ProfileSettings(role="server", budget=4, anchors=2))

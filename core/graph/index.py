@@ -188,7 +188,9 @@ class GraphIndex:
         from splitpoint.core.samples import sample_feeds
 
         try:
-            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            so = ort.SessionOptions()
+            so.log_severity_level = 4  # best effort: a failure here is the caller's to report
+            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
             free_batch = all(not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape)
             runs = [
                 sess.run(missing, sample_feeds(self.model, b, seed))
