@@ -30,9 +30,18 @@ def model_path(tmp_path_factory):
     return p
 
 
+@pytest.fixture(scope="module")
+def steady_model_path(tmp_path_factory):
+    """A model of ~6 ms (two threads here): a scheduler's preemption of a millisecond or two, which on
+    the 0.7 ms model above was a segment's whole time, stays inside the noise this test allows."""
+    p = tmp_path_factory.mktemp("prof") / "resnet18-96.onnx"
+    onnx.save_model(zoo.build("resnet18", width=1.0, resolution=96), str(p))
+    return p
+
+
 @pytest.mark.parametrize("role,threads", [("edge", 1), ("server", 2)])
-def test_profile_is_complete_and_self_consistent(model_path, role, threads):
-    h = open_model(model_path)
+def test_profile_is_complete_and_self_consistent(steady_model_path, role, threads):
+    h = open_model(steady_model_path)
     prof = profile_model(h, ProfileSettings(role=role, threads=threads, repeats=9, segment_repeats=7))
     assert prof.role == role and prof.model_sha256 == h.sha256 and prof.settings["threads"] == threads
     for key in (
