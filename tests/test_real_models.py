@@ -272,7 +272,7 @@ def test_serve_an_exported_model(variants, tmp_path):
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.tail_server import TailServer
 
-    for name in ("static1", "nchwc", "multitask"):
+    for name in ("static1", "nchwc", "multitask", "text"):
         h = _handle(variants, name)
         write_plan(h, tmp_path / name / "p", cut=h.cuts()[len(h.cuts()) // 2], codec="float16")
         srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / name)).start()

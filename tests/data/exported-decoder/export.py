@@ -1,8 +1,13 @@
-"""Writes decoder.onnx beside this file: a small GPT-2-style decoder exported by torch.onnx.export, with
-the interface exporters give a decoder (input_ids, attention_mask, position_ids and the caches in; logits
-and the presents out; onnxruntime-genai's names) and the graph patterns a tracing exporter writes: the
-causal mask built once for all layers from attention_mask, input_ids' shape and the past length read off
-layer 0's cache. The tests split it without torch; this script needs torch (`pip install torch`).
+"""Writes two small decoders beside this file, exported by torch.onnx.export with onnxruntime-genai's
+names (the caches in as past_key_values.{i}.key/value, out as present.{i}.key/value; logits out), in the
+graph patterns a tracing exporter writes:
+- decoder.onnx, GPT-2-style: input_ids, attention_mask and position_ids in; learned positions; the causal
+  mask built once for all layers from attention_mask, input_ids' shape and the past length read off
+  layer 0's cache;
+- decoder-gqa.onnx, Llama-style: input_ids and position_ids in, no attention_mask; grouped-query
+  attention (4 query heads, 2 cache heads), rotary positions from cos/sin tables indexed by
+  position_ids, RMSNorm, a gated SiLU MLP.
+The tests split them without torch; this script needs torch (`pip install torch`).
 
     python tests/data/exported-decoder/export.py
 """
@@ -83,5 +88,101 @@ def main() -> None:
     )
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+
+GQA_LAYERS, GQA_WIDTH, GQA_HEADS, GQA_KV, GQA_VOCAB, GQA_POSITIONS = 3, 32, 4, 2, 100, 64
+GQA_HD = GQA_WIDTH // GQA_HEADS
+
+
+def _rotate(x):
+    a, b = x[..., : GQA_HD // 2], x[..., GQA_HD // 2 :]
+    return torch.cat([-b, a], -1)
+
+
+class GQABlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        d, hd = GQA_WIDTH, GQA_HD
+        self.n1, self.n2 = RMSNorm(d), RMSNorm(d)
+        self.q, self.o = nn.Linear(d, GQA_HEADS * hd, bias=False), nn.Linear(d, d, bias=False)
+        self.k, self.v = nn.Linear(d, GQA_KV * hd, bias=False), nn.Linear(d, GQA_KV * hd, bias=False)
+        self.gate, self.up = nn.Linear(d, 64, bias=False), nn.Linear(d, 64, bias=False)
+        self.down = nn.Linear(64, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        b, t, d = x.shape
+        h = self.n1(x)
+        q = self.q(h).view(b, t, GQA_HEADS, GQA_HD).transpose(1, 2)
+        k = self.k(h).view(b, t, GQA_KV, GQA_HD).transpose(1, 2)
+        v = self.v(h).view(b, t, GQA_KV, GQA_HD).transpose(1, 2)
+        q, k = q * cos + _rotate(q) * sin, k * cos + _rotate(k) * sin
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        group = GQA_HEADS // GQA_KV
+        kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        a = ((q @ kk.transpose(-1, -2)) / GQA_HD**0.5 + mask).softmax(-1) @ vv
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        h = self.n2(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)), k, v
+
+
+class GQADecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(GQA_VOCAB, GQA_WIDTH)
+        self.blocks = nn.ModuleList([GQABlock() for _ in range(GQA_LAYERS)])
+        self.norm, self.head = RMSNorm(GQA_WIDTH), nn.Linear(GQA_WIDTH, GQA_VOCAB, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, GQA_HD, 2).float() / GQA_HD))
+        angles = torch.outer(torch.arange(GQA_POSITIONS).float(), inv)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos())
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin())
+
+    def forward(self, input_ids, position_ids, *past):
+        t, past_len = input_ids.shape[1], past[0].shape[2]
+        x = self.embed(input_ids)
+        cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+        mask = torch.full((t, past_len + t), float("-inf")).triu(past_len + 1)[None, None]
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        return (self.head(self.norm(x)), *presents)
+
+
+def gqa() -> None:
+    torch.manual_seed(0)
+    model = GQADecoder().eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1.0)
+    ids, pos = torch.randint(0, GQA_VOCAB, (1, 5)), torch.arange(2, 7)[None]
+    past = [torch.randn(1, GQA_KV, 2, GQA_HD) for _ in range(2 * GQA_LAYERS)]
+    past_names = [f"past_key_values.{i}.{k}" for i in range(GQA_LAYERS) for k in ("key", "value")]
+    out_names = ["logits"] + [f"present.{i}.{k}" for i in range(GQA_LAYERS) for k in ("key", "value")]
+    axes = {
+        "input_ids": {1: "sequence"},
+        "position_ids": {1: "sequence"},
+        "logits": {1: "sequence"},
+        **{n: {2: "past"} for n in past_names},
+        **{n: {2: "total"} for n in out_names[1:]},
+    }
+    torch.onnx.export(
+        model,
+        (ids, pos, *past),
+        str(Path(__file__).with_name("decoder-gqa.onnx")),
+        input_names=["input_ids", "position_ids", *past_names],
+        output_names=out_names,
+        dynamic_axes=axes,
+        opset_version=17,
+        dynamo=False,
+    )
+
+
 if __name__ == "__main__":
     main()
+    gqa()
