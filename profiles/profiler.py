@@ -218,8 +218,13 @@ def profile_model(
     def run_whole() -> list:
         return whole_sess.run(None, feeds)
 
-    with running():
-        time_runs(run_whole, 1, settings.profile_runs)
+    try:
+        with running():
+            time_runs(run_whole, 1, settings.profile_runs)
+    except BaseException:  # a model that cannot run leaves no trace file behind
+        with contextlib.suppress(Exception):
+            os.unlink(whole_sess.end_profiling())
+        raise
     trace = whole_sess.end_profiling()
     try:
         per_node, unattributed, profiled_runs = node_times(trace, idx, skip_runs=1)

@@ -202,6 +202,14 @@ def test_a_model_that_cannot_run_at_the_given_shapes_is_one_line(tmp_path):
         == 0
     )
     started = time.monotonic()
-    proc = run_cli("profile", str(model), "--input-shape", "x:1x6", "-o", str(tmp_path / "p.json"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    os.environ["TMPDIR"], before = str(tmp), os.environ.get("TMPDIR")
+    try:
+        proc = run_cli("profile", str(model), "--input-shape", "x:1x6", "-o", str(tmp_path / "p.json"))
+    finally:
+        os.environ.pop("TMPDIR") if before is None else os.environ.__setitem__("TMPDIR", before)
     _one_line_error(proc, "onnxruntime could not run the model at these input shapes", started)
     assert not (tmp_path / "p.json").exists()
+    # onnxruntime's profiling trace of the failed runs is gone too
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith("splitpoint")]
