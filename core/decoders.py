@@ -23,6 +23,7 @@ class Decoder(Protocol):
     vocab: int
     n_ctx: int  # positions: prompt + generated tokens
     ids_dtype: str
+    hidden_dtype: str  # float32, or float16 for a half-precision export
     logits: str
 
     def whole(self) -> onnx.ModelProto: ...
@@ -46,6 +47,7 @@ class ZooDecoder:
     name: str
     seed: int = 0
     ids_dtype: str = "int64"
+    hidden_dtype: str = "float32"
     logits: str = "logits"
 
     def __post_init__(self) -> None:
@@ -110,6 +112,7 @@ class ExportedDecoder:
             )
         self.layers, self.heads, self.head_dim, self.n_ctx = lay.layers, lay.kv_heads, lay.head_dim, n_ctx
         self.ids_dtype = self.idx.tensor(lay.main_input).dtype
+        self.hidden_dtype = self.idx.tensor(lay.boundaries[0]).dtype
         self.logits = lay.logits
         self.d_model, self.vocab = self._widths()
 
@@ -166,8 +169,12 @@ def check_split(dec: Decoder, head: onnx.ModelProto, tail: onnx.ModelProto) -> N
         ref, pw = w.step(x, pw)
         hidden, ph = h.step(x, ph)
         got, pt = t.step(hidden, pt)
-        tol = 1e-4 * (1 + float(np.abs(ref).max()))
-        if ref.shape != got.shape or not np.allclose(got, ref, rtol=1e-4, atol=tol):
+        # the split runs the same kernels, but fused differently across the cut: float32 agrees to ~1e-6,
+        # float16 to its own rounding (~1e-3)
+        rel = 1e-2 if ref.dtype == np.float16 else 1e-4
+        ref, got = ref.astype(np.float32), got.astype(np.float32)
+        tol = rel * (1 + float(np.abs(ref).max()))
+        if ref.shape != got.shape or not np.allclose(got, ref, rtol=rel, atol=tol):
             diff = (
                 f"{np.abs(got - ref).max():.3g}"
                 if ref.shape == got.shape

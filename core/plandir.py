@@ -203,7 +203,7 @@ def write_decoder_plan(
         vocab=dec.vocab,
         max_len=dec.n_ctx,
     )
-    crossing = [_spec(dec.boundary(edge_layers), f"1xsequencex{info.hidden}", "float32", None, "head")]
+    crossing = [_spec(dec.boundary(edge_layers), f"1xsequencex{info.hidden}", dec.hidden_dtype, None, "head")]
     sha256 = dec.sha256()
     result: list[Plan] = []
 

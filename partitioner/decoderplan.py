@@ -220,7 +220,7 @@ def _block_times(
     if first == 0:
         x_pre = rng.integers(0, dec.vocab, (1, p)).astype(dec.ids_dtype)
     else:
-        x_pre = rng.standard_normal((1, p, dec.d_model)).astype(np.float32)
+        x_pre = rng.standard_normal((1, p, dec.d_model)).astype(dec.hidden_dtype)
     x_step = x_pre[:, :1]
 
     def past(n: int) -> dict[str, np.ndarray]:

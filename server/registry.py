@@ -112,5 +112,6 @@ def _warm_up_decoder(segment: DecoderSegment, plan: Plan) -> None:
 
     dec = plan.decoder
     assert dec is not None
-    segment.step(np.zeros((1, 1, dec.hidden), np.float32), segment.empty_past())
-    decode(encode(np.ones((1, 2, dec.hidden), np.float32), plan.codec))  # the codec's first call, too
+    dtype = plan.cut_tensors[0].dtype
+    segment.step(np.zeros((1, 1, dec.hidden), dtype), segment.empty_past())
+    decode(encode(np.ones((1, 2, dec.hidden), dtype), plan.codec))  # the codec's first call, too

@@ -6,7 +6,8 @@ graph patterns a tracing exporter writes:
   layer 0's cache;
 - decoder-gqa.onnx, Llama-style: input_ids and position_ids in, no attention_mask; grouped-query
   attention (4 query heads, 2 cache heads), rotary positions from cos/sin tables indexed by
-  position_ids, RMSNorm, a gated SiLU MLP.
+  position_ids, RMSNorm, a gated SiLU MLP;
+- decoder-gqa-fp16.onnx: the same in float16.
 The tests split them without torch; this script needs torch (`pip install torch`).
 
     python tests/data/exported-decoder/export.py
@@ -147,7 +148,7 @@ class GQADecoder(nn.Module):
         t, past_len = input_ids.shape[1], past[0].shape[2]
         x = self.embed(input_ids)
         cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]
-        mask = torch.full((t, past_len + t), float("-inf")).triu(past_len + 1)[None, None]
+        mask = torch.full((t, past_len + t), float("-inf")).triu(past_len + 1)[None, None].to(x.dtype)
         presents = []
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
@@ -155,13 +156,20 @@ class GQADecoder(nn.Module):
         return (self.head(self.norm(x)), *presents)
 
 
-def gqa() -> None:
+def gqa(half: bool = False) -> None:
+    """decoder-gqa.onnx, or with ``half`` decoder-gqa-fp16.onnx: the same model in float16 (weights,
+    hidden states, caches and logits)."""
     torch.manual_seed(0)
     model = GQADecoder().eval()
     with torch.no_grad():
         model.head.weight.normal_(0, 1.0)
+    if half:
+        model = model.half()
     ids, pos = torch.randint(0, GQA_VOCAB, (1, 5)), torch.arange(2, 7)[None]
-    past = [torch.randn(1, GQA_KV, 2, GQA_HD) for _ in range(2 * GQA_LAYERS)]
+    past = [
+        torch.randn(1, GQA_KV, 2, GQA_HD, dtype=torch.float16 if half else torch.float32)
+        for _ in range(2 * GQA_LAYERS)
+    ]
     past_names = [f"past_key_values.{i}.{k}" for i in range(GQA_LAYERS) for k in ("key", "value")]
     out_names = ["logits"] + [f"present.{i}.{k}" for i in range(GQA_LAYERS) for k in ("key", "value")]
     axes = {
@@ -174,7 +182,7 @@ def gqa() -> None:
     torch.onnx.export(
         model,
         (ids, pos, *past),
-        str(Path(__file__).with_name("decoder-gqa.onnx")),
+        str(Path(__file__).with_name("decoder-gqa-fp16.onnx" if half else "decoder-gqa.onnx")),
         input_names=["input_ids", "position_ids", *past_names],
         output_names=out_names,
         dynamic_axes=axes,
@@ -186,3 +194,4 @@ def gqa() -> None:
 if __name__ == "__main__":
     main()
     gqa()
+    gqa(half=True)
