@@ -259,14 +259,14 @@ def plan_decoder(
     if objective not in ("tpot", "ttft"):
         raise SplitPointError(f"--objective must be tpot or ttft, not {objective!r}")
     link = link_of(load_network(network))
-    spec = open_decoder(model, seed, max_len)
     weights = [w.strip() for w in head_weights.split(",") if w.strip()]
     if not weights or any(w not in ("float32", "int4") for w in weights):
         raise SplitPointError(f"--head-weights: float32 and/or int4, not {head_weights!r}")
+    dec = open_decoder(model, seed, max_len)  # options first: an exported model takes a while to open
     with progress("measuring decoder blocks", as_json) as note:
         note("measuring decoder blocks (edge and server)")
         m = measure(
-            spec,
+            dec,
             seed=seed,
             codecs=[c.strip() for c in codecs.split(",") if c.strip()],
             head_weights=weights,
@@ -311,14 +311,14 @@ def plan_decoder(
         ]
         console.print(
             table(
-                f"{spec.name} on {network}: derived from measured blocks (best 12 by {objective})",
+                f"{dec.name} on {network}: derived from measured blocks (best 12 by {objective})",
                 ["candidate", "TTFT ms", "TPOT ms", "bytes/token", "edge MiB"],
                 rows,
             )
         )
     if best is None:
         raise SplitPointError("no split meets the limits (--max-ttft, --max-tpot, --edge-memory)")
-    fid = pick_fidelity(spec, best, seed)
+    fid = pick_fidelity(dec, best, seed)
     if not as_json:
         a, k = fid["agreement"], fid["kl"]
         console.print(
@@ -328,7 +328,7 @@ def plan_decoder(
         )
     if out is not None:
         plan = write_decoder_plan(
-            spec,
+            dec,
             out,
             edge_layers=best.edge_layers,
             codec=best.codec,

@@ -25,6 +25,7 @@ class Decoder(Protocol):
     ids_dtype: str
     hidden_dtype: str  # float32, or float16 for a half-precision export
     logits: str
+    logits_dtype: str
 
     def whole(self) -> onnx.ModelProto: ...
 
@@ -49,6 +50,7 @@ class ZooDecoder:
     ids_dtype: str = "int64"
     hidden_dtype: str = "float32"
     logits: str = "logits"
+    logits_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         from .zoo.decoder import DECODERS
@@ -113,7 +115,7 @@ class ExportedDecoder:
         self.layers, self.heads, self.head_dim, self.n_ctx = lay.layers, lay.kv_heads, lay.head_dim, n_ctx
         self.ids_dtype = self.idx.tensor(lay.main_input).dtype
         self.hidden_dtype = self.idx.tensor(lay.boundaries[0]).dtype
-        self.logits = lay.logits
+        self.logits, self.logits_dtype = lay.logits, self.idx.tensor(lay.logits).dtype
         self.d_model, self.vocab = self._widths()
 
     def _widths(self) -> tuple[int, int]:

@@ -214,7 +214,7 @@ def write_decoder_plan(
                 model_name=dec.name,
                 model_sha256=sha256,
                 inputs=[_spec("input_ids", "1xsequence", dec.ids_dtype, None, "head")],
-                outputs=[_spec(dec.logits, f"1xsequencex{info.vocab}", "float32", None, "tail")],
+                outputs=[_spec(dec.logits, f"1xsequencex{info.vocab}", dec.logits_dtype, None, "tail")],
                 stages=[
                     Stage(file=HEAD_FILE, sends=crossing, codec=codec, weights=head_weights),  # type: ignore[arg-type]
                     Stage(file=TAIL_FILE, receives=crossing, produces=[dec.logits]),
