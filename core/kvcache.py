@@ -97,6 +97,9 @@ class DecoderSegment:
         """Everything one call takes: ``x`` (new tokens or their hidden state), the past, and the inputs
         built from the past's length."""
         past_len = next(iter(past.values())).shape[2] if past else 0
+        want = _NP.get(self._types[self.main_in])
+        if want is not None and x.dtype != want and np.issubdtype(x.dtype, np.integer):
+            x = x.astype(want)  # token ids as the model declares them (int32 exports exist)
         return {self.main_in: x, **past, **step_feeds(self._own, past_len, int(x.shape[1]))}
 
     def step(self, x: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

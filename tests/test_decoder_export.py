@@ -201,3 +201,29 @@ def test_plan_decoder_measures_and_picks_a_split_of_it(tmp_path):
     plan = Plan.load(out)
     assert plan.decoder is not None and plan.decoder.edge_layers == res["pick"]["edge_layers"]
     assert plan.stages[0].codec == res["pick"]["codec"]
+
+
+def test_token_ids_declared_int32_are_fed_as_int32(tmp_path):
+    """Some exporters declare the ids int32: every side feeds them in the model's own type."""
+    from onnx import TensorProto
+
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    m = onnx.load(str(DATA / "decoder-gqa.onnx"))
+    for i in m.graph.input:
+        if i.name in ("input_ids", "position_ids"):
+            i.type.tensor_type.elem_type = TensorProto.INT32
+    model = tmp_path / "ids32.onnx"
+    onnx.save(m, str(model))
+    out = tmp_path / "plans" / "ids32"
+    plan = write_decoder_plan(ExportedDecoder(model), out, edge_layers=1, include_full=True)
+    assert plan.inputs[0].dtype == "int32"
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        prompt = np.random.default_rng(5).integers(0, 100, (1, 5))
+        with DecoderClient(out, srv.endpoint, timeout_s=30) as client:
+            split = client.generate(prompt, 16)
+    finally:
+        srv.stop()
+    assert split.tokens == generate_local(out, prompt, 16).tokens
