@@ -172,6 +172,15 @@ def test_what_cannot_be_split_is_refused_with_the_reason_and_nothing_written(tmp
     assert not (tmp_path / "p2").exists()
 
 
+def test_a_merged_export_is_refused_with_what_to_export_instead(tmp_path):
+    m = onnx.load(str(DATA / "decoder-gqa.onnx"))
+    m.graph.input.append(onnx.helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1]))
+    p = tmp_path / "merged.onnx"
+    onnx.save(m, str(p))
+    with pytest.raises(ModelError, match="merged decoder export.*decoder_with_past_model"):
+        ExportedDecoder(p)
+
+
 def test_a_later_layer_reading_an_earlier_layers_cache_is_refused(tmp_path):
     """Layer 3 reading layer 0's cache values (not only its length) has no single boundary after layer 0."""
     m = onnx.load(str(MODEL))

@@ -87,6 +87,11 @@ def decoder_layout(idx: GraphIndex) -> DecoderLayout:
         )
     if layers < 2:
         raise ModelError("a decoder with one layer cannot be split between layers")
+    if "use_cache_branch" in others:
+        raise ModelError(
+            "a merged decoder export (use_cache_branch: its layers live inside If branches) cannot be cut "
+            "between layers: export the decoder with past (e.g. optimum's decoder_with_past_model.onnx)"
+        )
     if others != [IDS]:
         raise ModelError(
             f"a decoder's inputs are input_ids, optionally {' and '.join(STANDARD_INPUTS)}, and the caches; "
