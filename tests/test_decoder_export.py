@@ -1,9 +1,9 @@
 """Exported decoders split between layers: graphs written by torch.onnx.export (tests/data/exported-decoder):
 a GPT-2-style one whose layers share a causal mask built once from attention_mask, input_ids' shape and
-layer 0's cache length, and a Llama-style one with grouped-query attention, rotary positions and no
-attention_mask. Every split gives the whole model's logits step by step; a plan of each, served by a real
-server, generates the whole model's tokens; what cannot be split is refused with the reason and nothing
-written."""
+layer 0's cache length; a Llama-style one with grouped-query attention, rotary positions and no
+attention_mask (also in float16); and Hugging Face transformers' own GPT-2. Every split gives the whole
+model's logits step by step; a plan of each, served by a real server, generates the whole model's tokens;
+what cannot be split is refused with the reason and nothing written."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ SHAPES = {
     "decoder.onnx": (4, 3, 8, 128, 24, 128),
     "decoder-gqa.onnx": (3, 2, 8, 64, 32, 100),
     "decoder-gqa-fp16.onnx": (3, 2, 8, 64, 32, 100),
+    "decoder-hf-gpt2.onnx": (3, 4, 16, 128, 64, 200),  # transformers' own GPT-2 (export_hf.py)
 }
 
 

@@ -12,7 +12,11 @@ length read off layer 0's cache, the positions. Each part recomputes them from w
   (``kvcache.step_feeds``);
 - a shape read off another layer's cache reads the part's own first layer's cache instead (every layer's
   cache holds the same tokens);
-- ``input_ids`` read only for its shape is fed, on the server, as zeros of that shape.
+- ``input_ids`` read only for its shape is fed, on the server, as zeros of that shape;
+- an earlier activation's shape (transformers shapes the final hidden state from the embedding's) is
+  rebuilt from tensors the part holds: static dimensions as constants, symbolic ones from an input with
+  the same symbol.
+Whatever is cut, the split is checked against the whole model before a plan is written (``decoders``).
 """
 
 from __future__ import annotations
@@ -163,12 +167,48 @@ def _boundary(idx: GraphIndex, k: int, layers: int, logits: str) -> str:
     )
 
 
-def _closure(idx: GraphIndex, outputs: list[str], main: str, own: range) -> tuple[list[int], list[str]]:
+# ops whose output's values are their (first) input's values, moved or cast: a part may run them on a
+# stand-in of the same shape (zeros for the token ids, its own cache for another layer's), as long as
+# only shapes are read off the result
+_SHAPE_ONLY_PATH = {"Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
+
+
+def _stand_ins(idx: GraphIndex, main: str, own: range) -> dict[str, str]:
+    """Inputs a part may read only the shape of, each with the input that stands in for it: the token ids
+    (a later part: zeros of their shape, fed by the server) and another layer's cache (this part's first
+    layer's, which holds as many tokens, where the two are declared alike)."""
+    out = {IDS: IDS} if own.start > 0 and main != IDS else {}
+    for name in idx.inputs:
+        m = PAST_RE.match(name)
+        if m and int(m[1]) not in own:
+            mine = past(own.start, m[2])
+            theirs, ours = idx.info.get(name), idx.info.get(mine)
+            if theirs is not None and ours is not None and theirs.dims == ours.dims:
+                out[name] = mine
+    return out
+
+
+DimSource = tuple[str, int | str, int]  # ("const", value, 0) or ("shape", tensor, axis)
+
+
+def _closure(
+    idx: GraphIndex, outputs: list[str], main: str, own: range
+) -> tuple[list[int], list[str], dict[int, list[DimSource]]]:
     """The nodes a part needs to compute ``outputs`` from ``main``, the standard inputs and its own layers'
-    caches, and its inputs in order; _NotSeparated if it needs anything else."""
+    caches, its inputs in order, and the Shape nodes it replaces; _NotSeparated if it needs anything else.
+    Exporters read lengths off tensors of other layers:
+    - the token ids and layer 0's cache, read through a stand-in (``_stand_ins``), provided nothing in the
+      part depends on their values;
+    - an earlier activation's shape (e.g. the embedding's, to shape the final hidden state), rebuilt from
+      the shapes of tensors the part holds: a static dimension as a constant, a symbolic one from an input
+      with the same symbol, the batch from the main input's."""
     have = {main, *STANDARD_INPUTS, *(past(i, kind) for i in own for kind in ("key", "value"))}
+    stand_ins = _stand_ins(idx, main, own)
+    avail = have | set(stand_ins)
     positions: set[int] = set()
     used: set[str] = set()
+    shape_read: set[str] = set()
+    subs: dict[int, list[DimSource]] = {}
     seen: set[str] = set()
     stack = list(outputs)
     while stack:
@@ -179,26 +219,118 @@ def _closure(idx: GraphIndex, outputs: list[str], main: str, own: range) -> tupl
         if t in have:
             used.add(t)
             continue
+        if t in stand_ins:
+            used.add(stand_ins[t])
+            shape_read.add(t)
+            continue
         if t in idx.initializers:
             continue
         p = idx.producer.get(t)
         if p is None:
             raise _NotSeparated(t)
-        positions.add(p)
         node = idx.nodes[p]
-        for i in idx.node_ins[p]:
-            m = PAST_RE.match(i)
-            if node.op_type == "Shape" and m and int(m[1]) not in own:
-                used.add(past(own.start, m[2]))  # the same length, read off this part's own cache
-            elif node.op_type == "Shape" and i == IDS and own.start > 0:
-                used.add(IDS)  # fed as zeros of the new tokens' shape
-            else:
-                stack.append(i)
+        if node.op_type == "Shape" and not _computable(idx, node.input[0], have):
+            dims = _dim_sources(idx, node, main, [i for i in idx.inputs if i in avail])
+            if dims is not None:
+                subs[p] = dims
+                for kind, src, _ in dims:
+                    if kind == "shape":
+                        assert isinstance(src, str)
+                        used.add(stand_ins.get(src, src))
+                continue
+        positions.add(p)
+        stack.extend(i for i in idx.node_ins[p] if i)
+    for t in shape_read:
+        _check_shape_only(idx, positions, t)
     order = [main, *(s for s in STANDARD_INPUTS if s in used)]
     if IDS in used and main != IDS:
         order.append(IDS)
     order += [past(i, kind) for i in own for kind in ("key", "value") if past(i, kind) in used]
-    return sorted(positions), order
+    return sorted(positions), order, subs
+
+
+def _computable(idx: GraphIndex, t: str, avail: set[str]) -> bool:
+    """Whether ``t`` follows from ``avail`` and constants alone (stand-ins do not count: their values are
+    not the real ones)."""
+    seen, stack = set(), [t]
+    while stack:
+        x = stack.pop()
+        if x in seen or not x or x in avail or x in idx.initializers:
+            continue
+        seen.add(x)
+        p = idx.producer.get(x)
+        if p is None:
+            return False
+        stack.extend(idx.node_ins[p])
+    return True
+
+
+def _dim_sources(
+    idx: GraphIndex, shape_node: onnx.NodeProto, main: str, inputs: list[str]
+) -> list[DimSource] | None:
+    """Where each dimension a Shape node reads can be had in a part that lacks its input, or None."""
+    info = idx.info.get(shape_node.input[0])
+    opset = next((o.version for o in idx.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if info is None or info.dims is None or any(d is None for d in info.dims) or opset < 15:
+        return None
+    rank = len(info.dims)
+    attrs = {a.name: a.i for a in shape_node.attribute}
+    start, end = attrs.get("start", 0), attrs.get("end", rank)
+    start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+    known = {name: (idx.info[name].dims or []) if name in idx.info else [] for name in [main, *inputs]}
+    out: list[DimSource] = []
+    for axis in range(max(0, start), min(rank, end)):
+        d = info.dims[axis]
+        if isinstance(d, int):
+            out.append(("const", d, 0))
+            continue
+        found: DimSource | None = next(
+            (("shape", name, b) for name, dims in known.items() for b, e in enumerate(dims) if e == d), None
+        )
+        if found is None and axis == 0 and rank >= 2:
+            found = ("shape", main, 0)  # the batch, as every activation of a step has it (a wrong guess
+            # fails the split's check against the whole model, whose prefill has more tokens than batch)
+        if found is None:
+            return None
+        out.append(found)
+    return out
+
+
+def _shape_nodes(output: str, dims: list[DimSource], stand_ins: dict[str, str]) -> list[onnx.NodeProto]:
+    """Nodes that compute a replaced Shape node's ``output`` from ``dims``."""
+    nodes, parts = [], []
+    for j, (kind, src, axis) in enumerate(dims):
+        name = f"{output}__dim{j}"
+        if kind == "const":
+            value = onnx.helper.make_tensor(name, onnx.TensorProto.INT64, [1], [int(src)])
+            nodes.append(onnx.helper.make_node("Constant", [], [name], value=value))
+        else:
+            src = stand_ins.get(str(src), str(src))
+            nodes.append(onnx.helper.make_node("Shape", [src], [name], start=axis, end=axis + 1))
+        parts.append(name)
+    nodes.append(onnx.helper.make_node("Concat", parts, [output], axis=0))
+    return nodes
+
+
+def _check_shape_only(idx: GraphIndex, positions: set[int], source: str) -> None:
+    """_NotSeparated unless the part's nodes read ``source`` only for its shape: through ops that move or
+    cast values (a reshape, a one-input concat) to a Shape or Size."""
+    tainted, stack = {source}, [source]
+    while stack:
+        t = stack.pop()
+        for p in idx.consumers.get(t, []):
+            if p not in positions:
+                continue
+            n = idx.nodes[p]
+            if n.op_type in ("Shape", "Size"):
+                continue
+            moves = n.op_type in _SHAPE_ONLY_PATH and n.input[0] == t
+            if moves or (n.op_type == "Concat" and len([i for i in n.input if i]) == 1):
+                new = [o for o in n.output if o and o not in tainted]
+                tainted.update(new)
+                stack.extend(new)
+                continue
+            raise _NotSeparated(source)  # e.g. an embedding of the ids, attention over the cache
 
 
 def decoder_part(
@@ -213,13 +345,20 @@ def decoder_part(
     own = range(first, last)
     outputs = [out] + [present(i, kind) for i in own for kind in ("key", "value")]
     try:
-        positions, inputs = _closure(idx, outputs, main, own)
+        positions, inputs, subs = _closure(idx, outputs, main, own)
     except _NotSeparated as exc:
         raise ModelError(f"layers {first}..{last - 1} need {exc.args[0]!r}, which they do not hold") from None
     name = f"{idx.model.graph.name or 'decoder'}_layers_{first}_{last}"
     model = _submodel(idx, positions, inputs, outputs, name, shared_weights)
-    for n in model.graph.node:  # shapes read off another part's cache read this part's own
-        if n.op_type == "Shape" and (m := PAST_RE.match(n.input[0])) and int(m[1]) not in own:
-            n.input[0] = past(first, m[2])
+    stand_ins = _stand_ins(idx, main, own)
+    for n in model.graph.node:  # another layer's cache, read for its length: this part's own stands in
+        for j, i in enumerate(n.input):
+            if PAST_RE.match(i) and i in stand_ins:
+                n.input[j] = stand_ins[i]
+    rebuilt = [
+        n for p, dims in sorted(subs.items()) for n in _shape_nodes(idx.nodes[p].output[0], dims, stand_ins)
+    ]
+    for n in reversed(rebuilt):  # they read the part's inputs only: first in the graph
+        model.graph.node.insert(0, n)
     check_model(model, where=f"decoder layers {first}..{last - 1}", full=True, weights=not shared_weights)
     return model
