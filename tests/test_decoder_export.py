@@ -36,7 +36,7 @@ SHAPES = {
     "decoder.onnx": (4, 3, 8, 128, 24, 128),
     "decoder-gqa.onnx": (3, 2, 8, 64, 32, 100),
     "decoder-gqa-fp16.onnx": (3, 2, 8, 64, 32, 100),
-    "decoder-hf-gpt2.onnx": (3, 4, 16, 128, 64, 200),  # transformers' own GPT-2 (export_hf.py)
+    "decoder-hf-gpt2.onnx": (3, 4, 16, 128, 64, 200),  # transformers' own GPT-2 (export.py --hf)
 }
 
 

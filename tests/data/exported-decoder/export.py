@@ -7,12 +7,18 @@ graph patterns a tracing exporter writes:
 - decoder-gqa.onnx, Llama-style: input_ids and position_ids in, no attention_mask; grouped-query
   attention (4 query heads, 2 cache heads), rotary positions from cos/sin tables indexed by
   position_ids, RMSNorm, a gated SiLU MLP;
-- decoder-gqa-fp16.onnx: the same in float16.
-The tests split them without torch; this script needs torch (`pip install torch`).
+- decoder-gqa-fp16.onnx: the same in float16;
+- with --hf, decoder-hf-gpt2.onnx: Hugging Face transformers' own GPT-2 (GPT2LMHeadModel, 3 layers, width
+  64, random weights), whose graph has the patterns of transformers' code: the ids reshaped before the
+  embedding and their shape read again to shape the final hidden state, the cache's length read off a copy
+  of layer 0's cache, the causal mask built from attention_mask and the cache position.
+The tests split them without torch; this script needs torch (`pip install torch`), and with --hf
+transformers 4.57 (`pip install transformers==4.57.6`).
 
-    python tests/data/exported-decoder/export.py
+    python tests/data/exported-decoder/export.py [--hf]
 """
 
+import sys
 from pathlib import Path
 
 import torch
@@ -58,6 +64,33 @@ class Decoder(nn.Module):
         return (self.head(self.ln_f(x)), *presents)
 
 
+def export(model: nn.Module, inputs: dict, past: list, layers: int, name: str, batch: bool = True) -> None:
+    """``model`` (inputs, then the caches flat, in; logits, then the presents, out) exported beside this file
+    as ``name``, with onnxruntime-genai's cache names and every length symbolic (the batch too, unless
+    ``batch`` is False: an export that fixes it at 1)."""
+    past_names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    out_names = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    b = {0: "batch"} if batch else {}
+    lengths = {"input_ids": "sequence", "attention_mask": "total", "position_ids": "sequence"}
+    axes = {
+        **{n: {**b, 1: lengths[n]} for n in inputs},
+        "logits": {**b, 1: "sequence"},
+        **{n: {**b, 2: "past"} for n in past_names},
+        **{n: {**b, 2: "total"} for n in out_names[1:]},
+    }
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (*inputs.values(), *past),
+            str(Path(__file__).with_name(name)),
+            input_names=[*inputs, *past_names],
+            output_names=out_names,
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+
+
 def main() -> None:
     torch.manual_seed(0)
     model = Decoder().eval()
@@ -67,25 +100,8 @@ def main() -> None:
     ids = torch.randint(0, VOCAB, (1, 5))
     mask, pos = torch.ones(1, 7, dtype=torch.int64), torch.arange(2, 7)[None]
     past = [torch.randn(1, HEADS, 2, hd) for _ in range(2 * LAYERS)]
-    past_names = [f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
-    out_names = ["logits"] + [f"present.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
-    axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch", 1: "sequence"},
-        **{n: {0: "batch", 2: "past"} for n in past_names},
-        **{n: {0: "batch", 2: "total"} for n in out_names[1:]},
-    }
-    torch.onnx.export(
-        model,
-        (ids, mask, pos, *past),
-        str(Path(__file__).with_name("decoder.onnx")),
-        input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-        output_names=out_names,
-        dynamic_axes=axes,
-        opset_version=17,
-        dynamo=False,
+    export(
+        model, {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, past, LAYERS, "decoder.onnx"
     )
 
 
@@ -170,28 +186,71 @@ def gqa(half: bool = False) -> None:
         torch.randn(1, GQA_KV, 2, GQA_HD, dtype=torch.float16 if half else torch.float32)
         for _ in range(2 * GQA_LAYERS)
     ]
-    past_names = [f"past_key_values.{i}.{k}" for i in range(GQA_LAYERS) for k in ("key", "value")]
-    out_names = ["logits"] + [f"present.{i}.{k}" for i in range(GQA_LAYERS) for k in ("key", "value")]
-    axes = {
-        "input_ids": {1: "sequence"},
-        "position_ids": {1: "sequence"},
-        "logits": {1: "sequence"},
-        **{n: {2: "past"} for n in past_names},
-        **{n: {2: "total"} for n in out_names[1:]},
-    }
-    torch.onnx.export(
-        model,
-        (ids, pos, *past),
-        str(Path(__file__).with_name("decoder-gqa-fp16.onnx" if half else "decoder-gqa.onnx")),
-        input_names=["input_ids", "position_ids", *past_names],
-        output_names=out_names,
-        dynamic_axes=axes,
-        opset_version=17,
-        dynamo=False,
+    name = "decoder-gqa-fp16.onnx" if half else "decoder-gqa.onnx"
+    export(model, {"input_ids": ids, "position_ids": pos}, past, GQA_LAYERS, name, batch=False)
+
+
+HF_LAYERS, HF_HEADS, HF_WIDTH, HF_VOCAB, HF_POSITIONS = 3, 4, 64, 200, 128
+
+
+class WithCache(nn.Module):
+    """A transformers causal LM with its cache as flat tensors in and out."""
+
+    def __init__(self, model: nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def hf_gpt2() -> None:
+    """decoder-hf-gpt2.onnx: transformers' own GPT2LMHeadModel (needs transformers 4.57)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.integrations.executorch import sdpa_mask_without_vmap
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # the tracing exporter cannot follow the vmap transformers builds its masks with by default
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", sdpa_mask_without_vmap)
+    ALL_ATTENTION_FUNCTIONS.register("sdpa_without_vmap", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    cfg = GPT2Config(
+        n_layer=HF_LAYERS,
+        n_head=HF_HEADS,
+        n_embd=HF_WIDTH,
+        vocab_size=HF_VOCAB,
+        n_positions=HF_POSITIONS,
+        initializer_range=0.3,  # larger than GPT-2's 0.02, so greedy decoding walks through many tokens
+        tie_word_embeddings=False,
     )
+    cfg._attn_implementation = "sdpa_without_vmap"
+    torch.manual_seed(0)
+    model = WithCache(GPT2LMHeadModel(cfg).eval(), HF_LAYERS).eval()
+    ids, mask = torch.randint(0, HF_VOCAB, (1, 4)), torch.ones(1, 6, dtype=torch.int64)
+    pos = torch.arange(2, 6)[None]
+    past = [torch.randn(1, HF_HEADS, 2, HF_WIDTH // HF_HEADS) for _ in range(2 * HF_LAYERS)]
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    export(model, inputs, past, HF_LAYERS, "decoder-hf-gpt2.onnx")
 
 
 if __name__ == "__main__":
     main()
     gqa()
     gqa(half=True)
+    if "--hf" in sys.argv:
+        hf_gpt2()
