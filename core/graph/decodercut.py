@@ -154,6 +154,9 @@ def _boundary(idx: GraphIndex, k: int, layers: int, logits: str) -> str:
     after = _walk(idx, [past(k - 1, "key"), past(k - 1, "value")], forward=True)
     before = _walk(idx, [present(k, "key"), present(k, "value")], forward=False)
     candidates = sorted((t for t in after & before if t in idx.producer), key=idx.producer.__getitem__)
+    # a hidden state is [batch, tokens, width] floats: those first (each try walks the later layers)
+    likely = [c for c in candidates if _is_hidden_like(idx, c)]
+    candidates = [c for c in candidates if c not in set(likely)] + likely
     outputs = [logits] + [present(j, kind) for j in range(k, layers) for kind in ("key", "value")]
     for c in reversed(candidates):
         try:
@@ -164,6 +167,13 @@ def _boundary(idx: GraphIndex, k: int, layers: int, logits: str) -> str:
     raise ModelError(
         f"no single tensor separates decoder layers 0..{k - 1} from {k}..{layers - 1}: the later layers "
         "read something of the earlier ones besides their hidden state"
+    )
+
+
+def _is_hidden_like(idx: GraphIndex, t: str) -> bool:
+    info = idx.info.get(t)
+    return (
+        info is not None and info.dims is not None and len(info.dims) == 3 and info.dtype.startswith("float")
     )
 
 
@@ -209,6 +219,8 @@ def _closure(
     used: set[str] = set()
     shape_read: set[str] = set()
     subs: dict[int, list[DimSource]] = {}
+    memo: dict[str, bool] = {}
+    known: dict[int | str | None, tuple[str, int]] | None = None
     seen: set[str] = set()
     stack = list(outputs)
     while stack:
@@ -229,8 +241,13 @@ def _closure(
         if p is None:
             raise _NotSeparated(t)
         node = idx.nodes[p]
-        if node.op_type == "Shape" and not _computable(idx, node.input[0], have):
-            dims = _dim_sources(idx, node, main, [i for i in idx.inputs if i in avail])
+        if node.op_type == "Shape" and not _computable(idx, node.input[0], have, memo):
+            if known is None:  # each symbol at its first place among the part's inputs, the main one first
+                known = {}
+                for n in [main, *(i for i in idx.inputs if i in avail)]:
+                    for axis, d in enumerate((idx.info[n].dims or []) if n in idx.info else []):
+                        known.setdefault(d, (n, axis))
+            dims = _dim_sources(idx, node, main, known)
             if dims is not None:
                 subs[p] = dims
                 for kind, src, _ in dims:
@@ -249,26 +266,35 @@ def _closure(
     return sorted(positions), order, subs
 
 
-def _computable(idx: GraphIndex, t: str, avail: set[str]) -> bool:
+def _computable(idx: GraphIndex, t: str, avail: set[str], memo: dict[str, bool]) -> bool:
     """Whether ``t`` follows from ``avail`` and constants alone (stand-ins do not count: their values are
-    not the real ones)."""
-    seen, stack = set(), [t]
+    not the real ones). ``memo`` keeps every tensor's answer for the part's later questions."""
+    stack = [(t, False)]
     while stack:
-        x = stack.pop()
-        if x in seen or not x or x in avail or x in idx.initializers:
+        x, expanded = stack.pop()
+        if x in memo:
             continue
-        seen.add(x)
+        if not x or x in avail or x in idx.initializers:
+            memo[x] = True
+            continue
         p = idx.producer.get(x)
         if p is None:
-            return False
-        stack.extend(idx.node_ins[p])
-    return True
+            memo[x] = False
+            continue
+        ins = [i for i in idx.node_ins[p] if i]
+        if expanded:
+            memo[x] = all(memo[i] for i in ins)
+        else:
+            stack.append((x, True))
+            stack.extend((i, False) for i in ins if i not in memo)
+    return memo[t]
 
 
 def _dim_sources(
-    idx: GraphIndex, shape_node: onnx.NodeProto, main: str, inputs: list[str]
+    idx: GraphIndex, shape_node: onnx.NodeProto, main: str, known: dict[int | str | None, tuple[str, int]]
 ) -> list[DimSource] | None:
-    """Where each dimension a Shape node reads can be had in a part that lacks its input, or None."""
+    """Where each dimension a Shape node reads can be had in a part that lacks its input (``known``: where
+    each symbol is found among the tensors the part holds, the main input first), or None."""
     info = idx.info.get(shape_node.input[0])
     opset = next((o.version for o in idx.model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if info is None or info.dims is None or any(d is None for d in info.dims) or opset < 15:
@@ -277,16 +303,13 @@ def _dim_sources(
     attrs = {a.name: a.i for a in shape_node.attribute}
     start, end = attrs.get("start", 0), attrs.get("end", rank)
     start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
-    known = {name: (idx.info[name].dims or []) if name in idx.info else [] for name in [main, *inputs]}
     out: list[DimSource] = []
     for axis in range(max(0, start), min(rank, end)):
         d = info.dims[axis]
         if isinstance(d, int):
             out.append(("const", d, 0))
             continue
-        found: DimSource | None = next(
-            (("shape", name, b) for name, dims in known.items() for b, e in enumerate(dims) if e == d), None
-        )
+        found: DimSource | None = ("shape", *known[d]) if d in known else None
         if found is None and axis == 0 and rank >= 2:
             found = ("shape", main, 0)  # the batch, as every activation of a step has it (a wrong guess
             # fails the split's check against the whole model, whose prefill has more tokens than batch)
