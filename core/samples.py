@@ -14,7 +14,11 @@ from onnx import helper
 
 from .errors import SplitPointError
 
-_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+# ops whose output's values are their (first) input's values, moved or cast: ids keep indexing the same
+# table through them, and a tensor read only through them and a Shape is read for its shape alone
+VALUE_MOVING_OPS = frozenset(
+    {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
+)
 
 
 def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
@@ -49,7 +53,7 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
                 if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and axis == 0:
                     if rows.get(n.input[0], 0) > 0:
                         out[inp.name] = min(out.get(inp.name, rows[n.input[0]]), rows[n.input[0]])
-                elif n.op_type in _PASS_THROUGH and n.input[0] == t:
+                elif n.op_type in VALUE_MOVING_OPS and n.input[0] == t:
                     stack.extend(n.output)
     return out
 

@@ -29,6 +29,7 @@ import onnx
 from splitpoint.core.errors import ModelError
 from splitpoint.core.kvcache import IDS, STANDARD_INPUTS
 from splitpoint.core.onnxio import check_model
+from splitpoint.core.samples import VALUE_MOVING_OPS
 
 from .extract import _submodel
 from .index import GraphIndex
@@ -175,12 +176,6 @@ def _is_hidden_like(idx: GraphIndex, t: str) -> bool:
     return (
         info is not None and info.dims is not None and len(info.dims) == 3 and info.dtype.startswith("float")
     )
-
-
-# ops whose output's values are their (first) input's values, moved or cast: a part may run them on a
-# stand-in of the same shape (zeros for the token ids, its own cache for another layer's), as long as
-# only shapes are read off the result
-_SHAPE_ONLY_PATH = {"Reshape", "Cast", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
 
 
 def _stand_ins(idx: GraphIndex, main: str, own: range) -> dict[str, str]:
@@ -347,7 +342,7 @@ def _check_shape_only(idx: GraphIndex, positions: set[int], source: str) -> None
             n = idx.nodes[p]
             if n.op_type in ("Shape", "Size"):
                 continue
-            moves = n.op_type in _SHAPE_ONLY_PATH and n.input[0] == t
+            moves = n.op_type in VALUE_MOVING_OPS and n.input[0] == t
             if moves or (n.op_type == "Concat" and len([i for i in n.input if i]) == 1):
                 new = [o for o in n.output if o and o not in tainted]
                 tainted.update(new)
