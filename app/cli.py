@@ -241,6 +241,10 @@ def plan_decoder(
         float | None, typer.Option(help="limit on the edge's weights + KV cache at the model's length, MiB")
     ] = None,
     objective: Annotated[str, typer.Option(help="tpot or ttft")] = "tpot",
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(help="floor on the pick's measured greedy-token agreement with the float model, 0-1"),
+    ] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the pick's plan here")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the candidates as JSON")] = False,
@@ -252,12 +256,21 @@ def plan_decoder(
     (the edge's under --edge-cpus). Every generated token costs one round trip."""
     from splitpoint.core.decoders import open_decoder
     from splitpoint.core.plandir import write_decoder_plan
-    from splitpoint.partitioner.decoderplan import baselines, candidates, measure, pick, pick_fidelity
+    from splitpoint.partitioner.decoderplan import (
+        baselines,
+        candidates,
+        measure,
+        pick_at_floor,
+        pick_fidelity,
+        ranked,
+    )
     from splitpoint.partitioner.planner import link_of
     from splitpoint.profiles.schema import load_network
 
     if objective not in ("tpot", "ttft"):
         raise SplitPointError(f"--objective must be tpot or ttft, not {objective!r}")
+    if min_agreement is not None and not 0 < min_agreement <= 1:
+        raise SplitPointError(f"--min-agreement must be above 0 and at most 1, not {min_agreement:g}")
     link = link_of(load_network(network))
     weights = [w.strip() for w in head_weights.split(",") if w.strip()]
     if not weights or any(w not in ("float32", "int4") for w in weights):
@@ -276,15 +289,29 @@ def plan_decoder(
         )
     cands = candidates(m, link)
     limit = int(edge_memory * 2**20) if edge_memory is not None else None
-    best = pick(cands, max_ttft, max_tpot, limit, objective)
+    order = ranked(cands, max_ttft, max_tpot, limit, objective)
+    tried: list[dict] = []
+    best = order[0] if order else None
+    fid: dict | None = None
+    if order and min_agreement is not None:
+        with progress("measuring fidelity", as_json) as note:
+            note(f"measuring candidates' fidelity until one reaches agreement {min_agreement:g}")
+            best, fid, tried = pick_at_floor(dec, order, min_agreement, seed)
+    elif best is not None:
+        fid = pick_fidelity(dec, best, seed)
     base = baselines(m, link)
     if as_json:
         _print_json(
             {
-                "pick": best.to_dict() if best else None,
+                "pick": {**best.to_dict(), "fidelity": fid} if best else None,
                 "candidates": [c.to_dict() for c in cands],
+                "fidelity_measured": tried,
                 "baselines": base,
-                "labels": {"candidates": "derived from measured blocks", "baselines": "derived"},
+                "labels": {
+                    "candidates": "derived from measured blocks",
+                    "baselines": "derived",
+                    "fidelity": "measured",
+                },
             }
         )
     else:
@@ -316,9 +343,11 @@ def plan_decoder(
                 rows,
             )
         )
-    if best is None:
+    if best is None and order:
+        got = ", ".join(f"{t['candidate']} {t['agreement']['value']:.3f}" for t in tried)
+        raise SplitPointError(f"no split tried reaches greedy agreement {min_agreement:g}: {got}")
+    if best is None or fid is None:
         raise SplitPointError("no split meets the limits (--max-ttft, --max-tpot, --edge-memory)")
-    fid = pick_fidelity(dec, best, seed)
     if not as_json:
         a, k = fid["agreement"], fid["kl"]
         console.print(

@@ -185,14 +185,14 @@ def baselines(m: DecoderMeasurements, link: Link) -> dict[str, dict]:
     return out
 
 
-def pick(
+def ranked(
     cands: Sequence[DecoderCandidate],
     max_ttft: float | None = None,
     max_tpot: float | None = None,
     edge_memory: int | None = None,
     objective: str = "tpot",
-) -> DecoderCandidate | None:
-    """The candidate with the least TPOT (or TTFT) among those within the limits; None if none is."""
+) -> list[DecoderCandidate]:
+    """The candidates within the limits, least TPOT (or TTFT) first."""
     ok = [
         c
         for c in cands
@@ -201,7 +201,19 @@ def pick(
         and (edge_memory is None or c.edge_memory_bytes <= edge_memory)
     ]
     key = (lambda c: (c.tpot_ms, c.ttft_ms)) if objective == "tpot" else (lambda c: (c.ttft_ms, c.tpot_ms))
-    return min(ok, key=key) if ok else None
+    return sorted(ok, key=key)
+
+
+def pick(
+    cands: Sequence[DecoderCandidate],
+    max_ttft: float | None = None,
+    max_tpot: float | None = None,
+    edge_memory: int | None = None,
+    objective: str = "tpot",
+) -> DecoderCandidate | None:
+    """The candidate with the least TPOT (or TTFT) among those within the limits; None if none is."""
+    r = ranked(cands, max_ttft, max_tpot, edge_memory, objective)
+    return r[0] if r else None
 
 
 # -- measuring -----------------------------------------------------------------------------------------
@@ -317,6 +329,26 @@ def measure(
             edge[w], weight_bytes[w] = measure_side(dec, w, prompt_tokens, context, repeats, 1, span)
         sizes, enc = measure_codecs(dec, seed, codecs, prompt_tokens, repeats, span)
     return DecoderMeasurements(dec, prompt_tokens, context, edge, server, sizes, enc, weight_bytes)
+
+
+def pick_at_floor(
+    dec: Decoder, order: Sequence[DecoderCandidate], min_agreement: float, seed: int = 0, tries: int = 12
+) -> tuple[DecoderCandidate | None, dict | None, list[dict]]:
+    """The first of ``order`` whose measured greedy agreement reaches ``min_agreement``, its fidelity, and
+    every measurement made. The fastest ``tries``, then the fastest lossless one (float32 hidden states,
+    float32 edge weights: the whole model's tokens exactly), so a floor below 1 is met where any split
+    can meet it without measuring every candidate."""
+    lossless = next((c for c in order if c.codec == "float32" and c.head_weights == "float32"), None)
+    queue = list(order[:tries])
+    if lossless is not None and lossless not in queue:
+        queue.append(lossless)
+    tried = []
+    for c in queue:
+        f = pick_fidelity(dec, c, seed)
+        tried.append({"candidate": c.label, **f})
+        if f["agreement"]["value"] >= min_agreement:
+            return c, f, tried
+    return None, None, tried
 
 
 def pick_fidelity(
