@@ -120,8 +120,6 @@ class EdgeClient:
         self._last_heard = 0.0
         self.link = LinkEstimator()  # uplink and round trip, from this client's own requests and pings
         self.status_extra: Callable[[], dict] | None = None  # what an owner adds to the status (a plan set)
-        self.rtt_ms: float | None = None
-        self.bandwidth_mbps: float | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or (
@@ -309,7 +307,6 @@ class EdgeClient:
                 self._pings.clear()  # answered: the background thread may stop watching the socket
                 rtt = (now - sent) * 1e3
                 self.link.observe_rtt(rtt)
-                self.rtt_ms = self.link.rtt_ms
             return
         with self._lock:
             p = self._pending.get(msg.id)
@@ -353,7 +350,8 @@ class EdgeClient:
         total = server.get("total_ms")
         total = float(total) if isinstance(total, int | float) and 0 <= total < 1e9 else 0.0
         network = max(0.0, (now - p.t_sent) * 1e3 - total)
-        self._estimate_bandwidth(network, p.bytes_sent)
+        if self.link.started:  # else no ping answered yet: the round trip inside ``network`` is unknown
+            self.link.observe(p.bytes_sent, network)
         breakdown: dict[str, Any] = {
             "head_ms": p.head_ms,
             "encode_ms": p.encode_ms,
@@ -370,10 +368,15 @@ class EdgeClient:
             breakdown["stages"] = [s for s in stages[:16] if isinstance(s, dict)]
         return EdgeResult(msg.id, order, outs, fallback=False, breakdown=breakdown)
 
-    def _estimate_bandwidth(self, network_ms: float, sent: int) -> None:
-        if self.link.rtt_ms is None:  # no ping answered yet: the round trip inside network_ms is unknown
-            return
-        self.bandwidth_mbps = self.link.observe(sent, network_ms)
+    @property
+    def rtt_ms(self) -> float | None:
+        """The round trip as this client's link estimate has it (pings' median)."""
+        return self.link.rtt_ms
+
+    @property
+    def bandwidth_mbps(self) -> float | None:
+        """The uplink as this client's link estimate has it (None until it has samples to tell)."""
+        return self.link.uplink_mbps
 
     def _set_up(self, up: bool) -> None:
         if up != self.server_up:
