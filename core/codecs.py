@@ -58,6 +58,14 @@ _NO_PARAMS = np.zeros(0, np.float32)
 class CodecError(SplitPointError):
     """A payload is malformed, truncated, lies about its content, or names an unknown codec."""
 
+    code = "bad-tensor"  # the protocol's error code for it (docs/protocol.md)
+
+
+class CodecTooLarge(CodecError):
+    """A payload that would decode past the receiver's cap: well-formed, but over its size limits."""
+
+    code = "too-large"
+
 
 @dataclass(frozen=True)
 class Codec:
@@ -315,21 +323,15 @@ def _zstd_decompress_into(stored: bytes | memoryview, out: memoryview) -> None:
 
     def one(i: int) -> None:
         a, b = spans[i]
-        want, got = b - a, 0
-        dest = out[a:b]
-        try:
-            with _zd().stream_reader(stored[offs[i] : offs[i + 1]], read_across_frames=True) as r:
-                while got < want:
-                    k = r.readinto(dest[got:])
-                    if not k:
-                        break
-                    got += k
-                extra = r.read(1)  # anything after the frame's end: a second frame or junk
+        try:  # one frame, bounded to its chunk's size before anything is allocated for more
+            data = _zd().decompress(
+                stored[offs[i] : offs[i + 1]], max_output_size=b - a, allow_extra_data=False
+            )
         except zstandard.ZstdError as exc:
-            raise CodecError(f"zstd stage is corrupt: {exc}") from exc
-        if got != want or extra:
-            more = "more than" if extra else f"{got} bytes,"
-            raise CodecError(f"zstd stage is corrupt: chunk {i} gave {more} expected {want}")
+            raise CodecError(f"zstd stage is corrupt: chunk {i}: {exc}") from exc
+        if len(data) != b - a:
+            raise CodecError(f"zstd stage is corrupt: chunk {i} gave {len(data)} bytes, expected {b - a}")
+        out[a:b] = data
 
     _parallel(one, n)
 
@@ -689,11 +691,13 @@ def decode(
     for d in shape:
         n *= d
         if n * dtype.itemsize > max_bytes:
-            raise CodecError(f"header claims shape {shape} ({dtype}), above the {max_bytes}-byte cap")
+            raise CodecTooLarge(f"header claims shape {shape} ({dtype}), above the {max_bytes}-byte cap")
     if base != "float32" and dtype.kind != "f":
         raise CodecError(f"codec {base} cannot carry dtype {dtype}")
     if not (-1 <= axis < max(ndim, 1)):
         raise CodecError(f"channel axis {axis} out of range for {ndim} dimensions")
+    if axis != -1 and base in ("float32", "float16", "int8"):
+        raise CodecError(f"codec {base} has no channels: its axis byte must be -1, not {axis}")
     (nparams,) = struct.unpack_from("<I", buf, off)
     off += 4
     channels = shape[axis] if axis >= 0 else 1
@@ -712,6 +716,10 @@ def decode(
     expected = _expected_body(base, n, dtype.itemsize)
     if raw_len != expected:
         raise CodecError(f"header says {raw_len} body bytes, but {base} of shape {shape} needs {expected}")
+    if stage == "" and stored != raw_len:
+        raise CodecError(
+            f"header says {stored} stored bytes; with no lossless stage the body is raw_len {raw_len}"
+        )
     body: bytes | memoryview = buf[off:]
     if len(body) != stored:
         raise CodecError(f"payload truncated or padded: header says {stored} stored bytes, got {len(body)}")

@@ -111,7 +111,9 @@ ORT_DTYPES: dict[str, np.dtype] = {
 _SPEC_DTYPES = {d: np.dtype(d) for d in ("float32", "float16", "float64", "int64", "int32", "int8", "uint8")}
 _SPEC_DTYPES["bool"] = np.dtype(np.bool_)
 
-Expect = tuple[np.dtype | None, tuple[int | None, ...]]  # dtype (None: any) and shape (None: any size)
+# dtype (None: any) and shape: a size, a symbol (the same symbol is the same size in every tensor of one
+# request, as in ONNX: the batch shared by two cut tensors), or None (any size)
+Expect = tuple[np.dtype | None, tuple[int | str | None, ...]]
 
 
 class StageRunner:
@@ -131,10 +133,13 @@ class StageRunner:
         self.produces = list(stage.produces)
         self.receives = [t.name for t in stage.receives] if index else [t.name for t in plan.inputs]
         self.cut_names = frozenset(self.receives)
-        # per received tensor: (dtype or None, shape with None for a free dimension), worked out once,
-        # from the session where it reads the tensor, else from the plan (a tensor passed through)
+        # per received tensor: (dtype or None, shape), worked out once, from the session where it reads
+        # the tensor, else from the plan (a tensor passed through)
         by_session = {
-            i.name: (ORT_DTYPES.get(i.type), tuple(d if isinstance(d, int) else None for d in i.shape))
+            i.name: (
+                ORT_DTYPES.get(i.type),
+                tuple(d if isinstance(d, int | str) and d != "" else None for d in i.shape),
+            )
             for i in (session.get_inputs() if session else [])
         }
         specs = {t.name: t for t in (stage.receives if index else plan.inputs)}
@@ -176,12 +181,27 @@ class StageRunner:
         outs = {n: produced[n] if n in produced else received[n] for n in self.produces}
         return sends, outs
 
+    def symbol_conflict(self, received: dict[str, np.ndarray]) -> str | None:
+        """The first symbolic dimension that two received tensors give different sizes, said in words."""
+        seen: dict[str, tuple[int, str]] = {}
+        expect: dict[str, Expect] = getattr(self, "expect", {})  # a segment's runner (of_segment) has none
+        for name, arr in received.items():
+            shape = expect[name][1] if name in expect else ()
+            if len(shape) != arr.ndim:
+                continue
+            for size, d in zip(arr.shape, shape, strict=True):
+                if type(d) is str:
+                    first, where = seen.setdefault(d, (size, name))
+                    if first != size:
+                        return f"dimension {d} is {first} in tensor {where} but {size} in tensor {name}"
+        return None
 
-def _spec_shape(shape: str) -> tuple[int | None, ...]:
-    """A plan's shape string ("Nx64x28x28", "?" unknown) as a shape with None for free dimensions."""
+
+def _spec_shape(shape: str) -> tuple[int | str | None, ...]:
+    """A plan's shape string ("Nx64x28x28", "?" unknown) as a shape: sizes, symbols, None where unknown."""
     if not shape or shape == "?":
         return ()
-    return tuple(int(d) if d.isdigit() else None for d in shape.split("x"))
+    return tuple(int(d) if d.isdigit() else (None if d == "?" else d) for d in shape.split("x"))
 
 
 class HeadRunner(StageRunner):

@@ -180,7 +180,7 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     if not frames:
         raise WireError(E_BAD_MESSAGE, "empty message")
     if len(frames) > _MAX_FRAMES:
-        raise WireError(E_BAD_MESSAGE, f"{len(frames)} frames: more than any message of this protocol")
+        raise WireError(E_TOO_LARGE, f"{len(frames)} frames: more than any message of this protocol")
     total = 0
     for f in frames:
         total += buffer_len(f)
@@ -212,12 +212,10 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     if type(plan) is not str or len(plan) > 128:
         raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string of at most 128 characters")
     tensors = h.get("tensors", [])
-    if (
-        type(tensors) is not list
-        or len(tensors) > MAX_TENSORS
-        or not all(type(x) is str and 0 < len(x) < 1024 for x in tensors)
-    ):
-        raise WireError(E_BAD_MESSAGE, f"field 'tensors' must be a list of at most {MAX_TENSORS} names")
+    if type(tensors) is not list or not all(type(x) is str and 0 < len(x) < 1024 for x in tensors):
+        raise WireError(E_BAD_MESSAGE, "field 'tensors' must be a list of names of 1 to 1023 characters")
+    if len(tensors) > MAX_TENSORS:
+        raise WireError(E_TOO_LARGE, f"{len(tensors)} tensors: at most {MAX_TENSORS} in one message")
     meta = h.get("meta", {})
     if type(meta) is not dict:
         raise WireError(E_BAD_MESSAGE, "field 'meta' must be an object")

@@ -186,7 +186,7 @@ class EdgeDaemon:
         except wire.WireError as exc:
             sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
         except CodecError as exc:
-            sock.send_multipart([ident, *wire.error(rid, wire.E_BAD_TENSOR, str(exc)).to_frames()])
+            sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
         except PlanError as exc:
             sock.send_multipart([ident, *wire.error(rid, wire.E_BAD_PLAN, str(exc)).to_frames()])
         except EdgeError as exc:

@@ -2,7 +2,9 @@
 from exhausting it.
 
 A session is keyed by the client's connection (its routing identity), the plan and the session number
-the client chose, so clients cannot reach each other's sequences. A step at position 0 opens the session
+the client chose, so clients cannot reach each other's sequences, and it is freed when that connection
+closes (``drop_peer``): a client that sets its own routing identity cannot take over the sessions of an
+earlier connection with the same one. A step at position 0 opens the session
 (or starts it again); every later step must name the position the cache has reached, so a lost or
 repeated step is refused (``bad-position``) instead of silently corrupting the sequence. Limits: the number
 of sessions, the bytes of all caches together, and the model's positions; a session idle past
@@ -42,6 +44,7 @@ class DecoderSessions:
         self._s: dict[Key, Session] = {}
         self.cache_bytes = 0
         self.expired = 0
+        self.dropped = 0  # freed because their connection closed
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
@@ -96,6 +99,14 @@ class DecoderSessions:
         if s is not None:
             self.cache_bytes -= s.nbytes
         return s is not None
+
+    def drop_peer(self, peer: bytes) -> int:
+        """Free every session of one connection (it closed); how many there were."""
+        gone = [k for k in self._s if k[0] == peer]
+        for k in gone:
+            self.close(k)
+        self.dropped += len(gone)
+        return len(gone)
 
     def sweep(self, now: float | None = None) -> int:
         """Free the sessions idle longer than ``idle_s`` (at most once a second); how many were freed."""

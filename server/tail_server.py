@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
-from splitpoint.core.runner import StageRunner
+from splitpoint.core.runner import Expect, StageRunner
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
@@ -171,6 +172,11 @@ class TailServer:
         self.sessions = DecoderSessions(
             config.max_sessions, int(config.max_cache_mb * 2**20), config.session_idle_s
         )
+        # the routing ids that stepped a decoder session, by the file descriptor of their connection: a
+        # connection's sessions go when it closes (no one else can take them over, and vanished clients
+        # do not hold the server's session slots until they expire)
+        self._session_peers: dict[int, set[bytes]] = {}
+        self._router_events: zmq.Socket | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TailServer:
@@ -195,6 +201,7 @@ class TailServer:
             )
             raise SplitPointError(f"cannot bind {self.config.bind}: {exc.strerror}{hint}") from exc
         replies = self._replies.bind()
+        self._router_events = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         if self.config.next is not None:
             self._connect_next()
         self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -302,6 +309,9 @@ class TailServer:
             self.fatal = exc
             log.critical("the server's socket thread died", exc_info=exc)
         finally:
+            if self._router_events is not None:
+                router.disable_monitor()
+                self._router_events.close(0)
             router.close(0)
             replies.close(0)
             if self._next is not None:
@@ -315,6 +325,8 @@ class TailServer:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
+        if self._router_events is not None:  # drained as events come, so none is read long after it
+            poller.register(self._router_events, zmq.POLLIN)
         nxt, monitor = self._next, self._next_monitor
         if nxt is not None and monitor is not None:
             poller.register(nxt, zmq.POLLIN)
@@ -330,6 +342,10 @@ class TailServer:
                     self._on_next(router, frames)
             if monitor is not None and monitor in events:
                 self._on_next_events(router, monitor)
+            if self._session_peers or self._router_events in events:
+                # before any message: a connection's close is reported before its descriptor can be
+                # reused, so a new connection on the same descriptor never loses its sessions to it
+                self._on_router_events()
             if router in events:
                 # bounded, so that queued requests and replies are served between bursts
                 for frames in wire.drain(router, limit=4 * RCVHWM):
@@ -353,6 +369,19 @@ class TailServer:
                         "decoder_sessions_expired": self.sessions.expired,
                     }
                 )
+
+    def _on_router_events(self) -> None:
+        """Free the decoder sessions of connections that closed."""
+        assert self._router_events is not None
+        for ev in wire.drain(self._router_events):
+            try:
+                fd = int(parse_monitor_message([bytes(wire.buffer(f)) for f in ev])["value"])
+            except Exception:  # a monitor message of another shape: nothing to free
+                continue
+            for peer in self._session_peers.pop(fd, ()):
+                n = self.sessions.drop_peer(peer)
+                if n:
+                    log.info("freed %d decoder session(s) of a closed connection", n)
 
     def _on_message(self, router: zmq.Socket, frames: list) -> None:
         """Never raises: whatever a message does, the loop goes on."""
@@ -466,7 +495,12 @@ class TailServer:
                 code = wire.E_UNKNOWN_PLAN if entry is None or entry.runner is None else wire.E_BAD_MESSAGE
                 why = "unknown plan" if entry is None else "not a decoder plan"
                 raise wire.WireError(code, f"{why}: {msg.plan[:16] or '(none)'}")
-            key = (bytes(wire.buffer(ident)), msg.plan, session)
+            peer = bytes(wire.buffer(ident))
+            key = (peer, msg.plan, session)
+            with contextlib.suppress(
+                zmq.ZMQError, AttributeError, TypeError
+            ):  # a frame that knows its socket
+                self._session_peers.setdefault(int(ident.get(zmq.SRCFD)), set()).add(peer)
             if msg.type == wire.CLOSE:
                 known = self.sessions.close(key)
                 return wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
@@ -476,8 +510,7 @@ class TailServer:
             self.stats.answered(True)
             return reply
         except (wire.WireError, CodecError) as exc:
-            code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
-            reply = wire.error(msg.id, code, str(exc), msg.plan)
+            reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
         except Exception as exc:  # a failing tail (or a bug) answers this step and no other
             log.exception("step %s failed", msg.id)
             reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
@@ -548,8 +581,7 @@ class TailServer:
             reply = self._result(req)
             self.stats.answered(True)
         except (wire.WireError, CodecError) as exc:
-            code = exc.code if isinstance(exc, wire.WireError) else wire.E_BAD_TENSOR
-            reply = wire.error(msg.id, code, str(exc), msg.plan)
+            reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
             self.stats.answered(False)
         except Exception as exc:  # a failing tail (or a bug) answers this request and no other
             log.exception("request %s failed", msg.id)
@@ -563,7 +595,7 @@ class TailServer:
         t1 = time.perf_counter()
         runner = req.entry.runner
         assert runner is not None
-        _, out = runner.run(feeds)
+        _, out = _run_stage(runner, feeds)
         t2 = time.perf_counter()
         names = list(out)
         frames = [encode(out[n], self.config.reply_codec) for n in names]
@@ -587,7 +619,7 @@ class TailServer:
         t0 = time.perf_counter()
         feeds = self._decode(req.msg, req.entry)
         t1 = time.perf_counter()
-        sends, outs = runner.run(feeds)
+        sends, outs = _run_stage(runner, feeds)
         t2 = time.perf_counter()
         names = list(sends)
         frames = [encode(sends[n], runner.stage.codec) for n in names]
@@ -711,7 +743,7 @@ class TailServer:
             raise wire.WireError(
                 wire.E_BAD_TENSOR, f"plan expects tensors {sorted(tail.cut_names)}, got {msg.tensors}"
             )
-        feeds = {}
+        feeds: dict[str, np.ndarray] = {}
         for name, frame in zip(msg.tensors, msg.frames, strict=True):
             # a view of the frame: the session reads it, nothing keeps it past the request
             arr = decode(wire.buffer(frame), self.config.max_message_bytes, copy=False)
@@ -748,13 +780,26 @@ class _AllowList:
         return bytes(key) in self.keys
 
 
-def _check_tensor(name: str, arr: np.ndarray, expect: tuple[np.dtype | None, tuple]) -> None:
+def _check_tensor(name: str, arr: np.ndarray, expect: Expect) -> None:
     """Refuse a tensor the tail session would choke on, with the plan's expectation spelled out."""
     want, shape = expect
     if want is not None and arr.dtype != want:
         raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {want}")
     got = arr.shape
-    if len(got) != len(shape) or any(d is not None and d != g for g, d in zip(got, shape, strict=True)):
-        shown = [d if d is not None else "?" for d in shape]
+    if len(got) != len(shape) or any(type(d) is int and d != g for g, d in zip(got, shape, strict=True)):
+        shown = ["?" if d is None else d for d in shape]
         what = f"rank {arr.ndim}" if len(got) != len(shape) else f"shape {list(got)}"
         raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: {what}, plan expects shape {shown}")
+
+
+def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Run the stage; a failure the request's own tensors explain (two sizes for one symbolic dimension,
+    such as the batch of two cut tensors) is the sender's ``bad-tensor``, not the server's ``internal``.
+    Only a failed run is judged so: a model whose declared symbols are stale still serves what runs."""
+    try:
+        return runner.run(feeds)
+    except Exception as exc:
+        conflict = runner.symbol_conflict(feeds)
+        if conflict is None:
+            raise
+        raise wire.WireError(wire.E_BAD_TENSOR, f"{conflict}; the stage failed on it") from exc

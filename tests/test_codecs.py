@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from splitpoint.core import codecs
-from splitpoint.core.codecs import _HEAD, CodecError, all_codecs, decode, encode, error_bound
+from splitpoint.core.codecs import _HEAD, CodecError, CodecTooLarge, all_codecs, decode, encode, error_bound
 
 RNG = np.random.default_rng(42)
 TENSORS = {
@@ -97,12 +97,32 @@ def test_lying_headers_are_refused(fields, message):
         decode(_patch_header(_payload(), **fields))
 
 
+@pytest.mark.parametrize("codec", ["float32", "float16", "int8", "int4"])
+def test_a_body_must_be_exactly_raw_len_without_a_lossless_stage(codec):
+    """``stored`` is checked against what follows, and without a stage against ``raw_len`` too: a short
+    body (a buffer too small for the shape) and trailing bytes are both refused as malformed."""
+    p = _payload(codec)
+    raw_len = _HEAD.unpack_from(p, 0)[7]
+    body_at = len(p) - raw_len
+    with pytest.raises(CodecError, match="with no lossless stage the body is raw_len"):
+        decode(_patch_header(bytearray(p[: body_at + 4]), stored=4))
+    with pytest.raises(CodecError, match="with no lossless stage the body is raw_len"):
+        decode(_patch_header(bytearray(p + b"\0" * 64), stored=raw_len + 64))
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "int8"])
+def test_a_codec_without_channels_carries_axis_minus_one(codec):
+    with pytest.raises(CodecError, match="its axis byte must be -1, not 1"):
+        decode(_patch_header(_payload(codec), axis=1))
+
+
 def test_shape_claiming_huge_tensor_is_refused_before_allocating():
     p = _payload("float32")
     off = _HEAD.size
     struct.pack_into("<Q", p, off, 2**40)  # first dim
-    with pytest.raises(CodecError, match="above the .*-byte cap"):
+    with pytest.raises(CodecTooLarge, match="above the .*-byte cap") as e:
         decode(bytes(p))
+    assert e.value.code == "too-large"  # well-formed, over the receiver's limit: not a malformed payload
     with pytest.raises(CodecError, match="cap"):
         decode(encode(np.zeros((64, 1024), np.float32), "float32"), max_bytes=1024)
 
@@ -263,9 +283,12 @@ def test_zstd_chunk_is_exactly_one_frame():
     q = bytes(encode(x, "int8"))[-x.size :]
     frame = zstandard.ZstdCompressor().compress(q)
     assert np.array_equal(decode(_zstd_payload_with([frame], x)), decode(encode(x, "int8")))
+    z = zstandard.ZstdCompressor()
     for frames in (
         [frame + b"junk"],
         [frame + frame],
+        [z.compress(q[:100]) + z.compress(q[100:])],  # two frames that together make the chunk
+        [frame + z.compress(b"")],  # a second, empty frame
         [frame[:-3]],
         [zstandard.ZstdCompressor().compress(q + q)],
     ):

@@ -202,6 +202,39 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
     s.close(0)
 
 
+def test_a_connections_sessions_go_with_it_and_its_identity_cannot_take_them_over(plans, server):
+    """A client that names its own routing identity (ZMQ_IDENTITY) and disconnects: a new connection under
+    that name finds nothing of its sessions, and the slots they held are free at once, not after
+    --session-idle."""
+    plan = Plan.load(plans / "float32")
+    good = encode(np.zeros((1, 3, SPEC.d_model), np.float32), "float32")
+
+    def dealer():
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, b"victim-client")
+        s.connect(server.endpoint)
+        return s
+
+    def step(s, position):
+        meta = {"session": 4242, "position": position}
+        msg = wire.Message(wire.STEP, 1, plan.plan_id, [hidden_name(1)], meta=meta, frames=[good])
+        return _ask(s, msg.to_frames())
+
+    a = dealer()
+    assert step(a, 0).type == wire.RESULT and len(server.sessions) == 1
+    a.close(0)
+    deadline = time.monotonic() + 5
+    while len(server.sessions) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(server.sessions) == 0 and server.sessions.dropped == 1 and server.sessions.expired == 0
+    b = dealer()
+    reply = step(b, 3)
+    assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_UNKNOWN_SESSION
+    assert step(b, 0).type == wire.RESULT  # its own, from the start
+    b.close(0)
+
+
 def test_int4_edge_weights_shrink_the_head_and_keep_the_tokens(plans, server, tmp_path):
     import onnx
 

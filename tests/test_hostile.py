@@ -12,6 +12,7 @@ import json
 import time
 
 import numpy as np
+import onnx
 import psutil
 import pytest
 import zmq
@@ -315,3 +316,47 @@ def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, sma
         stop.set()
         t.join(5)
         router.close(0)
+
+
+def test_tensors_that_disagree_on_their_shared_batch_are_the_senders_error(tmp_path):
+    """Each tensor alone fits the plan, but two give the batch N different sizes: the tail cannot run
+    them, and the reply says why as ``bad-tensor`` (not ``internal``); too many frames is ``too-large``."""
+    from splitpoint.core import zoo
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    path = tmp_path / "multitask.onnx"
+    onnx.save(zoo.build("multitask", width=0.25, resolution=32), str(path))
+    h = open_model(path)
+    cut = next(c for c in h.cuts() if len(c.crossing) == 2 and "meta" in {t.name for t in c.crossing})
+    plan = write_plan(h, tmp_path / "plans" / "p", cut=cut)
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(srv.endpoint)
+    try:
+        head = HeadRunner(plan, make_session(tmp_path / "plans" / "p" / "head.onnx"))
+        sent, _ = head.run(
+            {"image": np.zeros((1, 3, 32, 32), np.float32), "meta": np.zeros((1, 16), np.float32)}
+        )
+        names = list(sent)
+        ok = [encode(sent[n], "float32") for n in names]
+        assert (
+            _ask(s, wire.Message(wire.INFER, 1, plan.plan_id, names, frames=ok).to_frames()).type
+            == wire.RESULT
+        )
+        lying = [encode(np.repeat(sent[n], 2, axis=0) if n == "meta" else sent[n], "float32") for n in names]
+        reply = _ask(s, wire.Message(wire.INFER, 2, plan.plan_id, names, frames=lying).to_frames())
+        assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_TENSOR, reply.meta
+        assert "is 1 in tensor" in reply.meta["message"] or "is 2 in tensor" in reply.meta["message"]
+        many = [wire.Message(wire.PING, 3).header(), *[b""] * 70]
+        reply = _ask(s, many)
+        assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_TOO_LARGE and reply.id == 3
+        assert (
+            _ask(s, wire.Message(wire.INFER, 4, plan.plan_id, names, frames=ok).to_frames()).type
+            == wire.RESULT
+        )
+        assert srv.stats.errors == 1  # the lying request; the other two never reached a tail
+    finally:
+        s.close(0)
+        srv.stop()

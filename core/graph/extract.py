@@ -215,7 +215,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndarray]) -> bool:
     """Free the declared input dimensions that ``available`` contradicts; True if any were."""
     changed = False
-    for vi in model.graph.input:
+    for i, vi in enumerate(model.graph.input):
         got = available.get(vi.name)
         if got is None or not vi.type.HasField("tensor_type"):
             continue
@@ -227,6 +227,6 @@ def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndar
         for k, d in enumerate(dims):
             if d.HasField("dim_value") and d.dim_value != got.shape[k]:
                 d.Clear()
-                d.dim_param = f"d{k}"
+                d.dim_param = f"free{i}_{k}"  # its own symbol: one symbol is one size across a graph
                 changed = True
     return changed
