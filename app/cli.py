@@ -442,6 +442,13 @@ def profile(
             "under the same CPU limit): plan-chain adds it to this device's stage"
         ),
     ] = False,
+    fresh_codecs: Annotated[
+        bool,
+        typer.Option(
+            help="measure codec speeds again: by default a profile reuses those measured on this machine "
+            "under the same CPU limit in the last 24 h (the profile's cost.codecs_source says when)"
+        ),
+    ] = False,
     input_shape: Shapes = None,
     quiet: Quiet = False,
 ) -> None:
@@ -459,6 +466,7 @@ def profile(
         slowdown=slowdown,
         int8=int8,
         input_shapes=tuple(input_shape or ()),
+        fresh_codecs=fresh_codecs,
     )
     with progress("profiling", quiet) as note:
         prof, path = run_profile(job, note)

@@ -269,7 +269,7 @@ def run_size_in_child(label: str, n: int, rounds: int, per_round: int, work: Pat
             str(per_round),
             "--work",
             str(work),
-            "--out",
+            "--size-out",
             str(out),
         ],
         check=True,
@@ -466,6 +466,7 @@ def report(rows: dict, dec: dict, args) -> None:
             "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in verdicts],
         },
         "\n".join(lines),
+        args.out,
     )
 
 
@@ -476,8 +477,9 @@ def main() -> None:
     ap.add_argument("--serve", choices=["raw pyzmq", "pickle/TCP", "torch RPC"])
     ap.add_argument("--port", type=int)
     ap.add_argument("--size", type=int)
-    ap.add_argument("--work")
-    ap.add_argument("--out")
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--size-out", help=argparse.SUPPRESS)  # a child's figures for one size
+    ap.add_argument("--out", type=Path, help="folder for transport.json and transport.md")
     args = ap.parse_args()
     if args.serve:
         {"raw pyzmq": serve_zmq, "pickle/TCP": serve_pickle, "torch RPC": serve_torch}[args.serve](args.port)
@@ -485,7 +487,7 @@ def main() -> None:
     if args.size:
         import json
 
-        Path(args.out).write_text(
+        Path(args.size_out).write_text(
             json.dumps(one_size(args.size, args.rounds, args.per_round, Path(args.work)))
         )
         return

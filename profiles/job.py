@@ -29,6 +29,7 @@ class ProfileJob(StrictConfig):
     slowdown: float | None = Field(None, ge=1, le=1000)  # or: a device this many times slower
     int8: bool = False  # also time the int8 (static QDQ) model
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
+    fresh_codecs: bool = False  # measure codec speeds again even where this device's are cached
 
     @model_validator(mode="after")
     def _one_limit(self) -> ProfileJob:
@@ -50,7 +51,12 @@ def run_profile(
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
     out = job.out or Path("profiles") / "measured" / f"{handle.name}-{job.role}.json"
     settings = ProfileSettings(
-        role=job.role, threads=job.threads, provider=job.provider, budget=job.budget, int8=job.int8
+        role=job.role,
+        threads=job.threads,
+        provider=job.provider,
+        budget=job.budget,
+        int8=job.int8,
+        fresh_codecs=job.fresh_codecs,
     )
     with cpu_limit(job.cpu_limit) as emulation:
         prof = profile_model(handle, settings, emulation, progress=progress)

@@ -35,6 +35,7 @@ from splitpoint.core.runner import make_session
 from splitpoint.core.samples import sample_feeds
 from splitpoint.core.weights import is_stub
 
+from .codeccache import cached_codec_speeds
 from .cpulimit import sample_span_ms
 from .facts import device_facts, temperature_c, throttled
 from .ort_trace import node_times
@@ -55,6 +56,7 @@ class ProfileSettings:
     budget: float = 30.0  # wall time for the segments, builds included, in multiples of one full inference
     anchors: int | None = None  # override the budget-derived number of measured cuts
     batch: int = 1
+    fresh_codecs: bool = False  # measure codec speeds even where this device's are cached (codeccache)
 
 
 def median_of_present(xs) -> float | None:
@@ -253,7 +255,10 @@ def profile_model(
     measured: dict[int, dict] = {}
     proc = psutil.Process()
     note("codec throughput", 0, len(planned))
-    codecs = codec_speeds(min_total_ms=min_ms)  # before the segments, so that the budget counts it
+    # before the segments, so that the budget counts it
+    codecs, codecs_source = cached_codec_speeds(
+        partial(codec_speeds, min_total_ms=min_ms), emulation, min_ms, settings.fresh_codecs
+    )
     with running():
         w_prev = time_runs(run_whole, 0, 1, min_ms)[0]
     samples.append(w_prev)
@@ -394,6 +399,7 @@ def profile_model(
             "full_inference_equivalents": clock["run_ms"] / whole.median_ms,  # timed runs only
             "wall_inference_equivalents": (time.perf_counter() - t_start) * 1e3 / whole.median_ms,
             "session_build_s": clock["build_s"],
+            "codecs_source": codecs_source,
             "wall_s": time.perf_counter() - t_start,
             "memory_rss_calibration": mem_scale,
             "profiled_run_ms": statistics.median(profiled_runs) if profiled_runs else None,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from splitpoint.core.config import explain_fields
 from splitpoint.core.errors import ProfileError
+from splitpoint.core.files import atomic_write_text
 
 PROFILE_FORMAT: Final = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -169,19 +170,7 @@ class MeasuredProfile(_Strict):
 
     def save(self, path: str | Path) -> None:
         """Atomic write: an interrupted save never leaves a partial profile."""
-        import os
-        import tempfile
-
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.model_dump_json(indent=1))
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.model_dump_json(indent=1))
 
 
 def _explain(exc: ValidationError, where: str) -> ProfileError:

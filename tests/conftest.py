@@ -22,13 +22,15 @@ def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     return sample_feeds(model, batch, seed)
 
 
-def run_cli(*args: str, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = False, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "splitpoint.app", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -14,11 +14,13 @@ import onnx
 import pytest
 
 from splitpoint.core import zoo
+from splitpoint.core.codecs import all_codecs
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import open_model
+from splitpoint.profiles.codeccache import MAX_AGE_S, cache_path, cached_codec_speeds
 from splitpoint.profiles.cpulimit import cpu_limit, period_and_quota
-from splitpoint.profiles.profiler import ProfileSettings, profile_model
-from splitpoint.profiles.schema import load_measured
+from splitpoint.profiles.profiler import ProfileSettings, codec_speeds, profile_model
+from splitpoint.profiles.schema import Emulation, load_measured
 
 from .conftest import run_cli
 
@@ -101,6 +103,55 @@ def test_profile_cli_writes_file_and_refuses_it_for_another_model(model_path, tm
     other = open_model("mobilenetv2")
     with pytest.raises(ProfileError, match="measured on another model file"):
         load_measured(out, model_sha256=other.sha256)
+
+
+def test_codec_speeds_are_measured_once_per_device_and_limit_and_reused_for_a_day(tmp_path, monkeypatch):
+    """A second profile on this machine reuses the codec speeds (a fact of the device, not the model),
+    says when they were measured, and measures again on request, under another CPU limit, after a day,
+    or when the cache file is unreadable."""
+    monkeypatch.setenv("SPLITPOINT_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return codec_speeds(repeats=1, size=2**14)
+
+    def get(**kw):
+        args = {"emulation": None, "min_total_ms": 0.0, **kw}
+        return cached_codec_speeds(measure, **args)
+
+    first, src = get()
+    assert src == "measured now" and len(calls) == 1 and set(first) == set(all_codecs())
+    again, src = get()
+    assert len(calls) == 1 and again == first
+    assert src.startswith("measured on this device at ") and str(cache_path()) in src
+    _, src = get(fresh=True)
+    assert src == "measured now" and len(calls) == 2
+    limited = Emulation(mechanism="cgroup-v1 cfs quota", cpus=0.5, period_us=100_000, quota_us=50_000)
+    _, src = get(emulation=limited)
+    assert src == "measured now" and len(calls) == 3
+    _, src = get(emulation=limited)
+    assert src != "measured now" and len(calls) == 3  # both limits are kept
+    _, src = get(now=time.time() + MAX_AGE_S + 60)
+    assert src == "measured now" and len(calls) == 4
+    cache_path().write_text("{not json")
+    _, src = get()
+    assert src == "measured now" and len(calls) == 5
+    assert json.loads(cache_path().read_text())  # rewritten whole
+
+
+def test_a_profile_says_where_its_codec_speeds_come_from(model_path, tmp_path):
+    env_cache = {"SPLITPOINT_CACHE": str(tmp_path / "cache")}
+    sources = []
+    for i, extra in enumerate(([], [], ["--fresh-codecs"])):
+        out = tmp_path / f"p{i}.json"
+        r = run_cli(
+            "profile", str(model_path), "--budget", "6", "-o", str(out), "--quiet", *extra, env=env_cache
+        )
+        assert r.returncode == 0, r.stderr
+        sources.append(load_measured(out).cost["codecs_source"])
+    assert sources[0] == "measured now" and sources[2] == "measured now"
+    assert sources[1].startswith("measured on this device at ")
 
 
 def test_the_runtime_cost_is_measured_on_request_and_grows_under_a_cpu_limit(model_path, tmp_path):

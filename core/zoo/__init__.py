@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
+from ..files import cache_root
 from . import models, trained
 from .decoder import DECODERS, build_decoder
 
@@ -102,7 +103,7 @@ def build(name: str, width: float = 1.0, resolution: int | None = None, seed: in
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPLITPOINT_CACHE", Path.home() / ".cache" / "splitpoint")) / "zoo"
+    return cache_root() / "zoo"
 
 
 def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> Path:
