@@ -219,7 +219,8 @@ def markdown(rows: list[dict], details: dict, settings: dict, machine: dict, rep
         "(`cost.wall_s`): the timed runs, the session builds (`cost.session_build_s`) and the rest "
         "(segment extraction, trace parsing, codec throughput). Both are expressed in full-model "
         "inferences: seconds ÷ the profile's whole-model median. The first profile on a device measures "
-        "every codec's speed (about 0.15 s here); a later one within the day, of any model, reuses them "
+        "every codec's speed (the difference between the two *wall* columns, less noise); a later "
+        "one within the day, of any model, reuses them "
         "(`cost.codecs_source` says when they were measured; `--fresh-codecs` measures again): *wall, "
         "codecs cached* is a second profile of the same model, run just after the first.",
         "",
