@@ -400,6 +400,13 @@ def _copy_out(body: bytes | memoryview, nbytes: int) -> np.ndarray:
 
 
 # -- quantisers: vectorised, in blocks that stay in cache ----------------------------------------
+
+
+class _NotFinite(Exception):
+    """A quantiser met a range it cannot put on a grid: an infinity or NaN in the tensor (or a span
+    beyond float32). ``encode`` sends such a tensor exactly instead."""
+
+
 _BLOCK = 1 << 18  # elements per block: a 1 MiB float32 scratch (measured best of 16 Ki to 1 Mi)
 
 
@@ -440,7 +447,10 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
     a: Any
     if rows == 1:  # per tensor: float32 scalars, the same arithmetic with less overhead
         lo, hi = np.minimum.reduce(x, axis=None), np.maximum.reduce(x, axis=None)
-        scale = (hi - lo) / np.float32(levels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scale = (hi - lo) / np.float32(levels)
+        if not (math.isfinite(scale) and math.isfinite(lo)):
+            raise _NotFinite
         if scale == 0:
             scale = np.float32(1.0)
         r = np.float32(1.0) / scale
@@ -448,7 +458,10 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
         params = np.array([scale, lo], np.float32)
     else:  # per channel: one column of r and a per row
         lo_c, hi_c = _ranges(x, axis)
-        scale_c = (hi_c - lo_c) / np.float32(levels)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scale_c = (hi_c - lo_c) / np.float32(levels)
+        if not (np.isfinite(scale_c).all() and np.isfinite(lo_c).all()):
+            raise _NotFinite
         scale_c[scale_c == 0] = 1.0
         inv_c = np.float32(1.0) / scale_c
         reps = rows // scale_c.size
@@ -522,7 +535,8 @@ def outlier_columns(x: np.ndarray) -> np.ndarray:
     peak = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
     cap = max(1, x.shape[-1] // OUTLIER_SHARE)
     order = np.argsort(-peak, kind="stable")[:cap]
-    big = order[peak[order] > OUTLIER_RATIO * np.median(peak)]
+    with np.errstate(over="ignore", invalid="ignore"):  # a bar of inf keeps no finite column out
+        big = order[peak[order] > OUTLIER_RATIO * np.median(peak)]
     return np.sort(big).astype(np.uint32)
 
 
@@ -554,8 +568,17 @@ def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray)
 def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
     """Encode one tensor into a payload (a ``bytearray``: send it as it is, or ``bytes()`` it).
 
-    Non-float tensors (indices, masks) are always sent exactly."""
+    Non-float tensors (indices, masks) are always sent exactly, and so is a float tensor holding an
+    infinity or a NaN that a quantising codec was asked for: an attention mask's -inf has no place on a
+    quantisation grid, and the header says what the body is, so the receiver needs no warning."""
     c = codec if isinstance(codec, Codec) else Codec.parse(codec)
+    try:
+        return _encode(x, c)
+    except _NotFinite:
+        return _encode(x, Codec("float32", c.stage))
+
+
+def _encode(x: np.ndarray, c: Codec) -> bytearray:
     x = np.asarray(x, order="C")  # (ascontiguousarray would turn a scalar into 1-d)
     if not x.dtype.isnative:  # bodies are written in native order (little-endian on supported hosts)
         x = x.astype(x.dtype.newbyteorder("="))
@@ -574,6 +597,8 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
         outliers = struct.pack("<I", len(cols))
         if len(cols):
             exact = np.ascontiguousarray(x[..., cols], dtype="<f4")
+            if not np.isfinite(exact).all():
+                raise _NotFinite
             outliers += cols.astype("<u4").tobytes() + exact.tobytes()
             x = x.astype(np.float32, copy=True)
             x[..., cols] = 0
@@ -801,10 +826,10 @@ def _read_outliers(buf: memoryview, off: int, shape: tuple, n: int) -> tuple[np.
 def error_bound(x: np.ndarray, codec: str) -> float:
     """The largest absolute error a codec may introduce on ``x`` (half a quantisation step)."""
     c = Codec.parse(codec)
-    if c.base == "float32" or x.dtype.kind != "f":
-        return 0.0
+    if c.base == "float32" or x.dtype.kind != "f" or (c.base != "float16" and not np.isfinite(x).all()):
+        return 0.0  # sent exactly
     if c.base == "float16":
-        return float(np.abs(x).max()) * 2**-11 + 6e-8
+        return float(np.abs(x[np.isfinite(x)]).max(initial=0)) * 2**-11 + 6e-8  # non-finite ones exact
     ax = None if c.base == "int8" else _channel_axis(x)
     y = x.astype(np.float32)
     if c.base in OUTLIER_BASES and len(cols := outlier_columns(x)):  # they arrive exact

@@ -61,7 +61,7 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
 def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``). Integer
     inputs that index a table take any of its rows (others 0..9); integer masks (``attention_mask``) are
-    all ones, one unpadded sequence, as a random mask could hide every position of a row."""
+    right-padded sequences (``padding_mask``), as a random mask could hide every position of a row."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
     bounds = index_bounds(model)
@@ -77,10 +77,23 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
         elif dtype == np.bool_:
             feeds[i.name] = rng.random(dims) > 0.5
         elif "mask" in i.name.lower() and i.name not in bounds:
-            feeds[i.name] = np.ones(dims, dtype)
+            feeds[i.name] = padding_mask(rng, dims, dtype)
         else:
             feeds[i.name] = rng.integers(0, bounds.get(i.name, 10), dims).astype(dtype)
     return feeds
+
+
+def padding_mask(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> np.ndarray:
+    """Ones for the tokens a row holds, zeros for its right padding (up to half the row, at least one
+    token kept): what a batch of sentences of different lengths brings, and what turns a model's additive
+    mask into -inf, which every codec must carry."""
+    mask = np.ones(dims, dtype)
+    if not dims or dims[-1] < 2:
+        return mask
+    rows = mask.reshape(-1, dims[-1])
+    for r, pad in enumerate(rng.integers(0, dims[-1] // 2 + 1, rows.shape[0])):
+        rows[r, dims[-1] - pad :] = 0
+    return mask
 
 
 def load_inputs(

@@ -27,7 +27,7 @@ from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, solve
 from .fidelity import FidelityReport, compare, task_report
-from .planner import REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
+from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
 
 CHAIN_CODECS = ["float32", "float16", "int8", "int8+zstd"]
 
@@ -105,8 +105,9 @@ def gather_chain(
     cuts = {c.k: c for c in handle.cuts()}
     positions = np.array([0, *sorted(cuts), n])
     sizes = encoded_sizes(handle, samples, codecs)
-    input_f32 = sum(idx.tensor(i).bytes_per_sample() or 0 for i in idx.inputs)
-    f32 = np.array([input_f32, *[cuts[k].bytes_per_sample or 0 for k in sorted(cuts)], 0], float)
+    raw = [sum(sizes[t][RAW] for t in idx.inputs)]  # measured: a declared size may be unknown
+    raw += [sum(sizes[t.name][RAW] for t in cuts[k].crossing) for k in sorted(cuts)]
+    f32 = np.array([*raw, 0], float)
     nbytes = np.zeros((len(positions), len(codecs)))
     for i, k in enumerate(positions):
         names = idx.inputs if k == 0 else [] if k == n else [t.name for t in cuts[int(k)].crossing]

@@ -58,7 +58,7 @@ class Measurements:
     edge: MeasuredProfile
     server: MeasuredProfile
     codecs: list[str]
-    sizes: dict[str, dict[str, int]]  # tensor -> codec -> encoded bytes per sample (median)
+    sizes: dict[str, dict[str, int]]  # tensor -> codec (or RAW) -> encoded bytes per sample (median)
     reply_bytes: dict[int, int]  # cut (0 = server-only) -> reply bytes
     samples: list[dict[str, np.ndarray]]
     reference: list[np.ndarray] = field(default_factory=list)
@@ -66,6 +66,9 @@ class Measurements:
     fidelity: dict[tuple, float] = field(default_factory=dict)  # (cut, codec, head) -> score
     fidelity_reports: dict[tuple, dict] = field(default_factory=dict)
     truths: list | None = None  # what each sample shows (rendered task inputs), for task metrics
+
+
+RAW = "raw"  # encoded_sizes' key for a tensor's own bytes (no codec is named so)
 
 
 def encoded_sizes(
@@ -89,6 +92,7 @@ def encoded_sizes(
     sizes: dict[str, dict[str, int]] = {}
     for n in names:
         sizes[n] = {c: int(statistics.median(len(encode(v[n], c)) for v in per_sample)) for c in codecs}
+        sizes[n][RAW] = int(statistics.median(np.asarray(v[n]).nbytes for v in per_sample))
     return sizes
 
 
@@ -104,7 +108,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     h = m.handle
     idx = h.index
     out = []
-    input_f32 = sum(idx.tensor(i).bytes_per_sample() or 0 for i in idx.inputs)
+    input_f32 = sum(m.sizes[i][RAW] for i in idx.inputs)  # as measured: a declared size may be unknown
     last = m.edge.cuts[-1]
     heads = ["float32"] + (["int8"] if m.int8_heads else [])
     # int8 heads: edge time scaled by the measured int8/float32 ratio of the whole model on the
@@ -161,7 +165,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         )
         for cut in h.cuts():
             et, st = m.edge.cut(cut.k), m.server.cut(cut.k)
-            f32 = cut.bytes_per_sample or 0
+            f32 = sum(m.sizes[c.name][RAW] for c in cut.crossing)
             enc = f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
             dec = f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
             up = sum(m.sizes[c.name][codec] for c in cut.crossing)

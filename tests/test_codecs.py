@@ -45,6 +45,30 @@ def test_non_float_tensors_pass_exactly(codec):
         assert y.dtype == x.dtype and np.array_equal(x, y)
 
 
+@pytest.mark.parametrize("codec", all_codecs())
+def test_masks_with_infinities_arrive_exactly(codec):
+    """An attention mask (0 where a token is seen, -inf where it is padded or in the future) crosses a cut
+    of most transformer exports; a quantising codec cannot put -inf on its grid, so the tensor goes exactly
+    and the payload stays one a strict receiver accepts."""
+    mask = np.triu(np.full((1, 1, 12, 12), -np.inf, np.float32), k=1)
+    mask[..., 9:] = -np.inf  # three padded positions
+    scores = RNG.standard_normal((1, 4, 12, 12)).astype(np.float32)
+    scores[..., 9:] = -np.inf
+    scores[0, 2, 3, 4] = np.nan
+    for x in (mask, scores):
+        y = decode(encode(x, codec))
+        assert y.dtype == x.dtype and np.array_equal(~np.isfinite(y), ~np.isfinite(x)), codec
+        if codec.startswith("float16"):  # half floats carry 0, -inf and NaN; the rest rounds
+            assert np.array_equal(y[~np.isfinite(x)], x[~np.isfinite(x)], equal_nan=True)
+            fin = np.isfinite(x)
+            assert np.abs(y[fin] - x[fin]).max(initial=0) <= error_bound(x, codec)
+        else:
+            assert np.array_equal(y, x, equal_nan=True) and error_bound(x, codec) == 0.0, codec
+    finite = np.where(np.isfinite(scores), scores, 0).astype(np.float32)
+    if not codec.startswith(("float32", "float16")):  # a finite tensor is still quantised
+        assert len(encode(finite, codec)) < len(encode(finite, "float32"))
+
+
 def test_compression_ratios_are_what_the_codec_promises():
     x = TENSORS["nchw-relu"]
     raw = len(encode(x, "float32"))

@@ -140,13 +140,109 @@ def text_encoder():
     return m
 
 
+def masked_encoder(batch="batch", seq=8):
+    """A one-head attention block as exporters write it: the additive mask made with Where (-inf at padded
+    tokens, crossing a cut as a float tensor), and a [batch·seq, hidden] Reshape whose target is computed
+    (ReduceProd of a Shape slice), which shape inference cannot follow even at fixed input shapes."""
+    rng = np.random.default_rng(2)
+    w = {"wte": rng.standard_normal((50, 16)), "w1": rng.standard_normal((16, 16)) / 4}
+    w["w2"] = rng.standard_normal((16, 3))
+    consts = {"z": [0], "two": [2], "hid": [16], "ax1": [1], "zero": 0}
+    nodes = [
+        helper.make_node("Gather", ["wte", "input_ids"], ["emb"]),
+        helper.make_node("Shape", ["emb"], ["s"]),
+        helper.make_node("Slice", ["s", "z", "two"], ["s01"]),
+        helper.make_node("ReduceProd", ["s01"], ["rows"], keepdims=1),
+        helper.make_node("Concat", ["rows", "hid"], ["target"], axis=0),
+        helper.make_node("Reshape", ["emb", "target"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w1"], ["h"]),
+        helper.make_node("Reshape", ["h", "s"], ["hs"]),
+        helper.make_node("Equal", ["attention_mask", "zero"], ["padded"]),
+        helper.make_node("Where", ["padded", "ninf", "fzero"], ["neg"]),
+        helper.make_node("Unsqueeze", ["neg", "ax1"], ["neg3"]),
+        helper.make_node("Transpose", ["hs"], ["hsT"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["hs", "hsT"], ["scores"]),
+        helper.make_node("Add", ["scores", "neg3"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["att"], axis=-1),
+        helper.make_node("MatMul", ["att", "hs"], ["ctx"]),
+        helper.make_node("ReduceMean", ["ctx"], ["pooled"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w2"], ["logits"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "masked",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, [batch, seq])
+            for n in ("input_ids", "attention_mask")
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()]
+        + [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in consts.items()]
+        + [
+            numpy_helper.from_array(np.array(v, np.float32), k)
+            for k, v in (("ninf", -np.inf), ("fzero", 0.0))
+        ],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _cut_crossing(h, name):
+    return next(c for c in h.cuts() if name in {t.name for t in c.crossing})
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "shapes"),
+    [(1, "seq", {"input_ids": [1, 8], "attention_mask": [1, 8]}), ("batch", 8, None)],
+)
+def test_sizes_inference_cannot_follow_are_measured(tmp_path, batch, seq, shapes):
+    path = tmp_path / "m.onnx"
+    onnx.save(masked_encoder(batch, seq), str(path))
+    h = open_model(path, shapes)
+    (flat,) = [t for t in _cut_crossing(h, "flat").crossing if t.name == "flat"]
+    assert flat.bytes_per_sample == 8 * 16 * 4, flat  # [batch·seq, 16] float32, per sample
+    assert flat.shape == ("8x16" if batch == 1 else "Nx16")
+
+
+def test_a_padding_mask_crosses_a_quantised_cut_exactly(tmp_path):
+    """The -inf of a padded token's mask rides an int8 cut (sent exactly), through a real server."""
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    path = tmp_path / "m.onnx"
+    onnx.save(masked_encoder(1, "seq"), str(path))
+    h = open_model(path, {"input_ids": [1, 8], "attention_mask": [1, 8]})
+    cut = _cut_crossing(h, "neg3")
+    assert {"hs", "neg3"} <= {t.name for t in cut.crossing}
+    write_plan(h, tmp_path / "plans" / "p", cut=cut, codec="int8+zstd")
+    ref = make_session(h.model.SerializeToString())
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        with EdgeClient(
+            EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=srv.endpoint, fallback=False)
+        ) as c:
+            feeds = [sample_feeds(h.model, 1, k) for k in range(6)]
+            assert any((f["attention_mask"] == 0).any() for f in feeds)  # padded rows among them
+            for f in feeds:
+                r = c.infer(f, timeout=30)
+                assert not r.fallback
+                np.testing.assert_allclose(r.outputs[0], ref.run(None, f)[0], rtol=0.05, atol=0.05)
+    finally:
+        srv.stop()
+
+
 def test_integer_inputs_are_sampled_within_the_tables_they_index():
     m = text_encoder()
     for seed in range(20):
         f = sample_feeds(m, 1, seed)
         assert f["input_ids"].max() < 50 and f["token_type_ids"].max() < 2
-        assert (f["attention_mask"] == 1).all()  # one unpadded sequence
+        mask = f["attention_mask"][0]
+        assert mask[0] == 1 and mask.sum() >= 4 and (np.diff(mask) <= 0).all()  # tokens, then padding
     assert len({int(v) for seed in range(20) for v in sample_feeds(m, 1, seed)["input_ids"].ravel()}) > 30
+    assert len({int(sample_feeds(m, 1, seed)["attention_mask"].sum()) for seed in range(20)}) >= 3
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +351,12 @@ def test_a_profile_at_other_input_shapes_is_refused(variants):
     prof = profile_model(h48, ProfileSettings(role="edge", budget=2, anchors=1))
     with pytest.raises(ProfileError, match="measured with input shapes"):
         gather(h64, prof, prof, [sample_feeds(h64.model, 1, 0)])
+    # the shape a file already fixes, given again, is the same model: its profile stands
+    plain = open_model(variants["static1"])
+    same = open_model(variants["static1"], {"input": [1, 3, 48, 48]})
+    assert same.input_shapes == plain.input_shapes == {}
+    prof = profile_model(plain, ProfileSettings(role="edge", budget=2, anchors=1))
+    prof.check_model(same.sha256, "edge profile", same.input_shapes)
 
 
 def test_static_batch_runs_one_sample_at_a_time(variants):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -46,6 +47,7 @@ class TensorInfo:
     name: str
     elem_type: int
     dims: list[int | str | None] | None  # per dim: int, symbolic name, or None; None: unknown rank
+    rows: int = 1  # a symbolic leading dim is the batch times this (a [batch*seq, hidden] reshape)
 
     @property
     def dtype(self) -> str:
@@ -62,7 +64,8 @@ class TensorInfo:
         dims = self.dims[1:] if (self.dims and isinstance(self.dims[0], str)) else self.dims
         if any(isinstance(d, str) for d in dims):
             return None
-        return int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64)) * self.itemsize
+        rows = self.rows if dims is not self.dims else 1
+        return int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64)) * self.itemsize * rows
 
     def shape_str(self) -> str:
         if self.dims is None:
@@ -106,6 +109,7 @@ class GraphIndex:
     initializers: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # tensor -> TensorInfo
     node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
+    input_symbols: set = field(default_factory=set)  # the symbolic dims the graph's inputs declare
     _stubs: dict = field(default_factory=dict, repr=False)  # weight_stub's, by initializer name
     _arrays: dict = field(default_factory=dict, repr=False)  # weight_array's
 
@@ -136,6 +140,9 @@ class GraphIndex:
                 idx.const.add(p)
         idx.compute = [p for p in range(len(idx.nodes)) if p not in idx.const]
         idx.info = _infer_types(model)
+        idx.input_symbols = {
+            d for i in idx.inputs if i in idx.info for d in idx.info[i].dims or () if isinstance(d, str)
+        }
         for name in idx.outputs:
             if name in graph_inputs or (name in idx.initializers) or (name not in idx.producer):
                 raise ModelError(
@@ -156,9 +163,28 @@ class GraphIndex:
             self._arrays[name] = numpy_helper.to_array(self.initializers[name])
         return self._arrays[name]
 
+    def resolved(self, t: TensorInfo) -> bool:
+        """Whether a trial run could tell more: the rank is unknown, or a dim is a symbol inference
+        invented (``unk__3`` after a Reshape whose target it could not follow), hiding a size a cut needs.
+        Runs measure such a dim only where the batch is the inputs' one free dimension: with several
+        (a decoder's sequence and cache lengths), two runs cannot tell which of them a size follows."""
+        if t.dims is None:
+            return False
+        if not self._batch_only:
+            return True
+        return all(isinstance(d, int) or d in self.input_symbols for d in t.dims)
+
+    @cached_property
+    def _batch_only(self) -> bool:
+        return all(
+            all(isinstance(d, int) for d in (self.info[i].dims or [None])[1:])
+            for i in self.inputs
+            if i in self.info
+        )
+
     def tensor(self, name: str) -> TensorInfo:
         t = self.info.get(name)
-        if t is None or t.dims is None:
+        if t is None or not self.resolved(t):
             self._measure_shapes()
             t = self.info.get(name)
         if t is None:
@@ -168,14 +194,18 @@ class GraphIndex:
         return t
 
     def _measure_shapes(self) -> None:
-        """Fill the types and shapes static inference missed (custom-domain ops, Loop outputs) by
-        running the model twice with every such tensor exposed: at batch 1 and 2 where the batch is
-        free, else twice at its fixed shape with different inputs. Dims that differ are left free."""
+        """Fill the types and shapes static inference missed (custom-domain ops, Loop outputs, a Reshape
+        to a computed shape) by running the model twice with every such tensor exposed: at batch 1 and 2
+        where the batch is free, else twice at its fixed shape with different inputs. Dims that differ
+        stay free; a leading one that doubles with the batch is the batch (times its rows per sample)."""
         if getattr(self, "_measured", False):
             return
         self._measured = True
         missing = [
-            o for n in self.nodes for o in n.output if o and (o not in self.info or self.info[o].dims is None)
+            o
+            for n in self.nodes
+            for o in n.output
+            if o and (o not in self.info or not self.resolved(self.info[o]))
         ]
         if not missing:
             return
@@ -199,15 +229,32 @@ class GraphIndex:
         except Exception:  # best effort: callers report the tensor that stays unknown
             return
         for name, a, b in zip(missing, *runs, strict=True):
-            dims = (
-                [
-                    da if da == db else ("N" if k == 0 and free_batch else f"d{k}")
-                    for k, (da, db) in enumerate(zip(a.shape, b.shape, strict=True))
-                ]
-                if a.ndim == b.ndim
-                else None
-            )
-            self.info[name] = TensorInfo(name, helper.np_dtype_to_tensor_dtype(a.dtype), dims)
+            self.info[name] = _measured_info(name, self.info.get(name), a, b, free_batch, self.input_symbols)
+
+
+def _measured_info(
+    name: str, inferred: TensorInfo | None, a: np.ndarray, b: np.ndarray, free_batch: bool, symbols: set
+) -> TensorInfo:
+    """A tensor's type from two trial runs (``a`` at batch 1, ``b`` at batch 2 or a second sample), keeping
+    what inference knew for sure: numbers and the inputs' own symbols."""
+    elem = helper.np_dtype_to_tensor_dtype(a.dtype)
+    if a.ndim != b.ndim:
+        return TensorInfo(name, elem, None)
+    known = inferred.dims if inferred is not None and inferred.dims and len(inferred.dims) == a.ndim else None
+    dims: list[int | str | None] = []
+    rows = 1
+    for k, (da, db) in enumerate(zip(a.shape, b.shape, strict=True)):
+        kept = known[k] if known is not None else None
+        if isinstance(kept, int) or kept in symbols:
+            dims.append(kept)
+        elif da == db:
+            dims.append(int(da))
+        elif k == 0 and free_batch:
+            dims.append("N")
+            rows = int(da) if db == 2 * da else 1
+        else:
+            dims.append(kept if isinstance(kept, str) else f"d{k}")
+    return TensorInfo(name, elem, dims, rows)
 
 
 def _toposort(nodes: list, available: set[str]) -> list:

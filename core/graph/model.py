@@ -12,7 +12,7 @@ from splitpoint.core.onnxio import load_model, sha256_file
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
 from .index import GraphIndex
-from .shapes import InputShapes, apply_input_shapes
+from .shapes import InputShapes, apply_input_shapes, declared_shapes
 
 
 @dataclass
@@ -50,6 +50,13 @@ class ModelHandle:
         what = f"{len(feeds)} inputs from {inputs}" if inputs is not None else f"{n} random inputs"
         return feeds, None, f"{what} ({self.weights})"
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch every input fixes (the same static leading dimension), or None where it is free."""
+        lead = {(self.index.info[i].dims or [None])[0] for i in self.index.inputs if i in self.index.info}
+        (b,) = lead if len(lead) == 1 else (None,)
+        return b if isinstance(b, int) else None
+
     def cuts(self) -> list[Cut]:
         if not hasattr(self, "_cuts"):
             self._cuts = enumerate_cuts(self.index)
@@ -69,8 +76,11 @@ def open_model(
     name = str(spec) if entry is not None else path.stem
     shapes = dict(getattr(entry, "input_shapes", None) or {}) if entry is not None else {}
     names = {i.name for i in model.graph.input}
+    declared = declared_shapes(model)
     shapes.update({k: v for k, v in (input_shapes or {}).items() if k in names or not only_present})
     model = apply_input_shapes(model, shapes, where=str(path))
+    # a shape the file already fixes changes nothing: the profile and plan say "as in the file" either way
+    shapes = {k: v for k, v in shapes.items() if declared.get(k) != v}
     trained = bool(getattr(entry, "trained", False))
     weights = "the user's model"
     if entry is not None:
