@@ -116,11 +116,13 @@ def cuts(
                 "model": str(h.path),
                 "model_sha256": h.sha256,
                 "compute_nodes": len(h.index.compute),
+                # a batch the inputs fix: above 1, each cut's bytes_per_sample is a whole request's
+                "fixed_batch": h.fixed_batch,
                 "cuts": [c.to_dict() for c in h.cuts()],
             }
         )
     else:
-        console.print(cuts_table(h.name, h.cuts()))
+        console.print(cuts_table(h.name, h.cuts(), h.fixed_batch))
 
 
 @app.command()
@@ -896,11 +898,15 @@ def edge_run(
     summary = EdgeDaemon(cfg).run(inputs, outputs)
     if inputs:
         n = summary["inputs"]
-        console.print(
-            f"{summary['ok']} split, {summary['fallback']} local fallback, {summary['errors']} errors"
+        answered = summary["ok"] + summary["local"] + summary["fallback"]
+        done = (
+            f"{summary['local']} run on the edge (edge-only plan)"
+            if summary["local"]
+            else f"{summary['ok']} split, {summary['fallback']} local fallback"
         )
-        if summary["ok"] + summary["fallback"] < n:  # exit 0 only when every input got an answer
-            err.print(f"{n - summary['ok'] - summary['fallback']} of {n} inputs got no answer")
+        console.print(f"{done}, {summary['errors']} errors")
+        if answered < n:  # exit 0 only when every input got an answer
+            err.print(f"{n - answered} of {n} inputs got no answer")
             raise typer.Exit(1)
 
 

@@ -79,7 +79,8 @@ def table(title: str | None, columns: list[str], rows: list[list[str]], left: in
     return t
 
 
-def cuts_table(name: str, cuts: list) -> Table:
+def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
+    """``batch``: the batch the inputs fix (above 1, a row's bytes are a whole request's, not a sample's)."""
     rows = [
         [
             str(c.index),
@@ -93,8 +94,11 @@ def cuts_table(name: str, cuts: list) -> Table:
         ]
         for c in cuts
     ]
-    cols = ["cut", "after node", "crossing tensors", "bytes/sample", "head MACs", "head params"]
-    return table(f"{name}: {len(cuts)} candidate cuts (bytes per sample, derived from shapes)", cols, rows, 3)
+    per = f"request of batch {batch}" if batch and batch > 1 else "sample"
+    cols = ["cut", "after node", "crossing tensors", f"bytes/{per.split()[0]}", "head MACs", "head params"]
+    return table(
+        f"{name}: {len(cuts)} candidate cuts (bytes per {per}, from the tensors' shapes)", cols, rows, 3
+    )
 
 
 def _front_cells(c: Any) -> list[str]:

@@ -181,6 +181,21 @@ class StageRunner:
         outs = {n: produced[n] if n in produced else received[n] for n in self.produces}
         return sends, outs
 
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        """Refuse model inputs this plan cannot take, naming the shapes it was planned at (a plan fixes
+        them; onnxruntime's own words would name neither)."""
+        for name, (want, shape) in self.expect.items():
+            if name in feeds:
+                wrong = mismatch(name, np.asarray(feeds[name]), (want, shape))
+                if wrong is not None:
+                    given = " ".join(
+                        f"--input-shape {k}:{'x'.join(map(str, v))}"
+                        for k, v in self.plan.input_shapes.items()
+                    )
+                    raise SplitPointError(
+                        f"model input {wrong}" + (f" (planned with {given})" if given else "")
+                    )
+
     def symbol_conflict(self, received: dict[str, np.ndarray]) -> str | None:
         """The first symbolic dimension that two received tensors give different sizes, said in words."""
         seen: dict[str, tuple[int, str]] = {}
@@ -195,6 +210,20 @@ class StageRunner:
                     if first != size:
                         return f"dimension {d} is {first} in tensor {where} but {size} in tensor {name}"
         return None
+
+
+def mismatch(name: str, arr: np.ndarray, expect: Expect) -> str | None:
+    """How ``arr`` differs from what a stage expects of tensor ``name`` (dtype, rank, a fixed size), in
+    words; None where it fits."""
+    want, shape = expect
+    if want is not None and arr.dtype != want:
+        return f"{name}: dtype {arr.dtype}, the plan expects {want}"
+    got = arr.shape
+    if len(got) != len(shape) or any(type(d) is int and d != g for g, d in zip(got, shape, strict=True)):
+        shown = ["?" if d is None else d for d in shape]
+        what = f"rank {arr.ndim}" if len(got) != len(shape) else f"shape {list(got)}"
+        return f"{name}: {what}, the plan expects shape {shown}"
+    return None
 
 
 def _spec_shape(shape: str) -> tuple[int | str | None, ...]:

@@ -237,6 +237,7 @@ class EdgeClient:
                 return  # it waited for a worker past its deadline and was answered with an error
             p.started = True
         try:
+            self._head.check_inputs(p.feeds)
             if self.local_only or (not self.server_up and self._full is not None and self._last_heard > 0):
                 self._run_local(rid, p, "server unreachable")
                 return
@@ -259,9 +260,16 @@ class EdgeClient:
         except Exception as exc:  # onnxruntime rejects wrong shapes/dtypes with its own errors
             self._finish(rid, error=EdgeError(f"head failed: {type(exc).__name__}: {exc}", "bad-input"))
 
+    def _why_no_fallback(self) -> str:
+        if not self.config.fallback:
+            return "local fallback is off (--no-fallback)"
+        if (Path(self.config.plan_dir) / FULL_FILE).is_file():
+            return "the plan's full model was not loaded for fallback (not enough free memory at start)"
+        return "the plan ships no full model to fall back on (plan it with fallback on)"
+
     def _run_local(self, rid: int, p: _Pending, why: str) -> None:
         if self._full is None:
-            msg = f"{why} and the plan ships no full model to fall back on"
+            msg = f"{why}, and {self._why_no_fallback()}"
             self._finish(rid, error=EdgeError(msg, "unreachable" if "unreachable" in why else "timeout"))
             return
         try:

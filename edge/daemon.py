@@ -54,8 +54,9 @@ class EdgeDaemon:
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
         """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
         configured) until SIGTERM/SIGINT, draining what is in flight. Returns the folder's summary:
-        ``ok`` (split), ``fallback`` (answered locally), ``errors`` and ``inputs``."""
-        summary = {"ok": 0, "fallback": 0, "errors": 0, "inputs": 0}
+        ``ok`` (split), ``local`` (an edge-only plan's answers), ``fallback`` (answered locally when the
+        split failed), ``errors`` and ``inputs``."""
+        summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": 0}
         with stop_on_signals(self.stop):
             try:
                 if inputs is not None:
@@ -97,7 +98,7 @@ class EdgeDaemon:
             if rank is not None and arr.ndim == rank - 1:
                 arr = arr[None]  # one sample without its batch dimension
             futures.append((f, self.client.submit({spec.name: arr})))
-        summary = {"ok": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
+        summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
         for f, fut in futures:
             try:
                 r = fut.result()
@@ -105,7 +106,8 @@ class EdgeDaemon:
                 summary["errors"] += 1
                 log.error("%s: %s", f.name, exc)
                 continue
-            summary["fallback" if r.fallback else "ok"] += 1
+            local = self.client.local_only
+            summary["local" if local else "fallback" if r.fallback else "ok"] += 1
             if outputs:
                 outputs.mkdir(parents=True, exist_ok=True)
                 arrays: dict[str, Any] = dict(zip(r.names, r.outputs, strict=True))

@@ -40,7 +40,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
-from splitpoint.core.runner import Expect, StageRunner
+from splitpoint.core.runner import Expect, StageRunner, mismatch
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
@@ -782,14 +782,9 @@ class _AllowList:
 
 def _check_tensor(name: str, arr: np.ndarray, expect: Expect) -> None:
     """Refuse a tensor the tail session would choke on, with the plan's expectation spelled out."""
-    want, shape = expect
-    if want is not None and arr.dtype != want:
-        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: dtype {arr.dtype}, plan expects {want}")
-    got = arr.shape
-    if len(got) != len(shape) or any(type(d) is int and d != g for g, d in zip(got, shape, strict=True)):
-        shown = ["?" if d is None else d for d in shape]
-        what = f"rank {arr.ndim}" if len(got) != len(shape) else f"shape {list(got)}"
-        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {name}: {what}, plan expects shape {shown}")
+    wrong = mismatch(name, arr, expect)
+    if wrong is not None:
+        raise wire.WireError(wire.E_BAD_TENSOR, f"tensor {wrong}")
 
 
 def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:

@@ -6,6 +6,7 @@ got an answer."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from splitpoint.app.broker import free_port
 from splitpoint.core.graph import open_model
+from splitpoint.core.plan import EDGE_ONLY
 from splitpoint.core.plandir import write_plan
 
 from .conftest import run_cli
@@ -213,3 +215,39 @@ def test_a_model_that_cannot_run_at_the_given_shapes_is_one_line(tmp_path):
     assert not (tmp_path / "p.json").exists()
     # onnxruntime's profiling trace of the failed runs is gone too
     assert not [p.name for p in tmp.iterdir() if p.name.startswith("splitpoint")]
+
+
+def test_edge_messages_say_what_happened(small_resnet18, tmp_path):
+    """A dead server with fallback switched off names the switch (not a missing model); an input of another
+    shape names the shape the plan takes; an edge-only plan's answers are not counted as splits."""
+    from splitpoint.edge.client import EdgeClient, EdgeError
+    from splitpoint.edge.config import EdgeConfig
+
+    h = open_model(small_resnet18)
+    write_plan(h, tmp_path / "full", cut=h.cuts()[10], include_full=True)
+    write_plan(h, tmp_path / "bare", cut=h.cuts()[10])
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    x = {"input": np.zeros((1, 3, 64, 64), np.float32)}
+    for plan, fallback, needle in [
+        ("full", False, "local fallback is off (--no-fallback)"),
+        ("bare", True, "the plan ships no full model to fall back on"),
+    ]:
+        with EdgeClient(
+            EdgeConfig(plan_dir=tmp_path / plan, server=dead, fallback=fallback, timeout_s=1)
+        ) as c:
+            with pytest.raises(EdgeError, match=re.escape(needle)):
+                c.infer(x, timeout=10)
+            with pytest.raises(
+                EdgeError, match=r"model input input: shape \[1, 3, 32, 32\], the plan expects"
+            ):
+                c.infer({"input": np.zeros((1, 3, 32, 32), np.float32)}, timeout=10)
+            with pytest.raises(EdgeError, match="dtype float64, the plan expects float32"):
+                c.infer({"input": np.zeros((1, 3, 64, 64))}, timeout=10)
+    write_plan(h, tmp_path / "local", kind=EDGE_ONLY)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    np.save(inputs / "a.npy", x["input"])
+    proc = run_cli(
+        "edge", "run", str(tmp_path / "local"), "--server", dead, "--inputs", str(inputs), timeout=120
+    )
+    assert proc.returncode == 0 and "1 run on the edge (edge-only plan), 0 errors" in proc.stdout, proc.stdout

@@ -113,7 +113,7 @@ def test_wrong_input_is_an_error_not_a_crash(model, server):
     with client(model, server) as c:
         with pytest.raises(EdgeError, match="missing model input"):
             c.infer({"image": np.zeros((1, 3, 64, 64), np.float32)}, timeout=10)
-        with pytest.raises(EdgeError, match="head failed"):
+        with pytest.raises(EdgeError, match=r"shape \[1, 3, 32, 64\], the plan expects shape \[.*64, 64\]"):
             c.infer({"input": np.zeros((1, 3, 32, 64), np.float32)}, timeout=10)
         assert not c.infer(x(), timeout=30).fallback
 
