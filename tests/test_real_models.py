@@ -1,7 +1,8 @@
 """Models as exporters write them, not as the zoo builds them: a static batch of 1 (torch.onnx.export's
-default), symbolic height and width, stale value_info (shapes traced for one input and declared static),
-onnxruntime's own domains (com.microsoft.nchwc, from its layout optimiser), several inputs and outputs, and
-external data. Cut, split, profile, fidelity, plan, serve and bench all work on each."""
+default), symbolic height and width, a batch written as -1, stale value_info (shapes traced for one input
+and declared static), onnxruntime's own domains (com.microsoft.nchwc, from its layout optimiser), several
+inputs and outputs, external data, and an attention block's -inf mask and computed Reshape. Cut, split,
+profile, fidelity, plan, serve and bench all work on each."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def static_batch_1(base):
 def symbolic_hw(base):
     m = _copy(base)
     _set_dims(m.graph.input[0], ["batch", 3, "height", "width"])
+    return m
+
+
+def minus_one_batch(base):
+    """A batch written as dim_value -1 (some converters' "any size"), shape inference carrying it on."""
+    m = _copy(base)
+    m.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
     return m
 
 
@@ -254,6 +263,7 @@ def variants(tmp_path_factory):
         ("static1", static_batch_1(base)),
         ("symhw", symbolic_hw(base)),
         ("stale", stale_value_info(base)),
+        ("minus1", minus_one_batch(base)),
         ("sequence", sequence_model()),
         ("multitask", zoo.build("multitask", width=0.25, resolution=64)),
         ("text", text_encoder()),
@@ -277,7 +287,7 @@ def _handle(variants, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["static1", "symhw", "stale", "sequence", "multitask", "nchwc", "external", "text"]
+    "name", ["static1", "symhw", "stale", "minus1", "sequence", "multitask", "nchwc", "external", "text"]
 )
 def test_every_cut_rejoins_to_the_unsplit_model(variants, name, tmp_path):
     h = _handle(variants, name)
@@ -333,7 +343,7 @@ def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
 
 
 def test_profile_fidelity_and_plan_on_exported_models(variants):
-    for name in ("static1", "symhw", "nchwc", "multitask", "text"):
+    for name in ("static1", "symhw", "minus1", "nchwc", "multitask", "text"):
         h = _handle(variants, name)
         edge = profile_model(h, ProfileSettings(role="edge", budget=4, anchors=2))
         server = profile_model(h, ProfileSettings(role="server", budget=4, anchors=2))

@@ -53,6 +53,10 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for vi in out.graph.input:
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:  # some converters write -1 for "any size"
+                d.Clear()
+                d.dim_param = "N" if k == 0 else f"{vi.name}_dim{k}"
         if vi.name not in shapes:
             continue
         have, want = _dims(vi), shapes[vi.name]
