@@ -516,7 +516,12 @@ def plan(
     int8_heads: Annotated[
         bool, typer.Option(help="also consider int8-weight heads (edge profiled with --int8)")
     ] = False,
-    inputs: Annotated[Path | None, typer.Option(help="folder of .npy files or images for fidelity")] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder of samples for fidelity: .npy or images (one input), .npz (an array per input)"
+        ),
+    ] = None,
     random: Annotated[
         int | None,
         typer.Option(
@@ -686,7 +691,10 @@ def fidelity(
         str | None,
         typer.Option("--quantize-head-weights", help="static (QDQ, calibrated on the inputs) or dynamic"),
     ] = None,
-    inputs: Annotated[Path | None, typer.Option(help="folder of .npy files or images")] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(help="folder of samples: .npy or images (one input), .npz (an array per input)"),
+    ] = None,
     random: Annotated[int, typer.Option(help="seeded random samples when no --inputs")] = 16,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     input_shape: Shapes = None,
@@ -849,7 +857,10 @@ def keygen(
 def edge_run(
     plan_dir: Annotated[Path, typer.Argument(help="plan directory (from `splitpoint plan` or `split`)")],
     server: Annotated[str, typer.Option(help="the tail server's endpoint")] = "tcp://127.0.0.1:5555",
-    inputs: Annotated[Path | None, typer.Option(help="folder of .npy inputs to run once")] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(help="folder of samples to run once: .npy (one input) or .npz (an array per input)"),
+    ] = None,
     outputs: Annotated[Path | None, typer.Option(help="write results here (.npz per input)")] = None,
     listen: Annotated[
         str | None, typer.Option(help="serve local requests, e.g. ipc:///tmp/splitpoint.sock")

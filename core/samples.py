@@ -6,6 +6,7 @@ the same tensor everywhere.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -99,39 +100,86 @@ def padding_mask(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> 
 def load_inputs(
     model: onnx.ModelProto, inputs: str | Path | None = None, random: int = 16, seed: int = 1234
 ) -> list[dict[str, np.ndarray]]:
-    """Per-sample feeds: ``.npy`` files (one sample each, or a batch) or images from a folder,
+    """Per-sample feeds from a folder: ``.npy`` files (one sample each, or a batch) or images for a
+    single-input model, ``.npz`` files (one sample each, an array per input, named as the inputs) for any;
     else ``random`` seeded samples."""
-    from onnx import helper
-
     inits = {t.name for t in model.graph.initializer}
     specs = [i for i in model.graph.input if i.name not in inits]
     if inputs is None:
         return [sample_feeds(model, 1, seed + k) for k in range(random)]
     folder = Path(inputs)
     if not folder.is_dir():
-        raise SplitPointError(f"--inputs must be a folder of .npy files or images: {folder}")
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in (".npy", ".png", ".jpg", ".jpeg", ".bmp")
-    )
+        raise SplitPointError(f"--inputs must be a folder of .npy/.npz files or images: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".npz", *SINGLE_INPUT_SUFFIXES))
     if not files:
-        raise SplitPointError(f"no .npy or image files in {folder}")
-    if len(specs) != 1:
-        raise SplitPointError(
-            f"--inputs feeds single-input models; this one has {len(specs)} inputs (use --random)"
-        )
-    spec = specs[0]
-    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in spec.type.tensor_type.shape.dim]
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type))
+        raise SplitPointError(f"no .npy, .npz or image files in {folder}")
+    dims = {
+        i.name: [d.dim_value if d.HasField("dim_value") else 1 for d in i.type.tensor_type.shape.dim]
+        for i in specs
+    }
+    dtypes = {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in specs}
     out: list[dict[str, np.ndarray]] = []
     for f in files:
-        arr = np.load(f) if f.suffix == ".npy" else image_tensor(f, dims)
-        arr = arr.astype(dtype, copy=False)
-        if arr.ndim == len(dims) - 1:
+        if f.suffix.lower() == ".npz":
+            sample = read_npz(f, {n: len(d) for n, d in dims.items()})
+            out.append({n: a.astype(dtypes[n], copy=False) for n, a in sample.items()})
+            continue
+        only_input(f, list(dims))
+        ((name, want),) = dims.items()
+        arr = np.load(f) if f.suffix == ".npy" else image_tensor(f, want)
+        arr = arr.astype(dtypes[name], copy=False)
+        if arr.ndim == len(want) - 1:
             arr = arr[None]
-        if list(arr.shape[1:]) != dims[1:]:
-            raise SplitPointError(f"{f.name}: shape {arr.shape} does not fit input {spec.name} {dims}")
-        out.extend({spec.name: arr[k : k + 1]} for k in range(arr.shape[0]))
+        if list(arr.shape[1:]) != want[1:]:
+            raise SplitPointError(f"{f.name}: shape {arr.shape} does not fit input {name} {want}")
+        out.extend({name: arr[k : k + 1]} for k in range(arr.shape[0]))
     return out
+
+
+SINGLE_INPUT_SUFFIXES = (".npy", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+def only_input(path: Path, names: list[str]) -> None:
+    """A bare array or image is a sample of a single-input model only."""
+    if len(names) != 1:
+        raise SplitPointError(
+            f"{path.name}: this model has {len(names)} inputs ({', '.join(names)}); give each sample as a "
+            ".npz file with one array per input, named as the inputs"
+        )
+
+
+def read_sample(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
+    """One sample from a ``.npy`` (a single-input model's) or a ``.npz`` (see ``read_npz``) file, with its
+    batch dimension added where it was left out; or SplitPointError naming the file."""
+    if path.suffix.lower() == ".npz":
+        return read_npz(path, ranks)
+    only_input(path, list(ranks))
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SplitPointError(f"cannot read {path.name}: {exc}") from exc
+    ((name, rank),) = ranks.items()
+    return {name: arr[None] if rank is not None and arr.ndim == rank - 1 else arr}
+
+
+def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
+    """One sample of a model with any number of inputs: a ``.npz`` holding an array per input (named as
+    the inputs; one sample, with or without its batch dimension). Other arrays in it are ignored."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise SplitPointError(f"cannot read {path.name}: {exc}") from exc
+    missing = [n for n in ranks if n not in arrays]
+    if missing:
+        raise SplitPointError(
+            f"{path.name} has no array named {', '.join(missing)} (it holds {', '.join(arrays) or 'none'}); "
+            "name each array as the model input it feeds"
+        )
+    return {
+        n: arrays[n][None] if r is not None and arrays[n].ndim == r - 1 else arrays[n]
+        for n, r in ranks.items()
+    }
 
 
 def image_tensor(path: Path, dims: list[int]) -> np.ndarray:

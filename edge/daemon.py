@@ -25,6 +25,7 @@ from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import Plan, install_pushed
 from splitpoint.core.runner import check_models_load
+from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
@@ -75,29 +76,30 @@ class EdgeDaemon:
         self._stop.set()
 
     def run_folder(self, inputs: Path, outputs: Path | None) -> dict:
-        """Every .npy file in ``inputs`` (one sample, with or without its batch dimension), pipelined
-        through the client."""
+        """Every ``.npy`` (a single-input model's sample) or ``.npz`` (an array per input, named as the
+        inputs) in ``inputs``, one sample each with or without its batch dimension, pipelined through the
+        client. A file that cannot be read is that sample's error, not the run's."""
         if not inputs.is_dir():
-            raise SplitPointError(f"--inputs {inputs} is not a folder of .npy files")
-        files = sorted(inputs.glob("*.npy"))
+            raise SplitPointError(f"--inputs {inputs} is not a folder of .npy/.npz files")
+        files = sorted(p for p in inputs.iterdir() if p.suffix.lower() in (".npy", ".npz"))
         if not files:
-            raise SplitPointError(f"no .npy files in {inputs}")
-        if len(self.client.plan.inputs) != 1:
-            raise SplitPointError("folder input feeds single-input models; use --listen for several inputs")
-        spec = self.client.plan.inputs[0]
-        rank = len(spec.shape.split("x")) if spec.shape != "?" else None
+            raise SplitPointError(f"no .npy or .npz files in {inputs}")
+        ranks = {
+            t.name: (len(t.shape.split("x")) if t.shape not in ("", "?") else None)
+            for t in self.client.plan.inputs
+        }
+        if any(f.suffix.lower() == ".npy" for f in files):  # the whole folder is wrong: say so once
+            only_input(next(f for f in files if f.suffix.lower() == ".npy"), list(ranks))
         futures = []
         for f in files:
             if self._stop.is_set():
                 break
             try:
-                arr = np.load(f, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                futures.append((f, _failed(EdgeError(f"cannot read {f.name}: {exc}", "bad-input"))))
+                feeds = read_sample(f, ranks)
+            except SplitPointError as exc:
+                futures.append((f, _failed(EdgeError(str(exc), "bad-input"))))
                 continue
-            if rank is not None and arr.ndim == rank - 1:
-                arr = arr[None]  # one sample without its batch dimension
-            futures.append((f, self.client.submit({spec.name: arr})))
+            futures.append((f, self.client.submit(feeds)))
         summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
         for f, fut in futures:
             try:

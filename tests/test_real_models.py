@@ -426,3 +426,42 @@ def test_bench_on_an_exported_model(variants, tmp_path):
     results = write_report(run_bench(cfg), tmp_path / "out")
     rows = results["runs"][0]["rows"]
     assert rows and all("error" not in r["measured"] for r in rows), [r["measured"] for r in rows]
+
+
+def test_several_inputs_come_from_npz_files(variants, tmp_path):
+    """A sample of a several-input model is one .npz with an array per input: `edge run --inputs` and
+    `fidelity --inputs` read them; a file lacking an input is that sample's error, a bare .npy the
+    folder's."""
+    from splitpoint.core.samples import load_inputs
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    h = _handle(variants, "text")
+    write_plan(h, tmp_path / "plans" / "p", cut=h.cuts()[len(h.cuts()) // 2])
+    good = tmp_path / "in"
+    good.mkdir()
+    feeds = [sample_feeds(h.model, 1, k) for k in range(3)]
+    for k, f in enumerate(feeds):  # one sample each, batch dimension left out
+        np.savez(good / f"s{k}.npz", **{n: a[0] for n, a in f.items()})
+    loaded = load_inputs(h.model, good)
+    assert len(loaded) == 3 and all(np.array_equal(loaded[1][n], feeds[1][n]) for n in feeds[1])
+    np.savez(good / "s9.npz", input_ids=feeds[0]["input_ids"])  # lacks two of the three inputs
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        out = tmp_path / "out"
+        args = ("edge", "run", str(tmp_path / "plans" / "p"), "--server", srv.endpoint, "--inputs", str(good))
+        proc = run_cli(*args, "--outputs", str(out), timeout=120)
+        assert proc.returncode == 1 and "3 split, 0 local fallback, 1 errors" in proc.stdout, proc.stderr
+        assert "s9.npz has no array named token_type_ids, attention_mask" in proc.stderr
+        ref = make_session(h.path)
+        for k, f in enumerate(feeds):
+            np.testing.assert_allclose(np.load(out / f"s{k}.npz")["logits"], ref.run(None, f)[0], rtol=1e-5)
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        np.save(bare / "x.npy", feeds[0]["input_ids"])
+        proc = run_cli(*args[:-1], str(bare), timeout=120)
+        assert (
+            proc.returncode == 2 and "give each sample as a .npz file with one array per input" in proc.stderr
+        )
+    finally:
+        srv.stop()
