@@ -211,7 +211,25 @@ def test_sizes_inference_cannot_follow_are_measured(tmp_path, batch, seq, shapes
     h = open_model(path, shapes)
     (flat,) = [t for t in _cut_crossing(h, "flat").crossing if t.name == "flat"]
     assert flat.bytes_per_sample == 8 * 16 * 4, flat  # [batch·seq, 16] float32, per sample
-    assert flat.shape == ("8x16" if batch == 1 else "Nx16")
+    assert flat.shape == ("8x16" if batch == 1 else "batch*8x16")
+    # the tail declares it so that it takes any batch
+    cut = _cut_crossing(h, "flat")
+    head, tail = extract(h.index, cut)
+    hs, ts = make_session(head.SerializeToString()), make_session(tail.SerializeToString())
+    n = 1 if batch == 1 else 3
+    feeds = {
+        k: np.concatenate([sample_feeds(h.model, 1, s)[k] for s in range(n)])
+        for k in ("input_ids", "attention_mask")
+    }
+    mid = dict(
+        zip(
+            [o.name for o in hs.get_outputs()],
+            hs.run(None, {i.name: feeds[i.name] for i in hs.get_inputs()}),
+            strict=True,
+        )
+    )
+    got = ts.run(None, {i.name: mid.get(i.name, feeds.get(i.name)) for i in ts.get_inputs()})[0]
+    np.testing.assert_allclose(got, make_session(h.model.SerializeToString()).run(None, feeds)[0], rtol=1e-5)
 
 
 def test_a_padding_mask_crosses_a_quantised_cut_exactly(tmp_path):

@@ -164,10 +164,11 @@ class GraphIndex:
         return self._arrays[name]
 
     def resolved(self, t: TensorInfo) -> bool:
-        """Whether a trial run could tell more: the rank is unknown, or a dim is a symbol inference
-        invented (``unk__3`` after a Reshape whose target it could not follow), hiding a size a cut needs.
-        Runs measure such a dim only where the batch is the inputs' one free dimension: with several
-        (a decoder's sequence and cache lengths), two runs cannot tell which of them a size follows."""
+        """Whether ``t`` is known as far as a trial run could tell: not where its rank is unknown, nor
+        where a dim is a symbol inference invented (``unk__3`` after a Reshape whose target it could not
+        follow), hiding a size a cut needs. Runs measure such a dim only where the batch is the inputs'
+        one free dimension: with several (a decoder's sequence and cache lengths), two runs cannot tell
+        which of them a size follows."""
         if t.dims is None:
             return False
         if not self._batch_only:
@@ -228,15 +229,19 @@ class GraphIndex:
             ]
         except Exception:  # best effort: callers report the tensor that stays unknown
             return
+        first = self.info.get(self.inputs[0]) if self.inputs else None
+        batch = first.dims[0] if first and first.dims and isinstance(first.dims[0], str) else "N"
         for name, a, b in zip(missing, *runs, strict=True):
-            self.info[name] = _measured_info(name, self.info.get(name), a, b, free_batch, self.input_symbols)
+            self.info[name] = _measured_info(name, self.info.get(name), a, b, batch if free_batch else None)
 
 
 def _measured_info(
-    name: str, inferred: TensorInfo | None, a: np.ndarray, b: np.ndarray, free_batch: bool, symbols: set
+    name: str, inferred: TensorInfo | None, a: np.ndarray, b: np.ndarray, batch: str | None
 ) -> TensorInfo:
-    """A tensor's type from two trial runs (``a`` at batch 1, ``b`` at batch 2 or a second sample), keeping
-    what inference knew for sure: numbers and the inputs' own symbols."""
+    """A tensor's type from two trial runs: ``a`` at batch 1 and ``b`` at batch 2 where the batch (named
+    ``batch``) is free, else two samples at the fixed shape. What inference knew for sure stays: numbers
+    and the inputs' own symbols. A leading dim that doubles with the batch is the batch times its rows per
+    sample (``batch*16``: a [batch·seq, hidden] reshape); any other dim that differs stays free."""
     elem = helper.np_dtype_to_tensor_dtype(a.dtype)
     if a.ndim != b.ndim:
         return TensorInfo(name, elem, None)
@@ -245,13 +250,13 @@ def _measured_info(
     rows = 1
     for k, (da, db) in enumerate(zip(a.shape, b.shape, strict=True)):
         kept = known[k] if known is not None else None
-        if isinstance(kept, int) or kept in symbols:
+        if isinstance(kept, int) or (kept is not None and kept == batch):
             dims.append(kept)
         elif da == db:
             dims.append(int(da))
-        elif k == 0 and free_batch:
-            dims.append("N")
-            rows = int(da) if db == 2 * da else 1
+        elif k == 0 and batch is not None and db == 2 * da:
+            rows = int(da)
+            dims.append(batch if rows == 1 else f"{batch}*{rows}")
         else:
             dims.append(kept if isinstance(kept, str) else f"d{k}")
     return TensorInfo(name, elem, dims, rows)
