@@ -483,3 +483,24 @@ def test_several_inputs_come_from_npz_files(variants, tmp_path):
         )
     finally:
         srv.stop()
+
+
+def test_a_fixed_batch_above_one_reads_files_in_whole_batches(tmp_path):
+    """A model exported at a fixed batch of 4 runs 4 rows at a time: a file of 8 rows is two of its samples,
+    and a file whose rows do not fill whole batches says so."""
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.samples import load_inputs
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "b4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+    )
+    m = helper.make_model(g)
+    np.save(tmp_path / "a.npy", np.arange(24, dtype=np.float32).reshape(8, 3))
+    got = load_inputs(m, tmp_path)
+    assert [s["x"].shape for s in got] == [(4, 3), (4, 3)] and got[1]["x"][0, 0] == 12
+    np.save(tmp_path / "b.npy", np.zeros((3, 3), np.float32))
+    with pytest.raises(SplitPointError, match="b.npy: 3 rows; input x takes batches of 4"):
+        load_inputs(m, tmp_path)
