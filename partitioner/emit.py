@@ -15,6 +15,7 @@ import numpy as np
 
 from splitpoint.core.errors import PlanError
 from splitpoint.core.graph import ModelHandle
+from splitpoint.core.graph.cuts import cut_by_index
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.plan import EDGE_ONLY, SPLIT, Plan, write_dir_atomically
 from splitpoint.core.plandir import write_plan
@@ -39,7 +40,7 @@ def write_candidate(
     """Write ``cand`` as a plan. ``samples`` calibrate an int8 head; ``predicted`` defaults to the
     candidate's own figures."""
     i = cand.inp
-    cut = handle.cuts()[i.cut - 1] if i.kind == SPLIT and i.cut is not None else None
+    cut = cut_by_index(handle.index, i.cut, handle.cuts()) if i.kind == SPLIT and i.cut is not None else None
     head_model = None
     if i.head_weights == "int8":
         if not samples:

@@ -28,7 +28,7 @@ import onnxruntime as ort
 import psutil
 
 from splitpoint.core.graph import ModelHandle
-from splitpoint.core.graph.cuts import Cut
+from splitpoint.core.graph.cuts import Cut, cut_by_index
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
 from splitpoint.core.runner import make_session
@@ -272,7 +272,7 @@ def profile_model(
                 break  # the next segment would overrun the budget
             before = time.perf_counter()
             note(f"segment at cut {k}", j, len(planned))
-            cut = cuts[k - 1]
+            cut = cut_by_index(idx, k, cuts)
             head, tail = extract(idx, cut, check=False, shared_weights=True)
             # the head's weights are read before the RSS baseline and counted by their size: one copy of
             # them is what the edge holds (the arrays are shared with every session built from them)

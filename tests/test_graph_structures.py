@@ -116,3 +116,38 @@ def test_tensor_named_cuts_are_validated(small_models):
         cut_by_tensors(idx, ["input"])
     with pytest.raises(CutError, match="leaves nothing for the tail"):
         cut_by_tensors(idx, [idx.outputs[0]])
+
+
+def sequence_values_model() -> onnx.ModelProto:
+    """A Relu, its columns as a sequence (SplitToSequence), joined again, a Sigmoid."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("SplitToSequence", ["r"], ["seq"], axis=1),
+        helper.make_node("ConcatFromSequence", ["seq"], ["c"], axis=1),
+        helper.make_node("Sigmoid", ["c"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_sequence_never_crosses_a_cut():
+    """No codec carries a sequence: the cut it would cross is not offered (its index skipped, the others
+    keep theirs), and naming it says why."""
+    from splitpoint.core.graph.cuts import cut_by_index
+
+    idx, cuts = assert_all_cuts_exact(sequence_values_model())
+    assert [c.index for c in cuts] == [1, 3]
+    assert cut_by_index(idx, 3, cuts).crossing[0].name == "c"
+    with pytest.raises(CutError, match="cut 2 would send a sequence or a map"):
+        cut_by_index(idx, 2, cuts)
+    with pytest.raises(CutError, match="seq would cross as a sequence or a map"):
+        cut_by_tensors(idx, ["seq"])

@@ -25,6 +25,7 @@ from splitpoint.profiles.profiler import ProfileSettings, profile_model
 from splitpoint.profiles.schema import load_network
 
 from .conftest import run_cli
+from .test_graph_structures import sequence_values_model
 
 
 def _set_dims(vi: onnx.ValueInfoProto, dims) -> None:
@@ -285,6 +286,7 @@ def variants(tmp_path_factory):
         ("sequence", sequence_model()),
         ("multitask", zoo.build("multitask", width=0.25, resolution=64)),
         ("text", text_encoder()),
+        ("sequences", sequence_values_model()),
     ]:
         paths[name] = d / f"{name}.onnx"
         onnx.save(model, str(paths[name]))
@@ -305,7 +307,19 @@ def _handle(variants, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["static1", "symhw", "stale", "minus1", "sequence", "multitask", "nchwc", "external", "text"]
+    "name",
+    [
+        "static1",
+        "symhw",
+        "stale",
+        "minus1",
+        "sequence",
+        "multitask",
+        "nchwc",
+        "external",
+        "text",
+        "sequences",
+    ],
 )
 def test_every_cut_rejoins_to_the_unsplit_model(variants, name, tmp_path):
     h = _handle(variants, name)
@@ -361,7 +375,7 @@ def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
 
 
 def test_profile_fidelity_and_plan_on_exported_models(variants):
-    for name in ("static1", "symhw", "minus1", "nchwc", "multitask", "text"):
+    for name in ("static1", "symhw", "minus1", "nchwc", "multitask", "text", "sequences"):
         h = _handle(variants, name)
         edge = profile_model(h, ProfileSettings(role="edge", budget=4, anchors=2))
         server = profile_model(h, ProfileSettings(role="server", budget=4, anchors=2))

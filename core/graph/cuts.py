@@ -84,7 +84,8 @@ def _crossing(idx: GraphIndex, name: str, source: str) -> CrossingTensor:
 
 
 def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
-    """All prefix cuts 1..M-1 of the compute order (M compute nodes), in one sweep."""
+    """All prefix cuts 1..M-1 of the compute order (M compute nodes), in one sweep, but those where a
+    sequence or a map would cross (no codec carries one): their indices are skipped, not renumbered."""
     order = idx.compute
     m = len(order)
     # last rank at which each dynamic tensor is read; constants never cross
@@ -130,6 +131,8 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
         for t in [t for t in live if last_use.get(t, -1) < k]:
             del live[t]
         head_outputs.extend(outputs_by_rank.get(r, []))
+        if not all(idx.is_tensor(t) for t in live):
+            continue
         crossing = [
             _crossing(idx, t, s) for t, s in sorted(live.items(), key=lambda kv: produced_rank[kv[0]])
         ]
@@ -164,7 +167,14 @@ def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
     if not 1 <= k <= m - 1:
         raise CutError(f"cut index {k} does not exist: valid cuts are 1..{m - 1} (see `splitpoint cuts`)")
     cuts = cuts if cuts is not None else enumerate_cuts(idx)
-    return cuts[k - 1]
+    cut = (
+        cuts[k - 1]
+        if len(cuts) >= k and cuts[k - 1].index == k
+        else next((c for c in cuts if c.index == k), None)
+    )
+    if cut is None:
+        raise CutError(f"cut {k} would send a sequence or a map across the network, which no codec carries")
+    return cut
 
 
 def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
@@ -207,6 +217,11 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
         unused = [t for t in expected if t not in from_head]
         if unused:
             raise CutError(f"tensor(s) {', '.join(unused)} are not read by the tail: not a boundary")
+    others = [t for t in crossing_names + from_head if not idx.is_tensor(t)]
+    if others:
+        raise CutError(
+            f"invalid cut: {', '.join(others)} would cross as a sequence or a map, which no codec carries"
+        )
     crossing = [_crossing(idx, t, "input") for t in crossing_names] + [
         _crossing(idx, t, "head") for t in from_head
     ]

@@ -110,6 +110,7 @@ class GraphIndex:
     info: dict = field(default_factory=dict)  # tensor -> TensorInfo
     node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
     input_symbols: set = field(default_factory=set)  # the symbolic dims the graph's inputs declare
+    non_tensor: set = field(default_factory=set)  # values that are sequences, maps or optionals: no codec
     _stubs: dict = field(default_factory=dict, repr=False)  # weight_stub's, by initializer name
     _arrays: dict = field(default_factory=dict, repr=False)  # weight_array's
 
@@ -139,7 +140,7 @@ class GraphIndex:
             else:
                 idx.const.add(p)
         idx.compute = [p for p in range(len(idx.nodes)) if p not in idx.const]
-        idx.info = _infer_types(model)
+        idx.info, idx.non_tensor = _infer_types(model)
         idx.input_symbols = {
             d for i in idx.inputs if i in idx.info for d in idx.info[i].dims or () if isinstance(d, str)
         }
@@ -183,6 +184,15 @@ class GraphIndex:
             if i in self.info
         )
 
+    def is_tensor(self, name: str) -> bool:
+        """Whether ``name`` is a tensor (a sequence or a map, e.g. SplitToSequence's output, cannot cross a
+        cut: no codec carries it). A value inference could not type is run once to find out."""
+        if name not in self.non_tensor and (name in self.info or name in self.initializers):
+            return True
+        if name not in self.non_tensor:
+            self._measure_shapes()
+        return name not in self.non_tensor and name in self.info
+
     def tensor(self, name: str) -> TensorInfo:
         t = self.info.get(name)
         if t is None or not self.resolved(t):
@@ -206,7 +216,7 @@ class GraphIndex:
             o
             for n in self.nodes
             for o in n.output
-            if o and (o not in self.info or not self.resolved(self.info[o]))
+            if o and o not in self.non_tensor and (o not in self.info or not self.resolved(self.info[o]))
         ]
         if not missing:
             return
@@ -232,6 +242,9 @@ class GraphIndex:
         first = self.info.get(self.inputs[0]) if self.inputs else None
         batch = first.dims[0] if first and first.dims and isinstance(first.dims[0], str) else "N"
         for name, a, b in zip(missing, *runs, strict=True):
+            if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+                self.non_tensor.add(name)  # a sequence or a map, returned as a list or a dict
+                continue
             self.info[name] = _measured_info(name, self.info.get(name), a, b, batch if free_batch else None)
 
 
@@ -303,9 +316,10 @@ def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    """Types and shapes inferred from the graph itself; what inference cannot tell stays unknown and is
-    measured by a trial run when a cut needs it (``GraphIndex.tensor``)."""
+def _infer_types(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], set[str]]:
+    """Types and shapes inferred from the graph itself, and the values inferred to be no tensor (sequences,
+    maps, optionals); what inference cannot tell stays unknown and is measured by a trial run when a cut
+    needs it (``GraphIndex.tensor``)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(
             _without_declared_shapes(model), check_type=False, strict_mode=False, data_prop=True
@@ -314,10 +328,13 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, TensorInfo]:
         inferred = _without_declared_shapes(model)
     g = inferred.graph
     out: dict[str, TensorInfo] = {}
+    others: set[str] = set()
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         ti = _tensor_info(vi)
         if ti is not None:
             out[vi.name] = ti
+        elif vi.type.WhichOneof("value") not in (None, "tensor_type"):
+            others.add(vi.name)
     for t in model.graph.initializer:
         out[t.name] = TensorInfo(t.name, t.data_type, list(t.dims))
-    return out
+    return out, others
