@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -86,7 +87,8 @@ def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
             str(c.index),
             c.last_node,
             ", ".join(
-                f"{x.name}[{x.shape}]{' (raw input)' if x.source == 'input' else ''}" for x in c.crossing
+                escape(f"{x.name}[{x.shape}]") + (" (raw input)" if x.source == "input" else "")
+                for x in c.crossing
             ),
             human_bytes(c.bytes_per_sample),
             f"{100 * c.head_macs_share:.1f}%",

@@ -151,3 +151,42 @@ def test_a_sequence_never_crosses_a_cut():
         cut_by_index(idx, 2, cuts)
     with pytest.raises(CutError, match="seq would cross as a sequence or a map"):
         cut_by_tensors(idx, ["seq"])
+
+
+def test_sizes_that_follow_the_data_stay_free():
+    """NonZero's count differs from input to input: two trial runs that happen to agree must not fix it,
+    or the tail refuses the next input. Its cut tensors have no size per sample until they are measured."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("NonZero", ["r"], ["nz"]),
+        helper.make_node("Transpose", ["nz"], ["idx"], perm=[1, 0]),
+        helper.make_node("GatherND", ["r", "idx"], ["vals"]),
+        helper.make_node("Mul", ["vals", "two"], ["v2"]),
+        helper.make_node("ReduceSum", ["v2"], ["s"], keepdims=1),
+        helper.make_node("Add", ["s", "r"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "nz",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(np.array(2, np.float32), "two")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    idx = GraphIndex.build(model)
+    cuts = enumerate_cuts(idx)
+    by_last = {c.last_node: c for c in cuts}
+    vals = next(t for t in by_last["GatherND#3"].crossing if t.name == "vals")
+    assert vals.bytes_per_sample is None and not vals.shape[0].isdigit()
+    full = make_session(model.SerializeToString())
+    counts = set()
+    for seed in range(6):  # inputs with different numbers of positive values, through every cut
+        x = {"x": np.random.default_rng(seed).standard_normal((1, 64)).astype(np.float32)}
+        counts.add(int((x["x"] > 0).sum()))
+        for cut in cuts:
+            got = run_split(*extract(idx, cut), cut, x)
+            np.testing.assert_allclose(got["y"], full.run(None, x)[0], rtol=1e-6)
+    assert len(counts) > 1

@@ -42,12 +42,33 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     return ins
 
 
+# ops whose output shape follows their input's values: the count of what they find or keep, a branch taken
+VALUE_SHAPED_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress", "If", "Loop", "Scan"})
+# ops whose output shape is set by the values of inputs other than their data (a target shape, repeats,
+# starts and ends, sizes, axes), and which of their inputs are data (by position; default the first)
+SHAPE_INPUT_OPS = frozenset(
+    {
+        "Reshape", "Expand", "Tile", "Slice", "Range", "ConstantOfShape", "TopK", "Resize", "Upsample", "Pad",
+        "OneHot", "Squeeze", "Unsqueeze", "Split", "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
+        "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+        "CenterCropPad", "Col2Im", "GridSample", "AffineGrid", "RandomNormalLike", "RandomUniformLike",
+    }
+)  # fmt: skip
+_DATA_INPUTS: dict[str, tuple[int, ...]] = {
+    "Range": (),
+    "ConstantOfShape": (),
+    "OneHot": (0, 2),
+    "GridSample": (0, 1),
+}
+
+
 @dataclass
 class TensorInfo:
     name: str
     elem_type: int
     dims: list[int | str | None] | None  # per dim: int, symbolic name, or None; None: unknown rank
     rows: int = 1  # a symbolic leading dim is the batch times this (a [batch*seq, hidden] reshape)
+    lead_is_batch: bool = True  # whether a symbolic leading dim is the batch (not a size found in the data)
 
     @property
     def dtype(self) -> str:
@@ -60,6 +81,8 @@ class TensorInfo:
     def bytes_per_sample(self) -> int | None:
         """Bytes for one sample: a symbolic leading dim is the batch; static tensors count whole."""
         if self.dims is None or any(d is None for d in self.dims[1:]):
+            return None
+        if self.dims and isinstance(self.dims[0], str) and not self.lead_is_batch:
             return None
         dims = self.dims[1:] if (self.dims and isinstance(self.dims[0], str)) else self.dims
         if any(isinstance(d, str) for d in dims):
@@ -144,6 +167,9 @@ class GraphIndex:
         idx.input_symbols = {
             d for i in idx.inputs if i in idx.info for d in idx.info[i].dims or () if isinstance(d, str)
         }
+        for t in idx.info.values():  # a leading symbol inference made up (unk__3) is no batch
+            if t.dims and isinstance(t.dims[0], str) and t.dims[0] not in idx.input_symbols:
+                t.lead_is_batch = False
         for name in idx.outputs:
             if name in graph_inputs or (name in idx.initializers) or (name not in idx.producer):
                 raise ModelError(
@@ -172,9 +198,35 @@ class GraphIndex:
         which of them a size follows."""
         if t.dims is None:
             return False
-        if not self._batch_only:
+        if not self._batch_only or t.name in self._value_shaped:
             return True
         return all(isinstance(d, int) or d in self.input_symbols for d in t.dims)
+
+    @cached_property
+    def _value_shaped(self) -> set[str]:
+        """Tensors whose shape may follow the input's values, not only its shape (NonZero's count, what
+        NonMaxSuppression keeps, a Reshape to a shape computed from data, and everything after them): two
+        trial runs that happen to agree on such a size prove nothing, so it stays free."""
+        data = set(self.inputs)  # values that follow the inputs' values
+        shaped: set[str] = set()
+        for p, n in enumerate(self.nodes):
+            ins = self.node_ins[p]
+            if n.op_type in ("Shape", "Size"):
+                value_dependent = bool(ins) and ins[0] in shaped
+            else:
+                value_dependent = any(i in data for i in ins)
+            shape_from = [
+                i for k, i in enumerate(n.input) if i and k not in _DATA_INPUTS.get(n.op_type, (0,))
+            ]
+            if (
+                n.op_type in VALUE_SHAPED_OPS
+                or any(i in shaped for i in ins)
+                or (n.op_type in SHAPE_INPUT_OPS and any(i in data for i in shape_from))
+            ):
+                shaped.update(o for o in n.output if o)
+            if value_dependent:
+                data.update(o for o in n.output if o)
+        return shaped
 
     @cached_property
     def _batch_only(self) -> bool:
@@ -272,7 +324,8 @@ def _measured_info(
             dims.append(batch if rows == 1 else f"{batch}*{rows}")
         else:
             dims.append(kept if isinstance(kept, str) else f"d{k}")
-    return TensorInfo(name, elem, dims, rows)
+    lead = bool(dims) and batch is not None and isinstance(dims[0], str) and dims[0].split("*")[0] == batch
+    return TensorInfo(name, elem, dims, rows, lead_is_batch=lead)
 
 
 def _toposort(nodes: list, available: set[str]) -> list:
