@@ -164,6 +164,18 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
         "model and the unsplit one on the same input: the cut tensor's codec (e.g. int8 rounding) causes "
         "it; 0 means identical."
     )
+    burst = []
+    for role, c in runs:
+        pred, meas = c.breakdown.get("head_ms"), results[role]["stages"].get("head_ms")
+        if edge_cpus and pred and meas is not None and meas < 0.6 * pred:
+            burst.append(c.label)
+    if burst:
+        say(
+            f"      {', '.join(burst)}: the edge's head measured well below its prediction. Under the CPU "
+            "limit a run of a few ms that starts after idle time goes faster than its sustained share (the "
+            "sequential requests leave the edge idle while the server works); the profile times runs back "
+            "to back, as a real device would run them at any time (docs/bench.md)."
+        )
     if "random" in weights:
         say(
             "      The weights are random: near-tied scores make top-1 fragile under any rounding, so these "

@@ -5,7 +5,10 @@ A CFS quota with the shortest period the kernel allows for the share (its quota 
 starts after idle time goes at the host's full speed until the period's quota is spent (MobileNetV2's
 first 93 nodes: 16.5 ms after idle against 27.8 ms back to back with a 10 ms period; 26.6 against
 29.2 ms with 2.7 ms), so a device that is kept busy (a pipeline) would be slower than one
-measured between requests, which a real device is not. The default 100 ms period is worse still.
+measured between requests, which a real device is not. The default 100 ms period is worse still. Even
+the shortest period leaves a burst for runs of a few ms after idle time (ResNet-18's head at cut 4 under
+0.25 CPU: 3.8 ms after idle, 8.4 ms back to back), which is why profiles time runs back to back over
+several periods (``sample_span_ms``).
 cgroup v1 is tried first because it works on these machines, then cgroup v2 ``cpu.max``,
 then plain CPU affinity (whole cores only). The result says which one took effect.
 """
