@@ -717,6 +717,8 @@ def decode(
         n *= d
         if n * dtype.itemsize > max_bytes:
             raise CodecTooLarge(f"header claims shape {shape} ({dtype}), above the {max_bytes}-byte cap")
+    if n == 0 and any(d > max_bytes for d in shape):  # empty, but no array can have such a dimension
+        raise CodecError(f"header claims shape {shape}: an empty tensor with a dimension past any size")
     if base != "float32" and dtype.kind != "f":
         raise CodecError(f"codec {base} cannot carry dtype {dtype}")
     if not (-1 <= axis < max(ndim, 1)):

@@ -226,6 +226,16 @@ def mismatch(name: str, arr: np.ndarray, expect: Expect) -> str | None:
     return None
 
 
+def output_mismatch(plan: Plan, name: str, arr: np.ndarray) -> str | None:
+    """How an output a server returned differs from the plan's record of it (dtype; shape where the plan
+    knows it), in words; None where it fits or the plan does not name it."""
+    spec = next((o for o in plan.outputs if o.name == name), None)
+    if spec is None:
+        return None
+    shape = _spec_shape(spec.shape) if spec.shape != "?" else tuple(None for _ in range(arr.ndim))
+    return mismatch(name, arr, (_SPEC_DTYPES.get(spec.dtype), shape))
+
+
 def _spec_shape(shape: str) -> tuple[int | str | None, ...]:
     """A plan's shape string ("Nx64x28x28", "?" unknown) as a shape: sizes, symbols, None where unknown."""
     if not shape or shape == "?":

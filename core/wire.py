@@ -211,7 +211,7 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     plan = h.get("plan", "")
     if type(plan) is not str or len(plan) > 128:
         raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string of at most 128 characters")
-    tensors = h.get("tensors", [])
+    tensors = h.get("tensors", []) if t in _WITH_TENSORS else []  # read only where it names frames
     if type(tensors) is not list or not all(type(x) is str and 0 < len(x) < 1024 for x in tensors):
         raise WireError(E_BAD_MESSAGE, "field 'tensors' must be a list of names of 1 to 1023 characters")
     if len(tensors) > MAX_TENSORS:

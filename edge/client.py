@@ -37,7 +37,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
-from splitpoint.core.runner import HeadRunner, make_session
+from splitpoint.core.runner import HeadRunner, make_session, output_mismatch
 from splitpoint.core.telemetry import Telemetry
 
 from .config import EdgeConfig
@@ -353,6 +353,12 @@ class EdgeClient:
             outs = [p.early[n] if n in p.early else late[n] for n in order]
         except (CodecError, KeyError) as exc:
             raise EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply") from exc
+        for n, arr in late.items():  # what the application gets is what the plan says the model returns
+            wrong = output_mismatch(self.plan, n, arr)
+            if wrong is not None:
+                raise EdgeError(
+                    f"the server's result for request {msg.id} does not fit the plan: {wrong}", "bad-reply"
+                )
         meta = msg.meta.get("server")
         server: dict[str, Any] = meta if isinstance(meta, dict) else {}
         total = server.get("total_ms")

@@ -175,6 +175,11 @@ class EdgeDaemon:
             msg = wire.parse(body, self.config.max_message_bytes)
             rid = msg.id
             if msg.type == wire.INFER:
+                if msg.plan and msg.plan != self.client.plan.plan_id:
+                    raise wire.WireError(
+                        wire.E_UNKNOWN_PLAN,
+                        f"this daemon runs plan {self.client.plan.plan_id[:12]}…, not {msg.plan[:16]!r}",
+                    )
                 if len(pending) >= MAX_LOCAL_PENDING:
                     raise wire.WireError(wire.E_BUSY, f"{len(pending)} local requests are in flight")
                 pending.append((ident, msg.id, self.client.submit(self._feeds(msg))))

@@ -140,6 +140,15 @@ def test_a_codec_without_channels_carries_axis_minus_one(codec):
         decode(_patch_header(_payload(codec), axis=1))
 
 
+def test_an_empty_tensor_with_an_impossible_dimension_is_refused():
+    """[0, 2^63, 1, 1] has no elements, so no byte cap stops it, but no array has such a dimension."""
+    p = bytearray(encode(np.zeros((0, 1, 1, 1), np.float32), "float32"))
+    struct.pack_into("<Q", p, _HEAD.size + 8, 2**63)
+    with pytest.raises(CodecError, match="empty tensor with a dimension past any size"):
+        decode(bytes(p))
+    assert decode(encode(np.zeros((0, 5), np.float32), "int8")).shape == (0, 5)
+
+
 def test_shape_claiming_huge_tensor_is_refused_before_allocating():
     p = _payload("float32")
     off = _HEAD.size

@@ -172,6 +172,15 @@ def test_generated_headers_each_get_one_reply(served, header, extra):
         assert reply.meta["code"] in wire.ERROR_CODES
 
 
+def test_a_field_its_type_does_not_read_is_ignored(served):
+    """`tensors` is read for infer, result and step only: a ping carrying a nonsense one is still a ping."""
+    head = json.dumps({"v": 1, "type": "ping", "id": 77, "tensors": 5}).encode()
+    served["sent"] += 1
+    reply = _ask(served["sock"], [head], 5000)
+    served["replies"] += 1
+    assert (reply.type, reply.id) == (wire.PONG, 77)
+
+
 def test_after_the_barrage_the_server_is_whole(served):
     proc = psutil.Process(served["proc"].pid)
     assert served["proc"].poll() is None, "the server died"
@@ -278,6 +287,15 @@ def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, sma
             ).encode(),
             good,
         ],
+        # results that decode but do not fit the plan's output: another dtype, another width
+        lambda rid: [
+            json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out]}).encode(),
+            encode(np.zeros((1, 1000), np.int64), "float32"),
+        ],
+        lambda rid: [
+            json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out]}).encode(),
+            encode(np.zeros((1, 5), np.float32), "float32"),
+        ],
     ]
     stop = threading.Event()
 
@@ -312,6 +330,7 @@ def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, sma
         # the unparsable header has no id: its request times out; every other one is failed by its reply
         assert codes[0] == "timeout" and codes[1:7] == ["bad-reply"] * 5 + ["7"], outcomes
         assert outcomes[7] == ("ok", (1, 1000))  # a nonsense duration is ignored, the result kept
+        assert codes[8:] == ["bad-reply", "bad-reply"], outcomes  # never handed on as the model's output
     finally:
         stop.set()
         t.join(5)

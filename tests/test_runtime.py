@@ -516,9 +516,18 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
                 wire.INFER, 44, tensors=["input"], frames=[encode(np.zeros((1, 3, 9), np.float32), "float32")]
             ),
         ]
-        for m, code in zip(bad, ["bad-tensor", "bad-tensor", "bad-input"], strict=True):
+        # naming another plan than the one the daemon runs
+        bad.append(
+            wire.Message(wire.INFER, 45, "ab" * 32, ["input"], frames=[encode(x()["input"], "float32")])
+        )
+        for m, code in zip(bad, ["bad-tensor", "bad-tensor", "bad-input", "unknown-plan"], strict=True):
             reply = _ask(s, m.to_frames(), timeout=10000)
             assert (reply.type, reply.id, reply.meta["code"]) == (wire.ERROR, m.id, code), reply.meta
+        # its own plan's id, or none, is answered
+        plan_id = _ask(s, wire.Message(wire.PING, 98).to_frames(), timeout=10000).plan
+        for pid in (plan_id, ""):
+            m = wire.Message(wire.INFER, 46, pid, ["input"], frames=[encode(x()["input"], "float32")])
+            assert _ask(s, m.to_frames(), timeout=30000).type == wire.RESULT
         s.close(0)
     finally:
         daemon.stop()
