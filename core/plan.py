@@ -258,7 +258,8 @@ class Plan(_Strict):
         return _canonical_id(self.model_dump(mode="json", exclude=skip))
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+        # no "decoder": null: the file hashes to its id by protocol.md's recipe, field for field
+        return self.model_dump_json(indent=2, exclude={"decoder"} if self.decoder is None else None) + "\n"
 
     @classmethod
     def parse(cls, data: bytes | str, where: str = "plan") -> Plan:
@@ -281,7 +282,12 @@ class Plan(_Strict):
             plan = cls.model_validate(raw)
         except ValidationError as exc:
             raise PlanError(f"{where}: malformed plan: {explain_fields(exc)}") from exc
-        if version == PLAN_FORMAT and plan.plan_id != plan.content_id():
+        # the recipe applied to the file as written (a client that kept a "decoder": null) holds too
+        if (
+            version == PLAN_FORMAT
+            and plan.plan_id != plan.content_id()
+            and plan.plan_id != _canonical_id({k: v for k, v in raw.items() if k != "plan_id"})
+        ):
             raise PlanError(f"{where}: plan_id does not match the plan's content (edited or corrupt)")
         return plan
 
@@ -363,10 +369,10 @@ def from_format_1(raw: dict) -> dict:
     }
 
 
-def verify_pushed(files: dict[str, bytes], role: str | None = None) -> Plan:
+def verify_pushed(files: dict[str, bytes], role: str | None = None, fallback: bool = False) -> Plan:
     """A plan sent over the wire (plan.json plus the files ``role`` needs, or all it lists), checked
     against its own checksums before anything is written: the server and the edge daemon accept pushes
-    alike."""
+    alike. An edge that falls back locally needs the plan's full model too."""
     if PLAN_FILE not in files:
         raise PlanError("pushed plan has no plan.json")
     for name in files:
@@ -375,7 +381,7 @@ def verify_pushed(files: dict[str, bytes], role: str | None = None) -> Plan:
     extra = set(files) - set(plan.files) - {PLAN_FILE}
     if extra:
         raise PlanError(f"pushed plan carries files it does not list: {sorted(extra)[:8]}")
-    need = plan.files_for(role, fallback=False)
+    need = plan.files_for(role, fallback=fallback)
     for name, digest in plan.files.items():
         if name not in files:
             if name not in need:
@@ -390,13 +396,18 @@ T = TypeVar("T")
 
 
 def install_pushed(
-    files: dict[str, bytes], plans_dir: Path, load: Callable[[Path, Plan], T], role: str | None = None
+    files: dict[str, bytes],
+    plans_dir: Path,
+    load: Callable[[Path, Plan], T],
+    role: str | None = None,
+    fallback: bool = False,
 ) -> tuple[Plan, T, Path]:
     """Verify a pushed plan, write it to a temporary directory in ``plans_dir``, ``load`` it from there
     (build every session: a garbage model with a matching checksum fails here), and only then rename it
     to ``plans_dir/<first 16 hex of its id>``. Any failure leaves nothing behind and the previous content
-    of that directory untouched. Returns the plan, what ``load`` returned and where the plan now is."""
-    plan = verify_pushed(files, role)
+    of that directory untouched. Returns the plan, what ``load`` returned and where the plan now is.
+    ``fallback``: an edge that falls back locally, which needs the full model the plan lists."""
+    plan = verify_pushed(files, role, fallback)
     target = Path(plans_dir) / plan.plan_id[:16]
     loaded: list[T] = []
 

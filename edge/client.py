@@ -138,8 +138,19 @@ class EdgeClient:
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
-        """Start one inference; the future yields an EdgeResult or raises EdgeError."""
-        rid, p = self._enqueue(feeds, Future())
+        """Start one inference, waiting for room in the window; the future yields an EdgeResult or
+        raises EdgeError."""
+        future = self.try_submit(feeds, block=True)
+        assert future is not None
+        return future
+
+    def try_submit(self, feeds: dict[str, np.ndarray], block: bool = False) -> Future | None:
+        """``submit`` without waiting: None while the window is full (a socket loop that must keep
+        answering holds the request itself and tries again)."""
+        got = self._enqueue(feeds, Future(), block)
+        if got is None:
+            return None
+        rid, p = got
         self._pool.submit(self._start, rid, p)
         os.write(self._wake_w, b"s")  # the background thread starts watching the socket for its reply
         assert p.future is not None
@@ -148,7 +159,9 @@ class EdgeClient:
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
         """One inference, blocking, entirely in the calling thread unless others are in flight.
         ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``."""
-        rid, p = self._enqueue(feeds, None)
+        got = self._enqueue(feeds, None, True)
+        assert got is not None
+        rid, p = got
         with self._lock:
             self._waiting += 1  # while every request in flight has a caller waiting, the background
         try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
@@ -196,12 +209,15 @@ class EdgeClient:
         self.close()
 
     # -- resolution: exactly once --------------------------------------------------------------
-    def _enqueue(self, feeds: dict[str, np.ndarray], future: Future | None) -> tuple[int, _Pending]:
+    def _enqueue(
+        self, feeds: dict[str, np.ndarray], future: Future | None, block: bool
+    ) -> tuple[int, _Pending] | None:
         if self.fatal is not None:
             raise EdgeError(f"the edge client stopped working: {self.fatal}", "internal")
         if self._closing:
             raise EdgeError("client is shutting down", "closed")
-        self._window.acquire()
+        if not self._window.acquire(blocking=block):
+            return None
         rid = next(self._ids)
         p = _Pending(future, feeds, time.perf_counter())
         with self._lock:

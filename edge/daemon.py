@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class EdgeDaemon:
         self.client = EdgeClient(config, self.telemetry)
         self._stop = threading.Event()
         self.endpoint: str | None = None
+        # local requests waiting for room in the client's window: (identity, request id, feeds, since)
+        self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float]] = deque()
 
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
         """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
@@ -64,8 +67,8 @@ class EdgeDaemon:
                     summary = self.run_folder(inputs, outputs)
                 if self.config.listen:
                     self.serve_local()
-            finally:
-                self.client.close(drain=True)
+            finally:  # the local socket drained already (timeout_s twice over): what is left is told so
+                self.client.close(drain=True, timeout=self.config.timeout_s)
                 if self.telemetry:
                     self.telemetry.close()
         if self.client.fatal is not None:
@@ -129,21 +132,54 @@ class EdgeDaemon:
             raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         pending: list[tuple[Any, int, Future]] = []
+        self._backlog.clear()
         try:
             while not self._stop.is_set() and self.client.fatal is None:
                 if sock.poll(10):
                     for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
                         self._on_local(sock, frames, pending)
+                self._start_backlog(sock, pending)
                 pending = self._answer_done(sock, pending)
+            for ident, rid, *_ in self._backlog:  # never started: nothing to drain
+                reply = wire.error(rid, "closed", "the edge daemon is shutting down")
+                sock.send_multipart([ident, *reply.to_frames()])
+            self._backlog.clear()
             end = time.monotonic() + self.config.timeout_s * 2
-            while pending and time.monotonic() < end:  # drain
-                time.sleep(0.005)
+            while pending and time.monotonic() < end:  # drain; what arrives meanwhile is told so
+                if sock.poll(5):
+                    for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
+                        if len(frames) >= 2:
+                            rid = wire.best_effort_id(frames[1:])
+                            reply = wire.error(rid, "closed", "the edge daemon is shutting down")
+                            sock.send_multipart([frames[0], *reply.to_frames()])
                 pending = self._answer_done(sock, pending)
             for ident, rid, _ in pending:
                 reply = wire.error(rid, "closed", "the edge daemon stopped before the request finished")
                 sock.send_multipart([ident, *reply.to_frames()])
         finally:
-            sock.close(0)
+            sock.close(linger=1000)  # the last answers (and the `closed` ones) reach their clients
+
+    def _start_backlog(self, sock: zmq.Socket, pending: list) -> None:
+        """Start the local requests that wait for room in the client's window, oldest first; the socket
+        loop never blocks on the window, so it keeps answering (and hears SIGTERM) while they wait."""
+        while self._backlog:
+            ident, rid, feeds, since = self._backlog[0]
+            waited = time.monotonic() - since
+            if waited > self.config.timeout_s:  # --timeout bounds the wait for the window too
+                self._backlog.popleft()
+                why = f"waited {waited:.1f} s for room among the {self.config.window} requests in flight"
+                sock.send_multipart([ident, *wire.error(rid, "timeout", why).to_frames()])
+                continue
+            try:
+                fut = self.client.try_submit(feeds)
+            except EdgeError as exc:
+                self._backlog.popleft()
+                sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
+                continue
+            if fut is None:
+                return
+            self._backlog.popleft()
+            pending.append((ident, rid, fut))
 
     def _answer_done(self, sock: zmq.Socket, pending: list) -> list:
         still = []
@@ -180,9 +216,10 @@ class EdgeDaemon:
                         wire.E_UNKNOWN_PLAN,
                         f"this daemon runs plan {self.client.plan.plan_id[:12]}…, not {msg.plan[:16]!r}",
                     )
-                if len(pending) >= MAX_LOCAL_PENDING:
-                    raise wire.WireError(wire.E_BUSY, f"{len(pending)} local requests are in flight")
-                pending.append((ident, msg.id, self.client.submit(self._feeds(msg))))
+                held = len(pending) + len(self._backlog)
+                if held >= MAX_LOCAL_PENDING:
+                    raise wire.WireError(wire.E_BUSY, f"{held} local requests are in flight or waiting")
+                self._backlog.append((ident, msg.id, self._feeds(msg), time.monotonic()))
             elif msg.type == wire.DEPLOY:
                 plan = self._deploy(msg)
                 sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])
@@ -220,7 +257,10 @@ class EdgeDaemon:
     def _deploy(self, msg: wire.Message) -> Plan:
         """Install a pushed plan next to the current one (verified and loaded first), then switch to it,
         draining the old client."""
-        plan, _, target = install_pushed(wire.deploy_files(msg), self.plans_dir, check_models_load, "edge")
+        files = wire.deploy_files(msg)
+        plan, _, target = install_pushed(
+            files, self.plans_dir, check_models_load, "edge", self.config.fallback
+        )
         old = self.client
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
