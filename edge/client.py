@@ -289,20 +289,42 @@ class EdgeClient:
             self._finish(rid, error=EdgeError(msg, "unreachable" if "unreachable" in why else "timeout"))
             return
         try:
+            self._finish(rid, self._local_result(rid, p.feeds, why))
+        except EdgeError as exc:
+            self._finish(rid, error=exc)
+
+    def _local_result(self, rid: int, feeds: dict[str, np.ndarray], why: str) -> EdgeResult:
+        """The whole model run here (``_full`` set), or EdgeError."""
+        assert self._full is not None
+        try:
             t0 = time.perf_counter()
             names = [o.name for o in self._full.get_outputs()]
-            outs = self._full.run(names, {i.name: p.feeds[i.name] for i in self._full.get_inputs()})
+            outs = self._full.run(names, {i.name: feeds[i.name] for i in self._full.get_inputs()})
             ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:
-            self._finish(
-                rid, error=EdgeError(f"local model failed: {type(exc).__name__}: {exc}", "bad-input")
-            )
-            return
-        order = self._order
+            raise EdgeError(f"local model failed: {type(exc).__name__}: {exc}", "bad-input") from exc
         by = dict(zip(names, outs, strict=True))
         reason = "edge-only plan" if self.local_only else why
         breakdown = {"local_ms": ms, "reason": reason}
-        self._finish(rid, EdgeResult(rid, order, [by[n] for n in order], not self.local_only, breakdown))
+        return EdgeResult(rid, self._order, [by[n] for n in self._order], not self.local_only, breakdown)
+
+    def fall_back(self, feeds: dict[str, np.ndarray], why: str) -> Future | None:
+        """Answer a request locally that could not be sent in time (it waited past ``timeout_s`` for room
+        in the window), outside the window; None where there is no local model to fall back on."""
+        if self._full is None or not self.config.fallback:
+            return None
+        self._head.check_inputs(feeds)
+        fut: Future = Future()
+        rid = next(self._ids)
+
+        def run() -> None:
+            try:
+                fut.set_result(self._local_result(rid, feeds, why))
+            except EdgeError as exc:
+                fut.set_exception(exc)
+
+        self._pool.submit(run)
+        return fut
 
     # -- replies (called by whichever thread holds the socket) ---------------------------------
     def _on_message(self, frames: list) -> None:

@@ -168,7 +168,15 @@ class EdgeDaemon:
             if waited > self.config.timeout_s:  # --timeout bounds the wait for the window too
                 self._backlog.popleft()
                 why = f"waited {waited:.1f} s for room among the {self.config.window} requests in flight"
-                sock.send_multipart([ident, *wire.error(rid, "timeout", why).to_frames()])
+                try:
+                    local = self.client.fall_back(feeds, why)
+                except SplitPointError as exc:
+                    sock.send_multipart([ident, *wire.error(rid, "bad-input", str(exc)).to_frames()])
+                    continue
+                if local is not None:  # as a request the server did not answer in time
+                    pending.append((ident, rid, local))
+                else:
+                    sock.send_multipart([ident, *wire.error(rid, "timeout", why).to_frames()])
                 continue
             try:
                 fut = self.client.try_submit(feeds)
