@@ -114,6 +114,8 @@ _SPEC_DTYPES["bool"] = np.dtype(np.bool_)
 # dtype (None: any) and shape: a size, a symbol (the same symbol is the same size in every tensor of one
 # request, as in ONNX: the batch shared by two cut tensors), or None (any size)
 Expect = tuple[np.dtype | None, tuple[int | str | None, ...]]
+# an output's expectation: as Expect, its shape None where the plan does not know it (any shape)
+OutputExpect = tuple[np.dtype | None, tuple[int | str | None, ...] | None]
 
 
 class StageRunner:
@@ -212,13 +214,15 @@ class StageRunner:
         return None
 
 
-def mismatch(name: str, arr: np.ndarray, expect: Expect) -> str | None:
+def mismatch(name: str, arr: np.ndarray, expect: OutputExpect) -> str | None:
     """How ``arr`` differs from what a stage expects of tensor ``name`` (dtype, rank, a fixed size), in
     words; None where it fits."""
     want, shape = expect
     if want is not None and arr.dtype != want:
         return f"{name}: dtype {arr.dtype}, the plan expects {want}"
     got = arr.shape
+    if shape is None:  # unknown: any shape
+        return None
     if len(got) != len(shape) or any(type(d) is int and d != g for g, d in zip(got, shape, strict=True)):
         shown = ["?" if d is None else d for d in shape]
         what = f"rank {arr.ndim}" if len(got) != len(shape) else f"shape {list(got)}"
@@ -226,14 +230,13 @@ def mismatch(name: str, arr: np.ndarray, expect: Expect) -> str | None:
     return None
 
 
-def output_mismatch(plan: Plan, name: str, arr: np.ndarray) -> str | None:
-    """How an output a server returned differs from the plan's record of it (dtype; shape where the plan
-    knows it), in words; None where it fits or the plan does not name it."""
-    spec = next((o for o in plan.outputs if o.name == name), None)
-    if spec is None:
-        return None
-    shape = _spec_shape(spec.shape) if spec.shape != "?" else tuple(None for _ in range(arr.ndim))
-    return mismatch(name, arr, (_SPEC_DTYPES.get(spec.dtype), shape))
+def output_expects(plan: Plan) -> dict[str, OutputExpect]:
+    """What a server's result must be for each of the plan's outputs: its dtype, and its shape where the
+    plan knows it (an unknown shape, "?", checks the dtype only). Built once per plan, not per reply."""
+    return {
+        o.name: (_SPEC_DTYPES.get(o.dtype), _spec_shape(o.shape) if o.shape != "?" else None)
+        for o in plan.outputs
+    }
 
 
 def _spec_shape(shape: str) -> tuple[int | str | None, ...]:

@@ -37,7 +37,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
-from splitpoint.core.runner import HeadRunner, make_session, output_mismatch
+from splitpoint.core.runner import HeadRunner, make_session, mismatch, output_expects
 from splitpoint.core.telemetry import Telemetry
 
 from .config import EdgeConfig
@@ -97,6 +97,7 @@ class EdgeClient:
         head = make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None
         self._head = HeadRunner(self.plan, head)
         self._order = [o.name for o in self.plan.outputs]  # the model's outputs, in its order
+        self._out_expect = output_expects(self.plan)
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
         if (config.fallback or self.local_only) and ((d / FULL_FILE).is_file() or self.local_only):
@@ -392,7 +393,7 @@ class EdgeClient:
         except (CodecError, KeyError) as exc:
             raise EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply") from exc
         for n, arr in late.items():  # what the application gets is what the plan says the model returns
-            wrong = output_mismatch(self.plan, n, arr)
+            wrong = mismatch(n, arr, self._out_expect[n]) if n in self._out_expect else None
             if wrong is not None:
                 raise EdgeError(
                     f"the server's result for request {msg.id} does not fit the plan: {wrong}", "bad-reply"

@@ -141,8 +141,7 @@ class EdgeDaemon:
                 self._start_backlog(sock, pending)
                 pending = self._answer_done(sock, pending)
             for ident, rid, *_ in self._backlog:  # never started: nothing to drain
-                reply = wire.error(rid, "closed", "the edge daemon is shutting down")
-                sock.send_multipart([ident, *reply.to_frames()])
+                self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down")
             self._backlog.clear()
             end = time.monotonic() + self.config.timeout_s * 2
             while pending and time.monotonic() < end:  # drain; what arrives meanwhile is told so
@@ -150,14 +149,18 @@ class EdgeDaemon:
                     for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
                         if len(frames) >= 2:
                             rid = wire.best_effort_id(frames[1:])
-                            reply = wire.error(rid, "closed", "the edge daemon is shutting down")
-                            sock.send_multipart([frames[0], *reply.to_frames()])
+                            self._refuse(sock, frames[0], rid, "closed", "the edge daemon is shutting down")
                 pending = self._answer_done(sock, pending)
             for ident, rid, _ in pending:
-                reply = wire.error(rid, "closed", "the edge daemon stopped before the request finished")
-                sock.send_multipart([ident, *reply.to_frames()])
+                self._refuse(
+                    sock, ident, rid, "closed", "the edge daemon stopped before the request finished"
+                )
         finally:
             sock.close(linger=1000)  # the last answers (and the `closed` ones) reach their clients
+
+    @staticmethod
+    def _refuse(sock: zmq.Socket, ident: Any, rid: int, code: str, why: str) -> None:
+        sock.send_multipart([ident, *wire.error(rid, code, why).to_frames()])
 
     def _start_backlog(self, sock: zmq.Socket, pending: list) -> None:
         """Start the local requests that wait for room in the client's window, oldest first; the socket
@@ -171,18 +174,18 @@ class EdgeDaemon:
                 try:
                     local = self.client.fall_back(feeds, why)
                 except SplitPointError as exc:
-                    sock.send_multipart([ident, *wire.error(rid, "bad-input", str(exc)).to_frames()])
+                    self._refuse(sock, ident, rid, "bad-input", str(exc))
                     continue
                 if local is not None:  # as a request the server did not answer in time
                     pending.append((ident, rid, local))
                 else:
-                    sock.send_multipart([ident, *wire.error(rid, "timeout", why).to_frames()])
+                    self._refuse(sock, ident, rid, "timeout", why)
                 continue
             try:
                 fut = self.client.try_submit(feeds)
             except EdgeError as exc:
                 self._backlog.popleft()
-                sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
+                self._refuse(sock, ident, rid, exc.code, str(exc))
                 continue
             if fut is None:
                 return
@@ -237,18 +240,13 @@ class EdgeDaemon:
                 sock.send_multipart([ident, *reply.to_frames()])
             else:
                 raise wire.WireError(wire.E_BAD_MESSAGE, f"the edge daemon does not accept {msg.type!r}")
-        except wire.WireError as exc:
-            sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
-        except CodecError as exc:
-            sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
+        except (wire.WireError, CodecError, EdgeError) as exc:
+            self._refuse(sock, ident, rid, exc.code, str(exc))
         except PlanError as exc:
-            sock.send_multipart([ident, *wire.error(rid, wire.E_BAD_PLAN, str(exc)).to_frames()])
-        except EdgeError as exc:
-            sock.send_multipart([ident, *wire.error(rid, exc.code, str(exc)).to_frames()])
+            self._refuse(sock, ident, rid, wire.E_BAD_PLAN, str(exc))
         except Exception as exc:  # the daemon never dies on one message
             log.exception("local request failed")
-            reply = wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
-            sock.send_multipart([ident, *reply.to_frames()])
+            self._refuse(sock, ident, rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _feeds(self, msg: wire.Message) -> dict[str, np.ndarray]:
         """The model inputs of a local request: exactly the plan's inputs, each a valid payload."""

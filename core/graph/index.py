@@ -82,12 +82,13 @@ class TensorInfo:
         """Bytes for one sample: a symbolic leading dim is the batch; static tensors count whole."""
         if self.dims is None or any(d is None for d in self.dims[1:]):
             return None
-        if self.dims and isinstance(self.dims[0], str) and not self.lead_is_batch:
+        batch = bool(self.dims) and isinstance(self.dims[0], str)
+        if batch and not self.lead_is_batch:
             return None
-        dims = self.dims[1:] if (self.dims and isinstance(self.dims[0], str)) else self.dims
+        dims = self.dims[1:] if batch else self.dims
         if any(isinstance(d, str) for d in dims):
             return None
-        rows = self.rows if dims is not self.dims else 1
+        rows = self.rows if batch else 1
         return int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64)) * self.itemsize * rows
 
     def shape_str(self) -> str:
