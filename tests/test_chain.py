@@ -330,3 +330,36 @@ def test_split_writes_a_chain_from_the_command_line(small_resnet18, tmp_path):
     assert "hop 2: cut 30" in proc.stdout and "(3 stages)" in proc.stdout
     bad = run_cli("split", str(small_resnet18), "--cut", "30", "--cut", "10", "-o", str(tmp_path / "q"))
     assert bad.returncode == 2 and "increasing order" in bad.stderr
+
+
+def test_plan_ids_follow_the_documented_recipe_and_an_edge_that_falls_back_needs_its_full_model(
+    tmp_path, small_resnet18
+):
+    """protocol.md: plan_id is the SHA-256 of plan.json without plan_id, keys sorted, no whitespace. A
+    third party computing it over the file as written (even one holding "decoder": null) is believed; an
+    edge that falls back locally refuses a push without the full model its plan lists."""
+    import hashlib
+    import json
+
+    from splitpoint.core.plan import FULL_FILE, PLAN_FILE, verify_pushed
+
+    h = open_model(small_resnet18)
+    d = tmp_path / "p"
+    write_plan(h, d, cut=h.cuts()[10], include_full=True)
+    raw = json.loads((d / PLAN_FILE).read_text())
+    assert "decoder" not in raw
+
+    def recipe(obj: dict) -> str:
+        body = {k: v for k, v in obj.items() if k != "plan_id"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    assert recipe(raw) == raw["plan_id"]
+    edited = {**raw, "decoder": None, "predicted": {"note": 1}}
+    edited["plan_id"] = recipe(edited)
+    assert Plan.parse(json.dumps(edited)).plan_id == edited["plan_id"]
+    with pytest.raises(PlanError, match="does not match"):
+        Plan.parse(json.dumps({**edited, "predicted": {"note": 2}}))
+    files = {n: (d / n).read_bytes() for n in (PLAN_FILE, "head.onnx")}
+    assert verify_pushed(files, "edge", fallback=False).plan_id == raw["plan_id"]
+    with pytest.raises(PlanError, match=f"missing {FULL_FILE}"):
+        verify_pushed(files, "edge", fallback=True)
