@@ -83,3 +83,30 @@ def local_function_model() -> onnx.ModelProto:
         helper.make_node("ScaledRelu", ["b", "s"], ["y"], name="f2", domain="local"),
     ]
     return _model(nodes, [x], [y], [s], functions=[fn], extra_opsets=[helper.make_opsetid("local", 1)])
+
+
+def outputs_without_compute_model() -> onnx.ModelProto:
+    """Model outputs that no computing node makes: a Constant node's (a version tag), a weight (a label
+    table) and a model input handed back as it came (the image a detector returns with its boxes)."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32), "w2")
+    labels = numpy_helper.from_array(np.arange(8, dtype=np.int64), "labels")
+    version = helper.make_tensor("v", TensorProto.INT64, [1], [3])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["y"]),
+        helper.make_node("Constant", [], ["version"], value=version),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8]),
+        helper.make_tensor_value_info("version", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("labels", TensorProto.INT64, [8]),
+        x,
+    ]
+    return _model(nodes, [x], outputs, [w1, w2, labels])

@@ -190,3 +190,54 @@ def test_sizes_that_follow_the_data_stay_free():
             got = run_split(*extract(idx, cut), cut, x)
             np.testing.assert_allclose(got["y"], full.run(None, x)[0], rtol=1e-6)
     assert len(counts) > 1
+
+
+def test_outputs_no_computing_node_makes_come_from_a_stage(tmp_path):
+    """A Constant node's output, a weight and a model input handed back are model outputs too: every
+    two-stage cut, a cut named by tensors, a three-stage chain and a served plan give all of them."""
+    from splitpoint.core.graph.extract import extract_segments
+    from splitpoint.core.graph.model import open_model
+    from splitpoint.core.plandir import write_plan
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    model = graphs.outputs_without_compute_model()
+    idx, cuts = assert_all_cuts_exact(model)
+    assert all("x" in c.head_outputs for c in cuts)  # the edge holds the input it hands back
+    feeds = random_feeds(model, batch=2, seed=4)
+    full = dict(zip(idx.outputs, make_session(model.SerializeToString()).run(None, feeds), strict=True))
+    named = cut_by_tensors(idx, ["r1"])
+    assert "x" in named.head_outputs
+    got = run_split(*extract(idx, named), named, feeds)
+    assert set(got) == set(idx.outputs)
+    # three stages: each output from exactly one of them
+    segs = extract_segments(idx, [cuts[0], cuts[2]])
+    assert sorted(o for s in segs for o in s.produces) == sorted(idx.outputs)
+    pool = dict(feeds)
+    for s in segs:
+        if s.model is not None:
+            sess = make_session(s.model.SerializeToString())
+            outs = sess.run(None, {i.name: pool[i.name] for i in sess.get_inputs()})
+            pool.update(zip([o.name for o in sess.get_outputs()], outs, strict=True))
+    for name, ref in full.items():
+        np.testing.assert_allclose(pool[name], ref, rtol=1e-6, atol=1e-6)
+    # and served: the edge's answer carries all four
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    h = open_model(str(path))
+    write_plan(h, tmp_path / "plans" / "p", cut=h.cuts()[1], codec="int8")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        with EdgeClient(
+            EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=srv.endpoint, fallback=False)
+        ) as c:
+            one = {"x": feeds["x"][:1]}
+            r = c.infer(one, timeout=30)
+    finally:
+        srv.stop()
+    ref1 = make_session(model.SerializeToString()).run(None, one)
+    for name, got1, want in zip(idx.outputs, r.outputs, ref1, strict=True):
+        assert got1.dtype == want.dtype and got1.shape == want.shape, name
+        np.testing.assert_allclose(got1, want, rtol=0.05, atol=0.05)

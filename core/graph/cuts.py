@@ -234,7 +234,8 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
         index=len(head) if prefix else None,
         head=head,
         crossing=crossing,
-        head_outputs=[o for o in idx.outputs if o in produced_in_head],
+        # a model input that is also a model output is the head's to give back: the edge holds it
+        head_outputs=[o for o in idx.outputs if o in produced_in_head or o in idx.inputs],
         head_macs=macs,
         total_macs=sum(node_macs(idx, p) for p in range(len(idx.nodes))),
         head_params=sum(tensor_size(idx, t) for t in head_params),

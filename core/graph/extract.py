@@ -44,8 +44,14 @@ def _submodel(
     shared: bool = False,
 ) -> onnx.ModelProto:
     src = idx.model
+    # model outputs no computing node makes: a constant node's (its node comes along), a weight's, and
+    # a model input passed through (it enters the part that outputs it)
+    made_by_const = {idx.producer[o] for o in outputs if idx.producer.get(o) in idx.const}
+    if made_by_const:
+        positions = _with_constants(idx, set(positions) | made_by_const)
+    inputs = inputs + [o for o in outputs if o in idx.inputs and o not in inputs]
     nodes = [idx.nodes[p] for p in positions]
-    reads = {t for p in positions for t in idx.node_ins[p]}
+    reads = {t for p in positions for t in idx.node_ins[p]} | set(outputs)
     inits = [
         idx.weight_stub(t) if shared and shareable(init) else init
         for t, init in idx.initializers.items()
@@ -140,8 +146,13 @@ def extract_segments(
         produced = {o for p in own for o in idx.nodes[p].output if o}
         outs = [o for o in idx.outputs if o in produced]
         if i == 0:
-            # graph outputs that are graph inputs (or constants) come from the edge, as in a one-stage plan
-            outs += [o for o in idx.outputs if o not in idx.producer and o in idx.inputs]
+            # graph outputs that are graph inputs come from the edge, which holds them, as in a one-stage
+            # plan
+            outs += [o for o in idx.outputs if o in idx.inputs]
+        if i == len(heads) - 2:
+            # ... and those no computing node makes (a constant node's, a weight) from the last stage, with
+            # the rest of the model's outputs
+            outs += [o for o in idx.outputs if o in idx.initializers or idx.producer.get(o) in idx.const]
         sends = crossing[i + 1]
         model = None
         if own == heads[-1]:

@@ -172,7 +172,7 @@ class GraphIndex:
             if t.dims and isinstance(t.dims[0], str) and t.dims[0] not in idx.input_symbols:
                 t.lead_is_batch = False
         for name in idx.outputs:
-            if name in graph_inputs or (name in idx.initializers) or (name not in idx.producer):
+            if name not in graph_inputs and name not in idx.initializers and name not in idx.producer:
                 raise ModelError(
                     f"graph output {name!r} is not produced by any node; not supported for splitting"
                 )
