@@ -223,30 +223,58 @@ def _below(ci: CandidateInput, floor: float | None) -> bool:
 
 
 def measure_fidelity(
-    m: Measurements, pairs: set[tuple], note: Callable[[str, int, int], None] | None = None
+    m: Measurements, wanted: set[tuple], note: Callable[[str, int, int], None] | None = None
 ) -> None:
-    """Measure fidelity for the baselines and the given (cut, head precision) pairs, every codec
-    at once (the tail session and the quantised head are the expensive parts)."""
+    """Measure fidelity for the baselines and the ``wanted`` candidates: (cut, head precision) pairs
+    measure every codec at that cut (a front often holds several, and the tail session and the quantised
+    head are then built once), (cut, head precision, codec) triples that codec and those that decode to
+    the same tensors (one base, another lossless stage): a pick needs one codec, and on a large model
+    each codec's tail runs over every sample are most of planning's time."""
     h = m.handle
     if not m.reference:
         m.reference = run_batched(make_session(h.path), m.samples)
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     full = make_session(h.path)
-    for codec in m.codecs:
+    for codec in m.codecs:  # server-only: one full-model run per base (its stages decode to the same input)
         if (0, codec, "float32") in m.fidelity:
+            continue
+        base = Codec.parse(codec).base
+        same = next(
+            (c for c in m.codecs if Codec.parse(c).base == base and (0, c, "float32") in m.fidelity), None
+        )
+        if same is not None:
+            m.fidelity[(0, codec, "float32")] = m.fidelity[(0, same, "float32")]
+            m.fidelity_reports[(0, codec, "float32")] = {
+                **m.fidelity_reports[(0, same, "float32")],
+                "codec": codec,
+            }
             continue
         received = [{k: decode(encode(v, codec)) for k, v in s.items()} for s in m.samples]
         _record(m, 0, codec, "float32", run_batched(full, received))
+    pairs: dict[tuple, set[str] | None] = {}
+    for w in wanted:
+        key = (w[0], w[1])
+        if len(w) < 3 or (key in pairs and pairs[key] is None):
+            pairs[key] = None  # every codec
+        else:
+            pairs[key] = (pairs.get(key) or set()) | {w[2]}
     by_index = {c.index: c for c in h.cuts()}
-    for done, (k, head) in enumerate(sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0, p[1]))):
+    for done_n, ((k, head), only) in enumerate(
+        sorted(pairs.items(), key=lambda p: (p[0][0] is None, p[0][0] or 0, p[0][1]))
+    ):
         if note:
-            note(f"fidelity at cut {k} ({head} head)", done, len(pairs))
+            note(f"fidelity at cut {k} ({head} head)", done_n, len(pairs))
         if k is None:  # edge-only with an int8 model
             if (None, "-", head) not in m.fidelity:
                 q = make_session(quantize_head(h.model, m.samples, "static"))
                 _record(m, None, "-", head, run_batched(q, m.samples))
             continue
-        todo = [c for c in m.codecs if (k, c, head) not in m.fidelity]
+        bases = None if only is None else {Codec.parse(c).base for c in only}
+        todo = [
+            c
+            for c in m.codecs
+            if (k, c, head) not in m.fidelity and (bases is None or Codec.parse(c).base in bases)
+        ]
         if k == 0 or not todo:
             continue
         cut = by_index[k]
@@ -351,7 +379,7 @@ class Decision:
 def unmeasured_pick(
     inputs: list[CandidateInput], links: list[Link], constraints: Constraints, floor: float | None
 ) -> set[tuple]:
-    """(cut, head precision) pairs of each link's best candidate by the objective, among those that meet
+    """(cut, head precision, codec) of each link's best candidate by the objective, among those that meet
     every constraint but fidelity and are not measured below ``floor``, where it is unmeasured."""
     rest, key = constraints.without_fidelity(), objective_key(constraints)
     need: set[tuple] = set()
@@ -359,7 +387,7 @@ def unmeasured_pick(
         cands = [evaluate(ci, link) for ci in inputs if not _below(ci, floor)]
         ok = [c for c in cands if not rest.violations(c)]
         if ok and (best := min(ok, key=key)).inp.fidelity is None:
-            need.add((best.inp.cut, best.inp.head_weights))
+            need.add((best.inp.cut, best.inp.head_weights, best.inp.codec))
     return need
 
 
@@ -418,7 +446,7 @@ def best_of_kind(
     for c in ordered:
         key = (c.inp.cut, c.inp.codec, c.inp.head_weights)
         if key not in m.fidelity:
-            measure_fidelity(m, {(c.inp.cut, c.inp.head_weights)})
+            measure_fidelity(m, {(c.inp.cut, c.inp.head_weights, c.inp.codec)})
         fid = m.fidelity.get(key)
         if fid is not None and fid >= min_fidelity:
             return evaluate(replace(c.inp, fidelity=fid), decision.link)
@@ -443,7 +471,7 @@ def measure_winners(
         for link in links:
             w = fastest(ok, link, rate_ips)
             if w.fidelity is None:
-                need.add((w.cut, w.head_weights))
+                need.add((w.cut, w.head_weights, w.codec))
         if not need:
             return inputs
         measure_fidelity(m, need, note)

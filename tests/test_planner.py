@@ -125,6 +125,26 @@ def test_lossy_codecs_measure_below_lossless(setup):
     assert rep["snr_db"] < m.fidelity_reports[(10, "int8", "float32")]["outputs"][0]["snr_db"] < 300
 
 
+def test_one_codec_asked_measures_it_and_its_lossless_twins_only(setup):
+    """A pick needs one codec's fidelity: the tail runs for it alone, and the codecs that differ from it
+    only by a lossless stage get the same (measured) figure; the rest stay unmeasured until asked."""
+    _, _, h, edge, server = setup
+    m = gather(h, edge, server, load_inputs(h.model, random=6))
+    measure_fidelity(m, {(10, "float32", "int8+zstd")})
+    at10 = {c for (k, c, _w) in m.fidelity if k == 10}
+    assert at10 == {c for c in m.codecs if c.split("+")[0] == "int8"}
+    assert m.fidelity[(10, "int8", "float32")] == m.fidelity[(10, "int8+zstd", "float32")]
+    # the server-only baselines: one full-model run per base, its stages sharing the figure
+    twins = [c for c in m.codecs if c.startswith("int8+")]
+    assert twins
+    for c in twins:
+        assert m.fidelity[(0, c, "float32")] == m.fidelity[(0, "int8", "float32")]
+        assert m.fidelity_reports[(0, c, "float32")]["codec"] == c
+    # asking for the whole cut later measures the rest
+    measure_fidelity(m, {(10, "float32")})
+    assert {c for (k, c, _w) in m.fidelity if k == 10} == set(m.codecs)
+
+
 def test_constraints_steer_the_pick(setup):
     _, _, h, edge, server = setup
     m = gather(h, edge, server, load_inputs(h.model, random=6))
