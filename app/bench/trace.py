@@ -208,8 +208,9 @@ def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
     order = list(dict.fromkeys(p.network for p in phases))
     first = link_of(nets[phases[0].network])
     total = sum(p.seconds for p in phases)
+    links = {n: link_of(nets[n]) for n in order}
     out: dict[str, Any] = {
-        "members": [_member(m) for m in adaptive.members],
+        "members": [_member(m, links) for m in adaptive.members],
         "bits_only_members": [_member(m) for m in bits.members],
         "expected": {n: adaptive.index_for(nets[n].uplink_mbps) for n in order},
         "fixed": {n: {} for n in order},
@@ -253,8 +254,18 @@ def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
     return out
 
 
-def _member(m) -> dict:
-    return {"label": m.label, "lo_mbps": m.lo_mbps, "hi_mbps": m.hi_mbps, "plan_id": m.plan_id}
+def _member(m, links: dict | None = None) -> dict:
+    """A member's range, and (with ``links``) what the planner predicted for it on each network from
+    the measured profiles: the reason the set expects it where it does."""
+    from splitpoint.partitioner.costmodel import CandidateInput, evaluate
+
+    out = {"label": m.label, "lo_mbps": m.lo_mbps, "hi_mbps": m.hi_mbps, "plan_id": m.plan_id}
+    if links and m.facts:
+        evs = {n: evaluate(CandidateInput(**m.facts), link) for n, link in links.items()}
+        out["predicted"] = {
+            n: {"latency_ms": e.latency_ms, "served_ips": e.throughput_ips} for n, e in evs.items()
+        }
+    return out
 
 
 def _edge_run(cfg, em, mode, d, inputs, seconds, start_mbps, limit, work, timeline=None) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from splitpoint.partitioner.planset import RATE_HEADROOM
+
 
 def write_trace_report(results: dict, out: Path, command: str) -> dict:
     """Each file written to a temporary name first, then renamed: nothing half-written is left."""
@@ -68,11 +70,32 @@ def markdown(results: dict, command: str) -> str:
     for name, m in results["models"].items():
         a, bo = m["adaptive"], m["bits_only"]
         lines += [f"## {name}", "", f"Weights: {m.get('weights', '?')}.", ""]
-        lines += ["| member | uplink range (Mbit/s) | planner expects it on |", "|---|---|---|"]
+        predicted = all("predicted" in mem for mem in m["members"])
+        head = "| member | uplink range (Mbit/s) | planner expects it on |"
+        rule = "|---|---|---|"
+        if predicted:
+            head += "".join(f" predicted on {n}: ms, answers/s |" for n in nets)
+            rule += "---:|" * len(nets)
+        lines += [head, rule]
         for k, mem in enumerate(m["members"]):
             hi = "∞" if mem["hi_mbps"] is None else f"{mem['hi_mbps']:.3g}"
             on = ", ".join(n for n, e in m["expected"].items() if e == k) or "–"
-            lines.append(f"| m{k} {mem['label']} | {mem['lo_mbps']:.3g} – {hi} | {on} |")
+            row = f"| m{k} {mem['label']} | {mem['lo_mbps']:.3g} – {hi} | {on} |"
+            if predicted:
+                row += "".join(
+                    f" {mem['predicted'][n]['latency_ms']:.0f}, {mem['predicted'][n]['served_ips']:.2f} |"
+                    for n in nets
+                )
+            lines.append(row)
+        if predicted:
+            lines += [
+                "",
+                f"Predicted (derived from the measured profiles at each network profile's uplink and RTT): "
+                f"the set expects on a network the fastest member predicted to serve at least "
+                f"{RATE_HEADROOM:g}x the arrival rate ({RATE_HEADROOM * cfg['rate']:g}/s), the margin that "
+                "keeps a queue from growing through a slow spell; a faster member that serves less is "
+                "not picked there.",
+            ]
         lines += ["", "Bits-only members: " + ", ".join(x["label"] for x in m["bits_only_members"]) + ".", ""]
         lines += [
             "Fixed members, median latency (ms) per network, and answers per second served (measured; "
