@@ -195,8 +195,8 @@ def unmeasured_on_front(
     objectives: tuple[int, ...] | None = None,
     floor: float | None = None,
 ) -> set[tuple]:
-    """(cut, head precision) pairs with a candidate on some link's optimistic front (over
-    ``objectives``, of the candidates not measured below ``floor``) but no measurement (cut 0 =
+    """(cut, head precision, codec) of the candidates on some link's optimistic front (over
+    ``objectives``, of the candidates not measured below ``floor``) that have no measurement (cut 0 =
     server-only, None = edge-only)."""
     need: set[tuple] = set()
     inputs = [ci for ci in inputs if not _below(ci, floor)]
@@ -214,7 +214,7 @@ def unmeasured_on_front(
                 and ci.head_weights == c.inp.head_weights
             )
             if original.fidelity is None:
-                need.add((c.inp.cut, c.inp.head_weights))
+                need.add((c.inp.cut, c.inp.head_weights, c.inp.codec))
     return need
 
 
@@ -405,7 +405,8 @@ def decide(
     (of the candidates that meet the floor, if one is given), are exact over those objectives. With
     ``front_budget`` the second part measures at most that many more (cut, head precision) pairs: the
     front is then of what was measured, and ``Decision.unmeasured`` says how many of its optimistic
-    members were left. ``note(what, done, total)`` hears of each round of measurement (a progress bar)."""
+    members' (cut, head precision) pairs were left. Each round measures just the codecs it needs at each
+    cut. ``note(what, done, total)`` hears of each round of measurement (a progress bar)."""
     links = [link_of(n) for n in networks]
     check_feasible(candidate_inputs(m), links, constraints)
     measure_fidelity(m, set())  # the baselines
@@ -416,12 +417,13 @@ def decide(
         measure_fidelity(m, need, note)
     left, unmeasured = front_budget, 0
     while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
-        if left is not None:
+        if left is not None:  # the budget counts (cut, head precision) pairs: a tail session each
+            cuts = sorted({(k, w) for k, w, _c in need}, key=lambda p: (p[0] is None, p[0] or 0, p[1]))
             if left <= 0:
-                unmeasured = len(need)
+                unmeasured = len(cuts)
                 break
-            need = set(sorted(need, key=lambda p: (p[0] is None, p[0] or 0, p[1]))[:left])
-            left -= len(need)
+            need = {t for t in need if (t[0], t[1]) in set(cuts[:left])}
+            left -= min(left, len(cuts))
         measure_fidelity(m, need, note)
     inputs = candidate_inputs(m)
     decisions = []
