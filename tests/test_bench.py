@@ -90,7 +90,9 @@ def test_bench_writes_the_report_and_plots(bench):
     # plain narrowing codecs never send more than float32 where both were measured (per-channel
     # scales and int4's packing can, on a tensor of a few dozen values)
     assert all(
-        per_codec[c]["bytes"] <= per_codec["float32"]["bytes"] for c in ("float16", "int8") if c in per_codec
+        per_codec[c]["bytes"] <= per_codec["float32"]["bytes"]
+        for c in ("float16", "int8")
+        if per_codec.get(c, {}).get("bytes") is not None
     )
     assert f"Bytes sent at fidelity ≥ {results['config']['min_fidelity']}" in md
 
@@ -110,13 +112,17 @@ def test_bytes_at_fidelity_counts_only_measured_candidates_at_the_floor():
             cand("split", 5, "int8", 100, 0.98),  # below the floor
             cand("split", 7, "int8", 200, 0.999),
             cand("split", 9, "int4", 50, None),  # never measured
+            cand("split", 9, "int8-ch", 60, 0.5),  # measured, below the floor
+            cand("split", 11, "int8-ch", 40, 0.7),
             cand("split", 9, "int8", 90, 1.0, head="int8"),  # int8 head weights: another question
             cand("edge-only", None, "float32", 0, 1.0),
         ],
         0.99,
     )
-    assert set(got) == {"float32", "int8"}
+    assert set(got) == {"float32", "int8", "int8-ch"}  # int4 was never measured
+    assert got["int8-ch"] == {"bytes": None, "measured": 2}  # measured, and none at the floor
     assert got["int8"]["bytes"] == 200 and got["int8"]["where"] == "cut 7 int8"
+    assert got["int8"]["measured"] == 3
     assert got["int8"]["saved_vs_raw_input"] == pytest.approx(0.8)
     assert got["float32"]["saved_vs_raw_input"] == 0
 

@@ -311,7 +311,10 @@ def models_section(results: dict) -> list[str]:
         f"### Bytes sent at fidelity ≥ {floor}, per codec",
         "",
         "The fewest bytes per inference among the candidates (server-only included) whose planner-measured "
-        f"fidelity is ≥ {floor}, and what that saves against sending the float32 input. Fidelity is the "
+        f"fidelity is ≥ {floor}, and what that saves against sending the float32 input. The planner "
+        "measures the codecs its pick and front need at each cut, not every codec everywhere: *not "
+        "measured* is a codec it never needed, *none of N measured* one whose N measured candidates all "
+        "fell below. Fidelity is the "
         "task's metric on rendered inputs for trained models and top-1 agreement on random inputs for "
         "random-weight ones (which says nothing about a trained model's). Derived from the planner's "
         "measurements; `benchmarks/bench_trained.py` answers the same question over more cuts with "
@@ -326,7 +329,10 @@ def models_section(results: dict) -> list[str]:
         for c in codecs:
             b = got.get(c)
             if b is None:
-                cells.append("none")
+                cells.append("not measured")
+                continue
+            if b.get("bytes") is None:
+                cells.append(f"none of {b['measured']} measured")
                 continue
             saved = b["saved_vs_raw_input"]
             cells.append(

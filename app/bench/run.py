@@ -274,17 +274,23 @@ def measure_network(
 def bytes_at_fidelity(candidates: list[Candidate], floor: float) -> dict[str, dict]:
     """Per codec, the fewest bytes sent per inference by a candidate whose measured fidelity is at least
     ``floor`` (float head weights), against sending the raw input: "how much does a split save at this
-    fidelity?". Only candidates whose fidelity the planner measured count (it measures the contenders)."""
+    fidelity?". Only candidates whose fidelity the planner measured count (it measures the contenders:
+    the pick's and the front's codecs at each cut); a codec it measured nowhere at the floor says how
+    many of its candidates it measured (``bytes`` None), one it never measured is absent."""
     raws = (c.bytes_per_inference for c in candidates if c.inp.kind == "server-only" and c.inp.codec == RAW)
     raw = next(raws, None)
     out: dict[str, dict] = {}
     for c in candidates:
         i = c.inp
-        if i.kind == "edge-only" or i.head_weights != "float32" or i.fidelity is None or i.fidelity < floor:
+        if i.kind == "edge-only" or i.head_weights != "float32" or i.fidelity is None:
             continue
-        best = out.get(i.codec)
-        if best is None or c.bytes_per_inference < best["bytes"]:
+        best = out.setdefault(i.codec, {"bytes": None, "measured": 0})
+        best["measured"] += 1
+        if i.fidelity < floor:
+            continue
+        if best["bytes"] is None or c.bytes_per_inference < best["bytes"]:
             out[i.codec] = {
+                "measured": best["measured"],
                 "bytes": c.bytes_per_inference,
                 "where": c.label,
                 "fidelity": i.fidelity,
