@@ -84,6 +84,14 @@ def _batch(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
 
 
+def received_digest(received: list[dict[str, np.ndarray]]) -> bytes:
+    """What a receiver decodes from every sample, as one digest: codecs whose payloads decode to
+    identical tensors (one base, another lossless stage) share one run of what follows."""
+    return hashlib.sha256(
+        b"".join(np.ascontiguousarray(r[name]).tobytes() for r in received for name in sorted(r))
+    ).digest()
+
+
 def measure(
     handle: ModelHandle,
     cut: Cut,
@@ -116,9 +124,7 @@ def measure(
     runs: dict[bytes, dict] = {}  # codecs that decode to identical tensors share one tail run
     for codec in codecs:
         received = [{name: decode(encode(t, codec)) for name, t in s.items()} for s in per_sample]
-        digest = hashlib.sha256(
-            b"".join(np.ascontiguousarray(r[name]).tobytes() for r in received for name in sorted(r))
-        ).digest()
+        digest = received_digest(received)
         if digest not in runs:
             runs[digest] = dict(zip(tail_names, run_batched(ts, received), strict=True))
         late = runs[digest]

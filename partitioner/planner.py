@@ -29,7 +29,7 @@ from splitpoint.core.runner import make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
-from .fidelity import FidelityReport, compare, measure, task_report
+from .fidelity import FidelityReport, compare, measure, received_digest, task_report
 from .pareto import Constraints, front, infeasible, objective_key, pick
 from .planset import fastest
 
@@ -235,22 +235,15 @@ def measure_fidelity(
         m.reference = run_batched(make_session(h.path), m.samples)
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     full = make_session(h.path)
-    for codec in m.codecs:  # server-only: one full-model run per base (its stages decode to the same input)
+    runs: dict[bytes, list[np.ndarray]] = {}  # server-only: one full-model run per decoded input
+    for codec in m.codecs:
         if (0, codec, "float32") in m.fidelity:
             continue
-        base = Codec.parse(codec).base
-        same = next(
-            (c for c in m.codecs if Codec.parse(c).base == base and (0, c, "float32") in m.fidelity), None
-        )
-        if same is not None:
-            m.fidelity[(0, codec, "float32")] = m.fidelity[(0, same, "float32")]
-            m.fidelity_reports[(0, codec, "float32")] = {
-                **m.fidelity_reports[(0, same, "float32")],
-                "codec": codec,
-            }
-            continue
         received = [{k: decode(encode(v, codec)) for k, v in s.items()} for s in m.samples]
-        _record(m, 0, codec, "float32", run_batched(full, received))
+        digest = received_digest(received)
+        if digest not in runs:
+            runs[digest] = run_batched(full, received)
+        _record(m, 0, codec, "float32", runs[digest])
     pairs: dict[tuple, set[str] | None] = {}
     for w in wanted:
         key = (w[0], w[1])
@@ -259,9 +252,7 @@ def measure_fidelity(
         else:
             pairs[key] = (pairs.get(key) or set()) | {w[2]}
     by_index = {c.index: c for c in h.cuts()}
-    for done_n, ((k, head), only) in enumerate(
-        sorted(pairs.items(), key=lambda p: (p[0][0] is None, p[0][0] or 0, p[0][1]))
-    ):
+    for done_n, ((k, head), only) in enumerate(sorted(pairs.items(), key=lambda kv: _cut_order(kv[0]))):
         if note:
             note(f"fidelity at cut {k} ({head} head)", done_n, len(pairs))
         if k is None:  # edge-only with an int8 model
@@ -295,6 +286,11 @@ def measure_fidelity(
         ).items():
             m.fidelity[(k, codec, head)] = rep.score
             m.fidelity_reports[(k, codec, head)] = rep.to_dict()
+
+
+def _cut_order(pair: tuple) -> tuple:
+    """(cut, head precision) in cut order, the edge-only model (cut None) last."""
+    return (pair[0] is None, pair[0] or 0, pair[1])
 
 
 def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarray]) -> None:
@@ -418,11 +414,12 @@ def decide(
     left, unmeasured = front_budget, 0
     while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
         if left is not None:  # the budget counts (cut, head precision) pairs: a tail session each
-            cuts = sorted({(k, w) for k, w, _c in need}, key=lambda p: (p[0] is None, p[0] or 0, p[1]))
+            cuts = sorted({(k, w) for k, w, _c in need}, key=_cut_order)
             if left <= 0:
                 unmeasured = len(cuts)
                 break
-            need = {t for t in need if (t[0], t[1]) in set(cuts[:left])}
+            kept = set(cuts[:left])
+            need = {t for t in need if (t[0], t[1]) in kept}
             left -= min(left, len(cuts))
         measure_fidelity(m, need, note)
     inputs = candidate_inputs(m)
