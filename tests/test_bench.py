@@ -26,7 +26,7 @@ def bench(tmp_path_factory, small_resnet18):
     )
     cfg = BenchConfig(
         models=[str(model)],
-        networks=["lte"],
+        networks=["lte", "wifi-n"],
         device=str(device),
         link="proxy",
         seconds=0.2,
@@ -45,31 +45,41 @@ def test_bench_measures_the_pick_front_and_baselines(bench):
     results, _ = bench
     cal = results["edge_calibration"]
     assert cal["reference_model"] == "mobilenetv2" and 0.1 <= cal["cpus"] <= 1.0 and cal["measured_ms"] > 0
-    (run,) = results["runs"]
-    assert run["link"]["mechanism"] == "proxy" and "token bucket" in run["link"]["detail"]
-    roles = [r["role"] for r in run["rows"]]
-    assert sum(r["is_pick"] for r in run["rows"]) == 1
-    for phrase in ("all on edge", "all on server, raw input", "all on server, input int8+zstd"):
-        assert any(phrase in role for role in roles), (phrase, roles)
-    for r in run["rows"]:
-        m = r["measured"]
-        assert "error" not in m, m
-        assert (
-            m["fallbacks"] == 0
-            and m["requests_sequential"] >= 3
-            and m["latency_ms_p90"] >= m["latency_ms_median"] > 0
-        )
-        assert m["throughput_ips"] > 0 and m["edge_cpu_ms_per_request"] > 0
-        assert r["predicted"]["derived"] is True and r["prediction_error"] >= 0
-        if r["predicted"]["codec"] == "float32" and r["predicted"]["kind"] != "split":
-            assert m["top1_agreement"] == 1.0  # nothing lossy on the way
-    # the link was really in the way: nothing crosses it faster than its rate and RTT allow
-    lte = load_network("lte")
-    raw = next(r for r in run["rows"] if "raw input" in r["role"])
-    floor = lte.rtt_ms + 8e-3 * wire_bytes(raw["measured"]["bytes_sent_median"]) / lte.uplink_mbps
-    assert raw["measured"]["latency_ms_median"] >= 0.9 * floor
-    (case,) = results["cases"]
-    assert case["regret"] >= 1.0 - 1e-9 and case["best_ms"] <= case["pick_ms"]
+    runs = results["runs"]
+    assert [run["network"] for run in runs] == ["lte", "wifi-n"]
+    for run in runs:
+        assert run["link"]["mechanism"] == "proxy" and "token bucket" in run["link"]["detail"]
+        roles = [r["role"] for r in run["rows"]]
+        assert sum(r["is_pick"] for r in run["rows"]) == 1
+        for phrase in ("all on edge", "all on server, raw input", "all on server, input int8+zstd"):
+            assert any(phrase in role for role in roles), (phrase, roles)
+        for r in run["rows"]:
+            m = r["measured"]
+            assert "error" not in m, m
+            assert (
+                m["fallbacks"] == 0
+                and m["requests_sequential"] >= 3
+                and m["latency_ms_p90"] >= m["latency_ms_median"] > 0
+            )
+            assert m["throughput_ips"] > 0 and m["edge_cpu_ms_per_request"] > 0
+            assert r["predicted"]["derived"] is True and r["prediction_error"] >= 0
+            if r["predicted"]["codec"] == "float32" and r["predicted"]["kind"] != "split":
+                assert m["top1_agreement"] == 1.0  # nothing lossy on the way
+        # the link was really in the way: nothing crosses it faster than its rate and RTT allow
+        net = load_network(run["network"])
+        raw = next(r for r in run["rows"] if "raw input" in r["role"])
+        floor = net.rtt_ms + 8e-3 * wire_bytes(raw["measured"]["bytes_sent_median"]) / net.uplink_mbps
+        assert raw["measured"]["latency_ms_median"] >= 0.9 * floor
+    # edge-only sends nothing: measured with the first network, the same figures (and where they come
+    # from) for the second; the link-bound baseline is measured on each link
+    edge = [next(r for r in run["rows"] if r["candidate"] == "edge-only") for run in runs]
+    assert "measured_on" not in edge[0]["measured"] and edge[1]["measured"]["measured_on"] == "lte"
+    assert {k: v for k, v in edge[1]["measured"].items() if k != "measured_on"} == edge[0]["measured"]
+    raws = [next(r for r in run["rows"] if "raw input" in r["role"]) for run in runs]
+    assert raws[1]["measured"]["latency_ms_median"] < raws[0]["measured"]["latency_ms_median"]
+    assert len(results["cases"]) == 2
+    for case in results["cases"]:
+        assert case["regret"] >= 1.0 - 1e-9 and case["best_ms"] <= case["pick_ms"]
 
 
 def test_bench_writes_the_report_and_plots(bench):
@@ -170,3 +180,34 @@ def test_bad_bench_arguments_fail_fast_and_specifically(tmp_path, args, message)
     proc = run_cli("bench", *args, "-o", str(tmp_path / "o"), timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_throughput_phase_lasts_what_its_slowest_stage_allows():
+    """About ``seconds`` of completions: an edge-only plan at 300 ms a request gets 5 in 1.5 s whatever
+    its window (its one stage sets the pace), a pipelined split at the pace of its slowest stage."""
+    from types import SimpleNamespace
+
+    from splitpoint.app.bench.edgerun import pipelined_requests
+
+    args = SimpleNamespace(seconds=1.5, min_requests=3, max_requests=20)
+    local = [{"local_ms": 300.0, "total_ms": 301.0}] * 3
+    assert pipelined_requests(local, 4, args) == 5
+    split = [{"head_ms": 40.0, "encode_ms": 5.0, "network_ms": 100.0, "tail_ms": 20.0, "total_ms": 170.0}] * 3
+    assert pipelined_requests(split, 4, args) == 15  # the network's 100 ms, not 170 / 4
+    assert pipelined_requests(split, 1, args) == 8  # one at a time: the latency
+    slow = [{"network_ms": 5000.0, "total_ms": 5100.0}]
+    assert pipelined_requests(slow, 4, args) == 3  # never below --min-requests
+    fast = [{"head_ms": 1.0, "total_ms": 2.0}]
+    assert pipelined_requests(fast, 4, args) == 20  # nor above --max-requests
+
+
+def test_an_edge_runner_that_dies_before_it_is_ready_is_reported_not_waited_for(tmp_path):
+    from types import SimpleNamespace
+
+    from splitpoint.app.bench.run import run_edge
+    from splitpoint.core.errors import SplitPointError
+
+    cfg = SimpleNamespace(seconds=0.1, min_requests=1, max_requests=1)
+    missing = tmp_path / "no-inputs.npz"
+    with pytest.raises(SplitPointError, match=r"edge run failed on here: (?s:.*)no-inputs\.npz"):
+        run_edge([], [], "tcp://127.0.0.1:9", missing, tmp_path / "out.json", cfg, 0.5, "here")

@@ -6,7 +6,9 @@ It runs requests one at a time (latency: every figure on this process's clock, t
 stage times from its clock, never a difference of the two), one per candidate per round, then
 each candidate with a window of requests in flight (throughput), and records edge CPU time, the
 RSS each candidate's sessions add, bytes sent and agreement with the unsplit model's outputs.
-The limit covers the whole process, session builds included; only requests are timed.
+With ``--gate`` (the bench) the limit starts once every session is built, before the warm-up
+requests; without it (the parent applies it at once) it covers the whole process. Only requests are
+timed either way.
 Throughput is the steady state: completions after the first, over the time between the first
 and the last.
 """
@@ -37,6 +39,9 @@ STAGES = (
     "local_ms",
     "total_ms",
 )
+
+
+READY, GO = "ready", "go"  # the --gate handshake with the parent (stdout, stdin)
 
 
 def _p90(xs):
@@ -87,13 +92,25 @@ def measure_all(
         try:
             rss0 = proc.memory_info().rss
             runs[plan] = _Plan(plan, window, server, args)
-            for k in range(args.warmup):
-                runs[plan].client.infer(inputs[k % len(inputs)], timeout=args.timeout * 3)
-            # what this candidate's sessions and buffers added to the edge process, after a run
             runs[plan].rss_added = proc.memory_info().rss - rss0
         except Exception as exc:  # one failing candidate is reported, the others still run
             results[plan] = {"error": f"{type(exc).__name__}: {exc}"}
             runs.pop(plan, None)
+    if args.gate:
+        wait_for_limit()
+    for plan, r in list(runs.items()):
+        try:
+            rss0 = proc.memory_info().rss
+            end = time.monotonic() + args.timeout  # a server still loading its tails is waited for
+            while not (r.client.local_only or r.client.server_up) and time.monotonic() < end:
+                time.sleep(0.02)
+            for k in range(args.warmup):
+                r.client.infer(inputs[k % len(inputs)], timeout=args.timeout * 3)
+            # what this candidate's sessions and buffers added to the edge process, after a run
+            r.rss_added += proc.memory_info().rss - rss0
+        except Exception as exc:
+            results[plan] = {"error": f"{type(exc).__name__}: {exc}"}
+            runs.pop(plan).client.close(drain=False)
     while active := [r for r in runs.values() if r.wants_more(args)]:
         for r in active:
             k = len(r.seq) % len(inputs)
@@ -116,20 +133,37 @@ def measure_all(
     return results
 
 
+def pipelined_requests(breakdowns: list[dict], window: int, args) -> int:
+    """Requests for the throughput phase: about ``args.seconds`` of completions at the rate the
+    sequential requests let one expect, the slower of the window's (latency / window) and the slowest
+    stage's (edge compute, network, server). The window's rate alone would send an edge-only plan,
+    whose one stage sets the pace whatever the window, window times as many requests as it has time for."""
+
+    def med(*keys: str) -> float:
+        return median_of_present([sum(b.get(k) or 0.0 for k in keys) for b in breakdowns]) or 0.0
+
+    latency = max(1.0, med("total_ms"))
+    stage = max(
+        med("head_ms", "encode_ms", "decode_ms", "local_ms"),
+        med("network_ms"),
+        med("server_decode_ms", "tail_ms", "server_encode_ms"),
+    )
+    per_completion = max(latency / window, stage, 1e-3)
+    return max(args.min_requests, min(args.max_requests, int(args.seconds * 1000 / per_completion)))
+
+
+def wait_for_limit() -> None:
+    """Say on stdout that every session is built and wait for the parent's word on stdin, which it
+    gives once it has put this process under the edge's CPU limit. Imports and session builds run at
+    full speed: no figure times them, and under a Pi-class share they took most of a bench's wall time."""
+    print(READY, flush=True)
+    if sys.stdin.readline().strip() != GO:
+        raise SystemExit("the bench stopped before the edge's CPU limit was applied")
+
+
 def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     seq, client, window = run.seq, run.client, run.window
-    n_pipe = max(
-        args.min_requests,
-        min(
-            args.max_requests,
-            int(
-                args.seconds
-                * 1000
-                / max(1.0, median_of_present([x.breakdown.get("total_ms") for _, x in seq]) or 0.0)
-                * window
-            ),
-        ),
-    )
+    n_pipe = pipelined_requests([x.breakdown for _, x in seq], window, args)
     finished: list[float] = []
     futs = []
     cpu0 = time.process_time()
@@ -207,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--gate", action="store_true", help="print 'ready' once built, start on 'go' on stdin")
     args = ap.parse_args(argv)
     data = np.load(args.inputs)
     n = int(data["n"])

@@ -366,6 +366,10 @@ def markdown(results: dict) -> str:
         "- **Pipelining ratio** = measured throughput ÷ 1/max(stage), the stages measured one request at a "
         "time; the edge "
         "stage is the larger of head + encode and the edge's CPU time per request ÷ its CPU share.",
+        "- **Edge-only** sends nothing, so it is measured with the first network only and its figures "
+        "stand for the others (marked *measured on* in the tables of every candidate). Every other candidate "
+        "is measured on each network; its throughput phase lasts about as long as its latency phase, at the "
+        "pace its slowest measured stage sets.",
         "- **Every latency** is measured on the edge's clock (request in → result out); the server's stage "
         "times come from "
         "its own clock. *Predicted* figures are the partitioner's, derived from the measured profiles.",
@@ -437,8 +441,9 @@ def markdown(results: dict) -> str:
                     f"{m.get('error', '?')[:80]} | | | | | | | | | |"
                 )
                 continue
+            role = r["role"] + (f" (measured on {m['measured_on']})" if m.get("measured_on") else "")
             out.append(
-                f"| {r['candidate']} | {r['role']} | {_f(p['latency_ms'])} | {_f(m['latency_ms_median'])} | "
+                f"| {r['candidate']} | {role} | {_f(p['latency_ms'])} | {_f(m['latency_ms_median'])} | "
                 f"{_f(m['latency_ms_p90'])} | {_f(100 * r['prediction_error'], '{:.0f} %')} | "
                 f"{_f(p['throughput_ips'])} / {_f(m['throughput_ips'])} | "
                 f"{_f(r['pipelined_ratio'] and 100 * r['pipelined_ratio'], '{:.0f} %')} | "

@@ -135,23 +135,43 @@ def choose(decision: Decision, max_front: int) -> dict[str, tuple[str, Candidate
 
 def run_edge(prefix: list[str], plans: list, server: str, inputs: Path, out: Path, cfg, limit, where: str):
     """The edge runner (``edgerun``) as its own process, in the edge's namespace, under the edge's CPU
-    limit (applied from here: inside the namespace the cgroup tree is not mounted); what it measured
-    is in ``out``. Returns the limit's emulation record."""
+    limit (applied from here: inside the namespace the cgroup tree is not mounted) from when its
+    sessions are built (``--gate``) to its end; what it measured is in ``out``. Returns the limit's
+    emulation record."""
     from splitpoint.profiles.cpulimit import cpu_limit
+
+    from .edgerun import GO, READY
 
     args = ["--plans", json.dumps(plans), "--server", server, "--inputs", str(inputs)]
     args += ["--seconds", str(cfg.seconds), "--min-requests", str(cfg.min_requests)]
-    args += ["--max-requests", str(cfg.max_requests), "--out", str(out)]
-    edge = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "splitpoint.app.bench.edgerun", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    with cpu_limit(limit, pid=edge.pid) as emulation:
-        _, stderr = edge.communicate()
-    if edge.returncode:
+    args += ["--max-requests", str(cfg.max_requests), "--out", str(out), "--gate"]
+    with tempfile.TemporaryFile("w+") as errors:  # a pipe could fill while this waits for "ready"
+        edge = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "splitpoint.app.bench.edgerun", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert edge.stdin is not None and edge.stdout is not None
+        try:
+            ready = edge.stdout.readline().strip() == READY
+            if ready:
+                with cpu_limit(limit, pid=edge.pid) as emulation:
+                    edge.stdin.write(GO + "\n")
+                    edge.stdin.flush()
+                    edge.communicate()
+            else:
+                edge.kill()
+                edge.communicate()
+        finally:
+            if edge.poll() is None:
+                edge.kill()
+                edge.wait()
+        errors.seek(0)
+        stderr = errors.read()
+    if not ready or edge.returncode:
         raise SplitPointError(f"edge run failed on {where}: {stderr.strip()[-800:]}")
     return emulation
 
@@ -208,8 +228,10 @@ def _inputs_file(h, n: int, path: Path) -> None:
 
 
 def measure_network(
-    m, decision, net, cfg: BenchConfig, plans_root: Path, inputs: Path, calib, work: Path
+    m, decision, net, cfg: BenchConfig, plans_root: Path, inputs: Path, calib, work: Path, once: dict
 ) -> dict:
+    """``once``: the model's edge-only measurement by plan key, with the network it was measured on;
+    it sends nothing, so it is measured on the first network and the same figures stand for the others."""
     from splitpoint.partitioner.planner import link_of
 
     from .emulate import EmulatedLink, probe_link
@@ -219,6 +241,8 @@ def measure_network(
     for key, (_, cand) in chosen.items():
         _write_plan(m, cand, plans_root / key)
         plan_dirs[key] = plans_root / key
+    local = {k for k, (_, c) in chosen.items() if c.inp.kind == "edge-only"}
+    to_run = [k for k in plan_dirs if k not in once]
     serve_dir = work / f"serve-{net.name}"
     shutil.rmtree(serve_dir, ignore_errors=True)
     serve_dir.mkdir(parents=True)
@@ -238,7 +262,7 @@ def measure_network(
         out = work / f"edge-{m.handle.name}-{net.name}.json"
         try:
             # the edge-only plan first: it needs no server, so the server has time to load its tails
-            order = sorted(plan_dirs, key=lambda k: chosen[k][1].inp.kind != "edge-only")
+            order = sorted(to_run, key=lambda k: k not in local)
             plans = [[str(plan_dirs[k]), window_for(chosen[k][1], cfg.window)] for k in order]
             edge_emulation = run_edge(
                 em.edge_prefix, plans, em.edge_connect, inputs, out, cfg, calib.limit, net.name
@@ -248,8 +272,14 @@ def measure_network(
         edge_out = json.loads(out.read_text())
         mechanism = em.to_dict()
     rows = []
+    for key in sorted(local - set(once)):
+        once[key] = (net.name, edge_out["results"].get(str(plan_dirs[key]), {"error": "not run"}))
     for key, (role, cand) in chosen.items():
-        meas = edge_out["results"].get(str(plan_dirs[key]), {"error": "not run"})
+        if key in to_run:
+            meas = edge_out["results"].get(str(plan_dirs[key]), {"error": "not run"})
+        else:
+            first, meas = once[key]
+            meas = {**meas, "measured_on": first}
         rows.append(
             {
                 "model": m.handle.name,
@@ -365,10 +395,11 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 "fidelity_measured_cuts": len({k[0] for k in m.fidelity}),
                 "front_unmeasured": decisions[0].unmeasured,
             }
+            once: dict = {}
             for net, d in zip(nets, decisions, strict=True):
                 say(f"{h.name} on {net.name}: measuring")
                 results["runs"].append(
-                    measure_network(m, d, net, cfg, work / "plans" / h.name, inputs, calib, work)
+                    measure_network(m, d, net, cfg, work / "plans" / h.name, inputs, calib, work, once)
                 )
                 say(None, advance=1)
             results["models"][h.name]["seconds"] = time.perf_counter() - tm
