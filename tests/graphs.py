@@ -110,3 +110,45 @@ def outputs_without_compute_model() -> onnx.ModelProto:
         x,
     ]
     return _model(nodes, [x], outputs, [w1, w2, labels])
+
+
+def ir3_weights_as_inputs_model() -> onnx.ModelProto:
+    """An IR 3, opset 8 model as the old model zoo ships them: every weight is also a graph input (IR 3
+    requires it), with a BatchNormalization and a Reshape by a shape weight."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w1": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "b1": np.zeros(8, np.float32),
+        "scale": np.ones(8, np.float32),
+        "bias": np.full(8, 0.1, np.float32),
+        "mean": np.zeros(8, np.float32),
+        "var": np.ones(8, np.float32),
+        "w2": rng.standard_normal((5, 8, 1, 1)).astype(np.float32),
+        "shape": np.array([-1, 5], np.int64),
+    }
+    nodes = [
+        helper.make_node("Conv", ["data", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "scale", "bias", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["mp", "w2"], ["c2"]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["gp"]),
+        helper.make_node("Reshape", ["gp", "shape"], ["flat"]),
+        helper.make_node("Softmax", ["flat"], ["prob"]),
+    ]
+    data = helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 16, 16])
+    weights = [
+        helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+        for k, v in arrays.items()
+    ]
+    g = helper.make_graph(
+        nodes,
+        "old",
+        [data, *weights],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 5])],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    onnx.checker.check_model(m, full_check=True)
+    return m

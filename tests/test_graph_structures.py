@@ -52,6 +52,26 @@ def test_model_local_functions_are_carried_to_both_sides():
     ]
 
 
+def test_an_ir3_model_whose_weights_are_inputs_splits_at_every_cut(tmp_path):
+    """Old model-zoo files (IR 3) list every weight as a graph input too: the parts carry the weights,
+    receive only what crosses, and pass the checker."""
+    from splitpoint.core.graph.model import open_model
+    from splitpoint.core.plandir import write_plan
+
+    model = graphs.ir3_weights_as_inputs_model()
+    idx, cuts = assert_all_cuts_exact(model)
+    assert idx.inputs == ["data"] and len(cuts) >= 5
+    for cut in cuts:
+        head, tail = extract(idx, cut)
+        assert [i.name for i in head.graph.input] == ["data"]
+        assert {i.name for i in tail.graph.input} == {c.name for c in cut.crossing}
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    h = open_model(str(path))
+    write_plan(h, tmp_path / "plan", cut=h.cuts()[2], codec="int8")
+    assert (tmp_path / "plan" / "head.onnx").is_file() and (tmp_path / "plan" / "tail.onnx").is_file()
+
+
 def test_initializer_shared_across_the_cut_goes_to_both_sides(small_models):
     idx = GraphIndex.build(small_models["multitask"])
     tied = [n for n in idx.nodes if n.op_type == "Conv"]

@@ -35,6 +35,9 @@ def _with_constants(idx: GraphIndex, positions: set[int]) -> list[int]:
     return sorted(need)
 
 
+IR_WEIGHTS_NOT_INPUTS = 4
+
+
 def _submodel(
     idx: GraphIndex,
     positions: list[int],
@@ -70,7 +73,9 @@ def _submodel(
     )
     # the weights go in after make_model, which copies the graph it is given: one copy of them, not two
     model.graph.initializer.extend(inits)
-    model.ir_version = src.ir_version
+    # IR 3 wants every weight listed as a graph input too (old model-zoo files do so); from IR 4 on they
+    # need not be, and a part lists only what it receives
+    model.ir_version = max(src.ir_version, IR_WEIGHTS_NOT_INPUTS)
     return model
 
 
