@@ -1184,10 +1184,9 @@ def main() -> None:
         # the model itself fails to run (an export that fixed a shape it traced, an input shape it cannot
         # take): onnxruntime's own words, on one line
         text = " ".join(str(exc).split())
-        _fail(
-            escape(f"onnxruntime could not run the model at these input shapes (see --input-shape): {text}"),
-            2,
-        )
+        about_shapes = any(w in text.lower() for w in ("shape", "dimension", "dims", "size", "rank"))
+        what = " at these input shapes (see --input-shape)" if about_shapes else ""
+        _fail(escape(f"onnxruntime could not run the model{what}: {text}"), 2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

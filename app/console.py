@@ -245,7 +245,12 @@ def fidelity_table(title: str, report: Any) -> Table:
             o.name,
             fmt(o.top1_agreement, "{:.3f}"),
             f"{o.cosine:.5f}",
-            f"{o.max_abs_error:.4g}",
+            f"{o.max_abs_error:.4g}"
+            + (
+                f" ({o.shape_mismatches} of {report.samples} samples of another shape)"
+                if o.shape_mismatches
+                else ""
+            ),
             f"{o.snr_db:.1f}",
         ]
         for o in report.outputs

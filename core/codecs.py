@@ -49,8 +49,11 @@ OUTLIER_BASES = ("int4-ol", "int8-ol")
 # median column's, at most one column in OUTLIER_SHARE (the largest first)
 OUTLIER_RATIO, OUTLIER_SHARE = 8.0, 32
 STAGES = ("", "zstd", "lz4")
-_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
-_NP_DTYPES = tuple(np.dtype(d) for d in _DTYPES)
+# the tensor types a payload carries, in the order of their ids on the wire: what may cross a cut, and
+# what a plan's tensors may be
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+CARRIED_DTYPES = frozenset(DTYPES)
+_NP_DTYPES = tuple(np.dtype(d) for d in DTYPES)
 _DTYPE_IDS = {d: i for i, d in enumerate(_NP_DTYPES)}
 _NO_PARAMS = np.zeros(0, np.float32)
 
@@ -702,7 +705,7 @@ def decode(
         raise CodecError(f"not a SplitPoint tensor payload (magic {bytes(magic)!r})")
     if version != VERSION:
         raise CodecError(f"unsupported tensor payload version {version} (this build reads {VERSION})")
-    if base_i >= len(BASES) or stage_i >= len(STAGES) or dtype_i >= len(_DTYPES):
+    if base_i >= len(BASES) or stage_i >= len(STAGES) or dtype_i >= len(DTYPES):
         raise CodecError(f"unknown codec/dtype ids in header ({base_i}, {stage_i}, {dtype_i})")
     if ndim > MAX_NDIM:
         raise CodecError(f"header claims {ndim} dimensions (max {MAX_NDIM})")

@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .codecs import DTYPES
 from .config import explain_fields
 from .errors import OutputExistsError, PlanError
 from .onnxio import sha256_file
@@ -57,7 +58,6 @@ MAX_PLAN_BYTES = 16 * 2**20  # plan.json is metadata: a larger one is refused be
 MAX_FILES = 64
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
 class _Strict(BaseModel):

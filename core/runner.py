@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from .codecs import DTYPES
 from .errors import SplitPointError
 from .plan import HEAD_FILE, TAIL_FILE, Plan
 from .weights import is_stub, shareable, stub
@@ -108,8 +109,7 @@ ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(bool)": np.dtype(np.bool_),
 }
-_SPEC_DTYPES = {d: np.dtype(d) for d in ("float32", "float16", "float64", "int64", "int32", "int8", "uint8")}
-_SPEC_DTYPES["bool"] = np.dtype(np.bool_)
+_SPEC_DTYPES = {d: np.dtype(d) for d in DTYPES}
 
 # dtype (None: any) and shape: a size, a symbol (the same symbol is the same size in every tensor of one
 # request, as in ONNX: the batch shared by two cut tensors), or None (any size)
@@ -336,11 +336,35 @@ def run_samples(
     return [session.run(None, {n: s[n] for n in names}) for s in samples]
 
 
-def join(per_sample: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Per-sample outputs joined along the first axis (stacked where an output is a scalar), to compare."""
-    return [np.concatenate(col) if col[0].ndim else np.stack(col) for col in zip(*per_sample, strict=True)]
+class Ragged(list):
+    """One output's per-sample arrays when their shapes differ from sample to sample (NonZero's indices,
+    TopK with k an input, a detector's boxes): no array joins them, so they stay apart."""
 
 
-def run_batched(session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+Joined = np.ndarray | Ragged  # one output over several samples (``join``)
+
+
+def join(per_sample: list[list[np.ndarray]]) -> list[Joined]:
+    """Per-sample outputs joined along the first axis (stacked where an output is a scalar), to compare;
+    an output whose shape differs between samples stays a ``Ragged`` list of them."""
+    return [_join(col) for col in zip(*per_sample, strict=True)]
+
+
+def _join(col: tuple[np.ndarray, ...]) -> Joined:
+    if any(c.shape != col[0].shape for c in col):
+        return Ragged(col)
+    return np.concatenate(col) if col[0].ndim else np.stack(col)
+
+
+def per_sample(joined: Joined, n: int) -> list[np.ndarray]:
+    """``join``'s inverse for one output of ``n`` samples."""
+    if isinstance(joined, Ragged):
+        return list(joined)
+    if not joined.ndim or joined.shape[0] % n:
+        raise ValueError(f"an output of shape {list(joined.shape)} does not hold {n} samples")
+    return np.split(joined, n)
+
+
+def run_batched(session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[Joined]:
     """The outputs for several one-sample feeds, joined (see ``run_samples`` and ``join``)."""
     return join(run_samples(session, samples))

@@ -81,7 +81,8 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
             feeds[i.name] = padding_mask(rng, dims, dtype)
         else:
             feeds[i.name] = rng.integers(0, bounds.get(i.name, 10), dims).astype(dtype)
-    return feeds
+    # a rank-0 input draws a numpy scalar, which onnxruntime refuses for some dtypes (bool): an array
+    return {k: np.asarray(v) for k, v in feeds.items()}
 
 
 def padding_mask(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> np.ndarray:

@@ -22,7 +22,7 @@ from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract_segments
 from splitpoint.core.graph.memory import weight_bytes_by_prefix
-from splitpoint.core.runner import StageRunner, make_session, run_batched, run_chain
+from splitpoint.core.runner import Joined, StageRunner, join, make_session, run_batched, run_chain
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, solve
@@ -41,7 +41,7 @@ class ChainMeasurements:
     cuts: dict[int, Cut]  # position -> cut (positions 0 and n have none)
     samples: list[dict[str, np.ndarray]]
     truths: list | None = None
-    reference: list[np.ndarray] = field(default_factory=list)
+    reference: list[Joined] = field(default_factory=list)
     fidelity: dict[tuple, FidelityReport] = field(default_factory=dict)  # (positions, codecs) -> report
 
 
@@ -167,14 +167,14 @@ def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
         return {t: decode(encode(v, key[1][i])) for t, v in tensors.items()}
 
     per_sample = [run_chain(stages, s, hop, h.index.outputs) for s in m.samples]
-    got = [np.concatenate(col) if col[0].ndim else np.stack(col) for col in zip(*per_sample, strict=True)]
+    got = join(per_sample)
     n = len(m.samples)
     rep = FidelityReport(
         None,
         "+".join(key[1]),
         "float32",
         n,
-        [compare(name, r, g) for name, r, g in zip(h.index.outputs, m.reference, got, strict=True)],
+        [compare(name, r, g, n) for name, r, g in zip(h.index.outputs, m.reference, got, strict=True)],
         task_report(h.task, m.reference, got, n, m.truths),
     )
     m.fidelity[key] = rep

@@ -4,6 +4,7 @@ unsplit float model, on the same inputs. Never assumed from the codec's nominal 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from splitpoint.core.codecs import decode, encode
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
-from splitpoint.core.runner import join, make_session, run_batched, run_samples
+from splitpoint.core.runner import Joined, Ragged, join, make_session, per_sample, run_batched, run_samples
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 
@@ -24,8 +25,11 @@ class OutputFidelity:
     name: str
     top1_agreement: float | None  # for (N, classes) outputs
     cosine: float
-    max_abs_error: float
+    max_abs_error: float  # over the samples whose split output has the float one's shape
     snr_db: float
+    shape_mismatches: int = (
+        0  # samples whose split output has another shape (an output that follows the data)
+    )
 
 
 @dataclass
@@ -51,33 +55,77 @@ class FidelityReport:
         return {**asdict(self), "score": self.score}
 
 
-def compare(name: str, ref: np.ndarray, got: np.ndarray) -> OutputFidelity:
+def compare(name: str, ref: Joined, got: Joined, n: int = 1) -> OutputFidelity:
+    """One output of ``n`` samples, split against float. An output whose shape follows the data (NonZero,
+    TopK with k an input) is compared sample by sample, and a sample whose split shape differs from the
+    float one counts as wholly wrong: nothing of it lines up."""
+    if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
+        return _compare_samples(name, per_sample(ref, n), per_sample(got, n))
     ref = ref.astype(np.float64)
     got = got.astype(np.float64)
-    n = ref.shape[0] if ref.ndim else 1
-    r, g = ref.reshape(n, -1), got.reshape(n, -1)
+    rows = ref.shape[0] if ref.ndim else 1
+    r, g = ref.reshape(rows, -1), got.reshape(rows, -1)
     top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if (ref.ndim == 2 and ref.shape[1] > 1) else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
     noise = float(((r - g) ** 2).sum())
     signal = float((r**2).sum())
-    snr = SNR_CAP_DB if noise == 0 else min(SNR_CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise))
-    return OutputFidelity(name, top1, float(cos.mean()), float(np.abs(r - g).max()), float(snr))
+    return OutputFidelity(name, top1, float(cos.mean()), float(np.abs(r - g).max()), _snr(signal, noise))
+
+
+def _snr(signal: float, noise: float) -> float:
+    return SNR_CAP_DB if noise == 0 else float(min(SNR_CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise)))
+
+
+def _compare_samples(name: str, refs: list[np.ndarray], gots: list[np.ndarray]) -> OutputFidelity:
+    if len(refs) != len(gots):
+        raise ValueError(f"output {name}: {len(refs)} float samples against {len(gots)} split ones")
+    cosines: list[float] = []
+    top1: list[float] | None = [] if all(r.ndim == 2 and r.shape[1] > 1 for r in refs) else None
+    worst, signal, noise, mismatched = 0.0, 0.0, 0.0, 0
+    for ref, got in zip(refs, gots, strict=True):
+        r, g = ref.astype(np.float64), got.astype(np.float64)
+        signal += float((r**2).sum())
+        if r.shape != g.shape:
+            noise += float((r**2).sum() + (g**2).sum())
+            cosines.append(0.0)
+            if top1 is not None:
+                top1.append(0.0)
+            mismatched += 1
+            continue
+        one = compare(name, r, g)
+        noise += float(((r - g) ** 2).sum())
+        cosines.append(one.cosine)
+        if top1 is not None:
+            top1.append(one.top1_agreement if one.top1_agreement is not None else 0.0)
+        worst = max(worst, one.max_abs_error)
+    return OutputFidelity(
+        name,
+        float(np.mean(top1)) if top1 else None,
+        float(np.mean(cosines)) if cosines else 1.0,
+        worst,
+        _snr(signal, noise),
+        mismatched,
+    )
 
 
 def task_report(
-    task: str | None, reference: list[np.ndarray], split: list[np.ndarray], n: int, truths: list | None
+    task: str | None,
+    reference: Sequence[Joined],
+    split: Sequence[Joined],
+    n: int,
+    truths: list | None,
 ) -> dict | None:
     """Task metrics (with 95 % intervals) of a split's outputs against the float model's, per sample."""
     if task is None:
         return None
     from .taskmetrics import evaluate
 
-    def per_sample(outs: list[np.ndarray]) -> list[list[np.ndarray]]:
-        parts = [np.split(o, n) for o in outs]
+    def samples(outs: Sequence[Joined]) -> list[list[np.ndarray]]:
+        parts = [per_sample(o, n) for o in outs]
         return [[p[k] for p in parts] for k in range(n)]
 
-    return evaluate(task, per_sample(reference), per_sample(split), truths).to_dict()
+    return evaluate(task, samples(reference), samples(split), truths).to_dict()
 
 
 def _batch(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -99,7 +147,7 @@ def measure(
     samples: list[dict[str, np.ndarray]],
     head_model: onnx.ModelProto | None = None,
     head_weights: str = "float32",
-    reference: list[np.ndarray] | None = None,
+    reference: list[Joined] | None = None,
     truths: list | None = None,
 ) -> dict[str, FidelityReport]:
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
@@ -130,7 +178,8 @@ def measure(
         late = runs[digest]
         got = [h_out[name] if name in cut.head_outputs else late[name] for name in handle.index.outputs]
         outs = [
-            compare(name, ref, g) for name, ref, g in zip(handle.index.outputs, reference, got, strict=True)
+            compare(name, ref, g, n)
+            for name, ref, g in zip(handle.index.outputs, reference, got, strict=True)
         ]
         task = task_report(handle.task, reference, got, n, truths)
         reports[codec] = FidelityReport(cut.index, codec, head_weights, n, outs, task)

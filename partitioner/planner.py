@@ -25,7 +25,7 @@ from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import weight_bytes_by_prefix
 from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, SPLIT
 from splitpoint.core.quantize import quantize_head
-from splitpoint.core.runner import make_session, run_batched
+from splitpoint.core.runner import Joined, make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
@@ -61,7 +61,7 @@ class Measurements:
     sizes: dict[str, dict[str, int]]  # tensor -> codec (or RAW) -> encoded bytes per sample (median)
     reply_bytes: dict[int, int]  # cut (0 = server-only) -> reply bytes
     samples: list[dict[str, np.ndarray]]
-    reference: list[np.ndarray] = field(default_factory=list)
+    reference: list[Joined] = field(default_factory=list)
     int8_heads: bool = False  # add candidates whose head runs with int8 (QDQ) weights
     fidelity: dict[tuple, float] = field(default_factory=dict)  # (cut, codec, head) -> score
     fidelity_reports: dict[tuple, dict] = field(default_factory=dict)
@@ -235,7 +235,7 @@ def measure_fidelity(
         m.reference = run_batched(make_session(h.path), m.samples)
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     full = make_session(h.path)
-    runs: dict[bytes, list[np.ndarray]] = {}  # server-only: one full-model run per decoded input
+    runs: dict[bytes, list[Joined]] = {}  # server-only: one full-model run per decoded input
     for codec in m.codecs:
         if (0, codec, "float32") in m.fidelity:
             continue
@@ -293,7 +293,7 @@ def _cut_order(pair: tuple) -> tuple:
     return (pair[0] is None, pair[0] or 0, pair[1])
 
 
-def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarray]) -> None:
+def _record(m: Measurements, cut, codec: str, head: str, outputs: list[Joined]) -> None:
     n = len(m.samples)
     rep = FidelityReport(
         cut,
@@ -301,7 +301,7 @@ def _record(m: Measurements, cut, codec: str, head: str, outputs: list[np.ndarra
         head,
         n,
         [
-            compare(name, r, o)
+            compare(name, r, o, n)
             for name, r, o in zip(m.handle.index.outputs, m.reference, outputs, strict=True)
         ],
         task_report(m.handle.task, m.reference, outputs, n, m.truths),

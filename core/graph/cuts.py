@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass, field
 
+from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import CutError
 
 from .flops import node_macs, param_tensors, tensor_size
@@ -85,7 +86,8 @@ def _crossing(idx: GraphIndex, name: str, source: str) -> CrossingTensor:
 
 def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
     """All prefix cuts 1..M-1 of the compute order (M compute nodes), in one sweep, but those where a
-    sequence or a map would cross (no codec carries one): their indices are skipped, not renumbered."""
+    sequence, a map or a tensor of a type no codec carries (bfloat16, strings) would cross: their
+    indices are skipped, not renumbered."""
     order = idx.compute
     m = len(order)
     # last rank at which each dynamic tensor is read; constants never cross
@@ -131,7 +133,7 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
         for t in [t for t in live if last_use.get(t, -1) < k]:
             del live[t]
         head_outputs.extend(outputs_by_rank.get(r, []))
-        if not all(idx.is_tensor(t) for t in live):
+        if not all(idx.carried(t) for t in live):
             continue
         crossing = [
             _crossing(idx, t, s) for t, s in sorted(live.items(), key=lambda kv: produced_rank[kv[0]])
@@ -173,7 +175,10 @@ def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
         else next((c for c in cuts if c.index == k), None)
     )
     if cut is None:
-        raise CutError(f"cut {k} would send a sequence or a map across the network, which no codec carries")
+        raise CutError(
+            f"cut {k} would send a value no codec carries across the network (a sequence, a map, or a "
+            f"tensor that is not {', '.join(sorted(CARRIED_DTYPES))}): choose another cut (`splitpoint cuts`)"
+        )
     return cut
 
 
@@ -222,6 +227,12 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
         raise CutError(
             f"invalid cut: {', '.join(others)} would cross as a sequence or a map, which no codec carries"
         )
+    typed = [f"{t} ({idx.tensor(t).dtype})" for t in crossing_names + from_head if not idx.carried(t)]
+    if typed:
+        raise CutError(
+            f"invalid cut: {', '.join(typed)} would cross, and no codec carries that type "
+            f"(carried: {', '.join(sorted(CARRIED_DTYPES))})"
+        )
     crossing = [_crossing(idx, t, "input") for t in crossing_names] + [
         _crossing(idx, t, "head") for t in from_head
     ]
@@ -246,8 +257,11 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
 
 
 def resolve_cut(idx: GraphIndex, spec: str | int) -> Cut:
-    """``spec`` is a cut index or comma-separated tensor names."""
+    """``spec`` is a cut index or comma-separated tensor names; a name that itself holds a comma (or
+    spaces at its ends) is taken whole when the graph has a tensor of exactly that name."""
     s = str(spec).strip()
     if s.lstrip("-").isdigit():
         return cut_by_index(idx, int(s))
+    if str(spec) in idx.producer:
+        return cut_by_tensors(idx, [str(spec)])
     return cut_by_tensors(idx, [x.strip() for x in s.split(",") if x.strip()])

@@ -246,6 +246,13 @@ class GraphIndex:
             self._measure_shapes()
         return name not in self.non_tensor and name in self.info
 
+    def carried(self, name: str) -> bool:
+        """Whether ``name`` can cross a cut: a tensor of a type a codec carries (not a sequence or a map,
+        nor bfloat16, strings, ...: onnxruntime returns no numpy array for some, no payload holds others)."""
+        from splitpoint.core.codecs import CARRIED_DTYPES
+
+        return self.is_tensor(name) and self.tensor(name).dtype in CARRIED_DTYPES
+
     def tensor(self, name: str) -> TensorInfo:
         t = self.info.get(name)
         if t is None or not self.resolved(t):

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from splitpoint.core import zoo
+from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import load_model, sha256_file
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
@@ -78,6 +80,7 @@ def open_model(
     names = {i.name for i in model.graph.input}
     declared = declared_shapes(model)
     shapes.update({k: v for k, v in (input_shapes or {}).items() if k in names or not only_present})
+    check_interface(model, str(path))
     model = apply_input_shapes(model, shapes, where=str(path))
     # a shape the file already fixes changes nothing: the profile and plan say "as in the file" either way
     shapes = {k: v for k, v in shapes.items() if declared.get(k) != v}
@@ -87,6 +90,59 @@ def open_model(
         weights = f"trained weights, {entry.source}" if trained else "random weights, zoo architecture"
     task = entry.task if entry is not None and trained else None
     return ModelHandle(path, name, sha256_file(path), model, GraphIndex.build(model), shapes, task, weights)
+
+
+_NOT_TENSOR = {
+    "sequence_type": "a sequence",
+    "map_type": "a map",
+    "optional_type": "an optional",
+    "sparse_tensor_type": "a sparse tensor",
+}
+
+
+def check_interface(model: onnx.ModelProto, where: str) -> None:
+    """Refuse, naming the value, a model whose inputs or outputs no payload carries: every plan sends its
+    inputs (server-only) or its outputs (from the tail) over the network. A scikit-learn classifier
+    converted with ZipMap (a sequence of maps) or string labels is the usual case; both convert to
+    tensors."""
+    from splitpoint.core.codecs import CARRIED_DTYPES
+
+    weights = {t.name for t in model.graph.initializer}
+    zipmaps = {o for n in model.graph.node if n.op_type == "ZipMap" for o in n.output}
+    values = [("input", v) for v in model.graph.input if v.name not in weights]
+    for kind, v in [*values, *(("output", v) for v in model.graph.output)]:
+        which = v.type.WhichOneof("value")
+        if which != "tensor_type":
+            hint = (
+                " (ZipMap's: convert the model without it, e.g. skl2onnx's options={'zipmap': False})"
+                if v.name in zipmaps
+                else ""
+            )
+            raise ModelError(
+                f"{where}: model {kind} {v.name!r} is {_NOT_TENSOR.get(str(which), 'not a tensor')}{hint}; "
+                "SplitPoint runs models whose inputs and outputs are tensors"
+            )
+        elem = v.type.tensor_type.elem_type
+        if _numpy_name(elem) not in CARRIED_DTYPES:
+            name = onnx.TensorProto.DataType.Name(elem).lower() if elem else "untyped"
+            hint = ""
+            if name == "string":
+                hint = (
+                    " (a classifier's labels as strings: convert it with integer labels)"
+                    if kind == "output"
+                    else " (categories as strings: map them to integers before the model)"
+                )
+            raise ModelError(
+                f"{where}: model {kind} {v.name!r} is a {name} tensor{hint}, and no codec carries that type "
+                f"(carried: {', '.join(sorted(CARRIED_DTYPES))})"
+            )
+
+
+def _numpy_name(elem: int) -> str:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+    except (KeyError, TypeError, ValueError):
+        return ""
 
 
 __all__ = ["ModelHandle", "open_model", "Cut", "enumerate_cuts", "resolve_cut", "GraphIndex"]

@@ -52,6 +52,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         raise ModelError(f"{where} has no input named {unknown[0]!r} (its inputs: {', '.join(inputs)})")
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    symbols: dict[str, int] = {}
     for vi in out.graph.input:
         for k, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_value") and d.dim_value < 0:  # some converters write -1 for "any size"
@@ -69,8 +70,20 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                 raise ModelError(f"input {vi.name!r} has dimension {k} fixed at {h}; --input-shape gives {w}")
         dims = vi.type.tensor_type.shape.dim
         for d, w in zip(dims, want, strict=True):
+            if d.HasField("dim_param"):
+                symbols.setdefault(d.dim_param, w)
             d.Clear()
             d.dim_value = w
+    # a symbol is one size wherever it appears: the sizes given for one input fix the others' (an LSTM's
+    # initial states share the data's batch)
+    for vi in out.graph.input:
+        if vi.name in shapes or vi.name in inits:
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in symbols:
+                w = symbols[d.dim_param]
+                d.Clear()
+                d.dim_value = w
     missing = []
     for vi in out.graph.input:
         if vi.name in inits:

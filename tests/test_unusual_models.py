@@ -1,0 +1,268 @@
+"""Models a user may bring that the zoo does not look like: outputs whose shape follows the data, rank-0
+boolean inputs. Each must split, serve and be measured, not only load."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from splitpoint.core.graph.cuts import enumerate_cuts
+from splitpoint.core.graph.extract import extract
+from splitpoint.core.graph.model import open_model
+from splitpoint.core.plandir import write_plan
+from splitpoint.core.runner import Ragged, join, make_session
+from splitpoint.core.samples import sample_feeds
+from splitpoint.partitioner.fidelity import compare, measure
+
+from .test_split_equivalence import run_split
+
+
+def _save(model: onnx.ModelProto, path) -> str:
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return str(path)
+
+
+def data_dependent_model() -> onnx.ModelProto:
+    """A detector's tail in miniature: the positions above a threshold (NonZero: their count follows the
+    data) and the values there, beside a fixed-size TopK."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    t = numpy_helper.from_array(np.array(0.8, np.float32), "t")
+    k = numpy_helper.from_array(np.array([3], np.int64), "k")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Greater", ["r", "t"], ["above"]),
+        helper.make_node("NonZero", ["above"], ["where"]),
+        helper.make_node("Transpose", ["where"], ["where_t"]),
+        helper.make_node("GatherND", ["r", "where_t"], ["picked"]),
+        helper.make_node("TopK", ["r", "k"], ["topv", "topi"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    outs = [
+        helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["count"]),
+        helper.make_tensor_value_info("where", TensorProto.INT64, [2, "count"]),
+        helper.make_tensor_value_info("topv", TensorProto.FLOAT, [1, 3]),
+    ]
+    g = helper.make_graph(nodes, "dd", [x], outs, [w, t, k])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_outputs_whose_shape_follows_the_data_are_compared_sample_by_sample(tmp_path):
+    h = open_model(_save(data_dependent_model(), tmp_path / "dd.onnx"))
+    samples = [sample_feeds(h.model, 1, seed) for seed in range(8)]
+    full = make_session(h.path)
+    counts = {full.run(["picked"], s)[0].shape[0] for s in samples}
+    assert len(counts) > 1  # the samples' NonZero counts differ: the float outputs do not join
+    for cut in h.cuts():
+        reports = measure(h, cut, ["float32", "int4"], samples)
+        exact = {o.name: o for o in reports["float32"].outputs}
+        assert all(
+            o.cosine == 1.0 and o.max_abs_error == 0 and o.shape_mismatches == 0 for o in exact.values()
+        )
+        lossy = {o.name: o for o in reports["int4"].outputs}
+        assert 0 <= lossy["picked"].shape_mismatches <= 8 and 0 <= lossy["where"].cosine <= 1.0
+
+
+def test_a_sample_of_another_shape_counts_as_wholly_wrong():
+    ref = join([[np.arange(3.0)], [np.arange(5.0)], [np.ones(2)]])[0]
+    assert isinstance(ref, Ragged) and [a.shape for a in ref] == [(3,), (5,), (2,)]
+    got = Ragged([np.arange(3.0), np.arange(4.0), np.ones(2) * 1.5])
+    o = compare("boxes", ref, got, 3)
+    assert o.shape_mismatches == 1 and o.max_abs_error == 0.5
+    assert abs(o.cosine - 2 / 3) < 1e-9  # two samples line up (cosine 1), one does not (0)
+    same = compare("boxes", ref, ref, 3)
+    assert same.cosine == 1.0 and same.shape_mismatches == 0 and same.snr_db == 300.0
+    # a joined reference against a split of another total length: still sample by sample
+    o2 = compare("scores", np.ones((2, 4)), Ragged([np.ones((1, 4)), np.ones((1, 5))]), 2)
+    assert o2.shape_mismatches == 1 and o2.top1_agreement == 0.5
+
+
+def bool_scalar_model() -> onnx.ModelProto:
+    """A rank-0 boolean input choosing a branch (an If), as a flag a user passes beside the data."""
+    then_g = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["o1"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("o1", TensorProto.FLOAT, [1, 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["a"], ["o2"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [1, 8])],
+    )
+    nodes = [
+        helper.make_node("Sigmoid", ["x"], ["a"]),
+        helper.make_node("If", ["flag"], ["b"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("ReduceSum", ["b"], ["y"], keepdims=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "flagged",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_rank_0_boolean_input_splits_and_is_sampled_as_an_array(tmp_path):
+    model = bool_scalar_model()
+    feeds = sample_feeds(model, 1, 3)
+    assert isinstance(feeds["flag"], np.ndarray) and feeds["flag"].shape == () and feeds["flag"].dtype == bool
+    h = open_model(_save(model, tmp_path / "flag.onnx"))
+    cuts = enumerate_cuts(h.index)
+    assert cuts
+    import onnxruntime as ort
+
+    for value in (True, False):
+        one = {"x": feeds["x"], "flag": np.array(value)}
+        full = ort.InferenceSession(model.SerializeToString()).run(None, one)[0]
+        for cut in cuts:
+            np.testing.assert_allclose(run_split(*extract(h.index, cut), cut, one)["y"], full, rtol=1e-6)
+    for cut in cuts:  # a plan's trial run samples the flag too
+        write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
+
+
+def _ml_model(nodes, inputs, outputs) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "ml", inputs, outputs)
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    m.ir_version = 8
+    return m
+
+
+def test_inputs_and_outputs_no_codec_carries_are_refused_by_name(tmp_path):
+    """A classifier converted with string labels or a ZipMap: every plan sends inputs or outputs, so the
+    model is refused at once, naming the value and the conversion that fixes it."""
+    import pytest
+
+    from splitpoint.core.errors import ModelError
+
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [1])
+    labels = _ml_model(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["x"],
+                ["label"],
+                domain="ai.onnx.ml",
+                keys_int64s=[0, 1],
+                values_strings=["cat", "dog"],
+            )
+        ],
+        [x],
+        [helper.make_tensor_value_info("label", TensorProto.STRING, [1])],
+    )
+    with pytest.raises(
+        ModelError, match=r"output 'label' is a string tensor \(a classifier's labels as strings"
+    ):
+        open_model(_save(labels, tmp_path / "labels.onnx"))
+    words = _ml_model(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["w"],
+                ["id"],
+                domain="ai.onnx.ml",
+                keys_strings=["a", "b"],
+                values_int64s=[0, 1],
+            )
+        ],
+        [helper.make_tensor_value_info("w", TensorProto.STRING, [1])],
+        [helper.make_tensor_value_info("id", TensorProto.INT64, [1])],
+    )
+    with pytest.raises(ModelError, match=r"input 'w' is a string tensor \(categories as strings"):
+        open_model(_save(words, tmp_path / "words.onnx"))
+    probs = helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2])
+    zipped = _ml_model(
+        [helper.make_node("ZipMap", ["p"], ["z"], domain="ai.onnx.ml", classlabels_int64s=[0, 1])],
+        [probs],
+        [
+            helper.make_value_info(
+                "z",
+                helper.make_sequence_type_proto(
+                    helper.make_map_type_proto(
+                        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+                    )
+                ),
+            )
+        ],
+    )
+    with pytest.raises(
+        ModelError, match=r"output 'z' is a sequence \(ZipMap's: convert the model without it"
+    ):
+        open_model(_save(zipped, tmp_path / "zipped.onnx"))
+
+
+def test_a_bfloat16_tensor_never_crosses_a_cut(tmp_path):
+    """onnxruntime hands no bfloat16 array to Python and no payload carries one: the cuts where it
+    would cross are left out, and naming it as a cut says why."""
+    import pytest
+
+    from splitpoint.core.errors import CutError
+    from splitpoint.core.graph.cuts import cut_by_index, cut_by_tensors
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Cast", ["r"], ["b"], to=TensorProto.BFLOAT16),
+        helper.make_node("Identity", ["b"], ["b2"]),
+        helper.make_node("Cast", ["b2"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Neg", ["f"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    g = helper.make_graph(nodes, "bf", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    h = open_model(_save(m, tmp_path / "bf.onnx"))
+    assert [c.index for c in h.cuts()] == [1, 4]
+    for cut in h.cuts():
+        write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
+    with pytest.raises(CutError, match="cut 2 would send a value no codec carries"):
+        cut_by_index(h.index, 2)
+    with pytest.raises(CutError, match=r"b \(bfloat16\) would cross, and no codec carries that type"):
+        cut_by_tensors(h.index, ["b"])
+
+
+def test_a_symbol_given_for_one_input_fixes_it_in_the_others():
+    """An LSTM's initial states share the data's batch: --input-shape for the data is enough."""
+    from splitpoint.core.graph.shapes import apply_input_shapes
+
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Identity", ["h"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "rnn",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, "batch", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "batch", 3])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    fixed = apply_input_shapes(m, {"x": [1, 12, 4]})
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in fixed.graph.input}
+    assert dims == {"x": [1, 12, 4], "h": [2, 1, 3]}
+
+
+def test_a_tensor_whose_name_holds_a_comma_is_a_cut_by_that_name():
+    from splitpoint.core.graph.cuts import resolve_cut
+    from splitpoint.core.graph.index import GraphIndex
+
+    nodes = [helper.make_node("Relu", ["x"], ["a,b"]), helper.make_node("Neg", ["a,b"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    g = helper.make_graph(nodes, "c", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    idx = GraphIndex.build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [c.name for c in resolve_cut(idx, "a,b").crossing] == ["a,b"]
