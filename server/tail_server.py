@@ -49,7 +49,10 @@ from .registry import Entry, PlanRegistry
 from .sessions import DecoderSessions
 
 log = logging.getLogger("splitpoint.server")
-RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back
+RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back (replies, a relay's sends)
+# requests libzmq holds per client before TCP pushes back on it: above any window a client keeps in flight
+# (the planner's go to 32), and what bounds the memory a flooding client takes beside --max-queue's
+PEER_RCVHWM = 64
 
 
 class ServerFailed(SplitPointError):
@@ -184,8 +187,11 @@ class TailServer:
         router = wire.tune(self._ctx.socket(zmq.ROUTER))
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)  # per frame; parse() caps the total
-        router.setsockopt(zmq.RCVHWM, RCVHWM)
+        router.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
         router.setsockopt(zmq.SNDHWM, RCVHWM)
+        # a client that sets its routing id and reconnects takes the id over (without this, libzmq
+        # ignores the new connection for as long as it holds the old one's id: with a tail running, for good)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.config.curve:
             self._enable_curve(router)
         try:
@@ -788,13 +794,11 @@ def _check_tensor(name: str, arr: np.ndarray, expect: Expect) -> None:
 
 
 def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """Run the stage; a failure the request's own tensors explain (two sizes for one symbolic dimension,
-    such as the batch of two cut tensors) is the sender's ``bad-tensor``, not the server's ``internal``.
-    Only a failed run is judged so: a model whose declared symbols are stale still serves what runs."""
-    try:
-        return runner.run(feeds)
-    except Exception as exc:
-        conflict = runner.symbol_conflict(feeds)
-        if conflict is None:
-            raise
-        raise wire.WireError(wire.E_BAD_TENSOR, f"{conflict}; the stage failed on it") from exc
+    """Run the stage on tensors that agree on every symbolic dimension they share (the batch of two cut
+    tensors): two sizes for one are the sender's ``bad-tensor``, refused before the run, since onnxruntime
+    broadcasts a size of 1 against any other and would answer wrongly rather than fail. The symbols a
+    stage's inputs share are those its plan's trial run found to hold (``verify_segments``)."""
+    conflict = runner.symbol_conflict(feeds)
+    if conflict is not None:
+        raise wire.WireError(wire.E_BAD_TENSOR, f"{conflict}: the tensors sent must agree on it")
+    return runner.run(feeds)

@@ -379,3 +379,96 @@ def test_tensors_that_disagree_on_their_shared_batch_are_the_senders_error(tmp_p
     finally:
         s.close(0)
         srv.stop()
+
+
+def test_a_batch_of_one_beside_a_batch_of_two_is_refused_not_broadcast(tmp_path):
+    """The tail adds two cut tensors that share the batch N: onnxruntime would broadcast a batch of 1
+    against 2 and answer; the server refuses the pair as ``bad-tensor`` before running it."""
+    from onnx import TensorProto, helper
+
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Sigmoid", ["x"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "pair.onnx"
+    onnx.save(m, str(path))
+    h = open_model(path)
+    cut = next(c for c in h.cuts() if {t.name for t in c.crossing} == {"a", "b"})
+    plan = write_plan(h, tmp_path / "plans" / "p", cut=cut)
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(srv.endpoint)
+    try:
+        one, two = np.ones((1, 8), np.float32), np.ones((2, 8), np.float32)
+        for rid, (a, b) in enumerate([(one, two), (two, one)], 1):
+            frames = [encode(a, "float32"), encode(b, "float32")]
+            reply = _ask(
+                s, wire.Message(wire.INFER, rid, plan.plan_id, ["a", "b"], frames=frames).to_frames()
+            )
+            assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_TENSOR, reply.meta
+            assert "dimension N is" in reply.meta["message"]
+        frames = [encode(two, "float32"), encode(two, "float32")]
+        reply = _ask(s, wire.Message(wire.INFER, 3, plan.plan_id, ["a", "b"], frames=frames).to_frames())
+        assert reply.type == wire.RESULT
+    finally:
+        s.close(0)
+        srv.stop()
+
+
+def test_a_symbol_the_trial_run_contradicts_is_not_held_against_a_request():
+    """A symbol two received tensors share but the plan's trial run gives two sizes (stale in the model)
+    is freed in the second, so that the server does not refuse what the model really produces."""
+    from onnx import TensorProto, helper
+
+    from splitpoint.core.graph.extract import _free_contradicted_dims
+
+    g = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["y"], axis=1)],
+        "tail",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["T", 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["T", 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 8])],
+    )
+    tail = helper.make_model(g)
+    agree = {"a": np.ones((3, 4), np.float32), "b": np.ones((3, 4), np.float32)}
+    assert not _free_contradicted_dims(tail, agree)
+    stale = {"a": np.ones((3, 4), np.float32), "b": np.ones((5, 4), np.float32)}
+    assert _free_contradicted_dims(tail, stale)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in tail.graph.input]
+    assert dims[0] == ["T", 4] and dims[1][0] != "T" and dims[1][1] == 4
+
+
+def test_a_client_that_reconnects_under_its_routing_id_is_answered(served):
+    """libzmq's ROUTER ignores a second connection with an id it still holds unless handover is on: a
+    client that sets ZMQ_ROUTING_ID and reconnects before the server noticed the old connection go would
+    never be answered."""
+    ctx = zmq.Context.instance()
+    first = ctx.socket(zmq.DEALER)
+    first.setsockopt(zmq.LINGER, 0)
+    first.setsockopt(zmq.ROUTING_ID, b"fixed-client")
+    first.connect(served["endpoint"])
+    again = ctx.socket(zmq.DEALER)
+    again.setsockopt(zmq.LINGER, 0)
+    again.setsockopt(zmq.ROUTING_ID, b"fixed-client")
+    try:
+        assert _ask(first, wire.Message(wire.PING, 71).to_frames(), 10000).id == 71
+        again.connect(served["endpoint"])  # the first still connected
+        assert _ask(again, wire.Message(wire.PING, 72).to_frames(), 10000).id == 72
+    finally:
+        first.close(0)
+        again.close(0)

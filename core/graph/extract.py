@@ -229,8 +229,12 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndarray]) -> bool:
-    """Free the declared input dimensions that ``available`` contradicts; True if any were."""
+    """Free the declared input dimensions that ``available`` contradicts; True if any were. A symbol the
+    inputs share but the run gives two sizes is freed too, in every input after the first that has it:
+    a receiver checks that the tensors it is sent agree on each shared symbol (a batch of 1 beside a batch
+    of 2 would be broadcast, not refused), so only the symbols that hold may stay shared."""
     changed = False
+    sizes: dict[str, int] = {}
     for i, vi in enumerate(model.graph.input):
         got = available.get(vi.name)
         if got is None or not vi.type.HasField("tensor_type"):
@@ -241,7 +245,11 @@ def _free_contradicted_dims(model: onnx.ModelProto, available: dict[str, np.ndar
             changed = True
             continue
         for k, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value != got.shape[k]:
+            if (
+                d.HasField("dim_value")
+                and d.dim_value != got.shape[k]
+                or (d.HasField("dim_param") and sizes.setdefault(d.dim_param, got.shape[k]) != got.shape[k])
+            ):
                 d.Clear()
                 d.dim_param = f"free{i}_{k}"  # its own symbol: one symbol is one size across a graph
                 changed = True
