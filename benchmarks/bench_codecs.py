@@ -265,6 +265,11 @@ def shuffle_options(threads: int) -> dict[str, tuple[str, str, Pair]]:
     return opts
 
 
+def _mb(v: float | None) -> str:
+    """A speed for the tables; a codec the baseline lacks has none before ("new")."""
+    return "new" if v is None else f"{v:.0f}"
+
+
 def busy_seconds() -> float | None:
     """CPU seconds every process on the machine has used since boot (Linux), or None."""
     try:
@@ -339,10 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     f_opts = {s: float16_options(x) for s, x in tensors.items()}
     s_opts = shuffle_options(threads)
     items: dict = {}
+    known_before = set(old.all_codecs()) if old is not None else set()  # codecs added since have no 'before'
     for s, x in tensors.items():
         for c in codecs.all_codecs():
             items[("codec", s, c, "after")] = (x, lambda a, c=c: codecs.encode(a, c), codecs.decode)
-            if old is not None:
+            if old is not None and c in known_before:
                 items[("codec", s, c, "before")] = (x, lambda a, c=c: old.encode(a, c), old.decode)
         for c in TARGETS:  # the same code held to the calling thread
             if threads > 1 and s != "4 KiB":
@@ -478,14 +484,17 @@ def main(argv: list[str] | None = None) -> None:
         "encode+decode MB/s before → after | max abs error | bound |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    none = {"encode_mb_s": 0, "decode_mb_s": 0, "roundtrip_mb_s": 0}
+
+    def was(b: dict | None, key: str) -> str:
+        return "new" if b is None else f"{b[key]:.0f}"
+
     for c in codecs.all_codecs():
         a = res[("codec", BENCH_SIZE, c, "after")]
-        b = res.get(("codec", BENCH_SIZE, c, "before"), none)
+        b = res.get(("codec", BENCH_SIZE, c, "before"))
         e = errors[c]
         md.append(
-            f"| {c} | {a['ratio']:.2f} | {a['bytes']:,} | {b['encode_mb_s']:.0f} → {a['encode_mb_s']:.0f} | "
-            f"{b['decode_mb_s']:.0f} → {a['decode_mb_s']:.0f} | {b['roundtrip_mb_s']:.0f} → "
+            f"| {c} | {a['ratio']:.2f} | {a['bytes']:,} | {was(b, 'encode_mb_s')} → {a['encode_mb_s']:.0f} | "
+            f"{was(b, 'decode_mb_s')} → {a['decode_mb_s']:.0f} | {was(b, 'roundtrip_mb_s')} → "
             f"**{a['roundtrip_mb_s']:.0f}** | {e['max_abs_error']:.4f} | {e['error_bound']:.4f} |"
         )
     md += [
@@ -496,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|" + "---:|" * len(SIZES),
     ]
     for c in codecs.all_codecs():
-        cells = [f"{rt(s, c, 'before') or 0:.0f} → {rt(s, c, 'after') or 0:.0f}" for s in SIZES]
+        cells = [f"{_mb(rt(s, c, 'before'))} → {_mb(rt(s, c, 'after'))}" for s in SIZES]
         md.append(f"| {c} | " + " | ".join(cells) + " |")
 
     notes = {k: v[:2] for opts in (z_opts, f_opts[BENCH_SIZE], s_opts) for k, v in opts.items()}
