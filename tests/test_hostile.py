@@ -8,6 +8,7 @@ And the edge's promise under a SIGKILLed server: 200 requests in flight, each an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -76,6 +77,23 @@ def served(tmp_path_factory, small_resnet18):
     yield state
     s.close(0)
     stop(proc)
+
+
+@contextlib.contextmanager
+def _served_in_process(plans):
+    """A TailServer on a free port serving ``plans``, and a DEALER connected to it."""
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(srv.endpoint)
+    try:
+        yield srv, s
+    finally:
+        s.close(0)
+        srv.stop()
 
 
 def _ask(s, frames, timeout=5000) -> wire.Message:
@@ -341,19 +359,13 @@ def test_tensors_that_disagree_on_their_shared_batch_are_the_senders_error(tmp_p
     """Each tensor alone fits the plan, but two give the batch N different sizes: the tail cannot run
     them, and the reply says why as ``bad-tensor`` (not ``internal``); too many frames is ``too-large``."""
     from splitpoint.core import zoo
-    from splitpoint.server.config import ServerConfig
-    from splitpoint.server.tail_server import TailServer
 
     path = tmp_path / "multitask.onnx"
     onnx.save(zoo.build("multitask", width=0.25, resolution=32), str(path))
     h = open_model(path)
     cut = next(c for c in h.cuts() if len(c.crossing) == 2 and "meta" in {t.name for t in c.crossing})
     plan = write_plan(h, tmp_path / "plans" / "p", cut=cut)
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(srv.endpoint)
-    try:
+    with _served_in_process(tmp_path / "plans") as (srv, s):
         head = HeadRunner(plan, make_session(tmp_path / "plans" / "p" / "head.onnx"))
         sent, _ = head.run(
             {"image": np.zeros((1, 3, 32, 32), np.float32), "meta": np.zeros((1, 16), np.float32)}
@@ -376,18 +388,12 @@ def test_tensors_that_disagree_on_their_shared_batch_are_the_senders_error(tmp_p
             == wire.RESULT
         )
         assert srv.stats.errors == 1  # the lying request; the other two never reached a tail
-    finally:
-        s.close(0)
-        srv.stop()
 
 
 def test_a_batch_of_one_beside_a_batch_of_two_is_refused_not_broadcast(tmp_path):
     """The tail adds two cut tensors that share the batch N: onnxruntime would broadcast a batch of 1
     against 2 and answer; the server refuses the pair as ``bad-tensor`` before running it."""
     from onnx import TensorProto, helper
-
-    from splitpoint.server.config import ServerConfig
-    from splitpoint.server.tail_server import TailServer
 
     nodes = [
         helper.make_node("Relu", ["x"], ["a"]),
@@ -407,11 +413,7 @@ def test_a_batch_of_one_beside_a_batch_of_two_is_refused_not_broadcast(tmp_path)
     h = open_model(path)
     cut = next(c for c in h.cuts() if {t.name for t in c.crossing} == {"a", "b"})
     plan = write_plan(h, tmp_path / "plans" / "p", cut=cut)
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(srv.endpoint)
-    try:
+    with _served_in_process(tmp_path / "plans") as (srv, s):
         one, two = np.ones((1, 8), np.float32), np.ones((2, 8), np.float32)
         for rid, (a, b) in enumerate([(one, two), (two, one)], 1):
             frames = [encode(a, "float32"), encode(b, "float32")]
@@ -423,9 +425,6 @@ def test_a_batch_of_one_beside_a_batch_of_two_is_refused_not_broadcast(tmp_path)
         frames = [encode(two, "float32"), encode(two, "float32")]
         reply = _ask(s, wire.Message(wire.INFER, 3, plan.plan_id, ["a", "b"], frames=frames).to_frames())
         assert reply.type == wire.RESULT
-    finally:
-        s.close(0)
-        srv.stop()
 
 
 def test_a_symbol_the_trial_run_contradicts_is_not_held_against_a_request():
