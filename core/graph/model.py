@@ -112,6 +112,8 @@ def check_interface(model: onnx.ModelProto, where: str) -> None:
     values = [("input", v) for v in model.graph.input if v.name not in weights]
     for kind, v in [*values, *(("output", v) for v in model.graph.output)]:
         which = v.type.WhichOneof("value")
+        if which is None:  # untyped: inference or a trial run types it later
+            continue
         if which != "tensor_type":
             hint = (
                 " (ZipMap's: convert the model without it, e.g. skl2onnx's options={'zipmap': False})"
@@ -123,8 +125,8 @@ def check_interface(model: onnx.ModelProto, where: str) -> None:
                 "SplitPoint runs models whose inputs and outputs are tensors"
             )
         elem = v.type.tensor_type.elem_type
-        if _numpy_name(elem) not in CARRIED_DTYPES:
-            name = onnx.TensorProto.DataType.Name(elem).lower() if elem else "untyped"
+        if elem and _numpy_name(elem) not in CARRIED_DTYPES:
+            name = onnx.TensorProto.DataType.Name(elem).lower()
             hint = ""
             if name == "string":
                 hint = (
