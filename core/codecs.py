@@ -51,7 +51,20 @@ OUTLIER_RATIO, OUTLIER_SHARE = 8.0, 32
 STAGES = ("", "zstd", "lz4")
 # the tensor types a payload carries, in the order of their ids on the wire: what may cross a cut, and
 # what a plan's tensors may be
-DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+DTYPES = (
+    "float32",
+    "float16",
+    "float64",
+    "int64",
+    "int32",
+    "int8",
+    "uint8",
+    "bool",
+    "int16",
+    "uint16",
+    "uint32",
+    "uint64",  # ids 8-11: PCM audio, depth images, counters (sent exact)
+)
 CARRIED_DTYPES = frozenset(DTYPES)
 _NP_DTYPES = tuple(np.dtype(d) for d in DTYPES)
 _DTYPE_IDS = {d: i for i, d in enumerate(_NP_DTYPES)}

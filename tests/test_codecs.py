@@ -40,7 +40,11 @@ def test_round_trip_within_error_bound(codec, name):
 
 @pytest.mark.parametrize("codec", ["int8+zstd", "int4", "float16+lz4"])
 def test_non_float_tensors_pass_exactly(codec):
-    for x in (np.arange(12, dtype=np.int64).reshape(3, 4), np.array([True, False, True])):
+    rng = np.random.default_rng(0)
+    pcm = rng.integers(-(2**15), 2**15, (1, 1600)).astype(np.int16)  # audio samples
+    depth = rng.integers(0, 2**16, (1, 1, 8, 8)).astype(np.uint16)  # a depth camera's millimetres
+    wide = [np.array([2**32 - 1, 7], np.uint32), np.array([2**64 - 1, 3], np.uint64)]
+    for x in (np.arange(12, dtype=np.int64).reshape(3, 4), np.array([True, False, True]), pcm, depth, *wide):
         y = decode(encode(x, codec))
         assert y.dtype == x.dtype and np.array_equal(x, y)
 

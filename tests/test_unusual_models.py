@@ -266,3 +266,46 @@ def test_a_tensor_whose_name_holds_a_comma_is_a_cut_by_that_name():
     g = helper.make_graph(nodes, "c", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     idx = GraphIndex.build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert [c.name for c in resolve_cut(idx, "a,b").crossing] == ["a,b"]
+
+
+def test_an_int16_audio_input_is_split_and_served(tmp_path):
+    """16-bit PCM samples in (a keyword spotter's input), cast inside the model: a server-only plan sends
+    them exact, and the served answer is the model's."""
+    from splitpoint.core.runner import make_session
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((160, 8)) / 3e4).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Cast", ["pcm"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "frames"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["m"]),
+        helper.make_node("ReduceMean", ["m"], ["y"], axes=[1], keepdims=0),
+    ]
+    frames = numpy_helper.from_array(np.array([1, 10, 160], np.int64), "frames")
+    g = helper.make_graph(
+        nodes,
+        "kws",
+        [helper.make_tensor_value_info("pcm", TensorProto.INT16, [1, 1600])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [w, frames],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    h = open_model(_save(m, tmp_path / "kws.onnx"))
+    write_plan(h, tmp_path / "plans" / "server", kind="server-only", codec="int8+zstd")
+    write_plan(h, tmp_path / "plans" / "split", cut=h.cuts()[0], codec="float16")
+    pcm = {"pcm": rng.integers(-(2**15), 2**15, (1, 1600)).astype(np.int16)}
+    want = make_session(h.path).run(None, pcm)[0]
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        for name, tol in (("server", 1e-6), ("split", 1e-2)):
+            cfg = EdgeConfig(plan_dir=tmp_path / "plans" / name, server=srv.endpoint, fallback=False)
+            with EdgeClient(cfg) as c:
+                got = c.infer(pcm, timeout=30)["y"]
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    finally:
+        srv.stop()
