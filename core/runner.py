@@ -98,16 +98,13 @@ def make_session(
     )
 
 
-# onnxruntime's tensor types as numpy dtypes (those a cut tensor can have)
+# onnxruntime's tensor types ("tensor(float)") as numpy dtypes, for every dtype a payload carries: the
+# types a cut tensor, a model input or a model output can have
 ORT_DTYPES: dict[str, np.dtype] = {
-    "tensor(float)": np.dtype(np.float32),
-    "tensor(float16)": np.dtype(np.float16),
-    "tensor(double)": np.dtype(np.float64),
-    "tensor(int64)": np.dtype(np.int64),
-    "tensor(int32)": np.dtype(np.int32),
-    "tensor(int8)": np.dtype(np.int8),
-    "tensor(uint8)": np.dtype(np.uint8),
-    "tensor(bool)": np.dtype(np.bool_),
+    f"tensor({onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(d))).lower()})": (
+        np.dtype(d)
+    )
+    for d in DTYPES
 }
 _SPEC_DTYPES = {d: np.dtype(d) for d in DTYPES}
 

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from splitpoint.core.graph.cuts import enumerate_cuts
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.model import open_model
+from splitpoint.core.plan import Plan
 from splitpoint.core.plandir import write_plan
 from splitpoint.core.runner import Ragged, join, make_session
 from splitpoint.core.samples import sample_feeds
@@ -307,5 +308,24 @@ def test_an_int16_audio_input_is_split_and_served(tmp_path):
             with EdgeClient(cfg) as c:
                 got = c.infer(pcm, timeout=30)["y"]
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        # the server holds the input to its dtype: the same samples as int32 are the sender's error
+        import zmq
+
+        from splitpoint.core import wire
+        from splitpoint.core.codecs import encode
+
+        plan_id = Plan.load(tmp_path / "plans" / "server").plan_id
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(srv.endpoint)
+        try:
+            wide = [encode(pcm["pcm"].astype(np.int32), "float32")]
+            s.send_multipart(wire.Message(wire.INFER, 1, plan_id, ["pcm"], frames=wide).to_frames())
+            assert s.poll(10000)
+            reply = wire.parse(s.recv_multipart())
+            assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_TENSOR, reply.meta
+            assert "int16" in reply.meta["message"]
+        finally:
+            s.close(0)
     finally:
         srv.stop()
