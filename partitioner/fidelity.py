@@ -27,9 +27,8 @@ class OutputFidelity:
     cosine: float
     max_abs_error: float  # over the samples whose split output has the float one's shape
     snr_db: float
-    shape_mismatches: int = (
-        0  # samples whose split output has another shape (an output that follows the data)
-    )
+    # samples whose split output has another shape than the float one (an output that follows the data)
+    shape_mismatches: int = 0
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError
 from splitpoint.core.weights import stub, with_stubs
 
@@ -62,6 +63,11 @@ _DATA_INPUTS: dict[str, tuple[int, ...]] = {
 }
 
 
+def dtype_name(elem_type: int) -> str:
+    """An ONNX element type as numpy names it ("float32", "bfloat16", "object" for strings)."""
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
 @dataclass
 class TensorInfo:
     name: str
@@ -72,7 +78,7 @@ class TensorInfo:
 
     @property
     def dtype(self) -> str:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type)).name
+        return dtype_name(self.elem_type)
 
     @property
     def itemsize(self) -> int:
@@ -249,8 +255,6 @@ class GraphIndex:
     def carried(self, name: str) -> bool:
         """Whether ``name`` can cross a cut: a tensor of a type a codec carries (not a sequence or a map,
         nor bfloat16, strings, ...: onnxruntime returns no numpy array for some, no payload holds others)."""
-        from splitpoint.core.codecs import CARRIED_DTYPES
-
         return self.is_tensor(name) and self.tensor(name).dtype in CARRIED_DTYPES
 
     def tensor(self, name: str) -> TensorInfo:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from splitpoint.core import zoo
+from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import load_model, sha256_file
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
-from .index import GraphIndex
+from .index import GraphIndex, dtype_name
 from .shapes import InputShapes, apply_input_shapes, declared_shapes
 
 
@@ -105,8 +105,6 @@ def check_interface(model: onnx.ModelProto, where: str) -> None:
     inputs (server-only) or its outputs (from the tail) over the network. A scikit-learn classifier
     converted with ZipMap (a sequence of maps) or string labels is the usual case; both convert to
     tensors."""
-    from splitpoint.core.codecs import CARRIED_DTYPES
-
     weights = {t.name for t in model.graph.initializer}
     zipmaps = {o for n in model.graph.node if n.op_type == "ZipMap" for o in n.output}
     values = [("input", v) for v in model.graph.input if v.name not in weights]
@@ -141,8 +139,9 @@ def check_interface(model: onnx.ModelProto, where: str) -> None:
 
 
 def _numpy_name(elem: int) -> str:
+    """``dtype_name``, or "" for a type numpy has no name for."""
     try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+        return dtype_name(elem)
     except (KeyError, TypeError, ValueError):
         return ""
 
