@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     def was(b: dict | None, key: str) -> str:
-        return "new" if b is None else f"{b[key]:.0f}"
+        return _mb(None if b is None else b[key])
 
     for c in codecs.all_codecs():
         a = res[("codec", BENCH_SIZE, c, "after")]

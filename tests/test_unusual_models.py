@@ -41,11 +41,12 @@ def data_dependent_model() -> onnx.ModelProto:
         helper.make_node("GatherND", ["r", "where_t"], ["picked"]),
         helper.make_node("TopK", ["r", "k"], ["topv", "topi"]),
     ]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    # two rows of 16: int4 quantises per row (a [1, 16] tensor would be 16 channels of one value: exact)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 16])
     outs = [
         helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["count"]),
-        helper.make_tensor_value_info("where", TensorProto.INT64, [2, "count"]),
-        helper.make_tensor_value_info("topv", TensorProto.FLOAT, [1, 3]),
+        helper.make_tensor_value_info("where", TensorProto.INT64, [3, "count"]),
+        helper.make_tensor_value_info("topv", TensorProto.FLOAT, [1, 2, 3]),
     ]
     g = helper.make_graph(nodes, "dd", [x], outs, [w, t, k])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -55,10 +56,11 @@ def data_dependent_model() -> onnx.ModelProto:
 
 def test_outputs_whose_shape_follows_the_data_are_compared_sample_by_sample(tmp_path):
     h = open_model(_save(data_dependent_model(), tmp_path / "dd.onnx"))
-    samples = [sample_feeds(h.model, 1, seed) for seed in range(8)]
+    samples = [sample_feeds(h.model, 1, seed) for seed in range(32)]
     full = make_session(h.path)
     counts = {full.run(["picked"], s)[0].shape[0] for s in samples}
     assert len(counts) > 1  # the samples' NonZero counts differ: the float outputs do not join
+    mismatched = 0
     for cut in h.cuts():
         reports = measure(h, cut, ["float32", "int4"], samples)
         exact = {o.name: o for o in reports["float32"].outputs}
@@ -66,7 +68,12 @@ def test_outputs_whose_shape_follows_the_data_are_compared_sample_by_sample(tmp_
             o.cosine == 1.0 and o.max_abs_error == 0 and o.shape_mismatches == 0 for o in exact.values()
         )
         lossy = {o.name: o for o in reports["int4"].outputs}
-        assert 0 <= lossy["picked"].shape_mismatches <= 8 and 0 <= lossy["where"].cosine <= 1.0
+        # the positions and the values there come from one NonZero: their shapes go wrong together, and a
+        # sample gone wrong costs its share of the mean cosine
+        assert lossy["picked"].shape_mismatches == lossy["where"].shape_mismatches
+        assert lossy["where"].cosine <= 1 - lossy["where"].shape_mismatches / 32 + 1e-9
+        mismatched += lossy["where"].shape_mismatches
+    assert mismatched > 0  # int4 moves some value across the threshold somewhere: the ragged path ran
 
 
 def test_a_sample_of_another_shape_counts_as_wholly_wrong():
