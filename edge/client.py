@@ -10,7 +10,15 @@ idle for the round-trip estimate) and publishes metrics.
 
 Every request gets exactly one answer or one explicit error: a request id is resolved once, whoever
 gets there first (the reply, the deadline, a malformed reply, or shutdown), and late replies are
-ignored. While the server is unreachable, busy or silent and the plan ships the whole model, requests
+ignored. A request answered at its deadline is still on the link, though: it keeps its place in the
+window until its late reply comes (or its connection drops, or four timeouts pass and it is taken for
+lost), so a link slower than the arrivals holds at most ``window`` requests, not ever more behind
+ones already given up on. And a request that the link's queue would hold past its timeout is not
+sent at all (``busy``, or a local run): a backed-up link keeps answering what it can in time instead
+of nothing (a 5.8 Mbit/s LTE uplink given a camera's frames faster than it carried them answered none
+after its first few seconds, on LTE and on the Wi-Fi after it).
+
+While the server is unreachable, busy or silent and the plan ships the whole model, requests
 run locally and say so (``fallback=True``) in the result and in telemetry. A failure of the background
 thread fails every open request explicitly and makes the client refuse new ones (``fatal``).
 """
@@ -82,6 +90,7 @@ class _Pending:
     encode_ms: float = 0.0
     bytes_sent: int = 0
     early: dict = field(default_factory=dict)
+    replied: bool = False  # its reply came: off the link, whatever answers the caller
     done: bool = False
     result: EdgeResult | None = None
     error: Exception | None = None
@@ -110,6 +119,8 @@ class EdgeClient:
         self._ping_ids = itertools.count(PING_BASE)
         self._pings: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
+        # answered at their deadline but still on the link: id -> (bytes sent, when to stop waiting)
+        self._ghosts: dict[int, tuple[int, float]] = {}
         self._lock = threading.Lock()  # the pending table (never held while taking the socket's lock)
         self._waiting = 0  # infer() callers receiving their own replies
         self._window = threading.BoundedSemaphore(config.window)
@@ -193,6 +204,7 @@ class EdgeClient:
             left = list(self._pending)
         for rid in left:
             self._finish(rid, error=EdgeError("client closed before the request finished", "closed"))
+        self._drop_ghosts()
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._io.join(5)
@@ -228,9 +240,12 @@ class EdgeClient:
     def _finish(self, rid: int, result: EdgeResult | None = None, error: Exception | None = None) -> None:
         with self._lock:
             p = self._pending.pop(rid, None)
+            if p is not None and p.t_sent and not p.replied:  # answered, but still on the link
+                self._ghosts[rid] = (p.bytes_sent, p.t_sent + 4 * self.config.timeout_s)
         if p is None:
             return  # already answered (a late reply after a timeout, say)
-        self._window.release()
+        if not p.t_sent or p.replied:
+            self._window.release()
         if error is not None:
             self.counts["errors"] += 1
             p.error, p.done = error, True
@@ -264,18 +279,62 @@ class EdgeClient:
             names = list(sent)
             frames = [encode(sent[n], self.plan.codec) for n in names]
             t2 = time.perf_counter()
+            nbytes = sum(len(f) for f in frames)
             p.head_ms, p.encode_ms, p.early = (t1 - t0) * 1e3, (t2 - t1) * 1e3, early
-            p.bytes_sent = sum(len(f) for f in frames)
+            if self._backed_up(rid, p, nbytes):
+                return
+            p.bytes_sent = nbytes
             msg = wire.Message(wire.INFER, rid, self.plan.plan_id, names, frames=frames)
+            self.link.sent(nbytes)
             p.t_sent = time.perf_counter()
             p.deadline = p.t_sent + self.config.timeout_s
             if not self._conn.send(msg.to_frames()):  # no server connected: do not queue, degrade now
+                self.link.cleared(nbytes)
+                p.t_sent = 0.0
                 self._set_up(False)
                 self._run_local(rid, p, "server unreachable")
         except SplitPointError as exc:
             self._finish(rid, error=EdgeError(str(exc), "bad-input"))
         except Exception as exc:  # onnxruntime rejects wrong shapes/dtypes with its own errors
             self._finish(rid, error=EdgeError(f"head failed: {type(exc).__name__}: {exc}", "bad-input"))
+
+    def _backed_up(self, rid: int, p: _Pending, nbytes: int) -> bool:
+        """Whether the request stays off a link whose queue would hold it past its timeout (answered
+        locally, or ``busy``). Only behind other requests: a lone one is always sent, since only
+        requests tell the estimate that the link got better."""
+        if not self.link.in_pipe:
+            return False
+        wait = self.link.wait_s(nbytes)
+        if wait is None or wait <= self.config.timeout_s:
+            return False
+        up = self.link.uplink_mbps or 0.0
+        why = (
+            f"request {rid} not sent: {self.link.in_pipe / 1024:.0f} KiB of earlier requests are still on "
+            f"the uplink (estimated {up:.3g} Mbit/s): an answer in about {wait:.1f} s, past the "
+            f"{self.config.timeout_s} s timeout"
+        )
+        if self.config.fallback and self._full is not None:
+            self._run_local(rid, p, "uplink backed up")
+        else:
+            self._finish(rid, error=EdgeError(why, wire.E_BUSY))
+        return True
+
+    def _off_the_link(self, rid: int) -> bool:
+        """A late reply to a request already answered: its place in the window is free again."""
+        with self._lock:
+            ghost = self._ghosts.pop(rid, None)
+        if ghost is None:
+            return False
+        self.link.cleared(ghost[0])
+        self._window.release()
+        return True
+
+    def _drop_ghosts(self, now: float | None = None) -> None:
+        """Stop waiting for late replies: all (the connection dropped them), or those past their time."""
+        with self._lock:
+            gone = [r for r, (_, end) in self._ghosts.items() if now is None or now > end]
+        for rid in gone:
+            self._off_the_link(rid)
 
     def _why_no_fallback(self) -> str:
         if not self.config.fallback:
@@ -346,6 +405,7 @@ class EdgeClient:
         except wire.WireError as exc:
             rid = wire.best_effort_id(frames)
             log.warning("malformed reply (request %s): %s", rid or "?", exc)
+            self._replied(rid)
             self._finish(rid, error=EdgeError(f"malformed reply from the server: {exc}", "bad-reply"))
             return
         if msg.type == wire.PONG:
@@ -355,6 +415,7 @@ class EdgeClient:
                 rtt = (now - sent) * 1e3
                 self.link.observe_rtt(rtt)
             return
+        self._replied(msg.id)
         with self._lock:
             p = self._pending.get(msg.id)
         if p is None:
@@ -380,6 +441,19 @@ class EdgeClient:
             return
         self._finish(msg.id, result)
 
+    def _replied(self, rid: int) -> None:
+        """Whatever the reply says, the request is off the link."""
+        with self._lock:  # atomic with _finish's choice between freeing the slot and keeping a ghost
+            p = self._pending.get(rid)
+            first = p is not None and p.t_sent > 0 and not p.replied
+            if p is not None:
+                p.replied = True
+        if first:
+            assert p is not None
+            self.link.cleared(p.bytes_sent)
+        elif p is None:
+            self._off_the_link(rid)
+
     def _result(self, msg: wire.Message, p: _Pending, now: float) -> EdgeResult:
         order = self._order
         try:
@@ -404,7 +478,7 @@ class EdgeClient:
         total = float(total) if isinstance(total, int | float) and 0 <= total < 1e9 else 0.0
         network = max(0.0, (now - p.t_sent) * 1e3 - total)
         if self.link.started:  # else no ping answered yet: the round trip inside ``network`` is unknown
-            self.link.observe(p.bytes_sent, network)
+            self.link.observe(p.bytes_sent, network, sent_at=p.t_sent)
         breakdown: dict[str, Any] = {
             "head_ms": p.head_ms,
             "encode_ms": p.encode_ms,
@@ -463,8 +537,8 @@ class EdgeClient:
         watching = False
         next_ping = next_metrics = 0.0
         while not self._stop.is_set():
-            with self._lock:  # replies nobody waits for: pipelined requests, or this thread's own ping
-                watch = len(self._pending) > self._waiting or bool(self._pings)
+            with self._lock:  # replies nobody waits for: pipelined requests, late ones, or its own ping
+                watch = len(self._pending) > self._waiting or bool(self._pings) or bool(self._ghosts)
             if watch != watching:
                 if watch:
                     poller.register(self._conn.fd, zmq.POLLIN)
@@ -481,6 +555,7 @@ class EdgeClient:
                         self._last_heard = time.perf_counter()
                     elif ev & DOWN_EVENTS:
                         self._set_up(False)
+                        self._drop_ghosts()  # what was on the dropped connection is gone with it
             if self._conn.fd in events:
                 self._conn.receive(lock_wait=0.05)
             now = time.perf_counter()
@@ -495,6 +570,8 @@ class EdgeClient:
 
                 self._conn.send(wire.Message(wire.PING, pid).to_frames(), before=stamp)
             self._check_deadlines(now)
+            if self._ghosts:
+                self._drop_ghosts(now)
             if self.telemetry and now >= next_metrics:
                 next_metrics = now + 2.0
                 self.telemetry.metrics(

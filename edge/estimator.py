@@ -8,6 +8,20 @@ lasts on Wi-Fi. That wait is in the pings as much as in the requests, so the upl
 difference, each request's bytes over its network time less the pings' round trip, and the round trip
 from the pings alone.
 
+Requests in flight together queue on the link: one sent while the one before it is still crossing
+waits for it, and its network time then holds that wait as well as its own transfer. Read as one
+request's bytes over that time, a link kept busy by a steady stream looks slower the longer the queue
+gets (a 5.85 Mbit/s LTE uplink read 2.7-5.3 with a camera's frames queued on it), which sends the edge
+to members that send less and serve fewer. Such a request's own transfer is the time between the
+previous request's arrival at the server and its own, both on the edge's clock (reply time less the
+server's time): the round trip and any wait for an edge thread are in both and cancel, as in TCP's
+delivery-rate samples. A request counts as queued when it was sent before the previous one's last byte
+left the edge (its arrival less a round trip).
+
+The bytes sent and not yet answered (``in_pipe``) are the queue a new request would join: ``wait_s``
+is the time it would take to reach the server and answer, which the client checks against its timeout
+before sending (a request that cannot be answered in time is not put on a link it would only clog).
+
 Medians over a sliding window of ``horizon_s`` seconds (and at least the last ``min_samples`` of each
 kind, however old): one slow request (a retransmission, a scheduling hiccup) does not move a median,
 while a real change of link (Wi-Fi to LTE, 10× within a second) takes the median over once half the
@@ -41,8 +55,11 @@ class LinkEstimator:
     samples: int = 0  # requests observed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shared by a set's clients
     _pings: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP), repr=False)
-    # (time, kilobits on the wire, network ms): the framing is added once, when the sample comes in
+    # (time, kilobits on the wire, network ms, transfer ms or None): the framing is added once, when
+    # the sample comes in; the transfer where the request queued behind the one before it
     _trips: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP), repr=False)
+    _arrived: float = field(default=-math.inf, repr=False)  # the last request's arrival, edge clock (s)
+    _in_pipe: int = field(default=0, repr=False)  # wire bytes sent and not yet answered
     _last: float = field(default=-math.inf, repr=False)  # the newest sample's time: the estimate's "now"
     _stale: bool = field(default=False, repr=False)
     _uplink: float | None = field(default=None, repr=False)
@@ -56,15 +73,50 @@ class LinkEstimator:
                 self._pings.append((t, rtt_ms))
                 self._mark(t)
 
-    def observe(self, sent_bytes: int, network_ms: float, now: float | None = None) -> None:
-        """One request's bytes and network time."""
+    def observe(
+        self, sent_bytes: int, network_ms: float, now: float | None = None, sent_at: float | None = None
+    ) -> None:
+        """One request's bytes and network time; ``sent_at``: when it was sent (seconds, the clock all
+        of a link's clients use), which tells whether it queued behind the one before."""
         if network_ms > 0:
             t = _now(now)
             kbits = 8e-3 * wire_bytes(sent_bytes) if sent_bytes > 0 else 0.0
             with self._lock:
-                self._trips.append((t, kbits, network_ms))
+                transfer = None
+                if sent_at is not None:
+                    arrived = sent_at + network_ms / 1e3
+                    if sent_at < self._arrived - (self._rtt or 0.0) / 1e3 and arrived > self._arrived:
+                        transfer = (arrived - self._arrived) * 1e3
+                    self._arrived = max(self._arrived, arrived)
+                self._trips.append((t, kbits, network_ms, transfer))
                 self.samples += 1
                 self._mark(t)
+
+    # -- the queue on the link ---------------------------------------------------------------------
+    def sent(self, nbytes: int) -> None:
+        """A request's payload went onto the link."""
+        with self._lock:
+            self._in_pipe += wire_bytes(nbytes)
+
+    def cleared(self, nbytes: int) -> None:
+        """A request's payload is off the link: answered, or lost with its connection."""
+        with self._lock:
+            self._in_pipe = max(0, self._in_pipe - wire_bytes(nbytes))
+
+    @property
+    def in_pipe(self) -> int:
+        return self._in_pipe
+
+    def wait_s(self, nbytes: int) -> float | None:
+        """Seconds until a request of ``nbytes`` sent now would be answered, at the estimate, behind what
+        is still unanswered (estimated; None without an uplink estimate). An upper bound: part of what is
+        unanswered is already past the link, at the server or on its way back."""
+        up = self.uplink_mbps
+        if up is None or up <= 0:
+            return None
+        with self._lock:
+            ahead = self._in_pipe
+        return 8 * (ahead + wire_bytes(nbytes)) / (up * 1e6) + (self.rtt_ms or 0.0) / 1e3
 
     @property
     def started(self) -> bool:
@@ -103,16 +155,23 @@ class LinkEstimator:
         if pings:
             self._rtt = statistics.median(r for _, r in pings)
         elif trips:  # no ping answered yet: a request's network time is an upper bound on the path's
-            self._rtt = min(n for _, _, n in trips)
+            self._rtt = min(n for _, _, n, _ in trips)
         rtt = self._rtt or 0.0
         # each request's uplink rate; one whose network time is within the round trip's spread carried
         # too little to time (its transfer is lost in the jitter): as fast as can be told, not skipped,
         # which would leave only the slow ones to vote
-        rates = [kb / (n - rtt) if n - rtt > 0.05 else math.inf for _, kb, n in trips if kb > 0]
+        rates = [_rate(kb, n, rtt, x) for _, kb, n, x in trips if kb > 0]
         if rates:
             mid = statistics.median(rates)
             if math.isfinite(mid):
                 self._uplink = mid
+
+
+def _rate(kbits: float, network_ms: float, rtt_ms: float, transfer_ms: float | None) -> float:
+    """Kilobits per millisecond (Mbit/s): over the transfer where the request queued, else over its
+    network time less the round trip."""
+    ms = transfer_ms if transfer_ms is not None else network_ms - rtt_ms
+    return kbits / ms if ms > 0.05 else math.inf
 
 
 def _now(now: float | None) -> float:

@@ -136,6 +136,59 @@ def test_the_round_trip_is_the_recent_pings_median_and_payload_runs_do_not_erase
     assert est.uplink_mbps == pytest.approx(4.0, rel=0.01)  # unknown: the last estimate stands
 
 
+def _queued_stream(est, mbps, n, nbytes, every, rtt_ms):
+    """``n`` requests sent every ``every`` s onto a FIFO link of ``mbps``, faster than it carries them:
+    each waits for the one before it to leave the edge, and its reply comes a round trip after."""
+    free = 0.0
+    for k in range(n):
+        sent = k * every
+        start = max(sent, free)
+        free = start + 8e-3 * wire_bytes(nbytes) / mbps / 1e3
+        network_ms = (free - sent) * 1e3 + rtt_ms
+        est.observe(nbytes, network_ms, now=sent + network_ms / 1e3, sent_at=sent)
+    return n * every
+
+
+def test_a_queue_on_the_link_does_not_read_as_a_slower_link():
+    """LTE's 5.85 Mbit/s given 300 KB five times a second (twice what it carries): each request's network
+    time holds the wait behind the ones before, and grows; the transfer between arrivals does not."""
+    est = LinkEstimator()
+    _ping(est, 70.0, 5)
+    _queued_stream(est, 5.85, 60, 300_000, 0.2, 70.0)
+    assert est.uplink_mbps == pytest.approx(5.85, rel=0.01)
+    naive = LinkEstimator()  # the same samples without send times: the queue reads as a slow link
+    _ping(naive, 70.0, 5)
+    free = 0.0
+    for k in range(60):
+        start = max(k * 0.2, free)
+        free = start + 8e-3 * wire_bytes(300_000) / 5.85 / 1e3
+        naive.observe(300_000, (free - k * 0.2) * 1e3 + 70.0, now=free)
+    assert naive.uplink_mbps < 0.2 * 5.85
+    # unqueued requests (one every second, each 0.4 s on the link) are read from their network time
+    est2 = LinkEstimator()
+    _ping(est2, 70.0, 5)
+    _queued_stream(est2, 5.85, 20, 300_000, 1.0, 70.0)
+    assert est2.uplink_mbps == pytest.approx(5.85, rel=0.01)
+
+
+def test_the_wait_behind_what_is_on_the_link():
+    est = LinkEstimator()
+    assert est.wait_s(100_000) is None  # nothing measured: no estimate to judge by
+    _ping(est, 20.0, 5)
+    _feed(est, 8.0, 10, rtt=20.0)
+    assert est.in_pipe == 0
+    alone = est.wait_s(100_000)
+    assert alone == pytest.approx(8 * wire_bytes(100_000) / 8e6 + 0.020, rel=0.01)
+    for _ in range(9):
+        est.sent(100_000)
+    assert est.wait_s(100_000) == pytest.approx(10 * (alone - 0.020) + 0.020, rel=0.01)
+    for _ in range(9):
+        est.cleared(100_000)
+    assert est.in_pipe == 0 and est.wait_s(100_000) == pytest.approx(alone)
+    est.cleared(100_000)  # a second clear of one request (a late reply after a dropped connection)
+    assert est.in_pipe == 0
+
+
 def test_bits_only_keeps_the_cut_and_lets_only_the_codec_follow_the_link():
     mid_f16 = cand("split", 20, "float16", 40.0, 4.0, 40_000)
     # int4 packs slower: worth it only where the link is slow

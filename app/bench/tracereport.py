@@ -32,6 +32,11 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def pct(v: float | None) -> str:
+    """A share as a percentage ('–' for none)."""
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
 def markdown(results: dict, command: str) -> str:
     cal = results["edge_calibration"]
     cfg = results["config"]
@@ -98,8 +103,11 @@ def markdown(results: dict, command: str) -> str:
             ]
         lines += ["", "Bits-only members: " + ", ".join(x["label"] for x in m["bits_only_members"]) + ".", ""]
         lines += [
-            "Fixed members, median latency (ms) per network, and answers per second served (measured; "
-            f"below {results['config']['rate']:g}/s a member cannot keep up and its latency is a queue's):",
+            "Fixed members, median latency (ms) per network, answers per second served and the share of "
+            "requests answered (measured; below "
+            f"{results['config']['rate']:g}/s a member cannot keep up and its latency is a queue's). Every "
+            "median here counts a failed request (refused as the link could not carry it in time, or "
+            "timed out) as never answered: '–' where half or more failed.",
             "",
         ]
         lines += ["| member | " + " | ".join(nets) + " |", "|---|" + "---:|" * len(nets)]
@@ -107,13 +115,16 @@ def markdown(results: dict, command: str) -> str:
             cells = []
             for n in nets:
                 f = m["fixed"][n].get(mem["label"], {})
-                ips = f.get("served_ips")
-                cells.append(_ms(f.get("median_ms")) + (f" ({ips:.1f}/s)" if ips is not None else ""))
+                ips, share = f.get("served_ips"), f.get("answered")
+                extra = [f"{ips:.1f}/s"] if ips is not None else []
+                extra += [f"{100 * share:.0f} %"] if share is not None else []
+                cells.append(_ms(f.get("median_ms")) + (f" ({', '.join(extra)})" if extra else ""))
             lines.append(f"| {mem['label']} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| phase | network | s | requests | edge's estimate (Mbit/s, ms RTT) | adaptive median (ms) | "
-            "best fixed (ms, member) | bits-only median (ms) | switches | members used | within 10 % |",
+            "| phase | network | s | requests | edge's estimate (Mbit/s, ms RTT) | adaptive median (ms), "
+            "answered | best fixed (ms, member, answered) | bits-only median (ms), answered | switches | "
+            "members used | within 10 % |",
             "|---:|---|---:|---:|---|---:|---|---:|---:|---|---|",
         ]
         for j, r in enumerate(a["phases"]):
@@ -123,16 +134,19 @@ def markdown(results: dict, command: str) -> str:
             used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
             up, rtt = r.get("uplink_mbps_estimated"), r.get("rtt_ms_estimated")
             seen = "–" if up is None else f"{up:.3g}" + ("" if rtt is None else f", {rtt:.0f}")
+            b = bo["phases"][j]
+            best = f"{r['best_fixed_member'] or '–'}, {pct(r.get('best_fixed_answered'))}"
             lines.append(
                 f"| {j} | {r['network']} | {r['seconds']:g} | {r['requests']} | {seen} | "
-                f"{_ms(r['median_ms'])} | "
-                f"{_ms(r['best_fixed_median_ms'])} ({r['best_fixed_member'] or '–'}) | "
-                f"{_ms(r['bits_only_median_ms'])} | {r['switches']} | {used} | "
+                f"{_ms(r['median_ms'])}, {pct(r.get('answered'))} | "
+                f"{_ms(r['best_fixed_median_ms'])} ({best}) | "
+                f"{_ms(r['bits_only_median_ms'])}, {pct(b.get('answered'))} | {r['switches']} | {used} | "
                 f"{verdict} |"
             )
         lines += [
             "",
-            f"Overall median: adaptive {_ms(a['median_ms'])} ms, bits-only {_ms(bo['median_ms'])} ms. "
+            f"Overall median (failed requests counted as never answered): adaptive {_ms(a['median_ms'])} "
+            f"ms, bits-only {_ms(bo['median_ms'])} ms. "
             f"Adaptive: {a['requests']} requests, {a['lost']} lost, {a['duplicates']} duplicates, "
             f"{a['failed']} answered with an error, {len(a['switches'])} switches. Bits-only: {bo['lost']} "
             f"lost, {bo['duplicates']} duplicates, {bo['failed']} errors, {len(bo['switches'])} switches.",
