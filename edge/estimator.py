@@ -96,12 +96,12 @@ class LinkEstimator:
     def sent(self, nbytes: int) -> None:
         """A request's payload went onto the link."""
         with self._lock:
-            self._in_pipe += wire_bytes(nbytes)
+            self._in_pipe += round(wire_bytes(nbytes))
 
     def cleared(self, nbytes: int) -> None:
         """A request's payload is off the link: answered, or lost with its connection."""
         with self._lock:
-            self._in_pipe = max(0, self._in_pipe - wire_bytes(nbytes))
+            self._in_pipe = max(0, self._in_pipe - round(wire_bytes(nbytes)))
 
     @property
     def in_pipe(self) -> int:
