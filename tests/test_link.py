@@ -3,13 +3,17 @@ as long as the network profile says (10 Mbit/s, 40 ms RTT: 1 MiB and 64 B within
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
+import time
 
 import pytest
 
 from splitpoint.app.bench import netns
 from splitpoint.app.bench.emulate import EmulatedLink, probe_link
-from splitpoint.app.bench.shaper import Direction, Shaper
+from splitpoint.app.bench.proxy import LinkProxy, direction
+from splitpoint.app.bench.shaper import Bottleneck, Direction, Shaper
 from splitpoint.core.errors import SplitPointError
 from splitpoint.partitioner.costmodel import Link, wire_bytes
 
@@ -25,6 +29,60 @@ def test_shaper_serialises_at_the_rate_then_delays():
     assert second == pytest.approx(first + wire_bytes(1448) * 8 / 8e6)
     # after an idle gap the bottleneck is free again
     assert s.schedule(10.0, 1448) == pytest.approx(10.0 + first)
+
+
+def test_connections_over_one_link_share_its_rate():
+    link = Bottleneck()
+    a, b = Shaper(Direction(8e6, 0.010), link=link), Shaper(Direction(8e6, 0.010), link=link)
+    backlog = a.schedule(0.0, 1_000_000)  # one connection's megabyte, about a second at 1 MB/s
+    # a second connection's first piece waits behind it, as behind a modem's queue, not beside it
+    assert b.schedule(0.0, 1448) == pytest.approx(backlog + wire_bytes(1448) * 8 / 8e6)
+    alone = Shaper(Direction(8e6, 0.010))  # a link of its own
+    assert alone.schedule(0.0, 1448) < 0.02
+
+
+def test_two_streams_through_the_proxy_take_the_time_of_both():
+    """Real TCP: two connections sending 512 KiB each at once over 10 Mbit/s finish together after
+    about the time of 1 MiB (0.86 s), not of 512 KiB each (0.43 s)."""
+    sink = socket.create_server(("127.0.0.1", 0))
+    got: list[int] = []
+
+    def drain(conn: socket.socket) -> None:
+        n = 0
+        while n < 2**19:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            n += len(chunk)
+        conn.sendall(b"k")
+        got.append(n)
+
+    def accept() -> None:
+        for _ in range(2):
+            c, _ = sink.accept()
+            threading.Thread(target=drain, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    d = direction(10.0, 1.0)
+    with LinkProxy(("127.0.0.1", 0), sink.getsockname()[:2], d, direction(10.0, 1.0)) as proxy:
+        took: list[float] = []
+
+        def send() -> None:
+            with socket.create_connection(proxy.address) as s:
+                t0 = time.monotonic()
+                s.sendall(b"x" * 2**19)
+                assert s.recv(1) == b"k"
+                took.append(time.monotonic() - t0)
+
+        senders = [threading.Thread(target=send) for _ in range(2)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(10)
+    sink.close()
+    both = 8 * wire_bytes(2**20) / 10e6
+    assert got == [2**19, 2**19] and len(took) == 2
+    assert max(took) > 0.85 * both, took
 
 
 def test_jitter_never_reorders_and_loss_costs_a_round_trip():

@@ -1,5 +1,7 @@
 """A link-emulating TCP proxy: the edge connects to it, it connects to the server, and each
-direction of every connection goes through a Shaper (rate, delay, jitter, loss).
+direction of every connection goes through a Shaper (rate, delay, jitter, loss); the rate is one
+bottleneck per direction that all the proxy's connections share, as they share a real uplink (an
+edge with a connection per plan-set member gets one link, not one each).
 
 This is the userspace mechanism (no root needed) and, with the rate left to tbf, the delay
 line of the namespace mechanism: this kernel has no netem. Run it in-process (``LinkProxy``)
@@ -20,7 +22,7 @@ import sys
 import threading
 import time
 
-from .shaper import PIECE, Direction, Shaper
+from .shaper import PIECE, Bottleneck, Direction, Shaper
 
 log = logging.getLogger("splitpoint.app.bench.proxy")
 MAX_BUFFERED = 64 * 2**20  # per direction: the reader stops reading beyond this (back-pressure)
@@ -102,6 +104,7 @@ class LinkProxy:
         seed: int = 0,
     ):
         self.upstream, self.up, self.down, self.seed = upstream, up, down, seed
+        self._links = Bottleneck(), Bottleneck()  # uplink, downlink: every connection's
         self.sock = socket.create_server(listen, reuse_port=False)
         self.address = self.sock.getsockname()[:2]
         self.stats: collections.Counter[str] = collections.Counter()
@@ -134,8 +137,10 @@ class LinkProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conns += [client, server]
             n += 1
-            _Pipe(client, server, Shaper(self.up, self.seed + 2 * n), self.stats, "up_bytes")
-            _Pipe(server, client, Shaper(self.down, self.seed + 2 * n + 1), self.stats, "down_bytes")
+            up = Shaper(self.up, self.seed + 2 * n, self._links[0])
+            down = Shaper(self.down, self.seed + 2 * n + 1, self._links[1])
+            _Pipe(client, server, up, self.stats, "up_bytes")
+            _Pipe(server, client, down, self.stats, "down_bytes")
 
     def reshape(self, up: Direction, down: Direction) -> None:
         """Change the link under live connections (a trace's next phase): every shaper reads its
