@@ -559,8 +559,11 @@ class EdgeClient:
             if self._conn.fd in events:
                 self._conn.receive(lock_wait=0.05)
             now = time.perf_counter()
-            # idle, or the server went quiet: a ping refreshes the round-trip estimate and finds it again
-            if now >= next_ping and (not self._pending or not self.server_up):
+            # idle, or the server went quiet: a ping refreshes the round-trip estimate and finds it again.
+            # Idle is the link's, not this client's: a plan set's idle members share the link with the
+            # busy one, and a ping queued behind its payloads would read the queue as round trip
+            idle = not self._pending and not self.link.in_pipe
+            if now >= next_ping and (idle or not self.server_up):
                 next_ping = now + self.config.heartbeat_s
                 pid = next(self._ping_ids)
                 self._pings = {k: t for k, t in self._pings.items() if now - t < self.config.dead_after_s}
