@@ -8,6 +8,12 @@ lasts on Wi-Fi. That wait is in the pings as much as in the requests, so the upl
 difference, each request's bytes over its network time less the pings' round trip, and the round trip
 from the pings alone.
 
+Pings go out only while nothing is unanswered on the link, from any client sharing it: a ping
+behind payloads (or behind a tail at the server) reads that queue as round trip. On a link that is
+never idle the round trip therefore keeps its last idle reading, however old (in the trace bench:
+Wi-Fi's 20 ms through LTE phases at 5 requests/s); the uplink from queued requests needs no round
+trip, the one from a lone request's network time does.
+
 Requests in flight together queue on the link: one sent while the one before it is still crossing
 waits for it, and its network time then holds that wait as well as its own transfer. Read as one
 request's bytes over that time, a link kept busy by a steady stream looks slower the longer the queue
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 
 from splitpoint.partitioner.costmodel import wire_bytes
 
+REFRESH_S = 0.05  # wait_s's estimate is at most this old
 KEEP = 512  # samples of each kind held at most, whatever the window (bounds memory at any rate)
 
 
@@ -60,6 +67,7 @@ class LinkEstimator:
     _trips: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP), repr=False)
     _arrived: float = field(default=-math.inf, repr=False)  # the last request's arrival, edge clock (s)
     _in_pipe: int = field(default=0, repr=False)  # wire bytes sent and not yet answered
+    _refreshed: float = field(default=-math.inf, repr=False)  # when wait_s last took the medians
     _last: float = field(default=-math.inf, repr=False)  # the newest sample's time: the estimate's "now"
     _stale: bool = field(default=False, repr=False)
     _uplink: float | None = field(default=None, repr=False)
@@ -110,13 +118,18 @@ class LinkEstimator:
     def wait_s(self, nbytes: int) -> float | None:
         """Seconds until a request of ``nbytes`` sent now would be answered, at the estimate, behind what
         is still unanswered (estimated; None without an uplink estimate). An upper bound: part of what is
-        unanswered is already past the link, at the server or on its way back."""
-        up = self.uplink_mbps
+        unanswered is already past the link, at the server or on its way back. Asked before each
+        pipelined send, it takes the medians again at most every ``REFRESH_S`` (over a full window they
+        cost ~0.3 ms, more than the rest of a small request's overhead)."""
+        t = time.monotonic()
+        with self._lock:
+            if t - self._refreshed >= REFRESH_S or self._uplink is None:
+                self._refresh()
+                self._refreshed = t
+            up, rtt, ahead = self._uplink, self._rtt, self._in_pipe
         if up is None or up <= 0:
             return None
-        with self._lock:
-            ahead = self._in_pipe
-        return 8 * (ahead + wire_bytes(nbytes)) / (up * 1e6) + (self.rtt_ms or 0.0) / 1e3
+        return 8 * (ahead + wire_bytes(nbytes)) / (up * 1e6) + (rtt or 0.0) / 1e3
 
     @property
     def started(self) -> bool:
