@@ -6,10 +6,7 @@ request which plan it uses. The uplink estimate comes from the requests themselv
 network time, ``LinkEstimator``), shared by every member's client. At each window boundary (every
 ``window`` requests) the members are re-judged with the planner's own cost model at the estimate, and
 the current one is kept unless another is predicted faster by more than ``hysteresis`` (no flapping
-on a boundary). A request runs to the end on the member it started on, so a switch loses nothing; one
-still waiting for the old member's head when the set switches starts on the new member instead (an
-edge-heavy member on a starved link holds seconds of requests for its CPU, which would otherwise keep
-the CPU from the new member's requests long after the switch).
+on a boundary). A request runs to the end on the member it started on, so a switch loses nothing.
 
 While the current member sends nothing (all on the edge), requests say nothing about the link: one
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
@@ -19,7 +16,6 @@ more often finds a better link sooner, at the price of more requests over a link
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from concurrent.futures import Future
@@ -84,7 +80,6 @@ class AdaptiveClient:
                 c = EdgeClient(cfg, telemetry=self.telemetry)
                 c.link = self.link
                 c.status_extra = self._status_extra
-                c.handover = functools.partial(self._handover, len(self.clients))
                 self.clients.append(c)
         except BaseException:
             self.close(drain=False)
@@ -136,9 +131,7 @@ class AdaptiveClient:
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
         """Start one inference on the current member; the result's breakdown names the member."""
-        return self._on(self._member_for_next(), feeds)
-
-    def _on(self, k: int, feeds: dict[str, np.ndarray]) -> Future:
+        k = self._member_for_next()
         inner = self.clients[k].submit(feeds)
         outer: Future = Future()
 
@@ -148,19 +141,11 @@ class AdaptiveClient:
                 outer.set_exception(exc)
                 return
             r: EdgeResult = f.result()
-            r.breakdown.setdefault("member", k)  # the member that answered, where it was handed over
+            r.breakdown["member"] = k
             outer.set_result(r)
 
         inner.add_done_callback(done)
         return outer
-
-    def _handover(self, k: int, feeds: dict[str, np.ndarray]) -> Future | None:
-        """A request that waited on member ``k`` while the set switched: it starts on the current member.
-        A probe (sent over the member that sends least while the set runs all on the edge) stays."""
-        cur = self.current
-        if cur == k or (k == self._probe and not self.sends[cur]):
-            return None
-        return self._on(cur, feeds)
 
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
         k = self._member_for_next()

@@ -132,9 +132,6 @@ class EdgeClient:
         self._last_heard = 0.0
         self.link = LinkEstimator()  # uplink and round trip, from this client's own requests and pings
         self.status_extra: Callable[[], dict] | None = None  # what an owner adds to the status (a plan set)
-        # an owner that may start a submitted request elsewhere (a plan set that switched member while
-        # it waited for a worker here): the other client's future, or None to run it here
-        self.handover: Callable[[dict[str, np.ndarray]], Future | None] | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or (
@@ -271,8 +268,6 @@ class EdgeClient:
             if rid not in self._pending:
                 return  # it waited for a worker past its deadline and was answered with an error
             p.started = True
-        if self.handover is not None and p.future is not None and self._hand_over(rid, p):
-            return
         try:
             self._head.check_inputs(p.feeds)
             if self.local_only or (not self.server_up and self._full is not None and self._last_heard > 0):
@@ -302,31 +297,6 @@ class EdgeClient:
             self._finish(rid, error=EdgeError(str(exc), "bad-input"))
         except Exception as exc:  # onnxruntime rejects wrong shapes/dtypes with its own errors
             self._finish(rid, error=EdgeError(f"head failed: {type(exc).__name__}: {exc}", "bad-input"))
-
-    def _hand_over(self, rid: int, p: _Pending) -> bool:
-        """Whether the owner started the request on another client: its answer becomes this one's."""
-        assert self.handover is not None and p.future is not None
-        try:
-            other = self.handover(p.feeds)
-        except EdgeError as exc:
-            self._finish(rid, error=exc)
-            return True
-        if other is None:
-            return False
-        with self._lock:
-            self._pending.pop(rid, None)
-        self._window.release()
-        mine = p.future
-
-        def relay(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                mine.set_exception(exc)
-            else:
-                mine.set_result(f.result())
-
-        other.add_done_callback(relay)
-        return True
 
     def _backed_up(self, rid: int, p: _Pending, nbytes: int) -> bool:
         """Whether the request stays off a link whose queue would hold it past its timeout (answered

@@ -308,32 +308,3 @@ def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
     assert s.rate_ips == 30
     bad = run_cli(*common, "--rate", "30")
     assert bad.returncode == 2 and "goes with --set" in bad.stderr
-
-
-def test_requests_waiting_on_the_old_member_start_on_the_new_one(pair):
-    """A burst queued for the edge-only member's one worker, then the set moves to the server (set
-    directly: the decision itself is tested above): the requests still waiting start on the server,
-    those already running finish on the edge, and each is answered once, with the model's output."""
-    out, h, _ = pair
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
-    cfg = EdgeConfig(plan_dir=out, server=srv.endpoint, timeout_s=30, head_workers=1, window=64)
-    feeds = random_feeds(h.model, batch=1)
-    from splitpoint.core.runner import make_session
-
-    want = make_session(h.path).run(None, feeds)[0]
-    try:
-        with AdaptiveClient(out, cfg, window=10_000, start_mbps=1e-6) as c:
-            assert not c.sends[c.current]  # starts all on the edge
-            futures = [c.submit(feeds) for _ in range(60)]
-            c.current = next(k for k, s in enumerate(c.sends) if s)
-            results = [f.result(timeout=60) for f in futures]
-    finally:
-        srv.stop()
-    members = [r.breakdown["member"] for r in results]
-    on_server = members.count(c.current)
-    assert on_server >= 10 and members.count(0) >= 1 and on_server + members.count(0) == 60, members
-    # the edge ran the ones it had started; every later one went to the server (the first request
-    # is the set's probe of the link, over the server whatever the member)
-    assert members[1:] == sorted(members[1:])
-    for r in results:
-        np.testing.assert_allclose(r.outputs[0], want, rtol=1e-4, atol=1e-4)
