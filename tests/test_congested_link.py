@@ -26,7 +26,9 @@ RNG = np.random.default_rng(5)
 def plan(tmp_path_factory, small_resnet18):
     """Server-only, float32: 48 KiB of input per request."""
     d = tmp_path_factory.mktemp("congested") / "plans"
-    write_plan(open_model(small_resnet18), d / "srv", kind=SERVER_ONLY)
+    h = open_model(small_resnet18)
+    write_plan(h, d / "srv", kind=SERVER_ONLY)
+    write_plan(h, d / "srv-full", kind=SERVER_ONLY, include_full=True)  # with the model to fall back on
     return d
 
 
@@ -41,6 +43,7 @@ def served(plans, link, **cfg):
         srv = TailServer(ServerConfig(bind=em.server_bind, plans_dir=plans, workers=1)).start()
         try:
             cfg = {"plan_dir": plans / "srv", "server": em.edge_connect, "fallback": False, **cfg}
+            cfg["plan_dir"] = plans / ("srv-full" if cfg["fallback"] else "srv")
             with EdgeClient(EdgeConfig(**cfg)) as c:
                 yield c
         finally:
@@ -100,3 +103,19 @@ def test_a_request_past_its_deadline_keeps_its_place_in_the_window_until_its_rep
         # the late replies freed the window, after the link carried both (~0.8 s), not at the deadline
         assert third is not None
         assert c.link.in_pipe > 0  # the third is on its way
+
+
+def test_with_a_model_to_fall_back_on_what_the_link_cannot_carry_runs_on_the_edge(plan):
+    link = Link("slow", 4.0, 20.0, 20.0)
+    with served(plan, link, window=64, timeout_s=1.0, fallback=True) as c:
+        for _ in range(6):
+            assert not c.infer(x(), timeout=10).fallback
+        t0, futs = time.perf_counter(), []
+        for k in range(45):  # 30 a second for 1.5 s
+            time.sleep(max(0.0, t0 + k / 30 - time.perf_counter()))
+            futs.append(c.submit(x()))
+        results = [f.result(timeout=20) for f in futs]  # every one answered: sent, or run here
+    why = [r.breakdown["reason"] for r in results if r.fallback]
+    assert why.count("uplink backed up") >= 10 and len(results) - len(why) >= 8, why
+    # a request that was sent and then timed out (rare) falls back too, and says so
+    assert set(why) <= {"uplink backed up", "server timed out", "server unreachable"}, why
