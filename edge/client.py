@@ -307,27 +307,25 @@ class EdgeClient:
         wait = self.link.wait_s(nbytes)
         if wait is None or wait <= self.config.timeout_s:
             return False
+        if self.config.fallback and self._full is not None:
+            self._run_local(rid, p, "uplink backed up")
+            return True
         up = self.link.uplink_mbps or 0.0
         why = (
             f"request {rid} not sent: {self.link.in_pipe / 1024:.0f} KiB of earlier requests are still on "
             f"the uplink (estimated {up:.3g} Mbit/s): an answer in about {wait:.1f} s, past the "
             f"{self.config.timeout_s} s timeout"
         )
-        if self.config.fallback and self._full is not None:
-            self._run_local(rid, p, "uplink backed up")
-        else:
-            self._finish(rid, error=EdgeError(why, wire.E_BUSY))
+        self._finish(rid, error=EdgeError(why, wire.E_BUSY))
         return True
 
-    def _off_the_link(self, rid: int) -> bool:
+    def _off_the_link(self, rid: int) -> None:
         """A late reply to a request already answered: its place in the window is free again."""
         with self._lock:
             ghost = self._ghosts.pop(rid, None)
-        if ghost is None:
-            return False
-        self.link.cleared(ghost[0])
-        self._window.release()
-        return True
+        if ghost is not None:
+            self.link.cleared(ghost[0])
+            self._window.release()
 
     def _drop_ghosts(self, now: float | None = None) -> None:
         """Stop waiting for late replies: all (the connection dropped them), or those past their time."""

@@ -404,7 +404,7 @@ def _judge(out: dict, phases: list[Phase], cfg: TraceBenchConfig) -> None:
         row["best_fixed_member"] = best
         row["best_fixed_median_ms"] = fixed.get(best) if best else None
         row["best_fixed_answered"] = shares.get(best) if best else None
-        served = [v.get("served_ips") for v in out["fixed"][row["network"]].values()]
+        served = [v.get("served_ips") for v in here.values()]
         served = [x for x in served if x is not None]
         # no fixed member kept up with the arrivals on this network (measured): every latency here is
         # a queue's, and depends on what the phase inherited from the one before

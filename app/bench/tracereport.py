@@ -117,7 +117,7 @@ def markdown(results: dict, command: str) -> str:
                 f = m["fixed"][n].get(mem["label"], {})
                 ips, share = f.get("served_ips"), f.get("answered")
                 extra = [f"{ips:.1f}/s"] if ips is not None else []
-                extra += [f"{100 * share:.0f} %"] if share is not None else []
+                extra += [pct(share)] if share is not None else []
                 cells.append(_ms(f.get("median_ms")) + (f" ({', '.join(extra)})" if extra else ""))
             lines.append(f"| {mem['label']} | " + " | ".join(cells) + " |")
         lines += [
