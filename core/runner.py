@@ -64,6 +64,11 @@ def make_session(
     ``prepack=False`` for a session run once or twice (a split's trial run): onnxruntime's repacking
     of MatMul/Gemm/Conv weights pays off over many runs, and costs 0.5 s of a 0.8 s trial on AlexNet."""
     so = ort.SessionOptions()
+    # the pool's threads stop spinning when a run ends. A process holds several sessions that run in
+    # turn (head and tail in the profiler, a plan set's members, the edge's fallback model, a server's
+    # plans): a pool left spinning held the cores the next session's threads needed, and with as many
+    # threads as cores the next run took 2-5x its time. Back-to-back runs of one session lose <2 %
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:

@@ -85,11 +85,21 @@ def test_profile_is_complete_and_self_consistent(steady_model_path, role, thread
     tails = [c.tail_ms for c in prof.cuts]
     assert all(b >= a - noise for a, b in itertools.pairwise(heads))
     assert all(b <= a + noise for a, b in itertools.pairwise(tails))
-    # head + tail is one inference plus the split's overhead: within 40 % of the whole model
+    # head + tail is one inference plus the split's overhead: within 40 % of the whole model. A measured
+    # cut is judged against the whole model timed right before and after it (the ratio the profiler
+    # records), not the profile's overall median: on a 2-core runner another process holding one core
+    # for a few hundred ms doubles every two-thread run in that window, segments and reference alike
+    rel = noise / prof.whole.median_ms
+    ratios = prof.cost["split_overhead_ratios"]
+    assert set(ratios) == {str(c.index) for c in measured}
     for c in prof.cuts:
-        assert (
-            0.6 * prof.whole.median_ms - noise <= c.head_ms + c.tail_ms <= 1.4 * prof.whole.median_ms + noise
-        ), c
+        if c.source == "measured":
+            assert 0.6 - rel <= ratios[str(c.index)] <= 1.4 + rel, (c, ratios[str(c.index)])
+        else:  # derived: the whole model times the anchors' median ratio, shared out along the cost curve
+            assert c.head_ms + c.tail_ms == pytest.approx(
+                prof.whole.median_ms * prof.cost["split_overhead_ratio"], rel=1e-9
+            )
+    assert 1.0 <= prof.cost["split_overhead_ratio"] <= 1.4 + rel
     # head memory: weights plus activations grows with the head
     mems = [c.head_memory_bytes for c in prof.cuts if c.source == "derived"]
     assert mems == sorted(mems) and mems[0] > 0
