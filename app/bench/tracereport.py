@@ -195,9 +195,29 @@ def plot(name: str, m: dict, results: dict, out: Path) -> str | None:
     for p in results["trace"]:
         ax.axvspan(t, t + p["seconds"], color=shades[nets.index(p["network"]) % len(shades)], lw=0)
         t += p["seconds"]
-    for key, label, style in (("bits_only", "bits-only", "x"), ("adaptive", "adaptive", ".")):
+    policies = (("bits_only", "bits-only", "x"), ("adaptive", "adaptive", "."))
+    answered = [r["ms"] for key, _, _ in policies for r in m[key]["rows"] if r["error"] is None]
+    top = max(answered, default=1000.0)
+    for row, (key, label, style) in enumerate(policies):
         rows = [r for r in m[key]["rows"] if r["error"] is None]
-        ax.plot([r["t"] for r in rows], [r["ms"] for r in rows], style, ms=4, label=label, alpha=0.75)
+        (line,) = ax.plot(
+            [r["t"] for r in rows], [r["ms"] for r in rows], style, ms=4, label=label, alpha=0.75
+        )
+        # a failed request (refused busy, timed out) gets a mark in a row of its policy's own above the
+        # answered ones: left out, an edge that refuses what it cannot carry would look as fast as its lucky
+        # requests; drawn at its time to the error, a timeout hides among the slowest answers
+        failed = [r["t"] for r in m[key]["rows"] if r["error"] is not None]
+        if failed:
+            ax.plot(
+                failed,
+                [top * (2.2 if row == 0 else 1.6)] * len(failed),
+                "|",
+                ms=9,
+                color=line.get_color(),
+                label=f"{label}: failed ({len(failed)}), marked above",
+            )
+    if any(r["error"] is not None for key, _, _ in policies for r in m[key]["rows"]):
+        ax.axhline(top * 1.3, color="0.6", lw=0.6)
     for k, s in enumerate(m["adaptive"]["switches"]):
         ax.axvline(s["t"], color="k", ls="--", lw=0.8, label="adaptive switch" if k == 0 else None)
     from matplotlib.patches import Patch
