@@ -339,10 +339,16 @@ def _zstd_decompress_into(stored: bytes | memoryview, out: memoryview) -> None:
 
     def one(i: int) -> None:
         a, b = spans[i]
+        frame = stored[offs[i] : offs[i + 1]]
         try:  # one frame, bounded to its chunk's size before anything is allocated for more
-            data = _zd().decompress(
-                stored[offs[i] : offs[i + 1]], max_output_size=b - a, allow_extra_data=False
-            )
+            # python-zstandard allocates what a frame header declares and reads max_output_size only
+            # when it declares nothing: a 100 KB frame claiming 4 GB of zeros was allocated in full
+            declared = zstandard.frame_content_size(frame)
+            if declared not in (-1, b - a):
+                raise CodecError(
+                    f"zstd stage is corrupt: chunk {i} declares {declared} bytes, expected {b - a}"
+                )
+            data = _zd().decompress(frame, max_output_size=b - a, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd stage is corrupt: chunk {i}: {exc}") from exc
         if len(data) != b - a:

@@ -346,6 +346,22 @@ def test_zstd_frame_declaring_a_huge_window_is_refused():
         decode(_zstd_payload_with([frame], x))
 
 
+def test_zstd_frame_declaring_more_than_its_chunk_is_refused_before_decompressing():
+    """A frame of zeros declaring 512 MiB compresses to ~16 KB: python-zstandard allocates what a frame
+    declares, whatever max_output_size says, so the declared size is read and refused first (before,
+    the refusal came after the allocation: 4 GB of RSS for a 122 KB request)."""
+    import zstandard
+
+    x = np.maximum(RNG.standard_normal((1, 4, 8, 8)), 0).astype(np.float32)
+    huge = 512 * 2**20
+    stream = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=huge)
+    zeros = bytes(2**20)
+    frame = b"".join(stream.compress(zeros) for _ in range(huge // len(zeros))) + stream.flush()
+    assert zstandard.frame_content_size(frame) == huge and len(frame) < 100_000
+    with pytest.raises(CodecError, match=f"chunk 0 declares {huge} bytes, expected {x.size}"):
+        decode(_zstd_payload_with([frame], x))
+
+
 def test_decoded_arrays_are_fresh_and_writable():
     x = RNG.standard_normal((1, 32, 56, 56)).astype(np.float32)
     for codec in ("float32", "float32+zstd", "float16", "int8", "int8-ch+zstd", "int4"):
