@@ -22,6 +22,12 @@ from splitpoint.core.runner import StageRunner, check_models_load, make_session
 log = logging.getLogger("splitpoint.server")
 
 
+def shown(text: str) -> str:
+    """A name from a plan (a pushed one is anyone's) as a log line may hold it: control and format
+    characters (NUL, a right-to-left override) escaped, so the line reads as what was sent."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @dataclass
 class Entry:
     plan: Plan
@@ -71,7 +77,7 @@ class PlanRegistry:
         entry = self._entry(path, plan)
         with self._lock:
             self._entries[plan.plan_id] = entry
-        log.info("serving plan %s (%s, %s)", plan.plan_id[:12], plan.model_name, plan.kind)
+        log.info("serving plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), plan.kind)
         return plan
 
     def install(self, files: dict[str, bytes]) -> Plan:
@@ -91,7 +97,7 @@ class PlanRegistry:
         entry.path = path
         with self._lock:
             self._entries[plan.plan_id] = entry
-        log.info("installed pushed plan %s (%s, %s)", plan.plan_id[:12], plan.model_name, plan.kind)
+        log.info("installed pushed plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), plan.kind)
         return plan
 
     def get(self, plan_id: str) -> Entry | None:

@@ -471,3 +471,9 @@ def test_a_client_that_reconnects_under_its_routing_id_is_answered(served):
     finally:
         first.close(0)
         again.close(0)
+
+
+def test_a_pushed_plans_name_is_logged_with_its_control_characters_escaped():
+    from splitpoint.server.registry import shown
+
+    assert shown("resnet\u202e\x00名前 v2") == "resnet\\u202e\\x00名前 v2"
