@@ -71,7 +71,11 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
 
         if any(uses_external_data(t) for t in model.graph.initializer):
             load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
+    except (
+        OSError,
+        ValueError,
+        onnx.checker.ValidationError,
+    ) as exc:  # missing, or outside the model's folder
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     if check:
         check_model(model, where=str(p))

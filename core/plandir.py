@@ -42,10 +42,18 @@ if TYPE_CHECKING:
 
 
 def _spec(name: str, shape: str, dtype: str, bytes_per_sample: int | None, side: str) -> TensorSpec:
-    """A TensorSpec, validated (its side is one of the plan format's)."""
-    return TensorSpec.model_validate(
-        {"name": name, "shape": shape, "dtype": dtype, "bytes_per_sample": bytes_per_sample, "side": side}
-    )
+    """A TensorSpec, validated (its side is one of the plan format's); a tensor the plan format cannot
+    carry (a name past its 1,024 characters) is refused in words, before anything is written."""
+    from pydantic import ValidationError
+
+    try:
+        return TensorSpec.model_validate(
+            {"name": name, "shape": shape, "dtype": dtype, "bytes_per_sample": bytes_per_sample, "side": side}
+        )
+    except ValidationError as exc:
+        shown = name if len(name) <= 60 else f"{name[:40]}…({len(name)} characters)"
+        why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PlanError(f"tensor {shown!r} cannot go into a plan ({why}); rename it in the model") from exc
 
 
 def _tensor(idx: GraphIndex, name: str, side: str) -> TensorSpec:

@@ -187,7 +187,18 @@ class StageRunner:
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> None:
         """Refuse model inputs this plan cannot take, naming the shapes it was planned at (a plan fixes
-        them; onnxruntime's own words would name neither)."""
+        them; onnxruntime's own words would name neither). A tensor the plan has no input for is refused
+        by name, as onnxruntime refuses one: dropped in silence, a value given for a model input that has a
+        default (an initializer of the same name, which a split keeps as a constant) changed nothing."""
+        unknown = [k for k in feeds if k not in self.expect]
+        if unknown:
+            missing = [n for n in self.expect if n not in feeds]
+            raise SplitPointError(
+                (f"missing model input(s): {', '.join(missing)}; " if missing else "")
+                + f"not an input of this plan: {', '.join(map(repr, unknown))} (its inputs: "
+                f"{', '.join(self.expect) or 'none'}; a model input with a default value, an initializer of "
+                "the same name, keeps that default in a split)"
+            )
         for name, (want, shape) in self.expect.items():
             if name in feeds:
                 wrong = mismatch(name, np.asarray(feeds[name]), (want, shape))

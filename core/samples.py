@@ -168,7 +168,9 @@ def read_sample(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarra
 
 def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
     """One sample of a model with any number of inputs: a ``.npz`` holding an array per input (named as
-    the inputs; one sample, with or without its batch dimension). Other arrays in it are ignored."""
+    the inputs; one sample, with or without its batch dimension). An array that feeds no input is refused
+    by name, as onnxruntime refuses one: ignored, a value given for a model input that has a default (an
+    initializer of the same name, which a split keeps as a constant) would change nothing in silence."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -179,6 +181,13 @@ def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
         raise SplitPointError(
             f"{path.name} has no array named {', '.join(missing)} (it holds {', '.join(arrays) or 'none'}); "
             "name each array as the model input it feeds"
+        )
+    extra = [k for k in arrays if k not in ranks]
+    if extra:
+        raise SplitPointError(
+            f"{path.name} holds {', '.join(map(repr, extra))}, which feeds no input (the inputs: "
+            f"{', '.join(ranks)}; a model input with a default value, an initializer of the same name, "
+            "keeps that default)"
         )
     return {
         n: arrays[n][None] if r is not None and arrays[n].ndim == r - 1 else arrays[n]

@@ -60,6 +60,8 @@ def compare(name: str, ref: Joined, got: Joined, n: int = 1) -> OutputFidelity:
     float one counts as wholly wrong: nothing of it lines up."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
         return _compare_samples(name, per_sample(ref, n), per_sample(got, n))
+    if ref.size == 0:  # empty in both, shapes equal: nothing can differ
+        return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB)
     ref = ref.astype(np.float64)
     got = got.astype(np.float64)
     rows = ref.shape[0] if ref.ndim else 1

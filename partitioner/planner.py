@@ -22,7 +22,7 @@ from splitpoint.core.codecs import Codec, decode, encode
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.extract import extract
-from splitpoint.core.graph.memory import weight_bytes_by_prefix
+from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
 from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, SPLIT
 from splitpoint.core.quantize import quantize_head
 from splitpoint.core.runner import Joined, make_session, run_batched
@@ -109,12 +109,18 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     idx = h.index
     out = []
     input_f32 = sum(m.sizes[i][RAW] for i in idx.inputs)  # as measured: a declared size may be unknown
-    last = m.edge.cuts[-1]
+    weights = weight_bytes_by_prefix(idx)
+    # the whole model's memory on the edge: the last cut's head, measured or derived; a model with no cut
+    # (one compute node, or none) has its weights and largest live activations (derived)
+    whole_mem = (
+        m.edge.cuts[-1].head_memory_bytes
+        if m.edge.cuts
+        else (weights[-1] if weights else 0) + max(live_activation_peaks(idx), default=0)
+    )
     heads = ["float32"] + (["int8"] if m.int8_heads else [])
     # int8 heads: edge time scaled by the measured int8/float32 ratio of the whole model on the
     # edge (derived), weights a quarter of their float32 size
     speedup = (m.edge.int8_whole.median_ms / m.edge.whole.median_ms) if m.edge.int8_whole else None
-    weights = weight_bytes_by_prefix(idx)
 
     def head_ms(ms: float, head: str) -> float:
         if head == "float32":
@@ -123,7 +129,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         return ms * speedup
 
     def head_mem(mem: int, k: int, head: str) -> int:
-        return mem if head == "float32" else max(0, mem - int(0.75 * weights[k - 1]))
+        return mem if head == "float32" or not weights else max(0, mem - int(0.75 * weights[k - 1]))
 
     for head in heads:
         # all on the edge: the model as it is (or quantised)
@@ -139,7 +145,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 0.0,
                 0,
                 0,
-                head_mem(last.head_memory_bytes, len(weights), head),
+                head_mem(whole_mem, len(weights), head),
                 m.fidelity.get((None, "-", head)),
             )
         )

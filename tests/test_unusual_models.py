@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from splitpoint.core.graph.cuts import enumerate_cuts
@@ -16,6 +17,7 @@ from splitpoint.core.runner import Ragged, join, make_session
 from splitpoint.core.samples import sample_feeds
 from splitpoint.partitioner.fidelity import compare, measure
 
+from .conftest import run_cli
 from .test_split_equivalence import run_split
 
 
@@ -336,3 +338,148 @@ def test_an_int16_audio_input_is_split_and_served(tmp_path):
             s.close(0)
     finally:
         srv.stop()
+
+
+def _tiny(nodes, inputs, outputs, inits=(), name="tiny", domains=()) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), *(helper.make_opsetid(d, 1) for d in domains)]
+    )
+    m.ir_version = 8
+    return m
+
+
+def _vi(name, dims, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def test_a_tensor_name_past_the_plan_format_is_refused_in_words_before_anything_is_written(tmp_path):
+    long = "n" * 1500
+    m = _tiny(
+        [helper.make_node("Relu", ["x"], [long]), helper.make_node("Neg", [long], ["y"])],
+        [_vi("x", [1, 4])],
+        [_vi("y", [1, 4])],
+    )
+    path = _save(m, tmp_path / "long.onnx")
+    r = run_cli("split", path, "--cut", "1", "-o", str(tmp_path / "p"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "(1500 characters)' cannot go into a plan" in r.stderr and "rename it in the model" in r.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_model_with_no_cut_is_planned_all_on_the_edge_or_all_on_the_server(tmp_path):
+    """One compute node: nothing to cut, but the model still runs on one side or the other."""
+    m = _tiny([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [1, 8])], [_vi("y", [1, 8])])
+    path = _save(m, tmp_path / "one.onnx")
+    for role in ("edge", "server"):
+        run_cli("profile", path, "--role", role, "--quiet", "-o", str(tmp_path / f"{role}.json"), check=True)
+    r = run_cli(
+        "plan", path, "--edge-profile", str(tmp_path / "edge.json"), "--server-profile",
+        str(tmp_path / "server.json"), "--network", "lte", "-o", str(tmp_path / "plan"), check=True,
+    )  # fmt: skip
+    plan = Plan.load(tmp_path / "plan")
+    assert plan.kind in ("edge-only", "server-only"), r.stdout
+
+
+def test_an_always_empty_output_compares_as_identical():
+    empty = np.zeros((1, 0), np.float32)
+    f = compare("empty", empty, empty.copy())
+    assert f.cosine == 1.0 and f.max_abs_error == 0.0 and f.top1_agreement is None
+
+
+def test_missing_or_escaping_external_data_is_one_clear_error(tmp_path):
+    from splitpoint.core.errors import ModelError
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    m = _tiny(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        [_vi("x", [1, 4])],
+        [_vi("y", [1, 4])],
+        [w],
+    )
+    d = tmp_path / "m"
+    (d / "sub").mkdir(parents=True)
+    onnx.save(m, d / "model.onnx", save_as_external_data=True, location="sub/w.bin", size_threshold=0)
+    (d / "sub" / "w.bin").unlink()
+    with pytest.raises(ModelError, match="cannot load the model's external data next to .*not regular file"):
+        open_model(d / "model.onnx")
+    onnx.save(m, d / "model.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    escaping = onnx.load(d / "model.onnx", load_external_data=False)
+    (entry,) = [e for e in escaping.graph.initializer[0].external_data if e.key == "location"]
+    entry.value = "../w.bin"  # onnx.save itself refuses to write such a model
+    (d / "model.onnx").write_bytes(escaping.SerializeToString())
+    with pytest.raises(ModelError, match="cannot load the model's external data next to .*outside"):
+        open_model(d / "model.onnx")
+
+
+def test_a_model_onnxruntime_cannot_run_says_why_it_has_no_cut(tmp_path):
+    """NhwcConv is a com.microsoft op the CPU provider lacks: shape inference cannot type what it makes,
+    and the trial run that would measure it fails. Both the listing and a named cut say so."""
+    from splitpoint.core.errors import ModelError
+    from splitpoint.core.graph.cuts import CutError, resolve_cut
+
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")
+    m = _tiny(
+        [
+            helper.make_node("NhwcConv", ["x", "w"], ["c1"], domain="com.microsoft", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r"]),
+            helper.make_node("Neg", ["r"], ["y"]),
+        ],
+        [_vi("x", [1, 8, 8, 4])],
+        [_vi("y", [1, 8, 8, 4])],
+        [w],
+        domains=("com.microsoft",),
+    )
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(m, path)
+    h = open_model(path)
+    with pytest.raises(
+        ModelError, match="no candidate cut: .*onnxruntime could not run the model .*NhwcConv"
+    ):
+        h.cuts()
+    with pytest.raises(CutError, match="the type of c1 is unknown: .*NhwcConv"):
+        resolve_cut(open_model(path).index, "c1")
+
+
+def test_a_static_zero_size_dimension_is_a_known_size(tmp_path):
+    from splitpoint.core.graph.shapes import parse_input_shapes
+
+    m = _tiny(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sigmoid", ["r"], ["y"])],
+        [_vi("x", [1, 0, 4])],
+        [_vi("y", [1, 0, 4])],
+    )
+    h = open_model(_save(m, tmp_path / "z.onnx"))
+    assert [c.crossing[0].shape for c in h.cuts()] == ["1x0x4"]
+    assert parse_input_shapes(["x:1x0x4"]) == {"x": [1, 0, 4]}
+
+
+def test_a_value_for_a_model_input_with_a_default_is_refused_by_name_not_dropped(tmp_path):
+    """``scale`` is an input that also has an initializer (a default): a split keeps the default as a
+    constant, so a value given for it would change nothing; it is refused by name, on the API and in a
+    sample file, as onnxruntime refuses an input it does not have."""
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.runner import HeadRunner
+    from splitpoint.core.samples import read_npz
+
+    scale = numpy_helper.from_array(np.array([2.0], np.float32), "scale")
+    m = _tiny(
+        [helper.make_node("Mul", ["x", "scale"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        [_vi("x", [1, 4]), _vi("scale", [1])],
+        [_vi("y", [1, 4])],
+        [scale],
+    )
+    h = open_model(_save(m, tmp_path / "d.onnx"))
+    write_plan(h, tmp_path / "p", cut=h.cuts()[0])
+    plan = Plan.load(tmp_path / "p")
+    assert [t.name for t in plan.inputs] == ["x"]
+    head = HeadRunner(plan, None)
+    x = np.ones((1, 4), np.float32)
+    head.check_inputs({"x": x})
+    with pytest.raises(
+        SplitPointError, match=r"not an input of this plan: 'scale' \(its inputs: x; .*default"
+    ):
+        head.check_inputs({"x": x, "scale": np.array([5.0], np.float32)})
+    np.savez(tmp_path / "s.npz", x=x, scale=np.array([5.0], np.float32))
+    with pytest.raises(SplitPointError, match=r"s.npz holds 'scale', which feeds no input \(the inputs: x"):
+        read_npz(tmp_path / "s.npz", {"x": 2})

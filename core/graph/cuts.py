@@ -223,6 +223,16 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
         if unused:
             raise CutError(f"tensor(s) {', '.join(unused)} are not read by the tail: not a boundary")
     others = [t for t in crossing_names + from_head if not idx.is_tensor(t)]
+    unknown = [t for t in others if t not in idx.non_tensor]
+    if unknown:  # not typed: inference could not tell, and the trial run that measures it failed
+        raise CutError(
+            f"invalid cut: the type of {', '.join(unknown)} is unknown: shape inference cannot tell"
+            + (
+                f", and onnxruntime could not run the model to measure it ({idx.trial_error})"
+                if idx.trial_error
+                else ", and a trial run of the model did not return it"
+            )
+        )
     if others:
         raise CutError(
             f"invalid cut: {', '.join(others)} would cross as a sequence or a map, which no codec carries"

@@ -141,6 +141,7 @@ class GraphIndex:
     node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
     input_symbols: set = field(default_factory=set)  # the symbolic dims the graph's inputs declare
     non_tensor: set = field(default_factory=set)  # values that are sequences, maps or optionals: no codec
+    trial_error: str | None = None  # why the trial run that types what inference missed failed, if it did
     _stubs: dict = field(default_factory=dict, repr=False)  # weight_stub's, by initializer name
     _arrays: dict = field(default_factory=dict, repr=False)  # weight_array's
 
@@ -301,7 +302,10 @@ class GraphIndex:
                 sess.run(missing, sample_feeds(self.model, b, seed))
                 for b, seed in ((1, 0), (2 if free_batch else 1, 1))
             ]
-        except Exception:  # best effort: callers report the tensor that stays unknown
+        except Exception as exc:  # best effort: callers report the tensor that stays unknown, and why
+            self.trial_error = (
+                str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+            )
             return
         first = self.info.get(self.inputs[0]) if self.inputs else None
         batch = first.dims[0] if first and first.dims and isinstance(first.dims[0], str) else "N"

@@ -62,6 +62,12 @@ class ModelHandle:
     def cuts(self) -> list[Cut]:
         if not hasattr(self, "_cuts"):
             self._cuts = enumerate_cuts(self.index)
+            if not self._cuts and len(self.index.compute) > 1 and self.index.trial_error:
+                # every cut needs a tensor's type that only a run could tell: say why there is none
+                raise ModelError(
+                    "no candidate cut: shape inference cannot type the tensors between the nodes, and "
+                    f"onnxruntime could not run the model to measure them ({self.index.trial_error})"
+                )
         return self._cuts
 
 

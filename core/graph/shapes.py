@@ -25,9 +25,9 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> InputShapes
             values = [int(d) for d in dims.lower().split("x")]
         except ValueError:
             values = []
-        if not sep or not name or not values or any(v <= 0 for v in values):
+        if not sep or not name or not values or any(v < 0 for v in values):
             raise ModelError(
-                f"--input-shape {spec!r}: write NAME:DIMxDIM… (positive dimensions), e.g. images:1x3x640x640"
+                f"--input-shape {spec!r}: write NAME:DIMxDIM… (sizes of 0 or more), e.g. images:1x3x640x640"
             )
         if name in shapes:
             raise ModelError(f"--input-shape names {name!r} twice")
@@ -66,7 +66,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                 f"input {vi.name!r} has rank {len(have)}; --input-shape gives {len(want)} dimensions"
             )
         for k, (h, w) in enumerate(zip(have, want, strict=True)):
-            if isinstance(h, int) and h > 0 and h != w:
+            if isinstance(h, int) and h >= 0 and h != w:  # a static size, 0 included (an empty tensor)
                 raise ModelError(f"input {vi.name!r} has dimension {k} fixed at {h}; --input-shape gives {w}")
         dims = vi.type.tensor_type.shape.dim
         for d, w in zip(dims, want, strict=True):
@@ -89,7 +89,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         if vi.name in inits:
             continue
         dims = _dims(vi)
-        fixed = [isinstance(d, int) and d > 0 for d in dims]
+        fixed = [isinstance(d, int) and d >= 0 for d in dims]
         free = [d if isinstance(d, str) else f"dim {k}" for k, d in enumerate(dims) if k > 0 and not fixed[k]]
         if free:
             example = "x".join(str(d) if fixed[k] else ("1" if k == 0 else "?") for k, d in enumerate(dims))
