@@ -389,14 +389,27 @@ def generate(
     measured on this machine's clock)."""
     import numpy as np
 
+    from splitpoint.core.endpoints import check_endpoint
     from splitpoint.edge.decoder import DecoderClient, generate_local, load_decoder_plan
     from splitpoint.profiles.cpulimit import cpu_limit
 
     plan = load_decoder_plan(plan_dir, role=None if local else "edge")
     assert plan.decoder is not None
-    vocab = plan.decoder.vocab
+    vocab, max_len = plan.decoder.vocab, plan.decoder.max_len
     if prompt_tokens < 1:
         raise SplitPointError("--prompt-tokens must be at least 1")
+    if max_new_tokens < 1 or prompt_tokens + max_new_tokens > max_len:  # before the prompt is made
+        raise SplitPointError(
+            f"{prompt_tokens} prompt tokens + {max_new_tokens} new must be within the model's {max_len} "
+            "positions (and at least one new token)"
+        )
+    if seed < 0:
+        raise SplitPointError(f"--seed must be 0 or more, not {seed}")
+    if not local:
+        try:
+            check_endpoint(server)
+        except ValueError as exc:
+            raise SplitPointError(f"--server: {exc}") from exc
     prompt = np.random.default_rng(seed).integers(0, vocab, (1, prompt_tokens))
     with cpu_limit(cpus) as emulation:
         if local:
@@ -991,14 +1004,28 @@ def watch(
     mqtt: Annotated[str, typer.Option(help="broker, mqtt://host:port")],
     seconds: Annotated[float, typer.Option(help="stop after this long (0 = until Ctrl-C)")] = 0,
 ) -> None:
-    """Live table of the fleet: state, throughput, latency breakdown, CPU, memory, temperature."""
+    """Live table of the fleet: state, requests and errors so far, link estimates, latency breakdown,
+    CPU, memory, temperature."""
     from rich.live import Live
 
     from .console import watch_table
     from .orchestrator import watch as follow
 
-    with Live(watch_table({}), console=console, refresh_per_second=4) as live:
-        follow(mqtt, lambda fleet: live.update(watch_table(fleet)), seconds)
+    live: Live | None = None
+
+    def show(fleet: dict[str, dict]) -> None:
+        nonlocal live
+        if live is None:  # drawn once the broker answers: an unreachable one is one error line, no table
+            live = Live(watch_table(fleet), console=console, refresh_per_second=4)
+            live.start()
+        else:
+            live.update(watch_table(fleet))
+
+    try:
+        follow(mqtt, show, seconds)
+    finally:
+        if live is not None:
+            live.stop()
 
 
 @app.command()
@@ -1178,6 +1205,9 @@ def main() -> None:
         _fail(escape(str(exc)).replace("\n", " "), exc.exit_code)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         _fail(escape(f"{exc.strerror}: {exc.filename}"), 2)
+    except OSError as exc:  # the machine's: a full disk, a read-only file system (writes go by temp + rename)
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(escape(f"{exc.strerror or exc}{where}"), 1)
     except Exception as exc:
         if not type(exc).__module__.startswith("onnxruntime"):
             raise

@@ -51,7 +51,9 @@ class DecoderSessions:
         return len(self._s)
 
     def begin(self, key: Key, position: int, empty: dict[str, np.ndarray]) -> Session:
-        """The session a step at ``position`` continues (a new one at position 0), or SessionError."""
+        """The session a step at ``position`` continues, or SessionError. At position 0 it is a new one,
+        held aside until ``commit``: a start (or a start over) that is refused, or whose step fails,
+        leaves any session under the same key as it was."""
         s = self._s.get(key)
         if position == 0:
             if s is None and len(self._s) >= self.max_sessions:
@@ -60,11 +62,7 @@ class DecoderSessions:
                     f"{len(self._s)} decoder sessions are open (the limit is {self.max_sessions}): "
                     "close one or retry later",
                 )
-            if s is not None:  # starting over: its old cache goes
-                self.cache_bytes -= s.nbytes
-            s = Session(past=empty)
-            self._s[key] = s
-            return s
+            return Session(past=empty)
         if s is None:
             raise SessionError(
                 wire.E_UNKNOWN_SESSION,
@@ -79,20 +77,22 @@ class DecoderSessions:
         return s
 
     def commit(self, key: Key, s: Session, presents: dict[str, np.ndarray], new_tokens: int) -> None:
-        """The step's presents become the session's past, unless that passes the cache-memory limit
-        (then the session stays as it was and SessionError says why)."""
+        """The step's presents become the session's past (a new session's replacing any under its key),
+        unless that passes the cache-memory limit: then every session stays as it was and SessionError
+        says why."""
+        held = self._s.get(key)
+        freed = held.nbytes if held is not None else 0  # what this step's session replaces or grows from
         nbytes = sum(v.nbytes for v in presents.values())
-        if self.cache_bytes - s.nbytes + nbytes > self.max_cache_bytes:
-            if s.length == 0:
-                self._s.pop(key, None)
+        if self.cache_bytes - freed + nbytes > self.max_cache_bytes:
             raise SessionError(
                 wire.E_SESSION_LIMIT,
-                f"the decoder caches would hold {(self.cache_bytes - s.nbytes + nbytes) / 2**20:.3g} MiB "
+                f"the decoder caches would hold {(self.cache_bytes - freed + nbytes) / 2**20:.3g} MiB "
                 f"(the limit is {self.max_cache_bytes / 2**20:.3g} MiB): close sessions or retry later",
             )
         s.past = as_past(presents)
-        self.cache_bytes += nbytes - s.nbytes
+        self.cache_bytes += nbytes - freed
         s.nbytes, s.length, s.last_used = nbytes, s.length + new_tokens, time.monotonic()
+        self._s[key] = s
 
     def close(self, key: Key) -> bool:
         s = self._s.pop(key, None)

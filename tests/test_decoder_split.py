@@ -127,6 +127,12 @@ def test_the_cache_memory_limit_refuses_a_step_and_keeps_the_session(plans, serv
         assert e.value.code == wire.E_SESSION_LIMIT
         assert server.sessions.cache_bytes == 16 * 1024  # as it was
         c.step(7, 8, x[:, :1])  # the session still continues from 8 tokens
+        # starting it over with 16 tokens is refused too, and the 9-token session is still there
+        with pytest.raises(GenerationError, match="limit is 0.025 MiB") as e:
+            c.step(7, 0, np.concatenate([x, x], axis=1))
+        assert e.value.code == wire.E_SESSION_LIMIT
+        assert server.sessions.cache_bytes == 18 * 1024
+        c.step(7, 9, x[:, :1])
 
 
 @pytest.mark.parametrize("server", [{"session_idle_s": 0.3}], indirect=True)
@@ -248,3 +254,25 @@ def test_int4_edge_weights_shrink_the_head_and_keep_the_tokens(plans, server, tm
     with DecoderClient(tmp_path / "q4", server.endpoint) as c:
         got = c.generate(_prompt(), 32)
     assert sum(a == b for a, b in zip(got.tokens, unsplit.tokens, strict=True)) >= 28
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (
+            ["--local", "--prompt-tokens", "100000000000"],
+            "100000000000 prompt tokens + 32 new must be within",
+        ),
+        (["--local", "--seed", "-1"], "--seed must be 0 or more"),
+        (["--server", "bogus"], "--server: 'bogus' has no scheme"),
+    ],
+)
+def test_generate_refuses_what_it_cannot_do_in_one_line_before_any_work(plans, args, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app", "generate", str(plans / "float32"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
