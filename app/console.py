@@ -286,10 +286,13 @@ def watch_table(latest: dict[str, dict]) -> Table:
             [
                 dev,
                 str(st.get("role", me.get("role", "?"))),
-                str(st.get("state", "?")),
+                str(st.get("state", "?")) + (" (fallback)" if st.get("fallback") is True else ""),
                 str(st.get("member", "-")),
                 str(me.get("requests", me.get("ok", "-"))),
-                str(me.get("fallback", st.get("fallback", "-"))),
+                str(me.get("fallback", "-")),
+                str(me.get("errors", "-")),
+                fmt(me.get("bandwidth_mbps_est")),
+                fmt(me.get("rtt_ms_est")),
                 fmt(la.get("total_ms")),
                 fmt(la.get("head_ms")),
                 fmt(la.get("network_ms")),
@@ -300,7 +303,10 @@ def watch_table(latest: dict[str, dict]) -> Table:
                 str(me.get("telemetry_dropped", "-")),
             ]
         )
-    cols = ["device", "role", "state", "plan-set member", "requests", "fallback", "e2e ms", "head ms"]
+    # counts since the device started; the link estimates and the latencies (the last request's) are
+    # the device's own: measured on its clock, the estimates derived from its requests
+    cols = ["device", "role", "state", "plan-set member", "requests", "fallbacks", "errors"]
+    cols += ["uplink est Mbit/s", "RTT est ms", "e2e ms", "head ms"]
     return table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 4)
 
 

@@ -7,6 +7,9 @@ hear that the scheme is missing. ``Endpoint`` is the pydantic type every config 
 from __future__ import annotations
 
 import re
+import socket
+import stat
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
@@ -42,3 +45,26 @@ def is_loopback(endpoint: str) -> bool:
         return True  # ipc and inproc never leave the machine
     host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """Whether a live process accepts connections on an ``ipc://`` path. libzmq binds over an existing
+    socket file without a word (it unlinks it), and the process listening there goes on running, deaf:
+    a second daemon given the same --listen took the first one's requests and deploys."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False  # tcp reports EADDRINUSE itself, and so does Linux's abstract namespace
+    path = Path(endpoint[len("ipc://") :])
+    try:
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False  # a file left by a process that is gone: binding over it is right
+    finally:
+        probe.close()
+    return True

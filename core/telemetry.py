@@ -16,9 +16,11 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import urlparse
 
 import psutil
+from pydantic import AfterValidator
 
 log = logging.getLogger("splitpoint.core.telemetry")
 
@@ -41,7 +43,13 @@ class BrokerURL:
 
             raise SplitPointError(f"MQTT URL must be mqtt://host:port or mqtts://host:port, got {url!r}")
         tls = u.scheme == "mqtts"
-        return cls(u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), u.username, u.password, tls)
+        try:
+            port = u.port  # urllib raises here for a port out of range or not a number
+        except ValueError as exc:
+            from .errors import SplitPointError
+
+            raise SplitPointError(f"MQTT URL {url!r}: {exc}") from exc
+        return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), u.username, u.password, tls)
 
     def apply(self, client) -> None:
         """Credentials and TLS on a paho client: publishers and subscribers connect alike."""
@@ -49,6 +57,20 @@ class BrokerURL:
             client.username_pw_set(self.username, self.password)
         if self.tls:
             client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+
+
+def check_broker_url(url: str) -> str:
+    """The URL unchanged if ``BrokerURL.parse`` takes it, else ValueError (a config names the option)."""
+    from .errors import SplitPointError
+
+    try:
+        BrokerURL.parse(url)
+    except SplitPointError as exc:
+        raise ValueError(str(exc)) from exc
+    return url
+
+
+BrokerUrl = Annotated[str, AfterValidator(check_broker_url)]
 
 
 def topic(device_id: str, kind: str) -> str:

@@ -506,12 +506,26 @@ class EdgeClient:
     def _set_up(self, up: bool) -> None:
         if up != self.server_up:
             self.server_up = up
-            log.info("server %s", "reachable" if up else "unreachable: falling back to the local model")
+            if up:
+                log.info("server reachable")
+            else:
+                log.info(
+                    "server unreachable: %s",
+                    "falling back to the local model"
+                    if self._full is not None
+                    else "each request gets an error (no local model to fall back on)",
+                )
             self._publish_status()
 
     def _publish_status(self) -> None:
         if self.telemetry:
-            status = {"plan": self.plan.plan_id, "server": self.config.server, "fallback": not self.server_up}
+            status = {
+                "plan": self.plan.plan_id,
+                "server": self.config.server,
+                "server_up": self.server_up,
+                # answering from the local model now: an edge without one fails its requests instead
+                "fallback": not self.server_up and self._full is not None,
+            }
             if self.status_extra is not None:
                 status.update(self.status_extra())
             self.telemetry.status("online", status)
@@ -578,7 +592,6 @@ class EdgeClient:
                 self.telemetry.metrics(
                     {
                         "server_up": self.server_up,
-                        "fallback": not self.server_up,
                         "in_flight": len(self._pending),
                         "rtt_ms_est": self.rtt_ms,
                         "bandwidth_mbps_est": self.bandwidth_mbps,

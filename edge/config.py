@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from splitpoint.core import wire
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.endpoints import Endpoint, is_loopback
+from splitpoint.core.telemetry import BrokerUrl
 
 
 class EdgeConfig(StrictConfig):
@@ -26,7 +27,7 @@ class EdgeConfig(StrictConfig):
     threads: int = Field(1, ge=0, le=1024)  # onnxruntime intra-op threads
     head_workers: int = Field(1, ge=1, le=64)
     device_id: str = Field("edge", min_length=1, max_length=128)
-    mqtt: str | None = None
+    mqtt: BrokerUrl | None = None
     max_message_bytes: int = Field(wire.DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**32)
     curve_server_key: bytes | None = None  # server's public key (z85) to enable CurveZMQ
     curve_keypair: tuple[bytes, bytes] | None = None  # this device's (public, secret), for allow-lists

@@ -23,6 +23,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import Plan, install_pushed
 from splitpoint.core.runner import check_models_load
@@ -125,6 +126,12 @@ class EdgeDaemon:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        if self.config.listen and ipc_in_use(self.config.listen):
+            sock.close(0)
+            raise SplitPointError(
+                f"cannot listen on {self.config.listen}: another process listens there; "
+                "choose another --listen"
+            )
         try:
             sock.bind(self.config.listen)
         except zmq.ZMQError as exc:

@@ -17,6 +17,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import Codec
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.endpoints import Endpoint, is_loopback
+from splitpoint.core.telemetry import BrokerUrl
 
 
 class ServerConfig(StrictConfig):
@@ -30,7 +31,7 @@ class ServerConfig(StrictConfig):
     max_queue: int = Field(256, ge=1, le=1_000_000)  # requests waiting for a tail; past it: busy
     reply_codec: str = "float32"
     device_id: str = Field("server", min_length=1, max_length=128)
-    mqtt: str | None = None  # telemetry broker URL
+    mqtt: BrokerUrl | None = None  # telemetry broker URL
     metrics_interval_s: float = Field(2.0, gt=0)
     curve_secret_key: bytes | None = None  # CurveZMQ: this server's secret key (z85)
     curve_allow: tuple[bytes, ...] = ()  # client public keys that may connect (z85); empty = any

@@ -38,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
 from splitpoint.core.runner import Expect, StageRunner, mismatch
@@ -195,6 +196,8 @@ class TailServer:
         if self.config.curve:
             self._enable_curve(router)
         try:
+            if ipc_in_use(self.config.bind):  # libzmq would bind over it, leaving that process deaf
+                raise zmq.ZMQError(zmq.EADDRINUSE)
             router.bind(self.config.bind)
         except zmq.ZMQError as exc:
             router.close(0)

@@ -251,3 +251,26 @@ def test_edge_messages_say_what_happened(small_resnet18, tmp_path):
         "edge", "run", str(tmp_path / "local"), "--server", dead, "--inputs", str(inputs), timeout=120
     )
     assert proc.returncode == 0 and "1 run on the edge (edge-only plan), 0 errors" in proc.stdout, proc.stdout
+
+
+def test_a_write_the_machine_refuses_is_one_line_and_leaves_nothing_half_written(tmp_path, small_resnet18):
+    """A file-size limit stands in for a full disk (Python ignores SIGXFSZ, so the write fails with
+    EFBIG as it would with ENOSPC): the plan's files go to a temporary name first, and the error is one
+    line, with the runtime-failure exit status."""
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "plan"
+    r = subprocess.run(
+        [sys.executable, "-m", "splitpoint.app", "split", str(small_resnet18), "--cut", "10", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "File too large" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name != "plan"]

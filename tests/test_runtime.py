@@ -231,6 +231,21 @@ def test_telemetry_reaches_mosquitto(model, mosquitto):
     )
 
 
+def test_status_says_fallback_only_where_the_edge_can_fall_back(model, mosquitto):
+    """No server: an edge with the whole model answers from it and its status says fallback; one
+    without answers every request with an error, and its status says the server is down, not fallback."""
+    for device, fallback in (("fb-yes", True), ("fb-no", False)):
+        with client(model, None, fallback=fallback, mqtt=mosquitto, device_id=device, connect_grace_s=0) as c:
+            assert c.telemetry.connected.wait(5)
+            status = {}
+            for _ in range(50):  # retained; published once the client has looked for the server
+                status = collect(mosquitto, 0.2).get(device, {}).get("status", {})
+                if status.get("state") == "online":
+                    break
+            assert status["state"] == "online" and status["server_up"] is False, status
+            assert status["fallback"] is fallback, status
+
+
 def test_dead_broker_never_blocks_inference(model, server):
     from splitpoint.app.broker import free_port
 
@@ -623,3 +638,29 @@ def test_edge_daemon_keeps_answering_while_its_window_is_full(model, tmp_path):
         stop.set()
         srv.join(5)
         router.close(0)
+
+
+def test_a_second_process_on_a_live_ipc_path_is_refused_and_a_stale_one_is_reused(model, tmp_path):
+    """libzmq binds over an existing socket file, and the process listening there goes on, deaf: the
+    second is refused instead. A file left by a process that is gone is bound over, as it should be."""
+    import socket as pysocket
+
+    path = tmp_path / "s.sock"
+    first = TailServer(ServerConfig(bind=f"ipc://{path}", plans_dir=model["plans"])).start()
+    try:
+        with pytest.raises(SplitPointError, match="another process listens there; choose another --bind"):
+            TailServer(ServerConfig(bind=f"ipc://{path}", plans_dir=model["plans"])).start()
+        with client(model, first) as c:  # the first still answers
+            assert not c.infer(x(), timeout=30).fallback
+    finally:
+        first.stop()
+    stale = tmp_path / "stale.sock"
+    s = pysocket.socket(pysocket.AF_UNIX)
+    s.bind(str(stale))  # a socket file nobody accepts on
+    s.close()
+    srv = TailServer(ServerConfig(bind=f"ipc://{stale}", plans_dir=model["plans"])).start()
+    try:
+        with client(model, srv) as c:
+            assert not c.infer(x(), timeout=30).fallback
+    finally:
+        srv.stop()
