@@ -10,6 +10,7 @@ exits cleanly.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -44,13 +45,35 @@ class DaemonFailed(SplitPointError):
     exit_code = 1
 
 
+DEPLOYED = "deployed.json"  # in the plans folder: the plan last pushed, and the command-line plan it replaces
+
+
+def deployed_plan(plan_dir: Path, plans_dir: Path) -> Path:
+    """The plan to run for ``edge run PLAN_DIR``: the one last pushed to this daemon in place of that
+    same PLAN_DIR, if any, so a restart (a crash under systemd, a reboot) does not roll the device back to
+    the plan it started with; else PLAN_DIR. A record naming another PLAN_DIR is the operator's old
+    choice, and the command line wins."""
+    try:
+        record = json.loads((plans_dir / DEPLOYED).read_text())
+        replaces, name = str(record["replaces"]), str(record["plan"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return plan_dir
+    target = plans_dir / name
+    if replaces != str(plan_dir.resolve()) or Path(name).name != name or not (target / "plan.json").is_file():
+        return plan_dir
+    log.info("running %s, the plan last deployed here in place of %s (%s)", target, plan_dir, DEPLOYED)
+    return target
+
+
 class EdgeDaemon:
     def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
-        self.config = config
         self.plans_dir = plans_dir or Path(config.plan_dir).parent
+        self.started_with = Path(config.plan_dir).resolve()  # the command line's plan
+        running = deployed_plan(Path(config.plan_dir), self.plans_dir)
+        self.config = config if running == Path(config.plan_dir) else config.with_(plan_dir=running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
-        self.client = EdgeClient(config, self.telemetry)
+        self.client = EdgeClient(self.config, self.telemetry)
         self._stop = threading.Event()
         self.endpoint: str | None = None
         # local requests waiting for room in the client's window: (identity, request id, feeds, since)
@@ -278,8 +301,19 @@ class EdgeDaemon:
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
         old.close(drain=True)
+        self._record_deployed(target)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan
+
+    def _record_deployed(self, target: Path) -> None:
+        """Remember the plan now running for the next start (written to a temporary name, then renamed)."""
+        record = {"replaces": str(self.started_with), "plan": target.name}
+        tmp = self.plans_dir / f".{DEPLOYED}.tmp"
+        try:
+            tmp.write_text(json.dumps(record))
+            tmp.replace(self.plans_dir / DEPLOYED)
+        except OSError as exc:  # the switch stands; only a restart would not know of it
+            log.warning("could not record the deployed plan in %s: %s", self.plans_dir / DEPLOYED, exc)
 
 
 def _failed(error: Exception) -> Future:

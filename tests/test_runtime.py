@@ -305,6 +305,17 @@ def test_deploy_to_the_edge_then_status_shows_it_online_with_the_new_plan(model,
     finally:
         proc.terminate()
         proc.wait(30)
+    # restarted with the same command (systemd after a crash, a reboot), it runs the deployed plan
+    cmd = [a for a in proc.args if a != "--quiet"]
+    again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        s = _raw(sock)
+        assert _ask(s, wire.Message(wire.PING, 2).to_frames(), timeout=30000).type == wire.PONG
+        s.close(0)
+    finally:
+        again.terminate()
+        _, err = again.communicate(timeout=30)
+    assert f"running {pushed}, the plan last deployed here in place of {start}" in err, err
 
 
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
