@@ -258,6 +258,18 @@ def fidelity_table(title: str, report: Any) -> Table:
     return table(title, ["output", "top-1 agreement", "cosine", "max abs error", "SNR dB"], rows)
 
 
+def device_state(kinds: dict) -> str:
+    """The device's state as its retained status says, and where processes collide on its id, that too:
+    with two, the one that stopped last writes 'offline' over the other's 'online'."""
+    state = str(kinds.get("status", {}).get("state", "?"))
+    n = kinds.get("instances")
+    if isinstance(n, int) and n > 1:
+        return f"{state}: {n} processes publish under this id"
+    if isinstance(n, int) and n == 1 and state == "offline":
+        return "offline? (another process with this id still publishes)"
+    return state
+
+
 def status_table(fleet: dict[str, dict]) -> Table:
     rows = []
     for dev, kinds in sorted(fleet.items()):
@@ -269,7 +281,7 @@ def status_table(fleet: dict[str, dict]) -> Table:
             [
                 dev,
                 str(st.get("role", "?")),
-                str(st.get("state", "?")),
+                device_state(kinds),
                 plan,
                 endpoint,
                 str(st.get("fallback", "-")),
@@ -286,7 +298,7 @@ def watch_table(latest: dict[str, dict]) -> Table:
             [
                 dev,
                 str(st.get("role", me.get("role", "?"))),
-                str(st.get("state", "?")) + (" (fallback)" if st.get("fallback") is True else ""),
+                device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
                 str(st.get("member", "-")),
                 str(me.get("requests", me.get("ok", "-"))),
                 str(me.get("fallback", "-")),

@@ -61,6 +61,9 @@ def deploy(
     return plan.plan_id
 
 
+INSTANCE_TTL_S = 10.0  # devices publish metrics every 2 s: a process not heard for this long is gone
+
+
 class FleetSubscriber:
     """Every device's telemetry topics, latest payload per device and kind, kept while inside ``with``.
 
@@ -71,6 +74,7 @@ class FleetSubscriber:
 
         self.url = BrokerURL.parse(url)
         self._fleet: dict[str, dict] = {}
+        self._instances: dict[str, dict[str, float]] = {}  # per device: process -> when last heard
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._on_message = on_message
@@ -95,8 +99,15 @@ class FleetSubscriber:
             return
         if not isinstance(payload, dict):
             return
+        inst = payload.get("instance")
         with self._lock:
             self._fleet.setdefault(parts[1], {})[parts[2]] = payload
+            if isinstance(inst, str):
+                live = self._instances.setdefault(parts[1], {})
+                if parts[2] == "status" and payload.get("state") == "offline":
+                    live.pop(inst, None)
+                else:
+                    live[inst] = time.monotonic()
         if self._on_message:
             self._on_message(parts[1], parts[2], payload)
 
@@ -121,8 +132,15 @@ class FleetSubscriber:
         self._client.disconnect()
 
     def snapshot(self) -> dict[str, dict]:
+        """Latest payload per device and kind, and ``instances``: how many processes published under the
+        device's id in the last INSTANCE_TTL_S (more than one: two devices were given the same id, and
+        each one's status overwrites the other's)."""
+        now = time.monotonic()
         with self._lock:
-            return {dev: dict(kinds) for dev, kinds in self._fleet.items()}
+            out = {dev: dict(kinds) for dev, kinds in self._fleet.items()}
+            for dev, live in self._instances.items():
+                out.setdefault(dev, {})["instances"] = sum(now - t < INSTANCE_TTL_S for t in live.values())
+            return out
 
 
 def collect(url: str, seconds: float = 1.5) -> dict[str, dict]:

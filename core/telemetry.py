@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -105,6 +106,9 @@ class Telemetry:
         import paho.mqtt.client as mqtt
 
         self.device_id, self.role = device_id, role
+        # which process speaks: two devices started with one --device-id share every topic, and a
+        # subscriber tells them apart (and that they collide) by this
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.url = BrokerURL.parse(url)
         self.dropped = 0
         self.sent = 0
@@ -117,7 +121,10 @@ class Telemetry:
         )
         c.max_queued_messages_set(max_queued)
         c.will_set(
-            topic(device_id, "status"), json.dumps({"state": "offline", "role": role}), qos=1, retain=True
+            topic(device_id, "status"),
+            json.dumps({"state": "offline", "role": role, "instance": self.instance}),
+            qos=1,
+            retain=True,
         )
         self.url.apply(c)
         c.on_socket_open = self._nodelay
@@ -145,7 +152,14 @@ class Telemetry:
         import paho.mqtt.client as mqtt
 
         body = json.dumps(
-            {"device": self.device_id, "role": self.role, "ts": time.time(), **payload}, default=_jsonable
+            {
+                "device": self.device_id,
+                "role": self.role,
+                "instance": self.instance,
+                "ts": time.time(),
+                **payload,
+            },
+            default=_jsonable,
         )
         try:
             info = self._client.publish(topic(self.device_id, kind), body, qos=qos, retain=retain)
@@ -196,7 +210,13 @@ class Telemetry:
                 info = self._client.publish(
                     topic(self.device_id, "status"),
                     json.dumps(
-                        {"device": self.device_id, "role": self.role, "state": "offline", "ts": time.time()}
+                        {
+                            "device": self.device_id,
+                            "role": self.role,
+                            "instance": self.instance,
+                            "state": "offline",
+                            "ts": time.time(),
+                        }
                     ),
                     qos=1,
                     retain=True,

@@ -675,3 +675,27 @@ def test_a_second_process_on_a_live_ipc_path_is_refused_and_a_stale_one_is_reuse
             assert not c.infer(x(), timeout=30).fallback
     finally:
         srv.stop()
+
+
+def test_two_processes_under_one_device_id_are_shown_as_such(mosquitto):
+    """Each one's status overwrites the other's: the fleet view says how many publish under the id, and
+    that one still does when the other, stopping, has written 'offline' over it."""
+    from splitpoint.app.console import device_state
+    from splitpoint.core.telemetry import Telemetry
+
+    a, b = Telemetry("twin", "edge", mosquitto), Telemetry("twin", "edge", mosquitto)
+    try:
+        assert a.connected.wait(5) and b.connected.wait(5)
+        with FleetSubscriber(mosquitto) as sub:
+            for t in (a, b):
+                t.status("online")
+                t.metrics({})
+            time.sleep(0.5)
+            assert device_state(sub.snapshot()["twin"]) == "online: 2 processes publish under this id"
+            b.close()
+            a.metrics({})
+            time.sleep(0.5)
+            assert device_state(sub.snapshot()["twin"]).startswith("offline? (another process")
+    finally:
+        a.close()
+        b.close()
