@@ -980,10 +980,21 @@ def deploy(
                 "(splitpoint.edge.adaptive.AdaptiveClient); deploy its members to --server and --relay"
             )
         dirs = [plan_dir / m.dir for m in PlanSet.load(plan_dir, role="server")[0].members]
-    for ep, role in targets:  # each device gets the files of its role only
+    failed: list[str] = []
+    for ep, role in targets:  # each device gets the files of its role only; one failing stops no other
         for d in dirs:
-            pid = push(d, ep, timeout, role, key if role != "edge" else None, pair)
+            try:
+                pid = push(d, ep, timeout, role, key if role != "edge" else None, pair)
+            except SplitPointError as exc:
+                err.print(f"{escape(ep)} ({role}): not deployed: {escape(str(exc))}")
+                failed.append(f"{ep} ({role})")
+                continue
             console.print(f"{ep}: plan {pid[:12]} acknowledged ({role})")
+    if failed:
+        done = len(targets) * len(dirs) - len(failed)
+        raise SplitPointError(
+            f"{len(failed)} of {len(targets) * len(dirs)} deploys failed ({done} acknowledged)"
+        )
 
 
 @app.command()

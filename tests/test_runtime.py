@@ -699,3 +699,20 @@ def test_two_processes_under_one_device_id_are_shown_as_such(mosquitto):
     finally:
         a.close()
         b.close()
+
+
+def test_deploy_to_several_targets_goes_on_past_one_that_fails(model, server):
+    from splitpoint.app.broker import free_port
+
+    from .conftest import run_cli
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    r = run_cli(
+        "deploy", str(model["plans"] / "p-int8"), "--server", dead, "--server", server.endpoint,
+        "--timeout", "2", timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"{server.endpoint}: plan" in r.stdout and "acknowledged (server)" in r.stdout, r.stdout
+    assert (
+        f"{dead} (server): not deployed" in r.stderr and "1 of 2 deploys failed (1 acknowledged)" in r.stderr
+    )
