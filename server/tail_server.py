@@ -54,6 +54,10 @@ RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back (replies
 # requests libzmq holds per client before TCP pushes back on it: above any window a client keeps in flight
 # (the planner's go to 32), and what bounds the memory a flooding client takes beside --max-queue's
 PEER_RCVHWM = 64
+# a relay's requests queued towards the next stage: over a slow hop each waits behind these, and a full
+# queue answers busy. With 1000, a backed-up 2 MB/s hop held 400 MB of requests already answered as
+# timed out, and refused every new one for two minutes after the load had gone
+NEXT_SNDHWM = 64
 
 
 class ServerFailed(SplitPointError):
@@ -169,6 +173,7 @@ class TailServer:
         self._next: zmq.Socket | None = None  # a relay's DEALER to the next stage
         self._next_grace_until = 0.0  # monotonic time until which a send may wait for its connection
         self._next_monitor: zmq.Socket | None = None
+        self._next_up = False  # the relay's next stage: connected (its handshake done), as the monitor says
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
         self._fwd_ids = itertools.count(1)
         self.role = "relay" if config.next else "server"
@@ -257,11 +262,17 @@ class TailServer:
         was connected and is gone must not hold requests (each gets an explicit ``unavailable``)."""
         assert self._next is not None
         wait = self._next_grace_until - time.monotonic()
-        if wait > 0:  # at once when connected
+        if wait > 0 and not self._next_up:  # at once when connected (a full queue then is busy, not a wait)
             self._next.poll(int(wait * 1000) + 1, zmq.POLLOUT)
         try:
             wire.send(self._next, frames, _NOBLOCK)
         except zmq.Again:
+            if self._next_up:  # connected, its queue full: the hop is slower than the requests
+                raise wire.WireError(
+                    wire.E_BUSY,
+                    f"stage {runner.index + 1} ({self.config.next}): the link to it is backed up "
+                    f"({NEXT_SNDHWM} requests queued); retry later",
+                ) from None
             raise wire.WireError(
                 wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
             ) from None
@@ -276,7 +287,7 @@ class TailServer:
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         s.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
-        s.setsockopt(zmq.SNDHWM, RCVHWM)
+        s.setsockopt(zmq.SNDHWM, NEXT_SNDHWM)
         s.setsockopt(zmq.HEARTBEAT_IVL, int(c.heartbeat_s * 1000))
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(c.dead_after_s * 1000))
         s.setsockopt(zmq.HEARTBEAT_TTL, int(c.dead_after_s * 1000))
@@ -284,7 +295,7 @@ class TailServer:
             secret = c.curve_secret_key
             public, secret = (zmq.curve_public(secret), secret) if secret else zmq.curve_keypair()
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = c.next_curve_server_key, public, secret
-        self._next_monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._next_monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         assert c.next is not None
         s.connect(c.next)
         self._next = s
@@ -736,9 +747,13 @@ class TailServer:
         gone = False
         for _ in range(1000):
             try:
-                gone |= bool(recv_monitor_message(monitor, zmq.NOBLOCK)["event"] & zmq.EVENT_DISCONNECTED)
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 break
+            if event & zmq.EVENT_DISCONNECTED:
+                gone, self._next_up = True, False
+            elif event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._next_up = True
         if gone and self._fwd:
             lost, self._fwd = list(self._fwd.values()), {}
             log.warning("the next stage disconnected: failing %d forwarded request(s)", len(lost))

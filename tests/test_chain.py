@@ -363,3 +363,65 @@ def test_plan_ids_follow_the_documented_recipe_and_an_edge_that_falls_back_needs
     assert verify_pushed(files, "edge", fallback=False).plan_id == raw["plan_id"]
     with pytest.raises(PlanError, match=f"missing {FULL_FILE}"):
         verify_pushed(files, "edge", fallback=True)
+
+
+def test_a_relay_whose_next_hop_is_backed_up_answers_busy_and_holds_a_bounded_queue(chain):
+    """The next stage accepts the connection and reads nothing (as a hop far slower than the requests
+    would): once TCP's buffers and the relay's bounded queue towards it are full, each request is answered
+    busy at once, naming the backed-up link, never 'not connected' (the connection is up)."""
+    import zmq
+
+    from splitpoint.core import wire
+
+    ctx = zmq.Context.instance()
+    deaf = ctx.socket(zmq.ROUTER)
+    deaf.setsockopt(zmq.RCVHWM, 1)
+    deaf.setsockopt(zmq.RCVBUF, 4096)
+    deaf.setsockopt(zmq.LINGER, 0)
+    hop = f"ipc://{chain['d']}/deaf.sock"  # a local socket's buffers are small: they fill in a second
+    deaf.bind(hop)
+    ep_relay = f"tcp://127.0.0.1:{free_port()}"
+    relay = start_server(
+        ep_relay, chain["plans"], "--stage", "1", "--next", hop, "--next-grace", "30",
+        "--next-timeout", "0.2",
+    )  # fmt: skip
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    try:
+        _pong(ep_relay)
+        plan = chain["plan"]
+        sends = plan.stages[0].sends
+        names = [t.name for t in sends]
+        frames = [
+            bytes(
+                encode(
+                    np.zeros([int(d) if d.isdigit() else 1 for d in t.shape.split("x")], np.float32),
+                    "float32",
+                )
+            )
+            for t in sends
+        ]
+        client.connect(ep_relay)
+        # paced below the relay's own queue (256 waiting): its forwards time out after 0.2 s and leave
+        # it, while their bytes stay queued towards the deaf stage
+        codes: dict[str, int] = {}
+        texts = set()
+        sent, end = 0, time.monotonic() + 90
+        while not any("backed up" in t for t in texts) and sent < 20000 and time.monotonic() < end:
+            for _ in range(50):
+                sent += 1
+                client.send_multipart(
+                    wire.Message(wire.INFER, sent, plan.plan_id, names, frames=frames).to_frames()
+                )
+            while client.poll(100):
+                m = wire.parse(client.recv_multipart())
+                code = m.meta.get("code", m.type)
+                codes[code] = codes.get(code, 0) + 1
+                texts.add(m.meta.get("message", ""))
+        assert codes.get("busy", 0) > 0, (codes, texts)
+        assert any("the link to it is backed up (64 requests queued)" in t for t in texts), texts
+        assert not any("not connected" in t for t in texts), texts
+    finally:
+        client.close(0)
+        stop(relay)
+        deaf.close(0)
