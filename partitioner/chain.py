@@ -153,9 +153,10 @@ def solve(
     ``allowed[h, k]`` says whether hop h may use codec k."""
     d, m, c = len(costs.devices), len(costs.positions), len(costs.codecs)
     modes = modes or (ANY,) * d
-    if d == 1:  # one device: the whole model there
+    if d == 1:  # one device: the whole model there, if it fits the device's memory
         only = evaluate_chain(costs, (), ())
-        return only if only.bottleneck_ms < limit and modes[0] != EMPTY else None
+        fits_memory = bool(_memory_ok(costs)[0][0, m - 1])
+        return only if only.bottleneck_ms < limit and modes[0] != EMPTY and fits_memory else None
     allowed = np.ones((d - 1, c), bool) if allowed is None else np.asarray(allowed, bool)
     if any(downlink_ms(costs.reply_bytes, link) >= limit for link in costs.links):
         return None

@@ -237,6 +237,14 @@ class ChainJob(StrictConfig):
     def _codecs(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None if v is None else tuple(Codec.parse(c).name for c in v)
 
+    @field_validator("memory_mib")
+    @classmethod
+    def _memory(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: m for k, m in v.items() if not m > 0 or m == float("inf")}
+        if bad:
+            raise ValueError(f"a device's memory must be a positive number of MiB: {bad}")
+        return v
+
 
 @dataclass
 class ChainOutcome:

@@ -205,3 +205,17 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     assert capped.returncode == 0, capped.stderr
     out = json.loads(capped.stdout)
     assert all(b <= cap for p in [out["pick"], *out["front"]] for b in p["hop_bytes"])
+
+
+def test_the_whole_model_on_one_device_obeys_that_devices_memory():
+    """The baseline "all on the edge" is a one-device problem: a memory limit the whole model passes
+    rules it out there as it does in the chain's own search."""
+    from splitpoint.partitioner.chainplan import _sub
+
+    free = random_costs(9, 3, 3, 11)
+    whole = evaluate_chain(_sub(free, 0), (), ()).memory_bytes[0]
+    assert solve(_sub(free, 0), modes=(BUSY,)) is not None
+    tight = random_costs(9, 3, 3, 11, memory=(whole / 2, None, None))
+    assert solve(_sub(tight, 0), modes=(BUSY,)) is None
+    roomy = random_costs(9, 3, 3, 11, memory=(whole * 2, None, None))
+    assert solve(_sub(roomy, 0), modes=(BUSY,)) is not None
