@@ -980,6 +980,18 @@ def deploy(
                 "(splitpoint.edge.adaptive.AdaptiveClient); deploy its members to --server and --relay"
             )
         dirs = [plan_dir / m.dir for m in PlanSet.load(plan_dir, role="server")[0].members]
+    if not is_plan_set(plan_dir):  # a chain's middle stages need a device each: say which has none
+        from splitpoint.core.plan import Plan
+
+        stages = len(Plan.load(plan_dir).stages)
+        given = {role for _, role in relays}
+        missing = [i for i in range(1, stages - 1) if f"stage-{i}" not in given]
+        if missing and (server or relays):
+            err.print(
+                f"note: this plan has {stages} stages and no --relay here for stage(s) "
+                f"{', '.join(map(str, missing))}: requests fail at the stage before until a relay serves "
+                "it (deployed earlier, or started with --plans)"
+            )
     failed: list[str] = []
     for ep, role in targets:  # each device gets the files of its role only; one failing stops no other
         for d in dirs:

@@ -22,6 +22,13 @@ from splitpoint.core.runner import StageRunner, check_models_load, make_session
 log = logging.getLogger("splitpoint.server")
 
 
+def described(plan: Plan) -> str:
+    """A plan's shape in a log line: its kind, and over more than two devices the chain's length (a
+    chain whose edge forwards its inputs is, by the plan format, server-only)."""
+    n = len(plan.stages)
+    return plan.kind if n <= 2 else f"a chain of {n} stages, {plan.kind}"
+
+
 def shown(text: str) -> str:
     """A name from a plan (a pushed one is anyone's) as a log line may hold it: control and format
     characters (NUL, a right-to-left override) escaped, so the line reads as what was sent."""
@@ -77,7 +84,7 @@ class PlanRegistry:
         entry = self._entry(path, plan)
         with self._lock:
             self._entries[plan.plan_id] = entry
-        log.info("serving plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), plan.kind)
+        log.info("serving plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), described(plan))
         return plan
 
     def install(self, files: dict[str, bytes]) -> Plan:
@@ -97,7 +104,9 @@ class PlanRegistry:
         entry.path = path
         with self._lock:
             self._entries[plan.plan_id] = entry
-        log.info("installed pushed plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), plan.kind)
+        log.info(
+            "installed pushed plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), described(plan)
+        )
         return plan
 
     def get(self, plan_id: str) -> Entry | None:
