@@ -980,6 +980,13 @@ def deploy(
                 "(splitpoint.edge.adaptive.AdaptiveClient); deploy its members to --server and --relay"
             )
         dirs = [plan_dir / m.dir for m in PlanSet.load(plan_dir, role="server")[0].members]
+    from splitpoint.core.endpoints import check_endpoint
+
+    for ep, _ in targets:  # a malformed endpoint is the command's error, before any device is tried
+        try:
+            check_endpoint(ep)
+        except ValueError as exc:
+            raise SplitPointError(f"--server/--relay/--edge: {exc}") from exc
     if not is_plan_set(plan_dir):  # a chain's middle stages need a device each: say which has none
         from splitpoint.core.plan import Plan
 
