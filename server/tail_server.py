@@ -245,6 +245,9 @@ class TailServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving. Requests still in the pool finish but their replies are dropped (the
         socket is gone); the edge's deadline turns them into a fallback or an explicit error."""
+        # a deploy under way finishes (and its acknowledgement is sent) before the socket thread stops:
+        # stopped first, the server installed the plan and left the operator told it did not answer
+        self._deployer.shutdown(wait=True, cancel_futures=True)
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
@@ -332,7 +335,11 @@ class TailServer:
             if self._router_events is not None:
                 router.disable_monitor()
                 self._router_events.close(0)
-            router.close(0)
+            # replies made while stopping (a deploy's acknowledgement) go out: up to a second to send them
+            with contextlib.suppress(zmq.ZMQError):
+                for frames in wire.drain(replies):
+                    wire.send(router, frames, _NOBLOCK)
+            router.close(1000 if self.fatal is None else 0)
             replies.close(0)
             if self._next is not None:
                 self._next.disable_monitor()
@@ -444,7 +451,10 @@ class TailServer:
                 why = "this key is not on the server's deploy allow-list (--deploy-allow)"
                 self._send(router, ident, wire.error(msg.id, wire.E_UNAUTHORIZED, why))
                 return
-            self._deployer.submit(self._deploy, ident, msg)
+            try:
+                self._deployer.submit(self._deploy, ident, msg)
+            except RuntimeError:  # stopping: the deploy thread takes no more
+                self._send(router, ident, wire.error(msg.id, wire.E_BUSY, "the server is stopping"))
         elif msg.type == wire.INFER:
             self._admit(router, ident, msg, t_recv)
         elif msg.type in (wire.STEP, wire.CLOSE):

@@ -716,3 +716,26 @@ def test_deploy_to_several_targets_goes_on_past_one_that_fails(model, server):
     assert (
         f"{dead} (server): not deployed" in r.stderr and "1 of 2 deploys failed (1 acknowledged)" in r.stderr
     )
+
+
+def test_a_deploy_under_way_when_the_server_stops_is_finished_and_acknowledged(model, tmp_path):
+    """SIGTERM (stop) during a deploy: the plan is installed, and the operator hears so (before, the
+    socket thread had stopped first and the acknowledgement was dropped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    installing = threading.Event()
+    install = srv.registry.install
+
+    def slow_install(files):
+        installing.set()
+        time.sleep(0.5)  # stop() comes while the plan is being written and loaded
+        return install(files)
+
+    srv.registry.install = slow_install  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as pool:
+        acked = pool.submit(deploy, model["plans"] / "p-int8", srv.endpoint, 30, "server")
+        assert installing.wait(30)
+        srv.stop()
+        plan_id = json.loads((model["plans"] / "p-int8" / "plan.json").read_text())["plan_id"]
+        assert acked.result(30) == plan_id
