@@ -114,9 +114,30 @@ class ExportedDecoder:
             )
         self.layers, self.heads, self.head_dim, self.n_ctx = lay.layers, lay.kv_heads, lay.head_dim, n_ctx
         self.ids_dtype = self.idx.tensor(lay.main_input).dtype
+        if lay.max_len is None:
+            self._check_last_position(n_ctx)
         self.hidden_dtype = self.idx.tensor(lay.boundaries[0]).dtype
         self.logits, self.logits_dtype = lay.logits, self.idx.tensor(lay.logits).dtype
         self.d_model, self.vocab = self._widths()
+
+    def _check_last_position(self, n_ctx: int) -> None:
+        """Where the model computes its positions itself (no position table it indexes with position_ids
+        shows its length), run it once at the last position --max-len allows: a table shorter than that
+        then fails here, at planning, not in the middle of a generation."""
+        from .kvcache import DecoderSegment
+
+        seg = DecoderSegment(self._model, 1)
+        past = {
+            k: np.zeros((*v.shape[:2], n_ctx - 1, v.shape[3]), v.dtype) for k, v in seg.empty_past().items()
+        }
+        try:
+            seg.step(np.zeros((1, 1), self.ids_dtype), past)
+        except Exception as exc:  # onnxruntime's own type: an index past a table, most often
+            text = " ".join(str(exc).split())[:300]
+            raise PlanError(
+                f"--max-len {n_ctx}: the model fails at position {n_ctx - 1} ({text}); "
+                "give a smaller --max-len"
+            ) from exc
 
     def _widths(self) -> tuple[int, int]:
         """The hidden state's and the logits' last dimension: declared, or seen in one run of the model."""

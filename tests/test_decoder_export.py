@@ -153,6 +153,10 @@ def test_what_cannot_be_split_is_refused_with_the_reason_and_nothing_written(tmp
     with pytest.raises(PlanError, match="give --max-len"):
         ExportedDecoder(_strip_position_table(tmp_path))
     assert not out.exists()
+    # a length past the table the model reads (hidden behind a computed tensor) fails its trial run at
+    # planning, where it would have failed a generation at position 128
+    with pytest.raises(PlanError, match=r"--max-len 500: the model fails at position 499 \(.*out of"):
+        ExportedDecoder(_strip_position_table(tmp_path), 500)
     # given, it splits
     plan = write_decoder_plan(ExportedDecoder(_strip_position_table(tmp_path), 100), out, edge_layers=2)
     assert plan.decoder is not None and plan.decoder.max_len == 100
