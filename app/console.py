@@ -7,6 +7,7 @@ config, call one library function, print one of these.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -290,6 +291,16 @@ def status_table(fleet: dict[str, dict]) -> Table:
     return table(None, ["device", "role", "state", "plan", "server / endpoint", "fallback"], rows, 5)
 
 
+def heard_s_ago(kinds: dict, now: float | None = None) -> float | None:
+    """Seconds since the device's latest metrics or latency message was sent (its own clock): figures
+    that stop moving while the broker or the device is down would otherwise look current."""
+    stamps = [
+        p["ts"] for p in (kinds.get("metrics"), kinds.get("latency")) if isinstance(p, dict) and "ts" in p
+    ]
+    stamps = [t for t in stamps if isinstance(t, int | float)]
+    return max(0.0, (time.time() if now is None else now) - max(stamps)) if stamps else None
+
+
 def watch_table(latest: dict[str, dict]) -> Table:
     rows = []
     for dev, k in sorted(latest.items()):
@@ -297,6 +308,7 @@ def watch_table(latest: dict[str, dict]) -> Table:
         rows.append(
             [
                 dev,
+                fmt(heard_s_ago(k)),
                 str(st.get("role", me.get("role", "?"))),
                 device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
                 str(st.get("member", "-")),
@@ -317,9 +329,9 @@ def watch_table(latest: dict[str, dict]) -> Table:
         )
     # counts since the device started; the link estimates and the latencies (the last request's) are
     # the device's own: measured on its clock, the estimates derived from its requests
-    cols = ["device", "role", "state", "plan-set member", "requests", "fallbacks", "errors"]
+    cols = ["device", "heard s ago", "role", "state", "plan-set member", "requests", "fallbacks", "errors"]
     cols += ["uplink est Mbit/s", "RTT est ms", "e2e ms", "head ms"]
-    return table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 4)
+    return table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 5)
 
 
 def show_chain(r: Any, out: Path | None) -> None:

@@ -128,3 +128,15 @@ def test_plan_table_marks_misses_and_folds_alike_candidates():
     assert "✗" not in _render(front_table("front", f, p)) and "constraints" not in _render(
         front_table("front", f, p)
     )
+
+
+def test_the_fleet_view_says_how_long_ago_each_device_was_heard_from():
+    """Figures that stop moving while the broker or a device is down must not look current."""
+    from splitpoint.app.console import heard_s_ago, watch_table
+
+    device = {"metrics": {"ts": 1000.0, "cpu_percent": 5.0}, "latency": {"ts": 1003.5, "total_ms": 40.0}}
+    assert heard_s_ago(device, now=1010.0) == pytest.approx(6.5)
+    assert heard_s_ago({"status": {"state": "online"}}, now=1010.0) is None  # nothing measured yet
+    t = watch_table({"pi": {**device, "status": {"state": "online", "role": "edge"}}})
+    assert [c.header for c in t.columns][:2] == ["device", "heard s ago"]
+    assert len(list(t.columns[1].cells)) == 1
