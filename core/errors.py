@@ -4,6 +4,13 @@ specific message and exit non-zero instead of a traceback."""
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (or its type where it has none): what a one-line
+    error quotes of another library's report."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class SplitPointError(Exception):
     """Base for errors caused by input (files, arguments, frames), not by bugs."""
 

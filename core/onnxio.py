@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .weights import nbytes, serialized_with_weights, stubbed_bytes, weights_as_inputs, with_weights
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
@@ -71,11 +71,8 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
 
         if any(uses_external_data(t) for t in model.graph.initializer):
             load_external_data_for_model(model, str(p.parent))
-    except (
-        OSError,
-        ValueError,
-        onnx.checker.ValidationError,
-    ) as exc:  # missing, or outside the model's folder
+    # missing (OSError, or the checker's error), or outside the model's folder (the checker's)
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     if check:
         check_model(model, where=str(p))
@@ -95,8 +92,7 @@ def check_model(
             return  # the in-memory checker cannot take >2 GiB protos; checked on the saved file instead
         onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{where} fails the ONNX checker: {first}") from exc
+        raise ModelError(f"{where} fails the ONNX checker: {first_line(exc)}") from exc
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from .config import explain_fields
 from .errors import PlanError
 from .graph.cuts import Cut
 from .graph.extract import extract_segments, verify_segments
@@ -52,8 +53,9 @@ def _spec(name: str, shape: str, dtype: str, bytes_per_sample: int | None, side:
         )
     except ValidationError as exc:
         shown = name if len(name) <= 60 else f"{name[:40]}…({len(name)} characters)"
-        why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PlanError(f"tensor {shown!r} cannot go into a plan ({why}); rename it in the model") from exc
+        raise PlanError(
+            f"tensor {shown!r} cannot go into a plan ({explain_fields(exc)}); rename it in the model"
+        ) from exc
 
 
 def _tensor(idx: GraphIndex, name: str, side: str) -> TensorSpec:

@@ -122,7 +122,7 @@ class Telemetry:
         c.max_queued_messages_set(max_queued)
         c.will_set(
             topic(device_id, "status"),
-            json.dumps({"state": "offline", "role": role, "instance": self.instance}),
+            json.dumps(self._envelope(state="offline")),
             qos=1,
             retain=True,
         )
@@ -148,19 +148,15 @@ class Telemetry:
         if self._status:
             self.status(*self._status)  # re-assert the retained status after a reconnect
 
+    def _envelope(self, **fields: object) -> dict:
+        """What every message from this device carries: who sent it (device, role, the process) and
+        ``fields``."""
+        return {"device": self.device_id, "role": self.role, "instance": self.instance, **fields}
+
     def _publish(self, kind: str, payload: dict, qos: int = 0, retain: bool = False) -> bool:
         import paho.mqtt.client as mqtt
 
-        body = json.dumps(
-            {
-                "device": self.device_id,
-                "role": self.role,
-                "instance": self.instance,
-                "ts": time.time(),
-                **payload,
-            },
-            default=_jsonable,
-        )
+        body = json.dumps(self._envelope(ts=time.time(), **payload), default=_jsonable)
         try:
             info = self._client.publish(topic(self.device_id, kind), body, qos=qos, retain=retain)
         except (ValueError, RuntimeError, OSError):
@@ -209,15 +205,7 @@ class Telemetry:
             if self.connected.is_set():
                 info = self._client.publish(
                     topic(self.device_id, "status"),
-                    json.dumps(
-                        {
-                            "device": self.device_id,
-                            "role": self.role,
-                            "instance": self.instance,
-                            "state": "offline",
-                            "ts": time.time(),
-                        }
-                    ),
+                    json.dumps(self._envelope(state="offline", ts=time.time())),
                     qos=1,
                     retain=True,
                 )

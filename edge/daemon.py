@@ -26,7 +26,8 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
-from splitpoint.core.plan import Plan, install_pushed
+from splitpoint.core.files import atomic_write_text
+from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed
 from splitpoint.core.runner import check_models_load
 from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
@@ -59,7 +60,7 @@ def deployed_plan(plan_dir: Path, plans_dir: Path) -> Path:
     except (OSError, ValueError, KeyError, TypeError):
         return plan_dir
     target = plans_dir / name
-    if replaces != str(plan_dir.resolve()) or Path(name).name != name or not (target / "plan.json").is_file():
+    if replaces != str(plan_dir.resolve()) or Path(name).name != name or not (target / PLAN_FILE).is_file():
         return plan_dir
     log.info("running %s, the plan last deployed here in place of %s (%s)", target, plan_dir, DEPLOYED)
     return target
@@ -149,17 +150,18 @@ class EdgeDaemon:
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        if self.config.listen and ipc_in_use(self.config.listen):
-            sock.close(0)
-            raise SplitPointError(
-                f"cannot listen on {self.config.listen}: another process listens there; "
-                "choose another --listen"
-            )
         try:
+            if self.config.listen and ipc_in_use(self.config.listen):  # libzmq would bind over it
+                raise zmq.ZMQError(zmq.EADDRINUSE)
             sock.bind(self.config.listen)
         except zmq.ZMQError as exc:
             sock.close(0)
-            raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}") from exc
+            hint = (
+                "; another process listens there; choose another --listen"
+                if exc.errno == zmq.EADDRINUSE
+                else ""
+            )
+            raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}{hint}") from exc
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         pending: list[tuple[Any, int, Future]] = []
         self._backlog.clear()
@@ -306,12 +308,10 @@ class EdgeDaemon:
         return plan
 
     def _record_deployed(self, target: Path) -> None:
-        """Remember the plan now running for the next start (written to a temporary name, then renamed)."""
+        """Remember the plan now running for the next start."""
         record = {"replaces": str(self.started_with), "plan": target.name}
-        tmp = self.plans_dir / f".{DEPLOYED}.tmp"
         try:
-            tmp.write_text(json.dumps(record))
-            tmp.replace(self.plans_dir / DEPLOYED)
+            atomic_write_text(self.plans_dir / DEPLOYED, json.dumps(record))
         except OSError as exc:  # the switch stands; only a restart would not know of it
             log.warning("could not record the deployed plan in %s: %s", self.plans_dir / DEPLOYED, exc)
 

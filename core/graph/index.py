@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from splitpoint.core.codecs import CARRIED_DTYPES
-from splitpoint.core.errors import ModelError
+from splitpoint.core.errors import ModelError, first_line
 from splitpoint.core.weights import stub, with_stubs
 
 
@@ -303,9 +303,7 @@ class GraphIndex:
                 for b, seed in ((1, 0), (2 if free_batch else 1, 1))
             ]
         except Exception as exc:  # best effort: callers report the tensor that stays unknown, and why
-            self.trial_error = (
-                str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-            )
+            self.trial_error = first_line(exc)[:400]
             return
         first = self.info.get(self.inputs[0]) if self.inputs else None
         batch = first.dims[0] if first and first.dims and isinstance(first.dims[0], str) else "N"
