@@ -1166,6 +1166,7 @@ def bench(
 
 def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) -> None:
     """`bench --trace`: plan sets (adaptive, bits-only) and their fixed members on a changing link."""
+    from .bench.report import verdict
     from .bench.trace import TraceBenchConfig, run_trace_bench, trace_command
     from .bench.tracereport import write_trace_report
 
@@ -1182,7 +1183,7 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) ->
         results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
     for name, m in results["models"].items():
         for t in m["targets"]:
-            console.print(f"{name}: {t['target']}: {t['shown']} ({'met' if t['met'] else 'MISSED'})")
+            console.print(f"{name}: {t['target']}: {t['shown']} ({verdict(t['met'], 'not applicable')})")
     console.print(f"report: {out / 'report.md'}")
 
 
@@ -1190,6 +1191,7 @@ def _bench_chain(models, chain, networks, link, out, seconds, window, min_fideli
     """`bench --chain`: each --networks is one mix, a network profile per hop."""
     from .bench.chainbench import ChainBenchConfig, chain_command, run_chain_bench
     from .bench.chainreport import write_report
+    from .bench.report import verdict
 
     cfg = ChainBenchConfig.of(
         **({"models": models.split(",")} if models is not None else {}),
@@ -1205,7 +1207,7 @@ def _bench_chain(models, chain, networks, link, out, seconds, window, min_fideli
     with progress("bench --chain", transient=False) as note:
         results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
     for t in results["targets"]:
-        console.print(f"{t['target']}: {t['shown']} ({'met' if t['met'] else 'MISSED'})")
+        console.print(f"{t['target']}: {t['shown']} ({verdict(t['met'])})")
     console.print(f"report: {out / 'report.md'}")
 
 

@@ -161,3 +161,38 @@ def _trace_file(tmp_path):
     f = tmp_path / "t.yaml"
     f.write_text("phases:\n  - {network: lte, seconds: 4}\n")
     return f
+
+
+def test_a_set_of_one_plan_is_not_judged_against_bits_only(tmp_path):
+    """A model whose set holds only edge-only (fastest on every network) runs one plan under both
+    policies: which run came out faster is the machine's spread, so that target is not applicable,
+    while a real difference between two sets is still judged."""
+    from splitpoint.app.bench.report import verdict
+    from splitpoint.app.bench.trace import Phase, _judge, _phases
+
+    phases = [Phase(network=n, seconds=4) for n in ("lte", "wifi-n")]
+    fixed = {"edge-only": {"median_ms": 100.0, "served_ips": 5.0}}
+
+    def judged(bits_members: list[str], bits_ms: float) -> dict:
+        adaptive, bits = _run([0] * 40, []), _run([0] * 40, [])
+        for r in bits["rows"]:
+            r["ms"] = bits_ms
+        for run in (adaptive, bits):
+            run["phases"] = _phases(run, phases, 5)
+        out = {
+            "members": [{"label": "edge-only"}],
+            "bits_only_members": [{"label": x} for x in bits_members],
+            "expected": {"lte": 0, "wifi-n": 0},
+            "fixed": {"lte": fixed, "wifi-n": fixed},
+            "adaptive": adaptive,
+            "bits_only": bits,
+        }
+        _judge(out, phases, TraceBenchConfig(trace=_trace_file(tmp_path), rate=5))
+        return {t["target"]: t for t in out["targets"]}
+
+    same = judged(["edge-only"], 95.0)["adaptive median below bits-only"]
+    assert same["met"] is None and "same policy" in same["shown"]
+    other = judged(["cut 3 int8"], 95.0)["adaptive median below bits-only"]
+    assert other["met"] is False
+    assert judged(["cut 3 int8"], 105.0)["adaptive median below bits-only"]["met"] is True
+    assert verdict(same["met"], "not applicable") == "not applicable"

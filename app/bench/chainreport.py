@@ -10,7 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
-from .report import _f
+from .report import _f, verdict
 
 TARGETS = {"pipelined_ratio": 0.90, "throughput_error": 0.10, "latency_error": 0.10, "regret": 1.05}
 REGRET_SHARE = 0.90
@@ -206,10 +206,6 @@ def targets(results: dict) -> list[dict]:
     ]
 
 
-def _verdict(met) -> str:
-    return "not measured" if met is None else "**met**" if met else "**MISSED**"
-
-
 def markdown(results: dict, command: str) -> str:
     devs = results["devices"]
     chain = " → ".join(
@@ -232,7 +228,7 @@ def markdown(results: dict, command: str) -> str:
         "| target | value | verdict |",
         "|---|---|---|",
     ]
-    lines += [f"| {t['target']} | {t['shown']} | {_verdict(t['met'])} |" for t in results["targets"]]
+    lines += [f"| {t['target']} | {t['shown']} | {_bold(verdict(t['met']))} |" for t in results["targets"]]
     lines += ["", "## Where three stages beat two and one (measured throughput)", ""]
     lines += [
         "| model | networks | best on 3 devices | best on 2 | best on 1 | 3 vs next best | pick | regret |",
@@ -462,3 +458,7 @@ def write_report(results: dict, out: Path, command: str) -> dict:
     (out / "report.md.tmp").write_text(md)
     (out / "report.md.tmp").replace(out / "report.md")
     return results
+
+
+def _bold(v: str) -> str:
+    return f"**{v}**" if v in ("met", "MISSED") else v

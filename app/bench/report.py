@@ -150,8 +150,9 @@ def load_runtime(path: Path | None, out: Path | None = None) -> dict | None:
     }
 
 
-def _verdict(ok: bool | None) -> str:
-    return "not measured" if ok is None else "met" if ok else "MISSED"
+def verdict(met: bool | None, none: str = "not measured") -> str:
+    """A target's verdict in words; ``none``: what a target that could not be judged is."""
+    return none if met is None else "met" if met else "MISSED"
 
 
 def targets(results: dict, runtime: dict | None = None) -> list[dict]:
@@ -233,7 +234,7 @@ def _target_lines(ts: list[dict]) -> list[str]:
     return [
         "| target | measured | verdict |",
         "|---|---|---|",
-        *(f"| {t['target']} | {t['measured']} | **{_verdict(t['ok'])}** |" for t in ts),
+        *(f"| {t['target']} | {t['measured']} | **{verdict(t['ok'])}** |" for t in ts),
         "",
         f"**{_tally(ts)}.**",
     ]

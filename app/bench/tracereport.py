@@ -7,6 +7,8 @@ from pathlib import Path
 
 from splitpoint.partitioner.planset import RATE_HEADROOM
 
+from .report import verdict
+
 
 def write_trace_report(results: dict, out: Path, command: str) -> dict:
     """Each file written to a temporary name first, then renamed: nothing half-written is left."""
@@ -128,9 +130,9 @@ def markdown(results: dict, command: str) -> str:
             "|---:|---|---:|---:|---|---:|---|---:|---:|---|---|",
         ]
         for j, r in enumerate(a["phases"]):
-            verdict = "yes" if r["within_10pct"] else "**no**"
+            within = "yes" if r["within_10pct"] else "**no**"
             if r.get("overloaded"):
-                verdict += " (no member keeps up)"
+                within += " (no member keeps up)"
             used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
             up, rtt = r.get("uplink_mbps_estimated"), r.get("rtt_ms_estimated")
             seen = "–" if up is None else f"{up:.3g}" + ("" if rtt is None else f", {rtt:.0f}")
@@ -141,7 +143,7 @@ def markdown(results: dict, command: str) -> str:
                 f"{_ms(r['median_ms'])}, {pct(r.get('answered'))} | "
                 f"{_ms(r['best_fixed_median_ms'])} ({best}) | "
                 f"{_ms(r['bits_only_median_ms'])}, {pct(b.get('answered'))} | {r['switches']} | {used} | "
-                f"{verdict} |"
+                f"{within} |"
             )
         lines += [
             "",
@@ -171,7 +173,8 @@ def markdown(results: dict, command: str) -> str:
             lines.append("")
         lines += ["| target | measured | verdict |", "|---|---|---|"]
         lines += [
-            f"| {t['target']} | {t['shown']} | **{'met' if t['met'] else 'MISSED'}** |" for t in m["targets"]
+            f"| {t['target']} | {t['shown']} | **{verdict(t['met'], 'not applicable')}** |"
+            for t in m["targets"]
         ]
         lines.append("")
         if f"trace-{name}.png" in results["plots"]:
