@@ -495,11 +495,13 @@ def profile(
         em = f", emulated: {prof.emulation.mechanism} {prof.emulation.cpus:g} CPUs" if prof.emulation else ""
         console.print(
             f"{prof.model_name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median (p90 "
-            f"{prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} segments measured, "
-            f"{len(prof.cuts)} "
-            f"cuts; took {prof.cost['wall_s']:.1f} s = {prof.cost['wall_inference_equivalents']:.0f}x one "
+            f"{prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} of {len(prof.cuts)} cuts "
+            f"measured (the rest derived); took {prof.cost['wall_s']:.1f} s = "
+            f"{prof.cost['wall_inference_equivalents']:.0f}x one "
             f"inference (wall clock, session builds included) → {path}"
         )
+        if not prof.cost.get("derived_curve", "per-node").startswith("per-node"):
+            console.print(f"[yellow]derived cuts follow {prof.cost['derived_curve']}[/yellow]")
         if prof.runtime_ms:
             console.print(
                 f"runtime's own time per request (measured): {prof.runtime_ms['edge']:.2f} ms as an edge, "

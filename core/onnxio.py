@@ -74,9 +74,55 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     # missing (OSError, or the checker's error), or outside the model's folder (the checker's)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
+    sort_nodes(model.graph)
     if check:
         check_model(model, where=str(p))
     return model
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put a graph's nodes in an order where each comes after what it reads, keeping the given order
+    wherever it is one already. The ONNX standard asks for that order and the checker refuses a graph
+    without it, but onnxruntime runs such graphs and hand-edited or merged models arrive so. A graph
+    that no order fixes (a cycle, a tensor nobody produces) is left for the checker to name."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    needs = [set(n.input) | _outer_names(n) for n in graph.node]
+    done = set(known)
+    for i, n in enumerate(graph.node):
+        if not needs[i] <= done:
+            break
+        done.update(n.output)
+    else:
+        return  # in order already: left exactly as it is
+    # the first node whose input is not ready yet is taken when it is: each pass takes, in the given
+    # order, every node whose inputs are made, so an ordered stretch keeps its order
+    done, order, pending = set(known), [], list(range(len(graph.node)))
+    while pending:
+        taken = []
+        for i in pending:
+            if needs[i] <= done:
+                done.update(graph.node[i].output)
+                taken.append(i)
+        if not taken:
+            return  # a cycle or a missing producer: the checker's to report
+        order += taken
+        gone = set(taken)
+        pending = [i for i in pending if i not in gone]
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Tensors a node's subgraphs read from the scope around them."""
+    out: set[str] = set()
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            inner = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                out |= (set(n.input) | _outer_names(n)) - inner
+                inner |= set(n.output)
+    return out - {""}
 
 
 def check_model(

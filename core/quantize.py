@@ -58,6 +58,7 @@ def quantize_head(
 
     if mode not in MODES:
         raise SplitPointError(f"unknown head quantisation mode {mode!r}; choose {', '.join(MODES)}")
+    refuse_quantized(head, mode)
     inputs = {i.name for i in head.graph.input}
     samples = [{k: v for k, v in s.items() if k in inputs} for s in calibration]
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -84,6 +85,41 @@ def quantize_head(
                 weight_type=QuantType.QInt8,
             )
         return onnx.load(str(dst))
+
+
+QUANTIZED_OPS = frozenset(
+    (
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "MatMulNBits",
+        "DynamicQuantizeMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+    )
+)
+
+
+def already_quantized(model: onnx.ModelProto) -> str | None:
+    """The quantised operators a model holds, in words (None: none): onnxruntime's quantisers
+    assume a float model and fail deep inside on one that is not (a KeyError for a scale, an
+    "expected an initializer", or a copy with duplicate node names that onnxruntime refuses)."""
+    ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    return ", ".join(ops) if ops else None
+
+
+def refuse_quantized(model: onnx.ModelProto, mode: str) -> None:
+    done = already_quantized(model)
+    if done:
+        raise SplitPointError(
+            f"the model is already quantised ({done}): its weights are integers already, and "
+            f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (no --int8, "
+            "--quantize-head-weights none)"
+        )
 
 
 def quantize_matmul_weights(model: onnx.ModelProto, bits: int = 4, block_size: int = 32) -> onnx.ModelProto:

@@ -8,9 +8,11 @@ that heads the fused chain, so we walk back from the named tensor's producer to 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
+from splitpoint.core.graph.flops import node_macs
 from splitpoint.core.graph.index import GraphIndex
 
 HEAVY = {
@@ -43,16 +45,47 @@ def _walk_to_heavy(idx: GraphIndex, pos: int, limit: int = 8) -> int:
     return pos
 
 
+# onnxruntime's renames: a float16 model's kernels run in float32 behind inserted casts
+# (``InsertedPrecisionFreeCast_<tensor>_nchwc``), a fused QDQ group is named ``<node>_token_<n>``
+PREFIXES = ("InsertedPrecisionFreeCast_",)
+_TOKEN = re.compile(r"_token_\d+$")
+
+
 def _map(idx: GraphIndex, ort_name: str, by_name: dict[str, int]) -> int | None:
     if ort_name in by_name:
         return by_name[ort_name]
-    base = ort_name
+    base = _TOKEN.sub("", ort_name)
     for s in SUFFIXES:
         if base.endswith(s):
             base = base[: -len(s)]
+    for s in PREFIXES:
+        if base.startswith(s):
+            base = base[len(s) :]
     if base in by_name:
         return by_name[base]
     return idx.producer.get(base)
+
+
+def cost_curve(
+    idx: GraphIndex, per_node: dict[int, float], unattributed_ms: float, min_attributed: float = 0.5
+) -> tuple[list[float], str]:
+    """Each compute node's share of the model's time, in compute order, and where it comes from.
+
+    onnxruntime's kernel times where they account for most of a run; else (kernels named after
+    nothing in the graph: a future fusion's naming) the nodes' multiply-accumulates, which rank a
+    network's layers as their kernels would. A curve of zeros would put every derived cut's head at
+    0 ms and let the planner ship a head that holds the whole model."""
+    attributed = sum(per_node.get(p, 0.0) for p in idx.compute)
+    if attributed > 0 and attributed >= min_attributed * (attributed + unattributed_ms):
+        return [per_node.get(p, 0.0) for p in idx.compute], "per-node kernel times"
+    share = attributed / (attributed + unattributed_ms) if attributed + unattributed_ms > 0 else 0.0
+    why = f"onnxruntime's kernel times could not be attributed to the model's nodes ({share:.0%} were)"
+    macs = [float(node_macs(idx, p)) for p in idx.compute]
+    if sum(macs) > 0:
+        # every node costs a little beyond its MACs (a launch, a pass over its output)
+        floor = 1e-3 * sum(macs) / len(macs)
+        return [m + floor for m in macs], f"multiply-accumulates: {why}"
+    return [1.0] * len(idx.compute), f"one unit per node: {why}, and the model counts no MACs"
 
 
 def node_times(

@@ -38,7 +38,7 @@ from splitpoint.core.weights import is_stub
 from .codeccache import cached_codec_speeds
 from .cpulimit import sample_span_ms
 from .facts import device_facts, temperature_c, throttled
-from .ort_trace import node_times
+from .ort_trace import cost_curve, node_times
 from .schema import CodecSpeed, CutTiming, Emulation, MeasuredProfile, NodeTime, Stat
 
 
@@ -187,6 +187,10 @@ def profile_model(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> MeasuredProfile:
     t_start = time.perf_counter()
+    if settings.int8:  # refused before any of the profile's time is spent, not at its end
+        from splitpoint.core.quantize import refuse_quantized
+
+        refuse_quantized(handle.model, "static")
     note = progress or (lambda *_: None)
     temp_before, throttle_before = temperature_c(), throttled()
     idx = handle.index
@@ -238,7 +242,8 @@ def profile_model(
     note("whole model", 0, 1)
     with running():  # warm already: the profiled runs were its warm-up
         samples = time_runs(run_whole, 0, settings.repeats, min_ms)
-    cum: list[float] = list(np.cumsum([per_node.get(p, 0.0) for p in idx.compute]))
+    curve, curve_source = cost_curve(idx, per_node, unattributed)
+    cum: list[float] = list(np.cumsum(curve))
     total = cum[-1] if cum and cum[-1] > 0 else 1.0
 
     # 3: real head and tail sub-models at anchor cuts, farthest-first, until the budget is spent
@@ -405,6 +410,8 @@ def profile_model(
             "profiled_run_ms": statistics.median(profiled_runs) if profiled_runs else None,
             "split_overhead_ratio": overhead,
             "split_overhead_ratios": {str(k): measured[k]["ratio"] for k in anchors},
+            # what a derived cut's head share is interpolated along, between measured cuts
+            "derived_curve": curve_source,
         },
         thermal={
             "before_c": temp_before,

@@ -483,3 +483,158 @@ def test_a_value_for_a_model_input_with_a_default_is_refused_by_name_not_dropped
     np.savez(tmp_path / "s.npz", x=x, scale=np.array([5.0], np.float32))
     with pytest.raises(SplitPointError, match=r"s.npz holds 'scale', which feeds no input \(the inputs: x"):
         read_npz(tmp_path / "s.npz", {"x": 2})
+
+
+def _convnet(dtype=np.float32, elem=TensorProto.FLOAT, layers=3) -> onnx.ModelProto:
+    """Conv+Relu layers, then a pooled MatMul: enough work per layer for onnxruntime's profiler to time."""
+    rng = np.random.default_rng(0)
+    inits, nodes, prev, cin = [], [], "x", 3
+    for i, co in enumerate([16, 32, 32][:layers]):
+        w = (rng.standard_normal((co, cin, 3, 3)) * (2 / (9 * cin)) ** 0.5).astype(dtype)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes += [
+            helper.make_node("Conv", [prev, f"W{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        prev, cin = f"r{i}", co
+    inits.append(numpy_helper.from_array((rng.standard_normal((cin, 10)) * 0.1).astype(dtype), "Wf"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "Wf"], ["y"], name="fc"),
+    ]
+    m = _tiny(nodes, [_vi("x", ["N", 3, 32, 32], elem)], [_vi("y", ["N", 10], elem)], inits, "convnet")
+    return m
+
+
+def _quantized(tmp_path, fmt: str) -> str:
+    """The float convnet through onnxruntime's static quantiser (QDQ or QOperator format)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    src = _save(_convnet(), tmp_path / "f32.onnx")
+    rng = np.random.default_rng(1)
+    samples = iter([{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(samples, None)
+
+    out = str(tmp_path / f"{fmt}.onnx")
+    quantize_static(src, out, Reader(), quant_format=getattr(QuantFormat, fmt))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_an_already_quantised_model_counts_its_work_and_weights_and_is_not_quantised_again(tmp_path, fmt):
+    """Its convolutions and integer weights count as a float model's do (not 0 % of the work at every
+    cut), and asking to quantise it again is one line naming why, before any time is spent."""
+    from splitpoint.core.graph.flops import count_macs, count_params
+
+    path = _quantized(tmp_path, fmt)
+    h = open_model(path)
+    float_model = open_model(_save(_convnet(), tmp_path / "ref.onnx"))
+    # all but what follows a contrib op shape inference cannot type (QLinearGlobalAveragePool's MatMul)
+    assert count_macs(h.index) == pytest.approx(count_macs(float_model.index), rel=1e-3)
+    last = h.cuts()[-1]
+    assert last.head_macs_share == pytest.approx(1.0) and last.head_params_share > 0.99
+    assert 0 < h.cuts()[len(h.cuts()) // 2].head_macs_share < 1
+    assert count_params(h.index) >= count_params(float_model.index) - 100  # biases may fold into int32
+    for args in (
+        ("profile", path, "--role", "edge", "--int8", "-o", str(tmp_path / "p.json")),
+        ("fidelity", path, "--cut", "2", "--quantize-head-weights", "dynamic", "--random", "2"),
+    ):
+        r = run_cli(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert "already quantised" in r.stderr and "QuantizeLinear" in r.stderr + r.stdout
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_an_lstm_counts_its_gates_over_every_step(tmp_path):
+    from splitpoint.core.graph.flops import count_macs
+
+    seq, inp, hidden = 5, 8, 16
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, inp)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R")
+    m = _tiny(
+        [
+            helper.make_node("LSTM", ["x", "W", "R"], ["y", "yh"], hidden_size=hidden),
+            helper.make_node("Neg", ["yh"], ["z"]),
+        ],
+        [_vi("x", [seq, 1, inp])],
+        [_vi("z", [1, 1, hidden])],
+        [w, r],
+    )
+    h = open_model(_save(m, tmp_path / "lstm.onnx"))
+    assert count_macs(h.index) == seq * 4 * hidden * (inp + hidden)
+
+
+def test_a_float16_model_is_profiled_node_by_node(tmp_path):
+    """onnxruntime runs a float16 Conv as a float32 kernel behind inserted casts, named after the
+    tensor (``InsertedPrecisionFreeCast_<tensor>_nchwc``): those times belong to the convolutions, or
+    every derived cut's head reads 0 ms and the planner ships the whole model as a free head."""
+    from splitpoint.profiles.ort_trace import cost_curve, node_times
+
+    path = _save(_convnet(np.float16, TensorProto.FLOAT16), tmp_path / "f16.onnx")
+    h = open_model(path)
+    sess = make_session(path, 1, enable_profiling=True)
+    feeds = sample_feeds(h.model, 1)
+    for _ in range(4):
+        sess.run(None, feeds)
+    trace = sess.end_profiling()
+    per_node, unattributed, _ = node_times(trace, h.index, skip_runs=1)
+    convs = [p for p in h.index.compute if h.index.nodes[p].op_type == "Conv"]
+    assert all(per_node.get(p, 0) > 0 for p in convs)
+    assert sum(per_node.values()) > unattributed
+    curve, source = cost_curve(h.index, per_node, unattributed)
+    assert source == "per-node kernel times" and len(curve) == len(h.index.compute)
+    # kernels named after nothing in the graph: the curve follows the MACs, never all zeros
+    curve, source = cost_curve(h.index, {}, 10.0)
+    assert source.startswith("multiply-accumulates") and "0% were" in source
+    assert curve[h.index.compute.index(convs[-1])] > 100 * curve[h.index.compute.index(convs[-1]) + 1]
+
+
+def test_an_operator_onnxruntime_has_no_kernel_for_is_named_at_load(tmp_path):
+    """A custom domain's operator (with its output typed, as an exporter that knows it writes): the
+    listing and the split refuse it by name, not with the checker's complaint about a cut tensor."""
+    from splitpoint.core.errors import ModelError
+
+    m = _tiny(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("MyOp", ["r"], ["m"], domain="com.acme"),
+            helper.make_node("Neg", ["m"], ["y"]),
+        ],
+        [_vi("x", ["N", 4])],
+        [_vi("y", ["N", 4])],
+        domains=("com.acme",),
+    )
+    m.graph.value_info.append(_vi("m", ["N", 4]))
+    path = tmp_path / "custom.onnx"
+    onnx.save(m, path)
+    with pytest.raises(ModelError, match="com.acme:MyOp is an operator onnxruntime has no kernel for"):
+        open_model(path)
+    for args in (("cuts", str(path)), ("split", str(path), "--cut", "1", "-o", str(tmp_path / "out"))):
+        r = run_cli(*args)
+        assert r.returncode != 0 and "com.acme:MyOp" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_graph_out_of_order_is_put_in_order_and_splits_exactly(tmp_path):
+    """The checker refuses nodes out of dependency order; onnxruntime runs them, and so must we."""
+    from splitpoint.core.graph.extract import extract
+
+    m = _convnet()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([nodes[2], nodes[0], *reversed(nodes[3:]), nodes[1]])
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(m, path)
+    h = open_model(path)
+    feeds = sample_feeds(h.model, 1)
+    whole = make_session(_save(_convnet(), tmp_path / "sorted.onnx")).run(None, feeds)[0]
+    cuts = h.cuts()
+    assert len(cuts) == len(nodes) - 1
+    for cut in cuts[::2]:
+        head, tail = extract(h.index, cut)
+        np.testing.assert_allclose(run_split(head, tail, cut, feeds)["y"], whole, rtol=1e-5, atol=1e-6)

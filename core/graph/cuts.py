@@ -10,6 +10,7 @@ tensors, and any other tensor the tail would still need from the head is an erro
 from __future__ import annotations
 
 import difflib
+import itertools
 from dataclasses import asdict, dataclass, field
 
 from splitpoint.core.codecs import CARRIED_DTYPES
@@ -106,7 +107,6 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
     for o in idx.outputs:
         outputs_by_rank.setdefault(produced_rank.get(o, m), []).append(o)
 
-    total_macs = sum(node_macs(idx, p) for p in range(len(idx.nodes)))
     param_first_rank: dict[str, int] = {}
     param_last_rank: dict[str, int] = {}
     for r, p in enumerate(order):
@@ -120,12 +120,11 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
 
     live: dict[str, str] = {t: "input" for t in idx.inputs if last_use.get(t, -1) >= 1}
     head_outputs: list[str] = list(outputs_by_rank.get(-1, []))
-    macs = params = 0
+    params = 0
     cuts: list[Cut] = []
     for k in range(1, m):
         r = k - 1
         p = order[r]
-        macs += node_macs(idx, p)
         params += params_entering[r]
         for o in idx.nodes[p].output:
             if o and last_use.get(o, -1) >= k:
@@ -144,14 +143,20 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
                 head=frozenset(),
                 crossing=crossing,
                 head_outputs=list(head_outputs),
-                head_macs=macs,
-                total_macs=total_macs,
+                head_macs=0,
+                total_macs=0,
                 head_params=params,
                 total_params=total_params,
                 last_node=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",
                 raw_input_crossing=any(s == "input" for s in live.values()),
             )
         )
+    # MACs last: a cut's tensor that inference could not type makes the sweep measure the shapes with
+    # a trial run, and MACs counted before that (the total, the first heads) would miss what it typed
+    prefix = [0, *itertools.accumulate(node_macs(idx, p) for p in order)]
+    total_macs = sum(node_macs(idx, p) for p in range(len(idx.nodes)))
+    for c in cuts:
+        c.head_macs, c.total_macs = prefix[c.k], total_macs
     return cuts
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,7 @@ def open_model(
     declared = declared_shapes(model)
     shapes.update({k: v for k, v in (input_shapes or {}).items() if k in names or not only_present})
     check_interface(model, str(path))
+    check_operators(model, str(path))
     model = apply_input_shapes(model, shapes, where=str(path))
     # a shape the file already fixes changes nothing: the profile and plan say "as in the file" either way
     shapes = {k: v for k, v in shapes.items() if declared.get(k) != v}
@@ -104,6 +107,50 @@ _NOT_TENSOR = {
     "optional_type": "an optional",
     "sparse_tensor_type": "a sparse tensor",
 }
+
+
+def check_operators(model: onnx.ModelProto, where: str) -> None:
+    """Refuse, naming it, an operator of a domain onnxruntime has no kernel for (a company's custom op):
+    every stage runs in onnxruntime, and without this the cut, the split and the checker's complaint
+    about the untyped tensor it leaves come first, far from the cause. Standard-domain operators are left
+    to the session, which names an operator too new for it; the model's own functions count as known."""
+    local = {(f.domain, f.name) for f in model.functions}
+    odd = sorted(
+        {(n.domain, n.op_type) for n in iter_nodes(model.graph) if n.domain not in ("", "ai.onnx")} - local
+    )
+    if not odd:
+        return
+    known = _runtime_operators()
+    unknown = [f"{d}:{op}" for d, op in odd if known is not None and (d, op) not in known]
+    if unknown:
+        raise ModelError(
+            f"{where}: {', '.join(unknown)} {'is an operator' if len(unknown) == 1 else 'are operators'} "
+            "onnxruntime has no kernel for (a custom operator library is not loaded); SplitPoint runs "
+            "every stage with onnxruntime's own operators"
+        )
+
+
+@functools.cache
+def _runtime_operators() -> frozenset | None:
+    """(domain, op) of every operator onnxruntime registers; None where this build does not list them."""
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        return frozenset((s.domain, s.name) for s in _pybind_state.get_all_operator_schema())
+    except (ImportError, AttributeError):  # pragma: no cover - a build without schema listing
+        return None
+
+
+def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node, those of subgraphs (If, Loop, Scan bodies) included."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from iter_nodes(g)
 
 
 def check_interface(model: onnx.ModelProto, where: str) -> None:
