@@ -1045,13 +1045,13 @@ def watch(
 
     live: Live | None = None
 
-    def show(fleet: dict[str, dict]) -> None:
+    def show(fleet: dict[str, dict], lost_since: float | None) -> None:
         nonlocal live
         if live is None:  # drawn once the broker answers: an unreachable one is one error line, no table
-            live = Live(watch_table(fleet), console=console, refresh_per_second=4)
+            live = Live(watch_table(fleet, lost_since), console=console, refresh_per_second=4)
             live.start()
         else:
-            live.update(watch_table(fleet))
+            live.update(watch_table(fleet, lost_since))
 
     try:
         follow(mqtt, show, seconds)

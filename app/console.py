@@ -6,6 +6,7 @@ config, call one library function, print one of these.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +34,19 @@ def human_bytes(n: float | None) -> str:
     return str(n)
 
 
-def fmt(v: float | None, pattern: str = "{:.1f}") -> str:
-    return "-" if v is None else pattern.format(v)
+def fmt(v: object, pattern: str = "{:.1f}") -> str:
+    """A figure as text; '-' for none, '?' for a value that is not a number (a device's junk)."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return "?"
+    return pattern.format(v)
+
+
+def text(v: object, default: str = "-") -> str:
+    """A device's value as a table cell: its text with rich markup escaped (a state of '[/]' is not
+    markup to render, nor '[green]online' a colour to take); control characters were escaped on receipt."""
+    return default if v is None or v == "" else escape(str(v))
 
 
 @contextmanager
@@ -262,7 +274,7 @@ def fidelity_table(title: str, report: Any) -> Table:
 def device_state(kinds: dict) -> str:
     """The device's state as its retained status says, and where processes collide on its id, that too:
     with two, the one that stopped last writes 'offline' over the other's 'online'."""
-    state = str(kinds.get("status", {}).get("state", "?"))
+    state = text(kinds.get("status", {}).get("state"), "?")
     n = kinds.get("instances")
     if isinstance(n, int) and n > 1:
         return f"{state}: {n} processes publish under this id"
@@ -275,46 +287,51 @@ def status_table(fleet: dict[str, dict]) -> Table:
     rows = []
     for dev, kinds in sorted(fleet.items()):
         st = kinds.get("status", {})
-        plans = st.get("plans")
-        plan = (st.get("plan", "") or "")[:12] or (", ".join(p[:12] for p in plans) if plans else "-")
-        endpoint = str(st.get("server") or st.get("endpoint") or "-")
+        plans = st.get("plans") if isinstance(st.get("plans"), list) else []
+        plan = str(st.get("plan") or "")[:12] or ", ".join(str(p)[:12] for p in plans)
         rows.append(
             [
-                dev,
-                str(st.get("role", "?")),
+                text(dev),
+                text(st.get("role"), "?"),
                 device_state(kinds),
-                plan,
-                endpoint,
-                str(st.get("fallback", "-")),
+                text(plan),
+                text(st.get("server") or st.get("endpoint")),
+                text(st.get("fallback")),
             ]
         )
     return table(None, ["device", "role", "state", "plan", "server / endpoint", "fallback"], rows, 5)
 
 
 def heard_s_ago(kinds: dict, now: float | None = None) -> float | None:
-    """Seconds since the device's latest metrics or latency message was sent (its own clock): figures
-    that stop moving while the broker or the device is down would otherwise look current."""
+    """Seconds since the device's latest metrics or latency message: figures that stop moving while the
+    broker or the device is down would otherwise look current. Timed by when this machine received it
+    (a device whose clock runs ahead read 0 s ago for ever); a retained message, received at once
+    however old, by the device's own stamp."""
     stamps = [
-        p["ts"] for p in (kinds.get("metrics"), kinds.get("latency")) if isinstance(p, dict) and "ts" in p
+        p.get("received", p.get("ts"))
+        for p in (kinds.get("metrics"), kinds.get("latency"))
+        if isinstance(p, dict)
     ]
-    stamps = [t for t in stamps if isinstance(t, int | float)]
-    return max(0.0, (time.time() if now is None else now) - max(stamps)) if stamps else None
+    times = [float(t) for t in stamps if isinstance(t, int | float) and not isinstance(t, bool)]
+    return max(0.0, (time.time() if now is None else now) - max(times)) if times else None
 
 
-def watch_table(latest: dict[str, dict]) -> Table:
+def watch_table(latest: dict[str, dict], lost_since: float | None = None) -> Table:
+    """``lost_since``: when the watcher's own broker connection dropped (every figure is then stale)."""
     rows = []
     for dev, k in sorted(latest.items()):
         st, me, la = k.get("status", {}), k.get("metrics", {}), k.get("latency", {})
+        rss = me.get("process_rss_bytes")
         rows.append(
             [
-                dev,
+                text(dev),
                 fmt(heard_s_ago(k)),
-                str(st.get("role", me.get("role", "?"))),
+                text(st.get("role", me.get("role")), "?"),
                 device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
-                str(st.get("member", "-")),
-                str(me.get("requests", me.get("ok", "-"))),
-                str(me.get("fallback", "-")),
-                str(me.get("errors", "-")),
+                text(st.get("member")),
+                text(me.get("requests", me.get("ok"))),
+                text(me.get("fallback")),
+                text(me.get("errors")),
                 fmt(me.get("bandwidth_mbps_est")),
                 fmt(me.get("rtt_ms_est")),
                 fmt(la.get("total_ms")),
@@ -322,16 +339,22 @@ def watch_table(latest: dict[str, dict]) -> Table:
                 fmt(la.get("network_ms")),
                 fmt(la.get("tail_ms")),
                 fmt(me.get("cpu_percent")),
-                fmt((me.get("process_rss_bytes") or 0) / 2**20),
+                fmt(rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss),
                 fmt(me.get("temperature_c")),
-                str(me.get("telemetry_dropped", "-")),
+                text(me.get("telemetry_dropped")),
             ]
         )
     # counts since the device started; the link estimates and the latencies (the last request's) are
     # the device's own: measured on its clock, the estimates derived from its requests
     cols = ["device", "heard s ago", "role", "state", "plan-set member", "requests", "fallbacks", "errors"]
     cols += ["uplink est Mbit/s", "RTT est ms", "e2e ms", "head ms"]
-    return table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 5)
+    t = table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 5)
+    if lost_since is not None:
+        t.caption = (
+            f"[bold red]connection to the MQTT broker lost {time.time() - lost_since:.0f} s ago: "
+            "these figures are as they were then[/]"
+        )
+    return t
 
 
 def show_chain(r: Any, out: Path | None) -> None:

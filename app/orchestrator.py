@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +41,7 @@ def deploy(
     ctx: zmq.Context = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)  # an acknowledgement is small: a peer's 1 GiB is not read
     if curve_server_key:
         public, secret = curve_keypair or zmq.curve_keypair()
         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve_server_key, public, secret
@@ -51,17 +54,60 @@ def deploy(
             raise SplitPointError(
                 f"{endpoint} did not acknowledge plan {plan.plan_id[:12]} within {timeout_s:g} s"
             )
-        reply = wire.parse(s.recv_multipart())
+        try:
+            reply = wire.parse(s.recv_multipart(), MAX_REPLY_BYTES)
+        except wire.WireError as exc:  # not a SplitPoint peer, or a broken one: this target fails, not all
+            raise SplitPointError(
+                f"{endpoint} sent a reply that is not SplitPoint's protocol: {exc}"
+            ) from exc
     finally:
         s.close(0)
     if reply.type == wire.ERROR:
-        raise SplitPointError(f"{endpoint} refused plan {plan.plan_id[:12]}: {reply.meta.get('message')}")
+        why = clean_text(str(reply.meta.get("message")), 500)
+        raise SplitPointError(f"{endpoint} refused plan {plan.plan_id[:12]}: {why}")
     if reply.type != wire.DEPLOYED or reply.plan != plan.plan_id:
-        raise SplitPointError(f"{endpoint} answered {reply.type} for plan {reply.plan[:12] or '?'}")
+        raise SplitPointError(
+            f"{endpoint} answered {reply.type} for plan {clean_text(reply.plan[:12], 12) or '?'}"
+        )
     return plan.plan_id
 
 
+MAX_REPLY_BYTES = 1 << 20
+
+
 INSTANCE_TTL_S = 10.0  # devices publish metrics every 2 s: a process not heard for this long is gone
+MAX_DEVICES = 10_000  # ids kept at most: a forger inventing ids costs bounded memory
+MAX_TEXT = 200  # characters of any text a device sends that are kept
+_NUMBER_LIMIT = 1e15  # beyond this a figure is junk (and formats as 400 digits, or overflows)
+
+
+def clean_text(v: str, limit: int = MAX_TEXT) -> str:
+    """A device's (or a peer's) text as safe to print: control and format characters (terminal escapes,
+    right-to-left overrides) shown as escapes, and at most ``limit`` characters. Rich markup is escaped
+    where it is printed."""
+    out = "".join(
+        c if c.isprintable() and unicodedata.category(c) != "Cf" else repr(c)[1:-1] for c in v[: limit + 1]
+    )
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def clean_value(v: object, depth: int = 0) -> object:
+    """One telemetry value as the tables may show it: a finite number of sane size, a bool, cleaned
+    text, or a short list or object of those; anything else is dropped (None). A device is not
+    trusted: one retained message of a wrong type would otherwise stop every later ``watch``."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, int | float):  # an int is compared as one: 400 digits overflow a float
+        return v if abs(v) < _NUMBER_LIMIT and (isinstance(v, int) or math.isfinite(v)) else None
+    if isinstance(v, str):
+        return clean_text(v)
+    if depth >= 2:
+        return None
+    if isinstance(v, list):
+        return [clean_value(x, depth + 1) for x in v[:32]]
+    if isinstance(v, dict):
+        return {clean_text(str(k), 64): clean_value(x, depth + 1) for k, x in list(v.items())[:64]}
+    return None
 
 
 class FleetSubscriber:
@@ -77,17 +123,29 @@ class FleetSubscriber:
         self._instances: dict[str, dict[str, float]] = {}  # per device: process -> when last heard
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._refused: str | None = None  # the broker's reason for refusing the connection
+        self.lost_since: float | None = None  # wall-clock time the broker connection dropped, if it did
         self._on_message = on_message
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"splitpoint-watch-{id(self):x}")
         self.url.apply(c)
         c.connect_timeout = 3.0  # an unreachable host fails within seconds, not the OS's minutes
         c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
         c.on_message = self._on_msg
         self._client = c
 
     def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
+        if getattr(reason, "is_failure", False):  # e.g. not authorised: not an empty fleet
+            self._refused = str(reason)
+            self._connected.set()
+            return
+        self.lost_since = None
         client.subscribe(f"{TOPIC_ROOT}/+/+")
         self._connected.set()
+
+    def _on_disconnect(self, *args: object) -> None:
+        if self.lost_since is None:
+            self.lost_since = time.time()
 
     def _on_msg(self, client, userdata, m) -> None:
         parts = m.topic.split("/")
@@ -95,21 +153,33 @@ class FleetSubscriber:
             return
         try:
             payload = json.loads(m.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return
         if not isinstance(payload, dict):
             return
+        payload = clean_value(payload)
+        assert isinstance(payload, dict)
+        if not m.retain:  # heard now, on this machine's clock (a device's own may be ahead)
+            payload["received"] = time.time()
+        dev, kind = clean_text(parts[1], 64), clean_text(parts[2], 32)
         inst = payload.get("instance")
+        now = time.monotonic()
         with self._lock:
-            self._fleet.setdefault(parts[1], {})[parts[2]] = payload
+            if dev not in self._fleet and len(self._fleet) >= MAX_DEVICES:
+                return
+            self._fleet.setdefault(dev, {})[kind] = payload
             if isinstance(inst, str):
-                live = self._instances.setdefault(parts[1], {})
-                if parts[2] == "status" and payload.get("state") == "offline":
+                live = self._instances.setdefault(dev, {})
+                if kind == "status" and payload.get("state") == "offline":
                     live.pop(inst, None)
                 else:
-                    live[inst] = time.monotonic()
+                    live[inst] = now
+                if len(live) > 64:  # a process per message (forged): keep those heard lately
+                    stale = [k for k, t in live.items() if now - t >= INSTANCE_TTL_S]
+                    for k in stale or sorted(live, key=lambda k: live[k])[:-64]:
+                        del live[k]
         if self._on_message:
-            self._on_message(parts[1], parts[2], payload)
+            self._on_message(dev, kind, payload)
 
     def __enter__(self) -> FleetSubscriber:
         try:
@@ -124,6 +194,12 @@ class FleetSubscriber:
             self.__exit__()
             raise SplitPointError(
                 f"the MQTT broker at {self.url.host}:{self.url.port} did not accept the connection"
+            )
+        if self._refused is not None:
+            self.__exit__()
+            raise SplitPointError(
+                f"the MQTT broker at {self.url.host}:{self.url.port} refused the connection: {self._refused} "
+                "(check the user and password in --mqtt, mqtt://user:password@host:port)"
             )
         return self
 
@@ -150,11 +226,14 @@ def collect(url: str, seconds: float = 1.5) -> dict[str, dict]:
         return sub.snapshot()
 
 
-def watch(url: str, show: Callable[[dict[str, dict]], None], seconds: float = 0, every: float = 0.25) -> None:
-    """Call ``show`` with the fleet every ``every`` seconds, for ``seconds`` (0 = until interrupted)."""
+def watch(
+    url: str, show: Callable[[dict[str, dict], float | None], None], seconds: float = 0, every: float = 0.25
+) -> None:
+    """Call ``show`` with the fleet and when the broker connection was lost (None: connected) every
+    ``every`` seconds, for ``seconds`` (0 = until interrupted)."""
     end = time.monotonic() + (seconds or float("inf"))
     with FleetSubscriber(url) as sub:
         while time.monotonic() < end:
-            show(sub.snapshot())
+            show(sub.snapshot(), sub.lost_since)
             time.sleep(every)
-        show(sub.snapshot())
+        show(sub.snapshot(), sub.lost_since)

@@ -129,7 +129,9 @@ class Telemetry:
         self.url.apply(c)
         c.on_socket_open = self._nodelay
         c.on_connect = lambda *a: self._on_connect(*a)
-        c.on_disconnect = lambda *a: self.connected.clear()
+        c.on_disconnect = lambda *a: self._on_disconnect()
+        c.on_connect_fail = lambda *a: self._unreachable("is unreachable")
+        self._warned = False  # a warning per outage, not one per retry
         c.reconnect_delay_set(1, 5)
         self._client = c
         self._status: tuple[str, dict] | None = None
@@ -141,9 +143,29 @@ class Telemetry:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _unreachable(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "telemetry: the MQTT broker at %s:%s %s; inference goes on, its telemetry is dropped "
+                "until the broker answers",
+                self.url.host,
+                self.url.port,
+                why,
+            )
+
+    def _on_disconnect(self) -> None:
+        if self.connected.is_set():
+            self.connected.clear()
+            self._unreachable("dropped the connection")
+
     def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
         if getattr(reason, "is_failure", False):
+            self._unreachable(f"refused the connection ({reason})")
             return
+        if self._warned:
+            log.warning("telemetry: the MQTT broker at %s:%s answers again", self.url.host, self.url.port)
+        self._warned = False
         self.connected.set()
         if self._status:
             self.status(*self._status)  # re-assert the retained status after a reconnect

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +65,10 @@ def small_resnet18(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory):
-    """A real mosquitto broker on a free loopback port (installed by .ci/run with apt-get)."""
+@contextlib.contextmanager
+def running_mosquitto(directory: Path, anonymous: bool = True) -> Iterator[str]:
+    """A real mosquitto broker on a free loopback port (installed by .ci/run with apt-get); its URL.
+    ``anonymous=False``: one that refuses every client without credentials."""
     import shutil
     import socket
     import time
@@ -79,8 +82,10 @@ def mosquitto(tmp_path_factory):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
+    )
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 10
     while time.monotonic() < end:
@@ -89,6 +94,14 @@ def mosquitto(tmp_path_factory):
             break
         except OSError:
             time.sleep(0.02)
-    yield f"mqtt://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(5)
+    try:
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    with running_mosquitto(tmp_path_factory.mktemp("mosquitto")) as url:
+        yield url

@@ -1,0 +1,154 @@
+"""The orchestrator's side of the fleet against devices that send junk or lie, and peers that are not
+SplitPoint: a real mosquitto broker and real ZeroMQ sockets. One bad message must not stop `watch` or
+`status`, nor reach the operator's terminal as escapes or markup, nor stop a deploy to other targets."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+import zmq
+from rich.console import Console
+
+from splitpoint.app.console import heard_s_ago, status_table, watch_table
+from splitpoint.app.orchestrator import collect, deploy
+from splitpoint.core.errors import SplitPointError
+
+from .conftest import run_cli, running_mosquitto
+
+JUNK = {
+    "metrics": {
+        "bandwidth_mbps_est": "fast",
+        "cpu_percent": {"a": 1},
+        "process_rss_bytes": [1],
+        "rtt_ms_est": 10**400,
+        "requests": "5\x1b[1A\x1b[2Kfake line",
+    },
+    "latency": {"total_ms": "12", "head_ms": True},
+    "status": {
+        "state": "online\x1b]0;TITLE\x07\x1b[2J[/]",
+        "role": "[bold red]server",
+        "plan": 123,
+        "plans": [1, 2],
+        "server": "tcp://a\rOVERWRITE\u202e",
+    },
+}
+
+
+def _publish(url: str, messages: list[tuple[str, str | bytes, bool]]) -> None:
+    host, port = url.removeprefix("mqtt://").split(":")
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.connect(host, int(port))
+    c.loop_start()
+    for topic, payload, retain in messages:
+        c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    c.loop_stop()
+    c.disconnect()
+
+
+def _render(table) -> str:
+    out = io.StringIO()
+    Console(file=out, width=400, color_system=None).print(table)
+    return out.getvalue()
+
+
+def test_junk_telemetry_is_shown_as_junk_and_stops_nothing(mosquitto):
+    dev = "junk-dev[i]"
+    msgs = [(f"splitpoint/{dev}/{kind}", json.dumps(p), True) for kind, p in JUNK.items()]
+    msgs += [
+        ("splitpoint/junk-dev/status", b"\xff\xfe", True),
+        ("splitpoint/deep/status", "[" * 100_000, True),
+    ]
+    _publish(mosquitto, msgs)
+    try:
+        fleet = collect(mosquitto, 1.0)
+        assert dev in fleet
+        for text in (_render(status_table(fleet)), _render(watch_table(fleet, lost_since=time.time() - 5))):
+            assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+            assert "\\x1b" in text and "[/]" in text and "[bold red]server" in text
+        shown = _render(watch_table(fleet))
+        assert "?" in shown  # a figure that is not a number
+        assert "broker lost" not in shown
+        assert "connection to the MQTT broker lost 5 s ago" in _render(watch_table(fleet, time.time() - 5))
+        r = run_cli("status", "--mqtt", mosquitto, "--seconds", "1", timeout=60)
+        assert r.returncode == 0 and "Traceback" not in r.stderr and "junk-dev[i]" in r.stdout, r.stderr
+    finally:
+        _publish(mosquitto, [(t, b"", True) for t, _, _ in msgs])
+
+
+def test_a_device_clock_ahead_is_heard_by_when_it_arrived(mosquitto):
+    """A device whose clock runs an hour ahead, silent since: 'heard s ago' grows on this machine's clock."""
+    _publish(mosquitto, [("splitpoint/skewed/metrics", json.dumps({"ts": time.time() + 3600}), False)])
+    from splitpoint.app.orchestrator import FleetSubscriber
+
+    with FleetSubscriber(mosquitto) as sub:
+        before = time.time()
+        _publish(mosquitto, [("splitpoint/skewed/metrics", json.dumps({"ts": time.time() + 3600}), False)])
+        time.sleep(0.5)
+        kinds = sub.snapshot()["skewed"]
+    assert before <= kinds["metrics"]["received"] <= time.time()
+    assert heard_s_ago(kinds, now=kinds["metrics"]["received"] + 2) == pytest.approx(2.0)
+
+
+def test_forged_processes_under_one_id_cost_bounded_memory(mosquitto):
+    from splitpoint.app.orchestrator import FleetSubscriber
+
+    with FleetSubscriber(mosquitto) as sub:
+        _publish(
+            mosquitto,
+            [("splitpoint/one/metrics", json.dumps({"instance": f"p{i}"}), False) for i in range(300)],
+        )
+        time.sleep(0.5)
+        assert len(sub._instances["one"]) <= 65
+
+
+def test_a_broker_that_refuses_the_connection_is_an_error_not_an_empty_fleet(tmp_path):
+    with running_mosquitto(tmp_path, anonymous=False) as url:
+        with pytest.raises(SplitPointError, match="refused the connection"):
+            collect(url, 0.5)
+        r = run_cli("status", "--mqtt", url, "--seconds", "1", timeout=60)
+        assert r.returncode == 2 and "refused the connection" in r.stderr and "no devices" not in r.stdout
+
+
+@pytest.fixture
+def junk_peer():
+    """A ZeroMQ ROUTER that answers every message with what the test sets: not SplitPoint's protocol."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.ROUTER)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    reply: dict = {"frames": [b"not json"]}
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            if s.poll(50):
+                ident, *_ = s.recv_multipart()
+                s.send_multipart([ident, *reply["frames"]])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield f"tcp://127.0.0.1:{port}", reply
+    stop.set()
+    t.join(2)
+    s.close(0)
+
+
+def test_a_deploy_to_a_peer_that_is_not_splitpoint_fails_that_target_in_words(
+    junk_peer, tmp_path, small_resnet18
+):
+    endpoint, reply = junk_peer
+    plan = tmp_path / "plan"
+    r = run_cli("split", str(small_resnet18), "--cut", "10", "-o", str(plan), timeout=120)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(SplitPointError, match="not SplitPoint's protocol"):
+        deploy(plan, endpoint, timeout_s=5)
+    message = "\x1b[2J" + "A" * 60_000
+    header = {"v": 1, "type": "error", "id": 1, "meta": {"code": "bad", "message": message}}
+    reply["frames"] = [json.dumps(header).encode()]
+    with pytest.raises(SplitPointError) as caught:
+        deploy(plan, endpoint, timeout_s=5)
+    assert "\x1b" not in str(caught.value) and len(str(caught.value)) < 700
