@@ -316,44 +316,120 @@ def heard_s_ago(kinds: dict, now: float | None = None) -> float | None:
     return max(0.0, (time.time() if now is None else now) - max(times)) if times else None
 
 
-def watch_table(latest: dict[str, dict], lost_since: float | None = None) -> Table:
-    """``lost_since``: when the watcher's own broker connection dropped (every figure is then stale)."""
-    rows = []
-    for dev, k in sorted(latest.items()):
-        st, me, la = k.get("status", {}), k.get("metrics", {}), k.get("latency", {})
-        rss = me.get("process_rss_bytes")
-        rows.append(
-            [
-                text(dev),
-                fmt(heard_s_ago(k)),
-                text(st.get("role", me.get("role")), "?"),
-                device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
-                text(st.get("member")),
-                text(me.get("requests", me.get("ok"))),
-                text(me.get("fallback")),
-                text(me.get("errors")),
-                fmt(me.get("bandwidth_mbps_est")),
-                fmt(me.get("rtt_ms_est")),
-                fmt(la.get("total_ms")),
-                fmt(la.get("head_ms")),
-                fmt(la.get("network_ms")),
-                fmt(la.get("tail_ms")),
-                fmt(me.get("cpu_percent")),
-                fmt(rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss),
-                fmt(me.get("temperature_c")),
-                text(me.get("telemetry_dropped")),
-            ]
+# the fleet view's columns, most needed first: on a narrow terminal the last ones give way (and the
+# caption names them) instead of every column shrinking to '…', device names and figures included
+WATCH_COLUMNS = (
+    "device",
+    "state",
+    "heard s ago",
+    "e2e ms",
+    "requests",
+    "errors",
+    "role",
+    "uplink est Mbit/s",
+    "RTT est ms",
+    "plan-set member",
+    "CPU %",
+    "RSS MiB",
+    "fallbacks",
+    "head ms",
+    "network ms",
+    "tail ms",
+    "temp °C",
+    "dropped",
+)
+MAX_ROWS = 200
+WATCH_ORDER = (  # the order shown in
+    "device",
+    "heard s ago",
+    "role",
+    "state",
+    "plan-set member",
+    "requests",
+    "fallbacks",
+    "errors",
+    "uplink est Mbit/s",
+    "RTT est ms",
+    "e2e ms",
+    "head ms",
+    "network ms",
+    "tail ms",
+    "CPU %",
+    "RSS MiB",
+    "temp °C",
+    "dropped",
+)
+
+
+def _watch_row(k: dict) -> dict[str, str]:
+    st, me, la = k.get("status", {}), k.get("metrics", {}), k.get("latency", {})
+    rss = me.get("process_rss_bytes")
+    return {
+        "heard s ago": fmt(heard_s_ago(k)),
+        "role": text(st.get("role", me.get("role")), "?"),
+        "state": device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
+        "plan-set member": text(st.get("member")),
+        "requests": text(me.get("requests", me.get("ok"))),
+        "fallbacks": text(me.get("fallback")),
+        "errors": text(me.get("errors")),
+        "uplink est Mbit/s": fmt(me.get("bandwidth_mbps_est")),
+        "RTT est ms": fmt(me.get("rtt_ms_est")),
+        "e2e ms": fmt(la.get("total_ms")),
+        "head ms": fmt(la.get("head_ms")),
+        "network ms": fmt(la.get("network_ms")),
+        "tail ms": fmt(la.get("tail_ms")),
+        "CPU %": fmt(me.get("cpu_percent")),
+        "RSS MiB": fmt(rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss),
+        "temp °C": fmt(me.get("temperature_c")),
+        "dropped": text(me.get("telemetry_dropped")),
+    }
+
+
+def watch_table(latest: dict[str, dict], lost_since: float | None = None, width: int | None = None) -> Table:
+    """``lost_since``: when the watcher's own broker connection dropped (every figure is then stale);
+    ``width``: the characters the table may take (default: the console's). Counts are since the device
+    started; the link estimates and the latencies (the last request's) are the device's own: measured
+    on its clock, the estimates derived from its requests."""
+    # a screenful: thousands of rows (forged ids, or a large fleet) took seconds per frame to draw
+    rows = [{"device": text(dev), **_watch_row(k)} for dev, k in sorted(latest.items())[:MAX_ROWS]]
+
+    def head(col: str) -> str:  # two lines at most, broken where the unit begins
+        if col == "heard s ago":
+            return "heard\ns ago"
+        words = col.split()
+        return col if len(words) == 1 else " ".join(words[:-1]) + "\n" + words[-1]
+
+    def need(col: str) -> int:  # the column's width, its padding and border included
+        return max([*(len(x) for x in head(col).split("\n")), *(len(r[col]) for r in rows)]) + 3
+
+    shown = list(WATCH_COLUMNS)
+    room = (width or console.width) - 1
+    while len(shown) > 2 and sum(need(c) for c in shown) > room:
+        shown.pop()
+    cols = [c for c in WATCH_ORDER if c in shown]
+    t = Table()
+    for c in cols:
+        left = c in ("device", "role", "state", "plan-set member")
+        t.add_column(head(c), justify="left" if left else "right", width=need(c) - 3, no_wrap=True)
+    for r in rows:
+        t.add_row(*(r[c] for c in cols))
+    notes = []
+    if len(cols) < len(WATCH_COLUMNS):
+        hidden = [c for c in WATCH_ORDER if c not in shown]
+        notes.append(
+            f"{len(hidden)} column{'s need' if len(hidden) > 1 else ' needs'} a wider terminal: "
+            + ", ".join(hidden)
         )
-    # counts since the device started; the link estimates and the latencies (the last request's) are
-    # the device's own: measured on its clock, the estimates derived from its requests
-    cols = ["device", "heard s ago", "role", "state", "plan-set member", "requests", "fallbacks", "errors"]
-    cols += ["uplink est Mbit/s", "RTT est ms", "e2e ms", "head ms"]
-    t = table(None, [*cols, "network ms", "tail ms", "CPU %", "RSS MiB", "temp °C", "dropped"], rows, 5)
+    if len(latest) > len(rows):
+        notes.append(
+            f"{len(latest) - len(rows)} more devices not shown (`splitpoint status` lists every one)"
+        )
     if lost_since is not None:
-        t.caption = (
+        notes.append(
             f"[bold red]connection to the MQTT broker lost {time.time() - lost_since:.0f} s ago: "
             "these figures are as they were then[/]"
         )
+    t.caption = "\n".join(notes) or None
     return t
 
 

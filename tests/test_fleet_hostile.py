@@ -152,3 +152,26 @@ def test_a_deploy_to_a_peer_that_is_not_splitpoint_fails_that_target_in_words(
     with pytest.raises(SplitPointError) as caught:
         deploy(plan, endpoint, timeout_s=5)
     assert "\x1b" not in str(caught.value) and len(str(caught.value)) < 700
+
+
+def test_the_fleet_view_gives_up_whole_columns_on_a_narrow_terminal_not_names():
+    """At 80 columns every cell read '…', device names and states included; now the least needed
+    columns give way, named in the caption, and what is shown is shown whole."""
+    now = time.time()
+    dev = {
+        "metrics": {"ts": now, "cpu_percent": 5.0, "process_rss_bytes": 123456789, "requests": 1234},
+        "latency": {"ts": now, "total_ms": 40.0},
+        "status": {"state": "online", "role": "edge"},
+    }
+    fleet = {"pi-kitchen": dev, "pi-kids": dev}
+    narrow, wide = watch_table(fleet, width=80), watch_table(fleet, width=400)
+    for t, w in ((narrow, 80), (wide, 400)):
+        out = io.StringIO()
+        Console(file=out, width=w, color_system=None).print(t)
+        text = out.getvalue()
+        assert "…" not in text.split("\n\n")[0] and "pi-kitchen" in text and "pi-kids" in text
+        assert max(len(line) for line in text.splitlines()) <= w
+    assert len(narrow.columns) < len(wide.columns) == 18
+    assert "need a wider terminal" in str(narrow.caption) and wide.caption is None
+    many = watch_table({f"d{i:05d}": dev for i in range(3000)}, width=400)
+    assert len(many.rows) == 200 and "2800 more devices not shown" in str(many.caption)

@@ -137,6 +137,6 @@ def test_the_fleet_view_says_how_long_ago_each_device_was_heard_from():
     device = {"metrics": {"ts": 1000.0, "cpu_percent": 5.0}, "latency": {"ts": 1003.5, "total_ms": 40.0}}
     assert heard_s_ago(device, now=1010.0) == pytest.approx(6.5)
     assert heard_s_ago({"status": {"state": "online"}}, now=1010.0) is None  # nothing measured yet
-    t = watch_table({"pi": {**device, "status": {"state": "online", "role": "edge"}}})
-    assert [c.header for c in t.columns][:2] == ["device", "heard s ago"]
+    t = watch_table({"pi": {**device, "status": {"state": "online", "role": "edge"}}}, width=300)
+    assert [c.header for c in t.columns][:2] == ["device", "heard\ns ago"]
     assert len(list(t.columns[1].cells)) == 1
