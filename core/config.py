@@ -19,6 +19,8 @@ C = TypeVar("C", bound="StrictConfig")
 class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
     label: ClassVar[str] = "configuration"  # what errors call it: "invalid serve option --bind: ..."
+    # fields whose option the CLI spells otherwise (a unit in the field's name, not the option's)
+    options: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def of(cls: type[C], **values: Any) -> C:
@@ -26,7 +28,7 @@ class StrictConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise ConfigError(explain(exc, cls.label)) from exc
+            raise ConfigError(explain(exc, cls.label, cls.options)) from exc
 
     def with_(self: C, **changes: Any) -> C:
         """A copy with some values changed, validated again."""
@@ -46,9 +48,12 @@ def _issues(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def explain(exc: ValidationError, where: str) -> str:
+def explain(exc: ValidationError, where: str, options: dict[str, str] | None = None) -> str:
     """Options, as the CLI spells them: ``invalid serve option --bind: ...``."""
-    return f"invalid {where} option " + "; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in _issues(exc))
+    names = options or {}
+    return f"invalid {where} option " + "; ".join(
+        f"--{names.get(f, f.replace('_', '-'))}: {m}" for f, m in _issues(exc)
+    )
 
 
 def explain_fields(exc: ValidationError) -> str:

@@ -116,9 +116,25 @@ class ExportedDecoder:
         self.ids_dtype = self.idx.tensor(lay.main_input).dtype
         if lay.max_len is None:
             self._check_last_position(n_ctx)
+        self.kv_bytes_by_layer = self._kv_bytes_by_layer()
         self.hidden_dtype = self.idx.tensor(lay.boundaries[0]).dtype
         self.logits, self.logits_dtype = lay.logits, self.idx.tensor(lay.logits).dtype
         self.d_model, self.vocab = self._widths()
+
+    def _kv_bytes_by_layer(self) -> tuple[int, ...]:
+        """Per layer, the bytes one position adds to its key and value caches, from their declared heads,
+        head size and dtype (layers may differ: grouped heads, float16 caches)."""
+        out = []
+        for i in range(self.layers):
+            total = 0
+            for kind in ("key", "value"):
+                t = self.idx.info.get(f"past_key_values.{i}.{kind}")  # a graph input: declared
+                dims = [d for d in (t.dims or [])[1:] if isinstance(d, int)] if t is not None else []
+                if t is None or len(dims) != 2:  # heads and head size not both fixed: as layer 0, float32
+                    return ()
+                total += dims[0] * dims[1] * np.dtype(t.dtype).itemsize
+            out.append(total)
+        return tuple(out)
 
     def _check_last_position(self, n_ctx: int) -> None:
         """Where the model computes its positions itself (no position table it indexes with position_ids
@@ -173,6 +189,10 @@ def open_decoder(model: str, seed: int = 0, max_len: int | None = None) -> Decod
     """A zoo decoder's name or an exported decoder's ONNX file."""
     from .zoo.decoder import DECODERS
 
+    if max_len is not None and max_len < 2:  # 0 read as "not given", a negative one deep in numpy
+        raise SplitPointError(
+            f"--max-len must be at least 2 positions (a prompt token and a generated one), not {max_len}"
+        )
     if model in DECODERS:
         return ZooDecoder(model, seed)
     if model.endswith(".onnx") or Path(model).exists():

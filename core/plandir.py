@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from .codecs import Codec
 from .config import explain_fields
 from .errors import PlanError
 from .graph.cuts import Cut
@@ -194,6 +195,7 @@ def write_decoder_plan(
         raise PlanError(f"--edge-layers must be 1 to {dec.layers - 1} for a {dec.layers}-layer decoder")
     if head_weights not in ("float32", "int4"):
         raise PlanError(f"--head-weights must be float32 or int4 for a decoder, not {head_weights!r}")
+    Codec.parse(codec)  # before the model work, not in the plan's validation after it
     whole = dec.whole()
     models = {HEAD_FILE: dec.part(0, edge_layers), TAIL_FILE: dec.part(edge_layers, dec.layers)}
     if not isinstance(dec, ZooDecoder):  # the zoo's parts are built, not cut: exact by construction

@@ -78,6 +78,16 @@ class DecoderShape(Protocol):
     def n_ctx(self) -> int: ...
 
 
+def kv_bytes(spec: DecoderShape, first: int, last: int) -> int:
+    """Bytes one position adds to the KV cache of layers [first, last): each layer's own heads, head size
+    and dtype where the model says (an exported decoder with grouped or per-layer heads, or float16),
+    else every layer as the first, in float32."""
+    per_layer = getattr(spec, "kv_bytes_by_layer", None)
+    if per_layer:
+        return int(sum(per_layer[first:last]))
+    return (last - first) * 2 * spec.heads * spec.head_dim * 4
+
+
 @dataclass(frozen=True)
 class DecoderMeasurements:
     spec: DecoderShape
@@ -127,7 +137,7 @@ def evaluate(m: DecoderMeasurements, k: int, codec: str, weights: str, link: Lin
     ttft = head.prefill_ms + enc_pre + up_pre + rtt + tail.prefill_ms + down + over_pre
     tpot = head.step_ms + enc_step + up_step + rtt + tail.step_ms + down + over_step
     w0, wm, _ = m.weight_bytes[weights]
-    kv = k * 2 * m.spec.heads * m.spec.head_dim * m.spec.n_ctx * 4
+    kv = kv_bytes(m.spec, 0, k) * m.spec.n_ctx
     return DecoderCandidate(
         k,
         codec,
@@ -163,7 +173,7 @@ def baselines(m: DecoderMeasurements, link: Link) -> dict[str, dict]:
     """What a user would run instead (derived alike): the whole model on the edge (no network), and the
     whole model on the server with the token ids sent (8 bytes a token, one round trip per token)."""
     L, out = m.spec.layers, {}
-    kv = L * 2 * m.spec.heads * m.spec.head_dim * m.spec.n_ctx * 4
+    kv = kv_bytes(m.spec, 0, L) * m.spec.n_ctx
     for w, side in m.edge.items():
         pre = side.first.prefill_ms + (L - 2) * side.middle.prefill_ms + side.last.prefill_ms
         step = side.first.step_ms + (L - 2) * side.middle.step_ms + side.last.step_ms

@@ -22,6 +22,15 @@ from splitpoint.core.telemetry import BrokerUrl
 
 class ServerConfig(StrictConfig):
     label: ClassVar[str] = "serve"
+    options: ClassVar[dict[str, str]] = {
+        "plans_dir": "plans",
+        "max_message_bytes": "max-message-mb (in bytes)",
+        "next_timeout_s": "next-timeout",
+        "next_connect_grace_s": "next-grace",
+        "session_idle_s": "session-idle",
+        "curve_secret_key": "curve-secret",
+        "next_curve_server_key": "next-server-key",
+    }
     bind: Endpoint = "tcp://127.0.0.1:5555"
     plans_dir: Path | None = None  # plans served at start; pushed plans are installed here
     workers: int = Field(1, ge=1, le=256)  # 1: the socket thread runs each tail itself (no hand-off)

@@ -37,7 +37,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from splitpoint.core import wire
-from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
@@ -54,6 +54,7 @@ RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back (replies
 # requests libzmq holds per client before TCP pushes back on it: above any window a client keeps in flight
 # (the planner's go to 32), and what bounds the memory a flooding client takes beside --max-queue's
 PEER_RCVHWM = 64
+MAX_HIDDEN_ITEMSIZE = 8  # a decoder step's hidden states decode to float32 (float64 at most)
 # a relay's requests queued towards the next stage: over a slow hop each waits behind these, and a full
 # queue answers busy. With 1000, a backed-up 2 MB/s hop held 400 MB of requests already answered as
 # timed out, and refused every new one for two minutes after the load had gone
@@ -526,11 +527,15 @@ class TailServer:
                 why = "unknown plan" if entry is None else "not a decoder plan"
                 raise wire.WireError(code, f"{why}: {msg.plan[:16] or '(none)'}")
             peer = bytes(wire.buffer(ident))
-            key = (peer, msg.plan, session)
+            fd = None
             with contextlib.suppress(
                 zmq.ZMQError, AttributeError, TypeError
             ):  # a frame that knows its socket
-                self._session_peers.setdefault(int(ident.get(zmq.SRCFD)), set()).add(peer)
+                fd = int(ident.get(zmq.SRCFD))
+                self._session_peers.setdefault(fd, set()).add(peer)
+            # the connection is part of the key: a client that connects with another's routing id
+            # (ROUTER_HANDOVER lets it take the id over) reaches none of that client's sessions
+            key = (peer, fd, msg.plan, session)
             if msg.type == wire.CLOSE:
                 known = self.sessions.close(key)
                 return wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
@@ -556,7 +561,21 @@ class TailServer:
         dec, seg = entry.plan.decoder, entry.segment
         assert dec is not None and seg is not None
         t0 = time.perf_counter()
-        (hidden,) = self._decode(msg, entry).values()
+        if position >= dec.max_len:
+            raise wire.WireError(
+                wire.E_SESSION_LIMIT, f"position {position} is past the model's {dec.max_len} positions"
+            )
+        # a step holds at most the positions left: its header's claim is checked against that before a
+        # byte is decompressed (the message cap, 256 MiB, let a 52 KB zstd step cost 0.8 s and 0.5 GB)
+        room = (dec.max_len - position) * dec.hidden * MAX_HIDDEN_ITEMSIZE
+        try:
+            (hidden,) = self._decode(msg, entry, room).values()
+        except CodecTooLarge as exc:
+            raise wire.WireError(
+                wire.E_SESSION_LIMIT,
+                f"a step at position {position} carries at most {dec.max_len - position} token(s) of "
+                f"{dec.hidden} values: {exc}",
+            ) from exc
         if hidden.shape[0] != 1 or hidden.shape[1] < 1:
             raise wire.WireError(wire.E_BAD_TENSOR, f"a step carries [1, new tokens >= 1, {dec.hidden}]")
         new = int(hidden.shape[1])
@@ -585,7 +604,7 @@ class TailServer:
             "encode_ms": (t3 - t2) * 1e3,
             "total_ms": (t3 - t_recv) * 1e3,
         }
-        meta = {"server": server, "session": key[2], "position": s.length}
+        meta = {"server": server, "session": key[-1], "position": s.length}
         return wire.Message(wire.RESULT, msg.id, msg.plan, names, meta=meta, frames=frames)
 
     # -- work: the socket thread itself (one worker) or the pool ------------------------------
@@ -770,7 +789,8 @@ class TailServer:
             for fwd in lost:
                 self._fail_forwarded(router, fwd, "disconnected")
 
-    def _decode(self, msg: wire.Message, entry: Entry) -> dict[str, np.ndarray]:
+    def _decode(self, msg: wire.Message, entry: Entry, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+        """``max_bytes``: what one tensor may decode to (default: the message cap)."""
         tail = entry.runner
         assert tail is not None
         if len(msg.tensors) != len(tail.cut_names) or not tail.cut_names.issuperset(msg.tensors):
@@ -780,7 +800,7 @@ class TailServer:
         feeds: dict[str, np.ndarray] = {}
         for name, frame in zip(msg.tensors, msg.frames, strict=True):
             # a view of the frame: the session reads it, nothing keeps it past the request
-            arr = decode(wire.buffer(frame), self.config.max_message_bytes, copy=False)
+            arr = decode(wire.buffer(frame), max_bytes or self.config.max_message_bytes, copy=False)
             _check_tensor(name, arr, tail.expect[name])
             feeds[name] = arr
         return feeds

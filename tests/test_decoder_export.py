@@ -29,6 +29,8 @@ from splitpoint.core.plandir import write_decoder_plan
 from splitpoint.core.zoo.decoder import DECODER_TINY, build_decoder, hidden_name
 from splitpoint.edge.decoder import DecoderClient, generate_local
 
+from .conftest import run_cli
+
 DATA = Path(__file__).parent / "data" / "exported-decoder"
 MODEL = DATA / "decoder.onnx"
 # file: (layers, cache heads, head size, positions, hidden width, vocabulary)
@@ -124,6 +126,35 @@ def test_a_served_plan_of_it_generates_the_whole_models_tokens(name, tmp_path):
     size = width * (2 if "fp16" in name else 4)
     assert plan.cut_tensors[0].dtype == ("float16" if "fp16" in name else "float32")
     assert split.bytes_sent[0] - 7 * size == split.bytes_sent[1] - size > 0
+
+
+@pytest.mark.parametrize("name", ["decoder-gqa.onnx", "decoder-gqa-fp16.onnx"])
+def test_the_edge_memory_counts_each_layers_cache_in_its_own_dtype(name):
+    """Grouped-query heads and a float16 cache: the planner's --edge-memory figure held the first layer's
+    shape in float32 for every layer (twice a float16 cache)."""
+    from splitpoint.partitioner.decoderplan import kv_bytes
+
+    dec = ExportedDecoder(DATA / name)
+    layers, heads, head_dim = SHAPES[name][:3]
+    itemsize = 2 if "fp16" in name else 4
+    assert dec.kv_bytes_by_layer == (2 * heads * head_dim * itemsize,) * layers
+    assert kv_bytes(dec, 0, 2) == 2 * 2 * heads * head_dim * itemsize
+    assert kv_bytes(DECODER_TINY, 0, 2) == 2 * 2 * DECODER_TINY.heads * DECODER_TINY.head_dim * 4
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--codec", "bogus"], "unknown codec 'bogus'"),
+        (["--max-len", "0"], "--max-len must be at least 2"),
+        (["--max-len", "-5"], "--max-len must be at least 2"),
+    ],
+)
+def test_split_decoder_refuses_bad_options_in_one_line_before_any_work(tmp_path, args, words):
+    out = tmp_path / "plan"
+    r = run_cli("split-decoder", str(MODEL), "--edge-layers", "2", "-o", str(out), *args)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    assert not out.exists()
 
 
 def _strip_position_table(tmp_path: Path) -> Path:

@@ -208,37 +208,81 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
     s.close(0)
 
 
-def test_a_connections_sessions_go_with_it_and_its_identity_cannot_take_them_over(plans, server):
-    """A client that names its own routing identity (ZMQ_IDENTITY) and disconnects: a new connection under
-    that name finds nothing of its sessions, and the slots they held are free at once, not after
-    --session-idle."""
+def _named_dealer(server, identity: bytes) -> zmq.Socket:
+    """A client that names its own routing identity (ZMQ_IDENTITY)."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, identity)
+    s.connect(server.endpoint)
+    return s
+
+
+def _step3(plans, s, session: int, position: int) -> wire.Message:
+    """A step of three tokens' hidden states (zeros) at ``position``."""
     plan = Plan.load(plans / "float32")
     good = encode(np.zeros((1, 3, SPEC.d_model), np.float32), "float32")
+    meta = {"session": session, "position": position}
+    msg = wire.Message(wire.STEP, 1, plan.plan_id, [hidden_name(1)], meta=meta, frames=[good])
+    return _ask(s, msg.to_frames())
 
-    def dealer():
-        s = zmq.Context.instance().socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IDENTITY, b"victim-client")
-        s.connect(server.endpoint)
-        return s
 
-    def step(s, position):
-        meta = {"session": 4242, "position": position}
-        msg = wire.Message(wire.STEP, 1, plan.plan_id, [hidden_name(1)], meta=meta, frames=[good])
-        return _ask(s, msg.to_frames())
-
-    a = dealer()
-    assert step(a, 0).type == wire.RESULT and len(server.sessions) == 1
+def test_a_connections_sessions_go_with_it_and_its_identity_cannot_take_them_over(plans, server):
+    """A client that names its own routing identity and disconnects: a new connection under that name finds
+    nothing of its sessions, and the slots they held are free at once, not after --session-idle."""
+    a = _named_dealer(server, b"victim-client")
+    assert _step3(plans, a, 4242, 0).type == wire.RESULT and len(server.sessions) == 1
     a.close(0)
     deadline = time.monotonic() + 5
     while len(server.sessions) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(server.sessions) == 0 and server.sessions.dropped == 1 and server.sessions.expired == 0
-    b = dealer()
-    reply = step(b, 3)
+    b = _named_dealer(server, b"victim-client")
+    reply = _step3(plans, b, 4242, 3)
     assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_UNKNOWN_SESSION
-    assert step(b, 0).type == wire.RESULT  # its own, from the start
+    assert _step3(plans, b, 4242, 0).type == wire.RESULT  # its own, from the start
     b.close(0)
+
+
+def test_a_second_connection_under_a_live_clients_identity_reaches_none_of_its_sessions(plans, server):
+    """ROUTER_HANDOVER gives the routing id to the newer connection while the first is still open: the
+    session is keyed by the connection too, so the newcomer cannot step (read) the first one's sequence."""
+    victim = _named_dealer(server, b"app-client-1")
+    assert _step3(plans, victim, 7, 0).type == wire.RESULT
+    thief = _named_dealer(server, b"app-client-1")
+    reply = _step3(plans, thief, 7, 3)
+    assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_UNKNOWN_SESSION, reply.meta
+    victim.close(0)
+    thief.close(0)
+
+
+def test_a_small_compressed_step_claiming_more_tokens_than_the_model_has_is_refused_undecompressed(
+    plans, server
+):
+    """52 KB of zstd that decompresses to 266 MB (within the message cap) cost the socket thread 0.8 s
+    and half a GB before the step's length was checked; its header's claim is checked first now."""
+    import resource
+
+    plan = Plan.load(plans / "float32")
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(server.endpoint)
+    bomb = encode(np.zeros((1, 100_000, SPEC.d_model), np.float32), "float32+zstd")
+    assert len(bomb) < 2_000_000
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    meta = {"session": 5, "position": 0}
+    msg = wire.Message(wire.STEP, 9, plan.plan_id, [hidden_name(1)], meta=meta, frames=[bomb])
+    reply = _ask(s, msg.to_frames())
+    assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_SESSION_LIMIT, reply.meta
+    assert f"at most {SPEC.n_ctx} token(s)" in reply.meta["message"]
+    assert time.perf_counter() - t0 < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100_000  # KiB: nothing decoded
+    one = encode(np.zeros((1, 1, SPEC.d_model), np.float32), "float32")
+    meta = {"session": 5, "position": SPEC.n_ctx}
+    late = wire.Message(wire.STEP, 10, plan.plan_id, [hidden_name(1)], meta=meta, frames=[one])
+    reply = _ask(s, late.to_frames())
+    assert reply.meta["code"] == wire.E_SESSION_LIMIT and "past the model's" in reply.meta["message"]
+    s.close(0)
 
 
 def test_int4_edge_weights_shrink_the_head_and_keep_the_tokens(plans, server, tmp_path):
