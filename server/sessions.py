@@ -89,8 +89,8 @@ class DecoderSessions:
         if self.cache_bytes - freed + nbytes > self.max_cache_bytes:
             raise SessionError(
                 wire.E_SESSION_LIMIT,
-                f"the decoder caches would hold {(self.cache_bytes - freed + nbytes) / 2**20:.3g} MiB "
-                f"(the limit is {self.max_cache_bytes / 2**20:.3g} MiB): close sessions or retry later",
+                f"the decoder caches would hold {self.cache_bytes - freed + nbytes:,} bytes "
+                f"(the limit is {self.max_cache_bytes:,}): close sessions or retry later",
             )
         s.past = as_past(presents)
         self.cache_bytes += nbytes - freed

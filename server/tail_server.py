@@ -409,7 +409,7 @@ class TailServer:
             for peer in self._session_peers.pop(fd, ()):
                 n = self.sessions.drop_peer(peer)
                 if n:
-                    log.info("freed %d decoder session(s) of a closed connection", n)
+                    log.debug("freed %d decoder session(s) of a closed connection", n)
 
     def _on_message(self, router: zmq.Socket, frames: list) -> None:
         """Never raises: whatever a message does, the loop goes on."""
