@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -16,7 +17,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.markup import escape
 
-from splitpoint.core.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError, first_line
 
 from .console import (
     console,
@@ -273,6 +274,13 @@ def plan_decoder(
         raise SplitPointError(f"--objective must be tpot or ttft, not {objective!r}")
     if min_agreement is not None and not 0 < min_agreement <= 1:
         raise SplitPointError(f"--min-agreement must be above 0 and at most 1, not {min_agreement:g}")
+    for name, v in (("--max-ttft", max_ttft), ("--max-tpot", max_tpot), ("--edge-memory", edge_memory)):
+        if v is not None and v <= 0:  # refused before the measurements, not as "no split meets the limits"
+            raise SplitPointError(f"{name} must be above 0, not {v:g}")
+    if edge_cpus is not None and edge_cpus <= 0:
+        raise SplitPointError(f"--edge-cpus must be above 0, not {edge_cpus:g}")
+    if not [c for c in codecs.split(",") if c.strip()]:
+        raise SplitPointError("--codecs is empty: name at least one codec")
     link = link_of(load_network(network))
     weights = [w.strip() for w in head_weights.split(",") if w.strip()]
     if not weights or any(w not in ("float32", "int4") for w in weights):
@@ -578,7 +586,7 @@ def plan(
         edge_memory_mib=edge_memory,
         max_bytes=max_bytes,
         objective=objective,
-        codecs=codecs.split(",") if codecs else None,
+        codecs=_codec_list(codecs),
         int8_heads=int8_heads,
         inputs=inputs,
         random=random,
@@ -595,6 +603,7 @@ def plan(
         return
     if plot:
         require("matplotlib", "--plot")
+        _check_plot_path(plot)
     with progress("planning", as_json) as note:
         r = run_plan(job, note)
     if plot:
@@ -660,6 +669,11 @@ def plan_chain(
             name, sep, value = item.partition("=")
             if not sep or not name or not value:
                 raise SplitPointError(f"--{what}: expected NAME=VALUE, got {item!r}")
+            if name in out_:  # the last one silently won
+                raise SplitPointError(f"--{what}: {name} is given twice ({out_[name]!r} and {value!r})")
+            chain = [x for x in devices.split(",") if x]
+            if name not in chain:  # silently ignored before
+                raise SplitPointError(f"--{what}: {name!r} is not a device of --devices ({', '.join(chain)})")
             out_[name] = value
         return out_
 
@@ -675,7 +689,7 @@ def plan_chain(
         memory_mib=pairs(memory, "memory"),
         max_hop_bytes=max_hop_bytes,
         objective=objective,
-        codecs=codecs.split(",") if codecs else None,
+        codecs=_codec_list(codecs),
         random=random,
         force=force,
         input_shapes=tuple(input_shape or ()),
@@ -717,6 +731,8 @@ def fidelity(
     """Measure the split model with a codec (and an int8 head) against the float model."""
     from splitpoint.partitioner.fidelity import measure_one
 
+    if random < 1:
+        raise typer.BadParameter(f"--random must be at least 1 sample, not {random}")
     rep = measure_one(model, cut, codec, quantize_head, inputs, random, input_shape)
     if as_json:
         _print_json(rep.to_dict())
@@ -864,6 +880,8 @@ def keygen(
     """A CurveZMQ key pair, for `serve --curve-secret/--curve-allow` and `edge run --curve-secret`."""
     from splitpoint.core.curve import keygen as make
 
+    if not out.name:
+        raise typer.BadParameter("NAME is empty: give the key pair's file name (NAME.key, NAME.pub)")
     key, pub = make(out)
     console.print(f"secret key {key} (mode 600), public key {pub}")
 
@@ -972,6 +990,8 @@ def deploy(
     ]
     if not targets:
         raise typer.BadParameter("name at least one --server, --relay or --edge")
+    if timeout <= 0:
+        raise typer.BadParameter(f"--timeout must be above 0 seconds, not {timeout:g}")
     key = read_key(curve_server_key, "server public key") if curve_server_key else None
     pair = keypair_from_secret(curve_secret) if curve_secret else None
     dirs = [plan_dir]
@@ -1213,6 +1233,32 @@ def _bench_chain(models, chain, networks, link, out, seconds, window, min_fideli
     console.print(f"report: {out / 'report.md'}")
 
 
+def _check_plot_path(path: Path) -> None:
+    """Before the work, not after the plan is written: a format matplotlib writes, in a directory."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise typer.BadParameter(f"--plot {path}: name a file ending in .{', .'.join(sorted(formats))}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise typer.BadParameter(f"--plot {path}: {parent} is a file")
+
+
+def _codec_list(codecs: str | None) -> list[str] | None:
+    """--codecs: None where not given; an empty list is a mistake, not "the default set"."""
+    if codecs is None:
+        return None
+    names = [c.strip() for c in codecs.split(",") if c.strip()]
+    if not names:
+        raise typer.BadParameter("--codecs is empty: name at least one codec (or leave it out)")
+    return names
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     sys.exit(code)
@@ -1221,6 +1267,10 @@ def _fail(message: str, code: int) -> NoReturn:
 def main() -> None:
     """Run the CLI; every error a user can cause is one line on stderr and exit status 2 (a runtime
     failure that a supervisor should restart on is 1)."""
+    # SIGTERM (a supervisor, `kill`, a timeout) unwinds like Ctrl-C: what a command was writing is
+    # removed on the way out (a temporary plan directory was left behind); the daemons put their own
+    # handler in place of this one to drain first
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False)
     except typer.Exit as exc:
@@ -1237,6 +1287,10 @@ def main() -> None:
         _fail(escape(text.replace("\n", " ")) + where, 2)
     except SplitPointError as exc:
         _fail(escape(str(exc)).replace("\n", " "), exc.exit_code)
+    except MemoryError as exc:  # numpy's names the size it wanted: an input shape this machine cannot hold
+        _fail(
+            escape(f"not enough memory: {first_line(exc) or 'an allocation failed'} (check --input-shape)"), 2
+        )
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         _fail(escape(f"{exc.strerror}: {exc.filename}"), 2)
     except OSError as exc:  # the machine's: a full disk, a read-only file system (writes go by temp + rename)

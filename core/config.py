@@ -7,18 +7,49 @@ ranges; a failure names the option and what is wrong with it, never a traceback.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConfigError
 
 C = TypeVar("C", bound="StrictConfig")
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds a number (int or float, optional or not) and not a bool."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
+    kinds = set(args) if args else {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
+class Document(BaseModel):
+    """A file a user may write or edit by hand (a profile, a network or device YAML, a trace): unknown
+    keys are refused, and so is a boolean where a number belongs (pydantic's lax mode reads ``true`` as
+    1.0, so ``uplink_mbps: true`` planned a 1 Mbit/s link without a word)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, f in cls.model_fields.items():
+                v = data.get(name)
+                if isinstance(v, bool) and _numeric(f.annotation):
+                    raise ValueError(f"{name} is {str(v).lower()}, a boolean where a number belongs")
+        return data
+
+
 class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-    label: ClassVar[str] = "configuration"  # what errors call it: "invalid serve option --bind: ..."
+    label: ClassVar[str] = "configuration"  # what errors call it: "invalid serve options: --bind: ..."
     # fields whose option the CLI spells otherwise (a unit in the field's name, not the option's)
     options: ClassVar[dict[str, str]] = {}
 
@@ -49,10 +80,10 @@ def _issues(exc: ValidationError) -> list[tuple[str, str]]:
 
 
 def explain(exc: ValidationError, where: str, options: dict[str, str] | None = None) -> str:
-    """Options, as the CLI spells them: ``invalid serve option --bind: ...``."""
+    """Options, as the CLI spells them: ``invalid serve options: --bind: ...``."""
     names = options or {}
-    return f"invalid {where} option " + "; ".join(
-        f"--{names.get(f, f.replace('_', '-'))}: {m}" for f, m in _issues(exc)
+    return f"invalid {where} options: " + "; ".join(
+        m if f == "(root)" else f"--{names.get(f, f.replace('_', '-'))}: {m}" for f, m in _issues(exc)
     )
 
 

@@ -194,6 +194,10 @@ def open_decoder(model: str, seed: int = 0, max_len: int | None = None) -> Decod
             f"--max-len must be at least 2 positions (a prompt token and a generated one), not {max_len}"
         )
     if model in DECODERS:
+        if max_len is not None and max_len != DECODERS[model].n_ctx:
+            raise SplitPointError(
+                f"--max-len is for exported decoders: the zoo's {model} has {DECODERS[model].n_ctx} positions"
+            )
         return ZooDecoder(model, seed)
     if model.endswith(".onnx") or Path(model).exists():
         return ExportedDecoder(Path(model), max_len)

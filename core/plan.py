@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .codecs import DTYPES
 from .config import explain_fields
 from .errors import OutputExistsError, PlanError
+from .files import current_umask
 from .onnxio import sha256_file
 
 PLAN_FORMAT: Final = 2
@@ -297,6 +298,14 @@ class Plan(_Strict):
         matching its checksum (a device's directory holds only its role's files)."""
         p = Path(plan_dir) / PLAN_FILE
         if not p.is_file():
+            if (Path(plan_dir) / "planset.json").is_file():
+                raise PlanError(
+                    f"{plan_dir} is a plan set, not one plan: the adaptive client "
+                    "(splitpoint.edge.adaptive.AdaptiveClient) runs a set; give one member's directory "
+                    "to run that plan alone"
+                )
+            if Path(plan_dir).is_file():
+                raise PlanError(f"{plan_dir} is a file: give the plan's directory")
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
         plan = cls.parse(p.read_bytes(), where=str(p))
         if verify:
@@ -427,26 +436,56 @@ def install_pushed(
     return plan, loaded[0], target
 
 
+# what --force may replace: a directory a plan or a plan set was written to, or an empty one
+_PLAN_MARKERS = ("plan.json", "planset.json")
+
+
 def write_dir_atomically(target: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
     """Run ``write(tmpdir)`` and move the result to ``target`` in one rename.
 
-    A failure or Ctrl-C leaves the previous content (or nothing) in place, never half a plan.
+    A failure, Ctrl-C or SIGTERM leaves the previous content (or nothing) in place, never half a plan.
+    ``force`` replaces an earlier plan (or plan set) only: a directory holding anything else (the model
+    the plan is cut from, a user's files) is refused, not deleted. Without it, a directory that another
+    process wrote meanwhile is refused too, not replaced: of two writers one is told.
     """
     target = Path(target)
+    if not target.name or target.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise OutputExistsError(
+            f"output directory {str(target) or '(empty)'!r} is the current directory or holds it: "
+            "give a directory of its own"
+        )
     if target.exists():
         if not target.is_dir():
             raise OutputExistsError(f"output path {target} exists and is not a directory")
-        if any(target.iterdir()) and not force:
+        held = sorted(x.name for x in target.iterdir())
+        if held and not force:
             raise OutputExistsError(f"output directory {target} is not empty (use --force to replace it)")
+        if held and not any(m in held for m in _PLAN_MARKERS):
+            raise OutputExistsError(
+                f"output directory {target} holds files that are not a plan ({', '.join(held[:3])}"
+                f"{', …' if len(held) > 3 else ''}): --force replaces an earlier plan only; choose another "
+                "directory"
+            )
+    for parent in reversed([target.parent, *target.parent.parents]):
+        if parent.exists() and not parent.is_dir():
+            raise OutputExistsError(f"{parent} is a file, so {target} cannot be a directory in it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old = None
     try:
         write(tmp)
-        if target.exists():
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would keep the plan from a service's user
+        if target.exists() and force:
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.rename(tmp, target)  # over a missing or empty directory only
+        except OSError as exc:
+            if target.is_dir() and any(target.iterdir()):
+                raise OutputExistsError(
+                    f"output directory {target} was written by another process meanwhile; nothing replaced"
+                ) from exc
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not target.exists():

@@ -127,7 +127,10 @@ def load_inputs(
             continue
         only_input(f, list(dims))
         ((name, want),) = dims.items()
-        arr = np.load(f) if f.suffix == ".npy" else image_tensor(f, want)
+        try:
+            arr = np.load(f, allow_pickle=False) if f.suffix == ".npy" else image_tensor(f, want)
+        except (OSError, ValueError, EOFError) as exc:  # truncated, another format, a pickled object
+            raise SplitPointError(f"{f.name}: not a readable .npy array ({exc})") from exc
         arr = arr.astype(dtypes[name], copy=False)
         if arr.ndim == len(want) - 1:
             arr = arr[None]

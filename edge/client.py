@@ -43,7 +43,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
-from splitpoint.core.errors import SplitPointError
+from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
 from splitpoint.core.runner import HeadRunner, make_session, mismatch, output_expects
 from splitpoint.core.telemetry import Telemetry
@@ -109,6 +109,11 @@ class EdgeClient:
         self._out_expect = output_expects(self.plan)
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
+        if config.fallback and FULL_FILE in self.plan.files and not (d / FULL_FILE).is_file():
+            raise PlanError(
+                f"{d}: the plan lists {FULL_FILE} (its model for falling back) but the file is missing: "
+                "copy the whole plan directory, or run with --no-fallback"
+            )
         if (config.fallback or self.local_only) and ((d / FULL_FILE).is_file() or self.local_only):
             path = d / (FULL_FILE if (d / FULL_FILE).is_file() else HEAD_FILE)
             if psutil.virtual_memory().available > 3 * path.stat().st_size:

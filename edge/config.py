@@ -15,6 +15,7 @@ from splitpoint.core.telemetry import BrokerUrl
 
 class EdgeConfig(StrictConfig):
     label: ClassVar[str] = "edge"
+    options: ClassVar[dict[str, str]] = {"timeout_s": "timeout", "plan_dir": "PLAN_DIR"}
     plan_dir: Path
     server: Endpoint = "tcp://127.0.0.1:5555"
     window: int = Field(4, ge=1, le=4096)  # requests in flight at once
@@ -38,7 +39,8 @@ class EdgeConfig(StrictConfig):
     @model_validator(mode="after")
     def _plan_dir(self) -> EdgeConfig:
         if not self.plan_dir.is_dir():
-            raise ValueError(f"plan directory {self.plan_dir} does not exist")
+            state = "is a file" if self.plan_dir.exists() else "does not exist"
+            raise ValueError(f"plan directory {self.plan_dir} {state}")
         if self.listen and not is_loopback(self.listen) and not self.insecure:
             raise ValueError(
                 f"listening on {self.listen} lets other machines deploy models to this device; use "

@@ -39,6 +39,13 @@ Objective = Literal["latency", "throughput", "bytes", "edge-memory", "fidelity"]
 
 class PlanJob(StrictConfig):
     label: ClassVar[str] = "plan"
+    options: ClassVar[dict[str, str]] = {
+        "max_latency_ms": "max-latency",
+        "edge_memory_mib": "edge-memory",
+        "rate_ips": "rate",
+        "edge_profile": "edge-profile",
+        "server_profile": "server-profile",
+    }
     model: str  # ONNX path or zoo name
     edge_profile: Path
     server_profile: Path
@@ -216,6 +223,12 @@ class ChainJob(StrictConfig):
     """``splitpoint plan-chain``: a model over an ordered chain of devices, one network per hop."""
 
     label: ClassVar[str] = "plan-chain"
+    options: ClassVar[dict[str, str]] = {
+        "max_latency_ms": "max-latency",
+        "min_throughput_ips": "min-throughput",
+        "memory_mib": "memory",
+        "profiles": "profile",
+    }
     model: str
     devices: tuple[str, ...] = Field(min_length=2, max_length=17)  # device names, edge first
     profiles: dict[str, Path]  # device name -> measured profile of the model there

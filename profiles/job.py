@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.graph import open_model
@@ -19,6 +20,7 @@ from .schema import MeasuredProfile
 
 class ProfileJob(StrictConfig):
     label: ClassVar[str] = "profile"
+    options: ClassVar[dict[str, str]] = {"slowdown": "emulate-slowdown", "out": "out"}
     model: str  # ONNX path or zoo name
     role: Literal["edge", "server"] = "edge"
     out: Path | None = None  # default profiles/measured/MODEL-ROLE.json
@@ -31,10 +33,22 @@ class ProfileJob(StrictConfig):
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
     fresh_codecs: bool = False  # measure codec speeds again even where this device's are cached
 
+    @field_validator("out")
+    @classmethod
+    def _a_file(cls, v: Path | None) -> Path | None:  # before the profile's minutes, not after them
+        if v is not None and (not v.name or v.is_dir()):
+            raise ValueError(f"{str(v) or '(empty)'!r} is a directory: give the profile's file name")
+        return v
+
     @model_validator(mode="after")
     def _one_limit(self) -> ProfileJob:
         if self.cpus is not None and self.slowdown is not None:
-            raise ValueError("give cpus or emulate-slowdown, not both")
+            raise ValueError("give --cpus or --emulate-slowdown, not both")
+        have = os.cpu_count() or 1
+        if self.cpus is not None and self.cpus > have:
+            raise ValueError(
+                f"--cpus {self.cpus:g} is more than this machine's {have} CPUs: it emulates a smaller device"
+            )
         return self
 
     @property

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from splitpoint.core.config import explain_fields
+from splitpoint.core.config import Document, explain_fields
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.files import atomic_write_text
 
@@ -22,7 +22,7 @@ PROFILE_FORMAT: Final = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class _Strict(BaseModel):
+class _Strict(Document):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
@@ -225,10 +225,15 @@ def load_measured(
 
 
 def _named(spec: str | Path, folder: str) -> Path:
+    """A path, or a built-in profile's name: a name is a path only where a file of that name exists (a
+    directory called ``lte`` in the working directory, e.g. a plan written with ``-o lte``, does not hide
+    the built-in profile)."""
     p = Path(spec)
-    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
-        return p
+    if not str(spec).strip():
+        raise ProfileError(f"no {folder[:-1]} profile given (an empty name)")
     candidate = PACKAGE_DIR / folder / f"{spec}.yaml"
+    if p.suffix in (".yaml", ".yml", ".json") or p.is_file() or (p.exists() and not candidate.exists()):
+        return p
     if candidate.exists():
         return candidate
     known = ", ".join(sorted(x.stem for x in (PACKAGE_DIR / folder).glob("*.yaml")))

@@ -61,6 +61,21 @@ class ServerConfig(StrictConfig):
     heartbeat_s: float = Field(1.0, gt=0, le=60)  # towards the next stage (ZMTP heartbeats)
     dead_after_s: float = Field(5.0, gt=0, le=600)
 
+    @field_validator("plans_dir")
+    @classmethod
+    def _plans_dir(cls, v: Path | None) -> Path | None:
+        """A directory of plan directories (created if missing): one plan's own directory, or a file, is a
+        mistake that served 0 plans and then failed the first deploy with a traceback."""
+        if v is None:
+            return v
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is a file: give the directory the plans are kept in")
+        if (v / "plan.json").is_file():
+            raise ValueError(
+                f"{v} is one plan's directory: give the directory that holds plan directories ({v.parent})"
+            )
+        return v
+
     @field_validator("reply_codec")
     @classmethod
     def _codec(cls, v: str) -> str:

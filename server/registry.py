@@ -59,7 +59,11 @@ class PlanRegistry:
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}  # plan directory -> why it is not served
         if self.plans_dir and self.plans_dir.is_dir():
-            for d in sorted(p for p in self.plans_dir.iterdir() if (p / PLAN_FILE).is_file()):
+            for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if not (d / PLAN_FILE).is_file():
+                    self.skipped[str(d)] = f"no {PLAN_FILE} file in it"
+                    log.warning("skipping %s: no %s file in it", d, PLAN_FILE)
+                    continue
                 try:
                     self.add_dir(d)
                 except Exception as exc:  # one bad plan directory must not keep the others from serving

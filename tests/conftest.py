@@ -25,13 +25,18 @@ def random_feeds(model, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def run_cli(
-    *args: str, check: bool = False, timeout: int = 300, env: dict[str, str] | None = None
+    *args: str,
+    check: bool = False,
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "splitpoint.app", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
     if check and proc.returncode != 0:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -119,15 +122,75 @@ def test_bad_cuts_are_refused(cut, message, small_resnet, tmp_path):
 
 
 def test_existing_output_is_kept_without_force_and_replaced_with_it(small_resnet, tmp_path):
+    """--force replaces an earlier plan, never a directory of the user's files: one holding the model the
+    plan is cut from lost it (and everything beside it) before."""
     out = tmp_path / "plan"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    model = out / "model.onnx"
+    model.write_bytes(small_resnet.read_bytes())
     proc = run_cli("split", str(small_resnet), "--cut", "4", "-o", str(out))
     assert proc.returncode == 2 and "not empty" in proc.stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    run_cli("split", str(small_resnet), "--cut", "4", "-o", str(out), "--force", check=True)
-    assert sorted(p.name for p in out.iterdir()) == ["head.onnx", "plan.json", "tail.onnx"]
+    proc = run_cli("split", str(model), "--cut", "4", "-o", str(out), "--force")
+    assert proc.returncode == 2 and "holds files that are not a plan (keep.txt, model.onnx)" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "model.onnx"]
+    plan = tmp_path / "plan2"
+    run_cli("split", str(small_resnet), "--cut", "4", "-o", str(plan), check=True)
+    run_cli("split", str(small_resnet), "--cut", "6", "-o", str(plan), "--force", check=True)
+    assert sorted(p.name for p in plan.iterdir()) == ["head.onnx", "plan.json", "tail.onnx"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    # readable as the umask says (a service's user reads plans another user wrote), not mkdtemp's 0700
+    assert plan.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    proc = run_cli("split", str(small_resnet), "--cut", "4", "-o", ".", "--force")
+    assert proc.returncode == 2 and "current directory" in proc.stderr
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_of_two_writers_of_one_new_plan_directory_one_is_told(small_resnet, tmp_path):
+    """Both started on a missing directory: the second to finish used to replace the first's plan and
+    report success; now it is refused and the first plan stands."""
+    from splitpoint.core.errors import OutputExistsError
+    from splitpoint.core.plan import write_dir_atomically
+
+    out = tmp_path / "plan"
+
+    def first(tmp):
+        (tmp / "plan.json").write_text("first")
+        (out / "plan.json").parent.mkdir()  # the other writer finishes meanwhile
+        (out / "plan.json").write_text("second")
+
+    with pytest.raises(OutputExistsError, match="written by another process meanwhile"):
+        write_dir_atomically(out, first)
+    assert (out / "plan.json").read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan"]
+
+
+def test_sigterm_mid_write_leaves_no_temporary_directory(tmp_path):
+    """A supervisor's SIGTERM unwinds like Ctrl-C: the temporary plan directory goes with it."""
+    code = (
+        "import os, signal, time\n"
+        "from splitpoint.app.cli import _terminated\n"
+        "from splitpoint.core.plan import write_dir_atomically\n"
+        "signal.signal(signal.SIGTERM, _terminated)  # as main() does\n"
+        "def write(tmp):\n"
+        "    (tmp / 'head.onnx').write_bytes(b'partial')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(10)\n"
+        f"write_dir_atomically({str(tmp_path / 'plan')!r}, write)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 def test_failure_mid_write_leaves_previous_content_intact(tmp_path):

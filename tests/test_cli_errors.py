@@ -82,6 +82,29 @@ def _busy_port():
         ),
         (["deploy", "/nonexistent/plan", "--server", "127.0.0.1:5599"], "has no scheme"),
         (["no-such-command"], "No such command"),
+        (["split", "resnet18", "--cut", ",", "-o", "/tmp/x"], "--cut is empty"),
+        (["fidelity", "resnet18", "--cut", "4", "--random", "0"], "--random must be at least 1"),
+        (["keygen", ""], "NAME is empty"),
+        (["serve", "--session-idle", "-1"], "--session-idle: Input should be greater than 0"),
+        (["profile", "resnet18", "-o", "/tmp"], "is a directory: give the profile's file name"),
+        (["serve", "--plans", "/etc/hostname"], "is a file: give the directory the plans are kept in"),
+        (["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599", "--timeout", "-1"], "--timeout"),
+        (["plan-decoder", "decoder-tiny", "--max-ttft", "-1"], "--max-ttft must be above 0"),
+        (["plan-decoder", "decoder-tiny", "--codecs", ","], "--codecs is empty"),
+        (
+            ["split-decoder", "decoder-tiny", "--edge-layers", "2", "--max-len", "100", "-o", "/tmp/x"],
+            "--max-len is for exported decoders",
+        ),
+        (["profile", "resnet18", "--cpus", "1000"], "more than this machine's"),
+        (
+            ["plan-chain", "resnet18", "--devices", "a,b", "--profile", "a=x.json", "--profile", "a=y.json"]
+            + ["--networks", "lte"],
+            "a is given twice",
+        ),
+        (
+            ["plan-chain", "resnet18", "--devices", "a,b", "--profile", "c=x.json", "--networks", "lte"],
+            "'c' is not a device of --devices",
+        ),
     ],
 )
 def test_user_errors_are_one_line_exit_2_and_fast(args, needle):
@@ -274,3 +297,63 @@ def test_a_write_the_machine_refuses_is_one_line_and_leaves_nothing_half_written
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "File too large" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name != "plan"]
+
+
+def test_bad_files_and_names_in_the_way_are_one_line(plan_dir, tmp_path, small_resnet18):
+    """A corrupt .npy among the inputs, one plan's directory given as the server's plans directory, a plan
+    whose fallback model was not copied, and directories in the working directory named like a zoo model
+    and a network profile (a plan written with -o lte hid the built-in profile)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.npy").write_bytes(b"not an array")
+    t0 = time.monotonic()
+    r = run_cli("fidelity", str(small_resnet18), "--cut", "4", "--inputs", str(bad), timeout=60)
+    _one_line_error(r, "a.npy: not a readable", t0)
+    t0 = time.monotonic()
+    _one_line_error(
+        run_cli("serve", "--plans", str(plan_dir / "plan"), timeout=60), "is one plan's directory", t0
+    )
+    h = open_model(small_resnet18)
+    no_full = tmp_path / "no-full"
+    write_plan(h, no_full, cut=h.cuts()[10], include_full=True)
+    (no_full / "full.onnx").unlink()
+    t0 = time.monotonic()
+    server = f"tcp://127.0.0.1:{free_port()}"
+    r = run_cli("edge", "run", str(no_full), "--server", server, "--inputs", str(bad), timeout=60)
+    _one_line_error(r, "lists full.onnx (its model for falling back) but the file is missing", t0)
+    (tmp_path / "resnet18").mkdir()
+    (tmp_path / "lte").mkdir()
+    r = run_cli("cuts", "resnet18", "--json", timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and '"cuts"' in r.stdout, r.stderr
+    from splitpoint.profiles.schema import load_network
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert load_network("lte").uplink_mbps == pytest.approx(5.85)
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_boolean_where_a_number_belongs_is_refused_in_hand_written_files(tmp_path):
+    """pydantic reads `true` as 1.0: `uplink_mbps: true` planned a 1 Mbit/s link without a word."""
+    from splitpoint.core.errors import ProfileError
+    from splitpoint.profiles.schema import load_network
+
+    f = tmp_path / "net.yaml"
+    f.write_text("name: x\nuplink_mbps: true\ndownlink_mbps: 10\nrtt_ms: 20\njitter_ms: 1\nloss: 0\n")
+    with pytest.raises(ProfileError, match="uplink_mbps is true, a boolean where a number belongs"):
+        load_network(f)
+    f.write_text("name: x\nuplink_mbps: 1\ndownlink_mbps: 10\nrtt_ms: 20\njitter_ms: 1\nloss: 0\n")
+    assert load_network(f).uplink_mbps == 1.0
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_plan_is_written(tmp_path):
+    t0 = time.monotonic()
+    out = tmp_path / "plan"
+    r = run_cli(
+        "plan", "resnet18", "--edge-profile", "e.json", "--server-profile", "s.json", "--network", "lte",
+        "--plot", str(tmp_path / "front.txt"), "-o", str(out), timeout=60,
+    )  # fmt: skip
+    _one_line_error(r, "--plot", t0)
+    assert "front.txt: name a file ending in" in r.stderr and not out.exists()

@@ -116,7 +116,8 @@ def calibrate_apart(device: DeviceSpec) -> Calibration:
         cmd = [sys.executable, "-m", "splitpoint.app.bench.edgecpu", str(spec), str(out)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            raise SplitPointError(f"calibrating {device.name} failed: {r.stderr.strip()[-800:]}")
+            lines = r.stderr.strip().splitlines() or ["(no output)"]  # a traceback's last line says why
+            raise SplitPointError(f"calibrating {device.name} failed: {lines[-1][-400:]}")
         return Calibration(**json.loads(out.read_text()))
 
 

@@ -29,27 +29,25 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from splitpoint.app.process import check_started, start_server, stop
-from splitpoint.core.config import StrictConfig, explain_fields
+from splitpoint.core.config import Document, StrictConfig, explain_fields
 from splitpoint.core.errors import SplitPointError
 
 from .run import BENCH_CODECS, default_models, nonempty_names
 from .tracereport import pct
 
 
-class Phase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Phase(Document):
     network: str
     seconds: float = Field(gt=0, le=86_400)
 
 
-class Trace(BaseModel):
+class Trace(Document):
     """Phases in order; ``repeat`` plays the list that many times, ``total_seconds`` cycles it up to that
     time (the last phase cut short)."""
 
-    model_config = ConfigDict(extra="forbid")
     phases: list[Phase] = Field(min_length=1, max_length=10_000)
     repeat: int = Field(1, ge=1, le=10_000)
     total_seconds: float | None = Field(None, gt=0, le=86_400)

@@ -275,6 +275,8 @@ def resolve_cut(idx: GraphIndex, spec: str | int) -> Cut:
     """``spec`` is a cut index or comma-separated tensor names; a name that itself holds a comma (or
     spaces at its ends) is taken whole when the graph has a tensor of exactly that name."""
     s = str(spec).strip()
+    if not s.strip(", "):
+        raise CutError("--cut is empty: give a cut index (see `splitpoint cuts MODEL`) or tensor names")
     if s.lstrip("-").isdigit():
         return cut_by_index(idx, int(s))
     if str(spec) in idx.producer:

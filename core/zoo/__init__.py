@@ -127,7 +127,14 @@ def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed:
 def resolve(spec: str | Path) -> Path:
     """A path to an ONNX file for ``spec``: an existing file, or a zoo name built on demand."""
     p = Path(spec)
-    if p.exists() or str(spec).endswith(".onnx") or os.sep in str(spec):
+    # a zoo name is a path only where a file of that name exists: a directory called resnet18 in the
+    # working directory (a plan written with -o resnet18) does not hide the zoo's model
+    if (
+        p.is_file()
+        or str(spec).endswith(".onnx")
+        or os.sep in str(spec)
+        or (p.exists() and str(spec) not in ZOO)
+    ):
         return p
     if str(spec) in ZOO:
         return zoo_path(str(spec))
