@@ -140,7 +140,9 @@ def split(
     codec: Annotated[
         list[str] | None, typer.Option(help="codec of each hop, in order (one for all, or one per cut)")
     ] = None,
-    force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    force: Annotated[
+        bool, typer.Option(help="replace an earlier plan in the output directory (never other files)")
+    ] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (edge fallback)")] = False,
     input_shape: Shapes = None,
 ) -> None:
@@ -197,7 +199,9 @@ def split_decoder(
     ] = "float32",
     seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
     max_len: Annotated[int | None, typer.Option(help=_MAX_LEN_HELP)] = None,
-    force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    force: Annotated[
+        bool, typer.Option(help="replace an earlier plan in the output directory (never other files)")
+    ] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (generate --local)")] = False,
 ) -> None:
     """A decoder-only transformer split between layers: head.onnx (embedding, first layers, the edge's KV
@@ -249,7 +253,9 @@ def plan_decoder(
         typer.Option(help="floor on the pick's measured greedy-token agreement with the float model, 0-1"),
     ] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the pick's plan here")] = None,
-    force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
+    force: Annotated[
+        bool, typer.Option(help="replace an earlier plan in the output directory (never other files)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the candidates as JSON")] = False,
     seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
     max_len: Annotated[int | None, typer.Option(help=_MAX_LEN_HELP)] = None,
