@@ -285,8 +285,7 @@ def plan_decoder(
             raise SplitPointError(f"{name} must be above 0, not {v:g}")
     if edge_cpus is not None and edge_cpus <= 0:
         raise SplitPointError(f"--edge-cpus must be above 0, not {edge_cpus:g}")
-    if not [c for c in codecs.split(",") if c.strip()]:
-        raise SplitPointError("--codecs is empty: name at least one codec")
+    codec_names = _codec_list(codecs) or []  # --codecs has a default: never None here
     link = link_of(load_network(network))
     weights = [w.strip() for w in head_weights.split(",") if w.strip()]
     if not weights or any(w not in ("float32", "int4") for w in weights):
@@ -297,7 +296,7 @@ def plan_decoder(
         m = measure(
             dec,
             seed=seed,
-            codecs=[c.strip() for c in codecs.split(",") if c.strip()],
+            codecs=codec_names,
             head_weights=weights,
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,

@@ -16,6 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, first_line
+from .subgraphs import node_inputs
 from .weights import nbytes, serialized_with_weights, stubbed_bytes, weights_as_inputs, with_weights
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
@@ -86,7 +87,8 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     without it, but onnxruntime runs such graphs and hand-edited or merged models arrive so. A graph
     that no order fixes (a cycle, a tensor nobody produces) is left for the checker to name."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    needs = [set(n.input) | _outer_names(n) for n in graph.node]
+    known |= {t.name for t in graph.sparse_initializer}
+    needs = [set(node_inputs(n)) for n in graph.node]
     done = set(known)
     for i, n in enumerate(graph.node):
         if not needs[i] <= done:
@@ -111,18 +113,6 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
     nodes = [graph.node[i] for i in order]
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _outer_names(node: onnx.NodeProto) -> set[str]:
-    """Tensors a node's subgraphs read from the scope around them."""
-    out: set[str] = set()
-    for a in node.attribute:
-        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            inner = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                out |= (set(n.input) | _outer_names(n)) - inner
-                inner |= set(n.output)
-    return out - {""}
 
 
 def check_model(

@@ -153,8 +153,9 @@ def enumerate_cuts(idx: GraphIndex) -> list[Cut]:
         )
     # MACs last: a cut's tensor that inference could not type makes the sweep measure the shapes with
     # a trial run, and MACs counted before that (the total, the first heads) would miss what it typed
-    prefix = [0, *itertools.accumulate(node_macs(idx, p) for p in order)]
-    total_macs = sum(node_macs(idx, p) for p in range(len(idx.nodes)))
+    macs = [node_macs(idx, p) for p in range(len(idx.nodes))]
+    prefix = [0, *itertools.accumulate(macs[p] for p in order)]
+    total_macs = sum(macs)
     for c in cuts:
         c.head_macs, c.total_macs = prefix[c.k], total_macs
     return cuts

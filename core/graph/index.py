@@ -18,30 +18,8 @@ from onnx import helper, numpy_helper
 
 from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError, first_line
+from splitpoint.core.subgraphs import node_inputs
 from splitpoint.core.weights import stub, with_stubs
-
-
-def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:
-    """Names a (sub)graph reads but does not define: its outer-scope dependencies."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.name for t in graph.sparse_initializer}
-    used: set[str] = set()
-    for n in graph.node:
-        used.update(i for i in node_inputs(n) if i)
-        defined.update(n.output)
-    used.update(o.name for o in graph.output)
-    return used - defined
-
-
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Explicit inputs plus outer-scope names read by the node's subgraphs (recursively)."""
-    ins = [i for i in node.input if i]
-    for attr in node.attribute:
-        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in subs:
-            ins.extend(sorted(subgraph_outer_refs(g)))
-    return ins
-
 
 # ops whose output shape follows their input's values: the count of what they find or keep, a branch taken
 VALUE_SHAPED_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress", "If", "Loop", "Scan"})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from splitpoint.core import zoo
 from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import load_model, sha256_file
+from splitpoint.core.subgraphs import iter_nodes
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
 from .index import GraphIndex, dtype_name
@@ -139,18 +139,6 @@ def _runtime_operators() -> frozenset | None:
         return frozenset((s.domain, s.name) for s in _pybind_state.get_all_operator_schema())
     except (ImportError, AttributeError):  # pragma: no cover - a build without schema listing
         return None
-
-
-def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node, those of subgraphs (If, Loop, Scan bodies) included."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from iter_nodes(g)
 
 
 def check_interface(model: onnx.ModelProto, where: str) -> None:
