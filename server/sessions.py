@@ -103,9 +103,10 @@ class DecoderSessions:
             self.cache_bytes -= s.nbytes
         return s is not None
 
-    def drop_peer(self, peer: bytes) -> int:
-        """Free every session of one connection (it closed); how many there were."""
-        gone = [k for k in self._s if k[0] == peer]
+    def drop_peer(self, peer: bytes, fd: int | None = None) -> int:
+        """Free every session of one connection (it closed): its routing identity and its socket, so a
+        newer connection that took the identity over keeps its own; how many there were."""
+        gone = [k for k in self._s if k[0] == peer and k[1] == fd]
         for k in gone:
             self.close(k)
         self.dropped += len(gone)

@@ -407,7 +407,7 @@ class TailServer:
             except Exception:  # a monitor message of another shape: nothing to free
                 continue
             for peer in self._session_peers.pop(fd, ()):
-                n = self.sessions.drop_peer(peer)
+                n = self.sessions.drop_peer(peer, fd)
                 if n:
                     log.debug("freed %d decoder session(s) of a closed connection", n)
 

@@ -251,7 +251,14 @@ def test_a_second_connection_under_a_live_clients_identity_reaches_none_of_its_s
     thief = _named_dealer(server, b"app-client-1")
     reply = _step3(plans, thief, 7, 3)
     assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_UNKNOWN_SESSION, reply.meta
-    victim.close(0)
+    assert _step3(plans, thief, 8, 0).type == wire.RESULT and len(server.sessions) == 2
+    victim.close(0)  # frees its own session, not the newer connection's under the same identity
+    deadline = time.monotonic() + 5
+    while len(server.sessions) > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert len(server.sessions) == 1
+    assert _step3(plans, thief, 8, 3).type == wire.RESULT
     thief.close(0)
 
 
