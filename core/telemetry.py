@@ -131,7 +131,7 @@ class Telemetry:
         c.on_connect = lambda *a: self._on_connect(*a)
         c.on_disconnect = lambda *a: self._on_disconnect()
         c.on_connect_fail = lambda *a: self._unreachable("is unreachable")
-        self._warned = False  # a warning per outage, not one per retry
+        self._warned: str | None = None  # why, once per outage and reason, not once per retry
         c.reconnect_delay_set(1, 5)
         self._client = c
         self._status: tuple[str, dict] | None = None
@@ -144,8 +144,8 @@ class Telemetry:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _unreachable(self, why: str) -> None:
-        if not self._warned:
-            self._warned = True
+        if why != self._warned:  # a new reason is news (a broker back up that now refuses this client)
+            self._warned = why
             log.warning(
                 "telemetry: the MQTT broker at %s:%s %s; inference goes on, its telemetry is dropped "
                 "until the broker answers",
@@ -165,7 +165,7 @@ class Telemetry:
             return
         if self._warned:
             log.warning("telemetry: the MQTT broker at %s:%s answers again", self.url.host, self.url.port)
-        self._warned = False
+        self._warned = None
         self.connected.set()
         if self._status:
             self.status(*self._status)  # re-assert the retained status after a reconnect

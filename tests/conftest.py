@@ -71,9 +71,10 @@ def small_resnet18(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def running_mosquitto(directory: Path, anonymous: bool = True) -> Iterator[str]:
-    """A real mosquitto broker on a free loopback port (installed by .ci/run with apt-get); its URL.
-    ``anonymous=False``: one that refuses every client without credentials."""
+def running_mosquitto(directory: Path, anonymous: bool = True, port: int | None = None) -> Iterator[str]:
+    """A real mosquitto broker on a free loopback port, or ``port`` (to start one again where an earlier
+    one was), installed by .ci/run with apt-get; its URL. ``anonymous=False``: one that refuses every
+    client without credentials."""
     import shutil
     import socket
     import time
@@ -83,10 +84,11 @@ def running_mosquitto(directory: Path, anonymous: bool = True) -> Iterator[str]:
     )
     if exe is None:
         pytest.fail("mosquitto is not installed: apt-get install mosquitto (.ci/run does this)")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    if port is None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
     conf = directory / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"

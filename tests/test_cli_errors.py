@@ -357,3 +357,45 @@ def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_plan_is_wri
     )  # fmt: skip
     _one_line_error(r, "--plot", t0)
     assert "front.txt: name a file ending in" in r.stderr and not out.exists()
+
+
+def test_a_plot_path_under_a_file_is_refused_before_the_plan_is_written(tmp_path):
+    t0 = time.monotonic()
+    (tmp_path / "notes").write_text("a file, not a directory")
+    out = tmp_path / "plan"
+    r = run_cli(
+        "plan", "resnet18", "--edge-profile", "e.json", "--server-profile", "s.json", "--network", "lte",
+        "--plot", str(tmp_path / "notes" / "front.png"), "-o", str(out), timeout=60,
+    )  # fmt: skip
+    _one_line_error(r, f"{tmp_path / 'notes'} is a file", t0)
+    assert not out.exists()
+
+
+def test_an_input_shape_larger_than_memory_is_one_line(tmp_path):
+    """numpy's MemoryError names the size it wanted; the user is pointed at the option that asked for it."""
+    t0 = time.monotonic()
+    out = tmp_path / "p.json"
+    r = run_cli(
+        "profile", "resnet18", "--input-shape", "input:100000000x3x224x224", "-o", str(out), timeout=60
+    )
+    _one_line_error(r, "not enough memory", t0)
+    assert "--input-shape" in r.stderr and "TiB" in r.stderr and not out.exists()
+
+
+def test_a_failed_calibration_says_why_in_one_line():
+    """Calibration runs in a process of its own; its failure is reported by that process's last line (the
+    reason), not as the whole traceback."""
+    from splitpoint.app.bench.edgecpu import calibrate_apart
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.profiles.schema import DeviceSpec
+
+    spec = DeviceSpec(
+        name="odd-board", role="edge", cpu="none", cores=1, clock_ghz=1.0, memory_gb=1.0, thermal_limit_c=80,
+        reference_latency_ms={"no-such-model": 10.0},
+    )  # fmt: skip
+    with pytest.raises(SplitPointError) as caught:
+        calibrate_apart(spec)
+    text = str(caught.value)
+    assert text.startswith("calibrating odd-board failed: ")
+    assert "has no reference latency for a zoo model" in text and "no-such-model" in text
+    assert "Traceback" not in text and "\n" not in text

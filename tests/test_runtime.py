@@ -260,6 +260,44 @@ def test_dead_broker_never_blocks_inference(model, server):
         assert c.telemetry.dropped > 0 and c.telemetry.sent == 0
 
 
+def test_a_daemon_says_once_when_its_broker_goes_and_once_when_it_answers_again(tmp_path, caplog):
+    """An operator reading a daemon's log learns that telemetry stopped and why (one line per outage, not
+    one per retry) and that it came back: before, a lost or refusing broker was silent."""
+    import logging
+
+    from splitpoint.app.broker import free_port
+    from splitpoint.core.telemetry import Telemetry
+
+    from .conftest import running_mosquitto
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "splitpoint.core.telemetry"]
+
+    def wait_for(pred, seconds: float = 15.0) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not pred():
+            time.sleep(0.05)
+        return pred()
+
+    port = free_port()
+    caplog.set_level(logging.WARNING, logger="splitpoint.core.telemetry")
+    t = Telemetry("outage", "edge", f"mqtt://127.0.0.1:{port}")
+    try:
+        assert wait_for(lambda: len(warnings()) >= 1)
+        time.sleep(3)  # several retries at 1 s, still one line
+        assert len(warnings()) == 1 and "is unreachable" in warnings()[0] and str(port) in warnings()[0]
+        with running_mosquitto(tmp_path, port=port):
+            assert t.connected.wait(15)
+            assert wait_for(lambda: len(warnings()) == 2) and "answers again" in warnings()[1]
+        assert wait_for(lambda: len(warnings()) == 3) and "dropped the connection" in warnings()[2]
+        with running_mosquitto(tmp_path, anonymous=False, port=port):
+            assert wait_for(lambda: len(warnings()) == 4) and "answers again" not in warnings()[-1]
+            time.sleep(3)
+            assert not t.connected.is_set() and len(warnings()) == 4  # refused on every retry: said once
+    finally:
+        t.close()
+
+
 def test_deploy_to_the_edge_then_status_shows_it_online_with_the_new_plan(model, server, mosquitto, tmp_path):
     from splitpoint.core.plan import Plan
 
