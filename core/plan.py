@@ -32,6 +32,7 @@ from .config import explain_fields
 from .errors import OutputExistsError, PlanError
 from .files import current_umask
 from .onnxio import sha256_file
+from .textfiles import DuplicateKeyError, load_json
 
 PLAN_FORMAT: Final = 2
 READS_FORMATS = (1, 2)  # format 1: the two-stage plan before chains, converted on reading
@@ -333,8 +334,8 @@ def json_object(data: bytes | str, where: str, what: str) -> dict:
     if len(data) > MAX_PLAN_BYTES:
         raise PlanError(f"{where}: {len(data)} bytes is larger than any {what} ({MAX_PLAN_BYTES} at most)")
     try:
-        raw = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raw = load_json(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, DuplicateKeyError) as exc:
         raise PlanError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(raw, dict):
         raise PlanError(f"{where}: expected a JSON object, found {type(raw).__name__}")

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from splitpoint.core.config import Document, explain_fields
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.files import atomic_write_text
+from splitpoint.core.textfiles import DuplicateKeyError, load_json, load_yaml
 
 PROFILE_FORMAT: Final = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -182,9 +183,9 @@ def _read(path: Path, parse) -> dict:
         raise ProfileError(f"profile file not found: {path}")
     try:
         data = parse(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, DuplicateKeyError) as exc:
         raise ProfileError(
-            f"{path}: not valid {'YAML' if parse is yaml.safe_load else 'JSON'} ({exc})".splitlines()[0]
+            f"{path}: not valid {'YAML' if parse is load_yaml else 'JSON'} ({exc})".splitlines()[0]
         ) from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
@@ -194,7 +195,7 @@ def _read(path: Path, parse) -> dict:
 def _load_yaml(spec: str | Path, folder: str, cls):
     path = _named(spec, folder)
     try:
-        return cls(**_read(path, yaml.safe_load))
+        return cls(**_read(path, load_yaml))
     except ValidationError as exc:
         raise _explain(exc, str(path)) from exc
     except TypeError as exc:  # a YAML list or scalar where a mapping belongs
@@ -216,7 +217,7 @@ def load_measured(
 ) -> MeasuredProfile:
     p = Path(path)
     try:
-        prof = MeasuredProfile(**_read(p, json.loads))
+        prof = MeasuredProfile(**_read(p, load_json))
     except ValidationError as exc:
         raise _explain(exc, str(p)) from exc
     if model_sha256 is not None:

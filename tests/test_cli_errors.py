@@ -348,6 +348,38 @@ def test_a_boolean_where_a_number_belongs_is_refused_in_hand_written_files(tmp_p
     assert load_network(f).uplink_mbps == 1.0
 
 
+def test_a_key_given_twice_in_a_hand_written_file_is_refused_with_both_lines(tmp_path):
+    """YAML and JSON parsers keep the last of two equal keys: a network file that says uplink_mbps twice
+    planned at the second without a word. Each file a user writes names the key and where."""
+    from splitpoint.app.bench.trace import load_trace
+    from splitpoint.core.errors import PlanError, ProfileError, SplitPointError
+    from splitpoint.core.plan import json_object
+    from splitpoint.profiles.schema import load_measured, load_network
+
+    net = tmp_path / "net.yaml"
+    net.write_text("name: x\nuplink_mbps: 50\ndownlink_mbps: 10\nrtt_ms: 20\nuplink_mbps: 5\n")
+    with pytest.raises(ProfileError, match="duplicate key 'uplink_mbps' on lines 2 and 5"):
+        load_network(net)
+    trace = tmp_path / "trace.yaml"
+    trace.write_text("- network: lte\n  seconds: 20\n  seconds: 2\n")
+    with pytest.raises(SplitPointError, match="duplicate key 'seconds' on lines 2 and 3"):
+        load_trace(trace)
+    prof = tmp_path / "p.json"
+    prof.write_text('{"role": "edge", "role": "server"}')
+    with pytest.raises(ProfileError, match="duplicate key 'role'"):
+        load_measured(prof)
+    with pytest.raises(PlanError, match="duplicate key 'plan_id'"):
+        json_object(b'{"plan_id": "a", "plan_id": "b"}', "plan.json", "plan")
+    # YAML's merge keys stay what they are: later keys override the merged ones
+    from splitpoint.core.textfiles import load_yaml
+
+    assert load_yaml("b: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n")["c"] == {"x": 3, "y": 2}
+    t0 = time.monotonic()
+    net.write_text("name: x\nuplink_mbps: 50\ndownlink_mbps: 10\nrtt_ms: 20\nuplink_mbps: 5\n")
+    r = run_cli("bench", "--networks", str(net), "-o", str(tmp_path / "b"), timeout=60)
+    _one_line_error(r, "duplicate key 'uplink_mbps' on lines 2 and 5", t0)
+
+
 def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_plan_is_written(tmp_path):
     t0 = time.monotonic()
     out = tmp_path / "plan"

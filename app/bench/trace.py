@@ -34,6 +34,7 @@ from pydantic import Field, ValidationError, field_validator
 from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import Document, StrictConfig, explain_fields
 from splitpoint.core.errors import SplitPointError
+from splitpoint.core.textfiles import load_yaml
 
 from .run import BENCH_CODECS, default_models, nonempty_names
 from .tracereport import pct
@@ -79,7 +80,7 @@ def load_trace(path: str | Path) -> Trace:
     """A trace file, checked whole (every network profile loads) before anything runs."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = load_yaml(p.read_text())
     except OSError as exc:
         raise SplitPointError(f"cannot read trace {p}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

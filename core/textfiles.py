@@ -1,0 +1,64 @@
+"""Parsing files people write by hand (network and device YAML, traces, profiles edited after the fact).
+
+PyYAML and the json module both keep the last of two equal keys without a word, so a network file
+that says ``uplink_mbps`` twice plans at whichever came last and the user never learns the first was
+ignored. Here a repeated key is an error that names the key and both lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == _MERGE:  # `<<: *base` merges, and keys after it override it: YAML's own rule
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = key in first
+        except TypeError:  # an unhashable key: construct_mapping refuses it in its own words
+            continue
+        line = key_node.start_mark.line + 1
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} on lines {first[key]} and {line}", key_node.start_mark
+            )
+        first[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses a key given twice in one object (raises ``DuplicateKeyError``)."""
+    return json.loads(text, object_pairs_hook=_pairs)
