@@ -575,6 +575,12 @@ def plan(
             help="with --set: requests per second arriving; each member keeps up with it where any can"
         ),
     ] = None,
+    with_full: Annotated[
+        bool,
+        typer.Option(
+            help="ship the whole model too: the edge answers locally while the server is out of reach"
+        ),
+    ] = False,
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan (or, with --set,
     the few plans each fastest over a range of uplink bandwidth)."""
@@ -598,12 +604,25 @@ def plan(
         force=force,
         input_shapes=tuple(input_shape or ()),
         rate_ips=rate,
+        with_full=with_full,
     )
     if rate is not None and plan_set is None:
         raise typer.BadParameter("--rate chooses plan-set members; it goes with --set")
     if plan_set is not None:
         if plot:
             raise typer.BadParameter("--plot draws one link's front; it does not go with --set")
+        # a set's members are each the fastest over a range of bandwidth: a latency limit or another
+        # objective has no one link to be judged at (the memory, bytes and fidelity limits apply to each)
+        if max_latency is not None:
+            raise typer.BadParameter(
+                "--max-latency has no one link to be judged at in a plan set (each member is the fastest "
+                "over its own range of bandwidth); leave it out, or plan one link without --set"
+            )
+        if objective != "latency":
+            raise typer.BadParameter(
+                f"--objective {objective}: a plan set's members are chosen by latency over bandwidth; "
+                "leave it out, or plan one link without --set"
+            )
         _plan_set(job, plan_set, as_json)
         return
     if plot:
@@ -1161,7 +1180,9 @@ def bench(
             help="a trace of phases (network, seconds): plan sets measured while the link changes live"
         ),
     ] = None,
-    rate: Annotated[float, typer.Option(help="with --trace: requests per second, arriving open loop")] = 5.0,
+    rate: Annotated[
+        float | None, typer.Option(help="with --trace: requests per second, arriving open loop [default: 5]")
+    ] = None,
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
     from .bench.report import summary_lines, write_report
@@ -1170,7 +1191,11 @@ def bench(
     if trace is not None:
         if chain:
             raise SplitPointError("--trace and --chain do not combine: a trace runs one edge and one server")
-        return _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape)
+        return _bench_trace(
+            models, trace, 5.0 if rate is None else rate, device, min_fidelity, out, input_shape
+        )
+    if rate is not None:
+        raise typer.BadParameter("--rate is the arrival rate of a trace; it goes with --trace")
     if chain:
         return _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape)
     cfg = BenchConfig.of(

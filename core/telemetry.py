@@ -132,6 +132,7 @@ class Telemetry:
         c.on_disconnect = lambda *a: self._on_disconnect()
         c.on_connect_fail = lambda *a: self._unreachable("is unreachable")
         self._warned: str | None = None  # why, once per outage and reason, not once per retry
+        self._closing = False
         c.reconnect_delay_set(1, 5)
         self._client = c
         self._status: tuple[str, dict] | None = None
@@ -155,7 +156,7 @@ class Telemetry:
             )
 
     def _on_disconnect(self) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._closing:
             self.connected.clear()
             self._unreachable("dropped the connection")
 
@@ -223,6 +224,7 @@ class Telemetry:
         return self._publish("latency", {"unit": "ms", "measured": True, **breakdown})
 
     def close(self, timeout: float = 1.0) -> None:
+        self._closing = True  # the disconnect below is ours: not an outage to warn about
         try:
             if self.connected.is_set():
                 info = self._client.publish(

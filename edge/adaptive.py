@@ -16,6 +16,7 @@ more often finds a better link sooner, at the price of more requests over a link
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -54,6 +55,12 @@ class AdaptiveClient:
             raise ValueError("window must be at least 1 request")
         if probe_every is not None and probe_every < 1:
             raise ValueError("probe_every must be at least 1 request")
+        # NaN compares false with everything: a NaN hysteresis turned switching off without a word
+        if not (math.isfinite(hysteresis) and 0 <= hysteresis < 1):
+            raise ValueError(f"hysteresis must be a fraction from 0 to below 1, not {hysteresis}")
+        for name, v in (("start_mbps", start_mbps), ("rate_ips", rate_ips)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number above 0, not {v}")
         self.probe_every = probe_every or window
         self.set, plans = PlanSet.load(set_dir, role="edge")
         self.plans = plans
@@ -66,41 +73,120 @@ class AdaptiveClient:
             Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
         )
         self.sends = [p.kind != EDGE_ONLY for p in plans]
-        probe = [i for i, s in enumerate(self.sends) if s]
-        self._probe = min(probe, key=lambda i: self.inputs[i].up_bytes) if probe else None
         ref = start_mbps if start_mbps is not None else self.set.uplink_mbps
         self.current = self.set.index_for(ref) if ref else 0
         self.requests = 0
         self.switches: list[dict] = []
         self._lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self._last_status: dict | None = None
+        self._stop = threading.Event()
         self.clients: list[EdgeClient] = []
         try:
             for m in self.set.members:
                 cfg = config.model_copy(update={"plan_dir": Path(set_dir) / m.dir})
-                c = EdgeClient(cfg, telemetry=self.telemetry)
+                c = EdgeClient(cfg, telemetry=self.telemetry, report=self._publish_status)
                 c.link = self.link
-                c.status_extra = self._status_extra
                 self.clients.append(c)
         except BaseException:
             self.close(drain=False)
             raise
+        # the edge-only member's whole model answers for every member while the server is out of reach
+        # (one session, loaded once): before, a set that held it failed every request when the server died
+        local = next((c for c, s in zip(self.clients, self.sends, strict=True) if not s), None)
+        if local is not None:
+            for c in self.clients:
+                c.lend_fallback(local)
+        self._reporter = threading.Thread(
+            target=self._report_loop, name="splitpoint-set-metrics", daemon=True
+        )
+        self._reporter.start()
         self._publish_status()
 
-    # -- the choice ----------------------------------------------------------------------------
-    def _status_extra(self) -> dict:
+    # -- health: one device, however many members ----------------------------------------------
+    def _server_up(self) -> bool:
+        k = self.current if self.sends[self.current] else self._probe()
+        return k is not None and self.clients[k].server_up
+
+    def _status(self) -> dict:
         m = self.set.members[self.current]
-        return {"plan": m.plan_id, "member": f"m{self.current} {m.label}", "plan_set": len(self.set.members)}
+        k = self.current if self.sends[self.current] else self._probe()
+        return {
+            "plan": m.plan_id,
+            "member": f"m{self.current} {m.label}",
+            "plan_set": len(self.set.members),
+            "server": self.clients[0].config.server if self.clients else None,
+            "server_up": self._server_up(),
+            "fallback": k is not None and self.clients[k].falling_back,
+        }
 
     def _publish_status(self) -> None:
-        if self.telemetry:
-            self.telemetry.status("online", {"server": self.clients[0].config.server, **self._status_extra()})
+        if not self.telemetry or len(self.clients) < len(self.set.members):
+            return  # members still loading: the first status goes out once all are
+        with self._status_lock:
+            status = self._status()
+            if status == self._last_status:
+                return
+            self._last_status = status
+            self.telemetry.status("online", status)
+
+    def _report_loop(self) -> None:
+        """The set's metrics, every 2 s: the sums over its members (each member publishing its own, under
+        one device id, made ``watch`` show whichever came last)."""
+        while not self._stop.wait(2.0):
+            if not self.telemetry:
+                continue
+            counts = {"ok": 0, "fallback": 0, "errors": 0}
+            for c in self.clients:
+                for key in counts:
+                    counts[key] += c.counts[key]
+            self.telemetry.metrics(
+                {
+                    "server_up": self._server_up(),
+                    "in_flight": sum(c.in_flight for c in self.clients),
+                    "rtt_ms_est": self.link.rtt_ms,
+                    "bandwidth_mbps_est": self.link.uplink_mbps,
+                    "member": self.current,
+                    **counts,
+                }
+            )
+            self._publish_status()
+
+    # -- the choice ----------------------------------------------------------------------------
+    def _usable(self, k: int) -> bool:
+        """A member the server is not known to refuse (a pong lists the plans it serves): one it does not
+        serve is never chosen nor probed, so requests do not keep going to a plan that is refused."""
+        return not self.sends[k] or self.clients[k].plan_served is not False
+
+    def _probe(self) -> int | None:
+        """The member that sends least, of those the server serves: the probe while on the edge."""
+        live = [i for i, s in enumerate(self.sends) if s and self._usable(i)]
+        return min(live, key=lambda i: self.inputs[i].up_bytes) if live else None
 
     def _decide(self) -> None:
         est = self.link.uplink_mbps
-        if est is None:
+        usable = [i for i in range(len(self.inputs)) if self._usable(i)]
+        if not usable or (est is None and self._usable(self.current)):
+            return
+        if est is None:  # the current member is refused and nothing was measured yet: the set's own link
+            est = self.set.uplink_mbps
+        if not est:
+            self._switch(usable[0], None, None)
             return
         rtt = self.link.rtt_ms if self.link.rtt_ms is not None else self.set.rtt_ms
-        new = choose(self.inputs, self.current, est, rtt, self.set.down_ratio, self.hysteresis, self.rate_ips)
+        inside = usable.index(self.current) if self.current in usable else None
+        pick = choose(
+            [self.inputs[i] for i in usable],
+            inside,
+            est,
+            rtt,
+            self.set.down_ratio,
+            self.hysteresis,
+            self.rate_ips,
+        )
+        self._switch(usable[pick], est, rtt)
+
+    def _switch(self, new: int, est: float | None, rtt: float | None) -> None:
         if new == self.current:
             return
         event = {
@@ -121,12 +207,12 @@ class AdaptiveClient:
 
     def _member_for_next(self) -> int:
         with self._lock:
-            if self.requests and self.requests % self.window == 0:
+            if (self.requests and self.requests % self.window == 0) or not self._usable(self.current):
                 self._decide()
             k = self.current
-            probing = not self.sends[k] and self._probe is not None and self.requests % self.probe_every == 0
+            probe = self._probe() if not self.sends[k] and self.requests % self.probe_every == 0 else None
             self.requests += 1
-            return self._probe if probing and self._probe is not None else k
+            return probe if probe is not None else k
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
@@ -154,6 +240,7 @@ class AdaptiveClient:
         return r
 
     def close(self, drain: bool = True) -> None:
+        self._stop.set()
         for c in self.clients:
             c.close(drain=drain)
         if self.telemetry and self._own_telemetry:

@@ -97,9 +97,16 @@ class _Pending:
 
 
 class EdgeClient:
-    def __init__(self, config: EdgeConfig, telemetry: Telemetry | None = None):
+    def __init__(
+        self,
+        config: EdgeConfig,
+        telemetry: Telemetry | None = None,
+        report: Callable[[], None] | None = None,
+    ):
         """``telemetry``: a publisher the caller owns and keeps across clients (the daemon's, which
-        outlives a switch of plans); without one the client makes and closes its own."""
+        outlives a switch of plans); without one the client makes and closes its own. ``report``: an
+        owner that publishes this client's status and metrics together with others' (a plan set's
+        members are one device), called when this client's status changes."""
         self.config = config
         self.plan = Plan.load(config.plan_dir, role="edge")
         d = Path(config.plan_dir)
@@ -136,7 +143,11 @@ class EdgeClient:
         self.server_up = False
         self._last_heard = 0.0
         self.link = LinkEstimator()  # uplink and round trip, from this client's own requests and pings
-        self.status_extra: Callable[[], dict] | None = None  # what an owner adds to the status (a plan set)
+        # an owner that publishes this client's health with its siblings' (a plan set): status changes
+        # call it instead, and the client publishes no metrics of its own
+        self.report = report
+        # whether the server serves this plan: None until a pong (which lists them) or a refusal says
+        self.plan_served: bool | None = None
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or (
@@ -156,15 +167,40 @@ class EdgeClient:
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
         """Start one inference, waiting for room in the window; the future yields an EdgeResult or
-        raises EdgeError."""
-        future = self.try_submit(feeds, block=True)
-        assert future is not None
-        return future
+        raises EdgeError. The wait is bounded as a reply is: once the server is taken for unreachable
+        (the window then holds requests that will not be answered soon), or after ``timeout_s``, the
+        request runs on the local model where there is one, else fails with ``timeout`` (a caller
+        blocked here for as long as a stalled server kept the window full sent nothing meanwhile)."""
+        t0 = time.monotonic()
+        while True:
+            future = self.try_submit(feeds, block=True, wait_s=0.05)
+            if future is not None:
+                return future
+            waited = time.monotonic() - t0
+            if self.server_up and waited <= self.config.timeout_s:
+                continue
+            why = f"waited {waited:.1f} s for room among the {self.config.window} requests in flight" + (
+                "" if self.server_up else " (server unreachable)"
+            )
+            try:
+                local = self.fall_back(feeds, why)
+            except SplitPointError as exc:  # as _start answers a bad input: in the future, not raised
+                local = Future()
+                local.set_exception(EdgeError(str(exc), "bad-input"))
+            if local is not None:
+                return local
+            if waited > self.config.timeout_s:
+                failed: Future = Future()
+                failed.set_exception(EdgeError(why, "timeout"))
+                return failed
 
-    def try_submit(self, feeds: dict[str, np.ndarray], block: bool = False) -> Future | None:
-        """``submit`` without waiting: None while the window is full (a socket loop that must keep
-        answering holds the request itself and tries again)."""
-        got = self._enqueue(feeds, Future(), block)
+    def try_submit(
+        self, feeds: dict[str, np.ndarray], block: bool = False, wait_s: float | None = None
+    ) -> Future | None:
+        """``submit`` without waiting (or, with ``block``, waiting ``wait_s`` at most): None while the
+        window is full (a socket loop that must keep answering holds the request itself and tries
+        again)."""
+        got = self._enqueue(feeds, Future(), block, wait_s)
         if got is None:
             return None
         rid, p = got
@@ -228,13 +264,18 @@ class EdgeClient:
 
     # -- resolution: exactly once --------------------------------------------------------------
     def _enqueue(
-        self, feeds: dict[str, np.ndarray], future: Future | None, block: bool
+        self, feeds: dict[str, np.ndarray], future: Future | None, block: bool, wait_s: float | None = None
     ) -> tuple[int, _Pending] | None:
         if self.fatal is not None:
             raise EdgeError(f"the edge client stopped working: {self.fatal}", "internal")
         if self._closing:
             raise EdgeError("client is shutting down", "closed")
-        if not self._window.acquire(blocking=block):
+        got = (
+            self._window.acquire(True, wait_s)
+            if block and wait_s is not None
+            else self._window.acquire(block)
+        )
+        if not got:
             return None
         rid = next(self._ids)
         p = _Pending(future, feeds, time.perf_counter())
@@ -344,7 +385,7 @@ class EdgeClient:
             return "local fallback is off (--no-fallback)"
         if (Path(self.config.plan_dir) / FULL_FILE).is_file():
             return "the plan's full model was not loaded for fallback (not enough free memory at start)"
-        return "the plan ships no full model to fall back on (plan it with fallback on)"
+        return "the plan ships no full model to fall back on (write it with `plan` or `split` --with-full)"
 
     def _run_local(self, rid: int, p: _Pending, why: str) -> None:
         if self._full is None:
@@ -379,12 +420,20 @@ class EdgeClient:
         self._head.check_inputs(feeds)
         fut: Future = Future()
         rid = next(self._ids)
+        t0 = time.perf_counter()
 
         def run() -> None:
             try:
-                fut.set_result(self._local_result(rid, feeds, why))
+                result = self._local_result(rid, feeds, why)
             except EdgeError as exc:
+                self.counts["errors"] += 1
                 fut.set_exception(exc)
+                return
+            self.counts["fallback"] += 1
+            result.breakdown["total_ms"] = (time.perf_counter() - t0) * 1e3
+            if self.telemetry:
+                self.telemetry.latency({"request": rid, "fallback": True, **result.breakdown})
+            fut.set_result(result)
 
         self._pool.submit(run)
         return fut
@@ -412,6 +461,7 @@ class EdgeClient:
             self._finish(rid, error=EdgeError(f"malformed reply from the server: {exc}", "bad-reply"))
             return
         if msg.type == wire.PONG:
+            self._served(msg.meta.get("plans"))
             sent = self._pings.pop(msg.id, None)
             if sent is not None:
                 self._pings.clear()  # answered: the background thread may stop watching the socket
@@ -425,6 +475,8 @@ class EdgeClient:
             return
         if msg.type == wire.ERROR:
             code, text = str(msg.meta.get("code", "error"))[:40], str(msg.meta.get("message", ""))[:1000]
+            if code == wire.E_UNKNOWN_PLAN:
+                self._set_served(False)
             if code in FALLBACK_CODES and self._full is not None and self.config.fallback:
                 self._pool.submit(self._run_local, msg.id, p, f"server {code}")
             else:
@@ -508,6 +560,33 @@ class EdgeClient:
         """The uplink as this client's link estimate has it (None until it has samples to tell)."""
         return self.link.uplink_mbps
 
+    def _served(self, plans: object) -> None:
+        """A pong's list of the plans the server serves (protocol.md): whether it has this one."""
+        if isinstance(plans, list) and len(plans) <= 10_000:
+            self._set_served(self.plan.plan_id in plans)
+
+    def _set_served(self, served: bool) -> None:
+        if served == self.plan_served:
+            return
+        self.plan_served = served
+        if not served:
+            log.warning(
+                "the server at %s does not serve plan %s: deploy it there (`splitpoint deploy`); until "
+                "then every request over it is refused",
+                self.config.server,
+                self.plan.plan_id[:16],
+            )
+
+    def lend_fallback(self, other: EdgeClient) -> None:
+        """Fall back on ``other``'s whole model where this plan ships none (a plan set's edge-only
+        member serves every member; one session, loaded once)."""
+        if self._full is None and self.config.fallback and not self.local_only and other._full is not None:
+            self._full = other._full
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
     def _set_up(self, up: bool) -> None:
         if up != self.server_up:
             self.server_up = up
@@ -522,17 +601,21 @@ class EdgeClient:
                 )
             self._publish_status()
 
+    @property
+    def falling_back(self) -> bool:
+        """Answering from the local model now (an edge without one fails its requests instead)."""
+        return not self.server_up and self._full is not None and not self.local_only
+
     def _publish_status(self) -> None:
-        if self.telemetry:
+        if self.report is not None:
+            self.report()
+        elif self.telemetry:
             status = {
                 "plan": self.plan.plan_id,
                 "server": self.config.server,
                 "server_up": self.server_up,
-                # answering from the local model now: an edge without one fails its requests instead
-                "fallback": not self.server_up and self._full is not None,
+                "fallback": self.falling_back,
             }
-            if self.status_extra is not None:
-                status.update(self.status_extra())
             self.telemetry.status("online", status)
 
     # -- the background thread -----------------------------------------------------------------
@@ -592,7 +675,7 @@ class EdgeClient:
             self._check_deadlines(now)
             if self._ghosts:
                 self._drop_ghosts(now)
-            if self.telemetry and now >= next_metrics:
+            if self.telemetry and self.report is None and now >= next_metrics:
                 next_metrics = now + 2.0
                 self.telemetry.metrics(
                     {

@@ -38,7 +38,8 @@ def write_candidate(
     force: bool = False,
 ) -> Plan:
     """Write ``cand`` as a plan. ``samples`` calibrate an int8 head; ``predicted`` defaults to the
-    candidate's own figures."""
+    candidate's own figures; ``include_full``: ship the whole model for the edge to fall back on while
+    the server is out of reach (an edge-only plan's head is that model already)."""
     i = cand.inp
     cut = cut_by_index(handle.index, i.cut, handle.cuts()) if i.kind == SPLIT and i.cut is not None else None
     head_model = None
@@ -59,7 +60,7 @@ def write_candidate(
         codec=i.codec,
         head_model=head_model,
         head_weights=i.head_weights,
-        include_full=include_full,
+        include_full=include_full and i.kind != EDGE_ONLY,  # its head is the whole model already
         predicted=predicted if predicted is not None else cand.to_dict(),
         front=front,
         force=force,

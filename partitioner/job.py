@@ -65,6 +65,7 @@ class PlanJob(StrictConfig):
     force: bool = False
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
     rate_ips: float | None = Field(None, gt=0)  # plan sets: the arrival rate every member must keep up with
+    with_full: bool = False  # ship the whole model too, for the edge to fall back on
 
     @field_validator("codecs")
     @classmethod
@@ -137,7 +138,14 @@ def run_plan(job: PlanJob, note: Callable[[str, int, int], None] | None = None) 
     plan = None
     if job.out:
         plan = write_candidate(
-            handle, d.pick, job.out, samples=samples, predicted=predicted, front=front, force=job.force
+            handle,
+            d.pick,
+            job.out,
+            samples=samples,
+            predicted=predicted,
+            front=front,
+            force=job.force,
+            include_full=job.with_full,
         )
     return PlanOutcome(handle, network, d, predicted, samples, plan, cons)
 
@@ -180,6 +188,7 @@ def run_plan_set(
             down_ratio=down,
             policy=policy,
             samples=m.samples,
+            include_full=job.with_full,
             force=job.force,
             rate_ips=job.rate_ips,
         )

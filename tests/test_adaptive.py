@@ -308,3 +308,201 @@ def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
     assert s.rate_ips == 30
     bad = run_cli(*common, "--rate", "30")
     assert bad.returncode == 2 and "goes with --set" in bad.stderr
+    # limits a set cannot honour are refused, not ignored (a set written at --max-latency 0.001 said 0)
+    for extra, words in (
+        (["--max-latency", "15"], "--max-latency has no one link"),
+        (["--objective", "bytes"], "--objective bytes: a plan set's members are chosen by latency"),
+    ):
+        bad = run_cli(*common, "--set", "adaptive", *extra, "-o", str(d / "never"))
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+        assert not (d / "never").exists()
+
+
+def test_plan_with_full_ships_the_model_for_the_edge_to_fall_back_on(plan_set, small_resnet18):
+    """`plan --with-full`: the pick's directory holds full.onnx, and an edge whose server is gone answers
+    from it (the error for a plan without one used to advise an option `plan` did not have)."""
+    from splitpoint.core.plan import FULL_FILE, Plan
+    from splitpoint.edge.client import EdgeClient, EdgeError
+
+    _, h, d = plan_set
+    common = _plan_command(small_resnet18, d)
+    plain, full = d / "plain-plan", d / "full-plan"
+    # a fast link: the edge (a fiftieth of a CPU) sends its work to the server
+    assert run_cli(*common, "--network", "ethernet", "-o", str(plain)).returncode == 0
+    r = run_cli(*common, "--network", "ethernet", "--with-full", "-o", str(full))
+    assert r.returncode == 0, r.stderr
+    assert Plan.load(full).kind != EDGE_ONLY
+    assert FULL_FILE in Plan.load(full).files and FULL_FILE not in Plan.load(plain).files
+    feeds = random_feeds(h.model, 1)
+    with EdgeClient(EdgeConfig(plan_dir=full, server="tcp://127.0.0.1:9", timeout_s=2)) as c:
+        assert c.infer(feeds, timeout=30).fallback
+    with (
+        EdgeClient(EdgeConfig(plan_dir=plain, server="tcp://127.0.0.1:9", timeout_s=2)) as c,
+        pytest.raises(EdgeError, match="write it with `plan` or `split` --with-full"),
+    ):
+        c.infer(feeds, timeout=30)
+
+
+def test_a_set_publishes_one_device_s_metrics_not_one_per_member(pair, mosquitto):
+    """Every member's client once published its own metrics and status under the one device id, so
+    `watch` showed whichever came last (0 requests after 260). Now the set sums its members'."""
+    from splitpoint.app.orchestrator import FleetSubscriber
+
+    out, h, boundary = pair
+    s, _ = PlanSet.load(out, role="edge")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    cfg = EdgeConfig(
+        plan_dir=out / s.members[0].dir, server=srv.endpoint, mqtt=mosquitto, device_id="set-metrics"
+    )
+    feeds = random_feeds(h.model, 1)
+    seen: list[dict] = []
+    try:
+        with (
+            FleetSubscriber(mosquitto) as fleet,
+            AdaptiveClient(out, cfg, window=4, probe_every=2, start_mbps=boundary / 4) as client,
+        ):
+            for _ in range(10):  # on the edge-only member, every second one a probe over the server's
+                client.infer(feeds, timeout=30)
+            end = time.monotonic() + 8
+            while time.monotonic() < end:
+                m = fleet.snapshot().get("set-metrics", {}).get("metrics")
+                if m and m not in seen:
+                    seen.append(m)
+                if m and m.get("ok", 0) + m.get("fallback", 0) == 10:
+                    break
+                time.sleep(0.05)
+            status = fleet.snapshot()["set-metrics"]["status"]
+    finally:
+        srv.stop()
+    assert seen and all("member" in m for m in seen), seen  # no member's own metrics among them
+    assert seen[-1]["ok"] == 10 and seen[-1]["errors"] == 0, seen[-1]
+    assert status["plan_set"] == 2 and status["member"].startswith("m0 ") and status["server_up"] is True
+
+
+def _sending(s: PlanSet) -> list[int]:
+    return [k for k, m in enumerate(s.members) if m.facts["kind"] != EDGE_ONLY]
+
+
+def test_a_set_answers_from_its_edge_only_member_while_the_server_is_gone(pair):
+    """The set holds the whole model (its edge-only member): while the server is dead every request is
+    answered from it, marked fallback, with the unsplit model's outputs; before, each one failed with
+    'the plan ships no full model'."""
+    import onnxruntime as ort
+
+    out, h, boundary = pair
+    s, _ = PlanSet.load(out, role="edge")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=srv.endpoint, timeout_s=2)
+    feeds = random_feeds(h.model, 1, seed=3)
+    whole = ort.InferenceSession(h.path).run(None, feeds)
+    with AdaptiveClient(out, cfg, window=4, start_mbps=3 * boundary) as client:
+        assert client.current in _sending(s)
+        assert not client.infer(feeds, timeout=30).fallback
+        srv.stop()
+        results = [f.result(30) for f in [client.submit(feeds) for _ in range(8)]]
+        assert client.clients[client.current].counts["errors"] == 0
+    assert all(r.fallback for r in results[-4:]), [r.breakdown.get("reason") for r in results]
+    for r in results:
+        np.testing.assert_allclose(r.outputs[0], whole[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_stalled_server_does_not_block_submit_past_the_timeout(pair):
+    """A server that takes requests and never answers (a stopped process, a link that holds everything):
+    submit does not wait for the window's stuck requests for ever; each request is answered locally,
+    or, without a local model, fails with timeout, soon after its deadline."""
+    from splitpoint.edge.client import EdgeClient, EdgeError
+
+    out, h, boundary = pair
+    s, _ = PlanSet.load(out, role="edge")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    port = int(srv.endpoint.rsplit(":", 1)[1])
+
+    def stalled():  # a minute each way: nothing arrives while the test runs
+        return direction(0, 60_000)
+
+    def fine():  # (a proxy reshapes the directions it was given in place: a fresh one each time)
+        return direction(0, 0.5)
+
+    feeds = random_feeds(h.model, 1)
+    try:
+        with LinkProxy(("127.0.0.1", 0), ("127.0.0.1", port), fine(), fine()) as proxy:
+            ep = f"tcp://127.0.0.1:{proxy.address[1]}"
+            cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=ep, timeout_s=0.5, window=2)
+            with AdaptiveClient(out, cfg, window=4, start_mbps=3 * boundary) as client:
+                assert not client.infer(feeds, timeout=30).fallback
+                proxy.reshape(stalled(), stalled())
+                t0 = time.monotonic()
+                results = [f.result(30) for f in [client.submit(feeds) for _ in range(6)]]
+                took = time.monotonic() - t0
+            assert all(r.fallback for r in results) and took < 10, (took, results)
+        with LinkProxy(("127.0.0.1", 0), ("127.0.0.1", port), fine(), fine()) as proxy:  # a fresh link
+            ep = f"tcp://127.0.0.1:{proxy.address[1]}"
+            server_only = out / s.members[_sending(s)[0]].dir
+            only = {"plan_dir": server_only, "server": ep, "fallback": False}
+            with EdgeClient(cfg.model_copy(update=only)) as c:
+                c.infer(feeds, timeout=30)
+                proxy.reshape(stalled(), stalled())
+                t0 = time.monotonic()
+                futures = [c.submit(feeds) for _ in range(4)]  # two fill the window, two wait for room
+                submitted = time.monotonic() - t0
+                codes = []
+                for f in futures:
+                    with pytest.raises(EdgeError) as caught:
+                        f.result(30)
+                    codes.append(caught.value.code)
+                took = time.monotonic() - t0
+            assert set(codes) == {"timeout"} and submitted < 5 and took < 10, (codes, submitted, took)
+    finally:
+        srv.stop()
+
+
+def test_members_the_server_does_not_serve_are_never_used(plan_set, tmp_path):
+    """A server that serves one member of the set: the pong's list of plans tells the edge, which moves
+    off a refused member and never probes one; before, every probe over an unserved member was refused
+    (unknown-plan), indefinitely."""
+    import shutil
+
+    out, h, _ = plan_set
+    s, _ = PlanSet.load(out, role="edge")
+    sending = _sending(s)
+    if len(sending) < 2:
+        pytest.skip(f"the set has {len(sending)} member(s) that send: nothing to leave unserved")
+    served = sending[0]  # the one that sends least
+    only = tmp_path / "plans"
+    shutil.copytree(out / s.members[served].dir, only / s.members[served].dir)
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=only)).start()
+    assert srv.endpoint is not None
+    cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=srv.endpoint, timeout_s=10, fallback=False)
+    feeds = random_feeds(h.model, 1)
+    try:
+        with AdaptiveClient(out, cfg, window=2, probe_every=1, start_mbps=1e6) as client:
+            end = time.monotonic() + 10
+            while time.monotonic() < end and any(client.clients[k].plan_served is None for k in sending):
+                time.sleep(0.02)
+            assert [client.clients[k].plan_served for k in sending] == [k == served for k in sending]
+            results = [client.infer(feeds, timeout=30) for _ in range(12)]
+            used = {r.breakdown["member"] for r in results}
+            errors = sum(c.counts["errors"] for c in client.clients)
+    finally:
+        srv.stop()
+    assert errors == 0 and used <= {served} | {k for k in range(len(s.members)) if k not in sending}, used
+    assert served in used
+
+
+def test_bad_adaptive_arguments_are_refused(plan_set):
+    """NaN compares false with everything: a NaN hysteresis turned switching off without a word."""
+    out, _, _ = plan_set
+    s, _ = PlanSet.load(out)
+    cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server="tcp://127.0.0.1:9", fallback=False)
+    for kwargs, word in (
+        ({"hysteresis": float("nan")}, "hysteresis"),
+        ({"hysteresis": -1}, "hysteresis"),
+        ({"start_mbps": float("nan")}, "start_mbps"),
+        ({"rate_ips": 0}, "rate_ips"),
+        ({"rate_ips": -1}, "rate_ips"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            AdaptiveClient(out, cfg, **kwargs)

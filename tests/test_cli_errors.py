@@ -76,6 +76,7 @@ def _busy_port():
         (["split", "resnet18", "--cut", "99999", "-o", "/tmp/x"], "cut index 99999 does not exist"),
         (["demo", "--requests", "0"], "--requests: Input should be greater than or equal to 1"),
         (["bench", "--networks", "nope"], "no network profile named 'nope'"),
+        (["bench", "--rate", "5", "--networks", "lte"], "--rate is the arrival rate of a trace"),
         (
             ["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599"],
             "no plan.json in /nonexistent/plan",

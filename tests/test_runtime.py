@@ -294,6 +294,12 @@ def test_a_daemon_says_once_when_its_broker_goes_and_once_when_it_answers_again(
             assert wait_for(lambda: len(warnings()) == 4) and "answers again" not in warnings()[-1]
             time.sleep(3)
             assert not t.connected.is_set() and len(warnings()) == 4  # refused on every retry: said once
+        with running_mosquitto(tmp_path, port=port):
+            assert t.connected.wait(15) and wait_for(lambda: len(warnings()) == 5)
+            assert "answers again" in warnings()[-1]
+            t.close()  # a daemon's own clean shutdown is not an outage
+            time.sleep(1)
+            assert len(warnings()) == 5, warnings()
     finally:
         t.close()
 

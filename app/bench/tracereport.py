@@ -130,7 +130,7 @@ def markdown(results: dict, command: str) -> str:
             "|---:|---|---:|---:|---|---:|---|---:|---:|---|---|",
         ]
         for j, r in enumerate(a["phases"]):
-            within = "yes" if r["within_10pct"] else "**no**"
+            within = "no data" if r["within_10pct"] is None else "yes" if r["within_10pct"] else "**no**"
             if r.get("overloaded"):
                 within += " (no member keeps up)"
             used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
