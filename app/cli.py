@@ -268,6 +268,7 @@ def plan_decoder(
     from splitpoint.partitioner.decoderplan import (
         baselines,
         candidates,
+        faster_baselines,
         measure,
         pick_at_floor,
         pick_fidelity,
@@ -315,10 +316,12 @@ def plan_decoder(
     elif best is not None:
         fid = pick_fidelity(dec, best, seed)
     base = baselines(m, link)
+    beaten_by = faster_baselines(best, base, max_ttft, max_tpot, limit, objective) if best else []
     if as_json:
         _print_json(
             {
                 "pick": {**best.to_dict(), "fidelity": fid} if best else None,
+                "faster_baselines": beaten_by,
                 "candidates": [c.to_dict() for c in cands],
                 "fidelity_measured": tried,
                 "baselines": base,
@@ -370,6 +373,23 @@ def plan_decoder(
             f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} prompts x {fid['new_tokens']} "
             "tokens, against the float model)"
         )
+        if beaten_by:
+            listed = ", ".join(
+                f"{escape(n)} {base[n]['ttft_ms']:.1f} / {base[n]['tpot_ms']:.1f} ms"
+                + (
+                    f" ({base[n]['edge_memory_bytes'] / 2**20:.0f} MiB on the edge)"
+                    if base[n]["edge_memory_bytes"]
+                    else ""
+                )
+                for n in beaten_by
+            )
+            console.print(
+                f"[yellow]note:[/] faster than the pick ({best.ttft_ms:.1f} / {best.tpot_ms:.1f} ms TTFT / "
+                f"TPOT) within these limits, derived alike: {listed}. The pick is the best split, not the "
+                "best way to run this model here; a split pays where the edge cannot hold the model "
+                "(--edge-memory) and the server's share outweighs a round trip per token",
+                highlight=False,
+            )
     if out is not None:
         plan = write_decoder_plan(
             dec,

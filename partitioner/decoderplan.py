@@ -195,6 +195,29 @@ def baselines(m: DecoderMeasurements, link: Link) -> dict[str, dict]:
     return out
 
 
+def faster_baselines(
+    best: DecoderCandidate,
+    base: dict[str, dict],
+    max_ttft: float | None = None,
+    max_tpot: float | None = None,
+    edge_memory: int | None = None,
+    objective: str = "tpot",
+) -> list[str]:
+    """The baselines within the same limits that beat ``best`` on the objective (derived alike): a split
+    pays where the edge cannot hold the whole model or the link is fast, and a user should hear when
+    neither holds."""
+    key = (lambda t, p: (p, t)) if objective == "tpot" else (lambda t, p: (t, p))
+    mine = key(best.ttft_ms, best.tpot_ms)
+    return [
+        name
+        for name, b in base.items()
+        if (max_ttft is None or b["ttft_ms"] <= max_ttft)
+        and (max_tpot is None or b["tpot_ms"] <= max_tpot)
+        and (edge_memory is None or b["edge_memory_bytes"] <= edge_memory)
+        and key(b["ttft_ms"], b["tpot_ms"]) < mine
+    ]
+
+
 def ranked(
     cands: Sequence[DecoderCandidate],
     max_ttft: float | None = None,

@@ -89,3 +89,12 @@ def test_plan_decoder_writes_the_pick_and_reports_it_as_json(tmp_path):
     assert plan.predicted["fidelity"]["label"] == "measured"
     bad = subprocess.run([*cmd[:5], "--max-tpot", "0.001"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "no split meets the limits" in bad.stderr
+    # baselines within the same limits that beat the pick are named: a 4-layer toy runs whole on this
+    # machine in about a millisecond a token, far below a round trip per token over Wi-Fi
+    assert "edge-only" in data["faster_baselines"], data["faster_baselines"]
+    for name in data["faster_baselines"]:
+        assert data["baselines"][name]["tpot_ms"] < data["pick"]["tpot_ms"]
+    told = subprocess.run(cmd[:-3], capture_output=True, text=True, timeout=300)
+    assert told.returncode == 0 and "The pick is the best split, not the best way" in told.stdout.replace(
+        "\n", " "
+    )
