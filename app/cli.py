@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ app.add_typer(edge_app, name="edge")
 
 Model = Annotated[str, typer.Argument(help="ONNX file or zoo name")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output (daemons, scripts)")]
-Mqtt = Annotated[str | None, typer.Option("--mqtt", help="telemetry broker, mqtt://[user:pass@]host:port")]
+Mqtt = Annotated[str | None, typer.Option("--mqtt", help="telemetry broker, mqtt://\\[user:pass@]host:port")]
 Shapes = Annotated[
     list[str] | None,
     typer.Option(
@@ -438,6 +439,7 @@ def generate(
         )
     if seed < 0:
         raise SplitPointError(f"--seed must be 0 or more, not {seed}")
+    _seconds("--timeout", timeout)
     if not local:
         try:
             check_endpoint(server)
@@ -1034,8 +1036,7 @@ def deploy(
     ]
     if not targets:
         raise typer.BadParameter("name at least one --server, --relay or --edge")
-    if timeout <= 0:
-        raise typer.BadParameter(f"--timeout must be above 0 seconds, not {timeout:g}")
+    _seconds("--timeout", timeout)
     key = read_key(curve_server_key, "server public key") if curve_server_key else None
     pair = keypair_from_secret(curve_secret) if curve_secret else None
     dirs = [plan_dir]
@@ -1091,7 +1092,7 @@ def status(
     from .console import status_table
     from .orchestrator import collect
 
-    fleet = collect(mqtt, seconds)
+    fleet = collect(mqtt, _seconds("--seconds", seconds))
     console.print(status_table(fleet) if fleet else "no devices have reported")
 
 
@@ -1117,6 +1118,7 @@ def watch(
         else:
             live.update(watch_table(fleet, lost_since))
 
+    _seconds("--seconds", seconds, zero="until Ctrl-C")
     try:
         follow(mqtt, show, seconds)
     finally:
@@ -1159,15 +1161,15 @@ def bench(
     models: Annotated[
         str | None,
         typer.Option(
-            help="zoo models or .onnx paths, comma-separated [default: resnet18, resnet50, mobilenetv2 and "
+            help="zoo models or .onnx paths, comma-separated \\[default: resnet18, resnet50, mobilenetv2 and "
             "the trained models that are installed]"
         ),
     ] = None,
     networks: Annotated[
         list[str] | None,
         typer.Option(
-            help="network profiles, comma-separated [default: 3g,lte,wifi-n,5g]; with --chain one per hop, "
-            "and the option repeated for each mix [default: wifi-n,ethernet and lte,wifi-n]"
+            help="network profiles, comma-separated \\[default: 3g,lte,wifi-n,5g]; with --chain one per hop, "
+            "and the option repeated for each mix \\[default: wifi-n,ethernet and lte,wifi-n]"
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="device profile the edge CPU is calibrated to")] = "rpi4",
@@ -1179,7 +1181,12 @@ def bench(
     out: Annotated[
         Path, typer.Option("-o", "--out", help="directory for results.json, report.md, plots")
     ] = Path("bench-results"),
-    seconds: Annotated[float, typer.Option(help="measuring time per candidate and phase")] = 1.5,
+    seconds: Annotated[
+        float,
+        typer.Option(
+            help="measuring time per candidate and phase, within 3 to 20 requests (24 with --chain)"
+        ),
+    ] = 1.5,
     window: Annotated[
         int,
         typer.Option(
@@ -1201,16 +1208,36 @@ def bench(
         ),
     ] = None,
     rate: Annotated[
-        float | None, typer.Option(help="with --trace: requests per second, arriving open loop [default: 5]")
+        float | None,
+        typer.Option(help="with --trace: requests per second, arriving open loop \\[default: 5]"),
     ] = None,
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
+    from .bench.outdir import claimed_output
     from .bench.report import summary_lines, write_report
-    from .bench.run import BenchConfig, run_bench
+    from .bench.run import BenchConfig, open_models_first, run_bench
 
     if trace is not None:
         if chain:
             raise SplitPointError("--trace and --chain do not combine: a trace runs one edge and one server")
+        # a trace's phases name its networks and it measures by its own clock: these would be ignored
+        unused = [
+            name
+            for name, given in (
+                ("--networks", networks is not None),
+                ("--link", link != "auto"),
+                ("--seconds", seconds != 1.5),
+                ("--window", window != 4),
+                ("--max-front", max_front != 4),
+                ("--front-budget", front_budget is not None),
+            )
+            if given
+        ]
+        if unused:
+            raise typer.BadParameter(
+                f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not go with --trace: the trace "
+                "names its networks and phases"
+            )
         return _bench_trace(
             models, trace, 5.0 if rate is None else rate, device, min_fidelity, out, input_shape
         )
@@ -1231,14 +1258,17 @@ def bench(
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
     )
-    with progress("bench", transient=False) as note:
+    open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+    with claimed_output(out), progress("bench", transient=False) as note:
         results = write_report(run_bench(cfg, note), out)
     console.print("\n".join(summary_lines(results, out)))
 
 
 def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) -> None:
     """`bench --trace`: plan sets (adaptive, bits-only) and their fixed members on a changing link."""
+    from .bench.outdir import claimed_output
     from .bench.report import verdict
+    from .bench.run import open_models_first
     from .bench.trace import TraceBenchConfig, run_trace_bench, trace_command
     from .bench.tracereport import write_trace_report
 
@@ -1251,7 +1281,8 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) ->
         out=out,
         input_shapes=tuple(input_shape or ()),
     )
-    with progress("bench --trace", transient=False) as note:
+    open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+    with claimed_output(out), progress("bench --trace", transient=False) as note:
         results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
     for name, m in results["models"].items():
         for t in m["targets"]:
@@ -1263,7 +1294,9 @@ def _bench_chain(models, chain, networks, link, out, seconds, window, min_fideli
     """`bench --chain`: each --networks is one mix, a network profile per hop."""
     from .bench.chainbench import ChainBenchConfig, chain_command, run_chain_bench
     from .bench.chainreport import write_report
+    from .bench.outdir import claimed_output
     from .bench.report import verdict
+    from .bench.run import open_models_first
 
     cfg = ChainBenchConfig.of(
         **({"models": models.split(",")} if models is not None else {}),
@@ -1276,7 +1309,8 @@ def _bench_chain(models, chain, networks, link, out, seconds, window, min_fideli
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
     )
-    with progress("bench --chain", transient=False) as note:
+    open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+    with claimed_output(out), progress("bench --chain", transient=False) as note:
         results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
     for t in results["targets"]:
         console.print(f"{t['target']}: {t['shown']} ({verdict(t['met'])})")
@@ -1293,6 +1327,17 @@ def _check_plot_path(path: Path) -> None:
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise typer.BadParameter(f"--plot {path}: {parent} is a file")
+
+
+def _seconds(option: str, value: float, zero: str | None = None) -> float:
+    """A duration given on the command line: finite, above 0 (or 0 where ``zero`` says what it means),
+    and within a year (time.sleep and monotonic deadlines overflow on 1e12)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and zero is None) or value > 365 * 86_400:
+        what = "0 or more" + f" ({zero})" if zero else "above 0"
+        raise typer.BadParameter(
+            f"{option} must be a number of seconds, {what} and at most a year, not {value:g}"
+        )
+    return value
 
 
 def _codec_list(codecs: str | None) -> list[str] | None:

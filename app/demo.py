@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from splitpoint.app.process import output, start_server, stop
 from splitpoint.core.config import StrictConfig
@@ -53,6 +53,18 @@ class DemoConfig(StrictConfig):
     emulate_link: bool = True  # the network profile applied to real traffic by the userspace link proxy
     min_fidelity: float = Field(0.99, ge=0, le=1)
 
+    @field_validator("mqtt")
+    @classmethod
+    def _broker_url(cls, v: str | None) -> str | None:
+        from splitpoint.core.telemetry import BrokerURL
+
+        if v is not None:
+            try:
+                BrokerURL.parse(v)
+            except SplitPointError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
 
 def run_demo(
     cfg: DemoConfig, say: Callable[..., None] = print, progress: Callable[..., None] | None = None
@@ -79,6 +91,11 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
     t_start = time.perf_counter()
     h = open_model(cfg.model)
     net = load_network(cfg.network)
+    if cfg.mqtt is not None:  # a broker that is not there is news now, not after the minute of work
+        from splitpoint.app.orchestrator import FleetSubscriber
+
+        with FleetSubscriber(cfg.mqtt):
+            pass
     edge_cpus = 1.0 / cfg.edge_slowdown if cfg.edge_slowdown > 1 else None
     try:
         with cpu_limit(edge_cpus):

@@ -73,6 +73,21 @@ def write_results(
     out = out or RESULTS
     out.mkdir(parents=True, exist_ok=True)
     facts = machine_facts or machine()
+    markdown = with_machine(markdown, facts)
     (out / f"{name}.json").write_text(json.dumps({"machine": facts, **data}, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def with_machine(markdown: str, facts: dict) -> str:
+    """The report with the machine and date it was measured on after its first paragraph, unless it names
+    the CPU already: "on this machine" says nothing to a reader of the committed file."""
+    if not facts.get("cpu") or facts["cpu"] in markdown:
+        return markdown
+    line = (
+        f"Measured on {facts['cpu']} ({facts.get('cores')} cores), Python {facts.get('python')}, onnxruntime "
+        f"{facts.get('onnxruntime')}, {facts.get('when')}."
+    )
+    head, sep, rest = markdown.partition("\n\n")
+    body, sep2, tail = rest.partition("\n\n")
+    return f"{head}{sep}{body}\n\n{line}{sep2}{tail}" if sep2 else f"{markdown.rstrip()}\n\n{line}\n"

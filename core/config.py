@@ -48,7 +48,9 @@ class Document(BaseModel):
 
 
 class StrictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # NaN compares false with every bound (a NaN limit passed gt=0 checks by failing them silently
+    # elsewhere) and inf is no number of seconds or requests: an option takes a finite number
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
     label: ClassVar[str] = "configuration"  # what errors call it: "invalid serve options: --bind: ..."
     # fields whose option the CLI spells otherwise (a unit in the field's name, not the option's)
     options: ClassVar[dict[str, str]] = {}

@@ -34,6 +34,8 @@ def keygen(out: Path) -> tuple[Path, Path]:
     """Write OUT.key (secret, mode 600) and OUT.pub; never overwrites a key."""
     key, pub = Path(out).with_suffix(".key"), Path(out).with_suffix(".pub")
     if not key.parent.is_dir():
+        if key.parent.exists():
+            raise ConfigError(f"{key.parent} is a file, not a directory: give a path in a directory")
         raise ConfigError(f"directory {key.parent} does not exist; create it first")
     if key.exists() or pub.exists():
         raise ConfigError(f"{key} or {pub} exists; not overwriting a key")

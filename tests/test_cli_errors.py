@@ -69,6 +69,7 @@ def _busy_port():
         ),
         (["status", "--mqtt", "http://127.0.0.1:1883"], "MQTT URL must be mqtt://"),
         (["keygen", "/nonexistent/dir/key"], "does not exist; create it first"),
+        (["keygen", "/etc/hostname/key"], "/etc/hostname is a file, not a directory"),
         (["profile", "/nonexistent/model.onnx"], "model file not found"),
         (["profile", "resnet18", "--cpus", "0.5", "--emulate-slowdown", "4"], "not both"),
         (["cuts", "no-such-model"], "neither a file nor a zoo model"),
@@ -77,6 +78,21 @@ def _busy_port():
         (["demo", "--requests", "0"], "--requests: Input should be greater than or equal to 1"),
         (["bench", "--networks", "nope"], "no network profile named 'nope'"),
         (["bench", "--rate", "5", "--networks", "lte"], "--rate is the arrival rate of a trace"),
+        (["bench", "--networks", "lte", "-o", "/etc/hostname"], "-o /etc/hostname: not a directory"),
+        (["bench", "--networks", "lte", "-o", "/etc/hostname/x"], "/etc/hostname is a file"),
+        (
+            ["bench", "--models", "mobilenetv2", "--networks", "lte", "--input-shape", "nosuch:1x3x224x224"],
+            "--input-shape names 'nosuch': no model of --models has such an input",
+        ),
+        (
+            ["status", "--mqtt", "mqtt://127.0.0.1:1", "--seconds", "nan"],
+            "--seconds must be a number of seconds",
+        ),
+        (["watch", "--mqtt", "mqtt://127.0.0.1:1", "--seconds", "-1"], "0 or more (until Ctrl-C)"),
+        (["deploy", "/x", "--server", "tcp://127.0.0.1:5", "--timeout", "1e12"], "at most a year"),
+        (["edge", "run", "/x", "--listen", "ipc:///tmp/x", "--timeout", "inf"], "should be a finite number"),
+        (["demo", "--mqtt", "http://x"], "MQTT URL must be mqtt://"),
+        (["demo", "--mqtt", f"mqtt://127.0.0.1:{free_port()}"], "cannot reach the MQTT broker"),
         (
             ["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599"],
             "no plan.json in /nonexistent/plan",
@@ -432,3 +448,27 @@ def test_a_failed_calibration_says_why_in_one_line():
     assert text.startswith("calibrating odd-board failed: ")
     assert "has no reference latency for a zoo model" in text and "no-such-model" in text
     assert "Traceback" not in text and "\n" not in text
+
+
+def test_a_bench_output_directory_is_claimed_for_the_run(tmp_path):
+    """Two benches given one -o both said they succeeded, and the second's results replaced the first's:
+    the directory is locked for a run, and one the run created is removed if it stays empty."""
+    from splitpoint.app.bench.outdir import LOCK, claimed_output
+    from splitpoint.core.errors import OutputExistsError
+
+    out = tmp_path / "results"
+    with claimed_output(out):
+        assert (out / LOCK).read_text() == str(os.getpid())
+        with (
+            pytest.raises(OutputExistsError, match=f"another bench \\(pid {os.getpid()}\\) is writing"),
+            claimed_output(out),
+        ):
+            pass
+        r = run_cli("bench", "--networks", "lte", "--models", "mobilenetv2", "-o", str(out), timeout=60)
+        assert r.returncode == 2 and "another bench" in r.stderr
+    assert not out.exists()  # made for a run that wrote nothing
+    out.mkdir()
+    (out / "report.md").write_text("an earlier run")
+    with claimed_output(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -327,6 +328,25 @@ def bytes_at_fidelity(candidates: list[Candidate], floor: float) -> dict[str, di
                 "saved_vs_raw_input": 1 - c.bytes_per_inference / raw if raw else None,
             }
     return out
+
+
+def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> None:
+    """Every model opened (a file that is not ONNX named now, not after minutes of calibration) and every
+    --input-shape matched by an input of some model: a bench applies each to the models that have that
+    input, so a misspelt name was ignored without a word."""
+    from splitpoint.core.graph import open_model
+    from splitpoint.core.graph.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(tuple(input_shapes))
+    inputs: set[str] = set()
+    for name in models:
+        h = open_model(name, shapes, only_present=True)
+        inputs |= {i.name for i in h.model.graph.input}
+    unknown = sorted(set(shapes) - inputs)
+    if unknown:
+        raise SplitPointError(
+            f"--input-shape names {', '.join(map(repr, unknown))}: no model of --models has such an input"
+        )
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
