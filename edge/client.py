@@ -659,10 +659,13 @@ class EdgeClient:
             if self._conn.fd in events:
                 self._conn.receive(lock_wait=0.05)
             now = time.perf_counter()
-            # idle, or the server went quiet: a ping refreshes the round-trip estimate and finds it again.
-            # Idle is the link's, not this client's: a plan set's idle members share the link with the
-            # busy one, and a ping queued behind its payloads would read the queue as round trip
-            idle = not self._pending and not self.link.in_pipe
+            # the link idle, or the server quiet: a ping refreshes the round-trip estimate and finds it
+            # again. Idle is the link's (nothing sent and unanswered, by any client sharing it: a ping
+            # queued behind payloads would read the queue as round trip), not this client's: requests
+            # still in the head send nothing yet, and an edge that always has one there (a camera's
+            # frames on a slow device) never pinged, so its round trip stayed that of an earlier link
+            # (Wi-Fi's 9 ms through a 3G phase) and the uplink was judged from the wrong one
+            idle = not self.link.in_pipe
             if now >= next_ping and (idle or not self.server_up):
                 next_ping = now + self.config.heartbeat_s
                 pid = next(self._ping_ids)

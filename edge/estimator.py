@@ -9,10 +9,11 @@ difference, each request's bytes over its network time less the pings' round tri
 from the pings alone.
 
 Pings go out only while nothing is unanswered on the link, from any client sharing it: a ping
-behind payloads (or behind a tail at the server) reads that queue as round trip. On a link that is
-never idle the round trip therefore keeps its last idle reading, however old (in the trace bench:
-Wi-Fi's 20 ms through LTE phases at 5 requests/s); the uplink from queued requests needs no round
-trip, the one from a lone request's network time does.
+behind payloads (or behind a tail at the server) reads that queue as round trip. Requests still in
+the head put nothing on the link and do not hold pings back (a Pi-class edge at a camera's rate
+always has one there). On a link that is never idle the round trip keeps its last idle reading,
+however old; the uplink from queued requests needs no round trip, the one from a lone request's
+network time does.
 
 Requests in flight together queue on the link: one sent while the one before it is still crossing
 waits for it, and its network time then holds that wait as well as its own transfer. Read as one

@@ -246,6 +246,62 @@ def test_status_says_fallback_only_where_the_edge_can_fall_back(model, mosquitto
             assert status["fallback"] is fallback, status
 
 
+def test_the_round_trip_estimate_follows_the_link_while_requests_keep_coming(tmp_path):
+    """An edge that always has a request in its head (one after another, as a camera's frames on a slow
+    device) still pings while nothing is on the link: its round trip once stayed that of the link before
+    (9 ms through a 150 ms 3G phase), and the uplink judged from network time less that was wrong."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from splitpoint.app.bench.proxy import LinkProxy, direction
+
+    # a head of ~10-30 ms (two 256x1024x1024 MatMuls) that sends 4 KiB, and a trivial tail
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32) / 32, "w"
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"]),
+        helper.make_node("Tanh", ["a"], ["b"]),
+        helper.make_node("MatMul", ["b", "w"], ["c"]),
+        helper.make_node("ReduceMean", ["c"], ["m"], axes=[0], keepdims=1),
+        helper.make_node("Relu", ["m"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "slow-head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])],
+        [w],
+    )
+    path = tmp_path / "slow.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    h = open_model(path)
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["m"])
+    write_plan(h, tmp_path / "plans" / "slow", cut=cut)
+    feeds = {"x": np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)}
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    assert srv.endpoint is not None
+    port = int(srv.endpoint.rsplit(":", 1)[1])
+    try:
+        with LinkProxy(("127.0.0.1", 0), ("127.0.0.1", port), direction(0, 1), direction(0, 1)) as proxy:
+            ep = f"tcp://127.0.0.1:{proxy.address[1]}"
+            cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "slow", server=ep, fallback=False, heartbeat_s=0.1)
+            with EdgeClient(cfg) as c:
+                end = time.monotonic() + 1.5
+                while time.monotonic() < end:
+                    c.infer(feeds, timeout=30)
+                before = c.rtt_ms
+                proxy.reshape(direction(0, 40), direction(0, 40))  # 80 ms round trip from now on
+                end = time.monotonic() + 4
+                while time.monotonic() < end:
+                    c.infer(feeds, timeout=30)
+                after = c.rtt_ms
+    finally:
+        srv.stop()
+    assert before is not None and before < 30, before
+    assert after is not None and 70 < after < 150, (before, after)
+
+
 def test_dead_broker_never_blocks_inference(model, server):
     from splitpoint.app.broker import free_port
 
