@@ -10,8 +10,9 @@ on a boundary). A request runs to the end on the member it started on, so a swit
 
 While the current member sends nothing (all on the edge), requests say nothing about the link: one
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
-a probe that is also answered. The estimate needs three samples in a row to believe a change, so probing
-more often finds a better link sooner, at the price of more requests over a link that may be slow.
+a probe that is also answered. The estimate is a median over the last 2 s of samples (at least 5), so
+it believes a change once about half its samples are new: probing more often finds a better link
+sooner, at the price of more requests over a link that may be slow.
 """
 
 from __future__ import annotations
