@@ -134,7 +134,7 @@ def split(
         list[str],
         typer.Option(
             help="cut index (see `splitpoint cuts`) or comma-separated tensor names; repeat it for a chain "
-            "of devices, one cut per hop, in order"
+            "of devices, one cut index per hop, in increasing order"
         ),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="plan directory to write")],
@@ -149,13 +149,16 @@ def split(
 ) -> None:
     """Write plan.json and one model per stage: head.onnx and tail.onnx for one cut; with several cuts,
     stage1.onnx, stage2.onnx, ... for the relays between."""
+    from splitpoint.core.codecs import Codec
     from splitpoint.core.graph import open_model, resolve_cut
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.plandir import write_plan
 
+    codecs = list(codec or ["float32"])
+    for c in codecs:  # before the model is opened, and one line (a pydantic traceback before)
+        Codec.parse(c)
     h = open_model(model, parse_input_shapes(input_shape))
     cuts = [resolve_cut(h.index, c) for c in cut]
-    codecs = list(codec or ["float32"])
     if len(codecs) == 1:
         codecs *= len(cuts)
     if len(codecs) != len(cuts):
@@ -170,10 +173,12 @@ def split(
         where = c.index if c.index is not None else spec
         hop = f"hop {i + 1}: " if len(cuts) > 1 else ""
         console.print(
-            f"{hop}cut {where} crosses {crossing} ({human_bytes(c.bytes_per_sample)}/sample, "
-            f"{plan.stages[i].codec})"
+            f"{hop}cut {where} crosses {crossing} ({human_bytes(c.bytes_per_sample)}/sample uncompressed, "
+            f"sent as {plan.stages[i].codec})"
         )
-    console.print(f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stages)")
+    console.print(
+        f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''})"
+    )
 
 
 def _decoder_names() -> list[str]:
@@ -531,7 +536,7 @@ def profile(
         console.print(
             f"{prof.model_name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median (p90 "
             f"{prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} of {len(prof.cuts)} cuts "
-            f"measured (the rest derived); took {prof.cost['wall_s']:.1f} s = "
+            f"measured (the rest derived); took {prof.cost['wall_s']:.3g} s = "
             f"{prof.cost['wall_inference_equivalents']:.0f}x one "
             f"inference (wall clock, session builds included) → {path}"
         )
@@ -900,6 +905,11 @@ def relay(
 
     _logging(quiet)
     single = (plan / PLAN_FILE).is_file()
+    if not single and not (plan.is_dir() and any((d / PLAN_FILE).is_file() for d in plan.iterdir())):
+        # a relay takes no deploys of its own: started on nothing it would answer unknown-plan for ever
+        raise SplitPointError(
+            f"{plan} holds no plan: give a plan directory (with plan.json) or a directory of them"
+        )
     cfg = ServerConfig.of(
         bind=listen,
         plans_dir=None if single else plan,
@@ -1064,7 +1074,7 @@ def deploy(
             err.print(
                 f"note: this plan has {stages} stages and no --relay here for stage(s) "
                 f"{', '.join(map(str, missing))}: requests fail at the stage before until a relay serves "
-                "it (deployed earlier, or started with --plans)"
+                "it (deployed earlier, or a `serve --stage I --next ... --plans DIR` given it)"
             )
     failed: list[str] = []
     for ep, role in targets:  # each device gets the files of its role only; one failing stops no other
@@ -1194,7 +1204,12 @@ def bench(
             "needs it)"
         ),
     ] = 4,
-    max_front: Annotated[int, typer.Option(help="front members measured besides the pick and baselines")] = 4,
+    max_front: Annotated[
+        int | None,
+        typer.Option(
+            help="front members measured besides the pick and baselines \\[default: 4; 3 with --chain]"
+        ),
+    ] = None,
     front_budget: Annotated[
         int | None,
         typer.Option(help="cuts whose fidelity is measured for the front beyond the pick's (default 12)"),
@@ -1228,7 +1243,7 @@ def bench(
                 ("--link", link != "auto"),
                 ("--seconds", seconds != 1.5),
                 ("--window", window != 4),
-                ("--max-front", max_front != 4),
+                ("--max-front", max_front is not None),
                 ("--front-budget", front_budget is not None),
             )
             if given
@@ -1244,7 +1259,18 @@ def bench(
     if rate is not None:
         raise typer.BadParameter("--rate is the arrival rate of a trace; it goes with --trace")
     if chain:
-        return _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape)
+        unused = [
+            n
+            for n, given in (("--device", device != "rpi4"), ("--front-budget", front_budget is not None))
+            if given
+        ]
+        if unused:  # a chain names its devices in --chain, and measures every front member's fidelity
+            raise typer.BadParameter(
+                f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not go with --chain"
+            )
+        return _bench_chain(
+            models, chain, networks, link, out, seconds, window, min_fidelity, input_shape, max_front
+        )
     cfg = BenchConfig.of(
         **({"models": models.split(",")} if models is not None else {}),
         networks=",".join(networks or ["3g,lte,wifi-n,5g"]).split(","),
@@ -1253,7 +1279,7 @@ def bench(
         out=out,
         seconds=seconds,
         window=window,
-        max_front=max_front,
+        **({"max_front": max_front} if max_front is not None else {}),
         **({"front_budget": front_budget} if front_budget is not None else {}),
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
@@ -1290,7 +1316,9 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) ->
     console.print(f"report: {out / 'report.md'}")
 
 
-def _bench_chain(models, chain, networks, link, out, seconds, window, min_fidelity, input_shape) -> None:
+def _bench_chain(
+    models, chain, networks, link, out, seconds, window, min_fidelity, input_shape, max_front=None
+) -> None:
     """`bench --chain`: each --networks is one mix, a network profile per hop."""
     from .bench.chainbench import ChainBenchConfig, chain_command, run_chain_bench
     from .bench.chainreport import write_report
@@ -1308,6 +1336,7 @@ def _bench_chain(models, chain, networks, link, out, seconds, window, min_fideli
         window=window,
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
+        **({"max_front": max_front} if max_front is not None else {}),
     )
     open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
     with claimed_output(out), progress("bench --chain", transient=False) as note:

@@ -473,4 +473,7 @@ def show_chain(r: Any, out: Path | None) -> None:
         f"(bottleneck {p.bottleneck_ms:.1f} ms)"
     )
     if r.plan is not None:
-        console.print(f"plan {r.plan.plan_id[:12]} → {out} ({len(r.plan.stages)} stages)")
+        console.print(
+            f"plan {r.plan.plan_id[:12]} → {out} ({len(r.plan.stages)} "
+            f"stage{'s' if len(r.plan.stages) != 1 else ''})"
+        )

@@ -71,6 +71,17 @@ def _codec_ms(
     return np.stack([f32[:, None] / sp[None, :] / 1e3 for sp in speeds])
 
 
+def numbered(chain: list[str] | tuple[str, ...]) -> list[str]:
+    """Device names in plans and tables: a name that repeats is numbered (rpi4, rpi4-2), so that a
+    chain of two devices of one kind reads "rpi4 -> cut 23 -> rpi4-2", not "pi -> ... -> pi"."""
+    seen: dict[str, int] = {}
+    out = []
+    for d in chain:
+        seen[d] = seen.get(d, 0) + 1
+        out.append(d if seen[d] == 1 else f"{d}-{seen[d]}")
+    return out
+
+
 def gather_chain(
     handle: ModelHandle,
     devices: list[str],

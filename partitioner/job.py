@@ -25,6 +25,7 @@ from .chainplan import (
     ChainMeasurements,
     decide_chain,
     gather_chain,
+    numbered,
     plan_dict,
     write_chain,
 )
@@ -283,7 +284,10 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
             f"--networks: {len(job.devices)} devices need {len(job.devices) - 1} network profile(s), one "
             f"per hop; got {len(job.networks)}"
         )
-    unknown = sorted(set(job.memory_mib) - set(job.devices))
+    # a name given twice is one kind of device (one profile) in two places: numbered in the plan (pi,
+    # pi-2), and a memory budget may name either the kind or one of them
+    names = numbered(job.devices)
+    unknown = sorted(set(job.memory_mib) - set(job.devices) - set(names))
     if unknown:
         raise SplitPointError(f"--memory: no device named {', '.join(unknown)} in the chain")
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
@@ -291,13 +295,18 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     missing = sorted({d for d in job.devices if d not in job.profiles})
     if missing:
         raise SplitPointError(f"--profile: no measured profile for {', '.join(missing)} (give NAME=FILE)")
-    profiles = {d: load_measured(p, handle.sha256, handle.input_shapes) for d, p in job.profiles.items()}
+    measured = {d: load_measured(p, handle.sha256, handle.input_shapes) for d, p in job.profiles.items()}
+    profiles = {name: measured[kind] for name, kind in zip(names, job.devices, strict=True)}
     n = job.random or (64 if handle.task else 8)
     samples, truths, measured_on = handle.fidelity_samples(n)
-    limits = [job.memory_mib[d] * 2**20 if d in job.memory_mib else None for d in job.devices]
+    budget = [
+        job.memory_mib.get(name, job.memory_mib.get(kind))
+        for name, kind in zip(names, job.devices, strict=True)
+    ]
+    limits = [b * 2**20 if b is not None else None for b in budget]
     m = gather_chain(
         handle,
-        list(job.devices),
+        names,
         profiles,
         networks,
         samples,

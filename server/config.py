@@ -92,6 +92,15 @@ class ServerConfig(StrictConfig):
             raise ValueError("allow-lists need CurveZMQ: give --curve-secret too")
         if self.next is not None and self.stage is None:
             raise ValueError("--next forwards to the next stage: say which stage this one is (--stage)")
+        if self.stage == 0:
+            raise ValueError("--stage 0 is the edge's (its head): a relay runs stage 1 or later")
+        if self.stage is not None and self.next is None:
+            raise ValueError(
+                f"--stage {self.stage} is a middle stage and forwards its cut tensor: give --next (the last "
+                "stage is a server: `serve` without --stage)"
+            )
+        if self.next is not None and self.next == self.bind:
+            raise ValueError(f"--next {self.next} is this relay's own address: give the next stage's")
         if self.next is not None and self.workers > 1:
             raise ValueError("a relay runs its stage on its socket thread: --workers 1")
         return self

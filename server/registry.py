@@ -74,6 +74,14 @@ class PlanRegistry:
         i = plan.stage_of(self.role)
         if i is None or (i == 0 and self.stage is None):
             return Entry(plan, path, None)  # an edge-only plan: nothing runs here
+        if self.stage is not None and i == len(plan.stages) - 1:
+            # a chain that uses fewer devices than it has (the bench's two-device plans on three) ends
+            # here: this device answers, and --next is not used for this plan
+            log.warning(
+                "plan %s: stage %d is its last: this device answers its requests instead of forwarding them",
+                plan.plan_id[:12],
+                i,
+            )
         file = plan.stages[i].file
         session = make_session(path / file, self.threads, self.provider) if file else None
         segment = None

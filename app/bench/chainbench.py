@@ -77,18 +77,10 @@ def chain_command(cfg: ChainBenchConfig) -> str:
     parts += [f"--models {','.join(cfg.models)}", f"--seconds {cfg.seconds:g}", f"--window {cfg.window}"]
     if cfg.link != "auto":
         parts.append(f"--link {cfg.link}")
+    if cfg.max_front != ChainBenchConfig.model_fields["max_front"].default:
+        parts.append(f"--max-front {cfg.max_front}")
     parts += [f"--input-shape {s}" for s in cfg.input_shapes]
     return " ".join([*parts, f"-o {cfg.out}"])
-
-
-def _names(chain: list[str]) -> list[str]:
-    """Device names in the plans: the profile's name, numbered where it repeats (rpi4, rpi4-2)."""
-    seen: dict[str, int] = {}
-    out = []
-    for d in chain:
-        seen[d] = seen.get(d, 0) + 1
-        out.append(d if seen[d] == 1 else f"{d}-{seen[d]}")
-    return out
 
 
 def choose_chain(decision, max_front: int) -> dict[str, tuple[str, Any]]:
@@ -119,7 +111,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     """Everything measured, as one JSON-ready dict (the report is written from it)."""
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
-    from splitpoint.partitioner.chainplan import ChainConstraints, decide_chain, gather_chain
+    from splitpoint.partitioner.chainplan import ChainConstraints, decide_chain, gather_chain, numbered
     from splitpoint.profiles.facts import device_facts
     from splitpoint.profiles.schema import load_device, load_network
 
@@ -130,7 +122,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     t0 = time.perf_counter()
     say = progress or (lambda *a, **k: None)
     specs = [load_device(d) for d in cfg.chain]
-    names = _names([s.name for s in specs])
+    names = numbered([s.name for s in specs])
     say("calibrating the devices' CPUs", total=len(cfg.models) * len(cfg.mixes))
     calib: dict[str, Any] = {}
     for spec in specs:

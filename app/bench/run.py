@@ -334,12 +334,17 @@ def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> Non
     """Every model opened (a file that is not ONNX named now, not after minutes of calibration) and every
     --input-shape matched by an input of some model: a bench applies each to the models that have that
     input, so a misspelt name was ignored without a word."""
+    from splitpoint.core import zoo
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(tuple(input_shapes))
     inputs: set[str] = set()
     for name in models:
+        if name not in zoo.ZOO and not Path(name).is_file():
+            raise SplitPointError(
+                f"--models: {name!r} is neither an ONNX file nor a zoo model (known: {', '.join(zoo.ZOO)})"
+            )
         h = open_model(name, shapes, only_present=True)
         inputs |= {i.name for i in h.model.graph.input}
     unknown = sorted(set(shapes) - inputs)
