@@ -155,8 +155,8 @@ def split(
     from splitpoint.core.plandir import write_plan
 
     codecs = list(codec or ["float32"])
-    for c in codecs:  # before the model is opened, and one line (a pydantic traceback before)
-        Codec.parse(c)
+    for name in codecs:  # before the model is opened, and one line (a pydantic traceback before)
+        Codec.parse(name)
     h = open_model(model, parse_input_shapes(input_shape))
     cuts = [resolve_cut(h.index, c) for c in cut]
     if len(codecs) == 1:
