@@ -518,9 +518,15 @@ class EdgeClient:
                 for n, f in zip(msg.tensors, msg.frames, strict=True)
             }
             dec_ms = (time.perf_counter() - t0) * 1e3
-            outs = [p.early[n] if n in p.early else late[n] for n in order]
-        except (CodecError, KeyError) as exc:
+        except CodecError as exc:
             raise EdgeError(f"malformed result for request {msg.id}: {exc}", "bad-reply") from exc
+        missing = [n for n in order if n not in p.early and n not in late]
+        if missing:
+            raise EdgeError(
+                f"the server's result for request {msg.id} lacks the model's output(s) {missing[:8]}",
+                "bad-reply",
+            )
+        outs = [p.early[n] if n in p.early else late[n] for n in order]
         for n, arr in late.items():  # what the application gets is what the plan says the model returns
             wrong = mismatch(n, arr, self._out_expect[n]) if n in self._out_expect else None
             if wrong is not None:

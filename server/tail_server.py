@@ -41,7 +41,7 @@ from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
-from splitpoint.core.runner import Expect, StageRunner, mismatch
+from splitpoint.core.runner import Expect, StageRunner, mismatch, output_expects
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
@@ -733,6 +733,10 @@ class TailServer:
         if msg.type != wire.RESULT or set(msg.tensors) & set(fwd.names):
             self._fail_forwarded(router, fwd, f"it answered {msg.type} with tensors {msg.tensors[:8]}")
             return
+        wrong = self._misfit(fwd, msg)
+        if wrong is not None:
+            self._fail_forwarded(router, fwd, f"its result does not fit the plan: {wrong}")
+            return
         now = time.perf_counter()
         own = {**fwd.timing, "stage": fwd.stage, "next_ms": (now - fwd.t_sent) * 1e3}
         own["total_ms"] = (now - fwd.t_recv) * 1e3
@@ -751,6 +755,32 @@ class TailServer:
         )
         self.stats.answered(True)
         self._send(router, fwd.ident, reply)
+
+    def _misfit(self, fwd: _Forward, msg: wire.Message) -> str | None:
+        """How the next stage's result differs from what the plan says the stages after this one return
+        (their outputs, each with its dtype and shape); None where it fits. A relay passes its next
+        stage's answer upstream: unchecked, a hostile or broken next stage put anything in a result."""
+        entry = self.registry.get(fwd.plan)
+        if entry is None:
+            return "the plan is no longer served here"
+        plan = entry.plan
+        want = [n for st in plan.stages[fwd.stage + 1 :] for n in st.produces]
+        if sorted(msg.tensors) != sorted(want):
+            missing = sorted(set(want) - set(msg.tensors))
+            extra = sorted(set(msg.tensors) - set(want))[:8]
+            return f"outputs {msg.tensors[:8]}, the plan's after stage {fwd.stage}: {want[:8]}" + (
+                f" (missing {missing[:8]}, not the plan's {extra})" if missing or extra else " (repeated)"
+            )
+        expects = output_expects(plan)
+        for n, f in zip(msg.tensors, msg.frames, strict=True):
+            try:
+                arr = decode(wire.buffer(f), self.config.max_message_bytes)
+            except CodecError as exc:
+                return f"{n}: {exc}"
+            bad = mismatch(n, arr, expects[n]) if n in expects else None
+            if bad is not None:
+                return bad
+        return None
 
     def _fail_forwarded(self, router: zmq.Socket, fwd: _Forward, why: str) -> None:
         self.stats.answered(False)

@@ -425,3 +425,60 @@ def test_a_relay_whose_next_hop_is_backed_up_answers_busy_and_holds_a_bounded_qu
         client.close(0)
         stop(relay)
         deaf.close(0)
+
+
+def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
+    """A hostile or broken next stage answers with a wrong shape, a garbage payload, a missing output or
+    an extra one: the relay answers `unavailable` saying why, instead of forwarding what it got."""
+    import threading
+
+    import zmq
+
+    from splitpoint.core import wire
+
+    plan = chain["plan"]
+    want = [n for st in plan.stages[2:] for n in st.produces]
+    assert want, plan.stages
+    good = np.zeros((1, 10), np.float32)
+    answers = iter(
+        [
+            ([want[0]], [encode(np.zeros((5, 5, 5), np.float32), "float32")], "shape"),
+            ([want[0]], [b"garbage"], want[0]),
+            ([], [], "missing"),
+            ([want[0], "evil"], [encode(good, "float32")] * 2, "not the plan's"),
+        ]
+    )
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.ROUTER)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+
+    def next_stage() -> None:
+        while not done.is_set():
+            if not fake.poll(100):
+                continue
+            ident, *body = fake.recv_multipart()
+            msg = wire.parse(body)
+            if msg.type == wire.PING:
+                fake.send_multipart([ident, *wire.Message(wire.PONG, msg.id).to_frames()])
+                continue
+            names, frames, _ = next(answers)
+            reply = wire.Message(wire.RESULT, msg.id, msg.plan, names, frames=frames)
+            fake.send_multipart([ident, *reply.to_frames()])
+
+    t = threading.Thread(target=next_stage, daemon=True)
+    t.start()
+    ep_relay = f"tcp://127.0.0.1:{free_port()}"
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", f"tcp://127.0.0.1:{port}")
+    try:
+        cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
+        with EdgeClient(cfg) as c:
+            for why in ("shape", want[0], "missing", "not the plan's"):
+                with pytest.raises(EdgeError, match="does not fit the plan") as exc:
+                    c.infer(x(), timeout=30)
+                assert exc.value.code == "unavailable" and why in str(exc.value), str(exc.value)
+    finally:
+        done.set()
+        t.join(2)
+        fake.close(0)
+        stop(relay)
