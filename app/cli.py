@@ -48,7 +48,8 @@ Shapes = Annotated[
     list[str] | None,
     typer.Option(
         "--input-shape",
-        help="NAME:1x3x640x640 fixes an input's symbolic dimensions (repeatable; needed for non-batch ones)",
+        help="NAME:1x3x640x640 fixes an input's symbolic dimensions (repeatable; needed for non-batch ones; "
+        "N keeps one as exported, e.g. NAME:Nx3x640x640 leaves the batch free)",
     ),
 ]
 

@@ -357,13 +357,13 @@ def test_every_cut_rejoins_to_the_unsplit_model(variants, name, tmp_path):
 def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
     with pytest.raises(
         ModelError,
-        match=r"input 'input' has unknown dimensions height, width: give --input-shape input:1x3x\?x\?",
+        match=r"input 'input' has unknown dimensions height, width: give --input-shape input:Nx3x\?x\?",
     ):
         open_model(variants["symhw"])
     proc = run_cli("cuts", str(variants["symhw"]), timeout=60)
     assert (
         proc.returncode == 2
-        and "--input-shape input:1x3x?x?" in proc.stderr
+        and "--input-shape input:Nx3x?x?" in proc.stderr
         and "Traceback" not in proc.stderr
     )
     proc = run_cli("cuts", str(variants["symhw"]), "--input-shape", "input:1x3x96x96", "--json", timeout=120)
@@ -372,6 +372,45 @@ def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
         open_model(variants["symhw"], {"input": [1, 4, 48, 48]})
     with pytest.raises(ModelError, match="no input named 'images'"):
         open_model(variants["symhw"], {"images": [1, 3, 48, 48]})
+
+
+def test_n_keeps_a_symbolic_batch_free_while_height_and_width_are_fixed(tmp_path):
+    """An export with a dynamic batch, height and width: fixing the spatial size must not fix the batch
+    too (there was no way to say so: every dimension had to be a number, and the plan refused batch 2)."""
+    from splitpoint.core.graph.shapes import parse_input_shapes
+
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w"
+    )
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+        ],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 1, 1])],
+        [w],
+    )
+    path = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ModelError, match=r"give --input-shape x:Nx3x\?x\?"):
+        open_model(path)
+    for spelled in ("x:Nx3x32x32", "x:?x3x32x32", "x:-1x3x32x32"):
+        assert parse_input_shapes([spelled]) == {"x": [-1, 3, 32, 32]}
+    h = open_model(path, parse_input_shapes(["x:Nx3x32x32"]))
+    dims = h.model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    plan = write_plan(h, tmp_path / "p", cut=h.cuts()[1])
+    _, head_r, tail_r = load_split(tmp_path / "p")
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    sent, early = head_r.run(feeds)
+    got = assemble(plan, early, tail_r.run(sent) if tail_r else {})[0]
+    np.testing.assert_allclose(got, ort.InferenceSession(str(path)).run(None, feeds)[0], rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 4, 1, 1)
+    proc = run_cli("cuts", str(path), "--input-shape", "x:Nx3x32x32", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_profile_fidelity_and_plan_on_exported_models(variants):

@@ -4,7 +4,8 @@ A cut tensor's size, a profile's timings and a plan's files all depend on the in
 SplitPoint works on the model with those dimensions fixed, as trtexec's ``--shapes`` and onnxsim's
 ``--overwrite-input-shape`` do. A leading symbolic dimension is the batch and may stay free; any other
 unknown dimension must be given (``--input-shape images:1x3x640x640``), and its absence stops a command
-before it does any work.
+before it does any work. ``N`` (or ``?``, ``-1``) for a dimension leaves it as exported: the batch of
+``images:Nx3x640x640`` stays free while the height and width are fixed.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import onnx
 from ..errors import ModelError
 
 InputShapes = dict[str, list[int]]
+KEEP = -1  # a dimension left as the model declares it (N, ?, -1 on the command line)
+_KEEP_TOKENS = ("n", "?", "-1")
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> InputShapes:
-    """``["images:1x3x640x640", ...]`` → ``{"images": [1, 3, 640, 640]}`` (a name may hold ':')."""
+    """``["images:Nx3x640x640", ...]`` → ``{"images": [-1, 3, 640, 640]}`` (a name may hold ':'; N keeps
+    a dimension as exported)."""
     shapes: InputShapes = {}
     for spec in specs or ():
         name, sep, dims = spec.rpartition(":")
         try:
-            values = [int(d) for d in dims.lower().split("x")]
+            values = [KEEP if d in _KEEP_TOKENS else int(d) for d in dims.lower().split("x")]
         except ValueError:
             values = []
-        if not sep or not name or not values or any(v < 0 for v in values):
+        if not sep or not name or not values or any(v < 0 and v != KEEP for v in values):
             raise ModelError(
-                f"--input-shape {spec!r}: write NAME:DIMxDIM… (sizes of 0 or more), e.g. images:1x3x640x640"
+                f"--input-shape {spec!r}: write NAME:DIMxDIM… (sizes of 0 or more, N to keep a dimension "
+                "as exported), e.g. images:1x3x640x640 or images:Nx3x640x640"
             )
         if name in shapes:
             raise ModelError(f"--input-shape names {name!r} twice")
@@ -66,10 +71,13 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                 f"input {vi.name!r} has rank {len(have)}; --input-shape gives {len(want)} dimensions"
             )
         for k, (h, w) in enumerate(zip(have, want, strict=True)):
-            if isinstance(h, int) and h >= 0 and h != w:  # a static size, 0 included (an empty tensor)
+            # a static size, 0 included (an empty tensor)
+            if isinstance(h, int) and h >= 0 and h != w and w != KEEP:
                 raise ModelError(f"input {vi.name!r} has dimension {k} fixed at {h}; --input-shape gives {w}")
         dims = vi.type.tensor_type.shape.dim
         for d, w in zip(dims, want, strict=True):
+            if w == KEEP:
+                continue
             if d.HasField("dim_param"):
                 symbols.setdefault(d.dim_param, w)
             d.Clear()
@@ -92,10 +100,10 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         fixed = [isinstance(d, int) and d >= 0 for d in dims]
         free = [d if isinstance(d, str) else f"dim {k}" for k, d in enumerate(dims) if k > 0 and not fixed[k]]
         if free:
-            example = "x".join(str(d) if fixed[k] else ("1" if k == 0 else "?") for k, d in enumerate(dims))
+            example = "x".join(str(d) if fixed[k] else ("N" if k == 0 else "?") for k, d in enumerate(dims))
             missing.append(
                 f"input {vi.name!r} has unknown dimensions {', '.join(map(str, free))}: "
-                f"give --input-shape {vi.name}:{example}"
+                f"give --input-shape {vi.name}:{example} (each ? a size; N keeps the batch free, or give it)"
             )
     if missing:
         raise ModelError(
