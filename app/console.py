@@ -256,7 +256,9 @@ def fidelity_table(title: str, report: Any) -> Table:
     rows = [
         [
             o.name,
-            fmt(o.top1_agreement, "{:.3f}"),
+            fmt(o.top1_agreement, "{:.3f}")
+            if o.exact_agreement is None
+            else f"{o.exact_agreement:.3f} equal",
             f"{o.cosine:.5f}",
             f"{o.max_abs_error:.4g}"
             + (
@@ -268,7 +270,7 @@ def fidelity_table(title: str, report: Any) -> Table:
         ]
         for o in report.outputs
     ]
-    return table(title, ["output", "top-1 agreement", "cosine", "max abs error", "SNR dB"], rows)
+    return table(title, ["output", "top-1 (or equal) agreement", "cosine", "max abs error", "SNR dB"], rows)
 
 
 def device_state(kinds: dict) -> str:

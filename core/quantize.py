@@ -45,6 +45,28 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) exists from opset 13
+
+
+def _at_least_opset(model: onnx.ModelProto, want: int) -> onnx.ModelProto:
+    """The model converted up to opset ``want`` where it declares less: the static QDQ graph writes
+    per-channel DequantizeLinear nodes, which an opset-11 model (torch's legacy exporter at
+    opset_version=11) cannot hold; onnxruntime then refused SplitPoint's own graph, not the user's."""
+    have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), want)
+    if have >= want:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, want)
+    except Exception as exc:  # the converter's own errors are of many kinds
+        raise SplitPointError(
+            f"static int8 quantisation needs opset {want} or later (per-channel weights); this model is "
+            f"opset {have} and onnx could not convert it ({type(exc).__name__}: {str(exc)[:200]}): use "
+            "dynamic quantisation, or export the model at opset 13 or later"
+        ) from exc
+
+
 def quantize_head(
     head: onnx.ModelProto, calibration: list[dict[str, np.ndarray]], mode: str = "static"
 ) -> onnx.ModelProto:
@@ -59,6 +81,8 @@ def quantize_head(
     if mode not in MODES:
         raise SplitPointError(f"unknown head quantisation mode {mode!r}; choose {', '.join(MODES)}")
     refuse_quantized(head, mode)
+    if mode == "static":
+        head = _at_least_opset(head, PER_CHANNEL_OPSET)
     inputs = {i.name for i in head.graph.input}
     samples = [{k: v for k, v in s.items() if k in inputs} for s in calibration]
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -29,6 +29,17 @@ class OutputFidelity:
     snr_db: float
     # samples whose split output has another shape than the float one (an output that follows the data)
     shape_mismatches: int = 0
+    # integer and boolean outputs (token ids, class indices, masks): the share of elements equal, which is
+    # what such an output's user compares; no top-1 (the position of the largest id means nothing)
+    exact_agreement: float | None = None
+
+    @property
+    def primary(self) -> float:
+        """This output's agreement with the float model: equal elements for an integer output, top-1 for
+        class scores, else cosine similarity."""
+        if self.exact_agreement is not None:
+            return self.exact_agreement
+        return self.top1_agreement if self.top1_agreement is not None else self.cosine
 
 
 @dataclass
@@ -43,12 +54,12 @@ class FidelityReport:
     @property
     def score(self) -> float:
         """One number for the planner: the task's primary metric where the model has a task (text
-        agreement, top-box IoU, top-1 agreement on rendered inputs), else the worst top-1 agreement if any
-        output classifies, else the worst cosine similarity."""
+        agreement, top-box IoU, top-1 agreement on rendered inputs), else the worst output's agreement
+        (``OutputFidelity.primary``). The worst of all outputs: a classifier's perfect top-1 once hid a
+        second output's cosine of 0.88 and an integer output's wrong ids."""
         if self.task is not None:
             return float(self.task["metrics"][self.task["primary"]]["value"])
-        top1 = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
-        return min(top1) if top1 else min(o.cosine for o in self.outputs)
+        return min(o.primary for o in self.outputs)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "score": self.score}
@@ -60,18 +71,28 @@ def compare(name: str, ref: Joined, got: Joined, n: int = 1) -> OutputFidelity:
     float one counts as wholly wrong: nothing of it lines up."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
         return _compare_samples(name, per_sample(ref, n), per_sample(got, n))
+    exact = _discrete(ref)
     if ref.size == 0:  # empty in both, shapes equal: nothing can differ
-        return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB)
+        return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB, exact_agreement=1.0 if exact else None)
+    equal = float(np.mean(ref == got)) if exact else None
     ref = ref.astype(np.float64)
     got = got.astype(np.float64)
     rows = ref.shape[0] if ref.ndim else 1
     r, g = ref.reshape(rows, -1), got.reshape(rows, -1)
-    top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if (ref.ndim == 2 and ref.shape[1] > 1) else None
+    classes = ref.ndim == 2 and ref.shape[1] > 1 and not exact
+    top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
     noise = float(((r - g) ** 2).sum())
     signal = float((r**2).sum())
-    return OutputFidelity(name, top1, float(cos.mean()), float(np.abs(r - g).max()), _snr(signal, noise))
+    return OutputFidelity(
+        name, top1, float(cos.mean()), float(np.abs(r - g).max()), _snr(signal, noise), exact_agreement=equal
+    )
+
+
+def _discrete(a: np.ndarray) -> bool:
+    """Integers and booleans: compared element by element, not as scores."""
+    return bool(np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_)
 
 
 def _snr(signal: float, noise: float) -> float:
@@ -82,7 +103,9 @@ def _compare_samples(name: str, refs: list[np.ndarray], gots: list[np.ndarray]) 
     if len(refs) != len(gots):
         raise ValueError(f"output {name}: {len(refs)} float samples against {len(gots)} split ones")
     cosines: list[float] = []
-    top1: list[float] | None = [] if all(r.ndim == 2 and r.shape[1] > 1 for r in refs) else None
+    exact = bool(refs) and all(_discrete(r) for r in refs)
+    equal: list[float] | None = [] if exact else None
+    top1: list[float] | None = [] if not exact and all(r.ndim == 2 and r.shape[1] > 1 for r in refs) else None
     worst, signal, noise, mismatched = 0.0, 0.0, 0.0, 0
     for ref, got in zip(refs, gots, strict=True):
         r, g = ref.astype(np.float64), got.astype(np.float64)
@@ -90,15 +113,18 @@ def _compare_samples(name: str, refs: list[np.ndarray], gots: list[np.ndarray]) 
         if r.shape != g.shape:
             noise += float((r**2).sum() + (g**2).sum())
             cosines.append(0.0)
-            if top1 is not None:
-                top1.append(0.0)
+            for acc in (top1, equal):
+                if acc is not None:
+                    acc.append(0.0)
             mismatched += 1
             continue
-        one = compare(name, r, g)
+        one = compare(name, ref, got)
         noise += float(((r - g) ** 2).sum())
         cosines.append(one.cosine)
         if top1 is not None:
             top1.append(one.top1_agreement if one.top1_agreement is not None else 0.0)
+        if equal is not None:
+            equal.append(one.exact_agreement if one.exact_agreement is not None else 0.0)
         worst = max(worst, one.max_abs_error)
     return OutputFidelity(
         name,
@@ -107,6 +133,7 @@ def _compare_samples(name: str, refs: list[np.ndarray], gots: list[np.ndarray]) 
         worst,
         _snr(signal, noise),
         mismatched,
+        float(np.mean(equal)) if equal else None,
     )
 
 

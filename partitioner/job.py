@@ -97,7 +97,10 @@ def fidelity_measure(handle: ModelHandle) -> str:
         from .taskmetrics import PRIMARY
 
         return f"{handle.task} {PRIMARY[handle.task].replace('_', ' ')} with the unsplit model"
-    return "top-1 agreement with the unsplit model (cosine where no output classifies)"
+    return (
+        "agreement with the unsplit model, the worst output's: top-1 for class scores, equal elements for "
+        "integer outputs, cosine otherwise"
+    )
 
 
 def fidelity_facts(handle: ModelHandle, samples: int, measured_on: str) -> dict:

@@ -76,8 +76,10 @@ class Constraints:
             "latency": lambda: f"latency {c.latency_ms:.1f} ms > {self.max_latency_ms:g} ms",
             "fidelity": lambda: f"fidelity {c.inp.fidelity or 0.0:.3f} < {self.min_fidelity:g}",
             "edge memory": lambda: (
-                f"edge memory {c.inp.edge_memory_bytes / mib:.1f} MiB > "
-                f"{(self.max_edge_memory_bytes or 0) / mib:.1f} MiB"
+                # four digits: at one decimal, 0.82 MiB against a
+                # 0.75 MiB limit read "0.8 MiB > 0.8 MiB"
+                f"edge memory {c.inp.edge_memory_bytes / mib:.4g} MiB > "
+                f"{(self.max_edge_memory_bytes or 0) / mib:.4g} MiB"
             ),
             "bytes": lambda: f"{c.bytes_per_inference} bytes > {self.max_bytes}",
             "throughput": lambda: f"throughput {c.throughput_ips:.1f}/s < {self.min_throughput_ips:g}/s",

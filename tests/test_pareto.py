@@ -156,3 +156,12 @@ def test_front_equals_brute_force_at_a_thousand_candidates():
     f = front(cands)
     assert {id(c) for c in f} == {id(cands[i]) for i in brute_force(objs)}
     assert [c.latency_ms for c in f] == sorted(c.latency_ms for c in f)
+
+
+def test_a_missed_memory_limit_reads_as_a_true_comparison():
+    """At one decimal a 0.82 MiB candidate against a 0.75 MiB limit read '0.8 MiB > 0.8 MiB', and against
+    0.55 as '0.6 MiB > 0.5 MiB' (the limit shown below what was given)."""
+    c = evaluate(ci(cut=3, head=1.0, tail=1.0, up=1000, mem=858_000), LTE)
+    for limit, shown in ((0.75, "0.75 MiB"), (0.55, "0.55 MiB")):
+        (text,) = Constraints(max_edge_memory_bytes=int(limit * 2**20)).misses(c)
+        assert text == f"edge memory 0.8183 MiB > {shown}", text

@@ -638,3 +638,62 @@ def test_a_graph_out_of_order_is_put_in_order_and_splits_exactly(tmp_path):
     for cut in cuts[::2]:
         head, tail = extract(h.index, cut)
         np.testing.assert_allclose(run_split(head, tail, cut, feeds)["y"], whole, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_outputs_are_compared_element_by_element_and_no_output_is_hidden():
+    """A model returning token ids (int64 [1, 16]) beside class scores and a regression output: ids are
+    scored by the share equal (their 'top-1', the position of the largest id, read 1.0 with 2 of 16 ids
+    wrong), and the score is the worst output's, so a perfect classifier no longer hides the rest."""
+    from splitpoint.partitioner.fidelity import FidelityReport, compare
+
+    ids = np.arange(16, dtype=np.int64).reshape(1, 16) * 7
+    wrong = ids.copy()
+    wrong[0, 3] += 1
+    wrong[0, 9] -= 2
+    o_ids = compare("nxt", ids, wrong)
+    assert o_ids.exact_agreement == 14 / 16 and o_ids.top1_agreement is None and o_ids.primary == 14 / 16
+    scores = np.eye(4, dtype=np.float32)
+    o_cls = compare("cls", scores, scores + 0.01)
+    assert o_cls.top1_agreement == 1.0 and o_cls.exact_agreement is None
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((1, 16, 4)).astype(np.float32)
+    o_reg = compare("y", y, y + rng.standard_normal(y.shape).astype(np.float32) * 0.6)
+    assert o_reg.top1_agreement is None and o_reg.cosine < 0.95
+    report = FidelityReport(cut=2, codec="int4", head_weights="float32", samples=1, outputs=[o_cls, o_reg])
+    assert report.score == o_reg.cosine  # before: 1.0, the classifier's top-1 alone
+    report.outputs.append(o_ids)
+    assert report.score == min(o_reg.cosine, 14 / 16)
+    mask = compare("m", np.array([[True, False, True, True]]), np.array([[True, True, True, True]]))
+    assert mask.exact_agreement == 0.75
+
+
+def test_static_int8_on_an_opset_11_model_converts_it_first():
+    """torch's legacy exporter at opset_version=11: the static QDQ graph's per-channel DequantizeLinear
+    needs opset 13, and onnxruntime refused SplitPoint's own quantised graph as the model's fault."""
+    import onnxruntime as ort
+
+    from splitpoint.core.quantize import quantize_head
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2")
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        "op11",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [w1, b1, w2],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    calib = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    q = quantize_head(model, calib, "static")
+    assert any(n.op_type == "DequantizeLinear" for n in q.graph.node)
+    sess = ort.InferenceSession(q.SerializeToString())
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, calib[0])[0]
+    got = sess.run(None, calib[0])[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
