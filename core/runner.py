@@ -203,9 +203,14 @@ class StageRunner:
             if name in feeds:
                 wrong = mismatch(name, np.asarray(feeds[name]), (want, shape))
                 if wrong is not None:
-                    given = " ".join(
-                        f"--input-shape {k}:{'x'.join(map(str, v))}"
-                        for k, v in self.plan.input_shapes.items()
+                    # the shapes it was planned with explain a shape refused, not a dtype
+                    given = (
+                        ""
+                        if "dtype" in wrong.split(":", 1)[-1][:8]
+                        else " ".join(
+                            f"--input-shape {k}:{'x'.join('N' if d < 0 else str(d) for d in v)}"
+                            for k, v in self.plan.input_shapes.items()
+                        )
                     )
                     raise SplitPointError(
                         f"model input {wrong}" + (f" (planned with {given})" if given else "")
