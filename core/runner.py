@@ -201,12 +201,13 @@ class StageRunner:
             )
         for name, (want, shape) in self.expect.items():
             if name in feeds:
-                wrong = mismatch(name, np.asarray(feeds[name]), (want, shape))
+                arr = np.asarray(feeds[name])
+                wrong = mismatch(name, arr, (want, shape))
                 if wrong is not None:
                     # the shapes it was planned with explain a shape refused, not a dtype
                     given = (
                         ""
-                        if "dtype" in wrong.split(":", 1)[-1][:8]
+                        if want is not None and arr.dtype != want
                         else " ".join(
                             f"--input-shape {k}:{'x'.join('N' if d < 0 else str(d) for d in v)}"
                             for k, v in self.plan.input_shapes.items()
