@@ -1285,9 +1285,10 @@ def bench(
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
     )
-    open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
-    with claimed_output(out), progress("bench", transient=False) as note:
-        results = write_report(run_bench(cfg, note), out)
+    with claimed_output(out):  # a bad -o is refused first, in a moment
+        open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+        with progress("bench", transient=False) as note:
+            results = write_report(run_bench(cfg, note), out)
     console.print("\n".join(summary_lines(results, out)))
 
 
@@ -1308,9 +1309,10 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) ->
         out=out,
         input_shapes=tuple(input_shape or ()),
     )
-    open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
-    with claimed_output(out), progress("bench --trace", transient=False) as note:
-        results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
+    with claimed_output(out):  # a bad -o is refused first, in a moment
+        open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+        with progress("bench --trace", transient=False) as note:
+            results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
     for name, m in results["models"].items():
         for t in m["targets"]:
             console.print(f"{name}: {t['target']}: {t['shown']} ({verdict(t['met'], 'not applicable')})")
@@ -1339,11 +1341,12 @@ def _bench_chain(
         input_shapes=tuple(input_shape or ()),
         **({"max_front": max_front} if max_front is not None else {}),
     )
-    open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
-    with claimed_output(out), progress("bench --chain", transient=False) as note:
-        results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
+    with claimed_output(out):  # a bad -o is refused first, in a moment
+        open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+        with progress("bench --chain", transient=False) as note:
+            results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
     for t in results["targets"]:
-        console.print(f"{t['target']}: {t['shown']} ({verdict(t['met'])})")
+        console.print(f"{t['target']}: {t['shown']} ({verdict(t['met'], 'not judged')})")
     console.print(f"report: {out / 'report.md'}")
 
 

@@ -163,8 +163,8 @@ def read_sample(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarra
     only_input(path, list(ranks))
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SplitPointError(f"cannot read {path.name}: {exc}") from exc
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (it ended a whole run)
+        raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
     ((name, rank),) = ranks.items()
     return {name: arr[None] if rank is not None and arr.ndim == rank - 1 else arr}
 
@@ -177,8 +177,8 @@ def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise SplitPointError(f"cannot read {path.name}: {exc}") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
     missing = [n for n in ranks if n not in arrays]
     if missing:
         raise SplitPointError(

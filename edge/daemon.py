@@ -10,10 +10,14 @@ exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
+import zipfile
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -78,7 +82,8 @@ class EdgeDaemon:
         self._stop = threading.Event()
         self.endpoint: str | None = None
         # local requests waiting for room in the client's window: (identity, request id, feeds, since)
-        self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float]] = deque()
+        # (identity, request id, feeds, since, the plan id the request named: "" where it named none)
+        self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float, str]] = deque()
 
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
         """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
@@ -118,18 +123,47 @@ class EdgeDaemon:
         }
         if any(f.suffix.lower() == ".npy" for f in files):  # the whole folder is wrong: say so once
             only_input(next(f for f in files if f.suffix.lower() == ".npy"), list(ranks))
-        futures = []
+        stems: dict[str, Path] = {}
+        for f in files:  # x.npy and x.npz would both answer to x.npz, the second over the first
+            if outputs and f.stem in stems:
+                raise SplitPointError(
+                    f"{stems[f.stem].name} and {f.name} would both be answered in {f.stem}.npz: rename one"
+                )
+            stems[f.stem] = f
+        if outputs:
+            for p in (outputs, *outputs.parents):
+                if p.exists() and not p.is_dir():
+                    raise SplitPointError(
+                        f"--outputs {outputs}: {p} is a file; give a folder for the answers"
+                    )
+            outputs.mkdir(parents=True, exist_ok=True)
+        summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
+        # each answer is written as it comes (memory bounded by the window, and what was answered is kept
+        # if the run is stopped), not once every input has been sent
+        waiting: list[tuple[Path, Future]] = []
         for f in files:
             if self._stop.is_set():
                 break
             try:
                 feeds = read_sample(f, ranks)
             except SplitPointError as exc:
-                futures.append((f, _failed(EdgeError(str(exc), "bad-input"))))
+                waiting.append((f, _failed(EdgeError(str(exc), "bad-input"))))
+            else:
+                waiting.append((f, self.client.submit(feeds)))
+            waiting = self._write_done(waiting, outputs, summary)
+        for _, fut in waiting:
+            with contextlib.suppress(Exception):
+                fut.result()
+        self._write_done(waiting, outputs, summary)
+        return summary
+
+    def _write_done(self, waiting: list, outputs: Path | None, summary: dict) -> list:
+        """Write the answers that have come (each file whole or not at all); the rest still wait."""
+        still = []
+        for f, fut in waiting:
+            if not fut.done():
+                still.append((f, fut))
                 continue
-            futures.append((f, self.client.submit(feeds)))
-        summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
-        for f, fut in futures:
             try:
                 r = fut.result()
             except EdgeError as exc:
@@ -139,10 +173,10 @@ class EdgeDaemon:
             local = self.client.local_only
             summary["local" if local else "fallback" if r.fallback else "ok"] += 1
             if outputs:
-                outputs.mkdir(parents=True, exist_ok=True)
-                arrays: dict[str, Any] = dict(zip(r.names, r.outputs, strict=True))
-                np.savez(outputs / f"{f.stem}.npz", fallback=np.array(r.fallback), **arrays)
-        return summary
+                write_answer(
+                    outputs / f"{f.stem}.npz", dict(zip(r.names, r.outputs, strict=True)), r.fallback
+                )
+        return still
 
     def serve_local(self) -> None:
         """Answer local inference requests and deploys until SIGTERM, then drain."""
@@ -198,7 +232,18 @@ class EdgeDaemon:
         """Start the local requests that wait for room in the client's window, oldest first; the socket
         loop never blocks on the window, so it keeps answering (and hears SIGTERM) while they wait."""
         while self._backlog:
-            ident, rid, feeds, since = self._backlog[0]
+            ident, rid, feeds, since, pinned = self._backlog[0]
+            if pinned and pinned != self.client.plan.plan_id:  # a deploy switched plans meanwhile
+                self._backlog.popleft()
+                self._refuse(
+                    sock,
+                    ident,
+                    rid,
+                    wire.E_UNKNOWN_PLAN,
+                    f"this daemon switched to plan {self.client.plan.plan_id[:12]}… before the request "
+                    f"(which named {pinned[:16]!r}) started",
+                )
+                continue
             waited = time.monotonic() - since
             if waited > self.config.timeout_s:  # --timeout bounds the wait for the window too
                 self._backlog.popleft()
@@ -262,7 +307,7 @@ class EdgeDaemon:
                 held = len(pending) + len(self._backlog)
                 if held >= MAX_LOCAL_PENDING:
                     raise wire.WireError(wire.E_BUSY, f"{held} local requests are in flight or waiting")
-                self._backlog.append((ident, msg.id, self._feeds(msg), time.monotonic()))
+                self._backlog.append((ident, msg.id, self._feeds(msg), time.monotonic(), msg.plan or ""))
             elif msg.type == wire.DEPLOY:
                 plan = self._deploy(msg)
                 sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])
@@ -314,6 +359,26 @@ class EdgeDaemon:
             atomic_write_text(self.plans_dir / DEPLOYED, json.dumps(record))
         except OSError as exc:  # the switch stands; only a restart would not know of it
             log.warning("could not record the deployed plan in %s: %s", self.plans_dir / DEPLOYED, exc)
+
+
+def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:
+    """One answer as ``.npz``: an array per model output and ``fallback`` (whether the device answered
+    alone), written beside the target and renamed over it, so a stopped run leaves no half-written file.
+    Written entry by entry: ``np.savez`` takes names as keyword arguments, and a model output named
+    ``file`` or ``fallback`` clashed with its own (a traceback that wrote nothing)."""
+    flag = "fallback" if "fallback" not in outputs else "splitpoint_fallback"
+    entries = {**outputs, flag: np.array(fallback)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as z:
+            for name, arr in entries.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as e:
+                    np.lib.format.write_array(e, np.asanyarray(arr), allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _failed(error: Exception) -> Future:

@@ -102,9 +102,11 @@ def test_derived_figures_follow_from_the_measurements(chain_bench):
     assert case["regret"] == pytest.approx(
         best["measured"]["throughput_ips"] / pick["measured"]["throughput_ips"]
     )
-    assert {t["target"] for t in results["targets"]} and all(
-        t["met"] in (True, False) for t in results["targets"]
-    )
+    # a verdict computed for every target, or withheld where the figure cannot judge it (a pipelining
+    # ratio above 1.1 says the stage bound behind it is overstated)
+    for t in results["targets"]:
+        withheld = t["value"] is not None and t["value"] > 1.1 and "no bound" in t["shown"]
+        assert t["met"] in (True, False) or withheld, t
 
 
 def test_report_json_and_plot_are_written(chain_bench):

@@ -480,3 +480,48 @@ def test_a_bench_output_directory_is_claimed_for_the_run(tmp_path):
     with claimed_output(out):
         pass
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
+def test_a_folder_run_answers_each_file_on_its_own_and_refuses_clashing_names(plan_dir, tmp_path):
+    """An empty .npy ended a whole run as 'interrupted' with no answer written; x.npy and x.npz both wrote
+    x.npz, the second over the first. Now the empty file is that file's error, every other one is
+    answered (written whole, as it comes), and clashing names are refused before anything runs."""
+    import shutil
+
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    inputs = tmp_path / "in"
+    shutil.copytree(plan_dir / "inputs", inputs)
+    (inputs / "empty.npy").write_bytes(b"")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=None)).start()
+    srv.registry.add_dir(plan_dir / "plan")
+    assert srv.endpoint is not None
+    try:
+        out = tmp_path / "answers"
+        args = ["edge", "run", str(plan_dir / "plan"), "--server", srv.endpoint, "--inputs", str(inputs)]
+        proc = run_cli(*args, "--outputs", str(out), "--quiet", timeout=120)
+        assert proc.returncode == 1 and "empty.npy" in proc.stderr and "interrupted" not in proc.stderr
+        assert "3 split" in proc.stdout and "1 of 4 inputs got no answer" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["x0.npz", "x1.npz", "x2.npz"]  # no temporary left
+        with np.load(out / "x0.npz") as z:
+            assert "fallback" in z.files and not bool(z["fallback"])
+        np.savez(inputs / "x1.npz", input=np.zeros((3, 64, 64), np.float32))
+        t0 = time.monotonic()
+        clash = run_cli(*args, "--outputs", str(tmp_path / "again"), "--quiet", timeout=60)
+        _one_line_error(clash, "x1.npy and x1.npz would both be answered in x1.npz", t0)
+    finally:
+        srv.stop()
+
+
+def test_an_answer_is_written_whole_whatever_its_outputs_are_called(tmp_path):
+    """np.savez takes array names as keyword arguments: a model output named 'file' or 'fallback' clashed
+    with its own and the run died with a traceback."""
+    from splitpoint.edge.daemon import write_answer
+
+    path = tmp_path / "a.npz"
+    write_answer(path, {"file": np.arange(3), "fallback": np.ones(2, np.float32)}, True)
+    with np.load(path) as z:
+        assert sorted(z.files) == ["fallback", "file", "splitpoint_fallback"]
+        assert z["file"].tolist() == [0, 1, 2] and bool(z["splitpoint_fallback"])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
