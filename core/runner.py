@@ -17,8 +17,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .codecs import DTYPES
-from .errors import SplitPointError
-from .plan import HEAD_FILE, TAIL_FILE, Plan
+from .errors import PlanError, SplitPointError
+from .plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
 from .weights import is_stub, shareable, stub
 
 
@@ -328,10 +328,46 @@ def run_chain(
 
 def check_models_load(plan_dir: Path, plan: Plan) -> None:
     """Build a session for every model a plan carries (then drop it): what onnxruntime refuses, a
-    deploy refuses, before anything is served from it."""
+    deploy refuses, before anything is served from it. Each stage's model must also fit its place in the
+    plan (read only what the stage receives and the model's inputs, return what it sends on and the
+    outputs it produces): a deploy with the head's model in the tail's place loaded, was acknowledged,
+    and then failed every request with `internal`."""
+    by_file = {st.file: (i, st) for i, st in enumerate(plan.stages) if st.file}
+    model_inputs = {t.name for t in plan.inputs}
     for name in plan.files:
-        if name.endswith(".onnx") and (Path(plan_dir) / name).is_file():
-            make_session(Path(plan_dir) / name, threads=1)
+        if not (name.endswith(".onnx") and (Path(plan_dir) / name).is_file()):
+            continue
+        sess = make_session(Path(plan_dir) / name, threads=1)
+        if plan.decoder is not None:
+            continue  # a decoder segment also reads and returns its KV cache, named by the plan's layers
+        reads = {i.name for i in sess.get_inputs()}
+        gives = {o.name for o in sess.get_outputs()}
+        if name in by_file:
+            i, st = by_file[name]
+            may_read = {t.name for t in st.receives} | model_inputs
+            must_give = {t.name for t in st.sends} | set(st.produces)
+            where = f"stage {i}'s model {name}"
+        elif name == FULL_FILE:
+            may_read, must_give, where = (
+                model_inputs,
+                {o.name for o in plan.outputs},
+                f"the whole model {name}",
+            )
+        else:
+            continue
+        extra, lacking = sorted(reads - may_read), sorted(must_give - gives)
+        if extra or lacking:
+            raise PlanError(
+                f"{where} does not fit the plan: "
+                + "; ".join(
+                    x
+                    for x in (
+                        f"it reads {extra[:8]}, which the plan does not give it" if extra else "",
+                        f"it lacks the outputs {lacking[:8]} the plan expects of it" if lacking else "",
+                    )
+                    if x
+                )
+            )
 
 
 def run_samples(

@@ -477,3 +477,29 @@ def test_a_pushed_plans_name_is_logged_with_its_control_characters_escaped():
     from splitpoint.server.registry import shown
 
     assert shown("resnet\u202e\x00名前 v2") == "resnet\\u202e\\x00名前 v2"
+
+
+def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(served):
+    """The head's model in the tail's place, with honest checksums and plan id: it loads, so the server
+    acknowledged it and then answered every request over it `internal: KeyError`. A deploy whose stage
+    models do not read and return what the plan says is `bad-plan`."""
+    import hashlib
+
+    d = served["plans"] / "p"
+    plan = json.loads((d / "plan.json").read_text())
+    files = {n: (d / n).read_bytes() for n in plan["files"]}
+    files["tail.onnx"] = files["head.onnx"]
+    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
+    plan.pop("plan_id")
+    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+    names = ["plan.json", *files]
+    frames = [json.dumps(plan).encode(), *files.values()]
+    header = json.dumps({"v": 1, "type": "deploy", "id": 77, "meta": {"files": names}}).encode()
+    reply = _ask(served["sock"], [header, *frames], 20000)
+    assert reply.type == wire.ERROR and reply.id == 77, reply
+    assert reply.meta["code"] == wire.E_BAD_PLAN and "does not fit the plan" in reply.meta["message"], (
+        reply.meta
+    )
+    ping = _ask(served["sock"], wire.Message(wire.PING, 78).to_frames())
+    assert plan["plan_id"] not in ping.meta["plans"]
