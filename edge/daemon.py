@@ -197,7 +197,7 @@ class EdgeDaemon:
             )
             raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}{hint}") from exc
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        pending: list[tuple[Any, int, Future]] = []
+        pending: list[tuple[Any, int, Future, str]] = []  # identity, id, answer, the plan it runs on
         self._backlog.clear()
         try:
             while not self._stop.is_set() and self.client.fatal is None:
@@ -217,7 +217,7 @@ class EdgeDaemon:
                             rid = wire.best_effort_id(frames[1:])
                             self._refuse(sock, frames[0], rid, "closed", "the edge daemon is shutting down")
                 pending = self._answer_done(sock, pending)
-            for ident, rid, _ in pending:
+            for ident, rid, *_ in pending:
                 self._refuse(
                     sock, ident, rid, "closed", "the edge daemon stopped before the request finished"
                 )
@@ -254,7 +254,7 @@ class EdgeDaemon:
                     self._refuse(sock, ident, rid, "bad-input", str(exc))
                     continue
                 if local is not None:  # as a request the server did not answer in time
-                    pending.append((ident, rid, local))
+                    pending.append((ident, rid, local, self.client.plan.plan_id))
                 else:
                     self._refuse(sock, ident, rid, "timeout", why)
                 continue
@@ -267,18 +267,18 @@ class EdgeDaemon:
             if fut is None:
                 return
             self._backlog.popleft()
-            pending.append((ident, rid, fut))
+            pending.append((ident, rid, fut, self.client.plan.plan_id))
 
     def _answer_done(self, sock: zmq.Socket, pending: list) -> list:
         still = []
-        for ident, rid, fut in pending:
+        for ident, rid, fut, plan_id in pending:
             if fut.done():
-                sock.send_multipart([ident, *self._answer(rid, fut).to_frames()], copy=False)
+                sock.send_multipart([ident, *self._answer(rid, fut, plan_id).to_frames()], copy=False)
             else:
-                still.append((ident, rid, fut))
+                still.append((ident, rid, fut, plan_id))
         return still
 
-    def _answer(self, rid: int, fut: Future) -> wire.Message:
+    def _answer(self, rid: int, fut: Future, plan_id: str) -> wire.Message:
         try:
             r = fut.result(0)
         except EdgeError as exc:
@@ -287,7 +287,8 @@ class EdgeDaemon:
             return wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
         meta = {"fallback": r.fallback, "breakdown": dict(r.breakdown)}
         frames = [encode(o, "float32") for o in r.outputs]
-        return wire.Message(wire.RESULT, rid, self.client.plan.plan_id, r.names, meta=meta, frames=frames)
+        # the plan that answered, not the one running now: a deploy may have switched since it started
+        return wire.Message(wire.RESULT, rid, plan_id, r.names, meta=meta, frames=frames)
 
     def _on_local(self, sock: zmq.Socket, frames: list, pending: list) -> None:
         """Never raises: every message gets its answer or its error, under its own request id."""

@@ -839,3 +839,51 @@ def test_a_deploy_under_way_when_the_server_stops_is_finished_and_acknowledged(m
         srv.stop()
         plan_id = json.loads((model["plans"] / "p-int8" / "plan.json").read_text())["plan_id"]
         assert acked.result(30) == plan_id
+
+
+def test_a_local_request_that_named_a_plan_never_runs_on_another(model, server, tmp_path):
+    """Requests naming plan A wait in the daemon's backlog while a deploy switches it to plan B: each is
+    answered by A or refused unknown-plan, never by B's model (before, those that started after the
+    switch came back as results of the other model)."""
+    from splitpoint.core.plan import Plan
+
+    start = tmp_path / "plans" / "start"
+    shutil.copytree(model["plans"] / "p-f32", start)
+    sock = f"ipc://{tmp_path}/edge.sock"
+    cmd = [sys.executable, "-m", "splitpoint.app", "edge", "run", str(start), "--server", server.endpoint]
+    proc = subprocess.Popen(
+        [*cmd, "--listen", sock, "--window", "1", "--quiet"], stderr=subprocess.PIPE, text=True
+    )
+    old, new = Plan.load(start), Plan.load(model["plans"] / "p-int8")
+    try:
+        s = _raw(sock)
+        assert _ask(s, wire.Message(wire.PING, 1).to_frames(), timeout=30000).type == wire.PONG
+        payload = encode(x()["input"], "float32")
+        for rid in range(100, 300):
+            s.send_multipart(
+                wire.Message(wire.INFER, rid, old.plan_id, ["input"], frames=[payload]).to_frames()
+            )
+        kinds = []
+        for _ in range(5):  # some answered by A before the deploy
+            assert s.poll(60000)
+            reply = wire.parse(s.recv_multipart())
+            assert reply.type == wire.RESULT and reply.plan == old.plan_id
+            kinds.append(reply.type)
+        d = model["plans"] / "p-int8"
+        names = ["plan.json", *sorted(new.files_for("edge"))]
+        header = wire.Message(wire.DEPLOY, 7, meta={"files": names}).header()
+        deployer = _raw(sock)
+        deployer.send_multipart([header, *[(d / n).read_bytes() for n in names]])
+        assert deployer.poll(60000)
+        assert wire.parse(deployer.recv_multipart()).type == wire.DEPLOYED
+        deployer.close(0)
+        for _ in range(195):
+            assert s.poll(60000), kinds
+            reply = wire.parse(s.recv_multipart())
+            assert reply.type == wire.ERROR or reply.plan == old.plan_id, (reply.type, reply.plan[:12])
+            kinds.append(reply.type if reply.type == wire.RESULT else reply.meta["code"])
+        s.close(0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert set(kinds) == {wire.RESULT, wire.E_UNKNOWN_PLAN}, kinds
