@@ -1237,38 +1237,25 @@ def bench(
         if chain:
             raise SplitPointError("--trace and --chain do not combine: a trace runs one edge and one server")
         # a trace's phases name its networks and it measures by its own clock: these would be ignored
-        unused = [
-            name
-            for name, given in (
-                ("--networks", networks is not None),
-                ("--link", link != "auto"),
-                ("--seconds", seconds != 1.5),
-                ("--window", window != 4),
-                ("--max-front", max_front is not None),
-                ("--front-budget", front_budget is not None),
-            )
-            if given
-        ]
-        if unused:
-            raise typer.BadParameter(
-                f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not go with --trace: the trace "
-                "names its networks and phases"
-            )
+        _not_with(
+            "--trace",
+            {
+                "--networks": networks is not None,
+                "--link": link != "auto",
+                "--seconds": seconds != 1.5,
+                "--window": window != 4,
+                "--max-front": max_front is not None,
+                "--front-budget": front_budget is not None,
+            },
+            ": the trace names its networks and phases",
+        )
         return _bench_trace(
             models, trace, 5.0 if rate is None else rate, device, min_fidelity, out, input_shape
         )
     if rate is not None:
         raise typer.BadParameter("--rate is the arrival rate of a trace; it goes with --trace")
-    if chain:
-        unused = [
-            n
-            for n, given in (("--device", device != "rpi4"), ("--front-budget", front_budget is not None))
-            if given
-        ]
-        if unused:  # a chain names its devices in --chain, and measures every front member's fidelity
-            raise typer.BadParameter(
-                f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not go with --chain"
-            )
+    if chain:  # a chain names its devices in --chain, and measures every front member's fidelity
+        _not_with("--chain", {"--device": device != "rpi4", "--front-budget": front_budget is not None})
         return _bench_chain(
             models, chain, networks, link, out, seconds, window, min_fidelity, input_shape, max_front
         )
@@ -1290,6 +1277,15 @@ def bench(
         with progress("bench", transient=False) as note:
             results = write_report(run_bench(cfg, note), out)
     console.print("\n".join(summary_lines(results, out)))
+
+
+def _not_with(mode: str, given: dict[str, bool], why: str = "") -> None:
+    """Refuse the options given that ``mode`` would ignore."""
+    unused = [name for name, g in given.items() if g]
+    if unused:
+        raise typer.BadParameter(
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not go with {mode}{why}"
+        )
 
 
 def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) -> None:
@@ -1354,12 +1350,13 @@ def _check_plot_path(path: Path) -> None:
     """Before the work, not after the plan is written: a format matplotlib writes, in a directory."""
     from matplotlib.figure import Figure
 
+    from splitpoint.core.files import file_in_the_way
+
     formats = Figure().canvas.get_supported_filetypes()
     if path.suffix.lstrip(".").lower() not in formats:
         raise typer.BadParameter(f"--plot {path}: name a file ending in .{', .'.join(sorted(formats))}")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise typer.BadParameter(f"--plot {path}: {parent} is a file")
+    if (blocked := file_in_the_way(path.parent)) is not None:
+        raise typer.BadParameter(f"--plot {path}: {blocked} is a file")
 
 
 def _seconds(option: str, value: float, zero: str | None = None) -> float:

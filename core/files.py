@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import OutputExistsError
 
@@ -21,18 +23,30 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write beside the target and rename over it: a reader sees the old file or the new, never a part."""
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first of ``path`` and the directories above it that exists and is not a directory: where a
+    directory was wanted, the file that stops it being made (None: nothing in the way)."""
+    p = Path(path)
+    return next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write beside the target (``write`` fills the file) and rename over it: a reader sees the old file
+    or the new, never a part, and an interrupted write leaves nothing behind."""
     p = Path(path)
     if not p.name or p.is_dir():
         raise OutputExistsError(f"output {str(p) or '(empty)'!r} is a directory: give a file name")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep it from all but its writer
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -105,13 +105,18 @@ class AdaptiveClient:
         self._publish_status()
 
     # -- health: one device, however many members ----------------------------------------------
+    def _speaker(self) -> int | None:
+        """The member whose connection speaks for the set's link: the current one, or while that one runs
+        on the edge, the probe (None: no member sends)."""
+        return self.current if self.sends[self.current] else self._probe()
+
     def _server_up(self) -> bool:
-        k = self.current if self.sends[self.current] else self._probe()
+        k = self._speaker()
         return k is not None and self.clients[k].server_up
 
     def _status(self) -> dict:
         m = self.set.members[self.current]
-        k = self.current if self.sends[self.current] else self._probe()
+        k = self._speaker()
         return {
             "plan": m.plan_id,
             "member": f"m{self.current} {m.label}",

@@ -13,15 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 import zipfile
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import zmq
@@ -30,7 +28,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
-from splitpoint.core.files import atomic_write_text
+from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed
 from splitpoint.core.runner import check_models_load
 from splitpoint.core.samples import only_input, read_sample
@@ -131,11 +129,10 @@ class EdgeDaemon:
                 )
             stems[f.stem] = f
         if outputs:
-            for p in (outputs, *outputs.parents):
-                if p.exists() and not p.is_dir():
-                    raise SplitPointError(
-                        f"--outputs {outputs}: {p} is a file; give a folder for the answers"
-                    )
+            if (blocked := file_in_the_way(outputs)) is not None:
+                raise SplitPointError(
+                    f"--outputs {outputs}: {blocked} is a file; give a folder for the answers"
+                )
             outputs.mkdir(parents=True, exist_ok=True)
         summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
         # each answer is written as it comes (memory bounded by the window, and what was answered is kept
@@ -369,17 +366,14 @@ def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:
     ``file`` or ``fallback`` clashed with its own (a traceback that wrote nothing)."""
     flag = "fallback" if "fallback" not in outputs else "splitpoint_fallback"
     entries = {**outputs, flag: np.array(fallback)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as z:
+
+    def write(fh: BinaryIO) -> None:
+        with zipfile.ZipFile(fh, "w") as z:
             for name, arr in entries.items():
                 with z.open(f"{name}.npy", "w", force_zip64=True) as e:
                     np.lib.format.write_array(e, np.asanyarray(arr), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _failed(error: Exception) -> Future:

@@ -16,16 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from splitpoint.core.errors import OutputExistsError, SplitPointError
+from splitpoint.core.files import file_in_the_way
 
 LOCK = ".splitpoint-bench.lock"
 
 
 @contextlib.contextmanager
 def claimed_output(out: Path) -> Iterator[Path]:
-    for p in (out, *out.parents):
-        if p.exists() and not p.is_dir():
-            where = "" if p == out else f": {p} is a file"
-            raise OutputExistsError(f"-o {out}: not a directory{where}; give a directory for the results")
+    if (blocked := file_in_the_way(out)) is not None:
+        where = "" if blocked == out else f": {blocked} is a file"
+        raise OutputExistsError(f"-o {out}: not a directory{where}; give a directory for the results")
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

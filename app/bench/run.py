@@ -330,21 +330,28 @@ def bytes_at_fidelity(candidates: list[Candidate], floor: float) -> dict[str, di
     return out
 
 
-def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> None:
-    """Every model opened (a file that is not ONNX named now, not after minutes of calibration) and every
-    --input-shape matched by an input of some model: a bench applies each to the models that have that
-    input, so a misspelt name was ignored without a word."""
+def check_model_names(models: Sequence[str]) -> None:
+    """Each of --models a zoo name or an existing file, before anything is measured."""
     from splitpoint.core import zoo
-    from splitpoint.core.graph import open_model
-    from splitpoint.core.graph.shapes import parse_input_shapes
 
-    shapes = parse_input_shapes(tuple(input_shapes))
-    inputs: set[str] = set()
     for name in models:
         if name not in zoo.ZOO and not Path(name).is_file():
             raise SplitPointError(
                 f"--models: {name!r} is neither an ONNX file nor a zoo model (known: {', '.join(zoo.ZOO)})"
             )
+
+
+def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> None:
+    """Every model opened (a file that is not ONNX named now, not after minutes of calibration) and every
+    --input-shape matched by an input of some model: a bench applies each to the models that have that
+    input, so a misspelt name was ignored without a word."""
+    from splitpoint.core.graph import open_model
+    from splitpoint.core.graph.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(tuple(input_shapes))
+    inputs: set[str] = set()
+    check_model_names(models)
+    for name in models:
         h = open_model(name, shapes, only_present=True)
         inputs |= {i.name for i in h.model.graph.input}
     unknown = sorted(set(shapes) - inputs)
@@ -356,7 +363,6 @@ def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> Non
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
-    from splitpoint.core import zoo
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.partitioner.pareto import Constraints
@@ -372,11 +378,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     # every argument is checked before the minutes of calibration and profiling start
     device = load_device(cfg.device)
     nets = [load_network(n) for n in cfg.networks]
-    for name in cfg.models:
-        if name not in zoo.ZOO and not Path(name).is_file():
-            raise SplitPointError(
-                f"--models: {name!r} is neither an ONNX file nor a zoo model (known: {', '.join(zoo.ZOO)})"
-            )
+    check_model_names(cfg.models)
     if not cfg.models or not nets:
         raise SplitPointError("name at least one model and one network")
     if cfg.link not in MECHANISMS:
