@@ -106,6 +106,34 @@ def test_estimator_treats_outliers_on_both_sides_as_noise():
     assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
 
 
+def test_large_requests_outweigh_small_ones_whose_time_is_mostly_jitter():
+    """A 27 KiB request crosses an 18.9 Mbit/s link in 11 ms, and 10-30 ms of jitter and edge wake-ups
+    on its network time read it as 6-10 Mbit/s: by count, eight of them outvoted two 150 KiB probes
+    that read the link right, and the edge stayed on the member for a slow link for three windows.
+    Weighted by the bits each carried, the probes decide; one slow probe among them still does not."""
+    est = LinkEstimator()
+    t = _ping(est, 20.0, 5)
+    for k in range(8):
+        est.observe(27_000, 20.0 + 8e-3 * wire_bytes(27_000) / 18.9 + 12.0 + 2 * k, now=t + 0.2 * k)
+    by_count = est.uplink_mbps
+    assert by_count is not None and by_count < 10.0  # what the small requests alone read
+    _feed(est, 18.9, 2, rtt=20.0, nbytes=150_000, t0=t + 1.6)
+    assert est.uplink_mbps == pytest.approx(18.9, rel=0.01)
+    slow = LinkEstimator()
+    t = _ping(slow, 20.0, 5)
+    t = _feed(slow, 18.9, 3, rtt=20.0, nbytes=150_000, t0=t)
+    _feed(slow, 1.0, 1, rtt=20.0, nbytes=150_000, t0=t)  # a retransmission
+    assert slow.uplink_mbps == pytest.approx(18.9, rel=0.01)
+
+
+def test_weighted_median_is_the_plain_median_at_equal_weights():
+    from splitpoint.edge.estimator import weighted_median
+
+    assert weighted_median([(3.0, 1.0), (1.0, 1.0), (2.0, 1.0)]) == 2.0
+    assert weighted_median([(4.0, 1.0), (1.0, 1.0), (2.0, 1.0), (3.0, 1.0)]) == 2.5
+    assert weighted_median([(1.0, 1.0), (9.0, 5.0), (2.0, 1.0)]) == 9.0
+
+
 def test_a_busy_edge_waiting_on_every_reply_does_not_read_as_a_slow_link():
     """A saturated head delays the handling of every reply, pings' and requests' alike (30 ms here,
     against a 4 ms transfer): the wait cancels out of the uplink, and shows in the round trip."""
