@@ -144,6 +144,13 @@ def refuse_quantized(model: onnx.ModelProto, mode: str) -> None:
             f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (no --int8, "
             "--quantize-head-weights none)"
         )
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    if mode == "dynamic" and any(t.data_type in half for t in model.graph.initializer):
+        # its cast inserted for float16 weights is no initializer, and the quantiser dies on it
+        raise SplitPointError(
+            "the model's weights are float16: onnxruntime's dynamic quantiser takes float32 weights "
+            "only; use --quantize-head-weights static (calibrated), or none"
+        )
 
 
 def quantize_matmul_weights(model: onnx.ModelProto, bits: int = 4, block_size: int = 32) -> onnx.ModelProto:

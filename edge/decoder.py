@@ -203,9 +203,16 @@ class DecoderClient:
             )
         return int(token[0]), reply, len(payload)
 
-    def end(self, session: int) -> None:
-        """Free the server's half of the session (it would expire anyway)."""
-        self._request(wire.Message(wire.CLOSE, next(self._ids), self.plan.plan_id, meta={"session": session}))
+    def end(self, session: int, wait: bool = True) -> None:
+        """Free the server's half of the session (it would expire anyway). Without ``wait`` the close is
+        only sent: after a step that went unanswered, waiting for its answer too took a second timeout
+        before the error came out."""
+        msg = wire.Message(wire.CLOSE, next(self._ids), self.plan.plan_id, meta={"session": session})
+        if wait:
+            self._request(msg)
+            return
+        with contextlib.suppress(zmq.ZMQError):  # a full queue to a dead server: it expires there
+            wire.send(self._sock, msg.to_frames(), zmq.NOBLOCK)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int) -> Generation:
         ids = _check_prompt(self.plan, prompt, max_new_tokens)
@@ -213,6 +220,7 @@ class DecoderClient:
         self.head.reset()
         gen = Generation([], 0.0, None)
         x, position = ids, 0
+        failed = True
         try:
             for _ in range(max_new_tokens):
                 t0 = time.perf_counter()
@@ -228,9 +236,10 @@ class DecoderClient:
                 gen.bytes_sent.append(nbytes)
                 position += x.shape[1]
                 x = np.array([[token]], np.int64)
+            failed = False
         finally:
             with contextlib.suppress(GenerationError):  # else it expires on the server by itself
-                self.end(session)
+                self.end(session, wait=not failed)
         gen.ttft_ms = gen.step_ms[0]
         gen.tpot_ms = statistics.median(gen.step_ms[1:]) if len(gen.step_ms) > 1 else None
         return gen

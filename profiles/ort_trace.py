@@ -66,6 +66,26 @@ def _map(idx: GraphIndex, ort_name: str, by_name: dict[str, int]) -> int | None:
     return idx.producer.get(base)
 
 
+CONTROL_FLOW = ("Loop", "If", "Scan")
+
+
+def _names(idx: GraphIndex) -> dict[str, int]:
+    """onnxruntime's name for each node: its own, or for an unnamed one (models built with
+    ``onnx.helper``) its op type and place in the file, as onnxruntime names it (``MatMul_0``)."""
+    by_name = {n.name: p for p, n in enumerate(idx.nodes) if n.name}
+    place = {id(n): k for k, n in enumerate(idx.model.graph.node)}
+    for p, n in enumerate(idx.nodes):
+        if not n.name and id(n) in place:
+            by_name.setdefault(f"{n.op_type}_{place[id(n)]}", p)
+    return by_name
+
+
+def _inside(bodies: list[tuple[float, float]], e: dict) -> bool:
+    """Whether an event ran within a control-flow node's (and is not that node's own)."""
+    t0, t1 = e["ts"], e["ts"] + e["dur"]
+    return any(a <= t0 and t1 <= b and (a, b) != (t0, t1) for a, b in bodies)
+
+
 def cost_curve(
     idx: GraphIndex, per_node: dict[int, float], unattributed_ms: float, min_attributed: float = 0.5
 ) -> tuple[list[float], str]:
@@ -102,11 +122,24 @@ def node_times(
     if not kept:
         return {}, 0.0, []
     start = kept[0]["ts"]
-    by_name = {n.name: p for p, n in enumerate(idx.nodes) if n.name}
+    by_name = _names(idx)
+    kernels = [
+        e
+        for e in events
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start
+    ]
+    # a Loop's, If's or Scan's kernel time holds its body's, whose nodes are logged too, under names of
+    # their own graph (an unnamed body's MatMul_0 is also the main graph's): the body's events are skipped
+    bodies = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in kernels
+        if e.get("args", {}).get("op_name") in CONTROL_FLOW
+        and _map(idx, e["name"][: -len("_kernel_time")], by_name) is not None
+    )
     totals: dict[int, float] = defaultdict(float)
     unattributed = 0.0
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
+    for e in kernels:
+        if _inside(bodies, e):
             continue
         ms = e["dur"] / 1000.0
         pos = _map(idx, e["name"][: -len("_kernel_time")], by_name)

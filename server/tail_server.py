@@ -561,6 +561,10 @@ class TailServer:
         dec, seg = entry.plan.decoder, entry.segment
         assert dec is not None and seg is not None
         t0 = time.perf_counter()
+        # the session first: a step for one the server does not hold is unknown-session, whatever its
+        # position (a step past the model's positions for an expired session read as session-limit, and
+        # a client following the error table shortened its sequence instead of starting again)
+        s = self.sessions.begin(key, position, seg.empty_past())
         if position >= dec.max_len:
             raise wire.WireError(
                 wire.E_SESSION_LIMIT, f"position {position} is past the model's {dec.max_len} positions"
@@ -584,7 +588,6 @@ class TailServer:
                 wire.E_SESSION_LIMIT,
                 f"position {position} + {new} new token(s) passes the model's {dec.max_len} positions",
             )
-        s = self.sessions.begin(key, position, seg.empty_past())
         t1 = time.perf_counter()
         out = dict(zip(seg.outputs, seg.sess.run(seg.outputs, seg.feeds(hidden, s.past)), strict=True))
         t2 = time.perf_counter()

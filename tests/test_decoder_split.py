@@ -192,6 +192,10 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
         (step({"session": 1}, frames=(b"garbage",)), wire.E_BAD_TENSOR, "payload"),
         (step({"session": 1}, plan_id="0" * 64), wire.E_UNKNOWN_PLAN, "unknown plan"),
         (step({"session": 1, "position": 4}), wire.E_UNKNOWN_SESSION, "no session 1"),
+        # a session the server does not hold is unknown whatever the position: past the model's 512 it
+        # read session-limit, which tells a client to shorten its sequence, not to start again
+        (step({"session": 1, "position": 600}), wire.E_UNKNOWN_SESSION, "no session 1"),
+        (step({"session": 1, "position": 511}), wire.E_UNKNOWN_SESSION, "no session 1"),
         (step({"session": 1}, tensors=(), frames=(), type_=wire.CLOSE), None, None),
     ]
     for reply, code, words in cases:
@@ -284,9 +288,13 @@ def test_a_small_compressed_step_claiming_more_tokens_than_the_model_has_is_refu
     assert f"at most {SPEC.n_ctx} token(s)" in reply.meta["message"]
     assert time.perf_counter() - t0 < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100_000  # KiB: nothing decoded
+    full = encode(np.zeros((1, SPEC.n_ctx, SPEC.d_model), np.float32), "float32")
+    meta = {"session": 6, "position": 0}
+    fill = wire.Message(wire.STEP, 10, plan.plan_id, [hidden_name(1)], meta=meta, frames=[full])
+    assert _ask(s, fill.to_frames()).type == wire.RESULT  # a session holding every position
     one = encode(np.zeros((1, 1, SPEC.d_model), np.float32), "float32")
-    meta = {"session": 5, "position": SPEC.n_ctx}
-    late = wire.Message(wire.STEP, 10, plan.plan_id, [hidden_name(1)], meta=meta, frames=[one])
+    meta = {"session": 6, "position": SPEC.n_ctx}
+    late = wire.Message(wire.STEP, 11, plan.plan_id, [hidden_name(1)], meta=meta, frames=[one])
     reply = _ask(s, late.to_frames())
     assert reply.meta["code"] == wire.E_SESSION_LIMIT and "past the model's" in reply.meta["message"]
     s.close(0)
@@ -327,3 +335,44 @@ def test_generate_refuses_what_it_cannot_do_in_one_line_before_any_work(plans, a
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_step_that_goes_unanswered_fails_at_its_timeout_not_twice_that(plans):
+    """A server that answers the client's ping and then no step: generate fails after one timeout.
+    Before, the session's close waited a full timeout of its own before the error came out."""
+    import threading
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop_flag = threading.Event()
+    seen: list[str] = []
+
+    def silent() -> None:
+        while not stop_flag.is_set():
+            if not router.poll(50):
+                continue
+            ident, *frames = router.recv_multipart()
+            msg = wire.parse(frames)
+            seen.append(msg.type)
+            if msg.type == wire.PING:
+                router.send_multipart([ident, *wire.Message(wire.PONG, msg.id).to_frames()])
+
+    t = threading.Thread(target=silent, daemon=True)
+    t.start()
+    try:
+        with DecoderClient(plans / "float32", f"tcp://127.0.0.1:{port}", timeout_s=2.0) as c:
+            t0 = time.monotonic()
+            with pytest.raises(GenerationError, match="no answer from the server within 2 s"):
+                c.generate(_prompt(), 4)
+            waited = time.monotonic() - t0
+            deadline = time.monotonic() + 5
+            while wire.CLOSE not in seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        stop_flag.set()
+        t.join(5)
+        router.close(0)
+    assert waited < 3.5, waited  # one timeout (2 s) and the head's run; it was over 4 s
+    assert seen == [wire.PING, wire.STEP, wire.CLOSE]  # the close still goes out, unwaited

@@ -355,8 +355,11 @@ def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     weights are stubs: it is for shape inference only."""
     m = with_stubs(model)  # inference reads the weights' types and shapes only, never their values
     del m.graph.value_info[:]
+    # an output that is a graph input or a weight is no computed value: its shape is the input's (a
+    # shapeless copy of it made inference lose the input's shape, and with it every shape downstream)
+    given = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer}
     for o in m.graph.output:
-        if o.type.HasField("tensor_type"):
+        if o.type.HasField("tensor_type") and o.name not in given:
             o.type.tensor_type.ClearField("shape")
     return m
 
@@ -374,7 +377,7 @@ def _infer_types(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], set[str
     g = inferred.graph
     out: dict[str, TensorInfo] = {}
     others: set[str] = set()
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
+    for vi in list(g.output) + list(g.value_info) + list(g.input):  # a graph input's own entry last
         ti = _tensor_info(vi)
         if ti is not None:
             out[vi.name] = ti

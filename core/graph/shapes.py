@@ -79,7 +79,14 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             if w == KEEP:
                 continue
             if d.HasField("dim_param"):
-                symbols.setdefault(d.dim_param, w)
+                # one symbol is one size: two inputs that share it given two sizes cannot both hold
+                # (onnxruntime would refuse the pair at run time, or a cut's shapes would be nonsense)
+                first = symbols.setdefault(d.dim_param, w)
+                if first != w:
+                    raise ModelError(
+                        f"--input-shape gives dimension {d.dim_param!r} two sizes, {first} and {w}: the "
+                        f"model's inputs share it, so it is one size (input {vi.name!r})"
+                    )
             d.Clear()
             d.dim_value = w
     # a symbol is one size wherever it appears: the sizes given for one input fix the others' (an LSTM's
