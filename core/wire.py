@@ -235,7 +235,9 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
 def step_fields(msg: Message) -> tuple[int, int, int]:
     """A step's or a close's ``meta``: (session, position, top_k), each an integer in its range."""
     meta = msg.meta
-    session, position, top_k = meta.get("session"), meta.get("position", 0), meta.get("top_k", 0)
+    session, position, top_k = meta.get("session"), meta.get("position"), meta.get("top_k")
+    # the optional fields' null is their absence, as JSON writers put it (``top_k: null``)
+    position, top_k = 0 if position is None else position, 0 if top_k is None else top_k
     if type(session) is not int or not 0 <= session <= MAX_ID:
         raise WireError(E_BAD_MESSAGE, "meta.session must be an integer in [0, 2^63)")
     if type(position) is not int or not 0 <= position <= MAX_ID:

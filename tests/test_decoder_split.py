@@ -206,6 +206,8 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
         assert words in reply.meta["message"]
     infer = _ask(s, wire.Message(wire.INFER, 4, plan.plan_id, [name], frames=[good]).to_frames())
     assert infer.meta["code"] == wire.E_BAD_MESSAGE and "is a decoder" in infer.meta["message"]
+    nulls = step({"session": 1, "position": None, "top_k": None})  # null: the optional field's absence
+    assert nulls.type == wire.RESULT and nulls.tensors == ["next_token"], nulls.meta
     ok = step({"session": 1, "top_k": 5})
     assert ok.type == wire.RESULT and ok.tensors == ["next_token", "top_k_ids", "top_k_logits"]
     assert ok.meta["position"] == 2 and len(server.sessions) == 1
