@@ -205,18 +205,22 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     t = h.get("type")
     if type(t) is not str or t not in TYPES:
         raise WireError(E_BAD_MESSAGE, f"unknown message type {str(t)[:40]!r}")
-    id_ = h.get("id", 0)
+    id_ = h.get("id")
+    id_ = 0 if id_ is None else id_  # null is absence, as for every field with a default
     if type(id_) is not int or not (0 <= id_ <= MAX_ID):
         raise WireError(E_BAD_MESSAGE, "field 'id' must be an integer in [0, 2^63)")
-    plan = h.get("plan", "")
+    plan = h.get("plan")
+    plan = "" if plan is None else plan
     if type(plan) is not str or len(plan) > 128:
         raise WireError(E_BAD_MESSAGE, "field 'plan' must be a string of at most 128 characters")
-    tensors = h.get("tensors", []) if t in _WITH_TENSORS else []  # read only where it names frames
+    tensors = h.get("tensors") if t in _WITH_TENSORS else []  # read only where it names frames
+    tensors = [] if tensors is None else tensors
     if type(tensors) is not list or not all(type(x) is str and 0 < len(x) < 1024 for x in tensors):
         raise WireError(E_BAD_MESSAGE, "field 'tensors' must be a list of names of 1 to 1023 characters")
     if len(tensors) > MAX_TENSORS:
         raise WireError(E_TOO_LARGE, f"{len(tensors)} tensors: at most {MAX_TENSORS} in one message")
-    meta = h.get("meta", {})
+    meta = h.get("meta")
+    meta = {} if meta is None else meta
     if type(meta) is not dict:
         raise WireError(E_BAD_MESSAGE, "field 'meta' must be an object")
     payload = list(frames[1:])

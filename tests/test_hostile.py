@@ -199,6 +199,16 @@ def test_a_field_its_type_does_not_read_is_ignored(served):
     assert (reply.type, reply.id) == (wire.PONG, 77)
 
 
+def test_a_header_field_given_as_null_takes_its_default(served):
+    """protocol.md: a field with a default given as null is taken as absent (JSON writers put optional
+    fields that way); it was bad-message."""
+    head = json.dumps({"v": 1, "type": "ping", "id": None, "plan": None, "meta": None}).encode()
+    served["sent"] += 1
+    reply = _ask(served["sock"], [head], 5000)
+    served["replies"] += 1
+    assert (reply.type, reply.id) == (wire.PONG, 0)
+
+
 def test_after_the_barrage_the_server_is_whole(served):
     proc = psutil.Process(served["proc"].pid)
     assert served["proc"].poll() is None, "the server died"
