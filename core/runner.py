@@ -345,7 +345,9 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
         if name in by_file:
             i, st = by_file[name]
             may_read = {t.name for t in st.receives} | model_inputs
-            must_give = {t.name for t in st.sends} | set(st.produces)
+            # what a stage passes on as it came (a raw model input the tail reads, a tensor an earlier
+            # stage sent for a later one) is forwarded, not computed: its model need not return it
+            must_give = {t.name for t in st.sends if t.name not in may_read} | set(st.produces)
             where = f"stage {i}'s model {name}"
         elif name == FULL_FILE:
             may_read, must_give, where = (

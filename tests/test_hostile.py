@@ -483,6 +483,24 @@ def test_a_client_that_reconnects_under_its_routing_id_is_answered(served):
         again.close(0)
 
 
+def test_stage_models_that_forward_a_raw_input_fit_their_plan(tmp_path):
+    """A model input the tail reads crosses the cut as it came: the head's model never returns it, nor does
+    a relay's stage model return what it passes on. The fit check asked them to, and refused every
+    deploy of such a plan to an edge daemon or a relay, though it ran from disk."""
+    from splitpoint.core import zoo
+    from splitpoint.core.runner import check_models_load
+
+    path = tmp_path / "multitask.onnx"
+    onnx.save(zoo.build("multitask", width=0.25, resolution=32), str(path))
+    h = open_model(path)
+    raw = [c for c in h.cuts() if "meta" in {t.name for t in c.crossing}]
+    two = write_plan(h, tmp_path / "two", cut=raw[2], include_full=True)
+    check_models_load(tmp_path / "two", two)
+    chain = write_plan(h, tmp_path / "chain", cuts=[raw[0], raw[-1]], codecs=["float32", "float32"])
+    assert len(chain.stages) == 3 and "meta" in {t.name for t in chain.stages[1].sends}
+    check_models_load(tmp_path / "chain", chain)
+
+
 def test_a_pushed_plans_name_is_logged_with_its_control_characters_escaped():
     from splitpoint.server.registry import shown
 
