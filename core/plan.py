@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -435,6 +436,29 @@ def install_pushed(
 
     write_dir_atomically(target, write, force=True)
     return plan, loaded[0], target
+
+
+LEFTOVER_AGE_S = 600.0  # a writer's temporary directory this old is no write in progress
+
+
+def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
+    """Remove the temporary directories of plan writes that never finished (a server killed while it
+    loaded a pushed plan) from ``plans_dir``; the names removed. Only those untouched for
+    ``LEFTOVER_AGE_S``: a younger one may be another writer's, still at work."""
+    now = time.time() if now is None else now
+    gone = []
+    try:
+        found = [d for d in Path(plans_dir).iterdir() if d.name.startswith(".") and ".tmp-" in d.name]
+    except OSError:
+        return gone
+    for d in found:
+        try:
+            if d.is_dir() and not d.is_symlink() and now - d.stat().st_mtime > LEFTOVER_AGE_S:
+                shutil.rmtree(d)
+                gone.append(d.name)
+        except OSError:
+            continue
+    return gone
 
 
 # what --force may replace: a directory a plan or a plan set was written to, or an empty one

@@ -608,6 +608,14 @@ class EdgeClient:
             self._publish_status()
 
     @property
+    def cannot_fall_back(self) -> str | None:
+        """Why this client, told to fall back, has no local model to do so (None: it has one, or it was
+        not told to)."""
+        if not self.config.fallback or self.local_only or self._full is not None:
+            return None
+        return self._why_no_fallback()
+
+    @property
     def falling_back(self) -> bool:
         """Answering from the local model now (an edge without one fails its requests instead)."""
         return not self.server_up and self._full is not None and not self.local_only

@@ -29,7 +29,7 @@ from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
-from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed
+from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers
 from splitpoint.core.runner import check_models_load
 from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
@@ -56,13 +56,20 @@ def deployed_plan(plan_dir: Path, plans_dir: Path) -> Path:
     same PLAN_DIR, if any, so a restart (a crash under systemd, a reboot) does not roll the device back to
     the plan it started with; else PLAN_DIR. A record naming another PLAN_DIR is the operator's old
     choice, and the command line wins."""
+    path = plans_dir / DEPLOYED
     try:
-        record = json.loads((plans_dir / DEPLOYED).read_text())
+        record = json.loads(path.read_text())
         replaces, name = str(record["replaces"]), str(record["plan"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:
+        return plan_dir
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # said, not silently rolled back
+        log.warning("%s is unreadable (%s): running %s, not the plan last deployed", path, exc, plan_dir)
         return plan_dir
     target = plans_dir / name
-    if replaces != str(plan_dir.resolve()) or Path(name).name != name or not (target / PLAN_FILE).is_file():
+    if replaces != str(plan_dir.resolve()):
+        return plan_dir
+    if Path(name).name != name or not (target / PLAN_FILE).is_file():
+        log.warning("%s names plan %r, which is not in %s: running %s", path, name[:80], plans_dir, plan_dir)
         return plan_dir
     log.info("running %s, the plan last deployed here in place of %s (%s)", target, plan_dir, DEPLOYED)
     return target
@@ -72,11 +79,14 @@ class EdgeDaemon:
     def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
         self.plans_dir = plans_dir or Path(config.plan_dir).parent
         self.started_with = Path(config.plan_dir).resolve()  # the command line's plan
+        for name in sweep_leftovers(self.plans_dir):
+            log.info("removed %s: a pushed plan's files, left by a deploy that never finished", name)
         running = deployed_plan(Path(config.plan_dir), self.plans_dir)
         self.config = config if running == Path(config.plan_dir) else config.with_(plan_dir=running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
         self.client = EdgeClient(self.config, self.telemetry)
+        self._warn_without_fallback()
         self._stop = threading.Event()
         self.endpoint: str | None = None
         # local requests waiting for room in the client's window: (identity, request id, feeds, since)
@@ -345,10 +355,18 @@ class EdgeDaemon:
         old = self.client
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
+        self._warn_without_fallback()
         old.close(drain=True)
         self._record_deployed(target)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan
+
+    def _warn_without_fallback(self) -> None:
+        """A plan with no full model runs, but while the server is out of reach its requests fail rather
+        than run here: said once, at start and at each deploy, not at the first failed request."""
+        why = self.client.cannot_fall_back
+        if why:
+            log.warning("plan %s: no local fallback: %s", self.client.plan.plan_id[:12], why)
 
     def _record_deployed(self, target: Path) -> None:
         """Remember the plan now running for the next start."""

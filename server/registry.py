@@ -16,7 +16,7 @@ from pathlib import Path
 
 from splitpoint.core.errors import PlanError
 from splitpoint.core.kvcache import DecoderSegment
-from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, verify_pushed
+from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers, verify_pushed
 from splitpoint.core.runner import StageRunner, check_models_load, make_session
 
 log = logging.getLogger("splitpoint.server")
@@ -59,6 +59,8 @@ class PlanRegistry:
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}  # plan directory -> why it is not served
         if self.plans_dir and self.plans_dir.is_dir():
+            for name in sweep_leftovers(self.plans_dir):
+                log.info("removed %s: a pushed plan's files, left by a deploy that never finished", name)
             for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 if not (d / PLAN_FILE).is_file():
                     self.skipped[str(d)] = f"no {PLAN_FILE} file in it"
@@ -103,7 +105,7 @@ class PlanRegistry:
         """Verify a pushed plan (plan.json plus the files it lists), load it, and make it servable."""
         plan = verify_pushed(files, self.role)
         existing = self.get(plan.plan_id)
-        if existing is not None:
+        if existing is not None and self._intact(existing):
             return existing.plan
         if self.plans_dir is None:
             raise PlanError("this server has no plans directory to install pushed plans into")
@@ -120,6 +122,22 @@ class PlanRegistry:
             "installed pushed plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), described(plan)
         )
         return plan
+
+    def _intact(self, entry: Entry) -> bool:
+        """Whether a served plan's files still verify on disk. A plan pushed again while its files were
+        deleted or damaged was acknowledged and left so, and the next start skipped it: the deploy
+        repairs them instead (the sessions already loaded keep serving meanwhile)."""
+        try:
+            Plan.load(entry.path, role=self.role)
+        except Exception as exc:
+            log.warning(
+                "plan %s: its files in %s no longer verify (%s): installing it again",
+                entry.plan.plan_id[:12],
+                entry.path,
+                exc,
+            )
+            return False
+        return True
 
     def get(self, plan_id: str) -> Entry | None:
         with self._lock:

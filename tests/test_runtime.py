@@ -195,6 +195,36 @@ def test_deploy_pushes_a_verified_plan(model, tmp_path):
         srv.stop()
 
 
+def test_a_plan_pushed_again_repairs_its_files_and_a_dead_deploy_s_leftovers_go(model, tmp_path):
+    """A plan pushed again while its tail.onnx had been deleted was acknowledged and left so, and the
+    next start skipped it; a server killed while loading a deploy left its temporary directory for ever."""
+    import os
+
+    from splitpoint.core.plan import Plan
+
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    old = plans / ".0123456789abcdef.tmp-dead"
+    old.mkdir()
+    (old / "tail.onnx").write_bytes(b"half")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    young = plans / ".fedcba9876543210.tmp-busy"  # another writer's, still at work
+    young.mkdir()
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
+    try:
+        assert not old.exists() and young.exists()
+        pid = deploy(model["plans"] / "p-f32", srv.endpoint)
+        installed = plans / pid[:16]
+        (installed / "tail.onnx").unlink()
+        assert deploy(model["plans"] / "p-f32", srv.endpoint) == pid
+        assert (installed / "tail.onnx").is_file()
+        Plan.load(installed, role="server")  # every file verifies again
+        with client(model, srv) as c:
+            assert not c.infer(x(), timeout=30).fallback
+    finally:
+        srv.stop()
+
+
 def test_telemetry_reaches_mosquitto(model, mosquitto):
     srv = TailServer(
         ServerConfig(
@@ -416,6 +446,34 @@ def test_deploy_to_the_edge_then_status_shows_it_online_with_the_new_plan(model,
         again.terminate()
         _, err = again.communicate(timeout=30)
     assert f"running {pushed}, the plan last deployed here in place of {start}" in err, err
+
+
+def test_an_unreadable_deploy_record_or_a_plan_without_fallback_is_said_at_start(model, tmp_path, caplog):
+    """A corrupt deployed.json rolled the daemon back to its command line's plan without a word, and a
+    plan with no full model (fallback on) said so only when a request failed with the server gone."""
+    import logging
+
+    from splitpoint.edge.daemon import DEPLOYED, EdgeDaemon, deployed_plan
+
+    plans = tmp_path / "plans"
+    start = plans / "start"
+    write_plan(model["h"], start, cut=model["h"].cuts()[19])  # no full.onnx
+    caplog.set_level(logging.INFO, logger="splitpoint")
+    (plans / DEPLOYED).write_text("{garbage")
+    assert deployed_plan(start, plans) == start
+    (plans / DEPLOYED).write_text(json.dumps({"replaces": str(start.resolve()), "plan": "gone"}))
+    assert deployed_plan(start, plans) == start
+    (plans / DEPLOYED).unlink()
+    assert deployed_plan(start, plans) == start  # none recorded: nothing to say
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 2 and "is unreadable" in said[0] and "names plan 'gone'" in said[1], said
+    caplog.clear()
+    daemon = EdgeDaemon(EdgeConfig(plan_dir=start, server="tcp://127.0.0.1:1"), plans)
+    try:
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("no local fallback" in m and "--with-full" in m for m in said), said
+    finally:
+        daemon.client.close(drain=False)
 
 
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
