@@ -848,7 +848,7 @@ def serve(
 ) -> None:
     """Run the tail server (or, with --stage and --next, a relay of a chain) until SIGTERM/Ctrl-C
     (loopback unless --bind says otherwise)."""
-    from splitpoint.core.curve import read_key
+    from splitpoint.core.curve import read_public, read_secret
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.tail_server import TailServer
 
@@ -863,15 +863,17 @@ def serve(
         max_message_bytes=int(max_message_mb * 2**20),
         mqtt=mqtt,
         device_id=device_id,
-        curve_secret_key=read_key(curve_secret, "secret key") if curve_secret else None,
-        curve_allow=tuple(read_key(p, "public key") for p in curve_allow or ()),
-        deploy_allow=tuple(read_key(p, "public key") for p in deploy_allow or ()),
+        curve_secret_key=read_secret(curve_secret) if curve_secret else None,
+        curve_allow=tuple(read_public(p, "client's public key") for p in curve_allow or ()),
+        deploy_allow=tuple(read_public(p, "deploy key's public key") for p in deploy_allow or ()),
         insecure=insecure,
         stage=stage,
         next=next,
         next_timeout_s=next_timeout,
         next_connect_grace_s=next_grace,
-        next_curve_server_key=read_key(next_server_key, "public key") if next_server_key else None,
+        next_curve_server_key=read_public(next_server_key, "next stage's public key")
+        if next_server_key
+        else None,
         max_sessions=max_sessions,
         max_cache_mb=max_cache_mb,
         session_idle_s=session_idle,
@@ -895,10 +897,20 @@ def relay(
     mqtt: Mqtt = None,
     device_id: Annotated[str, typer.Option()] = "relay",
     insecure: Annotated[bool, typer.Option(help="listen on a non-loopback address without CurveZMQ")] = False,
+    curve_secret: Annotated[
+        Path | None, typer.Option(help="file with this relay's CurveZMQ secret key (z85)")
+    ] = None,
+    curve_allow: Annotated[
+        list[Path] | None, typer.Option(help="file(s) with the public keys allowed to connect (z85)")
+    ] = None,
+    next_server_key: Annotated[
+        Path | None, typer.Option(help="file with the next stage's CurveZMQ public key (z85)")
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run one middle stage of a chain: receive a cut tensor, run this stage's segment, forward the next
     cut tensor, and pass the answer back (`serve --stage I --next ...` with a plan directory)."""
+    from splitpoint.core.curve import read_public, read_secret
     from splitpoint.core.plan import PLAN_FILE
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.registry import PlanRegistry
@@ -922,6 +934,11 @@ def relay(
         next=next,
         next_timeout_s=next_timeout,
         next_connect_grace_s=next_grace,
+        curve_secret_key=read_secret(curve_secret) if curve_secret else None,
+        curve_allow=tuple(read_public(p, "client's public key") for p in curve_allow or ()),
+        next_curve_server_key=read_public(next_server_key, "next stage's public key")
+        if next_server_key
+        else None,
     )
     registry = None
     if single:
@@ -975,13 +992,14 @@ def edge_run(
     quiet: Quiet = False,
 ) -> None:
     """Run the head on this device and the tail on the server."""
-    from splitpoint.core.curve import keypair_from_secret, read_key
+    from splitpoint.core.curve import keypair_from_secret, read_public
     from splitpoint.edge.config import EdgeConfig
     from splitpoint.edge.daemon import EdgeDaemon
 
     _logging(quiet)
     if not inputs and not listen:
         raise typer.BadParameter("give --inputs DIR and/or --listen ENDPOINT")
+    _curve_pair(curve_secret, curve_server_key)
     cfg = EdgeConfig.of(
         plan_dir=plan_dir,
         server=server,
@@ -993,7 +1011,7 @@ def edge_run(
         device_id=device_id,
         listen=listen,
         insecure=insecure,
-        curve_server_key=read_key(curve_server_key, "server public key") if curve_server_key else None,
+        curve_server_key=read_public(curve_server_key, "server's public key") if curve_server_key else None,
         curve_keypair=keypair_from_secret(curve_secret) if curve_secret else None,
     )
     summary = EdgeDaemon(cfg).run(inputs, outputs)
@@ -1029,7 +1047,7 @@ def deploy(
     ] = None,
 ) -> None:
     """Push a plan to servers and edge daemons and wait for each to acknowledge it."""
-    from splitpoint.core.curve import keypair_from_secret, read_key
+    from splitpoint.core.curve import keypair_from_secret, read_public
     from splitpoint.core.planset import PlanSet, is_plan_set
 
     from .orchestrator import deploy as push
@@ -1039,6 +1057,8 @@ def deploy(
         i, sep, ep = r.partition("=")
         if not sep or not i.strip().isdigit():
             raise SplitPointError(f"--relay: expected I=ENDPOINT (e.g. 1=tcp://10.0.0.2:5556), got {r!r}")
+        if int(i) == 0:
+            raise SplitPointError(f"--relay {r}: stage 0 is the edge's; push it with --edge")
         relays.append((ep.strip(), f"stage-{int(i)}"))
     targets = [
         *((ep, "server") for ep in server or []),
@@ -1048,7 +1068,8 @@ def deploy(
     if not targets:
         raise typer.BadParameter("name at least one --server, --relay or --edge")
     _seconds("--timeout", timeout)
-    key = read_key(curve_server_key, "server public key") if curve_server_key else None
+    _curve_pair(curve_secret, curve_server_key)
+    key = read_public(curve_server_key, "server's public key") if curve_server_key else None
     pair = keypair_from_secret(curve_secret) if curve_secret else None
     dirs = [plan_dir]
     if is_plan_set(plan_dir):  # a set: every member to every target, each acknowledged
@@ -1357,6 +1378,16 @@ def _check_plot_path(path: Path) -> None:
         raise typer.BadParameter(f"--plot {path}: name a file ending in .{', .'.join(sorted(formats))}")
     if (blocked := file_in_the_way(path.parent)) is not None:
         raise typer.BadParameter(f"--plot {path}: {blocked} is a file")
+
+
+def _curve_pair(secret: Path | None, server_key: Path | None) -> None:
+    """A device's own key serves only a CurveZMQ connection, which the server's public key makes: alone,
+    it was ignored and the traffic went in plain text."""
+    if secret and not server_key:
+        raise typer.BadParameter(
+            "--curve-secret is this device's key for a CurveZMQ server; without --curve-server-key (the "
+            "server's public key) the connection is not encrypted and the key is not used: give both"
+        )
 
 
 def _seconds(option: str, value: float, zero: str | None = None) -> float:

@@ -9,6 +9,8 @@ import zmq
 
 from .errors import ConfigError
 
+Z85 = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
 
 def read_key(path: Path, what: str) -> bytes:
     """A z85 key (40 characters) from a file, or a ConfigError that says which file and why."""
@@ -18,12 +20,47 @@ def read_key(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     if len(key) != 40:
         raise ConfigError(f"{path}: not a z85 CurveZMQ key (expected 40 characters, found {len(key)})")
+    bad = next((i for i, c in enumerate(key) if c not in Z85), None)
+    if bad is not None:  # libzmq answered these with a bare "Invalid argument", or not at all
+        raise ConfigError(f"{path}: not a z85 CurveZMQ key (character {bad + 1} is not one z85 uses)")
     return key
+
+
+def read_public(path: Path, what: str = "public key") -> bytes:
+    """A public key. ``keygen`` writes NAME.key (secret) beside NAME.pub: a .key file here is the
+    secret one, which would be accepted as a key nobody holds the secret of, and leak where it is sent."""
+    if Path(path).suffix == ".key":
+        raise ConfigError(
+            f"{path}: a .key file is a secret key (`splitpoint keygen` writes NAME.key secret, NAME.pub "
+            f"public): give the {what}, {Path(path).with_suffix('.pub').name}"
+        )
+    return read_key(path, what)
+
+
+def read_secret(path: Path) -> bytes:
+    """A secret key, refused where others can read it (as ssh refuses an unprotected private key) or
+    where it is a public one: a server given its own .pub as its secret ran with a key anyone could
+    derive its identity from."""
+    p = Path(path)
+    if p.suffix == ".pub":
+        raise ConfigError(
+            f"{p}: a .pub file is a public key (`splitpoint keygen` writes NAME.key secret, NAME.pub "
+            f"public): give the secret key, {p.with_suffix('.key').name}"
+        )
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret key {p}: {exc.strerror or exc}") from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"{p}: a secret key readable by other users (mode {mode & 0o777:o}): `chmod 600 {p}`"
+        )
+    return read_key(p, "secret key")
 
 
 def keypair_from_secret(path: Path) -> tuple[bytes, bytes]:
     """(public, secret) for a secret-key file: the public key is derived, not stored beside it."""
-    secret = read_key(path, "secret key")
+    secret = read_secret(path)
     try:
         return zmq.curve_public(secret), secret
     except (ValueError, zmq.ZMQError) as exc:

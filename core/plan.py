@@ -336,7 +336,7 @@ def json_object(data: bytes | str, where: str, what: str) -> dict:
         raise PlanError(f"{where}: {len(data)} bytes is larger than any {what} ({MAX_PLAN_BYTES} at most)")
     try:
         raw = load_json(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, DuplicateKeyError) as exc:
+    except (ValueError, RecursionError, DuplicateKeyError) as exc:  # ValueError: also a 5,000-digit int
         raise PlanError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(raw, dict):
         raise PlanError(f"{where}: expected a JSON object, found {type(raw).__name__}")

@@ -86,7 +86,7 @@ class EdgeDaemon:
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
         self.client = EdgeClient(self.config, self.telemetry)
-        self._warn_without_fallback()
+        self._say_without_fallback(lost=False)
         self._stop = threading.Event()
         self.endpoint: str | None = None
         # local requests waiting for room in the client's window: (identity, request id, feeds, since)
@@ -355,18 +355,23 @@ class EdgeDaemon:
         old = self.client
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
-        self._warn_without_fallback()
+        self._say_without_fallback(lost=old.cannot_fall_back is None)
         old.close(drain=True)
         self._record_deployed(target)
         log.info("switched to plan %s", plan.plan_id[:12])
         return plan
 
-    def _warn_without_fallback(self) -> None:
+    def _say_without_fallback(self, lost: bool) -> None:
         """A plan with no full model runs, but while the server is out of reach its requests fail rather
-        than run here: said once, at start and at each deploy, not at the first failed request."""
+        than run here: said at start and at each deploy, not first at a failed request; a warning where a
+        deploy took away the fallback the daemon had."""
         why = self.client.cannot_fall_back
         if why:
-            log.warning("plan %s: no local fallback: %s", self.client.plan.plan_id[:12], why)
+            pid = self.client.plan.plan_id[:12]
+            if lost:
+                log.warning("plan %s takes away this daemon's local fallback: %s", pid, why)
+            else:
+                log.info("plan %s: no local fallback: %s", pid, why)
 
     def _record_deployed(self, target: Path) -> None:
         """Remember the plan now running for the next start."""

@@ -110,6 +110,15 @@ def _busy_port():
         (["split", "resnet18", "--cut", ",", "-o", "/tmp/x"], "--cut is empty"),
         (["fidelity", "resnet18", "--cut", "4", "--random", "0"], "--random must be at least 1"),
         (["keygen", ""], "NAME is empty"),
+        (
+            ["deploy", "/x", "--server", "tcp://127.0.0.1:5", "--curve-secret", "/x/orch.key"],
+            "without --curve-server-key (the server's public key) the connection is not encrypted",
+        ),
+        (
+            ["edge", "run", "/x", "--listen", "ipc:///tmp/x", "--curve-secret", "/x/pi.key"],
+            "--curve-secret is this device's key for a CurveZMQ server",
+        ),
+        (["deploy", "/x", "--relay", "0=tcp://127.0.0.1:5"], "stage 0 is the edge's; push it with --edge"),
         (["serve", "--session-idle", "-1"], "--session-idle: Input should be greater than 0"),
         (["profile", "resnet18", "-o", "/tmp"], "is a directory: give the profile's file name"),
         (["serve", "--plans", "/etc/hostname"], "is a file: give the directory the plans are kept in"),
@@ -525,3 +534,37 @@ def test_an_answer_is_written_whole_whatever_its_outputs_are_called(tmp_path):
         assert sorted(z.files) == ["fallback", "file", "splitpoint_fallback"]
         assert z["file"].tolist() == [0, 1, 2] and bool(z["splitpoint_fallback"])
     assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+
+
+def test_key_files_of_the_wrong_kind_or_open_to_others_are_refused(tmp_path):
+    """A server given its .pub as its secret ran with a key anyone could read; a secret key at mode 644
+    and a .key file on an allow-list were taken silently; a non-z85 character was a ZMQError traceback."""
+    from splitpoint.core.curve import keygen, keypair_from_secret, read_public, read_secret
+    from splitpoint.core.errors import ConfigError
+
+    key, pub = keygen(tmp_path / "server")
+    public, secret = keypair_from_secret(key)
+    assert read_public(pub) == public and read_secret(key) == secret
+    with pytest.raises(ConfigError, match=r"a \.pub file is a public key.*give the secret key, server\.key"):
+        read_secret(pub)
+    with pytest.raises(ConfigError, match=r"a \.key file is a secret key.*server\.pub"):
+        read_public(key)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by other users.*chmod 600"):
+        read_secret(key)
+    bad = tmp_path / "bad.pub"
+    bad.write_text("~" * 40)
+    with pytest.raises(ConfigError, match="character 1 is not one z85 uses"):
+        read_public(bad)
+    r = run_cli("serve", "--curve-secret", str(pub), timeout=60)
+    assert r.returncode == 2 and "a .pub file is a public key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_plan_json_with_a_huge_integer_is_a_plan_error():
+    """json refuses integers past 4,300 digits with a ValueError that is no JSONDecodeError: a deploy
+    carrying one was answered `internal`, with a traceback in the server's log."""
+    from splitpoint.core.errors import PlanError
+    from splitpoint.core.plan import Plan
+
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.parse(b'{"x": ' + b"9" * 5000 + b"}", "pushed plan.json")

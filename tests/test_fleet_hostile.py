@@ -62,6 +62,8 @@ def test_junk_telemetry_is_shown_as_junk_and_stops_nothing(mosquitto):
     msgs += [
         ("splitpoint/junk-dev/status", b"\xff\xfe", True),
         ("splitpoint/deep/status", "[" * 100_000, True),
+        # an integer past Python's 4,300-digit limit is a ValueError, not a JSONDecodeError
+        ("splitpoint/huge/status", '{"state": ' + "9" * 5000 + "}", True),
     ]
     _publish(mosquitto, msgs)
     try:

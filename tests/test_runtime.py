@@ -470,8 +470,20 @@ def test_an_unreadable_deploy_record_or_a_plan_without_fallback_is_said_at_start
     caplog.clear()
     daemon = EdgeDaemon(EdgeConfig(plan_dir=start, server="tcp://127.0.0.1:1"), plans)
     try:
-        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        said = [r.getMessage() for r in caplog.records]
         assert any("no local fallback" in m and "--with-full" in m for m in said), said
+    finally:
+        daemon.client.close(drain=False)
+    # a deploy that takes the fallback away from a daemon that had one is a warning
+    caplog.clear()
+    shutil.copytree(model["plans"] / "p-f32", plans / "with-full")
+    daemon = EdgeDaemon(EdgeConfig(plan_dir=plans / "with-full", server="tcp://127.0.0.1:1"), plans)
+    try:
+        names = ["plan.json", "head.onnx"]
+        frames = [(start / n).read_bytes() for n in names]
+        daemon._deploy(wire.Message(wire.DEPLOY, 1, meta={"files": names}, frames=frames))
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("takes away this daemon's local fallback" in m for m in said), said
     finally:
         daemon.client.close(drain=False)
 
