@@ -52,9 +52,9 @@ def deploy(
         )
         if not s.poll(int(timeout_s * 1000)):
             raise SplitPointError(
-                f"{endpoint} did not acknowledge plan {plan.plan_id[:12]} within {timeout_s:g} s (unreachable, "
-                "a key it refuses, or still loading a large plan: then it installs it all the same, as "
-                "`status` will show; push again with a longer --timeout to know)"
+                f"{endpoint} did not acknowledge plan {plan.plan_id[:12]} within {timeout_s:g} s "
+                "(unreachable, a key it refuses, or still loading a large plan: then it installs it all "
+                "the same, as `status` will show; push again with a longer --timeout to know)"
             )
         try:
             reply = wire.parse(s.recv_multipart(), MAX_REPLY_BYTES)
