@@ -446,7 +446,7 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
     loaded a pushed plan) from ``plans_dir``; the names removed. Only those untouched for
     ``LEFTOVER_AGE_S``: a younger one may be another writer's, still at work."""
     now = time.time() if now is None else now
-    gone = []
+    gone: list[str] = []
     try:
         found = [d for d in Path(plans_dir).iterdir() if d.name.startswith(".") and ".tmp-" in d.name]
     except OSError:
