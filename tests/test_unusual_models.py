@@ -809,6 +809,10 @@ def test_the_work_inside_a_loop_body_is_profiled_as_the_loop_s(tmp_path):
         inits,
     )
     h = open_model(_save(m, tmp_path / "loop.onnx"))
+    # its work counted too: 20 trips of a 256x256 MatMul per row, where the Loop counted none and every
+    # cut before it showed a head with all of the model's work
+    shares = [c.head_macs_share for c in enumerate_cuts(h.index)]
+    assert shares[2] < 0.01 and shares[3] == 1.0, shares
     prof = profile_model(h, ProfileSettings(role="edge", threads=1, budget=5))
     loop = next(n for n in prof.nodes if n.op_type == "Loop")
     assert loop.median_ms > 0.8 * sum(n.median_ms for n in prof.nodes), prof.nodes

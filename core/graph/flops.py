@@ -6,7 +6,13 @@ FLOPs = 2 x MACs for the layers that dominate (Conv, Gemm, MatMul).
 
 from __future__ import annotations
 
+from collections import ChainMap
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from .index import GraphIndex
 
@@ -58,8 +64,60 @@ QUANT_PARAMS = {
 FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
 
 
-def node_macs(idx: GraphIndex, pos: int) -> int:
+@dataclass
+class _Body:
+    """A control-flow body seen as node_macs sees a graph: its nodes, and the types of what they read
+    (the body's own first, then the main graph's that it reads from outside)."""
+
+    nodes: list
+    info: MutableMapping
+    body_info: dict
+    initializers: dict
+
+
+def _graph_macs(idx: GraphIndex | _Body, g: onnx.GraphProto) -> int:
+    view = _Body(list(g.node), ChainMap(idx.body_info, idx.info), idx.body_info, idx.initializers)
+    return sum(node_macs(view, p) for p in range(len(view.nodes)))
+
+
+def _constant_int(idx: GraphIndex | _Body, name: str) -> int | None:
+    t = idx.initializers.get(name)
+    if t is None:
+        return None
+    v = numpy_helper.to_array(t)
+    return int(v.reshape(-1)[0]) if v.size == 1 and v.dtype.kind in "iu" else None
+
+
+def _control_macs(idx: GraphIndex | _Body, n) -> int:
+    """A Loop's body times its trip count (where it is a constant; else once), the larger branch of an
+    If, a Scan's body times the length of its first scanned input: the work is in the body, and a node
+    counted as none made every cut before it look free of work (``splitpoint cuts``, and the profile's
+    fallback when kernel times cannot be attributed)."""
+    bodies = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH}
+    if n.op_type == "If":
+        return max((_graph_macs(idx, g) for g in bodies.values()), default=0)
+    body = bodies.get("body")
+    if body is None:
+        return 0
+    times = 1
+    if n.op_type == "Loop" and n.input and n.input[0]:
+        times = max(1, _constant_int(idx, n.input[0]) or 1)
+    elif n.op_type == "Scan":
+        scans = next((a.i for a in n.attribute if a.name == "num_scan_inputs"), 0)
+        axes = next((list(a.ints) for a in n.attribute if a.name == "scan_input_axes"), [])
+        first = n.input[len(n.input) - scans] if 0 < scans <= len(n.input) else None
+        info = idx.info.get(first) if first else None
+        axis = axes[0] if axes else 0
+        if info is not None and info.dims and -len(info.dims) <= axis < len(info.dims):
+            d = info.dims[axis]
+            times = d if isinstance(d, int) and d > 0 else 1
+    return times * _graph_macs(idx, body)
+
+
+def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
     n = idx.nodes[pos]
+    if n.op_type in ("Loop", "If", "Scan"):
+        return _control_macs(idx, n)
     if not n.output or n.output[0] not in idx.info:
         return 0
     out = idx.info[n.output[0]].dims
@@ -86,7 +144,7 @@ def node_macs(idx: GraphIndex, pos: int) -> int:
     return 0
 
 
-def _recurrent_macs(idx: GraphIndex, n) -> int:
+def _recurrent_macs(idx: GraphIndex | _Body, n) -> int:
     """LSTM/GRU/RNN per sample: every step multiplies the input and the hidden state by each gate's
     weights, in each direction (W: [directions, gates x hidden, input], R: [.., .., hidden])."""
     x, w, r = (idx.info.get(n.input[i]) if len(n.input) > i else None for i in range(3))

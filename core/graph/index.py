@@ -8,6 +8,7 @@ so each side gets its own copy rather than shipping their outputs across the net
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -119,6 +120,7 @@ class GraphIndex:
     node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
     input_symbols: set = field(default_factory=set)  # the symbolic dims the graph's inputs declare
     non_tensor: set = field(default_factory=set)  # values that are sequences, maps or optionals: no codec
+    body_info: dict = field(default_factory=dict)  # tensor -> TensorInfo inside Loop/If/Scan bodies
     trial_error: str | None = None  # why the trial run that types what inference missed failed, if it did
     _stubs: dict = field(default_factory=dict, repr=False)  # weight_stub's, by initializer name
     _arrays: dict = field(default_factory=dict, repr=False)  # weight_array's
@@ -149,7 +151,7 @@ class GraphIndex:
             else:
                 idx.const.add(p)
         idx.compute = [p for p in range(len(idx.nodes)) if p not in idx.const]
-        idx.info, idx.non_tensor = _infer_types(model)
+        idx.info, idx.non_tensor, idx.body_info = _infer_types(model)
         idx.input_symbols = {
             d for i in idx.inputs if i in idx.info for d in idx.info[i].dims or () if isinstance(d, str)
         }
@@ -364,7 +366,7 @@ def _without_declared_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _infer_types(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], set[str]]:
+def _infer_types(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], set[str], dict[str, TensorInfo]]:
     """Types and shapes inferred from the graph itself, and the values inferred to be no tensor (sequences,
     maps, optionals); what inference cannot tell stays unknown and is measured by a trial run when a cut
     needs it (``GraphIndex.tensor``)."""
@@ -385,4 +387,63 @@ def _infer_types(model: onnx.ModelProto) -> tuple[dict[str, TensorInfo], set[str
             others.add(vi.name)
     for t in model.graph.initializer:
         out[t.name] = TensorInfo(t.name, t.data_type, list(t.dims))
-    return out, others
+    bodies = _body_types(g)
+    with contextlib.suppress(Exception):  # best effort, as above: a body left untyped counts no work
+        _reinfer_loop_bodies(inferred, out, bodies)
+    return out, others, bodies
+
+
+def _reinfer_loop_bodies(model: onnx.ModelProto, outer: dict[str, TensorInfo], bodies: dict) -> None:
+    """Shape inference leaves a Loop body's carried values untyped where the body declares none (exporters
+    and onnx.helper often do): infer the body again as a graph of its own, its carried inputs typed as
+    the Loop's initial values and the outer values it reads as inputs of theirs."""
+    for n in model.graph.node:
+        body = next(
+            (a.g for a in n.attribute if a.name == "body" and a.type == onnx.AttributeProto.GRAPH), None
+        )
+        if n.op_type != "Loop" or body is None:
+            continue
+        g = onnx.GraphProto()
+        g.CopyFrom(body)
+        for vi, src in zip(g.input[2:], n.input[2:], strict=False):
+            t = outer.get(src)
+            if t is not None and t.dims is not None and vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+                for d in t.dims:
+                    dim = vi.type.tensor_type.shape.dim.add()
+                    if isinstance(d, int):
+                        dim.dim_value = d
+                    elif isinstance(d, str):
+                        dim.dim_param = d
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        local |= {o for m in g.node for o in m.output}
+        read = {i for m in g.node for i in node_inputs(m) if i and i not in local}
+        for name in sorted(read):
+            t = outer.get(name)
+            if t is not None and t.dims is not None:
+                g.input.append(onnx.helper.make_tensor_value_info(name, t.elem_type, t.dims))
+        del g.value_info[:]
+        m = onnx.helper.make_model(g, opset_imports=model.opset_import, ir_version=model.ir_version)
+        typed = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+        for vi in list(typed.graph.input) + list(typed.graph.value_info) + list(typed.graph.output):
+            ti = _tensor_info(vi)
+            if ti is not None and ti.dims is not None and vi.name not in outer:
+                bodies[vi.name] = ti
+
+
+def _body_types(g: onnx.GraphProto) -> dict[str, TensorInfo]:
+    """The types inference gave the tensors inside control-flow bodies (at any depth), to count the work
+    a Loop, If or Scan does: kept apart from the main graph's, which cuts are made of."""
+    out: dict[str, TensorInfo] = {}
+    for n in g.node:
+        for a in n.attribute:
+            for body in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                for vi in list(body.input) + list(body.value_info) + list(body.output):
+                    ti = _tensor_info(vi)
+                    if ti is not None:
+                        out.setdefault(vi.name, ti)
+                for t in body.initializer:
+                    out.setdefault(t.name, TensorInfo(t.name, t.data_type, list(t.dims)))
+                for k, v in _body_types(body).items():
+                    out.setdefault(k, v)
+    return out
