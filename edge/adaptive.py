@@ -83,6 +83,7 @@ class AdaptiveClient:
         )
         self.sends = [p.kind != EDGE_ONLY for p in plans]
         ref = start_mbps if start_mbps is not None else self.set.uplink_mbps
+        self._start_mbps = ref  # the uplink assumed until the edge's own estimate has one
         self.current = self.set.index_for(ref) if ref else 0
         self.requests = 0
         self.switches: list[dict] = []
@@ -225,8 +226,10 @@ class AdaptiveClient:
         bytes to see past the jitter (a 27 KiB cut tensor crosses Wi-Fi in 11 ms, less than the noise in
         its network time), as BBR probes for bandwidth above its estimate. Not while the link has a
         queue: there a larger request only waits longer, and queued requests time the link already."""
-        est, k = self.link.uplink_mbps, self.current
-        if est is None or self.link.in_pipe:
+        # no estimate yet (or none: every request so far too small to time on this link) probes above
+        # the uplink the set started from
+        est, k = self.link.uplink_mbps or self._start_mbps, self.current
+        if not est or self.link.in_pipe:
             return None
         usable = [i for i in range(len(self.inputs)) if self._usable(i) and self.sends[i]]
         if k not in usable:
