@@ -126,6 +126,40 @@ def _affinity(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
 
 
 @contextmanager
+def lifted(emulation: Emulation | None, pid: int | None = None):
+    """Run the block at the host's full speed, out of the quota ``emulation`` put this process under,
+    and put it back after. For what is a proportion, not a time: a CFS quota lets work shorter than
+    one period's quota (1 ms at least) run at full speed and stalls the rest at the period's end, so
+    onnxruntime's per-node times under it are host times for most nodes and a whole period's stall for
+    the few the quota ran out on (a 20x slower ViT's head looked as fast as the server's for 42 cuts,
+    then 20 ms slower at once). A uniformly slower device spends its time in the host's proportions."""
+    if emulation is None or not (emulation.quota_us and emulation.detail):
+        yield
+        return
+    pid = pid or os.getpid()
+    group = Path(emulation.detail)
+    v1 = emulation.mechanism.startswith("cgroup-v1")
+    try:
+        if v1:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                _write(V1_ROOT / "tasks", tid)
+        else:
+            _write(V2_ROOT / "cgroup.procs", str(pid))
+    except OSError:  # the limit stays: the block runs under it, as before
+        yield
+        return
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            if v1:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    _write(group / "tasks", tid)
+            else:
+                _write(group / "cgroup.procs", str(pid))
+
+
+@contextmanager
 def cpu_limit(cpus: float | None, pid: int | None = None):
     """Limit this process (all its threads, present and future) to ``cpus`` CPUs.
 

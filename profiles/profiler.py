@@ -36,7 +36,7 @@ from splitpoint.core.samples import sample_feeds
 from splitpoint.core.weights import is_stub
 
 from .codeccache import cached_codec_speeds
-from .cpulimit import sample_span_ms
+from .cpulimit import lifted, sample_span_ms
 from .facts import device_facts, temperature_c, throttled
 from .ort_trace import cost_curve, node_times
 from .schema import CodecSpeed, CutTiming, Emulation, MeasuredProfile, NodeTime, Stat
@@ -225,7 +225,9 @@ def profile_model(
         return whole_sess.run(None, feeds)
 
     try:
-        with running():
+        # proportions only, at the host's speed: under a CPU quota each node would show either its host
+        # time or a whole period's stall (``lifted``)
+        with running(), lifted(emulation):
             time_runs(run_whole, 1, settings.profile_runs)
     except BaseException:  # a model that cannot run leaves no trace file behind
         with contextlib.suppress(Exception):
@@ -376,11 +378,16 @@ def profile_model(
                     memory_source=mem_note,
                 )
             )
+    # per-node times in this device's terms: measured out of the quota, scaled to the whole model's time
+    # under it (an emulated device is the host, uniformly slower)
+    node_scale = 1.0
+    if emulation is not None and emulation.quota_us and profiled_runs:
+        node_scale = whole.median_ms / max(statistics.median(profiled_runs), 1e-9)
     nodes = [
         NodeTime(
             name=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",
             op_type=idx.nodes[p].op_type,
-            median_ms=per_node.get(p, 0.0),
+            median_ms=per_node.get(p, 0.0) * node_scale,
         )
         for p in idx.compute
     ]
@@ -395,7 +402,7 @@ def profile_model(
         whole=whole,
         int8_whole=int8_whole,
         nodes=nodes,
-        unattributed_ms=unattributed,
+        unattributed_ms=unattributed * node_scale,
         cuts=timings,
         codecs=codecs,
         cost={

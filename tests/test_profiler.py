@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -223,6 +224,30 @@ def test_cpu_limit_applies_and_is_undone():
             assert f"splitpoint-{os.getpid()}" in my_cgroup()
             assert em.period_us == 2_000 and em.cpus == pytest.approx(0.5)
     assert my_cgroup() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="CPU limits need root")
+def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path):
+    """A CFS quota runs work shorter than one period's quota (1 ms) at the host's speed and stalls the
+    rest at the period's end: per-node times measured under it made the first cuts' heads of a 20x
+    slower edge as fast as the host's, then jumped by a period. Node proportions are measured out of
+    the quota now, and a segment's share of the whole follows the host's."""
+    from splitpoint.profiles.cpulimit import lifted
+
+    h = open_model(model_path)
+    host = profile_model(h, ProfileSettings(role="server", threads=1, budget=8))
+    with cpu_limit(0.05) as em:
+        if not (em and em.quota_us):
+            pytest.skip("no CPU quota here")
+        slow = profile_model(h, ProfileSettings(role="edge", threads=1, budget=8), em)
+        with lifted(em):
+            assert f"splitpoint-{os.getpid()}" not in Path("/proc/self/cgroup").read_text()
+        assert f"splitpoint-{os.getpid()}" in Path("/proc/self/cgroup").read_text()  # put back
+    slowdown = slow.whole.median_ms / host.whole.median_ms
+    early = [(s.head_ms / x.head_ms) for s, x in zip(slow.cuts[:10], host.cuts[:10], strict=True)]
+    assert min(early) > 0.3 * slowdown, (slowdown, early)
+    share = sum(n.median_ms for n in slow.nodes) / slow.whole.median_ms
+    assert 0.5 < share < 1.5, share  # the nodes in this device's terms, not the host's
 
 
 @pytest.mark.parametrize("cpus", [0.01, 0.05, 0.2, 0.3522, 0.37, 0.5, 0.99, 1.0, 1.5])
