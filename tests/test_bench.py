@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from splitpoint.app.bench.report import write_report
@@ -65,6 +66,7 @@ def test_bench_measures_the_pick_front_and_baselines(bench):
             assert r["predicted"]["derived"] is True and r["prediction_error"] >= 0
             if r["predicted"]["codec"] == "float32" and r["predicted"]["kind"] != "split":
                 assert m["top1_agreement"] == 1.0  # nothing lossy on the way
+                assert m["agreement"] == pytest.approx(1.0)
         # the link was really in the way: nothing crosses it faster than its rate and RTT allow
         net = load_network(run["network"])
         raw = next(r for r in run["rows"] if "raw input" in r["role"])
@@ -211,3 +213,21 @@ def test_an_edge_runner_that_dies_before_it_is_ready_is_reported_not_waited_for(
     missing = tmp_path / "no-inputs.npz"
     with pytest.raises(SplitPointError, match=r"edge run failed on here: (?s:.*)no-inputs\.npz"):
         run_edge([], [], "tcp://127.0.0.1:9", missing, tmp_path / "out.json", cfg, 0.5, "here")
+
+
+def test_the_bench_measures_agreement_as_the_planner_does_not_by_argmax():
+    """A detector's boxes or a mask: the argmax of a near-equal output moves with the smallest error, and
+    the bench read 0.50 for a split the planner measured at 0.9992. It takes the planner's measure."""
+    from types import SimpleNamespace
+
+    from splitpoint.app.bench.edgerun import _agreement
+
+    rng = np.random.default_rng(0)
+    refs = [[np.full((1, 8, 4), 1.0, np.float32) + 1e-3 * rng.standard_normal((1, 8, 4)).astype(np.float32)]]
+    refs += [[r[0] + 1e-3] for r in refs]
+    seq = [
+        (k, SimpleNamespace(outputs=[r[0] + 2e-3 * rng.standard_normal(r[0].shape).astype(np.float32)]))
+        for k, r in enumerate(refs)
+    ]
+    (fid,) = _agreement(seq, refs)
+    assert fid.top1_agreement is None and fid.primary > 0.999

@@ -92,6 +92,10 @@ def _busy_port():
             ["bench", "--models", "mobilenetv2", "--networks", "lte", "--input-shape", "nosuch:1x3x224x224"],
             "--input-shape names 'nosuch': no model of --models has such an input",
         ),
+        (  # the model whose input the shape contradicts is named: it applies to every model with that input
+            ["bench", "--models", "mobilenetv2", "--networks", "lte", "--input-shape", "input:1x3x224x9"],
+            "mobilenetv2: input 'input' has dimension 3 fixed at 224",
+        ),
         (
             ["status", "--mqtt", "mqtt://127.0.0.1:1", "--seconds", "nan"],
             "--seconds must be a number of seconds",

@@ -431,7 +431,7 @@ def markdown(results: dict) -> str:
             "",
             "| candidate | role | predicted (ms) | measured p50 | p90 | error | throughput pred / meas (/s) "
             "| pipelining ratio | bytes up | edge CPU (ms/req) | edge RSS added (MiB) | fidelity (planner) "
-            "| top-1 agreement |",
+            "| agreement (measured) |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sorted(run["rows"], key=lambda r: r["measured"].get("latency_ms_median") or 1e12):
@@ -450,7 +450,7 @@ def markdown(results: dict) -> str:
                 f"{_f(r['pipelined_ratio'] and 100 * r['pipelined_ratio'], '{:.0f} %')} | "
                 f"{_f(m.get('bytes_sent_median'), '{:.0f}')} | {_f(m['edge_cpu_ms_per_request'])} | "
                 f"{_f(m['edge_rss_added_bytes'] / 2**20, '{:.0f}')} | {_f(p.get('fidelity'), '{:.4f}')} | "
-                f"{_f(m.get('top1_agreement'), '{:.2f}')} |"
+                f"{_f(m.get('agreement', m.get('top1_agreement')), '{:.2f}')} |"
             )
         out.append("")
     return "\n".join(out)

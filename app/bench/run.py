@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from splitpoint.app.process import check_started, splitpoint_command, start_server, stop
 from splitpoint.core.config import StrictConfig
-from splitpoint.core.errors import SplitPointError
+from splitpoint.core.errors import ModelError, SplitPointError
 
 if TYPE_CHECKING:
     from splitpoint.partitioner.costmodel import Candidate
@@ -352,7 +352,10 @@ def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> Non
     inputs: set[str] = set()
     check_model_names(models)
     for name in models:
-        h = open_model(name, shapes, only_present=True)
+        try:
+            h = open_model(name, shapes, only_present=True)
+        except ModelError as exc:  # one --input-shape for every model that has the input: say which one
+            raise ModelError(f"{name}: {exc}") from exc
         inputs |= {i.name for i in h.model.graph.input}
     unknown = sorted(set(shapes) - inputs)
     if unknown:
