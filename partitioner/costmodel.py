@@ -41,6 +41,11 @@ class CandidateInput:
     down_bytes: int  # reply: the tail's outputs, float32
     edge_memory_bytes: int
     fidelity: float | None  # measured agreement with the unsplit float model (1.0 = identical)
+    # the runtime's own time per request beyond compute and codec (its sockets, threads and framing), on
+    # each side, from profiles measured with --runtime: a tiny model's 3 ms per request on a Pi-class
+    # edge bounds it at 300/s, which a plan without it predicted at 5,000/s
+    edge_runtime_ms: float = 0.0
+    server_runtime_ms: float = 0.0
 
 
 @dataclass
@@ -124,8 +129,8 @@ def evaluate(c: CandidateInput, link: Link) -> Candidate:
     up = uplink_ms(c.up_bytes, link)
     down = downlink_ms(c.down_bytes, link)
     transfer = up + down + link.rtt_ms
-    edge = c.head_ms + c.encode_ms
-    server = c.decode_ms + c.tail_ms
+    edge = c.head_ms + c.encode_ms + c.edge_runtime_ms
+    server = c.decode_ms + c.tail_ms + c.server_runtime_ms
     latency = edge + transfer + server
     slowest = max(edge, up, server, down, 1e-9)
     return Candidate(
@@ -144,5 +149,7 @@ def evaluate(c: CandidateInput, link: Link) -> Candidate:
             "decode_ms": c.decode_ms,
             "tail_ms": c.tail_ms,
             "downlink_ms": down,
+            **({"runtime_edge_ms": c.edge_runtime_ms} if c.edge_runtime_ms else {}),
+            **({"runtime_server_ms": c.server_runtime_ms} if c.server_runtime_ms else {}),
         },
     )

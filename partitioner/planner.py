@@ -131,6 +131,17 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     def head_mem(mem: int, k: int, head: str) -> int:
         return mem if head == "float32" or not weights else max(0, mem - int(0.75 * weights[k - 1]))
 
+    def runtime(up_bytes: int) -> dict[str, float]:
+        """The runtime's own time per request on each side (the profiles' --runtime figures: a fixed
+        part and one per MiB of cut tensor sent and received); 0 where a profile did not measure it."""
+        mib = up_bytes / 2**20
+        return {
+            "edge_runtime_ms": m.edge.runtime_ms.get("edge", 0.0)
+            + m.edge.runtime_ms_per_mib.get("edge", 0.0) * mib,
+            "server_runtime_ms": m.server.runtime_ms.get("server", 0.0)
+            + m.server.runtime_ms_per_mib.get("server", 0.0) * mib,
+        }
+
     for head in heads:
         # all on the edge: the model as it is (or quantised)
         out.append(
@@ -167,6 +178,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 m.reply_bytes[0],
                 input_f32,
                 m.fidelity.get((0, codec, "float32")),
+                **runtime(up),
             )
         )
         for cut in h.cuts():
@@ -190,6 +202,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                         m.reply_bytes[cut.k],
                         head_mem(et.head_memory_bytes, cut.k, head),
                         m.fidelity.get((cut.k, codec, head)),
+                        **runtime(up),
                     )
                 )
     return out
