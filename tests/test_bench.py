@@ -80,7 +80,11 @@ def test_bench_measures_the_pick_front_and_baselines(bench):
     raws = [next(r for r in run["rows"] if "raw input" in r["role"]) for run in runs]
     assert raws[1]["measured"]["latency_ms_median"] < raws[0]["measured"]["latency_ms_median"]
     assert len(results["cases"]) == 2
-    for case in results["cases"]:
+    for case, run in zip(results["cases"], runs, strict=True):
+        pick = next(r for r in run["rows"] if r["is_pick"])
+        if pick.get("below_quota"):  # measured at the host's speed: not judged (test_bench_report.py)
+            assert case["regret"] is None and case["pick_ms"] is None
+            continue
         assert case["regret"] >= 1.0 - 1e-9 and case["best_ms"] <= case["pick_ms"]
 
 

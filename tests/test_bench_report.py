@@ -69,7 +69,29 @@ def test_each_verdict_follows_its_number(saved):
     assert _overhead(report.targets(results))["ok"] is False
     results["summary"]["prediction_error_median"] = 0.12
     pe = next(t for t in report.targets(results) if t["target"].startswith("median prediction"))
-    assert pe["ok"] is False and pe["measured"] == "12.0 %"
+    assert pe["ok"] is False and pe["measured"].startswith("12.0 %")
+
+
+def test_candidates_below_the_edge_s_quota_are_not_judged(saved):
+    """A CFS quota runs a request that needs less CPU than one period's quota at the host's speed: a small
+    model's all-on-edge run measured 2.3 ms against 19.5 predicted, counted as a 730 % prediction error,
+    and as the best candidate every pick's regret was measured against."""
+    results = copy.deepcopy(saved)
+    results["edge_calibration"] |= {"cpus": 0.05, "mechanism": "cgroup-v1 cfs quota"}
+    run = results["runs"][0]
+    fast = min(run["rows"], key=lambda r: r["measured"].get("latency_ms_median") or 1e12)
+    for r in run["rows"]:
+        r["measured"]["edge_cpu_ms_per_request"] = 5.0
+    fast["measured"]["edge_cpu_ms_per_request"] = 0.4  # under the 1 ms quota
+    fast["measured"]["latency_ms_median"] = 0.01  # "faster" than anything: the host's speed
+    derived = report.derive(results)
+    assert fast["below_quota"] is True and derived["summary"]["unjudged_below_quota"] == 1
+    case = next(c for c in derived["cases"] if c["network"] == run["network"])
+    assert case["best"] != fast["candidate"] and case["fastest_any"] != fast["candidate"]
+    pe = next(t for t in report.targets(derived) if t["target"].startswith("median prediction"))
+    assert "1 candidates not judged" in pe["measured"] and "1 ms of CPU" in pe["measured"]
+    md = report.markdown(derived)
+    assert "(not judged: below the edge's quota, run at full speed)" in md
 
 
 def test_plots_read_at_a_glance(saved, tmp_path, monkeypatch):
