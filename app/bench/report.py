@@ -85,9 +85,10 @@ def derive(results: dict) -> dict:
                 and "local_ms" not in (m.get("stages_ms_median") or {})
             ):
                 overheads.append(m["non_compute_ms_median"])
-        ok = [r for r in ok if not r["below_quota"]]  # regret among what the emulation can measure
         if not ok:
             continue
+        # regret among what the emulation can measure (where nothing is, the case stays, unjudged)
+        ok = [r for r in ok if not r["below_quota"]] or ok
         # the pick must meet the user's constraints, so it is compared with the candidates that do
         floor = results["config"].get("min_fidelity") or 0.0
         feasible = [r for r in ok if (r["predicted"].get("fidelity") or 0.0) >= floor] or ok
