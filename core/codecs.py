@@ -444,7 +444,7 @@ def _rows(shape: tuple, axis: int | None) -> tuple[int, int]:
     (outer index, channel) pair."""
     n = math.prod(shape)
     rows = 1 if axis is None else math.prod(shape[: axis + 1])
-    return rows, n // rows
+    return rows, n // rows if rows else 0  # an empty tensor (a batch of 0) has no rows
 
 
 def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
@@ -776,7 +776,7 @@ def decode(
         if base == "float32":  # decompress straight into the result
             out = np.empty(shape, dtype)
             _zstd_decompress_into(body, out.reshape(-1).view(np.uint8).data)
-            return out
+            return _true_bools(out)
         raw = np.empty(raw_len, np.uint8)
         _zstd_decompress_into(body, raw.data)
         body = raw.data
@@ -787,13 +787,15 @@ def decode(
             raise CodecError(f"lz4 stage is corrupt: {exc}") from exc
         if len(body) != raw_len:
             raise CodecError(f"lossless stage produced {len(body)} bytes, header says {raw_len}")
+    if n == 0:  # an empty tensor (a batch of 0): its header checked, nothing to dequantise
+        return np.empty(shape, dtype)
     ax = None if axis < 0 else axis
     if base == "float32":
         if stage == "":
             if not copy:
-                return np.frombuffer(body, dtype, n).reshape(shape)
-            return _copy_out(body, raw_len).view(dtype).reshape(shape)
-        return np.frombuffer(body, dtype, n).reshape(shape)  # lz4's own (read-only) bytes
+                return _true_bools(np.frombuffer(body, dtype, n).reshape(shape))
+            return _true_bools(_copy_out(body, raw_len).view(dtype).reshape(shape))
+        return _true_bools(np.frombuffer(body, dtype, n).reshape(shape))  # lz4's own (read-only) bytes
     if base == "float16":
         if dtype == np.float16:
             return _copy_out(body, raw_len).view(dtype).reshape(shape)
@@ -807,6 +809,14 @@ def decode(
     if cols is not None and len(cols):
         out[..., cols] = exact
     return out.astype(dtype, copy=False)
+
+
+def _true_bools(a: np.ndarray) -> np.ndarray:
+    """A bool tensor whose bytes are 0 and 1 only, else CodecError: numpy and onnxruntime take any other
+    byte as a bool that is neither (Not of byte 2 gave 3, "true"; a cast to int64 gave 2)."""
+    if a.dtype == np.bool_ and a.size and int(a.view(np.uint8).max()) > 1:
+        raise CodecError("a bool tensor holds bytes other than 0 and 1")
+    return a
 
 
 def _unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
