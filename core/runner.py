@@ -249,6 +249,35 @@ def mismatch(name: str, arr: np.ndarray, expect: OutputExpect) -> str | None:
     return None
 
 
+def symbol_sizes(feeds: dict[str, np.ndarray], shapes: dict[str, tuple]) -> dict[str, int]:
+    """The size each symbolic dimension (the batch ``N``, a sequence length) takes in ``feeds``, by the
+    shapes the plan gives them."""
+    sizes: dict[str, int] = {}
+    for name, arr in feeds.items():
+        shape = shapes.get(name)
+        if shape and len(shape) == np.ndim(arr):
+            for size, d in zip(np.shape(arr), shape, strict=True):
+                if type(d) is str:
+                    sizes.setdefault(d, int(size))
+    return sizes
+
+
+def off_sizes(name: str, arr: np.ndarray, shape: tuple | None, sizes: dict[str, int]) -> str | None:
+    """How ``arr`` gives a symbolic dimension another size than the request did, in words (None: it
+    does not): a result of batch 3 for a request of batch 1 is no answer to it."""
+    if not shape or len(shape) != arr.ndim:
+        return None
+    for size, d in zip(arr.shape, shape, strict=True):
+        if type(d) is str and d in sizes and sizes[d] != size:
+            return f"{name}: dimension {d} is {size}, the request's is {sizes[d]}"
+    return None
+
+
+def input_shapes(plan: Plan) -> dict[str, tuple]:
+    """The plan's model inputs' shapes (sizes, symbols, None where unknown), by name."""
+    return {i.name: _spec_shape(i.shape) for i in plan.inputs if i.shape and i.shape != "?"}
+
+
 def output_expects(plan: Plan) -> dict[str, OutputExpect]:
     """What a server's result must be for each of the plan's outputs: its dtype, and its shape where the
     plan knows it (an unknown shape, "?", checks the dtype only). Built once per plan, not per reply."""

@@ -45,7 +45,15 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
-from splitpoint.core.runner import HeadRunner, make_session, mismatch, output_expects
+from splitpoint.core.runner import (
+    HeadRunner,
+    input_shapes,
+    make_session,
+    mismatch,
+    off_sizes,
+    output_expects,
+    symbol_sizes,
+)
 from splitpoint.core.telemetry import Telemetry
 
 from .config import EdgeConfig
@@ -114,6 +122,7 @@ class EdgeClient:
         self._head = HeadRunner(self.plan, head)
         self._order = [o.name for o in self.plan.outputs]  # the model's outputs, in its order
         self._out_expect = output_expects(self.plan)
+        self._in_shapes = input_shapes(self.plan)  # a result's batch must be its request's
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
         if config.fallback and FULL_FILE in self.plan.files and not (d / FULL_FILE).is_file():
@@ -527,8 +536,11 @@ class EdgeClient:
                 "bad-reply",
             )
         outs = [p.early[n] if n in p.early else late[n] for n in order]
+        sizes = symbol_sizes(p.feeds, self._in_shapes)
         for n, arr in late.items():  # what the application gets is what the plan says the model returns
-            wrong = mismatch(n, arr, self._out_expect[n]) if n in self._out_expect else None
+            expect = self._out_expect.get(n)
+            wrong = mismatch(n, arr, expect) if expect else None
+            wrong = wrong or (off_sizes(n, arr, expect[1], sizes) if expect else None)
             if wrong is not None:
                 raise EdgeError(
                     f"the server's result for request {msg.id} does not fit the plan: {wrong}", "bad-reply"

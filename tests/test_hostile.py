@@ -324,6 +324,11 @@ def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, sma
             json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out]}).encode(),
             encode(np.zeros((1, 5), np.float32), "float32"),
         ],
+        # another batch than the request's: each output fits the plan's N, but not this request's
+        lambda rid: [
+            json.dumps({"v": 1, "type": "result", "id": rid, "tensors": [out]}).encode(),
+            encode(np.zeros((3, 1000), np.float32), "float32"),
+        ],
     ]
     stop = threading.Event()
 
@@ -358,7 +363,7 @@ def test_malformed_replies_fail_their_own_request_and_nothing_else(tmp_path, sma
         # the unparsable header has no id: its request times out; every other one is failed by its reply
         assert codes[0] == "timeout" and codes[1:7] == ["bad-reply"] * 5 + ["7"], outcomes
         assert outcomes[7] == ("ok", (1, 1000))  # a nonsense duration is ignored, the result kept
-        assert codes[8:] == ["bad-reply", "bad-reply"], outcomes  # never handed on as the model's output
+        assert codes[8:] == ["bad-reply"] * 3, outcomes  # never handed on as the model's output
     finally:
         stop.set()
         t.join(5)
