@@ -806,6 +806,13 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="requests waiting for a tail before new ones are answered busy")
     ] = 256,
+    max_unread_replies: Annotated[
+        int,
+        typer.Option(
+            help="replies held for one connection that does not read them (each up to a whole result); "
+            "past it they are dropped"
+        ),
+    ] = 1000,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
     provider: Annotated[str, typer.Option(help="e.g. CUDAExecutionProvider")] = "CPUExecutionProvider",
     max_message_mb: Annotated[float, typer.Option(help="refuse larger messages")] = 256,
@@ -858,6 +865,7 @@ def serve(
         plans_dir=plans,
         workers=workers,
         max_queue=max_queue,
+        max_unread_replies=max_unread_replies,
         threads=threads,
         provider=provider,
         max_message_bytes=int(max_message_mb * 2**20),

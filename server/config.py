@@ -38,6 +38,9 @@ class ServerConfig(StrictConfig):
     provider: str = "CPUExecutionProvider"
     max_message_bytes: int = Field(wire.DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**32)
     max_queue: int = Field(256, ge=1, le=1_000_000)  # requests waiting for a tail; past it: busy
+    # replies libzmq holds for one connection that does not read them (ZMQ_SNDHWM); past it, dropped. Each
+    # is up to a whole result: a client that never reads pins this many of them in the server's memory
+    max_unread_replies: int = Field(1000, ge=1, le=100_000)
     reply_codec: str = "float32"
     device_id: str = Field("server", min_length=1, max_length=128)
     mqtt: BrokerUrl | None = None  # telemetry broker URL

@@ -195,7 +195,7 @@ class TailServer:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)  # per frame; parse() caps the total
         router.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
-        router.setsockopt(zmq.SNDHWM, RCVHWM)
+        router.setsockopt(zmq.SNDHWM, self.config.max_unread_replies)
         # a client that sets its routing id and reconnects takes the id over (without this, libzmq
         # ignores the new connection for as long as it holds the old one's id: with a tail running, for good)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)

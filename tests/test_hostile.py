@@ -19,6 +19,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from splitpoint.app.broker import free_port
 from splitpoint.app.process import start_server, stop
@@ -536,3 +537,50 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     )
     ping = _ask(served["sock"], wire.Message(wire.PING, 78).to_frames())
     assert plan["plan_id"] not in ping.meta["plans"]
+
+
+def test_replies_a_client_does_not_read_are_bounded_by_max_unread_replies(tmp_path):
+    """A 3 KB compressed request answered with a 15 MiB result, 150 times to a client that never reads,
+    held 2.3 GB of the server's memory: 1,000 replies a connection, each a whole result. An operator who
+    serves untrusted clients bounds it (--max-unread-replies); past it replies are dropped."""
+    from splitpoint.core.plan import SERVER_ONLY
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    shape = numpy_helper.from_array(np.array([1, 256, 1024], np.int64), "shape")
+    m = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Expand", ["x", "shape"], ["y"])],
+            "wide",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256, 1024])],
+            [shape],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    onnx.save(m, str(tmp_path / "wide.onnx"))
+    plan = write_plan(open_model(tmp_path / "wide.onnx"), tmp_path / "plans" / "p", kind=SERVER_ONLY)
+    x = encode(np.ones((1, 1, 1), np.float32), "float32")
+    got = {}
+    for limit in (2, 1000):
+        srv = TailServer(
+            ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans", max_unread_replies=limit)
+        ).start()
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 1)
+        s.setsockopt(zmq.RCVBUF, 65536)
+        s.connect(srv.endpoint)
+        try:
+            for i in range(40):  # 1 MiB results, none read yet
+                s.send_multipart(wire.Message(wire.INFER, i + 1, plan.plan_id, ["x"], frames=[x]).to_frames())
+            time.sleep(3)  # every request served, its reply queued or dropped
+            n = 0
+            while s.poll(1000):
+                s.recv_multipart()
+                n += 1
+            got[limit] = n
+        finally:
+            s.close(0)
+            srv.stop()
+    assert got[1000] == 40 and got[2] < 20, got  # a few more than 2 sit in the kernel's buffers
