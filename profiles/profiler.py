@@ -127,14 +127,19 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def choose_anchors(cum: list[float], n: int) -> list[int]:
-    """Cut indices (1-based) closest to evenly spaced fractions of the cumulative cost curve."""
+def choose_anchors(cum: list[float], n: int, valid: list[int] | None = None) -> list[int]:
+    """Cut indices (1-based) closest to evenly spaced fractions of the cumulative cost curve, among the
+    ``valid`` ones (a position whose cut would send a sequence is none: it once was picked, and the
+    profile died on it)."""
     total = cum[-1] if cum and cum[-1] > 0 else 1.0
     m = len(cum)
+    pool = [k for k in valid if 1 <= k < m] if valid is not None else list(range(1, m))
+    if not pool:
+        return []
     chosen: list[int] = []
     for j in range(1, n + 1):
         target = total * j / (n + 1)
-        k = min(range(1, m), key=lambda i: abs(cum[i - 1] - target))
+        k = min(pool, key=lambda i: abs(cum[i - 1] - target))
         if k not in chosen:
             chosen.append(k)
     return sorted(chosen)
@@ -256,7 +261,9 @@ def profile_model(
         if settings.anchors is not None
         else int(max(2, (settings.budget - fixed) // per_anchor))
     )
-    planned = coverage_order(choose_anchors(cum, min(n_anchor, len(cuts))) if cuts else [])
+    planned = coverage_order(
+        choose_anchors(cum, min(n_anchor, len(cuts)), [c.k for c in cuts]) if cuts else []
+    )
     weights = weight_bytes_by_prefix(handle.index)
     act_peaks = live_activation_peaks(handle.index)
     measured: dict[int, dict] = {}

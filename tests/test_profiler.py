@@ -301,3 +301,14 @@ def test_unreadable_profile_files(tmp_path):
     p.write_text("[1, 2]")
     with pytest.raises(ProfileError, match="expected a mapping"):
         load_measured(p)
+
+
+def test_anchors_are_chosen_among_the_valid_cuts_only():
+    """The middle of the cost curve fell on a position whose cut would send a sequence (no cut), and
+    the profile died measuring it."""
+    from splitpoint.profiles.profiler import choose_anchors
+
+    cum = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert choose_anchors(cum, 1) == [2]  # the middle, where every position is a cut
+    assert choose_anchors(cum, 1, valid=[1, 4]) in ([1], [4])
+    assert choose_anchors(cum, 3, valid=[3]) == [3] and choose_anchors(cum, 2, valid=[]) == []
