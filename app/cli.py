@@ -914,6 +914,9 @@ def relay(
     next_server_key: Annotated[
         Path | None, typer.Option(help="file with the next stage's CurveZMQ public key (z85)")
     ] = None,
+    max_unread_replies: Annotated[
+        int, typer.Option(help="replies held for one connection that does not read them; past it dropped")
+    ] = 1000,
     quiet: Quiet = False,
 ) -> None:
     """Run one middle stage of a chain: receive a cut tensor, run this stage's segment, forward the next
@@ -947,6 +950,7 @@ def relay(
         next_curve_server_key=read_public(next_server_key, "next stage's public key")
         if next_server_key
         else None,
+        max_unread_replies=max_unread_replies,
     )
     registry = None
     if single:

@@ -124,6 +124,10 @@ def _busy_port():
         ),
         (["deploy", "/x", "--relay", "0=tcp://127.0.0.1:5"], "stage 0 is the edge's; push it with --edge"),
         (["serve", "--session-idle", "-1"], "--session-idle: Input should be greater than 0"),
+        (
+            ["serve", "--max-unread-replies", "0"],
+            "--max-unread-replies: Input should be greater than or equal to 1",
+        ),
         (["profile", "resnet18", "-o", "/tmp"], "is a directory: give the profile's file name"),
         (["serve", "--plans", "/etc/hostname"], "is a file: give the directory the plans are kept in"),
         (["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599", "--timeout", "-1"], "--timeout"),
