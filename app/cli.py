@@ -44,6 +44,13 @@ app.add_typer(edge_app, name="edge")
 Model = Annotated[str, typer.Argument(help="ONNX file or zoo name")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output (daemons, scripts)")]
 Mqtt = Annotated[str | None, typer.Option("--mqtt", help="telemetry broker, mqtt://\\[user:pass@]host:port")]
+MaxUnreadReplies = Annotated[
+    int,
+    typer.Option(
+        help="replies held for one connection that does not read them (each up to a whole result); "
+        "past it they are dropped"
+    ),
+]
 Shapes = Annotated[
     list[str] | None,
     typer.Option(
@@ -806,13 +813,7 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(help="requests waiting for a tail before new ones are answered busy")
     ] = 256,
-    max_unread_replies: Annotated[
-        int,
-        typer.Option(
-            help="replies held for one connection that does not read them (each up to a whole result); "
-            "past it they are dropped"
-        ),
-    ] = 1000,
+    max_unread_replies: MaxUnreadReplies = 1000,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
     provider: Annotated[str, typer.Option(help="e.g. CUDAExecutionProvider")] = "CPUExecutionProvider",
     max_message_mb: Annotated[float, typer.Option(help="refuse larger messages")] = 256,
@@ -855,7 +856,6 @@ def serve(
 ) -> None:
     """Run the tail server (or, with --stage and --next, a relay of a chain) until SIGTERM/Ctrl-C
     (loopback unless --bind says otherwise)."""
-    from splitpoint.core.curve import read_public, read_secret
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.tail_server import TailServer
 
@@ -871,17 +871,12 @@ def serve(
         max_message_bytes=int(max_message_mb * 2**20),
         mqtt=mqtt,
         device_id=device_id,
-        curve_secret_key=read_secret(curve_secret) if curve_secret else None,
-        curve_allow=tuple(read_public(p, "client's public key") for p in curve_allow or ()),
-        deploy_allow=tuple(read_public(p, "deploy key's public key") for p in deploy_allow or ()),
+        **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
         insecure=insecure,
         stage=stage,
         next=next,
         next_timeout_s=next_timeout,
         next_connect_grace_s=next_grace,
-        next_curve_server_key=read_public(next_server_key, "next stage's public key")
-        if next_server_key
-        else None,
         max_sessions=max_sessions,
         max_cache_mb=max_cache_mb,
         session_idle_s=session_idle,
@@ -914,14 +909,11 @@ def relay(
     next_server_key: Annotated[
         Path | None, typer.Option(help="file with the next stage's CurveZMQ public key (z85)")
     ] = None,
-    max_unread_replies: Annotated[
-        int, typer.Option(help="replies held for one connection that does not read them; past it dropped")
-    ] = 1000,
+    max_unread_replies: MaxUnreadReplies = 1000,
     quiet: Quiet = False,
 ) -> None:
     """Run one middle stage of a chain: receive a cut tensor, run this stage's segment, forward the next
     cut tensor, and pass the answer back (`serve --stage I --next ...` with a plan directory)."""
-    from splitpoint.core.curve import read_public, read_secret
     from splitpoint.core.plan import PLAN_FILE
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.registry import PlanRegistry
@@ -945,11 +937,7 @@ def relay(
         next=next,
         next_timeout_s=next_timeout,
         next_connect_grace_s=next_grace,
-        curve_secret_key=read_secret(curve_secret) if curve_secret else None,
-        curve_allow=tuple(read_public(p, "client's public key") for p in curve_allow or ()),
-        next_curve_server_key=read_public(next_server_key, "next stage's public key")
-        if next_server_key
-        else None,
+        **_server_keys(curve_secret, curve_allow, next_server_key),
         max_unread_replies=max_unread_replies,
     )
     registry = None
@@ -1390,6 +1378,20 @@ def _check_plot_path(path: Path) -> None:
         raise typer.BadParameter(f"--plot {path}: name a file ending in .{', .'.join(sorted(formats))}")
     if (blocked := file_in_the_way(path.parent)) is not None:
         raise typer.BadParameter(f"--plot {path}: {blocked} is a file")
+
+
+def _server_keys(
+    secret: Path | None, allow: list[Path] | None, next_key: Path | None, deploy: list[Path] | None = None
+) -> dict:
+    """A server's or a relay's CurveZMQ keys, read and checked, as ServerConfig takes them."""
+    from splitpoint.core.curve import read_public, read_secret
+
+    return {
+        "curve_secret_key": read_secret(secret) if secret else None,
+        "curve_allow": tuple(read_public(p, "client's public key") for p in allow or ()),
+        "deploy_allow": tuple(read_public(p, "deploy key's public key") for p in deploy or ()),
+        "next_curve_server_key": read_public(next_key, "next stage's public key") if next_key else None,
+    }
 
 
 def _curve_pair(secret: Path | None, server_key: Path | None) -> None:

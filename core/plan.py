@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ from .errors import OutputExistsError, PlanError
 from .files import current_umask
 from .onnxio import sha256_file
 from .textfiles import DuplicateKeyError, load_json
+
+log = logging.getLogger("splitpoint.plan")
 
 PLAN_FORMAT: Final = 2
 READS_FORMATS = (1, 2)  # format 1: the two-stage plan before chains, converted on reading
@@ -456,6 +459,7 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
             if d.is_dir() and not d.is_symlink() and now - d.stat().st_mtime > LEFTOVER_AGE_S:
                 shutil.rmtree(d)
                 gone.append(d.name)
+                log.info("removed %s: a pushed plan's files, left by a deploy that never finished", d)
         except OSError:
             continue
     return gone

@@ -8,7 +8,7 @@ the server, relays, the fidelity runs and the tests all compose a split model th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -219,18 +219,8 @@ class StageRunner:
 
     def symbol_conflict(self, received: dict[str, np.ndarray]) -> str | None:
         """The first symbolic dimension that two received tensors give different sizes, said in words."""
-        seen: dict[str, tuple[int, str]] = {}
         expect: dict[str, Expect] = getattr(self, "expect", {})  # a segment's runner (of_segment) has none
-        for name, arr in received.items():
-            shape = expect[name][1] if name in expect else ()
-            if len(shape) != arr.ndim:
-                continue
-            for size, d in zip(arr.shape, shape, strict=True):
-                if type(d) is str:
-                    first, where = seen.setdefault(d, (size, name))
-                    if first != size:
-                        return f"dimension {d} is {first} in tensor {where} but {size} in tensor {name}"
-        return None
+        return symbol_conflict(received, {name: shape for name, (_, shape) in expect.items()}, {})
 
 
 def mismatch(name: str, arr: np.ndarray, expect: OutputExpect) -> str | None:
@@ -249,27 +239,22 @@ def mismatch(name: str, arr: np.ndarray, expect: OutputExpect) -> str | None:
     return None
 
 
-def symbol_sizes(feeds: dict[str, np.ndarray], shapes: dict[str, tuple]) -> dict[str, int]:
-    """The size each symbolic dimension (the batch ``N``, a sequence length) takes in ``feeds``, by the
-    shapes the plan gives them."""
-    sizes: dict[str, int] = {}
-    for name, arr in feeds.items():
+def symbol_conflict(
+    arrays: dict[str, np.ndarray], shapes: Mapping[str, tuple | None], seen: dict[str, tuple[int, str]]
+) -> str | None:
+    """The first symbolic dimension (the batch ``N``, a sequence length) that ``arrays`` give another size
+    than an earlier tensor did, in words (None: none). ``seen`` (symbol: its size and the tensor that gave
+    it) carries over from call to call: seeded with a request's inputs, it finds a result of batch 3
+    for a request of batch 1."""
+    for name, arr in arrays.items():
         shape = shapes.get(name)
-        if shape and len(shape) == np.ndim(arr):
-            for size, d in zip(np.shape(arr), shape, strict=True):
-                if type(d) is str:
-                    sizes.setdefault(d, int(size))
-    return sizes
-
-
-def off_sizes(name: str, arr: np.ndarray, shape: tuple | None, sizes: dict[str, int]) -> str | None:
-    """How ``arr`` gives a symbolic dimension another size than the request did, in words (None: it
-    does not): a result of batch 3 for a request of batch 1 is no answer to it."""
-    if not shape or len(shape) != arr.ndim:
-        return None
-    for size, d in zip(arr.shape, shape, strict=True):
-        if type(d) is str and d in sizes and sizes[d] != size:
-            return f"{name}: dimension {d} is {size}, the request's is {sizes[d]}"
+        if not shape or len(shape) != np.ndim(arr):
+            continue
+        for size, d in zip(np.shape(arr), shape, strict=True):
+            if type(d) is str:
+                first, where = seen.setdefault(d, (int(size), name))
+                if first != size:
+                    return f"dimension {d} is {first} in tensor {where} but {size} in tensor {name}"
     return None
 
 

@@ -50,9 +50,8 @@ from splitpoint.core.runner import (
     input_shapes,
     make_session,
     mismatch,
-    off_sizes,
     output_expects,
-    symbol_sizes,
+    symbol_conflict,
 )
 from splitpoint.core.telemetry import Telemetry
 
@@ -123,6 +122,7 @@ class EdgeClient:
         self._order = [o.name for o in self.plan.outputs]  # the model's outputs, in its order
         self._out_expect = output_expects(self.plan)
         self._in_shapes = input_shapes(self.plan)  # a result's batch must be its request's
+        self._out_shapes = {n: shape for n, (_, shape) in self._out_expect.items()}
         self.local_only = self.plan.kind == EDGE_ONLY
         self._full = None
         if config.fallback and FULL_FILE in self.plan.files and not (d / FULL_FILE).is_file():
@@ -536,15 +536,19 @@ class EdgeClient:
                 "bad-reply",
             )
         outs = [p.early[n] if n in p.early else late[n] for n in order]
-        sizes = symbol_sizes(p.feeds, self._in_shapes)
         for n, arr in late.items():  # what the application gets is what the plan says the model returns
-            expect = self._out_expect.get(n)
-            wrong = mismatch(n, arr, expect) if expect else None
-            wrong = wrong or (off_sizes(n, arr, expect[1], sizes) if expect else None)
+            wrong = mismatch(n, arr, self._out_expect[n]) if n in self._out_expect else None
             if wrong is not None:
                 raise EdgeError(
                     f"the server's result for request {msg.id} does not fit the plan: {wrong}", "bad-reply"
                 )
+        seen: dict[str, tuple[int, str]] = {}  # a result's batch must be its request's
+        symbol_conflict(p.feeds, self._in_shapes, seen)
+        other = symbol_conflict(late, self._out_shapes, seen)
+        if other is not None:
+            raise EdgeError(
+                f"the server's result for request {msg.id} does not answer it: {other}", "bad-reply"
+            )
         meta = msg.meta.get("server")
         server: dict[str, Any] = meta if isinstance(meta, dict) else {}
         total = server.get("total_ms")

@@ -79,8 +79,7 @@ class EdgeDaemon:
     def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
         self.plans_dir = plans_dir or Path(config.plan_dir).parent
         self.started_with = Path(config.plan_dir).resolve()  # the command line's plan
-        for name in sweep_leftovers(self.plans_dir):
-            log.info("removed %s: a pushed plan's files, left by a deploy that never finished", name)
+        sweep_leftovers(self.plans_dir)
         running = deployed_plan(Path(config.plan_dir), self.plans_dir)
         self.config = config if running == Path(config.plan_dir) else config.with_(plan_dir=running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline

@@ -40,6 +40,15 @@ def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
 
+def _move(pid: int, group: Path, v1: bool) -> None:
+    """Put ``pid`` (every thread of it) into a cgroup: a v1 group takes threads one by one."""
+    if v1:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            _write(group / "tasks", tid)
+    else:
+        _write(group / "cgroup.procs", str(pid))
+
+
 def period_and_quota(cpus: float) -> tuple[int, int]:
     """The shortest period whose quota for ``cpus`` is at least the kernel's least quota (µs)."""
     period = min(MAX_PERIOD_US, max(MIN_PERIOD_US, math.ceil(MIN_QUOTA_US / cpus)))
@@ -69,15 +78,14 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     _write(group / "cpu.cfs_quota_us", "-1")  # a new period below the old quota is refused
     _write(group / "cpu.cfs_period_us", str(period))
     _write(group / "cpu.cfs_quota_us", str(quota))
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        _write(group / "tasks", tid)
+    _move(pid, group, v1=True)
 
     def undo() -> None:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:  # the limited process has exited: nothing to move back
             tids = []
-        for tid in tids:
+        for tid in tids:  # each on its own: a thread that exits meanwhile stops no other
             with suppress(OSError):
                 _write(V1_ROOT / "tasks", tid)
         with suppress(OSError):
@@ -96,11 +104,11 @@ def _v2(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     group.mkdir(exist_ok=True)
     period, quota = period_and_quota(cpus)
     _write(group / "cpu.max", f"{quota} {period}")
-    _write(group / "cgroup.procs", str(pid))
+    _move(pid, group, v1=False)
 
     def undo() -> None:
         try:
-            _write(V2_ROOT / "cgroup.procs", str(pid))
+            _move(pid, V2_ROOT, v1=False)
             group.rmdir()
         except OSError:
             pass
@@ -140,11 +148,7 @@ def lifted(emulation: Emulation | None, pid: int | None = None):
     group = Path(emulation.detail)
     v1 = emulation.mechanism.startswith("cgroup-v1")
     try:
-        if v1:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                _write(V1_ROOT / "tasks", tid)
-        else:
-            _write(V2_ROOT / "cgroup.procs", str(pid))
+        _move(pid, V1_ROOT if v1 else V2_ROOT, v1)
     except OSError:  # the limit stays: the block runs under it, as before
         yield
         return
@@ -152,11 +156,7 @@ def lifted(emulation: Emulation | None, pid: int | None = None):
         yield
     finally:
         with suppress(OSError):
-            if v1:
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    _write(group / "tasks", tid)
-            else:
-                _write(group / "cgroup.procs", str(pid))
+            _move(pid, group, v1)
 
 
 @contextmanager

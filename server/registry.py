@@ -59,8 +59,7 @@ class PlanRegistry:
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}  # plan directory -> why it is not served
         if self.plans_dir and self.plans_dir.is_dir():
-            for name in sweep_leftovers(self.plans_dir):
-                log.info("removed %s: a pushed plan's files, left by a deploy that never finished", name)
+            sweep_leftovers(self.plans_dir)
             for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 if not (d / PLAN_FILE).is_file():
                     self.skipped[str(d)] = f"no {PLAN_FILE} file in it"

@@ -398,23 +398,19 @@ def _reinfer_loop_bodies(model: onnx.ModelProto, outer: dict[str, TensorInfo], b
     and onnx.helper often do): infer the body again as a graph of its own, its carried inputs typed as
     the Loop's initial values and the outer values it reads as inputs of theirs."""
     for n in model.graph.node:
+        if n.op_type != "Loop":
+            continue
         body = next(
             (a.g for a in n.attribute if a.name == "body" and a.type == onnx.AttributeProto.GRAPH), None
         )
-        if n.op_type != "Loop" or body is None:
+        if body is None:
             continue
         g = onnx.GraphProto()
         g.CopyFrom(body)
         for vi, src in zip(g.input[2:], n.input[2:], strict=False):
             t = outer.get(src)
             if t is not None and t.dims is not None and vi.type.HasField("tensor_type"):
-                vi.type.tensor_type.ClearField("shape")
-                for d in t.dims:
-                    dim = vi.type.tensor_type.shape.dim.add()
-                    if isinstance(d, int):
-                        dim.dim_value = d
-                    elif isinstance(d, str):
-                        dim.dim_param = d
+                vi.CopyFrom(onnx.helper.make_tensor_value_info(vi.name, t.elem_type, t.dims))
         local = {i.name for i in g.input} | {t.name for t in g.initializer}
         local |= {o for m in g.node for o in m.output}
         read = {i for m in g.node for i in node_inputs(m) if i and i not in local}
