@@ -248,6 +248,21 @@ def show_plan_set(r: Any, out: Path | None) -> None:
     )
     heads = ["member", "plan", "uplink Mbit/s", "ms at the range's ends", "per s there", "fidelity"]
     console.print(table(title, heads, rows, 2))
+    if rate:
+        from splitpoint.partitioner.planset import RATE_HEADROOM, short_of_rate
+
+        short = short_of_rate(r.members, rate, rtt, down)
+        if short is not None:
+            where = (
+                "at any uplink"
+                if short.everywhere
+                else f"from {short.lo_mbps:.3g} to {short.hi_mbps:.3g} Mbit/s uplink"
+            )
+            console.print(
+                f"[yellow]warning:[/yellow] no member is predicted to keep up with {rate:g} requests/s "
+                f"{where} (with {RATE_HEADROOM:g}x headroom; the most there is {short.most_ips:.3g}/s): "
+                "there the one that comes closest runs and requests queue"
+            )
     if r.written is not None:
         console.print(f"plan set of {len(r.members)} ({r.written.policy}) → {out}")
 

@@ -106,6 +106,40 @@ def plan_set(
     return out
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """Where a set's members cannot keep up with the arrival rate (at ``RATE_HEADROOM``): there the one
+    that comes closest runs, and requests queue whatever runs."""
+
+    lo_mbps: float  # the slowest and fastest uplink of the sweep where no member keeps up
+    hi_mbps: float
+    everywhere: bool  # no member keeps up at any uplink of the sweep
+    most_ips: float  # the highest throughput any member is predicted to reach there
+
+
+def short_of_rate(
+    members: list[Member],
+    rate_ips: float,
+    rtt_ms: float,
+    down_ratio: float = 1.0,
+    lo_mbps: float = 0.1,
+    hi_mbps: float = 10_000.0,
+    points: int = 241,
+) -> Shortfall | None:
+    """The uplinks of ``plan_set``'s sweep where no member is predicted to serve ``rate_ips`` with the
+    headroom, or None where one does everywhere: a rate the set cannot meet is said, not left to be
+    found in production as a growing queue."""
+    need = rate_ips * RATE_HEADROOM
+    short: list[tuple[float, float]] = []
+    for link in sweep_links(lo_mbps, hi_mbps, points, rtt_ms, down_ratio):
+        most = max(evaluate(m.inp, link).throughput_ips for m in members)
+        if most < need:
+            short.append((link.uplink_mbps, most))
+    if not short:
+        return None
+    return Shortfall(short[0][0], short[-1][0], len(short) == points, max(m for _, m in short))
+
+
 def _at_floor(inputs: list[CandidateInput], min_fidelity: float) -> list[CandidateInput]:
     pool = [c for c in inputs if c.fidelity is not None and c.fidelity >= min_fidelity]
     if not pool:

@@ -10,7 +10,7 @@ import pytest
 
 from splitpoint.edge.estimator import LinkEstimator
 from splitpoint.partitioner.costmodel import CandidateInput, Link, evaluate, wire_bytes
-from splitpoint.partitioner.planset import bits_only_set, choose, plan_set
+from splitpoint.partitioner.planset import bits_only_set, choose, plan_set, short_of_rate
 
 
 def cand(kind, cut, codec, head_ms, tail_ms, up, fidelity=1.0):
@@ -48,6 +48,23 @@ def test_a_set_is_cut_to_its_largest_members_without_leaving_a_gap():
     assert members[0].hi_mbps == members[1].lo_mbps
     with pytest.raises(ValueError, match="fidelity"):
         plan_set([LOSSY], rtt_ms=20.0, min_fidelity=0.99)
+
+
+def test_a_rate_the_set_cannot_serve_is_located_on_the_bandwidth_axis():
+    pool = [EDGE, SERVER, MID, LATE]
+    members = plan_set(pool, rtt_ms=20.0, rate_ips=5)
+    assert short_of_rate(members, 5, rtt_ms=20.0) is None  # the edge alone serves 8/s
+    members = plan_set(pool, rtt_ms=20.0, rate_ips=50)
+    short = short_of_rate(members, 50, rtt_ms=20.0)
+    assert short is not None and not short.everywhere
+    # slow links leave only the edge's 8/s, fast ones the server's: the shortfall is the low end
+    assert short.lo_mbps == pytest.approx(0.1) and 1 < short.hi_mbps < 1000
+    fast = Link("t", short.hi_mbps * 1.1, short.hi_mbps * 1.1, 20.0)
+    assert max(evaluate(m.inp, fast).throughput_ips for m in members) >= 50 * 1.2
+    short = short_of_rate(plan_set(pool, rtt_ms=20.0, rate_ips=10_000), 10_000, rtt_ms=20.0)
+    assert short is not None and short.everywhere
+    top = Link("t", 10_000, 10_000, 20.0)
+    assert short.most_ips == pytest.approx(max(evaluate(c, top).throughput_ips for c in pool), rel=0.05)
 
 
 def test_choose_switches_only_when_clearly_better():
