@@ -69,7 +69,17 @@ def cli_wall(path: Path, threads: int, budget: float) -> tuple[float, float]:
     cmd = [exe] if exe else [sys.executable, "-m", "splitpoint.app"]
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "profile.json"
-        args = [*cmd, "profile", str(path), "-o", str(out), "--threads", str(threads), "--budget", str(budget)]
+        args = [
+            *cmd,
+            "profile",
+            str(path),
+            "-o",
+            str(out),
+            "--threads",
+            str(threads),
+            "--budget",
+            str(budget),
+        ]
         t0 = time.perf_counter()
         subprocess.run([*args, "--quiet"], check=True, capture_output=True)
         wall = time.perf_counter() - t0

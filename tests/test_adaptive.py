@@ -310,7 +310,9 @@ def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
     # a rate no member serves is said where the set is written, not found later as a growing queue
     r = run_cli(*common, "--set", "adaptive", "--rate", "1e6", "-o", str(d / "too-fast"))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "no member is predicted to keep up with 1e+06 requests/s at any uplink" in " ".join(r.stdout.split())
+    assert "no member is predicted to keep up with 1e+06 requests/s at any uplink" in " ".join(
+        r.stdout.split()
+    )
     bad = run_cli(*common, "--rate", "30")
     assert bad.returncode == 2 and "goes with --set" in bad.stderr
     # limits a set cannot honour are refused, not ignored (a set written at --max-latency 0.001 said 0)
