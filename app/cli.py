@@ -548,6 +548,12 @@ def profile(
             f"{prof.cost['wall_inference_equivalents']:.0f}x one "
             f"inference (wall clock, session builds included) → {path}"
         )
+        asked = job.cpu_limit
+        if prof.emulation and asked and abs(prof.emulation.cpus - asked) > 0.01 * asked:
+            console.print(
+                f"[yellow]warning: asked for {asked:g} CPUs, got {prof.emulation.cpus:g} "
+                f"({prof.emulation.detail}): the profile is of a device of that many CPUs[/yellow]"
+            )
         if not prof.cost.get("derived_curve", "per-node").startswith("per-node"):
             console.print(f"[yellow]derived cuts follow {prof.cost['derived_curve']}[/yellow]")
         if prof.runtime_ms:

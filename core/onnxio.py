@@ -49,6 +49,13 @@ def sha256_bytes(data: bytes) -> str:
 
 def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     """Load a model (external data included) and run the checker, raising ModelError on any fault."""
+    return load_model_and_digest(path, check)[0]
+
+
+def load_model_and_digest(path: str | Path, check: bool = True) -> tuple[onnx.ModelProto, str]:
+    """``load_model`` and the sha256 of the model file, from one read of it. The checker is given the
+    bytes read where the model in memory is exactly them (no external data, nodes in order): serialising
+    a 100 MB model again for the checker took longer than the checker."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"model file not found: {p}")
@@ -57,7 +64,18 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise ModelError(f"model file is empty: {p}")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read the model file: {exc}") from exc
+    with ThreadPoolExecutor(1) as pool:  # hashlib lets go of the GIL: the digest costs no wall time
+        digest = pool.submit(sha256_bytes, data)
+        model = _parse_and_check(p, data, check)
+        return model, digest.result()
+
+
+def _parse_and_check(p: Path, data: bytes, check: bool) -> onnx.ModelProto:
+    try:
+        model = onnx.load_model_from_string(data)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
         raise ModelError(f"not a valid ONNX file (protobuf decode failed: {exc}): {p}") from exc
     except Exception as exc:  # onnx raises assorted types for garbage input
@@ -67,21 +85,23 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
         raise ModelError(f"not an ONNX model (no graph nodes or outputs decoded): {p}")
     if not model.opset_import:
         raise ModelError(f"not an ONNX model (no opset_import; file truncated or not ONNX?): {p}")
+    external = False
     try:
         from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
-        if any(uses_external_data(t) for t in model.graph.initializer):
+        external = any(uses_external_data(t) for t in model.graph.initializer)
+        if external:
             load_external_data_for_model(model, str(p.parent))
     # missing (OSError, or the checker's error), or outside the model's folder (the checker's)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
-    sort_nodes(model.graph)
+    reordered = sort_nodes(model.graph)
     if check:
-        check_model(model, where=str(p))
+        check_model(model, where=str(p), as_read=None if external or reordered else data)
     return model
 
 
-def sort_nodes(graph: onnx.GraphProto) -> None:
+def sort_nodes(graph: onnx.GraphProto) -> bool:
     """Put a graph's nodes in an order where each comes after what it reads, keeping the given order
     wherever it is one already. The ONNX standard asks for that order and the checker refuses a graph
     without it, but onnxruntime runs such graphs and hand-edited or merged models arrive so. A graph
@@ -95,7 +115,7 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
             break
         done.update(n.output)
     else:
-        return  # in order already: left exactly as it is
+        return False  # in order already: left exactly as it is
     # the first node whose input is not ready yet is taken when it is: each pass takes, in the given
     # order, every node whose inputs are made, so an ordered stretch keeps its order
     done, order, pending = set(known), [], list(range(len(graph.node)))
@@ -106,22 +126,32 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
                 done.update(graph.node[i].output)
                 taken.append(i)
         if not taken:
-            return  # a cycle or a missing producer: the checker's to report
+            return False  # a cycle or a missing producer: the checker's to report
         order += taken
         gone = set(taken)
         pending = [i for i in pending if i not in gone]
     nodes = [graph.node[i] for i in order]
     del graph.node[:]
     graph.node.extend(nodes)
+    return True
 
 
 def check_model(
-    model: onnx.ModelProto, where: str = "model", full: bool = False, weights: bool = True
+    model: onnx.ModelProto,
+    where: str = "model",
+    full: bool = False,
+    weights: bool = True,
+    as_read: bytes | None = None,
 ) -> None:
     """The ONNX checker (``full``: with strict shape inference). ``weights=False`` leaves out the large
     weights' data (their types and shapes are still checked): for parts cut from a model whose weights
-    ``load_model`` checked already."""
+    ``load_model`` checked already. ``as_read``: the bytes ``model`` was parsed from, checked as they are
+    instead of serialising the model again."""
     try:
+        if as_read is not None:
+            if len(as_read) < onnx.checker.MAXIMUM_PROTOBUF:
+                onnx.checker.check_model(as_read, full_check=full)
+            return
         if not weights:
             model = weights_as_inputs(model)
         if _over_protobuf_limit(model):

@@ -44,7 +44,10 @@ def _move(pid: int, group: Path, v1: bool) -> None:
     """Put ``pid`` (every thread of it) into a cgroup: a v1 group takes threads one by one."""
     if v1:
         for tid in os.listdir(f"/proc/{pid}/task"):
-            _write(group / "tasks", tid)
+            # a thread that exits between the listing and its move needs none (a pool's worker ending as
+            # the limit was set made the whole limit fall back to whole-core affinity, silently)
+            with suppress(ProcessLookupError):
+                _write(group / "tasks", tid)
     else:
         _write(group / "cgroup.procs", str(pid))
 
@@ -78,7 +81,6 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     _write(group / "cpu.cfs_quota_us", "-1")  # a new period below the old quota is refused
     _write(group / "cpu.cfs_period_us", str(period))
     _write(group / "cpu.cfs_quota_us", str(quota))
-    _move(pid, group, v1=True)
 
     def undo() -> None:
         try:
@@ -91,6 +93,11 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
         with suppress(OSError):
             group.rmdir()
 
+    try:
+        _move(pid, group, v1=True)
+    except OSError:
+        undo()  # the next mechanism is tried: no thread left under this quota, no group left behind
+        raise
     return _quota_emulation("cgroup-v1 cfs quota", period, quota, group), undo
 
 
@@ -104,7 +111,6 @@ def _v2(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     group.mkdir(exist_ok=True)
     period, quota = period_and_quota(cpus)
     _write(group / "cpu.max", f"{quota} {period}")
-    _move(pid, group, v1=False)
 
     def undo() -> None:
         try:
@@ -113,6 +119,11 @@ def _v2(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
         except OSError:
             pass
 
+    try:
+        _move(pid, group, v1=False)
+    except OSError:
+        undo()
+        raise
     return _quota_emulation("cgroup-v2 cpu.max", period, quota, group), undo
 
 

@@ -226,6 +226,41 @@ def test_cpu_limit_applies_and_is_undone():
     assert my_cgroup() == before
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(),
+    reason="needs root and cgroup v1's cpu controller",
+)
+def test_threads_ending_while_the_limit_is_set_do_not_lose_the_quota():
+    """A thread that exits between the listing of the process's threads and its move into the group
+    made the whole limit fall back to whole-core affinity (a fiftieth of a CPU became one core: a test's
+    emulated edge ran 50x fast) and left the group behind."""
+    import threading
+    from collections import Counter
+
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+
+    workers = [threading.Thread(target=churn) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        seen = Counter()
+        for _ in range(100):
+            with cpu_limit(0.5) as em:
+                seen[em.mechanism] += 1
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert seen == Counter({"cgroup-v1 cfs quota": 100})
+    assert not list(Path("/sys/fs/cgroup/cpu").glob(f"splitpoint-{os.getpid()}"))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="CPU limits need root")
 def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path):
     """A CFS quota runs work shorter than one period's quota (1 ms) at the host's speed and stalls the

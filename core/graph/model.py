@@ -11,7 +11,7 @@ import onnx
 from splitpoint.core import zoo
 from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError
-from splitpoint.core.onnxio import load_model, sha256_file
+from splitpoint.core.onnxio import load_model_and_digest
 from splitpoint.core.subgraphs import iter_nodes
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
@@ -81,7 +81,7 @@ def open_model(
     here, naming the input and the option. ``only_present``: shapes for inputs this model lacks are
     ignored (one --input-shape list for several models)."""
     path = zoo.resolve(spec)
-    model = load_model(path)
+    model, digest = load_model_and_digest(path)
     entry = zoo.ZOO.get(str(spec))
     name = str(spec) if entry is not None else path.stem
     shapes = dict(getattr(entry, "input_shapes", None) or {}) if entry is not None else {}
@@ -98,7 +98,7 @@ def open_model(
     if entry is not None:
         weights = f"trained weights, {entry.source}" if trained else "random weights, zoo architecture"
     task = entry.task if entry is not None and trained else None
-    return ModelHandle(path, name, sha256_file(path), model, GraphIndex.build(model), shapes, task, weights)
+    return ModelHandle(path, name, digest, model, GraphIndex.build(model), shapes, task, weights)
 
 
 _NOT_TENSOR = {
