@@ -163,6 +163,19 @@ def derived(row: dict, per_cut: list[dict]) -> dict:
     }
 
 
+def _cost_verdict(
+    short: str, what: str, equiv: float | None, seconds: float | None
+) -> tuple[str, str, str, bool | None]:
+    """A cost verdict from a figure that older saved results lack ("–", not judged)."""
+    shown = "–" if equiv is None else f"{equiv:.1f} × ({seconds:.1f} s)"
+    return (
+        short,
+        f"{what} ≤ {COST_TARGET:g} full inferences",
+        shown,
+        None if equiv is None else equiv <= COST_TARGET,
+    )
+
+
 def verdicts(row: dict, d: dict) -> list[tuple[str, str, str, bool | None]]:
     """(short name, target, measured figure, met?) for one model, each decided from its number."""
     err = row.get("raw_median_err_all")
@@ -180,23 +193,17 @@ def verdicts(row: dict, d: dict) -> list[tuple[str, str, str, bool | None]]:
             f"{d['wall_full_equiv']:.1f} × ({row['wall_s']:.1f} s)",
             d["wall_full_equiv"] <= COST_TARGET,
         ),
-        (
+        _cost_verdict(
             "cost in wall-clock time, codec speeds cached",
-            f"the same, a later profile on this device (its codec speeds cached) ≤ {COST_TARGET:g} full "
-            "inferences",
-            "–"
-            if d["cached_full_equiv"] is None
-            else f"{d['cached_full_equiv']:.1f} × ({row['codecs_cached_wall_s']:.1f} s)",
-            None if d["cached_full_equiv"] is None else d["cached_full_equiv"] <= COST_TARGET,
+            "the same, a later profile on this device (its codec speeds cached)",
+            d["cached_full_equiv"],
+            row.get("codecs_cached_wall_s"),
         ),
-        (
+        _cost_verdict(
             "cost of the command",
-            f"`splitpoint profile FILE` from process start to exit (codec speeds cached) ≤ {COST_TARGET:g} "
-            "full inferences",
-            "–"
-            if d["cli_full_equiv"] is None
-            else f"{d['cli_full_equiv']:.1f} × ({row['cli_wall_s']:.1f} s)",
-            None if d["cli_full_equiv"] is None else d["cli_full_equiv"] <= COST_TARGET,
+            "`splitpoint profile FILE` from process start to exit (codec speeds cached)",
+            d["cli_full_equiv"],
+            row.get("cli_wall_s"),
         ),
         (
             "median error",
