@@ -411,9 +411,9 @@ def report(rows: dict, dec: dict, args) -> None:
         lines.append(
             f"| {label} | "
             + " | ".join(cells)
-            + f" | {tr['p50']:.3f} / {tr['p99']:.3f} | {ov['p50']:.3f} / {ov['p99']:.3f} | {ratio:.2f} |"
+            + f" | {tr['p50']:.3f} / {tr['p99']:.3f} | {ov['p50']:.3f} / {ov['p99']:.3f} | {ratio:.3f} |"
         )
-        verdicts.append((f"overhead ≤ 1.2x raw pyzmq at {label}", f"{ratio:.2f}x", ratio <= 1.2))
+        verdicts.append((f"overhead ≤ 1.2x raw pyzmq at {label}", f"{ratio:.3f}x", ratio <= 1.2))
         verdicts.append(
             (f"overhead p99 ≤ 2x p50 at {label}", f"{ov['p99'] / ov['p50']:.2f}x", ov["p99"] <= 2 * ov["p50"])
         )

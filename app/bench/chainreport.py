@@ -98,11 +98,11 @@ def derive(results: dict) -> dict:
                     i = max(range(len(st)), key=st.__getitem__)
                     best["slowest_stage"] = {"name": stage_names(row)[i], "ms": st[i]}
     regrets = [c["regret"] for c in cases if c["regret"] is not None]
-    gains = [
+    gains = [  # beside ParetoPipe: plans a user could pick, the fidelity floor met
         r["pipelining_gain"]
         for run in results["runs"]
         for r in run["rows"]
-        if "pipelining_gain" in r and r["predicted"]["busy_devices"] > 1
+        if "pipelining_gain" in r and r["predicted"]["busy_devices"] > 1 and _at_floor(r, floor)
     ]
     results["cases"] = cases
     results["summary"] = {
@@ -119,6 +119,10 @@ def derive(results: dict) -> dict:
         "bench_seconds": results.get("seconds"),
     }
     return results
+
+
+def _at_floor(row: dict, floor: float) -> bool:
+    return (row["predicted"].get("fidelity") or 0.0) >= floor
 
 
 def _median(xs):
@@ -361,6 +365,7 @@ def _runner_up(case: dict) -> str:
 
 def _paretopipe(results: dict) -> list[str]:
     s = results["summary"]
+    floor = results["config"].get("min_fidelity") or 0.0
     pp = PARETOPIPE
     lines = [
         "## Beside ParetoPipe",
@@ -368,15 +373,20 @@ def _paretopipe(results: dict) -> list[str]:
         f"ParetoPipe reports {pp['pipelined_ips']} img/s pipelined against {pp['sequential_ips']} img/s "
         f"sequential, **{pp['gain']}×** ({pp['setting']}): the gain of keeping every device busy. The same "
         "figure here, measured per candidate as throughput with a window in flight over one request at a "
-        f"time: median {_f(s['pipelining_gain_median'], '{:.2f}×')}, best "
-        f"{_f(s['pipelining_gain_max'], '{:.2f}×')}.",
+        f"time, over the plans on more than one device that meet the fidelity floor ({floor:g}): median "
+        f"{_f(s['pipelining_gain_median'], '{:.2f}×')}, best {_f(s['pipelining_gain_max'], '{:.2f}×')}.",
         "",
         "| model | networks | best pipelined plan | sequential /s | pipelined /s | gain |",
         "|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
-        rows = [r for r in run["rows"] if _ok(r) and r["predicted"]["busy_devices"] > 1]
+        rows = [
+            r
+            for r in run["rows"]
+            if _ok(r) and r["predicted"]["busy_devices"] > 1 and _at_floor(r, floor)
+        ]
         if not rows:
+            lines.append(f"| {run['model']} | {'/'.join(run['networks'])} | none at the floor | – | – | – |")
             continue
         top = max(rows, key=lambda r: r["pipelining_gain"])
         m = top["measured"]
