@@ -311,10 +311,42 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
+def _distinct_inputs(models: dict) -> list[dict]:
+    """One model per distinct 'fidelity measured on' description."""
+    seen: dict = {}
+    for m in models.values():
+        seen.setdefault(m.get("fidelity_inputs"), m)
+    return list(seen.values())
+
+
+def _all_agree_bound(inputs: str | None) -> str:
+    """What agreement on every one of N inputs says: the lower end of its 95 % Wilson interval."""
+    from splitpoint.partitioner.taskmetrics import wilson
+
+    head = (inputs or "").split(" ", 1)[0]
+    if not head.isdigit() or int(head) <= 0:
+        return f"{inputs or 'an unknown number of inputs'}: no bound stated"
+    n = int(head)
+    return f"agreement on all {n} of {inputs.split(' ', 1)[1]} is ≥ {wilson(n, n).low:.2f} at 95 %"
+
+
+def _measured_agreement(runs: list[dict], model: str, candidate: str) -> float | None:
+    """The lowest agreement the bench measured for ``candidate`` of ``model`` on any network."""
+    seen = [
+        r["measured"].get("agreement", r["measured"].get("top1_agreement"))
+        for run in runs
+        for r in run["rows"]
+        if r.get("model") == model and r["candidate"] == candidate and _ok(r)
+    ]
+    seen = [a for a in seen if a is not None]
+    return min(seen) if seen else None
+
+
 def models_section(results: dict) -> list[str]:
     """What each model is (trained or random weights, what its fidelity was measured on) and, per codec,
     the fewest bytes a candidate sends at the fidelity floor: the saving a split buys at that fidelity."""
     models, floor = results["models"], results["config"].get("min_fidelity")
+    runs = results["runs"]
     out = [
         "## Models",
         "",
@@ -354,7 +386,10 @@ def models_section(results: dict) -> list[str]:
         "task's metric on rendered inputs for trained models and top-1 agreement on random inputs for "
         "random-weight ones (which says nothing about a trained model's). Derived from the planner's "
         "measurements; `benchmarks/bench_trained.py` answers the same question over more cuts with "
-        "confidence intervals.",
+        "confidence intervals. Few inputs bound little: "
+        + "; ".join(_all_agree_bound(m.get("fidelity_inputs")) for m in _distinct_inputs(models))
+        + ". Where the bench then measured a cell's candidate below the floor on its own requests, the "
+        "cell says so.",
         "",
         "| model | " + " | ".join(codecs) + " |",
         "|---|" + "---:|" * len(codecs),
@@ -371,9 +406,15 @@ def models_section(results: dict) -> list[str]:
                 cells.append(f"none of {b['measured']} measured")
                 continue
             saved = b["saved_vs_raw_input"]
+            low = _measured_agreement(runs, name, b["where"])
             cells.append(
                 f"{b['bytes'] / 1024:.1f} KiB at {b['where']}"
                 + (f" (−{100 * saved:.0f} %)" if saved is not None else "")
+                + (
+                    f", **measured {low:.2f} in the bench**"
+                    if low is not None and low < float(floor)
+                    else ""
+                )
             )
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*out, ""]
@@ -458,7 +499,20 @@ def markdown(results: dict) -> str:
             f"| {run['rows'][0]['model']} | {run['network']} | {run['link']['mechanism']} | {cells[0]} | "
             f"{cells[1]} |"
         )
+    counts = [
+        r["measured"]["requests_sequential"]
+        for run in results["runs"]
+        for r in run["rows"]
+        if _ok(r) and r["measured"].get("requests_sequential")
+    ]
     out += ["", "## Every measured candidate", ""]
+    if counts:
+        out += [
+            f"Each median and p90 rests on that candidate's requests sent one at a time: {min(counts)} to "
+            f"{max(counts)} per candidate (median {statistics.median(counts):g}; `requests_sequential` in "
+            "results.json), as many as its time share allowed.",
+            "",
+        ]
     for run in results["runs"]:
         model = run["rows"][0]["model"]
         out += [
