@@ -548,11 +548,12 @@ def profile(
             f"{prof.cost['wall_inference_equivalents']:.0f}x one "
             f"inference (wall clock, session builds included) → {path}"
         )
-        asked = job.cpu_limit
-        if prof.emulation and asked and abs(prof.emulation.cpus - asked) > 0.01 * asked:
+        asked, got = job.cpu_limit, prof.emulation.cpus if prof.emulation else None
+        if asked and got is not None and abs(got - asked) > 0.01 * asked:
             console.print(
-                f"[yellow]warning: asked for {asked:g} CPUs, got {prof.emulation.cpus:g} "
-                f"({prof.emulation.detail}): the profile is of a device of that many CPUs[/yellow]"
+                f"[yellow]warning: asked for {asked:g} CPUs, got {got:g} "
+                f"({prof.emulation.detail if prof.emulation else ''}): the profile is of a device of that "
+                "many CPUs[/yellow]"
             )
         if not prof.cost.get("derived_curve", "per-node").startswith("per-node"):
             console.print(f"[yellow]derived cuts follow {prof.cost['derived_curve']}[/yellow]")

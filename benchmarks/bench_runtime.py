@@ -202,8 +202,7 @@ def main() -> None:
         "clock, and above all the wake-up: each request follows tens of ms of compute during which the "
         "receiving threads sleep, and a thread woken on an idle CPU of this VM is slow to run (the "
         "after-idle table of benchmarks/results/transport.md measures it for a bare pyzmq round trip "
-        "too). This VM's speed "
-        "drifts by ±15 %, and the floor itself moved between 0.1 and 0.5 ms across runs.",
+        "too).",
         "",
         f"The same bare round trip after a pause of {idle_ms:.1f} ms before each (the plans' median server "
         "stage: how long the sockets sleep while a model computes), measured in the same run: "

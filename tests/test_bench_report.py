@@ -121,3 +121,16 @@ def test_plots_read_at_a_glance(saved, tmp_path, monkeypatch):
         (t.get_text(), ax.get_ylim()[1]) for ax in panels for t in ax.texts if t.get_text().endswith(" ms")
     ]
     assert cut and all(float(text[:-3].replace(",", "")) > top for text, top in cut)
+
+
+def test_bench_results_say_when_and_on_which_code_they_ran():
+    """Results that do not name their commit cannot be matched to a fix made after them."""
+    import re
+
+    from splitpoint.app.bench.provenance import line, provenance
+
+    p = provenance()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", p["when"])
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?|splitpoint .+", p["commit"]), p["commit"]
+    assert line(p) == f"{p['when']}, commit {p['commit']}"
+    assert line({"cpu_model": "x"}) == ""  # results saved before runs named them

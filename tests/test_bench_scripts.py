@@ -27,10 +27,12 @@ def scripts():
 FACTS = {"cpu": "test cpu", "cores": 2, "onnxruntime": "x", "when": "now"}
 
 
-def _profiler_row(model, whole_ms, cost, wall_s, build_s, err, cached_wall_s=None):
+def _profiler_row(model, whole_ms, cost, wall_s, build_s, err, cached_wall_s=None, cli_s=None):
     cached = {} if cached_wall_s is None else {"codecs_cached_wall_s": cached_wall_s}
+    cli = {} if cli_s is None else {"cli_wall_s": cli_s, "cli_whole_ms": whole_ms}
     return {
         **cached,
+        **cli,
         "codecs_cached_whole_ms": whole_ms,
         "model": model,
         "cuts": 10,
@@ -53,18 +55,21 @@ def _profiler_row(model, whole_ms, cost, wall_s, build_s, err, cached_wall_s=Non
 def test_profiler_verdicts_follow_the_figures(scripts):
     bench_profiler, _ = scripts
     rows = [
-        # 20 timed runs of 100 ms; wall 2.5 s = 25 inferences, 2.0 s with codecs cached: all met
-        _profiler_row("good", 100.0, 20.0, 2.5, 0.3, 0.05, 2.0),
-        # 30.5 timed (over), wall 1.2 s of 10 ms = 120 inferences (over), 80 cached (over), error 12 %
-        _profiler_row("bad", 10.0, 30.5, 1.2, 0.3, 0.12, 0.8),
+        # 20 timed runs of 100 ms; wall 2.5 s = 25 inferences, 2.0 s with codecs cached, the command
+        # 2.9 s: all met
+        _profiler_row("good", 100.0, 20.0, 2.5, 0.3, 0.05, 2.0, 2.9),
+        # 30.5 timed (over), wall 1.2 s of 10 ms = 120 inferences (over), 80 cached (over), the command 150
+        # (over), error 12 %
+        _profiler_row("bad", 10.0, 30.5, 1.2, 0.3, 0.12, 0.8, 1.5),
     ]
     details = {r["model"]: [{"whole_now_ms": r["whole_ms"]}] for r in rows}
     md = bench_profiler.markdown(rows, details, dict(bench_profiler.DEFAULT_SETTINGS), FACTS, False)
     lines = {ln for ln in md.splitlines() if ln.startswith("| good |") or ln.startswith("| bad |")}
     verdict_lines = [ln for ln in lines if "**met**" in ln or "**MISSED**" in ln]
-    assert sum("| good |" in ln and "**met**" in ln for ln in verdict_lines) == 4
-    assert sum("| bad |" in ln and "**MISSED**" in ln for ln in verdict_lines) == 4
-    assert "**4 of 8 met.**" in md
+    assert sum("| good |" in ln and "**met**" in ln for ln in verdict_lines) == 5
+    assert sum("| bad |" in ln and "**MISSED**" in ln for ln in verdict_lines) == 5
+    assert "**5 of 10 met.**" in md
+    assert "29.0 × (2.9 s)" in md and "bad cost of the command (150.0 × (1.5 s))" in md
     assert "80.0 × (0.8 s)" in md and "20.0 × (2.0 s)" in md  # a later profile, codec speeds cached
     assert "bad cost in timed runs (30.5 ×)" in md and "bad median error (12.0 % over 8 cuts)" in md
     assert "120.0 × (1.2 s)" in md  # wall clock incl. session builds, in full inferences

@@ -116,6 +116,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     from splitpoint.profiles.schema import load_device, load_network
 
     from .edgecpu import calibrate_apart
+    from .provenance import provenance
     from .run import _inputs_file, profile_apart
     from .runtimecost import runtime_cost
 
@@ -133,7 +134,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     results: dict[str, Any] = {
         "kind": "chain",
         "config": cfg.model_dump(mode="json"),
-        "machine": device_facts(),
+        "machine": {**device_facts(), **provenance()},
         "devices": [
             {"name": n, "profile": s.name, "role": s.role, "cpus": limits[i]}
             for i, (n, s) in enumerate(zip(names, specs, strict=True))

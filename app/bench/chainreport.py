@@ -10,6 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
+from .provenance import line as run_line
 from .report import _f, verdict
 
 TARGETS = {"pipelined_ratio": 0.90, "throughput_error": 0.10, "latency_error": 0.10, "regret": 1.05}
@@ -236,8 +237,10 @@ def markdown(results: dict, command: str) -> str:
         f"{results['config']['min_fidelity']}. Each device is its own process"
         f" ({results['runs'][0]['link']['mechanism'] if results['runs'] else '–'}), each Pi-class device "
         "under its own calibrated CPU limit, every hop shaped by its own network profile. Predicted figures "
-        f"are derived from the profiles; measured ones are medians on this machine. Took "
-        f"{_f(results.get('seconds'), '{:.0f}')} s.",
+        "are derived from the profiles; measured ones are medians on "
+        f"{results.get('machine', {}).get('cpu_model') or 'this machine'}. Took "
+        f"{_f(results.get('seconds'), '{:.0f}')} s"
+        + (f"; {run_line(results.get('machine', {}))}." if run_line(results.get("machine", {})) else "."),
         "",
         "## Targets",
         "",
@@ -381,9 +384,7 @@ def _paretopipe(results: dict) -> list[str]:
     ]
     for run in results["runs"]:
         rows = [
-            r
-            for r in run["rows"]
-            if _ok(r) and r["predicted"]["busy_devices"] > 1 and _at_floor(r, floor)
+            r for r in run["rows"] if _ok(r) and r["predicted"]["busy_devices"] > 1 and _at_floor(r, floor)
         ]
         if not rows:
             lines.append(f"| {run['model']} | {'/'.join(run['networks'])} | none at the floor | – | – | – |")

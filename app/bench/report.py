@@ -10,6 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
+from .provenance import line as run_line
 from .run import ALL_ON_EDGE, ALL_ON_SERVER_COMPRESSED, ALL_ON_SERVER_RAW
 
 TARGETS = {
@@ -323,11 +324,11 @@ def _all_agree_bound(inputs: str | None) -> str:
     """What agreement on every one of N inputs says: the lower end of its 95 % Wilson interval."""
     from splitpoint.partitioner.taskmetrics import wilson
 
-    head = (inputs or "").split(" ", 1)[0]
+    head, _, rest = (inputs or "").partition(" ")
     if not head.isdigit() or int(head) <= 0:
         return f"{inputs or 'an unknown number of inputs'}: no bound stated"
     n = int(head)
-    return f"agreement on all {n} of {inputs.split(' ', 1)[1]} is ≥ {wilson(n, n).low:.2f} at 95 %"
+    return f"agreement on all {n} of {rest} is ≥ {wilson(n, n).low:.2f} at 95 %"
 
 
 def _measured_agreement(runs: list[dict], model: str, candidate: str) -> float | None:
@@ -410,11 +411,7 @@ def models_section(results: dict) -> list[str]:
             cells.append(
                 f"{b['bytes'] / 1024:.1f} KiB at {b['where']}"
                 + (f" (−{100 * saved:.0f} %)" if saved is not None else "")
-                + (
-                    f", **measured {low:.2f} in the bench**"
-                    if low is not None and low < float(floor)
-                    else ""
-                )
+                + (f", **measured {low:.2f} in the bench**" if low is not None and low < float(floor) else "")
             )
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*out, ""]
@@ -430,7 +427,8 @@ def markdown(results: dict) -> str:
         f"--device {cfg['device']}` "
         f"on {results['machine'].get('cpu_model', '?')} ({results['machine'].get('cores_logical', '?')} "
         f"cores), "
-        f"{results['seconds'] / 60:.1f} min in all.",
+        f"{results['seconds'] / 60:.1f} min in all"
+        + (f"; {run_line(results['machine'])}." if run_line(results["machine"]) else "."),
         "",
         f"- **Edge CPU (emulated):** {cal['device']}-class: {cal['reference_model']} measured "
         f"{cal['measured_ms']:.1f} ms here under "

@@ -375,6 +375,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
     from .edgecpu import calibrate_apart
     from .emulate import MECHANISMS
+    from .provenance import provenance
 
     t0 = time.perf_counter()
     say = progress or (lambda *a, **k: None)
@@ -391,7 +392,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-"))
     results: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
-        "machine": device_facts(),
+        "machine": {**device_facts(), **provenance()},
         "edge_calibration": calib.to_dict(),
         "models": {},
         "runs": [],

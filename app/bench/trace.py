@@ -151,6 +151,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     from splitpoint.profiles.schema import load_device, load_network
 
     from .edgecpu import calibrate_apart
+    from .provenance import provenance
     from .run import _inputs_file, profile_apart
 
     t0 = time.perf_counter()
@@ -166,7 +167,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
         "config": cfg.model_dump(mode="json"),
         "trace": [p.model_dump() for p in phases],
         "networks": {n: {"uplink_mbps": v.uplink_mbps, "rtt_ms": v.rtt_ms} for n, v in nets.items()},
-        "machine": device_facts(),
+        "machine": {**device_facts(), **provenance()},
         "edge_calibration": calib.to_dict(),
         "models": {},
     }
