@@ -265,6 +265,14 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
             "args": vars(args),
             "seconds": seconds,
             "rows": rows,
+            "edge_weights": {  # the "Edge weights" table: one middle layer on the edge, measured
+                w: {
+                    "prefill_ms": side.middle.prefill_ms,
+                    "step_ms": side.middle.step_ms,
+                    "stored_bytes": m.weight_bytes[w][1],
+                }
+                for w, side in m.edge.items()
+            },
             "targets": [{"target": t, "measured": v, "met": ok} for t, v, ok in targets],
         },
         "\n".join(lines),
