@@ -21,6 +21,7 @@ TARGETS = {
     "pipelined_ratio": 0.90,
     "bench_seconds": 15 * 60,
 }
+OVER_BOUND = 1.10  # a pipelined ratio above this: the stage bound it is measured against is not one
 
 
 BASELINES = {
@@ -238,8 +239,14 @@ def targets(results: dict, runtime: dict | None = None) -> list[dict]:
         },
         {
             "target": "pipelined throughput ≥ 90 % of 1/max(stage) (median)",
-            "measured": _f(pr and 100 * pr, "{:.0f} %"),
-            "ok": None if pr is None else pr >= TARGETS["pipelined_ratio"],
+            "measured": _f(pr and 100 * pr, "{:.0f} %")
+            + (
+                f" (above {100 * OVER_BOUND:.0f} %: the measured stages overstate the slowest one, so this "
+                "is no bound; not judged)"
+                if pr is not None and pr > OVER_BOUND
+                else ""
+            ),
+            "ok": None if pr is None or pr > OVER_BOUND else pr >= TARGETS["pipelined_ratio"],
         },
         {
             "target": "runtime overhead ≤ 0.5 ms at loopback (median)",
@@ -508,7 +515,10 @@ def markdown(results: dict) -> str:
         out += [
             f"Each median and p90 rests on that candidate's requests sent one at a time: {min(counts)} to "
             f"{max(counts)} per candidate (median {statistics.median(counts):g}; `requests_sequential` in "
-            "results.json), as many as its time share allowed.",
+            "results.json), as many as its time share allowed. A pipelining ratio above "
+            f"{100 * OVER_BOUND:.0f} % is marked *no bound*: the measured stage times its bound comes "
+            "from overstate the slowest stage (a throttled edge's CPU time per request, measured one "
+            "request at a time), so that row checks nothing.",
             "",
         ]
     for run in results["runs"]:
@@ -536,7 +546,9 @@ def markdown(results: dict) -> str:
                 f"| {r['candidate']} | {role} | {_f(p['latency_ms'])} | {_f(m['latency_ms_median'])} | "
                 f"{_f(m['latency_ms_p90'])} | {_f(100 * r['prediction_error'], '{:.0f} %')} | "
                 f"{_f(p['throughput_ips'])} / {_f(m['throughput_ips'])} | "
-                f"{_f(r['pipelined_ratio'] and 100 * r['pipelined_ratio'], '{:.0f} %')} | "
+                f"{_f(r['pipelined_ratio'] and 100 * r['pipelined_ratio'], '{:.0f} %')}"
+                + (" (no bound)" if (r["pipelined_ratio"] or 0) > OVER_BOUND else "")
+                + " | "
                 f"{_f(m.get('bytes_sent_median'), '{:.0f}')} | {_f(m['edge_cpu_ms_per_request'])} | "
                 f"{_f(m['edge_rss_added_bytes'] / 2**20, '{:.0f}')} | {_f(p.get('fidelity'), '{:.4f}')} | "
                 f"{_f(m.get('agreement', m.get('top1_agreement')), '{:.2f}')} |"
