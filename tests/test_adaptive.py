@@ -306,7 +306,8 @@ def test_plan_set_at_a_rate_from_the_command_line(plan_set, small_resnet18):
     assert "requests arriving at 30/s" in r.stdout
     s, _ = PlanSet.load(out)
     assert s.rate_ips == 30
-    assert "keep up" not in r.stdout
+    # (at 30/s the slowest links may fall short: where they do, it is said, and only there)
+    assert "at any uplink" not in " ".join(r.stdout.split())
     # a rate no member serves is said where the set is written, not found later as a growing queue
     r = run_cli(*common, "--set", "adaptive", "--rate", "1e6", "-o", str(d / "too-fast"))
     assert r.returncode == 0, r.stdout + r.stderr
