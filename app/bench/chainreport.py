@@ -10,7 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
-from .provenance import line as run_line
+from .provenance import sentence_end
 from .report import OVER_BOUND, _f, verdict
 
 TARGETS = {"pipelined_ratio": 0.90, "throughput_error": 0.10, "latency_error": 0.10, "regret": 1.05}
@@ -138,7 +138,7 @@ def _case(run, ok: list[dict], objective: str, floor: float) -> dict:
         m = r["measured"]
         return -m["throughput_ips"] if objective == "throughput" else m["latency_ms_median"]
 
-    feasible = [r for r in ok if (r["predicted"].get("fidelity") or 0.0) >= floor] or ok
+    feasible = [r for r in ok if _at_floor(r, floor)] or ok
     best = min(feasible, key=score)
     pick = next((r for r in ok if r["is_pick"]), None)
     case = {
@@ -238,8 +238,7 @@ def markdown(results: dict, command: str) -> str:
         "under its own calibrated CPU limit, every hop shaped by its own network profile. Predicted figures "
         "are derived from the profiles; measured ones are medians on "
         f"{results.get('machine', {}).get('cpu_model') or 'this machine'}. Took "
-        f"{_f(results.get('seconds'), '{:.0f}')} s"
-        + (f"; {run_line(results.get('machine', {}))}." if run_line(results.get("machine", {})) else "."),
+        f"{_f(results.get('seconds'), '{:.0f}')} s" + sentence_end(results.get("machine", {})),
         "",
         "## Targets",
         "",

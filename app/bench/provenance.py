@@ -42,3 +42,9 @@ def line(machine: dict) -> str:
     """'2026-12-05T02:00:00+00:00, commit abc123': what a report says of its run (older results: '')."""
     parts = [p for p in (machine.get("when"), machine.get("commit") and f"commit {machine['commit']}") if p]
     return ", ".join(parts)
+
+
+def sentence_end(machine: dict) -> str:
+    """'; <line>.' closing a report's sentence about its run, or '.' for results that predate it."""
+    said = line(machine)
+    return f"; {said}." if said else "."

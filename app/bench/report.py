@@ -10,7 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
-from .provenance import line as run_line
+from .provenance import sentence_end
 from .run import ALL_ON_EDGE, ALL_ON_SERVER_COMPRESSED, ALL_ON_SERVER_RAW
 
 TARGETS = {
@@ -338,15 +338,15 @@ def _all_agree_bound(inputs: str | None) -> str:
     return f"agreement on all {n} of {rest} is ≥ {wilson(n, n).low:.2f} at 95 %"
 
 
+def _agreement(measured: dict) -> float | None:
+    """The bench's measured agreement (``top1_agreement`` in results saved before it was renamed)."""
+    return measured.get("agreement", measured.get("top1_agreement"))
+
+
 def _measured_agreement(runs: list[dict], model: str, candidate: str) -> float | None:
     """The lowest agreement the bench measured for ``candidate`` of ``model`` on any network."""
-    seen = [
-        r["measured"].get("agreement", r["measured"].get("top1_agreement"))
-        for run in runs
-        for r in run["rows"]
-        if r.get("model") == model and r["candidate"] == candidate and _ok(r)
-    ]
-    seen = [a for a in seen if a is not None]
+    rows = [r for run in runs for r in run["rows"] if r.get("model") == model and r["candidate"] == candidate]
+    seen = [a for r in rows if _ok(r) and (a := _agreement(r["measured"])) is not None]
     return min(seen) if seen else None
 
 
@@ -434,8 +434,7 @@ def markdown(results: dict) -> str:
         f"--device {cfg['device']}` "
         f"on {results['machine'].get('cpu_model', '?')} ({results['machine'].get('cores_logical', '?')} "
         f"cores), "
-        f"{results['seconds'] / 60:.1f} min in all"
-        + (f"; {run_line(results['machine'])}." if run_line(results["machine"]) else "."),
+        f"{results['seconds'] / 60:.1f} min in all" + sentence_end(results["machine"]),
         "",
         f"- **Edge CPU (emulated):** {cal['device']}-class: {cal['reference_model']} measured "
         f"{cal['measured_ms']:.1f} ms here under "
@@ -551,7 +550,7 @@ def markdown(results: dict) -> str:
                 + " | "
                 f"{_f(m.get('bytes_sent_median'), '{:.0f}')} | {_f(m['edge_cpu_ms_per_request'])} | "
                 f"{_f(m['edge_rss_added_bytes'] / 2**20, '{:.0f}')} | {_f(p.get('fidelity'), '{:.4f}')} | "
-                f"{_f(m.get('agreement', m.get('top1_agreement')), '{:.2f}')} |"
+                f"{_f(_agreement(m), '{:.2f}')} |"
             )
         out.append("")
     return "\n".join(out)
