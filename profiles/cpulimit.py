@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -40,14 +41,47 @@ def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
 
+_ROUNDS = 50  # listings of a v1 group's threads before moving in or out gives up
+
+
+def _tasks(group: Path) -> set[str]:
+    return set((group / "tasks").read_text().split())
+
+
+def _v1_remove(group: Path) -> None:
+    """Move every thread of ``group`` back to the root and remove it. A thread started meanwhile inside
+    the group, or one still exiting, keeps it busy: list again and retry (one rmdir, tried once, left
+    the group behind now and then with a thread pool churning)."""
+    for _ in range(_ROUNDS):
+        try:
+            tids = _tasks(group)
+        except FileNotFoundError:
+            return
+        for tid in tids:  # each on its own: a thread that exits meanwhile stops no other
+            with suppress(OSError):
+                _write(V1_ROOT / "tasks", tid)
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # busy: a thread still in it
+            time.sleep(0.001)
+
+
 def _move(pid: int, group: Path, v1: bool) -> None:
     """Put ``pid`` (every thread of it) into a cgroup: a v1 group takes threads one by one."""
     if v1:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            # a thread that exits between the listing and its move needs none (a pool's worker ending as
-            # the limit was set made the whole limit fall back to whole-core affinity, silently)
-            with suppress(ProcessLookupError):
-                _write(group / "tasks", tid)
+        # a thread started meanwhile by one not yet moved stays outside: list again until none is left
+        for _ in range(_ROUNDS):
+            outside = set(os.listdir(f"/proc/{pid}/task")) - _tasks(group)
+            if not outside:
+                return
+            for tid in outside:
+                # a thread that exits between the listing and its move needs none (a pool's worker ending
+                # as the limit was set made the whole limit fall back to whole-core affinity, silently)
+                with suppress(ProcessLookupError):
+                    _write(group / "tasks", tid)
     else:
         _write(group / "cgroup.procs", str(pid))
 
@@ -83,15 +117,7 @@ def _v1(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
     _write(group / "cpu.cfs_quota_us", str(quota))
 
     def undo() -> None:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:  # the limited process has exited: nothing to move back
-            tids = []
-        for tid in tids:  # each on its own: a thread that exits meanwhile stops no other
-            with suppress(OSError):
-                _write(V1_ROOT / "tasks", tid)
-        with suppress(OSError):
-            group.rmdir()
+        _v1_remove(group)
 
     try:
         _move(pid, group, v1=True)

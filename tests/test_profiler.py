@@ -245,20 +245,25 @@ def test_threads_ending_while_the_limit_is_set_do_not_lose_the_quota():
             t.start()
             t.join()
 
-    workers = [threading.Thread(target=churn) for _ in range(2)]
+    group = Path(f"/sys/fs/cgroup/cpu/splitpoint-{os.getpid()}")
+    workers = [threading.Thread(target=churn) for _ in range(3)]
     for w in workers:
         w.start()
     try:
-        seen = Counter()
-        for _ in range(100):
+        seen, left_behind = Counter(), 0
+        for _ in range(200):
             with cpu_limit(0.5) as em:
                 seen[em.mechanism] += 1
+            # a thread started inside the group as the limit ended kept it busy: one rmdir left it behind
+            # (96 of 400 limits before retrying)
+            left_behind += group.exists()
     finally:
         stop.set()
         for w in workers:
             w.join()
-    assert seen == Counter({"cgroup-v1 cfs quota": 100})
-    assert not list(Path("/sys/fs/cgroup/cpu").glob(f"splitpoint-{os.getpid()}"))
+    assert seen == Counter({"cgroup-v1 cfs quota": 200})
+    assert left_behind == 0
+    assert not group.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="CPU limits need root")
