@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -98,6 +99,7 @@ class _Pending:
     bytes_sent: int = 0
     early: dict = field(default_factory=dict)
     replied: bool = False  # its reply came: off the link, whatever answers the caller
+    connection: int = 0  # the connection it went out on (the client's count of dropped ones then)
     done: bool = False
     result: EdgeResult | None = None
     error: Exception | None = None
@@ -142,6 +144,7 @@ class EdgeClient:
         self._pending: dict[int, _Pending] = {}
         # answered at their deadline but still on the link: id -> (bytes sent, when to stop waiting)
         self._ghosts: dict[int, tuple[int, float]] = {}
+        self._dropped = 0  # connections to the server dropped so far: a request sent before one is gone
         self._lock = threading.Lock()  # the pending table (never held while taking the socket's lock)
         self._waiting = 0  # infer() callers receiving their own replies
         self._window = threading.BoundedSemaphore(config.window)
@@ -157,6 +160,7 @@ class EdgeClient:
         self.report = report
         # whether the server serves this plan: None until a pong (which lists them) or a refusal says
         self.plan_served: bool | None = None
+        self._told_unserved: set[str] = set()  # where a refusal of the plan was logged: "" the server
         self.counts = {"ok": 0, "fallback": 0, "errors": 0}
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or (
@@ -295,11 +299,18 @@ class EdgeClient:
     def _finish(self, rid: int, result: EdgeResult | None = None, error: Exception | None = None) -> None:
         with self._lock:
             p = self._pending.pop(rid, None)
-            if p is not None and p.t_sent and not p.replied:  # answered, but still on the link
+            if p is None:
+                return  # already answered (a late reply after a timeout, say)
+            unanswered = bool(p.t_sent) and not p.replied
+            # answered, but still on the link; unless its connection dropped since: then it is gone with
+            # it (a relay killed and restarted with four in flight kept the edge's window full for four
+            # timeouts after it was back)
+            gone = unanswered and p.connection != self._dropped
+            if unanswered and not gone:
                 self._ghosts[rid] = (p.bytes_sent, p.t_sent + 4 * self.config.timeout_s)
-        if p is None:
-            return  # already answered (a late reply after a timeout, say)
-        if not p.t_sent or p.replied:
+        if gone:
+            self.link.cleared(p.bytes_sent)
+        if not p.t_sent or p.replied or gone:
             self._window.release()
         if error is not None:
             self.counts["errors"] += 1
@@ -343,6 +354,7 @@ class EdgeClient:
             self.link.sent(nbytes)
             p.t_sent = time.perf_counter()
             p.deadline = p.t_sent + self.config.timeout_s
+            p.connection = self._dropped
             if not self._conn.send(msg.to_frames()):  # no server connected: do not queue, degrade now
                 self.link.cleared(nbytes)
                 p.t_sent = 0.0
@@ -485,7 +497,7 @@ class EdgeClient:
         if msg.type == wire.ERROR:
             code, text = str(msg.meta.get("code", "error"))[:40], str(msg.meta.get("message", ""))[:1000]
             if code == wire.E_UNKNOWN_PLAN:
-                self._set_served(False)
+                self._set_served(False, text)
             if code in FALLBACK_CODES and self._full is not None and self.config.fallback:
                 self._pool.submit(self._run_local, msg.id, p, f"server {code}")
             else:
@@ -503,6 +515,7 @@ class EdgeClient:
         except EdgeError as exc:
             self._finish(msg.id, error=exc)
             return
+        self._told_unserved.clear()  # served end to end: a later refusal is news again
         self._finish(msg.id, result)
 
     def _replied(self, rid: int) -> None:
@@ -587,17 +600,31 @@ class EdgeClient:
         if isinstance(plans, list) and len(plans) <= 10_000:
             self._set_served(self.plan.plan_id in plans)
 
-    def _set_served(self, served: bool) -> None:
-        if served == self.plan_served:
-            return
+    def _set_served(self, served: bool, why: str = "") -> None:
+        """``why``: the refusal's text; a relay's says which stage behind it refused ("stage 2: ...")."""
+        if self.local_only or served == self.plan_served:
+            return  # an edge-only plan is served by no server: nothing to tell
         self.plan_served = served
-        if not served:
-            log.warning(
-                "the server at %s does not serve plan %s: deploy it there (`splitpoint deploy`); until "
-                "then every request over it is refused",
-                self.config.server,
-                self.plan.plan_id[:16],
-            )
+        behind = why.split(":", 1)[0] if re.match(r"stage \d+:", why) else ""
+        if served or behind in self._told_unserved:
+            # a relay lists the plan in its pongs whether or not the stages behind it serve it: said
+            # once until a request is served end to end, not after each pong
+            return
+        self._told_unserved.add(behind)
+        if behind:
+            where = f"{behind}, behind the relay at {self.config.server},"
+            stage = int(behind.split()[-1])
+            last = stage >= len(self.plan.stages) - 1
+            how = "--server ENDPOINT" if last else f"--relay {stage}=ENDPOINT"
+        else:
+            where, how = f"the server at {self.config.server}", f"--server {self.config.server}"
+        log.warning(
+            "%s does not serve plan %s: deploy it there (`splitpoint deploy PLAN_DIR %s`); until then "
+            "every request over it is refused",
+            where,
+            self.plan.plan_id[:16],
+            how,
+        )
 
     def lend_fallback(self, other: EdgeClient) -> None:
         """Fall back on ``other``'s whole model where this plan ships none (a plan set's edge-only
@@ -684,6 +711,8 @@ class EdgeClient:
                         self._set_up(True)
                         self._last_heard = time.perf_counter()
                     elif ev & DOWN_EVENTS:
+                        with self._lock:
+                            self._dropped += 1
                         self._set_up(False)
                         self._drop_ghosts()  # what was on the dropped connection is gone with it
             if self._conn.fd in events:

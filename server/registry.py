@@ -143,8 +143,11 @@ class PlanRegistry:
             return self._entries.get(plan_id)
 
     def ids(self) -> list[str]:
+        """The plans this server answers requests of. An edge-only plan is held (a plan set deployed
+        whole has one) but never served: listed, it told an edge in pongs and the fleet in its status
+        that requests of it would be answered, and each got ``unknown-plan``."""
         with self._lock:
-            return list(self._entries)
+            return [k for k, e in self._entries.items() if e.runner is not None]
 
 
 def _warm_up_decoder(segment: DecoderSegment, plan: Plan) -> None:

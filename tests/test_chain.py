@@ -166,7 +166,7 @@ def _chain_processes(plans: Path, next_timeout: float = 10.0):
     return server, relay, ep_relay
 
 
-def _pong(endpoint: str, within_s: float = 60.0) -> None:
+def _pong(endpoint: str, within_s: float = 60.0) -> dict:
     import zmq
 
     from splitpoint.core import wire
@@ -177,7 +177,9 @@ def _pong(endpoint: str, within_s: float = 60.0) -> None:
     try:
         wire.send(s, wire.Message(wire.PING, 1).to_frames())
         assert s.poll(int(within_s * 1000)), f"{endpoint} did not answer a ping within {within_s} s"
-        assert wire.parse(wire.recv(s)).type == wire.PONG
+        msg = wire.parse(wire.recv(s))
+        assert msg.type == wire.PONG
+        return msg.meta
     finally:
         s.close(0)
 
@@ -220,6 +222,71 @@ def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
             assert exc.value.code == "unavailable" and time.monotonic() - t0 < 5
     finally:
         stop(relay)
+
+
+def test_a_plan_missing_behind_a_relay_is_said_once_naming_the_stage_and_how_to_deploy_it(
+    chain, tmp_path, caplog
+):
+    """The relay lists the plan in its pongs; the last stage behind it refused it. The warning named
+    the relay ("the server at <relay> does not serve plan"), told to deploy it there, and came again
+    after every pong."""
+    import logging
+
+    other = tmp_path / "plans"
+    shutil.copytree(chain["plans"] / "c3-int8", other / "c3-int8")  # the server lacks c3
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    server = start_server(ep_server, other)
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", ep_server)
+    try:
+        for ep in (ep_server, ep_relay):
+            _pong(ep)
+        time.sleep(0.5)
+        cfg = EdgeConfig(
+            plan_dir=chain["plans"] / "c3",
+            server=ep_relay,
+            connect_grace_s=20,
+            fallback=False,
+            heartbeat_s=0.1,
+        )
+        with caplog.at_level(logging.WARNING, logger="splitpoint.edge"), EdgeClient(cfg) as c:
+            for _ in range(3):
+                with pytest.raises(EdgeError) as exc:
+                    c.infer(x(), timeout=30)
+                assert exc.value.code == "unknown-plan" and "stage 2" in str(exc.value)
+                time.sleep(0.3)  # pongs from the relay, which lists the plan, between the requests
+        said = [r.getMessage() for r in caplog.records if "does not serve plan" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith(f"stage 2, behind the relay at {ep_relay},")
+        assert "--server ENDPOINT" in said[0]  # stage 2 is the last: a server, not a relay
+    finally:
+        stop(relay)
+        stop(server)
+
+
+def test_an_edge_only_plan_never_says_a_server_lacks_it(tmp_path, small_resnet18, caplog):
+    """A server never serves an edge-only plan: its pongs do not list it, and that is no news."""
+    import logging
+
+    from splitpoint.core.plan import EDGE_ONLY
+
+    plans = tmp_path / "plans"
+    h = open_model(small_resnet18)
+    edge = write_plan(h, plans / "edge", kind=EDGE_ONLY)
+    split = write_plan(h, plans / "split", cut=h.cuts()[12])
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(ep, plans)
+    try:
+        # the server holds both and answers requests of the split only: its pongs say so (they listed
+        # both, and a request of the edge-only plan got unknown-plan)
+        assert _pong(ep)["plans"] == [split.plan_id] and edge.plan_id != split.plan_id
+        cfg = EdgeConfig(plan_dir=plans / "edge", server=ep, heartbeat_s=0.1)
+        with caplog.at_level(logging.WARNING, logger="splitpoint.edge"), EdgeClient(cfg) as c:
+            time.sleep(0.5)  # a few pongs
+            assert c.infer(x(), timeout=30).outputs[0].shape[0] == 1
+            assert c.plan_served is None
+        assert not [r for r in caplog.records if "does not serve plan" in r.getMessage()]
+    finally:
+        stop(server)
 
 
 def test_a_relay_started_before_its_next_stage_holds_the_first_request_until_it_connects(chain):

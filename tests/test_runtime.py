@@ -597,6 +597,59 @@ def test_server_killed_and_restarted_mid_stream(model):
         srv.wait(10)
 
 
+def test_requests_lost_with_a_dropped_connection_free_the_window_at_their_deadline(model):
+    """A request answered at its deadline keeps its place in the window until its late reply, since it
+    may still be on the link; but one whose connection dropped will never be answered. A relay killed
+    with four requests in flight and restarted kept the edge's window full for four timeouts after it
+    was back, refusing every new request."""
+    import signal
+
+    from splitpoint.app.broker import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = _serve_proc(model["plans"], endpoint)
+    c = EdgeClient(
+        EdgeConfig(
+            plan_dir=model["plans"] / "p-f32",
+            server=endpoint,
+            timeout_s=2.0,
+            connect_grace_s=20,
+            fallback=False,
+            window=2,
+        )
+    )
+    try:
+        assert c.server_up, "server did not come up"
+        c.infer(x(), timeout=10)
+        srv.send_signal(signal.SIGSTOP)  # the two requests go out and stay unanswered
+        sent = time.monotonic()
+        futs = [c.submit(x()) for _ in range(2)]
+        time.sleep(0.3)
+        srv.kill()  # then their connection drops
+        srv.wait(10)
+        srv = _serve_proc(model["plans"], endpoint)
+        for f in futs:
+            with pytest.raises(EdgeError) as e:
+                f.result(10)
+            assert e.value.code == "timeout"
+        end = time.monotonic() + 30
+        while not c.server_up and time.monotonic() < end:
+            time.sleep(0.05)
+        assert c.server_up, "edge did not reconnect to the restarted server"
+        # (a request taken for lost would have kept its place until four timeouts after it was sent)
+        assert time.monotonic() < sent + 4 * 2.0, "the server took too long to restart to tell"
+        # back, and both places in the window are free: the next two go out at once
+        feeds = [x() for _ in range(2)]
+        more = [c.try_submit(f) for f in feeds]
+        assert all(f is not None for f in more)
+        for f, fd in zip(more, feeds, strict=True):
+            np.testing.assert_allclose(f.result(10).outputs[0], model["full"].run(None, fd)[0], atol=1e-4)
+    finally:
+        c.close()
+        srv.kill()
+        srv.wait(10)
+
+
 def test_curve_allow_list_admits_only_listed_clients(model):
     pub_s, sec_s = zmq.curve_keypair()
     good_pub, good_sec = zmq.curve_keypair()
