@@ -893,7 +893,16 @@ def serve(
 
 @app.command()
 def relay(
-    plan: Annotated[Path, typer.Argument(help="a plan directory, or a directory of them")],
+    plan: Annotated[
+        Path | None, typer.Argument(help="a plan directory, or a directory of them (or --plans only)")
+    ] = None,
+    plans: Annotated[
+        Path | None,
+        typer.Option(
+            help="directory of plans to serve, where plans deployed to this relay go (`deploy --relay`)"
+        ),
+    ] = None,
+    *,
     stage: Annotated[int, typer.Option(help="the stage of the plan this device runs (1 is after the edge)")],
     next: Annotated[str, typer.Option("--next", help="the next stage's endpoint")],  # noqa: A002
     listen: Annotated[str, typer.Option(help="ZeroMQ endpoint to listen on")] = "tcp://127.0.0.1:5556",
@@ -916,26 +925,42 @@ def relay(
     next_server_key: Annotated[
         Path | None, typer.Option(help="file with the next stage's CurveZMQ public key (z85)")
     ] = None,
+    deploy_allow: Annotated[
+        list[Path] | None, typer.Option(help="file(s) with the public keys that may deploy (z85)")
+    ] = None,
     max_unread_replies: MaxUnreadReplies = 1000,
     quiet: Quiet = False,
 ) -> None:
     """Run one middle stage of a chain: receive a cut tensor, run this stage's segment, forward the next
-    cut tensor, and pass the answer back (`serve --stage I --next ...` with a plan directory)."""
+    cut tensor, and pass the answer back (`serve --stage I --next ...` with a plan directory). Plans
+    deployed to it (`deploy --relay I=ENDPOINT`) go to --plans, or to PLAN when it is a directory of
+    plans; a relay started on one plan directory alone takes no deploys."""
     from splitpoint.core.plan import PLAN_FILE
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.registry import PlanRegistry
     from splitpoint.server.tail_server import TailServer
 
     _logging(quiet)
-    single = (plan / PLAN_FILE).is_file()
-    if not single and not (plan.is_dir() and any((d / PLAN_FILE).is_file() for d in plan.iterdir())):
-        # a relay takes no deploys of its own: started on nothing it would answer unknown-plan for ever
+    if plan is None and plans is None:
         raise SplitPointError(
-            f"{plan} holds no plan: give a plan directory (with plan.json) or a directory of them"
+            "give a plan directory, or --plans DIR to serve the plans in DIR and take deploys into it"
         )
+    single = plan is not None and (plan / PLAN_FILE).is_file()
+    if plan is not None and not single:
+        if plans is not None:
+            raise SplitPointError(
+                f"{plan} is not a plan directory (no {PLAN_FILE} in it): with --plans, PLAN is one plan"
+            )
+        if not (plan.is_dir() and any((d / PLAN_FILE).is_file() for d in plan.iterdir())):
+            # started on nothing, with no --plans to deploy into, it would answer unknown-plan for ever
+            raise SplitPointError(
+                f"{plan} holds no plan: give a plan directory (with {PLAN_FILE}) or a directory of them, "
+                "or --plans DIR to take deploys into"
+            )
+        plans = plan
     cfg = ServerConfig.of(
         bind=listen,
-        plans_dir=None if single else plan,
+        plans_dir=plans,
         threads=threads,
         mqtt=mqtt,
         device_id=device_id,
@@ -944,12 +969,13 @@ def relay(
         next=next,
         next_timeout_s=next_timeout,
         next_connect_grace_s=next_grace,
-        **_server_keys(curve_secret, curve_allow, next_server_key),
+        **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
         max_unread_replies=max_unread_replies,
     )
     registry = None
     if single:
-        registry = PlanRegistry(None, cfg.threads, cfg.provider, cfg.stage)
+        assert plan is not None
+        registry = PlanRegistry(cfg.plans_dir, cfg.threads, cfg.provider, cfg.stage)
         registry.add_dir(plan)
     TailServer(cfg, registry).run()
 
@@ -1097,13 +1123,18 @@ def deploy(
         from splitpoint.core.plan import Plan
 
         stages = len(Plan.load(plan_dir).stages)
+        for r in relay or []:
+            if int(r.partition("=")[0]) >= stages:
+                raise SplitPointError(
+                    f"--relay {r}: this plan has stages 0 (the edge's) to {stages - 1} (the server's)"
+                )
         given = {role for _, role in relays}
         missing = [i for i in range(1, stages - 1) if f"stage-{i}" not in given]
         if missing and (server or relays):
             err.print(
                 f"note: this plan has {stages} stages and no --relay here for stage(s) "
                 f"{', '.join(map(str, missing))}: requests fail at the stage before until a relay serves "
-                "it (deployed earlier, or a `serve --stage I --next ... --plans DIR` given it)"
+                "it (deployed earlier, or started on it: `splitpoint relay --plans DIR --stage I --next ...`)"
             )
     failed: list[str] = []
     for ep, role in targets:  # each device gets the files of its role only; one failing stops no other

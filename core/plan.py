@@ -400,10 +400,25 @@ def verify_pushed(files: dict[str, bytes], role: str | None = None, fallback: bo
         if name not in files:
             if name not in need:
                 continue
-            raise PlanError(f"pushed plan is missing {name}")
+            raise PlanError(f"pushed plan is missing {name}{_pushed_for_another(plan, role, name)}")
         if hashlib.sha256(files[name]).hexdigest() != digest:
             raise PlanError(f"pushed plan: checksum mismatch for {name}")
     return plan
+
+
+def _pushed_for_another(plan: Plan, role: str | None, name: str) -> str:
+    """Why a push lacks this device's own segment: it was meant for another stage (a relay's endpoint
+    given as --server, a relay of stage 1 given as --relay 2=...), which "missing stage1.onnx" alone
+    did not tell."""
+    i = plan.stage_of(role) if role else None
+    if i is None or plan.stages[i].file != name:
+        return ""
+    how = {"edge": "--edge ENDPOINT", "server": "--server ENDPOINT"}.get(str(role), f"--relay {i}=ENDPOINT")
+    whose = {"edge": " (the edge's)", "server": " (the server's)"}.get(str(role), "")
+    return (
+        f", the segment of stage {i}{whose}, which this device runs: the plan was pushed to it for "
+        f"another stage (deploy it here with `splitpoint deploy PLAN_DIR {how}`)"
+    )
 
 
 T = TypeVar("T")

@@ -107,7 +107,14 @@ class PlanRegistry:
         if existing is not None and self._intact(existing):
             return existing.plan
         if self.plans_dir is None:
-            raise PlanError("this server has no plans directory to install pushed plans into")
+            raise PlanError(
+                "this server has no plans directory to install pushed plans into"
+                + (
+                    " (a relay started on one plan directory: start it with --plans DIR)"
+                    if self.stage
+                    else ""
+                )
+            )
 
         def load(tmp: Path, plan: Plan) -> Entry:
             check_models_load(tmp, plan)  # every model, not only the tail: a bad head fails here too

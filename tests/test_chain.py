@@ -386,6 +386,81 @@ def test_deploy_gives_each_device_its_segment_only(chain, tmp_path):
         stop(server)
 
 
+def test_a_plan_pushed_for_another_stage_is_refused_saying_which_stage_the_device_runs(chain, tmp_path):
+    """Pushed to the wrong device (a relay's endpoint as --server, stage 2 to the relay of stage 1), a
+    plan was refused with "pushed plan is missing stage1.onnx" and no word of what to do."""
+    from splitpoint.core.errors import SplitPointError
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "relay").mkdir()
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    server = start_server(ep_server, tmp_path / "server")
+    relay = start_server(ep_relay, tmp_path / "relay", "--stage", "1", "--next", ep_server)
+    try:
+        src = chain["plans"] / "c3"
+        for ep, role, want in (
+            (ep_relay, "stage-2", "deploy PLAN_DIR --relay 1=ENDPOINT"),
+            (ep_relay, "server", "deploy PLAN_DIR --relay 1=ENDPOINT"),
+            (ep_server, "stage-1", "deploy PLAN_DIR --server ENDPOINT"),
+        ):
+            with pytest.raises(SplitPointError) as exc:
+                deploy(src, ep, 30, role)
+            assert "which this device runs: the plan was pushed to it for another stage" in str(exc.value)
+            assert want in str(exc.value), (role, str(exc.value))
+        assert not any((tmp_path / "server").iterdir()) and not any((tmp_path / "relay").iterdir())
+    finally:
+        stop(relay)
+        stop(server)
+
+
+def test_a_relay_started_with_plans_takes_a_deploy_from_the_command_line(chain, tmp_path):
+    """`splitpoint relay` had no --plans: a relay started as the README shows (on one plan directory)
+    refused every `deploy --relay`, and one on an empty directory would not start."""
+    import os
+    import subprocess
+
+    from splitpoint.app.process import splitpoint_command
+
+    relay_plans, server_plans = tmp_path / "relay", tmp_path / "server"
+    server_plans.mkdir()
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    server = start_server(ep_server, server_plans)
+    cmd = ["relay", "--plans", str(relay_plans), "--stage", "1", "--listen", ep_relay, "--next", ep_server]
+    log = (tmp_path / "relay.log").open("w")
+    relay = subprocess.Popen(
+        splitpoint_command(*cmd, "--quiet"), stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+    )
+    try:
+        for ep in (ep_server, ep_relay):
+            _pong(ep)
+        src = chain["plans"] / "c3"
+        r = run_cli("deploy", str(src), "--server", ep_server, "--relay", f"1={ep_relay}", timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (rdir,) = relay_plans.iterdir()
+        assert sorted(p.name for p in rdir.iterdir()) == ["plan.json", "stage1.onnx"]
+        time.sleep(0.5)
+        with EdgeClient(EdgeConfig(plan_dir=src, server=ep_relay, connect_grace_s=20, fallback=False)) as c:
+            feeds = x()
+            out = c.infer(feeds, timeout=60)
+            np.testing.assert_allclose(out.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+    finally:
+        stop(relay)
+        stop(server)
+        log.close()
+
+
+def test_a_relay_on_nothing_says_how_to_start_it():
+    r = run_cli("relay", "--stage", "1", "--next", "tcp://127.0.0.1:1")
+    assert r.returncode != 0 and "--plans DIR" in r.stdout + r.stderr
+
+
+def test_deploy_to_a_stage_the_plan_lacks_is_refused_before_any_device_is_tried(chain):
+    r = run_cli("deploy", str(chain["plans"] / "c3"), "--relay", "3=tcp://127.0.0.1:1")
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and "this plan has stages 0 (the edge's) to 2 (the server's)" in said
+    assert "not deployed" not in said
+
+
 def test_split_writes_a_chain_from_the_command_line(small_resnet18, tmp_path):
     out = tmp_path / "p"
     args = ["--cut", "10", "--cut", "30", "--codec", "int8", "--codec", "float16"]
