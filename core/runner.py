@@ -216,6 +216,11 @@ class StageRunner:
                     raise SplitPointError(
                         f"model input {wrong}" + (f" (planned with {given})" if given else "")
                     )
+        # each input fits, but two give one symbolic dimension (the batch) different sizes: a tensor that
+        # skips the edge's segment crossed the link before the relay refused it ("bad-tensor")
+        conflict = self.symbol_conflict(feeds)
+        if conflict is not None:
+            raise SplitPointError(f"model inputs disagree: {conflict}")
 
     def symbol_conflict(self, received: dict[str, np.ndarray]) -> str | None:
         """The first symbolic dimension that two received tensors give different sizes, said in words."""

@@ -17,7 +17,7 @@ from splitpoint.app.broker import free_port
 from splitpoint.app.orchestrator import deploy
 from splitpoint.app.process import output, start_server, stop
 from splitpoint.core.codecs import decode, encode
-from splitpoint.core.errors import PlanError
+from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.graph import open_model
 from splitpoint.core.plan import Plan
 from splitpoint.core.plandir import write_plan
@@ -110,6 +110,45 @@ def test_a_tensor_that_skips_a_device_is_passed_through(tmp_path):
         stages, feeds, hop=lambda i, t: {k: decode(encode(v, plan.stages[i].codec)) for k, v in t.items()}
     )
     assert np.abs(lossy[0] - ref[0]).max() < 1e-2
+
+
+def test_inputs_that_disagree_on_the_batch_are_refused_on_the_edge(tmp_path):
+    """z skips the edge's segment: a request whose x and z have different batches ran its head, crossed
+    the link and was refused at the relay as a bad tensor, not at the edge as the caller's bad input."""
+    X, Z = (helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 8]) for n in ("x", "z"))
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Sigmoid", ["a"], ["b"]),
+        helper.make_node("Add", ["b", "z"], ["y"]),
+    ]
+    Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    m = helper.make_model(
+        helper.make_graph(nodes, "twoin", [X, Z], [Y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "twoin.onnx")
+    h = open_model(tmp_path / "twoin.onnx")
+    cuts = {c.index: c for c in h.cuts()}
+    write_plan(h, tmp_path / "p", cuts=[cuts[1], cuts[2]], codecs=["float32", "float32"])
+    _, stages = load_stages(tmp_path / "p")
+    assert "z" not in stages[0].run_inputs  # it only passes through the edge
+    ok = {
+        "x": RNG.standard_normal((3, 8)).astype(np.float32),
+        "z": RNG.standard_normal((3, 8)).astype(np.float32),
+    }
+    stages[0].check_inputs(ok)
+    bad = {**ok, "z": RNG.standard_normal((2, 8)).astype(np.float32)}
+    with pytest.raises(
+        SplitPointError, match="model inputs disagree: dimension N is 3 in tensor x but 2 in tensor z"
+    ):
+        stages[0].check_inputs(bad)
+    cfg = EdgeConfig(
+        plan_dir=tmp_path / "p", server=f"tcp://127.0.0.1:{free_port()}", connect_grace_s=0, fallback=False
+    )
+    with EdgeClient(cfg) as c:
+        with pytest.raises(EdgeError) as exc:
+            c.infer(bad, timeout=10)
+        assert exc.value.code == "bad-input" and "dimension N" in str(exc.value)
 
 
 @pytest.mark.parametrize("kind", ["split", "server-only", "edge-only"])
