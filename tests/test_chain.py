@@ -428,8 +428,6 @@ def test_deploy_gives_each_device_its_segment_only(chain, tmp_path):
 def test_a_plan_pushed_for_another_stage_is_refused_saying_which_stage_the_device_runs(chain, tmp_path):
     """Pushed to the wrong device (a relay's endpoint as --server, stage 2 to the relay of stage 1), a
     plan was refused with "pushed plan is missing stage1.onnx" and no word of what to do."""
-    from splitpoint.core.errors import SplitPointError
-
     (tmp_path / "server").mkdir()
     (tmp_path / "relay").mkdir()
     ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
