@@ -17,6 +17,7 @@ from pathlib import Path
 from splitpoint.core.errors import PlanError
 from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers, verify_pushed
+from splitpoint.core.planset import PlanSet, is_plan_set
 from splitpoint.core.runner import StageRunner, check_models_load, make_session
 
 log = logging.getLogger("splitpoint.server")
@@ -58,6 +59,11 @@ class PlanRegistry:
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}  # plan directory -> why it is not served
+        if self.plans_dir and is_plan_set(self.plans_dir):
+            # a set is checked as deploy checks it (its members, their ids, one model) before any of it
+            # is served: its directory scanned as any other served a member of another model, or one
+            # under a name the set does not give, that deploy refused
+            PlanSet.load(self.plans_dir, role=self.role)
         if self.plans_dir and self.plans_dir.is_dir():
             sweep_leftovers(self.plans_dir)
             for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):

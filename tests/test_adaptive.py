@@ -118,6 +118,35 @@ def test_a_set_whose_member_was_swapped_is_refused(plan_set, tmp_path):
         PlanSet.load(bad)
 
 
+def test_a_server_started_on_a_tampered_set_refuses_it_as_deploy_does(pair, tmp_path, small_resnet18):
+    """`serve --plans SET` scanned the set's directory as any other: it served a member of another
+    model, or one under a name the set does not give, that `deploy SET` refused."""
+    import shutil
+
+    import onnx
+
+    from splitpoint.core import zoo
+    from splitpoint.core.plandir import write_plan
+    from splitpoint.server.registry import PlanRegistry
+
+    out, _, _ = pair
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    PlanRegistry(bad)  # as written: served
+    raw = json.loads((bad / PLANSET_FILE).read_text())
+    # a member of another model in place of m0, its id in the set updated to match
+    onnx_path = tmp_path / "other.onnx"
+    onnx.save_model(zoo.build("mobilenetv2", width=0.25, resolution=64), str(onnx_path))
+    shutil.rmtree(bad / raw["members"][0]["dir"])
+    other = write_plan(open_model(onnx_path), bad / raw["members"][0]["dir"], kind=EDGE_ONLY)
+    raw["members"][0]["plan_id"] = other.plan_id
+    (bad / PLANSET_FILE).write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="is a plan of another model"):
+        PlanRegistry(bad)
+    r = run_cli("serve", "--bind", "tcp://127.0.0.1:0", "--plans", str(bad), timeout=60)
+    assert r.returncode != 0 and "is a plan of another model" in r.stdout + r.stderr
+
+
 def test_the_edge_switches_as_the_link_changes_and_loses_nothing(pair, mosquitto):
     from splitpoint.app.orchestrator import FleetSubscriber
 
