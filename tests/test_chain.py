@@ -205,6 +205,14 @@ def _chain_processes(plans: Path, next_timeout: float = 10.0):
     return server, relay, ep_relay
 
 
+def _runs_as_unsplit(chain, plan_dir: Path, endpoint: str) -> None:
+    """One request of ``plan_dir`` through the devices at ``endpoint`` answers as the unsplit model."""
+    with EdgeClient(EdgeConfig(plan_dir=plan_dir, server=endpoint, connect_grace_s=20, fallback=False)) as c:
+        feeds = x()
+        r = c.infer(feeds, timeout=60)
+        np.testing.assert_allclose(r.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+
+
 def _pong(endpoint: str, within_s: float = 60.0) -> dict:
     import zmq
 
@@ -416,10 +424,7 @@ def test_deploy_gives_each_device_its_segment_only(chain, tmp_path):
         (rdir,) = relay_plans.iterdir()
         assert sorted(p.name for p in sdir.iterdir()) == ["plan.json", "tail.onnx"]
         assert sorted(p.name for p in rdir.iterdir()) == ["plan.json", "stage1.onnx"]
-        with EdgeClient(EdgeConfig(plan_dir=src, server=ep_relay, connect_grace_s=20, fallback=False)) as c:
-            feeds = x()
-            r = c.infer(feeds, timeout=60)
-            np.testing.assert_allclose(r.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+        _runs_as_unsplit(chain, src, ep_relay)
     finally:
         stop(relay)
         stop(server)
@@ -476,10 +481,7 @@ def test_a_relay_started_with_plans_takes_a_deploy_from_the_command_line(chain, 
         (rdir,) = relay_plans.iterdir()
         assert sorted(p.name for p in rdir.iterdir()) == ["plan.json", "stage1.onnx"]
         time.sleep(0.5)
-        with EdgeClient(EdgeConfig(plan_dir=src, server=ep_relay, connect_grace_s=20, fallback=False)) as c:
-            feeds = x()
-            out = c.infer(feeds, timeout=60)
-            np.testing.assert_allclose(out.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+        _runs_as_unsplit(chain, src, ep_relay)
     finally:
         stop(relay)
         stop(server)

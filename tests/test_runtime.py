@@ -543,23 +543,28 @@ def _serve_proc(plans, endpoint, *extra):
     return start_server(endpoint, plans, *extra)
 
 
-def test_server_killed_and_restarted_mid_stream(model):
-    """The edge falls back while the server is gone, comes back when it returns, and every
-    request gets exactly one correct answer."""
+def _client_of_a_server_process(model, **cfg):
+    """A `splitpoint serve` process of the module's plans (to kill and restart) and an edge client of it."""
     from splitpoint.app.broker import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = _serve_proc(model["plans"], endpoint)
-    c = EdgeClient(
-        EdgeConfig(
-            plan_dir=model["plans"] / "p-f32",
-            server=endpoint,
-            timeout_s=1.0,
-            connect_grace_s=20,
-            heartbeat_s=0.1,
-            dead_after_s=0.5,
-            window=4,
-        )
+    cfg = {"plan_dir": model["plans"] / "p-f32", "server": endpoint, "connect_grace_s": 20, **cfg}
+    return endpoint, srv, EdgeClient(EdgeConfig(**cfg))
+
+
+def _until_back(c, within_s: float = 30) -> None:
+    end = time.monotonic() + within_s
+    while not c.server_up and time.monotonic() < end:
+        time.sleep(0.05)
+    assert c.server_up, "edge did not reconnect to the restarted server"
+
+
+def test_server_killed_and_restarted_mid_stream(model):
+    """The edge falls back while the server is gone, comes back when it returns, and every
+    request gets exactly one correct answer."""
+    endpoint, srv, c = _client_of_a_server_process(
+        model, timeout_s=1.0, heartbeat_s=0.1, dead_after_s=0.5, window=4
     )
     try:
         assert c.server_up, "server did not come up"
@@ -577,10 +582,7 @@ def test_server_killed_and_restarted_mid_stream(model):
         srv.wait(10)
         stream(30, "down")
         srv = _serve_proc(model["plans"], endpoint)
-        end = time.monotonic() + 30
-        while not c.server_up and time.monotonic() < end:
-            time.sleep(0.05)
-        assert c.server_up, "edge did not reconnect to the restarted server"
+        _until_back(c)
         stream(20, "after")
         results = []
         for (f, feeds), phase in zip(futs, phases, strict=True):
@@ -604,20 +606,7 @@ def test_requests_lost_with_a_dropped_connection_free_the_window_at_their_deadli
     was back, refusing every new request."""
     import signal
 
-    from splitpoint.app.broker import free_port
-
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = _serve_proc(model["plans"], endpoint)
-    c = EdgeClient(
-        EdgeConfig(
-            plan_dir=model["plans"] / "p-f32",
-            server=endpoint,
-            timeout_s=2.0,
-            connect_grace_s=20,
-            fallback=False,
-            window=2,
-        )
-    )
+    endpoint, srv, c = _client_of_a_server_process(model, timeout_s=2.0, fallback=False, window=2)
     try:
         assert c.server_up, "server did not come up"
         c.infer(x(), timeout=10)
@@ -632,10 +621,7 @@ def test_requests_lost_with_a_dropped_connection_free_the_window_at_their_deadli
             with pytest.raises(EdgeError) as e:
                 f.result(10)
             assert e.value.code == "timeout"
-        end = time.monotonic() + 30
-        while not c.server_up and time.monotonic() < end:
-            time.sleep(0.05)
-        assert c.server_up, "edge did not reconnect to the restarted server"
+        _until_back(c)
         # (a request taken for lost would have kept its place until four timeouts after it was sent)
         assert time.monotonic() < sent + 4 * 2.0, "the server took too long to restart to tell"
         # back, and both places in the window are free: the next two go out at once
