@@ -445,3 +445,33 @@ def test_decode_without_copy_views_a_float32_body_and_copies_everything_else():
     assert not np.shares_memory(decode(payload), np.frombuffer(payload, np.uint8))
     lossy = bytes(encode(x, "int8"))
     np.testing.assert_array_equal(decode(lossy, copy=False), decode(lossy))
+
+
+@pytest.mark.parametrize("codec", all_codecs())
+def test_the_size_the_planner_counts_is_the_payload_s_length(codec):
+    """``encoded_size`` skips the encoding where the size follows from the shape: it must still be
+    exactly what ``encode`` writes, or the planner sizes links with bytes no request sends."""
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    with_nan, with_inf = f.copy(), f.copy()
+    with_nan[0, 1, 2, 3] = np.nan
+    with_inf[1, 0, 0, 0] = -np.inf
+    outliers = f.copy()
+    outliers[..., 1] *= 80
+    arrays = [
+        f,
+        with_nan,
+        with_inf,
+        outliers,
+        f.astype(np.float16),
+        f.astype(np.float64),
+        f.astype(">f4"),
+        np.float32(1.5),
+        np.zeros((0, 3), np.float32),
+        np.arange(7, dtype=np.float32),
+        rng.integers(0, 9, (3, 4)).astype(np.int64),
+        rng.integers(0, 2, (5,)).astype(bool),
+        np.full((3, 300), 2.0, np.float32),  # constant: zero range
+    ]
+    for x in arrays:
+        assert codecs.encoded_size(x, codec) == len(encode(x, codec)), (x.dtype, np.shape(x))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from splitpoint.app.process import check_started, splitpoint_command, start_server, stop
+from splitpoint.app.process import check_running, splitpoint_command, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import ModelError, SplitPointError
 
@@ -259,7 +259,6 @@ def measure_network(
         srv = start_server(
             em.server_bind, serve_dir, prefix=em.server_prefix, insecure=em.mechanism == "netns"
         )
-        check_started([srv])
         out = work / f"edge-{m.handle.name}-{net.name}.json"
         try:
             # the edge-only plan first: it needs no server, so the server has time to load its tails
@@ -268,6 +267,10 @@ def measure_network(
             edge_emulation = run_edge(
                 em.edge_prefix, plans, em.edge_connect, inputs, out, cfg, calib.limit, net.name
             )
+            check_running([srv])  # requests answered by a server that ran through, or the server's error
+        except SplitPointError:
+            check_running([srv])
+            raise
         finally:
             stop(srv)
         edge_out = json.loads(out.read_text())
