@@ -11,7 +11,7 @@ from pathlib import Path
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
 from .provenance import sentence_end
-from .report import OVER_BOUND, _f, verdict
+from .report import OVER_BOUND, _f, at_floor, verdict
 
 TARGETS = {"pipelined_ratio": 0.90, "throughput_error": 0.10, "latency_error": 0.10, "regret": 1.05}
 REGRET_SHARE = 0.90
@@ -102,7 +102,7 @@ def derive(results: dict) -> dict:
         r["pipelining_gain"]
         for run in results["runs"]
         for r in run["rows"]
-        if "pipelining_gain" in r and r["predicted"]["busy_devices"] > 1 and _at_floor(r, floor)
+        if "pipelining_gain" in r and r["predicted"]["busy_devices"] > 1 and at_floor(r, floor)
     ]
     results["cases"] = cases
     results["summary"] = {
@@ -121,10 +121,6 @@ def derive(results: dict) -> dict:
     return results
 
 
-def _at_floor(row: dict, floor: float) -> bool:
-    return (row["predicted"].get("fidelity") or 0.0) >= floor
-
-
 def _median(xs):
     return statistics.median(xs) if xs else None
 
@@ -138,7 +134,7 @@ def _case(run, ok: list[dict], objective: str, floor: float) -> dict:
         m = r["measured"]
         return -m["throughput_ips"] if objective == "throughput" else m["latency_ms_median"]
 
-    feasible = [r for r in ok if _at_floor(r, floor)] or ok
+    feasible = [r for r in ok if at_floor(r, floor)] or ok
     best = min(feasible, key=score)
     pick = next((r for r in ok if r["is_pick"]), None)
     case = {
@@ -382,7 +378,7 @@ def _paretopipe(results: dict) -> list[str]:
     ]
     for run in results["runs"]:
         rows = [
-            r for r in run["rows"] if _ok(r) and r["predicted"]["busy_devices"] > 1 and _at_floor(r, floor)
+            r for r in run["rows"] if _ok(r) and r["predicted"]["busy_devices"] > 1 and at_floor(r, floor)
         ]
         if not rows:
             lines.append(f"| {run['model']} | {'/'.join(run['networks'])} | none at the floor | – | – | – |")

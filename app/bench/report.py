@@ -31,6 +31,11 @@ BASELINES = {
 }
 
 
+def at_floor(row: dict, floor: float) -> bool:
+    """Whether a measured row's candidate met the fidelity floor as the planner measured it."""
+    return (row["predicted"].get("fidelity") or 0.0) >= floor
+
+
 def _ok(row) -> bool:
     return "error" not in row["measured"] and row["measured"].get("latency_ms_median") is not None
 
@@ -93,7 +98,7 @@ def derive(results: dict) -> dict:
         ok = [r for r in ok if not r["below_quota"]] or ok
         # the pick must meet the user's constraints, so it is compared with the candidates that do
         floor = results["config"].get("min_fidelity") or 0.0
-        feasible = [r for r in ok if (r["predicted"].get("fidelity") or 0.0) >= floor] or ok
+        feasible = [r for r in ok if at_floor(r, floor)] or ok
         best = min(feasible, key=lambda r: r["measured"]["latency_ms_median"])
         fastest = min(ok, key=lambda r: r["measured"]["latency_ms_median"])
         pick = next((r for r in run["rows"] if r["is_pick"]), None)
