@@ -1133,8 +1133,9 @@ def deploy(
         if missing and (server or relays):
             err.print(
                 f"note: this plan has {stages} stages and no --relay here for stage(s) "
-                f"{', '.join(map(str, missing))}: requests fail at the stage before until a relay serves "
-                "it (deployed earlier, or given to the relay at its start: `splitpoint relay PLAN_DIR --stage I ...`)"
+                f"{', '.join(map(str, missing))}: requests fail at the stage before until a relay "
+                "serves it (deployed earlier, or given to the relay at its start: "
+                "`splitpoint relay PLAN_DIR --stage I ...`)"
             )
     failed: list[str] = []
     for ep, role in targets:  # each device gets the files of its role only; one failing stops no other
