@@ -267,6 +267,29 @@ def test_a_symbol_given_for_one_input_fixes_it_in_the_others():
     assert dims == {"x": [1, 12, 4], "h": [2, 1, 3]}
 
 
+def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):
+    """A BERT-like export: token ids and mask both have a free sequence length. One run of the
+    command names both and gives an --input-shape for each, so the user fixes them in one go."""
+    g = helper.make_graph(
+        [helper.make_node("Add", ["ids", "mask"], ["y"])],
+        "bert-ish",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq_m"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])],
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    r = run_cli("cuts", str(path))
+    assert r.returncode != 0
+    msg = r.stderr.strip()
+    assert "Traceback" not in r.stderr and len(msg.splitlines()) == 1, msg
+    assert "2 inputs have unknown dimensions: 'ids' (seq); 'mask' (seq_m)" in msg, msg
+    assert "--input-shape ids:Nx? --input-shape mask:Nx?" in msg, msg
+    assert run_cli("cuts", str(path), "--input-shape", "ids:1x8", "--input-shape", "mask:1x8").returncode == 0
+
+
 def test_a_tensor_whose_name_holds_a_comma_is_a_cut_by_that_name():
     from splitpoint.core.graph.cuts import resolve_cut
     from splitpoint.core.graph.index import GraphIndex

@@ -99,7 +99,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                 w = symbols[d.dim_param]
                 d.Clear()
                 d.dim_value = w
-    missing = []
+    missing: list[tuple[str, str, str]] = []  # input, its unknown dimensions, an --input-shape for it
     for vi in out.graph.input:
         if vi.name in inits:
             continue
@@ -108,13 +108,19 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         free = [d if isinstance(d, str) else f"dim {k}" for k, d in enumerate(dims) if k > 0 and not fixed[k]]
         if free:
             example = "x".join(str(d) if fixed[k] else ("N" if k == 0 else "?") for k, d in enumerate(dims))
-            missing.append(
-                f"input {vi.name!r} has unknown dimensions {', '.join(map(str, free))}: "
-                f"give --input-shape {vi.name}:{example} (each ? a size; N keeps the batch free, or give it)"
-            )
+            missing.append((vi.name, ", ".join(map(str, free)), f"--input-shape {vi.name}:{example}"))
     if missing:
+        hint = "(each ? a size; N keeps the batch free, or give it)"
+        if len(missing) == 1:
+            name, free_dims, option = missing[0]
+            raise ModelError(f"input {name!r} has unknown dimensions {free_dims}: give {option} {hint}")
+        # every input at once: a user fixing them one error at a time would run the command once per input
         raise ModelError(
-            missing[0] + (f" (and {len(missing) - 1} more input(s))" if len(missing) > 1 else "")
+            f"{len(missing)} inputs have unknown dimensions: "
+            + "; ".join(f"{name!r} ({free_dims})" for name, free_dims, _ in missing)
+            + ": give "
+            + " ".join(option for *_, option in missing)
+            + f" {hint}"
         )
     return out
 
