@@ -182,6 +182,10 @@ def _given(constraints: Any) -> bool:
     return constraints is not None and any(getattr(constraints, n) is not None for n in names)
 
 
+# below this measured fidelity, a pick made with no floor is pointed out (the demo's and bench's floor)
+LOSSY_NOTE_BELOW = 0.99
+
+
 def show_plan(r: Any, objective: str, out: Path | None) -> None:
     """``splitpoint plan``'s answer: the front (alike candidates folded, constraint misses marked),
     the pick, and where the plan went."""
@@ -210,10 +214,19 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
             f"{len(groups) - len(missing)} of {len(groups)} rows meet every constraint given; "
             f"{len(missing)} miss at least one (✗)."
         )
+    fid = d.pick.inp.fidelity
     console.print(
         f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
         f"{d.pick.throughput_ips:.1f}/s, {human_bytes(d.pick.bytes_per_inference)}/inference"
+        + (f", fidelity {fid:.3f} measured" if fid is not None else "")
     )
+    if fid is not None and fid < LOSSY_NOTE_BELOW and (cons is None or cons.min_fidelity is None):
+        # with no floor the pick may trade accuracy for speed: say so where the user reads the pick
+        console.print(
+            f"note: no --min-fidelity was given, and the pick's measured fidelity is {fid:.3f} "
+            f"({pred.get('fidelity_samples', '?')} samples): give --min-fidelity {LOSSY_NOTE_BELOW:g} "
+            "(or the floor your task needs) to pick among the candidates that keep more"
+        )
     if r.plan is not None:
         console.print(f"plan {r.plan.plan_id[:12]} → {out}")
 

@@ -204,6 +204,22 @@ def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
     np.testing.assert_allclose(got[0], ref[0], atol=1e-4)
 
 
+def test_a_lossy_pick_made_without_a_fidelity_floor_is_pointed_out(setup):
+    """Memory for the input only, on 3G: the fastest plan sends the input at 4 bits, and with no
+    --min-fidelity nothing stops it. The user reads that beside the pick, with the option that does."""
+    d, path, *_ = setup
+    common = ("--edge-memory", "0.05", "--random", "6")
+    loose = _plan(d, path, "3g", *common, check=True).stdout
+    pick = next(line for line in loose.splitlines() if line.startswith("pick ("))
+    fid = float(pick.rsplit("fidelity ", 1)[1].split()[0])
+    assert "server-only int4" in pick and fid < 0.99, loose
+    assert "no --min-fidelity was given" in loose and "give --min-fidelity 0.99" in loose
+    strict = _plan(d, path, "3g", *common, "--min-fidelity", "0.99", check=True).stdout
+    pick = next(line for line in strict.splitlines() if line.startswith("pick ("))
+    assert float(pick.rsplit("fidelity ", 1)[1].split()[0]) >= 0.99, strict
+    assert "no --min-fidelity was given" not in strict
+
+
 def test_plan_cli_infeasible_names_closest(setup):
     d, path, _, _, _ = setup
     out = d / "never"
