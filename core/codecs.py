@@ -600,6 +600,13 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
         return _encode(x, Codec("float32", c.stage))
 
 
+def applied(x: np.ndarray, codec: Codec) -> Codec:
+    """The codec ``encode`` applies to ``x`` for its type: non-float and empty tensors go exact
+    (``float32``, the same lossless stage) whatever was asked. Two codecs that apply alike to a tensor
+    encode it to the same bytes, so a caller sizing many codecs sizes each applied one once."""
+    return codec if (x.dtype.kind == "f" and x.size) else Codec("float32", codec.stage)
+
+
 def encoded_size(x: np.ndarray, codec: str | Codec) -> int:
     """``len(encode(x, codec))``, without encoding where the size follows from the shape alone (no
     entropy stage, no outlier columns, finite values): the planner sizes every tensor that crosses a
@@ -617,7 +624,7 @@ def encoded_size(x: np.ndarray, codec: str | Codec) -> int:
 def _layout(x: np.ndarray, c: Codec) -> tuple[str, int | None, int, int, int, int]:
     """(base, channel axis, parameters, body bytes, where the parameters start, where the body starts
     before any outlier columns) of ``x`` encoded with ``c``: fixed by its dtype and shape."""
-    base = c.base if (x.dtype.kind == "f" and x.size) else "float32"  # exact passthrough for non-floats
+    base = applied(x, c).base  # exact passthrough for non-floats
     axis = None if base in ("float32", "float16", "int8") else _channel_axis(x)
     nparams = 0 if base in ("float32", "float16") else 2 * (x.shape[axis] if axis is not None else 1)
     raw_len = _expected_body(base, x.size, x.itemsize)

@@ -7,6 +7,7 @@ that work; the classes here only state the rules.
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -152,9 +153,11 @@ class MeasuredProfile(_Strict):
         return self
 
     def cut(self, index: int) -> CutTiming:
-        for c in self.cuts:
-            if c.index == index:
-                return c
+        # by bisection (the cuts are in increasing order, checked above): the planner asks once per
+        # candidate, and a linear search over a transformer's 3,500 cuts took 25 s of one plan
+        i = bisect.bisect_left(self.cuts, index, key=lambda c: c.index)
+        if i < len(self.cuts) and self.cuts[i].index == index:
+            return self.cuts[i]
         raise ProfileError(f"profile has no timing for cut {index}")
 
     def check_model(self, sha256: str, where: str = "profile", input_shapes: dict | None = None) -> None:

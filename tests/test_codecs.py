@@ -475,3 +475,6 @@ def test_the_size_the_planner_counts_is_the_payload_s_length(codec):
     ]
     for x in arrays:
         assert codecs.encoded_size(x, codec) == len(encode(x, codec)), (x.dtype, np.shape(x))
+        # the planner sizes a tensor once per codec as applied to it (an int64 goes exact under all)
+        c = codecs.Codec.parse(codec)
+        assert encode(x, codecs.applied(np.asarray(x), c)) == encode(x, c), (x.dtype, np.shape(x))

@@ -60,6 +60,11 @@ def test_profile_is_complete_and_self_consistent(steady_model_path, role, thread
     assert {"before_c", "after_c"} <= set(prof.thermal)
     # one timing per candidate cut, some of them real segment measurements
     assert [c.index for c in prof.cuts] == [c.index for c in h.cuts()]
+    # the planner's lookup of each cut's timing, and a cut the profile has not
+    assert all(prof.cut(c.index) is c for c in prof.cuts)
+    for missing in (0, prof.cuts[-1].index + 1):
+        with pytest.raises(ProfileError, match=f"profile has no timing for cut {missing}"):
+            prof.cut(missing)
     measured = [c for c in prof.cuts if c.source == "measured"]
     assert 1 <= len(measured) == len(prof.cost["measured_cuts"])
     if len(measured) > 1:  # one anchor is the minimum, whatever the budget
