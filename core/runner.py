@@ -191,8 +191,12 @@ class StageRunner:
         by name, as onnxruntime refuses one: dropped in silence, a value given for a model input that has a
         default (an initializer of the same name, which a split keeps as a constant) changed nothing."""
         unknown = [k for k in feeds if k not in self.expect]
+        missing = [n for n in self.expect if n not in feeds]
+        if missing and not unknown:  # here, not at the head's run: an edge-only plan runs no head
+            raise SplitPointError(
+                f"missing model input(s): {', '.join(missing)} (this plan's inputs: {', '.join(self.expect)})"
+            )
         if unknown:
-            missing = [n for n in self.expect if n not in feeds]
             raise SplitPointError(
                 (f"missing model input(s): {', '.join(missing)}; " if missing else "")
                 + f"not an input of this plan: {', '.join(map(repr, unknown))} (its inputs: "

@@ -268,26 +268,63 @@ def test_a_symbol_given_for_one_input_fixes_it_in_the_others():
 
 
 def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):
-    """A BERT-like export: token ids and mask both have a free sequence length. One run of the
-    command names both and gives an --input-shape for each, so the user fixes them in one go."""
+    """A BERT-like export: ids and token types share a free sequence length, the mask has its own. One
+    run of the command names all three and gives the options needed, once per symbol, so the user
+    fixes them in one go."""
     g = helper.make_graph(
-        [helper.make_node("Add", ["ids", "mask"], ["y"])],
+        [helper.make_node("Add", ["ids", "types"], ["s"]), helper.make_node("Add", ["s", "mask"], ["y"])],
         "bert-ish",
         [
             helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["batch", "seq"]),
             helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq_m"]),
+            helper.make_tensor_value_info("types", TensorProto.FLOAT, ["batch", "seq"]),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])],
     )
-    path = tmp_path / "two.onnx"
+    path = tmp_path / "three.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     r = run_cli("cuts", str(path))
     assert r.returncode != 0
     msg = r.stderr.strip()
     assert "Traceback" not in r.stderr and len(msg.splitlines()) == 1, msg
-    assert "2 inputs have unknown dimensions: 'ids' (seq); 'mask' (seq_m)" in msg, msg
-    assert "--input-shape ids:Nx? --input-shape mask:Nx?" in msg, msg
+    assert "3 inputs have unknown dimensions: 'ids' (seq); 'mask' (seq_m); 'types' (seq)" in msg, msg
+    assert "give --input-shape ids:Nx? --input-shape mask:Nx? (which fixes them in 'types' too)" in msg, msg
+    # and the options it gives are enough
     assert run_cli("cuts", str(path), "--input-shape", "ids:1x8", "--input-shape", "mask:1x8").returncode == 0
+
+
+def test_a_missing_input_is_refused_by_name_on_every_kind_of_plan(tmp_path):
+    """A text model's ids and mask, the mask left out: refused by name, as a bad input, whether the plan
+    runs a head (split) or the whole model on the edge (edge-only), which ran it to a KeyError."""
+    from splitpoint.core.plan import EDGE_ONLY
+    from splitpoint.edge.client import EdgeClient, EdgeError
+    from splitpoint.edge.config import EdgeConfig
+
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["ids", "mask"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+        "two",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    h = open_model(path)
+    write_plan(h, tmp_path / "local", kind=EDGE_ONLY)
+    write_plan(h, tmp_path / "split", cut=enumerate_cuts(h.index)[0])
+    ids = np.ones((1, 8), np.float32)
+    for plan in ("local", "split"):
+        cfg = EdgeConfig(plan_dir=tmp_path / plan, server="tcp://127.0.0.1:1", fallback=False, timeout_s=1)
+        with EdgeClient(cfg) as c:
+            with pytest.raises(
+                EdgeError, match=r"missing model input\(s\): mask \(this plan's inputs: ids, mask\)"
+            ) as e:
+                c.infer({"ids": ids}, timeout=10)
+            assert e.value.code == "bad-input", plan
+            if plan == "local":
+                assert c.infer({"ids": ids, "mask": ids}, timeout=10)["y"].tolist() == ids.tolist()
 
 
 def test_a_tensor_whose_name_holds_a_comma_is_a_cut_by_that_name():

@@ -99,7 +99,8 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                 w = symbols[d.dim_param]
                 d.Clear()
                 d.dim_value = w
-    missing: list[tuple[str, str, str]] = []  # input, its unknown dimensions, an --input-shape for it
+    # per input missing a size: its name, its unknown dimensions (symbols, or "dim K"), an --input-shape
+    missing: list[tuple[str, list[str], str]] = []
     for vi in out.graph.input:
         if vi.name in inits:
             continue
@@ -108,19 +109,27 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         free = [d if isinstance(d, str) else f"dim {k}" for k, d in enumerate(dims) if k > 0 and not fixed[k]]
         if free:
             example = "x".join(str(d) if fixed[k] else ("N" if k == 0 else "?") for k, d in enumerate(dims))
-            missing.append((vi.name, ", ".join(map(str, free)), f"--input-shape {vi.name}:{example}"))
+            missing.append((vi.name, free, f"--input-shape {vi.name}:{example}"))
     if missing:
         hint = "(each ? a size; N keeps the batch free, or give it)"
         if len(missing) == 1:
-            name, free_dims, option = missing[0]
-            raise ModelError(f"input {name!r} has unknown dimensions {free_dims}: give {option} {hint}")
-        # every input at once: a user fixing them one error at a time would run the command once per input
+            name, free, option = missing[0]
+            raise ModelError(f"input {name!r} has unknown dimensions {', '.join(free)}: give {option} {hint}")
+        # every input at once (fixing them one error at a time is a run per input), and only the options
+        # needed: a symbol given for one input fixes it in the others (a BERT's ids, mask and types share
+        # their sequence length). A "dim K" is no symbol: no other input's option covers it.
+        options, covered, shared = [], set(), []
+        for name, free, option in missing:
+            if all(d in covered for d in free):
+                shared.append(name)
+            else:
+                options.append(option)
+                covered |= {d for d in free if not d.startswith("dim ")}
+        also = f" (which fixes them in {', '.join(map(repr, shared))} too)" if shared else ""
         raise ModelError(
             f"{len(missing)} inputs have unknown dimensions: "
-            + "; ".join(f"{name!r} ({free_dims})" for name, free_dims, _ in missing)
-            + ": give "
-            + " ".join(option for *_, option in missing)
-            + f" {hint}"
+            + "; ".join(f"{name!r} ({', '.join(free)})" for name, free, _ in missing)
+            + f": give {' '.join(options)}{also} {hint}"
         )
     return out
 
