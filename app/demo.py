@@ -229,7 +229,7 @@ def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> 
     broker = EmbeddedBroker().start() if cfg.mqtt is None else None
     url = broker.url if broker else cfg.mqtt
     inputs = [sample_feeds(h.model, 1, 100 + k) for k in range(INPUTS)]
-    full = make_session(h.path)
+    full = make_session(h.runnable, weights=h.index.weight_array)
     refs = [full.run(None, f) for f in inputs]
     results: dict[str, Any] = {}
     try:

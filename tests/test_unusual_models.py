@@ -327,6 +327,55 @@ def test_a_missing_input_is_refused_by_name_on_every_kind_of_plan(tmp_path):
                 assert c.infer({"ids": ids, "mask": ids}, timeout=10)["y"].tolist() == ids.tolist()
 
 
+def test_weights_listed_as_inputs_run_as_constants_in_the_profile_as_in_every_plan(tmp_path):
+    """An opset-9 export with ``keep_initializers_as_inputs`` (IR 4) lists every weight as a graph
+    input too. onnxruntime then treats them as overridable and folds nothing (no Conv+BatchNorm fusion);
+    every plan's segments hold them as constants. The whole model is profiled, and its reference outputs
+    taken, as the plans run it, not as the file would (an opset-9 ResNet-18 export: 55 % slower)."""
+    from splitpoint.core.runner import make_session
+    from splitpoint.profiles.profiler import ProfileSettings, profile_model
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "W": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "scale": rng.random(8).astype(np.float32) + 0.5,
+        "B": rng.standard_normal(8).astype(np.float32),
+        "mean": rng.standard_normal(8).astype(np.float32),
+        "var": rng.random(8).astype(np.float32) + 0.5,
+    }
+    inits = [numpy_helper.from_array(a, k) for k, a in arrays.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "B", "mean", "var"], ["b"]),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"]),
+    ]
+    weights_as_inputs = [_vi(k, list(a.shape)) for k, a in arrays.items()]
+    g = helper.make_graph(
+        nodes, "ir4", [_vi("x", [1, 3, 16, 16]), *weights_as_inputs], [_vi("y", [1, 8, 1, 1])], inits
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    m.ir_version = 4
+    path = _save(m, tmp_path / "ir4.onnx")
+    assert {i.name for i in make_session(path).get_overridable_initializers()} == set(arrays)
+
+    h = open_model(path)
+    assert not h.file_runs_as_planned and [i.name for i in h.model.graph.input] == ["x"]
+    whole = make_session(h.runnable, weights=h.index.weight_array)
+    assert whole.get_overridable_initializers() == [] and [i.name for i in whole.get_inputs()] == ["x"]
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        whole.run(None, {"x": x})[0], make_session(path).run(None, {"x": x})[0], rtol=1e-5
+    )
+    # the profiler's whole-model session is that one: its per-node trace shows the fused Conv (no
+    # BatchNormalization node left to time), as the plans' segments run
+    prof = profile_model(h, ProfileSettings(threads=1, budget=8))
+    timed = {n.op_type for n in prof.nodes if n.median_ms > 0}
+    assert "BatchNormalization" not in timed, timed
+    # a model that lists no weight as an input runs from its file, as it always did
+    assert open_model("resnet18").file_runs_as_planned
+
+
 def test_a_tensor_whose_name_holds_a_comma_is_a_cut_by_that_name():
     from splitpoint.core.graph.cuts import resolve_cut
     from splitpoint.core.graph.index import GraphIndex

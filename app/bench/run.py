@@ -214,7 +214,7 @@ def _inputs_file(h, n: int, path: Path) -> None:
     (its cut tensors then compress as they do in use), else seeded random tensors."""
     from splitpoint.core.runner import make_session
 
-    sess = make_session(h.path)
+    sess = make_session(h.runnable, weights=h.index.weight_array)
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
     names = [i.name for i in sess.get_inputs()]
     arrays["input_names"] = np.array(names)
