@@ -291,6 +291,10 @@ def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):
     assert "give --input-shape ids:Nx? --input-shape mask:Nx? (which fixes them in 'types' too)" in msg, msg
     # and the options it gives are enough
     assert run_cli("cuts", str(path), "--input-shape", "ids:1x8", "--input-shape", "mask:1x8").returncode == 0
+    # an N past the batch leaves that dimension free, and the error says why it still asks for it
+    r = run_cli("cuts", str(path), "--input-shape", "ids:1xN", "--input-shape", "mask:1x8")
+    assert r.returncode != 0 and "'ids' (seq); 'types' (seq)" in r.stderr, r.stderr
+    assert "N or ? in --input-shape ids left a dimension past the batch unknown" in r.stderr, r.stderr
 
 
 def test_a_missing_input_is_refused_by_name_on_every_kind_of_plan(tmp_path):

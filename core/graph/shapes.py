@@ -112,6 +112,14 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             missing.append((vi.name, free, f"--input-shape {vi.name}:{example}"))
     if missing:
         hint = "(each ? a size; N keeps the batch free, or give it)"
+        # N (or ?) given past the batch keeps that dimension as free as the file has it: say so, or the
+        # user reads the options as asking again for what they gave
+        kept = [n for n, _, _ in missing if any(w == KEEP for w in list(shapes.get(n, ()))[1:])]
+        if kept:
+            hint += (
+                f"; N or ? in --input-shape {', '.join(kept)} left a dimension past the batch unknown: "
+                "only the batch (the first) may stay free"
+            )
         if len(missing) == 1:
             name, free, option = missing[0]
             raise ModelError(f"input {name!r} has unknown dimensions {', '.join(free)}: give {option} {hint}")
