@@ -93,16 +93,35 @@ def table(title: str | None, columns: list[str], rows: list[list[str]], left: in
     return t
 
 
+SHOWN_CROSSING = 4  # a cut's tensors shown in the table; past this, the largest few and a count
+
+
+def _crossing_cell(crossing: list) -> str:
+    """A cut's tensors in one cell. A transformer's cut can carry dozens of small shape and mask
+    tensors: listed whole, one Swin-T export's table ran to 48,000 lines. The largest are shown, and the
+    rest counted with their bytes (``--json`` lists every one)."""
+
+    def one(x: Any) -> str:
+        return escape(f"{x.name}[{x.shape}]") + (" (raw input)" if x.source == "input" else "")
+
+    if len(crossing) <= SHOWN_CROSSING:
+        return ", ".join(one(x) for x in crossing)
+    big = sorted(crossing, key=lambda x: -(x.bytes_per_sample or 0))[: SHOWN_CROSSING - 1]
+    rest = [x for x in crossing if x not in big]
+    rest_bytes = sum(x.bytes_per_sample or 0 for x in rest)
+    return (
+        ", ".join(one(x) for x in big)
+        + f", and {len(rest)} more ({human_bytes(rest_bytes)} in all; --json lists them)"
+    )
+
+
 def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
     """``batch``: the batch the inputs fix (above 1, a row's bytes are a whole request's, not a sample's)."""
     rows = [
         [
             str(c.index),
             c.last_node,
-            ", ".join(
-                escape(f"{x.name}[{x.shape}]") + (" (raw input)" if x.source == "input" else "")
-                for x in c.crossing
-            ),
+            _crossing_cell(c.crossing),
             human_bytes(c.bytes_per_sample),
             f"{100 * c.head_macs_share:.1f}%",
             f"{100 * c.head_params_share:.1f}%",

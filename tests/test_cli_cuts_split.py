@@ -39,6 +39,38 @@ def test_cuts_json_lists_every_cut(small_resnet):
     assert "candidate cuts" in table and "maxpool_0" in table
 
 
+def test_a_cut_carrying_many_tensors_shows_the_largest_and_counts_the_rest(tmp_path):
+    """Six branches cross the cut after them: the table shows the three largest and counts the other
+    three with their bytes (a transformer's cut carries dozens of shape tensors); --json has all six."""
+    sizes = [64, 8, 32, 4, 16, 2]
+    nodes = [helper.make_node("Slice", ["x", f"s{i}", f"e{i}"], [f"b{i}"]) for i in range(6)]
+    nodes += [helper.make_node("ReduceSum", [f"b{i}"], [f"r{i}"], keepdims=0) for i in range(6)]
+    nodes += [helper.make_node("Sum", [f"r{i}" for i in range(6)], ["y"])]
+    inits = []
+    for i, n in enumerate(sizes):
+        inits += [helper.make_tensor(f"s{i}", TensorProto.INT64, [1], [0])]
+        inits += [helper.make_tensor(f"e{i}", TensorProto.INT64, [1], [n])]
+    g = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        inits,
+    )
+    path = tmp_path / "branches.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    cuts = json.loads(run_cli("cuts", str(path), "--json", check=True).stdout)["cuts"]
+    six = next(c for c in cuts if {t["name"] for t in c["crossing"]} == {f"b{i}" for i in range(6)})
+    row = next(
+        line
+        for line in run_cli("cuts", str(path), check=True).stdout.splitlines()
+        if line.strip("│ ").startswith(f"{six['index']} ")
+    )
+    cell = row.split("│")[3]
+    assert "b0[64]" in cell and "b2[32]" in cell and "b4[16]" in cell, row
+    assert "b1[" not in cell and "and 3 more (56 B in all; --json lists them)" in cell, row
+
+
 def test_split_writes_a_verified_plan_that_reproduces_the_model(small_resnet, tmp_path):
     out = tmp_path / "plan"
     run_cli("split", str(small_resnet), "--cut", "bn_3,maxpool_0", "-o", str(out), check=True)
