@@ -564,7 +564,9 @@ def test_a_member_that_sends_little_probes_the_link_over_one_that_sends_more(pla
     assert (
         m.hi_mbps is not None and max(s.members[k].facts["up_bytes"] for k in sending) > m.facts["up_bytes"]
     )
-    link = (m.lo_mbps * m.hi_mbps) ** 0.5  # inside the small member's range
+    # inside the small member's range (the slowest range starts at 0 where the edge runs too slowly for
+    # an all-on-the-edge member: a loaded machine's profile)
+    link = (m.lo_mbps * m.hi_mbps) ** 0.5 if m.lo_mbps > 0 else m.hi_mbps / 2
     assert link * 4 > m.hi_mbps, [(x.label, x.lo_mbps, x.hi_mbps) for x in s.members]  # ... 4x past its top
     srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
     assert srv.endpoint is not None
