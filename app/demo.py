@@ -219,7 +219,6 @@ def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> 
     from splitpoint.app.bench.emulate import EmulatedLink
     from splitpoint.app.broker import EmbeddedBroker, free_port
     from splitpoint.app.orchestrator import collect
-    from splitpoint.core.runner import make_session
     from splitpoint.core.samples import sample_feeds
     from splitpoint.edge.client import EdgeClient
     from splitpoint.edge.config import EdgeConfig
@@ -229,7 +228,7 @@ def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> 
     broker = EmbeddedBroker().start() if cfg.mqtt is None else None
     url = broker.url if broker else cfg.mqtt
     inputs = [sample_feeds(h.model, 1, 100 + k) for k in range(INPUTS)]
-    full = make_session(h.runnable, weights=h.index.weight_array)
+    full = h.whole_session()
     refs = [full.run(None, f) for f in inputs]
     results: dict[str, Any] = {}
     try:

@@ -94,7 +94,7 @@ def measure(name: str, every: int, repeats: int, threads: int, budget: float) ->
     again = profile_model(h, ProfileSettings(threads=threads, budget=budget))
     cli_s, cli_whole_ms = cli_wall(h.path, threads, budget)  # codec speeds cached by now, as `again`
     feeds = sample_feeds(h.model)
-    whole_sess = make_session(h.runnable, threads, weights=h.index.weight_array)
+    whole_sess = h.whole_session(threads)
     errs_h, errs_t, raw_h, raw_t, per_cut = [], [], [], [], []
     for c in prof.cuts:
         if c.source == "measured" or (c.index - 1) % every:

@@ -37,7 +37,7 @@ TARGET = 0.99
 def evaluate(name: str, n: int, n_cuts: int) -> dict:
     h = open_model(name)
     samples, truths, what = h.fidelity_samples(n)
-    full = make_session(h.runnable, weights=h.index.weight_array)
+    full = h.whole_session()
     reference = run_batched(full, samples)
     input_f32 = sum(int(np.asarray(samples[0][i]).nbytes) for i in h.index.inputs)
     rows = []

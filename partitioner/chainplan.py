@@ -161,7 +161,7 @@ def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
         return m.fidelity[key]
     h = m.handle
     if not m.reference:
-        m.reference = run_batched(make_session(h.runnable, weights=h.index.weight_array), m.samples)
+        m.reference = run_batched(h.whole_session(), m.samples)
     cuts: list[Cut | None] = [None if p == 0 else m.cuts[p] for p in key[0]]
     segments = extract_segments(h.index, cuts, check=False, shared_weights=True)
     stages = [

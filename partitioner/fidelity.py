@@ -180,7 +180,7 @@ def measure(
 ) -> dict[str, FidelityReport]:
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
     if reference is None:
-        reference = run_batched(make_session(handle.runnable, weights=handle.index.weight_array), samples)
+        reference = run_batched(handle.whole_session(), samples)
     head, tail = extract(handle.index, cut, check=False, shared_weights=True)
     weights = handle.index.weight_array
     hs = make_session(head_model or head, weights=weights)

@@ -223,9 +223,7 @@ def profile_model(
     # was a large share of the profiler's wall time).
     note("per-node profile", 0, 1)
     t0 = time.perf_counter()
-    whole_sess = make_session(
-        handle.runnable, settings.threads, settings.provider, enable_profiling=True, weights=idx.weight_array
-    )
+    whole_sess = handle.whole_session(settings.threads, settings.provider, enable_profiling=True)
     clock["build_s"] += time.perf_counter() - t0
 
     def run_whole() -> list:

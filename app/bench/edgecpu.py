@@ -75,7 +75,7 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
         calib = [sample_feeds(h.model, 1, 100 + k) for k in range(8)]
         sess = make_session(quantize_head(h.model, calib, "static"), 1)
     else:
-        sess = make_session(h.runnable, 1, weights=h.index.weight_array)
+        sess = h.whole_session(1)
 
     def run() -> None:
         sess.run(None, feeds)

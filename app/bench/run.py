@@ -212,9 +212,8 @@ def _write_plan(m, cand, path: Path) -> None:
 def _inputs_file(h, n: int, path: Path) -> None:
     """The inputs the edge sends, with the unsplit model's outputs: a trained model's rendered task inputs
     (its cut tensors then compress as they do in use), else seeded random tensors."""
-    from splitpoint.core.runner import make_session
 
-    sess = make_session(h.runnable, weights=h.index.weight_array)
+    sess = h.whole_session()
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
     names = [i.name for i in sess.get_inputs()]
     arrays["input_names"] = np.array(names)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 from splitpoint.core import zoo
 from splitpoint.core.codecs import CARRIED_DTYPES
@@ -44,6 +48,21 @@ class ModelHandle:
         export 55 % slower than the same model with them as constants, which is how every plan's segments
         run: a profile timed on the file mispredicted every cut and the all-on-device plan."""
         return self.path if self.file_runs_as_planned else self.model
+
+    def whole_session(
+        self, threads: int = 0, provider: str = "CPUExecutionProvider", enable_profiling: bool = False
+    ) -> ort.InferenceSession:
+        """An onnxruntime session of the whole model as every plan runs it (``runnable``, with this
+        index's weights): the profile's whole-model timing and every unsplit reference come from it."""
+        from splitpoint.core.runner import make_session
+
+        return make_session(
+            self.runnable,
+            threads,
+            provider,
+            enable_profiling=enable_profiling,
+            weights=self.index.weight_array,
+        )
 
     def fidelity_samples(
         self, n: int, inputs: Path | None = None, seed: int | None = None
