@@ -478,3 +478,16 @@ def test_the_size_the_planner_counts_is_the_payload_s_length(codec):
         # the planner sizes a tensor once per codec as applied to it (an int64 goes exact under all)
         c = codecs.Codec.parse(codec)
         assert encode(x, codecs.applied(np.asarray(x), c)) == encode(x, c), (x.dtype, np.shape(x))
+
+
+def test_float16_past_its_range_is_infinite_and_silent():
+    """A layer norm's sum of squares (a file-type classifier's, 109,030) is past float16's 65,504: the
+    codec carries it as ±inf, as onnxruntime's Cast does for large tensors, without a numpy warning in
+    the user's plan output (the fidelity measured on it says what it costs)."""
+    import warnings
+
+    x = np.array([[1.0, -109_029.8, 70_000.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = decode(encode(x, "float16"))
+    assert y[0, 0] == 1.0 and y[0, 1] == -np.inf and y[0, 2] == np.inf

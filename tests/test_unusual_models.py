@@ -931,3 +931,44 @@ def test_the_work_inside_a_loop_body_is_profiled_as_the_loop_s(tmp_path):
     assert loop.median_ms > 0.8 * sum(n.median_ms for n in prof.nodes), prof.nodes
     before, after = prof.cuts[2], prof.cuts[3]  # the Tile's cut (the Loop in the tail), the Loop's
     assert before.tail_ms > 10 * before.head_ms and after.head_ms > 10 * after.tail_ms, prof.cuts
+
+
+def test_anonymous_dimensions_are_each_their_own_size(tmp_path):
+    """paddle2onnx declares an image input [-1, 3, ?, ?] and intermediates alike: each ? is any size of
+    its own, not one shared symbol, so a 48x192 text line is taken, split and served (it was refused as
+    "dimension '?' given two sizes")."""
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    m = _tiny(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("ReduceMean", ["r"], ["y"], axes=[2, 3], keepdims=0),
+        ],
+        [_vi("x", [-1, 3, "?", "?"])],
+        [_vi("y", [-1, 4])],
+        [w],
+    )
+    m.graph.value_info.extend([_vi("c", ["?", 4, "?", "?"]), _vi("r", ["?", 4, "?", "?"])])
+    path = _save(m, tmp_path / "cls.onnx")
+    r = run_cli("cuts", str(path))
+    assert r.returncode != 0 and "input 'x' has unknown dimensions dim 2, dim 3" in r.stderr, r.stderr
+    h = open_model(path, {"x": [1, 3, 48, 192]})
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["r"])
+    write_plan(h, tmp_path / "plans" / "split", cut=cut)
+    x = {"x": rng.standard_normal((1, 3, 48, 192)).astype(np.float32)}
+    want = make_session(h.path).run(None, x)[0]
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "split", server=srv.endpoint, fallback=False)
+        with EdgeClient(cfg) as c:
+            got = c.infer(x, timeout=30)
+        assert not got.fallback
+        np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-6)
+    finally:
+        srv.stop()

@@ -47,6 +47,30 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
     ]
 
 
+# what converters write for "any size" as a symbol's name: no symbol, since two of them need not be equal
+# (paddle2onnx declares an image input [-1, 3, ?, ?], whose height and width differ)
+_ANONYMOUS = ("?", "", "-1")
+
+
+def name_anonymous_dims(model: onnx.ModelProto) -> None:
+    """Give each "any size" dimension its own symbol, in place: -1 as a size (some converters' "any
+    size"), and the anonymous names in ``_ANONYMOUS``. A leading one of an input is the batch, ``N``, which
+    the inputs share; any other is the input's own (``x_dim2``), so that a size given for one never fixes
+    another, and a shape check never takes two of them for one size."""
+    g = model.graph
+    for is_input, vis in ((True, g.input), (False, g.output), (False, g.value_info)):
+        for vi in vis:
+            if not vi.type.HasField("tensor_type"):
+                continue
+            for k, d in enumerate(vi.type.tensor_type.shape.dim):
+                anonymous = (d.HasField("dim_value") and d.dim_value < 0) or (
+                    d.HasField("dim_param") and d.dim_param.strip() in _ANONYMOUS
+                )
+                if anonymous:
+                    d.Clear()
+                    d.dim_param = "N" if is_input and k == 0 else f"{vi.name}_dim{k}"
+
+
 def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str = "model") -> onnx.ModelProto:
     """A copy of ``model`` with the given input dimensions fixed; refuses unknown inputs, wrong ranks,
     values that contradict a static dimension, and inputs left with an unknown non-batch dimension."""
@@ -58,11 +82,8 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
     out = onnx.ModelProto()
     out.CopyFrom(model)
     symbols: dict[str, int] = {}
+    name_anonymous_dims(out)
     for vi in out.graph.input:
-        for k, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value < 0:  # some converters write -1 for "any size"
-                d.Clear()
-                d.dim_param = "N" if k == 0 else f"{vi.name}_dim{k}"
         if vi.name not in shapes:
             continue
         have, want = _dims(vi), shapes[vi.name]
@@ -106,7 +127,11 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             continue
         dims = _dims(vi)
         fixed = [isinstance(d, int) and d >= 0 for d in dims]
-        free = [d if isinstance(d, str) else f"dim {k}" for k, d in enumerate(dims) if k > 0 and not fixed[k]]
+        free = [
+            d if isinstance(d, str) and d != f"{vi.name}_dim{k}" else f"dim {k}"  # no symbol: its position
+            for k, d in enumerate(dims)
+            if k > 0 and not fixed[k]
+        ]
         if free:
             example = "x".join(str(d) if fixed[k] else ("N" if k == 0 else "?") for k, d in enumerate(dims))
             missing.append((vi.name, free, f"--input-shape {vi.name}:{example}"))
