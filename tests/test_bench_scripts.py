@@ -118,3 +118,25 @@ def test_cutting_report_measures_real_graphs_and_labels_synthetic_ones(scripts):
     # the command that reproduces each table is printed beside it
     assert "Reproduce: `python benchmarks/bench_cutting.py --models resnet50,alexnet --no-synthetic`" in real
     assert "Reproduce: `python benchmarks/bench_cutting.py --models ''`" in synthetic
+
+
+def test_real_models_report_states_each_failure_and_counts_only_whole_passes():
+    """A model with one failed step does not count as passed, and the step and its error are listed."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import check_real_models
+    finally:
+        sys.path.remove(str(BENCH))
+    steps = [{"step": f"s{i}", "ok": True} for i in range(8)]
+    good = {"model": "a", "package": "p==1", "why": "w", "cuts": 3, "pick": "edge-only"}
+    good["steps"] = [*steps, {"step": "serve split", "ok": True, "rel_err": 1e-7}]
+    bad = {
+        **good,
+        "model": "b",
+        "steps": [*steps, {"step": "serve split", "ok": False, "error": "shape (1,)"}],
+    }
+    md = check_real_models.report([good, bad])
+    assert "**1 of 2 models passed every step.**" in md
+    assert "- b, serve split: shape (1,)" in md
+    assert "| a | `p==1` | w | 3 | 9 of 9 | edge-only | 1.0e-07 |" in md
+    assert "| b | `p==1` | w | 3 | 8 of 9 | edge-only | - |" in md

@@ -557,3 +557,45 @@ def test_a_fixed_batch_above_one_reads_files_in_whole_batches(tmp_path):
     np.save(tmp_path / "b.npy", np.zeros((3, 3), np.float32))
     with pytest.raises(SplitPointError, match="b.npy: 3 rows; input x takes batches of 4"):
         load_inputs(m, tmp_path)
+
+
+def test_the_onnx_package_s_light_models_keep_their_run_time_weights_on_each_side(tmp_path):
+    """The onnx wheel's own model-zoo tests (`backend/test/data/light`: IR 3, opset 9, every weight listed
+    as an input) make their weights at run time with ConstantOfShape. Such a weight is a constant
+    subgraph: each side computes its own, none crosses a cut, every split equals the whole model, and
+    the one served answers as it does."""
+    from pathlib import Path
+
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    from .test_split_equivalence import run_split
+
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    h = open_model(path)
+    made = {o for n in h.model.graph.node if n.op_type == "ConstantOfShape" for o in n.output}
+    assert len(made) > 30  # its weights, made at run time
+    cuts = h.cuts()
+    assert len(cuts) > 40
+    assert not [(c.index, t.name) for c in cuts for t in c.crossing if t.name in made]
+    feeds = sample_feeds(h.model, 1, 0)
+    want = dict(zip(h.index.outputs, h.whole_session(1).run(None, feeds), strict=True))
+    for cut in cuts[:: len(cuts) // 6]:
+        head, tail = extract(h.index, cut)
+        got = run_split(head, tail, cut, feeds)
+        for k, ref in want.items():
+            np.testing.assert_allclose(got[k], ref, rtol=1e-5, atol=1e-6, err_msg=f"cut {cut.index} {k}")
+    mid = cuts[len(cuts) // 2]
+    write_plan(h, tmp_path / "plans" / "p", cut=mid)
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=srv.endpoint, fallback=False)
+        with EdgeClient(cfg) as c:
+            r = c.infer(feeds, timeout=60)
+        assert not r.fallback and r.breakdown["head_ms"] > 0 and r.breakdown["tail_ms"] > 0
+        for k, ref in want.items():
+            np.testing.assert_allclose(r[k], ref, rtol=1e-5, atol=1e-6)
+    finally:
+        srv.stop()
