@@ -17,7 +17,14 @@ from google.protobuf.message import DecodeError
 
 from .errors import ModelError, first_line
 from .subgraphs import node_inputs
-from .weights import nbytes, serialized_with_weights, stubbed_bytes, weights_as_inputs, with_weights
+from .weights import (
+    nbytes,
+    serialized_with_weights,
+    stubbed_bytes,
+    weights_as_inputs,
+    with_stubs,
+    with_weights,
+)
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -52,10 +59,13 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
     return load_model_and_digest(path, check)[0]
 
 
-def load_model_and_digest(path: str | Path, check: bool = True) -> tuple[onnx.ModelProto, str]:
+def load_model_and_digest(
+    path: str | Path, check: bool = True, input_shapes: Mapping[str, list[int]] | None = None
+) -> tuple[onnx.ModelProto, str]:
     """``load_model`` and the sha256 of the model file, from one read of it. The checker is given the
     bytes read where the model in memory is exactly them (no external data, nodes in order): serialising
-    a 100 MB model again for the checker took longer than the checker."""
+    a 100 MB model again for the checker took longer than the checker. ``input_shapes`` (``--input-shape``)
+    give the rank of an input the file declares without a shape (``complete_interface``)."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"model file not found: {p}")
@@ -69,11 +79,13 @@ def load_model_and_digest(path: str | Path, check: bool = True) -> tuple[onnx.Mo
         raise ModelError(f"cannot read the model file: {exc}") from exc
     with ThreadPoolExecutor(1) as pool:  # hashlib lets go of the GIL: the digest costs no wall time
         digest = pool.submit(sha256_bytes, data)
-        model = _parse_and_check(p, data, check)
+        model = _parse_and_check(p, data, check, input_shapes or {})
         return model, digest.result()
 
 
-def _parse_and_check(p: Path, data: bytes, check: bool) -> onnx.ModelProto:
+def _parse_and_check(
+    p: Path, data: bytes, check: bool, input_shapes: Mapping[str, list[int]] | None = None
+) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
@@ -96,9 +108,68 @@ def _parse_and_check(p: Path, data: bytes, check: bool) -> onnx.ModelProto:
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     reordered = sort_nodes(model.graph)
+    completed = complete_interface(model, input_shapes or {}, str(p))
     if check:
-        check_model(model, where=str(p), as_read=None if external or reordered else data)
+        check_model(model, where=str(p), as_read=None if external or reordered or completed else data)
     return model
+
+
+def complete_interface(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]], where: str) -> bool:
+    """Give the graph's inputs and outputs declared without a shape one, in place; whether any was.
+
+    The ONNX checker requires every graph input and output to declare a shape (of unknown sizes at
+    least), but onnxruntime runs a file without them, and ``helper.make_tensor_value_info(name, type,
+    None)`` writes an output so. An output's type and shape come from shape inference; an input's rank
+    only the user knows: from ``--input-shape`` (its sizes are applied with the others'), or an error
+    that asks for it."""
+    g = model.graph
+    weights = {t.name for t in g.initializer}
+    changed = False
+    for vi in g.input:
+        t = vi.type.tensor_type
+        if vi.name in weights or not vi.type.HasField("tensor_type") or t.HasField("shape"):
+            continue
+        want = input_shapes.get(vi.name)
+        if want is None:
+            raise ModelError(
+                f"{where}: input {vi.name!r} declares no shape, not even its number of dimensions: give "
+                f"--input-shape {vi.name}:DIMxDIM… (e.g. {vi.name}:1x3x224x224; N keeps the batch free)"
+            )
+        for k in range(len(want)):  # symbols: apply_input_shapes puts the sizes given in their place
+            t.shape.dim.add().dim_param = "N" if k == 0 else f"{vi.name}_dim{k}"
+        changed = True
+    bare = [
+        o
+        for o in g.output
+        if not o.HasField("type")
+        or (
+            o.type.HasField("tensor_type")
+            and not (o.type.tensor_type.HasField("shape") and o.type.tensor_type.elem_type)
+        )
+    ]
+    if bare:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(with_stubs(model))
+        except Exception as exc:  # onnx raises assorted types: the reason is reported
+            why = first_line(exc)
+            raise ModelError(
+                f"{where}: output {bare[0].name!r} declares no shape, and shape inference fails: {why}"
+            ) from exc
+        found = {o.name: o for o in inferred.graph.output}
+        for o in bare:
+            got = found.get(o.name)
+            if (
+                got is None
+                or not got.type.tensor_type.HasField("shape")
+                or not got.type.tensor_type.elem_type
+            ):
+                raise ModelError(
+                    f"{where}: output {o.name!r} declares no type or shape, and shape inference cannot tell "
+                    "them: declare them in the file (e.g. helper.make_tensor_value_info(name, type, dims))"
+                )
+            o.type.CopyFrom(got.type)
+        changed = True
+    return changed
 
 
 def sort_nodes(graph: onnx.GraphProto) -> bool:

@@ -972,3 +972,56 @@ def test_anonymous_dimensions_are_each_their_own_size(tmp_path):
         np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-6)
     finally:
         srv.stop()
+
+
+def test_inputs_and_outputs_declared_without_a_shape_are_completed(tmp_path):
+    """onnxruntime runs a file whose interface declares no shapes (``make_tensor_value_info(name, type,
+    None)``, or no type at all), which the ONNX checker refuses. The outputs' types and shapes come from
+    shape inference; an input's rank only the user knows: one line asks for --input-shape, and with it
+    the model is split and served."""
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    x = onnx.ValueInfoProto(name="x")
+    x.type.tensor_type.elem_type = TensorProto.FLOAT  # no shape
+    m = _tiny(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("ReduceMean", ["r"], ["y"], axes=[2, 3], keepdims=0),
+            helper.make_node("Sigmoid", ["y"], ["z"]),
+        ],
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), onnx.ValueInfoProto(name="z")],
+        [w],
+    )
+    path = tmp_path / "bare.onnx"
+    onnx.save(m, str(path))  # as it is: the checker refuses it
+    r = run_cli("cuts", str(path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "input 'x' declares no shape" in r.stderr and "--input-shape x:" in r.stderr, r.stderr
+    h = open_model(path, {"x": [1, 3, 16, 24]})
+    outs = {
+        o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim]
+        for o in h.model.graph.output
+    }
+    assert outs == {"y": ["N", 4], "z": ["N", 4]}  # the batch as free as the input's was
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in h.model.graph.output)
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["r"])
+    write_plan(h, tmp_path / "plans" / "split", cut=cut)
+    feeds = {"x": rng.standard_normal((1, 3, 16, 24)).astype(np.float32)}
+    want = dict(zip(["y", "z"], make_session(path).run(None, feeds), strict=True))
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "split", server=srv.endpoint, fallback=False)
+        with EdgeClient(cfg) as c:
+            got = c.infer(feeds, timeout=30)
+        assert not got.fallback
+        for k, ref in want.items():
+            np.testing.assert_allclose(got[k], ref, rtol=1e-5, atol=1e-6)
+    finally:
+        srv.stop()

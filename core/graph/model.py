@@ -112,7 +112,7 @@ def open_model(
     here, naming the input and the option. ``only_present``: shapes for inputs this model lacks are
     ignored (one --input-shape list for several models)."""
     path = zoo.resolve(spec)
-    model, digest = load_model_and_digest(path)
+    model, digest = load_model_and_digest(path, input_shapes=input_shapes)
     as_planned = not weights_to_constants(model)
     entry = zoo.ZOO.get(str(spec))
     name = str(spec) if entry is not None else path.stem
