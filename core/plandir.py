@@ -38,6 +38,7 @@ from .plan import (
     write_dir_atomically,
 )
 from .samples import sample_feeds
+from .wire import names_unfit
 
 if TYPE_CHECKING:
     from .decoders import Decoder
@@ -69,6 +70,19 @@ def _crossing(idx: GraphIndex, cut: Cut | None) -> list[TensorSpec]:
     if cut is None:
         return [_tensor(idx, n, "input") for n in idx.inputs]
     return [_spec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
+
+
+def _check_messages(idx: GraphIndex, cuts: list[Cut | None]) -> None:
+    """Refuse, before any work, a plan one of whose messages the protocol's limits would refuse: what
+    crosses each cut, and the outputs a reply (or the edge daemon's answer) carries."""
+    for i, cut in enumerate(cuts):
+        why = names_unfit([t.name for t in _crossing(idx, cut)])
+        if why is not None:
+            where = f"cut {cut.index}" if cut is not None else "sending the model's inputs"
+            raise PlanError(f"{where} (hop {i + 1}) cannot go over the wire: {why}; choose another cut")
+    why = names_unfit(list(idx.outputs)) if cuts else None  # a server's reply carries them
+    if why is not None:
+        raise PlanError(f"the model's outputs cannot go over the wire in one answer: {why}")
 
 
 def write_plan(
@@ -108,6 +122,7 @@ def write_plan(
     if devices is not None and len(devices) != hops + 1:
         raise PlanError(f"{hops} cut(s) make {hops + 1} stages: name {hops + 1} devices, not {len(devices)}")
     idx = handle.index
+    _check_messages(idx, cuts)
     segments = extract_segments(idx, cuts, shared_weights=True)  # filled from the arrays when saved
     feeds = sample_feeds(idx.model, 1)
     models = [seg.model for seg in segments]

@@ -23,7 +23,7 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_DEPTH = 16  # nesting of arrays/objects in a header; ours use 3
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
-MAX_TENSORS = 64
+MAX_TENSORS = 512  # a model's outputs or a cut's tensors in one message (a 32-layer decoder has 65 outputs)
 MAX_FILES = 64  # files in one deploy
 MAX_ID = 2**63 - 1
 
@@ -170,6 +170,25 @@ def _too_deep(head: bytes) -> bool:
 
 
 _MAX_FRAMES = 1 + max(MAX_TENSORS, MAX_FILES + 1)
+HEADER_ROOM = 8 * 1024  # what a header holds besides its tensor names: the fields, a result's timings
+
+
+def names_unfit(names: list[str]) -> str | None:
+    """Why a message naming these tensors would break the protocol's limits (None if it would not): a
+    plan whose messages the peer must refuse is refused when it is written, not at its first request."""
+    if len(names) > MAX_TENSORS:
+        return f"{len(names)} tensors, where a message carries at most {MAX_TENSORS}"
+    long = next((n for n in names if not 0 < len(n) < 1024), None)
+    if long is not None:
+        return f"a tensor name of {len(long)} characters, where the protocol takes 1 to 1023"
+    size = len(orjson.dumps(names))
+    if size > MAX_HEADER_BYTES - HEADER_ROOM:
+        return (
+            f"tensor names of {size} bytes in all, past a header's {MAX_HEADER_BYTES - HEADER_ROOM} for them"
+        )
+    return None
+
+
 _NO_PAYLOAD = frozenset((PING, PONG, DEPLOYED, ERROR, CLOSE, CLOSED))
 _WITH_TENSORS = frozenset((INFER, RESULT, STEP))
 

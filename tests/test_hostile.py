@@ -396,7 +396,7 @@ def test_tensors_that_disagree_on_their_shared_batch_are_the_senders_error(tmp_p
         reply = _ask(s, wire.Message(wire.INFER, 2, plan.plan_id, names, frames=lying).to_frames())
         assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_TENSOR, reply.meta
         assert "is 1 in tensor" in reply.meta["message"] or "is 2 in tensor" in reply.meta["message"]
-        many = [wire.Message(wire.PING, 3).header(), *[b""] * 70]
+        many = [wire.Message(wire.PING, 3).header(), *[b""] * (wire.MAX_TENSORS + 1)]
         reply = _ask(s, many)
         assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_TOO_LARGE and reply.id == 3
         assert (

@@ -1025,3 +1025,45 @@ def test_inputs_and_outputs_declared_without_a_shape_are_completed(tmp_path):
             np.testing.assert_allclose(got[k], ref, rtol=1e-5, atol=1e-6)
     finally:
         srv.stop()
+
+
+def _many_outputs(n: int) -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", ["x"], ["r"])]
+    nodes += [helper.make_node("Mul", ["r", f"k{i}"], [f"o{i}"]) for i in range(n)]
+    return _tiny(
+        nodes,
+        [_vi("x", [1, 16])],
+        [_vi(f"o{i}", [1, 16]) for i in range(n)],
+        [numpy_helper.from_array(np.array(i + 1, np.float32), f"k{i}") for i in range(n)],
+    )
+
+
+def test_a_model_with_more_outputs_than_the_old_wire_limit_is_split_and_served(tmp_path):
+    """70 outputs, all made in the tail: the server's reply names 70 tensors (a 32-layer decoder's
+    outputs are 65), which the edge refused as a malformed reply while a message carried at most 64.
+    A plan whose messages the protocol cannot carry is refused when it is written, by its cut."""
+    from splitpoint.edge.client import EdgeClient
+    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    h = open_model(_save(_many_outputs(70), tmp_path / "many.onnx"))
+    write_plan(h, tmp_path / "plans" / "split", cut=h.cuts()[0])
+    x = {"x": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)}
+    want = make_session(h.path).run(None, x)
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
+    try:
+        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "split", server=srv.endpoint, fallback=False)
+        with EdgeClient(cfg) as c:
+            got = c.infer(x, timeout=30)
+        assert not got.fallback
+        for i, ref in enumerate(want):
+            np.testing.assert_allclose(got[f"o{i}"], ref, rtol=1e-6)
+    finally:
+        srv.stop()
+    big = _save(_many_outputs(600), tmp_path / "big.onnx")
+    out = tmp_path / "big-plan"
+    r = run_cli("split", big, "--cut", "1", "-o", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "outputs cannot go over the wire in one answer: 600 tensors" in r.stderr, r.stderr
+    assert not out.exists()
