@@ -933,15 +933,29 @@ def test_the_work_inside_a_loop_body_is_profiled_as_the_loop_s(tmp_path):
     assert before.tail_ms > 10 * before.head_ms and after.head_ms > 10 * after.tail_ms, prof.cuts
 
 
-def test_anonymous_dimensions_are_each_their_own_size(tmp_path):
-    """paddle2onnx declares an image input [-1, 3, ?, ?] and intermediates alike: each ? is any size of
-    its own, not one shared symbol, so a 48x192 text line is taken, split and served (it was refused as
-    "dimension '?' given two sizes")."""
+def _served(plans, name: str, feeds: dict):
+    """The answer to one request of plan ``name`` in ``plans``, served by a real server over a socket
+    (never the edge's local model)."""
     from splitpoint.edge.client import EdgeClient
     from splitpoint.edge.config import EdgeConfig
     from splitpoint.server.config import ServerConfig
     from splitpoint.server.tail_server import TailServer
 
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
+    try:
+        cfg = EdgeConfig(plan_dir=plans / name, server=srv.endpoint, fallback=False)
+        with EdgeClient(cfg) as c:
+            got = c.infer(feeds, timeout=30)
+    finally:
+        srv.stop()
+    assert not got.fallback
+    return got
+
+
+def test_anonymous_dimensions_are_each_their_own_size(tmp_path):
+    """paddle2onnx declares an image input [-1, 3, ?, ?] and intermediates alike: each ? is any size of
+    its own, not one shared symbol, so a 48x192 text line is taken, split and served (it was refused as
+    "dimension '?' given two sizes")."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     m = _tiny(
@@ -963,15 +977,8 @@ def test_anonymous_dimensions_are_each_their_own_size(tmp_path):
     write_plan(h, tmp_path / "plans" / "split", cut=cut)
     x = {"x": rng.standard_normal((1, 3, 48, 192)).astype(np.float32)}
     want = make_session(h.path).run(None, x)[0]
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
-    try:
-        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "split", server=srv.endpoint, fallback=False)
-        with EdgeClient(cfg) as c:
-            got = c.infer(x, timeout=30)
-        assert not got.fallback
-        np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-6)
-    finally:
-        srv.stop()
+    got = _served(tmp_path / "plans", "split", x)
+    np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_inputs_and_outputs_declared_without_a_shape_are_completed(tmp_path):
@@ -979,11 +986,6 @@ def test_inputs_and_outputs_declared_without_a_shape_are_completed(tmp_path):
     None)``, or no type at all), which the ONNX checker refuses. The outputs' types and shapes come from
     shape inference; an input's rank only the user knows: one line asks for --input-shape, and with it
     the model is split and served."""
-    from splitpoint.edge.client import EdgeClient
-    from splitpoint.edge.config import EdgeConfig
-    from splitpoint.server.config import ServerConfig
-    from splitpoint.server.tail_server import TailServer
-
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     x = onnx.ValueInfoProto(name="x")
@@ -1015,16 +1017,9 @@ def test_inputs_and_outputs_declared_without_a_shape_are_completed(tmp_path):
     write_plan(h, tmp_path / "plans" / "split", cut=cut)
     feeds = {"x": rng.standard_normal((1, 3, 16, 24)).astype(np.float32)}
     want = dict(zip(["y", "z"], make_session(path).run(None, feeds), strict=True))
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
-    try:
-        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "split", server=srv.endpoint, fallback=False)
-        with EdgeClient(cfg) as c:
-            got = c.infer(feeds, timeout=30)
-        assert not got.fallback
-        for k, ref in want.items():
-            np.testing.assert_allclose(got[k], ref, rtol=1e-5, atol=1e-6)
-    finally:
-        srv.stop()
+    got = _served(tmp_path / "plans", "split", feeds)
+    for k, ref in want.items():
+        np.testing.assert_allclose(got[k], ref, rtol=1e-5, atol=1e-6)
 
 
 def _many_outputs(n: int) -> onnx.ModelProto:
@@ -1042,25 +1037,13 @@ def test_a_model_with_more_outputs_than_the_old_wire_limit_is_split_and_served(t
     """70 outputs, all made in the tail: the server's reply names 70 tensors (a 32-layer decoder's
     outputs are 65), which the edge refused as a malformed reply while a message carried at most 64.
     A plan whose messages the protocol cannot carry is refused when it is written, by its cut."""
-    from splitpoint.edge.client import EdgeClient
-    from splitpoint.edge.config import EdgeConfig
-    from splitpoint.server.config import ServerConfig
-    from splitpoint.server.tail_server import TailServer
-
     h = open_model(_save(_many_outputs(70), tmp_path / "many.onnx"))
     write_plan(h, tmp_path / "plans" / "split", cut=h.cuts()[0])
     x = {"x": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)}
     want = make_session(h.path).run(None, x)
-    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "plans")).start()
-    try:
-        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "split", server=srv.endpoint, fallback=False)
-        with EdgeClient(cfg) as c:
-            got = c.infer(x, timeout=30)
-        assert not got.fallback
-        for i, ref in enumerate(want):
-            np.testing.assert_allclose(got[f"o{i}"], ref, rtol=1e-6)
-    finally:
-        srv.stop()
+    got = _served(tmp_path / "plans", "split", x)
+    for i, ref in enumerate(want):
+        np.testing.assert_allclose(got[f"o{i}"], ref, rtol=1e-6)
     big = _save(_many_outputs(600), tmp_path / "big.onnx")
     out = tmp_path / "big-plan"
     r = run_cli("split", big, "--cut", "1", "-o", str(out))
