@@ -292,7 +292,9 @@ def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path
     early = [(s.head_ms / x.head_ms) for s, x in zip(slow.cuts[:10], host.cuts[:10], strict=True)]
     assert min(early) > 0.3 * slowdown, (slowdown, early)
     share = sum(n.median_ms for n in slow.nodes) / slow.whole.median_ms
-    assert 0.5 < share < 1.5, share  # the nodes in this device's terms, not the host's
+    # the nodes in this device's terms, not the host's (about 1 / slowdown, 0.05, in the host's); a small
+    # model's run leaves part of its time to onnxruntime outside any node: 0.48 in one CI run
+    assert 0.25 < share < 1.5, (share, slowdown)
 
 
 @pytest.mark.parametrize("cpus", [0.01, 0.05, 0.2, 0.3522, 0.37, 0.5, 0.99, 1.0, 1.5])
