@@ -448,8 +448,10 @@ def install_pushed(
         except PlanError:
             raise
         except Exception as exc:  # onnxruntime and onnx raise their own types for a bad model
+            # the reason goes back to the pusher: without the receiver's directories in it
+            why = str(exc).replace(f"{tmp}/", "").replace(str(tmp), "").replace(str(Path(plans_dir)), "")
             raise PlanError(
-                f"pushed plan {plan.plan_id[:12]} does not load: {type(exc).__name__}: {exc}"
+                f"pushed plan {plan.plan_id[:12]} does not load: {type(exc).__name__}: {why}"
             ) from exc
 
     write_dir_atomically(target, write, force=True)

@@ -214,6 +214,10 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     try:
         h = orjson.loads(head)
     except (orjson.JSONDecodeError, RecursionError) as exc:
+        try:  # on the error path only: a binary header (msgpack, UTF-16) is told so, not by a parser's detail
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError(E_BAD_MESSAGE, "header is not UTF-8 text: it must be a JSON object") from exc
         raise WireError(E_BAD_MESSAGE, f"header is not JSON: {str(exc)[:200]}") from exc
     if type(h) is not dict:
         raise WireError(E_BAD_MESSAGE, "header is not a JSON object")
@@ -270,17 +274,31 @@ def step_fields(msg: Message) -> tuple[int, int, int]:
     return session, position, top_k
 
 
-def best_effort_id(frames: list) -> int:
-    """The request id of a message that failed validation, when its header still names one (0 if not),
-    so that the sender can match the error to its request."""
+def _best_effort_header(frames: list) -> dict:
     try:
         head = bytes(buffer(frames[0]))
         if len(head) > MAX_HEADER_BYTES or _too_deep(head):
-            return 0
-        v = orjson.loads(head).get("id", 0)
-        return v if type(v) is int and 0 <= v <= MAX_ID else 0
-    except Exception:  # anything unreadable has no id
-        return 0
+            return {}
+        h = orjson.loads(head)
+        return h if type(h) is dict else {}
+    except Exception:  # anything unreadable names nothing
+        return {}
+
+
+def best_effort_id(frames: list) -> int:
+    """The request id of a message that failed validation, when its header still names one (0 if not),
+    so that the sender can match the error to its request."""
+    v = _best_effort_header(frames).get("id", 0)
+    return v if type(v) is int and 0 <= v <= MAX_ID else 0
+
+
+def best_effort_error(frames: list, code: str, message: str) -> Message:
+    """The error answering a message that failed validation: with its id, and the plan it named where its
+    header still names one that could be a plan's (an error answering a request carries its plan)."""
+    h = _best_effort_header(frames)
+    v, plan = h.get("id", 0), h.get("plan")
+    id_ = v if type(v) is int and 0 <= v <= MAX_ID else 0
+    return error(id_, code, message, plan if type(plan) is str and len(plan) <= 128 else "")
 
 
 # -- the socket calls of the request path ------------------------------------------------------

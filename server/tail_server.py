@@ -422,7 +422,7 @@ class TailServer:
         except Exception as exc:  # a bug met by one message: answer it, log it, keep serving
             log.exception("failed to handle a message")
             self.stats.add(rejected=1)
-            reply = wire.error(wire.best_effort_id(body), wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = wire.best_effort_error(body, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(zmq.ZMQError):
                 router.send_multipart([ident, *reply.to_frames()], copy=False)
 
@@ -435,7 +435,7 @@ class TailServer:
             msg = wire.parse(body, self.config.max_message_bytes)
         except wire.WireError as exc:
             self.stats.add(rejected=1)
-            self._send(router, ident, wire.error(wire.best_effort_id(body), exc.code, str(exc)))
+            self._send(router, ident, wire.best_effort_error(body, exc.code, str(exc)))
             return
         if msg.type == wire.PING:
             meta = {

@@ -537,6 +537,32 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     )
     ping = _ask(served["sock"], wire.Message(wire.PING, 78).to_frames())
     assert plan["plan_id"] not in ping.meta["plans"]
+    # a model that does not parse: onnxruntime's reason goes back, the server's directories do not
+    files["tail.onnx"] = b"not a model"
+    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
+    plan.pop("plan_id")
+    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+    frames = [json.dumps(plan).encode(), *files.values()]
+    reply = _ask(served["sock"], [header, *frames], 20000)
+    assert reply.meta["code"] == wire.E_BAD_PLAN and "does not load" in reply.meta["message"], reply.meta
+    assert "tail.onnx" in reply.meta["message"], reply.meta
+    assert str(served["plans"]) not in reply.meta["message"] and ".tmp" not in reply.meta["message"], (
+        reply.meta
+    )
+
+
+def test_an_error_for_a_malformed_request_names_its_id_and_plan(served):
+    """A request refused as malformed while its header still reads is answered with its id and the plan it
+    named, as every error answering a request is; a binary header is told it is not UTF-8."""
+    plan_id = served["plan"].plan_id
+    head = {"v": 1, "type": "infer", "id": 5, "plan": plan_id, "tensors": ["a", "a"]}
+    reply = _ask(served["sock"], [json.dumps(head).encode(), b"x", b"y"])
+    assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_MESSAGE, reply.meta
+    assert reply.id == 5 and reply.plan == plan_id, reply
+    reply = _ask(served["sock"], [b"\x83\xa1v\x01\xa4type\xa4ping", b""])
+    assert reply.meta["code"] == wire.E_BAD_MESSAGE and reply.plan == "", reply.meta
+    assert reply.meta["message"] == "header is not UTF-8 text: it must be a JSON object", reply.meta
 
 
 def test_replies_a_client_does_not_read_are_bounded_by_max_unread_replies(tmp_path):
