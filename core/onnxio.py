@@ -84,7 +84,7 @@ def load_model_and_digest(
 
 
 def _parse_and_check(
-    p: Path, data: bytes, check: bool, input_shapes: Mapping[str, list[int]] | None = None
+    p: Path, data: bytes, check: bool, input_shapes: Mapping[str, list[int]]
 ) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
@@ -108,10 +108,17 @@ def _parse_and_check(
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     reordered = sort_nodes(model.graph)
-    completed = complete_interface(model, input_shapes or {}, str(p))
+    completed = complete_interface(model, input_shapes, str(p))
     if check:
         check_model(model, where=str(p), as_read=None if external or reordered or completed else data)
     return model
+
+
+def free_dim(name: str, k: int, batch_shared: bool = True) -> str:
+    """The symbol for dimension ``k`` of value ``name`` where the file gives it no size and no name of
+    its own: ``N`` for an input's leading one (the batch, which the inputs share), else ``NAME_dimK``,
+    this value's alone. Error messages recognise these and speak of "dim K" instead."""
+    return "N" if batch_shared and k == 0 else f"{name}_dim{k}"
 
 
 def complete_interface(model: onnx.ModelProto, input_shapes: Mapping[str, list[int]], where: str) -> bool:
@@ -136,7 +143,7 @@ def complete_interface(model: onnx.ModelProto, input_shapes: Mapping[str, list[i
                 f"--input-shape {vi.name}:DIMxDIM… (e.g. {vi.name}:1x3x224x224; N keeps the batch free)"
             )
         for k in range(len(want)):  # symbols: apply_input_shapes puts the sizes given in their place
-            t.shape.dim.add().dim_param = "N" if k == 0 else f"{vi.name}_dim{k}"
+            t.shape.dim.add().dim_param = free_dim(vi.name, k)
         changed = True
     bare = [
         o

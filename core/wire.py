@@ -285,20 +285,23 @@ def _best_effort_header(frames: list) -> dict:
         return {}
 
 
+def _header_id(h: dict) -> int:
+    v = h.get("id", 0)
+    return v if type(v) is int and 0 <= v <= MAX_ID else 0
+
+
 def best_effort_id(frames: list) -> int:
     """The request id of a message that failed validation, when its header still names one (0 if not),
     so that the sender can match the error to its request."""
-    v = _best_effort_header(frames).get("id", 0)
-    return v if type(v) is int and 0 <= v <= MAX_ID else 0
+    return _header_id(_best_effort_header(frames))
 
 
 def best_effort_error(frames: list, code: str, message: str) -> Message:
     """The error answering a message that failed validation: with its id, and the plan it named where its
     header still names one that could be a plan's (an error answering a request carries its plan)."""
     h = _best_effort_header(frames)
-    v, plan = h.get("id", 0), h.get("plan")
-    id_ = v if type(v) is int and 0 <= v <= MAX_ID else 0
-    return error(id_, code, message, plan if type(plan) is str and len(plan) <= 128 else "")
+    plan = h.get("plan")
+    return error(_header_id(h), code, message, plan if type(plan) is str and len(plan) <= 128 else "")
 
 
 # -- the socket calls of the request path ------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import onnx
 
 from ..errors import ModelError
+from ..onnxio import free_dim
 
 InputShapes = dict[str, list[int]]
 KEEP = -1  # a dimension left as the model declares it (N, ?, -1 on the command line)
@@ -68,7 +69,7 @@ def name_anonymous_dims(model: onnx.ModelProto) -> None:
                 )
                 if anonymous:
                     d.Clear()
-                    d.dim_param = "N" if is_input and k == 0 else f"{vi.name}_dim{k}"
+                    d.dim_param = free_dim(vi.name, k, batch_shared=is_input)
 
 
 def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str = "model") -> onnx.ModelProto:
@@ -128,7 +129,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         dims = _dims(vi)
         fixed = [isinstance(d, int) and d >= 0 for d in dims]
         free = [
-            d if isinstance(d, str) and d != f"{vi.name}_dim{k}" else f"dim {k}"  # no symbol: its position
+            d if isinstance(d, str) and d != free_dim(vi.name, k) else f"dim {k}"  # no symbol: its position
             for k, d in enumerate(dims)
             if k > 0 and not fixed[k]
         ]
