@@ -790,22 +790,38 @@ def fidelity(
         Path | None,
         typer.Option(help="folder of samples: .npy or images (one input), .npz (an array per input)"),
     ] = None,
-    random: Annotated[int, typer.Option(help="seeded random samples when no --inputs")] = 16,
+    random: Annotated[
+        int | None,
+        typer.Option(
+            help="samples when no --inputs: seeded random (16), or rendered task inputs for a trained zoo "
+            "model (64)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     input_shape: Shapes = None,
 ) -> None:
     """Measure the split model with a codec (and an int8 head) against the float model."""
     from splitpoint.partitioner.fidelity import measure_one
 
-    if random < 1:
+    if random is not None and random < 1:
         raise typer.BadParameter(f"--random must be at least 1 sample, not {random}")
     rep = measure_one(model, cut, codec, quantize_head, inputs, random, input_shape)
     if as_json:
         _print_json(rep.to_dict())
         return
     where = rep.cut if rep.cut is not None else cut
-    title = f"{model} cut {where}, codec {codec}, head {rep.head_weights}: measured on {rep.samples} samples"
+    # "float32" names the unquantised head, whatever its weights' own type (a float16 export's stay float16)
+    head = "head weights as in the model" if rep.head_weights == "float32" else f"head {rep.head_weights}"
+    title = f"{model} cut {where}, codec {codec}, {head}: measured on {rep.inputs}"
     console.print(fidelity_table(title, rep))
+    if rep.task is not None:  # the figure plan would use for this cut and codec, beside the tensor ones
+        metrics = rep.task["metrics"]
+        said = ", ".join(
+            f"{k.replace('_', ' ')}{' (primary)' if k == rep.task['primary'] else ''} {m['value']:.3f} "
+            f"[{m['low']:.3f}, {m['high']:.3f}]"
+            for k, m in metrics.items()
+        )
+        console.print(f"{rep.task['task']} with the unsplit model, 95 % intervals (measured): {said}")
 
 
 @app.command()

@@ -50,6 +50,7 @@ class FidelityReport:
     samples: int
     outputs: list[OutputFidelity]
     task: dict | None = None  # taskmetrics.TaskReport.to_dict() for a model with a task (trained zoo entries)
+    inputs: str | None = None  # what the samples were, and the model's weights ("8 random inputs (…)")
 
     @property
     def score(self) -> float:
@@ -220,22 +221,26 @@ def measure_one(
     codec: str,
     quantize: str | None = None,
     inputs: Path | None = None,
-    random: int = 16,
+    random: int | None = None,
     input_shapes: list[str] | None = None,
 ) -> FidelityReport:
-    """``splitpoint fidelity``: one cut, one codec, optionally an int8 head, against the float model."""
+    """``splitpoint fidelity``: one cut, one codec, optionally an int8 head, against the float model. Its
+    samples are those ``plan`` measures on (a trained zoo model's rendered task inputs, with their task
+    metrics), so that the two commands agree."""
     from splitpoint.core.codecs import Codec
     from splitpoint.core.graph import open_model, resolve_cut
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.quantize import quantize_head
-    from splitpoint.core.samples import load_inputs
 
     Codec.parse(codec)
     handle = open_model(model, parse_input_shapes(input_shapes))
     cut = resolve_cut(handle.index, cut_spec)
-    samples = load_inputs(handle.model, inputs, random)
+    n = random or (64 if handle.task else 16)
+    samples, truths, measured_on = handle.fidelity_samples(n, inputs)
     head_model = (
         quantize_head(extract(handle.index, cut, check=False)[0], samples, quantize) if quantize else None
     )
     weights = f"int8-{quantize}" if quantize else "float32"
-    return measure(handle, cut, [codec], samples, head_model=head_model, head_weights=weights)[codec]
+    rep = measure(handle, cut, [codec], samples, head_model=head_model, head_weights=weights, truths=truths)
+    rep[codec].inputs = measured_on
+    return rep[codec]

@@ -295,6 +295,7 @@ def test_fidelity_cli_reads_npy_and_images_and_quantises_the_head(setup, tmp_pat
         ).stdout
     )
     assert exact["outputs"][0]["cosine"] == pytest.approx(1.0) and exact["score"] == 1.0
+    assert exact["inputs"] == "3 random inputs (the user's model)" and exact["task"] is None
     bad = run_cli("fidelity", str(path), "--cut", "20", "--codec", "int3")
     assert bad.returncode == 2 and "unknown codec 'int3'" in bad.stderr
 
