@@ -384,8 +384,8 @@ def plan_decoder(
         a, k = fid["agreement"], fid["kl"]
         console.print(
             f"pick: {best.label}: greedy agreement {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
-            f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} prompts x {fid['new_tokens']} "
-            "tokens, against the float model)"
+            f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} random prompts x "
+            f"{fid['new_tokens']} tokens, against the float model; {_decoder_weights(dec)})"
         )
         if beaten_by:
             listed = ", ".join(
@@ -775,6 +775,12 @@ def plan_chain(
         from .console import show_chain
 
         show_chain(r, out)
+
+
+def _decoder_weights(dec: Any) -> str:
+    from splitpoint.core.decoders import ZooDecoder
+
+    return "random weights, zoo architecture" if isinstance(dec, ZooDecoder) else "the user's model"
 
 
 @app.command()

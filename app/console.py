@@ -516,6 +516,8 @@ def show_chain(r: Any, out: Path | None) -> None:
             rows,
         )
     )
+    pred = r.predicted
+    console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred['fidelity_inputs']}")
     p = d.pick
     console.print(
         f"pick: [bold]{describe(m, p)}[/] — {p.latency_ms:.1f} ms, {p.throughput_ips:.1f}/s predicted "

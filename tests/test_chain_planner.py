@@ -193,6 +193,7 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     assert "best two-stage" in proc.stdout and "pick:" in proc.stdout
     # two devices of one kind read apart: "pi -> ... -> pi-2", "all on pi-2", never "pi" for both
     assert "pi-2" in proc.stdout and "all on pi (stage 1)" not in proc.stdout
+    assert "measured on 2 random inputs (the user's model)" in " ".join(proc.stdout.split())
     bad = run_cli(*args[:-4], "--networks", "wifi-n", "--random", "2")
     assert bad.returncode == 2 and "3 devices need 2 network profile(s)" in bad.stderr
     missing = run_cli(*args[:6], *args[8:])  # no profile for srv

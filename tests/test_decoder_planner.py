@@ -96,6 +96,6 @@ def test_plan_decoder_writes_the_pick_and_reports_it_as_json(tmp_path):
         assert data["baselines"][name]["tpot_ms"] < data["pick"]["tpot_ms"]
     told = subprocess.run(cmd[:-3], capture_output=True, text=True, timeout=300)
     # as the terminal wraps it: where a wrap falls changes with the measured figures before it
-    assert told.returncode == 0 and "The pick is the best split, not the best way" in " ".join(
-        told.stdout.split()
-    )
+    said = " ".join(told.stdout.split())
+    assert told.returncode == 0 and "The pick is the best split, not the best way" in said
+    assert "random prompts" in said and "random weights, zoo architecture" in said
