@@ -80,8 +80,8 @@ def run_demo(
 def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callable[..., None]) -> dict:
     from splitpoint.core.graph import open_model
     from splitpoint.core.plan import SPLIT
-    from splitpoint.core.samples import load_inputs
     from splitpoint.partitioner.emit import write_candidate
+    from splitpoint.partitioner.job import fidelity_measure
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import best_of_kind, decide, gather
     from splitpoint.profiles.cpulimit import CpuLimitError, cpu_limit
@@ -117,17 +117,15 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
         f"[2/6] planning for {net.name} ({net.uplink_mbps:g} Mbit/s up, RTT {net.rtt_ms:g} ms), fidelity ≥ "
         f"{cfg.min_fidelity}…"
     )
-    samples = load_inputs(h.model, random=PLAN_SAMPLES)
-    m = gather(h, edge, server, samples, codecs=["float32", "float16", "int8", "int8+lz4"])
+    samples, truths, measured_on = h.fidelity_samples(PLAN_SAMPLES)
+    m = gather(h, edge, server, samples, codecs=["float32", "float16", "int8", "int8+lz4"], truths=truths)
     d = decide(m, [net], Constraints(min_fidelity=cfg.min_fidelity))[0]
     pick = d.pick
     other_kind = "server-only" if pick.inp.kind == SPLIT else SPLIT
     other = best_of_kind(m, d, other_kind, cfg.min_fidelity)
-    weights = zoo_weights(cfg.model)
     say(
         f"      Pareto front: {len(d.front)} of {len(d.candidates)} candidates, derived from the measured "
-        f"profiles; fidelity = top-1 agreement with the unsplit model on {PLAN_SAMPLES} random inputs "
-        f"({weights}):"
+        f"profiles; fidelity = {fidelity_measure(h)}, measured on {measured_on}:"
     )
     shown = _fold(sorted(d.front, key=lambda c: c.latency_ms))
     for c, same in shown[:8]:
@@ -193,7 +191,7 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
             "sequential requests leave the edge idle while the server works); the profile times runs back "
             "to back, as a real device would run them at any time (docs/bench.md)."
         )
-    if "random" in weights:
+    if h.weights.startswith("random"):
         say(
             "      The weights are random: near-tied scores make top-1 fragile under any rounding, so these "
             "agreements say little about a trained model (the bench measures trained ones)."
@@ -314,16 +312,6 @@ def _rows(c, measured: dict) -> list[tuple[str, float | None, float | None]]:
         ("tail (server)", pb.get("tail_ms"), measured["tail_ms"]),
         ("end to end", c.latency_ms, measured["total_ms"]),
     ]
-
-
-def zoo_weights(spec: str) -> str:
-    """How a model's weights came about, for every line that reports fidelity."""
-    from splitpoint.core import zoo
-
-    entry = zoo.ZOO.get(spec)
-    if entry is None:
-        return "the user's model"
-    return "trained weights" if getattr(entry, "trained", False) else "random weights (zoo architecture)"
 
 
 def _fold(cands: list) -> list[tuple[Any, list]]:
