@@ -46,8 +46,9 @@ def _walk_to_heavy(idx: GraphIndex, pos: int, limit: int = 8) -> int:
 
 
 # onnxruntime's renames: a float16 model's kernels run in float32 behind inserted casts
-# (``InsertedPrecisionFreeCast_<tensor>_nchwc``), a fused QDQ group is named ``<node>_token_<n>``
-PREFIXES = ("InsertedPrecisionFreeCast_",)
+# (``InsertedPrecisionFreeCast_<tensor>_nchwc``), a fused QDQ group is named ``<node>_token_<n>``, and a
+# Gemm/MatMul with its activation fused in (a Linear -> ReLU as exporters write it) ``fused <node>``
+PREFIXES = ("InsertedPrecisionFreeCast_", "fused ")
 _TOKEN = re.compile(r"_token_\d+$")
 
 
