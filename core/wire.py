@@ -327,6 +327,29 @@ def tune(sock: _S) -> _S:
     return sock
 
 
+# a connection whose peer vanished without closing it (a phone that changed networks, a device that lost
+# power) is probed after this long idle and dropped after KEEPALIVE_COUNT unanswered probes: its routing
+# id, its decoder sessions and its file descriptor are freed in about 1 min, not TCP's default 2 h
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 30, 10, 3
+
+
+def router(ctx: zmq.Context) -> zmq.Socket:
+    """A ROUTER socket that serves clients (a server's, a relay's, the edge daemon's local one).
+
+    No ``ZMQ_ROUTER_HANDOVER``: with it, a connection that took over another's routing id left that
+    other's socket open for good once it sent again (libzmq issue 3238), one file descriptor per round, so
+    any client could exhaust the server's; ZMTP heartbeats on such a socket abort the process in libzmq
+    4.3.5. Without it a connection under an id an open one holds is not read (docs/protocol.md says so);
+    TCP keepalive, which probes only an idle connection and so never drops a slow large transfer, frees
+    the ids of peers that vanished."""
+    sock = tune(ctx.socket(zmq.ROUTER))
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_COUNT)
+    return sock
+
+
 def send(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
     """``sock.send_multipart(frames, flags, copy=False)``, without pyzmq's per-frame overhead. As there,
     a multipart message is queued whole or not at all (``zmq.Again`` only for the first frame)."""

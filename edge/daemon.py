@@ -187,7 +187,7 @@ class EdgeDaemon:
     def serve_local(self) -> None:
         """Answer local inference requests and deploys until SIGTERM, then drain."""
         ctx: zmq.Context = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
+        sock = wire.router(ctx)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         try:

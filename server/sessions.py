@@ -4,8 +4,8 @@ from exhausting it.
 A session is keyed by the client's connection (its routing identity and the server's socket for it), the
 plan and the session number the client chose, so clients cannot reach each other's sequences, and it is
 freed when that connection closes (``drop_peer``): a client that sets its own routing identity cannot take
-over the sessions of an earlier connection with the same one, whether that one has closed or is still open
-(ROUTER_HANDOVER gives the newer connection the id, not the sessions). A step at position 0 opens the session
+over the sessions of an earlier connection with the same one (while that one is open, libzmq does not read
+the newer one at all; once it has closed, its sessions are gone). A step at position 0 opens the session
 (or starts it again); every later step must name the position the cache has reached, so a lost or
 repeated step is refused (``bad-position``) instead of silently corrupting the sequence. Limits: the number
 of sessions, the bytes of all caches together, and the model's positions; a session idle past

@@ -191,14 +191,11 @@ class TailServer:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TailServer:
         """Bind (in the caller's thread, so a busy port or a bad endpoint fails here, at once) and serve."""
-        router = wire.tune(self._ctx.socket(zmq.ROUTER))
+        router = wire.router(self._ctx)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)  # per frame; parse() caps the total
         router.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
         router.setsockopt(zmq.SNDHWM, self.config.max_unread_replies)
-        # a client that sets its routing id and reconnects takes the id over (without this, libzmq
-        # ignores the new connection for as long as it holds the old one's id: with a tail running, for good)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.config.curve:
             self._enable_curve(router)
         try:
@@ -533,8 +530,8 @@ class TailServer:
             ):  # a frame that knows its socket
                 fd = int(ident.get(zmq.SRCFD))
                 self._session_peers.setdefault(fd, set()).add(peer)
-            # the connection is part of the key: a client that connects with another's routing id
-            # (ROUTER_HANDOVER lets it take the id over) reaches none of that client's sessions
+            # the connection is part of the key: a later connection that gets a routing id an earlier
+            # one used (once that one closed) reaches none of the sessions the earlier one left
             key = (peer, fd, msg.plan, session)
             if msg.type == wire.CLOSE:
                 known = self.sessions.close(key)
