@@ -105,6 +105,16 @@ class _Pending:
     error: Exception | None = None
 
 
+def refuse_decoder(plan: Plan) -> None:
+    """A decoder's head reads the KV cache it keeps between steps, which a one-shot request does not carry:
+    the daemon took such a plan and then failed every request with a KeyError from inside the head."""
+    if plan.decoder is not None:
+        raise PlanError(
+            f"plan {plan.plan_id[:12]} splits a decoder: its edge side runs with `splitpoint generate "
+            "PLAN_DIR --server …` (which keeps the edge's KV cache), not as a one-shot edge client or daemon"
+        )
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -118,6 +128,7 @@ class EdgeClient:
         members are one device), called when this client's status changes."""
         self.config = config
         self.plan = Plan.load(config.plan_dir, role="edge")
+        refuse_decoder(self.plan)
         d = Path(config.plan_dir)
         head = make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None
         self._head = HeadRunner(self.plan, head)

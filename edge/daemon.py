@@ -35,7 +35,7 @@ from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
-from .client import EdgeClient, EdgeError
+from .client import EdgeClient, EdgeError, refuse_decoder
 from .config import EdgeConfig
 
 log = logging.getLogger("splitpoint.edge")
@@ -348,9 +348,12 @@ class EdgeDaemon:
         """Install a pushed plan next to the current one (verified and loaded first), then switch to it,
         draining the old client."""
         files = wire.deploy_files(msg)
-        plan, _, target = install_pushed(
-            files, self.plans_dir, check_models_load, "edge", self.config.fallback
-        )
+
+        def load(d: Path, plan: Plan) -> None:
+            refuse_decoder(plan)  # before it is installed: a deploy refused leaves nothing behind
+            check_models_load(d, plan)
+
+        plan, _, target = install_pushed(files, self.plans_dir, load, "edge", self.config.fallback)
         old = self.client
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan

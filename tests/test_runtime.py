@@ -18,7 +18,7 @@ from splitpoint.app.orchestrator import FleetSubscriber, collect, deploy
 from splitpoint.app.process import start_server
 from splitpoint.core import wire
 from splitpoint.core.codecs import encode
-from splitpoint.core.errors import ConfigError, SplitPointError
+from splitpoint.core.errors import ConfigError, PlanError, SplitPointError
 from splitpoint.core.graph import open_model
 from splitpoint.core.plandir import write_plan
 from splitpoint.core.runner import make_session
@@ -732,6 +732,17 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
             ),
             ({"files": names + ["extra.bin"]}, [*frames, b"x"], "does not list"),
         ]
+        # a decoder split: its head reads a KV cache no one-shot request carries (it was taken, and every
+        # request then failed with a KeyError from inside the head)
+        from splitpoint.core.decoders import open_decoder
+        from splitpoint.core.plandir import write_decoder_plan
+
+        dec_plan = write_decoder_plan(open_decoder("decoder-tiny"), tmp_path / "dec", edge_layers=1)
+        dec_names = ["plan.json", *sorted(dec_plan.files_for("edge", fallback=False) - {"plan.json"})]
+        dec_frames = [(tmp_path / "dec" / n).read_bytes() for n in dec_names]
+        cases.append(({"files": dec_names}, dec_frames, "splits a decoder"))
+        with pytest.raises(PlanError, match="runs with `splitpoint generate"):  # as `edge run` starts
+            EdgeClient(EdgeConfig(plan_dir=tmp_path / "dec", server=server.endpoint))
         for i, (meta, fr, message) in enumerate(cases):
             reply = _ask(s, wire.Message(wire.DEPLOY, i, meta=meta, frames=fr).to_frames(), timeout=10000)
             assert (
