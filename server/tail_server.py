@@ -173,6 +173,8 @@ class TailServer:
         self._auth: Any = None
         self._next: zmq.Socket | None = None  # a relay's DEALER to the next stage
         self._next_grace_until = 0.0  # monotonic time until which a send may wait for its connection
+        # forwards waiting for that first connection (id, frames): the socket thread never waits for it
+        self._parked: list[tuple[int, list]] = []
         self._next_monitor: zmq.Socket | None = None
         self._next_up = False  # the relay's next stage: connected (its handshake done), as the monitor says
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
@@ -257,14 +259,17 @@ class TailServer:
         if self.telemetry:
             self.telemetry.close()
 
-    def _send_next(self, frames: list, runner: StageRunner) -> None:
-        """Send onwards without queueing. Just after start (within ``next_connect_grace_s``) wait for the
-        first connection to the next stage; later, or if it does not come, fail at once: a stage that
-        was connected and is gone must not hold requests (each gets an explicit ``unavailable``)."""
+    def _send_next(self, fid: int, frames: list, runner: StageRunner) -> bool:
+        """Send onwards without queueing; False when parked. Just after start (within
+        ``next_connect_grace_s``), before the first connection to the next stage, a request is parked and
+        goes when that connection comes (``_flush_parked``), or fails at the grace's end: the socket thread
+        never waits, so pings and other plans are answered meanwhile. Once the stage has been connected, a
+        request fails at once when it is not: a stage that is gone must not hold requests (each gets an
+        explicit ``unavailable``)."""
         assert self._next is not None
-        wait = self._next_grace_until - time.monotonic()
-        if wait > 0 and not self._next_up:  # at once when connected (a full queue then is busy, not a wait)
-            self._next.poll(int(wait * 1000) + 1, zmq.POLLOUT)
+        if not self._next_up and time.monotonic() < self._next_grace_until:
+            self._parked.append((fid, frames))
+            return False
         try:
             wire.send(self._next, frames, _NOBLOCK)
         except zmq.Again:
@@ -277,6 +282,30 @@ class TailServer:
             raise wire.WireError(
                 wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
             ) from None
+        return True
+
+    def _flush_parked(self, router: zmq.Socket) -> None:
+        """Send the parked forwards once the next stage is connected, each with its full ``--next-timeout``
+        from then; at the grace's end without a connection, fail them."""
+        now = time.monotonic()
+        if not self._next_up and now < self._next_grace_until:
+            return
+        parked, self._parked = self._parked, []
+        for fid, frames in parked:
+            fwd = self._fwd.pop(fid, None)
+            if fwd is None:  # expired meanwhile, and answered
+                continue
+            if not self._next_up:
+                self._fail_forwarded(router, fwd, "is not connected")
+                continue
+            try:
+                wire.send(self._next, frames, _NOBLOCK)
+            except zmq.Again:
+                self._fail_forwarded(router, fwd, "is not connected")
+                continue
+            sent = time.perf_counter()  # re-entered last: deadlines stay in the order _expire reads them
+            fwd.t_sent, fwd.deadline = sent, sent + self.config.next_timeout_s
+            self._fwd[fid] = fwd
 
     def _connect_next(self) -> None:
         """The relay's DEALER to the next stage: no queueing towards a stage that is not connected
@@ -379,6 +408,8 @@ class TailServer:
                 reply = self._work(self._inline.popleft())
                 if reply is not None:
                     self._answer(router, reply)
+            if self._parked:
+                self._flush_parked(router)
             if self._fwd:
                 self._expire(router, time.perf_counter())
             if len(self.sessions):
@@ -679,7 +710,10 @@ class TailServer:
         # Clocked before the send: a thread preempted right after it would otherwise report the
         # next stage as faster than that stage's own clock says.
         t_sent = time.perf_counter()
-        self._send_next(wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames(), runner)
+        out = wire.Message(wire.INFER, fid, req.msg.plan, names, frames=frames).to_frames()
+        sent = self._send_next(fid, out, runner)
+        # parked: its deadline counts from the grace's end at the latest (reset when it is sent)
+        wait = 0.0 if sent else max(0.0, self._next_grace_until - time.monotonic())
         timing = {
             "queue_ms": (t0 - req.t_recv) * 1e3,
             "decode_ms": (t1 - t0) * 1e3,
@@ -694,7 +728,7 @@ class TailServer:
             runner.index,
             req.t_recv,
             t_sent,
-            t_sent + self.config.next_timeout_s,
+            t_sent + wait + self.config.next_timeout_s,
             own,
             own_frames,
             timing,
@@ -812,7 +846,9 @@ class TailServer:
             if event & zmq.EVENT_DISCONNECTED:
                 gone, self._next_up = True, False
             elif event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._next_up = True
+                # the grace is for the first connection: once one was made, a stage not connected fails
+                # a request at once (a wait after a lost connection held each request 5 s)
+                self._next_up, self._next_grace_until = True, 0.0
         if gone and self._fwd:
             lost, self._fwd = list(self._fwd.values()), {}
             log.warning("the next stage disconnected: failing %d forwarded request(s)", len(lost))

@@ -338,7 +338,9 @@ def test_an_edge_only_plan_never_says_a_server_lacks_it(tmp_path, small_resnet18
 
 def test_a_relay_started_before_its_next_stage_holds_the_first_request_until_it_connects(chain):
     """Started together, a relay is not yet connected onwards when the first request comes: within its
-    grace after start it waits for the connection rather than refusing."""
+    grace after start it holds the request for the connection rather than refusing, and meanwhile answers
+    others (its socket thread waited, and a ping took the rest of the grace). The grace is for the first
+    connection only: once the next stage has come and gone, a request fails at once."""
     ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", ep_server, "--next-grace", "60")
     server = None
@@ -351,9 +353,20 @@ def test_a_relay_started_before_its_next_stage_holds_the_first_request_until_it_
             feeds = x()
             pending = c.submit(feeds)
             time.sleep(0.5)
+            t0 = time.monotonic()
+            _pong(ep_relay, within_s=10)
+            assert time.monotonic() - t0 < 2  # answered while the request waits
+            assert not pending.done()
             server = start_server(ep_server, chain["plans"])  # the next stage comes up after the request
             r = pending.result(timeout=60)
             np.testing.assert_allclose(r.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-5)
+            stop(server)
+            server = None
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            with pytest.raises(EdgeError, match="unavailable") as exc:
+                c.infer(x(), timeout=60)
+            assert exc.value.code == "unavailable" and time.monotonic() - t0 < 3  # not the 60 s grace
     finally:
         stop(relay)
         if server is not None:
