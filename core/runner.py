@@ -267,6 +267,12 @@ def symbol_conflict(
     return None
 
 
+def stage_shapes(plan: Plan, stage: int) -> dict[str, tuple]:
+    """What stage ``stage`` receives, by name, with the plan's shapes (sizes, symbols, None unknown): the
+    sizes a request gave its symbols (the batch ``N``) there, which the answer must give them too."""
+    return {t.name: _spec_shape(t.shape) for t in plan.stages[stage].receives if t.shape and t.shape != "?"}
+
+
 def input_shapes(plan: Plan) -> dict[str, tuple]:
     """The plan's model inputs' shapes (sizes, symbols, None where unknown), by name."""
     return {i.name: _spec_shape(i.shape) for i in plan.inputs if i.shape and i.shape != "?"}

@@ -41,7 +41,14 @@ from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
-from splitpoint.core.runner import Expect, StageRunner, mismatch, output_expects
+from splitpoint.core.runner import (
+    Expect,
+    StageRunner,
+    mismatch,
+    output_expects,
+    stage_shapes,
+    symbol_conflict,
+)
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
@@ -123,6 +130,7 @@ class _Forward:
     names: list[str]  # model outputs computed at this stage, returned with the reply
     frames: list  # their payloads
     timing: dict  # this stage's own times (ms)
+    sizes: dict  # the request's symbolic dimensions (the batch N): their sizes, and the tensor that gave them
 
 
 MAX_STAGES_META = 16  # stage timings a relay passes upstream (one per stage after the edge)
@@ -701,6 +709,8 @@ class TailServer:
         t1 = time.perf_counter()
         sends, outs = _run_stage(runner, feeds)
         t2 = time.perf_counter()
+        sizes: dict[str, tuple[int, str]] = {}  # the next stage's answer must keep the request's batch
+        symbol_conflict(feeds, stage_shapes(req.entry.plan, runner.index), sizes)
         names = list(sends)
         frames = [encode(sends[n], runner.stage.codec) for n in names]
         own = list(outs)
@@ -732,6 +742,7 @@ class TailServer:
             own,
             own_frames,
             timing,
+            sizes,
         )
 
     def _on_next(self, router: zmq.Socket, frames: list) -> None:
@@ -806,6 +817,7 @@ class TailServer:
                 f" (missing {missing[:8]}, not the plan's {extra})" if missing or extra else " (repeated)"
             )
         expects = output_expects(plan)
+        got = {}
         for n, f in zip(msg.tensors, msg.frames, strict=True):
             try:
                 arr = decode(wire.buffer(f), self.config.max_message_bytes)
@@ -814,7 +826,10 @@ class TailServer:
             bad = mismatch(n, arr, expects[n]) if n in expects else None
             if bad is not None:
                 return bad
-        return None
+            got[n] = arr
+        # each fits the plan, but as an answer to another request (a batch of 5 for a request of 1)
+        shapes = {n: shape for n, (_, shape) in expects.items() if shape}
+        return symbol_conflict(got, shapes, dict(fwd.sizes))
 
     def _fail_forwarded(self, router: zmq.Socket, fwd: _Forward, why: str) -> None:
         self.stats.answered(False)

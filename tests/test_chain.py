@@ -622,8 +622,9 @@ def test_a_relay_whose_next_hop_is_backed_up_answers_busy_and_holds_a_bounded_qu
 
 
 def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
-    """A hostile or broken next stage answers with a wrong shape, a garbage payload, a missing output or
-    an extra one: the relay answers `unavailable` saying why, instead of forwarding what it got."""
+    """A hostile or broken next stage answers with a wrong shape, a garbage payload, a missing output,
+    an extra one, or a batch of 5 for a request of 1: the relay answers `unavailable` saying why, instead
+    of forwarding what it got."""
     import threading
 
     import zmq
@@ -640,8 +641,10 @@ def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
             ([want[0]], [b"garbage"], want[0]),
             ([], [], "missing"),
             ([want[0], "evil"], [encode(good, "float32")] * 2, "not the plan's"),
+            ([want[0]], [encode(np.zeros((5, 1000), np.float32), "float32")], "is 1 in tensor"),
         ]
     )
+    assert plan.outputs[0].shape.startswith("N"), plan.outputs  # the batch is free: 5 fits the plan
     ctx = zmq.Context.instance()
     fake = ctx.socket(zmq.ROUTER)
     port = fake.bind_to_random_port("tcp://127.0.0.1")
@@ -667,7 +670,7 @@ def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
     try:
         cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
         with EdgeClient(cfg) as c:
-            for why in ("shape", want[0], "missing", "not the plan's"):
+            for why in ("shape", want[0], "missing", "not the plan's", "is 1 in tensor"):
                 with pytest.raises(EdgeError, match="does not fit the plan") as exc:
                     c.infer(x(), timeout=30)
                 assert exc.value.code == "unavailable" and why in str(exc.value), str(exc.value)
