@@ -1106,6 +1106,7 @@ def deploy(
     from splitpoint.core.planset import PlanSet, is_plan_set
 
     from .orchestrator import deploy as push
+    from .orchestrator import files_to_push
 
     relays = []
     for r in relay or []:
@@ -1135,6 +1136,7 @@ def deploy(
             )
         dirs = [plan_dir / m.dir for m in PlanSet.load(plan_dir, role="server")[0].members]
     from splitpoint.core.endpoints import check_endpoint
+    from splitpoint.core.plan import Plan
 
     for ep, _ in targets:  # a malformed endpoint is the command's error, before any device is tried
         try:
@@ -1142,9 +1144,7 @@ def deploy(
         except ValueError as exc:
             raise SplitPointError(f"--server/--relay/--edge: {exc}") from exc
     if not is_plan_set(plan_dir):  # a chain's middle stages need a device each: say which has none
-        from splitpoint.core.plan import Plan
-
-        stages = len(Plan.load(plan_dir).stages)
+        stages = len(Plan.load(plan_dir, verify=False).stages)  # files: each target's, below
         for r in relay or []:
             if int(r.partition("=")[0]) >= stages:
                 raise SplitPointError(
@@ -1159,6 +1159,9 @@ def deploy(
                 "serves it (deployed earlier, or given to the relay at its start: "
                 "`splitpoint relay PLAN_DIR --stage I ...`)"
             )
+    for _, role in targets:  # every file each target is sent, checked before any is pushed
+        for d in dirs:
+            files_to_push(d, role)
     failed: list[str] = []
     for ep, role in targets:  # each device gets the files of its role only; one failing stops no other
         for d in dirs:

@@ -14,9 +14,22 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.endpoints import check_endpoint
-from splitpoint.core.errors import ConfigError, SplitPointError
+from splitpoint.core.errors import ConfigError, PlanError, SplitPointError
 from splitpoint.core.plan import PLAN_FILE, Plan
 from splitpoint.core.telemetry import TOPIC_ROOT, BrokerURL
+
+
+def files_to_push(plan_dir: str | Path, role: str) -> tuple[Plan, list[str]]:
+    """The plan and the files a target in ``role`` is sent (plan.json first), each present and matching
+    its checksum: only what that target holds (a server needs no head.onnx), the edge's whole model for
+    falling back included where the plan lists it. Checked for every target before any is pushed."""
+    plan = Plan.load(plan_dir, role=role)
+    d = Path(plan_dir)
+    names = [PLAN_FILE, *sorted(plan.files_for(role))]
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise PlanError(f"{d}: {', '.join(missing)} missing (the plan lists it; the {role} is sent it)")
+    return plan, names
 
 
 def deploy(
@@ -34,9 +47,8 @@ def deploy(
         check_endpoint(endpoint)
     except ValueError as exc:
         raise ConfigError(f"--server/--edge: {exc}") from exc
-    plan = Plan.load(plan_dir)
+    plan, names = files_to_push(plan_dir, role)
     d = Path(plan_dir)
-    names = [PLAN_FILE, *sorted(plan.files_for(role))]
     frames = [(d / n).read_bytes() for n in names]
     ctx: zmq.Context = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)

@@ -147,6 +147,37 @@ def test_a_server_started_on_a_tampered_set_refuses_it_as_deploy_does(pair, tmp_
     assert r.returncode != 0 and "is a plan of another model" in r.stdout + r.stderr
 
 
+def test_deploying_a_set_checks_every_member_for_its_target_before_pushing_any(pair, tmp_path):
+    """`deploy SET --server` read every member's files, the edge's too: a set without an edge-only
+    member's head.onnx, which `serve` accepts, failed at that member after pushing the ones before it. Now
+    each target's files are checked first (a server's only), and a set that fails that check pushes
+    nothing."""
+    import shutil
+
+    out, _, _ = pair
+    s, plans = PlanSet.load(out)
+    edge_member = next(m for m, p in zip(s.members, plans, strict=True) if p.kind == EDGE_ONLY)
+    server_member = next(m for m, p in zip(s.members, plans, strict=True) if p.kind != EDGE_ONLY)
+    lean = tmp_path / "lean"
+    shutil.copytree(out, lean)
+    (lean / edge_member.dir / "head.onnx").unlink()  # the edge's file: a server is never sent it
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "served")).start()
+    try:
+        ok = run_cli("deploy", str(lean), "--server", str(srv.endpoint), timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.count("acknowledged (server)") == len(s.members)
+        broken = tmp_path / "broken"
+        shutil.copytree(out, broken)
+        tail = broken / server_member.dir / "tail.onnx"
+        tail.write_bytes(tail.read_bytes()[:-1] + b"\0")
+        served = sorted(p.name for p in (tmp_path / "served").iterdir())
+        bad = run_cli("deploy", str(broken), "--server", str(srv.endpoint), timeout=120)
+        assert bad.returncode == 2 and "checksum" in bad.stderr and "acknowledged" not in bad.stdout
+        assert sorted(p.name for p in (tmp_path / "served").iterdir()) == served  # nothing pushed
+    finally:
+        srv.stop()
+
+
 def test_the_edge_switches_as_the_link_changes_and_loses_nothing(pair, mosquitto):
     from splitpoint.app.orchestrator import FleetSubscriber
 
