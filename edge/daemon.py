@@ -212,27 +212,28 @@ class EdgeDaemon:
                         self._on_local(sock, frames, pending)
                 self._start_backlog(sock, pending)
                 pending = self._answer_done(sock, pending)
-            for ident, rid, *_ in self._backlog:  # never started: nothing to drain
-                self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down")
+            for ident, rid, _, _, named in self._backlog:  # never started: nothing to drain
+                self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down", named)
             self._backlog.clear()
             end = time.monotonic() + self.config.timeout_s * 2
             while pending and time.monotonic() < end:  # drain; what arrives meanwhile is told so
                 if sock.poll(5):
                     for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
                         if len(frames) >= 2:
-                            rid = wire.best_effort_id(frames[1:])
-                            self._refuse(sock, frames[0], rid, "closed", "the edge daemon is shutting down")
+                            why = "the edge daemon is shutting down"
+                            err = wire.best_effort_error(frames[1:], "closed", why)
+                            sock.send_multipart([frames[0], *err.to_frames()])
                 pending = self._answer_done(sock, pending)
-            for ident, rid, *_ in pending:
-                self._refuse(
-                    sock, ident, rid, "closed", "the edge daemon stopped before the request finished"
-                )
+            for ident, rid, _, plan_id in pending:
+                why = "the edge daemon stopped before the request finished"
+                self._refuse(sock, ident, rid, "closed", why, plan_id)
         finally:
             sock.close(linger=1000)  # the last answers (and the `closed` ones) reach their clients
 
     @staticmethod
-    def _refuse(sock: zmq.Socket, ident: Any, rid: int, code: str, why: str) -> None:
-        sock.send_multipart([ident, *wire.error(rid, code, why).to_frames()])
+    def _refuse(sock: zmq.Socket, ident: Any, rid: int, code: str, why: str, plan: str = "") -> None:
+        """``plan``: the one the request named (an error answering a request carries it)."""
+        sock.send_multipart([ident, *wire.error(rid, code, why, plan).to_frames()])
 
     def _start_backlog(self, sock: zmq.Socket, pending: list) -> None:
         """Start the local requests that wait for room in the client's window, oldest first; the socket
@@ -248,6 +249,7 @@ class EdgeDaemon:
                     wire.E_UNKNOWN_PLAN,
                     f"this daemon switched to plan {self.client.plan.plan_id[:12]}… before the request "
                     f"(which named {pinned[:16]!r}) started",
+                    pinned,
                 )
                 continue
             waited = time.monotonic() - since
@@ -257,18 +259,18 @@ class EdgeDaemon:
                 try:
                     local = self.client.fall_back(feeds, why)
                 except SplitPointError as exc:
-                    self._refuse(sock, ident, rid, "bad-input", str(exc))
+                    self._refuse(sock, ident, rid, "bad-input", str(exc), pinned)
                     continue
                 if local is not None:  # as a request the server did not answer in time
                     pending.append((ident, rid, local, self.client.plan.plan_id))
                 else:
-                    self._refuse(sock, ident, rid, "timeout", why)
+                    self._refuse(sock, ident, rid, "timeout", why, pinned)
                 continue
             try:
                 fut = self.client.try_submit(feeds)
             except EdgeError as exc:
                 self._backlog.popleft()
-                self._refuse(sock, ident, rid, exc.code, str(exc))
+                self._refuse(sock, ident, rid, exc.code, str(exc), pinned)
                 continue
             if fut is None:
                 return
@@ -288,9 +290,9 @@ class EdgeDaemon:
         try:
             r = fut.result(0)
         except EdgeError as exc:
-            return wire.error(rid, exc.code, str(exc))
+            return wire.error(rid, exc.code, str(exc), plan_id)
         except Exception as exc:
-            return wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            return wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", plan_id)
         meta = {"fallback": r.fallback, "breakdown": dict(r.breakdown)}
         frames = [encode(o, "float32") for o in r.outputs]
         # the plan that answered, not the one running now: a deploy may have switched since it started
@@ -301,10 +303,8 @@ class EdgeDaemon:
         if len(frames) < 2:
             return  # no identity and message: nothing to answer
         ident, body = frames[0], frames[1:]
-        rid = wire.best_effort_id(body)
         try:
             msg = wire.parse(body, self.config.max_message_bytes)
-            rid = msg.id
             if msg.type == wire.INFER:
                 if msg.plan and msg.plan != self.client.plan.plan_id:
                     raise wire.WireError(
@@ -325,12 +325,17 @@ class EdgeDaemon:
             else:
                 raise wire.WireError(wire.E_BAD_MESSAGE, f"the edge daemon does not accept {msg.type!r}")
         except (wire.WireError, CodecError, EdgeError) as exc:
-            self._refuse(sock, ident, rid, exc.code, str(exc))
+            self._refuse_message(sock, ident, body, exc.code, str(exc))
         except PlanError as exc:
-            self._refuse(sock, ident, rid, wire.E_BAD_PLAN, str(exc))
+            self._refuse_message(sock, ident, body, wire.E_BAD_PLAN, str(exc))
         except Exception as exc:  # the daemon never dies on one message
             log.exception("local request failed")
-            self._refuse(sock, ident, rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._refuse_message(sock, ident, body, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _refuse_message(sock: zmq.Socket, ident: Any, body: list, code: str, why: str) -> None:
+        """An error for a message as its header reads, well-formed or not: its id and the plan it named."""
+        sock.send_multipart([ident, *wire.best_effort_error(body, code, why).to_frames()])
 
     def _feeds(self, msg: wire.Message) -> dict[str, np.ndarray]:
         """The model inputs of a local request: exactly the plan's inputs, each a valid payload."""

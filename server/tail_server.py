@@ -486,12 +486,12 @@ class TailServer:
             if not self._may_deploy(body[0]):
                 self.stats.add(rejected=1)
                 why = "this key is not on the server's deploy allow-list (--deploy-allow)"
-                self._send(router, ident, wire.error(msg.id, wire.E_UNAUTHORIZED, why))
+                self._send(router, ident, wire.error(msg.id, wire.E_UNAUTHORIZED, why, msg.plan))
                 return
             try:
                 self._deployer.submit(self._deploy, ident, msg)
             except RuntimeError:  # stopping: the deploy thread takes no more
-                self._send(router, ident, wire.error(msg.id, wire.E_BUSY, "the server is stopping"))
+                self._send(router, ident, wire.error(msg.id, wire.E_BUSY, "the server is stopping", msg.plan))
         elif msg.type == wire.INFER:
             self._admit(router, ident, msg, t_recv)
         elif msg.type in (wire.STEP, wire.CLOSE):
@@ -501,7 +501,7 @@ class TailServer:
             self._send(
                 router,
                 ident,
-                wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}"),
+                wire.error(msg.id, wire.E_BAD_MESSAGE, f"a server does not accept {msg.type!r}", msg.plan),
             )
 
     def _may_deploy(self, header: Any) -> bool:
@@ -893,12 +893,12 @@ class TailServer:
             reply = wire.Message(wire.DEPLOYED, msg.id, plan.plan_id)
             self._status()
         except wire.WireError as exc:
-            reply = wire.error(msg.id, exc.code, str(exc))
+            reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
         except (PlanError, SplitPointError) as exc:
-            reply = wire.error(msg.id, wire.E_BAD_PLAN, str(exc))
+            reply = wire.error(msg.id, wire.E_BAD_PLAN, str(exc), msg.plan)
         except Exception as exc:  # never lose the answer to a deploy
             log.exception("deploy failed")
-            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
         if not self._replies.send([ident, *reply.to_frames()], block=False):
             log.warning("server stopping: deploy reply dropped")
 

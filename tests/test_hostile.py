@@ -586,6 +586,10 @@ def test_an_error_for_a_malformed_request_names_its_id_and_plan(served):
     reply = _ask(served["sock"], [b"\x83\xa1v\x01\xa4type\xa4ping", b""])
     assert reply.meta["code"] == wire.E_BAD_MESSAGE and reply.plan == "", reply.meta
     assert reply.meta["message"] == "header is not UTF-8 text: it must be a JSON object", reply.meta
+    # a well-formed message of a type a server does not take (its own replies' types) names its plan too
+    for kind in (wire.RESULT, wire.CLOSED, wire.PONG, wire.DEPLOYED):
+        reply = _ask(served["sock"], wire.Message(kind, 6, plan_id).to_frames())
+        assert (reply.meta["code"], reply.id, reply.plan) == (wire.E_BAD_MESSAGE, 6, plan_id), reply.meta
 
 
 def test_replies_a_client_does_not_read_are_bounded_by_max_unread_replies(tmp_path):

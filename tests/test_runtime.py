@@ -769,6 +769,12 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
         for m, code in zip(bad, ["bad-tensor", "bad-tensor", "bad-input", "unknown-plan"], strict=True):
             reply = _ask(s, m.to_frames(), timeout=10000)
             assert (reply.type, reply.id, reply.meta["code"]) == (wire.ERROR, m.id, code), reply.meta
+            if m.plan:  # an error answering a request carries the plan it named
+                assert reply.plan == m.plan
+        # refused as malformed, the plan its header names still comes back (protocol.md, Errors)
+        odd = {"v": 2, "type": "infer", "id": 47, "plan": "cd" * 32}
+        reply = _ask(s, [json.dumps(odd).encode()], timeout=10000)
+        assert (reply.id, reply.meta["code"], reply.plan) == (47, "bad-version", "cd" * 32), reply.meta
         # its own plan's id, or none, is answered
         plan_id = _ask(s, wire.Message(wire.PING, 98).to_frames(), timeout=10000).plan
         for pid in (plan_id, ""):
