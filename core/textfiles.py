@@ -59,6 +59,12 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or infinity)")
+
+
 def load_json(text: str | bytes) -> Any:
-    """``json.loads`` that refuses a key given twice in one object (raises ``DuplicateKeyError``)."""
-    return json.loads(text, object_pairs_hook=_pairs)
+    """``json.loads`` that refuses a key given twice in one object (raises ``DuplicateKeyError``) and the
+    ``NaN``/``Infinity`` tokens Python's json accepts (``ValueError``): no writer of ours emits them
+    (pydantic writes null), and a pushed plan carrying one had it checked into its id and kept."""
+    return json.loads(text, object_pairs_hook=_pairs, parse_constant=_not_json)

@@ -412,6 +412,10 @@ def test_a_key_given_twice_in_a_hand_written_file_is_refused_with_both_lines(tmp
         load_measured(prof)
     with pytest.raises(PlanError, match="duplicate key 'plan_id'"):
         json_object(b'{"plan_id": "a", "plan_id": "b"}', "plan.json", "plan")
+    # Python's json reads NaN and Infinity, which JSON has not: a pushed plan carried them into its id
+    for token in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(PlanError, match=f"{token} is not a JSON value"):
+            json_object(b'{"predicted": {"latency_ms": ' + token.encode() + b"}}", "plan.json", "plan")
     # YAML's merge keys stay what they are: later keys override the merged ones
     from splitpoint.core.textfiles import load_yaml
 
