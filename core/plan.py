@@ -61,7 +61,7 @@ ROLES = ("edge", "server")  # and "stage-I" for stage I of a chain: see Plan.fil
 Kind = Literal["split", "server-only", "edge-only"]
 
 MAX_PLAN_BYTES = 16 * 2**20  # plan.json is metadata: a larger one is refused before parsing
-MAX_FILES = 64
+MAX_FILES = 64  # files a plan lists (and a deploy carries besides plan.json)
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -91,7 +91,10 @@ class TensorSpec(_Strict):
 def plain_file_name(name: str) -> str:
     """A file name a plan may carry: no directories, no leading dot, no odd characters."""
     if not _FILE_NAME.match(name) or name in (".", ".."):
-        raise PlanError(f"file name {name[:80]!r} is not a plain name (letters, digits, '.', '_', '-')")
+        raise PlanError(
+            f"file name {name[:80]!r} is not a plain name (1 to 128 letters, digits, '.', '_', '-'; not "
+            "starting with '.', '_' or '-')"
+        )
     return name
 
 

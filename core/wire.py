@@ -19,12 +19,13 @@ import orjson
 import zmq
 from zmq.backend import Socket as _RawSocket
 
+from .plan import MAX_FILES  # files in one deploy, besides plan.json
+
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_DEPTH = 16  # nesting of arrays/objects in a header; ours use 3
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 MAX_TENSORS = 512  # a model's outputs or a cut's tensors in one message (a 32-layer decoder has 65 outputs)
-MAX_FILES = 64  # files in one deploy
 MAX_ID = 2**63 - 1
 
 # message types
@@ -117,6 +118,10 @@ def deploy_files(msg: Message) -> dict[str, bytes]:
         or not all(isinstance(n, str) for n in names)
     ):
         raise WireError(E_BAD_PLAN, "deploy needs meta.files naming each frame")
+    if len(names) > MAX_FILES + 1:  # the limit protocol.md gives with the other sizes
+        raise WireError(
+            E_TOO_LARGE, f"a deploy carries plan.json and at most {MAX_FILES} files, not {len(names)}"
+        )
     if len(set(names)) != len(names):
         raise WireError(E_BAD_PLAN, "deploy names a file twice")
     if any("/" in n or "\\" in n or n.startswith(".") or not n for n in names):

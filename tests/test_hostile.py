@@ -575,6 +575,26 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     )
 
 
+def test_a_deploy_past_the_file_limit_is_too_large_and_a_long_name_is_said_so(served):
+    """protocol.md lists a deploy's 64 files with the size limits (`too-large`); past them it was refused
+    as `bad-plan` once the plan was parsed. A name past 128 characters was told it is not a plain name,
+    though it was one."""
+    from splitpoint.core.plan import MAX_FILES
+
+    names = ["plan.json", *(f"f{k}.bin" for k in range(MAX_FILES + 1))]
+    msg = wire.Message(wire.DEPLOY, 8, meta={"files": names}, frames=[b"{}"] * len(names))
+    reply = _ask(served["sock"], msg.to_frames())
+    assert reply.meta["code"] == wire.E_TOO_LARGE and f"at most {MAX_FILES} files" in reply.meta["message"]
+    plan = json.loads((served["plans"] / "p" / "plan.json").read_text())
+    long = "t" * 129 + ".onnx"
+    plan["files"] = {long: "0" * 64}
+    msg = wire.Message(
+        wire.DEPLOY, 9, meta={"files": ["plan.json", long]}, frames=[json.dumps(plan).encode(), b"x"]
+    )
+    reply = _ask(served["sock"], msg.to_frames())
+    assert reply.meta["code"] == wire.E_BAD_PLAN and "1 to 128" in reply.meta["message"], reply.meta
+
+
 def test_an_error_for_a_malformed_request_names_its_id_and_plan(served):
     """A request refused as malformed while its header still reads is answered with its id and the plan it
     named, as every error answering a request is; a binary header is told it is not UTF-8."""
