@@ -134,3 +134,30 @@ def test_bench_results_say_when_and_on_which_code_they_ran():
     assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?|splitpoint .+", p["commit"]), p["commit"]
     assert line(p) == f"{p['when']}, commit {p['commit']}"
     assert line({"cpu_model": "x"}) == ""  # results saved before runs named them
+
+
+def test_the_report_gives_the_command_that_reproduces_the_run():
+    """It printed the models, networks and device only: a run with --input-shape, --link proxy or
+    --seconds could not be repeated from its report."""
+    from splitpoint.app.bench.run import BenchConfig, bench_command
+
+    cfg = BenchConfig(
+        models=("my.onnx",), networks=("5g",), link="proxy", seconds=1, max_front=2,
+        input_shapes=("x:1x3x224x224",), out="work/b",
+    )  # fmt: skip
+    assert bench_command(cfg) == (
+        "splitpoint bench --models my.onnx --networks 5g --device rpi4 --link proxy --seconds 1 "
+        "--max-front 2 --input-shape x:1x3x224x224 -o work/b"
+    )
+    plain = bench_command(BenchConfig(models=("resnet18",), networks=("lte",), out="o"))
+    assert plain == "splitpoint bench --models resnet18 --networks lte --device rpi4 -o o"
+
+
+def test_a_bench_outside_the_results_layout_is_not_graded_on_the_committed_runtime_run(saved, tmp_path):
+    """A user's `bench -o work/b` found benchmarks/results/runtime.json in the source tree and graded its
+    own report MISSED on that run, of another machine and date."""
+    results = copy.deepcopy(saved)
+    out = tmp_path / "work" / "b"
+    assert report.runtime_results(out) is None
+    oh = _overhead(report.targets(results, report.load_runtime(report.runtime_results(out), out)))
+    assert oh["ok"] is None and "not measured by this bench" in oh["measured"]

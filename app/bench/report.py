@@ -158,10 +158,11 @@ RUNTIME_BENCH = "benchmarks/bench_runtime.py"
 
 
 def runtime_results(out: Path) -> Path | None:
-    """The runtime bench's results, where they are kept: beside the bench's folder (the repository's
-    benchmarks/results layout), else in the source tree this module runs from."""
-    here = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "runtime.json"
-    return next((p for p in (out.parent / "runtime.json", here) if p.is_file()), None)
+    """The runtime bench's results where they sit beside the bench's folder (the repository's
+    benchmarks/results layout). Not the source tree's: a user's bench elsewhere was graded on the
+    repository's committed run, of another machine and date, linked by a path outside its folder."""
+    p = out.parent / "runtime.json"
+    return p if p.is_file() else None
 
 
 def load_runtime(path: Path | None, out: Path | None = None) -> dict | None:
@@ -429,14 +430,23 @@ def models_section(results: dict) -> list[str]:
     return [*out, ""]
 
 
+def _command(results: dict) -> str:
+    """The run's own command line (results of older runs have none: their models, networks and device)."""
+    if results.get("command"):
+        return str(results["command"])
+    cfg = results["config"]
+    return f"splitpoint bench --models {','.join(cfg['models'])} --networks {','.join(cfg['networks'])} " + (
+        f"--device {cfg['device']}"
+    )
+
+
 def markdown(results: dict) -> str:
     cal, cfg = results["edge_calibration"], results["config"]
     mech = sorted({r["link"]["mechanism"] for r in results["runs"]})
     out = [
         "# SplitPoint bench",
         "",
-        f"`splitpoint bench --models {','.join(cfg['models'])} --networks {','.join(cfg['networks'])} "
-        f"--device {cfg['device']}` "
+        f"`{_command(results)}` "
         f"on {results['machine'].get('cpu_model', '?')} ({results['machine'].get('cores_logical', '?')} "
         f"cores), "
         f"{results['seconds'] / 60:.1f} min in all" + sentence_end(results["machine"]),

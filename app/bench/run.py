@@ -101,6 +101,28 @@ class BenchConfig(StrictConfig):
         return self
 
 
+def bench_command(cfg: BenchConfig) -> str:
+    """The command line that reproduces a bench, for its report: every option that differs from its
+    default (the report printed models, networks and device only, and a run with --input-shape or
+    --link proxy could not be repeated from it)."""
+    defaults = BenchConfig.model_fields
+    parts = ["splitpoint bench", f"--models {','.join(cfg.models)}", f"--networks {','.join(cfg.networks)}"]
+    parts.append(f"--device {cfg.device}")
+    for field, option in (
+        ("link", "--link"),
+        ("seconds", "--seconds"),
+        ("window", "--window"),
+        ("max_front", "--max-front"),
+        ("front_budget", "--front-budget"),
+        ("min_fidelity", "--min-fidelity"),
+    ):
+        value = getattr(cfg, field)
+        if value != defaults[field].default:
+            parts.append(f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}")
+    parts += [f"--input-shape {s}" for s in cfg.input_shapes]
+    return " ".join([*parts, f"-o {cfg.out}"])
+
+
 def _key(c) -> str:
     i = c.inp
     return f"{i.kind}-{i.cut if i.cut is not None else 'x'}-{i.codec.replace('+', '_')}-{i.head_weights}"
@@ -394,6 +416,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-"))
     results: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
+        "command": bench_command(cfg),
         "machine": {**device_facts(), **provenance()},
         "edge_calibration": calib.to_dict(),
         "models": {},
