@@ -106,13 +106,17 @@ def _crossing_cell(crossing: list) -> str:
 
     if len(crossing) <= SHOWN_CROSSING:
         return ", ".join(one(x) for x in crossing)
-    big = sorted(crossing, key=lambda x: -(x.bytes_per_sample or 0))[: SHOWN_CROSSING - 1]
+    # a tensor of unknown size (a shape only a run could tell) may be the largest: shown first, never
+    # summed as 0 bytes
+    big = sorted(crossing, key=lambda x: (x.bytes_per_sample is not None, -(x.bytes_per_sample or 0)))[
+        : SHOWN_CROSSING - 1
+    ]
     rest = [x for x in crossing if x not in big]
-    rest_bytes = sum(x.bytes_per_sample or 0 for x in rest)
-    return (
-        ", ".join(one(x) for x in big)
-        + f", and {len(rest)} more ({human_bytes(rest_bytes)} in all; --json lists them)"
-    )
+    sizes = [x.bytes_per_sample for x in rest]
+    known = human_bytes(sum(b for b in sizes if b is not None))
+    unknown = sum(b is None for b in sizes)
+    total = f"{known} in all" if not unknown else f"{known} and {unknown} of unknown size"
+    return ", ".join(one(x) for x in big) + f", and {len(rest)} more ({total}; --json lists them)"
 
 
 def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:

@@ -71,6 +71,28 @@ def test_a_cut_carrying_many_tensors_shows_the_largest_and_counts_the_rest(tmp_p
     assert "b1[" not in cell and "and 3 more (56 B in all; --json lists them)" in cell, row
 
 
+def test_tensors_of_unknown_size_are_shown_first_and_not_summed_as_nothing():
+    """A GRU's cut carried two tensors whose size shape inference could not follow (the largest, at run
+    time) and three of a few bytes: the cell hid the two and said the rest came to "0 B in all"."""
+    from splitpoint.app.console import _crossing_cell
+    from splitpoint.core.graph.cuts import CrossingTensor
+
+    crossing = [
+        CrossingTensor("val_52", "4", "int64", 32, "head"),
+        CrossingTensor("val_53", "1", "int64", 8, "head"),
+        CrossingTensor("val_55", "1", "int64", 8, "head"),
+        CrossingTensor("zeros", "2xbatchx24", "float32", None, "head"),
+        CrossingTensor("val_51", "20xbatchx1x24", "float32", None, "head"),
+    ]
+    cell = _crossing_cell(crossing)
+    assert cell.startswith("zeros[2xbatchx24], val_51[20xbatchx1x24], val_52[4]"), cell
+    assert "and 2 more (16 B in all; --json lists them)" in cell, cell
+    crossing[0] = CrossingTensor("val_52", "?", "float32", None, "head")
+    crossing[1] = CrossingTensor("val_53", "?", "float32", None, "head")
+    cell = _crossing_cell(crossing)  # four of unknown size: one of them among the rest
+    assert "and 2 more (8 B and 1 of unknown size; --json lists them)" in cell, cell
+
+
 def test_split_writes_a_verified_plan_that_reproduces_the_model(small_resnet, tmp_path):
     out = tmp_path / "plan"
     run_cli("split", str(small_resnet), "--cut", "bn_3,maxpool_0", "-o", str(out), check=True)
