@@ -1030,7 +1030,7 @@ def edge_run(
     window: Annotated[int, typer.Option(help="requests in flight")] = 4,
     timeout: Annotated[float, typer.Option(help="seconds before a request falls back (or fails)")] = 2.0,
     no_fallback: Annotated[
-        bool, typer.Option(help="fail instead of running the whole model locally")
+        bool, typer.Option("--no-fallback", help="fail instead of running the whole model locally")
     ] = False,
     threads: Annotated[int, typer.Option()] = 1,
     mqtt: Mqtt = None,
@@ -1224,7 +1224,7 @@ def watch(
 
 @app.command()
 def demo(
-    model: Annotated[str, typer.Option(help="zoo model")] = "resnet18",
+    model: Annotated[str, typer.Option(help="zoo model or .onnx path")] = "resnet18",
     network: Annotated[str, typer.Option(help="network profile to plan for")] = "wifi6",
     requests: Annotated[int, typer.Option()] = 120,
     window: Annotated[int, typer.Option()] = 4,

@@ -35,13 +35,21 @@ class _Reader:
 
 @contextmanager
 def _quiet_root_logger():
-    """onnxruntime's quantiser logs advisory warnings on the root logger; keep them out of the CLI."""
+    """onnxruntime's quantiser logs advisory warnings on the root logger, its calibration sessions log
+    ("Removing initializer …", in colour) through onnxruntime's own logger, and its scale arithmetic warns
+    through numpy on a tensor whose range is infinite (an attention mask's -inf, which it then handles):
+    none of it is the user's to act on, so none reaches the CLI."""
+    import onnxruntime as ort
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
     try:
-        yield
+        with np.errstate(all="ignore"):
+            yield
     finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default; nothing here sets another
         root.setLevel(level)
 
 
