@@ -92,6 +92,16 @@ def test_candidates_below_the_edge_s_quota_are_not_judged(saved):
     assert "1 candidates not judged" in pe["measured"] and "1 ms of CPU" in pe["measured"]
     md = report.markdown(derived)
     assert "(not judged: below the edge's quota, run at full speed)" in md
+    # the burst the calibration measured after idle time is the threshold where it exceeds the quota:
+    # a 2.75 ms edge run went through whole on a kernel that let 3 ms through
+    results = copy.deepcopy(saved)
+    results["edge_calibration"] |= {"cpus": 0.05, "mechanism": "cgroup-v1 cfs quota", "burst_ms": 3.0}
+    run = results["runs"][0]
+    for r in run["rows"]:
+        r["measured"]["edge_cpu_ms_per_request"] = 5.0
+    run["rows"][0]["measured"]["edge_cpu_ms_per_request"] = 2.75
+    derived = report.derive(results)
+    assert run["rows"][0]["below_quota"] is True and derived["summary"]["edge_quota_ms"] == 3.0
 
 
 def test_plots_read_at_a_glance(saved, tmp_path, monkeypatch):

@@ -141,13 +141,15 @@ def derive(results: dict) -> dict:
 
 
 def quota_ms(calibration: dict) -> float | None:
-    """CPU time the emulated edge may use in one quota period (ms), where its limit is a CFS quota."""
+    """CPU time (ms) a request's edge work may take and still run at this machine's full speed under the
+    emulated edge's CFS quota: the burst the calibration measured after idle time, and at least one
+    period's quota (None: no quota)."""
     cpus = calibration.get("cpus")
     if not cpus or cpus >= 1 or not str(calibration.get("mechanism", "")).startswith("cgroup"):
         return None
     from splitpoint.profiles.cpulimit import period_and_quota
 
-    return period_and_quota(cpus)[1] / 1e3
+    return max(period_and_quota(cpus)[1] / 1e3, calibration.get("burst_ms") or 0.0)
 
 
 def _f(x, fmt="{:.1f}") -> str:
@@ -229,8 +231,8 @@ def targets(results: dict, runtime: dict | None = None) -> list[dict]:
     if s.get("unjudged_below_quota"):
         skipped = (
             f" ({s['unjudged_below_quota']} candidates not judged: their edge work, under "
-            f"{s['edge_quota_ms']:g} ms of CPU a request, fits in one period's quota of the emulated edge, "
-            "which runs it at this machine's full speed)"
+            f"{s['edge_quota_ms']:g} ms of CPU a request, fits in the burst the emulated edge's quota lets "
+            "through after idle time (measured), at this machine's full speed)"
         )
     return [
         {
