@@ -92,6 +92,13 @@ def test_candidates_below_the_edge_s_quota_are_not_judged(saved):
     assert "1 candidates not judged" in pe["measured"] and "1 ms of CPU" in pe["measured"]
     md = report.markdown(derived)
     assert "(not judged: below the edge's quota, run at full speed)" in md
+    # picked, it is shown with its figure, marked, not as '–' beside a "best" 58x slower
+    for r in run["rows"]:
+        r["is_pick"] = r is fast
+    rows = [ln for ln in report.headline(report.derive(results)) if ln.startswith(f"| {fast['model']} |")]
+    row = next(ln for ln in rows if f"| {run['network']} |" in ln)
+    assert f"| {fast['candidate']} | 0.0 (not judged) |" in row, row
+    assert any(ln.startswith("\n*Not judged*") for ln in report.headline(report.derive(results)))
     # the burst the calibration measured after idle time is the threshold where it exceeds the quota:
     # a 2.75 ms edge run went through whole on a kernel that let 3 ms through
     results = copy.deepcopy(saved)
