@@ -56,7 +56,8 @@ Shapes = Annotated[
     typer.Option(
         "--input-shape",
         help="NAME:1x3x640x640 fixes an input's symbolic dimensions (repeatable; needed for non-batch ones; "
-        "N keeps one as exported, e.g. NAME:Nx3x640x640 leaves the batch free)",
+        "N as the first size keeps the batch free, e.g. NAME:Nx3x640x640; every other dimension needs a "
+        "size)",
     ),
 ]
 

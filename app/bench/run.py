@@ -86,7 +86,8 @@ class BenchConfig(StrictConfig):
     inputs: int = Field(4, ge=1)
     profile_budget: float = Field(12.0, gt=0)
     codecs: tuple[str, ...] = tuple(BENCH_CODECS)
-    input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, applied to each model that has that input
+    # NAME:1x3x640x640, applied to each model whose input of that name has a free dimension
+    input_shapes: tuple[str, ...] = ()
 
     _nonempty = field_validator("models", "networks")(nonempty_names)
 

@@ -110,7 +110,8 @@ def open_model(
     """Load a model given as an ONNX path or a zoo name, fix its symbolic input dimensions (given, or
     the zoo entry's defaults), check and index it. An unknown non-batch dimension that nobody gave stops
     here, naming the input and the option. ``only_present``: shapes for inputs this model lacks are
-    ignored (one --input-shape list for several models)."""
+    ignored, and so are those for inputs it declares fully static (one --input-shape list for several
+    models: a GRU's ``x:1x20x8`` is not meant for a CNN whose ``x`` is 1x3x32x32 in the file)."""
     path = zoo.resolve(spec)
     model, digest = load_model_and_digest(path, input_shapes=input_shapes)
     as_planned = not weights_to_constants(model)
@@ -119,7 +120,10 @@ def open_model(
     shapes = dict(getattr(entry, "input_shapes", None) or {}) if entry is not None else {}
     names = {i.name for i in model.graph.input}
     declared = declared_shapes(model)
-    shapes.update({k: v for k, v in (input_shapes or {}).items() if k in names or not only_present})
+    fixed = {k for k, dims in declared.items() if dims and all(d > 0 for d in dims)}
+    shapes.update(
+        {k: v for k, v in (input_shapes or {}).items() if not only_present or (k in names and k not in fixed)}
+    )
     check_interface(model, str(path))
     check_operators(model, str(path))
     model = apply_input_shapes(model, shapes, where=str(path))
