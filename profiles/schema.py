@@ -8,7 +8,6 @@ that work; the classes here only state the rules.
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
@@ -186,7 +185,8 @@ def _read(path: Path, parse) -> dict:
         raise ProfileError(f"profile file not found: {path}")
     try:
         data = parse(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, DuplicateKeyError) as exc:
+    # ValueError: also JSON's missing NaN and Infinity, which Python's json would read
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError, DuplicateKeyError) as exc:
         raise ProfileError(
             f"{path}: not valid {'YAML' if parse is load_yaml else 'JSON'} ({exc})".splitlines()[0]
         ) from exc

@@ -410,6 +410,9 @@ def test_a_key_given_twice_in_a_hand_written_file_is_refused_with_both_lines(tmp
     prof.write_text('{"role": "edge", "role": "server"}')
     with pytest.raises(ProfileError, match="duplicate key 'role'"):
         load_measured(prof)
+    prof.write_text('{"role": "edge", "whole": {"median_ms": NaN}}')
+    with pytest.raises(ProfileError, match="NaN is not a JSON value"):
+        load_measured(prof)
     with pytest.raises(PlanError, match="duplicate key 'plan_id'"):
         json_object(b'{"plan_id": "a", "plan_id": "b"}', "plan.json", "plan")
     # Python's json reads NaN and Infinity, which JSON has not: a pushed plan carried them into its id
