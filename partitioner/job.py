@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -12,7 +13,7 @@ from pydantic import Field, field_validator
 
 from splitpoint.core.codecs import Codec
 from splitpoint.core.config import StrictConfig
-from splitpoint.core.errors import SplitPointError
+from splitpoint.core.errors import ProfileError, SplitPointError
 from splitpoint.core.graph import ModelHandle, open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.plan import Plan
@@ -91,6 +92,19 @@ class PlanOutcome:
     constraints: Constraints | None = None  # the job's, as the pick honoured them
 
 
+def job_shapes(given: Sequence[str], profiles: Sequence[Path]) -> dict:
+    """The input shapes to plan at: those given (--input-shape), else those the profiles were measured at
+    (a plan must be made at its profiles' shapes: asking for them again only repeated what the files
+    say). Profiles that disagree are refused where they are checked against the model."""
+    if given:
+        return parse_input_shapes(given)
+    for p in profiles:
+        with contextlib.suppress(ProfileError):  # a missing or bad file is reported where it is loaded
+            if shapes := load_measured(p).input_shapes:
+                return dict(shapes)
+    return {}
+
+
 def fidelity_measure(handle: ModelHandle) -> str:
     """What a fidelity figure of this model means, for every output that shows one."""
     if handle.task:
@@ -114,7 +128,7 @@ def fidelity_facts(handle: ModelHandle, samples: int, measured_on: str) -> dict:
 
 def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]:
     """Files, profiles and network checked first, then the measured facts of every candidate."""
-    handle = open_model(job.model, parse_input_shapes(job.input_shapes))
+    handle = open_model(job.model, job_shapes(job.input_shapes, [job.edge_profile]))
     network = load_network(job.network)
     edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
     server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
@@ -293,7 +307,7 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     unknown = sorted(set(job.memory_mib) - set(job.devices) - set(names))
     if unknown:
         raise SplitPointError(f"--memory: no device named {', '.join(unknown)} in the chain")
-    handle = open_model(job.model, parse_input_shapes(job.input_shapes))
+    handle = open_model(job.model, job_shapes(job.input_shapes, list(job.profiles.values())))
     networks = [load_network(n) for n in job.networks]
     missing = sorted({d for d in job.devices if d not in job.profiles})
     if missing:

@@ -599,3 +599,31 @@ def test_the_onnx_package_s_light_models_keep_their_run_time_weights_on_each_sid
             np.testing.assert_allclose(r[k], ref, rtol=1e-5, atol=1e-6)
     finally:
         srv.stop()
+
+
+def test_plan_takes_its_profiles_input_shapes_when_none_are_given(variants, tmp_path):
+    """`plan` refused a model of symbolic height and width without --input-shape though both profiles
+    record the shapes they were measured at, which the plan must be made at anyway."""
+    args = ["--input-shape", "input:1x3x48x48"]
+    for role in ("edge", "server"):
+        run_cli(
+            "profile", str(variants["symhw"]), "--role", role, "--budget", "3", "-o", str(tmp_path / f"{role}.json"),
+            "--quiet", *args, check=True, timeout=300,
+        )  # fmt: skip
+    profiles = [
+        "--edge-profile",
+        str(tmp_path / "edge.json"),
+        "--server-profile",
+        str(tmp_path / "server.json"),
+    ]
+    r = run_cli(
+        "plan", str(variants["symhw"]), *profiles, "--network", "lte", "--random", "2", "-o", str(tmp_path / "p"),
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from splitpoint.core.plan import Plan
+
+    assert Plan.load(tmp_path / "p").input_shapes == {"input": [1, 3, 48, 48]}
+    other = run_cli("plan", str(variants["symhw"]), *profiles, "--network", "lte", "--input-shape",
+                    "input:1x3x64x64", timeout=300)  # fmt: skip
+    assert other.returncode == 2 and "measured with input shapes" in other.stderr
