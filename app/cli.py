@@ -183,7 +183,7 @@ def split(
         hop = f"hop {i + 1}: " if len(cuts) > 1 else ""
         console.print(
             f"{hop}cut {where} crosses {crossing} ({human_bytes(c.bytes_per_sample)}/sample uncompressed, "
-            f"sent as {plan.stages[i].codec})"
+            f"sent as {plan.stages[i].codec}{_as_applied(plan.stages[i].codec, plan.stages[i].sends)})"
         )
     console.print(
         f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''})"
@@ -782,6 +782,19 @@ def _decoder_weights(dec: Any) -> str:
     from splitpoint.core.decoders import ZooDecoder
 
     return "random weights, zoo architecture" if isinstance(dec, ZooDecoder) else "the user's model"
+
+
+def _as_applied(codec: str, sends: list) -> str:
+    """How a codec applies to these tensors, where its name alone misleads: 'float32' sends each tensor
+    exact in its own type (a float16 model's as float16), and a quantising codec sends integer tensors
+    (token ids) exact."""
+    from splitpoint.core.codecs import Codec
+
+    types = sorted({t.dtype for t in sends})
+    if Codec.parse(codec).lossless:
+        return "" if types == ["float32"] else f": each tensor exact, in its own type ({', '.join(types)})"
+    exact = sorted({t.dtype for t in sends if not t.dtype.startswith("float")})
+    return f"; {', '.join(exact)} tensors go exact" if exact else ""
 
 
 @app.command()

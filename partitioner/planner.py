@@ -169,15 +169,37 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 m.fidelity.get((None, "-", head)),
             )
         )
+    seen: set[tuple] = set()
+
+    def label(codec: str, dtypes: list[str], key: tuple) -> str | None:
+        """The codec as it applies to tensors of these types: a quantising one sends integer tensors
+        exact (token ids), so it is the lossless codec of the same stage; None where that candidate is
+        listed already (an int64-only input read 'server-only int4+zstd', and again as int8+zstd)."""
+        name = codec
+        if not any(d.startswith("float") for d in dtypes):
+            name = Codec("float32", Codec.parse(codec).stage).name
+        if (*key, name) in seen:
+            return None
+        seen.add((*key, name))
+        return name
+
+    input_types = [idx.info[i].dtype if i in idx.info else "float32" for i in idx.inputs]
+
+    def timed_as(codec: str, sent: str | None) -> str:
+        """The codec whose measured speed applies: the one the tensors are sent with, where measured."""
+        return sent if sent and sent in m.edge.codecs and sent in m.server.codecs else codec
+
     for codec in m.codecs:
-        enc = input_f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
-        dec = input_f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
+        sent_as = label(codec, input_types, (SERVER_ONLY, 0))
+        timed = timed_as(codec, sent_as)
+        enc = input_f32 / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
+        dec = input_f32 / _speed(m.server, timed, "decode_mb_s", "server") / 1e3
         up = sum(m.sizes[i][codec] for i in idx.inputs)
         out.append(
             CandidateInput(
                 SERVER_ONLY,
                 0,
-                codec,
+                sent_as or codec,
                 "float32",
                 0.0,
                 m.server.whole.median_ms,
@@ -186,22 +208,27 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 up,
                 m.reply_bytes[0],
                 input_f32,
-                m.fidelity.get((0, codec, "float32")),
+                m.fidelity.get((0, sent_as or codec, "float32")),
                 **runtime(up),
             )
         )
+        if sent_as is None:
+            out.pop()
         for cut in h.cuts():
             et, st = m.edge.cut(cut.k), m.server.cut(cut.k)
             f32 = sum(m.sizes[c.name][RAW] for c in cut.crossing)
-            enc = f32 / _speed(m.edge, codec, "encode_mb_s", "edge") / 1e3
-            dec = f32 / _speed(m.server, codec, "decode_mb_s", "server") / 1e3
             up = sum(m.sizes[c.name][codec] for c in cut.crossing)
             for head in heads:
+                sent = label(codec, [c.dtype for c in cut.crossing], (SPLIT, cut.k, head))
+                if sent is None:
+                    continue
+                enc = f32 / _speed(m.edge, timed_as(codec, sent), "encode_mb_s", "edge") / 1e3
+                dec = f32 / _speed(m.server, timed_as(codec, sent), "decode_mb_s", "server") / 1e3
                 out.append(
                     CandidateInput(
                         SPLIT,
                         cut.k,
-                        codec,
+                        sent,
                         head,
                         head_ms(et.head_ms, head),
                         st.tail_ms,
@@ -210,7 +237,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                         up,
                         m.reply_bytes[cut.k],
                         head_mem(et.head_memory_bytes, cut.k, head),
-                        m.fidelity.get((cut.k, codec, head)),
+                        m.fidelity.get((cut.k, sent, head)),
                         **runtime(up),
                     )
                 )

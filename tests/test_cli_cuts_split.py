@@ -260,3 +260,20 @@ def test_failure_mid_write_leaves_previous_content_intact(tmp_path):
         write_dir_atomically(out, write, force=True)
     assert [p.name for p in out.iterdir()] == ["plan.json"] and (out / "plan.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["plan"]
+
+
+def test_split_says_how_its_codec_applies_to_the_tensors_it_sends():
+    """'sent as float32' for a float16 model's cut, which goes as float16; a quantising codec's name for
+    token ids, which go exact."""
+    from splitpoint.app.cli import _as_applied
+    from splitpoint.core.plan import TensorSpec
+
+    half = [TensorSpec(name="h", shape="1x8", dtype="float16")]
+    ids = [
+        TensorSpec(name="ids", shape="1x8", dtype="int64"),
+        TensorSpec(name="x", shape="1x8", dtype="float32"),
+    ]
+    assert _as_applied("float32", half) == ": each tensor exact, in its own type (float16)"
+    assert _as_applied("float32+zstd", [TensorSpec(name="x", shape="1", dtype="float32")]) == ""
+    assert _as_applied("int8", ids) == "; int64 tensors go exact"
+    assert _as_applied("int8", ids[1:]) == ""

@@ -606,9 +606,10 @@ def test_plan_takes_its_profiles_input_shapes_when_none_are_given(variants, tmp_
     record the shapes they were measured at, which the plan must be made at anyway."""
     args = ["--input-shape", "input:1x3x48x48"]
     for role in ("edge", "server"):
+        out = str(tmp_path / f"{role}.json")
         run_cli(
-            "profile", str(variants["symhw"]), "--role", role, "--budget", "3", "-o", str(tmp_path / f"{role}.json"),
-            "--quiet", *args, check=True, timeout=300,
+            "profile", str(variants["symhw"]), "--role", role, "--budget", "3", "-o", out, "--quiet", *args,
+            check=True, timeout=300,
         )  # fmt: skip
     profiles = [
         "--edge-profile",
@@ -616,10 +617,10 @@ def test_plan_takes_its_profiles_input_shapes_when_none_are_given(variants, tmp_
         "--server-profile",
         str(tmp_path / "server.json"),
     ]
+    out = str(tmp_path / "p")
     r = run_cli(
-        "plan", str(variants["symhw"]), *profiles, "--network", "lte", "--random", "2", "-o", str(tmp_path / "p"),
-        timeout=300,
-    )  # fmt: skip
+        "plan", str(variants["symhw"]), *profiles, "--network", "lte", "--random", "2", "-o", out, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     from splitpoint.core.plan import Plan
 
@@ -627,3 +628,24 @@ def test_plan_takes_its_profiles_input_shapes_when_none_are_given(variants, tmp_
     other = run_cli("plan", str(variants["symhw"]), *profiles, "--network", "lte", "--input-shape",
                     "input:1x3x64x64", timeout=300)  # fmt: skip
     assert other.returncode == 2 and "measured with input shapes" in other.stderr
+
+
+def test_a_quantising_codec_on_integer_tensors_is_named_as_what_is_sent(variants):
+    """A text encoder's input is token ids, which every codec sends exact: its server-only candidates
+    read 'int4+zstd' and 'int8' (and again under each lossy name) for the same bytes. Each is named by the
+    codec as it applies (float32 with its lossless stage), once."""
+    from splitpoint.partitioner.planner import candidate_inputs, gather
+
+    h = _handle(variants, "text")
+    assert all(h.index.info[i].dtype.startswith("int") for i in h.index.inputs)
+    edge = profile_model(h, ProfileSettings(role="edge", budget=2, anchors=1))
+    server = profile_model(h, ProfileSettings(role="server", budget=2, anchors=1))
+    codecs = ["float32", "int8", "int4+zstd", "int8+zstd"]
+    m = gather(h, edge, server, [sample_feeds(h.model, 1, 0)], codecs)
+    cands = candidate_inputs(m)
+    server = sorted(c.codec for c in cands if c.kind == "server-only")
+    assert server == ["float32", "float32+zstd"], server
+    keys = [(c.kind, c.cut, c.codec, c.head_weights) for c in cands]
+    assert len(keys) == len(set(keys))
+    floats = [c for c in cands if c.kind == "split" and c.codec.startswith("int8")]
+    assert floats, "a cut of float tensors keeps its quantising codecs"
