@@ -1041,7 +1041,13 @@ def edge_run(
     listen: Annotated[
         str | None, typer.Option(help="serve local requests, e.g. ipc:///tmp/splitpoint.sock")
     ] = None,
-    window: Annotated[int, typer.Option(help="requests in flight")] = 4,
+    window: Annotated[
+        int | None,
+        typer.Option(
+            help="requests in flight \\[default: the plan's, the throughput × latency its planner predicted "
+            "(at most 64), else 4]"
+        ),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds before a request falls back (or fails)")] = 2.0,
     no_fallback: Annotated[
         bool, typer.Option("--no-fallback", help="fail instead of running the whole model locally")
@@ -1062,7 +1068,7 @@ def edge_run(
 ) -> None:
     """Run the head on this device and the tail on the server."""
     from splitpoint.core.curve import keypair_from_secret, read_public
-    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.edge.config import EdgeConfig, planned_window
     from splitpoint.edge.daemon import EdgeDaemon
 
     _logging(quiet)
@@ -1072,7 +1078,7 @@ def edge_run(
     cfg = EdgeConfig.of(
         plan_dir=plan_dir,
         server=server,
-        window=window,
+        window=window if window is not None else planned_window(plan_dir),
         timeout_s=timeout,
         fallback=not no_fallback,
         threads=threads,

@@ -240,7 +240,8 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
     fid = d.pick.inp.fidelity
     console.print(
         f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
-        f"{d.pick.throughput_ips:.1f}/s, {human_bytes(d.pick.bytes_per_inference)}/inference"
+        f"{d.pick.throughput_ips:.1f}/s ({d.pick.window} in flight), "
+        f"{human_bytes(d.pick.bytes_per_inference)}/inference"
         + (f", fidelity {fid:.3f} measured" if fid is not None else "")
     )
     if fid is not None and fid < LOSSY_NOTE_BELOW and (cons is None or cons.min_fidelity is None):

@@ -45,6 +45,30 @@ def test_latency_and_throughput_follow_the_stages():
     assert lossy.breakdown["uplink_ms"] == pytest.approx(2 * up)
     edge = evaluate(ci(kind=EDGE_ONLY, cut=None, head=40.0, tail=0, enc=0, dec=0, up=0, down=0), LTE)
     assert edge.latency_ms == 40 and edge.transfer_ms == 0 and edge.throughput_ips == pytest.approx(25)
+    # the requests in flight that throughput needs (Little's law), which the plan records for `edge run`
+    assert c.window == int(np.ceil(c.latency_ms * c.throughput_ips / 1000)) and c.window > 4
+    assert c.to_dict()["window"] == c.window and edge.window == 1
+
+
+def test_edge_run_takes_the_plan_s_window(tmp_path):
+    """At the default window of 4, a plan predicted at 2,665/s behind a 70 ms round trip served 57/s."""
+    import json
+
+    import onnx
+
+    from splitpoint.core import zoo
+    from splitpoint.core.graph import open_model
+    from splitpoint.core.plandir import write_plan
+    from splitpoint.edge.config import planned_window
+
+    (tmp_path / "plan.json").write_text("{not a plan")
+    assert planned_window(tmp_path) == 4  # the client says what is wrong with it
+    plan, path = tmp_path / "p", tmp_path / "m.onnx"
+    onnx.save(zoo.build("resnet18", width=0.25, resolution=32), str(path))
+    h = open_model(path)
+    for predicted, expect in (({"window": 9}, 9), ({"window": 500}, 64), ({}, 4), ({"window": "x"}, 4)):
+        write_plan(h, plan, cut=h.cuts()[5], predicted=predicted, force=True)
+        assert planned_window(plan) == expect, (predicted, json.loads((plan / "plan.json").read_text()))
 
 
 def brute_force(points):
