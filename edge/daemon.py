@@ -191,9 +191,10 @@ class EdgeDaemon:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         try:
-            if self.config.listen and ipc_in_use(self.config.listen):  # libzmq would bind over it
+            listen = str(self.config.listen)  # serve_local runs only with --listen
+            if ipc_in_use(listen):  # libzmq would bind over it
                 raise zmq.ZMQError(zmq.EADDRINUSE)
-            sock.bind(self.config.listen)
+            sock.bind(listen)
         except zmq.ZMQError as exc:
             sock.close(0)
             hint = (
@@ -202,7 +203,7 @@ class EdgeDaemon:
                 else ""
             )
             raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}{hint}") from exc
-        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         pending: list[tuple[Any, int, Future, str]] = []  # identity, id, answer, the plan it runs on
         self._backlog.clear()
         try:

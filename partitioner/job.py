@@ -97,7 +97,7 @@ def job_shapes(given: Sequence[str], profiles: Sequence[Path]) -> dict:
     (a plan must be made at its profiles' shapes: asking for them again only repeated what the files
     say). Profiles that disagree are refused where they are checked against the model."""
     if given:
-        return parse_input_shapes(given)
+        return parse_input_shapes(list(given))
     for p in profiles:
         with contextlib.suppress(ProfileError):  # a missing or bad file is reported where it is loaded
             if shapes := load_measured(p).input_shapes:

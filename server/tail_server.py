@@ -226,7 +226,7 @@ class TailServer:
         self._router_events = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         if self.config.next is not None:
             self._connect_next()
-        self.endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._thread = threading.Thread(
             target=self._loop, args=(router, replies), name="splitpoint-server", daemon=True
         )
@@ -303,7 +303,7 @@ class TailServer:
             fwd = self._fwd.pop(fid, None)
             if fwd is None:  # expired meanwhile, and answered
                 continue
-            if not self._next_up:
+            if not self._next_up or self._next is None:
                 self._fail_forwarded(router, fwd, "is not connected")
                 continue
             try:
