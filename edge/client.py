@@ -507,6 +507,8 @@ class EdgeClient:
             return
         if msg.type == wire.ERROR:
             code, text = str(msg.meta.get("code", "error"))[:40], str(msg.meta.get("message", ""))[:1000]
+            if code not in wire.ERROR_CODES:  # a code the protocol does not have is no contract: passed on
+                text, code = f"{code}: {text}", wire.E_INTERNAL  # as internal, as a relay does
             if code == wire.E_UNKNOWN_PLAN:
                 self._set_served(False, text)
             if code in FALLBACK_CODES and self._full is not None and self.config.fallback:
