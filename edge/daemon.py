@@ -49,6 +49,10 @@ class DaemonFailed(SplitPointError):
 
 
 DEPLOYED = "deployed.json"  # in the plans folder: the plan last pushed, and the command-line plan it replaces
+# where plans pushed to the daemon go by default: beside PLAN_DIR, in a hidden folder. Beside PLAN_DIR
+# itself, a server on the same machine sharing that folder as its --plans had its copy of a plan (with
+# tail.onnx) replaced by the edge's (head and full model) under the same id; a server skips hidden folders
+EDGE_DEPLOYS = ".edge-deployed"
 
 
 def deployed_plan(plan_dir: Path, plans_dir: Path) -> Path:
@@ -77,10 +81,13 @@ def deployed_plan(plan_dir: Path, plans_dir: Path) -> Path:
 
 class EdgeDaemon:
     def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
-        self.plans_dir = plans_dir or Path(config.plan_dir).parent
+        beside = Path(config.plan_dir).parent
+        self.plans_dir = plans_dir or beside / EDGE_DEPLOYS
         self.started_with = Path(config.plan_dir).resolve()  # the command line's plan
         sweep_leftovers(self.plans_dir)
         running = deployed_plan(Path(config.plan_dir), self.plans_dir)
+        if plans_dir is None and running == Path(config.plan_dir):  # pushed before the hidden folder was
+            running = deployed_plan(Path(config.plan_dir), beside)
         self.config = config if running == Path(config.plan_dir) else config.with_(plan_dir=running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None

@@ -427,8 +427,13 @@ def test_deploy_to_the_edge_then_status_shows_it_online_with_the_new_plan(model,
         new = Plan.load(model["plans"] / "p-int8")
         done = run_cli("deploy", str(model["plans"] / "p-int8"), "--edge", sock, timeout=120)
         assert done.returncode == 0 and "acknowledged (edge)" in done.stdout, done.stderr
-        pushed = tmp_path / "plans" / new.plan_id[:16]
+        # in a hidden folder beside the plan: a server sharing that folder as --plans never reads it (the
+        # edge's copy, without tail.onnx, replaced the server's under the same id)
+        pushed = tmp_path / "plans" / ".edge-deployed" / new.plan_id[:16]
         assert sorted(p.name for p in pushed.iterdir()) == ["full.onnx", "head.onnx", "plan.json"]  # no tail
+        from splitpoint.server.registry import PlanRegistry
+
+        assert PlanRegistry(tmp_path / "plans").skipped == {}  # a server there sees the start plan only
         shown = run_cli("status", "--mqtt", mosquitto, "--seconds", "1.5", timeout=60)
         row = next(line for line in shown.stdout.splitlines() if "t-deployed" in line)
         assert "online" in row and new.plan_id[:12] in row, shown.stdout
