@@ -813,8 +813,8 @@ def fidelity(
     random: Annotated[
         int | None,
         typer.Option(
-            help="samples when no --inputs: seeded random (16), or rendered task inputs for a trained zoo "
-            "model (64)"
+            help="samples when no --inputs: seeded random (8), or rendered task inputs for a trained zoo "
+            "model (64), as plan measures"
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -1247,7 +1247,9 @@ def demo(
     model: Annotated[str, typer.Option(help="zoo model or .onnx path")] = "resnet18",
     network: Annotated[str, typer.Option(help="network profile to plan for")] = "wifi6",
     requests: Annotated[int, typer.Option()] = 120,
-    window: Annotated[int, typer.Option()] = 4,
+    window: Annotated[
+        int | None, typer.Option(help="requests in flight \\[default: each plan's, as edge run]")
+    ] = None,
     mqtt: Annotated[str | None, typer.Option(help="use this broker instead of the embedded one")] = None,
     edge_slowdown: Annotated[
         float, typer.Option(help="emulate an edge this many times slower (1 = off)")

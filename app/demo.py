@@ -6,7 +6,7 @@ MQTT broker (embedded unless --mqtt is given) and the edge client over the emula
 candidates side by side: the planner's pick and a contrasting one (the best mid-network cut when the pick
 is not a cut, else the best whole-model baseline). For each it prints what every stage measured next to
 what the planner predicted, and how closely the answers match the unsplit model. Nothing is left behind
-unless --workdir keeps it.
+unless the configuration's ``workdir`` keeps it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class DemoConfig(StrictConfig):
     model: str = "resnet18"
     network: str = "wifi6"
     requests: int = Field(120, ge=1, le=1_000_000)  # per candidate
-    window: int = Field(4, ge=1, le=4096)
+    window: int | None = Field(None, ge=1, le=4096)  # None: each plan's (the throughput its pick needs)
     mqtt: str | None = None
     workdir: Path | None = None  # keep the plans here (default: a temporary directory, removed at the end)
     budget: float = Field(12.0, gt=0)
@@ -219,7 +219,7 @@ def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> 
     from splitpoint.app.orchestrator import collect
     from splitpoint.core.samples import sample_feeds
     from splitpoint.edge.client import EdgeClient
-    from splitpoint.edge.config import EdgeConfig
+    from splitpoint.edge.config import EdgeConfig, planned_window
     from splitpoint.partitioner.planner import link_of
     from splitpoint.profiles.cpulimit import cpu_limit
 
@@ -239,14 +239,12 @@ def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> 
             try:
                 with cpu_limit(edge_cpus):
                     for step, (role, c) in enumerate(runs):
-                        say(
-                            f"[{4 + step}/6] {role}: {c.label}, {cfg.requests} requests, {cfg.window} in "
-                            f"flight…"
-                        )
+                        window = cfg.window or planned_window(dirs[role])
+                        say(f"[{4 + step}/6] {role}: {c.label}, {cfg.requests} requests, {window} in flight…")
                         ec = EdgeConfig(
                             plan_dir=dirs[role],
                             server=em.edge_connect,
-                            window=cfg.window,
+                            window=window,
                             mqtt=url,
                             device_id="demo-edge",
                             timeout_s=10.0,

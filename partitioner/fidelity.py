@@ -235,7 +235,7 @@ def measure_one(
     Codec.parse(codec)
     handle = open_model(model, parse_input_shapes(input_shapes))
     cut = resolve_cut(handle.index, cut_spec)
-    n = random or (64 if handle.task else 16)
+    n = random or (64 if handle.task else 8)  # plan's own defaults
     samples, truths, measured_on = handle.fidelity_samples(n, inputs)
     head_model = (
         quantize_head(extract(handle.index, cut, check=False)[0], samples, quantize) if quantize else None
