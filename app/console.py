@@ -497,8 +497,12 @@ def show_chain(r: Any, out: Path | None) -> None:
         names.setdefault(id(p), []).append(name)
     rows = []
     shown = {id(p): p for p in [*d.front, *d.baselines.values()]}.values()
+    cons = getattr(r, "constraints", None)
+    missed = False
     for p in sorted(shown, key=lambda p: p.latency_ms):
-        mark = "→" if p is d.pick else ""
+        misses = cons.misses(p) if cons is not None else []
+        missed = missed or bool(misses)
+        mark = "→" if p is d.pick else "✗ " if misses else ""
         rows.append(
             [
                 mark + describe(m, p),
@@ -521,6 +525,10 @@ def show_chain(r: Any, out: Path | None) -> None:
             rows,
         )
     )
+    if missed:
+        console.print(
+            "✗: misses a constraint given (the front is over latency and throughput; shown for scale)"
+        )
     pred = r.predicted
     console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred['fidelity_inputs']}")
     p = d.pick

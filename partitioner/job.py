@@ -292,6 +292,7 @@ class ChainOutcome:
     decision: ChainDecision
     predicted: dict
     plan: Plan | None
+    constraints: ChainConstraints | None = None  # the job's, which rows shown may miss (marked)
 
 
 def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None = None) -> ChainOutcome:
@@ -343,4 +344,4 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     if job.out:
         front = [plan_dict(m, p) for p in d.front]
         plan = write_chain(m, d.pick, job.out, predicted=predicted, front=front, force=job.force)
-    return ChainOutcome(m, d, predicted, plan)
+    return ChainOutcome(m, d, predicted, plan, cons)

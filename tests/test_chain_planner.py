@@ -204,6 +204,13 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     # the smallest hop on the front; where the front keeps everything on the first device (the slow
     # device's profile came out fast on a busy machine), half the input, which sending it raw exceeds
     cap = min(sent) if sent else h.index.info[h.index.inputs[0]].bytes_per_sample() // 2
+    # rows that miss a constraint given are marked (a front member below --min-fidelity read as any other)
+    lats = sorted({round(p["latency_ms"], 3) for p in free["front"]})
+    if len(lats) > 1:
+        limit = (lats[-1] + lats[-2]) / 2  # the slowest front member misses it, the pick does not
+        marked = run_cli(*args, "--max-latency", f"{limit:.3f}", "-o", str(tmp_path / "marked"))
+        assert marked.returncode == 0, marked.stderr
+        assert "✗" in marked.stdout and "misses a constraint given" in marked.stdout, marked.stdout
     capped = run_cli(*args, "--json", "--max-hop-bytes", str(cap))
     assert capped.returncode == 0, capped.stderr
     out = json.loads(capped.stdout)
