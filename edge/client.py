@@ -595,7 +595,21 @@ class EdgeClient:
         }
         stages = msg.meta.get("stages")
         if isinstance(stages, list):  # a chain: each stage's own times, as its device measured them
-            breakdown["stages"] = [s for s in stages[:16] if isinstance(s, dict)]
+            breakdown["stages"] = own = [s for s in stages[:16] if isinstance(s, dict)]
+            # the top-level figures are the stages after the edge together, so that they add up to the
+            # round trip: they were the first relay's, whose tail is a pass-through, and the last
+            # stage's model time showed nowhere but in ``stages``
+            for key, field in (
+                ("server_queue_ms", "queue_ms"),
+                ("server_decode_ms", "decode_ms"),
+                ("tail_ms", "tail_ms"),
+                ("server_encode_ms", "encode_ms"),
+            ):
+                breakdown[key] = sum(_ms(st.get(field)) or 0.0 for st in own)
+            busy = sum(
+                max(0.0, (_ms(st.get("total_ms")) or 0.0) - (_ms(st.get("next_ms")) or 0.0)) for st in own
+            )
+            breakdown["network_ms"] = max(0.0, (now - p.t_sent) * 1e3 - busy)  # every hop's
         return EdgeResult(msg.id, order, outs, fallback=False, breakdown=breakdown)
 
     @property
@@ -728,6 +742,7 @@ class EdgeClient:
                             self._dropped += 1
                         self._set_up(False)
                         self._drop_ghosts()  # what was on the dropped connection is gone with it
+                        self._lost_with_connection()
             if self._conn.fd in events:
                 self._conn.receive(lock_wait=0.05)
             now = time.perf_counter()
@@ -761,6 +776,24 @@ class EdgeClient:
                         **self.counts,
                     }
                 )
+
+    def _lost_with_connection(self) -> None:
+        """Requests sent on a connection that dropped get no reply (libzmq sends nothing again): each falls
+        back or fails now, not at its deadline (a relay killed with three in flight held them the whole
+        --timeout while the client already knew the server was gone)."""
+        with self._lock:
+            lost = [
+                (rid, p)
+                for rid, p in self._pending.items()
+                if p.deadline and p.t_sent and not p.replied and p.connection < self._dropped
+            ]
+        for rid, p in lost:
+            p.deadline = 0.0
+            if self.config.fallback and self._full is not None:
+                self._pool.submit(self._run_local, rid, p, "connection to the server dropped")
+            else:
+                why = f"request {rid}: the connection to the server dropped with it in flight"
+                self._finish(rid, error=EdgeError(why, "unreachable"))
 
     def _check_deadlines(self, now: float) -> None:
         limit = self.config.timeout_s

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 import zipfile
@@ -98,6 +99,7 @@ class EdgeDaemon:
         # local requests waiting for room in the client's window: (identity, request id, feeds, since)
         # (identity, request id, feeds, since, the plan id the request named: "" where it named none)
         self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float, str]] = deque()
+        self._wake_w: int | None = None  # the socket loop's wake-up pipe, while it runs
 
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
         """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
@@ -213,9 +215,20 @@ class EdgeDaemon:
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         pending: list[tuple[Any, int, Future, str]] = []  # identity, id, answer, the plan it runs on
         self._backlog.clear()
+        # an answer that is done wakes the loop at once: it polled 10 ms at a time and added up to that
+        # to every local request (11.3 ms median against the client's own 1.0 ms)
+        wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
         try:
             while not self._stop.is_set() and self.client.fatal is None:
-                if sock.poll(10):
+                # waiting requests are re-judged against --timeout every 10 ms; else only stop is checked
+                events = dict(poller.poll(10 if self._backlog else 100))
+                if wake_r in events:
+                    os.read(wake_r, 4096)
+                if sock in events:
                     for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
                         self._on_local(sock, frames, pending)
                 self._start_backlog(sock, pending)
@@ -237,6 +250,17 @@ class EdgeDaemon:
                 self._refuse(sock, ident, rid, "closed", why, plan_id)
         finally:
             sock.close(linger=1000)  # the last answers (and the `closed` ones) reach their clients
+            w, self._wake_w = self._wake_w, None
+            os.close(wake_r)
+            if w is not None:
+                os.close(w)
+
+    def _wake(self, _fut: Future) -> None:
+        """A local request's answer is done (on the client's threads): wake the socket loop."""
+        w = self._wake_w
+        if w is not None:
+            with contextlib.suppress(OSError):  # full (the loop is behind and will look anyway) or closed
+                os.write(w, b"x")
 
     @staticmethod
     def _refuse(sock: zmq.Socket, ident: Any, rid: int, code: str, why: str, plan: str = "") -> None:
@@ -270,6 +294,7 @@ class EdgeDaemon:
                     self._refuse(sock, ident, rid, "bad-input", str(exc), pinned)
                     continue
                 if local is not None:  # as a request the server did not answer in time
+                    local.add_done_callback(self._wake)
                     pending.append((ident, rid, local, self.client.plan.plan_id))
                 else:
                     self._refuse(sock, ident, rid, "timeout", why, pinned)
@@ -283,6 +308,7 @@ class EdgeDaemon:
             if fut is None:
                 return
             self._backlog.popleft()
+            fut.add_done_callback(self._wake)
             pending.append((ident, rid, fut, self.client.plan.plan_id))
 
     def _answer_done(self, sock: zmq.Socket, pending: list) -> list:

@@ -285,10 +285,12 @@ def _best(
     return ordered[0] if ordered else None
 
 
-def _objective_key(constraints: ChainConstraints) -> Callable[[ChainPlan], float]:
+def _objective_key(constraints: ChainConstraints) -> Callable[[ChainPlan], tuple[float, float]]:
+    """Best first; a tie on the objective goes to the other figure (two plans of equal throughput: the
+    faster one, which is on the front; the pick was a slower one the front dominated)."""
     if constraints.objective == "throughput":
-        return lambda p: -p.throughput_ips
-    return lambda p: p.latency_ms
+        return lambda p: (-p.throughput_ips, p.latency_ms)
+    return lambda p: (p.latency_ms, -p.throughput_ips)
 
 
 def decide_chain(

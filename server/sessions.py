@@ -86,6 +86,12 @@ class DecoderSessions:
         held = self._s.get(key)
         freed = held.nbytes if held is not None else 0  # what this step's session replaces or grows from
         nbytes = sum(v.nbytes for v in presents.values())
+        if nbytes > self.max_cache_bytes:  # no retry can help: said so, not "retry later"
+            raise SessionError(
+                wire.E_SESSION_LIMIT,
+                f"this session's cache alone would hold {nbytes:,} bytes, more than the server's limit for "
+                f"all of them ({self.max_cache_bytes:,}, --max-cache-mb): shorten the sequence or raise it",
+            )
         if self.cache_bytes - freed + nbytes > self.max_cache_bytes:
             raise SessionError(
                 wire.E_SESSION_LIMIT,

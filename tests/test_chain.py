@@ -249,6 +249,13 @@ def test_a_request_crosses_three_processes_and_says_what_each_stage_did(chain):
                     assert [s["stage"] for s in stages] == [1, 2], stages
                     assert stages[0]["next_ms"] >= stages[1]["total_ms"] > 0
                     assert stages[0]["bytes_sent"] > 0 and stages[0]["tail_ms"] > 0
+                    # the top-level tail is every stage's after the edge (it was the first relay's only,
+                    # and the last stage's model time showed nowhere), and the parts add up
+                    b = r.breakdown
+                    assert b["tail_ms"] == pytest.approx(sum(s["tail_ms"] for s in stages))
+                    parts = sum(b[k] for k in ("network_ms", "server_queue_ms", "server_decode_ms"))
+                    parts += b["tail_ms"] + b["server_encode_ms"]
+                    assert b["network_ms"] >= 0 and parts <= b["total_ms"] + 1e-6
     finally:
         stop(relay)
         stop(server)

@@ -122,17 +122,26 @@ def test_the_cache_memory_limit_refuses_a_step_and_keeps_the_session(plans, serv
         c.head.reset()
         x = c.head(_prompt(8))
         c.step(7, 0, x)  # 8 tokens: 2 layers x (key, value) x 4 heads x 8 x 32 x 4 bytes = 16 KiB
-        with pytest.raises(GenerationError, match=r"would hold 32,768 bytes \(the limit is 26,214\)") as e:
-            c.step(7, 8, c.head(_prompt(8, 1)))  # 16 tokens: 32 KiB > 25.6 KiB
+        # 16 tokens: 32 KiB, more than the limit for all sessions (25.6 KiB): no retry can help, said so
+        with pytest.raises(
+            GenerationError, match=r"alone would hold 32,768 bytes, more than .* \(26,214"
+        ) as e:
+            c.step(7, 8, c.head(_prompt(8, 1)))
         assert e.value.code == wire.E_SESSION_LIMIT
         assert server.sessions.cache_bytes == 16 * 1024  # as it was
         c.step(7, 8, x[:, :1])  # the session still continues from 8 tokens
         # starting it over with 16 tokens is refused too, and the 9-token session is still there
-        with pytest.raises(GenerationError, match=r"would hold 32,768 bytes \(the limit is 26,214\)") as e:
+        with pytest.raises(GenerationError, match=r"alone would hold 32,768 bytes") as e:
             c.step(7, 0, np.concatenate([x, x], axis=1))
         assert e.value.code == wire.E_SESSION_LIMIT
         assert server.sessions.cache_bytes == 18 * 1024
         c.step(7, 9, x[:, :1])
+        # a second session that fits alone but not beside the first: another may free room
+        with pytest.raises(
+            GenerationError, match=r"would hold 36,864 bytes \(the limit is 26,214\): close"
+        ) as e:
+            c.step(8, 0, x)
+        assert e.value.code == wire.E_SESSION_LIMIT
 
 
 @pytest.mark.parametrize("server", [{"session_idle_s": 0.3}], indirect=True)

@@ -625,7 +625,7 @@ def test_requests_lost_with_a_dropped_connection_free_the_window_at_their_deadli
         for f in futs:
             with pytest.raises(EdgeError) as e:
                 f.result(10)
-            assert e.value.code == "timeout"
+            assert e.value.code == "unreachable"  # when the drop is seen, not at the 2 s deadline
         _until_back(c)
         # (a request taken for lost would have kept its place until four timeouts after it was sent)
         assert time.monotonic() < sent + 4 * 2.0, "the server took too long to restart to tell"
@@ -1018,3 +1018,40 @@ def test_a_local_request_that_named_a_plan_never_runs_on_another(model, server, 
         proc.terminate()
         proc.wait(30)
     assert set(kinds) == {wire.RESULT, wire.E_UNKNOWN_PLAN}, kinds
+
+
+def test_requests_on_a_connection_that_drops_fail_at_once_not_at_their_deadline(model, tmp_path):
+    """libzmq sends nothing again on a new connection: a request in flight when the server's connection
+    drops gets no reply. A relay killed with three in flight held them the whole --timeout though the
+    client knew at once; now each fails (or falls back) when the drop is seen."""
+    h = model["h"]
+    write_plan(h, tmp_path / "p", cut=h.cuts()[19])
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    cfg = EdgeConfig(plan_dir=tmp_path / "p", server=f"tcp://127.0.0.1:{port}", fallback=False, timeout_s=60)
+    try:
+        with EdgeClient(cfg) as c:
+            fut = c.submit({"input": np.zeros((1, 3, 64, 64), np.float32)})
+            deadline = time.monotonic() + 20
+            got = None
+            while got is None and time.monotonic() < deadline:  # pings answered; the request is held
+                if not router.poll(100):
+                    continue
+                ident, head, *_ = router.recv_multipart()
+                msg = json.loads(head)
+                if msg["type"] == "ping":
+                    router.send_multipart(
+                        [ident, json.dumps({"v": 1, "type": "pong", "id": msg["id"]}).encode()]
+                    )
+                else:
+                    got = msg
+            assert got is not None and got["type"] == "infer"
+            t0 = time.monotonic()
+            router.close(0)  # the server goes, the request with it
+            with pytest.raises(EdgeError, match="dropped with it in flight") as exc:
+                fut.result(timeout=50)
+            assert exc.value.code == "unreachable" and time.monotonic() - t0 < 30  # not the 60 s timeout
+    finally:
+        router.close(0)
