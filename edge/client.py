@@ -643,6 +643,8 @@ class EdgeClient:
             stage = int(behind.split()[-1])
             last = stage >= len(self.plan.stages) - 1
             how = "--server ENDPOINT" if last else f"--relay {stage}=ENDPOINT"
+        elif len(self.plan.stages) > 2:  # the edge's peer is the relay that runs stage 1
+            where, how = f"the relay at {self.config.server}", f"--relay 1={self.config.server}"
         else:
             where, how = f"the server at {self.config.server}", f"--server {self.config.server}"
         log.warning(

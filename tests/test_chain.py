@@ -315,6 +315,24 @@ def test_a_plan_missing_behind_a_relay_is_said_once_naming_the_stage_and_how_to_
     finally:
         stop(relay)
         stop(server)
+    # the relay itself lacks the plan: a chain's plan goes to it with --relay 1=, which it takes (it was
+    # told --server, which a relay refuses)
+    caplog.clear()
+    ep_relay = f"tcp://127.0.0.1:{free_port()}"
+    relay = start_server(ep_relay, other, "--stage", "1", "--next", f"tcp://127.0.0.1:{free_port()}")
+    try:
+        _pong(ep_relay)
+        cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
+        with (
+            caplog.at_level(logging.WARNING, logger="splitpoint.edge"),
+            EdgeClient(cfg) as c,
+            pytest.raises(EdgeError),
+        ):
+            c.infer(x(), timeout=30)
+        said = [r.getMessage() for r in caplog.records if "does not serve plan" in r.getMessage()]
+        assert said and f"the relay at {ep_relay}" in said[0] and f"--relay 1={ep_relay}" in said[0], said
+    finally:
+        stop(relay)
 
 
 def test_an_edge_only_plan_never_says_a_server_lacks_it(tmp_path, small_resnet18, caplog):
