@@ -685,6 +685,16 @@ def test_an_lstm_counts_its_gates_over_every_step(tmp_path):
     assert count_macs(h.index) == seq * 4 * hidden * (inp + hidden)
 
 
+def _ort_trace(path: str, runs: int):
+    """The model's handle and onnxruntime's profiler trace of ``runs`` runs (a file the caller reads)."""
+    h = open_model(path)
+    sess = make_session(path, 1, enable_profiling=True)
+    feeds = sample_feeds(h.model, 1)
+    for _ in range(runs):
+        sess.run(None, feeds)
+    return h, sess.end_profiling()
+
+
 def test_a_float16_model_is_profiled_node_by_node(tmp_path):
     """onnxruntime runs a float16 Conv as a float32 kernel behind inserted casts, named after the
     tensor (``InsertedPrecisionFreeCast_<tensor>_nchwc``): those times belong to the convolutions, or
@@ -692,12 +702,7 @@ def test_a_float16_model_is_profiled_node_by_node(tmp_path):
     from splitpoint.profiles.ort_trace import cost_curve, node_times
 
     path = _save(_convnet(np.float16, TensorProto.FLOAT16), tmp_path / "f16.onnx")
-    h = open_model(path)
-    sess = make_session(path, 1, enable_profiling=True)
-    feeds = sample_feeds(h.model, 1)
-    for _ in range(4):
-        sess.run(None, feeds)
-    trace = sess.end_profiling()
+    h, trace = _ort_trace(path, 4)
     per_node, unattributed, _ = node_times(trace, h.index, skip_runs=1)
     convs = [p for p in h.index.compute if h.index.nodes[p].op_type == "Conv"]
     assert all(per_node.get(p, 0) > 0 for p in convs)
@@ -727,12 +732,7 @@ def test_fused_gemm_activation_kernels_are_mapped_to_their_nodes(tmp_path):
         prev = f"r{k}"
     g = helper.make_graph(nodes, "mlp", [_vi("x", [1, 256])], [_vi(prev, [1, 256])], inits)
     path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mlp.onnx")
-    h = open_model(path)
-    sess = make_session(path, 1, enable_profiling=True)
-    feeds = sample_feeds(h.model, 1)
-    for _ in range(6):
-        sess.run(None, feeds)
-    trace = sess.end_profiling()
+    h, trace = _ort_trace(path, 6)
     names = {e["name"] for e in json.loads(Path(trace).read_text()) if e.get("cat") == "Node"}
     assert any(n.startswith("fused /l0/Gemm") for n in names), names  # the rename this maps back
     per_node, unattributed, _ = node_times(trace, h.index, skip_runs=1)
