@@ -110,7 +110,8 @@ class Telemetry:
         # subscriber tells them apart (and that they collide) by this
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.url = BrokerURL.parse(url)
-        self.dropped = 0
+        self.dropped = 0  # messages that could not be handed to the broker (none connected, a full queue)
+        self.sampled_out = 0  # latency samples past the rate limit, left out on purpose (not lost)
         self.sent = 0
         self._latency_gap = 1.0 / latency_per_s if latency_per_s > 0 else 0.0
         self._last_latency = 0.0
@@ -205,6 +206,7 @@ class Telemetry:
                 **host_metrics(),
                 **(extra or {}),
                 "telemetry_dropped": self.dropped,
+                "latency_sampled_out": self.sampled_out,
                 "units": {"cpu_percent": "%", "memory_used_bytes": "B", "temperature_c": "degC"},
             },
         )
@@ -214,11 +216,12 @@ class Telemetry:
         return self._publish("switch", event, qos=1)
 
     def latency(self, breakdown: dict) -> bool:
-        """One request's breakdown (ms, measured); rate-limited, excess counted as dropped."""
+        """One request's breakdown (ms, measured); rate-limited, the excess counted apart from messages
+        lost (``sampled_out``: a healthy broker read 162 of 205 requests as "dropped")."""
         now = time.monotonic()
         with self._lock:
             if now - self._last_latency < self._latency_gap:
-                self.dropped += 1
+                self.sampled_out += 1
                 return False
             self._last_latency = now
         return self._publish("latency", {"unit": "ms", "measured": True, **breakdown})
