@@ -788,12 +788,12 @@ def _as_applied(codec: str, sends: list) -> str:
     """How a codec applies to these tensors, where its name alone misleads: 'float32' sends each tensor
     exact in its own type (a float16 model's as float16), and a quantising codec sends integer tensors
     (token ids) exact."""
-    from splitpoint.core.codecs import Codec
+    from splitpoint.core.codecs import Codec, applied_to
 
     types = sorted({t.dtype for t in sends})
     if Codec.parse(codec).lossless:
         return "" if types == ["float32"] else f": each tensor exact, in its own type ({', '.join(types)})"
-    exact = sorted({t.dtype for t in sends if not t.dtype.startswith("float")})
+    exact = [d for d in types if applied_to(codec, [d]) != codec]
     return f"; {', '.join(exact)} tensors go exact" if exact else ""
 
 

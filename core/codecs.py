@@ -608,6 +608,13 @@ def applied(x: np.ndarray, codec: Codec) -> Codec:
     return codec if (x.dtype.kind == "f" and x.size) else Codec("float32", codec.stage)
 
 
+def applied_to(codec: str, dtypes: list[str]) -> str:
+    """The codec as ``applied`` makes it for tensors of these types sent together, by name: where none is
+    a float (token ids), the lossless codec of its stage, which is what goes on the wire."""
+    c = Codec.parse(codec)
+    return c.name if any(np.dtype(d).kind == "f" for d in dtypes) else Codec("float32", c.stage).name
+
+
 def encoded_size(x: np.ndarray, codec: str | Codec) -> int:
     """``len(encode(x, codec))``, without encoding where the size follows from the shape alone (no
     entropy stage, no outlier columns, finite values): the planner sizes every tensor that crosses a

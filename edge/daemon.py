@@ -242,8 +242,7 @@ class EdgeDaemon:
                     for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
                         if len(frames) >= 2:
                             why = "the edge daemon is shutting down"
-                            err = wire.best_effort_error(frames[1:], "closed", why)
-                            sock.send_multipart([frames[0], *err.to_frames()])
+                            self._refuse_message(sock, frames[0], frames[1:], "closed", why)
                 pending = self._answer_done(sock, pending)
             for ident, rid, _, plan_id in pending:
                 why = "the edge daemon stopped before the request finished"

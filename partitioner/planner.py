@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from splitpoint.core.codecs import Codec, applied, decode, encode, encoded_size
+from splitpoint.core.codecs import Codec, applied, applied_to, decode, encode, encoded_size
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.extract import extract
@@ -175,9 +175,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         """The codec as it applies to tensors of these types: a quantising one sends integer tensors
         exact (token ids), so it is the lossless codec of the same stage; None where that candidate is
         listed already (an int64-only input read 'server-only int4+zstd', and again as int8+zstd)."""
-        name = codec
-        if not any(d.startswith("float") for d in dtypes):
-            name = Codec("float32", Codec.parse(codec).stage).name
+        name = applied_to(codec, dtypes)
         if (*key, name) in seen:
             return None
         seen.add((*key, name))
@@ -191,29 +189,28 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
 
     for codec in m.codecs:
         sent_as = label(codec, input_types, (SERVER_ONLY, 0))
-        timed = timed_as(codec, sent_as)
-        enc = input_f32 / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
-        dec = input_f32 / _speed(m.server, timed, "decode_mb_s", "server") / 1e3
-        up = sum(m.sizes[i][codec] for i in idx.inputs)
-        out.append(
-            CandidateInput(
-                SERVER_ONLY,
-                0,
-                sent_as or codec,
-                "float32",
-                0.0,
-                m.server.whole.median_ms,
-                enc,
-                dec,
-                up,
-                m.reply_bytes[0],
-                input_f32,
-                m.fidelity.get((0, sent_as or codec, "float32")),
-                **runtime(up),
+        if sent_as is not None:
+            timed = timed_as(codec, sent_as)
+            enc = input_f32 / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
+            dec = input_f32 / _speed(m.server, timed, "decode_mb_s", "server") / 1e3
+            up = sum(m.sizes[i][codec] for i in idx.inputs)
+            out.append(
+                CandidateInput(
+                    SERVER_ONLY,
+                    0,
+                    sent_as,
+                    "float32",
+                    0.0,
+                    m.server.whole.median_ms,
+                    enc,
+                    dec,
+                    up,
+                    m.reply_bytes[0],
+                    input_f32,
+                    m.fidelity.get((0, sent_as, "float32")),
+                    **runtime(up),
+                )
             )
-        )
-        if sent_as is None:
-            out.pop()
         for cut in h.cuts():
             et, st = m.edge.cut(cut.k), m.server.cut(cut.k)
             f32 = sum(m.sizes[c.name][RAW] for c in cut.crossing)
