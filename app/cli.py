@@ -1099,9 +1099,52 @@ def edge_run(
             else f"{summary['ok']} split, {summary['fallback']} local fallback"
         )
         console.print(f"{done}, {summary['errors']} errors")
+        said = _run_timings(summary)
+        if said:
+            console.print(said)
         if answered < n:  # exit 0 only when every input got an answer
             err.print(f"{n - answered} of {n} inputs got no answer")
             raise typer.Exit(1)
+
+
+def _run_timings(summary: dict) -> str:
+    """The folder run's measured times: what a user running their samples wants beside the counts (the
+    median request, each part as this edge measured it or the server reported it, and the run's rate)."""
+    from statistics import median
+
+    marks = summary.get("breakdowns") or []
+    if not marks:
+        return ""
+
+    def med(rows: list[dict], *keys: str) -> float:
+        return median(sum(float(r.get(k) or 0.0) for k in keys) for r in rows)
+
+    wall = max(float(summary.get("wall_s") or 0.0), 1e-9)
+    lines = [
+        f"measured: {len(marks)} answers in {wall:.2f} s, {len(marks) / wall:.1f}/s with the window in flight"
+    ]
+    split = [b for b in marks if "local_ms" not in b]
+    if split:
+        server = ("server_queue_ms", "server_decode_ms", "tail_ms", "server_encode_ms")
+        parts = ("head_ms", "encode_ms", "network_ms", *server, "decode_ms")
+        # a folder is submitted at once: what the parts leave of the total is waiting on this edge
+        waited = median(
+            max(0.0, float(b.get("total_ms") or 0.0) - sum(float(b.get(k) or 0.0) for k in parts))
+            for b in split
+        )
+        lines.append(
+            f"split, median of {len(split)}: {med(split, 'total_ms'):.2f} ms per request (waiting on the "
+            f"edge {waited:.2f}, head {med(split, 'head_ms'):.2f}, encode {med(split, 'encode_ms'):.2f}, "
+            f"network {med(split, 'network_ms'):.2f}, server {med(split, *server):.2f}, decode "
+            f"{med(split, 'decode_ms'):.2f}), {med(split, 'bytes_sent') / 1024:.1f} KiB sent per request"
+        )
+    local = [b for b in marks if "local_ms" in b]
+    if local:
+        lines.append(
+            f"on the edge alone, median of {len(local)}: {med(local, 'total_ms'):.2f} ms per request "
+            f"(model {med(local, 'local_ms'):.2f})"
+        )
+    return "\n".join(lines)
 
 
 @app.command()

@@ -7,6 +7,7 @@ ranges; a failure names the option and what is wrong with it, never a traceback.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
@@ -74,6 +75,8 @@ def _issues(exc: ValidationError) -> list[tuple[str, str]]:
     for e in exc.errors()[:5]:
         field = ".".join(str(x) for x in e["loc"]) or "(root)"
         got = e.get("input")
+        if isinstance(got, os.PathLike):  # the path as the user typed it, not PosixPath('...')
+            got = os.fspath(got)
         shown = (
             f" (got {str(repr(got))[:60]})" if got is not None and not isinstance(got, dict | list) else ""
         )

@@ -146,6 +146,32 @@ def load_inputs(
 SINGLE_INPUT_SUFFIXES = (".npy", ".png", ".jpg", ".jpeg", ".bmp")
 
 
+def sample_shapes(model: onnx.ModelProto, inputs: str | Path) -> dict[str, list[int]]:
+    """The shapes a folder's first array sample gives the inputs this model leaves unknown past the batch
+    (the batch kept free, as -1): a user who gives samples has said their height and width, and asking
+    again for ``--input-shape`` would make them write down what the files already hold. Images, which a
+    model resizes to its own declared size, say nothing; nor does a folder without arrays."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = [i for i in model.graph.input if i.name not in inits]
+    open_dims = {
+        i.name: len(i.type.tensor_type.shape.dim)
+        for i in specs
+        if any(not d.HasField("dim_value") or d.dim_value < 0 for d in i.type.tensor_type.shape.dim[1:])
+    }
+    folder = Path(inputs)
+    arrays = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in (".npy", ".npz")) if folder.is_dir() else []
+    )
+    if not open_dims or not arrays:
+        return {}
+    sample = read_sample(arrays[0], {i.name: len(i.type.tensor_type.shape.dim) for i in specs})
+    return {
+        n: [-1, *sample[n].shape[1:]]
+        for n, rank in open_dims.items()
+        if n in sample and sample[n].ndim == rank
+    }
+
+
 def only_input(path: Path, names: list[str]) -> None:
     """A bare array or image is a sample of a single-input model only."""
     if len(names) != 1:

@@ -152,7 +152,9 @@ class EdgeDaemon:
                     f"--outputs {outputs}: {blocked} is a file; give a folder for the answers"
                 )
             outputs.mkdir(parents=True, exist_ok=True)
-        summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
+        summary: dict[str, Any] = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": len(files)}
+        summary["breakdowns"] = []  # each answer's measured times, for the run's medians
+        t0 = time.perf_counter()
         # each answer is written as it comes (memory bounded by the window, and what was answered is kept
         # if the run is stopped), not once every input has been sent
         waiting: list[tuple[Path, Future]] = []
@@ -170,6 +172,7 @@ class EdgeDaemon:
             with contextlib.suppress(Exception):
                 fut.result()
         self._write_done(waiting, outputs, summary)
+        summary["wall_s"] = time.perf_counter() - t0
         return summary
 
     def _write_done(self, waiting: list, outputs: Path | None, summary: dict) -> list:
@@ -187,6 +190,7 @@ class EdgeDaemon:
                 continue
             local = self.client.local_only
             summary["local" if local else "fallback" if r.fallback else "ok"] += 1
+            summary["breakdowns"].append({"fallback": r.fallback, **r.breakdown})
             if outputs:
                 write_answer(
                     outputs / f"{f.stem}.npz", dict(zip(r.names, r.outputs, strict=True)), r.fallback

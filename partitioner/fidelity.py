@@ -227,13 +227,23 @@ def measure_one(
     """``splitpoint fidelity``: one cut, one codec, optionally an int8 head, against the float model. Its
     samples are those ``plan`` measures on (a trained zoo model's rendered task inputs, with their task
     metrics), so that the two commands agree."""
+    from splitpoint.core import zoo
     from splitpoint.core.codecs import Codec
     from splitpoint.core.graph import open_model, resolve_cut
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.quantize import quantize_head
+    from splitpoint.core.samples import sample_shapes
 
     Codec.parse(codec)
-    handle = open_model(model, parse_input_shapes(input_shapes))
+    shapes = parse_input_shapes(input_shapes)
+    if inputs is not None:  # the samples' own sizes, where the model leaves them open and none was given
+        try:
+            declared = onnx.load(zoo.resolve(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - open_model names what is wrong with the file
+            declared = None
+        if declared is not None:
+            shapes = {**sample_shapes(declared, inputs), **shapes}
+    handle = open_model(model, shapes)
     cut = resolve_cut(handle.index, cut_spec)
     n = random or (64 if handle.task else 8)  # plan's own defaults
     samples, truths, measured_on = handle.fidelity_samples(n, inputs)

@@ -6,6 +6,9 @@ profile, fidelity, plan, serve and bench all work on each."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -374,6 +377,26 @@ def test_symbolic_height_and_width_need_a_shape_and_say_so(variants):
         open_model(variants["symhw"], {"images": [1, 3, 48, 48]})
 
 
+def test_fidelity_takes_a_symbolic_models_sizes_from_the_samples_given(variants, tmp_path):
+    """Samples of 1x3x64x64 say the height and width: asking for --input-shape as well would make the
+    user write down what the files hold. One given on the command line still wins, and must fit them."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(3):  # .npy without the batch dimension, as one sample is usually saved
+        np.save(folder / f"s{k}.npy", rng.standard_normal((3, 64, 64)).astype(np.float32))
+    path = str(variants["symhw"])
+    proc = run_cli("fidelity", path, "--cut", "2", "--codec", "float32", "--inputs", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["inputs"].startswith("3 inputs from") and report["outputs"], report
+    assert all(o["max_abs_error"] == 0.0 for o in report["outputs"]), report
+    proc = run_cli(
+        "fidelity", path, "--cut", "2", "--inputs", str(folder), "--input-shape", "input:1x3x32x32"
+    )
+    assert proc.returncode != 0 and "does not fit input input [1, 3, 32, 32]" in proc.stderr, proc.stderr
+
+
 def test_n_keeps_a_symbolic_batch_free_while_height_and_width_are_fixed(tmp_path):
     """An export with a dynamic batch, height and width: fixing the spatial size must not fix the batch
     too (there was no way to say so: every dimension had to be a number, and the plan refused batch 2)."""
@@ -523,6 +546,14 @@ def test_several_inputs_come_from_npz_files(variants, tmp_path):
         args = ("edge", "run", str(tmp_path / "plans" / "p"), "--server", srv.endpoint, "--inputs", str(good))
         proc = run_cli(*args, "--outputs", str(out), timeout=120)
         assert proc.returncode == 1 and "3 split, 0 local fallback, 1 errors" in proc.stdout, proc.stderr
+        # the answers' measured times beside the counts: the three answered, not the one refused
+        assert "measured: 3 answers in" in proc.stdout and "split, median of 3: " in proc.stdout, proc.stdout
+        timed = re.search(
+            r"median of 3: ([\d.]+) ms per request \(waiting on the edge ([\d.]+), head ([\d.]+)", proc.stdout
+        )
+        assert timed and float(timed[1]) > 0 and float(timed[3]) > 0 and float(timed[2]) < float(timed[1]), (
+            proc.stdout
+        )
         assert "s9.npz has no array named token_type_ids, attention_mask" in proc.stderr
         ref = make_session(h.path)
         for k, f in enumerate(feeds):
