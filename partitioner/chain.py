@@ -301,6 +301,37 @@ def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
     return out
 
 
+def memory_shortfall(costs: ChainCosts, names: list[str] | None = None) -> str:
+    """Why no plan fits the memory limits, in figures: the model's weights against the most that any
+    segment each limited device could take holds (the first device's segment starts at the inputs, the
+    last's ends at the outputs). Which limit to raise is then plain, where "every one exceeds a device's
+    memory limit" left the user to guess."""
+    mib = 1 << 20
+    w, fits, m = costs.weights, _memory_ok(costs), len(costs.positions)
+    held = np.triu(w[None, :] - w[:, None])  # weight bytes of the segment from position i to i'
+    said = []
+    for j, name in enumerate(names or costs.devices):
+        limit = _memory_limit(costs, j)
+        if limit is None:
+            continue
+        ok = np.triu(fits[j]).copy()
+        if j == 0:
+            ok[1:, :] = False
+        if j == len(costs.devices) - 1:
+            ok[:, : m - 1] = False
+        held_most = (
+            f"holds at most {held[ok].max() / mib:.1f} MiB of weights"
+            if ok.any()
+            else "holds no segment, not even the activation it would take in"
+        )
+        said.append(f"{name} (limit {limit / mib:.1f} MiB) {held_most}")
+    return (
+        f"no plan over this chain fits the memory limits: the model's weights are {(w[-1] - w[0]) / mib:.1f} "
+        f"MiB; {'; '.join(said)} (a segment also holds the larger activation at its ends): raise a --memory "
+        "limit or add a device"
+    )
+
+
 def chain_front(
     costs: ChainCosts,
     modes: tuple[str, ...] | None = None,

@@ -25,7 +25,7 @@ from splitpoint.core.graph.memory import weight_bytes_by_prefix
 from splitpoint.core.runner import Joined, StageRunner, join, make_session, run_batched, run_chain
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
-from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, solve
+from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
 from .fidelity import FidelityReport, compare, task_report
 from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
 
@@ -320,7 +320,7 @@ def decide_chain(
             base[name] = same.setdefault((plan.cuts, plan.codecs), plan)
         everything = list(same.values())
         if not everything:
-            raise SplitPointError("no plan over this chain: every one exceeds a device's memory limit")
+            raise SplitPointError(memory_shortfall(m.costs, numbered(m.costs.devices)))
         ordered = sorted(everything, key=key)
         pick = None
         for done, p in enumerate(ordered[:max_fidelity_runs]):

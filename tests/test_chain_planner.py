@@ -181,6 +181,38 @@ def test_an_impossible_constraint_is_refused_with_the_closest_plans(measured):
         decide_chain(m, ChainConstraints(max_latency_ms=0.001))
 
 
+def test_no_plan_within_the_memory_limits_says_what_each_device_could_hold(measured):
+    """Limits that together hold less than the model's weights: the refusal gives the weights and, per
+    limited device, the most weight any segment it could take holds (checked against every segment), so
+    that which --memory to raise is read off the message."""
+    h, slow, fast = measured
+    samples, _, _ = h.fidelity_samples(2)
+    nets = [load_network("lte"), load_network("lte")]
+    free = gather_chain(h, ["pi", "pi", "server"], {"pi": slow, "server": fast}, nets, samples)
+    w = free.costs.weights
+    limits = [(w[-1] - w[0]) / 4] * 3  # three quarters of the weights at most: nothing fits
+    m = gather_chain(
+        h, ["pi", "pi", "server"], {"pi": slow, "server": fast}, nets, samples, memory_limits=limits
+    )
+    with pytest.raises(SplitPointError) as caught:
+        decide_chain(m, ChainConstraints())
+    msg = str(caught.value)
+    assert f"the model's weights are {(w[-1] - w[0]) / 2**20:.1f} MiB" in msg, msg
+    a, pos = m.costs.act, range(len(w))
+    for j, name, ends in ((0, "pi", "first"), (1, "pi-2", "any"), (2, "server", "last")):
+        fits = [
+            w[k] - w[i]
+            for i in pos
+            for k in pos
+            if i <= k
+            and w[k] - w[i] + max(a[i], a[k]) <= limits[j]
+            and (ends != "first" or i == 0)
+            and (ends != "last" or k == len(w) - 1)
+        ]
+        said = f"holds at most {max(fits) / 2**20:.1f} MiB" if fits else "holds no segment"
+        assert f"{name} (limit {limits[j] / 2**20:.1f} MiB) {said}" in msg, (name, msg)
+
+
 def test_plan_chain_from_the_command_line(measured, tmp_path):
     h, slow, fast = measured
     slow.save(tmp_path / "pi.json")
