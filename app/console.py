@@ -343,6 +343,8 @@ def status_table(fleet: dict[str, dict]) -> Table:
         st = kinds.get("status", {})
         plans = st.get("plans") if isinstance(st.get("plans"), list) else []
         plan = str(st.get("plan") or "")[:12] or ", ".join(str(p)[:12] for p in plans)
+        if st.get("member") and isinstance(st.get("plan_set"), int):  # an adaptive edge: which member runs
+            plan += f" ({st['member']}, of a set of {st['plan_set']})"
         rows.append(
             [
                 text(dev),

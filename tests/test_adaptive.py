@@ -4,14 +4,17 @@ live connections, every request answered exactly once, and each switch on a real
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from splitpoint.app.bench.proxy import LinkProxy, direction
+from splitpoint.app.console import status_table
 from splitpoint.core.errors import PlanError
 from splitpoint.core.graph import open_model
 from splitpoint.core.plan import EDGE_ONLY
@@ -442,6 +445,7 @@ def test_a_set_publishes_one_device_s_metrics_not_one_per_member(pair, mosquitto
                 time.sleep(0.05)
             status = fleet.snapshot()["set-metrics"]["status"]
             final = client.current  # the edge-only one, or the server's after a window read the link fast
+            shown = status_table({"set-metrics": fleet.snapshot()["set-metrics"]})
     finally:
         srv.stop()
     assert seen and all("member" in m for m in seen), seen  # no member's own metrics among them
@@ -449,6 +453,10 @@ def test_a_set_publishes_one_device_s_metrics_not_one_per_member(pair, mosquitto
     assert (
         status["plan_set"] == 2 and status["member"].startswith(f"m{final} ") and status["server_up"] is True
     )
+    # `status` says which member runs: the plan id alone did not tell a set's edge from a plain one
+    out_text = io.StringIO()
+    Console(file=out_text, width=300, color_system=None).print(shown)
+    assert f"({status['member']}, of a set of 2)" in out_text.getvalue(), out_text.getvalue()
 
 
 def _sending(s: PlanSet) -> list[int]:
