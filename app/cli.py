@@ -51,6 +51,15 @@ MaxUnreadReplies = Annotated[
         "past it they are dropped"
     ),
 ]
+OneSample = Annotated[
+    Path | None,
+    typer.Option(
+        "--inputs",
+        help="folder of samples (.npy for one input, .npz with an array per input): the first is what the "
+        "model runs on, instead of seeded random values (for integer inputs that must hold real values: "
+        "a shape, an index)",
+    ),
+]
 Shapes = Annotated[
     list[str] | None,
     typer.Option(
@@ -155,6 +164,7 @@ def split(
     ] = False,
     with_full: Annotated[bool, typer.Option(help="ship the whole model too (edge fallback)")] = False,
     input_shape: Shapes = None,
+    inputs: OneSample = None,
 ) -> None:
     """Write plan.json and one model per stage: head.onnx and tail.onnx for one cut; with several cuts,
     stage1.onnx, stage2.onnx, ... for the relays between."""
@@ -167,6 +177,8 @@ def split(
     for name in codecs:  # before the model is opened, and one line (a pydantic traceback before)
         Codec.parse(name)
     h = open_model(model, parse_input_shapes(input_shape))
+    if inputs is not None:
+        h.take_sample_from(inputs)
     cuts = [resolve_cut(h.index, c) for c in cut]
     if len(codecs) == 1:
         codecs *= len(cuts)
@@ -514,6 +526,7 @@ def profile(
         ),
     ] = False,
     input_shape: Shapes = None,
+    inputs: OneSample = None,
     quiet: Quiet = False,
 ) -> None:
     """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
@@ -531,6 +544,7 @@ def profile(
         int8=int8,
         input_shapes=tuple(input_shape or ()),
         fresh_codecs=fresh_codecs,
+        inputs=inputs,
     )
     with progress("profiling", quiet) as note:
         prof, path = run_profile(job, note)
@@ -725,6 +739,12 @@ def plan_chain(
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder of samples for fidelity: .npy or images (one input), .npz (an array per input)"
+        ),
+    ] = None,
 ) -> None:
     """Choose cuts and codecs for a chain of devices jointly (edge, relays, server); write the plan."""
     from splitpoint.partitioner.chainplan import plan_dict
@@ -759,6 +779,7 @@ def plan_chain(
         codecs=_codec_list(codecs),
         random=random,
         force=force,
+        inputs=inputs,
         input_shapes=tuple(input_shape or ()),
     )
     with progress("planning the chain", as_json) as note:

@@ -107,10 +107,13 @@ def _parse_and_check(
     # missing (OSError, or the checker's error), or outside the model's folder (the checker's)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
+    densified = densify_sparse(model.graph, str(p))
     reordered = sort_nodes(model.graph)
     completed = complete_interface(model, input_shapes, str(p))
     if check:
-        check_model(model, where=str(p), as_read=None if external or reordered or completed else data)
+        check_model(
+            model, where=str(p), as_read=None if external or reordered or completed or densified else data
+        )
     return model
 
 
@@ -179,13 +182,47 @@ def complete_interface(model: onnx.ModelProto, input_shapes: Mapping[str, list[i
     return changed
 
 
+def densify_sparse(graph: onnx.GraphProto, where: str) -> bool:
+    """Turn the graph's sparse initializers into dense ones, in place. Every cut, weight count and
+    extracted segment reads ``graph.initializer``: a sparse weight was invisible to them (its name read
+    as an unknown tensor, a segment that used it failed the checker). Dense, it is one weight like the
+    others, and onnxruntime runs both alike. Whether any was turned."""
+    if not graph.sparse_initializer:
+        return False
+    from onnx import numpy_helper
+
+    for sp in graph.sparse_initializer:
+        name, dims = sp.values.name, tuple(sp.dims)
+        try:
+            values = numpy_helper.to_array(sp.values)
+            size = int(np.prod(dims, dtype=np.int64)) * values.dtype.itemsize
+            if size > _PROTOBUF_LIMIT:
+                raise ModelError(
+                    f"{where}: sparse initializer {name!r} is {size / 2**30:.1f} GiB dense; SplitPoint keeps "
+                    "weights dense: store it as a dense initializer with external data"
+                )
+            dense = np.zeros(dims, values.dtype)
+            at = numpy_helper.to_array(sp.indices).astype(np.int64)
+            if at.ndim == 1:  # linearised positions
+                dense.reshape(-1)[at] = values.reshape(-1)
+            else:  # one row of coordinates per value
+                dense[tuple(at.T)] = values.reshape(-1)
+        except (ValueError, IndexError, TypeError) as exc:
+            raise ModelError(
+                f"{where}: sparse initializer {name!r} does not fit its shape {list(dims)}: {exc}"
+            ) from exc
+        graph.initializer.append(numpy_helper.from_array(dense, name))
+    del graph.sparse_initializer[:]
+    return True
+
+
 def sort_nodes(graph: onnx.GraphProto) -> bool:
     """Put a graph's nodes in an order where each comes after what it reads, keeping the given order
     wherever it is one already. The ONNX standard asks for that order and the checker refuses a graph
     without it, but onnxruntime runs such graphs and hand-edited or merged models arrive so. A graph
     that no order fixes (a cycle, a tensor nobody produces) is left for the checker to name."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    known |= {t.name for t in graph.sparse_initializer}
+    known |= {t.values.name for t in graph.sparse_initializer}  # a sparse tensor's name is its values'
     needs = [set(node_inputs(n)) for n in graph.node]
     done = set(known)
     for i, n in enumerate(graph.node):

@@ -16,7 +16,7 @@ import onnx
 
 from .codecs import Codec
 from .config import explain_fields
-from .errors import PlanError
+from .errors import ModelError, PlanError
 from .graph.cuts import Cut
 from .graph.extract import extract_segments, verify_segments
 from .graph.index import GraphIndex
@@ -37,7 +37,6 @@ from .plan import (
     stage_file,
     write_dir_atomically,
 )
-from .samples import sample_feeds
 from .wire import names_unfit
 
 if TYPE_CHECKING:
@@ -124,10 +123,13 @@ def write_plan(
     idx = handle.index
     _check_messages(idx, cuts)
     segments = extract_segments(idx, cuts, shared_weights=True)  # filled from the arrays when saved
-    feeds = sample_feeds(idx.model, 1)
+    feeds = handle.sample(1)
     models = [seg.model for seg in segments]
     where = "the plan" if hops != 1 or cuts[0] is None else f"cut {cuts[0].index or ''}".strip()
-    models = verify_segments(models, feeds, where=where, weights=idx.weight_array) if hops else models
+    try:
+        models = verify_segments(models, feeds, where=where, weights=idx.weight_array) if hops else models
+    except ModelError as exc:  # the sample's values, not the cut, may be what the model refuses
+        raise ModelError(f"{exc}{handle.random_values_note()}") from exc
     if head_model is not None:
         if models[0] is None:
             raise PlanError("a server-only plan has no edge model to replace")

@@ -7,6 +7,7 @@ the same tensor everywhere.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     out: dict[str, int] = {}
+    sizes = _static_sizes(model)
     for inp in model.graph.input:
         stack, seen = [inp.name], set()
         while stack:
@@ -51,12 +53,50 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
             seen.add(t)
             for n in consumers.get(t, []):
                 axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-                if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t and axis == 0:
-                    if rows.get(n.input[0], 0) > 0:
-                        out[inp.name] = min(out.get(inp.name, rows[n.input[0]]), rows[n.input[0]])
+                if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == t:
+                    # a weight table's rows, or the size along ``axis`` of any tensor of known shape
+                    # (an index into an activation: one of a model's 4 heads, its last 3 steps)
+                    dims = sizes(n.input[0])
+                    k = axis + len(dims) if dims and axis < 0 else axis
+                    n_rows = rows.get(n.input[0], 0) if axis == 0 else 0
+                    if not n_rows and dims and 0 <= k < len(dims):
+                        n_rows = dims[k] or 0
+                    if n_rows > 0:
+                        out[inp.name] = min(out.get(inp.name, n_rows), n_rows)
                 elif n.op_type in VALUE_MOVING_OPS and n.input[0] == t:
                     stack.extend(n.output)
     return out
+
+
+def _static_sizes(model: onnx.ModelProto) -> Callable[[str], list[int | None]]:
+    """A tensor's declared dimensions (None where unknown; [] where its shape is not known at all), from
+    the file's shapes, inferred once on the first tensor the file leaves without them."""
+    declared: dict[str, list[int | None]] = {}
+    inferred: list[dict[str, list[int | None]]] = []
+
+    def dims_of(vis) -> dict[str, list[int | None]]:
+        return {
+            vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in vis
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+        }
+
+    g = model.graph
+    declared.update(dims_of([*g.input, *g.output, *g.value_info]))
+    declared.update({t.name: list(t.dims) for t in g.initializer})
+
+    def sizes(name: str) -> list[int | None]:
+        if name in declared:
+            return declared[name]
+        if not inferred:
+            try:
+                whole = onnx.shape_inference.infer_shapes(model)
+                inferred.append(dims_of(whole.graph.value_info))
+            except Exception:  # noqa: BLE001 - no shape then: the input keeps its 0..9
+                inferred.append({})
+        return inferred[0].get(name, [])
+
+    return sizes
 
 
 def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -85,6 +125,29 @@ def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[
     return {k: np.asarray(v) for k, v in feeds.items()}
 
 
+def random_values_note(model: onnx.ModelProto) -> str:
+    """The integer inputs a seeded random sample fills with 0..9 (no table bounds them, no mask), named
+    with the way out: a model that reads one as a shape or as an index into an activation fails on such
+    values, and onnxruntime's words ("requested shape", "out of data bounds") read as a fault of the
+    model, the cut or the input shapes. Empty where there is none."""
+    inits = {t.name for t in model.graph.initializer}
+    bounded = index_bounds(model)
+    names = [
+        i.name
+        for i in model.graph.input
+        if i.name not in inits
+        and i.name not in bounded
+        and "mask" not in i.name.lower()
+        and np.issubdtype(np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)), np.integer)
+    ]
+    if not names:
+        return ""
+    return (
+        f" (it ran on a seeded random sample, integers 0..9 in {', '.join(map(repr, names))}: where they "
+        "must be real values, such as a shape or an index, give --inputs DIR with a sample)"
+    )
+
+
 def padding_mask(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> np.ndarray:
     """Ones for the tokens a row holds, zeros for its right padding (up to half the row, at least one
     token kept): what a batch of sentences of different lengths brings, and what turns a model's additive
@@ -99,11 +162,15 @@ def padding_mask(rng: np.random.Generator, dims: list[int], dtype: np.dtype) -> 
 
 
 def load_inputs(
-    model: onnx.ModelProto, inputs: str | Path | None = None, random: int = 16, seed: int = 1234
+    model: onnx.ModelProto,
+    inputs: str | Path | None = None,
+    random: int = 16,
+    seed: int = 1234,
+    limit: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Per-sample feeds from a folder: ``.npy`` files (one sample each, or a batch) or images for a
     single-input model, ``.npz`` files (one sample each, an array per input, named as the inputs) for any;
-    else ``random`` seeded samples."""
+    else ``random`` seeded samples. ``limit``: the first files only (a command that runs one sample)."""
     inits = {t.name for t in model.graph.initializer}
     specs = [i for i in model.graph.input if i.name not in inits]
     if inputs is None:
@@ -114,6 +181,7 @@ def load_inputs(
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".npz", *SINGLE_INPUT_SUFFIXES))
     if not files:
         raise SplitPointError(f"no .npy, .npz or image files in {folder}")
+    files = files[:limit] if limit is not None else files
     dims = {
         i.name: [d.dim_value if d.HasField("dim_value") else 1 for d in i.type.tensor_type.shape.dim]
         for i in specs

@@ -32,6 +32,7 @@ class ProfileJob(StrictConfig):
     int8: bool = False  # also time the int8 (static QDQ) model
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
     fresh_codecs: bool = False  # measure codec speeds again even where this device's are cached
+    inputs: Path | None = None  # a folder of samples: the first is run instead of seeded random values
 
     @field_validator("out")
     @classmethod
@@ -63,6 +64,8 @@ def run_profile(
 ) -> tuple[MeasuredProfile, Path]:
     """Profile under the job's CPU limit (undone afterwards) and save atomically."""
     handle = open_model(job.model, parse_input_shapes(job.input_shapes))
+    if job.inputs is not None:
+        handle.take_sample_from(job.inputs)
     out = job.out or Path("profiles") / "measured" / f"{handle.name}-{job.role}.json"
     settings = ProfileSettings(
         role=job.role,

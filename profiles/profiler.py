@@ -27,12 +27,12 @@ import onnx
 import onnxruntime as ort
 import psutil
 
+from splitpoint.core.errors import ModelError, first_line
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut, cut_by_index
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
 from splitpoint.core.runner import make_session
-from splitpoint.core.samples import sample_feeds
 from splitpoint.core.weights import is_stub
 
 from .codeccache import cached_codec_speeds
@@ -200,7 +200,7 @@ def profile_model(
     temp_before, throttle_before = temperature_c(), throttled()
     idx = handle.index
     cuts: list[Cut] = handle.cuts()
-    feeds = sample_feeds(handle.model, settings.batch)
+    feeds = handle.sample(settings.batch)
     clock = {"build_s": 0.0, "run_ms": 0.0}
     min_ms = sample_span_ms(emulation)  # a real device has one speed; a quota's bursts must not show
 
@@ -234,9 +234,12 @@ def profile_model(
         # time or a whole period's stall (``lifted``)
         with running(), lifted(emulation):
             time_runs(run_whole, 1, settings.profile_runs)
-    except BaseException:  # a model that cannot run leaves no trace file behind
+    except BaseException as exc:  # a model that cannot run leaves no trace file behind
         with contextlib.suppress(Exception):
             os.unlink(whole_sess.end_profiling())
+        note_values = handle.random_values_note() if type(exc).__module__.startswith("onnxruntime") else ""
+        if note_values:  # the sample's values, not its shapes, may be what the model refuses
+            raise ModelError(f"onnxruntime could not run the model: {first_line(exc)}{note_values}") from exc
         raise
     trace = whole_sess.end_profiling()
     try:
@@ -325,7 +328,7 @@ def profile_model(
         note("int8 model", len(planned), len(planned))
         from splitpoint.core.quantize import quantize_head
 
-        calib = [sample_feeds(handle.model, 1, 100 + i) for i in range(8)]
+        calib = [handle.sample(1, 100 + i) for i in range(8)]
         qsess = build(quantize_head(handle.model, calib, "static"))
         with running():
             int8_whole = stat(

@@ -169,8 +169,39 @@ def test_a_sequence_never_crosses_a_cut():
     assert cut_by_index(idx, 3, cuts).crossing[0].name == "c"
     with pytest.raises(CutError, match="cut 2 would send a value no codec carries .*a sequence, a map"):
         cut_by_index(idx, 2, cuts)
-    with pytest.raises(CutError, match="seq would cross as a sequence or a map"):
+    with pytest.raises(CutError, match="seq would cross as a sequence, a map or an optional value"):
         cut_by_tensors(idx, ["seq"])
+
+
+def test_a_cut_by_name_suggests_only_a_cut_that_could_be_one():
+    """Cutting at ``b`` leaves the tail reading the sequence ``b`` was made from: adding it to the cut
+    is no way out (no codec carries a sequence), so it is not suggested as one."""
+    from onnx import TensorProto, helper
+
+    from splitpoint.core.graph import GraphIndex
+
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("SequenceConstruct", ["x"], ["sq"]),
+        helper.make_node("ConcatFromSequence", ["sq"], ["b"], axis=0),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("SequenceAt", ["sq", "zero"], ["e"]),
+        helper.make_node("Add", ["r", "e"], ["y"]),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    g = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("x", f, [2, 3])],
+        [helper.make_tensor_value_info("y", f, [2, 3])],
+        [zero],
+    )
+    idx = GraphIndex.build(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(CutError) as caught:
+        cut_by_tensors(idx, ["b"])
+    msg = str(caught.value)
+    assert "the tail also needs sq from the head" in msg and "instead" not in msg, msg
+    assert "no codec carries sq (a sequence, a map or an optional value): cut elsewhere" in msg, msg
 
 
 def test_sizes_that_follow_the_data_stay_free():

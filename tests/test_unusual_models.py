@@ -789,6 +789,103 @@ def test_a_graph_out_of_order_is_put_in_order_and_splits_exactly(tmp_path):
         np.testing.assert_allclose(run_split(head, tail, cut, feeds)["y"], whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("coordinates", [False, True], ids=["linear-indices", "coordinate-indices"])
+def test_sparse_initializers_are_weights_like_any_other(tmp_path, coordinates):
+    """A weight stored sparse (ONNX's sparse_initializer, indices linear or as coordinates), used on both
+    sides of a cut: it was read by a field it lacks (a traceback on every command), then left out of
+    every segment that used it. Dense at load, it is counted and carried as the others are."""
+    rng = np.random.default_rng(0)
+    dense = np.zeros((8, 8), np.float32)
+    dense[0, 1], dense[3, 3], dense[7, 0] = 2.0, -1.0, 0.5
+    at = np.argwhere(dense) if coordinates else np.flatnonzero(dense)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(dense[dense != 0], "W"),
+        numpy_helper.from_array(at.astype(np.int64), "W_at"),
+        [8, 8],
+    )
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("MatMul", ["b", "W2"], ["c"]),
+        helper.make_node("MatMul", ["c", "W"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "sparse", [_vi("x", [1, 8])], [_vi("y", [1, 8])], [w2], sparse_initializer=[sparse]
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)  # valid; the full check's shape inference does not type sparse weights
+    path = str(tmp_path / "sparse.onnx")
+    onnx.save(m, path)
+    feeds = {"x": rng.standard_normal((1, 8)).astype(np.float32)}
+    whole = make_session(path).run(None, feeds)[0]
+    h = open_model(path)
+    assert not h.model.graph.sparse_initializer
+    cuts = h.cuts()
+    assert len(cuts) == 3
+    for cut in cuts:
+        head, tail = extract(h.index, cut)
+        np.testing.assert_allclose(run_split(head, tail, cut, feeds)["y"], whole, rtol=1e-6, atol=1e-7)
+    shown = run_cli("cuts", path, "--json")
+    assert shown.returncode == 0, shown.stderr
+    params = [c["head_params_share"] for c in json.loads(shown.stdout)["cuts"]]
+    assert params[0] == pytest.approx(64 / 128) and params[-1] == pytest.approx(1.0), params
+
+
+def _integers_with_meaning(tmp_path):
+    """An index into an activation (one of 4 rows, the size shape inference gives) and a Reshape's
+    target shape: values a seeded random sample of 0..9 breaks, which real inputs never would."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"]),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Gather", ["b", "idx"], ["g"], axis=0),
+        helper.make_node("Reshape", ["g", "shape"], ["r"]),
+        helper.make_node("Tanh", ["r"], ["y"]),
+    ]
+    inputs = [_vi("x", [4, 8]), _vi("idx", [1], TensorProto.INT64), _vi("shape", [2], TensorProto.INT64)]
+    path = _save(_tiny(nodes, inputs, [_vi("y", [2, 4])], [w]), tmp_path / "meaning.onnx")
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    feeds = {
+        "x": rng.standard_normal((4, 8)).astype(np.float32),
+        "idx": np.array([3], np.int64),
+        "shape": np.array([2, 4], np.int64),
+    }
+    np.savez(folder / "s0.npz", **feeds)
+    return path, folder, feeds
+
+
+def test_integer_inputs_that_must_hold_real_values_are_bounded_or_taken_from_the_users_samples(tmp_path):
+    """An index into an activation is drawn within its size; a shape cannot be drawn at all: split and
+    profile then say which input's random values may be to blame and take --inputs, as plan and fidelity
+    do (they blamed the cut or the input shapes, and offered no way round)."""
+    from splitpoint.core.samples import index_bounds
+
+    path, folder, feeds = _integers_with_meaning(tmp_path)
+    assert index_bounds(onnx.load(path)) == {"idx": 4}
+    refused = run_cli("split", path, "--cut", "2", "-o", str(tmp_path / "p"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "integers 0..9 in 'shape'" in refused.stderr and "give --inputs DIR" in refused.stderr
+    assert "'idx'" not in refused.stderr  # bounded by the 4 rows it indexes: not to blame
+    assert not (tmp_path / "p").exists()
+    refused = run_cli("profile", path, "-o", str(tmp_path / "e.json"), "-q")
+    assert refused.returncode == 2 and "integers 0..9 in 'shape'" in refused.stderr, refused.stderr
+    plans = tmp_path / "plans"
+    made = run_cli("split", path, "--cut", "2", "--inputs", str(folder), "-o", str(plans / "p"))
+    assert made.returncode == 0, made.stderr
+    made = run_cli("profile", path, "--inputs", str(folder), "-o", str(tmp_path / "e.json"), "-q")
+    assert made.returncode == 0 and (tmp_path / "e.json").is_file(), made.stderr
+    # and the split answers as the whole model does
+    from splitpoint.core.runner import load_split
+
+    plan, head, tail = load_split(plans / "p")
+    sent, early = head.run(feeds)
+    whole = make_session(path).run(None, feeds)[0]
+    np.testing.assert_allclose({**early, **tail.run(sent)}["y"], whole, rtol=1e-6)
+
+
 def test_integer_outputs_are_compared_element_by_element_and_no_output_is_hidden():
     """A model returning token ids (int64 [1, 16]) beside class scores and a regression output: ids are
     scored by the share equal (their 'top-1', the position of the largest id, read 1.0 with 2 of 16 ids

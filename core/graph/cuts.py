@@ -212,6 +212,15 @@ def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
     return cut_from_head(idx, frozenset(head), expected=set(names))
 
 
+def _what(idx: GraphIndex, t: str) -> str:
+    """A value's kind as a user names it: its element type ("string", where numpy says "object"), or
+    what it is when it is no tensor."""
+    if not idx.is_tensor(t):
+        return "a sequence, a map or an optional value"
+    dtype = idx.tensor(t).dtype
+    return "string" if dtype == "object" else dtype
+
+
 def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = None) -> Cut:
     tail = [p for p in idx.compute if p not in head]
     tail_reads = {t for p in tail for t in idx.node_ins[p]}
@@ -221,9 +230,17 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
     if expected is not None:
         extra = [t for t in from_head if t not in expected]
         if extra:
+            # a cut at them all is suggested only where it could be one: no sequence or string crosses
+            uncarried = [t for t in [*sorted(expected), *extra] if not (idx.is_tensor(t) and idx.carried(t))]
+            way_out = (
+                f"; cut at {','.join([*sorted(expected), *extra])} instead"
+                if not uncarried
+                else f", and no codec carries {', '.join(f'{t} ({_what(idx, t)})' for t in uncarried)}: "
+                "cut elsewhere"
+            )
             raise CutError(
                 f"invalid cut: the tail also needs {', '.join(extra)} from the head "
-                f"(e.g. a residual connection); cut at {','.join([*sorted(expected), *extra])} instead"
+                f"(e.g. a residual connection){way_out}"
             )
         unused = [t for t in expected if t not in from_head]
         if unused:
@@ -241,9 +258,10 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
         )
     if others:
         raise CutError(
-            f"invalid cut: {', '.join(others)} would cross as a sequence or a map, which no codec carries"
+            f"invalid cut: {', '.join(others)} would cross as a sequence, a map or an optional value, which "
+            "no codec carries"
         )
-    typed = [f"{t} ({idx.tensor(t).dtype})" for t in crossing_names + from_head if not idx.carried(t)]
+    typed = [f"{t} ({_what(idx, t)})" for t in crossing_names + from_head if not idx.carried(t)]
     if typed:
         raise CutError(
             f"invalid cut: {', '.join(typed)} would cross, and no codec carries that type "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
 if TYPE_CHECKING:
@@ -39,6 +40,32 @@ class ModelHandle:
     weights: str = "the user's model"  # "trained …" or "random …" for zoo entries, said wherever fidelity is
     # False where opening changed what runs (weights listed as inputs, made constants as every plan has them)
     file_runs_as_planned: bool = True
+    # the user's own sample (``--inputs``' first), run wherever one sample is: for a model whose integer
+    # inputs must hold real values (a shape, an index into an activation), which seeded random ones break
+    given_sample: dict[str, np.ndarray] | None = None
+
+    def take_sample_from(self, folder: Path) -> None:
+        from splitpoint.core.samples import load_inputs
+
+        self.given_sample = load_inputs(self.model, folder, limit=1)[0]
+
+    def sample(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+        """One sample at ``batch``: the user's where given (its rows repeated to the batch), else seeded
+        random values of the declared shapes."""
+        from splitpoint.core.samples import sample_feeds
+
+        if self.given_sample is None:
+            return sample_feeds(self.model, batch, seed)
+        return {
+            k: np.concatenate([v] * batch) if batch > 1 and v.ndim and v.shape[0] == 1 else v
+            for k, v in self.given_sample.items()
+        }
+
+    def random_values_note(self) -> str:
+        """Said after onnxruntime's refusal of a sample: which random values may be to blame, and the fix."""
+        from splitpoint.core.samples import random_values_note
+
+        return "" if self.given_sample is not None else random_values_note(self.model)
 
     @property
     def runnable(self) -> Path | onnx.ModelProto:
