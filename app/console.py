@@ -34,19 +34,41 @@ def human_bytes(n: float | None) -> str:
     return str(n)
 
 
-def fmt(v: object, pattern: str = "{:.1f}") -> str:
-    """A figure as text; '-' for none, '?' for a value that is not a number (a device's junk)."""
+def fmt(v: object, pattern: str = "{:.1f}", lo: float = -math.inf, hi: float = math.inf) -> str:
+    """A figure as text; '-' for none, '?' for a value that is not a number, or one no device could
+    have measured (outside ``lo``..``hi``: a negative latency, a CPU past 100 %): a device's junk is not
+    shown as a measurement."""
     if v is None:
         return "-"
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
         return "?"
     return pattern.format(v)
+
+
+def count(v: object) -> str:
+    """A count a device keeps (requests, errors): a whole number from 0 up, else '?'."""
+    if v is None:
+        return "-"
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "?"
 
 
 def text(v: object, default: str = "-") -> str:
     """A device's value as a table cell: its text with rich markup escaped (a state of '[/]' is not
     markup to render, nor '[green]online' a colour to take); control characters were escaped on receipt."""
     return default if v is None or v == "" else escape(str(v))
+
+
+def word(v: object, default: str = "-") -> str:
+    """A device's text field (role, state, plan, endpoint) as a cell: '?' for a value of another type,
+    which shown as text (a list's brackets, a dict the cleaning emptied) would pass for something sent."""
+    if v is None or v == "":
+        return default
+    return escape(v) if isinstance(v, str) else "?"
+
+
+def flag(v: object) -> str:
+    """A device's yes/no field: '?' for anything but a bool."""
+    return "-" if v is None else ("yes" if v else "no") if isinstance(v, bool) else "?"
 
 
 @contextmanager
@@ -328,7 +350,7 @@ def fidelity_table(title: str, report: Any) -> Table:
 def device_state(kinds: dict) -> str:
     """The device's state as its retained status says, and where processes collide on its id, that too:
     with two, the one that stopped last writes 'offline' over the other's 'online'."""
-    state = text(kinds.get("status", {}).get("state"), "?")
+    state = word(kinds.get("status", {}).get("state"), "?")
     n = kinds.get("instances")
     if isinstance(n, int) and n > 1:
         return f"{state}: {n} processes publish under this id"
@@ -337,25 +359,50 @@ def device_state(kinds: dict) -> str:
     return state
 
 
+def _plan_cell(st: dict) -> str:
+    """The plan a device runs (or a server's plans), and an adaptive edge's member: '?' where the
+    device sent something else than ids."""
+    plan, plans = st.get("plan"), st.get("plans")
+    if plan not in (None, ""):
+        cell = escape(plan[:12]) if isinstance(plan, str) else "?"
+    elif isinstance(plans, list):
+        cell = ", ".join(escape(p[:12]) if isinstance(p, str) else "?" for p in plans)
+    else:
+        cell = "-" if plans is None else "?"
+    member, size = st.get("member"), st.get("plan_set")
+    if member and isinstance(size, int) and not isinstance(size, bool):  # an adaptive edge: which member
+        cell += f" ({word(member)}, of a set of {size})"
+    return cell
+
+
+def forgotten_note(fleet: dict) -> str | None:
+    """Said under a view whose fleet went past the ids kept: which were let go, and how many."""
+    n = getattr(fleet, "forgotten", 0)
+    if not n:
+        return None
+    return (
+        f"{n} device ids forgotten past the {getattr(fleet, 'kept', len(fleet)):,} kept (the least recently "
+        "heard go first: a device that publishes again comes back)"
+    )
+
+
 def status_table(fleet: dict[str, dict]) -> Table:
     rows = []
     for dev, kinds in sorted(fleet.items()):
         st = kinds.get("status", {})
-        plans = st.get("plans") if isinstance(st.get("plans"), list) else []
-        plan = str(st.get("plan") or "")[:12] or ", ".join(str(p)[:12] for p in plans)
-        if st.get("member") and isinstance(st.get("plan_set"), int):  # an adaptive edge: which member runs
-            plan += f" ({st['member']}, of a set of {st['plan_set']})"
         rows.append(
             [
                 text(dev),
-                text(st.get("role"), "?"),
+                word(st.get("role"), "?"),
                 device_state(kinds),
-                text(plan),
-                text(st.get("server") or st.get("endpoint")),
-                text(st.get("fallback")),
+                _plan_cell(st),
+                word(st.get("server") or st.get("endpoint")),
+                flag(st.get("fallback")),
             ]
         )
-    return table(None, ["device", "role", "state", "plan", "server / endpoint", "fallback"], rows, 5)
+    t = table(None, ["device", "role", "state", "plan", "server / endpoint", "fallback"], rows, 5)
+    t.caption = forgotten_note(fleet)
+    return t
 
 
 def heard_s_ago(kinds: dict, now: float | None = None) -> float | None:
@@ -420,24 +467,28 @@ WATCH_ORDER = (  # the order shown in
 def _watch_row(k: dict) -> dict[str, str]:
     st, me, la = k.get("status", {}), k.get("metrics", {}), k.get("latency", {})
     rss = me.get("process_rss_bytes")
+    member = st.get("member", me.get("member"))
     return {
         "heard s ago": fmt(heard_s_ago(k)),
-        "role": text(st.get("role", me.get("role")), "?"),
+        "role": word(st.get("role", me.get("role")), "?"),
         "state": device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
-        "plan-set member": text(st.get("member")),
-        "requests": text(me.get("requests", me.get("ok"))),
-        "fallbacks": text(me.get("fallback")),
-        "errors": text(me.get("errors")),
-        "uplink est Mbit/s": fmt(me.get("bandwidth_mbps_est")),
-        "RTT est ms": fmt(me.get("rtt_ms_est")),
-        "e2e ms": fmt(la.get("total_ms")),
-        "head ms": fmt(la.get("head_ms")),
-        "network ms": fmt(la.get("network_ms")),
-        "tail ms": fmt(la.get("tail_ms")),
-        "CPU %": fmt(me.get("cpu_percent")),
-        "RSS MiB": fmt(rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss),
-        "temp °C": fmt(me.get("temperature_c")),
-        "dropped": text(me.get("telemetry_dropped")),
+        # the status names the member ("m1 int8 cut 20"); metrics carry its number alone
+        "plan-set member": word(member) if not isinstance(member, int) else count(member),
+        "requests": count(me.get("requests", me.get("ok"))),
+        "fallbacks": count(me.get("fallback")),
+        "errors": count(me.get("errors")),
+        "uplink est Mbit/s": fmt(me.get("bandwidth_mbps_est"), lo=0),
+        "RTT est ms": fmt(me.get("rtt_ms_est"), lo=0),
+        "e2e ms": fmt(la.get("total_ms"), lo=0),
+        "head ms": fmt(la.get("head_ms"), lo=0),
+        "network ms": fmt(la.get("network_ms"), lo=0),
+        "tail ms": fmt(la.get("tail_ms"), lo=0),
+        "CPU %": fmt(me.get("cpu_percent"), lo=0, hi=100),  # psutil's, over the whole machine
+        "RSS MiB": fmt(
+            rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss, lo=0
+        ),
+        "temp °C": fmt(me.get("temperature_c"), lo=-60, hi=200),
+        "dropped": count(me.get("telemetry_dropped")),
     }
 
 
@@ -446,8 +497,16 @@ def watch_table(latest: dict[str, dict], lost_since: float | None = None, width:
     ``width``: the characters the table may take (default: the console's). Counts are since the device
     started; the link estimates and the latencies (the last request's) are the device's own: measured
     on its clock, the estimates derived from its requests."""
-    # a screenful: thousands of rows (forged ids, or a large fleet) took seconds per frame to draw
-    rows = [{"device": text(dev), **_watch_row(k)} for dev, k in sorted(latest.items())[:MAX_ROWS]]
+
+    # a screenful: thousands of rows (forged ids, or a large fleet) took seconds per frame to draw. The
+    # screenful is of those heard most lately (a device that publishes is not pushed off by ids that
+    # spoke once), in name order
+    def quiet_for(item: tuple[str, dict]) -> float:
+        ago = heard_s_ago(item[1])
+        return math.inf if ago is None else ago
+
+    recent = sorted(latest.items(), key=quiet_for)[:MAX_ROWS] if len(latest) > MAX_ROWS else latest.items()
+    rows = [{"device": text(dev), **_watch_row(k)} for dev, k in sorted(recent)]
 
     def head(col: str) -> str:  # two lines at most, broken where the unit begins
         if col == "heard s ago":
@@ -478,8 +537,12 @@ def watch_table(latest: dict[str, dict], lost_since: float | None = None, width:
         )
     if len(latest) > len(rows):
         notes.append(
-            f"{len(latest) - len(rows)} more devices not shown (`splitpoint status` lists every one)"
+            f"{len(latest) - len(rows)} more devices not shown, the least lately heard (`splitpoint status` "
+            "lists them)"
         )
+    forgotten = forgotten_note(latest)
+    if forgotten:
+        notes.append(forgotten)
     if lost_since is not None:
         notes.append(
             f"[bold red]connection to the MQTT broker lost {time.time() - lost_since:.0f} s ago: "

@@ -91,6 +91,17 @@ MAX_REPLY_BYTES = 1 << 20
 
 INSTANCE_TTL_S = 10.0  # devices publish metrics every 2 s: a process not heard for this long is gone
 MAX_DEVICES = 10_000  # ids kept at most: a forger inventing ids costs bounded memory
+KINDS = frozenset({"status", "metrics", "latency", "switch"})  # what devices publish (docs/deployment.md)
+
+
+class Fleet(dict):
+    """The latest payload per device and kind, and how many ids were let go past the ones kept
+    (``forgotten``, of ``kept`` at most): the views say so, where a fleet cut short read as whole."""
+
+    forgotten: int = 0
+    kept: int = MAX_DEVICES
+
+
 MAX_TEXT = 200  # characters of any text a device sends that are kept
 _NUMBER_LIMIT = 1e15  # beyond this a figure is junk (and formats as 400 digits, or overflows)
 
@@ -133,7 +144,8 @@ class FleetSubscriber:
         import paho.mqtt.client as mqtt
 
         self.url = BrokerURL.parse(url)
-        self._fleet: dict[str, dict] = {}
+        self._fleet: dict[str, dict] = {}  # in the order last heard: the first is the one let go next
+        self.forgotten = 0  # ids let go past MAX_DEVICES
         self._instances: dict[str, dict[str, float]] = {}  # per device: process -> when last heard
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -163,7 +175,7 @@ class FleetSubscriber:
 
     def _on_msg(self, client, userdata, m) -> None:
         parts = m.topic.split("/")
-        if len(parts) != 3:
+        if len(parts) != 3 or parts[2] not in KINDS:  # another topic makes no device of its sender
             return
         try:
             payload = json.loads(m.payload)
@@ -179,9 +191,16 @@ class FleetSubscriber:
         inst = payload.get("instance")
         now = time.monotonic()
         with self._lock:
-            if dev not in self._fleet and len(self._fleet) >= MAX_DEVICES:
-                return
-            self._fleet.setdefault(dev, {})[kind] = payload
+            # the least lately heard id goes to make room: a real device publishing every 2 s is kept
+            # through a flood of ids that each spoke once (first come, first kept hid it for good)
+            kinds = self._fleet.pop(dev, None)
+            if kinds is None and len(self._fleet) >= MAX_DEVICES:
+                gone = next(iter(self._fleet))
+                del self._fleet[gone]
+                self._instances.pop(gone, None)
+                self.forgotten += 1
+            self._fleet[dev] = kinds = kinds or {}
+            kinds[kind] = payload
             if isinstance(inst, str):
                 live = self._instances.setdefault(dev, {})
                 if kind == "status" and payload.get("state") == "offline":
@@ -221,19 +240,21 @@ class FleetSubscriber:
         self._client.loop_stop()
         self._client.disconnect()
 
-    def snapshot(self) -> dict[str, dict]:
+    def snapshot(self) -> Fleet:
         """Latest payload per device and kind, and ``instances``: how many processes published under the
         device's id in the last INSTANCE_TTL_S (more than one: two devices were given the same id, and
         each one's status overwrites the other's)."""
         now = time.monotonic()
         with self._lock:
-            out = {dev: dict(kinds) for dev, kinds in self._fleet.items()}
+            out = Fleet({dev: dict(kinds) for dev, kinds in self._fleet.items()})
+            out.forgotten, out.kept = self.forgotten, MAX_DEVICES
             for dev, live in self._instances.items():
-                out.setdefault(dev, {})["instances"] = sum(now - t < INSTANCE_TTL_S for t in live.values())
+                if dev in out:
+                    out[dev]["instances"] = sum(now - t < INSTANCE_TTL_S for t in live.values())
             return out
 
 
-def collect(url: str, seconds: float = 1.5) -> dict[str, dict]:
+def collect(url: str, seconds: float = 1.5) -> Fleet:
     """What the fleet reports within ``seconds`` (retained status arrives at once)."""
     with FleetSubscriber(url) as sub:
         time.sleep(seconds)

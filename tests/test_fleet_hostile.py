@@ -175,5 +175,83 @@ def test_the_fleet_view_gives_up_whole_columns_on_a_narrow_terminal_not_names():
         assert max(len(line) for line in text.splitlines()) <= w
     assert len(narrow.columns) < len(wide.columns) == 18
     assert "need a wider terminal" in str(narrow.caption) and wide.caption is None
-    many = watch_table({f"d{i:05d}": dev for i in range(3000)}, width=400)
-    assert len(many.rows) == 200 and "2800 more devices not shown" in str(many.caption)
+    old = {**dev, "metrics": {**dev["metrics"], "ts": now - 600}, "latency": {"ts": now - 600}}
+    fleet = {f"d{i:05d}": old for i in range(3000)} | {"zz-live": dev}
+    many = watch_table(fleet, width=400)
+    assert len(many.rows) == 200 and "2801 more devices not shown, the least lately heard" in str(
+        many.caption
+    )
+    shown = _render(many)
+    assert "zz-live" in shown  # heard lately: not pushed off the screen by 3,000 names before it
+
+
+def test_wrong_types_and_impossible_figures_show_as_unknown_not_as_sent(mosquitto):
+    """A role of ['x'], a plan of {'a': [1, 2]} (which the cleaning made {'a': None}, a value nobody
+    sent), a fallback of 'yes', a negative count, latency or bandwidth and a CPU of a million per cent
+    were all shown as if a device had reported them."""
+    dev = "liar"
+    msgs = [
+        (
+            f"splitpoint/{dev}/status",
+            json.dumps({"role": ["x"], "state": 123, "plan": {"a": [1, 2]}, "fallback": "yes"}),
+            True,
+        ),
+        (
+            f"splitpoint/{dev}/metrics",
+            json.dumps(
+                {
+                    "errors": -5,
+                    "requests": 1.5,
+                    "bandwidth_mbps_est": -3.0,
+                    "cpu_percent": 1e6,
+                    "member": {"a": 1},
+                }
+            ),
+            True,
+        ),
+        (f"splitpoint/{dev}/latency", json.dumps({"total_ms": -5.0, "head_ms": -1e9, "tail_ms": 2.5}), True),
+        ("splitpoint/ghost/unknown", json.dumps({"state": "online"}), True),  # no topic devices publish
+    ]
+    _publish(mosquitto, msgs)
+    try:
+        fleet = collect(mosquitto, 1.0)
+        assert "ghost" not in fleet
+        status = _render(status_table(fleet))
+        row = next(line for line in status.splitlines() if "liar" in line)
+        assert "['x']" not in row and "None" not in row and "yes" not in row and "123" not in row, row
+        assert row.count("?") >= 4, row  # role, state, plan, fallback
+        watched = _render(watch_table(fleet, width=400))
+        row = next(line for line in watched.splitlines() if "liar" in line)
+        for junk in ("-5", "-3.0", "1000000", "1.5", "{'a'", "-1000000000"):
+            assert junk not in row, (junk, row)
+        assert "2.5" in row, row  # a figure in range is shown as sent
+    finally:
+        _publish(mosquitto, [(t, b"", True) for t, _, _ in msgs])
+
+
+def test_past_the_ids_kept_the_least_lately_heard_go_and_the_views_say_so(mosquitto, monkeypatch):
+    """A flood of ids kept the first 10,000 for good: a real device that published after it was missing
+    from both views, and nothing said so. Now the least lately heard id goes, and the views count them."""
+    from splitpoint.app import orchestrator
+    from splitpoint.app.orchestrator import FleetSubscriber
+
+    monkeypatch.setattr(orchestrator, "MAX_DEVICES", 50)
+    with FleetSubscriber(mosquitto) as sub:
+        time.sleep(0.5)  # what earlier tests left retained on this broker arrives first
+        before = len(sub.snapshot())
+        _publish(
+            mosquitto,
+            [(f"splitpoint/fake{i:03d}/status", json.dumps({"state": "online"}), False) for i in range(80)],
+        )
+        _publish(
+            mosquitto, [("splitpoint/real/status", json.dumps({"state": "online", "role": "server"}), False)]
+        )
+        deadline = time.monotonic() + 5
+        while "real" not in sub.snapshot() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fleet = sub.snapshot()
+    gone = before + 81 - 50
+    assert "real" in fleet and len(fleet) == 50 and fleet.forgotten == gone
+    assert "fake000" not in fleet and "fake079" in fleet  # the first heard went first
+    for view in (status_table(fleet), watch_table(fleet, width=400)):
+        assert f"{gone} device ids forgotten past the 50 kept" in str(view.caption), view.caption
