@@ -350,7 +350,16 @@ def fidelity_table(title: str, report: Any) -> Table:
 def device_state(kinds: dict) -> str:
     """The device's state as its retained status says, and where processes collide on its id, that too:
     with two, the one that stopped last writes 'offline' over the other's 'online'."""
-    state = word(kinds.get("status", {}).get("state"), "?")
+    st = kinds.get("status", {})
+    state = word(st.get("state"), "?")
+    if state == "online":  # up, but what it relies on may not be: "online" alone read as healthy
+        if st.get("server_up") is False:
+            local = st.get("fallback") is True
+            state += f" (server unreachable: {'answering locally' if local else 'requests fail'})"
+        elif st.get("fallback") is True:
+            state += " (fallback)"
+        if st.get("next_up") is False:
+            state += " (next stage not connected: requests fail)"
     n = kinds.get("instances")
     if isinstance(n, int) and n > 1:
         return f"{state}: {n} processes publish under this id"
@@ -471,7 +480,7 @@ def _watch_row(k: dict) -> dict[str, str]:
     return {
         "heard s ago": fmt(heard_s_ago(k)),
         "role": word(st.get("role", me.get("role")), "?"),
-        "state": device_state(k) + (" (fallback)" if st.get("fallback") is True else ""),
+        "state": device_state(k),
         # the status names the member ("m1 int8 cut 20"); metrics carry its number alone
         "plan-set member": word(member) if not isinstance(member, int) else count(member),
         "requests": count(me.get("requests", me.get("ok"))),

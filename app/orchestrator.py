@@ -57,17 +57,13 @@ def deploy(
     if curve_server_key:
         public, secret = curve_keypair or zmq.curve_keypair()
         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve_server_key, public, secret
+    monitor = s.get_monitor_socket(_DEPLOY_EVENTS)
     try:
         s.connect(endpoint)
         s.send_multipart(
             wire.Message(wire.DEPLOY, 1, plan.plan_id, meta={"files": names}, frames=frames).to_frames()
         )
-        if not s.poll(int(timeout_s * 1000)):
-            raise SplitPointError(
-                f"{endpoint} did not acknowledge plan {plan.plan_id[:12]} within {timeout_s:g} s "
-                "(unreachable, a key it refuses, or still loading a large plan: then it installs it all "
-                "the same, as `status` will show; push again with a longer --timeout to know)"
-            )
+        _await_reply(s, monitor, endpoint, plan.plan_id[:12], timeout_s)
         try:
             reply = wire.parse(s.recv_multipart(), MAX_REPLY_BYTES)
         except wire.WireError as exc:  # not a SplitPoint peer, or a broken one: this target fails, not all
@@ -75,6 +71,8 @@ def deploy(
                 f"{endpoint} sent a reply that is not SplitPoint's protocol: {exc}"
             ) from exc
     finally:
+        s.disable_monitor()
+        monitor.close(0)
         s.close(0)
     if reply.type == wire.ERROR:
         why = clean_text(str(reply.meta.get("message")), 500)
@@ -87,6 +85,64 @@ def deploy(
 
 
 MAX_REPLY_BYTES = 1 << 20
+CONNECT_WITHIN_S = (
+    10.0  # a peer that takes no connection in this long is not there (deploy said so at --timeout)
+)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_DEPLOY_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
+
+
+def _await_reply(s: zmq.Socket, monitor: zmq.Socket, endpoint: str, plan: str, timeout_s: float) -> None:
+    """Wait for the deploy's answer, failing as soon as the connection says it will not come: nothing
+    listening (no connection within CONNECT_WITHIN_S), a handshake refused (a CurveZMQ key, a peer that
+    is not ZeroMQ), or the connection dropped with the plan sent (the peer stopped). Each waited out the
+    whole --timeout and ended in one message that guessed at all of them."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    start = time.monotonic()
+    deadline, connect_by = start + timeout_s, start + min(timeout_s, CONNECT_WITHIN_S)
+    connected = False
+    poller = zmq.Poller()
+    poller.register(s, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    while True:
+        now = time.monotonic()
+        until = deadline if connected else min(deadline, connect_by)
+        if now >= until:
+            break
+        events = dict(poller.poll(max(1, int((until - now) * 1000))))
+        if s in events:
+            return
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                connected = True
+            elif event & _HANDSHAKE_FAILED:
+                raise SplitPointError(
+                    f"cannot deploy plan {plan} to {endpoint}: the connection's handshake failed (a CurveZMQ "
+                    "key it does not accept, or not a ZeroMQ peer)"
+                )
+            elif event & zmq.EVENT_DISCONNECTED and connected:
+                if s.poll(0):  # the answer came before the close
+                    return
+                raise SplitPointError(
+                    f"{endpoint} closed the connection before acknowledging plan {plan} (stopped or "
+                    "restarted?): it is installed only if `status` lists it; deploy again"
+                )
+    if not connected:
+        raise SplitPointError(
+            f"cannot deploy plan {plan} to {endpoint}: no ZeroMQ connection within "
+            f"{min(timeout_s, CONNECT_WITHIN_S):g} s (is it running, and is this its --bind or --listen?)"
+        )
+    raise SplitPointError(
+        f"{endpoint} did not acknowledge plan {plan} within {timeout_s:g} s (connected: still loading a "
+        "large plan, which it then installs all the same, as `status` will show; push again with a longer "
+        "--timeout to know)"
+    )
 
 
 INSTANCE_TTL_S = 10.0  # devices publish metrics every 2 s: a process not heard for this long is gone

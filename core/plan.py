@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -464,10 +465,32 @@ def install_pushed(
 LEFTOVER_AGE_S = 600.0  # a writer's temporary directory this old is no write in progress
 
 
+def _writer_tag() -> str:
+    """Who writes a temporary directory: this process on this host (``1234@pi4``), in its name, so that a
+    sweep on the same host can tell a dead writer's from a live one's whatever their age."""
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+    return f"{os.getpid()}@{host}"
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the temporary directory ``name`` was left by a process of this host that is no more."""
+    m = re.search(r"\.tmp-(\d+)@([A-Za-z0-9]+)-", name)
+    if m is None or m[2] != _writer_tag().split("@", 1)[1]:
+        return False  # another host's (a shared file system), or an older name: only age tells
+    try:
+        os.kill(int(m[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive under another user; or no pid at all
+        return False
+    return False
+
+
 def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
     """Remove the temporary directories of plan writes that never finished (a server killed while it
-    loaded a pushed plan) from ``plans_dir``; the names removed. Only those untouched for
-    ``LEFTOVER_AGE_S``: a younger one may be another writer's, still at work."""
+    loaded a pushed plan) from ``plans_dir``; the names removed. Those whose writer, a process of this
+    host, is gone, and any untouched for ``LEFTOVER_AGE_S``: a younger one of a live (or another host's)
+    writer may be at work. A server restarted at once after a crash kept 77 MB of a half-written tail."""
     now = time.time() if now is None else now
     gone: list[str] = []
     try:
@@ -476,7 +499,8 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
         return gone
     for d in found:
         try:
-            if d.is_dir() and not d.is_symlink() and now - d.stat().st_mtime > LEFTOVER_AGE_S:
+            stale = now - d.stat().st_mtime > LEFTOVER_AGE_S or _writer_gone(d.name)
+            if d.is_dir() and not d.is_symlink() and stale:
                 shutil.rmtree(d)
                 gone.append(d.name)
                 log.info("removed %s: a pushed plan's files, left by a deploy that never finished", d)
@@ -519,7 +543,7 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
         if parent.exists() and not parent.is_dir():
             raise OutputExistsError(f"{parent} is a file, so {target} cannot be a directory in it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
     old = None
     try:
         write(tmp)

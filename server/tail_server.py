@@ -341,7 +341,10 @@ class TailServer:
 
     def _status(self) -> None:
         if self.telemetry:
-            self.telemetry.status("online", {"endpoint": self.endpoint, "plans": self.registry.ids()})
+            status: dict[str, Any] = {"endpoint": self.endpoint, "plans": self.registry.ids()}
+            if self.config.next:  # a relay: whether it can forward at all, which "online" alone hid
+                status |= {"next": self.config.next, "next_up": self._next_up}
+            self.telemetry.status("online", status)
 
     def _enable_curve(self, sock: zmq.Socket) -> None:
         """CurveZMQ encryption; with an allow-list only those client keys (and the deploy keys) connect."""
@@ -852,7 +855,7 @@ class TailServer:
         """The next stage disconnected: what it held will never be answered, so fail it now."""
         from zmq.utils.monitor import recv_monitor_message
 
-        gone = False
+        gone, was_up = False, self._next_up
         for _ in range(1000):
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
@@ -864,6 +867,8 @@ class TailServer:
                 # the grace is for the first connection: once one was made, a stage not connected fails
                 # a request at once (a wait after a lost connection held each request 5 s)
                 self._next_up, self._next_grace_until = True, 0.0
+        if self._next_up != was_up:
+            self._status()
         if gone and self._fwd:
             lost, self._fwd = list(self._fwd.values()), {}
             log.warning("the next stage disconnected: failing %d forwarded request(s)", len(lost))

@@ -278,6 +278,39 @@ def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
         stop(relay)
 
 
+def test_status_says_a_relay_cannot_reach_its_next_stage_and_when_it_can_again(chain, mosquitto):
+    """A relay whose next stage is down answers every request unavailable; `status` showed it "online"
+    as a healthy one. Its status now carries whether the next stage is connected, and the views say it."""
+    from splitpoint.app.console import device_state
+    from splitpoint.app.orchestrator import FleetSubscriber
+
+    ep_relay, ep_next = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    args = ("--stage", "1", "--next", ep_next, "--mqtt", mosquitto, "--device-id", "relay-next-down")
+    relay = start_server(ep_relay, chain["plans"], *args)
+    server = None
+
+    def state_when(sub, done) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            kinds = sub.snapshot().get("relay-next-down")
+            if kinds and done(kinds.get("status", {})):
+                return device_state(kinds)
+            time.sleep(0.1)
+        raise AssertionError(f"no such status: {sub.snapshot().get('relay-next-down')}")
+
+    try:
+        with FleetSubscriber(mosquitto) as sub:
+            down = state_when(sub, lambda st: st.get("next_up") is False)
+            assert down == "online (next stage not connected: requests fail)", down
+            server = start_server(ep_next, chain["plans"])
+            up = state_when(sub, lambda st: st.get("next_up") is True)
+            assert up == "online", up
+    finally:
+        stop(relay)
+        if server is not None:
+            stop(server)
+
+
 def test_a_plan_missing_behind_a_relay_is_said_once_naming_the_stage_and_how_to_deploy_it(
     chain, tmp_path, caplog
 ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 import time
 
@@ -156,6 +157,44 @@ def test_a_deploy_to_a_peer_that_is_not_splitpoint_fails_that_target_in_words(
     assert "\x1b" not in str(caught.value) and len(str(caught.value)) < 700
 
 
+def test_a_deploy_fails_at_once_when_nothing_listens_or_the_peer_goes_with_the_plan(
+    tmp_path, small_resnet18, monkeypatch
+):
+    """Both waited out the whole --timeout (30 s) and ended in one message guessing at every cause,
+    "then it installs it all the same" among them for a peer that had died with the plan."""
+    from splitpoint.app import orchestrator
+
+    plan = tmp_path / "plan"
+    r = run_cli("split", str(small_resnet18), "--cut", "10", "-o", str(plan), timeout=120)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(orchestrator, "CONNECT_WITHIN_S", 1.0)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    nobody = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()
+    t0 = time.monotonic()
+    with pytest.raises(SplitPointError, match="no ZeroMQ connection within 1 s"):
+        deploy(plan, nobody, timeout_s=30)
+    assert time.monotonic() - t0 < 5
+
+    ctx = zmq.Context.instance()
+    peer = ctx.socket(zmq.ROUTER)
+    port = peer.bind_to_random_port("tcp://127.0.0.1")
+
+    def take_and_die():  # a server killed with the plan received, before it answers
+        if peer.poll(20_000):
+            peer.recv_multipart()
+        peer.close(0)
+
+    t = threading.Thread(target=take_and_die, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(SplitPointError, match="closed the connection before acknowledging plan"):
+        deploy(plan, f"tcp://127.0.0.1:{port}", timeout_s=30)
+    assert time.monotonic() - t0 < 10
+    t.join(5)
+
+
 def test_the_fleet_view_gives_up_whole_columns_on_a_narrow_terminal_not_names():
     """At 80 columns every cell read '…', device names and states included; now the least needed
     columns give way, named in the caption, and what is shown is shown whole."""
@@ -227,6 +266,21 @@ def test_wrong_types_and_impossible_figures_show_as_unknown_not_as_sent(mosquitt
         assert "2.5" in row, row  # a figure in range is shown as sent
     finally:
         _publish(mosquitto, [(t, b"", True) for t, _, _ in msgs])
+
+
+def test_an_edge_online_without_its_server_is_not_shown_healthy():
+    """An edge whose server is unreachable fails every request (or answers locally): "online" alone,
+    and a fallback column of False, read as a healthy device."""
+    from splitpoint.app.console import device_state
+
+    def state(**status) -> str:
+        return device_state({"status": {"state": "online", **status}})
+
+    assert state(server_up=True, fallback=False) == "online"
+    assert state(server_up=False, fallback=False) == "online (server unreachable: requests fail)"
+    assert state(server_up=False, fallback=True) == "online (server unreachable: answering locally)"
+    assert state(server_up="no") == "online"  # not a bool: nothing said either way
+    assert device_state({"status": {"state": "offline", "server_up": False}}) == "offline"
 
 
 def test_past_the_ids_kept_the_least_lately_heard_go_and_the_views_say_so(mosquitto, monkeypatch):

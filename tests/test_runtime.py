@@ -210,9 +210,22 @@ def test_a_plan_pushed_again_repairs_its_files_and_a_dead_deploy_s_leftovers_go(
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     young = plans / ".fedcba9876543210.tmp-busy"  # another writer's, still at work
     young.mkdir()
+    # a writer of this host that is gone (a server killed and restarted at once): its directory goes
+    # whatever its age; a live one's stays
+    from splitpoint.core.plan import _writer_tag
+
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    host = _writer_tag().split("@", 1)[1]
+    crashed = plans / f".00112233445566aa.tmp-{dead_pid.pid}@{host}-x1y2"
+    crashed.mkdir()
+    (crashed / "tail.onnx").write_bytes(b"77 MB of a half-written tail")
+    live = plans / f".00112233445566bb.tmp-{os.getpid()}@{host}-x3y4"
+    live.mkdir()
     srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
     try:
         assert not old.exists() and young.exists()
+        assert not crashed.exists() and live.exists()
         pid = deploy(model["plans"] / "p-f32", srv.endpoint)
         installed = plans / pid[:16]
         (installed / "tail.onnx").unlink()
@@ -945,7 +958,8 @@ def test_latency_samples_past_the_rate_limit_are_not_counted_as_lost(mosquitto):
         with FleetSubscriber(mosquitto) as sub:
             t.metrics({})
             deadline = time.monotonic() + 5
-            while "sampler" not in sub.snapshot() and time.monotonic() < deadline:
+            # its retained status comes first: wait for the metrics themselves
+            while "metrics" not in sub.snapshot().get("sampler", {}) and time.monotonic() < deadline:
                 time.sleep(0.05)
             metrics = sub.snapshot()["sampler"]["metrics"]
         assert metrics["telemetry_dropped"] == 0 and metrics["latency_sampled_out"] == 50 - sent
