@@ -51,6 +51,13 @@ MaxUnreadReplies = Annotated[
         "past it they are dropped"
     ),
 ]
+Drain = Annotated[
+    float,
+    typer.Option(
+        help="on SIGTERM/Ctrl-C: seconds to answer the requests already taken (new ones are refused as "
+        "unavailable at once; any still held then are answered unavailable)"
+    ),
+]
 OneSample = Annotated[
     Path | None,
     typer.Option(
@@ -916,6 +923,7 @@ def serve(
     session_idle: Annotated[
         float, typer.Option(help="decoder plans: seconds before an unused session is freed")
     ] = 300,
+    drain: Drain = 5.0,
     quiet: Quiet = False,
 ) -> None:
     """Run the tail server (or, with --stage and --next, a relay of a chain) until SIGTERM/Ctrl-C
@@ -944,6 +952,7 @@ def serve(
         max_sessions=max_sessions,
         max_cache_mb=max_cache_mb,
         session_idle_s=session_idle,
+        drain_s=drain,
     )
     TailServer(cfg).run()
 
@@ -986,6 +995,7 @@ def relay(
         list[Path] | None, typer.Option(help="file(s) with the public keys that may deploy (z85)")
     ] = None,
     max_unread_replies: MaxUnreadReplies = 1000,
+    drain: Drain = 5.0,
     quiet: Quiet = False,
 ) -> None:
     """Run one middle stage of a chain: receive a cut tensor, run this stage's segment, forward the next
@@ -1028,6 +1038,7 @@ def relay(
         next_connect_grace_s=next_grace,
         **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
         max_unread_replies=max_unread_replies,
+        drain_s=drain,
     )
     registry = None
     if single:

@@ -740,6 +740,9 @@ class EdgeClient:
                         self._set_up(True)
                         self._last_heard = time.perf_counter()
                     elif ev & DOWN_EVENTS:
+                        # replies that came before the close are read first: a server that answered
+                        # and then stopped (its drain) had its last answers failed as lost
+                        self._conn.receive(lock_wait=0.05)
                         with self._lock:
                             self._dropped += 1
                         self._set_up(False)

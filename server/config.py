@@ -28,6 +28,7 @@ class ServerConfig(StrictConfig):
         "next_timeout_s": "next-timeout",
         "next_connect_grace_s": "next-grace",
         "session_idle_s": "session-idle",
+        "drain_s": "drain",
         "curve_secret_key": "curve-secret",
         "next_curve_server_key": "next-server-key",
     }
@@ -61,6 +62,8 @@ class ServerConfig(StrictConfig):
     max_sessions: int = Field(64, ge=1, le=1_000_000)
     max_cache_mb: float = Field(1024.0, gt=0, le=1 << 30)  # all sessions' caches together
     session_idle_s: float = Field(300.0, gt=0, le=86_400)  # a session unused this long is freed
+    # on SIGTERM (stop): seconds to answer the requests already taken, new ones refused as unavailable
+    drain_s: float = Field(5.0, ge=0, le=3600)
     heartbeat_s: float = Field(1.0, gt=0, le=60)  # towards the next stage (ZMTP heartbeats)
     dead_after_s: float = Field(5.0, gt=0, le=600)
 

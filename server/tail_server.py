@@ -108,6 +108,9 @@ class Stats:
             return {k: getattr(self, k) for k in ("requests", "errors", "rejected", "busy", "in_flight")}
 
 
+_CLOSE_FLUSH_S = 0.1
+
+
 @dataclass
 class _Request:
     ident: Any
@@ -186,6 +189,9 @@ class TailServer:
         self._next_monitor: zmq.Socket | None = None
         self._next_up = False  # the relay's next stage: connected (its handshake done), as the monitor says
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
+        self._draining = False  # stopping: requests taken are answered, new ones refused
+        self._pool_pending = 0  # given to the pool, reply not yet queued back
+        self._pool_lock = threading.Lock()
         self._fwd_ids = itertools.count(1)
         self.role = "relay" if config.next else "server"
         self.telemetry = Telemetry(config.device_id, self.role, config.mqtt) if config.mqtt else None
@@ -251,14 +257,15 @@ class TailServer:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving. Requests still in the pool finish but their replies are dropped (the
-        socket is gone); the edge's deadline turns them into a fallback or an explicit error."""
+        """Stop serving: new requests are refused (unavailable) while those taken are answered, for up
+        to ``drain_s``; any still held then are answered unavailable. ``timeout``: how much longer than
+        the drain to wait for the socket thread."""
         # a deploy under way finishes (and its acknowledgement is sent) before the socket thread stops:
         # stopped first, the server installed the plan and left the operator told it did not answer
         self._deployer.shutdown(wait=True, cancel_futures=True)
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout)
+            self._thread.join(timeout + self.config.drain_s)
         if self._auth is not None:
             self._auth.stop()
         if self._pool:
@@ -377,6 +384,13 @@ class TailServer:
             with contextlib.suppress(zmq.ZMQError):
                 for frames in wire.drain(replies):
                     wire.send(router, frames, _NOBLOCK)
+                # and what came in as the loop ended is refused, not left for the client's timeout
+                for frames in wire.drain(router, limit=4 * RCVHWM):
+                    self._refuse_late(router, frames)
+            if self._draining and self.fatal is None:
+                # a ROUTER closed right after its last sends lost the last of them despite its linger
+                # (the final answer of a drain, one run in three): a moment for the I/O thread first
+                time.sleep(_CLOSE_FLUSH_S)
             router.close(1000 if self.fatal is None else 0)
             replies.close(0)
             if self._next is not None:
@@ -397,8 +411,22 @@ class TailServer:
             poller.register(nxt, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
         next_metrics = time.monotonic()
-        while not self._stop.is_set():
-            events = dict(poller.poll(0 if self._inline else 50 if self._fwd else 100))
+        drain_until: float | None = None
+        while True:
+            if self._stop.is_set():
+                # stopping: what was taken is answered (new requests are refused meanwhile, as
+                # unavailable), for up to --drain; what is left then is told so, not dropped unanswered
+                now = time.monotonic()
+                if drain_until is None:
+                    drain_until = now + self.config.drain_s
+                    self._draining = True
+                    if self.stats.in_flight:
+                        log.info("stopping: answering the %d request(s) taken", self.stats.in_flight)
+                held = self.stats.in_flight or self._pool_pending or self._inline or self._fwd or self._parked
+                if not held or now >= drain_until:
+                    self._refuse_held(router)
+                    break
+            events = dict(poller.poll(0 if self._inline else 50 if self._fwd or self._draining else 100))
             if replies in events:
                 for frames in wire.drain(replies):
                     wire.send(router, frames)
@@ -436,6 +464,32 @@ class TailServer:
                         "decoder_sessions_expired": self.sessions.expired,
                     }
                 )
+
+    def _refuse_late(self, router: zmq.Socket, frames: list) -> None:
+        if len(frames) < 2:
+            return
+        err = wire.best_effort_error(frames[1:], wire.E_UNAVAILABLE, "the server is stopping")
+        wire.send(router, [frames[0], *err.to_frames()], _NOBLOCK)
+
+    def _refuse_held(self, router: zmq.Socket) -> None:
+        """At the drain's end: the requests still held are answered unavailable (a client then falls
+        back or fails at once), not left to its timeout."""
+        held = list(self._inline)
+        self._inline.clear()
+        lost = list(self._fwd.values())
+        self._fwd, self._parked = {}, []
+        if held or lost:
+            log.warning("stopping: %d request(s) not answered within --drain", len(held) + len(lost))
+        for req in held:
+            self.stats.answered(False)
+            err = wire.error(
+                req.msg.id, wire.E_UNAVAILABLE, "the server stopped before running it", req.msg.plan
+            )
+            with contextlib.suppress(zmq.ZMQError):
+                self._send(router, req.ident, err)
+        for fwd in lost:
+            with contextlib.suppress(zmq.ZMQError):
+                self._fail_forwarded(router, fwd, "the relay stopped before it answered")
 
     def _on_router_events(self) -> None:
         """Free the decoder sessions of connections that closed."""
@@ -541,6 +595,11 @@ class TailServer:
             why += "it has no --next"
             self._send(router, ident, wire.error(msg.id, wire.E_UNAVAILABLE, why, msg.plan))
             return
+        if self._draining:  # an explicit answer at once: the client falls back (or fails) now
+            self.stats.add(rejected=1)
+            err = wire.error(msg.id, wire.E_UNAVAILABLE, "the server is stopping", msg.plan)
+            self._send(router, ident, err)
+            return
         if self.stats.in_flight >= self.config.max_queue:
             self.stats.add(rejected=1, busy=1)
             why = f"{self.stats.in_flight} requests are waiting (the limit is {self.config.max_queue})"
@@ -551,6 +610,8 @@ class TailServer:
         if self._pool is None:
             self._inline.append(req)
         else:
+            with self._pool_lock:
+                self._pool_pending += 1
             self._pool.submit(self._pooled, req)
 
     # -- decoder sessions: on the socket thread, so each session's steps run in order ----------
@@ -651,10 +712,14 @@ class TailServer:
 
     # -- work: the socket thread itself (one worker) or the pool ------------------------------
     def _pooled(self, req: _Request) -> None:
-        frames = self._work(req)  # never None: a relay runs inline (workers 1)
-        # never block a worker: once the socket thread is gone (stop) a send would wait forever
-        if frames is not None and not self._replies.send(frames, block=False):
-            log.warning("server stopping: reply dropped")
+        try:
+            frames = self._work(req)  # never None: a relay runs inline (workers 1)
+            # never block a worker: once the socket thread is gone (stop) a send would wait forever
+            if frames is not None and not self._replies.send(frames, block=False):
+                log.warning("server stopping: reply dropped")
+        finally:
+            with self._pool_lock:  # its reply is queued for the socket thread: the drain may end
+                self._pool_pending -= 1
 
     def _answer(self, router: zmq.Socket, frames: list) -> None:
         wire.send(router, frames)
