@@ -66,6 +66,9 @@ MAX_HIDDEN_ITEMSIZE = 8  # a decoder step's hidden states decode to float32 (flo
 # queue answers busy. With 1000, a backed-up 2 MB/s hop held 400 MB of requests already answered as
 # timed out, and refused every new one for two minutes after the load had gone
 NEXT_SNDHWM = 64
+# ... and what bounds it: requests forwarded and not yet answered. ZeroMQ's limit counts only what it has
+# not handed to TCP: with small cut tensors the kernel's buffers took another 190, 256 held in all
+MAX_FORWARDED = NEXT_SNDHWM
 
 
 class ServerFailed(SplitPointError):
@@ -772,6 +775,12 @@ class TailServer:
     def _forward(self, req: _Request, runner: StageRunner) -> None:
         """Run this stage and send what crosses the next cut on; raises WireError if it cannot go."""
         assert self._next is not None
+        if self._next_up and len(self._fwd) >= MAX_FORWARDED:  # before this stage's work is spent on it
+            raise wire.WireError(
+                wire.E_BUSY,
+                f"stage {runner.index + 1} ({self.config.next}): {len(self._fwd)} requests wait for its "
+                "answer; retry later",
+            )
         t0 = time.perf_counter()
         feeds = self._decode(req.msg, req.entry)
         t1 = time.perf_counter()

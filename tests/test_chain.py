@@ -679,6 +679,62 @@ def test_a_relay_whose_next_hop_is_backed_up_answers_busy_and_holds_a_bounded_qu
         deaf.close(0)
 
 
+def test_a_relay_holds_at_most_64_requests_its_next_stage_has_not_answered(chain):
+    """A next stage that reads every request and answers none (stalled): ZeroMQ's send limit counted only
+    what TCP had not taken, and a relay held 256 small requests where protocol.md says 64. The 65th
+    and later are busy at once, naming the wait."""
+    import zmq
+
+    from splitpoint.core import wire
+
+    ctx = zmq.Context.instance()
+    stalled = ctx.socket(zmq.ROUTER)
+    stalled.setsockopt(zmq.LINGER, 0)
+    hop = f"tcp://127.0.0.1:{free_port()}"
+    stalled.bind(hop)
+    ep_relay = f"tcp://127.0.0.1:{free_port()}"
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", hop, "--next-timeout", "60")
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    read = 0
+    try:
+        _pong(ep_relay)
+        plan = chain["plan"]
+        sends = plan.stages[0].sends
+        names = [t.name for t in sends]
+        frames = [
+            bytes(
+                encode(
+                    np.zeros([int(d) if d.isdigit() else 1 for d in t.shape.split("x")], np.float32),
+                    "float32",
+                )
+            )
+            for t in sends
+        ]
+        client.connect(ep_relay)
+        for i in range(1, 201):
+            client.send_multipart(wire.Message(wire.INFER, i, plan.plan_id, names, frames=frames).to_frames())
+        busy, texts, end = 0, set(), time.monotonic() + 60
+        while busy < 136 and time.monotonic() < end:
+            while stalled.poll(0):  # read, never answer
+                stalled.recv_multipart()
+                read += 1
+            if client.poll(50):
+                m = wire.parse(client.recv_multipart())
+                assert m.meta.get("code") == "busy", m.meta
+                busy += 1
+                texts.add(m.meta.get("message", ""))
+        while stalled.poll(200):
+            stalled.recv_multipart()
+            read += 1
+        assert busy == 136 and read == 64, (busy, read)
+        assert any("64 requests wait for its answer" in t for t in texts), texts
+    finally:
+        client.close(0)
+        stop(relay)
+        stalled.close(0)
+
+
 def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
     """A hostile or broken next stage answers with a wrong shape, a garbage payload, a missing output,
     an extra one, or a batch of 5 for a request of 1: the relay answers `unavailable` saying why, instead
