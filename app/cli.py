@@ -7,6 +7,7 @@ Errors caused by input print one specific line and exit 2; nothing is half-writt
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -1595,6 +1596,17 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _takes_input_shape() -> bool:
+    """Whether the command being run has --input-shape: a hint to use it is no help where it has not
+    (split-decoder, generate)."""
+    name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    for info in app.registered_commands:
+        callback = info.callback
+        if callback is not None and name in (info.name, callback.__name__.replace("_", "-")):
+            return "input_shape" in inspect.signature(callback).parameters
+    return False
+
+
 def main() -> None:
     """Run the CLI; every error a user can cause is one line on stderr and exit status 2 (a runtime
     failure that a supervisor should restart on is 1)."""
@@ -1634,7 +1646,7 @@ def main() -> None:
         # take): onnxruntime's own words, on one line
         text = " ".join(str(exc).split())
         about_shapes = any(w in text.lower() for w in ("shape", "dimension", "dims", "size", "rank"))
-        what = " at these input shapes (see --input-shape)" if about_shapes else ""
+        what = " at these input shapes (see --input-shape)" if about_shapes and _takes_input_shape() else ""
         _fail(escape(f"onnxruntime could not run the model{what}: {text}"), 2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -143,6 +143,13 @@ class ExportedDecoder:
         from .kvcache import DecoderSegment
 
         seg = DecoderSegment(self._model, 1)
+        try:  # the first token first: a model that fails there fails for another reason than --max-len
+            seg.step(np.zeros((1, 1), self.ids_dtype), seg.empty_past())
+        except Exception as exc:  # onnxruntime's own type
+            text = " ".join(str(exc).split())[:300]
+            raise PlanError(
+                f"the model does not run one token of one sequence on an empty cache: {text}"
+            ) from exc
         past = {
             k: np.zeros((*v.shape[:2], n_ctx - 1, v.shape[3]), v.dtype) for k, v in seg.empty_past().items()
         }

@@ -23,11 +23,12 @@ from .runner import make_session
 PAST, PRESENT = "past_key_values.", "present."
 STANDARD_INPUTS = ("attention_mask", "position_ids")
 IDS = "input_ids"
-_NP = {
+_NP: dict[str, type[np.generic]] = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
+    "tensor(bool)": np.bool_,  # an attention mask of booleans (transformers accepts one)
 }
 
 
@@ -40,7 +41,7 @@ def step_feeds(types: dict[str, str], past_len: int, new: int) -> dict[str, np.n
     """The inputs a segment builds for itself (``types``: the standard inputs it takes and their onnxruntime
     types): the attention mask and positions of one unpadded sequence, and ``input_ids`` zeros when only
     their shape is read."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for name, t in types.items():
         dtype = _NP.get(t, np.int64)
         if name == "attention_mask":
@@ -81,7 +82,7 @@ class DecoderSegment:
 
     def empty_past(self) -> dict[str, np.ndarray]:
         """The past of a sequence that has not started: every layer's key and value of length 0."""
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for n in self.inputs:
             if not n.startswith(PAST):
                 continue

@@ -169,9 +169,62 @@ def quantize_matmul_weights(model: onnx.ModelProto, bits: int = 4, block_size: i
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(
-        copy.deepcopy(model), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4
-    )
+    work = copy.deepcopy(model)
+    gemm_as_matmul(work.graph)
+    q = MatMulNBitsQuantizer(work, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     q.process()
-    return q.model.model
+    out = q.model.model
+    if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
+        # a plan that said int4 of weights left float (a Gemm export's) mispredicted memory and speed
+        raise SplitPointError(
+            f"no MatMul or Gemm weight to quantise to {bits} bits in this part of the model (weights "
+            "given as inputs, or layers of other operators): keep its weights float32"
+        )
+    return out
+
+
+def gemm_as_matmul(graph: onnx.GraphProto) -> int:
+    """Rewrite each Gemm with a constant weight as MatMul (+ Add of its bias), in place; how many. The
+    4-bit quantiser takes MatMul only, and exporters write Linear layers as Gemm (transformers' GPT-2
+    Conv1D among them): their weights stayed float while the plan said int4. ``alpha`` and ``beta`` go
+    into the constants; a transposed input A, or a bias that is no constant under a ``beta`` other
+    than 1, leaves the node as it is."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: t for t in graph.initializer}
+    nodes, done = [], 0
+    for n in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        beta = float(attrs.get("beta", 1.0))
+        if (
+            n.op_type != "Gemm"
+            or n.domain not in ("", "ai.onnx")
+            or n.input[1] not in consts
+            or attrs.get("transA", 0)
+            or (bias is not None and beta != 1.0 and bias not in consts)
+        ):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(consts[n.input[1]])
+        w = (w.T if attrs.get("transB", 0) else w) * np.asarray(attrs.get("alpha", 1.0), w.dtype)
+        base = n.output[0]
+        w_name = f"{base}__matmul_weight"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        if bias is None:
+            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [base], name=n.name))
+        else:
+            b_name = bias
+            if beta != 1.0:
+                b = numpy_helper.to_array(consts[bias]) * np.asarray(beta, w.dtype)
+                b_name = f"{base}__matmul_bias"
+                graph.initializer.append(numpy_helper.from_array(b, b_name))
+            mid = f"{base}__matmul"
+            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mid], name=f"{n.name}_matmul"))
+            nodes.append(helper.make_node("Add", [mid, b_name], [base], name=n.name))
+        done += 1
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return done

@@ -252,3 +252,87 @@ def test_plan_decoder_measures_and_picks_a_split_of_it_at_a_fidelity_floor(tmp_p
     assert plan.decoder is not None and plan.decoder.edge_layers == res["pick"]["edge_layers"]
     assert plan.stages[0].codec == res["pick"]["codec"]
     assert plan.predicted["fidelity"]["agreement"]["value"] >= 0.95
+
+
+def _variant(tmp_path: Path, name: str, change) -> Path:
+    m = onnx.load(str(MODEL))
+    change(m)
+    p = tmp_path / f"{name}.onnx"
+    onnx.save(m, str(p))
+    return p
+
+
+def _split_generates_the_whole_models_tokens(path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plans" / path.stem
+    write_decoder_plan(ExportedDecoder(path), out, edge_layers=2, include_full=True)
+    prompt = np.random.default_rng(3).integers(0, 128, (1, 7))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, tmp_path / "plans")
+    try:
+        unsplit = generate_local(out, prompt, 24)
+        with DecoderClient(out, endpoint, timeout_s=30) as client:
+            split = client.generate(prompt, 24)
+    finally:
+        stop(proc)
+    assert split.tokens == unsplit.tokens and len(set(split.tokens)) > 3
+
+
+def test_exports_as_users_write_them_split_or_are_refused_for_what_they_are(tmp_path):
+    """torch's Dim.AUTO names each cache's length apart (refused, blaming the wrong layer, as if later
+    layers read an earlier one's values); a boolean attention_mask (fed int64 and refused by
+    onnxruntime, reported as a --max-len problem); a batch fixed at 2 (the same wrong advice); logits of
+    the last position only (a traceback, after a fidelity of 1.000 measured on a single score)."""
+
+    def own_lengths(m):  # Dim.AUTO: s0, s1, ... one symbol per cache input
+        for k, vi in enumerate(i for i in m.graph.input if i.name.startswith("past_key_values.")):
+            vi.type.tensor_type.shape.dim[2].dim_param = f"s{k}"
+
+    _split_generates_the_whole_models_tokens(_variant(tmp_path, "auto-dims", own_lengths), tmp_path)
+
+    def bool_mask(m):
+        mask = next(i for i in m.graph.input if i.name == "attention_mask")
+        mask.type.tensor_type.elem_type = onnx.TensorProto.BOOL
+        for n in m.graph.node:
+            n.input[:] = ["attention_mask_i64" if i == "attention_mask" else i for i in n.input]
+        m.graph.node.insert(
+            0,
+            onnx.helper.make_node(
+                "Cast", ["attention_mask"], ["attention_mask_i64"], to=onnx.TensorProto.INT64
+            ),
+        )
+
+    _split_generates_the_whole_models_tokens(_variant(tmp_path, "bool-mask", bool_mask), tmp_path)
+
+    def batch_of_two(m):
+        for vi in m.graph.input:
+            vi.type.tensor_type.shape.dim[0].Clear()
+            vi.type.tensor_type.shape.dim[0].dim_value = 2
+
+    with pytest.raises(
+        ModelError, match="input_ids has its batch fixed at 2: a generation runs one sequence"
+    ):
+        ExportedDecoder(_variant(tmp_path, "batch2", batch_of_two))
+
+    def last_logits(m):
+        logits = m.graph.output[0]
+        assert logits.name == "logits"
+        for n in m.graph.node:
+            n.output[:] = ["logits_all" if o == "logits" else o for o in n.output]
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(-1, np.int64), "last"))
+        m.graph.node.append(onnx.helper.make_node("Gather", ["logits_all", "last"], ["logits"], axis=1))
+        del logits.type.tensor_type.shape.dim[1]
+
+    with pytest.raises(ModelError, match=r"expected logits \[batch, sequence, vocab\]"):
+        ExportedDecoder(_variant(tmp_path, "last-logits", last_logits))
+
+
+def test_an_export_whose_layers_are_gemm_gets_4_bit_edge_weights(tmp_path):
+    """transformers' GPT-2 writes its layers as Gemm: its head stayed float while the plan said int4,
+    and plan-decoder scored int4 candidates that were the float ones."""
+    out = tmp_path / "p"
+    plan = write_decoder_plan(
+        ExportedDecoder(DATA / "decoder-hf-gpt2.onnx"), out, edge_layers=2, head_weights="int4"
+    )
+    head = onnx.load(str(out / "head.onnx"))
+    ops = [n.op_type for n in head.graph.node]
+    assert plan.stages[0].weights == "int4" and ops.count("MatMulNBits") >= 8 and "Gemm" not in ops

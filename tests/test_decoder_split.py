@@ -395,3 +395,51 @@ def test_a_step_that_goes_unanswered_fails_at_its_timeout_not_twice_that(plans):
         router.close(0)
     assert waited < 3.5, waited  # one timeout (2 s) and the head's run; it was over 4 s
     assert seen == [wire.PING, wire.STEP, wire.CLOSE]  # the close still goes out, unwaited
+
+
+def test_linear_layers_exported_as_gemm_get_4_bit_weights_too():
+    """transformers' GPT-2 writes its layers as Gemm, which the 4-bit quantiser does not take: the head
+    stayed float while the plan said int4. Gemm with a constant weight becomes MatMul (+ Add) first,
+    alpha, beta and transB folded into the constants; a part with no such weight is refused."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.quantize import gemm_as_matmul, quantize_matmul_weights
+    from splitpoint.core.runner import make_session
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 64)).astype(np.float32)  # transB: [out, in]
+    b = rng.standard_normal(96).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, alpha=0.5, beta=2.0)],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 96])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    want = make_session(model.SerializeToString()).run(None, x)[0]
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert gemm_as_matmul(rewritten.graph) == 1
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "Add"]
+    np.testing.assert_allclose(
+        make_session(rewritten.SerializeToString()).run(None, x)[0], want, rtol=1e-5, atol=1e-5
+    )
+    q = quantize_matmul_weights(model)
+    assert [n.op_type for n in q.graph.node].count("MatMulNBits") == 1
+    got = make_session(q.SerializeToString()).run(None, x)[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()  # 4-bit weights: close, not equal
+    relu = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "relu",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    with pytest.raises(SplitPointError, match="no MatMul or Gemm weight to quantise"):
+        quantize_matmul_weights(relu)

@@ -105,10 +105,28 @@ def decoder_layout(idx: GraphIndex) -> DecoderLayout:
     rest = [o for o in idx.outputs if not PRESENT_RE.match(o)]
     if len(rest) != 1:
         raise ModelError(f"a decoder gives one output besides its presents (the logits), not {rest}")
+    logits = idx.info[rest[0]].dims if rest[0] in idx.info else None
+    if logits is not None and len(logits) != 3:
+        # the last position's alone ([batch, vocab]): every reader takes [0, -1], a single score, whose
+        # argmax is always 0 (a fidelity of 1.000 measured on nothing)
+        raise ModelError(
+            f"{rest[0]}: expected logits [batch, sequence, vocab] (every new position's), not {logits}: "
+            "export the logits of all positions"
+        )
     dims = idx.info[past(0, "key")].dims if past(0, "key") in idx.info else None
     if not dims or len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
         raise ModelError(
             f"{past(0, 'key')}: expected [batch, heads, length, head size] with fixed heads, not {dims}"
+        )
+    fixed = [
+        (n, d[0])
+        for n in (IDS, past(0, "key"))
+        if n in idx.info and (d := idx.info[n].dims) and isinstance(d[0], int) and d[0] != 1
+    ]
+    if fixed:
+        raise ModelError(
+            f"{fixed[0][0]} has its batch fixed at {fixed[0][1]}: a generation runs one sequence, so export "
+            "the decoder with a batch of 1 or a dynamic one"
         )
     boundaries = tuple(_boundary(idx, k, layers, rest[0]) for k in range(1, layers))
     return DecoderLayout(layers, IDS, rest[0], dims[1], dims[3], boundaries, _positions(idx))
@@ -188,9 +206,24 @@ def _stand_ins(idx: GraphIndex, main: str, own: range) -> dict[str, str]:
         if m and int(m[1]) not in own:
             mine = past(own.start, m[2])
             theirs, ours = idx.info.get(name), idx.info.get(mine)
-            if theirs is not None and ours is not None and theirs.dims == ours.dims:
+            if theirs is not None and ours is not None and _alike(theirs.dims, ours.dims):
                 out[name] = mine
     return out
+
+
+def _alike(a: list | None, b: list | None) -> bool:
+    """Two caches declared alike: the same rank, the same static sizes, and a symbol where the other has
+    one. Whether two symbols are one size is not the file's to say: torch's ``Dim.AUTO`` names each
+    cache's length apart (s42, s45, ...) though every layer holds the same tokens, and a split of such
+    an export was refused as if its later layers read an earlier one's values."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(
+        (x == y)
+        if isinstance(x, int) and isinstance(y, int)
+        else not (isinstance(x, int) or isinstance(y, int))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 DimSource = tuple[str, int | str, int]  # ("const", value, 0) or ("shape", tensor, axis)
