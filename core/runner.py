@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from .codecs import DTYPES
 from .errors import PlanError, SplitPointError
-from .plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
+from .plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan, TensorSpec
 from .weights import is_stub, shareable, stub
 
 
@@ -355,6 +355,26 @@ def run_chain(
     return [outs[n] for n in names]
 
 
+def _disagrees(arg: ort.NodeArg, spec: TensorSpec | None) -> str | None:
+    """How a model's declared input or output contradicts the plan's tensor of that name (its type, its
+    rank, a size both fix), in words; None where they agree or either leaves it open. A deploy whose
+    plan.json said otherwise than its models was acknowledged, and its requests then refused."""
+    if spec is None:
+        return None
+    have = ORT_DTYPES.get(arg.type)
+    if have is not None and have != np.dtype(spec.dtype):
+        return f"{arg.name} is {have} in the model and {spec.dtype} in plan.json"
+    if spec.shape in ("", "?") or not isinstance(arg.shape, list):
+        return None
+    want = _spec_shape(spec.shape)
+    if len(want) != len(arg.shape):
+        return f"{arg.name} has rank {len(arg.shape)} in the model and shape {spec.shape} in plan.json"
+    for k, (m, p) in enumerate(zip(arg.shape, want, strict=True)):
+        if isinstance(m, int) and isinstance(p, int) and m != p:
+            return f"{arg.name} has dimension {k} of {m} in the model and {p} in plan.json ({spec.shape})"
+    return None
+
+
 def check_models_load(plan_dir: Path, plan: Plan) -> None:
     """Build a session for every model a plan carries (then drop it): what onnxruntime refuses, a
     deploy refuses, before anything is served from it. Each stage's model must also fit its place in the
@@ -363,6 +383,15 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
     and then failed every request with `internal`."""
     by_file = {st.file: (i, st) for i, st in enumerate(plan.stages) if st.file}
     model_inputs = {t.name for t in plan.inputs}
+    for i in range(1, len(plan.stages)):  # what a stage takes is what the one before sends
+        got = {t.name: (t.dtype, t.shape) for t in plan.stages[i].receives}
+        sent = {t.name: (t.dtype, t.shape) for t in plan.stages[i - 1].sends}
+        if got != sent:
+            wrong = sorted(n for n in set(got) | set(sent) if got.get(n) != sent.get(n))
+            raise PlanError(
+                f"stage {i} receives {', '.join(f'{n} {got.get(n, (None, None))}' for n in wrong[:4])}, but "
+                f"stage {i - 1} sends {', '.join(f'{n} {sent.get(n, (None, None))}' for n in wrong[:4])}"
+            )
     for name in plan.files:
         if not (name.endswith(".onnx") and (Path(plan_dir) / name).is_file()):
             continue
@@ -386,6 +415,17 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
             )
         else:
             continue
+        specs = {t.name: t for t in plan.inputs}
+        if name in by_file:
+            specs |= {t.name: t for t in by_file[name][1].receives}
+        outs = {t.name: t for t in plan.outputs}
+        if name in by_file:
+            outs |= {t.name: t for t in by_file[name][1].sends}
+        for io, table in ((sess.get_inputs(), specs), (sess.get_outputs(), outs)):
+            for arg in io:
+                said = _disagrees(arg, table.get(arg.name))
+                if said:
+                    raise PlanError(f"{name} does not fit the plan: {said}")
         extra, lacking = sorted(reads - may_read), sorted(must_give - gives)
         if extra or lacking:
             raise PlanError(

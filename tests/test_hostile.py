@@ -576,6 +576,42 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     )
 
 
+def test_a_deploy_whose_plan_json_says_other_shapes_or_types_than_its_models_is_refused(served):
+    """plan.json's stage 1 receiving a cut tensor of 17 columns (or int64) where the models and stage 0
+    say 16 float32 columns was acknowledged; its requests were then refused bad-tensor. What a stage
+    receives must be what the one before sends, and both what its models declare."""
+    import hashlib
+
+    d = served["plans"] / "p"
+    base = json.loads((d / "plan.json").read_text())
+    files = {n: (d / n).read_bytes() for n in base["files"]}
+
+    def push(plan: dict, rid: int) -> wire.Message:
+        plan.pop("plan_id", None)
+        canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+        plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+        header = json.dumps({"v": 1, "type": "deploy", "id": rid, "meta": {"files": ["plan.json", *files]}})
+        return _ask(served["sock"], [header.encode(), json.dumps(plan).encode(), *files.values()], 20000)
+
+    cut = base["stages"][1]["receives"][0]
+    dims = cut["shape"].split("x")
+    wider = json.loads(json.dumps(base))
+    wider["stages"][1]["receives"][0]["shape"] = "x".join([*dims[:-1], str(int(dims[-1]) + 1)])
+    reply = push(wider, 91)
+    assert reply.meta.get("code") == wire.E_BAD_PLAN, reply.meta
+    assert (
+        f"stage 1 receives {cut['name']}" in reply.meta["message"]
+        and "stage 0 sends" in reply.meta["message"]
+    )
+    retyped = json.loads(json.dumps(base))
+    for key in (("stages", 0, "sends"), ("stages", 1, "receives")):
+        retyped[key[0]][key[1]][key[2]][0]["dtype"] = "int64"
+    reply = push(retyped, 92)
+    assert reply.meta.get("code") == wire.E_BAD_PLAN, reply.meta
+    assert "does not fit the plan" in reply.meta["message"] and "int64 in plan.json" in reply.meta["message"]
+    assert push(json.loads(json.dumps(base)), 93).type == wire.DEPLOYED  # as written, it is taken
+
+
 def test_a_deploy_past_the_file_limit_is_too_large_and_a_long_name_is_said_so(served):
     """protocol.md lists a deploy's 64 files with the size limits (`too-large`); past them it was refused
     as `bad-plan` once the plan was parsed. A name past 128 characters was told it is not a plain name,
