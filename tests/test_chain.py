@@ -617,6 +617,13 @@ def test_plan_ids_follow_the_documented_recipe_and_an_edge_that_falls_back_needs
         verify_pushed(files, "edge", fallback=True)
 
 
+def _first_hop(plan) -> tuple[list[str], list[bytes]]:
+    """What the edge sends the relay for one request of batch 1: zeros of each cut tensor's shape."""
+    sends = plan.stages[0].sends
+    shapes = [[int(d) if d.isdigit() else 1 for d in t.shape.split("x")] for t in sends]
+    return [t.name for t in sends], [bytes(encode(np.zeros(s, np.float32), "float32")) for s in shapes]
+
+
 def test_a_relay_whose_next_hop_is_backed_up_answers_busy_and_holds_a_bounded_queue(chain):
     """The next stage accepts the connection and reads nothing (as a hop far slower than the requests
     would): once TCP's buffers and the relay's bounded queue towards it are full, each request is answered
@@ -642,17 +649,7 @@ def test_a_relay_whose_next_hop_is_backed_up_answers_busy_and_holds_a_bounded_qu
     try:
         _pong(ep_relay)
         plan = chain["plan"]
-        sends = plan.stages[0].sends
-        names = [t.name for t in sends]
-        frames = [
-            bytes(
-                encode(
-                    np.zeros([int(d) if d.isdigit() else 1 for d in t.shape.split("x")], np.float32),
-                    "float32",
-                )
-            )
-            for t in sends
-        ]
+        names, frames = _first_hop(plan)
         client.connect(ep_relay)
         # paced below the relay's own queue (256 waiting): its forwards time out after 0.2 s and leave
         # it, while their bytes stay queued towards the deaf stage
@@ -700,17 +697,7 @@ def test_a_relay_holds_at_most_64_requests_its_next_stage_has_not_answered(chain
     try:
         _pong(ep_relay)
         plan = chain["plan"]
-        sends = plan.stages[0].sends
-        names = [t.name for t in sends]
-        frames = [
-            bytes(
-                encode(
-                    np.zeros([int(d) if d.isdigit() else 1 for d in t.shape.split("x")], np.float32),
-                    "float32",
-                )
-            )
-            for t in sends
-        ]
+        names, frames = _first_hop(plan)
         client.connect(ep_relay)
         for i in range(1, 201):
             client.send_multipart(wire.Message(wire.INFER, i, plan.plan_id, names, frames=frames).to_frames())
