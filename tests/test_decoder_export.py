@@ -325,6 +325,12 @@ def test_exports_as_users_write_them_split_or_are_refused_for_what_they_are(tmp_
     with pytest.raises(ModelError, match=r"expected logits \[batch, sequence, vocab\]"):
         ExportedDecoder(_variant(tmp_path, "last-logits", last_logits))
 
+    def extra_output(m):  # a last_hidden_state beside the logits
+        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(m.graph.node[-1].input[0]))
+
+    with pytest.raises(ModelError, match="besides its presents .* export it returning only the logits"):
+        ExportedDecoder(_variant(tmp_path, "extra-output", extra_output))
+
 
 def test_an_export_whose_layers_are_gemm_gets_4_bit_edge_weights(tmp_path):
     """transformers' GPT-2 writes its layers as Gemm: its head stayed float while the plan said int4,

@@ -104,7 +104,11 @@ def decoder_layout(idx: GraphIndex) -> DecoderLayout:
         )
     rest = [o for o in idx.outputs if not PRESENT_RE.match(o)]
     if len(rest) != 1:
-        raise ModelError(f"a decoder gives one output besides its presents (the logits), not {rest}")
+        raise ModelError(
+            f"a decoder gives one output besides its presents (the logits), not {rest}: export it returning "
+            "only the logits and the presents (or cut the others off the graph, e.g. with "
+            "onnx.utils.extract_model keeping those outputs)"
+        )
     logits = idx.info[rest[0]].dims if rest[0] in idx.info else None
     if logits is not None and len(logits) != 3:
         # the last position's alone ([batch, vocab]): every reader takes [0, -1], a single score, whose
