@@ -353,7 +353,13 @@ class EdgeDaemon:
                     raise wire.WireError(wire.E_BUSY, f"{held} local requests are in flight or waiting")
                 self._backlog.append((ident, msg.id, self._feeds(msg), time.monotonic(), msg.plan or ""))
             elif msg.type == wire.DEPLOY:
-                plan = self._deploy(msg)
+                try:
+                    plan = self._deploy(msg)
+                except OSError as exc:  # this machine's (a read-only or full plans directory): one line
+                    where = f": {exc.filename}" if exc.filename else ""
+                    why = f"the edge daemon cannot store the plan ({exc.strerror or exc}{where})"
+                    log.error("%s", why)
+                    raise wire.WireError(wire.E_INTERNAL, why) from exc
                 sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])
             elif msg.type == wire.PING:
                 meta = {"server_up": self.client.server_up}

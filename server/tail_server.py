@@ -975,6 +975,11 @@ class TailServer:
             reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
         except (PlanError, SplitPointError) as exc:
             reply = wire.error(msg.id, wire.E_BAD_PLAN, str(exc), msg.plan)
+        except OSError as exc:  # this machine's: a read-only or full plans directory, not the plan's fault
+            where = f": {exc.filename}" if exc.filename else ""
+            why = f"the server cannot store the plan ({exc.strerror or exc}{where})"
+            log.error("deploy of plan %s failed: %s", msg.plan[:12], why)
+            reply = wire.error(msg.id, wire.E_INTERNAL, why, msg.plan)
         except Exception as exc:  # never lose the answer to a deploy
             log.exception("deploy failed")
             reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)

@@ -238,6 +238,41 @@ def test_a_plan_pushed_again_repairs_its_files_and_a_dead_deploy_s_leftovers_go(
         srv.stop()
 
 
+def test_a_plans_directory_that_cannot_be_written_fails_the_deploy_in_one_line(
+    model, tmp_path, monkeypatch, caplog
+):
+    """A read-only (or full) plans directory: the deploy failed with the OSError's repr, and the server
+    logged a traceback for what is the machine's state, not a bug. (Root writes through a mode of 0555,
+    so the file system's refusal is raised where the plan's directory is made.)"""
+    import errno
+    import logging
+
+    from splitpoint.core import plan as plan_module
+
+    plans = tmp_path / "plans"
+    plans.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(plans))
+
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
+    try:
+        monkeypatch.setattr(plan_module.tempfile, "mkdtemp", read_only)
+        with (
+            caplog.at_level(logging.ERROR, logger="splitpoint.server"),
+            pytest.raises(SplitPointError) as exc,
+        ):
+            deploy(model["plans"] / "p-f32", srv.endpoint, timeout_s=30)
+        assert f"the server cannot store the plan (Read-only file system: {plans})" in str(exc.value)
+        assert not any(r.exc_info for r in caplog.records), [r.getMessage() for r in caplog.records]
+        monkeypatch.undo()
+        assert deploy(
+            model["plans"] / "p-f32", srv.endpoint, timeout_s=30
+        )  # and the next one, allowed, lands
+    finally:
+        srv.stop()
+
+
 def test_telemetry_reaches_mosquitto(model, mosquitto):
     srv = TailServer(
         ServerConfig(
