@@ -452,11 +452,18 @@ def generate(
     cpus: Annotated[
         float | None, typer.Option(help="run under this CPU limit (cgroup quota), as a small device would")
     ] = None,
+    curve_server_key: Annotated[
+        Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85): encrypt")
+    ] = None,
+    curve_secret: Annotated[
+        Path | None, typer.Option(help="file with this device's CurveZMQ secret key (z85), for allow-lists")
+    ] = None,
 ) -> None:
     """Generate greedily with a decoder plan and print one JSON object: tokens, ttft_ms, tpot_ms (both
     measured on this machine's clock)."""
     import numpy as np
 
+    from splitpoint.core.curve import keypair_from_secret, read_public
     from splitpoint.core.endpoints import check_endpoint
     from splitpoint.edge.decoder import DecoderClient, generate_local, load_decoder_plan
     from splitpoint.profiles.cpulimit import cpu_limit
@@ -474,6 +481,9 @@ def generate(
     if seed < 0:
         raise SplitPointError(f"--seed must be 0 or more, not {seed}")
     _seconds("--timeout", timeout)
+    _curve_pair(curve_secret, curve_server_key)
+    server_key = read_public(curve_server_key, "server's public key") if curve_server_key else None
+    keypair = keypair_from_secret(curve_secret) if curve_secret else None
     if not local:
         try:
             check_endpoint(server)
@@ -484,7 +494,14 @@ def generate(
         if local:
             gen = generate_local(plan_dir, prompt, max_new_tokens, threads)
         else:
-            with DecoderClient(plan_dir, server, timeout_s=timeout, threads=threads) as client:
+            with DecoderClient(
+                plan_dir,
+                server,
+                timeout_s=timeout,
+                threads=threads,
+                curve_server_key=server_key,
+                curve_keypair=keypair,
+            ) as client:
                 gen = client.generate(prompt, max_new_tokens)
     out = {**gen.to_dict(), "mode": "local" if local else "split", "prompt_tokens": prompt_tokens}
     if emulation is not None:

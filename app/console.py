@@ -352,7 +352,9 @@ def device_state(kinds: dict) -> str:
     with two, the one that stopped last writes 'offline' over the other's 'online'."""
     st = kinds.get("status", {})
     state = word(st.get("state"), "?")
-    if state == "online":  # up, but what it relies on may not be: "online" alone read as healthy
+    if state == "online" and st.get("edge_only") is True:
+        state += " (edge-only plan)"
+    elif state == "online":  # up, but what it relies on may not be: "online" alone read as healthy
         if st.get("server_up") is False:
             local = st.get("fallback") is True
             state += f" (server unreachable: {'answering locally' if local else 'requests fail'})"

@@ -63,7 +63,7 @@ def deploy(
         s.send_multipart(
             wire.Message(wire.DEPLOY, 1, plan.plan_id, meta={"files": names}, frames=frames).to_frames()
         )
-        _await_reply(s, monitor, endpoint, plan.plan_id[:12], timeout_s)
+        _await_reply(s, monitor, endpoint, plan.plan_id[:12], timeout_s, max(map(len, frames), default=0))
         try:
             reply = wire.parse(s.recv_multipart(), MAX_REPLY_BYTES)
         except wire.WireError as exc:  # not a SplitPoint peer, or a broken one: this target fails, not all
@@ -96,7 +96,9 @@ _HANDSHAKE_FAILED = (
 _DEPLOY_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
 
 
-def _await_reply(s: zmq.Socket, monitor: zmq.Socket, endpoint: str, plan: str, timeout_s: float) -> None:
+def _await_reply(
+    s: zmq.Socket, monitor: zmq.Socket, endpoint: str, plan: str, timeout_s: float, largest: int = 0
+) -> None:
     """Wait for the deploy's answer, failing as soon as the connection says it will not come: nothing
     listening (no connection within CONNECT_WITHIN_S), a handshake refused (a CurveZMQ key, a peer that
     is not ZeroMQ), or the connection dropped with the plan sent (the peer stopped). Each waited out the
@@ -129,9 +131,12 @@ def _await_reply(s: zmq.Socket, monitor: zmq.Socket, endpoint: str, plan: str, t
             elif event & zmq.EVENT_DISCONNECTED and connected:
                 if s.poll(0):  # the answer came before the close
                     return
+                # ZeroMQ drops a connection that sends a frame past the peer's limit: a plan file larger
+                # than its --max-message-mb reads as this, every time
                 raise SplitPointError(
-                    f"{endpoint} closed the connection before acknowledging plan {plan} (stopped or "
-                    "restarted?): it is installed only if `status` lists it; deploy again"
+                    f"{endpoint} closed the connection before acknowledging plan {plan}: it stopped or "
+                    f"restarted, or takes no file this large (the largest is {largest / 2**20:.1f} MiB: "
+                    "its --max-message-mb); it is installed only if `status` lists it"
                 )
     if not connected:
         raise SplitPointError(

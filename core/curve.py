@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import zmq
+from zmq.utils import z85
 
 from .errors import ConfigError
 
@@ -23,6 +25,12 @@ def read_key(path: Path, what: str) -> bytes:
     bad = next((i for i, c in enumerate(key) if c not in Z85), None)
     if bad is not None:  # libzmq answered these with a bare "Invalid argument", or not at all
         raise ConfigError(f"{path}: not a z85 CurveZMQ key (character {bad + 1} is not one z85 uses)")
+    try:  # z85's characters in an order no key has (a typo): a traceback from libzmq, or a silent mismatch
+        z85.decode(key)
+    except (ValueError, OverflowError, struct.error) as exc:
+        raise ConfigError(
+            f"{path}: not a z85 CurveZMQ key (it does not decode: a character mistyped?)"
+        ) from exc
     return key
 
 
@@ -51,6 +59,10 @@ def read_secret(path: Path) -> bytes:
         mode = p.stat().st_mode
     except OSError as exc:
         raise ConfigError(f"cannot read secret key {p}: {exc.strerror or exc}") from exc
+    if p.is_dir():
+        raise ConfigError(
+            f"{p} is a directory: give the secret key's file (NAME.key from `splitpoint keygen`)"
+        )
     if mode & 0o077:
         raise ConfigError(
             f"{p}: a secret key readable by other users (mode {mode & 0o777:o}): `chmod 600 {p}`"
@@ -69,7 +81,8 @@ def keypair_from_secret(path: Path) -> tuple[bytes, bytes]:
 
 def keygen(out: Path) -> tuple[Path, Path]:
     """Write OUT.key (secret, mode 600) and OUT.pub; never overwrites a key."""
-    key, pub = Path(out).with_suffix(".key"), Path(out).with_suffix(".pub")
+    # the name as given, dots and all (pi.kitchen → pi.kitchen.key, not pi.key)
+    key, pub = Path(f"{out}.key"), Path(f"{out}.pub")
     if not key.parent.is_dir():
         if key.parent.exists():
             raise ConfigError(f"{key.parent} is a file, not a directory: give a path in a directory")
@@ -82,3 +95,19 @@ def keygen(out: Path) -> tuple[Path, Path]:
         f.write(secret + b"\n")
     pub.write_bytes(public + b"\n")
     return key, pub
+
+
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def handshake_refused(endpoint: str, server_key_option: str = "--curve-server-key") -> str:
+    """What an operator reads when a peer refuses this side's handshake: the connection retries
+    silently for ever, and a refused key otherwise showed only as "unreachable" or a local fallback."""
+    return (
+        f"{endpoint} refused the connection's handshake: check that {server_key_option} is its public key "
+        "and that this side's public key is on its --curve-allow (or that it uses CurveZMQ at all)"
+    )

@@ -213,7 +213,7 @@ def gemm_as_matmul(graph: onnx.GraphProto) -> int:
         w_name = f"{base}__matmul_weight"
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
         if bias is None:
-            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [base], name=n.name))
+            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [base], name=n.name or base))
         else:
             b_name = bias
             if beta != 1.0:
@@ -221,8 +221,10 @@ def gemm_as_matmul(graph: onnx.GraphProto) -> int:
                 b_name = f"{base}__matmul_bias"
                 graph.initializer.append(numpy_helper.from_array(b, b_name))
             mid = f"{base}__matmul"
-            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mid], name=f"{n.name}_matmul"))
-            nodes.append(helper.make_node("Add", [mid, b_name], [base], name=n.name))
+            # names from the output, which is unique: exporters leave node names empty, and two
+            # "_matmul" nodes made a model onnxruntime refuses
+            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mid], name=mid))
+            nodes.append(helper.make_node("Add", [mid, b_name], [base], name=n.name or base))
         done += 1
     if done:
         del graph.node[:]

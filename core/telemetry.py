@@ -38,19 +38,26 @@ class BrokerURL:
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
+        """``mqtt[s]://[user[:password]@]host[:port]``; a user or password holding ``@ : / # ?`` is
+        written percent-encoded (``p%40ss``), as in any URL. Errors show the URL with its password
+        hidden: they reach logs and the journal."""
+        from urllib.parse import unquote
+
+        from .errors import SplitPointError
+
         u = urlparse(url if "://" in url else f"mqtt://{url}")
         if u.scheme not in ("mqtt", "mqtts", "tcp"):
-            from .errors import SplitPointError
-
-            raise SplitPointError(f"MQTT URL must be mqtt://host:port or mqtts://host:port, got {url!r}")
+            raise SplitPointError(
+                f"MQTT URL must be mqtt://host:port or mqtts://host:port, got {redact_url(url)!r}"
+            )
         tls = u.scheme == "mqtts"
         try:
             port = u.port  # urllib raises here for a port out of range or not a number
         except ValueError as exc:
-            from .errors import SplitPointError
-
-            raise SplitPointError(f"MQTT URL {url!r}: {exc}") from exc
-        return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), u.username, u.password, tls)
+            raise SplitPointError(f"MQTT URL {redact_url(url)!r}: {exc}") from exc
+        user = unquote(u.username) if u.username is not None else None
+        password = unquote(u.password) if u.password is not None else None
+        return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), user, password, tls)
 
     def apply(self, client) -> None:
         """Credentials and TLS on a paho client: publishers and subscribers connect alike."""
@@ -58,6 +65,18 @@ class BrokerURL:
             client.username_pw_set(self.username, self.password)
         if self.tls:
             client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password as ``***``: what may be printed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def check_broker_url(url: str) -> str:

@@ -133,6 +133,7 @@ class AdaptiveClient:
             "server": self.clients[0].config.server if self.clients else None,
             "server_up": self._server_up(),
             "fallback": k is not None and self.clients[k].falling_back,
+            "edge_only": not self.sends[self.current],  # on the member that runs all here
         }
 
     def _publish_status(self) -> None:

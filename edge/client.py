@@ -44,6 +44,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
+from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
 from splitpoint.core.runner import (
@@ -155,6 +156,7 @@ class EdgeClient:
         self._pending: dict[int, _Pending] = {}
         # answered at their deadline but still on the link: id -> (bytes sent, when to stop waiting)
         self._ghosts: dict[int, tuple[int, float]] = {}
+        self._said_refused = False  # a refused handshake logged (once)
         self._dropped = 0  # connections to the server dropped so far: a request sent before one is gone
         self._lock = threading.Lock()  # the pending table (never held while taking the socket's lock)
         self._waiting = 0  # infer() callers receiving their own replies
@@ -701,6 +703,7 @@ class EdgeClient:
                 "server": self.config.server,
                 "server_up": self.server_up,
                 "fallback": self.falling_back,
+                "edge_only": self.local_only,  # no server by design: its being down fails nothing
             }
             self.telemetry.status("online", status)
 
@@ -740,6 +743,9 @@ class EdgeClient:
                         self._set_up(True)
                         self._last_heard = time.perf_counter()
                     elif ev & DOWN_EVENTS:
+                        if ev & HANDSHAKE_FAILED and not self._said_refused:
+                            self._said_refused = True  # once: the socket retries every 2 s
+                            log.warning("%s", handshake_refused(self.config.server))
                         # replies that came before the close are read first: a server that answered
                         # and then stopped (its drain) had its last answers failed as lost
                         self._conn.receive(lock_wait=0.05)

@@ -22,12 +22,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from splitpoint.core import wire
+from splitpoint.core.curve import HANDSHAKE_FAILED
 
 from .config import EdgeConfig
 
 _POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: pyzmq's enums cost microseconds
 UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
-DOWN_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+DOWN_EVENTS = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
 
 
 class Connection:

@@ -124,8 +124,11 @@ class DecoderClient:
         timeout_s: float = 10.0,
         threads: int = 0,
         curve_server_key: bytes | None = None,
+        curve_keypair: tuple[bytes, bytes] | None = None,
         max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
     ):
+        """``curve_keypair`` (public, secret): this device's own key, for a server with --curve-allow;
+        without it a fresh pair, which only a server that allows any key accepts."""
         self.plan = load_decoder_plan(plan_dir)
         self.head = CachedSegment(Path(plan_dir) / HEAD_FILE, threads)
         self.codec = self.plan.codec
@@ -138,7 +141,7 @@ class DecoderClient:
         s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if curve_server_key:
             s.curve_serverkey = curve_server_key
-            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+            s.curve_publickey, s.curve_secretkey = curve_keypair or zmq.curve_keypair()
         s.connect(server)
         self._sock = s
         self.warm_up()

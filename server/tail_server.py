@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
+from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.handoff import Handoff
@@ -193,7 +194,10 @@ class TailServer:
         self._next_up = False  # the relay's next stage: connected (its handshake done), as the monitor says
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
         self._draining = False  # stopping: requests taken are answered, new ones refused
-        self._pool_pending = 0  # given to the pool, reply not yet queued back
+        self._said_refused = False  # the next stage's refusal of this relay's handshake, logged once
+        # given to the pool, reply not yet queued back (by id(request)): the drain waits for them, and
+        # at its end answers those still there; a worker's result for one answered so is dropped
+        self._in_pool: dict[int, tuple[_Request, Future | None]] = {}
         self._pool_lock = threading.Lock()
         self._fwd_ids = itertools.count(1)
         self.role = "relay" if config.next else "server"
@@ -343,7 +347,9 @@ class TailServer:
             secret = c.curve_secret_key
             public, secret = (zmq.curve_public(secret), secret) if secret else zmq.curve_keypair()
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = c.next_curve_server_key, public, secret
-        self._next_monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._next_monitor = s.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
+        )
         assert c.next is not None
         s.connect(c.next)
         self._next = s
@@ -425,7 +431,7 @@ class TailServer:
                     self._draining = True
                     if self.stats.in_flight:
                         log.info("stopping: answering the %d request(s) taken", self.stats.in_flight)
-                held = self.stats.in_flight or self._pool_pending or self._inline or self._fwd or self._parked
+                held = self.stats.in_flight or self._in_pool or self._inline or self._fwd or self._parked
                 if not held or now >= drain_until:
                     self._refuse_held(router)
                     break
@@ -477,16 +483,21 @@ class TailServer:
     def _refuse_held(self, router: zmq.Socket) -> None:
         """At the drain's end: the requests still held are answered unavailable (a client then falls
         back or fails at once), not left to its timeout."""
-        held = list(self._inline)
+        # (request, whether its count ends here): a request a worker is running is counted by it
+        held = [(req, True) for req in self._inline]
         self._inline.clear()
+        with self._pool_lock:  # the pool's: a queued one is cancelled, a running one's result dropped
+            pooled, self._in_pool = list(self._in_pool.values()), {}
+        held += [(req, fut is not None and fut.cancel()) for req, fut in pooled]
         lost = list(self._fwd.values())
         self._fwd, self._parked = {}, []
         if held or lost:
             log.warning("stopping: %d request(s) not answered within --drain", len(held) + len(lost))
-        for req in held:
-            self.stats.answered(False)
+        for req, counted_here in held:
+            if counted_here:
+                self.stats.answered(False)
             err = wire.error(
-                req.msg.id, wire.E_UNAVAILABLE, "the server stopped before running it", req.msg.plan
+                req.msg.id, wire.E_UNAVAILABLE, "the server stopped before answering it", req.msg.plan
             )
             with contextlib.suppress(zmq.ZMQError):
                 self._send(router, req.ident, err)
@@ -545,7 +556,8 @@ class TailServer:
         elif msg.type == wire.DEPLOY:
             if not self._may_deploy(body[0]):
                 self.stats.add(rejected=1)
-                why = "this key is not on the server's deploy allow-list (--deploy-allow)"
+                why = f"this key is not on the {self.role}'s deploy allow-list (--deploy-allow)"
+                log.warning("refused a deploy of plan %s: %s", msg.plan[:12] or "?", why)
                 self._send(router, ident, wire.error(msg.id, wire.E_UNAUTHORIZED, why, msg.plan))
                 return
             try:
@@ -614,8 +626,8 @@ class TailServer:
             self._inline.append(req)
         else:
             with self._pool_lock:
-                self._pool_pending += 1
-            self._pool.submit(self._pooled, req)
+                self._in_pool[id(req)] = (req, None)
+                self._in_pool[id(req)] = (req, self._pool.submit(self._pooled, req))
 
     # -- decoder sessions: on the socket thread, so each session's steps run in order ----------
     def _session_message(self, ident: Any, msg: wire.Message, t_recv: float) -> wire.Message:
@@ -715,14 +727,17 @@ class TailServer:
 
     # -- work: the socket thread itself (one worker) or the pool ------------------------------
     def _pooled(self, req: _Request) -> None:
+        frames = None
         try:
             frames = self._work(req)  # never None: a relay runs inline (workers 1)
-            # never block a worker: once the socket thread is gone (stop) a send would wait forever
-            if frames is not None and not self._replies.send(frames, block=False):
-                log.warning("server stopping: reply dropped")
         finally:
-            with self._pool_lock:  # its reply is queued for the socket thread: the drain may end
-                self._pool_pending -= 1
+            with self._pool_lock:
+                # answered unavailable already (the drain ended): this result goes nowhere
+                mine = self._in_pool.get(id(req), (None,))[0] is req
+                # never block a worker: once the socket thread is gone (stop) a send would wait forever
+                if mine and frames is not None and not self._replies.send(frames, block=False):
+                    log.warning("server stopping: reply dropped")
+                self._in_pool.pop(id(req), None)  # its reply is queued for the socket thread
 
     def _answer(self, router: zmq.Socket, frames: list) -> None:
         wire.send(router, frames)
@@ -935,7 +950,11 @@ class TailServer:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 break
-            if event & zmq.EVENT_DISCONNECTED:
+            if event & HANDSHAKE_FAILED:
+                if not self._said_refused:  # once: the socket retries every 2 s
+                    self._said_refused = True
+                    log.warning("%s", handshake_refused(str(self.config.next), "--next-server-key"))
+            elif event & zmq.EVENT_DISCONNECTED:
                 gone, self._next_up = True, False
             elif event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 # the grace is for the first connection: once one was made, a stage not connected fails
@@ -994,9 +1013,24 @@ class _AllowList:
         from zmq.utils.z85 import encode as z85encode
 
         self.keys = {bytes(k) if len(k) == 40 else z85encode(bytes(k)) for k in keys}
+        self._said: dict[bytes, float] = {}  # refused keys, when last logged
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return bytes(key) in self.keys
+        allowed = bytes(key) in self.keys
+        if not allowed:
+            now = time.monotonic()
+            if (
+                now - self._said.get(bytes(key), -1e9) > 60
+            ):  # one line per key a minute: a flood is no log flood
+                if len(self._said) > 1000:
+                    self._said.clear()
+                self._said[bytes(key)] = now
+                log.warning(
+                    "refused a connection: its key %s is not on --curve-allow (a device whose .pub is not "
+                    "listed)",
+                    bytes(key).decode(errors="replace"),
+                )
+        return allowed
 
 
 def _check_tensor(name: str, arr: np.ndarray, expect: Expect) -> None:

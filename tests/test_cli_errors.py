@@ -573,6 +573,31 @@ def test_key_files_of_the_wrong_kind_or_open_to_others_are_refused(tmp_path):
         read_public(bad)
     r = run_cli("serve", "--curve-secret", str(pub), timeout=60)
     assert r.returncode == 2 and "a .pub file is a public key" in r.stderr and "Traceback" not in r.stderr
+    # a typo that keeps to z85's characters: '$' opening a group of five overflows it (a ZMQError
+    # traceback from the socket, or on an allow-list a key that silently matched nobody)
+    typo = tmp_path / "typo.pub"
+    typo.write_bytes(b"$" + pub.read_bytes().strip()[1:])
+    with pytest.raises(ConfigError, match="it does not decode: a character mistyped"):
+        read_public(typo)
+    r = run_cli("deploy", str(tmp_path), "--server", "tcp://127.0.0.1:9", "--curve-server-key", str(typo))
+    assert r.returncode == 2 and "does not decode" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="is a directory"):
+        read_secret(tmp_path)
+    # the name as given: two devices called pi.kitchen and pi.garage are two key pairs, not one pi.key
+    a, _ = keygen(tmp_path / "pi.kitchen")
+    b, _ = keygen(tmp_path / "pi.garage")
+    assert (a.name, b.name) == ("pi.kitchen.key", "pi.garage.key")
+
+
+def test_a_broker_password_is_never_printed_and_may_hold_any_character():
+    """A malformed --mqtt URL was echoed whole, password included, into errors (and the journal); a
+    password with '/', '#' or '?' could not be given at all (percent-encoding was sent as typed)."""
+    from splitpoint.core.telemetry import BrokerURL
+
+    r = run_cli("status", "--mqtt", "mqtt://tele:S3cr3tPw!x@127.0.0.1:99999", timeout=60)
+    assert r.returncode == 2 and "S3cr3tPw" not in r.stderr + r.stdout and "tele:***@" in r.stderr, r.stderr
+    url = BrokerURL.parse("mqtt://tele2:p%40ss%2Fw%23rd@127.0.0.1:18991")
+    assert (url.username, url.password, url.port) == ("tele2", "p@ss/w#rd", 18991)
 
 
 def test_a_plan_json_with_a_huge_integer_is_a_plan_error():

@@ -193,6 +193,19 @@ def test_a_deploy_fails_at_once_when_nothing_listens_or_the_peer_goes_with_the_p
         deploy(plan, f"tcp://127.0.0.1:{port}", timeout_s=30)
     assert time.monotonic() - t0 < 10
     t.join(5)
+    # a server whose message limit a plan file passes drops the connection too: said as a cause
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    srv = TailServer(
+        ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=tmp_path / "srv", max_message_bytes=65536)
+    )
+    srv.start()
+    try:
+        with pytest.raises(SplitPointError, match=r"or takes no file this large \(the largest is [\d.]+ MiB"):
+            deploy(plan, str(srv.endpoint), timeout_s=30)
+    finally:
+        srv.stop()
 
 
 def test_the_fleet_view_gives_up_whole_columns_on_a_narrow_terminal_not_names():
@@ -281,6 +294,8 @@ def test_an_edge_online_without_its_server_is_not_shown_healthy():
     assert state(server_up=False, fallback=True) == "online (server unreachable: answering locally)"
     assert state(server_up="no") == "online"  # not a bool: nothing said either way
     assert device_state({"status": {"state": "offline", "server_up": False}}) == "offline"
+    # an edge-only plan has no server: none being reachable fails nothing
+    assert state(server_up=False, fallback=False, edge_only=True) == "online (edge-only plan)"
 
 
 def test_past_the_ids_kept_the_least_lately_heard_go_and_the_views_say_so(mosquitto, monkeypatch):

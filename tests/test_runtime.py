@@ -689,7 +689,12 @@ def test_requests_lost_with_a_dropped_connection_free_the_window_at_their_deadli
         srv.wait(10)
 
 
-def test_curve_allow_list_admits_only_listed_clients(model):
+def test_curve_allow_list_admits_only_listed_clients(model, caplog):
+    """And a refusal is said on both sides: the client's log names the handshake refused (it read only
+    "unreachable" or fell back), the server's the key it refused (it logged nothing)."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
     pub_s, sec_s = zmq.curve_keypair()
     good_pub, good_sec = zmq.curve_keypair()
     bad_pub, bad_sec = zmq.curve_keypair()
@@ -716,6 +721,12 @@ def test_curve_allow_list_admits_only_listed_clients(model):
             assert not c.server_up
             with pytest.raises(EdgeError):
                 c.infer(x(), timeout=30)
+        said = [r.getMessage() for r in caplog.records]
+        assert any("refused the connection's handshake: check that --curve-server-key" in m for m in said), (
+            said
+        )
+        assert any(f"its key {bad_pub.decode()} is not on --curve-allow" in m for m in said), said
+        assert sum("refused the connection's handshake" in m for m in said) == 1  # once, not per retry
         # a client that does not speak CURVE at all is not served either
         s = _raw(srv.endpoint)
         s.send_multipart(wire.Message(wire.PING, 1).to_frames())
@@ -1080,6 +1091,42 @@ def test_a_stopping_server_answers_what_it_took_and_refuses_the_rest_at_once(mod
     assert held >= 8 and len(answered) == 16, (held, failed)
     assert isinstance(outcomes[-1], EdgeError) and outcomes[-1].code == "unavailable", outcomes[-1]
     assert "stopping" in str(outcomes[-1])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_what_a_stopping_server_cannot_finish_within_its_drain_is_answered_unavailable(model, workers):
+    """With workers, the requests queued in the pool or running when --drain ended got nothing (their
+    results dropped as the socket closed): every one is answered, a result or unavailable, never left
+    to the edge's timeout or to a dropped connection."""
+    srv = TailServer(
+        ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=workers, drain_s=0.2)
+    ).start()
+    result = srv._result
+
+    def slow(req):  # 100 ms a tail: 16 of them outlast a drain of 0.2 s
+        time.sleep(0.1)
+        return result(req)
+
+    srv._result = slow  # type: ignore[method-assign]
+    outcomes: list = []
+    with client(model, srv, fallback=False, window=16, timeout_s=30) as c:
+        c.infer(x(), timeout=30)
+        futures = [c.submit(x()) for _ in range(16)]
+        deadline = time.monotonic() + 20
+        while srv.stats.in_flight + sum(f.done() for f in futures) < 16 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        srv.stop()
+        for f in futures:
+            try:
+                outcomes.append(f.result(30))
+            except EdgeError as exc:
+                outcomes.append(exc)
+        waited = time.monotonic() - t0
+    refused = [str(o) for o in outcomes if isinstance(o, Exception)]
+    assert refused and len(refused) < 16, refused  # some answered in the drain, the rest refused
+    assert all("unavailable" in m or "stopped before answering" in m for m in refused), refused
+    assert waited < 5, waited  # at the drain's end, not at the client's 30 s timeout
 
 
 def test_a_local_request_that_named_a_plan_never_runs_on_another(model, server, tmp_path):
