@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.markup import escape
 
-from splitpoint.core.errors import SplitPointError, first_line
+from splitpoint.core.errors import ConfigError, SplitPointError, first_line
 
 from .console import (
     console,
@@ -1043,21 +1043,27 @@ def relay(
                 "or --plans DIR to take deploys into"
             )
         plans = plan
-    cfg = ServerConfig.of(
-        bind=listen,
-        plans_dir=plans,
-        threads=threads,
-        mqtt=mqtt,
-        device_id=device_id,
-        insecure=insecure,
-        stage=stage,
-        next=next,
-        next_timeout_s=next_timeout,
-        next_connect_grace_s=next_grace,
-        **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
-        max_unread_replies=max_unread_replies,
-        drain_s=drain,
-    )
+    try:
+        cfg = ServerConfig.of(
+            bind=listen,
+            plans_dir=plans,
+            threads=threads,
+            mqtt=mqtt,
+            device_id=device_id,
+            insecure=insecure,
+            stage=stage,
+            next=next,
+            next_timeout_s=next_timeout,
+            next_connect_grace_s=next_grace,
+            **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
+            max_unread_replies=max_unread_replies,
+            drain_s=drain,
+        )
+    except ConfigError as exc:  # said with the relay's own names: its address option is --listen
+        said = (
+            str(exc).replace("invalid serve options", "invalid relay options").replace("--bind", "--listen")
+        )
+        raise ConfigError(said) from exc
     registry = None
     if single:
         assert plan is not None

@@ -71,6 +71,20 @@ def _busy_port():
         (["keygen", "/nonexistent/dir/key"], "does not exist; create it first"),
         (["keygen", "/etc/hostname/key"], "/etc/hostname is a file, not a directory"),
         (["relay", "/nonexistent", "--stage", "1", "--next", "tcp://127.0.0.1:5"], "holds no plan"),
+        (
+            [
+                "relay",
+                "--plans",
+                "/tmp",
+                "--stage",
+                "1",
+                "--next",
+                "tcp://127.0.0.1:5",
+                "--listen",
+                "127.0.0.1:9",
+            ],
+            "invalid relay options: --listen: ",  # the relay's own names, not serve's --bind
+        ),
         (["serve", "--stage", "1"], "is a middle stage and forwards its cut tensor: give --next"),
         (["serve", "--stage", "0", "--next", "tcp://127.0.0.1:5"], "--stage 0 is the edge's"),
         (
