@@ -11,6 +11,7 @@ sizes, frame counts and the header's nesting are bounded before anything is allo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -279,15 +280,33 @@ def step_fields(msg: Message) -> tuple[int, int, int]:
     return session, position, top_k
 
 
+# a header too large or too deep to parse may still open with its id and plan, as every client writes
+# them: read at the top level, before any nested value, in its first 4 KiB
+_LEADING_FIELD = re.compile(rb'"(id|plan)"\s*:\s*(\d{1,20}|"[0-9a-f]{1,128}")\s*[,}]')
+
+
 def _best_effort_header(frames: list) -> dict:
     try:
         head = bytes(buffer(frames[0]))
         if len(head) > MAX_HEADER_BYTES or _too_deep(head):
-            return {}
+            return _leading_fields(head)
         h = orjson.loads(head)
         return h if type(h) is dict else {}
     except Exception:  # anything unreadable names nothing
         return {}
+
+
+def _leading_fields(head: bytes) -> dict:
+    """``id`` and ``plan`` of a header refused unparsed, where they come before any nested object or
+    array (protocol.md: an error carries the request's id wherever it can be read)."""
+    start = head[:4096].lstrip()
+    if not start.startswith(b"{"):
+        return {}
+    top = re.split(rb"[\[{]", start[1:], maxsplit=1)[0]
+    out: dict = {}
+    for key, value in _LEADING_FIELD.findall(top):
+        out.setdefault(key.decode(), int(value) if value[:1] != b'"' else value[1:-1].decode())
+    return out
 
 
 def _header_id(h: dict) -> int:

@@ -647,6 +647,16 @@ def test_an_error_for_a_malformed_request_names_its_id_and_plan(served):
     for kind in (wire.RESULT, wire.CLOSED, wire.PONG, wire.DEPLOYED):
         reply = _ask(served["sock"], wire.Message(kind, 6, plan_id).to_frames())
         assert (reply.meta["code"], reply.id, reply.plan) == (wire.E_BAD_MESSAGE, 6, plan_id), reply.meta
+    # a header refused unparsed (past 64 KiB, or nested past 16 levels) that opens with its id and plan
+    # is answered with them: it was answered with id 0
+    big = b'{"v":1,"type":"infer","id":41,"plan":"%s","meta":{"pad":"%s"}}' % (
+        plan_id.encode(),
+        b"a" * 70_000,
+    )
+    deep = b'{"v":1,"type":"infer","id":42,"plan":"%s","meta":%s}' % (plan_id.encode(), b"[" * 40 + b"]" * 40)
+    for header, rid, code in ((big, 41, wire.E_TOO_LARGE), (deep, 42, wire.E_BAD_MESSAGE)):
+        reply = _ask(served["sock"], [header, b"x"])
+        assert (reply.meta["code"], reply.id, reply.plan) == (code, rid, plan_id), reply.meta
 
 
 def test_replies_a_client_does_not_read_are_bounded_by_max_unread_replies(tmp_path):
