@@ -356,7 +356,7 @@ def device_state(kinds: dict) -> str:
         state += " (edge-only plan)"
     elif state == "online":  # up, but what it relies on may not be: "online" alone read as healthy
         if st.get("server_up") is False:
-            local = st.get("fallback") is True
+            local = st.get("fallback") is True or st.get("local") is True
             state += f" (server unreachable: {'answering locally' if local else 'requests fail'})"
         elif st.get("fallback") is True:
             state += " (fallback)"

@@ -77,7 +77,7 @@ def _issues(exc: ValidationError) -> list[tuple[str, str]]:
         got = e.get("input")
         if isinstance(got, os.PathLike):  # the path as the user typed it, not PosixPath('...')
             got = os.fspath(got)
-        if isinstance(got, str) and "://" in got and "@" in got:  # a broker URL's password is not shown
+        if isinstance(got, str) and "@" in got:  # a broker URL's password (scheme or not) is not shown
             from .telemetry import redact_url
 
             got = redact_url(got)

@@ -81,8 +81,12 @@ def keypair_from_secret(path: Path) -> tuple[bytes, bytes]:
 
 def keygen(out: Path) -> tuple[Path, Path]:
     """Write OUT.key (secret, mode 600) and OUT.pub; never overwrites a key."""
-    # the name as given, dots and all (pi.kitchen → pi.kitchen.key, not pi.key)
-    key, pub = Path(f"{out}.key"), Path(f"{out}.pub")
+    # the name as given, dots and all (pi.kitchen → pi.kitchen.key, not pi.key); a .key or .pub typed
+    # with it is the pair's own suffix, not part of the name
+    name = str(out)
+    for suffix in (".key", ".pub"):
+        name = name.removesuffix(suffix)
+    key, pub = Path(f"{name}.key"), Path(f"{name}.pub")
     if not key.parent.is_dir():
         if key.parent.exists():
             raise ConfigError(f"{key.parent} is a file, not a directory: give a path in a directory")

@@ -45,16 +45,23 @@ class BrokerURL:
 
         from .errors import SplitPointError
 
-        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        shown = redact_url(url)
+        try:
+            u = urlparse(url if "://" in url else f"mqtt://{url}")
+        except ValueError as exc:  # an unclosed [ of an IPv6 host
+            raise SplitPointError(f"MQTT URL {shown!r}: not a URL (an IPv6 host is written [::1])") from exc
         if u.scheme not in ("mqtt", "mqtts", "tcp"):
+            raise SplitPointError(f"MQTT URL must be mqtt://host:port or mqtts://host:port, got {shown!r}")
+        if "@" in u.path + u.query + u.fragment:  # a password's / # ? cut the URL short before its host
             raise SplitPointError(
-                f"MQTT URL must be mqtt://host:port or mqtts://host:port, got {redact_url(url)!r}"
+                f"MQTT URL {shown!r}: a user or password holding '/', '#' or '?' is written percent-encoded "
+                "(%2F, %23, %3F)"
             )
         tls = u.scheme == "mqtts"
         try:
             port = u.port  # urllib raises here for a port out of range or not a number
-        except ValueError as exc:
-            raise SplitPointError(f"MQTT URL {redact_url(url)!r}: {exc}") from exc
+        except ValueError as exc:  # its words quote what follows the ':', which may be the password
+            raise SplitPointError(f"MQTT URL {shown!r}: the port must be a number from 0 to 65535") from exc
         user = unquote(u.username) if u.username is not None else None
         password = unquote(u.password) if u.password is not None else None
         return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), user, password, tls)
@@ -73,10 +80,11 @@ def redact_url(url: str) -> str:
     if not sep:
         scheme, rest = "", url
     creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
+    if not at:
         return url
+    # a password's / # ? ends urllib's host early, but never the credentials here: all before the last @
     user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else url
 
 
 def check_broker_url(url: str) -> str:

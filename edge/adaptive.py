@@ -133,7 +133,8 @@ class AdaptiveClient:
             "server": self.clients[0].config.server if self.clients else None,
             "server_up": self._server_up(),
             "fallback": k is not None and self.clients[k].falling_back,
-            "edge_only": not self.sends[self.current],  # on the member that runs all here
+            # on the member that runs all here: answered locally whether the server is up or not
+            "local": not self.sends[self.current],
         }
 
     def _publish_status(self) -> None:

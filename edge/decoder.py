@@ -26,6 +26,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import decode, encode
+from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.kvcache import CachedSegment
 from splitpoint.core.plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
@@ -142,9 +143,16 @@ class DecoderClient:
         if curve_server_key:
             s.curve_serverkey = curve_server_key
             s.curve_publickey, s.curve_secretkey = curve_keypair or zmq.curve_keypair()
+        # a refused handshake retries silently: watched, so that a timeout can say why
+        self._monitor = s.get_monitor_socket(HANDSHAKE_FAILED)
+        self._server = server
         s.connect(server)
         self._sock = s
-        self.warm_up()
+        try:
+            self.warm_up()
+        except BaseException:
+            self.close()
+            raise
 
     def warm_up(self) -> None:
         """Run the head once and wait for the server's pong: the first generation's TTFT then holds
@@ -158,6 +166,9 @@ class DecoderClient:
             raise GenerationError(wire.E_BAD_MESSAGE, f"the server answered a ping with {reply.type}")
 
     def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close(0)
 
     def __enter__(self) -> DecoderClient:
@@ -172,9 +183,10 @@ class DecoderClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                raise GenerationError(
-                    wire.E_UNAVAILABLE, f"no answer from the server within {self.timeout_s:g} s"
-                )
+                why = f"no answer from the server within {self.timeout_s:g} s"
+                if self._monitor.poll(0):  # the handshake failed: no step will ever be answered
+                    why += f": {handshake_refused(self._server)}"
+                raise GenerationError(wire.E_UNAVAILABLE, why)
             reply = wire.parse(wire.recv(self._sock))
             if reply.id != msg.id:
                 continue  # the late answer to an earlier step that timed out

@@ -53,6 +53,9 @@ class DecoderSessions:
     def __len__(self) -> int:
         return len(self._s)
 
+    def __contains__(self, key: Key) -> bool:
+        return key in self._s
+
     def begin(self, key: Key, position: int, empty: dict[str, np.ndarray]) -> Session:
         """The session a step at ``position`` continues, or SessionError. At position 0 it is a new one,
         held aside until ``commit``: a start (or a start over) that is refused, or whose step fails,

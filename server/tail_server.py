@@ -654,6 +654,8 @@ class TailServer:
             if msg.type == wire.CLOSE:
                 known = self.sessions.close(key)
                 return wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
+            if self._draining and key not in self.sessions:  # a generation under way goes on; none begins
+                raise wire.WireError(wire.E_UNAVAILABLE, "the server is stopping: it starts no new session")
             self.stats.admitted()
             admitted = True
             reply = self._step(entry, key, msg, position, top_k, t_recv)
@@ -1014,23 +1016,38 @@ class _AllowList:
 
         self.keys = {bytes(k) if len(k) == 40 else z85encode(bytes(k)) for k in keys}
         self._said: dict[bytes, float] = {}  # refused keys, when last logged
+        self._minute = (0.0, 0, 0)  # this minute's start, lines logged in it, refusals left unsaid
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = bytes(key) in self.keys
         if not allowed:
-            now = time.monotonic()
-            if (
-                now - self._said.get(bytes(key), -1e9) > 60
-            ):  # one line per key a minute: a flood is no log flood
-                if len(self._said) > 1000:
-                    self._said.clear()
-                self._said[bytes(key)] = now
-                log.warning(
-                    "refused a connection: its key %s is not on --curve-allow (a device whose .pub is not "
-                    "listed)",
-                    bytes(key).decode(errors="replace"),
-                )
+            self._say_refused(bytes(key), time.monotonic())
         return allowed
+
+    def _say_refused(self, key: bytes, now: float) -> None:
+        """A refused key in the log: once a minute per key, and at most REFUSED_LINES a minute in all
+        (a client making a new key per connection wrote a line per attempt), the rest counted."""
+        start, lines, unsaid = self._minute
+        if now - start >= 60:
+            if unsaid:
+                log.warning(
+                    "%d more connection(s) refused in the last minute (keys not on --curve-allow)", unsaid
+                )
+            start, lines, unsaid = now, 0, 0
+        if now - self._said.get(key, -1e9) < 60 or lines >= REFUSED_LINES:
+            self._minute = (start, lines, unsaid + 1)
+            return
+        if len(self._said) > 1000:
+            self._said.clear()
+        self._said[key] = now
+        self._minute = (start, lines + 1, unsaid)
+        log.warning(
+            "refused a connection: its key %s is not on --curve-allow (a device whose .pub is not listed)",
+            key.decode(errors="replace"),
+        )
+
+
+REFUSED_LINES = 10
 
 
 def _check_tensor(name: str, arr: np.ndarray, expect: Expect) -> None:

@@ -601,6 +601,8 @@ def test_key_files_of_the_wrong_kind_or_open_to_others_are_refused(tmp_path):
     a, _ = keygen(tmp_path / "pi.kitchen")
     b, _ = keygen(tmp_path / "pi.garage")
     assert (a.name, b.name) == ("pi.kitchen.key", "pi.garage.key")
+    c, d = keygen(tmp_path / "edge.key")  # a suffix typed with the name is the pair's own
+    assert (c.name, d.name) == ("edge.key", "edge.pub")
 
 
 def test_a_broker_password_is_never_printed_and_may_hold_any_character():
@@ -608,8 +610,17 @@ def test_a_broker_password_is_never_printed_and_may_hold_any_character():
     password with '/', '#' or '?' could not be given at all (percent-encoding was sent as typed)."""
     from splitpoint.core.telemetry import BrokerURL
 
-    r = run_cli("status", "--mqtt", "mqtt://tele:S3cr3tPw!x@127.0.0.1:99999", timeout=60)
-    assert r.returncode == 2 and "S3cr3tPw" not in r.stderr + r.stdout and "tele:***@" in r.stderr, r.stderr
+    for url in (
+        "mqtt://tele:S3cr3tPw!x@127.0.0.1:99999",
+        "mqtt://tele:S3cr3tPw/x@127.0.0.1:1883",  # urllib's own error quoted what followed the ':'
+        "tele:S3cr3tPw@127.0.0.1:99999",  # no scheme: the config's (got ...) showed it whole
+        "mqtt://tele:S3cr3tPw@[::1:1883",  # an unclosed IPv6 host: a traceback
+    ):
+        for cmd in (["status", "--mqtt", url], ["serve", "--mqtt", url]):
+            r = run_cli(*cmd, timeout=60)
+            out = r.stderr + r.stdout
+            assert r.returncode == 2 and "S3cr3tPw" not in out and "Traceback" not in out, out
+            assert "tele:***@" in r.stderr, r.stderr
     url = BrokerURL.parse("mqtt://tele2:p%40ss%2Fw%23rd@127.0.0.1:18991")
     assert (url.username, url.password, url.port) == ("tele2", "p@ss/w#rd", 18991)
 
@@ -622,3 +633,22 @@ def test_a_plan_json_with_a_huge_integer_is_a_plan_error():
 
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.parse(b'{"x": ' + b"9" * 5000 + b"}", "pushed plan.json")
+
+
+def test_a_flood_of_refused_keys_is_no_flood_of_log_lines(caplog):
+    """One line per refused key a minute let a client making a new key per connection write a line per
+    attempt (500 in 3 s): at most 10 a minute in all, and the rest counted once the minute is over."""
+    import logging
+
+    import zmq
+
+    from splitpoint.server.tail_server import REFUSED_LINES, _AllowList
+
+    allow = _AllowList([zmq.curve_keypair()[0]])
+    caplog.set_level(logging.WARNING, logger="splitpoint.server")
+    for k in range(500):
+        allow._say_refused(f"{k:040d}".encode(), 1000.0 + k * 0.001)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == REFUSED_LINES and all("is not on --curve-allow" in m for m in lines), lines
+    allow._say_refused(b"x" * 40, 1061.0)  # the next minute: what went unsaid is counted
+    assert "490 more connection(s) refused in the last minute" in caplog.records[-2].getMessage()

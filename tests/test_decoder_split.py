@@ -125,8 +125,30 @@ def test_generate_runs_on_a_server_that_admits_listed_keys_only(plans, tmp_path)
             [*cmd, "--curve-server-key", str(server_pub)], capture_output=True, text=True, timeout=120
         )
         assert unlisted.returncode != 0 and "Traceback" not in unlisted.stderr, unlisted.stderr
+        assert "refused the connection's handshake" in unlisted.stderr, unlisted.stderr  # not a bare timeout
     finally:
         stop(proc)
+
+
+def test_a_stopping_server_starts_no_session_and_lets_one_under_way_go_on(plans):
+    """A draining server refused new one-shot requests but took the first step of a new generation, and
+    cut it off at the drain's end."""
+    srv = TailServer(ServerConfig.of(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
+    try:
+        with DecoderClient(plans / "float32", str(srv.endpoint), timeout_s=30) as going:
+            session, pos = 1, 0
+            hidden = going.head(_prompt(4))
+            token, _, _ = going.step(session, pos, hidden)
+            srv._draining = True  # as stop() sets it while it answers what it holds
+            # the generation under way takes its next step
+            token2, _, _ = going.step(session, pos + 4, going.head(np.array([[token]])))
+            assert isinstance(token2, int)
+            with pytest.raises(GenerationError, match="starts no new session") as exc:
+                going.step(2, 0, going.head.__class__(plans / "float32" / "head.onnx")(_prompt(4)))
+            assert exc.value.code == "unavailable"
+    finally:
+        srv._draining = False
+        srv.stop()
 
 
 @pytest.fixture

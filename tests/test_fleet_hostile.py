@@ -296,6 +296,11 @@ def test_an_edge_online_without_its_server_is_not_shown_healthy():
     assert device_state({"status": {"state": "offline", "server_up": False}}) == "offline"
     # an edge-only plan has no server: none being reachable fails nothing
     assert state(server_up=False, fallback=False, edge_only=True) == "online (edge-only plan)"
+    # a plan set on its edge-only member answers here, and still says its server is gone
+    assert (
+        state(server_up=False, fallback=False, local=True) == "online (server unreachable: answering locally)"
+    )
+    assert state(server_up=True, fallback=False, local=True) == "online"
 
 
 def test_past_the_ids_kept_the_least_lately_heard_go_and_the_views_say_so(mosquitto, monkeypatch):
