@@ -497,7 +497,7 @@ class TailServer:
             if counted_here:
                 self.stats.answered(False)
             err = wire.error(
-                req.msg.id, wire.E_UNAVAILABLE, "the server stopped before answering it", req.msg.plan
+                req.msg.id, wire.E_UNAVAILABLE, f"the {self.role} stopped before answering it", req.msg.plan
             )
             with contextlib.suppress(zmq.ZMQError):
                 self._send(router, req.ident, err)

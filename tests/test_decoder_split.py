@@ -37,6 +37,11 @@ def plans(tmp_path_factory):
     return d
 
 
+def _generate(plan_dir, endpoint: str) -> list[str]:
+    """`splitpoint generate PLAN --server ENDPOINT` as a subprocess's command."""
+    return [sys.executable, "-m", "splitpoint.app", "generate", str(plan_dir), "--server", endpoint]
+
+
 def _prompt(n=16, seed=0):
     return np.random.default_rng(seed).integers(0, SPEC.vocab, (1, n))
 
@@ -67,15 +72,13 @@ def test_generate_prints_one_json_object_split_and_local(plans):
         outs = []
         for extra in ([], ["--local"]):
             cmd = [
-                sys.executable,
-                "-m",
-                "splitpoint.app",
-                "generate",
-                str(plans / "float32"),
-                "--server",
-                endpoint,
+                *_generate(plans / "float32", endpoint),
+                "--prompt-tokens",
+                "8",
+                "--max-new-tokens",
+                "12",
+                *extra,
             ]
-            cmd += ["--prompt-tokens", "8", "--max-new-tokens", "12", *extra]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr
             outs.append(json.loads(r.stdout))
@@ -102,16 +105,8 @@ def test_generate_runs_on_a_server_that_admits_listed_keys_only(plans, tmp_path)
     args = ("--curve-secret", str(server_key), "--curve-allow", str(edge_pub))
     proc = start_server(endpoint, plans, *args)
     try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "splitpoint.app",
-            "generate",
-            str(plans / "float32"),
-            "--server",
-            endpoint,
-        ]
-        cmd += ["--prompt-tokens", "8", "--max-new-tokens", "6", "--timeout", "5"]
+        cmd = [*_generate(plans / "float32", endpoint), "--prompt-tokens", "8", "--max-new-tokens", "6"]
+        cmd += ["--timeout", "5"]
         r = subprocess.run(
             [*cmd, "--curve-server-key", str(server_pub), "--curve-secret", str(edge_key)],
             capture_output=True,
