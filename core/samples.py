@@ -99,17 +99,21 @@ def _static_sizes(model: onnx.ModelProto) -> Callable[[str], list[int | None]]:
     return sizes
 
 
+def fed_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a sample feeds: those that are no initializer (a weight listed as an input, as
+    IR 3 required, keeps its value)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
 def sample_feeds(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs of the model's declared shapes and dtypes (symbolic dims become ``batch``). Integer
     inputs that index a table take any of its rows (others 0..9); integer masks (``attention_mask``) are
     right-padded sequences (``padding_mask``), as a random mask could hide every position of a row."""
     rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
     bounds = index_bounds(model)
     feeds = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
+    for i in fed_inputs(model):
         tt = i.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
@@ -130,13 +134,11 @@ def random_values_note(model: onnx.ModelProto) -> str:
     with the way out: a model that reads one as a shape or as an index into an activation fails on such
     values, and onnxruntime's words ("requested shape", "out of data bounds") read as a fault of the
     model, the cut or the input shapes. Empty where there is none."""
-    inits = {t.name for t in model.graph.initializer}
     bounded = index_bounds(model)
-    names = [
+    names = [  # those sample_feeds draws from 0..9
         i.name
-        for i in model.graph.input
-        if i.name not in inits
-        and i.name not in bounded
+        for i in fed_inputs(model)
+        if i.name not in bounded
         and "mask" not in i.name.lower()
         and np.issubdtype(np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)), np.integer)
     ]
@@ -171,8 +173,7 @@ def load_inputs(
     """Per-sample feeds from a folder: ``.npy`` files (one sample each, or a batch) or images for a
     single-input model, ``.npz`` files (one sample each, an array per input, named as the inputs) for any;
     else ``random`` seeded samples. ``limit``: the first files only (a command that runs one sample)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = [i for i in model.graph.input if i.name not in inits]
+    specs = fed_inputs(model)
     if inputs is None:
         return [sample_feeds(model, 1, seed + k) for k in range(random)]
     folder = Path(inputs)
@@ -219,8 +220,7 @@ def sample_shapes(model: onnx.ModelProto, inputs: str | Path) -> dict[str, list[
     (the batch kept free, as -1): a user who gives samples has said their height and width, and asking
     again for ``--input-shape`` would make them write down what the files already hold. Images, which a
     model resizes to its own declared size, say nothing; nor does a folder without arrays."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = [i for i in model.graph.input if i.name not in inits]
+    specs = fed_inputs(model)
     open_dims = {
         i.name: len(i.type.tensor_type.shape.dim)
         for i in specs

@@ -134,8 +134,6 @@ def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]
     server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
     n = job.random or (64 if handle.task else 8)
     samples, truths, measured_on = handle.fidelity_samples(n, job.inputs)
-    if job.inputs is not None:  # the user's sample is what checks the written plan too
-        handle.given_sample = samples[0]
     m = gather(
         handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads, truths
     )
@@ -320,8 +318,6 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     profiles = {name: measured[kind] for name, kind in zip(names, job.devices, strict=True)}
     n = job.random or (64 if handle.task else 8)
     samples, truths, measured_on = handle.fidelity_samples(n, job.inputs)
-    if job.inputs is not None:  # the user's sample is what checks the written stages too
-        handle.given_sample = samples[0]
     budget = [
         job.memory_mib.get(name, job.memory_mib.get(kind))
         for name, kind in zip(names, job.devices, strict=True)

@@ -109,6 +109,10 @@ class ModelHandle:
                 f"{n} rendered {self.task} inputs ({self.weights})",
             )
         feeds = load_inputs(self.model, inputs, n, 1234 if seed is None else seed)
+        if (
+            inputs is not None
+        ):  # the user's own: the first is also what a one-sample run (a plan's check) runs
+            self.given_sample = feeds[0]
         what = f"{len(feeds)} inputs from {inputs}" if inputs is not None else f"{n} random inputs"
         return feeds, None, f"{what} ({self.weights})"
 
