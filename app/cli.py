@@ -19,7 +19,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.markup import escape
 
-from splitpoint.core.errors import ConfigError, SplitPointError, first_line
+from splitpoint.core.errors import SplitPointError, first_line, os_reason
 
 from .console import (
     console,
@@ -50,6 +50,18 @@ MaxUnreadReplies = Annotated[
     typer.Option(
         help="replies held for one connection that does not read them (each up to a whole result); "
         "past it they are dropped"
+    ),
+]
+CurveServerKey = Annotated[
+    Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85): encrypt")
+]
+DeviceSecret = Annotated[
+    Path | None, typer.Option(help="file with this device's CurveZMQ secret key (z85), for allow-lists")
+]
+FidelityInputs = Annotated[
+    Path | None,
+    typer.Option(
+        help="folder of samples for fidelity: .npy or images (one input), .npz (an array per input)"
     ),
 ]
 Drain = Annotated[
@@ -452,12 +464,8 @@ def generate(
     cpus: Annotated[
         float | None, typer.Option(help="run under this CPU limit (cgroup quota), as a small device would")
     ] = None,
-    curve_server_key: Annotated[
-        Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85): encrypt")
-    ] = None,
-    curve_secret: Annotated[
-        Path | None, typer.Option(help="file with this device's CurveZMQ secret key (z85), for allow-lists")
-    ] = None,
+    curve_server_key: CurveServerKey = None,
+    curve_secret: DeviceSecret = None,
 ) -> None:
     """Generate greedily with a decoder plan and print one JSON object: tokens, ttft_ms, tpot_ms (both
     measured on this machine's clock)."""
@@ -626,12 +634,7 @@ def plan(
     int8_heads: Annotated[
         bool, typer.Option(help="also consider int8-weight heads (edge profiled with --int8)")
     ] = False,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(
-            help="folder of samples for fidelity: .npy or images (one input), .npz (an array per input)"
-        ),
-    ] = None,
+    inputs: FidelityInputs = None,
     random: Annotated[
         int | None,
         typer.Option(
@@ -764,12 +767,7 @@ def plan_chain(
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(
-            help="folder of samples for fidelity: .npy or images (one input), .npz (an array per input)"
-        ),
-    ] = None,
+    inputs: FidelityInputs = None,
 ) -> None:
     """Choose cuts and codecs for a chain of devices jointly (edge, relays, server); write the plan."""
     from splitpoint.partitioner.chainplan import plan_dict
@@ -1021,7 +1019,7 @@ def relay(
     deployed to it (`deploy --relay I=ENDPOINT`) go to --plans, or to PLAN when it is a directory of
     plans; a relay started on one plan directory alone takes no deploys."""
     from splitpoint.core.plan import PLAN_FILE
-    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.config import RelayConfig
     from splitpoint.server.registry import PlanRegistry
     from splitpoint.server.tail_server import TailServer
 
@@ -1043,27 +1041,21 @@ def relay(
                 "or --plans DIR to take deploys into"
             )
         plans = plan
-    try:
-        cfg = ServerConfig.of(
-            bind=listen,
-            plans_dir=plans,
-            threads=threads,
-            mqtt=mqtt,
-            device_id=device_id,
-            insecure=insecure,
-            stage=stage,
-            next=next,
-            next_timeout_s=next_timeout,
-            next_connect_grace_s=next_grace,
-            **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
-            max_unread_replies=max_unread_replies,
-            drain_s=drain,
-        )
-    except ConfigError as exc:  # said with the relay's own names: its address option is --listen
-        said = (
-            str(exc).replace("invalid serve options", "invalid relay options").replace("--bind", "--listen")
-        )
-        raise ConfigError(said) from exc
+    cfg = RelayConfig.of(
+        bind=listen,
+        plans_dir=plans,
+        threads=threads,
+        mqtt=mqtt,
+        device_id=device_id,
+        insecure=insecure,
+        stage=stage,
+        next=next,
+        next_timeout_s=next_timeout,
+        next_connect_grace_s=next_grace,
+        **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
+        max_unread_replies=max_unread_replies,
+        drain_s=drain,
+    )
     registry = None
     if single:
         assert plan is not None
@@ -1111,12 +1103,8 @@ def edge_run(
     threads: Annotated[int, typer.Option()] = 1,
     mqtt: Mqtt = None,
     device_id: Annotated[str, typer.Option()] = "edge",
-    curve_server_key: Annotated[
-        Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85): encrypt")
-    ] = None,
-    curve_secret: Annotated[
-        Path | None, typer.Option(help="file with this device's CurveZMQ secret key (z85), for allow-lists")
-    ] = None,
+    curve_server_key: CurveServerKey = None,
+    curve_secret: DeviceSecret = None,
     insecure: Annotated[
         bool, typer.Option(help="let --listen be reachable from other machines (they may then deploy)")
     ] = False,
@@ -1660,8 +1648,7 @@ def main() -> None:
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         _fail(escape(f"{exc.strerror}: {exc.filename}"), 2)
     except OSError as exc:  # the machine's: a full disk, a read-only file system (writes go by temp + rename)
-        where = f": {exc.filename}" if exc.filename else ""
-        _fail(escape(f"{exc.strerror or exc}{where}"), 1)
+        _fail(escape(os_reason(exc)), 1)
     except Exception as exc:
         if not type(exc).__module__.startswith("onnxruntime"):
             raise

@@ -13,6 +13,7 @@ from pathlib import Path
 import zmq
 
 from splitpoint.core import wire
+from splitpoint.core.curve import HANDSHAKE_FAILED
 from splitpoint.core.endpoints import check_endpoint
 from splitpoint.core.errors import ConfigError, PlanError, SplitPointError
 from splitpoint.core.plan import PLAN_FILE, Plan
@@ -85,15 +86,9 @@ def deploy(
 
 
 MAX_REPLY_BYTES = 1 << 20
-CONNECT_WITHIN_S = (
-    10.0  # a peer that takes no connection in this long is not there (deploy said so at --timeout)
-)
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
-_DEPLOY_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
+# a peer that takes no connection in this long is not there (deploy said so only at --timeout)
+CONNECT_WITHIN_S = 10.0
+_DEPLOY_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
 
 
 def _await_reply(
@@ -123,7 +118,7 @@ def _await_reply(
             event = recv_monitor_message(monitor)["event"]
             if event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 connected = True
-            elif event & _HANDSHAKE_FAILED:
+            elif event & HANDSHAKE_FAILED:
                 raise SplitPointError(
                     f"cannot deploy plan {plan} to {endpoint}: the connection's handshake failed (a CurveZMQ "
                     "key it does not accept, or not a ZeroMQ peer)"

@@ -11,6 +11,12 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def os_reason(exc: OSError) -> str:
+    """A file system's refusal in words, with the path it names: "Read-only file system: /plans"."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 class SplitPointError(Exception):
     """Base for errors caused by input (files, arguments, frames), not by bugs."""
 

@@ -382,7 +382,6 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
     outputs it produces): a deploy with the head's model in the tail's place loaded, was acknowledged,
     and then failed every request with `internal`."""
     by_file = {st.file: (i, st) for i, st in enumerate(plan.stages) if st.file}
-    model_inputs = {t.name for t in plan.inputs}
     for i in range(1, len(plan.stages)):  # what a stage takes is what the one before sends
         got = {t.name: (t.dtype, t.shape) for t in plan.stages[i].receives}
         sent = {t.name: (t.dtype, t.shape) for t in plan.stages[i - 1].sends}
@@ -400,27 +399,22 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
             continue  # a decoder segment also reads and returns its KV cache, named by the plan's layers
         reads = {i.name for i in sess.get_inputs()}
         gives = {o.name for o in sess.get_outputs()}
+        # the plan's word on each tensor the model may read, and may return
+        specs = {t.name: t for t in plan.inputs}
+        outs = {t.name: t for t in plan.outputs}
         if name in by_file:
             i, st = by_file[name]
-            may_read = {t.name for t in st.receives} | model_inputs
+            specs |= {t.name: t for t in st.receives}
+            outs |= {t.name: t for t in st.sends}
+            may_read = set(specs)
             # what a stage passes on as it came (a raw model input the tail reads, a tensor an earlier
             # stage sent for a later one) is forwarded, not computed: its model need not return it
             must_give = {t.name for t in st.sends if t.name not in may_read} | set(st.produces)
             where = f"stage {i}'s model {name}"
         elif name == FULL_FILE:
-            may_read, must_give, where = (
-                model_inputs,
-                {o.name for o in plan.outputs},
-                f"the whole model {name}",
-            )
+            may_read, must_give, where = set(specs), set(outs), f"the whole model {name}"
         else:
             continue
-        specs = {t.name: t for t in plan.inputs}
-        if name in by_file:
-            specs |= {t.name: t for t in by_file[name][1].receives}
-        outs = {t.name: t for t in plan.outputs}
-        if name in by_file:
-            outs |= {t.name: t for t in by_file[name][1].sends}
         for io, table in ((sess.get_inputs(), specs), (sess.get_outputs(), outs)):
             for arg in io:
                 said = _disagrees(arg, table.get(arg.name))

@@ -28,7 +28,7 @@ import zmq
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
-from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.errors import PlanError, SplitPointError, os_reason
 from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers
 from splitpoint.core.runner import check_models_load
@@ -356,8 +356,7 @@ class EdgeDaemon:
                 try:
                     plan = self._deploy(msg)
                 except OSError as exc:  # this machine's (a read-only or full plans directory): one line
-                    where = f": {exc.filename}" if exc.filename else ""
-                    why = f"the edge daemon cannot store the plan ({exc.strerror or exc}{where})"
+                    why = f"the edge daemon cannot store the plan ({os_reason(exc)})"
                     log.error("%s", why)
                     raise wire.WireError(wire.E_INTERNAL, why) from exc
                 sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])

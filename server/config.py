@@ -114,3 +114,11 @@ class ServerConfig(StrictConfig):
     @property
     def curve(self) -> bool:
         return self.curve_secret_key is not None
+
+
+class RelayConfig(ServerConfig):
+    """``splitpoint relay``'s options: a server's, its errors said with the relay's names (its address
+    is ``--listen``)."""
+
+    label: ClassVar[str] = "relay"
+    options: ClassVar[dict[str, str]] = {**ServerConfig.options, "bind": "listen"}

@@ -40,7 +40,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
 from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
 from splitpoint.core.endpoints import ipc_in_use
-from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.errors import PlanError, SplitPointError, os_reason
 from splitpoint.core.handoff import Handoff
 from splitpoint.core.runner import (
     Expect,
@@ -197,7 +197,7 @@ class TailServer:
         self._said_refused = False  # the next stage's refusal of this relay's handshake, logged once
         # given to the pool, reply not yet queued back (by id(request)): the drain waits for them, and
         # at its end answers those still there; a worker's result for one answered so is dropped
-        self._in_pool: dict[int, tuple[_Request, Future | None]] = {}
+        self._in_pool: dict[int, tuple[_Request, Future]] = {}
         self._pool_lock = threading.Lock()
         self._fwd_ids = itertools.count(1)
         self.role = "relay" if config.next else "server"
@@ -488,7 +488,7 @@ class TailServer:
         self._inline.clear()
         with self._pool_lock:  # the pool's: a queued one is cancelled, a running one's result dropped
             pooled, self._in_pool = list(self._in_pool.values()), {}
-        held += [(req, fut is not None and fut.cancel()) for req, fut in pooled]
+        held += [(req, fut.cancel()) for req, fut in pooled]
         lost = list(self._fwd.values())
         self._fwd, self._parked = {}, []
         if held or lost:
@@ -625,8 +625,7 @@ class TailServer:
         if self._pool is None:
             self._inline.append(req)
         else:
-            with self._pool_lock:
-                self._in_pool[id(req)] = (req, None)
+            with self._pool_lock:  # held until recorded: a worker done at once waits for it to look
                 self._in_pool[id(req)] = (req, self._pool.submit(self._pooled, req))
 
     # -- decoder sessions: on the socket thread, so each session's steps run in order ----------
@@ -997,8 +996,7 @@ class TailServer:
         except (PlanError, SplitPointError) as exc:
             reply = wire.error(msg.id, wire.E_BAD_PLAN, str(exc), msg.plan)
         except OSError as exc:  # this machine's: a read-only or full plans directory, not the plan's fault
-            where = f": {exc.filename}" if exc.filename else ""
-            why = f"the server cannot store the plan ({exc.strerror or exc}{where})"
+            why = f"the server cannot store the plan ({os_reason(exc)})"
             log.error("deploy of plan %s failed: %s", msg.plan[:12], why)
             reply = wire.error(msg.id, wire.E_INTERNAL, why, msg.plan)
         except Exception as exc:  # never lose the answer to a deploy
