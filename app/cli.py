@@ -28,6 +28,7 @@ from .console import (
     fidelity_table,
     human_bytes,
     progress,
+    show_decoder_plan,
     show_plan,
     show_plan_set,
     table,
@@ -129,8 +130,6 @@ def zoo(
     """List the built-in models, or write them as ONNX files (seeded weights, no download)."""
     from splitpoint.core import zoo as zoo_mod
 
-    from .console import table
-
     if not names:
         cols = ["name", "architecture", "params (published)", "GMACs (published)", "input"]
         console.print(table(None, cols, zoo_mod.listing(), 2))
@@ -191,11 +190,13 @@ def split(
     from splitpoint.core.codecs import Codec
     from splitpoint.core.graph import open_model, resolve_cut
     from splitpoint.core.graph.shapes import parse_input_shapes
+    from splitpoint.core.plan import check_target
     from splitpoint.core.plandir import write_plan
 
     codecs = list(codec or ["float32"])
     for name in codecs:  # before the model is opened, and one line (a pydantic traceback before)
         Codec.parse(name)
+    check_target(out, force)
     h = open_model(model, parse_input_shapes(input_shape))
     if inputs is not None:
         h.take_sample_from(inputs)
@@ -255,8 +256,10 @@ def split_decoder(
     cache), tail.onnx (the other layers and the output head: the server's KV cache), plan.json. Every
     generated token then costs one round trip to the server."""
     from splitpoint.core.decoders import open_decoder
+    from splitpoint.core.plan import check_target
     from splitpoint.core.plandir import write_decoder_plan
 
+    check_target(out, force)
     source = open_decoder(model, seed, max_len)
     plan = write_decoder_plan(
         source,
@@ -310,145 +313,35 @@ def plan_decoder(
     """Choose where to split a decoder, how to send its hidden states and the edge's weight precision, by
     time to first token and time per output token derived from measured layer blocks on this machine
     (the edge's under --edge-cpus). Every generated token costs one round trip."""
-    from splitpoint.core.decoders import open_decoder
-    from splitpoint.core.plandir import write_decoder_plan
-    from splitpoint.partitioner.decoderplan import (
-        baselines,
-        candidates,
-        faster_baselines,
-        measure,
-        pick_at_floor,
-        pick_fidelity,
-        ranked,
-    )
-    from splitpoint.partitioner.planner import link_of
-    from splitpoint.profiles.schema import load_network
+    from splitpoint.partitioner.decoderjob import DecoderPlanJob, decoder_plan_json, run_decoder_plan
 
-    if objective not in ("tpot", "ttft"):
-        raise SplitPointError(f"--objective must be tpot or ttft, not {objective!r}")
-    if min_agreement is not None and not 0 < min_agreement <= 1:
-        raise SplitPointError(f"--min-agreement must be above 0 and at most 1, not {min_agreement:g}")
-    for name, v in (("--max-ttft", max_ttft), ("--max-tpot", max_tpot), ("--edge-memory", edge_memory)):
-        if v is not None and v <= 0:  # refused before the measurements, not as "no split meets the limits"
-            raise SplitPointError(f"{name} must be above 0, not {v:g}")
-    if edge_cpus is not None and edge_cpus <= 0:
-        raise SplitPointError(f"--edge-cpus must be above 0, not {edge_cpus:g}")
-    codec_names = _codec_list(codecs) or []  # --codecs has a default: never None here
-    link = link_of(load_network(network))
-    weights = [w.strip() for w in head_weights.split(",") if w.strip()]
-    if not weights or any(w not in ("float32", "int4") for w in weights):
-        raise SplitPointError(f"--head-weights: float32 and/or int4, not {head_weights!r}")
-    dec = open_decoder(model, seed, max_len)  # options first: an exported model takes a while to open
-    with progress("measuring decoder blocks", as_json) as note:
-        note("measuring decoder blocks (edge and server)")
-        m = measure(
-            dec,
-            seed=seed,
-            codecs=codec_names,
-            head_weights=weights,
-            prompt_tokens=prompt_tokens,
-            new_tokens=new_tokens,
-            edge_cpus=edge_cpus,
-        )
-    cands = candidates(m, link)
-    limit = int(edge_memory * 2**20) if edge_memory is not None else None
-    order = ranked(cands, max_ttft, max_tpot, limit, objective)
-    tried: list[dict] = []
-    best = order[0] if order else None
-    fid: dict | None = None
-    if order and min_agreement is not None:
-        with progress("measuring fidelity", as_json) as note:
-            note(f"measuring candidates' fidelity until one reaches agreement {min_agreement:g}")
-            best, fid, tried = pick_at_floor(dec, order, min_agreement, seed)
-    elif best is not None:
-        fid = pick_fidelity(dec, best, seed)
-    base = baselines(m, link)
-    beaten_by = faster_baselines(best, base, max_ttft, max_tpot, limit, objective) if best else []
+    job = DecoderPlanJob.of(
+        model=model,
+        network=network,
+        edge_cpus=edge_cpus,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        codecs=tuple(_codec_list(codecs) or ()),
+        head_weights=tuple(w.strip() for w in head_weights.split(",") if w.strip()),
+        max_ttft_ms=max_ttft,
+        max_tpot_ms=max_tpot,
+        edge_memory_mib=edge_memory,
+        objective=objective,
+        min_agreement=min_agreement,
+        out=out,
+        force=force,
+        seed=seed,
+        max_len=max_len,
+    )
+    with progress("planning a decoder", as_json) as note:
+        r = run_decoder_plan(job, note)
     if as_json:
-        _print_json(
-            {
-                "pick": {**best.to_dict(), "fidelity": fid} if best else None,
-                "faster_baselines": beaten_by,
-                "candidates": [c.to_dict() for c in cands],
-                "fidelity_measured": tried,
-                "baselines": base,
-                "labels": {
-                    "candidates": "derived from measured blocks",
-                    "baselines": "derived",
-                    "fidelity": "measured",
-                },
-            }
-        )
+        _print_json(decoder_plan_json(r))
     else:
-        key = (lambda c: c.tpot_ms) if objective == "tpot" else (lambda c: c.ttft_ms)
-        rows = [
-            [
-                c.label + (" ← pick" if c is best else ""),
-                f"{c.ttft_ms:.1f}",
-                f"{c.tpot_ms:.1f}",
-                human_bytes(c.step_bytes),
-                f"{c.edge_memory_bytes / 2**20:.0f}",
-            ]
-            for c in sorted(cands, key=key)[:12]
-        ]
-        rows += [
-            [
-                name + " (baseline)",
-                f"{b['ttft_ms']:.1f}",
-                f"{b['tpot_ms']:.1f}",
-                "",
-                f"{b['edge_memory_bytes'] / 2**20:.0f}",
-            ]
-            for name, b in base.items()
-        ]
-        console.print(
-            table(
-                f"{dec.name} on {network}: derived from measured blocks (best 12 by {objective})",
-                ["candidate", "TTFT ms", "TPOT ms", "bytes/token", "edge MiB"],
-                rows,
-            )
-        )
-    if best is None and order:
-        got = ", ".join(f"{t['candidate']} {t['agreement']['value']:.3f}" for t in tried)
-        raise SplitPointError(f"no split tried reaches greedy agreement {min_agreement:g}: {got}")
-    if best is None or fid is None:
-        raise SplitPointError("no split meets the limits (--max-ttft, --max-tpot, --edge-memory)")
-    if not as_json:
-        a, k = fid["agreement"], fid["kl"]
-        console.print(
-            f"pick: {best.label}: greedy agreement {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
-            f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} random prompts x "
-            f"{fid['new_tokens']} tokens, against the float model; {_decoder_weights(dec)})"
-        )
-        if beaten_by:
-            listed = ", ".join(
-                f"{escape(n)} {base[n]['ttft_ms']:.1f} / {base[n]['tpot_ms']:.1f} ms"
-                + (
-                    f" ({base[n]['edge_memory_bytes'] / 2**20:.0f} MiB on the edge)"
-                    if base[n]["edge_memory_bytes"]
-                    else ""
-                )
-                for n in beaten_by
-            )
-            console.print(
-                f"[yellow]note:[/] faster than the pick ({best.ttft_ms:.1f} / {best.tpot_ms:.1f} ms TTFT / "
-                f"TPOT) within these limits, derived alike: {listed}. The pick is the best split, not the "
-                "best way to run this model here; a split pays where the edge cannot hold the model "
-                "(--edge-memory) and the server's share outweighs a round trip per token",
-                highlight=False,
-            )
-    if out is not None:
-        plan = write_decoder_plan(
-            dec,
-            out,
-            edge_layers=best.edge_layers,
-            codec=best.codec,
-            head_weights=best.head_weights,
-            predicted={**best.to_dict(), "network": network, "fidelity": fid},
-            force=force,
-        )
-        if not as_json:
-            console.print(f"pick: {best.label}; plan {plan.plan_id[:12]} → {out}")
+        show_decoder_plan(r, job, network)
+    refused = r.refusal(job)
+    if refused:
+        raise SplitPointError(refused)
 
 
 @app.command()
@@ -820,12 +713,6 @@ def plan_chain(
         from .console import show_chain
 
         show_chain(r, out)
-
-
-def _decoder_weights(dec: Any) -> str:
-    from splitpoint.core.decoders import ZooDecoder
-
-    return "random weights, zoo architecture" if isinstance(dec, ZooDecoder) else "the user's model"
 
 
 def _as_applied(codec: str, sends: list) -> str:

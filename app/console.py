@@ -617,3 +617,65 @@ def show_chain(r: Any, out: Path | None) -> None:
             f"plan {r.plan.plan_id[:12]} → {out} ({len(r.plan.stages)} "
             f"stage{'s' if len(r.plan.stages) != 1 else ''})"
         )
+
+
+def show_decoder_plan(r: Any, job: Any, network: str) -> None:
+    """``splitpoint plan-decoder``'s answer: the best candidates and the baselines (derived from measured
+    blocks), the pick's measured fidelity, the baselines faster than it, and where its plan went."""
+    key = (lambda c: c.tpot_ms) if job.objective == "tpot" else (lambda c: c.ttft_ms)
+    rows = [
+        [
+            c.label + (" ← pick" if c is r.pick else ""),
+            f"{c.ttft_ms:.1f}",
+            f"{c.tpot_ms:.1f}",
+            human_bytes(c.step_bytes),
+            f"{c.edge_memory_bytes / 2**20:.0f}",
+        ]
+        for c in sorted(r.candidates, key=key)[:12]
+    ]
+    rows += [
+        [
+            name + " (baseline)",
+            f"{b['ttft_ms']:.1f}",
+            f"{b['tpot_ms']:.1f}",
+            "",
+            f"{b['edge_memory_bytes'] / 2**20:.0f}",
+        ]
+        for name, b in r.baselines.items()
+    ]
+    console.print(
+        table(
+            f"{r.decoder.name} on {network}: derived from measured blocks (best 12 by {job.objective})",
+            ["candidate", "TTFT ms", "TPOT ms", "bytes/token", "edge MiB"],
+            rows,
+        )
+    )
+    best, fid = r.pick, r.fidelity
+    if best is None or fid is None:
+        return
+    a, k = fid["agreement"], fid["kl"]
+    console.print(
+        f"pick: {best.label}: greedy agreement {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
+        f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} random prompts x "
+        f"{fid['new_tokens']} tokens, against the float model; {r.weights})"
+    )
+    if r.faster_baselines:
+        base = r.baselines
+        listed = ", ".join(
+            f"{escape(n)} {base[n]['ttft_ms']:.1f} / {base[n]['tpot_ms']:.1f} ms"
+            + (
+                f" ({base[n]['edge_memory_bytes'] / 2**20:.0f} MiB on the edge)"
+                if base[n]["edge_memory_bytes"]
+                else ""
+            )
+            for n in r.faster_baselines
+        )
+        console.print(
+            f"[yellow]note:[/] faster than the pick ({best.ttft_ms:.1f} / {best.tpot_ms:.1f} ms TTFT / "
+            f"TPOT) within these limits, derived alike: {listed}. The pick is the best split, not the "
+            "best way to run this model here; a split pays where the edge cannot hold the model "
+            "(--edge-memory) and the server's share outweighs a round trip per token",
+            highlight=False,
+        )
+    if r.plan is not None:
+        console.print(f"pick: {best.label}; plan {r.plan.plan_id[:12]} → {job.out}")

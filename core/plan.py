@@ -513,14 +513,9 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
 _PLAN_MARKERS = ("plan.json", "planset.json")
 
 
-def write_dir_atomically(target: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
-    """Run ``write(tmpdir)`` and move the result to ``target`` in one rename.
-
-    A failure, Ctrl-C or SIGTERM leaves the previous content (or nothing) in place, never half a plan.
-    ``force`` replaces an earlier plan (or plan set) only: a directory holding anything else (the model
-    the plan is cut from, a user's files) is refused, not deleted. Without it, a directory that another
-    process wrote meanwhile is refused too, not replaced: of two writers one is told.
-    """
+def check_target(target: str | Path, force: bool = False) -> Path:
+    """Refuse an output directory that ``write_dir_atomically`` would refuse, before the work that fills it:
+    a plan of a large model is minutes of measurement to lose to a name already taken."""
     target = Path(target)
     if not target.name or target.resolve() in (Path.cwd(), *Path.cwd().parents):
         raise OutputExistsError(
@@ -542,6 +537,18 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
     for parent in reversed([target.parent, *target.parent.parents]):
         if parent.exists() and not parent.is_dir():
             raise OutputExistsError(f"{parent} is a file, so {target} cannot be a directory in it")
+    return target
+
+
+def write_dir_atomically(target: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
+    """Run ``write(tmpdir)`` and move the result to ``target`` in one rename.
+
+    A failure, Ctrl-C or SIGTERM leaves the previous content (or nothing) in place, never half a plan.
+    ``force`` replaces an earlier plan (or plan set) only: a directory holding anything else (the model
+    the plan is cut from, a user's files) is refused, not deleted. Without it, a directory that another
+    process wrote meanwhile is refused too, not replaced: of two writers one is told.
+    """
+    target = check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
     old = None

@@ -16,7 +16,7 @@ from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import ProfileError, SplitPointError
 from splitpoint.core.graph import ModelHandle, open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
-from splitpoint.core.plan import Plan
+from splitpoint.core.plan import Plan, check_target
 from splitpoint.core.planset import POLICIES, PlanSet
 from splitpoint.profiles.schema import NetworkProfile, load_measured, load_network
 
@@ -128,6 +128,8 @@ def fidelity_facts(handle: ModelHandle, samples: int, measured_on: str) -> dict:
 
 def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]:
     """Files, profiles and network checked first, then the measured facts of every candidate."""
+    if job.out:
+        check_target(job.out, job.force)
     handle = open_model(job.model, job_shapes(job.input_shapes, [job.edge_profile]))
     network = load_network(job.network)
     edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
@@ -305,6 +307,8 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
         )
     # a name given twice is one kind of device (one profile) in two places: numbered in the plan (pi,
     # pi-2), and a memory budget may name either the kind or one of them
+    if job.out:
+        check_target(job.out, job.force)
     names = numbered(job.devices)
     unknown = sorted(set(job.memory_mib) - set(job.devices) - set(names))
     if unknown:

@@ -145,8 +145,24 @@ def _busy_port():
         (["profile", "resnet18", "-o", "/tmp"], "is a directory: give the profile's file name"),
         (["serve", "--plans", "/etc/hostname"], "is a file: give the directory the plans are kept in"),
         (["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599", "--timeout", "-1"], "--timeout"),
-        (["plan-decoder", "decoder-tiny", "--max-ttft", "-1"], "--max-ttft must be above 0"),
+        (["plan-decoder", "decoder-tiny", "--max-ttft", "-1"], "--max-ttft: Input should be greater than 0"),
         (["plan-decoder", "decoder-tiny", "--codecs", ","], "--codecs is empty"),
+        (["plan-decoder", "decoder-tiny", "--prompt-tokens", "0"], "--prompt-tokens: Input should be"),
+        (["plan-decoder", "decoder-tiny", "--head-weights", "int3"], "--head-weights: float32 and/or int4"),
+        # a taken output directory is refused before the measurements it would have lost
+        (["plan-decoder", "decoder-tiny", "-o", "/etc"], "output directory /etc is not empty"),
+        (["split-decoder", "decoder-tiny", "--edge-layers", "1", "-o", "/etc"], "/etc is not empty"),
+        (["split", "resnet18", "--cut", "3", "-o", "/etc"], "output directory /etc is not empty"),
+        (
+            ["plan", "resnet18", "--edge-profile", "e.json", "--server-profile", "s.json"]
+            + ["--network", "lte", "-o", "/etc"],
+            "output directory /etc is not empty",
+        ),
+        (
+            ["plan-chain", "resnet18", "--devices", "a,b", "--profile", "a=x.json", "--profile", "b=y.json"]
+            + ["--networks", "lte", "-o", "/etc", "--force"],
+            "/etc holds files that are not a plan",
+        ),
         (
             ["split-decoder", "decoder-tiny", "--edge-layers", "2", "--max-len", "100", "-o", "/tmp/x"],
             "--max-len is for exported decoders",
