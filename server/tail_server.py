@@ -698,6 +698,8 @@ class TailServer:
             ) from exc
         if hidden.shape[0] != 1 or hidden.shape[1] < 1:
             raise wire.WireError(wire.E_BAD_TENSOR, f"a step carries [1, new tokens >= 1, {dec.hidden}]")
+        if not np.isfinite(hidden).all():  # no decoder's hidden state holds one: the cache would keep it
+            raise wire.WireError(wire.E_BAD_TENSOR, "a step's hidden states hold NaN or infinity")
         new = int(hidden.shape[1])
         if position + new > dec.max_len:
             raise wire.WireError(
@@ -707,8 +709,14 @@ class TailServer:
         t1 = time.perf_counter()
         out = dict(zip(seg.outputs, seg.sess.run(seg.outputs, seg.feeds(hidden, s.past)), strict=True))
         t2 = time.perf_counter()
-        self.sessions.commit(key, s, {k: v for k, v in out.items() if k.startswith("present.")}, new)
         last = out[seg.main_out][0, -1]
+        if not np.isfinite(last).all():  # argmax of NaN scores is token 0, sent as if it were chosen
+            raise wire.WireError(
+                wire.E_INTERNAL,
+                f"the model's next-token scores at position {position + new - 1} are not finite (NaN or "
+                "infinity); the step is not kept",
+            )
+        self.sessions.commit(key, s, {k: v for k, v in out.items() if k.startswith("present.")}, new)
         names, frames = ["next_token"], [encode(np.array([int(last.argmax())], np.int64), "float32")]
         if top_k:
             ids = np.argsort(-last, kind="stable")[:top_k].astype(np.int64)

@@ -236,6 +236,10 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
     s.setsockopt(zmq.LINGER, 0)
     s.connect(server.endpoint)
     good = encode(np.zeros((1, 2, SPEC.d_model), np.float32), "float32")
+    nan = np.zeros((1, 2, SPEC.d_model), np.float32)
+    nan[0, 1, 3] = np.nan
+    huge = np.full((1, 2, SPEC.d_model), 3e38, np.float32)
+    huge[..., -1] *= -1  # their sum overflows to inf, less the last: inf - inf in the layers' norm
     name = hidden_name(1)
 
     def step(meta, tensors=(name,), frames=(good,), plan_id=plan.plan_id, type_=wire.STEP):
@@ -254,6 +258,10 @@ def test_hostile_steps_get_one_clear_error_each(plans, server):
             "plan expects shape",
         ),
         (step({"session": 1}, frames=(b"garbage",)), wire.E_BAD_TENSOR, "payload"),
+        # NaN hidden states are refused before they reach the cache; finite ones too large for the model
+        # give scores whose argmax (token 0) would be sent as if chosen: neither step is kept
+        (step({"session": 1}, frames=(encode(nan, "float32"),)), wire.E_BAD_TENSOR, "NaN or infinity"),
+        (step({"session": 1}, frames=(encode(huge, "float32"),)), wire.E_INTERNAL, "are not finite"),
         (step({"session": 1}, plan_id="0" * 64), wire.E_UNKNOWN_PLAN, "unknown plan"),
         (step({"session": 1, "position": 4}), wire.E_UNKNOWN_SESSION, "no session 1"),
         # a session the server does not hold is unknown whatever the position: past the model's 512 it
