@@ -26,6 +26,8 @@ from pydantic import AfterValidator
 log = logging.getLogger("splitpoint.core.telemetry")
 
 TOPIC_ROOT = "splitpoint"
+# the broker password of a URL that names a user and no password (a systemd EnvironmentFile, mode 600)
+PASSWORD_ENV = "SPLITPOINT_MQTT_PASSWORD"
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class BrokerURL:
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
         """``mqtt[s]://[user[:password]@]host[:port]``; a user or password holding ``@ : / # ?`` is
-        written percent-encoded (``p%40ss``), as in any URL. Errors show the URL with its password
+        written percent-encoded (``p%40ss``), as in any URL. A user without a password takes it from
+        ``$SPLITPOINT_MQTT_PASSWORD``, where ``ps`` does not show it. Errors show the URL with its password
         hidden: they reach logs and the journal."""
         from urllib.parse import unquote
 
@@ -64,6 +67,8 @@ class BrokerURL:
             raise SplitPointError(f"MQTT URL {shown!r}: the port must be a number from 0 to 65535") from exc
         user = unquote(u.username) if u.username is not None else None
         password = unquote(u.password) if u.password is not None else None
+        if user and password is None:  # kept off the command line, which every user of the machine reads
+            password = os.environ.get(PASSWORD_ENV)
         return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), user, password, tls)
 
     def apply(self, client) -> None:

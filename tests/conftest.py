@@ -71,10 +71,12 @@ def small_resnet18(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def running_mosquitto(directory: Path, anonymous: bool = True, port: int | None = None) -> Iterator[str]:
+def running_mosquitto(
+    directory: Path, anonymous: bool = True, port: int | None = None, users: dict[str, str] | None = None
+) -> Iterator[str]:
     """A real mosquitto broker on a free loopback port, or ``port`` (to start one again where an earlier
     one was), installed by .ci/run with apt-get; its URL. ``anonymous=False``: one that refuses every
-    client without credentials."""
+    client without credentials; ``users``: the names and passwords it accepts (mosquitto_passwd)."""
     import shutil
     import socket
     import time
@@ -90,9 +92,16 @@ def running_mosquitto(directory: Path, anonymous: bool = True, port: int | None 
         port = s.getsockname()[1]
         s.close()
     conf = directory / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
-    )
+    text = f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
+    if users:
+        passwd = directory / "passwd"
+        passwd.touch(0o600)
+        for name, password in users.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(passwd), name, password], check=True)
+        text += f"password_file {passwd}\n"
+        if os.geteuid() == 0:  # mosquitto run as root reads its files as user mosquitto: not this 0600 one
+            text += "user root\n"
+    conf.write_text(text)
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 10
     while time.monotonic() < end:

@@ -117,6 +117,30 @@ def test_a_broker_that_refuses_the_connection_is_an_error_not_an_empty_fleet(tmp
         assert r.returncode == 2 and "refused the connection" in r.stderr and "no devices" not in r.stdout
 
 
+def test_a_broker_password_may_come_from_the_environment_off_the_command_line(tmp_path):
+    """A password in --mqtt is on the command line, which ``ps`` shows every user of the machine: a URL
+    naming a user and no password takes it from $SPLITPOINT_MQTT_PASSWORD."""
+    with running_mosquitto(tmp_path, anonymous=False, users={"tele": "pw-from-env"}) as url:
+        user_url = url.replace("mqtt://", "mqtt://tele@")
+        env = {"SPLITPOINT_MQTT_PASSWORD": "pw-from-env"}
+        r = run_cli("status", "--mqtt", user_url, "--seconds", "0.5", timeout=60, env=env)
+        assert r.returncode == 0 and "refused" not in r.stderr, r.stderr
+        env["SPLITPOINT_MQTT_PASSWORD"] = "wrong"
+        r = run_cli("status", "--mqtt", user_url, "--seconds", "0.5", timeout=60, env=env)
+        assert r.returncode == 2 and "refused the connection" in r.stderr and "wrong" not in r.stderr
+        # a password in the URL is the one used
+        r = run_cli(
+            "status",
+            "--mqtt",
+            url.replace("mqtt://", "mqtt://tele:pw-from-env@"),
+            "--seconds",
+            "0.5",
+            timeout=60,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+
+
 @pytest.fixture
 def junk_peer():
     """A ZeroMQ ROUTER that answers every message with what the test sets: not SplitPoint's protocol."""
