@@ -9,6 +9,7 @@ Run: python benchmarks/bench_chain_search.py
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -51,6 +52,9 @@ def costs_for(m: int, devices: int, seed: int = 0) -> ChainCosts:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
+    args = ap.parse_args()
     sizes = {name: len(open_model(name).cuts()) + 2 for name in ("resnet18", "mobilenetv2", "resnet50")}
     sizes |= {"301 positions": 301, "1,001 positions": 1001}  # + "nothing before", "everything before"
     rows = []
@@ -98,7 +102,7 @@ def main() -> None:
             f"{r['solve_s_median']:.3f} s | {r['front_s_median']:.2f} s | "
             f"{r['front_points_median']:.0f} | {verdict} |"
         )
-    write_results("chain_search", {"rows": rows, "target_s": TARGET_S}, "\n".join(md) + "\n")
+    write_results("chain_search", {"rows": rows, "target_s": TARGET_S}, "\n".join(md) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ Run: python benchmarks/bench_planner.py
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +36,9 @@ def fmt_bytes(n: int) -> str:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
+    args = ap.parse_args()
     md = [
         "# Planner decisions",
         "",
@@ -47,7 +52,7 @@ def main() -> None:
         "",
     ]
     data = {"models": {}}
-    speed_inputs = None
+    speed_inputs, last = None, ""
     for name in ("resnet50", "mobilenetv2"):
         h = open_model(name)
         try:
@@ -114,29 +119,34 @@ def main() -> None:
                 "pick": d.pick.to_dict(),
                 "front": [c.to_dict() for c in d.front],
             }
-        speed_inputs = candidate_inputs(m)
+        speed_inputs, last = candidate_inputs(m), name
     # search speed: all candidates of the last model, every shipped network profile (8 links)
     links = [link_of(load_network(n)) for n in network_names()]
     links = (links * 2)[:8]
     inputs = speed_inputs * (1 + 1000 // len(speed_inputs))
     inputs = inputs[: max(1000, len(speed_inputs))]
+    measured = sum(ci.fidelity is not None for ci in inputs)
+    # pick chooses among candidates whose fidelity is measured: every one counts as measured here (at its
+    # own figure, or 1.0), so that each of them goes through the cost model, the front and the pick
+    inputs = [ci if ci.fidelity is not None else replace(ci, fidelity=1.0) for ci in inputs]
     t0 = time.perf_counter()
     for link in links:
-        cands = [evaluate(ci, link) for ci in inputs if ci.fidelity is not None] or [
-            evaluate(ci, link) for ci in inputs
-        ]
+        cands = [evaluate(ci, link) for ci in inputs]
         front(cands)
         pick(cands, Constraints())
     search_s = time.perf_counter() - t0
     md += [
         "## Search speed",
         "",
-        f"Cost model + Pareto front + pick over {len(inputs)} candidates × {len(links)} network profiles: "
-        f"**{1e3 * search_s:.0f} ms** (target < 1 s: {'met' if search_s < 1 else 'MISSED'}).",
+        f"Cost model + Pareto front + pick over all {len(inputs)} candidates (every (cut, codec, head) of "
+        f"{last}, repeated to at least 1,000) × {len(links)} network profiles: "
+        f"**{1e3 * search_s:.0f} ms** (target < 1 s: {'met' if search_s < 1 else 'MISSED'}). Each is timed "
+        f"as if its fidelity were measured ({measured} of them are; the rest count as 1.0), so that every "
+        "candidate goes through the pick.",
         "",
     ]
     data["search"] = {"candidates": len(inputs), "links": len(links), "seconds": search_s}
-    write_results("planner", data, "\n".join(md))
+    write_results("planner", data, "\n".join(md), args.out)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,40 @@ def test_candidates_below_the_edge_s_quota_are_not_judged(saved):
     assert run["rows"][0]["below_quota"] is True and derived["summary"]["edge_quota_ms"] == 3.0
 
 
+def test_a_pick_the_bench_measured_below_the_floor_misses_the_constraint(saved):
+    """The planner measured the pick at 1.00 on its 8 inputs and the bench at 0.69 on its own requests: the
+    headline called it the best "meeting the constraints" and counted its regret as met."""
+    results = copy.deepcopy(saved)
+    floor = results["config"]["min_fidelity"]
+    before = report.derive(copy.deepcopy(results))["summary"]["regret_within_target_share"]
+    run = results["runs"][0]
+    pick = next(r for r in run["rows"] if r["is_pick"])
+    pick["measured"]["agreement"] = 0.69
+    derived = report.derive(results)
+    case = next(c for c in derived["cases"] if c["network"] == run["network"] and c["model"] == pick["model"])
+    assert case["pick_below_floor"] and case["pick_agreement"] == 0.69 and case["best"] != pick["candidate"]
+    share = derived["summary"]["regret_within_target_share"]
+    assert share < before or before == 0, (share, before)
+    row = next(ln for ln in report.headline(derived) if f"| {run['network']} |" in ln)
+    assert f"(**agreement measured 0.69 < {floor:g}**)" in row, row
+    regret = next(t for t in report.targets(derived) if t["target"].startswith("regret"))
+    assert "1 pick(s) the bench measured below the fidelity floor count as misses" in regret["measured"]
+
+
+def test_the_whole_bench_time_is_judged_on_the_default_set_only(saved):
+    """A run of one model on one network "met" the 15-minute target for the whole bench."""
+    results = copy.deepcopy(saved)
+    t = next(t for t in report.targets(results) if t["target"].startswith("whole bench"))
+    assert t["ok"] is not None  # the committed run is of the default models and networks
+    results["config"]["models"] = ["resnet18"]
+    results["summary"]["bench_seconds"] = 60.0
+    t = next(t for t in report.targets(results) if t["target"].startswith("whole bench"))
+    assert t["ok"] is None and "this run had fewer" in t["measured"]
+    results["targets"] = report.targets(results)
+    md = report.markdown(results)
+    assert "| **not judged** |" in md and "not judged: whole bench under 15 min" in md
+
+
 def test_plots_read_at_a_glance(saved, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
