@@ -101,6 +101,18 @@ def place_labels(ax: Any, items: Sequence[tuple[float, float, str]], fontsize: f
         )
 
 
+def finish_grid(fig: Any, handles: list, title: str, path: Path) -> None:
+    """One legend under the panels, in as many rows as the figure's width needs, and the title wrapped to
+    that width: with one or two networks a one-line title and legend were cut off at both ends."""
+    import textwrap
+
+    width = fig.get_figwidth()
+    ncol = min(len(handles), max(2, int(width / 1.7)))
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.suptitle(textwrap.fill(title, int(width * 10)), fontsize=11)
+    fig.savefig(path, dpi=90)
+
+
 def _span(values: Sequence[float]) -> tuple[float, float]:
     return (min(values), max(values)) if values else (1.0, 10.0)
 

@@ -410,34 +410,45 @@ def plot(results: dict, out: Path) -> list[str]:
         from matplotlib.lines import Line2D
     except ImportError:
         return []
-    from ..plots import place_labels, readable_scale
+    from ..plots import finish_grid, place_labels, readable_scale
 
     runs = results["runs"]
+    floor = results["config"].get("min_fidelity") or 0.0
     models = list(dict.fromkeys(r["model"] for r in runs))
     mixes = list(dict.fromkeys("/".join(r["networks"]) for r in runs))
     fig, axes = plt.subplots(
-        len(models), len(mixes), figsize=(4.6 * len(mixes), 3.6 * len(models)), squeeze=False
+        len(models),
+        len(mixes),
+        figsize=(max(4.6 * len(mixes), 8.0), 3.6 * len(models)),
+        squeeze=False,
+        layout="constrained",
     )
     colours = {1: "C1", 2: "C0", 3: "C2"}
+    below_any = False
     for run in runs:
         ax = axes[models.index(run["model"])][mixes.index("/".join(run["networks"]))]
         rows = [r for r in run["rows"] if _ok(r)]
         if not rows:
             continue
         pts = [(r["measured"]["latency_ms_median"], r["measured"]["throughput_ips"], r) for r in rows]
+        # the front of the plans a user could pick: a faster one below the fidelity floor is no rival
+        fit = [(x, y) for x, y, r in pts if at_floor(r, floor)]
         front = sorted(
-            (x, y) for x, y, _ in pts if not any(a <= x and b >= y and (a, b) != (x, y) for a, b, _ in pts)
+            (x, y) for x, y in fit if not any(a <= x and b >= y and (a, b) != (x, y) for a, b in fit)
         )
         ax.plot([x for x, _ in front], [y for _, y in front], "-", color="0.6", lw=1, zorder=2)
         for x, y, r in pts:
             k = min(3, r["predicted"]["busy_devices"])
+            below = not at_floor(r, floor)
+            below_any = below_any or below
             ax.scatter(
                 x,
                 y,
                 marker="*" if r["is_pick"] else "o",
                 s=160 if r["is_pick"] else 40,
-                color=colours[k],
-                edgecolor="k" if r["is_pick"] else "none",
+                facecolors="none" if below else colours[k],
+                edgecolors="k" if r["is_pick"] else colours[k],
+                linewidths=1.2,
                 zorder=3,
             )
         lat = [x for x, _, _ in pts]
@@ -453,11 +464,17 @@ def plot(results: dict, out: Path) -> list[str]:
         Line2D([], [], ls="", marker="o", color=colours[k], label=f"{k} busy device(s)") for k in (1, 2, 3)
     ]
     handles += [Line2D([], [], ls="", marker="*", ms=12, color="0.5", markeredgecolor="k", label="pick")]
-    handles += [Line2D([], [], color="0.6", label="measured front")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
-    fig.suptitle("Latency × throughput over a chain of devices (measured medians)")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(out / "chain_latency_vs_throughput.png", dpi=90)
+    handles += [Line2D([], [], color="0.6", label=f"measured front (fidelity ≥ {floor:g})")]
+    if below_any:
+        handles += [
+            Line2D([], [], ls="", marker="o", mfc="none", color="0.3", label=f"hollow: fidelity < {floor:g}")
+        ]
+    finish_grid(
+        fig,
+        handles,
+        "Latency × throughput over a chain of devices (measured medians)",
+        out / "chain_latency_vs_throughput.png",
+    )
     plt.close(fig)
     return ["chain_latency_vs_throughput.png"]
 

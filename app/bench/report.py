@@ -665,18 +665,6 @@ def _grid(plt, models: list[str], nets: list[str], height: float):
     return fig, axes
 
 
-def _finish(fig, handles: list, title: str, path: Path) -> None:
-    """One legend under the panels, in as many rows as the figure's width needs, and the title wrapped to
-    that width: with one or two networks a one-line title and legend were cut off at both ends."""
-    import textwrap
-
-    width = fig.get_figwidth()
-    ncol = min(len(handles), max(2, int(width / 1.7)))
-    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
-    fig.suptitle(textwrap.fill(title, int(width * 10)), fontsize=11)
-    fig.savefig(path, dpi=90)
-
-
 def _case(run) -> str:
     return f"{run['rows'][0]['model']} · {run['network']}"
 
@@ -686,7 +674,7 @@ def _latency_vs_throughput(plt, runs, models, nets, path: Path, floor: float = 0
     or the bench measured it) is drawn hollow: faster than the pick, it did not meet the constraint."""
     from matplotlib.lines import Line2D
 
-    from ..plots import place_labels, readable_scale
+    from ..plots import finish_grid, place_labels, readable_scale
 
     fig, axes = _grid(plt, models, nets, 3.4)
     below_any = False
@@ -737,7 +725,7 @@ def _latency_vs_throughput(plt, runs, models, nets, path: Path, floor: float = 0
                 label=f"hollow: fidelity < {floor:g}",
             )
         )
-    _finish(
+    finish_grid(
         fig,
         handles,
         "Measured latency vs throughput, per model and network (median latency, one request at a time)",
@@ -793,6 +781,8 @@ def _latency_breakdown(plt, runs, models, nets, path: Path) -> None:
     """Stacked stage medians on a linear axis, one per case. A bar far taller than the case's others
     (a raw input over a slow link) is cut at the axis top and labelled with its total."""
     from matplotlib.patches import Patch
+
+    from ..plots import finish_grid
 
     fig, axes = _grid(plt, models, nets, 3.6)
     used: set[str] = set()
@@ -858,7 +848,7 @@ def _latency_breakdown(plt, runs, models, nets, path: Path) -> None:
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="y")
     handles = [Patch(color=f"C{j}", label=label) for j, (k, label) in enumerate(STAGES) if k in used]
-    _finish(
+    finish_grid(
         fig,
         handles,
         "Measured latency breakdown per candidate (★ pick; linear axis per case; a bar cut at the top is "
