@@ -480,6 +480,13 @@ def profile(
         rt = runtime_cost(job.cpu_limit)
         prof = prof.model_copy(update={"runtime_ms": rt["ms"], "runtime_ms_per_mib": rt["ms_per_mib"]})
         prof.save(path)
+    asked, got = job.cpu_limit, prof.emulation.cpus if prof.emulation else None
+    if asked and got is not None and abs(got - asked) > 0.01 * asked:  # said under --quiet too
+        err.print(
+            f"[yellow]warning: asked for {asked:g} CPUs, got {got:g} "
+            f"({prof.emulation.detail if prof.emulation else ''}): the profile is of a device of that "
+            "many CPUs[/yellow]"
+        )
     if not quiet:
         em = f", emulated: {prof.emulation.mechanism} {prof.emulation.cpus:g} CPUs" if prof.emulation else ""
         console.print(
@@ -489,13 +496,6 @@ def profile(
             f"{prof.cost['wall_inference_equivalents']:.0f}x one "
             f"inference (wall clock, session builds included) → {path}"
         )
-        asked, got = job.cpu_limit, prof.emulation.cpus if prof.emulation else None
-        if asked and got is not None and abs(got - asked) > 0.01 * asked:
-            console.print(
-                f"[yellow]warning: asked for {asked:g} CPUs, got {got:g} "
-                f"({prof.emulation.detail if prof.emulation else ''}): the profile is of a device of that "
-                "many CPUs[/yellow]"
-            )
         if not prof.cost.get("derived_curve", "per-node").startswith("per-node"):
             console.print(f"[yellow]derived cuts follow {prof.cost['derived_curve']}[/yellow]")
         if prof.runtime_ms:

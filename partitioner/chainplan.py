@@ -114,6 +114,8 @@ def gather_chain(
     idx = handle.index
     n = len(idx.compute)
     cuts = {c.k: c for c in handle.cuts()}
+    for d in set(devices):
+        profiles[d].check_cuts(cuts, f"the {d} profile")
     positions = np.array([0, *sorted(cuts), n])
     sizes = encoded_sizes(handle, samples, codecs)
     raw = [sum(sizes[t][RAW] for t in idx.inputs)]  # measured: a declared size may be unknown

@@ -377,6 +377,9 @@ def gather(
         raise ProfileError(f"the edge profile was measured in the {edge.role} role")
     if server.role != "server":
         raise ProfileError(f"the server profile was measured in the {server.role} role")
+    every = [c.k for c in handle.cuts()]
+    edge.check_cuts(every, "the edge profile")
+    server.check_cuts(every, "the server profile")
     if int8_heads and edge.int8_whole is None:
         raise ProfileError(
             "int8 heads need the edge's int8 timing: profile the edge with `splitpoint profile --int8`"

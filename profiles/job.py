@@ -13,7 +13,7 @@ from splitpoint.core.config import StrictConfig
 from splitpoint.core.graph import open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
 
-from .cpulimit import cpu_limit
+from .cpulimit import MIN_CPUS, cpu_limit
 from .profiler import ProfileSettings, profile_model
 from .schema import MeasuredProfile
 
@@ -50,13 +50,32 @@ class ProfileJob(StrictConfig):
             raise ValueError(
                 f"--cpus {self.cpus:g} is more than this machine's {have} CPUs: it emulates a smaller device"
             )
+
+        limit = self.cpu_limit
+        if limit is not None and limit < MIN_CPUS:  # refused now, not warned about after the profile
+            asked = (
+                f"--cpus {self.cpus:g}" if self.cpus is not None else f"--emulate-slowdown {self.slowdown:g}"
+            )
+            raise ValueError(
+                f"{asked} asks for {limit:g} CPUs, less than a CFS quota can give ({MIN_CPUS:g}: 1 ms in "
+                "the longest period, 100 ms)"
+            )
         return self
 
     @property
     def cpu_limit(self) -> float | None:
+        """The CPUs to limit the process to: a slowdown divides the CPUs the profile's threads use
+        (--threads 0, onnxruntime's default, uses every core this process may run on)."""
         if self.slowdown is not None:
-            return max(self.threads, 1) / self.slowdown
+            return (self.threads or _usable_cores()) / self.slowdown
         return self.cpus
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def run_profile(

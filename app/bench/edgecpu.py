@@ -34,6 +34,9 @@ class Calibration:
     # limit (measured: a CFS quota lets a short run through whole, more than one period's quota on some
     # kernels); None where there is no quota, or for results from before it was measured
     burst_ms: float | None = None
+    # the quota and its period (µs) the limit ran with; None for results from before they were recorded
+    quota_us: int | None = None
+    period_us: int | None = None
 
     @property
     def limit(self) -> float | None:
@@ -97,17 +100,17 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
             "this machine is not faster than the device on one core: edge runs unlimited at 1 thread",
         )
     cpus = max(MIN_CPUS, full / target)
-    measured, mech = full, "none"
+    measured, mech, quota = full, "none", (None, None)
     for round_ in range(rounds + 1):
         with cpu_limit(cpus) as em:
             measured = statistics.median(time_runs(run, 2, runs))
-            mech = em.mechanism
+            mech, quota = em.mechanism, (em.quota_us, em.period_us)
         if abs(measured - target) / target < 0.05 or round_ == rounds:
             break  # the share returned is always the one that was measured
         cpus = min(1.0, max(MIN_CPUS, cpus * measured / target))
     note = "" if cpus > MIN_CPUS else f"clamped at the smallest usable share ({MIN_CPUS} CPU)"
     burst = measure_burst(cpus) if mech.startswith("cgroup") else None
-    return Calibration(device.name, name, target, full, round(cpus, 4), measured, mech, note, burst)
+    return Calibration(device.name, name, target, full, round(cpus, 4), measured, mech, note, burst, *quota)
 
 
 BURST_SIZES_MS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
