@@ -604,7 +604,8 @@ def show_chain(r: Any, out: Path | None) -> None:
     for name, p in d.baselines.items():
         names.setdefault(id(p), []).append(name)
     rows = []
-    shown = {id(p): p for p in [*d.front, *d.baselines.values()]}.values()
+    # the pick too: a plan that meets the floor may be off the front, beaten by ones below it
+    shown = {id(p): p for p in [*d.front, *d.baselines.values(), d.pick]}.values()
     cons = getattr(r, "constraints", None)
     missed = False
     for p in sorted(shown, key=lambda p: p.latency_ms):

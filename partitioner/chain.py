@@ -150,7 +150,8 @@ def solve(
 ) -> ChainPlan | None:
     """The lowest-latency choice whose every stage (device and link) takes less than ``limit`` ms;
     None if none does. ``modes[j]`` constrains device j (ANY, EMPTY: runs no node, BUSY: runs some);
-    ``allowed[h, k]`` says whether hop h may use codec k."""
+    ``allowed[h, k]`` says whether hop h may use codec k, or ``allowed[h, i, k]`` whether it may use
+    codec k at position i (the pairs a fidelity floor rules out)."""
     d, m, c = len(costs.devices), len(costs.positions), len(costs.codecs)
     modes = modes or (ANY,) * d
     if d == 1:  # one device: the whole model there, if it fits the device's memory
@@ -158,6 +159,7 @@ def solve(
         fits_memory = bool(_memory_ok(costs)[0][0, m - 1])
         return only if only.bottleneck_ms < limit and modes[0] != EMPTY and fits_memory else None
     allowed = np.ones((d - 1, c), bool) if allowed is None else np.asarray(allowed, bool)
+    per_pair = [a.ravel() if a.ndim == 2 else np.tile(a, m) for a in allowed]  # (m * c,) per hop
     if any(downlink_ms(costs.reply_bytes, link) >= limit for link in costs.links):
         return None
     first_busy, last_busy = _ends(costs, modes)
@@ -165,11 +167,11 @@ def solve(
     # dp[i * c + k]: least latency of devices 0..h and hops 0..h, hop h at position i with codec k
     ups = [_up(costs, h).ravel() for h in range(d - 1)]
     fits = np.ones(m * c, bool) if costs.max_hop_bytes is None else costs.bytes.ravel() <= costs.max_hop_bytes
-    ok = (first_busy < lim[0]) & (ups[0] < limit) & np.tile(allowed[0], m) & fits
+    ok = (first_busy < lim[0]) & (ups[0] < limit) & per_pair[0] & fits
     dp = np.where(ok, first_busy + ups[0], INF)
     back: list[np.ndarray] = []
     for h in range(1, d - 1):
-        ok = (ups[h] < limit) & np.tile(allowed[h], m) & fits
+        ok = (ups[h] < limit) & per_pair[h] & fits
         if h == d - 2:  # the last device must be able to start where this one ends
             ok &= last_busy < lim[d - 1]
         best, arg = _middle_step(costs, h, modes[h], dp, lim[h], ok)
