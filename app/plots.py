@@ -101,6 +101,13 @@ def place_labels(ax: Any, items: Sequence[tuple[float, float, str]], fontsize: f
         )
 
 
+def hollow_marker(label: str, color: str = "0.3") -> Any:
+    """A legend entry for points drawn hollow: the candidates that miss a constraint."""
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], ls="", marker="o", ms=6, mfc="none", mec=color, color=color, label=label)
+
+
 def finish_grid(fig: Any, handles: list, title: str, path: Path) -> None:
     """One legend under the panels, in as many rows as the figure's width needs, and the title wrapped to
     that width: with one or two networks a one-line title and legend were cut off at both ends."""
@@ -293,18 +300,7 @@ def front_figure(
         ),
     ]
     if miss:
-        handles.append(
-            Line2D(
-                [],
-                [],
-                ls="",
-                marker="o",
-                ms=6,
-                mfc="none",
-                mec=FRONT,
-                label="Pareto front, misses a constraint",
-            )
-        )
+        handles.append(hollow_marker("Pareto front, misses a constraint", FRONT))
     if pick is not None:
         handles.append(Line2D([], [], ls="", marker="*", ms=13, color=PICK, label=f"pick: {pick.label}"))
     drawn = [

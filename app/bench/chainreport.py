@@ -410,7 +410,7 @@ def plot(results: dict, out: Path) -> list[str]:
         from matplotlib.lines import Line2D
     except ImportError:
         return []
-    from ..plots import finish_grid, place_labels, readable_scale
+    from ..plots import finish_grid, hollow_marker, place_labels, readable_scale
 
     runs = results["runs"]
     floor = results["config"].get("min_fidelity") or 0.0
@@ -466,9 +466,7 @@ def plot(results: dict, out: Path) -> list[str]:
     handles += [Line2D([], [], ls="", marker="*", ms=12, color="0.5", markeredgecolor="k", label="pick")]
     handles += [Line2D([], [], color="0.6", label=f"measured front (fidelity ≥ {floor:g})")]
     if below_any:
-        handles += [
-            Line2D([], [], ls="", marker="o", mfc="none", color="0.3", label=f"hollow: fidelity < {floor:g}")
-        ]
+        handles.append(hollow_marker(f"hollow: fidelity < {floor:g}"))
     finish_grid(
         fig,
         handles,

@@ -675,7 +675,7 @@ def _latency_vs_throughput(plt, runs, models, nets, path: Path, floor: float = 0
     or the bench measured it) is drawn hollow: faster than the pick, it did not meet the constraint."""
     from matplotlib.lines import Line2D
 
-    from ..plots import finish_grid, place_labels, readable_scale
+    from ..plots import finish_grid, hollow_marker, place_labels, readable_scale
 
     fig, axes = _grid(plt, models, nets, 3.4)
     below_any = False
@@ -714,18 +714,7 @@ def _latency_vs_throughput(plt, runs, models, nets, path: Path, floor: float = 0
         Line2D([], [], ls="", marker="o", ms=6, color="C0", label="other front member"),
     ]
     if below_any:
-        handles.append(
-            Line2D(
-                [],
-                [],
-                ls="",
-                marker="o",
-                ms=6,
-                mfc="none",
-                color="0.3",
-                label=f"hollow: fidelity < {floor:g}",
-            )
-        )
+        handles.append(hollow_marker(f"hollow: fidelity < {floor:g}"))
     finish_grid(
         fig,
         handles,
