@@ -647,6 +647,12 @@ def show_chain(r: Any, out: Path | None) -> None:
     )
     from splitpoint.core.codecs import Codec
 
+    if not d.exhaustive:
+        console.print(
+            "note: the search for a plan at the fidelity floor ran out of its fidelity runs and then gave up "
+            "whole codecs, the lossiest first: the pick is the best plan found, not shown to be the best",
+            highlight=False,
+        )
     lossy = any(not Codec.parse(m.costs.codecs[k]).lossless for k in p.codecs)
     _few_samples_note(p.fidelity if lossy else None, cons.min_fidelity if cons is not None else None, pred)
     if r.plan is not None:

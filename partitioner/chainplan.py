@@ -222,6 +222,8 @@ class ChainDecision:
     pick: ChainPlan
     baselines: dict[str, ChainPlan]  # "all on DEVICE (stage j)", "best two-stage", "best on all N devices"
     devices_of: dict[int, list[str]] = field(default_factory=dict)  # id(plan) -> the devices it uses
+    # False: the fidelity search ran out of runs and gave up whole codecs; the pick is the best it found
+    exhaustive: bool = True
 
 
 def _sub(costs: ChainCosts, upto: int) -> ChainCosts:
@@ -308,63 +310,76 @@ def decide_chain(
     Fidelity is no figure the search can add up, so it is measured: the best plan within the latency and
     throughput limits is run, and if it falls below the floor, each of its lossy hops is run alone (its
     position and codec, every other hop exact); a pair that misses the floor alone is ruled out of every
-    hop and the search runs again. On the assumption that a hop's error only grows with more lossy hops
-    after it, no plan that meets the floor is ruled out, so the first that meets it is the best. (Measuring
-    down the front instead missed plans that the front's lossy members dominate: offering one more codec
-    made the pick 54 % slower.) Where every hop of a failing plan meets the floor alone, its lossiest pair
-    goes. Plans below the floor stay on the front, marked by their figure."""
+    hop, with every codec at that position at least as lossy, and the search runs again. On the
+    assumptions that a hop's error only grows with more lossy hops and with a lossier codec, no plan that
+    meets the floor is ruled out, so the first that meets it is the best. (Measuring down the front instead
+    missed plans that the front's lossy members dominate: offering one more codec made the pick 54 %
+    slower.) Where every hop of a failing plan meets the floor alone, its lossiest pair goes. Past
+    ``max_fidelity_runs`` whole codecs go instead, the lossiest first, until a plan meets the floor: the
+    pick is then the best found, not shown to be the best (``ChainDecision.exhaustive``). Plans below the
+    floor stay on the front, marked by their figure."""
     codecs = list(m.costs.codecs)
     hops = len(m.devices) - 1
     allowed = np.ones((hops, len(m.costs.positions), len(codecs)), bool)
     key = _objective_key(constraints)
     floor = constraints.min_fidelity
+    lossiness = [_lossiness(c) for c in codecs]
     runs = 0
     first_front: list[ChainPlan] | None = None
     pick: ChainPlan | None = None
+    exhaustive = True
     tried: list[ChainPlan] = []
-    while runs < max_fidelity_runs:
+
+    def best_within() -> ChainPlan | None:
+        """The best plan the search allows within the limits other than fidelity, measured."""
+        nonlocal first_front, runs
         front = _fronts(m, allowed)
         if first_front is None:
             first_front = front
-        if not front:
-            if not tried:
+            if not front:
                 raise SplitPointError(memory_shortfall(m.costs, numbered(m.costs.devices)))
-            break
         within = [p for p in sorted(front, key=key) if not _misses_but_fidelity(constraints, p)]
         if not within:
-            tried += sorted(front, key=key)[:3]
-            break
-        best = within[0]
+            tried.extend(sorted(front, key=key)[:3])
+            return None
         if note:
-            note("chain fidelity", runs, max_fidelity_runs)
-        _with_fidelity(m, best)
+            note("chain fidelity", min(runs, max_fidelity_runs), max_fidelity_runs)
+        _with_fidelity(m, within[0])
         runs += 1
-        tried.append(best)
-        if not constraints.misses(best):
+        tried.append(within[0])
+        return within[0]
+
+    while runs < max_fidelity_runs:
+        best = best_within()
+        if best is None or not constraints.misses(best):
             pick = best
             break
         assert floor is not None  # only the floor is left to miss
-        lossy = [
-            (i, k) for i, k in zip(best.cuts, best.codecs, strict=True) if not Codec.parse(codecs[k]).lossless
-        ]
+        lossy = [(i, k) for i, k in zip(best.cuts, best.codecs, strict=True) if lossiness[k] > 0]
         out = []
         for i, k in lossy:
-            known = (i, k) in m.pair_fidelity
+            runs += (i, k) not in m.pair_fidelity
             if _pair_fidelity(m, i, k) < floor:
                 out.append((i, k))
-            runs += 0 if known else 1
         if not out and lossy:  # each hop meets the floor alone, together they do not
-            out = [max(lossy, key=lambda ik: _lossiness(codecs[ik[1]]))]
+            out = [max(lossy, key=lambda ik: lossiness[ik[1]])]
         if not out:
             break  # lossless and still below the floor: nothing to rule out
         for i, k in out:
-            allowed[:, i, k] = False
+            allowed[:, i, [q for q in range(len(codecs)) if lossiness[q] >= lossiness[k]]] = False
+    else:  # out of runs: whole codecs go, the lossiest first, until a plan meets the floor
+        exhaustive = False
+        for level in sorted({v for v in lossiness if v > 0}, reverse=True):
+            allowed[:, :, [q for q in range(len(codecs)) if lossiness[q] >= level]] = False
+            best = best_within()
+            if best is not None and not constraints.misses(best):
+                pick = best
+                break
     if pick is None:
         closest = sorted({id(p): p for p in tried}.values(), key=key)[:3]
         parts = [f"{describe(m, p)} ({', '.join(constraints.misses(p)) or 'unmeasured'})" for p in closest]
         raise SplitPointError(
             "no plan over this chain meets the constraints"
-            + (f" within {max_fidelity_runs} fidelity runs" if runs >= max_fidelity_runs else "")
             + ("; the closest: " + "; ".join(parts) if parts else "")
         )
     # one object per deployment: a baseline or the pick that is also on the front is the same plan
@@ -378,7 +393,7 @@ def decide_chain(
     front = pareto(list(same.values()))
     for p in [pick, *base.values(), *front[:max_fidelity_runs]]:  # every figure shown is measured
         _with_fidelity(m, p)
-    return ChainDecision(front, pick, base)
+    return ChainDecision(front, pick, base, exhaustive=exhaustive)
 
 
 def _fronts(m: ChainMeasurements, allowed: np.ndarray) -> list[ChainPlan]:

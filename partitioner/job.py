@@ -344,6 +344,7 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
         **plan_dict(m, d.pick),
         "constraints": cons.__dict__,
         **fidelity_facts(handle, len(samples), measured_on),
+        "pick_shown_best": d.exhaustive,  # False: the fidelity search ran out of runs (decide_chain)
     }
     plan = None
     if job.out:

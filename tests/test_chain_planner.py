@@ -264,6 +264,36 @@ def test_the_pick_at_a_fidelity_floor_is_the_best_of_every_plan_that_meets_it(
     assert picks[4] <= picks[2] + 1e-9, picks
 
 
+def test_a_search_that_runs_out_of_fidelity_runs_falls_back_to_fewer_codecs_and_says_so(
+    measured, monkeypatch
+):
+    """Random-weight MobileNetV2 misses a 0.99 floor at almost every lossy (cut, codec): ruling them out a
+    few at a time ran out of its 24 runs and refused the chain, though plans with exact hops meet it."""
+    from splitpoint.partitioner import chainplan
+
+    h, _, fast = measured
+    samples, truths, _ = h.fidelity_samples(2)
+    m = gather_chain(
+        h,
+        ["pi", "relay", "server"],
+        {"pi": _slower(fast, 100), "relay": _slower(fast, 10), "server": fast},
+        [load_network("wifi-n"), load_network("lte")],
+        samples,
+        ["float32", "float16", "int8", "int4"],
+        truths,
+    )
+    exact = {k for k, c in enumerate(m.costs.codecs) if c == "float32"}
+
+    def only_exact(m, plan):
+        score = 1.0 if set(plan.codecs) <= exact else 0.5
+        return type("Rep", (), {"score": score, "to_dict": lambda self: {"score": score}})()
+
+    monkeypatch.setattr(chainplan, "chain_fidelity", only_exact)
+    d = decide_chain(m, ChainConstraints(min_fidelity=0.99), max_fidelity_runs=3)
+    assert d.pick.fidelity == 1.0 and set(d.pick.codecs) <= exact and d.exhaustive is False
+    assert decide_chain(m, ChainConstraints(min_fidelity=0.99), max_fidelity_runs=1000).exhaustive
+
+
 def test_an_impossible_constraint_is_refused_with_the_closest_plans(measured):
     h, slow, fast = measured
     samples, _, _ = h.fidelity_samples(2)
