@@ -487,8 +487,19 @@ def profile(
             f"({prof.emulation.detail if prof.emulation else ''}): the profile is of a device of that "
             "many CPUs[/yellow]"
         )
+    seen = prof.emulation.measured_slowdown if prof.emulation else None
+    want = job.slowdown or (max(job.threads, 1) / asked if asked and asked < max(job.threads, 1) else None)
+    if seen and want and abs(seen / want - 1) > 0.10:
+        err.print(
+            f"[yellow]warning: the model ran {seen:.2f}x slower than at this machine's full speed, not the "
+            f"{want:.2f}x asked: a CFS quota this short is over-enforced by this kernel; the profile is of "
+            f"the device measured ({seen:.2f}x)[/yellow]",
+            highlight=False,
+        )
     if not quiet:
         em = f", emulated: {prof.emulation.mechanism} {prof.emulation.cpus:g} CPUs" if prof.emulation else ""
+        if prof.emulation and prof.emulation.measured_slowdown:
+            em += f", {prof.emulation.measured_slowdown:.2f}x slower than this machine (measured)"
         console.print(
             f"{prof.model_name} ({role}{em}): whole model {prof.whole.median_ms:.2f} ms median (p90 "
             f"{prof.whole.p90_ms:.2f}), {len(prof.cost['measured_cuts'])} of {len(prof.cuts)} cuts "

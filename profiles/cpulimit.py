@@ -1,14 +1,19 @@
 """Real CPU limits that stand in for a slower edge device.
 
-A CFS quota gives the emulated device its share. The period is the shortest whose quota reaches the
-kernel's CFS bandwidth slice (``sched_cfs_bandwidth_slice_us``, 5 ms by default; 10 ms for 0.5 CPU):
-a quota below the slice is over-enforced, the device slower than asked (ResNet-18 at 0.5 CPU ran
-2.3-2.6x slower with 1 ms in 2 ms, 2.1x with 5 ms in 10 ms; at 0.25 CPU 4.4-4.9x with 1 ms in 4 ms,
-4.1x with 5 ms in 20 ms, on a kernel with a 4 ms tick). A longer period has a cost of its own: a run
-that starts after idle time goes at the host's full speed until the period's quota is spent (MobileNetV2's
-first 93 nodes: 16.5 ms after idle against 27.8 ms back to back with a 10 ms period), so profiles time
-runs back to back over several periods (``sample_span_ms``), and the bench measures that burst and does
-not judge requests whose edge work fits in it.
+A CFS quota with the shortest period the kernel allows for the share (its quota at least 1 ms:
+2.7 ms for 0.37 CPU) gives one speed. With a longer period the emulated device has two: a run that
+starts after idle time goes at the host's full speed until the period's quota is spent (MobileNetV2's
+first 93 nodes: 16.5 ms after idle against 27.8 ms back to back with a 10 ms period; 26.6 against
+29.2 ms with 2.7 ms), so a device that is kept busy (a pipeline) would be slower than one
+measured between requests, which a real device is not: a chain bench run with 5 ms quotas measured
+34 of 40 requests faster than their profiles predicted (median -9 %), against 18 of 40 (+1 %) with
+1 ms. The default 100 ms period is worse still. Even the shortest period leaves a burst for runs of a
+few ms after idle time (ResNet-18's head at cut 4 under 0.25 CPU: 3.8 ms after idle, 8.4 ms back to
+back), which is why profiles time runs back to back over several periods (``sample_span_ms``).
+The price of a short quota: below the kernel's CFS bandwidth slice (5 ms) the kernel over-enforces it,
+and the device is slower than the share says (ResNet-18 at 0.5 CPU, 1 ms in 2 ms: 2.3-2.6x slower, where
+5 ms in 10 ms gives 2.1x). A profile therefore records the slowdown it measured against this machine
+(``Emulation.measured_slowdown``), and the bench calibrates its share against a device's published figure.
 cgroup v1 is tried first because it works on these machines, then cgroup v2 ``cpu.max``,
 then plain CPU affinity (whole cores only). The result says which one took effect.
 """
@@ -86,20 +91,9 @@ def _move(pid: int, group: Path, v1: bool) -> None:
         _write(group / "cgroup.procs", str(pid))
 
 
-def cfs_slice_us() -> int:
-    """The kernel's CFS bandwidth slice (µs): the runtime a group draws from its quota at a time."""
-    try:
-        v = int(Path("/proc/sys/kernel/sched_cfs_bandwidth_slice_us").read_text())
-    except (OSError, ValueError):
-        v = 5_000  # the kernel's default
-    return max(MIN_QUOTA_US, v)
-
-
-def period_and_quota(cpus: float, least_quota_us: int | None = None) -> tuple[int, int]:
-    """The shortest period whose quota for ``cpus`` is at least ``least_quota_us`` (default: the CFS
-    bandwidth slice; runs before this rule used the kernel's least quota, 1 ms), in µs."""
-    least = least_quota_us or cfs_slice_us()
-    period = min(MAX_PERIOD_US, max(MIN_PERIOD_US, math.ceil(least / cpus)))
+def period_and_quota(cpus: float, least_quota_us: int = MIN_QUOTA_US) -> tuple[int, int]:
+    """The shortest period whose quota for ``cpus`` is at least ``least_quota_us`` (µs)."""
+    period = min(MAX_PERIOD_US, max(MIN_PERIOD_US, math.ceil(least_quota_us / cpus)))
     return period, max(MIN_QUOTA_US, int(round(cpus * period)))
 
 
@@ -199,7 +193,7 @@ def _affinity(cpus: float, pid: int) -> tuple[Emulation, Callable[[], None]]:
 def lifted(emulation: Emulation | None, pid: int | None = None):
     """Run the block at the host's full speed, out of the quota ``emulation`` put this process under,
     and put it back after. For what is a proportion, not a time: a CFS quota lets work shorter than
-    one period's quota (5 ms, the CFS slice) run at full speed and stalls the rest at the period's end, so
+    one period's quota (1 ms at least) run at full speed and stalls the rest at the period's end, so
     onnxruntime's per-node times under it are host times for most nodes and a whole period's stall for
     the few the quota ran out on (a 20x slower ViT's head looked as fast as the server's for 42 cuts,
     then 20 ms slower at once). A uniformly slower device spends its time in the host's proportions."""

@@ -252,6 +252,10 @@ def profile_model(
     note("whole model", 0, 1)
     with running():  # warm already: the profiled runs were its warm-up
         samples = time_runs(run_whole, 0, settings.repeats, min_ms)
+    host_ms = None
+    if emulation is not None and emulation.quota_us:  # the slowdown the limit gave, against full speed
+        with running(), lifted(emulation):
+            host_ms = statistics.median(time_runs(run_whole, 0, 3))
     curve, curve_source = cost_curve(idx, per_node, unattributed)
     cum: list[float] = list(np.cumsum(curve))
     total = cum[-1] if cum and cum[-1] > 0 else 1.0
@@ -396,6 +400,8 @@ def profile_model(
     node_scale = 1.0
     if emulation is not None and emulation.quota_us and profiled_runs:
         node_scale = whole.median_ms / max(statistics.median(profiled_runs), 1e-9)
+    if emulation is not None and host_ms:
+        emulation = emulation.model_copy(update={"measured_slowdown": whole.median_ms / host_ms})
     nodes = [
         NodeTime(
             name=idx.nodes[p].name or f"{idx.nodes[p].op_type}#{p}",

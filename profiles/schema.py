@@ -111,6 +111,9 @@ class Emulation(_Strict):
     quota_us: int | None = None
     cores: list[int] | None = None
     detail: str = ""
+    # the whole model's time under the limit over its time at this machine's full speed, measured by the
+    # profile (a quota below the kernel's CFS slice is over-enforced: 0.5 CPU can run 2.6x slower)
+    measured_slowdown: float | None = Field(None, gt=0)
 
 
 class MeasuredProfile(_Strict):

@@ -292,7 +292,7 @@ def test_threads_ending_while_the_limit_is_set_do_not_lose_the_quota():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="CPU limits need root")
 def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path):
-    """A CFS quota runs work shorter than one period's quota (5 ms) at the host's speed and stalls the
+    """A CFS quota runs work shorter than one period's quota (1 ms) at the host's speed and stalls the
     rest at the period's end: per-node times measured under it made the first cuts' heads of a 20x
     slower edge as fast as the host's, then jumped by a period. Node proportions are measured out of
     the quota now, and a segment's share of the whole follows the host's."""
@@ -308,6 +308,8 @@ def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path
             assert f"splitpoint-{os.getpid()}" not in Path("/proc/self/cgroup").read_text()
         assert f"splitpoint-{os.getpid()}" in Path("/proc/self/cgroup").read_text()  # put back
     slowdown = slow.whole.median_ms / host.whole.median_ms
+    # the profile records the slowdown it measured: what the device is, whatever share was asked
+    assert 10 < slow.emulation.measured_slowdown < 60, slow.emulation  # 20x asked; over-enforced above
     early = [(s.head_ms / x.head_ms) for s, x in zip(slow.cuts[:10], host.cuts[:10], strict=True)]
     assert min(early) > 0.3 * slowdown, (slowdown, early)
     share = sum(n.median_ms for n in slow.nodes) / slow.whole.median_ms
@@ -317,20 +319,13 @@ def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path
 
 
 @pytest.mark.parametrize("cpus", [0.01, 0.05, 0.2, 0.3522, 0.37, 0.5, 0.99, 1.0, 1.5])
-def test_the_quota_period_is_as_short_as_the_cfs_slice_allows(cpus):
-    """A short period keeps the emulated device at one speed, idle or busy, but a quota below the kernel's
-    CFS bandwidth slice is over-enforced: 0.5 CPU as 1 ms in 2 ms ran 2.3-2.6x slower, 5 ms in 10 ms 2.1x
-    (see cpulimit's docstring)."""
-    from splitpoint.profiles.cpulimit import cfs_slice_us
-
-    least = cfs_slice_us()
+def test_the_quota_period_is_as_short_as_the_kernel_allows(cpus):
+    """A short period keeps the emulated device at one speed, idle or busy (see cpulimit's docstring)."""
     period, quota = period_and_quota(cpus)
     assert 1_000 <= period <= 100_000 and quota >= 1_000  # the kernel's bounds
     assert quota / period == pytest.approx(cpus, rel=0.005)
-    assert quota >= least or period == 100_000  # at the longest period a tiny share's quota is less
-    if 1_000 < period < 100_000:  # one microsecond shorter would need a quota below the slice
-        assert cpus * (period - 1) < least + 0.5
-    assert period_and_quota(0.5, 1_000) == (2_000, 1_000)  # the rule of runs before, for their reports
+    if period > 1_000:  # one microsecond shorter would need a quota below the least
+        assert cpus * (period - 1) < 1_000 + 0.5
 
 
 def _valid_profile(model_path, tmp_path):

@@ -164,10 +164,9 @@ def quota_ms(calibration: dict) -> float | None:
     cpus = calibration.get("cpus")
     if not cpus or cpus >= 1 or not str(calibration.get("mechanism", "")).startswith("cgroup"):
         return None
-    from splitpoint.profiles.cpulimit import MIN_QUOTA_US, period_and_quota
+    from splitpoint.profiles.cpulimit import period_and_quota
 
-    # the quota the run recorded; a run from before it was recorded had the kernel's least, 1 ms
-    quota_us = calibration.get("quota_us") or period_and_quota(cpus, MIN_QUOTA_US)[1]
+    quota_us = calibration.get("quota_us") or period_and_quota(cpus)[1]  # as recorded, or as set
     return max(quota_us / 1e3, calibration.get("burst_ms") or 0.0)
 
 
