@@ -115,3 +115,16 @@ def handshake_refused(endpoint: str, server_key_option: str = "--curve-server-ke
         f"{endpoint} refused the connection's handshake: check that {server_key_option} is its public key "
         "and that this side's public key is on its --curve-allow (or that it uses CurveZMQ at all)"
     )
+
+
+def handshake_failed(endpoint: str, curve: bool, server_key_option: str = "--curve-server-key") -> str:
+    """Why a connection's handshake failed, as far as this side can tell: with CurveZMQ, a key the peer
+    refuses; without it (a plain client told to check keys it never gave), a peer that closed the connection
+    during ZeroMQ's greeting, or one that asks for CurveZMQ."""
+    if curve:
+        return handshake_refused(endpoint, server_key_option)
+    return (
+        f"{endpoint} failed the connection's handshake: it closed the connection during ZeroMQ's greeting "
+        f"(stopping or restarting), or it asks for CurveZMQ ({server_key_option}), or it speaks another "
+        "protocol"
+    )

@@ -44,7 +44,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
-from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
+from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
 from splitpoint.core.runner import (
@@ -745,7 +745,14 @@ class EdgeClient:
                     elif ev & DOWN_EVENTS:
                         if ev & HANDSHAKE_FAILED and not self._said_refused:
                             self._said_refused = True  # once: the socket retries every 2 s
-                            log.warning("%s", handshake_refused(self.config.server))
+                            curve = bool(self.config.curve_server_key)
+                            # a plain connection's peer closing during the greeting (a server restarting)
+                            # is no key to check: said, not warned about
+                            log.log(
+                                logging.WARNING if curve else logging.INFO,
+                                "%s",
+                                handshake_failed(self.config.server, curve),
+                            )
                         # replies that came before the close are read first: a server that answered
                         # and then stopped (its drain) had its last answers failed as lost
                         self._conn.receive(lock_wait=0.05)

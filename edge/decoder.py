@@ -26,7 +26,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import decode, encode
-from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
+from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.kvcache import CachedSegment
 from splitpoint.core.plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
@@ -146,6 +146,7 @@ class DecoderClient:
         # a refused handshake retries silently: watched, so that a timeout can say why
         self._monitor = s.get_monitor_socket(HANDSHAKE_FAILED)
         self._server = server
+        self._curve = bool(curve_server_key)
         s.connect(server)
         self._sock = s
         try:
@@ -185,7 +186,7 @@ class DecoderClient:
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 why = f"no answer from the server within {self.timeout_s:g} s"
                 if self._monitor.poll(0):  # the handshake failed: no step will ever be answered
-                    why += f": {handshake_refused(self._server)}"
+                    why += f": {handshake_failed(self._server, self._curve)}"
                 raise GenerationError(wire.E_UNAVAILABLE, why)
             reply = wire.parse(wire.recv(self._sock))
             if reply.id != msg.id:

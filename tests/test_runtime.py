@@ -732,6 +732,19 @@ def test_curve_allow_list_admits_only_listed_clients(model, caplog):
         s.send_multipart(wire.Message(wire.PING, 1).to_frames())
         assert not s.poll(500)
         s.close(0)
+        # an edge without keys is not told to check keys it never gave (the demo's plain client, its server
+        # restarting, read "check that --curve-server-key is its public key")
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="splitpoint.edge")
+        with client(model, srv, fallback=False, timeout_s=0.5, connect_grace_s=0.5) as c:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any(
+                "handshake" in r.getMessage() for r in caplog.records
+            ):
+                time.sleep(0.05)
+        said = [r.getMessage() for r in caplog.records if "handshake" in r.getMessage()]
+        assert said and "it asks for CurveZMQ (--curve-server-key)" in said[0], said
+        assert not any("check that --curve-server-key is its public key" in m for m in said), said
     finally:
         srv.stop()
 
