@@ -302,11 +302,12 @@ def _too_few_for(floor: float | None, n: object) -> tuple[float, int] | None:
     """(the 95 % lower bound that agreement on all ``n`` inputs gives, the inputs the floor needs) where
     ``n`` cannot show ``floor``; None where it can or nothing is known: a measured 1.000 on 8 inputs met a
     floor of 0.99 that the bench's own requests then measured at 0.69."""
-    z2 = 1.959963984540054**2
+    from splitpoint.partitioner.taskmetrics import Z95, wilson
+
     if floor is None or not isinstance(n, int) or n <= 0 or floor <= 0 or floor >= 1:
         return None
-    low = n / (n + z2)  # Wilson's lower bound for n of n
-    return (low, math.ceil(floor * z2 / (1 - floor))) if low < floor else None
+    low = wilson(n, n).low  # n / (n + z^2): the bound reaches the floor at n = floor z^2 / (1 - floor)
+    return (low, math.ceil(floor * Z95**2 / (1 - floor))) if low < floor else None
 
 
 def show_plan_set(r: Any, out: Path | None) -> None:

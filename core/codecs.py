@@ -35,6 +35,7 @@ import numpy as np
 import zstandard
 
 from .errors import SplitPointError
+from .machine import usable_cores
 
 MAGIC = b"SPT1"
 VERSION = 1
@@ -125,11 +126,7 @@ def _default_threads() -> int:
         if env.isdigit() and int(env) >= 1:
             return int(env)
         warnings.warn(f"{THREADS_ENV}={env!r} is not a positive integer; ignored", stacklevel=2)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(_MAX_DEFAULT_THREADS, cpus))
+    return max(1, min(_MAX_DEFAULT_THREADS, usable_cores()))
 
 
 _threads = _default_threads()

@@ -324,6 +324,11 @@ def decide_chain(
     key = _objective_key(constraints)
     floor = constraints.min_fidelity
     lossiness = [_lossiness(c) for c in codecs]
+
+    def as_lossy_as(level: int) -> list[int]:
+        """The codecs at least as lossy as ``level``."""
+        return [q for q in range(len(codecs)) if lossiness[q] >= level]
+
     runs = 0
     first_front: list[ChainPlan] | None = None
     pick: ChainPlan | None = None
@@ -366,11 +371,11 @@ def decide_chain(
         if not out:
             break  # lossless and still below the floor: nothing to rule out
         for i, k in out:
-            allowed[:, i, [q for q in range(len(codecs)) if lossiness[q] >= lossiness[k]]] = False
+            allowed[:, i, as_lossy_as(lossiness[k])] = False
     else:  # out of runs: whole codecs go, the lossiest first, until a plan meets the floor
         exhaustive = False
         for level in sorted({v for v in lossiness if v > 0}, reverse=True):
-            allowed[:, :, [q for q in range(len(codecs)) if lossiness[q] >= level]] = False
+            allowed[:, :, as_lossy_as(level)] = False
             best = best_within()
             if best is not None and not constraints.misses(best):
                 pick = best

@@ -91,9 +91,9 @@ def _move(pid: int, group: Path, v1: bool) -> None:
         _write(group / "cgroup.procs", str(pid))
 
 
-def period_and_quota(cpus: float, least_quota_us: int = MIN_QUOTA_US) -> tuple[int, int]:
-    """The shortest period whose quota for ``cpus`` is at least ``least_quota_us`` (µs)."""
-    period = min(MAX_PERIOD_US, max(MIN_PERIOD_US, math.ceil(least_quota_us / cpus)))
+def period_and_quota(cpus: float) -> tuple[int, int]:
+    """The shortest period whose quota for ``cpus`` is at least the kernel's least quota (µs)."""
+    period = min(MAX_PERIOD_US, max(MIN_PERIOD_US, math.ceil(MIN_QUOTA_US / cpus)))
     return period, max(MIN_QUOTA_US, int(round(cpus * period)))
 
 

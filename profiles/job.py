@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.graph import open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
+from splitpoint.core.machine import usable_cores
 
 from .cpulimit import MIN_CPUS, cpu_limit
 from .profiler import ProfileSettings, profile_model
@@ -67,15 +68,8 @@ class ProfileJob(StrictConfig):
         """The CPUs to limit the process to: a slowdown divides the CPUs the profile's threads use
         (--threads 0, onnxruntime's default, uses every core this process may run on)."""
         if self.slowdown is not None:
-            return (self.threads or _usable_cores()) / self.slowdown
+            return (self.threads or usable_cores()) / self.slowdown
         return self.cpus
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def run_profile(
