@@ -111,6 +111,46 @@ def test_profile_is_complete_and_self_consistent(steady_model_path, role, thread
     assert mems == sorted(mems) and mems[0] > 0
 
 
+_HELD = """
+import ctypes, sys, numpy as np, psutil
+from splitpoint.core.runner import make_session
+def rss():
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss
+before = rss()
+s = make_session(sys.argv[1], threads=1)
+feeds = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], "f4") for i in s.get_inputs()}
+for _ in range(3):
+    s.run(None, feeds)
+print(rss() - before)
+"""
+
+
+def test_a_heavy_heads_memory_is_what_building_it_holds_in_a_fresh_process(tmp_path):
+    """The derived head memory is what an edge needs free for the head: AlexNet's last cut was put at
+    883 MiB (a ratio measured on a small head, weights and all multiplied by it) where building that head
+    holds 234 MiB. Compared with a fresh process that builds and runs the head, as the edge does."""
+    path = tmp_path / "alexnet.onnx"
+    onnx.save_model(zoo.build("alexnet", width=0.5), str(path))
+    h = open_model(path)
+    prof = profile_model(h, ProfileSettings(role="edge", threads=1, anchors=1))
+    last = prof.cuts[-1]
+    run_cli("split", str(path), "--cut", str(last.index), "-o", str(tmp_path / "plan"), check=True)
+    held = subprocess.run(
+        [sys.executable, "-c", _HELD, str(tmp_path / "plan" / "head.onnx")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    held_bytes = int(held.stdout)
+    assert held_bytes > 50 * 2**20  # the head's weights: the case where a ratio went wrong
+    assert abs(last.head_memory_bytes - held_bytes) < max(0.2 * held_bytes, 8 * 2**20), (
+        last,
+        held_bytes / 2**20,
+        prof.cost["memory_overhead_bytes"] / 2**20,
+    )
+
+
 def test_profile_cli_writes_file_and_refuses_it_for_another_model(model_path, tmp_path):
     out = tmp_path / "p.json"
     run_cli("profile", str(model_path), "--role", "edge", "-o", str(out), "--quiet", check=True)

@@ -1,7 +1,7 @@
 """Edge memory a head needs, derived from the graph: weights and the activations alive at once.
 
-The profiler calibrates these against measured RSS at its anchor cuts; the planner uses the
-weight bytes to size int8 heads.
+The profiler adds to them the session's own overhead, measured as RSS at its anchor cuts; the planner
+uses the weight bytes to size int8 heads.
 """
 
 from __future__ import annotations
