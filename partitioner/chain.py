@@ -39,9 +39,12 @@ class ChainCosts:
     cross) and last n (everything before). Per device d: ``prefix_ms[d][i]``, the time to run the first
     ``positions[i]`` nodes there (so a segment's time is a difference); ``enc_ms[d][i, k]`` /
     ``dec_ms[d][i, k]``, encoding / decoding what crosses position i with codec k there. Per position:
-    ``bytes[i, k]`` sent, ``weights[i]`` weight bytes before it, ``act[i]`` float32 bytes crossing it.
-    ``reply_bytes`` come back over every hop. ``memory_limit`` and ``max_hop_bytes`` are constraints the
-    search obeys exactly (a plan that breaks one is never a solution)."""
+    ``bytes[i, k]`` sent, ``weights[i]`` weight bytes before it, ``act[i]`` float32 bytes crossing it;
+    ``act_peak[i, i']`` the activation bytes alive at once in the segment between positions i and i' (None:
+    the larger of its ends). Per device, ``memory_overhead`` is what a session holds besides weights and
+    activations (measured by its profile). ``reply_bytes`` come back over every hop. ``memory_limit`` and
+    ``max_hop_bytes`` are constraints the search obeys exactly (a plan that breaks one is never a
+    solution)."""
 
     devices: tuple[str, ...]
     links: tuple[Link, ...]
@@ -60,13 +63,18 @@ class ChainCosts:
     overhead_ms: tuple[float, ...] = ()
     # bytes one hop may carry per request (a metered or narrow link); None: no limit
     max_hop_bytes: float | None = None
+    act_peak: np.ndarray | None = None  # (m, m)
+    memory_overhead: tuple[float, ...] = ()  # bytes per device; () counts none
 
     def __post_init__(self) -> None:
         d, m, c = len(self.devices), len(self.positions), len(self.codecs)
         if len(self.links) != d - 1:
             raise ValueError(f"{d} devices need {d - 1} links, got {len(self.links)}")
-        if self.overhead_ms and len(self.overhead_ms) != d:
-            raise ValueError(f"{d} devices need {d} overheads, got {len(self.overhead_ms)}")
+        for name, per_device in (("overheads", self.overhead_ms), ("memory overheads", self.memory_overhead)):
+            if per_device and len(per_device) != d:
+                raise ValueError(f"{d} devices need {d} {name}, got {len(per_device)}")
+        if self.act_peak is not None and np.shape(self.act_peak) != (m, m):
+            raise ValueError(f"act_peak has shape {np.shape(self.act_peak)}, expected {(m, m)}")
         for name, arr, shape in (
             ("prefix_ms", self.prefix_ms, (d, m)),
             ("enc_ms", self.enc_ms, (d, m, c)),
@@ -91,7 +99,7 @@ class ChainPlan:
     hop_up_ms: list[float]
     hop_down_ms: list[float]
     hop_bytes: list[int]
-    memory_bytes: list[int]  # per device: segment weights + the larger activation at its ends
+    memory_bytes: list[int]  # per device: segment weights + its activations + its session's overhead
     fidelity: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -128,7 +136,7 @@ def evaluate_chain(costs: ChainCosts, cuts: tuple[int, ...], codecs: tuple[int, 
             t += costs.enc_ms[j, b, codecs[j]]
         own.append(float(t))
         stage.append(float(t) + _overhead(costs, j))
-        mem.append(int(costs.weights[b] - costs.weights[a] + max(costs.act[a], costs.act[b])))
+        mem.append(int(segment_memory(costs)[j][a, b]))
     ups, downs, sent = [], [], []
     for h in range(d - 1):
         nbytes = float(costs.bytes[cuts[h], codecs[h]])
@@ -285,6 +293,24 @@ def _memory_limit(costs: ChainCosts, j: int) -> float | None:
     return costs.memory_limit[j] if j < len(costs.memory_limit) else None
 
 
+def segment_memory(costs: ChainCosts) -> list[np.ndarray]:
+    """Per device, (m, m): the bytes it holds running the segment from position i to i' (derived): the
+    segment's weights, its activations alive at once, and the device's session overhead where it runs
+    anything (a device with an empty segment only forwards what crosses). Worked out once per costs."""
+    if "_segment_memory" in costs.__dict__:
+        return costs.__dict__["_segment_memory"]
+    w, a = costs.weights, costs.act
+    ends = np.maximum(a[:, None], a[None, :])
+    act = ends if costs.act_peak is None else np.maximum(ends, costs.act_peak)
+    runs = np.triu(np.ones(act.shape, bool), 1)  # i < i': the segment holds nodes
+    out = []
+    for j in range(len(costs.devices)):
+        overhead = costs.memory_overhead[j] if j < len(costs.memory_overhead) else 0.0
+        out.append(w[None, :] - w[:, None] + act + overhead * runs)
+    costs.__dict__["_segment_memory"] = out
+    return out
+
+
 def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
     """Per device, (m, m): whether the segment from position i to i' fits its memory limit (worked out
     once per costs)."""
@@ -293,12 +319,7 @@ def _memory_ok(costs: ChainCosts) -> list[np.ndarray]:
     m, out = len(costs.positions), []
     for j in range(len(costs.devices)):
         limit = _memory_limit(costs, j)
-        if limit is None:
-            out.append(np.ones((m, m), bool))
-            continue
-        w, a = costs.weights, costs.act
-        seg = w[None, :] - w[:, None] + np.maximum(a[:, None], a[None, :])
-        out.append(seg <= limit)
+        out.append(np.ones((m, m), bool) if limit is None else segment_memory(costs)[j] <= limit)
     costs.__dict__["_memory_ok"] = out
     return out
 
@@ -329,8 +350,8 @@ def memory_shortfall(costs: ChainCosts, names: list[str] | None = None) -> str:
         said.append(f"{name} (limit {limit / mib:.1f} MiB) {held_most}")
     return (
         f"no plan over this chain fits the memory limits: the model's weights are {(w[-1] - w[0]) / mib:.1f} "
-        f"MiB; {'; '.join(said)} (a segment also holds the larger activation at its ends): raise a --memory "
-        "limit or add a device"
+        f"MiB; {'; '.join(said)} (a segment also holds its activations and its session's overhead): raise a "
+        "--memory limit or add a device"
     )
 
 

@@ -21,7 +21,7 @@ from splitpoint.core.errors import ProfileError, SplitPointError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract_segments
-from splitpoint.core.graph.memory import weight_bytes_by_prefix
+from splitpoint.core.graph.memory import segment_activation_peaks, weight_bytes_by_prefix
 from splitpoint.core.runner import Joined, StageRunner, join, make_session, run_batched, run_chain
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
@@ -152,6 +152,9 @@ def gather_chain(
         tuple(memory_limits or ()),
         tuple(profiles[d].runtime_ms.get("edge" if j == 0 else "server", 0.0) for j, d in enumerate(devices)),
         max_hop_bytes,
+        segment_activation_peaks(idx, positions),
+        # measured by each device's profile (0 in a profile from before it was measured)
+        tuple(float(profiles[d].cost.get("memory_overhead_bytes", 0)) for d in devices),
     )
     return ChainMeasurements(handle, list(devices), list(networks), costs, cuts, samples, truths)
 
@@ -237,6 +240,7 @@ def _sub(costs: ChainCosts, upto: int) -> ChainCosts:
         dec_ms=costs.dec_ms[: upto + 1],
         memory_limit=costs.memory_limit[: upto + 1],
         overhead_ms=costs.overhead_ms[: upto + 1],
+        memory_overhead=costs.memory_overhead[: upto + 1],
     )
 
 

@@ -11,6 +11,9 @@ import pytest
 
 from splitpoint.core.errors import SplitPointError
 from splitpoint.core.graph import open_model
+from splitpoint.core.graph.extract import extract_segments
+from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.graph.memory import live_activation_peaks
 from splitpoint.core.runner import load_stages, make_session, run_chain
 from splitpoint.partitioner.chain import ANY, BUSY, EMPTY, ChainCosts, chain_front, evaluate_chain, solve
 from splitpoint.partitioner.chainplan import (
@@ -322,19 +325,46 @@ def test_no_plan_within_the_memory_limits_says_what_each_device_could_hold(measu
         decide_chain(m, ChainConstraints())
     msg = str(caught.value)
     assert f"the model's weights are {(w[-1] - w[0]) / 2**20:.1f} MiB" in msg, msg
-    a, pos = m.costs.act, range(len(w))
+    a, peak, pos = m.costs.act, m.costs.act_peak, range(len(w))
+    overhead = m.costs.memory_overhead
+    assert len(overhead) == 3 and all(o > 0 for o in overhead)  # measured by the profiles
     for j, name, ends in ((0, "pi", "first"), (1, "pi-2", "any"), (2, "server", "last")):
         fits = [
             w[k] - w[i]
             for i in pos
             for k in pos
             if i <= k
-            and w[k] - w[i] + max(a[i], a[k]) <= limits[j]
+            and w[k] - w[i] + max(a[i], a[k], peak[i, k]) + (overhead[j] if i < k else 0) <= limits[j]
             and (ends != "first" or i == 0)
             and (ends != "last" or k == len(w) - 1)
         ]
         said = f"holds at most {max(fits) / 2**20:.1f} MiB" if fits else "holds no segment"
         assert f"{name} (limit {limits[j] / 2**20:.1f} MiB) {said}" in msg, (name, msg)
+
+
+def test_a_segments_memory_counts_the_activations_inside_it_and_the_session(measured):
+    """A device's memory was its segment's weights and the larger tensor at its ends: a ResNet stem's
+    segment holds its 64x112x112 convolution output (3.2 MB beside 0.6 MB crossing in and 0.8 MB out) and
+    a session's own 10-20 MiB. Checked against each segment built on its own: its live activations (the
+    head's derivation, run on the segment's graph) are held, and at most what passes over it besides."""
+    h, slow, fast = measured
+    samples, _, _ = h.fidelity_samples(2)
+    m = gather_chain(h, ["pi", "server"], {"pi": slow, "server": fast}, [load_network("lte")], samples)
+    c = m.costs
+    pos = [int(p) for p in c.positions]
+    rng = np.random.default_rng(0)
+    pairs = {(0, 1), (0, len(pos) - 1)}
+    pairs |= {tuple(sorted(int(p) for p in rng.choice(len(pos), 2, replace=False))) for _ in range(6)}
+    for i, k in sorted(pairs):
+        cuts = [None if pos[i] == 0 else m.cuts[pos[i]]]
+        cuts += [m.cuts[pos[k]]] if pos[k] < pos[-1] else []
+        seg = extract_segments(h.index, cuts, check=False)[1].model
+        own = live_activation_peaks(GraphIndex.build(seg))[-1]
+        assert own <= c.act_peak[i, k] <= own + c.act[i] + c.act[k], (i, k, own, c.act_peak[i, k])
+    plan = evaluate_chain(c, (1,), (0,))
+    stem = c.weights[1] + max(c.act_peak[0, 1], c.act[0], c.act[1]) + c.memory_overhead[0]
+    assert plan.memory_bytes[0] == int(stem) and c.act_peak[0, 1] > max(c.act[0], c.act[1])
+    assert c.memory_overhead[0] == slow.cost["memory_overhead_bytes"] > 0
 
 
 def test_plan_chain_from_the_command_line(measured, tmp_path):

@@ -6,6 +6,11 @@ uses the weight bytes to size int8 heads.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
 from splitpoint.core.weights import nbytes
 
 from .index import GraphIndex
@@ -14,6 +19,28 @@ from .index import GraphIndex
 def live_activation_peaks(idx: GraphIndex) -> list[int]:
     """For each prefix of the compute order, peak bytes of activations alive at once in the head
     (derived from shapes; per sample)."""
+    return list(itertools.accumulate(live_activation_bytes(idx), max))
+
+
+def segment_activation_peaks(idx: GraphIndex, positions: Sequence[int]) -> np.ndarray:
+    """(m, m): peak bytes alive at once while the nodes from compute position ``positions[i]`` to
+    ``positions[i']`` run (per sample; 0 where i' <= i). What passes over a segment to a later one is
+    alive in it too: on a chain the device forwards it."""
+    live = np.asarray(live_activation_bytes(idx), float)
+    m = len(positions)
+    out = np.zeros((m, m))
+    for i, a in enumerate(positions):
+        running = np.maximum.accumulate(live[a:]) if a < len(live) else np.zeros(0)
+        for j in range(i + 1, m):
+            b = positions[j]
+            if b > a:
+                out[i, j] = running[b - a - 1]
+    return out
+
+
+def live_activation_bytes(idx: GraphIndex) -> list[int]:
+    """For each node of the compute order, the bytes of activations alive while it runs: its inputs and
+    outputs and whatever a later node still needs (derived from shapes; per sample)."""
     order = idx.compute
     last_use: dict[str, int] = {}
     for r, p in enumerate(order):
@@ -27,18 +54,16 @@ def live_activation_peaks(idx: GraphIndex) -> list[int]:
 
     live = {t: size(t) for t in idx.inputs}
     cur = sum(live.values())
-    peak = cur
-    peaks = []
+    during = []
     for r, p in enumerate(order):
         for o in idx.nodes[p].output:
             if o:
                 live[o] = size(o)
                 cur += live[o]
-        peak = max(peak, cur)
-        peaks.append(peak)
+        during.append(cur)
         for t in [t for t in live if last_use.get(t, -1) <= r and t not in idx.outputs]:
             cur -= live.pop(t)
-    return peaks
+    return during
 
 
 def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
