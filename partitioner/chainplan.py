@@ -152,7 +152,7 @@ def gather_chain(
         tuple(memory_limits or ()),
         tuple(profiles[d].runtime_ms.get("edge" if j == 0 else "server", 0.0) for j, d in enumerate(devices)),
         max_hop_bytes,
-        segment_activation_peaks(idx, positions),
+        segment_activation_peaks(idx, [int(p) for p in positions]),
         # measured by each device's profile (0 in a profile from before it was measured)
         tuple(float(profiles[d].cost.get("memory_overhead_bytes", 0)) for d in devices),
     )
