@@ -212,3 +212,35 @@ def test_a_bench_outside_the_results_layout_is_not_graded_on_the_committed_runti
     assert report.runtime_results(out) is None
     oh = _overhead(report.targets(results, report.load_runtime(report.runtime_results(out), out)))
     assert oh["ok"] is None and "not measured by this bench" in oh["measured"]
+
+
+_BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5:\n    pass\n"
+
+
+def test_the_host_load_counts_the_benchmarks_own_processes_apart_from_the_rest(tmp_path):
+    """A run's figures are this machine's with whatever else ran: a child of the benchmark (an edge, a
+    server) is its own load, a process outside it is the host's, and the report calls a host busy."""
+    import subprocess
+    import sys
+    import time
+
+    from splitpoint.app.bench.hostload import HostLoad, sentence
+
+    load = HostLoad()
+    subprocess.run([sys.executable, "-c", _BURN], check=True)  # the benchmark's own: waited for
+    done = tmp_path / "done"
+    # outside the benchmark: started by a child that exits at once, so nothing of this process waits for it
+    detached = f"{_BURN}open({str(done)!r}, 'w').close()\n"
+    launcher = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {detached!r}])\n"
+    subprocess.run([sys.executable, "-c", launcher], check=True)
+    deadline = time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    m = load.measured()
+    core_s = m["seconds"] * m["cores"]
+    assert m["own_cpu_share"] * core_s >= 0.45, m
+    assert m["other_cpu_share"] * core_s >= 0.45, m
+    assert "A busy host" in sentence({**m, "other_cpu_share": 0.2}) and "busy" not in sentence(
+        {**m, "other_cpu_share": 0.01, "steal_share": 0.0}
+    )
+    assert sentence(None) == ""  # results from before it was measured

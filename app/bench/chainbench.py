@@ -24,6 +24,7 @@ from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import SplitPointError
 
+from .hostload import HostLoad
 from .run import nonempty_names, run_edge, window_for
 
 DEFAULT_CHAIN_MODELS = ("resnet18", "mobilenetv2", "resnet50")
@@ -121,6 +122,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     from .runtimecost import runtime_cost
 
     t0 = time.perf_counter()
+    load = HostLoad()
     say = progress or (lambda *a, **k: None)
     specs = [load_device(d) for d in cfg.chain]
     names = numbered([s.name for s in specs])
@@ -190,6 +192,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
+    results["host_load"] = load.measured()
     return results
 
 

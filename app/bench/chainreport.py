@@ -10,6 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
+from . import hostload
 from .provenance import sentence_end
 from .report import OVER_BOUND, _f, at_floor, verdict
 
@@ -234,7 +235,9 @@ def markdown(results: dict, command: str) -> str:
         "under its own calibrated CPU limit, every hop shaped by its own network profile. Predicted figures "
         "are derived from the profiles; measured ones are medians on "
         f"{results.get('machine', {}).get('cpu_model') or 'this machine'}. Took "
-        f"{_f(results.get('seconds'), '{:.0f}')} s" + sentence_end(results.get("machine", {})),
+        f"{_f(results.get('seconds'), '{:.0f}')} s"
+        + sentence_end(results.get("machine", {}))
+        + hostload.sentence(results.get("host_load")),
         "",
         "## Targets",
         "",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
+from . import hostload
 from .provenance import sentence_end
 from .run import ALL_ON_EDGE, ALL_ON_SERVER_COMPRESSED, ALL_ON_SERVER_RAW
 
@@ -522,7 +523,9 @@ def markdown(results: dict) -> str:
         f"`{_command(results)}` "
         f"on {results['machine'].get('cpu_model', '?')} ({results['machine'].get('cores_logical', '?')} "
         f"cores), "
-        f"{results['seconds'] / 60:.1f} min in all" + sentence_end(results["machine"]),
+        f"{results['seconds'] / 60:.1f} min in all"
+        + sentence_end(results["machine"])
+        + hostload.sentence(results.get("host_load")),
         "",
         f"- **Edge CPU (emulated):** {cal['device']}-class: {cal['reference_model']} measured "
         f"{cal['measured_ms']:.1f} ms here under "

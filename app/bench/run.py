@@ -400,9 +400,11 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
     from .edgecpu import calibrate_apart
     from .emulate import MECHANISMS
+    from .hostload import HostLoad
     from .provenance import provenance
 
     t0 = time.perf_counter()
+    load = HostLoad()
     say = progress or (lambda *a, **k: None)
     # every argument is checked before the minutes of calibration and profiling start
     device = load_device(cfg.device)
@@ -463,4 +465,5 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
+    results["host_load"] = load.measured()
     return results

@@ -36,6 +36,7 @@ from splitpoint.core.config import Document, StrictConfig, explain_fields
 from splitpoint.core.errors import SplitPointError
 from splitpoint.core.textfiles import load_yaml
 
+from .hostload import HostLoad
 from .run import BENCH_CODECS, default_models, nonempty_names
 from .tracereport import pct
 
@@ -155,6 +156,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     from .run import _inputs_file, profile_apart
 
     t0 = time.perf_counter()
+    load = HostLoad()
     say = progress or (lambda *a, **k: None)
     trace = load_trace(cfg.trace)
     phases = trace.played()
@@ -207,6 +209,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
+    results["host_load"] = load.measured()
     return results
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from splitpoint.partitioner.planset import RATE_HEADROOM
 
+from . import hostload
 from .provenance import sentence_end
 from .report import verdict
 
@@ -49,7 +50,8 @@ def markdown(results: dict, command: str) -> str:
         "# SplitPoint trace bench: plan sets on a changing link",
         "",
         f"`{command}` on {_machine(results['machine'])}, {results['seconds'] / 60:.1f} min in all"
-        + sentence_end(results["machine"]),
+        + sentence_end(results["machine"])
+        + hostload.sentence(results.get("host_load")),
         "",
         f"- **Trace:** {len(results['trace'])} phases over {total:g} s ({', '.join(nets)}); requests arrive "
         f"at {cfg['rate']:g}/s whatever the link (open loop), latency from when each was due to its answer.",
