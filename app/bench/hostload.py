@@ -70,5 +70,5 @@ def sentence(load: dict | None) -> str:
         f"benchmark itself {100 * load['own_cpu_share']:.0f} %."
     )
     if load["other_cpu_share"] + load["steal_share"] > BUSY_SHARE:
-        said += " **A busy host:** measured times are slower than a quiet one's, predictions unchanged."
+        said += " **A busy host:** its times carry that load."
     return said
