@@ -1556,6 +1556,8 @@ def main() -> None:
         about_shapes = any(w in text.lower() for w in ("shape", "dimension", "dims", "size", "rank"))
         what = " at these input shapes (see --input-shape)" if about_shapes and _takes_input_shape() else ""
         _fail(escape(f"onnxruntime could not run the model{what}: {text}"), 2)
+    if code == 130:  # typer answers Ctrl-C with this code, not with the exception
+        err.print("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -254,6 +254,7 @@ def test_ctrl_c_leaves_no_partial_profile(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted", err  # said, not only an exit status
     assert list(tmp_path.iterdir()) == []
 
 
