@@ -1168,15 +1168,29 @@ def deploy(
         for d in dirs:
             files_to_push(d, role)
     failed: list[str] = []
-    for ep, role in targets:  # each device gets the files of its role only; one failing stops no other
+    # servers and relays first, each failing stopping no other; edges only once every one of them has the
+    # plan: an edge switched to a plan its server refuses has every request refused (or run locally)
+    for ep, role in targets:
         for d in dirs:
+            upstream = [f for f in failed if not f.endswith("(edge)")]
+            if role == "edge" and upstream:
+                err.print(
+                    f"{escape(ep)} (edge): not deployed: {', '.join(map(escape, upstream))} did not take "
+                    "the plan, and the edge would send every request to a stage without it; deploy there "
+                    "first"
+                )
+                failed.append(f"{ep} ({role})")
+                continue
+            notes: list[str] = []
             try:
-                pid = push(d, ep, timeout, role, key if role != "edge" else None, pair)
+                pid = push(d, ep, timeout, role, key if role != "edge" else None, pair, notes)
             except SplitPointError as exc:
                 err.print(f"{escape(ep)} ({role}): not deployed: {escape(str(exc))}")
                 failed.append(f"{ep} ({role})")
                 continue
             console.print(f"{ep}: plan {pid[:12]} acknowledged ({role})")
+            for note in notes:
+                err.print(f"{escape(ep)} ({role}): warning: {escape(note)}")
     if failed:
         done = len(targets) * len(dirs) - len(failed)
         raise SplitPointError(

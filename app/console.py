@@ -476,7 +476,7 @@ WATCH_COLUMNS = (
     "uplink est Mbit/s",
     "RTT est ms",
     "plan-set member",
-    "CPU %",
+    "host CPU %",
     "RSS MiB",
     "fallbacks",
     "head ms",
@@ -501,11 +501,20 @@ WATCH_ORDER = (  # the order shown in
     "head ms",
     "network ms",
     "tail ms",
-    "CPU %",
+    "host CPU %",
     "RSS MiB",
     "temp °C",
     "dropped",
 )
+
+
+def _errors(metrics: dict) -> str:
+    """Requests that failed and, where a device counts them apart, those it refused (malformed, unknown
+    plan, busy): a server's refusals were in no column."""
+    errors, refused = count(metrics.get("errors")), count(metrics.get("rejected"))
+    if refused in ("-", "0") or errors == "?" or refused == "?":
+        return errors if refused in ("-", "0") else "?"
+    return str(int(errors if errors != "-" else 0) + int(refused))
 
 
 def _watch_row(k: dict) -> dict[str, str]:
@@ -520,14 +529,14 @@ def _watch_row(k: dict) -> dict[str, str]:
         "plan-set member": word(member) if not isinstance(member, int) else count(member),
         "requests": count(me.get("requests", me.get("ok"))),
         "fallbacks": count(me.get("fallback")),
-        "errors": count(me.get("errors")),
+        "errors": _errors(me),
         "uplink est Mbit/s": fmt(me.get("bandwidth_mbps_est"), lo=0),
         "RTT est ms": fmt(me.get("rtt_ms_est"), lo=0),
         "e2e ms": fmt(la.get("total_ms"), lo=0),
         "head ms": fmt(la.get("head_ms"), lo=0),
         "network ms": fmt(la.get("network_ms"), lo=0),
         "tail ms": fmt(la.get("tail_ms"), lo=0),
-        "CPU %": fmt(me.get("cpu_percent"), lo=0, hi=100),  # psutil's, over the whole machine
+        "host CPU %": fmt(me.get("cpu_percent"), lo=0, hi=100),  # psutil's, over the whole machine
         "RSS MiB": fmt(
             rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss, lo=0
         ),

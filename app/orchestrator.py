@@ -40,10 +40,12 @@ def deploy(
     role: str = "server",
     curve_server_key: bytes | None = None,
     curve_keypair: tuple[bytes, bytes] | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """Send a plan (plan.json and the files ``role`` holds: a server its tail, an edge its head and the
     whole model for fallback, if the plan carries it) and wait for the peer to acknowledge it.
-    Against a CurveZMQ server, ``curve_keypair`` must be a key on its deploy allow-list."""
+    Against a CurveZMQ server, ``curve_keypair`` must be a key on its deploy allow-list. ``notes`` gets
+    what the peer warned of as it took the plan (an edge: a fallback it lost, a server that lacks it)."""
     try:
         check_endpoint(endpoint)
     except ValueError as exc:
@@ -82,6 +84,9 @@ def deploy(
         raise SplitPointError(
             f"{endpoint} answered {reply.type} for plan {clean_text(reply.plan[:12], 12) or '?'}"
         )
+    said = reply.meta.get("warnings")
+    if notes is not None and isinstance(said, list):
+        notes.extend(clean_text(str(w), 500) for w in said[:8])
     return plan.plan_id
 
 

@@ -110,10 +110,14 @@ def topic(device_id: str, kind: str) -> str:
     return f"{TOPIC_ROOT}/{device_id}/{kind}"
 
 
+_PROCESSES: dict[int, psutil.Process] = {}  # by pid: a forked worker measures its own CPU from its start
+
+
 def host_metrics() -> dict:
-    """CPU, memory and temperature of this machine, measured now (psutil)."""
+    """CPU, memory and temperature of this machine, and this process's CPU and RSS, measured now
+    (psutil; the CPU figures over the time since the last call)."""
     vm = psutil.virtual_memory()
-    proc = psutil.Process()
+    proc = _PROCESSES.setdefault(os.getpid(), psutil.Process())
     temp = None
     try:
         temps = [e.current for v in (psutil.sensors_temperatures() or {}).values() for e in v if e.current]
@@ -122,6 +126,7 @@ def host_metrics() -> dict:
         pass
     return {
         "cpu_percent": psutil.cpu_percent(interval=None),
+        "process_cpu_percent": proc.cpu_percent(interval=None),
         "memory_used_bytes": vm.used,
         "memory_total_bytes": vm.total,
         "process_rss_bytes": proc.memory_info().rss,
@@ -239,7 +244,13 @@ class Telemetry:
                 **(extra or {}),
                 "telemetry_dropped": self.dropped,
                 "latency_sampled_out": self.sampled_out,
-                "units": {"cpu_percent": "%", "memory_used_bytes": "B", "temperature_c": "degC"},
+                "units": {
+                    "cpu_percent": "% of the host's cores, every process",
+                    "process_cpu_percent": "% of one core, this process",
+                    "memory_used_bytes": "B, the host's",
+                    "process_rss_bytes": "B, this process",
+                    "temperature_c": "degC",
+                },
             },
         )
 

@@ -63,8 +63,10 @@ from .estimator import LinkEstimator
 
 log = logging.getLogger("splitpoint.edge")
 PING_BASE = 2**62  # ping ids live apart from request ids
-# server errors that a local run can answer instead: busy, or a later stage of a chain out of reach
-FALLBACK_CODES = {wire.E_BUSY, wire.E_UNAVAILABLE}
+# server errors that a local run can answer instead: busy, a later stage of a chain out of reach, or a
+# server that does not serve the plan (a deploy that reached the edge and not it): to the device, each is a
+# server it cannot use now
+FALLBACK_CODES = {wire.E_BUSY, wire.E_UNAVAILABLE, wire.E_UNKNOWN_PLAN}
 
 
 class EdgeError(SplitPointError):
@@ -174,7 +176,9 @@ class EdgeClient:
         # whether the server serves this plan: None until a pong (which lists them) or a refusal says
         self.plan_served: bool | None = None
         self._told_unserved: set[str] = set()  # where a refusal of the plan was logged: "" the server
-        self.counts = {"ok": 0, "fallback": 0, "errors": 0}
+        # answered by the split, by the local model, failed; and (the daemon's) refused before reaching
+        # this client: a daemon hands the same counts to the client of each plan it switches to
+        self.counts = {"ok": 0, "fallback": 0, "errors": 0, "rejected": 0}
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or (
             Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
@@ -279,6 +283,7 @@ class EdgeClient:
         self._conn.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self.publish_metrics()
         if self.telemetry and self._own_telemetry:
             self.telemetry.close()
 
@@ -649,12 +654,21 @@ class EdgeClient:
             where, how = f"the relay at {self.config.server}", f"--relay 1={self.config.server}"
         else:
             where, how = f"the server at {self.config.server}", f"--server {self.config.server}"
-        log.warning(
-            "%s does not serve plan %s: deploy it there (`splitpoint deploy PLAN_DIR %s`); until then "
-            "every request over it is refused",
-            where,
-            self.plan.plan_id[:16],
-            how,
+        log.warning("%s", self.unserved_note(where, how))
+
+    def unserved_note(self, where: str | None = None, how: str | None = None) -> str:
+        """What a server that does not serve this plan means here: said in the log and in a deploy's
+        answer."""
+        where = where or f"the server at {self.config.server}"
+        how = how or f"--server {self.config.server}"
+        then = (
+            "requests run on this device's whole model (fallback)"
+            if self._full is not None and self.config.fallback
+            else "every request over it is refused"
+        )
+        return (
+            f"{where} does not serve plan {self.plan.plan_id[:16]}: deploy it there "
+            f"(`splitpoint deploy PLAN_DIR {how}`); until then {then}"
         )
 
     def lend_fallback(self, other: EdgeClient) -> None:
@@ -783,17 +797,23 @@ class EdgeClient:
             self._check_deadlines(now)
             if self._ghosts:
                 self._drop_ghosts(now)
-            if self.telemetry and self.report is None and now >= next_metrics:
+            if now >= next_metrics:
                 next_metrics = now + 2.0
-                self.telemetry.metrics(
-                    {
-                        "server_up": self.server_up,
-                        "in_flight": len(self._pending),
-                        "rtt_ms_est": self.rtt_ms,
-                        "bandwidth_mbps_est": self.bandwidth_mbps,
-                        **self.counts,
-                    }
-                )
+                self.publish_metrics()
+
+    def publish_metrics(self) -> None:
+        """Counts since the process started, the link estimates, the host's figures (every 2 s, and
+        once more as the client closes: a short run's requests were never reported)."""
+        if self.telemetry and self.report is None:
+            self.telemetry.metrics(
+                {
+                    "server_up": self.server_up,
+                    "in_flight": len(self._pending),
+                    "rtt_ms_est": self.rtt_ms,
+                    "bandwidth_mbps_est": self.bandwidth_mbps,
+                    **self.counts,
+                }
+            )
 
     def _lost_with_connection(self) -> None:
         """Requests sent on a connection that dropped get no reply (libzmq sends nothing again): each falls

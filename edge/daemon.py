@@ -41,6 +41,7 @@ from .config import EdgeConfig
 
 log = logging.getLogger("splitpoint.edge")
 MAX_LOCAL_PENDING = 1024  # local requests in flight; past it new ones are answered busy
+CLOSING_GRACE_S = 0.2  # on SIGTERM, local requests are answered `closed` until the socket is this quiet
 
 
 class DaemonFailed(SplitPointError):
@@ -56,14 +57,32 @@ DEPLOYED = "deployed.json"  # in the plans folder: the plan last pushed, and the
 EDGE_DEPLOYS = ".edge-deployed"
 
 
-def deployed_plan(plan_dir: Path, plans_dir: Path) -> Path:
-    """The plan to run for ``edge run PLAN_DIR``: the one last pushed to this daemon in place of that
-    same PLAN_DIR, if any, so a restart (a crash under systemd, a reboot) does not roll the device back to
-    the plan it started with; else PLAN_DIR. A record naming another PLAN_DIR is the operator's old
-    choice, and the command line wins."""
+def _records(path: Path) -> dict[str, dict]:
+    """``deployed.json``'s records by the daemon's --listen; one written before records were kept per
+    daemon (``{"replaces", "plan"}``) stands for any daemon, under ``""``."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if "daemons" not in data:
+        return {"": data}
+    daemons = data["daemons"]
+    if not isinstance(daemons, dict) or not all(isinstance(r, dict) for r in daemons.values()):
+        raise ValueError("'daemons' is not an object of records")
+    return daemons
+
+
+def deployed_plan(plan_dir: Path, plans_dir: Path, listen: str | None = None) -> Path:
+    """The plan to run for ``edge run PLAN_DIR --listen L``: the one last pushed to the daemon on L in
+    place of that same PLAN_DIR, if any, so a restart (a crash under systemd, a reboot) does not roll the
+    device back to the plan it started with; else PLAN_DIR. A record naming another PLAN_DIR is the
+    operator's old choice, and the command line wins; another daemon's record (two daemons started on
+    one PLAN_DIR) is that daemon's."""
     path = plans_dir / DEPLOYED
     try:
-        record = json.loads(path.read_text())
+        records = _records(path)
+        record = records.get(listen or "") or records.get("")
+        if record is None:
+            return plan_dir
         replaces, name = str(record["replaces"]), str(record["plan"])
     except FileNotFoundError:
         return plan_dir
@@ -86,9 +105,10 @@ class EdgeDaemon:
         self.plans_dir = plans_dir or beside / EDGE_DEPLOYS
         self.started_with = Path(config.plan_dir).resolve()  # the command line's plan
         sweep_leftovers(self.plans_dir)
-        running = deployed_plan(Path(config.plan_dir), self.plans_dir)
+        listen = str(config.listen) if config.listen else None
+        running = deployed_plan(Path(config.plan_dir), self.plans_dir, listen)
         if plans_dir is None and running == Path(config.plan_dir):  # pushed before the hidden folder was
-            running = deployed_plan(Path(config.plan_dir), beside)
+            running = deployed_plan(Path(config.plan_dir), beside, listen)
         self.config = config if running == Path(config.plan_dir) else config.with_(plan_dir=running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
@@ -241,12 +261,16 @@ class EdgeDaemon:
                 self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down", named)
             self._backlog.clear()
             end = time.monotonic() + self.config.timeout_s * 2
-            while pending and time.monotonic() < end:  # drain; what arrives meanwhile is told so
+            # drain; what arrives meanwhile is told so, and for a moment after the last answer: requests
+            # already on their way (sent as SIGTERM came) were dropped unanswered with the socket
+            quiet_until = time.monotonic() + CLOSING_GRACE_S
+            while (pending or time.monotonic() < quiet_until) and time.monotonic() < end:
                 if sock.poll(5):
                     for frames in wire.drain(sock, limit=MAX_LOCAL_PENDING):
                         if len(frames) >= 2:
                             why = "the edge daemon is shutting down"
                             self._refuse_message(sock, frames[0], frames[1:], "closed", why)
+                    quiet_until = time.monotonic() + CLOSING_GRACE_S
                 pending = self._answer_done(sock, pending)
             for ident, rid, _, plan_id in pending:
                 why = "the edge daemon stopped before the request finished"
@@ -265,9 +289,10 @@ class EdgeDaemon:
             with contextlib.suppress(OSError):  # full (the loop is behind and will look anyway) or closed
                 os.write(w, b"x")
 
-    @staticmethod
-    def _refuse(sock: zmq.Socket, ident: Any, rid: int, code: str, why: str, plan: str = "") -> None:
-        """``plan``: the one the request named (an error answering a request carries it)."""
+    def _refuse(self, sock: zmq.Socket, ident: Any, rid: int, code: str, why: str, plan: str = "") -> None:
+        """``plan``: the one the request named (an error answering a request carries it). Counted in the
+        telemetry's ``rejected``: refused before the client took it."""
+        self.client.counts["rejected"] += 1
         sock.send_multipart([ident, *wire.error(rid, code, why, plan).to_frames()])
 
     def _start_backlog(self, sock: zmq.Socket, pending: list) -> None:
@@ -354,12 +379,14 @@ class EdgeDaemon:
                 self._backlog.append((ident, msg.id, self._feeds(msg), time.monotonic(), msg.plan or ""))
             elif msg.type == wire.DEPLOY:
                 try:
-                    plan = self._deploy(msg)
+                    plan, warnings = self._deploy(msg)
                 except OSError as exc:  # this machine's (a read-only or full plans directory): one line
                     why = f"the edge daemon cannot store the plan ({os_reason(exc)})"
                     log.error("%s", why)
                     raise wire.WireError(wire.E_INTERNAL, why) from exc
-                sock.send_multipart([ident, *wire.Message(wire.DEPLOYED, msg.id, plan.plan_id).to_frames()])
+                said = {"warnings": warnings} if warnings else {}
+                reply = wire.Message(wire.DEPLOYED, msg.id, plan.plan_id, meta=said)
+                sock.send_multipart([ident, *reply.to_frames()])
             elif msg.type == wire.PING:
                 meta = {"server_up": self.client.server_up}
                 reply = wire.Message(wire.PONG, msg.id, self.client.plan.plan_id, meta=meta)
@@ -374,9 +401,9 @@ class EdgeDaemon:
             log.exception("local request failed")
             self._refuse_message(sock, ident, body, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    @staticmethod
-    def _refuse_message(sock: zmq.Socket, ident: Any, body: list, code: str, why: str) -> None:
+    def _refuse_message(self, sock: zmq.Socket, ident: Any, body: list, code: str, why: str) -> None:
         """An error for a message as its header reads, well-formed or not: its id and the plan it named."""
+        self.client.counts["rejected"] += 1
         sock.send_multipart([ident, *wire.best_effort_error(body, code, why).to_frames()])
 
     def _feeds(self, msg: wire.Message) -> dict[str, np.ndarray]:
@@ -391,9 +418,10 @@ class EdgeDaemon:
             for n, f in zip(msg.tensors, msg.frames, strict=True)
         }
 
-    def _deploy(self, msg: wire.Message) -> Plan:
+    def _deploy(self, msg: wire.Message) -> tuple[Plan, list[str]]:
         """Install a pushed plan next to the current one (verified and loaded first), then switch to it,
-        draining the old client."""
+        draining the old client. Returns the plan and what the deployer should hear of it: a fallback it
+        takes away, a server that does not serve it."""
         files = wire.deploy_files(msg)
 
         def load(d: Path, plan: Plan) -> None:
@@ -404,31 +432,51 @@ class EdgeDaemon:
         old = self.client
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
-        self._say_without_fallback(lost=old.cannot_fall_back is None)
+        self.client.counts = old.counts  # the process's counts go on across plans, as telemetry says
+        warnings = [w for w in (self._say_without_fallback(lost=old.cannot_fall_back is None),) if w]
         old.close(drain=True)
         self._record_deployed(target)
         log.info("switched to plan %s", plan.plan_id[:12])
-        return plan
+        if self._served_now() is False:  # the log said so as the pong came; the deployer hears it too
+            warnings.append(self.client.unserved_note())
+        return plan, warnings
 
-    def _say_without_fallback(self, lost: bool) -> None:
+    def _served_now(self, within_s: float = 1.0) -> bool | None:
+        """Whether the server serves the plan just switched to, as its first pong says (None: no answer
+        within ``within_s``, or an edge-only plan). A deploy that reached the edge and not its server
+        left every request refused while `deploy` said the edge had it."""
+        end = time.monotonic() + within_s
+        while not self.client.local_only and self.client.plan_served is None and time.monotonic() < end:
+            time.sleep(0.01)
+        return self.client.plan_served
+
+    def _say_without_fallback(self, lost: bool) -> str | None:
         """A plan with no full model runs, but while the server is out of reach its requests fail rather
         than run here: said at start and at each deploy, not first at a failed request; a warning where a
-        deploy took away the fallback the daemon had."""
+        deploy took away the fallback the daemon had (returned, for the deploy's answer)."""
         why = self.client.cannot_fall_back
         if why:
             pid = self.client.plan.plan_id[:12]
             if lost:
                 log.warning("plan %s takes away this daemon's local fallback: %s", pid, why)
-            else:
-                log.info("plan %s: no local fallback: %s", pid, why)
+                return f"plan {pid} takes away this daemon's local fallback: {why}"
+            log.info("plan %s: no local fallback: %s", pid, why)
+        return None
 
     def _record_deployed(self, target: Path) -> None:
-        """Remember the plan now running for the next start."""
-        record = {"replaces": str(self.started_with), "plan": target.name}
+        """Remember the plan now running for this daemon's next start (by its --listen: another daemon on
+        the same PLAN_DIR keeps its own record)."""
+        path = self.plans_dir / DEPLOYED
         try:
-            atomic_write_text(self.plans_dir / DEPLOYED, json.dumps(record))
+            records = _records(path)
+        except (OSError, ValueError):  # none yet, or unreadable (said at start): this one starts it over
+            records = {}
+        records.pop("", None)  # a record from before they were kept per daemon: whose it was is unknown
+        records[str(self.config.listen or "")] = {"replaces": str(self.started_with), "plan": target.name}
+        try:
+            atomic_write_text(path, json.dumps({"daemons": records}))
         except OSError as exc:  # the switch stands; only a restart would not know of it
-            log.warning("could not record the deployed plan in %s: %s", self.plans_dir / DEPLOYED, exc)
+            log.warning("could not record the deployed plan in %s: %s", path, exc)
 
 
 def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:

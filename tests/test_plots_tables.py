@@ -140,3 +140,17 @@ def test_the_fleet_view_says_how_long_ago_each_device_was_heard_from():
     t = watch_table({"pi": {**device, "status": {"state": "online", "role": "edge"}}}, width=300)
     assert [c.header for c in t.columns][:2] == ["device", "heard\ns ago"]
     assert len(list(t.columns[1].cells)) == 1
+
+
+def test_the_fleet_views_errors_count_the_requests_a_device_refused():
+    """A server that refused 12 requests (unknown plan, malformed, busy) showed `errors 2`: its
+    `rejected` count was in no column."""
+    from splitpoint.app.console import _watch_row
+
+    def errors(**metrics) -> str:
+        return _watch_row({"metrics": metrics})["errors"]
+
+    assert errors(requests=74, errors=2, rejected=12) == "14"
+    assert errors(ok=3, errors=1) == "1"  # a device that does not count refusals apart
+    assert errors(errors=1, rejected=-4) == "?"  # junk is not added up as if measured
+    assert "host CPU %" in _watch_row({"metrics": {"cpu_percent": 5.0}})  # the host's, said so

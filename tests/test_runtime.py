@@ -17,7 +17,7 @@ import zmq
 from splitpoint.app.orchestrator import FleetSubscriber, collect, deploy
 from splitpoint.app.process import start_server
 from splitpoint.core import wire
-from splitpoint.core.codecs import encode
+from splitpoint.core.codecs import decode, encode
 from splitpoint.core.errors import ConfigError, PlanError, SplitPointError
 from splitpoint.core.graph import open_model
 from splitpoint.core.plandir import write_plan
@@ -302,7 +302,11 @@ def test_telemetry_reaches_mosquitto(model, mosquitto):
     lat = next(p for d, k, p in seen if (d, k) == ("t-edge", "latency"))
     assert lat["unit"] == "ms" and lat["measured"] is True and lat["fallback"] is False and lat["head_ms"] > 0
     met = next(p for d, k, p in seen if (d, k) == ("t-server", "metrics"))
-    assert {"cpu_percent", "memory_used_bytes", "requests", "units"} <= set(met)
+    assert {"cpu_percent", "process_cpu_percent", "memory_used_bytes", "requests", "units"} <= set(met)
+    assert "host" in met["units"]["cpu_percent"] and "this process" in met["units"]["process_cpu_percent"]
+    # the edge's last word before it goes offline counts every request (a short run's were never reported)
+    last = [p for d, k, p in seen if (d, k) == ("t-edge", "metrics")][-1]
+    assert last["ok"] == 10 and last["errors"] == 0, last
     final = collect(mosquitto, 0.5)  # retained: both closed cleanly, so both say offline
     assert (
         final["t-edge"]["status"]["state"] == "offline" and final["t-server"]["status"]["state"] == "offline"
@@ -574,12 +578,20 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
             )
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # in-flight requests must still be answered
+        for i in range(20):  # on their way as SIGTERM comes: answered `closed`, not dropped with the socket
+            s.send_multipart(
+                wire.Message(
+                    wire.INFER, 200 + i, tensors=["input"], frames=[encode(feeds[0]["input"], "float32")]
+                ).to_frames()
+            )
         got = {}
-        while len(got) < len(feeds) and s.poll(20000):
+        while len(got) < len(feeds) + 20 and s.poll(20000):
             m = wire.parse(s.recv_multipart())
             got[m.id] = m
-        assert sorted(got) == [100 + i for i in range(6)]
-        from splitpoint.core.codecs import decode
+        assert sorted(got) == [100 + i for i in range(6)] + [200 + i for i in range(20)]
+        assert all(
+            got[200 + i].type == wire.RESULT or got[200 + i].meta["code"] == "closed" for i in range(20)
+        )
 
         for i, f in enumerate(feeds):
             m = got[100 + i]
@@ -1225,3 +1237,85 @@ def test_requests_on_a_connection_that_drops_fail_at_once_not_at_their_deadline(
             assert exc.value.code == "unreachable" and time.monotonic() - t0 < 30  # not the 60 s timeout
     finally:
         router.close(0)
+
+
+def test_an_edge_is_switched_only_after_its_server_and_uses_its_own_model_where_the_server_lacks_the_plan(
+    model, tmp_path
+):
+    """A deploy whose server was down switched the edge anyway (and recorded it for restarts): every
+    request was then refused `unknown-plan`, though the plan shipped the whole model. Now the edge is
+    left as it was, and an edge given a plan its server lacks runs requests on its own model, and the
+    deploy says so."""
+    from splitpoint.app.broker import free_port
+    from splitpoint.core.plan import Plan
+
+    from .conftest import run_cli
+
+    served = tmp_path / "served"
+    shutil.copytree(model["plans"] / "p-f32", served / "p-f32")  # the server has p-f32, not p-int8
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=served)).start()
+    start = tmp_path / "edge" / "start"
+    shutil.copytree(model["plans"] / "p-f32", start)
+    sock = f"ipc://{tmp_path}/edge.sock"
+    cmd = [sys.executable, "-m", "splitpoint.app", "edge", "run", str(start), "--server", srv.endpoint]
+    proc = subprocess.Popen(
+        [*cmd, "--listen", sock], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    old, new = Plan.load(start), Plan.load(model["plans"] / "p-int8")
+    try:
+        s = _raw(sock)
+        assert _ask(s, wire.Message(wire.PING, 1).to_frames(), timeout=30000).plan == old.plan_id
+        dead = f"tcp://127.0.0.1:{free_port()}"
+        r = run_cli(
+            "deploy", str(model["plans"] / "p-int8"), "--server", dead, "--edge", sock, "--timeout", "2",
+            timeout=120,
+        )  # fmt: skip
+        assert r.returncode != 0 and f"{sock} (edge): not deployed: {dead} (server) did not take" in r.stderr
+        assert _ask(s, wire.Message(wire.PING, 2).to_frames()).plan == old.plan_id  # not switched
+        assert not (tmp_path / "edge" / ".edge-deployed" / "deployed.json").exists()  # nor recorded
+        r = run_cli("deploy", str(model["plans"] / "p-int8"), "--edge", sock, timeout=120)
+        assert r.returncode == 0 and "acknowledged (edge)" in r.stdout, r.stderr
+        said = " ".join(r.stderr.split())
+        assert f"does not serve plan {new.plan_id[:16]}" in said and "(fallback)" in said, r.stderr
+        f = x()
+        ask = wire.Message(wire.INFER, 3, tensors=["input"], frames=[encode(f["input"], "float32")])
+        got = _ask(s, ask.to_frames(), timeout=30000)
+        assert got.type == wire.RESULT and got.meta["fallback"] is True, got.meta
+        np.testing.assert_allclose(decode(got.frames[0]), model["full"].run(None, f)[0], atol=1e-5)
+        s.close(0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        srv.stop()
+
+
+def test_two_daemons_on_one_plan_keep_their_own_deploy_records(model, tmp_path):
+    """Both daemons on one PLAN_DIR shared deployed.json: a deploy to one made the other, restarted, run
+    that plan (with its own --listen, its requests failed against another server's stages)."""
+    from splitpoint.core.plan import Plan
+    from splitpoint.edge.daemon import DEPLOYED, EdgeDaemon, deployed_plan
+
+    plans = tmp_path / "plans"
+    start = plans / "start"
+    shutil.copytree(model["plans"] / "p-f32", start)
+    a, b = f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock"
+    daemon = EdgeDaemon(EdgeConfig(plan_dir=start, server="tcp://127.0.0.1:1", listen=a, connect_grace_s=0))
+    try:
+        counts = daemon.client.counts
+        src = model["plans"] / "p-int8"
+        names = ["plan.json", "head.onnx", "full.onnx"]
+        msg = wire.Message(
+            wire.DEPLOY, 1, meta={"files": names}, frames=[(src / n).read_bytes() for n in names]
+        )
+        plan, _ = daemon._deploy(msg)
+        assert daemon.client.counts is counts  # the process's counts go on across the switch
+    finally:
+        daemon.client.close(drain=False)
+    deployed = plans / ".edge-deployed"
+    pushed = deployed / Plan.load(src).plan_id[:16]
+    assert plan.plan_id == Plan.load(src).plan_id
+    assert deployed_plan(start, deployed, a) == pushed
+    assert deployed_plan(start, deployed, b) == start  # the other daemon's plan is its command line's
+    # a record from before records were per daemon still stands for whichever daemon restarts first
+    (deployed / DEPLOYED).write_text(json.dumps({"replaces": str(start.resolve()), "plan": pushed.name}))
+    assert deployed_plan(start, deployed, b) == pushed
