@@ -1273,6 +1273,11 @@ def test_an_edge_is_switched_only_after_its_server_and_uses_its_own_model_where_
         assert r.returncode != 0 and f"{sock} (edge): not deployed: {dead} (server) did not take" in r.stderr
         assert _ask(s, wire.Message(wire.PING, 2).to_frames()).plan == old.plan_id  # not switched
         assert not (tmp_path / "edge" / ".edge-deployed" / "deployed.json").exists()  # nor recorded
+        # the edge's socket given as --server: told which option deploys to it, not "missing full.onnx"
+        from splitpoint.app.orchestrator import deploy
+
+        with pytest.raises(SplitPointError, match=r"deploy it here with `splitpoint deploy PLAN_DIR --edge"):
+            deploy(model["plans"] / "p-int8", sock, 30, "server")
         r = run_cli("deploy", str(model["plans"] / "p-int8"), "--edge", sock, timeout=120)
         assert r.returncode == 0 and "acknowledged (edge)" in r.stdout, r.stderr
         said = " ".join(r.stderr.split())
