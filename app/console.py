@@ -283,14 +283,14 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
         console.print(f"plan {r.plan.plan_id[:12]} → {out}")
 
 
-def _few_samples_note(fid: float | None, floor: float | None, pred: dict) -> None:
+def _few_samples_note(fid: float | None, floor: float | None, pred: dict, whose: str = "the pick's") -> None:
     """Where a lossy pick's fidelity (``fid``; None for a lossless one) was measured on too few inputs to
     show the floor it met, say so and how many it takes."""
     few = _too_few_for(floor, pred.get("fidelity_samples"))
     if fid is None or few is None or floor is None:
         return
     console.print(
-        f"note: the pick's fidelity {fid:.3f} was measured on {pred['fidelity_samples']} inputs: where "
+        f"note: {whose} fidelity {fid:.3f} was measured on {pred['fidelity_samples']} inputs: where "
         "fidelity is the share of inputs that agree, agreement on all of them bounds it only at ≥ "
         f"{few[0]:.2f} (95 %), below the floor {floor:g}; give at least {few[1]} samples (--random N, "
         "or --inputs DIR) for the floor to hold with that confidence",
@@ -340,6 +340,26 @@ def show_plan_set(r: Any, out: Path | None) -> None:
     )
     heads = ["member", "plan", "uplink Mbit/s", "ms at the range's ends", "per s there", "fidelity"]
     console.print(table(title, heads, rows, 2))
+    pred = getattr(r, "predicted", None) or {}
+    if pred.get("fidelity_measure"):  # as `plan` says it: what the fidelity column was measured on
+        console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred.get('fidelity_inputs')}")
+    from splitpoint.core.codecs import Codec
+
+    lossy = [
+        m.inp.fidelity
+        for m in r.members
+        if m.inp.kind != "edge-only"
+        and m.inp.fidelity is not None
+        and (not Codec.parse(m.inp.codec).lossless or m.inp.head_weights != "float32")
+    ]
+    floor = getattr(r, "min_fidelity", None)
+    if floor is None and lossy and min(lossy) < LOSSY_NOTE_BELOW:  # as `plan` says of its pick
+        console.print(
+            f"note: no --min-fidelity was given, and a member's measured fidelity is {min(lossy):.3f} "
+            f"({pred.get('fidelity_samples', '?')} samples): give --min-fidelity {LOSSY_NOTE_BELOW:g} "
+            "(or the floor your task needs) for members that keep more"
+        )
+    _few_samples_note(min(lossy) if lossy else None, floor, pred, "a lossy member's")
     if rate:
         from splitpoint.partitioner.planset import RATE_HEADROOM, short_of_rate
 

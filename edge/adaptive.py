@@ -10,7 +10,12 @@ on a boundary). A request runs to the end on the member it started on, so a swit
 
 While the current member sends nothing (all on the edge), requests say nothing about the link: one
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
-a probe that is also answered. While it sends little, its requests cross a fast link in less time than
+a probe that is also answered. Once a window, an edge takes about four windows to leave its own member
+after the link gets 10x faster; the trace bench probes one request in 3 and leaves within two. More
+probes cost more on a slow link: each is a request that waits on it, and one in 3 on a link a quarter of
+the member's boundary kept its pongs behind payloads long enough for the connection to be dropped.
+
+While it sends little, its requests cross a fast link in less time than
 the jitter in their network time, and a faster link goes unseen: one request in ``PROBE_UP_EVERY``,
 sent while the link is idle, then goes over the member the set would run on a link ``PROBE_UP`` times
 faster, if that one sends more (``_probe_up``). The estimate is a median over the last 2 s of samples
@@ -76,7 +81,7 @@ class AdaptiveClient:
         self.rate_ips = rate_ips if rate_ips is not None else self.set.rate_ips
         self.inputs = [CandidateInput(**m.facts) for m in self.set.members]
         self.window, self.hysteresis = window, hysteresis
-        self.link = LinkEstimator()
+        self.link = LinkEstimator(down_ratio=self.set.down_ratio)
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or (
             Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
@@ -162,6 +167,7 @@ class AdaptiveClient:
                     "server_up": self._server_up(),
                     "in_flight": sum(c.in_flight for c in self.clients),
                     "rtt_ms_est": self.link.rtt_ms,
+                    "rtt_ms_est_age_s": self.link.rtt_age_s(),
                     "bandwidth_mbps_est": self.link.uplink_mbps,
                     "member": self.current,
                     **counts,

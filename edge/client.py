@@ -588,7 +588,8 @@ class EdgeClient:
         total = float(total) if isinstance(total, int | float) and 0 <= total < 1e9 else 0.0
         network = max(0.0, (now - p.t_sent) * 1e3 - total)
         if self.link.started:  # else no ping answered yet: the round trip inside ``network`` is unknown
-            self.link.observe(p.bytes_sent, network, sent_at=p.t_sent)
+            back = sum(len(wire.buffer(f)) for f in msg.frames)
+            self.link.observe(p.bytes_sent, network, sent_at=p.t_sent, reply_bytes=back)
         breakdown: dict[str, Any] = {
             "head_ms": p.head_ms,
             "encode_ms": p.encode_ms,
@@ -810,6 +811,7 @@ class EdgeClient:
                     "server_up": self.server_up,
                     "in_flight": len(self._pending),
                     "rtt_ms_est": self.rtt_ms,
+                    "rtt_ms_est_age_s": self.link.rtt_age_s(),  # since the last ping: old on a busy link
                     "bandwidth_mbps_est": self.bandwidth_mbps,
                     **self.counts,
                 }

@@ -12,8 +12,13 @@ Pings go out only while nothing is unanswered on the link, from any client shari
 behind payloads (or behind a tail at the server) reads that queue as round trip. Requests still in
 the head put nothing on the link and do not hold pings back (a Pi-class edge at a camera's rate
 always has one there). On a link that is never idle the round trip keeps its last idle reading,
-however old; the uplink from queued requests needs no round trip, the one from a lone request's
-network time does.
+however old (``rtt_age_s`` says how old: telemetry and the trace bench show it beside the figure); the
+uplink from queued requests needs no round trip, the one from a lone request's network time does.
+
+A lone request's network time holds its reply's way back too: on a link whose downlink is
+``down_ratio`` times its uplink, the reply's bits count as that many times fewer bits sent (the
+planner's own link model), else a detector's large reply read as a slower uplink (-12 % at 1.5
+Mbit/s up, 3.2 down, with a 4 KiB reply). With no ratio given, the reply's time is left in.
 
 Requests in flight together queue on the link: one sent while the one before it is still crossing
 waits for it, and its network time then holds that wait as well as its own transfer. Read as one
@@ -61,11 +66,13 @@ class LinkEstimator:
 
     horizon_s: float = 2.0  # samples this recent make the estimate
     min_samples: int = 5  # ... and at least this many of each kind, however old
+    down_ratio: float | None = None  # downlink / uplink, where known (a plan set's): see the docstring
     samples: int = 0  # requests observed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shared by a set's clients
     _pings: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP), repr=False)
-    # (time, kilobits on the wire, network ms, transfer ms or None): the framing is added once, when
-    # the sample comes in; the transfer where the request queued behind the one before it
+    # (time, kilobits on the wire, network ms, transfer ms or None, the reply's kilobits at uplink speed):
+    # the framing is added once, when the sample comes in; the transfer where the request queued behind
+    # the one before it
     _trips: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP), repr=False)
     _arrived: float = field(default=-math.inf, repr=False)  # the last request's arrival, edge clock (s)
     _in_pipe: int = field(default=0, repr=False)  # wire bytes sent and not yet answered
@@ -74,6 +81,7 @@ class LinkEstimator:
     _stale: bool = field(default=False, repr=False)
     _uplink: float | None = field(default=None, repr=False)
     _rtt: float | None = field(default=None, repr=False)
+    _last_ping: float = field(default=-math.inf, repr=False)
 
     def observe_rtt(self, rtt_ms: float, now: float | None = None) -> None:
         """A round trip with (almost) no payload: a ping's."""
@@ -81,16 +89,35 @@ class LinkEstimator:
             t = _now(now)
             with self._lock:
                 self._pings.append((t, rtt_ms))
+                self._last_ping = max(self._last_ping, t)
                 self._mark(t)
 
+    def rtt_age_s(self, now: float | None = None) -> float | None:
+        """Seconds since the newest ping the round trip comes from (None: none yet): a link never idle
+        keeps an old reading, which a reader should know is old."""
+        return None if self._last_ping == -math.inf else max(0.0, _now(now) - self._last_ping)
+
     def observe(
-        self, sent_bytes: int, network_ms: float, now: float | None = None, sent_at: float | None = None
+        self,
+        sent_bytes: int,
+        network_ms: float,
+        now: float | None = None,
+        sent_at: float | None = None,
+        reply_bytes: int = 0,
     ) -> None:
         """One request's bytes and network time; ``sent_at``: when it was sent (seconds, the clock all
-        of a link's clients use), which tells whether it queued behind the one before."""
+        of a link's clients use), which tells whether it queued behind the one before; ``reply_bytes``:
+        its answer's, whose way back is in the network time too."""
         if network_ms > 0:
             t = _now(now)
             kbits = 8e-3 * wire_bytes(sent_bytes) if sent_bytes > 0 else 0.0
+            # the reply's time, in uplink bits (a queued request's transfer is timed between arrivals at
+            # the server, which its reply is not part of)
+            back = (
+                8e-3 * wire_bytes(reply_bytes) / self.down_ratio
+                if reply_bytes > 0 and self.down_ratio
+                else 0.0
+            )
             with self._lock:
                 transfer = None
                 if sent_at is not None:
@@ -98,7 +125,7 @@ class LinkEstimator:
                     if sent_at < self._arrived - (self._rtt or 0.0) / 1e3 and arrived > self._arrived:
                         transfer = (arrived - self._arrived) * 1e3
                     self._arrived = max(self._arrived, arrived)
-                self._trips.append((t, kbits, network_ms, transfer))
+                self._trips.append((t, kbits, network_ms, transfer, back))
                 self.samples += 1
                 self._mark(t)
 
@@ -170,12 +197,12 @@ class LinkEstimator:
         if pings:
             self._rtt = statistics.median(r for _, r in pings)
         elif trips:  # no ping answered yet: a request's network time is an upper bound on the path's
-            self._rtt = min(n for _, _, n, _ in trips)
+            self._rtt = min(t[2] for t in trips)
         rtt = self._rtt or 0.0
         # each request's uplink rate; one whose network time is within the round trip's spread carried
         # too little to time (its transfer is lost in the jitter): as fast as can be told, not skipped,
         # which would leave only the slow ones to vote
-        rates = [(_rate(kb, n, rtt, x), kb) for _, kb, n, x in trips if kb > 0]
+        rates = [(_rate(kb, n, rtt, x, back), kb) for _, kb, n, x, back in trips if kb > 0]
         if rates:
             mid = weighted_median(rates)
             if math.isfinite(mid):
@@ -200,11 +227,16 @@ def weighted_median(samples: list[tuple[float, float]]) -> float:
     return ordered[-1][0]
 
 
-def _rate(kbits: float, network_ms: float, rtt_ms: float, transfer_ms: float | None) -> float:
+def _rate(
+    kbits: float, network_ms: float, rtt_ms: float, transfer_ms: float | None, back: float = 0.0
+) -> float:
     """Kilobits per millisecond (Mbit/s): over the transfer where the request queued, else over its
-    network time less the round trip."""
-    ms = transfer_ms if transfer_ms is not None else network_ms - rtt_ms
-    return kbits / ms if ms > 0.05 else math.inf
+    network time less the round trip, which also carried the reply (``back``: its kilobits at uplink
+    speed)."""
+    if transfer_ms is not None:
+        return kbits / transfer_ms if transfer_ms > 0.05 else math.inf
+    ms = network_ms - rtt_ms
+    return (kbits + back) / ms if ms > 0.05 else math.inf
 
 
 def _now(now: float | None) -> float:

@@ -81,9 +81,11 @@ def write_plan_set(
     include_full: bool = False,
     force: bool = False,
     rate_ips: float | None = None,
+    fidelity: dict | None = None,
 ) -> PlanSet:
     """Write every member as a plan directory (``m0``, ``m1``, ... slowest link first) and
-    ``planset.json``, all or nothing: one rename puts the whole set in place."""
+    ``planset.json``, all or nothing: one rename puts the whole set in place. ``fidelity``: what the
+    members' fidelity was measured on (``fidelity_facts``), recorded in each member's prediction."""
     result: list[PlanSet] = []
 
     def write(tmp: Path) -> None:
@@ -91,7 +93,10 @@ def write_plan_set(
         for k, mem in enumerate(members):
             bw = mem.inside_mbps
             cand = evaluate(mem.inp, Link(f"{bw:.3g} Mbit/s", bw, bw * down_ratio, rtt_ms))
-            plan = write_candidate(handle, cand, tmp / f"m{k}", samples=samples, include_full=include_full)
+            predicted = {**cand.to_dict(), **(fidelity or {})}
+            plan = write_candidate(
+                handle, cand, tmp / f"m{k}", samples=samples, predicted=predicted, include_full=include_full
+            )
             entries.append(
                 SetMember(
                     dir=f"m{k}",

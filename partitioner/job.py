@@ -178,6 +178,8 @@ class PlanSetOutcome:
     inputs: list[CandidateInput]  # every candidate's measured facts
     written: PlanSet | None
     rate_ips: float | None = None  # the arrival rate the members keep up with, if one was given
+    predicted: dict | None = None  # what the fidelity was measured on (fidelity_facts)
+    min_fidelity: float | None = None
 
 
 def run_plan_set(
@@ -189,7 +191,8 @@ def run_plan_set(
     job's memory and bytes limits apply to every member; a latency limit has no meaning over a range."""
     if policy not in POLICIES:
         raise SplitPointError(f"--set: unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-    handle, network, m, _ = _load(job)
+    handle, network, m, measured_on = _load(job)
+    facts = fidelity_facts(handle, len(m.samples), measured_on)
     link = link_of(network)
     mem = int(job.edge_memory_mib * 2**20) if job.edge_memory_mib else None
     members, inputs = set_members(
@@ -211,8 +214,9 @@ def run_plan_set(
             include_full=job.with_full,
             force=job.force,
             rate_ips=job.rate_ips,
+            fidelity=facts,
         )
-    return PlanSetOutcome(handle, network, members, inputs, written, job.rate_ips)
+    return PlanSetOutcome(handle, network, members, inputs, written, job.rate_ips, facts, job.min_fidelity)
 
 
 def set_members(

@@ -181,6 +181,26 @@ def test_the_round_trip_is_the_recent_pings_median_and_payload_runs_do_not_erase
     assert est.uplink_mbps == pytest.approx(4.0, rel=0.01)  # unknown: the last estimate stands
 
 
+def test_a_replys_way_back_is_not_read_as_upload_time():
+    """1.5 Mbit/s up, 3.18 down, 18.5 KB requests answered with 4.3 KB: the reply's 11 ms on the downlink
+    sat in each network time and the uplink read 1.33 (-12 %). With the link's down/up ratio known (a
+    plan set's), the reply counts as that many times fewer uplink bits; the round trip's age is told."""
+    up, down, rtt, req, reply = 1.5, 3.18, 20.0, 18_500, 4_300
+
+    def network_ms() -> float:
+        return rtt + 8e-3 * wire_bytes(req) / up + 8e-3 * wire_bytes(reply) / down
+
+    known, unknown = LinkEstimator(down_ratio=down / up), LinkEstimator()
+    for est in (known, unknown):
+        t = _ping(est, rtt, 5)
+        for k in range(10):
+            est.observe(req, network_ms(), now=t + 0.2 * k, reply_bytes=reply)
+    assert known.uplink_mbps == pytest.approx(up, rel=0.01)
+    assert unknown.uplink_mbps == pytest.approx(1.33, rel=0.02)  # the reply's time left in: as before
+    assert known.rtt_age_s(now=t + 3.0) == pytest.approx(3.0 + 0.2, abs=0.01)  # the last ping, 0.2 s before t
+    assert LinkEstimator().rtt_age_s() is None
+
+
 def _queued_stream(est, mbps, n, nbytes, every, rtt_ms):
     """``n`` requests sent every ``every`` s onto a FIFO link of ``mbps``, faster than it carries them:
     each waits for the one before it to leave the edge, and its reply comes a round trip after."""

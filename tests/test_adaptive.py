@@ -65,6 +65,7 @@ def plan_set(tmp_path_factory, small_resnet18):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "plan set of" in r.stdout
+    (d / "said.txt").write_text(r.stdout)
     return out, h, d
 
 
@@ -99,6 +100,25 @@ def test_the_set_covers_every_bandwidth_once_and_names_real_plans(plan_set):
     # the slowest link's member sends the fewest bytes, the fastest link's the most
     sent = [m.facts["up_bytes"] for m in s.members]
     assert sent[0] == min(sent) and sent[-1] == max(sent)
+
+
+def test_the_set_says_what_its_fidelity_was_measured_on_as_plan_does(plan_set):
+    """`plan --set` showed fidelity 1.000 for lossy members with neither the inputs it was measured on
+    (8 random ones) nor the note `plan` gives when they cannot show the floor; the members' plans did not
+    record the sample count either."""
+    from splitpoint.core.codecs import Codec
+
+    out, _, d = plan_set
+    said = " ".join((d / "said.txt").read_text().split())
+    assert "fidelity = agreement with the unsplit model" in said and "measured on 8 random inputs" in said
+    s, plans = PlanSet.load(out, role="server")
+    assert all(p.predicted["fidelity_samples"] == 8 for p in plans)
+    lossy = [
+        m for m in s.members
+        if m.facts["kind"] != "edge-only" and not Codec.parse(m.facts["codec"]).lossless
+    ]  # fmt: skip
+    if lossy:  # all of 8 agreeing bounds agreement only at 0.68: below the floor of 0.99
+        assert "a lossy member's fidelity" in said and "give at least 381 samples" in said, said
 
 
 def test_a_set_whose_member_was_swapped_is_refused(plan_set, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
 from . import hostload
+from .edgecpu import calibration_verdict
 from .provenance import sentence_end
 from .report import OVER_BOUND, _f, at_floor, verdict
 
@@ -237,7 +238,12 @@ def markdown(results: dict, command: str) -> str:
         f"{results.get('machine', {}).get('cpu_model') or 'this machine'}. Took "
         f"{_f(results.get('seconds'), '{:.0f}')} s"
         + sentence_end(results.get("machine", {}))
-        + hostload.sentence(results.get("host_load")),
+        + hostload.sentence(results.get("host_load"))
+        + "".join(
+            f" {name}'s CPU: {c['reference_model']} {c['measured_ms']:.1f} ms here under {c['cpus']:g} CPU "
+            f"against the device profile's {c['target_ms']:g} ms{calibration_verdict(c)}."
+            for name, c in (results.get("calibration") or {}).items()
+        ),
         "",
         "## Targets",
         "",

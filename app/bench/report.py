@@ -11,6 +11,7 @@ from pathlib import Path
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
 from . import hostload
+from .edgecpu import calibration_verdict
 from .provenance import sentence_end
 from .run import ALL_ON_EDGE, ALL_ON_SERVER_COMPRESSED, ALL_ON_SERVER_RAW
 
@@ -529,7 +530,8 @@ def markdown(results: dict) -> str:
         "",
         f"- **Edge CPU (emulated):** {cal['device']}-class: {cal['reference_model']} measured "
         f"{cal['measured_ms']:.1f} ms here under "
-        f"{cal['cpus']:g} CPU ({cal['mechanism']}) against the device profile's {cal['target_ms']:g} ms; "
+        f"{cal['cpus']:g} CPU ({cal['mechanism']}) against the device profile's {cal['target_ms']:g} ms"
+        f"{calibration_verdict(cal)}; "
         f"{cal['full_speed_ms']:.1f} ms "
         f"unlimited. {cal['note']}".rstrip(),
         f"- **Links (emulated, real traffic):** mechanism {', '.join(mech)}. Each network's link was probed "

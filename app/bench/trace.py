@@ -378,12 +378,15 @@ def _phases(run: dict, phases: list[Phase], rate: float) -> list[dict]:
                 used[str(r["member"])] = used.get(str(r["member"]), 0) + 1
         est = [r["uplink_mbps_est"] for r in mine if r.get("uplink_mbps_est") is not None]
         rtt = [r["rtt_ms_est"] for r in mine if r.get("rtt_ms_est") is not None]
+        age = [r["rtt_age_s"] for r in mine if r.get("rtt_age_s") is not None]
         rows.append(
             {
                 "network": p.network,
                 # the edge's own estimate while the phase ran (medians): what its choices were made on
                 "uplink_mbps_estimated": statistics.median(est) if est else None,
                 "rtt_ms_estimated": statistics.median(rtt) if rtt else None,
+                # how old that round trip was (its last ping; a busy link sends none): the median
+                "rtt_age_s": statistics.median(age) if age else None,
                 "seconds": p.seconds,
                 "start_s": lo,
                 "requests": len(mine),

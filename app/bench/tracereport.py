@@ -8,6 +8,7 @@ from pathlib import Path
 from splitpoint.partitioner.planset import RATE_HEADROOM
 
 from . import hostload
+from .edgecpu import calibration_verdict
 from .provenance import sentence_end
 from .report import verdict
 
@@ -58,7 +59,8 @@ def markdown(results: dict, command: str) -> str:
         "- **Link:** the userspace link proxy on loopback (rate, delay and jitter per the network "
         "profile), reshaped live at each phase boundary under the open connections.",
         f"- **Edge CPU:** {cal['device']}-class: {cal['reference_model']} {cal['measured_ms']:.1f} ms here "
-        f"under {cal['cpus']:g} CPU against the device profile's {cal['target_ms']:g} ms.",
+        f"under {cal['cpus']:g} CPU against the device profile's {cal['target_ms']:g} ms"
+        f"{calibration_verdict(cal)}.",
         f"- **Policies:** *adaptive* (cut and codec per uplink range, re-judged every "
         f"{cfg['adapt_window']} requests at the edge's own estimate, with hysteresis; while on the edge one "
         f"request in {cfg['probe_every']} probes the link; while it sends, one in 5 goes over the "
@@ -141,6 +143,9 @@ def markdown(results: dict, command: str) -> str:
             used = ", ".join(f"m{k}×{c}" for k, c in sorted(r["members_used"].items()))
             up, rtt = r.get("uplink_mbps_estimated"), r.get("rtt_ms_estimated")
             seen = "–" if up is None else f"{up:.3g}" + ("" if rtt is None else f", {rtt:.0f}")
+            age = r.get("rtt_age_s")
+            if rtt is not None and age is not None and age > r["seconds"] / 2:
+                seen += f" (RTT {age:.0f} s old: no idle moment to ping)"
             b = bo["phases"][j]
             best = f"{r['best_fixed_member'] or '–'}, {pct(r.get('best_fixed_answered'))}"
             lines.append(

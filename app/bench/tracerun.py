@@ -80,6 +80,7 @@ def run(args) -> dict:
             row["bytes_sent"] = r.breakdown.get("bytes_sent")
             if link is not None:
                 row["uplink_mbps_est"], row["rtt_ms_est"] = link.uplink_mbps, link.rtt_ms
+                row["rtt_age_s"] = link.rtt_age_s()
         with lock:
             answers.setdefault(i, []).append(row)
 
