@@ -503,7 +503,7 @@ WATCH_COLUMNS = (
     "network ms",
     "tail ms",
     "temp °C",
-    "dropped",
+    "telemetry dropped",
 )
 MAX_ROWS = 200
 WATCH_ORDER = (  # the order shown in
@@ -524,7 +524,7 @@ WATCH_ORDER = (  # the order shown in
     "host CPU %",
     "RSS MiB",
     "temp °C",
-    "dropped",
+    "telemetry dropped",
 )
 
 
@@ -561,7 +561,7 @@ def _watch_row(k: dict) -> dict[str, str]:
             rss / 2**20 if isinstance(rss, int | float) and not isinstance(rss, bool) else rss, lo=0
         ),
         "temp °C": fmt(me.get("temperature_c"), lo=-60, hi=200),
-        "dropped": count(me.get("telemetry_dropped")),
+        "telemetry dropped": count(me.get("telemetry_dropped")),
     }
 
 
