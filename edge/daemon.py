@@ -137,6 +137,7 @@ class EdgeDaemon:
                 self.client.close(drain=True, timeout=self.config.timeout_s)
                 if self.telemetry:
                     self.telemetry.close()
+                log.info("stopped")
         if self.client.fatal is not None:
             raise DaemonFailed(f"the edge client stopped working: {self.client.fatal}")
         return summary
@@ -257,6 +258,12 @@ class EdgeDaemon:
                         self._on_local(sock, frames, pending)
                 self._start_backlog(sock, pending)
                 pending = self._answer_done(sock, pending)
+            if self._stop.is_set():
+                log.info(
+                    "stopping: answering the %d local request(s) in flight, %d waiting told `closed`",
+                    len(pending),
+                    len(self._backlog),
+                )
             for ident, rid, _, _, named in self._backlog:  # never started: nothing to drain
                 self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down", named)
             self._backlog.clear()

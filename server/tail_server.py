@@ -258,6 +258,7 @@ class TailServer:
         self.stop()
         if self.fatal is not None:
             raise ServerFailed(f"the server's socket thread died: {type(self.fatal).__name__}: {self.fatal}")
+        log.info("stopped")
 
     @property
     def alive(self) -> bool:
@@ -431,6 +432,8 @@ class TailServer:
                     self._draining = True
                     if self.stats.in_flight:
                         log.info("stopping: answering the %d request(s) taken", self.stats.in_flight)
+                    else:
+                        log.info("stopping: nothing in flight")
                 held = self.stats.in_flight or self._in_pool or self._inline or self._fwd or self._parked
                 if not held or now >= drain_until:
                     self._refuse_held(router)
@@ -1000,8 +1003,10 @@ class TailServer:
             reply = wire.Message(wire.DEPLOYED, msg.id, plan.plan_id)
             self._status()
         except wire.WireError as exc:
+            log.warning("refused a deploy of plan %s: %s", msg.plan[:12] or "?", exc)
             reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
-        except (PlanError, SplitPointError) as exc:
+        except (PlanError, SplitPointError) as exc:  # said here as well as to the deployer
+            log.warning("refused a deploy of plan %s: %s", msg.plan[:12] or "?", exc)
             reply = wire.error(msg.id, wire.E_BAD_PLAN, str(exc), msg.plan)
         except OSError as exc:  # this machine's: a read-only or full plans directory, not the plan's fault
             why = f"the server cannot store the plan ({os_reason(exc)})"
