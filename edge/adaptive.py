@@ -12,8 +12,7 @@ While the current member sends nothing (all on the edge), requests say nothing a
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
 a probe that is also answered. Once a window, an edge takes about four windows to leave its own member
 after the link gets 10x faster; the trace bench probes one request in 3 and leaves within two. More
-probes cost more on a slow link: each is a request that waits on it, and one in 3 on a link a quarter of
-the member's boundary kept its pongs behind payloads long enough for the connection to be dropped.
+probes cost more on a slow link: each is a request that waits on it.
 
 While it sends little, its requests cross a fast link in less time than
 the jitter in their network time, and a faster link goes unseen: one request in ``PROBE_UP_EVERY``,

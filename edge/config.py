@@ -23,7 +23,9 @@ class EdgeConfig(StrictConfig):
     # or the local model busy with earlier requests) that long fails
     timeout_s: float = Field(2.0, gt=0)
     heartbeat_s: float = Field(0.5, gt=0)  # ping the server this often while idle
-    dead_after_s: float = Field(1.5, gt=0)  # nothing heard for this long: the server is unreachable
+    # nothing heard for this long (or for timeout_s, if longer: a queued uplink is not a dead server): the
+    # server is unreachable
+    dead_after_s: float = Field(1.5, gt=0)
     fallback: bool = True  # run the whole model locally while the server is unreachable
     threads: int = Field(1, ge=0, le=1024)  # onnxruntime intra-op threads
     head_workers: int = Field(1, ge=1, le=64)

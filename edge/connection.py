@@ -40,7 +40,11 @@ class Connection:
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         s.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_s * 1000))
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.dead_after_s * 1000))
+        # silence after a ping drops the connection, but not before a request could be answered: on a slow
+        # uplink the ping waits behind the payloads queued there (bounded by --timeout, past which the
+        # client sends none), and at dead_after_s alone a queue of two 49 KB requests on a link of a few
+        # hundred kbit/s dropped a live connection with both in flight
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(config.dead_after_s, config.timeout_s) * 1000))
         s.setsockopt(zmq.HEARTBEAT_TTL, int(config.dead_after_s * 1000))
         if config.curve_server_key:
             public, secret = config.curve_keypair or zmq.curve_keypair()
