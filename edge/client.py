@@ -646,6 +646,11 @@ class EdgeClient:
             # once until a request is served end to end, not after each pong
             return
         self._told_unserved.add(behind)
+        log.warning("%s", self.unserved_note(behind))
+
+    def unserved_note(self, behind: str = "") -> str:
+        """What a peer that does not serve this plan means here, and which deploy fixes it: said in the
+        log and in a deploy's answer. ``behind``: the stage behind a relay that refused ("stage 2")."""
         if behind:
             where = f"{behind}, behind the relay at {self.config.server},"
             stage = int(behind.split()[-1])
@@ -655,13 +660,6 @@ class EdgeClient:
             where, how = f"the relay at {self.config.server}", f"--relay 1={self.config.server}"
         else:
             where, how = f"the server at {self.config.server}", f"--server {self.config.server}"
-        log.warning("%s", self.unserved_note(where, how))
-
-    def unserved_note(self, where: str | None = None, how: str | None = None) -> str:
-        """What a server that does not serve this plan means here: said in the log and in a deploy's
-        answer."""
-        where = where or f"the server at {self.config.server}"
-        how = how or f"--server {self.config.server}"
         then = (
             "requests run on this device's whole model (fallback)"
             if self._full is not None and self.config.fallback
