@@ -105,6 +105,7 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
         edge_cpus = None
     limited = f", limited to {edge_cpus:g} CPU" if edge_cpus else ""
     say(f"[1/6] profiling {h.name} as edge (1 thread{limited}) and as server (1 thread)…")
+    h.cuts()  # bookkeeping at full speed, as `profile` does (profiles/job.py)
     with cpu_limit(edge_cpus) as em:
         edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=cfg.budget), em)
     server = profile_model(h, ProfileSettings(role="server", threads=1, budget=cfg.budget))

@@ -135,6 +135,7 @@ def measured(small_resnet18):
     from splitpoint.profiles.cpulimit import cpu_limit
 
     h = open_model(small_resnet18)
+    h.cuts()  # bookkeeping at full speed, as `profile` does
     with cpu_limit(0.34) as em:
         slow = profile_model(h, ProfileSettings(role="edge", threads=1, budget=6), em)
     fast = profile_model(h, ProfileSettings(role="server", threads=1, budget=6))
