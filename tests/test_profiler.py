@@ -341,7 +341,7 @@ def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path
 
     h = open_model(model_path)
     host = profile_model(h, ProfileSettings(role="server", threads=1, budget=8))
-    with cpu_limit(0.05) as em:
+    with cpu_limit(0.1) as em:
         if not (em and em.quota_us):
             pytest.skip("no CPU quota here")
         slow = profile_model(h, ProfileSettings(role="edge", threads=1, budget=8), em)
@@ -349,10 +349,10 @@ def test_under_a_cpu_quota_early_cuts_are_as_much_slower_as_the_model(model_path
             assert f"splitpoint-{os.getpid()}" not in Path("/proc/self/cgroup").read_text()
         assert f"splitpoint-{os.getpid()}" in Path("/proc/self/cgroup").read_text()  # put back
     slowdown = slow.whole.median_ms / host.whole.median_ms
-    # the profile records the slowdown it measured: what the device is, whatever share was asked (20x here;
+    # the profile records the slowdown it measured: what the device is, whatever share was asked (10x here;
     # a busy host enforces more: 117x in one CI run), so it agrees with the slowdown seen from outside
     measured = slow.emulation.measured_slowdown
-    assert measured > 10 and 1 / 3 < measured / slowdown < 3, (slow.emulation, slowdown)
+    assert measured > 5 and 1 / 3 < measured / slowdown < 3, (slow.emulation, slowdown)
     early = [(s.head_ms / x.head_ms) for s, x in zip(slow.cuts[:10], host.cuts[:10], strict=True)]
     assert min(early) > 0.3 * slowdown, (slowdown, early)
     share = sum(n.median_ms for n in slow.nodes) / slow.whole.median_ms
