@@ -593,10 +593,13 @@ def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
             got[200 + i].type == wire.RESULT or got[200 + i].meta["code"] == "closed" for i in range(20)
         )
 
-        for i, f in enumerate(feeds):
-            m = got[100 + i]
-            assert m.type == wire.RESULT, m.meta
-            np.testing.assert_allclose(decode(m.frames[0]), model["full"].run(None, f)[0], atol=1e-5)
+        # what the daemon had taken is answered with its result; one still waiting for room in the window
+        # when SIGTERM came is told `closed` (protocol.md), never dropped
+        taken = [i for i in range(len(feeds)) if got[100 + i].type == wire.RESULT]
+        assert taken and all(got[100 + i].meta["code"] == "closed" for i in range(6) if i not in taken)
+        for i in taken:
+            out = decode(got[100 + i].frames[0])
+            np.testing.assert_allclose(out, model["full"].run(None, feeds[i])[0], atol=1e-5)
         assert proc.wait(30) == 0
         s.close(0)
     finally:
