@@ -273,14 +273,17 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
             f"({pred.get('fidelity_samples', '?')} samples): give --min-fidelity {LOSSY_NOTE_BELOW:g} "
             "(or the floor your task needs) to pick among the candidates that keep more"
         )
-    from splitpoint.core.codecs import Codec
-
-    lossy = d.pick.inp.kind != "edge-only" and (
-        not Codec.parse(d.pick.inp.codec).lossless or d.pick.inp.head_weights != "float32"
-    )
-    _few_samples_note(fid if lossy else None, cons.min_fidelity if cons else None, pred)
+    _few_samples_note(fid if _lossy(d.pick.inp) else None, cons.min_fidelity if cons else None, pred)
     if r.plan is not None:
         console.print(f"plan {r.plan.plan_id[:12]} → {out}")
+
+
+def _lossy(inp: Any) -> bool:
+    """Whether a candidate's answers may differ from the model's: a lossy codec or a quantised head
+    (the model all on the edge runs as it is)."""
+    from splitpoint.core.codecs import Codec
+
+    return inp.kind != "edge-only" and (not Codec.parse(inp.codec).lossless or inp.head_weights != "float32")
 
 
 def _few_samples_note(fid: float | None, floor: float | None, pred: dict, whose: str = "the pick's") -> None:
@@ -343,15 +346,7 @@ def show_plan_set(r: Any, out: Path | None) -> None:
     pred = getattr(r, "predicted", None) or {}
     if pred.get("fidelity_measure"):  # as `plan` says it: what the fidelity column was measured on
         console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred.get('fidelity_inputs')}")
-    from splitpoint.core.codecs import Codec
-
-    lossy = [
-        m.inp.fidelity
-        for m in r.members
-        if m.inp.kind != "edge-only"
-        and m.inp.fidelity is not None
-        and (not Codec.parse(m.inp.codec).lossless or m.inp.head_weights != "float32")
-    ]
+    lossy = [m.inp.fidelity for m in r.members if m.inp.fidelity is not None and _lossy(m.inp)]
     floor = getattr(r, "min_fidelity", None)
     if floor is None and lossy and min(lossy) < LOSSY_NOTE_BELOW:  # as `plan` says of its pick
         console.print(
@@ -532,8 +527,10 @@ def _errors(metrics: dict) -> str:
     """Requests that failed and, where a device counts them apart, those it refused (malformed, unknown
     plan, busy): a server's refusals were in no column."""
     errors, refused = count(metrics.get("errors")), count(metrics.get("rejected"))
-    if refused in ("-", "0") or errors == "?" or refused == "?":
-        return errors if refused in ("-", "0") else "?"
+    if refused in ("-", "0"):
+        return errors
+    if "?" in (errors, refused):
+        return "?"
     return str(int(errors if errors != "-" else 0) + int(refused))
 
 
