@@ -34,11 +34,23 @@ The bytes sent and not yet answered (``in_pipe``) are the queue a new request wo
 is the time it would take to reach the server and answer, which the client checks against its timeout
 before sending (a request that cannot be answered in time is not put on a link it would only clog).
 
+A round trip only gets longer by waiting (a queue, a busy thread), never shorter: a sample well under
+the round trip held (under ``DROP`` of it, twice within half a window, a ping's or a request's whole
+network time) means a faster path, as when LTE gives way to Wi-Fi. The round trip then starts again
+from those samples (the pings since, else the least network time since, an upper bound), rather than
+waiting for the old pings to leave the median: at a ping a second, the last five are kept whatever
+their age, and two seconds after LTE (70 ms) gave way to Wi-Fi (20 ms) the round trip still read 35 ms,
+which taken off each request's network time read an 18.9 Mbit/s link as 21.5, past the set's member
+boundary at 20: the edge went to the member for a faster link, and hysteresis kept it there.
+A longer round trip is left to the median: one ping that waited on a busy edge must not move it.
+
 Medians (the uplink's weighted by each request's bits) over a sliding window of ``horizon_s``
-seconds (and at least the last ``min_samples`` of each kind, however old): one slow request (a
-retransmission, a scheduling hiccup) does not move a median, while a real change of link (Wi-Fi to
-LTE, 10× within a second) takes the median over once half the window is new, about ``horizon_s / 2``
-later. A least-of-recent filter, as TCP's min-RTT, is the wrong statistic here: the cost model adds
+seconds (at most the last ``max_samples`` of each kind, and at least the last ``min_samples``, however
+old): one slow request (a retransmission, a scheduling hiccup) does not move a median, while a real
+change of link (Wi-Fi to LTE, 10× within a second) takes the median over once half the window is new,
+about ``horizon_s / 2`` later, or sooner at a high request rate: 48 requests in a quarter second on a
+fast link held the median there for two seconds, through 44 requests on a link 12× slower.
+A least-of-recent filter, as TCP's min-RTT, is the wrong statistic here: the cost model adds
 the path's typical round trip to every request, and the least of 80 pings on a 20 ± 5 ms link is
 the jitter's lower tail (4 ms measured).
 """
@@ -56,6 +68,7 @@ from splitpoint.partitioner.costmodel import wire_bytes
 
 REFRESH_S = 0.05  # wait_s's estimate is at most this old
 KEEP = 512  # samples of each kind held at most, whatever the window (bounds memory at any rate)
+DROP = 0.6  # a sample under this share of the round trip held is evidence of a faster path
 
 
 @dataclass
@@ -66,6 +79,7 @@ class LinkEstimator:
 
     horizon_s: float = 2.0  # samples this recent make the estimate
     min_samples: int = 5  # ... and at least this many of each kind, however old
+    max_samples: int = 32  # ... and at most this many of each kind, however recent
     down_ratio: float | None = None  # downlink / uplink, where known (a plan set's): see the docstring
     samples: int = 0  # requests observed
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # shared by a set's clients
@@ -82,6 +96,8 @@ class LinkEstimator:
     _uplink: float | None = field(default=None, repr=False)
     _rtt: float | None = field(default=None, repr=False)
     _last_ping: float = field(default=-math.inf, repr=False)
+    _rtt_since: float = field(default=-math.inf, repr=False)  # the round trip comes from samples since
+    _lower: float = field(default=-math.inf, repr=False)  # the last sample well under the round trip
 
     def observe_rtt(self, rtt_ms: float, now: float | None = None) -> None:
         """A round trip with (almost) no payload: a ping's."""
@@ -91,6 +107,7 @@ class LinkEstimator:
                 self._pings.append((t, rtt_ms))
                 self._last_ping = max(self._last_ping, t)
                 self._mark(t)
+                self._check_faster(t, rtt_ms)
 
     def rtt_age_s(self, now: float | None = None) -> float | None:
         """Seconds since the newest ping the round trip comes from (None: none yet): a link never idle
@@ -128,6 +145,7 @@ class LinkEstimator:
                 self._trips.append((t, kbits, network_ms, transfer, back))
                 self.samples += 1
                 self._mark(t)
+                self._check_faster(t, network_ms)
 
     # -- the queue on the link ---------------------------------------------------------------------
     def sent(self, nbytes: int) -> None:
@@ -182,22 +200,42 @@ class LinkEstimator:
         self._last = max(self._last, t)
         self._stale = True
 
-    def _recent(self, q: collections.deque, now: float) -> list:
-        """The samples inside the window, or the last ``min_samples`` if fewer are."""
+    def _check_faster(self, t: float, ms: float) -> None:
+        """Restart the round trip from here when this is the second sample within half a window to come
+        in well under it (see the module's docstring); one alone can be the jitter's lower tail."""
+        if self._rtt is None or ms >= DROP * self._rtt:
+            return
+        if t - self._lower <= self.horizon_s / 2:
+            self._rtt_since = self._lower
+            self._lower = -math.inf
+            self._refresh()  # later samples are judged against the new round trip
+        else:
+            self._lower = t
+
+    def _recent(self, q: collections.deque | list, now: float) -> list:
+        """The samples inside the window (the last ``max_samples`` of them), or the last ``min_samples``
+        if fewer are."""
         cut = now - self.horizon_s
         inside = [s for s in q if s[0] >= cut]
-        return inside if len(inside) >= self.min_samples else list(q)[-self.min_samples :]
+        return (
+            inside[-self.max_samples :] if len(inside) >= self.min_samples else list(q)[-self.min_samples :]
+        )
 
     def _refresh(self) -> None:
         if not self._stale:
             return
         self._stale = False
-        pings = self._recent(self._pings, self._last)
+        since = self._rtt_since
+        pings = self._recent(
+            self._pings if since == -math.inf else [p for p in self._pings if p[0] >= since], self._last
+        )
         trips = self._recent(self._trips, self._last)
         if pings:
             self._rtt = statistics.median(r for _, r in pings)
-        elif trips:  # no ping answered yet: a request's network time is an upper bound on the path's
-            self._rtt = min(t[2] for t in trips)
+        elif after := [t[2] for t in trips if t[0] >= since]:
+            # no ping answered yet (since the path got faster): a request's network time is an upper
+            # bound on the path's
+            self._rtt = min(after)
         rtt = self._rtt or 0.0
         # each request's uplink rate; one whose network time is within the round trip's spread carried
         # too little to time (its transfer is lost in the jitter): as fast as can be told, not skipped,

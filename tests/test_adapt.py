@@ -181,6 +181,42 @@ def test_the_round_trip_is_the_recent_pings_median_and_payload_runs_do_not_erase
     assert est.uplink_mbps == pytest.approx(4.0, rel=0.01)  # unknown: the last estimate stands
 
 
+def test_a_faster_path_takes_over_the_round_trip_within_two_samples():
+    """LTE (70 ms, 5.85 Mbit/s) gives way to Wi-Fi (20 ms, 18.9): at a ping a second the last five pings
+    make the median, so for seconds part of the old 70 ms was taken off Wi-Fi's network times and a
+    window's requests (four of 27 KB, one 150 KB probe) read 21.5 Mbit/s, past the member boundary the
+    set had at 20. Two samples well under the old round trip restart it; one alone (jitter) does not."""
+    est = LinkEstimator()
+    t = 0.0
+    for k in range(10):  # LTE: a ping a second, requests at 5/s
+        est.observe_rtt(70.0 + (-1) ** k * 8.0, now=t + k)
+        _feed(est, 5.85, 5, rtt=70.0, nbytes=27_000, t0=t + k + 0.1)
+    assert est.rtt_ms == pytest.approx(70.0, abs=8.0)
+    est.observe_rtt(30.0, now=10.0)  # one ping in the jitter's lower tail: the round trip stands
+    assert est.rtt_ms == pytest.approx(70.0, abs=8.0)
+    t = 12.0  # Wi-Fi from here
+    est.observe_rtt(22.0, now=t)
+    for k in range(10):  # two seconds of requests, every fifth a probe; no second ping yet
+        big = k % 5 == 4
+        _feed(est, 18.9, 1, rtt=20.0, nbytes=150_000 if big else 27_000, t0=t + 0.1 + 0.2 * k)
+    assert est.rtt_ms == pytest.approx(21.0, abs=2.0)
+    assert est.uplink_mbps == pytest.approx(18.9, rel=0.1)
+
+
+def test_a_burst_on_the_old_link_does_not_hold_the_estimate_for_a_whole_window():
+    """48 requests in a quarter second on a fast link, then a link 12x slower at 25 requests a second:
+    with every sample of the last 2 s voting, the fast burst outvoted the slow link's requests for
+    nearly two seconds (its first 48). A window of at most the last 32 samples lets the new link take
+    it over after 17; one slow request still moves nothing."""
+    est = LinkEstimator()
+    t = _ping(est, 4.0, 5)
+    t = _feed(est, 130.0, 48, rtt=4.0, t0=t, every=0.005)
+    t = _feed(est, 130.0 / 12, 1, rtt=4.0, t0=t, every=0.04)
+    assert est.uplink_mbps == pytest.approx(130.0, rel=0.01)
+    _feed(est, 130.0 / 12, 16, rtt=4.0, t0=t, every=0.04)
+    assert est.uplink_mbps == pytest.approx(130.0 / 12, rel=0.01)
+
+
 def test_a_replys_way_back_is_not_read_as_upload_time():
     """1.5 Mbit/s up, 3.18 down, 18.5 KB requests answered with 4.3 KB: the reply's 11 ms on the downlink
     sat in each network time and the uplink read 1.33 (-12 %). With the link's down/up ratio known (a

@@ -266,7 +266,7 @@ def test_the_edge_switches_as_the_link_changes_and_loses_nothing(pair, mosquitto
     slow_tail = [r.breakdown["member"] for r in results[-8:]]
     assert min(fast_tail) > start and plans[fast_tail[-1]].kind != EDGE_ONLY, (fast_tail, switches)
     # back on the edge, where one request a window still probes the link over the server member
-    assert final == start and slow_tail.count(start) >= 6, slow_tail
+    assert final == start and slow_tail.count(start) >= 6, (slow_tail, switches)
     assert "switch" in seen and seen["switch"]["to"] == switches[-1]["to"]
     assert seen["status"]["member"].startswith(f"m{switches[-1]['to']} ")
 

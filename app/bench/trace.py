@@ -108,7 +108,10 @@ class TraceBenchConfig(StrictConfig):
         10, ge=1, le=1000
     )  # requests between the adaptive client's decisions (QuantPipe's 10)
     probe_every: int = Field(3, ge=1, le=1000)  # while on the edge: one request in this many probes the link
-    fixed_seconds: float = Field(10.0, gt=0)  # each fixed member on each network of the trace
+    # each fixed member on each network of the trace; None: as long as the longest phase on that network,
+    # which a phase of the adaptive run is compared with (where no member keeps up, latency grows with
+    # the queue: a 10 s run's median was half a 20 s phase's)
+    fixed_seconds: float | None = Field(None, gt=0)
     min_fidelity: float = Field(0.99, ge=0, le=1)
     profile_budget: float = Field(12.0, gt=0)
     out: Path = Path("bench-results")
@@ -230,6 +233,9 @@ def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
         "bits_only_members": [_member(m) for m in bits.members],
         "expected": {n: adaptive.index_for(nets[n].uplink_mbps) for n in order},
         "fixed": {n: {} for n in order},
+        "fixed_seconds": {
+            n: cfg.fixed_seconds or max(p.seconds for p in phases if p.network == n) for n in order
+        },
     }
     emu = EmulatedChain([first], "proxy")
     with emu as hops:
@@ -250,7 +256,7 @@ def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
                                 "fixed",
                                 set_dir / mem.dir,
                                 inputs,
-                                cfg.fixed_seconds,
+                                out["fixed_seconds"][net],
                                 None,
                                 limit,
                                 work,

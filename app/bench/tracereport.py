@@ -37,6 +37,16 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def _fixed_seconds(results: dict) -> str:
+    """How long each fixed member ran on each network: as set, or as long as that network's longest phase."""
+    if results["config"].get("fixed_seconds"):
+        return f"{results['config']['fixed_seconds']:g} s"
+    models: list[dict] = list(results["models"].values())
+    per: dict = models[0].get("fixed_seconds", {}) if models else {}
+    each = ", ".join(f"{n} {s:g} s" for n, s in per.items())
+    return f"as long as the longest phase ({each})"
+
+
 def pct(v: float | None) -> str:
     """A share as a percentage ('–' for none)."""
     return "–" if v is None else f"{100 * v:.0f} %"
@@ -66,7 +76,7 @@ def markdown(results: dict, command: str) -> str:
         f"request in {cfg['probe_every']} probes the link; while it sends, one in 5 goes over the "
         "member for a link 4x faster, when that one sends more); *bits-only* (the cut "
         "fixed, the codec per range, as QuantPipe does); each adaptive member *fixed*, measured "
-        f"{cfg['fixed_seconds']:g} s on each network.",
+        f"{_fixed_seconds(results)} on each network.",
         "- **The edge's estimate** (phase table, estimated): the medians over the phase of the uplink and "
         "round trip the adaptive edge estimated from its own requests and pings"
         + (
