@@ -255,3 +255,21 @@ def test_a_calibration_that_missed_its_aim_says_so_in_every_report():
     assert calibration_verdict(cal) == " (21 % off; the calibration aims within 5 %: **MISSED**)"
     assert "met" in calibration_verdict({**cal, "measured_ms": 33.9})
     assert calibration_verdict({**cal, "mechanism": "none"}) == ""  # no limit: the machine is the device
+
+
+def test_the_next_share_tried_comes_from_the_tries_either_side_of_the_target():
+    """Under a quota, time is a noisy function of the CPU share; stepping from the last try alone went
+    0.11 -> 0.125 -> 0.18 and ended 26 % fast. Once tries bracket the target, the next share lies between
+    the closest of them, where a power law through both puts the target."""
+    from splitpoint.app.bench.edgecpu import next_share
+    from splitpoint.profiles.cpulimit import MIN_CPUS
+
+    # one try only: scaled by how far its time was off, within the shares a limit can set
+    assert next_share(0.1, 66.0, 33.0, [(0.1, 66.0)]) == 0.2
+    assert next_share(0.9, 60.0, 33.0, [(0.9, 60.0)]) == 1.0
+    assert next_share(MIN_CPUS, 10.0, 33.0, [(MIN_CPUS, 10.0)]) == MIN_CPUS
+    # bracketed: 0.1 -> 66 ms and 0.2 -> 33/2 ms, time ~ share^-2: 33 ms at 0.1 * 2^(1/2)
+    tries = [(0.1, 66.0), (0.2, 16.5), (0.4, 9.0), (0.05, 140.0)]
+    assert next_share(0.2, 16.5, 33.0, tries) == pytest.approx(0.1414, abs=1e-4)
+    # noise made more CPU read slower: the gap is halved instead
+    assert next_share(0.12, 57.0, 33.0, [(0.12, 20.0), (0.14, 40.0)]) == 0.13

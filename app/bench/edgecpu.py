@@ -7,6 +7,7 @@ well it transfers to other models is what the device's other figures, where give
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,17 @@ def _reference(name: str):
     return None
 
 
-def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibration:
+def calibrate(device: DeviceSpec, runs: int = 30, rounds: int = 5) -> Calibration:
+    """The CPU share under which the device's reference model runs as long here as on the device.
+
+    Under a quota the time of one run depends on where it falls in the quota's period (14-48 ms at one
+    share here) and the machine's state drifts (a throttled process's pages are reclaimed as cold), so
+    time is not a smooth function of the share: two measurements at 0.10 and 0.12 CPU read 70 and 57 ms,
+    then 51 and 57. Stepping the share by the ratio of measured to wanted from the last point alone
+    (three tries) went 0.11 -> 0.125 -> 0.18 and once ended 26 % fast. Each try is a median of ``runs``
+    runs; the next share is interpolated between the closest tries either side of the target (log time
+    against log share) once there are such, and the try nearest the target is the one returned, with its
+    own measurement."""
     from splitpoint.core.graph import open_model
     from splitpoint.core.quantize import quantize_head
     from splitpoint.core.runner import make_session
@@ -116,17 +127,37 @@ def calibrate(device: DeviceSpec, runs: int = 15, rounds: int = 2) -> Calibratio
             "this machine is not faster than the device on one core: edge runs unlimited at 1 thread",
         )
     cpus = max(MIN_CPUS, full / target)
-    measured, mech, quota = full, "none", (None, None)
-    for round_ in range(rounds + 1):
+    tries: list[tuple[float, float, str, tuple[int | None, int | None]]] = []
+    for _ in range(rounds + 1):
         with cpu_limit(cpus) as em:
-            measured = statistics.median(time_runs(run, 2, runs))
-            mech, quota = em.mechanism, (em.quota_us, em.period_us)
-        if abs(measured - target) / target < CALIBRATION_AIM or round_ == rounds:
-            break  # the share returned is always the one that was measured
-        cpus = min(1.0, max(MIN_CPUS, cpus * measured / target))
+            tries.append(
+                (cpus, statistics.median(time_runs(run, 2, runs)), em.mechanism, (em.quota_us, em.period_us))
+            )
+        if abs(tries[-1][1] - target) / target < CALIBRATION_AIM:
+            break
+        nxt = next_share(cpus, tries[-1][1], target, [(c, m) for c, m, *_ in tries])
+        if nxt == cpus:
+            break  # clamped: nothing else to try
+        cpus = nxt
+    cpus, measured, mech, quota = min(tries, key=lambda t: abs(t[1] - target))
     note = "" if cpus > MIN_CPUS else f"clamped at the smallest usable share ({MIN_CPUS} CPU)"
     burst = measure_burst(cpus) if mech.startswith("cgroup") else None
     return Calibration(device.name, name, target, full, round(cpus, 4), measured, mech, note, burst, *quota)
+
+
+def next_share(cpus: float, measured: float, target: float, tries: list[tuple[float, float]]) -> float:
+    """The share to try next: between the closest tries either side of ``target`` where there are such
+    (run time taken as a power of the share between them), else the last share scaled by how far its
+    time was off; within the shares a limit can set."""
+    slow = [t for t in tries if t[1] > target]  # too little CPU
+    fast = [t for t in tries if t[1] < target]
+    if slow and fast:
+        (c0, m0), (c1, m1) = max(slow), min(fast)
+        if c0 < c1 and m0 > m1:
+            f = math.log(m0 / target) / math.log(m0 / m1)
+            return round(math.exp(math.log(c0) + f * math.log(c1 / c0)), 4)
+        return round((c0 + c1) / 2, 4)  # the times cross over (noise): halve the gap
+    return round(min(1.0, max(MIN_CPUS, cpus * measured / target)), 4)
 
 
 BURST_SIZES_MS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
