@@ -588,7 +588,7 @@ class EdgeClient:
         total = float(total) if isinstance(total, int | float) and 0 <= total < 1e9 else 0.0
         network = max(0.0, (now - p.t_sent) * 1e3 - total)
         if self.link.started:  # else no ping answered yet: the round trip inside ``network`` is unknown
-            back = sum(len(wire.buffer(f)) for f in msg.frames)
+            back = sum(wire.buffer_len(f) for f in msg.frames)
             self.link.observe(p.bytes_sent, network, sent_at=p.t_sent, reply_bytes=back)
         breakdown: dict[str, Any] = {
             "head_ms": p.head_ms,

@@ -265,11 +265,11 @@ def test_the_next_share_tried_comes_from_the_tries_either_side_of_the_target():
     from splitpoint.profiles.cpulimit import MIN_CPUS
 
     # one try only: scaled by how far its time was off, within the shares a limit can set
-    assert next_share(0.1, 66.0, 33.0, [(0.1, 66.0)]) == 0.2
-    assert next_share(0.9, 60.0, 33.0, [(0.9, 60.0)]) == 1.0
-    assert next_share(MIN_CPUS, 10.0, 33.0, [(MIN_CPUS, 10.0)]) == MIN_CPUS
+    assert next_share(33.0, [(0.1, 66.0)]) == 0.2
+    assert next_share(33.0, [(0.9, 60.0)]) == 1.0
+    assert next_share(33.0, [(MIN_CPUS, 10.0)]) == MIN_CPUS
     # bracketed: 0.1 -> 66 ms and 0.2 -> 33/2 ms, time ~ share^-2: 33 ms at 0.1 * 2^(1/2)
-    tries = [(0.1, 66.0), (0.2, 16.5), (0.4, 9.0), (0.05, 140.0)]
-    assert next_share(0.2, 16.5, 33.0, tries) == pytest.approx(0.1414, abs=1e-4)
+    tries = [(0.1, 66.0), (0.4, 9.0), (0.05, 140.0), (0.2, 16.5)]
+    assert next_share(33.0, tries) == pytest.approx(0.1414, abs=1e-4)
     # noise made more CPU read slower: the gap is halved instead
-    assert next_share(0.12, 57.0, 33.0, [(0.12, 20.0), (0.14, 40.0)]) == 0.13
+    assert next_share(33.0, [(0.12, 20.0), (0.14, 40.0)]) == 0.13

@@ -135,7 +135,7 @@ def calibrate(device: DeviceSpec, runs: int = 30, rounds: int = 5) -> Calibratio
             )
         if abs(tries[-1][1] - target) / target < CALIBRATION_AIM:
             break
-        nxt = next_share(cpus, tries[-1][1], target, [(c, m) for c, m, *_ in tries])
+        nxt = next_share(target, [(c, m) for c, m, *_ in tries])
         if nxt == cpus:
             break  # clamped: nothing else to try
         cpus = nxt
@@ -145,10 +145,10 @@ def calibrate(device: DeviceSpec, runs: int = 30, rounds: int = 5) -> Calibratio
     return Calibration(device.name, name, target, full, round(cpus, 4), measured, mech, note, burst, *quota)
 
 
-def next_share(cpus: float, measured: float, target: float, tries: list[tuple[float, float]]) -> float:
-    """The share to try next: between the closest tries either side of ``target`` where there are such
-    (run time taken as a power of the share between them), else the last share scaled by how far its
-    time was off; within the shares a limit can set."""
+def next_share(target: float, tries: list[tuple[float, float]]) -> float:
+    """The share to try after ``tries`` ((share, ms), the last one latest): between the closest tries
+    either side of ``target`` where there are such (run time taken as a power of the share between
+    them), else the last share scaled by how far its time was off; within the shares a limit can set."""
     slow = [t for t in tries if t[1] > target]  # too little CPU
     fast = [t for t in tries if t[1] < target]
     if slow and fast:
@@ -157,6 +157,7 @@ def next_share(cpus: float, measured: float, target: float, tries: list[tuple[fl
             f = math.log(m0 / target) / math.log(m0 / m1)
             return round(math.exp(math.log(c0) + f * math.log(c1 / c0)), 4)
         return round((c0 + c1) / 2, 4)  # the times cross over (noise): halve the gap
+    cpus, measured = tries[-1]
     return round(min(1.0, max(MIN_CPUS, cpus * measured / target)), 4)
 
 
