@@ -36,8 +36,8 @@ before sending (a request that cannot be answered in time is not put on a link i
 
 A round trip only gets longer by waiting (a queue, a busy thread), never shorter: a sample well under
 the round trip held (under ``DROP`` of it, twice within half a window, a ping's or a request's whole
-network time) means a faster path, as when LTE gives way to Wi-Fi. The round trip then starts again
-from those samples (the pings since, else the least network time since, an upper bound), rather than
+network time, at least one a ping) means a faster path, as when LTE gives way to Wi-Fi. The round trip
+then starts again from the pings since the first of them, rather than
 waiting for the old pings to leave the median: at a ping a second, the last five are kept whatever
 their age, and two seconds after LTE (70 ms) gave way to Wi-Fi (20 ms) the round trip still read 35 ms,
 which taken off each request's network time read an 18.9 Mbit/s link as 21.5, past the set's member
@@ -97,7 +97,8 @@ class LinkEstimator:
     _rtt: float | None = field(default=None, repr=False)
     _last_ping: float = field(default=-math.inf, repr=False)
     _rtt_since: float = field(default=-math.inf, repr=False)  # the round trip comes from samples since
-    _lower: float = field(default=-math.inf, repr=False)  # the last sample well under the round trip
+    # samples well under the round trip lately: (time, a ping's?)
+    _lower: list[tuple[float, bool]] = field(default_factory=list, repr=False)
 
     def observe_rtt(self, rtt_ms: float, now: float | None = None) -> None:
         """A round trip with (almost) no payload: a ping's."""
@@ -107,7 +108,7 @@ class LinkEstimator:
                 self._pings.append((t, rtt_ms))
                 self._last_ping = max(self._last_ping, t)
                 self._mark(t)
-                self._check_faster(t, rtt_ms)
+                self._check_faster(t, rtt_ms, ping=True)
 
     def rtt_age_s(self, now: float | None = None) -> float | None:
         """Seconds since the newest ping the round trip comes from (None: none yet): a link never idle
@@ -145,7 +146,7 @@ class LinkEstimator:
                 self._trips.append((t, kbits, network_ms, transfer, back))
                 self.samples += 1
                 self._mark(t)
-                self._check_faster(t, network_ms)
+                self._check_faster(t, network_ms, ping=False)
 
     # -- the queue on the link ---------------------------------------------------------------------
     def sent(self, nbytes: int) -> None:
@@ -200,17 +201,20 @@ class LinkEstimator:
         self._last = max(self._last, t)
         self._stale = True
 
-    def _check_faster(self, t: float, ms: float) -> None:
-        """Restart the round trip from here when this is the second sample within half a window to come
-        in well under it (see the module's docstring); one alone can be the jitter's lower tail."""
+    def _check_faster(self, t: float, ms: float, ping: bool) -> None:
+        """Restart the round trip from the first of the samples that came in well under it within half a
+        window, once there are two and one is a ping (see the module's docstring): one alone can be the
+        jitter's lower tail, and a request's network time bounds the round trip only from above (it
+        holds the request's own transfer: taken as the round trip, a fast link read 250 Mbit/s and more
+        from 5 ms requests, and a whole window of them stayed on the edge)."""
         if self._rtt is None or ms >= DROP * self._rtt:
             return
-        if t - self._lower <= self.horizon_s / 2:
-            self._rtt_since = self._lower
-            self._lower = -math.inf
-            self._refresh()  # later samples are judged against the new round trip
+        low = [s for s in self._lower if t - s[0] <= self.horizon_s / 2] + [(t, ping)]
+        if len(low) >= 2 and any(p for _, p in low):
+            self._rtt_since, self._lower = low[0][0], []
+            self._refresh()  # later samples are judged against the new round trip: the pings since
         else:
-            self._lower = t
+            self._lower = low[-2:]
 
     def _recent(self, q: collections.deque | list, now: float) -> list:
         """The samples inside the window (the last ``max_samples`` of them), or the last ``min_samples``
@@ -232,10 +236,8 @@ class LinkEstimator:
         trips = self._recent(self._trips, self._last)
         if pings:
             self._rtt = statistics.median(r for _, r in pings)
-        elif after := [t[2] for t in trips if t[0] >= since]:
-            # no ping answered yet (since the path got faster): a request's network time is an upper
-            # bound on the path's
-            self._rtt = min(after)
+        elif trips:  # no ping answered yet: a request's network time is an upper bound on the path's
+            self._rtt = min(t[2] for t in trips)
         rtt = self._rtt or 0.0
         # each request's uplink rate; one whose network time is within the round trip's spread carried
         # too little to time (its transfer is lost in the jitter): as fast as can be told, not skipped,
