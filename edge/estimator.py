@@ -205,8 +205,8 @@ class LinkEstimator:
         """Restart the round trip from the first of the samples that came in well under it within half a
         window, once there are two and one is a ping (see the module's docstring): one alone can be the
         jitter's lower tail, and a request's network time bounds the round trip only from above (it
-        holds the request's own transfer: taken as the round trip, a fast link read 250 Mbit/s and more
-        from 5 ms requests, and a whole window of them stayed on the edge)."""
+        holds the request's own transfer: taken as the round trip, the least of a few requests' times
+        leaves each of them next to no transfer time, and the uplink reads as fast as can be told)."""
         if self._rtt is None or ms >= DROP * self._rtt:
             return
         low = [s for s in self._lower if t - s[0] <= self.horizon_s / 2] + [(t, ping)]
