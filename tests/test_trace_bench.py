@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from splitpoint.app.bench.trace import TraceBenchConfig, load_trace, run_trace_bench
+from splitpoint.app.bench.trace import TraceBenchConfig, fixed_seconds, load_trace, run_trace_bench
 from splitpoint.app.bench.tracereport import write_trace_report
 from splitpoint.core.errors import SplitPointError
 
@@ -23,6 +23,18 @@ def test_a_trace_cycles_its_phases_up_to_its_total(tmp_path):
     assert [(p.network, p.seconds) for p in played] == [("lte", 20), ("wifi-n", 20), ("lte", 10)]
     f.write_text("- {network: 3g, seconds: 1}\n")  # a bare list of phases is a trace too
     assert [p.network for p in load_trace(f).played()] == ["3g"]
+
+
+def test_fixed_members_run_as_long_as_the_longest_phase_on_their_network(tmp_path):
+    """Where no member keeps up, latency grows with the queue: a 10 s fixed run's median was about half of
+    a 20 s phase's, and the adaptive phase was judged against it."""
+    f = tmp_path / "t.yaml"
+    f.write_text(
+        "phases:\n  - {network: lte, seconds: 20}\n  - {network: wifi-n, seconds: 5}\ntotal_seconds: 60\n"
+    )
+    played = load_trace(f).played()  # lte 20, wifi-n 5, lte 20, wifi-n 5, lte 10
+    assert fixed_seconds(None, played) == {"lte": 20, "wifi-n": 5}
+    assert fixed_seconds(3.0, played) == {"lte": 3.0, "wifi-n": 3.0}
 
 
 @pytest.mark.parametrize(

@@ -216,6 +216,13 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     return results
 
 
+def fixed_seconds(given: float | None, phases: list[Phase]) -> dict[str, float]:
+    """How long each fixed member runs on each network of the trace: ``given``, else as long as the
+    longest phase on that network, which a phase of the adaptive run is compared with."""
+    nets = dict.fromkeys(p.network for p in phases)
+    return {n: given or max(p.seconds for p in phases if p.network == n) for n in nets}
+
+
 def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
     from splitpoint.core.planset import PlanSet
     from splitpoint.partitioner.planner import link_of
@@ -233,9 +240,7 @@ def _run_model(cfg, phases, nets, sets, inputs, limit, work, say, name) -> dict:
         "bits_only_members": [_member(m) for m in bits.members],
         "expected": {n: adaptive.index_for(nets[n].uplink_mbps) for n in order},
         "fixed": {n: {} for n in order},
-        "fixed_seconds": {
-            n: cfg.fixed_seconds or max(p.seconds for p in phases if p.network == n) for n in order
-        },
+        "fixed_seconds": fixed_seconds(cfg.fixed_seconds, phases),
     }
     emu = EmulatedChain([first], "proxy")
     with emu as hops:
