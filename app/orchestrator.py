@@ -217,17 +217,33 @@ class FleetSubscriber:
         self.url.apply(c)
         c.connect_timeout = 3.0  # an unreachable host fails within seconds, not the OS's minutes
         c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_msg
         self._client = c
 
     def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
         if getattr(reason, "is_failure", False):  # e.g. not authorised: not an empty fleet
-            self._refused = str(reason)
+            self._refused = (
+                f"refused the connection: {reason} "
+                "(check the user and password in --mqtt, mqtt://user:password@host:port)"
+            )
             self._connected.set()
             return
         self.lost_since = None
         client.subscribe(f"{TOPIC_ROOT}/+/+")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        """Entry waits for the broker's acknowledgement of the subscription, not only of the connection:
+        a message published between the two was never delivered (a device's metrics sent just after a
+        `with FleetSubscriber(...)` began were missed, now and then, on a loaded machine). A broker whose
+        access list refuses the topic says so here, and that is an error, not an empty fleet."""
+        failed = [r for r in reason_codes or [] if getattr(r, "is_failure", False)]
+        if failed:
+            self._refused = (
+                f"refused the subscription to {TOPIC_ROOT}/+/+: {failed[0]} "
+                "(check the broker's access list for this user)"
+            )
         self._connected.set()
 
     def _on_disconnect(self, *args: object) -> None:
@@ -287,14 +303,12 @@ class FleetSubscriber:
         if not self._connected.wait(5):
             self.__exit__()
             raise SplitPointError(
-                f"the MQTT broker at {self.url.host}:{self.url.port} did not accept the connection"
+                f"the MQTT broker at {self.url.host}:{self.url.port} did not accept the connection "
+                "and subscription within 5 s"
             )
         if self._refused is not None:
             self.__exit__()
-            raise SplitPointError(
-                f"the MQTT broker at {self.url.host}:{self.url.port} refused the connection: {self._refused} "
-                "(check the user and password in --mqtt, mqtt://user:password@host:port)"
-            )
+            raise SplitPointError(f"the MQTT broker at {self.url.host}:{self.url.port} {self._refused}")
         return self
 
     def __exit__(self, *exc: object) -> None:
