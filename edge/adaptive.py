@@ -11,8 +11,14 @@ on a boundary). A request runs to the end on the member it started on, so a swit
 While the current member sends nothing (all on the edge), requests say nothing about the link: one
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
 a probe that is also answered. Once a window, an edge takes about four windows to leave its own member
-after the link gets 10x faster; the trace bench probes one request in 3 and leaves within two. More
-probes cost more on a slow link: each is a request that waits on it.
+after the link gets 10x faster; the trace bench probes one request in 3 and leaves within two. A probe
+over a member with no head (all on the server) is hedged: the edge runs its own model on the same input
+as well, as it would without the probe, and the first answer is the request's (the other is dropped; the
+probe's reply still times the link). Unhedged, a probe waited on the link it measures: on LTE one
+request in three took 300 ms against 160 on the edge, and with the first window's requests on the
+server member two in five were that slow, which moved the median of a whole phase by up to 46 %. A
+probe whose member runs a head on the edge is not hedged: the edge would run that head and its whole
+model for one request.
 
 While it sends little, its requests cross a fast link in less time than
 the jitter in their network time, and a faster link goes unseen: one request in ``PROBE_UP_EVERY``,
@@ -24,6 +30,7 @@ better link sooner, at the price of more requests over a link that may be slow.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitpoint.core.plan import EDGE_ONLY
+from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY
 from splitpoint.core.planset import PlanSet
 from splitpoint.core.telemetry import Telemetry
 from splitpoint.partitioner.costmodel import CandidateInput
@@ -90,6 +97,8 @@ class AdaptiveClient:
         self._start_mbps = ref  # the uplink assumed until the edge's own estimate has one
         self.current = self.set.index_for(ref) if ref else 0
         self.requests = 0
+        # what the members' clients counted for hedged probes beyond the one answer each gave the caller
+        self._extra = {"ok": 0, "fallback": 0, "errors": 0}
         self.switches: list[dict] = []
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
@@ -141,6 +150,14 @@ class AdaptiveClient:
             "local": not self.sends[self.current],
         }
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """The caller's requests answered (``ok``, ``fallback``) and failed: the sums over the members'
+        clients, less the second answer of each hedged probe."""
+        with self._lock:
+            counts = dict(self._extra)
+        return {key: sum(c.counts[key] for c in self.clients) - counts[key] for key in counts}
+
     def _publish_status(self) -> None:
         if not self.telemetry or len(self.clients) < len(self.set.members):
             return  # members still loading: the first status goes out once all are
@@ -157,10 +174,7 @@ class AdaptiveClient:
         while not self._stop.wait(2.0):
             if not self.telemetry:
                 continue
-            counts = {"ok": 0, "fallback": 0, "errors": 0}
-            for c in self.clients:
-                for key in counts:
-                    counts[key] += c.counts[key]
+            counts = self.counts
             self.telemetry.metrics(
                 {
                     "server_up": self._server_up(),
@@ -246,43 +260,81 @@ class AdaptiveClient:
         up = usable[choose(faster, None, est * PROBE_UP, rtt, self.set.down_ratio, 0.0, self.rate_ips)]
         return up if self.inputs[up].up_bytes > self.inputs[k].up_bytes else None
 
-    def _member_for_next(self) -> int:
+    def _member_for_next(self) -> tuple[int, int | None]:
+        """The member the next request goes over, and the member that answers it too where that request
+        is a hedged probe (see the module's docstring)."""
         with self._lock:
             if (self.requests and self.requests % self.window == 0) or not self._usable(self.current):
                 self._decide()
             k = self.current
-            probe = None
-            if self.requests % self.probe_every == 0:
-                probe = self._probe() if not self.sends[k] else None
-            elif self.sends[k] and self.requests % PROBE_UP_EVERY == PROBE_UP_EVERY // 2:
-                probe = self._probe_up()
             self.requests += 1
-            return probe if probe is not None else k
+            if (self.requests - 1) % self.probe_every == 0 and not self.sends[k]:
+                probe = self._probe()
+                if probe is None:
+                    return k, None
+                return probe, (k if self.plans[probe].kind == SERVER_ONLY else None)
+            if self.sends[k] and (self.requests - 1) % PROBE_UP_EVERY == PROBE_UP_EVERY // 2:
+                up = self._probe_up()
+                return (k if up is None else up), None
+            return k, None
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray]) -> Future:
-        """Start one inference on the current member; the result's breakdown names the member."""
-        k = self._member_for_next()
-        inner = self.clients[k].submit(feeds)
-        outer: Future = Future()
-
-        def done(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                outer.set_exception(exc)
-                return
-            r: EdgeResult = f.result()
-            r.breakdown["member"] = k
-            outer.set_result(r)
-
-        inner.add_done_callback(done)
-        return outer
+        """Start one inference on the current member; the result's breakdown names the member that
+        answered (``member``) and, for a hedged probe, the other one it went over (``hedged_with``)."""
+        return self._start(feeds, *self._member_for_next())
 
     def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
-        k = self._member_for_next()
+        k, also = self._member_for_next()
+        if also is not None:
+            return self._start(feeds, k, also).result(timeout)
         r = self.clients[k].infer(feeds, timeout)
         r.breakdown["member"] = k
         return r
+
+    def _start(self, feeds: dict[str, np.ndarray], k: int, also: int | None) -> Future:
+        """The request over member ``k``, and over ``also`` too where it is a hedged probe: the first
+        answer is the request's; an error only once neither member can answer (the first error)."""
+        pair = [(k, also)] if also is None else [(k, also), (also, k)]
+        outer: Future = Future()
+        errors: list[BaseException] = []
+        outcomes: list[str] = []  # each member's, as its client counted it
+        used: list[str] = []  # the one that answered the caller
+        lock = threading.Lock()
+
+        def done(member: int, other: int | None, f: Future) -> None:
+            exc = f.exception()
+            r: EdgeResult | None = None if exc is not None else f.result()
+            with lock:
+                outcomes.append("errors" if r is None else "fallback" if r.fallback else "ok")
+                if not outer.done():
+                    if r is None:
+                        assert exc is not None
+                        errors.append(exc)
+                        if len(errors) == len(pair):
+                            used.append("errors")
+                            outer.set_exception(errors[0])
+                    else:
+                        r.breakdown["member"] = member
+                        if other is not None:
+                            r.breakdown["hedged_with"] = other
+                        used.append(outcomes[-1])
+                        outer.set_result(r)
+                if len(outcomes) == 2 and used:  # the hedge's other answer: not a request of the caller's
+                    outcomes.remove(used[0])
+                    with self._lock:
+                        self._extra[outcomes[0]] += 1
+
+        for m, o in pair:
+            try:
+                inner = self.clients[m].submit(feeds)
+            except Exception as exc:  # refused at once (closed, past its queue): the other may answer
+                if len(pair) == 1:
+                    raise
+                inner = Future()
+                inner.set_exception(exc)
+            inner.add_done_callback(functools.partial(done, m, o))
+        return outer
 
     def close(self, drain: bool = True) -> None:
         self._stop.set()

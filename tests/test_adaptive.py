@@ -682,3 +682,46 @@ def test_a_member_that_sends_little_probes_the_link_over_one_that_sends_more(pla
         m.label,
     )
     assert all(s.members[used[i]].facts["up_bytes"] > m.facts["up_bytes"] for i in probes)
+
+
+def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair):
+    """On the edge, a probe over the all-on-the-server member waited on the link it measures: on LTE
+    one request in three took 300 ms against 160 on the edge. It now also runs on the edge: on a slow
+    link the edge's answer comes first and is the request's, the server's later one is dropped, and the
+    probe's reply still times the link."""
+    out, h, boundary = pair
+    s, _ = PlanSet.load(out, role="edge")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    port = int(srv.endpoint.rsplit(":", 1)[1])
+    slow = boundary / 8  # 48 KiB of input: a probe lasts ~150 ms on it, the edge's model a few ms here
+    proxy = LinkProxy(("127.0.0.1", 0), ("127.0.0.1", port), direction(slow, 0.0), direction(slow, 0.0))
+    feeds = [random_feeds(h.model, 1, seed=i) for i in range(8)]
+    import onnxruntime as ort
+
+    whole = ort.InferenceSession(h.path)
+    try:
+        with proxy:
+            cfg = EdgeConfig(
+                plan_dir=out / s.members[0].dir,
+                server=f"tcp://127.0.0.1:{proxy.address[1]}",
+                timeout_s=30,
+                fallback=False,
+            )
+            with AdaptiveClient(out, cfg, window=1000, probe_every=2, start_mbps=slow) as client:
+                assert client.current == 0 and not client.sends[0] and client.plans[1].kind == "server-only"
+                results = [client.submit(f).result(30) for f in feeds]
+                end = time.monotonic() + 10  # the probes' own replies, after the requests were answered
+                while client.clients[1].counts["ok"] < 4 and time.monotonic() < end:
+                    time.sleep(0.02)
+                samples, counts = client.link.samples, [dict(c.counts) for c in client.clients]
+                answered = client.counts
+    finally:
+        srv.stop()
+    assert [r.breakdown["member"] for r in results] == [0] * 8  # the edge's answer, every time
+    assert [r.breakdown.get("hedged_with") for r in results] == [1, None] * 4
+    assert samples == 4 and counts[1] == {**counts[1], "ok": 4, "errors": 0}  # each probe was timed
+    # the set's metrics count the caller's requests: the probes' late answers are not requests of its
+    assert counts[0]["ok"] == 8 and answered == {"ok": 8, "fallback": 0, "errors": 0}
+    for f, r in zip(feeds, results, strict=True):  # and the answer is the request's own
+        np.testing.assert_allclose(r.outputs[0], whole.run(None, f)[0], rtol=1e-4, atol=1e-5)

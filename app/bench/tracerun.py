@@ -74,6 +74,8 @@ def run(args) -> dict:
         else:
             r = f.result()
             row["member"] = r.breakdown.get("member", 0)
+            if "hedged_with" in r.breakdown:  # a probe the edge also ran: ``member`` answered first
+                row["hedged_with"] = r.breakdown["hedged_with"]
             row["fallback"] = r.fallback
             # what the edge's link estimate was fed, and what it then held (measured)
             row["network_ms"] = r.breakdown.get("network_ms")
