@@ -45,7 +45,7 @@ from splitpoint.core.telemetry import Telemetry
 from splitpoint.partitioner.costmodel import CandidateInput
 from splitpoint.partitioner.planset import choose
 
-from .client import EdgeClient, EdgeResult
+from .client import EdgeClient, EdgeError, EdgeResult
 from .config import EdgeConfig
 from .estimator import LinkEstimator
 
@@ -97,8 +97,7 @@ class AdaptiveClient:
         self._start_mbps = ref  # the uplink assumed until the edge's own estimate has one
         self.current = self.set.index_for(ref) if ref else 0
         self.requests = 0
-        # what the members' clients counted for hedged probes beyond the one answer each gave the caller
-        self._extra = {"ok": 0, "fallback": 0, "errors": 0}
+        self._counts = {"ok": 0, "fallback": 0, "errors": 0}  # the caller's requests (see ``counts``)
         self.switches: list[dict] = []
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
@@ -149,14 +148,6 @@ class AdaptiveClient:
             # on the member that runs all here: answered locally whether the server is up or not
             "local": not self.sends[self.current],
         }
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """The caller's requests answered (``ok``, ``fallback``) and failed: the sums over the members'
-        clients, less the second answer of each hedged probe."""
-        with self._lock:
-            counts = dict(self._extra)
-        return {key: sum(c.counts[key] for c in self.clients) - counts[key] for key in counts}
 
     def _publish_status(self) -> None:
         if not self.telemetry or len(self.clients) < len(self.set.members):
@@ -288,53 +279,91 @@ class AdaptiveClient:
         k, also = self._member_for_next()
         if also is not None:
             return self._start(feeds, k, also).result(timeout)
-        r = self.clients[k].infer(feeds, timeout)
+        try:
+            r = self.clients[k].infer(feeds, timeout, report=False)
+        except EdgeError:
+            self._count("errors")
+            raise
         r.breakdown["member"] = k
+        self._answered(r)
         return r
 
     def _start(self, feeds: dict[str, np.ndarray], k: int, also: int | None) -> Future:
-        """The request over member ``k``, and over ``also`` too where it is a hedged probe: the first
-        answer is the request's; an error only once neither member can answer (the first error)."""
-        pair = [(k, also)] if also is None else [(k, also), (also, k)]
+        """The request over member ``k``; for a hedged probe, over member ``also`` (the edge's own run)
+        first, as if there were no probe, and then over ``k`` only where its window has room now: a
+        caller never waits for a link the edge does not need to answer it. The probe's leg never falls
+        back to the local model (the edge runs it already)."""
+        try:
+            if also is None:
+                return self._resolve([(k, self.clients[k].submit(feeds, report=False))])
+            legs = [(also, self.clients[also].submit(feeds, report=False))]
+        except EdgeError:
+            self._count("errors")
+            raise
+        try:
+            probe = self.clients[k].try_submit(feeds, fallback=False, report=False)
+        except EdgeError:  # that member's client is closing or broken: the edge answers alone
+            probe = None
+        if probe is not None:
+            legs.append((k, probe))
+        return self._resolve(legs)
+
+    def _resolve(self, legs: list[tuple[int, Future]]) -> Future:
+        """The caller's future: the first answer among ``legs`` (member, future); an error once every
+        leg failed (the first leg's)."""
         outer: Future = Future()
-        errors: list[BaseException] = []
-        outcomes: list[str] = []  # each member's, as its client counted it
-        used: list[str] = []  # the one that answered the caller
-        lock = threading.Lock()
+        errors: dict[int, BaseException] = {}
+        left, lock = [len(legs)], threading.Lock()
 
         def done(member: int, other: int | None, f: Future) -> None:
             exc = f.exception()
-            r: EdgeResult | None = None if exc is not None else f.result()
             with lock:
-                outcomes.append("errors" if r is None else "fallback" if r.fallback else "ok")
-                if not outer.done():
-                    if r is None:
-                        assert exc is not None
-                        errors.append(exc)
-                        if len(errors) == len(pair):
-                            used.append("errors")
-                            outer.set_exception(errors[0])
-                    else:
-                        r.breakdown["member"] = member
-                        if other is not None:
-                            r.breakdown["hedged_with"] = other
-                        used.append(outcomes[-1])
-                        outer.set_result(r)
-                if len(outcomes) == 2 and used:  # the hedge's other answer: not a request of the caller's
-                    outcomes.remove(used[0])
-                    with self._lock:
-                        self._extra[outcomes[0]] += 1
+                left[0] -= 1
+                if left[0] < 0:
+                    return  # answered already (left is set below zero once it is)
+                if exc is not None:
+                    errors[member] = exc
+                    if left[0] > 0:
+                        return  # another leg may still answer
+                left[0] = -len(legs)
+            # outside the lock: the caller's callbacks run in set_result
+            if exc is not None:
+                self._count("errors")
+                err = errors.get(legs[0][0]) or next(iter(errors.values()))
+                if outer.set_running_or_notify_cancel():
+                    outer.set_exception(err)
+                return
+            r: EdgeResult = f.result()
+            r.breakdown["member"] = member
+            if other is not None:
+                r.breakdown["hedged_with"] = other
+            self._answered(r)
+            if outer.set_running_or_notify_cancel():
+                outer.set_result(r)
 
-        for m, o in pair:
-            try:
-                inner = self.clients[m].submit(feeds)
-            except Exception as exc:  # refused at once (closed, past its queue): the other may answer
-                if len(pair) == 1:
-                    raise
-                inner = Future()
-                inner.set_exception(exc)
-            inner.add_done_callback(functools.partial(done, m, o))
+        for member, inner in legs:
+            other = next((m for m, _ in legs if m != member), None)
+            inner.add_done_callback(functools.partial(done, member, other))
         return outer
+
+    def _answered(self, r: EdgeResult) -> None:
+        """Counted once, and its latency published once, as the caller saw it, naming the member (the
+        members' clients publish none: a hedged request would be two samples, the late one a probe's
+        time that no caller waited)."""
+        self._count("fallback" if r.fallback else "ok")
+        if self.telemetry:
+            self.telemetry.latency({"request": r.id, "fallback": r.fallback, **r.breakdown})
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self._counts[outcome] += 1
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The caller's requests answered (``ok``, ``fallback``) and failed, as the caller saw them: a
+        hedged request once, though two members ran it."""
+        with self._lock:
+            return dict(self._counts)
 
     def close(self, drain: bool = True) -> None:
         self._stop.set()

@@ -106,6 +106,11 @@ class _Pending:
     done: bool = False
     result: EdgeResult | None = None
     error: Exception | None = None
+    # a leg of a hedged request (AdaptiveClient): another member answers the caller too, so this one
+    # never falls back to the local model (the edge runs it for the request already) and publishes no
+    # latency sample (the set publishes the answer the caller got)
+    fallback: bool = True
+    report: bool = True
 
 
 def refuse_decoder(plan: Plan) -> None:
@@ -195,7 +200,7 @@ class EdgeClient:
         self._publish_status()
 
     # -- public API ----------------------------------------------------------------------------
-    def submit(self, feeds: dict[str, np.ndarray]) -> Future:
+    def submit(self, feeds: dict[str, np.ndarray], *, report: bool = True) -> Future:
         """Start one inference, waiting for room in the window; the future yields an EdgeResult or
         raises EdgeError. The wait is bounded as a reply is: once the server is taken for unreachable
         (the window then holds requests that will not be answered soon), or after ``timeout_s``, the
@@ -203,7 +208,7 @@ class EdgeClient:
         blocked here for as long as a stalled server kept the window full sent nothing meanwhile)."""
         t0 = time.monotonic()
         while True:
-            future = self.try_submit(feeds, block=True, wait_s=0.05)
+            future = self.try_submit(feeds, block=True, wait_s=0.05, report=report)
             if future is not None:
                 return future
             waited = time.monotonic() - t0
@@ -213,7 +218,7 @@ class EdgeClient:
                 "" if self.server_up else " (server unreachable)"
             )
             try:
-                local = self.fall_back(feeds, why)
+                local = self.fall_back(feeds, why, report=report)
             except SplitPointError as exc:  # as _start answers a bad input: in the future, not raised
                 local = Future()
                 local.set_exception(EdgeError(str(exc), "bad-input"))
@@ -225,26 +230,38 @@ class EdgeClient:
                 return failed
 
     def try_submit(
-        self, feeds: dict[str, np.ndarray], block: bool = False, wait_s: float | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        block: bool = False,
+        wait_s: float | None = None,
+        *,
+        fallback: bool = True,
+        report: bool = True,
     ) -> Future | None:
         """``submit`` without waiting (or, with ``block``, waiting ``wait_s`` at most): None while the
         window is full (a socket loop that must keep answering holds the request itself and tries
-        again)."""
+        again). ``fallback=False``: an error, not the local model, where the server cannot answer;
+        ``report=False``: no latency sample (both for a leg of a hedged request)."""
         got = self._enqueue(feeds, Future(), block, wait_s)
         if got is None:
             return None
         rid, p = got
+        p.fallback, p.report = fallback, report
         self._pool.submit(self._start, rid, p)
         os.write(self._wake_w, b"s")  # the background thread starts watching the socket for its reply
         assert p.future is not None
         return p.future
 
-    def infer(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> EdgeResult:
+    def infer(
+        self, feeds: dict[str, np.ndarray], timeout: float | None = None, *, report: bool = True
+    ) -> EdgeResult:
         """One inference, blocking, entirely in the calling thread unless others are in flight.
-        ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``."""
+        ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``;
+        ``report=False``: no latency sample (a plan set publishes its own, naming the member)."""
         got = self._enqueue(feeds, None, True)
         assert got is not None
         rid, p = got
+        p.report = report
         with self._lock:
             self._waiting += 1  # while every request in flight has a caller waiting, the background
         try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
@@ -339,7 +356,7 @@ class EdgeClient:
         assert result is not None, "a request finishes with a result or an error"
         self.counts["fallback" if result.fallback else "ok"] += 1
         result.breakdown["total_ms"] = (time.perf_counter() - p.t_submit) * 1e3
-        if self.telemetry:
+        if self.telemetry and p.report:
             self.telemetry.latency({"request": rid, "fallback": result.fallback, **result.breakdown})
         p.result, p.done = result, True
         if p.future is not None:
@@ -427,8 +444,8 @@ class EdgeClient:
         return "the plan ships no full model to fall back on (write it with `plan` or `split` --with-full)"
 
     def _run_local(self, rid: int, p: _Pending, why: str) -> None:
-        if self._full is None:
-            msg = f"{why}, and {self._why_no_fallback()}"
+        if self._full is None or not (p.fallback or self.local_only):
+            msg = f"{why}, and {self._why_no_fallback() if p.fallback else 'the request is hedged'}"
             self._finish(rid, error=EdgeError(msg, "unreachable" if "unreachable" in why else "timeout"))
             return
         try:
@@ -451,7 +468,7 @@ class EdgeClient:
         breakdown = {"local_ms": ms, "reason": reason}
         return EdgeResult(rid, self._order, [by[n] for n in self._order], not self.local_only, breakdown)
 
-    def fall_back(self, feeds: dict[str, np.ndarray], why: str) -> Future | None:
+    def fall_back(self, feeds: dict[str, np.ndarray], why: str, report: bool = True) -> Future | None:
         """Answer a request locally that could not be sent in time (it waited past ``timeout_s`` for room
         in the window), outside the window; None where there is no local model to fall back on."""
         if self._full is None or not self.config.fallback:
@@ -470,7 +487,7 @@ class EdgeClient:
                 return
             self.counts["fallback"] += 1
             result.breakdown["total_ms"] = (time.perf_counter() - t0) * 1e3
-            if self.telemetry:
+            if self.telemetry and report:
                 self.telemetry.latency({"request": rid, "fallback": True, **result.breakdown})
             fut.set_result(result)
 

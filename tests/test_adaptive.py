@@ -606,7 +606,10 @@ def test_members_the_server_does_not_serve_are_never_used(plan_set, tmp_path):
                 time.sleep(0.02)
             assert [client.clients[k].plan_served for k in sending] == [k == served for k in sending]
             results = [client.infer(feeds, timeout=30) for _ in range(12)]
-            used = {r.breakdown["member"] for r in results}
+            # a probe over a member with no head is hedged by the edge, whose answer may come first
+            used = {r.breakdown["member"] for r in results} | {
+                r.breakdown["hedged_with"] for r in results if "hedged_with" in r.breakdown
+            }
             errors = sum(c.counts["errors"] for c in client.clients)
     finally:
         srv.stop()
@@ -684,11 +687,14 @@ def test_a_member_that_sends_little_probes_the_link_over_one_that_sends_more(pla
     assert all(s.members[used[i]].facts["up_bytes"] > m.facts["up_bytes"] for i in probes)
 
 
-def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair):
+def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair, mosquitto):
     """On the edge, a probe over the all-on-the-server member waited on the link it measures: on LTE
     one request in three took 300 ms against 160 on the edge. It now also runs on the edge: on a slow
     link the edge's answer comes first and is the request's, the server's later one is dropped, and the
-    probe's reply still times the link."""
+    probe's reply still times the link. The device's counts and latency samples are the caller's: one
+    per request, not one per member that ran it."""
+    from splitpoint.app.orchestrator import FleetSubscriber
+
     out, h, boundary = pair
     s, _ = PlanSet.load(out, role="edge")
     srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
@@ -700,13 +706,21 @@ def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair):
     import onnxruntime as ort
 
     whole = ort.InferenceSession(h.path)
+    samples_heard: list[dict] = []
+
+    def heard(dev: str, kind: str, payload: dict) -> None:
+        if dev == "hedging-edge" and kind == "latency":
+            samples_heard.append(payload)
+
     try:
-        with proxy:
+        with proxy, FleetSubscriber(mosquitto, on_message=heard):
             cfg = EdgeConfig(
                 plan_dir=out / s.members[0].dir,
                 server=f"tcp://127.0.0.1:{proxy.address[1]}",
                 timeout_s=30,
                 fallback=False,
+                mqtt=mosquitto,
+                device_id="hedging-edge",
             )
             with AdaptiveClient(out, cfg, window=1000, probe_every=2, start_mbps=slow) as client:
                 assert client.current == 0 and not client.sends[0] and client.plans[1].kind == "server-only"
@@ -716,6 +730,9 @@ def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair):
                     time.sleep(0.02)
                 samples, counts = client.link.samples, [dict(c.counts) for c in client.clients]
                 answered = client.counts
+                time.sleep(0.5)  # the broker's copies of the latency samples
+                assert client.telemetry is not None
+                left_out = client.telemetry.sampled_out  # past its 20 samples/s, on purpose
     finally:
         srv.stop()
     assert [r.breakdown["member"] for r in results] == [0] * 8  # the edge's answer, every time
@@ -723,5 +740,30 @@ def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair):
     assert samples == 4 and counts[1] == {**counts[1], "ok": 4, "errors": 0}  # each probe was timed
     # the set's metrics count the caller's requests: the probes' late answers are not requests of its
     assert counts[0]["ok"] == 8 and answered == {"ok": 8, "fallback": 0, "errors": 0}
+    # one sample per request, each naming the member that answered (a probe's late answer published
+    # one more, of a time no caller waited)
+    assert samples_heard and len(samples_heard) + left_out == 8, (samples_heard, left_out)
+    assert all(x["member"] == 0 for x in samples_heard), samples_heard
     for f, r in zip(feeds, results, strict=True):  # and the answer is the request's own
         np.testing.assert_allclose(r.outputs[0], whole.run(None, f)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_hedged_probe_never_runs_the_model_a_second_time_on_the_edge(pair):
+    """The probe's member falls back to the edge's model where the server cannot answer: a hedged probe
+    with the server gone ran the whole model twice on the edge, once for each leg. Its leg now fails
+    instead, and the edge's own run answers."""
+    out, h, boundary = pair
+    s, _ = PlanSet.load(out, role="edge")
+    from splitpoint.app.broker import free_port
+
+    cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=f"tcp://127.0.0.1:{free_port()}", timeout_s=2)
+    feeds = random_feeds(h.model, 1)
+    with AdaptiveClient(out, cfg, window=1000, probe_every=1, start_mbps=boundary / 4) as client:
+        results = [client.submit(feeds).result(30) for _ in range(6)]
+        end = time.monotonic() + 10
+        while sum(client.clients[1].counts.values()) < 6 and time.monotonic() < end:
+            time.sleep(0.02)
+        probe_counts, answered = dict(client.clients[1].counts), client.counts
+    assert all(r.breakdown["member"] == 0 and r.breakdown["hedged_with"] == 1 for r in results)
+    assert probe_counts["fallback"] == 0 and probe_counts["errors"] == 6, probe_counts
+    assert answered == {"ok": 6, "fallback": 0, "errors": 0}

@@ -77,7 +77,8 @@ def run(args) -> dict:
             if "hedged_with" in r.breakdown:  # a probe the edge also ran: ``member`` answered first
                 row["hedged_with"] = r.breakdown["hedged_with"]
             row["fallback"] = r.fallback
-            # what the edge's link estimate was fed, and what it then held (measured)
+            # what the edge's link estimate was fed, and what it then held (measured; a hedged probe the
+            # edge answered first has none here: its probe's reply fed the estimate later)
             row["network_ms"] = r.breakdown.get("network_ms")
             row["bytes_sent"] = r.breakdown.get("bytes_sent")
             if link is not None:
