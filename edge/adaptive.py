@@ -12,13 +12,16 @@ While the current member sends nothing (all on the edge), requests say nothing a
 request in every ``probe_every`` (by default one a window) then goes over the member that sends least, as
 a probe that is also answered. Once a window, an edge takes about four windows to leave its own member
 after the link gets 10x faster; the trace bench probes one request in 3 and leaves within two. A probe
-over a member with no head (all on the server) is hedged: the edge runs its own model on the same input
-as well, as it would without the probe, and the first answer is the request's (the other is dropped; the
-probe's reply still times the link). Unhedged, a probe waited on the link it measures: on LTE one
-request in three took 300 ms against 160 on the edge, and with the first window's requests on the
-server member two in five were that slow, which moved the median of a whole phase by up to 46 %. A
-probe whose member runs a head on the edge is not hedged: the edge would run that head and its whole
-model for one request.
+waits on the link it measures: on LTE one request in three took 300 ms against 160 on the edge, and
+with the first window's requests on the server member two in five were that slow, which moved the
+median of a whole phase by up to 46 %. With ``hedge``, a probe over a member with no head (all on the
+server) is hedged: the edge runs its own model on the same input as well, and the first answer is the
+request's (the other is dropped; the probe's reply still times the link). It is off by default: the
+edge then runs every request itself, and on an edge whose CPU is the bottleneck that costs more than the
+probes did. On the trace bench at 3 requests/s on a Pi 4-class edge (ResNet-18), hedged LTE phases
+ran 12-15 % above the edge-only member fixed (1 of 8 within 10 %); unhedged, 7 of 8 were within 10 %
+(each probe the server answers is a request the edge's CPU does not run). A probe whose member runs a
+head on the edge is never hedged: the edge would run that head and its whole model for one request.
 
 While it sends little, its requests cross a fast link in less time than
 the jitter in their network time, and a faster link goes unseen: one request in ``PROBE_UP_EVERY``,
@@ -66,11 +69,14 @@ class AdaptiveClient:
         start_mbps: float | None = None,
         probe_every: int | None = None,
         rate_ips: float | None = None,
+        hedge: bool = False,
     ):
         """``config`` is every member's client configuration (its ``plan_dir`` is replaced by each
         member's); ``start_mbps``: the uplink to start from (default: the set's network profile);
         ``probe_every``: requests per probe while on the edge (default: ``window``); ``rate_ips``: the
-        arrival rate a member must keep up with (default: the set's, if it was planned for one)."""
+        arrival rate a member must keep up with (default: the set's, if it was planned for one);
+        ``hedge``: hedge probes over a member with no head (see the module's docstring; off by default:
+        it costs an edge whose CPU is the bottleneck more than it saves)."""
         if window < 1:
             raise ValueError("window must be at least 1 request")
         if probe_every is not None and probe_every < 1:
@@ -82,6 +88,7 @@ class AdaptiveClient:
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number above 0, not {v}")
         self.probe_every = probe_every or window
+        self.hedge = hedge
         self.set, plans = PlanSet.load(set_dir, role="edge")
         self.plans = plans
         self.rate_ips = rate_ips if rate_ips is not None else self.set.rate_ips
@@ -263,7 +270,7 @@ class AdaptiveClient:
                 probe = self._probe()
                 if probe is None:
                     return k, None
-                return probe, (k if self.plans[probe].kind == SERVER_ONLY else None)
+                return probe, (k if self.hedge and self.plans[probe].kind == SERVER_ONLY else None)
             if self.sends[k] and (self.requests - 1) % PROBE_UP_EVERY == PROBE_UP_EVERY // 2:
                 up = self._probe_up()
                 return (k if up is None else up), None

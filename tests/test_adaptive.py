@@ -722,7 +722,7 @@ def test_a_probe_over_the_server_is_hedged_by_the_edge_and_answered_once(pair, m
                 mqtt=mosquitto,
                 device_id="hedging-edge",
             )
-            with AdaptiveClient(out, cfg, window=1000, probe_every=2, start_mbps=slow) as client:
+            with AdaptiveClient(out, cfg, window=1000, probe_every=2, start_mbps=slow, hedge=True) as client:
                 assert client.current == 0 and not client.sends[0] and client.plans[1].kind == "server-only"
                 results = [client.submit(f).result(30) for f in feeds]
                 end = time.monotonic() + 10  # the probes' own replies, after the requests were answered
@@ -758,7 +758,9 @@ def test_a_hedged_probe_never_runs_the_model_a_second_time_on_the_edge(pair):
 
     cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=f"tcp://127.0.0.1:{free_port()}", timeout_s=2)
     feeds = random_feeds(h.model, 1)
-    with AdaptiveClient(out, cfg, window=1000, probe_every=1, start_mbps=boundary / 4) as client:
+    with AdaptiveClient(out, cfg, window=1000, probe_every=1, start_mbps=boundary / 4) as plain:
+        assert plain._member_for_next() == (1, None)  # hedging is asked for, not the default
+    with AdaptiveClient(out, cfg, window=1000, probe_every=1, start_mbps=boundary / 4, hedge=True) as client:
         results = [client.submit(feeds).result(30) for _ in range(6)]
         end = time.monotonic() + 10
         while sum(client.clients[1].counts.values()) < 6 and time.monotonic() < end:
