@@ -167,8 +167,8 @@ class AdaptiveClient:
             self.telemetry.status("online", status)
 
     def _report_loop(self) -> None:
-        """The set's metrics, every 2 s: the sums over its members (each member publishing its own, under
-        one device id, made ``watch`` show whichever came last)."""
+        """The set's metrics, every 2 s: its own counts of the caller's requests, over every member (each
+        member publishing its own, under one device id, made ``watch`` show whichever came last)."""
         while not self._stop.wait(2.0):
             if not self.telemetry:
                 continue
@@ -264,14 +264,14 @@ class AdaptiveClient:
         with self._lock:
             if (self.requests and self.requests % self.window == 0) or not self._usable(self.current):
                 self._decide()
-            k = self.current
+            k, n = self.current, self.requests
             self.requests += 1
-            if (self.requests - 1) % self.probe_every == 0 and not self.sends[k]:
+            if n % self.probe_every == 0 and not self.sends[k]:
                 probe = self._probe()
                 if probe is None:
                     return k, None
                 return probe, (k if self.hedge and self.plans[probe].kind == SERVER_ONLY else None)
-            if self.sends[k] and (self.requests - 1) % PROBE_UP_EVERY == PROBE_UP_EVERY // 2:
+            if self.sends[k] and n % PROBE_UP_EVERY == PROBE_UP_EVERY // 2:
                 up = self._probe_up()
                 return (k if up is None else up), None
             return k, None

@@ -242,11 +242,10 @@ class EdgeClient:
         window is full (a socket loop that must keep answering holds the request itself and tries
         again). ``fallback=False``: an error, not the local model, where the server cannot answer;
         ``report=False``: no latency sample (both for a leg of a hedged request)."""
-        got = self._enqueue(feeds, Future(), block, wait_s)
+        got = self._enqueue(feeds, Future(), block, wait_s, fallback=fallback, report=report)
         if got is None:
             return None
         rid, p = got
-        p.fallback, p.report = fallback, report
         self._pool.submit(self._start, rid, p)
         os.write(self._wake_w, b"s")  # the background thread starts watching the socket for its reply
         assert p.future is not None
@@ -258,10 +257,9 @@ class EdgeClient:
         """One inference, blocking, entirely in the calling thread unless others are in flight.
         ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``;
         ``report=False``: no latency sample (a plan set publishes its own, naming the member)."""
-        got = self._enqueue(feeds, None, True)
+        got = self._enqueue(feeds, None, True, report=report)
         assert got is not None
         rid, p = got
-        p.report = report
         with self._lock:
             self._waiting += 1  # while every request in flight has a caller waiting, the background
         try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
@@ -312,7 +310,14 @@ class EdgeClient:
 
     # -- resolution: exactly once --------------------------------------------------------------
     def _enqueue(
-        self, feeds: dict[str, np.ndarray], future: Future | None, block: bool, wait_s: float | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        future: Future | None,
+        block: bool,
+        wait_s: float | None = None,
+        *,
+        fallback: bool = True,
+        report: bool = True,
     ) -> tuple[int, _Pending] | None:
         if self.fatal is not None:
             raise EdgeError(f"the edge client stopped working: {self.fatal}", "internal")
@@ -326,7 +331,7 @@ class EdgeClient:
         if not got:
             return None
         rid = next(self._ids)
-        p = _Pending(future, feeds, time.perf_counter())
+        p = _Pending(future, feeds, time.perf_counter(), fallback=fallback, report=report)
         with self._lock:
             self._pending[rid] = p
         return rid, p
