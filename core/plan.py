@@ -276,7 +276,7 @@ class Plan(_Strict):
         """Parse and check plan.json's bytes: strict types, its id matching its content."""
         raw = json_object(data, where, "plan")
         version = raw.get("format_version")
-        if version not in READS_FORMATS or isinstance(version, bool):
+        if type(version) is not int or version not in READS_FORMATS:  # not 2.0, not True
             raise PlanError(
                 f"{where}: unsupported plan format_version {str(version)[:20]!r} "
                 f"(this build reads {', '.join(map(str, READS_FORMATS))})"

@@ -98,7 +98,7 @@ class PlanSet(_Strict):
     @classmethod
     def parse(cls, data: bytes | str, where: str = PLANSET_FILE) -> PlanSet:
         raw = json_object(data, where, "plan set")
-        if raw.get("format_version") != PLANSET_FORMAT or isinstance(raw.get("format_version"), bool):
+        if type(raw.get("format_version")) is not int or raw.get("format_version") != PLANSET_FORMAT:
             raise PlanError(
                 f"{where}: unsupported plan set format_version {str(raw.get('format_version'))[:20]!r} "
                 f"(this build reads {PLANSET_FORMAT})"

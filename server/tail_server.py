@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -55,7 +56,7 @@ from splitpoint.core.telemetry import Telemetry
 
 from .config import ServerConfig
 from .registry import Entry, PlanRegistry
-from .sessions import DecoderSessions
+from .sessions import DecoderSessions, Key
 
 log = logging.getLogger("splitpoint.server")
 RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back (replies, a relay's sends)
@@ -141,7 +142,10 @@ class _Forward:
 
 
 MAX_STAGES_META = 16  # stage timings a relay passes upstream (one per stage after the edge)
+MAX_STAGE_KEYS = 16  # figures in each (a stage reports 8)
 _NOBLOCK = int(zmq.NOBLOCK)
+# how long the socket thread reads and handles requests before it passes on the workers' finished replies
+_READ_PASS_S = 0.005
 
 
 def _start_authenticator(ctx: zmq.Context) -> Any:
@@ -162,6 +166,22 @@ def _start_authenticator(ctx: zmq.Context) -> Any:
             if exc.errno != zmq.EADDRINUSE or time.monotonic() > end:
                 raise
             time.sleep(0.02)
+
+
+def _stage_times(reported: dict) -> dict:
+    """A later stage's timings as this relay passes them upstream: numbers under short names, a few of
+    them. Passed as they came, a next stage's legal header (64 KiB of padding, 16 levels of nesting)
+    made this relay's own reply one that no client may accept."""
+    kept = {
+        k: v
+        for k, v in reported.items()
+        if isinstance(k, str)
+        and len(k) <= 32
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
+    return dict(list(kept.items())[:MAX_STAGE_KEYS])
 
 
 class TailServer:
@@ -452,9 +472,14 @@ class TailServer:
                 # reused, so a new connection on the same descriptor never loses its sessions to it
                 self._on_router_events()
             if router in events:
-                # bounded, so that queued requests and replies are served between bursts
+                # bounded in count and in time, so that queued requests and the workers' replies are
+                # served between bursts: a decoder step runs here, and 300 queued prefill steps (37 ms
+                # each) held a finished reply 4 s
+                until = time.perf_counter() + _READ_PASS_S
                 for frames in wire.drain(router, limit=4 * RCVHWM):
                     self._on_message(router, frames)
+                    if time.perf_counter() > until:
+                        break
             if self._inline:
                 reply = self._work(self._inline.popleft())
                 if reply is not None:
@@ -539,6 +564,23 @@ class TailServer:
     def _send(self, router: zmq.Socket, ident: Any, msg: wire.Message) -> None:
         wire.send(router, [ident, *msg.to_frames()])
 
+    def _deliver(self, router: zmq.Socket, ident: Any, msg: wire.Message) -> bool:
+        """Send, and say whether the sender's connection is still there to take it: False only when
+        libzmq knows no peer under that routing id (``ZMQ_ROUTER_MANDATORY``, on for this send alone). A
+        full queue towards a peer that does not read drops the reply as every other send does."""
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            wire.send(router, [ident, *msg.to_frames()], _NOBLOCK)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+        finally:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        return True
+
     def _handle(self, router: zmq.Socket, ident: Any, body: list) -> None:
         t_recv = time.perf_counter()
         try:
@@ -570,7 +612,13 @@ class TailServer:
         elif msg.type == wire.INFER:
             self._admit(router, ident, msg, t_recv)
         elif msg.type in (wire.STEP, wire.CLOSE):
-            self._send(router, ident, self._session_message(ident, msg, t_recv))
+            reply, key = self._session_message(ident, msg, t_recv)
+            if not self._deliver(router, ident, reply) and key is not None and self.sessions.close(key):
+                # its connection closed before the step was read (libzmq still hands over what it had
+                # received): nobody can continue the session, which would otherwise hold its place and
+                # cache until --session-idle, one per such client
+                self.sessions.dropped += 1
+                log.debug("freed the decoder session of a step whose connection had closed")
         else:
             self.stats.add(rejected=1)
             self._send(
@@ -632,9 +680,12 @@ class TailServer:
                 self._in_pool[id(req)] = (req, self._pool.submit(self._pooled, req))
 
     # -- decoder sessions: on the socket thread, so each session's steps run in order ----------
-    def _session_message(self, ident: Any, msg: wire.Message, t_recv: float) -> wire.Message:
-        """The reply to a step or a close: never raises. A step that reached its session counts as a
-        request (answered, or an error); one refused before it as rejected."""
+    def _session_message(
+        self, ident: Any, msg: wire.Message, t_recv: float
+    ) -> tuple[wire.Message, Key | None]:
+        """The reply to a step or a close, and the session a step that was answered holds (None for a
+        close or a refusal): never raises. A step that reached its session counts as a request
+        (answered, or an error); one refused before it as rejected."""
         admitted = False
         try:
             session, position, top_k = wire.step_fields(msg)
@@ -655,14 +706,15 @@ class TailServer:
             key = (peer, fd, msg.plan, session)
             if msg.type == wire.CLOSE:
                 known = self.sessions.close(key)
-                return wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
+                closed = wire.Message(wire.CLOSED, msg.id, msg.plan, meta={"session": session, "held": known})
+                return closed, None
             if self._draining and key not in self.sessions:  # a generation under way goes on; none begins
                 raise wire.WireError(wire.E_UNAVAILABLE, "the server is stopping: it starts no new session")
             self.stats.admitted()
             admitted = True
             reply = self._step(entry, key, msg, position, top_k, t_recv)
             self.stats.answered(True)
-            return reply
+            return reply, key
         except (wire.WireError, CodecError) as exc:
             reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
         except Exception as exc:  # a failing tail (or a bug) answers this step and no other
@@ -672,7 +724,7 @@ class TailServer:
             self.stats.answered(False)
         else:
             self.stats.add(rejected=1)
-        return reply
+        return reply, None
 
     def _step(
         self, entry: Entry, key: tuple, msg: wire.Message, position: int, top_k: int, t_recv: float
@@ -893,7 +945,7 @@ class TailServer:
         if not isinstance(after, list):
             server = msg.meta.get("server")
             after = [server] if isinstance(server, dict) else []
-        stages = [own, *[s for s in after if isinstance(s, dict)][: MAX_STAGES_META - 1]]
+        stages = [own, *[_stage_times(s) for s in after if isinstance(s, dict)][: MAX_STAGES_META - 1]]
         reply = wire.Message(
             wire.RESULT,
             fwd.id,

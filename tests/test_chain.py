@@ -611,6 +611,9 @@ def test_plan_ids_follow_the_documented_recipe_and_an_edge_that_falls_back_needs
     assert Plan.parse(json.dumps(edited)).plan_id == edited["plan_id"]
     with pytest.raises(PlanError, match="does not match"):
         Plan.parse(json.dumps({**edited, "predicted": {"note": 2}}))
+    for version in (2.0, True, "2"):  # strictly an integer, even where it compares equal to one
+        with pytest.raises(PlanError, match="unsupported plan format_version"):
+            Plan.parse(json.dumps({**raw, "format_version": version}))
     files = {n: (d / n).read_bytes() for n in (PLAN_FILE, "head.onnx")}
     assert verify_pushed(files, "edge", fallback=False).plan_id == raw["plan_id"]
     with pytest.raises(PlanError, match=f"missing {FULL_FILE}"):
@@ -720,6 +723,58 @@ def test_a_relay_holds_at_most_64_requests_its_next_stage_has_not_answered(chain
         client.close(0)
         stop(relay)
         stalled.close(0)
+
+
+def test_a_relay_passes_on_its_next_stage_s_timings_as_numbers_only(chain):
+    """A next stage's result whose header is legal but fills it (64 KB of padding in its timings, or its
+    timings nested 16 deep): the relay's own reply, which wraps them, stays one its client accepts, with
+    the figures that are numbers kept."""
+    import threading
+
+    import zmq
+
+    from splitpoint.core import wire
+
+    plan = chain["plan"]
+    want = [n for st in plan.stages[2:] for n in st.produces]
+    nested: dict = {"total_ms": 2.0}
+    for _ in range(wire.MAX_HEADER_DEPTH - 3):  # the header, its meta and 14 levels: legal
+        nested = {"deeper": nested, "tail_ms": 1.5}
+    metas = iter([{"stages": [{"pad": "a" * 65_200, "tail_ms": 3.0}]}, {"server": nested}])
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.ROUTER)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+
+    def next_stage() -> None:
+        while not done.is_set():
+            if not fake.poll(100):
+                continue
+            ident, *body = fake.recv_multipart()
+            msg = wire.parse(body)
+            if msg.type == wire.PING:
+                fake.send_multipart([ident, *wire.Message(wire.PONG, msg.id).to_frames()])
+                continue
+            frames = [encode(np.zeros((1, 1000), np.float32), "float32")]
+            reply = wire.Message(wire.RESULT, msg.id, msg.plan, want[:1], meta=next(metas), frames=frames)
+            wire.parse(reply.to_frames())  # legal as sent
+            fake.send_multipart([ident, *reply.to_frames()])
+
+    t = threading.Thread(target=next_stage, daemon=True)
+    t.start()
+    ep_relay = f"tcp://127.0.0.1:{free_port()}"
+    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", f"tcp://127.0.0.1:{port}")
+    try:
+        cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
+        with EdgeClient(cfg) as c:
+            for kept in ({"tail_ms": 3.0}, {"tail_ms": 1.5}):
+                r = c.infer(x(), timeout=30)
+                assert r.breakdown["stages"][1] == kept, r.breakdown["stages"]
+    finally:
+        done.set()
+        t.join(2)
+        fake.close(0)
+        stop(relay)
 
 
 def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,8 +18,10 @@ from splitpoint.app.process import start_server, stop
 from splitpoint.core import wire
 from splitpoint.core.codecs import encode
 from splitpoint.core.decoders import ZooDecoder
+from splitpoint.core.graph.model import open_model
 from splitpoint.core.plan import Plan
-from splitpoint.core.plandir import write_decoder_plan
+from splitpoint.core.plandir import write_decoder_plan, write_plan
+from splitpoint.core.runner import HeadRunner, make_session
 from splitpoint.core.zoo.decoder import DECODER_TINY, hidden_name
 from splitpoint.edge.decoder import DecoderClient, GenerationError, generate_local
 from splitpoint.server.config import ServerConfig
@@ -319,6 +322,136 @@ def test_a_connections_sessions_go_with_it_and_its_identity_cannot_take_them_ove
     assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_UNKNOWN_SESSION
     assert _step3(plans, b, 4242, 0).type == wire.RESULT  # its own, from the start
     b.close(0)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, small_resnet18):
+    """A plans folder with a decoder plan and a CNN's, and an infer request of the CNN's (a batch of 128,
+    which keeps a server's thread busy some milliseconds)."""
+    plans = tmp_path_factory.mktemp("mixed") / "plans"
+    write_decoder_plan(ZooDecoder("decoder-tiny"), plans / "dec", edge_layers=2, codec="float32")
+    h = open_model(small_resnet18)
+    write_plan(h, plans / "cnn", cut=next(c for c in h.cuts()[10:] if len(c.crossing) == 1))
+    cnn = Plan.load(plans / "cnn")
+    sent, _ = HeadRunner(cnn, make_session(plans / "cnn" / "head.onnx")).run(
+        {"input": np.zeros((128, 3, 64, 64), np.float32)}
+    )
+    name = cnn.cut_tensors[0].name
+    infer = [wire.Message(wire.INFER, 0, cnn.plan_id, [name]).header(), encode(sent[name], "float32")]
+    return plans, Plan.load(plans / "dec"), infer
+
+
+def test_a_step_read_after_its_connection_closed_leaves_no_session(mixed):
+    """Clients that send a step and close at once while the server is busy with another client's requests:
+    it hears of each close before it reads the step, which libzmq still hands over. The session that step
+    opens is freed as its answer finds nobody, not held until --session-idle: 64 such clients locked
+    every later user out for 5 minutes."""
+    plans, dec, infer = mixed
+    step = encode(np.zeros((1, 3, SPEC.d_model), np.float32), "float32")
+    limit = 32
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, plans, "--max-sessions", str(limit))
+    ctx = zmq.Context.instance()
+    fresh, busy = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for s in (fresh, busy):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+    stop_busy = threading.Event()
+
+    def keep_busy() -> None:  # its requests run on the server's socket thread (one worker)
+        owed = 0
+        while not stop_busy.is_set():
+            while owed < 4:
+                busy.send_multipart(infer)
+                owed += 1
+            if busy.poll(1000):
+                busy.recv_multipart()
+                owed -= 1
+        while owed and busy.poll(5000):
+            busy.recv_multipart()
+            owed -= 1
+
+    loader = threading.Thread(target=keep_busy)
+    try:
+        assert _ask(fresh, wire.Message(wire.PING, 1).to_frames()).type == wire.PONG
+        clients = []  # all open at once: none takes over another's file descriptor
+        for _ in range(limit):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 2000)  # the step leaves before the socket closes
+            s.connect(endpoint)
+            clients.append(s)
+        time.sleep(0.5)
+        loader.start()
+        time.sleep(0.3)
+        for k, s in enumerate(clients):
+            meta = {"session": k, "position": 0}
+            msg = wire.Message(wire.STEP, 1, dec.plan_id, [hidden_name(1)], meta=meta, frames=[step])
+            s.send_multipart(msg.to_frames())
+            s.close()  # never reads its answer
+        time.sleep(1.0)
+        stop_busy.set()
+        loader.join()
+        refused = []
+        for k in range(limit):  # a client that came later has every place
+            meta = {"session": k, "position": 0}
+            msg = wire.Message(wire.STEP, 1, dec.plan_id, [hidden_name(1)], meta=meta, frames=[step])
+            reply = _ask(fresh, msg.to_frames())
+            if reply.type != wire.RESULT:
+                refused.append(reply.meta.get("message"))
+        assert not refused, f"{len(refused)} of {limit} sessions refused: {refused[0]}"
+    finally:
+        stop_busy.set()
+        if loader.is_alive():
+            loader.join()
+        fresh.close(0)
+        busy.close(0)
+        stop(proc)
+
+
+def test_an_answer_a_worker_finished_is_not_held_behind_queued_decoder_steps(mixed):
+    """Steps run on the server's socket thread, in order; requests run on its workers. A request's answer
+    goes out between steps, not after every step queued when it came: 300 queued prefills held a finished
+    answer 4 s (its own total_ms said 0.6), and its client took the 4 s for the network's."""
+    plans, dec, infer = mixed
+    long = encode(np.zeros((1, SPEC.n_ctx - 1, SPEC.d_model), np.float32), "float32")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, plans, workers=2)
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for s in (a, b):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+    steps = 40
+    try:
+        assert _ask(b, wire.Message(wire.PING, 1).to_frames()).type == wire.PONG
+        for i in range(steps):  # each starts session 1 again: a whole prefill every time
+            meta = {"session": 1, "position": 0}
+            msg = wire.Message(wire.STEP, i, dec.plan_id, [hidden_name(1)], meta=meta, frames=[long])
+            a.send_multipart(msg.to_frames())
+        time.sleep(0.05)
+        b.send_multipart(infer)
+        poller = zmq.Poller()
+        poller.register(a, zmq.POLLIN)
+        poller.register(b, zmq.POLLIN)
+        stepped, answered_after = 0, None
+        while stepped < steps or answered_after is None:
+            events = dict(poller.poll(30_000))
+            assert events, (
+                f"{stepped} of {steps} steps answered, the request {'not ' * (answered_after is None)}"
+            )
+            if a in events:
+                assert wire.parse(a.recv_multipart()).type == wire.RESULT
+                stepped += 1
+            if b in events:
+                assert wire.parse(b.recv_multipart()).type == wire.RESULT
+                answered_after = stepped
+        assert answered_after < steps // 4, (
+            f"the request's answer came after {answered_after} of {steps} steps"
+        )
+    finally:
+        a.close(0)
+        b.close(0)
+        stop(proc)
 
 
 def test_a_second_connection_under_a_live_clients_identity_reaches_none_of_its_sessions(plans, server):
