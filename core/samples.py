@@ -196,10 +196,12 @@ def load_inputs(
             continue
         only_input(f, list(dims))
         ((name, want),) = dims.items()
+        npy = f.suffix.lower() == ".npy"
         try:
-            arr = np.load(f, allow_pickle=False) if f.suffix == ".npy" else image_tensor(f, want)
+            arr = np.load(f, allow_pickle=False) if npy else image_tensor(f, want, name)
         except (OSError, ValueError, EOFError) as exc:  # truncated, another format, a pickled object
-            raise SplitPointError(f"{f.name}: not a readable .npy array ({exc})") from exc
+            what = "a readable .npy array" if npy else "a readable image"
+            raise SplitPointError(f"{f.name}: not {what} ({exc})") from exc
         arr = arr.astype(dtypes[name], copy=False)
         if arr.ndim == len(want) - 1:
             arr = arr[None]
@@ -292,16 +294,21 @@ def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
     }
 
 
-def image_tensor(path: Path, dims: list[int]) -> np.ndarray:
-    """An image resized to the model's input and normalised with ImageNet statistics (NCHW)."""
+def image_tensor(path: Path, dims: list[int], name: str = "the model's") -> np.ndarray:
+    """An image resized to the model's input and normalised with ImageNet statistics, laid out as the
+    input is: [N, C, H, W] or channels-last [N, H, W, C], of 1 or 3 channels. Any other input is said so
+    (an image given to a sequence model read as a broken .npy file)."""
     from PIL import Image
 
-    _, c, h, w = dims
+    last = len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3)
+    if len(dims) != 4 or (dims[1] not in (1, 3) and not last):
+        raise SplitPointError(
+            f"{path.name}: an image feeds an input of [N, C, H, W] or [N, H, W, C] with 1 or 3 channels; "
+            f"input {name} is {dims}: give its samples as .npy or .npz files"
+        )
+    c, h, w = (dims[3], dims[1], dims[2]) if last else (dims[1], dims[2], dims[3])
     img = Image.open(path).convert("RGB" if c == 3 else "L").resize((w, h), Image.Resampling.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    x = x.reshape(h, w, c).transpose(2, 0, 1)
+    x: np.ndarray = np.asarray(img, dtype=np.float32).reshape(h, w, c) / np.float32(255.0)
     if c == 3:
-        x = (x - np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]) / np.array(
-            [0.229, 0.224, 0.225], np.float32
-        )[:, None, None]
-    return x[None]
+        x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return (x if last else x.transpose(2, 0, 1))[None]

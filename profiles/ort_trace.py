@@ -50,12 +50,16 @@ def _walk_to_heavy(idx: GraphIndex, pos: int, limit: int = 8) -> int:
 # Gemm/MatMul with its activation fused in (a Linear -> ReLU as exporters write it) ``fused <node>``
 PREFIXES = ("InsertedPrecisionFreeCast_", "fused ")
 _TOKEN = re.compile(r"_token_\d+$")
+# a node a fusion rewrote keeps its name with the fusion's appended, once per fusion
+# (``<node>/MatMulAddFusion``, ``<node>/MatMulScaleFusion//MatmulTransposeFusion/``): a transformer exported
+# by torch had 54 % of its kernel time under such names, and every derived cut fell back to MACs
+_FUSIONS = re.compile(r"(?:/+[A-Za-z0-9]*Fusion/*)+$")
 
 
 def _map(idx: GraphIndex, ort_name: str, by_name: dict[str, int]) -> int | None:
     if ort_name in by_name:
         return by_name[ort_name]
-    base = _TOKEN.sub("", ort_name)
+    base = _FUSIONS.sub("", _TOKEN.sub("", ort_name))
     for s in SUFFIXES:
         if base.endswith(s):
             base = base[: -len(s)]

@@ -685,6 +685,39 @@ def test_an_lstm_counts_its_gates_over_every_step(tmp_path):
     assert count_macs(h.index) == seq * 4 * hidden * (inp + hidden)
 
 
+def test_a_free_batch_inside_a_recurrent_layer_counts_its_bytes_and_work(tmp_path):
+    """torch exports a batch-first LSTM as a Transpose to [seq, batch, input] and ONNX's LSTM, whose
+    output is [seq, directions, batch, hidden]. With the batch free (``N``) those tensors counted 0 bytes
+    and 0 work ('?' on 10 of 16 cuts, the edge's memory understated): the batch's symbol is skipped
+    wherever it stands, and every figure is the one a batch of 1 gives."""
+    from splitpoint.core.graph.flops import count_macs
+    from splitpoint.core.graph.memory import live_activation_bytes
+
+    seq, inp, hidden = 5, 8, 16
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, inp)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["xt", "W", "R"], ["y", "yh"], hidden_size=hidden),
+        helper.make_node("Relu", ["y"], ["ry"]),
+        helper.make_node("Transpose", ["ry"], ["z"], perm=[2, 0, 1, 3]),
+    ]
+    figures = []
+    for batch in ("N", 1):
+        m = _tiny(nodes, [_vi("x", [batch, seq, inp])], [_vi("z", [batch, seq, 1, hidden])], [w, r])
+        h = open_model(_save(m, tmp_path / f"lstm-{batch}.onnx"))
+        figures.append(
+            (
+                count_macs(h.index),
+                max(live_activation_bytes(h.index)),
+                {c.k: c.bytes_per_sample for c in h.cuts()},
+            )
+        )
+    assert figures[0] == figures[1]
+    assert None not in figures[0][2].values() and figures[0][2][2] == seq * hidden * 4  # y: [5, 1, N, 16]
+
+
 def _ort_trace(path: str, runs: int):
     """The model's handle and onnxruntime's profiler trace of ``runs`` runs (a file the caller reads)."""
     h = open_model(path)
@@ -1200,3 +1233,100 @@ def test_one_input_shape_list_for_several_models_skips_inputs_a_model_fixes(tmp_
     assert open_model(free, shapes, only_present=True).input_shapes == {"x": [1, 20, 8]}
     with pytest.raises(ModelError, match="rank 4"):
         open_model(fixed, shapes)
+
+
+def test_a_dropout_left_in_training_mode_runs_as_onnxruntime_runs_the_whole_model(tmp_path, caplog):
+    """A model exported without ``model.eval()`` keeps Dropout(training_mode=True). onnxruntime's optimiser
+    drops it from the whole model; a tail whose input is the Dropout's kept it and zeroed random elements.
+    Every cut now answers as the whole model does, and loading says what was changed and the fix."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+        numpy_helper.from_array(np.array(True), "training"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Dropout", ["r", "ratio", "training"], ["d"], name="drop"),
+        helper.make_node("MatMul", ["d", "w2"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "drop", [_vi("x", [1, 32])], [_vi("y", [1, 10])], inits)
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    with caplog.at_level("WARNING", logger="splitpoint.model"):
+        h = open_model(path)
+    assert "1 Dropout node(s) in training mode (drop)" in caplog.text and "model.eval()" in caplog.text
+    feeds = {"x": rng.standard_normal((1, 32)).astype(np.float32)}
+    whole = make_session(path).run(None, feeds)[0]  # the file as onnxruntime runs it, unchanged
+    for cut in h.cuts():
+        head, tail = extract(h.index, cut)
+        got = run_split(head, tail, cut, feeds)["y"]
+        np.testing.assert_allclose(got, whole, rtol=1e-5, err_msg=f"cut {cut.k}")
+
+
+def test_kernels_renamed_by_a_fusion_are_mapped_to_their_nodes(tmp_path):
+    """onnxruntime names a node a fusion rewrote ``<node>/MatMulAddFusion`` (a transformer's Linear on
+    [batch, tokens, features]: MatMul + Add become one Gemm): its time is the node's, or a ViT exported by
+    torch had 54 % of its kernel time unattributed and its derived cuts fell back to multiply-accumulates."""
+    from splitpoint.profiles.ort_trace import cost_curve, node_times
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for k in range(3):
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((128, 128)).astype(np.float32), f"w{k}"),
+            numpy_helper.from_array(np.zeros(128, np.float32), f"b{k}"),
+        ]
+        nodes.append(helper.make_node("MatMul", [prev, f"w{k}"], [f"m{k}"], name=f"/l{k}/MatMul"))
+        nodes.append(helper.make_node("Add", [f"m{k}", f"b{k}"], [f"a{k}"], name=f"/l{k}/Add"))
+        nodes.append(helper.make_node("Relu", [f"a{k}"], [f"r{k}"], name=f"/l{k}/Relu"))
+        prev = f"r{k}"
+    g = helper.make_graph(nodes, "tok", [_vi("x", [1, 64, 128])], [_vi(prev, [1, 64, 128])], inits)
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "tok.onnx")
+    h, trace = _ort_trace(path, 6)
+    names = {e["name"] for e in json.loads(Path(trace).read_text()) if e.get("cat") == "Node"}
+    assert any("/l0/MatMul/MatMulAddFusion" in n for n in names), names  # the rename this maps back
+    per_node, unattributed, _ = node_times(trace, h.index, skip_runs=1)
+    Path(trace).unlink()
+    matmuls = [p for p in h.index.compute if h.index.nodes[p].op_type == "MatMul"]
+    assert all(per_node.get(p, 0) > 0 for p in matmuls), per_node
+    _, source = cost_curve(h.index, per_node, unattributed)
+    assert source == "per-node kernel times"
+
+
+def test_images_feed_channels_last_inputs_and_a_sequence_input_is_told_to_take_arrays(tmp_path):
+    """An image folder given to a channels-last [N, H, W, 3] model fills it as [N, H, W, C] (it failed as
+    'not a readable .npy array: cannot reshape'); given to a sequence model, the error says an image does
+    not feed that input and what does."""
+    from PIL import Image
+
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.samples import load_inputs
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+        pics / "a.png"
+    )
+    nhwc = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "nhwc",
+        [_vi("x", [1, 32, 32, 3])],
+        [_vi("y", [1, 32, 32, 3])],
+    )
+    nchw = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "nchw",
+        [_vi("x", [1, 3, 32, 32])],
+        [_vi("y", [1, 3, 32, 32])],
+    )
+    a = load_inputs(helper.make_model(nhwc), pics)[0]["x"]
+    b = load_inputs(helper.make_model(nchw), pics)[0]["x"]
+    assert a.shape == (1, 32, 32, 3) and b.shape == (1, 3, 32, 32)
+    np.testing.assert_array_equal(a, b.transpose(0, 2, 3, 1))  # the same pixels, laid out as asked
+    seq = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "seq", [_vi("x", [1, 10, 16])], [_vi("y", [1, 10, 16])]
+    )
+    with pytest.raises(SplitPointError, match=r"a\.png: an image feeds an input of \[N, C, H, W\].*\.npy"):
+        load_inputs(helper.make_model(seq), pics)

@@ -14,19 +14,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .index import GraphIndex
+from .index import GraphIndex, TensorInfo
 
 BN_STATS_INPUTS = (3, 4)  # running mean / var: buffers, not parameters
 
 
-def _per_sample(dims) -> int:
-    if not dims or any(not isinstance(d, int) for d in dims[1:]):
+def _per_sample(t: TensorInfo | None) -> int:
+    """Elements for one sample (0 where unknown): the batch's dim does not count, wherever it is."""
+    if t is None or not t.dims:
         return 0
-    return (
-        int(np.prod(dims[1:], dtype=np.int64))
-        if isinstance(dims[0], str)
-        else int(np.prod(dims, dtype=np.int64))
-    )
+    if t.batch_axis is not None:
+        return t.per_sample_elements() or 0
+    rest = t.dims[1:] if isinstance(t.dims[0], str) else t.dims  # a symbolic leading dim is the batch
+    ints = [d for d in rest if isinstance(d, int)]
+    return int(np.prod(ints, dtype=np.int64)) if len(ints) == len(rest) else 0
 
 
 # where each heavy op reads its weight (convolutions) or its left operand (matrix products): the
@@ -120,8 +121,7 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         return _control_macs(idx, n)
     if not n.output or n.output[0] not in idx.info:
         return 0
-    out = idx.info[n.output[0]].dims
-    out_elems = _per_sample(out)
+    out_elems = _per_sample(idx.info[n.output[0]])
     wi = CONV_WEIGHT.get(n.op_type)
     if wi is not None and len(n.input) > wi and n.input[wi] in idx.info:
         w = idx.info[n.input[wi]].dims
@@ -131,7 +131,7 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         if n.op_type != "ConvTranspose":
             return out_elems * w[1] * k
         x = idx.info.get(n.input[0])
-        return _per_sample(x.dims) * w[1] * k if x else 0
+        return _per_sample(x) * w[1] * k if x else 0
     if n.op_type in RECURRENT_GATES:
         return _recurrent_macs(idx, n)
     if n.op_type in MATMUL and n.input[0] in idx.info:

@@ -54,6 +54,8 @@ class TensorInfo:
     dims: list[int | str | None] | None  # per dim: int, symbolic name, or None; None: unknown rank
     rows: int = 1  # a symbolic leading dim is the batch times this (a [batch*seq, hidden] reshape)
     lead_is_batch: bool = True  # whether a symbolic leading dim is the batch (not a size found in the data)
+    # where the batch is when it is not the leading dim: a recurrent layer's [seq, directions, batch, hidden]
+    batch_axis: int | None = None
 
     @property
     def dtype(self) -> str:
@@ -63,9 +65,27 @@ class TensorInfo:
     def itemsize(self) -> int:
         return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type)).itemsize
 
+    def per_sample_elements(self) -> int | None:
+        """Elements for one sample, where they are known: a symbolic leading dim is the batch, and so is
+        the batch's symbol elsewhere (``batch_axis``); static tensors count whole."""
+        if self.dims is None:
+            return None
+        if self.batch_axis is not None:
+            rest = [d for k, d in enumerate(self.dims) if k != self.batch_axis]
+            ints = [d for d in rest if isinstance(d, int)]
+            return int(np.prod(ints, dtype=np.int64)) if len(ints) == len(rest) else None
+        nbytes = self.bytes_per_sample()
+        return None if nbytes is None else nbytes // max(self.itemsize, 1)
+
     def bytes_per_sample(self) -> int | None:
-        """Bytes for one sample: a symbolic leading dim is the batch; static tensors count whole."""
-        if self.dims is None or any(d is None for d in self.dims[1:]):
+        """Bytes for one sample: a symbolic leading dim is the batch (or the batch's symbol where
+        ``batch_axis`` says); static tensors count whole."""
+        if self.dims is None:
+            return None
+        if self.batch_axis is not None:
+            n = self.per_sample_elements()
+            return None if n is None else n * self.itemsize
+        if any(d is None for d in self.dims[1:]):
             return None
         batch = bool(self.dims) and isinstance(self.dims[0], str)
         if batch and not self.lead_is_batch:
@@ -158,6 +178,17 @@ class GraphIndex:
         for t in idx.info.values():  # a leading symbol inference made up (unk__3) is no batch
             if t.dims and isinstance(t.dims[0], str) and t.dims[0] not in idx.input_symbols:
                 t.lead_is_batch = False
+        # the batch elsewhere than first: an LSTM's or GRU's [seq, directions, batch, hidden] with the batch
+        # free counted no bytes and no work; it is the only symbol, and the one the inputs lead with
+        batch = {
+            i.dims[0]
+            for i in (idx.info.get(n) for n in idx.inputs)
+            if i and i.dims and isinstance(i.dims[0], str)
+        }
+        for t in idx.info.values():
+            symbols = [k for k, d in enumerate(t.dims or ()) if isinstance(d, str)]
+            if len(symbols) == 1 and symbols[0] > 0 and t.dims is not None and t.dims[symbols[0]] in batch:
+                t.batch_axis = symbols[0]
         for name in idx.outputs:
             if name not in graph_inputs and name not in idx.initializers and name not in idx.producer:
                 raise ModelError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from .cuts import Cut, enumerate_cuts, resolve_cut
 from .extract import IR_WEIGHTS_NOT_INPUTS
 from .index import GraphIndex, dtype_name
 from .shapes import InputShapes, apply_input_shapes, declared_shapes
+
+log = logging.getLogger("splitpoint.model")
 
 
 @dataclass
@@ -146,6 +149,16 @@ def open_model(
     path = zoo.resolve(spec)
     model, digest = load_model_and_digest(path, input_shapes=input_shapes)
     as_planned = not weights_to_constants(model)
+    training = dropout_to_inference(model)
+    if training:
+        log.warning(
+            "%s: %d Dropout node(s) in training mode (%s): run in inference mode, as onnxruntime runs the "
+            "whole model (export the model after model.eval())",
+            path,
+            len(training),
+            ", ".join(training[:3]) + (", …" if len(training) > 3 else ""),
+        )
+        as_planned = False
     entry = zoo.ZOO.get(str(spec))
     name = str(spec) if entry is not None else path.stem
     shapes = dict(getattr(entry, "input_shapes", None) or {}) if entry is not None else {}
@@ -181,6 +194,42 @@ def weights_to_constants(model: onnx.ModelProto) -> bool:
     model.graph.input.extend(keep)
     model.ir_version = max(model.ir_version, IR_WEIGHTS_NOT_INPUTS)
     return True
+
+
+def dropout_to_inference(model: onnx.ModelProto) -> list[str]:
+    """Make every Dropout whose ``training_mode`` is a constant run in inference mode; the names of those
+    that were in training mode. A model exported without ``model.eval()`` keeps them (torch's default
+    exporter does): onnxruntime's optimiser drops them from the whole model, but a tail whose input is a
+    Dropout's keeps it, and the split answered with random elements zeroed (0.9 relative error)."""
+    values: dict[str, onnx.TensorProto] = {}
+    for n in iter_nodes(model.graph):
+        for g in (a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
+            values.update((t.name, t) for t in g.initializer)
+        if (
+            n.op_type == "Constant"
+            and n.output
+            and n.attribute
+            and n.attribute[0].type == onnx.AttributeProto.TENSOR
+        ):
+            values[n.output[0]] = n.attribute[0].t
+    values.update((t.name, t) for t in model.graph.initializer)
+    training = []
+    for n in iter_nodes(model.graph):
+        if (
+            n.op_type != "Dropout"
+            or n.domain not in ("", "ai.onnx")
+            or len(n.input) < 3
+            or n.input[2] not in values
+        ):
+            continue
+        try:
+            on = bool(np.asarray(onnx.numpy_helper.to_array(values[n.input[2]])).any())
+        except Exception:  # a value that cannot be read (external data not loaded): taken as on
+            on = True
+        del n.input[2:]  # absent: inference mode
+        if on:
+            training.append(n.name or n.output[0])
+    return training
 
 
 _NOT_TENSOR = {
