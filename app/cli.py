@@ -91,6 +91,16 @@ Shapes = Annotated[
     ),
 ]
 
+Scores = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--scores",
+        help="NAME[:AXIS]: fidelity compares output NAME as class scores along AXIS (default -1, the last): "
+        "the share of positions whose top-1 is unchanged, not cosine (a language model's [batch, tokens, "
+        "vocab] logits; repeatable)",
+    ),
+]
+
 
 def _print_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=1, default=str)
@@ -550,6 +560,7 @@ def plan(
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
+    scores: Scores = None,
     plan_set: Annotated[
         str | None,
         typer.Option(
@@ -592,6 +603,7 @@ def plan(
         random=random,
         force=force,
         input_shapes=tuple(input_shape or ()),
+        scores=tuple(scores or ()),
         rate_ips=rate,
         with_full=with_full,
     )
@@ -671,6 +683,7 @@ def plan_chain(
     force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
+    scores: Scores = None,
     inputs: FidelityInputs = None,
 ) -> None:
     """Choose cuts and codecs for a chain of devices jointly (edge, relays, server); write the plan."""
@@ -708,6 +721,7 @@ def plan_chain(
         force=force,
         inputs=inputs,
         input_shapes=tuple(input_shape or ()),
+        scores=tuple(scores or ()),
     )
     with progress("planning the chain", as_json) as note:
         r = run_chain_plan(job, note)
@@ -761,13 +775,14 @@ def fidelity(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     input_shape: Shapes = None,
+    scores: Scores = None,
 ) -> None:
     """Measure the split model with a codec (and an int8 head) against the float model."""
     from splitpoint.partitioner.fidelity import measure_one
 
     if random is not None and random < 1:
         raise typer.BadParameter(f"--random must be at least 1 sample, not {random}")
-    rep = measure_one(model, cut, codec, quantize_head, inputs, random, input_shape)
+    rep = measure_one(model, cut, codec, quantize_head, inputs, random, input_shape, scores)
     if as_json:
         _print_json(rep.to_dict())
         return

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from splitpoint.core.codecs import decode, encode
+from splitpoint.core.errors import ModelError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
@@ -66,12 +67,13 @@ class FidelityReport:
         return {**asdict(self), "score": self.score}
 
 
-def compare(name: str, ref: Joined, got: Joined, n: int = 1) -> OutputFidelity:
+def compare(name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = None) -> OutputFidelity:
     """One output of ``n`` samples, split against float. An output whose shape follows the data (NonZero,
     TopK with k an input) is compared sample by sample, and a sample whose split shape differs from the
-    float one counts as wholly wrong: nothing of it lines up."""
+    float one counts as wholly wrong: nothing of it lines up. ``axis``: the output holds class scores
+    along it (``--scores``), and top-1 is the share of positions whose largest score is the same one."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
-        return _compare_samples(name, per_sample(ref, n), per_sample(got, n))
+        return _compare_samples(name, per_sample(ref, n), per_sample(got, n), axis)
     exact = _discrete(ref)
     if ref.size == 0:  # empty in both, shapes equal: nothing can differ
         return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB, exact_agreement=1.0 if exact else None)
@@ -80,8 +82,11 @@ def compare(name: str, ref: Joined, got: Joined, n: int = 1) -> OutputFidelity:
     got = got.astype(np.float64)
     rows = ref.shape[0] if ref.ndim else 1
     r, g = ref.reshape(rows, -1), got.reshape(rows, -1)
-    classes = ref.ndim == 2 and ref.shape[1] > 1 and not exact
-    top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if classes else None
+    if axis is not None and not exact and ref.ndim:
+        top1: float | None = float(np.mean(ref.argmax(axis) == got.argmax(axis)))
+    else:
+        classes = ref.ndim == 2 and ref.shape[1] > 1 and not exact
+        top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
     noise = float(((r - g) ** 2).sum())
@@ -100,13 +105,16 @@ def _snr(signal: float, noise: float) -> float:
     return SNR_CAP_DB if noise == 0 else float(min(SNR_CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise)))
 
 
-def _compare_samples(name: str, refs: list[np.ndarray], gots: list[np.ndarray]) -> OutputFidelity:
+def _compare_samples(
+    name: str, refs: list[np.ndarray], gots: list[np.ndarray], axis: int | None = None
+) -> OutputFidelity:
     if len(refs) != len(gots):
         raise ValueError(f"output {name}: {len(refs)} float samples against {len(gots)} split ones")
     cosines: list[float] = []
     exact = bool(refs) and all(_discrete(r) for r in refs)
     equal: list[float] | None = [] if exact else None
-    top1: list[float] | None = [] if not exact and all(r.ndim == 2 and r.shape[1] > 1 for r in refs) else None
+    scores = axis is not None or all(r.ndim == 2 and r.shape[1] > 1 for r in refs)
+    top1: list[float] | None = [] if not exact and scores else None
     worst, signal, noise, mismatched = 0.0, 0.0, 0.0, 0
     for ref, got in zip(refs, gots, strict=True):
         r, g = ref.astype(np.float64), got.astype(np.float64)
@@ -119,7 +127,7 @@ def _compare_samples(name: str, refs: list[np.ndarray], gots: list[np.ndarray]) 
                     acc.append(0.0)
             mismatched += 1
             continue
-        one = compare(name, ref, got)
+        one = compare(name, ref, got, axis=axis)
         noise += float(((r - g) ** 2).sum())
         cosines.append(one.cosine)
         if top1 is not None:
@@ -169,6 +177,40 @@ def received_digest(received: list[dict[str, np.ndarray]]) -> bytes:
     ).digest()
 
 
+def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
+    """``--scores NAME[:AXIS]`` (repeatable): outputs whose top-1 along AXIS (default the last) is what a
+    user compares, a language model's [batch, tokens, vocab] logits or a segmenter's [batch, classes, H, W]
+    masks. Cosine hid them: int4 scored 0.997 on a token model while 15 % of its tokens changed. No rule
+    can tell such an output from a detector's [1, 84, 8400], whose largest value along any axis means
+    nothing, so the user says which. Refused before any work: an output the model lacks, an integer one,
+    an axis past its rank, or the batch's axis."""
+    axes: dict[str, int] = {}
+    for spec in specs or ():
+        name, _, axis_text = spec.rpartition(":") if ":" in spec else (spec, "", "-1")
+        if name not in handle.index.outputs:
+            raise ModelError(
+                f"--scores {spec}: the model has no output {name!r} (its outputs: "
+                f"{', '.join(handle.index.outputs[:8])})"
+            )
+        try:
+            axis = int(axis_text)
+        except ValueError:
+            raise ModelError(f"--scores {spec}: the axis must be an integer, e.g. {name}:-1") from None
+        info = handle.index.info.get(name)
+        rank = len(info.dims) if info is not None and info.dims is not None else None
+        if info is not None and (np.issubdtype(np.dtype(info.dtype), np.integer) or info.dtype == "bool"):
+            raise ModelError(f"--scores {spec}: {name} is {info.dtype}, compared element by element already")
+        if rank is not None and rank < 2:
+            raise ModelError(f"--scores {spec}: {name} has {rank} dimension(s): no axis beside the batch's")
+        if rank is not None and not (-rank <= axis < rank and axis % rank != 0):
+            raise ModelError(
+                f"--scores {spec}: {name} has {rank} dimensions; the class axis is one of 1 to {rank - 1} "
+                "(or -1 for the last), not the batch's"
+            )
+        axes[name] = axis
+    handle.score_axes = axes
+
+
 def measure(
     handle: ModelHandle,
     cut: Cut,
@@ -207,7 +249,7 @@ def measure(
         late = runs[digest]
         got = [h_out[name] if name in cut.head_outputs else late[name] for name in handle.index.outputs]
         outs = [
-            compare(name, ref, g, n)
+            compare(name, ref, g, n, handle.score_axes.get(name))
             for name, ref, g in zip(handle.index.outputs, reference, got, strict=True)
         ]
         task = task_report(handle.task, reference, got, n, truths)
@@ -223,6 +265,7 @@ def measure_one(
     inputs: Path | None = None,
     random: int | None = None,
     input_shapes: list[str] | None = None,
+    scores: list[str] | None = None,
 ) -> FidelityReport:
     """``splitpoint fidelity``: one cut, one codec, optionally an int8 head, against the float model. Its
     samples are those ``plan`` measures on (a trained zoo model's rendered task inputs, with their task
@@ -244,6 +287,7 @@ def measure_one(
         if declared is not None:
             shapes = {**sample_shapes(declared, inputs), **shapes}
     handle = open_model(model, shapes)
+    set_score_axes(handle, scores)
     cut = resolve_cut(handle.index, cut_spec)
     n = random or (64 if handle.task else 8)  # plan's own defaults
     samples, truths, measured_on = handle.fidelity_samples(n, inputs)

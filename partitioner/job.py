@@ -32,6 +32,7 @@ from .chainplan import (
 )
 from .costmodel import CandidateInput, Link
 from .emit import write_candidate, write_plan_set
+from .fidelity import set_score_axes
 from .pareto import Constraints
 from .planner import Decision, Measurements, decide, gather, link_of, measure_winners
 from .planset import Member, bits_only_set, plan_set, sweep_links
@@ -66,6 +67,7 @@ class PlanJob(StrictConfig):
     )  # fidelity samples: default 8 random, 64 for a trained model
     force: bool = False
     input_shapes: tuple[str, ...] = ()  # NAME:1x3x640x640, for inputs with symbolic dimensions
+    scores: tuple[str, ...] = ()  # NAME[:AXIS]: outputs compared as class scores along AXIS (fidelity)
     rate_ips: float | None = Field(None, gt=0)  # plan sets: the arrival rate every member must keep up with
     with_full: bool = False  # ship the whole model too, for the edge to fall back on
 
@@ -111,9 +113,10 @@ def fidelity_measure(handle: ModelHandle) -> str:
         from .taskmetrics import PRIMARY
 
         return f"{handle.task} {PRIMARY[handle.task].replace('_', ' ')} with the unsplit model"
+    named = "".join(f", top-1 at every position along axis {a} for {n}" for n, a in handle.score_axes.items())
     return (
-        "agreement with the unsplit model, the worst output's: top-1 for class scores, equal elements for "
-        "integer outputs, cosine otherwise"
+        "agreement with the unsplit model, the worst output's: top-1 for class scores"
+        f"{named}, equal elements for integer outputs, cosine otherwise"
     )
 
 
@@ -131,6 +134,7 @@ def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]
     if job.out:
         check_target(job.out, job.force)
     handle = open_model(job.model, job_shapes(job.input_shapes, [job.edge_profile]))
+    set_score_axes(handle, job.scores)
     network = load_network(job.network)
     edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
     server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
@@ -277,6 +281,7 @@ class ChainJob(StrictConfig):
     random: int | None = Field(None, ge=1, le=100_000)
     force: bool = False
     input_shapes: tuple[str, ...] = ()
+    scores: tuple[str, ...] = ()  # NAME[:AXIS]: outputs compared as class scores along AXIS (fidelity)
     inputs: Path | None = None  # folder of samples for fidelity (the first also checks the plan's stages)
 
     @field_validator("codecs")
@@ -318,6 +323,7 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     if unknown:
         raise SplitPointError(f"--memory: no device named {', '.join(unknown)} in the chain")
     handle = open_model(job.model, job_shapes(job.input_shapes, list(job.profiles.values())))
+    set_score_axes(handle, job.scores)
     networks = [load_network(n) for n in job.networks]
     missing = sorted({d for d in job.devices if d not in job.profiles})
     if missing:

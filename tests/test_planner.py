@@ -188,12 +188,16 @@ def test_plan_cli_writes_a_runnable_plan_with_its_predictions(setup):
         str(png),
         "--random",
         "4",
+        "--scores",
+        f"{h.index.outputs[0]}:-1",  # a classifier's own rule, said as the plan records it
         check=True,
     )
     assert "Pareto front" in proc.stdout and "pick (latency)" in proc.stdout
     assert png.stat().st_size > 10_000
     plan = Plan.load(out)
     assert plan.predicted["derived"] is True and plan.predicted["fidelity"] >= 0.9
+    said = f"top-1 at every position along axis -1 for {h.index.outputs[0]}"
+    assert said in plan.predicted["fidelity_measure"], plan.predicted["fidelity_measure"]
     assert plan.front and plan.predicted["link"] == "wifi-n"
     _, head, tail = load_split(out)
     feeds = {"input": np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)}

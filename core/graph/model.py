@@ -46,6 +46,9 @@ class ModelHandle:
     # the user's own sample (``--inputs``' first), run wherever one sample is: for a model whose integer
     # inputs must hold real values (a shape, an index into an activation), which seeded random ones break
     given_sample: dict[str, np.ndarray] | None = None
+    # outputs the user named as class scores along an axis (``--scores``: a language model's [batch, tokens,
+    # vocab] logits): fidelity compares their top-1 at every position there, not their cosine
+    score_axes: dict[str, int] = field(default_factory=dict)
 
     def take_sample_from(self, folder: Path) -> None:
         from splitpoint.core.samples import load_inputs
