@@ -3,6 +3,7 @@ that dies, deploys that give each device its segment only, and format-1 plans th
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from concurrent.futures import wait
@@ -725,24 +726,17 @@ def test_a_relay_holds_at_most_64_requests_its_next_stage_has_not_answered(chain
         stalled.close(0)
 
 
-def test_a_relay_passes_on_its_next_stage_s_timings_as_numbers_only(chain):
-    """A next stage's result whose header is legal but fills it (64 KB of padding in its timings, or its
-    timings nested 16 deep): the relay's own reply, which wraps them, stays one its client accepts, with
-    the figures that are numbers kept."""
+@contextlib.contextmanager
+def _relay_before(chain, answer):
+    """A relay for stage 1 of the chain's plan whose next stage is a fake: ``answer(msg)`` gives the
+    (tensor names, frames, meta) it answers each request with. Yields the relay's endpoint."""
     import threading
 
     import zmq
 
     from splitpoint.core import wire
 
-    plan = chain["plan"]
-    want = [n for st in plan.stages[2:] for n in st.produces]
-    nested: dict = {"total_ms": 2.0}
-    for _ in range(wire.MAX_HEADER_DEPTH - 3):  # the header, its meta and 14 levels: legal
-        nested = {"deeper": nested, "tail_ms": 1.5}
-    metas = iter([{"stages": [{"pad": "a" * 65_200, "tail_ms": 3.0}]}, {"server": nested}])
-    ctx = zmq.Context.instance()
-    fake = ctx.socket(zmq.ROUTER)
+    fake = zmq.Context.instance().socket(zmq.ROUTER)
     port = fake.bind_to_random_port("tcp://127.0.0.1")
     done = threading.Event()
 
@@ -755,9 +749,8 @@ def test_a_relay_passes_on_its_next_stage_s_timings_as_numbers_only(chain):
             if msg.type == wire.PING:
                 fake.send_multipart([ident, *wire.Message(wire.PONG, msg.id).to_frames()])
                 continue
-            frames = [encode(np.zeros((1, 1000), np.float32), "float32")]
-            reply = wire.Message(wire.RESULT, msg.id, msg.plan, want[:1], meta=next(metas), frames=frames)
-            wire.parse(reply.to_frames())  # legal as sent
+            names, frames, meta = answer(msg)
+            reply = wire.Message(wire.RESULT, msg.id, msg.plan, names, meta=meta, frames=frames)
             fake.send_multipart([ident, *reply.to_frames()])
 
     t = threading.Thread(target=next_stage, daemon=True)
@@ -765,11 +758,7 @@ def test_a_relay_passes_on_its_next_stage_s_timings_as_numbers_only(chain):
     ep_relay = f"tcp://127.0.0.1:{free_port()}"
     relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", f"tcp://127.0.0.1:{port}")
     try:
-        cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
-        with EdgeClient(cfg) as c:
-            for kept in ({"tail_ms": 3.0}, {"tail_ms": 1.5}):
-                r = c.infer(x(), timeout=30)
-                assert r.breakdown["stages"][1] == kept, r.breakdown["stages"]
+        yield ep_relay
     finally:
         done.set()
         t.join(2)
@@ -777,16 +766,36 @@ def test_a_relay_passes_on_its_next_stage_s_timings_as_numbers_only(chain):
         stop(relay)
 
 
+def test_a_relay_passes_on_its_next_stage_s_timings_as_numbers_only(chain):
+    """A next stage's result whose header is legal but fills it (64 KB of padding in its timings, or its
+    timings nested 16 deep): the relay's own reply, which wraps them, stays one its client accepts, with
+    the figures that are numbers kept."""
+    from splitpoint.core import wire
+
+    want = [n for st in chain["plan"].stages[2:] for n in st.produces]
+    nested: dict = {"total_ms": 2.0}
+    for _ in range(wire.MAX_HEADER_DEPTH - 3):  # the header, its meta and 14 levels: legal
+        nested = {"deeper": nested, "tail_ms": 1.5}
+    metas = iter([{"stages": [{"pad": "a" * 65_200, "tail_ms": 3.0}]}, {"server": nested}])
+
+    def answer(msg):
+        frames, meta = [encode(np.zeros((1, 1000), np.float32), "float32")], next(metas)
+        sent = wire.Message(wire.RESULT, msg.id, msg.plan, want[:1], meta=meta, frames=frames)
+        wire.parse(sent.to_frames())  # legal as sent
+        return want[:1], frames, meta
+
+    with _relay_before(chain, answer) as ep_relay:
+        cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
+        with EdgeClient(cfg) as c:
+            for kept in ({"tail_ms": 3.0}, {"tail_ms": 1.5}):
+                r = c.infer(x(), timeout=30)
+                assert r.breakdown["stages"][1] == kept, r.breakdown["stages"]
+
+
 def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
     """A hostile or broken next stage answers with a wrong shape, a garbage payload, a missing output,
     an extra one, or a batch of 5 for a request of 1: the relay answers `unavailable` saying why, instead
     of forwarding what it got."""
-    import threading
-
-    import zmq
-
-    from splitpoint.core import wire
-
     plan = chain["plan"]
     want = [n for st in plan.stages[2:] for n in st.produces]
     assert want, plan.stages
@@ -801,37 +810,15 @@ def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
         ]
     )
     assert plan.outputs[0].shape.startswith("N"), plan.outputs  # the batch is free: 5 fits the plan
-    ctx = zmq.Context.instance()
-    fake = ctx.socket(zmq.ROUTER)
-    port = fake.bind_to_random_port("tcp://127.0.0.1")
-    done = threading.Event()
 
-    def next_stage() -> None:
-        while not done.is_set():
-            if not fake.poll(100):
-                continue
-            ident, *body = fake.recv_multipart()
-            msg = wire.parse(body)
-            if msg.type == wire.PING:
-                fake.send_multipart([ident, *wire.Message(wire.PONG, msg.id).to_frames()])
-                continue
-            names, frames, _ = next(answers)
-            reply = wire.Message(wire.RESULT, msg.id, msg.plan, names, frames=frames)
-            fake.send_multipart([ident, *reply.to_frames()])
+    def answer(msg):
+        names, frames, _ = next(answers)
+        return names, frames, {}
 
-    t = threading.Thread(target=next_stage, daemon=True)
-    t.start()
-    ep_relay = f"tcp://127.0.0.1:{free_port()}"
-    relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", f"tcp://127.0.0.1:{port}")
-    try:
+    with _relay_before(chain, answer) as ep_relay:
         cfg = EdgeConfig(plan_dir=chain["plans"] / "c3", server=ep_relay, connect_grace_s=20, fallback=False)
         with EdgeClient(cfg) as c:
             for why in ("shape", want[0], "missing", "not the plan's", "is 1 in tensor"):
                 with pytest.raises(EdgeError, match="does not fit the plan") as exc:
                     c.infer(x(), timeout=30)
                 assert exc.value.code == "unavailable" and why in str(exc.value), str(exc.value)
-    finally:
-        done.set()
-        t.join(2)
-        fake.close(0)
-        stop(relay)
