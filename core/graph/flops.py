@@ -25,9 +25,10 @@ def _per_sample(t: TensorInfo | None) -> int:
         return 0
     if t.batch_axis is not None:
         return t.per_sample_elements() or 0
-    rest = t.dims[1:] if isinstance(t.dims[0], str) else t.dims  # a symbolic leading dim is the batch
+    lead = isinstance(t.dims[0], str)  # a symbolic leading dim is the batch, times its rows per sample
+    rest = t.dims[1:] if lead else t.dims
     ints = [d for d in rest if isinstance(d, int)]
-    return int(np.prod(ints, dtype=np.int64)) if len(ints) == len(rest) else 0
+    return int(np.prod(ints, dtype=np.int64)) * (t.rows if lead else 1) if len(ints) == len(rest) else 0
 
 
 # where each heavy op reads its weight (convolutions) or its left operand (matrix products): the
