@@ -26,7 +26,7 @@ from splitpoint.core.runner import Joined, StageRunner, join, make_session, run_
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
-from .fidelity import FidelityReport, compare, task_report
+from .fidelity import FidelityReport, compare_outputs, task_report
 from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
 
 CHAIN_CODECS = ["float32", "float16", "int8", "int8+zstd"]
@@ -191,7 +191,7 @@ def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
         "+".join(key[1]),
         "float32",
         n,
-        [compare(name, r, g, n) for name, r, g in zip(h.index.outputs, m.reference, got, strict=True)],
+        compare_outputs(h, m.reference, got, n),
         task_report(h.task, m.reference, got, n, m.truths),
     )
     m.fidelity[key] = rep

@@ -16,6 +16,7 @@ from splitpoint.core.errors import ModelError
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut
 from splitpoint.core.graph.extract import extract
+from splitpoint.core.graph.index import TensorInfo
 from splitpoint.core.runner import Joined, Ragged, join, make_session, per_sample, run_batched, run_samples
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
@@ -83,6 +84,8 @@ def compare(name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = 
     rows = ref.shape[0] if ref.ndim else 1
     r, g = ref.reshape(rows, -1), got.reshape(rows, -1)
     if axis is not None and not exact and ref.ndim:
+        if not -ref.ndim <= axis < ref.ndim:
+            raise ModelError(f"--scores {name}:{axis}: {name} has {ref.ndim} dimensions at run time")
         top1: float | None = float(np.mean(ref.argmax(axis) == got.argmax(axis)))
     else:
         classes = ref.ndim == 2 and ref.shape[1] > 1 and not exact
@@ -94,6 +97,17 @@ def compare(name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = 
     return OutputFidelity(
         name, top1, float(cos.mean()), float(np.abs(r - g).max()), _snr(signal, noise), exact_agreement=equal
     )
+
+
+def compare_outputs(
+    handle: ModelHandle, refs: Sequence[Joined], gots: Sequence[Joined], n: int
+) -> list[OutputFidelity]:
+    """Every output of the model, split against float, each by the rule its user named (``--scores``)
+    or the default one: the one place the planner, the chain planner and ``fidelity`` compare outputs."""
+    return [
+        compare(name, r, g, n, handle.score_axes.get(name))
+        for name, r, g in zip(handle.index.outputs, refs, gots, strict=True)
+    ]
 
 
 def _discrete(a: np.ndarray) -> bool:
@@ -186,7 +200,10 @@ def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
     an axis past its rank, or the batch's axis."""
     axes: dict[str, int] = {}
     for spec in specs or ():
-        name, _, axis_text = spec.rpartition(":") if ":" in spec else (spec, "", "-1")
+        # an output's own name may hold a colon (tf2onnx's ``logits:0``): the whole spec first
+        name, _, axis_text = (
+            (spec, "", "-1") if spec in handle.index.outputs or ":" not in spec else spec.rpartition(":")
+        )
         if name not in handle.index.outputs:
             raise ModelError(
                 f"--scores {spec}: the model has no output {name!r} (its outputs: "
@@ -196,8 +213,13 @@ def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
             axis = int(axis_text)
         except ValueError:
             raise ModelError(f"--scores {spec}: the axis must be an integer, e.g. {name}:-1") from None
-        info = handle.index.info.get(name)
+        try:  # a type inference left open is found by a trial run, as a cut's is
+            info: TensorInfo | None = handle.index.tensor(name)
+        except ModelError:
+            info = handle.index.info.get(name)
         rank = len(info.dims) if info is not None and info.dims is not None else None
+        if axis == 0:
+            raise ModelError(f"--scores {spec}: axis 0 is the batch's; name the class axis, e.g. {name}:-1")
         if info is not None and (np.issubdtype(np.dtype(info.dtype), np.integer) or info.dtype == "bool"):
             raise ModelError(f"--scores {spec}: {name} is {info.dtype}, compared element by element already")
         if rank is not None and rank < 2:
@@ -248,10 +270,7 @@ def measure(
             runs[digest] = dict(zip(tail_names, run_batched(ts, received), strict=True))
         late = runs[digest]
         got = [h_out[name] if name in cut.head_outputs else late[name] for name in handle.index.outputs]
-        outs = [
-            compare(name, ref, g, n, handle.score_axes.get(name))
-            for name, ref, g in zip(handle.index.outputs, reference, got, strict=True)
-        ]
+        outs = compare_outputs(handle, reference, got, n)
         task = task_report(handle.task, reference, got, n, truths)
         reports[codec] = FidelityReport(cut.index, codec, head_weights, n, outs, task)
     return reports

@@ -29,7 +29,7 @@ from splitpoint.core.runner import Joined, make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
-from .fidelity import FidelityReport, compare, measure, received_digest, task_report
+from .fidelity import FidelityReport, compare_outputs, measure, received_digest, task_report
 from .pareto import Constraints, front, infeasible, objective_key, pick
 from .planset import fastest
 
@@ -352,10 +352,7 @@ def _record(m: Measurements, cut, codec: str, head: str, outputs: list[Joined]) 
         codec,
         head,
         n,
-        [
-            compare(name, r, o, n)
-            for name, r, o in zip(m.handle.index.outputs, m.reference, outputs, strict=True)
-        ],
+        compare_outputs(m.handle, m.reference, outputs, n),
         task_report(m.handle.task, m.reference, outputs, n, m.truths),
     )
     m.fidelity[(cut, codec, head)] = rep.score

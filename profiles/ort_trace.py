@@ -53,7 +53,9 @@ _TOKEN = re.compile(r"_token_\d+$")
 # a node a fusion rewrote keeps its name with the fusion's appended, once per fusion
 # (``<node>/MatMulAddFusion``, ``<node>/MatMulScaleFusion//MatmulTransposeFusion/``): a transformer exported
 # by torch had 54 % of its kernel time under such names, and every derived cut fell back to MACs
-_FUSIONS = re.compile(r"(?:/+[A-Za-z0-9]*Fusion/*)+$")
+# (each repetition starts at its own slashes: a trailing ``/*`` inside it backtracked exponentially on a
+# name of many ``/Fusion//`` that does not end in one)
+_FUSIONS = re.compile(r"(?:/+[A-Za-z0-9]*Fusion(?:_token_\d+)?)+/*$")
 
 
 def _map(idx: GraphIndex, ort_name: str, by_name: dict[str, int]) -> int | None:

@@ -56,6 +56,10 @@ class DecoderSessions:
     def __contains__(self, key: Key) -> bool:
         return key in self._s
 
+    def holds(self, peer: bytes, fd: int | None) -> bool:
+        """Whether any session belongs to this connection."""
+        return any(k[0] == peer and k[1] == fd for k in self._s)
+
     def begin(self, key: Key, position: int, empty: dict[str, np.ndarray]) -> Session:
         """The session a step at ``position`` continues, or SessionError. At position 0 it is a new one,
         held aside until ``commit``: a start (or a start over) that is refused, or whose step fails,

@@ -613,12 +613,19 @@ class TailServer:
             self._admit(router, ident, msg, t_recv)
         elif msg.type in (wire.STEP, wire.CLOSE):
             reply, key = self._session_message(ident, msg, t_recv)
-            if not self._deliver(router, ident, reply) and key is not None and self.sessions.close(key):
+            if not self._deliver(router, ident, reply) and key is not None:
                 # its connection closed before the step was read (libzmq still hands over what it had
                 # received): nobody can continue the session, which would otherwise hold its place and
                 # cache until --session-idle, one per such client
-                self.sessions.dropped += 1
-                log.debug("freed the decoder session of a step whose connection had closed")
+                peer, fd = key[0], key[1]
+                if self.sessions.close(key):
+                    self.sessions.dropped += 1
+                    log.debug("freed the decoder session of a step whose connection had closed")
+                held = self._session_peers.get(fd) if fd is not None else None
+                if fd is not None and held is not None and not self.sessions.holds(peer, fd):
+                    held.discard(peer)  # its close was seen before this step: nothing is left to free
+                    if not held:
+                        del self._session_peers[fd]
         else:
             self.stats.add(rejected=1)
             self._send(

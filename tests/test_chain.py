@@ -615,6 +615,13 @@ def test_plan_ids_follow_the_documented_recipe_and_an_edge_that_falls_back_needs
     for version in (2.0, True, "2"):  # strictly an integer, even where it compares equal to one
         with pytest.raises(PlanError, match="unsupported plan format_version"):
             Plan.parse(json.dumps({**raw, "format_version": version}))
+    from splitpoint.core.planset import PlanSet
+
+    for version in (1.0, True):  # a plan set's too
+        with pytest.raises(PlanError, match="unsupported plan set format_version"):
+            PlanSet.parse(json.dumps({"format_version": version}))
+    with pytest.raises(PlanError, match="malformed plan set"):  # 1 itself is read on
+        PlanSet.parse(json.dumps({"format_version": 1}))
     files = {n: (d / n).read_bytes() for n in (PLAN_FILE, "head.onnx")}
     assert verify_pushed(files, "edge", fallback=False).plan_id == raw["plan_id"]
     with pytest.raises(PlanError, match=f"missing {FULL_FILE}"):

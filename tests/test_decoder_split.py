@@ -445,7 +445,8 @@ def test_an_answer_a_worker_finished_is_not_held_behind_queued_decoder_steps(mix
             if b in events:
                 assert wire.parse(b.recv_multipart()).type == wire.RESULT
                 answered_after = stepped
-        assert answered_after < steps // 4, (
+        # between steps it came after 1 to 5 of them; held, after all 40
+        assert answered_after < steps // 2, (
             f"the request's answer came after {answered_after} of {steps} steps"
         )
     finally:

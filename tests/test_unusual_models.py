@@ -1388,7 +1388,8 @@ def test_scores_name_an_output_and_an_axis_beside_the_batch_or_stop_before_any_w
     path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "lm.onnx")
     for spec, words in (
         ("nope", "the model has no output 'nope' (its outputs: logits)"),
-        ("logits:0", "the class axis is one of 1 to 2 (or -1 for the last), not the batch's"),
+        ("logits:0", "axis 0 is the batch's; name the class axis, e.g. logits:-1"),
+        ("logits:3", "the class axis is one of 1 to 2 (or -1 for the last), not the batch's"),
         ("logits:x", "the axis must be an integer"),
     ):
         r = run_cli("fidelity", path, "--cut", "2", "--codec", "int4", "--scores", spec, "--json")
@@ -1400,3 +1401,23 @@ def test_scores_name_an_output_and_an_axis_beside_the_batch_or_stop_before_any_w
     assert plain["outputs"][0]["top1_agreement"] is None and plain["score"] == plain["outputs"][0]["cosine"]
     assert out["cosine"] == plain["outputs"][0]["cosine"] and named["score"] == out["top1_agreement"]
     assert out["top1_agreement"] < out["cosine"]  # the tokens int4 changed, which cosine hid
+
+
+def test_scores_take_an_output_whose_name_holds_a_colon(tmp_path):
+    """tf2onnx names outputs ``logits:0``: ``--scores logits:0`` is that output (class axis the last), and
+    ``logits:0:1`` names its axis 1."""
+    from splitpoint.partitioner.fidelity import set_score_axes
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["logits:0"])],
+        "tf",
+        [_vi("x", ["N", 4, 8])],
+        [_vi("logits:0", ["N", 4, 8])],
+    )
+    h = open_model(
+        _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "tf.onnx")
+    )
+    set_score_axes(h, ["logits:0"])
+    assert h.score_axes == {"logits:0": -1}
+    set_score_axes(h, ["logits:0:1"])
+    assert h.score_axes == {"logits:0": 1}

@@ -139,6 +139,7 @@ class GraphIndex:
     info: dict = field(default_factory=dict)  # tensor -> TensorInfo
     node_ins: list = field(default_factory=list)  # per node: inputs incl. subgraph refs
     input_symbols: set = field(default_factory=set)  # the symbolic dims the graph's inputs declare
+    batch_symbol: str | None = None  # the first input's leading dim, where it is a symbol: the batch
     non_tensor: set = field(default_factory=set)  # values that are sequences, maps or optionals: no codec
     body_info: dict = field(default_factory=dict)  # tensor -> TensorInfo inside Loop/If/Scan bodies
     trial_error: str | None = None  # why the trial run that types what inference missed failed, if it did
@@ -175,20 +176,15 @@ class GraphIndex:
         idx.input_symbols = {
             d for i in idx.inputs if i in idx.info for d in idx.info[i].dims or () if isinstance(d, str)
         }
+        first = idx.info.get(idx.inputs[0]) if idx.inputs else None
+        idx.batch_symbol = first.dims[0] if first and first.dims and isinstance(first.dims[0], str) else None
         for t in idx.info.values():  # a leading symbol inference made up (unk__3) is no batch
             if t.dims and isinstance(t.dims[0], str) and t.dims[0] not in idx.input_symbols:
                 t.lead_is_batch = False
         # the batch elsewhere than first: an LSTM's or GRU's [seq, directions, batch, hidden] with the batch
-        # free counted no bytes and no work; it is the only symbol, and the one the inputs lead with
-        batch = {
-            i.dims[0]
-            for i in (idx.info.get(n) for n in idx.inputs)
-            if i and i.dims and isinstance(i.dims[0], str)
-        }
+        # free counted no bytes and no work
         for t in idx.info.values():
-            symbols = [k for k, d in enumerate(t.dims or ()) if isinstance(d, str)]
-            if len(symbols) == 1 and symbols[0] > 0 and t.dims is not None and t.dims[symbols[0]] in batch:
-                t.batch_axis = symbols[0]
+            _mark_batch_axis(t, idx.batch_symbol)
         for name in idx.outputs:
             if name not in graph_inputs and name not in idx.initializers and name not in idx.producer:
                 raise ModelError(
@@ -316,13 +312,20 @@ class GraphIndex:
         except Exception as exc:  # best effort: callers report the tensor that stays unknown, and why
             self.trial_error = first_line(exc)[:400]
             return
-        first = self.info.get(self.inputs[0]) if self.inputs else None
-        batch = first.dims[0] if first and first.dims and isinstance(first.dims[0], str) else "N"
+        batch = self.batch_symbol or "N"
         for name, a, b in zip(missing, *runs, strict=True):
             if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
                 self.non_tensor.add(name)  # a sequence or a map, returned as a list or a dict
                 continue
             self.info[name] = _measured_info(name, self.info.get(name), a, b, batch if free_batch else None)
+            _mark_batch_axis(self.info[name], self.batch_symbol)
+
+
+def _mark_batch_axis(t: TensorInfo, batch: str | None) -> None:
+    """Where the batch is not a tensor's leading dim but its only symbol (``batch_axis``)."""
+    symbols = [k for k, d in enumerate(t.dims or ()) if isinstance(d, str)]
+    if batch is not None and len(symbols) == 1 and symbols[0] > 0 and t.dims and t.dims[symbols[0]] == batch:
+        t.batch_axis = symbols[0]
 
 
 def _measured_info(

@@ -155,8 +155,8 @@ def open_model(
     training = dropout_to_inference(model)
     if training:
         log.warning(
-            "%s: %d Dropout node(s) in training mode (%s): run in inference mode, as onnxruntime runs the "
-            "whole model (export the model after model.eval())",
+            "%s: %d Dropout node(s) in training mode (%s): run in inference mode, as onnxruntime's optimiser "
+            "runs them in the whole model (export the model after model.eval())",
             path,
             len(training),
             ", ".join(training[:3]) + (", …" if len(training) > 3 else ""),
@@ -206,15 +206,13 @@ def dropout_to_inference(model: onnx.ModelProto) -> list[str]:
     Dropout's keeps it, and the split answered with random elements zeroed (0.9 relative error)."""
     values: dict[str, onnx.TensorProto] = {}
     for n in iter_nodes(model.graph):
-        for g in (a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
-            values.update((t.name, t) for t in g.initializer)
-        if (
-            n.op_type == "Constant"
-            and n.output
-            and n.attribute
-            and n.attribute[0].type == onnx.AttributeProto.TENSOR
-        ):
-            values[n.output[0]] = n.attribute[0].t
+        for a in n.attribute:
+            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                values.update((t.name, t) for t in g.initializer)
+        if n.op_type == "Constant" and n.output:
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                values[n.output[0]] = value
     values.update((t.name, t) for t in model.graph.initializer)
     training = []
     for n in iter_nodes(model.graph):
