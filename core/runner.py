@@ -406,7 +406,9 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
             i, st = by_file[name]
             specs |= {t.name: t for t in st.receives}
             outs |= {t.name: t for t in st.sends}
-            may_read = set(specs)
+            # the edge's stage reads the model's inputs; a later one only what the stage before sends it
+            # (a tail that read the raw input too was deployed, and every request failed on the missing key)
+            may_read = set(specs) if i == 0 else {t.name for t in st.receives}
             # what a stage passes on as it came (a raw model input the tail reads, a tensor an earlier
             # stage sent for a later one) is forwarded, not computed: its model need not return it
             must_give = {t.name for t in st.sends if t.name not in may_read} | set(st.produces)

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitpoint.core import wire
 from splitpoint.core.errors import PlanError
 from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers, verify_pushed
@@ -21,6 +22,9 @@ from splitpoint.core.planset import PlanSet, is_plan_set
 from splitpoint.core.runner import StageRunner, check_models_load, make_session
 
 log = logging.getLogger("splitpoint.server")
+# the most plans one server holds: a pong lists every id (67 bytes each), and past about 970 of them its
+# header outgrew the protocol's 64 KiB, so that no client could read a pong of it again
+MAX_PLANS = 512
 
 
 def described(plan: Plan) -> str:
@@ -91,15 +95,33 @@ class PlanRegistry:
             )
         file = plan.stages[i].file
         session = make_session(path / file, self.threads, self.provider) if file else None
+        if (
+            session is not None and plan.decoder is None and i > 0
+        ):  # as a deploy checks it (check_models_load)
+            extra = sorted({a.name for a in session.get_inputs()} - {t.name for t in plan.stages[i].receives})
+            if extra:
+                raise PlanError(
+                    f"stage {i}'s model {file} reads {extra[:8]}, which the plan does not give it "
+                    f"(stage {i - 1} sends {[t.name for t in plan.stages[i - 1].sends][:8]})"
+                )
         segment = None
         if session is not None and plan.decoder is not None:
             segment = DecoderSegment(session)
             _warm_up_decoder(segment, plan)
         return Entry(plan, path, StageRunner(plan, i, session), segment)
 
+    def _room_for(self, plan_id: str) -> None:
+        if plan_id not in self._entries and len(self._entries) >= MAX_PLANS:
+            raise wire.WireError(
+                wire.E_TOO_LARGE,
+                f"this server holds {len(self._entries)} plans, the most it serves (each pong lists them "
+                "all): remove plan directories it no longer needs from its --plans and restart it",
+            )
+
     def add_dir(self, path: str | Path) -> Plan:
         path = Path(path)
         plan = Plan.load(path, role=self.role)
+        self._room_for(plan.plan_id)
         entry = self._entry(path, plan)
         with self._lock:
             self._entries[plan.plan_id] = entry
@@ -112,6 +134,7 @@ class PlanRegistry:
         existing = self.get(plan.plan_id)
         if existing is not None and self._intact(existing):
             return existing.plan
+        self._room_for(plan.plan_id)
         if self.plans_dir is None:
             raise PlanError(
                 "this server has no plans directory to install pushed plans into"

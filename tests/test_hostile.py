@@ -518,6 +518,7 @@ def test_stage_models_that_forward_a_raw_input_fit_their_plan(tmp_path):
     a relay's stage model return what it passes on. The fit check asked them to, and refused every
     deploy of such a plan to an edge daemon or a relay, though it ran from disk."""
     from splitpoint.core import zoo
+    from splitpoint.core.errors import PlanError
     from splitpoint.core.runner import check_models_load
 
     path = tmp_path / "multitask.onnx"
@@ -529,6 +530,13 @@ def test_stage_models_that_forward_a_raw_input_fit_their_plan(tmp_path):
     chain = write_plan(h, tmp_path / "chain", cuts=[raw[0], raw[-1]], codecs=["float32", "float32"])
     assert len(chain.stages) == 3 and "meta" in {t.name for t in chain.stages[1].sends}
     check_models_load(tmp_path / "chain", chain)
+    # but a later stage reads only what the stage before sends it: the whole model in the tail's place
+    # reads the image, which only the edge has (an edge daemon took such a deploy)
+    (tmp_path / "two" / "tail.onnx").write_bytes((tmp_path / "two" / "full.onnx").read_bytes())
+    with pytest.raises(
+        PlanError, match=r"stage 1's model tail.onnx does not fit the plan: it reads \['image'\]"
+    ):
+        check_models_load(tmp_path / "two", two)
 
 
 def test_a_pushed_plans_name_is_logged_with_its_control_characters_escaped():
@@ -561,6 +569,18 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     )
     ping = _ask(served["sock"], wire.Message(wire.PING, 78).to_frames())
     assert plan["plan_id"] not in ping.meta["plans"]
+    # the whole model in the tail's place: it returns what the tail returns, but reads the raw input,
+    # which only the edge has (deployed, it failed every request on the missing key)
+    files["tail.onnx"] = files["full.onnx"]
+    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
+    plan.pop("plan_id")
+    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+    frames = [json.dumps(plan).encode(), *files.values()]
+    reply = _ask(served["sock"], [header, *frames], 20000)
+    assert (
+        reply.meta["code"] == wire.E_BAD_PLAN and "which the plan does not give it" in reply.meta["message"]
+    ), reply.meta
     # a model that does not parse: onnxruntime's reason goes back, the server's directories do not
     files["tail.onnx"] = b"not a model"
     plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
@@ -704,3 +724,26 @@ def test_replies_a_client_does_not_read_are_bounded_by_max_unread_replies(tmp_pa
             s.close(0)
             srv.stop()
     assert got[1000] == 40 and got[2] < 20, got  # a few more than 2 sit in the kernel's buffers
+
+
+def test_a_server_holds_at_most_max_plans_and_says_so_to_the_next_deploy(
+    tmp_path, small_resnet18, monkeypatch
+):
+    """Past about 970 plans a pong's header (every plan id) outgrew 64 KiB and no client could read one;
+    each plan also holds its sessions. A deploy past the limit is refused, naming it, and pongs stay whole."""
+    from splitpoint.app.orchestrator import deploy
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.server import registry
+
+    monkeypatch.setattr(registry, "MAX_PLANS", 2)
+    h = open_model(small_resnet18)
+    dirs = [tmp_path / f"p{k}" for k in range(3)]
+    for d, cut in zip(dirs, h.cuts()[10:13], strict=True):
+        write_plan(h, d, cut=cut)
+    (tmp_path / "served").mkdir()
+    with _served_in_process(tmp_path / "served") as (srv, s):
+        ids = [deploy(d, srv.endpoint) for d in dirs[:2]]
+        assert deploy(dirs[0], srv.endpoint) == ids[0]  # one it holds is taken again
+        with pytest.raises(SplitPointError, match="holds 2 plans, the most it serves"):
+            deploy(dirs[2], srv.endpoint)
+        assert sorted(_ask(s, wire.Message(wire.PING, 1).to_frames()).meta["plans"]) == sorted(ids)
