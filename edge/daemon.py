@@ -41,6 +41,9 @@ from .config import EdgeConfig
 
 log = logging.getLogger("splitpoint.edge")
 MAX_LOCAL_PENDING = 1024  # local requests in flight; past it new ones are answered busy
+# the inputs of the local requests held (in flight and waiting) together: 1,024 requests of 3.1 MB each held
+# 3.4 GB, and a tensor may be 256 MiB; past it new ones are answered busy (one alone is always taken)
+MAX_LOCAL_BYTES = 512 * 2**20
 CLOSING_GRACE_S = 0.2  # on SIGTERM, local requests are answered `closed` until the socket is this quiet
 
 
@@ -119,6 +122,7 @@ class EdgeDaemon:
         # local requests waiting for room in the client's window: (identity, request id, feeds, since)
         # (identity, request id, feeds, since, the plan id the request named: "" where it named none)
         self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float, str]] = deque()
+        self._held_bytes = 0  # the inputs of the local requests in flight and waiting (MAX_LOCAL_BYTES)
         self._wake_w: int | None = None  # the socket loop's wake-up pipe, while it runs
 
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
@@ -238,8 +242,10 @@ class EdgeDaemon:
             )
             raise SplitPointError(f"cannot listen on {self.config.listen}: {exc.strerror}{hint}") from exc
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        pending: list[tuple[Any, int, Future, str]] = []  # identity, id, answer, the plan it runs on
+        # identity, id, answer, the plan it runs on, the bytes of its inputs
+        pending: list[tuple[Any, int, Future, str, int]] = []
         self._backlog.clear()
+        self._held_bytes = 0
         # an answer that is done wakes the loop at once: it polled 10 ms at a time and added up to that
         # to every local request (11.3 ms median against the client's own 1.0 ms)
         wake_r, self._wake_w = os.pipe()
@@ -267,6 +273,7 @@ class EdgeDaemon:
             for ident, rid, _, _, named in self._backlog:  # never started: nothing to drain
                 self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down", named)
             self._backlog.clear()
+            self._held_bytes = sum(p[4] for p in pending)
             end = time.monotonic() + self.config.timeout_s * 2
             # drain; what arrives meanwhile is told so, and for a moment after the last answer: requests
             # already on their way (sent as SIGTERM came) were dropped unanswered with the socket
@@ -279,7 +286,7 @@ class EdgeDaemon:
                             self._refuse_message(sock, frames[0], frames[1:], "closed", why)
                     quiet_until = time.monotonic() + CLOSING_GRACE_S
                 pending = self._answer_done(sock, pending)
-            for ident, rid, _, plan_id in pending:
+            for ident, rid, _, plan_id, _ in pending:
                 why = "the edge daemon stopped before the request finished"
                 self._refuse(sock, ident, rid, "closed", why, plan_id)
         finally:
@@ -307,8 +314,10 @@ class EdgeDaemon:
         loop never blocks on the window, so it keeps answering (and hears SIGTERM) while they wait."""
         while self._backlog:
             ident, rid, feeds, since, pinned = self._backlog[0]
+            size = _nbytes(feeds)
             if pinned and pinned != self.client.plan.plan_id:  # a deploy switched plans meanwhile
                 self._backlog.popleft()
+                self._held_bytes -= size
                 self._refuse(
                     sock,
                     ident,
@@ -326,33 +335,38 @@ class EdgeDaemon:
                 try:
                     local = self.client.fall_back(feeds, why)
                 except SplitPointError as exc:
+                    self._held_bytes -= size
                     self._refuse(sock, ident, rid, "bad-input", str(exc), pinned)
                     continue
                 if local is not None:  # as a request the server did not answer in time
                     local.add_done_callback(self._wake)
-                    pending.append((ident, rid, local, self.client.plan.plan_id))
+                    pending.append((ident, rid, local, self.client.plan.plan_id, size))
                 else:
+                    self._held_bytes -= size
                     self._refuse(sock, ident, rid, "timeout", why, pinned)
                 continue
             try:
                 fut = self.client.try_submit(feeds)
             except EdgeError as exc:
                 self._backlog.popleft()
+                self._held_bytes -= size
                 self._refuse(sock, ident, rid, exc.code, str(exc), pinned)
                 continue
             if fut is None:
                 return
             self._backlog.popleft()
             fut.add_done_callback(self._wake)
-            pending.append((ident, rid, fut, self.client.plan.plan_id))
+            pending.append((ident, rid, fut, self.client.plan.plan_id, size))
 
     def _answer_done(self, sock: zmq.Socket, pending: list) -> list:
         still = []
-        for ident, rid, fut, plan_id in pending:
+        for entry in pending:
+            ident, rid, fut, plan_id, size = entry
             if fut.done():
+                self._held_bytes -= size
                 sock.send_multipart([ident, *self._answer(rid, fut, plan_id).to_frames()], copy=False)
             else:
-                still.append((ident, rid, fut, plan_id))
+                still.append(entry)
         return still
 
     def _answer(self, rid: int, fut: Future, plan_id: str) -> wire.Message:
@@ -383,7 +397,16 @@ class EdgeDaemon:
                 held = len(pending) + len(self._backlog)
                 if held >= MAX_LOCAL_PENDING:
                     raise wire.WireError(wire.E_BUSY, f"{held} local requests are in flight or waiting")
-                self._backlog.append((ident, msg.id, self._feeds(msg), time.monotonic(), msg.plan or ""))
+                feeds = self._feeds(msg)
+                size = _nbytes(feeds)
+                if self._held_bytes and self._held_bytes + size > MAX_LOCAL_BYTES:
+                    raise wire.WireError(
+                        wire.E_BUSY,
+                        f"the {held} local requests in flight or waiting hold {self._held_bytes / 2**20:.0f} "
+                        f"MiB of inputs (the limit is {MAX_LOCAL_BYTES // 2**20} MiB)",
+                    )
+                self._held_bytes += size
+                self._backlog.append((ident, msg.id, feeds, time.monotonic(), msg.plan or ""))
             elif msg.type == wire.DEPLOY:
                 try:
                     plan, warnings = self._deploy(msg)
@@ -507,3 +530,7 @@ def _failed(error: Exception) -> Future:
     fut: Future = Future()
     fut.set_exception(error)
     return fut
+
+
+def _nbytes(feeds: dict[str, np.ndarray]) -> int:
+    return sum(int(v.nbytes) for v in feeds.values())

@@ -554,15 +554,19 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     d = served["plans"] / "p"
     plan = json.loads((d / "plan.json").read_text())
     files = {n: (d / n).read_bytes() for n in plan["files"]}
-    files["tail.onnx"] = files["head.onnx"]
-    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
-    plan.pop("plan_id")
-    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
-    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
     names = ["plan.json", *files]
-    frames = [json.dumps(plan).encode(), *files.values()]
     header = json.dumps({"v": 1, "type": "deploy", "id": 77, "meta": {"files": names}}).encode()
-    reply = _ask(served["sock"], [header, *frames], 20000)
+
+    def deploy_with_tail(tail: bytes) -> wire.Message:
+        """The plan pushed with ``tail`` as its tail.onnx, checksums and plan id made honest for it."""
+        files["tail.onnx"] = tail
+        plan["files"]["tail.onnx"] = hashlib.sha256(tail).hexdigest()
+        plan.pop("plan_id")
+        canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+        plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+        return _ask(served["sock"], [header, json.dumps(plan).encode(), *files.values()], 20000)
+
+    reply = deploy_with_tail(files["head.onnx"])
     assert reply.type == wire.ERROR and reply.id == 77, reply
     assert reply.meta["code"] == wire.E_BAD_PLAN and "does not fit the plan" in reply.meta["message"], (
         reply.meta
@@ -571,24 +575,12 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     assert plan["plan_id"] not in ping.meta["plans"]
     # the whole model in the tail's place: it returns what the tail returns, but reads the raw input,
     # which only the edge has (deployed, it failed every request on the missing key)
-    files["tail.onnx"] = files["full.onnx"]
-    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
-    plan.pop("plan_id")
-    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
-    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
-    frames = [json.dumps(plan).encode(), *files.values()]
-    reply = _ask(served["sock"], [header, *frames], 20000)
+    reply = deploy_with_tail(files["full.onnx"])
     assert (
         reply.meta["code"] == wire.E_BAD_PLAN and "which the plan does not give it" in reply.meta["message"]
     ), reply.meta
     # a model that does not parse: onnxruntime's reason goes back, the server's directories do not
-    files["tail.onnx"] = b"not a model"
-    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
-    plan.pop("plan_id")
-    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
-    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
-    frames = [json.dumps(plan).encode(), *files.values()]
-    reply = _ask(served["sock"], [header, *frames], 20000)
+    reply = deploy_with_tail(b"not a model")
     assert reply.meta["code"] == wire.E_BAD_PLAN and "does not load" in reply.meta["message"], reply.meta
     assert "tail.onnx" in reply.meta["message"], reply.meta
     assert str(served["plans"]) not in reply.meta["message"] and ".tmp" not in reply.meta["message"], (

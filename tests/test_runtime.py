@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -878,6 +879,39 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
         t.join(30)
 
 
+@contextlib.contextmanager
+def _slow_server(out: str, delay_s: float):
+    """A fake server that answers each request after ``delay_s`` (zeros for the output ``out``) and a
+    ping at once; yields its endpoint."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, head, *_ = router.recv_multipart()
+            m = json.loads(head)
+            if m["type"] == "ping":
+                router.send_multipart([ident, *wire.Message(wire.PONG, m["id"]).to_frames()])
+                continue
+            time.sleep(delay_s)
+            frames = [encode(np.zeros((1, 1000), np.float32), "float32")]
+            reply = wire.Message(wire.RESULT, m["id"], tensors=[out], frames=frames)
+            router.send_multipart([ident, *reply.to_frames()])
+
+    srv = threading.Thread(target=serve, daemon=True)
+    srv.start()
+    try:
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        srv.join(5)
+        router.close(0)
+
+
 def test_edge_daemon_keeps_answering_while_its_window_is_full(model, tmp_path):
     """A slow server fills the window: the daemon's socket still answers pings at once, each local request
     gets one answer (a result, or `timeout` once it waited past --timeout for room), and on stop the ones
@@ -886,87 +920,105 @@ def test_edge_daemon_keeps_answering_while_its_window_is_full(model, tmp_path):
 
     h = model["h"]
     out = write_plan(h, tmp_path / "p", cut=h.cuts()[19]).outputs[0].name
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
+    with _slow_server(out, 0.3) as endpoint:
+        cfg = EdgeConfig(
+            plan_dir=tmp_path / "p", server=endpoint, timeout_s=1.0, fallback=False,
+            window=2, listen=f"ipc://{tmp_path}/edge.sock",
+        )  # fmt: skip
+        daemon = EdgeDaemon(cfg, plans_dir=tmp_path / "pushed")
+        t = threading.Thread(target=daemon.run, daemon=True)
+        t.start()
+        try:
+            s = _raw(f"ipc://{tmp_path}/edge.sock")
+            assert _ask(s, wire.Message(wire.PING, 1).to_frames(), 10000).type == wire.PONG
+            frame = encode(x()["input"], "float32")
+            for k in range(12):
+                s.send_multipart(
+                    wire.Message(wire.INFER, 100 + k, tensors=["input"], frames=[frame]).to_frames()
+                )
+            t0 = time.monotonic()
+            kinds = {}
+            while len(kinds.setdefault("ids", set())) < 12:
+                assert s.poll(10000), kinds
+                m = wire.parse(s.recv_multipart())
+                if m.type == wire.PONG:
+                    continue
+                assert m.id not in kinds["ids"] and 100 <= m.id < 112
+                kinds["ids"].add(m.id)
+                kind = m.type if m.type == wire.RESULT else m.meta["code"]
+                kinds[kind] = kinds.get(kind, 0) + 1
+                if len(kinds["ids"]) == 1:  # the window is full now: a ping is still answered at once
+                    t1 = time.monotonic()
+                    assert _ask(s, wire.Message(wire.PING, 2).to_frames(), 2000).type == wire.PONG
+                    assert time.monotonic() - t1 < 1.0
+            assert kinds.get(wire.RESULT, 0) >= 2 and kinds.get("timeout", 0) >= 1, kinds
+            assert time.monotonic() - t0 < 8, kinds  # bounded by --timeout, not by the queue's length
+            for k in range(6):  # then stop with requests waiting: each is answered
+                s.send_multipart(
+                    wire.Message(wire.INFER, 200 + k, tensors=["input"], frames=[frame]).to_frames()
+                )
+            time.sleep(0.1)
+            daemon.stop()
+            t.join(15)
+            assert not t.is_alive()
+            got = set()
+            while s.poll(2000):
+                m = wire.parse(s.recv_multipart())
+                assert m.id not in got
+                got.add(m.id)
+            assert got == set(range(200, 206))
+            s.close(0)
+        finally:
+            daemon.stop()
 
-    def slow_server() -> None:
-        while not stop.is_set():
-            if not router.poll(50):
-                continue
-            ident, head, *_ = router.recv_multipart()
-            m = json.loads(head)
-            if m["type"] != "ping":
-                time.sleep(0.3)
-            reply = wire.Message(
-                wire.RESULT,
-                m["id"],
-                tensors=[out],
-                frames=[encode(np.zeros((1, 1000), np.float32), "float32")],
-            )
-            router.send_multipart(
-                [
-                    ident,
-                    *(
-                        reply.to_frames()
-                        if m["type"] != "ping"
-                        else wire.Message(wire.PONG, m["id"]).to_frames()
-                    ),
-                ]
-            )
 
-    srv = threading.Thread(target=slow_server, daemon=True)
-    srv.start()
-    cfg = EdgeConfig(
-        plan_dir=tmp_path / "p", server=f"tcp://127.0.0.1:{port}", timeout_s=1.0, fallback=False,
-        window=2, listen=f"ipc://{tmp_path}/edge.sock",
-    )  # fmt: skip
-    daemon = EdgeDaemon(cfg, plans_dir=tmp_path / "pushed")
-    t = threading.Thread(target=daemon.run, daemon=True)
-    t.start()
-    try:
-        s = _raw(f"ipc://{tmp_path}/edge.sock")
-        assert _ask(s, wire.Message(wire.PING, 1).to_frames(), 10000).type == wire.PONG
-        frame = encode(x()["input"], "float32")
-        for k in range(12):
-            s.send_multipart(wire.Message(wire.INFER, 100 + k, tensors=["input"], frames=[frame]).to_frames())
-        t0 = time.monotonic()
-        kinds = {}
-        while len(kinds.setdefault("ids", set())) < 12:
-            assert s.poll(10000), kinds
-            m = wire.parse(s.recv_multipart())
-            if m.type == wire.PONG:
-                continue
-            assert m.id not in kinds["ids"] and 100 <= m.id < 112
-            kinds["ids"].add(m.id)
-            kind = m.type if m.type == wire.RESULT else m.meta["code"]
-            kinds[kind] = kinds.get(kind, 0) + 1
-            if len(kinds["ids"]) == 1:  # the window is full now: a ping is still answered at once
-                t1 = time.monotonic()
-                assert _ask(s, wire.Message(wire.PING, 2).to_frames(), 2000).type == wire.PONG
-                assert time.monotonic() - t1 < 1.0
-        assert kinds.get(wire.RESULT, 0) >= 2 and kinds.get("timeout", 0) >= 1, kinds
-        assert time.monotonic() - t0 < 8, kinds  # bounded by --timeout, not by the queue's length
-        for k in range(6):  # then stop with requests waiting: each is answered
-            s.send_multipart(wire.Message(wire.INFER, 200 + k, tensors=["input"], frames=[frame]).to_frames())
-        time.sleep(0.1)
-        daemon.stop()
-        t.join(15)
-        assert not t.is_alive()
-        got = set()
-        while s.poll(2000):
-            m = wire.parse(s.recv_multipart())
-            assert m.id not in got
-            got.add(m.id)
-        assert got == set(range(200, 206))
-        s.close(0)
-    finally:
-        daemon.stop()
-        stop.set()
-        srv.join(5)
-        router.close(0)
+def test_edge_daemon_holds_a_bounded_number_of_bytes_of_local_requests(model, tmp_path, monkeypatch):
+    """1,024 local requests of 3.1 MB each held 3.4 GB: past the bytes limit a request is answered busy
+    at once, naming it, and once the held ones are answered there is room again (nothing is left
+    counted)."""
+    from splitpoint.edge import daemon as edge_daemon
+
+    h = model["h"]
+    out = write_plan(h, tmp_path / "p", cut=h.cuts()[19]).outputs[0].name
+    frame = encode(x()["input"], "float32")
+    monkeypatch.setattr(edge_daemon, "MAX_LOCAL_BYTES", 3 * x()["input"].nbytes)
+    with _slow_server(out, 0.2) as endpoint:
+        cfg = EdgeConfig(
+            plan_dir=tmp_path / "p", server=endpoint, timeout_s=10.0, fallback=False, window=1,
+            listen=f"ipc://{tmp_path}/edge.sock",
+        )  # fmt: skip
+        daemon = edge_daemon.EdgeDaemon(cfg, plans_dir=tmp_path / "pushed")
+        t = threading.Thread(target=daemon.run, daemon=True)
+        t.start()
+        try:
+            s = _raw(f"ipc://{tmp_path}/edge.sock")
+            assert _ask(s, wire.Message(wire.PING, 1).to_frames(), 10000).type == wire.PONG
+            for k in range(6):
+                s.send_multipart(
+                    wire.Message(wire.INFER, 10 + k, tensors=["input"], frames=[frame]).to_frames()
+                )
+            answers = {}
+            while len(answers) < 6:
+                assert s.poll(10000), answers
+                m = wire.parse(s.recv_multipart())
+                answers[m.id] = m.type if m.type == wire.RESULT else (m.meta["code"], m.meta["message"])
+            assert [answers[10 + k] for k in range(3)] == [wire.RESULT] * 3, answers
+            for k in range(3, 6):
+                code, said = answers[10 + k]
+                assert code == wire.E_BUSY and "MiB of inputs (the limit is 0 MiB)" in said, said
+            for k in range(3):  # all answered: the room is back
+                assert (
+                    _ask(
+                        s,
+                        wire.Message(wire.INFER, 20 + k, tensors=["input"], frames=[frame]).to_frames(),
+                        10000,
+                    ).type
+                    == wire.RESULT
+                )
+            s.close(0)
+        finally:
+            daemon.stop()
+            t.join(15)
 
 
 def test_a_second_process_on_a_live_ipc_path_is_refused_and_a_stale_one_is_reused(model, tmp_path):
