@@ -375,6 +375,14 @@ def _disagrees(arg: ort.NodeArg, spec: TensorSpec | None) -> str | None:
     return None
 
 
+def stage_reads(plan: Plan, i: int) -> set[str]:
+    """The tensors stage ``i``'s model may read: the edge's, the model's inputs; a later one's, only what
+    the stage before sends it (a tail that read the raw input too was deployed, and every request failed
+    on the missing key)."""
+    received = {t.name for t in plan.stages[i].receives}
+    return {t.name for t in plan.inputs} | received if i == 0 else received
+
+
 def check_models_load(plan_dir: Path, plan: Plan) -> None:
     """Build a session for every model a plan carries (then drop it): what onnxruntime refuses, a
     deploy refuses, before anything is served from it. Each stage's model must also fit its place in the
@@ -406,9 +414,7 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
             i, st = by_file[name]
             specs |= {t.name: t for t in st.receives}
             outs |= {t.name: t for t in st.sends}
-            # the edge's stage reads the model's inputs; a later one only what the stage before sends it
-            # (a tail that read the raw input too was deployed, and every request failed on the missing key)
-            may_read = set(specs) if i == 0 else {t.name for t in st.receives}
+            may_read = stage_reads(plan, i)
             # what a stage passes on as it came (a raw model input the tail reads, a tensor an earlier
             # stage sent for a later one) is forwarded, not computed: its model need not return it
             must_give = {t.name for t in st.sends if t.name not in may_read} | set(st.produces)

@@ -119,10 +119,9 @@ class EdgeDaemon:
         self._say_without_fallback(lost=False)
         self._stop = threading.Event()
         self.endpoint: str | None = None
-        # local requests waiting for room in the client's window: (identity, request id, feeds, since)
-        # (identity, request id, feeds, since, the plan id the request named: "" where it named none)
-        self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float, str]] = deque()
-        self._held_bytes = 0  # the inputs of the local requests in flight and waiting (MAX_LOCAL_BYTES)
+        # local requests waiting for room in the client's window: (identity, request id, feeds, since, the
+        # plan id the request named: "" where it named none, the bytes of its inputs)
+        self._backlog: deque[tuple[Any, int, dict[str, np.ndarray], float, str, int]] = deque()
         self._wake_w: int | None = None  # the socket loop's wake-up pipe, while it runs
 
     def run(self, inputs: Path | None = None, outputs: Path | None = None) -> dict:
@@ -245,7 +244,6 @@ class EdgeDaemon:
         # identity, id, answer, the plan it runs on, the bytes of its inputs
         pending: list[tuple[Any, int, Future, str, int]] = []
         self._backlog.clear()
-        self._held_bytes = 0
         # an answer that is done wakes the loop at once: it polled 10 ms at a time and added up to that
         # to every local request (11.3 ms median against the client's own 1.0 ms)
         wake_r, self._wake_w = os.pipe()
@@ -270,10 +268,9 @@ class EdgeDaemon:
                     len(pending),
                     len(self._backlog),
                 )
-            for ident, rid, _, _, named in self._backlog:  # never started: nothing to drain
+            for ident, rid, _, _, named, _ in self._backlog:  # never started: nothing to drain
                 self._refuse(sock, ident, rid, "closed", "the edge daemon is shutting down", named)
             self._backlog.clear()
-            self._held_bytes = sum(p[4] for p in pending)
             end = time.monotonic() + self.config.timeout_s * 2
             # drain; what arrives meanwhile is told so, and for a moment after the last answer: requests
             # already on their way (sent as SIGTERM came) were dropped unanswered with the socket
@@ -313,11 +310,9 @@ class EdgeDaemon:
         """Start the local requests that wait for room in the client's window, oldest first; the socket
         loop never blocks on the window, so it keeps answering (and hears SIGTERM) while they wait."""
         while self._backlog:
-            ident, rid, feeds, since, pinned = self._backlog[0]
-            size = _nbytes(feeds)
+            ident, rid, feeds, since, pinned, size = self._backlog[0]
             if pinned and pinned != self.client.plan.plan_id:  # a deploy switched plans meanwhile
                 self._backlog.popleft()
-                self._held_bytes -= size
                 self._refuse(
                     sock,
                     ident,
@@ -335,21 +330,18 @@ class EdgeDaemon:
                 try:
                     local = self.client.fall_back(feeds, why)
                 except SplitPointError as exc:
-                    self._held_bytes -= size
                     self._refuse(sock, ident, rid, "bad-input", str(exc), pinned)
                     continue
                 if local is not None:  # as a request the server did not answer in time
                     local.add_done_callback(self._wake)
                     pending.append((ident, rid, local, self.client.plan.plan_id, size))
                 else:
-                    self._held_bytes -= size
                     self._refuse(sock, ident, rid, "timeout", why, pinned)
                 continue
             try:
                 fut = self.client.try_submit(feeds)
             except EdgeError as exc:
                 self._backlog.popleft()
-                self._held_bytes -= size
                 self._refuse(sock, ident, rid, exc.code, str(exc), pinned)
                 continue
             if fut is None:
@@ -361,9 +353,8 @@ class EdgeDaemon:
     def _answer_done(self, sock: zmq.Socket, pending: list) -> list:
         still = []
         for entry in pending:
-            ident, rid, fut, plan_id, size = entry
+            ident, rid, fut, plan_id, _ = entry
             if fut.done():
-                self._held_bytes -= size
                 sock.send_multipart([ident, *self._answer(rid, fut, plan_id).to_frames()], copy=False)
             else:
                 still.append(entry)
@@ -398,15 +389,17 @@ class EdgeDaemon:
                 if held >= MAX_LOCAL_PENDING:
                     raise wire.WireError(wire.E_BUSY, f"{held} local requests are in flight or waiting")
                 feeds = self._feeds(msg)
-                size = _nbytes(feeds)
-                if self._held_bytes and self._held_bytes + size > MAX_LOCAL_BYTES:
+                size = sum(int(v.nbytes) for v in feeds.values())
+                # the bytes held, from what holds them (in flight: each pending's last field; waiting: each
+                # backlog entry's), so that no path that answers a request can leave them counted
+                held_bytes = sum(p[4] for p in pending) + sum(b[5] for b in self._backlog)
+                if held_bytes and held_bytes + size > MAX_LOCAL_BYTES:
                     raise wire.WireError(
                         wire.E_BUSY,
-                        f"the {held} local requests in flight or waiting hold {self._held_bytes / 2**20:.0f} "
+                        f"the {held} local requests in flight or waiting hold {held_bytes / 2**20:.0f} "
                         f"MiB of inputs (the limit is {MAX_LOCAL_BYTES // 2**20} MiB)",
                     )
-                self._held_bytes += size
-                self._backlog.append((ident, msg.id, feeds, time.monotonic(), msg.plan or ""))
+                self._backlog.append((ident, msg.id, feeds, time.monotonic(), msg.plan or "", size))
             elif msg.type == wire.DEPLOY:
                 try:
                     plan, warnings = self._deploy(msg)
@@ -530,7 +523,3 @@ def _failed(error: Exception) -> Future:
     fut: Future = Future()
     fut.set_exception(error)
     return fut
-
-
-def _nbytes(feeds: dict[str, np.ndarray]) -> int:
-    return sum(int(v.nbytes) for v in feeds.values())

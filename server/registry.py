@@ -19,7 +19,7 @@ from splitpoint.core.errors import PlanError
 from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers, verify_pushed
 from splitpoint.core.planset import PlanSet, is_plan_set
-from splitpoint.core.runner import StageRunner, check_models_load, make_session
+from splitpoint.core.runner import StageRunner, check_models_load, make_session, stage_reads
 
 log = logging.getLogger("splitpoint.server")
 # the most plans one server holds: a pong lists every id (67 bytes each), and past about 970 of them its
@@ -98,7 +98,7 @@ class PlanRegistry:
         if (
             session is not None and plan.decoder is None and i > 0
         ):  # as a deploy checks it (check_models_load)
-            extra = sorted({a.name for a in session.get_inputs()} - {t.name for t in plan.stages[i].receives})
+            extra = sorted({a.name for a in session.get_inputs()} - stage_reads(plan, i))
             if extra:
                 raise PlanError(
                     f"stage {i}'s model {file} reads {extra[:8]}, which the plan does not give it "
