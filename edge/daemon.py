@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 import zipfile
@@ -30,7 +32,7 @@ from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError, os_reason
 from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
-from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers
+from splitpoint.core.plan import LEFTOVER_AGE_S, PLAN_FILE, Plan, install_pushed, sweep_leftovers
 from splitpoint.core.runner import check_models_load
 from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
@@ -58,6 +60,7 @@ DEPLOYED = "deployed.json"  # in the plans folder: the plan last pushed, and the
 # itself, a server on the same machine sharing that folder as its --plans had its copy of a plan (with
 # tail.onnx) replaced by the edge's (head and full model) under the same id; a server skips hidden folders
 EDGE_DEPLOYS = ".edge-deployed"
+_PUSHED_NAME = re.compile(r"[0-9a-f]{16}")  # install_pushed's name for a plan: the first 16 hex of its id
 
 
 def _records(path: Path) -> dict[str, dict]:
@@ -102,6 +105,37 @@ def deployed_plan(plan_dir: Path, plans_dir: Path, listen: str | None = None) ->
     return target
 
 
+def prune_deployed(plans_dir: Path, running: Path, now: float | None = None) -> list[str]:
+    """Remove the plans pushed here earlier that no daemon runs now; the names removed. A device
+    that took a deploy a day kept every one (each with its head and full model) until its card was full.
+    Kept: the one ``running``, every plan ``deployed.json`` names (another daemon's on the same folder),
+    and any written in the last LEFTOVER_AGE_S (one another daemon has installed and not yet recorded).
+    Nothing is removed while the records cannot be read, nor anything not named as a pushed plan is."""
+    try:
+        keep = {str(r.get("plan")) for r in _records(plans_dir / DEPLOYED).values()}
+    except (OSError, ValueError):
+        return []
+    keep.add(running.name)
+    now = time.time() if now is None else now
+    removed = []
+    for d in sorted(plans_dir.iterdir()) if plans_dir.is_dir() else []:
+        if d.name in keep or not _PUSHED_NAME.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            if now - d.stat().st_mtime < LEFTOVER_AGE_S or not (d / PLAN_FILE).is_file():
+                continue
+            shutil.rmtree(d)
+        except OSError as exc:  # another's files, a read-only card: the deploy stands
+            log.warning("could not remove %s, a plan no daemon runs: %s", d, os_reason(exc))
+            continue
+        removed.append(d.name)
+    if removed:
+        log.info(
+            "removed %d plan(s) pushed earlier that no daemon runs: %s", len(removed), ", ".join(removed)
+        )
+    return removed
+
+
 class EdgeDaemon:
     def __init__(self, config: EdgeConfig, plans_dir: Path | None = None):
         beside = Path(config.plan_dir).parent
@@ -113,6 +147,7 @@ class EdgeDaemon:
         if plans_dir is None and running == Path(config.plan_dir):  # pushed before the hidden folder was
             running = deployed_plan(Path(config.plan_dir), beside, listen)
         self.config = config if running == Path(config.plan_dir) else config.with_(plan_dir=running)
+        prune_deployed(self.plans_dir, running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
         self.client = EdgeClient(self.config, self.telemetry)
@@ -460,6 +495,7 @@ class EdgeDaemon:
         old.close(drain=True)
         self._record_deployed(target)
         log.info("switched to plan %s", plan.plan_id[:12])
+        prune_deployed(self.plans_dir, target)
         if self._served_now() is False:  # the log said so as the pong came; the deployer hears it too
             warnings.append(self.client.unserved_note())
         return plan, warnings

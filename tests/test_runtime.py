@@ -1349,6 +1349,50 @@ def test_an_edge_is_switched_only_after_its_server_and_uses_its_own_model_where_
         srv.stop()
 
 
+def test_a_deploy_removes_the_plans_pushed_earlier_that_no_daemon_runs(model, tmp_path):
+    """Every plan pushed to a daemon stayed in .edge-deployed (a head and a full model each): a device
+    deployed to daily filled its card. A deploy removes those no daemon runs, once they are older than a
+    write in progress; it keeps another daemon's, a fresh one, and folders it did not write."""
+    import os
+
+    from splitpoint.core.plan import LEFTOVER_AGE_S, Plan
+    from splitpoint.edge.daemon import DEPLOYED, EdgeDaemon
+
+    plans = tmp_path / "plans"
+    start = plans / "start"
+    shutil.copytree(model["plans"] / "p-f32", start)
+    deployed = plans / ".edge-deployed"
+    old = time.time() - 2 * LEFTOVER_AGE_S
+    for name in ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccccccccc", "notes"):
+        shutil.copytree(model["plans"] / "p-f32", deployed / name)
+        if name != "cccccccccccccccc":
+            os.utime(deployed / name, (old, old))
+    other = {"replaces": str(start.resolve()), "plan": "bbbbbbbbbbbbbbbb"}
+    (deployed / DEPLOYED).write_text(json.dumps({"daemons": {"ipc://other": other}}))
+    a = f"ipc://{tmp_path}/a.sock"
+    daemon = EdgeDaemon(EdgeConfig(plan_dir=start, server="tcp://127.0.0.1:1", listen=a, connect_grace_s=0))
+    names = ["plan.json", "head.onnx", "full.onnx"]
+
+    def push(src):
+        frames = [(src / n).read_bytes() for n in names]
+        return daemon._deploy(wire.Message(wire.DEPLOY, 1, meta={"files": names}, frames=frames))[0]
+
+    try:
+        assert not (deployed / "aaaaaaaaaaaaaaaa").exists()  # at start: nobody runs it
+        first = push(model["plans"] / "p-int8")
+        kept = {"bbbbbbbbbbbbbbbb", "cccccccccccccccc", "notes", first.plan_id[:16]}
+        assert {d.name for d in deployed.iterdir() if d.is_dir()} == kept
+        os.utime(deployed / first.plan_id[:16], (old, old))  # replaced after it has aged
+        second = push(model["plans"] / "p-f32")
+    finally:
+        daemon.client.close(drain=False)
+    assert second.plan_id == Plan.load(start).plan_id
+    kept = {"bbbbbbbbbbbbbbbb", "cccccccccccccccc", "notes", second.plan_id[:16]}
+    assert {d.name for d in deployed.iterdir() if d.is_dir()} == kept
+    records = json.loads((deployed / DEPLOYED).read_text())["daemons"]
+    assert records[a]["plan"] == second.plan_id[:16] and records["ipc://other"] == other
+
+
 def test_two_daemons_on_one_plan_keep_their_own_deploy_records(model, tmp_path):
     """Both daemons on one PLAN_DIR shared deployed.json: a deploy to one made the other, restarted, run
     that plan (with its own --listen, its requests failed against another server's stages)."""

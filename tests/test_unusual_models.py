@@ -1318,6 +1318,66 @@ def test_kernels_renamed_by_a_fusion_are_mapped_to_their_nodes(tmp_path):
     assert source == "per-node kernel times"
 
 
+def test_a_node_name_of_many_fusions_maps_back_and_a_hostile_one_costs_nothing(tmp_path):
+    """A node several fusions rewrote maps back to its node; a name that repeats ``/Fusion//`` and ends in
+    something else maps to nothing at once. The first pattern backtracked exponentially on it (over 60 s
+    at 18 repetitions, and a model's node names are whatever its file says)."""
+    from splitpoint.profiles.ort_trace import _map, _names
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="/l0/Relu"), helper.make_node("Neg", ["r"], ["y"])]
+    h = open_model(_save(_tiny(nodes, [_vi("x", [1, 4])], [_vi("y", [1, 4])]), tmp_path / "m.onnx"))
+    by_name = _names(h.index)
+    relu = by_name["/l0/Relu"]
+    assert _map(h.index, "/l0/Relu/MatMulScaleFusion//MatmulTransposeFusion/", by_name) == relu
+    assert _map(h.index, "/l0/Relu/GeluFusion_token_3", by_name) == relu
+    assert _map(h.index, "/l0/Relu" + "/Fusion//" * 40 + "x", by_name) is None
+
+
+def test_a_dropout_in_training_mode_inside_a_loop_body_or_fed_by_a_constant_node_runs_as_inference():
+    """torch keeps ``training_mode`` wherever the Dropout is: in a Scan/Loop body (an RNN cell's), where it
+    reads a body's initializer, and at top level from a Constant node rather than an initializer."""
+    from splitpoint.core.graph.model import dropout_to_inference
+    from splitpoint.core.subgraphs import iter_nodes
+
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["s_in", "x_t"], ["a"]),
+            helper.make_node("Dropout", ["a", "r", "t"], ["s_out"], name="inner"),
+            helper.make_node("Identity", ["s_out"], ["y_t"]),
+        ],
+        "cell",
+        [_vi("s_in", [4]), _vi("x_t", [4])],
+        [_vi("s_out", [4]), _vi("y_t", [4])],
+        [
+            numpy_helper.from_array(np.array(0.5, np.float32), "r"),
+            numpy_helper.from_array(np.array(True), "t"),
+        ],
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["on"], value=numpy_helper.from_array(np.array(True), "on")),
+        helper.make_node("Constant", [], ["half"], value_float=0.5),
+        helper.make_node("Dropout", ["x", "half", "on"], ["d"], name="outer"),
+        helper.make_node("Scan", ["s0", "d"], ["s", "ys"], body=body, num_scan_inputs=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "scan",
+        [_vi("x", [6, 4]), _vi("s0", [4])],
+        [_vi("s", [4]), _vi("ys", [6, 4])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    assert sorted(dropout_to_inference(m)) == ["inner", "outer"]
+    drops = [n for n in iter_nodes(m.graph) if n.op_type == "Dropout"]
+    assert len(drops) == 2 and all(len(n.input) == 2 for n in drops)
+    onnx.checker.check_model(m)
+    x, s0 = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32), np.zeros(4, np.float32)
+    sess = make_session(m.SerializeToString())
+    s, ys = sess.run(None, {"x": x, "s0": s0})
+    np.testing.assert_allclose(ys, np.cumsum(x, axis=0), rtol=1e-5)  # nothing zeroed, nothing scaled
+    np.testing.assert_allclose(s, x.sum(axis=0), rtol=1e-5)
+
+
 def test_images_feed_channels_last_inputs_and_a_sequence_input_is_told_to_take_arrays(tmp_path):
     """An image folder given to a channels-last [N, H, W, 3] model fills it as [N, H, W, C] (it failed as
     'not a readable .npy array: cannot reshape'); given to a sequence model, the error says an image does
