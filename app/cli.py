@@ -1348,6 +1348,7 @@ def bench(
         float | None,
         typer.Option(help="with --trace: requests per second, arriving open loop \\[default: 5]"),
     ] = None,
+    scores: Scores = None,
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
     from .bench.outdir import claimed_output
@@ -1371,14 +1372,14 @@ def bench(
             ": the trace names its networks and phases",
         )
         return _bench_trace(
-            models, trace, 5.0 if rate is None else rate, device, min_fidelity, out, input_shape
+            models, trace, 5.0 if rate is None else rate, device, min_fidelity, out, input_shape, scores
         )
     if rate is not None:
         raise typer.BadParameter("--rate is the arrival rate of a trace; it goes with --trace")
     if chain:  # a chain names its devices in --chain, and measures every front member's fidelity
         _not_with("--chain", {"--device": device != "rpi4", "--front-budget": front_budget is not None})
         return _bench_chain(
-            models, chain, networks, link, out, seconds, window, min_fidelity, input_shape, max_front
+            models, chain, networks, link, out, seconds, window, min_fidelity, input_shape, max_front, scores
         )
     cfg = BenchConfig.of(
         **({"models": models.split(",")} if models is not None else {}),
@@ -1392,9 +1393,10 @@ def bench(
         **({"front_budget": front_budget} if front_budget is not None else {}),
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
+        scores=tuple(scores or ()),
     )
     with claimed_output(out):  # a bad -o is refused first, in a moment
-        open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)  # before the progress and the minutes
         with progress("bench", transient=False) as note:
             results = write_report(run_bench(cfg, note), out)
     console.print("\n".join(summary_lines(results, out)))
@@ -1409,7 +1411,7 @@ def _not_with(mode: str, given: dict[str, bool], why: str = "") -> None:
         )
 
 
-def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) -> None:
+def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape, scores=None) -> None:
     """`bench --trace`: plan sets (adaptive, bits-only) and their fixed members on a changing link."""
     from .bench.outdir import claimed_output
     from .bench.report import verdict
@@ -1425,9 +1427,10 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) ->
         min_fidelity=min_fidelity,
         out=out,
         input_shapes=tuple(input_shape or ()),
+        scores=tuple(scores or ()),
     )
     with claimed_output(out):  # a bad -o is refused first, in a moment
-        open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)  # before the progress and the minutes
         with progress("bench --trace", transient=False) as note:
             results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
     for name, m in results["models"].items():
@@ -1437,7 +1440,17 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape) ->
 
 
 def _bench_chain(
-    models, chain, networks, link, out, seconds, window, min_fidelity, input_shape, max_front=None
+    models,
+    chain,
+    networks,
+    link,
+    out,
+    seconds,
+    window,
+    min_fidelity,
+    input_shape,
+    max_front=None,
+    scores=None,
 ) -> None:
     """`bench --chain`: each --networks is one mix, a network profile per hop."""
     from .bench.chainbench import ChainBenchConfig, chain_command, run_chain_bench
@@ -1456,10 +1469,11 @@ def _bench_chain(
         window=window,
         min_fidelity=min_fidelity,
         input_shapes=tuple(input_shape or ()),
+        scores=tuple(scores or ()),
         **({"max_front": max_front} if max_front is not None else {}),
     )
     with claimed_output(out):  # a bad -o is refused first, in a moment
-        open_models_first(cfg.models, cfg.input_shapes)  # before the progress display and the minutes
+        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)  # before the progress and the minutes
         with progress("bench --chain", transient=False) as note:
             results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
     for t in results["targets"]:

@@ -10,6 +10,7 @@ import pytest
 
 from splitpoint.app.bench.report import write_report
 from splitpoint.app.bench.run import BenchConfig, choose, run_bench
+from splitpoint.core.graph import open_model
 from splitpoint.partitioner.costmodel import wire_bytes
 from splitpoint.profiles.schema import load_network
 
@@ -233,5 +234,40 @@ def test_the_bench_measures_agreement_as_the_planner_does_not_by_argmax():
         (k, SimpleNamespace(outputs=[r[0] + 2e-3 * rng.standard_normal(r[0].shape).astype(np.float32)]))
         for k, r in enumerate(refs)
     ]
-    (fid,) = _agreement(seq, refs)
+    (fid,) = _agreement(seq, refs, [])
     assert fid.top1_agreement is None and fid.primary > 0.999
+
+
+def test_the_bench_compares_an_output_named_by_scores_by_its_top_1_at_every_position():
+    """A language model's [batch, tokens, vocab] logits: cosine reads near 1 while tokens change. With
+    --scores the bench's agreement is the share of positions whose top-1 holds, as the planner's is."""
+    from types import SimpleNamespace
+
+    from splitpoint.app.bench.edgerun import _agreement
+
+    ref = np.zeros((1, 6, 10), np.float32)
+    ref[0, :, 3] = 1.0
+    got = ref.copy()
+    got[0, 0, 7] = 1.01  # one position of six picks another token
+    seq = [(0, SimpleNamespace(outputs=[got]))]
+    (by_cosine,) = _agreement(seq, [[ref]], [])
+    (by_scores,) = _agreement(seq, [[ref]], [-1])
+    assert by_cosine.primary > 0.9
+    assert by_scores.primary == pytest.approx(5 / 6)
+
+
+def test_bench_scores_name_an_output_of_some_model_or_stop_before_any_work(tmp_path, small_resnet18):
+    out = tmp_path / "o"
+    proc = run_cli(
+        "bench", "--models", str(small_resnet18), "--scores", "logits", "-o", str(out), timeout=120
+    )
+    assert (
+        proc.returncode == 2 and "--scores 'logits': no model of --models has such an output" in proc.stderr
+    )
+    assert not out.exists()
+    name = open_model(str(small_resnet18)).index.outputs[0]
+    proc = run_cli(
+        "bench", "--models", str(small_resnet18), "--scores", f"{name}:5", "-o", str(out), timeout=120
+    )
+    assert proc.returncode == 2 and "the class axis is one of 1 to 1" in proc.stderr, proc.stderr
+    assert not out.exists()

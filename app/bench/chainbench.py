@@ -49,6 +49,7 @@ class ChainBenchConfig(StrictConfig):
     profile_budget: float = Field(12.0, gt=0)
     codecs: tuple[str, ...] = ("float32", "float16", "int8", "int8+zstd")
     input_shapes: tuple[str, ...] = ()
+    scores: tuple[str, ...] = ()  # NAME[:AXIS], applied to each model with that output
 
     _nonempty = field_validator("models")(nonempty_names)
 
@@ -81,6 +82,7 @@ def chain_command(cfg: ChainBenchConfig) -> str:
     if cfg.max_front != ChainBenchConfig.model_fields["max_front"].default:
         parts.append(f"--max-front {cfg.max_front}")
     parts += [f"--input-shape {s}" for s in cfg.input_shapes]
+    parts += [f"--scores {s}" for s in cfg.scores]
     return " ".join([*parts, f"-o {cfg.out}"])
 
 
@@ -113,12 +115,13 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.partitioner.chainplan import ChainConstraints, decide_chain, gather_chain, numbered
+    from splitpoint.partitioner.fidelity import set_score_axes
     from splitpoint.profiles.facts import device_facts
     from splitpoint.profiles.schema import load_device, load_network
 
     from .edgecpu import calibrate_apart
     from .provenance import provenance
-    from .run import _inputs_file, profile_apart
+    from .run import _inputs_file, profile_apart, scores_for
     from .runtimecost import runtime_cost
 
     t0 = time.perf_counter()
@@ -155,6 +158,7 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
         for model in cfg.models:
             tm = time.perf_counter()
             h = open_model(model, parse_input_shapes(cfg.input_shapes), only_present=True)
+            set_score_axes(h, scores_for(h, cfg.scores))
             profiles = {}
             for spec in specs:
                 if spec.name in profiles:

@@ -88,6 +88,8 @@ class BenchConfig(StrictConfig):
     codecs: tuple[str, ...] = tuple(BENCH_CODECS)
     # NAME:1x3x640x640, applied to each model whose input of that name has a free dimension
     input_shapes: tuple[str, ...] = ()
+    # NAME[:AXIS], applied to each model with an output of that name (see scores_for)
+    scores: tuple[str, ...] = ()
 
     _nonempty = field_validator("models", "networks")(nonempty_names)
 
@@ -121,6 +123,7 @@ def bench_command(cfg: BenchConfig) -> str:
         if value != defaults[field].default:
             parts.append(f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}")
     parts += [f"--input-shape {s}" for s in cfg.input_shapes]
+    parts += [f"--scores {s}" for s in cfg.scores]
     return " ".join([*parts, f"-o {cfg.out}"])
 
 
@@ -240,6 +243,8 @@ def _inputs_file(h, n: int, path: Path) -> None:
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
     names = [i.name for i in sess.get_inputs()]
     arrays["input_names"] = np.array(names)
+    # the axis along which each output is compared by its top-1 (--scores); 0, never a class axis: none
+    arrays["score_axes"] = np.array([h.score_axes.get(o.name, 0) for o in sess.get_outputs()], np.int64)
     for k, feeds in enumerate(h.fidelity_samples(n, seed=1000)[0]):
         outs = sess.run(None, {nm: feeds[nm] for nm in names})
         arrays["n_outputs"] = np.array(len(outs))
@@ -366,26 +371,43 @@ def check_model_names(models: Sequence[str]) -> None:
             )
 
 
-def open_models_first(models: Sequence[str], input_shapes: Sequence[str]) -> None:
-    """Every model opened (a file that is not ONNX named now, not after minutes of calibration) and every
-    --input-shape matched by an input of some model: a bench applies each to the models that have that
-    input, so a misspelt name was ignored without a word."""
+def scores_for(h, specs: Sequence[str]) -> list[str]:
+    """The ``--scores NAME[:AXIS]`` that name an output of ``h``: a bench applies each to the models that
+    have that output (a name may hold a colon itself: tf2onnx's ``logits:0``)."""
+    outputs = set(h.index.outputs)
+    return [s for s in specs if s in outputs or (":" in s and s.rpartition(":")[0] in outputs)]
+
+
+def open_models_first(models: Sequence[str], input_shapes: Sequence[str], scores: Sequence[str] = ()) -> None:
+    """Every model opened (a file that is not ONNX named now, not after minutes of calibration), every
+    --input-shape matched by an input of some model and every --scores by an output of some model: a
+    bench applies each to the models that have it, so a misspelt name was ignored without a word."""
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
+    from splitpoint.partitioner.fidelity import set_score_axes
 
     shapes = parse_input_shapes(tuple(input_shapes))
     inputs: set[str] = set()
+    used: set[str] = set()
     check_model_names(models)
     for name in models:
         try:
             h = open_model(name, shapes, only_present=True)
-        except ModelError as exc:  # one --input-shape for every model that has the input: say which one
+            mine = scores_for(h, scores)
+            set_score_axes(h, mine)  # an axis the output does not have, now
+        except ModelError as exc:  # one option for every model that has the name: say which model
             raise ModelError(f"{name}: {exc}") from exc
         inputs |= {i.name for i in h.model.graph.input}
+        used |= set(mine)
     unknown = sorted(set(shapes) - inputs)
     if unknown:
         raise SplitPointError(
             f"--input-shape names {', '.join(map(repr, unknown))}: no model of --models has such an input"
+        )
+    unused = [s for s in scores if s not in used]
+    if unused:
+        raise SplitPointError(
+            f"--scores {', '.join(map(repr, unused))}: no model of --models has such an output"
         )
 
 
@@ -393,6 +415,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
+    from splitpoint.partitioner.fidelity import set_score_axes
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
     from splitpoint.profiles.facts import device_facts
@@ -429,6 +452,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         for name in cfg.models:
             tm = time.perf_counter()
             h = open_model(name, parse_input_shapes(cfg.input_shapes), only_present=True)
+            set_score_axes(h, scores_for(h, cfg.scores))
             say(f"{h.name}: profiling edge ({calib.cpus:g} CPU) and server")
             edge = profile_apart(h, "edge", calib.limit, cfg.profile_budget, work)
             server = profile_apart(h, "server", None, cfg.profile_budget, work)

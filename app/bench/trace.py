@@ -116,6 +116,7 @@ class TraceBenchConfig(StrictConfig):
     profile_budget: float = Field(12.0, gt=0)
     out: Path = Path("bench-results")
     input_shapes: tuple[str, ...] = ()
+    scores: tuple[str, ...] = ()  # NAME[:AXIS], applied to each model with that output
 
     _nonempty = field_validator("models")(nonempty_names)
 
@@ -142,6 +143,7 @@ def trace_command(cfg: TraceBenchConfig) -> str:
     parts = ["splitpoint bench", f"--trace {cfg.trace}", f"--rate {cfg.rate:g}"]
     parts += [f"--models {','.join(cfg.models)}", f"--device {cfg.device}"]
     parts += [f"--input-shape {s}" for s in cfg.input_shapes]
+    parts += [f"--scores {s}" for s in cfg.scores]
     return " ".join([*parts, f"-o {cfg.out}"])
 
 
@@ -149,6 +151,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.partitioner.emit import write_plan_set
+    from splitpoint.partitioner.fidelity import set_score_axes
     from splitpoint.partitioner.job import set_members
     from splitpoint.partitioner.planner import gather, link_of
     from splitpoint.profiles.facts import device_facts
@@ -156,7 +159,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
 
     from .edgecpu import calibrate_apart
     from .provenance import provenance
-    from .run import _inputs_file, profile_apart
+    from .run import _inputs_file, profile_apart, scores_for
 
     t0 = time.perf_counter()
     load = HostLoad()
@@ -179,6 +182,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     try:
         for name in cfg.models:
             h = open_model(name, parse_input_shapes(cfg.input_shapes), only_present=True)
+            set_score_axes(h, scores_for(h, cfg.scores))
             say(f"{h.name}: profiling edge ({calib.cpus:g} CPU) and server")
             edge = profile_apart(h, "edge", calib.limit, cfg.profile_budget, work)
             server = profile_apart(h, "server", None, cfg.profile_budget, work)
