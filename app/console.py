@@ -154,11 +154,12 @@ def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
         ]
         for c in cuts
     ]
-    per = f"request of batch {batch}" if batch and batch > 1 else "sample"
-    cols = ["cut", "after node", "crossing tensors", f"bytes/{per.split()[0]}", "head MACs", "head params"]
-    return table(
-        f"{name}: {len(cuts)} candidate cuts (bytes per {per}, from the tensors' shapes)", cols, rows, 3
-    )
+    # a fixed leading dim above 1 may be a batch or not (a time-major [steps, batch, features] input):
+    # the rows are a whole request's either way, and the title does not guess which
+    per = "request" if batch and batch > 1 else "sample"
+    cols = ["cut", "after node", "crossing tensors", f"bytes/{per}", "head MACs", "head params"]
+    source = "at the inputs' fixed shapes" if per == "request" else "from the tensors' shapes"
+    return table(f"{name}: {len(cuts)} candidate cuts (bytes per {per}, {source})", cols, rows, 3)
 
 
 def _front_cells(c: Any) -> list[str]:

@@ -277,3 +277,17 @@ def test_split_says_how_its_codec_applies_to_the_tensors_it_sends():
     assert _as_applied("float32+zstd", [TensorSpec(name="x", shape="1", dtype="float32")]) == ""
     assert _as_applied("int8", ids) == "; int64 tensors go exact"
     assert _as_applied("int8", ids[1:]) == ""
+
+
+def test_the_cuts_table_does_not_call_a_fixed_leading_dim_the_batch():
+    """A static time-major input ([10 steps, 2, 16]) was titled "bytes per request of batch 10": a fixed
+    leading dim may be a batch or not, and the rows are a whole request's either way."""
+    from splitpoint.app.console import cuts_table
+
+    assert (
+        cuts_table("tm", [], 10).title
+        == "tm: 0 candidate cuts (bytes per request, at the inputs' fixed shapes)"
+    )
+    assert (
+        cuts_table("r", [], None).title == "r: 0 candidate cuts (bytes per sample, from the tensors' shapes)"
+    )
