@@ -1046,6 +1046,8 @@ def edge_run(
         curve_server_key=read_public(curve_server_key, "server's public key") if curve_server_key else None,
         curve_keypair=keypair_from_secret(curve_secret) if curve_secret else None,
     )
+    if inputs is not None and not inputs.is_dir():  # before the connection to the server and the sessions
+        raise SplitPointError(f"--inputs {inputs} is not a folder of .npy/.npz files")
     summary = EdgeDaemon(cfg).run(inputs, outputs)
     if inputs:
         n = summary["inputs"]
@@ -1294,7 +1296,8 @@ def bench(
         str | None,
         typer.Option(
             help="zoo models or .onnx paths, comma-separated \\[default: resnet18, resnet50, mobilenetv2 and "
-            "the trained models that are installed]"
+            "the trained models that are installed; with --trace resnet18, resnet50; with --chain resnet18, "
+            "mobilenetv2, resnet50]"
         ),
     ] = None,
     networks: Annotated[

@@ -23,6 +23,8 @@ def check_endpoint(endpoint: str) -> str:
     if not endpoint:
         raise ValueError("empty endpoint")
     if "://" not in endpoint:
+        if endpoint.startswith(("/", "./", "../", "~")) or endpoint.endswith(".sock"):  # a socket's path
+            raise ValueError(f"{endpoint!r} has no scheme; write ipc://{endpoint} for a local socket")
         raise ValueError(
             f"{endpoint!r} has no scheme; write tcp://{endpoint} (or ipc://PATH for a local socket)"
         )

@@ -315,6 +315,14 @@ class Plan(_Strict):
                 )
             if Path(plan_dir).is_file():
                 raise PlanError(f"{plan_dir} is a file: give the plan's directory")
+            if not Path(plan_dir).exists():
+                raise PlanError(f"{plan_dir} does not exist: give a plan's directory (one `plan -o` wrote)")
+            inside = sorted(d.name for d in Path(plan_dir).iterdir() if (d / PLAN_FILE).is_file())
+            if inside:
+                raise PlanError(
+                    f"{plan_dir} is a folder of plans, not one plan: give one of them, e.g. "
+                    f"{Path(plan_dir) / inside[0]} ({len(inside)} in all)"
+                )
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
         plan = cls.parse(p.read_bytes(), where=str(p))
         if verify:

@@ -136,7 +136,7 @@ def write_plan(
         models[0] = head_model
     n = hops + 1
     files_models = {stage_file(i, n): m for i, m in enumerate(models) if m is not None}
-    if include_full:
+    if include_full and kind != EDGE_ONLY:  # its head is the whole model already: never a second copy
         files_models[FULL_FILE] = idx.model
     head_reads = {i.name for i in models[0].graph.input} if models[0] is not None else set()
     first_sent = {c.name for c in _crossing(idx, cuts[0]) if c.side == "input"} if cuts else set()

@@ -197,6 +197,16 @@ class EdgeClient:
         end = time.monotonic() + (0 if self.local_only else config.connect_grace_s)
         while not self.server_up and time.monotonic() < end and self.fatal is None:
             time.sleep(0.005)
+        # said, as "reachable" is (a plan set's member is lent a fallback later: its owner speaks for it)
+        if not self.local_only and not self.server_up and self.fatal is None and report is None:
+            log.warning(
+                "server %s has not answered yet (%.1f s): %s until it does",
+                config.server,
+                config.connect_grace_s,
+                "requests run on the local model"
+                if self._full is not None
+                else "requests get an error (no local model to fall back on)",
+            )
         self._publish_status()
 
     # -- public API ----------------------------------------------------------------------------

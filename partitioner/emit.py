@@ -60,7 +60,7 @@ def write_candidate(
         codec=i.codec,
         head_model=head_model,
         head_weights=i.head_weights,
-        include_full=include_full and i.kind != EDGE_ONLY,  # its head is the whole model already
+        include_full=include_full,
         predicted=predicted if predicted is not None else cand.to_dict(),
         front=front,
         force=force,

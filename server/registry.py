@@ -68,6 +68,8 @@ class PlanRegistry:
             # is served: its directory scanned as any other served a member of another model, or one
             # under a name the set does not give, that deploy refused
             PlanSet.load(self.plans_dir, role=self.role)
+        if self.plans_dir and not self.plans_dir.exists():
+            log.warning("%s does not exist: no plan is served until a deploy creates it", self.plans_dir)
         if self.plans_dir and self.plans_dir.is_dir():
             sweep_leftovers(self.plans_dir)
             for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -121,11 +123,23 @@ class PlanRegistry:
     def add_dir(self, path: str | Path) -> Plan:
         path = Path(path)
         plan = Plan.load(path, role=self.role)
+        same = self._entries.get(plan.plan_id)
+        if same is not None:  # the user's directory and the copy a deploy pushed beside it: one plan
+            log.info("%s holds plan %s, served already from %s", path, plan.plan_id[:12], same.path)
+            return plan
         self._room_for(plan.plan_id)
         entry = self._entry(path, plan)
         with self._lock:
             self._entries[plan.plan_id] = entry
-        log.info("serving plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), described(plan))
+        if entry.runner is None:
+            log.info(
+                "plan %s (%s, %s) runs entirely on the edge: nothing of it runs here",
+                plan.plan_id[:12],
+                shown(plan.model_name),
+                described(plan),
+            )
+        else:
+            log.info("serving plan %s (%s, %s)", plan.plan_id[:12], shown(plan.model_name), described(plan))
         return plan
 
     def install(self, files: dict[str, bytes]) -> Plan:

@@ -829,3 +829,16 @@ def test_a_relay_checks_its_next_stage_s_result_before_passing_it_on(chain):
                 with pytest.raises(EdgeError, match="does not fit the plan") as exc:
                     c.infer(x(), timeout=30)
                 assert exc.value.code == "unavailable" and why in str(exc.value), str(exc.value)
+
+
+def test_an_edge_only_plan_asked_for_its_full_model_holds_one_copy(small_resnet18, tmp_path):
+    """`plan-chain` asks for the full model (the edge's fallback) whatever it picks: an edge-only pick wrote
+    head.onnx and full.onnx, the same 46.8 MB twice. Its head is the whole model: one file."""
+    from splitpoint.core.plan import FULL_FILE, HEAD_FILE
+
+    h = open_model(small_resnet18)
+    plan = write_plan(h, tmp_path / "e", cuts=[], include_full=True)
+    assert plan.kind == "edge-only" and sorted(plan.files) == [HEAD_FILE]
+    assert not (tmp_path / "e" / FULL_FILE).exists()
+    split = write_plan(h, tmp_path / "s", cut=h.cuts()[10], include_full=True)
+    assert FULL_FILE in split.files  # a split's fallback stays

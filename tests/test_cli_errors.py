@@ -58,6 +58,7 @@ def _busy_port():
     "args, needle",
     [
         (["serve", "--bind", "127.0.0.1:5599"], "has no scheme; write tcp://127.0.0.1:5599"),
+        (["serve", "--bind", "/tmp/sp.sock"], "has no scheme; write ipc:///tmp/sp.sock for a local socket"),
         (["serve", "--bind", "udp://127.0.0.1:5599"], "is not tcp://HOST:PORT"),
         (["serve", "--bind", "tcp://0.0.0.0:5599"], "give this server CurveZMQ keys"),
         (["serve", "--workers", "0"], "--workers: Input should be greater than or equal to 1"),
@@ -121,7 +122,7 @@ def _busy_port():
         (["demo", "--mqtt", f"mqtt://127.0.0.1:{free_port()}"], "cannot reach the MQTT broker"),
         (
             ["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599"],
-            "no plan.json in /nonexistent/plan",
+            "/nonexistent/plan does not exist: give a plan's directory",
         ),
         (["deploy", "/nonexistent/plan", "--server", "127.0.0.1:5599"], "has no scheme"),
         (["no-such-command"], "No such command"),
@@ -203,6 +204,11 @@ def test_edge_endpoint_and_plan_errors_are_one_line(plan_dir):
     t0 = time.monotonic()
     proc = run_cli("edge", "run", "/nonexistent/plan", "--inputs", str(plan_dir / "inputs"), timeout=60)
     _one_line_error(proc, "plan directory /nonexistent/plan does not exist", t0)
+    t0 = time.monotonic()  # the folder of plans, not a plan: one of them is named
+    proc = run_cli("edge", "run", str(plan_dir), "--listen", f"ipc://{plan_dir}/e.sock", timeout=60)
+    _one_line_error(
+        proc, f"{plan_dir} is a folder of plans, not one plan: give one of them, e.g. {plan_dir / 'plan'}", t0
+    )
 
 
 def test_plan_options_are_checked_before_any_work(tmp_path):
