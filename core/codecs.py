@@ -532,8 +532,18 @@ def _dequantise(
     return out
 
 
+# elements each channel's scale and offset (8 bytes) must cover for a per-channel layout: fewer, and the
+# parameters outweigh the body (a [1, 1024] feature vector at int4 sent a pair per element: 8.5 KiB, twice
+# its float32, and lossless)
+MIN_CHANNEL_ELEMENTS = 16
+
+
 def _channel_axis(x: np.ndarray) -> int | None:
-    return 1 if x.ndim >= 2 else None
+    """Axis 1 (a CNN's channels, a decoder's tokens) where each channel holds enough elements, else the
+    whole tensor shares one pair."""
+    if x.ndim < 2 or x.shape[1] == 0 or x.size // x.shape[1] < MIN_CHANNEL_ELEMENTS:
+        return None
+    return 1
 
 
 def _expected_body(base: str, n: int, itemsize: int) -> int:
@@ -902,4 +912,7 @@ def error_bound(x: np.ndarray, codec: str) -> float:
         y[..., cols] = 0
     lo, hi = _ranges(y, ax)
     levels = 15 if c.base.startswith("int4") else 255
-    return float(((hi - lo) / levels).max()) / 2 * (1 + 1e-5) + 1e-7
+    # float32 arithmetic on the grid (x·r + a near 255 is rounded to 2^-16 of a step, twice) and on the
+    # way back (q·scale + offset, to a float32 ulp of the largest magnitude)
+    big = np.float32(max(float(np.abs(lo).max()), float(np.abs(hi).max())))
+    return float(((hi - lo) / levels).max()) / 2 * (1 + 2e-4) + 4 * float(np.spacing(big)) + 1e-7

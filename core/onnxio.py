@@ -108,7 +108,8 @@ def _parse_and_check(
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     densified = densify_sparse(model.graph, str(p))
-    reordered = sort_nodes(model.graph)
+    refuse_duplicate_node_names(model.graph, str(p))
+    reordered = sort_nodes(model.graph, str(p))
     completed = complete_interface(model, input_shapes, str(p))
     if check:
         check_model(
@@ -216,11 +217,12 @@ def densify_sparse(graph: onnx.GraphProto, where: str) -> bool:
     return True
 
 
-def sort_nodes(graph: onnx.GraphProto) -> bool:
+def sort_nodes(graph: onnx.GraphProto, where: str = "the model") -> bool:
     """Put a graph's nodes in an order where each comes after what it reads, keeping the given order
     wherever it is one already. The ONNX standard asks for that order and the checker refuses a graph
     without it, but onnxruntime runs such graphs and hand-edited or merged models arrive so. A graph
-    that no order fixes (a cycle, a tensor nobody produces) is left for the checker to name."""
+    that no order fixes (a tensor nobody produces, a cycle) is refused naming the cause: the checker
+    calls both an ordering problem, which this would have mended."""
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     known |= {t.values.name for t in graph.sparse_initializer}  # a sparse tensor's name is its values'
     needs = [set(node_inputs(n)) for n in graph.node]
@@ -241,7 +243,7 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
                 done.update(graph.node[i].output)
                 taken.append(i)
         if not taken:
-            return False  # a cycle or a missing producer: the checker's to report
+            raise ModelError(_unorderable(graph, [graph.node[i] for i in pending], done, where))
         order += taken
         gone = set(taken)
         pending = [i for i in pending if i not in gone]
@@ -249,6 +251,47 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
     del graph.node[:]
     graph.node.extend(nodes)
     return True
+
+
+def refuse_duplicate_node_names(graph: onnx.GraphProto, where: str) -> None:
+    """onnxruntime refuses a graph in which two nodes share a name; the checker does not, and the cuts
+    were listed before a split's session failed, blaming the cut."""
+    seen: set[str] = set()
+    for n in graph.node:
+        if n.name and n.name in seen:
+            raise ModelError(
+                f"{where}: two nodes are named {n.name!r}, which onnxruntime refuses to load; give one "
+                "of them another name (node names do not change what a model computes)"
+            )
+        seen.add(n.name)
+
+
+def _unorderable(graph: onnx.GraphProto, stuck: list, done: set[str], where: str) -> str:
+    """Why no order runs ``stuck`` (the nodes never ready): a tensor nothing gives, else a cycle."""
+
+    def shown(n) -> str:
+        return f"{n.name!r} ({n.op_type})" if n.name else n.op_type
+
+    made = {o for n in graph.node for o in n.output}
+    for n in stuck:
+        missing = [x for x in node_inputs(n) if x not in done and x not in made]
+        if missing:
+            return (
+                f"{where}: node {shown(n)} reads {missing[0]!r}, which no node, graph input or initializer "
+                "gives (a tensor lost in an edit or a merge)"
+            )
+    # the nodes waiting only on the cycle's outputs are not in it: drop, repeatedly, any whose outputs no
+    # other stuck node reads
+    ring = list(stuck)
+    while True:
+        read = {x for n in ring for x in node_inputs(n)}
+        kept = [n for n in ring if any(o in read for o in n.output)]
+        if len(kept) == len(ring):
+            break
+        ring = kept
+    ring = ring or stuck
+    names = ", ".join(shown(n) for n in ring[:5]) + (f" and {len(ring) - 5} more" if len(ring) > 5 else "")
+    return f"{where}: nodes {names} read each other's outputs in a cycle: no order runs them"
 
 
 def check_model(
@@ -273,7 +316,9 @@ def check_model(
             return  # the in-memory checker cannot take >2 GiB protos; checked on the saved file instead
         onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"{where} fails the ONNX checker: {first_line(exc)}") from exc
+        # the checker's report runs over lines (a node printed in the middle of a sentence): all of it
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"{where} fails the ONNX checker: {text[:500]}") from exc
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:

@@ -149,15 +149,15 @@ def refuse_quantized(model: onnx.ModelProto, mode: str) -> None:
     if done:
         raise SplitPointError(
             f"the model is already quantised ({done}): its weights are integers already, and "
-            f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (no --int8, "
-            "--quantize-head-weights none)"
+            f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (without --int8 or "
+            "--quantize-head-weights)"
         )
     half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     if mode == "dynamic" and any(t.data_type in half for t in model.graph.initializer):
         # its cast inserted for float16 weights is no initializer, and the quantiser dies on it
         raise SplitPointError(
             "the model's weights are float16: onnxruntime's dynamic quantiser takes float32 weights "
-            "only; use --quantize-head-weights static (calibrated), or none"
+            "only; use --quantize-head-weights static (calibrated), or leave the option out"
         )
 
 

@@ -165,15 +165,14 @@ def test_an_empty_batch_round_trips_in_every_codec(codec):
 def test_an_empty_batch_with_channels_decodes_as_the_spec_writes_it(codec):
     """A client that writes a batch of 0 with its channel axis set (as protocol.md allows): the decoder
     divided by the number of rows, 0, and the server answered `internal`."""
-    full = bytearray(encode(np.ones((2, 16), np.float32), codec))
+    full = bytearray(encode(np.ones((2, 16, 8), np.float32), codec))
     f = list(_HEAD.unpack_from(full, 0))
-    if f[6] != 1:
-        pytest.skip(f"{codec} writes no channel axis here")
-    params = bytes(full[_HEAD.size + 16 : _HEAD.size + 16 + 4 + 4 * 32])  # the count and 32 parameters
+    assert f[6] == 1  # the channel axis: 16 channels of 16 elements each
+    params = bytes(full[_HEAD.size + 24 : _HEAD.size + 24 + 4 + 4 * 32])  # the count and 32 parameters
     f[7] = f[8] = 0  # no body
-    empty = _HEAD.pack(*f) + struct.pack("<2Q", 0, 16) + params
+    empty = _HEAD.pack(*f) + struct.pack("<3Q", 0, 16, 8) + params
     y = decode(empty)
-    assert y.shape == (0, 16) and y.dtype == np.float32
+    assert y.shape == (0, 16, 8) and y.dtype == np.float32
 
 
 @pytest.mark.parametrize("stage", ["float32", "float32+zstd", "float32+lz4"])
@@ -491,3 +490,21 @@ def test_float16_past_its_range_is_infinite_and_silent():
         warnings.simplefilter("error")
         y = decode(encode(x, "float16"))
     assert y[0, 0] == 1.0 and y[0, 1] == -np.inf and y[0, 2] == np.inf
+
+
+@pytest.mark.parametrize("codec", ["int8-ch", "int4", "int4-ol", "int8-ol"])
+def test_a_feature_vector_is_quantised_per_tensor_not_a_pair_per_element(codec):
+    """A flattened [1, N] cut tensor: per channel along axis 1 sent a scale and an offset per element, so
+    int4 came out at twice float32's size and lossless (a fidelity of 1.0 that measured nothing). Channels
+    that hold fewer than 16 elements share one pair; a CNN's [1, C, H, W] keeps its pair per channel."""
+    from splitpoint.core.codecs import MIN_CHANNEL_ELEMENTS
+
+    x = np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)
+    sizes = {c: len(encode(x, c)) for c in ("float32", "int8", codec)}
+    assert sizes[codec] < sizes["float32"] / 2, sizes
+    if codec.startswith("int4"):
+        assert sizes[codec] < sizes["int8"], sizes
+    assert _HEAD.unpack_from(encode(x, codec), 0)[6] == -1
+    assert 0 < np.abs(decode(encode(x, codec)) - x).max() <= error_bound(x, codec)
+    fmap = np.random.default_rng(1).standard_normal((1, 8, 4, 4)).astype(np.float32)
+    assert MIN_CHANNEL_ELEMENTS <= 4 * 4 and _HEAD.unpack_from(encode(fmap, codec), 0)[6] == 1

@@ -197,8 +197,17 @@ def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
             near = difflib.get_close_matches(n, list(idx.producer), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise CutError(f"no tensor named {n!r} in the graph{hint}")
-        if n in idx.inputs or n in idx.initializers or idx.producer[n] in idx.const:
-            raise CutError(f"tensor {n!r} is a graph input or a constant: it cannot be a cut boundary")
+        if n in idx.initializers or (n not in idx.inputs and idx.producer[n] in idx.const):
+            raise CutError(f"tensor {n!r} is a constant: it cannot be a cut boundary")
+    # a raw input crosses wherever the tail reads it, named or not: `split` lists it among what crosses,
+    # and that list given back as --cut was refused for it
+    computed = [n for n in names if n not in idx.inputs]
+    if not computed:
+        raise CutError(
+            f"{', '.join(map(repr, names))} {'is a graph input' if len(names) == 1 else 'are graph inputs'}: "
+            "name tensors the head computes (`splitpoint cuts` lists them)"
+        )
+    names = computed
     head: set[int] = set()
     stack = [idx.producer[n] for n in names]
     while stack:
