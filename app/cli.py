@@ -581,6 +581,14 @@ def plan(
             help="ship the whole model too: the edge answers locally while the server is out of reach"
         ),
     ] = False,
+    front_budget: Annotated[
+        int | None,
+        typer.Option(
+            help="cuts whose fidelity is measured for the front beyond the pick's (each a run of the tail "
+            "over every sample) \\[default: all the exact front needs: minutes on a model of thousands "
+            "of cuts]"
+        ),
+    ] = None,
 ) -> None:
     """Choose where to cut and how to compress from measured profiles; write the plan (or, with --set,
     the few plans each fastest over a range of uplink bandwidth)."""
@@ -606,12 +614,17 @@ def plan(
         scores=tuple(scores or ()),
         rate_ips=rate,
         with_full=with_full,
+        front_budget=front_budget,
     )
     if rate is not None and plan_set is None:
         raise typer.BadParameter("--rate chooses plan-set members; it goes with --set")
     if plan_set is not None:
         if plot:
             raise typer.BadParameter("--plot draws one link's front; it does not go with --set")
+        if front_budget is not None:
+            raise typer.BadParameter(
+                "--front-budget bounds one link's front; a set measures its members only"
+            )
         # a set's members are each the fastest over a range of bandwidth: a latency limit or another
         # objective has no one link to be judged at (the memory, bytes and fidelity limits apply to each)
         if max_latency is not None:

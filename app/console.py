@@ -251,6 +251,11 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
         + "; figures derived from measured profiles)"
     )
     console.print(front_table(title, d.front, d.pick, cons))
+    if getattr(d, "unmeasured", 0):
+        console.print(
+            f"{d.unmeasured} cut(s) that could be on the front were left unmeasured (--front-budget): the "
+            "front is of the candidates measured; the pick is exact"
+        )
     pred = getattr(r, "predicted", {}) or {}
     if pred.get("fidelity_measure"):
         console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred.get('fidelity_inputs')}")

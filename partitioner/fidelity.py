@@ -68,13 +68,55 @@ class FidelityReport:
         return {**asdict(self), "score": self.score}
 
 
-def compare(name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = None) -> OutputFidelity:
+# what makes a [batch, N] output features, not class scores: an embedding (BERT's tanh pooler, a
+# normalised or mean-pooled sentence vector, an activation's output), whose largest element means
+# nothing and moves with the smallest error. Seen through ops that only reshape or retype. Not in it,
+# as they also end classifiers: a pool (SqueezeNet's logits), a division (a temperature), a slice or a
+# gather (a language model's last position)
+FEATURE_OPS = {
+    "Tanh",
+    "Relu",
+    "Gelu",
+    "FastGelu",
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "BatchNormalization",
+    "LpNormalization",
+    "ReduceMean",
+}
+_PASS_THROUGH = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+
+
+def feature_outputs(idx) -> set[str]:
+    """The model's outputs a feature op makes (``FEATURE_OPS``): compared by cosine, not by their top-1,
+    unless ``--scores`` names them."""
+    out = set()
+    for name in idx.outputs:
+        t, seen = name, 0
+        while t in idx.producer and seen < 16:
+            node = idx.nodes[idx.producer[t]]
+            if node.op_type not in _PASS_THROUGH or not node.input:
+                if node.op_type in FEATURE_OPS:
+                    out.add(name)
+                break
+            t, seen = node.input[0], seen + 1
+    return out
+
+
+def compare(
+    name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = None, scores: bool = True
+) -> OutputFidelity:
     """One output of ``n`` samples, split against float. An output whose shape follows the data (NonZero,
     TopK with k an input) is compared sample by sample, and a sample whose split shape differs from the
     float one counts as wholly wrong: nothing of it lines up. ``axis``: the output holds class scores
-    along it (``--scores``), and top-1 is the share of positions whose largest score is the same one."""
+    along it (``--scores``), and top-1 is the share of positions whose largest score is the same one.
+    ``scores``: a [batch, N] output may be class scores (False: features, compared by cosine)."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
-        return _compare_samples(name, per_sample(ref, n), per_sample(got, n), axis)
+        # a float output whose shape follows the data (detections) is never a batch of score rows
+        rows = scores and not isinstance(ref, Ragged)
+        return _compare_samples(name, per_sample(ref, n), per_sample(got, n), axis, rows)
     exact = _discrete(ref)
     if ref.size == 0:  # empty in both, shapes equal: nothing can differ
         return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB, exact_agreement=1.0 if exact else None)
@@ -88,7 +130,7 @@ def compare(name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = 
             raise ModelError(f"--scores {name}:{axis}: {name} has {ref.ndim} dimensions at run time")
         top1: float | None = float(np.mean(ref.argmax(axis) == got.argmax(axis)))
     else:
-        classes = ref.ndim == 2 and ref.shape[1] > 1 and not exact
+        classes = scores and ref.ndim == 2 and ref.shape[1] > 1 and not exact
         top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
@@ -104,8 +146,9 @@ def compare_outputs(
 ) -> list[OutputFidelity]:
     """Every output of the model, split against float, each by the rule its user named (``--scores``)
     or the default one: the one place the planner, the chain planner and ``fidelity`` compare outputs."""
+    features = feature_outputs(handle.index)
     return [
-        compare(name, r, g, n, handle.score_axes.get(name))
+        compare(name, r, g, n, handle.score_axes.get(name), name not in features)
         for name, r, g in zip(handle.index.outputs, refs, gots, strict=True)
     ]
 
@@ -120,14 +163,18 @@ def _snr(signal: float, noise: float) -> float:
 
 
 def _compare_samples(
-    name: str, refs: list[np.ndarray], gots: list[np.ndarray], axis: int | None = None
+    name: str, refs: list[np.ndarray], gots: list[np.ndarray], axis: int | None = None, rows: bool = False
 ) -> OutputFidelity:
+    """``rows``: the float output has a row of scores per sample (a joined [batch, classes]), which a split
+    of another shape failed to keep."""
     if len(refs) != len(gots):
         raise ValueError(f"output {name}: {len(refs)} float samples against {len(gots)} split ones")
     cosines: list[float] = []
     exact = bool(refs) and all(_discrete(r) for r in refs)
     equal: list[float] | None = [] if exact else None
-    scores = axis is not None or all(r.ndim == 2 and r.shape[1] > 1 for r in refs)
+    # an output whose shape follows the data is detections or the like, never a batch of score rows (the
+    # argmax of an NMS's [N, 4] boxes picked a coordinate): top-1 there only where --scores names it
+    scores = axis is not None or (rows and all(r.ndim == 2 and r.shape[1] > 1 for r in refs))
     top1: list[float] | None = [] if not exact and scores else None
     worst, signal, noise, mismatched = 0.0, 0.0, 0.0, 0
     for ref, got in zip(refs, gots, strict=True):

@@ -368,3 +368,24 @@ def test_the_runtime_s_own_time_per_request_bounds_a_plan_s_throughput(setup):
         c, before = evaluate(ci, net), evaluate(plain[(ci.kind, ci.cut, ci.codec)], net)
         assert c.throughput_ips <= 1000.0 / (ci.head_ms + ci.encode_ms + ci.edge_runtime_ms) + 1e-6
         assert c.latency_ms == pytest.approx(before.latency_ms + ci.edge_runtime_ms + ci.server_runtime_ms)
+
+
+def test_a_front_budget_bounds_the_fidelity_runs_and_keeps_the_pick(setup):
+    """A model of thousands of cuts measured fidelity for every front member: minutes of tail runs (a
+    Swin-T's plan took 6.5). A front budget caps them; the pick is still measured and is the same, and
+    the decision counts what the front left unmeasured, which `plan --front-budget` says."""
+    d, path, h, edge, server = setup
+    samples = load_inputs(h.model, random=4)
+    nets = [load_network(n) for n in NETS]
+    cons = Constraints(objective="throughput")  # a front of several here (of one by latency)
+    exact = decide(gather(h, edge, server, samples), nets, cons)
+    capped = decide(gather(h, edge, server, samples), nets, cons, front_budget=0)
+    assert [c.pick.label for c in capped] == [c.pick.label for c in exact]
+    assert any(c.unmeasured for c in capped) and not any(c.unmeasured for c in exact)
+    assert sum(len(c.front) for c in capped) < sum(len(c.front) for c in exact)
+    said = _plan(  # on 5G alone: its front is the one of several here
+        d, path, "5g", "--objective", "throughput", "--random", "4", "--front-budget", "0", check=True
+    ).stdout
+    assert "left unmeasured (--front-budget): the front is of the candidates measured" in " ".join(
+        said.split()
+    )

@@ -1430,6 +1430,43 @@ def test_outputs_named_as_scores_are_compared_by_their_top_1_at_every_position()
     assert ragged.top1_agreement == pytest.approx((1 + 2 / 3) / 2)  # sample by sample, as the data's shapes
 
 
+def test_features_and_detections_are_not_compared_by_their_largest_element(tmp_path):
+    """Two outputs the [batch, N] rule took for class scores: BERT's tanh pooler (an embedding: its
+    largest element means nothing) and an NMS's boxes, whose rows follow the data ([N, 4]: the argmax
+    picked a coordinate, 0.928 for a float16 split). Both now by cosine; a linear layer's logits beside
+    them keep top-1, and --scores still names any output's."""
+    from splitpoint.partitioner.fidelity import compare_outputs, feature_outputs, set_score_axes
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["t"]),
+            helper.make_node("Flatten", ["t"], ["pooled"]),
+            helper.make_node("MatMul", ["t", "w"], ["logits"]),
+        ],
+        "pool",
+        [_vi("x", ["N", 16])],
+        [_vi("pooled", ["N", 16]), _vi("logits", ["N", 16])],
+        [w],
+    )
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "p.onnx")
+    h = open_model(path)
+    assert feature_outputs(h.index) == {"pooled"}
+    ref = rng.standard_normal((4, 16)).astype(np.float32)
+    got = ref + 0.05 * rng.standard_normal((4, 16)).astype(np.float32)
+    pooled, logits = compare_outputs(h, [ref, ref], [got, got], 4)
+    assert pooled.top1_agreement is None and pooled.primary == pooled.cosine
+    assert logits.top1_agreement is not None and logits.primary == logits.top1_agreement
+    set_score_axes(h, ["pooled"])
+    assert compare_outputs(h, [ref, ref], [got, got], 4)[0].top1_agreement is not None
+    boxes = Ragged([rng.random((3, 4)).astype(np.float32), rng.random((5, 4)).astype(np.float32)])
+    moved = Ragged([b + 0.01 for b in boxes])
+    det = compare("boxes", boxes, moved, 2)
+    assert det.top1_agreement is None and det.primary == det.cosine > 0.9
+
+
 def test_scores_name_an_output_and_an_axis_beside_the_batch_or_stop_before_any_work(tmp_path):
     rng = np.random.default_rng(0)
     emb = numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "emb")

@@ -238,6 +238,7 @@ def _write_plan(m, cand, path: Path) -> None:
 def _inputs_file(h, n: int, path: Path) -> None:
     """The inputs the edge sends, with the unsplit model's outputs: a trained model's rendered task inputs
     (its cut tensors then compress as they do in use), else seeded random tensors."""
+    from splitpoint.partitioner.fidelity import feature_outputs
 
     sess = h.whole_session()
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
@@ -245,6 +246,8 @@ def _inputs_file(h, n: int, path: Path) -> None:
     arrays["input_names"] = np.array(names)
     # the axis along which each output is compared by its top-1 (--scores); 0, never a class axis: none
     arrays["score_axes"] = np.array([h.score_axes.get(o.name, 0) for o in sess.get_outputs()], np.int64)
+    features = feature_outputs(h.index)  # compared by cosine, as the planner compares them
+    arrays["feature_outputs"] = np.array([o.name in features for o in sess.get_outputs()], np.bool_)
     for k, feeds in enumerate(h.fidelity_samples(n, seed=1000)[0]):
         outs = sess.run(None, {nm: feeds[nm] for nm in names})
         arrays["n_outputs"] = np.array(len(outs))
