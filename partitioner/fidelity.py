@@ -115,8 +115,8 @@ def compare(
     ``scores``: a [batch, N] output may be class scores (False: features, compared by cosine)."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
         # a float output whose shape follows the data (detections) is never a batch of score rows
-        rows = scores and not isinstance(ref, Ragged)
-        return _compare_samples(name, per_sample(ref, n), per_sample(got, n), axis, rows)
+        score_rows = scores and not isinstance(ref, Ragged)
+        return _compare_samples(name, per_sample(ref, n), per_sample(got, n), axis, score_rows)
     exact = _discrete(ref)
     if ref.size == 0:  # empty in both, shapes equal: nothing can differ
         return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB, exact_agreement=1.0 if exact else None)
