@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -123,53 +124,35 @@ def _bad_models(tmp_path, small_resnet):
     data = small_resnet.read_bytes()
     trunc = tmp_path / "truncated.onnx"
     trunc.write_bytes(data[: len(data) // 2])
-    bad = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Relu", ["nope"], ["y"])],
+
+    def one_in_one_out(name: str, nodes: list) -> Path:
+        g = helper.make_graph(
+            nodes,
             "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
         )
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(helper.make_model(g).SerializeToString())
+        return path
+
+    ghost = one_in_one_out("ghost", [helper.make_node("Relu", ["nope"], ["y"])])
+    cycle = one_in_one_out(
+        "cycle",
+        [
+            helper.make_node("Relu", ["b"], ["a"], name="n1"),
+            helper.make_node("Relu", ["a"], ["b"], name="n2"),
+            helper.make_node("Add", ["x", "a"], ["y"], name="after"),
+        ],
     )
-    ghost = tmp_path / "ghost.onnx"
-    ghost.write_bytes(bad.SerializeToString())
-    ring = helper.make_model(
-        helper.make_graph(
-            [
-                helper.make_node("Relu", ["b"], ["a"], name="n1"),
-                helper.make_node("Relu", ["a"], ["b"], name="n2"),
-                helper.make_node("Add", ["x", "a"], ["y"], name="after"),
-            ],
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        )
+    invalid = one_in_one_out("invalid", [helper.make_node("Relu", ["x"], ["y"], name="r", alpha=2.0)])
+    dup = one_in_one_out(
+        "dup",
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="dup"),
+            helper.make_node("Neg", ["a"], ["y"], name="dup"),
+        ],
     )
-    cycle = tmp_path / "cycle.onnx"
-    cycle.write_bytes(ring.SerializeToString())
-    wrong = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Relu", ["x"], ["y"], name="r", alpha=2.0)],
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        )
-    )
-    invalid = tmp_path / "invalid.onnx"
-    invalid.write_bytes(wrong.SerializeToString())
-    twins = helper.make_model(
-        helper.make_graph(
-            [
-                helper.make_node("Relu", ["x"], ["a"], name="dup"),
-                helper.make_node("Neg", ["a"], ["y"], name="dup"),
-            ],
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        )
-    )
-    dup = tmp_path / "dup.onnx"
-    dup.write_bytes(twins.SerializeToString())
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     return {
