@@ -6,10 +6,10 @@ per channel), ``int8-ol`` and ``int4-ol`` (``int8-ch`` and ``int4`` with the out
 last axis sent exact: a decoder's hidden states, whose few large channels would otherwise take every
 token's range), each
 optionally ``+zstd`` or ``+lz4``. On a [batch, tokens, hidden] tensor "per channel" (axis 1) is per
-token. Every payload starts with a header that
-describes itself (codec, dtype, shape, scale/offset, body length), so the receiver needs no
-side channel; decoding validates all of it, and caps what it allocates, before touching the
-body. The byte layout is docs/protocol.md's "Tensor payloads".
+token; a channel of fewer than 16 elements gets no pair of its own (the tensor shares one). Every
+payload starts with a header that describes itself (codec, dtype, shape, scale/offset, body length), so
+the receiver needs no side channel; decoding validates all of it, and caps what it allocates, before
+touching the body. The byte layout is docs/protocol.md's "Tensor payloads".
 
 Speed (benchmarks/bench_codecs.py): a payload is built in one preallocated buffer (the
 quantiser writes straight into it), quantisation runs in cache-sized blocks, float32 <-> float16

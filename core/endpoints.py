@@ -6,6 +6,7 @@ hear that the scheme is missing. ``Endpoint`` is the pydantic type every config 
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import stat
@@ -24,7 +25,9 @@ def check_endpoint(endpoint: str) -> str:
         raise ValueError("empty endpoint")
     if "://" not in endpoint:
         if endpoint.startswith(("/", "./", "../", "~")) or endpoint.endswith(".sock"):  # a socket's path
-            raise ValueError(f"{endpoint!r} has no scheme; write ipc://{endpoint} for a local socket")
+            # ZeroMQ does not expand ~: the suggestion spells the home directory out
+            path = os.path.expanduser(endpoint)
+            raise ValueError(f"{endpoint!r} has no scheme; write ipc://{path} for a local socket")
         raise ValueError(
             f"{endpoint!r} has no scheme; write tcp://{endpoint} (or ipc://PATH for a local socket)"
         )

@@ -15,6 +15,7 @@ model loaded by the caller) before it is moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -317,7 +318,14 @@ class Plan(_Strict):
                 raise PlanError(f"{plan_dir} is a file: give the plan's directory")
             if not Path(plan_dir).exists():
                 raise PlanError(f"{plan_dir} does not exist: give a plan's directory (one `plan -o` wrote)")
-            inside = sorted(d.name for d in Path(plan_dir).iterdir() if (d / PLAN_FILE).is_file())
+            try:  # a subfolder this user cannot enter (an SD card's lost+found) is no plan of theirs
+                inside = sorted(
+                    d.name
+                    for d in Path(plan_dir).iterdir()
+                    if not d.name.startswith(".") and os.access(d, os.X_OK) and (d / PLAN_FILE).is_file()
+                )
+            except OSError:
+                inside = []
             if inside:
                 raise PlanError(
                     f"{plan_dir} is a folder of plans, not one plan: give one of them, e.g. "
@@ -472,6 +480,52 @@ def install_pushed(
 
 
 LEFTOVER_AGE_S = 600.0  # a writer's temporary directory this old is no write in progress
+
+
+def hold_plan(plan_dir: str | Path) -> int | None:
+    """Mark a plan directory as in use by this process for as long as the returned descriptor stays open
+    (a shared lock on its plan.json; None where it cannot be taken): a sweep of pushed plans leaves it
+    alone, whichever process or record put it there, and the lock goes with the process."""
+    try:
+        fd = os.open(Path(plan_dir) / PLAN_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except (OSError, ImportError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_plan(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def unused_plan(plan_dir: Path) -> Iterator[bool]:
+    """Whether no process holds ``plan_dir`` (``hold_plan``), kept so while the block runs: an exclusive
+    lock, taken without waiting, that a process starting on the plan waits for."""
+    try:
+        fd = os.open(plan_dir / PLAN_FILE, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _writer_tag() -> str:

@@ -12,7 +12,7 @@ import onnx
 def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph reads but does not define: its outer-scope dependencies."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.name for t in graph.sparse_initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}  # a sparse tensor's name is its values'
     used: set[str] = set()
     for n in graph.node:
         used.update(i for i in node_inputs(n) if i)

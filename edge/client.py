@@ -46,7 +46,7 @@ from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError
-from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan
+from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan, hold_plan, release_plan
 from splitpoint.core.runner import (
     HeadRunner,
     input_shapes,
@@ -135,6 +135,7 @@ class EdgeClient:
         owner that publishes this client's status and metrics together with others' (a plan set's
         members are one device), called when this client's status changes."""
         self.config = config
+        self._held: int | None = None
         self.plan = Plan.load(config.plan_dir, role="edge")
         refuse_decoder(self.plan)
         d = Path(config.plan_dir)
@@ -198,16 +199,24 @@ class EdgeClient:
         while not self.server_up and time.monotonic() < end and self.fatal is None:
             time.sleep(0.005)
         # said, as "reachable" is (a plan set's member is lent a fallback later: its owner speaks for it)
-        if not self.local_only and not self.server_up and self.fatal is None and report is None:
+        if (
+            not self.local_only
+            and not self.server_up
+            and self.fatal is None
+            and report is None
+            and config.connect_grace_s > 0
+        ):
             log.warning(
                 "server %s has not answered yet (%.1f s): %s until it does",
                 config.server,
                 config.connect_grace_s,
                 "requests run on the local model"
                 if self._full is not None
-                else "requests get an error (no local model to fall back on)",
+                else f"requests get an error ({self._why_no_fallback()})",
             )
         self._publish_status()
+        # held while this client runs on it: a daemon's sweep of pushed plans passes it by
+        self._held = hold_plan(config.plan_dir)
 
     # -- public API ----------------------------------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray], *, report: bool = True) -> Future:
@@ -311,6 +320,8 @@ class EdgeClient:
         self.publish_metrics()
         if self.telemetry and self._own_telemetry:
             self.telemetry.close()
+        release_plan(self._held)
+        self._held = None
 
     def __enter__(self) -> EdgeClient:
         return self

@@ -32,7 +32,14 @@ from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError, os_reason
 from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
-from splitpoint.core.plan import LEFTOVER_AGE_S, PLAN_FILE, Plan, install_pushed, sweep_leftovers
+from splitpoint.core.plan import (
+    LEFTOVER_AGE_S,
+    PLAN_FILE,
+    Plan,
+    install_pushed,
+    sweep_leftovers,
+    unused_plan,
+)
 from splitpoint.core.runner import check_models_load
 from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
@@ -108,8 +115,9 @@ def deployed_plan(plan_dir: Path, plans_dir: Path, listen: str | None = None) ->
 def prune_deployed(plans_dir: Path, running: Path, now: float | None = None) -> list[str]:
     """Remove the plans pushed here earlier that no daemon runs now; the names removed. A device
     that took a deploy a day kept every one (each with its head and full model) until its card was full.
-    Kept: the one ``running``, every plan ``deployed.json`` names (another daemon's on the same folder),
-    and any written in the last LEFTOVER_AGE_S (one another daemon has installed and not yet recorded).
+    Kept: the one ``running``, any a process runs (every edge client holds its plan: ``hold_plan``;
+    whichever record, or none, started it), every plan ``deployed.json`` names (a daemon's next start),
+    and any written in the last LEFTOVER_AGE_S (one another daemon has installed and not yet started).
     Nothing is removed while the records cannot be read, nor anything not named as a pushed plan is."""
     try:
         keep = {str(r.get("plan")) for r in _records(plans_dir / DEPLOYED).values()}
@@ -124,7 +132,10 @@ def prune_deployed(plans_dir: Path, running: Path, now: float | None = None) -> 
         try:
             if now - d.stat().st_mtime < LEFTOVER_AGE_S or not (d / PLAN_FILE).is_file():
                 continue
-            shutil.rmtree(d)
+            with unused_plan(d) as unused:  # held until it is gone: a client starting on it waits
+                if not unused:
+                    continue
+                shutil.rmtree(d)
         except OSError as exc:  # another's files, a read-only card: the deploy stands
             log.warning("could not remove %s, a plan no daemon runs: %s", d, os_reason(exc))
             continue

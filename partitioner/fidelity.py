@@ -69,22 +69,19 @@ class FidelityReport:
 
 
 # what makes a [batch, N] output features, not class scores: an embedding (BERT's tanh pooler, a
-# normalised or mean-pooled sentence vector, an activation's output), whose largest element means
-# nothing and moves with the smallest error. Seen through ops that only reshape or retype. Not in it,
-# as they also end classifiers: a pool (SqueezeNet's logits), a division (a temperature), a slice or a
-# gather (a language model's last position)
+# layer-normalised or L2-normalised vector), whose largest element means nothing and moves with the
+# smallest error. Seen through ops that only reshape or retype. Not in it, as they also end classifiers:
+# a pool or a mean (SqueezeNet's logits, a keyword spotter's frames averaged), a ReLU or a batch norm, a
+# division (a temperature), a slice or a gather (a language model's last position)
 FEATURE_OPS = {
     "Tanh",
-    "Relu",
     "Gelu",
     "FastGelu",
     "LayerNormalization",
     "SimplifiedLayerNormalization",
     "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization",
-    "BatchNormalization",
     "LpNormalization",
-    "ReduceMean",
 }
 _PASS_THROUGH = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
 
@@ -106,17 +103,26 @@ def feature_outputs(idx) -> set[str]:
 
 
 def compare(
-    name: str, ref: Joined, got: Joined, n: int = 1, axis: int | None = None, scores: bool = True
+    name: str,
+    ref: Joined,
+    got: Joined,
+    n: int = 1,
+    axis: int | None = None,
+    scores: bool = True,
+    rows_per_sample: int = 1,
 ) -> OutputFidelity:
     """One output of ``n`` samples, split against float. An output whose shape follows the data (NonZero,
     TopK with k an input) is compared sample by sample, and a sample whose split shape differs from the
     float one counts as wholly wrong: nothing of it lines up. ``axis``: the output holds class scores
     along it (``--scores``), and top-1 is the share of positions whose largest score is the same one.
-    ``scores``: a [batch, N] output may be class scores (False: features, compared by cosine)."""
+    ``scores``: a [batch, N] output may be class scores (False: features, compared by cosine), where it
+    has ``rows_per_sample`` rows per sample (a model's fixed batch)."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
         # a float output whose shape follows the data (detections) is never a batch of score rows
         score_rows = scores and not isinstance(ref, Ragged)
-        return _compare_samples(name, per_sample(ref, n), per_sample(got, n), axis, score_rows)
+        return _compare_samples(
+            name, per_sample(ref, n), per_sample(got, n), axis, score_rows, rows_per_sample
+        )
     exact = _discrete(ref)
     if ref.size == 0:  # empty in both, shapes equal: nothing can differ
         return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB, exact_agreement=1.0 if exact else None)
@@ -130,7 +136,9 @@ def compare(
             raise ModelError(f"--scores {name}:{axis}: {name} has {ref.ndim} dimensions at run time")
         top1: float | None = float(np.mean(ref.argmax(axis) == got.argmax(axis)))
     else:
-        classes = scores and ref.ndim == 2 and ref.shape[1] > 1 and not exact
+        # a row per sample: a detector's [N, 4] boxes, equal in shape on every sample (none found, or NMS
+        # at its cap), have rows that are not samples, and their largest element is a coordinate
+        classes = scores and ref.ndim == 2 and ref.shape[1] > 1 and rows == n * rows_per_sample and not exact
         top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
@@ -147,8 +155,9 @@ def compare_outputs(
     """Every output of the model, split against float, each by the rule its user named (``--scores``)
     or the default one: the one place the planner, the chain planner and ``fidelity`` compare outputs."""
     features = feature_outputs(handle.index)
+    k = handle.fixed_batch or 1
     return [
-        compare(name, r, g, n, handle.score_axes.get(name), name not in features)
+        compare(name, r, g, n, handle.score_axes.get(name), name not in features, k)
         for name, r, g in zip(handle.index.outputs, refs, gots, strict=True)
     ]
 
@@ -163,7 +172,12 @@ def _snr(signal: float, noise: float) -> float:
 
 
 def _compare_samples(
-    name: str, refs: list[np.ndarray], gots: list[np.ndarray], axis: int | None = None, rows: bool = False
+    name: str,
+    refs: list[np.ndarray],
+    gots: list[np.ndarray],
+    axis: int | None = None,
+    rows: bool = False,
+    rows_per_sample: int = 1,
 ) -> OutputFidelity:
     """``rows``: the float output has a row of scores per sample (a joined [batch, classes]), which a split
     of another shape failed to keep."""
@@ -188,11 +202,11 @@ def _compare_samples(
                     acc.append(0.0)
             mismatched += 1
             continue
-        one = compare(name, ref, got, axis=axis)
+        one = compare(name, ref, got, axis=axis, rows_per_sample=rows_per_sample)
         noise += float(((r - g) ** 2).sum())
         cosines.append(one.cosine)
-        if top1 is not None:
-            top1.append(one.top1_agreement if one.top1_agreement is not None else 0.0)
+        if top1 is not None:  # empty in both (no detection either way): nothing differs
+            top1.append(one.top1_agreement if one.top1_agreement is not None else float(r.size == 0))
         if equal is not None:
             equal.append(one.exact_agreement if one.exact_agreement is not None else 0.0)
         worst = max(worst, one.max_abs_error)

@@ -1352,10 +1352,11 @@ def test_an_edge_is_switched_only_after_its_server_and_uses_its_own_model_where_
 def test_a_deploy_removes_the_plans_pushed_earlier_that_no_daemon_runs(model, tmp_path):
     """Every plan pushed to a daemon stayed in .edge-deployed (a head and a full model each): a device
     deployed to daily filled its card. A deploy removes those no daemon runs, once they are older than a
-    write in progress; it keeps another daemon's, a fresh one, and folders it did not write."""
+    write in progress; it keeps another daemon's, one a process runs that no record names (a daemon
+    started on the pushed folder itself), a fresh one, and folders it did not write."""
     import os
 
-    from splitpoint.core.plan import LEFTOVER_AGE_S, Plan
+    from splitpoint.core.plan import LEFTOVER_AGE_S, Plan, hold_plan, release_plan
     from splitpoint.edge.daemon import DEPLOYED, EdgeDaemon
 
     plans = tmp_path / "plans"
@@ -1363,13 +1364,15 @@ def test_a_deploy_removes_the_plans_pushed_earlier_that_no_daemon_runs(model, tm
     shutil.copytree(model["plans"] / "p-f32", start)
     deployed = plans / ".edge-deployed"
     old = time.time() - 2 * LEFTOVER_AGE_S
-    for name in ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccccccccc", "notes"):
+    for name in ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb", "cccccccccccccccc", "dddddddddddddddd", "notes"):
         shutil.copytree(model["plans"] / "p-f32", deployed / name)
         if name != "cccccccccccccccc":
             os.utime(deployed / name, (old, old))
     other = {"replaces": str(start.resolve()), "plan": "bbbbbbbbbbbbbbbb"}
     (deployed / DEPLOYED).write_text(json.dumps({"daemons": {"ipc://other": other}}))
     a = f"ipc://{tmp_path}/a.sock"
+    running = hold_plan(deployed / "dddddddddddddddd")  # as an edge client running on it holds it
+    assert running is not None
     daemon = EdgeDaemon(EdgeConfig(plan_dir=start, server="tcp://127.0.0.1:1", listen=a, connect_grace_s=0))
     names = ["plan.json", "head.onnx", "full.onnx"]
 
@@ -1380,12 +1383,15 @@ def test_a_deploy_removes_the_plans_pushed_earlier_that_no_daemon_runs(model, tm
     try:
         assert not (deployed / "aaaaaaaaaaaaaaaa").exists()  # at start: nobody runs it
         first = push(model["plans"] / "p-int8")
-        kept = {"bbbbbbbbbbbbbbbb", "cccccccccccccccc", "notes", first.plan_id[:16]}
+        kept = {"bbbbbbbbbbbbbbbb", "cccccccccccccccc", "dddddddddddddddd", "notes", first.plan_id[:16]}
         assert {d.name for d in deployed.iterdir() if d.is_dir()} == kept
         os.utime(deployed / first.plan_id[:16], (old, old))  # replaced after it has aged
+        release_plan(running)  # that process is gone: the next deploy removes its plan
+        running = None
         second = push(model["plans"] / "p-f32")
     finally:
         daemon.client.close(drain=False)
+        release_plan(running)
     assert second.plan_id == Plan.load(start).plan_id
     kept = {"bbbbbbbbbbbbbbbb", "cccccccccccccccc", "notes", second.plan_id[:16]}
     assert {d.name for d in deployed.iterdir() if d.is_dir()} == kept

@@ -955,7 +955,7 @@ def test_integer_outputs_are_compared_element_by_element_and_no_output_is_hidden
     o_ids = compare("nxt", ids, wrong)
     assert o_ids.exact_agreement == 14 / 16 and o_ids.top1_agreement is None and o_ids.primary == 14 / 16
     scores = np.eye(4, dtype=np.float32)
-    o_cls = compare("cls", scores, scores + 0.01)
+    o_cls = compare("cls", scores, scores + 0.01, 4)  # four samples' scores
     assert o_cls.top1_agreement == 1.0 and o_cls.exact_agreement is None
     rng = np.random.default_rng(0)
     y = rng.standard_normal((1, 16, 4)).astype(np.float32)
@@ -1465,6 +1465,20 @@ def test_features_and_detections_are_not_compared_by_their_largest_element(tmp_p
     moved = Ragged([b + 0.01 for b in boxes])
     det = compare("boxes", boxes, moved, 2)
     assert det.top1_agreement is None and det.primary == det.cosine > 0.9
+    # as many boxes on every sample (NMS at its cap): joined, 3 rows a sample are not samples
+    even = rng.random((6, 4)).astype(np.float32)
+    assert compare("boxes", even, even + 0.01, 2).top1_agreement is None
+    # a fixed batch of 3: its rows are the samples' own, and keep top-1
+    assert compare("scores", even, even + 0.01, 2, rows_per_sample=3).top1_agreement is not None
+    # a classifier that averages frame logits ends in a mean: still scores
+    frames = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["avg"], axes=[1], keepdims=0)],
+        "kws",
+        [_vi("x", ["N", 10, 16])],
+        [_vi("avg", ["N", 16])],
+    )
+    kws = _save(helper.make_model(frames, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "k.onnx")
+    assert feature_outputs(open_model(kws).index) == set()
 
 
 def test_scores_name_an_output_and_an_axis_beside_the_batch_or_stop_before_any_work(tmp_path):

@@ -248,6 +248,7 @@ def _inputs_file(h, n: int, path: Path) -> None:
     arrays["score_axes"] = np.array([h.score_axes.get(o.name, 0) for o in sess.get_outputs()], np.int64)
     features = feature_outputs(h.index)  # compared by cosine, as the planner compares them
     arrays["feature_outputs"] = np.array([o.name in features for o in sess.get_outputs()], np.bool_)
+    arrays["rows_per_sample"] = np.array(h.fixed_batch or 1)
     for k, feeds in enumerate(h.fidelity_samples(n, seed=1000)[0]):
         outs = sess.run(None, {nm: feeds[nm] for nm in names})
         arrays["n_outputs"] = np.array(len(outs))
