@@ -149,16 +149,26 @@ def compare(
     )
 
 
+Rule = tuple[int | None, bool, int]  # compare()'s axis, scores and rows_per_sample for one output
+
+
+def comparison_rules(handle: ModelHandle) -> list[Rule]:
+    """How each output of the model (in order) is compared: the axis its user named (``--scores``),
+    whether it may be class scores (not features), and its rows per sample (the model's fixed batch)."""
+    features = feature_outputs(handle.index)
+    k = handle.fixed_batch or 1
+    return [(handle.score_axes.get(name), name not in features, k) for name in handle.index.outputs]
+
+
 def compare_outputs(
     handle: ModelHandle, refs: Sequence[Joined], gots: Sequence[Joined], n: int
 ) -> list[OutputFidelity]:
     """Every output of the model, split against float, each by the rule its user named (``--scores``)
-    or the default one: the one place the planner, the chain planner and ``fidelity`` compare outputs."""
-    features = feature_outputs(handle.index)
-    k = handle.fixed_batch or 1
+    or the default one: the one place the planner, the chain planner and ``fidelity`` compare outputs
+    (the bench's edge runner gets the same ``comparison_rules``)."""
     return [
-        compare(name, r, g, n, handle.score_axes.get(name), name not in features, k)
-        for name, r, g in zip(handle.index.outputs, refs, gots, strict=True)
+        compare(name, r, g, n, *rule)
+        for name, r, g, rule in zip(handle.index.outputs, refs, gots, comparison_rules(handle), strict=True)
     ]
 
 
@@ -252,6 +262,21 @@ def received_digest(received: list[dict[str, np.ndarray]]) -> bytes:
     ).digest()
 
 
+def _score_spec(spec: str, outputs: Sequence[str]) -> tuple[str, str]:
+    """``NAME[:AXIS]`` as (name, axis text): an output's own name may hold a colon (tf2onnx's
+    ``logits:0``), so the whole spec is a name first."""
+    if spec in outputs or ":" not in spec:
+        return spec, "-1"
+    name, _, axis = spec.rpartition(":")
+    return name, axis
+
+
+def scores_for(handle: ModelHandle, specs: Sequence[str]) -> list[str]:
+    """The ``--scores`` specs that name an output of this model: a bench applies each to the models that
+    have that output."""
+    return [s for s in specs if _score_spec(s, handle.index.outputs)[0] in handle.index.outputs]
+
+
 def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
     """``--scores NAME[:AXIS]`` (repeatable): outputs whose top-1 along AXIS (default the last) is what a
     user compares, a language model's [batch, tokens, vocab] logits or a segmenter's [batch, classes, H, W]
@@ -261,10 +286,7 @@ def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
     an axis past its rank, or the batch's axis."""
     axes: dict[str, int] = {}
     for spec in specs or ():
-        # an output's own name may hold a colon (tf2onnx's ``logits:0``): the whole spec first
-        name, _, axis_text = (
-            (spec, "", "-1") if spec in handle.index.outputs or ":" not in spec else spec.rpartition(":")
-        )
+        name, axis_text = _score_spec(spec, handle.index.outputs)
         if name not in handle.index.outputs:
             raise ModelError(
                 f"--scores {spec}: the model has no output {name!r} (its outputs: "

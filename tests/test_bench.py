@@ -251,7 +251,7 @@ def test_the_bench_compares_an_output_named_by_scores_by_its_top_1_at_every_posi
     got[0, 0, 7] = 1.01  # one position of six picks another token
     seq = [(0, SimpleNamespace(outputs=[got]))]
     (by_cosine,) = _agreement(seq, [[ref]], [])
-    (by_scores,) = _agreement(seq, [[ref]], [-1])
+    (by_scores,) = _agreement(seq, [[ref]], [(-1, True, 1)])
     assert by_cosine.primary > 0.9
     assert by_scores.primary == pytest.approx(5 / 6)
 

@@ -115,13 +115,13 @@ def run_chain_bench(cfg: ChainBenchConfig, progress=None) -> dict:
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.partitioner.chainplan import ChainConstraints, decide_chain, gather_chain, numbered
-    from splitpoint.partitioner.fidelity import set_score_axes
+    from splitpoint.partitioner.fidelity import scores_for, set_score_axes
     from splitpoint.profiles.facts import device_facts
     from splitpoint.profiles.schema import load_device, load_network
 
     from .edgecpu import calibrate_apart
     from .provenance import provenance
-    from .run import _inputs_file, profile_apart, scores_for
+    from .run import _inputs_file, profile_apart
     from .runtimecost import runtime_cost
 
     t0 = time.perf_counter()

@@ -133,16 +133,10 @@ def measure_all(
     return results
 
 
-def _agreement(
-    seq: list,
-    refs: list[list[np.ndarray]],
-    axes: list[int | None],
-    features: list[bool] | None = None,
-    rows_per_sample: int = 1,
-) -> list:
-    """Each output's fidelity over the sequential requests, as ``splitpoint fidelity`` measures it (``axes``:
-    the class axis of each output named by --scores, else None; ``features``: outputs compared by cosine,
-    as the planner compares them)."""
+def _agreement(seq: list, refs: list[list[np.ndarray]], rules: list) -> list:
+    """Each output's fidelity over the sequential requests, as ``splitpoint fidelity`` measures it: by the
+    planner's ``comparison_rules`` (compare()'s axis, scores, rows per sample), one per output, or its
+    default where none is given."""
     from splitpoint.core.runner import join
     from splitpoint.partitioner.fidelity import compare
 
@@ -151,15 +145,7 @@ def _agreement(
     got = join([list(r.outputs) for _, r in seq])
     want = join([list(refs[k]) for k, _ in seq])
     return [
-        compare(
-            f"output {i}",
-            w,
-            g,
-            len(seq),
-            axes[i] if i < len(axes) else None,
-            not (features and i < len(features) and features[i]),
-            rows_per_sample,
-        )
+        compare(f"output {i}", w, g, len(seq), *(rules[i] if i < len(rules) else ()))
         for i, (w, g) in enumerate(zip(want, got, strict=True))
     ]
 
@@ -224,7 +210,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
         for out, ref in zip(r.outputs, refs[k], strict=True):
             if out.shape == np.shape(ref):
                 max_err = max(max_err, float(np.abs(out.astype(np.float64) - ref).max(initial=0.0)))
-    fid = _agreement(seq, refs, args.score_axes, args.feature_outputs, args.rows_per_sample)
+    fid = _agreement(seq, refs, args.rules)
     return {
         "chain_stages_ms_median": _chain_stages(b),
         "requests_sequential": len(seq),
@@ -283,9 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     names = [str(s) for s in data["input_names"]]
     inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(n)]
     refs = [[data[f"ref{k}_{j}"] for j in range(int(data["n_outputs"]))] for k in range(n)]
-    args.score_axes = [int(a) or None for a in data["score_axes"]] if "score_axes" in data else []
-    args.feature_outputs = [bool(f) for f in data["feature_outputs"]] if "feature_outputs" in data else []
-    args.rows_per_sample = int(data["rows_per_sample"]) if "rows_per_sample" in data else 1
+    args.rules = (
+        [
+            (int(a) or None, bool(c), int(k))
+            for a, c, k in zip(data["score_axes"], data["class_scores"], data["rows_per_sample"], strict=True)
+        ]
+        if "score_axes" in data
+        else []
+    )
     results = measure_all([(p, int(w)) for p, w in json.loads(args.plans)], args.server, inputs, refs, args)
     out = {"results": results, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     Path(args.out).write_text(json.dumps(out))

@@ -88,7 +88,7 @@ class BenchConfig(StrictConfig):
     codecs: tuple[str, ...] = tuple(BENCH_CODECS)
     # NAME:1x3x640x640, applied to each model whose input of that name has a free dimension
     input_shapes: tuple[str, ...] = ()
-    # NAME[:AXIS], applied to each model with an output of that name (see scores_for)
+    # NAME[:AXIS], applied to each model with an output of that name (fidelity.scores_for)
     scores: tuple[str, ...] = ()
 
     _nonempty = field_validator("models", "networks")(nonempty_names)
@@ -238,17 +238,19 @@ def _write_plan(m, cand, path: Path) -> None:
 def _inputs_file(h, n: int, path: Path) -> None:
     """The inputs the edge sends, with the unsplit model's outputs: a trained model's rendered task inputs
     (its cut tensors then compress as they do in use), else seeded random tensors."""
-    from splitpoint.partitioner.fidelity import feature_outputs
+    from splitpoint.partitioner.fidelity import comparison_rules
 
     sess = h.whole_session()
     arrays: dict[str, np.ndarray] = {"n": np.array(n)}
     names = [i.name for i in sess.get_inputs()]
     arrays["input_names"] = np.array(names)
-    # the axis along which each output is compared by its top-1 (--scores); 0, never a class axis: none
-    arrays["score_axes"] = np.array([h.score_axes.get(o.name, 0) for o in sess.get_outputs()], np.int64)
-    features = feature_outputs(h.index)  # compared by cosine, as the planner compares them
-    arrays["feature_outputs"] = np.array([o.name in features for o in sess.get_outputs()], np.bool_)
-    arrays["rows_per_sample"] = np.array(h.fixed_batch or 1)
+    # how the edge runner compares each output, as the planner does: its --scores axis (0, never a class
+    # axis: none), whether it may be class scores, its rows per sample
+    rules = dict(zip(h.index.outputs, comparison_rules(h), strict=True))
+    ordered = [rules[o.name] for o in sess.get_outputs()]
+    arrays["score_axes"] = np.array([axis or 0 for axis, _, _ in ordered], np.int64)
+    arrays["class_scores"] = np.array([scores for _, scores, _ in ordered], np.bool_)
+    arrays["rows_per_sample"] = np.array([k for _, _, k in ordered], np.int64)
     for k, feeds in enumerate(h.fidelity_samples(n, seed=1000)[0]):
         outs = sess.run(None, {nm: feeds[nm] for nm in names})
         arrays["n_outputs"] = np.array(len(outs))
@@ -375,20 +377,13 @@ def check_model_names(models: Sequence[str]) -> None:
             )
 
 
-def scores_for(h, specs: Sequence[str]) -> list[str]:
-    """The ``--scores NAME[:AXIS]`` that name an output of ``h``: a bench applies each to the models that
-    have that output (a name may hold a colon itself: tf2onnx's ``logits:0``)."""
-    outputs = set(h.index.outputs)
-    return [s for s in specs if s in outputs or (":" in s and s.rpartition(":")[0] in outputs)]
-
-
 def open_models_first(models: Sequence[str], input_shapes: Sequence[str], scores: Sequence[str] = ()) -> None:
     """Every model opened (a file that is not ONNX named now, not after minutes of calibration), every
     --input-shape matched by an input of some model and every --scores by an output of some model: a
     bench applies each to the models that have it, so a misspelt name was ignored without a word."""
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
-    from splitpoint.partitioner.fidelity import set_score_axes
+    from splitpoint.partitioner.fidelity import scores_for, set_score_axes
 
     shapes = parse_input_shapes(tuple(input_shapes))
     inputs: set[str] = set()
@@ -419,7 +414,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Everything measured, returned as one JSON-ready dict (the report is written from it)."""
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
-    from splitpoint.partitioner.fidelity import set_score_axes
+    from splitpoint.partitioner.fidelity import scores_for, set_score_axes
     from splitpoint.partitioner.pareto import Constraints
     from splitpoint.partitioner.planner import decide, gather
     from splitpoint.profiles.facts import device_facts

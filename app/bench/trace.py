@@ -151,7 +151,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
     from splitpoint.core.graph import open_model
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.partitioner.emit import write_plan_set
-    from splitpoint.partitioner.fidelity import set_score_axes
+    from splitpoint.partitioner.fidelity import scores_for, set_score_axes
     from splitpoint.partitioner.job import set_members
     from splitpoint.partitioner.planner import gather, link_of
     from splitpoint.profiles.facts import device_facts
@@ -159,7 +159,7 @@ def run_trace_bench(cfg: TraceBenchConfig, progress=None) -> dict:
 
     from .edgecpu import calibrate_apart
     from .provenance import provenance
-    from .run import _inputs_file, profile_apart, scores_for
+    from .run import _inputs_file, profile_apart
 
     t0 = time.perf_counter()
     load = HostLoad()
