@@ -443,6 +443,9 @@ def _pushed_for_another(plan: Plan, role: str | None, name: str) -> str:
 
 
 T = TypeVar("T")
+# where install_pushed puts a plan: the first 16 hex digits of its id (a sweep of pushed plans touches
+# only folders so named)
+PUSHED_NAME = re.compile(r"[0-9a-f]{16}")
 
 
 def install_pushed(
@@ -458,7 +461,7 @@ def install_pushed(
     of that directory untouched. Returns the plan, what ``load`` returned and where the plan now is.
     ``fallback``: an edge that falls back locally, which needs the full model the plan lists."""
     plan = verify_pushed(files, role, fallback)
-    target = Path(plans_dir) / plan.plan_id[:16]
+    target = Path(plans_dir) / plan.plan_id[:16]  # a PUSHED_NAME
     loaded: list[T] = []
 
     def write(tmp: Path) -> None:

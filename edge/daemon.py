@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -35,6 +34,7 @@ from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_w
 from splitpoint.core.plan import (
     LEFTOVER_AGE_S,
     PLAN_FILE,
+    PUSHED_NAME,
     Plan,
     install_pushed,
     sweep_leftovers,
@@ -67,7 +67,6 @@ DEPLOYED = "deployed.json"  # in the plans folder: the plan last pushed, and the
 # itself, a server on the same machine sharing that folder as its --plans had its copy of a plan (with
 # tail.onnx) replaced by the edge's (head and full model) under the same id; a server skips hidden folders
 EDGE_DEPLOYS = ".edge-deployed"
-_PUSHED_NAME = re.compile(r"[0-9a-f]{16}")  # install_pushed's name for a plan: the first 16 hex of its id
 
 
 def _records(path: Path) -> dict[str, dict]:
@@ -127,12 +126,14 @@ def prune_deployed(plans_dir: Path, running: Path, now: float | None = None) -> 
     now = time.time() if now is None else now
     removed = []
     for d in sorted(plans_dir.iterdir()) if plans_dir.is_dir() else []:
-        if d.name in keep or not _PUSHED_NAME.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
+        if d.name in keep or not PUSHED_NAME.fullmatch(d.name) or d.is_symlink() or not d.is_dir():
             continue
         try:
-            if now - d.stat().st_mtime < LEFTOVER_AGE_S or not (d / PLAN_FILE).is_file():
+            if now - d.stat().st_mtime < LEFTOVER_AGE_S:
                 continue
-            with unused_plan(d) as unused:  # held until it is gone: a client starting on it waits
+            # no plan.json (not a plan), or held by a process: unused is False. Held until it is gone: a
+            # client starting on it waits
+            with unused_plan(d) as unused:
                 if not unused:
                     continue
                 shutil.rmtree(d)
