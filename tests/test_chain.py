@@ -842,3 +842,18 @@ def test_an_edge_only_plan_asked_for_its_full_model_holds_one_copy(small_resnet1
     assert not (tmp_path / "e" / FULL_FILE).exists()
     split = write_plan(h, tmp_path / "s", cut=h.cuts()[10], include_full=True)
     assert FULL_FILE in split.files  # a split's fallback stays
+
+
+def test_a_folder_of_plans_given_as_one_names_a_plan_and_never_a_temporary(tmp_path):
+    """`edge run plans/` said only "no plan.json in plans"; it names one of the plans in it. A writer's
+    temporary (a hidden folder holding a plan.json) is no plan to suggest."""
+    (tmp_path / ".a.tmp-1@host-x").mkdir()
+    (tmp_path / ".a.tmp-1@host-x" / "plan.json").write_text("{}")
+    with pytest.raises(PlanError, match=r"no plan\.json in"):
+        Plan.load(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "plan.json").write_text("{}")
+    with pytest.raises(
+        PlanError, match=f"is a folder of plans, not one plan: give one of them, e.g. {tmp_path / 'mine'}"
+    ):
+        Plan.load(tmp_path)

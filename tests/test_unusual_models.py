@@ -1532,3 +1532,40 @@ def test_scores_take_an_output_whose_name_holds_a_colon(tmp_path):
     assert h.score_axes == {"logits:0": -1}
     set_score_axes(h, ["logits:0:1"])
     assert h.score_axes == {"logits:0": 1}
+
+
+def test_a_sparse_initializer_inside_a_branch_loads_and_a_split_of_it_is_refused_in_words(tmp_path):
+    """An If branch holding a sparse initializer (which onnxruntime runs): loading read a name off the
+    SparseTensorProto, which has none (its values' tensor has), and died with AttributeError. It loads and
+    its cuts are listed; a tail holding the branch fails the checker's inference (onnx cannot infer through
+    a sparse operand) and is refused as a ModelError, not a traceback."""
+    from splitpoint.core.errors import ModelError
+
+    values = numpy_helper.from_array(np.array([2.0], np.float32), "sp")
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([1], np.int64), "i"), [4])
+    then = helper.make_graph(
+        [helper.make_node("Add", ["x", "sp"], ["o"])],
+        "then",
+        [],
+        [_vi("o", [4])],
+        sparse_initializer=[sparse],
+    )
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["o2"])], "else", [], [_vi("o2", [4])])
+    g = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x0"], ["x"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+        ],
+        "g",
+        [_vi("x0", [4]), _vi("c", [], TensorProto.BOOL)],
+        [_vi("y", [4])],
+    )
+    path = (
+        tmp_path / "sp.onnx"
+    )  # onnx's full check cannot infer through a sparse operand; onnxruntime runs it
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    h = open_model(str(path))
+    (cut,) = h.cuts()
+    assert sorted(c.name for c in cut.crossing) == ["c", "x"]
+    with pytest.raises(ModelError, match="tail fails the ONNX checker: .*sparse_tensor"):
+        extract(h.index, cut)
