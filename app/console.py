@@ -1,6 +1,6 @@
 """What the CLI shows: consoles, progress bars and tables, built from library results.
 
-Kept apart from ``cli.py`` so that each command stays a few lines of wiring: parse options, build a
+Kept apart from the ``cli`` package so that each command stays a few lines of wiring: parse options, build a
 config, call one library function, print one of these.
 """
 

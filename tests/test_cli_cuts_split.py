@@ -292,7 +292,7 @@ def test_failure_mid_write_leaves_previous_content_intact(tmp_path):
 def test_split_says_how_its_codec_applies_to_the_tensors_it_sends():
     """'sent as float32' for a float16 model's cut, which goes as float16; a quantising codec's name for
     token ids, which go exact."""
-    from splitpoint.app.cli import _as_applied
+    from splitpoint.app.cli.models import _as_applied
     from splitpoint.core.plan import TensorSpec
 
     half = [TensorSpec(name="h", shape="1x8", dtype="float16")]
