@@ -915,4 +915,7 @@ def error_bound(x: np.ndarray, codec: str) -> float:
     # float32 arithmetic on the grid (x·r + a near 255 is rounded to 2^-16 of a step, twice) and on the
     # way back (q·scale + offset, to a float32 ulp of the largest magnitude)
     big = np.float32(max(float(np.abs(lo).max()), float(np.abs(hi).max())))
-    return float(((hi - lo) / levels).max()) / 2 * (1 + 2e-4) + 4 * float(np.spacing(big)) + 1e-7
+    bound = float(((hi - lo) / levels).max()) / 2 * (1 + 2e-4) + 4 * float(np.spacing(big)) + 1e-7
+    if x.dtype == np.float16:  # decoded back to float16: one more rounding, half its ulp at the largest
+        bound += float(big) * 2**-11 + 6e-8
+    return bound

@@ -110,11 +110,11 @@ def _parse_and_check(
     densified = densify_sparse(model.graph, str(p))
     refuse_duplicate_node_names(model.graph, str(p))
     reordered = sort_nodes(model.graph, str(p))
+    pruned = drop_dead_nodes(model.graph)
     completed = complete_interface(model, input_shapes, str(p))
     if check:
-        check_model(
-            model, where=str(p), as_read=None if external or reordered or completed or densified else data
-        )
+        changed = external or reordered or pruned or completed or densified
+        check_model(model, where=str(p), as_read=None if changed else data)
     return model
 
 
@@ -248,6 +248,25 @@ def sort_nodes(graph: onnx.GraphProto, where: str = "the model") -> bool:
         gone = set(taken)
         pending = [i for i in pending if i not in gone]
     nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def drop_dead_nodes(graph: onnx.GraphProto) -> bool:
+    """Remove the nodes whose results no graph output uses, in place (``graph`` in order). They change
+    no answer, but a cut was offered whose tail (or head, or middle stage) held only such nodes, and
+    onnxruntime refuses a part that returns nothing."""
+    live = {o.name for o in graph.output}
+    keep = [False] * len(graph.node)
+    for i in range(len(graph.node) - 1, -1, -1):
+        n = graph.node[i]
+        if any(o in live for o in n.output if o):
+            keep[i] = True
+            live.update(node_inputs(n))
+    if all(keep):
+        return False
+    nodes = [n for n, k in zip(graph.node, keep, strict=True) if k]
     del graph.node[:]
     graph.node.extend(nodes)
     return True

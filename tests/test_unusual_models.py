@@ -1569,3 +1569,119 @@ def test_a_sparse_initializer_inside_a_branch_loads_and_a_split_of_it_is_refused
     assert sorted(c.name for c in cut.crossing) == ["c", "x"]
     with pytest.raises(ModelError, match="tail fails the ONNX checker: .*sparse_tensor"):
         extract(h.index, cut)
+
+
+def _fuzz_model(nodes, inputs, outputs, inits=(), value_info=()) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits), value_info=list(value_info))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _every_cut_equals_the_model(h, feeds) -> int:
+    full = dict(zip(h.index.outputs, make_session(h.path).run(None, feeds), strict=True))
+    for cut in h.cuts():
+        head, tail = extract(h.index, cut)
+        got = run_split(head, tail, cut, feeds)
+        assert set(got) == set(full)
+        for k, ref in full.items():
+            assert got[k].shape == ref.shape and np.allclose(got[k], ref, atol=1e-6), (cut.index, k)
+    return len(h.cuts())
+
+
+def test_nodes_whose_results_no_output_uses_are_left_out(tmp_path):
+    """Dead code is valid ONNX and runs; a cut whose tail (or head) held only such nodes was listed, then
+    `split` failed with onnxruntime's "At least one output should be requested"."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    dead_last = _fuzz_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Neg", ["r"], ["y"]),
+            helper.make_node("Sigmoid", ["x"], ["dead"]),
+            helper.make_node("Abs", ["dead"], ["dead2"]),
+        ],
+        [x],
+        [y],
+    )
+    dead_first = _fuzz_model(
+        [
+            helper.make_node("Sigmoid", ["x"], ["dead"]),
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Neg", ["r"], ["y"]),
+        ],
+        [x],
+        [y],
+    )
+    for name, model in (("last", dead_last), ("first", dead_first)):
+        h = open_model(_save(model, tmp_path / f"{name}.onnx"))
+        assert [n.op_type for n in h.model.graph.node] == ["Relu", "Neg"]
+        assert _every_cut_equals_the_model(h, sample_feeds(h.model, 2, 0)) == 1
+        out = tmp_path / f"plan-{name}"
+        proc = run_cli("split", str(h.path), "--cut", "1", "-o", str(out))
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_a_stale_declared_shape_does_not_hide_a_tensor_or_change_the_reference(tmp_path):
+    """An exporter's value_info traced at another input ([3, 2, 5] for what is [N, 2, 4]) where inference
+    cannot follow (a Reshape to a computed shape): the trial run that measures such tensors kept the stale
+    entry, onnxruntime failed in the Reshape after it, and the tensor stayed unknown (`split` then failed the
+    checker). onnxruntime running the file trusts such entries, so the whole model's reference is taken from
+    the graph without them, as every plan's parts run."""
+    ints = {"i0": [0], "four": [4], "two": [2], "rest": [-1], "halves": [2, 2]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()]
+    model = _fuzz_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+            helper.make_node("Concat", ["b", "four", "rest"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["x", "shape"], ["t10"]),
+            helper.make_node("Split", ["t10", "halves"], ["t15", "t16"], axis=1),
+            helper.make_node("Shape", ["t16"], ["s2"]),
+            helper.make_node("Gather", ["s2", "i0"], ["b2"], axis=0),
+            helper.make_node("Concat", ["b2", "two", "rest"], ["shape2"], axis=0),
+            helper.make_node("Reshape", ["t16", "shape2"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 2, 2])],
+        [
+            helper.make_tensor_value_info("t10", TensorProto.FLOAT, ["N", 4, 4]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "a", "b"]),
+        ],
+        inits,
+        [helper.make_tensor_value_info("t16", TensorProto.FLOAT, [3, 2, 5])],
+    )
+    onnx.checker.check_model(model)  # valid ONNX: only a full check's inference sees the entry is wrong
+    onnx.save(model, tmp_path / "stale.onnx")
+    h = open_model(tmp_path / "stale.onnx")
+    assert h.index.tensor("t16").dims == ["N", 2, 4] and h.index.trial_error is None
+    assert not h.model.graph.value_info and not h.file_runs_as_planned
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 2, 2)).astype(np.float32)}
+    assert [a.shape for a in h.whole_session().run(None, feeds)] == [(2, 4, 4), (2, 2, 4)]
+    assert _every_cut_equals_the_model(h, feeds) == len(h.index.compute) - 1
+
+
+def test_a_cut_named_by_what_cuts_lists_as_crossing_is_that_cut(tmp_path):
+    """`cuts` lists cut 3 as crossing n alone (the head also returns u, a model output from a branch n does
+    not need); `--cut n` was refused as needing t from the head, and the way out it named sent twice the
+    bytes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    model = _fuzz_model(
+        [
+            helper.make_node("Sigmoid", ["x"], ["t"]),
+            helper.make_node("Relu", ["t"], ["u"]),
+            helper.make_node("Neg", ["t"], ["n"]),
+            helper.make_node("Abs", ["n"], ["y"]),
+        ],
+        [x],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 4]) for o in ("u", "y")],
+    )
+    path = _save(model, tmp_path / "branch.onnx")
+    h = open_model(path)
+    listed = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["n"])
+    from splitpoint.core.graph.cuts import resolve_cut
+
+    named = resolve_cut(h.index, "n")
+    assert named.index == listed.index == 3 and [t.name for t in named.crossing] == ["n"]
+    assert named.head_outputs == ["u"]
+    proc = run_cli("split", path, "--cut", "n", "-o", str(tmp_path / "plan"))
+    assert proc.returncode == 0 and "cut 3 crosses n" in proc.stdout + proc.stderr, proc.stderr

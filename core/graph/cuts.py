@@ -9,6 +9,7 @@ tensors, and any other tensor the tail would still need from the head is an erro
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 from dataclasses import asdict, dataclass, field
@@ -218,7 +219,31 @@ def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
         stack.extend(idx.producer[t] for t in idx.node_ins[p] if t in idx.producer)
     if len(head) == len(idx.compute):
         raise CutError(f"cutting at {names} leaves nothing for the tail")
-    return cut_from_head(idx, frozenset(head), expected=set(names))
+    try:
+        return cut_from_head(idx, frozenset(head), expected=set(names))
+    except CutError:
+        # the named tensors may be exactly what crosses at a cut `cuts` lists, whose head also holds nodes
+        # they do not depend on (a branch that ends in a model output): the head is then everything that
+        # is not downstream of them, and the name was refused as needing more from the head
+        upstream = _upstream_of(idx, names)
+        if upstream == head or len(upstream) == len(idx.compute):
+            raise
+        with contextlib.suppress(CutError):
+            return cut_from_head(idx, upstream, expected=set(names))
+        raise
+
+
+def _upstream_of(idx: GraphIndex, names: list[str]) -> frozenset:
+    """The compute nodes not downstream of the tensors ``names``: the largest head they can close."""
+    below: set[int] = set()
+    stack = [p for n in names for p in idx.consumers.get(n, [])]
+    while stack:
+        p = stack.pop()
+        if p in below:
+            continue
+        below.add(p)
+        stack.extend(c for o in idx.nodes[p].output if o for c in idx.consumers.get(o, []))
+    return frozenset(p for p in idx.compute if p not in below)
 
 
 def _what(idx: GraphIndex, t: str) -> str:

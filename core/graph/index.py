@@ -296,6 +296,9 @@ class GraphIndex:
 
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
+        # what the file declares for the tensors exposed is what went unresolved: a stale static shape
+        # there (traced at another input) made onnxruntime refuse the run, and every such tensor unknown
+        del m.graph.value_info[:]
         del m.graph.output[:]
         m.graph.output.extend([helper.make_empty_tensor_value_info(n) for n in missing])
         from splitpoint.core.samples import sample_feeds

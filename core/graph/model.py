@@ -174,6 +174,13 @@ def open_model(
     check_interface(model, str(path))
     check_operators(model, str(path))
     model = apply_input_shapes(model, shapes, where=str(path))
+    if model.graph.value_info:
+        # the exporter's shapes for intermediate tensors, often traced at another input and stale: the
+        # index never reads them, and onnxruntime trusts them, so a session of the file computed a
+        # computed-shape Reshape at the stale batch ((1, 1, 32) where the graph gives (2, 1, 16)), while
+        # every plan's parts, which carry none, gave the graph's answer
+        del model.graph.value_info[:]
+        as_planned = False
     # a shape the file already fixes changes nothing: the profile and plan say "as in the file" either way
     shapes = {k: v for k, v in shapes.items() if declared.get(k) != v}
     trained = bool(getattr(entry, "trained", False))
