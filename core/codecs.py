@@ -776,11 +776,9 @@ def decode(
         raise CodecError("payload truncated inside the shape")
     shape = struct.unpack_from(f"<{ndim}Q", buf, off)
     off += 8 * ndim
-    n = 1
-    for d in shape:
-        n *= d
-        if n * dtype.itemsize > max_bytes:
-            raise CodecTooLarge(f"header claims shape {shape} ({dtype}), above the {max_bytes}-byte cap")
+    n = math.prod(shape)  # at most 8 sizes under 2^64: exact, and an empty one needs no bytes
+    if n * dtype.itemsize > max_bytes:
+        raise CodecTooLarge(f"header claims shape {shape} ({dtype}), above the {max_bytes}-byte cap")
     if n == 0 and any(d > max_bytes for d in shape):  # empty, but no array can have such a dimension
         raise CodecError(f"header claims shape {shape}: an empty tensor with a dimension past any size")
     if base != "float32" and dtype.kind != "f":
@@ -885,8 +883,10 @@ def _read_outliers(buf: memoryview, off: int, shape: tuple, n: int) -> tuple[np.
         raise CodecError("payload truncated inside the outlier section")
     (k,) = struct.unpack_from("<I", buf, off)
     last = shape[-1] if shape else 1
-    if k > (last if shape and n else 0):
-        raise CodecError(f"outlier section names {k} columns; the last axis has {last if shape else 0}")
+    if k > (last if shape else 0):  # an empty tensor may name columns: it sends no values for them
+        raise CodecError(
+            f"outlier section names {k} columns, more than the last axis's {last if shape else 0}"
+        )
     count = (n // last) * k if k else 0
     if len(buf) < off + 4 + 4 * k + 4 * count:
         raise CodecError("payload truncated inside the outlier section")

@@ -38,7 +38,9 @@ class ServerConfig(StrictConfig):
     threads: int = Field(0, ge=0, le=1024)  # onnxruntime intra-op threads per tail session (0 = default)
     provider: str = "CPUExecutionProvider"
     max_message_bytes: int = Field(wire.DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=2**32)
-    max_queue: int = Field(256, ge=1, le=1_000_000)  # requests waiting for a tail; past it: busy
+    max_queue: int = Field(
+        256, ge=1, le=1_000_000
+    )  # requests waiting for a tail (the workers' running ones aside); past it: busy
     # replies libzmq holds for one connection that does not read them (ZMQ_SNDHWM); past it, dropped. Each
     # is up to a whole result: a client that never reads pins this many of them in the server's memory
     max_unread_replies: int = Field(1000, ge=1, le=100_000)

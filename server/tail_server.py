@@ -673,9 +673,15 @@ class TailServer:
             err = wire.error(msg.id, wire.E_UNAVAILABLE, "the server is stopping", msg.plan)
             self._send(router, ident, err)
             return
-        if self.stats.in_flight >= self.config.max_queue:
+        # --max-queue bounds the requests waiting for a tail: those the workers run are not waiting (counted
+        # among them, --workers 2 --max-queue 1 ran one request and left a worker idle)
+        if self.stats.in_flight >= self.config.max_queue + self.config.workers:
             self.stats.add(rejected=1, busy=1)
-            why = f"{self.stats.in_flight} requests are waiting (the limit is {self.config.max_queue})"
+            waiting = self.stats.in_flight - self.config.workers
+            why = (
+                f"{waiting} requests are waiting for a tail, {self.config.workers} running "
+                f"(the limit is {self.config.max_queue} waiting)"
+            )
             self._send(router, ident, wire.error(msg.id, wire.E_BUSY, why, msg.plan))
             return
         self.stats.admitted()

@@ -262,7 +262,10 @@ def _outlier_section_at(p: bytes | bytearray) -> int:
 @pytest.mark.parametrize(
     "patch,message",
     [
-        (lambda p, at: struct.pack_into("<I", p, at, 129), "names 129 columns; the last axis has 128"),
+        (
+            lambda p, at: struct.pack_into("<I", p, at, 129),
+            "names 129 columns, more than the last axis's 128",
+        ),
         (lambda p, at: struct.pack_into("<I", p, at + 4, 50), "strictly increasing"),
         (lambda p, at: struct.pack_into("<I", p, at + 12, 128), "inside the last axis"),
         (lambda p, at: struct.pack_into("<f", p, at + 16, float("inf")), "not finite"),
@@ -521,3 +524,26 @@ def test_a_feature_vector_is_quantised_per_tensor_not_a_pair_per_element(codec):
     assert 0 < np.abs(decode(encode(x, codec)) - x).max() <= error_bound(x, codec)
     fmap = np.random.default_rng(1).standard_normal((1, 8, 4, 4)).astype(np.float32)
     assert MIN_CHANNEL_ELEMENTS <= 4 * 4 and _HEAD.unpack_from(encode(fmap, codec), 0)[6] == 1
+
+
+def test_an_empty_tensor_may_name_outlier_columns_and_sends_no_values_for_them():
+    """protocol.md: the columns are strictly increasing and inside the last axis, then k x (elements / last)
+    values: for a [0, 16] tensor, none. An encoder that names its columns on an empty batch was refused as
+    "names 1 columns; the last axis has 16"."""
+    from splitpoint.core.codecs import _DTYPE_IDS, BASES, MAGIC, VERSION
+
+    def payload(cols: list[int]) -> bytes:
+        head = bytearray(_HEAD.size)
+        _HEAD.pack_into(
+            head, 0, MAGIC, VERSION, BASES.index("int8-ol"), 0, _DTYPE_IDS[np.dtype("float32")], 2, -1, 0, 0
+        )
+        params = struct.pack("<2QI", 0, 16, 2) + np.array([1.0, 0.0], "<f4").tobytes()
+        return bytes(head) + params + struct.pack("<I", len(cols)) + np.array(cols, "<u4").tobytes()
+
+    for cols in ([], [3], [3, 7]):
+        y = decode(payload(cols))
+        assert y.shape == (0, 16) and y.dtype == np.float32
+    with pytest.raises(CodecError, match="inside the last axis"):
+        decode(payload([3, 16]))
+    with pytest.raises(CodecError, match="17 columns, more than the last axis's 16"):
+        decode(payload(list(range(17))))

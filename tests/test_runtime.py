@@ -1133,6 +1133,36 @@ def test_a_deploy_under_way_when_the_server_stops_is_finished_and_acknowledged(m
         assert acked.result(30) == plan_id
 
 
+def test_max_queue_counts_the_requests_waiting_not_those_the_workers_run(model):
+    """--workers 2 --max-queue 1: two requests run and one waits; the fourth is busy. The running ones
+    were counted as waiting: the second was refused while a worker sat idle."""
+    srv = TailServer(
+        ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=model["plans"], workers=2, max_queue=1)
+    ).start()
+    result = srv._result
+
+    def slow(req):  # every request arrives while the first two still run
+        time.sleep(0.4)
+        return result(req)
+
+    try:
+        with client(model, srv, fallback=False, window=4, timeout_s=30) as c:
+            c.infer(x(), timeout=30)  # connected, plan loaded
+            srv._result = slow  # type: ignore[method-assign]
+            futures = [c.submit(x()) for _ in range(4)]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result(30))
+                except EdgeError as exc:
+                    outcomes.append(exc)
+    finally:
+        srv.stop()
+    busy = [o for o in outcomes if isinstance(o, EdgeError)]
+    assert len(busy) == 1 and busy[0].code == "busy", outcomes
+    assert "1 requests are waiting for a tail, 2 running (the limit is 1 waiting)" in str(busy[0])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_stopping_server_answers_what_it_took_and_refuses_the_rest_at_once(model, workers):
     """SIGTERM with the server saturated: it exited in 0.27 s answering none of the 16 requests it held

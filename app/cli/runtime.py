@@ -36,7 +36,10 @@ def serve(
         int, typer.Option(help="tail worker threads (1: the socket thread runs each tail)")
     ] = 1,
     max_queue: Annotated[
-        int, typer.Option(help="requests waiting for a tail before new ones are answered busy")
+        int,
+        typer.Option(
+            help="requests waiting for a tail (beyond the --workers running) before more are answered busy"
+        ),
     ] = 256,
     max_unread_replies: MaxUnreadReplies = 1000,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
