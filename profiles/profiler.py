@@ -6,6 +6,12 @@ large model on a slow device takes too long; instead we time a few real segments
 as the budget allows and at least one, spread evenly along the per-node cost curve, the first in the
 middle) and interpolate the others along that curve between them. The benchmark checks the
 interpolation against direct measurements of every cut.
+
+A segment is timed back to back, warm, as a deployed edge runs its head request after request, and
+so is the whole model it is compared with; the whole model timed just before and after each anchor is
+the reference that cancels the machine's drift. Timing head, tail and whole model in turn, one call
+each, measures each one with its caches full of the other two: MobileNetV2 ran 5-10 % slower so, and
+that state is neither the reference's nor a deployed device's.
 """
 
 from __future__ import annotations
@@ -94,20 +100,6 @@ def time_runs(fn: Callable[[], object], warmup: int, repeats: int, min_ms: float
     for _ in range(warmup):
         fn()
     return [timed(fn, min_ms) for _ in range(repeats)]
-
-
-def interleaved(
-    fns: list[Callable[[], object]], warmup: int, repeats: int, min_ms: float = 0.0
-) -> list[list[float]]:
-    """Time several functions in alternation, so slow drift of the machine (other tenants,
-    frequency changes) affects all of them alike and their ratios stay meaningful."""
-    out: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + repeats):
-        for j, fn in enumerate(fns):
-            ms = timed(fn, min_ms)
-            if i >= warmup:
-                out[j].append(ms)
-    return out
 
 
 @contextlib.contextmanager
@@ -306,12 +298,12 @@ def profile_model(
             rss = max(proc.memory_info().rss, rss0) - rss0 + head_weights
             ts = build(tail)
             t_in = {c.name: (feeds[c.name] if c.source == "input" else h_out[c.name]) for c in cut.crossing}
-            with running():
-                hs_ms, ts_ms = interleaved(
-                    [partial(hs.run, None, head_in), partial(ts.run, None, t_in)],
-                    settings.segment_warmup,
-                    settings.segment_repeats,
-                    min_ms,
+            with running():  # each back to back, warm, as the edge and the server run them
+                hs_ms = time_runs(
+                    partial(hs.run, None, head_in), settings.segment_warmup, settings.segment_repeats, min_ms
+                )
+                ts_ms = time_runs(
+                    partial(ts.run, None, t_in), settings.segment_warmup, settings.segment_repeats, min_ms
                 )
                 w_next = time_runs(run_whole, 0, 1, min_ms)[0]
             samples.append(w_next)
@@ -340,12 +332,12 @@ def profile_model(
             )
     whole = stat(samples)
 
-    # Between anchors, interpolate the head's share h / (h + t) along the per-node cost curve;
-    # a ratio of interleaved timings, it is free of the machine's drift. The split's total is
-    # the whole model times the overhead ratio (two session calls and the layout reorders at the
-    # boundary), interpolated between the anchors alike and held at the nearest beyond them: one
-    # median for every cut put MobileNetV2's cut 10 at 1.0x the whole beside cut 9 measured at 1.20x
-    # (its head 28-33 % low).
+    # Between anchors, interpolate the head's share h / (h + t) along the per-node cost curve; a
+    # ratio of timings taken within a second of each other, it is free of the machine's drift. The
+    # split's total is the whole model times the overhead ratio (two session calls and the layout
+    # reorders at the boundary), interpolated between the anchors alike and held at the nearest
+    # beyond them: one median for every cut put MobileNetV2's cut 10 at 1.0x the whole beside cut 9
+    # measured at 1.20x (its head 28-33 % low).
     xs = [cum[k - 1] / total for k in anchors]
     shares = [
         measured[k]["head"].median_ms / (measured[k]["head"].median_ms + measured[k]["tail"].median_ms)
