@@ -110,10 +110,9 @@ def _parse_and_check(
     densified = densify_sparse(model.graph, str(p))
     refuse_duplicate_node_names(model.graph, str(p))
     reordered = sort_nodes(model.graph, str(p))
-    pruned = drop_dead_nodes(model.graph)
     completed = complete_interface(model, input_shapes, str(p))
     if check:
-        changed = external or reordered or pruned or completed or densified
+        changed = external or reordered or completed or densified
         check_model(model, where=str(p), as_read=None if changed else data)
     return model
 
@@ -253,10 +252,11 @@ def sort_nodes(graph: onnx.GraphProto, where: str = "the model") -> bool:
     return True
 
 
-def drop_dead_nodes(graph: onnx.GraphProto) -> bool:
-    """Remove the nodes whose results no graph output uses, in place (``graph`` in order). They change
-    no answer, but a cut was offered whose tail (or head, or middle stage) held only such nodes, and
-    onnxruntime refuses a part that returns nothing."""
+def drop_unused(graph: onnx.GraphProto) -> bool:
+    """Remove, in place (``graph`` in order), the nodes whose results no graph output uses and the
+    weights no remaining node reads; whether any went. They change no answer, but a cut was offered
+    whose tail (or head, or middle stage) held only such nodes, which onnxruntime refuses (a part that
+    returns nothing), and a session given a weight no node reads fails to find it."""
     live = {o.name for o in graph.output}
     keep = [False] * len(graph.node)
     for i in range(len(graph.node) - 1, -1, -1):
@@ -264,11 +264,16 @@ def drop_dead_nodes(graph: onnx.GraphProto) -> bool:
         if any(o in live for o in n.output if o):
             keep[i] = True
             live.update(node_inputs(n))
-    if all(keep):
+    listed = {i.name for i in graph.input}
+    weights = [t for t in graph.initializer if t.name in live or t.name in listed]
+    if all(keep) and len(weights) == len(graph.initializer):
         return False
     nodes = [n for n, k in zip(graph.node, keep, strict=True) if k]
     del graph.node[:]
     graph.node.extend(nodes)
+    if len(weights) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(weights)
     return True
 
 

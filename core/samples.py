@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from .errors import SplitPointError
+from .weights import with_stubs
 
 # ops whose output's values are their (first) input's values, moved or cast: ids keep indexing the same
 # table through them, and a tensor read only through them and a Shape is read for its shape alone
@@ -90,7 +91,9 @@ def _static_sizes(model: onnx.ModelProto) -> Callable[[str], list[int | None]]:
             return declared[name]
         if not inferred:
             try:
-                whole = onnx.shape_inference.infer_shapes(model)
+                # the weights as stubs: their types and shapes are all inference reads, and a model of
+                # 2 GiB or more cannot be serialised for it
+                whole = onnx.shape_inference.infer_shapes(with_stubs(model))
                 inferred.append(dims_of(whole.graph.value_info))
             except Exception:  # noqa: BLE001 - no shape then: the input keeps its 0..9
                 inferred.append({})

@@ -20,6 +20,8 @@ from splitpoint.core.graph.index import TensorInfo
 from splitpoint.core.runner import Joined, Ragged, join, make_session, per_sample, run_batched, run_samples
 
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
+# samples over which a float model's top-1 that is one class on all of them makes top-1 uninformative
+ONE_CLASS_MIN_SAMPLES = 8
 
 
 @dataclass
@@ -139,9 +141,17 @@ def compare(
         # a row per sample: a detector's [N, 4] boxes, equal in shape on every sample (none found, or NMS
         # at its cap), have rows that are not samples, and their largest element is a coordinate
         classes = scores and ref.ndim == 2 and ref.shape[1] > 1 and rows == n * rows_per_sample and not exact
-        top1 = float(np.mean(r.argmax(1) == g.argmax(1))) if classes else None
+        ref_top = r.argmax(1)
+        # the float model's top-1 one class on every one of many samples (a random-weight network's, or a
+        # trained one's on random inputs): agreeing with it says nothing of the split (a 3 dB split of
+        # EfficientNet-B0 scored 1.000 so, and was picked), and its cosine does. Over a few samples one
+        # class is chance, and top-1 still tells
+        if classes and n >= ONE_CLASS_MIN_SAMPLES and ref_top.min() == ref_top.max():
+            classes = False
+        top1 = float(np.mean(ref_top == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
+    cos[(r == g).all(axis=1)] = 1.0  # equal rows: exactly 1, not a rounding of it
     noise = float(((r - g) ** 2).sum())
     signal = float((r**2).sum())
     return OutputFidelity(

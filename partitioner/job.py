@@ -118,9 +118,9 @@ def fidelity_measure(handle: ModelHandle) -> str:
         return f"{handle.task} {PRIMARY[handle.task].replace('_', ' ')} with the unsplit model"
     named = "".join(f", top-1 at every position along axis {a} for {n}" for n, a in handle.score_axes.items())
     return (
-        "agreement with the unsplit model, the worst output's: top-1 for class scores ([batch, classes]"
-        f" not made by a normalisation or an activation){named}, equal elements for integer outputs, "
-        "cosine otherwise"
+        "agreement with the unsplit model, the worst output's: top-1 for class scores (a row per sample,"
+        " not made by a normalisation or an activation, and not one class on every one of 8 or more samples)"
+        f"{named}, equal elements for integer outputs, cosine otherwise"
     )
 
 

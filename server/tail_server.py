@@ -677,10 +677,9 @@ class TailServer:
         # among them, --workers 2 --max-queue 1 ran one request and left a worker idle)
         if self.stats.in_flight >= self.config.max_queue + self.config.workers:
             self.stats.add(rejected=1, busy=1)
-            waiting = self.stats.in_flight - self.config.workers
             why = (
-                f"{waiting} requests are waiting for a tail, {self.config.workers} running "
-                f"(the limit is {self.config.max_queue} waiting)"
+                f"{self.stats.in_flight} requests taken and not answered yet (the limit is "
+                f"{self.config.max_queue} waiting beyond the {self.config.workers} the workers run)"
             )
             self._send(router, ident, wire.error(msg.id, wire.E_BUSY, why, msg.plan))
             return

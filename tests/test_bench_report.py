@@ -273,3 +273,18 @@ def test_the_next_share_tried_comes_from_the_tries_either_side_of_the_target():
     assert next_share(33.0, tries) == pytest.approx(0.1414, abs=1e-4)
     # noise made more CPU read slower: the gap is halved instead
     assert next_share(33.0, [(0.12, 20.0), (0.14, 40.0)]) == 0.13
+
+
+def test_the_printed_summary_never_shows_an_unjudged_figure_as_zero(saved, tmp_path):
+    """Every candidate not judged leaves the prediction error and the regret share unknown: the console
+    said "median prediction error 0.0 %; regret ≤ 1.05 in 0 % of cases" where report.md said "not
+    measured"."""
+    results = copy.deepcopy(saved)
+    results["summary"]["prediction_error_median"] = None
+    results["summary"]["regret_within_target_share"] = None
+    line = report.summary_lines(results, tmp_path)[-2]
+    assert "median prediction error not measured; regret ≤ 1.05 in no case judged" in line, line
+    results["summary"]["prediction_error_median"] = 0.0
+    results["summary"]["regret_within_target_share"] = 0.5
+    line = report.summary_lines(results, tmp_path)[-2]
+    assert "median prediction error 0.0 %; regret ≤ 1.05 in 50 % of cases" in line, line

@@ -1160,7 +1160,7 @@ def test_max_queue_counts_the_requests_waiting_not_those_the_workers_run(model):
         srv.stop()
     busy = [o for o in outcomes if isinstance(o, EdgeError)]
     assert len(busy) == 1 and busy[0].code == "busy", outcomes
-    assert "1 requests are waiting for a tail, 2 running (the limit is 1 waiting)" in str(busy[0])
+    assert "3 requests taken and not answered yet (the limit is 1 waiting beyond the 2" in str(busy[0])
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -1481,6 +1481,27 @@ def test_features_and_detections_are_not_compared_by_their_largest_element(tmp_p
     assert feature_outputs(open_model(kws).index) == set()
 
 
+def test_top1_is_not_scored_against_a_model_that_answers_one_class_for_every_sample():
+    """A random-weight EfficientNet-B0 from tf2onnx answered class 8 for every input: an int4 split at
+    3 dB SNR (cosine 0.78) kept that top-1, scored 1.000, and `plan` picked it. Where the float model's
+    top-1 is one class on every sample, agreeing with it says nothing: the cosine is the figure."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 10)).astype(np.float32)
+    ref[:, 3] += 40  # class 3 on every sample
+    got = ref + 3 * rng.standard_normal((8, 10)).astype(np.float32)
+    assert (got.argmax(1) == 3).all()
+    one_class = compare("logits", ref, got, 8)
+    assert one_class.top1_agreement is None and one_class.primary == one_class.cosine < 0.999
+    # a few samples (one, four): one class is chance there, and whether top-1 moved still says something
+    assert compare("logits", ref[:1], got[:1], 1).top1_agreement == 1.0
+    assert compare("logits", ref[:4], got[:4], 4).top1_agreement == 1.0
+    # equal outputs: a cosine of exactly 1
+    assert compare("logits", ref, ref.copy(), 8).primary == 1.0
+    # samples of several classes keep top-1
+    varied = rng.standard_normal((8, 10)).astype(np.float32)
+    assert compare("logits", varied, varied + 0.01, 8).top1_agreement == 1.0
+
+
 def test_scores_name_an_output_and_an_axis_beside_the_batch_or_stop_before_any_work(tmp_path):
     rng = np.random.default_rng(0)
     emb = numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "emb")
@@ -1616,10 +1637,39 @@ def test_nodes_whose_results_no_output_uses_are_left_out(tmp_path):
     for name, model in (("last", dead_last), ("first", dead_first)):
         h = open_model(_save(model, tmp_path / f"{name}.onnx"))
         assert [n.op_type for n in h.model.graph.node] == ["Relu", "Neg"]
+        assert not h.file_runs_as_planned  # the file's dead nodes would run (and be timed) in its session
         assert _every_cut_equals_the_model(h, sample_feeds(h.model, 2, 0)) == 1
         out = tmp_path / f"plan-{name}"
         proc = run_cli("split", str(h.path), "--cut", "1", "-o", str(out))
         assert proc.returncode == 0, proc.stderr
+
+
+def test_a_weight_only_dead_nodes_read_goes_with_them_and_the_whole_model_still_runs(tmp_path):
+    """A dead MatMul's weight, left behind, was handed to onnxruntime with the live ones, which had
+    dropped it as unread: "Failed to find existing initializer". So was an unread weight in the file
+    itself, once the whole model ran from memory (any file with value_info)."""
+    rng = np.random.default_rng(0)
+    v, w, spare = (
+        numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), k)
+        for k in ("v", "w", "spare")
+    )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
+    model = _fuzz_model(
+        [
+            helper.make_node("MatMul", ["x", "v"], ["m"]),
+            helper.make_node("Relu", ["m"], ["y"]),
+            helper.make_node("MatMul", ["x", "w"], ["dead"]),
+        ],
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [v, w, spare],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 32])],
+    )
+    h = open_model(_save(model, tmp_path / "w.onnx"))
+    assert [t.name for t in h.model.graph.initializer] == ["v"]
+    feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
+    want = np.maximum(feeds["x"] @ onnx.numpy_helper.to_array(v), 0)
+    np.testing.assert_allclose(h.whole_session().run(None, feeds)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_stale_declared_shape_does_not_hide_a_tensor_or_change_the_reference(tmp_path):
@@ -1661,9 +1711,9 @@ def test_a_stale_declared_shape_does_not_hide_a_tensor_or_change_the_reference(t
 
 
 def test_a_cut_named_by_what_cuts_lists_as_crossing_is_that_cut(tmp_path):
-    """`cuts` lists cut 3 as crossing n alone (the head also returns u, a model output from a branch n does
-    not need); `--cut n` was refused as needing t from the head, and the way out it named sent twice the
-    bytes."""
+    """`cuts` lists cut 3 as crossing n (and the raw input x, which a later branch reads; the head also
+    returns u, a model output from a branch n does not need); `--cut n` was refused as needing t from the
+    head, and the way out it named sent twice the bytes."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     model = _fuzz_model(
         [
@@ -1671,17 +1721,21 @@ def test_a_cut_named_by_what_cuts_lists_as_crossing_is_that_cut(tmp_path):
             helper.make_node("Relu", ["t"], ["u"]),
             helper.make_node("Neg", ["t"], ["n"]),
             helper.make_node("Abs", ["n"], ["y"]),
+            # a branch of its own after them: the listed cut leaves it to the tail, and so does the name
+            helper.make_node("Exp", ["x"], ["b1"]),
+            helper.make_node("Tanh", ["b1"], ["y2"]),
         ],
         [x],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 4]) for o in ("u", "y")],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 4]) for o in ("u", "y", "y2")],
     )
     path = _save(model, tmp_path / "branch.onnx")
     h = open_model(path)
-    listed = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["n"])
+    listed = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["x", "n"])
     from splitpoint.core.graph.cuts import resolve_cut
 
-    named = resolve_cut(h.index, "n")
-    assert named.index == listed.index == 3 and [t.name for t in named.crossing] == ["n"]
-    assert named.head_outputs == ["u"]
+    for spec in ("n", "x,n"):
+        named = resolve_cut(h.index, spec)
+        assert named.index == listed.index == 3 and [t.name for t in named.crossing] == ["x", "n"]
+        assert named.head_outputs == ["u"]
     proc = run_cli("split", path, "--cut", "n", "-o", str(tmp_path / "plan"))
-    assert proc.returncode == 0 and "cut 3 crosses n" in proc.stdout + proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "cut 3 crosses x, n" in proc.stdout + proc.stderr, proc.stdout

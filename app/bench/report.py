@@ -343,11 +343,15 @@ def summary_lines(results: dict, out: Path) -> list[str]:
     s = results["summary"]
     ts = results.get("targets") or targets(results)
     secs = s["bench_seconds"]
+    error, within = s["prediction_error_median"], s["regret_within_target_share"]
     return [
         *headline(results),
-        f"median prediction error {100 * (s['prediction_error_median'] or 0):.1f} %; regret ≤ 1.05 in "
-        f"{100 * (s['regret_within_target_share'] or 0):.0f} % of cases; "
-        f"{'?' if secs is None else f'{secs / 60:.1f}'} min; report in {out / 'report.md'}",
+        # a figure nothing judged is said so, never a 0 (every candidate not judged: nothing to compare)
+        "median prediction error "
+        + ("not measured" if error is None else f"{100 * error:.1f} %")
+        + "; regret ≤ 1.05 in "
+        + ("no case judged" if within is None else f"{100 * within:.0f} % of cases")
+        + f"; {'?' if secs is None else f'{secs / 60:.1f}'} min; report in {out / 'report.md'}",
         _tally(ts),
     ]
 
@@ -416,7 +420,7 @@ def _all_agree_bound(inputs: str | None) -> str:
     if not head.isdigit() or int(head) <= 0:
         return f"{inputs or 'an unknown number of inputs'}: no bound stated"
     n = int(head)
-    return f"agreement on all {n} of {rest} is ≥ {wilson(n, n).low:.2f} at 95 %"
+    return f"top-1 agreement on all {n} of {rest} is ≥ {wilson(n, n).low:.2f} at 95 %"
 
 
 def _agreement(measured: dict) -> float | None:
@@ -473,7 +477,8 @@ def models_section(results: dict) -> list[str]:
         "measured* is a codec it never needed, *none of N measured* one whose N measured candidates all "
         "fell below. Fidelity is the "
         "task's metric on rendered inputs for trained models and top-1 agreement on random inputs for "
-        "random-weight ones (which says nothing about a trained model's). Derived from the planner's "
+        "random-weight ones (cosine where the unsplit model answers one class on all of 8 or more "
+        "inputs; either says nothing about a trained model's). Derived from the planner's "
         "measurements; `benchmarks/bench_trained.py` answers the same question over more cuts with "
         "confidence intervals. Few inputs bound little: "
         + "; ".join(_all_agree_bound(m.get("fidelity_inputs")) for m in _distinct_inputs(models))

@@ -91,7 +91,3 @@ def main() -> None:
     if code == 130:  # typer answers Ctrl-C with this code, not with the exception
         err.print("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -42,7 +42,9 @@ DeviceSecret = Annotated[
 FidelityInputs = Annotated[
     Path | None,
     typer.Option(
-        help="folder of samples for fidelity: .npy or images (one input), .npz (an array per input)"
+        help="folder of samples for fidelity: .npy or images (one input; an image is resized and scaled to "
+        "0..1, a colour one normalised by ImageNet's mean and std: give .npy for any other preprocessing), "
+        ".npz (an array per input)"
     ),
 ]
 Drain = Annotated[

@@ -91,10 +91,15 @@ def profile(
     seen = prof.emulation.measured_slowdown if prof.emulation else None
     want = job.slowdown or (max(job.threads, 1) / asked if asked and asked < max(job.threads, 1) else None)
     if seen and want and abs(seen / want - 1) > 0.10:
+        why = (
+            "a CFS quota this short is over-enforced by this kernel"
+            if seen > want
+            else f"the quota is enforced per period, and runs this short ({prof.whole.median_ms:.2f} ms) "
+            "were slowed less than asked"
+        )
         err.print(
             f"[yellow]warning: the model ran {seen:.2f}x slower than at this machine's full speed, not the "
-            f"{want:.2f}x asked: a CFS quota this short is over-enforced by this kernel; the profile is of "
-            f"the device measured ({seen:.2f}x)[/yellow]",
+            f"{want:.2f}x asked: {why}; the profile is of the device measured ({seen:.2f}x)[/yellow]",
             highlight=False,
         )
     if not quiet:

@@ -9,7 +9,6 @@ tensors, and any other tensor the tail would still need from the head is an erro
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import itertools
 from dataclasses import asdict, dataclass, field
@@ -190,8 +189,9 @@ def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
 
 
 def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
-    """Head = every compute node the named tensors depend on. Rejects boundaries the tail would
-    cross: if the tail also needs another head tensor, the named set is not a valid cut."""
+    """Head = every compute node the named tensors depend on, or where the tail would then need more from
+    the head, the first cut `cuts` lists whose computed crossing tensors are exactly these. Otherwise
+    refused, naming what else the tail needs."""
     all_names = set(idx.producer) | set(idx.inputs) | set(idx.initializers)
     for n in names:
         if n not in all_names:
@@ -223,27 +223,18 @@ def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
         return cut_from_head(idx, frozenset(head), expected=set(names))
     except CutError:
         # the named tensors may be exactly what crosses at a cut `cuts` lists, whose head also holds nodes
-        # they do not depend on (a branch that ends in a model output): the head is then everything that
-        # is not downstream of them, and the name was refused as needing more from the head
-        upstream = _upstream_of(idx, names)
-        if upstream == head or len(upstream) == len(idx.compute):
+        # they do not depend on (a branch ending in a model output): that listed cut, the first such
+        listed = next(
+            (
+                c
+                for c in enumerate_cuts(idx)
+                if {t.name for t in c.crossing if t.source == "head"} == set(names)
+            ),
+            None,
+        )
+        if listed is None:
             raise
-        with contextlib.suppress(CutError):
-            return cut_from_head(idx, upstream, expected=set(names))
-        raise
-
-
-def _upstream_of(idx: GraphIndex, names: list[str]) -> frozenset:
-    """The compute nodes not downstream of the tensors ``names``: the largest head they can close."""
-    below: set[int] = set()
-    stack = [p for n in names for p in idx.consumers.get(n, [])]
-    while stack:
-        p = stack.pop()
-        if p in below:
-            continue
-        below.add(p)
-        stack.extend(c for o in idx.nodes[p].output if o for c in idx.consumers.get(o, []))
-    return frozenset(p for p in idx.compute if p not in below)
+        return listed
 
 
 def _what(idx: GraphIndex, t: str) -> str:

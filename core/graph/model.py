@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 from splitpoint.core import zoo
 from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError
-from splitpoint.core.onnxio import load_model_and_digest
+from splitpoint.core.onnxio import drop_unused, load_model_and_digest
 from splitpoint.core.subgraphs import iter_nodes
 
 from .cuts import Cut, enumerate_cuts, resolve_cut
@@ -120,6 +120,11 @@ class ModelHandle:
         ):  # the user's own: the first is also what a one-sample run (a plan's check) runs
             self.given_sample = feeds[0]
         what = f"{len(feeds)} inputs from {inputs}" if inputs is not None else f"{n} random inputs"
+        if inputs is not None and any(
+            f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") and f.is_file()
+            for f in Path(inputs).iterdir()
+        ):
+            what += " (images resized and scaled to 0..1, colour ones ImageNet-normalised)"
         return feeds, None, f"{what} ({self.weights})"
 
     @property
@@ -152,6 +157,8 @@ def open_model(
     path = zoo.resolve(spec)
     model, digest = load_model_and_digest(path, input_shapes=input_shapes)
     as_planned = not weights_to_constants(model)
+    if drop_unused(model.graph):  # the file's dead nodes would run in a session of it, timed and all
+        as_planned = False
     training = dropout_to_inference(model)
     if training:
         log.warning(
