@@ -195,6 +195,7 @@ def load_inputs(
     for f in files:
         if f.suffix.lower() == ".npz":
             sample = read_npz(f, {n: len(d) for n, d in dims.items()})
+            _check_sample_shapes(f, sample, specs)
             out.append({n: a.astype(dtypes[n], copy=False) for n, a in sample.items()})
             continue
         only_input(f, list(dims))
@@ -218,6 +219,37 @@ def load_inputs(
 
 
 SINGLE_INPUT_SUFFIXES = (".npy", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _check_sample_shapes(path: Path, sample: dict[str, np.ndarray], specs: list) -> None:
+    """A sample's arrays against the sizes the model (with its --input-shape) fixes past the batch, and
+    a dimension several inputs share (one symbol) the same size in each: the model refused such a sample
+    only when a part ran, and the message blamed the cut (a tail's BroadcastIterator)."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        a = sample.get(spec.name)
+        if a is None:
+            continue
+        for k, d in enumerate(spec.type.tensor_type.shape.dim):
+            if k >= a.ndim:
+                break
+            size = int(a.shape[k])
+            if k > 0 and d.HasField("dim_value") and d.dim_value > 0 and size != d.dim_value:
+                want = [
+                    x.dim_value if x.HasField("dim_value") else x.dim_param or "?"
+                    for x in spec.type.tensor_type.shape.dim
+                ]
+                raise SplitPointError(
+                    f"{path.name}: {spec.name} has shape {list(a.shape)}; the model takes {want} "
+                    f"(dimension {k} as the file or --input-shape fixes it)"
+                )
+            if d.HasField("dim_param") and d.dim_param:
+                first = seen.setdefault(d.dim_param, (spec.name, size))
+                if first[1] != size:
+                    raise SplitPointError(
+                        f"{path.name}: inputs {first[0]} and {spec.name} share dimension {d.dim_param!r}, "
+                        f"which is {first[1]} in {first[0]} and {size} in {spec.name}"
+                    )
 
 
 def sample_shapes(model: onnx.ModelProto, inputs: str | Path) -> dict[str, list[int]]:

@@ -297,7 +297,7 @@ def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):
     # an N past the batch leaves that dimension free, and the error says why it still asks for it
     r = run_cli("cuts", str(path), "--input-shape", "ids:1xN", "--input-shape", "mask:1x8")
     assert r.returncode != 0 and "'ids' (seq); 'types' (seq)" in r.stderr, r.stderr
-    assert "N or ? in --input-shape ids left a dimension past the batch unknown" in r.stderr, r.stderr
+    assert "N, ? or -1 in --input-shape ids left a dimension past the batch unknown" in r.stderr, r.stderr
 
 
 def test_a_missing_input_is_refused_by_name_on_every_kind_of_plan(tmp_path):
@@ -1739,3 +1739,83 @@ def test_a_cut_named_by_what_cuts_lists_as_crossing_is_that_cut(tmp_path):
         assert named.head_outputs == ["u"]
     proc = run_cli("split", path, "--cut", "n", "-o", str(tmp_path / "plan"))
     assert proc.returncode == 0 and "cut 3 crosses x, n" in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_a_model_whose_external_data_holds_a_shape_input_is_measured_from_memory(tmp_path):
+    """Saved with size_threshold=0, an Unsqueeze's axes live in the external file: onnxruntime cannot load
+    that file ("Cannot parse data from external tensors"), so `profile` and `fidelity` were refused,
+    blaming --input-shape, while `split` (whose parts carry the data inline) worked."""
+    from splitpoint.profiles.profiler import ProfileSettings, profile_model
+
+    ax = numpy_helper.from_array(np.array([1], np.int64), "ax")
+    w = numpy_helper.from_array(np.full((1, 1, 3), 2.0, np.float32), "w")
+    model = _fuzz_model(
+        [
+            helper.make_node("Unsqueeze", ["x", "ax"], ["u"]),
+            helper.make_node("Relu", ["u"], ["r"]),
+            helper.make_node("Mul", ["r", "w"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 3])],
+        [ax, w],
+    )
+    path = tmp_path / "ext.onnx"
+    (tmp_path / "sub").mkdir()
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="sub/w.bin",
+        size_threshold=0,
+    )
+    h = open_model(path)
+    feeds = {"x": np.array([[-1.0, 0.5, 2.0]], np.float32)}
+    np.testing.assert_allclose(h.whole_session().run(None, feeds)[0], [[[0.0, 1.0, 4.0]]])
+    assert not h.file_runs_as_planned  # every later session of it too
+    prof = profile_model(h, ProfileSettings(budget=4, anchors=1))
+    assert prof.whole.median_ms > 0 and len(prof.cuts) == 2
+
+
+def test_samples_that_contradict_the_model_s_fixed_sizes_are_named_before_any_run(tmp_path):
+    """ids [2, 9] beside a mask [2, 7], where --input-shape ids:Nx9 fixes their shared sequence at 9: the
+    split ran the head and refused in the tail ("the tail does not run ... BroadcastIterator")."""
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32), "emb")
+    model = _fuzz_model(
+        [
+            helper.make_node("Gather", ["emb", "ids"], ["e"]),
+            helper.make_node("Unsqueeze", ["mask", "ax"], ["m"]),
+            helper.make_node("Mul", ["e", "m"], ["y"]),
+        ],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [emb, numpy_helper.from_array(np.array([2], np.int64), "ax")],
+    )
+    path = _save(model, tmp_path / "tok.onnx")
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    np.savez(folder / "s0.npz", ids=np.zeros((2, 9), np.int64), mask=np.ones((2, 7), np.float32))
+    proc = run_cli(
+        "split",
+        path,
+        "--cut",
+        "1",
+        "-o",
+        str(tmp_path / "p"),
+        "--inputs",
+        str(folder),
+        "--input-shape",
+        "ids:Nx9",
+    )
+    assert (
+        proc.returncode == 2 and "s0.npz: mask has shape [2, 7]; the model takes ['batch', 9]" in proc.stderr
+    ), proc.stderr
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.samples import load_inputs
+
+    # both free: the sizes a shared symbol gets must agree
+    with pytest.raises(SplitPointError, match="share dimension 'seq', which is 9 in ids and 7 in mask"):
+        load_inputs(onnx.load(path), folder)

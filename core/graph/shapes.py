@@ -143,7 +143,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         kept = [n for n, _, _ in missing if any(w == KEEP for w in list(shapes.get(n, ()))[1:])]
         if kept:
             hint += (
-                f"; N or ? in --input-shape {', '.join(kept)} left a dimension past the batch unknown: "
+                f"; N, ? or -1 in --input-shape {', '.join(kept)} left a dimension past the batch unknown: "
                 "only the batch (the first) may stay free"
             )
         if len(missing) == 1:
