@@ -3,8 +3,9 @@ traces of changing links and chains."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -110,9 +111,8 @@ def bench(
     scores: Scores = None,
 ) -> None:
     """Measure the pick, the Pareto front and the baselines per model and network, over emulated links."""
-    from ..bench.outdir import claimed_output
     from ..bench.report import summary_lines, write_report
-    from ..bench.run import BenchConfig, open_models_first, run_bench
+    from ..bench.run import BenchConfig, run_bench
 
     if trace is not None:
         if chain:
@@ -154,11 +154,20 @@ def bench(
         input_shapes=tuple(input_shape or ()),
         scores=tuple(scores or ()),
     )
-    with claimed_output(out):  # a bad -o is refused first, in a moment
-        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)  # before the progress and the minutes
-        with progress("bench", transient=False) as note:
-            results = write_report(run_bench(cfg, note), out)
+    results = _reported("bench", cfg, out, lambda note: write_report(run_bench(cfg, note), out))
     console.print("\n".join(summary_lines(results, out)))
+
+
+def _reported(title: str, cfg: Any, out: Path, run: Callable[[Any], dict]) -> dict:
+    """A bench run as every mode makes one: its -o claimed first (a bad one refused in a moment), its
+    models opened before the progress and the minutes, then ``run(note)``, which writes the report."""
+    from ..bench.outdir import claimed_output
+    from ..bench.run import open_models_first
+
+    with claimed_output(out):
+        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)
+        with progress(title, transient=False) as note:
+            return run(note)
 
 
 def _not_with(mode: str, given: dict[str, bool], why: str = "") -> None:
@@ -172,9 +181,7 @@ def _not_with(mode: str, given: dict[str, bool], why: str = "") -> None:
 
 def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape, scores=None) -> None:
     """`bench --trace`: plan sets (adaptive, bits-only) and their fixed members on a changing link."""
-    from ..bench.outdir import claimed_output
     from ..bench.report import verdict
-    from ..bench.run import open_models_first
     from ..bench.trace import TraceBenchConfig, run_trace_bench, trace_command
     from ..bench.tracereport import write_trace_report
 
@@ -188,10 +195,12 @@ def _bench_trace(models, trace, rate, device, min_fidelity, out, input_shape, sc
         input_shapes=tuple(input_shape or ()),
         scores=tuple(scores or ()),
     )
-    with claimed_output(out):  # a bad -o is refused first, in a moment
-        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)  # before the progress and the minutes
-        with progress("bench --trace", transient=False) as note:
-            results = write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg))
+    results = _reported(
+        "bench --trace",
+        cfg,
+        out,
+        lambda note: write_trace_report(run_trace_bench(cfg, note), out, trace_command(cfg)),
+    )
     for name, m in results["models"].items():
         for t in m["targets"]:
             console.print(f"{name}: {t['target']}: {t['shown']} ({verdict(t['met'], 'not applicable')})")
@@ -214,9 +223,7 @@ def _bench_chain(
     """`bench --chain`: each --networks is one mix, a network profile per hop."""
     from ..bench.chainbench import ChainBenchConfig, chain_command, run_chain_bench
     from ..bench.chainreport import write_report
-    from ..bench.outdir import claimed_output
     from ..bench.report import verdict
-    from ..bench.run import open_models_first
 
     cfg = ChainBenchConfig.of(
         **({"models": models.split(",")} if models is not None else {}),
@@ -231,10 +238,12 @@ def _bench_chain(
         scores=tuple(scores or ()),
         **({"max_front": max_front} if max_front is not None else {}),
     )
-    with claimed_output(out):  # a bad -o is refused first, in a moment
-        open_models_first(cfg.models, cfg.input_shapes, cfg.scores)  # before the progress and the minutes
-        with progress("bench --chain", transient=False) as note:
-            results = write_report(run_chain_bench(cfg, note), out, chain_command(cfg))
+    results = _reported(
+        "bench --chain",
+        cfg,
+        out,
+        lambda note: write_report(run_chain_bench(cfg, note), out, chain_command(cfg)),
+    )
     for t in results["targets"]:
         console.print(f"{t['target']}: {t['shown']} ({verdict(t['met'], 'not judged')})")
     console.print(f"report: {out / 'report.md'}")
