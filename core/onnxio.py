@@ -256,7 +256,8 @@ def drop_unused(graph: onnx.GraphProto) -> bool:
     """Remove, in place (``graph`` in order), the nodes whose results no graph output uses and the
     weights no remaining node reads; whether any went. They change no answer, but a cut was offered
     whose tail (or head, or middle stage) held only such nodes, which onnxruntime refuses (a part that
-    returns nothing), and a session given a weight no node reads fails to find it."""
+    returns nothing), and a session given a weight no node reads fails to find it. A weight the graph
+    also lists as an input (overridable) stays."""
     live = {o.name for o in graph.output}
     keep = [False] * len(graph.node)
     for i in range(len(graph.node) - 1, -1, -1):

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from .codecs import DTYPES
 from .errors import PlanError, SplitPointError
 from .plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan, TensorSpec
+from .subgraphs import node_inputs
 from .weights import is_stub, shareable, stub
 
 
@@ -28,11 +29,21 @@ def _shared_weights(
     """The model's bytes without its large weights, which go to onnxruntime as arrays instead: stubs
     (``core/weights.py``) take theirs from ``weights``; inline ones are read out of a copy of the model
     (serialising an extracted head or tail with its weights costs as much as building its session)."""
+    g = model.graph
+    read = {t for n in g.node for t in node_inputs(n)} | {v.name for v in [*g.input, *g.output]}
+    # a weight no node reads (nor the graph lists as an input or an output) is dropped before onnxruntime
+    # is handed it: onnxruntime removes such an initializer, then fails to find it ("Failed to find
+    # existing initializer"); an export carries some
+    unread = [t.name for t in model.graph.initializer if t.name not in read]
     inline = any(shareable(t) for t in model.graph.initializer)
     light = model
-    if inline:
+    if inline or unread:
         light = onnx.ModelProto()
         light.CopyFrom(model)
+    if unread:
+        kept = [t for t in light.graph.initializer if t.name in read]
+        del light.graph.initializer[:]
+        light.graph.initializer.extend(kept)
     names, values = [], []
     for init in light.graph.initializer:
         if is_stub(init):

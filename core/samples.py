@@ -243,7 +243,9 @@ def _check_sample_shapes(path: Path, sample: dict[str, np.ndarray], specs: list)
                     f"{path.name}: {spec.name} has shape {list(a.shape)}; the model takes {want} "
                     f"(dimension {k} as the file or --input-shape fixes it)"
                 )
-            if d.HasField("dim_param") and d.dim_param:
+            # past the batch: a leading "any size" is N in every input, and an index list's length beside
+            # a feature matrix's rows is no batch they share
+            if k > 0 and d.HasField("dim_param") and d.dim_param:
                 first = seen.setdefault(d.dim_param, (spec.name, size))
                 if first[1] != size:
                     raise SplitPointError(

@@ -112,13 +112,16 @@ def compare(
     axis: int | None = None,
     scores: bool = True,
     rows_per_sample: int = 1,
+    random_inputs: bool = True,
 ) -> OutputFidelity:
     """One output of ``n`` samples, split against float. An output whose shape follows the data (NonZero,
     TopK with k an input) is compared sample by sample, and a sample whose split shape differs from the
     float one counts as wholly wrong: nothing of it lines up. ``axis``: the output holds class scores
     along it (``--scores``), and top-1 is the share of positions whose largest score is the same one.
     ``scores``: a [batch, N] output may be class scores (False: features, compared by cosine), where it
-    has ``rows_per_sample`` rows per sample (a model's fixed batch)."""
+    has ``rows_per_sample`` rows per sample (a model's fixed batch). ``random_inputs``: the samples are
+    seeded random ones, on which a float model answering one class throughout says nothing (a user's own
+    samples of one class are what that user asks about: top-1 stays)."""
     if isinstance(ref, Ragged) or isinstance(got, Ragged) or ref.shape != got.shape:
         # a float output whose shape follows the data (detections) is never a batch of score rows
         score_rows = scores and not isinstance(ref, Ragged)
@@ -142,11 +145,11 @@ def compare(
         # at its cap), have rows that are not samples, and their largest element is a coordinate
         classes = scores and ref.ndim == 2 and ref.shape[1] > 1 and rows == n * rows_per_sample and not exact
         ref_top = r.argmax(1)
-        # the float model's top-1 one class on every one of many samples (a random-weight network's, or a
-        # trained one's on random inputs): agreeing with it says nothing of the split (a 3 dB split of
+        # the float model's top-1 one class on every one of many random samples (a random-weight network's,
+        # or a trained one's on noise): agreeing with it says nothing of the split (a 3 dB split of
         # EfficientNet-B0 scored 1.000 so, and was picked), and its cosine does. Over a few samples one
         # class is chance, and top-1 still tells
-        if classes and n >= ONE_CLASS_MIN_SAMPLES and ref_top.min() == ref_top.max():
+        if classes and random_inputs and n >= ONE_CLASS_MIN_SAMPLES and ref_top.min() == ref_top.max():
             classes = False
         top1 = float(np.mean(ref_top == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
@@ -176,8 +179,9 @@ def compare_outputs(
     """Every output of the model, split against float, each by the rule its user named (``--scores``)
     or the default one: the one place the planner, the chain planner and ``fidelity`` compare outputs
     (the bench's edge runner gets the same ``comparison_rules``)."""
+    random_inputs = handle.given_sample is None and handle.task is None
     return [
-        compare(name, r, g, n, *rule)
+        compare(name, r, g, n, *rule, random_inputs=random_inputs)
         for name, r, g, rule in zip(handle.index.outputs, refs, gots, comparison_rules(handle), strict=True)
     ]
 

@@ -119,7 +119,8 @@ def fidelity_measure(handle: ModelHandle) -> str:
     named = "".join(f", top-1 at every position along axis {a} for {n}" for n, a in handle.score_axes.items())
     return (
         "agreement with the unsplit model, the worst output's: top-1 for class scores (a row per sample,"
-        " not made by a normalisation or an activation, and not one class on every one of 8 or more samples)"
+        " not made by a normalisation or an activation, and on random inputs not one class on all of 8"
+        " or more)"
         f"{named}, equal elements for integer outputs, cosine otherwise"
     )
 

@@ -1497,6 +1497,8 @@ def test_top1_is_not_scored_against_a_model_that_answers_one_class_for_every_sam
     assert compare("logits", ref[:4], got[:4], 4).top1_agreement == 1.0
     # equal outputs: a cosine of exactly 1
     assert compare("logits", ref, ref.copy(), 8).primary == 1.0
+    # a user's own samples, all of one class (eight cats): whether a prediction changed is their question
+    assert compare("logits", ref, got, 8, random_inputs=False).top1_agreement == 1.0
     # samples of several classes keep top-1
     varied = rng.standard_normal((8, 10)).astype(np.float32)
     assert compare("logits", varied, varied + 0.01, 8).top1_agreement == 1.0
@@ -1665,6 +1667,9 @@ def test_a_weight_only_dead_nodes_read_goes_with_them_and_the_whole_model_still_
         [v, w, spare],
         [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 32])],
     )
+    # a session of a model in memory, whatever loaded it (split-decoder's path does not prune)
+    kept = make_session(model, weights=None)
+    assert [i.name for i in kept.get_inputs()] == ["x"]
     h = open_model(_save(model, tmp_path / "w.onnx"))
     assert [t.name for t in h.model.graph.initializer] == ["v"]
     feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
@@ -1819,3 +1824,18 @@ def test_samples_that_contradict_the_model_s_fixed_sizes_are_named_before_any_ru
     # both free: the sizes a shared symbol gets must agree
     with pytest.raises(SplitPointError, match="share dimension 'seq', which is 9 in ids and 7 in mask"):
         load_inputs(onnx.load(path), folder)
+    # a leading "any size" is N in every input, and need not agree: a node-feature matrix's rows and an
+    # index list's length (samples run one at a time)
+    rows = _fuzz_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gather", ["r", "idx"], ["y"], axis=0)],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 4]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["?"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 4])],
+    )
+    graph_folder = tmp_path / "graph"
+    graph_folder.mkdir()
+    np.savez(graph_folder / "a.npz", x=np.ones((5, 4), np.float32), idx=np.array([0, 4, 2], np.int64))
+    h = open_model(_save(rows, tmp_path / "rows.onnx"))
+    assert [a.shape for a in load_inputs(h.model, graph_folder)[0].values()] == [(5, 4), (3,)]

@@ -32,7 +32,13 @@ def plan(
     network: Annotated[str, typer.Option(help="network profile name (see profiles/networks) or YAML path")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="plan directory to write")] = None,
     max_latency: Annotated[float | None, typer.Option(help="ms")] = None,
-    min_fidelity: Annotated[float | None, typer.Option(help="e.g. 0.99 top-1 agreement")] = None,
+    min_fidelity: Annotated[
+        float | None,
+        typer.Option(
+            help="e.g. 0.99: agreement with the unsplit model (top-1 for class scores, cosine for other "
+            "outputs, the task's metric for trained zoo models; the output says which)"
+        ),
+    ] = None,
     edge_memory: Annotated[float | None, typer.Option(help="edge memory budget, MiB")] = None,
     max_bytes: Annotated[int | None, typer.Option(help="bytes per inference on the wire")] = None,
     objective: Annotated[
