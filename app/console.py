@@ -608,8 +608,8 @@ def watch_table(latest: dict[str, dict], lost_since: float | None = None, width:
     if len(cols) < len(WATCH_COLUMNS):
         hidden = [c for c in WATCH_ORDER if c not in shown]
         notes.append(
-            f"{len(hidden)} column{'s need' if len(hidden) > 1 else ' needs'} a wider terminal: "
-            + ", ".join(hidden)
+            f"{len(hidden)} column{'s' if len(hidden) > 1 else ''} left out for the terminal's width: "
+            + ", ".join(f"'{c}'" for c in hidden)
         )
     if len(latest) > len(rows):
         notes.append(

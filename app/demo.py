@@ -3,7 +3,7 @@
 Profiles a zoo model as edge (under a real CPU limit, standing in for a small device) and as server,
 plans for a network profile, shows the Pareto front, then starts the tail server (its own process), an
 MQTT broker (embedded unless --mqtt is given) and the edge client over the emulated link, and runs two
-candidates side by side: the planner's pick and a contrasting one (the best mid-network cut when the pick
+candidates side by side: the planner's pick and a contrasting one (the best split at a cut when the pick
 is not a cut, else the best whole-model baseline). For each it prints what every stage measured next to
 what the planner predicted, and how closely the answers match the unsplit model. Nothing is left behind
 unless the configuration's ``workdir`` keeps it.
@@ -139,7 +139,7 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
     if len(shown) > 8:
         say(f"        … and {len(shown) - 8} more")
     runs = [("pick", pick)] + (
-        [("best " + ("mid-network cut" if other_kind == SPLIT else "whole model on the server"), other)]
+        [("best " + ("split at a cut" if other_kind == SPLIT else "whole model on the server"), other)]
         if other
         else []
     )

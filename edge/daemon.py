@@ -335,6 +335,11 @@ class EdgeDaemon:
                 self._refuse(sock, ident, rid, "closed", why, plan_id)
         finally:
             sock.close(linger=1000)  # the last answers (and the `closed` ones) reach their clients
+            if listen.startswith("ipc://") and not listen.startswith("ipc://@"):
+                # libzmq leaves its socket file behind: a stale file in the way of the next start's bind
+                # check, and in /run
+                with contextlib.suppress(OSError):
+                    Path(listen[len("ipc://") :]).unlink()
             w, self._wake_w = self._wake_w, None
             os.close(wake_r)
             if w is not None:

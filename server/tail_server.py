@@ -320,7 +320,7 @@ class TailServer:
                 raise wire.WireError(
                     wire.E_BUSY,
                     f"stage {runner.index + 1} ({self.config.next}): the link to it is backed up "
-                    f"({NEXT_SNDHWM} requests queued); retry later",
+                    f"(more than {NEXT_SNDHWM} requests queued); retry later",
                 ) from None
             raise wire.WireError(
                 wire.E_UNAVAILABLE, f"stage {runner.index + 1} ({self.config.next}) is not connected"
@@ -360,7 +360,9 @@ class TailServer:
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         s.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
-        s.setsockopt(zmq.SNDHWM, NEXT_SNDHWM)
+        # one above the forwarded limit, which is the one that binds: libzmq's own count refused the 64th
+        # large request (63 taken behind a stalled stage), whose busy reply then said 64
+        s.setsockopt(zmq.SNDHWM, NEXT_SNDHWM + 1)
         s.setsockopt(zmq.HEARTBEAT_IVL, int(c.heartbeat_s * 1000))
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(c.dead_after_s * 1000))
         s.setsockopt(zmq.HEARTBEAT_TTL, int(c.dead_after_s * 1000))

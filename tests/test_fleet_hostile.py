@@ -250,7 +250,7 @@ def test_the_fleet_view_gives_up_whole_columns_on_a_narrow_terminal_not_names():
         assert "…" not in text.split("\n\n")[0] and "pi-kitchen" in text and "pi-kids" in text
         assert max(len(line) for line in text.splitlines()) <= w
     assert len(narrow.columns) < len(wide.columns) == 18
-    assert "need a wider terminal" in str(narrow.caption) and wide.caption is None
+    assert "left out for the terminal's width" in str(narrow.caption) and wide.caption is None
     old = {**dev, "metrics": {**dev["metrics"], "ts": now - 600}, "latency": {"ts": now - 600}}
     fleet = {f"d{i:05d}": old for i in range(3000)} | {"zz-live": dev}
     many = watch_table(fleet, width=400)

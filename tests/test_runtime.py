@@ -874,9 +874,12 @@ def test_edge_daemon_refuses_malformed_deploys_and_keeps_serving(model, server, 
             m = wire.Message(wire.INFER, 46, pid, ["input"], frames=[encode(x()["input"], "float32")])
             assert _ask(s, m.to_frames(), timeout=30000).type == wire.RESULT
         s.close(0)
+        assert (tmp_path / "edge.sock").is_socket()
     finally:
         daemon.stop()
         t.join(30)
+    # its socket file goes with it (libzmq left it behind: in /run, a stale file after every stop)
+    assert not t.is_alive() and not (tmp_path / "edge.sock").exists()
 
 
 @contextlib.contextmanager
