@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -70,6 +71,15 @@ def start_server(
 
 
 _logs: dict[int, Path] = {}
+
+
+@atexit.register
+def _remove_logs() -> None:
+    """The logs of servers this process started and never stopped (one that exited at start, a caller that
+    waited on it itself): none is left in the temp dir."""
+    for log in _logs.values():
+        log.unlink(missing_ok=True)
+    _logs.clear()
 
 
 def check_started(procs: Sequence[subprocess.Popen], within_s: float = 1.5) -> None:

@@ -857,3 +857,22 @@ def test_a_folder_of_plans_given_as_one_names_a_plan_and_never_a_temporary(tmp_p
         PlanError, match=f"is a folder of plans, not one plan: give one of them, e.g. {tmp_path / 'mine'}"
     ):
         Plan.load(tmp_path)
+
+
+def test_a_server_started_and_never_stopped_leaves_no_log_behind():
+    """A server that exits at start (here an unknown option), whose starter waits on it itself and never
+    calls stop(): its log stayed in the temp dir (about 200 empty ones after a day of test runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path\n"
+        "from splitpoint.app.process import _logs, start_server\n"
+        "p = start_server('tcp://127.0.0.1:1', Path('nowhere'), '--no-such-option')\n"
+        "p.wait(60)\n"
+        "print(_logs[p.pid])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    log = Path(done.stdout.strip())
+    assert done.returncode == 0 and log.name.startswith("splitpoint-serve-"), done.stderr
+    assert not log.exists()
