@@ -52,13 +52,21 @@ def is_loopback(endpoint: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def ipc_path(endpoint: str) -> Path | None:
+    """The socket file an ``ipc://`` endpoint binds; None for any other endpoint and for Linux's abstract
+    namespace (``ipc://@name``), which has no file."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    return Path(endpoint[len("ipc://") :])
+
+
 def ipc_in_use(endpoint: str) -> bool:
     """Whether a live process accepts connections on an ``ipc://`` path. libzmq binds over an existing
     socket file without a word (it unlinks it), and the process listening there goes on running, deaf:
     a second daemon given the same --listen took the first one's requests and deploys."""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+    path = ipc_path(endpoint)
+    if path is None:
         return False  # tcp reports EADDRINUSE itself, and so does Linux's abstract namespace
-    path = Path(endpoint[len("ipc://") :])
     try:
         if not stat.S_ISSOCK(path.stat().st_mode):
             return False

@@ -485,10 +485,9 @@ def install_pushed(
 LEFTOVER_AGE_S = 600.0  # a writer's temporary directory this old is no write in progress
 
 
-def hold_plan(plan_dir: str | Path) -> int | None:
-    """Mark a plan directory as in use by this process for as long as the returned descriptor stays open
-    (a shared lock on its plan.json; None where it cannot be taken): a sweep of pushed plans leaves it
-    alone, whichever process or record put it there, and the lock goes with the process."""
+def _locked_plan(plan_dir: str | Path, exclusive: bool) -> int | None:
+    """A descriptor of ``plan_dir``'s plan.json holding a lock on it: shared (waiting for an exclusive
+    one), or exclusive and taken without waiting; None where it cannot be had."""
     try:
         fd = os.open(Path(plan_dir) / PLAN_FILE, os.O_RDONLY)
     except OSError:
@@ -496,11 +495,18 @@ def hold_plan(plan_dir: str | Path) -> int | None:
     try:
         import fcntl
 
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
     except (OSError, ImportError):
         os.close(fd)
         return None
     return fd
+
+
+def hold_plan(plan_dir: str | Path) -> int | None:
+    """Mark a plan directory as in use by this process for as long as the returned descriptor stays open
+    (a shared lock on its plan.json; None where it cannot be taken): a sweep of pushed plans leaves it
+    alone, whichever process or record put it there, and the lock goes with the process."""
+    return _locked_plan(plan_dir, exclusive=False)
 
 
 def release_plan(fd: int | None) -> None:
@@ -513,22 +519,11 @@ def release_plan(fd: int | None) -> None:
 def unused_plan(plan_dir: Path) -> Iterator[bool]:
     """Whether no process holds ``plan_dir`` (``hold_plan``), kept so while the block runs: an exclusive
     lock, taken without waiting, that a process starting on the plan waits for."""
+    fd = _locked_plan(plan_dir, exclusive=True)
     try:
-        fd = os.open(plan_dir / PLAN_FILE, os.O_RDONLY)
-    except OSError:
-        yield False
-        return
-    try:
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        yield True
+        yield fd is not None
     finally:
-        os.close(fd)
+        release_plan(fd)
 
 
 def _writer_tag() -> str:

@@ -218,7 +218,8 @@ def load_inputs(
     return out
 
 
-SINGLE_INPUT_SUFFIXES = (".npy", ".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+SINGLE_INPUT_SUFFIXES = (".npy", *IMAGE_SUFFIXES)
 
 
 def _check_sample_shapes(path: Path, sample: dict[str, np.ndarray], specs: list) -> None:

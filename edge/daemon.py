@@ -28,7 +28,7 @@ import zmq
 
 from splitpoint.core import wire
 from splitpoint.core.codecs import CodecError, decode, encode
-from splitpoint.core.endpoints import ipc_in_use
+from splitpoint.core.endpoints import ipc_in_use, ipc_path
 from splitpoint.core.errors import PlanError, SplitPointError, os_reason
 from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
 from splitpoint.core.plan import (
@@ -335,11 +335,11 @@ class EdgeDaemon:
                 self._refuse(sock, ident, rid, "closed", why, plan_id)
         finally:
             sock.close(linger=1000)  # the last answers (and the `closed` ones) reach their clients
-            if listen.startswith("ipc://") and not listen.startswith("ipc://@"):
+            if (socket_file := ipc_path(listen)) is not None:
                 # libzmq leaves its socket file behind: a stale file in the way of the next start's bind
                 # check, and in /run
                 with contextlib.suppress(OSError):
-                    Path(listen[len("ipc://") :]).unlink()
+                    socket_file.unlink()
             w, self._wake_w = self._wake_w, None
             os.close(wake_r)
             if w is not None:

@@ -115,7 +115,7 @@ class ModelHandle:
         """Fidelity inputs: a folder the user gives, else a trained model's rendered task inputs (with
         their truths), else seeded random tensors. Returns (feeds per sample, truths or None, and what
         they are, said wherever a fidelity figure is shown)."""
-        from splitpoint.core.samples import load_inputs
+        from splitpoint.core.samples import IMAGE_SUFFIXES, load_inputs
 
         if inputs is None and self.task is not None:
             from splitpoint.core.datasets import samples
@@ -133,8 +133,7 @@ class ModelHandle:
             self.given_sample = feeds[0]
         what = f"{len(feeds)} inputs from {inputs}" if inputs is not None else f"{n} random inputs"
         if inputs is not None and any(
-            f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") and f.is_file()
-            for f in Path(inputs).iterdir()
+            f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in Path(inputs).iterdir()
         ):
             what += " (images resized and scaled to 0..1, colour ones ImageNet-normalised)"
         return feeds, None, f"{what} ({self.weights})"
