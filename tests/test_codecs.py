@@ -547,3 +547,14 @@ def test_an_empty_tensor_may_name_outlier_columns_and_sends_no_values_for_them()
         decode(payload([3, 16]))
     with pytest.raises(CodecError, match="17 columns, more than the last axis's 16"):
         decode(payload(list(range(17))))
+
+
+def test_an_empty_shape_is_sized_as_the_zero_bytes_it_needs():
+    """(2^62, 0) needs no bytes: it was refused as above the size cap (too-large), where its dimension, past
+    any array's, makes it a malformed tensor (bad-tensor)."""
+    p = bytearray(encode(np.zeros((3, 0), np.float32), "float32"))
+    struct.pack_into("<Q", p, _HEAD.size, 2**62)
+    with pytest.raises(CodecError, match="an empty tensor with a dimension past any size") as caught:
+        decode(bytes(p))
+    assert not isinstance(caught.value, CodecTooLarge)
+    assert decode(encode(np.zeros((3, 0), np.float32), "float32")).shape == (3, 0)
