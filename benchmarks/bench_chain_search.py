@@ -9,7 +9,6 @@ Run: python benchmarks/bench_chain_search.py
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results
+from common import arguments, write_results
 
 from splitpoint.core.graph import open_model
 from splitpoint.partitioner.chain import ChainCosts, chain_front, solve
@@ -52,7 +51,7 @@ def costs_for(m: int, devices: int, seed: int = 0) -> ChainCosts:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = arguments(__doc__)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
     args = ap.parse_args()
     sizes = {name: len(open_model(name).cuts()) + 2 for name in ("resnet18", "mobilenetv2", "resnet50")}

@@ -14,7 +14,6 @@ Run: python benchmarks/bench_codecs.py [--repeats N] [--baseline REV] [--out DIR
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import verdict, write_results
+from common import arguments, verdict, write_results
 
 from splitpoint.core import codecs
 
@@ -341,7 +340,7 @@ def measure(items: dict, repeats: int, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = arguments(__doc__)
     ap.add_argument("--repeats", type=int, default=31)
     ap.add_argument("--baseline", default=BASELINE_REV, help="git revision whose core/codecs.py is 'before'")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")

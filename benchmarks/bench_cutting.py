@@ -11,7 +11,6 @@ Run: python benchmarks/bench_cutting.py [--models resnet18,...] [--no-synthetic]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, timed, verdict, write_results
+from common import RESULTS, arguments, machine, timed, verdict, write_results
 
 from splitpoint.core import zoo
 from splitpoint.core.graph import ModelHandle
@@ -182,7 +181,7 @@ def markdown(rows: list[dict], facts: dict, options: str = "") -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--models", default=MODELS, help="zoo models at full size, comma-separated")
     ap.add_argument("--no-synthetic", action="store_true", help="skip the synthetic scaling rows")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median) per figure")

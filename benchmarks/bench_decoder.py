@@ -13,7 +13,6 @@ shaped to the network profile (docs/bench.md). Medians over the runs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import targets_table, write_results
+from common import arguments, targets_table, write_results
 
 from splitpoint.app.bench.emulate import EmulatedLink
 from splitpoint.app.broker import free_port
@@ -39,7 +38,7 @@ from splitpoint.profiles.schema import load_network
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arguments(__doc__)
     ap.add_argument("--model", default="gpt2", choices=sorted(DECODERS))
     ap.add_argument("--networks", default="lte,wifi-n")
     ap.add_argument("--edge-cpus", type=float, default=1.0)

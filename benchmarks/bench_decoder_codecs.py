@@ -11,11 +11,10 @@ layers.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import numpy as np
-from common import targets_table, write_results
+from common import arguments, targets_table, write_results
 
 from splitpoint.core.codecs import encode
 from splitpoint.core.quantize import quantize_matmul_weights
@@ -47,7 +46,7 @@ def bytes_per_token(cut: int, prompt: np.ndarray) -> dict[str, dict[str, float]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arguments(__doc__)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)

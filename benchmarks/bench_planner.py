@@ -8,7 +8,6 @@ Run: python benchmarks/bench_planner.py
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import replace
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results
+from common import arguments, write_results
 
 from splitpoint.core.graph import open_model
 from splitpoint.core.samples import load_inputs
@@ -36,7 +35,7 @@ def fmt_bytes(n: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = arguments(__doc__)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
     args = ap.parse_args()
     md = [

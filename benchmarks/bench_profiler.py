@@ -10,7 +10,6 @@ Rewrite the markdown from saved figures: python benchmarks/bench_profiler.py --r
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, verdict, write_results
+from common import RESULTS, arguments, machine, verdict, write_results
 
 from splitpoint.core.graph import open_model
 from splitpoint.core.graph.extract import extract
@@ -379,7 +378,7 @@ def markdown(rows: list[dict], details: dict, settings: dict, machine: dict, rep
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--models", default="resnet50,mobilenetv2")
     ap.add_argument("--every", type=int, default=1, help="directly measure every K-th cut")
     ap.add_argument("--repeats", type=int, default=5)

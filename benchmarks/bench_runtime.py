@@ -9,7 +9,6 @@ Run: python benchmarks/bench_runtime.py [--model resnet18]
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results
+from common import arguments, write_results
 
 from splitpoint.app.bench.run import _inputs_file
 from splitpoint.app.broker import free_port
@@ -70,7 +69,7 @@ def bare_round_trip_ms(size: int, n: int = 300, idle_ms: float = 0.0) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--window", type=int, default=4)

@@ -12,7 +12,6 @@ Run: python benchmarks/bench_soak.py [--clients 64] [--seconds 60] [--processes 
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import statistics
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import psutil
-from common import write_results
+from common import arguments, write_results
 
 from splitpoint.app.broker import free_port
 from splitpoint.app.process import start_server, stop
@@ -76,7 +75,7 @@ def client_process(plan_dir: str, endpoint: str, clients: int, seconds: float, o
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=60.0)

@@ -13,7 +13,6 @@ Run: python benchmarks/bench_trained.py [--samples 64] [--cuts 10]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import write_results
+from common import arguments, write_results
 
 from splitpoint.core.codecs import decode, encode
 from splitpoint.core.graph import open_model
@@ -111,7 +110,7 @@ def _metric(r: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--cuts", type=int, default=10)
     ap.add_argument("--models", default=",".join(MODELS))

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import write_results
+from common import arguments, write_results
 
 from splitpoint.app.bench.edgerun import STAGES
 
@@ -471,7 +471,7 @@ def report(rows: dict, dec: dict, args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=100)
     ap.add_argument("--serve", choices=["raw pyzmq", "pickle/TCP", "torch RPC"])

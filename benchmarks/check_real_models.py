@@ -14,7 +14,6 @@ Run: python benchmarks/check_real_models.py [--only NAME] [--out DIR]
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_results
+from common import arguments, write_results
 
 WHEELS = Path.home() / ".cache" / "splitpoint" / "wheels"
 
@@ -308,7 +307,7 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = arguments(__doc__)
     ap.add_argument("--only", action="append", help="a model's name (repeatable)")
     ap.add_argument("--out", type=Path, default=None, help="folder for real_models.json and .md")
     args = ap.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -10,6 +11,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``, also for options without a help line, so a reader of a
+    result can tell which settings produced it without opening the script."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The script's parser: its docstring's first paragraph as the description, defaults shown."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return argparse.ArgumentParser(description=" ".join(first.split()) or None, formatter_class=_ShowDefaults)
 
 
 def timed(fn, repeat: int = 5, warmup: int = 1) -> tuple[float, list[float], object]:

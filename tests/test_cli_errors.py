@@ -674,3 +674,27 @@ def test_a_flood_of_refused_keys_is_no_flood_of_log_lines(caplog):
     assert len(lines) == REFUSED_LINES and all("is not on --curve-allow" in m for m in lines), lines
     allow._say_refused(b"x" * 40, 1061.0)  # the next minute: what went unsaid is counted
     assert "490 more connection(s) refused in the last minute" in caplog.records[-2].getMessage()
+
+
+def test_every_command_s_help_is_readable_at_80_columns():
+    """A terminal of 80 columns (and any pipe, which rich treats so) shows every option's name, metavar
+    and help whole: no name or default cut to an ellipsis, as a second column of --no-FLAG names did."""
+    from typer.testing import CliRunner
+
+    from splitpoint.app.cli import app
+
+    commands = [[c.name or c.callback.__name__] for c in app.registered_commands if c.callback is not None]
+    commands += [
+        ["edge", c.name or c.callback.__name__]
+        for g in app.registered_groups
+        for c in (g.typer_instance.registered_commands if g.typer_instance else [])
+        if c.callback is not None
+    ]
+    assert len(commands) >= 15
+    runner = CliRunner()
+    for name in commands:
+        result = runner.invoke(app, [*name, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert result.exit_code == 0, (name, result.output)
+        lines = result.output.splitlines()
+        assert max(len(line) for line in lines) <= 80, name
+        assert not [line for line in lines if "…" in line], (name, result.output)

@@ -39,9 +39,12 @@ def split_decoder(
     seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
     max_len: Annotated[int | None, typer.Option(help=_MAX_LEN_HELP)] = None,
     force: Annotated[
-        bool, typer.Option(help="replace an earlier plan in the output directory (never other files)")
+        bool,
+        typer.Option("--force", help="replace an earlier plan in the output directory (never other files)"),
     ] = False,
-    with_full: Annotated[bool, typer.Option(help="ship the whole model too (generate --local)")] = False,
+    with_full: Annotated[
+        bool, typer.Option("--with-full", help="ship the whole model too (generate --local)")
+    ] = False,
 ) -> None:
     """A decoder-only transformer split between layers: head.onnx (embedding, first layers, the edge's KV
     cache), tail.onnx (the other layers and the output head: the server's KV cache), plan.json. Every
@@ -95,7 +98,8 @@ def plan_decoder(
     ] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write the pick's plan here")] = None,
     force: Annotated[
-        bool, typer.Option(help="replace an earlier plan in the output directory (never other files)")
+        bool,
+        typer.Option("--force", help="replace an earlier plan in the output directory (never other files)"),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the candidates as JSON")] = False,
     seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
@@ -142,7 +146,9 @@ def generate(
     prompt_tokens: Annotated[int, typer.Option(help="random prompt of this many tokens")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
     seed: Annotated[int, typer.Option(help="the prompt's seed")] = 0,
-    local: Annotated[bool, typer.Option(help="run the unsplit model here instead (for comparison)")] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="run the unsplit model here instead (for comparison)")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each step's answer")] = 10.0,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = default)")] = 0,
     cpus: Annotated[

@@ -80,9 +80,12 @@ def split(
         list[str] | None, typer.Option(help="codec of each hop, in order (one for all, or one per cut)")
     ] = None,
     force: Annotated[
-        bool, typer.Option(help="replace an earlier plan in the output directory (never other files)")
+        bool,
+        typer.Option("--force", help="replace an earlier plan in the output directory (never other files)"),
     ] = False,
-    with_full: Annotated[bool, typer.Option(help="ship the whole model too (edge fallback)")] = False,
+    with_full: Annotated[
+        bool, typer.Option("--with-full", help="ship the whole model too (edge fallback)")
+    ] = False,
     input_shape: Shapes = None,
     inputs: OneSample = None,
 ) -> None:

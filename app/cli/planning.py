@@ -48,7 +48,7 @@ def plan(
         str | None, typer.Option(help="comma-separated codecs to consider (default: a standard set)")
     ] = None,
     int8_heads: Annotated[
-        bool, typer.Option(help="also consider int8-weight heads (edge profiled with --int8)")
+        bool, typer.Option("--int8-heads", help="also consider int8-weight heads (edge profiled with --int8)")
     ] = False,
     inputs: FidelityInputs = None,
     random: Annotated[
@@ -59,7 +59,7 @@ def plan(
         ),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the front")] = None,
-    force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
     scores: Scores = None,
@@ -80,7 +80,8 @@ def plan(
     with_full: Annotated[
         bool,
         typer.Option(
-            help="ship the whole model too: the edge answers locally while the server is out of reach"
+            "--with-full",
+            help="ship the whole model too: the edge answers locally while the server is out of reach",
         ),
     ] = False,
     front_budget: Annotated[
@@ -195,7 +196,7 @@ def plan_chain(
     objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
     codecs: Annotated[str | None, typer.Option(help="comma-separated codecs to consider per hop")] = None,
     random: Annotated[int | None, typer.Option(help="fidelity samples (default 8; 64 for trained)")] = None,
-    force: Annotated[bool, typer.Option(help="replace a non-empty plan directory")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty plan directory")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON")] = False,
     input_shape: Shapes = None,
     scores: Scores = None,

@@ -36,20 +36,22 @@ def profile(
         float | None, typer.Option("--emulate-slowdown", help="emulate a device this many times slower")
     ] = None,
     int8: Annotated[
-        bool, typer.Option(help="also time the int8 (static QDQ) model, for int8-head plans")
+        bool, typer.Option("--int8", help="also time the int8 (static QDQ) model, for int8-head plans")
     ] = False,
     runtime: Annotated[
         bool,
         typer.Option(
+            "--runtime",
             help="also measure the runtime's own time per request here (a real edge client and server, "
-            "under the same CPU limit): plan-chain adds it to this device's stage"
+            "under the same CPU limit): plan-chain adds it to this device's stage",
         ),
     ] = False,
     fresh_codecs: Annotated[
         bool,
         typer.Option(
+            "--fresh-codecs",
             help="measure codec speeds again: by default a profile reuses those measured on this machine "
-            "under the same CPU limit in the last 24 h (the profile's cost.codecs_source says when)"
+            "under the same CPU limit in the last 24 h (the profile's cost.codecs_source says when)",
         ),
     ] = False,
     input_shape: Shapes = None,

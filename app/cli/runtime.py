@@ -57,7 +57,10 @@ def serve(
         list[Path] | None, typer.Option(help="file(s) with the public keys that may deploy (z85)")
     ] = None,
     insecure: Annotated[
-        bool, typer.Option(help="bind a non-loopback address without CurveZMQ: anyone may deploy and run")
+        bool,
+        typer.Option(
+            "--insecure", help="bind a non-loopback address without CurveZMQ: anyone may deploy and run"
+        ),
     ] = False,
     stage: Annotated[
         int | None, typer.Option(help="the stage of each plan to run (a relay's); default: the last")
@@ -138,7 +141,9 @@ def relay(
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
     mqtt: Mqtt = None,
     device_id: Annotated[str, typer.Option()] = "relay",
-    insecure: Annotated[bool, typer.Option(help="listen on a non-loopback address without CurveZMQ")] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="listen on a non-loopback address without CurveZMQ")
+    ] = False,
     curve_secret: Annotated[
         Path | None, typer.Option(help="file with this relay's CurveZMQ secret key (z85)")
     ] = None,
@@ -247,7 +252,10 @@ def edge_run(
     curve_server_key: CurveServerKey = None,
     curve_secret: DeviceSecret = None,
     insecure: Annotated[
-        bool, typer.Option(help="let --listen be reachable from other machines (they may then deploy)")
+        bool,
+        typer.Option(
+            "--insecure", help="let --listen be reachable from other machines (they may then deploy)"
+        ),
     ] = False,
     quiet: Quiet = False,
 ) -> None:
