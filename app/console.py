@@ -387,7 +387,7 @@ def fidelity_table(title: str, report: Any) -> Table:
             fmt(o.top1_agreement, "{:.3f}")
             if o.exact_agreement is None
             else f"{o.exact_agreement:.3f} equal",
-            f"{o.cosine:.5f}",
+            "—" if o.cosine is None else f"{o.cosine:.5f}",
             f"{o.max_abs_error:.4g}"
             + (
                 f" ({o.shape_mismatches} of {report.samples} samples of another shape)"

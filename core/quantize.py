@@ -130,6 +130,8 @@ QUANTIZED_OPS = frozenset(
         "MatMulInteger",
         "MatMulNBits",
         "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
         "QLinearAdd",
         "QLinearMul",
     )

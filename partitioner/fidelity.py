@@ -28,7 +28,8 @@ ONE_CLASS_MIN_SAMPLES = 8
 class OutputFidelity:
     name: str
     top1_agreement: float | None  # for (N, classes) outputs
-    cosine: float
+    # None for integer outputs: the cosine of a row of ids or of one class index is 1 whatever changed
+    cosine: float | None
     max_abs_error: float  # over the samples whose split output has the float one's shape
     snr_db: float
     # samples whose split output has another shape than the float one (an output that follows the data)
@@ -43,7 +44,9 @@ class OutputFidelity:
         class scores, else cosine similarity."""
         if self.exact_agreement is not None:
             return self.exact_agreement
-        return self.top1_agreement if self.top1_agreement is not None else self.cosine
+        if self.top1_agreement is not None:
+            return self.top1_agreement
+        return self.cosine if self.cosine is not None else 0.0
 
 
 @dataclass
@@ -130,7 +133,9 @@ def compare(
         )
     exact = _discrete(ref)
     if ref.size == 0:  # empty in both, shapes equal: nothing can differ
-        return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB, exact_agreement=1.0 if exact else None)
+        if exact:
+            return OutputFidelity(name, None, None, 0.0, SNR_CAP_DB, exact_agreement=1.0)
+        return OutputFidelity(name, None, 1.0, 0.0, SNR_CAP_DB)
     equal = float(np.mean(ref == got)) if exact else None
     ref = ref.astype(np.float64)
     got = got.astype(np.float64)
@@ -158,7 +163,12 @@ def compare(
     noise = float(((r - g) ** 2).sum())
     signal = float((r**2).sum())
     return OutputFidelity(
-        name, top1, float(cos.mean()), float(np.abs(r - g).max()), _snr(signal, noise), exact_agreement=equal
+        name,
+        top1,
+        None if exact else float(cos.mean()),
+        float(np.abs(r - g).max()),
+        _snr(signal, noise),
+        exact_agreement=equal,
     )
 
 
@@ -220,7 +230,8 @@ def _compare_samples(
         signal += float((r**2).sum())
         if r.shape != g.shape:
             noise += float((r**2).sum() + (g**2).sum())
-            cosines.append(0.0)
+            if not exact:
+                cosines.append(0.0)
             for acc in (top1, equal):
                 if acc is not None:
                     acc.append(0.0)
@@ -228,7 +239,8 @@ def _compare_samples(
             continue
         one = compare(name, ref, got, axis=axis, rows_per_sample=rows_per_sample)
         noise += float(((r - g) ** 2).sum())
-        cosines.append(one.cosine)
+        if one.cosine is not None:
+            cosines.append(one.cosine)
         if top1 is not None:  # empty in both (no detection either way): nothing differs
             top1.append(one.top1_agreement if one.top1_agreement is not None else float(r.size == 0))
         if equal is not None:
@@ -237,7 +249,7 @@ def _compare_samples(
     return OutputFidelity(
         name,
         float(np.mean(top1)) if top1 else None,
-        float(np.mean(cosines)) if cosines else 1.0,
+        None if exact else float(np.mean(cosines)) if cosines else 1.0,
         worst,
         _snr(signal, noise),
         mismatched,

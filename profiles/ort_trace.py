@@ -12,21 +12,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from splitpoint.core.graph.flops import node_macs
+from splitpoint.core.graph.flops import CONV_WEIGHT, MATMUL, node_macs
 from splitpoint.core.graph.index import GraphIndex
 
-HEAVY = {
-    "Conv",
-    "ConvTranspose",
-    "Gemm",
-    "MatMul",
-    "FusedConv",
-    "FusedGemm",
-    "FusedMatMul",
-    "QLinearConv",
-    "MatMulInteger",
-    "ConvInteger",
-}
+HEAVY = frozenset(CONV_WEIGHT) | frozenset(MATMUL)  # what a fused kernel starts from
 SUFFIXES = ("_nchwc", "_token")
 
 

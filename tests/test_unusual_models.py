@@ -70,15 +70,26 @@ def test_outputs_whose_shape_follows_the_data_are_compared_sample_by_sample(tmp_
         reports = measure(h, cut, ["float32", "int4"], samples)
         exact = {o.name: o for o in reports["float32"].outputs}
         assert all(
-            o.cosine == 1.0 and o.max_abs_error == 0 and o.shape_mismatches == 0 for o in exact.values()
+            o.primary == 1.0 and o.max_abs_error == 0 and o.shape_mismatches == 0 for o in exact.values()
         )
+        assert exact["where"].cosine is None and exact["where"].exact_agreement == 1.0  # int64 positions
         lossy = {o.name: o for o in reports["int4"].outputs}
         # the positions and the values there come from one NonZero: their shapes go wrong together, and a
         # sample gone wrong costs its share of the mean cosine
         assert lossy["picked"].shape_mismatches == lossy["where"].shape_mismatches
-        assert lossy["where"].cosine <= 1 - lossy["where"].shape_mismatches / 32 + 1e-9
+        assert lossy["where"].primary <= 1 - lossy["where"].shape_mismatches / 32 + 1e-9
         mismatched += lossy["where"].shape_mismatches
     assert mismatched > 0  # int4 moves some value across the threshold somewhere: the ragged path ran
+
+
+def test_an_integer_output_has_no_cosine_to_read_as_perfect():
+    """A class index per sample (an argmax output) with one of four wrong: its cosine per row is 1 whatever
+    the ids, so the report gives none and its agreement is the share of equal ids."""
+    ref = np.array([3, 1, 4, 1], np.int64)
+    got = np.array([3, 1, 4, 2], np.int64)
+    o = compare("cls", ref, got, 4)
+    assert o.cosine is None and o.exact_agreement == 0.75 and o.primary == 0.75
+    assert compare("cls", ref, ref, 4).primary == 1.0
 
 
 def test_a_sample_of_another_shape_counts_as_wholly_wrong():
@@ -601,8 +612,9 @@ def test_a_value_for_a_model_input_with_a_default_is_refused_by_name_not_dropped
         read_npz(tmp_path / "s.npz", {"x": 2})
 
 
-def _convnet(dtype=np.float32, elem=TensorProto.FLOAT, layers=3) -> onnx.ModelProto:
-    """Conv+Relu layers, then a pooled MatMul: enough work per layer for onnxruntime's profiler to time."""
+def _convnet(dtype=np.float32, elem=TensorProto.FLOAT, layers=3, fc="MatMul") -> onnx.ModelProto:
+    """Conv+Relu layers, then a pooled MatMul (or Gemm with a bias): enough work per layer for
+    onnxruntime's profiler to time."""
     rng = np.random.default_rng(0)
     inits, nodes, prev, cin = [], [], "x", 3
     for i, co in enumerate([16, 32, 32][:layers]):
@@ -617,17 +629,19 @@ def _convnet(dtype=np.float32, elem=TensorProto.FLOAT, layers=3) -> onnx.ModelPr
     nodes += [
         helper.make_node("GlobalAveragePool", [prev], ["g"], name="gap"),
         helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-        helper.make_node("MatMul", ["f", "Wf"], ["y"], name="fc"),
+        helper.make_node(fc, ["f", "Wf"] + (["bf"] if fc == "Gemm" else []), ["y"], name="fc"),
     ]
+    if fc == "Gemm":
+        inits.append(numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(dtype), "bf"))
     m = _tiny(nodes, [_vi("x", ["N", 3, 32, 32], elem)], [_vi("y", ["N", 10], elem)], inits, "convnet")
     return m
 
 
-def _quantized(tmp_path, fmt: str) -> str:
+def _quantized(tmp_path, fmt: str, fc: str = "MatMul") -> str:
     """The float convnet through onnxruntime's static quantiser (QDQ or QOperator format)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    src = _save(_convnet(), tmp_path / "f32.onnx")
+    src = _save(_convnet(fc=fc), tmp_path / "f32.onnx")
     rng = np.random.default_rng(1)
     samples = iter([{"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)} for _ in range(4)])
 
@@ -663,6 +677,21 @@ def test_an_already_quantised_model_counts_its_work_and_weights_and_is_not_quant
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert "already quantised" in r.stderr and "QuantizeLinear" in r.stderr + r.stdout
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_quantised_gemm_counts_its_work_and_weights(tmp_path):
+    """QOperator turns a Gemm into com.microsoft's QGemm: its multiply-adds and int8 weights count as the
+    float Gemm's did (`cuts` showed 100 % of the parameters on the edge while the layer was on the server)."""
+    from splitpoint.core.graph.flops import count_macs, count_params
+
+    path = _quantized(tmp_path, "QOperator", fc="Gemm")
+    h = open_model(path)
+    assert "QGemm" in {n.op_type for n in h.model.graph.node}
+    float_model = open_model(_save(_convnet(fc="Gemm"), tmp_path / "ref.onnx"))
+    assert count_macs(h.index) == pytest.approx(count_macs(float_model.index), rel=1e-3)
+    assert count_params(h.index) == count_params(float_model.index)
+    flat = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["f_quantized"])
+    assert flat.head_params == count_params(h.index) - 32 * 10 - 10  # the fc's weights and bias wait
 
 
 def test_an_lstm_counts_its_gates_over_every_step(tmp_path):

@@ -50,6 +50,8 @@ MATMUL = (
     "FusedGemm",
     "FusedMatMul",
     "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
 )
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # integer initializers that are a quantised model's learned weights (and int32 biases): the input
@@ -62,6 +64,8 @@ QUANT_PARAMS = {
     "DequantizeLinear": (0,),
     "MatMulNBits": (1,),
     "DynamicQuantizeMatMul": (1,),
+    "MatMulIntegerToFloat": (1,),
+    "QGemm": (3, 6),
 }
 FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
 
