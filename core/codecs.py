@@ -608,11 +608,20 @@ def encode(x: np.ndarray, codec: str | Codec) -> bytearray:
         return _encode(x, Codec("float32", c.stage))
 
 
+# a float tensor this small goes exact whatever was asked: a dynamically quantised model's scale, a
+# temperature, a box count as float. Quantised, it saves at most a few bytes on a payload whose header is
+# tens, and its error reaches every element the scale multiplies (float16 put 5e-4 on such a model's
+# output, twice int8's on the tensors it scales)
+SMALL_EXACT_ELEMENTS = 4
+
+
 def applied(x: np.ndarray, codec: Codec) -> Codec:
-    """The codec ``encode`` applies to ``x`` for its type: non-float and empty tensors go exact
-    (``float32``, the same lossless stage) whatever was asked. Two codecs that apply alike to a tensor
-    encode it to the same bytes, so a caller sizing many codecs sizes each applied one once."""
-    return codec if (x.dtype.kind == "f" and x.size) else Codec("float32", codec.stage)
+    """The codec ``encode`` applies to ``x`` for its type: non-float, empty and tiny
+    (``SMALL_EXACT_ELEMENTS``) tensors go exact (``float32``, the same lossless stage) whatever was asked.
+    Two codecs that apply alike to a tensor encode it to the same bytes, so a caller sizing many codecs
+    sizes each applied one once."""
+    lossy = x.dtype.kind == "f" and x.size > SMALL_EXACT_ELEMENTS
+    return codec if lossy else Codec("float32", codec.stage)
 
 
 def applied_to(codec: str, dtypes: list[str]) -> str:

@@ -501,11 +501,24 @@ def test_float16_past_its_range_is_infinite_and_silent():
     the user's plan output (the fidelity measured on it says what it costs)."""
     import warnings
 
-    x = np.array([[1.0, -109_029.8, 70_000.0]], np.float32)
+    x = np.array([[1.0, -109_029.8, 70_000.0, 0.5, 2.0]], np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = decode(encode(x, "float16"))
     assert y[0, 0] == 1.0 and y[0, 1] == -np.inf and y[0, 2] == np.inf
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8", "int4", "int8-ch", "int4-ol", "float16+lz4"])
+def test_a_float_tensor_of_a_few_elements_goes_exact(codec):
+    """A dynamically quantised model's activation scale crosses its cuts as a float32 scalar: rounded to
+    float16 it put 5e-4 on every output it scales. Up to SMALL_EXACT_ELEMENTS the bytes go as they are
+    (the header costs more than quantising would save); past it the codec asked applies."""
+    scale = np.array(0.0123456789, np.float32)
+    few = np.array([0.1, 3.3, -7.77, 1e-3], np.float32)
+    for x in (scale, few):
+        assert decode(encode(x, codec)).tobytes() == x.tobytes()
+    more = np.array([0.1, 3.3, -7.77, 1e-3, 5.5], np.float32)
+    assert decode(encode(more, codec)).tobytes() != more.tobytes()
 
 
 @pytest.mark.parametrize("codec", ["int8-ch", "int4", "int4-ol", "int8-ol"])
