@@ -108,13 +108,39 @@ def _parse_and_check(
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     densified = densify_sparse(model.graph, str(p))
+    modernised = ir3_weights(model)
     refuse_duplicate_node_names(model.graph, str(p))
     reordered = sort_nodes(model.graph, str(p))
     completed = complete_interface(model, input_shapes, str(p))
     if check:
-        changed = external or reordered or completed or densified
+        changed = external or reordered or completed or densified or modernised
         check_model(model, where=str(p), as_read=None if changed else data)
     return model
+
+
+# IR 4 stopped requiring every initializer to be listed as a graph input
+IR_WEIGHTS_NOT_INPUTS = 4
+
+
+def ir3_weights(model: onnx.ModelProto) -> bool:
+    """What an IR 3 file's weights lack for the checker, where onnxruntime runs the file all the same: a
+    weight listed as an input with no type or shape gets the initializer's, and an initializer that is
+    not listed (``onnx.version_converter`` adds such constants and keeps IR 3) makes the model IR 4, the
+    version that allows it. Both were refused as failing the checker, naming no way forward. Whether
+    anything changed."""
+    g = model.graph
+    weights = {t.name: t for t in g.initializer}
+    changed = False
+    for i in g.input:
+        t = weights.get(i.name)
+        tt = i.type.tensor_type
+        if t is not None and (not tt.elem_type or not tt.HasField("shape")):
+            i.type.CopyFrom(onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+            changed = True
+    if model.ir_version < IR_WEIGHTS_NOT_INPUTS and set(weights) - {i.name for i in g.input}:
+        model.ir_version = IR_WEIGHTS_NOT_INPUTS
+        changed = True
+    return changed
 
 
 def free_dim(name: str, k: int, batch_shared: bool = True) -> str:

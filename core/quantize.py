@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from splitpoint.core.errors import SplitPointError
+from splitpoint.core.errors import SplitPointError, first_line
 
 MODES = ("static", "dynamic")
 
@@ -98,24 +98,36 @@ def quantize_head(
     with tempfile.TemporaryDirectory() as d, _quiet_root_logger():
         raw, src, dst = Path(d) / "head.raw.onnx", Path(d) / "head.onnx", Path(d) / "head.int8.onnx"
         onnx.save_model(head, str(raw))
-        # the pre-processing onnxruntime recommends: shape inference and graph optimisation
-        # (BatchNorm folded into Conv) so that quantisation sees the layers that will run
-        quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)
-        if mode == "dynamic":
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-        else:
-            if not samples:
-                raise SplitPointError("static quantisation needs calibration inputs")
-            reader = type("Reader", (_Reader, CalibrationDataReader), {})(samples)
-            quantize_static(
-                str(src),
-                str(dst),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+        if mode == "static" and not samples:
+            raise SplitPointError("static quantisation needs calibration inputs")
+        try:
+            # the pre-processing onnxruntime recommends: shape inference and graph optimisation
+            # (BatchNorm folded into Conv) so that quantisation sees the layers that will run
+            quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)
+            if mode == "dynamic":
+                quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+            else:
+                reader = type("Reader", (_Reader, CalibrationDataReader), {})(samples)
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
+            # onnxruntime's quantiser (and the onnx version converter it calls) on a head it cannot
+            # handle, e.g. an opset 7-9 Upsample there is no adapter for: the user's choice is the mode
+            # or the model's opset, not a traceback
+            opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), None)
+            raise SplitPointError(
+                f"onnxruntime's {mode} int8 quantiser failed on this head (opset {opset}): "
+                f"{type(exc).__name__}: {first_line(exc)[:200]}; try the other "
+                "--quantize-head-weights mode, a cut before the operator it names, or a model exported at "
+                "opset 13 or later"
+            ) from exc
         return onnx.load(str(dst))
 
 

@@ -207,6 +207,11 @@ def load_inputs(
             what = "a readable .npy array" if npy else "a readable image"
             raise SplitPointError(f"{f.name}: not {what} ({exc})") from exc
         arr = arr.astype(dtypes[name], copy=False)
+        if not want and arr.ndim == 0:  # a scalar: one sample per file, no batch to split it by
+            out.append({name: arr})
+            continue
+        if not want and specs[0].type.tensor_type.HasField("shape"):
+            raise SplitPointError(f"{f.name}: shape {arr.shape}; input {name} is a scalar")
         if arr.ndim == len(want) - 1:
             arr = arr[None]
         if list(arr.shape[1:]) != want[1:]:

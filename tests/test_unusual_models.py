@@ -157,6 +157,89 @@ def test_a_rank_0_boolean_input_splits_and_is_sampled_as_an_array(tmp_path):
         write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
 
 
+def test_samples_of_a_single_scalar_input_are_read_from_npy_files(tmp_path):
+    """A model whose one input is a rank-0 value takes `--inputs` of 0-d .npy files, one sample each (the
+    reader took the first dimension as the batch of every file and failed with an IndexError)."""
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.samples import load_inputs
+
+    nodes = [helper.make_node("Exp", ["t"], ["a"]), helper.make_node("Add", ["a", "t"], ["y"])]
+    model = _tiny(nodes, [_vi("t", [])], [_vi("y", [])], name="scalar")
+    (tmp_path / "in").mkdir()
+    for k, v in enumerate((0.7, -1.5)):
+        np.save(tmp_path / "in" / f"s{k}.npy", np.array(v, np.float32))
+    samples = load_inputs(model, tmp_path / "in")
+    assert [s["t"].shape for s in samples] == [(), ()] and float(samples[1]["t"]) == -1.5
+    np.save(tmp_path / "in" / "s2.npy", np.ones(3, np.float32))
+    with pytest.raises(SplitPointError, match=r"s2.npy: shape \(3,\); input t is a scalar"):
+        load_inputs(model, tmp_path / "in")
+    (tmp_path / "in" / "s2.npy").unlink()
+    path = _save(model, tmp_path / "scalar.onnx")
+    r = run_cli("fidelity", path, "--cut", "1", "--codec", "float32", "--inputs", str(tmp_path / "in"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "measured on 2 inputs from" in " ".join(r.stdout.split()), r.stdout
+
+
+def test_a_head_the_quantiser_cannot_convert_is_one_line_naming_the_way_out(tmp_path):
+    """An opset-8 Upsample in the head: onnxruntime's dynamic quantiser calls onnx's version converter,
+    which has no adapter for it and asserted out in a traceback."""
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32), "w"
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Upsample", ["c"], ["u"], scales=[1.0, 1.0, 2.0, 2.0]),
+        helper.make_node("Relu", ["u"], ["r"]),
+        helper.make_node("Sigmoid", ["r"], ["y"]),
+    ]
+    inputs = [_vi("x", [1, 2, 4, 4]), _vi("w", [4, 2, 3, 3])]  # IR 3: the weight listed as an input
+    g = helper.make_graph(nodes, "old", inputs, [_vi("y", [1, 4, 8, 8])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    path = _save(m, tmp_path / "old.onnx")
+    h = open_model(path)
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["r"])
+    args = ("fidelity", path, "--cut", str(cut.index), "--codec", "float32", "--random", "2")
+    r = run_cli(*args, "--quantize-head-weights", "dynamic")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "dynamic int8 quantiser failed on this head (opset 8)" in " ".join(r.stderr.split()), r.stderr
+
+
+def test_ir3_files_whose_weights_the_checker_refuses_still_split_exactly(tmp_path):
+    """Two IR 3 files onnxruntime runs: a weight listed as an input with no shape (older converters),
+    and an initializer not listed (onnx.version_converter adds one and keeps IR 3). Both were refused as
+    failing the checker; both split, and the split equals the whole model."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Add", ["r", "b"], ["y"]),
+    ]
+    no_shape = onnx.ValueInfoProto(name="w")  # listed, typed by nothing
+    for name, inputs in (
+        ("noshape", [_vi("x", [1, 8]), no_shape, _vi("b", [8])]),
+        ("unlisted", [_vi("x", [1, 8])]),
+    ):
+        g = helper.make_graph(nodes, name, inputs, [_vi("y", [1, 8])], [w, b])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+        m.ir_version = 3
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(m, str(path))
+        with pytest.raises(onnx.checker.ValidationError):
+            onnx.checker.check_model(str(path))
+        x = rng.standard_normal((1, 8)).astype(np.float32)
+        full = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+        h = open_model(path)
+        assert [i.name for i in h.model.graph.input] == ["x"]
+        for cut in h.cuts():
+            got = run_split(*extract(h.index, cut), cut, {"x": x})["y"]
+            np.testing.assert_array_equal(got, full)
+
+
 def _ml_model(nodes, inputs, outputs) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "ml", inputs, outputs)
     m = helper.make_model(

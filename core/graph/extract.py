@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from splitpoint.core.errors import ModelError
-from splitpoint.core.onnxio import check_model
+from splitpoint.core.onnxio import IR_WEIGHTS_NOT_INPUTS, check_model
 from splitpoint.core.weights import shareable, with_stubs
 
 from .cuts import Cut, head_positions
@@ -33,9 +33,6 @@ def _with_constants(idx: GraphIndex, positions: set[int]) -> list[int]:
             need.add(p)
             stack.extend(idx.node_ins[p])
     return sorted(need)
-
-
-IR_WEIGHTS_NOT_INPUTS = 4
 
 
 def _submodel(
