@@ -559,8 +559,13 @@ def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:
     """One answer as ``.npz``: an array per model output and ``fallback`` (whether the device answered
     alone), written beside the target and renamed over it, so a stopped run leaves no half-written file.
     Written entry by entry: ``np.savez`` takes names as keyword arguments, and a model output named
-    ``file`` or ``fallback`` clashed with its own (a traceback that wrote nothing)."""
-    flag = "fallback" if "fallback" not in outputs else "splitpoint_fallback"
+    ``file`` or ``fallback`` clashed with its own (a traceback that wrote nothing). The flag takes the
+    first of ``fallback``, ``splitpoint_fallback``, ``splitpoint_fallback_2``, ... that no output has (an
+    output named ``splitpoint_fallback`` was overwritten by it)."""
+    flag, k = "fallback", 1
+    while flag in outputs:
+        k += 1
+        flag = "splitpoint_fallback" if k == 2 else f"splitpoint_fallback_{k}"
     entries = {**outputs, flag: np.array(fallback)}
 
     def write(fh: BinaryIO) -> None:

@@ -585,6 +585,12 @@ def test_an_answer_is_written_whole_whatever_its_outputs_are_called(tmp_path):
         assert sorted(z.files) == ["fallback", "file", "splitpoint_fallback"]
         assert z["file"].tolist() == [0, 1, 2] and bool(z["splitpoint_fallback"])
     assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+    # outputs named as the flag's first two choices: both kept, the flag under the next free name
+    taken = {"fallback": np.zeros(1), "splitpoint_fallback": np.array([1.5, 2.7])}
+    write_answer(path, taken, False)
+    with np.load(path) as z:
+        assert sorted(z.files) == ["fallback", "splitpoint_fallback", "splitpoint_fallback_3"]
+        assert z["splitpoint_fallback"].tolist() == [1.5, 2.7] and not bool(z["splitpoint_fallback_3"])
 
 
 def test_key_files_of_the_wrong_kind_or_open_to_others_are_refused(tmp_path):

@@ -107,8 +107,8 @@ def extract(
     )
     if check:
         # the weights are the model's own, checked when it was loaded: the parts' structure is what is new
-        check_model(h, where="extracted head", full=True, weights=False)
-        check_model(t, where="extracted tail", full=True, weights=False)
+        check_model(h, where="extracted head", full=idx.strict_checks, weights=False)
+        check_model(t, where="extracted tail", full=idx.strict_checks, weights=False)
     return h, t
 
 
@@ -172,7 +172,7 @@ def extract_segments(
                 shared_weights,
             )
             if check:
-                check_model(model, where=f"extracted stage {i}", full=True, weights=False)
+                check_model(model, where=f"extracted stage {i}", full=idx.strict_checks, weights=False)
         segments.append(Segment(model, [] if i == 0 else crossing[i], sends, outs))
     return segments
 

@@ -218,6 +218,19 @@ class GraphIndex:
         return all(isinstance(d, int) or d in self.input_symbols for d in t.dims)
 
     @cached_property
+    def strict_checks(self) -> bool:
+        """Whether the whole model passes the checker with strict shape inference, which every part cut
+        from it is put through: one that does not (an opset-8 Constant of int64, which onnxruntime runs)
+        has its parts checked as it was, or every cut listed failed when written."""
+        from splitpoint.core.onnxio import check_model
+
+        try:
+            check_model(self.model, full=True, weights=False)
+        except ModelError:
+            return False
+        return True
+
+    @cached_property
     def _value_shaped(self) -> set[str]:
         """Tensors whose shape may follow the input's values, not only its shape (NonZero's count, what
         NonMaxSuppression keeps, a Reshape to a shape computed from data, and everything after them): two
