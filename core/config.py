@@ -98,4 +98,4 @@ def explain(exc: ValidationError, where: str, options: dict[str, str] | None = N
 
 def explain_fields(exc: ValidationError) -> str:
     """Fields of a document (plan.json, a profile): ``field 'files.x': ...``."""
-    return "; ".join(f"field '{f}': {m}" for f, m in _issues(exc))
+    return "; ".join(m if f == "(root)" else f"field '{f}': {m}" for f, m in _issues(exc))

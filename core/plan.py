@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .codecs import DTYPES
 from .config import explain_fields
 from .errors import OutputExistsError, PlanError
-from .files import current_umask
+from .files import current_umask, read_at_most
 from .onnxio import sha256_file
 from .textfiles import DuplicateKeyError, load_json
 
@@ -332,7 +332,7 @@ class Plan(_Strict):
                     f"{Path(plan_dir) / inside[0]} ({len(inside)} in all)"
                 )
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
-        plan = cls.parse(p.read_bytes(), where=str(p))
+        plan = cls.parse(read_plan_file(p, "plan"), where=str(p))
         if verify:
             plan.verify(plan_dir, role)
         return plan
@@ -351,6 +351,14 @@ class Plan(_Strict):
                     f"plan {self.plan_id[:12]}: checksum mismatch for {name} "
                     f"(expected {digest[:12]}…, found {actual[:12]}…)"
                 )
+
+
+def read_plan_file(path: Path, what: str) -> bytes:
+    """A plan file's bytes, refused past MAX_PLAN_BYTES before more than that is read."""
+    data, size = read_at_most(path, MAX_PLAN_BYTES)
+    if size > MAX_PLAN_BYTES:
+        raise PlanError(f"{path}: {size} bytes is larger than any {what} ({MAX_PLAN_BYTES} at most)")
+    return data
 
 
 def json_object(data: bytes | str, where: str, what: str) -> dict:

@@ -15,16 +15,41 @@ import math
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import explain_fields
 from .errors import PlanError
-from .plan import _FILE_NAME, _SHA256, Plan, _Strict, json_object
+from .plan import _FILE_NAME, _SHA256, Plan, _Strict, json_object, read_plan_file
 
 PLANSET_FILE: Final = "planset.json"
 PLANSET_FORMAT: Final = 1
 MAX_MEMBERS: Final = 6
 POLICIES = ("adaptive", "bits-only")
+
+
+_MS = Field(ge=0, le=86_400_000)  # a day: past it a time is damage, not a measurement
+
+
+class MemberFacts(_Strict):
+    """What the planner judged a member by (its ``CandidateInput``), checked as a pushed file is: the edge
+    re-judges the members with these at run time, and a set whose facts were ``{"head_ms": "fast"}``
+    was acknowledged, then its client died with a TypeError."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    kind: Literal["split", "edge-only", "server-only"]
+    cut: int | None = Field(ge=0)
+    codec: str = Field(min_length=1, max_length=64)
+    head_weights: str = Field(min_length=1, max_length=32)
+    head_ms: float = _MS
+    tail_ms: float = _MS
+    encode_ms: float = _MS
+    decode_ms: float = _MS
+    up_bytes: int = Field(ge=0, le=2**50)
+    down_bytes: int = Field(ge=0, le=2**50)
+    edge_memory_bytes: int = Field(ge=0, le=2**50)
+    fidelity: float | None = Field(ge=-1, le=1)  # a cosine may be below 0
+    edge_runtime_ms: float = Field(0.0, ge=0, le=86_400_000)
+    server_runtime_ms: float = Field(0.0, ge=0, le=86_400_000)
 
 
 class SetMember(_Strict):
@@ -43,6 +68,12 @@ class SetMember(_Strict):
     def _dir(cls, v: str) -> str:
         if not _FILE_NAME.match(v):
             raise ValueError(f"member directory {v[:80]!r} is not a plain name")
+        return v
+
+    @field_validator("facts")
+    @classmethod
+    def _facts(cls, v: dict) -> dict:
+        MemberFacts(**v)  # the dict is kept as written: the set's id covers it
         return v
 
     @field_validator("plan_id")
@@ -114,7 +145,7 @@ class PlanSet(_Strict):
         p = Path(set_dir) / PLANSET_FILE
         if not p.is_file():
             raise PlanError(f"no {PLANSET_FILE} in {set_dir}")
-        s = cls.parse(p.read_bytes(), where=str(p))
+        s = cls.parse(read_plan_file(p, "plan set"), where=str(p))
         plans = []
         for m in s.members:
             plan = Plan.load(Path(set_dir) / m.dir, role=role)

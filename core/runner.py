@@ -8,6 +8,7 @@ the server, relays, the fidelity runs and the tests all compose a split model th
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -397,11 +398,17 @@ def stage_reads(plan: Plan, i: int) -> set[str]:
 def check_models_load(plan_dir: Path, plan: Plan) -> None:
     """Build a session for every model a plan carries (then drop it): what onnxruntime refuses, a
     deploy refuses, before anything is served from it. Each stage's model must also fit its place in the
-    plan (read only what the stage receives and the model's inputs, return what it sends on and the
-    outputs it produces): a deploy with the head's model in the tail's place loaded, was acknowledged,
+    plan (``check_fits``): a deploy with the head's model in the tail's place loaded, was acknowledged,
     and then failed every request with `internal`."""
-    by_file = {st.file: (i, st) for i, st in enumerate(plan.stages) if st.file}
-    for i in range(1, len(plan.stages)):  # what a stage takes is what the one before sends
+    check_stage_chain(plan)
+    for name in plan.files:
+        if name.endswith(".onnx") and (Path(plan_dir) / name).is_file():
+            check_fits(plan, name, make_session(Path(plan_dir) / name, threads=1))
+
+
+def check_stage_chain(plan: Plan) -> None:
+    """What each stage takes is what the one before it sends, in name, dtype and shape."""
+    for i in range(1, len(plan.stages)):
         got = {t.name: (t.dtype, t.shape) for t in plan.stages[i].receives}
         sent = {t.name: (t.dtype, t.shape) for t in plan.stages[i - 1].sends}
         if got != sent:
@@ -410,47 +417,97 @@ def check_models_load(plan_dir: Path, plan: Plan) -> None:
                 f"stage {i} receives {', '.join(f'{n} {got.get(n, (None, None))}' for n in wrong[:4])}, but "
                 f"stage {i - 1} sends {', '.join(f'{n} {sent.get(n, (None, None))}' for n in wrong[:4])}"
             )
-    for name in plan.files:
-        if not (name.endswith(".onnx") and (Path(plan_dir) / name).is_file()):
-            continue
-        sess = make_session(Path(plan_dir) / name, threads=1)
-        if plan.decoder is not None:
-            continue  # a decoder segment also reads and returns its KV cache, named by the plan's layers
-        reads = {i.name for i in sess.get_inputs()}
-        gives = {o.name for o in sess.get_outputs()}
-        # the plan's word on each tensor the model may read, and may return
-        specs = {t.name: t for t in plan.inputs}
-        outs = {t.name: t for t in plan.outputs}
-        if name in by_file:
-            i, st = by_file[name]
-            specs |= {t.name: t for t in st.receives}
-            outs |= {t.name: t for t in st.sends}
-            may_read = stage_reads(plan, i)
-            # what a stage passes on as it came (a raw model input the tail reads, a tensor an earlier
-            # stage sent for a later one) is forwarded, not computed: its model need not return it
-            must_give = {t.name for t in st.sends if t.name not in may_read} | set(st.produces)
-            where = f"stage {i}'s model {name}"
-        elif name == FULL_FILE:
-            may_read, must_give, where = set(specs), set(outs), f"the whole model {name}"
-        else:
-            continue
-        for io, table in ((sess.get_inputs(), specs), (sess.get_outputs(), outs)):
-            for arg in io:
-                said = _disagrees(arg, table.get(arg.name))
-                if said:
-                    raise PlanError(f"{name} does not fit the plan: {said}")
-        extra, lacking = sorted(reads - may_read), sorted(must_give - gives)
-        if extra or lacking:
-            raise PlanError(
-                f"{where} does not fit the plan: "
-                + "; ".join(
-                    x
-                    for x in (
-                        f"it reads {extra[:8]}, which the plan does not give it" if extra else "",
-                        f"it lacks the outputs {lacking[:8]} the plan expects of it" if lacking else "",
-                    )
-                    if x
+
+
+def check_fits(plan: Plan, name: str, sess: ort.InferenceSession) -> None:
+    """The model ``name`` of the plan, as a session, against its place in the plan: it reads only what
+    its stage receives and the model's inputs, returns what its stage sends on and the outputs it
+    produces, each in the dtype and shape the plan says. Run where a deploy is checked, and where a
+    server or an edge starts from a plan directory (a tail with another dtype was served without a word,
+    a head swapped for the tail started and failed every request)."""
+    if plan.decoder is not None:  # a decoder segment reads and returns its KV cache, by layer
+        _decoder_fits(plan, name, sess)
+        return
+    by_file = {st.file: (i, st) for i, st in enumerate(plan.stages) if st.file}
+    reads = {i.name for i in sess.get_inputs()}
+    gives = {o.name for o in sess.get_outputs()}
+    # the plan's word on each tensor the model may read, and may return
+    specs = {t.name: t for t in plan.inputs}
+    outs = {t.name: t for t in plan.outputs}
+    if name in by_file:
+        i, st = by_file[name]
+        specs |= {t.name: t for t in st.receives}
+        outs |= {t.name: t for t in st.sends}
+        may_read = stage_reads(plan, i)
+        # what a stage passes on as it came (a raw model input the tail reads, a tensor an earlier
+        # stage sent for a later one) is forwarded, not computed: its model need not return it
+        must_give = {t.name for t in st.sends if t.name not in may_read} | set(st.produces)
+        where = f"stage {i}'s model {name}"
+    elif name == FULL_FILE:
+        may_read, must_give, where = set(specs), set(outs), f"the whole model {name}"
+    else:
+        return
+    for io, table in ((sess.get_inputs(), specs), (sess.get_outputs(), outs)):
+        for arg in io:
+            said = _disagrees(arg, table.get(arg.name))
+            if said:
+                raise PlanError(f"{name} does not fit the plan: {said}")
+    extra, lacking = sorted(reads - may_read), sorted(must_give - gives)
+    if extra or lacking:
+        raise PlanError(
+            f"{where} does not fit the plan: "
+            + "; ".join(
+                x
+                for x in (
+                    f"it reads {extra[:8]}, which the plan does not give it" if extra else "",
+                    f"it lacks the outputs {lacking[:8]} the plan expects of it" if lacking else "",
                 )
+                if x
+            )
+        )
+
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def _decoder_fits(plan: Plan, name: str, sess: ort.InferenceSession) -> None:
+    """A decoder segment against the plan's ``decoder`` block: the layers whose cache it keeps, their
+    heads and head size, and its output's width (the hidden state from the head, the vocabulary from the
+    tail). A plan saying 8 heads or 6 layers was deployed and ignored; one whose head.onnx was the tail's
+    failed in onnxruntime at the first prompt."""
+    d = plan.decoder
+    assert d is not None
+    side = {HEAD_FILE: range(0, d.edge_layers), TAIL_FILE: range(d.edge_layers, d.layers)}.get(name)
+    if name == FULL_FILE:
+        side = range(0, d.layers)
+    if side is None:
+        return
+    past = {}
+    for i in sess.get_inputs():
+        m = _PAST.match(i.name)
+        if m:
+            past[(int(m.group(1)), m.group(2))] = i.shape
+    layers = sorted({k for k, _ in past})
+    if layers != list(side):
+        have = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
+        raise PlanError(
+            f"{name} does not fit the plan: it keeps the KV cache of {have}, where plan.json gives it "
+            f"layers {side.start}..{side.stop - 1} (of {d.layers})"
+        )
+    for (k, kind), shape in sorted(past.items()):
+        for pos, want, what in ((1, d.heads, "heads"), (3, d.head_dim, "head_dim")):
+            if len(shape) == 4 and isinstance(shape[pos], int) and shape[pos] != want:
+                raise PlanError(
+                    f"{name} does not fit the plan: past_key_values.{k}.{kind} has {shape[pos]} {what}, "
+                    f"plan.json says {want}"
+                )
+    want, what = (d.hidden, "hidden") if name == HEAD_FILE else (d.vocab, "vocab")
+    for o in sess.get_outputs():
+        width = o.shape[-1] if o.shape and not o.name.startswith("present.") else None
+        if isinstance(width, int) and width != want:
+            raise PlanError(
+                f"{name} does not fit the plan: its output {o.name} is {width} wide, "
+                f"plan.json's {what} is {want}"
             )
 
 

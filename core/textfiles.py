@@ -46,8 +46,12 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (raises ``yaml.YAMLError``)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` that refuses a key given twice in one mapping and nesting deeper than Python's
+    recursion limit (raises ``yaml.YAMLError``: a file of 10,000 ``[`` was a RecursionError traceback)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to be a hand-written file") from None
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict:
@@ -63,8 +67,20 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value (RFC 8259 has no NaN or infinity)")
 
 
+def _finite(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:40]} is past the largest number a float holds")
+    return v
+
+
 def load_json(text: str | bytes) -> Any:
-    """``json.loads`` that refuses a key given twice in one object (raises ``DuplicateKeyError``) and the
-    ``NaN``/``Infinity`` tokens Python's json accepts (``ValueError``): no writer of ours emits them
-    (pydantic writes null), and a pushed plan carrying one had it checked into its id and kept."""
-    return json.loads(text, object_pairs_hook=_pairs, parse_constant=_not_json)
+    """``json.loads`` that refuses a key given twice in one object (raises ``DuplicateKeyError``), the
+    ``NaN``/``Infinity`` tokens Python's json accepts and a number past float range (``1e999``, which it
+    reads as infinity), and nesting deeper than Python's recursion limit (``ValueError``): no writer of
+    ours emits them, a pushed plan carrying one had it checked into its id and kept, and an infinite
+    median in a profile planned without a word."""
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a file of ours") from None

@@ -49,6 +49,8 @@ from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan, hold_plan, release_plan
 from splitpoint.core.runner import (
     HeadRunner,
+    check_fits,
+    check_stage_chain,
     input_shapes,
     make_session,
     mismatch,
@@ -140,6 +142,9 @@ class EdgeClient:
         refuse_decoder(self.plan)
         d = Path(config.plan_dir)
         head = make_session(d / HEAD_FILE, config.threads) if HEAD_FILE in self.plan.files else None
+        check_stage_chain(self.plan)
+        if head is not None:  # as a deploy checks it: a head swapped for another model failed every request
+            check_fits(self.plan, HEAD_FILE, head)
         self._head = HeadRunner(self.plan, head)
         self._order = [o.name for o in self.plan.outputs]  # the model's outputs, in its order
         self._out_expect = output_expects(self.plan)
@@ -156,6 +161,7 @@ class EdgeClient:
             path = d / (FULL_FILE if (d / FULL_FILE).is_file() else HEAD_FILE)
             if psutil.virtual_memory().available > 3 * path.stat().st_size:
                 self._full = make_session(path, config.threads)
+                check_fits(self.plan, path.name, self._full)
             else:
                 log.warning("not enough free memory to keep the fallback model loaded")
         self._ids = itertools.count(1)

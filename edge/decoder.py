@@ -30,6 +30,7 @@ from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.kvcache import CachedSegment
 from splitpoint.core.plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan
+from splitpoint.core.runner import check_fits
 
 
 class GenerationError(SplitPointError):
@@ -93,14 +94,10 @@ def generate_local(
     plan = load_decoder_plan(plan_dir, role=None)
     ids = _check_prompt(plan, prompt, max_new_tokens)
     full = plan_dir / FULL_FILE
-    parts = (
-        [CachedSegment(full, threads)]
-        if full.is_file()
-        else [
-            CachedSegment(plan_dir / HEAD_FILE, threads),
-            CachedSegment(plan_dir / TAIL_FILE, threads),
-        ]
-    )
+    names = [FULL_FILE] if full.is_file() else [HEAD_FILE, TAIL_FILE]
+    parts = [CachedSegment(plan_dir / n, threads) for n in names]
+    for n, part in zip(names, parts, strict=True):
+        check_fits(plan, n, part.sess)
     tokens, steps = [], []
     x = ids
     for _ in range(max_new_tokens):
@@ -132,6 +129,7 @@ class DecoderClient:
         without it a fresh pair, which only a server that allows any key accepts."""
         self.plan = load_decoder_plan(plan_dir)
         self.head = CachedSegment(Path(plan_dir) / HEAD_FILE, threads)
+        check_fits(self.plan, HEAD_FILE, self.head.sess)
         self.codec = self.plan.codec
         self.cut = self.plan.cut_tensors[0].name
         self.timeout_s = timeout_s

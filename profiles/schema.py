@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from splitpoint.core.config import Document, explain_fields
 from splitpoint.core.errors import ProfileError
-from splitpoint.core.files import atomic_write_text
+from splitpoint.core.files import atomic_write_text, read_at_most
 from splitpoint.core.textfiles import DuplicateKeyError, load_json, load_yaml
 
 PROFILE_FORMAT: Final = 1
@@ -60,13 +60,19 @@ class DeviceSpec(_Strict):
     notes: str = ""
 
 
+# the longest time a profile may hold (a day) and the most memory (a pebibyte): past them a number is
+# damage, not a measurement (a median of 1e300 ms planned without a word)
+MAX_MS = 86_400_000.0
+MAX_BYTES = 2**50
+
+
 class Stat(_Strict):
     """Latency statistics of repeated runs, milliseconds."""
 
-    median_ms: float = Field(ge=0)
-    p90_ms: float = Field(ge=0)
-    min_ms: float = Field(ge=0)
-    max_ms: float = Field(ge=0)
+    median_ms: float = Field(ge=0, le=MAX_MS)
+    p90_ms: float = Field(ge=0, le=MAX_MS)
+    min_ms: float = Field(ge=0, le=MAX_MS)
+    max_ms: float = Field(ge=0, le=MAX_MS)
     runs: int = Field(ge=1)
 
     @model_validator(mode="after")
@@ -79,7 +85,7 @@ class Stat(_Strict):
 class NodeTime(_Strict):
     name: str
     op_type: str
-    median_ms: float = Field(ge=0)
+    median_ms: float = Field(ge=0, le=MAX_MS)
 
 
 class CutTiming(_Strict):
@@ -87,21 +93,21 @@ class CutTiming(_Strict):
     ("measured") or interpolated between measured cuts along the per-node profile ("derived")."""
 
     index: int = Field(ge=1)
-    head_ms: float = Field(ge=0)
-    tail_ms: float = Field(ge=0)
-    head_p90_ms: float | None = None
-    tail_p90_ms: float | None = None
+    head_ms: float = Field(ge=0, le=MAX_MS)
+    tail_ms: float = Field(ge=0, le=MAX_MS)
+    head_p90_ms: float | None = Field(None, ge=0, le=MAX_MS)
+    tail_p90_ms: float | None = Field(None, ge=0, le=MAX_MS)
     source: Literal["measured", "derived"]
-    head_memory_bytes: int = Field(ge=0)
+    head_memory_bytes: int = Field(ge=0, le=MAX_BYTES)
     memory_source: str
 
 
 class CodecSpeed(_Strict):
     """Measured codec throughput on this machine, MB/s of float32 input (10^6 bytes/s)."""
 
-    encode_mb_s: float = Field(gt=0)
-    decode_mb_s: float = Field(gt=0)
-    ratio: float = Field(gt=0)
+    encode_mb_s: float = Field(gt=0, le=1e7)
+    decode_mb_s: float = Field(gt=0, le=1e7)
+    ratio: float = Field(gt=0, le=1e9)
 
 
 class Emulation(_Strict):
@@ -131,7 +137,7 @@ class MeasuredProfile(_Strict):
     whole: Stat
     int8_whole: Stat | None = None
     nodes: list[NodeTime]
-    unattributed_ms: float = Field(ge=0)
+    unattributed_ms: float = Field(ge=0, le=MAX_MS)
     cuts: list[CutTiming]
     codecs: dict[str, CodecSpeed] = Field(default_factory=dict)
     # the runtime's own time per request on this device, by role ("edge": the client that sends,
@@ -198,11 +204,20 @@ def _explain(exc: ValidationError, where: str) -> ProfileError:
     return ProfileError(f"{where}: {explain_fields(exc)}")
 
 
+MAX_PROFILE_BYTES = 256 * 2**20  # a profile of 100,000 nodes is tens of MB
+
+
 def _read(path: Path, parse) -> dict:
     if not path.is_file():
-        raise ProfileError(f"profile file not found: {path}")
+        what = "is a directory, not a profile file" if path.is_dir() else "not found"
+        raise ProfileError(f"profile file {what}: {path}")
     try:
-        data = parse(path.read_text())
+        raw, size = read_at_most(path, MAX_PROFILE_BYTES)
+        if size > MAX_PROFILE_BYTES:
+            raise ProfileError(
+                f"{path}: {size} bytes is larger than any profile ({MAX_PROFILE_BYTES} at most)"
+            )
+        data = parse(raw.decode("utf-8-sig"))  # a BOM, as Windows editors write, is no content
     # ValueError: also JSON's missing NaN and Infinity, which Python's json would read
     except (yaml.YAMLError, ValueError, UnicodeDecodeError, DuplicateKeyError) as exc:
         raise ProfileError(

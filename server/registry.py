@@ -19,7 +19,7 @@ from splitpoint.core.errors import PlanError
 from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers, verify_pushed
 from splitpoint.core.planset import PlanSet, is_plan_set
-from splitpoint.core.runner import StageRunner, check_models_load, make_session, stage_reads
+from splitpoint.core.runner import StageRunner, check_fits, check_models_load, check_stage_chain, make_session
 
 log = logging.getLogger("splitpoint.server")
 # the most plans one server holds: a pong lists every id (67 bytes each), and past about 970 of them its
@@ -97,15 +97,9 @@ class PlanRegistry:
             )
         file = plan.stages[i].file
         session = make_session(path / file, self.threads, self.provider) if file else None
-        if (
-            session is not None and plan.decoder is None and i > 0
-        ):  # as a deploy checks it (check_models_load)
-            extra = sorted({a.name for a in session.get_inputs()} - stage_reads(plan, i))
-            if extra:
-                raise PlanError(
-                    f"stage {i}'s model {file} reads {extra[:8]}, which the plan does not give it "
-                    f"(stage {i - 1} sends {[t.name for t in plan.stages[i - 1].sends][:8]})"
-                )
+        check_stage_chain(plan)
+        if session is not None and file:  # as a deploy checks it (check_models_load)
+            check_fits(plan, file, session)
         segment = None
         if session is not None and plan.decoder is not None:
             segment = DecoderSegment(session)

@@ -159,6 +159,33 @@ def test_a_set_whose_member_was_swapped_is_refused(plan_set, tmp_path):
         PlanSet.load(bad)
 
 
+@pytest.mark.parametrize(
+    "facts, words",
+    [
+        (
+            {"head_ms": "fast", "kind": 7},
+            r"facts.kind': Input should be 'split', 'edge-only' or 'server-only'",
+        ),
+        ({"up_bytes": -5}, r"facts.up_bytes': Input should be greater than or equal to 0"),
+        ({"tail_ms": 1e12}, r"facts.tail_ms': Input should be less than or equal to 86400000"),
+        ({"hedge": True}, r"facts.hedge': Extra inputs are not permitted"),
+    ],
+)
+def test_a_set_whose_members_facts_are_not_measurements_is_refused(plan_set, tmp_path, facts, words):
+    """The facts the edge re-judges the members by at run time were taken as written: a set with
+    ``{"head_ms": "fast"}`` was acknowledged by deploy and its client died with a TypeError."""
+    import shutil
+
+    out, _, _ = plan_set
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    raw = json.loads((bad / PLANSET_FILE).read_text())
+    raw["members"][0]["facts"].update(facts)
+    (bad / PLANSET_FILE).write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match=words):
+        PlanSet.load(bad)
+
+
 def test_a_server_started_on_a_tampered_set_refuses_it_as_deploy_does(pair, tmp_path):
     """`serve --plans SET` scanned the set's directory as any other: it served a member of another
     model, or one under a name the set does not give, that `deploy SET` refused."""

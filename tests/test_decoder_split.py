@@ -645,3 +645,64 @@ def test_linear_layers_exported_as_gemm_get_4_bit_weights_too():
     )
     with pytest.raises(SplitPointError, match="no MatMul or Gemm weight to quantise"):
         quantize_matmul_weights(relu)
+
+
+def _edited(src, dst, decoder=None, head_from=None):
+    """A copy of a decoder plan with its decoder block edited (or head.onnx replaced), its checksums and
+    plan id made honest for the edit: only the fit check can tell."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(src, dst)
+    plan = json.loads((dst / "plan.json").read_text())
+    plan["decoder"].update(decoder or {})
+    if head_from:
+        data = (dst / head_from).read_bytes()
+        (dst / "head.onnx").write_bytes(data)
+        plan["files"]["head.onnx"] = hashlib.sha256(data).hexdigest()
+    plan.pop("plan_id")
+    plan["plan_id"] = hashlib.sha256(
+        json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    (dst / "plan.json").write_text(json.dumps(plan))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"decoder": {"heads": 8}}, r"past_key_values.0.key has 4 heads, plan.json says 8"),
+        ({"decoder": {"head_dim": 16}}, r"has 32 head_dim, plan.json says 16"),
+        (
+            {"decoder": {"layers": 6}},
+            r"(tail|full).onnx does not fit the plan: it keeps the KV cache of layers (2|0)..3, "
+            r"where plan.json gives it layers (2|0)..5 \(of 6\)",
+        ),
+        ({"decoder": {"vocab": 2}}, r"its output logits is 8192 wide, plan.json's vocab is 2"),
+        ({"decoder": {"hidden": 64}}, r"hidden_states.1 is 128 wide, plan.json's hidden is 64"),
+        (
+            {"head_from": "tail.onnx"},
+            r"head.onnx does not fit the plan: it keeps the KV cache of layers 2..3",
+        ),
+    ],
+)
+def test_a_decoder_block_its_models_contradict_is_refused(plans, tmp_path, edit, words):
+    """plan.json's decoder block said 8 heads or 6 layers and was deployed and ignored; a head.onnx that
+    was the tail's failed inside onnxruntime at the first prompt. A deploy checks it, and so do the
+    edge's generate and a local run."""
+    from splitpoint.core.errors import PlanError
+    from splitpoint.core.runner import check_models_load
+
+    d = _edited(plans / "float32", tmp_path / "p", **edit)
+    plan = Plan.load(d)
+    with pytest.raises(PlanError, match=words):
+        check_models_load(d, plan)
+    if "head_from" in edit or "hidden" in edit.get("decoder", {}):
+        with pytest.raises(PlanError, match=words):
+            DecoderClient(d, "tcp://127.0.0.1:1")
+    (d / "full.onnx").unlink()
+    plan = json.loads((d / "plan.json").read_text())
+    del plan["files"]["full.onnx"]
+    (d / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match="does not fit the plan"):  # head and tail here, one after the other
+        generate_local(_edited(d, tmp_path / "q"), np.zeros((1, 4), np.int64), 2)

@@ -539,6 +539,45 @@ def test_stage_models_that_forward_a_raw_input_fit_their_plan(tmp_path):
         check_models_load(tmp_path / "two", two)
 
 
+def _resigned(plan_dir: Path, **swap: str) -> None:
+    """Put one of the plan's files in another's place (``tail="full.onnx"``), with checksums and plan id
+    made honest for it: only the fit check can tell."""
+    import hashlib
+
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    for role, source in swap.items():
+        data = (plan_dir / source).read_bytes()
+        (plan_dir / f"{role}.onnx").write_bytes(data)
+        plan["files"][f"{role}.onnx"] = hashlib.sha256(data).hexdigest()
+    plan.pop("plan_id")
+    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+    (plan_dir / "plan.json").write_text(json.dumps(plan))
+
+
+def test_a_plan_directory_whose_models_do_not_fit_is_refused_where_a_server_or_an_edge_starts(tmp_path):
+    """A deploy checks each model against its place in the plan; `serve --plans` and `edge run` started
+    from such a directory did not: the server served a tail whose inputs the plan does not give, and
+    the edge started on a head that was the tail and failed every request with a KeyError."""
+    from splitpoint.core import zoo
+    from splitpoint.core.errors import PlanError
+    from splitpoint.server.registry import PlanRegistry
+
+    path = tmp_path / "multitask.onnx"
+    onnx.save(zoo.build("multitask", width=0.25, resolution=32), str(path))
+    h = open_model(path)
+    cut = h.cuts()[len(h.cuts()) // 2]
+    for name in ("tail", "head", "good"):
+        write_plan(h, tmp_path / "plans" / name, cut=cut, include_full=True)
+    _resigned(tmp_path / "plans" / "tail", tail="full.onnx")
+    _resigned(tmp_path / "plans" / "head", head="tail.onnx")
+    registry = PlanRegistry(tmp_path / "plans")
+    assert len(registry.ids()) == 2  # the good one, and the one whose head (the edge's) is wrong
+    assert "does not fit the plan" in registry.skipped[str(tmp_path / "plans" / "tail")]
+    with pytest.raises(PlanError, match=r"head.onnx does not fit the plan"):
+        EdgeClient(EdgeConfig(plan_dir=tmp_path / "plans" / "head", server="tcp://127.0.0.1:1"))
+
+
 def test_a_pushed_plans_name_is_logged_with_its_control_characters_escaped():
     from splitpoint.server.registry import shown
 

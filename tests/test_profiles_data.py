@@ -80,3 +80,46 @@ def test_unknown_profile_name_lists_known():
         load_network("dialup")
     with pytest.raises(ProfileError, match="profile file not found"):
         load_network(Path("/nonexistent/x.yaml"))
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"a": 1e999}', "past the largest number"),
+        ('{"a": -1e999}', "past the largest number"),
+        ('{"a": NaN}', "NaN is not a JSON value"),
+    ],
+)
+def test_json_a_parser_would_take_as_infinite_or_too_deep_is_refused(text, words):
+    """Python's json reads 1e999 as infinity (and the NaN/Infinity checks never see it), and a file of
+    100,000 brackets is a RecursionError traceback."""
+    from splitpoint.core.textfiles import load_json
+
+    with pytest.raises(ValueError, match=words):
+        load_json(text)
+    assert load_json('{"a": 1e300, "b": -2.5e-300}') == {"a": 1e300, "b": -2.5e-300}
+
+
+def test_yaml_nested_too_deeply_is_a_yaml_error():
+    import yaml
+
+    from splitpoint.core.textfiles import load_yaml
+
+    with pytest.raises(yaml.YAMLError, match="nested too deeply"):
+        load_yaml("[" * 100_000 + "]" * 100_000)
+
+
+def test_a_profile_past_its_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    """A 300 MB profile was parsed whole; one past the limit is refused from its size (a sparse file of
+    a gigabyte costs nothing to make and would cost a gigabyte to read)."""
+    from splitpoint.profiles.schema import MAX_PROFILE_BYTES, load_measured
+
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(MAX_PROFILE_BYTES + 1)
+    with pytest.raises(ProfileError, match=f"{MAX_PROFILE_BYTES + 1} bytes is larger than any profile"):
+        load_measured(big)
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(ProfileError, match="is a directory, not a profile file"):
+        load_measured(tmp_path / "d.json")

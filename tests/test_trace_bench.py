@@ -46,6 +46,20 @@ def test_fixed_members_run_as_long_as_the_longest_phase_on_their_network(tmp_pat
         ("phases:\n  - {network: lte, secs: 5}\n", "secs"),
         ("phases: [\n", "not YAML"),
         ("7\n", "list of phases"),
+        # a phase too short to reshape the link for, cycled up to a day: it built phases without end
+        (
+            "phases:\n  - {network: lte, seconds: 1e-300}\ntotal_seconds: 86400\n",
+            "greater than or equal to 0.1",
+        ),
+        (
+            "phases:\n  - {network: lte, seconds: 1}\ntotal_seconds: 86400\n",
+            "plays 86,400 phases; at most 10,000",
+        ),
+        (
+            "phases:\n" + "  - {network: lte, seconds: 1}\n" * 200 + "repeat: 51\n",
+            "plays 10,200 phases",
+        ),
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
     ],
 )
 def test_a_bad_trace_is_one_clear_error(tmp_path, text, words):

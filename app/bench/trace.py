@@ -40,10 +40,14 @@ from .hostload import HostLoad
 from .run import BENCH_CODECS, default_models, nonempty_names
 from .tracereport import pct
 
+MAX_PLAYED = 10_000  # phases a trace plays in all: each is a reshaping of the link and rows in the report
+
 
 class Phase(Document):
     network: str
-    seconds: float = Field(gt=0, le=86_400)
+    # the link is reshaped at each boundary and a phase's latency is a median of its requests: a phase of
+    # 1e-300 s passed, and cycling it up to total_seconds built phases until memory ran out
+    seconds: float = Field(ge=0.1, le=86_400)
 
 
 class Trace(Document):
@@ -62,6 +66,18 @@ class Trace(Document):
         for p in v:
             load_network(p.network)
         return v
+
+    @model_validator(mode="after")
+    def _played_count(self) -> Trace:
+        cycle = sum(p.seconds for p in self.phases)
+        n = (
+            len(self.phases) * self.repeat
+            if self.total_seconds is None
+            else math.ceil(self.total_seconds / cycle) * len(self.phases)
+        )
+        if n > MAX_PLAYED:
+            raise ValueError(f"plays {n:,} phases; at most {MAX_PLAYED:,} (longer phases, or fewer repeats)")
+        return self
 
     def played(self) -> list[Phase]:
         """The phases as they are played, in order."""
