@@ -482,6 +482,8 @@ def install_pushed(
         except Exception as exc:  # onnxruntime and onnx raise their own types for a bad model
             # the reason goes back to the pusher: without the receiver's directories in it
             why = str(exc).replace(f"{tmp}/", "").replace(str(tmp), "").replace(str(Path(plans_dir)), "")
+            # nor any other path of the receiver's (onnxruntime names where external data resolved to)
+            why = re.sub(r"(?<![\w.])/[^\s\"',:;)]+", "<path>", why)
             raise PlanError(
                 f"pushed plan {plan.plan_id[:12]} does not load: {type(exc).__name__}: {why}"
             ) from exc

@@ -627,6 +627,35 @@ def test_a_deploy_whose_model_does_not_fit_its_place_in_the_plan_is_refused(serv
     )
 
 
+def test_a_pushed_model_whose_weights_lie_outside_the_plan_is_refused_without_the_servers_paths(served):
+    """External data at a path that climbs out of the plan: onnxruntime refuses it, and its message named
+    the path it resolved on the server, which went back to whoever pushed the plan."""
+    import hashlib
+
+    d = served["plans"] / "p"
+    plan = json.loads((d / "plan.json").read_text())
+    files = {n: (d / n).read_bytes() for n in plan["files"]}
+    tail = onnx.load_from_string(files["tail.onnx"])
+    w = max(tail.graph.initializer, key=lambda t: len(t.raw_data))
+    size = len(w.raw_data)
+    w.ClearField("raw_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "../../weights.bin"), ("offset", "0"), ("length", str(size))):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    files["tail.onnx"] = tail.SerializeToString()
+    plan["files"]["tail.onnx"] = hashlib.sha256(files["tail.onnx"]).hexdigest()
+    plan.pop("plan_id")
+    canon = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    plan["plan_id"] = hashlib.sha256(canon).hexdigest()
+    header = json.dumps({"v": 1, "type": "deploy", "id": 79, "meta": {"files": ["plan.json", *files]}})
+    reply = _ask(served["sock"], [header.encode(), json.dumps(plan).encode(), *files.values()], 20000)
+    assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_PLAN, reply.meta
+    assert "does not load" in reply.meta["message"], reply.meta
+    assert str(served["plans"].parent) not in reply.meta["message"], reply.meta
+    assert "/tmp" not in reply.meta["message"] and "<path>" in reply.meta["message"], reply.meta
+
+
 def test_a_deploy_whose_plan_json_says_other_shapes_or_types_than_its_models_is_refused(served):
     """plan.json's stage 1 receiving a cut tensor of 17 columns (or int64) where the models and stage 0
     say 16 float32 columns was acknowledged; its requests were then refused bad-tensor. What a stage
