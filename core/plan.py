@@ -78,9 +78,19 @@ class TensorSpec(_Strict):
     name: str = Field(min_length=1, max_length=1024)
     shape: str = Field(max_length=1024)  # e.g. "N x 64 x 28 x 28" written "Nx64x28x28"; "?" unknown
     dtype: str
-    bytes_per_sample: int | None = Field(default=None, ge=0)
+    bytes_per_sample: int | None = Field(default=None, ge=0, le=2**50)
     # inputs: "head" | "tail" | "both"; outputs: "head" | "tail"; crossing: "head" | "input"
     side: Literal["head", "tail", "both", "input", ""] = ""
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: str) -> str:
+        # sizes are counts (a symbol such as N or max_len stands for one): a negative or a 20-digit size
+        # was taken and reached the fit check only
+        for part in v.split("x"):
+            if re.fullmatch(r"[-+]?\d+", part.strip()) and not 0 <= int(part) <= 2**40:
+                raise ValueError(f"shape {v[:80]!r} has a size of {part[:24]}: sizes are 0 to 2^40")
+        return v
 
     @field_validator("dtype")
     @classmethod
@@ -116,7 +126,7 @@ class Stage(_Strict):
     device: str = Field("", max_length=256)  # the device profile it was planned for ("" if none was named)
     weights: Literal["float32", "int8", "int4"] = "float32"  # int4: MatMulNBits (decoder heads)
     # the cut (prefix index) it ends at; None for the last stage, or a cut named by tensors that is no prefix
-    end: int | None = Field(default=None, ge=0)
+    end: int | None = Field(default=None, ge=0, le=2**31)
     receives: list[TensorSpec] = Field(default_factory=list, max_length=1024)  # the previous stage's sends
     sends: list[TensorSpec] = Field(default_factory=list, max_length=1024)  # to the next stage
     codec: str = "float32"  # for what it sends

@@ -656,6 +656,25 @@ def test_a_pushed_model_whose_weights_lie_outside_the_plan_is_refused_without_th
     assert "/tmp" not in reply.meta["message"] and "<path>" in reply.meta["message"], reply.meta
 
 
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"shape": "Nx-5x16"}, "has a size of -5"),
+        ({"shape": "1x99999999999999999999"}, "has a size of 99999999999999999999"),
+        ({"bytes_per_sample": 10**30}, "less than or equal to 1125899906842624"),
+    ],
+)
+def test_a_plan_json_with_sizes_no_tensor_has_is_malformed(served, edit, words):
+    """A negative or 20-digit size in a crossing tensor's shape, or 10^30 bytes per sample, were taken as
+    plan.json's word (the last was deployed and planned on)."""
+    from splitpoint.core.errors import PlanError
+
+    raw = json.loads((served["plans"] / "p" / "plan.json").read_text())
+    raw["stages"][0]["sends"][0].update(edit)
+    with pytest.raises(PlanError, match=words):
+        Plan.parse(json.dumps(raw).encode(), where="plan.json")
+
+
 def test_a_deploy_whose_plan_json_says_other_shapes_or_types_than_its_models_is_refused(served):
     """plan.json's stage 1 receiving a cut tensor of 17 columns (or int64) where the models and stage 0
     say 16 float32 columns was acknowledged; its requests were then refused bad-tensor. What a stage
