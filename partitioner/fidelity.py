@@ -158,8 +158,10 @@ def compare(
             classes = False
         top1 = float(np.mean(ref_top == g.argmax(1))) if classes else None
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1)
-    cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 1.0)
-    cos[(r == g).all(axis=1)] = 1.0  # equal rows: exactly 1, not a rounding of it
+    # a row of zeros against one that is not has no direction in common: 0 (it read as 1, and an int8
+    # head that rounded a softmax of a thousand classes to all zeros measured fidelity 1.000)
+    cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 0.0)
+    cos[(r == g).all(axis=1)] = 1.0  # equal rows (zeros in both included): exactly 1, not a rounding of it
     noise = float(((r - g) ** 2).sum())
     signal = float((r**2).sum())
     return OutputFidelity(

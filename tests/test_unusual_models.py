@@ -82,6 +82,64 @@ def test_outputs_whose_shape_follows_the_data_are_compared_sample_by_sample(tmp_
     assert mismatched > 0  # int4 moves some value across the threshold somewhere: the ragged path ran
 
 
+def test_an_answer_of_zeros_against_one_that_is_not_has_cosine_0():
+    """A static int8 head re-quantised a thousand-class softmax at 1/255 and answered all zeros: its cosine
+    read as 1 (a zero norm made it so) and the plan picked it at fidelity 1.000."""
+    ref = np.full((8, 1000), 0.001, np.float32)
+    o = compare("prob", ref, np.zeros_like(ref), 8)
+    assert o.cosine == 0.0 and o.primary == 0.0
+    assert compare("prob", np.zeros_like(ref), np.zeros_like(ref), 8).cosine == 1.0  # zeros in both agree
+
+
+def test_weights_made_by_constant_nodes_count_as_parameters_and_edge_memory(tmp_path):
+    """Older exporters wrote weights as Constant nodes; onnx's light zoo models fill them with
+    ConstantOfShape. Neither counted: ResNet-50 had 896 parameters and a 20 MiB edge where its session
+    took 243 MiB."""
+    from splitpoint.core.graph.flops import count_params
+    from splitpoint.core.graph.memory import weight_bytes_by_prefix
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1_value")
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=w1),
+        helper.make_node(
+            "ConstantOfShape", ["w2_shape"], ["w2"], value=helper.make_tensor("v", 1, [1], [0.01])
+        ),
+        helper.make_node("MatMul", ["x", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    shape = numpy_helper.from_array(np.array([32, 8], np.int64), "w2_shape")
+    h = open_model(_save(_tiny(nodes, [_vi("x", [1, 16])], [_vi("y", [1, 8])], [shape]), tmp_path / "c.onnx"))
+    assert count_params(h.index) == 16 * 32 + 32 * 8
+    assert weight_bytes_by_prefix(h.index)[-1] == 4 * (16 * 32 + 32 * 8)
+    first = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["a"])
+    assert first.head_params == 16 * 32
+
+
+def test_a_model_onnxruntime_has_no_kernel_for_is_refused_as_the_models_not_the_cuts(tmp_path):
+    """Opset 6's Add has no onnxruntime kernel: `split` said the tail "does not run on what the stages
+    before it produced", blaming the cut; `profile` and `fidelity` named the model."""
+    from splitpoint.core.errors import ModelError
+
+    b = numpy_helper.from_array(np.ones((1, 8), np.float32), "b")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Add", ["r", "b"], ["a"]),
+        helper.make_node("Sigmoid", ["a"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "op6", [_vi("x", [1, 8])], [_vi("y", [1, 8])], [b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 6)])
+    m.ir_version = 3
+    path = str(tmp_path / "op6.onnx")
+    onnx.save(m, path)
+    h = open_model(path)
+    assert h.cuts()
+    for cut in h.cuts():
+        with pytest.raises(ModelError, match=r"onnxruntime could not run the model: .*Add\(6\)"):
+            write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
+
+
 def test_an_integer_output_has_no_cosine_to_read_as_perfect():
     """A class index per sample (an argmax output) with one of four wrong: its cosine per row is 1 whatever
     the ids, so the report gives none and its agreement is the share of equal ids."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from splitpoint.core.weights import nbytes
 
+from .flops import constant_value
 from .index import GraphIndex
 
 
@@ -67,14 +68,30 @@ def live_activation_bytes(idx: GraphIndex) -> list[int]:
 
 
 def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
-    """Initializer bytes the head needs, for each prefix of the compute order."""
+    """Weight bytes the head needs, for each prefix of the compute order: the initializers its nodes read,
+    and the constants they read (a Constant node's tensor; a weight computed from initializers, which
+    onnxruntime folds into one of the computed size)."""
     seen: set[str] = set()
     total = 0
     out = []
     for p in idx.compute:
         for t in idx.node_ins[p]:
-            if t in idx.initializers and t not in seen:
-                seen.add(t)
+            if t in seen:
+                continue
+            if t in idx.initializers:
                 total += nbytes(idx.initializers[t])
+            elif idx.producer.get(t) in idx.const:
+                total += _constant_bytes(idx, t)
+            seen.add(t)
         out.append(total)
     return out
+
+
+def _constant_bytes(idx: GraphIndex, name: str) -> int:
+    value = constant_value(idx, name)
+    if value is not None:
+        return nbytes(value)
+    info = idx.info.get(name)
+    if info is None or not info.dims or not all(isinstance(d, int) for d in info.dims):
+        return 0
+    return int(np.prod(info.dims, dtype=np.int64)) * info.itemsize
