@@ -15,7 +15,7 @@ from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.machine import usable_cores
 
 from .cpulimit import MIN_CPUS, cpu_limit
-from .profiler import ProfileSettings, profile_model
+from .profiler import ProfileSettings, int8_of, profile_model
 from .schema import MeasuredProfile
 
 
@@ -92,7 +92,15 @@ def run_profile(
     # a tight quota this memory-heavy Python ran 20-40x slower than the share (a 9 ms enumeration took
     # 0.36 s of CPU at 0.1 CPU here, and did not finish in 5 min at 0.02)
     handle.cuts()
+    int8_model = None
+    if job.int8:  # quantising too: the device runs the int8 model, it need not make it
+        from splitpoint.core.quantize import refuse_quantized
+
+        refuse_quantized(handle.model, "static")
+        if progress is not None:
+            progress("int8 model (quantising)", 0, 1)
+        int8_model = int8_of(handle)
     with cpu_limit(job.cpu_limit) as emulation:
-        prof = profile_model(handle, settings, emulation, progress=progress)
+        prof = profile_model(handle, settings, emulation, progress=progress, int8_model=int8_model)
     prof.save(out)
     return prof, out
