@@ -140,6 +140,32 @@ def test_a_model_onnxruntime_has_no_kernel_for_is_refused_as_the_models_not_the_
             write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
 
 
+def test_the_batch_moved_inside_by_a_permute_after_a_computed_reshape_is_the_batch(tmp_path):
+    """torch's dynamo export of a ViT permutes qkv to [3, batch, heads, tokens, size] after a reshape to a
+    computed shape: inference invents a symbol there, which the cut list showed (3xunk__1x...) with its
+    bytes per sample unknown. Two trial runs show the dim following the batch: it is the batch."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Concat", ["n", "rest"], ["computed"], axis=0),
+        helper.make_node("Div", ["computed", "one"], ["shape"]),  # past what inference can follow
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 1, 3]),
+        helper.make_node("Relu", ["t"], ["u"]),
+        helper.make_node("Sigmoid", ["u"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([4, 2, 3], np.int64), "rest"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+    ]
+    model = _tiny(nodes, [_vi("x", ["N", 4, 6])], [_vi("y", [2, "N", 4, 3])], inits, name="perm")
+    h = open_model(_save(model, tmp_path / "perm.onnx"))
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["u"])
+    (u,) = cut.crossing
+    assert u.shape == "2xNx4x3" and u.bytes_per_sample == 2 * 4 * 3 * 4
+
+
 def test_an_integer_output_has_no_cosine_to_read_as_perfect():
     """A class index per sample (an argmax output) with one of four wrong: its cosine per row is 1 whatever
     the ids, so the report gives none and its agreement is the share of equal ids."""

@@ -350,7 +350,8 @@ def _measured_info(
     """A tensor's type from two trial runs: ``a`` at batch 1 and ``b`` at batch 2 where the batch (named
     ``batch``) is free, else two samples at the fixed shape. What inference knew for sure stays: numbers
     and the inputs' own symbols. A leading dim that doubles with the batch is the batch times its rows per
-    sample (``batch*16``: a [batch·seq, hidden] reshape); any other dim that differs stays free."""
+    sample (``batch*16``: a [batch·seq, hidden] reshape), another that goes from 1 to 2 is the batch; any
+    other dim that differs stays free."""
     elem = helper.np_dtype_to_tensor_dtype(a.dtype)
     if a.ndim != b.ndim:
         return TensorInfo(name, elem, None)
@@ -366,6 +367,10 @@ def _measured_info(
         elif k == 0 and batch is not None and db == 2 * da:
             rows = int(da)
             dims.append(batch if rows == 1 else f"{batch}*{rows}")
+        elif batch is not None and (da, db) == (1, 2):
+            # the batch further in (attention's [3, batch, heads, tokens, size] after a permute): it kept
+            # inference's invented symbol, and the cut's bytes per sample read as unknown
+            dims.append(batch)
         else:
             dims.append(kept if isinstance(kept, str) else f"d{k}")
     lead = bool(dims) and batch is not None and isinstance(dims[0], str) and dims[0].split("*")[0] == batch
