@@ -494,11 +494,13 @@ def _decoder_fits(plan: Plan, name: str, sess: ort.InferenceSession) -> None:
             f"{name} does not fit the plan: it keeps the KV cache of {have}, where plan.json gives it "
             f"layers {side.start}..{side.stop - 1} (of {d.layers})"
         )
-    for (k, kind), shape in sorted(past.items()):
+    # plan.json's heads and head size are the first layer's (later layers may keep fewer: grouped heads)
+    for kind in ("key", "value"):
+        shape = past.get((0, kind))
         for pos, want, what in ((1, d.heads, "heads"), (3, d.head_dim, "head_dim")):
-            if len(shape) == 4 and isinstance(shape[pos], int) and shape[pos] != want:
+            if shape is not None and len(shape) == 4 and isinstance(shape[pos], int) and shape[pos] != want:
                 raise PlanError(
-                    f"{name} does not fit the plan: past_key_values.{k}.{kind} has {shape[pos]} {what}, "
+                    f"{name} does not fit the plan: past_key_values.0.{kind} has {shape[pos]} {what}, "
                     f"plan.json says {want}"
                 )
     want, what = (d.hidden, "hidden") if name == HEAD_FILE else (d.vocab, "vocab")

@@ -342,3 +342,66 @@ def test_an_export_whose_layers_are_gemm_gets_4_bit_edge_weights(tmp_path):
     head = onnx.load(str(out / "head.onnx"))
     ops = [n.op_type for n in head.graph.node]
     assert plan.stages[0].weights == "int4" and ops.count("MatMulNBits") >= 8 and "Gemm" not in ops
+
+
+def _decoder_with_heads_per_layer(heads: list[int], path: Path) -> Path:
+    """An exported-style decoder whose layers keep different numbers of KV heads (as OpenELM's do)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vocab, d, dh = 50, 16, 8
+    inits, nodes = [], []
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", vocab])]
+
+    def init(name, arr):
+        inits.append(numpy_helper.from_array(arr.astype(np.float32) if arr.dtype.kind == "f" else arr, name))
+        return name
+
+    nodes.append(
+        helper.make_node("Gather", [init("emb", rng.standard_normal((vocab, d))), "input_ids"], ["h0"])
+    )
+    h = "h0"
+    for i, nh in enumerate(heads):
+        for kind in ("key", "value"):
+            past, present = f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
+            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, [1, nh, "past", dh]))
+            outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, [1, nh, "total", dh]))
+            w = init(f"w{kind}{i}", rng.standard_normal((d, nh * dh)) * 0.1)
+            shape = init(f"shape{kind}{i}", np.array([1, -1, nh, dh], np.int64))
+            nodes += [
+                helper.make_node("MatMul", [h, w], [f"{kind}{i}_p"]),
+                helper.make_node("Reshape", [f"{kind}{i}_p", shape], [f"{kind}{i}_r"]),
+                helper.make_node("Transpose", [f"{kind}{i}_r"], [f"{kind}{i}_t"], perm=[0, 2, 1, 3]),
+                helper.make_node("Concat", [past, f"{kind}{i}_t"], [present], axis=2),
+            ]
+        nodes += [
+            helper.make_node("ReduceMean", [f"present.{i}.key"], [f"s{i}"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("MatMul", [h, init(f"wo{i}", rng.standard_normal((d, d)) * 0.3)], [f"o{i}"]),
+            helper.make_node("Unsqueeze", [f"s{i}"], [f"su{i}"], axes=[1, 2]),
+            helper.make_node("Add", [f"o{i}", f"su{i}"], [f"h{i + 1}"]),
+        ]
+        h = f"h{i + 1}"
+    nodes.append(helper.make_node("MatMul", [h, init("wout", rng.standard_normal((d, vocab)))], ["logits"]))
+    g = helper.make_graph(nodes, "dec", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = 7
+    onnx.save(onnx.shape_inference.infer_shapes(m), str(path))
+    return path
+
+
+@pytest.mark.parametrize("edge_layers", [1, 2])
+def test_a_decoder_whose_layers_keep_different_numbers_of_heads_is_split_and_run(tmp_path, edge_layers):
+    """plan.json's heads are the first layer's; layers after it may keep fewer or more (grouped heads).
+    The fit check held every layer to the first one's count and refused, at deploy, at a server's start
+    and at `generate`, the plan `split-decoder` had just written."""
+    from splitpoint.core.runner import check_models_load
+    from splitpoint.server.registry import PlanRegistry
+
+    path = _decoder_with_heads_per_layer([2, 4, 2], tmp_path / "dec.onnx")
+    out = tmp_path / "plans" / "p"
+    write_decoder_plan(ExportedDecoder(path, max_len=64), out, edge_layers=edge_layers, include_full=True)
+    check_models_load(out, Plan.load(out))
+    assert len(PlanRegistry(tmp_path / "plans").ids()) == 1
+    local = generate_local(out, np.array([[1, 2, 3]]), 3)
+    assert len(local.tokens) == 3

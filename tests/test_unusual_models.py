@@ -89,6 +89,14 @@ def test_an_answer_of_zeros_against_one_that_is_not_has_cosine_0():
     o = compare("prob", ref, np.zeros_like(ref), 8)
     assert o.cosine == 0.0 and o.primary == 0.0
     assert compare("prob", np.zeros_like(ref), np.zeros_like(ref), 8).cosine == 1.0  # zeros in both agree
+    # a float row of zeros (a ReLU output on one sample) against rounding noise agrees; against signal not
+    feats = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    feats[3] = 0
+    noisy = feats.copy()
+    noisy[3] = 1e-4
+    assert compare("f", feats, noisy, 8, scores=False).cosine == 1.0
+    noisy[3] = 1.0
+    assert compare("f", feats, noisy, 8, scores=False).cosine == pytest.approx(7 / 8)
 
 
 def test_weights_made_by_constant_nodes_count_as_parameters_and_edge_memory(tmp_path):
@@ -867,6 +875,10 @@ def test_an_already_quantised_model_counts_its_work_and_weights_and_is_not_quant
     assert last.head_macs_share == pytest.approx(1.0) and last.head_params_share > 0.99
     assert 0 < h.cuts()[len(h.cuts()) // 2].head_macs_share < 1
     assert count_params(h.index) >= count_params(float_model.index) - 100  # biases may fold into int32
+    # its weights stay int8 in onnxruntime's fused kernels: about a byte each, not a float's 4 bytes
+    from splitpoint.core.graph.memory import weight_bytes_by_prefix
+
+    assert weight_bytes_by_prefix(h.index)[-1] < 1.2 * count_params(h.index)
     for args in (
         ("profile", path, "--role", "edge", "--int8", "-o", str(tmp_path / "p.json")),
         ("fidelity", path, "--cut", "2", "--quantize-head-weights", "dynamic", "--random", "2"),

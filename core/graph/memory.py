@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 
 from splitpoint.core.weights import nbytes
 
@@ -88,9 +89,32 @@ def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
 
 
 def _constant_bytes(idx: GraphIndex, name: str) -> int:
+    """A constant's bytes: those of the weights it is computed from (an int8 weight a DequantizeLinear
+    reads stays int8 in onnxruntime's fused kernels, a transposed weight is folded at its own size), or,
+    where nothing but shapes and Constant nodes make it (a ConstantOfShape filling a weight's shape), its
+    own size."""
     value = constant_value(idx, name)
     if value is not None:
         return nbytes(value)
+    sources, stack, seen = 0, [name], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        init = idx.initializers.get(t)
+        if init is not None:
+            if init.dims and init.data_type != onnx.TensorProto.INT64:  # not a shape
+                sources += nbytes(init)
+            continue
+        const = constant_value(idx, t)
+        if const is not None and const.dims and const.data_type != onnx.TensorProto.INT64:
+            sources += nbytes(const)
+        src = idx.producer.get(t)
+        if src is not None and src in idx.const:
+            stack.extend(idx.node_ins[src])
+    if sources:
+        return sources
     info = idx.info.get(name)
     if info is None or not info.dims or not all(isinstance(d, int) for d in info.dims):
         return 0
