@@ -757,9 +757,14 @@ class TailServer:
         # a step holds at most the positions left: its header's claim is checked against that before a
         # byte is decompressed (the message cap, 256 MiB, let a 52 KB zstd step cost 0.8 s and 0.5 GB)
         room = (dec.max_len - position) * dec.hidden * MAX_HIDDEN_ITEMSIZE
+        cap = self.config.max_message_bytes
         try:
-            (hidden,) = self._decode(msg, entry, room).values()
+            # and never more than --max-message-mb, which caps every tensor decoded (a decoder's steps
+            # were held only to the positions left, past the operator's chosen limit)
+            (hidden,) = self._decode(msg, entry, min(room, cap)).values()
         except CodecTooLarge as exc:
+            if cap < room:
+                raise wire.WireError(wire.E_TOO_LARGE, str(exc)) from None
             raise wire.WireError(
                 wire.E_SESSION_LIMIT,
                 f"a step at position {position} carries at most {dec.max_len - position} token(s) of "

@@ -516,6 +516,28 @@ def test_a_small_compressed_step_claiming_more_tokens_than_the_model_has_is_refu
     s.close(0)
 
 
+@pytest.mark.parametrize("server", [{"max_message_bytes": 100_000}], indirect=True)
+def test_a_step_is_held_to_the_servers_decoded_size_limit_too(plans, server):
+    """--max-message-mb caps every tensor decoded; a step was held only to the positions the model has
+    left (512 x 128 floats here), so a 115-byte zstd step decoding to 256 KiB passed a 100 KB limit."""
+    plan = Plan.load(plans / "float32")
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(server.endpoint)
+    big = encode(np.zeros((1, 500, SPEC.d_model), np.float32), "float32+zstd")
+    assert len(big) < 1000
+    meta = {"session": 1, "position": 0}
+    reply = _ask(
+        s, wire.Message(wire.STEP, 1, plan.plan_id, [hidden_name(1)], meta=meta, frames=[big]).to_frames()
+    )
+    assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_TOO_LARGE, reply.meta
+    assert "above the 100000-byte cap" in reply.meta["message"]
+    small = encode(np.zeros((1, 4, SPEC.d_model), np.float32), "float32")
+    ok = wire.Message(wire.STEP, 2, plan.plan_id, [hidden_name(1)], meta=meta, frames=[small])
+    assert _ask(s, ok.to_frames()).type == wire.RESULT  # the session was not spoiled by the refusal
+    s.close(0)
+
+
 def test_int4_edge_weights_shrink_the_head_and_keep_the_tokens(plans, server, tmp_path):
     import onnx
 
