@@ -16,7 +16,7 @@ import onnx
 
 from .codecs import Codec
 from .config import explain_fields
-from .errors import ModelError, PlanError
+from .errors import ModelError, PlanError, first_line
 from .graph.cuts import Cut
 from .graph.extract import extract_segments, verify_segments
 from .graph.index import GraphIndex
@@ -84,6 +84,21 @@ def _check_messages(idx: GraphIndex, cuts: list[Cut | None]) -> None:
         raise PlanError(f"the model's outputs cannot go over the wire in one answer: {why}")
 
 
+def _refuse_if_the_whole_model_fails(handle: ModelHandle, feeds: dict, exc: Exception) -> None:
+    """Where a part fails, whether the whole model runs at these shapes at all: one that does not (a
+    hummingbird export traced at batch 5, run at 1) was refused as the cut's fault ("the tail does not run
+    on what the stages before it produced", or a checker's words about an untyped tensor)."""
+    try:
+        handle.whole_session(threads=1).run(None, feeds)
+    except Exception as whole:  # onnxruntime's own error types
+        if type(whole).__name__ == "NotImplemented":  # no kernel: the part's error names the operator
+            return
+        raise ModelError(
+            "onnxruntime could not run the model at these input shapes (see --input-shape): "
+            f"{first_line(whole)[:300]}{handle.random_values_note()}"
+        ) from exc
+
+
 def write_plan(
     handle: ModelHandle,
     out_dir: str | Path,
@@ -122,13 +137,14 @@ def write_plan(
         raise PlanError(f"{hops} cut(s) make {hops + 1} stages: name {hops + 1} devices, not {len(devices)}")
     idx = handle.index
     _check_messages(idx, cuts)
-    segments = extract_segments(idx, cuts, shared_weights=True)  # filled from the arrays when saved
     feeds = handle.sample(1)
-    models = [seg.model for seg in segments]
     where = "the plan" if hops != 1 or cuts[0] is None else f"cut {cuts[0].index or ''}".strip()
     try:
+        segments = extract_segments(idx, cuts, shared_weights=True)  # filled from the arrays when saved
+        models = [seg.model for seg in segments]
         models = verify_segments(models, feeds, where=where, weights=idx.weight_array) if hops else models
     except ModelError as exc:  # the sample's values, not the cut, may be what the model refuses
+        _refuse_if_the_whole_model_fails(handle, feeds, exc)
         raise ModelError(f"{exc}{handle.random_values_note()}") from exc
     if head_model is not None:
         if models[0] is None:

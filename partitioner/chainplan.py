@@ -26,7 +26,7 @@ from splitpoint.core.runner import Joined, StageRunner, join, make_session, run_
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
-from .fidelity import FidelityReport, compare_outputs, task_report
+from .fidelity import FidelityReport, compare_outputs, task_report, warn_if_constant
 from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
 
 CHAIN_CODECS = ["float32", "float16", "int8", "int8+zstd"]
@@ -168,6 +168,7 @@ def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
     h = m.handle
     if not m.reference:
         m.reference = run_batched(h.whole_session(), m.samples)
+        warn_if_constant(m.reference, len(m.samples))
     cuts: list[Cut | None] = [None if p == 0 else m.cuts[p] for p in key[0]]
     segments = extract_segments(h.index, cuts, check=False, shared_weights=True)
     stages = [

@@ -4,6 +4,7 @@ unsplit float model, on the same inputs. Never assumed from the codec's nominal 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from splitpoint.core.runner import Joined, Ragged, join, make_session, per_sampl
 SNR_CAP_DB = 300.0  # an exact match has infinite SNR; JSON needs a number
 # samples over which a float model's top-1 that is one class on all of them makes top-1 uninformative
 ONE_CLASS_MIN_SAMPLES = 8
+
+log = logging.getLogger("splitpoint.fidelity")
 
 
 @dataclass
@@ -349,6 +352,27 @@ def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
     handle.score_axes = axes
 
 
+def warn_if_constant(reference: Sequence[Joined], n: int) -> bool:
+    """Whether the unsplit model answered the same on every sample, said once as a warning: any split then
+    scores perfect (an audio front end whose seeded random lengths masked every frame answered zeros, and
+    an int8 split read as exact where real audio put an error of 4.9 on it)."""
+    if n < 2:
+        return False
+    for ref in reference:
+        rows = per_sample(ref, n)
+        if len(rows) != n or any(
+            r.shape != rows[0].shape or not np.array_equal(r, rows[0]) for r in rows[1:]
+        ):
+            return False
+    log.warning(
+        "the unsplit model gives the same outputs on all %d samples: every split then agrees with it, so "
+        "this fidelity says little (on seeded random inputs, give --inputs with real values: lengths, "
+        "masks, ids)",
+        n,
+    )
+    return True
+
+
 def measure(
     handle: ModelHandle,
     cut: Cut,
@@ -362,6 +386,7 @@ def measure(
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
     if reference is None:
         reference = run_batched(handle.whole_session(), samples)
+        warn_if_constant(reference, len(samples))
     head, tail = extract(handle.index, cut, check=False, shared_weights=True)
     weights = handle.index.weight_array
     hs = make_session(head_model or head, weights=weights)

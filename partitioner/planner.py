@@ -29,7 +29,14 @@ from splitpoint.core.runner import Joined, make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .costmodel import Candidate, CandidateInput, Link, evaluate
-from .fidelity import FidelityReport, compare_outputs, measure, received_digest, task_report
+from .fidelity import (
+    FidelityReport,
+    compare_outputs,
+    measure,
+    received_digest,
+    task_report,
+    warn_if_constant,
+)
 from .pareto import Constraints, front, infeasible, objective_key, pick
 from .planset import fastest
 
@@ -286,6 +293,7 @@ def measure_fidelity(
     full = h.whole_session()  # built once: the reference and the server-only runs share it
     if not m.reference:
         m.reference = run_batched(full, m.samples)
+        warn_if_constant(m.reference, len(m.samples))
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     runs: dict[bytes, list[Joined]] = {}  # server-only: one full-model run per decoded input
     for codec in m.codecs:

@@ -174,6 +174,90 @@ def test_the_batch_moved_inside_by_a_permute_after_a_computed_reshape_is_the_bat
     assert u.shape == "2xNx4x3" and u.bytes_per_sample == 2 * 4 * 3 * 4
 
 
+def test_a_part_strict_inference_refuses_where_the_whole_model_passes_is_checked_as_the_model_was(tmp_path):
+    """An audio front end (whisper's log-mel, as onnx-asr ships it) pads the waveform to a computed length,
+    then runs an STFT on the 2-D signal: the whole model passes strict inference (the padded length is
+    unknown there), but a tail that receives the padded waveform at its now known length fails it, and
+    those listed cuts were refused. onnxruntime runs them, exactly."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    a = numpy_helper.from_array
+    inits = [
+        a(np.array(1600, np.int64), "total"),
+        a(np.array([0, 0, 0, 1], np.int64), "sel"),
+        a(np.array([0, 20, 0, 20], np.int64), "refl"),
+        a(np.array(16, np.int64), "hop"),
+        a(np.hanning(40).astype(np.float32), "win"),
+        a(np.array([0], np.int64), "s0"),
+        a(np.array([-1], np.int64), "e1"),
+        a(np.array([1], np.int64), "a1"),
+        a(rng.standard_normal((21, 8)).astype(np.float32), "mel"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["len"], start=1, end=2),
+        helper.make_node("Sub", ["total", "len"], ["short"]),
+        helper.make_node("Mul", ["sel", "short"], ["pads"]),
+        helper.make_node("Pad", ["x", "pads"], ["xp"]),
+        helper.make_node("Pad", ["xp", "refl"], ["xr"], mode="reflect"),
+        helper.make_node("STFT", ["xr", "hop", "win"], ["spec"]),
+        helper.make_node("Slice", ["spec", "s0", "e1", "a1", "a1"], ["image"]),
+        helper.make_node("ReduceSumSquare", ["image"], ["power"], axes=[-1], keepdims=0),
+        helper.make_node("MatMul", ["power", "mel"], ["y"]),
+    ]
+    model = _tiny(nodes, [_vi("x", [1, "N"])], [_vi("y", [1, None, 8])], inits, name="logmel")
+    path = _save(model, tmp_path / "logmel.onnx")
+    h = open_model(path, input_shapes={"x": [1, 1000]})
+    x = rng.standard_normal((1, 1000)).astype(np.float32)
+    full = ort.InferenceSession(path).run(None, {"x": x})[0]
+    padded = [c for c in h.cuts() if [t.name for t in c.crossing] in (["xp"], ["xr"])]
+    assert len(padded) == 2
+    for cut in h.cuts():
+        np.testing.assert_array_equal(run_split(*extract(h.index, cut), cut, {"x": x})["y"], full)
+    write_plan(h, tmp_path / "plan", cut=padded[0])
+
+
+def test_a_split_of_a_model_that_does_not_run_at_these_shapes_says_so_not_that_the_cut_failed(tmp_path):
+    """A hummingbird export traced at batch 5 reshapes to [5, ...]: at batch 1 the whole model fails.
+    `split` said the tail "does not run on what the stages before it produced", blaming the cut; it says
+    what `profile` says, and points at --input-shape."""
+    from splitpoint.core.errors import ModelError
+
+    shape = numpy_helper.from_array(np.array([5, 4], np.int64), "five")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Reshape", ["r", "five"], ["f"]),
+        helper.make_node("Sigmoid", ["f"], ["y"]),
+    ]
+    path = _save(
+        _tiny(nodes, [_vi("x", ["N", 4])], [_vi("y", [5, 4])], [shape], name="hb"), tmp_path / "hb.onnx"
+    )
+    h = open_model(path)
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["r"])
+    with pytest.raises(
+        ModelError, match=r"could not run the model at these input shapes \(see --input-shape\)"
+    ):
+        write_plan(h, tmp_path / "p", cut=cut)
+    assert not (tmp_path / "p").exists()
+    at5 = open_model(path, input_shapes={"x": [5, 4]})
+    write_plan(at5, tmp_path / "p5", cut=next(c for c in at5.cuts() if [t.name for t in c.crossing] == ["r"]))
+
+
+def test_a_reference_the_same_on_every_sample_is_said_to_say_little(caplog):
+    """An audio front end whose random lengths masked every frame answered zeros on every sample: every
+    split then scored perfect, silently."""
+    import logging
+
+    from splitpoint.partitioner.fidelity import warn_if_constant
+
+    zeros = [np.zeros((4, 80), np.float32), np.zeros((4,), np.int64)]
+    with caplog.at_level(logging.WARNING, logger="splitpoint.fidelity"):
+        assert warn_if_constant(zeros, 4)
+    assert "same outputs on all 4 samples" in caplog.text and "--inputs" in caplog.text
+    varied = [np.arange(8, dtype=np.float32).reshape(4, 2)]
+    assert not warn_if_constant(varied, 4) and not warn_if_constant(zeros, 1)
+
+
 def test_an_integer_output_has_no_cosine_to_read_as_perfect():
     """A class index per sample (an argmax output) with one of four wrong: its cosine per row is 1 whatever
     the ids, so the report gives none and its agreement is the share of equal ids."""
