@@ -227,6 +227,13 @@ def test_a_step_out_of_order_is_refused_and_changes_nothing(plans, server):
         c.step(9, 16, c.head(_prompt(1)))
 
 
+def _dealer(endpoint: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
 def _ask(sock, frames) -> wire.Message:
     wire.send(sock, frames)
     assert sock.poll(10_000)
@@ -235,9 +242,7 @@ def _ask(sock, frames) -> wire.Message:
 
 def test_hostile_steps_get_one_clear_error_each(plans, server):
     plan = Plan.load(plans / "float32")
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(server.endpoint)
+    s = _dealer(server.endpoint)
     good = encode(np.zeros((1, 2, SPEC.d_model), np.float32), "float32")
     nan = np.zeros((1, 2, SPEC.d_model), np.float32)
     nan[0, 1, 3] = np.nan
@@ -490,9 +495,7 @@ def test_a_small_compressed_step_claiming_more_tokens_than_the_model_has_is_refu
     import resource
 
     plan = Plan.load(plans / "float32")
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(server.endpoint)
+    s = _dealer(server.endpoint)
     bomb = encode(np.zeros((1, 100_000, SPEC.d_model), np.float32), "float32+zstd")
     assert len(bomb) < 2_000_000
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -521,9 +524,7 @@ def test_a_step_is_held_to_the_servers_decoded_size_limit_too(plans, server):
     """--max-message-mb caps every tensor decoded; a step was held only to the positions the model has
     left (512 x 128 floats here), so a 115-byte zstd step decoding to 256 KiB passed a 100 KB limit."""
     plan = Plan.load(plans / "float32")
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(server.endpoint)
+    s = _dealer(server.endpoint)
     big = encode(np.zeros((1, 500, SPEC.d_model), np.float32), "float32+zstd")
     assert len(big) < 1000
     meta = {"session": 1, "position": 0}
