@@ -138,6 +138,10 @@ class Stage(_Strict):
         return _codec_name(v)
 
 
+# a decoder part's cache inputs, as onnxruntime-genai names them: the layer index and key or value
+PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
 class DecoderInfo(_Strict):
     """A decoder-only transformer split between layers: the edge runs the first ``edge_layers`` (with the
     embedding), the server the rest (with the output head). Each side keeps the KV cache of its own

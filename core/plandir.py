@@ -85,17 +85,22 @@ def _check_messages(idx: GraphIndex, cuts: list[Cut | None]) -> None:
 
 
 def _refuse_if_the_whole_model_fails(handle: ModelHandle, feeds: dict, exc: Exception) -> None:
-    """Where a part fails, whether the whole model runs at these shapes at all: one that does not (a
-    hummingbird export traced at batch 5, run at 1) was refused as the cut's fault ("the tail does not run
-    on what the stages before it produced", or a checker's words about an untyped tensor)."""
+    """Where a part fails, whether the whole model runs at these shapes at all: one that does not was
+    refused as the cut's fault ("the tail does not run on what the stages before it produced", or a
+    checker's words about an untyped tensor): a hummingbird export traced at batch 5, run at 1, and a
+    model with an operator onnxruntime has no kernel for (opset 6's Add)."""
     try:
         handle.whole_session(threads=1).run(None, feeds)
     except Exception as whole:  # onnxruntime's own error types
-        if type(whole).__name__ == "NotImplemented":  # no kernel: the part's error names the operator
-            return
+        why = (
+            " (an operator or opset version it has no kernel for: export the model at a newer opset)"
+            if type(whole).__name__ == "NotImplemented"
+            else ""
+        )
+        where = "" if why else " at these input shapes (see --input-shape)"
         raise ModelError(
-            "onnxruntime could not run the model at these input shapes (see --input-shape): "
-            f"{first_line(whole)[:300]}{handle.random_values_note()}"
+            f"onnxruntime could not run the model{where}: {first_line(whole)[:300]}{why}"
+            f"{handle.random_values_note()}"
         ) from exc
 
 

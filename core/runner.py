@@ -8,7 +8,6 @@ the server, relays, the fidelity runs and the tests all compose a split model th
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from onnx import numpy_helper
 
 from .codecs import DTYPES
 from .errors import PlanError, SplitPointError
-from .plan import FULL_FILE, HEAD_FILE, TAIL_FILE, Plan, TensorSpec
+from .plan import FULL_FILE, HEAD_FILE, PAST_RE, TAIL_FILE, Plan, TensorSpec
 from .subgraphs import node_inputs
 from .weights import is_stub, shareable, stub
 
@@ -467,9 +466,6 @@ def check_fits(plan: Plan, name: str, sess: ort.InferenceSession) -> None:
         )
 
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-
-
 def _decoder_fits(plan: Plan, name: str, sess: ort.InferenceSession) -> None:
     """A decoder segment against the plan's ``decoder`` block: the layers whose cache it keeps, their
     heads and head size, and its output's width (the hidden state from the head, the vocabulary from the
@@ -484,7 +480,7 @@ def _decoder_fits(plan: Plan, name: str, sess: ort.InferenceSession) -> None:
         return
     past = {}
     for i in sess.get_inputs():
-        m = _PAST.match(i.name)
+        m = PAST_RE.match(i.name)
         if m:
             past[(int(m.group(1)), m.group(2))] = i.shape
     layers = sorted({k for k, _ in past})

@@ -93,10 +93,7 @@ def run_profile(
     # 0.36 s of CPU at 0.1 CPU here, and did not finish in 5 min at 0.02)
     handle.cuts()
     int8_model = None
-    if job.int8:  # quantising too: the device runs the int8 model, it need not make it
-        from splitpoint.core.quantize import refuse_quantized
-
-        refuse_quantized(handle.model, "static")
+    if job.int8:  # quantising too (refused for a model quantised already): the device need not make it
         if progress is not None:
             progress("int8 model (quantising)", 0, 1)
         int8_model = int8_of(handle)

@@ -29,12 +29,12 @@ import onnx
 from splitpoint.core.errors import ModelError
 from splitpoint.core.kvcache import IDS, STANDARD_INPUTS
 from splitpoint.core.onnxio import check_model
+from splitpoint.core.plan import PAST_RE
 from splitpoint.core.samples import VALUE_MOVING_OPS
 
 from .extract import _submodel
 from .index import GraphIndex
 
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from splitpoint.core.errors import ModelError, first_line
+from splitpoint.core.errors import ModelError
 from splitpoint.core.onnxio import IR_WEIGHTS_NOT_INPUTS, check_model
 from splitpoint.core.weights import shareable, with_stubs
 
@@ -218,13 +218,6 @@ def verify_segments(
             sess = make_session(trial, threads=1, weights=weights, prepack=False)
             outs = sess.run(None, {x.name: available[x.name] for x in sess.get_inputs()})
         except Exception as exc:  # onnxruntime's own error types
-            if (
-                type(exc).__name__ == "NotImplemented"
-            ):  # no kernel for an operator: the model's, not the cut's
-                raise ModelError(
-                    f"onnxruntime could not run the model: {first_line(exc)[:300]} (an operator or opset "
-                    "version it has no kernel for: export the model at a newer opset)"
-                ) from exc
             before = "" if i == 0 else " on what the stages before it produced"
             raise ModelError(
                 f"{where}: {part} does not run{before}: {type(exc).__name__}: {str(exc)[:300]}"
