@@ -188,7 +188,7 @@ def test_bad_model_files_get_a_specific_error_and_no_output(case, tmp_path, smal
 @pytest.mark.parametrize(
     "cut,message",
     [
-        ("0", "cut index 0 does not exist: valid cuts are 1..68"),
+        ("0", "cut index 0 does not exist: cuts are numbered 1..68"),
         ("69", "cut index 69 does not exist"),
         ("-4", "cut index -4 does not exist"),
         ("relu_999", "no tensor named 'relu_999'"),
