@@ -248,6 +248,10 @@ def mismatch(name: str, arr: np.ndarray, expect: OutputExpect) -> str | None:
     words; None where it fits."""
     want, shape = expect
     if want is not None and arr.dtype != want:
+        if arr.dtype.newbyteorder("=") == want:  # onnxruntime would read its bytes in its own order
+            return (
+                f"{name}: dtype {arr.dtype}, {want} in the other byte order (convert with .astype('{want}'))"
+            )
         return f"{name}: dtype {arr.dtype}, the plan expects {want}"
     got = arr.shape
     if shape is None:  # unknown: any shape

@@ -305,7 +305,14 @@ def read_sample(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarra
     except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (it ended a whole run)
         raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
     ((name, rank),) = ranks.items()
+    arr = _native(arr)
     return {name: arr[None] if rank is not None and arr.ndim == rank - 1 else arr}
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """The array in this machine's byte order: ``np.save`` keeps a big-endian array's order, and
+    onnxruntime reads the bytes as its own order without a word (NaN and noise from a valid file)."""
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
 
 
 def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
@@ -315,7 +322,7 @@ def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
     initializer of the same name, which a split keeps as a constant) would change nothing in silence."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            arrays = {k: _native(z[k]) for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
     missing = [n for n in ranks if n not in arrays]

@@ -356,6 +356,25 @@ def test_samples_of_a_single_scalar_input_are_read_from_npy_files(tmp_path):
     assert "measured on 2 inputs from" in " ".join(r.stdout.split()), r.stdout
 
 
+def test_big_endian_sample_files_are_read_in_this_machines_byte_order(tmp_path):
+    """``np.save`` keeps a big-endian array's byte order, and onnxruntime reads such an array's bytes in
+    its own order without a word: a valid '>f4' file became NaN and noise. Files are converted on reading;
+    an array handed to the API in the other order is refused, saying how to convert it."""
+    from splitpoint.core.runner import mismatch
+    from splitpoint.core.samples import read_sample
+
+    x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x.astype(">f4"))
+    np.savez(tmp_path / "b.npz", x=x.astype(">f4"), n=np.arange(3, dtype=">i8"))
+    a = read_sample(tmp_path / "a.npy", {"x": 2})["x"]
+    b = read_sample(tmp_path / "b.npz", {"x": 2, "n": 1})
+    for arr, want in ((a, x), (b["x"], x), (b["n"], np.arange(3))):
+        assert arr.dtype.isnative and arr.dtype == want.dtype
+        np.testing.assert_array_equal(arr, want)
+    said = mismatch("x", x.astype(">f4"), (np.dtype(np.float32), ("N", 8)))
+    assert said is not None and "other byte order" in said and ".astype('float32')" in said
+
+
 def test_a_head_the_quantiser_cannot_convert_is_one_line_naming_the_way_out(tmp_path):
     """An opset-8 Upsample in the head: onnxruntime's dynamic quantiser calls onnx's version converter,
     which has no adapter for it and asserted out in a traceback."""

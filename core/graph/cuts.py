@@ -174,7 +174,8 @@ def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
         raise CutError("the model has fewer than two compute nodes: there is nothing to cut")
     if not 1 <= k <= m - 1:
         raise CutError(
-            f"cut index {k} does not exist: cuts are numbered 1..{m - 1} (`splitpoint cuts` lists the valid ones)"
+            f"cut index {k} does not exist: cuts are numbered 1..{m - 1} "
+            "(`splitpoint cuts` lists the valid ones)"
         )
     cuts = cuts if cuts is not None else enumerate_cuts(idx)
     cut = (
