@@ -59,7 +59,11 @@ class DecoderSegment:
     def __init__(
         self, model: str | Path | bytes | onnx.ModelProto | ort.InferenceSession, threads: int = 0
     ) -> None:
-        self.sess = model if isinstance(model, ort.InferenceSession) else make_session(model, threads=threads)
+        self.sess = (
+            model
+            if isinstance(model, ort.InferenceSession)
+            else make_session(model, threads=threads, arena=False)
+        )
         ins = self.sess.get_inputs()
         self.inputs = [i.name for i in ins]
         self.outputs = [o.name for o in self.sess.get_outputs()]

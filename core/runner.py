@@ -70,11 +70,15 @@ def make_session(
     optimization: str = "all",
     weights: Callable[[str], np.ndarray] | None = None,
     prepack: bool = True,
+    arena: bool = True,
 ) -> ort.InferenceSession:
     """``weights``: the arrays of a model part's shared weights by name (``GraphIndex.weight_array``).
     ``prepack=False`` for a session run once or twice (a split's trial run): onnxruntime's repacking
-    of MatMul/Gemm/Conv weights pays off over many runs, and costs 0.5 s of a 0.8 s trial on AlexNet."""
+    of MatMul/Gemm/Conv weights pays off over many runs, and costs 0.5 s of a 0.8 s trial on AlexNet.
+    ``arena=False`` where the outputs are kept (a decoder's KV caches): onnxruntime's CPU arena grows
+    to the most they ever held and never gives it back, where plain allocations can be (``trim_heap``)."""
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     # the pool's threads stop spinning when a run ends. A process holds several sessions that run in
     # turn (head and tail in the profiler, a plan set's members, the edge's fallback model, a server's
     # plans): a pool left spinning held the cores the next session's threads needed, and with as many
@@ -521,10 +525,13 @@ def run_samples(
     the batch at 1, and some outputs carry no batch dimension at all, e.g. a time-major CRNN's)."""
     names = [i.name for i in session.get_inputs()]
     free = all(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
-    rows = [s[names[0]].shape[0] if names and np.ndim(s[names[0]]) else 0 for s in samples]
+    rows = [_rows_of(s, names) for s in samples]
     if len(samples) > 1 and free and all(rows):
-        outs = session.run(None, {n: np.concatenate([s[n] for s in samples]) for n in names})
-        if all(o.ndim and o.shape[0] == sum(rows) for o in outs):
+        try:
+            outs = session.run(None, {n: np.concatenate([s[n] for s in samples]) for n in names})
+        except Exception:  # onnxruntime's own type: a first axis that is not a batch after all
+            outs = []
+        if outs and all(o.ndim and o.shape[0] == sum(rows) for o in outs):
             bounds = np.cumsum(rows)[:-1]
             split = [np.split(o, bounds) for o in outs]
             # a time-major output whose length happens to equal the batch would split wrongly, and a model
@@ -537,6 +544,14 @@ def run_samples(
             ):
                 return [[parts[k] for parts in split] for k in range(len(samples))]
     return [session.run(None, {n: s[n] for n in names}) for s in samples]
+
+
+def _rows_of(sample: dict[str, np.ndarray], names: list[str]) -> int:
+    """The rows every input of a sample has along its first axis, 0 where they differ: a free first axis
+    is not always the batch (a time-major LSTM's ``x[T, N, F]`` beside its ``sequence_lens[N]``), and
+    joining such samples along it fed onnxruntime 8 samples' times against 8 samples' lengths."""
+    counts = {int(sample[n].shape[0]) if np.ndim(sample[n]) else 0 for n in names}
+    return counts.pop() if len(counts) == 1 else 0
 
 
 def _same_run(alone: np.ndarray, in_batch: np.ndarray) -> bool:

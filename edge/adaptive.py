@@ -37,6 +37,7 @@ import functools
 import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -51,6 +52,8 @@ from splitpoint.partitioner.planset import choose
 from .client import EdgeClient, EdgeError, EdgeResult
 from .config import EdgeConfig
 from .estimator import LinkEstimator
+
+MAX_SWITCHES_KEPT = 10_000
 
 PROBE_UP = 4.0  # a probe goes over the member the set would run on a link this many times faster
 # ... one request in this many: weighted by their bits, two such probes in the estimate's window (2 s,
@@ -105,7 +108,9 @@ class AdaptiveClient:
         self.current = self.set.index_for(ref) if ref else 0
         self.requests = 0
         self._counts = {"ok": 0, "fallback": 0, "errors": 0}  # the caller's requests (see ``counts``)
-        self.switches: list[dict] = []
+        # the latest switches, for the trace bench and the caller (a client up for months switching every
+        # few minutes kept every one: 384 bytes each, without bound)
+        self.switches: deque[dict] = deque(maxlen=MAX_SWITCHES_KEPT)
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
         self._last_status: dict | None = None

@@ -96,7 +96,12 @@ class PlanRegistry:
                 i,
             )
         file = plan.stages[i].file
-        session = make_session(path / file, self.threads, self.provider) if file else None
+        # a decoder's caches are kept past the run: out of the arena, their memory can be given back
+        session = (
+            make_session(path / file, self.threads, self.provider, arena=plan.decoder is None)
+            if file
+            else None
+        )
         check_stage_chain(plan)
         if session is not None and file:  # as a deploy checks it (check_models_load)
             check_fits(plan, file, session)

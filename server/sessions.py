@@ -23,6 +23,11 @@ import numpy as np
 
 from splitpoint.core import wire
 from splitpoint.core.kvcache import as_past
+from splitpoint.core.machine import trim_heap
+
+# freed cache bytes past which the heap's free pages go back to the system: a server that held many
+# sessions for a while otherwise keeps their memory at its peak for good
+TRIM_AFTER_BYTES = 64 << 20
 
 # (the client's routing identity, the server's file descriptor for its connection or None where libzmq does
 # not say, plan id, session number)
@@ -49,6 +54,7 @@ class DecoderSessions:
         self.expired = 0
         self.dropped = 0  # freed because their connection closed
         self._next_sweep = 0.0
+        self._freed = 0  # cache bytes freed since the heap was last trimmed
 
     def __len__(self) -> int:
         return len(self._s)
@@ -114,6 +120,7 @@ class DecoderSessions:
         s = self._s.pop(key, None)
         if s is not None:
             self.cache_bytes -= s.nbytes
+            self._freed += s.nbytes
         return s is not None
 
     def drop_peer(self, peer: bytes, fd: int | None = None) -> int:
@@ -135,4 +142,7 @@ class DecoderSessions:
         for k in stale:
             self.close(k)
         self.expired += len(stale)
+        if self._freed >= TRIM_AFTER_BYTES:  # at most once a sweep: a trim walks the heap (a few ms)
+            self._freed = 0
+            trim_heap()
         return len(stale)

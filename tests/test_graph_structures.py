@@ -42,6 +42,10 @@ def test_if_and_loop_are_atomic_and_their_outer_scope_reads_cross():
     # the Loop body reads r too: it must cross until the Loop is in the head
     after_if = next(c for c in cuts if c.last_node == "if")
     assert {c.name for c in after_if.crossing} == {"cond", "iff", "r"}
+    # a tensor of a body is named as such, not as absent from the graph
+    for inner, holder in (("t_out", "If node 'if'"), ("acc_out", "Loop node 'loop'")):
+        with pytest.raises(CutError, match=f"{inner}' is inside the body of {holder}: a cut runs between"):
+            cut_by_tensors(idx, [inner])
 
 
 def test_model_local_functions_are_carried_to_both_sides():

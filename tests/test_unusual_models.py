@@ -356,6 +356,58 @@ def test_samples_of_a_single_scalar_input_are_read_from_npy_files(tmp_path):
     assert "measured on 2 inputs from" in " ".join(r.stdout.split()), r.stdout
 
 
+def test_a_time_major_rnn_with_its_lengths_is_measured_sample_by_sample(tmp_path):
+    """x[T, N, F] beside sequence_lens[N]: every input's first axis is free, but x's is time. Samples joined
+    along it gave onnxruntime 8 samples' steps against 8 samples' lengths, and fidelity and plan failed
+    (blaming --input-shape) on a model each sample runs alone."""
+    from splitpoint.core.runner import run_samples
+
+    rng = np.random.default_rng(4)
+    hid, feat = 4, 3
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+        for name, shape in (("W", (1, 4 * hid, feat)), ("R", (1, 4 * hid, hid)), ("B", (1, 8 * hid)))
+    ]
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["xt"]),
+        helper.make_node("LSTM", ["xt", "W", "R", "B", "lens"], ["Y", "Yh"], hidden_size=hid),
+        helper.make_node("Relu", ["Yh"], ["out"]),
+    ]
+    model = _tiny(
+        nodes,
+        [_vi("x", ["T", "N", feat]), _vi("lens", ["N"], TensorProto.INT32)],
+        [_vi("out", [1, "N", hid])],
+        inits,
+        name="time_major",
+    )
+    path = _save(model, tmp_path / "tm.onnx")
+    samples = [
+        {"x": rng.standard_normal((6, 2, feat)).astype(np.float32), "lens": np.array([k + 1, 6], np.int32)}
+        for k in range(3)
+    ]
+    sess = make_session(path, threads=1)
+    got = run_samples(sess, samples)
+    for s, outs in zip(samples, got, strict=True):
+        np.testing.assert_array_equal(outs[0], sess.run(None, s)[0])
+    (tmp_path / "in").mkdir()
+    for k, s in enumerate(samples):
+        np.savez(tmp_path / "in" / f"s{k}.npz", **s)
+    r = run_cli(
+        "fidelity",
+        path,
+        "--input-shape",
+        "x:6x2x3",
+        "--cut",
+        "1",
+        "--codec",
+        "int8",
+        "--inputs",
+        tmp_path / "in",
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "measured on 3 inputs from" in " ".join(r.stdout.split()), r.stdout
+
+
 def test_big_endian_sample_files_are_read_in_this_machines_byte_order(tmp_path):
     """``np.save`` keeps a big-endian array's byte order, and onnxruntime reads such an array's bytes in
     its own order without a word: a valid '>f4' file became NaN and noise. Files are converted on reading;
@@ -588,6 +640,17 @@ def test_a_symbol_given_for_one_input_fixes_it_in_the_others():
     fixed = apply_input_shapes(m, {"x": [1, 12, 4]})
     dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in fixed.graph.input}
     assert dims == {"x": [1, 12, 4], "h": [2, 1, 3]}
+    # the batch is h's second dimension, so it cannot stay free: N for x is not offered, and kept free
+    # beside a size for h (accepted, it planned cuts that failed at the batch it sampled) is refused
+    from splitpoint.core.errors import ModelError
+    from splitpoint.core.graph.shapes import KEEP
+
+    with pytest.raises(ModelError, match=r"--input-shape x:\?x\?x4 "):
+        apply_input_shapes(m, {})
+    with pytest.raises(ModelError, match="'batch' is the first dimension of x, kept free, and a later one"):
+        apply_input_shapes(m, {"x": [KEEP, 12, 4]})
+    with pytest.raises(ModelError, match="x keeps dimension 'batch' free, but --input-shape h gives it 2"):
+        apply_input_shapes(m, {"x": [KEEP, 12, 4], "h": [2, 2, 3]})
 
 
 def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):

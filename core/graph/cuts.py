@@ -13,8 +13,11 @@ import difflib
 import itertools
 from dataclasses import asdict, dataclass, field
 
+import onnx
+
 from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import CutError
+from splitpoint.core.subgraphs import iter_nodes
 
 from .flops import node_macs, param_tensors, tensor_size
 from .index import GraphIndex
@@ -191,6 +194,18 @@ def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
     return cut
 
 
+def _holder_of(idx: GraphIndex, name: str) -> str | None:
+    """The main-graph node (op and name) whose control-flow body (If, Loop, Scan) computes ``name``."""
+    for node in idx.nodes:
+        for a in node.attribute:
+            if a.type != onnx.AttributeProto.GRAPH:
+                continue
+            inner = {i.name for i in a.g.input} | {o for n in iter_nodes(a.g) for o in n.output}
+            if name in inner:
+                return f"{node.op_type} node {node.name!r}" if node.name else f"a {node.op_type} node"
+    return None
+
+
 def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
     """Head = every compute node the named tensors depend on, or where the tail would then need more from
     the head, the first cut `cuts` lists whose computed crossing tensors are exactly these. Otherwise
@@ -198,6 +213,12 @@ def cut_by_tensors(idx: GraphIndex, names: list[str]) -> Cut:
     all_names = set(idx.producer) | set(idx.inputs) | set(idx.initializers)
     for n in names:
         if n not in all_names:
+            holder = _holder_of(idx, n)
+            if holder is not None:
+                raise CutError(
+                    f"tensor {n!r} is inside the body of {holder}: a cut runs between the main graph's "
+                    "nodes, before or after that node (`splitpoint cuts` lists them)"
+                )
             near = difflib.get_close_matches(n, list(idx.producer), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise CutError(f"no tensor named {n!r} in the graph{hint}")

@@ -83,6 +83,8 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
     out = onnx.ModelProto()
     out.CopyFrom(model)
     symbols: dict[str, int] = {}
+    given_by: dict[str, str] = {}  # a symbol given a size: the input whose option gave it
+    kept_free: dict[str, str] = {}  # a symbol an option left free (N): the input whose option kept it
     name_anonymous_dims(out)
     for vi in out.graph.input:
         if vi.name not in shapes:
@@ -99,8 +101,11 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         dims = vi.type.tensor_type.shape.dim
         for d, w in zip(dims, want, strict=True):
             if w == KEEP:
+                if d.HasField("dim_param"):
+                    kept_free.setdefault(d.dim_param, vi.name)
                 continue
             if d.HasField("dim_param"):
+                given_by.setdefault(d.dim_param, vi.name)
                 # one symbol is one size: two inputs that share it given two sizes cannot both hold
                 # (onnxruntime would refuse the pair at run time, or a cut's shapes would be nonsense)
                 first = symbols.setdefault(d.dim_param, w)
@@ -111,6 +116,14 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                     )
             d.Clear()
             d.dim_value = w
+    # a symbol left free in one input and given a size in another cannot be both: the size would hold in
+    # one input and not in the other (an LSTM's x:Nx7x16 beside h0:4x2x24 planned cuts that failed)
+    for sym, name in kept_free.items():
+        if sym in symbols:
+            raise ModelError(
+                f"--input-shape {name} keeps dimension {sym!r} free, but --input-shape {given_by[sym]} "
+                f"gives it {symbols[sym]}: the model's inputs share it, so give {name} that size too"
+            )
     # a symbol is one size wherever it appears: the sizes given for one input fix the others' (an LSTM's
     # initial states share the data's batch)
     for vi in out.graph.input:
@@ -123,6 +136,9 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                 d.dim_value = w
     # per input missing a size: its name, its unknown dimensions (symbols, or "dim K"), an --input-shape
     missing: list[tuple[str, list[str], str]] = []
+    # a symbol past the first dimension of some input (an LSTM's initial states hold the batch second)
+    # must take a size: only a first dimension may stay free, so it is no batch that N keeps free
+    later = {d for vi in out.graph.input if vi.name not in inits for d in _dims(vi)[1:] if isinstance(d, str)}
     for vi in out.graph.input:
         if vi.name in inits:
             continue
@@ -134,10 +150,20 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             if k > 0 and not fixed[k]
         ]
         if free:
-            example = "x".join(str(d) if fixed[k] else ("N" if k == 0 else "?") for k, d in enumerate(dims))
+            example = "x".join(
+                str(d) if fixed[k] else ("N" if k == 0 and d not in later else "?")
+                for k, d in enumerate(dims)
+            )
             missing.append((vi.name, free, f"--input-shape {vi.name}:{example}"))
     if missing:
         hint = "(each ? a size; N keeps the batch free, or give it)"
+        held = sorted({d for _, free, _ in missing for d in free} & set(kept_free))
+        if held:
+            hint += "; " + "; ".join(
+                f"{sym!r} is the first dimension of {kept_free[sym]}, kept free, and a later one of another "
+                "input: only a first dimension may stay free, so give it a size in both"
+                for sym in held
+            )
         # N (or ?) given past the batch keeps that dimension as free as the file has it: say so, or the
         # user reads the options as asking again for what they gave
         kept = [n for n, _, _ in missing if any(w == KEEP for w in list(shapes.get(n, ()))[1:])]
