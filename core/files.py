@@ -30,6 +30,24 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
 
 
+def cannot_write_in(folder: str | Path) -> str | None:
+    """Why no file can be written in ``folder`` (made where missing), in words, or None: checked before
+    minutes of measurement, not after them. A file in the way, a read-only file system, or a folder this
+    user may not write (the nearest that exists: a missing one is made in it)."""
+    p = Path(folder)
+    if (blocked := file_in_the_way(p)) is not None:
+        return f"{blocked} is a file"
+    near = next((q for q in (p, *p.parents) if q.exists()), Path("/"))
+    try:
+        if os.statvfs(near).f_flag & os.ST_RDONLY:
+            return f"{near} is on a read-only file system"
+    except OSError:
+        pass
+    if not os.access(near, os.W_OK | os.X_OK):
+        return f"this user may not write in {near}"
+    return None
+
+
 def read_at_most(path: str | Path, limit: int) -> tuple[bytes, int]:
     """A file's bytes and its size, or no bytes where it is past ``limit``: a caller refuses such a file
     without holding it (a 3 GiB plan.json was read whole, to 3.2 GB of memory on an edge device, before its
@@ -49,15 +67,28 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     if not p.name or p.is_dir():
         raise OutputExistsError(f"output {str(p) or '(empty)'!r} is a directory: give a file name")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except OSError as exc:
+        raise naming(exc, p, p.parent / f".{p.name}.") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep it from all but its writer
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise naming(exc, p, tmp) from exc
         raise
+
+
+def naming(exc: OSError, target: str | Path, tmp: str | Path) -> OSError:
+    """A write's failure as the user's path's: a full disk's error names no file (write(2) has none), and
+    a read-only one names the temporary file or folder the write went to, which the user never chose."""
+    if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(target))  # the errno's own subclass
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

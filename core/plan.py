@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .codecs import DTYPES
 from .config import explain_fields
-from .errors import OutputExistsError, PlanError
-from .files import current_umask, read_at_most
+from .errors import OutputExistsError, PlanError, SplitPointError
+from .files import current_umask, naming, read_at_most
 from .onnxio import sha256_file
 from .textfiles import DuplicateKeyError, load_json
 
@@ -559,7 +559,7 @@ def _writer_tag() -> str:
 
 def _writer_gone(name: str) -> bool:
     """Whether the temporary directory ``name`` was left by a process of this host that is no more."""
-    m = re.search(r"\.tmp-(\d+)@([A-Za-z0-9]+)-", name)
+    m = re.search(r"\.(?:tmp|old)-(\d+)@([A-Za-z0-9]+)-", name)
     if m is None or m[2] != _writer_tag().split("@", 1)[1]:
         return False  # another host's (a shared file system), or an older name: only age tells
     try:
@@ -571,27 +571,49 @@ def _writer_gone(name: str) -> bool:
     return False
 
 
-def sweep_leftovers(plans_dir: Path, now: float | None = None) -> list[str]:
+def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None = None) -> list[str]:
     """Remove the temporary directories of plan writes that never finished (a server killed while it
-    loaded a pushed plan) from ``plans_dir``; the names removed. Those whose writer, a process of this
-    host, is gone, and any untouched for ``LEFTOVER_AGE_S``: a younger one of a live (or another host's)
-    writer may be at work. A server restarted at once after a crash kept 77 MB of a half-written tail."""
+    loaded a pushed plan, a ``plan`` killed while it wrote) from ``plans_dir``; the names removed. Those
+    whose writer, a process of this host, is gone, and any untouched for ``LEFTOVER_AGE_S``: a younger one
+    of a live (or another host's) writer may be at work. A server restarted at once after a crash kept
+    77 MB of a half-written tail. The earlier plan a ``--force`` write had set aside (``.NAME.old-…``)
+    goes back in place where that write was killed before its new plan took the name; ``only``: the
+    leftovers of writes to ``plans_dir/only`` alone."""
     now = time.time() if now is None else now
     gone: list[str] = []
     try:
-        found = [d for d in Path(plans_dir).iterdir() if d.name.startswith(".") and ".tmp-" in d.name]
+        found = sorted(
+            (
+                d
+                for d in Path(plans_dir).iterdir()
+                if (m := _LEFTOVER_RE.match(d.name)) and (only is None or m[1] == only)
+            ),
+            key=lambda d: ".old-" not in d.name,  # an old plan goes back before a new one's files go
+        )
     except OSError:
         return gone
     for d in found:
         try:
             stale = now - d.stat().st_mtime > LEFTOVER_AGE_S or _writer_gone(d.name)
-            if d.is_dir() and not d.is_symlink() and stale:
-                shutil.rmtree(d)
-                gone.append(d.name)
-                log.info("removed %s: a pushed plan's files, left by a deploy that never finished", d)
+            if not (d.is_dir() and not d.is_symlink() and stale):
+                continue
+            m = _LEFTOVER_RE.match(d.name)
+            home = d.parent / m[1] if m else None
+            if m and m[2] == "old" and home is not None and not os.path.lexists(home):
+                os.replace(d, home)
+                log.warning("restored %s: the plan a write that never finished had set aside", home)
+                continue
+            shutil.rmtree(d)
+            gone.append(d.name)
+            log.info("removed %s: a plan's files, left by a write that never finished", d)
         except OSError:
             continue
     return gone
+
+
+# a write's temporary directory (``.NAME.tmp-PID@HOST-XXXX``) or the earlier plan it set aside
+# (``.NAME.old-PID@HOST-``)
+_LEFTOVER_RE = re.compile(r"^\.(.+)\.(tmp|old)-")
 
 
 # what --force may replace: a directory a plan or a plan set was written to, or an empty one
@@ -633,15 +655,21 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
     the plan is cut from, a user's files) is refused, not deleted. Without it, a directory that another
     process wrote meanwhile is refused too, not replaced: of two writers one is told.
     """
+    target = Path(target)
+    if target.name and target.parent.is_dir():  # what a killed write of this target left: its old plan back
+        sweep_leftovers(target.parent, only=target.name)
     target = check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
+    except OSError as exc:
+        raise naming(exc, target, target.parent / f".{target.name}.") from exc
     old = None
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would keep the plan from a service's user
         if target.exists() and force:
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = target.parent / f".{target.name}.old-{_writer_tag()}-"
             os.replace(target, old)
         try:
             os.rename(tmp, target)  # over a missing or empty directory only
@@ -651,10 +679,12 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
                     f"output directory {target} was written by another process meanwhile; nothing replaced"
                 ) from exc
             raise
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not target.exists():
             os.replace(old, target)
+        if isinstance(exc, OSError) and not isinstance(exc, SplitPointError):
+            raise naming(exc, target, tmp) from exc
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

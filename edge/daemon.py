@@ -504,13 +504,20 @@ class EdgeDaemon:
             check_models_load(d, plan)
 
         plan, _, target = install_pushed(files, self.plans_dir, load, "edge", self.config.fallback)
+        try:  # first: a switch no record keeps would be undone by the next start, without a word
+            self._record_deployed(target)
+        except OSError:
+            if target.resolve() != Path(self.config.plan_dir).resolve():  # not the plan running now
+                with unused_plan(target) as unused:
+                    if unused:
+                        shutil.rmtree(target, ignore_errors=True)
+            raise
         old = self.client
         self.config = self.config.with_(plan_dir=target)
         self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
         self.client.counts = old.counts  # the process's counts go on across plans, as telemetry says
         warnings = [w for w in (self._say_without_fallback(lost=old.cannot_fall_back is None),) if w]
         old.close(drain=True)
-        self._record_deployed(target)
         log.info("switched to plan %s", plan.plan_id[:12])
         prune_deployed(self.plans_dir, target)
         if self._served_now() is False:  # the log said so as the pong came; the deployer hears it too
@@ -540,8 +547,8 @@ class EdgeDaemon:
         return None
 
     def _record_deployed(self, target: Path) -> None:
-        """Remember the plan now running for this daemon's next start (by its --listen: another daemon on
-        the same PLAN_DIR keeps its own record)."""
+        """Remember the plan about to run for this daemon's next start (by its --listen: another daemon on
+        the same PLAN_DIR keeps its own record); OSError where it cannot, and the deploy is refused."""
         path = self.plans_dir / DEPLOYED
         try:
             records = _records(path)
@@ -549,10 +556,7 @@ class EdgeDaemon:
             records = {}
         records.pop("", None)  # a record from before they were kept per daemon: whose it was is unknown
         records[str(self.config.listen or "")] = {"replaces": str(self.started_with), "plan": target.name}
-        try:
-            atomic_write_text(path, json.dumps({"daemons": records}))
-        except OSError as exc:  # the switch stands; only a restart would not know of it
-            log.warning("could not record the deployed plan in %s: %s", path, exc)
+        atomic_write_text(path, json.dumps({"daemons": records}))
 
 
 def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:

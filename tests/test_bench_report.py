@@ -288,3 +288,25 @@ def test_the_printed_summary_never_shows_an_unjudged_figure_as_zero(saved, tmp_p
     results["summary"]["regret_within_target_share"] = 0.5
     line = report.summary_lines(results, tmp_path)[-2]
     assert "median prediction error 0.0 %; regret ≤ 1.05 in 50 % of cases" in line, line
+
+
+def test_a_report_that_fails_half_written_leaves_the_last_one_whole(tmp_path):
+    """A full disk mid-report left this run's new plots beside the last run's results.json and report.md,
+    and a truncated results.json.tmp: all of a report's files are written before any replaces the last."""
+    import errno
+
+    from splitpoint.app.bench.outdir import staged
+
+    (tmp_path / "results.json").write_text("last")
+    (tmp_path / "plot.png").write_text("last plot")
+    with pytest.raises(OSError) as e, staged(tmp_path) as stage:
+        (stage / "plot.png").write_text("new plot")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "results.json"]
+    assert (tmp_path / "plot.png").read_text() == "last plot"
+    with staged(tmp_path) as stage:
+        for name in ("plot.png", "results.json", "report.md"):
+            (stage / name).write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "report.md", "results.json"]
+    assert all(p.read_text() == "new" for p in tmp_path.iterdir())

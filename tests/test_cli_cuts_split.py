@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from splitpoint.core import zoo
-from splitpoint.core.errors import PlanError
+from splitpoint.core.errors import OutputExistsError, PlanError
 from splitpoint.core.plan import Plan, write_dir_atomically
 from splitpoint.core.runner import assemble, load_split, make_session
 
@@ -287,6 +287,58 @@ def test_failure_mid_write_leaves_previous_content_intact(tmp_path):
         write_dir_atomically(out, write, force=True)
     assert [p.name for p in out.iterdir()] == ["plan.json"] and (out / "plan.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["plan"]
+
+
+def test_a_force_write_killed_between_its_renames_gets_its_old_plan_back(tmp_path):
+    """SIGKILL after a --force write set the earlier plan aside and before its new one took the name:
+    no plan at the target, the old one hidden for good and the new one's folder deleted as a leftover by
+    the next server. The next write (or server start) puts the old plan back and removes the rest."""
+    from splitpoint.core.plan import _writer_tag, sweep_leftovers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"{dead.pid}@{_writer_tag().split('@', 1)[1]}"
+    aside, new = tmp_path / f".plan.old-{tag}-", tmp_path / f".plan.tmp-{tag}-ab12"
+    for d, text in ((aside, "old"), (new, "new")):
+        d.mkdir()
+        (d / "plan.json").write_text(text)
+    with pytest.raises(OutputExistsError, match="is not empty"):  # the old plan is back at the name
+        write_dir_atomically(tmp_path / "plan", lambda t: (t / "plan.json").write_text("newer"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
+    assert (tmp_path / "plan" / "plan.json").read_text() == "old"
+    write_dir_atomically(tmp_path / "plan", lambda t: (t / "plan.json").write_text("newer"), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
+    # a server's sweep does the same for the plans it holds
+    aside.mkdir()
+    (aside / "plan.json").write_text("old")
+    (tmp_path / "plan").rename(tmp_path / "elsewhere")
+    sweep_leftovers(tmp_path)
+    assert (tmp_path / "plan" / "plan.json").read_text() == "old" and not aside.exists()
+
+
+def test_a_failed_write_names_the_users_path_not_a_temporary_one(tmp_path):
+    """A full disk's error names no file (write(2) has none), a read-only one named the temporary folder
+    the write went to: 'error: No space left on device', with no word of where."""
+    import errno
+
+    def full(tmp):
+        (tmp / "head.onnx").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def readonly(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "head.onnx"))
+
+    out = tmp_path / "plan"
+    for write, kind in ((full, OSError), (readonly, PermissionError)):
+        with pytest.raises(kind) as e:
+            write_dir_atomically(out, write)
+        assert e.value.filename == str(out) and e.value.errno in (errno.ENOSPC, errno.EACCES)
+        assert list(tmp_path.iterdir()) == []
+    from splitpoint.core.files import atomic_write
+
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "p.json", lambda f: full(tmp_path))
+    assert e.value.filename == str(tmp_path / "p.json")
 
 
 def test_split_says_how_its_codec_applies_to_the_tensors_it_sends():

@@ -153,6 +153,8 @@ def _busy_port():
             "--max-unread-replies: Input should be greater than or equal to 1",
         ),
         (["profile", "resnet18", "-o", "/tmp"], "is a directory: give the profile's file name"),
+        # where the profile cannot be written is said before its minutes of measurement
+        (["profile", "resnet18", "-o", "/etc/hostname/p.json"], "cannot be written: /etc/hostname is a file"),
         (["serve", "--plans", "/etc/hostname"], "is a file: give the directory the plans are kept in"),
         (["deploy", "/nonexistent/plan", "--server", "tcp://127.0.0.1:5599", "--timeout", "-1"], "--timeout"),
         (["plan-decoder", "decoder-tiny", "--max-ttft", "-1"], "--max-ttft: Input should be greater than 0"),
@@ -192,6 +194,19 @@ def _busy_port():
 def test_user_errors_are_one_line_exit_2_and_fast(args, needle):
     t0 = _cpu()
     _one_line_error(run_cli(*args, timeout=60), needle, t0)
+
+
+def test_a_zoo_cache_that_cannot_be_written_is_named_and_left_clean(tmp_path):
+    """A full or read-only cache failed every zoo-name command with a bare 'No space left on device' (no
+    path), one more partial file left in it per run."""
+    (tmp_path / "file").write_text("")
+    r = run_cli(
+        "cuts", "mobilenetv2", env={"SPLITPOINT_CACHE": str(tmp_path / "file" / "cache")}, timeout=120
+    )
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot keep the zoo model mobilenetv2 in the cache {tmp_path}/file/cache/zoo" in said, said
+    assert "set SPLITPOINT_CACHE" in said and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_busy_port_is_one_line(tmp_path):

@@ -546,6 +546,36 @@ def test_an_unreadable_deploy_record_or_a_plan_without_fallback_is_said_at_start
         daemon.client.close(drain=False)
 
 
+def test_an_edge_deploy_its_record_cannot_keep_is_refused_and_leaves_nothing(model, tmp_path, monkeypatch):
+    """A disk with room for the pushed plan and not for deployed.json: the deploy was acknowledged, and the
+    next start ran the old plan without a word. Refused now, the daemon on its plan, the pushed one gone."""
+    import errno
+
+    from splitpoint.core.plan import Plan
+    from splitpoint.edge import daemon as edge_daemon
+
+    plans = tmp_path / "plans"
+    shutil.copytree(model["plans"] / "p-f32", plans / "start")
+    daemon = edge_daemon.EdgeDaemon(EdgeConfig(plan_dir=plans / "start", server="tcp://127.0.0.1:1"), plans)
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(edge_daemon, "atomic_write_text", full)  # the file system's refusal, unprivileged
+    try:
+        pushed = model["plans"] / "p-int8"
+        names = [n for n in ("plan.json", "head.onnx", "full.onnx") if (pushed / n).exists()]
+        msg = wire.Message(
+            wire.DEPLOY, 1, meta={"files": names}, frames=[(pushed / n).read_bytes() for n in names]
+        )
+        with pytest.raises(OSError, match="No space left"):
+            daemon._deploy(msg)
+        assert daemon.client.plan.plan_id == Plan.load(plans / "start").plan_id
+        assert sorted(p.name for p in plans.iterdir()) == ["start"]  # nothing installed is left
+    finally:
+        daemon.client.close(drain=False)
+
+
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):
     sock = f"ipc://{tmp_path}/edge.sock"
     proc = subprocess.Popen(

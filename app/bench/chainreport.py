@@ -12,6 +12,7 @@ from splitpoint.partitioner.costmodel import Link, uplink_ms
 
 from . import hostload
 from .edgecpu import calibration_verdict
+from .outdir import staged
 from .provenance import sentence_end
 from .report import OVER_BOUND, _f, at_floor, verdict
 
@@ -487,20 +488,17 @@ def plot(results: dict, out: Path) -> list[str]:
 
 
 def write_report(results: dict, out: Path, command: str) -> dict:
-    """results.json, report.md and the plot in ``out``, each written to a temporary name first."""
-    out.mkdir(parents=True, exist_ok=True)
+    """results.json, report.md and the plot in ``out``, all written before any replaces the last run's."""
     derive(results)
     results["targets"] = targets(results)
-    results["plots"] = plot(results, out)
     results["command"] = command
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(out / "results.json")
-    md = markdown(results, command)
-    if results["plots"]:
-        md += "\n## Plot\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
-    (out / "report.md.tmp").write_text(md)
-    (out / "report.md.tmp").replace(out / "report.md")
+    with staged(out) as stage:
+        results["plots"] = plot(results, stage)
+        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        md = markdown(results, command)
+        if results["plots"]:
+            md += "\n## Plot\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
+        (stage / "report.md").write_text(md)
     return results
 
 

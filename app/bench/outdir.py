@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from splitpoint.core.errors import OutputExistsError, SplitPointError
-from splitpoint.core.files import file_in_the_way
+from splitpoint.core.files import file_in_the_way, naming
 
 LOCK = ".splitpoint-bench.lock"
 
@@ -55,3 +57,20 @@ def claimed_output(out: Path) -> Iterator[Path]:
                     out.rmdir()  # only if empty: a run that failed before writing anything
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden folder in ``out`` that a report's files are written to; once all are, each moves into
+    ``out`` by a rename, which needs no space. A failure moves none and removes the folder: a full disk
+    left a run's new plots beside the last run's results and report, and a truncated results.json.tmp."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    except OSError as exc:
+        raise naming(exc, out, stage) from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -12,6 +12,7 @@ from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
 from . import hostload
 from .edgecpu import calibration_verdict
+from .outdir import staged
 from .provenance import sentence_end
 from .run import ALL_ON_EDGE, ALL_ON_SERVER_COMPRESSED, ALL_ON_SERVER_RAW
 
@@ -876,17 +877,15 @@ def plots(results: dict, out: Path) -> list[str]:
 
 
 def write_report(results: dict, out: Path) -> dict:
-    """results.json, report.md and the PNGs in ``out``, written to a temporary name first."""
+    """results.json, report.md and the PNGs in ``out``, all written before any replaces the last run's."""
     out.mkdir(parents=True, exist_ok=True)
     derive(results)
     results["targets"] = targets(results, load_runtime(runtime_results(out), out))
-    results["plots"] = plots(results, out)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(out / "results.json")
-    md = markdown(results)
-    if results["plots"]:
-        md += "\n## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
-    (out / "report.md.tmp").write_text(md)
-    (out / "report.md.tmp").replace(out / "report.md")
+    with staged(out) as stage:
+        results["plots"] = plots(results, stage)
+        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        md = markdown(results)
+        if results["plots"]:
+            md += "\n## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
+        (stage / "report.md").write_text(md)
     return results

@@ -9,20 +9,20 @@ from splitpoint.partitioner.planset import RATE_HEADROOM
 
 from . import hostload
 from .edgecpu import calibration_verdict
+from .outdir import staged
 from .provenance import sentence_end
 from .report import verdict
 
 
 def write_trace_report(results: dict, out: Path, command: str) -> dict:
-    """Each file written to a temporary name first, then renamed: nothing half-written is left."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every file written before any replaces the last run's: nothing half-written, no mix of two runs."""
     results["command"] = command
-    results["plots"] = [p for name, m in results["models"].items() if (p := plot(name, m, results, out))]
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(out / "results.json")
-    (out / "report.md.tmp").write_text(markdown(results, command))
-    (out / "report.md.tmp").replace(out / "report.md")
+    with staged(out) as stage:
+        results["plots"] = [
+            p for name, m in results["models"].items() if (p := plot(name, m, results, stage))
+        ]
+        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (stage / "report.md").write_text(markdown(results, command))
     return results
 
 

@@ -109,13 +109,13 @@ def _check_plot_path(path: Path) -> None:
     """Before the work, not after the plan is written: a format matplotlib writes, in a directory."""
     from matplotlib.figure import Figure
 
-    from splitpoint.core.files import file_in_the_way
+    from splitpoint.core.files import cannot_write_in
 
     formats = Figure().canvas.get_supported_filetypes()
     if path.suffix.lstrip(".").lower() not in formats:
         raise typer.BadParameter(f"--plot {path}: name a file ending in .{', .'.join(sorted(formats))}")
-    if (blocked := file_in_the_way(path.parent)) is not None:
-        raise typer.BadParameter(f"--plot {path}: {blocked} is a file")
+    if (why := cannot_write_in(path.parent)) is not None:
+        raise typer.BadParameter(f"--plot {path}: {why}")
 
 
 def _server_keys(

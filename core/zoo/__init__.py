@@ -6,6 +6,7 @@ Every command that takes a model accepts either an ONNX path or a zoo name, reso
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,10 +118,18 @@ def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed:
     path = cache_dir() / f"{name}-w{width:g}-r{res}-s{seed}.onnx"
     if not path.exists():
         model = build(name, width, resolution, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            onnx.save_model(model, str(tmp))
+            os.replace(tmp, path)
+        except OSError as exc:  # a full or read-only cache: said as such, and no partial file left in it
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise ModelError(
+                f"cannot keep the zoo model {name} in the cache {path.parent} ({exc.strerror or exc}): free "
+                "space there, or set SPLITPOINT_CACHE to a folder this user may write"
+            ) from exc
     return path
 
 
