@@ -7,6 +7,11 @@ the server, relays, the fidelity runs and the tests all compose a split model th
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import gc
+import glob
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -99,6 +104,7 @@ def make_session(
         import tempfile
 
         so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"splitpoint-ort-{os.getpid()}")
+        _remove_traces_at_exit(so.profile_file_prefix)
     # fatal only: a failing run raises with onnxruntime's message, which callers report (one line on the
     # CLI, an error reply on a server); its logger printing the same message first, in colour, doubled it
     so.log_severity_level = 4
@@ -116,6 +122,20 @@ def make_session(
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), sess_options=so, providers=providers
     )
+
+
+@functools.cache
+def _remove_traces_at_exit(prefix: str) -> None:
+    """Remove this process's onnxruntime traces as it exits: a profiling session interrupted while it was
+    built (Ctrl-C) writes its trace when it is destroyed, after every handler of the interruption ran."""
+
+    def remove() -> None:
+        gc.collect()  # a session still held by a cycle writes its trace now
+        for f in glob.glob(glob.escape(prefix) + "*.json"):
+            with contextlib.suppress(OSError):
+                os.unlink(f)
+
+    atexit.register(remove)
 
 
 # onnxruntime's tensor types ("tensor(float)") as numpy dtypes, for every dtype a payload carries: the

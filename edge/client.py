@@ -178,6 +178,7 @@ class EdgeClient:
         self._pool = ThreadPoolExecutor(max_workers=config.head_workers, thread_name_prefix="splitpoint-head")
         self._stop = threading.Event()
         self._closing = False
+        self._closed = False
         self.fatal: BaseException | None = None
         self.server_up = False
         self._last_heard = 0.0
@@ -282,14 +283,17 @@ class EdgeClient:
         """One inference, blocking, entirely in the calling thread unless others are in flight.
         ``timeout`` bounds the wait (TimeoutError); the request's own deadline is ``timeout_s``;
         ``report=False``: no latency sample (a plan set publishes its own, naming the member)."""
-        got = self._enqueue(feeds, None, True, report=report)
-        assert got is not None
+        end = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        got = self._enqueue(feeds, None, True, timeout, report=report)  # room in the window within it
+        if got is None:
+            raise FutureTimeout(
+                f"no room among the {self.config.window} requests in flight within {timeout} s"
+            )
         rid, p = got
         with self._lock:
             self._waiting += 1  # while every request in flight has a caller waiting, the background
         try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
             self._start(rid, p)
-            end = time.monotonic() + (timeout if timeout is not None else float("inf"))
             while not p.done:
                 left = end - time.monotonic()
                 if left <= 0:
@@ -297,6 +301,15 @@ class EdgeClient:
                 # alone, wait for the reply on the socket; with others in flight, in short turns
                 turn = 0.05 if len(self._pending) <= 1 else 0.002
                 self._conn.receive(min(left, turn))
+        except BaseException as exc:
+            # the caller stopped waiting (Ctrl-C in its thread): the request ends here, or one stopped
+            # before it was sent (no deadline yet) held its place in the window for good and every later
+            # call blocked. A timeout leaves it to its own deadline, as documented
+            if not isinstance(exc, FutureTimeout) and not p.done:
+                self._finish(
+                    rid, error=EdgeError(f"request {rid}: its caller was interrupted", "interrupted")
+                )
+            raise
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -306,7 +319,12 @@ class EdgeClient:
         return p.result
 
     def close(self, drain: bool = True, timeout: float = 10.0) -> None:
-        """Stop taking requests; with ``drain``, let those in flight finish first (SIGTERM)."""
+        """Stop taking requests; with ``drain``, let those in flight finish first (SIGTERM). Once: a second
+        call (a ``with`` block's end after an explicit close) does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._closing = True
         end = time.monotonic() + timeout
         while drain and self._pending and time.monotonic() < end and self.fatal is None:
@@ -357,10 +375,14 @@ class EdgeClient:
         )
         if not got:
             return None
-        rid = next(self._ids)
-        p = _Pending(future, feeds, time.perf_counter(), fallback=fallback, report=report)
-        with self._lock:
-            self._pending[rid] = p
+        try:  # the place taken is the request's from here: an interruption gives it back
+            rid = next(self._ids)
+            p = _Pending(future, feeds, time.perf_counter(), fallback=fallback, report=report)
+            with self._lock:
+                self._pending[rid] = p
+        except BaseException:
+            self._window.release()
+            raise
         return rid, p
 
     def _finish(self, rid: int, result: EdgeResult | None = None, error: Exception | None = None) -> None:

@@ -175,12 +175,13 @@ class EdgeDaemon:
         """What ``splitpoint edge run`` does: the folder of inputs (if any), then the local socket (if
         configured) until SIGTERM/SIGINT, draining what is in flight. Returns the folder's summary:
         ``ok`` (split), ``local`` (an edge-only plan's answers), ``fallback`` (answered locally when the
-        split failed), ``errors`` and ``inputs``."""
-        summary = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": 0}
-        with stop_on_signals(self.stop):
+        split failed), ``errors``, ``inputs`` and ``signal`` (the one that stopped the folder's run)."""
+        summary: dict[str, Any] = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": 0}
+        with stop_on_signals(self.stop) as caught:
             try:
                 if inputs is not None:
                     summary = self.run_folder(inputs, outputs)
+                    summary["signal"] = caught[0] if caught else None  # stopped before the folder's end
                 if self.config.listen:
                     self.serve_local()
             finally:  # the local socket drained already (timeout_s twice over): what is left is told so

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -728,3 +730,97 @@ def test_every_command_s_help_is_readable_at_80_columns():
         lines = result.output.splitlines()
         assert max(len(line) for line in lines) <= 80, name
         assert not [line for line in lines if "…" in line], (name, result.output)
+
+
+def test_a_profiling_session_left_unfinished_leaves_no_trace_file(tmp_path, small_resnet18):
+    """Ctrl-C while the profiler built its session: onnxruntime wrote the session's trace into the temp
+    folder when it was destroyed, after every handler ran, and it stayed there."""
+    code = (
+        "import sys\n"
+        "from splitpoint.core.runner import make_session\n"
+        f"s = make_session({str(small_resnet18)!r}, enable_profiling=True)\n"
+        "raise KeyboardInterrupt  # the session is never ended: destroyed at exit\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr
+    assert list(tmp_path.glob("splitpoint-ort-*")) == []  # (importing onnxruntime leaves a .ses of its own)
+
+
+def test_a_child_run_for_the_bench_is_stopped_cleanly_when_the_bench_is(tmp_path):
+    """SIGTERM to the bench alone while it profiled in a child under a CPU limit: subprocess.run killed
+    the child with SIGKILL, and its cgroup stayed behind. The child is asked to stop first."""
+    child = (
+        "import signal, sys, time, pathlib\n"
+        f"def bye(*a):\n    pathlib.Path({str(tmp_path / 'cleaned')!r}).write_text('yes'); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        f"pathlib.Path({str(tmp_path / 'up')!r}).write_text('up')\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import signal, sys\n"
+        "from splitpoint.app.cli import _terminated\n"
+        "from splitpoint.app.process import run_child\n"
+        "signal.signal(signal.SIGTERM, _terminated)  # as main() does\n"
+        f"run_child([sys.executable, '-c', {child!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "up").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.terminate()
+    assert proc.wait(60) == 143
+    assert (tmp_path / "cleaned").read_text() == "yes"
+
+
+def test_a_folder_run_stopped_by_a_signal_says_so_and_exits_as_interrupted(plan_dir, tmp_path):
+    """SIGINT or SIGTERM mid-folder exited 1 with 'N of M inputs got no answer', as if the inputs had
+    failed: it says it was interrupted and exits 128 + the signal, as every other command does."""
+    import shutil
+    import signal
+
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    x0 = next((plan_dir / "inputs").glob("*.npy"))
+    for k in range(3000):
+        shutil.copy(x0, inputs / f"x{k}.npy")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=None)).start()
+    srv.registry.add_dir(plan_dir / "plan")
+    assert srv.endpoint is not None
+    out = tmp_path / "answers"
+    cmd = [
+        sys.executable,
+        "-m",
+        "splitpoint.app",
+        "edge",
+        "run",
+        str(plan_dir / "plan"),
+        "--server",
+        srv.endpoint,
+    ]
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            shutil.rmtree(out, ignore_errors=True)
+            proc = subprocess.Popen(
+                [*cmd, "--inputs", str(inputs), "--outputs", str(out), "--quiet"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 120
+            while not (out.is_dir() and any(out.iterdir())) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            _, errs = proc.communicate(timeout=120)
+            assert proc.returncode == 128 + sig, errs
+            assert "interrupted: " in errs and "of 3000 inputs got no answer" in errs, errs
+    finally:
+        srv.stop()

@@ -546,6 +546,48 @@ def test_an_unreadable_deploy_record_or_a_plan_without_fallback_is_said_at_start
         daemon.client.close(drain=False)
 
 
+def test_an_interrupted_infer_gives_its_place_in_the_window_back(model, server):
+    """Ctrl-C landing in infer before the request was sent left it pending with no deadline: its place in
+    the window was never given back, and with the window used up every later infer blocked for good,
+    its timeout ignored. And infer's timeout bounds the wait for a place in the window too."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    with client(model, server, window=2, timeout_s=60) as c:
+        real = c._head.run
+
+        def interrupted(feeds):
+            raise KeyboardInterrupt
+
+        c._head.run = interrupted
+        for _ in range(3):
+            with pytest.raises(KeyboardInterrupt):
+                c.infer(x(), timeout=5)
+        c._head.run = real
+        assert not c._pending
+        assert not c.infer(x(), timeout=30).fallback  # a place was free at once
+    # a server that takes requests and answers none: two fill the window for their 60 s timeout
+    ctx = zmq.Context.instance()
+    mute = ctx.socket(zmq.ROUTER)
+    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    cfg = EdgeConfig(
+        plan_dir=model["plans"] / "p-f32",
+        server=f"tcp://127.0.0.1:{port}",
+        timeout_s=60,
+        window=2,
+        fallback=False,
+    )
+    try:
+        with EdgeClient(cfg) as c:
+            held = [c.submit(x()) for _ in range(2)]
+            t0 = time.monotonic()
+            with pytest.raises(FutureTimeout, match="no room among the 2 requests in flight within 0.5 s"):
+                c.infer(x(), timeout=0.5)
+            assert time.monotonic() - t0 < 20 and not any(f.done() for f in held)
+            c.close(drain=False)
+    finally:
+        mute.close(0)
+
+
 def test_an_edge_deploy_its_record_cannot_keep_is_refused_and_leaves_nothing(model, tmp_path, monkeypatch):
     """A disk with room for the pushed plan and not for deployed.json: the deploy was acknowledged, and the
     next start ran the old plan without a word. Refused now, the daemon on its plan, the pushed one gone."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from splitpoint.app.process import run_child
 from splitpoint.core.errors import SplitPointError
 from splitpoint.profiles.cpulimit import MIN_CPUS, cpu_limit
 from splitpoint.profiles.profiler import time_runs
@@ -201,7 +201,7 @@ def calibrate_apart(device: DeviceSpec) -> Calibration:
         spec, out = Path(tmp) / "device.yaml", Path(tmp) / "calibration.json"
         spec.write_text(json.dumps(device.model_dump(mode="json")))
         cmd = [sys.executable, "-m", "splitpoint.app.bench.edgecpu", str(spec), str(out)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = run_child(cmd)
         if r.returncode:
             lines = r.stderr.strip().splitlines() or ["(no output)"]  # a traceback's last line says why
             raise SplitPointError(f"calibrating {device.name} failed: {lines[-1][-400:]}")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from splitpoint.app.process import check_running, splitpoint_command, start_server, stop
+from splitpoint.app.process import check_running, run_child, splitpoint_command, start_server, stop
 from splitpoint.core.config import StrictConfig
 from splitpoint.core.errors import ModelError, SplitPointError
 
@@ -215,7 +215,7 @@ def profile_apart(h, role: str, limit: float | None, budget: float, work: Path):
     args += ["-o", str(out), *(["--cpus", str(limit)] if limit else [])]
     for name, dims in h.input_shapes.items():
         args += ["--input-shape", f"{name}:{'x'.join(str(d) for d in dims)}"]
-    r = subprocess.run(splitpoint_command(*args), capture_output=True, text=True)
+    r = run_child(splitpoint_command(*args))
     if r.returncode:
         raise SplitPointError(f"profiling {h.name} as {role} failed: {r.stderr.strip()[-800:]}")
     return load_measured(out, h.sha256, h.input_shapes)

@@ -32,6 +32,18 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt caused ``exc`` (onnxruntime's import turns one into ImportError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _fail(message: str, code: int) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     sys.exit(code)
@@ -80,6 +92,9 @@ def main() -> None:
     except OSError as exc:  # the machine's: a full disk, a read-only file system (writes go by temp + rename)
         _fail(escape(os_reason(exc)), 1)
     except Exception as exc:
+        if _interrupted(exc):  # Ctrl-C while a library was imported: its ImportError, not the interrupt
+            err.print("interrupted")
+            sys.exit(130)
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
         # the model itself fails to run (an export that fixed a shape it traced, an input shape it cannot

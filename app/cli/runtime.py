@@ -297,6 +297,9 @@ def edge_run(
         said = _run_timings(summary)
         if said:
             console.print(said)
+        if summary.get("signal"):  # as any command stopped by Ctrl-C or SIGTERM: 128 + the signal
+            err.print(f"interrupted: {n - answered} of {n} inputs got no answer")
+            raise typer.Exit(128 + summary["signal"])
         if answered < n:  # exit 0 only when every input got an answer
             err.print(f"{n - answered} of {n} inputs got no answer")
             raise typer.Exit(1)
