@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import subprocess
 import sys
@@ -33,7 +34,10 @@ def run_child(cmd: Sequence[str]) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, errs = proc.communicate()
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # a terminal's Ctrl-C reached the child too: let it undo
+            with contextlib.suppress(subprocess.TimeoutExpired):  # its CPU limit before it is told again
+                proc.communicate(timeout=3.0)
         stop(proc, timeout=5.0)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, errs)

@@ -557,11 +557,12 @@ def _writer_tag() -> str:
     return f"{os.getpid()}@{host}"
 
 
-def _writer_gone(name: str) -> bool:
-    """Whether the temporary directory ``name`` was left by a process of this host that is no more."""
+def _writer_gone(name: str) -> bool | None:
+    """Whether the temporary directory ``name`` was left by a process of this host that is no more; None
+    where its name does not say (another host's, on a shared file system, or an older name)."""
     m = re.search(r"\.(?:tmp|old)-(\d+)@([A-Za-z0-9]+)-", name)
     if m is None or m[2] != _writer_tag().split("@", 1)[1]:
-        return False  # another host's (a shared file system), or an older name: only age tells
+        return None
     try:
         os.kill(int(m[1]), 0)
     except ProcessLookupError:
@@ -594,15 +595,21 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None 
         return gone
     for d in found:
         try:
-            stale = now - d.stat().st_mtime > LEFTOVER_AGE_S or _writer_gone(d.name)
+            # a writer of this host is asked whether it lives, whatever its folder's age (an earlier plan
+            # set aside keeps its old time through the rename); only age tells of another's
+            dead = _writer_gone(d.name)
+            stale = dead if dead is not None else now - d.stat().st_mtime > LEFTOVER_AGE_S
             if not (d.is_dir() and not d.is_symlink() and stale):
                 continue
             m = _LEFTOVER_RE.match(d.name)
             home = d.parent / m[1] if m else None
-            if m and m[2] == "old" and home is not None and not os.path.lexists(home):
-                os.replace(d, home)
-                log.warning("restored %s: the plan a write that never finished had set aside", home)
-                continue
+            if m and m[3] == "old":
+                if not any((d / f).is_file() for f in _PLAN_MARKERS):
+                    continue  # not a plan set aside: not ours to move or remove
+                if home is not None and not os.path.lexists(home):
+                    os.replace(d, home)
+                    log.warning("restored %s: the plan a write that never finished had set aside", home)
+                    continue
             shutil.rmtree(d)
             gone.append(d.name)
             log.info("removed %s: a plan's files, left by a write that never finished", d)
@@ -611,9 +618,13 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None 
     return gone
 
 
-# a write's temporary directory (``.NAME.tmp-PID@HOST-XXXX``) or the earlier plan it set aside
-# (``.NAME.old-PID@HOST-``)
-_LEFTOVER_RE = re.compile(r"^\.(.+)\.(tmp|old)-")
+# what plan writes leave, by the names they make and nothing else (a user's own ``.plan.tmp-notes`` is not
+# theirs): a temporary directory (``.NAME.tmp-PID@HOST-`` and mkdtemp's 8 characters, or an older
+# ``.NAME.tmp-`` and 8) or the earlier plan a --force write set aside (``.NAME.old-PID@HOST-``, older
+# ``.NAME.old-PID``)
+_LEFTOVER_RE = re.compile(
+    r"^\.(.+)\.(?:(tmp)-(?:\d+@[A-Za-z0-9]+-)?[a-z0-9_]{8}|(old)-\d+(?:@[A-Za-z0-9]+-)?)$"
+)
 
 
 # what --force may replace: a directory a plan or a plan set was written to, or an empty one

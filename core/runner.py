@@ -131,7 +131,7 @@ def _remove_traces_at_exit(prefix: str) -> None:
 
     def remove() -> None:
         gc.collect()  # a session still held by a cycle writes its trace now
-        for f in glob.glob(glob.escape(prefix) + "*.json"):
+        for f in glob.glob(glob.escape(prefix) + "_*.json"):  # onnxruntime's PREFIX_DATE.json: this pid's
             with contextlib.suppress(OSError):
                 os.unlink(f)
 

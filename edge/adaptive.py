@@ -37,7 +37,6 @@ import functools
 import math
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -110,7 +109,7 @@ class AdaptiveClient:
         self._counts = {"ok": 0, "fallback": 0, "errors": 0}  # the caller's requests (see ``counts``)
         # the latest switches, for the trace bench and the caller (a client up for months switching every
         # few minutes kept every one: 384 bytes each, without bound)
-        self.switches: deque[dict] = deque(maxlen=MAX_SWITCHES_KEPT)
+        self.switches: list[dict] = []
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
         self._last_status: dict | None = None
@@ -240,6 +239,8 @@ class AdaptiveClient:
         }
         self.current = new
         self.switches.append(event)
+        if len(self.switches) > MAX_SWITCHES_KEPT:
+            del self.switches[: len(self.switches) - MAX_SWITCHES_KEPT]
         if self.telemetry:
             self.telemetry.switch(event)
         self._publish_status()

@@ -290,9 +290,13 @@ class EdgeClient:
                 f"no room among the {self.config.window} requests in flight within {timeout} s"
             )
         rid, p = got
-        with self._lock:
-            self._waiting += 1  # while every request in flight has a caller waiting, the background
-        try:  # thread leaves the socket alone: no second thread wakes (and fights for the GIL) per reply
+        counted = False
+        try:
+            with self._lock:
+                # while every request in flight has a caller waiting, the background thread leaves the
+                # socket alone: no second thread wakes (and fights for the GIL) per reply
+                self._waiting += 1
+                counted = True
             self._start(rid, p)
             while not p.done:
                 left = end - time.monotonic()
@@ -311,8 +315,9 @@ class EdgeClient:
                 )
             raise
         finally:
-            with self._lock:
-                self._waiting -= 1
+            if counted:
+                with self._lock:
+                    self._waiting -= 1
         if p.error is not None:
             raise p.error
         assert p.result is not None
@@ -375,12 +380,15 @@ class EdgeClient:
         )
         if not got:
             return None
-        try:  # the place taken is the request's from here: an interruption gives it back
+        rid = -1
+        try:  # the place taken is the request's from here: an interruption gives it back, once
             rid = next(self._ids)
             p = _Pending(future, feeds, time.perf_counter(), fallback=fallback, report=report)
             with self._lock:
                 self._pending[rid] = p
         except BaseException:
+            with self._lock:
+                self._pending.pop(rid, None)
             self._window.release()
             raise
         return rid, p

@@ -504,18 +504,21 @@ class EdgeDaemon:
             refuse_decoder(plan)  # before it is installed: a deploy refused leaves nothing behind
             check_models_load(d, plan)
 
+        before = {d.name for d in self.plans_dir.iterdir()} if self.plans_dir.is_dir() else set()
         plan, _, target = install_pushed(files, self.plans_dir, load, "edge", self.config.fallback)
-        try:  # first: a switch no record keeps would be undone by the next start, without a word
+        config = self.config.with_(plan_dir=target)
+        client = EdgeClient(config, self.telemetry)  # announces the new plan
+        try:  # recorded before the switch: one no record keeps would be undone by the next start, unsaid
             self._record_deployed(target)
         except OSError:
-            if target.resolve() != Path(self.config.plan_dir).resolve():  # not the plan running now
+            client.close(drain=False)
+            if target.name not in before:  # this deploy's alone: no record or other daemon names it
                 with unused_plan(target) as unused:
                     if unused:
                         shutil.rmtree(target, ignore_errors=True)
             raise
         old = self.client
-        self.config = self.config.with_(plan_dir=target)
-        self.client = EdgeClient(self.config, self.telemetry)  # announces the new plan
+        self.config, self.client = config, client
         self.client.counts = old.counts  # the process's counts go on across plans, as telemetry says
         warnings = [w for w in (self._say_without_fallback(lost=old.cannot_fall_back is None),) if w]
         old.close(drain=True)

@@ -132,6 +132,12 @@ class DecoderSessions:
         self.dropped += len(gone)
         return len(gone)
 
+    @property
+    def due(self) -> bool:
+        """Whether ``sweep`` has work: sessions that may expire, or freed caches' memory to hand back
+        (sessions ended or dropped with their connection, and none left to sweep)."""
+        return bool(self._s) or self._freed >= TRIM_AFTER_BYTES
+
     def sweep(self, now: float | None = None) -> int:
         """Free the sessions idle longer than ``idle_s`` (at most once a second); how many were freed."""
         now = time.monotonic() if now is None else now

@@ -490,7 +490,7 @@ class TailServer:
                 self._flush_parked(router)
             if self._fwd:
                 self._expire(router, time.perf_counter())
-            if len(self.sessions):
+            if self.sessions.due:
                 self.sessions.sweep()
             if self.telemetry and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + self.config.metrics_interval_s

@@ -298,7 +298,7 @@ def test_a_force_write_killed_between_its_renames_gets_its_old_plan_back(tmp_pat
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     tag = f"{dead.pid}@{_writer_tag().split('@', 1)[1]}"
-    aside, new = tmp_path / f".plan.old-{tag}-", tmp_path / f".plan.tmp-{tag}-ab12"
+    aside, new = tmp_path / f".plan.old-{tag}-", tmp_path / f".plan.tmp-{tag}-ab12ab12"
     for d, text in ((aside, "old"), (new, "new")):
         d.mkdir()
         (d / "plan.json").write_text(text)
@@ -314,6 +314,17 @@ def test_a_force_write_killed_between_its_renames_gets_its_old_plan_back(tmp_pat
     (tmp_path / "plan").rename(tmp_path / "elsewhere")
     sweep_leftovers(tmp_path)
     assert (tmp_path / "plan" / "plan.json").read_text() == "old" and not aside.exists()
+    # a user's own hidden folders of such names are not a write's, whatever their age; nor is a set-aside
+    # plan of a writer that still runs (this process's parent)
+    mine = [tmp_path / ".plan.tmp-notes", tmp_path / ".plan.old-backup-2024"]
+    live = tmp_path / f".plan.old-{os.getppid()}@{_writer_tag().split('@', 1)[1]}-"
+    for d in (*mine, live):
+        d.mkdir()
+        (d / "plan.json").write_text("mine")
+        os.utime(d, (0, 0))
+    write_dir_atomically(tmp_path / "plan", lambda t: (t / "plan.json").write_text("newest"), force=True)
+    sweep_leftovers(tmp_path)
+    assert all(d.is_dir() for d in (*mine, live))
 
 
 def test_a_failed_write_names_the_users_path_not_a_temporary_one(tmp_path):

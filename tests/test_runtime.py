@@ -205,11 +205,11 @@ def test_a_plan_pushed_again_repairs_its_files_and_a_dead_deploy_s_leftovers_go(
 
     plans = tmp_path / "plans"
     plans.mkdir()
-    old = plans / ".0123456789abcdef.tmp-dead"
+    old = plans / ".0123456789abcdef.tmp-deadbeef"
     old.mkdir()
     (old / "tail.onnx").write_bytes(b"half")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    young = plans / ".fedcba9876543210.tmp-busy"  # another writer's, still at work
+    young = plans / ".fedcba9876543210.tmp-busybusy"  # another writer's, still at work
     young.mkdir()
     # a writer of this host that is gone (a server killed and restarted at once): its directory goes
     # whatever its age; a live one's stays
@@ -218,10 +218,10 @@ def test_a_plan_pushed_again_repairs_its_files_and_a_dead_deploy_s_leftovers_go(
     dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_pid.wait()
     host = _writer_tag().split("@", 1)[1]
-    crashed = plans / f".00112233445566aa.tmp-{dead_pid.pid}@{host}-x1y2"
+    crashed = plans / f".00112233445566aa.tmp-{dead_pid.pid}@{host}-x1y2x1y2"
     crashed.mkdir()
     (crashed / "tail.onnx").write_bytes(b"77 MB of a half-written tail")
-    live = plans / f".00112233445566bb.tmp-{os.getpid()}@{host}-x3y4"
+    live = plans / f".00112233445566bb.tmp-{os.getpid()}@{host}-x3y4x3y4"
     live.mkdir()
     srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
     try:
@@ -614,6 +614,12 @@ def test_an_edge_deploy_its_record_cannot_keep_is_refused_and_leaves_nothing(mod
             daemon._deploy(msg)
         assert daemon.client.plan.plan_id == Plan.load(plans / "start").plan_id
         assert sorted(p.name for p in plans.iterdir()) == ["start"]  # nothing installed is left
+        # the same plan installed before (another daemon's record names it): refused, it stays
+        there = plans / Plan.load(pushed).plan_id[:16]
+        shutil.copytree(pushed, there)
+        with pytest.raises(OSError, match="No space left"):
+            daemon._deploy(msg)
+        assert sorted(p.name for p in plans.iterdir()) == sorted(["start", there.name])
     finally:
         daemon.client.close(drain=False)
 

@@ -65,6 +65,8 @@ def staged(out: Path) -> Iterator[Path]:
     ``out`` by a rename, which needs no space. A failure moves none and removes the folder: a full disk
     left a run's new plots beside the last run's results and report, and a truncated results.json.tmp."""
     out.mkdir(parents=True, exist_ok=True)
+    for left in out.glob(".report-*"):  # a killed run's (the bench holds ``out``: no other is writing)
+        shutil.rmtree(left, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         yield stage
