@@ -216,11 +216,13 @@ def test_an_idle_session_is_freed_and_then_unknown(plans, server):
         assert e.value.code == wire.E_UNKNOWN_SESSION
 
 
+@pytest.mark.parametrize("ending", ["expired", "ended"])
 @pytest.mark.parametrize("server", [{"session_idle_s": 3.0, "max_sessions": 10_000}], indirect=True)
-def test_the_memory_of_expired_sessions_goes_back_to_the_system(plans, server):
+def test_the_memory_of_finished_sessions_goes_back_to_the_system(plans, server, ending):
     """onnxruntime's arena kept the caches' memory at its peak after their sessions expired: 500 sessions
     took a server from 126 to 531 MiB, and it stayed there. Out of the arena, and the heap trimmed once
-    enough was freed, most of it goes back."""
+    enough was freed, most of it goes back, whether the sessions expired or their client ended them (the
+    trim ran only while sessions were left to sweep)."""
     import psutil
 
     from splitpoint.core.machine import trim_heap
@@ -235,6 +237,9 @@ def test_the_memory_of_expired_sessions_goes_back_to_the_system(plans, server):
             c.step(k, 0, x)
         held, peak = server.sessions.cache_bytes, me.memory_info().rss
         assert held >= 64 << 20 and peak - before >= held // 2
+        if ending == "ended":
+            for k in range(250):
+                c.end(k)
         deadline = time.monotonic() + 10
         while len(server.sessions) and time.monotonic() < deadline:
             time.sleep(0.1)
