@@ -18,6 +18,12 @@ from .errors import ConfigError
 
 C = TypeVar("C", bound="StrictConfig")
 
+# the longest time a measurement may hold (a day) and the most bytes (a pebibyte), in the files people
+# edit and the ones pushed between machines (profiles, plans, plan sets): past them a number is damage,
+# not a measurement (a median of 1e300 ms planned without a word)
+MAX_MS = 86_400_000.0
+MAX_BYTES = 2**50
+
 
 def _numeric(annotation: Any) -> bool:
     """Whether a field holds a number (int or float, optional or not) and not a bool."""

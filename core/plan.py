@@ -32,7 +32,7 @@ from typing import Any, Final, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .codecs import DTYPES
-from .config import explain_fields
+from .config import MAX_BYTES, explain_fields
 from .errors import OutputExistsError, PlanError, SplitPointError
 from .files import current_umask, naming, read_at_most
 from .onnxio import sha256_file
@@ -78,7 +78,7 @@ class TensorSpec(_Strict):
     name: str = Field(min_length=1, max_length=1024)
     shape: str = Field(max_length=1024)  # e.g. "N x 64 x 28 x 28" written "Nx64x28x28"; "?" unknown
     dtype: str
-    bytes_per_sample: int | None = Field(default=None, ge=0, le=2**50)
+    bytes_per_sample: int | None = Field(default=None, ge=0, le=MAX_BYTES)
     # inputs: "head" | "tail" | "both"; outputs: "head" | "tail"; crossing: "head" | "input"
     side: Literal["head", "tail", "both", "input", ""] = ""
 
@@ -585,15 +585,15 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None 
     try:
         found = sorted(
             (
-                d
+                (d, m)
                 for d in Path(plans_dir).iterdir()
                 if (m := _LEFTOVER_RE.match(d.name)) and (only is None or m[1] == only)
             ),
-            key=lambda d: ".old-" not in d.name,  # an old plan goes back before a new one's files go
+            key=lambda dm: dm[1][3] is None,  # an old plan goes back before a new one's files go
         )
     except OSError:
         return gone
-    for d in found:
+    for d, m in found:
         try:
             # a writer of this host is asked whether it lives, whatever its folder's age (an earlier plan
             # set aside keeps its old time through the rename); only age tells of another's
@@ -601,12 +601,11 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None 
             stale = dead if dead is not None else now - d.stat().st_mtime > LEFTOVER_AGE_S
             if not (d.is_dir() and not d.is_symlink() and stale):
                 continue
-            m = _LEFTOVER_RE.match(d.name)
-            home = d.parent / m[1] if m else None
-            if m and m[3] == "old":
+            if m[3] == "old":
                 if not any((d / f).is_file() for f in _PLAN_MARKERS):
                     continue  # not a plan set aside: not ours to move or remove
-                if home is not None and not os.path.lexists(home):
+                home = d.parent / m[1]
+                if not os.path.lexists(home):
                     os.replace(d, home)
                     log.warning("restored %s: the plan a write that never finished had set aside", home)
                     continue

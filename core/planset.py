@@ -17,7 +17,7 @@ from typing import Final, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import explain_fields
+from .config import MAX_BYTES, MAX_MS, explain_fields
 from .errors import PlanError
 from .plan import _FILE_NAME, _SHA256, Plan, _Strict, json_object, read_plan_file
 
@@ -27,7 +27,7 @@ MAX_MEMBERS: Final = 6
 POLICIES = ("adaptive", "bits-only")
 
 
-_MS = Field(ge=0, le=86_400_000)  # a day: past it a time is damage, not a measurement
+_MS = Field(ge=0, le=MAX_MS)
 
 
 class MemberFacts(_Strict):
@@ -44,12 +44,12 @@ class MemberFacts(_Strict):
     tail_ms: float = _MS
     encode_ms: float = _MS
     decode_ms: float = _MS
-    up_bytes: int = Field(ge=0, le=2**50)
-    down_bytes: int = Field(ge=0, le=2**50)
-    edge_memory_bytes: int = Field(ge=0, le=2**50)
+    up_bytes: int = Field(ge=0, le=MAX_BYTES)
+    down_bytes: int = Field(ge=0, le=MAX_BYTES)
+    edge_memory_bytes: int = Field(ge=0, le=MAX_BYTES)
     fidelity: float | None = Field(ge=-1, le=1)  # a cosine may be below 0
-    edge_runtime_ms: float = Field(0.0, ge=0, le=86_400_000)
-    server_runtime_ms: float = Field(0.0, ge=0, le=86_400_000)
+    edge_runtime_ms: float = Field(0.0, ge=0, le=MAX_MS)
+    server_runtime_ms: float = Field(0.0, ge=0, le=MAX_MS)
 
 
 class SetMember(_Strict):

@@ -15,7 +15,7 @@ from typing import Annotated, Final, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from splitpoint.core.config import Document, explain_fields
+from splitpoint.core.config import MAX_BYTES, MAX_MS, Document, explain_fields
 from splitpoint.core.errors import ProfileError
 from splitpoint.core.files import atomic_write_text, read_at_most
 from splitpoint.core.textfiles import DuplicateKeyError, load_json, load_yaml
@@ -58,12 +58,6 @@ class DeviceSpec(_Strict):
     accelerator: str = "none"
     reference_latency_ms: dict[str, float] = Field(default_factory=dict)
     notes: str = ""
-
-
-# the longest time a profile may hold (a day) and the most memory (a pebibyte): past them a number is
-# damage, not a measurement (a median of 1e300 ms planned without a word)
-MAX_MS = 86_400_000.0
-MAX_BYTES = 2**50
 
 
 class Stat(_Strict):

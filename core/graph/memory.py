@@ -14,7 +14,7 @@ import onnx
 
 from splitpoint.core.weights import nbytes
 
-from .flops import constant_value
+from .flops import constant_value, tensor_size
 from .index import GraphIndex
 
 
@@ -116,6 +116,4 @@ def _constant_bytes(idx: GraphIndex, name: str) -> int:
     if sources:
         return sources
     info = idx.info.get(name)
-    if info is None or not info.dims or not all(isinstance(d, int) for d in info.dims):
-        return 0
-    return int(np.prod(info.dims, dtype=np.int64)) * info.itemsize
+    return tensor_size(idx, name) * info.itemsize if info is not None else 0

@@ -82,8 +82,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
         raise ModelError(f"{where} has no input named {unknown[0]!r} (its inputs: {', '.join(inputs)})")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    symbols: dict[str, int] = {}
-    given_by: dict[str, str] = {}  # a symbol given a size: the input whose option gave it
+    symbols: dict[str, tuple[int, str]] = {}  # a symbol given a size: it, and the input whose option gave it
     kept_free: dict[str, str] = {}  # a symbol an option left free (N): the input whose option kept it
     name_anonymous_dims(out)
     for vi in out.graph.input:
@@ -105,10 +104,9 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
                     kept_free.setdefault(d.dim_param, vi.name)
                 continue
             if d.HasField("dim_param"):
-                given_by.setdefault(d.dim_param, vi.name)
                 # one symbol is one size: two inputs that share it given two sizes cannot both hold
                 # (onnxruntime would refuse the pair at run time, or a cut's shapes would be nonsense)
-                first = symbols.setdefault(d.dim_param, w)
+                first, _ = symbols.setdefault(d.dim_param, (w, vi.name))
                 if first != w:
                     raise ModelError(
                         f"--input-shape gives dimension {d.dim_param!r} two sizes, {first} and {w}: the "
@@ -120,9 +118,10 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
     # one input and not in the other (an LSTM's x:Nx7x16 beside h0:4x2x24 planned cuts that failed)
     for sym, name in kept_free.items():
         if sym in symbols:
+            size, by = symbols[sym]
             raise ModelError(
-                f"--input-shape {name} keeps dimension {sym!r} free, but --input-shape {given_by[sym]} "
-                f"gives it {symbols[sym]}: the model's inputs share it, so give {name} that size too"
+                f"--input-shape {name} keeps dimension {sym!r} free, but --input-shape {by} "
+                f"gives it {size}: the model's inputs share it, so give {name} that size too"
             )
     # a symbol is one size wherever it appears: the sizes given for one input fix the others' (an LSTM's
     # initial states share the data's batch)
@@ -131,7 +130,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             continue
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in symbols:
-                w = symbols[d.dim_param]
+                w = symbols[d.dim_param][0]
                 d.Clear()
                 d.dim_value = w
     # per input missing a size: its name, its unknown dimensions (symbols, or "dim K"), an --input-shape
