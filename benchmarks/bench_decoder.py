@@ -105,6 +105,10 @@ def main() -> None:
                                     "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
                                     "tpot_ms": statistics.median(r["tpot_ms"] for r in runs),
                                 },
+                                "measured_breakdown": {
+                                    key: statistics.median(r["breakdown"][key] for r in runs)
+                                    for key in runs[0]["breakdown"]
+                                },
                                 "bytes_per_token": runs[0]["bytes_per_token"],
                                 "bytes_per_prefill": runs[0]["bytes_per_prefill"],
                                 "breakdown": pred.breakdown,
@@ -228,6 +232,7 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
             f"{p['tpot_ms']:.1f} / {me['tpot_ms']:.1f} | {r['tpot_ms_error']:.1%} | {r['bytes_per_token']} | "
             f"{r['bytes_per_prefill']} |"
         )
+    lines += ["", *parts_table(rows)]
     lines += [
         "",
         "## Baselines (derived, not run)",
@@ -247,7 +252,8 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
             )
     lines += [
         "",
-        "## Edge weights: float32 against int4 (MatMulNBits), one middle layer on the edge (measured)",
+        "## Edge weights: float32 against int4 (MatMulNBits), per middle layer on the edge (the middle "
+        "layers timed together; measured)",
         "",
         "| edge weights | prefill ms | decode step ms | stored MiB |",
         "|---|---:|---:|---:|",
@@ -276,6 +282,30 @@ def _report(rows: list[dict], m, args, seconds: float) -> None:
         },
         "\n".join(lines),
     )
+
+
+def parts_table(rows: list[dict]) -> list[str]:
+    """Where a decode step's time went, predicted / measured per part: a miss shows which part the
+    planner got wrong. Measured: ``generate``'s breakdown (the edge's head on its clock, the server's own
+    time from its reply, the rest: codec, link and both runtimes), median of the runs."""
+    out = [
+        "## Where a token's time went (decode step, predicted / measured ms)",
+        "",
+        "| network | layers on the edge | codec | edge weights | edge (head) | server "
+        "| codec, link and runtime |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, me = r["breakdown"], r["measured_breakdown"]
+        rest = sum(
+            p[k] for k in ("encode_step_ms", "uplink_step_ms", "rtt_ms", "downlink_ms", "runtime_step_ms")
+        )
+        out.append(
+            f"| {r['network']} | {r['edge_layers']} | {r['codec']} | {r['head_weights']} | "
+            f"{p['edge_step_ms']:.1f} / {me['edge_step_ms']:.1f} | {p['server_step_ms']:.1f} / "
+            f"{me['server_step_ms']:.1f} | {rest:.1f} / {me['link_and_runtime_step_ms']:.1f} |"
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -52,14 +52,41 @@ class Generation:
     bytes_sent: list[int] = field(default_factory=list)  # payload bytes per step
 
     def to_dict(self) -> dict:
+        split = {"breakdown": self.breakdown()} if self.server_ms else {}  # a local run has no parts
         return {
             "tokens": self.tokens,
             "ttft_ms": self.ttft_ms,
             "tpot_ms": self.tpot_ms,
             "bytes_per_prefill": self.bytes_sent[0] if self.bytes_sent else None,
             "bytes_per_token": statistics.median(self.bytes_sent[1:]) if len(self.bytes_sent) > 1 else None,
-            "labels": {"ttft_ms": "measured", "tpot_ms": "measured (median)"},
+            **split,
+            "labels": {
+                "ttft_ms": "measured",
+                "tpot_ms": "measured (median)",
+                **(
+                    {"breakdown": "measured: the prefill's, then the median of later tokens'"}
+                    if split
+                    else {}
+                ),
+            },
         }
+
+    def breakdown(self) -> dict[str, float | None]:
+        """Where the time of a token goes: the edge's head, the server's own time (its clock, in its reply)
+        and what is left: the codec, the link and both runtimes. A prediction that misses shows here which
+        part."""
+        later = len(self.step_ms) > 1
+
+        def split(xs: list[float]) -> tuple[float | None, float | None]:
+            if not xs:
+                return None, None
+            return xs[0], (statistics.median(xs[1:]) if later else None)
+
+        link = [s - h - v for s, h, v in zip(self.step_ms, self.head_ms, self.server_ms, strict=True)]
+        out: dict[str, float | None] = {}
+        for name, xs in (("edge", self.head_ms), ("server", self.server_ms), ("link_and_runtime", link)):
+            out[f"{name}_prefill_ms"], out[f"{name}_step_ms"] = split(xs)
+        return out
 
 
 def _check_prompt(plan: Plan, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:

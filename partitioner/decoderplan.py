@@ -6,7 +6,8 @@ and a cut's worth is the edge compute it saves against the bytes and round trips
 
 Measured (``measure``): on each side, the time of three blocks of the model, in prefill (the prompt, no
 past) and in a decode step (one token on a past of the mid-generation length): the embedding with layer
-0, one middle layer, the last layer with the output head; the codecs' encoded sizes and encode times on
+0, a middle layer (timed as the middle layers together, ``middle_layers``), the last layer with the output
+head; the codecs' encoded sizes and encode times on
 real hidden states. Derived (``evaluate``, pure): a cut after ``k`` layers costs the edge block 0 plus
 ``k - 1`` middle layers, the server ``L - k - 1`` middle layers plus the last block, and
 
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from splitpoint.core.codecs import encode
 from splitpoint.core.decoders import Decoder
@@ -35,6 +37,7 @@ from splitpoint.profiles.profiler import time_runs
 
 from .costmodel import Link, downlink_ms, uplink_ms
 
+MIDDLE_BLOCK_BYTES = 512 * 2**20  # past any CPU's cache, and what a machine that plans a decoder can hold
 REPLY_BYTES = 160  # a step's result: header (~100 bytes) and one int64 token payload
 
 
@@ -49,7 +52,7 @@ class BlockTimes:
 @dataclass(frozen=True)
 class SideTimes:
     first: BlockTimes  # embedding + layer 0
-    middle: BlockTimes  # one layer
+    middle: BlockTimes  # one layer (the middle layers timed together, per layer)
     last: BlockTimes  # last layer + output head
 
     def head(self, k: int) -> BlockTimes:
@@ -292,14 +295,35 @@ def measure_side(
     from splitpoint.core.quantize import quantize_matmul_weights
 
     L = dec.layers
-    blocks, sizes = [], []
-    for first, last in ((0, 1), (1, 2), (L - 1, L)):
+
+    def block(first: int, last: int) -> tuple[onnx.ModelProto, int]:
         model = dec.part(first, last)
         if weights == "int4":
             model = quantize_matmul_weights(model)
-        sizes.append(len(model_bytes(model)))
-        blocks.append(_block_times(model, dec, first, prompt_tokens, context, repeats, threads, min_ms))
-    return SideTimes(*blocks), (sizes[0], sizes[1], sizes[2])
+        return model, len(model_bytes(model))
+
+    def timed(model: onnx.ModelProto, first: int) -> BlockTimes:
+        return _block_times(model, dec, first, prompt_tokens, context, repeats, threads, min_ms)
+
+    first_model, first_size = block(0, 1)
+    layer_model, layer_size = block(1, 2)
+    last_model, last_size = block(L - 1, L)
+    n = middle_layers(L, layer_size)
+    whole = timed(layer_model if n == 1 else block(1, 1 + n)[0], 1)
+    middle = BlockTimes(whole.prefill_ms / n, whole.step_ms / n)
+    return SideTimes(timed(first_model, 0), middle, timed(last_model, L - 1)), (
+        first_size,
+        layer_size,
+        last_size,
+    )
+
+
+def middle_layers(layers: int, layer_bytes: int) -> int:
+    """How many middle layers to time together for one layer's time: all of them, up to
+    ``MIDDLE_BLOCK_BYTES`` of weights. One layer run again and again keeps its weights in the cache, which
+    a run of many layers streams past: timed alone, gpt2's layers made every split slower than predicted
+    on a 2-core Xeon (benchmarks/results/decoder.md, its earlier version)."""
+    return max(1, min(layers - 2, MIDDLE_BLOCK_BYTES // max(layer_bytes, 1)))
 
 
 def measure_codecs(

@@ -19,6 +19,8 @@ from splitpoint.partitioner.decoderplan import (
     baselines,
     candidates,
     evaluate,
+    measure_side,
+    middle_layers,
     pick,
 )
 
@@ -99,3 +101,35 @@ def test_plan_decoder_writes_the_pick_and_reports_it_as_json(tmp_path):
     said = " ".join(told.stdout.split())
     assert told.returncode == 0 and "The pick is the best split, not the best way" in said
     assert "random prompts" in said and "random weights, zoo architecture" in said
+
+
+def test_a_middle_layer_is_timed_among_the_others_not_alone_in_a_loop():
+    """One layer run again and again keeps its weights in the CPU's cache; the split runs many layers
+    in a row, which stream past it: a layer's time is the middle layers' together, divided among them,
+    up to a block too large for any cache."""
+    assert middle_layers(12, 27 * 2**20) == 10  # gpt2: every middle layer
+    assert middle_layers(80, 800 * 2**20) == 1  # a 70B model's layer is past any cache alone
+    assert middle_layers(40, 100 * 2**20) == 5  # 512 MiB of them
+    assert middle_layers(3, 1) == 1
+
+
+def test_measure_side_times_the_middle_layers_as_one_block(monkeypatch):
+    from splitpoint.core.decoders import ZooDecoder
+    from splitpoint.partitioner import decoderplan
+
+    timed: dict[int, tuple[int, BlockTimes]] = {}  # first layer -> (layers, times)
+    real = decoderplan._block_times
+
+    def spy(model, dec, first, *args, **kw):
+        out = real(model, dec, first, *args, **kw)
+        timed[first] = (sum(1 for i in model.graph.input if i.name.endswith(".key")), out)  # a key a layer
+        return out
+
+    monkeypatch.setattr(decoderplan, "_block_times", spy)
+    dec = ZooDecoder("decoder-tiny")  # 4 layers: block 0, layers 1-2, block 3
+    side, sizes = measure_side(dec, "float32", 8, 12, 2, 1)
+    assert {first: n for first, (n, _) in timed.items()} == {0: 1, 1: 2, 3: 1}
+    block = timed[1][1]
+    assert side.middle == BlockTimes(block.prefill_ms / 2, block.step_ms / 2)
+    assert side.first == timed[0][1] and side.last == timed[3][1]
+    assert sizes[1] < sizes[0]  # one layer's weights, not the block's, nor the embedding's

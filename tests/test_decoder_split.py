@@ -93,6 +93,15 @@ def test_generate_prints_one_json_object_split_and_local(plans):
             and split["tpot_ms"] > 0
             and split["bytes_per_token"] == 4 * SPEC.d_model + 55
         )
+        # where a token's time went, measured: the parts add up to the whole on the edge's clock
+        parts = split["breakdown"]
+        assert split["labels"]["breakdown"].startswith("measured") and "breakdown" not in local
+        assert parts["edge_prefill_ms"] > 0 and parts["server_prefill_ms"] > 0
+        assert parts["link_and_runtime_prefill_ms"] > 0
+        assert sum(parts[f"{p}_prefill_ms"] for p in ("edge", "server", "link_and_runtime")) == pytest.approx(
+            split["ttft_ms"]
+        )
+        assert all(parts[f"{p}_step_ms"] > 0 for p in ("edge", "server", "link_and_runtime"))
     finally:
         stop(proc)
 
