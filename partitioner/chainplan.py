@@ -25,7 +25,7 @@ from splitpoint.core.graph.memory import segment_activation_peaks, weight_bytes_
 from splitpoint.core.runner import Joined, StageRunner, join, make_session, run_batched, run_chain
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
-from .chain import ANY, BUSY, EMPTY, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
+from .chain import ANY, BUSY, EMPTY, INF, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
 from .fidelity import FidelityReport, compare_outputs, task_report, warn_if_constant
 from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
 
@@ -347,7 +347,7 @@ def decide_chain(
         if first_front is None:
             first_front = front
             if not front:
-                raise SplitPointError(memory_shortfall(m.costs, numbered(m.costs.devices)))
+                raise SplitPointError(nothing_fits(m, allowed))
         within = [p for p in sorted(front, key=key) if not _misses_but_fidelity(constraints, p)]
         if not within:
             tried.extend(sorted(front, key=key)[:3])
@@ -414,6 +414,40 @@ def _fronts(m: ChainMeasurements, allowed: np.ndarray) -> list[ChainPlan]:
     for j in range(len(m.devices)):
         out += chain_front(_sub(m.costs, j), (ANY,) * (j + 1), allowed[:j])
     return out
+
+
+def _feasible(costs: ChainCosts, allowed: np.ndarray) -> bool:
+    """Whether any plan, ending at any device, fits the memory and per-hop byte limits."""
+    return any(
+        solve(_sub(costs, j), INF, (ANY,) * (j + 1), allowed[:j]) is not None
+        for j in range(len(costs.devices))
+    )
+
+
+def nothing_fits(m: ChainMeasurements, allowed: np.ndarray) -> str:
+    """Why no plan fits the limits the search obeys exactly: the memory limits (what each device could
+    hold), or --max-hop-bytes with them though either alone is met. Blaming the memory limits for the
+    second sent users to raise a limit that was never the obstacle; the least per-hop bytes within the
+    memory limits (searched over the byte counts a hop can carry) says what would do."""
+    names = numbered(m.costs.devices)
+    cap = m.costs.max_hop_bytes
+    if cap is None or not _feasible(replace(m.costs, max_hop_bytes=None), allowed):
+        return memory_shortfall(m.costs, names)
+    sizes = np.unique(m.costs.bytes)
+    sizes = sizes[sizes > cap]  # the largest fits with no cap: the search ends within the array
+    lo, hi = 0, len(sizes) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _feasible(replace(m.costs, max_hop_bytes=float(sizes[mid])), allowed):
+            hi = mid
+        else:
+            lo = mid + 1
+    need = int(sizes[lo])
+    return (
+        f"no plan over this chain fits --max-hop-bytes {cap:,.0f} within the memory limits (each alone is "
+        f"met): within them every plan sends at least {need:,} bytes over one of its hops; raise "
+        f"--max-hop-bytes to {need:,} or a --memory limit"
+    )
 
 
 def _misses_but_fidelity(constraints: ChainConstraints, p: ChainPlan) -> bool:

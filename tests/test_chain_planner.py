@@ -353,6 +353,34 @@ def test_no_plan_within_the_memory_limits_says_what_each_device_could_hold(measu
         assert f"{name} (limit {limits[j] / 2**20:.1f} MiB) {said}" in msg, (name, msg)
 
 
+def test_a_hop_limit_the_memory_limits_make_impossible_is_named_with_what_would_do(measured):
+    """Memory limits that some plan meets, and a per-hop byte limit that some plan meets, but no plan
+    both: the refusal blamed the memory limits alone ("raise a --memory limit"), though they were met. It
+    names the hop limit and the fewest bytes a plan within the memory limits sends over its largest hop
+    (checked against every plan)."""
+    h, slow, fast = measured
+    samples, _, _ = h.fidelity_samples(2)
+    nets = [load_network("lte"), load_network("lte")]
+    devices, profiles = ["pi", "pi", "server"], {"pi": slow, "server": fast}
+    w = gather_chain(h, devices, profiles, nets, samples).costs.weights
+    limits = [(w[-1] - w[0]) / 3, (w[-1] - w[0]) / 3, None]  # the model fits no pi alone
+    m = gather_chain(h, devices, profiles, nets, samples, memory_limits=limits, max_hop_bytes=100)
+    within = [
+        p
+        for p in _every_plan(m.costs)
+        if all(lim is None or b <= lim for b, lim in zip(p.memory_bytes, limits, strict=False))
+    ]
+    assert within and all(p.hop_bytes for p in within)  # met alone, and never without a hop
+    need = min(max(p.hop_bytes) for p in within)
+    with pytest.raises(SplitPointError) as caught:
+        decide_chain(m, ChainConstraints())
+    msg = str(caught.value)
+    assert "no plan over this chain fits --max-hop-bytes 100 within the memory limits" in msg, msg
+    assert f"every plan sends at least {need:,} bytes over one of its hops" in msg, msg
+    capped = gather_chain(h, devices, profiles, nets, samples, memory_limits=limits, max_hop_bytes=need)
+    assert decide_chain(capped, ChainConstraints()).pick.hop_bytes  # the figure it names does
+
+
 def test_a_segments_memory_counts_the_activations_inside_it_and_the_session(measured):
     """A device's memory was its segment's weights and the larger tensor at its ends: a ResNet stem's
     segment holds its 64x112x112 convolution output (3.2 MB beside 0.6 MB crossing in and 0.8 MB out) and
