@@ -34,6 +34,7 @@ better link sooner, at the price of more requests over a link that may be slow.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import time
@@ -115,10 +116,11 @@ class AdaptiveClient:
         self._last_status: dict | None = None
         self._stop = threading.Event()
         self.clients: list[EdgeClient] = []
+        ids = itertools.count(1)  # one device: one request, one id, whichever member runs it
         try:
             for m in self.set.members:
                 cfg = config.model_copy(update={"plan_dir": Path(set_dir) / m.dir})
-                c = EdgeClient(cfg, telemetry=self.telemetry, report=self._publish_status)
+                c = EdgeClient(cfg, telemetry=self.telemetry, report=self._publish_status, ids=ids)
                 c.link = self.link
                 self.clients.append(c)
         except BaseException:

@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -131,11 +131,14 @@ class EdgeClient:
         config: EdgeConfig,
         telemetry: Telemetry | None = None,
         report: Callable[[], None] | None = None,
+        ids: Iterator[int] | None = None,
     ):
         """``telemetry``: a publisher the caller owns and keeps across clients (the daemon's, which
         outlives a switch of plans); without one the client makes and closes its own. ``report``: an
         owner that publishes this client's status and metrics together with others' (a plan set's
-        members are one device), called when this client's status changes."""
+        members are one device), called when this client's status changes. ``ids``: request ids from a
+        counter the owner shares among its clients, so that one device's requests have one id each in
+        results and telemetry (each member of a set counting from 1 gave half of them a twin)."""
         self.config = config
         self._held: int | None = None
         self.plan = Plan.load(config.plan_dir, role="edge")
@@ -164,7 +167,7 @@ class EdgeClient:
                 check_fits(self.plan, path.name, self._full)
             else:
                 log.warning("not enough free memory to keep the fallback model loaded")
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
         self._ping_ids = itertools.count(PING_BASE)
         self._pings: dict[int, float] = {}
         self._pending: dict[int, _Pending] = {}
@@ -927,6 +930,8 @@ class EdgeClient:
             self._set_up(False)  # connected but silent: new requests run locally until it answers a ping
         for rid, p in late:
             p.deadline = 0.0
+            if p.t_sent and not p.replied:  # the link's rate is at most its bytes over the wait
+                self.link.unanswered(p.bytes_sent, (now - p.t_sent) * 1e3)
             if self.config.fallback and self._full is not None:
                 self._pool.submit(self._run_local, rid, p, "server timed out")
             else:

@@ -11,6 +11,7 @@ exits cleanly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -162,7 +163,8 @@ class EdgeDaemon:
         prune_deployed(self.plans_dir, running)
         # one publisher for the daemon's life: a plan switch must not announce the device offline
         self.telemetry = Telemetry(config.device_id, "edge", config.mqtt) if config.mqtt else None
-        self.client = EdgeClient(self.config, self.telemetry)
+        self._ids = itertools.count(1)  # request ids go on across deploys: telemetry's stay one each
+        self.client = EdgeClient(self.config, self.telemetry, ids=self._ids)
         self._say_without_fallback(lost=False)
         self._stop = threading.Event()
         self.endpoint: str | None = None
@@ -507,7 +509,7 @@ class EdgeDaemon:
         before = {d.name for d in self.plans_dir.iterdir()} if self.plans_dir.is_dir() else set()
         plan, _, target = install_pushed(files, self.plans_dir, load, "edge", self.config.fallback)
         config = self.config.with_(plan_dir=target)
-        client = EdgeClient(config, self.telemetry)  # announces the new plan
+        client = EdgeClient(config, self.telemetry, ids=self._ids)  # announces the new plan
         try:  # recorded before the switch: one no record keeps would be undone by the next start, unsaid
             self._record_deployed(target)
         except OSError:

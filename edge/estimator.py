@@ -97,6 +97,7 @@ class LinkEstimator:
     _rtt: float | None = field(default=None, repr=False)
     _last_ping: float = field(default=-math.inf, repr=False)
     _rtt_since: float = field(default=-math.inf, repr=False)  # the round trip comes from samples since
+    _trips_since: float = field(default=-math.inf, repr=False)  # ... the uplink (``unanswered``)
     # samples well under the round trip lately: (time, a ping's?)
     _lower: list[tuple[float, bool]] = field(default_factory=list, repr=False)
 
@@ -147,6 +148,22 @@ class LinkEstimator:
                 self.samples += 1
                 self._mark(t)
                 self._check_faster(t, network_ms, ping=False)
+
+    def unanswered(self, sent_bytes: int, waited_ms: float, now: float | None = None) -> None:
+        """A request still unanswered ``waited_ms`` after it was sent (its timeout): its bytes took longer
+        than that to cross, so the uplink is at most their rate over the wait, and it counts as a sample
+        of that rate. Without it a link that fell to next to nothing kept its last estimate for as long
+        as nothing came back: no request completed to say otherwise, and a plan set stayed on a member
+        that sends, each request waiting out its timeout (0.05 Mbit/s for 10 s read 8.9 throughout). A
+        server too slow to answer in time reads as a slow link too, which moves a set to members that
+        leave it less to do. The samples that came in before it was sent leave the estimate: they
+        tell of the link as it was, and, at least ``min_samples`` of them kept however old, they
+        outvoted the timeout until more timeouts came, which they seldom do (a client whose server went
+        silent runs its next requests locally, sending nothing)."""
+        t = _now(now)
+        with self._lock:
+            self._trips_since = max(self._trips_since, t - waited_ms / 1e3)
+        self.observe(sent_bytes, waited_ms, now)
 
     # -- the queue on the link ---------------------------------------------------------------------
     def sent(self, nbytes: int) -> None:
@@ -233,7 +250,10 @@ class LinkEstimator:
         pings = self._recent(
             self._pings if since == -math.inf else [p for p in self._pings if p[0] >= since], self._last
         )
-        trips = self._recent(self._trips, self._last)
+        after = self._trips_since
+        trips = self._recent(
+            self._trips if after == -math.inf else [x for x in self._trips if x[0] >= after], self._last
+        )
         if pings:
             self._rtt = statistics.median(r for _, r in pings)
         elif trips:  # no ping answered yet: a request's network time is an upper bound on the path's

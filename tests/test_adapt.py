@@ -217,6 +217,21 @@ def test_a_burst_on_the_old_link_does_not_hold_the_estimate_for_a_whole_window()
     assert est.uplink_mbps == pytest.approx(130.0 / 12, rel=0.01)
 
 
+def test_a_request_unanswered_at_its_timeout_bounds_the_uplink_at_once():
+    """A link fallen to next to nothing completes no request: the estimate stood at its last value,
+    the older samples outvoting one timeout, and a plan set stayed on a member that sends. A request
+    unanswered after its timeout says the link is at most its bytes over the wait: the estimate says so
+    at once, and the link's own samples take it over again as they come."""
+    est = LinkEstimator()
+    t = _ping(est, 10.0, 5)
+    t = _feed(est, 40.0, 10, t0=t)
+    assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
+    est.unanswered(20_000, 2000.0, now=t + 2.0)  # sent at t, still unanswered 2 s later
+    assert est.uplink_mbps is not None and est.uplink_mbps <= 8e-3 * wire_bytes(20_000) / (2000.0 - 10.0)
+    t = _feed(est, 40.0, 3, t0=t + 2.2)  # the link back: its requests outvote the timeout
+    assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
+
+
 def test_a_replys_way_back_is_not_read_as_upload_time():
     """1.5 Mbit/s up, 3.18 down, 18.5 KB requests answered with 4.3 KB: the reply's 11 ms on the downlink
     sat in each network time and the uplink read 1.33 (-12 %). With the link's down/up ratio known (a

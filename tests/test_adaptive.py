@@ -608,6 +608,37 @@ def test_a_stalled_server_does_not_block_submit_past_the_timeout(pair):
         srv.stop()
 
 
+def test_a_link_that_stops_answering_sends_the_set_to_its_edge_only_member(pair):
+    """A link fallen to next to nothing answers no request, so no sample said so: the set kept its
+    sending member, each request waiting out its timeout before its local answer. A request unanswered
+    at its timeout bounds the uplink, and at the next window the set runs on the edge."""
+    out, h, boundary = pair
+    s, plans = PlanSet.load(out, role="edge")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    port = int(srv.endpoint.rsplit(":", 1)[1])
+    feeds = random_feeds(h.model, 1)
+    try:
+        with LinkProxy(("127.0.0.1", 0), ("127.0.0.1", port), direction(0, 0.5), direction(0, 0.5)) as proxy:
+            ep = f"tcp://127.0.0.1:{proxy.address[1]}"
+            cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=ep, timeout_s=0.5, window=2)
+            with AdaptiveClient(out, cfg, window=4, start_mbps=3 * boundary) as client:
+                sending = client.current
+                assert plans[sending].kind != EDGE_ONLY
+                for _ in range(8):
+                    assert not client.infer(feeds, timeout=30).fallback
+                assert client.current == sending  # a fast link: it stays
+                proxy.reshape(direction(0, 60_000), direction(0, 60_000))  # nothing arrives any more
+                results = [client.infer(feeds, timeout=30) for _ in range(12)]
+                switches, final = list(client.switches), client.current
+    finally:
+        srv.stop()
+    assert plans[final].kind == EDGE_ONLY, switches
+    down = switches[-1]
+    assert down["from"] == sending and down["uplink_mbps_estimated"] < boundary, switches
+    assert all(r.outputs for r in results)  # every request answered on the edge meanwhile
+
+
 def test_members_the_server_does_not_serve_are_never_used(plan_set, tmp_path):
     """A server that serves one member of the set: the pong's list of plans tells the edge, which moves
     off a refused member and never probes one; before, every probe over an unserved member was refused

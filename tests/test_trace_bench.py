@@ -60,6 +60,9 @@ def test_fixed_members_run_as_long_as_the_longest_phase_on_their_network(tmp_pat
             "plays 10,200 phases",
         ),
         ("[" * 5000 + "]" * 5000, "nested too deeply"),
+        # both ways to lengthen a trace: one of them was ignored without a word
+        ("phases:\n  - {network: lte, seconds: 10}\nrepeat: 2\ntotal_seconds: 30\n", "not both"),
+        ("phases:\n  - {network: lte, seconds: .nan}\n", "finite number"),
     ],
 )
 def test_a_bad_trace_is_one_clear_error(tmp_path, text, words):

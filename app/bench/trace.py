@@ -47,7 +47,7 @@ class Phase(Document):
     network: str
     # the link is reshaped at each boundary and a phase's latency is a median of its requests: a phase of
     # 1e-300 s passed, and cycling it up to total_seconds built phases until memory ran out
-    seconds: float = Field(ge=0.1, le=86_400)
+    seconds: float = Field(ge=0.1, le=86_400, allow_inf_nan=False)
 
 
 class Trace(Document):
@@ -56,7 +56,7 @@ class Trace(Document):
 
     phases: list[Phase] = Field(min_length=1, max_length=10_000)
     repeat: int = Field(1, ge=1, le=10_000)
-    total_seconds: float | None = Field(None, gt=0, le=86_400)
+    total_seconds: float | None = Field(None, gt=0, le=86_400, allow_inf_nan=False)
 
     @field_validator("phases")
     @classmethod
@@ -69,6 +69,11 @@ class Trace(Document):
 
     @model_validator(mode="after")
     def _played_count(self) -> Trace:
+        if self.total_seconds is not None and "repeat" in self.model_fields_set:
+            raise ValueError(
+                "give repeat (play the phases that many times) or total_seconds (cycle them up to that "
+                "time), not both: one of them would be ignored"
+            )
         cycle = sum(p.seconds for p in self.phases)
         n = (
             len(self.phases) * self.repeat
@@ -94,8 +99,11 @@ class Trace(Document):
 
 
 def load_trace(path: str | Path) -> Trace:
-    """A trace file, checked whole (every network profile loads) before anything runs."""
-    p = Path(path)
+    """A trace file or a bundled trace's name, checked whole (every network profile loads) before
+    anything runs."""
+    from splitpoint.profiles.schema import trace_path
+
+    p = trace_path(path)
     try:
         raw = load_yaml(p.read_text())
     except OSError as exc:
