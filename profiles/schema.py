@@ -271,5 +271,10 @@ def _named(spec: str | Path, folder: str) -> Path:
     raise ProfileError(f"no {folder[:-1]} profile named {spec!r} (known: {known})")
 
 
+def trace_path(spec: str | Path) -> Path:
+    """A link trace (phases of network profiles, for ``bench --trace``) by name (``lte-wifi``) or path."""
+    return _named(spec, "traces")
+
+
 def network_names() -> list[str]:
     return sorted(x.stem for x in (PACKAGE_DIR / "networks").glob("*.yaml"))

@@ -15,19 +15,22 @@ def provenance() -> dict:
     commit = None
     try:
         head = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"],
+            ["git", "-C", str(src), "rev-parse", "--show-toplevel", "--short=12", "HEAD"],
             capture_output=True,
             text=True,
             timeout=5,
         )
-        if head.returncode == 0:
+        top, _, short = head.stdout.strip().partition("\n")
+        # installed (site-packages/splitpoint), git finds whatever repository holds the environment: a
+        # user's own project, whose commit a report then gave as SplitPoint's
+        if head.returncode == 0 and Path(top).resolve() == src:
             dirty = subprocess.run(
                 ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
                 capture_output=True,
                 text=True,
                 timeout=5,
             )
-            commit = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+            commit = short + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
     if commit is None:

@@ -101,7 +101,8 @@ def bench(
     trace: Annotated[
         Path | None,
         typer.Option(
-            help="a trace of phases (network, seconds): plan sets measured while the link changes live"
+            help="a trace of phases (network, seconds), a file or a bundled name (lte-wifi): plan sets "
+            "measured while the link changes live"
         ),
     ] = None,
     rate: Annotated[
