@@ -440,15 +440,21 @@ def _plan_cell(st: dict) -> str:
     return cell
 
 
-def forgotten_note(fleet: dict) -> str | None:
-    """Said under a view whose fleet went past the ids kept: which were let go, and how many."""
+def fleet_notes(fleet: dict) -> list[str]:
+    """Said under a view: the ids let go past those kept, and the messages left unread, and why (they
+    were dropped without a word: a view blinded by junk read as a quiet fleet)."""
+    notes = []
     n = getattr(fleet, "forgotten", 0)
-    if not n:
-        return None
-    return (
-        f"{n} device ids forgotten past the {getattr(fleet, 'kept', len(fleet)):,} kept (the least recently "
-        "heard go first: a device that publishes again comes back)"
-    )
+    if n:
+        notes.append(
+            f"{n} device ids forgotten past the {getattr(fleet, 'kept', len(fleet)):,} kept (the least "
+            "recently heard go first: a device that publishes again comes back)"
+        )
+    skipped = getattr(fleet, "skipped", {})
+    if skipped:
+        whys = ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items()))
+        notes.append(f"{sum(skipped.values()):,} messages on device topics left unread ({whys})")
+    return notes
 
 
 def status_table(fleet: dict[str, dict]) -> Table:
@@ -466,7 +472,7 @@ def status_table(fleet: dict[str, dict]) -> Table:
             ]
         )
     t = table(None, ["device", "role", "state", "plan", "server / endpoint", "fallback"], rows, 5)
-    t.caption = forgotten_note(fleet)
+    t.caption = "\n".join(fleet_notes(fleet)) or None
     return t
 
 
@@ -616,9 +622,7 @@ def watch_table(latest: dict[str, dict], lost_since: float | None = None, width:
             f"{len(latest) - len(rows)} more devices not shown, the least lately heard (`splitpoint status` "
             "lists them)"
         )
-    forgotten = forgotten_note(latest)
-    if forgotten:
-        notes.append(forgotten)
+    notes += fleet_notes(latest)
     if lost_since is not None:
         notes.append(
             f"[bold red]connection to the MQTT broker lost {time.time() - lost_since:.0f} s ago: "

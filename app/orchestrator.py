@@ -161,6 +161,10 @@ class Fleet(dict):
 
     forgotten: int = 0
     kept: int = MAX_DEVICES
+    skipped: dict[str, int] = {}  # messages on a device topic left unread, by why
+
+
+MAX_PAYLOAD = 256 * 1024  # bytes of one message read at most: a device's largest is a few KiB
 
 
 MAX_TEXT = 200  # characters of any text a device sends that are kept
@@ -207,6 +211,7 @@ class FleetSubscriber:
         self.url = BrokerURL.parse(url)
         self._fleet: dict[str, dict] = {}  # in the order last heard: the first is the one let go next
         self.forgotten = 0  # ids let go past MAX_DEVICES
+        self.skipped: dict[str, int] = {}  # messages on a device topic left unread, by why
         self._instances: dict[str, dict[str, float]] = {}  # per device: process -> when last heard
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -254,11 +259,16 @@ class FleetSubscriber:
         parts = m.topic.split("/")
         if len(parts) != 3 or parts[2] not in KINDS:  # another topic makes no device of its sender
             return
+        if len(m.payload) > MAX_PAYLOAD:  # parsed, a retained 200 MiB status took 887 MB per view
+            self._skip(f"larger than {MAX_PAYLOAD // 1024} KiB")
+            return
         try:
             payload = json.loads(m.payload)
         except (ValueError, RecursionError):  # not JSON, not UTF-8, or an integer of 5,000 digits
+            self._skip("not JSON")
             return
         if not isinstance(payload, dict):
+            self._skip("not a JSON object")
             return
         payload = clean_value(payload)
         assert isinstance(payload, dict)
@@ -291,6 +301,10 @@ class FleetSubscriber:
         if self._on_message:
             self._on_message(dev, kind, payload)
 
+    def _skip(self, why: str) -> None:
+        with self._lock:
+            self.skipped[why] = self.skipped.get(why, 0) + 1
+
     def __enter__(self) -> FleetSubscriber:
         try:
             self._client.connect(self.url.host, self.url.port, keepalive=10)
@@ -322,14 +336,14 @@ class FleetSubscriber:
         now = time.monotonic()
         with self._lock:
             out = Fleet({dev: dict(kinds) for dev, kinds in self._fleet.items()})
-            out.forgotten, out.kept = self.forgotten, MAX_DEVICES
+            out.forgotten, out.kept, out.skipped = self.forgotten, MAX_DEVICES, dict(self.skipped)
             for dev, live in self._instances.items():
                 if dev in out:
                     out[dev]["instances"] = sum(now - t < INSTANCE_TTL_S for t in live.values())
             return out
 
 
-def collect(url: str, seconds: float = 1.5) -> Fleet:
+def collect(url: str, seconds: float = 2.5) -> Fleet:
     """What the fleet reports within ``seconds`` (retained status arrives at once)."""
     with FleetSubscriber(url) as sub:
         time.sleep(seconds)

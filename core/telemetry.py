@@ -106,6 +106,23 @@ def check_broker_url(url: str) -> str:
 BrokerUrl = Annotated[str, AfterValidator(check_broker_url)]
 
 
+STATUS_EVERY_S = 10.0  # a device's status is published again, unchanged, this often (with its metrics)
+METRIC_UNITS = {  # what a metrics message's figures are, named in its ``units``
+    "cpu_percent": "% of the host's cores, every process (measured)",
+    "process_cpu_percent": "% of one core, this process (measured)",
+    "memory_used_bytes": "B, the host's (measured)",
+    "memory_total_bytes": "B, the host's",
+    "process_rss_bytes": "B, this process (measured)",
+    "temperature_c": "degC, the hottest sensor (measured; null without one)",
+    "bandwidth_mbps_est": "Mbit/s, the uplink (derived from this edge's own requests)",
+    "rtt_ms_est": "ms, the round trip (derived: the median of recent pings)",
+    "rtt_ms_est_age_s": "s since the ping the round trip comes from",
+    "decoder_cache_mib": "MiB, the decoder sessions' KV caches",
+}
+# latency figures that are the rest of the total, not timed themselves: named in the message's ``derived``
+LATENCY_DERIVED = {"edge_wait_ms": "total_ms less every other part: waiting on the edge and its runtime"}
+
+
 def topic(device_id: str, kind: str) -> str:
     return f"{TOPIC_ROOT}/{device_id}/{kind}"
 
@@ -138,7 +155,13 @@ class Telemetry:
     """One device's publisher. Methods return immediately whether or not a broker is reachable."""
 
     def __init__(
-        self, device_id: str, role: str, url: str, max_queued: int = 1000, latency_per_s: float = 20.0
+        self,
+        device_id: str,
+        role: str,
+        url: str,
+        max_queued: int = 1000,
+        latency_per_s: float = 20.0,
+        status_every_s: float = STATUS_EVERY_S,
     ):
         import paho.mqtt.client as mqtt
 
@@ -174,6 +197,7 @@ class Telemetry:
         c.reconnect_delay_set(1, 5)
         self._client = c
         self._status: tuple[str, dict] | None = None
+        self._status_every_s, self._status_at = status_every_s, 0.0
         c.connect_async(self.url.host, self.url.port, keepalive=10)
         c.loop_start()
 
@@ -234,25 +258,25 @@ class Telemetry:
 
     def status(self, state: str, extra: dict | None = None) -> None:
         self._status = (state, extra or {})
+        self._status_at = time.monotonic()
         self._publish("status", {"state": state, **(extra or {})}, qos=1, retain=True)
 
     def metrics(self, extra: dict | None = None) -> None:
+        """The metrics message; and every ``status_every_s`` the status again, unchanged: a view that let
+        this device's id go (a flood of forged ids) or missed its status gets it back within that time,
+        where a status sent only on change left the device's state unknown for as long as it held."""
+        payload = {**host_metrics(), **(extra or {})}
         self._publish(
             "metrics",
             {
-                **host_metrics(),
-                **(extra or {}),
+                **payload,
                 "telemetry_dropped": self.dropped,
                 "latency_sampled_out": self.sampled_out,
-                "units": {
-                    "cpu_percent": "% of the host's cores, every process",
-                    "process_cpu_percent": "% of one core, this process",
-                    "memory_used_bytes": "B, the host's",
-                    "process_rss_bytes": "B, this process",
-                    "temperature_c": "degC",
-                },
+                "units": {k: u for k, u in METRIC_UNITS.items() if k in payload},
             },
         )
+        if self._status and time.monotonic() - self._status_at >= self._status_every_s:
+            self.status(*self._status)
 
     def switch(self, event: dict) -> bool:
         """An edge moved to another member of its plan set (from, to, the estimate that moved it)."""
@@ -267,7 +291,11 @@ class Telemetry:
                 self.sampled_out += 1
                 return False
             self._last_latency = now
-        return self._publish("latency", {"unit": "ms", "measured": True, **breakdown})
+        derived = {k: v for k, v in LATENCY_DERIVED.items() if k in breakdown}
+        return self._publish(
+            "latency",
+            {"unit": "ms", "measured": True, **breakdown, **({"derived": derived} if derived else {})},
+        )
 
     def close(self, timeout: float = 1.0) -> None:
         self._closing = True  # the disconnect below is ours: not an outage to warn about

@@ -28,7 +28,9 @@ the jitter in their network time, and a faster link goes unseen: one request in 
 sent while the link is idle, then goes over the member the set would run on a link ``PROBE_UP`` times
 faster, if that one sends more (``_probe_up``). The estimate is a median over the last 2 s of samples
 (at least 5), so it believes a change once about half its samples are new: probing more often finds a
-better link sooner, at the price of more requests over a link that may be slow.
+better link sooner, at the price of more requests over a link that may be slow. A request unanswered at
+its timeout bounds the link (``LinkEstimator.unanswered``): one that falls to next to nothing completes no
+request, and without it the set stayed on a member that sends, each request waiting out its timeout.
 """
 
 from __future__ import annotations

@@ -63,6 +63,19 @@ from .config import EdgeConfig
 from .connection import DOWN_EVENTS, UP_EVENTS, Connection
 from .estimator import LinkEstimator
 
+# a split answer's timed parts (ms); ``edge_wait_ms`` is the total less these: waiting on the edge (for a
+# worker, for room in the window) and the runtime's own time there
+SPLIT_PARTS = (
+    "head_ms",
+    "encode_ms",
+    "network_ms",
+    "server_queue_ms",
+    "server_decode_ms",
+    "tail_ms",
+    "server_encode_ms",
+    "decode_ms",
+)
+
 log = logging.getLogger("splitpoint.edge")
 PING_BASE = 2**62  # ping ids live apart from request ids
 # server errors that a local run can answer instead: busy, a later stage of a chain out of reach, or a
@@ -420,7 +433,10 @@ class EdgeClient:
             return
         assert result is not None, "a request finishes with a result or an error"
         self.counts["fallback" if result.fallback else "ok"] += 1
-        result.breakdown["total_ms"] = (time.perf_counter() - p.t_submit) * 1e3
+        b = result.breakdown
+        b["total_ms"] = (time.perf_counter() - p.t_submit) * 1e3
+        if "network_ms" in b:  # a split answer: what its timed parts leave is time spent on the edge
+            b["edge_wait_ms"] = max(0.0, b["total_ms"] - sum(float(b.get(k) or 0.0) for k in SPLIT_PARTS))
         if self.telemetry and p.report:
             self.telemetry.latency({"request": rid, "fallback": result.fallback, **result.breakdown})
         p.result, p.done = result, True

@@ -353,3 +353,63 @@ def test_past_the_ids_kept_the_least_lately_heard_go_and_the_views_say_so(mosqui
     assert "fake000" not in fleet and "fake079" in fleet  # the first heard went first
     for view in (status_table(fleet), watch_table(fleet, width=400)):
         assert f"{gone} device ids forgotten past the 50 kept" in str(view.caption), view.caption
+
+
+def test_a_device_let_go_in_a_flood_of_ids_gets_its_state_back(mosquitto, monkeypatch):
+    """A flood of forged ids pushed a real device out of the views; its metrics brought it back, but its
+    status was sent only on change, and the views showed its state as '?' for as long as it ran. A
+    device sends its status again with its metrics now and then (every 10 s; 0.3 s here)."""
+    from splitpoint.app import orchestrator
+    from splitpoint.app.console import device_state
+    from splitpoint.app.orchestrator import FleetSubscriber
+    from splitpoint.core.telemetry import Telemetry
+
+    monkeypatch.setattr(orchestrator, "MAX_DEVICES", 20)
+    tele = Telemetry("flooded-edge", "edge", mosquitto, status_every_s=0.3)
+    try:
+        assert tele.connected.wait(5)
+        tele.status("online", {"plan": "0123456789abcdef", "server_up": True})
+        with FleetSubscriber(mosquitto) as sub:
+            time.sleep(0.5)
+            assert sub.snapshot()["flooded-edge"]["status"]["state"] == "online"
+            fakes = [
+                (f"splitpoint/forged{i:03d}/status", json.dumps({"state": "online"}), False)
+                for i in range(40)
+            ]
+            _publish(mosquitto, fakes)
+            deadline = time.monotonic() + 5
+            while "flooded-edge" in sub.snapshot() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "flooded-edge" not in sub.snapshot()  # let go
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                tele.metrics({"server_up": True})
+                time.sleep(0.35)
+                kinds = sub.snapshot().get("flooded-edge", {})
+                if "status" in kinds:
+                    break
+        assert device_state(kinds) == "online" and kinds["status"]["plan"] == "0123456789abcdef", kinds
+    finally:
+        tele.close()
+        _publish(mosquitto, [("splitpoint/flooded-edge/status", b"", True)])
+
+
+def test_messages_the_views_leave_unread_are_counted_and_said(mosquitto):
+    """Junk was dropped without a word, and a retained 200 MiB status was parsed whole (887 MB for each
+    view). Past 256 KiB a message is left unread, and the views say how many they skipped and why."""
+    msgs = [
+        ("splitpoint/big-dev/status", json.dumps({"state": "online", "plan": "x" * 300_000}), True),
+        ("splitpoint/text-dev/status", b"not json at all", True),
+        ("splitpoint/list-dev/status", json.dumps([1, 2, 3]), True),
+    ]
+    _publish(mosquitto, msgs)
+    try:
+        fleet = collect(mosquitto, 1.0)
+        assert not {"big-dev", "text-dev", "list-dev"} & set(fleet)
+        whys = ("larger than 256 KiB", "not JSON", "not a JSON object")
+        assert all(fleet.skipped.get(why, 0) >= 1 for why in whys), fleet.skipped
+        for view in (status_table(fleet), watch_table(fleet, width=400)):
+            said = str(view.caption)
+            assert "messages on device topics left unread" in said and all(w in said for w in whys), said
+    finally:
+        _publish(mosquitto, [(t, b"", True) for t, _, _ in msgs])

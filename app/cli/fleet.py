@@ -127,14 +127,18 @@ def deploy(
 @app.command()
 def status(
     mqtt: Annotated[str, typer.Option(help="broker, mqtt://host:port")],
-    seconds: Annotated[float, typer.Option(help="how long to listen")] = 1.5,
+    # past one metrics period (2 s): a device whose status another process overwrote shows as live
+    seconds: Annotated[float, typer.Option(help="how long to listen")] = 2.5,
 ) -> None:
     """Devices and their plans, from retained telemetry."""
-    from ..console import status_table
+    from ..console import fleet_notes, status_table
     from ..orchestrator import collect
 
     fleet = collect(mqtt, _seconds("--seconds", seconds))
     console.print(status_table(fleet) if fleet else "no devices have reported")
+    if not fleet:
+        for note in fleet_notes(fleet):
+            console.print(note, markup=False)
 
 
 @app.command()

@@ -324,12 +324,7 @@ def _run_timings(summary: dict) -> str:
     split = [b for b in marks if "local_ms" not in b]
     if split:
         server = ("server_queue_ms", "server_decode_ms", "tail_ms", "server_encode_ms")
-        parts = ("head_ms", "encode_ms", "network_ms", *server, "decode_ms")
-        # a folder is submitted at once: what the parts leave of the total is waiting on this edge
-        waited = median(
-            max(0.0, float(b.get("total_ms") or 0.0) - sum(float(b.get(k) or 0.0) for k in parts))
-            for b in split
-        )
+        waited = med(split, "edge_wait_ms")  # a folder is submitted at once: most of it waits here
         lines.append(
             f"split, median of {len(split)}: {med(split, 'total_ms'):.2f} ms per request (waiting on the "
             f"edge {waited:.2f}, head {med(split, 'head_ms'):.2f}, encode {med(split, 'encode_ms'):.2f}, "
