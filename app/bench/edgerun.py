@@ -25,20 +25,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from splitpoint.edge.client import SPLIT_PARTS
 from splitpoint.profiles.profiler import median_of_present
 
-STAGES = (
-    "head_ms",
-    "encode_ms",
-    "network_ms",
-    "server_queue_ms",
-    "server_decode_ms",
-    "tail_ms",
-    "server_encode_ms",
-    "decode_ms",
-    "local_ms",
-    "total_ms",
-)
+STAGES = (*SPLIT_PARTS, "local_ms", "total_ms")
 
 
 READY, GO = "ready", "go"  # the --gate handshake with the parent (stdout, stdin)
