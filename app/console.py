@@ -739,6 +739,19 @@ def show_decoder_plan(r: Any, job: Any, network: str) -> None:
         f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} random prompts x "
         f"{fid['new_tokens']} tokens, against the float model; {r.weights})"
     )
+    if job.min_agreement is None and a["value"] < 0.99:
+        console.print(
+            f"[yellow]note:[/] the pick is lossy (greedy agreement {a['value']:.3f}) and no floor was given: "
+            "--min-agreement A picks the fastest split whose measured agreement reaches A",
+            highlight=False,
+        )
+    over = best.breakdown.get("runtime_step_ms", 0.0), best.breakdown.get("runtime_prefill_ms", 0.0)
+    if not any(over):
+        console.print(
+            "TTFT and TPOT leave out the runtime's own time per step (client, wire, server session), which "
+            "plan-decoder does not measure; benchmarks/bench_decoder.py does (benchmarks/results/decoder.md)",
+            highlight=False,
+        )
     if r.faster_baselines:
         base = r.baselines
         listed = ", ".join(

@@ -198,6 +198,7 @@ class Telemetry:
         self._client = c
         self._status: tuple[str, dict] | None = None
         self._status_every_s, self._status_at = status_every_s, 0.0
+        self._status_lock = threading.Lock()
         c.connect_async(self.url.host, self.url.port, keepalive=10)
         c.loop_start()
 
@@ -230,8 +231,7 @@ class Telemetry:
             log.warning("telemetry: the MQTT broker at %s:%s answers again", self.url.host, self.url.port)
         self._warned = None
         self.connected.set()
-        if self._status:
-            self.status(*self._status)  # re-assert the retained status after a reconnect
+        self._status_again(due_only=False)  # re-assert the retained status after a reconnect
 
     def _envelope(self, **fields: object) -> dict:
         """What every message from this device carries: who sent it (device, role, the process) and
@@ -257,9 +257,18 @@ class Telemetry:
         return True
 
     def status(self, state: str, extra: dict | None = None) -> None:
-        self._status = (state, extra or {})
-        self._status_at = time.monotonic()
-        self._publish("status", {"state": state, **(extra or {})}, qos=1, retain=True)
+        with self._status_lock:  # stored and sent as one: a re-send of the old one cannot land after it
+            self._status = (state, extra or {})
+            self._status_at = time.monotonic()
+            self._publish("status", {"state": state, **(extra or {})}, qos=1, retain=True)
+
+    def _status_again(self, due_only: bool) -> None:
+        """The latest status sent again (``due_only``: if ``status_every_s`` has passed since it was)."""
+        with self._status_lock:
+            if self._status and (not due_only or time.monotonic() - self._status_at >= self._status_every_s):
+                self._status_at = time.monotonic()
+                state, extra = self._status
+                self._publish("status", {"state": state, **extra}, qos=1, retain=True)
 
     def metrics(self, extra: dict | None = None) -> None:
         """The metrics message; and every ``status_every_s`` the status again, unchanged: a view that let
@@ -275,8 +284,7 @@ class Telemetry:
                 "units": {k: u for k, u in METRIC_UNITS.items() if k in payload},
             },
         )
-        if self._status and time.monotonic() - self._status_at >= self._status_every_s:
-            self.status(*self._status)
+        self._status_again(due_only=True)
 
     def switch(self, event: dict) -> bool:
         """An edge moved to another member of its plan set (from, to, the estimate that moved it)."""

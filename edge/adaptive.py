@@ -178,21 +178,23 @@ class AdaptiveClient:
         """The set's metrics, every 2 s: its own counts of the caller's requests, over every member (each
         member publishing its own, under one device id, made ``watch`` show whichever came last)."""
         while not self._stop.wait(2.0):
-            if not self.telemetry:
-                continue
-            counts = self.counts
-            self.telemetry.metrics(
-                {
-                    "server_up": self._server_up(),
-                    "in_flight": sum(c.in_flight for c in self.clients),
-                    "rtt_ms_est": self.link.rtt_ms,
-                    "rtt_ms_est_age_s": self.link.rtt_age_s(),
-                    "bandwidth_mbps_est": self.link.uplink_mbps,
-                    "member": self.current,
-                    **counts,
-                }
-            )
+            self._publish_metrics()
             self._publish_status()
+
+    def _publish_metrics(self) -> None:
+        if not self.telemetry:
+            return
+        self.telemetry.metrics(
+            {
+                "server_up": self._server_up(),
+                "in_flight": sum(c.in_flight for c in self.clients),
+                "rtt_ms_est": self.link.rtt_ms,
+                "rtt_ms_est_age_s": self.link.rtt_age_s(),
+                "bandwidth_mbps_est": self.link.uplink_mbps,
+                "member": self.current,
+                **self.counts,
+            }
+        )
 
     # -- the choice ----------------------------------------------------------------------------
     def _usable(self, k: int) -> bool:
@@ -386,6 +388,8 @@ class AdaptiveClient:
         self._stop.set()
         for c in self.clients:
             c.close(drain=drain)
+        if self.clients and len(self.clients) == len(self.set.members):
+            self._publish_metrics()  # the last counts, as a single client's close sends them
         if self.telemetry and self._own_telemetry:
             self.telemetry.close()
 

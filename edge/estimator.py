@@ -162,6 +162,8 @@ class LinkEstimator:
         silent runs its next requests locally, sending nothing)."""
         t = _now(now)
         with self._lock:
+            if not self._pings:  # no round trip to take off: the wait would be read as one (and published)
+                return
             self._trips_since = max(self._trips_since, t - waited_ms / 1e3)
         self.observe(sent_bytes, waited_ms, now)
 

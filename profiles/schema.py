@@ -8,6 +8,7 @@ that work; the classes here only state the rules.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -263,7 +264,15 @@ def _named(spec: str | Path, folder: str) -> Path:
     if not str(spec).strip():
         raise ProfileError(f"no {folder[:-1]} profile given (an empty name)")
     candidate = PACKAGE_DIR / folder / f"{spec}.yaml"
-    if p.suffix in (".yaml", ".yml", ".json") or p.is_file() or (p.exists() and not candidate.exists()):
+    # a name has no folder in it: `./lte-wifi` is a path (missing, not the bundled trace), and
+    # `../networks/lte` no way out of the bundled folder
+    pathlike = "/" in str(spec) or os.sep in str(spec)
+    if (
+        pathlike
+        or p.suffix in (".yaml", ".yml", ".json")
+        or p.is_file()
+        or (p.exists() and not candidate.exists())
+    ):
         return p
     if candidate.exists():
         return candidate

@@ -300,6 +300,7 @@ class TailServer:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._deployer.shutdown(wait=True, cancel_futures=True)
         if self.telemetry:
+            self._publish_metrics()  # the last counts: a short run's were never reported
             self.telemetry.close()
 
     def _send_next(self, fid: int, frames: list, runner: StageRunner) -> bool:
@@ -494,15 +495,19 @@ class TailServer:
                 self.sessions.sweep()
             if self.telemetry and time.monotonic() >= next_metrics:
                 next_metrics = time.monotonic() + self.config.metrics_interval_s
-                self.telemetry.metrics(
-                    {
-                        **self.stats.snapshot(),
-                        "plans": len(self.registry.ids()),
-                        "decoder_sessions": len(self.sessions),
-                        "decoder_cache_mib": self.sessions.cache_bytes / 2**20,
-                        "decoder_sessions_expired": self.sessions.expired,
-                    }
-                )
+                self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        if self.telemetry:
+            self.telemetry.metrics(
+                {
+                    **self.stats.snapshot(),
+                    "plans": len(self.registry.ids()),
+                    "decoder_sessions": len(self.sessions),
+                    "decoder_cache_mib": self.sessions.cache_bytes / 2**20,
+                    "decoder_sessions_expired": self.sessions.expired,
+                }
+            )
 
     def _refuse_late(self, router: zmq.Socket, frames: list) -> None:
         if len(frames) < 2:

@@ -230,6 +230,11 @@ def test_a_request_unanswered_at_its_timeout_bounds_the_uplink_at_once():
     assert est.uplink_mbps is not None and est.uplink_mbps <= 8e-3 * wire_bytes(20_000) / (2000.0 - 10.0)
     t = _feed(est, 40.0, 3, t0=t + 2.2)  # the link back: its requests outvote the timeout
     assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
+    # before any ping is answered there is no round trip to take off: a timeout then is no sample (it
+    # made the round trip the whole wait, published as the pings' median)
+    fresh = LinkEstimator()
+    fresh.unanswered(20_000, 10_000.0, now=100.0)
+    assert not fresh.started and fresh.rtt_ms is None and fresh.uplink_mbps is None
 
 
 def test_a_replys_way_back_is_not_read_as_upload_time():

@@ -98,10 +98,10 @@ def test_generate_prints_one_json_object_split_and_local(plans):
         assert split["labels"]["breakdown"].startswith("measured") and "breakdown" not in local
         assert parts["edge_prefill_ms"] > 0 and parts["server_prefill_ms"] > 0
         assert parts["link_and_runtime_prefill_ms"] > 0
-        assert sum(parts[f"{p}_prefill_ms"] for p in ("edge", "server", "link_and_runtime")) == pytest.approx(
-            split["ttft_ms"]
-        )
+        # the server's own time (its clock, from its reply) fits inside the round trip on the edge's
+        assert parts["edge_prefill_ms"] + parts["server_prefill_ms"] < split["ttft_ms"]
         assert all(parts[f"{p}_step_ms"] > 0 for p in ("edge", "server", "link_and_runtime"))
+        assert parts["edge_step_ms"] + parts["server_step_ms"] < split["tpot_ms"] * 1.5  # medians apart
     finally:
         stop(proc)
 

@@ -71,10 +71,10 @@ def test_results_equal_the_unsplit_model(model, server):
             np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
             for k in ("head_ms", "encode_ms", "network_ms", "tail_ms", "decode_ms", "total_ms"):
                 assert r.breakdown[k] >= 0
-            # the parts add up to the whole: what the timed ones leave is the time spent on the edge
+            # the timed parts fit in the whole, none counted twice; the rest is time spent on the edge
             parts = sum(r.breakdown[k] or 0.0 for k in SPLIT_PARTS)
-            assert r.breakdown["edge_wait_ms"] >= 0
-            assert parts + r.breakdown["edge_wait_ms"] == pytest.approx(r.breakdown["total_ms"], abs=1e-9)
+            assert parts <= r.breakdown["total_ms"]
+            assert r.breakdown["edge_wait_ms"] == pytest.approx(r.breakdown["total_ms"] - parts, abs=1e-9)
     with client(model, server, plan="p-int8") as c:  # lossy codec: close, not equal
         feeds = x()
         r = c.infer(feeds, timeout=30)

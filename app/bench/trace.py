@@ -103,23 +103,23 @@ def load_trace(path: str | Path) -> Trace:
     anything runs."""
     from splitpoint.profiles.schema import trace_path
 
-    p = trace_path(path)
+    p, shown = trace_path(path), str(path)  # as given: Path("./x") prints as "x", which names a trace
     try:
         raw = load_yaml(p.read_text())
     except OSError as exc:
-        raise SplitPointError(f"cannot read trace {p}: {exc.strerror}") from exc
+        raise SplitPointError(f"cannot read trace {shown}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise SplitPointError(f"trace {p} is not YAML: {str(exc)[:300]}") from exc
+        raise SplitPointError(f"trace {shown} is not YAML: {str(exc)[:300]}") from exc
     if isinstance(raw, list):
         raw = {"phases": raw}
     if not isinstance(raw, dict):
-        raise SplitPointError(f"trace {p}: expected a list of phases or a mapping with 'phases'")
+        raise SplitPointError(f"trace {shown}: expected a list of phases or a mapping with 'phases'")
     try:
         return Trace(**raw)
     except ValidationError as exc:
-        raise SplitPointError(f"trace {p}: {explain_fields(exc)}") from None
+        raise SplitPointError(f"trace {shown}: {explain_fields(exc)}") from None
     except SplitPointError as exc:
-        raise SplitPointError(f"trace {p}: {exc}") from None
+        raise SplitPointError(f"trace {shown}: {exc}") from None
 
 
 class TraceBenchConfig(StrictConfig):

@@ -150,7 +150,10 @@ def generate(
         bool, typer.Option("--local", help="run the unsplit model here instead (for comparison)")
     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each step's answer")] = 10.0,
-    threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads (0 = default)")] = 0,
+    threads: Annotated[
+        int,
+        typer.Option(help="onnxruntime intra-op threads (0 = onnxruntime's default; 1 under --cpus)"),
+    ] = 0,
     cpus: Annotated[
         float | None, typer.Option(help="run under this CPU limit (cgroup quota), as a small device would")
     ] = None,
@@ -188,6 +191,10 @@ def generate(
         except ValueError as exc:
             raise SplitPointError(f"--server: {exc}") from exc
     prompt = np.random.default_rng(seed).integers(0, vocab, (1, prompt_tokens))
+    if cpus is not None and threads == 0:
+        # one thread, as plan-decoder measures a small device: a pool sized to the host's cores under a
+        # quota of a fraction of one ran the prefill 5-10x slower in runs here
+        threads = 1
     with cpu_limit(cpus) as emulation:
         if local:
             gen = generate_local(plan_dir, prompt, max_new_tokens, threads)
