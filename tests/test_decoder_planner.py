@@ -101,6 +101,12 @@ def test_plan_decoder_writes_the_pick_and_reports_it_as_json(tmp_path):
     said = " ".join(told.stdout.split())
     assert told.returncode == 0 and "The pick is the best split, not the best way" in said
     assert "random prompts" in said and "random weights, zoo architecture" in said
+    # a figure it does not measure is said to be left out, not shown as a zero that reads as measured
+    assert "leave out the runtime's own time per step" in said
+    assert data["labels"]["runtime_ms"].startswith("not measured")
+    assert all(c["breakdown"]["runtime_step_ms"] == 0 for c in data["candidates"])
+    if data["pick"]["fidelity"]["agreement"]["value"] < 0.99:  # lossy, and no floor given: it says so
+        assert "the pick is lossy" in said
 
 
 def test_a_middle_layer_is_timed_among_the_others_not_alone_in_a_loop():
