@@ -29,8 +29,9 @@ sent while the link is idle, then goes over the member the set would run on a li
 faster, if that one sends more (``_probe_up``). The estimate is a median over the last 2 s of samples
 (at least 5), so it believes a change once about half its samples are new: probing more often finds a
 better link sooner, at the price of more requests over a link that may be slow. A request unanswered at
-its timeout bounds the link (``LinkEstimator.unanswered``): one that falls to next to nothing completes no
-request, and without it the set stayed on a member that sends, each request waiting out its timeout.
+its timeout bounds the link until one completes again (``LinkEstimator.ceiling_mbps``): one that falls to
+next to nothing completes no request, and without it the set stayed on a member that sends, each request
+waiting out its timeout; the probes (one a window) find the link again.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class AdaptiveClient:
         return min(live, key=lambda i: self.inputs[i].up_bytes) if live else None
 
     def _decide(self) -> None:
-        est = self.link.uplink_mbps
+        est = self._uplink()
         usable = [i for i in range(len(self.inputs)) if self._usable(i)]
         if not usable or (est is None and self._usable(self.current)):
             return
@@ -229,6 +230,12 @@ class AdaptiveClient:
             self.rate_ips,
         )
         self._switch(usable[pick], est, rtt)
+
+    def _uplink(self) -> float | None:
+        """The uplink estimate, or less where requests went unanswered at their timeout since the last
+        one that completed (``LinkEstimator.ceiling_mbps``)."""
+        est, ceiling = self.link.uplink_mbps, self.link.ceiling_mbps
+        return ceiling if ceiling is not None and (est is None or ceiling < est) else est
 
     def _switch(self, new: int, est: float | None, rtt: float | None) -> None:
         if new == self.current:
@@ -259,7 +266,7 @@ class AdaptiveClient:
         queue: there a larger request only waits longer, and queued requests time the link already."""
         # no estimate yet (or none: every request so far too small to time on this link) probes above
         # the uplink the set started from
-        est, k = self.link.uplink_mbps or self._start_mbps, self.current
+        est, k = self._uplink() or self._start_mbps, self.current
         if not est or self.link.in_pipe:
             return None
         usable = [i for i in range(len(self.inputs)) if self._usable(i) and self.sends[i]]

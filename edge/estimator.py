@@ -97,7 +97,7 @@ class LinkEstimator:
     _rtt: float | None = field(default=None, repr=False)
     _last_ping: float = field(default=-math.inf, repr=False)
     _rtt_since: float = field(default=-math.inf, repr=False)  # the round trip comes from samples since
-    _trips_since: float = field(default=-math.inf, repr=False)  # ... the uplink (``unanswered``)
+    _ceiling: float | None = field(default=None, repr=False)  # Mbit/s, from timeouts (``unanswered``)
     # samples well under the round trip lately: (time, a ping's?)
     _lower: list[tuple[float, bool]] = field(default_factory=list, repr=False)
 
@@ -145,27 +145,33 @@ class LinkEstimator:
                         transfer = (arrived - self._arrived) * 1e3
                     self._arrived = max(self._arrived, arrived)
                 self._trips.append((t, kbits, network_ms, transfer, back))
+                self._ceiling = None  # a request got through: the link carries what it carries
                 self.samples += 1
                 self._mark(t)
                 self._check_faster(t, network_ms, ping=False)
 
-    def unanswered(self, sent_bytes: int, waited_ms: float, now: float | None = None) -> None:
+    def unanswered(self, sent_bytes: int, waited_ms: float) -> None:
         """A request still unanswered ``waited_ms`` after it was sent (its timeout): its bytes took longer
-        than that to cross, so the uplink is at most their rate over the wait, and it counts as a sample
-        of that rate. Without it a link that fell to next to nothing kept its last estimate for as long
-        as nothing came back: no request completed to say otherwise, and a plan set stayed on a member
-        that sends, each request waiting out its timeout (0.05 Mbit/s for 10 s read 8.9 throughout). A
-        server too slow to answer in time reads as a slow link too, which moves a set to members that
-        leave it less to do. The samples that came in before it was sent leave the estimate: they
-        tell of the link as it was, and, at least ``min_samples`` of them kept however old, they
-        outvoted the timeout until more timeouts came, which they seldom do (a client whose server went
-        silent runs its next requests locally, sending nothing)."""
-        t = _now(now)
+        than that to cross, so the uplink is at most their rate over the wait (``ceiling_mbps``, until a
+        request completes again). A link that fell to next to nothing completes no request, and the
+        estimate, made of completed ones, held its last value: a plan set stayed on a member that sends,
+        each request waiting out its timeout (0.05 Mbit/s for 10 s read 8.9 throughout). The bound is
+        kept apart from the estimate: taken in as a sample it also held the client's own sending back
+        (a request that cannot be answered in time at the estimate is not sent), so after one lost reply
+        nothing was sent again and nothing could lift it. Not before a ping was answered: no round trip
+        to take off."""
         with self._lock:
-            if not self._pings:  # no round trip to take off: the wait would be read as one (and published)
+            if not self._pings:
                 return
-            self._trips_since = max(self._trips_since, t - waited_ms / 1e3)
-        self.observe(sent_bytes, waited_ms, now)
+            ms = max(waited_ms - (self._rtt or 0.0), 1e-3)
+            bound = 8e-3 * wire_bytes(sent_bytes) / ms
+            self._ceiling = bound if self._ceiling is None else min(bound, self._ceiling)
+
+    @property
+    def ceiling_mbps(self) -> float | None:
+        """The most the uplink can be, from requests unanswered at their timeout since the last one that
+        completed (None: none)."""
+        return self._ceiling
 
     # -- the queue on the link ---------------------------------------------------------------------
     def sent(self, nbytes: int) -> None:
@@ -252,10 +258,7 @@ class LinkEstimator:
         pings = self._recent(
             self._pings if since == -math.inf else [p for p in self._pings if p[0] >= since], self._last
         )
-        after = self._trips_since
-        trips = self._recent(
-            self._trips if after == -math.inf else [x for x in self._trips if x[0] >= after], self._last
-        )
+        trips = self._recent(self._trips, self._last)
         if pings:
             self._rtt = statistics.median(r for _, r in pings)
         elif trips:  # no ping answered yet: a request's network time is an upper bound on the path's

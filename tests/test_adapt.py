@@ -217,24 +217,28 @@ def test_a_burst_on_the_old_link_does_not_hold_the_estimate_for_a_whole_window()
     assert est.uplink_mbps == pytest.approx(130.0 / 12, rel=0.01)
 
 
-def test_a_request_unanswered_at_its_timeout_bounds_the_uplink_at_once():
-    """A link fallen to next to nothing completes no request: the estimate stood at its last value,
-    the older samples outvoting one timeout, and a plan set stayed on a member that sends. A request
-    unanswered after its timeout says the link is at most its bytes over the wait: the estimate says so
-    at once, and the link's own samples take it over again as they come."""
+def test_a_request_unanswered_at_its_timeout_bounds_the_uplink_until_one_completes():
+    """A link fallen to next to nothing completes no request: the estimate, made of completed ones, held
+    its last value and a plan set stayed on a member that sends. A request unanswered after its timeout
+    bounds the uplink at its bytes over the wait, apart from the estimate (taken in as a sample it held
+    the client's own sending back, and after one lost reply nothing was sent again), until a request
+    completes."""
     est = LinkEstimator()
     t = _ping(est, 10.0, 5)
     t = _feed(est, 40.0, 10, t0=t)
-    assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
-    est.unanswered(20_000, 2000.0, now=t + 2.0)  # sent at t, still unanswered 2 s later
-    assert est.uplink_mbps is not None and est.uplink_mbps <= 8e-3 * wire_bytes(20_000) / (2000.0 - 10.0)
-    t = _feed(est, 40.0, 3, t0=t + 2.2)  # the link back: its requests outvote the timeout
-    assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)
-    # before any ping is answered there is no round trip to take off: a timeout then is no sample (it
-    # made the round trip the whole wait, published as the pings' median)
+    assert est.uplink_mbps == pytest.approx(40.0, rel=0.01) and est.ceiling_mbps is None
+    est.unanswered(20_000, 2000.0)  # still unanswered 2 s after it was sent
+    bound = 8e-3 * wire_bytes(20_000) / (2000.0 - 10.0)
+    assert est.ceiling_mbps == pytest.approx(bound)
+    assert est.uplink_mbps == pytest.approx(40.0, rel=0.01)  # what the send gate reads is untouched
+    est.unanswered(20_000, 4000.0)
+    assert est.ceiling_mbps == pytest.approx(8e-3 * wire_bytes(20_000) / (4000.0 - 10.0))  # the least
+    _feed(est, 40.0, 1, t0=t + 5.0)  # one gets through
+    assert est.ceiling_mbps is None
+    # before any ping is answered there is no round trip to take off: no bound
     fresh = LinkEstimator()
-    fresh.unanswered(20_000, 10_000.0, now=100.0)
-    assert not fresh.started and fresh.rtt_ms is None and fresh.uplink_mbps is None
+    fresh.unanswered(20_000, 10_000.0)
+    assert fresh.ceiling_mbps is None and not fresh.started and fresh.rtt_ms is None
 
 
 def test_a_replys_way_back_is_not_read_as_upload_time():

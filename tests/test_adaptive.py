@@ -630,13 +630,20 @@ def test_a_link_that_stops_answering_sends_the_set_to_its_edge_only_member(pair)
                 assert client.current == sending  # a fast link: it stays
                 proxy.reshape(direction(0, 60_000), direction(0, 60_000))  # nothing arrives any more
                 results = [client.infer(feeds, timeout=30) for _ in range(12)]
-                switches, final = list(client.switches), client.current
+                switches, stalled = list(client.switches), client.current
+                # the link back: a probe gets through, and the set leaves the edge again
+                proxy.reshape(direction(0, 0.5), direction(0, 0.5))
+                deadline = time.monotonic() + 30
+                while plans[client.current].kind == EDGE_ONLY and time.monotonic() < deadline:
+                    results.append(client.infer(feeds, timeout=30))
+                back = client.current
     finally:
         srv.stop()
-    assert plans[final].kind == EDGE_ONLY, switches
+    assert plans[stalled].kind == EDGE_ONLY, switches
     down = switches[-1]
     assert down["from"] == sending and down["uplink_mbps_estimated"] < boundary, switches
     assert all(r.outputs for r in results)  # every request answered on the edge meanwhile
+    assert plans[back].kind != EDGE_ONLY, (back, client.switches)
 
 
 def test_members_the_server_does_not_serve_are_never_used(plan_set, tmp_path):
