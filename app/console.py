@@ -745,11 +745,10 @@ def show_decoder_plan(r: Any, job: Any, network: str) -> None:
             "--min-agreement A picks the fastest split whose measured agreement reaches A",
             highlight=False,
         )
-    over = best.breakdown.get("runtime_step_ms", 0.0), best.breakdown.get("runtime_prefill_ms", 0.0)
-    if not any(over):
+    if not r.runtime_measured:
         console.print(
-            "TTFT and TPOT leave out the runtime's own time per step (client, wire, server session), which "
-            "plan-decoder does not measure; benchmarks/bench_decoder.py does (benchmarks/results/decoder.md)",
+            "TTFT and TPOT leave out the runtime's own time per step (client, wire, server session): "
+            "not measured with --no-runtime",
             highlight=False,
         )
     if r.faster_baselines:

@@ -25,13 +25,12 @@ from pathlib import Path
 from common import arguments, targets_table, write_results
 
 from splitpoint.app.bench.emulate import EmulatedLink
-from splitpoint.app.broker import free_port
+from splitpoint.app.decoderruntime import runtime_overhead
 from splitpoint.app.process import check_started, splitpoint_command, start_server, stop
 from splitpoint.core.decoders import ZooDecoder
 from splitpoint.core.plandir import write_decoder_plan
 from splitpoint.core.zoo.decoder import DECODERS
-from splitpoint.partitioner.costmodel import Link
-from splitpoint.partitioner.decoderplan import baselines, candidates, evaluate, measure, pick
+from splitpoint.partitioner.decoderplan import baselines, candidates, measure, pick
 from splitpoint.partitioner.planner import link_of
 from splitpoint.profiles.cpulimit import cpu_limit
 from splitpoint.profiles.schema import load_network
@@ -58,7 +57,9 @@ def main() -> None:
         edge_cpus=args.edge_cpus,
         server_threads=1,
     )
-    m = dataclasses.replace(m, overhead_ms=runtime_overhead(args))
+    m = dataclasses.replace(
+        m, overhead_ms=runtime_overhead(args.prompt_tokens, args.new_tokens, args.edge_cpus, args.runs)
+    )
     nets = args.networks.split(",")
     L = spec.layers
     chosen: dict[tuple[int, str, str], dict] = {}
@@ -126,38 +127,6 @@ def main() -> None:
         for key in ("ttft_ms", "tpot_ms"):
             r[f"{key}_error"] = abs(r["predicted"][key] - r["measured"][key]) / r["measured"][key]
     _report(rows, m, args, time.perf_counter() - t_start)
-
-
-def runtime_overhead(args) -> tuple[float, float]:
-    """The runtime's own time per step (prefill, decode step), measured: ``decoder-tiny``, whose layers
-    compute next to nothing, generated over loopback under the same CPU limit, less what the planner
-    derives for it without a link."""
-    spec = ZooDecoder("decoder-tiny")
-    tiny = measure(
-        spec,
-        codecs=("float32",),
-        head_weights=("float32",),
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
-        edge_cpus=args.edge_cpus,
-        server_threads=1,
-    )
-    work = Path(tempfile.mkdtemp(prefix="splitpoint-bench-decoder-rt-"))
-    try:
-        write_decoder_plan(spec, work / "plans" / "tiny", edge_layers=2)
-        bind = f"tcp://127.0.0.1:{free_port()}"
-        srv = start_server(bind, work / "plans")
-        try:
-            check_started([srv])
-            runs = [_generate([], work / "plans" / "tiny", bind, args) for _ in range(args.runs)]
-        finally:
-            stop(srv)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    model = evaluate(tiny, 2, "float32", "float32", Link("loopback", 1e6, 1e6, 0.0))
-    pre = statistics.median(r["ttft_ms"] for r in runs) - model.ttft_ms
-    step = statistics.median(r["tpot_ms"] for r in runs) - model.tpot_ms
-    return max(pre, 0.0), max(step, 0.0)
 
 
 def _generate(prefix: list[str], plan: Path, server: str, args) -> dict:

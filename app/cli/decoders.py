@@ -104,6 +104,13 @@ def plan_decoder(
     as_json: Annotated[bool, typer.Option("--json", help="print the candidates as JSON")] = False,
     seed: Annotated[int, typer.Option(help="weights' seed (zoo decoders)")] = 0,
     max_len: Annotated[int | None, typer.Option(help=_MAX_LEN_HELP)] = None,
+    runtime: Annotated[
+        bool,
+        typer.Option(
+            help="measure the runtime's own time per step (decoder-tiny served and generated over "
+            "loopback, about 10 s) and count it in every candidate"
+        ),
+    ] = True,
 ) -> None:
     """Choose where to split a decoder, how to send its hidden states and the edge's weight precision, by
     time to first token and time per output token derived from measured layer blocks on this machine
@@ -128,8 +135,14 @@ def plan_decoder(
         seed=seed,
         max_len=max_len,
     )
+
+    def overhead(j: DecoderPlanJob) -> tuple[float, float]:
+        from splitpoint.app.decoderruntime import runtime_overhead
+
+        return runtime_overhead(j.prompt_tokens, j.new_tokens, j.edge_cpus)
+
     with progress("planning a decoder", as_json) as note:
-        r = run_decoder_plan(job, note)
+        r = run_decoder_plan(job, note, overhead if runtime else None)
     if as_json:
         _print_json(decoder_plan_json(r))
     else:
