@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from splitpoint.core.decoders import ZooDecoder
@@ -21,6 +22,7 @@ from splitpoint.core.errors import SplitPointError
 from splitpoint.core.plandir import write_decoder_plan
 from splitpoint.partitioner.costmodel import Link
 from splitpoint.partitioner.decoderplan import evaluate, measure
+from splitpoint.profiles.cpulimit import cpu_limit
 
 from .broker import free_port
 from .process import check_started, splitpoint_command, start_server, stop
@@ -48,9 +50,7 @@ def runtime_overhead(
         srv = start_server(bind, plans, threads=server_threads)
         try:
             check_started([srv])
-            gens = [
-                _generate(plans / "tiny", bind, prompt_tokens, new_tokens, edge_cpus) for _ in range(runs)
-            ]
+            gens = [generate(plans / "tiny", bind, prompt_tokens, new_tokens, edge_cpus) for _ in range(runs)]
         finally:
             stop(srv)
     finally:
@@ -61,12 +61,36 @@ def runtime_overhead(
     return max(pre, 0.0), max(step, 0.0)
 
 
-def _generate(plan: Path, server: str, prompt_tokens: int, new_tokens: int, cpus: float | None) -> dict:
-    args = ["generate", str(plan), "--server", server, "--prompt-tokens", str(prompt_tokens)]
-    args += ["--max-new-tokens", str(new_tokens), "--threads", "1", "--timeout", "60"]
-    if cpus is not None:
-        args += ["--cpus", str(cpus)]
-    r = subprocess.run(splitpoint_command(*args), capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        raise SplitPointError(f"measuring the runtime's time per step: generate failed: {r.stderr[-1000:]}")
-    return json.loads(r.stdout)
+def generate(
+    plan: Path,
+    server: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    cpus: float | None,
+    prefix: Sequence[str] = (),
+) -> dict:
+    """``splitpoint generate`` as a child process (``prefix``: e.g. ``ip netns exec NS``), one onnxruntime
+    thread, its JSON answer. The CPU limit is applied from here: inside a network namespace the cgroup
+    tree is not visible (docs/architecture.md). The child loads its model and warms up before it
+    generates."""
+    cmd = splitpoint_command(
+        "generate",
+        str(plan),
+        "--server",
+        server,
+        "--prompt-tokens",
+        str(prompt_tokens),
+        "--max-new-tokens",
+        str(new_tokens),
+        "--threads",
+        "1",
+        "--timeout",
+        "60",
+        prefix=prefix,
+    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with cpu_limit(cpus, proc.pid):
+        out, err = proc.communicate(timeout=600)
+    if proc.returncode != 0:
+        raise SplitPointError(f"generate failed: {err[-2000:]}")
+    return json.loads(out)

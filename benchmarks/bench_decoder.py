@@ -14,10 +14,8 @@ shaped to the network profile (docs/bench.md). Medians over the runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +23,14 @@ from pathlib import Path
 from common import arguments, targets_table, write_results
 
 from splitpoint.app.bench.emulate import EmulatedLink
-from splitpoint.app.decoderruntime import runtime_overhead
-from splitpoint.app.process import check_started, splitpoint_command, start_server, stop
+from splitpoint.app.decoderruntime import generate, runtime_overhead
+from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.decoders import ZooDecoder
+from splitpoint.core.errors import SplitPointError
 from splitpoint.core.plandir import write_decoder_plan
 from splitpoint.core.zoo.decoder import DECODERS
 from splitpoint.partitioner.decoderplan import baselines, candidates, measure, pick
 from splitpoint.partitioner.planner import link_of
-from splitpoint.profiles.cpulimit import cpu_limit
 from splitpoint.profiles.schema import load_network
 
 
@@ -130,29 +128,10 @@ def main() -> None:
 
 
 def _generate(prefix: list[str], plan: Path, server: str, args) -> dict:
-    cmd = splitpoint_command(
-        "generate",
-        str(plan),
-        "--server",
-        server,
-        "--prompt-tokens",
-        str(args.prompt_tokens),
-        "--max-new-tokens",
-        str(args.new_tokens),
-        "--threads",
-        "1",
-        "--timeout",
-        "60",
-        prefix=prefix,
-    )
-    # The CPU limit is applied from here: inside the edge's network namespace the cgroup tree is not
-    # visible (docs/architecture.md). The child loads its model and warms up before it generates.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with cpu_limit(args.edge_cpus, proc.pid):
-        out, err = proc.communicate(timeout=600)
-    if proc.returncode != 0:
-        raise SystemExit(f"generate failed: {err[-2000:]}")
-    return json.loads(out)
+    try:
+        return generate(plan, server, args.prompt_tokens, args.new_tokens, args.edge_cpus, prefix)
+    except SplitPointError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _report(rows: list[dict], m, args, seconds: float) -> None:

@@ -259,16 +259,20 @@ class Telemetry:
     def status(self, state: str, extra: dict | None = None) -> None:
         with self._status_lock:  # stored and sent as one: a re-send of the old one cannot land after it
             self._status = (state, extra or {})
-            self._status_at = time.monotonic()
-            self._publish("status", {"state": state, **(extra or {})}, qos=1, retain=True)
+            self._send_status()
 
     def _status_again(self, due_only: bool) -> None:
         """The latest status sent again (``due_only``: if ``status_every_s`` has passed since it was)."""
         with self._status_lock:
             if self._status and (not due_only or time.monotonic() - self._status_at >= self._status_every_s):
-                self._status_at = time.monotonic()
-                state, extra = self._status
-                self._publish("status", {"state": state, **extra}, qos=1, retain=True)
+                self._send_status()
+
+    def _send_status(self) -> None:
+        """The stored status, retained (the caller holds ``_status_lock``)."""
+        assert self._status is not None
+        self._status_at = time.monotonic()
+        state, extra = self._status
+        self._publish("status", {"state": state, **extra}, qos=1, retain=True)
 
     def metrics(self, extra: dict | None = None) -> None:
         """The metrics message; and every ``status_every_s`` the status again, unchanged: a view that let
