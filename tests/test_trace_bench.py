@@ -259,3 +259,16 @@ def test_a_phase_no_request_arrived_in_is_no_data_and_such_a_rate_is_refused(tmp
         and t["shown"].startswith("1 of 1 phases")
         and "1 phases had no request" in t["shown"]
     )
+
+
+def test_a_bundled_trace_is_named_and_a_path_is_never_taken_for_a_name(tmp_path, monkeypatch):
+    """The documented trace ships inside the package (`--trace lte-wifi`, an installed copy has no
+    benchmarks/ folder); a spec with a folder in it is a path: `./lte-wifi` loaded the bundled trace, and
+    `../networks/lte` reached past the bundled traces' folder."""
+    monkeypatch.chdir(tmp_path)
+    assert [p.network for p in load_trace("lte-wifi").played()[:2]] == ["lte", "wifi-n"]
+    for spec in ("./lte-wifi", "../networks/lte"):
+        with pytest.raises(SplitPointError, match=f"cannot read trace {spec}: No such file"):
+            load_trace(spec)
+    with pytest.raises(SplitPointError, match="no trace profile named 'nope' \\(known: lte-wifi"):
+        load_trace("nope")
