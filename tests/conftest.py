@@ -4,7 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,8 @@ def running_mosquitto(
         s.close()
     conf = directory / "mosquitto.conf"
     text = f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
+    # its log (connections, refusals, take-overs) beside the config: what a failed telemetry test reads
+    text += "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
     if users:
         passwd = directory / "passwd"
         passwd.touch(0o600)
@@ -102,7 +104,8 @@ def running_mosquitto(
         if os.geteuid() == 0:  # mosquitto run as root reads its files as user mosquitto: not this 0600 one
             text += "user root\n"
     conf.write_text(text)
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(directory / "mosquitto.log", "wb") as log:
+        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     end = time.monotonic() + 10
     while time.monotonic() < end:
         try:
@@ -110,11 +113,30 @@ def running_mosquitto(
             break
         except OSError:
             time.sleep(0.02)
+    url = f"mqtt://127.0.0.1:{port}"
+    BROKER_LOGS[url] = directory / "mosquitto.log"
     try:
-        yield f"mqtt://127.0.0.1:{port}"
+        yield url
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+BROKER_LOGS: dict[str, Path] = {}  # each broker's log, by URL
+
+
+@pytest.fixture
+def broker_log() -> Callable[[str], str]:
+    """The last lines a broker logged (connections, refusals, take-overs): what an assertion about
+    telemetry that did not arrive shows, so a failure on a loaded machine says why."""
+
+    def tail(url: str, lines: int = 40) -> str:
+        path = BROKER_LOGS.get(url)
+        if path is None or not path.exists():
+            return f"(no log for {url})"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    return tail
 
 
 @pytest.fixture(scope="session")
