@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -60,9 +61,55 @@ def read_at_most(path: str | Path, limit: int) -> tuple[bytes, int]:
     return data, max(size, len(data))
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+# what fsync(2) answers on a file system that keeps nothing to sync or cannot (a pipe, some FUSE and
+# network mounts): the write stands as made. Any other error (EIO, ENOSPC from delayed allocation) is the
+# write's failure, reported as such.
+_CANNOT_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS, errno.EBADF}
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_SYNC:
+            raise
+
+
+def sync_dir(path: str | Path) -> None:
+    """A directory's entries to disk: a rename is durable only once its directory is. Until then it lives
+    in the page cache, and an edge device that loses power (a Raspberry Pi unplugged) can come back with
+    the old name, the new one, or (for files whose data never reached the disk) an empty file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a directory that cannot be opened for reading: nothing to sync from here
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str | Path) -> None:
+    """Every file under ``root``, and every directory's entries, to disk: what a plan written into a
+    temporary directory needs before the rename that publishes it."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                _fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(folder)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = True) -> None:
     """Write beside the target (``write`` fills the file) and rename over it: a reader sees the old file
-    or the new, never a part, and an interrupted write leaves nothing behind."""
+    or the new, never a part, and an interrupted write leaves nothing behind. ``durable``: the data and
+    the rename are synced to disk before returning, so a power cut just after leaves the old file or the
+    new, not an empty one (off for outputs written at a request's rate, where a sync each would set it)."""
     p = Path(path)
     if not p.name or p.is_dir():
         raise OutputExistsError(f"output {str(p) or '(empty)'!r} is a directory: give a file name")
@@ -74,6 +121,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if durable:
+                f.flush()
+                _fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would keep it from all but its writer
         os.replace(tmp, p)
     except BaseException as exc:
@@ -81,6 +131,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         if isinstance(exc, OSError):
             raise naming(exc, p, tmp) from exc
         raise
+    if durable:
+        sync_dir(p.parent)
 
 
 def naming(exc: OSError, target: str | Path, tmp: str | Path) -> OSError:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .codecs import DTYPES
 from .config import MAX_BYTES, explain_fields
 from .errors import OutputExistsError, PlanError, SplitPointError
-from .files import current_umask, naming, read_at_most
+from .files import current_umask, naming, read_at_most, sync_dir, sync_tree
 from .onnxio import sha256_file
 from .textfiles import DuplicateKeyError, load_json
 
@@ -660,7 +660,8 @@ def check_target(target: str | Path, force: bool = False) -> Path:
 def write_dir_atomically(target: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
     """Run ``write(tmpdir)`` and move the result to ``target`` in one rename.
 
-    A failure, Ctrl-C or SIGTERM leaves the previous content (or nothing) in place, never half a plan.
+    A failure, Ctrl-C or SIGTERM leaves the previous content (or nothing) in place, never half a plan; so
+    does a power cut (the files and the rename are synced to disk before the earlier plan is removed).
     ``force`` replaces an earlier plan (or plan set) only: a directory holding anything else (the model
     the plan is cut from, a user's files) is refused, not deleted. Without it, a directory that another
     process wrote meanwhile is refused too, not replaced: of two writers one is told.
@@ -678,6 +679,7 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would keep the plan from a service's user
+        sync_tree(tmp)  # on disk before it is published: a power cut after the rename finds every file whole
         if target.exists() and force:
             old = target.parent / f".{target.name}.old-{_writer_tag()}-"
             os.replace(target, old)
@@ -696,6 +698,7 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
         if isinstance(exc, OSError) and not isinstance(exc, SplitPointError):
             raise naming(exc, target, tmp) from exc
         raise
+    sync_dir(target.parent)  # the rename itself, before the earlier plan goes
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -327,6 +327,54 @@ def test_a_force_write_killed_between_its_renames_gets_its_old_plan_back(tmp_pat
     assert all(d.is_dir() for d in (*mine, live))
 
 
+def _fsync_spy(monkeypatch, watch: Path) -> list[tuple[int, bool]]:
+    """Every fsync(2) the writes below make, as (the inode synced, whether ``watch`` existed then); the
+    real call is made (a power cut cannot be staged here: what reaches the disk, and when, can be)."""
+    synced: list[tuple[int, bool]] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append((os.fstat(fd).st_ino, watch.exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_a_plan_and_its_rename_reach_the_disk_before_the_write_returns(tmp_path, monkeypatch):
+    """An edge device that loses power just after a deploy keeps a whole plan, the old or the new: every
+    file and folder of the new one is synced before the rename publishes it, and the rename before the
+    old one is removed (unsynced, a power cut could leave the name on files whose data never landed)."""
+    out = tmp_path / "plan"
+    write_dir_atomically(out, lambda t: (t / "plan.json").write_text("old"))
+    synced = _fsync_spy(monkeypatch, out / "weights.bin")
+
+    def write(t: Path) -> None:
+        (t / "plan.json").write_text("new")
+        (t / "weights.bin").write_bytes(os.urandom(1 << 16))
+        (t / "sub").mkdir()
+        (t / "sub" / "tail.onnx").write_bytes(b"x" * 100)
+
+    write_dir_atomically(out, write, force=True)
+    inodes = {ino for ino, _ in synced}
+    for p in (out, out / "sub", *out.rglob("*")):
+        assert p.stat().st_ino in inodes, p
+    # the folder that holds the plan, synced once the new plan has its name
+    assert (tmp_path.stat().st_ino, True) in synced
+
+
+def test_an_atomic_file_write_is_synced_unless_asked_not_to_be(tmp_path, monkeypatch):
+    from splitpoint.core.files import atomic_write, atomic_write_text
+
+    target = tmp_path / "profile.json"
+    synced = _fsync_spy(monkeypatch, target)
+    atomic_write_text(target, "{}")
+    assert (target.stat().st_ino, False) in synced and (tmp_path.stat().st_ino, True) in synced
+    synced.clear()
+    atomic_write(tmp_path / "answer.npz", lambda f: f.write(b"x"), durable=False)  # one per request
+    assert synced == [] and (tmp_path / "answer.npz").read_bytes() == b"x"
+
+
 def test_a_failed_write_names_the_users_path_not_a_temporary_one(tmp_path):
     """A full disk's error names no file (write(2) has none), a read-only one named the temporary folder
     the write went to: 'error: No space left on device', with no word of where."""
