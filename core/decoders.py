@@ -192,6 +192,23 @@ class ExportedDecoder:
         return sha256_file(self.path)
 
 
+def hidden_codec(dec: Decoder, codec: str) -> str:
+    """``codec`` by what it sends of this decoder's hidden states. On a float16 export, float32 and float16
+    both send the tensor unchanged (the same bytes): named float16, what goes on the wire, where float32
+    read as twice the bytes and listed one candidate twice."""
+    from .codecs import Codec
+
+    c = Codec.parse(codec)
+    if dec.hidden_dtype == "float16" and c.base == "float32":
+        return Codec("float16", c.stage).name
+    return c.name
+
+
+def exact_codec(dec: Decoder) -> str:
+    """The codec that sends this decoder's hidden states exactly, by name."""
+    return hidden_codec(dec, "float32")
+
+
 def open_decoder(model: str, seed: int = 0, max_len: int | None = None) -> Decoder:
     """A zoo decoder's name or an exported decoder's ONNX file."""
     from .zoo.decoder import DECODERS

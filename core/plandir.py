@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from .codecs import Codec
 from .config import explain_fields
 from .errors import ModelError, PlanError, first_line
 from .graph.cuts import Cut
@@ -226,14 +225,14 @@ def write_decoder_plan(
     an exported one (``core/decoders.py``); an exported one's split is checked against the whole model
     before anything is written. ``head_weights`` int4 stores the edge's layers as 4-bit MatMulNBits
     weights (the embedding stays float)."""
-    from .decoders import ZooDecoder, check_split
+    from .decoders import ZooDecoder, check_split, hidden_codec
     from .plan import DecoderInfo
 
     if not 0 < edge_layers < dec.layers:
         raise PlanError(f"--edge-layers must be 1 to {dec.layers - 1} for a {dec.layers}-layer decoder")
     if head_weights not in ("float32", "int4"):
         raise PlanError(f"--head-weights must be float32 or int4 for a decoder, not {head_weights!r}")
-    Codec.parse(codec)  # before the model work, not in the plan's validation after it
+    codec = hidden_codec(dec, codec)  # parsed before the model work, not in the plan's validation after it
     whole = dec.whole()
     models = {HEAD_FILE: dec.part(0, edge_layers), TAIL_FILE: dec.part(edge_layers, dec.layers)}
     if not isinstance(dec, ZooDecoder):  # the zoo's parts are built, not cut: exact by construction

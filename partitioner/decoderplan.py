@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from splitpoint.core.codecs import encode
-from splitpoint.core.decoders import Decoder
+from splitpoint.core.decoders import Decoder, exact_codec, hidden_codec
 from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.onnxio import model_bytes
 from splitpoint.profiles.profiler import time_runs
@@ -378,6 +378,7 @@ def measure(
             f"{dec.n_ctx} positions"
         )
     context = prompt_tokens + new_tokens // 2
+    codecs = list(dict.fromkeys(hidden_codec(dec, c) for c in codecs))  # once each, by what they send
     server, _ = measure_side(dec, "float32", prompt_tokens, context, repeats, server_threads)
     edge, weight_bytes = {}, {}
     with cpu_limit(edge_cpus) as emulation:
@@ -395,7 +396,8 @@ def pick_at_floor(
     every measurement made. The fastest ``tries``, then the fastest lossless one (float32 hidden states,
     float32 edge weights: the whole model's tokens exactly), so a floor below 1 is met where any split
     can meet it without measuring every candidate."""
-    lossless = next((c for c in order if c.codec == "float32" and c.head_weights == "float32"), None)
+    exact = exact_codec(dec)
+    lossless = next((c for c in order if c.codec == exact and c.head_weights == "float32"), None)
     queue = list(order[:tries])
     if lossless is not None and lossless not in queue:
         queue.append(lossless)

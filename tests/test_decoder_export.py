@@ -125,7 +125,35 @@ def test_a_served_plan_of_it_generates_the_whole_models_tokens(name, tmp_path):
     # the prefill sends the prompt's 7 hidden states, each later step one, with the same header
     size = width * (2 if "fp16" in name else 4)
     assert plan.cut_tensors[0].dtype == ("float16" if "fp16" in name else "float32")
+    # the default codec sends the hidden state as it is, and the plan names what that is
+    assert plan.stages[0].codec == ("float16" if "fp16" in name else "float32")
     assert split.bytes_sent[0] - 7 * size == split.bytes_sent[1] - size > 0
+
+
+def test_a_float16_decoders_candidates_name_what_they_send_once_each():
+    """On a float16 export float32 and float16 send the same bytes (the tensor unchanged): one candidate
+    per cut and weight precision, named float16, where the planner listed each twice, one as "float32"."""
+    from splitpoint.partitioner.costmodel import Link
+    from splitpoint.partitioner.decoderplan import candidates, measure
+
+    link = Link("wifi", 50.0, 50.0, 5.0)
+    for name, exact in (("decoder-gqa-fp16.onnx", "float16"), ("decoder-gqa.onnx", "float32")):
+        dec = ExportedDecoder(DATA / name)
+        m = measure(
+            dec,
+            codecs=("float32", "float16", "int8-ol"),
+            head_weights=("float32",),
+            prompt_tokens=16,
+            new_tokens=16,
+            repeats=1,
+        )
+        cands = candidates(m, link)
+        codecs = [c.codec for c in cands if c.edge_layers == 1]
+        assert codecs == ([exact, "int8-ol"] if exact == "float16" else ["float32", "float16", "int8-ol"])
+        assert len({c.label for c in cands}) == len(cands)
+        if exact == "float16":  # what the float16 candidate sends: two bytes a value, plus the header
+            one = next(c for c in cands if c.codec == "float16")
+            assert 2 * dec.d_model < one.step_bytes < 2 * dec.d_model + 128
 
 
 @pytest.mark.parametrize("name", ["decoder-gqa.onnx", "decoder-gqa-fp16.onnx"])
