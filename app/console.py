@@ -7,6 +7,7 @@ config, call one library function, print one of these.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +20,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-# Tables are wide; when output is piped (CI logs, files) there is no terminal width to follow.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+def _width(stream: Any) -> int | None:
+    """Tables are wide; when output is piped (CI logs, files) there is no terminal width to follow: 160,
+    unless $COLUMNS says (rich reads it; piped, a COLUMNS=300 was ignored)."""
+    return None if stream.isatty() or os.environ.get("COLUMNS", "").strip().isdigit() else 160
+
+
+console = Console(width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 
 def human_bytes(n: float | None) -> str:

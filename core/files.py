@@ -9,12 +9,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputExistsError
+from .errors import ConfigError, OutputExistsError
 
 
 def cache_root() -> Path:
-    """``$SPLITPOINT_CACHE``, else ``~/.cache/splitpoint``: built zoo models, codec speeds."""
-    return Path(os.environ.get("SPLITPOINT_CACHE", Path.home() / ".cache" / "splitpoint"))
+    """``$SPLITPOINT_CACHE``, else ``~/.cache/splitpoint``: built zoo models, codec speeds. Set but empty
+    counts as unset (an empty path is the working directory, which filled with the cache's files)."""
+    return Path(os.environ.get("SPLITPOINT_CACHE") or Path.home() / ".cache" / "splitpoint")
+
+
+def utf8_path(path: str | Path) -> str:
+    """``path`` as onnxruntime and a plan's JSON take it: Unicode that encodes to UTF-8 (Python's own file
+    calls keep the path as given, escaped or not). A name given in a C locale arrives with its UTF-8 bytes
+    escaped (``modèle`` as ``mod\\udcc3\\udca8le``) and is recovered; a name whose bytes are not UTF-8
+    (Latin-1's ``é``) is refused by name, where onnxruntime raised a TypeError and a plan's model name a
+    validation error."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            f"the path '{shown}' is not valid UTF-8, which onnxruntime needs: rename it (e.g. convmv -f "
+            "latin1 -t utf8)"
+        ) from None
 
 
 def current_umask() -> int:
@@ -47,6 +65,29 @@ def cannot_write_in(folder: str | Path) -> str | None:
     if not os.access(near, os.W_OK | os.X_OK):
         return f"this user may not write in {near}"
     return None
+
+
+# what atomic_write's temporary name adds to the target's: a dot before, a dot and mkstemp's 8 after
+ATOMIC_EXTRA = 10
+
+
+def name_too_long(path: str | Path, extra: int) -> str | None:
+    """Why ``path``'s name cannot be written through a temporary name ``extra`` bytes longer beside it, in
+    words, or None. A name of 250 bytes is legal, its temporary one is not: the write failed after the
+    work, naming a hidden file the user never chose."""
+    p = Path(path)
+    near = next((q for q in p.parents if q.exists()), Path("/"))
+    try:
+        most = os.pathconf(near, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        most = 255
+    n = len(os.fsencode(p.name))
+    if n + extra <= most:
+        return None
+    return (
+        f"its name is {n} bytes, and at most {most - extra} fit here (it is written under a temporary "
+        f"name {extra} bytes longer, then renamed; {near} takes names of {most} bytes)"
+    )
 
 
 def read_at_most(path: str | Path, limit: int) -> tuple[bytes, int]:

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .codecs import DTYPES
 from .config import MAX_BYTES, explain_fields
-from .errors import OutputExistsError, PlanError, SplitPointError
-from .files import current_umask, naming, read_at_most, sync_dir, sync_tree
+from .errors import ConfigError, OutputExistsError, PlanError, SplitPointError
+from .files import cannot_write_in, current_umask, name_too_long, naming, read_at_most, sync_dir, sync_tree
 from .onnxio import sha256_file
 from .textfiles import DuplicateKeyError, load_json
 
@@ -654,6 +654,10 @@ def check_target(target: str | Path, force: bool = False) -> Path:
     for parent in reversed([target.parent, *target.parent.parents]):
         if parent.exists() and not parent.is_dir():
             raise OutputExistsError(f"{parent} is a file, so {target} cannot be a directory in it")
+    # the temporary directory beside it: ".NAME.tmp-PID@HOST-" and mkdtemp's 8 characters
+    why = cannot_write_in(target.parent) or name_too_long(target, len(f"..tmp-{_writer_tag()}-") + 8)
+    if why is not None:  # before the work, and not in the words of the temporary directory it names
+        raise ConfigError(f"output directory {target} cannot be written: {why}")
     return target
 
 

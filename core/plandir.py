@@ -201,7 +201,7 @@ def write_plan(
             )
         )
         plan.plan_id = plan.content_id()
-        (tmp / PLAN_FILE).write_text(plan.to_json())
+        (tmp / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
         result.append(plan)
 
     write_dir_atomically(out_dir, write, force=force)
@@ -275,7 +275,7 @@ def write_decoder_plan(
             )
         )
         plan.plan_id = plan.content_id()
-        (tmp / PLAN_FILE).write_text(plan.to_json())
+        (tmp / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
         result.append(plan)
 
     write_dir_atomically(out_dir, write, force=force)

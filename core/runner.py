@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from .codecs import DTYPES
 from .errors import PlanError, SplitPointError
+from .files import utf8_path
 from .plan import FULL_FILE, HEAD_FILE, PAST_RE, TAIL_FILE, Plan, TensorSpec
 from .subgraphs import node_inputs
 from .weights import is_stub, shareable, stub
@@ -120,7 +121,7 @@ def make_session(
         sess._splitpoint_weights = keep  # the arrays must outlive the session
         return sess
     return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), sess_options=so, providers=providers
+        model if isinstance(model, bytes) else utf8_path(model), sess_options=so, providers=providers
     )
 
 

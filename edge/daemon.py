@@ -73,7 +73,7 @@ EDGE_DEPLOYS = ".edge-deployed"
 def _records(path: Path) -> dict[str, dict]:
     """``deployed.json``'s records by the daemon's --listen; one written before records were kept per
     daemon (``{"replaces", "plan"}``) stands for any daemon, under ``""``."""
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     if "daemons" not in data:

@@ -120,7 +120,7 @@ def write_plan_set(
                 "members": entries,
             }
         )
-        (tmp / PLANSET_FILE).write_text(s.to_json())
+        (tmp / PLANSET_FILE).write_text(s.to_json(), encoding="utf-8")
         result.append(s)
 
     write_dir_atomically(out, write, force=force)

@@ -54,7 +54,7 @@ def cache_key(emulation: Emulation | None, min_total_ms: float) -> str:
 
 def _read(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from splitpoint.core.config import StrictConfig
-from splitpoint.core.files import cannot_write_in
+from splitpoint.core.files import ATOMIC_EXTRA, cannot_write_in, name_too_long
 from splitpoint.core.graph import open_model
 from splitpoint.core.graph.shapes import parse_input_shapes
 from splitpoint.core.machine import usable_cores
@@ -41,8 +41,8 @@ class ProfileJob(StrictConfig):
     def _a_file(cls, v: Path | None) -> Path | None:  # before the profile's minutes, not after them
         if v is not None and (not v.name or v.is_dir()):
             raise ValueError(f"{str(v) or '(empty)'!r} is a directory: give the profile's file name")
-        if v is not None and (why := cannot_write_in(v.parent)) is not None:
-            raise ValueError(f"{v} cannot be written: {why}")
+        if v is not None and (why := cannot_write_in(v.parent) or name_too_long(v, ATOMIC_EXTRA)) is not None:
+            raise ValueError(f"cannot be written: {why}")  # the path follows, as given
         return v
 
     @model_validator(mode="after")

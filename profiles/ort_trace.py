@@ -109,7 +109,7 @@ def node_times(
 ) -> tuple[dict[int, float], float, list[float]]:
     """Mean milliseconds per run for each original node position, time not attributable to
     any node (layout reorders and the like), and each kept run's model_run duration in ms."""
-    events = json.loads(Path(trace).read_text()) if not isinstance(trace, list) else trace
+    events = json.loads(Path(trace).read_text(encoding="utf-8")) if not isinstance(trace, list) else trace
     runs = sorted(
         (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
         key=lambda e: e["ts"],

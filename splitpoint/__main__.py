@@ -1,5 +1,5 @@
 """``python -m splitpoint``: the same as the ``splitpoint`` command."""
 
-from splitpoint.app.cli import main
+from splitpoint.app.launch import main
 
 main()

@@ -38,7 +38,7 @@ def test_wheel_has_only_the_splitpoint_namespace(tmp_path):
     assert "splitpoint/profiles/traces/lte-wifi.yaml" in names and "splitpoint/__main__.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")][0]
-    assert "splitpoint = splitpoint.app.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "splitpoint = splitpoint.app.launch:main" in zipfile.ZipFile(wheel).read(entry).decode()
     _installed_in_another_repository_names_no_commit_of_it(wheel, tmp_path)
 
 

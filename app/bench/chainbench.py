@@ -248,7 +248,7 @@ def measure_chain(
         plans = [[str(dirs[k]), window_for(chosen[k][1], cfg.window)] for k in order]
         where = "/".join(link.name for link in links)
         edge_emulation = run_edge(em.prefixes[0], plans, em.connects[0], inputs, out, cfg, limits[0], where)
-        edge_out = json.loads(out.read_text())
+        edge_out = json.loads(out.read_text(encoding="utf-8"))
         mechanism = {"mechanism": em.mechanism, "hops": em.details}
     rows = []
     for key, (role, p) in chosen.items():

@@ -494,11 +494,11 @@ def write_report(results: dict, out: Path, command: str) -> dict:
     results["command"] = command
     with staged(out) as stage:
         results["plots"] = plot(results, stage)
-        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         md = markdown(results, command)
         if results["plots"]:
             md += "\n## Plot\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
-        (stage / "report.md").write_text(md)
+        (stage / "report.md").write_text(md, encoding="utf-8")
     return results
 
 

@@ -199,13 +199,13 @@ def calibrate_apart(device: DeviceSpec) -> Calibration:
     too large (as it made profiles 5-17 % slow, see ``run.profile_apart``)."""
     with tempfile.TemporaryDirectory(prefix="splitpoint-calibrate-") as tmp:
         spec, out = Path(tmp) / "device.yaml", Path(tmp) / "calibration.json"
-        spec.write_text(json.dumps(device.model_dump(mode="json")))
+        spec.write_text(json.dumps(device.model_dump(mode="json")), encoding="utf-8")
         cmd = [sys.executable, "-m", "splitpoint.app.bench.edgecpu", str(spec), str(out)]
         r = run_child(cmd)
         if r.returncode:
             lines = r.stderr.strip().splitlines() or ["(no output)"]  # a traceback's last line says why
             raise SplitPointError(f"calibrating {device.name} failed: {lines[-1][-400:]}")
-        return Calibration(**json.loads(out.read_text()))
+        return Calibration(**json.loads(out.read_text(encoding="utf-8")))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     from splitpoint.profiles.schema import load_device
 
     spec, out = argv if argv is not None else sys.argv[1:]
-    Path(out).write_text(json.dumps(calibrate(load_device(spec)).to_dict()))
+    Path(out).write_text(json.dumps(calibrate(load_device(spec)).to_dict()), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = measure_all([(p, int(w)) for p, w in json.loads(args.plans)], args.server, inputs, refs, args)
     out = {"results": results, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    Path(args.out).write_text(json.dumps(out))
+    Path(args.out).write_text(json.dumps(out), encoding="utf-8")
     sys.exit(0)
 
 

@@ -193,7 +193,7 @@ def load_runtime(path: Path | None, out: Path | None = None) -> dict | None:
     if path is None:
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         overhead = float(data["median_overhead_ms"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -883,9 +883,9 @@ def write_report(results: dict, out: Path) -> dict:
     results["targets"] = targets(results, load_runtime(runtime_results(out), out))
     with staged(out) as stage:
         results["plots"] = plots(results, stage)
-        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
         md = markdown(results)
         if results["plots"]:
             md += "\n## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
-        (stage / "report.md").write_text(md)
+        (stage / "report.md").write_text(md, encoding="utf-8")
     return results

@@ -306,7 +306,7 @@ def measure_network(
             raise
         finally:
             stop(srv)
-        edge_out = json.loads(out.read_text())
+        edge_out = json.loads(out.read_text(encoding="utf-8"))
         mechanism = em.to_dict()
     rows = []
     for key in sorted(local - set(once)):

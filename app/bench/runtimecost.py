@@ -88,7 +88,7 @@ def _probe(limit: float | None, n: int, window: int, requests: int) -> dict[str,
             before = proc.cpu_times()
             run_edge([], plans, bind, inputs, out, cfg, limit, "the runtime probe")
             after = proc.cpu_times()
-        r = json.loads(out.read_text())["results"][str(serve / "null")]
+        r = json.loads(out.read_text(encoding="utf-8"))["results"][str(serve / "null")]
         if "error" in r:
             raise RuntimeError(f"the runtime probe failed: {r['error']}")
         n_req = r["requests_sequential"] + r["requests_pipelined"] + 1  # and the warm-up request

@@ -105,7 +105,7 @@ def load_trace(path: str | Path) -> Trace:
 
     p, shown = trace_path(path), str(path)  # as given: Path("./x") prints as "x", which names a trace
     try:
-        raw = load_yaml(p.read_text())
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SplitPointError(f"cannot read trace {shown}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
@@ -364,7 +364,7 @@ def _edge_run(cfg, em, mode, d, inputs, seconds, start_mbps, limit, work, timeli
         if proc.returncode:
             err.seek(0)
             raise SplitPointError(f"trace edge run failed: {err.read().strip()[-800:]}")
-    res = json.loads(outf.read_text())
+    res = json.loads(outf.read_text(encoding="utf-8"))
     res["reshaped"] = reshaped
     return res
 

@@ -21,8 +21,8 @@ def write_trace_report(results: dict, out: Path, command: str) -> dict:
         results["plots"] = [
             p for name, m in results["models"].items() if (p := plot(name, m, results, stage))
         ]
-        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        (stage / "report.md").write_text(markdown(results, command))
+        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        (stage / "report.md").write_text(markdown(results, command), encoding="utf-8")
     return results
 
 

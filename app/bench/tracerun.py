@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    Path(args.out).write_text(json.dumps(run(args)))
+    Path(args.out).write_text(json.dumps(run(args)), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from rich.markup import escape
 from splitpoint.core.errors import SplitPointError, first_line, os_reason
 
 from ..console import err
+from ..launch import interrupted
 from .common import app
 
 # One module per group of commands: importing it registers them, and --help lists them in this order
@@ -30,18 +31,6 @@ from . import models, decoders, profiling, planning, runtime, fleet, showcase  #
 
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _interrupted(exc: BaseException) -> bool:
-    """Whether a KeyboardInterrupt caused ``exc`` (onnxruntime's import turns one into ImportError)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -92,7 +81,7 @@ def main() -> None:
     except OSError as exc:  # the machine's: a full disk, a read-only file system (writes go by temp + rename)
         _fail(escape(os_reason(exc)), 1)
     except Exception as exc:
-        if _interrupted(exc):  # Ctrl-C while a library was imported: its ImportError, not the interrupt
+        if interrupted(exc):  # Ctrl-C while a library was imported: its ImportError, not the interrupt
             err.print("interrupted")
             sys.exit(130)
         if not type(exc).__module__.startswith("onnxruntime"):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 from splitpoint.core import zoo
 from splitpoint.core.codecs import CARRIED_DTYPES
 from splitpoint.core.errors import ModelError
+from splitpoint.core.files import utf8_path
 from splitpoint.core.onnxio import drop_unused, load_model_and_digest
 from splitpoint.core.subgraphs import iter_nodes
 
@@ -192,7 +193,7 @@ def open_model(
         )
         as_planned = False
     entry = zoo.ZOO.get(str(spec))
-    name = str(spec) if entry is not None else path.stem
+    name = str(spec) if entry is not None else utf8_path(path.stem)  # a C locale's escapes recovered
     shapes = dict(getattr(entry, "input_shapes", None) or {}) if entry is not None else {}
     names = {i.name for i in model.graph.input}
     declared = declared_shapes(model)

@@ -7,6 +7,7 @@ Every command that takes a model accepts either an ONNX path or a zoo name, reso
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
-from ..files import cache_root
+from ..files import cache_root, utf8_path
 from . import models, trained
 from .decoder import DECODERS, build_decoder
 
@@ -126,15 +127,18 @@ def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed:
         except OSError as exc:  # a full or read-only cache: said as such, and no partial file left in it
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)  # else: not the space (HOME=/proc, no rights)
             raise ModelError(
-                f"cannot keep the zoo model {name} in the cache {path.parent} ({exc.strerror or exc}): free "
-                "space there, or set SPLITPOINT_CACHE to a folder this user may write"
+                f"cannot keep the zoo model {name} in the cache {path.parent} ({exc.strerror or exc}): "
+                + ("free space there, or " if full else "")
+                + "set SPLITPOINT_CACHE to a folder this user may write"
             ) from exc
     return path
 
 
 def resolve(spec: str | Path) -> Path:
     """A path to an ONNX file for ``spec``: an existing file, or a zoo name built on demand."""
+    utf8_path(spec)  # a name onnxruntime cannot open is refused here, by name
     p = Path(spec)
     # a zoo name is a path only where a file of that name exists: a directory called resnet18 in the
     # working directory (a plan written with -o resnet18) does not hide the zoo's model
