@@ -687,7 +687,7 @@ def test_linear_layers_exported_as_gemm_get_4_bit_weights_too():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 96])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(w2, "w2")],
     )
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
     want = make_session(model.SerializeToString()).run(None, x)[0]
     rewritten = onnx.ModelProto()
@@ -710,6 +710,7 @@ def test_linear_layers_exported_as_gemm_get_4_bit_weights_too():
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
         ),
         opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
     )
     with pytest.raises(SplitPointError, match="no MatMul or Gemm weight to quantise"):
         quantize_matmul_weights(relu)

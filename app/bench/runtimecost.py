@@ -44,7 +44,9 @@ def _null_model(path: Path, n: int) -> Path:
         helper.make_node("Slice", ["b", "s0", "s1", "ax"], ["y"]),
     ]
     graph = helper.make_graph(nodes, "null", [x], [y], initializer=ends)
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    # IR 8, not onnx's newest: an onnxruntime older than the onnx package reads it (IR 14 against 13)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(model, str(path))
     return path
 
 
