@@ -220,6 +220,8 @@ def _cast_session(to: str) -> Any:
                 import onnxruntime as ort
                 from onnx import TensorProto, helper
 
+                from .onnxio import BUILT_IR_VERSION
+
                 src, dst = (
                     (TensorProto.FLOAT, TensorProto.FLOAT16)
                     if to == "float16"
@@ -231,8 +233,9 @@ def _cast_session(to: str) -> Any:
                     [helper.make_tensor_value_info("x", src, None)],
                     [helper.make_tensor_value_info("y", dst, None)],
                 )
-                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                model.ir_version = 8  # readable by every onnxruntime this project supports
+                model = helper.make_model(
+                    graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=BUILT_IR_VERSION
+                )
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = 1
                 so.inter_op_num_threads = 1

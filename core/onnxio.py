@@ -120,6 +120,9 @@ def _parse_and_check(
 
 # IR 4 stopped requiring every initializer to be listed as a graph input
 IR_WEIGHTS_NOT_INPUTS = 4
+# the IR version of every model SplitPoint builds itself (the zoo, codec casts, bench probes), not onnx's
+# newest: onnx 1.23 writes IR 14, which onnxruntime reads only from 1.31, and this is read by all it supports
+BUILT_IR_VERSION = 8
 
 
 def ir3_weights(model: onnx.ModelProto) -> bool:

@@ -22,6 +22,7 @@ import psutil
 from onnx import TensorProto, helper
 
 from splitpoint.core.graph import open_model
+from splitpoint.core.onnxio import BUILT_IR_VERSION
 from splitpoint.core.plandir import write_plan
 from splitpoint.profiles.cpulimit import cpu_limit
 
@@ -44,8 +45,7 @@ def _null_model(path: Path, n: int) -> Path:
         helper.make_node("Slice", ["b", "s0", "s1", "ax"], ["y"]),
     ]
     graph = helper.make_graph(nodes, "null", [x], [y], initializer=ends)
-    # IR 8, not onnx's newest: an onnxruntime older than the onnx package reads it (IR 14 against 13)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=BUILT_IR_VERSION)
     onnx.save_model(model, str(path))
     return path
 

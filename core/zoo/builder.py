@@ -19,6 +19,8 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
+from ..onnxio import BUILT_IR_VERSION
+
 OPSET = 17
 
 
@@ -234,6 +236,6 @@ class ModelBuilder:
             producer_name="splitpoint.core.zoo",
             doc_string=doc,
         )
-        model.ir_version = 8
+        model.ir_version = BUILT_IR_VERSION
         onnx.checker.check_model(model)
         return model

@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..onnxio import BUILT_IR_VERSION
+
 OPSET = 17  # LayerNormalization; GELU written out (tanh form, as GPT-2 uses), opset 20's Gelu not needed
 
 
@@ -247,7 +249,7 @@ def build_decoder(
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="splitpoint"
     )
-    model.ir_version = 8
+    model.ir_version = BUILT_IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     if last == spec.layers and not layers:
         _set_head_scale(model, _measure_head_scale(model, spec, seed))
