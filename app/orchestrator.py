@@ -12,7 +12,7 @@ from pathlib import Path
 
 import zmq
 
-from splitpoint.core import wire
+from splitpoint.core import endpoints, wire
 from splitpoint.core.curve import HANDSHAKE_FAILED
 from splitpoint.core.endpoints import check_endpoint
 from splitpoint.core.errors import ConfigError, PlanError, SplitPointError
@@ -62,7 +62,7 @@ def deploy(
         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve_server_key, public, secret
     monitor = s.get_monitor_socket(_DEPLOY_EVENTS)
     try:
-        s.connect(endpoint)
+        endpoints.connect(s, endpoint)
         s.send_multipart(
             wire.Message(wire.DEPLOY, 1, plan.plan_id, meta={"files": names}, frames=frames).to_frames()
         )
@@ -139,9 +139,10 @@ def _await_reply(
                     "its --max-message-mb); it is installed only if `status` lists it"
                 )
     if not connected:
+        why = endpoints.name_problem(endpoint) or "is it running, and is this its --bind or --listen?"
         raise SplitPointError(
             f"cannot deploy plan {plan} to {endpoint}: no ZeroMQ connection within "
-            f"{min(timeout_s, CONNECT_WITHIN_S):g} s (is it running, and is this its --bind or --listen?)"
+            f"{min(timeout_s, CONNECT_WITHIN_S):g} s ({why})"
         )
     raise SplitPointError(
         f"{endpoint} did not acknowledge plan {plan} within {timeout_s:g} s (connected: still loading a "

@@ -6,12 +6,13 @@ hear that the scheme is missing. ``Endpoint`` is the pydantic type every config 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
 import stat
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
@@ -49,7 +50,61 @@ def is_loopback(endpoint: str) -> bool:
     if not endpoint.startswith("tcp://"):
         return True  # ipc and inproc never leave the machine
     host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8, ::1 however it is written
+    except ValueError:
+        return False  # a host name or *
+
+
+def _ipv6(endpoint: str) -> bool:
+    """Whether a socket needs ZMQ_IPV6 for this endpoint. Without it libzmq resolves IPv4 only, and
+    ``tcp://[::1]:5555`` failed with "No such device". An IPv6 literal needs it; a bind on ``*`` gets it so
+    that the server listens on IPv6 as well as IPv4 (libzmq's dual-stack socket, IPv4 alone where the
+    kernel has no IPv6). A host name stays IPv4: with the option on, libzmq resolves a name to its IPv6
+    addresses alone, and a server bound to an IPv4 address behind a name with both would not be reached."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    return host.startswith("[") or host == "*"
+
+
+def bind(sock: Any, endpoint: str) -> None:
+    """``sock.bind(endpoint)``, IPv6 included (see ``_ipv6``)."""
+    sock.ipv6 = _ipv6(endpoint)
+    sock.bind(endpoint)
+
+
+def connect(sock: Any, endpoint: str) -> None:
+    """``sock.connect(endpoint)``, IPv6 included (see ``_ipv6``)."""
+    sock.ipv6 = _ipv6(endpoint)
+    sock.connect(endpoint)
+
+
+def name_problem(endpoint: str) -> str | None:
+    """Why a ``tcp://`` endpoint's host name leads nowhere, or None. libzmq resolves a name in its I/O
+    thread and retries for ever without a word, so a mistyped --server read as a server that is not
+    running. Called only once a connection is overdue: a resolver may take seconds to answer."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    if host.startswith("[") or host == "*":
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+        why = getattr(exc, "strerror", None) or str(exc)
+        return (
+            f"the host name {host!r} has no IPv4 address ({why}); check the name, or give an IPv6 address "
+            "in brackets (tcp://[2001:db8::7]:5555)"
+        )
+    return None
 
 
 def ipc_path(endpoint: str) -> Path | None:

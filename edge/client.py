@@ -42,7 +42,7 @@ import numpy as np
 import psutil
 import zmq
 
-from splitpoint.core import wire
+from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError
@@ -230,9 +230,10 @@ class EdgeClient:
             and config.connect_grace_s > 0
         ):
             log.warning(
-                "server %s has not answered yet (%.1f s): %s until it does",
+                "server %s has not answered yet (%.1f s%s): %s until it does",
                 config.server,
                 config.connect_grace_s,
+                f"; {problem}" if (problem := endpoints.name_problem(config.server)) else "",
                 "requests run on the local model"
                 if self._full is not None
                 else f"requests get an error ({self._why_no_fallback()})",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from splitpoint.core import wire
+from splitpoint.core import endpoints, wire
 from splitpoint.core.curve import HANDSHAKE_FAILED
 
 from .config import EdgeConfig
@@ -50,7 +50,7 @@ class Connection:
             public, secret = config.curve_keypair or zmq.curve_keypair()
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = config.curve_server_key, public, secret
         self.monitor = s.get_monitor_socket(UP_EVENTS | DOWN_EVENTS)
-        s.connect(config.server)
+        endpoints.connect(s, config.server)
         self._sock = s
         self.lock = threading.Lock()
         self.fd: int = s.getsockopt(zmq.FD)

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zmq
 
-from splitpoint.core import wire
+from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use, ipc_path
 from splitpoint.core.errors import PlanError, SplitPointError, os_reason
@@ -281,7 +281,7 @@ class EdgeDaemon:
             listen = str(self.config.listen)  # serve_local runs only with --listen
             if ipc_in_use(listen):  # libzmq would bind over it
                 raise zmq.ZMQError(zmq.EADDRINUSE)
-            sock.bind(listen)
+            endpoints.bind(sock, listen)
         except zmq.ZMQError as exc:
             sock.close(0)
             hint = (

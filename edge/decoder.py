@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from splitpoint.core import wire
+from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import decode, encode
 from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError
@@ -172,7 +172,7 @@ class DecoderClient:
         self._monitor = s.get_monitor_socket(HANDSHAKE_FAILED)
         self._server = server
         self._curve = bool(curve_server_key)
-        s.connect(server)
+        endpoints.connect(s, server)
         self._sock = s
         try:
             self.warm_up()
@@ -212,6 +212,8 @@ class DecoderClient:
                 why = f"no answer from the server within {self.timeout_s:g} s"
                 if self._monitor.poll(0):  # the handshake failed: no step will ever be answered
                     why += f": {handshake_failed(self._server, self._curve)}"
+                elif problem := endpoints.name_problem(self._server):
+                    why += f": {problem}"
                 raise GenerationError(wire.E_UNAVAILABLE, why)
             reply = wire.parse(wire.recv(self._sock))
             if reply.id != msg.id:

@@ -37,7 +37,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from splitpoint.core import wire
+from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
 from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
 from splitpoint.core.endpoints import ipc_in_use
@@ -244,7 +244,7 @@ class TailServer:
         try:
             if ipc_in_use(self.config.bind):  # libzmq would bind over it, leaving that process deaf
                 raise zmq.ZMQError(zmq.EADDRINUSE)
-            router.bind(self.config.bind)
+            endpoints.bind(router, self.config.bind)
         except zmq.ZMQError as exc:
             router.close(0)
             if self._auth is not None:
@@ -375,7 +375,7 @@ class TailServer:
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
         )
         assert c.next is not None
-        s.connect(c.next)
+        endpoints.connect(s, c.next)
         self._next = s
         self._next_grace_until = time.monotonic() + c.next_connect_grace_s
 

@@ -873,6 +873,65 @@ def test_only_deploy_keys_may_deploy_to_a_curve_server(model, tmp_path):
         srv.stop()
 
 
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_ipv6_endpoints_serve_answer_and_deploy(model, tmp_path):
+    # libzmq resolves IPv4 alone unless told: tcp://[::1]:PORT failed with "No such device"
+    srv = TailServer(ServerConfig(bind="tcp://[::1]:0", plans_dir=tmp_path / "v6")).start()
+    try:
+        assert srv.endpoint.startswith("tcp://[::1]:")
+        deploy(model["plans"] / "p-f32", srv.endpoint)
+        with client(model, srv, fallback=False) as c:
+            assert not c.infer(x(), timeout=30).fallback
+    finally:
+        srv.stop()
+    # a bind on * listens on IPv6 and IPv4 alike
+    srv = TailServer(ServerConfig(bind="tcp://*:0", plans_dir=model["plans"], insecure=True)).start()
+    try:
+        port = srv.endpoint.rsplit(":", 1)[1]
+        for host in ("127.0.0.1", "[::1]", "localhost"):
+            cfg = EdgeConfig(plan_dir=model["plans"] / "p-f32", server=f"tcp://{host}:{port}", fallback=False)
+            with EdgeClient(cfg) as c:
+                assert not c.infer(x(), timeout=30).fallback, host
+    finally:
+        srv.stop()
+
+
+def test_a_host_name_that_does_not_resolve_is_named_as_such(model):
+    from splitpoint.core.endpoints import name_problem
+
+    # .invalid never resolves (RFC 2606); libzmq retries such a name for ever without a word
+    with pytest.raises(SplitPointError, match="'nowhere.invalid' has no IPv4 address"):
+        deploy(model["plans"] / "p-f32", "tcp://nowhere.invalid:5555", timeout_s=2)
+    assert name_problem("tcp://localhost:5555") is None
+    assert name_problem("tcp://[::1]:5555") is None and name_problem("ipc:///tmp/x") is None
+
+
+def test_only_loopback_binds_go_without_keys():
+    from splitpoint.core.endpoints import is_loopback
+
+    for e in (
+        "tcp://127.0.0.1:1",
+        "tcp://127.8.0.1:1",
+        "tcp://[::1]:1",
+        "tcp://[0:0::1]:1",
+        "tcp://localhost:1",
+    ):
+        assert is_loopback(e), e
+    for e in ("tcp://*:1", "tcp://[::]:1", "tcp://0.0.0.0:1", "tcp://10.0.0.2:1", "tcp://host.lan:1"):
+        assert not is_loopback(e), e
+
+
 def test_a_server_reachable_from_the_network_needs_keys_or_insecure():
     with pytest.raises(ConfigError, match="CurveZMQ keys"):
         ServerConfig.of(bind="tcp://0.0.0.0:5555")
