@@ -108,9 +108,22 @@ HANDSHAKE_FAILED = (
 )
 
 
+# libzmq gives up on a connection whose handshake the peer refused (a key not on its --curve-allow: AUTH) or
+# could not speak (CurveZMQ against a plain server: PROTOCOL): the socket never dials again, and with
+# nothing to queue on a blocking send waits for ever. A client that must outlive the refusal (an operator
+# adds the key and restarts the server) opens a new socket after REDIAL_FIRST_S, doubling to REDIAL_MAX_S.
+GAVE_UP = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+REDIAL_FIRST_S, REDIAL_MAX_S = 2.0, 30.0
+
+
+def next_redial_wait(last_s: float | None) -> float:
+    """The wait before the next new socket: REDIAL_FIRST_S after the first refusal, then doubling."""
+    return REDIAL_FIRST_S if last_s is None else min(2 * last_s, REDIAL_MAX_S)
+
+
 def handshake_refused(endpoint: str, server_key_option: str = "--curve-server-key") -> str:
-    """What an operator reads when a peer refuses this side's handshake: the connection retries
-    silently for ever, and a refused key otherwise showed only as "unreachable" or a local fallback."""
+    """What an operator reads when a peer refuses this side's handshake: a refused key otherwise showed only
+    as "unreachable" or a local fallback."""
     return (
         f"{endpoint} refused the connection's handshake: check that {server_key_option} is its public key "
         "and that this side's public key is on its --curve-allow (or that it uses CurveZMQ at all)"

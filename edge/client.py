@@ -44,7 +44,7 @@ import zmq
 
 from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
-from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_failed
+from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, handshake_failed, next_redial_wait
 from splitpoint.core.errors import PlanError, SplitPointError
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan, hold_plan, release_plan
 from splitpoint.core.runner import (
@@ -837,7 +837,17 @@ class EdgeClient:
         poller.register(self._wake_r, zmq.POLLIN)
         watching = False
         next_ping = next_metrics = 0.0
+        redial_at: float | None = None  # when to dial again on a new socket (libzmq gave up: GAVE_UP)
+        redial_wait: float | None = None
         while not self._stop.is_set():
+            if redial_at is not None and time.perf_counter() >= redial_at:
+                redial_at = None
+                poller.unregister(self._conn.monitor)
+                if watching:
+                    poller.unregister(self._conn.fd)
+                    watching = False
+                self._conn.reopen()
+                poller.register(self._conn.monitor, zmq.POLLIN)
             with self._lock:  # replies nobody waits for: pipelined requests, late ones, or its own ping
                 watch = len(self._pending) > self._waiting or bool(self._pings) or bool(self._ghosts)
             if watch != watching:
@@ -854,9 +864,13 @@ class EdgeClient:
                     if ev & UP_EVENTS:
                         self._set_up(True)
                         self._last_heard = time.perf_counter()
+                        redial_wait = None
                     elif ev & DOWN_EVENTS:
+                        if ev & GAVE_UP and redial_at is None:  # refused: libzmq will not dial again
+                            redial_wait = next_redial_wait(redial_wait)
+                            redial_at = time.perf_counter() + redial_wait
                         if ev & HANDSHAKE_FAILED and not self._said_refused:
-                            self._said_refused = True  # once: the socket retries every 2 s
+                            self._said_refused = True  # once: the client dials again, 2 s to 30 s apart
                             curve = bool(self.config.curve_server_key)
                             # a plain connection's peer closing during the greeting (a server restarting)
                             # is no key to check: said, not warned about

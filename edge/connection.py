@@ -33,7 +33,16 @@ DOWN_EVENTS = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
 
 class Connection:
     def __init__(self, ctx: zmq.Context, config: EdgeConfig, on_message: Callable[[list], None]):
-        s = wire.tune(ctx.socket(zmq.DEALER))
+        self._ctx, self._config = ctx, config
+        self._sock, self.monitor, self.fd = self._open()
+        self.lock = threading.Lock()
+        self._on_message = on_message
+        self.closed = False
+
+    def _open(self) -> tuple[zmq.Socket, zmq.Socket, int]:
+        """A new DEALER to the server, its monitor socket and its ``ZMQ_FD``."""
+        config = self._config
+        s = wire.tune(self._ctx.socket(zmq.DEALER))
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not connected
         s.setsockopt(zmq.RECONNECT_IVL, 100)  # reconnect with backoff: 0.1 s doubling to 2 s
@@ -49,13 +58,18 @@ class Connection:
         if config.curve_server_key:
             public, secret = config.curve_keypair or zmq.curve_keypair()
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = config.curve_server_key, public, secret
-        self.monitor = s.get_monitor_socket(UP_EVENTS | DOWN_EVENTS)
+        monitor = s.get_monitor_socket(UP_EVENTS | DOWN_EVENTS)
         endpoints.connect(s, config.server)
-        self._sock = s
-        self.lock = threading.Lock()
-        self.fd: int = s.getsockopt(zmq.FD)
-        self._on_message = on_message
-        self.closed = False
+        return s, monitor, s.getsockopt(zmq.FD)
+
+    def reopen(self) -> None:
+        """Dial again on a new socket: libzmq never does after a refused handshake (``curve.GAVE_UP``).
+        The caller registers the new ``monitor`` and ``fd`` wherever it watched the old ones."""
+        with self.lock:
+            if self.closed:
+                return
+            self._close_locked()
+            self._sock, self.monitor, self.fd = self._open()
 
     def send(self, frames: list, before: Callable[[], None] | None = None) -> bool:
         """Send now, from this thread; False when no server is connected (nothing is queued then).
@@ -106,6 +120,9 @@ class Connection:
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            self._sock.disable_monitor()
-            self.monitor.close(0)
-            self._sock.close(0)
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self._sock.disable_monitor()
+        self.monitor.close(0)
+        self._sock.close(0)

@@ -203,18 +203,25 @@ class DecoderClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _unanswered(self, why: str) -> GenerationError:
+        if self._monitor.poll(0):  # the handshake failed: no step will ever be answered
+            why += f": {handshake_failed(self._server, self._curve)}"
+        elif problem := endpoints.name_problem(self._server):
+            why += f": {problem}"
+        return GenerationError(wire.E_UNAVAILABLE, why)
+
     def _request(self, msg: wire.Message) -> wire.Message:
-        wire.send(self._sock, msg.to_frames())
+        try:
+            # not blocking: a socket whose handshake the server refused has nothing to queue on, for good
+            # (curve.GAVE_UP), and a blocking send waited for ever
+            wire.send(self._sock, msg.to_frames(), zmq.NOBLOCK)
+        except zmq.Again:
+            raise self._unanswered("the connection to the server is closed") from None
         deadline = time.monotonic() + self.timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                why = f"no answer from the server within {self.timeout_s:g} s"
-                if self._monitor.poll(0):  # the handshake failed: no step will ever be answered
-                    why += f": {handshake_failed(self._server, self._curve)}"
-                elif problem := endpoints.name_problem(self._server):
-                    why += f": {problem}"
-                raise GenerationError(wire.E_UNAVAILABLE, why)
+                raise self._unanswered(f"no answer from the server within {self.timeout_s:g} s")
             reply = wire.parse(wire.recv(self._sock))
             if reply.id != msg.id:
                 continue  # the late answer to an earlier step that timed out

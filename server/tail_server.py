@@ -39,7 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
-from splitpoint.core.curve import HANDSHAKE_FAILED, handshake_refused
+from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, handshake_refused, next_redial_wait
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError, os_reason
 from splitpoint.core.handoff import Handoff
@@ -215,6 +215,8 @@ class TailServer:
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
         self._draining = False  # stopping: requests taken are answered, new ones refused
         self._said_refused = False  # the next stage's refusal of this relay's handshake, logged once
+        self._redial_at: float | None = None  # when to dial the next stage again on a new socket (GAVE_UP)
+        self._redial_wait: float | None = None
         # given to the pool, reply not yet queued back (by id(request)): the drain waits for them, and
         # at its end answers those still there; a worker's result for one answered so is dropped
         self._in_pool: dict[int, tuple[_Request, Future]] = {}
@@ -426,12 +428,15 @@ class TailServer:
                 time.sleep(_CLOSE_FLUSH_S)
             router.close(1000 if self.fatal is None else 0)
             replies.close(0)
-            if self._next is not None:
-                self._next.disable_monitor()
-                if self._next_monitor is not None:
-                    self._next_monitor.close(0)
-                self._next.close(0)
+            self._close_next()
             self._done.set()
+
+    def _close_next(self) -> None:
+        if self._next is not None:
+            self._next.disable_monitor()
+            if self._next_monitor is not None:
+                self._next_monitor.close(0)
+            self._next.close(0)
 
     def _serve(self, router: zmq.Socket, replies: zmq.Socket) -> None:
         poller = zmq.Poller()
@@ -470,6 +475,16 @@ class TailServer:
                     self._on_next(router, frames)
             if monitor is not None and monitor in events:
                 self._on_next_events(router, monitor)
+            if self._redial_at is not None and time.monotonic() >= self._redial_at:
+                self._redial_at = None
+                poller.unregister(nxt)
+                poller.unregister(monitor)
+                self._close_next()
+                self._connect_next()
+                self._next_grace_until = 0.0  # the grace was the first connection's
+                nxt, monitor = self._next, self._next_monitor
+                poller.register(nxt, zmq.POLLIN)
+                poller.register(monitor, zmq.POLLIN)
             if self._session_peers or self._router_events in events:
                 # before any message: a connection's close is reported before its descriptor can be
                 # reused, so a new connection on the same descriptor never loses its sessions to it
@@ -1038,8 +1053,11 @@ class TailServer:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 break
+            if event & GAVE_UP and self._redial_at is None:  # refused: libzmq will not dial again
+                self._redial_wait = next_redial_wait(self._redial_wait)
+                self._redial_at = time.monotonic() + self._redial_wait
             if event & HANDSHAKE_FAILED:
-                if not self._said_refused:  # once: the socket retries every 2 s
+                if not self._said_refused:  # once: the relay dials again, 2 s to 30 s apart
                     self._said_refused = True
                     log.warning("%s", handshake_refused(str(self.config.next), "--next-server-key"))
             elif event & zmq.EVENT_DISCONNECTED:
@@ -1047,7 +1065,7 @@ class TailServer:
             elif event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 # the grace is for the first connection: once one was made, a stage not connected fails
                 # a request at once (a wait after a lost connection held each request 5 s)
-                self._next_up, self._next_grace_until = True, 0.0
+                self._next_up, self._next_grace_until, self._redial_wait = True, 0.0, None
         if self._next_up != was_up:
             self._status()
         if gone and self._fwd:

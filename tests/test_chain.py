@@ -279,6 +279,59 @@ def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
         stop(relay)
 
 
+def test_a_relay_refused_by_its_next_stage_is_served_once_its_key_is_allowed(chain, tmp_path):
+    """libzmq never dials again after a refused handshake: a relay whose key the server's --curve-allow
+    lacked stayed unconnected after the server restarted with it allowed."""
+    import zmq
+
+    from splitpoint.core.curve import keygen
+    from splitpoint.server.config import ServerConfig
+    from splitpoint.server.tail_server import TailServer
+
+    server_key, server_pub = keygen(tmp_path / "server")
+    relay_key, relay_pub = keygen(tmp_path / "relay")
+    ep_server, ep_relay = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+
+    def server(allow):
+        secret = server_key.read_bytes().strip()
+        cfg = ServerConfig(
+            bind=ep_server, plans_dir=chain["plans"], curve_secret_key=secret, curve_allow=allow
+        )
+        return TailServer(cfg).start()
+
+    srv = server([zmq.curve_keypair()[0]])
+    relay = start_server(
+        ep_relay, chain["plans"], "--stage", "1", "--next", ep_server, "--next-grace", "0",
+        "--curve-secret", str(relay_key), "--next-server-key", str(server_pub),
+    )  # fmt: skip
+    try:
+        cfg = EdgeConfig(
+            plan_dir=chain["plans"] / "c3",
+            server=ep_relay,
+            fallback=False,
+            timeout_s=30,
+            connect_grace_s=60,  # the relay process up (its key makes it a CurveZMQ server too)
+            curve_server_key=relay_pub.read_bytes().strip(),
+        )
+        with EdgeClient(cfg) as c:
+            assert c.server_up
+            time.sleep(0.5)  # the relay refused by its next stage by then
+            with pytest.raises(EdgeError, match="not connected"):
+                c.infer(x(), timeout=30)
+            srv.stop()
+            srv = server([relay_pub.read_bytes().strip()])
+            deadline, answer = time.monotonic() + 20, None  # dialled again 2 s after the refusal, then 4 s
+            while time.monotonic() < deadline and answer is None:
+                with contextlib.suppress(EdgeError):
+                    answer = c.infer(feeds := x(), timeout=30)
+                time.sleep(0.2)
+            assert answer is not None and not answer.fallback, output(relay)
+            np.testing.assert_allclose(answer.outputs[0], chain["full"].run(None, feeds)[0], atol=1e-4)
+    finally:
+        stop(relay)
+        srv.stop()
+
+
 def test_status_says_a_relay_cannot_reach_its_next_stage_and_when_it_can_again(chain, mosquitto):
     """A relay whose next stage is down answers every request unavailable; `status` showed it "online"
     as a healthy one. Its status now carries whether the next stage is connected, and the views say it."""

@@ -137,6 +137,48 @@ def test_generate_runs_on_a_server_that_admits_listed_keys_only(plans, tmp_path)
         stop(proc)
 
 
+def test_a_refusal_before_the_first_step_is_an_error_not_a_hang(plans, tmp_path, monkeypatch):
+    """libzmq closes a refused connection for good: a request sent after the refusal had nothing to
+    queue on, and a blocking send waited for ever (generate hung on a loaded machine, where the head's
+    first run took longer than the handshake)."""
+    import zmq
+
+    server_pub, server_sec = zmq.curve_keypair()
+    listed_pub, _ = zmq.curve_keypair()
+    srv = TailServer(
+        ServerConfig.of(
+            bind="tcp://127.0.0.1:0", plans_dir=plans, curve_secret_key=server_sec, curve_allow=[listed_pub]
+        )
+    ).start()
+    warm_up = DecoderClient.warm_up
+
+    def late(self):  # the refusal comes first
+        deadline = time.monotonic() + 10
+        while not self._monitor.poll(0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # libzmq closes the connection's queue just after it reports the refusal
+        warm_up(self)
+
+    monkeypatch.setattr(DecoderClient, "warm_up", late)
+    try:
+        done: list[BaseException] = []
+
+        def connect():
+            try:
+                DecoderClient(plans / "float32", str(srv.endpoint), timeout_s=5, curve_server_key=server_pub)
+            except BaseException as exc:
+                done.append(exc)
+
+        t = threading.Thread(target=connect, daemon=True)
+        t.start()
+        t.join(30)
+        assert done, "the client hung on its first request"
+        assert isinstance(done[0], GenerationError), done[0]
+        assert "refused the connection's handshake" in str(done[0])
+    finally:
+        srv.stop()
+
+
 def test_a_stopping_server_starts_no_session_and_lets_one_under_way_go_on(plans):
     """A draining server refused new one-shot requests but took the first step of a new generation, and
     cut it off at the drain's end."""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
+from splitpoint.app.broker import free_port
 from splitpoint.app.orchestrator import FleetSubscriber, collect, deploy
 from splitpoint.app.process import start_server
 from splitpoint.core import wire
@@ -393,7 +394,6 @@ def test_the_round_trip_estimate_follows_the_link_while_requests_keep_coming(tmp
 
 
 def test_dead_broker_never_blocks_inference(model, server):
-    from splitpoint.app.broker import free_port
 
     with client(model, server, mqtt=f"mqtt://127.0.0.1:{free_port()}", device_id="nobroker") as c:
         slowest = 0.0
@@ -411,7 +411,6 @@ def test_a_daemon_says_once_when_its_broker_goes_and_once_when_it_answers_again(
     one per retry) and that it came back: before, a lost or refusing broker was silent."""
     import logging
 
-    from splitpoint.app.broker import free_port
     from splitpoint.core.telemetry import Telemetry
 
     from .conftest import running_mosquitto
@@ -699,7 +698,6 @@ def _serve_proc(plans, endpoint, *extra):
 
 def _client_of_a_server_process(model, **cfg):
     """A `splitpoint serve` process of the module's plans (to kill and restart) and an edge client of it."""
-    from splitpoint.app.broker import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     srv = _serve_proc(model["plans"], endpoint)
@@ -848,6 +846,54 @@ def test_curve_allow_list_admits_only_listed_clients(model, caplog):
         assert not any("check that --curve-server-key is its public key" in m for m in said), said
     finally:
         srv.stop()
+
+
+def test_an_edge_refused_by_the_allow_list_is_served_once_its_key_is_allowed(model, caplog):
+    """libzmq never dials again after a refused handshake: an edge whose key was added to --curve-allow
+    (the server restarted with it) answered "unreachable" until it was restarted too."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="splitpoint.edge")
+    pub_s, sec_s = zmq.curve_keypair()
+    edge_pub, edge_sec = zmq.curve_keypair()
+    other_pub, _ = zmq.curve_keypair()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+
+    def serve(allow):
+        cfg = ServerConfig(bind=endpoint, plans_dir=model["plans"], curve_secret_key=sec_s, curve_allow=allow)
+        return TailServer(cfg).start()
+
+    srv = serve([other_pub])
+    cfg = EdgeConfig(
+        plan_dir=model["plans"] / "p-f32",
+        server=endpoint,
+        fallback=False,
+        timeout_s=5.0,
+        connect_grace_s=0.5,
+        curve_server_key=pub_s,
+        curve_keypair=(edge_pub, edge_sec),
+    )
+    with EdgeClient(cfg) as c:
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(
+                "refused" in r.getMessage() for r in caplog.records
+            ):
+                time.sleep(0.05)
+            assert not c.server_up
+            with pytest.raises(EdgeError):
+                c.infer(x(), timeout=30)
+        finally:
+            srv.stop()
+        srv = serve([other_pub, edge_pub])
+        try:
+            deadline = time.monotonic() + 20  # dialled again 2 s after the refusal, then 4 s, ...
+            while time.monotonic() < deadline and not c.server_up:
+                time.sleep(0.05)
+            assert c.server_up
+            assert not c.infer(x(), timeout=30).fallback
+        finally:
+            srv.stop()
 
 
 def test_only_deploy_keys_may_deploy_to_a_curve_server(model, tmp_path):
@@ -1241,7 +1287,6 @@ def test_latency_samples_past_the_rate_limit_are_not_counted_as_lost(mosquitto):
 
 
 def test_deploy_to_several_targets_goes_on_past_one_that_fails(model, server):
-    from splitpoint.app.broker import free_port
 
     from .conftest import run_cli
 
@@ -1478,7 +1523,6 @@ def test_an_edge_is_switched_only_after_its_server_and_uses_its_own_model_where_
     request was then refused `unknown-plan`, though the plan shipped the whole model. Now the edge is
     left as it was, and an edge given a plan its server lacks runs requests on its own model, and the
     deploy says so."""
-    from splitpoint.app.broker import free_port
     from splitpoint.core.plan import Plan
 
     from .conftest import run_cli
