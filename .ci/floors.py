@@ -3,9 +3,8 @@ an upper bound) becomes ``name==X``, so the floors in pyproject.toml are install
 
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 deps = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
 for dep in deps:

@@ -7,9 +7,8 @@ layout; symlinks keep their messages pointing at the files in this repository.
 
 import shutil
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "build" / "lint"

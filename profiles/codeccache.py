@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -79,7 +79,7 @@ def cached_codec_speeds(
         except (KeyError, TypeError, ValueError):
             speeds, age = {}, MAX_AGE_S + 1
         if speeds and 0 <= age <= MAX_AGE_S:
-            when = datetime.fromtimestamp(float(entry["measured_at"]), timezone.utc)
+            when = datetime.fromtimestamp(float(entry["measured_at"]), UTC)
             return speeds, f"measured on this device at {when.isoformat(timespec='seconds')} ({path})"
     speeds = measure()
     fresh_entries = {  # expired entries go; the others (other CPU limits) stay

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def provenance() -> dict:
             commit = f"splitpoint {metadata.version('splitpoint')}"
         except metadata.PackageNotFoundError:
             commit = "unknown"
-    return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit}
+    return {"when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit}
 
 
 def line(machine: dict) -> str:

@@ -33,6 +33,7 @@ import ast
 import functools
 import importlib.metadata
 import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class TrainedModel:
     resolution: int  # input height
     input_shapes: dict[str, list[int]]  # concrete shapes for the inputs (symbolic dims fixed)
     params: int  # learned parameters in the file (counted once from it)
+    python_below: tuple[int, int] | None = None  # the pinned version's own Requires-Python bound
 
     @property
     def source(self) -> str:
@@ -104,6 +106,7 @@ TRAINED: dict[str, TrainedModel] = {
             224,
             {"x": [1, 3, 224, 224]},
             1_676_645,
+            (3, 13),
         ),
     ]
 }
@@ -131,6 +134,12 @@ def availability(name: str) -> str | None:
     m = TRAINED[name]
     folder = _package_dir(m)
     if folder is None:
+        if m.python_below and sys.version_info[:2] >= m.python_below:  # the extra skipped it here
+            below = ".".join(map(str, m.python_below))
+            return (
+                f"{m.source} installs on Python below {below} only, and this is Python "
+                f"{sys.version_info.major}.{sys.version_info.minor} (the other trained models work here)"
+            )
         return f"the {m.package} package is not installed: {INSTALL_HINT}"
     found = _installed_version(m.package)
     if found != m.version:
