@@ -7,15 +7,17 @@ tell a user little. Everything that reads a user's model goes through ``load_mod
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelError, first_line
+from .files import current_umask
 from .subgraphs import node_inputs
 from .weights import (
     nbytes,
@@ -39,7 +41,14 @@ def _over_protobuf_limit(model: onnx.ModelProto, stubbed: int = 0) -> bool:
     for t in model.graph.initializer:
         if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING:
             weights += nbytes(t)
-    return weights > _PROTOBUF_LIMIT - _MARGIN and model.ByteSize() + stubbed > _PROTOBUF_LIMIT
+    if weights <= _PROTOBUF_LIMIT - _MARGIN:
+        return False
+    if weights > _PROTOBUF_LIMIT:
+        return True  # and ByteSize would fail: upb's protobuf cannot serialise past the limit to count
+    try:
+        return model.ByteSize() + stubbed > _PROTOBUF_LIMIT
+    except EncodeError:  # past it after all (the rest of the model)
+        return True
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -387,6 +396,8 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> None:
             location=p.name + ".data",
             size_threshold=1024,
         )
+        # onnx creates it 0600: a server or edge daemon running as another user could not read the plan
+        os.chmod(p.with_name(p.name + ".data"), 0o666 & ~current_umask())
     else:
         onnx.save_model(model, str(p))
 

@@ -175,7 +175,12 @@ class EdgeClient:
             )
         if (config.fallback or self.local_only) and ((d / FULL_FILE).is_file() or self.local_only):
             path = d / (FULL_FILE if (d / FULL_FILE).is_file() else HEAD_FILE)
-            if psutil.virtual_memory().available > 3 * path.stat().st_size:
+            # the file and its external data: full.onnx alone is a few KB where its weights are beside it
+            mine = [n for n in self.plan.files if n == path.name or n.startswith(f"{path.name}.")]
+            size = sum((d / n).stat().st_size for n in mine if (d / n).is_file())
+            if path.name == HEAD_FILE and head is not None:
+                self._full = head  # an edge-only plan's head is the whole model: loaded once, not twice
+            elif psutil.virtual_memory().available > 3 * size:
                 self._full = make_session(path, config.threads)
                 check_fits(self.plan, path.name, self._full)
             else:
