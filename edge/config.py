@@ -15,7 +15,11 @@ from splitpoint.core.telemetry import BrokerUrl
 
 class EdgeConfig(StrictConfig):
     label: ClassVar[str] = "edge"
-    options: ClassVar[dict[str, str]] = {"timeout_s": "timeout", "plan_dir": "PLAN_DIR"}
+    options: ClassVar[dict[str, str]] = {
+        "timeout_s": "timeout",
+        "plan_dir": "PLAN_DIR",
+        "max_message_bytes": "max-message-mb (in bytes)",
+    }
     plan_dir: Path
     server: Endpoint = "tcp://127.0.0.1:5555"
     window: int = Field(4, ge=1, le=4096)  # requests in flight at once (edge run: the plan's)

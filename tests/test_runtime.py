@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,26 @@ def test_many_clients_at_once(model, server):
     for t in threads:
         t.join(120)
     assert not errors and len(done) == 60 and not any(done)
+
+
+def test_an_edge_only_plan_loads_its_model_once(model, tmp_path, monkeypatch):
+    """Its head is the whole model, and it was loaded a second time as the fallback: twice the memory
+    the plan's edge-memory figure promised (886 MiB against 397 MiB for a 200 MB model)."""
+    from splitpoint.edge import client as edge_client
+
+    write_plan(model["h"], tmp_path / "eo", kind="edge-only")
+    loaded, real = [], edge_client.make_session
+
+    def counted(path, *args, **kwargs):
+        loaded.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(edge_client, "make_session", counted)
+    with EdgeClient(EdgeConfig(plan_dir=tmp_path / "eo", server="tcp://127.0.0.1:1")) as c:
+        feeds = x()
+        r = c.infer(feeds, timeout=30)
+    assert loaded == ["head.onnx"]
+    np.testing.assert_allclose(r.outputs[0], model["full"].run(None, feeds)[0], atol=1e-5)
 
 
 def test_without_fallback_each_request_gets_an_explicit_error(model):
@@ -218,11 +239,11 @@ def test_a_plan_pushed_again_repairs_its_files_and_a_dead_deploy_s_leftovers_go(
     young.mkdir()
     # a writer of this host that is gone (a server killed and restarted at once): its directory goes
     # whatever its age; a live one's stays
-    from splitpoint.core.plan import _writer_tag
+    from splitpoint.core.files import writer_tag
 
     dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_pid.wait()
-    host = _writer_tag().split("@", 1)[1]
+    host = writer_tag().split("@", 1)[1]
     crashed = plans / f".00112233445566aa.tmp-{dead_pid.pid}@{host}-x1y2x1y2"
     crashed.mkdir()
     (crashed / "tail.onnx").write_bytes(b"77 MB of a half-written tail")
@@ -628,6 +649,34 @@ def test_an_edge_deploy_its_record_cannot_keep_is_refused_and_leaves_nothing(mod
         assert sorted(p.name for p in plans.iterdir()) == sorted(["start", there.name])
     finally:
         daemon.client.close(drain=False)
+
+
+def test_an_edge_daemon_takes_deploys_up_to_its_max_message_mb(model, server, tmp_path):
+    """`edge run` had no --max-message-mb: a plan with a file over 256 MiB could never be deployed to an
+    edge, and the refusal named an option the edge lacked."""
+    sock = f"ipc://{tmp_path}/edge.sock"
+    largest = max((model["plans"] / "p-int8" / n).stat().st_size for n in ("head.onnx", "full.onnx"))
+
+    def daemon(limit_mb: float) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "splitpoint.app", "edge", "run", str(model["plans"] / "p-f32")]
+        cmd += ["--server", server.endpoint, "--listen", sock, "--quiet", "--max-message-mb", str(limit_mb)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        s = _raw(sock)
+        assert _ask(s, wire.Message(wire.PING, 1).to_frames(), timeout=30000).type == wire.PONG
+        s.close(0)
+        return proc
+
+    for limit_mb, taken in ((largest / 2 / 2**20, False), (largest * 2 / 2**20, True)):
+        proc = daemon(limit_mb)
+        try:
+            if taken:
+                deploy(model["plans"] / "p-int8", sock, role="edge")
+            else:
+                with pytest.raises(SplitPointError, match="takes no file this large.*--max-message-mb"):
+                    deploy(model["plans"] / "p-int8", sock, role="edge", timeout_s=10)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
 
 
 def test_edge_daemon_local_socket_and_sigterm_drain(model, server, tmp_path):

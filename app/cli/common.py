@@ -33,6 +33,13 @@ MaxUnreadReplies = Annotated[
         "past it they are dropped"
     ),
 ]
+MaxMessageMb = Annotated[
+    float,
+    typer.Option(
+        help="refuse larger messages (a deployed plan's largest file must fit: a model of more than 256 MiB "
+        "needs more)"
+    ),
+]
 CurveServerKey = Annotated[
     Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85): encrypt")
 ]

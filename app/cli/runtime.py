@@ -15,6 +15,7 @@ from .common import (
     CurveServerKey,
     DeviceSecret,
     Drain,
+    MaxMessageMb,
     MaxUnreadReplies,
     Mqtt,
     Quiet,
@@ -44,7 +45,7 @@ def serve(
     max_unread_replies: MaxUnreadReplies = 1000,
     threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads per session (0 = default)")] = 0,
     provider: Annotated[str, typer.Option(help="e.g. CUDAExecutionProvider")] = "CPUExecutionProvider",
-    max_message_mb: Annotated[float, typer.Option(help="refuse larger messages")] = 256,
+    max_message_mb: MaxMessageMb = 256,
     mqtt: Mqtt = None,
     device_id: Annotated[str, typer.Option()] = "server",
     curve_secret: Annotated[
@@ -157,6 +158,7 @@ def relay(
         list[Path] | None, typer.Option(help="file(s) with the public keys that may deploy (z85)")
     ] = None,
     max_unread_replies: MaxUnreadReplies = 1000,
+    max_message_mb: MaxMessageMb = 256,
     drain: Drain = 5.0,
     quiet: Quiet = False,
 ) -> None:
@@ -200,6 +202,7 @@ def relay(
         next_connect_grace_s=next_grace,
         **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
         max_unread_replies=max_unread_replies,
+        max_message_bytes=int(max_message_mb * 2**20),
         drain_s=drain,
     )
     registry = None
@@ -257,6 +260,7 @@ def edge_run(
             "--insecure", help="let --listen be reachable from other machines (they may then deploy)"
         ),
     ] = False,
+    max_message_mb: MaxMessageMb = 256,
     quiet: Quiet = False,
 ) -> None:
     """Run the head on this device and the tail on the server."""
@@ -281,6 +285,7 @@ def edge_run(
         insecure=insecure,
         curve_server_key=read_public(curve_server_key, "server's public key") if curve_server_key else None,
         curve_keypair=keypair_from_secret(curve_secret) if curve_secret else None,
+        max_message_bytes=int(max_message_mb * 2**20),
     )
     if inputs is not None and not inputs.is_dir():  # before the connection to the server and the sessions
         raise SplitPointError(f"--inputs {inputs} is not a folder of .npy/.npz files")
