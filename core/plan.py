@@ -21,8 +21,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +34,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .codecs import DTYPES
 from .config import MAX_BYTES, explain_fields
 from .errors import ConfigError, OutputExistsError, PlanError, SplitPointError
-from .files import cannot_write_in, current_umask, name_too_long, naming, read_at_most, sync_dir, sync_tree
+from .files import (
+    cannot_write_in,
+    current_umask,
+    name_too_long,
+    naming,
+    read_at_most,
+    sync_dir,
+    sync_tree,
+    writer_gone,
+    writer_tag,
+)
 from .onnxio import sha256_file
 from .textfiles import DuplicateKeyError, load_json
 
@@ -550,28 +560,6 @@ def unused_plan(plan_dir: Path) -> Iterator[bool]:
         release_plan(fd)
 
 
-def _writer_tag() -> str:
-    """Who writes a temporary directory: this process on this host (``1234@pi4``), in its name, so that a
-    sweep on the same host can tell a dead writer's from a live one's whatever their age."""
-    host = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
-    return f"{os.getpid()}@{host}"
-
-
-def _writer_gone(name: str) -> bool | None:
-    """Whether the temporary directory ``name`` was left by a process of this host that is no more; None
-    where its name does not say (another host's, on a shared file system, or an older name)."""
-    m = re.search(r"\.(?:tmp|old)-(\d+)@([A-Za-z0-9]+)-", name)
-    if m is None or m[2] != _writer_tag().split("@", 1)[1]:
-        return None
-    try:
-        os.kill(int(m[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):  # alive under another user; or no pid at all
-        return False
-    return False
-
-
 def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None = None) -> list[str]:
     """Remove the temporary directories of plan writes that never finished (a server killed while it
     loaded a pushed plan, a ``plan`` killed while it wrote) from ``plans_dir``; the names removed. Those
@@ -597,7 +585,7 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None 
         try:
             # a writer of this host is asked whether it lives, whatever its folder's age (an earlier plan
             # set aside keeps its old time through the rename); only age tells of another's
-            dead = _writer_gone(d.name)
+            dead = writer_gone(d.name)
             stale = dead if dead is not None else now - d.stat().st_mtime > LEFTOVER_AGE_S
             if not (d.is_dir() and not d.is_symlink() and stale):
                 continue
@@ -619,10 +607,10 @@ def sweep_leftovers(plans_dir: Path, now: float | None = None, only: str | None 
 
 # what plan writes leave, by the names they make and nothing else (a user's own ``.plan.tmp-notes`` is not
 # theirs): a temporary directory (``.NAME.tmp-PID@HOST-`` and mkdtemp's 8 characters, or an older
-# ``.NAME.tmp-`` and 8) or the earlier plan a --force write set aside (``.NAME.old-PID@HOST-``, older
-# ``.NAME.old-PID``)
+# ``.NAME.tmp-`` and 8) or the earlier plan a --force write set aside (``.NAME.old-PID@HOST-`` and 8 hex
+# characters, older ``.NAME.old-PID@HOST-`` and ``.NAME.old-PID``)
 _LEFTOVER_RE = re.compile(
-    r"^\.(.+)\.(?:(tmp)-(?:\d+@[A-Za-z0-9]+-)?[a-z0-9_]{8}|(old)-\d+(?:@[A-Za-z0-9]+-)?)$"
+    r"^\.(.+)\.(?:(tmp)-(?:\d+@[A-Za-z0-9]+-)?[a-z0-9_]{8}|(old)-\d+(?:@[A-Za-z0-9]+-(?:[0-9a-f]{8})?)?)$"
 )
 
 
@@ -655,7 +643,7 @@ def check_target(target: str | Path, force: bool = False) -> Path:
         if parent.exists() and not parent.is_dir():
             raise OutputExistsError(f"{parent} is a file, so {target} cannot be a directory in it")
     # the temporary directory beside it: ".NAME.tmp-PID@HOST-" and mkdtemp's 8 characters
-    why = cannot_write_in(target.parent) or name_too_long(target, len(f"..tmp-{_writer_tag()}-") + 8)
+    why = cannot_write_in(target.parent) or name_too_long(target, len(f"..tmp-{writer_tag()}-") + 8)
     if why is not None:  # before the work, and not in the words of the temporary directory it names
         raise ConfigError(f"output directory {target} cannot be written: {why}")
     return target
@@ -676,7 +664,7 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
     target = check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_writer_tag()}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{writer_tag()}-", dir=target.parent))
     except OSError as exc:
         raise naming(exc, target, target.parent / f".{target.name}.") from exc
     old = None
@@ -685,8 +673,13 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None], forc
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would keep the plan from a service's user
         sync_tree(tmp)  # on disk before it is published: a power cut after the rename finds every file whole
         if target.exists() and force:
-            old = target.parent / f".{target.name}.old-{_writer_tag()}-"
-            os.replace(target, old)
+            # its own name each time: one left behind (a write killed mid-way) was in the way of every later
+            # --force of this process, and another process's set-aside plan is never taken for this one's
+            old = target.parent / f".{target.name}.old-{writer_tag()}-{secrets.token_hex(4)}"
+            try:
+                os.replace(target, old)
+            except FileNotFoundError:  # another writer took it away meanwhile: nothing of it to set aside
+                old = None
         try:
             os.rename(tmp, target)  # over a missing or empty directory only
         except OSError as exc:

@@ -31,7 +31,7 @@ from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use, ipc_path
 from splitpoint.core.errors import PlanError, SplitPointError, os_reason
-from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way
+from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way, locked
 from splitpoint.core.plan import (
     LEFTOVER_AGE_S,
     PLAN_FILE,
@@ -556,13 +556,14 @@ class EdgeDaemon:
         """Remember the plan about to run for this daemon's next start (by its --listen: another daemon on
         the same PLAN_DIR keeps its own record); OSError where it cannot, and the deploy is refused."""
         path = self.plans_dir / DEPLOYED
-        try:
-            records = _records(path)
-        except (OSError, ValueError):  # none yet, or unreadable (said at start): this one starts it over
-            records = {}
-        records.pop("", None)  # a record from before they were kept per daemon: whose it was is unknown
-        records[str(self.config.listen or "")] = {"replaces": str(self.started_with), "plan": target.name}
-        atomic_write_text(path, json.dumps({"daemons": records}))
+        with locked(path):  # another daemon on this PLAN_DIR may be writing its own record
+            try:
+                records = _records(path)
+            except (OSError, ValueError):  # none yet, or unreadable (said at start): this one starts it over
+                records = {}
+            records.pop("", None)  # a record from before they were kept per daemon: whose it was is unknown
+            records[str(self.config.listen or "")] = {"replaces": str(self.started_with), "plan": target.name}
+            atomic_write_text(path, json.dumps({"daemons": records}))
 
 
 def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from splitpoint.core.files import atomic_write_text, cache_root
+from splitpoint.core.files import atomic_write_text, cache_root, locked
 
 from .facts import cpu_model
 from .schema import CodecSpeed, Emulation
@@ -70,6 +70,17 @@ def cached_codec_speeds(
     """The codec speeds and where they come from: measured now, or when the cache entry was."""
     now = time.time() if now is None else now
     path, key = cache_path(), cache_key(emulation, min_total_ms)
+    # locked from the read to the write: a profile started beside another waits for its measurement and
+    # reuses it, instead of measuring while that one does and writing over its entry
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        return _cached(path, key, measure, fresh, now)
+
+
+def _cached(
+    path: Path, key: str, measure: Callable[[], dict[str, CodecSpeed]], fresh: bool, now: float
+) -> tuple[dict[str, CodecSpeed], str]:
     entries = _read(path)
     entry = entries.get(key)
     if not fresh and isinstance(entry, dict):

@@ -196,6 +196,38 @@ def test_codec_speeds_are_measured_once_per_device_and_limit_and_reused_for_a_da
     assert json.loads(cache_path().read_text())  # rewritten whole
 
 
+def test_profiles_started_together_keep_every_codec_entry_and_measure_each_once(tmp_path):
+    """The cache was read, changed and written back unlocked: three profiles at once kept one entry of
+    three, and the next ones measured again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPLITPOINT_CACHE": str(tmp_path / "cache")}
+    script = (
+        "import sys, time\n"
+        "from splitpoint.profiles.codeccache import cached_codec_speeds\n"
+        "from splitpoint.profiles.profiler import codec_speeds\n"
+        "def measure():\n"
+        "    time.sleep(0.5)\n"  # as long as a real measurement: the others start meanwhile
+        "    return codec_speeds(repeats=1, size=2**12)\n"
+        "print(cached_codec_speeds(measure, None, float(sys.argv[1]))[1])\n"
+    )
+
+    def run(keys):
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, k], env=env, stdout=subprocess.PIPE, text=True)
+            for k in keys
+        ]
+        return [p.communicate(timeout=120)[0].strip() for p in procs]
+
+    assert run(["1", "2", "3"]) == ["measured now"] * 3
+    assert len(json.loads((tmp_path / "cache" / "codec-speeds.json").read_text())) == 3
+    # the same key thrice at once: measured by the first, reused by the two that waited for it
+    said = run(["4", "4", "4"])
+    assert said.count("measured now") == 1, said
+    assert len(json.loads((tmp_path / "cache" / "codec-speeds.json").read_text())) == 4
+
+
 def test_a_profile_says_where_its_codec_speeds_come_from(model_path, tmp_path):
     env_cache = {"SPLITPOINT_CACHE": str(tmp_path / "cache")}
     sources = []

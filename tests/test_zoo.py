@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -64,3 +66,26 @@ def test_resolve_names_and_paths(tmp_path):
     with pytest.raises(ModelError, match="unknown zoo model"):
         zoo.build("vgg99")
     assert zoo.resolve(tmp_path / "x.onnx") == tmp_path / "x.onnx"
+
+
+def test_a_build_killed_mid_write_leaves_nothing_the_next_build_keeps(tmp_path, monkeypatch):
+    """A build killed by SIGTERM while it wrote left its temporary file (244 MB for AlexNet) in the cache
+    for good; the next build removes those of dead writers of this host, and no live writer's."""
+    import subprocess
+    import sys
+
+    from splitpoint.core.files import writer_tag
+
+    monkeypatch.setenv("SPLITPOINT_CACHE", str(tmp_path))
+    host = writer_tag().split("@", 1)[1]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = zoo.cache_dir()
+    folder.mkdir(parents=True)
+    left = folder / f".alexnet-w1-r224-s0.onnx.tmp-{dead.pid}@{host}-"
+    busy = folder / f".alexnet-w1-r224-s0.onnx.tmp-{os.getppid()}@{host}-"  # a live writer's
+    for f in (left, busy):
+        f.write_bytes(b"half a model")
+    path = zoo.zoo_path("mobilenetv2", width=0.25, resolution=32)
+    assert path.is_file() and not left.exists() and busy.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, busy.name])

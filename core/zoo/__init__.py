@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelError
-from ..files import cache_root, utf8_path
+from ..files import cache_root, utf8_path, writer_gone, writer_tag
 from . import models, trained
 from .decoder import DECODERS, build_decoder
 
@@ -119,9 +119,10 @@ def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed:
     path = cache_dir() / f"{name}-w{width:g}-r{res}-s{seed}.onnx"
     if not path.exists():
         model = build(name, width, resolution, seed)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{writer_tag()}-")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _sweep(path.parent)
             onnx.save_model(model, str(tmp))
             os.replace(tmp, path)
         except OSError as exc:  # a full or read-only cache: said as such, and no partial file left in it
@@ -134,6 +135,15 @@ def zoo_path(name: str, width: float = 1.0, resolution: int | None = None, seed:
                 + "set SPLITPOINT_CACHE to a folder this user may write"
             ) from exc
     return path
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the temporary files of builds whose process is gone: one killed while it wrote (SIGTERM from
+    ``systemctl stop`` at first boot) left a file as large as its model (244 MB for AlexNet) for good."""
+    for f in folder.glob(".*.tmp-*"):
+        if writer_gone(f.name):
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def resolve(spec: str | Path) -> Path:
