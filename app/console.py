@@ -287,8 +287,29 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
             "(or the floor your task needs) to pick among the candidates that keep more"
         )
     _few_samples_note(fid if _lossy(d.pick.inp) else None, cons.min_fidelity if cons else None, pred)
+    _fallback_memory_note(r.plan, d.candidates, cons)
     if r.plan is not None:
         console.print(f"plan {r.plan.plan_id[:12]} → {out}")
+
+
+def _fallback_memory_note(plan: Any, candidates: list, cons: Any) -> None:
+    """--with-full ships the whole model for the edge to fall back on; the edge-memory limit judged the
+    pick's head alone (a 1.9 GB fallback went with a pick shown at 1.0 GiB under --edge-memory 1200)."""
+    limit = getattr(cons, "max_edge_memory_bytes", None)
+    if plan is None or limit is None or "full.onnx" not in plan.files:
+        return
+    whole = [
+        c.inp.edge_memory_bytes
+        for c in candidates
+        if c.inp.kind == "edge-only" and c.inp.head_weights == "float32"
+    ]
+    if whole and whole[0] > limit:
+        console.print(
+            f"note: the whole model shipped for fallback (--with-full) takes {human_bytes(whole[0])} on the "
+            f"edge (derived, as the edge-only candidate), past --edge-memory {human_bytes(limit)}: the edge "
+            "loads it only where three times its size is free, and says when it does not; leave out "
+            "--with-full to keep the plan within the limit"
+        )
 
 
 def _lossy(inp: Any) -> bool:

@@ -228,6 +228,18 @@ def test_a_lossy_pick_made_without_a_fidelity_floor_is_pointed_out(setup):
     ), strict
 
 
+def test_a_fallback_model_past_the_edge_memory_limit_is_pointed_out(setup, tmp_path):
+    """--edge-memory judged the pick's head alone: --with-full shipped a whole model past the limit
+    without a word."""
+    d, path, *_ = setup
+    common = ("--edge-memory", "0.05", "--random", "4")
+    said = _plan(d, path, "3g", *common, "--with-full", "-o", str(tmp_path / "p"), check=True).stdout
+    assert "the whole model shipped for fallback (--with-full) takes" in said, said
+    assert "past --edge-memory" in said
+    alone = _plan(d, path, "3g", *common, "-o", str(tmp_path / "q"), check=True).stdout
+    assert "shipped for fallback" not in alone
+
+
 def test_plan_cli_infeasible_names_closest(setup):
     d, path, _, _, _ = setup
     out = d / "never"
