@@ -34,7 +34,7 @@ import lz4.block
 import numpy as np
 import zstandard
 
-from .errors import SplitPointError
+from .errors import SplitPointError, unsupported_version
 from .machine import usable_cores
 
 MAGIC = b"SPT1"
@@ -777,7 +777,7 @@ def decode(
     if magic != MAGIC:
         raise CodecError(f"not a SplitPoint tensor payload (magic {bytes(magic)!r})")
     if version != VERSION:
-        raise CodecError(f"unsupported tensor payload version {version} (this build reads {VERSION})")
+        raise CodecError(unsupported_version("tensor payload version", version, (VERSION,)))
     if base_i >= len(BASES) or stage_i >= len(STAGES) or dtype_i >= len(DTYPES):
         raise CodecError(f"unknown codec/dtype ids in header ({base_i}, {stage_i}, {dtype_i})")
     if ndim > MAX_NDIM:

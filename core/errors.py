@@ -17,6 +17,16 @@ def os_reason(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
+def unsupported_version(what: str, found: object, reads: tuple[int, ...]) -> str:
+    """Why a version is refused, and which side to upgrade: a fleet upgrades one machine at a time, and
+    a newer peer's plan, payload or message read as "unsupported" left the user to guess which."""
+    shown = f"{str(found)[:20]!r}" if type(found) is not int else str(found)
+    said = f"unsupported {what} {shown} (this SplitPoint reads {', '.join(map(str, reads))})"
+    if type(found) is int and found > max(reads):
+        said += ": a newer SplitPoint wrote it; upgrade the SplitPoint that reads it"
+    return said
+
+
 class SplitPointError(Exception):
     """Base for errors caused by input (files, arguments, frames), not by bugs."""
 

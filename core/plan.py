@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .codecs import DTYPES
 from .config import MAX_BYTES, explain_fields
-from .errors import ConfigError, OutputExistsError, PlanError, SplitPointError
+from .errors import ConfigError, OutputExistsError, PlanError, SplitPointError, unsupported_version
 from .files import (
     cannot_write_in,
     current_umask,
@@ -302,10 +302,7 @@ class Plan(_Strict):
         raw = json_object(data, where, "plan")
         version = raw.get("format_version")
         if type(version) is not int or version not in READS_FORMATS:  # not 2.0, not True
-            raise PlanError(
-                f"{where}: unsupported plan format_version {str(version)[:20]!r} "
-                f"(this build reads {', '.join(map(str, READS_FORMATS))})"
-            )
+            raise PlanError(f"{where}: {unsupported_version('plan format_version', version, READS_FORMATS)}")
         if version == 1:  # its id covers its own content: checked as written, then converted
             if raw.get("plan_id") != _canonical_id({k: v for k, v in raw.items() if k != "plan_id"}):
                 raise PlanError(f"{where}: plan_id does not match the plan's content (edited or corrupt)")

@@ -18,7 +18,7 @@ from typing import Final, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import MAX_BYTES, MAX_MS, explain_fields
-from .errors import PlanError
+from .errors import PlanError, unsupported_version
 from .plan import _FILE_NAME, _SHA256, Plan, _Strict, json_object, read_plan_file
 
 PLANSET_FILE: Final = "planset.json"
@@ -130,9 +130,9 @@ class PlanSet(_Strict):
     def parse(cls, data: bytes | str, where: str = PLANSET_FILE) -> PlanSet:
         raw = json_object(data, where, "plan set")
         if type(raw.get("format_version")) is not int or raw.get("format_version") != PLANSET_FORMAT:
+            found = raw.get("format_version")
             raise PlanError(
-                f"{where}: unsupported plan set format_version {str(raw.get('format_version'))[:20]!r} "
-                f"(this build reads {PLANSET_FORMAT})"
+                f"{where}: {unsupported_version('plan set format_version', found, (PLANSET_FORMAT,))}"
             )
         try:
             return cls.model_validate(raw)

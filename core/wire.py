@@ -230,7 +230,10 @@ def parse(frames: list, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     v = h.get("v")
     if v != PROTOCOL_VERSION or type(v) is not int:
         shown = "missing" if v is None else f"{str(v)[:20]!r} ({type(v).__name__})"
-        raise WireError(E_VERSION, f"protocol version {shown} not supported: this peer speaks the integer 1")
+        said = f"protocol version {shown} not supported: this peer speaks the integer {PROTOCOL_VERSION}"
+        if type(v) is int and v > PROTOCOL_VERSION:  # which side to upgrade, in a fleet upgraded in turns
+            said += "; the peer runs a newer SplitPoint: upgrade the one that reports this"
+        raise WireError(E_VERSION, said)
     t = h.get("type")
     if type(t) is not str or t not in TYPES:
         raise WireError(E_BAD_MESSAGE, f"unknown message type {str(t)[:40]!r}")

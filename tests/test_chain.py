@@ -929,3 +929,28 @@ def test_a_server_started_and_never_stopped_leaves_no_log_behind():
     log = Path(done.stdout.strip())
     assert done.returncode == 0 and log.name.startswith("splitpoint-serve-"), done.stderr
     assert not log.exists()
+
+
+def test_a_newer_format_or_protocol_says_which_side_to_upgrade():
+    """A fleet upgrades one machine at a time: "unsupported format_version 3" left the user to guess
+    whether the writer or the reader was behind."""
+    import json
+
+    from splitpoint.core import wire
+    from splitpoint.core.codecs import CodecError, decode, encode
+    from splitpoint.core.planset import PlanSet
+
+    with pytest.raises(PlanError, match="a newer SplitPoint wrote it; upgrade the SplitPoint that reads it"):
+        Plan.parse(json.dumps({"format_version": 3}))
+    with pytest.raises(PlanError, match="a newer SplitPoint wrote it"):
+        PlanSet.parse(json.dumps({"format_version": 2}))
+    with pytest.raises(PlanError) as old:  # not newer: no advice to upgrade
+        Plan.parse(json.dumps({"format_version": 0}))
+    assert "upgrade" not in str(old.value)
+    payload = bytearray(encode(np.zeros(4, np.float32), "float32"))
+    payload[4] = 9  # the payload's version byte, after its 4-byte magic
+    with pytest.raises(CodecError, match="version 9 .*a newer SplitPoint wrote it"):
+        decode(bytes(payload))
+    header = json.dumps({"v": 2, "type": "ping", "id": 1}).encode()
+    with pytest.raises(wire.WireError, match="the peer runs a newer SplitPoint"):
+        wire.parse([header])
