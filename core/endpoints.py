@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import stat
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,7 +83,7 @@ def connect(sock: Any, endpoint: str) -> None:
     sock.connect(endpoint)
 
 
-def name_problem(endpoint: str) -> str | None:
+def name_problem(endpoint: str, timeout_s: float = 1.0) -> str | None:
     """Why a ``tcp://`` endpoint's host name leads nowhere, or None. libzmq resolves a name in its I/O
     thread and retries for ever without a word, so a mistyped --server read as a server that is not
     running. Called only once a connection is overdue: a resolver may take seconds to answer."""
@@ -96,15 +97,28 @@ def name_problem(endpoint: str) -> str | None:
         return None
     except ValueError:
         pass
-    try:
-        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
-        why = getattr(exc, "strerror", None) or str(exc)
-        return (
-            f"the host name {host!r} has no IPv4 address ({why}); check the name, or give an IPv6 address "
-            "in brackets (tcp://[2001:db8::7]:5555)"
-        )
-    return None
+    # asked on a thread of its own and waited for a second at most: a resolver that cannot be reached
+    # takes 5 s per try and server, and a daemon's start or a deploy's answer would wait for it
+    found: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+            found.append(None)
+        except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+            found.append(exc)
+
+    t = threading.Thread(target=ask, name="splitpoint-resolve", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    exc = found[0] if found else None
+    if exc is None:
+        return None  # resolved, or no answer yet: nothing to say
+    why = getattr(exc, "strerror", None) or str(exc)
+    return (
+        f"the host name {host!r} has no IPv4 address ({why}); check the name, or give an IPv6 address "
+        "in brackets (tcp://[2001:db8::7]:5555)"
+    )
 
 
 def ipc_path(endpoint: str) -> Path | None:

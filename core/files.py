@@ -198,14 +198,16 @@ def locked(path: str | Path) -> Iterator[None]:
     write is atomic, but without the lock the last of two writers erased the other's change (three
     profiles at once kept one codec-speed entry of three; two edge daemons on one plan directory lost each
     other's deploy records). The lock is the folder's own (``flock`` on it), so no lock file is left
-    there; where the folder cannot be opened the caller goes on unlocked, and its write says why."""
+    there; it holds among the processes of one host (on NFS too). Where the folder cannot be opened or
+    locked the caller goes on unlocked, and its write says what is wrong."""
     try:
         fd = os.open(Path(path).parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a file system without locks (ENOLCK): unlocked, as before
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # and the lock with it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,6 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelError, first_line
-from .files import current_umask
 from .subgraphs import node_inputs
 from .weights import (
     nbytes,
@@ -396,8 +396,9 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> None:
             location=p.name + ".data",
             size_threshold=1024,
         )
-        # onnx creates it 0600: a server or edge daemon running as another user could not read the plan
-        os.chmod(p.with_name(p.name + ".data"), 0o666 & ~current_umask())
+        # onnx creates it 0600: a server or edge daemon running as another user could not read the plan.
+        # The model file's own mode (reading the umask sets it for a moment, under other threads' writes)
+        os.chmod(p.with_name(p.name + ".data"), stat.S_IMODE(p.stat().st_mode))
     else:
         onnx.save_model(model, str(p))
 

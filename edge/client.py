@@ -846,13 +846,20 @@ class EdgeClient:
         redial_wait: float | None = None
         while not self._stop.is_set():
             if redial_at is not None and time.perf_counter() >= redial_at:
-                redial_at = None
-                poller.unregister(self._conn.monitor)
-                if watching:
-                    poller.unregister(self._conn.fd)
-                    watching = False
-                self._conn.reopen()
-                poller.register(self._conn.monitor, zmq.POLLIN)
+                old_monitor, old_fd = self._conn.monitor, self._conn.fd
+                try:
+                    self._conn.reopen()
+                except zmq.ZMQError as exc:  # no socket to be had now (descriptors): the old one stays
+                    log.warning("cannot open a new connection to the server yet: %s", exc)
+                    redial_wait = next_redial_wait(redial_wait)
+                    redial_at = time.perf_counter() + redial_wait
+                else:
+                    redial_at = None
+                    poller.unregister(old_monitor)
+                    if watching:
+                        poller.unregister(old_fd)
+                        watching = False
+                    poller.register(self._conn.monitor, zmq.POLLIN)
             with self._lock:  # replies nobody waits for: pipelined requests, late ones, or its own ping
                 watch = len(self._pending) > self._waiting or bool(self._pings) or bool(self._ghosts)
             if watch != watching:
@@ -870,6 +877,7 @@ class EdgeClient:
                         self._set_up(True)
                         self._last_heard = time.perf_counter()
                         redial_wait = None
+                        self._said_refused = False  # a refusal after this one is news again
                     elif ev & DOWN_EVENTS:
                         if ev & GAVE_UP and redial_at is None:  # refused: libzmq will not dial again
                             redial_wait = next_redial_wait(redial_wait)

@@ -64,12 +64,15 @@ class Connection:
 
     def reopen(self) -> None:
         """Dial again on a new socket: libzmq never does after a refused handshake (``curve.GAVE_UP``).
-        The caller registers the new ``monitor`` and ``fd`` wherever it watched the old ones."""
+        The caller registers the new ``monitor`` and ``fd`` wherever it watched the old ones. The new one
+        is made before the old one goes: where it cannot be (no file descriptor left), ZMQError, and the
+        connection stays as it was, to be tried again."""
         with self.lock:
             if self.closed:
                 return
+            opened = self._open()
             self._close_locked()
-            self._sock, self.monitor, self.fd = self._open()
+            self._sock, self.monitor, self.fd = opened
 
     def send(self, frames: list, before: Callable[[], None] | None = None) -> bool:
         """Send now, from this thread; False when no server is connected (nothing is queued then).

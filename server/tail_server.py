@@ -373,12 +373,12 @@ class TailServer:
             secret = c.curve_secret_key
             public, secret = (zmq.curve_public(secret), secret) if secret else zmq.curve_keypair()
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = c.next_curve_server_key, public, secret
-        self._next_monitor = s.get_monitor_socket(
+        monitor = s.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
         )
         assert c.next is not None
         endpoints.connect(s, c.next)
-        self._next = s
+        self._next, self._next_monitor = s, monitor
         self._next_grace_until = time.monotonic() + c.next_connect_grace_s
 
     def _status(self) -> None:
@@ -432,11 +432,17 @@ class TailServer:
             self._done.set()
 
     def _close_next(self) -> None:
-        if self._next is not None:
-            self._next.disable_monitor()
-            if self._next_monitor is not None:
-                self._next_monitor.close(0)
-            self._next.close(0)
+        self._close_sockets(self._next, self._next_monitor)
+        self._next = self._next_monitor = None
+
+    @staticmethod
+    def _close_sockets(nxt: zmq.Socket | None, monitor: zmq.Socket | None) -> None:
+        if nxt is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                nxt.disable_monitor()
+            nxt.close(0)
+        if monitor is not None:
+            monitor.close(0)
 
     def _serve(self, router: zmq.Socket, replies: zmq.Socket) -> None:
         poller = zmq.Poller()
@@ -476,15 +482,21 @@ class TailServer:
             if monitor is not None and monitor in events:
                 self._on_next_events(router, monitor)
             if self._redial_at is not None and time.monotonic() >= self._redial_at:
-                self._redial_at = None
-                poller.unregister(nxt)
-                poller.unregister(monitor)
-                self._close_next()
-                self._connect_next()
-                self._next_grace_until = 0.0  # the grace was the first connection's
-                nxt, monitor = self._next, self._next_monitor
-                poller.register(nxt, zmq.POLLIN)
-                poller.register(monitor, zmq.POLLIN)
+                try:  # the new socket first: where none can be had now, the old one stays
+                    self._connect_next()
+                except zmq.ZMQError as exc:
+                    log.warning("cannot open a new connection to the next stage yet: %s", exc)
+                    self._redial_wait = next_redial_wait(self._redial_wait)
+                    self._redial_at = time.monotonic() + self._redial_wait
+                else:
+                    self._redial_at = None
+                    poller.unregister(nxt)
+                    poller.unregister(monitor)
+                    self._close_sockets(nxt, monitor)
+                    self._next_grace_until = 0.0  # the grace was the first connection's
+                    nxt, monitor = self._next, self._next_monitor
+                    poller.register(nxt, zmq.POLLIN)
+                    poller.register(monitor, zmq.POLLIN)
             if self._session_peers or self._router_events in events:
                 # before any message: a connection's close is reported before its descriptor can be
                 # reused, so a new connection on the same descriptor never loses its sessions to it
@@ -1066,6 +1078,7 @@ class TailServer:
                 # the grace is for the first connection: once one was made, a stage not connected fails
                 # a request at once (a wait after a lost connection held each request 5 s)
                 self._next_up, self._next_grace_until, self._redial_wait = True, 0.0, None
+                self._said_refused = False  # a refusal after this one is news again
         if self._next_up != was_up:
             self._status()
         if gone and self._fwd:

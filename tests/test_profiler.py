@@ -208,7 +208,7 @@ def test_profiles_started_together_keep_every_codec_entry_and_measure_each_once(
         "from splitpoint.profiles.codeccache import cached_codec_speeds\n"
         "from splitpoint.profiles.profiler import codec_speeds\n"
         "def measure():\n"
-        "    time.sleep(0.5)\n"  # as long as a real measurement: the others start meanwhile
+        "    time.sleep(2.0)\n"  # longer than the processes' starts differ: the others start meanwhile
         "    return codec_speeds(repeats=1, size=2**12)\n"
         "print(cached_codec_speeds(measure, None, float(sys.argv[1]))[1])\n"
     )

@@ -36,8 +36,7 @@ MaxUnreadReplies = Annotated[
 MaxMessageMb = Annotated[
     float,
     typer.Option(
-        help="refuse larger messages (a deployed plan's largest file must fit: a model of more than 256 MiB "
-        "needs more)"
+        help="refuse larger messages (a deploy carries the plan's files in one message: their sum must fit)"
     ),
 ]
 CurveServerKey = Annotated[

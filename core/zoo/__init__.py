@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import psutil
 
 from ..errors import ModelError
 from ..files import cache_root, utf8_path, writer_gone, writer_tag
@@ -143,6 +145,12 @@ def _sweep(folder: Path) -> None:
     for f in folder.glob(".*.tmp-*"):
         if writer_gone(f.name):
             with contextlib.suppress(OSError):
+                f.unlink()
+    # the name before the writer was in it (NAME.tmpPID): gone where its process is and it is an hour old
+    for f in folder.glob("*.tmp[0-9]*"):
+        pid = f.suffix[len(".tmp") :]
+        with contextlib.suppress(OSError, ValueError):
+            if pid.isdigit() and not psutil.pid_exists(int(pid)) and time.time() - f.stat().st_mtime > 3600:
                 f.unlink()
 
 
