@@ -194,8 +194,9 @@ def clean_value(v: object, depth: int = 0) -> object:
         return clean_text(v)
     if depth >= 2:
         return None
-    if isinstance(v, list):
-        return [clean_value(x, depth + 1) for x in v[:32]]
+    if isinstance(v, list):  # a long one is cut, and says so: a server holds up to 512 plans
+        more = [f"… and {len(v) - 32} more"] if len(v) > 32 else []
+        return [clean_value(x, depth + 1) for x in v[:32]] + more
     if isinstance(v, dict):
         return {clean_text(str(k), 64): clean_value(x, depth + 1) for k, x in list(v.items())[:64]}
     return None

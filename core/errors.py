@@ -17,6 +17,15 @@ def os_reason(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
+def describe(exc: BaseException) -> str:
+    """An unexpected exception as an error reply or log says it: its type and its words. A MemoryError
+    has no words (a deploy refused for memory read "MemoryError: " and nothing more)."""
+    said = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return (
+        f"out of memory ({said}): this process has no memory for it" if isinstance(exc, MemoryError) else said
+    )
+
+
 def unsupported_version(what: str, found: object, reads: tuple[int, ...]) -> str:
     """Why a version is refused, and which side to upgrade: a fleet upgrades one machine at a time, and
     a newer peer's plan, payload or message read as "unsupported" left the user to guess which."""

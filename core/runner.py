@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import psutil
 from onnx import numpy_helper
 
 from .codecs import DTYPES
@@ -618,3 +619,51 @@ def per_sample(joined: Joined, n: int) -> list[np.ndarray]:
 def run_batched(session: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[Joined]:
     """The outputs for several one-sample feeds, joined (see ``run_samples`` and ``join``)."""
     return join(run_samples(session, samples))
+
+
+def available_memory() -> int:
+    """Bytes this process may still take: the host's free memory, less where its own limits are lower
+    (``ulimit -v``; a cgroup's ``memory.max``, as systemd's ``MemoryMax=`` and containers set). The
+    host's figure alone let an edge under a 700 MB limit load a 233 MB fallback model and die of
+    ``std::bad_alloc`` at start."""
+    import resource
+
+    free = psutil.virtual_memory().available
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        free = min(free, max(0, soft - psutil.Process().memory_info().vms))
+    for limit, used in _cgroup_memory_files():
+        try:
+            cap, now = Path(limit).read_text().strip(), int(Path(used).read_text())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 1 << 60:  # "max", or v1's huge number for no limit
+            free = min(free, max(0, int(cap) - now))
+        break
+    return free
+
+
+def _cgroup_memory_files() -> list[tuple[str, str]]:
+    """(limit, usage) files of this process's memory cgroup, as ``/proc/self/cgroup`` names it, then the
+    mount's root; the first pair that can be read is the one."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, where = line.split(":", 2)
+        if controllers == "":  # v2's single hierarchy
+            base = Path("/sys/fs/cgroup") / where.lstrip("/")
+            found.append((str(base / "memory.max"), str(base / "memory.current")))
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / where.lstrip("/")
+            found.append((str(base / "memory.limit_in_bytes"), str(base / "memory.usage_in_bytes")))
+    # a container's own cgroup shows as the root of its mount, whatever /proc/self/cgroup names
+    found.append(("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"))
+    found.append(
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
+    )
+    return found

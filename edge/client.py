@@ -39,16 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import zmq
 
 from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, handshake_failed, next_redial_wait
-from splitpoint.core.errors import PlanError, SplitPointError
+from splitpoint.core.errors import PlanError, SplitPointError, describe
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan, hold_plan, release_plan
 from splitpoint.core.runner import (
     HeadRunner,
+    available_memory,
     check_fits,
     check_stage_chain,
     input_shapes,
@@ -180,7 +180,7 @@ class EdgeClient:
             size = sum((d / n).stat().st_size for n in mine if (d / n).is_file())
             if path.name == HEAD_FILE and head is not None:
                 self._full = head  # an edge-only plan's head is the whole model: loaded once, not twice
-            elif psutil.virtual_memory().available > 3 * size:
+            elif available_memory() > 3 * size:
                 self._full = make_session(path, config.threads)
                 check_fits(self.plan, path.name, self._full)
             else:
@@ -485,7 +485,7 @@ class EdgeClient:
         except SplitPointError as exc:
             self._finish(rid, error=EdgeError(str(exc), "bad-input"))
         except Exception as exc:  # onnxruntime rejects wrong shapes/dtypes with its own errors
-            self._finish(rid, error=EdgeError(f"head failed: {type(exc).__name__}: {exc}", "bad-input"))
+            self._finish(rid, error=EdgeError(f"head failed: {describe(exc)}", "bad-input"))
 
     def _backed_up(self, rid: int, p: _Pending, nbytes: int) -> bool:
         """Whether the request stays off a link whose queue would hold it past its timeout (answered
@@ -549,7 +549,7 @@ class EdgeClient:
             outs = self._full.run(names, {i.name: feeds[i.name] for i in self._full.get_inputs()})
             ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:
-            raise EdgeError(f"local model failed: {type(exc).__name__}: {exc}", "bad-input") from exc
+            raise EdgeError(f"local model failed: {describe(exc)}", "bad-input") from exc
         by = dict(zip(names, outs, strict=True))
         reason = "edge-only plan" if self.local_only else why
         breakdown = {"local_ms": ms, "reason": reason}

@@ -30,7 +30,7 @@ import zmq
 from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
 from splitpoint.core.endpoints import ipc_in_use, ipc_path
-from splitpoint.core.errors import PlanError, SplitPointError, os_reason
+from splitpoint.core.errors import PlanError, SplitPointError, describe, os_reason
 from splitpoint.core.files import atomic_write, atomic_write_text, file_in_the_way, locked
 from splitpoint.core.plan import (
     LEFTOVER_AGE_S,
@@ -421,7 +421,7 @@ class EdgeDaemon:
         except EdgeError as exc:
             return wire.error(rid, exc.code, str(exc), plan_id)
         except Exception as exc:
-            return wire.error(rid, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", plan_id)
+            return wire.error(rid, wire.E_INTERNAL, describe(exc), plan_id)
         meta = {"fallback": r.fallback, "breakdown": dict(r.breakdown)}
         frames = [encode(o, "float32") for o in r.outputs]
         # the plan that answered, not the one running now: a deploy may have switched since it started
@@ -477,7 +477,7 @@ class EdgeDaemon:
             self._refuse_message(sock, ident, body, wire.E_BAD_PLAN, str(exc))
         except Exception as exc:  # the daemon never dies on one message
             log.exception("local request failed")
-            self._refuse_message(sock, ident, body, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._refuse_message(sock, ident, body, wire.E_INTERNAL, describe(exc))
 
     def _refuse_message(self, sock: zmq.Socket, ident: Any, body: list, code: str, why: str) -> None:
         """An error for a message as its header reads, well-formed or not: its id and the plan it named."""

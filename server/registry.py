@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitpoint.core import wire
-from splitpoint.core.errors import PlanError
+from splitpoint.core.errors import PlanError, describe
 from splitpoint.core.kvcache import DecoderSegment
 from splitpoint.core.plan import PLAN_FILE, Plan, install_pushed, sweep_leftovers, verify_pushed
 from splitpoint.core.planset import PlanSet, is_plan_set
@@ -80,7 +80,7 @@ class PlanRegistry:
                 try:
                     self.add_dir(d)
                 except Exception as exc:  # one bad plan directory must not keep the others from serving
-                    self.skipped[str(d)] = f"{type(exc).__name__}: {exc}"
+                    self.skipped[str(d)] = describe(exc)
                     log.error("skipping the plan in %s: %s", d, self.skipped[str(d)])
 
     def _entry(self, path: Path, plan: Plan) -> Entry:

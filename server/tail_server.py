@@ -41,7 +41,7 @@ from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
 from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, handshake_refused, next_redial_wait
 from splitpoint.core.endpoints import ipc_in_use
-from splitpoint.core.errors import PlanError, SplitPointError, os_reason
+from splitpoint.core.errors import PlanError, SplitPointError, describe, os_reason
 from splitpoint.core.handoff import Handoff
 from splitpoint.core.runner import (
     Expect,
@@ -591,7 +591,7 @@ class TailServer:
         except Exception as exc:  # a bug met by one message: answer it, log it, keep serving
             log.exception("failed to handle a message")
             self.stats.add(rejected=1)
-            reply = wire.best_effort_error(body, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = wire.best_effort_error(body, wire.E_INTERNAL, describe(exc))
             with contextlib.suppress(zmq.ZMQError):
                 router.send_multipart([ident, *reply.to_frames()], copy=False)
 
@@ -765,7 +765,7 @@ class TailServer:
             reply = wire.error(msg.id, exc.code, str(exc), msg.plan)
         except Exception as exc:  # a failing tail (or a bug) answers this step and no other
             log.exception("step %s failed", msg.id)
-            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+            reply = wire.error(msg.id, wire.E_INTERNAL, describe(exc), msg.plan)
         if admitted:
             self.stats.answered(False)
         else:
@@ -874,7 +874,7 @@ class TailServer:
             self.stats.answered(False)
         except Exception as exc:  # a failing tail (or a bug) answers this request and no other
             log.exception("request %s failed", msg.id)
-            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+            reply = wire.error(msg.id, wire.E_INTERNAL, describe(exc), msg.plan)
             self.stats.answered(False)
         return [req.ident, *reply.to_frames()]
 
@@ -1121,7 +1121,7 @@ class TailServer:
             reply = wire.error(msg.id, wire.E_INTERNAL, why, msg.plan)
         except Exception as exc:  # never lose the answer to a deploy
             log.exception("deploy failed")
-            reply = wire.error(msg.id, wire.E_INTERNAL, f"{type(exc).__name__}: {exc}", msg.plan)
+            reply = wire.error(msg.id, wire.E_INTERNAL, describe(exc), msg.plan)
         if not self._replies.send([ident, *reply.to_frames()], block=False):
             log.warning("server stopping: deploy reply dropped")
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -900,3 +901,32 @@ def test_a_name_too_long_for_its_temporary_name_is_refused_before_any_work(small
     assert list(tmp_path.iterdir()) == []
     r = run_cli("split", str(small_resnet18), "--cut", "20", "-o", str(tmp_path / ("b" * 200)))
     assert r.returncode == 0, r.stderr  # a long name that fits with its temporary one is written
+
+
+def test_a_daemon_raises_its_open_file_limit_and_says_when_it_cannot(tmp_path):
+    """At a soft limit of 64 (a shell's ulimit -n), 100 local connections made libzmq abort the edge
+    daemon and a TCP server spin at 100 % CPU, refusing new clients in silence."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 64:
+        pytest.skip("this machine's hard limit leaves nothing to raise")
+    serve = f"exec {sys.executable} -m splitpoint.app serve --plans {tmp_path} --bind tcp://127.0.0.1"
+    proc = subprocess.Popen(
+        ["bash", "-c", f"ulimit -Sn 64; {serve}:{free_port()}"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "serving" not in proc.stderr.readline():
+            pass
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft = int(re.search(r"Max open files\s+(\d+)", limits)[1])
+        assert soft == min(hard, 65536) or soft >= 65536, soft
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    low = subprocess.run(
+        ["bash", "-c", f"ulimit -n 64; {serve}:1:1"], capture_output=True, text=True, timeout=60
+    )
+    said = low.stderr
+    assert "at most 64 open files (ulimit -n, LimitNOFILE= in a systemd unit)" in said, said

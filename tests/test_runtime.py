@@ -1699,3 +1699,30 @@ def test_two_daemons_on_one_plan_keep_their_own_deploy_records(model, tmp_path):
     # a record from before records were per daemon still stands for whichever daemon restarts first
     (deployed / DEPLOYED).write_text(json.dumps({"replaces": str(start.resolve()), "plan": pushed.name}))
     assert deployed_plan(start, deployed, b) == pushed
+
+
+def test_long_lists_say_how_many_they_leave_out_and_errors_without_words_say_what_they_are():
+    """`status` showed 32 of a server's 45 plans and nothing more; a deploy refused for memory read
+    "MemoryError: " and nothing after it."""
+    from splitpoint.app.orchestrator import clean_value
+    from splitpoint.core.errors import describe
+
+    shown = clean_value([f"plan{i}" for i in range(45)])
+    assert shown[:32] == [f"plan{i}" for i in range(32)] and shown[32:] == ["… and 13 more"]
+    assert clean_value(list(range(32))) == list(range(32))
+    assert describe(MemoryError()) == "out of memory (MemoryError): this process has no memory for it"
+    assert describe(ValueError("bad")) == "ValueError: bad" and describe(KeyError()) == "KeyError"
+
+
+def test_the_memory_an_edge_counts_on_is_its_own_limit_not_the_hosts():
+    """An edge under `ulimit -v` took the host's free memory as its own, loaded its fallback model and
+    died of std::bad_alloc at start."""
+    import psutil
+
+    script = "from splitpoint.core.runner import available_memory; print(available_memory())"
+    limited = subprocess.run(
+        ["bash", "-c", f"ulimit -v 1500000; exec {sys.executable} -c '{script}'"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert limited.returncode == 0, limited.stderr
+    assert int(limited.stdout) < 1500000 * 1024 < psutil.virtual_memory().available

@@ -3,6 +3,7 @@ made before any work."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -109,6 +110,33 @@ def _logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s"
     )
+
+
+# a daemon holds a descriptor per connection: below FEW_FILES clients can exhaust them; it asks for
+# MANY_FILES where the hard limit allows (systemd's own default hard limit is 524288)
+FEW_FILES, MANY_FILES = 1024, 65536
+
+
+def _daemon_files() -> None:
+    """Raise this process's open-file limit to its hard limit, as long-running servers do: at a soft
+    limit of 64 (a shell's ``ulimit -n``), 100 local connections made libzmq abort the edge daemon
+    (SIGABRT in its ipc listener) and a TCP server spin at 100 % CPU refusing new clients in silence.
+    Said where even the hard limit is low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MANY_FILES if hard == resource.RLIM_INFINITY else min(hard, MANY_FILES)
+    if want > soft:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    if soft < FEW_FILES:
+        logging.getLogger("splitpoint").warning(
+            "at most %d open files (ulimit -n, LimitNOFILE= in a systemd unit): each client connection "
+            "takes one, and past the limit new connections go unanswered; raise it to %d or more",
+            soft,
+            FEW_FILES,
+        )
 
 
 def _check_plot_path(path: Path) -> None:

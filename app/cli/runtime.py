@@ -20,6 +20,7 @@ from .common import (
     Mqtt,
     Quiet,
     _curve_pair,
+    _daemon_files,
     _logging,
     _server_keys,
     app,
@@ -93,6 +94,7 @@ def serve(
     from splitpoint.server.tail_server import TailServer
 
     _logging(quiet)
+    _daemon_files()
     cfg = ServerConfig.of(
         bind=bind,
         plans_dir=plans,
@@ -172,6 +174,7 @@ def relay(
     from splitpoint.server.tail_server import TailServer
 
     _logging(quiet)
+    _daemon_files()
     if plan is None and plans is None:
         raise SplitPointError(
             "give a plan directory, or --plans DIR to serve the plans in DIR and take deploys into it"
@@ -269,6 +272,7 @@ def edge_run(
     from splitpoint.edge.daemon import EdgeDaemon
 
     _logging(quiet)
+    _daemon_files()
     if not inputs and not listen:
         raise typer.BadParameter("give --inputs DIR and/or --listen ENDPOINT")
     _curve_pair(curve_secret, curve_server_key)
