@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -116,9 +117,32 @@ GAVE_UP = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 REDIAL_FIRST_S, REDIAL_MAX_S = 2.0, 30.0
 
 
-def next_redial_wait(last_s: float | None) -> float:
-    """The wait before the next new socket: REDIAL_FIRST_S after the first refusal, then doubling."""
-    return REDIAL_FIRST_S if last_s is None else min(2 * last_s, REDIAL_MAX_S)
+@dataclass
+class Redial:
+    """When a client opens a new socket after libzmq gave up on one (``GAVE_UP``): REDIAL_FIRST_S after
+    the first refusal, doubling to REDIAL_MAX_S while refusals go on, from the start once a handshake
+    succeeds. Times are the caller's clock."""
+
+    at: float | None = None  # when the next new socket is due; None: none is
+    wait: float | None = None  # the last wait; None: no refusal since the last success
+
+    def refused(self, now: float) -> None:
+        if self.at is None:
+            self.retry(now)
+
+    def retry(self, now: float) -> None:
+        """Due again later: a new socket could not be had now, or the connection was refused."""
+        self.wait = REDIAL_FIRST_S if self.wait is None else min(2 * self.wait, REDIAL_MAX_S)
+        self.at = now + self.wait
+
+    def due(self, now: float) -> bool:
+        return self.at is not None and now >= self.at
+
+    def dialled(self) -> None:
+        self.at = None
+
+    def connected(self) -> None:
+        self.wait = None
 
 
 def handshake_refused(endpoint: str, server_key_option: str = "--curve-server-key") -> str:

@@ -43,7 +43,7 @@ import zmq
 
 from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, decode, encode
-from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, handshake_failed, next_redial_wait
+from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, Redial, handshake_failed
 from splitpoint.core.errors import PlanError, SplitPointError, describe
 from splitpoint.core.plan import EDGE_ONLY, FULL_FILE, HEAD_FILE, Plan, hold_plan, release_plan
 from splitpoint.core.runner import (
@@ -177,10 +177,9 @@ class EdgeClient:
             path = d / (FULL_FILE if (d / FULL_FILE).is_file() else HEAD_FILE)
             # the file and its external data: full.onnx alone is a few KB where its weights are beside it
             mine = [n for n in self.plan.files if n == path.name or n.startswith(f"{path.name}.")]
-            size = sum((d / n).stat().st_size for n in mine if (d / n).is_file())
             if path.name == HEAD_FILE and head is not None:
                 self._full = head  # an edge-only plan's head is the whole model: loaded once, not twice
-            elif available_memory() > 3 * size:
+            elif available_memory() > 3 * sum((d / n).stat().st_size for n in mine if (d / n).is_file()):
                 self._full = make_session(path, config.threads)
                 check_fits(self.plan, path.name, self._full)
             else:
@@ -842,19 +841,17 @@ class EdgeClient:
         poller.register(self._wake_r, zmq.POLLIN)
         watching = False
         next_ping = next_metrics = 0.0
-        redial_at: float | None = None  # when to dial again on a new socket (libzmq gave up: GAVE_UP)
-        redial_wait: float | None = None
+        redial = Redial()  # a new socket after libzmq gave up on a refused handshake (GAVE_UP)
         while not self._stop.is_set():
-            if redial_at is not None and time.perf_counter() >= redial_at:
+            if redial.due(time.perf_counter()):
                 old_monitor, old_fd = self._conn.monitor, self._conn.fd
                 try:
                     self._conn.reopen()
                 except zmq.ZMQError as exc:  # no socket to be had now (descriptors): the old one stays
                     log.warning("cannot open a new connection to the server yet: %s", exc)
-                    redial_wait = next_redial_wait(redial_wait)
-                    redial_at = time.perf_counter() + redial_wait
+                    redial.retry(time.perf_counter())
                 else:
-                    redial_at = None
+                    redial.dialled()
                     poller.unregister(old_monitor)
                     if watching:
                         poller.unregister(old_fd)
@@ -876,12 +873,11 @@ class EdgeClient:
                     if ev & UP_EVENTS:
                         self._set_up(True)
                         self._last_heard = time.perf_counter()
-                        redial_wait = None
+                        redial.connected()
                         self._said_refused = False  # a refusal after this one is news again
                     elif ev & DOWN_EVENTS:
-                        if ev & GAVE_UP and redial_at is None:  # refused: libzmq will not dial again
-                            redial_wait = next_redial_wait(redial_wait)
-                            redial_at = time.perf_counter() + redial_wait
+                        if ev & GAVE_UP:  # refused: libzmq will not dial again
+                            redial.refused(time.perf_counter())
                         if ev & HANDSHAKE_FAILED and not self._said_refused:
                             self._said_refused = True  # once: the client dials again, 2 s to 30 s apart
                             curve = bool(self.config.curve_server_key)

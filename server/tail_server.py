@@ -39,7 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from splitpoint.core import endpoints, wire
 from splitpoint.core.codecs import CodecError, CodecTooLarge, decode, encode
-from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, handshake_refused, next_redial_wait
+from splitpoint.core.curve import GAVE_UP, HANDSHAKE_FAILED, Redial, handshake_refused
 from splitpoint.core.endpoints import ipc_in_use
 from splitpoint.core.errors import PlanError, SplitPointError, describe, os_reason
 from splitpoint.core.handoff import Handoff
@@ -215,8 +215,7 @@ class TailServer:
         self._fwd: dict[int, _Forward] = {}  # forwarded, by the id they carry to the next stage
         self._draining = False  # stopping: requests taken are answered, new ones refused
         self._said_refused = False  # the next stage's refusal of this relay's handshake, logged once
-        self._redial_at: float | None = None  # when to dial the next stage again on a new socket (GAVE_UP)
-        self._redial_wait: float | None = None
+        self._redial = Redial()  # a new socket to the next stage after libzmq gave up on one (GAVE_UP)
         # given to the pool, reply not yet queued back (by id(request)): the drain waits for them, and
         # at its end answers those still there; a worker's result for one answered so is dropped
         self._in_pool: dict[int, tuple[_Request, Future]] = {}
@@ -481,15 +480,14 @@ class TailServer:
                     self._on_next(router, frames)
             if monitor is not None and monitor in events:
                 self._on_next_events(router, monitor)
-            if self._redial_at is not None and time.monotonic() >= self._redial_at:
+            if self._redial.due(time.monotonic()):
                 try:  # the new socket first: where none can be had now, the old one stays
                     self._connect_next()
                 except zmq.ZMQError as exc:
                     log.warning("cannot open a new connection to the next stage yet: %s", exc)
-                    self._redial_wait = next_redial_wait(self._redial_wait)
-                    self._redial_at = time.monotonic() + self._redial_wait
+                    self._redial.retry(time.monotonic())
                 else:
-                    self._redial_at = None
+                    self._redial.dialled()
                     poller.unregister(nxt)
                     poller.unregister(monitor)
                     self._close_sockets(nxt, monitor)
@@ -1065,9 +1063,8 @@ class TailServer:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
             except zmq.Again:
                 break
-            if event & GAVE_UP and self._redial_at is None:  # refused: libzmq will not dial again
-                self._redial_wait = next_redial_wait(self._redial_wait)
-                self._redial_at = time.monotonic() + self._redial_wait
+            if event & GAVE_UP:  # refused: libzmq will not dial again
+                self._redial.refused(time.monotonic())
             if event & HANDSHAKE_FAILED:
                 if not self._said_refused:  # once: the relay dials again, 2 s to 30 s apart
                     self._said_refused = True
@@ -1077,7 +1074,8 @@ class TailServer:
             elif event & zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 # the grace is for the first connection: once one was made, a stage not connected fails
                 # a request at once (a wait after a lost connection held each request 5 s)
-                self._next_up, self._next_grace_until, self._redial_wait = True, 0.0, None
+                self._next_up, self._next_grace_until = True, 0.0
+                self._redial.connected()
                 self._said_refused = False  # a refusal after this one is news again
         if self._next_up != was_up:
             self._status()
