@@ -46,11 +46,17 @@ def check_endpoint(endpoint: str) -> str:
 Endpoint = Annotated[str, AfterValidator(check_endpoint)]
 
 
+def _tcp_host(endpoint: str) -> str | None:
+    """The host of a ``tcp://`` endpoint as written (``[::1]``, ``*``, a name); None for ipc and inproc."""
+    return endpoint[len("tcp://") :].rsplit(":", 1)[0] if endpoint.startswith("tcp://") else None
+
+
 def is_loopback(endpoint: str) -> bool:
     """Whether a bind endpoint is reachable only from this machine."""
-    if not endpoint.startswith("tcp://"):
+    host = _tcp_host(endpoint)
+    if host is None:
         return True  # ipc and inproc never leave the machine
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
@@ -65,10 +71,8 @@ def _ipv6(endpoint: str) -> bool:
     that the server listens on IPv6 as well as IPv4 (libzmq's dual-stack socket, IPv4 alone where the
     kernel has no IPv6). A host name stays IPv4: with the option on, libzmq resolves a name to its IPv6
     addresses alone, and a server bound to an IPv4 address behind a name with both would not be reached."""
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-    return host.startswith("[") or host == "*"
+    host = _tcp_host(endpoint)
+    return host is not None and (host.startswith("[") or host == "*")
 
 
 def bind(sock: Any, endpoint: str) -> None:
@@ -87,10 +91,8 @@ def name_problem(endpoint: str, timeout_s: float = 1.0) -> str | None:
     """Why a ``tcp://`` endpoint's host name leads nowhere, or None. libzmq resolves a name in its I/O
     thread and retries for ever without a word, so a mistyped --server read as a server that is not
     running. Called only once a connection is overdue: a resolver may take seconds to answer."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-    if host.startswith("[") or host == "*":
+    host = _tcp_host(endpoint)
+    if host is None or host.startswith("[") or host == "*":
         return None
     try:
         ipaddress.ip_address(host)
