@@ -13,6 +13,7 @@ import functools
 import gc
 import glob
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import psutil
 from onnx import numpy_helper
 
 from .codecs import DTYPES
-from .errors import PlanError, SplitPointError
+from .errors import ModelError, PlanError, SplitPointError
 from .files import utf8_path
 from .plan import FULL_FILE, HEAD_FILE, PAST_RE, TAIL_FILE, Plan, TensorSpec
 from .subgraphs import node_inputs
@@ -118,12 +119,31 @@ def make_session(
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
         src, keep = _shared_weights(model, so, weights)
-        sess = ort.InferenceSession(src, sess_options=so, providers=providers)
+        sess = _session(src, so, providers)
         sess._splitpoint_weights = keep  # the arrays must outlive the session
         return sess
-    return ort.InferenceSession(
-        model if isinstance(model, bytes) else utf8_path(model), sess_options=so, providers=providers
-    )
+    return _session(model if isinstance(model, bytes) else utf8_path(model), so, providers)
+
+
+# onnxruntime's refusal of a model stamped with an opset newer than it runs: a paragraph whose reason
+# comes last, after the C++ signature of the function that refused it
+_OPSET_TOO_NEW = re.compile(
+    r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", re.S
+)
+
+
+def _session(src: str | bytes, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(src, sess_options=so, providers=providers)
+    except Exception as exc:  # onnxruntime's own error types
+        too_new = _OPSET_TOO_NEW.search(str(exc))
+        if too_new is None:
+            raise
+        used, domain, top = too_new.groups()
+        raise ModelError(
+            f"the model is stamped with opset {used} of {domain}, and onnxruntime {ort.__version__} runs up "
+            f"to opset {top}: export it at opset {top} or lower, or upgrade onnxruntime"
+        ) from exc
 
 
 @functools.cache
@@ -227,6 +247,11 @@ class StageRunner:
         them; onnxruntime's own words would name neither). A tensor the plan has no input for is refused
         by name, as onnxruntime refuses one: dropped in silence, a value given for a model input that has a
         default (an initializer of the same name, which a split keeps as a constant) changed nothing."""
+        if not isinstance(feeds, Mapping):  # a list of arrays read as names: "unhashable type" from deep down
+            raise SplitPointError(
+                f"model inputs are a dict of input name to numpy array, not a {type(feeds).__name__} "
+                f"(this plan's inputs: {', '.join(self.expect) or 'none'})"
+            )
         unknown = [k for k in feeds if k not in self.expect]
         missing = [n for n in self.expect if n not in feeds]
         if missing and not unknown:  # here, not at the head's run: an edge-only plan runs no head
@@ -242,6 +267,11 @@ class StageRunner:
             )
         for name, (want, shape) in self.expect.items():
             if name in feeds:
+                if not isinstance(feeds[name], np.ndarray | np.generic):  # a list read as float64 said so
+                    raise SplitPointError(
+                        f"model input {name}: a {type(feeds[name]).__name__}, not a numpy array"
+                        + (f" (np.asarray(value, dtype=np.{want}))" if want is not None else "")
+                    )
                 arr = np.asarray(feeds[name])
                 wrong = mismatch(name, arr, (want, shape))
                 if wrong is not None:

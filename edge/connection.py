@@ -124,8 +124,13 @@ class Connection:
         with self.lock:
             self.closed = True
             self._close_locked()
+            self._on_message = _ignore  # the owner's bound method: no cycle keeps a closed client alive
 
     def _close_locked(self) -> None:
         self._sock.disable_monitor()
         self.monitor.close(0)
         self._sock.close(0)
+
+
+def _ignore(frames: list) -> None:
+    """What a closed connection does with a message (it reads none)."""
