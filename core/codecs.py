@@ -257,6 +257,24 @@ def _to_float16(x: np.ndarray) -> np.ndarray:
         return x.astype(np.float16, copy=False)
 
 
+# float16 rounds a value this large (or larger) to infinity: 65504 is its largest, 65536 the next power
+F16_INFINITE = 65520.0
+
+
+def _made_infinite(x: np.ndarray, half: np.ndarray) -> bool:
+    """Whether a float16 cast made an infinity of a finite value: such a tensor goes exact, as one with
+    an infinity goes exact under a quantiser. A float16 codec put ``inf`` where an activation passed
+    65504, and the tail computed from it in silence. A pass over the halves' exponent bits, not over the
+    float32 tensor: every float16 payload pays for it."""
+    if x.dtype == np.float16 or not x.size:
+        return False
+    u = half.reshape(-1).view(np.uint16)
+    if int(np.bitwise_and(u, 0x7FFF).max()) < 0x7C00:
+        return False  # no infinity and no NaN: the common case
+    # an infinity or NaN of the tensor's own stays what it was (an attention mask's -inf)
+    return bool((np.isinf(half) & ~np.isinf(x.reshape(half.shape))).any())
+
+
 def _from_float16(h: np.ndarray) -> np.ndarray:
     """float16 (any alignment, read-only is fine) to a new float32 array."""
     if h.size >= _ORT_MIN and (s := _cast_session("float32")):
@@ -579,11 +597,13 @@ _PACK_U16_MIN = 16384  # int4 elements: below, two strided calls beat five conti
 def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray) -> np.ndarray:
     """Write an int8/int8-ch/int4 body into ``out`` (flat uint8); return the parameters. (The *-ol
     bases arrive with their outlier columns zeroed.)"""
+    with np.errstate(over="ignore"):  # a float64 past float32's range: infinite, and sent exact (_NotFinite)
+        x = x.astype(np.float32, copy=False)
     if base in ("int8", "int8-ch", "int8-ol"):
-        return _quantise_into(x.astype(np.float32, copy=False), 255, axis, out)
+        return _quantise_into(x, 255, axis, out)
     n = x.size  # int4: two values per byte, the first in the low nibble
     q = np.empty(n + n % 2, np.uint8)
-    params = _quantise_into(x.astype(np.float32, copy=False), 15, axis, q[:n])
+    params = _quantise_into(x, 15, axis, q[:n])
     q[n:] = 0
     if n < _PACK_U16_MIN:  # two calls
         np.left_shift(q[1::2], 4, out=out)
@@ -643,9 +663,23 @@ def encoded_size(x: np.ndarray, codec: str | Codec) -> int:
     if c.stage or c.base in OUTLIER_BASES or x.dtype not in _DTYPE_IDS:
         return len(encode(x, c))
     base, _, nparams, raw_len, _, at_body = _layout(x, c)
-    if base not in ("float32", "float16") and not np.isfinite(x).all():
+    if base not in ("float32", "float16") and not _finite_as_float32(x):
         return len(encode(x, c))  # a quantising codec sends such a tensor exactly: as float32
+    if base == "float16" and x.dtype != np.float16:
+        with np.errstate(invalid="ignore"):
+            peak = np.max(np.abs(x), initial=0.0)
+        if not peak < F16_INFINITE:  # past float16's range (or NaN): encode says how it goes
+            return len(encode(x, c))
     return at_body + raw_len
+
+
+def _finite_as_float32(x: np.ndarray) -> bool:
+    """Whether a quantiser, which works in float32, sees only finite values (a float64 past float32's
+    range does not)."""
+    if x.dtype.itemsize <= 4:
+        return bool(np.isfinite(x).all())
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(x.astype(np.float32)).all())
 
 
 def _layout(x: np.ndarray, c: Codec) -> tuple[str, int | None, int, int, int, int]:
@@ -682,7 +716,10 @@ def _encode(x: np.ndarray, c: Codec) -> bytearray:
     frames: list[bytes] = []
     params = _NO_PARAMS
     if base in ("float32", "float16"):  # the body is the bytes of an array: copied once, or compressed
-        body = (x if base == "float32" else _to_float16(x)).reshape(-1).view(np.uint8)
+        half = _to_float16(x) if base == "float16" else x
+        if base == "float16" and _made_infinite(x, half):
+            raise _NotFinite
+        body = half.reshape(-1).view(np.uint8)
         if c.stage == "":
             buf = _payload_buffer(at_body + raw_len, at_body, body)
             memoryview(buf)[at_body:] = body.data

@@ -70,10 +70,11 @@ def load_model(path: str | Path, check: bool = True) -> onnx.ModelProto:
 
 def load_model_and_digest(
     path: str | Path, check: bool = True, input_shapes: Mapping[str, list[int]] | None = None
-) -> tuple[onnx.ModelProto, str]:
-    """``load_model`` and the sha256 of the model file, from one read of it. The checker is given the
-    bytes read where the model in memory is exactly them (no external data, nodes in order): serialising
-    a 100 MB model again for the checker took longer than the checker. ``input_shapes`` (``--input-shape``)
+) -> tuple[onnx.ModelProto, str, bool]:
+    """``load_model``, the sha256 of the model file, from one read of it, and whether its nodes were put
+    in order (``sort_nodes``: the file's order is then not the model's). The checker is given the bytes
+    read where the model in memory is exactly them (no external data, nodes in order): serialising a
+    100 MB model again for the checker took longer than the checker. ``input_shapes`` (``--input-shape``)
     give the rank of an input the file declares without a shape (``complete_interface``)."""
     p = Path(path)
     if not p.exists():
@@ -88,13 +89,13 @@ def load_model_and_digest(
         raise ModelError(f"cannot read the model file: {exc}") from exc
     with ThreadPoolExecutor(1) as pool:  # hashlib lets go of the GIL: the digest costs no wall time
         digest = pool.submit(sha256_bytes, data)
-        model = _parse_and_check(p, data, check, input_shapes or {})
-        return model, digest.result()
+        model, reordered = _parse_and_check(p, data, check, input_shapes or {})
+        return model, digest.result(), reordered
 
 
 def _parse_and_check(
     p: Path, data: bytes, check: bool, input_shapes: Mapping[str, list[int]]
-) -> onnx.ModelProto:
+) -> tuple[onnx.ModelProto, bool]:
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, RuntimeWarning, ValueError) as exc:
@@ -124,7 +125,7 @@ def _parse_and_check(
     if check:
         changed = external or reordered or completed or densified or modernised
         check_model(model, where=str(p), as_read=None if changed else data)
-    return model
+    return model, reordered
 
 
 # IR 4 stopped requiring every initializer to be listed as a graph input

@@ -110,6 +110,9 @@ def feature_outputs(idx) -> set[str]:
     return out
 
 
+# an output holding an infinity or NaN (the model's own, or a codec's) measures as such (cosine NaN, error
+# inf), said in the table: numpy's warnings about it were printed into the user's plan output besides
+@np.errstate(all="ignore")
 def compare(
     name: str,
     ref: Joined,
@@ -160,6 +163,11 @@ def compare(
         if classes and random_inputs and n >= ONE_CLASS_MIN_SAMPLES and ref_top.min() == ref_top.max():
             classes = False
         top1 = float(np.mean(ref_top == g.argmax(1))) if classes else None
+    # what equal infinities (a mask's -inf in both) share counts as agreement, not as a NaN cosine; an
+    # infinity or NaN of the split's own agrees with nothing (0)
+    same = (r == g) & ~np.isfinite(r)
+    if same.any():
+        r, g = np.where(same, 0.0, r), np.where(same, 0.0, g)
     rn, gn = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
     denom = rn * gn
     # a row of zeros against one that is not has no direction in common: 0 (it read as 1, and an int8
@@ -167,16 +175,18 @@ def compare(
     # float row is the zero one, a split row of mere rounding noise (1 % of the output's typical row)
     # still agrees: a codec's zero point may not land on 0 exactly
     cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 0.0)
+    cos[~np.isfinite(cos)] = 0.0
     typical = float(np.median(rn[rn > 0])) if (rn > 0).any() else 0.0
     cos[(rn == 0) & (gn <= 0.01 * typical)] = 1.0
     cos[(r == g).all(axis=1)] = 1.0  # equal rows (zeros in both included): exactly 1, not a rounding of it
-    noise = float(((r - g) ** 2).sum())
-    signal = float((r**2).sum())
+    noise = _noise(r, g)
+    signal = float((r[np.isfinite(r)] ** 2).sum())
+    worst = float(np.abs(r - g).max())
     return OutputFidelity(
         name,
         top1,
         None if exact else float(cos.mean()),
-        float(np.abs(r - g).max()),
+        worst if not np.isnan(worst) else float("inf"),
         _snr(signal, noise),
         exact_agreement=equal,
     )
@@ -211,8 +221,19 @@ def _discrete(a: np.ndarray) -> bool:
     return bool(np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_)
 
 
+def _noise(r: np.ndarray, g: np.ndarray) -> float:
+    """The squared error's sum, where equal infinities differ by nothing (inf - inf is NaN)."""
+    return float((np.where(r == g, 0.0, r - g) ** 2).sum())
+
+
 def _snr(signal: float, noise: float) -> float:
-    return SNR_CAP_DB if noise == 0 else float(min(SNR_CAP_DB, 10 * np.log10(max(signal, 1e-30) / noise)))
+    """In dB, capped both ways: an error that is infinite or NaN (the split made an infinity the float
+    model did not) is the floor, where ``min`` with a NaN returned the cap and read as perfect."""
+    if noise == 0:
+        return SNR_CAP_DB
+    if not np.isfinite(noise):
+        return -SNR_CAP_DB
+    return float(np.clip(10 * np.log10(max(signal, 1e-30) / noise), -SNR_CAP_DB, SNR_CAP_DB))
 
 
 def _compare_samples(
@@ -248,7 +269,7 @@ def _compare_samples(
             mismatched += 1
             continue
         one = compare(name, ref, got, axis=axis, rows_per_sample=rows_per_sample)
-        noise += float(((r - g) ** 2).sum())
+        noise += _noise(r, g)
         if one.cosine is not None:
             cosines.append(one.cosine)
         if top1 is not None:  # empty in both (no detection either way): nothing differs

@@ -67,9 +67,14 @@ CONTROL_FLOW = ("Loop", "If", "Scan")
 
 def _names(idx: GraphIndex) -> dict[str, int]:
     """onnxruntime's name for each node: its own, or for an unnamed one (models built with
-    ``onnx.helper``) its op type and place in the file, as onnxruntime names it (``MatMul_0``)."""
+    ``onnx.helper``, bodies of inlined functions) its op type and place in the model the session was
+    given, as onnxruntime names it (``MatMul_0``), where Constant nodes have no place: onnxruntime makes
+    them initializers first, and every unnamed node after one was named one place earlier than counted
+    (its time went to no node, or to another of its type). The session's model has the nodes in the
+    order of ``idx.model`` (``ModelHandle.runnable``: the file only where that order is the file's)."""
     by_name = {n.name: p for p, n in enumerate(idx.nodes) if n.name}
-    place = {id(n): k for k, n in enumerate(idx.model.graph.node)}
+    kept = [n for n in idx.model.graph.node if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
+    place = {id(n): k for k, n in enumerate(kept)}
     for p, n in enumerate(idx.nodes):
         if not n.name and id(n) in place:
             by_name.setdefault(f"{n.op_type}_{place[id(n)]}", p)

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from splitpoint.core import codecs
-from splitpoint.core.codecs import _HEAD, CodecError, CodecTooLarge, all_codecs, decode, encode, error_bound
+from splitpoint.core.codecs import (
+    _HEAD,
+    CodecError,
+    CodecTooLarge,
+    all_codecs,
+    decode,
+    encode,
+    encoded_size,
+    error_bound,
+)
 
 RNG = np.random.default_rng(42)
 TENSORS = {
@@ -292,12 +301,16 @@ def _zstd_payload_with(frames: list[bytes], x: np.ndarray) -> bytes:
 
 
 def test_float16_cast_matches_numpy_bit_for_bit():
-    """Large tensors go through onnxruntime's Cast: the same rounding, overflow and subnormals as numpy."""
+    """Large tensors go through onnxruntime's Cast: the same rounding, infinities and subnormals as numpy
+    (a finite value that float16 would make infinite sends the tensor exact)."""
     rng = np.random.default_rng(7)
     bits = rng.integers(0, 2**32, 1 << 16, dtype=np.uint64).astype(np.uint32)
-    edges = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x477FE000, 0x477FF000, 0x33000000, 0x387FC000])
+    edges = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x477FE000, 0x477FEFFF, 0x33000000, 0x387FC000])
     x = np.concatenate([bits, edges.astype(np.uint32)]).view(np.float32)
-    x = x[~np.isnan(x)].reshape(1, -1)
+    x = x[~np.isnan(x)]
+    past = np.isfinite(x) & (np.abs(x) >= 65_520)  # 0x477FF000 and up: float16's infinity
+    assert decode(encode(x.reshape(1, -1), "float16")).tobytes() == x.tobytes()
+    x = x[~past].reshape(1, -1)
     with np.errstate(all="ignore"):
         want = x.astype(np.float16)
     y = decode(encode(x, "float16"))
@@ -495,17 +508,33 @@ def test_the_size_the_planner_counts_is_the_payload_s_length(codec):
         assert encode(x, codecs.applied(np.asarray(x), c)) == encode(x, c), (x.dtype, np.shape(x))
 
 
-def test_float16_past_its_range_is_infinite_and_silent():
+@pytest.mark.parametrize("codec", ["float16", "float16+zstd", "float16+lz4"])
+def test_float16_past_its_range_goes_exact_and_silent(codec):
     """A layer norm's sum of squares (a file-type classifier's, 109,030) is past float16's 65,504: the
-    codec carries it as ±inf, as onnxruntime's Cast does for large tensors, without a numpy warning in
-    the user's plan output (the fidelity measured on it says what it costs)."""
+    codec made it ±inf, and the tail computed from the infinity without a word. Such a tensor goes exact,
+    as one with an infinity goes exact under a quantiser, with no numpy warning in the user's output; the
+    size the planner counts is the size sent. An infinity of the tensor's own stays float16."""
     import warnings
 
-    x = np.array([[1.0, -109_029.8, 70_000.0, 0.5, 2.0]], np.float32)
+    x = np.full((1, 64), 0.5, np.float32)
+    x[0, :3] = [1.0, -109_029.8, 70_000.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y = decode(encode(x, "float16"))
-    assert y[0, 0] == 1.0 and y[0, 1] == -np.inf and y[0, 2] == np.inf
+        payload = encode(x, codec)
+        assert decode(payload).tobytes() == x.tobytes()
+        assert encoded_size(x, codec) == len(payload)
+        at_edge = x.copy()
+        at_edge[0, 1:3] = [65_519.0, -np.inf]  # rounds to 65,504; already infinite
+        y = decode(encode(at_edge, codec))
+    assert y.dtype == np.float32 and y[0, 1] == 65_504.0 and y[0, 2] == -np.inf
+    assert len(encode(at_edge, codec)) < len(payload)  # float16 still: half the bytes, less the header
+    big = np.full(64, 1e300)  # a float64 past float32's range: quantisers send it exact, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in ("int8", "int4", "int8-ch"):
+            assert decode(encode(big, c)).tobytes() == big.tobytes() and encoded_size(big, c) == len(
+                encode(big, c)
+            )
 
 
 @pytest.mark.parametrize("codec", ["float16", "int8", "int4", "int8-ch", "int4-ol", "float16+lz4"])

@@ -4,6 +4,7 @@ boolean inputs. Each must split, serve and be measured, not only load."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,29 @@ def test_an_answer_of_zeros_against_one_that_is_not_has_cosine_0():
     assert compare("f", feats, noisy, 8, scores=False).cosine == 1.0
     noisy[3] = 1.0
     assert compare("f", feats, noisy, 8, scores=False).cosine == pytest.approx(7 / 8)
+
+
+def test_infinities_in_an_output_measure_as_what_they_are_and_warn_nothing():
+    """A split that made an infinity or NaN measured 300 dB (``min`` with a NaN gave the cap), with numpy's
+    warnings printed into the plan's output; equal infinities in both (a mask's -inf) made the cosine NaN."""
+    import warnings
+
+    ref = np.random.default_rng(1).standard_normal((4, 16))
+    broken = ref.copy()
+    broken[1, 3], broken[2, 5] = np.inf, np.nan
+    masked = ref.copy()
+    masked[:, 0] = -np.inf
+    near = masked + 1e-3 * np.isfinite(masked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bad = compare("y", ref, broken, 4, scores=False)
+        fine = compare("y", masked, near, 4, scores=False)
+    assert bad.snr_db == -300.0 and bad.max_abs_error == np.inf and bad.cosine == pytest.approx(0.5)
+    assert (
+        fine.cosine == pytest.approx(1.0)
+        and 40 < fine.snr_db < 100
+        and fine.max_abs_error == pytest.approx(1e-3)
+    )
 
 
 def test_weights_made_by_constant_nodes_count_as_parameters_and_edge_memory(tmp_path):
@@ -1204,6 +1228,45 @@ def test_fused_gemm_activation_kernels_are_mapped_to_their_nodes(tmp_path):
     assert source == "per-node kernel times"
 
 
+def test_unnamed_nodes_after_a_constant_or_out_of_order_are_timed_as_themselves(tmp_path):
+    """onnxruntime names an unnamed node by its op type and place in the model it runs, Constant nodes
+    made initializers first: every unnamed node after a Constant was looked up one place too late (its
+    time went to no node, or to another of its type), and a file with its nodes out of order had 18 % of
+    its time attributed (the profile read the model in order, the session ran the file)."""
+    from splitpoint.profiles.ort_trace import node_times
+
+    k = numpy_helper.from_array(np.array(0.5, np.float32))
+    steps = [
+        ("Sigmoid", "x", "a"),
+        ("Add", "a", "b"),
+        ("Tanh", "b", "c"),
+        ("Sigmoid", "c", "d"),
+        ("Tanh", "d", "y"),
+    ]
+    nodes = [helper.make_node(op, [i, "k"] if op == "Add" else [i], [o]) for op, i, o in steps]
+    nodes.insert(1, helper.make_node("Constant", [], ["k"], value=k))
+    for order in ("in order", "reversed"):
+        g = helper.make_graph(
+            nodes if order == "in order" else nodes[::-1],
+            "g",
+            [_vi("x", [1, 1 << 16])],
+            [_vi("y", [1, 1 << 16])],
+        )
+        path = tmp_path / "m.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        h = open_model(path)
+        sess = h.whole_session(1, enable_profiling=True)
+        feeds = sample_feeds(h.model, 1)
+        for _ in range(6):
+            sess.run(None, feeds)
+        trace = sess.end_profiling()
+        per_node, unattributed, _ = node_times(trace, h.index, skip_runs=1)
+        Path(trace).unlink()
+        timed = [h.index.nodes[p].op_type for p in h.index.compute if per_node.get(p, 0) > 0]
+        assert timed == [op for op, _, _ in steps], (order, timed, unattributed)
+        assert unattributed == 0, order
+
+
 def test_an_operator_onnxruntime_has_no_kernel_for_is_named_at_load(tmp_path):
     """A custom domain's operator (with its output typed, as an exporter that knows it writes): the
     listing and the split refuse it by name, not with the checker's complaint about a cut tensor."""
@@ -1228,6 +1291,34 @@ def test_an_operator_onnxruntime_has_no_kernel_for_is_named_at_load(tmp_path):
         r = run_cli(*args)
         assert r.returncode != 0 and "com.acme:MyOp" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_opset_newer_than_onnx_and_onnxruntime_run_is_named_in_one_line(tmp_path):
+    """``cuts`` listed cuts of an opset-30 model, and ``split`` cut onnxruntime's paragraph off after the
+    C++ signature, before its reason."""
+    from splitpoint.core.errors import ModelError
+
+    m = _tiny(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])],
+        [_vi("x", [1, 4])],
+        [_vi("y", [1, 4])],
+    )
+    m.opset_import[0].version = onnx.defs.onnx_opset_version() + 2
+    path = tmp_path / "new.onnx"
+    onnx.save(m, path)
+    newest = f"knows (up to {onnx.defs.onnx_opset_version()})"
+    with pytest.raises(ModelError, match=re.escape(newest)):
+        open_model(path)
+    for args in (("cuts", str(path)), ("split", str(path), "--cut", "1", "-o", str(tmp_path / "out"))):
+        r = run_cli(*args)
+        assert r.returncode != 0 and newest in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+    # where onnx knows it and onnxruntime does not (an onnx newer than onnxruntime), the session says so
+    m.opset_import[0].version = 99
+    with pytest.raises(
+        ModelError, match=r"stamped with opset 99 of ai.onnx, and onnxruntime \S+ runs up to opset \d+"
+    ):
+        make_session(m.SerializeToString())
 
 
 def test_a_graph_out_of_order_is_put_in_order_and_splits_exactly(tmp_path):
