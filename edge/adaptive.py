@@ -342,6 +342,8 @@ class AdaptiveClient:
         left, lock = [len(legs)], threading.Lock()
 
         def done(member: int, other: int | None, f: Future) -> None:
+            if f.cancelled():  # the caller cancelled ``outer``, and with it this leg: nobody waits
+                return
             exc = f.exception()
             with lock:
                 left[0] -= 1
@@ -352,21 +354,27 @@ class AdaptiveClient:
                     if left[0] > 0:
                         return  # another leg may still answer
                 left[0] = -len(legs)
-            # outside the lock: the caller's callbacks run in set_result
+            # outside the lock: the caller's callbacks run in set_result. A request its caller cancelled
+            # is counted nowhere (it was counted as answered)
+            if not outer.set_running_or_notify_cancel():
+                return
             if exc is not None:
                 self._count("errors")
-                err = errors.get(legs[0][0]) or next(iter(errors.values()))
-                if outer.set_running_or_notify_cancel():
-                    outer.set_exception(err)
+                outer.set_exception(errors.get(legs[0][0]) or next(iter(errors.values())))
                 return
             r: EdgeResult = f.result()
             r.breakdown["member"] = member
             if other is not None:
                 r.breakdown["hedged_with"] = other
             self._answered(r)
-            if outer.set_running_or_notify_cancel():
-                outer.set_result(r)
+            outer.set_result(r)
 
+        def cancelled(f: Future) -> None:
+            if f.cancelled():  # passed on: a member's request that has not started is dropped
+                for _, inner in legs:
+                    inner.cancel()
+
+        outer.add_done_callback(cancelled)
         for member, inner in legs:
             other = next((m for m, _ in legs if m != member), None)
             inner.add_done_callback(functools.partial(done, member, other))

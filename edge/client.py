@@ -319,10 +319,12 @@ class EdgeClient:
             # the caller stopped waiting (Ctrl-C in its thread): the request ends here, or one stopped
             # before it was sent (no deadline yet) held its place in the window for good and every later
             # call blocked. A timeout leaves it to its own deadline, as documented
+            # and its place is given back at once: its reply may have been read and lost with the
+            # interruption (Ctrl-C inside the socket's drain), and kept as still on the link it held a
+            # window of 1 for 4 × timeout_s (10 s)
             if not isinstance(exc, FutureTimeout) and not p.done:
-                self._finish(
-                    rid, error=EdgeError(f"request {rid}: its caller was interrupted", "interrupted")
-                )
+                why = EdgeError(f"request {rid}: its caller was interrupted", "interrupted")
+                self._finish(rid, error=why, forget=True)
             raise
         finally:
             if counted:
@@ -472,7 +474,15 @@ class EdgeClient:
         with contextlib.suppress(OSError):  # closed (the client shut down), or full (one is waiting)
             self._wake_w.send(b"w")
 
-    def _finish(self, rid: int, result: EdgeResult | None = None, error: Exception | None = None) -> None:
+    def _finish(
+        self,
+        rid: int,
+        result: EdgeResult | None = None,
+        error: Exception | None = None,
+        *,
+        forget: bool = False,
+    ) -> None:
+        """``forget``: a request sent and not answered is not waited for (no ghost keeps its place)."""
         with self._lock:
             p = self._pending.pop(rid, None)
             if p is None:
@@ -481,7 +491,7 @@ class EdgeClient:
             # answered, but still on the link; unless its connection dropped since: then it is gone with
             # it (a relay killed and restarted with four in flight kept the edge's window full for four
             # timeouts after it was back)
-            gone = unanswered and p.connection != self._dropped
+            gone = unanswered and (forget or p.connection != self._dropped)
             if unanswered and not gone:
                 self._ghosts[rid] = (p.bytes_sent, p.t_sent + 4 * self.config.timeout_s)
         if gone:

@@ -167,6 +167,7 @@ class EdgeDaemon:
         self.client = EdgeClient(self.config, self.telemetry, ids=self._ids)
         self._say_without_fallback(lost=False)
         self._stop = threading.Event()
+        self._ran = False
         self.endpoint: str | None = None
         # local requests waiting for room in the client's window: (identity, request id, feeds, since, the
         # plan id the request named: "" where it named none, the bytes of its inputs)
@@ -178,6 +179,9 @@ class EdgeDaemon:
         configured) until SIGTERM/SIGINT, draining what is in flight. Returns the folder's summary:
         ``ok`` (split), ``local`` (an edge-only plan's answers), ``fallback`` (answered locally when the
         split failed), ``errors``, ``inputs`` and ``signal`` (the one that stopped the folder's run)."""
+        if self._ran:  # its client closed as the first run ended: a second one answered nothing, silently
+            raise SplitPointError("this edge daemon has run or been closed already: a new EdgeDaemon runs")
+        self._ran = True
         summary: dict[str, Any] = {"ok": 0, "local": 0, "fallback": 0, "errors": 0, "inputs": 0}
         with stop_on_signals(self.stop) as caught:
             try:
@@ -197,6 +201,14 @@ class EdgeDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Let go of a daemon that will not run: its client (a thread, a connection, the models) and its
+        telemetry. ``run`` closes them itself as it ends."""
+        self._ran = True
+        self.client.close(drain=False)
+        if self.telemetry:
+            self.telemetry.close()
 
     def run_folder(self, inputs: Path, outputs: Path | None) -> dict:
         """Every ``.npy`` (a single-input model's sample) or ``.npz`` (an array per input, named as the

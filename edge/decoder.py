@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import secrets
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,10 @@ def generate_local(
 
 
 class DecoderClient:
-    """Generates with a decoder plan: the head here, the tail in a session on ``server``."""
+    """Generates with a decoder plan: the head here, the tail in a session on ``server``. One generation
+    at a time: the head's KV cache is the client's, so a second thread's ``generate`` waits for the
+    first (two at once dropped each other's answers as late ones and both timed out). ``close`` from
+    another thread ends a generation under way within 0.1 s with ``GenerationError("closed")``."""
 
     def __init__(
         self,
@@ -161,6 +165,8 @@ class DecoderClient:
         self.cut = self.plan.cut_tensors[0].name
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
+        self._lock = threading.RLock()  # the socket and the head's cache: one generation at a time
+        self._closed = False
         self._ctx: zmq.Context = zmq.Context.instance()
         s = wire.tune(self._ctx.socket(zmq.DEALER))
         s.setsockopt(zmq.LINGER, 0)
@@ -192,6 +198,18 @@ class DecoderClient:
             raise GenerationError(wire.E_BAD_MESSAGE, f"the server answered a ping with {reply.type}")
 
     def close(self) -> None:
+        """Close the connection; a generation under way in another thread closes it as it ends (a socket
+        closed under a thread polling it gave that thread a raw "Socket operation on non-socket")."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close_sockets()
+            finally:
+                self._lock.release()
+
+    def _close_sockets(self) -> None:
+        if self._sock.closed:
+            return
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self._monitor.close(0)
@@ -211,6 +229,8 @@ class DecoderClient:
         return GenerationError(wire.E_UNAVAILABLE, why)
 
     def _request(self, msg: wire.Message) -> wire.Message:
+        if self._closed:
+            raise GenerationError("closed", "the decoder client is closed")
         try:
             # not blocking: a socket whose handshake the server refused has nothing to queue on, for good
             # (curve.GAVE_UP), and a blocking send waited for ever
@@ -220,8 +240,12 @@ class DecoderClient:
         deadline = time.monotonic() + self.timeout_s
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
+            if left <= 0:
                 raise self._unanswered(f"no answer from the server within {self.timeout_s:g} s")
+            if not self._sock.poll(int(min(left, 0.1) * 1000) + 1):  # in turns: close() is looked at
+                if self._closed:
+                    raise GenerationError("closed", "the decoder client was closed during the generation")
+                continue
             reply = wire.parse(wire.recv(self._sock))
             if reply.id != msg.id:
                 continue  # the late answer to an earlier step that timed out
@@ -265,6 +289,14 @@ class DecoderClient:
             wire.send(self._sock, msg.to_frames(), zmq.NOBLOCK)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int) -> Generation:
+        with self._lock:
+            try:
+                return self._generate(prompt, max_new_tokens)
+            finally:
+                if self._closed:  # closed by another thread meanwhile: the sockets are this one's to close
+                    self._close_sockets()
+
+    def _generate(self, prompt: np.ndarray, max_new_tokens: int) -> Generation:
         ids = _check_prompt(self.plan, prompt, max_new_tokens)
         session = secrets.randbits(62)
         self.head.reset()

@@ -187,6 +187,11 @@ class PlanRegistry:
             return False
         return True
 
+    def clear(self) -> None:
+        """Let go of every plan's sessions (a stopped server's)."""
+        with self._lock:
+            self._entries.clear()
+
     def get(self, plan_id: str) -> Entry | None:
         with self._lock:
             return self._entries.get(plan_id)

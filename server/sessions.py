@@ -123,6 +123,11 @@ class DecoderSessions:
             self._freed += s.nbytes
         return s is not None
 
+    def clear(self) -> None:
+        """Free every session (a stopped server's)."""
+        for key in list(self._s):
+            self.close(key)
+
     def drop_peer(self, peer: bytes, fd: int | None = None) -> int:
         """Free every session of one connection (it closed): its routing identity and its socket, so a
         newer connection that took the identity over keeps its own; how many there were."""

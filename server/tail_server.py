@@ -187,6 +187,7 @@ def _stage_times(reported: dict) -> dict:
 class TailServer:
     def __init__(self, config: ServerConfig, registry: PlanRegistry | None = None):
         self.config = config
+        self._own_registry = registry is None  # its models are let go at stop(); a caller's stay its own
         self.registry = registry or PlanRegistry(
             config.plans_dir, config.threads, config.provider, config.stage
         )
@@ -196,6 +197,7 @@ class TailServer:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self._ctx: zmq.Context = zmq.Context.instance()
         self._replies = Handoff(self._ctx, f"inproc://splitpoint-replies-{id(self)}")
         self._inline: deque[_Request] = deque()  # workers == 1: requests the socket thread runs itself
@@ -234,7 +236,14 @@ class TailServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> TailServer:
-        """Bind (in the caller's thread, so a busy port or a bad endpoint fails here, at once) and serve."""
+        """Bind (in the caller's thread, so a busy port or a bad endpoint fails here, at once) and serve.
+        Once per object: a stopped server's pools are gone (a second start returned, served nothing
+        and said nothing), and a running one's reply socket is taken."""
+        if self._thread is not None or self._stopped:
+            state = "stopped" if self._stopped else "running"
+            raise SplitPointError(
+                f"this server was started already and is {state}: a new TailServer serves again"
+            )
         router = wire.router(self._ctx)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)  # per frame; parse() caps the total
@@ -291,6 +300,7 @@ class TailServer:
         the drain to wait for the socket thread."""
         # a deploy under way finishes (and its acknowledgement is sent) before the socket thread stops:
         # stopped first, the server installed the plan and left the operator told it did not answer
+        self._stopped = True
         self._deployer.shutdown(wait=True, cancel_futures=True)
         self._stop.set()
         if self._thread:
@@ -303,6 +313,12 @@ class TailServer:
         if self.telemetry:
             self._publish_metrics()  # the last counts: a short run's were never reported
             self.telemetry.close()
+        if self._thread is None or not self._thread.is_alive():
+            # the models and KV caches go now: an application that keeps the stopped server (an
+            # attribute) kept a model per restart (18 MB each for MobileNetV2)
+            self.sessions.clear()
+            if self._own_registry:
+                self.registry.clear()
 
     def _send_next(self, fid: int, frames: list, runner: StageRunner) -> bool:
         """Send onwards without queueing; False when parked. Just after start (within
@@ -1014,7 +1030,9 @@ class TailServer:
         if entry is None:
             return "the plan is no longer served here"
         plan = entry.plan
-        want = [n for st in plan.stages[fwd.stage + 1 :] for n in st.produces]
+        # each tensor once, as a stage sends it: a model that lists an output twice has it twice in
+        # ``produces``, and every request over a relay to its last stage was refused as "repeated"
+        want = list(dict.fromkeys(n for st in plan.stages[fwd.stage + 1 :] for n in st.produces))
         if sorted(msg.tensors) != sorted(want):
             missing = sorted(set(want) - set(msg.tensors))
             extra = sorted(set(msg.tensors) - set(want))[:8]

@@ -557,6 +557,30 @@ def test_a_set_answers_from_its_edge_only_member_while_the_server_is_gone(pair):
         np.testing.assert_allclose(r.outputs[0], whole[0], rtol=1e-4, atol=1e-5)
 
 
+def test_requests_of_a_set_its_caller_cancels_are_dropped_and_counted_nowhere(pair):
+    """A set's future ignored cancel(): the member's request still took a place in the window and ran
+    on the server, and was counted as answered (ok 31 of 1 + 30 requests, two of them cancelled)."""
+    out, h, boundary = pair
+    s, _ = PlanSet.load(out, role="edge")
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=out)).start()
+    assert srv.endpoint is not None
+    cfg = EdgeConfig(plan_dir=out / s.members[0].dir, server=srv.endpoint, timeout_s=10, head_workers=1)
+    feeds = random_feeds(h.model, 1, seed=3)
+    try:
+        with AdaptiveClient(out, cfg, window=16, start_mbps=3 * boundary) as client:
+            futures = [client.submit(feeds) for _ in range(12)]  # one head worker: most wait for it
+            cancelled = [f.cancel() for f in futures]
+            answered = [f.result(30) for f, c in zip(futures, cancelled, strict=True) if not c]
+            time.sleep(0.5)
+            assert any(cancelled) and all(f.cancelled() for f, c in zip(futures, cancelled, strict=True) if c)
+            counts = client.counts
+            assert counts["ok"] + counts["fallback"] + counts["errors"] == len(answered)
+            ran = sum(c.counts["ok"] + c.counts["fallback"] for c in client.clients)
+            assert ran < len(futures)  # the cancelled ones never ran
+    finally:
+        srv.stop()
+
+
 def test_a_stalled_server_does_not_block_submit_past_the_timeout(pair):
     """A server that takes requests and never answers (a stopped process, a link that holds everything):
     submit does not wait for the window's stuck requests for ever; each request is answered locally,

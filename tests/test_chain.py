@@ -263,6 +263,36 @@ def test_a_request_crosses_three_processes_and_says_what_each_stage_did(chain):
         print(output(relay))
 
 
+def test_an_output_the_model_lists_twice_crosses_a_relay(tmp_path):
+    """The last stage sends each tensor once; the relay wanted ``y`` twice, as the plan lists the model's
+    outputs, and refused every request as a repeated output."""
+    X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node(op, [a], [b]) for op, a, b in (("Relu", "x", "a"), ("Sigmoid", "a", "b"))]
+    nodes.append(helper.make_node("Tanh", ["b"], ["y"]))
+    m = helper.make_model(
+        helper.make_graph(nodes, "twice", [X], [Y, Y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "twice.onnx")
+    h = open_model(tmp_path / "twice.onnx")
+    cuts = {c.index: c for c in h.cuts()}
+    write_plan(h, tmp_path / "plans" / "p", cuts=[cuts[1], cuts[2]], codecs=["float32", "float32"])
+    server, relay, ep = _chain_processes(tmp_path / "plans")
+    try:
+        cfg = EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=ep, connect_grace_s=20, fallback=False)
+        with EdgeClient(cfg) as c:
+            feeds = {"x": RNG.standard_normal((1, 4)).astype(np.float32)}
+            r = c.infer(feeds, timeout=60)
+        ref = make_session(tmp_path / "twice.onnx").run(None, feeds)
+        assert r.names == ["y", "y"]
+        for got, want in zip(r.outputs, ref, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    finally:
+        stop(relay)
+        stop(server)
+
+
 def test_a_relay_without_its_next_stage_answers_unavailable_at_once(chain):
     ep_relay, nowhere = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     relay = start_server(ep_relay, chain["plans"], "--stage", "1", "--next", nowhere, "--next-grace", "0")

@@ -828,3 +828,49 @@ def test_a_decoder_block_its_models_contradict_is_refused(plans, tmp_path, edit,
     (d / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(PlanError, match="does not fit the plan"):  # head and tail here, one after the other
         generate_local(_edited(d, tmp_path / "q"), np.zeros((1, 4), np.int64), 2)
+
+
+def test_one_client_serves_generations_from_several_threads_in_turn(plans, server):
+    """Two threads generating on one client dropped each other's answers as late ones, and both failed
+    after the timeout saying the server had not answered."""
+    with _client(plans, server) as c:
+        want = c.generate(_prompt(), 24).tokens
+        got: list = []
+        threads = [
+            threading.Thread(target=lambda: got.append(c.generate(_prompt(), 24).tokens)) for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert got == [want] * 3
+
+
+def test_close_from_another_thread_ends_a_generation_with_a_clear_error(plans, server):
+    """The socket was closed under the generating thread's poll: it died with a raw "Socket operation on
+    non-socket", and a generate after close() with another raw zmq error."""
+    c = _client(plans, server)
+    failed: list = []
+
+    def long_generation() -> None:
+        try:
+            while True:  # generations back to back: close() lands in one
+                c.generate(_prompt(), 400)
+        except GenerationError as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=long_generation)
+    t.start()
+    time.sleep(0.3)  # under way: the head and the server's steps alternate
+    t0 = time.monotonic()
+    c.close()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 2
+    assert [e.code for e in failed] == ["closed"], failed
+    with pytest.raises(GenerationError, match="closed") as e:
+        c.generate(_prompt(), 4)
+    assert e.value.code == "closed"
+    end = time.monotonic() + 10
+    while len(server.sessions) and time.monotonic() < end:  # its session was closed on the server too
+        time.sleep(0.05)
+    assert len(server.sessions) == 0
