@@ -674,12 +674,14 @@ def encoded_size(x: np.ndarray, codec: str | Codec) -> int:
 
 
 def _finite_as_float32(x: np.ndarray) -> bool:
-    """Whether a quantiser, which works in float32, sees only finite values (a float64 past float32's
-    range does not)."""
-    if x.dtype.itemsize <= 4:
-        return bool(np.isfinite(x).all())
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(x.astype(np.float32)).all())
+    """Whether a quantiser, which works in float32, sees only finite values and a finite span between
+    them (a float64 past float32's range does not, nor [-3e38, 3e38], whose step overflows): where not,
+    it sends the tensor exact (``_NotFinite``)."""
+    if not x.size:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x.astype(np.float32, copy=False)
+        return bool(np.isfinite(y.max() - y.min()))  # NaN and infinities reach the difference too
 
 
 def _layout(x: np.ndarray, c: Codec) -> tuple[str, int | None, int, int, int, int]:
@@ -706,7 +708,8 @@ def _encode(x: np.ndarray, c: Codec) -> bytearray:
         cols = outlier_columns(x)
         outliers = struct.pack("<I", len(cols))
         if len(cols):
-            exact = np.ascontiguousarray(x[..., cols], dtype="<f4")
+            with np.errstate(over="ignore"):  # a float64 past float32's range: not finite, sent exact
+                exact = np.ascontiguousarray(x[..., cols], dtype="<f4")
             if not np.isfinite(exact).all():
                 raise _NotFinite
             outliers += cols.astype("<u4").tobytes() + exact.tobytes()

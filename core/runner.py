@@ -267,13 +267,15 @@ class StageRunner:
             )
         for name, (want, shape) in self.expect.items():
             if name in feeds:
-                if not isinstance(feeds[name], np.ndarray | np.generic):  # a list read as float64 said so
+                arr = np.asarray(feeds[name])
+                wrong = mismatch(name, arr, (want, shape))
+                if wrong is not None and not isinstance(feeds[name], np.ndarray | np.generic):
+                    # a list that numpy reads as the input's type is taken, as onnxruntime takes it; one it
+                    # reads as another was refused as "dtype float64", which did not say it was a list
                     raise SplitPointError(
                         f"model input {name}: a {type(feeds[name]).__name__}, not a numpy array"
                         + (f" (np.asarray(value, dtype=np.{want}))" if want is not None else "")
                     )
-                arr = np.asarray(feeds[name])
-                wrong = mismatch(name, arr, (want, shape))
                 if wrong is not None:
                     # the shapes it was planned with explain a shape refused, not a dtype
                     given = (

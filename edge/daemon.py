@@ -204,7 +204,10 @@ class EdgeDaemon:
 
     def close(self) -> None:
         """Let go of a daemon that will not run: its client (a thread, a connection, the models) and its
-        telemetry. ``run`` closes them itself as it ends."""
+        telemetry. ``run`` closes them itself as it ends, and a running daemon is ended with ``stop``:
+        on one that ran or runs, this does nothing."""
+        if self._ran:
+            return
         self._ran = True
         self.client.close(drain=False)
         if self.telemetry:

@@ -165,7 +165,7 @@ class DecoderClient:
         self.cut = self.plan.cut_tensors[0].name
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
-        self._lock = threading.RLock()  # the socket and the head's cache: one generation at a time
+        self._lock = threading.Lock()  # the socket and the head's cache: one generation at a time
         self._closed = False
         self._ctx: zmq.Context = zmq.Context.instance()
         s = wire.tune(self._ctx.socket(zmq.DEALER))
@@ -289,12 +289,18 @@ class DecoderClient:
             wire.send(self._sock, msg.to_frames(), zmq.NOBLOCK)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int) -> Generation:
-        with self._lock:
-            try:
+        try:
+            with self._lock:
                 return self._generate(prompt, max_new_tokens)
-            finally:
-                if self._closed:  # closed by another thread meanwhile: the sockets are this one's to close
+        finally:
+            # closed meanwhile (another thread, a signal handler in this one): close() found the lock
+            # taken and left the sockets to whoever holds it; read after letting go, so a close() that
+            # came between the last look and the release is not missed
+            if self._closed and self._lock.acquire(blocking=False):
+                try:
                     self._close_sockets()
+                finally:
+                    self._lock.release()
 
     def _generate(self, prompt: np.ndarray, max_new_tokens: int) -> Generation:
         ids = _check_prompt(self.plan, prompt, max_new_tokens)

@@ -529,9 +529,14 @@ def test_float16_past_its_range_goes_exact_and_silent(codec):
     assert y.dtype == np.float32 and y[0, 1] == 65_504.0 and y[0, 2] == -np.inf
     assert len(encode(at_edge, codec)) < len(payload)  # float16 still: half the bytes, less the header
     big = np.full(64, 1e300)  # a float64 past float32's range: quantisers send it exact, silently
+    wide = np.linspace(-3e38, 3e38, 64, dtype=np.float32)  # finite, but its span (the step) is not
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        assert decode(encode(big, "int8-ol")).tobytes() == big.tobytes()
         for c in ("int8", "int4", "int8-ch"):
+            assert decode(encode(wide, c)).tobytes() == wide.tobytes() and encoded_size(wide, c) == len(
+                encode(wide, c)
+            )
             assert decode(encode(big, c)).tobytes() == big.tobytes() and encoded_size(big, c) == len(
                 encode(big, c)
             )

@@ -96,7 +96,7 @@ def test_close_while_other_threads_submit_ends_every_future(plans, server):
                     raised.append(exc)
                 return
 
-    for _ in range(3):
+    for _ in range(10):
         c = edge(plans, server.endpoint, window=2)
         futures: list = []
         raised: list = []
@@ -204,7 +204,7 @@ def test_inputs_in_the_wrong_container_are_named(plans, server):
         with pytest.raises(EdgeError, match="inputs are a dict of input name to numpy array, not a list"):
             c.infer([arr], timeout=10)  # type: ignore[arg-type]
         with pytest.raises(EdgeError, match=r"model input input: a list, not a numpy array \(np.asarray"):
-            c.infer({"input": arr.tolist()}, timeout=10)
+            c.infer({"input": arr.astype(np.float64).tolist()}, timeout=10)
         assert not c.infer({"input": arr}, timeout=30).fallback
 
 

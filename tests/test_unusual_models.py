@@ -115,6 +115,9 @@ def test_infinities_in_an_output_measure_as_what_they_are_and_warn_nothing():
         warnings.simplefilter("error")
         bad = compare("y", ref, broken, 4, scores=False)
         fine = compare("y", masked, near, 4, scores=False)
+        # per sample (an output whose shape follows the data): the same measures
+        ragged = compare("y", Ragged([masked[:1], masked[1:]]), Ragged([near[:1], near[1:]]), 2, scores=False)
+    assert ragged.snr_db == pytest.approx(fine.snr_db) and ragged.cosine == pytest.approx(1.0)
     assert bad.snr_db == -300.0 and bad.max_abs_error == np.inf and bad.cosine == pytest.approx(0.5)
     assert (
         fine.cosine == pytest.approx(1.0)
