@@ -21,6 +21,11 @@ def subgraph_outer_refs(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def is_constant(node: onnx.NodeProto) -> bool:
+    """A standard Constant node (its value an attribute): onnxruntime makes it an initializer."""
+    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Explicit inputs plus outer-scope names read by the node's subgraphs (recursively)."""
     ins = [i for i in node.input if i]

@@ -452,14 +452,11 @@ class EdgeClient:
             try:
                 local = self.fall_back(feeds, why, report=report)
             except SplitPointError as exc:  # as _start answers a bad input: in the future, not raised
-                local = Future()
-                local.set_exception(EdgeError(str(exc), "bad-input"))
+                local = failed_future(EdgeError(str(exc), "bad-input"))
             if local is not None:
                 return local
             if waited > self.config.timeout_s:
-                failed: Future = Future()
-                failed.set_exception(EdgeError(why, "timeout"))
-                return failed
+                return failed_future(EdgeError(why, "timeout"))
 
     def _launch(self, rid: int, p: _Pending) -> Future:
         """A submitted request to a head worker; its future."""
@@ -1064,6 +1061,13 @@ class EdgeClient:
                     rid,
                     error=EdgeError(f"request {rid}: no reply within {self.config.timeout_s} s", "timeout"),
                 )
+
+
+def failed_future(error: Exception) -> Future:
+    """A future that has failed already: an answer given before any work (a bad input, no room)."""
+    fut: Future = Future()
+    fut.set_exception(error)
+    return fut
 
 
 def _settle(future: Future, result: EdgeResult | None = None, error: Exception | None = None) -> None:

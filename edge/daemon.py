@@ -46,7 +46,7 @@ from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
 
-from .client import EdgeClient, EdgeError, refuse_decoder
+from .client import EdgeClient, EdgeError, failed_future, refuse_decoder
 from .config import EdgeConfig
 
 log = logging.getLogger("splitpoint.edge")
@@ -253,7 +253,7 @@ class EdgeDaemon:
             try:
                 feeds = read_sample(f, ranks)
             except SplitPointError as exc:
-                waiting.append((f, _failed(EdgeError(str(exc), "bad-input"))))
+                waiting.append((f, failed_future(EdgeError(str(exc), "bad-input"))))
             else:
                 waiting.append((f, self.client.submit(feeds)))
             waiting = self._write_done(waiting, outputs, summary)
@@ -601,9 +601,3 @@ def write_answer(path: Path, outputs: dict[str, Any], fallback: bool) -> None:
                     np.lib.format.write_array(e, np.asanyarray(arr), allow_pickle=False)
 
     atomic_write(path, write, durable=False)  # one per answer: a sync each would set the run's pace
-
-
-def _failed(error: Exception) -> Future:
-    fut: Future = Future()
-    fut.set_exception(error)
-    return fut

@@ -110,8 +110,8 @@ def feature_outputs(idx) -> set[str]:
     return out
 
 
-# an output holding an infinity or NaN (the model's own, or a codec's) measures as such (cosine NaN, error
-# inf), said in the table: numpy's warnings about it were printed into the user's plan output besides
+# an output holding an infinity or NaN (the model's own, or a codec's) measures as such (cosine 0, error
+# inf, the SNR floor), said in the table: numpy's warnings about it were printed into the plan's output
 @np.errstate(all="ignore")
 def compare(
     name: str,

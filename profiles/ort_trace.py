@@ -14,6 +14,7 @@ from pathlib import Path
 
 from splitpoint.core.graph.flops import CONV_WEIGHT, MATMUL, node_macs
 from splitpoint.core.graph.index import GraphIndex
+from splitpoint.core.subgraphs import is_constant
 
 HEAVY = frozenset(CONV_WEIGHT) | frozenset(MATMUL)  # what a fused kernel starts from
 SUFFIXES = ("_nchwc", "_token")
@@ -73,7 +74,7 @@ def _names(idx: GraphIndex) -> dict[str, int]:
     (its time went to no node, or to another of its type). The session's model has the nodes in the
     order of ``idx.model`` (``ModelHandle.runnable``: the file only where that order is the file's)."""
     by_name = {n.name: p for p, n in enumerate(idx.nodes) if n.name}
-    kept = [n for n in idx.model.graph.node if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
+    kept = [n for n in idx.model.graph.node if not is_constant(n)]
     place = {id(n): k for k, n in enumerate(kept)}
     for p, n in enumerate(idx.nodes):
         if not n.name and id(n) in place:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..subgraphs import is_constant
 from .index import GraphIndex, TensorInfo
 
 BN_STATS_INPUTS = (3, 4)  # running mean / var: buffers, not parameters
@@ -172,7 +173,7 @@ def constant_value(idx: GraphIndex, name: str) -> onnx.TensorProto | None:
     if src is None or src not in idx.const:
         return None
     n = idx.nodes[src]
-    if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
+    if not is_constant(n):
         return None
     return next(
         (a.t for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None
