@@ -1,8 +1,8 @@
 """The ``splitpoint`` command's entry point, before anything heavy is imported.
 
-Importing the CLI loads numpy, onnx and onnxruntime (0.3 s and more): Ctrl-C meanwhile printed a
-traceback from inside an import and killed the process by the signal; here it ends as a later one does,
-"interrupted" and exit status 130."""
+Importing the CLI loads typer and rich, and a command then its own libraries (numpy, onnx and
+onnxruntime: 0.3 s and more): Ctrl-C meanwhile printed a traceback from inside an import and killed the
+process by the signal; here it ends as a later one does, "interrupted" and exit status 130."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class Document(BaseModel):
     keys are refused, and so is a boolean where a number belongs (pydantic's lax mode reads ``true`` as
     1.0, so ``uplink_mbps: true`` planned a 1 Mbit/s link without a word)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -57,7 +57,9 @@ class Document(BaseModel):
 class StrictConfig(BaseModel):
     # NaN compares false with every bound (a NaN limit passed gt=0 checks by failing them silently
     # elsewhere) and inf is no number of seconds or requests: an option takes a finite number
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False, defer_build=True
+    )
     label: ClassVar[str] = "configuration"  # what errors call it: "invalid serve options: --bind: ..."
     # fields whose option the CLI spells otherwise (a unit in the field's name, not the option's)
     options: ClassVar[dict[str, str]] = {}

@@ -79,7 +79,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=False, strict=True, defer_build=True)
 
 
 class TensorSpec(_Strict):

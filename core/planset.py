@@ -35,7 +35,7 @@ class MemberFacts(_Strict):
     re-judges the members with these at run time, and a set whose facts were ``{"head_ms": "fast"}``
     was acknowledged, then its client died with a TypeError."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, defer_build=True)
     kind: Literal["split", "edge-only", "server-only"]
     cut: int | None = Field(ge=0)
     codec: str = Field(min_length=1, max_length=64)

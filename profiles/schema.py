@@ -26,7 +26,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class _Strict(Document):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, defer_build=True)
 
 
 class NetworkProfile(_Strict):

@@ -930,3 +930,21 @@ def test_a_daemon_raises_its_open_file_limit_and_says_when_it_cannot(tmp_path):
     )
     said = low.stderr
     assert "at most 64 open files (ulimit -n, LimitNOFILE= in a systemd unit)" in said, said
+
+
+def test_the_cli_names_the_zoo_s_decoders_and_builds_without_the_model_libraries():
+    """`splitpoint --help` and the fleet commands start without numpy, onnx or onnxruntime (half a
+    second of imports on a small board): the decoder names in split-decoder's help are spelled in the
+    CLI, and must stay the zoo's."""
+    from splitpoint.app.cli.decoders import DECODER_NAMES
+    from splitpoint.core.zoo.decoder import DECODERS
+
+    assert sorted(DECODER_NAMES) == sorted(DECODERS)
+    code = (
+        "import sys\n"
+        "import splitpoint.app.cli\n"
+        "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'zmq') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
