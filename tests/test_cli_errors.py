@@ -948,3 +948,30 @@ def test_the_cli_names_the_zoo_s_decoders_and_builds_without_the_model_libraries
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_the_command_list_shows_each_summary_as_one_paragraph(monkeypatch):
+    """`splitpoint --help` broke descriptions where the docstring's source lines ended (typer's rich mode
+    keeps them in the command list): on a wide terminal each summary is one line, whole."""
+    import inspect as _inspect
+
+    import typer.rich_utils
+    from typer.testing import CliRunner
+
+    from splitpoint.app.cli import app
+
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 400)  # read from the environment once, at import
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    checked = 0
+    for info in app.registered_commands:
+        doc = _inspect.getdoc(info.callback) if info.callback is not None else None
+        if not doc:
+            continue
+        summary = " ".join(doc.split("\n\n")[0].split())
+        if len(summary) > 300:
+            continue
+        assert any(summary in line for line in lines), (info.name, summary)
+        checked += 1
+    assert checked >= 15

@@ -29,6 +29,21 @@ from . import models, decoders, profiling, planning, runtime, fleet, showcase  #
 # isort: on
 
 
+def _one_paragraph_summaries(group: typer.Typer) -> None:
+    """The command list shows each command's first paragraph as one: typer's rich mode keeps the line
+    breaks of the docstring there, and `splitpoint --help` broke descriptions mid-sentence."""
+    for info in group.registered_commands:
+        doc = inspect.getdoc(info.callback) if info.callback is not None else None
+        if info.short_help is None and info.help is None and doc:
+            info.short_help = " ".join(doc.split("\n\n")[0].split())
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _one_paragraph_summaries(sub.typer_instance)
+
+
+_one_paragraph_summaries(app)
+
+
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
