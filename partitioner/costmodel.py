@@ -46,6 +46,19 @@ class CandidateInput:
     # edge bounds it at 300/s, which a plan without it predicted at 5,000/s
     edge_runtime_ms: float = 0.0
     server_runtime_ms: float = 0.0
+    # where head_ms and tail_ms come from: "measured" (the whole model, or an anchor cut the profiler
+    # timed), "interpolated" (between anchors along the per-node profile), "scaled" (an int8 head: the
+    # float32 time times the measured int8/float32 ratio); what a plan's labels say of them
+    head_timing: str = "measured"
+    tail_timing: str = "measured"
+
+
+# what a plan set records of a member (``MemberFacts``): the figures the edge re-judges it by
+TIMING_FIELDS = ("head_timing", "tail_timing")
+
+
+def member_facts(c: CandidateInput) -> dict:
+    return {k: v for k, v in asdict(c).items() if k not in TIMING_FIELDS}
 
 
 @dataclass
@@ -99,8 +112,38 @@ class Candidate:
             "transfer_ms": self.transfer_ms,
             "bytes_per_inference": self.bytes_per_inference,
             "breakdown": self.breakdown,
-            "derived": True,
+            "derived": True,  # the prediction as a whole; ``labels`` says it of each figure
+            "labels": self.labels(),
         }
+
+    def labels(self) -> dict[str, str]:
+        """Measured or derived, figure by figure (a plan's reader cannot otherwise tell an anchor cut's
+        timing from an interpolated one, or a measured fidelity from a missing one)."""
+        i = self.inp
+        derived = "derived"
+        return {
+            "latency_ms": derived,
+            "throughput_ips": derived,
+            "window": derived,
+            "edge_ms": derived,
+            "transfer_ms": derived,
+            "breakdown": derived,
+            "head_ms": i.head_timing,
+            "tail_ms": i.tail_timing,
+            "encode_ms": "derived: bytes / the edge's measured codec speed",
+            "decode_ms": "derived: bytes / the server's measured codec speed",
+            "up_bytes": "measured: the encoded cut tensor on the samples",
+            "down_bytes": "derived: the reply's tensors at their declared sizes, and a 128-byte header",
+            "bytes_per_inference": "up_bytes + down_bytes",
+            "edge_memory_bytes": "from the edge profile (each cut's memory_source says how)",
+            "fidelity": "measured" if i.fidelity is not None else "not measured",
+        }
+
+
+def traffic_bytes(c: CandidateInput) -> int:
+    """Bytes sent and received per inference (the encoded cut tensor, the reply), as ``--max-bytes``
+    limits them; the link's TCP/IP framing is not counted (``wire_bytes``)."""
+    return 0 if c.kind == EDGE_ONLY else c.up_bytes + c.down_bytes
 
 
 MSS = 1448  # TCP payload per segment on a 1500-byte MTU with timestamps
@@ -150,7 +193,7 @@ def evaluate(c: CandidateInput, link: Link) -> Candidate:
         1000.0 / slowest,
         edge,
         transfer,
-        c.up_bytes + c.down_bytes,
+        traffic_bytes(c),
         {
             "head_ms": c.head_ms,
             "encode_ms": c.encode_ms,

@@ -8,7 +8,6 @@ gets the whole model on its side).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from splitpoint.core.plandir import write_plan
 from splitpoint.core.planset import PLANSET_FILE, PlanSet, SetMember
 from splitpoint.core.quantize import quantize_head
 
-from .costmodel import Candidate, Link, evaluate
+from .costmodel import Candidate, Link, evaluate, member_facts
 from .planset import Member
 
 
@@ -104,7 +103,7 @@ def write_plan_set(
                     label=cand.label,
                     lo_mbps=mem.lo_mbps,
                     hi_mbps=mem.hi_mbps if math.isfinite(mem.hi_mbps) else None,
-                    facts=asdict(mem.inp),
+                    facts=member_facts(mem.inp),
                 )
             )
         s = PlanSet.model_validate(

@@ -30,7 +30,7 @@ from .chainplan import (
     plan_dict,
     write_chain,
 )
-from .costmodel import CandidateInput, Link
+from .costmodel import CandidateInput, Link, traffic_bytes
 from .emit import write_candidate, write_plan_set
 from .fidelity import set_score_axes
 from .pareto import Constraints
@@ -243,13 +243,16 @@ def set_members(
     and with ``rate_ips`` each member is one that keeps up with that arrival rate where any does."""
     down = link.downlink_mbps / link.uplink_mbps
     sweep = sweep_links(0.1, 10_000.0, 61, link.rtt_ms, down)
-    inputs = measure_winners(m, sweep, min_fidelity, note, rate_ips)
-    allowed = [
-        c
-        for c in inputs
-        if (edge_memory_bytes is None or c.edge_memory_bytes <= edge_memory_bytes)
-        and (max_bytes is None or c.up_bytes <= max_bytes)
-    ]
+
+    def within(c: CandidateInput) -> bool:  # the limits `plan` applies, the same way
+        return (edge_memory_bytes is None or c.edge_memory_bytes <= edge_memory_bytes) and (
+            max_bytes is None or traffic_bytes(c) <= max_bytes
+        )
+
+    # the limits choose what is measured: applied after, they left the set to the few candidates the
+    # sweep had measured without them (server-only where a cut within the memory limit was faster)
+    inputs = measure_winners(m, sweep, min_fidelity, note, rate_ips, allowed=within)
+    allowed = [c for c in inputs if within(c)]
     try:
         members = (
             plan_set(allowed, link.rtt_ms, down, min_fidelity, rate_ips=rate_ips)

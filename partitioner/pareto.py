@@ -130,6 +130,15 @@ def objective_key(constraints: Constraints) -> Callable[[Candidate], tuple]:
     return _KEYS[constraints.objective]
 
 
+def optimistic_key(constraints: Constraints) -> Callable[[Candidate], tuple]:
+    """The objective's key with an unmeasured candidate counted as lossless: what may yet be the best
+    (counted as fidelity 0, none was ever measured when fidelity itself was sought, and the pick came
+    from whatever else had been)."""
+    if constraints.objective == "fidelity":
+        return lambda c: (-(c.inp.fidelity if c.inp.fidelity is not None else 1.0), c.latency_ms)
+    return objective_key(constraints)
+
+
 def pick(cands: list[Candidate], constraints: Constraints) -> Candidate:
     """The best feasible candidate for the objective; the best is always on the front."""
     key = objective_key(constraints)

@@ -37,7 +37,7 @@ from .fidelity import (
     task_report,
     warn_if_constant,
 )
-from .pareto import Constraints, front, infeasible, objective_key, pick
+from .pareto import Constraints, front, infeasible, optimistic_key, pick
 from .planset import fastest
 
 DEFAULT_CODECS = [
@@ -144,6 +144,9 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         assert speedup is not None, "gather() refuses int8 heads without the edge's int8 timing"
         return ms * speedup
 
+    def timing(source: str, head: str = "float32") -> str:
+        return "scaled" if head != "float32" else ("measured" if source == "measured" else "interpolated")
+
     def head_mem(mem: int, k: int, head: str) -> int:
         return mem if head == "float32" or not weights else max(0, mem - int(0.75 * weights[k - 1]))
 
@@ -174,6 +177,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 0,
                 head_mem(whole_mem, len(weights), head),
                 m.fidelity.get((None, "-", head)),
+                head_timing=timing("measured", head),
             )
         )
     seen: set[tuple] = set()
@@ -243,6 +247,8 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                         head_mem(et.head_memory_bytes, cut.k, head),
                         m.fidelity.get((cut.k, sent, head)),
                         **runtime(up),
+                        head_timing=timing(et.source, head),
+                        tail_timing=timing(st.source),
                     )
                 )
     return out
@@ -437,7 +443,7 @@ def unmeasured_pick(
 ) -> set[tuple]:
     """(cut, head precision, codec) of each link's best candidate by the objective, among those that meet
     every constraint but fidelity and are not measured below ``floor``, where it is unmeasured."""
-    rest, key = constraints.without_fidelity(), objective_key(constraints)
+    rest, key = constraints.without_fidelity(), optimistic_key(constraints)
     need: set[tuple] = set()
     for link in links:
         cands = [evaluate(ci, link) for ci in inputs if not _below(ci, floor)]
@@ -518,14 +524,15 @@ def measure_winners(
     min_fidelity: float,
     note: Callable[[str, int, int], None] | None = None,
     rate_ips: float | None = None,
+    allowed: Callable[[CandidateInput], bool] = lambda _c: True,
 ) -> list[CandidateInput]:
     """Measure fidelity until the candidate to run on every link (``planset.fastest`` at ``rate_ips``)
-    is measured and meets ``min_fidelity`` (an unmeasured one counts as meeting it until measured):
-    what a plan set needs."""
+    among the ``allowed`` (the memory and bytes limits) is measured and meets ``min_fidelity`` (an
+    unmeasured one counts as meeting it until measured): what a plan set needs."""
     measure_fidelity(m, set())
     while True:
         inputs = candidate_inputs(m)
-        ok = [c for c in inputs if c.fidelity is None or c.fidelity >= min_fidelity]
+        ok = [c for c in inputs if allowed(c) and (c.fidelity is None or c.fidelity >= min_fidelity)]
         need = set()
         for link in links:
             w = fastest(ok, link, rate_ips)

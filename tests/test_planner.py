@@ -401,3 +401,98 @@ def test_a_front_budget_bounds_the_fidelity_runs_and_keeps_the_pick(setup):
     assert "left unmeasured (--front-budget): the front is of the candidates measured" in " ".join(
         said.split()
     )
+
+
+def _slower(profile, factor: float):
+    """The same profile on a device ``factor`` times slower (its model timings scaled)."""
+    d = profile.model_dump()
+    for stat in (d["whole"], *d["cuts"]):
+        for k in [k for k in stat if k.endswith("_ms") and stat[k] is not None]:
+            stat[k] *= factor
+    return type(profile).model_validate(d)
+
+
+def test_a_front_budget_keeps_the_pick_when_fidelity_is_the_objective(setup, tmp_path):
+    """`--objective fidelity --front-budget 0` counted every unmeasured candidate as fidelity 0 while it
+    chose what to measure for the pick: none was measured, and the pick was whatever else had been (the
+    edge-only baseline, on a link where a faster cut loses nothing)."""
+    _, _, h, edge, server = setup
+    samples = load_inputs(h.model, random=4)
+    (tmp_path / "slow.yaml").write_text(
+        "name: slow\nuplink_mbps: 0.5\ndownlink_mbps: 16\nrtt_ms: 1\njitter_ms: 0\nloss: 0\n"
+    )
+    nets = [load_network(n) for n in (*NETS, str(tmp_path / "slow.yaml"))]
+    # this millisecond model as an edge that takes a tenth of a second runs it: an early cut then beats
+    # both baselines on a slow link
+    slow_edge = _slower(edge, 300.0)
+    cons = Constraints(objective="fidelity")
+    exact = decide(gather(h, slow_edge, server, samples), nets, cons)
+    capped = decide(gather(h, slow_edge, server, samples), nets, cons, front_budget=0)
+    assert any(c.pick.inp.kind == "split" for c in exact)  # the case that went wrong
+    assert [c.pick.label for c in capped] == [c.pick.label for c in exact]
+    assert [c.pick.inp.fidelity for c in capped] == [c.pick.inp.fidelity for c in exact]
+
+
+def _fastest_within(m, net, **limits):
+    """The latency pick of `plan` under the limits, on one network."""
+    return decide(m, [net], Constraints(min_fidelity=0.0, **limits))[0].pick
+
+
+def test_a_plan_set_under_limits_is_chosen_among_every_candidate_within_them(setup, tmp_path):
+    """`plan --set` measured the candidates it would run without the memory or bytes limit, then applied
+    the limit to those alone: what was left was server-only, slower on the set's own link than `plan`'s
+    pick under the same limit (a cut within it). And `--max-bytes` limits what `plan` does: the cut
+    tensor and the reply, not the cut tensor alone."""
+    from splitpoint.partitioner.costmodel import traffic_bytes
+    from splitpoint.partitioner.job import set_members
+    from splitpoint.partitioner.planset import fastest
+
+    _, _, h, edge, server = setup
+    samples = load_inputs(h.model, random=4)
+    (tmp_path / "slow.yaml").write_text(
+        "name: slow\nuplink_mbps: 2\ndownlink_mbps: 16\nrtt_ms: 1\njitter_ms: 0\nloss: 0\n"
+    )
+    # this edge on Wi-Fi; and as one that takes a tenth of a second, on a slow link, where cuts win
+    for e, net in (
+        (edge, load_network("wifi-n")),
+        (_slower(edge, 300.0), load_network(str(tmp_path / "slow.yaml"))),
+    ):
+        link = link_of(net)
+        m = gather(h, e, server, samples)
+        splits = [c for c in candidate_inputs(m) if c.kind == "split"]
+        for limits in (
+            {"max_edge_memory_bytes": sorted(c.edge_memory_bytes for c in splits)[len(splits) // 3]},
+            {"max_bytes": sorted(traffic_bytes(c) for c in splits)[3]},
+        ):
+            mem, most = limits.get("max_edge_memory_bytes"), limits.get("max_bytes")
+            members, _ = set_members(m, link, "adaptive", 0.0, edge_memory_bytes=mem, max_bytes=most)
+            for mb in members:
+                assert mem is None or mb.inp.edge_memory_bytes <= mem
+                assert most is None or traffic_bytes(mb.inp) <= most, (limits, mb.label)
+            here = fastest([mb.inp for mb in members], link)
+            best = _fastest_within(m, net, **limits)
+            # (a set is chosen on a sweep of 61 bandwidths: within a few per cent of the pick between them)
+            assert evaluate(here, link).latency_ms <= best.latency_ms * 1.05, (limits, here, best.label)
+
+
+def test_a_plan_labels_each_figure_measured_or_derived(setup):
+    """plan.json and `plan --json` said `"derived": true` of a whole candidate, beside a measured
+    fidelity and byte count, and could not tell a head timed at an anchor cut from one interpolated."""
+    _, _, h, edge, server = setup
+    m = gather(h, edge, server, load_inputs(h.model, random=4))
+    net = load_network("wifi-n")
+    d = decide(m, [net], Constraints())[0]
+    sources = {(c.index, p.role): c.source for p in (edge, server) for c in p.cuts}
+    seen = set()
+    for c in d.candidates:
+        labels = c.to_dict()["labels"]
+        assert labels["latency_ms"] == labels["throughput_ips"] == "derived"
+        assert labels["fidelity"] == ("measured" if c.inp.fidelity is not None else "not measured")
+        if c.inp.kind == "split":
+            for side, p in (("head_ms", "edge"), ("tail_ms", "server")):
+                want = "measured" if sources[(c.inp.cut, p)] == "measured" else "interpolated"
+                assert labels[side] == want
+                seen.add(want)
+        else:
+            assert labels["head_ms"] == labels["tail_ms"] == "measured"
+    assert seen == {"measured", "interpolated"}

@@ -40,7 +40,13 @@ def plan(
         ),
     ] = None,
     edge_memory: Annotated[float | None, typer.Option(help="edge memory budget, MiB")] = None,
-    max_bytes: Annotated[int | None, typer.Option(help="bytes per inference on the wire")] = None,
+    max_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="bytes sent and received per inference: the encoded cut tensor and the reply "
+            "(TCP/IP framing not counted)"
+        ),
+    ] = None,
     objective: Annotated[
         str, typer.Option(help="latency | throughput | bytes | edge-memory | fidelity")
     ] = "latency",
