@@ -615,6 +615,29 @@ _LEFTOVER_RE = re.compile(
 _PLAN_MARKERS = ("plan.json", "planset.json")
 
 
+def _not_the_plan_s(target: Path, held: list[str]) -> list[str]:
+    """What in a directory --force would replace is not the plan's own: anything but plan.json and the
+    files it lists (or planset.json and its members' directories). A directory that held a plan.json was
+    taken whole: the model it was cut from, the profiles and a user's notes beside it went with it."""
+    markers = [m for m in _PLAN_MARKERS if m in held]
+    if not markers:
+        return held
+    ours = set(markers)
+    for marker in markers:
+        try:
+            data, size = read_at_most(target / marker, MAX_PLAN_BYTES)
+            doc = load_json(data) if size <= MAX_PLAN_BYTES else None
+            names = (
+                list(doc["files"])
+                if marker == PLAN_FILE
+                else [m["dir"] for m in doc["members"] if isinstance(m, dict)]
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # a damaged one lists nothing: what is beside it is nobody's to delete
+        ours |= {n for n in names if isinstance(n, str)}
+    return [n for n in held if n not in ours]
+
+
 def check_target(target: str | Path, force: bool = False) -> Path:
     """Refuse an output directory that ``write_dir_atomically`` would refuse, before the work that fills it:
     a plan of a large model is minutes of measurement to lose to a name already taken."""
@@ -630,11 +653,12 @@ def check_target(target: str | Path, force: bool = False) -> Path:
         held = sorted(x.name for x in target.iterdir())
         if held and not force:
             raise OutputExistsError(f"output directory {target} is not empty (use --force to replace it)")
-        if held and not any(m in held for m in _PLAN_MARKERS):
+        foreign = _not_the_plan_s(target, held) if held else []
+        if foreign:
             raise OutputExistsError(
-                f"output directory {target} holds files that are not a plan ({', '.join(held[:3])}"
-                f"{', …' if len(held) > 3 else ''}): --force replaces an earlier plan only; choose another "
-                "directory"
+                f"output directory {target} holds files that are not a plan's ({', '.join(foreign[:3])}"
+                f"{', …' if len(foreign) > 3 else ''}): --force replaces an earlier plan only, and would "
+                "delete them; choose another directory"
             )
     for parent in reversed([target.parent, *target.parent.parents]):
         if parent.exists() and not parent.is_dir():

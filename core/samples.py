@@ -6,6 +6,8 @@ the same tensor everywhere.
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -200,12 +202,13 @@ def load_inputs(
             continue
         only_input(f, list(dims))
         ((name, want),) = dims.items()
-        npy = f.suffix.lower() == ".npy"
-        try:
-            arr = np.load(f, allow_pickle=False) if npy else image_tensor(f, want, name)
-        except (OSError, ValueError, EOFError) as exc:  # truncated, another format, a pickled object
-            what = "a readable .npy array" if npy else "a readable image"
-            raise SplitPointError(f"{f.name}: not {what} ({exc})") from exc
+        if f.suffix.lower() == ".npy":
+            arr = load_npy(f)
+        else:
+            try:
+                arr = image_tensor(f, want, name)
+            except (OSError, ValueError, EOFError) as exc:  # truncated, another format
+                raise SplitPointError(f"{f.name}: not a readable image ({exc})") from exc
         arr = arr.astype(dtypes[name], copy=False)
         if not want and arr.ndim == 0:  # a scalar: one sample per file, no batch to split it by
             out.append({name: arr})
@@ -300,13 +303,44 @@ def read_sample(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarra
     if path.suffix.lower() == ".npz":
         return read_npz(path, ranks)
     only_input(path, list(ranks))
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (it ended a whole run)
-        raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
+    arr = load_npy(path)
     ((name, rank),) = ranks.items()
-    arr = _native(arr)
     return {name: arr[None] if rank is not None and arr.ndim == rank - 1 else arr}
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` file's array in this machine's byte order, or SplitPointError naming the file: one that
+    is truncated, empty (EOFError ended a whole run), pickled, of strings or bytes (a cast to the input's
+    type raised a traceback), or whose header declares more data than the file holds (numpy allocated
+    the 3.5 PiB it declared first: "not enough memory", the file unnamed)."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _fortran, dtype = header(fh)
+            have = os.fstat(fh.fileno()).st_size - fh.tell()
+        need = math.prod(shape) * dtype.itemsize
+        if need > have:
+            raise SplitPointError(
+                f"cannot read {path.name}: its header declares {shape} of {dtype} ({need:,} bytes) and the "
+                f"file holds {have:,}"
+            )
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, MemoryError) as exc:
+        raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
+    return _numbers(path, "", _native(arr))
+
+
+def _numbers(path: Path, name: str, arr: np.ndarray) -> np.ndarray:
+    """An array of numbers (or booleans): what a model input takes."""
+    if arr.dtype.kind not in "biufc":
+        what = f"array {name!r} holds" if name else "holds"
+        raise SplitPointError(f"{path.name}: {what} {arr.dtype} values, not numbers")
+    return arr
 
 
 def _native(arr: np.ndarray) -> np.ndarray:
@@ -322,8 +356,8 @@ def read_npz(path: Path, ranks: dict[str, int | None]) -> dict[str, np.ndarray]:
     initializer of the same name, which a split keeps as a constant) would change nothing in silence."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: _native(z[k]) for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            arrays = {k: _numbers(path, k, _native(z[k])) for k in z.files}
+    except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
         raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
     missing = [n for n in ranks if n not in arrays]
     if missing:

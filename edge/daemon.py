@@ -45,6 +45,7 @@ from splitpoint.core.runner import check_models_load
 from splitpoint.core.samples import only_input, read_sample
 from splitpoint.core.signals import stop_on_signals
 from splitpoint.core.telemetry import Telemetry
+from splitpoint.core.textfiles import load_json
 
 from .client import EdgeClient, EdgeError, failed_future, refuse_decoder
 from .config import EdgeConfig
@@ -73,7 +74,7 @@ EDGE_DEPLOYS = ".edge-deployed"
 def _records(path: Path) -> dict[str, dict]:
     """``deployed.json``'s records by the daemon's --listen; one written before records were kept per
     daemon (``{"replaces", "plan"}``) stands for any daemon, under ``""``."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = load_json(path.read_text(encoding="utf-8"))  # nested past the recursion limit: ValueError
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     if "daemons" not in data:

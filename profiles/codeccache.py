@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from splitpoint.core.files import atomic_write_text, cache_root, locked
+from splitpoint.core.textfiles import load_json
 
 from .facts import cpu_model
 from .schema import CodecSpeed, Emulation
@@ -54,7 +55,7 @@ def cache_key(emulation: Emulation | None, min_total_ms: float) -> str:
 
 def _read(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json(path.read_text(encoding="utf-8"))  # nested past the recursion limit: ValueError
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

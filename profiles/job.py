@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -43,6 +44,8 @@ class ProfileJob(StrictConfig):
             raise ValueError(f"{str(v) or '(empty)'!r} is a directory: give the profile's file name")
         if v is not None and (why := cannot_write_in(v.parent) or name_too_long(v, ATOMIC_EXTRA)) is not None:
             raise ValueError(f"cannot be written: {why}")  # the path follows, as given
+        if v is not None and (why := _not_a_profile(v)) is not None:
+            raise ValueError(f"{why}: a profile replaces an earlier profile only; give another file name")
         return v
 
     @model_validator(mode="after")
@@ -73,6 +76,31 @@ class ProfileJob(StrictConfig):
         if self.slowdown is not None:
             return (self.threads or usable_cores()) / self.slowdown
         return self.cpus
+
+
+_PROFILE_KIND = re.compile(rb'"kind"\s*:\s*"splitpoint-profile"')
+
+
+def _not_a_profile(path: Path) -> str | None:
+    """Why an existing file at ``-o`` is not one to replace (``-o model.onnx`` overwrote the model being
+    profiled with its profile): anything but an empty file or a profile, known by its ``kind`` near the
+    start, as every profile is written."""
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink():
+        return "is a symbolic link (the profile would replace the link, not the file it names)"
+    if not path.is_file():  # a device, a pipe: the rename would replace it
+        return "exists and is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"exists and cannot be read ({exc.strerror})"
+    if not head or _PROFILE_KIND.search(head):
+        return None
+    return "exists and is not a profile"
 
 
 def run_profile(

@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 import psutil
 
-from splitpoint.core.errors import ModelError, first_line
+from splitpoint.core.errors import ModelError, ProfileError, first_line
 from splitpoint.core.graph import ModelHandle
 from splitpoint.core.graph.cuts import Cut, cut_by_index
 from splitpoint.core.graph.extract import extract
@@ -247,6 +247,11 @@ def profile_model(
     trace = whole_sess.end_profiling()
     try:
         per_node, unattributed, profiled_runs = node_times(trace, idx, skip_runs=1)
+    except ValueError as exc:  # cut short where onnxruntime wrote it: a full disk, a file size limit
+        raise ProfileError(
+            f"onnxruntime's per-node trace {trace} is not complete JSON ({first_line(exc)}): is "
+            f"{os.path.dirname(os.path.abspath(trace))} full, or a file size limit set (ulimit -f)?"
+        ) from exc
     finally:
         os.unlink(trace)
 

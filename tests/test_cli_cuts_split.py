@@ -213,12 +213,25 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(small_resnet
     proc = run_cli("split", str(small_resnet), "--cut", "4", "-o", str(out))
     assert proc.returncode == 2 and "not empty" in proc.stderr
     proc = run_cli("split", str(model), "--cut", "4", "-o", str(out), "--force")
-    assert proc.returncode == 2 and "holds files that are not a plan (keep.txt, model.onnx)" in proc.stderr
+    assert proc.returncode == 2 and "holds files that are not a plan's (keep.txt, model.onnx)" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "model.onnx"]
     plan = tmp_path / "plan2"
     run_cli("split", str(small_resnet), "--cut", "4", "-o", str(plan), check=True)
     run_cli("split", str(small_resnet), "--cut", "6", "-o", str(plan), "--force", check=True)
     assert sorted(p.name for p in plan.iterdir()) == ["head.onnx", "plan.json", "tail.onnx"]
+    # a plan.json among them does not make the user's files the plan's: they went with the plan before
+    (out / "plan.json").write_bytes((plan / "plan.json").read_bytes())
+    (plan / "notes.txt").write_text("mine too")
+    for where, theirs in ((out, "keep.txt, model.onnx"), (plan, "notes.txt")):
+        before = sorted(p.name for p in where.iterdir())
+        proc = run_cli("split", str(small_resnet), "--cut", "4", "-o", str(where), "--force")
+        assert proc.returncode == 2 and f"not a plan's ({theirs})" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in where.iterdir()) == before
+    (plan / "notes.txt").unlink()
+    (plan / "plan.json").write_text("{damaged")
+    proc = run_cli("split", str(small_resnet), "--cut", "4", "-o", str(plan), "--force")
+    assert proc.returncode == 2 and "not a plan's (head.onnx, tail.onnx)" in proc.stderr, proc.stderr
+    (plan / "plan.json").write_bytes((out / "plan.json").read_bytes())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     # readable as the umask says (a service's user reads plans another user wrote), not mkdtemp's 0700
     assert plan.stat().st_mode & 0o777 == 0o777 & ~_umask()

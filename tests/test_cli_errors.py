@@ -184,6 +184,25 @@ def _busy_port():
             "--max-len is for exported decoders",
         ),
         (["profile", "resnet18", "--cpus", "1000"], "more than this machine's"),
+        # -o over the model being profiled (or any other file) replaced it with the profile
+        (["profile", "resnet18", "-o", "/etc/hostname"], "exists and is not a profile"),
+        (["profile", "resnet18", "-o", "/dev/null"], "exists and is not a regular file"),
+        (["serve", "--plans", "/tmp", "--max-message-mb", "nan"], "--max-message-mb"),
+        (["serve", "--plans", "/tmp", "--max-message-mb", "inf"], "--max-message-mb"),
+        (
+            [
+                "edge",
+                "run",
+                "/tmp",
+                "--server",
+                "tcp://127.0.0.1:5",
+                "--inputs",
+                "/tmp",
+                "--max-message-mb",
+                "nan",
+            ],
+            "--max-message-mb",
+        ),
         (
             ["plan-chain", "resnet18", "--devices", "a,b", "--profile", "a=x.json", "--profile", "a=y.json"]
             + ["--networks", "lte"],

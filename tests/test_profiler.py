@@ -194,6 +194,9 @@ def test_codec_speeds_are_measured_once_per_device_and_limit_and_reused_for_a_da
     _, src = get()
     assert src == "measured now" and len(calls) == 5
     assert json.loads(cache_path().read_text())  # rewritten whole
+    cache_path().write_text("[" * 200_000 + "]" * 200_000)  # past the recursion limit: a traceback before
+    _, src = get()
+    assert src == "measured now" and len(calls) == 6
 
 
 def test_profiles_started_together_keep_every_codec_entry_and_measure_each_once(tmp_path):

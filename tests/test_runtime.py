@@ -546,12 +546,15 @@ def test_an_unreadable_deploy_record_or_a_plan_without_fallback_is_said_at_start
     caplog.set_level(logging.INFO, logger="splitpoint")
     (plans / DEPLOYED).write_text("{garbage")
     assert deployed_plan(start, plans) == start
+    (plans / DEPLOYED).write_text("[" * 200_000 + "]" * 200_000)  # a RecursionError ended the daemon
+    assert deployed_plan(start, plans) == start
     (plans / DEPLOYED).write_text(json.dumps({"replaces": str(start.resolve()), "plan": "gone"}))
     assert deployed_plan(start, plans) == start
     (plans / DEPLOYED).unlink()
     assert deployed_plan(start, plans) == start  # none recorded: nothing to say
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(said) == 2 and "is unreadable" in said[0] and "names plan 'gone'" in said[1], said
+    assert len(said) == 3 and "is unreadable" in said[0] and "names plan 'gone'" in said[2], said
+    assert "is unreadable (nested too deeply" in said[1], said
     caplog.clear()
     daemon = EdgeDaemon(EdgeConfig(plan_dir=start, server="tcp://127.0.0.1:1"), plans)
     try:

@@ -2345,3 +2345,45 @@ def test_samples_that_contradict_the_model_s_fixed_sizes_are_named_before_any_ru
     np.savez(graph_folder / "a.npz", x=np.ones((5, 4), np.float32), idx=np.array([0, 4, 2], np.int64))
     h = open_model(_save(rows, tmp_path / "rows.onnx"))
     assert [a.shape for a in load_inputs(h.model, graph_folder)[0].values()] == [(5, 4), (3,)]
+
+
+def test_sample_files_of_strings_or_with_a_lying_header_are_refused_by_name(tmp_path):
+    """A .npy of strings or bytes raised a traceback from the cast to the input's type (plan, profile,
+    split, fidelity --inputs); one whose header declares 3.5 PiB made numpy allocate it first: "not enough
+    memory", the file unnamed, and the edge's whole run ended on that one input."""
+    import struct
+
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.samples import load_inputs, read_sample
+
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "g", [_vi("x", [1, 4])], [_vi("y", [1, 4])]
+        )
+    )
+    cases = {
+        "strs.npy": lambda p: np.save(p, np.array(["a", "b", "c", "d"])),
+        "bytes.npy": lambda p: np.save(p, np.array([b"ab", b"cd"])),
+        "strs.npz": lambda p: np.savez(p, x=np.array(["a", "b", "c", "d"])),
+    }
+    expect = {"strs.npy": "<U1 values, not numbers", "bytes.npy": "|S2 values, not numbers"}
+    expect["strs.npz"] = "array 'x' holds <U1 values, not numbers"
+    for name, make in cases.items():
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        make(folder / name)
+        with pytest.raises(SplitPointError, match=f"{name}: .*{re.escape(expect[name])}"):
+            load_inputs(model, folder)
+        with pytest.raises(SplitPointError, match=f"{name}: .*{re.escape(expect[name])}"):
+            read_sample(folder / name, {"x": 2})
+    # a header declaring a shape of 2**48 float32 values, and 16 bytes of data
+    liar = tmp_path / "liar"
+    liar.mkdir()
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1, 281474976710656), }"
+    header += b" " * (64 - 10 - len(header) % 64 - 1) + b"\n"
+    (liar / "x.npy").write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + b"\0" * 16)
+    for read in (lambda: load_inputs(model, liar), lambda: read_sample(liar / "x.npy", {"x": 2})):
+        with pytest.raises(
+            SplitPointError, match=r"cannot read x.npy: its header declares .* the file holds 16"
+        ):
+            read()

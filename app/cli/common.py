@@ -40,6 +40,15 @@ MaxMessageMb = Annotated[
         help="refuse larger messages (a deploy carries the plan's files in one message: their sum must fit)"
     ),
 ]
+
+
+def message_bytes(mb: float) -> int:
+    """--max-message-mb in bytes; nan or inf is refused here (int() of it raised a traceback)."""
+    if not math.isfinite(mb):
+        raise SplitPointError(f"--max-message-mb must be a finite number of MiB, not {mb}")
+    return int(mb * 2**20)
+
+
 CurveServerKey = Annotated[
     Path | None, typer.Option(help="file with the server's CurveZMQ public key (z85): encrypt")
 ]

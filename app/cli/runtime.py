@@ -25,6 +25,7 @@ from .common import (
     _server_keys,
     app,
     edge_app,
+    message_bytes,
 )
 
 
@@ -103,7 +104,7 @@ def serve(
         max_unread_replies=max_unread_replies,
         threads=threads,
         provider=provider,
-        max_message_bytes=int(max_message_mb * 2**20),
+        max_message_bytes=message_bytes(max_message_mb),
         mqtt=mqtt,
         device_id=device_id,
         **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
@@ -205,7 +206,7 @@ def relay(
         next_connect_grace_s=next_grace,
         **_server_keys(curve_secret, curve_allow, next_server_key, deploy_allow),
         max_unread_replies=max_unread_replies,
-        max_message_bytes=int(max_message_mb * 2**20),
+        max_message_bytes=message_bytes(max_message_mb),
         drain_s=drain,
     )
     registry = None
@@ -289,7 +290,7 @@ def edge_run(
         insecure=insecure,
         curve_server_key=read_public(curve_server_key, "server's public key") if curve_server_key else None,
         curve_keypair=keypair_from_secret(curve_secret) if curve_secret else None,
-        max_message_bytes=int(max_message_mb * 2**20),
+        max_message_bytes=message_bytes(max_message_mb),
     )
     if inputs is not None and not inputs.is_dir():  # before the connection to the server and the sessions
         raise SplitPointError(f"--inputs {inputs} is not a folder of .npy/.npz files")
