@@ -143,6 +143,12 @@ def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]
     network = load_network(job.network)
     edge = load_measured(job.edge_profile, handle.sha256, handle.input_shapes)
     server = load_measured(job.server_profile, handle.sha256, handle.input_shapes)
+    for path, prof, want in ((job.edge_profile, edge, "edge"), (job.server_profile, server, "server")):
+        if prof.role != want:  # named by its file: which of the two was given in the other's place
+            raise ProfileError(
+                f"{path} was measured in the {prof.role} role, and is given as --{want}-profile "
+                f"(profile this model with --role {want} on the {want})"
+            )
     n = job.random or (64 if handle.task else 8)
     samples, truths, measured_on = handle.fidelity_samples(n, job.inputs)
     m = gather(

@@ -57,7 +57,11 @@ class DeviceSpec(_Strict):
     memory_gb: float = Field(gt=0, le=1e5)
     thermal_limit_c: float = Field(ge=30, le=150)
     accelerator: str = "none"
-    reference_latency_ms: dict[str, float] = Field(default_factory=dict)
+    # a published latency per model: NaN calibrated the edge at the smallest CPU share, 0 or less at
+    # an unlimited one, each with a note that blamed the machine
+    reference_latency_ms: dict[str, Annotated[float, Field(gt=0, le=MAX_MS, allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )
     notes: str = ""
 
 
@@ -204,7 +208,13 @@ MAX_PROFILE_BYTES = 256 * 2**20  # a profile of 100,000 nodes is tens of MB
 
 def _read(path: Path, parse) -> dict:
     if not path.is_file():
-        what = "is a directory, not a profile file" if path.is_dir() else "not found"
+        what = (
+            "is a directory, not a profile file"
+            if path.is_dir()
+            else "is not a regular file"  # a device or a pipe: read until memory ran out, or for ever
+            if path.exists()
+            else "not found"
+        )
         raise ProfileError(f"profile file {what}: {path}")
     try:
         raw, size = read_at_most(path, MAX_PROFILE_BYTES)
@@ -215,8 +225,10 @@ def _read(path: Path, parse) -> dict:
         data = parse(raw.decode("utf-8-sig"))  # a BOM, as Windows editors write, is no content
     # ValueError: also JSON's missing NaN and Infinity, which Python's json would read
     except (yaml.YAMLError, ValueError, UnicodeDecodeError, DuplicateKeyError) as exc:
+        # the whole reason on one line: its first line alone lost where the mistake is and what it is
+        reason = " ".join(str(exc).replace(' in "<unicode string>",', " at").split())[:400]
         raise ProfileError(
-            f"{path}: not valid {'YAML' if parse is load_yaml else 'JSON'} ({exc})".splitlines()[0]
+            f"{path}: not valid {'YAML' if parse is load_yaml else 'JSON'} ({reason})"
         ) from exc
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")

@@ -113,6 +113,7 @@ def _busy_port():
         (["split", "resnet18", "--cut", "99999", "-o", "/tmp/x"], "cut index 99999 does not exist"),
         (["demo", "--requests", "0"], "--requests: Input should be greater than or equal to 1"),
         (["bench", "--networks", "nope"], "no network profile named 'nope'"),
+        (["bench", "--networks", "lte,wifi-n,lte"], "lte given twice"),
         (["bench", "--rate", "5", "--networks", "lte"], "--rate is the arrival rate of a trace"),
         (["bench", "--networks", "lte", "-o", "/etc/hostname"], "-o /etc/hostname: not a directory"),
         (["bench", "--networks", "lte", "-o", "/etc/hostname/x"], "/etc/hostname is a file"),

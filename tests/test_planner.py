@@ -165,6 +165,14 @@ def test_profiles_for_another_model_or_role_are_refused(setup):
         gather(other, edge, server, [])
     with pytest.raises(ProfileError, match="measured in the server role"):
         gather(h, server, server, [])
+    d, path = setup[0], setup[1]  # swapped on the command line: the file given in the other's place is named
+    profiles = ["--edge-profile", str(d / "server.json"), "--server-profile", str(d / "edge.json")]
+    r = run_cli("plan", str(path), *profiles, "--network", "lte")
+    said = " ".join(r.stderr.split())
+    assert (
+        r.returncode == 2
+        and f"{d / 'server.json'} was measured in the server role, and is given as --edge-profile" in said
+    ), said
 
 
 def _plan(d, model, network: str, *args: str, check: bool = False):

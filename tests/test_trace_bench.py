@@ -4,12 +4,15 @@ calibrated edge process, a real server, the link proxy reshaped live at the phas
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
 from splitpoint.app.bench.trace import TraceBenchConfig, fixed_seconds, load_trace, run_trace_bench
 from splitpoint.app.bench.tracereport import write_trace_report
 from splitpoint.core.errors import SplitPointError
+from splitpoint.profiles.schema import PACKAGE_DIR
 
 from .conftest import run_cli
 
@@ -272,3 +275,53 @@ def test_a_bundled_trace_is_named_and_a_path_is_never_taken_for_a_name(tmp_path,
             load_trace(spec)
     with pytest.raises(SplitPointError, match="no trace profile named 'nope' \\(known: lte-wifi"):
         load_trace("nope")
+
+
+def test_a_trace_s_network_files_are_found_beside_it_and_a_device_is_no_trace(tmp_path, monkeypatch):
+    """`network: ../net/x.yaml` in a trace was looked for from the working directory: "not found" from
+    anywhere else, and a profile there with a bad value said "not found" too. /dev/zero as a trace was
+    read until memory ran out; a pipe waited for ever."""
+    (tmp_path / "net").mkdir()
+    (tmp_path / "tr").mkdir()
+    good = "name: x\nuplink_mbps: 5\ndownlink_mbps: 10\nrtt_ms: 20\njitter_ms: 1\nloss: 0\n"
+    (tmp_path / "net" / "ok.yaml").write_text(good)
+    (tmp_path / "net" / "bw0.yaml").write_text(good.replace("uplink_mbps: 5", "uplink_mbps: 0"))
+    trace = tmp_path / "tr" / "t.yaml"
+    trace.write_text("- {network: ../net/ok.yaml, seconds: 5}\n- {network: lte, seconds: 5}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    t = load_trace(trace)
+    assert [p.network for p in t.phases] == [str(tmp_path / "tr" / "../net/ok.yaml"), "lte"]
+    trace.write_text("- {network: ../net/bw0.yaml, seconds: 5}\n")
+    with pytest.raises(SplitPointError, match="uplink_mbps"):
+        load_trace(trace)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        with pytest.raises(SplitPointError, match="not a regular file"):
+            load_trace(path)
+
+
+def test_device_and_network_files_say_what_is_wrong_with_them(tmp_path):
+    """A reference latency of NaN, 0 or less calibrated the emulated edge at the smallest CPU share or
+    at none, with a note that blamed the machine; a YAML mistake was cut to its first line, which had
+    neither where it is nor what it is."""
+    from splitpoint.core.errors import ProfileError
+    from splitpoint.profiles.schema import load_device, load_network
+
+    base = (PACKAGE_DIR / "devices" / "rpi4.yaml").read_text()
+    assert "mobilenetv2" in base
+    for bad in (".nan", "0", "-5", ".inf"):
+        f = tmp_path / f"dev{bad}.yaml"
+        f.write_text(re.sub(r"(mobilenetv2[-\w]*:\s*)[\d.]+", rf"\g<1>{bad}", base, count=1))
+        with pytest.raises(ProfileError, match="reference_latency_ms"):
+            load_device(f)
+    f = tmp_path / "trunc.yaml"
+    f.write_text("name: x\nuplink_mbps: 5\n  downlink_mbps: 10\nrtt_ms: 20\n")
+    with pytest.raises(
+        ProfileError, match=r"not valid YAML \(mapping values are not allowed here at line 3, column 16"
+    ):
+        load_network(f)
+    with pytest.raises(ProfileError, match="is not a regular file: /dev/zero"):
+        load_network("/dev/zero")

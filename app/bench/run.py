@@ -63,6 +63,9 @@ def nonempty_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
     v = tuple(x for x in v if x)
     if not v:
         raise ValueError("name at least one")
+    twice = sorted({x for x in v if v.count(x) > 1})
+    if twice:  # measured twice over, and reported as two rows of one thing
+        raise ValueError(f"{', '.join(twice)} given twice")
     return v
 
 

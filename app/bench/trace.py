@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import Document, StrictConfig, explain_fields
 from splitpoint.core.errors import SplitPointError
+from splitpoint.core.files import read_at_most
 from splitpoint.core.textfiles import load_yaml
 
 from .hostload import HostLoad
@@ -98,22 +100,51 @@ class Trace(Document):
         return out
 
 
+MAX_TRACE_BYTES = 16 * 2**20  # 10,000 phases are a few hundred KiB
+
+
+def _beside(folder: Path, phase: object) -> object:
+    """A phase whose network is a relative path to a file beside the trace, with that path: a trace and
+    its network files travel together (`../net/x.yaml` in a trace was looked for from the working
+    directory, "not found" from anywhere else). Where the trace's folder has no such file, the path
+    stands as given (from the working directory), and a bundled name stays a name."""
+    if not isinstance(phase, dict) or not isinstance(net := phase.get("network"), str):
+        return phase
+    given = Path(net)
+    pathlike = "/" in net or os.sep in net or given.suffix in (".yaml", ".yml")
+    if pathlike and not given.is_absolute() and (folder / given).exists():
+        return {**phase, "network": str(folder / given)}
+    return phase
+
+
 def load_trace(path: str | Path) -> Trace:
     """A trace file or a bundled trace's name, checked whole (every network profile loads) before
     anything runs."""
     from splitpoint.profiles.schema import trace_path
 
     p, shown = trace_path(path), str(path)  # as given: Path("./x") prints as "x", which names a trace
+    if not p.is_file():  # /dev/zero was read until memory ran out, a pipe waited for ever
+        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "not found"
+        raise SplitPointError(f"cannot read trace {shown}: {what}")
     try:
-        raw = load_yaml(p.read_text(encoding="utf-8"))
+        data, size = read_at_most(p, MAX_TRACE_BYTES)
+        if size > MAX_TRACE_BYTES:
+            raise SplitPointError(
+                f"trace {shown}: {size:,} bytes is larger than any trace ({MAX_TRACE_BYTES:,})"
+            )
+        raw = load_yaml(data.decode("utf-8-sig"))
     except OSError as exc:
         raise SplitPointError(f"cannot read trace {shown}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise SplitPointError(f"trace {shown} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise SplitPointError(f"trace {shown} is not YAML: {str(exc)[:300]}") from exc
+        raise SplitPointError(f"trace {shown} is not YAML: {' '.join(str(exc).split())[:300]}") from exc
     if isinstance(raw, list):
         raw = {"phases": raw}
     if not isinstance(raw, dict):
         raise SplitPointError(f"trace {shown}: expected a list of phases or a mapping with 'phases'")
+    if isinstance(raw.get("phases"), list):
+        raw["phases"] = [_beside(p.parent, ph) for ph in raw["phases"]]
     try:
         return Trace(**raw)
     except ValidationError as exc:
