@@ -288,6 +288,13 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
         )
     _few_samples_note(fid if _lossy(d.pick.inp) else None, cons.min_fidelity if cons else None, pred)
     _fallback_memory_note(r.plan, d.candidates, cons)
+    if d.pick.inp.kind != "edge-only" and d.pick.inp.runtime_timing != "measured":
+        # the predictions leave out the sockets' and threads' own time: said, not shown as 0
+        console.print(
+            f"note: the runtime's own time per request is {d.pick.inp.runtime_timing}; profile both sides "
+            "with --runtime to count it (a fraction of a millisecond on a fast machine, milliseconds on a "
+            "Pi-class one)"
+        )
     if r.plan is not None:
         console.print(f"plan {r.plan.plan_id[:12]} → {out}")
 

@@ -326,12 +326,14 @@ def load_npy(path: Path) -> np.ndarray:
         need = math.prod(shape) * dtype.itemsize
         if need > have:
             raise SplitPointError(
-                f"cannot read {path.name}: its header declares {shape} of {dtype} ({need:,} bytes) and the "
-                f"file holds {have:,}"
+                f"{path.name}: not a readable .npy array (its header declares {shape} of {dtype}, "
+                f"{need:,} bytes, and the file holds {have:,})"
             )
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, MemoryError) as exc:
-        raise SplitPointError(f"cannot read {path.name}: {exc or 'the file is empty'}") from exc
+        raise SplitPointError(
+            f"{path.name}: not a readable .npy array ({exc or 'the file is empty'})"
+        ) from exc
     return _numbers(path, "", _native(arr))
 
 

@@ -120,7 +120,12 @@ METRIC_UNITS = {  # what a metrics message's figures are, named in its ``units``
     "decoder_cache_mib": "MiB, the decoder sessions' KV caches",
 }
 # latency figures that are the rest of the total, not timed themselves: named in the message's ``derived``
-LATENCY_DERIVED = {"edge_wait_ms": "total_ms less every other part: waiting on the edge and its runtime"}
+LATENCY_DERIVED = {
+    "edge_wait_ms": "total_ms less every other part: waiting on the edge and its runtime",
+    "network_ms": "the edge's round trip less the server's own total: the link both ways and the sockets",
+}
+# a latency message's figures that are not milliseconds
+LATENCY_UNITS = {"bytes_sent": "B"}
 
 
 def topic(device_id: str, kind: str) -> str:
@@ -128,11 +133,23 @@ def topic(device_id: str, kind: str) -> str:
 
 
 _PROCESSES: dict[int, psutil.Process] = {}  # by pid: a forked worker measures its own CPU from its start
+_PRIMED: set[int] = set()  # pids whose CPU counters have a first reading to measure from
+
+
+def prime_cpu() -> None:
+    """Take the first CPU reading, which measures nothing (psutil's first ``cpu_percent`` is 0.0): a
+    publisher does it when it starts, so its first metrics message measures the time since."""
+    if os.getpid() not in _PRIMED:
+        psutil.cpu_percent(interval=None)
+        _PROCESSES.setdefault(os.getpid(), psutil.Process()).cpu_percent(interval=None)
+        _PRIMED.add(os.getpid())
 
 
 def host_metrics() -> dict:
     """CPU, memory and temperature of this machine, and this process's CPU and RSS, measured now
     (psutil; the CPU figures over the time since the last call)."""
+    first = os.getpid() not in _PRIMED  # nothing to measure the CPU over yet: null, not 0.0
+    prime_cpu()
     vm = psutil.virtual_memory()
     proc = _PROCESSES.setdefault(os.getpid(), psutil.Process())
     temp = None
@@ -142,8 +159,8 @@ def host_metrics() -> dict:
     except (AttributeError, OSError):
         pass
     return {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "process_cpu_percent": proc.cpu_percent(interval=None),
+        "cpu_percent": None if first else psutil.cpu_percent(interval=None),
+        "process_cpu_percent": None if first else proc.cpu_percent(interval=None),
         "memory_used_bytes": vm.used,
         "memory_total_bytes": vm.total,
         "process_rss_bytes": proc.memory_info().rss,
@@ -201,6 +218,7 @@ class Telemetry:
         self._status_lock = threading.Lock()
         c.connect_async(self.url.host, self.url.port, keepalive=10)
         c.loop_start()
+        prime_cpu()  # the first metrics message measures the CPU since now
 
     @staticmethod
     def _nodelay(client, userdata, sock) -> None:
@@ -250,7 +268,9 @@ class Telemetry:
             if info is None or info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self.dropped += 1
                 return False
-            if info.rc == mqtt.MQTT_ERR_NO_CONN and not self.connected.is_set():
+            # not connected: paho keeps a QoS 1 message and sends it on connecting (counted as dropped, the
+            # broker had it); one of QoS 0 is gone
+            if info.rc == mqtt.MQTT_ERR_NO_CONN and not self.connected.is_set() and qos == 0:
                 self.dropped += 1
                 return False
             self.sent += 1
@@ -270,6 +290,10 @@ class Telemetry:
     def _send_status(self) -> None:
         """The stored status, retained (the caller holds ``_status_lock``)."""
         assert self._status is not None
+        if not self.connected.is_set():
+            # kept, and sent on connecting (``_on_connect``): queued in paho, it went out after the newer
+            # one sent there, and the broker retained the older state
+            return
         self._status_at = time.monotonic()
         state, extra = self._status
         self._publish("status", {"state": state, **extra}, qos=1, retain=True)
@@ -306,7 +330,13 @@ class Telemetry:
         derived = {k: v for k, v in LATENCY_DERIVED.items() if k in breakdown}
         return self._publish(
             "latency",
-            {"unit": "ms", "measured": True, **breakdown, **({"derived": derived} if derived else {})},
+            {
+                "unit": "ms",
+                "units": {k: u for k, u in LATENCY_UNITS.items() if k in breakdown},
+                "measured": True,
+                **breakdown,
+                **({"derived": derived} if derived else {}),
+            },
         )
 
     def close(self, timeout: float = 1.0) -> None:

@@ -111,6 +111,9 @@ class _Pending:
     future: Future | None  # submit()'s; infer() waits on ``done`` without one
     feeds: dict
     t_submit: float
+    # when the caller asked (perf_counter): before any wait for room in the window, which total_ms and
+    # edge_wait_ms count (they began after it, and a request that waited 400 ms for room said 48)
+    t_called: float = 0.0
     t_sent: float = 0.0
     deadline: float = 0.0
     started: bool = False  # taken up by a worker (its head or local model running, or sent)
@@ -276,12 +279,14 @@ class EdgeClient:
         *,
         fallback: bool = True,
         report: bool = True,
+        called: float | None = None,
     ) -> Future | None:
         """``submit`` without waiting (or, with ``block``, waiting ``wait_s`` at most): None while the
         window is full (a socket loop that must keep answering holds the request itself and tries
         again). ``fallback=False``: an error, not the local model, where the server cannot answer;
-        ``report=False``: no latency sample (both for a leg of a hedged request)."""
-        got = self._enqueue(feeds, Future(), block, wait_s, fallback=fallback, report=report)
+        ``report=False``: no latency sample (both for a leg of a hedged request); ``called``: when the
+        request came (``time.perf_counter()``), where it waited before this call: its total counts it."""
+        got = self._enqueue(feeds, Future(), block, wait_s, fallback=fallback, report=report, called=called)
         return None if got is None else self._launch(*got)
 
     def infer(
@@ -394,6 +399,7 @@ class EdgeClient:
         *,
         fallback: bool = True,
         report: bool = True,
+        called: float | None = None,
     ) -> tuple[int, _Pending] | None:
         if self.fatal is not None:
             raise EdgeError(f"the edge client stopped working: {self.fatal}", "internal")
@@ -415,7 +421,10 @@ class EdgeClient:
         rid = -1
         try:  # the place taken is the request's from here: an interruption gives it back, once
             rid = next(self._ids)
-            p = _Pending(future, feeds, time.perf_counter(), fallback=fallback, report=report)
+            now = time.perf_counter()
+            p = _Pending(
+                future, feeds, now, now if called is None else called, fallback=fallback, report=report
+            )
             with self._lock:
                 # checked again under the lock close() takes its list with: a caller that waited for room
                 # while close() ran got in after the list was taken, and its future never ended
@@ -435,10 +444,12 @@ class EdgeClient:
         """Room in the window for ``submit`` and ``infer``, waited for alike: the request once there is
         room; a future answered by the local model (or failed) once the server is taken for unreachable
         or ``timeout_s`` passed with the window full; None once the caller's ``timeout`` passed first."""
-        t0 = time.monotonic()
+        t0, called = time.monotonic(), time.perf_counter()
         while True:
             turn = 0.05 if timeout is None else min(0.05, max(0.0, t0 + timeout - time.monotonic()))
-            got = self._enqueue(feeds, Future() if with_future else None, True, turn, report=report)
+            got = self._enqueue(
+                feeds, Future() if with_future else None, True, turn, report=report, called=called
+            )
             if got is not None:
                 return got
             waited = time.monotonic() - t0
@@ -510,7 +521,7 @@ class EdgeClient:
         assert result is not None, "a request finishes with a result or an error"
         self.counts["fallback" if result.fallback else "ok"] += 1
         b = result.breakdown
-        b["total_ms"] = (time.perf_counter() - p.t_submit) * 1e3
+        b["total_ms"] = (time.perf_counter() - (p.t_called or p.t_submit)) * 1e3
         if "network_ms" in b:  # a split answer: what its timed parts leave is time spent on the edge
             b["edge_wait_ms"] = max(0.0, b["total_ms"] - sum(float(b.get(k) or 0.0) for k in SPLIT_PARTS))
         if self.telemetry and p.report:

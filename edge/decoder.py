@@ -65,7 +65,10 @@ class Generation:
                 "ttft_ms": "measured",
                 "tpot_ms": "measured (median)",
                 **(
-                    {"breakdown": "measured: the prefill's, then the median of later tokens'"}
+                    {
+                        "breakdown": "measured: the prefill's, then the median of later tokens' (each part "
+                        "its own median: the parts need not add up to tpot_ms)"
+                    }
                     if split
                     else {}
                 ),

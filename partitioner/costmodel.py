@@ -51,10 +51,13 @@ class CandidateInput:
     # float32 time times the measured int8/float32 ratio); what a plan's labels say of them
     head_timing: str = "measured"
     tail_timing: str = "measured"
+    # edge_runtime_ms and server_runtime_ms: measured by `profile --runtime`, or 0 where it was not
+    runtime_timing: str = "measured"
 
 
 # what a plan set records of a member (``MemberFacts``): the figures the edge re-judges it by
-TIMING_FIELDS = ("head_timing", "tail_timing")
+TIMING_FIELDS = ("head_timing", "tail_timing", "runtime_timing")
+RUNTIME_NOT_MEASURED = "not measured (profiles made without --runtime): none counted"
 
 
 def member_facts(c: CandidateInput) -> dict:
@@ -137,6 +140,8 @@ class Candidate:
             "bytes_per_inference": "up_bytes + down_bytes",
             "edge_memory_bytes": "from the edge profile (each cut's memory_source says how)",
             "fidelity": "measured" if i.fidelity is not None else "not measured",
+            "edge_runtime_ms": i.runtime_timing,
+            "server_runtime_ms": i.runtime_timing,
         }
 
 

@@ -28,7 +28,7 @@ from splitpoint.core.quantize import quantize_head
 from splitpoint.core.runner import Joined, make_session, run_batched
 from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
-from .costmodel import Candidate, CandidateInput, Link, evaluate
+from .costmodel import RUNTIME_NOT_MEASURED, Candidate, CandidateInput, Link, evaluate
 from .fidelity import (
     FidelityReport,
     compare_outputs,
@@ -147,6 +147,16 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     def timing(source: str, head: str = "float32") -> str:
         return "scaled" if head != "float32" else ("measured" if source == "measured" else "interpolated")
 
+    # the runtime's own time per request: measured on both sides, on one (the other counts none), or not
+    sides = [bool(m.edge.runtime_ms.get("edge")), bool(m.server.runtime_ms.get("server"))]
+    runtime_timing = (
+        "measured"
+        if all(sides)
+        else f"measured on the {'edge' if sides[0] else 'server'} only (the other profiled without --runtime)"
+        if any(sides)
+        else RUNTIME_NOT_MEASURED
+    )
+
     def head_mem(mem: int, k: int, head: str) -> int:
         return mem if head == "float32" or not weights else max(0, mem - int(0.75 * weights[k - 1]))
 
@@ -178,6 +188,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                 head_mem(whole_mem, len(weights), head),
                 m.fidelity.get((None, "-", head)),
                 head_timing=timing("measured", head),
+                runtime_timing="none: nothing is sent",
             )
         )
     seen: set[tuple] = set()
@@ -220,6 +231,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                     input_f32,
                     m.fidelity.get((0, sent_as, "float32")),
                     **runtime(up),
+                    runtime_timing=runtime_timing,
                 )
             )
         for cut in h.cuts():
@@ -247,6 +259,7 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                         head_mem(et.head_memory_bytes, cut.k, head),
                         m.fidelity.get((cut.k, sent, head)),
                         **runtime(up),
+                        runtime_timing=runtime_timing,
                         head_timing=timing(et.source, head),
                         tail_timing=timing(st.source),
                     )

@@ -12,7 +12,7 @@ from splitpoint.core.graph import open_model
 from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, Plan
 from splitpoint.core.runner import assemble, load_split, make_session
 from splitpoint.core.samples import load_inputs
-from splitpoint.partitioner.costmodel import evaluate
+from splitpoint.partitioner.costmodel import RUNTIME_NOT_MEASURED, evaluate
 from splitpoint.partitioner.pareto import Constraints, InfeasibleError, front
 from splitpoint.partitioner.planner import candidate_inputs, decide, gather, link_of, measure_fidelity
 from splitpoint.profiles.profiler import ProfileSettings, profile_model
@@ -503,4 +503,7 @@ def test_a_plan_labels_each_figure_measured_or_derived(setup):
                 seen.add(want)
         else:
             assert labels["head_ms"] == labels["tail_ms"] == "measured"
+        # these profiles were made without --runtime: the 0 counted is said to be no measurement
+        if c.inp.kind != "edge-only":
+            assert labels["edge_runtime_ms"] == labels["server_runtime_ms"] == RUNTIME_NOT_MEASURED
     assert seen == {"measured", "interpolated"}

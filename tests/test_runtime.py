@@ -300,6 +300,33 @@ def test_a_plans_directory_that_cannot_be_written_fails_the_deploy_in_one_line(
         srv.stop()
 
 
+def test_a_status_set_before_the_broker_answers_is_sent_once_connected_and_none_is_dropped(mosquitto):
+    """A status published before the connection was up was queued by paho (QoS 1) and counted as
+    dropped although the broker got it; and it went out after the newer one re-sent on connecting, so
+    the broker could retain the older state."""
+    from splitpoint.core.telemetry import Telemetry
+
+    seen: list[dict] = []
+    with FleetSubscriber(
+        mosquitto, lambda d, k, p: seen.append(p) if (d, k) == ("early", "status") else None
+    ):
+        time.sleep(0.3)
+        t = Telemetry("early", "edge", mosquitto)
+        try:
+            t.status("starting")
+            t.status("online", {"plan": "x"})
+            assert t.connected.wait(15)
+            t.switch({"from": 0, "to": 1})  # QoS 1 as well
+            time.sleep(0.5)
+        finally:
+            t.close()
+        time.sleep(0.3)
+    states = [p["state"] for p in seen]
+    assert states[-2:] == ["online", "offline"], states  # whether "starting" went out depends on timing
+    assert [p["ts"] for p in seen] == sorted(p["ts"] for p in seen)
+    assert t.dropped == 0
+
+
 def test_telemetry_reaches_mosquitto(model, mosquitto, broker_log):
     srv = TailServer(
         ServerConfig(
@@ -331,6 +358,12 @@ def test_telemetry_reaches_mosquitto(model, mosquitto, broker_log):
     } <= kinds, broker_log(mosquitto)
     lat = next(p for d, k, p in seen if (d, k) == ("t-edge", "latency"))
     assert lat["unit"] == "ms" and lat["measured"] is True and lat["fallback"] is False and lat["head_ms"] > 0
+    # what is not timed itself, and what is not milliseconds, is said so
+    assert {"network_ms", "edge_wait_ms"} <= set(lat["derived"]) and lat["units"] == {"bytes_sent": "B"}
+    # the first metrics message measures the CPU since the publisher started (psutil's first reading is
+    # 0.0 whatever the load: every edge's first message said it was idle)
+    first = next(p for d, k, p in seen if (d, k) == ("t-edge", "metrics"))
+    assert first["process_cpu_percent"] > 0, first
     met = next(p for d, k, p in seen if (d, k) == ("t-server", "metrics"))
     assert {"cpu_percent", "process_cpu_percent", "memory_used_bytes", "requests", "units"} <= set(met)
     assert "host" in met["units"]["cpu_percent"] and "this process" in met["units"]["process_cpu_percent"]

@@ -124,7 +124,7 @@ def load_trace(path: str | Path) -> Trace:
 
     p, shown = trace_path(path), str(path)  # as given: Path("./x") prints as "x", which names a trace
     if not p.is_file():  # /dev/zero was read until memory ran out, a pipe waited for ever
-        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "not found"
+        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "No such file"
         raise SplitPointError(f"cannot read trace {shown}: {what}")
     try:
         data, size = read_at_most(p, MAX_TRACE_BYTES)
