@@ -352,6 +352,8 @@ class Plan(_Strict):
                     f"{plan_dir} is a folder of plans, not one plan: give one of them, e.g. "
                     f"{Path(plan_dir) / inside[0]} ({len(inside)} in all)"
                 )
+            if os.path.lexists(p):
+                raise PlanError(f"{p} is not a file")
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
         plan = cls.parse(read_plan_file(p, "plan"), where=str(p))
         if verify:
@@ -365,7 +367,8 @@ class Plan(_Strict):
             if not f.is_file():
                 if name not in need:
                     continue
-                raise PlanError(f"plan {self.plan_id[:12]}: file {name} is missing from {plan_dir}")
+                how = "is not a file in" if os.path.lexists(f) else "is missing from"  # a directory, say
+                raise PlanError(f"plan {self.plan_id[:12]}: file {name} {how} {plan_dir}")
             actual = sha256_file(f)
             if actual != digest:
                 raise PlanError(

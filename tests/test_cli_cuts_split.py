@@ -520,3 +520,19 @@ def test_a_set_aside_plan_left_behind_is_in_no_later_force_writes_way(tmp_path):
         write_dir_atomically(out, write, force=True)
     assert (out / "plan.json").read_text() == '{"n": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == [left.name, "out"]  # a live writer's: kept
+
+
+def test_a_plan_file_that_is_a_directory_is_named_so(small_resnet, tmp_path):
+    """A head.onnx that is a directory was reported as missing, and a plan.json that is one as absent."""
+    from splitpoint.core.plan import Plan
+
+    plan = tmp_path / "p"
+    run_cli("split", str(small_resnet), "--cut", "4", "-o", str(plan), check=True)
+    (plan / "head.onnx").unlink()
+    (plan / "head.onnx").mkdir()
+    with pytest.raises(PlanError, match="file head.onnx is not a file in"):
+        Plan.load(plan)
+    (plan / "plan.json").rename(plan / "keep.json")
+    (plan / "plan.json").mkdir()
+    with pytest.raises(PlanError, match="plan.json is not a file"):
+        Plan.load(plan)
