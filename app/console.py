@@ -701,7 +701,7 @@ def show_chain(r: Any, out: Path | None) -> None:
         table(
             f"{m.handle.name} over {chain}: latency x throughput front and baselines (derived from measured "
             "profiles; fidelity measured)",
-            ["plan", "role", "latency ms", "throughput /s", "busy ms per device", "bytes per hop"]
+            ["plan", "role", "latency ms", "throughput /s", "busy ms per device", "bytes up per hop"]
             + ["fidelity"],
             rows,
         )
@@ -744,7 +744,7 @@ def show_decoder_plan(r: Any, job: Any, network: str) -> None:
             f"{c.ttft_ms:.1f}",
             f"{c.tpot_ms:.1f}",
             human_bytes(c.step_bytes),
-            f"{c.edge_memory_bytes / 2**20:.0f}",
+            f"{c.edge_memory_bytes / 2**20:.1f}",
         ]
         for c in sorted(r.candidates, key=key)[:12]
     ]
@@ -754,7 +754,7 @@ def show_decoder_plan(r: Any, job: Any, network: str) -> None:
             f"{b['ttft_ms']:.1f}",
             f"{b['tpot_ms']:.1f}",
             "",
-            f"{b['edge_memory_bytes'] / 2**20:.0f}",
+            f"{b['edge_memory_bytes'] / 2**20:.1f}",
         ]
         for name, b in r.baselines.items()
     ]

@@ -206,6 +206,19 @@ class ChainConstraints:
     min_fidelity: float | None = None
     objective: str = "latency"  # latency | throughput
 
+    def shortfall(self, p: ChainPlan) -> float:
+        """How far a plan misses the limits, each relative to its own (0: meets them all): the plans a
+        refusal names as the closest (by the objective, it named three 10 % past --max-latency where one
+        missed it by 2 %)."""
+        out = 0.0
+        if self.max_latency_ms is not None:
+            out += max(0.0, p.latency_ms / self.max_latency_ms - 1.0)
+        if self.min_throughput_ips is not None:
+            out += max(0.0, self.min_throughput_ips / max(p.throughput_ips, 1e-12) - 1.0)
+        if self.min_fidelity is not None:
+            out += max(0.0, self.min_fidelity - (p.fidelity if p.fidelity is not None else 0.0))
+        return out
+
     def misses(self, p: ChainPlan) -> list[str]:
         out = []
         if self.max_latency_ms is not None and p.latency_ms > self.max_latency_ms:
@@ -350,7 +363,7 @@ def decide_chain(
                 raise SplitPointError(nothing_fits(m, allowed))
         within = [p for p in sorted(front, key=key) if not _misses_but_fidelity(constraints, p)]
         if not within:
-            tried.extend(sorted(front, key=key)[:3])
+            tried.extend(sorted(front, key=lambda p: (constraints.shortfall(p), key(p)))[:3])
             return None
         if note:
             note("chain fidelity", min(runs, max_fidelity_runs), max_fidelity_runs)
@@ -386,7 +399,9 @@ def decide_chain(
                 pick = best
                 break
     if pick is None:
-        closest = sorted({id(p): p for p in tried}.values(), key=key)[:3]
+        closest = sorted(
+            {id(p): p for p in tried}.values(), key=lambda p: (constraints.shortfall(p), key(p))
+        )[:3]
         parts = [f"{describe(m, p)} ({', '.join(constraints.misses(p)) or 'unmeasured'})" for p in closest]
         raise SplitPointError(
             "no plan over this chain meets the constraints"
@@ -433,7 +448,8 @@ def nothing_fits(m: ChainMeasurements, allowed: np.ndarray) -> str:
     cap = m.costs.max_hop_bytes
     if cap is None or not _feasible(replace(m.costs, max_hop_bytes=None), allowed):
         return memory_shortfall(m.costs, names)
-    sizes = np.unique(m.costs.bytes)
+    reply = m.costs.reply_bytes
+    sizes = np.unique(m.costs.bytes) + reply  # what a hop carries: its cut tensor up, the reply down
     sizes = sizes[sizes > cap]  # the largest fits with no cap: the search ends within the array
     lo, hi = 0, len(sizes) - 1
     while lo < hi:
@@ -445,8 +461,8 @@ def nothing_fits(m: ChainMeasurements, allowed: np.ndarray) -> str:
     need = int(sizes[lo])
     return (
         f"no plan over this chain fits --max-hop-bytes {cap:,.0f} within the memory limits (each alone is "
-        f"met): within them every plan sends at least {need:,} bytes over one of its hops; raise "
-        f"--max-hop-bytes to {need:,} or a --memory limit"
+        f"met): within them every plan carries at least {need:,} bytes over one of its hops (its cut "
+        f"tensor and the {reply:,.0f}-byte reply); raise --max-hop-bytes to {need:,} or a --memory limit"
     )
 
 
@@ -515,11 +531,25 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
         "runtime_ms": list(m.costs.overhead_ms[: len(used)]) if m.costs.overhead_ms else None,
         "hop_up_ms": p.hop_up_ms,
         "hop_down_ms": p.hop_down_ms,
-        "hop_bytes": p.hop_bytes,
+        "hop_bytes": p.hop_bytes,  # the cut tensor sent up each hop
+        "reply_bytes": int(m.costs.reply_bytes),  # and what comes back over every hop
         "memory_bytes": p.memory_bytes,
         "fidelity": p.fidelity,
         "networks": [net.name for net in m.networks[: len(p.cuts)]],
-        "derived": True,
+        "derived": True,  # the prediction as a whole; ``labels`` says it of each figure
+        "labels": {
+            **dict.fromkeys(
+                ("latency_ms", "throughput_ips", "bottleneck_ms", "stage_ms", "hop_up_ms", "hop_down_ms"),
+                "derived",
+            ),
+            "runtime_ms": "measured (profile --runtime)"
+            if m.costs.overhead_ms
+            else "not measured: none counted",
+            "hop_bytes": "measured: the encoded cut tensor on the samples",
+            "reply_bytes": "derived: the outputs at their declared sizes, and a 128-byte header",
+            "memory_bytes": "derived from the profiles' measured memory",
+            "fidelity": "measured" if p.fidelity is not None else "not measured",
+        },
     }
 
 

@@ -99,7 +99,27 @@ class DecoderPlanOutcome:
         if self.within_limits:
             got = ", ".join(f"{t['candidate']} {t['agreement']['value']:.3f}" for t in self.tried)
             return f"no split tried reaches greedy agreement {job.min_agreement:g}: {got}"
-        return "no split meets the limits (--max-ttft, --max-tpot, --edge-memory)"
+        # each limit given, and the best any split does on it: which one stands in the way, and by how much
+        given = [
+            (job.max_ttft_ms, "--max-ttft", "time to first token", lambda c: c.ttft_ms, "ms", 1.0),
+            (job.max_tpot_ms, "--max-tpot", "time per output token", lambda c: c.tpot_ms, "ms", 1.0),
+            (
+                job.edge_memory_mib,
+                "--edge-memory",
+                "edge memory",
+                lambda c: c.edge_memory_bytes,
+                "MiB",
+                2**20,
+            ),
+        ]
+        parts = []
+        for limit, flag, what, of, unit, scale in given:
+            if limit is None or not self.candidates:
+                continue
+            least = min(of(c) for c in self.candidates) / scale
+            verdict = "no split meets it" if least > limit else "some split meets it alone"
+            parts.append(f"{flag} {limit:g} {unit} ({verdict}: the least {what} is {least:.2f} {unit})")
+        return "no split meets every limit given: " + "; ".join(parts)
 
 
 def run_decoder_plan(

@@ -190,9 +190,11 @@ def baselines(m: DecoderMeasurements, link: Link) -> dict[str, dict]:
     pre = s.first.prefill_ms + (L - 2) * s.middle.prefill_ms + s.last.prefill_ms
     step = s.first.step_ms + (L - 2) * s.middle.step_ms + s.last.step_ms
     rtt, down = link.rtt_ms, downlink_ms(REPLY_BYTES, link)
+    # over the same client and server as a split: the runtime's own time per step counts alike
+    over_pre, over_step = m.overhead_ms
     out["server-only"] = {
-        "ttft_ms": pre + uplink_ms(8 * m.prompt_tokens + 64, link) + rtt + down,
-        "tpot_ms": step + uplink_ms(72, link) + rtt + down,
+        "ttft_ms": pre + uplink_ms(8 * m.prompt_tokens + 64, link) + rtt + down + over_pre,
+        "tpot_ms": step + uplink_ms(72, link) + rtt + down + over_step,
         "edge_memory_bytes": 0,
     }
     return out

@@ -366,7 +366,12 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
     d = decide_chain(m, cons, note)
     predicted = {
         **plan_dict(m, d.pick),
-        "constraints": cons.__dict__,
+        # every limit the pick was chosen under, the ones the search obeys exactly too
+        "constraints": {
+            **cons.__dict__,
+            "memory_mib": dict(job.memory_mib),
+            "max_hop_bytes": job.max_hop_bytes,
+        },
         **fidelity_facts(handle, len(samples), measured_on),
         "pick_shown_best": d.exhaustive,  # False: the fidelity search ran out of runs (decide_chain)
     }

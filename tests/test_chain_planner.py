@@ -113,13 +113,14 @@ def test_a_bytes_limit_per_hop_is_obeyed_exactly(blocks):
     costs = random_costs(8, 3, 3, 11)
     cap = float(np.median(costs.bytes))
     capped = replace(costs, max_hop_bytes=cap)
-    ok = [p for p in every_plan(costs) if max(p.hop_bytes) <= cap]
+    both = costs.reply_bytes  # the reply crosses every hop too: the limit is on both ways
+    ok = [p for p in every_plan(costs) if max(p.hop_bytes) + both <= cap]
     for limit in (np.inf, np.median([p.bottleneck_ms for p in ok])):
         got = solve(capped, limit)
         fits = [p for p in ok if p.bottleneck_ms < limit]
-        assert got is not None and max(got.hop_bytes) <= cap
+        assert got is not None and max(got.hop_bytes) + both <= cap
         assert got.latency_ms == pytest.approx(min(p.latency_ms for p in fits))
-    assert all(max(p.hop_bytes) <= cap for p in chain_front(capped))
+    assert all(max(p.hop_bytes) + both <= cap for p in chain_front(capped))
     assert solve(replace(costs, max_hop_bytes=0)) is None  # every hop carries something
 
 
@@ -371,12 +372,12 @@ def test_a_hop_limit_the_memory_limits_make_impossible_is_named_with_what_would_
         if all(lim is None or b <= lim for b, lim in zip(p.memory_bytes, limits, strict=False))
     ]
     assert within and all(p.hop_bytes for p in within)  # met alone, and never without a hop
-    need = min(max(p.hop_bytes) for p in within)
+    need = min(max(p.hop_bytes) for p in within) + int(m.costs.reply_bytes)
     with pytest.raises(SplitPointError) as caught:
         decide_chain(m, ChainConstraints())
-    msg = str(caught.value)
+    msg = " ".join(str(caught.value).split())
     assert "no plan over this chain fits --max-hop-bytes 100 within the memory limits" in msg, msg
-    assert f"every plan sends at least {need:,} bytes over one of its hops" in msg, msg
+    assert f"every plan carries at least {need:,} bytes over one of its hops (its cut tensor and" in msg, msg
     capped = gather_chain(h, devices, profiles, nets, samples, memory_limits=limits, max_hop_bytes=need)
     assert decide_chain(capped, ChainConstraints()).pick.hop_bytes  # the figure it names does
 
@@ -419,6 +420,12 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     # two devices of one kind read apart: "pi -> ... -> pi-2", "all on pi-2", never "pi" for both
     assert "pi-2" in proc.stdout and "all on pi (stage 1)" not in proc.stdout
     assert "measured on 2 random inputs (the user's model)" in " ".join(proc.stdout.split())
+    # the second pi by the name the plans give it (refused before: only "pi", which means both), and
+    # every limit the pick was chosen under recorded with it
+    named = run_cli(*args, "--memory", "pi-2=64", "--max-hop-bytes", "10000000", "-o", str(tmp_path / "p2"))
+    assert named.returncode == 0, named.stderr
+    limits = json.loads((tmp_path / "p2" / "plan.json").read_text())["predicted"]["constraints"]
+    assert limits["memory_mib"] == {"pi-2": 64.0} and limits["max_hop_bytes"] == 10_000_000
     bad = run_cli(*args[:-4], "--networks", "wifi-n", "--random", "2")
     assert bad.returncode == 2 and "3 devices need 2 network profile(s)" in bad.stderr
     missing = run_cli(*args[:6], *args[8:])  # no profile for srv
@@ -428,7 +435,9 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     sent = [b for p in free["front"] for b in p["hop_bytes"] if b > 0]
     # the smallest hop on the front; where the front keeps everything on the first device (the slow
     # device's profile came out fast on a busy machine), half the input, which sending it raw exceeds
-    cap = min(sent) if sent else h.index.info[h.index.inputs[0]].bytes_per_sample() // 2
+    cap = (min(sent) if sent else h.index.info[h.index.inputs[0]].bytes_per_sample() // 2) + free["pick"][
+        "reply_bytes"
+    ]
     # rows that miss a constraint given are marked (a front member below --min-fidelity read as any other)
     lats = sorted({round(p["latency_ms"], 3) for p in free["front"]})
     if len(lats) > 1:
@@ -439,7 +448,7 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     capped = run_cli(*args, "--json", "--max-hop-bytes", str(cap))
     assert capped.returncode == 0, capped.stderr
     out = json.loads(capped.stdout)
-    assert all(b <= cap for p in [out["pick"], *out["front"]] for b in p["hop_bytes"])
+    assert all(b + p["reply_bytes"] <= cap for p in [out["pick"], *out["front"]] for b in p["hop_bytes"])
 
 
 def test_the_whole_model_on_one_device_obeys_that_devices_memory():
@@ -454,3 +463,35 @@ def test_the_whole_model_on_one_device_obeys_that_devices_memory():
     assert solve(_sub(tight, 0), modes=(BUSY,)) is None
     roomy = random_costs(9, 3, 3, 11, memory=(whole * 2, None, None))
     assert solve(_sub(roomy, 0), modes=(BUSY,)) is not None
+
+
+def test_the_model_on_one_device_pays_no_runtime_for_sending():
+    """The whole model on the first device sends nothing, yet its stage counted the runtime's own time per
+    request (measured for sending): a split read 1.3x the throughput of the edge alone, which was
+    2.8x the split's."""
+    alone = random_costs(6, 2, 1, 5, overhead=True)
+    assert alone.overhead_ms[0] > 0
+    p = evaluate_chain(alone, (), ())
+    assert p.stage_ms == [pytest.approx(float(alone.prefix_ms[0, -1]))]
+    assert solve(alone).bottleneck_ms == pytest.approx(float(alone.prefix_ms[0, -1]))
+    two = random_costs(6, 2, 2, 5, overhead=True)  # with a hop, each device pays it
+    q = evaluate_chain(two, (2,), (0,))
+    assert q.stage_ms[0] == pytest.approx(
+        float(two.prefix_ms[0, 2] + two.enc_ms[0, 2, 0]) + two.overhead_ms[0]
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_refusal_names_first_the_plan_that_misses_the_limit_by_least(seed):
+    """The closest plans a refusal names were the best by the objective: by throughput under
+    --max-latency, plans well past the limit came first where the fastest missed it by 5 %."""
+    from dataclasses import replace
+
+    from splitpoint.partitioner.chainplan import ChainMeasurements, _fronts, describe
+
+    costs = replace(random_costs(8, 2, 3, seed), codecs=("float32", "int8"))
+    m = ChainMeasurements(None, list(costs.devices), [], costs, {}, [])  # type: ignore[arg-type]
+    fastest = min(_fronts(m, np.ones((2, 8, 2), bool)), key=lambda p: p.latency_ms)
+    with pytest.raises(SplitPointError) as caught:  # refused before any fidelity is measured
+        decide_chain(m, ChainConstraints(max_latency_ms=fastest.latency_ms * 0.95, objective="throughput"))
+    assert str(caught.value).split("the closest: ")[1].startswith(f"{describe(m, fastest)} (latency")

@@ -197,7 +197,11 @@ def plan_chain(
         list[str] | None, typer.Option(help="NAME=MiB: a device's memory budget for its segment")
     ] = None,
     max_hop_bytes: Annotated[
-        int | None, typer.Option(help="bytes any one hop may carry per request (a metered link)")
+        int | None,
+        typer.Option(
+            help="bytes any one hop may carry per request, both ways: the cut tensor and the reply (a "
+            "metered link)"
+        ),
     ] = None,
     objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
     codecs: Annotated[str | None, typer.Option(help="comma-separated codecs to consider per hop")] = None,
@@ -209,7 +213,7 @@ def plan_chain(
     inputs: FidelityInputs = None,
 ) -> None:
     """Choose cuts and codecs for a chain of devices jointly (edge, relays, server); write the plan."""
-    from splitpoint.partitioner.chainplan import plan_dict
+    from splitpoint.partitioner.chainplan import numbered, plan_dict
     from splitpoint.partitioner.job import ChainJob, run_chain_plan
 
     def pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -221,8 +225,10 @@ def plan_chain(
             if name in out_:  # the last one silently won
                 raise SplitPointError(f"--{what}: {name} is given twice ({out_[name]!r} and {value!r})")
             chain = [x for x in devices.split(",") if x]
-            if name not in chain:  # silently ignored before
-                raise SplitPointError(f"--{what}: {name!r} is not a device of --devices ({', '.join(chain)})")
+            # --memory may name one of two alike devices as the plans do (pi-2); --profile a kind
+            known = chain if what == "profile" else list(dict.fromkeys([*chain, *numbered(chain)]))
+            if name not in known:  # silently ignored before
+                raise SplitPointError(f"--{what}: {name!r} is not a device of --devices ({', '.join(known)})")
             out_[name] = value
         return out_
 
