@@ -629,7 +629,9 @@ def _not_the_plan_s(target: Path, held: list[str]) -> list[str]:
     for marker in markers:
         try:
             data, size = read_at_most(target / marker, MAX_PLAN_BYTES)
-            doc = load_json(data) if size <= MAX_PLAN_BYTES else None
+            if size > MAX_PLAN_BYTES:
+                continue
+            doc: Any = load_json(data)
             names = (
                 list(doc["files"])
                 if marker == PLAN_FILE

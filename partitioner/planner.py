@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -160,11 +161,12 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     def head_mem(mem: int, k: int, head: str) -> int:
         return mem if head == "float32" or not weights else max(0, mem - int(0.75 * weights[k - 1]))
 
-    def runtime(up_bytes: int) -> dict[str, float]:
+    def runtime(up_bytes: int) -> dict[str, Any]:
         """The runtime's own time per request on each side (the profiles' --runtime figures: a fixed
         part and one per MiB of cut tensor sent and received); 0 where a profile did not measure it."""
         mib = up_bytes / 2**20
         return {
+            "runtime_timing": runtime_timing,
             "edge_runtime_ms": m.edge.runtime_ms.get("edge", 0.0)
             + m.edge.runtime_ms_per_mib.get("edge", 0.0) * mib,
             "server_runtime_ms": m.server.runtime_ms.get("server", 0.0)
@@ -231,7 +233,6 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                     input_f32,
                     m.fidelity.get((0, sent_as, "float32")),
                     **runtime(up),
-                    runtime_timing=runtime_timing,
                 )
             )
         for cut in h.cuts():
@@ -259,7 +260,6 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
                         head_mem(et.head_memory_bytes, cut.k, head),
                         m.fidelity.get((cut.k, sent, head)),
                         **runtime(up),
-                        runtime_timing=runtime_timing,
                         head_timing=timing(et.source, head),
                         tail_timing=timing(st.source),
                     )
