@@ -352,6 +352,8 @@ class Plan(_Strict):
                     f"{plan_dir} is a folder of plans, not one plan: give one of them, e.g. "
                     f"{Path(plan_dir) / inside[0]} ({len(inside)} in all)"
                 )
+            if p.is_symlink() and not p.exists():
+                raise PlanError(f"{p} is a symbolic link to nothing")
             if os.path.lexists(p):
                 raise PlanError(f"{p} is not a file")
             raise PlanError(f"no {PLAN_FILE} in {plan_dir}")
@@ -367,7 +369,13 @@ class Plan(_Strict):
             if not f.is_file():
                 if name not in need:
                     continue
-                how = "is not a file in" if os.path.lexists(f) else "is missing from"  # a directory, say
+                how = (
+                    "is a symbolic link to nothing in"
+                    if f.is_symlink() and not f.exists()
+                    else "is not a file in"  # a directory, say
+                    if os.path.lexists(f)
+                    else "is missing from"
+                )
                 raise PlanError(f"plan {self.plan_id[:12]}: file {name} {how} {plan_dir}")
             actual = sha256_file(f)
             if actual != digest:

@@ -286,6 +286,7 @@ class EdgeClient:
         again). ``fallback=False``: an error, not the local model, where the server cannot answer;
         ``report=False``: no latency sample (both for a leg of a hedged request); ``called``: when the
         request came (``time.perf_counter()``), where it waited before this call: its total counts it."""
+        called = time.perf_counter() if called is None else called  # a blocking call's wait counts too
         got = self._enqueue(feeds, Future(), block, wait_s, fallback=fallback, report=report, called=called)
         return None if got is None else self._launch(*got)
 

@@ -528,7 +528,10 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
         "throughput_ips": p.throughput_ips,
         "bottleneck_ms": p.bottleneck_ms,
         "stage_ms": p.stage_ms,  # with the runtime's own time per request on each device (runtime_ms)
-        "runtime_ms": list(m.costs.overhead_ms[: len(used)]) if m.costs.overhead_ms else None,
+        # counted where a device sends or receives: on one device alone nothing is sent, and none counts
+        "runtime_ms": list(m.costs.overhead_ms[: len(used)])
+        if any(m.costs.overhead_ms) and len(used) > 1
+        else None,
         "hop_up_ms": p.hop_up_ms,
         "hop_down_ms": p.hop_down_ms,
         "hop_bytes": p.hop_bytes,  # the cut tensor sent up each hop
@@ -542,8 +545,10 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
                 ("latency_ms", "throughput_ips", "bottleneck_ms", "stage_ms", "hop_up_ms", "hop_down_ms"),
                 "derived",
             ),
-            "runtime_ms": "measured (profile --runtime)"
-            if m.costs.overhead_ms
+            "runtime_ms": "not counted: one device sends nothing"
+            if len(used) == 1
+            else "measured (profile --runtime)"
+            if any(m.costs.overhead_ms)
             else "not measured: none counted",
             "hop_bytes": "measured: the encoded cut tensor on the samples",
             "reply_bytes": "derived: the outputs at their declared sizes, and a 128-byte header",

@@ -546,6 +546,8 @@ def measure_winners(
     while True:
         inputs = candidate_inputs(m)
         ok = [c for c in inputs if allowed(c) and (c.fidelity is None or c.fidelity >= min_fidelity)]
+        if not ok:  # nothing within the limits: the set's search says so, in one line
+            return inputs
         need = set()
         for link in links:
             w = fastest(ok, link, rate_ips)

@@ -42,10 +42,10 @@ class ProfileJob(StrictConfig):
     def _a_file(cls, v: Path | None) -> Path | None:  # before the profile's minutes, not after them
         if v is not None and (not v.name or v.is_dir()):
             raise ValueError(f"{str(v) or '(empty)'!r} is a directory: give the profile's file name")
+        if v is not None and (why := _not_a_profile(v)) is not None:  # first: what is there, then rights
+            raise ValueError(f"{why}; give another file name")
         if v is not None and (why := cannot_write_in(v.parent) or name_too_long(v, ATOMIC_EXTRA)) is not None:
             raise ValueError(f"cannot be written: {why}")  # the path follows, as given
-        if v is not None and (why := _not_a_profile(v)) is not None:
-            raise ValueError(f"{why}: a profile replaces an earlier profile only; give another file name")
         return v
 
     @model_validator(mode="after")
@@ -88,19 +88,19 @@ def _not_a_profile(path: Path) -> str | None:
     if not os.path.lexists(path):
         return None
     if path.is_symlink():
-        return "is a symbolic link (the profile would replace the link, not the file it names)"
+        return "is a symbolic link: the profile would replace the link, not the file it names"
     if not path.is_file():  # a device, a pipe: the rename would replace it
-        return "exists and is not a regular file"
+        return "exists and is not a regular file: a profile replaces an earlier profile only"
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return f"exists and cannot be read ({exc.strerror})"
+        return f"exists and cannot be read ({exc.strerror}), so it cannot be told for a profile"
     if not head or _PROFILE_KIND.search(head):
         return None
-    return "exists and is not a profile"
+    return "exists and is not a profile: a profile replaces an earlier profile only"
 
 
 def run_profile(

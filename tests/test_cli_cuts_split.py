@@ -536,3 +536,7 @@ def test_a_plan_file_that_is_a_directory_is_named_so(small_resnet, tmp_path):
     (plan / "plan.json").mkdir()
     with pytest.raises(PlanError, match="plan.json is not a file"):
         Plan.load(plan)
+    (plan / "plan.json").rmdir()
+    (plan / "plan.json").symlink_to(plan / "gone.json")
+    with pytest.raises(PlanError, match="plan.json is a symbolic link to nothing"):
+        Plan.load(plan)

@@ -251,26 +251,28 @@ def test_an_edge_daemon_runs_once_and_one_never_run_can_be_closed(plans, server)
 
 
 def test_a_request_s_total_counts_its_wait_for_room_in_the_window(plans, server):
-    """total_ms and edge_wait_ms began once a request had room in the window: with a window of 1 and six
-    callers at once, the last one waited for five others and its total said it took one request's time
-    (a daemon's request that waited 400 ms reported 48)."""
+    """total_ms and edge_wait_ms began once a request had room in the window: with a window of 1 and eight
+    callers at once (submit, and try_submit blocking for room), the last one waited for seven others and
+    its total said it took one request's time (a daemon's request that waited 400 ms reported 48)."""
     with edge(plans, server.endpoint, window=1) as c:
         c.infer(x())  # warm
         own: list[tuple[float, float]] = []
         lock = threading.Lock()
 
-        def call() -> None:
+        def call(blocking_try: bool) -> None:
             t0 = time.perf_counter()
-            r = c.submit(x()).result(30)
+            f = c.try_submit(x(), block=True, wait_s=30) if blocking_try else c.submit(x())
+            assert f is not None
+            r = f.result(30)
             took = (time.perf_counter() - t0) * 1e3
             with lock:
                 own.append((took, r.breakdown["total_ms"]))
 
-        threads = [threading.Thread(target=call) for _ in range(6)]
+        threads = [threading.Thread(target=call, args=(k % 2 == 1,)) for k in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-    assert len(own) == 6
+    assert len(own) == 8
     for took, total in own:  # the caller's clock also counts handing it the result
         assert 0.8 * took - 2.0 <= total <= took + 0.5, own

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from splitpoint.core.errors import ProfileError
+from splitpoint.core.errors import ProfileError, SplitPointError
 from splitpoint.core.graph import open_model
 from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, Plan
 from splitpoint.core.runner import assemble, load_split, make_session
@@ -481,6 +481,9 @@ def test_a_plan_set_under_limits_is_chosen_among_every_candidate_within_them(set
             best = _fastest_within(m, net, **limits)
             # (a set is chosen on a sweep of 61 bandwidths: within a few per cent of the pick between them)
             assert evaluate(here, link).latency_ms <= best.latency_ms * 1.05, (limits, here, best.label)
+    # limits nothing meets: one line, as before the limits chose what is measured (a traceback after)
+    with pytest.raises(SplitPointError, match="no plan set: .* within the memory and bytes limits"):
+        set_members(m, link, "adaptive", 0.0, edge_memory_bytes=1, max_bytes=1)
 
 
 def test_a_plan_labels_each_figure_measured_or_derived(setup):
