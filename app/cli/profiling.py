@@ -59,6 +59,7 @@ def profile(
     quiet: Quiet = False,
 ) -> None:
     """Measure the model on this machine: whole model, per node, and head/tail segments per cut."""
+    from splitpoint.core.machine import usable_cores
     from splitpoint.profiles.job import ProfileJob, run_profile
 
     job = ProfileJob.of(
@@ -93,11 +94,20 @@ def profile(
     seen = prof.emulation.measured_slowdown if prof.emulation else None
     want = job.slowdown or (max(job.threads, 1) / asked if asked and asked < max(job.threads, 1) else None)
     if seen and want and abs(seen / want - 1) > 0.10:
+        period_ms = (prof.emulation.period_us or 0) / 1e3 if prof.emulation else 0.0
         why = (
-            "a CFS quota this short is over-enforced by this kernel"
+            (
+                "onnxruntime's threads spin through the quota while they wait for one another "
+                "(use --threads 1)"
+                if (job.threads or usable_cores()) > 1
+                else "a CFS quota this short is over-enforced by this kernel"
+            )
             if seen > want
             else f"the quota is enforced per period, and runs this short ({prof.whole.median_ms:.2f} ms) "
             "were slowed less than asked"
+            if prof.whole.median_ms < 20 * period_ms
+            else "the machine's speed changed between the limited runs and the runs at full speed they are "
+            "compared with (a busy machine)"
         )
         err.print(
             f"[yellow]warning: the model ran {seen:.2f}x slower than at this machine's full speed, not the "
