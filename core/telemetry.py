@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 import psutil
 from pydantic import AfterValidator
 
+from splitpoint.core.textfiles import dumps_strict
+
 log = logging.getLogger("splitpoint.core.telemetry")
 
 TOPIC_ROOT = "splitpoint"
@@ -259,7 +261,7 @@ class Telemetry:
     def _publish(self, kind: str, payload: dict, qos: int = 0, retain: bool = False) -> bool:
         import paho.mqtt.client as mqtt
 
-        body = json.dumps(self._envelope(ts=time.time(), **payload), default=_jsonable)
+        body = dumps_strict(self._envelope(ts=time.time(), **payload), default=_jsonable)
         try:
             info = self._client.publish(topic(self.device_id, kind), body, qos=qos, retain=retain)
         except (ValueError, RuntimeError, OSError):

@@ -84,3 +84,23 @@ def load_json(text: str | bytes) -> Any:
         return json.loads(text, object_pairs_hook=_pairs, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise ValueError("nested too deeply to be a file of ours") from None
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity (Python's or numpy's) as None: what strict JSON can hold. An
+    infinite max error (``fidelity --json`` of a model whose outputs are NaN) printed as the bare token
+    ``Infinity``, which JSON has not, and a strict parser in a user's pipeline stopped there."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if type(obj).__module__ == "numpy" and getattr(obj, "shape", None) == ():
+        return finite(obj.item())  # a numpy scalar
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``finite(obj)`` that refuses what JSON cannot hold, rather than writing it."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)

@@ -906,8 +906,10 @@ class EdgeClient:
         elif self.telemetry:
             status = {
                 "plan": self.plan.plan_id,
-                "server": self.config.server,
-                "server_up": self.server_up,
+                # an edge-only plan talks to no server: none named, and none down (a dashboard that
+                # alerted on server_up false fired for every edge-only device)
+                "server": None if self.local_only else self.config.server,
+                "server_up": None if self.local_only else self.server_up,
                 "fallback": self.falling_back,
                 "edge_only": self.local_only,  # no server by design: its being down fails nothing
             }

@@ -535,7 +535,7 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
         "hop_up_ms": p.hop_up_ms,
         "hop_down_ms": p.hop_down_ms,
         "hop_bytes": p.hop_bytes,  # the cut tensor sent up each hop
-        "reply_bytes": int(m.costs.reply_bytes),  # and what comes back over every hop
+        "reply_bytes": int(m.costs.reply_bytes) if len(used) > 1 else 0,  # back over every hop (none alone)
         "memory_bytes": p.memory_bytes,
         "fidelity": p.fidelity,
         "networks": [net.name for net in m.networks[: len(p.cuts)]],

@@ -99,6 +99,20 @@ def test_candidates_below_the_edge_s_quota_are_not_judged(saved):
     row = next(ln for ln in rows if f"| {run['network']} |" in ln)
     assert f"| {fast['candidate']} | 0.0 (not judged) |" in row, row
     assert any(ln.startswith("\n*Not judged*") for ln in report.headline(report.derive(results)))
+    # every candidate below the quota: the best is shown, marked, and no regret is judged against it (it
+    # read as "best measured of those judged" with nothing judged)
+    results2 = copy.deepcopy(saved)
+    results2["edge_calibration"] |= {"cpus": 0.05, "mechanism": "cgroup-v1 cfs quota"}
+    run2 = results2["runs"][0]
+    for r in run2["rows"]:
+        r["measured"]["edge_cpu_ms_per_request"] = 0.4
+    derived2 = report.derive(results2)
+    case2 = next(c for c in derived2["cases"] if c["network"] == run2["network"])
+    assert case2["best_unjudged"] is True and case2["regret"] is None
+    row2 = next(
+        ln for ln in report.headline(derived2) if f"| {run2['network']} |" in ln and case2["best"] in ln
+    )
+    assert f"| {case2['best']} (" in row2 and " (not judged)) |" in row2, row2
     # the burst the calibration measured after idle time is the threshold where it exceeds the quota:
     # a 2.75 ms edge run went through whole on a kernel that let 3 ms through
     results = copy.deepcopy(saved)

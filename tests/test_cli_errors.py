@@ -995,3 +995,25 @@ def test_the_command_list_shows_each_summary_as_one_paragraph(monkeypatch):
         assert any(summary in line for line in lines), (info.name, summary)
         checked += 1
     assert checked >= 15
+
+
+def test_json_output_is_strict_json_where_a_figure_is_not_finite(capsys):
+    """fidelity --json of a model whose outputs are NaN printed its infinite max error as the bare token
+    Infinity, which JSON has not: a strict parser in a user's pipeline stopped there. Every --json
+    output, bench results.json and telemetry payload writes a non-finite figure as null."""
+    from splitpoint.app.cli.common import _print_json
+    from splitpoint.core.textfiles import dumps_strict
+
+    _print_json({"max_abs_error": float("inf"), "snr": [float("nan"), 1.5], "n": np.float32("-inf"), "k": 3})
+    out = capsys.readouterr().out
+
+    def refuse(token):
+        raise ValueError(token)
+
+    assert json.loads(out, parse_constant=refuse) == {
+        "max_abs_error": None,
+        "snr": [None, 1.5],
+        "n": None,
+        "k": 3,
+    }
+    assert json.loads(dumps_strict({"a": (1.0, float("-inf"))})) == {"a": [1.0, None]}

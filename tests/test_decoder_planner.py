@@ -90,7 +90,8 @@ def test_plan_decoder_writes_the_pick_and_reports_it_as_json(tmp_path):
     plan = Plan.load(out)
     assert plan.decoder is not None and plan.decoder.edge_layers == data["pick"]["edge_layers"]
     assert plan.predicted["fidelity"]["label"] == "measured"
-    bad = subprocess.run([*cmd[:5], "--max-tpot", "0.001"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([*cmd[:-2], "--max-tpot", "0.001"], capture_output=True, text=True, timeout=300)
+    assert bad.stdout == ""  # with --json, a refusal printed a whole document (pick null) and exited 2
     said = " ".join(bad.stderr.split())
     assert bad.returncode != 0 and "no split meets every limit given: --max-tpot 0.001 ms (no split" in said
     assert "--max-ttft" not in said and re.search(r"the least time per output token is \d+\.\d\d ms", said)

@@ -550,6 +550,10 @@ def test_deploy_to_the_edge_then_status_shows_it_online_with_the_new_plan(model,
         shown = run_cli("status", "--mqtt", mosquitto, "--seconds", "1.5", timeout=60)
         row = next(line for line in shown.stdout.splitlines() if "t-deployed" in line)
         assert "online" in row and new.plan_id[:12] in row, shown.stdout
+        # and for a script: the same from --json, one document of each device's latest messages
+        js = run_cli("status", "--mqtt", mosquitto, "--seconds", "1.5", "--json", timeout=60)
+        status = json.loads(js.stdout)["devices"]["t-deployed"]["status"]
+        assert status["state"] == "online" and status["plan"] == new.plan_id, status
     finally:
         proc.terminate()
         proc.wait(30)

@@ -4,10 +4,10 @@ beside ParetoPipe's. Pure apart from writing ``results.json``, ``report.md`` and
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
+from splitpoint.core.textfiles import dumps_strict
 from splitpoint.partitioner.costmodel import Link, uplink_ms
 
 from . import hostload
@@ -494,7 +494,7 @@ def write_report(results: dict, out: Path, command: str) -> dict:
     results["command"] = command
     with staged(out) as stage:
         results["plots"] = plot(results, stage)
-        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        (stage / "results.json").write_text(dumps_strict(results, indent=1, default=str), encoding="utf-8")
         md = markdown(results, command)
         if results["plots"]:
             md += "\n## Plot\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"

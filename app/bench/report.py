@@ -8,6 +8,7 @@ import os
 import statistics
 from pathlib import Path
 
+from splitpoint.core.textfiles import dumps_strict
 from splitpoint.partitioner.costmodel import Link, downlink_ms, uplink_ms
 
 from . import hostload
@@ -103,7 +104,9 @@ def derive(results: dict) -> dict:
         if not ok:
             continue
         # regret among what the emulation can measure (where nothing is, the case stays, unjudged)
-        ok = [r for r in ok if not r["below_quota"]] or ok
+        judged_rows = [r for r in ok if not r["below_quota"]]
+        best_unjudged = not judged_rows  # said beside it: the report's column is "of those judged"
+        ok = judged_rows or ok
         # the pick must meet the user's constraints, so it is compared with the candidates that do
         floor = results["config"].get("min_fidelity") or 0.0
         feasible = [r for r in ok if at_floor(r, floor)] or ok
@@ -124,12 +127,13 @@ def derive(results: dict) -> dict:
             else None,
             "best": best["candidate"],
             "best_ms": best["measured"]["latency_ms_median"],
+            "best_unjudged": best_unjudged,
             "candidates": len(ok),
             "fastest_any": fastest["candidate"],
             "fastest_any_ms": fastest["measured"]["latency_ms_median"],
             "fastest_any_fidelity": fastest["predicted"].get("fidelity"),
         }
-        case["regret"] = case["pick_ms"] / case["best_ms"] if case["pick_ms"] else None
+        case["regret"] = case["pick_ms"] / case["best_ms"] if case["pick_ms"] and not best_unjudged else None
         # a pick the bench measured below the floor misses the user's constraint, whatever its latency
         seen = _agreement(pick["measured"]) if pick and _ok(pick) else None
         case["pick_agreement"] = seen
@@ -389,7 +393,8 @@ def headline(results: dict) -> list[str]:
             for t in ("edge_only_ms", "server_raw_ms", "server_compressed_ms")
         )
         row = (
-            f"| {c['model']} | {c['network']} | {name} | {pick} | {c['best']} ({_f(c['best_ms'])}) | "
+            f"| {c['model']} | {c['network']} | {name} | {pick} | {c['best']} "
+            f"({_f(c['best_ms'])}{UNJUDGED if c.get('best_unjudged') else ''}) | "
             f"{_f(c['regret'], '{:.2f}')} | {edge} | {raw} | {packed} | {fastest} |"
         )
         unjudged = unjudged or UNJUDGED in row
@@ -883,7 +888,7 @@ def write_report(results: dict, out: Path) -> dict:
     results["targets"] = targets(results, load_runtime(runtime_results(out), out))
     with staged(out) as stage:
         results["plots"] = plots(results, stage)
-        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        (stage / "results.json").write_text(dumps_strict(results, indent=1, default=str), encoding="utf-8")
         md = markdown(results)
         if results["plots"]:
             md += "\n## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"

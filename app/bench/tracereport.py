@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from splitpoint.core.textfiles import dumps_strict
 from splitpoint.partitioner.planset import RATE_HEADROOM
 
 from . import hostload
@@ -21,7 +21,7 @@ def write_trace_report(results: dict, out: Path, command: str) -> dict:
         results["plots"] = [
             p for name, m in results["models"].items() if (p := plot(name, m, results, stage))
         ]
-        (stage / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        (stage / "results.json").write_text(dumps_strict(results, indent=1, default=str), encoding="utf-8")
         (stage / "report.md").write_text(markdown(results, command), encoding="utf-8")
     return results
 

@@ -4,7 +4,6 @@ made before any work."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -14,6 +13,7 @@ from typing import Annotated
 import typer
 
 from splitpoint.core.errors import SplitPointError
+from splitpoint.core.textfiles import dumps_strict
 
 app = typer.Typer(
     add_completion=False,
@@ -101,8 +101,7 @@ Scores = Annotated[
 
 
 def _print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=1, default=str)
-    sys.stdout.write("\n")
+    sys.stdout.write(dumps_strict(obj, indent=1, default=str) + "\n")
 
 
 def require(module: str, option: str) -> None:

@@ -141,11 +141,11 @@ def plan_decoder(
 
     with progress("planning a decoder", as_json) as note:
         r = run_decoder_plan(job, note, None if no_runtime else overhead)
-    if as_json:
-        _print_json(decoder_plan_json(r))
-    else:
-        show_decoder_plan(r, job, network)
     refused = r.refusal(job)
+    if as_json and not refused:  # a refusal is one line on stderr and nothing on stdout, as plan's
+        _print_json(decoder_plan_json(r))
+    elif not as_json:
+        show_decoder_plan(r, job, network)  # the table shows what every candidate came to
     if refused:
         raise SplitPointError(refused)
 

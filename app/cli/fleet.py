@@ -12,7 +12,7 @@ from rich.markup import escape
 from splitpoint.core.errors import SplitPointError
 
 from ..console import console, err
-from .common import _curve_pair, _seconds, app
+from .common import _curve_pair, _print_json, _seconds, app
 
 
 @app.command()
@@ -129,12 +129,18 @@ def status(
     mqtt: Annotated[str, typer.Option(help="broker, mqtt://host:port")],
     # past one metrics period (2 s): a device whose status another process overwrote shows as live
     seconds: Annotated[float, typer.Option(help="how long to listen")] = 2.5,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object: each device's latest message of each kind")
+    ] = False,
 ) -> None:
     """Devices and their plans, from retained telemetry."""
     from ..console import fleet_notes, status_table
     from ..orchestrator import collect
 
     fleet = collect(mqtt, _seconds("--seconds", seconds))
+    if as_json:  # for scripts: the payloads as docs/protocol.md gives them, by device and kind
+        _print_json({"devices": dict(fleet), "forgotten": fleet.forgotten, "skipped": fleet.skipped})
+        return
     console.print(status_table(fleet) if fleet else "no devices have reported")
     if not fleet:
         for note in fleet_notes(fleet):
