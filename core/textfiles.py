@@ -96,8 +96,8 @@ def finite(obj: Any) -> Any:
         return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [finite(v) for v in obj]
-    if type(obj).__module__ == "numpy" and getattr(obj, "shape", None) == ():
-        return finite(obj.item())  # a numpy scalar
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        return finite(obj.tolist())  # a numpy scalar or array: Python numbers, then the same rule
     return obj
 
 
