@@ -261,7 +261,12 @@ class Telemetry:
     def _publish(self, kind: str, payload: dict, qos: int = 0, retain: bool = False) -> bool:
         import paho.mqtt.client as mqtt
 
-        body = dumps_strict(self._envelope(ts=time.time(), **payload), default=_jsonable)
+        try:
+            body = dumps_strict(self._envelope(ts=time.time(), **payload), default=_jsonable)
+        except (ValueError, TypeError, RecursionError):  # what JSON cannot hold: lost, counted, not raised
+            with self._lock:
+                self.dropped += 1
+            return False
         try:
             info = self._client.publish(topic(self.device_id, kind), body, qos=qos, retain=retain)
         except (ValueError, RuntimeError, OSError):

@@ -92,13 +92,19 @@ def finite(obj: Any) -> Any:
     ``Infinity``, which JSON has not, and a strict parser in a user's pipeline stopped there."""
     if isinstance(obj, float):
         return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, dict):  # a key that is a non-finite float becomes its name, as json wrote it
+        return {
+            (str(k) if isinstance(k, float) and k != k or k in _INF else k): finite(v) for k, v in obj.items()
+        }
     if isinstance(obj, list | tuple):
         return [finite(v) for v in obj]
-    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
-        return finite(obj.tolist())  # a numpy scalar or array: Python numbers, then the same rule
-    return obj
+    if type(obj).__module__ == "numpy" and getattr(obj, "shape", None) == ():  # a numpy scalar
+        item = obj.item()
+        return finite(float(item) if type(item) is type(obj) else item)  # longdouble's item is itself
+    return obj  # an array or anything else: the caller's default hook, as before
+
+
+_INF = (float("inf"), float("-inf"))
 
 
 def dumps_strict(obj: Any, **kwargs: Any) -> str:

@@ -1024,7 +1024,7 @@ class EdgeClient:
         if self.telemetry and self.report is None:
             self.telemetry.metrics(
                 {
-                    "server_up": self.server_up,
+                    "server_up": None if self.local_only else self.server_up,  # as in its status
                     "in_flight": len(self._pending),
                     "rtt_ms_est": self.rtt_ms,
                     "rtt_ms_est_age_s": self.link.rtt_age_s(),  # since the last ping: old on a busy link

@@ -551,7 +551,9 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
             if any(m.costs.overhead_ms)
             else "not measured: none counted",
             "hop_bytes": "measured: the encoded cut tensor on the samples",
-            "reply_bytes": "derived: the outputs at their declared sizes, and a 128-byte header",
+            "reply_bytes": "not counted: one device sends nothing"
+            if len(used) == 1
+            else "derived: the outputs at their declared sizes, and a 128-byte header",
             "memory_bytes": "derived from the profiles' measured memory",
             "fidelity": "measured" if p.fidelity is not None else "not measured",
         },

@@ -527,3 +527,14 @@ def test_a_slowdown_divides_the_cores_the_profile_uses_and_a_fraction_is_never_r
         ProfileJob.of(model="m", cpus=0.001)
     with pytest.raises(OSError, match="whole cores only"):
         _affinity(0.25, os.getpid())
+
+
+def test_a_slowdown_off_the_mark_is_told_why():
+    """--threads 2 --emulate-slowdown 4 ran ~7x slower (onnxruntime's threads spin through the quota) and
+    the warning blamed a short quota; a 139 ms run slowed less than asked was called 'this short'."""
+    from splitpoint.app.cli.profiling import slowdown_reason
+
+    assert "use --threads 1" in slowdown_reason(7.4, 4.0, 2, 130.0, 2.0)
+    assert "over-enforced" in slowdown_reason(2.6, 2.0, 1, 90.0, 2.0)
+    assert "runs this short (3.00 ms)" in slowdown_reason(3.0, 4.0, 1, 3.0, 4.0)
+    assert "busy machine" in slowdown_reason(1.8, 2.5, 1, 139.5, 2.0)

@@ -1766,3 +1766,23 @@ def test_the_memory_an_edge_counts_on_is_its_own_limit_not_the_hosts():
     )  # fmt: skip
     assert limited.returncode == 0, limited.stderr
     assert int(limited.stdout) < 1500000 * 1024 < psutil.virtual_memory().available
+
+
+def test_an_edge_only_device_reports_no_server_down(model, mosquitto, tmp_path):
+    """An edge-only plan talks to no server, yet its status and metrics said server_up false: a
+    dashboard that alerted on a server down fired for every edge-only device."""
+    write_plan(model["h"], tmp_path / "eo", kind="edge-only")
+    seen: list[tuple] = []
+    with FleetSubscriber(mosquitto, lambda d, k, p: seen.append((k, p)) if d == "t-eo" else None):
+        cfg = EdgeConfig(
+            plan_dir=tmp_path / "eo", server="tcp://127.0.0.1:1", mqtt=mosquitto, device_id="t-eo"
+        )
+        with EdgeClient(cfg) as c:
+            assert c.telemetry is not None and c.telemetry.connected.wait(15)
+            c.infer(x(), timeout=30)
+        time.sleep(0.5)
+    status = [p for k, p in seen if k == "status" and p.get("state") == "online"]
+    metrics = [p for k, p in seen if k == "metrics"]
+    assert status and metrics, seen
+    assert all(p["server"] is None and p["server_up"] is None and p["edge_only"] for p in status)
+    assert all(p["server_up"] is None for p in metrics) and metrics[-1]["ok"] == 1

@@ -133,7 +133,7 @@ def derive(results: dict) -> dict:
             "fastest_any_ms": fastest["measured"]["latency_ms_median"],
             "fastest_any_fidelity": fastest["predicted"].get("fidelity"),
         }
-        case["regret"] = case["pick_ms"] / case["best_ms"] if case["pick_ms"] and not best_unjudged else None
+        case["regret"] = case["pick_ms"] / case["best_ms"] if case["pick_ms"] else None
         # a pick the bench measured below the floor misses the user's constraint, whatever its latency
         seen = _agreement(pick["measured"]) if pick and _ok(pick) else None
         case["pick_agreement"] = seen
