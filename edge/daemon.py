@@ -85,6 +85,14 @@ def _records(path: Path) -> dict[str, dict]:
     return daemons
 
 
+def _plan_id(plan_dir: Path) -> str | None:
+    """The id of the plan in a folder, or None where it has none that reads."""
+    try:
+        return Plan.load(plan_dir, verify=False).plan_id
+    except (SplitPointError, OSError):
+        return None
+
+
 def deployed_plan(plan_dir: Path, plans_dir: Path, listen: str | None = None) -> Path:
     """The plan to run for ``edge run PLAN_DIR --listen L``: the one last pushed to the daemon on L in
     place of that same PLAN_DIR, if any, so a restart (a crash under systemd, a reboot) does not roll the
@@ -105,6 +113,18 @@ def deployed_plan(plan_dir: Path, plans_dir: Path, listen: str | None = None) ->
         return plan_dir
     target = plans_dir / name
     if replaces != str(plan_dir.resolve()):
+        return plan_dir
+    was, now = record.get("replaced_id"), _plan_id(plan_dir)
+    if (
+        was and now and was != now
+    ):  # PLAN_DIR written again since (plan -o PLAN_DIR --force): the newer choice
+        log.warning(
+            "%s holds plan %s, written since plan %s was deployed here in place of its %s: running it",
+            plan_dir,
+            now[:12],
+            name[:12],
+            str(was)[:12],
+        )
         return plan_dir
     if Path(name).name != name or not (target / PLAN_FILE).is_file():
         log.warning("%s names plan %r, which is not in %s: running %s", path, name[:80], plans_dir, plan_dir)
@@ -578,7 +598,12 @@ class EdgeDaemon:
             except (OSError, ValueError):  # none yet, or unreadable (said at start): this one starts it over
                 records = {}
             records.pop("", None)  # a record from before they were kept per daemon: whose it was is unknown
-            records[str(self.config.listen or "")] = {"replaces": str(self.started_with), "plan": target.name}
+            records[str(self.config.listen or "")] = {
+                "replaces": str(self.started_with),
+                # what PLAN_DIR held then: a plan written there since is the operator's newer choice
+                "replaced_id": _plan_id(self.started_with),
+                "plan": target.name,
+            }
             atomic_write_text(path, json.dumps({"daemons": records}))
 
 

@@ -73,6 +73,11 @@ class PlanRegistry:
         if self.plans_dir and self.plans_dir.is_dir():
             sweep_leftovers(self.plans_dir)
             for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if not (d / PLAN_FILE).is_file() and is_plan_set(d):
+                    # a plan set among the plans (plan --set -o plans/NAME, then serve --plans plans): its
+                    # members, checked as a set first, were skipped as folders without a plan.json
+                    self._add_set(d)
+                    continue
                 if not (d / PLAN_FILE).is_file():
                     self.skipped[str(d)] = f"no {PLAN_FILE} file in it"
                     log.warning("skipping %s: no %s file in it", d, PLAN_FILE)
@@ -82,6 +87,21 @@ class PlanRegistry:
                 except Exception as exc:  # one bad plan directory must not keep the others from serving
                     self.skipped[str(d)] = describe(exc)
                     log.error("skipping the plan in %s: %s", d, self.skipped[str(d)])
+
+    def _add_set(self, d: Path) -> None:
+        """Every member of the plan set in ``d``; none where the set does not check out."""
+        try:
+            members = [d / m.dir for m in PlanSet.load(d, role=self.role)[0].members]
+        except Exception as exc:
+            self.skipped[str(d)] = describe(exc)
+            log.error("skipping the plan set in %s: %s", d, self.skipped[str(d)])
+            return
+        for m in members:
+            try:
+                self.add_dir(m)
+            except Exception as exc:
+                self.skipped[str(m)] = describe(exc)
+                log.error("skipping the plan in %s: %s", m, self.skipped[str(m)])
 
     def _entry(self, path: Path, plan: Plan) -> Entry:
         i = plan.stage_of(self.role)

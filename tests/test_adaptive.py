@@ -213,6 +213,16 @@ def test_a_server_started_on_a_tampered_set_refuses_it_as_deploy_does(pair, tmp_
         PlanRegistry(bad)
     r = run_cli("serve", "--bind", "tcp://127.0.0.1:0", "--plans", str(bad), timeout=60)
     assert r.returncode != 0 and "is a plan of another model" in r.stdout + r.stderr
+    # a set among other plans (plan --set -o plans/NAME, serve --plans plans): its members are served,
+    # checked as a set; they were skipped as folders without a plan.json. A tampered one serves none.
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    shutil.copytree(out, plans / "good")
+    shutil.copytree(bad, plans / "tampered")
+    reg = PlanRegistry(plans)
+    good = json.loads((out / PLANSET_FILE).read_text())["members"]
+    assert all(reg.get(m["plan_id"]) is not None for m in good) and str(plans / "good") not in reg.skipped
+    assert "is a plan of another model" in reg.skipped[str(plans / "tampered")]
 
 
 def test_deploying_a_set_checks_every_member_for_its_target_before_pushing_any(pair, tmp_path):

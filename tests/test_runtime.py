@@ -1786,3 +1786,24 @@ def test_an_edge_only_device_reports_no_server_down(model, mosquitto, tmp_path):
     assert status and metrics, seen
     assert all(p["server"] is None and p["server_up"] is None and p["edge_only"] for p in status)
     assert all(p["server_up"] is None for p in metrics) and metrics[-1]["ok"] == 1
+
+
+def test_a_plan_written_over_the_daemon_s_folder_after_a_deploy_is_run_at_restart(model, tmp_path, caplog):
+    """A restarted daemon ran the plan last deployed to it in place of PLAN_DIR even where the operator
+    had since written a new plan into PLAN_DIR (plan -o PLAN_DIR --force): the newer choice is run."""
+    import logging
+
+    from splitpoint.core.plan import Plan
+    from splitpoint.edge.daemon import DEPLOYED, deployed_plan
+
+    plans = tmp_path / "plans"
+    start, pushed = plans / "start", plans / "pushed"
+    write_plan(model["h"], start, cut=model["h"].cuts()[19])
+    write_plan(model["h"], pushed, cut=model["h"].cuts()[10])
+    record = {"replaces": str(start.resolve()), "replaced_id": Plan.load(start).plan_id, "plan": "pushed"}
+    (plans / DEPLOYED).write_text(json.dumps({"daemons": {"": record}}))
+    assert deployed_plan(start, plans) == pushed  # a restart keeps the deployed plan
+    write_plan(model["h"], start, cut=model["h"].cuts()[5], force=True)
+    caplog.set_level(logging.WARNING, logger="splitpoint")
+    assert deployed_plan(start, plans) == start
+    assert any("written since plan pushed was deployed" in r.getMessage() for r in caplog.records)

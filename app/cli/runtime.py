@@ -221,7 +221,8 @@ def relay(
 def keygen(
     out: Annotated[Path, typer.Argument(help="writes OUT.key (secret) and OUT.pub (public), z85")],
 ) -> None:
-    """A CurveZMQ key pair, for `serve --curve-secret/--curve-allow` and `edge run --curve-secret`."""
+    """A CurveZMQ key pair, for `serve --curve-secret/--curve-allow` and `edge run`/`generate
+    --curve-secret`."""
     from splitpoint.core.curve import keygen as make
 
     if not out.name:
