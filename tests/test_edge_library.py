@@ -274,5 +274,9 @@ def test_a_request_s_total_counts_its_wait_for_room_in_the_window(plans, server)
         for t in threads:
             t.join(60)
     assert len(own) == 8
-    for took, total in own:  # the caller's clock also counts handing it the result
-        assert 0.8 * took - 2.0 <= total <= took + 0.5, own
+    for took, total in own:  # the caller's clock also counts handing it the result (a thread's wake-up)
+        assert total <= took + 0.5, own
+    # before, each total was one request's time (~2 ms) while the callers' grew to ~30: here they track
+    # the callers' clocks, less the wake-ups of eight threads on a busy machine
+    assert sum(t for _, t in own) >= 0.6 * sum(k for k, _ in own), own
+    assert max(t for _, t in own) >= 0.6 * max(k for k, _ in own), own
