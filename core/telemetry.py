@@ -147,13 +147,15 @@ def prime_cpu() -> None:
         _PRIMED.add(os.getpid())
 
 
-def host_metrics() -> dict:
+def host_metrics(proc: psutil.Process | None = None) -> dict:
     """CPU, memory and temperature of this machine, and this process's CPU and RSS, measured now
-    (psutil; the CPU figures over the time since the last call)."""
+    (psutil; the CPU figures over the time since the last call; ``proc``: a publisher's own handle on
+    this process, so that its figure is over the time since its own last message, not another's in the
+    same process)."""
     first = os.getpid() not in _PRIMED  # nothing to measure the CPU over yet: null, not 0.0
     prime_cpu()
     vm = psutil.virtual_memory()
-    proc = _PROCESSES.setdefault(os.getpid(), psutil.Process())
+    proc = proc or _PROCESSES.setdefault(os.getpid(), psutil.Process())
     temp = None
     try:
         temps = [e.current for v in (psutil.sensors_temperatures() or {}).values() for e in v if e.current]
@@ -221,6 +223,8 @@ class Telemetry:
         c.connect_async(self.url.host, self.url.port, keepalive=10)
         c.loop_start()
         prime_cpu()  # the first metrics message measures the CPU since now
+        self._proc = psutil.Process()  # this publisher's: a server and an edge in one process each
+        self._proc.cpu_percent(interval=None)  # measure over their own periods
 
     @staticmethod
     def _nodelay(client, userdata, sock) -> None:
@@ -309,7 +313,7 @@ class Telemetry:
         """The metrics message; and every ``status_every_s`` the status again, unchanged: a view that let
         this device's id go (a flood of forged ids) or missed its status gets it back within that time,
         where a status sent only on change left the device's state unknown for as long as it held."""
-        payload = {**host_metrics(), **(extra or {})}
+        payload = {**host_metrics(self._proc), **(extra or {})}
         self._publish(
             "metrics",
             {
