@@ -220,6 +220,19 @@ def test_user_errors_are_one_line_exit_2_and_fast(args, needle):
     _one_line_error(run_cli(*args, timeout=60), needle, t0)
 
 
+def test_profile_output_through_a_symbolic_link_is_refused_and_both_are_kept(tmp_path):
+    """The profile is written beside its name and renamed over it: through a link, the rename replaces
+    the link and leaves the profile it names stale, which the user did not ask for."""
+    earlier = tmp_path / "edge.json"
+    earlier.write_text('{"kind": "splitpoint-profile", "earlier": true}\n')
+    link = tmp_path / "latest.json"
+    link.symlink_to(earlier)
+    t0 = _cpu()
+    _one_line_error(run_cli("profile", "resnet18", "-o", str(link), timeout=60), "is a symbolic link", t0)
+    assert link.is_symlink() and os.readlink(link) == str(earlier)
+    assert json.loads(earlier.read_text()) == {"kind": "splitpoint-profile", "earlier": True}
+
+
 def test_a_zoo_cache_that_cannot_be_written_is_named_and_left_clean(tmp_path):
     """A full or read-only cache failed every zoo-name command with a bare 'No space left on device' (no
     path), one more partial file left in it per run."""
