@@ -766,6 +766,8 @@ def test_every_command_s_help_is_readable_at_80_columns():
         lines = result.output.splitlines()
         assert max(len(line) for line in lines) <= 80, name
         assert not [line for line in lines if "…" in line], (name, result.output)
+        # a flag takes no value, and its help shows none: `--force <bool>` reads as `--force true`
+        assert "<bool>" not in result.output and "--help" in result.output, (name, result.output)
 
 
 def test_a_profiling_session_left_unfinished_leaves_no_trace_file(tmp_path, small_resnet18):

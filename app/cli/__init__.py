@@ -12,10 +12,11 @@ from __future__ import annotations
 import inspect
 import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.markup import escape
+from typer.models import DefaultPlaceholder
 
 from splitpoint.core.errors import SplitPointError, first_line, os_reason
 
@@ -41,7 +42,53 @@ def _one_paragraph_summaries(group: typer.Typer) -> None:
             _one_paragraph_summaries(sub.typer_instance)
 
 
+class _FlagsWithoutType:
+    """A flag's help shows no value to give: typer 0.29 printed `--force <bool>`, which reads as
+    `--force true` (refused: the option takes no value)."""
+
+    params: list
+
+    def _untyped_flags(self) -> None:
+        for param in self.params:
+            if (
+                getattr(param, "is_flag", False)
+                and not getattr(param, "count", False)
+                and param.metavar is None
+            ):
+                param.metavar = ""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagsWithoutType, typer.core.TyperCommand):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._untyped_flags()
+
+
+class _Group(_FlagsWithoutType, typer.core.TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._untyped_flags()
+
+
+def _flags_show_no_type(group: typer.Typer) -> None:
+    if group.info.cls in (None, typer.core.TyperGroup) or isinstance(group.info.cls, DefaultPlaceholder):
+        group.info.cls = _Group
+    for info in group.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = _Command
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _flags_show_no_type(sub.typer_instance)
+
+
 _one_paragraph_summaries(app)
+_flags_show_no_type(app)
 
 
 def _terminated(signum: int, frame: object) -> None:
