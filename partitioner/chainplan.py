@@ -10,7 +10,6 @@ only forward), and the best plan that uses two devices.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -585,12 +584,3 @@ def write_chain(
         front=front or [],
         force=force,
     )
-
-
-def samples_digest(samples: list[dict[str, np.ndarray]]) -> str:
-    """What the fidelity was measured on, as a short checksum (reports name it)."""
-    h = hashlib.sha256()
-    for s in samples:
-        for k in sorted(s):
-            h.update(np.ascontiguousarray(s[k]).tobytes())
-    return h.hexdigest()[:12]

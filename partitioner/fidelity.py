@@ -308,10 +308,6 @@ def task_report(
     return evaluate(task, samples(reference), samples(split), truths).to_dict()
 
 
-def _batch(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
-
-
 def received_digest(received: list[dict[str, np.ndarray]]) -> bytes:
     """What a receiver decodes from every sample, as one digest: codecs whose payloads decode to
     identical tensors (one base, another lossless stage) share one run of what follows."""

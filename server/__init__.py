@@ -1,1 +1,1 @@
-"""Server side: the tail worker pool, the plan registry and the orchestrator."""
+"""Server side: the tail server (the relay role included), its plan registry and decoder sessions."""
