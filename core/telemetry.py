@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import psutil
@@ -110,7 +110,7 @@ BrokerUrl = Annotated[str, AfterValidator(check_broker_url)]
 
 STATUS_EVERY_S = 10.0  # a device's status is published again, unchanged, this often (with its metrics)
 METRIC_UNITS = {  # what a metrics message's figures are, named in its ``units``
-    "cpu_percent": "% of the host's cores, every process (measured)",
+    "cpu_percent": "% of the host's cores, every process (measured; null where no clock tick passed)",
     "process_cpu_percent": "% of one core, this process (measured)",
     "memory_used_bytes": "B, the host's (measured)",
     "memory_total_bytes": "B, the host's",
@@ -134,28 +134,43 @@ def topic(device_id: str, kind: str) -> str:
     return f"{TOPIC_ROOT}/{device_id}/{kind}"
 
 
-_PROCESSES: dict[int, psutil.Process] = {}  # by pid: a forked worker measures its own CPU from its start
-_PRIMED: set[int] = set()  # pids whose CPU counters have a first reading to measure from
+def busy_percent(before: Any, after: Any) -> float | None:
+    """The share of the host's CPU time that was busy between two readings, as psutil counts it (guest
+    time is inside user time; idle and I/O wait are idle); None where no clock tick passed between them,
+    where psutil answers 0.0."""
+    delta = {f: max(0.0, getattr(after, f) - getattr(before, f)) for f in after._fields}
+    total = sum(v for f, v in delta.items() if f not in ("guest", "guest_nice"))
+    if total <= 0:
+        return None
+    idle = delta.get("idle", 0.0) + delta.get("iowait", 0.0)
+    return round(100.0 * max(0.0, total - idle) / total, 1)
 
 
-def prime_cpu() -> None:
-    """Take the first CPU reading, which measures nothing (psutil's first ``cpu_percent`` is 0.0): a
-    publisher does it when it starts, so its first metrics message measures the time since."""
-    if os.getpid() not in _PRIMED:
-        psutil.cpu_percent(interval=None)
-        _PROCESSES.setdefault(os.getpid(), psutil.Process()).cpu_percent(interval=None)
-        _PRIMED.add(os.getpid())
+class CpuMeter:
+    """The host's and this process's CPU over one publisher's own periods, from its start to its first
+    message and then between messages. psutil's ``cpu_percent(interval=None)`` keeps its last reading per
+    calling thread (7.x) or per process (5.x): a publisher primed on its creator's thread and sending
+    from its socket thread measured 0.0 in its first message, and two publishers in one process
+    measured each other's periods. So each keeps its own readings."""
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(interval=None)  # the first call measures nothing: this one is the start
+        self._last = psutil.cpu_times()
+
+    def read(self) -> dict:
+        now = psutil.cpu_times()
+        system, self._last = busy_percent(self._last, now), now
+        return {"cpu_percent": system, "process_cpu_percent": self._proc.cpu_percent(interval=None)}
+
+    def rss(self) -> int:
+        return int(self._proc.memory_info().rss)
 
 
-def host_metrics(proc: psutil.Process | None = None) -> dict:
-    """CPU, memory and temperature of this machine, and this process's CPU and RSS, measured now
-    (psutil; the CPU figures over the time since the last call; ``proc``: a publisher's own handle on
-    this process, so that its figure is over the time since its own last message, not another's in the
-    same process)."""
-    first = os.getpid() not in _PRIMED  # nothing to measure the CPU over yet: null, not 0.0
-    prime_cpu()
+def host_metrics(cpu: CpuMeter) -> dict:
+    """CPU, memory and temperature of this machine, and this process's CPU and RSS, measured now (the
+    CPU figures over the time since ``cpu``'s last reading)."""
     vm = psutil.virtual_memory()
-    proc = proc or _PROCESSES.setdefault(os.getpid(), psutil.Process())
     temp = None
     try:
         temps = [e.current for v in (psutil.sensors_temperatures() or {}).values() for e in v if e.current]
@@ -163,11 +178,10 @@ def host_metrics(proc: psutil.Process | None = None) -> dict:
     except (AttributeError, OSError):
         pass
     return {
-        "cpu_percent": None if first else psutil.cpu_percent(interval=None),
-        "process_cpu_percent": None if first else proc.cpu_percent(interval=None),
+        **cpu.read(),
         "memory_used_bytes": vm.used,
         "memory_total_bytes": vm.total,
-        "process_rss_bytes": proc.memory_info().rss,
+        "process_rss_bytes": cpu.rss(),
         "temperature_c": temp,
     }
 
@@ -222,9 +236,7 @@ class Telemetry:
         self._status_lock = threading.Lock()
         c.connect_async(self.url.host, self.url.port, keepalive=10)
         c.loop_start()
-        prime_cpu()  # the first metrics message measures the CPU since now
-        self._proc = psutil.Process()  # this publisher's: a server and an edge in one process each
-        self._proc.cpu_percent(interval=None)  # measure over their own periods
+        self._cpu = CpuMeter()  # the first metrics message measures the CPU since now
 
     @staticmethod
     def _nodelay(client, userdata, sock) -> None:
@@ -313,7 +325,7 @@ class Telemetry:
         """The metrics message; and every ``status_every_s`` the status again, unchanged: a view that let
         this device's id go (a flood of forged ids) or missed its status gets it back within that time,
         where a status sent only on change left the device's state unknown for as long as it held."""
-        payload = {**host_metrics(self._proc), **(extra or {})}
+        payload = {**host_metrics(self._cpu), **(extra or {})}
         self._publish(
             "metrics",
             {

@@ -365,6 +365,7 @@ def test_telemetry_reaches_mosquitto(model, mosquitto, broker_log):
     edge_metrics = [p for d, k, p in seen if (d, k) == ("t-edge", "metrics")]
     assert all(p["process_cpu_percent"] is not None for p in edge_metrics)
     assert edge_metrics[-1]["process_cpu_percent"] > 0, edge_metrics  # over the ten inferences
+    assert edge_metrics[-1]["cpu_percent"] > 0, edge_metrics  # the host's too: this process was busy in it
     met = next(p for d, k, p in seen if (d, k) == ("t-server", "metrics"))
     assert {"cpu_percent", "process_cpu_percent", "memory_used_bytes", "requests", "units"} <= set(met)
     assert "host" in met["units"]["cpu_percent"] and "this process" in met["units"]["process_cpu_percent"]
@@ -375,6 +376,28 @@ def test_telemetry_reaches_mosquitto(model, mosquitto, broker_log):
     assert (
         final["t-edge"]["status"]["state"] == "offline" and final["t-server"]["status"]["state"] == "offline"
     )
+
+
+def test_a_publisher_measures_the_cpu_over_its_own_periods_whatever_thread_sends():
+    """psutil keeps its last system-CPU reading per calling thread: a publisher made on one thread and
+    sending from its socket thread measured 0.0 in its first message, however busy the host had been."""
+    from splitpoint.core.telemetry import CpuMeter, busy_percent
+
+    meter = CpuMeter()
+    quiet = CpuMeter()
+    t_end = time.process_time() + 0.3
+    while time.process_time() < t_end:  # busy on this thread
+        pass
+    read: list[dict] = []
+    sender = threading.Thread(target=lambda: read.append(meter.read()))
+    sender.start()
+    sender.join()
+    assert read[0]["cpu_percent"] > 0 and read[0]["process_cpu_percent"] > 0, read
+    assert quiet.read()["cpu_percent"] > 0  # a second publisher measures its own period, not the first's
+    import psutil
+
+    now = psutil.cpu_times()
+    assert busy_percent(now, now) is None  # no tick between two readings: not measured, not 0.0
 
 
 def test_status_says_fallback_only_where_the_edge_can_fall_back(model, mosquitto):
