@@ -8,9 +8,13 @@ ignored. Here a repeated key is an error that names the key and both lines.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import read_at_most
 
 _MERGE = "tag:yaml.org,2002:merge"
 
@@ -110,3 +114,42 @@ _INF = (float("inf"), float("-inf"))
 def dumps_strict(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of ``finite(obj)`` that refuses what JSON cannot hold, rather than writing it."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def read_document(
+    path: Path,
+    noun: str,
+    limit: int,
+    parse: Callable[[str], Any],
+    error: Callable[[str], Exception],
+    shown: str | None = None,
+) -> Any:
+    """A text file a user names (a profile, a network or device profile, a trace), parsed, with one
+    line naming the file for each way it can be wrong: nothing but a regular file is opened (a device
+    was read until memory ran out, a pipe waited for ever) and nothing past ``limit`` is read."""
+    shown = shown or str(path)
+    if not path.is_file():
+        what = (
+            f"is a directory, not a {noun} file"
+            if path.is_dir()
+            else "is not a regular file"
+            if path.exists()
+            else "not found"
+        )
+        raise error(f"{noun} file {what}: {shown}")
+    try:
+        raw, size = read_at_most(path, limit)
+    except OSError as exc:
+        raise error(f"cannot read {noun} file {shown}: {exc.strerror}") from exc
+    if size > limit:
+        raise error(f"{shown}: {size:,} bytes is larger than any {noun} ({limit:,} at most)")
+    language = "YAML" if parse is load_yaml else "JSON"
+    try:
+        return parse(raw.decode("utf-8-sig"))  # a BOM, as Windows editors write, is no content
+    except UnicodeDecodeError as exc:
+        raise error(f"{shown}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    # ValueError: also a repeated key and JSON's NaN and Infinity, which Python's json would read
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # the whole reason on one line: its first line alone lost where the mistake is and what it is
+        reason = " ".join(str(exc).replace(' in "<unicode string>",', " at").split())[:400]
+        raise error(f"{shown}: not valid {language} ({reason})") from exc

@@ -13,13 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from splitpoint.core.config import MAX_BYTES, MAX_MS, Document, explain_fields
 from splitpoint.core.errors import ProfileError
-from splitpoint.core.files import atomic_write_text, read_at_most
-from splitpoint.core.textfiles import DuplicateKeyError, load_json, load_yaml
+from splitpoint.core.files import atomic_write_text
+from splitpoint.core.textfiles import load_json, load_yaml, read_document
 
 PROFILE_FORMAT: Final = 1
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -207,29 +206,7 @@ MAX_PROFILE_BYTES = 256 * 2**20  # a profile of 100,000 nodes is tens of MB
 
 
 def _read(path: Path, parse) -> dict:
-    if not path.is_file():
-        what = (
-            "is a directory, not a profile file"
-            if path.is_dir()
-            else "is not a regular file"  # a device or a pipe: read until memory ran out, or for ever
-            if path.exists()
-            else "not found"
-        )
-        raise ProfileError(f"profile file {what}: {path}")
-    try:
-        raw, size = read_at_most(path, MAX_PROFILE_BYTES)
-        if size > MAX_PROFILE_BYTES:
-            raise ProfileError(
-                f"{path}: {size} bytes is larger than any profile ({MAX_PROFILE_BYTES} at most)"
-            )
-        data = parse(raw.decode("utf-8-sig"))  # a BOM, as Windows editors write, is no content
-    # ValueError: also JSON's missing NaN and Infinity, which Python's json would read
-    except (yaml.YAMLError, ValueError, UnicodeDecodeError, DuplicateKeyError) as exc:
-        # the whole reason on one line: its first line alone lost where the mistake is and what it is
-        reason = " ".join(str(exc).replace(' in "<unicode string>",', " at").split())[:400]
-        raise ProfileError(
-            f"{path}: not valid {'YAML' if parse is load_yaml else 'JSON'} ({reason})"
-        ) from exc
+    data = read_document(path, "profile", MAX_PROFILE_BYTES, parse, ProfileError)
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

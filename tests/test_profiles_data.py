@@ -118,7 +118,7 @@ def test_a_profile_past_its_size_limit_is_refused_unread(tmp_path, monkeypatch):
     big = tmp_path / "big.json"
     with open(big, "wb") as f:
         f.truncate(MAX_PROFILE_BYTES + 1)
-    with pytest.raises(ProfileError, match=f"{MAX_PROFILE_BYTES + 1} bytes is larger than any profile"):
+    with pytest.raises(ProfileError, match=f"{MAX_PROFILE_BYTES + 1:,} bytes is larger than any profile"):
         load_measured(big)
     (tmp_path / "d.json").mkdir()
     with pytest.raises(ProfileError, match="is a directory, not a profile file"):

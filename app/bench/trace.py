@@ -29,14 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from splitpoint.app.process import check_started, start_server, stop
 from splitpoint.core.config import Document, StrictConfig, explain_fields
 from splitpoint.core.errors import SplitPointError
-from splitpoint.core.files import read_at_most
-from splitpoint.core.textfiles import load_yaml
+from splitpoint.core.textfiles import load_yaml, read_document
 
 from .hostload import HostLoad
 from .run import BENCH_CODECS, default_models, nonempty_names
@@ -123,22 +121,7 @@ def load_trace(path: str | Path) -> Trace:
     from splitpoint.profiles.schema import trace_path
 
     p, shown = trace_path(path), str(path)  # as given: Path("./x") prints as "x", which names a trace
-    if not p.is_file():  # /dev/zero was read until memory ran out, a pipe waited for ever
-        what = "a directory" if p.is_dir() else "not a regular file" if p.exists() else "No such file"
-        raise SplitPointError(f"cannot read trace {shown}: {what}")
-    try:
-        data, size = read_at_most(p, MAX_TRACE_BYTES)
-        if size > MAX_TRACE_BYTES:
-            raise SplitPointError(
-                f"trace {shown}: {size:,} bytes is larger than any trace ({MAX_TRACE_BYTES:,})"
-            )
-        raw = load_yaml(data.decode("utf-8-sig"))
-    except OSError as exc:
-        raise SplitPointError(f"cannot read trace {shown}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise SplitPointError(f"trace {shown} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except yaml.YAMLError as exc:
-        raise SplitPointError(f"trace {shown} is not YAML: {' '.join(str(exc).split())[:300]}") from exc
+    raw = read_document(p, "trace", MAX_TRACE_BYTES, load_yaml, SplitPointError, shown)
     if isinstance(raw, list):
         raw = {"phases": raw}
     if not isinstance(raw, dict):
