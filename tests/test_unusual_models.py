@@ -2388,3 +2388,68 @@ def test_sample_files_of_strings_or_with_a_lying_header_are_refused_by_name(tmp_
             match=r"x.npy: not a readable .npy array \(its header declares .* the file holds 16\)",
         ):
             read()
+
+
+def test_rows_the_data_keeps_behind_an_op_inference_cannot_follow_are_left_free_in_the_plan(tmp_path):
+    """Behind an op shape inference does not know (com.microsoft Gelu), a Compress's kept rows were sized
+    by two trial runs on random inputs: both kept none, the plan fixed the cut tensor at 0 rows, and the
+    server refused every request that kept one ("shape [1, 16], the plan expects shape [0, 16]")."""
+    from splitpoint.edge.client import EdgeClient, EdgeConfig
+    from splitpoint.server.tail_server import ServerConfig, TailServer
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a1"]),
+        helper.make_node("Gelu", ["a1"], ["g"], domain="com.microsoft"),
+        helper.make_node("ReduceMax", ["x"], ["score"], axes=[1], keepdims=0),
+        helper.make_node("Greater", ["score", "thr"], ["keep"]),
+        helper.make_node("Compress", ["g", "keep"], ["kept"], axis=0),  # the rows over 3.0: random keeps none
+        helper.make_node("Relu", ["kept"], ["kr"]),
+        helper.make_node("MatMul", ["kr", "w2"], ["dets"]),
+        helper.make_node("Sigmoid", ["score"], ["conf"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "filter",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [
+            helper.make_tensor_value_info("dets", TensorProto.FLOAT, ["D", 4]),
+            helper.make_tensor_value_info("conf", TensorProto.FLOAT, ["N"]),
+        ],
+        [w("w1", 16, 16), w("w2", 16, 4), numpy_helper.from_array(np.array(3.0, np.float32), "thr")],
+    )
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    )
+    m.ir_version = 8
+    path = tmp_path / "filter.onnx"
+    onnx.save(m, path)
+    plans = tmp_path / "plans"
+    r = run_cli("split", str(path), "--cut", "6", "-o", str(plans / "p"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = Plan.load(plans / "p")
+    kr = next(t for t in plan.stages[1].receives if t.name == "kr")
+    assert kr.shape.split("x")[0] == "?", kr.shape  # not the 0 rows two random trials kept
+    whole = make_session(str(path))
+    none_kept = rng.standard_normal((5, 16)).astype(np.float32)
+    none_kept[np.abs(none_kept) > 2.9] = 0.0
+    one_kept = none_kept.copy()
+    one_kept[2, 5] = 4.0
+    many = np.abs(rng.standard_normal((300, 16))).astype(np.float32) * 1.6
+    srv = TailServer(ServerConfig(bind="tcp://127.0.0.1:0", plans_dir=plans)).start()
+    try:
+        with EdgeClient(
+            EdgeConfig(plan_dir=plans / "p", server=srv.endpoint, fallback=False, timeout_s=10)
+        ) as c:
+            for x in (none_kept, one_kept, many, none_kept):
+                got = c.infer({"x": x}, timeout=30)
+                assert not got.fallback
+                for out, ref in zip(got.outputs, whole.run(None, {"x": x}), strict=True):
+                    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+                assert got.outputs[0].shape == (int((x.max(axis=1) > 3.0).sum()), 4)
+    finally:
+        srv.stop()

@@ -85,7 +85,9 @@ class TensorInfo:
         if self.batch_axis is not None:
             n = self.per_sample_elements()
             return None if n is None else n * self.itemsize
-        if any(d is None for d in self.dims[1:]):
+        if any(d is None for d in self.dims[1:]) or (
+            self.dims and self.dims[0] is None and not self.lead_is_batch
+        ):
             return None
         batch = bool(self.dims) and isinstance(self.dims[0], str)
         if batch and not self.lead_is_batch:
@@ -333,7 +335,9 @@ class GraphIndex:
             if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
                 self.non_tensor.add(name)  # a sequence or a map, returned as a list or a dict
                 continue
-            self.info[name] = _measured_info(name, self.info.get(name), a, b, batch if free_batch else None)
+            self.info[name] = _measured_info(
+                name, self.info.get(name), a, b, batch if free_batch else None, name in self._value_shaped
+            )
             _mark_batch_axis(self.info[name], self.batch_symbol)
 
 
@@ -345,13 +349,21 @@ def _mark_batch_axis(t: TensorInfo, batch: str | None) -> None:
 
 
 def _measured_info(
-    name: str, inferred: TensorInfo | None, a: np.ndarray, b: np.ndarray, batch: str | None
+    name: str,
+    inferred: TensorInfo | None,
+    a: np.ndarray,
+    b: np.ndarray,
+    batch: str | None,
+    value_shaped: bool = False,
 ) -> TensorInfo:
     """A tensor's type from two trial runs: ``a`` at batch 1 and ``b`` at batch 2 where the batch (named
     ``batch``) is free, else two samples at the fixed shape. What inference knew for sure stays: numbers
     and the inputs' own symbols. A leading dim that doubles with the batch is the batch times its rows per
     sample (``batch*16``: a [batch·seq, hidden] reshape), another that goes from 1 to 2 is the batch; any
-    other dim that differs stays free."""
+    other dim that differs stays free. Where the shape may follow the input's values (``value_shaped``:
+    after NonZero, Compress, NonMaxSuppression...) a size the runs agree on proves nothing (both kept no
+    row, or every row) and stays free, each its own: a plan fixed the rows its trial happened to keep, and
+    refused every request that kept another number."""
     elem = helper.np_dtype_to_tensor_dtype(a.dtype)
     if a.ndim != b.ndim:
         return TensorInfo(name, elem, None)
@@ -362,6 +374,8 @@ def _measured_info(
         kept = known[k] if known is not None else None
         if isinstance(kept, int) or (kept is not None and kept == batch):
             dims.append(kept)
+        elif value_shaped:
+            dims.append(None)
         elif da == db:
             dims.append(int(da))
         elif k == 0 and batch is not None and db == 2 * da:
