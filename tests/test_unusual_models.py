@@ -2453,3 +2453,27 @@ def test_rows_the_data_keeps_behind_an_op_inference_cannot_follow_are_left_free_
                 assert got.outputs[0].shape == (int((x.max(axis=1) > 3.0).sum()), 4)
     finally:
         srv.stop()
+
+
+def test_a_leading_dimension_named_for_a_length_is_said_to_be_taken_as_the_batch(tmp_path, caplog):
+    """Every symbolic leading dimension is the batch, sized 1 in the samples: an attention over x[L, 64]
+    was costed at L = 1 (its cuts ranked upside down), and nothing said so."""
+    import logging
+
+    def model(lead: str) -> str:
+        nodes = [helper.make_node("Relu", ["x"], ["y"])]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [lead, 64])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [lead, 64])
+        return _save(_tiny(nodes, [x], [y], name=lead), tmp_path / f"{lead}.onnx")
+
+    with caplog.at_level(logging.WARNING, logger="splitpoint.model"):
+        for lead in ("L", "seq_len", "num_boxes", "batch", "N", "batch_size"):
+            open_model(model(lead))
+        said = [r.getMessage() for r in caplog.records if "taken as the batch" in r.getMessage()]
+        assert len(said) == 3 and all("--input-shape x:200x64" in m for m in said), said
+        assert [m.split("dimension '")[1].split("'")[0] for m in said] == ["L", "seq_len", "num_boxes"]
+        open_model(model("L"))  # once per model and input, not at every load
+        assert len([r for r in caplog.records if "taken as the batch" in r.getMessage()]) == 3
+        caplog.clear()
+        open_model(model("L"), {"x": (200, 64)})  # a size given: nothing to say
+    assert not caplog.records

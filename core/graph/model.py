@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,38 @@ from .index import GraphIndex, dtype_name
 from .shapes import InputShapes, apply_input_shapes, declared_shapes
 
 log = logging.getLogger("splitpoint.model")
+
+# a leading dimension named for what a batch is not: a length, a count of boxes or points, a size
+_NOT_A_BATCH = re.compile(
+    r"seq|len|time|token|step|frame|word|char|box|point|node|edge|height|width|^[LTHW]$|^num_", re.IGNORECASE
+)
+_SAID_NOT_A_BATCH: set[tuple[str, str]] = set()
+
+
+def say_if_not_a_batch(model: onnx.ModelProto, where: str) -> None:
+    """Every symbolic leading dimension is taken as the batch (a sample is one row of it: profiles,
+    fidelity and bytes per sample count one): one named for a length or a count is said so, once, with
+    the way to give its size (an attention over ``x[L, 64]`` was costed at L = 1, its ranking of cuts
+    inverted)."""
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim if i.type.HasField("tensor_type") else []
+        if not dims or not dims[0].dim_param:
+            continue
+        name = dims[0].dim_param
+        if "batch" in name.lower() or not _NOT_A_BATCH.search(name) or (where, i.name) in _SAID_NOT_A_BATCH:
+            continue
+        _SAID_NOT_A_BATCH.add((where, i.name))
+        rest = "".join(f"x{d.dim_value}" if d.dim_value > 0 else f"x{d.dim_param or '?'}" for d in dims[1:])
+        log.warning(
+            "%s: input %s's leading dimension %r is taken as the batch (one sample is one row of it, and "
+            "samples are made with one); if it is a length or a count, give the size to plan for, e.g. "
+            "--input-shape %s:200%s",
+            where,
+            i.name,
+            name,
+            i.name,
+            rest,
+        )
 
 
 @dataclass
@@ -206,6 +239,7 @@ def open_model(
     check_interface(model, str(path))
     check_operators(model, str(path))
     model = apply_input_shapes(model, shapes, where=str(path))
+    say_if_not_a_batch(model, str(path))
     if model.graph.value_info:
         # the exporter's shapes for intermediate tensors, often traced at another input and stale: the
         # index never reads them, and onnxruntime trusts them, so a session of the file computed a
