@@ -26,7 +26,7 @@ from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .chain import ANY, BUSY, EMPTY, INF, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
 from .fidelity import FidelityReport, compare_outputs, task_report, warn_if_constant
-from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of
+from .planner import RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of, output_bytes
 
 CHAIN_CODECS = ["float32", "float16", "int8", "int8+zstd"]
 
@@ -135,7 +135,7 @@ def gather_chain(
     dec = _codec_ms(profiles, devices, codecs, f32, "decode_mb_s") + recv
     w = weight_bytes_by_prefix(idx)
     weights = np.array([0, *[w[k - 1] for k in positions[1:]]], float)
-    reply = sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES
+    reply = output_bytes(idx, sizes, idx.outputs) + REPLY_OVERHEAD_BYTES
     costs = ChainCosts(
         tuple(devices),
         tuple(link_of(net) for net in networks),
@@ -552,7 +552,8 @@ def plan_dict(m: ChainMeasurements, p: ChainPlan) -> dict:
             "hop_bytes": "measured: the encoded cut tensor on the samples",
             "reply_bytes": "not counted: one device sends nothing"
             if len(used) == 1
-            else "derived: the outputs at their declared sizes, and a 128-byte header",
+            else "derived: the outputs at their declared sizes (measured on the samples where none is "
+            "declared), and a 128-byte header",
             "memory_bytes": "derived from the profiles' measured memory",
             "fidelity": "measured" if p.fidelity is not None else "not measured",
         },

@@ -136,7 +136,8 @@ class Candidate:
             "encode_ms": "derived: bytes / the edge's measured codec speed",
             "decode_ms": "derived: bytes / the server's measured codec speed",
             "up_bytes": "measured: the encoded cut tensor on the samples",
-            "down_bytes": "derived: the reply's tensors at their declared sizes, and a 128-byte header",
+            "down_bytes": "derived: the reply's tensors at their declared sizes (measured on the samples "
+            "where none is declared), and a 128-byte header",
             "bytes_per_inference": "up_bytes + down_bytes",
             "edge_memory_bytes": "from the edge profile (each cut's memory_source says how)",
             "fidelity": "measured" if i.fidelity is not None else "not measured",

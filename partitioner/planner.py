@@ -12,7 +12,7 @@ optimistic front is dominated whatever its true fidelity, so the final front is 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ import onnx
 
 from splitpoint.core.codecs import Codec, applied, applied_to, decode, encode, encoded_size
 from splitpoint.core.errors import ProfileError
-from splitpoint.core.graph import ModelHandle
+from splitpoint.core.graph import GraphIndex, ModelHandle
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
 from splitpoint.core.plan import EDGE_ONLY, SERVER_ONLY, SPLIT
@@ -94,10 +94,14 @@ def encoded_sizes(
     sess = make_session(m)
     out_names = [o.name for o in sess.get_outputs()]
     seen: dict[str, dict[str, list[int]]] = {n: {c: [] for c in [*codecs, RAW]} for n in names}
+    replied = [o for o in idx.outputs if o not in seen]  # sent back raw: their own bytes only
+    seen.update({o: {RAW: []} for o in replied})
     parsed = [(c, Codec.parse(c)) for c in codecs]
     for s in samples:
         vals = dict(zip(out_names, sess.run(out_names, s), strict=True))
         vals.update(s)
+        for o in replied:
+            seen[o][RAW].append(np.asarray(vals[o]).nbytes)
         for n in names:
             v = np.asarray(vals[n])
             # an index or mask tensor goes exact under every codec: sized once per lossless stage, not
@@ -111,6 +115,17 @@ def encoded_sizes(
             seen[n][RAW].append(v.nbytes)
         del vals
     return {n: {c: int(statistics.median(b)) for c, b in by.items()} for n, by in seen.items()}
+
+
+def output_bytes(idx: GraphIndex, sizes: dict[str, dict[str, int]], outputs: Iterable[str]) -> int:
+    """The model outputs' bytes per sample as the reply carries them: at their declared sizes, and as
+    measured on the samples where no size is declared (a detector's kept boxes, a Resize to scales an
+    input gives), which counted as 0 bytes (a 4 MiB reply left out of the latency)."""
+    total = 0
+    for o in outputs:
+        declared = idx.tensor(o).bytes_per_sample()
+        total += declared if declared is not None else sizes.get(o, {}).get(RAW, 0)
+    return total
 
 
 def _speed(profile: MeasuredProfile, codec: str, what: str, where: str) -> float:
@@ -412,18 +427,17 @@ def gather(
     for c in codecs:
         Codec.parse(c)
     idx = handle.index
-    reply = {0: sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs) + REPLY_OVERHEAD_BYTES}
+    sizes = encoded_sizes(handle, samples, codecs)
+    reply = {0: output_bytes(idx, sizes, idx.outputs) + REPLY_OVERHEAD_BYTES}
     for cut in handle.cuts():
-        reply[cut.k] = (
-            sum(idx.tensor(o).bytes_per_sample() or 0 for o in idx.outputs if o not in cut.head_outputs)
-            + REPLY_OVERHEAD_BYTES
-        )
+        tail_outputs = [o for o in idx.outputs if o not in cut.head_outputs]
+        reply[cut.k] = output_bytes(idx, sizes, tail_outputs) + REPLY_OVERHEAD_BYTES
     return Measurements(
         handle,
         edge,
         server,
         codecs,
-        encoded_sizes(handle, samples, codecs),
+        sizes,
         reply,
         samples,
         int8_heads=int8_heads,

@@ -510,3 +510,39 @@ def test_a_plan_labels_each_figure_measured_or_derived(setup):
         if c.inp.kind != "edge-only":
             assert labels["edge_runtime_ms"] == labels["server_runtime_ms"] == RUNTIME_NOT_MEASURED
     assert seen == {"measured", "interpolated"}
+
+
+def test_an_output_whose_size_follows_an_input_s_values_is_costed_as_measured(tmp_path):
+    """A Resize to scales an input gives declares no output size: the reply counted 0 bytes (a 4 MiB
+    output left out of every candidate's latency); it is measured on the samples, as the cut tensors are."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from splitpoint.partitioner.planner import encoded_sizes, output_bytes
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Resize", ["r", "", "scales"], ["y"], mode="nearest"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "resize",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "H", "W"])],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "resize.onnx"
+    onnx.save(m, path)
+    h = open_model(path)
+    rng = np.random.default_rng(0)
+    samples = [
+        {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "scales": np.array(s, np.float32)}
+        for s in ([1, 1, 4, 4], [1, 1, 8, 8], [1, 1, 4, 4])
+    ]
+    assert h.index.tensor("y").bytes_per_sample() is None  # nothing declared to count
+    sizes = encoded_sizes(h, samples, ["float32"])
+    assert output_bytes(h.index, sizes, h.index.outputs) == 3 * 32 * 32 * 4  # the median sample's
