@@ -1199,4 +1199,26 @@ def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict,
     conflict = runner.symbol_conflict(feeds)
     if conflict is not None:
         raise wire.WireError(wire.E_BAD_TENSOR, f"{conflict}: the tensors sent must agree on it")
-    return runner.run(feeds)
+    try:
+        return runner.run(feeds)
+    except Exception as exc:
+        # onnxruntime refusing what it was fed (InvalidArgument), or failing in a node on a tensor some of
+        # whose sizes the plan leaves free (behind a Resize to scales the input gave: 5 channels where
+        # the tail's Conv takes 8), is the sender's tensor, not a failure of the server: ``bad-tensor``
+        loose = sorted(n for n in feeds if _unfixed(runner, n))
+        if type(exc).__module__.startswith("onnxruntime") and (
+            type(exc).__name__ == "InvalidArgument" or loose
+        ):
+            where = f" (the plan leaves sizes of {', '.join(loose)} free)" if loose else ""
+            said = " ".join(str(exc).split())[:300]
+            raise wire.WireError(
+                wire.E_BAD_TENSOR, f"stage {runner.index} cannot run on the tensors sent{where}: {said}"
+            ) from exc
+        raise
+
+
+def _unfixed(runner: StageRunner, name: str) -> bool:
+    """Whether the plan leaves a size of received tensor ``name`` free (a symbol, unknown) or its rank."""
+    expect = getattr(runner, "expect", {}).get(name)
+    shape = expect[1] if expect is not None else None
+    return shape is None or any(type(d) is not int for d in shape)
