@@ -678,6 +678,12 @@ def test_a_symbol_given_for_one_input_fixes_it_in_the_others():
         apply_input_shapes(m, {"x": [KEEP, 12, 4]})
     with pytest.raises(ModelError, match="x keeps dimension 'batch' free, but --input-shape h gives it 2"):
         apply_input_shapes(m, {"x": [KEEP, 12, 4], "h": [2, 2, 3]})
+    # a sequence length left free (x:?x?x4 as the hint shows it, ? kept): that case, not the first one,
+    # which named 'seq' x's first dimension and a later one of another input
+    with pytest.raises(ModelError) as refused:
+        apply_input_shapes(m, {"x": [1, KEEP, 4], "h": [2, 1, 3]})
+    said = str(refused.value)
+    assert "left a dimension past the batch unknown" in said and "is the first dimension" not in said, said
 
 
 def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):

@@ -84,6 +84,7 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
     out.CopyFrom(model)
     symbols: dict[str, tuple[int, str]] = {}  # a symbol given a size: it, and the input whose option gave it
     kept_free: dict[str, str] = {}  # a symbol an option left free (N): the input whose option kept it
+    kept_first: dict[str, str] = {}  # of those, the ones left free as an input's first dimension
     name_anonymous_dims(out)
     for vi in out.graph.input:
         if vi.name not in shapes:
@@ -98,10 +99,12 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             if isinstance(h, int) and h >= 0 and h != w and w != KEEP:
                 raise ModelError(f"input {vi.name!r} has dimension {k} fixed at {h}; --input-shape gives {w}")
         dims = vi.type.tensor_type.shape.dim
-        for d, w in zip(dims, want, strict=True):
+        for k, (d, w) in enumerate(zip(dims, want, strict=True)):
             if w == KEEP:
                 if d.HasField("dim_param"):
                     kept_free.setdefault(d.dim_param, vi.name)
+                    if k == 0:
+                        kept_first.setdefault(d.dim_param, vi.name)
                 continue
             if d.HasField("dim_param"):
                 # one symbol is one size: two inputs that share it given two sizes cannot both hold
@@ -156,10 +159,12 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             missing.append((vi.name, free, f"--input-shape {vi.name}:{example}"))
     if missing:
         hint = "(each ? a size; N keeps the batch free, or give it)"
-        held = sorted({d for _, free, _ in missing for d in free} & set(kept_free))
+        # (a symbol kept free past the first dimension is the case said below, not this one: x:Nx?x64 for
+        # x[batch, seq, 64] was told seq was x's first dimension and a later one of another input)
+        held = sorted({d for _, free, _ in missing for d in free} & set(kept_first))
         if held:
             hint += "; " + "; ".join(
-                f"{sym!r} is the first dimension of {kept_free[sym]}, kept free, and a later one of another "
+                f"{sym!r} is the first dimension of {kept_first[sym]}, kept free, and a later one of another "
                 "input: only a first dimension may stay free, so give it a size in both"
                 for sym in held
             )
