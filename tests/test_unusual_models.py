@@ -2483,3 +2483,43 @@ def test_a_leading_dimension_named_for_a_length_is_said_to_be_taken_as_the_batch
         caplog.clear()
         open_model(model("L"), {"x": (200, 64)})  # a size given: nothing to say
     assert not caplog.records
+
+
+def test_what_follows_a_branch_keeps_the_batch_and_sizes_trial_runs_measure(tmp_path):
+    """A branch's outputs keep the shapes its bodies give: after an If and an op inference cannot follow
+    (com.microsoft Gelu), a tensor two trials measure at [1, 16] and [2, 16] is Nx16 (64 bytes a sample),
+    not of unknown size, which left it out of MACs, memory and the server's shape checks."""
+    w = numpy_helper.from_array(np.ones((16, 16), np.float32) * 0.1, "w")
+    then_g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", 1, None)],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", 1, None)]
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "z"], ["c"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("MatMul", ["y", "w"], ["a"]),
+        helper.make_node("Gelu", ["a"], ["g"], domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "w"], ["o"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "branch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["N", 16])],
+        [w, numpy_helper.from_array(np.array(0, np.float32), "z")],
+    )
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    )
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "branch.onnx")
+    h = open_model(tmp_path / "branch.onnx")
+    after_gelu = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["g"])
+    assert (after_gelu.crossing[0].shape, after_gelu.crossing[0].bytes_per_sample) == ("Nx16", 64)
+    assert after_gelu.head_macs == 256 and after_gelu.total_macs == 512

@@ -24,6 +24,7 @@ from splitpoint.core.weights import stub, with_stubs
 
 # ops whose output shape follows their input's values: the count of what they find or keep, a branch taken
 VALUE_SHAPED_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress", "If", "Loop", "Scan"})
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 # ops whose output shape is set by the values of inputs other than their data (a target shape, repeats,
 # starts and ends, sizes, axes), and which of their inputs are data (by position; default the first)
 SHAPE_INPUT_OPS = frozenset(
@@ -235,8 +236,18 @@ class GraphIndex:
     @cached_property
     def _value_shaped(self) -> set[str]:
         """Tensors whose shape may follow the input's values, not only its shape (NonZero's count, what
-        NonMaxSuppression keeps, a Reshape to a shape computed from data, and everything after them): two
-        trial runs that happen to agree on such a size prove nothing, so it stays free."""
+        NonMaxSuppression keeps, a Reshape to a shape computed from data, a branch or a loop, and
+        everything after them): two trial runs that happen to agree on such a size prove nothing, so it
+        stays free."""
+        return self._shaped_by_values(VALUE_SHAPED_OPS)
+
+    @cached_property
+    def _rows_follow_values(self) -> set[str]:
+        """As ``_value_shaped``, less what follows a branch or a loop alone: their outputs keep the shapes
+        their bodies give (a batch among them), which trial runs measure like any other."""
+        return self._shaped_by_values(VALUE_SHAPED_OPS - CONTROL_FLOW_OPS)
+
+    def _shaped_by_values(self, sources: frozenset[str]) -> set[str]:
         data = set(self.inputs)  # values that follow the inputs' values
         shaped: set[str] = set()
         for p, n in enumerate(self.nodes):
@@ -249,7 +260,7 @@ class GraphIndex:
                 i for k, i in enumerate(n.input) if i and k not in _DATA_INPUTS.get(n.op_type, (0,))
             ]
             if (
-                n.op_type in VALUE_SHAPED_OPS
+                n.op_type in sources
                 or any(i in shaped for i in ins)
                 or (n.op_type in SHAPE_INPUT_OPS and any(i in data for i in shape_from))
             ):
@@ -336,7 +347,12 @@ class GraphIndex:
                 self.non_tensor.add(name)  # a sequence or a map, returned as a list or a dict
                 continue
             self.info[name] = _measured_info(
-                name, self.info.get(name), a, b, batch if free_batch else None, name in self._value_shaped
+                name,
+                self.info.get(name),
+                a,
+                b,
+                batch if free_batch else None,
+                name in self._rows_follow_values,
             )
             _mark_batch_axis(self.info[name], self.batch_symbol)
 
