@@ -128,16 +128,16 @@ def read_document(
     line naming the file for each way it can be wrong: nothing but a regular file is opened (a device
     was read until memory ran out, a pipe waited for ever) and nothing past ``limit`` is read."""
     shown = shown or str(path)
-    if not path.is_file():
-        what = (
-            f"is a directory, not a {noun} file"
-            if path.is_dir()
-            else "is not a regular file"
-            if path.exists()
-            else "not found"
-        )
-        raise error(f"{noun} file {what}: {shown}")
-    try:
+    try:  # a folder on the way that cannot be searched raises here (EACCES), not only in the read
+        if not path.is_file():
+            what = (
+                f"is a directory, not a {noun} file"
+                if path.is_dir()
+                else "is not a regular file"
+                if path.exists()
+                else "not found"
+            )
+            raise error(f"{noun} file {what}: {shown}")
         raw, size = read_at_most(path, limit)
     except OSError as exc:
         raise error(f"cannot read {noun} file {shown}: {exc.strerror}") from exc
