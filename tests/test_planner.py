@@ -516,11 +516,14 @@ def test_an_output_whose_size_follows_an_input_s_values_is_costed_as_measured(tm
     """A Resize to scales an input gives declares no output size: the reply counted 0 bytes (a 4 MiB
     output left out of every candidate's latency); it is measured on the samples, as the cut tensors are."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    from splitpoint.partitioner.planner import encoded_sizes, output_bytes
+    from splitpoint.partitioner.planner import REPLY_OVERHEAD_BYTES, encoded_sizes, output_bytes
 
-    nodes = [
+    nodes = [  # spatial scales 1 + |s|: any sample's values give a size (random ones too, as profiled)
+        helper.make_node("Abs", ["s"], ["abs"]),
+        helper.make_node("Add", ["abs", "one"], ["hw"]),
+        helper.make_node("Concat", ["one", "hw"], ["scales"], axis=0),
         helper.make_node("Relu", ["x"], ["r"]),
         helper.make_node("Resize", ["r", "", "scales"], ["y"], mode="nearest"),
     ]
@@ -529,9 +532,10 @@ def test_an_output_whose_size_follows_an_input_s_values_is_costed_as_measured(tm
         "resize",
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
-            helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [2]),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "H", "W"])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "one")],
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -540,9 +544,14 @@ def test_an_output_whose_size_follows_an_input_s_values_is_costed_as_measured(tm
     h = open_model(path)
     rng = np.random.default_rng(0)
     samples = [
-        {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "scales": np.array(s, np.float32)}
-        for s in ([1, 1, 4, 4], [1, 1, 8, 8], [1, 1, 4, 4])
+        {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "s": np.array(s, np.float32)}
+        for s in ([3, 3], [7, 7], [3, 3])
     ]
     assert h.index.tensor("y").bytes_per_sample() is None  # nothing declared to count
     sizes = encoded_sizes(h, samples, ["float32"])
     assert output_bytes(h.index, sizes, h.index.outputs) == 3 * 32 * 32 * 4  # the median sample's
+    # as the planner counts every candidate's reply: the server-only one's, and each cut's
+    edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=5))
+    server = profile_model(h, ProfileSettings(role="server", threads=1, budget=5))
+    m = gather(h, edge, server, samples, ["float32"])
+    assert set(m.reply_bytes.values()) == {3 * 32 * 32 * 4 + REPLY_OVERHEAD_BYTES}, m.reply_bytes
