@@ -179,9 +179,18 @@ def test_a_reply_lost_with_an_interrupted_infer_does_not_hold_the_window(plans, 
                 c._conn._sock.recv_multipart()
             raise KeyboardInterrupt
 
-        c._conn.receive = interrupted
-        with pytest.raises(KeyboardInterrupt):
-            c.infer(x(), timeout=10)
+        # the caller reads its own reply while no other reply is owed; the background thread reads it
+        # instead now and then (a ping answered at that moment), and then nothing was interrupted: the
+        # case is played until the caller's read is the one interrupted
+        for _ in range(10):
+            c._conn.receive = interrupted
+            try:
+                c.infer(x(), timeout=10)
+            except KeyboardInterrupt:
+                break
+            c._conn.receive = real
+        else:
+            pytest.fail("in 10 requests the caller never read its own reply")
         t0 = time.monotonic()
         assert not c.infer(x(), timeout=30).fallback
         assert time.monotonic() - t0 < 3  # was the lost reply's 4 × timeout_s
@@ -276,7 +285,8 @@ def test_a_request_s_total_counts_its_wait_for_room_in_the_window(plans, server)
     assert len(own) == 8
     for took, total in own:  # the caller's clock also counts handing it the result (a thread's wake-up)
         assert total <= took + 0.5, own
-    # before, each total was one request's time (~2 ms) while the callers' grew to ~30: here they track
-    # the callers' clocks, less the wake-ups of eight threads on a busy machine
-    assert sum(t for _, t in own) >= 0.6 * sum(k for k, _ in own), own
-    assert max(t for _, t in own) >= 0.6 * max(k for k, _ in own), own
+    # before, each total was one request's time (~2 ms) while the callers' grew to ~30 (about 0.12 of
+    # theirs in sum): here they track the callers' clocks, less the wake-ups of eight threads, which on a
+    # loaded machine took up to half of them
+    assert sum(t for _, t in own) >= 0.35 * sum(k for k, _ in own), own
+    assert max(t for _, t in own) >= 0.35 * max(k for k, _ in own), own
