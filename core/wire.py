@@ -377,6 +377,26 @@ def router(ctx: zmq.Context) -> zmq.Socket:
     return sock
 
 
+def dealer(
+    ctx: zmq.Context, max_message_bytes: int, heartbeat_s: float, timeout_s: float, ttl_s: float
+) -> zmq.Socket:
+    """A DEALER to the next hop (an edge's to its server, a relay's to the next stage): nothing queued
+    towards a peer that is not connected (a request then fails at once, explicitly), redialled with
+    backoff (0.1 s doubling to 2 s), messages past ``max_message_bytes`` refused, and ZMTP heartbeats: a
+    ping every ``heartbeat_s``, the connection dropped after ``timeout_s`` without an answer, and the
+    peer told to drop it after ``ttl_s`` without one from here."""
+    s = tune(ctx.socket(zmq.DEALER))
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.setsockopt(zmq.RECONNECT_IVL, 100)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    s.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_s * 1000))
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(timeout_s * 1000))
+    s.setsockopt(zmq.HEARTBEAT_TTL, int(ttl_s * 1000))
+    return s
+
+
 def send(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
     """``sock.send_multipart(frames, flags, copy=False)``, without pyzmq's per-frame overhead. As there,
     a multipart message is queued whole or not at all (``zmq.Again`` only for the first frame)."""

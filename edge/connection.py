@@ -42,25 +42,23 @@ class Connection:
     def _open(self) -> tuple[zmq.Socket, zmq.Socket, int]:
         """A new DEALER to the server, its monitor socket and its ``ZMQ_FD``."""
         config = self._config
-        s = wire.tune(self._ctx.socket(zmq.DEALER))
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a server that is not connected
-        s.setsockopt(zmq.RECONNECT_IVL, 100)  # reconnect with backoff: 0.1 s doubling to 2 s
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
-        s.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_s * 1000))
         # silence after a ping drops the connection, but not before a request could be answered: on a slow
         # uplink the ping waits behind the payloads queued there (bounded by --timeout, past which the
         # client sends none), and at dead_after_s alone a queue of two 49 KB requests on a link of a few
         # hundred kbit/s dropped a live connection with both in flight
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(config.dead_after_s, config.timeout_s) * 1000))
-        s.setsockopt(zmq.HEARTBEAT_TTL, int(config.dead_after_s * 1000))
+        s = wire.dealer(
+            self._ctx,
+            config.max_message_bytes,
+            config.heartbeat_s,
+            max(config.dead_after_s, config.timeout_s),
+            config.dead_after_s,
+        )
         if config.curve_server_key:
             public, secret = config.curve_keypair or zmq.curve_keypair()
             s.curve_serverkey, s.curve_publickey, s.curve_secretkey = config.curve_server_key, public, secret
         monitor = s.get_monitor_socket(UP_EVENTS | DOWN_EVENTS)
         endpoints.connect(s, config.server)
-        return s, monitor, s.getsockopt(zmq.FD)
+        return s, monitor, int(s.getsockopt(zmq.FD))
 
     def reopen(self) -> None:
         """Dial again on a new socket: libzmq never does after a refused handshake (``curve.GAVE_UP``).

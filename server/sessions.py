@@ -29,7 +29,8 @@ from splitpoint.core.machine import trim_heap
 # sessions for a while otherwise keeps their memory at its peak for good
 TRIM_AFTER_BYTES = 64 << 20
 
-# a gap between two looks for idle sessions longer than this: the server itself did not run meanwhile
+# a turn of the server's loop this much longer than it waited for messages and computed: the server
+# itself did not run meanwhile
 STALLED_S = 2.0
 
 # (the client's routing identity, the server's file descriptor for its connection or None where libzmq does
@@ -57,7 +58,6 @@ class DecoderSessions:
         self.expired = 0
         self.dropped = 0  # freed because their connection closed
         self._next_sweep = 0.0
-        self._last_look: float | None = None  # when ``sweep`` was last called
         self._freed = 0  # cache bytes freed since the heap was last trimmed
 
     def __len__(self) -> int:
@@ -141,6 +141,13 @@ class DecoderSessions:
         self.dropped += len(gone)
         return len(gone)
 
+    def stalled(self, seconds: float) -> None:
+        """The server did not run for ``seconds`` (its process stopped or suspended, a machine asleep):
+        that time is no client's idleness. After a resume, whether a session its client went on using
+        outlived it was a race between the client's step and the first sweep."""
+        for s in self._s.values():
+            s.last_used += seconds
+
     @property
     def due(self) -> bool:
         """Whether ``sweep`` has work: sessions that may expire, or freed caches' memory to hand back
@@ -150,15 +157,6 @@ class DecoderSessions:
     def sweep(self, now: float | None = None) -> int:
         """Free the sessions idle longer than ``idle_s`` (at most once a second); how many were freed."""
         now = time.monotonic() if now is None else now
-        before, self._last_look = self._last_look, now
-        if before is not None and now - before > STALLED_S:
-            # the server's loop did not run (the process stopped or suspended, a machine asleep): that
-            # time is no client's idleness; after a resume, whether a session its client went on with
-            # outlived it was a race between the client's step and this sweep (a session begun since the
-            # last look, with none to look at before it, was not idle across the gap)
-            for s in self._s.values():
-                if s.last_used <= before:
-                    s.last_used += now - before
         if now < self._next_sweep:
             return 0
         self._next_sweep = now + min(1.0, self.idle_s / 2)

@@ -46,6 +46,7 @@ from splitpoint.core.handoff import Handoff
 from splitpoint.core.runner import (
     Expect,
     StageRunner,
+    input_shapes,
     mismatch,
     output_expects,
     stage_shapes,
@@ -56,7 +57,7 @@ from splitpoint.core.telemetry import Telemetry
 
 from .config import ServerConfig
 from .registry import Entry, PlanRegistry
-from .sessions import DecoderSessions, Key
+from .sessions import STALLED_S, DecoderSessions, Key
 
 log = logging.getLogger("splitpoint.server")
 RCVHWM = 1000  # messages ZeroMQ queues per peer before TCP pushes back (replies, a relay's sends)
@@ -372,18 +373,10 @@ class TailServer:
         """The relay's DEALER to the next stage: no queueing towards a stage that is not connected
         (a request then fails at once, explicitly), ZMTP heartbeats, and a monitor for disconnects."""
         c = self.config
-        s = wire.tune(self._ctx.socket(zmq.DEALER))
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IMMEDIATE, 1)
-        s.setsockopt(zmq.RECONNECT_IVL, 100)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        s.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
+        s = wire.dealer(self._ctx, c.max_message_bytes, c.heartbeat_s, c.dead_after_s, c.dead_after_s)
         # one above the forwarded limit, which is the one that binds: libzmq's own count refused the 64th
         # large request (63 taken behind a stalled stage), whose busy reply then said 64
         s.setsockopt(zmq.SNDHWM, NEXT_SNDHWM + 1)
-        s.setsockopt(zmq.HEARTBEAT_IVL, int(c.heartbeat_s * 1000))
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(c.dead_after_s * 1000))
-        s.setsockopt(zmq.HEARTBEAT_TTL, int(c.dead_after_s * 1000))
         if c.next_curve_server_key:
             secret = c.curve_secret_key
             public, secret = (zmq.curve_public(secret), secret) if secret else zmq.curve_keypair()
@@ -471,6 +464,7 @@ class TailServer:
             poller.register(monitor, zmq.POLLIN)
         next_metrics = time.monotonic()
         drain_until: float | None = None
+        ran = (time.monotonic(), time.process_time())  # the loop's last turn: wall clock, CPU spent
         while True:
             if self._stop.is_set():
                 # stopping: what was taken is answered (new requests are refused meanwhile, as
@@ -532,6 +526,13 @@ class TailServer:
                 self._flush_parked(router)
             if self._fwd:
                 self._expire(router, time.perf_counter())
+            # a turn far longer than its wait for messages (0.1 s at most) and the CPU it spent: the process
+            # did not run (SIGSTOP, a suspended machine), which is no decoder session's idleness, while
+            # work however long is. Looked at before the sweep, after a resumed client's step was read
+            now, cpu = time.monotonic(), time.process_time()
+            if (stopped := (now - ran[0]) - (cpu - ran[1]) - 0.1) > STALLED_S and len(self.sessions):
+                self.sessions.stalled(stopped)
+            ran = (now, cpu)
             if self.sessions.due:
                 self.sessions.sweep()
             if self.telemetry and time.monotonic() >= next_metrics:
@@ -1203,22 +1204,24 @@ def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict,
         return runner.run(feeds)
     except Exception as exc:
         # onnxruntime refusing what it was fed (InvalidArgument), or failing in a node on a tensor some of
-        # whose sizes the plan leaves free (behind a Resize to scales the input gave: 5 channels where
-        # the tail's Conv takes 8), is the sender's tensor, not a failure of the server: ``bad-tensor``
-        loose = sorted(n for n in feeds if _unfixed(runner, n))
-        if type(exc).__module__.startswith("onnxruntime") and (
-            type(exc).__name__ == "InvalidArgument" or loose
-        ):
-            where = f" (the plan leaves sizes of {', '.join(loose)} free)" if loose else ""
-            said = " ".join(str(exc).split())[:300]
-            raise wire.WireError(
-                wire.E_BAD_TENSOR, f"stage {runner.index} cannot run on the tensors sent{where}: {said}"
-            ) from exc
+        # whose sizes the plan could not know (behind a Resize to scales the input gave: 5 channels where
+        # the tail's Conv takes 8), is the sender's tensor, not a failure of the server: ``bad-tensor``.
+        # A symbol of the model's inputs (the batch) is checked before the run, unlike one shape inference
+        # invented (unk__3) for a size it could not follow; memory running out is the server's
+        said = " ".join(str(exc).split())
+        if type(exc).__module__.startswith("onnxruntime") and "alloc" not in said.lower():
+            known = stage_shapes(runner.plan, runner.index)
+            named = {d for shape in input_shapes(runner.plan).values() for d in shape if isinstance(d, str)}
+            loose = sorted(
+                n
+                for n in feeds
+                if n not in known
+                or any(d is None or (isinstance(d, str) and d not in named) for d in known[n])
+            )
+            if type(exc).__name__ == "InvalidArgument" or loose:
+                where = f" (the plan does not know every size of {', '.join(loose)})" if loose else ""
+                raise wire.WireError(
+                    wire.E_BAD_TENSOR,
+                    f"stage {runner.index} cannot run on the tensors sent{where}: {said[:300]}",
+                ) from exc
         raise
-
-
-def _unfixed(runner: StageRunner, name: str) -> bool:
-    """Whether the plan leaves a size of received tensor ``name`` free (a symbol, unknown) or its rank."""
-    expect = getattr(runner, "expect", {}).get(name)
-    shape = expect[1] if expect is not None else None
-    return shape is None or any(type(d) is not int for d in shape)

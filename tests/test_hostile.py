@@ -864,7 +864,43 @@ def test_a_tensor_the_plan_cannot_size_that_the_tail_cannot_run_is_the_senders_e
         wrong = [encode(np.ones((1, 5, 8, 8), np.float32), "float32")]
         reply = _ask(s, wire.Message(wire.INFER, 1, plan.plan_id, ["up"], frames=wrong).to_frames())
         assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_BAD_TENSOR, reply.meta
-        assert "the plan leaves sizes of up free" in reply.meta["message"], reply.meta
+        assert "the plan does not know every size of up" in reply.meta["message"], reply.meta
         right = [encode(np.ones((1, 8, 6, 6), np.float32), "float32")]
         reply = _ask(s, wire.Message(wire.INFER, 2, plan.plan_id, ["up"], frames=right).to_frames())
         assert reply.type == wire.RESULT and reply.frames
+
+
+def test_a_stage_failing_where_the_plan_knows_every_size_is_the_servers_failure(tmp_path, monkeypatch):
+    """Only a tensor whose sizes the plan could not know is blamed on its sender: where it knows every
+    size but the batch (checked before the run), onnxruntime failing (memory, a node) is ``internal``."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from splitpoint.core.runner import StageRunner
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])]
+    g = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "pair.onnx"))
+    h = open_model(tmp_path / "pair.onnx")
+    plan = write_plan(h, tmp_path / "plans" / "p", cut=h.cuts()[0])
+    real_run = StageRunner.run
+
+    def failing(self, received):
+        if self.index == 1 and received["a"].shape[0] == 3:
+            raise Fail("Non-zero status code returned while running Sigmoid node")
+        return real_run(self, received)
+
+    monkeypatch.setattr(StageRunner, "run", failing)
+    with _served_in_process(tmp_path / "plans") as (srv, s):
+        frames = [encode(np.ones((3, 8), np.float32), "float32")]
+        reply = _ask(s, wire.Message(wire.INFER, 1, plan.plan_id, ["a"], frames=frames).to_frames())
+        assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_INTERNAL, reply.meta
+        frames = [encode(np.ones((2, 8), np.float32), "float32")]
+        reply = _ask(s, wire.Message(wire.INFER, 2, plan.plan_id, ["a"], frames=frames).to_frames())
+        assert reply.type == wire.RESULT
