@@ -408,27 +408,29 @@ def test_tensors_that_disagree_on_their_shared_batch_are_the_senders_error(tmp_p
         assert srv.stats.errors == 1  # the lying request; the other two never reached a tail
 
 
-def test_a_batch_of_one_beside_a_batch_of_two_is_refused_not_broadcast(tmp_path):
-    """The tail adds two cut tensors that share the batch N: onnxruntime would broadcast a batch of 1
-    against 2 and answer; the server refuses the pair as ``bad-tensor`` before running it."""
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Relu", ["x"], ["a"]),
-        helper.make_node("Sigmoid", ["x"], ["b"]),
-        helper.make_node("Add", ["a", "b"], ["y"]),
-    ]
+def _n_by_8(nodes, folder: Path):
+    """A model of ``nodes`` from x[N, 8] to y[N, 8], opened."""
     g = helper.make_graph(
         nodes,
-        "pair",
+        "n-by-8",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    path = tmp_path / "pair.onnx"
-    onnx.save(m, str(path))
-    h = open_model(path)
+    onnx.save(m, str(folder / "n-by-8.onnx"))
+    return open_model(folder / "n-by-8.onnx")
+
+
+def test_a_batch_of_one_beside_a_batch_of_two_is_refused_not_broadcast(tmp_path):
+    """The tail adds two cut tensors that share the batch N: onnxruntime would broadcast a batch of 1
+    against 2 and answer; the server refuses the pair as ``bad-tensor`` before running it."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Sigmoid", ["x"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    h = _n_by_8(nodes, tmp_path)
     cut = next(c for c in h.cuts() if {t.name for t in c.crossing} == {"a", "b"})
     plan = write_plan(h, tmp_path / "plans" / "p", cut=cut)
     with _served_in_process(tmp_path / "plans") as (srv, s):
@@ -877,17 +879,7 @@ def test_a_stage_failing_where_the_plan_knows_every_size_is_the_servers_failure(
 
     from splitpoint.core.runner import StageRunner
 
-    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])]
-    g = helper.make_graph(
-        nodes,
-        "pair",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(tmp_path / "pair.onnx"))
-    h = open_model(tmp_path / "pair.onnx")
+    h = _n_by_8([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])], tmp_path)
     plan = write_plan(h, tmp_path / "plans" / "p", cut=h.cuts()[0])
     real_run = StageRunner.run
 
