@@ -360,6 +360,13 @@ def output_expects(plan: Plan) -> dict[str, OutputExpect]:
     }
 
 
+def received_shape(plan: Plan, stage: int, name: str) -> tuple[int | str | None, ...] | None:
+    """The plan's shape of tensor ``name`` as stage ``stage`` receives it: sizes, symbols, None where a
+    size is unknown; () for a scalar, None where the rank is unknown (or the stage receives no such)."""
+    spec = next((t.shape for t in plan.stages[stage].receives if t.name == name), "?")
+    return None if spec == "?" else _spec_shape(spec)
+
+
 def _spec_shape(shape: str) -> tuple[int | str | None, ...]:
     """A plan's shape string ("Nx64x28x28", "?" unknown) as a shape: sizes, symbols, None where unknown."""
     if not shape or shape == "?":

@@ -49,6 +49,7 @@ from splitpoint.core.runner import (
     input_shapes,
     mismatch,
     output_expects,
+    received_shape,
     stage_shapes,
     symbol_conflict,
 )
@@ -1210,14 +1211,8 @@ def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict,
         # invented (unk__3) for a size it could not follow; memory running out is the server's
         said = " ".join(str(exc).split())
         if type(exc).__module__.startswith("onnxruntime") and "alloc" not in said.lower():
-            known = stage_shapes(runner.plan, runner.index)
             named = {d for shape in input_shapes(runner.plan).values() for d in shape if isinstance(d, str)}
-            loose = sorted(
-                n
-                for n in feeds
-                if n not in known
-                or any(d is None or (isinstance(d, str) and d not in named) for d in known[n])
-            )
+            loose = sorted(n for n in feeds if _unknown_sizes(runner, n, named))
             if type(exc).__name__ == "InvalidArgument" or loose:
                 where = f" (the plan does not know every size of {', '.join(loose)})" if loose else ""
                 raise wire.WireError(
@@ -1225,3 +1220,11 @@ def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict,
                     f"stage {runner.index} cannot run on the tensors sent{where}: {said[:300]}",
                 ) from exc
         raise
+
+
+def _unknown_sizes(runner: StageRunner, name: str, named: set[str]) -> bool:
+    """Whether the plan does not know every size of received tensor ``name``: its rank, a dim, or one
+    given as a symbol shape inference invented (unk__3) rather than one of the model's inputs' (the
+    batch). A scalar's is known."""
+    dims = received_shape(runner.plan, runner.index, name)
+    return dims is None or any(d is None or (isinstance(d, str) and d not in named) for d in dims)

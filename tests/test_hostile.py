@@ -874,13 +874,21 @@ def test_a_tensor_the_plan_cannot_size_that_the_tail_cannot_run_is_the_senders_e
 
 def test_a_stage_failing_where_the_plan_knows_every_size_is_the_servers_failure(tmp_path, monkeypatch):
     """Only a tensor whose sizes the plan could not know is blamed on its sender: where it knows every
-    size but the batch (checked before the run), onnxruntime failing (memory, a node) is ``internal``."""
+    size but the batch (checked before the run), a scalar's included, onnxruntime failing (memory, a
+    node, an input the whole model fails on too) is ``internal``."""
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
     from splitpoint.core.runner import StageRunner
 
-    h = _n_by_8([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])], tmp_path)
-    plan = write_plan(h, tmp_path / "plans" / "p", cut=h.cuts()[0])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),  # a scalar crosses beside a
+        helper.make_node("Sigmoid", ["a"], ["g"]),
+        helper.make_node("Mul", ["g", "m"], ["y"]),
+    ]
+    h = _n_by_8(nodes, tmp_path)
+    cut = next(c for c in h.cuts() if {t.name for t in c.crossing} == {"a", "m"})
+    plan = write_plan(h, tmp_path / "plans" / "p", cut=cut)
     real_run = StageRunner.run
 
     def failing(self, received):
@@ -889,10 +897,11 @@ def test_a_stage_failing_where_the_plan_knows_every_size_is_the_servers_failure(
         return real_run(self, received)
 
     monkeypatch.setattr(StageRunner, "run", failing)
+    scalar = encode(np.array(2.0, np.float32), "float32")
     with _served_in_process(tmp_path / "plans") as (srv, s):
-        frames = [encode(np.ones((3, 8), np.float32), "float32")]
-        reply = _ask(s, wire.Message(wire.INFER, 1, plan.plan_id, ["a"], frames=frames).to_frames())
+        frames = [encode(np.ones((3, 8), np.float32), "float32"), scalar]
+        reply = _ask(s, wire.Message(wire.INFER, 1, plan.plan_id, ["a", "m"], frames=frames).to_frames())
         assert reply.type == wire.ERROR and reply.meta["code"] == wire.E_INTERNAL, reply.meta
-        frames = [encode(np.ones((2, 8), np.float32), "float32")]
-        reply = _ask(s, wire.Message(wire.INFER, 2, plan.plan_id, ["a"], frames=frames).to_frames())
+        frames = [encode(np.ones((2, 8), np.float32), "float32"), scalar]
+        reply = _ask(s, wire.Message(wire.INFER, 2, plan.plan_id, ["a", "m"], frames=frames).to_frames())
         assert reply.type == wire.RESULT
