@@ -87,6 +87,12 @@ def progress(
     if quiet:
         yield lambda *_, **__: None
         return
+    console = on or err
+    if not console.is_terminal:
+        # a log file or a pipe shows no bar (rich draws it only on a terminal): a plan that measured
+        # fidelity for ten minutes printed nothing at all; here a line now and then says where it is
+        yield _progress_lines(label, console)
+        return
     with Progress(
         TextColumn(f"[bold]{label}[/] {{task.description}}"),
         BarColumn(),
@@ -110,6 +116,34 @@ def progress(
             bar.update(task, **fields)
 
         yield note
+
+
+PROGRESS_LINE_EVERY_S = 10.0
+
+
+def _progress_lines(label: str, console: Console) -> Callable[..., None]:
+    """``note(what, done, total)`` as a plain line at most every PROGRESS_LINE_EVERY_S, the first that
+    long after the start (what finishes sooner says nothing), for output that is not a terminal."""
+    t0 = time.monotonic()
+    state: dict[str, Any] = {"what": "", "done": 0, "total": 1, "said": 0.0}
+
+    def note(what: str | None = None, done: int | None = None, total: int | None = None, advance: int = 0):
+        if what is not None:
+            state["what"] = what
+        state["done"] = done if done is not None else state["done"] + advance
+        if total is not None:
+            state["total"] = max(total, 1)
+        now = time.monotonic() - t0
+        if now - state["said"] >= PROGRESS_LINE_EVERY_S:
+            state["said"] = now
+            console.print(
+                f"{label} {state['what']} {state['done']}/{state['total']} ({now:.0f} s)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    return note
 
 
 def table(title: str | None, columns: list[str], rows: list[list[str]], left: int = 1) -> Table:

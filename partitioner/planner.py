@@ -466,17 +466,24 @@ class Decision:
 
 
 def unmeasured_pick(
-    inputs: list[CandidateInput], links: list[Link], constraints: Constraints, floor: float | None
+    inputs: list[CandidateInput],
+    links: list[Link],
+    constraints: Constraints,
+    floor: float | None,
+    count: int = 1,
 ) -> set[tuple]:
     """(cut, head precision, codec) of each link's best candidate by the objective, among those that meet
-    every constraint but fidelity and are not measured below ``floor``, where it is unmeasured."""
+    every constraint but fidelity and are not measured below ``floor``, where it is unmeasured; with
+    ``count``, up to that many of the best, those ahead of the best measured one."""
     rest, key = constraints.without_fidelity(), optimistic_key(constraints)
     need: set[tuple] = set()
     for link in links:
         cands = [evaluate(ci, link) for ci in inputs if not _below(ci, floor)]
-        ok = [c for c in cands if not rest.violations(c)]
-        if ok and (best := min(ok, key=key)).inp.fidelity is None:
-            need.add((best.inp.cut, best.inp.head_weights, best.inp.codec))
+        ok = sorted((c for c in cands if not rest.violations(c)), key=key)
+        for c in ok[:count]:
+            if c.inp.fidelity is not None:
+                break  # measured, at or above the floor: the pick here, whatever follows it
+            need.add((c.inp.cut, c.inp.head_weights, c.inp.codec))
     return need
 
 
@@ -502,8 +509,13 @@ def decide(
     objectives, floor = constraints.objectives(), constraints.min_fidelity
     if constraints.objective == "fidelity":
         floor = None  # fidelity is what is sought: the front weighs it, below the floor too
-    while need := unmeasured_pick(candidate_inputs(m), links, constraints, floor):
+    # each round measures twice as many of the best as the last (up to 64 a link): where the best fall
+    # below the floor one after another (a detector whose every lossy codec changes its count), rounds of
+    # one each took minutes; the pick stays exact, the first measured at or above the floor in order
+    count = 1
+    while need := unmeasured_pick(candidate_inputs(m), links, constraints, floor, count):
         measure_fidelity(m, need, note)
+        count = min(2 * count, 64)
     left, unmeasured = front_budget, 0
     while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
         if left is not None:  # the budget counts (cut, head precision) pairs: a tail session each

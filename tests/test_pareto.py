@@ -189,3 +189,27 @@ def test_a_missed_memory_limit_reads_as_a_true_comparison():
     for limit, shown in ((0.75, "0.75 MiB"), (0.55, "0.55 MiB")):
         (text,) = Constraints(max_edge_memory_bytes=int(limit * 2**20)).misses(c)
         assert text == f"edge memory 0.8183 MiB > {shown}", text
+
+
+def test_the_pick_is_measured_in_rounds_that_double_and_stays_the_first_in_order_at_the_floor():
+    """A detector whose every lossy codec changes its count: the best candidates fell below the floor one
+    after another, measured one a round (68 rounds in 45 s, and on). Rounds now measure 1, 2, 4, ... of
+    the best, never past the first already measured at the floor; the pick is the same."""
+    from dataclasses import replace
+
+    from splitpoint.partitioner.planner import unmeasured_pick
+
+    cands = [ci(cut=k, head=float(k), fid=None) for k in range(1, 41)]  # faster the earlier the cut
+    truth = {k: (1.0 if k == 30 else 0.5) for k in range(1, 41)}  # only cut 30 meets 0.99
+    rounds, count = [], 1
+    limits = Constraints(min_fidelity=0.99)
+    while need := unmeasured_pick(cands, [LTE], limits, 0.99, count):
+        rounds.append(len(need))
+        cands = [
+            replace(c, fidelity=truth[c.cut]) if (c.cut, "float32", c.codec) in need else c for c in cands
+        ]
+        count = min(2 * count, 64)
+    assert rounds == [1, 2, 4, 8, 16]  # 5 rounds where one at a time took 30; one more measured than needed
+    measured = [c.cut for c in cands if c.fidelity is not None]
+    assert measured == list(range(1, 32))
+    assert pick([evaluate(c, LTE) for c in cands if c.fidelity is not None], limits).inp.cut == 30

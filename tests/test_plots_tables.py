@@ -154,3 +154,32 @@ def test_the_fleet_views_errors_count_the_requests_a_device_refused():
     assert errors(ok=3, errors=1) == "1"  # a device that does not count refusals apart
     assert errors(errors=1, rejected=-4) == "?"  # junk is not added up as if measured
     assert "host CPU %" in _watch_row({"metrics": {"cpu_percent": 5.0}})  # the host's, said so
+
+
+def test_progress_on_a_log_file_is_a_line_now_and_then(monkeypatch):
+    """rich draws a progress bar only on a terminal: a plan measuring fidelity for ten minutes into a log
+    printed nothing. Not on a terminal, a line says where it is every PROGRESS_LINE_EVERY_S, and what ends
+    sooner says nothing."""
+    import io
+    import time as _time
+
+    import splitpoint.app.console as console
+
+    log = io.StringIO()
+    on = Console(file=log, force_terminal=False)
+    with console.progress("fidelity", on=on) as note:
+        note("cut 5", 0, 10)
+        note("cut 7", 3)
+    assert log.getvalue() == ""  # a second, not ten
+    monkeypatch.setattr(console, "PROGRESS_LINE_EVERY_S", 0.05)
+    with console.progress("fidelity", on=on) as note:
+        note("cut 5", 0, 10)
+        _time.sleep(0.06)
+        note("cut 7", 3)
+        note("cut 8", advance=1)
+        _time.sleep(0.06)
+        note("cut 9", advance=1)
+    lines = log.getvalue().splitlines()
+    assert [line.rsplit(" (", 1)[0] for line in lines] == ["fidelity cut 7 3/10", "fidelity cut 9 5/10"], (
+        lines
+    )
