@@ -341,9 +341,10 @@ def symbol_conflict(
 
 
 def stage_shapes(plan: Plan, stage: int) -> dict[str, tuple]:
-    """What stage ``stage`` receives, by name, with the plan's shapes (sizes, symbols, None unknown): the
-    sizes a request gave its symbols (the batch ``N``) there, which the answer must give them too."""
-    return {t.name: _spec_shape(t.shape) for t in plan.stages[stage].receives if t.shape and t.shape != "?"}
+    """What stage ``stage`` receives, by name, with the plan's shapes (sizes, symbols, None unknown; () a
+    scalar; left out where the rank is unknown): the sizes a request gave its symbols (the batch ``N``)
+    there, which the answer must give them too."""
+    return {t.name: _spec_shape(t.shape) for t in plan.stages[stage].receives if t.shape != "?"}
 
 
 def input_shapes(plan: Plan) -> dict[str, tuple]:
@@ -358,13 +359,6 @@ def output_expects(plan: Plan) -> dict[str, OutputExpect]:
         o.name: (_SPEC_DTYPES.get(o.dtype), _spec_shape(o.shape) if o.shape != "?" else None)
         for o in plan.outputs
     }
-
-
-def received_shape(plan: Plan, stage: int, name: str) -> tuple[int | str | None, ...] | None:
-    """The plan's shape of tensor ``name`` as stage ``stage`` receives it: sizes, symbols, None where a
-    size is unknown; () for a scalar, None where the rank is unknown (or the stage receives no such)."""
-    spec = next((t.shape for t in plan.stages[stage].receives if t.name == name), "?")
-    return None if spec == "?" else _spec_shape(spec)
 
 
 def _spec_shape(shape: str) -> tuple[int | str | None, ...]:

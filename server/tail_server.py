@@ -49,7 +49,6 @@ from splitpoint.core.runner import (
     input_shapes,
     mismatch,
     output_expects,
-    received_shape,
     stage_shapes,
     symbol_conflict,
 )
@@ -1208,11 +1207,18 @@ def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict,
         # whose sizes the plan could not know (behind a Resize to scales the input gave: 5 channels where
         # the tail's Conv takes 8), is the sender's tensor, not a failure of the server: ``bad-tensor``.
         # A symbol of the model's inputs (the batch) is checked before the run, unlike one shape inference
-        # invented (unk__3) for a size it could not follow; memory running out is the server's
+        # invented (unk__3) for a size it could not follow; a scalar's size is known (its shape is ());
+        # memory running out is the server's
         said = " ".join(str(exc).split())
         if type(exc).__module__.startswith("onnxruntime") and "alloc" not in said.lower():
+            known = stage_shapes(runner.plan, runner.index)
             named = {d for shape in input_shapes(runner.plan).values() for d in shape if isinstance(d, str)}
-            loose = sorted(n for n in feeds if _unknown_sizes(runner, n, named))
+            loose = sorted(
+                n
+                for n in feeds
+                if n not in known
+                or any(d is None or (isinstance(d, str) and d not in named) for d in known[n])
+            )
             if type(exc).__name__ == "InvalidArgument" or loose:
                 where = f" (the plan does not know every size of {', '.join(loose)})" if loose else ""
                 raise wire.WireError(
@@ -1220,11 +1226,3 @@ def _run_stage(runner: StageRunner, feeds: dict[str, np.ndarray]) -> tuple[dict,
                     f"stage {runner.index} cannot run on the tensors sent{where}: {said[:300]}",
                 ) from exc
         raise
-
-
-def _unknown_sizes(runner: StageRunner, name: str, named: set[str]) -> bool:
-    """Whether the plan does not know every size of received tensor ``name``: its rank, a dim, or one
-    given as a symbol shape inference invented (unk__3) rather than one of the model's inputs' (the
-    batch). A scalar's is known."""
-    dims = received_shape(runner.plan, runner.index, name)
-    return dims is None or any(d is None or (isinstance(d, str) and d not in named) for d in dims)
