@@ -115,9 +115,7 @@ def deployed_plan(plan_dir: Path, plans_dir: Path, listen: str | None = None) ->
     if replaces != str(plan_dir.resolve()):
         return plan_dir
     was, now = record.get("replaced_id"), _plan_id(plan_dir)
-    if (
-        was and now and was != now
-    ):  # PLAN_DIR written again since (plan -o PLAN_DIR --force): the newer choice
+    if was and now and was != now:  # PLAN_DIR written again since (plan -o PLAN_DIR --force): the newer one
         log.warning(
             "%s holds plan %s, written since plan %s was deployed here in place of its %s: running it",
             plan_dir,

@@ -73,12 +73,12 @@ class PlanRegistry:
         if self.plans_dir and self.plans_dir.is_dir():
             sweep_leftovers(self.plans_dir)
             for d in sorted(p for p in self.plans_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if not (d / PLAN_FILE).is_file() and is_plan_set(d):
-                    # a plan set among the plans (plan --set -o plans/NAME, then serve --plans plans): its
-                    # members, checked as a set first, were skipped as folders without a plan.json
-                    self._add_set(d)
-                    continue
                 if not (d / PLAN_FILE).is_file():
+                    if is_plan_set(d):
+                        # a plan set among the plans (plan --set -o plans/NAME, then serve --plans plans):
+                        # its members, checked as a set first, were skipped as folders without a plan.json
+                        self._add_set(d)
+                        continue
                     self.skipped[str(d)] = f"no {PLAN_FILE} file in it"
                     log.warning("skipping %s: no %s file in it", d, PLAN_FILE)
                     continue
