@@ -152,3 +152,26 @@ def ir3_weights_as_inputs_model() -> onnx.ModelProto:
     m.ir_version = 3
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def resized_by_input_model(
+    channels: int, tail=(), tail_inits=(), out_channels: int | None = None
+) -> onnx.ModelProto:
+    """x[1, C, 8, 8] resized to ``up`` by spatial scales of 1 + |s| (s an input of 2: whatever a sample
+    holds, random values too, sets a size no shape declares), then ``tail`` from ``up`` to ``y`` (an
+    Identity where none is given)."""
+    one = numpy_helper.from_array(np.ones(2, np.float32), "one")
+    nodes = [
+        helper.make_node("Abs", ["s"], ["abs"]),
+        helper.make_node("Add", ["abs", "one"], ["hw"]),
+        helper.make_node("Concat", ["one", "hw"], ["scales"], axis=0),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Resize", ["r", "", "scales"], ["up"], mode="nearest"),
+        *(tail or [helper.make_node("Identity", ["up"], ["y"])]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8]),
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, [2]),
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels or channels, "H", "W"])
+    return _model(nodes, inputs, [y], [one, *tail_inits])

@@ -834,29 +834,11 @@ def test_a_tensor_the_plan_cannot_size_that_the_tail_cannot_run_is_the_senders_e
     """Behind a Resize to scales an input gives, the plan fixes no size of the cut tensor: one of 5
     channels where the tail's Conv takes 8 failed in onnxruntime and was answered ``internal``, which the
     protocol keeps for a failure on a valid request; it is ``bad-tensor``, and the server goes on."""
-    from onnx import TensorProto, helper, numpy_helper
+    from .graphs import resized_by_input_model
 
     w = numpy_helper.from_array(np.ones((4, 8, 3, 3), np.float32), "w")
-    one = numpy_helper.from_array(np.ones(2, np.float32), "one")
-    nodes = [  # the spatial scales are 1 + |s|: whatever a sample holds, a size the input's values set
-        helper.make_node("Abs", ["s"], ["abs"]),
-        helper.make_node("Add", ["abs", "one"], ["hw"]),
-        helper.make_node("Concat", ["one", "hw"], ["scales"], axis=0),
-        helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="nearest"),
-        helper.make_node("Conv", ["up", "w"], ["y"], pads=[1, 1, 1, 1]),
-    ]
-    g = helper.make_graph(
-        nodes,
-        "resize-conv",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4]),
-            helper.make_tensor_value_info("s", TensorProto.FLOAT, [2]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "H", "W"])],
-        [w, one],
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    conv = helper.make_node("Conv", ["up", "w"], ["y"], pads=[1, 1, 1, 1])
+    m = resized_by_input_model(8, [conv], [w], out_channels=4)
     path = tmp_path / "rs.onnx"
     onnx.save(m, str(path))
     h = open_model(path)

@@ -516,29 +516,12 @@ def test_an_output_whose_size_follows_an_input_s_values_is_costed_as_measured(tm
     """A Resize to scales an input gives declares no output size: the reply counted 0 bytes (a 4 MiB
     output left out of every candidate's latency); it is measured on the samples, as the cut tensors are."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     from splitpoint.partitioner.planner import REPLY_OVERHEAD_BYTES, encoded_sizes, output_bytes
 
-    nodes = [  # spatial scales 1 + |s|: any sample's values give a size (random ones too, as profiled)
-        helper.make_node("Abs", ["s"], ["abs"]),
-        helper.make_node("Add", ["abs", "one"], ["hw"]),
-        helper.make_node("Concat", ["one", "hw"], ["scales"], axis=0),
-        helper.make_node("Relu", ["x"], ["r"]),
-        helper.make_node("Resize", ["r", "", "scales"], ["y"], mode="nearest"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "resize",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
-            helper.make_tensor_value_info("s", TensorProto.FLOAT, [2]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "H", "W"])],
-        [numpy_helper.from_array(np.ones(2, np.float32), "one")],
-    )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    from .graphs import resized_by_input_model
+
+    m = resized_by_input_model(3)
     path = tmp_path / "resize.onnx"
     onnx.save(m, path)
     h = open_model(path)
