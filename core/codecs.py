@@ -282,6 +282,15 @@ def _from_float16(h: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
+def _as_float32(x: np.ndarray, copy: bool = False) -> np.ndarray:
+    """``x`` as float32 for a quantiser: a float16 tensor through onnxruntime's Cast (numpy's per-element
+    half conversion took 0.65 ms of a 1 ms int8 encode of a 400 KB half tensor, 10x the float32 one)."""
+    if x.dtype == np.float16:
+        return _from_float16(x)
+    with np.errstate(over="ignore"):  # a float64 past float32's range: infinite, and sent exact (_NotFinite)
+        return x.astype(np.float32, copy=copy)
+
+
 def _reset_after_fork() -> None:
     global _pool
     _pool = None
@@ -597,8 +606,7 @@ _PACK_U16_MIN = 16384  # int4 elements: below, two strided calls beat five conti
 def _quantised_body(x: np.ndarray, base: str, axis: int | None, out: np.ndarray) -> np.ndarray:
     """Write an int8/int8-ch/int4 body into ``out`` (flat uint8); return the parameters. (The *-ol
     bases arrive with their outlier columns zeroed.)"""
-    with np.errstate(over="ignore"):  # a float64 past float32's range: infinite, and sent exact (_NotFinite)
-        x = x.astype(np.float32, copy=False)
+    x = _as_float32(x)
     if base in ("int8", "int8-ch", "int8-ol"):
         return _quantise_into(x, 255, axis, out)
     n = x.size  # int4: two values per byte, the first in the low nibble
@@ -705,6 +713,8 @@ def _encode(x: np.ndarray, c: Codec) -> bytearray:
     base, axis, nparams, raw_len, at_params, at_body = _layout(x, c)
     outliers = b""
     if base in OUTLIER_BASES:  # the outlier columns go exact; the rest is quantised with them at 0
+        if x.dtype == np.float16:  # one fast cast, not numpy's per-element half arithmetic in each pass
+            x = _as_float32(x)
         cols = outlier_columns(x)
         outliers = struct.pack("<I", len(cols))
         if len(cols):
@@ -713,7 +723,7 @@ def _encode(x: np.ndarray, c: Codec) -> bytearray:
             if not np.isfinite(exact).all():
                 raise _NotFinite
             outliers += cols.astype("<u4").tobytes() + exact.tobytes()
-            x = x.astype(np.float32, copy=True)
+            x = _as_float32(x, copy=True)
             x[..., cols] = 0
         at_body += len(outliers)
     frames: list[bytes] = []
@@ -900,7 +910,7 @@ def decode(
     out = _dequantise(q[:n], scale, lo, shape, ax)
     if cols is not None and len(cols):
         out[..., cols] = exact
-    return out.astype(dtype, copy=False)
+    return _to_float16(out) if dtype == np.float16 else out.astype(dtype, copy=False)
 
 
 def _true_bools(a: np.ndarray) -> np.ndarray:

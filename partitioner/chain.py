@@ -39,7 +39,7 @@ class ChainCosts:
     cross) and last n (everything before). Per device d: ``prefix_ms[d][i]``, the time to run the first
     ``positions[i]`` nodes there (so a segment's time is a difference); ``enc_ms[d][i, k]`` /
     ``dec_ms[d][i, k]``, encoding / decoding what crosses position i with codec k there. Per position:
-    ``bytes[i, k]`` sent, ``weights[i]`` weight bytes before it, ``act[i]`` float32 bytes crossing it;
+    ``bytes[i, k]`` sent, ``weights[i]`` weight bytes before it, ``act[i]`` the bytes crossing it as held;
     ``act_peak[i, i']`` the activation bytes alive at once in the segment between positions i and i' (None:
     the larger of its ends). Per device, ``memory_overhead`` is what a session holds besides weights and
     activations (measured by its profile). ``reply_bytes`` come back over every hop. ``memory_limit`` and

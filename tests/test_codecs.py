@@ -320,6 +320,21 @@ def test_float16_cast_matches_numpy_bit_for_bit():
     assert np.array_equal(decode(encode(h, "float16")), h)
 
 
+@pytest.mark.parametrize("codec", ["int8", "int8-ch+zstd", "int4", "int8-ol", "int4-ol+lz4"])
+@pytest.mark.parametrize("shape", [(1, 32, 40, 40), (3, 7), (1, 100, 64)])
+def test_quantised_half_tensor_is_the_float32_path_rounded(codec, shape):
+    """A float16 cut tensor (a model converted to half inside) is quantised as its float32 values are and
+    decoded to float16 with numpy's rounding, large ones through onnxruntime's Cast as the float16 codec's
+    (numpy's per-element half conversion made such an int8 round trip 10x a float32 one's)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * np.where(rng.random(shape) < 0.01, 50, 1)).astype(np.float16)
+    y = decode(encode(x, codec))
+    assert y.dtype == np.float16 and y.shape == x.shape
+    want = decode(encode(x.astype(np.float32), codec)).astype(np.float16)
+    assert np.array_equal(y.view(np.uint16), want.view(np.uint16))
+    assert bytes(encode(x, codec))[_HEAD.size :] == bytes(encode(x.astype(np.float32), codec))[_HEAD.size :]
+
+
 def test_payloads_do_not_depend_on_threads():
     x = np.maximum(RNG.standard_normal((1, 16, 128, 128)), 0).astype(np.float32)  # 8 zstd chunks
     before = codecs.codec_threads()
