@@ -91,12 +91,20 @@ def _refuse_if_the_whole_model_fails(handle: ModelHandle, feeds: dict, exc: Exce
     try:
         handle.whole_session(threads=1).run(None, feeds)
     except Exception as whole:  # onnxruntime's own error types
+        kind = type(whole).__name__
         why = (
-            " (an operator or opset version it has no kernel for: export the model at a newer opset)"
-            if type(whole).__name__ == "NotImplemented"
+            " (no kernel for that operator, opset version and element type on this provider: one of "
+            "another provider's, such as CUDA's, does not run here; an old opset's may, exported at a "
+            "newer opset)"
+            if kind == "NotImplemented"
             else ""
         )
-        where = "" if why else " at these input shapes (see --input-shape)"
+        # a model onnxruntime refuses to load (a type its checker rejects) is no question of shapes
+        where = (
+            ""
+            if why or kind in ("InvalidGraph", "InvalidProtobuf", "NoModel")
+            else " at these input shapes (see --input-shape)"
+        )
         raise ModelError(
             f"onnxruntime could not run the model{where}: {first_line(whole)[:300]}{why}"
             f"{handle.random_values_note()}"

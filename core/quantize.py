@@ -166,13 +166,24 @@ def refuse_quantized(model: onnx.ModelProto, mode: str) -> None:
             f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (without --int8 or "
             "--quantize-head-weights)"
         )
-    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    if mode == "dynamic" and any(t.data_type in half for t in model.graph.initializer):
-        # its cast inserted for float16 weights is no initializer, and the quantiser dies on it
+    # onnxruntime's quantisers quantise float32 weights only: float16 or float64 ones stay as they are
+    # (static mode adds int8 activations around them and calls the head int8; the dynamic quantiser dies on
+    # the cast it inserts for float16 weights), so a head whose weights are all of those gains nothing
+    kinds = {t.data_type for t in model.graph.initializer if t.dims and any(d > 1 for d in t.dims)}
+    other = sorted(_FLOAT_NAMES[k] for k in kinds if k in _FLOAT_NAMES)
+    if other and onnx.TensorProto.FLOAT not in kinds:
         raise SplitPointError(
-            "the model's weights are float16: onnxruntime's dynamic quantiser takes float32 weights "
-            "only; use --quantize-head-weights static (calibrated), or leave the option out"
+            f"the model's weights are {' and '.join(other)}: onnxruntime's {mode} int8 quantiser quantises "
+            "float32 weights only and leaves these as they are (an int8 head would hold the same bytes); "
+            "leave out --int8, --int8-heads and --quantize-head-weights, or export the model in float32"
         )
+
+
+_FLOAT_NAMES = {
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
 
 
 def quantize_matmul_weights(model: onnx.ModelProto, bits: int = 4, block_size: int = 32) -> onnx.ModelProto:

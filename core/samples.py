@@ -198,7 +198,7 @@ def load_inputs(
         if f.suffix.lower() == ".npz":
             sample = read_npz(f, {n: len(d) for n, d in dims.items()})
             _check_sample_shapes(f, sample, specs)
-            out.append({n: a.astype(dtypes[n], copy=False) for n, a in sample.items()})
+            out.append({n: _as_input_type(a, dtypes[n], f, n) for n, a in sample.items()})
             continue
         only_input(f, list(dims))
         ((name, want),) = dims.items()
@@ -209,7 +209,7 @@ def load_inputs(
                 arr = image_tensor(f, want, name)
             except (OSError, ValueError, EOFError) as exc:  # truncated, another format
                 raise SplitPointError(f"{f.name}: not a readable image ({exc})") from exc
-        arr = arr.astype(dtypes[name], copy=False)
+        arr = _as_input_type(arr, dtypes[name], f, name)
         if not want and arr.ndim == 0:  # a scalar: one sample per file, no batch to split it by
             out.append({name: arr})
             continue
@@ -223,6 +223,28 @@ def load_inputs(
         if arr.shape[0] % rows:
             raise SplitPointError(f"{f.name}: {arr.shape[0]} rows; input {name} takes batches of {rows}")
         out.extend({name: arr[k : k + rows]} for k in range(0, arr.shape[0], rows))
+    return out
+
+
+def _as_input_type(arr: np.ndarray, dtype: np.dtype, f: Path, name: str) -> np.ndarray:
+    """``arr`` as the input's element type, where that keeps its values: an image's bytes as floats, a
+    float64 .npy as float32 (rounded). A value the type cannot hold is refused, not changed: float32
+    activations past 65504 became infinite as float16 samples, and fidelity was measured on them."""
+    if arr.dtype == dtype:
+        return arr
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype)
+    if dtype.kind == "f":
+        changed = arr.dtype.kind in "fiu" and bool((np.isinf(out) & ~np.isinf(arr)).any())
+        why = f"values past {dtype}'s range ({np.finfo(dtype).max:g}) would be infinite"
+    else:  # integers and bools: every value back as it was
+        changed = not np.array_equal(out.astype(arr.dtype), arr, equal_nan=False)
+        why = "values it cannot hold (fractions, or out of its range) would change"
+    if changed:
+        raise SplitPointError(
+            f"{f.name}: input {name} takes {dtype}; this file holds {arr.dtype}, and {why}: save the "
+            f"samples as {dtype}"
+        )
     return out
 
 

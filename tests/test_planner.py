@@ -538,3 +538,86 @@ def test_an_output_whose_size_follows_an_input_s_values_is_costed_as_measured(tm
     server = profile_model(h, ProfileSettings(role="server", threads=1, budget=5))
     m = gather(h, edge, server, samples, ["float32"])
     assert set(m.reply_bytes.values()) == {3 * 32 * 32 * 4 + REPLY_OVERHEAD_BYTES}, m.reply_bytes
+
+
+def test_a_half_cut_tensor_costs_codec_time_per_element_not_per_byte(tmp_path):
+    """Codec speeds are measured on float32 tensors, in float32 bytes per second, and a quantiser's work is
+    per element: a model converted to float16 inside (float32 at its edges) sends a half tensor whose int8
+    encode was predicted at half a float32 one's and measured at twice (4x off). Its time is derived from
+    its elements, as the float32 tensor of the same shape beside it, while its bytes stay its own."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8, 3, 3)).astype(np.float16) * np.float16(0.2)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),  # float32 crosses cut 1
+        helper.make_node("Cast", ["a"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Conv", ["h", "w"], ["c"], pads=[1, 1, 1, 1]),  # float16 crosses cut 3
+        helper.make_node("Cast", ["c"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Relu", ["f"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "half-inside",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32, 32])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    h = open_model(path)
+    crossing = {c.k: [t.name for t in c.crossing] for c in h.cuts()}
+    assert crossing[1] == ["a"] and crossing[3] == ["c"], crossing
+    edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=5))
+    server = profile_model(h, ProfileSettings(role="server", threads=1, budget=5))
+    m = gather(h, edge, server, load_inputs(h.model, random=2), ["int8"])
+    assert m.sizes["c"]["raw"] * 2 == m.sizes["a"]["raw"] == 8 * 32 * 32 * 4  # its own bytes: half
+    by_cut = {c.cut: c for c in candidate_inputs(m) if c.kind == "split"}
+    for k in (1, 3):
+        want = 8 * 32 * 32 * 4 / 1e3
+        assert by_cut[k].encode_ms == pytest.approx(want / edge.codecs["int8"].encode_mb_s)
+        assert by_cut[k].decode_ms == pytest.approx(want / server.codecs["int8"].decode_mb_s)
+    # and so in a chain's costs, whose memory counts the half tensor's own bytes
+    from splitpoint.partitioner.chainplan import gather_chain
+
+    nets = [load_network("wifi-n")]
+    chain = gather_chain(h, ["edge", "server"], {"edge": edge, "server": server}, nets, m.samples, ["int8"])
+    at = {int(p): i for i, p in enumerate(chain.costs.positions)}
+    for k in (1, 3):
+        assert chain.costs.enc_ms[0][at[k], 0] == pytest.approx(want / edge.codecs["int8"].encode_mb_s)
+    assert chain.costs.act[at[3]] * 2 == chain.costs.act[at[1]] == 8 * 32 * 32 * 4
+
+
+def test_an_int8_head_saves_three_quarters_of_its_float32_weights_only(tmp_path):
+    """onnxruntime's int8 quantiser leaves float16 weights as they are: a head holding both kinds saves a
+    quarter's worth of its float32 ones alone (all of its weight bytes were taken off at 0.75)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w32 = rng.standard_normal((64, 64)).astype(np.float32) * 0.1
+    w16 = (rng.standard_normal((64, 64)) * 0.1).astype(np.float16)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w32"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Cast", ["r"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["h", "w16"], ["m"]),
+        helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "two-kinds",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(w32, "w32"), onnx.numpy_helper.from_array(w16, "w16")],
+    )
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    h = open_model(path)
+    edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=5, int8=True))
+    server = profile_model(h, ProfileSettings(role="server", threads=1, budget=5))
+    m = gather(h, edge, server, load_inputs(h.model, random=2), ["float32"], int8_heads=True)
+    mem = {
+        (c.kind, c.head_weights): c.edge_memory_bytes for c in candidate_inputs(m) if c.kind == "edge-only"
+    }
+    assert mem[("edge-only", "float32")] - mem[("edge-only", "int8")] == int(0.75 * w32.nbytes)

@@ -175,6 +175,28 @@ def test_a_model_onnxruntime_has_no_kernel_for_is_refused_as_the_models_not_the_
             write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
 
 
+def test_a_model_onnxruntime_will_not_load_is_not_sent_to_input_shapes(tmp_path):
+    """A type onnxruntime's checker rejects (Range of float16) is the model's fault at any shape: `split`
+    said it could not run "at these input shapes (see --input-shape)"."""
+    from splitpoint.core.errors import ModelError
+
+    half = TensorProto.FLOAT16
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("ReduceMax", ["r"], ["top"], keepdims=0),
+        helper.make_node("Range", ["zero", "top", "one"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(v, np.float16), n) for n, v in (("zero", 0), ("one", 1))]
+    g = helper.make_graph(nodes, "range16", [_vi("x", [1, 8], half)], [_vi("y", ["n"], half)], inits)
+    path = str(tmp_path / "range16.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    h = open_model(path)
+    cut = h.cuts()[0]
+    with pytest.raises(ModelError, match=r"could not run the model: .*INVALID_GRAPH.*Range") as e:
+        write_plan(h, tmp_path / "p", cut=cut)
+    assert "--input-shape" not in str(e.value)
+
+
 def test_the_batch_moved_inside_by_a_permute_after_a_computed_reshape_is_the_batch(tmp_path):
     """torch's dynamo export of a ViT permutes qkv to [3, batch, heads, tokens, size] after a reshape to a
     computed shape: inference invents a symbol there, which the cut list showed (3xunk__1x...) with its
@@ -358,6 +380,39 @@ def test_a_rank_0_boolean_input_splits_and_is_sampled_as_an_array(tmp_path):
             np.testing.assert_allclose(run_split(*extract(h.index, cut), cut, one)["y"], full, rtol=1e-6)
     for cut in cuts:  # a plan's trial run samples the flag too
         write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
+
+
+def test_samples_are_cast_to_the_input_s_type_only_where_their_values_survive(tmp_path):
+    """--inputs of float32 for a float16 input are taken as float16 (a float64 .npy as float32, an image's
+    bytes as floats), but a value the type cannot hold is refused by file, not made infinite or cut to a
+    whole number: 70,000 became inf as float16 and fidelity was measured on it in silence."""
+    from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.samples import load_inputs
+
+    half = _tiny(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [_vi("x", [1, 4], TensorProto.FLOAT16)],
+        [_vi("y", [1, 4], TensorProto.FLOAT16)],
+    )
+    ids = _tiny(
+        [helper.make_node("Neg", ["t"], ["y"])],
+        [_vi("t", [1, 4], TensorProto.INT64)],
+        [_vi("y", [1, 4], TensorProto.INT64)],
+    )
+    d = tmp_path / "in"
+    d.mkdir()
+    np.save(d / "a.npy", np.array([[1, 2, 3, 65504]], np.float64))
+    assert load_inputs(half, d)[0]["x"].dtype == np.float16 and load_inputs(ids, d)[0]["t"].dtype == np.int64
+    np.save(d / "b.npy", np.array([[1, 2, 3, 70000]], np.float32))
+    with pytest.raises(
+        SplitPointError, match=r"b.npy: input x takes float16; .* \(65504\) would be infinite"
+    ):
+        load_inputs(half, d)
+    np.save(d / "b.npy", np.array([[1, 2.5, 3, 4]], np.float32))
+    with pytest.raises(
+        SplitPointError, match=r"b.npy: input t takes int64; this file holds float32, .*change"
+    ):
+        load_inputs(ids, d)
 
 
 def test_samples_of_a_single_scalar_input_are_read_from_npy_files(tmp_path):
@@ -1562,19 +1617,36 @@ def test_two_sizes_for_one_shared_symbol_are_refused_by_name():
     assert [d.dim_value for d in fixed.graph.input[1].type.tensor_type.shape.dim] == [1, 10, 16]
 
 
-def test_dynamic_quantisation_of_float16_weights_is_one_clear_refusal(tmp_path):
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize(
+    ("dtype", "np_dtype"), [(TensorProto.FLOAT16, np.float16), (TensorProto.DOUBLE, np.float64)]
+)
+def test_int8_heads_of_weights_that_are_not_float32_are_one_clear_refusal(tmp_path, mode, dtype, np_dtype):
+    """onnxruntime's quantisers quantise float32 weights only: a float16 head came back from static mode
+    with its weights as they were and int8 activations around them, a float64 one unchanged, both called
+    int8 (a plan claimed the head 30 % smaller), and dynamic mode died on a float16 one."""
     from splitpoint.core.errors import SplitPointError
     from splitpoint.core.quantize import quantize_head
 
-    w = numpy_helper.from_array(np.ones((8, 8), np.float16), "w")
+    w = numpy_helper.from_array(np.ones((8, 8), np_dtype), "w")
     m = _tiny(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        [_vi("x", [1, 8], TensorProto.FLOAT16)],
-        [_vi("y", [1, 8], TensorProto.FLOAT16)],
+        [_vi("x", [1, 8], dtype)],
+        [_vi("y", [1, 8], dtype)],
         [w],
     )
-    with pytest.raises(SplitPointError, match="weights are float16.*--quantize-head-weights static"):
-        quantize_head(m, [], "dynamic")
+    calibration = [{"x": np.ones((1, 8), np_dtype)}]
+    name = "float16" if dtype == TensorProto.FLOAT16 else "float64"
+    with pytest.raises(SplitPointError, match=f"weights are {name}: .*quantises float32 weights only"):
+        quantize_head(m, calibration, mode)
+    # a float32 weight beside them is quantised: the head is not refused
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((8, 8), np.float32), "w32"))
+    m.graph.node.extend([helper.make_node("MatMul", ["x32", "w32"], ["y32"])])
+    m.graph.input.append(_vi("x32", [1, 8]))
+    m.graph.output.append(_vi("y32", [1, 8]))
+    calibration[0]["x32"] = np.ones((1, 8), np.float32)
+    q = quantize_head(m, calibration, mode)
+    assert {t.name: t.data_type for t in q.graph.initializer}.get("w") == dtype  # left as it was
 
 
 def test_the_work_inside_a_loop_body_is_profiled_as_the_loop_s(tmp_path):

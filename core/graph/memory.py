@@ -68,10 +68,11 @@ def live_activation_bytes(idx: GraphIndex) -> list[int]:
     return during
 
 
-def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
+def weight_bytes_by_prefix(idx: GraphIndex, only: int | None = None) -> list[int]:
     """Weight bytes the head needs, for each prefix of the compute order: the initializers its nodes read,
     and the constants they read (a Constant node's tensor; a weight computed from initializers, which
-    onnxruntime folds into one of the computed size)."""
+    onnxruntime folds into one of the computed size). ``only``: those of this element type alone (an
+    ``onnx.TensorProto`` data type), counted where the weight is stored as such."""
     seen: set[str] = set()
     total = 0
     out = []
@@ -80,9 +81,13 @@ def weight_bytes_by_prefix(idx: GraphIndex) -> list[int]:
             if t in seen:
                 continue
             if t in idx.initializers:
-                total += nbytes(idx.initializers[t])
+                if only is None or idx.initializers[t].data_type == only:
+                    total += nbytes(idx.initializers[t])
             elif idx.producer.get(t) in idx.const:
-                total += _constant_bytes(idx, t)
+                if only is None:
+                    total += _constant_bytes(idx, t)
+                elif (value := constant_value(idx, t)) is not None and value.data_type == only:
+                    total += nbytes(value)
             seen.add(t)
         out.append(total)
     return out
