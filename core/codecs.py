@@ -485,6 +485,12 @@ def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
     return [(slice(i, min(i + step, rows)), slice(0, cols)) for i in range(0, rows, step)]
 
 
+# a step smaller than float32's smallest normal number (a range of denormals, 4e-40 wide in a PP-OCR
+# recogniser's channel) has no finite reciprocal: such a range, as one of width 0, is sent as its minimum
+# (scale 1, every level 0), off by less than 1e-35, where its infinite reciprocal made NaNs on the grid
+_NORMAL_SCALE = np.float32(np.finfo(np.float32).tiny)
+
+
 def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) -> np.ndarray:
     """Write ``trunc(x·r + (0.5 − lo·r))`` (flat uint8, x.size) into ``q``; return scales, offsets.
 
@@ -501,7 +507,7 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
             scale = (hi - lo) / np.float32(levels)
         if not (math.isfinite(scale) and math.isfinite(lo)):
             raise _NotFinite
-        if scale == 0:
+        if scale < _NORMAL_SCALE:
             scale = np.float32(1.0)
         r = np.float32(1.0) / scale
         a = np.float32(0.5) - lo * r
@@ -512,7 +518,7 @@ def _quantise_into(x: np.ndarray, levels: int, axis: int | None, q: np.ndarray) 
             scale_c = (hi_c - lo_c) / np.float32(levels)
         if not (np.isfinite(scale_c).all() and np.isfinite(lo_c).all()):
             raise _NotFinite
-        scale_c[scale_c == 0] = 1.0
+        scale_c[scale_c < _NORMAL_SCALE] = 1.0
         inv_c = np.float32(1.0) / scale_c
         reps = rows // scale_c.size
         a_c = np.float32(0.5) - lo_c * inv_c

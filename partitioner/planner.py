@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from splitpoint.core.codecs import Codec, applied, applied_to, decode, encode, encoded_size
-from splitpoint.core.errors import ProfileError
+from splitpoint.core.errors import ProfileError, SplitPointError
 from splitpoint.core.graph import GraphIndex, ModelHandle
 from splitpoint.core.graph.extract import extract
 from splitpoint.core.graph.memory import live_activation_peaks, weight_bytes_by_prefix
@@ -141,6 +141,11 @@ def _speed(profile: MeasuredProfile, codec: str, what: str, where: str) -> float
     return getattr(profile.codecs[codec], what)
 
 
+def input_types(idx: GraphIndex) -> list[str]:
+    """The model inputs' element types, as a server-only candidate sends them."""
+    return [idx.info[i].dtype if i in idx.info else "float32" for i in idx.inputs]
+
+
 def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     h = m.handle
     idx = h.index
@@ -231,14 +236,14 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         seen.add((*key, name))
         return name
 
-    input_types = [idx.info[i].dtype if i in idx.info else "float32" for i in idx.inputs]
+    inputs = input_types(idx)
 
     def timed_as(codec: str, sent: str | None) -> str:
         """The codec whose measured speed applies: the one the tensors are sent with, where measured."""
         return sent if sent and sent in m.edge.codecs and sent in m.server.codecs else codec
 
     for codec in m.codecs:
-        sent_as = label(codec, input_types, (SERVER_ONLY, 0))
+        sent_as = label(codec, inputs, (SERVER_ONLY, 0))
         if sent_as is not None:
             timed = timed_as(codec, sent_as)
             enc = input_f32 / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
@@ -341,6 +346,7 @@ def measure_fidelity(
         warn_if_constant(m.reference, len(m.samples))
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     runs: dict[bytes, list[Joined]] = {}  # server-only: one full-model run per decoded input
+    inputs = input_types(h.index)
     for codec in m.codecs:
         if (0, codec, "float32") in m.fidelity:
             continue
@@ -349,6 +355,7 @@ def measure_fidelity(
         if digest not in runs:
             runs[digest] = run_batched(full, received)
         _record(m, 0, codec, "float32", runs[digest])
+        _also_as_sent(m, 0, codec, "float32", applied_to(codec, inputs))
     pairs: dict[tuple, set[str] | None] = {}
     for w in wanted:
         key = (w[0], w[1])
@@ -365,15 +372,22 @@ def measure_fidelity(
                 q = make_session(quantize_head(h.model, m.samples, "static"))
                 _record(m, None, "-", head, run_batched(q, m.samples))
             continue
+        if k == 0:
+            continue
+        cut = by_index[k]
+        # a candidate names the codec as it applies to what crosses (int8 over token ids is sent as the
+        # lossless codec of its stage): measured under that name too, or a candidate whose name is no
+        # codec asked for (float32+lz4 under --codecs int8+lz4) was never measured, and planning waited
+        # for it in a loop that did not end
+        sent = {c: applied_to(c, [t.dtype for t in cut.crossing]) for c in m.codecs}
         bases = None if only is None else {Codec.parse(c).base for c in only}
         todo = [
             c
             for c in m.codecs
-            if (k, c, head) not in m.fidelity and (bases is None or Codec.parse(c).base in bases)
+            if (k, c, head) not in m.fidelity and (bases is None or Codec.parse(sent[c]).base in bases)
         ]
-        if k == 0 or not todo:
+        if not todo:
             continue
-        cut = by_index[k]
         head_model = (
             quantize_head(extract(h.index, cut, check=False)[0], m.samples, "static")
             if head == "int8"
@@ -391,6 +405,14 @@ def measure_fidelity(
         ).items():
             m.fidelity[(k, codec, head)] = rep.score
             m.fidelity_reports[(k, codec, head)] = rep.to_dict()
+            _also_as_sent(m, k, codec, head, sent[codec])
+
+
+def _also_as_sent(m: Measurements, cut: int, codec: str, head: str, sent: str) -> None:
+    """The fidelity measured with ``codec`` recorded also under the name it is sent as, where they differ."""
+    if sent != codec and (cut, sent, head) not in m.fidelity:
+        m.fidelity[(cut, sent, head)] = m.fidelity[(cut, codec, head)]
+        m.fidelity_reports[(cut, sent, head)] = m.fidelity_reports[(cut, codec, head)]
 
 
 def _cut_order(pair: tuple) -> tuple:
@@ -525,7 +547,7 @@ def decide(
     # one each took minutes; the pick stays exact, the first measured at or above the floor in order
     count = 1
     while need := unmeasured_pick(candidate_inputs(m), links, constraints, floor, count):
-        measure_fidelity(m, need, note)
+        _measure_some(m, need, note)
         count = min(2 * count, 64)
     left, unmeasured = front_budget, 0
     while need := unmeasured_on_front(candidate_inputs(m), links, objectives, floor):
@@ -537,7 +559,7 @@ def decide(
             kept = set(cuts[:left])
             need = {t for t in need if (t[0], t[1]) in kept}
             left -= min(left, len(cuts))
-        measure_fidelity(m, need, note)
+        _measure_some(m, need, note)
     inputs = candidate_inputs(m)
     decisions = []
     for link in links:
@@ -546,6 +568,18 @@ def decide(
         shown = front([c for c in measured if not _below(c.inp, floor)], objectives)
         decisions.append(Decision(link, cands, shown, pick(measured, constraints), objectives, unmeasured))
     return decisions
+
+
+def _measure_some(m: Measurements, need: set[tuple], note: Callable[[str, int, int], None] | None) -> None:
+    """``measure_fidelity`` for ``need``, (cut, head precision, codec) triples, and an error where none of
+    them is measured after it: the rounds that call it end when nothing is left to measure, and one that
+    measured nothing would repeat for ever (as it did for a candidate recorded under another name)."""
+    measure_fidelity(m, need, note)
+    if not any((k, codec, head) in m.fidelity for k, head, codec in need):
+        raise SplitPointError(
+            "internal error: planning could not measure the fidelity of "
+            + ", ".join(sorted(f"cut {k} {codec} ({head} head)" for k, head, codec in need))
+        )
 
 
 def best_of_kind(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -333,6 +334,23 @@ def test_quantised_half_tensor_is_the_float32_path_rounded(codec, shape):
     want = decode(encode(x.astype(np.float32), codec)).astype(np.float16)
     assert np.array_equal(y.view(np.uint16), want.view(np.uint16))
     assert bytes(encode(x, codec))[_HEAD.size :] == bytes(encode(x.astype(np.float32), codec))[_HEAD.size :]
+
+
+@pytest.mark.parametrize("codec", ["int8", "int8-ch", "int4", "int8-ch+zstd", "int4-ol"])
+def test_a_range_of_denormals_is_sent_as_its_minimum_without_nans(codec):
+    """A channel whose values are all denormal (a PP-OCR recogniser's spans 4e-40) has a step with no
+    finite reciprocal: its grid filled with NaN, cast to uint8 with a RuntimeWarning in `plan`'s output."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x[0, 2] = np.float32(3.9e-40) * rng.random((8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = decode(encode(x, codec))
+        whole = np.full((1, 64), np.float32(1e-41))
+        assert np.abs(decode(encode(whole, codec)) - whole).max() < 1e-35
+    assert np.abs(y - x).max() <= error_bound(x, codec)
+    if codec != "int8":  # per channel: that channel's own range
+        assert np.abs(y[0, 2] - x[0, 2]).max() < 1e-35
 
 
 def test_payloads_do_not_depend_on_threads():

@@ -621,3 +621,46 @@ def test_an_int8_head_saves_three_quarters_of_its_float32_weights_only(tmp_path)
         (c.kind, c.head_weights): c.edge_memory_bytes for c in candidate_inputs(m) if c.kind == "edge-only"
     }
     assert mem[("edge-only", "float32")] - mem[("edge-only", "int8")] == int(0.75 * w32.nbytes)
+
+
+@pytest.mark.parametrize("codecs", [["int8"], ["int8+lz4"], ["float16+lz4"]])
+def test_token_ids_under_only_quantising_codecs_are_planned_as_sent(tmp_path, codecs):
+    """A quantising codec sends token ids exact, as the lossless codec of its stage, and the candidates are
+    named so (server-only float32+lz4 under int8+lz4): their fidelity was recorded under the codec asked
+    for, the name no candidate looked up, and `plan --codecs int8+lz4` (and the demo, on such a model)
+    measured the same candidates again in a loop that did not end."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),  # int64 ids cross cut 0 (server-only)
+        helper.make_node("ArgMax", ["e"], ["top"], axis=2, keepdims=0),  # int64 crosses the next cut
+        helper.make_node("Gather", ["emb", "top"], ["g"]),
+        helper.make_node("MatMul", ["g", "w"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "ids",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8])],
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((100, 100)).astype(np.float32), "emb"),
+            onnx.numpy_helper.from_array(rng.standard_normal((100, 8)).astype(np.float32), "w"),
+        ],
+    )
+    path = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    h = open_model(path)
+    edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=5))
+    server = profile_model(h, ProfileSettings(role="server", threads=1, budget=5))
+    samples = load_inputs(h.model, random=4)
+    m = gather(h, edge, server, samples, codecs)
+    d = decide(m, [load_network("wifi-n")], Constraints())[0]
+    assert d.pick is not None
+    lossless = "float32" + codecs[0][len(codecs[0].split("+")[0]) :]
+    by_name = {(c.inp.kind, c.inp.cut, c.inp.codec): c for c in d.candidates}
+    assert by_name[("server-only", 0, lossless)].inp.fidelity == 1.0  # sent exact: measured so
+    ids_cut = next(c.index for c in h.cuts() if [t.name for t in c.crossing] == ["top"])
+    measure_fidelity(m, {(ids_cut, "float32", lossless)})  # as a front that holds it asks
+    assert m.fidelity[(ids_cut, lossless, "float32")] == 1.0
