@@ -119,11 +119,11 @@ def _parse_and_check(
         raise ModelError(f"cannot load the model's external data next to {p}: {exc}") from exc
     densified = densify_sparse(model.graph, str(p))
     modernised = ir3_weights(model)
-    refuse_duplicate_node_names(model.graph, str(p))
+    renamed = rename_duplicate_nodes(model.graph)
     reordered = sort_nodes(model.graph, str(p))
     completed = complete_interface(model, input_shapes, str(p))
     if check:
-        changed = external or reordered or completed or densified or modernised
+        changed = external or reordered or completed or densified or modernised or renamed
         check_model(model, where=str(p), as_read=None if changed else data)
     return model, reordered
 
@@ -317,17 +317,27 @@ def drop_unused(graph: onnx.GraphProto) -> bool:
     return True
 
 
-def refuse_duplicate_node_names(graph: onnx.GraphProto, where: str) -> None:
-    """onnxruntime refuses a graph in which two nodes share a name; the checker does not, and the cuts
-    were listed before a split's session failed, blaming the cut."""
+def rename_duplicate_nodes(graph: onnx.GraphProto) -> bool:
+    """Give a node whose name an earlier node has a name of its own (``name__2``), in place; whether any
+    was renamed. onnxruntime refuses a graph in which two compute nodes share a name (the checker does
+    not, and a split's session failed after the cuts were listed), and the profiler tells nodes by name;
+    a converter may reuse one for Constant nodes (silero-vad's OpenVINO export names 15 of them
+    ``F0::anon``), which was refused too. A node's name does not change what it computes."""
+    taken = {n.name for n in graph.node if n.name}
     seen: set[str] = set()
+    renamed = False
     for n in graph.node:
-        if n.name and n.name in seen:
-            raise ModelError(
-                f"{where}: two nodes are named {n.name!r}, which onnxruntime refuses to load; give one "
-                "of them another name (node names do not change what a model computes)"
-            )
+        if not n.name:
+            continue
+        if n.name in seen:
+            k = 2
+            while f"{n.name}__{k}" in taken:
+                k += 1
+            n.name = f"{n.name}__{k}"
+            taken.add(n.name)
+            renamed = True
         seen.add(n.name)
+    return renamed
 
 
 def _unorderable(graph: onnx.GraphProto, stuck: list, done: set[str], where: str) -> str:
