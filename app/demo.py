@@ -52,6 +52,8 @@ class DemoConfig(StrictConfig):
     edge_slowdown: float = Field(4.0, ge=1)  # the edge stands in for a small device under a real CPU limit
     emulate_link: bool = True  # the network profile applied to real traffic by the userspace link proxy
     min_fidelity: float = Field(0.99, ge=0, le=1)
+    input_shapes: tuple[str, ...] = ()  # --input-shape NAME:1x3x640x640, for a model with symbolic sizes
+    inputs: Path | None = None  # the user's samples: planned on, and sent (the first INPUTS of them)
 
     @field_validator("mqtt")
     @classmethod
@@ -88,8 +90,10 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_network
 
+    from splitpoint.core.graph.shapes import parse_input_shapes
+
     t_start = time.perf_counter()
-    h = open_model(cfg.model)
+    h = open_model(cfg.model, parse_input_shapes(cfg.input_shapes))
     net = load_network(cfg.network)
     if cfg.mqtt is not None:  # a broker that is not there is news now, not after the minute of work
         from splitpoint.app.orchestrator import FleetSubscriber
@@ -118,7 +122,7 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
         f"[2/6] planning for {net.name} ({net.uplink_mbps:g} Mbit/s up, RTT {net.rtt_ms:g} ms), fidelity ≥ "
         f"{cfg.min_fidelity}…"
     )
-    samples, truths, measured_on = h.fidelity_samples(PLAN_SAMPLES)
+    samples, truths, measured_on = h.fidelity_samples(PLAN_SAMPLES, cfg.inputs)
     m = gather(h, edge, server, samples, codecs=["float32", "float16", "int8", "int8+lz4"], truths=truths)
     d = decide(m, [net], Constraints(min_fidelity=cfg.min_fidelity))[0]
     pick = d.pick
@@ -150,7 +154,13 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
     for k, (role, c) in enumerate(runs):
         dirs[role] = plans / f"{k}-{c.inp.kind}"
         write_candidate(h, c, dirs[role], include_full=True, front=[x.to_dict() for x in d.front], force=True)
-    results = _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress)
+    if cfg.inputs is not None:  # the user's own, judged again on the requests
+        inputs, judged = samples[:INPUTS], f"{min(INPUTS, len(samples))} of the inputs from {cfg.inputs}"
+    else:
+        from splitpoint.core.samples import sample_feeds
+
+        inputs, judged = [sample_feeds(h.model, 1, 100 + k) for k in range(INPUTS)], f"{INPUTS} other inputs"
+    results = _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, inputs, say, progress)
     say(
         "[6/6] measured vs predicted (medians of sequential requests, ms; predicted = derived from the "
         "profiles):"
@@ -163,7 +173,7 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
         say(
             f"        throughput {r['throughput_ips']:.1f}/s measured vs {c.throughput_ips:.1f}/s predicted; "
             f"{r['fallbacks']} fallbacks; top-1 agreement with the unsplit model {_pct(r['top1_agreement'])} "
-            f"on {INPUTS} other inputs; max |split − unsplit| {r['max_abs_error']:.2e}"
+            f"on {judged}; max |split − unsplit| {r['max_abs_error']:.2e}"
         )
     if len(runs) == 2:
         (ra, ca), (rb, cb) = runs
@@ -214,11 +224,10 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
     }
 
 
-def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> dict[str, Any]:
+def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, inputs, say, progress) -> dict[str, Any]:
     from splitpoint.app.bench.emulate import EmulatedLink
     from splitpoint.app.broker import EmbeddedBroker, free_port
     from splitpoint.app.orchestrator import collect
-    from splitpoint.core.samples import sample_feeds
     from splitpoint.edge.client import EdgeClient
     from splitpoint.edge.config import EdgeConfig, planned_window
     from splitpoint.partitioner.planner import link_of
@@ -226,7 +235,6 @@ def _serve_and_run(cfg, h, net, edge_cpus, plans, runs, dirs, say, progress) -> 
 
     broker = EmbeddedBroker().start() if cfg.mqtt is None else None
     url = broker.url if broker else cfg.mqtt
-    inputs = [sample_feeds(h.model, 1, 100 + k) for k in range(INPUTS)]
     full = h.whole_session()
     refs = [full.run(None, f) for f in inputs]
     results: dict[str, Any] = {}

@@ -12,7 +12,7 @@ import typer
 from splitpoint.core.errors import SplitPointError
 
 from ..console import console, progress
-from .common import Scores, Shapes, app
+from .common import FidelityInputs, Scores, Shapes, app
 
 
 @app.command()
@@ -30,6 +30,8 @@ def demo(
     no_link: Annotated[
         bool, typer.Option("--no-link-emulation", help="plain loopback instead of the network profile")
     ] = False,
+    input_shape: Shapes = None,
+    inputs: FidelityInputs = None,
 ) -> None:
     """Profile, plan, serve and run a split model on this machine, end to end."""
     from ..demo import DemoConfig, run_demo
@@ -42,6 +44,8 @@ def demo(
         mqtt=mqtt,
         edge_slowdown=edge_slowdown,
         emulate_link=not no_link,
+        input_shapes=tuple(input_shape or ()),
+        inputs=inputs,
     )
     with progress("demo", on=console) as note:
         run_demo(cfg, say=console.print, progress=note)
