@@ -81,6 +81,7 @@ def run_demo(
 
 def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callable[..., None]) -> dict:
     from splitpoint.core.graph import open_model
+    from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.plan import SPLIT
     from splitpoint.partitioner.emit import write_candidate
     from splitpoint.partitioner.job import fidelity_measure
@@ -89,8 +90,6 @@ def _run(cfg: DemoConfig, work: Path, say: Callable[..., None], progress: Callab
     from splitpoint.profiles.cpulimit import CpuLimitError, cpu_limit
     from splitpoint.profiles.profiler import ProfileSettings, profile_model
     from splitpoint.profiles.schema import load_network
-
-    from splitpoint.core.graph.shapes import parse_input_shapes
 
     t_start = time.perf_counter()
     h = open_model(cfg.model, parse_input_shapes(cfg.input_shapes))

@@ -11,6 +11,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def clipped(text: str, limit: int = 300) -> str:
+    """``text`` of at most about ``limit`` characters: its start and its end, where it is longer.
+    onnxruntime's report of a failure inside nested Ifs names each node on the way and the cause last
+    ("... LSTM node ... Input X must have 3 dimensions"): cut at its start, the cause was lost."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return f"{text[:head]} … {text[-(limit - head) :]}"
+
+
 def os_reason(exc: OSError) -> str:
     """A file system's refusal in words, with the path it names: "Read-only file system: /plans"."""
     where = f": {exc.filename}" if exc.filename else ""

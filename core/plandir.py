@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from .config import explain_fields
-from .errors import ModelError, PlanError, first_line
+from .errors import ModelError, PlanError, clipped, first_line
 from .graph.cuts import Cut
 from .graph.extract import extract_segments, verify_segments
 from .graph.index import GraphIndex
@@ -106,7 +106,7 @@ def _refuse_if_the_whole_model_fails(handle: ModelHandle, feeds: dict, exc: Exce
             else " at these input shapes (see --input-shape)"
         )
         raise ModelError(
-            f"onnxruntime could not run the model{where}: {first_line(whole)[:300]}{why}"
+            f"onnxruntime could not run the model{where}: {clipped(first_line(whole))}{why}"
             f"{handle.random_values_note()}"
         ) from exc
 

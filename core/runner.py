@@ -119,10 +119,24 @@ def make_session(
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if isinstance(model, onnx.ModelProto):
         src, keep = _shared_weights(model, so, weights)
-        sess = _session(src, so, providers)
+        try:
+            sess = _session(src, so, providers)
+        except Exception as exc:  # onnxruntime's own error types
+            if _SUBGRAPH_INFERENCE not in str(exc):
+                raise
+            sess = _session(_sizes_left_to_the_run(src), so, providers)
         sess._splitpoint_weights = keep  # the arrays must outlive the session
         return sess
-    return _session(model if isinstance(model, bytes) else utf8_path(model), so, providers)
+    try:
+        return _session(model if isinstance(model, bytes) else utf8_path(model), so, providers)
+    except Exception as exc:  # onnxruntime's own error types
+        if _SUBGRAPH_INFERENCE not in str(exc):
+            raise
+        # the file as a model in memory (external data read in), whose sizes the branch above leaves open
+        loaded = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        return make_session(
+            loaded, threads, provider, enable_profiling, optimization, weights, prepack, arena
+        )
 
 
 # onnxruntime's refusal of a model stamped with an opset newer than it runs: a paragraph whose reason
@@ -130,6 +144,29 @@ def make_session(
 _OPSET_TOO_NEW = re.compile(
     r"Opset (\d+) is under development.*support for domain (\S+) is till opset (\d+)", re.S
 )
+
+
+# onnxruntime type-checks every branch of an If (and a Loop's body) at the sizes the graph declares: a branch
+# the inputs never take may not check at them (silero-vad's 8 kHz branch, its LSTM given a rank-2 tensor
+# once the input is fixed at 1x512 for 16 kHz), and the model ran only with its sizes left unknown
+_SUBGRAPH_INFERENCE = "Graph attribute inferencing failed"
+
+
+def _sizes_left_to_the_run(src: bytes) -> bytes:
+    """``src`` (a model's bytes, weights outside) with its inputs' and outputs' sizes unnamed symbols of
+    their own and no inferred shapes inside: onnxruntime then checks a branch's types, not its sizes, and
+    the run meets the real ones (SplitPoint checks what it sends against the plan's shapes itself)."""
+    m = onnx.load_model_from_string(src)
+    g = m.graph
+    weights = {t.name for t in g.initializer}
+    for vi in [*g.input, *g.output]:
+        if vi.name in weights or not vi.type.HasField("tensor_type"):
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            d.Clear()
+            d.dim_param = f"{vi.name}__size{k}"
+    del g.value_info[:]
+    return m.SerializeToString()
 
 
 def _session(src: str | bytes, so: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:

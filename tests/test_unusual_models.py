@@ -2609,3 +2609,58 @@ def test_one_value_per_sample_is_compared_over_the_samples(shape):
     assert compare("p", ref, ref.copy(), 48).cosine == 1.0
     assert small.cosine > 0.99999
     assert big.cosine < 0.99
+
+
+def test_a_branch_the_inputs_never_take_need_not_type_check_at_their_sizes(tmp_path):
+    """onnxruntime type-checks both branches of an If at the sizes the graph declares: once --input-shape
+    fixed x at 1x512, an else branch that squeezes x's second dimension (silero-vad's 8 kHz branch, for a
+    16 kHz input) failed to load, and no command ran the model, though the file runs at that size. The
+    sessions leave such sizes to the run; the plan still checks them."""
+    from splitpoint.core.graph.shapes import parse_input_shapes
+    from splitpoint.core.plandir import write_plan
+    from splitpoint.core.runner import assemble, load_split, make_session
+
+    axes = helper.make_tensor("ax", TensorProto.INT64, [1], [1])
+    then_g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["t_out"])], "then", [], [_vi("t_out", ["a", "b"])]
+    )
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["axes"], value=axes),
+            helper.make_node("Squeeze", ["x", "axes"], ["sq"]),
+            helper.make_node("Unsqueeze", ["sq", "axes"], ["e_out"]),
+        ],
+        "else",
+        [],
+        [_vi("e_out", ["a", "b"])],
+    )
+    nodes = [
+        helper.make_node("If", ["c"], ["i"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Neg", ["i"], ["y"]),
+    ]
+    m = _tiny(nodes, [_vi("x", ["N", "L"]), _vi("c", [], TensorProto.BOOL)], [_vi("y", ["N", "L"])])
+    path = _save(m, tmp_path / "branches.onnx")
+    h = open_model(path, parse_input_shapes(["x:1x512"]))
+    feeds = {"x": np.linspace(-1, 1, 512, dtype=np.float32)[None], "c": np.array(True)}
+    want = make_session(path).run(None, feeds)[0]
+    np.testing.assert_array_equal(h.whole_session().run(None, feeds)[0], want)
+    (tmp_path / "in").mkdir()
+    np.savez(tmp_path / "in" / "s.npz", **feeds)
+    h.fidelity_samples(1, tmp_path / "in")
+    cut = next(c for c in h.cuts() if [t.name for t in c.crossing] == ["i"])
+    write_plan(h, tmp_path / "p", cut=cut)
+    plan, head, tail = load_split(tmp_path / "p")  # the head.onnx file, as an edge loads it
+    sent, early = head.run(feeds)
+    np.testing.assert_array_equal(assemble(plan, early, tail.run(sent))[0], want)
+    assert [t.shape for t in plan.inputs if t.name == "x"] == ["1x512"]  # what the edge checks
+
+
+def test_a_long_onnxruntime_report_keeps_its_cause():
+    """onnxruntime names every If on the way to a failure and the cause last: cut at 300 characters, the
+    error read "... running LSTM node. Na" and the reason was gone."""
+    from splitpoint.core.errors import clipped
+
+    report = "Non-zero status code returned while running If node. " * 10 + "Input X must have 3 dimensions"
+    short = clipped(report)
+    assert short.endswith("Input X must have 3 dimensions") and short.startswith("Non-zero status")
+    assert len(short) <= 303 and clipped("brief") == "brief"

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from splitpoint.core.errors import ModelError
+from splitpoint.core.errors import ModelError, clipped
 from splitpoint.core.onnxio import IR_WEIGHTS_NOT_INPUTS, check_model
 from splitpoint.core.weights import shareable, with_stubs
 
@@ -220,7 +220,7 @@ def verify_segments(
         except Exception as exc:  # onnxruntime's own error types
             before = "" if i == 0 else " on what the stages before it produced"
             raise ModelError(
-                f"{where}: {part} does not run{before}: {type(exc).__name__}: {str(exc)[:300]}"
+                f"{where}: {part} does not run{before}: {type(exc).__name__}: {clipped(str(exc))}"
             ) from exc
         if weights is None:
             fixed = trial
