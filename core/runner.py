@@ -125,6 +125,7 @@ def make_session(
             if _SUBGRAPH_INFERENCE not in str(exc):
                 raise
             sess = _session(_sizes_left_to_the_run(src), so, providers)
+            sess._splitpoint_sizes_open = True  # its inputs' sizes are the plan's to check (StageRunner)
         sess._splitpoint_weights = keep  # the arrays must outlive the session
         return sess
     try:
@@ -245,6 +246,8 @@ class StageRunner:
             n: by_session.get(n) or (_SPEC_DTYPES.get(specs[n].dtype), _spec_shape(specs[n].shape))
             for n in self.receives
         }
+        if getattr(session, "_splitpoint_sizes_open", False):  # a session whose sizes were left open
+            self.expect = {n: (dt, _spec_shape(specs[n].shape)) for n, (dt, _) in self.expect.items()}
 
     @classmethod
     def of_segment(

@@ -232,14 +232,17 @@ def _as_input_type(arr: np.ndarray, dtype: np.dtype, f: Path, name: str) -> np.n
     activations past 65504 became infinite as float16 samples, and fidelity was measured on them."""
     if arr.dtype == dtype:
         return arr
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(dtype)
-    if dtype.kind == "f":
-        changed = arr.dtype.kind in "fiu" and bool((np.isinf(out) & ~np.isinf(arr)).any())
-        why = f"values past {dtype}'s range ({np.finfo(dtype).max:g}) would be infinite"
-    else:  # integers and bools: every value back as it was
-        changed = not np.array_equal(out.astype(arr.dtype), arr, equal_nan=False)
-        why = "values it cannot hold (fractions, or out of its range) would change"
+    if arr.dtype.kind == "c" and dtype.kind != "c":
+        changed, why, out = True, "complex values would lose their imaginary part", arr
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr.astype(dtype)
+        if dtype.kind == "f" and arr.dtype.kind == "f":
+            changed = bool((np.isinf(out) & ~np.isinf(arr)).any())
+            why = f"values past {dtype}'s range ({np.finfo(dtype).max:g}) would be infinite"
+        else:  # to integers or bools, or integers to floats (an id past 2^24 as float32): each value back
+            changed = not np.array_equal(out.astype(arr.dtype), arr, equal_nan=False)
+            why = "values it cannot hold (fractions, or out of its range) would change"
     if changed:
         raise SplitPointError(
             f"{f.name}: input {name} takes {dtype}; this file holds {arr.dtype}, and {why}: save the "

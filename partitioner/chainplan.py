@@ -26,7 +26,7 @@ from splitpoint.profiles.schema import MeasuredProfile, NetworkProfile
 
 from .chain import ANY, BUSY, EMPTY, INF, ChainCosts, ChainPlan, chain_front, memory_shortfall, solve
 from .fidelity import FidelityReport, compare_outputs, task_report, warn_if_constant
-from .planner import AS_F32, RAW, REPLY_OVERHEAD_BYTES, encoded_sizes, link_of, output_bytes
+from .planner import RAW, REPLY_OVERHEAD_BYTES, codec_work, encoded_sizes, link_of, output_bytes
 
 CHAIN_CODECS = ["float32", "float16", "int8", "int8+zstd"]
 
@@ -63,12 +63,12 @@ def _speed(p: MeasuredProfile, codec: str, what: str, device: str) -> float:
 
 
 def _codec_ms(
-    profiles: dict, devices: list[str], codecs: list[str], f32: np.ndarray, what: str
+    profiles: dict, devices: list[str], codecs: list[str], work: np.ndarray, what: str
 ) -> np.ndarray:
     """(devices, positions, codecs): each device's time to encode (or decode) what crosses each
-    position, at the codec speeds measured on it."""
+    position, at the codec speeds measured on it (``work``: positions x codecs, ``codec_work``'s bytes)."""
     speeds = [np.array([_speed(profiles[d], c, what, d) for c in codecs]) for d in devices]
-    return np.stack([f32[:, None] / sp[None, :] / 1e3 for sp in speeds])
+    return np.stack([work / sp[None, :] / 1e3 for sp in speeds])
 
 
 def numbered(chain: list[str] | tuple[str, ...]) -> list[str]:
@@ -118,26 +118,23 @@ def gather_chain(
         profiles[d].check_cuts(cuts, f"the {d} profile")
     positions = np.array([0, *sorted(cuts), n])
     sizes = encoded_sizes(handle, samples, codecs)
-
-    def crossing(key: str) -> np.ndarray:
-        """Bytes crossing each position (measured: a declared size may be unknown), by ``key``."""
-        at = [sum(sizes[t][key] for t in idx.inputs)]
-        at += [sum(sizes[t.name][key] for t in cuts[k].crossing) for k in sorted(cuts)]
-        return np.array([*at, 0], float)
-
-    raw, as_f32 = crossing(RAW), crossing(AS_F32)
+    raw = [sum(sizes[t][RAW] for t in idx.inputs)]  # measured: a declared size may be unknown
+    raw += [sum(sizes[t.name][RAW] for t in cuts[k].crossing) for k in sorted(cuts)]
+    held = np.array([*raw, 0], float)
     nbytes = np.zeros((len(positions), len(codecs)))
+    work = np.zeros((len(positions), len(codecs)))
     for i, k in enumerate(positions):
         names = idx.inputs if k == 0 else [] if k == n else [t.name for t in cuts[int(k)].crossing]
         for j, c in enumerate(codecs):
             nbytes[i, j] = sum(sizes[t][c] for t in names)
+            work[i, j] = codec_work(sizes, idx, names, c)
     prefix = np.stack([_segment_prefix(profiles[d], n)[positions] for d in devices])
     # the runtime's own time per MiB of cut tensor, sent and received (measured with the runtime)
     mib = nbytes / 2**20
     send = np.array([profiles[d].runtime_ms_per_mib.get("edge", 0.0) for d in devices])[:, None, None] * mib
     recv = np.array([profiles[d].runtime_ms_per_mib.get("server", 0.0) for d in devices])[:, None, None] * mib
-    enc = _codec_ms(profiles, devices, codecs, as_f32, "encode_mb_s") + send
-    dec = _codec_ms(profiles, devices, codecs, as_f32, "decode_mb_s") + recv
+    enc = _codec_ms(profiles, devices, codecs, work, "encode_mb_s") + send
+    dec = _codec_ms(profiles, devices, codecs, work, "decode_mb_s") + recv
     w = weight_bytes_by_prefix(idx)
     weights = np.array([0, *[w[k - 1] for k in positions[1:]]], float)
     reply = output_bytes(idx, sizes, idx.outputs) + REPLY_OVERHEAD_BYTES
@@ -151,7 +148,7 @@ def gather_chain(
         dec,
         nbytes,
         weights,
-        raw,
+        held,
         float(reply),
         tuple(memory_limits or ()),
         tuple(profiles[d].runtime_ms.get("edge" if j == 0 else "server", 0.0) for j, d in enumerate(devices)),

@@ -163,34 +163,37 @@ def compare(
         if classes and random_inputs and n >= ONE_CLASS_MIN_SAMPLES and ref_top.min() == ref_top.max():
             classes = False
         top1 = float(np.mean(ref_top == g.argmax(1))) if classes else None
-    if r.shape[1] == 1 and rows > 1:
-        # one value per row (a voice detector's speech probability, [N] or [N, 1]) has no direction of its
-        # own, and its cosine is 1 whatever the error but a sign: compared over the samples, as a vector
-        # (int4 at 21.5 dB SNR read 1.00000 and flipped 2 of 48 decisions)
-        r, g = r.reshape(1, -1), g.reshape(1, -1)
     # what equal infinities (a mask's -inf in both) share counts as agreement, not as a NaN cosine; an
     # infinity or NaN of the split's own agrees with nothing (0)
     same = (r == g) & ~np.isfinite(r)
     if same.any():
         r, g = np.where(same, 0.0, r), np.where(same, 0.0, g)
-    rn, gn = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
+    cr, cg, share = r, g, 1.0  # the rows a cosine is taken of, and the share of the samples they are
+    if r.shape[1] == 1 and rows > 1:
+        # one value per row (a voice detector's speech probability, [N] or [N, 1]) has no direction of its
+        # own, and its cosine is 1 whatever the error but a sign: compared over the samples, as a vector
+        # (int4 at 21.5 dB SNR read 1.00000 and flipped 2 of 48 decisions), of which a sample the split
+        # made infinite or NaN is left out, as a row that agrees with nothing (not the whole output)
+        ok = np.isfinite(r[:, 0]) & np.isfinite(g[:, 0])
+        cr, cg, share = r[ok].reshape(1, -1), g[ok].reshape(1, -1), float(ok.mean())
+    rn, gn = np.linalg.norm(cr, axis=1), np.linalg.norm(cg, axis=1)
     denom = rn * gn
     # a row of zeros against one that is not has no direction in common: 0 (it read as 1, and an int8
     # head that rounded a softmax of a thousand classes to all zeros measured fidelity 1.000). Where the
     # float row is the zero one, a split row of mere rounding noise (1 % of the output's typical row)
     # still agrees: a codec's zero point may not land on 0 exactly
-    cos = np.where(denom > 0, (r * g).sum(1) / np.where(denom > 0, denom, 1), 0.0)
+    cos = np.where(denom > 0, (cr * cg).sum(1) / np.where(denom > 0, denom, 1), 0.0)
     cos[~np.isfinite(cos)] = 0.0
     typical = float(np.median(rn[rn > 0])) if (rn > 0).any() else 0.0
     cos[(rn == 0) & (gn <= 0.01 * typical)] = 1.0
-    cos[(r == g).all(axis=1)] = 1.0  # equal rows (zeros in both included): exactly 1, not a rounding of it
+    cos[(cr == cg).all(axis=1)] = 1.0  # equal rows (zeros in both included): exactly 1, not a rounding of it
     noise = _noise(r, g)
     signal = float((r[np.isfinite(r)] ** 2).sum())
     worst = float(np.abs(r - g).max())
     return OutputFidelity(
         name,
         top1,
-        None if exact else float(cos.mean()),
+        None if exact else float(cos.mean()) * share,
         worst if not np.isnan(worst) else float("inf"),
         _snr(signal, noise),
         exact_agreement=equal,

@@ -77,10 +77,22 @@ class Measurements:
 
 
 RAW = "raw"  # encoded_sizes' key for a tensor's own bytes (no codec is named so)
-# ... and for its size in the unit codec speeds are measured in, bytes of float32: a quantiser's work is
-# per element, so a float16 tensor costs what a float32 one of as many elements does, not half (its
-# int8 encode was predicted at 0.045 ms and took 0.2); a non-float tensor goes exact, a copy of its bytes
-AS_F32 = "as float32"
+AS_F32 = "as float32"  # ... and for its elements as float32 bytes (see codec_work)
+
+
+def codec_work(sizes: dict[str, dict[str, int]], idx: GraphIndex, names: Iterable[str], codec: str) -> int:
+    """The bytes ``codec``'s measured speeds (per float32 byte) apply to, for tensors ``names``: a
+    quantiser's or a float16 cast's work is per element, so a float16 tensor costs what a float32 one of
+    as many elements does, not half (its int8 encode was predicted at 0.045 ms and took 0.2); a copy or a
+    lossless compressor works on the tensor's own bytes (a float16 tensor under float32+lz4, or float16;
+    an integer tensor, which every codec sends exact)."""
+    total = 0
+    for t in names:
+        dtype = idx.info[t].dtype if t in idx.info else "float32"
+        base = Codec.parse(applied_to(codec, [dtype])).base
+        per_element = base != "float32" and not (base == "float16" and dtype == "float16")
+        total += sizes[t][AS_F32 if per_element else RAW]
+    return total
 
 
 def encoded_sizes(
@@ -151,7 +163,6 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
     idx = h.index
     out = []
     input_bytes = sum(m.sizes[i][RAW] for i in idx.inputs)  # as measured: a declared size may be unknown
-    input_f32 = sum(m.sizes[i][AS_F32] for i in idx.inputs)
     weights = weight_bytes_by_prefix(idx)
     # onnxruntime's int8 quantisers store float32 weights in a quarter of their bytes and leave weights of
     # other types as they are (a float16 model's "int8" head was claimed 30 % smaller and was no smaller)
@@ -246,8 +257,9 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         sent_as = label(codec, inputs, (SERVER_ONLY, 0))
         if sent_as is not None:
             timed = timed_as(codec, sent_as)
-            enc = input_f32 / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
-            dec = input_f32 / _speed(m.server, timed, "decode_mb_s", "server") / 1e3
+            work = codec_work(m.sizes, idx, idx.inputs, codec)
+            enc = work / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
+            dec = work / _speed(m.server, timed, "decode_mb_s", "server") / 1e3
             up = sum(m.sizes[i][codec] for i in idx.inputs)
             out.append(
                 CandidateInput(
@@ -268,14 +280,14 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
             )
         for cut in h.cuts():
             et, st = m.edge.cut(cut.k), m.server.cut(cut.k)
-            f32 = sum(m.sizes[c.name][AS_F32] for c in cut.crossing)
+            work = codec_work(m.sizes, idx, [c.name for c in cut.crossing], codec)
             up = sum(m.sizes[c.name][codec] for c in cut.crossing)
             for head in heads:
                 sent = label(codec, [c.dtype for c in cut.crossing], (SPLIT, cut.k, head))
                 if sent is None:
                     continue
-                enc = f32 / _speed(m.edge, timed_as(codec, sent), "encode_mb_s", "edge") / 1e3
-                dec = f32 / _speed(m.server, timed_as(codec, sent), "decode_mb_s", "server") / 1e3
+                enc = work / _speed(m.edge, timed_as(codec, sent), "encode_mb_s", "edge") / 1e3
+                dec = work / _speed(m.server, timed_as(codec, sent), "decode_mb_s", "server") / 1e3
                 out.append(
                     CandidateInput(
                         SPLIT,
@@ -412,7 +424,7 @@ def _also_as_sent(m: Measurements, cut: int, codec: str, head: str, sent: str) -
     """The fidelity measured with ``codec`` recorded also under the name it is sent as, where they differ."""
     if sent != codec and (cut, sent, head) not in m.fidelity:
         m.fidelity[(cut, sent, head)] = m.fidelity[(cut, codec, head)]
-        m.fidelity_reports[(cut, sent, head)] = m.fidelity_reports[(cut, codec, head)]
+        m.fidelity_reports[(cut, sent, head)] = {**m.fidelity_reports[(cut, codec, head)], "codec": sent}
 
 
 def _cut_order(pair: tuple) -> tuple:

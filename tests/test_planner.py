@@ -570,21 +570,30 @@ def test_a_half_cut_tensor_costs_codec_time_per_element_not_per_byte(tmp_path):
     assert crossing[1] == ["a"] and crossing[3] == ["c"], crossing
     edge = profile_model(h, ProfileSettings(role="edge", threads=1, budget=5))
     server = profile_model(h, ProfileSettings(role="server", threads=1, budget=5))
-    m = gather(h, edge, server, load_inputs(h.model, random=2), ["int8"])
+    m = gather(h, edge, server, load_inputs(h.model, random=2), ["int8", "float32+lz4", "float16"])
     assert m.sizes["c"]["raw"] * 2 == m.sizes["a"]["raw"] == 8 * 32 * 32 * 4  # its own bytes: half
-    by_cut = {c.cut: c for c in candidate_inputs(m) if c.kind == "split"}
+    by = {(c.cut, c.codec): c for c in candidate_inputs(m) if c.kind == "split"}
+    elements = 8 * 32 * 32
     for k in (1, 3):
-        want = 8 * 32 * 32 * 4 / 1e3
-        assert by_cut[k].encode_ms == pytest.approx(want / edge.codecs["int8"].encode_mb_s)
-        assert by_cut[k].decode_ms == pytest.approx(want / server.codecs["int8"].decode_mb_s)
+        want = elements * 4 / 1e3
+        assert by[k, "int8"].encode_ms == pytest.approx(want / edge.codecs["int8"].encode_mb_s)
+        assert by[k, "int8"].decode_ms == pytest.approx(want / server.codecs["int8"].decode_mb_s)
+    # a copy or a lossless compressor works on the tensor's own bytes: the half tensor's are half
+    for k, size in ((1, 4), (3, 2)):
+        for codec in ("float32+lz4", "float16"):
+            speed = edge.codecs[codec].encode_mb_s
+            own = elements * size if codec != "float16" or k == 3 else elements * 4  # a cast per element
+            assert by[k, codec].encode_ms == pytest.approx(own / 1e3 / speed), (k, codec)
     # and so in a chain's costs, whose memory counts the half tensor's own bytes
     from splitpoint.partitioner.chainplan import gather_chain
 
     nets = [load_network("wifi-n")]
-    chain = gather_chain(h, ["edge", "server"], {"edge": edge, "server": server}, nets, m.samples, ["int8"])
+    codecs = ["int8", "float32+lz4"]
+    chain = gather_chain(h, ["edge", "server"], {"edge": edge, "server": server}, nets, m.samples, codecs)
     at = {int(p): i for i, p in enumerate(chain.costs.positions)}
     for k in (1, 3):
         assert chain.costs.enc_ms[0][at[k], 0] == pytest.approx(want / edge.codecs["int8"].encode_mb_s)
+        assert chain.costs.enc_ms[0][at[k], 1] == pytest.approx(by[k, "float32+lz4"].encode_ms)
     assert chain.costs.act[at[3]] * 2 == chain.costs.act[at[1]] == 8 * 32 * 32 * 4
 
 
@@ -661,6 +670,41 @@ def test_token_ids_under_only_quantising_codecs_are_planned_as_sent(tmp_path, co
     lossless = "float32" + codecs[0][len(codecs[0].split("+")[0]) :]
     by_name = {(c.inp.kind, c.inp.cut, c.inp.codec): c for c in d.candidates}
     assert by_name[("server-only", 0, lossless)].inp.fidelity == 1.0  # sent exact: measured so
+    assert m.fidelity_reports[(0, lossless, "float32")]["codec"] == lossless  # its report says so too
     ids_cut = next(c.index for c in h.cuts() if [t.name for t in c.crossing] == ["top"])
     measure_fidelity(m, {(ids_cut, "float32", lossless)})  # as a front that holds it asks
     assert m.fidelity[(ids_cut, lossless, "float32")] == 1.0
+
+
+def test_float32_weight_bytes_count_a_weight_computed_from_float32_ones(tmp_path):
+    """A weight computed from an initializer (a transposed W: onnxruntime folds it and then quantises the
+    result) is a float32 weight an int8 head holds in a quarter: counting literal constants alone left
+    it out of the saving; a float16 one stays out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from splitpoint.core.graph.memory import weight_bytes_by_prefix
+
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["Wt"]),
+        helper.make_node("MatMul", ["x", "Wt"], ["a"]),
+        helper.make_node("Cast", ["a"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Transpose", ["H"], ["Ht"]),
+        helper.make_node("MatMul", ["h", "Ht"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "computed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 64])],
+        [
+            onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "W"),
+            onnx.numpy_helper.from_array(np.ones((64, 64), np.float16), "H"),
+        ],
+    )
+    path = tmp_path / "computed.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    idx = open_model(path).index
+    assert weight_bytes_by_prefix(idx)[-1] == 64 * 64 * 4 + 64 * 64 * 2
+    assert weight_bytes_by_prefix(idx, only=TensorProto.FLOAT)[-1] == 64 * 64 * 4
+    assert weight_bytes_by_prefix(idx, only=TensorProto.FLOAT16)[-1] == 64 * 64 * 2

@@ -413,6 +413,13 @@ def test_samples_are_cast_to_the_input_s_type_only_where_their_values_survive(tm
         SplitPointError, match=r"b.npy: input t takes int64; this file holds float32, .*change"
     ):
         load_inputs(ids, d)
+    single = _tiny([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [1, 4])], [_vi("y", [1, 4])])
+    np.save(d / "b.npy", np.array([[1, 2, 3, 2**40 + 1]], np.int64))  # an id float32 cannot hold
+    with pytest.raises(SplitPointError, match=r"b.npy: input x takes float32; this file holds int64"):
+        load_inputs(single, d)
+    np.save(d / "b.npy", np.array([[1, 2, 3, 1j]], np.complex64))
+    with pytest.raises(SplitPointError, match=r"complex values would lose their imaginary part"):
+        load_inputs(single, d)
 
 
 def test_samples_of_a_single_scalar_input_are_read_from_npy_files(tmp_path):
@@ -2609,6 +2616,9 @@ def test_one_value_per_sample_is_compared_over_the_samples(shape):
     assert compare("p", ref, ref.copy(), 48).cosine == 1.0
     assert small.cosine > 0.99999
     assert big.cosine < 0.99
+    one_inf = ref.copy()
+    one_inf[3] = np.inf  # one sample the split made infinite agrees with nothing, the rest still count
+    assert compare("p", ref, one_inf, 48).cosine == pytest.approx(47 / 48)
 
 
 def test_a_branch_the_inputs_never_take_need_not_type_check_at_their_sizes(tmp_path):
@@ -2616,6 +2626,7 @@ def test_a_branch_the_inputs_never_take_need_not_type_check_at_their_sizes(tmp_p
     fixed x at 1x512, an else branch that squeezes x's second dimension (silero-vad's 8 kHz branch, for a
     16 kHz input) failed to load, and no command ran the model, though the file runs at that size. The
     sessions leave such sizes to the run; the plan still checks them."""
+    from splitpoint.core.errors import SplitPointError
     from splitpoint.core.graph.shapes import parse_input_shapes
     from splitpoint.core.plandir import write_plan
     from splitpoint.core.runner import assemble, load_split, make_session
@@ -2652,7 +2663,11 @@ def test_a_branch_the_inputs_never_take_need_not_type_check_at_their_sizes(tmp_p
     plan, head, tail = load_split(tmp_path / "p")  # the head.onnx file, as an edge loads it
     sent, early = head.run(feeds)
     np.testing.assert_array_equal(assemble(plan, early, tail.run(sent))[0], want)
-    assert [t.shape for t in plan.inputs if t.name == "x"] == ["1x512"]  # what the edge checks
+    assert [t.shape for t in plan.inputs if t.name == "x"] == ["1x512"]
+    with pytest.raises(SplitPointError, match=r"shape \[1, 256\], the plan expects shape \[1, 512\]"):
+        head.check_inputs({"x": np.ones((1, 256), np.float32), "c": np.array(True)})  # as an edge does
+    # the server's check of what arrives: the plan's sizes, not the session's open ones
+    assert not any("__size" in str(d) for _, shape in tail.expect.values() for d in shape), tail.expect
 
 
 def test_a_long_onnxruntime_report_keeps_its_cause():

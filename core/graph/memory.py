@@ -84,13 +84,16 @@ def weight_bytes_by_prefix(idx: GraphIndex, only: int | None = None) -> list[int
                 if only is None or idx.initializers[t].data_type == only:
                     total += nbytes(idx.initializers[t])
             elif idx.producer.get(t) in idx.const:
-                if only is None:
+                info = idx.info.get(t)
+                if only is None or (info is not None and info.dtype == _np_name(only)):
                     total += _constant_bytes(idx, t)
-                elif (value := constant_value(idx, t)) is not None and value.data_type == only:
-                    total += nbytes(value)
             seen.add(t)
         out.append(total)
     return out
+
+
+def _np_name(data_type: int) -> str:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).name
 
 
 def _constant_bytes(idx: GraphIndex, name: str) -> int:
