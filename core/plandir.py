@@ -78,6 +78,17 @@ def _check_messages(idx: GraphIndex, cuts: list[Cut | None]) -> None:
         if why is not None:
             where = f"cut {cut.index}" if cut is not None else "sending the model's inputs"
             raise PlanError(f"{where} (hop {i + 1}) cannot go over the wire: {why}; choose another cut")
+        # a rank that follows the batch or the data (an axes-less Squeeze: a scalar at batch 1, [N] at 2)
+        # cannot be declared in a stage's interface: the checker's "Field 'shape' of 'type' is required"
+        ranked = [
+            t.name for t in (cut.crossing if cut is not None else []) if idx.tensor(t.name).dims is None
+        ]
+        if ranked and cut is not None:
+            raise PlanError(
+                f"cut {cut.index} (hop {i + 1}): the rank of {', '.join(map(repr, ranked))} is not known (it "
+                "changes with the batch or the data, or a trial run could not measure it); choose another "
+                "cut, or fix the batch with --input-shape"
+            )
     why = names_unfit(list(idx.outputs)) if cuts else None  # a server's reply carries them
     if why is not None:
         raise PlanError(f"the model's outputs cannot go over the wire in one answer: {why}")

@@ -169,7 +169,7 @@ def chain_fidelity(m: ChainMeasurements, plan: ChainPlan) -> FidelityReport:
     h = m.handle
     if not m.reference:
         m.reference = run_batched(h.whole_session(), m.samples)
-        warn_if_constant(m.reference, len(m.samples))
+        warn_if_constant(m.reference, len(m.samples), h.given_sample is not None)
     cuts: list[Cut | None] = [None if p == 0 else m.cuts[p] for p in key[0]]
     segments = extract_segments(h.index, cuts, check=False, shared_weights=True)
     stages = [

@@ -378,10 +378,11 @@ def set_score_axes(handle: ModelHandle, specs: Sequence[str] | None) -> None:
     handle.score_axes = axes
 
 
-def warn_if_constant(reference: Sequence[Joined], n: int) -> bool:
+def warn_if_constant(reference: Sequence[Joined], n: int, given: bool = False) -> bool:
     """Whether the unsplit model answered the same on every sample, said once as a warning: any split then
     scores perfect (an audio front end whose seeded random lengths masked every frame answered zeros, and
-    an int8 split read as exact where real audio put an error of 4.9 on it)."""
+    an int8 split read as exact where real audio put an error of 4.9 on it). ``given``: the samples are the
+    user's own (``--inputs``), which the way out is then about."""
     if n < 2:
         return False
     for ref in reference:
@@ -390,11 +391,16 @@ def warn_if_constant(reference: Sequence[Joined], n: int) -> bool:
             r.shape != rows[0].shape or not np.array_equal(r, rows[0]) for r in rows[1:]
         ):
             return False
+    way_out = (
+        "the samples given are alike as far as the model tells: give samples that differ"
+        if given
+        else "on seeded random inputs: give --inputs with real values: lengths, masks, ids"
+    )
     log.warning(
         "the unsplit model gives the same outputs on all %d samples: every split then agrees with it, so "
-        "this fidelity says little (on seeded random inputs, give --inputs with real values: lengths, "
-        "masks, ids)",
+        "this fidelity says little (%s)",
         n,
+        way_out,
     )
     return True
 
@@ -412,7 +418,7 @@ def measure(
     """Fidelity of each codec at one cut. Each sample is encoded on its own, as the edge does."""
     if reference is None:
         reference = run_batched(handle.whole_session(), samples)
-        warn_if_constant(reference, len(samples))
+        warn_if_constant(reference, len(samples), handle.given_sample is not None)
     head, tail = extract(handle.index, cut, check=False, shared_weights=True)
     weights = handle.index.weight_array
     hs = make_session(head_model or head, weights=weights)

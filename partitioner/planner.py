@@ -355,7 +355,7 @@ def measure_fidelity(
     full = h.whole_session()  # built once: the reference and the server-only runs share it
     if not m.reference:
         m.reference = run_batched(full, m.samples)
-        warn_if_constant(m.reference, len(m.samples))
+        warn_if_constant(m.reference, len(m.samples), h.given_sample is not None)
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     runs: dict[bytes, list[Joined]] = {}  # server-only: one full-model run per decoded input
     inputs = input_types(h.index)

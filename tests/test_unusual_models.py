@@ -305,6 +305,10 @@ def test_a_reference_the_same_on_every_sample_is_said_to_say_little(caplog):
     assert "same outputs on all 4 samples" in caplog.text and "--inputs" in caplog.text
     varied = [np.arange(8, dtype=np.float32).reshape(4, 2)]
     assert not warn_if_constant(varied, 4) and not warn_if_constant(zeros, 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="splitpoint.fidelity"):
+        assert warn_if_constant(zeros, 4, given=True)  # the user's own samples: no --inputs to suggest
+    assert "samples given are alike" in caplog.text and "--inputs" not in caplog.text
 
 
 def test_an_integer_output_has_no_cosine_to_read_as_perfect():
@@ -2679,3 +2683,30 @@ def test_a_long_onnxruntime_report_keeps_its_cause():
     short = clipped(report)
     assert short.endswith("Input X must have 3 dimensions") and short.startswith("Non-zero status")
     assert len(short) <= 303 and clipped("brief") == "brief"
+
+
+def test_a_rank_that_follows_the_batch_beside_an_input_of_fixed_size(tmp_path):
+    """x[N, 4] beside a fixed-size input (a [1] bias, an LSTM's [25] state): the trial ran at batch 1 only,
+    took an axes-less Squeeze's [N] for a scalar, and the plan refused every batch of 2 ("rank 1, the plan
+    expects shape []"). The runs are at batch 2 too: an output keeps the [N] its file declares, and a cut
+    tensor whose rank follows the batch is refused by name, not written as a scalar."""
+    from splitpoint.core.errors import PlanError
+    from splitpoint.core.plan import Plan
+    from splitpoint.core.plandir import write_plan
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Squeeze", ["r"], ["s"]),
+        helper.make_node("Add", ["s", "bias"], ["y"]),
+    ]
+    m = _tiny(nodes, [_vi("x", ["N", 4]), _vi("bias", [1])], [_vi("y", ["N"])], [w])
+    h = open_model(_save(m, tmp_path / "squeeze.onnx"))
+    assert h.index.tensor("y").dims == ["N"]
+    assert h.index.tensor("s").dims is None  # a scalar at batch 1, [N] at batch 2
+    by_crossing = {tuple(t.name for t in c.crossing): c for c in h.cuts()}
+    write_plan(h, tmp_path / "p", cut=by_crossing[("bias", "r")])
+    assert [o.shape for o in Plan.load(tmp_path / "p").outputs] == ["N"]
+    with pytest.raises(PlanError, match=r"the rank of 's' is not known .* --input-shape"):
+        write_plan(h, tmp_path / "q", cut=by_crossing[("bias", "s")])
