@@ -708,3 +708,22 @@ def test_float32_weight_bytes_count_a_weight_computed_from_float32_ones(tmp_path
     assert weight_bytes_by_prefix(idx)[-1] == 64 * 64 * 4 + 64 * 64 * 2
     assert weight_bytes_by_prefix(idx, only=TensorProto.FLOAT)[-1] == 64 * 64 * 4
     assert weight_bytes_by_prefix(idx, only=TensorProto.FLOAT16)[-1] == 64 * 64 * 2
+    # an int8 weight behind a DequantizeLinear is a float32 constant of int8 bytes: no float32 weight
+    q = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["Wq", "sc", "zp"], ["W"]),
+            helper.make_node("MatMul", ["x", "W"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [
+            onnx.numpy_helper.from_array(np.ones((64, 64), np.int8), "Wq"),
+            onnx.numpy_helper.from_array(np.array(0.1, np.float32), "sc"),
+            onnx.numpy_helper.from_array(np.array(0, np.int8), "zp"),
+        ],
+    )
+    onnx.save(helper.make_model(q, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "qdq.onnx")
+    idx = open_model(tmp_path / "qdq.onnx").index
+    assert weight_bytes_by_prefix(idx, only=TensorProto.FLOAT)[-1] == 0
+    assert weight_bytes_by_prefix(idx, only=TensorProto.INT8)[-1] == weight_bytes_by_prefix(idx)[-1] == 4096

@@ -2693,6 +2693,7 @@ def test_a_rank_that_follows_the_batch_beside_an_input_of_fixed_size(tmp_path):
     from splitpoint.core.errors import PlanError
     from splitpoint.core.plan import Plan
     from splitpoint.core.plandir import write_plan
+    from splitpoint.core.runner import assemble, load_split, mismatch, output_expects
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1)).astype(np.float32), "W")
     nodes = [
@@ -2710,3 +2711,15 @@ def test_a_rank_that_follows_the_batch_beside_an_input_of_fixed_size(tmp_path):
     assert [o.shape for o in Plan.load(tmp_path / "p").outputs] == ["N"]
     with pytest.raises(PlanError, match=r"the rank of 's' is not known .* --input-shape"):
         write_plan(h, tmp_path / "q", cut=by_crossing[("bias", "s")])
+    # such an output: its file says [N], which batch 1 does not give (a scalar): no shape, any rank taken
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["c"]), helper.make_node("Squeeze", ["c"], ["out"])]
+    h = open_model(_save(_tiny(nodes, [_vi("x", ["N", 4])], [_vi("out", ["N"])], [w]), tmp_path / "sq.onnx"))
+    assert h.index.tensor("out").dims is None
+    write_plan(h, tmp_path / "r", cut=h.cuts()[0])
+    plan, head, tail = load_split(tmp_path / "r")
+    assert [o.shape for o in plan.outputs] == ["?"]
+    for n in (1, 2):  # what the edge checks of the reply (a scalar at batch 1) holds at either batch
+        sent, early = head.run({"x": np.ones((n, 4), np.float32)})
+        out = assemble(plan, early, tail.run(sent))[0]
+        assert out.shape == (() if n == 1 else (n,))
+        assert mismatch("out", out, output_expects(plan)["out"]) is None

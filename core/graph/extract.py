@@ -58,11 +58,24 @@ def _submodel(
         if t in reads
     ]
     original_inputs = {i.name: i for i in src.graph.input}
+    original_outputs = {o.name: o for o in src.graph.output}
 
     def vi(name: str) -> onnx.ValueInfoProto:
         # the model's own inputs as given (their shapes fixed by --input-shape); everything else from the
-        # index, whose shapes come from the graph, never from the exporter's value_info (often stale)
-        return original_inputs[name] if name in original_inputs else idx.tensor(name).value_info()
+        # index, whose shapes come from the graph, never from the exporter's value_info (often stale). A
+        # model output whose rank follows the batch (an axes-less Squeeze: a scalar at batch 1) has no shape
+        # to declare, which the checker requires: the file's own declaration stands in (the plan records no
+        # shape for it, and checks none)
+        if name in original_inputs:
+            return original_inputs[name]
+        t = idx.tensor(name)
+        if (
+            t.dims is None
+            and name in original_outputs
+            and original_outputs[name].type.tensor_type.HasField("shape")
+        ):
+            return original_outputs[name]
+        return t.value_info()
 
     graph = helper.make_graph(nodes, name, [vi(i) for i in inputs], [vi(o) for o in outputs])
     model = helper.make_model(

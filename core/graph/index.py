@@ -335,12 +335,12 @@ class GraphIndex:
             sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
             leads = [not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.shape]
             runs = [sess.run(missing, sample_feeds(self.model, 1, 0))]
-            free_batch = any(leads)
+            free_batch = all(leads) or self.batch_symbol is not None
             if free_batch:
-                # at batch 2 where any input's batch is free: beside one of a fixed size (an LSTM's [25]
-                # state, a [1] bias), runs at batch 1 alone took an axes-less Squeeze's [N] for a scalar,
-                # and the plan refused every batch of 2 it was sent; where such an input does not take a
-                # batch of 2, the runs are at batch 1 as before
+                # at batch 2 where the first input's batch is free, beside an input of a fixed size too (an
+                # LSTM's [25] state, a [1] bias): runs at batch 1 alone took an axes-less Squeeze's [N] for
+                # a scalar, and the plan refused every batch of 2 it was sent; where such an input does not
+                # take a batch of 2, the runs are at batch 1 as before
                 try:
                     runs.append(sess.run(missing, sample_feeds(self.model, 2, 1)))
                 except Exception:
@@ -353,7 +353,6 @@ class GraphIndex:
             self.trial_error = first_line(exc)[:400]
             return
         batch = self.batch_symbol or "N"
-        declared = {o.name: _tensor_info(o) for o in self.model.graph.output}
         for name, a, b in zip(missing, *runs, strict=True):
             if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
                 self.non_tensor.add(name)  # a sequence or a map, returned as a list or a dict
@@ -365,7 +364,6 @@ class GraphIndex:
                 b,
                 batch if free_batch else None,
                 name in self._rows_follow_values,
-                declared.get(name),
             )
             _mark_batch_axis(self.info[name], self.batch_symbol)
 
@@ -384,7 +382,6 @@ def _measured_info(
     b: np.ndarray,
     batch: str | None,
     value_shaped: bool = False,
-    declared: TensorInfo | None = None,
 ) -> TensorInfo:
     """A tensor's type from two trial runs: ``a`` at batch 1 and ``b`` at batch 2 where the batch (named
     ``batch``) is free, else two samples at the fixed shape. What inference knew for sure stays: numbers
@@ -395,20 +392,8 @@ def _measured_info(
     row, or every row) and stays free, each its own: a plan fixed the rows its trial happened to keep, and
     refused every request that kept another number."""
     elem = helper.np_dtype_to_tensor_dtype(a.dtype)
-    if a.ndim != b.ndim:
-        # a rank that follows the batch (an axes-less Squeeze of [N, 1]: a scalar at batch 1, [N] at 2):
-        # unknown, unless the file declares a shape the batch-2 run fits (a graph output's [N])
-        fits = [
-            t.dims
-            for t in (inferred, declared)
-            if t is not None
-            and t.dims is not None
-            and len(t.dims) == b.ndim
-            and all(not isinstance(d, int) or d == n for d, n in zip(t.dims, b.shape, strict=True))
-        ]
-        fit = fits[0] if fits else None
-        lead = bool(fit) and batch is not None and fit is not None and fit[0] == batch
-        return TensorInfo(name, elem, fit, lead_is_batch=lead)
+    if a.ndim != b.ndim:  # a rank that follows the batch (an axes-less Squeeze): no shape fits both runs
+        return TensorInfo(name, elem, None)
     known = inferred.dims if inferred is not None and inferred.dims and len(inferred.dims) == a.ndim else None
     dims: list[int | str | None] = []
     rows = 1

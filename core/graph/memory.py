@@ -84,9 +84,7 @@ def weight_bytes_by_prefix(idx: GraphIndex, only: int | None = None) -> list[int
                 if only is None or idx.initializers[t].data_type == only:
                     total += nbytes(idx.initializers[t])
             elif idx.producer.get(t) in idx.const:
-                info = idx.info.get(t)
-                if only is None or (info is not None and info.dtype == _np_name(only)):
-                    total += _constant_bytes(idx, t)
+                total += _constant_bytes(idx, t, only)
             seen.add(t)
         out.append(total)
     return out
@@ -96,15 +94,20 @@ def _np_name(data_type: int) -> str:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).name
 
 
-def _constant_bytes(idx: GraphIndex, name: str) -> int:
+def _constant_bytes(idx: GraphIndex, name: str, only: int | None = None) -> int:
     """A constant's bytes: those of the weights it is computed from (an int8 weight a DequantizeLinear
     reads stays int8 in onnxruntime's fused kernels, a transposed weight is folded at its own size), or,
     where nothing but shapes and Constant nodes make it (a ConstantOfShape filling a weight's shape), its
-    own size."""
+    own size. ``only``: of the weights of that element type alone (an int8 weight behind a
+    DequantizeLinear is no float32 weight, whatever the constant's own type)."""
+
+    def counted(t: onnx.TensorProto) -> int:
+        return nbytes(t) if only is None or t.data_type == only else 0
+
     value = constant_value(idx, name)
     if value is not None:
-        return nbytes(value)
-    sources, stack, seen = 0, [name], set()
+        return counted(value)
+    sources, found, stack, seen = 0, False, [name], set()
     while stack:
         t = stack.pop()
         if t in seen:
@@ -113,15 +116,17 @@ def _constant_bytes(idx: GraphIndex, name: str) -> int:
         init = idx.initializers.get(t)
         if init is not None:
             if init.dims and init.data_type != onnx.TensorProto.INT64:  # not a shape
-                sources += nbytes(init)
+                sources, found = sources + counted(init), True
             continue
         const = constant_value(idx, t)
         if const is not None and const.dims and const.data_type != onnx.TensorProto.INT64:
-            sources += nbytes(const)
+            sources, found = sources + counted(const), True
         src = idx.producer.get(t)
         if src is not None and src in idx.const:
             stack.extend(idx.node_ins[src])
-    if sources:
+    if found:
         return sources
     info = idx.info.get(name)
-    return tensor_size(idx, name) * info.itemsize if info is not None else 0
+    if info is None or (only is not None and info.dtype != _np_name(only)):
+        return 0
+    return tensor_size(idx, name) * info.itemsize
