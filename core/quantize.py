@@ -89,6 +89,7 @@ def quantize_head(
     if mode not in MODES:
         raise SplitPointError(f"unknown head quantisation mode {mode!r}; choose {', '.join(MODES)}")
     refuse_quantized(head, mode)
+    not_float32 = _not_float32_weights(head)
     if mode == "static":
         head = _at_least_opset(head, PER_CHANNEL_OPSET)
     inputs = {i.name for i in head.graph.input}
@@ -118,6 +119,8 @@ def quantize_head(
                     weight_type=QuantType.QInt8,
                 )
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
+            if not_float32:
+                raise _left_as_they_are(not_float32, mode, exc) from exc
             # onnxruntime's quantiser (and the onnx version converter it calls) on a head it cannot
             # handle, e.g. an opset 7-9 Upsample there is no adapter for: the user's choice is the mode
             # or the model's opset, not a traceback
@@ -128,7 +131,13 @@ def quantize_head(
                 "--quantize-head-weights mode, a cut before the operator it names, or a model exported at "
                 "opset 13 or later"
             ) from exc
-        return onnx.load(str(dst))
+        quantised = onnx.load(str(dst))
+    integer = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    if not_float32 and not any(
+        t.data_type in integer and len(t.dims) > 1 for t in quantised.graph.initializer
+    ):
+        raise _left_as_they_are(not_float32, mode)
+    return quantised
 
 
 QUANTIZED_OPS = frozenset(
@@ -166,17 +175,26 @@ def refuse_quantized(model: onnx.ModelProto, mode: str) -> None:
             f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (without --int8 or "
             "--quantize-head-weights)"
         )
-    # onnxruntime's quantisers quantise float32 weights only: float16 or float64 ones stay as they are
-    # (static mode adds int8 activations around them and calls the head int8; the dynamic quantiser dies on
-    # the cast it inserts for float16 weights), so a head whose weights are all of those gains nothing
+
+
+def _not_float32_weights(model: onnx.ModelProto) -> list[str]:
+    """The element types of a model's weights where none is float32 (float16, float64, ...): onnxruntime
+    1.32's quantisers quantise float32 weights only and leave these as they are (static mode puts int8
+    activations around them and the head is called int8; the dynamic quantiser dies on the cast it
+    inserts for float16 weights), where 1.30's quantised float16 ones. Empty where any is float32."""
     kinds = {t.data_type for t in model.graph.initializer if t.dims and any(d > 1 for d in t.dims)}
-    other = sorted(_FLOAT_NAMES[k] for k in kinds if k in _FLOAT_NAMES)
-    if other and onnx.TensorProto.FLOAT not in kinds:
-        raise SplitPointError(
-            f"the model's weights are {' and '.join(other)}: onnxruntime's {mode} int8 quantiser quantises "
-            "float32 weights only and leaves these as they are (an int8 head would hold the same bytes); "
-            "leave out --int8, --int8-heads and --quantize-head-weights, or export the model in float32"
-        )
+    return (
+        [] if onnx.TensorProto.FLOAT in kinds else sorted(_FLOAT_NAMES[k] for k in kinds if k in _FLOAT_NAMES)
+    )
+
+
+def _left_as_they_are(kinds: list[str], mode: str, failed: BaseException | None = None) -> SplitPointError:
+    what = f"failed on them ({first_line(failed)[:200]})" if failed else "left them as they are"
+    return SplitPointError(
+        f"the model's weights are {' and '.join(kinds)}: onnxruntime's {mode} int8 quantiser {what}, which "
+        "quantises float32 weights (an int8 head would hold the same bytes); leave out --int8, --int8-heads "
+        "and --quantize-head-weights, or export the model in float32"
+    )
 
 
 _FLOAT_NAMES = {

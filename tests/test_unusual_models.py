@@ -1648,16 +1648,26 @@ def test_int8_heads_of_weights_that_are_not_float32_are_one_clear_refusal(tmp_pa
     )
     calibration = [{"x": np.ones((1, 8), np_dtype)}]
     name = "float16" if dtype == TensorProto.FLOAT16 else "float64"
-    with pytest.raises(SplitPointError, match=f"weights are {name}: .*quantises float32 weights only"):
-        quantize_head(m, calibration, mode)
+    integer = (TensorProto.INT8, TensorProto.UINT8)
+
+    def quantised(q: onnx.ModelProto) -> set[str]:
+        return {t.name for t in q.graph.initializer if t.data_type in integer and len(t.dims) > 1}
+
+    # never an "int8" head whose weights stayed as they were: onnxruntime 1.32 leaves float16 and float64
+    # weights (refused, saying so), 1.30 quantises float16 ones (taken)
+    try:
+        q = quantize_head(m, calibration, mode)
+    except SplitPointError as exc:
+        assert re.search(f"weights are {name}: .*quantises float32 weights", str(exc)), exc
+    else:
+        assert quantised(q), [t.name for t in q.graph.initializer]
     # a float32 weight beside them is quantised: the head is not refused
     m.graph.initializer.append(numpy_helper.from_array(np.ones((8, 8), np.float32), "w32"))
     m.graph.node.extend([helper.make_node("MatMul", ["x32", "w32"], ["y32"])])
     m.graph.input.append(_vi("x32", [1, 8]))
     m.graph.output.append(_vi("y32", [1, 8]))
     calibration[0]["x32"] = np.ones((1, 8), np.float32)
-    q = quantize_head(m, calibration, mode)
-    assert {t.name: t.data_type for t in q.graph.initializer}.get("w") == dtype  # left as it was
+    assert "w32_quantized" in quantised(quantize_head(m, calibration, mode))
 
 
 def test_the_work_inside_a_loop_body_is_profiled_as_the_loop_s(tmp_path):
