@@ -77,7 +77,6 @@ class Measurements:
 
 
 RAW = "raw"  # encoded_sizes' key for a tensor's own bytes (no codec is named so)
-AS_F32 = "as float32"  # ... and for its elements as float32 bytes (see codec_work)
 
 
 def codec_work(sizes: dict[str, dict[str, int]], idx: GraphIndex, names: Iterable[str], codec: str) -> int:
@@ -91,7 +90,8 @@ def codec_work(sizes: dict[str, dict[str, int]], idx: GraphIndex, names: Iterabl
         dtype = idx.info[t].dtype if t in idx.info else "float32"
         base = Codec.parse(applied_to(codec, [dtype])).base
         per_element = base != "float32" and not (base == "float16" and dtype == "float16")
-        total += sizes[t][AS_F32 if per_element else RAW]
+        own = sizes[t][RAW]
+        total += own * 4 // np.dtype(dtype).itemsize if per_element else own  # as float32, a float's
     return total
 
 
@@ -109,7 +109,7 @@ def encoded_sizes(
     m.graph.output.extend([idx.tensor(n).value_info() for n in produced if n not in existing])
     sess = make_session(m)
     out_names = [o.name for o in sess.get_outputs()]
-    seen: dict[str, dict[str, list[int]]] = {n: {c: [] for c in [*codecs, RAW, AS_F32]} for n in names}
+    seen: dict[str, dict[str, list[int]]] = {n: {c: [] for c in [*codecs, RAW]} for n in names}
     replied = [o for o in idx.outputs if o not in seen]  # sent back raw: their own bytes only
     seen.update({o: {RAW: []} for o in replied})
     parsed = [(c, Codec.parse(c)) for c in codecs]
@@ -129,7 +129,6 @@ def encoded_sizes(
                     memo[a] = encoded_size(v, a)
                 seen[n][name].append(memo[a])
             seen[n][RAW].append(v.nbytes)
-            seen[n][AS_F32].append(v.size * 4 if v.dtype.kind == "f" else v.nbytes)
         del vals
     return {n: {c: int(statistics.median(b)) for c, b in by.items()} for n, by in seen.items()}
 
