@@ -182,6 +182,10 @@ def _crossing_cell(crossing: list) -> str:
     return ", ".join(one(x) for x in big) + f", and {len(rest)} more ({total}; --json lists them)"
 
 
+def _share(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.1f}%"
+
+
 def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
     """``batch``: the batch the inputs fix (above 1, a row's bytes are a whole request's, not a sample's)."""
     rows = [
@@ -190,8 +194,8 @@ def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
             c.last_node,
             _crossing_cell(c.crossing),
             human_bytes(c.bytes_per_sample),
-            f"{100 * c.head_macs_share:.1f}%",
-            f"{100 * c.head_params_share:.1f}%",
+            _share(c.head_macs_share),
+            _share(c.head_params_share),
         ]
         for c in cuts
     ]

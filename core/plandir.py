@@ -88,6 +88,7 @@ def _check_messages(idx: GraphIndex, cuts: list[Cut | None]) -> None:
                 f"cut {cut.index} (hop {i + 1}): the rank of {', '.join(map(repr, ranked))} is not known (it "
                 "changes with the batch or the data, or a trial run could not measure it); choose another "
                 "cut, or fix the batch with --input-shape"
+                + (f" (the trial run failed: {idx.trial_error})" if idx.trial_error else "")
             )
     why = names_unfit(list(idx.outputs)) if cuts else None  # a server's reply carries them
     if why is not None:

@@ -26,10 +26,16 @@ VALUE_MOVING_OPS = frozenset(
 )
 
 
+# onnxruntime's fused embedding (com.microsoft EmbedLayerNormalization, as its transformer optimiser
+# writes BERTs): each index input's position and the position of the table it reads rows of
+FUSED_LOOKUPS = {"EmbedLayerNormalization": ((0, 2), (1, 4), (8, 3))}  # ids, token types, positions
+
+
 def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
     """Integer inputs that index a table (an embedding: token ids, token types, positions), each with the
     rows of its smallest table: a sample past them makes onnxruntime's Gather fail ("indices element out
-    of data bounds") where a real input never would."""
+    of data bounds") where a real input never would, and a fused embedding's alike ("input index out of
+    range": a BERT's 2 token types, a sample's 0..9)."""
     rows: dict[str, int] = {}
     for t in model.graph.initializer:
         rows[t.name] = int(t.dims[0]) if t.dims else 0
@@ -68,6 +74,11 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
                         out[inp.name] = min(out.get(inp.name, n_rows), n_rows)
                 elif n.op_type in VALUE_MOVING_OPS and n.input[0] == t:
                     stack.extend(n.output)
+                for at, table in FUSED_LOOKUPS.get(n.op_type, ()) if n.domain == "com.microsoft" else ():
+                    if len(n.input) > table and at < len(n.input) and n.input[at] == t:
+                        n_rows = rows.get(n.input[table], 0) or ((sizes(n.input[table]) or [0])[0] or 0)
+                        if n_rows > 0:
+                            out[inp.name] = min(out.get(inp.name, n_rows), n_rows)
     return out
 
 

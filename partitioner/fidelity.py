@@ -163,9 +163,10 @@ def compare(
         if classes and random_inputs and n >= ONE_CLASS_MIN_SAMPLES and ref_top.min() == ref_top.max():
             classes = False
         top1 = float(np.mean(ref_top == g.argmax(1))) if classes else None
-    # what equal infinities (a mask's -inf in both) share counts as agreement, not as a NaN cosine; an
-    # infinity or NaN of the split's own agrees with nothing (0)
-    same = (r == g) & ~np.isfinite(r)
+    # what equal infinities (a mask's -inf in both) or NaNs in both (the float model's own, which the split
+    # reproduces) share counts as agreement, not as a NaN cosine; an infinity or NaN of the split's own
+    # agrees with nothing (0)
+    same = ((r == g) & ~np.isfinite(r)) | (np.isnan(r) & np.isnan(g))
     if same.any():
         r, g = np.where(same, 0.0, r), np.where(same, 0.0, g)
     cr, cg, share = r, g, 1.0  # the rows a cosine is taken of, and the share of the samples they are
@@ -483,10 +484,13 @@ def measure_one(
     cut = resolve_cut(handle.index, cut_spec)
     n = random or (64 if handle.task else 8)  # plan's own defaults
     samples, truths, measured_on = handle.fidelity_samples(n, inputs)
-    head_model = (
-        quantize_head(extract(handle.index, cut, check=False)[0], samples, quantize) if quantize else None
-    )
-    weights = f"int8-{quantize}" if quantize else "float32"
-    rep = measure(handle, cut, [codec], samples, head_model=head_model, head_weights=weights, truths=truths)
+    with handle.sample_runs():
+        head_model = (
+            quantize_head(extract(handle.index, cut, check=False)[0], samples, quantize) if quantize else None
+        )
+        weights = f"int8-{quantize}" if quantize else "float32"
+        rep = measure(
+            handle, cut, [codec], samples, head_model=head_model, head_weights=weights, truths=truths
+        )
     rep[codec].inputs = measured_on
     return rep[codec]

@@ -151,9 +151,10 @@ def _load(job: PlanJob) -> tuple[ModelHandle, NetworkProfile, Measurements, str]
             )
     n = job.random or (64 if handle.task else 8)
     samples, truths, measured_on = handle.fidelity_samples(n, job.inputs)
-    m = gather(
-        handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads, truths
-    )
+    with handle.sample_runs():
+        m = gather(
+            handle, edge, server, samples, list(job.codecs) if job.codecs else None, job.int8_heads, truths
+        )
     return handle, network, m, measured_on
 
 
@@ -351,17 +352,18 @@ def run_chain_plan(job: ChainJob, note: Callable[[str, int, int], None] | None =
         for name, kind in zip(names, job.devices, strict=True)
     ]
     limits = [b * 2**20 if b is not None else None for b in budget]
-    m = gather_chain(
-        handle,
-        names,
-        profiles,
-        networks,
-        samples,
-        list(job.codecs or []) or None,
-        truths,
-        limits,
-        job.max_hop_bytes,
-    )
+    with handle.sample_runs():
+        m = gather_chain(
+            handle,
+            names,
+            profiles,
+            networks,
+            samples,
+            list(job.codecs or []) or None,
+            truths,
+            limits,
+            job.max_hop_bytes,
+        )
     cons = ChainConstraints(job.max_latency_ms, job.min_throughput_ips, job.min_fidelity, job.objective)
     d = decide_chain(m, cons, note)
     predicted = {

@@ -61,12 +61,14 @@ class Cut:
         return self.index
 
     @property
-    def head_macs_share(self) -> float:
-        return self.head_macs / self.total_macs if self.total_macs else 0.0
+    def head_macs_share(self) -> float | None:
+        """None where no node's MACs could be counted (no sizes known, or no Conv/MatMul/recurrent
+        node): a share of 0.0 % read as a cut that leaves all the work to the server."""
+        return self.head_macs / self.total_macs if self.total_macs else None
 
     @property
-    def head_params_share(self) -> float:
-        return self.head_params / self.total_params if self.total_params else 0.0
+    def head_params_share(self) -> float | None:
+        return self.head_params / self.total_params if self.total_params else None
 
     def to_dict(self) -> dict:
         return {
@@ -76,11 +78,15 @@ class Cut:
             "bytes_per_sample": self.bytes_per_sample,
             "head_outputs": self.head_outputs,
             "head_macs": self.head_macs,
-            "head_macs_share": round(self.head_macs_share, 6),
+            "head_macs_share": _rounded(self.head_macs_share),
             "head_params": self.head_params,
-            "head_params_share": round(self.head_params_share, 6),
+            "head_params_share": _rounded(self.head_params_share),
             "raw_input_crossing": self.raw_input_crossing,
         }
+
+
+def _rounded(share: float | None) -> float | None:
+    return None if share is None else round(share, 6)
 
 
 def _crossing(idx: GraphIndex, name: str, source: str) -> CrossingTensor:
@@ -265,6 +271,8 @@ def _what(idx: GraphIndex, t: str) -> str:
     """A value's kind as a user names it: its element type ("string", where numpy says "object"), or
     what it is when it is no tensor."""
     if not idx.is_tensor(t):
+        if t not in idx.non_tensor:
+            return "its type unknown: shape inference cannot tell, and no trial run measured it"
         return "a sequence, a map or an optional value"
     dtype = idx.tensor(t).dtype
     return "string" if dtype == "object" else dtype
@@ -285,7 +293,7 @@ def cut_from_head(idx: GraphIndex, head: frozenset, expected: set[str] | None = 
                 f"; cut at {','.join([*sorted(expected), *extra])} instead"
                 if not uncarried
                 else f", and no codec carries {', '.join(f'{t} ({_what(idx, t)})' for t in uncarried)}: "
-                "cut elsewhere"
+                "cut elsewhere" + (f" (the trial run failed: {idx.trial_error})" if idx.trial_error else "")
             )
             raise CutError(
                 f"invalid cut: the tail also needs {', '.join(extra)} from the head "

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from splitpoint.core.codecs import CARRIED_DTYPES
-from splitpoint.core.errors import ModelError, first_line
+from splitpoint.core.errors import ModelError, clipped, first_line
 from splitpoint.core.subgraphs import node_inputs
 from splitpoint.core.weights import stub, with_stubs
 
@@ -286,6 +286,13 @@ class GraphIndex:
             self._measure_shapes()
         return name not in self.non_tensor and name in self.info
 
+    def untyped(self) -> list[str]:
+        """The node outputs neither inference nor the trial run typed (it failed): no cut can cross them."""
+        self._measure_shapes()
+        return [
+            o for n in self.nodes for o in n.output if o and o not in self.info and o not in self.non_tensor
+        ]
+
     def carried(self, name: str) -> bool:
         """Whether ``name`` can cross a cut: a tensor of a type a codec carries (not a sequence or a map,
         nor bfloat16, strings, ...: onnxruntime returns no numpy array for some, no payload holds others)."""
@@ -350,7 +357,7 @@ class GraphIndex:
             if not free_batch:
                 runs.append(sess.run(missing, sample_feeds(self.model, 1, 1)))
         except Exception as exc:  # best effort: callers report the tensor that stays unknown, and why
-            self.trial_error = first_line(exc)[:400]
+            self.trial_error = clipped(first_line(exc), 400)
             return
         batch = self.batch_symbol or "N"
         for name, a, b in zip(missing, *runs, strict=True):

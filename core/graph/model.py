@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 
 from splitpoint.core import zoo
 from splitpoint.core.codecs import CARRIED_DTYPES
-from splitpoint.core.errors import ModelError
+from splitpoint.core.errors import ModelError, clipped, first_line
 from splitpoint.core.files import utf8_path
 from splitpoint.core.onnxio import drop_unused, load_model_and_digest
 from splitpoint.core.subgraphs import iter_nodes
@@ -108,6 +110,21 @@ class ModelHandle:
 
         return "" if self.given_sample is not None else random_values_note(self.model)
 
+    @contextlib.contextmanager
+    def sample_runs(self) -> Iterator[None]:
+        """Where the model runs on seeded random samples (plan's, fidelity's): onnxruntime's refusal of
+        them names the integer inputs they filled with 0..9 and the way out (--inputs), as profile's and
+        split's do; plan's said only onnxruntime's words about a Reshape."""
+        try:
+            yield
+        except Exception as exc:
+            note = self.random_values_note()
+            if not (note and type(exc).__module__.startswith("onnxruntime")):
+                raise
+            raise ModelError(
+                f"onnxruntime could not run the model: {clipped(first_line(exc))}{note}"
+            ) from exc
+
     @property
     def runnable(self) -> Path | onnx.ModelProto:
         """What a session of the whole model is built from (give it ``index.weight_array`` as its
@@ -188,6 +205,22 @@ class ModelHandle:
                 raise ModelError(
                     "no candidate cut: shape inference cannot type the tensors between the nodes, and "
                     f"onnxruntime could not run the model to measure them ({self.index.trial_error})"
+                )
+            untyped = self.index.untyped()
+            if untyped and self.index.trial_error:
+                # the cuts that cross them are left out: said, where they went missing without a word (a
+                # fused BERT's cuts between its layers)
+                from splitpoint.core.samples import random_values_note
+
+                log.warning(
+                    "%s: %d tensor(s) between the nodes have no known type (%s): shape inference cannot "
+                    "tell, and onnxruntime could not run the model to measure them (%s)%s; the cuts that "
+                    "cross them are not offered",
+                    self.name,
+                    len(untyped),
+                    ", ".join(untyped[:3]) + (", …" if len(untyped) > 3 else ""),
+                    self.index.trial_error,
+                    random_values_note(self.model),
                 )
         return self._cuts
 
@@ -368,7 +401,8 @@ def check_interface(model: onnx.ModelProto, where: str) -> None:
             continue
         if which != "tensor_type":
             hint = (
-                " (ZipMap's: convert the model without it, e.g. skl2onnx's options={'zipmap': False})"
+                " (ZipMap's: convert the model without it: skl2onnx's options={'zipmap': False}, "
+                "onnxmltools' zipmap=False)"
                 if v.name in zipmaps
                 else ""
             )
