@@ -2864,3 +2864,25 @@ def test_plan_and_fidelity_name_the_random_integers_onnxruntime_refused(tmp_path
     np.savez(tmp_path / "in" / "a.npz", x=np.ones((1, 16), np.float32), shape=np.array([4, 4], np.int64))
     ok = run_cli("fidelity", path, "--cut", "1", "--codec", "int8", "--inputs", str(tmp_path / "in"))
     assert ok.returncode == 0, ok.stderr
+
+
+def test_fused_attention_counts_its_projections_and_scores_as_work(tmp_path):
+    """com.microsoft Attention (a fused BERT layer) holds the layer's Q, K and V projections: counted as
+    none, a cut after three fused layers read as a small share of the model's work."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 24)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(24, np.float32), "b")
+    nodes = [
+        helper.make_node("Attention", ["x", "w", "b"], ["a"], domain="com.microsoft", num_heads=2),
+        helper.make_node("Relu", ["a"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "attn", [_vi("x", [1, 4, 8])], [_vi("y", [1, 4, 8])], [w, b])
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    path = tmp_path / "attn.onnx"
+    onnx.save(m, path)
+    make_session(str(path)).run(None, {"x": np.ones((1, 4, 8), np.float32)})  # onnxruntime runs it
+    (cut,) = open_model(path).cuts()
+    # 4 tokens x 8 inputs x 24 projected, and 4 x 4 scores over Q's 8 and V's 8
+    assert cut.head_macs == cut.total_macs == 4 * 8 * 24 + 4 * 4 * (8 + 8)

@@ -140,6 +140,8 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         return _per_sample(x) * w[1] * k if x else 0
     if n.op_type in RECURRENT_GATES:
         return _recurrent_macs(idx, n)
+    if n.op_type == "Attention" and n.domain == "com.microsoft":
+        return _attention_macs(idx, n)
     if n.op_type in MATMUL and n.input[0] in idx.info:
         a = idx.info[n.input[0]].dims
         if not a or not isinstance(a[-1], int):
@@ -148,6 +150,23 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         kdim = a[-2] if (trans_a and len(a) >= 2) else a[-1]
         return out_elems * int(kdim)
     return 0
+
+
+def _attention_macs(idx: GraphIndex | _Body, n) -> int:
+    """onnxruntime's fused attention (com.microsoft Attention, as its transformer optimiser writes a BERT's
+    layers) per sample: the Q, K and V projections of the [batch, tokens, hidden] input by one [hidden,
+    Q + K + V] weight, then the scores and their weighted sum over the tokens (a cache's past tokens not
+    counted). Uncounted, a fused BERT's share of work read as its feed-forward layers' alone."""
+    x = idx.info.get(n.input[0])
+    w = idx.info.get(n.input[1]) if len(n.input) > 1 else None
+    if x is None or w is None or not x.dims or not w.dims or len(x.dims) != 3 or len(w.dims) != 2:
+        return 0
+    tokens, hidden, width = x.dims[1], x.dims[2], w.dims[1]
+    if not all(isinstance(d, int) for d in (tokens, hidden, width)):
+        return 0
+    sizes = next((list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"), [])
+    q, _, v = sizes if len(sizes) == 3 else [width // 3] * 3
+    return tokens * hidden * width + tokens * tokens * (q + v)
 
 
 def _recurrent_macs(idx: GraphIndex | _Body, n) -> int:
