@@ -810,7 +810,7 @@ def show_decoder_plan(r: Any, job: Any, network: str) -> None:
     console.print(
         f"pick: {best.label}: greedy agreement {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}], "
         f"next-token KL {k['value']:.2g} nats (measured, {fid['prompts']} random prompts x "
-        f"{fid['new_tokens']} tokens, against the float model; {r.weights})"
+        f"{fid['new_tokens']} tokens, against the unsplit model; {r.weights})"
     )
     if job.min_agreement is None and a["value"] < 0.99:
         console.print(

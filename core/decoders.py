@@ -96,12 +96,13 @@ class ExportedDecoder:
 
     def __post_init__(self) -> None:
         from .graph.decodercut import decoder_layout
+        from .graph.genai import as_decoder
         from .graph.index import GraphIndex
         from .onnxio import load_model
 
         self.path = Path(self.path)
         self.name = self.name or self.path.stem
-        self._model = load_model(self.path)
+        self._model = as_decoder(load_model(self.path))
         self.idx = GraphIndex.build(self._model)
         lay = decoder_layout(self.idx)
         self.layout = lay
@@ -143,22 +144,32 @@ class ExportedDecoder:
         from .kvcache import DecoderSegment
 
         seg = DecoderSegment(self._model, 1)
+
+        def at(position: int) -> None:
+            past = {
+                k: np.zeros((*v.shape[:2], position, v.shape[3]), v.dtype)
+                for k, v in seg.empty_past().items()
+            }
+            seg.step(np.zeros((1, 1), self.ids_dtype), past)
+
         try:  # the first token first: a model that fails there fails for another reason than --max-len
             seg.step(np.zeros((1, 1), self.ids_dtype), seg.empty_past())
         except Exception as exc:  # onnxruntime's own type
-            text = " ".join(str(exc).split())[:300]
             raise PlanError(
-                f"the model does not run one token of one sequence on an empty cache: {text}"
+                f"the model does not run one token of one sequence on an empty cache: {_said(exc)}"
             ) from exc
-        past = {
-            k: np.zeros((*v.shape[:2], n_ctx - 1, v.shape[3]), v.dtype) for k, v in seg.empty_past().items()
-        }
         try:
-            seg.step(np.zeros((1, 1), self.ids_dtype), past)
+            at(n_ctx - 1)
         except Exception as exc:  # onnxruntime's own type: an index past a table, most often
-            text = " ".join(str(exc).split())[:300]
+            try:  # a model that fails on its second token fails whatever --max-len
+                at(1)
+            except Exception as second:
+                raise PlanError(
+                    f"the model does not run a second token after a first on one sequence, whatever "
+                    f"--max-len: {_said(second)}"
+                ) from second
             raise PlanError(
-                f"--max-len {n_ctx}: the model fails at position {n_ctx - 1} ({text}); "
+                f"--max-len {n_ctx}: the model fails at position {n_ctx - 1} ({_said(exc)}); "
                 "give a smaller --max-len"
             ) from exc
 
@@ -253,3 +264,10 @@ def check_split(dec: Decoder, head: onnx.ModelProto, tail: onnx.ModelProto) -> N
             )
             raise PlanError(f"the split decoder does not reproduce the whole model's logits ({diff})")
         x = ref[:, -1:].argmax(-1).astype(dec.ids_dtype)
+
+
+def _said(exc: BaseException) -> str:
+    """onnxruntime's words on one line, their start and their end (the cause) where they run long."""
+    from .errors import clipped
+
+    return clipped(" ".join(str(exc).split()))

@@ -6,10 +6,12 @@ tell a user little. Everything that reads a user's model goes through ``load_mod
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -380,7 +382,7 @@ def check_model(
     ``load_model`` checked already. ``as_read``: the bytes ``model`` was parsed from, checked as they are
     instead of serialising the model again."""
     try:
-        if as_read is not None:
+        if as_read is not None and not _runtime_ops(model):
             if len(as_read) < onnx.checker.MAXIMUM_PROTOBUF:
                 onnx.checker.check_model(as_read, full_check=full)
             return
@@ -388,11 +390,56 @@ def check_model(
             model = weights_as_inputs(model)
         if _over_protobuf_limit(model):
             return  # the in-memory checker cannot take >2 GiB protos; checked on the saved file instead
-        onnx.checker.check_model(model, full_check=full)
+        with _set_aside(model, _runtime_ops(model)):
+            onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         # the checker's report runs over lines (a node printed in the middle of a sentence): all of it
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise ModelError(f"{where} fails the ONNX checker: {text[:500]}") from exc
+
+
+_ASIDE_DOMAIN = "splitpoint.onnxruntime-ops"
+
+
+@functools.cache
+def _onnxruntime_default_domain_ops() -> frozenset[str]:
+    """Ops onnxruntime registers in ONNX's own domain that ONNX does not define (SimplifiedLayerNormalization:
+    onnxruntime-genai's model builder writes it so)."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+        return frozenset(s.name for s in get_all_operator_schema() if s.domain in ("", "ai.onnx"))
+    except (ImportError, AttributeError):  # a build without the schemas: the checker decides alone
+        return frozenset()
+
+
+def _runtime_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The top graph's nodes of ONNX's domain that ONNX does not define and onnxruntime runs."""
+    unknown = {
+        n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+    }
+    if not unknown or not unknown <= _onnxruntime_default_domain_ops():
+        return []  # none, or one neither defines: the checker's words about it stand
+    return [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in unknown]
+
+
+@contextlib.contextmanager
+def _set_aside(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> Iterator[None]:
+    """The checker checks every other node while ``nodes`` sit in a domain of their own (it checks no
+    unknown domain's ops): a model onnxruntime runs is not refused for an op only onnxruntime defines."""
+    if not nodes:
+        yield
+        return
+    domains = [n.domain for n in nodes]
+    for n in nodes:
+        n.domain = _ASIDE_DOMAIN
+    model.opset_import.append(onnx.helper.make_opsetid(_ASIDE_DOMAIN, 1))
+    try:
+        yield
+    finally:
+        for n, d in zip(nodes, domains, strict=True):
+            n.domain = d
+        del model.opset_import[len(model.opset_import) - 1]
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:

@@ -218,13 +218,32 @@ def quantize_matmul_weights(model: onnx.ModelProto, bits: int = 4, block_size: i
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     q.process()
     out = q.model.model
-    if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
-        # a plan that said int4 of weights left float (a Gemm export's) mispredicted memory and speed
+    if _nbits(out) <= _nbits(model):
+        # a plan that said int4 of weights left float (a Gemm export's) mispredicted memory and speed; one
+        # of weights already 4-bit (onnxruntime-genai's int4 export) measured the same part twice
         raise SplitPointError(
             f"no MatMul or Gemm weight to quantise to {bits} bits in this part of the model (weights "
-            "given as inputs, or layers of other operators): keep its weights float32"
+            "given as inputs, layers of other operators, or weights already quantised): keep its weights "
+            "as they are"
         )
     return out
+
+
+def _nbits(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+
+
+def float_matmul_weights(model: onnx.ModelProto) -> bool:
+    """Whether a MatMul or Gemm of ``model`` multiplies by a float initializer: what 4-bit weights take."""
+    floats = {
+        t.name
+        for t in model.graph.initializer
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(t.dims) == 2
+    }
+    return any(
+        n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in floats
+        for n in model.graph.node
+    )
 
 
 def gemm_as_matmul(graph: onnx.GraphProto) -> int:

@@ -368,6 +368,7 @@ def measure(
     edge's under ``edge_cpus`` (a real CPU limit on this process while it measures, as ``profile
     --cpus`` does), one onnxruntime thread, as a small device runs."""
     from splitpoint.core.errors import SplitPointError
+    from splitpoint.core.quantize import float_matmul_weights
     from splitpoint.profiles.cpulimit import cpu_limit, sample_span_ms
 
     if dec.layers < 3:
@@ -381,6 +382,15 @@ def measure(
         )
     context = prompt_tokens + new_tokens // 2
     codecs = list(dict.fromkeys(hidden_codec(dec, c) for c in codecs))  # once each, by what they send
+    if "int4" in head_weights and not float_matmul_weights(dec.part(0, 1)):
+        # weights already 4-bit (onnxruntime-genai's int4 export): its int4 candidates were its float32
+        # ones again, listed twice
+        if list(head_weights) == ["int4"]:
+            raise SplitPointError(
+                f"{dec.name}'s layers have no float MatMul weights to quantise to 4 bits (already "
+                "quantised?): plan with its weights as they are"
+            )
+        head_weights = [w for w in head_weights if w != "int4"]
     server, _ = measure_side(dec, "float32", prompt_tokens, context, repeats, server_threads)
     edge, weight_bytes = {}, {}
     with cpu_limit(edge_cpus) as emulation:

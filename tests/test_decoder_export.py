@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
 
 from splitpoint.app.broker import free_port
 from splitpoint.app.process import start_server, stop
@@ -433,3 +435,138 @@ def test_a_decoder_whose_layers_keep_different_numbers_of_heads_is_split_and_run
     assert len(PlanRegistry(tmp_path / "plans").ids()) == 1
     local = generate_local(out, np.array([[1, 2, 3]]), 3)
     assert len(local.tokens) == 3
+
+
+def _genai_decoder(
+    path: Path, layers=3, hidden=64, heads=4, kv_heads=2, vocab=64, positions=64, seed=0
+) -> Path:
+    """As onnxruntime-genai's model builder writes a Llama: SimplifiedLayerNormalization in ONNX's domain,
+    each residual add fused with the next norm (SkipSimplifiedLayerNormalization), GroupQueryAttention with
+    packed QKV and rotary caches, the caches' head size the symbol kv_cache_dim."""
+    rng = np.random.default_rng(seed)
+    hd = hidden // heads
+    inits, nodes = [], []
+
+    def w(name, shape, scale=0.2):
+        inits.append(numpy_helper.from_array((scale * rng.standard_normal(shape)).astype(np.float32), name))
+        return name
+
+    def c(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    w("embed", (vocab, hidden), 1.0)
+    inv = 1.0 / 10000 ** (np.arange(0, hd, 2) / hd)
+    ang = np.outer(np.arange(positions), inv)
+    c("cos_cache", np.cos(ang).astype(np.float32))
+    c("sin_cache", np.sin(ang).astype(np.float32))
+    c("one", np.array([1], np.int64))
+    c("one_s", np.array(1, np.int64))
+    nodes += [
+        helper.make_node("ReduceSum", ["attention_mask", "one"], ["mask_sum"], keepdims=0),
+        helper.make_node("Sub", ["mask_sum", "one_s"], ["seqlens"]),
+        helper.make_node("Cast", ["seqlens"], ["seqlens_k"], to=T.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+        helper.make_node("Gather", ["mask_shape", "one_s"], ["total"], axis=0),
+        helper.make_node("Cast", ["total"], ["total_len"], to=T.INT32),
+        helper.make_node("Gather", ["embed", "input_ids"], ["x0"]),
+        helper.make_node(
+            "SimplifiedLayerNormalization",
+            ["x0", w("ln_in0", (hidden,), 1.0)],
+            ["n0"],
+            axis=-1,
+            epsilon=1e-5,
+            stash_type=1,
+        ),
+    ]
+    stream, normed = "x0", "n0"
+    for i in range(layers):
+        qkv = w(f"qkv{i}", (hidden, (heads + 2 * kv_heads) * hd))
+        nodes += [
+            helper.make_node("MatMul", [normed, qkv], [f"qkv_out{i}"]),
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    f"qkv_out{i}",
+                    "",
+                    "",
+                    f"past_key_values.{i}.key",
+                    f"past_key_values.{i}.value",
+                    "seqlens_k",
+                    "total_len",
+                    "cos_cache",
+                    "sin_cache",
+                ],
+                [f"attn{i}", f"present.{i}.key", f"present.{i}.value"],
+                domain="com.microsoft",
+                num_heads=heads,
+                kv_num_heads=kv_heads,
+                do_rotary=1,
+            ),
+            helper.make_node("MatMul", [f"attn{i}", w(f"o{i}", (heads * hd, hidden))], [f"o_out{i}"]),
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                [stream, f"o_out{i}", w(f"ln_post{i}", (hidden,), 1.0)],
+                [f"m{i}", "", "", f"s{i}"],
+                domain="com.microsoft",
+                epsilon=1e-5,
+            ),
+            helper.make_node("MatMul", [f"m{i}", w(f"up{i}", (hidden, 2 * hidden))], [f"up_out{i}"]),
+            helper.make_node("Relu", [f"up_out{i}"], [f"act{i}"]),
+            helper.make_node("MatMul", [f"act{i}", w(f"down{i}", (2 * hidden, hidden))], [f"down_out{i}"]),
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                [f"s{i}", f"down_out{i}", w(f"ln_in{i + 1}", (hidden,), 1.0)],
+                [f"n{i + 1}", "", "", f"r{i + 1}"],
+                domain="com.microsoft",
+                epsilon=1e-5,
+            ),
+        ]
+        stream, normed = f"r{i + 1}", f"n{i + 1}"
+    nodes.append(helper.make_node("MatMul", [normed, w("lm_head", (hidden, vocab), 1.0)], ["logits"]))
+
+    def cache(n, length):
+        return helper.make_tensor_value_info(n, T.FLOAT, ["batch_size", kv_heads, length, "kv_cache_dim"])
+
+    ins = [
+        helper.make_tensor_value_info("input_ids", T.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", T.INT64, ["batch_size", "total_sequence_length"]),
+    ]
+    ins += [
+        cache(f"past_key_values.{i}.{k}", "past_sequence_length")
+        for i in range(layers)
+        for k in ("key", "value")
+    ]
+    outs = [helper.make_tensor_value_info("logits", T.FLOAT, ["batch_size", "sequence_length", vocab])]
+    outs += [
+        cache(f"present.{i}.{k}", "total_sequence_length") for i in range(layers) for k in ("key", "value")
+    ]
+    g = helper.make_graph(nodes, "genai", ins, outs, inits)
+    m = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    m.ir_version = 10
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("edge_layers", [1, 2])
+def test_an_onnxruntime_genai_export_is_split_and_generates_its_own_tokens(tmp_path, edge_layers):
+    """onnxruntime-genai's model builder writes ops only onnxruntime defines (SimplifiedLayerNormalization in
+    ONNX's own domain: the checker refused the file), fuses each residual add with the next norm (no tensor
+    separated the layers) and leaves the caches' head size a symbol (refused as "not fixed heads"). Its
+    split serves the tokens onnxruntime gives on the file itself (full.onnx)."""
+    path = _genai_decoder(tmp_path / "genai.onnx")
+    out = tmp_path / "plans" / "genai"
+    plan = write_decoder_plan(ExportedDecoder(path), out, edge_layers=edge_layers, include_full=True)
+    assert plan.decoder is not None and (plan.decoder.head_dim, plan.decoder.max_len) == (16, 64)
+    prompt = np.random.default_rng(3).integers(0, 64, (1, 7))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = start_server(endpoint, tmp_path / "plans")
+    try:
+        unsplit = generate_local(out, prompt, 24)  # full.onnx: the export as written, fused ops and all
+        with DecoderClient(out, endpoint, timeout_s=30) as client:
+            split = client.generate(prompt, 24)
+    finally:
+        stop(proc)
+    assert split.tokens == unsplit.tokens and len(set(split.tokens)) > 3

@@ -723,7 +723,7 @@ def test_linear_layers_exported_as_gemm_get_4_bit_weights_too():
     from onnx import TensorProto, helper, numpy_helper
 
     from splitpoint.core.errors import SplitPointError
-    from splitpoint.core.quantize import gemm_as_matmul, quantize_matmul_weights
+    from splitpoint.core.quantize import float_matmul_weights, gemm_as_matmul, quantize_matmul_weights
     from splitpoint.core.runner import make_session
 
     rng = np.random.default_rng(0)
@@ -767,6 +767,10 @@ def test_linear_layers_exported_as_gemm_get_4_bit_weights_too():
     )
     with pytest.raises(SplitPointError, match="no MatMul or Gemm weight to quantise"):
         quantize_matmul_weights(relu)
+    # weights already 4-bit (onnxruntime-genai's int4 export) are not quantised "again" as a new candidate
+    assert float_matmul_weights(model) and not float_matmul_weights(q)
+    with pytest.raises(SplitPointError, match="weights already quantised"):
+        quantize_matmul_weights(q)
 
 
 def _edited(src, dst, decoder=None, head_from=None):

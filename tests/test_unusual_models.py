@@ -2886,3 +2886,33 @@ def test_fused_attention_counts_its_projections_and_scores_as_work(tmp_path):
     (cut,) = open_model(path).cuts()
     # 4 tokens x 8 inputs x 24 projected, and 4 x 4 scores over Q's 8 and V's 8
     assert cut.head_macs == cut.total_macs == 4 * 8 * 24 + 4 * 4 * (8 + 8)
+
+
+def test_an_op_only_onnxruntime_defines_in_onnxs_own_domain_passes_the_checker_and_splits(tmp_path):
+    """onnxruntime-genai writes SimplifiedLayerNormalization in ONNX's own domain, which the ONNX checker
+    does not know ("No Op registered") and onnxruntime runs: such a file was refused by every command. An
+    op neither of them defines is still refused in the checker's words."""
+    gamma = numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "gamma")
+
+    def model(op: str) -> str:
+        nodes = [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node(op, ["a", "gamma"], ["n"], axis=-1, epsilon=1e-5),
+            helper.make_node("Sigmoid", ["n"], ["y"]),
+        ]
+        g = helper.make_graph(nodes, "rms", [_vi("x", [1, 4, 8])], [_vi("y", [1, 4, 8])], [gamma])
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), path)
+        return str(path)
+
+    path = model("SimplifiedLayerNormalization")
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)}
+    whole = make_session(path).run(None, feeds)[0]
+    h = open_model(path)
+    assert len(h.cuts()) == 2
+    for cut in h.cuts():
+        head, tail = extract(h.index, cut)
+        np.testing.assert_array_equal(run_split(head, tail, cut, feeds)["y"], whole)
+    assert [n.domain for n in h.model.graph.node] == ["", "", ""]  # set aside for the check only
+    unknown = run_cli("cuts", model("NoSuchNormalization"))
+    assert unknown.returncode != 0 and "No Op registered for NoSuchNormalization" in unknown.stderr

@@ -65,7 +65,8 @@ def split_decoder(
     assert dec is not None
     console.print(
         f"{source.name}: {edge_layers} of {dec.layers} layers on the edge, hidden state "
-        f"{dec.hidden} floats per token sent as {plan.codec}, edge weights {head_weights}; "
+        f"{dec.hidden} floats per token sent as {plan.codec}, "
+        f"{'edge weights as in the model' if head_weights == 'float32' else f'edge weights {head_weights}'}; "
         f"plan {plan.plan_id[:12]} → {out}"
     )
 

@@ -118,6 +118,12 @@ def decoder_layout(idx: GraphIndex) -> DecoderLayout:
             "export the logits of all positions"
         )
     dims = idx.info[past(0, "key")].dims if past(0, "key") in idx.info else None
+    if dims and len(dims) == 4 and isinstance(dims[1], int) and not isinstance(dims[3], int):
+        raise ModelError(
+            f"{past(0, 'key')}: its head size (dimension 3 of [batch, heads, length, head size]) is the "
+            f"symbol {dims[3]!r}, which could not be read off the model's attention: declare it in the "
+            "file (e.g. with onnx.tools.update_model_dims.update_inputs_outputs_dims)"
+        )
     if not dims or len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
         raise ModelError(
             f"{past(0, 'key')}: expected [batch, heads, length, head size] with fixed heads, not {dims}"
@@ -149,7 +155,18 @@ def _positions(idx: GraphIndex) -> int | None:
             dims = idx.initializers[n.input[0]].dims
             if dims:
                 return int(dims[0])
+    # a rotary cache of one row per position, read inside onnxruntime's fused attention (onnxruntime-genai's
+    # exports: GroupQueryAttention's cos_cache, input 7) or its RotaryEmbedding (input 2)
+    for n in idx.nodes:
+        at = _ROTARY_CACHE.get(n.op_type) if n.domain == "com.microsoft" else None
+        if at is not None and len(n.input) > at and n.input[at] in idx.initializers:
+            dims = idx.initializers[n.input[at]].dims
+            if dims:
+                return int(dims[0])
     return None
+
+
+_ROTARY_CACHE = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}
 
 
 def _walk(idx: GraphIndex, starts: list[str], forward: bool) -> set[str]:
@@ -415,5 +432,14 @@ def decoder_part(
     ]
     for n in reversed(rebuilt):  # they read the part's inputs only: first in the graph
         model.graph.node.insert(0, n)
-    check_model(model, where=f"decoder layers {first}..{last - 1}", full=True, weights=not shared_weights)
+    try:
+        check_model(model, where=f"decoder layers {first}..{last - 1}", full=True, weights=not shared_weights)
+    except ModelError as exc:
+        if not idx.trial_error:
+            raise
+        # a part's interface declared without a shape: what neither inference nor a run could type
+        raise ModelError(
+            f"{exc} (shape inference cannot type the tensors between its layers, and onnxruntime could not "
+            f"run the model on a random sample to measure them: {idx.trial_error})"
+        ) from exc
     return model
