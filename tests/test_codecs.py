@@ -496,16 +496,54 @@ def test_empty_and_large_tensors_round_trip(codec):
             assert float(np.abs(y - x).max()) <= error_bound(x, codec), codec
 
 
+def _placed(payload: bytes, body_at: int, offset: int) -> memoryview:
+    """``payload`` in a buffer whose body (from byte ``body_at``) lies ``offset`` bytes past a 64-byte
+    boundary: a ZeroMQ frame's body lies wherever its allocation put it (8 bytes past 16, in libzmq)."""
+    raw = np.zeros(len(payload) + 256, np.uint8)
+    start = (-(raw.ctypes.data + body_at)) % 64 + offset
+    raw[start : start + len(payload)] = np.frombuffer(payload, np.uint8)
+    return memoryview(raw[start : start + len(payload)]).toreadonly()
+
+
 def test_decode_without_copy_views_a_float32_body_and_copies_everything_else():
-    """A server feeds the view straight to its session: same values, read-only, sharing the payload."""
+    """A server feeds the view straight to its session: same values, read-only, sharing the payload, where
+    the body lies as onnxruntime's own buffers do (64-byte aligned). Elsewhere it is an aligned copy: a
+    ReduceSum of a cut tensor 8 bytes off summed in another order, 1-2 ulp off the whole model's output."""
     x = np.random.default_rng(3).standard_normal((2, 3, 5)).astype(np.float32)
     payload = bytes(encode(x, "float32"))
-    view = decode(payload, copy=False)
+    body_at = len(payload) - x.nbytes
+    aligned_frame = _placed(payload, body_at, 0)
+    view = decode(aligned_frame, copy=False)
     np.testing.assert_array_equal(view, x)
-    assert np.shares_memory(view, np.frombuffer(payload, np.uint8)) and not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(aligned_frame, np.uint8)) and not view.flags.writeable
     assert not np.shares_memory(decode(payload), np.frombuffer(payload, np.uint8))
+    for offset in (4, 8, 16, 40):
+        frame = _placed(payload, body_at, offset)
+        got = decode(frame, copy=False)
+        np.testing.assert_array_equal(got, x)
+        assert got.ctypes.data % 64 == 0 and not np.shares_memory(got, np.frombuffer(frame, np.uint8))
+    ints = np.arange(30, dtype=np.int64).reshape(2, 3, 5)  # integer sums have no order: viewed anywhere
+    int_payload = bytes(encode(ints, "float32"))
+    frame = _placed(int_payload, len(int_payload) - ints.nbytes, 8)
+    assert np.shares_memory(decode(frame, copy=False), np.frombuffer(frame, np.uint8))
     lossy = bytes(encode(x, "int8"))
     np.testing.assert_array_equal(decode(lossy, copy=False), decode(lossy))
+
+
+@pytest.mark.parametrize("codec", ["float32", "float32+lz4", "float32+zstd", "float16"])
+@pytest.mark.parametrize("size", [30, 100_000])
+def test_every_exact_float_tensor_decodes_at_a_64_byte_boundary(codec, size):
+    """What a tail session is fed: exact tensors lie as onnxruntime's own do, whatever the payload's place."""
+    x = (
+        np.random.default_rng(3)
+        .standard_normal(size)
+        .astype(np.float16 if codec == "float16" else np.float32)
+    )
+    payload = bytes(encode(x, codec))
+    for offset in (0, 8, 24):
+        got = decode(_placed(payload, 0, offset))
+        np.testing.assert_array_equal(got, x)
+        assert got.ctypes.data % 64 == 0, (codec, size, offset)
 
 
 @pytest.mark.parametrize("codec", all_codecs())
