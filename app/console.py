@@ -191,7 +191,7 @@ def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
     rows = [
         [
             str(c.index),
-            c.last_node,
+            escape(c.last_node),
             _crossing_cell(c.crossing),
             human_bytes(c.bytes_per_sample),
             _share(c.head_macs_share),
@@ -204,7 +204,7 @@ def cuts_table(name: str, cuts: list, batch: int | None = None) -> Table:
     per = "request" if batch and batch > 1 else "sample"
     cols = ["cut", "after node", "crossing tensors", f"bytes/{per}", "head MACs", "head params"]
     source = "at the inputs' fixed shapes" if per == "request" else "from the tensors' shapes"
-    return table(f"{name}: {len(cuts)} candidate cuts (bytes per {per}, {source})", cols, rows, 3)
+    return table(f"{escape(name)}: {len(cuts)} candidate cuts (bytes per {per}, {source})", cols, rows, 3)
 
 
 def _front_cells(c: Any) -> list[str]:
@@ -288,7 +288,7 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
     over = getattr(d, "objectives", None)
     names = ("latency", "throughput", "edge memory", "bytes", "fidelity")
     title = (
-        f"{r.handle.name} on {r.network.name}: Pareto front"
+        f"{escape(r.handle.name)} on {r.network.name}: Pareto front"
         + (f" over {' × '.join(names[i] for i in over)}" if over else "")
         + f" ({len(d.front)} of {len(d.candidates)} "
         "candidates"
@@ -416,7 +416,7 @@ def show_plan_set(r: Any, out: Path | None) -> None:
         )
     rate = getattr(r, "rate_ips", None)
     title = (
-        f"{r.handle.name}: plan set for {r.network.name}'s round trip ({rtt:g} ms)"
+        f"{escape(r.handle.name)}: plan set for {r.network.name}'s round trip ({rtt:g} ms)"
         + (f", requests arriving at {rate:g}/s" if rate else "")
         + "; latency and throughput derived from measured profiles"
     )
@@ -456,7 +456,7 @@ def show_plan_set(r: Any, out: Path | None) -> None:
 def fidelity_table(title: str, report: Any) -> Table:
     rows = [
         [
-            o.name,
+            escape(o.name),
             fmt(o.top1_agreement, "{:.3f}")
             if o.exact_agreement is None
             else f"{o.exact_agreement:.3f} equal",
@@ -737,8 +737,8 @@ def show_chain(r: Any, out: Path | None) -> None:
     chain = " → ".join(f"{dev}{hop}" for dev, hop in zip(m.devices, hops, strict=True))
     console.print(
         table(
-            f"{m.handle.name} over {chain}: latency x throughput front and baselines (derived from measured "
-            "profiles; fidelity measured)",
+            f"{escape(m.handle.name)} over {chain}: latency x throughput front and baselines (derived from "
+            "measured profiles; fidelity measured)",
             ["plan", "role", "latency ms", "throughput /s", "busy ms per device", "bytes up per hop"]
             + ["fidelity"],
             rows,
@@ -798,7 +798,8 @@ def show_decoder_plan(r: Any, job: Any, network: str) -> None:
     ]
     console.print(
         table(
-            f"{r.decoder.name} on {network}: derived from measured blocks (best 12 by {job.objective})",
+            f"{escape(r.decoder.name)} on {network}: derived from measured blocks "
+            f"(best 12 by {job.objective})",
             ["candidate", "TTFT ms", "TPOT ms", "bytes/token", "edge MiB"],
             rows,
         )

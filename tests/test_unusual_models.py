@@ -2916,3 +2916,25 @@ def test_an_op_only_onnxruntime_defines_in_onnxs_own_domain_passes_the_checker_a
     assert [n.domain for n in h.model.graph.node] == ["", "", ""]  # set aside for the check only
     unknown = run_cli("cuts", model("NoSuchNormalization"))
     assert unknown.returncode != 0 and "No Op registered for NoSuchNormalization" in unknown.stderr
+
+
+def test_names_that_look_like_rich_markup_are_printed_as_they_are(tmp_path):
+    """A node named '[/]relu' made `cuts` die on rich's MarkupError, an output named '[/]' `fidelity`, a
+    crossing tensor '[/]' `split` after its plan was written (told it failed), and '[bold]b' printed as b."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["[/]"], name="[/]relu"),
+        helper.make_node("Neg", ["[/]"], ["[bold]b"]),
+        helper.make_node("Abs", ["[bold]b"], ["[red]y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [_vi("x", [1, 4])], [_vi("[red]y", [1, 4])])
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "markup.onnx")
+    shown = run_cli("cuts", path)
+    assert shown.returncode == 0, shown.stderr
+    assert "[/]relu" in shown.stdout and "[bold]b[1x4]" in shown.stdout, shown.stdout
+    for k, name in ((1, "[/]"), (2, "[bold]b")):
+        split = run_cli("split", path, "--cut", str(k), "-o", str(tmp_path / f"p{k}"))
+        assert split.returncode == 0, split.stderr
+        assert f"cut {k} crosses {name} (" in split.stdout, split.stdout
+    measured = run_cli("fidelity", path, "--cut", "2", "--codec", "int8")
+    assert measured.returncode == 0, measured.stderr
+    assert "[red]y" in measured.stdout, measured.stdout

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from splitpoint.core.errors import SplitPointError
 
@@ -115,15 +116,16 @@ def split(
         raise SplitPointError(f"--cut: a chain's cuts are cut indices in increasing order; got {got}")
     plan = write_plan(h, out, cuts=list(cuts), codecs=codecs, force=force, include_full=with_full)
     for i, (c, spec) in enumerate(zip(cuts, cut, strict=True)):
-        crossing = ", ".join(t.name for t in plan.stages[i].sends)
-        where = c.index if c.index is not None else spec
+        crossing = escape(", ".join(t.name for t in plan.stages[i].sends))
+        where = c.index if c.index is not None else escape(spec)
         hop = f"hop {i + 1}: " if len(cuts) > 1 else ""
         console.print(
             f"{hop}cut {where} crosses {crossing} ({human_bytes(c.bytes_per_sample)}/sample uncompressed, "
             f"sent as {plan.stages[i].codec}{_as_applied(plan.stages[i].codec, plan.stages[i].sends)})"
         )
     console.print(
-        f"plan {plan.plan_id[:12]} → {out} ({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''})"
+        f"plan {plan.plan_id[:12]} → {escape(str(out))} "
+        f"({len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''})"
     )
 
 
@@ -176,7 +178,7 @@ def fidelity(
     where = rep.cut if rep.cut is not None else cut
     # "float32" names the unquantised head, whatever its weights' own type (a float16 export's stay float16)
     head = "head weights as in the model" if rep.head_weights == "float32" else f"head {rep.head_weights}"
-    title = f"{model} cut {where}, codec {codec}, {head}: measured on {rep.inputs}"
+    title = escape(f"{model} cut {where}, codec {codec}, {head}: measured on {rep.inputs}")
     console.print(fidelity_table(title, rep))
     if rep.task is not None:  # the figure plan would use for this cut and codec, beside the tensor ones
         metrics = rep.task["metrics"]
