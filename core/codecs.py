@@ -571,7 +571,7 @@ def _dequantise(
     """``q · scale + offset`` in float32 (q flat uint8 of the tensor's size) as a new array; ``scale``
     and ``lo`` hold one value per tensor or per channel."""
     rows, cols = _rows(shape, axis)
-    out = np.empty(shape, np.float32)
+    out = _aligned_empty(4 * int(np.prod(shape, dtype=np.int64))).view(np.float32).reshape(shape)
     if rows == 1 and cols <= _BLOCK:  # one block: fewer calls
         np.copyto(out, q.reshape(shape))
         np.multiply(out, scale[0], out=out)
@@ -932,7 +932,7 @@ def decode(
         if dtype == np.float16:
             return _copy_out(body, raw_len).view(dtype).reshape(shape)
         h = np.frombuffer(body, np.float16, n).reshape(shape)
-        return _from_float16(h) if dtype == np.float32 else h.astype(dtype)
+        return aligned(_from_float16(h) if dtype == np.float32 else h.astype(dtype))
     if base in ("int8", "int8-ch", "int8-ol"):
         q = np.frombuffer(body, np.uint8, n)
     else:
@@ -940,7 +940,7 @@ def decode(
     out = _dequantise(q[:n], scale, lo, shape, ax)
     if cols is not None and len(cols):
         out[..., cols] = exact
-    return _to_float16(out) if dtype == np.float16 else out.astype(dtype, copy=False)
+    return aligned(_to_float16(out) if dtype == np.float16 else out.astype(dtype, copy=False))
 
 
 def _true_bools(a: np.ndarray) -> np.ndarray:

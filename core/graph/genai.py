@@ -52,7 +52,7 @@ def _unfuse_skip_norms(model: onnx.ModelProto) -> None:
         out.append(helper.make_node("Add", [n.input[0], n.input[1]], [first], name=f"{stem}/Add"))
         if bias:
             out.append(helper.make_node("Add", [first, bias], [total], name=f"{stem}/AddBias"))
-        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-12)  # onnxruntime's default
         ins = [total, n.input[2]] + ([] if simplified or len(n.input) < 4 or not n.input[3] else [n.input[3]])
         made = helper.make_node(norm, ins, [n.output[0]], name=f"{stem}/Norm", axis=-1, epsilon=eps)
         if simplified:
