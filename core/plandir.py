@@ -66,7 +66,7 @@ def _tensor(idx: GraphIndex, name: str, side: str) -> TensorSpec:
 def _crossing(idx: GraphIndex, cut: Cut | None) -> list[TensorSpec]:
     """What crosses a cut, each marked "input" (a raw model input) or "head" (computed before it)."""
     if cut is None:
-        return [_tensor(idx, n, "input") for n in idx.inputs]
+        return [_tensor(idx, n, "input") for n in idx.read_inputs()]
     return [_spec(c.name, c.shape, c.dtype, c.bytes_per_sample, c.source) for c in cut.crossing]
 
 

@@ -124,7 +124,7 @@ def gather_chain(
     nbytes = np.zeros((len(positions), len(codecs)))
     work = np.zeros((len(positions), len(codecs)))
     for i, k in enumerate(positions):
-        names = idx.inputs if k == 0 else [] if k == n else [t.name for t in cuts[int(k)].crossing]
+        names = idx.read_inputs() if k == 0 else [] if k == n else [t.name for t in cuts[int(k)].crossing]
         for j, c in enumerate(codecs):
             nbytes[i, j] = sum(sizes[t][c] for t in names)
             work[i, j] = codec_work(sizes, idx, names, c)

@@ -154,7 +154,7 @@ def _speed(profile: MeasuredProfile, codec: str, what: str, where: str) -> float
 
 def input_types(idx: GraphIndex) -> list[str]:
     """The model inputs' element types, as a server-only candidate sends them."""
-    return [idx.info[i].dtype if i in idx.info else "float32" for i in idx.inputs]
+    return [idx.info[i].dtype if i in idx.info else "float32" for i in idx.read_inputs()]
 
 
 def candidate_inputs(m: Measurements) -> list[CandidateInput]:
@@ -256,10 +256,10 @@ def candidate_inputs(m: Measurements) -> list[CandidateInput]:
         sent_as = label(codec, inputs, (SERVER_ONLY, 0))
         if sent_as is not None:
             timed = timed_as(codec, sent_as)
-            work = codec_work(m.sizes, idx, idx.inputs, codec)
+            work = codec_work(m.sizes, idx, idx.read_inputs(), codec)
             enc = work / _speed(m.edge, timed, "encode_mb_s", "edge") / 1e3
             dec = work / _speed(m.server, timed, "decode_mb_s", "server") / 1e3
-            up = sum(m.sizes[i][codec] for i in idx.inputs)
+            up = sum(m.sizes[i][codec] for i in idx.read_inputs())
             out.append(
                 CandidateInput(
                     SERVER_ONLY,
@@ -361,7 +361,10 @@ def measure_fidelity(
     for codec in m.codecs:
         if (0, codec, "float32") in m.fidelity:
             continue
-        received = [{k: decode(encode(v, codec)) for k, v in s.items()} for s in m.samples]
+        read = set(h.index.read_inputs())  # an input nothing reads stays on the edge, as it is
+        received = [
+            {k: decode(encode(v, codec)) if k in read else v for k, v in s.items()} for s in m.samples
+        ]
         digest = received_digest(received)
         if digest not in runs:
             runs[digest] = run_batched(full, received)

@@ -1872,3 +1872,45 @@ def test_a_served_float32_split_of_a_reduction_gives_the_whole_models_output_bit
                 np.testing.assert_array_equal(c.infer({"x": x})["y"], whole.run(None, {"x": x})[0])
     finally:
         stop(srv)
+
+
+def test_a_server_only_plan_sends_only_the_inputs_the_model_reads(tmp_path):
+    """An input no node reads (an export's leftover: an int64 [N, 3], a zero-size one) went over the link
+    in every server-only request, its bytes counted as sent; the cut plans never sent it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from splitpoint.app.process import stop
+    from splitpoint.core.plan import SERVER_ONLY
+    from splitpoint.partitioner.planner import input_types
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])],
+        "leftover",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("u", TensorProto.INT64, ["N", 3]),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [0]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    path = tmp_path / "leftover.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    h = open_model(str(path))
+    assert h.index.read_inputs() == ["x"] and input_types(h.index) == ["float32"]
+    plan = write_plan(h, tmp_path / "plans" / "p", kind=SERVER_ONLY)
+    assert [t.name for t in plan.stages[0].sends] == ["x"]
+    tail = onnx.load(str(tmp_path / "plans" / "p" / plan.stages[1].file), load_external_data=False)
+    assert [i.name for i in tail.graph.input] == ["x"]
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    feeds = {"x": x, "u": np.zeros((2, 3), np.int64), "v": np.zeros(0, np.float32)}
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = start_server(endpoint, tmp_path / "plans")
+    try:
+        with EdgeClient(
+            EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=endpoint, connect_grace_s=20, fallback=False)
+        ) as c:
+            got = c.infer(feeds)
+            np.testing.assert_array_equal(got["y"], -np.maximum(x, 0))
+    finally:
+        stop(srv)

@@ -167,7 +167,7 @@ def extract_segments(
         heads.append(h)
     heads.append(frozenset(idx.compute))
     crossing = [list(idx.inputs)] + [
-        [t for t in idx.inputs] if c is None else [t.name for t in c.crossing] for c in cuts
+        idx.read_inputs() if c is None else [t.name for t in c.crossing] for c in cuts
     ]
     crossing.append([])
     segments = []
@@ -185,7 +185,7 @@ def extract_segments(
             outs += [o for o in idx.outputs if o in idx.initializers or idx.producer.get(o) in idx.const]
         sends = crossing[i + 1]
         model = None
-        if own == heads[-1]:
+        if own == heads[-1] and (i == 0 or len(crossing[i]) == len(idx.inputs)):
             model = idx.model  # the whole model (one stage, or every stage before it empty): as given
         elif own:
             reads = {t for p in own for t in idx.node_ins[p]}

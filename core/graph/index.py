@@ -286,6 +286,12 @@ class GraphIndex:
             self._measure_shapes()
         return name not in self.non_tensor and name in self.info
 
+    def read_inputs(self) -> list[str]:
+        """The model inputs a node reads: what a server-only plan sends. An input nothing reads (an export's
+        leftover) went over the link for nothing, and was counted as sent; one the model returns as it is
+        the edge answers, as in every plan."""
+        return [t for t in self.inputs if self.consumers.get(t)]
+
     def untyped(self) -> list[str]:
         """The node outputs neither inference nor the trial run typed (it failed): no cut can cross them."""
         self._measure_shapes()
