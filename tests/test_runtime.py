@@ -1833,14 +1833,29 @@ def test_a_plan_written_over_the_daemon_s_folder_after_a_deploy_is_run_at_restar
     assert any("written since plan pushed was deployed" in r.getMessage() for r in caplog.records)
 
 
+@contextlib.contextmanager
+def _served(plans: Path, plan_dir: Path):
+    """A `splitpoint serve` process of ``plans`` and an edge client of ``plan_dir`` that never answers
+    alone: every answer is the split's."""
+    from splitpoint.app.process import stop
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    srv = start_server(endpoint, plans)
+    try:
+        with EdgeClient(
+            EdgeConfig(plan_dir=plan_dir, server=endpoint, connect_grace_s=20, fallback=False)
+        ) as c:
+            yield c
+    finally:
+        stop(srv)
+
+
 def test_a_served_float32_split_of_a_reduction_gives_the_whole_models_output_bit_for_bit(tmp_path):
     """The tail's ReduceSum sums the received tensor in an order that follows its address: fed a view of
     the ZeroMQ frame's body (8 bytes past a 16-byte boundary), it answered 1-2 ulp off the whole model
     while `fidelity` said max error 0. Decoded tensors lie at onnxruntime's own 64-byte alignment."""
     import onnx
     from onnx import TensorProto, helper
-
-    from splitpoint.app.process import stop
 
     nodes = [
         helper.make_node("Relu", ["x"], ["a"]),
@@ -1862,16 +1877,9 @@ def test_a_served_float32_split_of_a_reduction_gives_the_whole_models_output_bit
     rng = np.random.default_rng(0)
     xs = [(100 * rng.standard_normal((1, 64, 256))).astype(np.float32) for _ in range(4)]
     whole = make_session(str(path))
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = start_server(endpoint, tmp_path / "plans")
-    try:
-        with EdgeClient(
-            EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=endpoint, connect_grace_s=20, fallback=False)
-        ) as c:
-            for x in xs:
-                np.testing.assert_array_equal(c.infer({"x": x})["y"], whole.run(None, {"x": x})[0])
-    finally:
-        stop(srv)
+    with _served(tmp_path / "plans", tmp_path / "plans" / "p") as c:
+        for x in xs:
+            np.testing.assert_array_equal(c.infer({"x": x})["y"], whole.run(None, {"x": x})[0])
 
 
 def test_a_server_only_plan_sends_only_the_inputs_the_model_reads(tmp_path):
@@ -1880,7 +1888,6 @@ def test_a_server_only_plan_sends_only_the_inputs_the_model_reads(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from splitpoint.app.process import stop
     from splitpoint.core.plan import SERVER_ONLY
     from splitpoint.partitioner.planner import input_types
 
@@ -1904,13 +1911,5 @@ def test_a_server_only_plan_sends_only_the_inputs_the_model_reads(tmp_path):
     assert [i.name for i in tail.graph.input] == ["x"]
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
     feeds = {"x": x, "u": np.zeros((2, 3), np.int64), "v": np.zeros(0, np.float32)}
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    srv = start_server(endpoint, tmp_path / "plans")
-    try:
-        with EdgeClient(
-            EdgeConfig(plan_dir=tmp_path / "plans" / "p", server=endpoint, connect_grace_s=20, fallback=False)
-        ) as c:
-            got = c.infer(feeds)
-            np.testing.assert_array_equal(got["y"], -np.maximum(x, 0))
-    finally:
-        stop(srv)
+    with _served(tmp_path / "plans", tmp_path / "plans" / "p") as c:
+        np.testing.assert_array_equal(c.infer(feeds)["y"], -np.maximum(x, 0))

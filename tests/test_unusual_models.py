@@ -2780,10 +2780,14 @@ def _fused_bert_embedding(tmp_path):
     ]
     ids = [_vi("input_ids", [1, 6], TensorProto.INT32), _vi("token_type_ids", [1, 6], TensorProto.INT32)]
     g = helper.make_graph(nodes, "fused", ids, [_vi("y", [1, 6, 8])], inits)
+    return _with_contrib_ops(g, tmp_path / "fused.onnx")
+
+
+def _with_contrib_ops(g: onnx.GraphProto, path: Path) -> Path:
+    """Saved with onnxruntime's com.microsoft domain imported (no ONNX checker: it knows none of its ops)."""
     m = helper.make_model(
         g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
-    path = tmp_path / "fused.onnx"
     onnx.save(m, path)
     return path
 
@@ -2818,12 +2822,7 @@ def _untyped_after_a_failing_trial(tmp_path):
     g = helper.make_graph(
         nodes, "gated", [_vi("x", [1, 16]), _vi("shape", [2], TensorProto.INT64)], [_vi("y", [4, 4])]
     )
-    m = helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    path = tmp_path / "gated.onnx"
-    onnx.save(m, path)
-    return path
+    return _with_contrib_ops(g, tmp_path / "gated.onnx")
 
 
 def test_cuts_a_failed_trial_run_leaves_out_are_said_with_the_reason(tmp_path):
@@ -2877,11 +2876,7 @@ def test_fused_attention_counts_its_projections_and_scores_as_work(tmp_path):
         helper.make_node("Relu", ["a"], ["y"]),
     ]
     g = helper.make_graph(nodes, "attn", [_vi("x", [1, 4, 8])], [_vi("y", [1, 4, 8])], [w, b])
-    m = helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    path = tmp_path / "attn.onnx"
-    onnx.save(m, path)
+    path = _with_contrib_ops(g, tmp_path / "attn.onnx")
     make_session(str(path)).run(None, {"x": np.ones((1, 4, 8), np.float32)})  # onnxruntime runs it
     (cut,) = open_model(path).cuts()
     # 4 tokens x 8 inputs x 24 projected, and 4 x 4 scores over Q's 8 and V's 8
