@@ -258,7 +258,7 @@ def front_table(title: str, front: list, pick: Any, constraints: Any = None) -> 
             misses = constraints.misses(c)
             row.append("✗ " + "; ".join(misses) if misses else "✓")
         rows.append(row)
-    cols = ["", "candidate", "latency ms", "throughput /s", "edge ms", "transfer ms", "bytes/inf"]
+    cols = ["", "candidate", "latency ms", "throughput /s", "edge ms", "transfer ms", "bytes/inf up+down"]
     cols += ["edge memory", "fidelity"]
     if constraints is not None:
         cols.append("constraints")
@@ -315,6 +315,7 @@ def show_plan(r: Any, objective: str, out: Path | None) -> None:
         f"pick ({objective}): [bold]{d.pick.label}[/] — {d.pick.latency_ms:.1f} ms predicted, "
         f"{d.pick.throughput_ips:.1f}/s ({d.pick.window} in flight), "
         f"{human_bytes(d.pick.bytes_per_inference)}/inference"
+        + (f" ({human_bytes(d.pick.inp.up_bytes)} up)" if d.pick.bytes_per_inference else "")
         + (f", fidelity {fid:.3f} measured" if fid is not None else "")
     )
     if fid is not None and fid < LOSSY_NOTE_BELOW and (cons is None or cons.min_fidelity is None):

@@ -171,7 +171,7 @@ def refuse_quantized(model: onnx.ModelProto, mode: str) -> None:
     done = already_quantized(model)
     if done:
         raise SplitPointError(
-            f"the model is already quantised ({done}): its weights are integers already, and "
+            f"the model is already quantised ({done}): its weights are quantised already, and "
             f"onnxruntime's {mode} quantiser does not apply to it; use it as it is (without --int8 or "
             "--quantize-head-weights)"
         )

@@ -706,7 +706,10 @@ def test_a_bfloat16_tensor_never_crosses_a_cut(tmp_path):
     assert [c.index for c in h.cuts()] == [1, 4]
     for cut in h.cuts():
         write_plan(h, tmp_path / f"p{cut.index}", cut=cut)
-    with pytest.raises(CutError, match="cut 2 would send a value no codec carries"):
+    # by index as by name: the tensor and its type (the index alone said "a value no codec carries")
+    with pytest.raises(
+        CutError, match=r"cut 2: invalid cut: b \(bfloat16\) would cross, and no codec carries"
+    ):
         cut_by_index(h.index, 2)
     with pytest.raises(CutError, match=r"b \(bfloat16\) would cross, and no codec carries that type"):
         cut_by_tensors(h.index, ["b"])
@@ -2933,3 +2936,21 @@ def test_names_that_look_like_rich_markup_are_printed_as_they_are(tmp_path):
     measured = run_cli("fidelity", path, "--cut", "2", "--codec", "int8")
     assert measured.returncode == 0, measured.stderr
     assert "[red]y" in measured.stdout, measured.stdout
+
+
+def test_onnx_attention_counts_its_scores_as_work(tmp_path):
+    """ONNX's own Attention (opset 23, as torch.onnx.export writes scaled_dot_product_attention there) was
+    counted as no work: the same module at opset 18, its attention as MatMuls, had 2 S² D more."""
+    rng = np.random.default_rng(0)
+    ws = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), f"w{k}") for k in "qkv"]
+    nodes = [helper.make_node("MatMul", ["x", f"w{k}"], [k]) for k in "qkv"]
+    nodes += [
+        helper.make_node("Attention", ["q", "k", "v"], ["a"], q_num_heads=2, kv_num_heads=2),
+        helper.make_node("Relu", ["a"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "sdpa", [_vi("x", [1, 8, 16])], [_vi("y", [1, 8, 16])], ws)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    h = open_model(_save(m, tmp_path / "sdpa.onnx"))
+    last = h.cuts()[-1]
+    # three projections of 8 tokens x 16 x 16, then 8 x 8 scores over 16 wide and their sum of V
+    assert last.total_macs == 3 * 8 * 16 * 16 + 2 * 8 * 8 * 16

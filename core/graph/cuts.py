@@ -193,6 +193,10 @@ def cut_by_index(idx: GraphIndex, k: int, cuts: list[Cut] | None = None) -> Cut:
         else next((c for c in cuts if c.index == k), None)
     )
     if cut is None:
+        try:  # the tensors and their types, as a cut named by its tensors is refused (an int4 or float8 one)
+            cut_from_head(idx, frozenset(idx.compute[:k]))
+        except CutError as exc:
+            raise CutError(f"cut {k}: {exc}; choose another cut (`splitpoint cuts`)") from exc
         raise CutError(
             f"cut {k} would send a value no codec carries across the network (a sequence, a map, or a "
             f"tensor that is not {', '.join(sorted(CARRIED_DTYPES))}): choose another cut (`splitpoint cuts`)"

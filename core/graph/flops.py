@@ -142,6 +142,8 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         return _recurrent_macs(idx, n)
     if n.op_type == "Attention" and n.domain == "com.microsoft":
         return _attention_macs(idx, n)
+    if n.op_type in ("Attention", "GroupQueryAttention", "MultiHeadAttention"):
+        return _scores_macs(idx, n)
     if n.op_type in MATMUL and n.input[0] in idx.info:
         a = idx.info[n.input[0]].dims
         if not a or not isinstance(a[-1], int):
@@ -167,6 +169,30 @@ def _attention_macs(idx: GraphIndex | _Body, n) -> int:
     sizes = next((list(a.ints) for a in n.attribute if a.name == "qkv_hidden_sizes"), [])
     q, _, v = sizes if len(sizes) == 3 else [width // 3] * 3
     return tokens * hidden * width + tokens * tokens * (q + v)
+
+
+def _scores_macs(idx: GraphIndex | _Body, n) -> int:
+    """Attention given its projections (ONNX's Attention from opset 23, onnxruntime's GroupQueryAttention and
+    MultiHeadAttention) per sample: the scores (Q·Kᵀ) and their weighted sum of V, over every key position
+    (the present cache's where its length is known, else the keys given). Counted as none, an opset-23
+    export's attention read as no work beside the decomposed export's MatMuls."""
+    out = idx.info.get(n.output[0]) if n.output else None
+    present = idx.info.get(n.output[1]) if len(n.output) > 1 and n.output[1] else None
+    key = idx.info.get(n.input[1]) if len(n.input) > 1 and n.input[1] else None
+    if present is not None and present.dims and len(present.dims) == 4 and isinstance(present.dims[2], int):
+        keys = present.dims[2]
+    elif key is not None and key.dims and len(key.dims) in (3, 4):
+        keys = key.dims[2] if len(key.dims) == 4 else key.dims[1]
+    elif out is not None and out.dims and len(out.dims) == 3:
+        keys = out.dims[1]  # packed Q, K and V with no cache length known: the new tokens' own
+    else:
+        return 0
+    if not isinstance(keys, int) or out is None:
+        return 0
+    q = idx.info.get(n.input[0])
+    if n.domain == "" and q is not None and _per_sample(q):
+        return keys * (_per_sample(q) + _per_sample(out))  # Q·Kᵀ over Q's width, then A·V over the output's
+    return 2 * keys * _per_sample(out)
 
 
 def _recurrent_macs(idx: GraphIndex | _Body, n) -> int:
