@@ -402,15 +402,20 @@ _ASIDE_DOMAIN = "splitpoint.onnxruntime-ops"
 
 
 @functools.cache
-def _onnxruntime_default_domain_ops() -> frozenset[str]:
-    """Ops onnxruntime registers in ONNX's own domain that ONNX does not define (SimplifiedLayerNormalization:
-    onnxruntime-genai's model builder writes it so)."""
+def _onnxruntime_default_domain_ops() -> dict[str, int]:
+    """Ops onnxruntime registers in ONNX's own domain, each with the first opset it has one from
+    (SimplifiedLayerNormalization, 1: onnxruntime-genai's model builder writes it so; LayerNormalization,
+    1, where ONNX's begins at 17)."""
     try:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
 
-        return frozenset(s.name for s in get_all_operator_schema() if s.domain in ("", "ai.onnx"))
+        first: dict[str, int] = {}
+        for s in get_all_operator_schema():
+            if s.domain in ("", "ai.onnx"):
+                first[s.name] = min(first.get(s.name, s.since_version), s.since_version)
+        return first
     except (ImportError, AttributeError):  # a build without the schemas: the checker decides alone
-        return frozenset()
+        return {}
 
 
 def _runtime_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -422,8 +427,9 @@ def _runtime_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         for n in model.graph.node
         if n.domain in ("", "ai.onnx") and not _onnx_defines(n.op_type, opset)
     }
-    if not unknown or not unknown <= _onnxruntime_default_domain_ops():
-        return []  # none, or one neither defines: the checker's words about it stand
+    runtime = _onnxruntime_default_domain_ops()
+    if not opset or not unknown or any(runtime.get(op, opset + 1) > opset for op in unknown):
+        return []  # none, or one neither defines at this opset (a Gelu at 11): the checker's words stand
     return [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in unknown]
 
 

@@ -2,7 +2,8 @@
 
 A plan's directory holds one model per stage that runs something: ``head.onnx`` for the edge,
 ``tail.onnx`` for the last stage, ``stageI.onnx`` for relays between; a server-only plan's tail is the
-whole model (the raw inputs cross) and an edge-only plan's head is. Any of them can carry ``full.onnx``
+whole model (the raw inputs a node reads cross; where one is read by none, the tail is the model without
+it) and an edge-only plan's head is. Any of them can carry ``full.onnx``
 for the edge's local fallback. The directory is written in a temporary sibling and renamed into place,
 so an error or Ctrl-C leaves the previous content or nothing, never half a plan.
 """

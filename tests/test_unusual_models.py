@@ -2914,6 +2914,13 @@ def test_an_op_only_onnxruntime_defines_in_onnxs_own_domain_passes_the_checker_a
     assert [n.domain for n in h.model.graph.node] == ["", "", ""]  # set aside for the check only
     unknown = run_cli("cuts", model("NoSuchNormalization"))
     assert unknown.returncode != 0 and "No Op registered for NoSuchNormalization" in unknown.stderr
+    # an ONNX op below the opset it begins at, which onnxruntime has no earlier one of either: refused
+    early = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["y"])], "early", [_vi("x", [1, 4, 8])], [_vi("y", [1, 4, 8])]
+    )
+    onnx.save(helper.make_model(early, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "early.onnx")
+    refused = run_cli("cuts", str(tmp_path / "early.onnx"))
+    assert refused.returncode != 0 and "No Op registered for Gelu with domain_version of 11" in refused.stderr
 
 
 def test_names_that_look_like_rich_markup_are_printed_as_they_are(tmp_path):
