@@ -382,7 +382,8 @@ def check_model(
     ``load_model`` checked already. ``as_read``: the bytes ``model`` was parsed from, checked as they are
     instead of serialising the model again."""
     try:
-        if as_read is not None and not _runtime_ops(model):
+        aside = _runtime_ops(model)
+        if as_read is not None and not aside:
             if len(as_read) < onnx.checker.MAXIMUM_PROTOBUF:
                 onnx.checker.check_model(as_read, full_check=full)
             return
@@ -390,7 +391,7 @@ def check_model(
             model = weights_as_inputs(model)
         if _over_protobuf_limit(model):
             return  # the in-memory checker cannot take >2 GiB protos; checked on the saved file instead
-        with _set_aside(model, _runtime_ops(model)):
+        with _set_aside(model, aside):
             onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         # the checker's report runs over lines (a node printed in the middle of a sentence): all of it
@@ -418,9 +419,9 @@ def _onnxruntime_default_domain_ops() -> dict[str, int]:
         return {}
 
 
-def _runtime_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The top graph's nodes of ONNX's domain that ONNX does not define at the model's opset and
-    onnxruntime runs (its LayerNormalization below opset 17, where ONNX's begins)."""
+def _runtime_ops(model: onnx.ModelProto) -> frozenset[str]:
+    """The op types of the top graph's nodes of ONNX's domain that ONNX does not define at the model's
+    opset and onnxruntime runs (its LayerNormalization below opset 17, where ONNX's begins)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     unknown = {
         n.op_type
@@ -429,8 +430,10 @@ def _runtime_ops(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     }
     runtime = _onnxruntime_default_domain_ops()
     if not opset or not unknown or any(runtime.get(op, opset + 1) > opset for op in unknown):
-        return []  # none, or one neither defines at this opset (a Gelu at 11): the checker's words stand
-    return [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in unknown]
+        return (
+            frozenset()
+        )  # none, or one neither defines at this opset (a Gelu at 11): the checker's words stand
+    return frozenset(unknown)
 
 
 @functools.cache
@@ -443,9 +446,11 @@ def _onnx_defines(op: str, opset: int) -> bool:
 
 
 @contextlib.contextmanager
-def _set_aside(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> Iterator[None]:
-    """The checker checks every other node while ``nodes`` sit in a domain of their own (it checks no
-    unknown domain's ops): a model onnxruntime runs is not refused for an op only onnxruntime defines."""
+def _set_aside(model: onnx.ModelProto, ops: frozenset[str]) -> Iterator[None]:
+    """The checker checks every other node while the nodes of ``ops`` (ONNX's domain) sit in a domain of
+    their own (it checks no unknown domain's ops): a model onnxruntime runs is not refused for an op only
+    onnxruntime defines. ``model`` may be a copy of the one ``ops`` were found in."""
+    nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ops]
     if not nodes:
         yield
         return

@@ -358,10 +358,10 @@ def measure_fidelity(
     m.fidelity[(None, "-", "float32")] = 1.0  # edge-only runs the unmodified model: identical outputs
     runs: dict[bytes, list[Joined]] = {}  # server-only: one full-model run per decoded input
     inputs = input_types(h.index)
+    read = set(h.index.read_inputs())  # an input nothing reads stays on the edge, as it is
     for codec in m.codecs:
         if (0, codec, "float32") in m.fidelity:
             continue
-        read = set(h.index.read_inputs())  # an input nothing reads stays on the edge, as it is
         received = [
             {k: decode(encode(v, codec)) if k in read else v for k, v in s.items()} for s in m.samples
         ]

@@ -12,18 +12,17 @@ needs neither:
 
 from __future__ import annotations
 
-import re
-
 import onnx
 from onnx import helper
 
 from splitpoint.core.plan import PAST_RE
 
+from .decodercut import PRESENT_RE
+
 _SKIP_NORMS = {
     "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
     "SkipLayerNormalization": "LayerNormalization",
 }
-_CACHE_RE = PAST_RE.pattern.replace("past_key_values", "(?:past_key_values|present)")
 
 
 def as_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -66,7 +65,7 @@ def _unfuse_skip_norms(model: onnx.ModelProto) -> None:
 def _declare_head_size(model: onnx.ModelProto) -> None:
     """The caches' symbolic head size, from the attention that reads layer 0's key cache."""
     g = model.graph
-    caches = [v for v in [*g.input, *g.output] if re.match(_CACHE_RE, v.name)]
+    caches = [v for v in [*g.input, *g.output] if PAST_RE.match(v.name) or PRESENT_RE.match(v.name)]
     symbols = {
         d.dim_param
         for v in caches

@@ -293,8 +293,8 @@ class GraphIndex:
         return [t for t in self.inputs if self.consumers.get(t)]
 
     def untyped(self) -> list[str]:
-        """The node outputs neither inference nor the trial run typed (it failed): no cut can cross them."""
-        self._measure_shapes()
+        """The node outputs neither inference nor the trial run typed (it failed): no cut can cross them.
+        Read after the trial run; it starts none."""
         return [
             o for n in self.nodes for o in n.output if o and o not in self.info and o not in self.non_tensor
         ]

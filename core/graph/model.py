@@ -206,8 +206,8 @@ class ModelHandle:
                     "no candidate cut: shape inference cannot type the tensors between the nodes, and "
                     f"onnxruntime could not run the model to measure them ({self.index.trial_error})"
                 )
-            untyped = self.index.untyped()
-            if untyped and self.index.trial_error:
+            untyped = self.index.untyped() if self.index.trial_error else []
+            if untyped:
                 # the cuts that cross them are left out: said, where they went missing without a word (a
                 # fused BERT's cuts between its layers)
                 from splitpoint.core.samples import random_values_note
