@@ -785,6 +785,18 @@ def test_every_input_missing_a_size_is_named_in_one_error(tmp_path):
     assert "N, ? or -1 in --input-shape ids left a dimension past the batch unknown" in r.stderr, r.stderr
 
 
+def test_a_decoder_given_to_a_one_shot_command_is_sent_to_the_decoder_commands(tmp_path):
+    """An exported decoder's cache has no size to give (it grows a token per step): the error that asks
+    for the sizes also names the commands that split a decoder between its layers."""
+    from splitpoint.core.zoo import write
+
+    ((path, _),) = write(["decoder-tiny"], tmp_path)
+    r = run_cli("cuts", str(path))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "'past_key_values.0.key' (past_sequence)" in r.stderr, r.stderr
+    assert "inputs named past_key_values.* are a decoder's KV cache: `splitpoint split-decoder`" in r.stderr
+
+
 def test_a_missing_input_is_refused_by_name_on_every_kind_of_plan(tmp_path):
     """A text model's ids and mask, the mask left out: refused by name, as a bad input, whether the plan
     runs a head (split) or the whole model on the edge (edge-only), which ran it to a KeyError."""
@@ -2961,3 +2973,27 @@ def test_onnx_attention_counts_its_scores_as_work(tmp_path):
     last = h.cuts()[-1]
     # three projections of 8 tokens x 16 x 16, then 8 x 8 scores over 16 wide and their sum of V
     assert last.total_macs == 3 * 8 * 16 * 16 + 2 * 8 * 8 * 16
+
+
+def test_a_top1_left_out_is_said_why_under_the_fidelity_table(tmp_path):
+    """Class scores the unsplit model answers one class for on every random input show '-' for top-1: the
+    table says why (it read as a figure missing), and that the cosine tells there."""
+    bias = numpy_helper.from_array(np.array([0, 0, 0, 100], np.float32), "bias")
+    model = _tiny(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Add", ["r", "bias"], ["s"]),
+            helper.make_node("Softmax", ["s"], ["y"], axis=1),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits=[bias],
+    )
+    path = _save(model, tmp_path / "one-class.onnx")
+    r = run_cli("fidelity", path, "--cut", "r", "--codec", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "top-1 -: not class scores" in r.stdout and "the cosine tells there" in r.stdout, r.stdout
+    assert (
+        json.loads(run_cli("fidelity", path, "--cut", "r", "--json").stdout)["outputs"][0]["top1_agreement"]
+        is None
+    )

@@ -65,6 +65,9 @@ def test_resolve_names_and_paths(tmp_path):
         zoo.resolve("resnet19")
     with pytest.raises(ModelError, match="unknown zoo model"):
         zoo.build("vgg99")
+    # the zoo lists its decoders too: a one-shot command given one says which commands take it
+    with pytest.raises(ModelError, match="'gpt2' is a zoo decoder: `splitpoint split-decoder`"):
+        zoo.resolve("gpt2")
     assert zoo.resolve(tmp_path / "x.onnx") == tmp_path / "x.onnx"
 
 

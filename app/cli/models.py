@@ -180,6 +180,11 @@ def fidelity(
     head = "head weights as in the model" if rep.head_weights == "float32" else f"head {rep.head_weights}"
     title = escape(f"{model} cut {where}, codec {codec}, {head}: measured on {rep.inputs}")
     console.print(fidelity_table(title, rep))
+    if any(o.top1_agreement is None and o.exact_agreement is None for o in rep.outputs):
+        console.print(
+            "top-1 -: not class scores (a row per sample), or the unsplit model's top-1 is one class on "
+            "every random input, where agreeing with it says nothing; the cosine tells there"
+        )
     if rep.task is not None:  # the figure plan would use for this cut and codec, beside the tensor ones
         metrics = rep.task["metrics"]
         said = ", ".join(

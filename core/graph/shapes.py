@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import ModelError
 from ..onnxio import free_dim
+from ..plan import PAST_RE
 
 InputShapes = dict[str, list[int]]
 KEEP = -1  # a dimension left as the model declares it (N, ?, -1 on the command line)
@@ -159,6 +160,12 @@ def apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, where: str =
             missing.append((vi.name, free, f"--input-shape {vi.name}:{example}"))
     if missing:
         hint = "(each ? a size; N keeps the batch free, or give it)"
+        if any(PAST_RE.match(n) for n, _, _ in missing):
+            # a decoder's cache has no size to give: it grows by a token per step, which one-shot plans cannot
+            hint += (
+                "; inputs named past_key_values.* are a decoder's KV cache: `splitpoint split-decoder` and "
+                "`plan-decoder` split a decoder between its layers, with each side's cache"
+            )
         # (a symbol kept free past the first dimension is the case said below, not this one: x:Nx?x64 for
         # x[batch, seq, 64] was told seq was x's first dimension and a later one of another input)
         held = sorted({d for _, free, _ in missing for d in free} & set(kept_first))

@@ -89,7 +89,7 @@ def trained_names() -> list[str]:
 
 def build(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> onnx.ModelProto:
     if name not in ZOO:
-        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join([*ZOO, *DECODERS])}")
     if width <= 0 or width > 4:
         raise ModelError(f"width must be in (0, 4], got {width}")
     e = ZOO[name]
@@ -169,6 +169,11 @@ def resolve(spec: str | Path) -> Path:
         return p
     if str(spec) in ZOO:
         return zoo_path(str(spec))
+    if str(spec) in DECODERS:  # listed by `zoo`, but split between layers, token by token
+        raise ModelError(
+            f"{spec!r} is a zoo decoder: `splitpoint split-decoder`, `plan-decoder` and `generate` take it "
+            f"(this command takes a file or one of {', '.join(ZOO)})"
+        )
     raise ModelError(f"{spec!r} is neither a file nor a zoo model (known: {', '.join(ZOO)})")
 
 
