@@ -2997,3 +2997,21 @@ def test_a_top1_left_out_is_said_why_under_the_fidelity_table(tmp_path):
         json.loads(run_cli("fidelity", path, "--cut", "r", "--json").stdout)["outputs"][0]["top1_agreement"]
         is None
     )
+
+
+@pytest.mark.parametrize("equation", ["bqd,bkd->bqk", "...qd,...kd->...qk"])
+def test_einsum_counts_the_letters_it_sums_over_as_work(tmp_path, equation):
+    """An Einsum (attention scores, bilinear layers, as some exports write them) was counted as no work:
+    it is as much as the MatMul that computes the same product."""
+    rng = np.random.default_rng(0)
+    wq = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "wq")
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("Einsum", ["q", "x"], ["s"], equation=equation),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "ein", [_vi("x", ["N", 8, 16])], [_vi("y", ["N", 8, 8])], [wq])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    h = open_model(_save(m, tmp_path / "ein.onnx"))
+    # the projection (8 tokens x 16 x 16), then 8 x 8 scores, each a sum over the 16 wide d
+    assert h.cuts()[-1].total_macs == 8 * 16 * 16 + 8 * 8 * 16

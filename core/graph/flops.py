@@ -144,6 +144,8 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         return _attention_macs(idx, n)
     if n.op_type in ("Attention", "GroupQueryAttention", "MultiHeadAttention"):
         return _scores_macs(idx, n)
+    if n.op_type == "Einsum":
+        return _einsum_macs(idx, n, out_elems)
     if n.op_type in MATMUL and n.input[0] in idx.info:
         a = idx.info[n.input[0]].dims
         if not a or not isinstance(a[-1], int):
@@ -152,6 +154,33 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         kdim = a[-2] if (trans_a and len(a) >= 2) else a[-1]
         return out_elems * int(kdim)
     return 0
+
+
+def _einsum_macs(idx: GraphIndex | _Body, n, out_elems: int) -> int:
+    """An Einsum per sample: each output element sums over the letters the output drops (a "bhqd,bhkd->bhqk"
+    attention's d). Exports write attention and bilinear layers so; uncounted, their work read as none."""
+    eq = next((a.s.decode() for a in n.attribute if a.name == "equation"), "").replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(n.input) or not out_elems:
+        return 0
+    letters = [c for t in terms for c in t.replace("...", "") if c.isalpha()]
+    kept = set(rhs) if arrow else {c for c in letters if letters.count(c) == 1}
+    sizes: dict[str, int] = {}
+    for term, name in zip(terms, n.input, strict=True):
+        t = idx.info.get(name)
+        if t is None or t.dims is None:
+            return 0
+        # letters after an ellipsis count from the end, where the ellipsis stands for the leading dims
+        head, _, tail = term.partition("...")
+        dims = list(t.dims[: len(head)]) + (list(t.dims[len(t.dims) - len(tail) :]) if tail else [])
+        for c, d in zip(head + tail, dims, strict=False):
+            if isinstance(d, int):
+                sizes[c] = d
+    summed = {c for c in letters if c not in kept}
+    if any(c not in sizes for c in summed):
+        return 0
+    return out_elems * int(np.prod([sizes[c] for c in summed], dtype=np.int64))
 
 
 def _attention_macs(idx: GraphIndex | _Body, n) -> int:
