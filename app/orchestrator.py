@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 import threading
 import time
 import unicodedata
@@ -311,16 +312,21 @@ class FleetSubscriber:
         try:
             self._client.connect(self.url.host, self.url.port, keepalive=10)
         except (OSError, ValueError) as exc:
+            # a broker signed by the fleet's own CA is the usual case, and the system's CAs refuse it
+            why = (
+                "give the CA that signed its certificate: mqtts://HOST:PORT?ca=FILE"
+                if isinstance(exc, ssl.SSLCertVerificationError) and self.url.ca is None
+                else "check --mqtt and that the broker is running"
+            )
             raise SplitPointError(
-                f"cannot reach the MQTT broker at {self.url.host}:{self.url.port} ({exc}); "
-                "check --mqtt and that the broker is running"
+                f"cannot reach the MQTT broker at {self.url.host}:{self.url.port} ({exc}); {why}"
             ) from exc
         self._client.loop_start()
         if not self._connected.wait(5):
             self.__exit__()
             raise SplitPointError(
                 f"the MQTT broker at {self.url.host}:{self.url.port} did not accept the connection "
-                "and subscription within 5 s"
+                "and subscription within 5 s" + ("" if self.url.tls else " (a TLS listener takes mqtts://)")
             )
         if self._refused is not None:
             self.__exit__()

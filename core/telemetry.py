@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -39,13 +40,18 @@ class BrokerURL:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    ca: str | None = None  # mqtts: the CA that signed the broker's certificate (else the system's CAs)
+    cert: str | None = None  # mqtts: this client's certificate and key, for a broker that asks for one
+    key: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
-        """``mqtt[s]://[user[:password]@]host[:port]``; a user or password holding ``@ : / # ?`` is
-        written percent-encoded (``p%40ss``), as in any URL. A user without a password takes it from
-        ``$SPLITPOINT_MQTT_PASSWORD``, where ``ps`` does not show it. Errors show the URL with its password
-        hidden: they reach logs and the journal."""
+        """``mqtt[s]://[user[:password]@]host[:port][?ca=FILE&cert=FILE&key=FILE]``; a user or password
+        holding ``@ : / # ?`` is written percent-encoded (``p%40ss``), as in any URL. A user without a
+        password takes it from ``$SPLITPOINT_MQTT_PASSWORD``, where ``ps`` does not show it. ``ca``: a
+        fleet's broker is most often signed by the fleet's own CA, which no system trusts; ``cert`` and
+        ``key``: a broker that asks clients for certificates. Errors show the URL with its password hidden:
+        they reach logs and the journal."""
         from urllib.parse import unquote
 
         from .errors import SplitPointError
@@ -63,6 +69,7 @@ class BrokerURL:
                 "(%2F, %23, %3F)"
             )
         tls = u.scheme == "mqtts"
+        files = _tls_files(u.query, tls, shown)
         try:
             port = u.port  # urllib raises here for a port out of range or not a number
         except ValueError as exc:  # its words quote what follows the ':', which may be the password
@@ -71,14 +78,47 @@ class BrokerURL:
         password = unquote(u.password) if u.password is not None else None
         if user and password is None:  # kept off the command line, which every user of the machine reads
             password = os.environ.get(PASSWORD_ENV)
-        return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), user, password, tls)
+        return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), user, password, tls, **files)
 
     def apply(self, client) -> None:
         """Credentials and TLS on a paho client: publishers and subscribers connect alike."""
         if self.username:
             client.username_pw_set(self.username, self.password)
         if self.tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set(
+                ca_certs=self.ca, certfile=self.cert, keyfile=self.key, cert_reqs=ssl.CERT_REQUIRED
+            )
+
+
+def _tls_files(query: str, tls: bool, shown: str) -> dict[str, str]:
+    """The ``ca``, ``cert`` and ``key`` of a broker URL's query, each a readable file: checked where the URL
+    is read, since paho reads them in its network thread, where a missing one is a log line at best."""
+    from urllib.parse import parse_qs
+
+    from .errors import SplitPointError
+
+    try:
+        given = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise SplitPointError(f"MQTT URL {shown!r}: its query is not name=value pairs joined by &") from exc
+    files: dict[str, str] = {}
+    for name, values in given.items():
+        if name not in ("ca", "cert", "key"):
+            raise SplitPointError(f"MQTT URL {shown!r}: unknown option {name!r} (it takes ca, cert and key)")
+        if not tls:
+            raise SplitPointError(f"MQTT URL {shown!r}: {name}= is for TLS; write mqtts://")
+        if len(values) != 1 or not values[0]:
+            raise SplitPointError(f"MQTT URL {shown!r}: give {name}= one file")
+        path = values[0]
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SplitPointError(f"MQTT URL {shown!r}: {name} file {path!r}: {exc.strerror}") from exc
+        files[name] = path
+    if ("cert" in files) != ("key" in files):
+        raise SplitPointError(f"MQTT URL {shown!r}: a client certificate takes both cert= and key=")
+    return files
 
 
 def redact_url(url: str) -> str:
@@ -226,7 +266,7 @@ class Telemetry:
         c.on_socket_open = self._nodelay
         c.on_connect = lambda *a: self._on_connect(*a)
         c.on_disconnect = lambda *a: self._on_disconnect()
-        c.on_connect_fail = lambda *a: self._unreachable("is unreachable")
+        c.on_connect_fail = lambda *a: self._connect_failed()
         self._warned: str | None = None  # why, once per outage and reason, not once per retry
         self._closing = False
         c.reconnect_delay_set(1, 5)
@@ -242,6 +282,18 @@ class Telemetry:
     def _nodelay(client, userdata, sock) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _connect_failed(self) -> None:
+        """paho calls this inside its ``except``, and passes no error: read from there, a certificate
+        refused says so, and how to trust it, not that the broker is unreachable."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = f"has a certificate this client does not trust ({exc.verify_message})"
+            self._unreachable(why + ("" if self.url.ca else ": give its CA, mqtts://HOST:PORT?ca=FILE"))
+        elif isinstance(exc, ssl.SSLError):
+            self._unreachable(f"failed the TLS handshake ({exc.reason})")
+        else:
+            self._unreachable("is unreachable")
 
     def _unreachable(self, why: str) -> None:
         if why != self._warned:  # a new reason is news (a broker back up that now refuses this client)

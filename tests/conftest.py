@@ -76,13 +76,44 @@ def small_resnet18(tmp_path_factory) -> Path:
     return path
 
 
+def make_certificates(directory: Path) -> Path:
+    """A CA of its own (ca.pem), a broker certificate it signed for 127.0.0.1 (server.pem, server.key) and a
+    client certificate it signed (client.pem, client.key), made with the openssl command: what a fleet's
+    private broker has. Returns ``directory``."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not installed: apt-get install openssl (.ci/run does this)")
+
+    def ssl_cmd(args: str, *extra: str) -> None:
+        subprocess.run(["openssl", *args.split(), *extra], cwd=directory, check=True, capture_output=True)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ssl_cmd("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=fleet-ca")
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, extra in (("server", ["-extfile", "san.cnf"]), ("client", [])):
+        ssl_cmd(f"req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name}")
+        ssl_cmd(
+            f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2",
+            *extra,
+        )
+    return directory
+
+
 @contextlib.contextmanager
 def running_mosquitto(
-    directory: Path, anonymous: bool = True, port: int | None = None, users: dict[str, str] | None = None
+    directory: Path,
+    anonymous: bool = True,
+    port: int | None = None,
+    users: dict[str, str] | None = None,
+    tls: Path | None = None,
+    client_certificates: bool = False,
 ) -> Iterator[str]:
     """A real mosquitto broker on a free loopback port, or ``port`` (to start one again where an earlier
     one was), installed by .ci/run with apt-get; its URL. ``anonymous=False``: one that refuses every
-    client without credentials; ``users``: the names and passwords it accepts (mosquitto_passwd)."""
+    client without credentials; ``users``: the names and passwords it accepts (mosquitto_passwd).
+    ``tls``: a folder from ``make_certificates``: the listener speaks TLS only (an mqtts:// URL), and with
+    ``client_certificates`` refuses a client without a certificate its CA signed."""
     import shutil
     import socket
     import time
@@ -99,6 +130,9 @@ def running_mosquitto(
         s.close()
     conf = directory / "mosquitto.conf"
     text = f"listener {port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
+    if tls is not None:
+        text += f"cafile {tls / 'ca.pem'}\ncertfile {tls / 'server.pem'}\nkeyfile {tls / 'server.key'}\n"
+        text += f"require_certificate {str(client_certificates).lower()}\n"
     # its log (connections, refusals, take-overs) beside the config: what a failed telemetry test reads
     text += "log_dest stdout\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
     if users:
@@ -107,8 +141,8 @@ def running_mosquitto(
         for name, password in users.items():
             subprocess.run(["mosquitto_passwd", "-b", str(passwd), name, password], check=True)
         text += f"password_file {passwd}\n"
-        if os.geteuid() == 0:  # mosquitto run as root reads its files as user mosquitto: not this 0600 one
-            text += "user root\n"
+    if (users or tls is not None) and os.geteuid() == 0:
+        text += "user root\n"  # mosquitto run as root reads its files as user mosquitto: not these 0600 ones
     conf.write_text(text)
     with open(directory / "mosquitto.log", "wb") as log:
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
@@ -119,7 +153,7 @@ def running_mosquitto(
             break
         except OSError:
             time.sleep(0.02)
-    url = f"mqtt://127.0.0.1:{port}"
+    url = f"{'mqtts' if tls is not None else 'mqtt'}://127.0.0.1:{port}"
     BROKER_LOGS[url] = directory / "mosquitto.log"
     try:
         yield url

@@ -19,7 +19,7 @@ from splitpoint.app.console import heard_s_ago, status_table, watch_table
 from splitpoint.app.orchestrator import collect, deploy
 from splitpoint.core.errors import SplitPointError
 
-from .conftest import run_cli, running_mosquitto
+from .conftest import make_certificates, run_cli, running_mosquitto
 
 JUNK = {
     "metrics": {
@@ -139,6 +139,68 @@ def test_a_broker_password_may_come_from_the_environment_off_the_command_line(tm
             env=env,
         )
         assert r.returncode == 0, r.stderr
+
+
+def test_telemetry_over_tls_to_a_broker_the_fleets_own_ca_signed(tmp_path, caplog):
+    """A fleet's broker is signed by the fleet's CA, which no system trusts: mqtts:// took the system's CAs
+    alone, so TLS telemetry could not reach it. ``?ca=`` names the CA, ``cert=``/``key=`` the client's own
+    certificate for a broker that asks for one; without them each side says what to give."""
+    import logging
+
+    from splitpoint.core.telemetry import Telemetry
+
+    certs = make_certificates(tmp_path / "certs")
+    ca = f"ca={certs / 'ca.pem'}"
+    with running_mosquitto(tmp_path, tls=certs) as url:
+        tele = Telemetry("tls-edge", "edge", f"{url}?{ca}")
+        try:
+            assert tele.connected.wait(10)
+            tele.status("online")
+            fleet = collect(f"{url}?{ca}", 1.0)
+            assert fleet["tls-edge"]["status"]["state"] == "online", fleet
+        finally:
+            tele.close()
+        # the system's CAs alone: refused, and the error says how to trust the broker
+        r = run_cli("status", "--mqtt", url, "--seconds", "0.5", timeout=60)
+        assert r.returncode == 2 and "certificate verify failed" in r.stderr, r.stderr
+        assert "give the CA that signed its certificate: mqtts://HOST:PORT?ca=FILE" in r.stderr, r.stderr
+        with caplog.at_level(logging.WARNING, logger="splitpoint.core.telemetry"):
+            untrusting = Telemetry("tls-edge-2", "edge", url)
+            try:
+                assert not untrusting.connected.wait(2)
+            finally:
+                untrusting.close()
+        assert "has a certificate this client does not trust" in caplog.text, caplog.text
+        assert "give its CA, mqtts://HOST:PORT?ca=FILE" in caplog.text
+        # plain MQTT at a TLS listener is told the scheme
+        r = run_cli("status", "--mqtt", url.replace("mqtts://", "mqtt://"), "--seconds", "0.5", timeout=60)
+        assert r.returncode == 2 and "(a TLS listener takes mqtts://)" in r.stderr, r.stderr
+    with running_mosquitto(tmp_path, tls=certs, client_certificates=True) as url:
+        mine = f"{url}?{ca}&cert={certs / 'client.pem'}&key={certs / 'client.key'}"
+        assert run_cli("status", "--mqtt", mine, "--seconds", "0.5", timeout=60).returncode == 0
+        assert run_cli("status", "--mqtt", f"{url}?{ca}", "--seconds", "0.5", timeout=60).returncode == 2
+
+
+@pytest.mark.parametrize(
+    "query, said",
+    [
+        ("mqtt://h:1883?ca={ca}", "ca= is for TLS; write mqtts://"),
+        ("mqtts://h?cafile={ca}", "unknown option 'cafile' (it takes ca, cert and key)"),
+        ("mqtts://h?ca={missing}", "ca file '{missing}': No such file or directory"),
+        ("mqtts://h?ca={ca}&cert={ca}", "a client certificate takes both cert= and key="),
+        ("mqtts://h?ca=", "give ca= one file"),
+        ("mqtts://h?ca={ca}&ca={ca}", "give ca= one file"),
+    ],
+)
+def test_a_broker_urls_tls_files_are_checked_where_the_url_is_read(tmp_path, query, said):
+    """paho reads the files in its network thread, where a missing one is lost in a log: refused at once."""
+    from splitpoint.core.telemetry import BrokerURL
+
+    (tmp_path / "ca.pem").write_text("x")
+    names = {"ca": tmp_path / "ca.pem", "missing": tmp_path / "nope.pem"}
+    with pytest.raises(SplitPointError) as err:
+        BrokerURL.parse(query.format(**names))
+    assert said.format(**names) in str(err.value)
 
 
 @pytest.fixture
