@@ -722,7 +722,7 @@ def show_chain(r: Any, out: Path | None) -> None:
     for p in sorted(shown, key=lambda p: p.latency_ms):
         misses = cons.misses(p) if cons is not None else []
         missed = missed or bool(misses)
-        mark = "→" if p is d.pick else "✗ " if misses else ""
+        mark = "★ " if p is d.pick else "✗ " if misses else ""  # (not "→": the plans' own labels use it)
         rows.append(
             [
                 mark + describe(m, p),
@@ -748,6 +748,11 @@ def show_chain(r: Any, out: Path | None) -> None:
     if missed:
         console.print(
             "✗: misses a constraint given (the front is over latency and throughput; shown for scale)"
+        )
+    if any(int(m.costs.positions[i]) == 0 for p in shown for i in p.cuts):
+        console.print(
+            "cut 0: that device runs none of the model and sends the input on (`split` takes no cut 0: "
+            "such a plan is written by plan-chain -o)"
         )
     pred = r.predicted
     console.print(f"fidelity = {pred['fidelity_measure']}, measured on {pred['fidelity_inputs']}")

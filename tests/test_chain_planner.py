@@ -417,6 +417,11 @@ def test_plan_chain_from_the_command_line(measured, tmp_path):
     proc = run_cli(*args, "-o", str(tmp_path / "plan"))
     assert proc.returncode == 0, proc.stderr
     assert "best two-stage" in proc.stdout and "pick:" in proc.stdout
+    # the pick's row is starred, not marked with the arrow the plans' labels are written with
+    assert "★" in proc.stdout and "│ →" not in proc.stdout, proc.stdout
+    # the baseline "all on srv" sends the input on over both hops: what its cut 0 means is said
+    assert "all on srv" in proc.stdout and "pi→cut 0 " in proc.stdout, proc.stdout
+    assert "cut 0: that device runs none of the model and sends the input on" in proc.stdout
     # two devices of one kind read apart: "pi -> ... -> pi-2", "all on pi-2", never "pi" for both
     assert "pi-2" in proc.stdout and "all on pi (stage 1)" not in proc.stdout
     assert "measured on 2 random inputs (the user's model)" in " ".join(proc.stdout.split())

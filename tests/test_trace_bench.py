@@ -111,6 +111,12 @@ def test_every_request_of_a_trace_is_answered_once(traced):
         # the link changed once, on time, on the edge's clock
         (change,) = run["reshaped"]
         assert change["network"] == "ethernet" and 5.9 <= change["t"] <= 7.0
+        # every member that answered, checked against the unsplit model on the inputs it answered: the
+        # trace's answers were never compared, so a member answering wrong numbers went unseen
+        used = {str(r["member"]) for r in run["rows"] if r["error"] is None}
+        assert set(run["answers"]) == used, (run["answers"], used)
+        for c in run["answers"].values():
+            assert 1 <= c["inputs"] <= 4 and 0 <= c["max_abs_error"] < 1 and c["agreement"] >= 0.9, c
 
 
 def test_the_trace_is_judged_against_the_fixed_members(traced):
@@ -133,6 +139,7 @@ def test_the_trace_is_judged_against_the_fixed_members(traced):
     assert saved["models"].keys() == results["models"].keys()
     md = (out / "report.md").read_text()
     assert "| phase | network |" in md and "adaptive median" in md
+    assert "Answers against the unsplit model's on the same inputs" in md and "max " in md
     assert (out / saved["plots"][0]).stat().st_size > 10_000
 
 

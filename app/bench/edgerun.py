@@ -123,6 +123,45 @@ def measure_all(
     return results
 
 
+def load_inputs(path: str | Path) -> tuple[list[dict], list[list[np.ndarray]], list[tuple]]:
+    """The bench's inputs file (``run._inputs_file``): the feeds, the unsplit model's outputs for each, and
+    how each output is compared (the planner's ``comparison_rules``)."""
+    data = np.load(path)
+    n = int(data["n"])
+    names = [str(s) for s in data["input_names"]]
+    inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(n)]
+    refs = [[data[f"ref{k}_{j}"] for j in range(int(data["n_outputs"]))] for k in range(n)]
+    rules = (
+        [
+            (int(a) or None, bool(c), int(k))
+            for a, c, k in zip(data["score_axes"], data["class_scores"], data["rows_per_sample"], strict=True)
+        ]
+        if "score_axes" in data
+        else []
+    )
+    return inputs, refs, rules
+
+
+def answers_against_refs(seq: list, refs: list[list[np.ndarray]], rules: list) -> dict:
+    """``seq``'s answers (input index, result) against the unsplit model's: the planner's agreement, the
+    worst output's, and the largest difference in any output value of the same shape (a detector's
+    boxes may differ in number: the agreement counts those)."""
+    max_err = 0.0
+    for k, r in seq:
+        for out, ref in zip(r.outputs, refs[k], strict=True):
+            if out.shape == np.shape(ref):
+                max_err = max(max_err, float(np.abs(out.astype(np.float64) - ref).max(initial=0.0)))
+    fid = _agreement(seq, refs, rules)
+    return {
+        # the planner's measure, the worst output's: top-1 for class scores, equal elements for integer
+        # outputs, cosine otherwise (an argmax over a detector's boxes or a U-Net's mask read 0.5 for a
+        # split the planner measured at 0.999)
+        "agreement": min((o.primary for o in fid), default=None),
+        "top1_agreement": fid[0].top1_agreement if fid else None,
+        "max_abs_error": max_err,
+    }
+
+
 def _agreement(seq: list, refs: list[list[np.ndarray]], rules: list) -> list:
     """Each output's fidelity over the sequential requests, as ``splitpoint fidelity`` measures it: by the
     planner's ``comparison_rules`` (compare()'s axis, scores, rows per sample), one per output, or its
@@ -195,12 +234,6 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
     )
     # everything that is not compute: the link plus the runtime's own cost (all of it at loopback)
     non_compute = [x["total_ms"] - sum(x.get(k) or 0.0 for k in compute) for x in b]
-    max_err = 0.0
-    for k, r in seq:
-        for out, ref in zip(r.outputs, refs[k], strict=True):
-            if out.shape == np.shape(ref):
-                max_err = max(max_err, float(np.abs(out.astype(np.float64) - ref).max(initial=0.0)))
-    fid = _agreement(seq, refs, args.rules)
     return {
         "chain_stages_ms_median": _chain_stages(b),
         "requests_sequential": len(seq),
@@ -216,12 +249,7 @@ def throughput_and_summary(run: _Plan, inputs, refs, args, proc) -> dict:
         "bytes_sent_median": median_of_present([x.get("bytes_sent") for x in b]),
         "edge_cpu_ms_per_request": 1e3 * run.cpu_s / max(1, len(seq)),
         "edge_cpu_ms_per_request_pipelined": 1e3 * cpu_pipe / n_pipe,
-        # the planner's measure, the worst output's: top-1 for class scores, equal elements for integer
-        # outputs, cosine otherwise (an argmax over a detector's boxes or a U-Net's mask read 0.5 for a
-        # split the planner measured at 0.999)
-        "agreement": min((o.primary for o in fid), default=None),
-        "top1_agreement": fid[0].top1_agreement if fid else None,
-        "max_abs_error": max_err,
+        **answers_against_refs(seq, refs, args.rules),
     }
 
 
@@ -254,19 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--gate", action="store_true", help="print 'ready' once built, start on 'go' on stdin")
     args = ap.parse_args(argv)
-    data = np.load(args.inputs)
-    n = int(data["n"])
-    names = [str(s) for s in data["input_names"]]
-    inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(n)]
-    refs = [[data[f"ref{k}_{j}"] for j in range(int(data["n_outputs"]))] for k in range(n)]
-    args.rules = (
-        [
-            (int(a) or None, bool(c), int(k))
-            for a, c, k in zip(data["score_axes"], data["class_scores"], data["rows_per_sample"], strict=True)
-        ]
-        if "score_axes" in data
-        else []
-    )
+    inputs, refs, args.rules = load_inputs(args.inputs)
     results = measure_all([(p, int(w)) for p, w in json.loads(args.plans)], args.server, inputs, refs, args)
     out = {"results": results, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     Path(args.out).write_text(json.dumps(out), encoding="utf-8")

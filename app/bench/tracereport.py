@@ -47,6 +47,15 @@ def _fixed_seconds(results: dict) -> str:
     return f"as long as the longest phase ({each})"
 
 
+def _answers(run: dict) -> str:
+    """Each member's answers against the unsplit model's, as the run checked them."""
+    said = []
+    for k, c in sorted(run.get("answers", {}).items(), key=lambda kv: int(kv[0])):
+        agree = "–" if c["agreement"] is None else f"{c['agreement']:.3f}"
+        said.append(f"m{k} {agree}, max {c['max_abs_error']:.2g} over {c['inputs']} inputs")
+    return "; ".join(said) or "none answered"
+
+
 def pct(v: float | None) -> str:
     """A share as a percentage ('–' for none)."""
     return "–" if v is None else f"{100 * v:.0f} %"
@@ -174,6 +183,13 @@ def markdown(results: dict, command: str) -> str:
             f"lost, {bo['duplicates']} duplicates, {bo['failed']} errors, {len(bo['switches'])} switches.",
             "",
         ]
+        if a.get("answers") or bo.get("answers"):
+            lines += [
+                "Answers against the unsplit model's on the same inputs (measured; one answer per member and "
+                "input; agreement as the planner measures fidelity, and the largest difference in any output "
+                f"value): adaptive {_answers(a)}; bits-only {_answers(bo)}.",
+                "",
+            ]
         if a.get("changes"):
             lines += [
                 "A change is a phase whose network the set expects another member on. *Switch after*: "

@@ -23,8 +23,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 def _client(args):
     from splitpoint.edge.adaptive import AdaptiveClient
@@ -49,9 +47,9 @@ def _client(args):
 
 
 def run(args) -> dict:
-    data = np.load(args.inputs)
-    names = [str(s) for s in data["input_names"]]
-    inputs = [{nm: data[f"in{k}_{j}"] for j, nm in enumerate(names)} for k in range(int(data["n"]))]
+    from .edgerun import answers_against_refs, load_inputs
+
+    inputs, refs, rules = load_inputs(args.inputs)
     client = _client(args)
     members = client.clients if args.mode == "adaptive" else [client]
     link = getattr(client, "link", None)
@@ -62,6 +60,9 @@ def run(args) -> dict:
     start = float(sys.stdin.readline())
     n = int(args.seconds * args.rate)
     answers: dict[int, list] = {}
+    # one answer per member and input, checked against the unsplit model's after the run (a member
+    # answers an input alike each time; checking every answer in the reply thread would slow the run)
+    kept: dict[tuple[int, int], Any] = {}
     lock = threading.Lock()
     futures: list[Future] = []
 
@@ -74,6 +75,7 @@ def run(args) -> dict:
         else:
             r = f.result()
             row["member"] = r.breakdown.get("member", 0)
+            kept.setdefault((row["member"], i % len(inputs)), r)
             if "hedged_with" in r.breakdown:  # a probe the edge also ran: ``member`` answered first
                 row["hedged_with"] = r.breakdown["hedged_with"]
             row["fallback"] = r.fallback
@@ -112,7 +114,15 @@ def run(args) -> dict:
     if args.mode == "adaptive":
         switches = [{**s, "t": s["t"] - start} for s in client.switches if s["t"] >= start]
     client.close(drain=False)
+    checked: dict[int, list] = {}
+    for (member, k), r in sorted(kept.items(), key=lambda kv: kv[0]):
+        checked.setdefault(member, []).append((k, r))
     return {
+        # every member that answered, against the unsplit model on the inputs it answered (measured)
+        "answers": {
+            str(m): {"inputs": len(seq), **answers_against_refs(seq, refs, rules)}
+            for m, seq in checked.items()
+        },
         "requests": n,
         "answered": len(rows),
         "lost": n - len(rows),
