@@ -127,6 +127,8 @@ def test_the_trace_is_judged_against_the_fixed_members(traced):
     for net in ("3g", "ethernet"):
         assert set(m["fixed"][net]) == set(labels)
         assert all(v["lost"] == 0 and v["median_ms"] > 0 for v in m["fixed"][net].values())
+        # a fixed member's answers are checked as the policies' are
+        assert all(set(v["answers"]) == {"0"} for v in m["fixed"][net].values()), m["fixed"][net]
     # a fixed member that sends its cut tensor is slower over 3g than over ethernet
     sends = [x for x in labels if not x.startswith("edge-only")]
     for x in sends:

@@ -408,6 +408,7 @@ def _summary(run: dict) -> dict:
         "failed": run["failed"],
         "lost": run["lost"],
         "served_ips": len(ok) / span if span > 0 else None,
+        "answers": run.get("answers", {}),  # against the unsplit model (tracerun)
     }
 
 
