@@ -54,25 +54,96 @@ def _quiet_root_logger():
 
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel weights) exists from opset 13
+DYNAMIC_OPSET = 10  # onnxruntime's dynamic quantiser takes opset 10 and later as it is
 
 
-def _at_least_opset(model: onnx.ModelProto, want: int) -> onnx.ModelProto:
+def _at_least_opset(
+    model: onnx.ModelProto, want: int, samples: list[dict[str, np.ndarray]], mode: str
+) -> onnx.ModelProto:
     """The model converted up to opset ``want`` where it declares less: the static QDQ graph writes
     per-channel DequantizeLinear nodes, which an opset-11 model (torch's legacy exporter at
-    opset_version=11) cannot hold; onnxruntime then refused SplitPoint's own graph, not the user's."""
+    opset_version=11) cannot hold; onnxruntime then refused SplitPoint's own graph, not the user's. The
+    dynamic quantiser converts a model below opset 10 to 11 itself, where onnx has no adapter for an
+    opset-7 Upsample by that route (to 13 it has). The converted model is run beside the original on a
+    calibration sample: onnx's converter rewrites some ops into others that compute something else
+    (Upsample(linear) into a Resize without Upsample's coordinates: 0.12 off at outputs of 0.31), and an
+    int8 head measured so carried the converter's error as int8's."""
     have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), want)
     if have >= want:
         return model
     from onnx import version_converter
 
+    # ops ONNX no longer defines (ImageScaler, as tinyyolov2-8 starts with): the converter's words for them
+    # are a format string it never filled ("Op '%s' has no registered schema")
+    undefined = sorted(
+        {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
+    )
+    if undefined:
+        raise SplitPointError(
+            f"{mode} int8 quantisation runs at opset {want} or later here, and onnx cannot convert this "
+            f"opset-{have} model's {', '.join(undefined)} (ONNX defines it no more) to opset {want}: a head "
+            "holding it keeps its float weights (cut before it, or leave out --quantize-head-weights, "
+            "--int8 and --int8-heads)"
+        )
     try:
-        return version_converter.convert_version(model, want)
+        converted = version_converter.convert_version(model, want)
     except Exception as exc:  # the converter's own errors are of many kinds
         raise SplitPointError(
-            f"static int8 quantisation needs opset {want} or later (per-channel weights); this model is "
-            f"opset {have} and onnx could not convert it ({type(exc).__name__}: {str(exc)[:200]}): use "
-            "dynamic quantisation, or export the model at opset 13 or later"
+            f"{mode} int8 quantisation runs at opset {want} or later here; this model is opset {have} and "
+            f"onnx could not convert it ({type(exc).__name__}: {str(exc)[:200]}): export the model at opset "
+            f"{want} or later"
         ) from exc
+    _same_function(model, converted, samples[:2], have, want)
+    return converted
+
+
+def _same_function(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    samples: list[dict[str, np.ndarray]],
+    have: int,
+    want: int,
+) -> None:
+    """SplitPointError where the converted model's outputs differ from the original's on ``samples`` by
+    more than float rounding (1e-3 of the output's largest value), naming what the converter rewrote."""
+    from splitpoint.core.runner import make_session
+
+    if not samples:
+        return
+    a, b = make_session(before, 1), make_session(after, 1)
+    names = {i.name for i in a.get_inputs()}
+    for sample in samples:
+        feeds = {k: v for k, v in sample.items() if k in names}
+        for o, x, y in zip(a.get_outputs(), a.run(None, feeds), b.run(None, feeds), strict=True):
+            why = _differs(np.asarray(x), np.asarray(y))
+            if why:
+                gone = sorted({n.op_type for n in before.graph.node} - {n.op_type for n in after.graph.node})
+                raise SplitPointError(
+                    f"int8 weights need this head at opset {want}, and onnx's converter from opset {have} "
+                    f"changes what it computes (output {o.name!r}: {why}"
+                    + (f"; it rewrote {', '.join(gone)}" if gone else "")
+                    + f"): export the model at opset {want} or later, or cut before the op it rewrote"
+                )
+
+
+def _differs(x: np.ndarray, y: np.ndarray) -> str | None:
+    """How ``y`` differs from ``x`` beyond float rounding, in words; None where it does not."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return f"{x.dtype} {list(x.shape)} became {y.dtype} {list(y.shape)}"
+    if not np.issubdtype(x.dtype, np.floating):
+        return None if np.array_equal(x, y) else "other values"
+    if not x.size:
+        return None
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    if not np.array_equal(np.isnan(x64), np.isnan(y64)):
+        return "NaN elsewhere"
+    scale = float(np.nanmax(np.abs(x64)))
+    off = float(np.nanmax(np.abs(x64 - y64))) if np.isfinite(x64).any() else 0.0
+    return (
+        None
+        if off <= 1e-3 * max(scale, 1e-6)
+        else f"off by up to {off:.3g} where its values reach {scale:.3g}"
+    )
 
 
 def quantize_head(
@@ -90,10 +161,11 @@ def quantize_head(
         raise SplitPointError(f"unknown head quantisation mode {mode!r}; choose {', '.join(MODES)}")
     refuse_quantized(head, mode)
     not_float32 = _not_float32_weights(head)
-    if mode == "static":
-        head = _at_least_opset(head, PER_CHANNEL_OPSET)
     inputs = {i.name for i in head.graph.input}
     samples = [{k: v for k, v in s.items() if k in inputs} for s in calibration]
+    # static: per-channel weights need opset 13; dynamic: onnxruntime's quantiser converts a model below
+    # opset 10 to 11 itself, unchecked and by a route with no adapter for an opset-7 Upsample
+    head = _at_least_opset(head, PER_CHANNEL_OPSET if mode == "static" else DYNAMIC_OPSET, samples, mode)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as d, _quiet_root_logger():
