@@ -147,8 +147,14 @@ def _differs(x: np.ndarray, y: np.ndarray) -> str | None:
 
 
 def quantize_head(
-    head: onnx.ModelProto, calibration: list[dict[str, np.ndarray]], mode: str = "static"
+    head: onnx.ModelProto,
+    calibration: list[dict[str, np.ndarray]],
+    mode: str = "static",
+    timing: bool = False,
 ) -> onnx.ModelProto:
+    """``timing``: the quantised model is only timed (the profiler's int8 model), and an old opset's
+    conversion is not checked against the original: what the converter changes costs what it did, and each
+    int8 head a plan measures is checked."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -165,7 +171,9 @@ def quantize_head(
     samples = [{k: v for k, v in s.items() if k in inputs} for s in calibration]
     # static: per-channel weights need opset 13; dynamic: onnxruntime's quantiser converts a model below
     # opset 10 to 11 itself, unchecked and by a route with no adapter for an opset-7 Upsample
-    head = _at_least_opset(head, PER_CHANNEL_OPSET if mode == "static" else DYNAMIC_OPSET, samples, mode)
+    head = _at_least_opset(
+        head, PER_CHANNEL_OPSET if mode == "static" else DYNAMIC_OPSET, [] if timing else samples, mode
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as d, _quiet_root_logger():

@@ -181,7 +181,7 @@ def int8_of(handle: ModelHandle) -> onnx.ModelProto:
     """The whole model statically quantised (QDQ, u8 activations, s8 weights), calibrated on 8 samples."""
     from splitpoint.core.quantize import quantize_head
 
-    return quantize_head(handle.model, [handle.sample(1, 100 + i) for i in range(8)], "static")
+    return quantize_head(handle.model, [handle.sample(1, 100 + i) for i in range(8)], "static", timing=True)
 
 
 def profile_model(

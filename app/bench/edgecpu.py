@@ -107,7 +107,7 @@ def calibrate(device: DeviceSpec, runs: int = 30, rounds: int = 5) -> Calibratio
     feeds = sample_feeds(h.model)
     if precision == "int8":
         calib = [sample_feeds(h.model, 1, 100 + k) for k in range(8)]
-        sess = make_session(quantize_head(h.model, calib, "static"), 1)
+        sess = make_session(quantize_head(h.model, calib, "static", timing=True), 1)
     else:
         sess = h.whole_session(1)
 
