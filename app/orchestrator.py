@@ -313,11 +313,14 @@ class FleetSubscriber:
             self._client.connect(self.url.host, self.url.port, keepalive=10)
         except (OSError, ValueError) as exc:
             # a broker signed by the fleet's own CA is the usual case, and the system's CAs refuse it
-            why = (
-                "give the CA that signed its certificate: mqtts://HOST:PORT?ca=FILE"
-                if isinstance(exc, ssl.SSLCertVerificationError) and self.url.ca is None
-                else "check --mqtt and that the broker is running"
-            )
+            why = "check --mqtt and that the broker is running"
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                why = (
+                    "give the CA that signed its certificate: mqtts://HOST:PORT?ca=FILE"
+                    if self.url.ca is None
+                    else f"its certificate must be signed by the CA in {self.url.ca!r} and name the host "
+                    "the URL gives"
+                )
             raise SplitPointError(
                 f"cannot reach the MQTT broker at {self.url.host}:{self.url.port} ({exc}); {why}"
             ) from exc
@@ -326,7 +329,7 @@ class FleetSubscriber:
             self.__exit__()
             raise SplitPointError(
                 f"the MQTT broker at {self.url.host}:{self.url.port} did not accept the connection "
-                "and subscription within 5 s" + ("" if self.url.tls else " (a TLS listener takes mqtts://)")
+                "and subscription within 5 s" + self.url.closed_hint()
             )
         if self._refused is not None:
             self.__exit__()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import sys
@@ -57,8 +58,10 @@ class BrokerURL:
         from .errors import SplitPointError
 
         shown = redact_url(url)
+        full = url if "://" in url else f"mqtt://{url}"
+        base, query = _split_query(full)
         try:
-            u = urlparse(url if "://" in url else f"mqtt://{url}")
+            u = urlparse(base)
         except ValueError as exc:  # an unclosed [ of an IPv6 host
             raise SplitPointError(f"MQTT URL {shown!r}: not a URL (an IPv6 host is written [::1])") from exc
         if u.scheme not in ("mqtt", "mqtts", "tcp"):
@@ -68,8 +71,12 @@ class BrokerURL:
                 f"MQTT URL {shown!r}: a user or password holding '/', '#' or '?' is written percent-encoded "
                 "(%2F, %23, %3F)"
             )
+        if u.query or u.fragment or u.path.strip("/"):
+            raise SplitPointError(
+                f"MQTT URL {shown!r}: after the host and port it takes only ?ca=FILE&cert=FILE&key=FILE"
+            )
         tls = u.scheme == "mqtts"
-        files = _tls_files(u.query, tls, shown)
+        files = _tls_files(query, tls, shown)
         try:
             port = u.port  # urllib raises here for a port out of range or not a number
         except ValueError as exc:  # its words quote what follows the ':', which may be the password
@@ -79,6 +86,14 @@ class BrokerURL:
         if user and password is None:  # kept off the command line, which every user of the machine reads
             password = os.environ.get(PASSWORD_ENV)
         return cls(u.hostname or "127.0.0.1", port or (8883 if tls else 1883), user, password, tls, **files)
+
+    def closed_hint(self) -> str:
+        """Why a broker may close a connection before accepting it, for what this URL gives."""
+        if self.tls and self.cert is None:
+            return " (a broker that asks clients for certificates takes &cert=FILE&key=FILE)"
+        if not self.tls:
+            return " (a TLS listener takes mqtts://)"
+        return ""
 
     def apply(self, client) -> None:
         """Credentials and TLS on a paho client: publishers and subscribers connect alike."""
@@ -90,26 +105,42 @@ class BrokerURL:
             )
 
 
-def _tls_files(query: str, tls: bool, shown: str) -> dict[str, str]:
-    """The ``ca``, ``cert`` and ``key`` of a broker URL's query, each a readable file: checked where the URL
-    is read, since paho reads them in its network thread, where a missing one is a log line at best."""
-    from urllib.parse import parse_qs
+def _split_query(url: str) -> tuple[str, str | None]:
+    """The URL before its ``?ca=...`` query, and the query (None: none). The query starts at the first
+    ``?`` whose name (up to ``=``) holds no ``@``: a path in it may hold one (``ca=/home/u@corp/ca.pem``),
+    which URL parsing took for the credentials' end; a password's unencoded ``?`` (``pa?ss@host``) is no
+    query's start, and is refused as such by the caller."""
+    for m in re.finditer(r"\?", url):
+        name, eq, _ = url[m.end() :].partition("=")
+        if eq and not {"@", "/", "?"} & set(name):
+            return url[: m.start()], url[m.end() :]
+    return url, None
+
+
+def _tls_files(query: str | None, tls: bool, shown: str) -> dict[str, str]:
+    """The ``ca``, ``cert`` and ``key`` of a broker URL's query, each loaded here as TLS will load it: paho
+    loads them when the client is made, where a file that is no certificate, a key that is not the
+    certificate's, or one with a passphrase (which it asks for on the terminal) stopped the command with
+    OpenSSL's words alone. A path is percent-decoded (``%26`` for ``&``, ``%23`` for ``#``, ``%25`` for
+    ``%``); ``+`` is a plus, not a space."""
+    from urllib.parse import unquote
 
     from .errors import SplitPointError
 
-    try:
-        given = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError as exc:
-        raise SplitPointError(f"MQTT URL {shown!r}: its query is not name=value pairs joined by &") from exc
     files: dict[str, str] = {}
-    for name, values in given.items():
+    for pair in (query or "").split("&"):
+        if not pair:
+            continue  # an empty query (host?) or a trailing &
+        name, eq, value = pair.partition("=")
+        if not eq:
+            raise SplitPointError(f"MQTT URL {shown!r}: its query is not name=value pairs joined by &")
         if name not in ("ca", "cert", "key"):
             raise SplitPointError(f"MQTT URL {shown!r}: unknown option {name!r} (it takes ca, cert and key)")
         if not tls:
             raise SplitPointError(f"MQTT URL {shown!r}: {name}= is for TLS; write mqtts://")
-        if len(values) != 1 or not values[0]:
+        if not value or name in files:
             raise SplitPointError(f"MQTT URL {shown!r}: give {name}= one file")
-        path = values[0]
+        path = unquote(value)
         try:
             with open(path, "rb"):
                 pass
@@ -118,7 +149,46 @@ def _tls_files(query: str, tls: bool, shown: str) -> dict[str, str]:
         files[name] = path
     if ("cert" in files) != ("key" in files):
         raise SplitPointError(f"MQTT URL {shown!r}: a client certificate takes both cert= and key=")
+    _load_tls_files(files, shown)
     return files
+
+
+class _Passphrase(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _Passphrase  # asked for: the key is encrypted (OpenSSL would ask on the terminal)
+
+
+def _load_tls_files(files: dict[str, str], shown: str) -> None:
+    """Each file loaded as TLS will load it, or SplitPointError naming the file and what is wrong."""
+    from .errors import SplitPointError
+
+    try:
+        ctx = ssl.create_default_context(cafile=files.get("ca"))
+    except ssl.SSLError as exc:
+        raise SplitPointError(
+            f"MQTT URL {shown!r}: ca file {files['ca']!r} holds no PEM certificate OpenSSL reads ({exc})"
+        ) from exc
+    if "cert" not in files:
+        return
+    cert, key = files["cert"], files["key"]
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Passphrase:
+        raise SplitPointError(
+            f"MQTT URL {shown!r}: key file {key!r} is encrypted, and a daemon has no one to type its "
+            "passphrase: give the key unencrypted (openssl pkey -in KEY -out KEY2), readable by its user "
+            "alone"
+        ) from None
+    except ssl.SSLError as exc:
+        why = (
+            "the key is not this certificate's"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else "a PEM certificate and its PEM private key are expected"
+        )
+        raise SplitPointError(f"MQTT URL {shown!r}: cert {cert!r} and key {key!r}: {why} ({exc})") from exc
 
 
 def redact_url(url: str) -> str:
@@ -126,12 +196,14 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    rest, query = _split_query(rest)  # a file's path there may hold an @
+    tail = "" if query is None else f"?{query}"
     creds, at, host = rest.rpartition("@")
     if not at:
         return url
     # a password's / # ? ends urllib's host early, but never the credentials here: all before the last @
     user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if ":" in creds else url
+    return f"{scheme}{sep}{user}:***@{host}{tail}" if ":" in creds else url
 
 
 def check_broker_url(url: str) -> str:
@@ -268,6 +340,7 @@ class Telemetry:
         c.on_disconnect = lambda *a: self._on_disconnect()
         c.on_connect_fail = lambda *a: self._connect_failed()
         self._warned: str | None = None  # why, once per outage and reason, not once per retry
+        self._answered = False  # the broker answered this connection's CONNECT
         self._closing = False
         c.reconnect_delay_set(1, 5)
         self._client = c
@@ -310,8 +383,12 @@ class Telemetry:
         if self.connected.is_set() and not self._closing:
             self.connected.clear()
             self._unreachable("dropped the connection")
+        elif not self._closing and not self._answered:  # closed with no answer to CONNECT: no CONNACK
+            self._unreachable("closed the connection before accepting it" + self.url.closed_hint())
+        self._answered = False
 
     def _on_connect(self, client, userdata, flags, reason, properties=None) -> None:
+        self._answered = True  # the broker answered (accepted or refused): its answer is the news
         if getattr(reason, "is_failure", False):
             self._unreachable(f"refused the connection ({reason})")
             return

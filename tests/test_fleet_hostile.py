@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
 import threading
 import time
 
@@ -178,29 +179,81 @@ def test_telemetry_over_tls_to_a_broker_the_fleets_own_ca_signed(tmp_path, caplo
     with running_mosquitto(tmp_path, tls=certs, client_certificates=True) as url:
         mine = f"{url}?{ca}&cert={certs / 'client.pem'}&key={certs / 'client.key'}"
         assert run_cli("status", "--mqtt", mine, "--seconds", "0.5", timeout=60).returncode == 0
-        assert run_cli("status", "--mqtt", f"{url}?{ca}", "--seconds", "0.5", timeout=60).returncode == 2
+        # no certificate of its own: the broker closes the connection after the handshake, which said
+        # nothing in a daemon's log and "did not accept" alone in status
+        r = run_cli("status", "--mqtt", f"{url}?{ca}", "--seconds", "0.5", timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "(a broker that asks clients for certificates takes &cert=FILE&key=FILE)" in r.stderr, r.stderr
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="splitpoint.core.telemetry"):
+            certless = Telemetry("tls-edge-3", "edge", f"{url}?{ca}")
+            try:
+                deadline = time.monotonic() + 10
+                while "closed the connection before accepting it" not in caplog.text:
+                    assert time.monotonic() < deadline, caplog.text
+                    time.sleep(0.1)
+            finally:
+                certless.close()
+        assert "takes &cert=FILE&key=FILE" in caplog.text, caplog.text
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    d = make_certificates(tmp_path_factory.mktemp("certs"))
+    (d / "junk.pem").write_text("not a certificate\n")
+    subprocess.run(
+        ["openssl", "pkey", "-in", "client.key", "-aes128", "-passout", "pass:pw", "-out", "locked.key"],
+        cwd=d,
+        check=True,
+        capture_output=True,
+    )
+    return d
 
 
 @pytest.mark.parametrize(
     "query, said",
     [
-        ("mqtt://h:1883?ca={ca}", "ca= is for TLS; write mqtts://"),
-        ("mqtts://h?cafile={ca}", "unknown option 'cafile' (it takes ca, cert and key)"),
-        ("mqtts://h?ca={missing}", "ca file '{missing}': No such file or directory"),
-        ("mqtts://h?ca={ca}&cert={ca}", "a client certificate takes both cert= and key="),
+        ("mqtt://h:1883?ca={d}/ca.pem", "ca= is for TLS; write mqtts://"),
+        ("mqtts://h?cafile={d}/ca.pem", "unknown option 'cafile' (it takes ca, cert and key)"),
+        ("mqtts://h?ca={d}/nope.pem", "ca file '{d}/nope.pem': No such file or directory"),
+        ("mqtts://h?ca={d}/ca.pem&cert={d}/client.pem", "a client certificate takes both cert= and key="),
         ("mqtts://h?ca=", "give ca= one file"),
-        ("mqtts://h?ca={ca}&ca={ca}", "give ca= one file"),
+        ("mqtts://h?ca={d}/ca.pem&ca={d}/ca.pem", "give ca= one file"),
+        (
+            "mqtts://h/topic?ca={d}/ca.pem",
+            "after the host and port it takes only ?ca=FILE&cert=FILE&key=FILE",
+        ),
+        # loaded as TLS will load them: paho stopped the command with OpenSSL's words alone, naming no file,
+        # and asked for an encrypted key's passphrase on the terminal
+        ("mqtts://h?ca={d}/junk.pem", "ca file '{d}/junk.pem' holds no PEM certificate OpenSSL reads"),
+        ("mqtts://h?cert={d}/client.pem&key={d}/server.key", "the key is not this certificate's"),
+        ("mqtts://h?cert={d}/client.pem&key={d}/locked.key", "key file '{d}/locked.key' is encrypted"),
+        ("mqtts://h?cert={d}/junk.pem&key={d}/client.key", "a PEM certificate and its PEM private key"),
     ],
 )
-def test_a_broker_urls_tls_files_are_checked_where_the_url_is_read(tmp_path, query, said):
-    """paho reads the files in its network thread, where a missing one is lost in a log: refused at once."""
+def test_a_broker_urls_tls_files_are_checked_where_the_url_is_read(certificates, query, said):
     from splitpoint.core.telemetry import BrokerURL
 
-    (tmp_path / "ca.pem").write_text("x")
-    names = {"ca": tmp_path / "ca.pem", "missing": tmp_path / "nope.pem"}
     with pytest.raises(SplitPointError) as err:
-        BrokerURL.parse(query.format(**names))
-    assert said.format(**names) in str(err.value)
+        BrokerURL.parse(query.format(d=certificates))
+    assert said.format(d=certificates) in str(err.value)
+
+
+def test_a_tls_files_path_is_read_as_written(certificates, tmp_path):
+    """A path with an @ was taken for the credentials' end (refused as a password needing escapes, and a
+    password beside it printed the host away); a + was read as a space."""
+    from splitpoint.core.telemetry import BrokerURL, redact_url
+
+    odd = tmp_path / "u@corp" / "ca+fleet.pem"
+    odd.parent.mkdir()
+    odd.write_bytes((certificates / "ca.pem").read_bytes())
+    url = f"mqtts://tele:secret@broker:8883?ca={odd}&"  # a trailing & too
+    b = BrokerURL.parse(url)
+    assert (b.host, b.port, b.username, b.password, b.ca) == ("broker", 8883, "tele", "secret", str(odd))
+    assert redact_url(url) == f"mqtts://tele:***@broker:8883?ca={odd}&"
+    # a password's own ? is still no query's start, and is refused as ever
+    with pytest.raises(SplitPointError, match="written percent-encoded"):
+        BrokerURL.parse("mqtts://tele:pa?ss@broker")
 
 
 @pytest.fixture

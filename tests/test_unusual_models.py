@@ -3053,3 +3053,29 @@ def test_einsum_counts_the_letters_it_sums_over_as_work(tmp_path, equation):
     h = open_model(_save(m, tmp_path / "ein.onnx"))
     # the projection (8 tokens x 16 x 16), then 8 x 8 scores, each a sum over the 16 wide d
     assert h.cuts()[-1].total_macs == 8 * 16 * 16 + 8 * 8 * 16
+
+
+@pytest.mark.parametrize(
+    "equation, shapes, out, macs",
+    [
+        ("bij->bji", [["N", 4, 5]], ["N", 5, 4], 0),
+        ("bii->bi", [["N", 4, 4]], ["N", 4], 0),
+        ("ij,ij->", [[4, 5], [4, 5]], [], 20),
+    ],
+)
+def test_an_einsum_that_sums_nothing_is_no_work_and_a_full_contraction_is(
+    tmp_path, equation, shapes, out, macs
+):
+    """A transpose or a diagonal written as Einsum moves data, as a Transpose does (0); a contraction to
+    a scalar sums every element (it read as none: a scalar has no elements per sample)."""
+    names = ["a", "b"][: len(shapes)]
+    g = helper.make_graph(
+        [helper.make_node("Einsum", names, ["s"], equation=equation), helper.make_node("Relu", ["s"], ["y"])],
+        "ein",
+        [_vi(n, d) for n, d in zip(names, shapes, strict=True)],
+        [_vi("y", out)],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    from splitpoint.core.graph.flops import count_macs
+
+    assert count_macs(open_model(_save(m, tmp_path / "ein.onnx")).index) == macs

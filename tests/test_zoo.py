@@ -68,6 +68,8 @@ def test_resolve_names_and_paths(tmp_path):
     # the zoo lists its decoders too: a one-shot command given one says which commands take it
     with pytest.raises(ModelError, match="'gpt2' is a zoo decoder: `splitpoint split-decoder`"):
         zoo.resolve("gpt2")
+    with pytest.raises(ModelError, match="'gpt2' is a zoo decoder: zoo.write"):
+        zoo.build("gpt2")
     assert zoo.resolve(tmp_path / "x.onnx") == tmp_path / "x.onnx"
 
 

@@ -144,8 +144,8 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         return _attention_macs(idx, n)
     if n.op_type in ("Attention", "GroupQueryAttention", "MultiHeadAttention"):
         return _scores_macs(idx, n)
-    if n.op_type == "Einsum":
-        return _einsum_macs(idx, n, out_elems)
+    if n.op_type == "Einsum":  # a full contraction ("ij,ij->") has one element, not none
+        return _einsum_macs(idx, n, out_elems or int(idx.info[n.output[0]].dims == []))
     if n.op_type in MATMUL and n.input[0] in idx.info:
         a = idx.info[n.input[0]].dims
         if not a or not isinstance(a[-1], int):
@@ -178,8 +178,8 @@ def _einsum_macs(idx: GraphIndex | _Body, n, out_elems: int) -> int:
             if isinstance(d, int):
                 sizes[c] = d
     summed = {c for c in letters if c not in kept}
-    if any(c not in sizes for c in summed):
-        return 0
+    if not summed or any(c not in sizes for c in summed):
+        return 0  # nothing summed: a transpose, a diagonal or an elementwise product, as Transpose and Mul
     return out_elems * int(np.prod([sizes[c] for c in summed], dtype=np.int64))
 
 

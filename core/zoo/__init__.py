@@ -88,6 +88,10 @@ def trained_names() -> list[str]:
 
 
 def build(name: str, width: float = 1.0, resolution: int | None = None, seed: int = 0) -> onnx.ModelProto:
+    if name in DECODERS:
+        raise ModelError(
+            f"{name!r} is a zoo decoder: zoo.write (`splitpoint zoo {name}`) and split-decoder make it"
+        )
     if name not in ZOO:
         raise ModelError(f"unknown zoo model {name!r}; known: {', '.join([*ZOO, *DECODERS])}")
     if width <= 0 or width > 4:
