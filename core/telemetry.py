@@ -107,14 +107,11 @@ class BrokerURL:
 
 def _split_query(url: str) -> tuple[str, str | None]:
     """The URL before its ``?ca=...`` query, and the query (None: none). The query starts at the first
-    ``?`` whose name (up to ``=``) holds no ``@``: a path in it may hold one (``ca=/home/u@corp/ca.pem``),
-    which URL parsing took for the credentials' end; a password's unencoded ``?`` (``pa?ss@host``) is no
-    query's start, and is refused as such by the caller."""
-    for m in re.finditer(r"\?", url):
-        name, eq, _ = url[m.end() :].partition("=")
-        if eq and not {"@", "/", "?"} & set(name):
-            return url[: m.start()], url[m.end() :]
-    return url, None
+    ``?ca=``, ``?cert=`` or ``?key=``: a path in it may hold an ``@`` (``ca=/home/u@corp/ca.pem``), which
+    URL parsing took for the credentials' end; any other ``?`` (a password's unencoded one, ``pa?x=1@host``)
+    is no query's start, so the password stays hidden, and is refused by the caller."""
+    m = re.search(r"\?(?=(?:ca|cert|key)=)", url)
+    return (url, None) if m is None else (url[: m.start()], url[m.end() :])
 
 
 def _tls_files(query: str | None, tls: bool, shown: str) -> dict[str, str]:
