@@ -122,7 +122,8 @@ def _same_function(
                     f"int8 weights need this head at opset {want}, and onnx's converter from opset {have} "
                     f"changes what it computes (output {o.name!r}: {why}"
                     + (f"; it rewrote {', '.join(gone)}" if gone else "")
-                    + f"): export the model at opset {want} or later, or cut before the op it rewrote"
+                    + f"): export the model at opset {want} or later, cut before the op it rewrote, or keep "
+                    "this head's weights float (leave out --quantize-head-weights, --int8 and --int8-heads)"
                 )
 
 

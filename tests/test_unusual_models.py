@@ -572,7 +572,9 @@ def test_a_head_the_converter_changes_is_refused_not_measured_as_int8s_error(tmp
     said = " ".join(r.stderr.split())
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "onnx's converter from opset 9 changes what it computes (output 'r': off by up to" in said, said
-    assert "it rewrote Upsample" in said, said
+    assert (
+        "it rewrote Upsample" in said and "leave out --quantize-head-weights, --int8 and --int8-heads" in said
+    )
     assert run_cli(*args, "--quantize-head-weights", "dynamic").returncode == 0
     # an op ONNX defines no more (tinyyolov2-8's ImageScaler) is named, not onnx's unfilled "Op '%s'"
     scaler = [helper.make_node("ImageScaler", ["x"], ["x0"], scale=0.5, bias=[0.1, 0.2])]
@@ -3079,3 +3081,23 @@ def test_an_einsum_that_sums_nothing_is_no_work_and_a_full_contraction_is(
     from splitpoint.core.graph.flops import count_macs
 
     assert count_macs(open_model(_save(m, tmp_path / "ein.onnx")).index) == macs
+
+
+@pytest.mark.parametrize("mode, taps", [(None, 4), ("bicubic", 16), ("nearest", 0)])
+def test_grid_sample_counts_its_interpolation_as_work(tmp_path, mode, taps):
+    """A spatial transformer's GridSample read as no work: each output element weighs 2 (bilinear, the
+    default) or 4 (bicubic) taps along each of its two axes; nearest picks one."""
+    attrs = {} if mode is None else {"mode": mode}
+    g = helper.make_graph(
+        [
+            helper.make_node("GridSample", ["x", "grid"], ["s"], **attrs),
+            helper.make_node("Relu", ["s"], ["y"]),
+        ],
+        "stn",
+        [_vi("x", ["N", 3, 8, 8]), _vi("grid", ["N", 6, 5, 2])],
+        [_vi("y", ["N", 3, 6, 5])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 16)])
+    from splitpoint.core.graph.flops import count_macs
+
+    assert count_macs(open_model(_save(m, tmp_path / "stn.onnx")).index) == 3 * 6 * 5 * taps

@@ -144,6 +144,11 @@ def node_macs(idx: GraphIndex | _Body, pos: int) -> int:
         return _attention_macs(idx, n)
     if n.op_type in ("Attention", "GroupQueryAttention", "MultiHeadAttention"):
         return _scores_macs(idx, n)
+    if n.op_type == "GridSample":  # each output element interpolates 2 (linear) or 4 (cubic) taps per axis
+        mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "linear")
+        out = idx.info[n.output[0]].dims or []
+        taps = {"nearest": 0, "bicubic": 4, "cubic": 4}.get(mode, 2) ** max(len(out) - 2, 0)
+        return out_elems * taps
     if n.op_type == "Einsum":  # a full contraction ("ij,ij->") has one element, not none
         return _einsum_macs(idx, n, out_elems or int(idx.info[n.output[0]].dims == []))
     if n.op_type in MATMUL and n.input[0] in idx.info:
